@@ -1,0 +1,30 @@
+# VirtCloud portal. The two commands: `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PG_URL ?= postgres://postgres@127.0.0.1:5432/test
+REDIS_URL ?= redis://127.0.0.1:6379/15
+
+.PHONY: setup demo test lint check test-unit test-smoke clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	DEBUG=true $(PY) manage.py demo
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+check: setup
+	DEBUG=true $(PY) manage.py check
+	DEBUG=true DATA_DIR=$$(mktemp -d) $(PY) manage.py makemigrations --check --dry-run
+	scripts/check-deploy.sh
+
+test: setup lint check
+	@scripts/require-services.sh "$(PG_URL)" "$(REDIS_URL)"
+	DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS_URL) .venv/bin/pytest -p no:randomly --create-db $(PYTEST_ARGS)
+	scripts/smoke-embedded.sh
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,1 @@
+"""Access credentials (filled in by the access issues)."""

@@ -1,0 +1,1 @@
+"""Virtual clusters (filled in by the clusters issue)."""

@@ -1,0 +1,46 @@
+"""VLAN id range lists as operators write them: ``"100-199,250,300-310"``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.core.exceptions import ValidationError
+
+from network.choices import VLAN_MAX, VLAN_MIN
+
+
+def parse(text: str, *, what: str = "VLAN list") -> list[int]:
+    """Sorted distinct ids; raises ValidationError naming the bad item."""
+    ids: set[int] = set()
+    for raw in str(text or "").replace(" ", "").split(","):
+        if not raw:
+            continue
+        lo_s, sep, hi_s = raw.partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if sep else lo
+        except ValueError:
+            raise ValidationError(f"{what}: {raw!r} is not a VLAN id or a range like 100-199") from None
+        if lo > hi:
+            raise ValidationError(f"{what}: range {raw!r} runs backwards")
+        for vid in (lo, hi):
+            if not VLAN_MIN <= vid <= VLAN_MAX:
+                raise ValidationError(f"{what}: VLAN id {vid} is outside {VLAN_MIN}-{VLAN_MAX}")
+        ids.update(range(lo, hi + 1))
+    return sorted(ids)
+
+
+def format_ranges(ids: Iterable[int]) -> str:
+    """The compact text form of a set of ids (inverse of ``parse``)."""
+    out: list[str] = []
+    run: list[int] = []
+    for vid in sorted(set(ids)):
+        if run and vid == run[-1] + 1:
+            run.append(vid)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [vid]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)

@@ -1,0 +1,253 @@
+"""The audit log: every create, update and delete of registered models, with actor, request id and
+before/after values (secrets masked).
+
+The actor comes from a context variable set by ``AuditActorMiddleware`` for web and API requests and by
+``audit_actor(...)`` for management commands and Celery tasks, so services never pass it around.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+
+from django.db import models
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
+
+from portal.secrets import MASK
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Context:
+    actor: str = "system"
+    user_id: int | None = None
+    request_id: str = ""
+
+
+_context: contextvars.ContextVar[_Context] = contextvars.ContextVar(
+    "audit_context",
+    default=_Context(),  # noqa: B039 (frozen, immutable)
+)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def current() -> _Context:
+    return _context.get()
+
+
+@contextlib.contextmanager
+def audit_actor(actor: str, *, user=None, request_id: str | None = None):
+    """Attribute every audited change in the block to ``actor`` (a system process or a user)."""
+    token = _context.set(
+        _Context(
+            actor=actor,
+            user_id=getattr(user, "pk", None),
+            request_id=request_id or current().request_id or uuid.uuid4().hex,
+        )
+    )
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the proxy's ``X-Request-ID`` when well-formed), echoed in the response
+    and in every log line and audit entry the request causes."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        incoming = request.headers.get("X-Request-ID", "")
+        request.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        token = _context.set(_Context(actor="anonymous", request_id=request.request_id))
+        try:
+            response = self.get_response(request)
+        finally:
+            _context.reset(token)
+        response["X-Request-ID"] = request.request_id
+        return response
+
+
+class AuditActorMiddleware:
+    """After authentication: the logged-in user (or API token owner) becomes the actor."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        ctx = current()
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
+            ctx = _Context(actor=user.get_username(), user_id=user.pk, request_id=ctx.request_id)
+        token = _context.set(ctx)
+        try:
+            return self.get_response(request)
+        finally:
+            _context.reset(token)
+
+
+def set_request_actor(actor: str, user=None) -> None:
+    """Used by token authentication, which runs inside the view rather than in middleware."""
+    ctx = current()
+    _context.set(_Context(actor=actor, user_id=getattr(user, "pk", None), request_id=ctx.request_id))
+
+
+class RequestIdLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current().request_id or "-"
+        return True
+
+
+# --- registration and signal handlers -------------------------------------------------------------------------
+
+
+@dataclass
+class _Registration:
+    secret_fields: frozenset[str] = frozenset()
+    exclude: frozenset[str] = frozenset()
+    m2m: bool = True
+    fields: list[str] = field(default_factory=list)
+
+
+_registry: dict[type[models.Model], _Registration] = {}
+
+
+def register(model: type[models.Model], *, secret_fields=(), exclude=()) -> type[models.Model]:
+    """Audit every change to ``model``. Secret fields are recorded only as "changed", never by value."""
+    _registry[model] = _Registration(secret_fields=frozenset(secret_fields), exclude=frozenset(exclude))
+    uid = f"audit-{model._meta.label}"
+    pre_save.connect(_pre_save, sender=model, dispatch_uid=uid + "-pre")
+    post_save.connect(_post_save, sender=model, dispatch_uid=uid + "-post")
+    post_delete.connect(_post_delete, sender=model, dispatch_uid=uid + "-del")
+    for m2m_field in model._meta.many_to_many:
+        m2m_changed.connect(_m2m_changed, sender=m2m_field.remote_field.through, dispatch_uid=f"{uid}-{m2m_field.name}")
+    return model
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def snapshot(instance: models.Model) -> dict:
+    """The audited field values of ``instance``: foreign keys by id; a secret field only as "set" or ""
+    plus a one-way digest, so that a change can be seen without the value ever being stored."""
+    reg = _registry.get(type(instance), _Registration())
+    data = {}
+    for f in instance._meta.concrete_fields:
+        if f.name in reg.exclude:
+            continue
+        value = getattr(instance, f.attname)
+        if f.name in reg.secret_fields:
+            data[f.name] = _SecretState(str(value or ""))
+        else:
+            data[f.name] = _jsonable(value)
+    return data
+
+
+class _SecretState:
+    """Compares by value but renders only as the mask: what the audit log stores for a secret."""
+
+    __slots__ = ("_digest", "is_set")
+
+    def __init__(self, value: str):
+        self.is_set = bool(value)
+        self._digest = hashlib.sha256(value.encode()).digest()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _SecretState) and other._digest == self._digest
+
+    def __hash__(self) -> int:
+        return hash(self._digest)
+
+    def render(self) -> str:
+        return MASK if self.is_set else ""
+
+
+def _render(value):
+    return value.render() if isinstance(value, _SecretState) else value
+
+
+def _diff(before: dict, after: dict) -> dict:
+    return {
+        key: [_render(before.get(key)), _render(after.get(key))]
+        for key in sorted(after.keys() | before.keys())
+        if before.get(key) != after.get(key)
+    }
+
+
+def record(instance, action: str, changes: dict | None = None, message: str = "") -> None:
+    """Write one audit entry for ``instance`` in the current context (also for non-model actions)."""
+    from django.contrib.contenttypes.models import ContentType
+
+    from portal.models import AuditEntry
+
+    ctx = current()
+    AuditEntry.objects.create(
+        user_id=ctx.user_id,
+        actor=ctx.actor[:200],
+        request_id=ctx.request_id,
+        action=action,
+        content_type=ContentType.objects.get_for_model(type(instance)),
+        object_id=str(instance.pk),
+        object_repr=str(instance)[:200],
+        changes=changes or {},
+        message=message,
+    )
+
+
+def _pre_save(sender, instance, raw=False, **kwargs):
+    if raw or instance.pk is None:
+        instance._audit_before = None
+        return
+    old = sender._default_manager.filter(pk=instance.pk).first()
+    instance._audit_before = snapshot(old) if old is not None else None
+
+
+def _post_save(sender, instance, created, raw=False, **kwargs):
+    if raw:
+        return
+    after = snapshot(instance)
+    before = getattr(instance, "_audit_before", None)
+    if created or before is None:
+        changes = {k: [None, _render(v)] for k, v in after.items() if _render(v) not in (None, "")}
+        record(instance, "create", changes)
+        return
+    changes = _diff(before, after)
+    if changes:
+        record(instance, "update", changes)
+
+
+def _post_delete(sender, instance, **kwargs):
+    record(instance, "delete", {k: [_render(v), None] for k, v in snapshot(instance).items()})
+
+
+def _m2m_changed(sender, instance, action, reverse, model, pk_set, **kwargs):
+    if reverse or action not in ("post_add", "post_remove", "post_clear") or type(instance) not in _registry:
+        return
+    name = next(f.name for f in type(instance)._meta.many_to_many if f.remote_field.through is sender)
+    if action == "post_clear":
+        changes = {name: ["cleared", []]}
+    else:
+        names = sorted(str(o) for o in model._default_manager.filter(pk__in=pk_set or ()))
+        changes = {name: [None, {"added" if action == "post_add" else "removed": names}]}
+    record(instance, "update", changes)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# `manage.py check --deploy` with production-like settings must be clean (no warnings).
+set -euo pipefail
+out=$(DEBUG=false SECRET_KEY=$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n') \
+  SECRETS_KEY=$(.venv/bin/python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())') \
+  ALLOWED_HOSTS=portal.example.org DATA_DIR=$(mktemp -d) \
+  .venv/bin/python manage.py check --deploy --fail-level WARNING 2>&1) || { echo "$out"; exit 1; }
+echo "$out"
