@@ -1,0 +1,20 @@
+"""The only code that talks to devices (NAPALM, OVSDB, netlink). No ORM here: callers pass plain specs.
+
+Entry points for the rest of the portal (see ``base`` for the types):
+
+- ``switch_session(spec)``: a context manager yielding a ``SwitchSession`` for one switch.
+- ``host_session(spec)``: a context manager yielding a ``HostSession`` for one hypervisor.
+"""
+
+from network.drivers.base import (  # noqa: F401
+    ConvergeResult,
+    DeviceError,
+    HostSession,
+    HostSpec,
+    PermanentDeviceError,
+    SwitchSession,
+    SwitchSpec,
+    TemporaryDeviceError,
+    host_session,
+    switch_session,
+)
