@@ -1,8 +1,10 @@
 """The audit log in admin: read-only, filterable by object type, action and user."""
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
 
-from portal.models import AuditEntry
+from portal.models import ApiToken, AuditEntry, TokenScope
+from portal.tokens import token_create, token_revoke
 
 
 @admin.register(AuditEntry)
@@ -22,3 +24,44 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class ApiTokenForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(choices=TokenScope.choices, widget=forms.CheckboxSelectMultiple)
+
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name", "scopes", "expires_at"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are made here; the secret is shown once, in the confirmation message."""
+
+    form = ApiTokenForm
+    list_display = ("name", "user", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "user__username", "prefix")
+    list_select_related = ("user",)
+    actions = ["revoke"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ("user", "prefix", "created_at", "revoked_at", "last_used_at", "last_used_ip") if obj else ()
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        token, secret = token_create(
+            user=form.cleaned_data["user"],
+            name=form.cleaned_data["name"],
+            scopes=form.cleaned_data["scopes"],
+            expires_at=form.cleaned_data.get("expires_at"),
+        )
+        obj.pk = token.pk
+        messages.warning(request, f"Copy the token now, it is not shown again: {secret}")
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset):
+        for token in queryset:
+            token_revoke(token=token)

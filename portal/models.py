@@ -35,3 +35,37 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.timestamp:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
+
+
+class TokenScope(models.TextChoices):
+    CLUSTERS_READ = "clusters:read", "read clusters"
+    CLUSTERS_WRITE = "clusters:write", "create and change own clusters"
+    CLUSTERS_MANAGE = "clusters:manage", "middleware: act on behalf of any user"
+    NETWORK_READ = "network:read", "read the network inventory"
+    GATEWAY = "gateway:pull", "access gateway: pull configuration, CRL, KRL and VLAN map"
+
+
+class ApiToken(models.Model):
+    """A credential for scripts and middleware (a batch scheduler) or an access gateway. Only a hash of the
+    secret is stored; the secret is shown once when the token is made. Scoped, revocable, expiring, and
+    its last use is recorded."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="what uses it, e.g. 'PBS at brno'")
+    prefix = models.CharField(max_length=12, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_ip = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes

@@ -132,9 +132,11 @@ X_FRAME_OPTIONS = "DENY"
 # --- REST API --------------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "portal.tokens.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated", "portal.tokens.HasScope"],
+    "EXCEPTION_HANDLER": "portal.api.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -178,6 +180,13 @@ DEVICE_TIMEOUT = env_float("DEVICE_TIMEOUT", 30.0, minimum=1)
 RECONCILE_INTERVAL = env_int("RECONCILE_INTERVAL", 300, minimum=5)
 RECONCILE_REPAIR = env_bool("RECONCILE_REPAIR", True)
 LAB_ENABLED = env_bool("LAB_ENABLED", False)
+
+# --- Clusters --------------------------------------------------------------------------------------------------
+CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
+CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
+CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
+CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
+CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule": CLUSTER_EXPIRY_INTERVAL}
 
 # --- Logging -------------------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

@@ -1,0 +1,11 @@
+from rest_framework.routers import DefaultRouter
+
+from network.api import views
+
+router = DefaultRouter(trailing_slash=True)
+router.register("sites", views.SiteViewSet)
+router.register("cores", views.CoreTransportViewSet)
+router.register("switches", views.SwitchViewSet)
+router.register("hosts", views.HostViewSet)
+router.register("pools", views.VlanPoolViewSet)
+urlpatterns = router.urls
