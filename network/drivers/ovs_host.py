@@ -1,0 +1,148 @@
+"""Hypervisor hosts whose network stack is Open vSwitch (XCP-ng/XenServer, or KVM with OVS).
+
+The host is one OVS bridge; its uplink port (``trunk_interface``) is an 802.1Q trunk toward the site switch
+and carries exactly the host's cluster VLANs; a VM is an access port ``tag=<vid>`` on the same bridge. So
+"the host carries VLAN v" means "v is in the uplink's trunk list", and the attachment point of VLAN v is the
+pair (bridge, tag v).
+
+``converge(desired)`` writes the uplink's list in one OVSDB transaction. A VLAN that is no longer desired but
+still has a VM port is kept and reported in the diff (``keep 300: in use by vm-a``) — the VM manager must
+detach the VM first. Idempotent: converging to the current state changes nothing.
+
+Driver args: ``db`` (OVSDB address, default ``unix:/var/run/openvswitch/db.sock``), ``bridge`` (default: the
+bridge that holds the uplink), ``uplink`` (the uplink's OVS port name when it differs from the inventory's
+``trunk_interface``; the lab uses this), and the transport keys of ``network.drivers.ovsdb.Ovsdb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError
+from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, trunks_value
+from network.drivers.vendor import vlan_list
+
+DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
+
+
+class OvsHostSession:
+    """A ``HostSession`` for one OVS hypervisor bridge."""
+
+    def __init__(self, spec: HostSpec):
+        args = dict(spec.driver_args)
+        self.spec = spec
+        self.ovsdb = Ovsdb.from_args(spec.name, str(args.get("db", DEFAULT_DB)), args, timeout=spec.timeout)
+        self.uplink = str(args.get("uplink") or spec.trunk_interface)
+        self.bridge = str(args.get("bridge", ""))
+        if not self.bridge:
+            out = self.ovsdb.run(["--if-exists", "port-to-br", self.uplink], wait=False).strip()
+            if not out:
+                raise PermanentDeviceError(spec.name, f"no OVS port {self.uplink} (the host's uplink)")
+            self.bridge = out
+
+    # --- reading ----------------------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict, dict[int, list[str]]]:
+        """(the uplink's Port row, {vid: [VM ports with that tag]})."""
+        bridges, ports = self.ovsdb.query(
+            ("Bridge", ("name", "ports"), ()),
+            ("Port", ("_uuid", "name", "vlan_mode", "tag", "trunks"), ()),
+        )
+        mine = [b for b in bridges if b["name"] == self.bridge]
+        if not mine:
+            raise PermanentDeviceError(self.spec.name, f"no OVS bridge {self.bridge}")
+        members = set(as_set(mine[0]["ports"]))
+        uplink = None
+        in_use: dict[int, list[str]] = {}
+        for row in ports:
+            if row["_uuid"] not in members or row["name"] == self.bridge:
+                continue
+            if row["name"] == self.uplink:
+                uplink = row
+                continue
+            tag = as_set(row["tag"])
+            if tag:
+                in_use.setdefault(int(tag[0]), []).append(row["name"])
+        if uplink is None:
+            raise PermanentDeviceError(self.spec.name, f"bridge {self.bridge} has no uplink port {self.uplink}")
+        return uplink, in_use
+
+    @staticmethod
+    def _carried(uplink: dict) -> frozenset[int] | None:
+        """VLANs the uplink trunks; None when it is not a plain trunk with an explicit list."""
+        mode = as_set(uplink["vlan_mode"])
+        trunks = {int(v) for v in as_set(uplink["trunks"])}
+        if as_set(uplink["tag"]) or (mode and mode[0] != "trunk") or not trunks:
+            return None
+        return frozenset(trunks - {NO_VLANS})
+
+    def vlans(self) -> frozenset[int]:
+        uplink, _ = self._state()
+        return self._carried(uplink) or frozenset()
+
+    def vm_ports(self) -> dict[int, list[str]]:
+        """VM ports on the bridge by VLAN (what the VM manager attached)."""
+        return self._state()[1]
+
+    # --- changing ---------------------------------------------------------------------------------------------
+
+    def converge(self, desired: frozenset[int]) -> ConvergeResult:
+        desired = frozenset(int(v) for v in desired)
+        bad = sorted(v for v in desired if not 1 <= v <= 4094)
+        if bad:
+            raise PermanentDeviceError(self.spec.name, f"VLAN ids {bad} are outside 1-4094")
+        uplink, in_use = self._state()
+        carried = self._carried(uplink)
+        before = carried if carried is not None else frozenset()
+        kept = {vid: names for vid, names in in_use.items() if vid not in desired}
+        target = desired | frozenset(kept)
+        lines = []
+        if carried is None:
+            lines.append(f"uplink {self.uplink}: make it a trunk (was not a plain trunk)")
+        if target - before:
+            lines.append(f"add {vlan_list(target - before)}")
+        if before - target:
+            lines.append(f"remove {vlan_list(before - target)}")
+        for vid, names in sorted(kept.items()):
+            lines.append(f"keep {vid}: in use by {', '.join(sorted(names))}")
+        changed = carried is None or target != before
+        if changed:
+            commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target)}"]]
+            if as_set(uplink["tag"]):
+                commands.append(["clear", "Port", self.uplink, "tag"])
+            self.ovsdb.run(*commands)
+        after = self.vlans()
+        if after != target:
+            raise PermanentDeviceError(
+                self.spec.name,
+                f"verification failed: uplink {self.uplink} carries {vlan_list(after) or 'none'}, "
+                f"wanted {vlan_list(target) or 'none'}",
+            )
+        diff = "\n".join(lines) if changed or kept else ""
+        return ConvergeResult(self.spec.name, diff, changed, {self.spec.name: before}, {self.spec.name: after})
+
+    def attachment_point(self, vid: int) -> str:
+        """``<bridge>:<vid>``: plug the VM into that bridge as an access port with tag ``vid``."""
+        return "{}:{}".format(*self.attachment(vid))
+
+    def attachment(self, vid: int) -> tuple[str, int]:
+        if int(vid) not in self.vlans():
+            raise PermanentDeviceError(self.spec.name, f"VLAN {vid} is not carried by this host (converge first)")
+        return self.bridge, int(vid)
+
+    def plug(self, port: str, vid: int) -> None:
+        """Attach an existing interface (a VM's tap/veth) as an access port of VLAN ``vid``; idempotent."""
+        bridge, vid = self.attachment(vid)
+        self.ovsdb.run(
+            ["--may-exist", "add-port", bridge, port], ["set", "Port", port, "vlan_mode=access", f"tag={vid}"]
+        )
+
+    def unplug(self, port: str) -> None:
+        """Remove a VM port; a port that is already gone is success."""
+        self.ovsdb.run(["--if-exists", "del-port", self.bridge, port])
+
+
+@contextlib.contextmanager
+def open_host(spec: HostSpec) -> Iterator[OvsHostSession]:
+    yield OvsHostSession(spec)
