@@ -18,11 +18,50 @@ name_validator = RegexValidator(
 interface_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9/._:-]*$", "An interface name: letters, digits and / . _ : -"
 )
+_VLAN_FIELDS = {"vid_min", "vid_max"}
 
 
-class Site(models.Model):
+class InventoryModel(models.Model):
+    """Common behaviour of the inventory: every validation message names the object it is about
+    (``core cesnet-qinq: ...``), also Django's own field and uniqueness messages, so that a list of
+    problems from the admin, the API or a topology import can be read without context."""
+
+    kind_label = "object"
+
+    class Meta:
+        abstract = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind_label} {self or '(unnamed)'}"
+
+    def full_clean(self, exclude=None, validate_unique=True, validate_constraints=True) -> None:
+        try:
+            super().full_clean(
+                exclude=exclude, validate_unique=validate_unique, validate_constraints=validate_constraints
+            )
+        except ValidationError as exc:
+            raise self._named(exc) from None
+
+    def _named(self, exc: ValidationError) -> ValidationError:
+        prefix = f"{self.label}: "
+        named: dict[str, list[str]] = {}
+        for name, errors in exc.error_dict.items():
+            for error in errors:
+                if name in _VLAN_FIELDS and error.code in ("min_value", "max_value"):
+                    message = f"VLAN id {getattr(self, name)} is outside {VLAN_MIN}-{VLAN_MAX}"
+                else:
+                    message = error.message % error.params if error.params else error.message
+                message = str(message)
+                named.setdefault(name, []).append(message if message.startswith(prefix) else prefix + message)
+        return ValidationError(named)
+
+
+class Site(InventoryModel):
     """A location with hypervisors and a site network (Brno, Pilsen, Prague); joined to other sites only
     through core transports."""
+
+    kind_label = "site"
 
     name = models.SlugField(max_length=50, unique=True, validators=[name_validator])
     description = models.CharField(max_length=200, blank=True)
@@ -34,11 +73,15 @@ class Site(models.Model):
         return self.name
 
 
-class CoreTransport(models.Model):
+class CoreTransport(InventoryModel):
     """A wide-area layer-2 service between site switches: a QinQ S-VLAN, a VPLS instance, an Xponder
     circuit or a VXLAN/EVPN fabric. It carries a fixed range of customer VLAN ids between the sites it joins.
     Operators configure it once on the backbone; the portal only reads it (paper §2.3: nothing on the
     backbone changes at run time)."""
+
+    kind_label = "core"
+    # Cleared by the topology import while it has not yet written the file's pools (they may move too).
+    check_pools = True
 
     name = models.SlugField(max_length=50, unique=True, validators=[name_validator])
     kind = models.CharField(max_length=10, choices=CoreKind.choices)
@@ -59,18 +102,19 @@ class CoreTransport(models.Model):
         return self.name
 
     def clean(self) -> None:
-        errors = {}
+        errors: dict[str, list[str]] = {}
         if self.vid_min and self.vid_max and self.vid_min > self.vid_max:
-            errors["vid_max"] = f"core {self.name}: highest VLAN id {self.vid_max} is below lowest {self.vid_min}"
+            errors["vid_max"] = [f"core {self.name}: highest VLAN id {self.vid_max} is below lowest {self.vid_min}"]
         if self.kind == CoreKind.QINQ and self.service_tag is not None and not VLAN_MIN <= self.service_tag <= VLAN_MAX:
-            errors["service_tag"] = f"core {self.name}: a QinQ S-VLAN must be in {VLAN_MIN}-{VLAN_MAX}"
+            errors["service_tag"] = [f"core {self.name}: a QinQ S-VLAN must be in {VLAN_MIN}-{VLAN_MAX}"]
         if self.kind == CoreKind.QINQ and self.service_tag is None:
-            errors["service_tag"] = f"core {self.name}: a QinQ core needs its S-VLAN (service tag)"
-        if self.pk and self.vid_min and self.vid_max and "vid_max" not in errors:
+            errors["service_tag"] = [f"core {self.name}: a QinQ core needs its S-VLAN (service tag)"]
+        if self.check_pools and self.pk and self.vid_min and self.vid_max and "vid_max" not in errors:
+            # Shrinking what the core carries must not strand ids that pools already hand out.
             for pool in self.pools.all():
                 outside = [v for v in vlanranges.parse(pool.ranges) if not self.vid_min <= v <= self.vid_max]
                 if outside:
-                    errors["vid_min"] = (
+                    errors.setdefault("vid_min", []).append(
                         f"core {self.name}: pool {pool.name} uses ids {vlanranges.format_ranges(outside)} "
                         f"outside {self.vid_min}-{self.vid_max}"
                     )
@@ -82,10 +126,12 @@ class CoreTransport(models.Model):
         return range(self.vid_min, self.vid_max + 1)
 
 
-class Switch(models.Model):
+class Switch(InventoryModel):
     """A site switch with 802.1Q trunks to hypervisors, an uplink into the core and possibly a trunk to an
     access gateway. Configured through NAPALM with the platform's driver; the portal changes only the ports
     listed here (the ports it owns)."""
+
+    kind_label = "switch"
 
     name = models.SlugField(max_length=63, unique=True, validators=[name_validator])
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="switches")
@@ -116,9 +162,11 @@ class Switch(models.Model):
                 )
 
 
-class SwitchPort(models.Model):
+class SwitchPort(InventoryModel):
     """A switch port the portal owns: a trunk toward a hypervisor, an uplink into a core transport, or a
     trunk toward an access gateway. Only these ports ever have their VLAN membership changed."""
+
+    kind_label = "port"
 
     switch = models.ForeignKey(Switch, on_delete=models.CASCADE, related_name="ports")
     name = models.CharField(max_length=64, validators=[interface_validator])
@@ -155,10 +203,12 @@ class SwitchPort(models.Model):
             raise ValidationError({"core": f"port {label}: only a core uplink names a core transport"})
 
 
-class Host(models.Model):
+class Host(InventoryModel):
     """A hypervisor (KVM/libvirt today, Xen in the paper) at a site, hanging on a host trunk of a site
     switch through its trunk NIC. It carries one bridge per cluster VLAN it hosts; its agent (a Celery
     worker on the host) consumes ``agent_queue``."""
+
+    kind_label = "host"
 
     name = models.SlugField(max_length=63, unique=True, validators=[name_validator])
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="hosts")
@@ -196,10 +246,12 @@ class Host(models.Model):
             )
 
 
-class VlanPool(models.Model):
+class VlanPool(InventoryModel):
     """VLAN ids over one core transport that clusters may use, minus reserved ids. A released id waits
     ``quarantine_seconds`` before reuse so late frames and stale MAC tables of one cluster never reach the
     next."""
+
+    kind_label = "pool"
 
     name = models.SlugField(max_length=50, unique=True, validators=[name_validator])
     core = models.ForeignKey(CoreTransport, on_delete=models.PROTECT, related_name="pools")
@@ -253,3 +305,183 @@ class VlanPool(models.Model):
         """The ids clusters may get: ranges minus reserved."""
         reserved = set(vlanranges.parse(self.reserved))
         return [v for v in vlanranges.parse(self.ranges) if v not in reserved]
+
+
+# --- The VLAN life-cycle service (the paper's "SBF"): allocations, segments, device work, drift ------------
+
+
+class VlanAllocation(models.Model):
+    """One VLAN id of one pool and who holds it: free, allocated to an owner (a segment's reference), or
+    in quarantine after release until ``quarantine_until``. One row per (pool, id), as Neutron does it:
+    an allocation is a conditional UPDATE of one row, so two requests can never get the same id."""
+
+    class State(models.TextChoices):
+        FREE = "free", "free"
+        ALLOCATED = "allocated", "allocated"
+        QUARANTINED = "quarantined", "in quarantine"
+
+    pool = models.ForeignKey(VlanPool, on_delete=models.CASCADE, related_name="allocations")
+    vid = models.PositiveSmallIntegerField("VLAN id", validators=vlan_id_validators)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.FREE)
+    owner = models.CharField(max_length=200, blank=True, help_text="opaque reference of the holder")
+    allocated_at = models.DateTimeField(null=True, blank=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+    quarantine_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["pool__name", "vid"]
+        constraints = [
+            models.UniqueConstraint(fields=["pool", "vid"], name="vlanallocation_unique_pool_vid"),
+            models.CheckConstraint(
+                condition=~models.Q(state="allocated") | ~models.Q(owner=""),
+                name="vlanallocation_allocated_has_owner",
+            ),
+        ]
+        indexes = [models.Index(fields=["pool", "state", "vid"], name="vlanallocation_pool_state")]
+
+    def __str__(self) -> str:
+        return f"{self.pool.name}:{self.vid}" if self.pool_id else str(self.vid)
+
+
+class Segment(models.Model):
+    """A layer-2 segment: one VLAN (from an allocation) carried to the hosts that need it, across the core
+    when it spans sites, and onto the access-gateway trunks when ``gateway`` (a closed cluster). Owned by an
+    opaque reference (``cluster:42``); the network app knows nothing else about the owner."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "being provisioned"
+        ACTIVE = "active", "active"
+        DELETING = "deleting", "being torn down"
+        COMPENSATING = "compensating", "being rolled back"
+        FAILED = "failed", "failed (rolled back)"
+        CLOSED = "closed", "closed"
+
+    # Segments in these states are part of the desired state of the devices.
+    DESIRED_STATES = (State.PENDING, State.ACTIVE)
+    # At most one segment per owner in these states.
+    LIVE_STATES = (State.PENDING, State.ACTIVE, State.DELETING, State.COMPENSATING)
+
+    owner_ref = models.CharField(max_length=200, help_text="opaque reference of the owner, e.g. cluster:42")
+    allocation = models.ForeignKey(
+        VlanAllocation, null=True, blank=True, on_delete=models.PROTECT, related_name="segments"
+    )
+    vid = models.PositiveSmallIntegerField("VLAN id", null=True, blank=True, help_text="kept after release")
+    state = models.CharField(max_length=12, choices=State.choices, default=State.PENDING)
+    gateway = models.BooleanField(default=False, help_text="carried on the access-gateway trunks (closed cluster)")
+    error = models.TextField(blank=True, help_text="why provisioning failed: the device and its own message")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner_ref"],
+                condition=models.Q(state__in=["pending", "active", "deleting", "compensating"]),
+                name="segment_unique_live_owner",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.owner_ref} (VLAN {self.vid})" if self.vid else self.owner_ref
+
+
+class SegmentMember(models.Model):
+    """A hypervisor that needs the segment's VLAN (a bridge on the host, the VLAN on its host trunk)."""
+
+    segment = models.ForeignKey(Segment, on_delete=models.CASCADE, related_name="members")
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="segment_memberships")
+
+    class Meta:
+        ordering = ["segment", "host__name"]
+        constraints = [models.UniqueConstraint(fields=["segment", "host"], name="segmentmember_unique_host")]
+
+    def __str__(self) -> str:
+        return f"{self.segment.owner_ref} on {self.host.name}" if self.segment_id and self.host_id else "member"
+
+
+class DeviceKind(models.TextChoices):
+    SWITCH = "switch", "switch"
+    HOST = "host", "host"
+
+
+class DeviceChange(models.Model):
+    """One piece of device work: make a switch or host match the desired state, for a cause (provisioning
+    of a segment, teardown, compensation, reconcile). Several pending changes of one device are applied in
+    one session (one batch); each row keeps the device's diff, status, attempts, timings and its error."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        RUNNING = "running", "running"
+        OK = "ok", "changed"
+        NOOP = "noop", "nothing to change"
+        FAILED = "failed", "failed"
+
+    FINAL = (Status.OK, Status.NOOP, Status.FAILED)
+
+    kind = models.CharField(max_length=6, choices=DeviceKind.choices)
+    switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
+    device = models.CharField(max_length=63, help_text="device name when the change was made")
+    segment = models.ForeignKey(
+        Segment, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes", help_text="empty: reconcile"
+    )
+    cause = models.CharField(max_length=200)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    diff = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    batch = models.UUIDField(null=True, blank=True, help_text="the device session that applied it")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, help_text="the device's own message")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["switch", "status"], name="devicechange_switch_status"),
+            models.Index(fields=["host", "status"], name="devicechange_host_status"),
+            models.Index(fields=["segment", "status"], name="devicechange_segment_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.device}: {self.cause} [{self.status}]"
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class Drift(models.Model):
+    """A difference the reconciler found between a device and the desired state: a VLAN removed by hand
+    (missing), one left behind by the portal (stale), or one on an owned port the portal never put there
+    (foreign). ``repaired_at`` is set when a later converge or reconcile made it go away."""
+
+    class Kind(models.TextChoices):
+        MISSING = "missing", "missing (removed by hand?)"
+        STALE = "stale", "stale (left behind)"
+        FOREIGN = "foreign", "foreign (not the portal's)"
+
+    device_kind = models.CharField(max_length=6, choices=DeviceKind.choices)
+    switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.CASCADE, related_name="drifts")
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.CASCADE, related_name="drifts")
+    device = models.CharField(max_length=63)
+    port = models.CharField(max_length=64, blank=True, help_text="empty for a host")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    vlans = models.CharField(max_length=500, help_text="the VLAN ids in question")
+    expected = models.CharField(max_length=500, blank=True)
+    actual = models.CharField(max_length=500, blank=True)
+    found_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(auto_now=True)
+    repaired_at = models.DateTimeField(null=True, blank=True)
+    repair = models.ForeignKey(DeviceChange, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["-found_at", "-id"]
+        indexes = [models.Index(fields=["device_kind", "device", "repaired_at"], name="drift_open")]
+
+    def __str__(self) -> str:
+        where = f"{self.device}:{self.port}" if self.port else self.device
+        return f"{where} {self.kind} VLAN {self.vlans}"
