@@ -1,0 +1,192 @@
+"""The desired state of the network, computed from the database alone.
+
+For every switch: the exact set of VLAN ids each owned port must carry —
+
+- a host trunk: the VLANs of the segments that have the host behind it as a member;
+- a core uplink: the VLANs of segments drawn from that core's pools that span more than one site, when
+  the switch's site is one of them (the core carries the VLAN between the sites; a single-site segment
+  never leaves its site);
+- an access-gateway trunk: the VLANs of segments with ``gateway`` (closed clusters).
+
+For every host: the set of VLANs it needs a bridge for (segments it is a member of).
+
+Only segments in ``Segment.DESIRED_STATES`` count: a segment being torn down or rolled back is left out,
+which is how VLANs are removed. The same functions serve provisioning, teardown, compensation, dry-run
+plans and the reconciler.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from network.choices import PortRole
+from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch, SwitchPort
+
+PortVlans = dict[str, frozenset[int]]
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    """What the desired state needs to know of one segment."""
+
+    id: int
+    owner_ref: str
+    vid: int
+    core_id: int
+    gateway: bool
+    hosts: frozenset[int]  # member host ids
+    host_ports: frozenset[int]  # the host trunks (switch port ids) of the members
+    sites: frozenset[int]  # member sites, plus gateway sites when ``gateway``
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The devices a segment needs (or touched)."""
+
+    switches: frozenset[int]
+    hosts: frozenset[int]
+
+    def __or__(self, other: Footprint) -> Footprint:
+        return Footprint(self.switches | other.switches, self.hosts | other.hosts)
+
+
+def gateway_site_ids() -> frozenset[int]:
+    """Sites with an access-gateway trunk on an enabled switch: a closed segment must reach them."""
+    return frozenset(
+        SwitchPort.objects.filter(role=PortRole.GATEWAY_TRUNK, switch__enabled=True).values_list(
+            "switch__site_id", flat=True
+        )
+    )
+
+
+def segment_sites(host_site_ids: Iterable[int], *, gateway: bool) -> frozenset[int]:
+    """The sites a segment spans: its hosts' sites, plus the gateway sites for a closed segment."""
+    sites = frozenset(host_site_ids)
+    return sites | gateway_site_ids() if gateway else sites
+
+
+def segment_views(segments) -> list[SegmentView]:
+    """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state."""
+    rows = list(
+        segments.filter(allocation__isnull=False).values_list(
+            "id", "owner_ref", "allocation__vid", "allocation__pool__core_id", "gateway"
+        )
+    )
+    if not rows:
+        return []
+    hosts: dict[int, set[int]] = defaultdict(set)
+    ports: dict[int, set[int]] = defaultdict(set)
+    sites: dict[int, set[int]] = defaultdict(set)
+    for seg_id, host_id, site_id, port_id in SegmentMember.objects.filter(
+        segment_id__in=[r[0] for r in rows]
+    ).values_list("segment_id", "host_id", "host__site_id", "host__switch_port_id"):
+        hosts[seg_id].add(host_id)
+        ports[seg_id].add(port_id)
+        sites[seg_id].add(site_id)
+    gateway_sites = gateway_site_ids() if any(r[4] for r in rows) else frozenset()
+    return [
+        SegmentView(
+            id=seg_id,
+            owner_ref=owner,
+            vid=vid,
+            core_id=core_id,
+            gateway=gateway,
+            hosts=frozenset(hosts[seg_id]),
+            host_ports=frozenset(ports[seg_id]),
+            sites=frozenset(sites[seg_id]) | (gateway_sites if gateway else frozenset()),
+        )
+        for seg_id, owner, vid, core_id, gateway in rows
+    ]
+
+
+def desired_segments() -> list[SegmentView]:
+    """The segments the devices must carry now."""
+    return segment_views(Segment.objects.filter(state__in=Segment.DESIRED_STATES))
+
+
+def switch_desired(
+    switch_ids: Iterable[int] | None = None, *, segments: list[SegmentView] | None = None
+) -> dict[int, PortVlans]:
+    """For each switch (all, or ``switch_ids``): owned port name → the VLANs it must carry (every owned
+    port is listed, an empty set meaning "carry none of the portal's VLANs")."""
+    views = desired_segments() if segments is None else segments
+    ports = SwitchPort.objects.all()
+    if switch_ids is not None:
+        switch_ids = list(switch_ids)
+        ports = ports.filter(switch_id__in=switch_ids)
+    by_host_port: dict[int, set[int]] = defaultdict(set)
+    by_core_site: dict[tuple[int, int], set[int]] = defaultdict(set)
+    gateway_vids: set[int] = set()
+    for view in views:
+        for port_id in view.host_ports:
+            by_host_port[port_id].add(view.vid)
+        if len(view.sites) > 1:
+            for site_id in view.sites:
+                by_core_site[(view.core_id, site_id)].add(view.vid)
+        if view.gateway:
+            gateway_vids.add(view.vid)
+    result: dict[int, PortVlans] = {pk: {} for pk in (switch_ids or ())}
+    for port_id, switch_id, name, role, core_id, site_id in ports.values_list(
+        "id", "switch_id", "name", "role", "core_id", "switch__site_id"
+    ):
+        if role == PortRole.HOST_TRUNK:
+            vids = by_host_port.get(port_id, set())
+        elif role == PortRole.CORE_UPLINK:
+            vids = by_core_site.get((core_id, site_id), set())
+        elif role == PortRole.GATEWAY_TRUNK:
+            vids = gateway_vids
+        else:  # a role this code does not know: never put anything on it
+            vids = set()
+        result.setdefault(switch_id, {})[name] = frozenset(vids)
+    return result
+
+
+def host_desired(
+    host_ids: Iterable[int] | None = None, *, segments: list[SegmentView] | None = None
+) -> dict[int, frozenset[int]]:
+    """For each host (all, or ``host_ids``): the VLANs it needs a bridge for."""
+    views = desired_segments() if segments is None else segments
+    if host_ids is None:
+        host_ids = Host.objects.values_list("pk", flat=True)
+    wanted: dict[int, set[int]] = {pk: set() for pk in host_ids}
+    for view in views:
+        for host_id in view.hosts:
+            if host_id in wanted:
+                wanted[host_id].add(view.vid)
+    return {pk: frozenset(vids) for pk, vids in wanted.items()}
+
+
+def segment_footprint(segment: Segment) -> Footprint:
+    """The devices whose desired state includes ``segment`` when it is wanted (whatever its state now)."""
+    views = segment_views(Segment.objects.filter(pk=segment.pk))
+    if not views:
+        return Footprint(frozenset(), frozenset())
+    per_switch = switch_desired(segments=views)
+    return Footprint(
+        switches=frozenset(pk for pk, ports in per_switch.items() if any(ports.values())),
+        hosts=views[0].hosts,
+    )
+
+
+def touched_devices(segment: Segment) -> Footprint:
+    """The devices any change for ``segment`` was recorded on (what a rollback must look at)."""
+    rows = DeviceChange.objects.filter(segment=segment).values_list("kind", "switch_id", "host_id").distinct()
+    switches = frozenset(s for kind, s, _h in rows if kind == DeviceKind.SWITCH and s)
+    hosts = frozenset(h for kind, _s, h in rows if kind == DeviceKind.HOST and h)
+    return Footprint(switches, hosts)
+
+
+def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
+    """Enabled switches and hosts to converge for ``segment``: what it needs plus what it touched before
+    (so that a host it left, or a switch at a site it left, is cleaned too)."""
+    devices = segment_footprint(segment) | touched_devices(segment)
+    switches = list(Switch.objects.filter(pk__in=devices.switches, enabled=True).order_by("name"))
+    hosts = list(Host.objects.filter(pk__in=devices.hosts, enabled=True).order_by("name"))
+    return switches, hosts
+
+
+def known_vids() -> frozenset[int]:
+    """VLAN ids the portal ever gave a segment (to tell a stale VLAN from a foreign one)."""
+    return frozenset(Segment.objects.exclude(vid=None).values_list("vid", flat=True).distinct())

@@ -1,0 +1,246 @@
+"""Writes of the VLAN life-cycle service: VLAN allocation and segments.
+
+A *segment* is a VLAN plus the hosts (and, for a closed cluster, the access-gateway trunks) that need it,
+owned by an opaque reference. These services only change the database — the desired state. Devices are
+made to match it by the workflows in ``network.workflows`` (Celery), which the owner composes and starts
+after its transaction commits.
+
+Allocation is race-free on PostgreSQL the way Neutron does it: one row per (pool, id); a request picks a
+free row from a random start with ``SELECT … FOR UPDATE SKIP LOCKED`` (two requests never wait for or get
+the same row) and takes it with a conditional ``UPDATE … WHERE free``; a bounded number of attempts. Rows
+are created lazily, the first time a pool looks exhausted. No lock wider than one row is ever taken.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from datetime import timedelta
+
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from network import selectors
+from network.errors import (
+    HostUnavailable,
+    NetworkError,
+    NoCoreForSites,
+    PoolExhausted,
+    SegmentClosed,
+    SegmentExists,
+)
+from network.models import Host, Segment, SegmentMember, Site, VlanAllocation, VlanPool
+
+ALLOCATE_ATTEMPTS = 20
+Free = VlanAllocation.State
+
+
+class AllocationContention(NetworkError):
+    """Free ids exist but every attempt lost the race (only without SKIP LOCKED, e.g. on SQLite)."""
+
+    status = 409
+
+
+# --- VLAN allocation -----------------------------------------------------------------------------------------
+
+
+def _free_now(now) -> Q:
+    """Rows that may be handed out: free, or quarantined with the hold-down time over."""
+    return Q(state=Free.FREE) | Q(state=Free.QUARANTINED, quarantine_until__lte=now)
+
+
+def vlan_pool_sync(*, pool: VlanPool) -> int:
+    """Make the pool's rows match its ranges minus reserved: add missing ids, drop ids no longer handed out
+    (only free or expired-quarantine ones; held ids stay until released). Returns the number added."""
+    valid = set(pool.vlan_ids)
+    existing = set(VlanAllocation.objects.filter(pool=pool).values_list("vid", flat=True))
+    missing = sorted(valid - existing)
+    # Sorted inserts: concurrent first allocations on a fresh pool wait for each other instead of deadlocking.
+    VlanAllocation.objects.bulk_create(
+        [VlanAllocation(pool=pool, vid=vid) for vid in missing], ignore_conflicts=True, batch_size=1000
+    )
+    gone = existing - valid
+    if gone:
+        VlanAllocation.objects.filter(_free_now(timezone.now()), pool=pool, vid__in=gone).delete()
+    return len(missing)
+
+
+def _pick_free(pool: VlanPool, lo: int, hi: int, now) -> VlanAllocation | None:
+    candidates = VlanAllocation.objects.filter(_free_now(now), pool=pool)
+    if connection.features.has_select_for_update_skip_locked:
+        candidates = candidates.select_for_update(skip_locked=True)
+    # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
+    # again and again (Neutron's lesson).
+    start = random.randint(lo, hi)
+    return (
+        candidates.filter(vid__gte=start).order_by("vid").first()
+        or candidates.filter(vid__lt=start).order_by("vid").first()
+    )
+
+
+@transaction.atomic
+def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
+    """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left."""
+    if not owner:
+        raise ValueError("an allocation needs an owner reference")
+    valid = frozenset(pool.vlan_ids)
+    if not valid:
+        raise PoolExhausted(f"pool {pool.name} has no VLAN ids to hand out")
+    lo, hi = min(valid), max(valid)
+    synced = False
+    for _attempt in range(ALLOCATE_ATTEMPTS):
+        now = timezone.now()
+        row = _pick_free(pool, lo, hi, now)
+        if row is None:
+            if synced:
+                break
+            vlan_pool_sync(pool=pool)
+            synced = True
+            continue
+        if row.vid not in valid:  # reserved or removed from the ranges since the row was made
+            VlanAllocation.objects.filter(_free_now(now), pk=row.pk).delete()
+            continue
+        taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
+            state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
+        )
+        if taken:
+            row.refresh_from_db()
+            return row
+    else:
+        raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
+    held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(timezone.now())).count()
+    raise PoolExhausted(
+        f"pool {pool.name} is exhausted: all {len(valid)} VLAN ids are in use or in quarantine ({held})"
+    )
+
+
+@transaction.atomic
+def vlan_release(*, allocation: VlanAllocation) -> bool:
+    """Put the id into quarantine for the pool's hold-down time. Harmless when already released (also when
+    the id was since handed to someone else: the release is bound to this owner and allocation time)."""
+    now = timezone.now()
+    pool = allocation.pool
+    released = VlanAllocation.objects.filter(
+        pk=allocation.pk, state=Free.ALLOCATED, owner=allocation.owner, allocated_at=allocation.allocated_at
+    ).update(state=Free.QUARANTINED, released_at=now, quarantine_until=now + timedelta(seconds=pool.quarantine_seconds))
+    allocation.refresh_from_db()
+    return bool(released)
+
+
+def pools_for_sites(sites: Iterable[Site | int]) -> QuerySet[VlanPool]:
+    """Pools whose core transport joins every one of ``sites`` (all pools for no sites)."""
+    site_ids = {s if isinstance(s, int) else s.pk for s in sites}
+    pools = VlanPool.objects.select_related("core")
+    if not site_ids:
+        return pools.order_by("name")
+    return (
+        pools.annotate(_joined=Count("core__sites", filter=Q(core__sites__in=site_ids), distinct=True))
+        .filter(_joined=len(site_ids))
+        .order_by("name")
+    )
+
+
+# --- Segments ------------------------------------------------------------------------------------------------
+
+
+def _checked_hosts(hosts: Iterable[Host]) -> list[Host]:
+    unique = {h.pk: h for h in hosts}
+    loaded = list(Host.objects.filter(pk__in=unique).select_related("site", "switch_port__switch"))
+    for host in loaded:
+        if not host.enabled:
+            raise HostUnavailable(f"host {host.name} is disabled")
+        if not host.switch_port.switch.enabled:
+            raise HostUnavailable(f"host {host.name}: its switch {host.switch_port.switch.name} is disabled")
+    return loaded
+
+
+def _site_names(site_ids: Iterable[int]) -> str:
+    return ", ".join(Site.objects.filter(pk__in=set(site_ids)).order_by("name").values_list("name", flat=True))
+
+
+@transaction.atomic
+def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPool | None = None) -> Segment:
+    """A new segment for ``owner`` on ``hosts`` with a VLAN from a pool whose core joins every needed site
+    (the hosts' sites, plus the access-gateway sites when ``gateway``). Nothing is configured yet: start
+    ``network.workflows.provision(segment.id)`` after commit.
+
+    Raises ``NoCoreForSites`` (422), ``PoolExhausted`` (409), ``SegmentExists`` (409), ``HostUnavailable``
+    (422)."""
+    members = _checked_hosts(hosts)
+    sites = selectors.segment_sites({h.site_id for h in members}, gateway=gateway)
+    if Segment.objects.filter(owner_ref=owner, state__in=Segment.LIVE_STATES).exists():
+        raise SegmentExists(f"{owner} already has a network segment")
+    candidates = list(pools_for_sites(sites))
+    if pool is not None:
+        if pool.pk not in {p.pk for p in candidates}:
+            raise NoCoreForSites(f"pool {pool.name}: core {pool.core.name} does not join sites {_site_names(sites)}")
+        candidates = [pool]
+    if not candidates:
+        raise NoCoreForSites(f"no core transport with a VLAN pool joins sites {_site_names(sites)}")
+    allocation = None
+    for candidate in candidates:
+        try:
+            allocation = vlan_allocate(pool=candidate, owner=owner)
+            break
+        except PoolExhausted:
+            continue
+    if allocation is None:
+        names = ", ".join(p.name for p in candidates)
+        raise PoolExhausted(f"no free VLAN id for {owner}: pools {names} are exhausted")
+    try:
+        with transaction.atomic():
+            segment = Segment.objects.create(
+                owner_ref=owner, allocation=allocation, vid=allocation.vid, gateway=gateway
+            )
+    except IntegrityError:
+        raise SegmentExists(f"{owner} already has a network segment") from None
+    SegmentMember.objects.bulk_create([SegmentMember(segment=segment, host=h) for h in members])
+    return segment
+
+
+@transaction.atomic
+def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
+    """The new set of hosts that need the segment (add, remove, VM migration). The segment goes back to
+    PENDING; start ``network.workflows.provision(segment.id)`` after commit to converge the devices
+    (the ones it leaves included). Raises ``NoCoreForSites`` when a new site is outside the segment's
+    core, ``SegmentClosed`` when it is going away."""
+    seg = Segment.objects.select_for_update().select_related("allocation__pool__core").get(pk=segment.pk)
+    if seg.state not in Segment.DESIRED_STATES:
+        raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; its hosts cannot change")
+    members = _checked_hosts(hosts)
+    sites = selectors.segment_sites({h.site_id for h in members}, gateway=seg.gateway)
+    core = seg.allocation.pool.core
+    outside = set(sites) - set(core.sites.values_list("pk", flat=True))
+    if outside:
+        raise NoCoreForSites(
+            f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} does not reach sites {_site_names(outside)}"
+        )
+    wanted = {h.pk for h in members}
+    SegmentMember.objects.filter(segment=seg).exclude(host_id__in=wanted).delete()
+    have = set(SegmentMember.objects.filter(segment=seg).values_list("host_id", flat=True))
+    SegmentMember.objects.bulk_create([SegmentMember(segment=seg, host_id=pk) for pk in sorted(wanted - have)])
+    seg.state = Segment.State.PENDING
+    seg.save(update_fields=["state", "updated_at"])
+    segment.refresh_from_db()
+    return seg
+
+
+@transaction.atomic
+def segment_delete(*, segment: Segment) -> Segment:
+    """Mark the segment as going away: it leaves the desired state at once. Start
+    ``network.workflows.teardown(segment.id)`` after commit to clean the devices and release the VLAN.
+    Deleting twice is harmless."""
+    seg = Segment.objects.select_for_update().select_related("allocation").get(pk=segment.pk)
+    if seg.state == Segment.State.FAILED and (
+        seg.allocation is None or seg.allocation.state != Free.ALLOCATED or seg.allocation.owner != seg.owner_ref
+    ):
+        # Compensation already cleaned the devices and released the VLAN: nothing left to tear down.
+        seg.state = Segment.State.CLOSED
+        seg.save(update_fields=["state", "updated_at"])
+        SegmentMember.objects.filter(segment=seg).delete()
+    elif seg.state in Segment.DESIRED_STATES + (Segment.State.COMPENSATING, Segment.State.FAILED):
+        seg.state = Segment.State.DELETING
+        seg.save(update_fields=["state", "updated_at"])
+    segment.refresh_from_db()
+    return seg

@@ -1,0 +1,211 @@
+"""Celery tasks of the VLAN life-cycle service.
+
+Tasks take ids, load, claim their work with a conditional UPDATE and call ``network.convergence`` or
+``network.services``. Device tasks are ``acks_late`` (a worker killed mid-task leaves the message for the
+next worker; converging is idempotent, so redoing it is safe), retry only temporary device errors with
+exponential backoff (``DEVICE_RETRY_MAX``, ``DEVICE_RETRY_BACKOFF``) and fail at once on permanent ones,
+raising ``DeviceChangeFailed`` with the device and the device's own message. The canvases that string
+these tasks together are built in ``network.workflows``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import shared_task
+from django.conf import settings
+from django.db import transaction
+
+from network import convergence, services
+from network.drivers import TemporaryDeviceError
+from network.errors import DeviceChangeFailed, SegmentClosed
+from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
+from portal.audit import audit_actor
+
+logger = logging.getLogger(__name__)
+
+_DEVICE_TASK = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "max_retries": None,  # counted against DEVICE_RETRY_MAX in _run_change
+    "soft_time_limit": settings.CELERY_TASK_SOFT_TIME_LIMIT,
+    "time_limit": settings.CELERY_TASK_TIME_LIMIT,
+}
+
+
+def _backoff(retries: int) -> float:
+    return settings.DEVICE_RETRY_BACKOFF * (2**retries)
+
+
+def _run_change(task, change_id: int) -> dict:
+    try:
+        change = convergence.converge_change(change_id)
+    except TemporaryDeviceError as exc:
+        retries = task.request.retries or 0
+        if retries >= settings.DEVICE_RETRY_MAX:
+            convergence.change_fail(change_id, exc.message)  # raises DeviceChangeFailed
+        logger.warning("change %s: %s; retry %s in %.1fs", change_id, exc, retries + 1, _backoff(retries))
+        raise task.retry(
+            countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
+        ) from None
+    except DeviceChangeFailed as exc:
+        raise DeviceChangeFailed(exc.device, exc.message, change_id) from None
+    return {"change": change.pk, "device": change.device, "status": change.status}
+
+
+@shared_task(name="network.converge_switch", **_DEVICE_TASK)
+def converge_switch(self, change_id: int) -> dict:
+    """Make the switch of change ``change_id`` match the desired state (batching its pending changes)."""
+    with audit_actor("network.converge_switch"):
+        return _run_change(self, change_id)
+
+
+@shared_task(name="network.converge_host", **_DEVICE_TASK)
+def converge_host(self, change_id: int) -> dict:
+    """Make the host of change ``change_id`` carry exactly its desired VLAN bridges."""
+    with audit_actor("network.converge_host"):
+        return _run_change(self, change_id)
+
+
+@shared_task(name="network.segment_step", acks_late=True)
+def segment_step(segment_id: int, step: str) -> dict:
+    """The join point after a parallel layer of device tasks (the body of the layer's chord)."""
+    return {"segment": segment_id, "step": step}
+
+
+@shared_task(name="network.segment_provisioned", acks_late=True)
+def segment_provisioned(segment_id: int) -> dict:
+    """Every device reported success: the segment is active (unless it was deleted meanwhile)."""
+    Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING).update(state=Segment.State.ACTIVE, error="")
+    seg = Segment.objects.get(pk=segment_id)
+    if seg.state != Segment.State.ACTIVE:
+        raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not active")
+    return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
+
+
+@shared_task(name="network.segment_released", acks_late=True)
+def segment_released(segment_id: int) -> dict:
+    """Teardown's last step: every device is clean, so the VLAN goes into quarantine and the segment
+    is closed. Idempotent."""
+    with audit_actor("network.teardown"), transaction.atomic():
+        seg = Segment.objects.select_for_update().select_related("allocation__pool").get(pk=segment_id)
+        if seg.state != Segment.State.CLOSED:
+            if seg.state != Segment.State.DELETING:
+                raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not being deleted")
+            if seg.allocation is not None and seg.allocation.owner == seg.owner_ref:
+                services.vlan_release(allocation=seg.allocation)
+            seg.state = Segment.State.CLOSED
+            seg.save(update_fields=["state", "updated_at"])
+            SegmentMember.objects.filter(segment=seg).delete()
+    return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
+
+
+def _converge_now(change_id: int) -> str | None:
+    """Converge inline with the retry policy; the device's message when it failed for good."""
+    for attempt in range(settings.DEVICE_RETRY_MAX + 1):
+        try:
+            convergence.converge_change(change_id)
+            return None
+        except DeviceChangeFailed as exc:
+            return exc.message
+        except TemporaryDeviceError as exc:
+            if attempt == settings.DEVICE_RETRY_MAX:
+                try:
+                    convergence.change_fail(change_id, exc.message)
+                except DeviceChangeFailed as failed:
+                    return failed.message
+            time.sleep(_backoff(attempt))
+    return "retries exhausted"
+
+
+@shared_task(name="network.segment_compensate", **_DEVICE_TASK)
+def segment_compensate(self, segment_id: int) -> dict:
+    """Roll a failed provisioning back: every device the segment needs or touched is converged to the
+    state without it, then the VLAN is released and the segment is FAILED with the reason (the device and
+    its own message). Used as the error callback of ``workflows.provision``; running it twice is harmless.
+
+    The VLAN is kept (not released) when a device that did take it could not be rolled back: handing the
+    id to another owner while a switch still carries it would join two clusters. Deleting the segment
+    later (``segment_delete`` + ``teardown``) retries the cleanup."""
+    with audit_actor("network.compensate"), convergence.device_lock("segment", segment_id, wait=0) as held:
+        if not held:
+            return {"segment": segment_id, "state": "being compensated elsewhere"}
+        Segment.objects.filter(pk=segment_id, state__in=Segment.DESIRED_STATES).update(state=Segment.State.COMPENSATING)
+        seg = Segment.objects.select_related("allocation__pool").get(pk=segment_id)
+        if seg.state != Segment.State.COMPENSATING:
+            return {"segment": seg.pk, "state": seg.state}
+        cause = f"compensate {seg.owner_ref}"
+        first = (
+            DeviceChange.objects.filter(segment=seg, status=DeviceChange.Status.FAILED)
+            .exclude(cause=cause)
+            .order_by("finished_at", "pk")
+            .first()
+        )
+        reason = f"{first.device}: {first.error}" if first else "provisioning failed"
+        switches, hosts = convergence.selectors.segment_devices(seg)
+        not_rolled_back = []
+        for device in [*hosts, *switches]:  # reverse order of provisioning
+            change = convergence.change_create(device=device, segment=seg, cause=cause)
+            message = _converge_now(change.pk)
+            if message is None:
+                continue
+            kind = DeviceKind.SWITCH if isinstance(device, Switch) else DeviceKind.HOST
+            took_it = (
+                DeviceChange.objects.filter(
+                    segment=seg,
+                    status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP],
+                    **{kind: device},
+                )
+                .exclude(cause=cause)
+                .exists()
+            )
+            if took_it:
+                not_rolled_back.append(f"{device.name}: {message}")
+        with transaction.atomic():
+            if not_rolled_back:
+                reason += "; not rolled back (VLAN kept): " + "; ".join(not_rolled_back)
+            elif seg.allocation is not None and seg.allocation.owner == seg.owner_ref:
+                services.vlan_release(allocation=seg.allocation)
+            Segment.objects.filter(pk=seg.pk, state=Segment.State.COMPENSATING).update(
+                state=Segment.State.FAILED, error=reason[:5000]
+            )
+        seg.refresh_from_db()
+        return {"segment": seg.pk, "state": seg.state, "error": seg.error, "released": not not_rolled_back}
+
+
+# --- reconciler -------------------------------------------------------------------------------------------------
+
+
+@shared_task(name="network.reconcile")
+def reconcile(repair: bool | None = None) -> dict:
+    """Periodic (celery beat, every ``RECONCILE_INTERVAL`` s): one reconcile task per enabled device."""
+    expires = settings.RECONCILE_INTERVAL
+    switches = list(Switch.objects.filter(enabled=True).values_list("pk", flat=True))
+    hosts = list(Host.objects.filter(enabled=True).values_list("pk", "agent_queue"))
+    for pk in switches:
+        reconcile_device.apply_async((DeviceKind.SWITCH.value, pk, repair), expires=expires)
+    for pk, queue in hosts:
+        options = {"queue": queue} if queue else {}
+        reconcile_device.apply_async((DeviceKind.HOST.value, pk, repair), expires=expires, **options)
+    return {"switches": len(switches), "hosts": len(hosts)}
+
+
+@shared_task(name="network.reconcile_device", acks_late=True, soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
+def reconcile_device(kind: str, device_id: int, repair: bool | None = None) -> dict:
+    """Compare one device with the desired state; record drift; repair when ``RECONCILE_REPAIR``."""
+    repair = settings.RECONCILE_REPAIR if repair is None else repair
+    model = Switch if kind == DeviceKind.SWITCH else Host
+    device = model.objects.filter(pk=device_id).first()
+    if device is None:
+        return {"device": None}
+    with audit_actor("network.reconcile"):
+        report = convergence.reconcile_device(kind, device, repair=repair)
+    return {
+        "device": report.device,
+        "busy": report.busy,
+        "drift": [str(d) for d in report.drifts],
+        "repaired": report.repaired,
+        "error": report.error,
+    }

@@ -1,0 +1,164 @@
+"""A fake switch and host driver for unit tests, registered as platform/driver ``fake``.
+
+State lives in a JSON file per device under ``driver_args["state_dir"]`` so that a real Celery worker in
+another process sees the same device. Faults are injected through ``driver_args``:
+
+- ``fail_commit``: ``"permanent"`` or ``"temporary"`` — every commit fails with the device's message;
+- ``fail_times``: the first N commits fail with a temporary error, then they work;
+- ``delay``: seconds each session takes (to make sessions overlap).
+
+Every session is recorded (start, end, committed) so tests can check batching and serialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from network.drivers import base
+from network.drivers.base import ConvergeResult, PermanentDeviceError, TemporaryDeviceError
+
+
+def register() -> None:
+    """Make ``platform="fake"`` (switches) and ``driver="fake"`` (hosts) use this module."""
+    base._SWITCH_DRIVERS["fake"] = __name__
+    base._HOST_DRIVERS["fake"] = __name__
+
+
+def _path(driver_args: Mapping, kind: str, name: str) -> Path:
+    return Path(driver_args["state_dir"]) / f"{kind}-{name}.json"
+
+
+def load(driver_args: Mapping, kind: str, name: str) -> dict:
+    path = _path(driver_args, kind, name)
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"ports": {}, "vlans": [], "vm_ports": {}, "sessions": [], "commits": 0, "failures": 0}
+
+
+def save(driver_args: Mapping, kind: str, name: str, state: dict) -> None:
+    path = _path(driver_args, kind, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, sort_keys=True))
+    tmp.replace(path)
+
+
+def _vids(text: str) -> str:
+    return ",".join(str(v) for v in sorted(text)) or "none"
+
+
+class FakeSwitch:
+    """A switch whose owned ports carry the VLAN sets stored in its state file."""
+
+    def __init__(self, spec: base.SwitchSpec):
+        self.spec = spec
+        self.args = spec.driver_args
+
+    def _state(self) -> dict:
+        return load(self.args, "switch", self.spec.name)
+
+    def port_vlans(self) -> dict[str, frozenset[int]]:
+        ports = self._state()["ports"]
+        return {p: frozenset(ports.get(p, [])) for p in self.spec.owned_ports}
+
+    def render(self, desired: Mapping[str, frozenset[int]]) -> str:
+        return "".join(f"port {p} trunks {_vids(desired[p])}\n" for p in sorted(desired))
+
+    def plan(self, desired: Mapping[str, frozenset[int]]) -> str:
+        current = self.port_vlans()
+        foreign = sorted(set(desired) - set(self.spec.owned_ports))
+        if foreign:
+            raise PermanentDeviceError(self.spec.name, f"ports {', '.join(foreign)} are not owned by the portal")
+        lines = []
+        for port in sorted(desired):
+            for vid in sorted(desired[port] - current[port]):
+                lines.append(f"+ {port} vlan {vid}")
+            for vid in sorted(current[port] - desired[port]):
+                lines.append(f"- {port} vlan {vid}")
+        return "\n".join(lines)
+
+    def converge(self, desired: Mapping[str, frozenset[int]]) -> ConvergeResult:
+        desired = {p: frozenset(v) for p, v in desired.items()}
+        before = self.port_vlans()
+        diff = self.plan(desired)
+        if not diff:
+            return ConvergeResult(self.spec.name, "", False, before, before)
+        state = self._state()
+        fault = self.args.get("fail_commit")
+        if self.args.get("fail_times", 0) > state["failures"]:
+            state["failures"] += 1
+            save(self.args, "switch", self.spec.name, state)
+            fault = "temporary"
+        if fault == "temporary":
+            raise TemporaryDeviceError(
+                self.spec.name, "commit_config: configuration database locked by another session"
+            )
+        if fault:
+            raise PermanentDeviceError(self.spec.name, "commit_config: % Invalid input detected at '^' marker.")
+        for port, vids in desired.items():
+            state["ports"][port] = sorted(vids)
+        state["commits"] += 1
+        save(self.args, "switch", self.spec.name, state)
+        return ConvergeResult(self.spec.name, diff, True, before, self.port_vlans())
+
+
+class FakeHost:
+    """A hypervisor with one "bridge" per VLAN; ``vm_ports`` (vid → count) keeps a bridge in use."""
+
+    def __init__(self, spec: base.HostSpec):
+        self.spec = spec
+        self.args = spec.driver_args
+
+    def vlans(self) -> frozenset[int]:
+        return frozenset(load(self.args, "host", self.spec.name)["vlans"])
+
+    def attachment_point(self, vid: int) -> str:
+        return f"br-v{vid}"
+
+    def converge(self, desired: frozenset[int]) -> ConvergeResult:
+        state = load(self.args, "host", self.spec.name)
+        if self.args.get("fail_commit"):
+            raise PermanentDeviceError(self.spec.name, "ip link add br-v: Operation not permitted")
+        before = frozenset(state["vlans"])
+        in_use = {int(v) for v, n in state["vm_ports"].items() if n}
+        after = set(desired) | (before & in_use)
+        diff = "\n".join(
+            [f"+ br-v{v}" for v in sorted(after - before)] + [f"- br-v{v}" for v in sorted(before - after)]
+        )
+        state["vlans"] = sorted(after)
+        if diff:
+            state["commits"] += 1
+        save(self.args, "host", self.spec.name, state)
+        return ConvergeResult(
+            self.spec.name, diff, bool(diff), {self.spec.name: before}, {self.spec.name: frozenset(after)}
+        )
+
+
+@contextlib.contextmanager
+def _recorded(kind: str, spec) -> Iterator[None]:
+    start = time.time()
+    delay = float(spec.driver_args.get("delay", 0))
+    if delay:
+        time.sleep(delay)
+    try:
+        yield
+    finally:
+        state = load(spec.driver_args, kind, spec.name)
+        state["sessions"].append([start, time.time()])
+        save(spec.driver_args, kind, spec.name, state)
+
+
+@contextlib.contextmanager
+def open_switch(spec: base.SwitchSpec) -> Iterator[FakeSwitch]:
+    with _recorded("switch", spec):
+        yield FakeSwitch(spec)
+
+
+@contextlib.contextmanager
+def open_host(spec: base.HostSpec) -> Iterator[FakeHost]:
+    with _recorded("host", spec):
+        yield FakeHost(spec)

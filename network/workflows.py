@@ -1,0 +1,88 @@
+"""Celery canvases of the VLAN life-cycle: provisioning, teardown and compensation of a segment.
+
+Each builder records one pending ``DeviceChange`` per device it will converge (the work the device tasks
+claim) and returns a Signature for the caller to compose and start after its transaction commits::
+
+    transaction.on_commit(lambda: chain(provision(seg.id), clusters_ready.si(cid)).on_error(fail.s(cid)).delay())
+
+- ``provision``: every switch in parallel → every host in parallel → the segment is ACTIVE. If any device
+  fails for good, ``compensate`` runs by itself (it is linked as the error callback of every step) and the
+  failure (``DeviceChangeFailed``: device and the device's message) propagates to the caller's errbacks.
+  Also used after ``segment_set_hosts``: the devices the segment left are converged too.
+- ``teardown`` (after ``services.segment_delete``): hosts → switches → VLAN into quarantine, segment CLOSED.
+- ``compensate``: converge back everything the segment touched, release the VLAN, FAILED with the reason.
+
+A layer is a ``group`` followed by a join task (Celery makes it a chord), so the canvas works with any
+result backend that supports chords (Redis natively, django-db through ``chord_unlock``). Host tasks go
+to the host's agent queue when it has one.
+"""
+
+from __future__ import annotations
+
+from celery import chain, group
+from celery.canvas import Signature
+
+from network import convergence, selectors, tasks
+from network.errors import SegmentClosed
+from network.models import Host, Segment, Switch
+
+
+def _switch_task(change_id: int) -> Signature:
+    return tasks.converge_switch.si(change_id)
+
+
+def _host_task(host: Host, change_id: int) -> Signature:
+    sig = tasks.converge_host.si(change_id)
+    return sig.set(queue=host.agent_queue) if host.agent_queue else sig
+
+
+def _layer(segment: Segment, step: str, signatures: list[Signature]) -> list[Signature]:
+    if not signatures:
+        return []
+    return [group(signatures), tasks.segment_step.si(segment.pk, step)]
+
+
+def _changes(segment: Segment, devices: list[Switch] | list[Host], cause: str) -> list[tuple]:
+    return [(d, convergence.change_create(device=d, segment=segment, cause=cause).pk) for d in devices]
+
+
+def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature:
+    """Converge every device the segment needs (and any it touched before) to the desired state:
+    switches in parallel, then hosts in parallel, then mark the segment ACTIVE."""
+    segment = Segment.objects.get(pk=segment_id)
+    if segment.state not in Segment.DESIRED_STATES:
+        raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}; cannot provision")
+    switches, hosts = selectors.segment_devices(segment)
+    cause = f"provision {segment.owner_ref}"
+    steps = [
+        *_layer(segment, "switches", [_switch_task(cid) for _sw, cid in _changes(segment, switches, cause)]),
+        *_layer(segment, "hosts", [_host_task(h, cid) for h, cid in _changes(segment, hosts, cause)]),
+        tasks.segment_provisioned.si(segment.pk),
+    ]
+    if compensate_on_error:
+        errback = compensate(segment.pk)
+        for step in steps:
+            for sig in step.tasks if isinstance(step, group) else [step]:
+                sig.link_error(errback.clone())
+    return chain(*steps)
+
+
+def teardown(segment_id: int) -> Signature:
+    """Remove the segment from its devices (hosts first, then switches), then put its VLAN into
+    quarantine and close it. The segment must have been marked by ``services.segment_delete``."""
+    segment = Segment.objects.get(pk=segment_id)
+    if segment.state in Segment.DESIRED_STATES:
+        raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}: delete it first")
+    switches, hosts = selectors.segment_devices(segment)
+    cause = f"teardown {segment.owner_ref}"
+    return chain(
+        *_layer(segment, "hosts", [_host_task(h, cid) for h, cid in _changes(segment, hosts, cause)]),
+        *_layer(segment, "switches", [_switch_task(cid) for _sw, cid in _changes(segment, switches, cause)]),
+        tasks.segment_released.si(segment.pk),
+    )
+
+
+def compensate(segment_id: int) -> Signature:
+    """The rollback of a failed provisioning, as one task (usable as an error callback:
+    ``.on_error(compensate(seg_id))``)."""
+    return tasks.segment_compensate.si(segment_id)
