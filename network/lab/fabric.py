@@ -1,0 +1,592 @@
+"""The lab fabric: site switches, hosts, the core and a gateway attachment point as Open vSwitch bridges
+(userspace ``netdev`` datapath, so it runs on a kernel without 802.1Q or the OVS module), and "VMs" as
+network namespaces.
+
+One lab run owns:
+
+- a run directory ``$VIRTCLOUD_LAB_DIR/<prefix>/`` (default ``/run/virtcloud-lab``) with ``state.json``, the
+  OVSDB file, its socket and the daemons' logs and pid files;
+- a namespace ``<prefix>ovs`` where one ovsdb-server and one ovs-vswitchd run and every bridge and every
+  switch-side veth end lives (nothing of the lab is in the root namespace);
+- a namespace ``<prefix>gw`` holding one plain Linux bridge per gateway trunk (``gwbr<n>``), linked by veth
+  to the switch's gateway_trunk port: an OpenVPN tap (``vlan-tagging``) or another leg is added there;
+- one namespace ``<prefix>vm<n>`` per attached VM, its ``eth0`` a veth whose other end is an access port
+  ``tag=<vid>`` on the host's bridge.
+
+Every interface and namespace name starts with the run's prefix (``vl`` + 4 hex digits), so parallel runs
+never collide and ``down`` (or the next ``up``, for a crashed run) removes exactly what a run made: daemons
+by PID (checked against /proc/<pid>/cmdline), then every namespace with the prefix, then the run directory.
+
+Bridges: one per Switch (``<p>s<i>``), one per Host (``<p>h<j>``, uplink port ``<p>h<j>u``). Switch ports
+are ``<p>s<i>p<k>``; the drivers see the inventory's port names through ``driver_args["port_map"]``. Owned
+ports start as trunks carrying no VLAN: only the drivers add VLANs. The core is configured once, the way an
+operator would: ``dot1q`` (and ``vpls``/``xponder``/``vxlan``, emulated the same way) is a core bridge
+``<p>c<n>`` whose ports trunk the core's whole VLAN range; ``qinq`` is a provider-edge bridge per attached
+switch (``<p>c<n>e<m>``) with a ``dot1q-tunnel`` customer port (S-VLAN = service tag, 802.1ad) and an
+802.1ad trunk to the provider bridge ``<p>c<n>``.
+
+Drivers reach the lab through ``switch_spec`` / ``host_spec`` (or the same values written into the
+inventory by ``manage.py lab up``): ``address = unix:<run dir>/db.sock`` and driver args ``bridge`` +
+``port_map`` for a switch, ``db`` + ``bridge`` + ``uplink`` for a host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from network.drivers import HostSpec, SwitchSpec, host_session, switch_session
+from network.drivers.ovsdb import NO_VLANS, Ovsdb, trunks_value
+from network.lab.topology import Topology, TopologyError, from_dict
+
+RUN_ROOT = Path(os.environ.get("VIRTCLOUD_LAB_DIR", "/run/virtcloud-lab"))
+SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+DAEMONS = ("ovsdb-server", "ovs-vswitchd")
+_NO_IPV6 = "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or torn down; the message names the step and the object."""
+
+
+def run(argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 30, env=None):
+    """Run a command; raise LabError with its stderr when it fails."""
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv[:6])}…: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def ip_batch(lines: Iterable[str], netns: str | None = None) -> None:
+    """Many ``ip`` commands in one process (≈3× faster than one process each)."""
+    lines = list(lines)
+    if lines:
+        run(["ip", *(["-n", netns] if netns else []), "-batch", "-"], input="\n".join(lines) + "\n")
+
+
+def requirements() -> str | None:
+    """Why the lab cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces)"
+    for tool in ("ip", "ovs-vsctl", "ovsdb-server", "ovs-vswitchd", "ovsdb-tool"):
+        if not any(Path(d, tool).exists() for d in os.environ.get("PATH", "").split(":") + ["/usr/sbin", "/sbin"]):
+            return f"{tool} is not installed (apt-get install openvswitch-switch iproute2)"
+    if not SCHEMA.exists():
+        return f"{SCHEMA} is missing (apt-get install openvswitch-switch)"
+    return None
+
+
+def _alive(pid: int | None, marker: str) -> bool:
+    """Is ``pid`` a live process whose command line contains ``marker`` (guards against PID reuse)?"""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+@dataclass
+class Vm:
+    """A 'VM': a namespace with eth0 on a host bridge as an access port of one VLAN."""
+
+    name: str
+    host: str
+    vid: int
+    netns: str
+    port: str  # the OVS-side veth end
+    ip: str  # address/prefix
+    mac: str
+
+    @property
+    def address(self) -> str:
+        return self.ip.split("/")[0]
+
+
+@dataclass
+class Lab:
+    """A running lab (the contents of its state file, plus helpers)."""
+
+    run_dir: Path
+    state: dict = field(default_factory=dict)
+
+    # --- names ------------------------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.state["name"]
+
+    @property
+    def prefix(self) -> str:
+        return self.state["prefix"]
+
+    @property
+    def ovs_ns(self) -> str:
+        return f"{self.prefix}ovs"
+
+    @property
+    def gw_ns(self) -> str:
+        return f"{self.prefix}gw"
+
+    @property
+    def db(self) -> str:
+        return f"unix:{self.run_dir / 'db.sock'}"
+
+    @property
+    def topology(self) -> Topology:
+        return from_dict(self.state["topology"])
+
+    def ovsdb(self, device: str = "lab") -> Ovsdb:
+        return Ovsdb(device=device, db=self.db)
+
+    # --- what the drivers need ----------------------------------------------------------------------------------
+
+    def switch_driver_args(self, switch: str) -> dict:
+        dev = self._device("switches", switch)
+        return {"bridge": dev["bridge"], "port_map": dict(dev["port_map"])}
+
+    def host_driver_args(self, host: str) -> dict:
+        dev = self._device("hosts", host)
+        return {"db": self.db, "bridge": dev["bridge"], "uplink": dev["uplink"]}
+
+    def switch_spec(self, switch: str) -> SwitchSpec:
+        sw = self.topology.switch(switch)
+        return SwitchSpec(
+            name=switch,
+            platform="ovs",
+            address=self.db,
+            driver_args=self.switch_driver_args(switch),
+            owned_ports=tuple(p.name for p in sw.ports),
+            timeout=10.0,
+        )
+
+    def host_spec(self, host: str) -> HostSpec:
+        h = self.topology.host(host)
+        return HostSpec(
+            name=host, driver="ovs", trunk_interface=h.trunk_interface, driver_args=self.host_driver_args(host)
+        )
+
+    def _device(self, kind: str, name: str) -> dict:
+        try:
+            return self.state[kind][name]
+        except KeyError:
+            raise LabError(f"lab {self.name}: no {kind[:-2] if kind == 'switches' else kind[:-1]} {name}") from None
+
+    # --- desired state (the lab's own small version of the portal's computation) ---------------------------------
+
+    def desired(
+        self, segments: Mapping[int, Iterable[str]], gateway_vids: Iterable[int] = ()
+    ) -> tuple[dict[str, dict[str, frozenset[int]]], dict[str, frozenset[int]]]:
+        """For ``{vid: [host names]}``: the VLANs of every owned port of every switch and of every host."""
+        topo = self.topology
+        switch_d: dict[str, dict[str, set[int]]] = {sw.name: {p.name: set() for p in sw.ports} for sw in topo.switches}
+        host_d: dict[str, set[int]] = {h.name: set() for h in topo.hosts}
+        gateway_vids = set(gateway_vids)
+        for vid, hosts in segments.items():
+            members = {topo.host(h).switch for h in hosts}
+            for name in hosts:
+                h = topo.host(name)
+                host_d[name].add(vid)
+                switch_d[h.switch][h.port].add(vid)
+            if vid in gateway_vids:
+                for sw in topo.switches:
+                    for port in sw.ports:
+                        if port.role == "gateway_trunk":
+                            switch_d[sw.name][port.name].add(vid)
+                            members.add(sw.name)
+            sites = {topo.switch(s).site for s in members}
+            if len(sites) < 2:
+                continue
+            cores = [c for c in topo.cores if c.vid_min <= vid <= c.vid_max and sites <= set(c.sites)]
+            if not cores:
+                raise TopologyError(f"no core carries VLAN {vid} between sites {sorted(sites)}")
+            for s in members:
+                for port in topo.switch(s).ports:
+                    if port.role == "core_uplink" and port.core == cores[0].name:
+                        switch_d[s][port.name].add(vid)
+        return (
+            {sw: {p: frozenset(v) for p, v in ports.items()} for sw, ports in switch_d.items()},
+            {h: frozenset(v) for h, v in host_d.items()},
+        )
+
+    def converge(self, segments: Mapping[int, Iterable[str]], gateway_vids: Iterable[int] = ()):
+        """Make every switch and host carry ``segments`` through the real drivers (switches first, then hosts,
+        devices in parallel). Returns the ConvergeResults."""
+        switch_d, host_d = self.desired(segments, gateway_vids)
+
+        def one_switch(name):
+            with switch_session(self.switch_spec(name)) as session:
+                return session.converge(switch_d[name])
+
+        def one_host(name):
+            with host_session(self.host_spec(name)) as session:
+                return session.converge(host_d[name])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(one_switch, sorted(switch_d)))
+            results += list(pool.map(one_host, sorted(host_d)))
+        return results
+
+    # --- VMs ----------------------------------------------------------------------------------------------------
+
+    def attach_vm(self, host: str, vid: int, name: str, ip_cidr: str, mac: str | None = None) -> Vm:
+        """What a VM manager does: a namespace for the VM, its eth0 plugged into the host's attachment point of
+        VLAN ``vid`` (through the host driver, so the host must already carry ``vid``)."""
+        if name in self.state["vms"]:
+            raise LabError(f"lab {self.name}: VM {name} exists")
+        self._device("hosts", host)
+        n = self.state["next_vm"]
+        self.state["next_vm"] = n + 1
+        netns, port = f"{self.prefix}vm{n}", f"{self.prefix}v{n}"
+        mac = mac or "02:%02x:%02x:%02x:%02x:%02x" % (0x42, (n >> 8) & 0xFF, n & 0xFF, vid >> 8, vid & 0xFF)
+        vm = Vm(name, host, vid, netns, port, ip_cidr, mac)
+        self.state["vms"][name] = vm.__dict__
+        self.save()  # before creating anything: a crash leaves a record down() can follow
+        ip_batch([f"netns add {netns}"])
+        run(["ip", "netns", "exec", netns, "sh", "-c", _NO_IPV6])
+        ip_batch([f"link add {port} type veth peer name eth0 netns {netns}", f"link set {port} up"], self.ovs_ns)
+        # netdev datapath + veth: the kernel leaves TCP checksums to an offload nobody does (LAB.md §2)
+        script = (
+            f"ip link set lo up && ip link set eth0 address {mac} && ip addr add {ip_cidr} dev eth0"
+            " && ip link set eth0 up && ethtool -K eth0 tx off >/dev/null"
+        )
+        run(["ip", "netns", "exec", netns, "sh", "-c", script])
+        with host_session(self.host_spec(host)) as session:
+            session.plug(port, vid)
+        return vm
+
+    def detach_vm(self, name: str) -> None:
+        vm = self.vm(name)
+        with host_session(self.host_spec(vm.host)) as session:
+            session.unplug(vm.port)
+        run(["ip", "netns", "del", vm.netns], check=False)
+        del self.state["vms"][name]
+        self.save()
+
+    def vm(self, name: str) -> Vm:
+        try:
+            return Vm(**self.state["vms"][name])
+        except KeyError:
+            raise LabError(f"lab {self.name}: no VM {name}") from None
+
+    def vms(self) -> list[Vm]:
+        return [Vm(**v) for v in self.state["vms"].values()]
+
+    # --- where to look ------------------------------------------------------------------------------------------
+
+    def core_ports(self, core: str | None = None) -> list[dict]:
+        """Links of the core to capture on: {"core", "kind", "netns", "iface", "layer"}; layer ``customer`` is
+        a switch uplink (802.1Q), ``provider`` a QinQ provider link (802.1ad outer tag)."""
+        return [dict(link, netns=self.ovs_ns) for link in self.state["core_links"] if core in (None, link["core"])]
+
+    def gateway(self, switch: str | None = None) -> dict:
+        """{"netns", "bridge", "switch", "port"} of a gateway attachment point (the first one by default)."""
+        for gw in self.state["gateways"]:
+            if switch in (None, gw["switch"]):
+                return dict(gw, netns=self.gw_ns)
+        raise LabError(f"lab {self.name}: no gateway trunk" + (f" on {switch}" if switch else ""))
+
+    def locate(self, where: str) -> tuple[str, str]:
+        """(netns, interface) of a VM name, a VM namespace, or an interface in the OVS namespace."""
+        if where in self.state["vms"]:
+            return self.state["vms"][where]["netns"], "eth0"
+        for vm in self.state["vms"].values():
+            if where == vm["netns"]:
+                return where, "eth0"
+        return self.ovs_ns, where
+
+    # --- life cycle ---------------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        tmp = self.run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        tmp.replace(self.run_dir / "state.json")
+
+    def status(self) -> dict:
+        daemons = {d: _alive(self.state["pids"].get(d), str(self.run_dir)) for d in DAEMONS}
+        return {
+            "name": self.name,
+            "prefix": self.prefix,
+            "run_dir": str(self.run_dir),
+            "db": self.db,
+            "status": self.state["status"],
+            "daemons": daemons,
+            "switches": sorted(self.state["switches"]),
+            "hosts": sorted(self.state["hosts"]),
+            "vms": sorted(self.state["vms"]),
+            "owner_pid": self.state["owner_pid"],
+            "persistent": self.state["persistent"],
+        }
+
+    def is_stale(self) -> bool:
+        """A run whose builder died (non-persistent) or whose daemons are gone: nobody will use it again."""
+        if not self.state.get("persistent") and not _alive(self.state.get("owner_pid"), ""):
+            return True
+        if self.state.get("status") != "up":
+            return not _alive(self.state.get("owner_pid"), "")
+        return not all(_alive(self.state["pids"].get(d), str(self.run_dir)) for d in DAEMONS)
+
+    def down(self) -> float:
+        """Kill the daemons by PID, delete every namespace with the prefix, remove the run directory."""
+        started = time.monotonic()
+        _destroy(self.run_dir, self.prefix, self.state.get("pids", {}))
+        return time.monotonic() - started
+
+    @classmethod
+    def open(cls, run_dir: Path) -> Lab:
+        return cls(run_dir, json.loads((run_dir / "state.json").read_text()))
+
+    @classmethod
+    def find(cls, name: str, run_root: Path | None = None) -> Lab | None:
+        for lab in all_labs(run_root):
+            if lab.name == name:
+                return lab
+        return None
+
+    @classmethod
+    def up(
+        cls,
+        topology: Topology,
+        *,
+        name: str | None = None,
+        persistent: bool = False,
+        run_root: Path | None = None,
+    ) -> Lab:
+        """Build the fabric for ``topology``. Cleans crashed runs first; an existing lab of the same name is
+        taken down (a name is one lab)."""
+        reason = requirements()
+        if reason:
+            raise LabError(reason)
+        run_root = Path(run_root or RUN_ROOT)
+        run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clean_stale(run_root)
+        if name:
+            old = cls.find(name, run_root)
+            if old:
+                old.down()
+        prefix = _new_prefix(run_root)
+        run_dir = run_root / prefix
+        run_dir.mkdir(mode=0o700)
+        lab = cls(
+            run_dir,
+            {
+                "name": name or prefix,
+                "prefix": prefix,
+                "status": "building",
+                "owner_pid": os.getpid(),
+                "persistent": persistent,
+                "created": time.time(),
+                "topology": topology.as_dict(),
+                "pids": {},
+                "switches": {},
+                "hosts": {},
+                "vms": {},
+                "next_vm": 0,
+                "core_links": [],
+                "gateways": [],
+            },
+        )
+        lab.save()
+        try:
+            _build(lab, topology)
+        except BaseException:
+            lab.down()
+            raise
+        lab.state["status"] = "up"
+        lab.save()
+        return lab
+
+
+def all_labs(run_root: Path | None = None) -> list[Lab]:
+    run_root = Path(run_root or RUN_ROOT)
+    labs = []
+    if run_root.is_dir():
+        for state in sorted(run_root.glob("*/state.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                labs.append(Lab.open(state.parent))
+    return labs
+
+
+def clean_stale(run_root: Path | None = None) -> list[str]:
+    """Tear down every crashed run (see ``Lab.is_stale``); returns their prefixes."""
+    cleaned = []
+    for lab in all_labs(run_root):
+        if lab.is_stale():
+            lab.down()
+            cleaned.append(lab.prefix)
+    return cleaned
+
+
+def _new_prefix(run_root: Path) -> str:
+    existing = set(_netns_list())
+    for _ in range(100):
+        prefix = "vl" + secrets.token_hex(2)
+        if not (run_root / prefix).exists() and not any(_ours(ns, prefix) for ns in existing):
+            return prefix
+    raise LabError("no free lab prefix")
+
+
+def _ours(netns: str, prefix: str) -> bool:
+    """Exactly the namespace names a run with ``prefix`` creates (other tools' names may share a prefix)."""
+    return re.fullmatch(rf"{re.escape(prefix)}(ovs|gw|vm[0-9]+)", netns) is not None
+
+
+def _netns_list() -> list[str]:
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _destroy(run_dir: Path, prefix: str, pids: Mapping[str, int]) -> None:
+    # ovs-vswitchd takes seconds to exit cleanly (it deletes every port); the lab's datapath state dies with
+    # its namespace anyway, so it is killed outright. Only processes whose command line names this run's
+    # directory are signalled.
+    for daemon in reversed(DAEMONS):
+        pid = pids.get(daemon) or _read_pid(run_dir / f"{daemon}.pid")
+        if _alive(pid, str(run_dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    namespaces = [ns for ns in _netns_list() if _ours(ns, prefix)]
+    if namespaces:
+        run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {ns}\n" for ns in namespaces), check=False)
+    if run_dir.is_dir():
+        for child in sorted(run_dir.iterdir(), reverse=True):
+            with contextlib.suppress(OSError):
+                child.unlink()
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _build(lab: Lab, topo: Topology) -> None:
+    p, d = lab.prefix, lab.run_dir
+    ovs_ns, gw_ns = lab.ovs_ns, lab.gw_ns
+    env = {**os.environ, "OVS_RUNDIR": str(d), "OVS_LOGDIR": str(d), "OVS_DBDIR": str(d)}
+    has_gw = any(port.role == "gateway_trunk" for sw in topo.switches for port in sw.ports)
+
+    # 1. namespaces (no IPv6: its chatter would show up in captures and leak checks)
+    ip_batch([f"netns add {ovs_ns}"] + ([f"netns add {gw_ns}"] if has_gw else []))
+    for ns in [ovs_ns] + ([gw_ns] if has_gw else []):
+        run(["ip", "netns", "exec", ns, "sh", "-c", f"{_NO_IPV6} && ip link set lo up"])
+
+    # 2. OVSDB and the switch daemon, both inside the OVS namespace
+    run(["ovsdb-tool", "create", str(d / "conf.db"), str(SCHEMA)])
+    common = ["--pidfile", "--detach", "--no-chdir"]
+    run(
+        ["ip", "netns", "exec", ovs_ns, "ovsdb-server", str(d / "conf.db"), f"--remote=punix:{d / 'db.sock'}"]
+        + [f"--pidfile={d / 'ovsdb-server.pid'}", f"--unixctl={d / 'ovsdb-server.ctl'}"]
+        + [f"--log-file={d / 'ovsdb-server.log'}", *common[1:]],
+        env=env,
+    )
+    lab.state["pids"]["ovsdb-server"] = _read_pid(d / "ovsdb-server.pid")
+    lab.save()
+    vsctl = lab.ovsdb()
+    vsctl.run(["init"], ["set", "Open_vSwitch", ".", "other_config:vlan-limit=2"], wait=False)
+
+    # 3. plan every bridge, veth and port
+    links: list[tuple[str, str]] = []  # veth pairs inside the OVS namespace
+    bridges: list[str] = []
+    ports: list[tuple[str, str, list[str]]] = []  # (bridge, port, column settings)
+    gw_lines: list[str] = []
+    empty = ["vlan_mode=trunk", f"trunks={NO_VLANS}"]
+    host_of = {(h.switch, h.port): h for h in topo.hosts}
+    for j, h in enumerate(topo.hosts):
+        br, up = f"{p}h{j}", f"{p}h{j}u"
+        bridges.append(br)
+        ports.append((br, up, empty))
+        lab.state["hosts"][h.name] = {"bridge": br, "uplink": up}
+    host_index = {h.name: j for j, h in enumerate(topo.hosts)}
+    uplinks: dict[str, list[tuple[str, str]]] = {}  # core -> [(switch, ovs port)]
+    for i, sw in enumerate(topo.switches):
+        br = f"{p}s{i}"
+        bridges.append(br)
+        port_map = {}
+        for k, port in enumerate(sw.ports):
+            name = f"{p}s{i}p{k}"
+            port_map[port.name] = name
+            ports.append((br, name, empty))
+            host = host_of.get((sw.name, port.name))
+            if host is not None:
+                links.append((name, f"{p}h{host_index[host.name]}u"))
+            elif port.role == "core_uplink":
+                uplinks.setdefault(port.core, []).append((sw.name, name))
+            elif port.role == "gateway_trunk":
+                n = len(lab.state["gateways"])
+                gw_lines += [f"link add gwbr{n} type bridge", f"link set gwbr{n} up"]
+                gw_lines += [f"link set gwt{n} master gwbr{n}", f"link set gwt{n} up"]
+                lab.state["gateways"].append({"switch": sw.name, "port": port.name, "bridge": f"gwbr{n}"})
+                links.append((name, f"gwt{n}@{gw_ns}"))
+            else:
+                links.append((name, f"{name}x"))  # a trunk with nothing plugged in yet
+        lab.state["switches"][sw.name] = {"bridge": br, "port_map": port_map}
+    for c, core in enumerate(topo.cores):
+        vids = list(range(core.vid_min, core.vid_max + 1))
+        core_br = f"{p}c{c}"
+        bridges.append(core_br)
+        for m, (sw_name, uplink) in enumerate(uplinks.get(core.name, [])):
+            if core.kind == "qinq":
+                pe, cust, prov, p_side = f"{p}c{c}e{m}", f"{p}c{c}e{m}c", f"{p}c{c}e{m}t", f"{p}c{c}e{m}p"
+                bridges.append(pe)
+                links += [(uplink, cust), (prov, p_side)]
+                qinq = "other_config:qinq-ethtype=802.1ad"
+                tunnel = ["vlan_mode=dot1q-tunnel", f"tag={core.service_tag}", f"cvlans={trunks_value(vids)}", qinq]
+                ports.append((pe, cust, tunnel))
+                for bridge, name in ((pe, prov), (core_br, p_side)):
+                    ports.append((bridge, name, ["vlan_mode=trunk", f"trunks={core.service_tag}", qinq]))
+                lab.state["core_links"] += [
+                    {"core": core.name, "kind": core.kind, "switch": sw_name, "iface": uplink, "layer": "customer"},
+                    {"core": core.name, "kind": core.kind, "switch": sw_name, "iface": prov, "layer": "provider"},
+                ]
+            else:
+                side = f"{p}c{c}x{m}"
+                links.append((uplink, side))
+                ports.append((core_br, side, ["vlan_mode=trunk", f"trunks={trunks_value(vids)}"]))
+                lab.state["core_links"].append(
+                    {"core": core.name, "kind": core.kind, "switch": sw_name, "iface": uplink, "layer": "customer"}
+                )
+    lab.save()
+
+    # 4. veths (one ip process), the gateway bridges, then the daemon
+    lines = []
+    for a, b in links:
+        peer, _, netns = b.partition("@")
+        lines.append(f"link add {a} type veth peer name {peer}" + (f" netns {netns}" if netns else ""))
+        lines.append(f"link set {a} up")
+        if not netns:
+            lines.append(f"link set {peer} up")
+    ip_batch(lines, ovs_ns)
+    ip_batch(gw_lines, gw_ns if has_gw else None)
+    run(
+        ["ip", "netns", "exec", ovs_ns, "ovs-vswitchd", lab.db]
+        + [f"--pidfile={d / 'ovs-vswitchd.pid'}", f"--unixctl={d / 'ovs-vswitchd.ctl'}"]
+        + [f"--log-file={d / 'ovs-vswitchd.log'}", *common[1:]],
+        env=env,
+    )
+    lab.state["pids"]["ovs-vswitchd"] = _read_pid(d / "ovs-vswitchd.pid")
+    lab.save()
+
+    # 5. every bridge and port in one OVSDB transaction; waits until ovs-vswitchd has applied it
+    commands: list[list[str]] = []
+    for br in bridges:
+        commands.append(["add-br", br])
+        commands.append(["set", "Bridge", br, "datapath_type=netdev"])
+    for br, name, settings in ports:
+        commands.append(["add-port", br, name])
+        commands.append(["set", "Port", name, *settings])
+    Ovsdb(device=f"lab {lab.name}", db=lab.db, timeout=60).run(*commands)
