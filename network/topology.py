@@ -364,6 +364,11 @@ class _Importer:
         ]
         for name in changed:
             setattr(obj, name, values[name])
+        for name in bad - set(lookup):
+            model_field = obj._meta.get_field(name)
+            if model_field.is_relation:
+                # Not the stored one either: checks against it (pool inside the core, ...) would mislead.
+                setattr(obj, model_field.attname, None)
         if before_clean:
             before_clean(obj)
         try:

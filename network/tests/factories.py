@@ -28,6 +28,7 @@ class CoreTransportFactory(DjangoModelFactory):
     class Meta:
         model = CoreTransport
         django_get_or_create = ("name",)
+        skip_postgeneration_save = True
 
     name = factory.Sequence(lambda n: f"core{n}")
     kind = CoreKind.QINQ

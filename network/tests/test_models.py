@@ -1,0 +1,200 @@
+"""Validation rules of the inventory, each with a message that names the object and the problem."""
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from network.choices import CoreKind, PortRole
+from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.tests.factories import (
+    CoreTransportFactory,
+    HostFactory,
+    SiteFactory,
+    SwitchFactory,
+    SwitchPortFactory,
+    VlanPoolFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def messages(obj) -> dict[str, list[str]]:
+    with pytest.raises(ValidationError) as info:
+        obj.full_clean()
+    return info.value.message_dict
+
+
+def test_factories_build_a_valid_fabric():
+    host = HostFactory()
+    pool = VlanPoolFactory()
+    for obj in (host.site, host.switch_port.switch, host.switch_port, host, pool.core, pool):
+        obj.full_clean()
+    assert host.switch_port.switch.site == host.site
+    assert host.agent_queue == f"host.{host.name}"
+
+
+@pytest.mark.parametrize("field,value", [("vid_min", 1), ("vid_max", 4095), ("vid_min", 0)])
+def test_core_vlan_ids_must_be_2_to_4094(field, value):
+    core = CoreTransportFactory.build(name="backbone", **{field: value})
+    errors = messages(core)
+    assert errors[field] == [f"core backbone: VLAN id {value} is outside 2-4094"]
+
+
+def test_core_range_must_not_run_backwards():
+    core = CoreTransportFactory.build(name="backbone", vid_min=3000, vid_max=2000)
+    assert messages(core)["vid_max"] == ["core backbone: highest VLAN id 2000 is below lowest 3000"]
+
+
+def test_qinq_core_needs_its_service_tag():
+    core = CoreTransportFactory.build(name="backbone", service_tag=None)
+    assert messages(core)["service_tag"] == ["core backbone: a QinQ core needs its S-VLAN (service tag)"]
+
+
+def test_qinq_service_tag_is_a_vlan_id():
+    core = CoreTransportFactory.build(name="backbone", service_tag=5000)
+    assert messages(core)["service_tag"] == ["core backbone: a QinQ S-VLAN must be in 2-4094"]
+
+
+def test_other_core_kinds_need_no_service_tag():
+    CoreTransportFactory.build(name="lambda", kind=CoreKind.XPONDER, service_tag=None).full_clean()
+
+
+def test_core_cannot_shrink_below_its_pools():
+    core = CoreTransportFactory(name="backbone", vid_min=100, vid_max=3999)
+    VlanPoolFactory(name="clusters", core=core, ranges="100-199,3000-3010")
+    core.vid_max = 2999
+    assert messages(core)["vid_min"] == ["core backbone: pool clusters uses ids 3000-3010 outside 100-2999"]
+
+
+def test_pool_must_stay_inside_what_the_core_carries():
+    core = CoreTransportFactory(name="backbone", vid_min=100, vid_max=999)
+    pool = VlanPoolFactory.build(name="clusters", core=core, ranges="900-1100")
+    assert messages(pool)["ranges"] == ["pool clusters: ids 1000-1100 are outside what core backbone carries (100-999)"]
+
+
+def test_pools_on_one_core_must_not_overlap():
+    core = CoreTransportFactory(name="backbone")
+    VlanPoolFactory(name="physics", core=core, ranges="100-199")
+    pool = VlanPoolFactory.build(name="chemistry", core=core, ranges="150-250")
+    assert messages(pool)["ranges"] == ["pool chemistry: ids 150-199 overlap pool physics on core backbone"]
+
+
+def test_pools_on_different_cores_may_overlap():
+    VlanPoolFactory(name="a", ranges="100-199")
+    VlanPoolFactory.build(name="b", core=CoreTransportFactory(), ranges="100-199").full_clean()
+
+
+def test_reserved_ids_must_be_in_the_pool():
+    pool = VlanPoolFactory.build(name="clusters", ranges="100-199", reserved="150,300-301")
+    assert messages(pool)["reserved"] == ["pool clusters: reserved ids 300-301 are not in its ranges"]
+
+
+@pytest.mark.parametrize(
+    "ranges,expected",
+    [
+        ("100-abc", "pool clusters: pool clusters ranges: '100-abc' is not a VLAN id or a range like 100-199"),
+        ("200-100", "pool clusters: pool clusters ranges: range '200-100' runs backwards"),
+        ("1-10", "pool clusters: pool clusters ranges: VLAN id 1 is outside 2-4094"),
+        ("4000-4095", "pool clusters: pool clusters ranges: VLAN id 4095 is outside 2-4094"),
+    ],
+)
+def test_pool_ranges_are_parsed_strictly(ranges, expected):
+    pool = VlanPoolFactory.build(name="clusters", ranges=ranges)
+    assert messages(pool)["ranges"] == [expected]
+
+
+def test_pool_vlan_ids_leave_out_reserved():
+    pool = VlanPoolFactory.build(ranges="100-104", reserved="101,103")
+    assert pool.vlan_ids == [100, 102, 104]
+
+
+def test_host_port_must_be_a_host_trunk():
+    site = SiteFactory(name="brno")
+    port = SwitchPortFactory(switch=SwitchFactory(name="brno-sw", site=site), name="gw", role=PortRole.GATEWAY_TRUNK)
+    host = Host(name="brno-h1", site=site, switch_port=port)
+    assert messages(host)["switch_port"] == [
+        "host brno-h1: port brno-sw:gw is a trunk to an access gateway, not a host trunk"
+    ]
+
+
+def test_host_port_must_be_at_the_hosts_site():
+    port = SwitchPortFactory(switch=SwitchFactory(name="pilsen-sw", site=SiteFactory(name="pilsen")), name="h1")
+    host = Host(name="brno-h1", site=SiteFactory(name="brno"), switch_port=port)
+    assert messages(host)["switch_port"] == [
+        "host brno-h1: port pilsen-sw:h1 is on switch pilsen-sw at site pilsen, but the host is at site brno"
+    ]
+
+
+def test_one_host_per_port():
+    existing = HostFactory(name="brno-h1")
+    other = Host(name="brno-h2", site=existing.site, switch_port=existing.switch_port)
+    assert messages(other)["switch_port"] == ["host brno-h2: Host with this Switch port already exists."]
+
+
+def test_core_uplink_must_name_its_core():
+    port = SwitchPortFactory.build(switch=SwitchFactory(name="sw"), name="up", role=PortRole.CORE_UPLINK)
+    assert messages(port)["core"] == ["port sw:up: a core uplink must name its core transport"]
+
+
+def test_core_uplink_needs_a_core_that_joins_its_site():
+    brno, pilsen, vienna = SiteFactory(name="brno"), SiteFactory(name="pilsen"), SiteFactory(name="vienna")
+    core = CoreTransportFactory(name="backbone", sites=[brno, pilsen])
+    port = SwitchPortFactory.build(
+        switch=SwitchFactory(name="vienna-sw", site=vienna), name="up", role=PortRole.CORE_UPLINK, core=core
+    )
+    assert messages(port)["core"] == ["port vienna-sw:up: core backbone does not join site vienna"]
+    port.switch = SwitchFactory(name="brno-sw", site=brno)
+    port.full_clean()
+
+
+def test_only_a_core_uplink_names_a_core():
+    port = SwitchPortFactory.build(switch=SwitchFactory(name="sw"), name="h1", core=CoreTransportFactory())
+    assert messages(port)["core"] == ["port sw:h1: only a core uplink names a core transport"]
+
+
+def test_port_names_are_unique_per_switch():
+    port = SwitchPortFactory(switch=SwitchFactory(name="sw"), name="eth1")
+    twin = SwitchPort(switch=port.switch, name="eth1", role=PortRole.HOST_TRUNK)
+    errors = messages(twin)
+    assert errors["__all__"] == ["port sw:eth1: Switch port with this Switch and Name already exists."]
+    SwitchPort(switch=SwitchFactory(name="sw2"), name="eth1", role=PortRole.HOST_TRUNK).full_clean()
+
+
+def test_switch_driver_args_must_not_carry_the_password():
+    switch = SwitchFactory.build(name="sw", site=SiteFactory(), driver_args={"secret": "enable-pw"})
+    assert messages(switch)["driver_args"] == ["switch sw: put the secret in the password field (stored encrypted)"]
+
+
+def test_switch_driver_args_must_be_a_mapping():
+    switch = SwitchFactory.build(name="sw", site=SiteFactory(), driver_args=["port", 22])
+    assert messages(switch)["driver_args"] == ["switch sw: driver args must be a mapping"]
+
+
+def test_names_are_lower_case_slugs_and_unique():
+    SiteFactory(name="brno")
+    errors = messages(Site(name="brno"))
+    assert errors["name"] == ["site brno: Site with this Name already exists."]
+    errors = messages(Site(name="Brno Centre"))
+    assert errors["name"][0].startswith("site Brno Centre: ")
+
+
+def test_unknown_choice_names_the_object():
+    core = CoreTransportFactory.build(name="backbone", kind="warp")
+    assert messages(core)["kind"] == ["core backbone: Value 'warp' is not a valid choice."]
+
+
+def test_password_is_stored_encrypted_and_read_back():
+    from django.db import connection
+
+    switch = SwitchFactory(password="s3cret-switch-pw")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT password FROM network_switch WHERE id = %s", [switch.pk])
+        stored = cursor.fetchone()[0]
+    assert "s3cret" not in stored and stored.startswith("gAAAA")  # a Fernet token
+    loaded = type(switch).objects.get(pk=switch.pk)
+    assert loaded.password == "s3cret-switch-pw"
+    assert "s3cret" not in repr(loaded.password)
+
+
+def test_every_model_has_a_docstring_about_the_network():
+    for model in (Site, CoreTransport, Switch, SwitchPort, Host, VlanPool):
+        assert model.__doc__ and len(model.__doc__) > 60

@@ -1,0 +1,311 @@
+"""Topology import/export: the demo imports, a second run changes nothing, a bad file imports nothing and
+reports every problem with its place, export round-trips and never carries a secret."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.tests.factories import SwitchFactory
+from network.topology import TopologyError, dump_topology, load_topology, topology_export, topology_import
+from portal.models import AuditEntry
+
+pytestmark = pytest.mark.django_db
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+DEMO = TOPOLOGIES / "demo.yaml"
+SMALL = TOPOLOGIES / "small.yaml"
+
+
+def import_file(path: Path, **kwargs):
+    data, lines = load_topology(path.read_text(), source=str(path))
+    return topology_import(data=data, source=str(path), lines=lines, **kwargs)
+
+
+def import_text(text: str, **kwargs):
+    data, lines = load_topology(text, source="test.yaml")
+    return topology_import(data=data, source="test.yaml", lines=lines, **kwargs)
+
+
+def inventory_counts() -> dict[str, int]:
+    return {m.__name__: m.objects.count() for m in (Site, CoreTransport, Switch, SwitchPort, Host, VlanPool)}
+
+
+def test_demo_imports():
+    report = import_file(DEMO)
+    assert inventory_counts() == {
+        "Site": 3,
+        "CoreTransport": 1,
+        "Switch": 3,
+        "SwitchPort": 10,
+        "Host": 6,
+        "VlanPool": 1,
+    }
+    assert report.total_created == 24 and report.total_updated == 0
+    core = CoreTransport.objects.get(name="cesnet-qinq")
+    assert (core.kind, core.vid_min, core.vid_max, core.service_tag) == ("qinq", 100, 3999, 1000)
+    assert sorted(core.sites.values_list("name", flat=True)) == ["brno", "pilsen", "prague"]
+    host = Host.objects.select_related("switch_port__switch").get(name="pilsen-h2")
+    assert (str(host.switch_port), host.agent_queue, host.trunk_interface) == ("pilsen-sw:h2", "host.pilsen-h2", "eth0")
+    pool = VlanPool.objects.get(name="clusters")
+    assert pool.vlan_ids[0] == 110 and len(pool.vlan_ids) == 890
+    assert SwitchPort.objects.get(switch__name="brno-sw", name="gw").role == "gateway_trunk"
+    entries = AuditEntry.objects.filter(actor=f"topology-import:{DEMO}")
+    assert entries.filter(action="create").count() == 24
+    assert len(set(entries.values_list("request_id", flat=True))) == 1  # one import, one id
+
+
+def test_second_import_changes_nothing_and_writes_no_audit_entries():
+    import_file(DEMO)
+    entries = AuditEntry.objects.count()
+    report = import_file(DEMO)
+    assert (report.total_created, report.total_updated, report.total_deleted) == (0, 0, 0)
+    assert sum(report.unchanged.values()) == 24
+    assert report.changes == []
+    assert AuditEntry.objects.count() == entries
+
+
+def test_changed_value_updates_only_that_object():
+    import_file(DEMO)
+    text = DEMO.read_text().replace("quarantine: 60", "quarantine: 90")
+    before = AuditEntry.objects.count()
+    report = import_text(text)
+    assert report.changes == ["updated pool clusters (quarantine_seconds)"]
+    assert AuditEntry.objects.count() == before + 1
+    entry = AuditEntry.objects.first()
+    assert entry.changes == {"quarantine_seconds": [60, 90]} and entry.actor == "topology-import:test.yaml"
+
+
+def test_core_sites_are_updated_and_audited():
+    import_file(DEMO)
+    data, _ = load_topology(DEMO.read_text())
+    data["cores"][0]["sites"] = ["pilsen", "prague"]
+    data["switches"][0]["ports"] = [p for p in data["switches"][0]["ports"] if p["name"] != "core"]
+    report = topology_import(data=data, source="t")
+    assert report.changes == ["updated core cesnet-qinq (sites)"]
+    assert sorted(CoreTransport.objects.get().sites.values_list("name", flat=True)) == ["pilsen", "prague"]
+    entry = AuditEntry.objects.first()
+    assert entry.changes == {"sites": [None, {"removed": ["brno"]}]}
+
+
+INVALID = """\
+sites: [brno, pilsen]
+colour: blue
+cores:
+  - {name: backbone, kind: qinq, sites: [brno, pilsen], vlans: "100-3999"}
+  - {name: lambda, kind: warp, sites: [brno], vlans: "100-200"}
+switches:
+  - name: brno-sw
+    site: brno
+    platform: ovs
+    address: lab
+    ports:
+      - {name: h1, role: host_trunk}
+      - {name: up, role: uplink}
+  - name: pilsen-sw
+    site: pilsen
+    platform: cisco
+    address: lab
+    ports:
+      - {name: gw, role: gateway_trunk}
+hosts:
+  - {name: brno-h1, site: pilsen, switch: brno-sw, port: h1, colour: red}
+  - {name: brno-h2, site: brno, switch: brno-sw, port: h9}
+pools:
+  - {name: clusters, core: backbone, ranges: "50-150", reserved: "10"}
+"""
+
+
+def test_invalid_file_imports_nothing_and_reports_every_problem_with_its_place():
+    with pytest.raises(TopologyError) as info:
+        import_text(INVALID)
+    problems = info.value.problems
+    expected = [
+        "colour (line 2): unknown top-level key",
+        "cores[0].service_tag (line 4): core backbone: a QinQ core needs its S-VLAN (service tag)",
+        "cores[1].kind (line 5): 'warp' is not one of: qinq, dot1q, vpls, xponder, vxlan",
+        "switches[0].ports[1].role (line 13): 'uplink' is not one of: host_trunk, core_uplink, gateway_trunk",
+        "switches[1].platform (line 16): 'cisco' is not one of: ios, eos, junos, nxos, ovs, linuxbridge",
+        "hosts[0].colour (line 21): unknown key",
+        "hosts[0].port (line 21): host brno-h1: port brno-sw:h1 is on switch brno-sw at site brno, "
+        "but the host is at site pilsen",
+        "hosts[1].port (line 22): switch 'brno-sw' has no port 'h9' in this file",
+        "pools[0].reserved (line 24): pool clusters: reserved ids 10 are not in its ranges",
+    ]
+    for item in expected:
+        assert any(p.startswith(item) for p in problems), f"missing: {item}\n" + "\n".join(problems)
+    assert len(problems) == len(expected), "\n".join(problems)
+    assert inventory_counts() == dict.fromkeys(inventory_counts(), 0)
+    assert not AuditEntry.objects.exists()
+
+
+def test_invalid_file_keeps_the_existing_inventory_untouched():
+    import_file(DEMO)
+    before = inventory_counts()
+    entries = AuditEntry.objects.count()
+    broken = DEMO.read_text().replace("quarantine: 60", "quarantine: 90").replace('vlans: "100-3999"', "vlans: x")
+    with pytest.raises(TopologyError) as info:
+        import_text(broken)
+    assert info.value.problems == ["cores[0].vlans (line 19): 'x' is not a range like 100-3999"]
+    assert VlanPool.objects.get().quarantine_seconds == 60
+    assert inventory_counts() == before and AuditEntry.objects.count() == entries
+
+
+def test_pool_and_core_may_move_together():
+    import_file(DEMO)
+    moved = DEMO.read_text().replace('vlans: "100-3999"', 'vlans: "2000-3999"').replace('"100-999"', '"2000-2999"')
+    import_text(moved.replace('reserved: "100-109"', 'reserved: "2000"'))
+    assert VlanPool.objects.get().ranges == "2000-2999"
+    # ... but a core may not leave a pool that stays behind outside its range.
+    with pytest.raises(TopologyError) as info:
+        import_text(moved.replace('reserved: "100-109"', 'reserved: "2000"').replace('"2000-3999"', '"3000-3999"'))
+    assert any("outside what core cesnet-qinq carries (3000-3999)" in p for p in info.value.problems)
+
+
+def test_duplicate_names_and_keys_are_reported():
+    with pytest.raises(TopologyError) as info:
+        import_text("sites: [brno, brno]\n")
+    assert info.value.problems == ["sites[1].name (line 1): 'brno' is already defined at sites[0]"]
+    with pytest.raises(TopologyError) as info:
+        load_topology("sites: [a]\nsites: [b]\n")
+    assert info.value.problems == ["sites (line 2): key given twice"]
+
+
+def test_yaml_syntax_error_names_the_line():
+    with pytest.raises(TopologyError) as info:
+        load_topology("sites:\n  - brno\n  pilsen: [\n", source="bad.yaml")
+    assert info.value.problems[0].startswith("bad.yaml (line ")
+
+
+def test_export_import_round_trip(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    import_file(DEMO)
+    exported = topology_export()
+    text = dump_topology(exported)
+    assert yaml.safe_load(text) == exported
+    # Into an empty inventory: the same objects come back.
+    before = inventory_counts()
+    ports = sorted(SwitchPort.objects.values_list("switch__name", "name", "role", "core__name"))
+    hosts = sorted(Host.objects.values_list("name", "site__name", "switch_port__name", "agent_queue", "driver"))
+    Host.objects.all().delete()
+    VlanPool.objects.all().delete()
+    Switch.objects.all().delete()
+    CoreTransport.objects.all().delete()
+    Site.objects.all().delete()
+    report = import_text(text)
+    assert report.total_created == sum(before.values())
+    assert inventory_counts() == before
+    assert sorted(SwitchPort.objects.values_list("switch__name", "name", "role", "core__name")) == ports
+    assert sorted(Host.objects.values_list("name", "site__name", "switch_port__name", "agent_queue", "driver")) == hosts
+    assert topology_export() == exported
+    # ... and over itself: nothing changes.
+    assert import_text(text).changes == []
+
+
+def test_export_never_contains_secrets(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    SwitchFactory(name="extra", password="extra-secret-2", driver_args={"transport": "ssh"})
+    text = dump_topology(topology_export())
+    assert "small-secret-1" not in text and "extra-secret-2" not in text
+    assert "password" not in text
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT password FROM network_switch WHERE password <> ''")
+        ciphertexts = [row[0] for row in cursor.fetchall()]
+    assert len(ciphertexts) == 2 and not any(c in text for c in ciphertexts)
+
+
+def test_password_from_env_and_kept_when_left_out(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    assert Switch.objects.get(name="alpha-sw").password == "small-secret-1"
+    # A file without the password (an export, say) keeps the stored one.
+    import_text(dump_topology(topology_export()))
+    assert Switch.objects.get(name="alpha-sw").password == "small-secret-1"
+    monkeypatch.delenv("SMALL_SWITCH_PASSWORD")
+    with pytest.raises(TopologyError) as info:
+        import_file(SMALL)
+    assert info.value.problems == [
+        "switches[0].password_env (line 13): environment variable SMALL_SWITCH_PASSWORD is not set"
+    ]
+
+
+def test_changed_password_is_audited_without_its_value(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-2")
+    report = import_file(SMALL)
+    assert report.changes == ["updated switch alpha-sw (password)"]
+    entry = AuditEntry.objects.first()
+    assert entry.changes == {"password": ["********", "********"]}
+    assert "small-secret" not in str(AuditEntry.objects.values_list("changes", flat=True))
+
+
+def test_prune_deletes_what_the_file_does_not_name(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "x")
+    import_file(DEMO)
+    import_file(SMALL)
+    report = import_file(SMALL, prune=True)
+    assert set(Site.objects.values_list("name", flat=True)) == {"alpha", "beta"}
+    assert not Switch.objects.filter(name="brno-sw").exists()
+    assert report.deleted["host"] == 6 and report.deleted["site"] == 3
+    # Ports left out of a switch's list are pruned too.
+    text = SMALL.read_text().replace("      - {name: eth10, role: core_uplink, core: dot1q}\n", "")
+    report = import_text(text, prune=True)
+    assert report.changes == ["deleted port alpha-sw:eth10"]
+
+
+def test_prune_refuses_to_delete_what_is_in_use(monkeypatch):
+    """A host that carries a live segment is held by a PROTECT reference: prune reports it (and what
+    depends on it) and keeps nothing of the import."""
+    from network.models import Segment, SegmentMember
+
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "x")
+    import_file(DEMO)
+    segment = Segment.objects.create(owner_ref="cluster:1", vid=120, state=Segment.State.ACTIVE)
+    SegmentMember.objects.create(segment=segment, host=Host.objects.get(name="brno-h1"))
+    with pytest.raises(TopologyError) as info:
+        import_file(SMALL, prune=True)
+    problems = "\n".join(info.value.problems)
+    assert "prune hosts: cannot delete host brno-h1: still used by segment member cluster:1 on brno-h1" in problems
+    assert "prune sites: cannot delete site brno: still used by host brno-h1" in problems
+    assert Host.objects.count() == 6 and not Site.objects.filter(name="alpha").exists()
+
+
+def test_prune_needs_every_reference_in_the_file(monkeypatch):
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "x")
+    import_file(SMALL)
+    data, _ = load_topology(SMALL.read_text())
+    del data["sites"][1]
+    with pytest.raises(TopologyError) as info:
+        topology_import(data=data, source="t", prune=True)
+    assert "unknown site 'beta' (not defined in this file)" in "\n".join(info.value.problems)
+    assert Site.objects.filter(name="beta").exists()
+
+
+def test_command_import_and_export(tmp_path, capsys):
+    call_command("topology", "import", str(DEMO))
+    assert "24 created" in capsys.readouterr().out
+    call_command("topology", "import", str(DEMO), "--dry-run")
+    assert "0 created, 0 updated, 0 deleted, 24 unchanged (dry run" in capsys.readouterr().out
+    out = tmp_path / "export.yaml"
+    call_command("topology", "export", "-o", str(out))
+    assert yaml.safe_load(out.read_text()) == topology_export()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(INVALID)
+    with pytest.raises(CommandError) as info:
+        call_command("topology", "import", str(bad))
+    assert "nothing imported, 9 problem(s)" in str(info.value), str(info.value)
+    assert "hosts[1].port (line 22)" in str(info.value)
+
+
+def test_dry_run_saves_nothing():
+    report = import_file(DEMO, dry_run=True)
+    assert report.total_created == 24 and report.dry_run
+    assert inventory_counts() == dict.fromkeys(inventory_counts(), 0)
+    assert not AuditEntry.objects.exists()
