@@ -241,13 +241,43 @@ def _post_delete(sender, instance, **kwargs):
     record(instance, "delete", {k: [_render(v), None] for k, v in snapshot(instance).items()})
 
 
+def _m2m_field(model, through):
+    return next((f for f in model._meta.many_to_many if f.remote_field.through is through), None)
+
+
 def _m2m_changed(sender, instance, action, reverse, model, pk_set, **kwargs):
-    if reverse or action not in ("post_add", "post_remove", "post_clear") or type(instance) not in _registry:
+    """Many-to-many changes from either side (``core.sites.add(site)`` or ``site.core_transports.add(core)``)
+    are recorded on the object that declares the field, with the names added or removed."""
+    owner_model = model if reverse else type(instance)
+    if owner_model not in _registry:
         return
-    name = next(f.name for f in type(instance)._meta.many_to_many if f.remote_field.through is sender)
+    m2m = _m2m_field(owner_model, sender)
+    if m2m is None:
+        return
+    if action == "pre_clear":
+        # post_clear carries no primary keys: remember what is about to go.
+        mine, other = (
+            (m2m.m2m_reverse_field_name(), m2m.m2m_field_name())
+            if reverse
+            else (
+                m2m.m2m_field_name(),
+                m2m.m2m_reverse_field_name(),
+            )
+        )
+        instance._audit_cleared = set(
+            sender._default_manager.filter(**{mine: instance.pk}).values_list(f"{other}_id", flat=True)
+        )
+        return
     if action == "post_clear":
-        changes = {name: ["cleared", []]}
-    else:
-        names = sorted(str(o) for o in model._default_manager.filter(pk__in=pk_set or ()))
-        changes = {name: [None, {"added" if action == "post_add" else "removed": names}]}
-    record(instance, "update", changes)
+        pk_set = instance.__dict__.pop("_audit_cleared", set())
+    elif action not in ("post_add", "post_remove"):
+        return
+    if not pk_set:
+        return
+    verb = "added" if action == "post_add" else "removed"
+    if not reverse:
+        names = sorted(str(o) for o in model._default_manager.filter(pk__in=pk_set))
+        record(instance, "update", {m2m.name: [None, {verb: names}]})
+        return
+    for owner in model._default_manager.filter(pk__in=pk_set):
+        record(owner, "update", {m2m.name: [None, {verb: [str(instance)]}]})

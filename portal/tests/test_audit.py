@@ -1,0 +1,152 @@
+"""The audit log: who changed what, when, from which request, with before/after values and secrets masked."""
+
+import pytest
+from django.db import connection
+from django.urls import reverse
+
+from network.models import CoreTransport, Site, Switch
+from network.tests.factories import CoreTransportFactory, SiteFactory, SwitchFactory
+from portal.audit import audit_actor, current, record
+from portal.models import AuditEntry
+from portal.secrets import MASK
+
+pytestmark = pytest.mark.django_db
+
+
+def entries_for(obj):
+    return AuditEntry.objects.filter(content_type__model=obj._meta.model_name, object_id=str(obj.pk)).order_by("id")
+
+
+def test_create_update_delete_with_before_and_after(root):
+    with audit_actor("root", user=root, request_id="req-1"):
+        site = Site.objects.create(name="brno", description="Brno")
+        site.description = "Brno data centre"
+        site.save()
+        site.save()  # nothing changed: no entry
+        pk = site.pk
+        site.delete()
+    create, update, delete = AuditEntry.objects.filter(object_id=str(pk)).order_by("id")
+    assert (create.action, create.changes) == (
+        "create",
+        {"id": [None, pk], "name": [None, "brno"], "description": [None, "Brno"]},
+    )
+    assert (update.action, update.changes) == ("update", {"description": ["Brno", "Brno data centre"]})
+    assert (delete.action, delete.changes["name"]) == ("delete", ["brno", None])
+    for entry in (create, update, delete):
+        assert (entry.actor, entry.user, entry.request_id, entry.object_repr) == ("root", root, "req-1", "brno")
+
+
+def test_foreign_keys_are_recorded_by_id():
+    a, b = SiteFactory(name="a"), SiteFactory(name="b")
+    switch = SwitchFactory(site=a)
+    switch.site = b
+    switch.save()
+    assert entries_for(switch).last().changes == {"site": [a.pk, b.pk]}
+
+
+def test_many_to_many_from_both_sides():
+    brno, pilsen = SiteFactory(name="brno"), SiteFactory(name="pilsen")
+    core = CoreTransportFactory(name="backbone")
+    core.sites.add(brno, pilsen)
+    pilsen.core_transports.remove(core)  # from the other side: recorded on the core
+    brno.core_transports.clear()
+    core.sites.add(pilsen)
+    core.sites.clear()
+    changes = [e.changes for e in entries_for(core).filter(action="update")]
+    assert changes == [
+        {"sites": [None, {"added": ["brno", "pilsen"]}]},
+        {"sites": [None, {"removed": ["pilsen"]}]},
+        {"sites": [None, {"removed": ["brno"]}]},
+        {"sites": [None, {"added": ["pilsen"]}]},
+        {"sites": [None, {"removed": ["pilsen"]}]},
+    ]
+
+
+def test_secret_is_masked_and_only_its_change_recorded():
+    switch = SwitchFactory(name="sw", password="first-secret")
+    assert entries_for(switch).get(action="create").changes["password"] == [None, MASK]
+    switch.description = "core switch"
+    switch.save()
+    assert "password" not in entries_for(switch).last().changes
+    switch.password = "second-secret"
+    switch.save()
+    assert entries_for(switch).last().changes == {"password": [MASK, MASK]}
+    switch.password = ""
+    switch.save()
+    assert entries_for(switch).last().changes == {"password": [MASK, ""]}
+    switch.delete()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT changes, message, object_repr FROM portal_auditentry")
+        stored = repr(cursor.fetchall())
+    assert "first-secret" not in stored and "second-secret" not in stored and "gAAAA" not in stored
+
+
+def test_request_id_and_user_from_an_admin_change(client, root):
+    site = SiteFactory(name="brno")
+    client.force_login(root)
+    response = client.post(
+        reverse("admin:network_site_change", args=[site.pk]),
+        {"name": "brno", "description": "changed in admin"},
+        HTTP_X_REQUEST_ID="proxy-req-42",
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert response["X-Request-ID"] == "proxy-req-42"
+    entry = entries_for(site).last()
+    assert (entry.action, entry.actor, entry.user, entry.request_id) == ("update", "root", root, "proxy-req-42")
+    assert entry.changes == {"description": ["", "changed in admin"]}
+
+
+def test_malformed_request_id_is_replaced(client, root):
+    client.force_login(root)
+    response = client.get(reverse("admin:index"), HTTP_X_REQUEST_ID="bad id\nwith newline")
+    assert response.status_code == 200
+    assert len(response["X-Request-ID"]) == 32 and " " not in response["X-Request-ID"]
+
+
+def test_actor_outside_any_request_or_block_is_system():
+    site = SiteFactory(name="brno")
+    entry = entries_for(site).get()
+    assert entry.actor == "system" and entry.user is None
+    with audit_actor("reconciler"):
+        inner = current().request_id
+        record(site, "action", message="drift repaired")
+    assert current().actor == "system"
+    action = entries_for(site).last()
+    assert (action.action, action.actor, action.request_id, action.message) == (
+        "action",
+        "reconciler",
+        inner,
+        "drift repaired",
+    )
+
+
+def test_audit_log_is_read_only_and_filterable_in_admin(client, root):
+    SiteFactory(name="brno")
+    SwitchFactory(name="sw")
+    client.force_login(root)
+    url = reverse("admin:portal_auditentry_changelist")
+    assert client.get(url).status_code == 200
+    site_type = AuditEntry.objects.get(object_repr="brno").content_type_id
+    response = client.get(url, {"content_type__id__exact": site_type})
+    assert response.status_code == 200
+    site_entries = AuditEntry.objects.filter(content_type_id=site_type).count()
+    assert response.context["cl"].result_count == site_entries < AuditEntry.objects.count()
+    response = client.get(url, {"q": "brno"})
+    assert [e.object_repr for e in response.context["cl"].result_list] == ["brno"]
+    entry = AuditEntry.objects.first()
+    assert client.get(reverse("admin:portal_auditentry_change", args=[entry.pk])).status_code == 200
+    assert client.get(reverse("admin:portal_auditentry_add")).status_code == 403
+    assert client.post(reverse("admin:portal_auditentry_delete", args=[entry.pk]), {"post": "yes"}).status_code == 403
+    assert AuditEntry.objects.filter(pk=entry.pk).exists()
+
+
+def test_every_inventory_model_is_audited():
+    core = CoreTransportFactory()
+    switch = Switch.objects.get(pk=SwitchFactory().pk)
+    for obj in (core, switch):
+        assert entries_for(obj).filter(action="create").exists()
+    assert set(AuditEntry.objects.values_list("content_type__model", flat=True)) >= {
+        CoreTransport._meta.model_name,
+        "site",
+        "switch",
+    }
