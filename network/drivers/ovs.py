@@ -83,7 +83,7 @@ class PortState:
             return f"port {name} trunks {vlan_list(self.vids) or 'none'}"
         if self.mode == "trunk":
             return f"port {name} trunks all"
-        if self.mode == "access" and not self.trunks:
+        if self.mode == "access":  # OVS ignores trunks on an access port
             return f"port {name} access {self.tag if self.tag is not None else 0}"
         parts = [f"port {name} vlan_mode {self.mode}"]
         if self.tag is not None:

@@ -36,10 +36,10 @@ class OvsHostSession:
         self.uplink = str(args.get("uplink") or spec.trunk_interface)
         self.bridge = str(args.get("bridge", ""))
         if not self.bridge:
-            out = self.ovsdb.run(["--if-exists", "port-to-br", self.uplink], wait=False).strip()
-            if not out:
-                raise PermanentDeviceError(spec.name, f"no OVS port {self.uplink} (the host's uplink)")
-            self.bridge = out
+            try:
+                self.bridge = self.ovsdb.run(["port-to-br", self.uplink], wait=False).strip()
+            except PermanentDeviceError:
+                raise PermanentDeviceError(spec.name, f"no OVS port {self.uplink} (the host's uplink)") from None
 
     # --- reading ----------------------------------------------------------------------------------------------
 

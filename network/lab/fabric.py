@@ -249,7 +249,7 @@ class Lab:
         n = self.state["next_vm"]
         self.state["next_vm"] = n + 1
         netns, port = f"{self.prefix}vm{n}", f"{self.prefix}v{n}"
-        mac = mac or "02:%02x:%02x:%02x:%02x:%02x" % (0x42, (n >> 8) & 0xFF, n & 0xFF, vid >> 8, vid & 0xFF)
+        mac = mac or f"02:42:{(n >> 8) & 0xFF:02x}:{n & 0xFF:02x}:{vid >> 8:02x}:{vid & 0xFF:02x}"
         vm = Vm(name, host, vid, netns, port, ip_cidr, mac)
         self.state["vms"][name] = vm.__dict__
         self.save()  # before creating anything: a crash leaves a record down() can follow
