@@ -205,7 +205,7 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
     PENDING; start ``network.workflows.provision(segment.id)`` after commit to converge the devices
     (the ones it leaves included). Raises ``NoCoreForSites`` when a new site is outside the segment's
     core, ``SegmentClosed`` when it is going away."""
-    seg = Segment.objects.select_for_update().select_related("allocation__pool__core").get(pk=segment.pk)
+    seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; its hosts cannot change")
     members = _checked_hosts(hosts)
@@ -231,7 +231,7 @@ def segment_delete(*, segment: Segment) -> Segment:
     """Mark the segment as going away: it leaves the desired state at once. Start
     ``network.workflows.teardown(segment.id)`` after commit to clean the devices and release the VLAN.
     Deleting twice is harmless."""
-    seg = Segment.objects.select_for_update().select_related("allocation").get(pk=segment.pk)
+    seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation").get(pk=segment.pk)
     if seg.state == Segment.State.FAILED and (
         seg.allocation is None or seg.allocation.state != Free.ALLOCATED or seg.allocation.owner != seg.owner_ref
     ):

@@ -90,7 +90,7 @@ def segment_released(segment_id: int) -> dict:
     """Teardown's last step: every device is clean, so the VLAN goes into quarantine and the segment
     is closed. Idempotent."""
     with audit_actor("network.teardown"), transaction.atomic():
-        seg = Segment.objects.select_for_update().select_related("allocation__pool").get(pk=segment_id)
+        seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool").get(pk=segment_id)
         if seg.state != Segment.State.CLOSED:
             if seg.state != Segment.State.DELETING:
                 raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not being deleted")

@@ -1,0 +1,97 @@
+"""The desired state computed from the database: what each owned port and each host must carry."""
+
+from __future__ import annotations
+
+from network import selectors, services
+from network.models import Segment
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+NONE = frozenset()
+
+
+def _by_name(fabric, per_switch):
+    names = {s.pk: s.name for s in fabric.switches.values()}
+    return {names[pk]: ports for pk, ports in per_switch.items()}
+
+
+def test_single_site_segment_stays_on_its_host_trunks(fabric):
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["brno1"], fabric.hosts["brno2"]], gateway=False)
+    want = _by_name(fabric, selectors.switch_desired())
+    v = frozenset({seg.vid})
+    assert want["sw-brno"] == {"h1": v, "h2": v, "uplink": NONE, "gw": NONE}
+    assert want["sw-pilsen"] == {"h1": NONE, "h2": NONE, "uplink": NONE}
+    assert want["sw-prague"] == {"h1": NONE, "h2": NONE, "uplink": NONE}
+
+
+def test_multi_site_segment_uses_the_uplinks_of_its_sites_only(fabric):
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen2"]], gateway=False)
+    want = _by_name(fabric, selectors.switch_desired())
+    v = frozenset({seg.vid})
+    assert want["sw-brno"] == {"h1": v, "h2": NONE, "uplink": v, "gw": NONE}
+    assert want["sw-pilsen"] == {"h1": NONE, "h2": v, "uplink": v}
+    assert want["sw-prague"] == {"h1": NONE, "h2": NONE, "uplink": NONE}
+
+
+def test_closed_segment_reaches_the_gateway_across_the_core(fabric):
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["prague1"]], gateway=True)
+    want = _by_name(fabric, selectors.switch_desired())
+    v = frozenset({seg.vid})
+    assert want["sw-brno"] == {"h1": NONE, "h2": NONE, "uplink": v, "gw": v}
+    assert want["sw-prague"] == {"h1": v, "h2": NONE, "uplink": v}
+    assert want["sw-pilsen"]["uplink"] == NONE
+
+
+def test_several_segments_and_hosts(fabric):
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]], gateway=False)
+    b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"]], gateway=True)
+    want = _by_name(fabric, selectors.switch_desired())
+    assert want["sw-brno"] == {
+        "h1": frozenset({a.vid, b.vid}),
+        "h2": NONE,
+        "uplink": frozenset({a.vid}),
+        "gw": frozenset({b.vid}),
+    }
+    hosts = {fabric.hosts[n].pk: n for n in fabric.hosts}
+    per_host = {hosts[pk]: vids for pk, vids in selectors.host_desired().items()}
+    assert per_host["brno1"] == frozenset({a.vid, b.vid})
+    assert per_host["prague1"] == frozenset({a.vid})
+    assert per_host["pilsen1"] == NONE
+
+
+def test_segments_going_away_leave_the_desired_state(fabric):
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]], gateway=False)
+    b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"]], gateway=False)
+    services.segment_delete(segment=a)
+    Segment.objects.filter(pk=b.pk).update(state=Segment.State.COMPENSATING)
+    want = _by_name(fabric, selectors.switch_desired())
+    assert all(vids == NONE for ports in want.values() for vids in ports.values())
+    assert all(vids == NONE for vids in selectors.host_desired().values())
+
+
+def test_footprint_is_what_the_segment_needs_whatever_its_state(fabric):
+    seg = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    services.segment_delete(segment=seg)
+    footprint = selectors.segment_footprint(seg)
+    assert footprint.switches == {fabric.switches["brno"].pk, fabric.switches["pilsen"].pk}
+    assert footprint.hosts == {fabric.hosts["brno1"].pk, fabric.hosts["pilsen1"].pk}
+
+
+def test_migration_keeps_the_old_devices_in_the_segments_device_list(fabric):
+    seg = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=False)
+    from network.convergence import change_create
+
+    change_create(device=fabric.hosts["brno1"], segment=seg, cause="provision a")
+    change_create(device=fabric.switches["brno"], segment=seg, cause="provision a")
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["pilsen1"]])
+    switches, hosts = selectors.segment_devices(seg)
+    assert {s.name for s in switches} == {"sw-brno", "sw-pilsen"}
+    assert {h.name for h in hosts} == {"brno1", "pilsen1"}
+
+
+def test_desired_state_costs_a_fixed_number_of_queries(fabric, django_assert_max_num_queries):
+    for i, name in enumerate(["brno1", "pilsen1", "prague1", "brno2"]):
+        services.segment_create(owner=f"c{i}", hosts=[fabric.hosts[name], fabric.hosts["prague2"]], gateway=i % 2 == 0)
+    with django_assert_max_num_queries(5):
+        selectors.switch_desired()
+    with django_assert_max_num_queries(5):
+        selectors.host_desired()
