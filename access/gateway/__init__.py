@@ -1,0 +1,6 @@
+"""What runs on a gateway host: OpenVPN hooks, the management helper, sshd/state layout.
+
+Standalone by design (DESIGN.md "Layers"): no Django, no database. Everything here works from the state
+directory the gateway last pulled from the portal, so access keeps working while the portal is down.
+Only :mod:`access.attrcerts` is imported from the rest of the project (for offline AC verification).
+"""

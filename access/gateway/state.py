@@ -1,0 +1,135 @@
+"""The gateway's state directory: what the portal publishes and the gateway pulls, and where it lives.
+
+Layout (one directory, owned by the gateway's service user, mode 0700)::
+
+    <state>/
+      vpn/ca.pem           client CA certificate (OpenVPN ``ca``)
+      vpn/crl.pem          CRL of that CA (OpenVPN ``crl-verify``; reloaded by OpenVPN when it changes)
+      vpn/aa.pem           the pinned Attribute Authority certificate (AC signature check)
+      vpn/vlans.json       {"format": 1, "generated_at": "...", "clusters": {"c42": 142, ...}}
+      vpn/server.pem       gateway TLS certificate   (written once at enrolment)
+      vpn/server.key       gateway TLS key           (generated on the gateway or enrolled; 0600)
+      vpn/tls-crypt.key    shared tls-crypt key      (0600)
+      vpn/run/             runtime: ac-cache/ (tls-verify -> client-connect), peer-certs/
+                           (tls-export-cert), management.sock, status.log
+      ssh/user_ca.pub      TrustedUserCAKeys
+      ssh/revoked.krl      RevokedKeys (binary KRL)
+      ssh/principals/<account>   AuthorizedPrincipalsFile per bastion account
+      ssh/host_key, ssh/host_key-cert.pub   the bastion's host key and certificate
+
+Files are replaced atomically (write a temporary file in the same directory, fsync, rename) so a hook
+never reads half a CRL or half a map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class StateError(Exception):
+    """The pulled state is missing or malformed (the gateway refuses rather than guesses)."""
+
+
+@dataclass(frozen=True)
+class VpnState:
+    """Paths of the OpenVPN side of a gateway state directory."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, state_dir: str | os.PathLike[str]) -> VpnState:
+        return cls(Path(state_dir) / "vpn")
+
+    ca = property(lambda self: self.root / "ca.pem")
+    crl = property(lambda self: self.root / "crl.pem")
+    aa = property(lambda self: self.root / "aa.pem")
+    vlans = property(lambda self: self.root / "vlans.json")
+    server_cert = property(lambda self: self.root / "server.pem")
+    server_key = property(lambda self: self.root / "server.key")
+    tls_crypt = property(lambda self: self.root / "tls-crypt.key")
+    run = property(lambda self: self.root / "run")
+    ac_cache = property(lambda self: self.root / "run" / "ac-cache")
+    peer_certs = property(lambda self: self.root / "run" / "peer-certs")
+    management = property(lambda self: self.root / "run" / "management.sock")
+    status = property(lambda self: self.root / "run" / "status.log")
+
+    def ensure_dirs(self) -> None:
+        for d in (self.root, self.run, self.ac_cache, self.peer_certs):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class SshState:
+    """Paths of the SSH bastion side of a gateway state directory."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, state_dir: str | os.PathLike[str]) -> SshState:
+        return cls(Path(state_dir) / "ssh")
+
+    user_ca = property(lambda self: self.root / "user_ca.pub")
+    krl = property(lambda self: self.root / "revoked.krl")
+    principals_dir = property(lambda self: self.root / "principals")
+    host_key = property(lambda self: self.root / "host_key")
+    host_cert = property(lambda self: self.root / "host_key-cert.pub")
+    sshd_config = property(lambda self: self.root / "sshd_config")
+
+    def principals(self, account: str) -> Path:
+        return self.principals_dir / account
+
+    def ensure_dirs(self) -> None:
+        for d in (self.root, self.principals_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never a mix)."""
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def vlan_map_json(clusters: dict[str, int], *, generated_at: str) -> str:
+    """Serialize a cluster -> VLAN id map in the format :func:`load_vlan_map` reads."""
+    for name, vid in clusters.items():
+        _check_entry(name, vid)
+    return json.dumps({"format": 1, "generated_at": generated_at, "clusters": dict(sorted(clusters.items()))}, indent=1)
+
+
+def _check_entry(name: object, vid: object) -> None:
+    if not isinstance(name, str) or not CLUSTER_RE.match(name):
+        raise StateError(f"invalid cluster name {name!r} in the VLAN map")
+    if not isinstance(vid, int) or isinstance(vid, bool) or not 1 <= vid <= 4094:
+        raise StateError(f"invalid VLAN id {vid!r} for cluster {name} in the VLAN map")
+
+
+def load_vlan_map(path: Path) -> dict[str, int]:
+    """The cluster -> VLAN id map pulled from the portal; :class:`StateError` if missing or malformed."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"no VLAN map at {path} (has the gateway pulled its state?)") from None
+    except ValueError as exc:
+        raise StateError(f"VLAN map {path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("clusters"), dict):
+        raise StateError(f"VLAN map {path} has an unknown format")
+    for name, vid in doc["clusters"].items():
+        _check_entry(name, vid)
+    return doc["clusters"]

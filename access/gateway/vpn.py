@@ -1,0 +1,189 @@
+"""OpenVPN hooks of the access gateway: ``tls-verify`` checks the AC, ``client-connect`` picks the VLAN.
+
+Run by OpenVPN (see :func:`access.openvpn.render_server_config`)::
+
+    tls-verify     "<python> -I <code>/access/gateway/vpn.py tls-verify --state <dir>"   + depth subject
+    client-connect "<python> -I <code>/access/gateway/vpn.py client-connect --state <dir>"  + config-file
+
+``tls-verify`` (depth 0 only) reads the peer certificate that ``tls-export-cert`` wrote (env
+``peer_cert``), extracts the attribute certificate from its private extension, verifies it offline
+against the pinned AA certificate (:func:`access.attrcerts.verify_ac_full`) and caches the FQANs under the
+certificate's SHA-256 fingerprint. It grants nothing by itself: OpenVPN checks the CRL after it, and
+only ``client-connect`` assigns a VLAN.
+
+``client-connect`` looks the cache up by the fingerprint OpenVPN gives it (``tls_digest_sha256_0``),
+reads the cluster the client asks for (``UV_VCLUSTER``, sent with ``push-peer-info``; client-chosen, so it
+only selects among the clusters the AC grants), intersects with the current cluster->VLAN map, and writes
+``vlan-pvid <vid>`` into the file OpenVPN named; or exits 1, which OpenVPN turns into AUTH_FAILED.
+
+Every decision is one line on stderr (OpenVPN's log): ``virtcloud-vpn: ACCEPT|REFUSE ...``.
+Run as a script (not ``-m``) so it needs no PYTHONPATH: it puts its own code root on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - exercised by OpenVPN
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from access.gateway.state import CLUSTER_RE, StateError, VpnState, load_vlan_map, write_atomic  # noqa: E402
+
+#: How long a tls-verify result may wait for its client-connect.
+CACHE_TTL = 600
+
+
+class Refused(Exception):
+    """The connection is refused; the message is logged."""
+
+
+def _log(verdict: str, message: str) -> None:
+    print(f"virtcloud-vpn: {verdict} {message}", file=sys.stderr, flush=True)
+
+
+def _fingerprint_from_env(env: dict[str, str]) -> str:
+    value = env.get("tls_digest_sha256_0", "")
+    fp = value.replace(":", "").lower()
+    if len(fp) != 64:
+        raise Refused("no tls_digest_sha256_0 from OpenVPN (is this OpenVPN 2.4+ in server mode?)")
+    return fp
+
+
+def _cache_path(state: VpnState, fingerprint: str) -> Path:
+    return state.ac_cache / f"{fingerprint}.json"
+
+
+def _prune_cache(state: VpnState, now: float) -> None:
+    try:
+        entries = list(os.scandir(state.ac_cache))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime > CACHE_TTL:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            pass
+
+
+def tls_verify(state: VpnState, depth: int, subject: str, env: dict[str, str]) -> None:
+    """Verify the AC of the depth-0 certificate and cache its FQANs; raise :class:`Refused`."""
+    if depth != 0:
+        return  # the CA chain itself is OpenVPN's job (``ca``); the AC rides on the leaf only
+
+    # Imported here so client-connect, which needs no cryptography, starts faster.
+    from cryptography import x509
+
+    from access import attrcerts, pki
+
+    path = env.get("peer_cert")
+    if not path:
+        raise Refused(f"subject={subject!r}: no peer_cert (tls-export-cert is not configured)")
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        aa_cert = x509.load_pem_x509_certificate(state.aa.read_bytes())
+    except FileNotFoundError as exc:
+        raise Refused(f"subject={subject!r}: missing {exc.filename}") from None
+    except ValueError as exc:
+        raise Refused(f"subject={subject!r}: unreadable certificate: {exc}") from None
+    who = f"subject={subject!r} serial={cert.serial_number}"
+    ac_der = pki.embedded_ac(cert)
+    if ac_der is None:
+        raise Refused(f"{who}: certificate carries no attribute certificate")
+    try:
+        verified = attrcerts.verify_ac_full(ac_der, aa_cert=aa_cert, holder_cert=cert)
+    except attrcerts.ACInvalid as exc:
+        raise Refused(f"{who}: AC invalid: {exc.reason}") from None
+
+    from cryptography.hazmat.primitives import hashes
+
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    state.ac_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    entry = {
+        "serial": cert.serial_number,
+        "subject": subject,
+        "ac_serial": verified.serial,
+        "fqans": verified.fqans,
+        "clusters": verified.clusters,
+        "not_after": verified.not_after.timestamp(),
+    }
+    write_atomic(_cache_path(state, fingerprint), json.dumps(entry))
+    _prune_cache(state, time.time())
+    _log("VERIFIED", f"{who}: AC {verified.serial} grants {','.join(sorted(verified.clusters))}")
+
+
+def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> int:
+    """Choose the VLAN for this client; write ``vlan-pvid`` into ``config_file``; return the VLAN id."""
+    cn = env.get("common_name", "?")
+    fingerprint = _fingerprint_from_env(env)
+    try:
+        entry = json.loads(_cache_path(state, fingerprint).read_bytes())
+    except FileNotFoundError:
+        raise Refused(f"cn={cn}: no verified AC for this certificate (tls-verify did not pass it)") from None
+    who = f"cn={cn} serial={entry['serial']}"
+    if time.time() > entry["not_after"]:
+        raise Refused(f"{who}: AC expired at {dt.datetime.fromtimestamp(entry['not_after'], dt.UTC).isoformat()}")
+
+    granted: dict[str, str] = entry["clusters"]  # computed by tls-verify: no cryptography import here
+    try:
+        vlans = load_vlan_map(state.vlans)
+    except StateError as exc:
+        raise Refused(f"{who}: {exc}") from None
+
+    asked = env.get("UV_VCLUSTER", "").strip()
+    if asked:
+        if not CLUSTER_RE.match(asked):
+            raise Refused(f"{who}: malformed UV_VCLUSTER {asked[:64]!r}")
+        if asked not in granted:
+            raise Refused(f"{who}: cluster {asked} is not in the AC (grants: {', '.join(sorted(granted)) or 'none'})")
+        cluster = asked
+    else:
+        # No choice sent (a client without push-peer-info): unambiguous only with exactly one open cluster.
+        usable = sorted(c for c in granted if c in vlans)
+        if len(usable) != 1:
+            raise Refused(f"{who}: no UV_VCLUSTER and the AC grants {len(usable)} reachable clusters; choose one")
+        cluster = usable[0]
+    vid = vlans.get(cluster)
+    if vid is None:
+        raise Refused(f"{who}: cluster {cluster} has no VLAN on this gateway (not READY or torn down)")
+    Path(config_file).write_text(f"vlan-pvid {vid}\n")
+    _log("ACCEPT", f"{who}: cluster {cluster} -> vlan-pvid {vid}")
+    return vid
+
+
+def _parse(argv: list[str]) -> tuple[str, VpnState, list[str]]:
+    if len(argv) < 3 or argv[1] != "--state":
+        raise SystemExit("usage: vpn.py tls-verify|client-connect --state DIR [openvpn args...]")
+    return argv[0], VpnState.at(argv[2]), argv[3:]
+
+
+def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    verb, state, rest = _parse(list(sys.argv[1:] if argv is None else argv))
+    env = dict(os.environ if env is None else env)
+    try:
+        if verb == "tls-verify":
+            if len(rest) < 2:
+                raise Refused("tls-verify expects: depth subject")
+            tls_verify(state, int(rest[0]), rest[1], env)
+        elif verb == "client-connect":
+            if len(rest) < 1:
+                raise Refused("client-connect expects the config file path")
+            client_connect(state, rest[0], env)
+        else:
+            raise SystemExit(f"unknown hook {verb!r}")
+    except Refused as exc:
+        _log("REFUSE", f"{verb}: {exc}")
+        return 1
+    except Exception as exc:  # a broken hook must fail closed, and say why
+        _log("REFUSE", f"{verb}: internal error {type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Test helpers: throwaway network namespaces and daemons, each named with a per-run prefix.
+
+Everything created here is removed by PID or by exact name; nothing touches the root namespace's links.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+
+def can_use_netns() -> str | None:
+    """None if namespaces work here, else the reason to skip."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if shutil.which("ip") is None:
+        return "iproute2 'ip' is not installed"
+    return None
+
+
+def run_prefix() -> str:
+    # Interface names are at most 15 characters: keep the prefix short.
+    return "va" + secrets.token_hex(3)
+
+
+def sh(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=timeout)
+
+
+class Netns:
+    """A network namespace with loopback up; deleted on :meth:`delete`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def ip(self, *args: str) -> None:
+        sh("ip", "-n", self.name, *args)
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+        return sh(*self.cmd(*args), check=check, timeout=timeout)
+
+    def popen(self, *args: str, log: Path | None = None, **kw) -> subprocess.Popen:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(self.cmd(*args), stdout=out, stderr=subprocess.STDOUT, **kw)
+
+    def delete(self) -> None:
+        sh("ip", "netns", "delete", self.name, check=False)
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 3, *, kill: bool = False) -> None:
+    """Terminate one process we started (by its PID), then kill it if it lingers; ``kill``: SIGKILL at once."""
+    if proc is None or proc.poll() is not None:
+        return
+    if kill:
+        proc.kill()
+        proc.wait(timeout)
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def wait_for(predicate, timeout: float = 10, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,328 @@
+"""The OpenVPN access gateway for real: openvpn server and clients in two namespaces, our hooks, our PKI.
+
+Topology (per run, prefix ``va<hex>``)::
+
+    <p>-cl  client namespace: openvpn clients (one tap each)       198.18.250.2/30
+       |  veth
+    <p>-gw  gateway namespace: openvpn server, persistent tap <p>t  198.18.250.1/30
+            tcpdump on the tap sees the frames OpenVPN tags with the client's VLAN
+
+Proves: authorized cluster -> connected, client-connect wrote the right ``vlan-pvid`` and frames carry
+that tag; a user with two clusters lands on each; unauthorized cluster -> AUTH_FAILED; no AC -> TLS
+refused; revoked (CRL) -> refused; tampered/expired AC -> refused; the management ``kill`` cuts a live
+session and the revoked client cannot come back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from access import attrcerts, openvpn, pki
+from access.gateway import management, vpn
+from access.gateway.state import VpnState, vlan_map_json, write_atomic
+from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+
+_skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
+pytestmark = [pytest.mark.skipif(bool(_skip), reason=_skip or ""), pytest.mark.lab]
+
+GW_ADDR, CL_ADDR = "198.18.250.1", "198.18.250.2"
+SERVER_NAME = "gw1.virtcloud.test"
+VLANS = {"c42": 142, "c43": 143}
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+class Gateway:
+    """PKI + state dir + the running server, and a way to make client profiles."""
+
+    def __init__(self, tmp: Path, prefix: str):
+        self.tmp, self.prefix = tmp, prefix
+        self.ca = pki.create_ca("VirtCloud VPN CA")
+        self.aa_key = pki.generate_private_key()
+        self.aa_cert = pki.issue_aa_cert(self.ca, public_key=self.aa_key.public_key(), serial=2)
+        self.tls_crypt = pki.generate_tls_crypt_key()
+        self.revoked: list[tuple[int, dt.datetime, str]] = []
+        self.crl_number = 0
+        self.serial = 1000
+        self.state = VpnState.at(tmp / "state")
+        self.state.ensure_dirs()
+        server_key = pki.generate_client_key()
+        server_cert = pki.issue_server_cert(
+            self.ca, public_key=server_key.public_key, common_name=SERVER_NAME, serial=3
+        )
+        write_atomic(self.state.ca, self.ca.cert_pem())
+        write_atomic(self.state.aa, pki.cert_to_pem(self.aa_cert))
+        write_atomic(self.state.server_cert, pki.cert_to_pem(server_cert))
+        write_atomic(self.state.server_key, server_key.private_pem)
+        write_atomic(self.state.tls_crypt, self.tls_crypt)
+        write_atomic(self.state.vlans, vlan_map_json(VLANS, generated_at=NOW.isoformat()))
+        self.publish_crl()
+
+    def publish_crl(self) -> None:
+        self.crl_number += 1
+        crl = pki.build_crl(self.ca, self.revoked, crl_number=self.crl_number)
+        write_atomic(self.state.crl, pki.crl_to_pem(crl))
+
+    def revoke(self, serial: int) -> None:
+        self.revoked.append((serial, NOW, "key_compromise"))
+        self.publish_crl()
+
+    def profile(
+        self,
+        user: str,
+        cluster: str,
+        *,
+        fqans: list[str] | None = None,
+        ac: str = "good",
+        dev: str,
+    ) -> tuple[str, int]:
+        """(profile text, cert serial). ``ac``: good | none | tampered | expired."""
+        self.serial += 1
+        serial = self.serial
+        key = pki.generate_client_key()
+        start, end = NOW - dt.timedelta(hours=1), NOW + dt.timedelta(days=1)
+        holder = attrcerts.Holder(self.ca.name, serial, start, end)
+        ac_der = None
+        if ac != "none":
+            window = {}
+            if ac == "expired":
+                window = {"not_before": start, "not_after": NOW - dt.timedelta(minutes=10)}
+            ac_der = attrcerts.issue_ac(
+                aa_key=self.aa_key,
+                aa_cert=self.aa_cert,
+                holder=holder,
+                serial=serial,
+                fqans=fqans or [attrcerts.fqan(cluster)],
+                **window,
+            )
+            if ac == "tampered":
+                i = ac_der.index(b"/virtcloud/") + len(b"/virtcloud/")
+                ac_der = ac_der[:i] + bytes([ac_der[i] ^ 0x01]) + ac_der[i + 1 :]
+        cert = pki.issue_client_cert(
+            self.ca, public_key=key.public_key, user=user, serial=serial, not_before=start, not_after=end, ac_der=ac_der
+        )
+        text = openvpn.render_client_profile(
+            cluster=cluster,
+            remote=(GW_ADDR, 1194),
+            server_name=SERVER_NAME,
+            ca_pem=self.ca.cert_pem(),
+            cert_pem=pki.cert_to_pem(cert),
+            key_pem=key.private_pem,
+            tls_crypt_key=self.tls_crypt,
+            dev=dev,
+            user=user,
+        )
+        return text, serial
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ovpn")
+    prefix = run_prefix()
+    made: list[Netns] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        gw = Netns(f"{prefix}-gw")
+        made.append(gw)
+        cl = Netns(f"{prefix}-cl")
+        made.append(cl)
+        gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", f"{prefix}c", "netns", cl.name)
+        gw.ip("addr", "add", f"{GW_ADDR}/30", "dev", f"{prefix}g")
+        gw.ip("link", "set", f"{prefix}g", "up")
+        cl.ip("addr", "add", f"{CL_ADDR}/30", "dev", f"{prefix}c")
+        cl.ip("link", "set", f"{prefix}c", "up")
+        tap = f"{prefix}t"
+        gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
+        gw.ip("link", "set", tap, "up")
+
+        g = Gateway(tmp, prefix)
+        conf = tmp / "server.conf"
+        conf.write_text(openvpn.render_server_config(state_dir=g.state.root.parent, dev=tap, local=GW_ADDR))
+        log = tmp / "server.log"
+        server = gw.popen("openvpn", "--config", str(conf), "--log", str(log))
+        procs.append(server)
+        wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
+        g.gw, g.cl, g.tap, g.log, g.procs = gw, cl, tap, log, procs
+        yield g
+    finally:
+        for p in procs:
+            stop(p)
+        for ns in made:
+            ns.delete()
+
+
+def _start_client(lab, text: str, name: str) -> tuple[subprocess.Popen, Path, float]:
+    path = lab.tmp / f"{name}.ovpn"
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    log = lab.tmp / f"{name}.log"
+    started = time.monotonic()
+    proc = lab.cl.popen("openvpn", "--config", str(path), "--log", str(log))
+    lab.procs.append(proc)
+    return proc, log, started
+
+
+def _connect_ok(lab, text: str, name: str) -> tuple[subprocess.Popen, Path, float]:
+    proc, log, started = _start_client(lab, text, name)
+    wait_for(
+        lambda: "Initialization Sequence Completed" in read(log) or "AUTH_FAILED" in read(log),
+        10,
+        what=f"client {name} to connect",
+    )
+    elapsed = (time.monotonic() - started) * 1000
+    assert "Initialization Sequence Completed" in read(log), read(log)[-2000:]
+    return proc, log, elapsed
+
+
+def _server_says(lab, needle: str, timeout: float = 10) -> None:
+    wait_for(lambda: needle in read(lab.log), timeout, what=f"server log line {needle!r}")
+
+
+def _tagged_frame_seen(lab, dev: str, vid: int, addr: str) -> str:
+    """Send ARP from the client's tap and capture it, tagged ``vid``, on the gateway's trunk tap."""
+    dump = subprocess.Popen(
+        lab.gw.cmd("tcpdump", "-i", lab.tap, "-e", "-n", "-l", "-c", "1", f"vlan {vid} and arp"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lab.cl.ip("addr", "add", f"{addr}/24", "dev", dev)
+        lab.cl.ip("link", "set", dev, "up")
+        time.sleep(0.3)  # tcpdump attaches
+        deadline = time.monotonic() + 8
+        while dump.poll() is None and time.monotonic() < deadline:
+            lab.cl.run("ping", "-c", "1", "-W", "0.3", "-I", dev, "198.18.252.250", check=False)
+        out = dump.stdout.read() if dump.poll() is not None else ""
+    finally:
+        stop(dump)
+    return out
+
+
+def test_authorized_cluster_connects_on_its_vlan(lab):
+    text, serial = lab.profile("alice", "c42", fqans=[attrcerts.fqan("c42"), attrcerts.fqan("c43")], dev="vct1")
+    proc, log, ms = _connect_ok(lab, text, "alice-c42")
+    print(f"\nopenvpn connect (authorized): {ms:.0f} ms")
+    _server_says(lab, f"ACCEPT cn=alice serial={serial}: cluster c42 -> vlan-pvid 142")
+    frame = _tagged_frame_seen(lab, "vct1", 142, "198.18.252.1")
+    assert "vlan 142" in frame, frame
+
+    # The same user, second cluster of the same AC, at the same time: lands on VLAN 143.
+    text2, serial2 = lab.profile("alice", "c43", fqans=[attrcerts.fqan("c42"), attrcerts.fqan("c43")], dev="vct2")
+    proc2, _, _ = _connect_ok(lab, text2, "alice-c43")
+    _server_says(lab, f"ACCEPT cn=alice serial={serial2}: cluster c43 -> vlan-pvid 143")
+    frame = _tagged_frame_seen(lab, "vct2", 143, "198.18.253.1")
+    assert "vlan 143" in frame and "vlan 142" not in frame, frame
+    stop(proc, kill=True)
+    stop(proc2, kill=True)
+
+
+def test_unauthorized_cluster_gets_auth_failed(lab):
+    # An AC for c42 only, asking for c43 (which exists on the gateway).
+    text, serial = lab.profile("bob", "c43", fqans=[attrcerts.fqan("c42")], dev="vct3")
+    proc, log, _ = _start_client(lab, text, "bob-c43")
+    wait_for(lambda: "AUTH_FAILED" in read(log), 10, what="AUTH_FAILED on the client")
+    _server_says(lab, f"REFUSE client-connect: cn=bob serial={serial}: cluster c43 is not in the AC (grants: c42)")
+    stop(proc, kill=True)
+
+
+def test_cluster_without_vlan_refused(lab):
+    text, serial = lab.profile("bob", "c99", dev="vct4")  # AC grants c99, but the gateway map has no c99
+    proc, log, _ = _start_client(lab, text, "bob-c99")
+    wait_for(lambda: "AUTH_FAILED" in read(log), 10, what="AUTH_FAILED on the client")
+    _server_says(lab, f"cn=bob serial={serial}: cluster c99 has no VLAN on this gateway")
+    stop(proc, kill=True)
+
+
+@pytest.mark.parametrize(
+    ("ac", "reason"),
+    [
+        ("none", "certificate carries no attribute certificate"),
+        ("tampered", "AC invalid: bad signature"),
+        ("expired", "AC invalid: AC expired"),
+    ],
+)
+def test_bad_ac_refused_at_tls(lab, ac, reason):
+    text, serial = lab.profile("carol", "c42", ac=ac, dev="vct5")
+    proc, log, _ = _start_client(lab, text, f"carol-{ac}")
+    _server_says(lab, f"REFUSE tls-verify: subject='O=VirtCloud, CN=carol' serial={serial}: {reason}")
+    _server_says(lab, "VERIFY SCRIPT ERROR")
+    time.sleep(0.3)
+    assert "Initialization Sequence Completed" not in read(log)
+    stop(proc, kill=True)
+
+
+def test_revoked_certificate_refused(lab):
+    text, serial = lab.profile("erin", "c42", dev="vct6")
+    lab.revoke(serial)
+    proc, log, _ = _start_client(lab, text, "erin-revoked")
+    _server_says(lab, f"error=certificate revoked: O=VirtCloud, CN=erin, serial={serial}")
+    time.sleep(0.3)
+    assert "Initialization Sequence Completed" not in read(log)
+    stop(proc, kill=True)
+
+
+def test_management_kill_cuts_live_session_of_revoked_user(lab):
+    text, serial = lab.profile("dave", "c42", dev="vct7")
+    proc, log, _ = _connect_ok(lab, text, "dave")
+    sock = lab.state.management
+    assert [s.common_name for s in management.list_sessions(sock)].count("dave") == 1
+
+    lab.revoke(serial)  # the portal publishes the CRL, the gateway pulls it, then cuts the sessions
+    assert management.kill_sessions(sock, "dave") == 1
+    wait_for(lambda: proc.poll() is not None, 5, what="the client to stop after HALT")
+    wait_for(
+        lambda: "dave" not in [s.common_name for s in management.list_sessions(sock)], 10, what="server forgets dave"
+    )
+    assert management.kill_sessions(sock, "dave") == 0
+
+    # Trying again with the same profile meets the new CRL.
+    again, _, _ = _start_client(lab, text, "dave-again")
+    _server_says(lab, f"error=certificate revoked: O=VirtCloud, CN=dave, serial={serial}")
+    stop(again, kill=True)
+
+
+def test_hook_timing(lab):
+    """Run both hooks as OpenVPN does (fresh interpreter each time) and report per-call milliseconds."""
+    text, serial = lab.profile("frank", "c42", dev="vct8")
+    cert_pem = text.split("<cert>\n", 1)[1].split("\n</cert>", 1)[0] + "\n"
+    peer = lab.tmp / "peer.pem"
+    peer.write_text(cert_pem)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    fp = x509.load_pem_x509_certificate(cert_pem.encode()).fingerprint(hashes.SHA256()).hex(":").upper()
+    state_dir = str(lab.state.root.parent)
+    env = {"peer_cert": str(peer), "tls_digest_sha256_0": fp, "common_name": "frank", "UV_VCLUSTER": "c42"}
+    verify_cmd = openvpn.hook_command("tls-verify", state_dir).split() + ["0", "CN=frank"]
+    connect_cmd = openvpn.hook_command("client-connect", state_dir).split() + [str(lab.tmp / "cc.out")]
+
+    def timed(cmd):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return (time.perf_counter() - t) * 1000
+
+    verify_ms = sorted(timed(verify_cmd) for _ in range(5))[2]
+    connect_ms = sorted(timed(connect_cmd) for _ in range(5))[2]
+    assert (lab.tmp / "cc.out").read_text() == "vlan-pvid 142\n"
+    # In-process cost (what the hook does beyond starting Python).
+    t = time.perf_counter()
+    for _ in range(20):
+        vpn.tls_verify(lab.state, 0, "CN=frank", env)
+    inproc_ms = (time.perf_counter() - t) * 50
+    print(
+        f"\nhook tls-verify {verify_ms:.0f} ms, client-connect {connect_ms:.0f} ms (median of 5, "
+        f"fresh interpreter); tls-verify in-process {inproc_ms:.2f} ms ({sys.executable})"
+    )
+    assert verify_ms < 1000 and connect_ms < 1000
+    cached = json.loads(next(lab.state.ac_cache.glob(fp.replace(":", "").lower() + ".json")).read_text())
+    assert cached["clusters"] == {"c42": "member"}
