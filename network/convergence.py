@@ -204,7 +204,8 @@ def apply_locked(kind: str, device: Switch | Host, *, session=None) -> Applied:
         raise DeviceChangeFailed(device.name, message) from exc
     status = Status.OK if result.changed else Status.NOOP
     rows.update(status=status, diff=result.diff, finished_at=timezone.now())
-    return Applied(batch, claimed, status, diff=result.diff, desired={k: sorted(v) for k, v in desired.items()})
+    shown = desired if isinstance(desired, dict) else {device.name: desired}
+    return Applied(batch, claimed, status, diff=result.diff, desired={k: sorted(v) for k, v in shown.items()})
 
 
 def _converge_switch(switch: Switch, desired, session):

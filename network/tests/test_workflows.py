@@ -1,0 +1,219 @@
+"""Provisioning, teardown, compensation and batching on the fake drivers (eager Celery), and the same
+canvases on a real Celery worker over Redis (``-m worker``), including a worker killed mid-convergence."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connections
+
+from network import convergence, selectors, services, workflows
+from network.errors import DeviceChangeFailed
+from network.models import DeviceChange, Segment, VlanAllocation
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+NONE = frozenset()
+
+
+@pytest.fixture(autouse=True)
+def eager_with_errbacks(settings):
+    """Eager Celery as on a worker: a failing task calls its error callbacks (compensation) instead of
+    raising on the spot (``task_eager_propagates`` skips them); retries without waiting long."""
+    from portal.celery import app
+
+    settings.DEVICE_RETRY_BACKOFF = 0.01
+    settings.DEVICE_RETRY_MAX = 3
+    before = app.conf.task_eager_propagates
+    app.conf.task_eager_propagates = False
+    yield
+    app.conf.task_eager_propagates = before
+
+
+def device_view(fabric) -> dict:
+    """Everything the fake devices carry: switch → port → VLANs, host → VLANs."""
+    view = {}
+    for switch in fabric.switches.values():
+        ports = fabric.switch_ports(switch.name)
+        view[switch.name] = {p: v for p, v in ports.items() if v}
+    for host in fabric.hosts.values():
+        view[host.name] = fabric.host_vlans(host.name)
+    return view
+
+
+def desired_view(fabric) -> dict:
+    view = {}
+    for pk, ports in selectors.switch_desired().items():
+        name = next(s.name for s in fabric.switches.values() if s.pk == pk)
+        view[name] = {p: v for p, v in ports.items() if v}
+    for pk, vids in selectors.host_desired().items():
+        view[next(h.name for h in fabric.hosts.values() if h.pk == pk)] = vids
+    return view
+
+
+def three_sites(fabric):
+    return [fabric.hosts["brno1"], fabric.hosts["pilsen1"], fabric.hosts["prague2"]]
+
+
+def test_provision_then_teardown_leaves_nothing_behind(fabric):
+    seg = services.segment_create(owner="cluster:1", hosts=three_sites(fabric), gateway=True)
+    result = workflows.provision(seg.pk).apply()
+    assert result.get()["state"] == "active"
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.ACTIVE
+    v = frozenset({seg.vid})
+    assert device_view(fabric) == desired_view(fabric)
+    assert fabric.switch_ports("sw-brno") == {"h1": v, "h2": NONE, "uplink": v, "gw": v}
+    assert fabric.switch_ports("sw-prague")["h2"] == v
+    assert fabric.host_vlans("pilsen1") == v and fabric.host_vlans("pilsen2") == NONE
+    changes = DeviceChange.objects.filter(segment=seg)
+    assert {c.device for c in changes} == {"sw-brno", "sw-pilsen", "sw-prague", "brno1", "pilsen1", "prague2"}
+    assert all(c.status == "ok" and c.attempts == 1 and c.diff and c.finished_at for c in changes)
+    assert f"+ uplink vlan {seg.vid}" in changes.get(device="sw-brno").diff
+
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not ports for name, ports in device_view(fabric).items())
+    # Running it again changes nothing.
+    workflows.provision  # noqa: B018
+    assert workflows.teardown(seg.pk).apply().get()["state"] == "closed"
+
+
+def test_pending_changes_of_one_switch_are_applied_in_one_session(fabric):
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    b = services.segment_create(owner="b", hosts=[fabric.hosts["brno2"], fabric.hosts["pilsen2"]], gateway=False)
+    first, second = workflows.provision(a.pk), workflows.provision(b.pk)  # both recorded, neither run
+    first.apply().get()
+    assert fabric.switch_ports("sw-brno")["uplink"] == frozenset({a.vid, b.vid})
+    assert fabric.switch_state("sw-brno")["commits"] == 1
+    assert DeviceChange.objects.filter(segment=b, device="sw-brno").get().status == "ok"
+    second.apply().get()  # its switch changes are already settled: no new session, no commit
+    assert fabric.switch_state("sw-brno")["commits"] == 1
+    assert len(fabric.switch_state("sw-brno")["sessions"]) == 1
+    assert Segment.objects.get(pk=b.pk).state == Segment.State.ACTIVE
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_commit_failing_on_switch_k_rolls_everything_back(fabric, k):
+    other = services.segment_create(owner="other", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(other.pk).apply().get()
+    before = device_view(fabric)
+    names = ["sw-brno", "sw-pilsen", "sw-prague"]
+    fabric.set_switch_args(names[k], fail_commit="permanent")
+    seg = services.segment_create(owner="new", hosts=three_sites(fabric), gateway=True)
+    with pytest.raises(DeviceChangeFailed) as exc:
+        workflows.provision(seg.pk).apply().get()
+    assert exc.value.device == names[k] and "Invalid input detected" in exc.value.message
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED
+    assert seg.error.startswith(f"{names[k]}: commit_config: % Invalid input")
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert device_view(fabric) == before  # every device back to its prior VLAN set
+    failed = DeviceChange.objects.get(segment=seg, device=names[k], cause="provision new")
+    assert failed.status == "failed" and "Invalid input" in failed.error
+
+
+def test_host_failure_rolls_back_switches_and_other_hosts(fabric):
+    fabric.hosts["prague2"].driver_args = {**fabric.hosts["prague2"].driver_args, "fail_commit": True}
+    fabric.hosts["prague2"].save()
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    with pytest.raises(DeviceChangeFailed, match="prague2: ip link add br-v: Operation not permitted"):
+        workflows.provision(seg.pk).apply().get()
+    assert all(not v for v in device_view(fabric).values())
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
+
+
+def test_temporary_errors_are_retried_then_succeed(fabric):
+    fabric.set_switch_args("sw-pilsen", fail_times=2)
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
+    assert change.status == "ok" and change.attempts == 3
+    assert fabric.switch_ports("sw-pilsen")["h1"] == frozenset({seg.vid})
+
+
+def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):
+    settings.DEVICE_RETRY_MAX = 2
+    fabric.set_switch_args("sw-pilsen", fail_commit="temporary")
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    with pytest.raises(DeviceChangeFailed, match="sw-pilsen: commit_config: configuration database locked"):
+        workflows.provision(seg.pk).apply().get()
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c")
+    assert change.status == "failed" and change.attempts == 3
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
+
+
+def test_migration_moves_the_vlan_and_cleans_the_source(fabric):
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    v = frozenset({seg.vid})
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
+    workflows.provision(seg.pk).apply().get()  # target ready before the VM moves
+    assert fabric.host_vlans("prague1") == v and fabric.switch_ports("sw-brno")["uplink"] == v
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["prague1"]])
+    workflows.provision(seg.pk).apply().get()  # source cleaned after the move
+    assert fabric.host_vlans("brno1") == NONE
+    assert fabric.switch_ports("sw-brno") == {"h1": NONE, "h2": NONE, "uplink": NONE, "gw": NONE}
+    assert fabric.switch_ports("sw-prague") == {"h1": v, "h2": NONE, "uplink": NONE}
+
+
+def test_teardown_waits_for_vm_ports_and_keeps_the_vlan(fabric):
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    from network.tests import fakes
+
+    args = {"state_dir": fabric.state_dir}
+    state = fakes.load(args, "host", "brno1")
+    state["vm_ports"] = {str(seg.vid): 1}
+    fakes.save(args, "host", "brno1", state)
+    services.segment_delete(segment=seg)
+    with pytest.raises(DeviceChangeFailed, match="VM ports still attached"):
+        workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.DELETING
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED  # never handed on while still in use
+
+
+def test_disabled_switch_is_never_touched(fabric):
+    switch = fabric.switches["pilsen"]
+    switch.enabled = False
+    switch.save()
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    assert "sessions" not in fabric.switch_state("sw-pilsen") or not fabric.switch_state("sw-pilsen")["sessions"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_switch_is_never_configured_by_two_sessions_at_once(tmp_path):
+    from network.tests.fakefabric import build_fabric
+
+    fabric = build_fabric(tmp_path / "devices")
+    fabric.set_switch_args("sw-brno", delay=0.2)
+    segments = [
+        services.segment_create(owner=f"c{i}", hosts=[fabric.hosts["brno1" if i % 2 else "brno2"]], gateway=False)
+        for i in range(6)
+    ]
+    changes = [
+        convergence.change_create(device=fabric.switches["brno"], segment=s, cause=f"provision {s.owner_ref}")
+        for s in segments
+    ]
+    start = threading.Barrier(len(changes))
+
+    def run(change):
+        try:
+            start.wait(timeout=30)
+            return convergence.converge_change(change.pk).status
+        finally:
+            connections["default"].close()
+
+    with ThreadPoolExecutor(max_workers=len(changes)) as pool:
+        statuses = list(pool.map(run, changes))
+    assert set(statuses) == {"ok"}
+    sessions = sorted(fabric.switch_state("sw-brno")["sessions"])
+    assert all(a[1] <= b[0] for a, b in zip(sessions, sessions[1:], strict=False)), "sessions overlapped"
+    assert len(sessions) < len(changes)  # later ones were batched into an earlier session
+    assert fabric.switch_ports("sw-brno")["h1"] | fabric.switch_ports("sw-brno")["h2"] == {s.vid for s in segments}
