@@ -1,5 +1,34 @@
-from django.apps import AppConfig
+"""The access app: audit registration and the events that revoke credentials."""
+
+from django.apps import AppConfig, apps
+from django.db.models.signals import m2m_changed, post_save
 
 
 class AccessConfig(AppConfig):
     name = "access"
+    verbose_name = "Access (VPN, SSH, gateways)"
+
+    def ready(self) -> None:
+        from django.contrib.auth import get_user_model
+
+        from access import signals
+        from access.models import Authority, Credential, Gateway
+        from portal import audit
+
+        audit.register(Authority, secret_fields=("private_key",), exclude=("revocation_list",))
+        audit.register(Credential)
+        audit.register(Gateway, secret_fields=("tls_crypt_key",), exclude=("server_certificate",))
+
+        user_model = get_user_model()
+        m2m_changed.connect(
+            signals.user_groups_changed, sender=user_model.groups.through, dispatch_uid="access-user-groups"
+        )
+        # The clusters app may not be installed in every deployment of this code (or may land later):
+        # connect to it only when it is there, by label, so importing access never imports clusters.
+        if apps.is_installed("clusters"):
+            try:
+                from clusters.signals import cluster_ended
+            except ImportError:  # clusters not finished yet: nothing can end
+                return
+            cluster_ended.connect(signals.cluster_ended, dispatch_uid="access-cluster-ended")
+            post_save.connect(signals.cluster_saved, sender="clusters.VirtualCluster", dispatch_uid="access-cluster")

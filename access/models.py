@@ -1,1 +1,209 @@
-"""Access credentials (filled in by the access issues)."""
+"""Access records: the signing authorities, every credential handed to a user, and the access gateways.
+
+What is *never* here: a user's private key. A profile's key is generated while the response is built and
+only travels in that response; a credential row keeps what the audit trail and revocation need (serial,
+key id, validity, the clusters it covers, who revoked it and why).
+
+Clusters are referenced by id and access label (``CredentialCluster``), not by foreign key: a credential
+is a record that outlives its cluster, and the access app must not pin the clusters app's migrations.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from portal.secrets import EncryptedTextField
+
+
+class AuthorityKind(models.TextChoices):
+    VPN = "vpn", "VPN CA (client and gateway certificates, CRL)"
+    AA = "aa", "Attribute Authority (attribute certificates)"
+    SSH_USER = "ssh_user", "SSH user CA (user certificates, KRL)"
+    SSH_HOST = "ssh_host", "SSH host CA (gateway and node host certificates)"
+
+
+class Authority(models.Model):
+    """One signing key of the access service: the VPN CA, the Attribute Authority (an end entity of the
+    VPN CA, RFC 5755 §4.5), the SSH user CA or the SSH host CA.
+
+    The private key is encrypted twice at rest: as PKCS#8 PEM under ``ACCESS_CA_PASSPHRASE`` and then,
+    being an ``EncryptedTextField``, under the Fernet ``SECRETS_KEY``; a database dump alone opens
+    neither. The current revocation list (X.509 CRL of the VPN CA, OpenSSH KRL of the user CA) is kept
+    on the row so every gateway pull serves the same bytes until the next revocation or refresh."""
+
+    kind = models.CharField(max_length=10, choices=AuthorityKind.choices, unique=True)
+    certificate = models.TextField(blank=True, help_text="X.509 certificate (PEM) of the VPN CA and the AA")
+    public_key = models.TextField(help_text="public key: PEM (X.509 authorities) or an OpenSSH line (SSH CAs)")
+    private_key = EncryptedTextField(help_text="PKCS#8 PEM encrypted with ACCESS_CA_PASSPHRASE (never shown)")
+    revocation_number = models.PositiveBigIntegerField(default=0, help_text="CRL number / KRL version")
+    revocation_list = models.TextField(blank=True, help_text="current CRL (PEM) or KRL (base64)")
+    revocation_updated_at = models.DateTimeField(null=True, blank=True)
+    revocation_next_update = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["kind"]
+        verbose_name_plural = "authorities"
+
+    def __str__(self) -> str:
+        return self.get_kind_display()
+
+
+class SerialNumber(models.Model):
+    """A serial number handed out once: the row's id. Certificates of every kind (X.509 client, gateway
+    and AA certificates, ACs, SSH user and host certificates) take their serial from here, so a serial is
+    unique across the service and never reused (PostgreSQL sequences never go back)."""
+
+    purpose = models.CharField(max_length=40)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.pk} ({self.purpose})"
+
+
+class CredentialKind(models.TextChoices):
+    VPN = "vpn", "OpenVPN profile"
+    SSH = "ssh", "SSH certificate"
+
+
+class RevocationReason(models.TextChoices):
+    # The keys of access.pki.REASONS: the CRL carries them as reason codes.
+    UNSPECIFIED = "unspecified", "unspecified"
+    KEY_COMPROMISE = "key_compromise", "key compromise (lost laptop)"
+    AFFILIATION_CHANGED = "affiliation_changed", "left the cluster or its group"
+    CESSATION_OF_OPERATION = "cessation_of_operation", "cluster ended"
+    SUPERSEDED = "superseded", "superseded"
+    PRIVILEGE_WITHDRAWN = "privilege_withdrawn", "withdrawn by an administrator"
+
+
+class CredentialQuerySet(models.QuerySet):
+    def unrevoked(self):
+        return self.filter(revoked_at__isnull=True)
+
+    def live(self, now):
+        """Not revoked and not expired: what a gateway could still accept."""
+        return self.filter(revoked_at__isnull=True, not_after__gt=now)
+
+    def for_cluster(self, cluster_id: int):
+        return self.filter(clusters__cluster_id=cluster_id)
+
+
+class Credential(models.Model):
+    """A certificate given to a user: an OpenVPN client certificate with its attribute certificate, or
+    an OpenSSH user certificate. Holds what revocation, the CRL/KRL and the audit trail need — never the
+    private key. Revoked by setting ``revoked_at`` once (never un-revoked)."""
+
+    kind = models.CharField(max_length=3, choices=CredentialKind.choices)
+    serial = models.PositiveBigIntegerField(unique=True, help_text="certificate serial (also the AC serial)")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="access_credentials")
+    key_id = models.CharField(max_length=200, help_text="who/what/when; the SSH certificate's key id")
+    fingerprint = models.CharField(max_length=100, help_text="SHA-256 of the certificate (VPN) or the user key (SSH)")
+    principals = models.JSONField(default=list, blank=True, help_text="SSH principals")
+    published = models.BooleanField(default=False, help_text="a long-lived 'publish' profile for a user's router")
+    generated_key = models.BooleanField(default=False, help_text="the portal generated the key pair (not stored)")
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revocation_reason = models.CharField(max_length=30, choices=RevocationReason.choices, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revocation_note = models.CharField(max_length=200, blank=True, help_text="who or what revoked it, and why")
+
+    objects = CredentialQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["user", "kind"]),
+            models.Index(fields=["kind", "revoked_at", "not_after"]),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(not_after__gt=models.F("not_before")), name="credential_valid_window"),
+            models.CheckConstraint(
+                condition=Q(revoked_at__isnull=True, revocation_reason="") | Q(revoked_at__isnull=False),
+                name="credential_reason_only_when_revoked",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} #{self.serial} of {self.user}" if self.user_id else f"#{self.serial}"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def cluster_labels(self) -> list[str]:
+        return [c.label for c in self.clusters.all()]
+
+
+class CredentialCluster(models.Model):
+    """A cluster a credential admits to (an AC attribute, an SSH principal): the cluster's id, for
+    revocation, and its access label as written into the certificate."""
+
+    credential = models.ForeignKey(Credential, on_delete=models.CASCADE, related_name="clusters")
+    cluster_id = models.PositiveBigIntegerField(db_index=True)
+    label = models.CharField(max_length=63)
+
+    class Meta:
+        ordering = ["label"]
+        constraints = [
+            models.UniqueConstraint(fields=["credential", "cluster_id"], name="credentialcluster_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class GatewayKind(models.TextChoices):
+    VPN = "vpn", "OpenVPN"
+    SSH = "ssh", "SSH bastion"
+    BOTH = "both", "OpenVPN and SSH"
+
+
+class Gateway(models.Model):
+    """An access gateway: an OpenVPN tap server and/or an SSH bastion with a trunk into the closed
+    clusters' VLANs (one per site, or one for all). It pulls its state (VLAN map, CRL, KRL, principals)
+    from the portal with its own API token (scope ``gateway:pull``) and keeps working from the last pull
+    when the portal is down."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    site = models.ForeignKey(
+        "network.Site", null=True, blank=True, on_delete=models.PROTECT, related_name="access_gateways"
+    )
+    kind = models.CharField(max_length=4, choices=GatewayKind.choices, default=GatewayKind.BOTH)
+    address = models.CharField(max_length=253, help_text="public host name or IP users connect to")
+    vpn_port = models.PositiveIntegerField(default=1194)
+    vpn_proto = models.CharField(max_length=12, default="udp")
+    ssh_port = models.PositiveIntegerField(default=22)
+    ssh_user = models.CharField(max_length=32, default="virtcloud", help_text="bastion account users log in as")
+    server_name = models.CharField(max_length=64, blank=True, help_text="CN of the gateway's TLS certificate")
+    server_certificate = models.TextField(blank=True, help_text="the gateway's TLS certificate (PEM)")
+    ssh_host_certificate = models.TextField(blank=True, help_text="the bastion's OpenSSH host certificate")
+    tls_crypt_key = EncryptedTextField(blank=True, help_text="shared tls-crypt key (in every profile)")
+    management_socket = models.CharField(
+        max_length=200, blank=True, help_text="OpenVPN management socket, when the gateway runs on this host"
+    )
+    token = models.OneToOneField(
+        "portal.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="access_gateway"
+    )
+    enabled = models.BooleanField(default=True)
+    last_pull_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def serves_vpn(self) -> bool:
+        return self.kind in (GatewayKind.VPN, GatewayKind.BOTH)
+
+    @property
+    def serves_ssh(self) -> bool:
+        return self.kind in (GatewayKind.SSH, GatewayKind.BOTH)

@@ -1,0 +1,51 @@
+"""Errors of the access service a user can cause, each with the HTTP status the API answers with
+(``portal.api.exception_handler`` renders ``as_dict()``)."""
+
+from __future__ import annotations
+
+
+class AccessError(Exception):
+    """A refused request (permanent: retrying the same request fails the same way)."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def as_dict(self) -> dict:
+        if self.field:
+            return {self.field: [self.message], "code": self.code}
+        return {"detail": self.message, "code": self.code}
+
+
+class NotAllowed(AccessError):
+    """The user may not enter this cluster (not the owner, not in its group), or it does not exist."""
+
+    status = 403
+    code = "forbidden"
+
+
+class ClusterNotReady(AccessError):
+    """The cluster is the user's but its network is not up (provisioning, ending) or it is public."""
+
+    status = 409
+    code = "cluster_not_ready"
+
+
+class BadPublicKey(AccessError):
+    """The pasted SSH public key cannot be read or is of a refused type."""
+
+    code = "bad_public_key"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="public_key")
+
+
+class NoGateway(AccessError):
+    """No enabled access gateway serves this kind of access (temporary: an admin has to add one)."""
+
+    status = 503
+    code = "no_gateway"

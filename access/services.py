@@ -1,0 +1,661 @@
+"""Writes of the access service: the authorities, profiles and certificates for users, revocation, and
+the state gateways pull.
+
+Rules kept here:
+
+- Authorization is :func:`access.selectors.clusters_user_may_enter`, asked at issue time; afterwards,
+  every event that takes the right away revokes (cluster ended or no longer closed/ready, user left the
+  group or the cluster lost its group/owner, admin action, "I lost my laptop").
+- A user's private key is generated in memory for the one response that carries it; it is never saved,
+  logged or put in an exception. Only :mod:`access.pki`, :mod:`access.attrcerts` and :mod:`access.ssh`
+  touch cryptography.
+- Serials come from :class:`access.models.SerialNumber` (unique, never reused). The AC inside a client
+  certificate has the certificate's serial (the AA and the CA are different issuers).
+- A revocation rewrites the CRL/KRL in the same transaction, so the next gateway pull has it; sessions
+  that are up are cut by the gateway (pull: ``revoked_sessions``) or at once when its management socket
+  is local.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from access import attrcerts, openvpn, pki, selectors
+from access.errors import AccessError, ClusterNotReady, NoGateway, NotAllowed
+from access.models import (
+    Authority,
+    AuthorityKind,
+    Credential,
+    CredentialCluster,
+    CredentialKind,
+    Gateway,
+    RevocationReason,
+    SerialNumber,
+)
+
+logger = logging.getLogger(__name__)
+
+# --- settings (the lead adds them to portal/settings.py; these defaults apply until then) -------------------
+
+
+def _setting_seconds(name: str, default: int) -> dt.timedelta:
+    return dt.timedelta(seconds=int(getattr(settings, name, default)))
+
+
+def vpn_cert_lifetime() -> dt.timedelta:
+    return _setting_seconds("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600)
+
+
+def publish_cert_lifetime() -> dt.timedelta:
+    return _setting_seconds("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600)
+
+
+def ssh_cert_lifetime() -> dt.timedelta:
+    return _setting_seconds("ACCESS_SSH_CERT_LIFETIME", 12 * 3600)
+
+
+def crl_validity() -> dt.timedelta:
+    return _setting_seconds("ACCESS_CRL_VALIDITY", 7 * 24 * 3600)
+
+
+#: Revoked credentials listed for the gateways to cut live sessions (older ones were cut long ago).
+SESSION_CUT_WINDOW = dt.timedelta(days=1)
+
+
+def ca_passphrase() -> bytes:
+    """The passphrase of the authorities' PKCS#8 keys: ``ACCESS_CA_PASSPHRASE``, or (until the lead adds
+    the setting) one derived from ``SECRETS_KEY`` with a purpose label, so it differs from the Fernet key."""
+    value = getattr(settings, "ACCESS_CA_PASSPHRASE", "")
+    if value:
+        return value.encode()
+    return hashlib.sha256(b"virtcloud-access-ca:" + settings.SECRETS_KEY.encode()).hexdigest().encode()
+
+
+# --- serials and authorities -----------------------------------------------------------------------------------
+
+
+def serial_allocate(purpose: str) -> int:
+    """A fresh serial, never handed out before."""
+    return SerialNumber.objects.create(purpose=purpose[:40]).pk
+
+
+def _now() -> dt.datetime:
+    return timezone.now().astimezone(dt.UTC).replace(microsecond=0)
+
+
+def _create_authority(kind: str, loaded: dict[str, object]) -> Authority:
+    passphrase = ca_passphrase()
+    if kind == AuthorityKind.VPN:
+        ca = pki.create_ca("VirtCloud VPN CA")
+        return Authority(
+            kind=kind,
+            certificate=ca.cert_pem().decode(),
+            public_key=pki.public_key_pem(ca.key.public_key()).decode(),
+            private_key=ca.key_pem(passphrase).decode(),
+        )
+    if kind == AuthorityKind.AA:
+        vpn_ca = loaded[AuthorityKind.VPN]
+        key = pki.generate_private_key()
+        cert = pki.issue_aa_cert(vpn_ca, public_key=key.public_key(), serial=serial_allocate("aa"))
+        return Authority(
+            kind=kind,
+            certificate=pki.cert_to_pem(cert).decode(),
+            public_key=pki.public_key_pem(key.public_key()).decode(),
+            private_key=pki.private_key_to_encrypted_pem(key, passphrase).decode(),
+        )
+    from access import ssh
+
+    key = ssh.generate_ca_key()
+    return Authority(
+        kind=kind,
+        public_key=ssh.public_key_line(key, comment=f"virtcloud-{kind.replace('_', '-')}-ca"),
+        private_key=pki.private_key_to_encrypted_pem(key, passphrase).decode(),
+    )
+
+
+def _load(row: Authority):
+    """The in-memory signer of an authority row (a pki.CertificateAuthority, or an SSH CA key)."""
+    passphrase = ca_passphrase()
+    if row.kind in (AuthorityKind.VPN, AuthorityKind.AA):
+        return pki.load_ca(row.certificate.encode(), str(row.private_key).encode(), passphrase)
+    return pki.load_encrypted_private_key(str(row.private_key).encode(), passphrase)
+
+
+# Creation order matters: the AA certificate is signed by the VPN CA.
+_ORDER = (AuthorityKind.VPN, AuthorityKind.AA, AuthorityKind.SSH_USER, AuthorityKind.SSH_HOST)
+
+
+def ca_ensure() -> dict[str, Authority]:
+    """Every authority exists afterwards (created on first use). Idempotent and race-safe: concurrent
+    callers insert behind the unique ``kind``; the loser's savepoint rolls back and it reads the winner's."""
+    rows = {a.kind: a for a in Authority.objects.all()}
+    loaded: dict[str, object] = {}
+    for kind in _ORDER:
+        if kind not in rows:
+            candidate = _create_authority(kind, loaded)
+            try:
+                with transaction.atomic():
+                    candidate.save()
+                rows[kind] = candidate
+                logger.info("access: created the %s", candidate.get_kind_display())
+            except IntegrityError:
+                rows[kind] = Authority.objects.get(kind=kind)
+        if kind == AuthorityKind.VPN:
+            loaded[kind] = _load(rows[kind])
+    return rows
+
+
+def _authority(kind: str) -> Authority:
+    row = Authority.objects.filter(kind=kind).first()
+    return row if row is not None else ca_ensure()[kind]
+
+
+# --- authorization -----------------------------------------------------------------------------------------------
+
+
+def _cluster_id(value) -> int:
+    pk = getattr(value, "pk", value)
+    try:
+        return int(pk)
+    except (TypeError, ValueError):
+        raise AccessError(f"{value!r} is not a cluster id", field="clusters") from None
+
+
+def clusters_authorize(*, user, clusters: Iterable) -> list:
+    """The requested clusters (ids or objects) if ``user`` may enter every one, in request order.
+
+    403 (:class:`NotAllowed`) for a cluster that is not the user's (or does not exist: the answer does
+    not tell which); 409 (:class:`ClusterNotReady`) for the user's cluster whose network is not up or
+    which is public (reached without a gateway)."""
+    from clusters.models import Connectivity, VirtualCluster
+
+    ids = list(dict.fromkeys(_cluster_id(c) for c in clusters))
+    if not ids:
+        raise AccessError("choose at least one cluster", field="clusters")
+    enterable = {c.pk: c for c in selectors.clusters_user_may_enter(user).filter(pk__in=ids)}
+    missing = [pk for pk in ids if pk not in enterable]
+    if missing:
+        own = {
+            c.pk: c
+            for c in VirtualCluster.objects.filter(pk__in=missing).filter(
+                pk__in=selectors.clusters_user_belongs_to(user).values("pk")
+            )
+        }
+        for pk in missing:
+            cluster = own.get(pk)
+            if cluster is None:
+                raise NotAllowed(f"you may not enter cluster {pk}: it is not yours and not your group's")
+            if cluster.connectivity != Connectivity.CLOSED:
+                raise ClusterNotReady(
+                    f"cluster {cluster.name} is public: reach it at its public addresses, no gateway needed"
+                )
+            raise ClusterNotReady(
+                f"cluster {cluster.name} is {cluster.get_state_display()}: its network is not up, try again "
+                "when it is ready"
+            )
+    return [enterable[pk] for pk in ids]
+
+
+def _gateway(kind: str, clusters: Sequence) -> Gateway:
+    from clusters.models import Node, NodeState
+
+    site_ids = set(
+        Node.objects.filter(cluster__in=clusters)
+        .exclude(state=NodeState.REMOVED)
+        .values_list("host__site_id", flat=True)
+        .distinct()
+    )
+    gateways = selectors.gateways_for(kind=kind, site_ids=site_ids)
+    if not gateways:
+        raise NoGateway(f"no enabled {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is configured")
+    return gateways[0]
+
+
+def _ensure_tls_crypt(gateway: Gateway) -> str:
+    if gateway.tls_crypt_key:
+        return str(gateway.tls_crypt_key)
+    with transaction.atomic():
+        locked = Gateway.objects.select_for_update().get(pk=gateway.pk)
+        if not locked.tls_crypt_key:
+            locked.tls_crypt_key = pki.generate_tls_crypt_key()
+            locked.save(update_fields=["tls_crypt_key"])
+    gateway.refresh_from_db(fields=["tls_crypt_key"])
+    return str(gateway.tls_crypt_key)
+
+
+def gateway_server_name(gateway: Gateway) -> str:
+    return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
+
+
+def _pem_sha256(pem: bytes) -> str:
+    # The certificate's SHA-256 fingerprint (of its DER), without importing cryptography here.
+    body = b"".join(line for line in pem.splitlines() if line and not line.startswith(b"-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()
+
+
+def _record_credential(
+    *, kind: str, serial: int, user, key_id: str, fingerprint: str, clusters: Sequence, start, end, **extra
+) -> Credential:
+    credential = Credential.objects.create(
+        kind=kind,
+        serial=serial,
+        user=user,
+        key_id=key_id[:200],
+        fingerprint=fingerprint,
+        not_before=start,
+        not_after=end,
+        **extra,
+    )
+    CredentialCluster.objects.bulk_create(
+        [CredentialCluster(credential=credential, cluster_id=c.pk, label=selectors.cluster_label(c)) for c in clusters]
+    )
+    return credential
+
+
+# --- VPN profiles --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VpnProfile:
+    """An issued profile: its text holds the user's private key (hand it over, never store or log it)."""
+
+    text: str
+    filename: str
+    credential: Credential
+
+    def __repr__(self) -> str:
+        return f"VpnProfile(filename={self.filename!r}, credential={self.credential.pk}, text=<redacted>)"
+
+    def __iter__(self):  # (text, filename), as the brief's signature promises
+        return iter((self.text, self.filename))
+
+
+@transaction.atomic
+def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> VpnProfile:
+    """An ``.ovpn`` for ``user`` whose attribute certificate admits to ``clusters`` (ids or objects).
+
+    The client key is generated here and only returned inside the profile. The certificate and its AC
+    share one validity (a few days; months for a ``publish`` profile, which a router keeps up). The
+    profile enters the first cluster; the user switches with ``setenv UV_VCLUSTER`` to another one the
+    AC covers (listed at the top of the file)."""
+    chosen = clusters_authorize(user=user, clusters=clusters)
+    gateway = _gateway("vpn", chosen)
+    tls_crypt = _ensure_tls_crypt(gateway)
+    vpn_ca = _load(_authority(AuthorityKind.VPN))
+    aa = _load(_authority(AuthorityKind.AA))
+
+    labels = [selectors.cluster_label(c) for c in chosen]
+    username = user.get_username()
+    serial = serial_allocate("vpn-client")
+    now = _now()
+    start = now - pki.CLOCK_SKEW
+    end = now + (publish_cert_lifetime() if publish else vpn_cert_lifetime())
+    end = min(end, vpn_ca.cert.not_valid_after_utc)
+    holder = attrcerts.Holder(issuer=vpn_ca.cert.subject, serial=serial, not_before=start, not_after=end)
+    ac_der = attrcerts.issue_ac(
+        aa_key=aa.key,
+        aa_cert=aa.cert,
+        holder=holder,
+        serial=serial,
+        fqans=[attrcerts.fqan(label) for label in labels],
+    )
+    client_key = pki.generate_client_key()
+    cert = pki.issue_client_cert(
+        vpn_ca,
+        public_key=client_key.public_key,
+        user=username,
+        serial=serial,
+        not_before=start,
+        not_after=end,
+        email=user.email or None,
+        ac_der=ac_der,
+    )
+    cert_pem = pki.cert_to_pem(cert)
+    credential = _record_credential(
+        kind=CredentialKind.VPN,
+        serial=serial,
+        user=user,
+        key_id=f"vpn:{username}:{','.join(labels)}:{now:%Y%m%dT%H%M%SZ}" + (":publish" if publish else ""),
+        fingerprint=_pem_sha256(cert_pem),
+        clusters=chosen,
+        start=start,
+        end=end,
+        published=publish,
+        generated_key=True,
+    )
+    text = openvpn.render_client_profile(
+        cluster=labels[0],
+        remote=(gateway.address, gateway.vpn_port),
+        server_name=gateway_server_name(gateway),
+        ca_pem=vpn_ca.cert_pem(),
+        cert_pem=cert_pem,
+        key_pem=client_key.private_pem,
+        tls_crypt_key=tls_crypt,
+        proto=gateway.vpn_proto,
+        publish=publish,
+        user=username,
+        expires=end.isoformat(),
+    )
+    if len(labels) > 1:
+        text = (
+            f"# This certificate admits to: {', '.join(labels)}.\n"
+            "# To enter another of them, change the 'setenv UV_VCLUSTER' line below.\n" + text
+        )
+    logger.info(
+        "access: issued VPN %sprofile serial=%s user=%s clusters=%s until=%s",
+        "publish " if publish else "",
+        serial,
+        username,
+        ",".join(labels),
+        end.isoformat(),
+    )
+    suffix = "-publish" if publish else ""
+    filename = f"virtcloud-{labels[0]}{suffix}.ovpn" if len(labels) == 1 else f"virtcloud-{username}{suffix}.ovpn"
+    return VpnProfile(text=text, filename=filename, credential=credential)
+
+
+# --- revocation ----------------------------------------------------------------------------------------------------
+
+
+def _crl_entries(now: dt.datetime) -> list[pki.RevokedEntry]:
+    # An expired certificate is refused anyway: listing it would only grow the CRL.
+    rows = Credential.objects.filter(
+        kind=CredentialKind.VPN, revoked_at__isnull=False, not_after__gt=now - pki.CLOCK_SKEW
+    ).values_list("serial", "revoked_at", "revocation_reason")
+    return [pki.RevokedEntry(serial, revoked_at, reason or "unspecified") for serial, revoked_at, reason in rows]
+
+
+def _crl_regenerate(row: Authority) -> Authority:
+    """Sign a new CRL onto ``row`` (locked by the caller)."""
+    now = _now()
+    ca = _load(row)
+    number = row.revocation_number + 1
+    crl = pki.build_crl(ca, _crl_entries(now), crl_number=number, this_update=now, next_update=now + crl_validity())
+    row.revocation_number = number
+    row.revocation_list = pki.crl_to_pem(crl).decode()
+    row.revocation_updated_at = now
+    row.revocation_next_update = now + crl_validity()
+    row.save(update_fields=["revocation_number", "revocation_list", "revocation_updated_at", "revocation_next_update"])
+    return row
+
+
+def _krl_regenerate(row: Authority) -> Authority:
+    """Write a new KRL of the revoked, unexpired SSH certificates onto ``row`` (locked by the caller)."""
+    from access import ssh
+
+    now = _now()
+    serials = list(
+        Credential.objects.filter(kind=CredentialKind.SSH, revoked_at__isnull=False, not_after__gt=now).values_list(
+            "serial", flat=True
+        )
+    )
+    number = row.revocation_number + 1
+    krl = ssh.build_krl(ca_public_key=row.public_key, serials=serials, version=number, comment="virtcloud")
+    row.revocation_number = number
+    row.revocation_list = base64.b64encode(krl).decode()
+    row.revocation_updated_at = now
+    row.revocation_next_update = None
+    row.save(update_fields=["revocation_number", "revocation_list", "revocation_updated_at", "revocation_next_update"])
+    return row
+
+
+def _locked_authority(kind: str) -> Authority:
+    _authority(kind)  # create on first use, outside the lock
+    return Authority.objects.select_for_update().get(kind=kind)
+
+
+def _refresh_margin() -> dt.timedelta:
+    # Re-sign when less than half the validity is left: gateways pulling every few minutes never hold an
+    # expiring CRL, and OpenVPN refuses every client once next_update has passed.
+    return crl_validity() / 2
+
+
+def crl_current() -> str:
+    """The VPN CA's CRL (PEM), re-signed when a revocation happened or it is getting old."""
+    row = _authority(AuthorityKind.VPN)
+    if (
+        row.revocation_list
+        and row.revocation_next_update
+        and row.revocation_next_update - timezone.now() > (_refresh_margin())
+    ):
+        return row.revocation_list
+    with transaction.atomic():
+        row = _locked_authority(AuthorityKind.VPN)
+        if not (
+            row.revocation_list
+            and row.revocation_next_update
+            and row.revocation_next_update - timezone.now() > _refresh_margin()
+        ):
+            _crl_regenerate(row)
+    return row.revocation_list
+
+
+def krl_current() -> bytes:
+    """The SSH user CA's KRL (``ssh-keygen -k`` binary format)."""
+    row = _authority(AuthorityKind.SSH_USER)
+    if not row.revocation_list:
+        with transaction.atomic():
+            row = _locked_authority(AuthorityKind.SSH_USER)
+            if not row.revocation_list:
+                _krl_regenerate(row)
+    return base64.b64decode(row.revocation_list)
+
+
+def _cut_local_sessions(common_names: set[str]) -> None:
+    """Cut sessions at gateways whose management socket is on this host (remote ones cut after pulling)."""
+    from access.gateway import management
+
+    for gateway in Gateway.objects.filter(enabled=True).exclude(management_socket=""):
+        for cn in sorted(common_names):
+            try:
+                killed = management.kill_sessions(gateway.management_socket, cn)
+            except (management.ManagementError, ValueError) as exc:
+                logger.warning("access: gateway %s: could not cut sessions of %s: %s", gateway.name, cn, exc)
+                continue
+            if killed:
+                logger.info("access: gateway %s: cut %d session(s) of %s", gateway.name, killed, cn)
+
+
+def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, note: str = "") -> int:
+    """Revoke the given rows (locked by the caller), rewrite the CRL/KRL once, cut sessions after commit."""
+    if reason not in RevocationReason.values:
+        raise AccessError(f"unknown revocation reason {reason!r}", field="reason")
+    now = timezone.now()
+    kinds: set[str] = set()
+    cut: set[str] = set()
+    done = 0
+    for credential in credentials:
+        if credential.revoked_at is not None:
+            continue
+        credential.revoked_at = now
+        credential.revocation_reason = reason
+        credential.revoked_by = by if getattr(by, "pk", None) else None
+        credential.revocation_note = (note or (f"by {by.get_username()}" if by is not None else "system"))[:200]
+        credential.save(update_fields=["revoked_at", "revocation_reason", "revoked_by", "revocation_note"])
+        kinds.add(credential.kind)
+        if credential.kind == CredentialKind.VPN:
+            cut.add(credential.user.get_username())
+        logger.info(
+            "access: revoked %s serial=%s user=%s reason=%s (%s)",
+            credential.kind,
+            credential.serial,
+            credential.user.get_username(),
+            reason,
+            credential.revocation_note,
+        )
+        done += 1
+    if CredentialKind.VPN in kinds:
+        _crl_regenerate(_locked_authority(AuthorityKind.VPN))
+    if CredentialKind.SSH in kinds:
+        _krl_regenerate(_locked_authority(AuthorityKind.SSH_USER))
+    if cut:
+        transaction.on_commit(lambda: _cut_local_sessions(cut))
+    return done
+
+
+@transaction.atomic
+def credential_revoke(*, credential: Credential, reason: str, by=None, note: str = "") -> bool:
+    """Revoke one credential (idempotent: False if it already was). The CRL/KRL is rewritten at once."""
+    locked = Credential.objects.select_for_update().select_related("user").get(pk=credential.pk)
+    done = _revoke_rows([locked], reason=reason, by=by, note=note) == 1
+    credential.refresh_from_db()
+    return done
+
+
+@transaction.atomic
+def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, note: str = "") -> int:
+    """Revoke every live credential of ``user`` and/or covering ``cluster`` (an object or an id)."""
+    if user is None and cluster is None:
+        raise ValueError("credentials_revoke_for needs a user or a cluster")
+    qs = Credential.objects.live(timezone.now())
+    if user is not None:
+        qs = qs.filter(user=user)
+    if cluster is not None:
+        qs = qs.for_cluster(_cluster_id(cluster))
+    rows = list(qs.select_for_update(of=("self",)).select_related("user").order_by("pk"))
+    return _revoke_rows(rows, reason=reason, by=by, note=note)
+
+
+@transaction.atomic
+def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
+    """Re-check live credentials of ``user`` and/or covering ``cluster`` against the membership rule and
+    revoke those admitting to a cluster their holder may no longer enter (left the group, the cluster
+    changed group or owner, ended, became public)."""
+    from clusters.models import VirtualCluster
+
+    qs = Credential.objects.live(timezone.now())
+    if user is not None:
+        qs = qs.filter(user=user)
+    if cluster is not None:
+        qs = qs.for_cluster(_cluster_id(cluster))
+    rows = list(qs.select_for_update(of=("self",)).select_related("user").prefetch_related("clusters").order_by("pk"))
+    if not rows:
+        return 0
+    done = 0
+    by_user: dict[int, set[int]] = {}
+    for credential in rows:
+        if credential.user_id not in by_user:
+            by_user[credential.user_id] = set(
+                selectors.clusters_user_may_enter(credential.user).values_list("pk", flat=True)
+            )
+        lost = [c for c in credential.clusters.all() if c.cluster_id not in by_user[credential.user_id]]
+        if not lost:
+            continue
+        states = dict(VirtualCluster.objects.filter(pk__in=[c.cluster_id for c in lost]).values_list("pk", "state"))
+        ended = [c for c in lost if states.get(c.cluster_id) not in selectors.enterable_states()]
+        if ended:
+            reason = RevocationReason.CESSATION_OF_OPERATION
+            note = f"cluster {ended[0].label} is {states.get(ended[0].cluster_id, 'gone')}"
+        else:
+            reason = RevocationReason.AFFILIATION_CHANGED
+            note = f"{credential.user.get_username()} may no longer enter cluster {lost[0].label}"
+        done += _revoke_rows([credential], reason=reason, note=note)
+    return done
+
+
+# --- gateway state ---------------------------------------------------------------------------------------------
+
+
+def _vlan_map() -> tuple[dict[str, int], list]:
+    from clusters.models import Connectivity, VirtualCluster
+
+    clusters = list(
+        VirtualCluster.objects.filter(
+            connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states(), vlan_id__isnull=False
+        )
+        .select_related("owner", "group")
+        .order_by("pk")
+    )
+    return {selectors.cluster_label(c): c.vlan_id for c in clusters}, clusters
+
+
+def ssh_principal(cluster, user) -> str:
+    """The SSH principal admitting ``user`` to ``cluster`` (on the bastion: ``<cluster label>-<user>``)."""
+    return f"{selectors.cluster_label(cluster)}-{user.get_username()}"
+
+
+def _principals_map(clusters: Sequence) -> dict[str, dict]:
+    from django.contrib.auth import get_user_model
+
+    from clusters.models import Node, NodeState
+
+    users = get_user_model()
+    group_ids = {c.group_id for c in clusters if c.group_id}
+    members: dict[int, list] = {}
+    for u in users.objects.filter(groups__in=group_ids, is_active=True).prefetch_related("groups").distinct():
+        for g in u.groups.all():
+            members.setdefault(g.pk, []).append(u)
+    nodes: dict[int, list[str]] = {}
+    for cluster_id, name in (
+        Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).values_list("cluster_id", "name")
+    ):
+        nodes.setdefault(cluster_id, []).append(name)
+    out: dict[str, dict] = {}
+    for cluster in clusters:
+        people = {cluster.owner.pk: cluster.owner} if cluster.owner.is_active else {}
+        for u in members.get(cluster.group_id, []):
+            people[u.pk] = u
+        label = selectors.cluster_label(cluster)
+        aliases = [f"{label}-{name}" for name in sorted(nodes.get(cluster.pk, []))]
+        out[label] = {
+            "principals": sorted(ssh_principal(cluster, u) for u in people.values()),
+            "nodes": aliases,
+            # The cluster's nodes by alias (the portal does not know the VMs' addresses; the bastion
+            # resolves the alias inside the cluster's network).
+            "permitopen": [f"{alias}:22" for alias in aliases],
+        }
+    return out
+
+
+def _revoked_sessions(now: dt.datetime) -> list[dict]:
+    rows = (
+        Credential.objects.filter(kind=CredentialKind.VPN, revoked_at__gte=now - SESSION_CUT_WINDOW, not_after__gt=now)
+        .select_related("user")
+        .order_by("revoked_at", "serial")
+    )
+    return [
+        {"serial": c.serial, "common_name": c.user.get_username(), "revoked_at": c.revoked_at.isoformat()} for c in rows
+    ]
+
+
+def gateway_state(*, gateway: Gateway) -> dict:
+    """Everything a gateway needs to decide offline, as one JSON document (``etag`` excludes the time).
+
+    ``vpn``: CA and AA certificates, the CRL, the cluster->VLAN map of the closed READY clusters, and the
+    recently revoked certificates whose live sessions the gateway cuts. ``ssh``: the user and host CA
+    keys, the KRL (base64), and per cluster its principals and the node aliases forwarding may reach."""
+    ca_ensure()
+    now = _now()
+    vlans, clusters = _vlan_map()
+    doc: dict = {"format": 1, "gateway": gateway.name}
+    if gateway.serves_vpn:
+        doc["vpn"] = {
+            "ca": _authority(AuthorityKind.VPN).certificate,
+            "aa": _authority(AuthorityKind.AA).certificate,
+            "crl": crl_current(),
+            "vlans": vlans,
+            "server_name": gateway_server_name(gateway),
+            "revoked_sessions": _revoked_sessions(now),
+        }
+    if gateway.serves_ssh:
+        doc["ssh"] = {
+            "account": gateway.ssh_user,
+            "user_ca": _authority(AuthorityKind.SSH_USER).public_key,
+            "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
+            "krl": base64.b64encode(krl_current()).decode(),
+            "clusters": _principals_map(clusters),
+        }
+    doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+    doc["generated_at"] = now.isoformat()
+    Gateway.objects.filter(pk=gateway.pk).update(last_pull_at=timezone.now())
+    return doc

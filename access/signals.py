@@ -1,0 +1,63 @@
+"""Receivers that turn events elsewhere into revocations (connected in ``AccessConfig.ready``).
+
+Each one is cheap when there is nothing to revoke (one indexed query) because some fire on every save.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def cluster_ended(sender, cluster, **kwargs) -> None:
+    """A cluster was torn down or failed (sent after commit): every credential for it is revoked."""
+    from access import services
+    from access.models import RevocationReason
+
+    count = services.credentials_revoke_for(
+        cluster=cluster,
+        reason=RevocationReason.CESSATION_OF_OPERATION,
+        note=f"cluster {cluster.name} ({cluster.pk}) ended: {cluster.get_state_display()}",
+    )
+    if count:
+        logger.info("access: cluster %s ended, revoked %d credential(s)", cluster.pk, count)
+
+
+def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
+    """A cluster changed owner, group, state or connectivity: holders who may no longer enter lose their
+    credentials (at once, in the same transaction as the change)."""
+    if raw or created:
+        return
+    from django.utils import timezone
+
+    from access import services
+    from access.models import Credential
+
+    if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).exists():
+        return
+    services.credentials_revoke_unauthorized(cluster=instance)
+
+
+def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> None:
+    """A user left a group (``user.groups.remove``/``clear``, or ``group.user_set.remove``/``clear``)."""
+    from django.contrib.auth import get_user_model
+
+    from access import services
+
+    if action == "pre_clear" and reverse:
+        # group.user_set.clear(): post_clear has no pk_set, remember who was in the group.
+        instance._access_cleared_users = list(instance.user_set.values_list("pk", flat=True))
+        return
+    if action not in ("post_remove", "post_clear"):
+        return
+    if reverse:
+        ids = pk_set if action == "post_remove" else getattr(instance, "_access_cleared_users", [])
+        users = list(get_user_model().objects.filter(pk__in=ids or ()))
+    else:
+        users = [instance]
+    with transaction.atomic():
+        for user in users:
+            services.credentials_revoke_unauthorized(user=user)

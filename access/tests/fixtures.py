@@ -1,0 +1,58 @@
+"""Fixtures of the access service's Django-side tests (imported by the test modules that use them).
+
+Clusters are made directly in the state a test needs (READY and closed, with a VLAN); the workflow that
+gets them there is the clusters app's business and tested there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+from django.utils import timezone
+
+from access.models import Gateway, GatewayKind
+from network.tests.factories import HostFactory
+
+_vlans = itertools.count(300)
+
+
+def make_cluster(owner, *, name="mpi", group=None, state="ready", connectivity="closed", nodes=("node1",)):
+    from clusters.models import Image, Node, VirtualCluster
+
+    image, _ = Image.objects.get_or_create(name="user-image", defaults={"approved": False})
+    cluster = VirtualCluster.objects.create(
+        name=name,
+        owner=owner,
+        group=group,
+        image=image,
+        admin_rights=True,
+        connectivity=connectivity,
+        connectivity_reason="test",
+        state=state,
+        vlan_id=next(_vlans),
+        expires_at=timezone.now() + dt.timedelta(days=1),
+    )
+    for i, node in enumerate(nodes):
+        Node.objects.create(
+            cluster=cluster, name=node, host=HostFactory(), mac=f"52:54:00:00:{cluster.pk % 256:02x}:{i:02x}"
+        )
+    return cluster
+
+
+@pytest.fixture
+def cluster(alice, team):
+    """alice's closed READY cluster shared with the group physics (bob)."""
+    return make_cluster(alice, name="mpi", group=team)
+
+
+@pytest.fixture
+def other_cluster(charlie):
+    """charlie's cluster: alice and bob may not enter it."""
+    return make_cluster(charlie, name="lab")
+
+
+@pytest.fixture
+def gateway(db):
+    return Gateway.objects.create(name="gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)

@@ -1,0 +1,255 @@
+"""Access services: authorities at rest, authorization, VPN profiles, CRL, gateway state."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from cryptography import x509
+from django.db import connection
+from django.utils import timezone
+
+from access import services
+from access.errors import AccessError, ClusterNotReady, NoGateway, NotAllowed
+from access.models import Authority, AuthorityKind, Credential, CredentialKind, SerialNumber
+from access.selectors import cluster_label, clusters_user_may_enter
+from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
+from access.tests.profile_check import parse_profile
+from portal.models import AuditEntry
+
+pytestmark = pytest.mark.django_db
+
+
+def aa_pem() -> str:
+    return Authority.objects.get(kind=AuthorityKind.AA).certificate
+
+
+# --- authorities -------------------------------------------------------------------------------------------------
+
+
+def test_ca_ensure_creates_every_authority_once_with_keys_encrypted_twice():
+    rows = services.ca_ensure()
+    assert set(rows) == set(AuthorityKind.values)
+    again = services.ca_ensure()
+    assert {k: r.pk for k, r in again.items()} == {k: r.pk for k, r in rows.items()}
+    with connection.cursor() as cur:
+        cur.execute("SELECT kind, private_key FROM access_authority")
+        stored = dict(cur.fetchall())
+    for kind, raw in stored.items():
+        assert "PRIVATE KEY" not in raw, f"{kind}: the database holds a readable key"
+        assert raw.startswith("gAAAA"), f"{kind}: not Fernet ciphertext"
+    vpn = Authority.objects.get(kind=AuthorityKind.VPN)
+    assert str(vpn.private_key).startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    # The AA is an end entity certified by the VPN CA (RFC 5755 §4.5).
+    ca = x509.load_pem_x509_certificate(vpn.certificate.encode())
+    aa = x509.load_pem_x509_certificate(aa_pem().encode())
+    aa.verify_directly_issued_by(ca)
+    assert aa.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+def test_ca_key_does_not_open_with_another_passphrase(settings):
+    services.ca_ensure()
+    settings.ACCESS_CA_PASSPHRASE = "a-different-passphrase"
+    with pytest.raises(services.pki.PKIError, match="cannot decrypt"):
+        services._load(Authority.objects.get(kind=AuthorityKind.VPN))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ca_ensure_is_race_safe():
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        try:
+            barrier.wait()
+            services.ca_ensure()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert Authority.objects.count() == len(AuthorityKind.values)
+
+
+def test_serials_are_unique_and_never_reused():
+    a = services.serial_allocate("x")
+    b = services.serial_allocate("x")
+    SerialNumber.objects.filter(pk=b).delete()
+    c = services.serial_allocate("x")
+    assert a < b < c
+
+
+# --- authorization -----------------------------------------------------------------------------------------------
+
+
+def test_membership_rule(alice, bob, charlie, team, cluster, other_cluster):
+    assert list(clusters_user_may_enter(alice)) == [cluster]
+    assert list(clusters_user_may_enter(bob)) == [cluster]
+    assert list(clusters_user_may_enter(charlie)) == [other_cluster]
+    provisioning = make_cluster(alice, name="new", group=team, state="provisioning")
+    public = make_cluster(alice, name="web", connectivity="public")
+    updating = make_cluster(alice, name="upd", state="updating")
+    assert set(clusters_user_may_enter(alice)) == {cluster, updating}
+    with pytest.raises(ClusterNotReady, match="new"):
+        services.clusters_authorize(user=alice, clusters=[provisioning.pk])
+    with pytest.raises(ClusterNotReady, match="public"):
+        services.clusters_authorize(user=alice, clusters=[public])
+    with pytest.raises(NotAllowed):
+        services.clusters_authorize(user=alice, clusters=[cluster.pk, other_cluster.pk])
+    with pytest.raises(NotAllowed):
+        services.clusters_authorize(user=alice, clusters=[999999])
+    with pytest.raises(AccessError, match="at least one"):
+        services.clusters_authorize(user=alice, clusters=[])
+    bob.is_active = False
+    bob.save()
+    assert not clusters_user_may_enter(bob).exists()
+
+
+# --- VPN profiles ------------------------------------------------------------------------------------------------
+
+
+def test_vpn_profile_is_complete_and_its_ac_admits_to_the_chosen_cluster(bob, cluster, gateway):
+    text, filename = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
+    label = cluster_label(cluster)
+    assert filename == f"virtcloud-{label}.ovpn"
+    parsed = parse_profile(text, aa_pem=aa_pem())
+    assert parsed.fqans == [f"/virtcloud/{label}/Role=member"]
+    assert parsed.directives["remote"] == ["198.18.100.1 1194"]
+    assert parsed.directives["setenv"] == [f"UV_VCLUSTER {label}"]
+    assert parsed.directives["dev-type"] == ["tap"]
+    assert "BEGIN OpenVPN Static key V1" in parsed.tls_crypt
+    assert parsed.cert.subject.rfc4514_string() == "CN=bob,O=VirtCloud"
+    lifetime = parsed.cert.not_valid_after_utc - parsed.cert.not_valid_before_utc
+    assert dt.timedelta(days=2) < lifetime <= dt.timedelta(days=3, minutes=5)
+
+    credential = Credential.objects.get(serial=parsed.cert.serial_number)
+    assert credential.kind == CredentialKind.VPN and credential.user == bob
+    assert credential.cluster_labels() == [label]
+    assert credential.not_after == parsed.cert.not_valid_after_utc
+    assert credential.key_id.startswith(f"vpn:bob:{label}:")
+    entry = AuditEntry.objects.get(object_id=str(credential.pk), content_type__model="credential")
+    assert entry.action == "create"
+
+
+def test_vpn_profile_for_two_clusters_covers_both(alice, team, cluster, gateway):
+    second = make_cluster(alice, name="hpc")
+    text, filename = services.vpn_profile_issue(user=alice, clusters=[second.pk, cluster.pk])
+    parsed = parse_profile(text, aa_pem=aa_pem())
+    labels = [cluster_label(second), cluster_label(cluster)]
+    assert parsed.fqans == [f"/virtcloud/{lbl}/Role=member" for lbl in labels]
+    assert parsed.directives["setenv"] == [f"UV_VCLUSTER {labels[0]}"]
+    assert f"admits to: {', '.join(labels)}" in text
+    assert filename == "virtcloud-alice.ovpn"
+
+
+def test_publish_profile_is_long_lived(alice, cluster, gateway):
+    text, filename = services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+    parsed = parse_profile(text, aa_pem=aa_pem())
+    assert parsed.cert.not_valid_after_utc - timezone.now() > dt.timedelta(days=80)
+    assert "persist-tun" in parsed.directives
+    assert filename.endswith("-publish.ovpn")
+    assert Credential.objects.get(serial=parsed.cert.serial_number).published
+
+
+def test_vpn_profile_refused_without_membership_or_gateway(charlie, alice, cluster, gateway):
+    with pytest.raises(NotAllowed):
+        services.vpn_profile_issue(user=charlie, clusters=[cluster.pk])
+    gateway.enabled = False
+    gateway.save()
+    with pytest.raises(NoGateway):
+        services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    assert not Credential.objects.exists()
+
+
+def test_no_private_key_in_the_database_after_issue(alice, cluster, gateway):
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    key_body = parse_profile(text, aa_pem=aa_pem()).key_pem.decode().splitlines()[1]
+    with connection.cursor() as cur:
+        for table in connection.introspection.table_names():
+            cur.execute(f'SELECT * FROM "{table}"')  # noqa: S608 - table names from introspection
+            for row in cur.fetchall():
+                assert key_body not in repr(row), f"the user's private key is in table {table}"
+
+
+# --- CRL and revocation --------------------------------------------------------------------------------------------
+
+
+def test_crl_lists_revoked_certificates_and_is_resigned_on_revocation(alice, cluster, gateway):
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    serial = parse_profile(text, aa_pem=aa_pem()).cert.serial_number
+    first = x509.load_pem_x509_crl(services.crl_current().encode())
+    assert first.get_revoked_certificate_by_serial_number(serial) is None
+    assert services.crl_current() == services.crl_current()  # stable between revocations
+
+    credential = Credential.objects.get(serial=serial)
+    assert services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    assert not services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    crl = x509.load_pem_x509_crl(services.crl_current().encode())
+    entry = crl.get_revoked_certificate_by_serial_number(serial)
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
+    number = lambda c: c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number  # noqa: E731
+    assert number(crl) > number(first)
+    ca = x509.load_pem_x509_certificate(Authority.objects.get(kind=AuthorityKind.VPN).certificate.encode())
+    assert crl.is_signature_valid(ca.public_key())
+    credential.refresh_from_db()
+    assert credential.revoked_by == alice and credential.revocation_reason == "key_compromise"
+    assert AuditEntry.objects.filter(object_id=str(credential.pk), action="update").exists()
+
+
+def test_crl_is_resigned_before_it_expires(alice, gateway):
+    services.crl_current()
+    Authority.objects.filter(kind=AuthorityKind.VPN).update(
+        revocation_next_update=timezone.now() + dt.timedelta(hours=1)
+    )
+    crl = x509.load_pem_x509_crl(services.crl_current().encode())
+    assert crl.next_update_utc - timezone.now() > dt.timedelta(days=6)
+
+
+# --- gateway state -------------------------------------------------------------------------------------------------
+
+
+def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, cluster, other_cluster, gateway):
+    make_cluster(alice, name="new", state="provisioning")
+    make_cluster(alice, name="web", connectivity="public")
+    state = services.gateway_state(gateway=gateway)
+    assert state["vpn"]["vlans"] == {
+        cluster_label(cluster): cluster.vlan_id,
+        cluster_label(other_cluster): other_cluster.vlan_id,
+    }
+    assert "BEGIN X509 CRL" in state["vpn"]["crl"]
+    assert state["vpn"]["aa"] == aa_pem()
+    ssh = state["ssh"]["clusters"][cluster_label(cluster)]
+    label = cluster_label(cluster)
+    assert ssh["principals"] == [f"{label}-alice", f"{label}-bob"]
+    assert ssh["permitopen"] == [f"{label}-node1:22"]
+    assert state["ssh"]["clusters"][cluster_label(other_cluster)]["principals"] == [
+        f"{cluster_label(other_cluster)}-charlie"
+    ]
+    again = services.gateway_state(gateway=gateway)
+    assert again["etag"] == state["etag"]
+    gateway.refresh_from_db()
+    assert gateway.last_pull_at is not None
+
+
+def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    before = services.gateway_state(gateway=gateway)
+    assert before["vpn"]["revoked_sessions"] == []
+    credential = Credential.objects.get()
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    after = services.gateway_state(gateway=gateway)
+    assert after["etag"] != before["etag"]
+    assert after["vpn"]["revoked_sessions"] == [
+        {"serial": credential.serial, "common_name": "alice", "revoked_at": credential.revoked_at.isoformat()}
+    ]
