@@ -1,0 +1,143 @@
+"""LDAP login against a real, throwaway slapd (portal.ldapserver): users and groups come from the directory,
+staff/superuser flags follow directory groups, failures give the user a clear message and never a 500, and
+a local superuser still gets in while the directory is down."""
+
+import os
+import shutil
+from unittest import mock
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.test import override_settings
+from django.urls import reverse
+
+from portal.auth import LDAP_UNAVAILABLE_MESSAGE, ldap_settings
+from portal.ldapserver import DEMO_GROUPS, DEMO_USERS, DirectoryGroup, DirectoryUser, LdapServer
+
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.skipif(not shutil.which("slapd") and not os.path.exists("/usr/sbin/slapd"), reason="needs slapd"),
+]
+
+INVALID_LOGIN = "Please enter a correct username and password. Note that both fields may be case-sensitive."
+BACKENDS = ["django_auth_ldap.backend.LDAPBackend", "django.contrib.auth.backends.ModelBackend"]
+# erin is staff without being an administrator.
+USERS = (*DEMO_USERS, DirectoryUser("erin", "Erin", "Helpdesk", 10005))
+GROUPS = tuple(
+    DirectoryGroup(g.cn, g.gid_number, (*g.members, "erin")) if g.cn == "virtcloud-staff" else g for g in DEMO_GROUPS
+)
+
+
+def settings_for(server: LdapServer):
+    """AUTH_LDAP_* exactly as portal/settings.py builds them at start-up from the environment."""
+    with mock.patch.dict(os.environ, server.env()):
+        values = ldap_settings()
+    return override_settings(AUTHENTICATION_BACKENDS=BACKENDS, **values)
+
+
+@pytest.fixture(scope="module")
+def directory():
+    with LdapServer(users=USERS, groups=GROUPS) as server:
+        yield server
+
+
+@pytest.fixture
+def ldap_up(directory):
+    with settings_for(directory):
+        yield directory
+
+
+@pytest.fixture
+def ldap_down():
+    """Settings that point at a directory that has just been stopped."""
+    server = LdapServer(users=DEMO_USERS[:1], groups=())
+    server.start()
+    override = settings_for(server)
+    server.stop()
+    with override:
+        yield server
+
+
+def log_in(client, username, password, url="login"):
+    return client.post(reverse(url), {"username": username, "password": password})
+
+
+def test_ldap_user_logs_in_through_the_login_page_with_groups_mirrored(client, ldap_up):
+    Group.objects.create(name="chemistry")
+    stale = User.objects.create_user("alice")  # e.g. created earlier: her Django groups follow LDAP
+    stale.groups.add(Group.objects.get(name="chemistry"))
+    response = log_in(client, "alice", ldap_up.passwords["alice"])
+    assert response.status_code == 302 and response["Location"] == reverse("home")
+    alice = User.objects.get(username="alice")
+    assert (alice.first_name, alice.last_name, alice.email) == ("Alice", "Physicist", "alice@virtcloud.test")
+    assert set(alice.groups.values_list("name", flat=True)) == {"physics"}
+    assert not alice.is_staff and not alice.is_superuser
+    assert not alice.has_usable_password()  # the password stays in the directory
+    home = client.get(reverse("home"))
+    assert home.status_code == 200 and "physics" in home.content.decode()
+    assert client.get(reverse("admin:index")).status_code == 302  # not staff: sent to the admin login
+
+
+def test_staff_and_superuser_flags_follow_directory_groups(client, ldap_up):
+    log_in(client, "dave", ldap_up.passwords["dave"])
+    dave = User.objects.get(username="dave")
+    assert dave.is_staff and dave.is_superuser
+    assert set(dave.groups.values_list("name", flat=True)) == {"virtcloud-staff", "virtcloud-admins"}
+    assert client.get(reverse("admin:index")).status_code == 200
+    client.logout()
+    log_in(client, "erin", ldap_up.passwords["erin"])
+    erin = User.objects.get(username="erin")
+    assert erin.is_staff and not erin.is_superuser
+
+
+def test_flags_are_taken_away_when_the_group_membership_is(client, ldap_up):
+    User.objects.create_user("bob", is_staff=True, is_superuser=True)
+    log_in(client, "bob", ldap_up.passwords["bob"])
+    bob = User.objects.get(username="bob")
+    assert not bob.is_staff and not bob.is_superuser
+
+
+@pytest.mark.parametrize("username,password", [("alice", "wrong-password"), ("mallory", "any-password")])
+def test_wrong_password_and_unknown_user_get_the_standard_message(client, ldap_up, username, password):
+    response = log_in(client, username, password)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert INVALID_LOGIN in page.replace("&#x27;", "'")
+    assert LDAP_UNAVAILABLE_MESSAGE not in page
+    assert not User.objects.filter(username=username).exists() or username == "alice"
+    assert "_auth_user_id" not in client.session
+
+
+def test_directory_down_says_so_and_is_not_a_500(client, ldap_down):
+    response = log_in(client, "alice", ldap_down.passwords["alice"])
+    assert response.status_code == 200
+    page = response.content.decode().replace("&#x27;", "'")
+    assert LDAP_UNAVAILABLE_MESSAGE in page
+    assert INVALID_LOGIN not in page
+    admin_login = log_in(client, "alice", ldap_down.passwords["alice"], url="admin:login")
+    assert admin_login.status_code == 200
+    assert LDAP_UNAVAILABLE_MESSAGE in admin_login.content.decode().replace("&#x27;", "'")
+
+
+def test_local_superuser_still_logs_in_while_the_directory_is_down(client, ldap_down, root):
+    response = log_in(client, "root", "root-password", url="admin:login")
+    assert response.status_code == 302
+    assert client.get(reverse("admin:index")).status_code == 200
+
+
+def test_known_ldap_user_cannot_fall_back_to_a_local_password_while_down(client, ldap_down):
+    User.objects.create_user("alice").set_unusable_password()
+    response = log_in(client, "alice", ldap_down.passwords["alice"])
+    assert response.status_code == 200
+    assert "_auth_user_id" not in client.session
+
+
+def test_ldap_settings_from_the_environment(directory):
+    values = settings_for(directory)
+    assert values.options["AUTH_LDAP_SERVER_URI"] == directory.uri
+    assert values.options["AUTH_LDAP_USER_FLAGS_BY_GROUP"] == {
+        "is_staff": "cn=virtcloud-staff,ou=groups,dc=virtcloud,dc=test",
+        "is_superuser": "cn=virtcloud-admins,ou=groups,dc=virtcloud,dc=test",
+    }
+    with mock.patch.dict(os.environ, {"LDAP_SERVER_URI": ""}, clear=False):
+        assert ldap_settings() == {}
