@@ -38,7 +38,8 @@ def ping_many(lab: Lab, pairs: Iterable[tuple[str, str]], *, timeout: float = 1.
 def arping(lab: Lab, src: str, dst_ip: str, *, count: int = 2, timeout: float = 1.0) -> set[str]:
     """MAC addresses that answered an ARP request for ``dst_ip`` sent from ``src`` (a VM)."""
     netns, iface = lab.locate(src)
-    argv = ["ip", "netns", "exec", netns, "arping", "-i", iface, "-c", str(count), "-w", f"{timeout:g}", dst_ip]
+    argv = ["ip", "netns", "exec", netns, "arping", "-i", iface, "-c", str(count), "-W", "0.1", "-w", f"{timeout:g}"]
+    argv.append(dst_ip)
     out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
     return {m.lower() for m in _MAC.findall(out)}
 

@@ -1,0 +1,259 @@
+"""The netns lab: life cycle (prefix, cleanup of crashed runs), and the paper's promise proven with packets —
+three sites, two hosts each, three clusters using the same IP subnet and the same addresses: VMs of one
+cluster reach each other across sites, VMs of different clusters never do (ping, ARP, broadcast leaks), and
+the core carries the expected tags (802.1Q, and 802.1ad outer tags on a QinQ core). VLANs are set up only
+through the drivers (``switch_session`` / ``host_session`` with the desired state)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from network.drivers import switch_session
+from network.lab import Lab, arping, broadcast, capture, clean_stale, ping_many, topology
+from network.lab.fabric import _alive
+
+pytestmark = pytest.mark.lab
+
+CLUSTERS = {"a": 100, "b": 101, "c": 102}
+HOSTS = [f"h-s{s}-{h}" for s in (1, 2, 3) for h in (1, 2)]
+
+
+def netns_list() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    return tmp_path / "labs"
+
+
+# --- life cycle ---------------------------------------------------------------------------------------------------
+
+
+def test_up_and_down_leave_nothing_behind(run_root):
+    started = time.monotonic()
+    lab = Lab.up(topology.generate(sites=2, hosts_per_site=1, core_kind="dot1q"), run_root=run_root)
+    up_time = time.monotonic() - started
+    pids = dict(lab.state["pids"])
+    assert all(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+    ours = [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert sorted(ours) == sorted([lab.ovs_ns, lab.gw_ns])
+    links = subprocess.run(["ip", "-n", lab.ovs_ns, "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    # ovs-netdev: the userspace datapath's own tap, created by ovs-vswitchd inside the lab namespace
+    assert all(n in ("lo", "ovs-netdev") or (n.startswith(lab.prefix) and len(n) <= 15) for n in names), names
+    assert lab.status()["daemons"] == {"ovsdb-server": True, "ovs-vswitchd": True}
+    lab.down()
+    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert not lab.run_dir.exists()
+    assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+    assert up_time < 5, f"lab up took {up_time:.2f} s"
+
+
+def test_owned_ports_start_with_no_vlans(lab):
+    """The lab never pre-configures cluster VLANs: every owned port is an empty trunk until a driver acts."""
+    for switch in ("sw-s1", "sw-s2", "sw-s3"):
+        with switch_session(lab.switch_spec(switch)) as session:
+            assert set(session.port_vlans().values()) == {frozenset()}
+
+
+def test_next_up_cleans_a_crashed_run(run_root):
+    crashed = Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, persistent=True)
+    for pid in crashed.state["pids"].values():  # the machine "crashed": daemons gone, state left behind
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(50):
+        if not any(_alive(pid, str(crashed.run_dir)) for pid in crashed.state["pids"].values()):
+            break
+        time.sleep(0.02)
+    orphan_ns = [ns for ns in netns_list() if ns.startswith(crashed.prefix)]
+    assert orphan_ns
+    assert crashed.is_stale()
+    fresh = Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root)
+    try:
+        assert not crashed.run_dir.exists()
+        assert not [ns for ns in netns_list() if ns in orphan_ns]
+        assert fresh.prefix != crashed.prefix
+    finally:
+        fresh.down()
+
+
+def test_a_lab_whose_builder_died_is_stale_unless_persistent(run_root):
+    lab = Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root)
+    try:
+        assert not lab.is_stale()
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        lab.state["owner_pid"] = dead.pid
+        lab.save()
+        assert lab.is_stale()
+        assert clean_stale(run_root) == [lab.prefix]
+        assert not lab.run_dir.exists()
+    finally:
+        lab.down()
+
+
+def test_same_name_replaces_the_previous_lab(run_root):
+    first = Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, name="demo", persistent=True)
+    second = Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, name="demo", persistent=True)
+    try:
+        assert not first.run_dir.exists()
+        assert Lab.find("demo", run_root).prefix == second.prefix
+    finally:
+        second.down()
+
+
+def test_portal_topology_file_builds(run_root):
+    """The portal's own topology files (network/topologies/*.yaml) build as they are."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "topologies" / "demo.yaml"
+    lab = Lab.up(topology.load(demo), run_root=run_root)
+    try:
+        assert sorted(lab.state["switches"]) == ["brno-sw", "pilsen-sw", "prague-sw"]
+        with switch_session(lab.switch_spec("brno-sw")) as session:
+            assert sorted(session.port_vlans()) == ["core", "gw", "h1", "h2"]
+    finally:
+        lab.down()
+
+
+# --- isolation: the paper's promise -------------------------------------------------------------------------------
+
+
+def shared_ip(j: int) -> str:
+    return f"198.18.0.{j + 1}"  # the same address in every cluster
+
+
+def own_ip(cluster: str, j: int) -> str:
+    return f"198.18.0.{100 + 10 * 'abc'.index(cluster) + j}"  # unique, same /24
+
+
+@pytest.fixture(scope="module")
+def clusters(lab):
+    """3 clusters × 6 VMs (one per host), all in 198.18.0.0/24 with the same addresses .1–.6 plus one
+    address of their own; VLANs converged through the drivers."""
+    lab.converge({vid: HOSTS for vid in CLUSTERS.values()})
+    vms = {}
+    for cluster, vid in CLUSTERS.items():
+        for j, host in enumerate(HOSTS):
+            name = f"{cluster}{j}"
+            lab.attach_vm(host, vid, name, f"{shared_ip(j)}/24")
+            ns = lab.vm(name).netns
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{own_ip(cluster, j)}/24", "dev", "eth0"], check=True)
+            vms[name] = lab.vm(name)
+    yield vms
+    for name in vms:
+        lab.detach_vm(name)
+    lab.converge({})
+
+
+def test_same_cluster_reaches_across_sites(lab, clusters):
+    pairs = [
+        (f"{c}{i}", own_ip(c, j)) for c in CLUSTERS for i in range(len(HOSTS)) for j in range(len(HOSTS)) if i != j
+    ]
+    results = ping_many(lab, pairs, timeout=2)
+    assert [pair for pair, ok in results.items() if not ok] == []
+    assert len(results) == 3 * 30
+
+
+def test_different_clusters_never_reach_each_other(lab, clusters):
+    pairs = [
+        (f"{c}{i}", own_ip(d, j))
+        for c in CLUSTERS
+        for d in CLUSTERS
+        if c != d
+        for i in range(len(HOSTS))
+        for j in range(len(HOSTS))
+    ]
+    results = ping_many(lab, pairs, timeout=1)
+    assert len(results) == 3 * 2 * 36
+    assert [pair for pair, ok in results.items() if ok] == []
+
+
+def test_same_addresses_resolve_inside_the_cluster_only(lab, clusters):
+    """Every cluster uses 198.18.0.1–6 at once; ARP for a shared address answers with the own cluster's VM."""
+    for cluster in CLUSTERS:
+        for i, j in ((0, 5), (2, 1), (4, 3)):  # pairs across sites
+            src, dst = clusters[f"{cluster}{i}"], clusters[f"{cluster}{j}"]
+            assert arping(lab, src.name, shared_ip(j)) == {dst.mac}
+
+
+@pytest.mark.parametrize("sender", sorted(CLUSTERS))
+def test_no_broadcast_or_arp_leaks_into_other_clusters(lab, clusters, sender):
+    ours = {vm.mac for name, vm in clusters.items() if name.startswith(sender)}
+    others = [name for name in clusters if not name.startswith(sender)]
+    with contextlib.ExitStack() as stack:
+        foreign = [stack.enter_context(capture(lab, name)) for name in others]
+        # positive control: a VM of the sender's own cluster at another site does see the broadcasts
+        own = stack.enter_context(capture(lab, f"{sender}5"))
+        broadcast(lab, f"{sender}0")
+        arping(lab, f"{sender}0", "198.18.0.250", count=1, timeout=0.3)  # nobody has it: a broadcast ARP
+    assert any(src in line for src in ours for line in own.lines), "the capture itself must work"
+    leaked = [(cap.where, line) for cap in foreign for line in cap.lines if any(mac in line for mac in ours)]
+    assert leaked == []
+
+
+def test_qinq_core_carries_802_1ad_outer_and_802_1q_inner_tags(lab, clusters):
+    provider = [link for link in lab.core_ports() if link["layer"] == "provider"]
+    customer = [link for link in lab.core_ports() if link["layer"] == "customer"]
+    assert provider and customer
+    with capture(lab, provider[0]["iface"], "vlan and vlan and icmp") as outer:
+        with capture(lab, customer[0]["iface"], "vlan and icmp") as inner:
+            results = ping_many(lab, [("a0", own_ip("a", 5)), ("b0", own_ip("b", 5))], timeout=2)
+    assert all(results.values())
+    for vid in (100, 101):
+        assert any(
+            "802.1Q-QinQ (0x88a8)" in line and "vlan 1000," in line and f"802.1Q (0x8100), vlan {vid}," in line
+            for line in outer.lines
+        ), outer.lines
+        assert any("802.1Q (0x8100), length" in line and f"vlan {vid}," in line for line in inner.lines), inner.lines
+    assert not any("0x88a8" in line for line in inner.lines)  # the switch uplink speaks plain 802.1Q
+
+
+def test_gateway_point_receives_tagged_frames_of_gateway_vlans(lab, clusters):
+    """A cluster with a gateway leg gets its VLAN on the gateway trunk; the gw namespace's bridge (where an
+    OpenVPN tap would join) sees that cluster's frames tagged, and no other cluster's."""
+    gw = lab.gateway()
+    lab.converge({vid: HOSTS for vid in CLUSTERS.values()}, gateway_vids=[100])
+    try:
+        argv = ["ip", "netns", "exec", gw["netns"], "tcpdump", "-i", gw["bridge"], "-e", "-nn", "-l"]
+        proc = subprocess.Popen(
+            [*argv, "--immediate-mode", "arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        while "listening on" not in proc.stderr.readline():
+            pass
+        arping(lab, "a3", "198.18.0.251", count=1, timeout=0.3)
+        arping(lab, "b3", "198.18.0.252", count=1, timeout=0.3)
+        time.sleep(0.05)
+        proc.terminate()
+        lines = proc.communicate(timeout=5)[0].splitlines()
+        assert any("vlan 100," in line and "198.18.0.251" in line for line in lines), lines
+        assert not any("198.18.0.252" in line for line in lines)
+    finally:
+        lab.converge({vid: HOSTS for vid in CLUSTERS.values()})
+
+
+# --- a plain 802.1Q core ------------------------------------------------------------------------------------------
+
+
+def test_dot1q_core_carries_plain_802_1q_tags(run_root):
+    lab = Lab.up(topology.generate(sites=2, hosts_per_site=1, core_kind="dot1q"), run_root=run_root)
+    try:
+        lab.converge({150: ["h-s1-1", "h-s2-1"], 151: ["h-s1-1", "h-s2-1"]})
+        lab.attach_vm("h-s1-1", 150, "x1", "198.18.0.1/24")
+        lab.attach_vm("h-s2-1", 150, "x2", "198.18.0.2/24")
+        lab.attach_vm("h-s2-1", 151, "y2", "198.18.0.2/24")
+        core = lab.core_ports()[0]["iface"]
+        with capture(lab, core, "vlan") as cap:
+            assert ping_many(lab, [("x1", "198.18.0.2")], timeout=2) == {("x1", "198.18.0.2"): True}
+        assert arping(lab, "x1", "198.18.0.2") == {lab.vm("x2").mac}
+        assert any("802.1Q (0x8100)" in line and "vlan 150," in line for line in cap.lines), cap.lines
+        assert not any("0x88a8" in line for line in cap.lines)
+    finally:
+        lab.down()
