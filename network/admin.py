@@ -109,3 +109,131 @@ class VlanPoolAdmin(admin.ModelAdmin):
     list_filter = ("core",)
     search_fields = ("name", "description")
     list_select_related = ("core",)
+
+
+# --- The VLAN life cycle: allocations, segments, device changes and drift (read-only records) -----------------
+
+from django.db import transaction  # noqa: E402
+from django.template.response import TemplateResponse  # noqa: E402
+
+from network import convergence  # noqa: E402
+from network.drivers import DeviceError  # noqa: E402
+from network.models import DeviceChange, DeviceKind, Drift, Segment, SegmentMember, VlanAllocation  # noqa: E402
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records written only by the services and tasks: viewable, never edited by hand."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(VlanAllocation)
+class VlanAllocationAdmin(ReadOnlyAdmin):
+    list_display = ("pool", "vid", "state", "owner", "allocated_at", "released_at", "quarantine_until")
+    list_filter = ("state", "pool")
+    search_fields = ("owner", "=vid")
+    list_select_related = ("pool",)
+
+
+class SegmentMemberInline(admin.TabularInline):
+    model = SegmentMember
+    extra = 0
+    fields = ("host",)
+    readonly_fields = ("host",)
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class DeviceChangeInline(admin.TabularInline):
+    model = DeviceChange
+    extra = 0
+    fields = ("device", "cause", "status", "attempts", "started_at", "finished_at", "error")
+    readonly_fields = fields
+    can_delete = False
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Segment)
+class SegmentAdmin(ReadOnlyAdmin):
+    list_display = ("owner_ref", "vid", "state", "gateway", "member_count", "created_at", "updated_at")
+    list_filter = ("state", "gateway")
+    search_fields = ("owner_ref", "=vid")
+    inlines = [SegmentMemberInline, DeviceChangeInline]
+
+    def get_queryset(self, request):
+        from django.db.models import Count
+
+        return super().get_queryset(request).annotate(_members=Count("members"))
+
+    @admin.display(description="hosts", ordering="_members")
+    def member_count(self, obj):
+        return obj._members
+
+
+@admin.register(DeviceChange)
+class DeviceChangeAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "kind", "device", "cause", "status", "attempts", "duration", "short_error")
+    list_filter = ("status", "kind")
+    search_fields = ("device", "cause", "error", "segment__owner_ref")
+    list_select_related = ("segment",)
+    date_hierarchy = "created_at"
+
+    @admin.display(description="error")
+    def short_error(self, obj):
+        return obj.error[:120]
+
+
+@admin.register(Drift)
+class DriftAdmin(ReadOnlyAdmin):
+    list_display = ("found_at", "device", "port", "kind", "vlans", "expected", "actual", "last_seen_at", "repaired_at")
+    list_filter = ("kind", "device_kind", ("repaired_at", admin.EmptyFieldListFilter))
+    search_fields = ("device", "port", "vlans")
+
+
+def _kind(queryset) -> str:
+    return DeviceKind.SWITCH if queryset.model is Switch else DeviceKind.HOST
+
+
+@admin.action(description="Reconcile now (find and repair drift)")
+def reconcile_now(modeladmin, request, queryset):
+    from network import tasks
+
+    kind = _kind(queryset)
+    ids = list(queryset.filter(enabled=True).values_list("pk", flat=True))
+    for pk in ids:
+        transaction.on_commit(lambda pk=pk: tasks.reconcile_device.delay(kind, pk))
+    modeladmin.message_user(request, f"Reconcile queued for {len(ids)} {kind}(s); see Drift and Device changes.")
+
+
+@admin.action(description="Plan (dry run): show the diff convergence would apply")
+def plan_dry_run(modeladmin, request, queryset):
+    kind = _kind(queryset)
+    rows = []
+    for device in queryset.filter(enabled=True).order_by("name"):
+        try:
+            rows.append({"device": device.name, "diff": convergence.plan(kind, device), "error": ""})
+        except DeviceError as exc:
+            rows.append({"device": device.name, "diff": "", "error": str(exc)})
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": f"Plan for {len(rows)} {kind}(s): nothing has been changed",
+        "rows": rows,
+        "opts": modeladmin.model._meta,
+    }
+    return TemplateResponse(request, "admin/network/plan.html", context)
+
+
+for _admin_class in (SwitchAdmin, HostAdmin):
+    _admin_class.actions = [*(_admin_class.actions or []), reconcile_now, plan_dry_run]

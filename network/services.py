@@ -31,6 +31,7 @@ from network.errors import (
     SegmentExists,
 )
 from network.models import Host, Segment, SegmentMember, Site, VlanAllocation, VlanPool
+from portal import audit
 
 ALLOCATE_ATTEMPTS = 20
 Free = VlanAllocation.State
@@ -106,6 +107,7 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         )
         if taken:
             row.refresh_from_db()
+            audit.record(row, "action", {"state": [Free.FREE, Free.ALLOCATED], "owner": [None, owner]}, "allocated")
             return row
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
@@ -125,6 +127,12 @@ def vlan_release(*, allocation: VlanAllocation) -> bool:
         pk=allocation.pk, state=Free.ALLOCATED, owner=allocation.owner, allocated_at=allocation.allocated_at
     ).update(state=Free.QUARANTINED, released_at=now, quarantine_until=now + timedelta(seconds=pool.quarantine_seconds))
     allocation.refresh_from_db()
+    if released:
+        changes = {
+            "state": [Free.ALLOCATED, Free.QUARANTINED],
+            "quarantine_until": [None, str(allocation.quarantine_until)],
+        }
+        audit.record(allocation, "action", changes, "released into quarantine")
     return bool(released)
 
 

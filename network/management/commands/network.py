@@ -1,0 +1,86 @@
+"""``manage.py network plan [--switch X] [--host Y]``: per device, the diff convergence would apply now
+(nothing is changed). ``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``: compare
+devices with the desired state, record drift and repair it (default: ``RECONCILE_REPAIR``)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from network import convergence
+from network.drivers import DeviceError
+from network.errors import DeviceChangeFailed
+from network.models import DeviceKind, Host, Switch
+from portal.audit import audit_actor
+
+
+class Command(BaseCommand):
+    help = "VLAN life cycle: dry-run plan of every device, or a reconcile pass (drift detection and repair)."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        for name, text in (("plan", "print the diff per device; change nothing"), ("reconcile", "find drift")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("--switch", action="append", default=[], help="only this switch (repeatable)")
+            p.add_argument("--host", action="append", default=[], help="only this host (repeatable)")
+            if name == "reconcile":
+                p.add_argument("--repair", action="store_true", default=None, help="repair drift")
+                p.add_argument("--no-repair", dest="repair", action="store_false", help="only record drift")
+
+    def _devices(self, options) -> list[tuple[str, Switch | Host]]:
+        switches = Switch.objects.filter(enabled=True).order_by("name")
+        hosts = Host.objects.filter(enabled=True).order_by("name")
+        if options["switch"] or options["host"]:
+            switches = switches.filter(name__in=options["switch"])
+            hosts = hosts.filter(name__in=options["host"])
+            found = {d.name for d in [*switches, *hosts]}
+            missing = sorted(set(options["switch"] + options["host"]) - found)
+            if missing:
+                raise CommandError(f"no enabled device named {', '.join(missing)}")
+        return [(DeviceKind.SWITCH, s) for s in switches] + [(DeviceKind.HOST, h) for h in hosts]
+
+    def handle(self, *args, **options):
+        devices = self._devices(options)
+        failures = 0
+        with audit_actor("manage.py network"):
+            for kind, device in devices:
+                if options["action"] == "plan":
+                    failures += self._plan(kind, device)
+                else:
+                    failures += self._reconcile(kind, device, options)
+        if failures:
+            raise CommandError(f"{failures} device(s) could not be reached or changed")
+
+    def _plan(self, kind, device) -> int:
+        try:
+            diff = convergence.plan(kind, device)
+        except DeviceError as exc:
+            self.stderr.write(f"{kind} {device.name}: ERROR {exc}")
+            return 1
+        if diff.strip():
+            self.stdout.write(f"{kind} {device.name}:")
+            for line in diff.strip().splitlines():
+                self.stdout.write(f"  {line}")
+        else:
+            self.stdout.write(f"{kind} {device.name}: in sync")
+        return 0
+
+    def _reconcile(self, kind, device, options) -> int:
+        repair = settings.RECONCILE_REPAIR if options["repair"] is None else options["repair"]
+        try:
+            report = convergence.reconcile_device(kind, device, repair=repair)
+        except (DeviceError, DeviceChangeFailed) as exc:
+            self.stderr.write(f"{kind} {device.name}: ERROR {exc}")
+            return 1
+        if report.busy:
+            self.stdout.write(f"{kind} {device.name}: busy (a convergence is running), skipped")
+        elif report.error:
+            self.stderr.write(f"{kind} {device.name}: ERROR {report.error}")
+            return 1
+        elif not report.drifts:
+            self.stdout.write(f"{kind} {device.name}: in sync")
+        else:
+            state = "repaired" if report.repaired else "not repaired"
+            for drift in report.drifts:
+                self.stdout.write(f"{kind} {device.name}: drift {drift} ({state})")
+        return 0

@@ -1,0 +1,21 @@
+"""Celery beat entries of the network app, importable from settings (no Django models imported here).
+
+In ``portal/settings.py``::
+
+    from network.schedules import beat_schedule
+    CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
+"""
+
+from __future__ import annotations
+
+
+def beat_schedule(reconcile_interval: int) -> dict:
+    """The reconciler every ``reconcile_interval`` seconds; a run that waited longer than one interval in
+    the queue is dropped (the next one is due anyway)."""
+    return {
+        "network-reconcile": {
+            "task": "network.reconcile",
+            "schedule": float(reconcile_interval),
+            "options": {"expires": float(reconcile_interval)},
+        }
+    }

@@ -1,0 +1,126 @@
+"""Drift detection and repair, ``manage.py network plan|reconcile`` and the admin's plan / reconcile now,
+on the fake drivers. (The same against the lab is in ``test_lab_lifecycle``.)"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from network import services, tasks, workflows
+from network.models import DeviceChange, Drift, Switch
+from network.schedules import beat_schedule
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+
+@pytest.fixture
+def active(fabric):
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    return seg
+
+
+def test_drift_by_hand_is_found_and_repaired_by_one_reconcile_run(fabric, active, settings):
+    settings.RECONCILE_REPAIR = True
+    v = active.vid
+    old = services.segment_create(owner="gone", hosts=[fabric.hosts["brno1"]], gateway=False)
+    services.segment_delete(segment=old)  # a VLAN the portal once used
+    fabric.poke_switch("sw-brno", "uplink", [])  # VLAN removed by hand
+    fabric.poke_switch("sw-brno", "h1", [v, old.vid])  # a stale VLAN left behind
+    fabric.poke_switch("sw-pilsen", "h2", [999])  # a VLAN the portal never handed out
+
+    result = tasks.reconcile.apply().get()
+    assert result == {"switches": 3, "hosts": 6}
+
+    found = {(d.device, d.port, d.kind, d.vlans) for d in Drift.objects.all()}
+    assert found == {
+        ("sw-brno", "uplink", "missing", str(v)),
+        ("sw-brno", "h1", "stale", str(old.vid)),
+        ("sw-pilsen", "h2", "foreign", "999"),
+    }
+    assert all(d.repaired_at and d.repair_id for d in Drift.objects.all())
+    assert fabric.switch_ports("sw-brno")["uplink"] == {v}
+    assert fabric.switch_ports("sw-brno")["h1"] == {v}
+    assert fabric.switch_ports("sw-pilsen")["h2"] == frozenset()
+    repair = DeviceChange.objects.get(device="sw-pilsen", cause__startswith="reconcile")
+    assert repair.status == "ok" and repair.segment is None and "- h2 vlan 999" in repair.diff
+
+    tasks.reconcile.apply().get()  # in sync now: nothing new
+    assert Drift.objects.count() == 3
+
+
+def test_without_repair_drift_is_only_recorded_and_closes_when_fixed(fabric, active):
+    fabric.poke_switch("sw-brno", "uplink", [])
+    tasks.reconcile_device.apply(("switch", fabric.switches["brno"].pk, False)).get()
+    drift = Drift.objects.get()
+    assert drift.kind == "missing" and drift.repaired_at is None
+    assert fabric.switch_ports("sw-brno")["uplink"] == frozenset()
+    tasks.reconcile_device.apply(("switch", fabric.switches["brno"].pk, False)).get()
+    assert Drift.objects.count() == 1  # the same drift, seen again
+    workflows.provision(active.pk).apply().get()  # a convergence fixes it ...
+    tasks.reconcile_device.apply(("switch", fabric.switches["brno"].pk, False)).get()
+    drift.refresh_from_db()
+    assert drift.repaired_at is not None  # ... and the next pass closes it
+
+
+def test_host_drift(fabric, active):
+    from network.tests import fakes
+
+    args = {"state_dir": fabric.state_dir}
+    state = fakes.load(args, "host", "pilsen1")
+    state["vlans"] = []
+    fakes.save(args, "host", "pilsen1", state)
+    tasks.reconcile_device.apply(("host", fabric.hosts["pilsen1"].pk, True)).get()
+    drift = Drift.objects.get()
+    assert (drift.device, drift.port, drift.kind) == ("pilsen1", "", "missing")
+    assert fabric.host_vlans("pilsen1") == {active.vid}
+
+
+def test_plan_command_prints_the_diff_and_changes_nothing(fabric, active):
+    seg = services.segment_create(owner="c2", hosts=[fabric.hosts["prague1"]], gateway=False)
+    out = StringIO()
+    call_command("network", "plan", "--switch", "sw-prague", "--host", "prague1", "--switch", "sw-brno", stdout=out)
+    text = out.getvalue()
+    assert f"switch sw-prague:\n  + h1 vlan {seg.vid}" in text
+    assert "switch sw-brno: in sync" in text
+    assert f"host prague1:\n  + vlan {seg.vid}" in text
+    assert fabric.switch_ports("sw-prague") == {}  # nothing committed
+    assert not DeviceChange.objects.filter(segment=seg).exists()
+    with pytest.raises(CommandError, match="no enabled device named nope"):
+        call_command("network", "plan", "--switch", "nope")
+
+
+def test_reconcile_command(fabric, active):
+    fabric.poke_switch("sw-pilsen", "h2", [998])
+    out = StringIO()
+    call_command("network", "reconcile", "--no-repair", "--switch", "sw-pilsen", stdout=out)
+    assert "switch sw-pilsen: drift sw-pilsen:h2 foreign VLAN 998 (not repaired)" in out.getvalue()
+    out = StringIO()
+    call_command("network", "reconcile", "--repair", stdout=out)
+    assert "drift sw-pilsen:h2 foreign VLAN 998 (repaired)" in out.getvalue()
+    assert "host brno1: in sync" in out.getvalue()
+
+
+def test_beat_schedule_runs_the_reconciler_every_interval():
+    entry = beat_schedule(300)["network-reconcile"]
+    assert entry["task"] == tasks.reconcile.name and entry["schedule"] == 300.0
+
+
+def test_admin_plan_and_reconcile_now(fabric, active, client, root, django_capture_on_commit_callbacks):
+    client.force_login(root)
+    fabric.poke_switch("sw-brno", "uplink", [])
+    url = reverse("admin:network_switch_changelist")
+    ids = [str(s.pk) for s in Switch.objects.all()]
+    page = client.post(url, {"action": "plan_dry_run", "_selected_action": ids})
+    assert page.status_code == 200
+    assert f"+ uplink vlan {active.vid}" in page.content.decode()
+    assert fabric.switch_ports("sw-brno")["uplink"] == frozenset()  # only planned
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(url, {"action": "reconcile_now", "_selected_action": ids})
+    assert response.status_code == 302
+    assert fabric.switch_ports("sw-brno")["uplink"] == {active.vid}
+    for name in ("segment", "devicechange", "drift", "vlanallocation"):
+        assert client.get(reverse(f"admin:network_{name}_changelist")).status_code == 200
+    assert client.get(reverse("admin:network_segment_change", args=[active.pk])).status_code == 200
