@@ -127,3 +127,71 @@ def iperf(lab: Lab, server: str, client: str, server_ip: str, *, seconds: float 
     finally:
         srv.kill()
         srv.wait()
+
+
+def self_test(lab: Lab) -> list[tuple[str, bool]]:
+    """A quick isolation check on a running lab that leaves the portal's VLANs alone: two unused VLANs of the
+    first core on two hosts (at two sites when there are), configured through the drivers on top of what is
+    there, two VMs per VLAN with the same addresses, ping/ARP/broadcast checks, then everything put back."""
+    from network.drivers import host_session, switch_session
+
+    topo = lab.topology
+    if len(topo.hosts) < 2 or not topo.cores:
+        raise LabError(f"lab {lab.name}: the self-test needs two hosts and a core")
+    first = topo.hosts[0]
+    second = next((h for h in topo.hosts[1:] if h.site != first.site), topo.hosts[1])
+    hosts = [first.name, second.name]
+    current = {}
+    for sw in topo.switches:
+        with switch_session(lab.switch_spec(sw.name)) as session:
+            current[sw.name] = session.port_vlans()
+    host_now = {}
+    for h in topo.hosts:
+        with host_session(lab.host_spec(h.name)) as session:
+            host_now[h.name] = session.vlans()
+    used = {v for ports in current.values() for vids in ports.values() for v in vids}
+    used |= {v for vids in host_now.values() for v in vids}
+    core = topo.cores[0]
+    free = [v for v in range(core.vid_min, core.vid_max + 1) if v not in used][:2]
+    if len(free) < 2:
+        raise LabError(f"lab {lab.name}: no two free VLANs in core {core.name}")
+    add_sw, add_host = lab.desired({free[0]: hosts, free[1]: hosts})
+
+    def apply(extra: bool) -> None:
+        for name, ports in current.items():
+            wanted = {p: vids | (add_sw[name][p] if extra else frozenset()) for p, vids in ports.items()}
+            if wanted != ports or not extra:
+                with switch_session(lab.switch_spec(name)) as session:
+                    session.converge(wanted)
+        for name in hosts:
+            with host_session(lab.host_spec(name)) as session:
+                session.converge(host_now[name] | (add_host[name] if extra else frozenset()))
+
+    results: list[tuple[str, bool]] = []
+    tag = lab.state["next_vm"]
+    vms = {f"st{tag}a1": (hosts[0], free[0], "198.18.255.1/24"), f"st{tag}a2": (hosts[1], free[0], "198.18.255.2/24")}
+    vms |= {f"st{tag}b1": (hosts[0], free[1], "198.18.255.1/24"), f"st{tag}b2": (hosts[1], free[1], "198.18.255.3/24")}
+    a1, a2, b1, b2 = vms
+    try:
+        apply(True)
+        for name, (host, vid, ip) in vms.items():
+            lab.attach_vm(host, vid, name, ip)
+        results.append((f"same VLAN {free[0]} across {hosts[0]} and {hosts[1]}: ping", ping(lab, a1, "198.18.255.2")))
+        results.append(
+            (
+                "shared address 198.18.255.1 answers inside its own VLAN only",
+                arping(lab, a2, "198.18.255.1") == {lab.vm(a1).mac},
+            )
+        )
+        results.append((f"VLAN {free[0]} cannot reach VLAN {free[1]}'s address", not ping(lab, a1, "198.18.255.3")))
+        with capture(lab, b2) as leak, capture(lab, a2) as seen:
+            broadcast(lab, a1, count=1)
+        mac = lab.vm(a1).mac
+        results.append(("broadcast reaches the own VLAN", any(mac in line for line in seen.lines)))
+        results.append(("no broadcast leaks into the other VLAN", not any(mac in line for line in leak.lines)))
+    finally:
+        for name in vms:
+            if name in lab.state["vms"]:
+                lab.detach_vm(name)
+        apply(False)
+    return results
