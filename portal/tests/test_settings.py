@@ -1,0 +1,144 @@
+"""Settings are read strictly from the environment: each case imports portal.settings in a fresh Python with
+exactly the given environment, as a real start-up would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRETS_KEY = "1b8NqwoUqaIVz7W6XI-MVmQ5IT9b4u1ZlG5x8c3mvX0="
+PRODUCTION = {
+    "DEBUG": "false",
+    "SECRET_KEY": "k7Hq2vX9pLm4Rt8Wz3Nc6Bf1Jd5Gs0Ya-test-only-EuTiOpAsDf",
+    "SECRETS_KEY": SECRETS_KEY,
+    "ALLOWED_HOSTS": "portal.example.org",
+}
+PROBE = """
+import json
+from django.conf import settings
+import django
+django.setup()
+print(json.dumps({
+    "DEBUG": settings.DEBUG,
+    "ALLOWED_HOSTS": settings.ALLOWED_HOSTS,
+    "DB_ENGINE": settings.DATABASES["default"]["ENGINE"],
+    "DB_NAME": str(settings.DATABASES["default"]["NAME"]),
+    "BROKER": settings.CELERY_BROKER_URL,
+    "BACKENDS": settings.AUTHENTICATION_BACKENDS,
+    "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
+    "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
+    "DEVICE_RETRY_MAX": settings.DEVICE_RETRY_MAX,
+}))
+"""
+
+
+def load_settings(tmp_path, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    clean.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DATA_DIR": str(tmp_path), **env})
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60
+    )
+
+
+def loaded(tmp_path, **env) -> dict:
+    import json
+
+    result = load_settings(tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def refused(tmp_path, **env) -> str:
+    result = load_settings(tmp_path, **env)
+    assert result.returncode != 0, result.stdout
+    assert "ImproperlyConfigured" in result.stderr
+    return result.stderr[result.stderr.index("ImproperlyConfigured") :]
+
+
+def test_defaults_run_with_nothing_installed(tmp_path):
+    values = loaded(tmp_path, DEBUG="true")
+    assert values["DB_ENGINE"] == "django.db.backends.sqlite3"
+    assert values["DB_NAME"] == str(tmp_path / "portal.sqlite3")
+    assert values["BROKER"].startswith("filesystem://")
+    assert values["BACKENDS"] == ["django.contrib.auth.backends.ModelBackend"]
+    assert values["LDAP_URI"] is None
+
+
+def test_secret_key_is_required_when_debug_is_off(tmp_path):
+    message = refused(tmp_path, **{**PRODUCTION, "SECRET_KEY": ""})
+    assert "SECRET_KEY must be set when DEBUG is off" in message
+    message = refused(tmp_path, DEBUG="false", SECRETS_KEY=SECRETS_KEY)
+    assert "SECRET_KEY" in message
+
+
+def test_secrets_key_is_required_when_debug_is_off(tmp_path):
+    assert "SECRETS_KEY must be set" in refused(tmp_path, **{**PRODUCTION, "SECRETS_KEY": ""})
+
+
+def test_production_values(tmp_path):
+    values = loaded(
+        tmp_path,
+        **PRODUCTION,
+        DATABASE_URL="postgres://portal@db.example.org:5432/portal",
+        CELERY_BROKER_URL="redis://redis.example.org:6379/0",
+    )
+    assert values["DEBUG"] is False and values["ALLOWED_HOSTS"] == ["portal.example.org"]
+    assert values["DB_ENGINE"] == "django.db.backends.postgresql" and values["DB_NAME"] == "portal"
+    assert values["BROKER"] == "redis://redis.example.org:6379/0"
+
+
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("DEBUG", "maybe", "DEBUG='maybe' is not a boolean"),
+        ("SECURE_SSL_REDIRECT", "yes please", "SECURE_SSL_REDIRECT='yes please' is not a boolean"),
+        ("DEVICE_RETRY_MAX", "three", "DEVICE_RETRY_MAX='three' is not an integer"),
+        ("DEVICE_RETRY_MAX", "-1", "DEVICE_RETRY_MAX=-1 is below the minimum 0"),
+        ("DEVICE_TIMEOUT", "soon", "DEVICE_TIMEOUT='soon' is not a number"),
+        pytest.param(
+            "DATABASE_URL",
+            "mongo://db/x",
+            "DATABASE_URL='mongo://db/x'",
+            # django-environ maps an unknown scheme to ENGINE='mongo' instead of failing; portal/env.py
+            # env_db must check the scheme against environ.Env.DB_SCHEMES (asked of the lead).
+            marks=pytest.mark.xfail(strict=True, reason="env_db accepts unknown database schemes"),
+        ),
+        ("DATABASE_URL", "nonsense", "DATABASE_URL='nonsense'"),
+        ("LDAP_SERVER_URI", "http://ldap.example.org", "LDAP_SERVER_URI='http://ldap.example.org' must start with"),
+        ("LDAP_TIMEOUT", "fast", "LDAP_TIMEOUT='fast' is not a number"),
+    ],
+)
+def test_malformed_value_names_the_variable(tmp_path, name, value, expected):
+    env = {**PRODUCTION, name: value}
+    if name.startswith("LDAP_"):
+        env.update(LDAP_USER_BASE="ou=people,dc=x", LDAP_GROUP_BASE="ou=groups,dc=x")
+        env.setdefault("LDAP_SERVER_URI", "ldap://127.0.0.1:389")
+    assert expected in refused(tmp_path, **env)
+
+
+def test_ldap_needs_its_bases_and_a_known_group_type(tmp_path):
+    base = {**PRODUCTION, "LDAP_SERVER_URI": "ldap://127.0.0.1:389"}
+    assert "LDAP_USER_BASE must be set" in refused(tmp_path, **base)
+    base.update(LDAP_USER_BASE="ou=people,dc=x", LDAP_GROUP_BASE="ou=groups,dc=x")
+    assert "LDAP_GROUP_TYPE='ad' must be one of: posix, groupofnames" in refused(tmp_path, **base, LDAP_GROUP_TYPE="ad")
+
+
+def test_ldap_from_the_environment(tmp_path):
+    values = loaded(
+        tmp_path,
+        **PRODUCTION,
+        LDAP_SERVER_URI="ldaps://ldap.example.org",
+        LDAP_USER_BASE="ou=people,dc=x",
+        LDAP_GROUP_BASE="ou=groups,dc=x",
+        LDAP_SUPERUSER_GROUP="cn=admins,ou=groups,dc=x",
+    )
+    assert values["LDAP_URI"] == "ldaps://ldap.example.org"
+    assert values["BACKENDS"][0] == "django_auth_ldap.backend.LDAPBackend"
+    assert values["BACKENDS"][-1] == "django.contrib.auth.backends.ModelBackend"  # break-glass local accounts
+    assert values["LDAP_FLAGS"] == {
+        "is_superuser": "cn=admins,ou=groups,dc=x",
+        "is_staff": "cn=admins,ou=groups,dc=x",
+    }
