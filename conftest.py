@@ -3,6 +3,8 @@
 alice owns clusters, bob is a member of alice's group, charlie is an outsider, root is an admin.
 """
 
+import os
+
 import pytest
 from django.contrib.auth.models import Group, User
 
@@ -34,3 +36,113 @@ def charlie(db):
 @pytest.fixture
 def root(db):
     return User.objects.create_superuser("root", "root@example.org", "root-password")
+
+
+# --- a real Celery worker ------------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A real ``celery worker`` subprocess on the test database and the test Redis broker."""
+
+    def __init__(self, env: dict, log_path: str):
+        self.env = env
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import subprocess
+        import sys
+        import time
+
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-l",
+                "INFO",
+                "--pool=threads",
+                "--concurrency=8",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"test-{os.getpid()}-{time.monotonic_ns()}@localhost",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=os.path.dirname(__file__),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"celery worker exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            if b"ready." in open(self.log_path, "rb").read():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"celery worker not ready after {timeout}s: {self.log()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return open(self.log_path, errors="replace").read()
+
+
+def _database_url(settings_dict: dict) -> str:
+    from urllib.parse import quote
+
+    user = quote(settings_dict.get("USER") or "")
+    password = quote(settings_dict.get("PASSWORD") or "")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{auth}{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture
+def celery_worker(transactional_db, tmp_path):
+    """A real Celery worker (threads pool) consuming from Redis, on the same PostgreSQL test database; the
+    test's own ``delay()`` calls go through the broker (not eager) while it runs. Needs PostgreSQL + Redis."""
+    from django.conf import settings
+    from django.db import connection
+
+    from portal.celery import app
+
+    if connection.vendor != "postgresql" or not settings.CELERY_BROKER_URL.startswith("redis://"):
+        pytest.skip("the real-worker tests need PostgreSQL and Redis (run `make test`)")
+    import redis
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "portal.settings_test",
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+    }
+    worker = WorkerProcess(env, str(tmp_path / "worker.log"))
+    app.conf.task_always_eager = False
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        app.conf.task_always_eager = True

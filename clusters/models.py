@@ -1,1 +1,227 @@
-"""Virtual clusters (filled in by the clusters issue)."""
+"""Virtual clusters: sets of VMs on hypervisors at several sites sharing one layer-2 network (paper §2-3)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+name_validator = RegexValidator(
+    r"^[a-z][a-z0-9-]{0,39}$", "Lower-case letters, digits and '-', starting with a letter, at most 40 characters."
+)
+mac_validator = RegexValidator(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", "A MAC address like 52:54:00:12:34:56.")
+
+
+class Image(models.Model):
+    """An OS image a cluster's VMs boot. Approved images are maintained by the provider; user-provided
+    ones are not, which makes the cluster closed (paper §2.1)."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    approved = models.BooleanField(default=False, help_text="maintained and vouched for by the provider")
+    description = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Connectivity(models.TextChoices):
+    PUBLIC = "public", "public (provider's routed network)"
+    CLOSED = "closed", "closed (access gateway only)"
+
+
+class ClusterState(models.TextChoices):
+    REQUESTED = "requested", "requested"
+    PROVISIONING = "provisioning", "provisioning"
+    READY = "ready", "ready"
+    UPDATING = "updating", "updating network"
+    TEARING_DOWN = "tearing_down", "tearing down"
+    TORN_DOWN = "torn_down", "torn down"
+    FAILED = "failed", "failed"
+
+
+ACTIVE_STATES = (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.READY, ClusterState.UPDATING)
+LIVE_STATES = (*ACTIVE_STATES, ClusterState.TEARING_DOWN)
+
+
+class PublicPrefix(models.Model):
+    """A block of the provider's routed address space from which public clusters get a subnet."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    prefix = models.CharField(max_length=43, help_text="e.g. 198.19.0.0/16")
+    subnet_length = models.PositiveSmallIntegerField(default=26, help_text="prefix length handed to one cluster")
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "public prefixes"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix})"
+
+    def clean(self) -> None:
+        try:
+            net = ipaddress.ip_network(self.prefix, strict=True)
+        except ValueError as exc:
+            raise ValidationError({"prefix": f"prefix {self.name}: {exc}"}) from None
+        if not net.prefixlen < self.subnet_length <= (30 if net.version == 4 else 64):
+            raise ValidationError(
+                {"subnet_length": f"prefix {self.name}: subnets of /{self.subnet_length} do not fit in {net}"}
+            )
+
+
+class VirtualCluster(models.Model):
+    """A user's virtual cluster: its VMs (nodes), the layer-2 segment (VLAN) they share across sites, and
+    whether it is public or closed. Created by middleware (a batch scheduler) or a user through the API."""
+
+    name = models.CharField(max_length=40, validators=[name_validator])
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="clusters")
+    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.SET_NULL, related_name="clusters")
+    image = models.ForeignKey(Image, on_delete=models.PROTECT, related_name="clusters")
+    admin_rights = models.BooleanField(default=False, help_text="users are root in their VMs")
+    connectivity = models.CharField(max_length=10, choices=Connectivity.choices)
+    connectivity_reason = models.CharField(max_length=200)
+    connectivity_overridden_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    state = models.CharField(max_length=20, choices=ClusterState.choices, default=ClusterState.REQUESTED)
+    state_reason = models.TextField(blank=True, help_text="why it failed, or who tore it down")
+    segment = models.OneToOneField(
+        "network.Segment", null=True, blank=True, on_delete=models.SET_NULL, related_name="cluster"
+    )
+    vlan_id = models.PositiveSmallIntegerField(null=True, blank=True, help_text="kept for the record after release")
+    public_prefix = models.ForeignKey(PublicPrefix, null=True, blank=True, on_delete=models.PROTECT)
+    public_subnet = models.CharField(max_length=43, blank=True)
+    job_id = models.CharField(max_length=200, blank=True, help_text="the scheduler's own job id")
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    workflow_generation = models.PositiveIntegerField(
+        default=0, help_text="bumped by every network change; stale workflow callbacks are ignored"
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=Q(state__in=[s.value for s in LIVE_STATES]),
+                name="cluster_unique_live_name_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["public_prefix", "public_subnet"],
+                condition=~Q(public_subnet="") & Q(state__in=[s.value for s in LIVE_STATES]),
+                name="cluster_unique_live_public_subnet",
+            ),
+        ]
+        indexes = [models.Index(fields=["state", "expires_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.owner})" if self.owner_id else self.name
+
+    @property
+    def ref(self) -> str:
+        """The opaque reference by which the network layer knows this cluster's segment."""
+        return f"cluster:{self.pk}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at <= timezone.now()
+
+    @property
+    def public_gateway(self) -> str:
+        """The provider router's address in a public cluster's subnet (its first host address)."""
+        if not self.public_subnet:
+            return ""
+        return str(next(ipaddress.ip_network(self.public_subnet).hosts()))
+
+
+class NodeState(models.TextChoices):
+    PENDING = "pending", "pending network"
+    READY = "ready", "ready"
+    MIGRATING = "migrating", "migrating"
+    REMOVED = "removed", "removed"
+
+
+class Node(models.Model):
+    """A VM of a virtual cluster, on one hypervisor host, plugged into the cluster's VLAN bridge there.
+    During a migration ``target_host`` is set and the network is ready on both hosts."""
+
+    cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="nodes")
+    name = models.CharField(max_length=63, validators=[name_validator])
+    host = models.ForeignKey("network.Host", on_delete=models.PROTECT, related_name="nodes")
+    target_host = models.ForeignKey(
+        "network.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="incoming_nodes"
+    )
+    mac = models.CharField(max_length=17, validators=[mac_validator])
+    state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["cluster_id", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["cluster", "name"], condition=~Q(state="removed"), name="node_unique_name_in_cluster"
+            ),
+            models.UniqueConstraint(fields=["mac"], condition=~Q(state="removed"), name="node_unique_live_mac"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.cluster.name}/{self.name}" if self.cluster_id else self.name
+
+
+class StepStatus(models.TextChoices):
+    RUNNING = "running", "running"
+    OK = "ok", "ok"
+    FAILED = "failed", "failed"
+    SKIPPED = "skipped", "skipped"
+
+
+class ClusterStep(models.Model):
+    """One step of a cluster's life (allocate, switches, hosts, gateway, teardown, migration, …) with its
+    timings and error; the API derives progress from these and the network's device changes."""
+
+    cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=50)
+    generation = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=10, choices=StepStatus.choices, default=StepStatus.RUNNING)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    device = models.CharField(max_length=100, blank=True)
+    detail = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["started_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.cluster_id}:{self.name}:{self.status}"
+
+
+class IdempotencyKey(models.Model):
+    """A client's ``Idempotency-Key`` for a create request: a retried request returns the same cluster."""
+
+    actor = models.CharField(max_length=200)
+    key = models.CharField(max_length=200)
+    request_hash = models.CharField(max_length=64)
+    cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["actor", "key"], name="idempotency_unique_key")]
+
+    def __str__(self) -> str:
+        return f"{self.actor}:{self.key}"

@@ -13,3 +13,11 @@ from portal.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "true").lower() == "true"
+
+# Each pytest-xdist worker gets its own Redis database, so real-worker tests running in parallel never
+# take each other's messages. Tests run eagerly unless a test starts a real worker (conftest.celery_worker).
+if os.environ.get("REDIS_URL"):
+    _base = os.environ["REDIS_URL"].rsplit("/", 1)[0]
+    _index = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
+    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = f"{_base}/{15 - _index}"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {}

@@ -57,7 +57,7 @@ class TokenAuthentication(authentication.BaseAuthentication):
         if len(header) != 2:
             raise exceptions.AuthenticationFailed("Malformed Authorization header: expected 'Bearer <token>'.")
         raw = header[1]
-        parts = raw.split("_")
+        parts = raw.split("_", 2)
         if len(parts) != 3 or parts[0] != "vc":
             raise exceptions.AuthenticationFailed("Invalid API token.")
         token = ApiToken.objects.select_related("user").filter(prefix=parts[1]).first()

@@ -1,0 +1,103 @@
+"""Clusters in Django admin: state, progress steps and nodes at a glance; teardown as an action."""
+
+from django.contrib import admin, messages
+
+from clusters import services
+from clusters.errors import ClusterError
+from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):
+    list_display = ("name", "approved", "description")
+    list_filter = ("approved",)
+    search_fields = ("name", "description")
+
+
+@admin.register(PublicPrefix)
+class PublicPrefixAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "subnet_length")
+
+
+class NodeInline(admin.TabularInline):
+    model = Node
+    fk_name = "cluster"
+    extra = 0
+    fields = ("name", "host", "target_host", "mac", "state")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class StepInline(admin.TabularInline):
+    model = ClusterStep
+    extra = 0
+    fields = ("name", "status", "started_at", "finished_at", "device", "detail", "error")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(VirtualCluster)
+class VirtualClusterAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "group", "state", "connectivity", "vlan_id", "expires_at", "created_at")
+    list_filter = ("state", "connectivity", "image", "group")
+    search_fields = ("name", "owner__username", "job_id")
+    list_select_related = ("owner", "group")
+    date_hierarchy = "created_at"
+    readonly_fields = (
+        "name",
+        "owner",
+        "group",
+        "image",
+        "admin_rights",
+        "connectivity",
+        "connectivity_reason",
+        "connectivity_overridden_by",
+        "state",
+        "state_reason",
+        "segment",
+        "vlan_id",
+        "public_prefix",
+        "public_subnet",
+        "job_id",
+        "created_at",
+        "ready_at",
+        "ended_at",
+        "workflow_generation",
+    )
+    fields = (*readonly_fields, "expires_at")
+    inlines = [NodeInline, StepInline]
+    actions = ["teardown"]
+
+    def has_add_permission(self, request):
+        return False  # clusters are created through the API, where the policy and the workflow run
+
+    def save_model(self, request, obj, form, change):
+        if change and "expires_at" in form.changed_data:
+            try:
+                services.cluster_extend(cluster=VirtualCluster.objects.get(pk=obj.pk), expires_at=obj.expires_at)
+            except ClusterError as exc:
+                messages.error(request, exc.message)
+
+    @admin.action(description="Tear down selected clusters")
+    def teardown(self, request, queryset):
+        done = 0
+        for cluster in queryset:
+            try:
+                services.cluster_teardown(cluster=cluster, reason=f"admin {request.user.get_username()}")
+                done += 1
+            except ClusterError as exc:
+                messages.warning(request, f"{cluster.name}: {exc.message}")
+        messages.info(request, f"Teardown started for {done} cluster(s).")
+
+
+@admin.register(IdempotencyKey)
+class IdempotencyKeyAdmin(admin.ModelAdmin):
+    list_display = ("key", "actor", "cluster", "created_at")
+    search_fields = ("key", "actor")
+    readonly_fields = ("key", "actor", "request_hash", "cluster", "created_at")

@@ -1,0 +1,150 @@
+"""API representations of clusters. Input serializers validate and resolve names; services do the rest."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.utils import timezone
+from rest_framework import serializers
+
+from clusters.models import (
+    ClusterStep,
+    Connectivity,
+    Image,
+    Node,
+    StepStatus,
+    VirtualCluster,
+    mac_validator,
+    name_validator,
+)
+from network.models import Host
+
+STEP_ORDER = ("allocate", "network", "gateway", "ready")
+
+
+class NodeInputSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, validators=[name_validator])
+    host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.select_related("site"))
+    mac = serializers.CharField(max_length=17)
+
+    def validate_mac(self, value: str) -> str:
+        value = value.strip().lower().replace("-", ":")
+        mac_validator(value)
+        if int(value.split(":")[0], 16) & 1:
+            raise serializers.ValidationError("a multicast MAC cannot be a VM's address")
+        return value
+
+
+class ClusterCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=40, validators=[name_validator])
+    owner = serializers.SlugRelatedField(
+        slug_field="username",
+        queryset=get_user_model().objects.filter(is_active=True),
+        required=False,
+        help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
+    )
+    group = serializers.SlugRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
+    image = serializers.SlugRelatedField(slug_field="name", queryset=Image.objects.all())
+    admin_rights = serializers.BooleanField(default=False)
+    nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
+    lifetime = serializers.IntegerField(
+        required=False, min_value=1, help_text="seconds; default CLUSTER_DEFAULT_LIFETIME"
+    )
+    job_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+    def validate(self, attrs):
+        seconds = attrs.pop("lifetime", settings.CLUSTER_DEFAULT_LIFETIME)
+        if not settings.CLUSTER_MIN_LIFETIME <= seconds <= settings.CLUSTER_MAX_LIFETIME:
+            raise serializers.ValidationError(
+                {
+                    "lifetime": f"must be between {settings.CLUSTER_MIN_LIFETIME} and "
+                    f"{settings.CLUSTER_MAX_LIFETIME} seconds"
+                }
+            )
+        attrs["expires_at"] = timezone.now() + timedelta(seconds=seconds)
+        return attrs
+
+
+class ClusterExtendSerializer(serializers.Serializer):
+    expires_at = serializers.DateTimeField()
+
+
+class NodesAddSerializer(serializers.Serializer):
+    nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
+
+
+class MigrateSerializer(serializers.Serializer):
+    target_host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.all())
+
+
+class ConnectivitySerializer(serializers.Serializer):
+    connectivity = serializers.ChoiceField(choices=Connectivity.choices)
+    reason = serializers.CharField(max_length=200)
+
+
+class TeardownSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=200, required=False, default="requested")
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Node
+        fields = ["id", "name", "host", "target_host", "mac", "state"]
+
+
+class StepSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ClusterStep
+        fields = ["name", "status", "started_at", "finished_at", "device", "detail", "error"]
+
+
+class ClusterSerializer(serializers.ModelSerializer):
+    owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    group = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    image = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    nodes = NodeSerializer(many=True, read_only=True)
+    steps = StepSerializer(many=True, read_only=True)
+    progress = serializers.SerializerMethodField()
+    public_gateway = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = VirtualCluster
+        fields = [
+            "id",
+            "name",
+            "owner",
+            "group",
+            "image",
+            "admin_rights",
+            "connectivity",
+            "connectivity_reason",
+            "state",
+            "state_reason",
+            "vlan_id",
+            "public_subnet",
+            "public_gateway",
+            "job_id",
+            "expires_at",
+            "created_at",
+            "ready_at",
+            "ended_at",
+            "progress",
+            "nodes",
+            "steps",
+        ]
+
+    def get_progress(self, cluster: VirtualCluster) -> dict:
+        """Share of the provisioning steps done, and the step running now."""
+        steps = list(cluster.steps.all())
+        done = {s.name for s in steps if s.status == StepStatus.OK}
+        running = next((s.name for s in reversed(steps) if s.status == StepStatus.RUNNING), None)
+        return {
+            "percent": round(100 * sum(1 for n in STEP_ORDER if n in done) / len(STEP_ORDER)),
+            "current": running,
+        }

@@ -1,0 +1,196 @@
+"""Cluster endpoints for middleware (a batch scheduler), scripts and the browser. Thin: validate, call one
+service, serialize."""
+
+from __future__ import annotations
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.response import Response
+
+from clusters import selectors, services
+from clusters.api import serializers as s
+from clusters.models import ClusterState, Node, NodeState
+from portal.models import TokenScope
+from portal.tokens import token_scope
+
+ERRORS = {
+    400: OpenApiResponse(description="invalid input, with field-level messages"),
+    401: OpenApiResponse(description="not authenticated"),
+    403: OpenApiResponse(description="not your cluster, or the token lacks the scope"),
+    404: OpenApiResponse(description="no such cluster (or not visible to you)"),
+    409: OpenApiResponse(description="VLAN pool exhausted, or the cluster's state does not allow this"),
+    422: OpenApiResponse(description="cannot be built on this network (e.g. a host no core reaches)"),
+}
+IDEMPOTENCY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="a retried request with the same key returns the first cluster and creates nothing",
+)
+FILTERS = [
+    OpenApiParameter("state", OpenApiTypes.STR, description="filter by state"),
+    OpenApiParameter("owner", OpenApiTypes.STR, description="filter by owner user name"),
+    OpenApiParameter("connectivity", OpenApiTypes.STR, description="public or closed"),
+    OpenApiParameter("job_id", OpenApiTypes.STR, description="the scheduler's job id"),
+    OpenApiParameter("name", OpenApiTypes.STR, description="cluster name"),
+]
+
+
+def _with_errors(*codes):
+    return {c: ERRORS[c] for c in codes}
+
+
+@extend_schema_view(
+    list=extend_schema(parameters=FILTERS, responses={200: s.ClusterSerializer(many=True), **_with_errors(401, 403)}),
+    retrieve=extend_schema(responses={200: s.ClusterSerializer, **_with_errors(401, 403, 404)}),
+)
+class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Virtual clusters and their network."""
+
+    serializer_class = s.ClusterSerializer
+    required_scopes = {
+        "read": (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
+        "write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
+    }
+    filter_fields = ("state", "connectivity", "job_id", "name")
+
+    def get_queryset(self):
+        qs = selectors.clusters_visible(self.request)
+        params = self.request.query_params
+        if params.get("state") and params["state"] not in ClusterState.values:
+            raise ValidationError({"state": f"unknown state; one of {', '.join(ClusterState.values)}"})
+        for field in self.filter_fields:
+            if field in params:
+                qs = qs.filter(**{field: params[field]})
+        if "owner" in params:
+            qs = qs.filter(owner__username=params["owner"])
+        return qs
+
+    def _actionable(self, pk) -> object:
+        cluster = get_object_or_404(self.get_queryset(), pk=pk)
+        if not selectors.may_act_on(self.request, cluster):
+            raise PermissionDenied("Only the owner, an admin or the middleware can change this cluster.")
+        return cluster
+
+    def _respond(self, cluster, code=status.HTTP_200_OK) -> Response:
+        cluster = selectors.clusters_visible(self.request).get(pk=cluster.pk)
+        return Response(s.ClusterSerializer(cluster, context={"request": self.request}).data, status=code)
+
+    @extend_schema(
+        request=s.ClusterCreateSerializer,
+        parameters=[IDEMPOTENCY],
+        responses={
+            201: s.ClusterSerializer,
+            200: OpenApiResponse(s.ClusterSerializer, description="replay of an earlier request (same key)"),
+            **_with_errors(400, 401, 403, 409, 422),
+        },
+    )
+    def create(self, request):
+        data = s.ClusterCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        owner = v.get("owner") or request.user
+        if owner != request.user and not (request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)):
+            raise PermissionDenied("Only middleware tokens (clusters:manage) and admins create clusters for others.")
+        key = request.headers.get("Idempotency-Key", "").strip()
+        if len(key) > 200:
+            raise ValidationError({"Idempotency-Key": "at most 200 characters"})
+        idempotency = None
+        if key:
+            actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
+            idempotency = (actor, key, services.request_fingerprint(request.data))
+        cluster, created = services.cluster_create_idempotent(
+            owner=owner,
+            name=v["name"],
+            image=v["image"],
+            admin_rights=v["admin_rights"],
+            nodes=[services.NodeRequest(n["name"], n["host"], n["mac"]) for n in v["nodes"]],
+            expires_at=v["expires_at"],
+            group=v.get("group"),
+            job_id=v["job_id"],
+            idempotency=idempotency,
+        )
+        return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    @extend_schema(request=s.ClusterExtendSerializer, responses={200: s.ClusterSerializer, **ERRORS})
+    def partial_update(self, request, pk=None):
+        """Change the lifetime (``expires_at``)."""
+        cluster = self._actionable(pk)
+        data = s.ClusterExtendSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.cluster_extend(cluster=cluster, expires_at=data.validated_data["expires_at"])
+        return self._respond(cluster)
+
+    @extend_schema(request=s.TeardownSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["post"])
+    def teardown(self, request, pk=None):
+        """Tear the cluster down: hosts, then switches; the VLAN goes to quarantine; access is revoked."""
+        cluster = self._actionable(pk)
+        data = s.TeardownSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        who = request.user.get_username()
+        services.cluster_teardown(cluster=cluster, reason=f"{data.validated_data['reason']} (by {who})")
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=s.NodesAddSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["post"])
+    def nodes(self, request, pk=None):
+        """Add nodes to a ready cluster; the network converges onto their hosts."""
+        cluster = self._actionable(pk)
+        data = s.NodesAddSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.cluster_nodes_add(
+            cluster=cluster,
+            nodes=[services.NodeRequest(n["name"], n["host"], n["mac"]) for n in data.validated_data["nodes"]],
+        )
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+    def _node(self, cluster, node_id) -> Node:
+        return get_object_or_404(Node.objects.exclude(state=NodeState.REMOVED), cluster=cluster, pk=node_id)
+
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
+    def node_remove(self, request, pk=None, node_id=None):
+        """Remove a node; its host is cleaned when no node of the cluster is left there."""
+        cluster = self._actionable(pk)
+        services.cluster_node_remove(cluster=cluster, node=self._node(cluster, node_id))
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=s.MigrateSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate")
+    def migrate(self, request, pk=None, node_id=None):
+        """Prepare a migration: the network is made ready on the target host before the VM moves."""
+        cluster = self._actionable(pk)
+        data = s.MigrateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.node_migrate_prepare(
+            cluster=cluster, node=self._node(cluster, node_id), target=data.validated_data["target_host"]
+        )
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
+    def migrated(self, request, pk=None, node_id=None):
+        """Complete a migration: the VM runs on the target; the source is cleaned if no node is left there."""
+        cluster = self._actionable(pk)
+        services.node_migrate_complete(cluster=cluster, node=self._node(cluster, node_id))
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=s.ConnectivitySerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @action(detail=True, methods=["post"])
+    def connectivity(self, request, pk=None):
+        """Admin only: override the connectivity policy (audited)."""
+        cluster = self._actionable(pk)
+        data = s.ConnectivitySerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.connectivity_override(
+            cluster=cluster,
+            connectivity=data.validated_data["connectivity"],
+            admin=request.user,
+            reason=data.validated_data["reason"],
+        )
+        return self._respond(cluster, status.HTTP_202_ACCEPTED)

@@ -1,0 +1,43 @@
+"""Errors a user or the middleware can cause, each with the HTTP status the API answers with."""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """A refused request. ``field`` names the offending input when there is one."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def as_dict(self) -> dict:
+        if self.field:
+            return {self.field: [self.message], "code": self.code}
+        return {"detail": self.message, "code": self.code}
+
+
+class InvalidTopology(ClusterError):
+    """The request is well-formed but cannot be built on this network (host at a site no core reaches, …)."""
+
+    status = 422
+    code = "invalid_topology"
+
+
+class Conflict(ClusterError):
+    """The request clashes with the current state (pool exhausted, wrong state for this transition, …)."""
+
+    status = 409
+    code = "conflict"
+
+
+class PoolExhausted(Conflict):
+    code = "pool_exhausted"
+
+
+class NotAllowed(ClusterError):
+    status = 403
+    code = "forbidden"

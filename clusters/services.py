@@ -1,0 +1,476 @@
+"""Writes to virtual clusters: create, extend, tear down, add/remove nodes, migrate, override connectivity.
+
+Every function is atomic: a refused request leaves nothing allocated. Network work is started only after
+commit (``transaction.on_commit``) through ``clusters.workflows``, so a rolled-back request sends nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from clusters import policy, workflows
+from clusters.errors import ClusterError, Conflict, InvalidTopology, NotAllowed, PoolExhausted
+from clusters.models import (
+    ACTIVE_STATES,
+    LIVE_STATES,
+    ClusterState,
+    ClusterStep,
+    Connectivity,
+    IdempotencyKey,
+    Image,
+    Node,
+    NodeState,
+    PublicPrefix,
+    StepStatus,
+    VirtualCluster,
+)
+from clusters.signals import cluster_ended
+from network import errors as net_errors
+from network import services as net
+from network.models import Host
+from portal import audit
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    name: str
+    host: Host
+    mac: str
+
+
+def lifetime_bounds() -> tuple[timedelta, timedelta]:
+    return timedelta(seconds=settings.CLUSTER_MIN_LIFETIME), timedelta(seconds=settings.CLUSTER_MAX_LIFETIME)
+
+
+def request_fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_lifetime(expires_at: datetime, *, since: datetime | None = None) -> None:
+    low, high = lifetime_bounds()
+    since = since or timezone.now()
+    if expires_at < timezone.now() + low:
+        raise ClusterError(f"the lifetime must be at least {int(low.total_seconds())} s", field="expires_at")
+    if expires_at > since + high:
+        raise ClusterError(
+            f"the lifetime must be at most {int(high.total_seconds() // 3600)} h from creation", field="expires_at"
+        )
+
+
+def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = None) -> None:
+    if not nodes:
+        raise ClusterError("a cluster needs at least one node", field="nodes")
+    names = [n.name for n in nodes]
+    macs = [n.mac.lower() for n in nodes]
+    if len(set(names)) != len(names):
+        raise ClusterError("node names must be unique within the cluster", field="nodes")
+    if len(set(macs)) != len(macs):
+        raise ClusterError("a MAC address appears twice in the request", field="nodes")
+    taken = Node.objects.exclude(state=NodeState.REMOVED).filter(mac__in=macs)
+    if cluster is not None:
+        clash = taken.filter(cluster=cluster, name__in=names).values_list("name", flat=True)
+        if clash:
+            raise ClusterError(f"node {sorted(clash)[0]} already exists in this cluster", field="nodes")
+    used = sorted(taken.values_list("mac", flat=True))
+    if used:
+        raise ClusterError(f"MAC address {used[0]} is already used by another VM", field="nodes")
+    for n in nodes:
+        if not n.host.enabled:
+            raise InvalidTopology(f"host {n.host.name} is disabled", field="nodes")
+
+
+def _segment_error(exc: net_errors.NetworkError) -> ClusterError:
+    if isinstance(exc, net_errors.PoolExhausted):
+        return PoolExhausted(str(exc))
+    if exc.status == 422:
+        return InvalidTopology(str(exc), field="nodes")
+    return Conflict(str(exc))
+
+
+def _allocate_public_subnet(prefix: PublicPrefix) -> str:
+    """The first free subnet of ``prefix``; the row lock serialises concurrent public clusters."""
+    PublicPrefix.objects.select_for_update().get(pk=prefix.pk)
+    used = set(
+        VirtualCluster.objects.filter(public_prefix=prefix, state__in=LIVE_STATES).values_list(
+            "public_subnet", flat=True
+        )
+    )
+    for subnet in ipaddress.ip_network(prefix.prefix).subnets(new_prefix=prefix.subnet_length):
+        if str(subnet) not in used:
+            return str(subnet)
+    raise PoolExhausted(f"public prefix {prefix.name} has no free /{prefix.subnet_length} left")
+
+
+def step_start(cluster: VirtualCluster, name: str, *, detail: str = "") -> ClusterStep:
+    return ClusterStep.objects.create(cluster=cluster, name=name, generation=cluster.workflow_generation, detail=detail)
+
+
+def step_finish(step: ClusterStep, *, status: str = StepStatus.OK, error: str = "", device: str = "") -> None:
+    step.status = status
+    step.error = error
+    step.device = device or step.device
+    step.finished_at = timezone.now()
+    step.save(update_fields=["status", "error", "device", "finished_at"])
+
+
+@transaction.atomic
+def cluster_create(
+    *,
+    owner,
+    name: str,
+    image: Image,
+    admin_rights: bool,
+    nodes: list[NodeRequest],
+    expires_at: datetime,
+    group: Group | None = None,
+    job_id: str = "",
+    idempotency: tuple[str, str, str] | None = None,
+) -> tuple[VirtualCluster, bool]:
+    """Create a cluster and start provisioning its network. Returns (cluster, created).
+
+    ``idempotency`` is (actor, key, request fingerprint): a retried request returns the first cluster; the
+    same key with a different request is a conflict.
+    """
+    if idempotency is not None:
+        existing = _idempotent_replay(*idempotency)
+        if existing is not None:
+            return existing, False
+    _check_lifetime(expires_at)
+    _check_nodes(nodes)
+    if VirtualCluster.objects.filter(owner=owner, name=name, state__in=LIVE_STATES).exists():
+        raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
+    if group is not None and not owner.groups.filter(pk=group.pk).exists():
+        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
+
+    prefix = PublicPrefix.objects.order_by("name").first()
+    decision = policy.decide(image=image, admin_rights=admin_rights, public_available=prefix is not None)
+    cluster = VirtualCluster(
+        name=name,
+        owner=owner,
+        group=group,
+        image=image,
+        admin_rights=admin_rights,
+        connectivity=decision.connectivity,
+        connectivity_reason=decision.reason,
+        expires_at=expires_at,
+        job_id=job_id,
+    )
+    if decision.connectivity == Connectivity.PUBLIC:
+        cluster.public_prefix = prefix
+        cluster.public_subnet = _allocate_public_subnet(prefix)
+    try:
+        with transaction.atomic():
+            cluster.save()
+    except IntegrityError:
+        raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name") from None
+    try:
+        with transaction.atomic():
+            Node.objects.bulk_create(
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower()) for n in nodes]
+            )
+    except IntegrityError:
+        raise ClusterError("a MAC address or node name is already in use", field="nodes") from None
+
+    step = step_start(cluster, "allocate")
+    try:
+        segment = net.segment_create(
+            owner=cluster.ref,
+            hosts=sorted({n.host for n in nodes}, key=lambda h: h.pk),
+            gateway=decision.connectivity == Connectivity.CLOSED,
+        )
+    except net_errors.NetworkError as exc:
+        raise _segment_error(exc) from None
+    cluster.segment = segment
+    cluster.vlan_id = segment.vid
+    cluster.save(update_fields=["segment", "vlan_id"])
+    step.detail = f"VLAN {cluster.vlan_id} from pool {segment.allocation.pool.name}"
+    step_finish(step)
+
+    if idempotency is not None:
+        actor, key, fingerprint = idempotency
+        try:
+            with transaction.atomic():
+                IdempotencyKey.objects.create(actor=actor, key=key, request_hash=fingerprint, cluster=cluster)
+        except IntegrityError:
+            # A concurrent request with the same key won the race: ours rolls back entirely.
+            raise _IdempotentRace() from None
+    audit.record(cluster, "action", message=f"created; connectivity {cluster.connectivity}: {decision.reason}")
+    transaction.on_commit(lambda: workflows.start_provision(cluster.pk, cluster.workflow_generation))
+    return cluster, True
+
+
+class _IdempotentRace(Exception):
+    """Raised inside the atomic block so everything rolls back; ``cluster_create_idempotent`` replays."""
+
+
+def _idempotent_replay(actor: str, key: str, fingerprint: str) -> VirtualCluster | None:
+    record = IdempotencyKey.objects.select_related("cluster").filter(actor=actor, key=key).first()
+    if record is None:
+        return None
+    if record.request_hash != fingerprint:
+        raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
+    return record.cluster
+
+
+def cluster_create_idempotent(**kwargs) -> tuple[VirtualCluster, bool]:
+    """``cluster_create`` that resolves a race between two requests with the same Idempotency-Key."""
+    try:
+        return cluster_create(**kwargs)
+    except _IdempotentRace:
+        cluster = _idempotent_replay(*kwargs["idempotency"])
+        assert cluster is not None
+        return cluster, False
+
+
+def _transition(cluster: VirtualCluster, allowed: tuple[str, ...], to: str, **fields) -> VirtualCluster:
+    """Conditional UPDATE: move ``cluster`` to ``to`` only from an allowed state, else 409."""
+    updated = VirtualCluster.objects.filter(pk=cluster.pk, state__in=allowed).update(
+        state=to, updated_at=timezone.now(), workflow_generation=F("workflow_generation") + 1, **fields
+    )
+    cluster.refresh_from_db()
+    if not updated:
+        raise Conflict(
+            f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be "
+            + " or ".join(ClusterState(s).label for s in allowed)
+        )
+    return cluster
+
+
+@transaction.atomic
+def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
+    if cluster.state not in ACTIVE_STATES:
+        raise Conflict(f"cluster {cluster.name} is {cluster.get_state_display()} and cannot be extended")
+    _check_lifetime(expires_at, since=cluster.created_at)
+    old = cluster.expires_at
+    cluster.expires_at = expires_at
+    cluster.save(update_fields=["expires_at", "updated_at"])
+    audit.record(cluster, "update", {"expires_at": [old.isoformat(), expires_at.isoformat()]})
+    return cluster
+
+
+@transaction.atomic
+def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
+    """Start the teardown: hosts, then switches, then the VLAN goes to quarantine; credentials revoked."""
+    if cluster.state == ClusterState.TEARING_DOWN:
+        return cluster  # asking twice is harmless
+    cluster = _transition(
+        cluster,
+        (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.READY, ClusterState.UPDATING),
+        ClusterState.TEARING_DOWN,
+        state_reason=reason,
+    )
+    audit.record(cluster, "action", message=f"teardown: {reason}")
+    if cluster.segment_id:
+        net.segment_delete(segment=cluster.segment)
+    transaction.on_commit(lambda: workflows.start_teardown(cluster.pk, cluster.workflow_generation))
+    return cluster
+
+
+def cluster_finish_teardown(*, cluster_id: int, generation: int) -> None:
+    with transaction.atomic():
+        updated = VirtualCluster.objects.filter(
+            pk=cluster_id, state=ClusterState.TEARING_DOWN, workflow_generation=generation
+        ).update(state=ClusterState.TORN_DOWN, ended_at=timezone.now(), segment=None, public_subnet="")
+        if updated:
+            cluster = VirtualCluster.objects.get(pk=cluster_id)
+            Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
+            transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+
+
+def cluster_fail(*, cluster_id: int, generation: int, reason: str) -> None:
+    """The workflow failed for good after compensation: FAILED with the reason; credentials revoked."""
+    with transaction.atomic():
+        updated = VirtualCluster.objects.filter(
+            pk=cluster_id, state__in=LIVE_STATES, workflow_generation=generation
+        ).update(state=ClusterState.FAILED, state_reason=reason[:2000], ended_at=timezone.now(), public_subnet="")
+        if updated:
+            cluster = VirtualCluster.objects.get(pk=cluster_id)
+            Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
+            transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+
+
+def cluster_mark_provisioning(*, cluster_id: int, generation: int) -> bool:
+    return bool(
+        VirtualCluster.objects.filter(
+            pk=cluster_id, state=ClusterState.REQUESTED, workflow_generation=generation
+        ).update(state=ClusterState.PROVISIONING, updated_at=timezone.now())
+    )
+
+
+def cluster_mark_ready(*, cluster_id: int, generation: int) -> bool:
+    """READY only when every participant reported success (the workflow calls this last)."""
+    with transaction.atomic():
+        updated = VirtualCluster.objects.filter(
+            pk=cluster_id,
+            state__in=(ClusterState.PROVISIONING, ClusterState.UPDATING),
+            workflow_generation=generation,
+        ).update(state=ClusterState.READY, ready_at=timezone.now(), updated_at=timezone.now())
+        if updated:
+            Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING).update(state=NodeState.READY)
+        return bool(updated)
+
+
+def _require_ready(cluster: VirtualCluster) -> None:
+    if cluster.state != ClusterState.READY:
+        raise Conflict(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
+
+
+def _segment_hosts(cluster: VirtualCluster) -> list[Host]:
+    hosts: dict[int, Host] = {}
+    for node in cluster.nodes.exclude(state=NodeState.REMOVED).select_related("host", "target_host"):
+        hosts[node.host_id] = node.host
+        if node.target_host_id:
+            hosts[node.target_host_id] = node.target_host
+    return sorted(hosts.values(), key=lambda h: h.pk)
+
+
+def _reconverge(cluster: VirtualCluster, step_name: str, detail: str) -> None:
+    cluster = _transition(cluster, (ClusterState.READY,), ClusterState.UPDATING)
+    try:
+        net.segment_set_hosts(segment=cluster.segment, hosts=_segment_hosts(cluster))
+    except net_errors.NetworkError as exc:
+        raise _segment_error(exc) from None
+    step = step_start(cluster, step_name, detail=detail)
+    transaction.on_commit(lambda: workflows.start_update(cluster.pk, cluster.workflow_generation, step.pk))
+
+
+@transaction.atomic
+def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> list[Node]:
+    _require_ready(cluster)
+    _check_nodes(nodes, cluster=cluster)
+    try:
+        with transaction.atomic():
+            created = Node.objects.bulk_create(
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower()) for n in nodes]
+            )
+    except IntegrityError:
+        raise ClusterError("a MAC address or node name is already in use", field="nodes") from None
+    _reconverge(cluster, "nodes.add", ", ".join(f"{n.name}@{n.host.name}" for n in nodes))
+    return created
+
+
+@transaction.atomic
+def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
+    _require_ready(cluster)
+    if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
+        raise Conflict("the last node cannot be removed; tear the cluster down instead")
+    node.state = NodeState.REMOVED
+    node.save(update_fields=["state"])
+    _reconverge(cluster, "nodes.remove", f"{node.name}@{node.host.name}")
+
+
+@transaction.atomic
+def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -> Node:
+    """Make the network ready on ``target`` (its bridge, its site switch, the core) before the VM moves."""
+    _require_ready(cluster)
+    if node.state != NodeState.READY:
+        raise Conflict(f"node {node.name} is {node.get_state_display()}; only a ready node can migrate")
+    if target.pk == node.host_id:
+        raise ClusterError(f"node {node.name} already runs on {target.name}", field="target_host")
+    if not target.enabled:
+        raise InvalidTopology(f"host {target.name} is disabled", field="target_host")
+    node.target_host = target
+    node.state = NodeState.MIGRATING
+    node.save(update_fields=["target_host", "state"])
+    _reconverge(cluster, "migrate.prepare", f"{node.name}: {node.host.name} → {target.name}")
+    return node
+
+
+@transaction.atomic
+def node_migrate_complete(*, cluster: VirtualCluster, node: Node) -> Node:
+    """The VM now runs on its target: clean the source if no node of the cluster is left there."""
+    _require_ready(cluster)
+    if node.state != NodeState.MIGRATING or node.target_host_id is None:
+        raise Conflict(f"node {node.name} is not migrating")
+    source = node.host
+    node.host = node.target_host
+    node.target_host = None
+    node.state = NodeState.READY
+    node.save(update_fields=["host", "target_host", "state"])
+    _reconverge(cluster, "migrate.complete", f"{node.name}: left {source.name}")
+    return node
+
+
+@transaction.atomic
+def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, reason: str) -> VirtualCluster:
+    """An admin overrides the policy (audited). Takes effect on the network through the gateway leg."""
+    if not admin.is_staff:
+        raise NotAllowed("only an administrator can override the connectivity policy")
+    _require_ready(cluster)
+    if connectivity == cluster.connectivity:
+        return cluster
+    old = cluster.connectivity
+    cluster.connectivity = connectivity
+    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"
+    cluster.connectivity_overridden_by = admin
+    if connectivity == Connectivity.PUBLIC:
+        prefix = PublicPrefix.objects.order_by("name").first()
+        if prefix is None:
+            raise InvalidTopology("no public prefix is configured", field="connectivity")
+        cluster.public_prefix = prefix
+        cluster.public_subnet = _allocate_public_subnet(prefix)
+    else:
+        cluster.public_subnet = ""
+    cluster.save()
+    audit.record(cluster, "update", {"connectivity": [old, connectivity]}, message=cluster.connectivity_reason)
+    net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
+    _reconverge(cluster, "connectivity", f"{old} → {connectivity}")
+    return cluster
+
+
+def clusters_expire() -> list[int]:
+    """Tear down every active cluster past its expiry (the periodic task calls this)."""
+    ids = []
+    for cluster in VirtualCluster.objects.filter(state__in=ACTIVE_STATES, expires_at__lte=timezone.now()):
+        try:
+            with audit.audit_actor("expiry"):
+                cluster_teardown(cluster=cluster, reason="lifetime expired")
+            ids.append(cluster.pk)
+        except Conflict:
+            continue  # changed state meanwhile; the next run looks again
+    return ids
+
+
+def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
+    """Teardowns that failed part-way (a device was down) are started again, each in a new generation."""
+    ids = []
+    cutoff = timezone.now() - older_than
+    for cluster_id in VirtualCluster.objects.filter(state=ClusterState.TEARING_DOWN, updated_at__lt=cutoff).values_list(
+        "pk", flat=True
+    ):
+        with transaction.atomic():
+            if VirtualCluster.objects.filter(pk=cluster_id, updated_at__lt=cutoff).update(
+                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
+            ):
+                generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
+                transaction.on_commit(lambda cid=cluster_id, gen=generation: workflows.start_teardown(cid, gen))
+                ids.append(cluster_id)
+    return ids
+
+
+def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
+    """Clusters whose provisioning never started (the broker was down at commit time) are started again:
+    no request is lost."""
+    ids = []
+    cutoff = timezone.now() - older_than
+    for cluster_id in VirtualCluster.objects.filter(state=ClusterState.REQUESTED, updated_at__lt=cutoff).values_list(
+        "pk", flat=True
+    ):
+        with transaction.atomic():
+            if VirtualCluster.objects.filter(pk=cluster_id, state=ClusterState.REQUESTED, updated_at__lt=cutoff).update(
+                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
+            ):
+                generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
+                transaction.on_commit(lambda cid=cluster_id, gen=generation: workflows.start_provision(cid, gen))
+                ids.append(cluster_id)
+    return ids

@@ -1,0 +1,168 @@
+"""Celery tasks of the cluster workflows. They take ids, claim their work with conditional UPDATEs (via the
+services) and carry the workflow generation so that a stale callback changes nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from clusters import services
+from clusters.models import ClusterState, ClusterStep, Connectivity, StepStatus, VirtualCluster
+
+logger = logging.getLogger(__name__)
+
+
+def _cluster(cluster_id: int) -> VirtualCluster | None:
+    return VirtualCluster.objects.filter(pk=cluster_id).first()
+
+
+def _describe(exc) -> str:
+    if exc is None:
+        return "unknown error"
+    device = getattr(exc, "device", None)
+    message = getattr(exc, "message", None) or str(exc)
+    text = f"{type(exc).__name__}: {message}"
+    return f"{text} (device {device})" if device and device not in message else text
+
+
+@shared_task(name="clusters.provision_begin")
+def provision_begin(cluster_id: int, generation: int) -> None:
+    if services.cluster_mark_provisioning(cluster_id=cluster_id, generation=generation):
+        cluster = _cluster(cluster_id)
+        services.step_finish(services.step_start(cluster, "network"), status=StepStatus.RUNNING)
+
+
+@shared_task(name="clusters.gateway_leg")
+def gateway_leg(cluster_id: int, generation: int) -> None:
+    """Closed clusters: the segment already includes the gateway trunks; the gateways learn the cluster's
+    VLAN from the map they pull. Public clusters: the provider router serves the public subnet."""
+    cluster = _cluster(cluster_id)
+    if cluster is None or cluster.workflow_generation != generation:
+        return
+    _finish_running(cluster, "network")
+    step = services.step_start(cluster, "gateway")
+    if cluster.connectivity == Connectivity.CLOSED:
+        step.detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
+    else:
+        step.detail = f"public subnet {cluster.public_subnet}, router {cluster.public_gateway}"
+    step.save(update_fields=["detail"])
+    services.step_finish(step)
+
+
+@shared_task(name="clusters.provision_done")
+def provision_done(cluster_id: int, generation: int) -> None:
+    if services.cluster_mark_ready(cluster_id=cluster_id, generation=generation):
+        cluster = _cluster(cluster_id)
+        services.step_finish(services.step_start(cluster, "ready"))
+
+
+def _finish_running(cluster: VirtualCluster, name: str, *, error: str = "") -> None:
+    ClusterStep.objects.filter(cluster=cluster, name=name, status=StepStatus.RUNNING).update(
+        status=StepStatus.FAILED if error else StepStatus.OK, error=error, finished_at=timezone.now()
+    )
+
+
+@shared_task(name="clusters.provision_failed")
+def provision_failed(request, exc, traceback, cluster_id: int, generation: int) -> None:
+    """Errback: the first failure claims the compensation (generation bump); later ones do nothing."""
+    reason = _describe(exc)
+    with transaction.atomic():
+        claimed = VirtualCluster.objects.filter(
+            pk=cluster_id,
+            workflow_generation=generation,
+            state__in=(ClusterState.REQUESTED, ClusterState.PROVISIONING),
+        ).update(workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000])
+    if not claimed:
+        return
+    cluster = _cluster(cluster_id)
+    _finish_running(cluster, "network", error=reason)
+    logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
+    step = services.step_start(cluster, "compensate", detail=reason)
+    step.status = StepStatus.RUNNING
+    step.save(update_fields=["status"])
+    from clusters import workflows
+
+    workflows.start_compensation(cluster_id, generation + 1, reason)
+
+
+@shared_task(name="clusters.failed")
+def failed(cluster_id: int, generation: int, reason: str) -> None:
+    cluster = _cluster(cluster_id)
+    if cluster is None:
+        return
+    _finish_running(cluster, "compensate")
+    services.cluster_fail(cluster_id=cluster_id, generation=generation, reason=reason)
+
+
+@shared_task(name="clusters.compensation_failed")
+def compensation_failed(request, exc, traceback, cluster_id: int, generation: int, reason: str) -> None:
+    cluster = _cluster(cluster_id)
+    if cluster is None:
+        return
+    detail = _describe(exc)
+    _finish_running(cluster, "compensate", error=detail)
+    services.cluster_fail(
+        cluster_id=cluster_id,
+        generation=generation,
+        reason=f"{reason}; compensation incomplete ({detail}); the reconciler will repair the devices",
+    )
+
+
+@shared_task(name="clusters.teardown_begin")
+def teardown_begin(cluster_id: int, generation: int) -> None:
+    cluster = _cluster(cluster_id)
+    if cluster is not None and cluster.workflow_generation == generation:
+        step = services.step_start(cluster, "teardown")
+        step.status = StepStatus.RUNNING
+        step.save(update_fields=["status"])
+
+
+@shared_task(name="clusters.teardown_done")
+def teardown_done(cluster_id: int, generation: int) -> None:
+    cluster = _cluster(cluster_id)
+    if cluster is None:
+        return
+    _finish_running(cluster, "teardown")
+    services.cluster_finish_teardown(cluster_id=cluster_id, generation=generation)
+
+
+@shared_task(name="clusters.teardown_failed")
+def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -> None:
+    """The cluster stays TEARING_DOWN with the reason; ``retry_stuck_teardowns`` tries again later."""
+    cluster = _cluster(cluster_id)
+    if cluster is None:
+        return
+    detail = _describe(exc)
+    _finish_running(cluster, "teardown", error=detail)
+    VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
+        state_reason=f"teardown incomplete: {detail}"[:2000]
+    )
+
+
+@shared_task(name="clusters.update_done")
+def update_done(cluster_id: int, generation: int, step_id: int) -> None:
+    ClusterStep.objects.filter(pk=step_id).update(status=StepStatus.OK, finished_at=timezone.now())
+    services.cluster_mark_ready(cluster_id=cluster_id, generation=generation)
+
+
+@shared_task(name="clusters.update_failed")
+def update_failed(request, exc, traceback, cluster_id: int, generation: int, step_id: int) -> None:
+    """A node change could not be applied: the step records why; the cluster returns to READY and the
+    reconciler keeps the devices at the desired state."""
+    ClusterStep.objects.filter(pk=step_id).update(
+        status=StepStatus.FAILED, error=_describe(exc)[:2000], finished_at=timezone.now()
+    )
+    services.cluster_mark_ready(cluster_id=cluster_id, generation=generation)
+
+
+@shared_task(name="clusters.expire")
+def expire() -> list[int]:
+    """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck."""
+    ids = services.clusters_expire()
+    services.clusters_retry_stuck_teardowns()
+    services.clusters_resume_requested()
+    return ids

@@ -1,0 +1,328 @@
+"""The cluster API as middleware and users use it, on the fake fabric with eager Celery (the real-worker and
+lab tests are in test_workflow_worker.py and test_e2e_lab.py)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clusters.models import ClusterState, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
+from network.models import Segment, VlanAllocation
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def images(db):
+    return {
+        "approved": Image.objects.create(name="debian-12", approved=True),
+        "custom": Image.objects.create(name="my-own", approved=False),
+    }
+
+
+@pytest.fixture
+def api():
+    return APIClient()
+
+
+@pytest.fixture
+def scheduler(db, root):
+    """Middleware (a batch scheduler) with a token that may act for any user."""
+    from django.contrib.auth.models import User
+
+    user = User.objects.create_user("pbs")
+    _, secret = token_create(user=user, name="PBS", scopes=[TokenScope.CLUSTERS_MANAGE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+def body(name="c1", nodes=(("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02")), **extra):
+    data = {
+        "name": name,
+        "image": "my-own",
+        "nodes": [{"name": n, "host": h, "mac": m} for n, h, m in nodes],
+        "lifetime": 3600,
+    }
+    data.update(extra)
+    return data
+
+
+def allocated_vids() -> set[int]:
+    return set(VlanAllocation.objects.filter(state="allocated").values_list("vid", flat=True))
+
+
+def test_create_runs_the_workflow_to_ready(fabric, images, api, alice):
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(), format="json")
+    assert r.status_code == 201, r.content
+    data = api.get(f"/api/clusters/{r.data['id']}/").data
+    assert data["state"] == "ready"
+    assert data["connectivity"] == "closed"
+    assert "user-provided" in data["connectivity_reason"]
+    vid = data["vlan_id"]
+    assert vid in range(100, 200)
+    assert data["progress"]["percent"] == 100
+    assert [s["name"] for s in data["steps"]][:2] == ["allocate", "network"]
+    assert all(s["status"] == "ok" for s in data["steps"])
+    # the devices carry the VLAN: both hosts, their trunks, the core uplinks at brno and pilsen, and the
+    # gateway trunk (closed cluster)
+    assert vid in fabric.host_vlans("brno1") and vid in fabric.host_vlans("pilsen1")
+    assert vid not in fabric.host_vlans("prague1")
+    assert vid in fabric.switch_ports("sw-brno")["h1"] and vid in fabric.switch_ports("sw-brno")["gw"]
+    assert vid in fabric.switch_ports("sw-pilsen")["uplink"]
+
+
+def test_policy_public_for_approved_image_without_admin_rights(fabric, images, api, alice):
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(image="debian-12"), format="json")
+    assert r.status_code == 201
+    assert r.data["connectivity"] == "public"
+    assert r.data["public_subnet"] == "198.19.0.0/28"
+    assert r.data["public_gateway"] == "198.19.0.1"
+    r2 = api.post(
+        "/api/clusters/",
+        body(name="c2", image="debian-12", nodes=[("m1", "brno2", "52:54:00:00:01:01")]),
+        format="json",
+    )
+    assert r2.data["public_subnet"] == "198.19.0.16/28"  # no overlap
+    r3 = api.post(
+        "/api/clusters/",
+        body(name="c3", image="debian-12", admin_rights=True, nodes=[("m1", "brno2", "52:54:00:00:02:01")]),
+        format="json",
+    )
+    assert r3.data["connectivity"] == "closed"
+    assert "administrator" in r3.data["connectivity_reason"]
+
+
+def test_idempotency_key_returns_the_same_cluster(fabric, images, scheduler, alice):
+    payload = body(owner="alice", job_id="4711.pbs")
+    r1 = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4711")
+    r2 = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4711")
+    assert (r1.status_code, r2.status_code) == (201, 200)
+    assert r1.data["id"] == r2.data["id"]
+    assert VirtualCluster.objects.count() == 1 and len(allocated_vids()) == 1
+    assert r1.data["owner"] == "alice"
+    other = scheduler.post(
+        "/api/clusters/", body(name="zzz", owner="alice"), format="json", HTTP_IDEMPOTENCY_KEY="job-4711"
+    )
+    assert other.status_code == 409
+    assert "Idempotency-Key" in other.data
+
+
+@pytest.mark.parametrize(
+    "change, status, field",
+    [
+        ({"nodes": [{"name": "n1", "host": "nowhere", "mac": "52:54:00:00:00:01"}]}, 400, "nodes"),
+        ({"nodes": [{"name": "n1", "host": "brno1", "mac": "not-a-mac"}]}, 400, "nodes"),
+        ({"nodes": [{"name": "n1", "host": "brno1", "mac": "01:00:5e:00:00:01"}]}, 400, "nodes"),
+        ({"nodes": []}, 400, "nodes"),
+        ({"lifetime": 5}, 400, "lifetime"),
+        ({"lifetime": 10**9}, 400, "lifetime"),
+        ({"image": "nope"}, 400, "image"),
+        ({"name": "Bad Name"}, 400, "name"),
+        (
+            {
+                "nodes": [
+                    {"name": "n1", "host": "brno1", "mac": "52:54:00:00:00:01"},
+                    {"name": "n2", "host": "brno2", "mac": "52:54:00:00:00:01"},
+                ]
+            },
+            400,
+            "nodes",
+        ),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_nothing(fabric, images, api, alice, change, status, field):
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", {**body(), **change}, format="json")
+    assert r.status_code == status, r.content
+    assert field in r.data
+    assert VirtualCluster.objects.count() == 0 and not allocated_vids() and Segment.objects.count() == 0
+
+
+def test_mac_in_use_by_another_cluster(fabric, images, api, alice, bob):
+    api.force_authenticate(alice)
+    assert api.post("/api/clusters/", body(), format="json").status_code == 201
+    api.force_authenticate(bob)
+    r = api.post("/api/clusters/", body(name="other"), format="json")
+    assert r.status_code == 400
+    assert "already used" in str(r.data["nodes"])
+    assert len(allocated_vids()) == 1
+
+
+def test_host_no_core_reaches_is_422(fabric, images, api, alice):
+    from network.choices import PortRole
+    from network.tests.factories import HostFactory, SiteFactory, SwitchFactory, SwitchPortFactory
+
+    island = SiteFactory(name="island")
+    switch = SwitchFactory(name="sw-island", site=island, platform="fake", driver_args={"state_dir": fabric.state_dir})
+    port = SwitchPortFactory(switch=switch, name="h1", role=PortRole.HOST_TRUNK)
+    HostFactory(
+        name="island1", site=island, switch_port=port, driver="fake", driver_args={"state_dir": fabric.state_dir}
+    )
+    api.force_authenticate(alice)
+    r = api.post(
+        "/api/clusters/",
+        body(nodes=[("n1", "brno1", "52:54:00:00:00:01"), ("n2", "island1", "52:54:00:00:00:02")]),
+        format="json",
+    )
+    assert r.status_code == 422, r.content
+    assert "island" in str(r.data)
+    assert VirtualCluster.objects.count() == 0 and not allocated_vids()
+
+
+def test_pool_exhausted_is_409_and_nothing_leaks(fabric, images, api, alice):
+    fabric.pool.ranges = "100-101"
+    fabric.pool.save()
+    api.force_authenticate(alice)
+    for i in range(2):
+        r = api.post(
+            "/api/clusters/", body(name=f"c{i}", nodes=[(f"n{i}", "brno1", f"52:54:00:00:00:0{i}")]), format="json"
+        )
+        assert r.status_code == 201
+    r = api.post("/api/clusters/", body(name="c9", nodes=[("n9", "brno1", "52:54:00:00:00:09")]), format="json")
+    assert r.status_code == 409
+    assert r.data["code"] == "pool_exhausted"
+    assert VirtualCluster.objects.count() == 2 and len(allocated_vids()) == 2
+    assert not Node.objects.filter(name="n9").exists()
+
+
+def test_visibility_and_permissions(fabric, images, api, alice, bob, charlie, root, team):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(group=team.name), format="json").data["id"]
+    api.force_authenticate(bob)  # group member: sees, cannot act
+    assert api.get(f"/api/clusters/{cid}/").status_code == 200
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 403
+    api.force_authenticate(charlie)  # outsider: does not even see it
+    assert api.get(f"/api/clusters/{cid}/").status_code == 404
+    assert api.get("/api/clusters/").data["count"] == 0
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 404
+    api.force_authenticate(root)
+    assert api.get("/api/clusters/").data["count"] == 1
+    api.force_authenticate(alice)
+    r = api.post(
+        "/api/clusters/", body(name="x", owner="bob", nodes=[("n", "brno1", "52:54:00:00:09:01")]), format="json"
+    )
+    assert r.status_code == 403
+
+
+def test_token_scopes(fabric, images, alice):
+    _, read_only = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {read_only}")
+    assert client.get("/api/clusters/").status_code == 200
+    assert client.post("/api/clusters/", body(), format="json").status_code == 403
+    client.credentials(HTTP_AUTHORIZATION="Bearer vc_deadbeef_nope")
+    assert client.get("/api/clusters/").status_code == 401
+
+
+def test_teardown_cleans_every_device_and_quarantines_the_vlan(fabric, images, api, alice):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    r = api.post(f"/api/clusters/{cid}/teardown/", {"reason": "job finished"}, format="json")
+    assert r.status_code == 202
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TORN_DOWN
+    for host in fabric.hosts:
+        assert vid not in fabric.host_vlans(host)
+    for site in fabric.switches:
+        assert all(vid not in v for v in fabric.switch_ports(f"sw-{site}").values())
+    alloc = VlanAllocation.objects.get(pool=fabric.pool, vid=vid)
+    assert alloc.state == "quarantined"
+    # twice is harmless; a torn-down cluster cannot be extended
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 409
+    later = (timezone.now() + timedelta(hours=2)).isoformat()
+    assert api.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json").status_code == 409
+
+
+def test_extend_lifetime(fabric, images, api, alice):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    later = timezone.now() + timedelta(days=3)
+    r = api.patch(f"/api/clusters/{cid}/", {"expires_at": later.isoformat()}, format="json")
+    assert r.status_code == 200
+    assert abs(VirtualCluster.objects.get(pk=cid).expires_at - later) < timedelta(seconds=1)
+    too_late = timezone.now() + timedelta(days=1000)
+    assert api.patch(f"/api/clusters/{cid}/", {"expires_at": too_late.isoformat()}, format="json").status_code == 400
+
+
+def test_expiry_tears_down(fabric, images, api, alice):
+    from clusters.tasks import expire
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert expire() == [cid]
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.TORN_DOWN
+
+
+def test_nodes_add_remove_and_migration_converge_the_network(fabric, images, api, alice):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    r = api.post(
+        f"/api/clusters/{cid}/nodes/",
+        {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]},
+        format="json",
+    )
+    assert r.status_code == 202, r.content
+    assert vid in fabric.host_vlans("prague1")
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
+    n3 = Node.objects.get(cluster_id=cid, name="n3")
+    assert n3.state == "ready"
+
+    # migrate n2 from pilsen1 to prague2: prepared → both hosts carry the VLAN
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague2"}, format="json")
+    assert r.status_code == 202, r.content
+    assert vid in fabric.host_vlans("prague2") and vid in fabric.host_vlans("pilsen1")
+    r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json")
+    assert r.status_code == 202
+    assert vid not in fabric.host_vlans("pilsen1")  # no node left there
+    assert all(vid not in v for v in fabric.switch_ports("sw-pilsen").values())  # nor on its site
+    n2.refresh_from_db()
+    assert n2.host.name == "prague2" and n2.state == "ready"
+
+    r = api.delete(f"/api/clusters/{cid}/nodes/{n3.pk}/")
+    assert r.status_code == 202
+    assert vid in fabric.host_vlans("prague2") and vid not in fabric.host_vlans("prague1")
+    # a second migrate/complete on a non-migrating node is a conflict
+    assert api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json").status_code == 409
+
+
+def test_list_filters_and_query_count(fabric, images, api, alice, django_assert_max_num_queries):
+    api.force_authenticate(alice)
+    for i in range(5):
+        api.post(
+            "/api/clusters/",
+            body(
+                name=f"c{i}",
+                job_id=f"j{i}",
+                nodes=[(f"n{i}", "brno1", f"52:54:00:00:10:0{i}"), (f"m{i}", "prague1", f"52:54:00:00:20:0{i}")],
+            ),
+            format="json",
+        )
+    with django_assert_max_num_queries(8):
+        r = api.get("/api/clusters/")
+    assert r.data["count"] == 5
+    assert api.get("/api/clusters/?job_id=j3").data["results"][0]["name"] == "c3"
+    assert api.get("/api/clusters/?state=ready").data["count"] == 5
+    assert api.get("/api/clusters/?state=bogus").status_code == 400
+    assert IdempotencyKey.objects.count() == 0
+
+
+def test_schema_and_docs(api, alice):
+    api.force_authenticate(alice)
+    r = api.get("/api/schema/")
+    assert r.status_code == 200
+    assert b"/api/clusters/{id}/nodes/{node_id}/migrate/" in r.content
+    assert api.get("/api/docs/").status_code == 200
