@@ -1,0 +1,421 @@
+"""OpenSSH certificates for cluster access: user and host CAs, user/host certificates, KRLs, ssh_config.
+
+Built on cryptography's ``SSHCertificateBuilder`` (LAB.md §7). Nothing here touches the database or the
+disk. CA keys are cryptography private keys; store them with :func:`ca_key_to_encrypted_pem` (PKCS#8,
+``BestAvailableEncryption``; the OpenSSH private-key format would need bcrypt for encryption).
+
+User certificates (issue 7):
+
+- principal per cluster: ``<cluster>-<user>`` (:func:`principal`), which the bastion's principals file
+  maps to that cluster's nodes with ``permitopen``;
+- key id says who/what/when: ``virtcloud:user=alice:cluster=c42:serial=17:issued=2026-03-01T12:00:00Z``
+  (sshd logs it on every login with ``LogLevel VERBOSE``: the audit trail);
+- short validity in hours, bounded (refused, not clamped, outside the bounds the caller allows);
+- extensions ``permit-pty`` and ``permit-port-forwarding`` only (ProxyJump needs the latter); no agent
+  or X11 forwarding, no user rc.
+
+KRL: cryptography has no KRL writer. :func:`build_krl` writes the binary format of OpenSSH's
+``PROTOCOL.krl`` itself (certificate section with serial list and key-id subsections, and SHA-256
+fingerprints of plain keys) rather than shelling out to ``ssh-keygen -k``: the portal builds it inside a
+transaction without temporary files or a subprocess, and the tests check the bytes with ``ssh-keygen -Q``
+and with a real sshd's ``RevokedKeys``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import re
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+
+from access import pki
+
+CAKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+UserPublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+USER_EXTENSIONS = (b"permit-port-forwarding", b"permit-pty")
+CLOCK_SKEW = dt.timedelta(minutes=5)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class SSHKeyRejected(ValueError):
+    """A public key the user supplied cannot be certified (weak, unsupported, or not a public key)."""
+
+
+class SSHCertError(ValueError):
+    """A certificate request outside what the portal issues (validity bounds, principals, serial)."""
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+def generate_ca_key(key_type: str = "ed25519") -> CAKey:
+    """A user or host CA key (Ed25519 by default; ``ecdsa`` for P-256)."""
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type == "ecdsa":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise SSHCertError(f"unsupported SSH CA key type {key_type!r}")
+
+
+def ca_key_to_encrypted_pem(key: CAKey, passphrase: bytes) -> bytes:
+    return pki.private_key_to_encrypted_pem(key, passphrase)
+
+
+def load_ca_key(pem: bytes, passphrase: bytes) -> CAKey:
+    return pki.load_encrypted_private_key(pem, passphrase)
+
+
+def public_key_line(key: CAKey | UserPublicKey, comment: str = "") -> str:
+    """``<type> <base64>[ <comment>]`` as in ``*.pub`` files and ``TrustedUserCAKeys``."""
+    pub = key.public_key() if hasattr(key, "private_bytes") else key
+    line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}".strip() if comment else line
+
+
+def _key_blob(line: str) -> bytes:
+    parts = line.strip().split()
+    if len(parts) < 2:
+        raise SSHKeyRejected("not an OpenSSH public key line")
+    try:
+        return base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        raise SSHKeyRejected("the base64 part of the public key is corrupt") from None
+
+
+def fingerprint(line_or_key: str | UserPublicKey | CAKey) -> str:
+    """``SHA256:<base64>`` as ``ssh-keygen -l`` prints it."""
+    line = line_or_key if isinstance(line_or_key, str) else public_key_line(line_or_key)
+    digest = hashlib.sha256(_key_blob(line)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """A user's public key, accepted for certification."""
+
+    key: UserPublicKey
+    key_type: str
+    bits: int
+    comment: str
+
+    @property
+    def line(self) -> str:
+        return public_key_line(self.key)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+
+def parse_public_key(text: str, *, min_rsa_bits: int = 3072) -> ParsedKey:
+    """Parse a pasted/uploaded OpenSSH public key and refuse weak or unsupported ones with a clear message.
+
+    Accepted: ssh-ed25519, ecdsa-sha2-nistp256/384/521, ssh-rsa with at least ``min_rsa_bits`` bits
+    (3072 by default: NIST SP 800-57 beyond 2030). Refused: DSA, short RSA, FIDO ``sk-*`` keys (the
+    certificate builder cannot sign them), certificates, private keys.
+    """
+    text = text.strip()
+    if "PRIVATE KEY" in text:
+        raise SSHKeyRejected("this is a PRIVATE key: never share it; paste the .pub file instead")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if len(lines) != 1:
+        raise SSHKeyRejected("paste exactly one public key line (the content of ~/.ssh/id_ed25519.pub)")
+    parts = lines[0].split(None, 2)
+    kind = parts[0]
+    comment = parts[2] if len(parts) > 2 else ""
+    if kind.endswith("-cert-v01@openssh.com"):
+        raise SSHKeyRejected("this is a certificate, not a public key; paste the .pub file of your key")
+    if kind.startswith("sk-"):
+        raise SSHKeyRejected(f"security-key type {kind} is not supported yet; use an ssh-ed25519 key")
+    if kind == "ssh-dss":
+        raise SSHKeyRejected("DSA keys are weak and disabled in OpenSSH; use an ssh-ed25519 key")
+    try:
+        key = serialization.load_ssh_public_key(" ".join(parts[:2]).encode())
+    except (ValueError, TypeError) as exc:
+        raise SSHKeyRejected(f"not a valid OpenSSH public key ({kind}): {exc}") from None
+    except Exception as exc:  # unsupported algorithms raise UnsupportedAlgorithm
+        raise SSHKeyRejected(f"unsupported key type {kind}: {exc}") from None
+    if isinstance(key, dsa.DSAPublicKey):
+        raise SSHKeyRejected("DSA keys are weak and disabled in OpenSSH; use an ssh-ed25519 key")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < min_rsa_bits:
+            raise SSHKeyRejected(
+                f"RSA key of {key.key_size} bits is too weak (minimum {min_rsa_bits}); use an ssh-ed25519 key"
+            )
+        return ParsedKey(key, kind, key.key_size, comment)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return ParsedKey(key, kind, key.curve.key_size, comment)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return ParsedKey(key, kind, 256, comment)
+    raise SSHKeyRejected(f"unsupported key type {kind}")
+
+
+@dataclass(frozen=True)
+class UserKeyPair:
+    """A fresh key pair for download: the private half goes to the user and nowhere else."""
+
+    private_openssh: bytes
+    public_line: str
+
+    def __repr__(self) -> str:
+        return f"UserKeyPair(public_line={self.public_line!r}, private_openssh=<redacted>)"
+
+
+def generate_user_key(comment: str = "") -> UserKeyPair:
+    """An Ed25519 key pair in OpenSSH format (unencrypted: the download is the only copy)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    return UserKeyPair(private_openssh=private, public_line=public_key_line(key, comment))
+
+
+# ----------------------------------------------------------------------------------- certificates
+
+
+def principal(cluster: str, user: str) -> str:
+    """The principal that admits ``user`` to ``cluster``: ``<cluster>-<user>``."""
+    for what, value in (("cluster", cluster), ("user", user)):
+        if not _NAME_RE.match(value):
+            raise SSHCertError(f"invalid {what} name {value!r} for an SSH principal")
+    return f"{cluster}-{user}"
+
+
+def key_id(*, user: str, cluster: str, serial: int, issued: dt.datetime) -> str:
+    """``virtcloud:user=<u>:cluster=<c>:serial=<n>:issued=<UTC ISO>`` (logged by sshd on every login)."""
+    stamp = issued.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"virtcloud:user={user}:cluster={cluster}:serial={serial}:issued={stamp}"
+
+
+def _cert_line(cert, comment: str) -> str:
+    line = cert.public_bytes().decode()
+    return f"{line} {comment}".strip()
+
+
+def _check_serial(serial: int) -> None:
+    if not 0 < serial < (1 << 64):
+        raise SSHCertError(f"SSH certificate serial {serial} is out of range (1..2**64-1)")
+
+
+def issue_user_cert(
+    ca_key: CAKey,
+    *,
+    public_key: str | ParsedKey,
+    user: str,
+    cluster: str,
+    serial: int,
+    hours: float = 12,
+    min_hours: float = 0.25,
+    max_hours: float = 24,
+    now: dt.datetime | None = None,
+    min_rsa_bits: int = 3072,
+) -> str:
+    """A user certificate (``*-cert.pub`` line) for ``user`` into ``cluster``.
+
+    ``hours`` outside ``[min_hours, max_hours]`` is refused (:class:`SSHCertError`). The certificate is
+    valid from now - 5 min (clock skew) to now + ``hours``; principal :func:`principal`; key id
+    :func:`key_id`; extensions ``permit-pty`` and ``permit-port-forwarding`` only.
+    """
+    parsed = (
+        public_key if isinstance(public_key, ParsedKey) else parse_public_key(public_key, min_rsa_bits=min_rsa_bits)
+    )
+    if not min_hours <= hours <= max_hours:
+        raise SSHCertError(f"SSH certificate validity {hours} h is outside the allowed {min_hours}..{max_hours} h")
+    _check_serial(serial)
+    issued = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    ident = key_id(user=user, cluster=cluster, serial=serial, issued=issued)
+    builder = (
+        serialization.SSHCertificateBuilder()
+        .public_key(parsed.key)
+        .serial(serial)
+        .type(serialization.SSHCertificateType.USER)
+        .key_id(ident.encode())
+        .valid_principals([principal(cluster, user).encode()])
+        .valid_after(int((issued - CLOCK_SKEW).timestamp()))
+        .valid_before(int((issued + dt.timedelta(hours=hours)).timestamp()))
+    )
+    for name in USER_EXTENSIONS:  # cryptography sorts them as the protocol requires
+        builder = builder.add_extension(name, b"")
+    return _cert_line(builder.sign(ca_key), ident)
+
+
+def issue_host_cert(
+    ca_key: CAKey,
+    *,
+    public_key: str,
+    principals: Sequence[str],
+    serial: int,
+    days: float = 365,
+    now: dt.datetime | None = None,
+) -> str:
+    """A host certificate for a bastion or node: ``principals`` are the names and addresses clients use."""
+    if not principals:
+        raise SSHCertError("a host certificate needs at least one principal (hostname or address)")
+    _check_serial(serial)
+    key = serialization.load_ssh_public_key(" ".join(public_key.split()[:2]).encode())
+    issued = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    ident = f"virtcloud-host:{principals[0]}:serial={serial}"
+    cert = (
+        serialization.SSHCertificateBuilder()
+        .public_key(key)
+        .serial(serial)
+        .type(serialization.SSHCertificateType.HOST)
+        .key_id(ident.encode())
+        .valid_principals([p.encode() for p in principals])
+        .valid_after(int((issued - CLOCK_SKEW).timestamp()))
+        .valid_before(int((issued + dt.timedelta(days=days)).timestamp()))
+        .sign(ca_key)
+    )
+    return _cert_line(cert, ident)
+
+
+def load_cert(line: str) -> serialization.SSHCertificate:
+    return serialization.load_ssh_public_identity(line.strip().encode())
+
+
+# --------------------------------------------------------------------------------------------- KRL
+
+_KRL_MAGIC = b"SSHKRL\n\x00"
+_KRL_FORMAT_VERSION = 1
+_SECTION_CERTIFICATES = 1
+_SECTION_FINGERPRINT_SHA256 = 5
+_CERT_SERIAL_LIST = 0x20
+_CERT_SERIAL_RANGE = 0x21
+_CERT_KEY_ID = 0x23
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _serial_runs(serials: Iterable[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Split sorted unique serials into singles and ranges (runs of 3+), as ssh-keygen does to stay small."""
+    singles: list[int] = []
+    ranges: list[tuple[int, int]] = []
+    ordered = sorted(set(serials))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        if j - i >= 2:
+            ranges.append((ordered[i], ordered[j]))
+        else:
+            singles.extend(ordered[i : j + 1])
+        i = j + 1
+    return singles, ranges
+
+
+def build_krl(
+    *,
+    ca_public_key: str,
+    serials: Iterable[int] = (),
+    key_ids: Iterable[str] = (),
+    revoked_keys: Iterable[str] = (),
+    version: int,
+    comment: str = "",
+    generated_at: dt.datetime | None = None,
+) -> bytes:
+    """A KRL in OpenSSH's binary format (``PROTOCOL.krl``), for sshd's ``RevokedKeys``.
+
+    Revokes certificates signed by ``ca_public_key`` (its ``*.pub`` line) by ``serials`` and by
+    ``key_ids``, and plain public keys (``revoked_keys``, ``*.pub`` lines) by SHA-256 fingerprint.
+    ``version`` must grow with each KRL the portal publishes. An empty KRL (nothing revoked) is valid
+    and is what a new gateway gets: sshd refuses every login if ``RevokedKeys`` names a missing file.
+    """
+    serial_list = list(serials)
+    for s in serial_list:
+        _check_serial(s)
+    generated = int((generated_at or dt.datetime.now(dt.UTC)).timestamp())
+    out = bytearray()
+    out += _KRL_MAGIC
+    out += struct.pack(">IQQQ", _KRL_FORMAT_VERSION, version, generated, 0)
+    out += _string(b"")  # reserved
+    out += _string(comment.encode())
+
+    singles, ranges = _serial_runs(serial_list)
+    ids = sorted(set(key_ids))
+    if singles or ranges or ids:
+        cert_section = bytearray(_string(_key_blob(ca_public_key)) + _string(b""))
+        if singles:
+            cert_section += bytes([_CERT_SERIAL_LIST]) + _string(b"".join(struct.pack(">Q", s) for s in singles))
+        for low, high in ranges:
+            cert_section += bytes([_CERT_SERIAL_RANGE]) + _string(struct.pack(">QQ", low, high))
+        if ids:
+            cert_section += bytes([_CERT_KEY_ID]) + _string(b"".join(_string(k.encode()) for k in ids))
+        out += bytes([_SECTION_CERTIFICATES]) + _string(bytes(cert_section))
+
+    hashes = sorted({hashlib.sha256(_key_blob(line)).digest() for line in revoked_keys})
+    if hashes:
+        out += bytes([_SECTION_FINGERPRINT_SHA256]) + _string(b"".join(_string(h) for h in hashes))
+    return bytes(out)
+
+
+# ------------------------------------------------------------------------------------- ssh_config
+
+
+def render_ssh_config(
+    *,
+    cluster: str,
+    nodes: Sequence[tuple[str, str]],
+    gateway_host: str,
+    gateway_port: int = 22,
+    gateway_user: str,
+    host_ca_public_key: str,
+    identity_file: str,
+    certificate_file: str,
+    known_hosts_file: str,
+    node_user: str = "root",
+) -> str:
+    """An ``ssh_config`` snippet for one cluster: ``ssh <cluster>-<node>`` jumps through the gateway.
+
+    ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. The ``known_hosts_file``
+    must hold :func:`known_hosts_line` so no host-key prompt appears (host certificates).
+    """
+    if not _NAME_RE.match(cluster):
+        raise SSHCertError(f"invalid cluster name {cluster!r}")
+    del host_ca_public_key  # goes into the known_hosts file, see known_hosts_line()
+    jump = f"virtcloud-gw-{cluster}"
+    common = [
+        f"  IdentityFile {identity_file}",
+        f"  CertificateFile {certificate_file}",
+        "  IdentitiesOnly yes",
+        f"  UserKnownHostsFile {known_hosts_file}",
+        "  StrictHostKeyChecking yes",
+        "  ForwardAgent no",
+        "  ForwardX11 no",
+    ]
+    lines = [
+        f"# VirtCloud: SSH into cluster {cluster} through the access gateway.",
+        f"# Usage: ssh -F <this file> {cluster}-<node>   (or Include it from ~/.ssh/config)",
+        f"Host {jump}",
+        f"  HostName {gateway_host}",
+        f"  Port {int(gateway_port)}",
+        f"  User {gateway_user}",
+        *common,
+        "",
+    ]
+    for name, address in nodes:
+        if not _NAME_RE.match(name):
+            raise SSHCertError(f"invalid node name {name!r}")
+        lines += [f"Host {cluster}-{name}", f"  HostName {address}", ""]
+    lines += [
+        f"Host {cluster}-*",
+        f"  ProxyJump {jump}",
+        f"  User {node_user}",
+        *common,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str] = ("*",)) -> str:
+    """``@cert-authority <patterns> <host CA key>``: trust host certificates from the portal's host CA."""
+    key = " ".join(host_ca_public_key.split()[:2])
+    return f"@cert-authority {','.join(patterns)} {key}\n"

@@ -1,0 +1,193 @@
+"""The SSH CA API: key checks, certificate contents, bounds, and the KRL writer checked by ssh-keygen."""
+
+import datetime as dt
+import re
+import shutil
+import subprocess
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from access import ssh
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return ssh.generate_ca_key()
+
+
+def _pub(key) -> str:
+    return ssh.public_key_line(key, "user@laptop")
+
+
+def test_ca_key_encrypted_at_rest(ca):
+    pem = ssh.ca_key_to_encrypted_pem(ca, b"s3cret")
+    assert b"ENCRYPTED" in pem
+    assert ssh.public_key_line(ssh.load_ca_key(pem, b"s3cret")) == ssh.public_key_line(ca)
+    with pytest.raises(ValueError, match="wrong passphrase"):
+        ssh.load_ca_key(pem, b"nope")
+
+
+def test_user_cert_contents(ca):
+    user_key = ed25519.Ed25519PrivateKey.generate()
+    line = ssh.issue_user_cert(ca, public_key=_pub(user_key), user="alice", cluster="c42", serial=17, hours=8, now=NOW)
+    assert line.startswith("ssh-ed25519-cert-v01@openssh.com ")
+    cert = ssh.load_cert(line)
+    cert.verify_cert_signature()
+    assert (
+        cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        == ssh.public_key_line(ca).encode()
+    )
+    assert cert.type == serialization.SSHCertificateType.USER
+    assert cert.serial == 17
+    assert cert.valid_principals == [b"c42-alice"]
+    assert cert.key_id == f"virtcloud:user=alice:cluster=c42:serial=17:issued={NOW:%Y-%m-%dT%H:%M:%SZ}".encode()
+    assert re.fullmatch(
+        rb"virtcloud:user=alice:cluster=c42:serial=17:issued=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert.key_id
+    )
+    assert cert.valid_after == int((NOW - ssh.CLOCK_SKEW).timestamp())
+    assert cert.valid_before == int((NOW + dt.timedelta(hours=8)).timestamp())
+    assert set(cert.extensions) == {b"permit-pty", b"permit-port-forwarding"}
+    for absent in (b"permit-agent-forwarding", b"permit-X11-forwarding", b"permit-user-rc"):
+        assert absent not in cert.extensions
+    assert cert.critical_options == {}
+
+
+@pytest.mark.parametrize("hours", [0.1, 25, 0])
+def test_validity_bounds_refused(ca, hours):
+    user_key = ed25519.Ed25519PrivateKey.generate()
+    with pytest.raises(ssh.SSHCertError, match="outside the allowed"):
+        ssh.issue_user_cert(ca, public_key=_pub(user_key), user="alice", cluster="c42", serial=1, hours=hours)
+
+
+def test_bounds_are_configurable(ca):
+    user_key = ed25519.Ed25519PrivateKey.generate()
+    line = ssh.issue_user_cert(
+        ca, public_key=_pub(user_key), user="alice", cluster="c42", serial=2, hours=48, max_hours=72, now=NOW
+    )
+    cert = ssh.load_cert(line)
+    assert cert.valid_before - cert.valid_after == 48 * 3600 + 300
+
+
+def test_accepted_key_types():
+    assert ssh.parse_public_key(_pub(ed25519.Ed25519PrivateKey.generate())).key_type == "ssh-ed25519"
+    parsed = ssh.parse_public_key(_pub(ec.generate_private_key(ec.SECP384R1())))
+    assert (parsed.key_type, parsed.bits) == ("ecdsa-sha2-nistp384", 384)
+    assert parsed.comment == "user@laptop"
+    assert ssh.parse_public_key(_pub(rsa.generate_private_key(65537, 3072))).bits == 3072
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("ssh-dss AAAAB3NzaC1kc3MAAACBAP== x", "DSA keys are weak"),
+        ("sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t x", "security-key"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----", "PRIVATE key"),
+        ("ssh-ed25519-cert-v01@openssh.com AAAA x", "certificate, not a public key"),
+        ("ssh-ed25519 not-base64!!", "not a valid OpenSSH public key"),
+        ("", "exactly one public key"),
+    ],
+)
+def test_rejected_keys(text, reason):
+    with pytest.raises(ssh.SSHKeyRejected, match=reason):
+        ssh.parse_public_key(text)
+
+
+def test_short_rsa_rejected():
+    with pytest.raises(ssh.SSHKeyRejected, match="2048 bits is too weak"):
+        ssh.parse_public_key(_pub(rsa.generate_private_key(65537, 2048)))
+    assert ssh.parse_public_key(_pub(rsa.generate_private_key(65537, 2048)), min_rsa_bits=2048).bits == 2048
+
+
+def test_generated_user_key_is_only_returned(ca):
+    pair = ssh.generate_user_key("alice@virtcloud")
+    assert pair.private_openssh.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert "PRIVATE" not in repr(pair)
+    key = serialization.load_ssh_private_key(pair.private_openssh, None)
+    assert ssh.public_key_line(key) == " ".join(pair.public_line.split()[:2])
+    assert ssh.issue_user_cert(ca, public_key=pair.public_line, user="alice", cluster="c42", serial=3)
+
+
+def test_host_cert(ca):
+    host_key = ed25519.Ed25519PrivateKey.generate()
+    cert = ssh.load_cert(
+        ssh.issue_host_cert(ca, public_key=_pub(host_key), principals=["gw1", "198.18.60.1"], serial=9)
+    )
+    assert cert.type == serialization.SSHCertificateType.HOST
+    assert cert.valid_principals == [b"gw1", b"198.18.60.1"]
+    assert cert.extensions == {}
+
+
+def test_principal_and_bad_names():
+    assert ssh.principal("c42", "alice") == "c42-alice"
+    with pytest.raises(ssh.SSHCertError):
+        ssh.principal("c42", "al ice")
+
+
+def test_serial_runs():
+    singles, ranges = ssh._serial_runs([5, 1, 2, 3, 9, 10, 3])
+    assert singles == [5, 9, 10] and ranges == [(1, 3)]
+
+
+needs_keygen = pytest.mark.skipif(
+    shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) not installed"
+)
+
+
+@needs_keygen
+def test_krl_checked_by_ssh_keygen(ca, tmp_path):
+    (tmp_path / "ca.pub").write_text(ssh.public_key_line(ca) + "\n")
+    certs = {}
+    for serial in (7, 20, 21, 22, 23, 40, 41):
+        user_key = ed25519.Ed25519PrivateKey.generate()
+        certs[serial] = ssh.issue_user_cert(ca, public_key=_pub(user_key), user="u", cluster="c42", serial=serial)
+        (tmp_path / f"{serial}-cert.pub").write_text(certs[serial] + "\n")
+    by_id_key = ed25519.Ed25519PrivateKey.generate()
+    by_id = ssh.issue_user_cert(ca, public_key=_pub(by_id_key), user="mallory", cluster="c42", serial=99, now=NOW)
+    (tmp_path / "99-cert.pub").write_text(by_id + "\n")
+    plain = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "plain.pub").write_text(_pub(plain) + "\n")
+    other_ca = ssh.generate_ca_key()
+    foreign = ssh.issue_user_cert(other_ca, public_key=_pub(plain), user="u", cluster="c42", serial=7)
+    (tmp_path / "foreign-cert.pub").write_text(foreign + "\n")
+
+    krl = ssh.build_krl(
+        ca_public_key=ssh.public_key_line(ca),
+        serials=[7, 20, 21, 22, 23],
+        key_ids=[ssh.key_id(user="mallory", cluster="c42", serial=99, issued=NOW)],
+        revoked_keys=[_pub(plain)],
+        version=3,
+        comment="virtcloud test",
+    )
+    (tmp_path / "krl").write_bytes(krl)
+
+    def query(name):
+        r = subprocess.run(["ssh-keygen", "-Q", "-f", "krl", name], cwd=tmp_path, capture_output=True, text=True)
+        assert "REVOKED" in r.stdout or r.returncode == 0, r.stdout + r.stderr
+        return "REVOKED" in r.stdout
+
+    for serial in (7, 20, 21, 22, 23):
+        assert query(f"{serial}-cert.pub"), serial
+    assert not query("40-cert.pub")
+    assert not query("41-cert.pub")
+    assert query("99-cert.pub")  # by key id
+    assert query("plain.pub")  # by SHA-256 fingerprint
+    assert query("foreign-cert.pub")  # its key is the revoked plain key, whoever signed it
+
+    listing = subprocess.run(["ssh-keygen", "-Q", "-l", "-f", "krl"], cwd=tmp_path, capture_output=True, text=True)
+    for expected in (
+        "# KRL version 3",
+        "# Comment: virtcloud test",
+        "serial: 7\n",
+        "serial: 20-23\n",
+        "id: virtcloud:user=mallory",
+    ):
+        assert expected in listing.stdout, listing.stdout
+
+    # An empty KRL is valid (what a brand-new gateway gets).
+    (tmp_path / "empty").write_bytes(ssh.build_krl(ca_public_key=ssh.public_key_line(ca), version=1))
+    r = subprocess.run(["ssh-keygen", "-Q", "-f", "empty", "7-cert.pub"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout
