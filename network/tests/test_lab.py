@@ -257,3 +257,65 @@ def test_dot1q_core_carries_plain_802_1q_tags(run_root):
         assert not any("0x88a8" in line for line in cap.lines)
     finally:
         lab.down()
+
+
+# --- from the database --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab():
+    """``manage.py lab up`` builds the inventory and writes addresses/driver args so that the portal's own
+    spec builder (network.specs) reaches the lab's switches and hosts; ``lab down`` restores the inventory."""
+    from pathlib import Path
+
+    from django.core.management import call_command
+
+    from network import specs
+    from network.drivers import host_session
+    from network.models import Host, Switch
+    from network.topology import load_topology, topology_import
+
+    demo = Path(__file__).resolve().parent.parent / "topologies" / "demo.yaml"
+    data, lines = load_topology(demo.read_text(), source=str(demo))
+    topology_import(data=data, source=str(demo), lines=lines)
+    name = f"pytest-{os.getpid()}"
+    call_command("lab", "up", "--name", name)
+    try:
+        lab = Lab.find(name)
+        switch = Switch.objects.get(name="brno-sw")
+        assert switch.address == lab.db
+        with switch_session(specs.switch_spec(switch)) as session:
+            result = session.converge({"h1": frozenset({300}), "core": frozenset({300})})
+        assert result.diff == "port core trunks add 300\nport h1 trunks add 300"
+        with host_session(specs.host_spec(Host.objects.get(name="brno-h1"))) as session:
+            assert session.converge(frozenset({300})).after == {"brno-h1": frozenset({300})}
+    finally:
+        call_command("lab", "down", "--name", name)
+    assert Switch.objects.get(name="brno-sw").address == "lab"
+    assert Lab.find(name) is None
+
+
+def test_lab_check_command_passes(run_root, monkeypatch):
+    from django.core.management import call_command
+
+    import network.lab.fabric as fabric
+
+    monkeypatch.setattr(fabric, "RUN_ROOT", run_root)
+    call_command("lab", "up", "--topology", str(topology_path(run_root)), "--name", "chk")
+    try:
+        from io import StringIO
+
+        out = StringIO()
+        call_command("lab", "check", "--name", "chk", stdout=out)
+        assert out.getvalue().count("ok  ") == 5, out.getvalue()
+    finally:
+        call_command("lab", "down", "--name", "chk")
+
+
+def topology_path(directory):
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "topology.json"
+    path.write_text(json.dumps(topology.generate(sites=2, hosts_per_site=1).as_dict()))
+    return path
