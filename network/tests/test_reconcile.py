@@ -124,3 +124,37 @@ def test_admin_plan_and_reconcile_now(fabric, active, client, root, django_captu
     for name in ("segment", "devicechange", "drift", "vlanallocation"):
         assert client.get(reverse(f"admin:network_{name}_changelist")).status_code == 200
     assert client.get(reverse("admin:network_segment_change", args=[active.pk])).status_code == 200
+
+
+# --- against the netns lab -------------------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_lab_drift_by_hand_is_detected_and_repaired_by_one_reconcile_run(clean_lab, db, settings):
+    from network.drivers import switch_session
+    from network.tests.labinventory import inventory_for
+
+    settings.RECONCILE_REPAIR = True
+    lab = clean_lab
+    inv = inventory_for(lab)
+    hosts = inv["hosts"]
+    seg = services.segment_create(owner="c", hosts=[hosts["h-s1-1"], hosts["h-s2-1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    ovs = lab.switch_driver_args("sw-s2")["port_map"]
+    # By hand on switch sw-s2, as an operator with ovs-vsctl: the cluster VLAN removed from the uplink and
+    # a foreign VLAN added to the host trunk.
+    lab.ovsdb().run(["set", "Port", ovs["up"], "trunks=4095"], ["set", "Port", ovs["p-h1"], f"trunks={seg.vid},777"])
+    with switch_session(lab.switch_spec("sw-s2")) as session:
+        assert session.port_vlans()["up"] == frozenset()
+
+    tasks.reconcile.apply().get()
+
+    found = {(d.device, d.port, d.kind, d.vlans) for d in Drift.objects.all()}
+    assert found == {("sw-s2", "up", "missing", str(seg.vid)), ("sw-s2", "p-h1", "foreign", "777")}
+    assert all(d.repaired_at for d in Drift.objects.all())
+    with switch_session(lab.switch_spec("sw-s2")) as session:
+        vlans = session.port_vlans()
+    assert vlans["up"] == {seg.vid} and vlans["p-h1"] == {seg.vid}
+    out = StringIO()
+    call_command("network", "plan", stdout=out)
+    assert "ERROR" not in out.getvalue() and out.getvalue().count("in sync") == 3 + 6

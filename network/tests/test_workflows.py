@@ -217,3 +217,90 @@ def test_one_switch_is_never_configured_by_two_sessions_at_once(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(sessions, sessions[1:], strict=False)), "sessions overlapped"
     assert len(sessions) < len(changes)  # later ones were batched into an earlier session
     assert fabric.switch_ports("sw-brno")["h1"] | fabric.switch_ports("sw-brno")["h2"] == {s.vid for s in segments}
+
+
+# --- against the netns lab (Open vSwitch switches and hosts, QinQ core), for real ------------------------------
+
+
+def lab_view(lab, inventory) -> dict:
+    """What the lab's devices carry, read through the drivers: switch → owned port → VLANs (non-empty only),
+    host → VLANs."""
+    from network.drivers import host_session, switch_session
+
+    view = {}
+    for name in inventory["switches"]:
+        with switch_session(lab.switch_spec(name)) as session:
+            view[name] = {p: v for p, v in session.port_vlans().items() if v}
+    for name in inventory["hosts"]:
+        with host_session(lab.host_spec(name)) as session:
+            view[name] = session.vlans()
+    return view
+
+
+def lab_desired(inventory) -> dict:
+    names = {s.pk: n for n, s in inventory["switches"].items()}
+    hosts = {h.pk: n for n, h in inventory["hosts"].items()}
+    view = {names[pk]: {p: v for p, v in ports.items() if v} for pk, ports in selectors.switch_desired().items()}
+    view.update({hosts[pk]: vids for pk, vids in selectors.host_desired().items()})
+    return view
+
+
+@pytest.fixture
+def lab_inventory(clean_lab, db):
+    from network.tests.labinventory import inventory_for
+
+    return inventory_for(clean_lab)
+
+
+@pytest.mark.lab
+def test_lab_converge_three_sites_then_remove_leaves_nothing(clean_lab, lab_inventory):
+    from network.lab import ping
+
+    lab, hosts = clean_lab, lab_inventory["hosts"]
+    seg = services.segment_create(
+        owner="cluster:lab", hosts=[hosts["h-s1-1"], hosts["h-s2-1"], hosts["h-s3-2"]], gateway=True
+    )
+    workflows.provision(seg.pk).apply().get()
+    v = frozenset({seg.vid})
+    view = lab_view(lab, lab_inventory)
+    assert view == lab_desired(lab_inventory)
+    assert view["sw-s1"] == {"p-h1": v, "up": v, "gw": v}
+    assert view["sw-s3"] == {"p-h2": v, "up": v}
+    assert view["h-s2-1"] == v and view["h-s2-2"] == frozenset()
+    # The promise, with packets: two VMs of the cluster at different sites reach each other over the core.
+    lab.attach_vm("h-s1-1", seg.vid, "vm-a", "198.18.10.1/24")
+    lab.attach_vm("h-s3-2", seg.vid, "vm-b", "198.18.10.2/24")
+    assert ping(lab, "vm-a", "198.18.10.2", count=2, timeout=2)
+    lab.detach_vm("vm-a")
+    lab.detach_vm("vm-b")
+
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    assert all(not v for v in lab_view(lab, lab_inventory).values())
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.QUARANTINED
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_lab_switch_k_rejecting_the_change_rolls_every_switch_back(clean_lab, lab_inventory, k):
+    lab, hosts = clean_lab, lab_inventory["hosts"]
+    other = services.segment_create(owner="other", hosts=[hosts["h-s1-2"], hosts["h-s2-2"]], gateway=False)
+    workflows.provision(other.pk).apply().get()
+    before = lab_view(lab, lab_inventory)
+    # Fault: on switch k the uplink now maps to an OVS port that does not exist, so the switch rejects the
+    # candidate with its own message (what a vendor switch does with an unknown interface).
+    name = f"sw-s{k + 1}"
+    switch = lab_inventory["switches"][name]
+    switch.driver_args = {**switch.driver_args, "port_map": {**switch.driver_args["port_map"], "up": "nosuchport"}}
+    switch.save()
+    seg = services.segment_create(owner="new", hosts=[hosts["h-s1-1"], hosts["h-s2-1"], hosts["h-s3-1"]], gateway=False)
+    with pytest.raises(DeviceChangeFailed) as exc:
+        workflows.provision(seg.pk).apply().get()
+    assert exc.value.device == name
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert seg.error == f"{name}: no port up on this switch"  # the device's own message
+    failed = DeviceChange.objects.get(segment=seg, device=name, cause="provision new")
+    assert failed.status == "failed" and failed.error == "no port up on this switch"
+    assert lab_view(lab, lab_inventory) == before
