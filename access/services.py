@@ -31,7 +31,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from access import attrcerts, openvpn, pki, selectors
-from access.errors import AccessError, ClusterNotReady, NoGateway, NotAllowed
+from access.errors import AccessError, BadPublicKey, ClusterNotReady, NoGateway, NotAllowed
 from access.models import (
     Authority,
     AuthorityKind,
@@ -119,7 +119,7 @@ def _create_authority(kind: str, loaded: dict[str, object]) -> Authority:
     return Authority(
         kind=kind,
         public_key=ssh.public_key_line(key, comment=f"virtcloud-{kind.replace('_', '-')}-ca"),
-        private_key=pki.private_key_to_encrypted_pem(key, passphrase).decode(),
+        private_key=ssh.ca_key_to_encrypted_pem(key, passphrase).decode(),
     )
 
 
@@ -128,7 +128,9 @@ def _load(row: Authority):
     passphrase = ca_passphrase()
     if row.kind in (AuthorityKind.VPN, AuthorityKind.AA):
         return pki.load_ca(row.certificate.encode(), str(row.private_key).encode(), passphrase)
-    return pki.load_encrypted_private_key(str(row.private_key).encode(), passphrase)
+    from access import ssh
+
+    return ssh.load_ca_key(str(row.private_key).encode(), passphrase)
 
 
 # Creation order matters: the AA certificate is signed by the VPN CA.
@@ -364,6 +366,196 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     return VpnProfile(text=text, filename=filename, credential=credential)
 
 
+# --- SSH certificates ----------------------------------------------------------------------------------------------
+
+#: File names inside the SSH download (relative: ``cd`` into the folder, ``ssh -F virtcloud.conf ...``).
+SSH_CONFIG_FILE = "virtcloud.conf"
+SSH_KNOWN_HOSTS_FILE = "known_hosts"
+SSH_KEY_FILE = "id_virtcloud"
+SSH_CERT_FILE = "id_virtcloud-cert.pub"
+_DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_rsa"}
+
+
+def _node_address(label: str, node) -> str:
+    # The portal does not record the VMs' IP addresses (yet: a Node.address would be used here); the
+    # node's alias is then the address, which the bastion resolves inside the cluster's network.
+    return getattr(node, "address", "") or f"{label}-{node.name}"
+
+
+def _node_hosts(cluster) -> list[tuple[str, str]]:
+    """(node name, address the bastion reaches it at) for the live nodes of ``cluster``."""
+    from clusters.models import NodeState
+
+    label = selectors.cluster_label(cluster)
+    return [(n.name, _node_address(label, n)) for n in cluster.nodes.exclude(state=NodeState.REMOVED).order_by("name")]
+
+
+def ssh_config_render(*, cluster, gateway: Gateway | None = None, identity_file: str = SSH_KEY_FILE) -> tuple[str, str]:
+    """The ``ssh_config`` snippet and ``known_hosts`` (``@cert-authority``) for ``cluster``, through the
+    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``."""
+    from access import ssh
+
+    gateway = gateway or _gateway("ssh", [cluster])
+    host_ca = _authority(AuthorityKind.SSH_HOST).public_key
+    config = ssh.render_ssh_config(
+        cluster=selectors.cluster_label(cluster),
+        nodes=_node_hosts(cluster),
+        gateway_host=gateway.address,
+        gateway_port=gateway.ssh_port,
+        gateway_user=gateway.ssh_user,
+        host_ca_public_key=host_ca,
+        identity_file=identity_file,
+        certificate_file=SSH_CERT_FILE,
+        known_hosts_file=SSH_KNOWN_HOSTS_FILE,
+    )
+    return config, ssh.known_hosts_line(host_ca)
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """An issued SSH certificate with what the user downloads. ``private_key`` is set only when the portal
+    generated the pair: hand it over once, never store or log it."""
+
+    credential: Credential
+    cluster_label: str
+    principal: str
+    certificate: str
+    public_key: str
+    private_key: str | None
+    ssh_config: str
+    known_hosts: str
+
+    def __repr__(self) -> str:
+        return f"SshAccess(credential={self.credential.pk}, principal={self.principal!r}, private_key=<redacted>)"
+
+    def as_dict(self) -> dict:
+        return {
+            "credential": self.credential.pk,
+            "serial": self.credential.serial,
+            "key_id": self.credential.key_id,
+            "principal": self.principal,
+            "valid_after": self.credential.not_before,
+            "valid_before": self.credential.not_after,
+            "certificate": self.certificate,
+            "public_key": self.public_key,
+            "private_key": self.private_key,
+            "ssh_config": self.ssh_config,
+            "known_hosts": self.known_hosts,
+        }
+
+    @property
+    def zip_name(self) -> str:
+        return f"virtcloud-{self.cluster_label}-ssh.zip"
+
+    def zip_bytes(self) -> bytes:
+        """One folder with the config, known_hosts, certificate (and the generated key pair), modes set
+        so that ``ssh`` accepts the private key after ``unzip``."""
+        import io
+        import zipfile
+
+        folder = f"virtcloud-{self.cluster_label}/"
+        files = [
+            (SSH_CONFIG_FILE, self.ssh_config, 0o644),
+            (SSH_KNOWN_HOSTS_FILE, self.known_hosts, 0o644),
+            (SSH_CERT_FILE, self.certificate + "\n", 0o644),
+        ]
+        if self.private_key is not None:
+            files += [(SSH_KEY_FILE, self.private_key, 0o600), (SSH_KEY_FILE + ".pub", self.public_key + "\n", 0o644)]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, text, mode in files:
+                info = zipfile.ZipInfo(folder + name, date_time=timezone.now().timetuple()[:6])
+                info.external_attr = (0o100000 | mode) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, text)
+        return buffer.getvalue()
+
+
+@transaction.atomic
+def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> SshAccess:
+    """An OpenSSH user certificate admitting ``user`` to ``cluster`` through the bastion, for the user's
+    own public key (we never see their private key) or, without one, for a fresh Ed25519 pair generated
+    here and only returned. Principal ``<cluster label>-<user>``, validity ACCESS_SSH_CERT_LIFETIME."""
+    from access import ssh
+
+    (chosen,) = clusters_authorize(user=user, clusters=[cluster])
+    gateway = _gateway("ssh", [chosen])
+    label = selectors.cluster_label(chosen)
+    username = user.get_username()
+    pair = None
+    if public_key:
+        try:
+            parsed = ssh.parse_public_key(public_key)
+        except ssh.SSHKeyRejected as exc:
+            raise BadPublicKey(str(exc)) from None
+        identity_file = _DEFAULT_IDENTITY.get(parsed.key_type, "~/.ssh/id_ecdsa")
+    else:
+        pair = ssh.generate_user_key(comment=f"virtcloud-{label}-{username}")
+        parsed = ssh.parse_public_key(pair.public_line)
+        identity_file = SSH_KEY_FILE
+    ca_key = _load(_authority(AuthorityKind.SSH_USER))
+    serial = serial_allocate("ssh-user")
+    now = _now()
+    lifetime = ssh_cert_lifetime()
+    hours = lifetime.total_seconds() / 3600
+    try:
+        certificate = ssh.issue_user_cert(
+            ca_key,
+            public_key=parsed,
+            user=username,
+            cluster=label,
+            serial=serial,
+            hours=hours,
+            max_hours=max(24.0, hours),
+            now=now,
+        )
+    except ssh.SSHCertError as exc:
+        raise AccessError(f"cannot certify {username} for cluster {label}: {exc}") from None
+    principal = ssh.principal(label, username)
+    credential = _record_credential(
+        kind=CredentialKind.SSH,
+        serial=serial,
+        user=user,
+        key_id=ssh.key_id(user=username, cluster=label, serial=serial, issued=now),
+        fingerprint=parsed.fingerprint,
+        clusters=[chosen],
+        start=now - ssh.CLOCK_SKEW,
+        end=now + lifetime,
+        principals=[principal],
+        generated_key=pair is not None,
+    )
+    config, known_hosts = ssh_config_render(cluster=chosen, gateway=gateway, identity_file=identity_file)
+    logger.info(
+        "access: issued SSH certificate serial=%s user=%s cluster=%s key=%s until=%s",
+        serial,
+        username,
+        label,
+        parsed.fingerprint,
+        credential.not_after.isoformat(),
+    )
+    return SshAccess(
+        credential=credential,
+        cluster_label=label,
+        principal=principal,
+        certificate=certificate,
+        public_key=pair.public_line if pair else parsed.line,
+        private_key=pair.private_openssh.decode() if pair else None,
+        ssh_config=config,
+        known_hosts=known_hosts,
+    )
+
+
+def ssh_host_certificate_issue(*, public_key: str, principals: Sequence[str], days: float = 365) -> str:
+    """A host certificate from the SSH host CA (the gateway's bastion, cluster nodes' sshd), so users
+    never see a host-key prompt."""
+    from access import ssh
+
+    ca_key = _load(_authority(AuthorityKind.SSH_HOST))
+    return ssh.issue_host_cert(
+        ca_key, public_key=public_key, principals=list(principals), serial=serial_allocate("ssh-host"), days=days
+    )
+
+
 # --- revocation ----------------------------------------------------------------------------------------------------
 
 
@@ -581,12 +773,15 @@ def _vlan_map() -> tuple[dict[str, int], list]:
 
 def ssh_principal(cluster, user) -> str:
     """The SSH principal admitting ``user`` to ``cluster`` (on the bastion: ``<cluster label>-<user>``)."""
-    return f"{selectors.cluster_label(cluster)}-{user.get_username()}"
+    from access import ssh
+
+    return ssh.principal(selectors.cluster_label(cluster), user.get_username())
 
 
 def _principals_map(clusters: Sequence) -> dict[str, dict]:
     from django.contrib.auth import get_user_model
 
+    from access import ssh
     from clusters.models import Node, NodeState
 
     users = get_user_model()
@@ -595,24 +790,29 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
     for u in users.objects.filter(groups__in=group_ids, is_active=True).prefetch_related("groups").distinct():
         for g in u.groups.all():
             members.setdefault(g.pk, []).append(u)
-    nodes: dict[int, list[str]] = {}
-    for cluster_id, name in (
-        Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).values_list("cluster_id", "name")
-    ):
-        nodes.setdefault(cluster_id, []).append(name)
+    nodes: dict[int, list] = {}
+    for node in Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).order_by("name"):
+        nodes.setdefault(node.cluster_id, []).append(node)
     out: dict[str, dict] = {}
     for cluster in clusters:
         people = {cluster.owner.pk: cluster.owner} if cluster.owner.is_active else {}
         for u in members.get(cluster.group_id, []):
             people[u.pk] = u
         label = selectors.cluster_label(cluster)
-        aliases = [f"{label}-{name}" for name in sorted(nodes.get(cluster.pk, []))]
+        principals = []
+        for u in people.values():
+            try:
+                principals.append(ssh_principal(cluster, u))
+            except ssh.SSHCertError:  # a user name that cannot be a principal gets no certificate either
+                continue
         out[label] = {
-            "principals": sorted(ssh_principal(cluster, u) for u in people.values()),
-            "nodes": aliases,
-            # The cluster's nodes by alias (the portal does not know the VMs' addresses; the bastion
-            # resolves the alias inside the cluster's network).
-            "permitopen": [f"{alias}:22" for alias in aliases],
+            "principals": sorted(principals),
+            "nodes": [
+                {"name": n.name, "alias": f"{label}-{n.name}", "address": _node_address(label, n)}
+                for n in nodes.get(cluster.pk, [])
+            ],
+            # Where the bastion lets these principals forward to (ProxyJump): the cluster's nodes only.
+            "targets": [[_node_address(label, n), 22] for n in nodes.get(cluster.pk, [])],
         }
     return out
 

@@ -232,7 +232,7 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     ssh = state["ssh"]["clusters"][cluster_label(cluster)]
     label = cluster_label(cluster)
     assert ssh["principals"] == [f"{label}-alice", f"{label}-bob"]
-    assert ssh["permitopen"] == [f"{label}-node1:22"]
+    assert ssh["targets"] == [[f"{label}-node1", 22]]
     assert state["ssh"]["clusters"][cluster_label(other_cluster)]["principals"] == [
         f"{cluster_label(other_cluster)}-charlie"
     ]
@@ -253,3 +253,123 @@ def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     assert after["vpn"]["revoked_sessions"] == [
         {"serial": credential.serial, "common_name": "alice", "revoked_at": credential.revoked_at.isoformat()}
     ]
+
+
+# --- SSH certificates ------------------------------------------------------------------------------------------------
+
+
+def _ssh_cert(line: str):
+    from access import ssh
+
+    return ssh.load_cert(line)
+
+
+def test_ssh_certificate_for_a_pasted_key(bob, cluster, gateway):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from access import ssh
+
+    user_key = ed25519.Ed25519PrivateKey.generate()
+    line = ssh.public_key_line(user_key, "bob@laptop")
+    issued = services.ssh_certificate_issue(user=bob, cluster=cluster.pk, public_key=line)
+    label = cluster_label(cluster)
+    assert issued.private_key is None
+    cert = _ssh_cert(issued.certificate)
+    assert cert.valid_principals == [f"{label}-bob".encode()]
+    assert cert.type == serialization.SSHCertificateType.USER
+    assert sorted(cert.extensions) == [b"permit-port-forwarding", b"permit-pty"]
+    assert cert.critical_options == {}
+    assert cert.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ) == user_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    ca_line = Authority.objects.get(kind=AuthorityKind.SSH_USER).public_key
+    cert.verify_cert_signature()
+    assert cert.signature_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode() == " ".join(ca_line.split()[:2])
+    hours = (cert.valid_before - cert.valid_after) / 3600
+    assert 12 <= hours <= 12.1  # the default lifetime plus the clock-skew back-dating
+    credential = issued.credential
+    assert credential.serial == cert.serial and credential.kind == "ssh"
+    assert cert.key_id.decode() == credential.key_id
+    assert credential.key_id.startswith(f"virtcloud:user=bob:cluster={label}:serial={cert.serial}:issued=")
+    assert credential.fingerprint == ssh.fingerprint(line)
+    assert int(credential.not_after.timestamp()) == cert.valid_before
+    assert "IdentityFile ~/.ssh/id_ed25519" in issued.ssh_config
+    assert f"Host {label}-node1" in issued.ssh_config
+    assert "HostName 198.18.100.1" in issued.ssh_config
+    host_ca = Authority.objects.get(kind=AuthorityKind.SSH_HOST).public_key
+    assert issued.known_hosts == f"@cert-authority * {' '.join(host_ca.split()[:2])}\n"
+
+
+def test_ssh_certificate_with_a_generated_key_is_not_stored(alice, cluster, gateway, settings):
+    settings.ACCESS_SSH_CERT_LIFETIME = 3600
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert issued.private_key.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert "<redacted>" in repr(issued)
+    cert = _ssh_cert(issued.certificate)
+    assert (cert.valid_before - cert.valid_after) == 3600 + 300
+    assert issued.credential.generated_key
+    body = issued.private_key.splitlines()[1]
+    with connection.cursor() as cur:
+        for table in connection.introspection.table_names():
+            cur.execute(f'SELECT * FROM "{table}"')  # noqa: S608
+            for row in cur.fetchall():
+                assert body not in repr(row), f"the generated private key is in table {table}"
+    import io
+    import zipfile
+
+    archive = zipfile.ZipFile(io.BytesIO(issued.zip_bytes()))
+    folder = f"virtcloud-{cluster_label(cluster)}/"
+    assert sorted(archive.namelist()) == sorted(
+        folder + n
+        for n in ("virtcloud.conf", "known_hosts", "id_virtcloud", "id_virtcloud.pub", "id_virtcloud-cert.pub")
+    )
+    assert (archive.getinfo(folder + "id_virtcloud").external_attr >> 16) & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("not a key", "unsupported key type"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----", "PRIVATE key"),
+        ("ssh-ed25519 AAAA!!!", "valid"),
+    ],
+)
+def test_ssh_bad_public_key_is_a_400(alice, cluster, gateway, key, message):
+    from access.errors import BadPublicKey
+
+    with pytest.raises(BadPublicKey, match=message) as info:
+        services.ssh_certificate_issue(user=alice, cluster=cluster, public_key=key)
+    assert info.value.status == 400 and info.value.field == "public_key"
+    assert not Credential.objects.exists()
+
+
+def test_ssh_refused_for_other_clusters(charlie, cluster, gateway):
+    with pytest.raises(NotAllowed):
+        services.ssh_certificate_issue(user=charlie, cluster=cluster)
+
+
+def test_krl_lists_revoked_ssh_certificates(alice, cluster, gateway, tmp_path):
+    import shutil
+    import subprocess
+
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    services.credential_revoke(credential=issued.credential, reason="key_compromise", by=alice)
+    other = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    krl = services.krl_current()
+    assert krl.startswith(b"SSHKRL\n\x00")
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen not installed")
+    (tmp_path / "krl").write_bytes(krl)
+    (tmp_path / "revoked-cert.pub").write_text(issued.certificate + "\n")
+    (tmp_path / "valid-cert.pub").write_text(other.certificate + "\n")
+    revoked = subprocess.run(
+        ["ssh-keygen", "-Q", "-f", tmp_path / "krl", tmp_path / "revoked-cert.pub"], capture_output=True, text=True
+    )
+    assert revoked.returncode != 0 and "REVOKED" in revoked.stdout
+    valid = subprocess.run(
+        ["ssh-keygen", "-Q", "-f", tmp_path / "krl", tmp_path / "valid-cert.pub"], capture_output=True, text=True
+    )
+    assert valid.returncode == 0, valid.stdout + valid.stderr

@@ -1,0 +1,1 @@
+"""REST API of the access service (mounted at ``api/access/``)."""

@@ -1,0 +1,104 @@
+"""Request and response shapes of the access API."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from access.models import Credential, RevocationReason
+
+
+class VpnProfileRequestSerializer(serializers.Serializer):
+    clusters = serializers.ListField(
+        child=serializers.IntegerField(min_value=1),
+        min_length=1,
+        max_length=50,
+        help_text="ids of the clusters the attribute certificate covers; the profile enters the first",
+    )
+    publish = serializers.BooleanField(
+        default=False, help_text="a long-lived profile for a router that bridges the cluster into your network"
+    )
+
+
+class SshCertificateRequestSerializer(serializers.Serializer):
+    cluster = serializers.IntegerField(min_value=1, help_text="id of the cluster")
+    public_key = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=16384,
+        help_text="your OpenSSH public key (one line); omit to get a fresh key pair (never stored)",
+    )
+
+
+class SshCertificateSerializer(serializers.Serializer):
+    credential = serializers.IntegerField(help_text="id of the credential record (for revocation)")
+    serial = serializers.IntegerField()
+    key_id = serializers.CharField()
+    principal = serializers.CharField()
+    valid_after = serializers.DateTimeField()
+    valid_before = serializers.DateTimeField()
+    certificate = serializers.CharField(help_text="OpenSSH user certificate (save as <key>-cert.pub)")
+    public_key = serializers.CharField()
+    private_key = serializers.CharField(
+        allow_null=True, help_text="only when the portal generated the key pair: save it now, it is not kept"
+    )
+    ssh_config = serializers.CharField(help_text="ssh_config snippet: ssh -F virtcloud.conf <cluster>-<node>")
+    known_hosts = serializers.CharField(help_text="the @cert-authority line (also inside ssh_config)")
+
+
+class CredentialSerializer(serializers.ModelSerializer):
+    user = serializers.CharField(source="user.username", read_only=True)
+    revoked_by = serializers.CharField(source="revoked_by.username", read_only=True, default=None)
+    clusters = serializers.SerializerMethodField()
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Credential
+        fields = [
+            "id",
+            "kind",
+            "serial",
+            "user",
+            "key_id",
+            "clusters",
+            "principals",
+            "published",
+            "generated_key",
+            "not_before",
+            "not_after",
+            "created_at",
+            "status",
+            "revoked_at",
+            "revocation_reason",
+            "revocation_note",
+            "revoked_by",
+        ]
+        read_only_fields = fields
+
+    def get_clusters(self, obj) -> list[str]:
+        return [c.label for c in obj.clusters.all()]
+
+    def get_status(self, obj) -> str:
+        if obj.revoked_at is not None:
+            return "revoked"
+        return "expired" if obj.not_after <= timezone.now() else "valid"
+
+
+class RevokeRequestSerializer(serializers.Serializer):
+    reason = serializers.ChoiceField(
+        choices=RevocationReason.choices,
+        required=False,
+        help_text="default: key_compromise for your own credential, privilege_withdrawn for an admin's action",
+    )
+    note = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+
+class GatewayStateSerializer(serializers.Serializer):
+    """The document a gateway pulls (see ``access.services.gateway_state``)."""
+
+    format = serializers.IntegerField()
+    gateway = serializers.CharField()
+    etag = serializers.CharField()
+    generated_at = serializers.DateTimeField()
+    vpn = serializers.DictField(required=False, help_text="ca, aa, crl, vlans, server_name, revoked_sessions")
+    ssh = serializers.DictField(required=False, help_text="account, user_ca, host_ca, krl (base64), clusters")

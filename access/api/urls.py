@@ -1,0 +1,17 @@
+"""Access API routes; included by ``portal.urls`` at ``api/access/``."""
+
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from access.api import views
+
+router = SimpleRouter(trailing_slash=True)
+router.register("credentials", views.CredentialViewSet, basename="access-credential")
+
+urlpatterns = [
+    path("vpn-profiles/", views.VpnProfileView.as_view(), name="access-vpn-profiles"),
+    path("ssh-certificates/", views.SshCertificateView.as_view(), name="access-ssh-certificates"),
+    path("gateway/state/", views.GatewayStateView.as_view(), name="access-gateway-state"),
+    path("crl.pem", views.CrlView.as_view(), name="access-crl"),
+    *router.urls,
+]

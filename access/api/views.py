@@ -1,0 +1,199 @@
+"""Access endpoints for users' scripts, the browser and gateways. Thin: validate, call one service,
+answer. Profiles and generated keys are answered with ``Cache-Control: no-store`` and never logged."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, permissions, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from access import selectors, services
+from access.api import serializers as s
+from access.models import Gateway, RevocationReason
+from portal.models import ApiToken, TokenScope
+
+ERRORS = {
+    400: OpenApiResponse(description="invalid input (field-level messages), e.g. an unreadable public key"),
+    401: OpenApiResponse(description="not authenticated"),
+    403: OpenApiResponse(description="a cluster you may not enter, or the token lacks the scope"),
+    404: OpenApiResponse(description="no such credential (or not yours)"),
+    409: OpenApiResponse(description="the cluster's network is not up (not READY), or the cluster is public"),
+    503: OpenApiResponse(description="no access gateway of this kind is configured"),
+}
+ISSUE_SCOPES = {"write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE)}
+READ_SCOPES = {
+    "read": (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
+    "write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
+}
+
+
+def _errors(*codes):
+    return {c: ERRORS[c] for c in codes}
+
+
+def _no_store(response):
+    # A profile or a generated key must not stay in a browser or proxy cache.
+    response["Cache-Control"] = "no-store"
+    response["Pragma"] = "no-cache"
+    return response
+
+
+class VpnProfileView(APIView):
+    """Issue an OpenVPN profile (.ovpn) for clusters you may enter."""
+
+    required_scopes = ISSUE_SCOPES
+
+    @extend_schema(
+        request=s.VpnProfileRequestSerializer,
+        responses={
+            (200, "application/x-openvpn-profile"): OpenApiResponse(
+                OpenApiTypes.BINARY,
+                description="the .ovpn as a download (Content-Disposition); contains your private key",
+            ),
+            **_errors(400, 401, 403, 409, 503),
+        },
+    )
+    def post(self, request):
+        data = s.VpnProfileRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        profile = services.vpn_profile_issue(
+            user=request.user, clusters=data.validated_data["clusters"], publish=data.validated_data["publish"]
+        )
+        response = HttpResponse(profile.text, content_type="application/x-openvpn-profile")
+        response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'
+        response["X-Credential-Id"] = str(profile.credential.pk)
+        return _no_store(response)
+
+
+class SshCertificateView(APIView):
+    """Sign an OpenSSH user certificate for one cluster (your key, or a fresh key pair)."""
+
+    required_scopes = ISSUE_SCOPES
+
+    @extend_schema(
+        request=s.SshCertificateRequestSerializer,
+        responses={201: s.SshCertificateSerializer, **_errors(400, 401, 403, 409, 503)},
+    )
+    def post(self, request):
+        data = s.SshCertificateRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        issued = services.ssh_certificate_issue(
+            user=request.user,
+            cluster=data.validated_data["cluster"],
+            public_key=data.validated_data.get("public_key") or None,
+        )
+        return _no_store(Response(s.SshCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED))
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=["vpn", "ssh"]),
+            OpenApiParameter("status", OpenApiTypes.STR, enum=["valid", "revoked", "expired"]),
+            OpenApiParameter("user", OpenApiTypes.STR, description="user name (admins)"),
+        ],
+        responses={200: s.CredentialSerializer(many=True), **_errors(401, 403)},
+    ),
+    retrieve=extend_schema(responses={200: s.CredentialSerializer, **_errors(401, 403, 404)}),
+)
+class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Your credentials (admins: everyone's); revoke one ("I lost my laptop")."""
+
+    serializer_class = s.CredentialSerializer
+    required_scopes = READ_SCOPES
+
+    def get_queryset(self):
+        from django.utils import timezone
+
+        qs = selectors.credentials_visible(self.request.user)
+        params = self.request.query_params
+        if params.get("kind"):
+            qs = qs.filter(kind=params["kind"])
+        if params.get("user"):
+            qs = qs.filter(user__username=params["user"])
+        state = params.get("status")
+        if state == "revoked":
+            qs = qs.filter(revoked_at__isnull=False)
+        elif state == "valid":
+            qs = qs.live(timezone.now())
+        elif state == "expired":
+            qs = qs.filter(revoked_at__isnull=True, not_after__lte=timezone.now())
+        return qs
+
+    @extend_schema(request=s.RevokeRequestSerializer, responses={200: s.CredentialSerializer, **_errors(400, 401, 404)})
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None):
+        credential = get_object_or_404(selectors.credentials_visible(request.user), pk=pk)
+        data = s.RevokeRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        own = credential.user_id == request.user.pk
+        default = RevocationReason.KEY_COMPROMISE if own else RevocationReason.PRIVILEGE_WITHDRAWN
+        services.credential_revoke(
+            credential=credential,
+            reason=data.validated_data.get("reason", default),
+            by=request.user,
+            note=data.validated_data.get("note") or f"revoked through the API by {request.user.get_username()}",
+        )
+        credential = selectors.credentials_visible(request.user).get(pk=credential.pk)
+        return Response(self.get_serializer(credential).data)
+
+
+class IsGatewayToken(permissions.BasePermission):
+    """An enabled gateway's own API token with the ``gateway:pull`` scope (sessions are not enough)."""
+
+    message = "Only an enabled access gateway's token (scope gateway:pull) may pull gateway state."
+
+    def has_permission(self, request, view) -> bool:
+        token = request.auth
+        if not isinstance(token, ApiToken) or not token.has_scope(TokenScope.GATEWAY):
+            return False
+        view.gateway = Gateway.objects.filter(token=token, enabled=True).first()
+        return view.gateway is not None
+
+
+def _etags(header: str) -> set[str]:
+    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
+
+
+class GatewayStateView(APIView):
+    """What a gateway needs to authorize offline: CA/AA certificates, CRL, KRL, VLAN map, principals."""
+
+    permission_classes = [permissions.IsAuthenticated, IsGatewayToken]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("If-None-Match", OpenApiTypes.STR, OpenApiParameter.HEADER)],
+        responses={
+            200: s.GatewayStateSerializer,
+            304: OpenApiResponse(description="unchanged since the ETag the gateway sent"),
+            401: ERRORS[401],
+            403: OpenApiResponse(description="not an enabled gateway's token with scope gateway:pull"),
+        },
+    )
+    def get(self, request):
+        state = services.gateway_state(gateway=self.gateway)
+        etag = f'"{state["etag"]}"'
+        if state["etag"] in _etags(request.headers.get("If-None-Match", "")):
+            response = Response(status=status.HTTP_304_NOT_MODIFIED)
+        else:
+            response = Response(state)
+        response["ETag"] = etag
+        response["Cache-Control"] = "no-cache"
+        return response
+
+
+class CrlView(APIView):
+    """The VPN CA's current CRL (public, like any CRL distribution point)."""
+
+    authentication_classes: list = []
+    permission_classes = [permissions.AllowAny]
+
+    @extend_schema(responses={(200, "application/x-pem-file"): OpenApiTypes.STR})
+    def get(self, request):
+        response = HttpResponse(services.crl_current(), content_type="application/x-pem-file")
+        response["Cache-Control"] = "public, max-age=60"
+        return response
