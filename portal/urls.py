@@ -20,6 +20,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("clusters.api.urls")),
     path("api/network/", include("network.api.urls")),
+    path("api/access/", include("access.api.urls")),
+    path("access/", include("access.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]

@@ -51,6 +51,7 @@ class CredentialSerializer(serializers.ModelSerializer):
     revoked_by = serializers.CharField(source="revoked_by.username", read_only=True, default=None)
     clusters = serializers.SerializerMethodField()
     status = serializers.SerializerMethodField()
+    revocation_reason = serializers.CharField(read_only=True, help_text="see the revoke request's reasons")
 
     class Meta:
         model = Credential

@@ -1,0 +1,33 @@
+"""Forms of the "my clusters" page: which clusters a VPN profile covers, an SSH key, a revocation."""
+
+from __future__ import annotations
+
+from django import forms
+
+
+class VpnProfileForm(forms.Form):
+    clusters = forms.TypedMultipleChoiceField(
+        coerce=int, widget=forms.CheckboxSelectMultiple, error_messages={"required": "Choose at least one cluster."}
+    )
+    publish = forms.BooleanField(
+        required=False,
+        label="Publish profile (long-lived, for a router that bridges the cluster into your own network)",
+    )
+
+    def __init__(self, *args, clusters=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["clusters"].choices = [(c.pk, c.name) for c in clusters]
+
+
+class SshCertificateForm(forms.Form):
+    cluster = forms.TypedChoiceField(coerce=int)
+    public_key = forms.CharField(
+        required=False,
+        max_length=16384,
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA... (leave empty to generate a key)"}),
+        label="Your public key (optional)",
+    )
+
+    def __init__(self, *args, clusters=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["cluster"].choices = [(c.pk, c.name) for c in clusters]

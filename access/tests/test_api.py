@@ -1,0 +1,207 @@
+"""Access API: downloads, statuses for what a user can get wrong, scopes, gateway pull with ETag."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+from rest_framework.test import APIClient
+
+from access import services
+from access.models import Authority, AuthorityKind, Credential
+from access.selectors import cluster_label
+from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
+from access.tests.profile_check import parse_profile
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user=None, token: str | None = None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    if token:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client
+
+
+def aa_pem() -> str:
+    return Authority.objects.get(kind=AuthorityKind.AA).certificate
+
+
+def test_vpn_profile_download(bob, cluster, gateway):
+    response = client_for(bob).post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == "application/x-openvpn-profile"
+    assert response["Cache-Control"] == "no-store"
+    assert response["Content-Disposition"] == f'attachment; filename="virtcloud-{cluster_label(cluster)}.ovpn"'
+    parsed = parse_profile(response.content.decode(), aa_pem=aa_pem())
+    assert parsed.fqans == [f"/virtcloud/{cluster_label(cluster)}/Role=member"]
+    assert response["X-Credential-Id"] == str(Credential.objects.get(serial=parsed.cert.serial_number).pk)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        ({"clusters": []}, 400, None),
+        ({"clusters": ["x"]}, 400, None),
+        ({}, 400, None),
+    ],
+)
+def test_vpn_profile_bad_input_is_400(alice, cluster, gateway, payload, status, code):
+    response = client_for(alice).post("/api/access/vpn-profiles/", payload, format="json")
+    assert response.status_code == status
+    assert "clusters" in response.json()
+
+
+def test_vpn_profile_statuses(alice, charlie, team, cluster, other_cluster, gateway):
+    api = client_for(alice)
+    response = api.post("/api/access/vpn-profiles/", {"clusters": [other_cluster.pk]}, format="json")
+    assert response.status_code == 403
+    assert response.json()["code"] == "forbidden"
+    provisioning = make_cluster(alice, name="new", state="provisioning")
+    response = api.post("/api/access/vpn-profiles/", {"clusters": [provisioning.pk]}, format="json")
+    assert response.status_code == 409
+    assert "new" in response.json()["detail"]
+    gateway.delete()
+    response = api.post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
+    assert response.status_code == 503
+    assert not Credential.objects.exists()
+    assert client_for().post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json").status_code in (
+        401,
+        403,
+    )
+
+
+def test_token_scopes(alice, cluster, gateway):
+    _, read_only = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
+    _, writer = token_create(user=alice, name="rw", scopes=[TokenScope.CLUSTERS_WRITE])
+    payload = {"clusters": [cluster.pk]}
+    assert client_for(token=read_only).post("/api/access/vpn-profiles/", payload, format="json").status_code == 403
+    assert client_for(token=read_only).get("/api/access/credentials/").status_code == 200
+    assert client_for(token=writer).post("/api/access/vpn-profiles/", payload, format="json").status_code == 200
+
+
+def test_ssh_certificate_endpoint(alice, cluster, gateway):
+    from access import ssh
+
+    response = client_for(alice).post("/api/access/ssh-certificates/", {"cluster": cluster.pk}, format="json")
+    assert response.status_code == 201, response.content
+    assert response["Cache-Control"] == "no-store"
+    body = response.json()
+    assert body["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert body["principal"] == f"{cluster_label(cluster)}-alice"
+    assert ssh.load_cert(body["certificate"]).valid_principals == [body["principal"].encode()]
+    assert f"Host {cluster_label(cluster)}-*" in body["ssh_config"]
+    assert body["known_hosts"].startswith("@cert-authority * ")
+
+    pasted = ssh.generate_user_key().public_line
+    response = client_for(alice).post(
+        "/api/access/ssh-certificates/", {"cluster": cluster.pk, "public_key": pasted}, format="json"
+    )
+    assert response.status_code == 201
+    assert response.json()["private_key"] is None
+
+
+def test_ssh_certificate_statuses(alice, cluster, other_cluster, gateway):
+    api = client_for(alice)
+    bad = api.post(
+        "/api/access/ssh-certificates/", {"cluster": cluster.pk, "public_key": "ssh-dss AAAA"}, format="json"
+    )
+    assert bad.status_code == 400
+    assert "DSA" in bad.json()["public_key"][0]
+    assert api.post("/api/access/ssh-certificates/", {"cluster": other_cluster.pk}, format="json").status_code == 403
+    ending = make_cluster(alice, name="bye", state="tearing_down")
+    assert api.post("/api/access/ssh-certificates/", {"cluster": ending.pk}, format="json").status_code == 409
+
+
+def test_credentials_list_and_revoke(alice, bob, root, cluster, gateway, django_assert_max_num_queries):
+    for user in (alice, alice, bob):
+        services.vpn_profile_issue(user=user, clusters=[cluster])
+    services.ssh_certificate_issue(user=alice, cluster=cluster)
+    with django_assert_max_num_queries(6):
+        mine = client_for(alice).get("/api/access/credentials/").json()
+    assert mine["count"] == 3
+    assert {c["user"] for c in mine["results"]} == {"alice"}
+    assert {c["kind"] for c in mine["results"]} == {"vpn", "ssh"}
+    assert all(c["status"] == "valid" and c["clusters"] == [cluster_label(cluster)] for c in mine["results"])
+    with django_assert_max_num_queries(6):
+        everyone = client_for(root).get("/api/access/credentials/").json()
+    assert everyone["count"] == 4
+    assert client_for(alice).get("/api/access/credentials/?kind=ssh").json()["count"] == 1
+
+    bobs = Credential.objects.get(user=bob)
+    # Not yours: not even visible.
+    assert client_for(alice).post(f"/api/access/credentials/{bobs.pk}/revoke/").status_code == 404
+    response = client_for(bob).post(f"/api/access/credentials/{bobs.pk}/revoke/", {}, format="json")
+    assert response.status_code == 200
+    assert response.json()["status"] == "revoked"
+    assert response.json()["revocation_reason"] == "key_compromise"
+    assert response.json()["revoked_by"] == "bob"
+    # An admin revokes anyone's; the default reason says it was withdrawn.
+    theirs = Credential.objects.filter(user=alice).first()
+    response = client_for(root).post(f"/api/access/credentials/{theirs.pk}/revoke/", {"note": "audit"}, format="json")
+    assert response.json()["revocation_reason"] == "privilege_withdrawn"
+    assert response.json()["revocation_note"] == "audit"
+    bad = client_for(root).post(f"/api/access/credentials/{theirs.pk}/revoke/", {"reason": "bored"}, format="json")
+    assert bad.status_code == 400
+    assert client_for(alice).get("/api/access/credentials/?status=revoked").json()["count"] == 1
+
+
+def test_public_crl(alice, cluster, gateway):
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    response = client_for().get("/api/access/crl.pem")
+    assert response.status_code == 200
+    crl = x509.load_pem_x509_crl(response.content)
+    assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
+
+
+def test_gateway_state_needs_the_gateways_own_token(alice, root, cluster, gateway):
+    _, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = root.api_tokens.get()
+    gateway.save()
+    _, other_scope = token_create(user=root, name="not-gw", scopes=[TokenScope.CLUSTERS_MANAGE])
+    _, unlinked = token_create(user=root, name="gw-unlinked", scopes=[TokenScope.GATEWAY])
+    assert client_for(root).get("/api/access/gateway/state/").status_code == 403  # a session is not a gateway
+    assert client_for(token=other_scope).get("/api/access/gateway/state/").status_code == 403
+    assert client_for(token=unlinked).get("/api/access/gateway/state/").status_code == 403
+    # A gateway token cannot issue profiles for its user.
+    payload = {"clusters": [cluster.pk]}
+    assert client_for(token=secret).post("/api/access/vpn-profiles/", payload, format="json").status_code == 403
+
+    response = client_for(token=secret).get("/api/access/gateway/state/")
+    assert response.status_code == 200
+    state = response.json()
+    assert state["vpn"]["vlans"] == {cluster_label(cluster): cluster.vlan_id}
+    assert response["ETag"] == f'"{state["etag"]}"'
+    unchanged = client_for(token=secret).get("/api/access/gateway/state/", HTTP_IF_NONE_MATCH=response["ETag"])
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    services.credential_revoke(credential=Credential.objects.get(), reason="key_compromise", by=alice)
+    changed = client_for(token=secret).get("/api/access/gateway/state/", HTTP_IF_NONE_MATCH=response["ETag"])
+    assert changed.status_code == 200
+    assert changed.json()["vpn"]["revoked_sessions"][0]["common_name"] == "alice"
+    gateway.enabled = False
+    gateway.save()
+    assert client_for(token=secret).get("/api/access/gateway/state/").status_code == 403
+
+
+def test_schema_documents_every_endpoint(root):
+    response = client_for(root).get("/api/schema/", HTTP_ACCEPT="application/json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    for path, method, codes in [
+        ("/api/access/vpn-profiles/", "post", {"200", "400", "403", "409", "503"}),
+        ("/api/access/ssh-certificates/", "post", {"201", "400", "403", "409"}),
+        ("/api/access/credentials/", "get", {"200"}),
+        ("/api/access/credentials/{id}/revoke/", "post", {"200", "404"}),
+        ("/api/access/gateway/state/", "get", {"200", "304", "403"}),
+        ("/api/access/crl.pem", "get", {"200"}),
+    ]:
+        assert codes <= set(paths[path][method]["responses"]), path
+    assert "application/x-openvpn-profile" in paths["/api/access/vpn-profiles/"]["post"]["responses"]["200"]["content"]

@@ -1,0 +1,103 @@
+"""The "my clusters" page with Django's test client: what a logged-in user sees and downloads."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from django.test import Client
+
+from access.models import Authority, AuthorityKind, Credential
+from access.selectors import cluster_label
+from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
+from access.tests.profile_check import parse_profile
+
+pytestmark = pytest.mark.django_db
+
+
+def logged_in(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_page_needs_login(cluster):
+    response = Client().get("/access/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/")
+
+
+def test_page_lists_enterable_clusters_and_the_client_note(alice, bob, charlie, team, cluster, other_cluster, gateway):
+    provisioning = make_cluster(alice, name="soon", state="provisioning")
+    page = logged_in(bob).get("/access/").content.decode()
+    assert cluster_label(cluster) in page
+    assert cluster_label(other_cluster) not in page
+    assert "OpenVPN 2.x" in page and "OpenVPN Connect" in page and "Android" in page
+    assert f"ssh -F virtcloud.conf {cluster_label(cluster)}-node1" in page
+    assert 'href="/access/"' in page  # the nav link
+    alice_page = logged_in(alice).get("/access/").content.decode()
+    assert "soon" in alice_page and "not enterable yet" in alice_page
+    assert f'value="{provisioning.pk}"' not in alice_page  # no checkbox for it
+    charlie_page = logged_in(charlie).get("/access/").content.decode()
+    assert cluster_label(cluster) not in charlie_page
+
+
+def test_vpn_download_from_the_page(bob, cluster, gateway):
+    response = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    assert response["Content-Disposition"].startswith("attachment;")
+    aa = Authority.objects.get(kind=AuthorityKind.AA).certificate
+    assert parse_profile(response.content.decode(), aa_pem=aa).fqans == [
+        f"/virtcloud/{cluster_label(cluster)}/Role=member"
+    ]
+
+
+def test_vpn_download_for_a_foreign_cluster_is_refused_with_a_message(charlie, cluster, gateway):
+    client = logged_in(charlie)
+    response = client.post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
+    assert response.redirect_chain[-1][0] == "/access/"
+    assert "Select a valid choice" in response.content.decode()
+    assert not Credential.objects.exists()
+
+
+def test_no_gateway_is_a_message_not_a_500(alice, cluster):
+    response = logged_in(alice).post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
+    assert "no enabled OpenVPN access gateway" in response.content.decode()
+
+
+def test_ssh_zip_download(alice, cluster, gateway):
+    response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": ""})
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/zip"
+    assert response["Cache-Control"] == "no-store"
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    config = archive.read(f"virtcloud-{cluster_label(cluster)}/virtcloud.conf").decode()
+    assert f"Host {cluster_label(cluster)}-*" in config and "ProxyJump" in config
+
+
+def test_ssh_bad_key_is_a_message(alice, cluster, gateway):
+    response = logged_in(alice).post(
+        "/access/ssh/", {"cluster": cluster.pk, "public_key": "ssh-rsa AAAAB3Nza"}, follow=True
+    )
+    assert response.status_code == 200
+    assert "not a valid OpenSSH public key (ssh-rsa)" in response.content.decode()
+    assert not Credential.objects.exists()
+
+
+def test_lost_my_laptop(alice, bob, cluster, gateway):
+    client = logged_in(alice)
+    client.post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    credential = Credential.objects.get()
+    page = client.get("/access/").content.decode()
+    assert f'data-serial="{credential.serial}"' in page and "Revoke (lost my laptop)" in page
+    # Someone else cannot revoke it.
+    assert logged_in(bob).post(f"/access/credentials/{credential.pk}/revoke/").status_code == 404
+    response = client.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
+    assert "Revoked" in response.content.decode()
+    credential.refresh_from_db()
+    assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
+    # GET does nothing.
+    assert client.get(f"/access/credentials/{credential.pk}/revoke/").status_code == 405

@@ -1,0 +1,107 @@
+"""The "my clusters" page: VPN profile and SSH downloads, and the user's credentials with "I lost my
+laptop". Thin: a form, one service call, a file response or a message."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from access import selectors, services
+from access.errors import AccessError
+from access.forms import SshCertificateForm, VpnProfileForm
+from access.models import RevocationReason
+
+PAGE = "access:my-clusters"
+
+
+def _attachment(content: str | bytes, *, filename: str, content_type: str) -> HttpResponse:
+    response = HttpResponse(content, content_type=content_type)
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Cache-Control"] = "no-store"  # it carries a private key
+    return response
+
+
+def _form_errors(request, form) -> None:
+    for errors in form.errors.values():
+        for error in errors:
+            messages.error(request, error)
+
+
+@require_GET
+@login_required
+@never_cache
+def my_clusters(request):
+    user = request.user
+    enterable = list(selectors.clusters_user_may_enter(user))
+    enterable_ids = {c.pk for c in enterable}
+    clusters = [
+        {"cluster": c, "label": selectors.cluster_label(c), "enterable": c.pk in enterable_ids}
+        for c in selectors.clusters_user_may_see(user)
+    ]
+    credentials = selectors.credentials_visible(user).filter(user=user)[:50]
+    return render(
+        request,
+        "access/my_clusters.html",
+        {
+            "clusters": clusters,
+            "enterable": enterable,
+            "vpn_form": VpnProfileForm(clusters=enterable),
+            "ssh_form": SshCertificateForm(clusters=enterable),
+            "credentials": credentials,
+            "example_host": f"{selectors.cluster_label(enterable[0])}-node1" if enterable else "<cluster>-node1",
+        },
+    )
+
+
+@require_POST
+@login_required
+def vpn_profile_download(request):
+    form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
+    if not form.is_valid():
+        _form_errors(request, form)
+        return redirect(PAGE)
+    try:
+        profile = services.vpn_profile_issue(
+            user=request.user, clusters=form.cleaned_data["clusters"], publish=form.cleaned_data["publish"]
+        )
+    except AccessError as exc:
+        messages.error(request, exc.message)
+        return redirect(PAGE)
+    return _attachment(profile.text, filename=profile.filename, content_type="application/x-openvpn-profile")
+
+
+@require_POST
+@login_required
+def ssh_download(request):
+    form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
+    if not form.is_valid():
+        _form_errors(request, form)
+        return redirect(PAGE)
+    try:
+        issued = services.ssh_certificate_issue(
+            user=request.user, cluster=form.cleaned_data["cluster"], public_key=form.cleaned_data["public_key"] or None
+        )
+    except AccessError as exc:
+        messages.error(request, exc.message)
+        return redirect(PAGE)
+    return _attachment(issued.zip_bytes(), filename=issued.zip_name, content_type="application/zip")
+
+
+@require_POST
+@login_required
+def credential_revoke(request, pk: int):
+    credential = get_object_or_404(selectors.credentials_visible(request.user).filter(user=request.user), pk=pk)
+    if services.credential_revoke(
+        credential=credential,
+        reason=RevocationReason.KEY_COMPROMISE,
+        by=request.user,
+        note=f"{request.user.get_username()}: lost my laptop",
+    ):
+        messages.success(request, f"Revoked {credential}. Gateways refuse it from their next pull (minutes).")
+    else:
+        messages.info(request, f"{credential} was already revoked.")
+    return redirect(PAGE)
