@@ -113,17 +113,21 @@ def iperf(lab: Lab, server: str, client: str, server_ip: str, *, seconds: float 
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(50):
-            cli = subprocess.run(
-                ["ip", "netns", "exec", _netns(lab, client), "iperf3", "-J", "-c", server_ip, "-t", f"{seconds:g}"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if cli.returncode == 0:
-                return float(json.loads(cli.stdout)["end"]["sum_received"]["bits_per_second"])
-            time.sleep(0.05)  # the server is not listening yet
-        raise LabError(f"iperf3 {client} → {server_ip} failed: {cli.stdout[-300:]} {cli.stderr[-300:]}")
+        for _ in range(100):  # until the server listens (a client refused early would fail the run)
+            ss = ["ip", "netns", "exec", _netns(lab, server), "ss", "-Hltn", "sport = :5201"]
+            if subprocess.run(ss, capture_output=True, text=True, check=False).stdout.strip():
+                break
+            time.sleep(0.02)
+        cli = subprocess.run(
+            ["ip", "netns", "exec", _netns(lab, client), "iperf3", "-J", "-c", server_ip, "-t", f"{seconds:g}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            return float(json.loads(cli.stdout)["end"]["sum_received"]["bits_per_second"])
+        except (ValueError, KeyError):
+            raise LabError(f"iperf3 {client} → {server_ip} failed: {cli.stdout[-400:]} {cli.stderr[-200:]}") from None
     finally:
         srv.kill()
         srv.wait()

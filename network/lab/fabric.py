@@ -52,6 +52,9 @@ from network.lab.topology import Topology, TopologyError, from_dict
 RUN_ROOT = Path(os.environ.get("VIRTCLOUD_LAB_DIR", "/run/virtcloud-lab"))
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 DAEMONS = ("ovsdb-server", "ovs-vswitchd")
+# Trunks carry up to two tags (8 bytes) on top of a VM's 1500-byte frames; like an operator's "baby giant"
+# core MTU, every lab link but a VM's own eth0 is larger, else full-size QinQ frames are dropped on the veth.
+TRUNK_MTU = 1600
 _NO_IPV6 = "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
 
 
@@ -301,9 +304,8 @@ class Lab:
         """(netns, interface) of a VM name, a VM namespace, or an interface in the OVS namespace."""
         if where in self.state["vms"]:
             return self.state["vms"][where]["netns"], "eth0"
-        for vm in self.state["vms"].values():
-            if where == vm["netns"]:
-                return where, "eth0"
+        if _ours(where, self.prefix) and where not in (self.ovs_ns, self.gw_ns):
+            return where, "eth0"  # a VM namespace (also one made by hand with the prefix, e.g. a baseline)
         return self.ovs_ns, where
 
     # --- life cycle ---------------------------------------------------------------------------------------------
@@ -566,9 +568,11 @@ def _build(lab: Lab, topo: Topology) -> None:
     lines = []
     for a, b in links:
         peer, _, netns = b.partition("@")
-        lines.append(f"link add {a} type veth peer name {peer}" + (f" netns {netns}" if netns else ""))
+        lines.append(f"link add {a} mtu {TRUNK_MTU} type veth peer name {peer} mtu {TRUNK_MTU}")
         lines.append(f"link set {a} up")
-        if not netns:
+        if netns:
+            lines.append(f"link set {peer} netns {netns}")
+        else:
             lines.append(f"link set {peer} up")
     ip_batch(lines, ovs_ns)
     ip_batch(gw_lines, gw_ns if has_gw else None)

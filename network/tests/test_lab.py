@@ -319,3 +319,10 @@ def topology_path(directory):
     path = directory / "topology.json"
     path.write_text(json.dumps(topology.generate(sites=2, hosts_per_site=1).as_dict()))
     return path
+
+
+def test_full_size_frames_cross_the_qinq_core(lab, clusters):
+    """1500-byte IP packets carry two tags on the provider links: the lab's trunks must take them (a VM's
+    TCP stalls otherwise while small pings pass)."""
+    argv = ["ip", "netns", "exec", clusters["a0"].netns, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1472"]
+    assert subprocess.run([*argv, own_ip("a", 5)], capture_output=True).returncode == 0
