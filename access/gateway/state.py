@@ -1,6 +1,6 @@
 """The gateway's state directory: what the portal publishes and the gateway pulls, and where it lives.
 
-Layout (one directory, owned by the gateway's service user, mode 0700)::
+Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd reads it as the login user)::
 
     <state>/
       vpn/ca.pem           client CA certificate (OpenVPN ``ca``)
@@ -85,8 +85,12 @@ class SshState:
         return self.principals_dir / account
 
     def ensure_dirs(self) -> None:
+        # 0755: sshd reads the principals file as the *target* account (a no-login user), and StrictModes
+        # wants root-owned, non-writable directories. Only the host key inside is secret (0600).
+        self.root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in (self.root, self.principals_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(d, 0o755)  # noqa: S103 - public files only, see above
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,11 @@ from access.gateway.state import VpnState, vlan_map_json, write_atomic
 from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
-pytestmark = [pytest.mark.skipif(bool(_skip), reason=_skip or ""), pytest.mark.lab]
+
+
+def needs_lab(fn):
+    return pytest.mark.lab(pytest.mark.skipif(bool(_skip), reason=_skip or "")(fn))
+
 
 GW_ADDR, CL_ADDR = "198.18.250.1", "198.18.250.2"
 SERVER_NAME = "gw1.virtcloud.test"
@@ -207,6 +212,7 @@ def _tagged_frame_seen(lab, dev: str, vid: int, addr: str) -> str:
     return out
 
 
+@needs_lab
 def test_authorized_cluster_connects_on_its_vlan(lab):
     text, serial = lab.profile("alice", "c42", fqans=[attrcerts.fqan("c42"), attrcerts.fqan("c43")], dev="vct1")
     proc, log, ms = _connect_ok(lab, text, "alice-c42")
@@ -225,6 +231,7 @@ def test_authorized_cluster_connects_on_its_vlan(lab):
     stop(proc2, kill=True)
 
 
+@needs_lab
 def test_unauthorized_cluster_gets_auth_failed(lab):
     # An AC for c42 only, asking for c43 (which exists on the gateway).
     text, serial = lab.profile("bob", "c43", fqans=[attrcerts.fqan("c42")], dev="vct3")
@@ -234,6 +241,7 @@ def test_unauthorized_cluster_gets_auth_failed(lab):
     stop(proc, kill=True)
 
 
+@needs_lab
 def test_cluster_without_vlan_refused(lab):
     text, serial = lab.profile("bob", "c99", dev="vct4")  # AC grants c99, but the gateway map has no c99
     proc, log, _ = _start_client(lab, text, "bob-c99")
@@ -242,6 +250,7 @@ def test_cluster_without_vlan_refused(lab):
     stop(proc, kill=True)
 
 
+@needs_lab
 @pytest.mark.parametrize(
     ("ac", "reason"),
     [
@@ -260,6 +269,7 @@ def test_bad_ac_refused_at_tls(lab, ac, reason):
     stop(proc, kill=True)
 
 
+@needs_lab
 def test_revoked_certificate_refused(lab):
     text, serial = lab.profile("erin", "c42", dev="vct6")
     lab.revoke(serial)
@@ -270,6 +280,7 @@ def test_revoked_certificate_refused(lab):
     stop(proc, kill=True)
 
 
+@needs_lab
 def test_management_kill_cuts_live_session_of_revoked_user(lab):
     text, serial = lab.profile("dave", "c42", dev="vct7")
     proc, log, _ = _connect_ok(lab, text, "dave")
@@ -290,6 +301,7 @@ def test_management_kill_cuts_live_session_of_revoked_user(lab):
     stop(again, kill=True)
 
 
+@needs_lab
 def test_hook_timing(lab):
     """Run both hooks as OpenVPN does (fresh interpreter each time) and report per-call milliseconds."""
     text, serial = lab.profile("frank", "c42", dev="vct8")
@@ -326,3 +338,147 @@ def test_hook_timing(lab):
     assert verify_ms < 1000 and connect_ms < 1000
     cached = json.loads(next(lab.state.ac_cache.glob(fp.replace(":", "").lower() + ".json")).read_text())
     assert cached["clusters"] == {"c42": "member"}
+
+
+@needs_lab
+def test_publish_profile_connects_with_its_named_tap(lab):
+    text, serial = lab.profile("gina", "c43", dev="vct9")
+    text = text.replace("dev vct9\n", "")  # let the publish renderer pick the name below
+    pub = openvpn.render_client_profile(
+        cluster="c43",
+        remote=(GW_ADDR, 1194),
+        server_name=SERVER_NAME,
+        ca_pem=lab.ca.cert_pem(),
+        cert_pem=text.split("<cert>\n", 1)[1].split("\n</cert>", 1)[0],
+        key_pem=text.split("<key>\n", 1)[1].split("\n</key>", 1)[0],
+        tls_crypt_key=lab.tls_crypt,
+        publish=True,
+    )
+    assert "persist-tun" in pub and "dev vc-c43" in pub
+    proc, log, _ = _connect_ok(lab, pub, "gina-publish")
+    assert "TUN/TAP device vc-c43 opened" in read(log)
+    _server_says(lab, f"ACCEPT cn=gina serial={serial}: cluster c43 -> vlan-pvid 143")
+    stop(proc, kill=True)
+
+
+# ---- the hooks' decisions without OpenVPN (fast, no root) -------------------------------------------------------
+
+FP = "ab" * 32
+
+
+def _state(tmp_path, clusters=None, vlans=VLANS, not_after=None):
+    st = VpnState.at(tmp_path)
+    st.ensure_dirs()
+    if vlans is not None:
+        write_atomic(st.vlans, vlan_map_json(vlans, generated_at="now"))
+    if clusters is not None:
+        entry = {
+            "serial": 5,
+            "subject": "CN=alice",
+            "ac_serial": 5,
+            "fqans": [],
+            "clusters": clusters,
+            "not_after": not_after or time.time() + 3600,
+        }
+        write_atomic(st.ac_cache / f"{FP}.json", json.dumps(entry))
+    return st
+
+
+def _env(**kw):
+    return {
+        "tls_digest_sha256_0": ":".join(FP[i : i + 2] for i in range(0, 64, 2)).upper(),
+        "common_name": "alice",
+        **kw,
+    }
+
+
+def test_client_connect_writes_vlan_pvid(tmp_path):
+    st = _state(tmp_path, {"c42": "member", "c43": "member"})
+    out = tmp_path / "cc"
+    assert vpn.client_connect(st, str(out), _env(UV_VCLUSTER="c43")) == 143
+    assert out.read_text() == "vlan-pvid 143\n"
+
+
+@pytest.mark.parametrize(
+    ("clusters", "env", "kw", "reason"),
+    [
+        (None, {"UV_VCLUSTER": "c42"}, {}, "no verified AC for this certificate"),
+        ({"c42": "member"}, {"UV_VCLUSTER": "c42"}, {"not_after": 1.0}, "AC expired"),
+        ({"c42": "member"}, {"UV_VCLUSTER": "c42;rm -rf"}, {}, "malformed UV_VCLUSTER"),
+        ({"c42": "member"}, {"UV_VCLUSTER": "c43"}, {}, "cluster c43 is not in the AC (grants: c42)"),
+        ({"c42": "member", "c43": "member"}, {}, {}, "no UV_VCLUSTER and the AC grants 2 reachable clusters"),
+        ({"c42": "member"}, {"UV_VCLUSTER": "c42"}, {"vlans": None}, "no VLAN map"),
+        ({"c42": "member"}, {"UV_VCLUSTER": "c42"}, {"vlans": {"c43": 143}}, "cluster c42 has no VLAN"),
+    ],
+)
+def test_client_connect_refusals(tmp_path, clusters, env, kw, reason):
+    st = _state(tmp_path, clusters, **kw)
+    with pytest.raises(vpn.Refused, match=re.escape(reason)):
+        vpn.client_connect(st, str(tmp_path / "cc"), _env(**env))
+    assert not (tmp_path / "cc").exists()
+
+
+def test_client_connect_single_cluster_needs_no_choice(tmp_path):
+    st = _state(tmp_path, {"c42": "member", "c99": "member"})  # c99 has no VLAN here: c42 is the only choice
+    assert vpn.client_connect(st, str(tmp_path / "cc"), _env()) == 142
+
+
+def test_main_fails_closed_with_one_log_line(tmp_path, capsys):
+    _state(tmp_path, {"c42": "member"})
+    rc = vpn.main(
+        ["client-connect", "--state", str(tmp_path.parent / tmp_path.name), str(tmp_path / "cc")],
+        env=_env(UV_VCLUSTER="c43"),
+    )
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "virtcloud-vpn: REFUSE client-connect: cn=alice serial=5: cluster c43 is not in the AC (grants: c42)"
+    ]
+    # A broken state (garbage cache entry) refuses too, instead of crashing open.
+    (VpnState.at(tmp_path).ac_cache / f"{FP}.json").write_text("{")
+    assert vpn.main(["client-connect", "--state", str(tmp_path), str(tmp_path / "cc")], env=_env()) == 1
+    assert "internal error" in capsys.readouterr().err
+
+
+def test_tls_verify_ignores_ca_depth_and_needs_peer_cert(tmp_path):
+    st = _state(tmp_path)
+    vpn.tls_verify(st, 1, "CN=VirtCloud VPN CA", {})  # nothing to check above the leaf
+    with pytest.raises(vpn.Refused, match="no peer_cert"):
+        vpn.tls_verify(st, 0, "CN=alice", {})
+
+
+def test_server_config_directives(tmp_path):
+    conf = openvpn.render_server_config(state_dir=tmp_path, dev="tapgw0", local="198.18.250.1")
+    for directive in (
+        "mode server",
+        "dev tapgw0",
+        "dev-type tap",
+        "vlan-tagging",
+        "vlan-accept tagged",
+        "disable-dco",
+        f"tls-crypt {tmp_path}/vpn/tls-crypt.key",
+        f"crl-verify {tmp_path}/vpn/crl.pem",
+        f"tls-export-cert {tmp_path}/vpn/run/peer-certs",
+        "tls-version-min 1.2",
+        "remote-cert-tls client",
+        f"management {tmp_path}/vpn/run/management.sock unix",
+        "script-security 2",
+        "dh none",
+    ):
+        assert f"\n{directive}\n" in conf, directive
+    assert re.search(r'\ntls-verify ".* -I .*/access/gateway/vpn\.py tls-verify --state .*"\n', conf)
+    assert re.search(r'\nclient-connect ".* -I .*/access/gateway/vpn\.py client-connect --state .*"\n', conf)
+    assert "\ndata-ciphers AES-256-GCM:CHACHA20-POLY1305:AES-128-GCM\n" in conf
+
+
+def test_profile_refuses_injection():
+    base = dict(remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T")
+    with pytest.raises(openvpn.ProfileError):
+        openvpn.render_client_profile(cluster="c42\nscript-security 3", **base)
+    with pytest.raises(openvpn.ProfileError):
+        openvpn.render_client_profile(cluster="c42", **{**base, "cert_pem": "x</cert>\n<connection>"})
+    text = openvpn.render_client_profile(cluster="c42", **base)
+    assert "\nsetenv UV_VCLUSTER c42\n" in text and "\npush-peer-info\n" in text
+    assert "\nremote-cert-tls server\n" in text and '\nverify-x509-name "gw1" name\n' in text
+    assert "<ca>\nC\n</ca>" in text and "<key>\nK\n</key>" in text and "<tls-crypt>\nT\n</tls-crypt>" in text
+    assert "persist-tun" not in text

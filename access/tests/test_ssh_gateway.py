@@ -1,0 +1,291 @@
+"""The SSH bastion for real: our rendered sshd_config, principals file, KRL and certificates with OpenSSH.
+
+One namespace per run (``va<hex>-ssh``) with addresses on its own loopback::
+
+    198.18.60.1:22   bastion sshd (our render_sshd_config), account ``nobody`` (no-login shell)
+    198.18.61.11:22  node1 of cluster c42 (a cluster VM's sshd trusting the same user CA)
+    198.18.61.12:22  node2 (of another cluster) — the bastion must not forward there for c42
+
+The client uses our rendered ssh_config (ProxyJump) and an ``@cert-authority`` known_hosts line, with
+StrictHostKeyChecking=yes: a login proves the host certificates too (no prompt possible).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from access import ssh
+from access.gateway import sshd
+from access.gateway.state import SshState, write_atomic
+from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+
+SSHD = "/usr/sbin/sshd"
+_skip = (
+    can_use_netns()
+    or (None if os.path.exists(SSHD) else "openssh-server (sshd) not installed")
+    or (None if shutil.which("ssh") else "openssh-client (ssh) not installed")
+)
+pytestmark = [pytest.mark.skipif(bool(_skip), reason=_skip or ""), pytest.mark.lab]
+
+BASTION, NODE1, NODE2 = "198.18.60.1", "198.18.61.11", "198.18.61.12"
+ACCOUNT = "nobody"  # exists everywhere with a no-login shell: right for a relay-only bastion
+
+
+def _host_key(dirpath: Path, host_ca, principals: list[str], serial: int) -> tuple[Path, Path]:
+    key = ed25519.Ed25519PrivateKey.generate()
+    key_path = dirpath / "host_key"
+    write_atomic(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    cert_path = dirpath / "host_key-cert.pub"
+    line = ssh.issue_host_cert(host_ca, public_key=ssh.public_key_line(key), principals=principals, serial=serial)
+    write_atomic(cert_path, line + "\n", 0o644)
+    return key_path, cert_path
+
+
+class Bastion:
+    def __init__(self, root: Path, ns: Netns):
+        self.root, self.ns = root, ns
+        self.user_ca = ssh.generate_ca_key()
+        self.host_ca = ssh.generate_ca_key()
+        self.revoked: list[int] = []
+        self.krl_version = 0
+        self.state = SshState.at(root / "state")
+        self.state.ensure_dirs()
+        _host_key(self.state.root, self.host_ca, [BASTION, "bastion"], 1)
+        write_atomic(self.state.user_ca, ssh.public_key_line(self.user_ca) + "\n", 0o644)
+        write_atomic(
+            self.state.principals(ACCOUNT),
+            sshd.render_principals_file(
+                [
+                    sshd.PrincipalGrant(ssh.principal("c42", "alice"), [(NODE1, 22)]),
+                    sshd.PrincipalGrant(ssh.principal("c43", "bob"), [(NODE2, 22)]),
+                    sshd.PrincipalGrant(ssh.principal("c44", "nobody-home"), []),
+                ]
+            ),
+            0o644,
+        )
+        self.publish_krl()
+        self.config = self.state.root / "sshd_config"
+        write_atomic(
+            self.config,
+            sshd.render_sshd_config(
+                state_dir=self.state.root.parent,
+                listen=[(BASTION, 22)],
+                account=ACCOUNT,
+                pid_file=self.state.root / "sshd.pid",
+            ),
+            0o644,
+        )
+        self.log = root / "bastion.log"
+
+    def publish_krl(self) -> None:
+        self.krl_version += 1
+        krl = ssh.build_krl(
+            ca_public_key=ssh.public_key_line(self.user_ca), serials=self.revoked, version=self.krl_version
+        )
+        write_atomic(self.state.krl, krl, 0o644)
+
+    def node_config(self, name: str, address: str) -> Path:
+        """A cluster node's sshd: trusts the user CA; root may log in with the cluster's principals."""
+        d = self.root / name
+        d.mkdir(mode=0o755)
+        key, cert = _host_key(d, self.host_ca, [address, name], 10 + len(name))
+        (d / "principals").mkdir(mode=0o755)
+        write_atomic(d / "principals" / "root", "c42-alice\nc43-bob\n", 0o644)
+        conf = d / "sshd_config"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {address}:22",
+                    f"HostKey {key}",
+                    f"HostCertificate {cert}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"TrustedUserCAKeys {self.state.user_ca}",
+                    f"AuthorizedPrincipalsFile {d / 'principals'}/%u",
+                    "AuthorizedKeysFile none",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "PermitRootLogin prohibit-password",
+                    "LogLevel VERBOSE",
+                ]
+            )
+            + "\n"
+        )
+        return conf
+
+
+class User:
+    """A workstation: key, certificate, known_hosts and the rendered ssh_config profile."""
+
+    def __init__(self, lab, name: str, cert_line: str, key: ed25519.Ed25519PrivateKey, cluster: str = "c42"):
+        self.dir = lab.root / f"user-{name}"
+        self.dir.mkdir(mode=0o700)
+        ident = self.dir / "id"
+        write_atomic(
+            ident,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        write_atomic(self.dir / "id-cert.pub", cert_line + "\n", 0o644)
+        write_atomic(self.dir / "known_hosts", ssh.known_hosts_line(ssh.public_key_line(lab.bastion.host_ca)), 0o644)
+        self.config = self.dir / "ssh_config"
+        self.config.write_text(
+            ssh.render_ssh_config(
+                cluster=cluster,
+                nodes=[("node1", NODE1), ("node2", NODE2)],
+                gateway_host=BASTION,
+                gateway_user=ACCOUNT,
+                host_ca_public_key=ssh.public_key_line(lab.bastion.host_ca),
+                identity_file=str(ident),
+                certificate_file=str(self.dir / "id-cert.pub"),
+                known_hosts_file=str(self.dir / "known_hosts"),
+            )
+            + "Host *\n  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n  ConnectTimeout 5\n"
+        )
+        self.lab = lab
+
+    def ssh(self, host: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return self.lab.ns.run("ssh", "-F", str(self.config), host, *command, check=False, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    prefix = run_prefix()
+    # Not under /tmp: sshd's StrictModes refuses a principals file below a world-writable directory.
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/run"))
+    os.chmod(root, 0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    ns = None
+    procs: list[subprocess.Popen] = []
+    try:
+        ns = Netns(f"{prefix}-ssh")
+        for addr in (BASTION, NODE1, NODE2):
+            ns.ip("addr", "add", f"{addr}/32", "dev", "lo")
+        bastion = Bastion(root, ns)
+        started = time.monotonic()
+        procs.append(ns.popen(SSHD, "-D", "-f", str(bastion.config), "-E", str(bastion.log)))
+        for name, addr in (("node1", NODE1), ("node2", NODE2)):
+            conf = bastion.node_config(name, addr)
+            procs.append(ns.popen(SSHD, "-D", "-f", str(conf), "-E", str(root / f"{name}.log")))
+        for log in (bastion.log, root / "node1.log", root / "node2.log"):
+            wait_for(lambda log=log: "Server listening on" in read(log), 10, what=f"sshd in {log.name}")
+        print(f"\nthree sshd up in {(time.monotonic() - started) * 1000:.0f} ms")
+
+        class Lab:
+            pass
+
+        lab = Lab()
+        lab.root, lab.ns, lab.bastion = root, ns, bastion
+        yield lab
+    finally:
+        for p in procs:
+            stop(p)
+        if ns:
+            ns.delete()
+        if not os.environ.get("VIRTCLOUD_KEEP_TEST_FILES"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+_serial = iter(range(100, 10_000))
+
+
+def _user(lab, name="alice", cluster="c42", *, ca=None, now=None, hours=1.0) -> tuple[User, int]:
+    key = ed25519.Ed25519PrivateKey.generate()
+    serial = next(_serial)
+    cert = ssh.issue_user_cert(
+        ca or lab.bastion.user_ca,
+        public_key=ssh.public_key_line(key),
+        user=name,
+        cluster=cluster,
+        serial=serial,
+        hours=hours,
+        now=now,
+    )
+    return User(lab, f"{name}-{serial}", cert, key, cluster=cluster), serial
+
+
+def _bastion_says(lab, needle: str) -> None:
+    wait_for(lambda: needle in read(lab.bastion.log), 5, what=f"bastion log line {needle!r}")
+
+
+def test_valid_certificate_jumps_to_its_cluster_node(lab):
+    user, serial = _user(lab)
+    t = time.perf_counter()
+    r = user.ssh("c42-node1", "echo", "hello-from-$(hostname -I 2>/dev/null || echo node)")
+    ms = (time.perf_counter() - t) * 1000
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("hello-from-")
+    print(f"\nssh login + command through the bastion (ProxyJump): {ms:.0f} ms")
+    # The audit trail: sshd logged the certificate's key id and serial.
+    _bastion_says(lab, f"ID virtcloud:user=alice:cluster=c42:serial={serial}:issued=")
+    _bastion_says(lab, f"serial {serial}")
+
+
+def test_forwarding_outside_the_cluster_refused(lab):
+    user, _ = _user(lab)
+    r = user.ssh("c42-node2", "true")  # node2 is reachable from the bastion, but not permitted to c42
+    assert r.returncode == 255
+    assert "administratively prohibited" in r.stderr, r.stderr
+    _bastion_says(lab, f"to connect to host {NODE2} port 22, but the request was denied")
+
+
+def test_expired_certificate_refused(lab):
+    user, _ = _user(lab, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=3), hours=1)
+    r = user.ssh("c42-node1", "true")
+    assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+    _bastion_says(lab, "Certificate invalid: expired")
+
+
+def test_principal_of_another_cluster_refused(lab):
+    user, _ = _user(lab, "alice", "c99")  # a valid certificate, but for a cluster the bastion does not list
+    r = user.ssh("c99-node1", "true")
+    assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+    _bastion_says(lab, "Certificate does not contain an authorized principal")
+
+
+def test_principal_without_targets_has_no_line(lab):
+    user, _ = _user(lab, "nobody-home", "c44")
+    assert user.ssh("c44-node1", "true").returncode == 255
+
+
+def test_revoked_certificate_refused_by_krl(lab):
+    user, serial = _user(lab)
+    assert user.ssh("c42-node1", "true").returncode == 0
+    lab.bastion.revoked.append(serial)
+    lab.bastion.publish_krl()  # sshd reads the KRL at each authentication: no reload needed
+    r = user.ssh("c42-node1", "true")
+    assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+    _bastion_says(lab, "revoked by file")
+
+
+def test_certificate_from_another_ca_refused(lab):
+    rogue = ssh.generate_ca_key()
+    user, serial = _user(lab, ca=rogue)
+    r = user.ssh("c42-node1", "true")
+    assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+    _bastion_says(lab, f"(serial {serial}) CA ED25519 {ssh.fingerprint(rogue)}")
+    assert f'Accepted certificate ID "virtcloud:user=alice:cluster=c42:serial={serial}:' not in read(lab.bastion.log)
+
+
+def test_no_shell_on_the_bastion(lab):
+    user, _ = _user(lab)
+    r = user.ssh("virtcloud-gw-c42", "id")
+    assert r.returncode != 0
+    assert "uid=" not in r.stdout
+    assert "not available" in r.stdout + r.stderr  # nologin: the bastion account has no shell
