@@ -57,11 +57,22 @@ def test_up_and_down_leave_nothing_behind(run_root):
     assert up_time < 5, f"lab up took {up_time:.2f} s"
 
 
-def test_owned_ports_start_with_no_vlans(lab):
+def test_owned_ports_start_with_no_vlans(run_root):
     """The lab never pre-configures cluster VLANs: every owned port is an empty trunk until a driver acts."""
-    for switch in ("sw-s1", "sw-s2", "sw-s3"):
-        with switch_session(lab.switch_spec(switch)) as session:
-            assert set(session.port_vlans().values()) == {frozenset()}
+    from network.drivers import host_session
+
+    lab = Lab.up(topology.generate(sites=2, hosts_per_site=2), run_root=run_root)
+    try:
+        for switch in ("sw-s1", "sw-s2"):
+            with switch_session(lab.switch_spec(switch)) as session:
+                assert session.port_vlans() == {p: frozenset() for p in ("p-h1", "p-h2", "up")} | (
+                    {"gw": frozenset()} if switch == "sw-s1" else {}
+                )
+        for host in ("h-s1-1", "h-s2-2"):
+            with host_session(lab.host_spec(host)) as session:
+                assert session.vlans() == frozenset()
+    finally:
+        lab.down()
 
 
 def test_next_up_cleans_a_crashed_run(run_root):
