@@ -1,0 +1,253 @@
+"""`manage.py demo`: the whole portal on one machine, for trying it out (`make demo`).
+
+Migrates the database, imports the demo topology (idempotent), starts a throwaway slapd with demo users,
+makes sure a local break-glass superuser ``admin`` exists, and starts the web server, a Celery worker (also
+consuming the hosts' agent queues) and Celery beat, all with the directory's LDAP settings in their
+environment. As root, and when the netns lab is available, it builds the lab for the demo topology
+(``manage.py lab up``). Ctrl-C (or SIGTERM) stops everything it started, by PID, and takes the lab down.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command, get_commands
+from django.core.management.base import BaseCommand, CommandError
+
+from network.models import Host
+from network.topology import TopologyError, load_topology, topology_import
+from portal.ldapserver import LdapServer, LdapServerError
+
+DEMO_TOPOLOGY = Path(settings.BASE_DIR) / "network" / "topologies" / "demo.yaml"
+
+
+class _Stop(Exception):
+    pass
+
+
+class Command(BaseCommand):
+    help = "Run the portal with a demo topology, a throwaway LDAP directory, a Celery worker and beat."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--addr", default="127.0.0.1:8000", help="address:port of the web server")
+        parser.add_argument("--topology", default=str(DEMO_TOPOLOGY), help="topology file to import")
+        parser.add_argument("--no-lab", action="store_true", help="do not build the netns lab even as root")
+        parser.add_argument("--ready-timeout", type=float, default=60.0)
+
+    def handle(self, *args, addr: str, topology: str, no_lab: bool, ready_timeout: float, **options):
+        if not re.fullmatch(r"[\w.\-\[\]:]+:\d+", addr):
+            raise CommandError(f"--addr {addr!r}: use host:port, e.g. 127.0.0.1:8000")
+        self.children: list[tuple[str, subprocess.Popen, Path]] = []
+        self.directory: LdapServer | None = None
+        self.lab_up = False
+        self.log_dir = Path(settings.DATA_DIR) / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._run(addr, topology, no_lab, ready_timeout)
+        except _Stop:
+            self.stdout.write("\ndemo: stopping ...")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._shutdown()
+
+    def _on_signal(self, signum, frame):
+        raise _Stop
+
+    # --- the steps ------------------------------------------------------------------------------------------
+
+    def _run(self, addr: str, topology: str, no_lab: bool, ready_timeout: float) -> None:
+        self.stdout.write(f"demo: data in {settings.DATA_DIR}, database {settings.DATABASES['default']['NAME']}")
+        call_command("migrate", interactive=False, verbosity=0)
+        self._import(topology)
+        try:
+            self.directory = LdapServer().start()
+        except LdapServerError as exc:
+            raise CommandError(f"cannot start the demo LDAP directory: {exc}") from None
+        env = {**os.environ, **self.directory.env(), "PYTHONUNBUFFERED": "1"}
+        # This process's own children (the lab, any command run from here) see the directory as well.
+        os.environ.update(self.directory.env())
+        admin_password = self._break_glass_admin()
+
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
+        queues = sorted({"celery", *Host.objects.exclude(agent_queue="").values_list("agent_queue", flat=True)})
+        self._start("web", [sys.executable, manage, "runserver", addr, "--noreload"], env)
+        self._start(
+            "worker",
+            [celery, "-A", "portal", "worker", "-l", "INFO", "-Q", ",".join(queues), "-c", "2", "-n", "demo@%h"],
+            env,
+        )
+        self._start(
+            "beat", [celery, "-A", "portal", "beat", "-l", "INFO", "-s", settings.CELERY_BEAT_SCHEDULE_FILENAME], env
+        )
+        url = f"http://{addr}/"
+        self._wait_ready(url, ready_timeout)
+        self._lab(no_lab, env)
+        login_ok = self._check_login(url, "alice", self.directory.passwords["alice"])
+
+        self.stdout.write("")
+        self.stdout.write(self.style.SUCCESS(f"demo: the portal is up at {url}  (admin: {url}admin/)"))
+        self.stdout.write(f"demo: LDAP directory {self.directory.uri} ({self.directory.base}); demo users:")
+        groups = {u.uid: [] for u in self.directory.users}
+        for group in self.directory.groups:
+            for uid in group.members:
+                groups.setdefault(uid, []).append(group.cn)
+        for uid, password in self.directory.passwords.items():
+            self.stdout.write(f"    {uid:8} {password:24} groups: {', '.join(groups.get(uid, [])) or '-'}")
+        self.stdout.write(
+            f"demo: local break-glass superuser: admin  {admin_password}"
+            if admin_password
+            else "demo: local break-glass superuser 'admin' exists (password unchanged)"
+        )
+        self.stdout.write(f"demo: alice logs in through LDAP: {'ok' if login_ok else 'FAILED (see logs)'}")
+        self.stdout.write(f"demo: worker queues {', '.join(queues)}; logs in {self.log_dir}")
+        self.stdout.write("demo: ready — press Ctrl-C to stop everything")
+        self.stdout.flush()
+        while True:
+            for name, proc, log in self.children:
+                if proc.poll() is not None:
+                    raise CommandError(f"{name} exited with status {proc.returncode}:\n{_tail(log)}")
+            time.sleep(0.5)
+
+    def _import(self, topology: str) -> None:
+        path = Path(topology)
+        try:
+            data, lines = load_topology(path.read_text(), source=str(path))
+            report = topology_import(data=data, source=path.name, lines=lines)
+        except OSError as exc:
+            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        except TopologyError as exc:
+            raise CommandError(f"{path}: {exc}") from None
+        self.stdout.write(f"demo: {report.summary()}")
+
+    def _break_glass_admin(self) -> str | None:
+        users = get_user_model()
+        if users.objects.filter(username="admin").exists():
+            return None
+        password = secrets.token_urlsafe(12)
+        users.objects.create_superuser("admin", "admin@localhost", password)
+        return password
+
+    def _start(self, name: str, argv: list[str], env: dict) -> None:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            # Its own session: Ctrl-C reaches only this command, which stops the children in order.
+            proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.children.append((name, proc, log))
+        self.stdout.write(f"demo: started {name} (pid {proc.pid})")
+
+    def _wait_ready(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc, log in self.children:
+                if proc.poll() is not None:
+                    raise CommandError(f"{name} exited with status {proc.returncode}:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(url + "healthz", timeout=2) as response:  # noqa: S310 (our own URL)
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        raise CommandError(f"the web server did not answer at {url} within {timeout:.0f}s")
+
+    def _check_login(self, url: str, username: str, password: str) -> bool:
+        """Log in through the real login page, as a browser would: proves the server sees the directory."""
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        try:
+            opener.open(url + "login/", timeout=10).read()
+            token = next(c.value for c in jar if c.name == "csrftoken")
+            body = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token})
+            request = urllib.request.Request(  # noqa: S310 (our own http URL)
+                url + "login/", data=body.encode(), headers={"Referer": url + "login/"}
+            )
+            with opener.open(request, timeout=15) as response:
+                return response.geturl().rstrip("/") == url.rstrip("/") and "sessionid" in {c.name for c in jar}
+        except (urllib.error.URLError, OSError, StopIteration):
+            return False
+
+    def _lab(self, no_lab: bool, env: dict) -> None:
+        if no_lab:
+            self.stdout.write("demo: --no-lab: a simulated fabric is used")
+            return
+        if os.geteuid() != 0:
+            self.stdout.write("demo: not root: a simulated fabric is used (run as root for the netns lab)")
+            return
+        if "lab" not in get_commands():
+            self.stdout.write("demo: the netns lab (network.lab) is not available here; a simulated fabric is used")
+            return
+        self.stdout.write("demo: building the netns lab for the demo topology (manage.py lab up) ...")
+        result = self._manage(["lab", "up"], env, timeout=300)
+        if result.returncode != 0:
+            self.stdout.write(self.style.WARNING(f"demo: lab up failed; going on without it:\n{result.stdout}"))
+            self._manage(["lab", "down"], env, timeout=120)
+            return
+        self.lab_up = True
+        self.stdout.write("demo: " + result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "lab up")
+
+    def _manage(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        return subprocess.run(
+            [sys.executable, manage, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    # --- shutdown -------------------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        # Ignore a second Ctrl-C while cleaning up: a half-stopped demo leaves daemons behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for name, proc, _log in reversed(self.children):
+                _stop_group(proc)
+                self.stdout.write(f"demo: stopped {name} (pid {proc.pid})")
+            if self.lab_up:
+                result = self._manage(["lab", "down"], dict(os.environ), timeout=300)
+                self.stdout.write(f"demo: lab down ({'ok' if result.returncode == 0 else result.stderr.strip()})")
+            if self.directory is not None:
+                self.directory.stop()
+                self.stdout.write("demo: stopped the LDAP directory")
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to the child (a Celery worker then stops its own pool: warm shutdown), SIGKILL to its whole
+    process group (its own session) if it does not stop in time, and to whatever it left behind."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,126 @@
+"""`manage.py demo` end to end, as `make demo` runs it: embedded SQLite and broker, a real slapd, web
+server, worker and beat. An LDAP demo user logs in, an administrator sees the imported topology in admin,
+and Ctrl-C stops every process the demo started."""
+
+import http.cookiejar
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from portal.ldapserver import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not shutil.which("slapd") and not os.path.exists("/usr/sbin/slapd"), reason="needs slapd"),
+]
+
+
+class Browser:
+    """Just enough of a browser: cookies, CSRF token, form posts."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path: str) -> tuple[str, str]:
+        with self.opener.open(self.base + path, timeout=20) as response:
+            return response.geturl(), response.read().decode()
+
+    def log_in(self, path: str, username: str, password: str) -> str:
+        self.get(path)
+        token = next(c.value for c in self.jar if c.name == "csrftoken")
+        body = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token})
+        request = urllib.request.Request(self.base + path, data=body.encode(), headers={"Referer": self.base + path})
+        with self.opener.open(request, timeout=20) as response:
+            return response.geturl()
+
+
+def read_until(proc, pattern: str, timeout: float) -> str:
+    out = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+            if re.search(pattern, line):
+                return out
+        elif proc.poll() is not None:
+            break
+    raise AssertionError(f"demo did not print {pattern!r}; output so far:\n{out}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie not yet reaped by its parent counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_comes_up_and_stops_everything(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update(DEBUG="true", DATA_DIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "demo", "--addr", f"127.0.0.1:{port}", "--no-lab"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out = read_until(proc, r"demo: ready", timeout=120)
+        assert "24 created" in out
+        assert "alice logs in through LDAP: ok" in out
+        pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", out)]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        passwords = dict(re.findall(r"^\s{4}(\w+)\s+(\S+)\s+groups:", out, re.M))
+        ldap_port = int(re.search(r"LDAP directory ldap://127.0.0.1:(\d+)", out).group(1))
+        admin_password = re.search(r"break-glass superuser: admin\s+(\S+)", out).group(1)
+
+        base = f"http://127.0.0.1:{port}"
+        alice = Browser(base)
+        assert alice.log_in("/login/", "alice", passwords["alice"]) == base + "/"
+        assert "physics" in alice.get("/")[1]
+        dave = Browser(base)  # staff and superuser through his LDAP groups
+        dave.log_in("/admin/login/?next=/admin/", "dave", passwords["dave"])
+        url, page = dave.get("/admin/network/switch/")
+        assert url.endswith("/admin/network/switch/")
+        assert all(name in page for name in ("brno-sw", "pilsen-sw", "prague-sw"))
+        assert "3 switches" in page
+        admin = Browser(base)
+        admin.log_in("/admin/login/?next=/admin/", "admin", admin_password)
+        assert "brno-h1" in admin.get("/admin/network/host/")[1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        rest, _ = proc.communicate(timeout=90)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, rest
+    assert "stopped the LDAP directory" in rest
+    assert not [p for p in pids if alive(p)], rest
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ldap_port), timeout=1).close()
+    assert took < 60
