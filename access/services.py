@@ -718,12 +718,15 @@ def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, not
     return _revoke_rows(rows, reason=reason, by=by, note=note)
 
 
+_ENDED_OR_ENDING = ("gone", "tearing_down", "torn_down", "failed", "requested", "provisioning")
+
+
 @transaction.atomic
 def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
     """Re-check live credentials of ``user`` and/or covering ``cluster`` against the membership rule and
     revoke those admitting to a cluster their holder may no longer enter (left the group, the cluster
     changed group or owner, ended, became public)."""
-    from clusters.models import VirtualCluster
+    from clusters.models import Connectivity, VirtualCluster
 
     qs = Credential.objects.live(timezone.now())
     if user is not None:
@@ -743,11 +746,23 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
         lost = [c for c in credential.clusters.all() if c.cluster_id not in by_user[credential.user_id]]
         if not lost:
             continue
-        states = dict(VirtualCluster.objects.filter(pk__in=[c.cluster_id for c in lost]).values_list("pk", "state"))
-        ended = [c for c in lost if states.get(c.cluster_id) not in selectors.enterable_states()]
+        states = {
+            pk: (state, connectivity)
+            for pk, state, connectivity in VirtualCluster.objects.filter(
+                pk__in=[c.cluster_id for c in lost]
+            ).values_list("pk", "state", "connectivity")
+        }
+        # Gone from the gateways (ended, ending, or no longer closed) rather than the holder leaving.
+        ended = [
+            c
+            for c in lost
+            if states.get(c.cluster_id, ("gone", ""))[0] not in selectors.enterable_states()
+            or states[c.cluster_id][1] != Connectivity.CLOSED
+        ]
         if ended:
             reason = RevocationReason.CESSATION_OF_OPERATION
-            note = f"cluster {ended[0].label} is {states.get(ended[0].cluster_id, 'gone')}"
+            state, connectivity = states.get(ended[0].cluster_id, ("gone", ""))
+            note = f"cluster {ended[0].label} is {state if state in _ENDED_OR_ENDING else connectivity}"
         else:
             reason = RevocationReason.AFFILIATION_CHANGED
             note = f"{credential.user.get_username()} may no longer enter cluster {lost[0].label}"
