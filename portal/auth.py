@@ -12,7 +12,7 @@ import logging
 
 import ldap
 from django.core.exceptions import ImproperlyConfigured
-from django_auth_ldap.config import GroupOfNamesType, LDAPSearch, PosixGroupType
+from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
 
 from portal.env import env_bool, env_float, env_str
 
@@ -41,11 +41,14 @@ def ldap_settings() -> dict:
     object_class = "posixGroup" if group_kind == "posix" else "groupOfNames"
     timeout = env_float("LDAP_TIMEOUT", 3.0, minimum=0.1)
     flags = {}
-    if staff := env_str("LDAP_STAFF_GROUP"):
-        flags["is_staff"] = staff
-    if superuser := env_str("LDAP_SUPERUSER_GROUP"):
+    staff, superuser = env_str("LDAP_STAFF_GROUP"), env_str("LDAP_SUPERUSER_GROUP")
+    if superuser:
         flags["is_superuser"] = superuser
-        flags.setdefault("is_staff", superuser)
+    # A superuser who is not staff cannot open the admin: membership of either group makes staff.
+    if staff and superuser:
+        flags["is_staff"] = LDAPGroupQuery(staff) | LDAPGroupQuery(superuser)
+    elif staff or superuser:
+        flags["is_staff"] = staff or superuser
     return {
         "AUTH_LDAP_SERVER_URI": uri,
         "AUTH_LDAP_BIND_DN": env_str("LDAP_BIND_DN", ""),

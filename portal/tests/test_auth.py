@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.test import override_settings
 from django.urls import reverse
+from django_auth_ldap.config import LDAPGroupQuery
 
 from portal.auth import LDAP_UNAVAILABLE_MESSAGE, ldap_settings
 from portal.ldapserver import DEMO_GROUPS, DEMO_USERS, DirectoryGroup, DirectoryUser, LdapServer
@@ -21,11 +22,10 @@ pytestmark = [
 
 INVALID_LOGIN = "Please enter a correct username and password. Note that both fields may be case-sensitive."
 BACKENDS = ["django_auth_ldap.backend.LDAPBackend", "django.contrib.auth.backends.ModelBackend"]
-# erin is staff without being an administrator.
-USERS = (*DEMO_USERS, DirectoryUser("erin", "Erin", "Helpdesk", 10005))
-GROUPS = tuple(
-    DirectoryGroup(g.cn, g.gid_number, (*g.members, "erin")) if g.cn == "virtcloud-staff" else g for g in DEMO_GROUPS
-)
+# erin is staff without being an administrator; frank is an administrator without being in the staff group.
+USERS = (*DEMO_USERS, DirectoryUser("erin", "Erin", "Helpdesk", 10005), DirectoryUser("frank", "Frank", "Ops", 10006))
+EXTRA = {"virtcloud-staff": ("erin",), "virtcloud-admins": ("frank",)}
+GROUPS = tuple(DirectoryGroup(g.cn, g.gid_number, (*g.members, *EXTRA.get(g.cn, ()))) for g in DEMO_GROUPS)
 
 
 def settings_for(server: LdapServer):
@@ -88,6 +88,11 @@ def test_staff_and_superuser_flags_follow_directory_groups(client, ldap_up):
     log_in(client, "erin", ldap_up.passwords["erin"])
     erin = User.objects.get(username="erin")
     assert erin.is_staff and not erin.is_superuser
+    client.logout()
+    log_in(client, "frank", ldap_up.passwords["frank"])
+    frank = User.objects.get(username="frank")
+    assert frank.is_staff and frank.is_superuser  # a superuser must be able to open the admin
+    assert client.get(reverse("admin:index")).status_code == 200
 
 
 def test_flags_are_taken_away_when_the_group_membership_is(client, ldap_up):
@@ -135,9 +140,8 @@ def test_known_ldap_user_cannot_fall_back_to_a_local_password_while_down(client,
 def test_ldap_settings_from_the_environment(directory):
     values = settings_for(directory)
     assert values.options["AUTH_LDAP_SERVER_URI"] == directory.uri
-    assert values.options["AUTH_LDAP_USER_FLAGS_BY_GROUP"] == {
-        "is_staff": "cn=virtcloud-staff,ou=groups,dc=virtcloud,dc=test",
-        "is_superuser": "cn=virtcloud-admins,ou=groups,dc=virtcloud,dc=test",
-    }
+    flags = values.options["AUTH_LDAP_USER_FLAGS_BY_GROUP"]
+    assert flags["is_superuser"] == "cn=virtcloud-admins,ou=groups,dc=virtcloud,dc=test"
+    assert isinstance(flags["is_staff"], LDAPGroupQuery)  # staff group OR superuser group
     with mock.patch.dict(os.environ, {"LDAP_SERVER_URI": ""}, clear=False):
         assert ldap_settings() == {}
