@@ -15,7 +15,7 @@ import time
 import pytest
 
 from network.drivers import switch_session
-from network.lab import Lab, arping, broadcast, capture, clean_stale, ping_many, topology
+from network.lab import Lab, all_labs, arping, broadcast, capture, clean_stale, ping_many, topology
 from network.lab.fabric import _alive
 
 pytestmark = pytest.mark.lab
@@ -31,7 +31,11 @@ def netns_list() -> list[str]:
 
 @pytest.fixture
 def run_root(tmp_path):
-    return tmp_path / "labs"
+    """A private run root; whatever a failing test left running there is taken down afterwards."""
+    root = tmp_path / "labs"
+    yield root
+    for leftover in all_labs(root):
+        leftover.down()
 
 
 # --- life cycle ---------------------------------------------------------------------------------------------------
