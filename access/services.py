@@ -874,3 +874,72 @@ def gateway_state(*, gateway: Gateway) -> dict:
     doc["generated_at"] = now.isoformat()
     Gateway.objects.filter(pk=gateway.pk).update(last_pull_at=timezone.now())
     return doc
+
+
+# --- gateway enrolment -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayEnrolment:
+    """A gateway's own keys and certificates, made once when it is set up. The private keys are written
+    into the gateway's state directory by ``manage.py gateway config`` and not kept by the portal."""
+
+    server_name: str
+    server_key_pem: bytes
+    server_cert_pem: bytes
+    tls_crypt_key: str
+    ssh_host_key: bytes
+    ssh_host_cert: str
+
+    def __repr__(self) -> str:
+        return f"GatewayEnrolment(server_name={self.server_name!r}, keys=<redacted>)"
+
+
+@transaction.atomic
+def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
+    """New TLS server key + certificate (VPN CA) and SSH host key + certificate (host CA) for ``gateway``.
+
+    Re-enrolling replaces both certificates (the old ones stay valid until they expire: gateways are
+    not revoked through the client CRL)."""
+    from access import ssh
+
+    gateway = Gateway.objects.select_for_update().get(pk=gateway.pk)
+    tls_crypt = _ensure_tls_crypt(gateway)
+    vpn_ca = _load(_authority(AuthorityKind.VPN))
+    server_name = gateway_server_name(gateway)
+    key = pki.generate_client_key()
+    names = [server_name] + ([gateway.address] if not _is_ip(gateway.address) else [])
+    cert = pki.issue_server_cert(
+        vpn_ca,
+        public_key=key.public_key,
+        common_name=server_name,
+        serial=serial_allocate("gateway-tls"),
+        dns_names=names,
+        ip_addresses=[gateway.address] if _is_ip(gateway.address) else [],
+        lifetime=min(dt.timedelta(days=365), vpn_ca.cert.not_valid_after_utc - timezone.now()),
+    )
+    host = ssh.generate_user_key(comment=f"virtcloud-gateway-{gateway.name}")
+    host_cert = ssh_host_certificate_issue(public_key=host.public_line, principals=[gateway.address, server_name])
+    gateway.server_name = server_name
+    gateway.server_certificate = pki.cert_to_pem(cert).decode()
+    gateway.ssh_host_certificate = host_cert
+    gateway.save(update_fields=["server_name", "server_certificate", "ssh_host_certificate"])
+    logger.info("access: enrolled gateway %s (TLS serial %s)", gateway.name, cert.serial_number)
+    return GatewayEnrolment(
+        server_name=server_name,
+        server_key_pem=key.private_pem,
+        server_cert_pem=pki.cert_to_pem(cert),
+        tls_crypt_key=tls_crypt,
+        ssh_host_key=host.private_openssh,
+        ssh_host_cert=host_cert,
+    )
+
+
+def _is_ip(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True

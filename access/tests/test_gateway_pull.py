@@ -1,0 +1,105 @@
+"""``manage.py gateway config|pull`` against a live portal over HTTP."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+
+import pytest
+from cryptography import x509
+from django.core.management import call_command
+
+from access import services
+from access.models import Authority, AuthorityKind, Credential
+from access.selectors import cluster_label
+from access.tests.fixtures import cluster, gateway, make_cluster
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+
+def run(*args) -> str:
+    out = io.StringIO()
+    call_command("gateway", *args, stdout=out, stderr=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_config_prints_both_configs(gateway):
+    text = run("config", "gw1", "--state-dir", "/srv/gw")
+    assert "vlan-tagging" in text and "crl-verify /srv/gw/vpn/crl.pem" in text
+    assert "TrustedUserCAKeys /srv/gw/ssh/user_ca.pub" in text and "AllowUsers virtcloud" in text
+
+
+@pytest.mark.django_db
+def test_config_enrols_and_writes_a_working_state(alice, cluster, gateway, tmp_path):
+    run("config", "gw1", "--dir", str(tmp_path))
+    key = tmp_path / "vpn" / "server.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate(Authority.objects.get(kind=AuthorityKind.VPN).certificate.encode())
+    server = x509.load_pem_x509_certificate((tmp_path / "vpn" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    gateway.refresh_from_db()
+    assert server.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == gateway.server_name
+    assert "PRIVATE KEY" not in gateway.server_certificate
+    assert (tmp_path / "vpn" / "tls-crypt.key").read_text() == str(gateway.tls_crypt_key)
+    assert json.loads((tmp_path / "vpn" / "vlans.json").read_text())["clusters"] == {
+        cluster_label(cluster): cluster.vlan_id
+    }
+    principals = (tmp_path / "ssh" / "principals" / "virtcloud").read_text()
+    assert f'permitopen="{cluster_label(cluster)}-node1:22" {cluster_label(cluster)}-alice' in principals
+    assert (tmp_path / "ssh" / "host_key-cert.pub").read_text().startswith("ssh-ed25519-cert-v01@openssh.com ")
+    assert (tmp_path / "openvpn.conf").exists() and (tmp_path / "sshd_config").exists()
+    # The profile a user downloads now pins this gateway's certificate name.
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    assert f'verify-x509-name "{gateway.server_name}" name' in text
+    # Running config again keeps the keys (no accidental re-enrolment).
+    before = key.read_bytes()
+    run("config", "gw1", "--dir", str(tmp_path))
+    assert key.read_bytes() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, team, gateway, tmp_path):
+    cluster = make_cluster(alice, name="mpi", group=team)
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    state = tmp_path / "state"
+    args = ("pull", "--url", live_server.url, "--token-file", str(token_file), "--dir", str(state))
+
+    assert "updated" in run(*args)
+    crl_path = state / "vpn" / "crl.pem"
+    first_crl = crl_path.read_bytes()
+    assert json.loads((state / "vpn" / "vlans.json").read_text())["clusters"] == {
+        cluster_label(cluster): cluster.vlan_id
+    }
+    assert "unchanged" in run(*args)  # 304
+
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    assert "updated" in run(*args)
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
+    assert json.loads((state / "vpn" / "run" / "cut-serials.json").read_text()) == [credential.serial]
+
+    # Portal unreachable: exit 75 and the last good state stays.
+    good = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    down = ("pull", "--url", "http://127.0.0.1:9", "--token", secret, "--dir", str(state), "--timeout", "2")
+    with pytest.raises(SystemExit) as info:
+        run(*down)
+    assert info.value.code == 75
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
+    assert crl_path.read_bytes() != first_crl
+
+    # A revoked gateway token: refused, state kept.
+    from portal.tokens import token_revoke
+
+    token_revoke(token=token)
+    with pytest.raises(SystemExit):
+        run(*args)
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
