@@ -101,3 +101,57 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
     # GET does nothing.
     assert client.get(f"/access/credentials/{credential.pk}/revoke/").status_code == 405
+
+
+# --- admin ---------------------------------------------------------------------------------------------------------
+
+
+def test_admin_shows_no_ca_key(root, gateway):
+    from access import services
+    from access.models import Authority
+
+    services.ca_ensure()
+    client = logged_in(root)
+    vpn = Authority.objects.get(kind=AuthorityKind.VPN)
+    for url in ("/admin/access/authority/", f"/admin/access/authority/{vpn.pk}/change/"):
+        page = client.get(url)
+        assert page.status_code == 200
+        assert "PRIVATE KEY" not in page.content.decode()
+    assert "BEGIN CERTIFICATE" in client.get(f"/admin/access/authority/{vpn.pk}/change/").content.decode()
+
+
+def test_admin_revoke_action(root, alice, cluster, gateway):
+    from access import services
+
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    client = logged_in(root)
+    assert client.get("/admin/access/credential/").status_code == 200
+    assert client.get(f"/admin/access/credential/{credential.pk}/change/").status_code == 200
+    response = client.post(
+        "/admin/access/credential/",
+        {"action": "revoke", "_selected_action": [credential.pk]},
+        follow=True,
+    )
+    assert "Revoked 1 credential" in response.content.decode()
+    credential.refresh_from_db()
+    assert credential.revocation_reason == "privilege_withdrawn" and credential.revoked_by == root
+
+
+def test_admin_makes_a_gateway_token_once(root, gateway):
+    from portal.models import ApiToken
+
+    client = logged_in(root)
+    response = client.post(
+        "/admin/access/gateway/", {"action": "make_token", "_selected_action": [gateway.pk]}, follow=True
+    )
+    gateway.refresh_from_db()
+    page = response.content.decode()
+    assert gateway.token is not None and gateway.token.scopes == ["gateway:pull"]
+    secret = page.split("not shown again: ")[1].split("<")[0].strip()
+    assert secret.startswith(f"vc_{gateway.token.prefix}_")
+    first = gateway.token
+    client.post("/admin/access/gateway/", {"action": "make_token", "_selected_action": [gateway.pk]})
+    first.refresh_from_db()
+    assert first.revoked_at is not None  # the old token stops working
+    assert ApiToken.objects.filter(revoked_at__isnull=True, scopes=["gateway:pull"]).count() == 1

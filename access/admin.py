@@ -1,0 +1,141 @@
+"""Access in admin: the authorities (never their keys), credentials (read-only, revoke action), gateways
+(with "make gateway token", whose secret is shown once)."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import Prefetch
+
+from access import services
+from access.models import Authority, Credential, CredentialCluster, Gateway, RevocationReason
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+
+@admin.register(Authority)
+class AuthorityAdmin(admin.ModelAdmin):
+    """Made by the portal on first use; shown for their certificates and revocation list status only."""
+
+    list_display = ("kind", "created_at", "revocation_number", "revocation_updated_at", "revocation_next_update")
+    fields = (
+        "kind",
+        "certificate",
+        "public_key",
+        "revocation_number",
+        "revocation_updated_at",
+        "revocation_next_update",
+        "created_at",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # deleting a CA would orphan every credential and gateway
+
+
+class CredentialClusterInline(admin.TabularInline):
+    model = CredentialCluster
+    fields = ("label", "cluster_id")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Credential)
+class CredentialAdmin(admin.ModelAdmin):
+    """Every certificate given to a user; revoke from the list (the CRL/KRL is re-signed at once)."""
+
+    list_display = ("serial", "kind", "user", "clusters_list", "not_after", "revoked_at", "revocation_reason")
+    list_filter = ("kind", "revocation_reason", "published", ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("serial", "user__username", "key_id", "fingerprint", "clusters__label")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in Credential._meta.fields]
+    inlines = [CredentialClusterInline]
+    actions = ["revoke"]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("user", "revoked_by")
+            .prefetch_related(Prefetch("clusters", queryset=CredentialCluster.objects.order_by("label")))
+        )
+
+    @admin.display(description="clusters")
+    def clusters_list(self, obj) -> str:
+        return ", ".join(c.label for c in obj.clusters.all())
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return request.method in ("GET", "HEAD") and super().has_view_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Revoke selected credentials (withdrawn by an administrator)")
+    def revoke(self, request, queryset):
+        done = 0
+        for credential in queryset:
+            done += services.credential_revoke(
+                credential=credential,
+                reason=RevocationReason.PRIVILEGE_WITHDRAWN,
+                by=request.user,
+                note=f"admin action by {request.user.get_username()}",
+            )
+        self.message_user(request, f"Revoked {done} credential(s); the CRL/KRL was re-signed.", messages.SUCCESS)
+
+
+@admin.register(Gateway)
+class GatewayAdmin(admin.ModelAdmin):
+    """Access gateways. After adding one: "make gateway token", then on the gateway host
+    ``manage.py gateway config NAME --dir ...`` (on the portal) and ``manage.py gateway pull`` from cron."""
+
+    list_display = ("name", "site", "kind", "address", "vpn_port", "ssh_port", "enabled", "token", "last_pull_at")
+    list_filter = ("kind", "enabled", "site")
+    search_fields = ("name", "address")
+    fields = (
+        "name",
+        "site",
+        "kind",
+        "address",
+        "vpn_port",
+        "vpn_proto",
+        "ssh_port",
+        "ssh_user",
+        "server_name",
+        "management_socket",
+        "enabled",
+        "token",
+        "server_certificate",
+        "ssh_host_certificate",
+        "last_pull_at",
+    )
+    readonly_fields = ("token", "server_certificate", "ssh_host_certificate", "last_pull_at")
+    actions = ["make_token"]
+
+    @admin.action(description="Make gateway token (shown once; replaces the gateway's current token)")
+    def make_token(self, request, queryset):
+        from portal.tokens import token_revoke
+
+        for gateway in queryset:
+            old = gateway.token
+            token, secret = token_create(user=request.user, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
+            gateway.token = token
+            gateway.save(update_fields=["token"])
+            if old is not None:
+                token_revoke(token=old)
+            self.message_user(
+                request,
+                f"Token for gateway {gateway.name} — copy it now, it is not shown again: {secret}",
+                messages.WARNING,
+            )
