@@ -107,6 +107,30 @@ def kill_sessions(socket_path: str | Path, common_name: str, *, message: str = "
     return killed
 
 
+def kill_address(socket_path: str | Path, address: str, *, message: str = "HALT", timeout: float = 5.0) -> int:
+    """Disconnect the session whose real address is ``address`` (``ip:port``); return 0 or 1.
+
+    With :func:`access.gateway.vpn.session_address` this cuts exactly the session of one revoked
+    certificate, leaving the same user's other sessions (other clusters, other certificates) up.
+    """
+    if message not in ("HALT", "RESTART"):
+        raise ValueError(f"client-kill message must be HALT or RESTART, not {message!r}")
+    targets = [s for s in list_sessions(socket_path, timeout=timeout) if s.real_address == address]
+    killed = 0
+    if targets:
+        conn = _Conn(Path(socket_path), timeout)
+        try:
+            for session in targets:
+                if session.client_id is None:
+                    raise ManagementError("OpenVPN did not list client IDs; is it 2.5+?")
+                conn.send(f"client-kill {session.client_id} {message}")
+                if conn.reply().startswith("SUCCESS"):
+                    killed += 1
+        finally:
+            conn.close()
+    return killed
+
+
 def list_sessions(socket_path: str | Path, *, timeout: float = 5.0) -> list[Session]:
     """The connected clients (``status 3``)."""
     conn = _Conn(Path(socket_path), timeout)

@@ -11,7 +11,8 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
       vpn/server.key       gateway TLS key           (generated on the gateway or enrolled; 0600)
       vpn/tls-crypt.key    shared tls-crypt key      (0600)
       vpn/run/             runtime: ac-cache/ (tls-verify -> client-connect), peer-certs/
-                           (tls-export-cert), management.sock, status.log
+                           (tls-export-cert), sessions/<serial>.json (client-connect: peer address),
+                           management.sock, status.log, cut.json (sessions already cut)
       ssh/user_ca.pub      TrustedUserCAKeys
       ssh/revoked.krl      RevokedKeys (binary KRL)
       ssh/principals/<account>   AuthorizedPrincipalsFile per bastion account
@@ -56,11 +57,12 @@ class VpnState:
     run = property(lambda self: self.root / "run")
     ac_cache = property(lambda self: self.root / "run" / "ac-cache")
     peer_certs = property(lambda self: self.root / "run" / "peer-certs")
+    sessions = property(lambda self: self.root / "run" / "sessions")
     management = property(lambda self: self.root / "run" / "management.sock")
     status = property(lambda self: self.root / "run" / "status.log")
 
     def ensure_dirs(self) -> None:
-        for d in (self.root, self.run, self.ac_cache, self.peer_certs):
+        for d in (self.root, self.run, self.ac_cache, self.peer_certs, self.sessions):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 

@@ -152,8 +152,28 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     if vid is None:
         raise Refused(f"{who}: cluster {cluster} has no VLAN on this gateway (not READY or torn down)")
     Path(config_file).write_text(f"vlan-pvid {vid}\n")
+    _record_session(state, entry["serial"], cn, env)
     _log("ACCEPT", f"{who}: cluster {cluster} -> vlan-pvid {vid}")
     return vid
+
+
+def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) -> None:
+    """Remember which peer address holds ``serial``, so a revocation cuts exactly that session."""
+    ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
+    port = env.get("trusted_port", "")
+    if not ip:
+        return
+    state.sessions.mkdir(mode=0o700, parents=True, exist_ok=True)
+    record = {"serial": serial, "common_name": cn, "address": f"{ip}:{port}" if port else ip, "since": time.time()}
+    write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
+
+
+def session_address(state: VpnState, serial: int) -> str | None:
+    """The ``ip:port`` the session of certificate ``serial`` connected from (as ``status 3`` shows it)."""
+    try:
+        return json.loads((state.sessions / f"{int(serial)}.json").read_bytes())["address"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
 
 
 def _parse(argv: list[str]) -> tuple[str, VpnState, list[str]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from access import attrcerts, openvpn, pki
-from access.gateway import management, vpn
+from access.gateway import management, pull, vpn
 from access.gateway.state import VpnState, vlan_map_json, write_atomic
 from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
 
@@ -302,6 +302,38 @@ def test_management_kill_cuts_live_session_of_revoked_user(lab):
 
 
 @needs_lab
+def test_pull_installs_crl_and_cuts_only_the_revoked_session(lab):
+    """The gateway's pull: new CRL in place, then exactly the revoked certificate's session is cut."""
+    lost, lost_serial = lab.profile("hana", "c42", dev="vcta")
+    kept, _ = lab.profile("hana", "c43", dev="vctb")
+    lost_proc, _, _ = _connect_ok(lab, lost, "hana-lost")
+    kept_proc, _, _ = _connect_ok(lab, kept, "hana-kept")
+    assert vpn.session_address(lab.state, lost_serial) is not None
+
+    lab.revoked.append((lost_serial, NOW, "key_compromise"))
+    lab.crl_number += 1
+    doc = {
+        "format": 1,
+        "generated_at": NOW.isoformat(),
+        "vpn": {
+            "ca": lab.ca.cert_pem().decode(),
+            "aa": pki.cert_to_pem(lab.aa_cert).decode(),
+            "crl": pki.crl_to_pem(pki.build_crl(lab.ca, lab.revoked, crl_number=lab.crl_number)).decode(),
+            "vlans": VLANS,
+            "revoked_sessions": [{"serial": lost_serial, "common_name": "hana", "revoked_at": NOW.isoformat()}],
+        },
+    }
+    report = pull.install_state(lab.state.root.parent, doc)
+    assert str(lab.state.crl) in report.written
+    assert report.cut == [lost_serial] and report.cut_errors == []
+    wait_for(lambda: lost_proc.poll() is not None, 5, what="the revoked session's client to stop")
+    time.sleep(0.5)
+    assert kept_proc.poll() is None  # the same user's other session stays up
+    assert pull.install_state(lab.state.root.parent, doc).cut == []  # cut once, not at every pull
+    stop(kept_proc, kill=True)
+
+
+@needs_lab
 def test_hook_timing(lab):
     """Run both hooks as OpenVPN does (fresh interpreter each time) and report per-call milliseconds."""
     text, serial = lab.profile("frank", "c42", dev="vct8")
@@ -482,3 +514,24 @@ def test_profile_refuses_injection():
     assert "\nremote-cert-tls server\n" in text and '\nverify-x509-name "gw1" name\n' in text
     assert "<ca>\nC\n</ca>" in text and "<key>\nK\n</key>" in text and "<tls-crypt>\nT\n</tls-crypt>" in text
     assert "persist-tun" not in text
+
+
+def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
+    ca = pki.create_ca("CA")
+    crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
+    good = {
+        "format": 1,
+        "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {"c42": 142}},
+    }
+    pull.install_state(tmp_path, good)
+    st = VpnState.at(tmp_path)
+    before = {p: p.read_bytes() for p in (st.ca, st.crl, st.vlans)}
+    for bad in (
+        {**good, "format": 2},
+        {**good, "vpn": {**good["vpn"], "vlans": {"c42": 5000}}},
+        {**good, "vpn": {**good["vpn"], "crl": "garbage"}},
+    ):
+        with pytest.raises(vpn.StateError):
+            pull.install_state(tmp_path, bad)
+    assert {p: p.read_bytes() for p in before} == before
+    assert pull.install_state(tmp_path, good).written == []  # unchanged files are not rewritten

@@ -12,6 +12,7 @@ StrictHostKeyChecking=yes: a login proves the host certificates too (no prompt p
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import os
 import shutil
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from access import ssh
-from access.gateway import sshd
+from access.gateway import pull, sshd
 from access.gateway.state import SshState, write_atomic
 from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
 
@@ -66,19 +67,8 @@ class Bastion:
         self.state = SshState.at(root / "state")
         self.state.ensure_dirs()
         _host_key(self.state.root, self.host_ca, [BASTION, "bastion"], 1)
-        write_atomic(self.state.user_ca, ssh.public_key_line(self.user_ca) + "\n", 0o644)
-        write_atomic(
-            self.state.principals(ACCOUNT),
-            sshd.render_principals_file(
-                [
-                    sshd.PrincipalGrant(ssh.principal("c42", "alice"), [(NODE1, 22)]),
-                    sshd.PrincipalGrant(ssh.principal("c43", "bob"), [(NODE2, 22)]),
-                    sshd.PrincipalGrant(ssh.principal("c44", "nobody-home"), []),
-                ]
-            ),
-            0o644,
-        )
-        self.publish_krl()
+        self.publish_krl()  # the first pull installs CA key, KRL and principals
+
         self.config = self.state.root / "sshd_config"
         write_atomic(
             self.config,
@@ -93,11 +83,27 @@ class Bastion:
         self.log = root / "bastion.log"
 
     def publish_krl(self) -> None:
+        """What the portal publishes and the gateway pulls (access.gateway.pull installs it)."""
         self.krl_version += 1
         krl = ssh.build_krl(
             ca_public_key=ssh.public_key_line(self.user_ca), serials=self.revoked, version=self.krl_version
         )
-        write_atomic(self.state.krl, krl, 0o644)
+        doc = {
+            "format": 1,
+            "ssh": {
+                "account": ACCOUNT,
+                "user_ca": ssh.public_key_line(self.user_ca),
+                "host_ca": ssh.public_key_line(self.host_ca),
+                "krl": base64.b64encode(krl).decode(),
+                "clusters": {
+                    "c42": {"principals": [ssh.principal("c42", "alice")], "targets": [[NODE1, 22]]},
+                    "c43": {"principals": [ssh.principal("c43", "bob")], "targets": [[NODE2, 22]]},
+                    "c44": {"principals": [ssh.principal("c44", "nobody-home")], "targets": []},
+                },
+            },
+        }
+        report = pull.install_state(self.state.root.parent, doc)
+        assert str(self.state.krl) in report.written
 
     def node_config(self, name: str, address: str) -> Path:
         """A cluster node's sshd: trusts the user CA; root may log in with the cluster's principals."""

@@ -1,0 +1,170 @@
+"""Install the state document a gateway pulled from the portal, then cut the sessions it says to cut.
+
+The document is what ``access.services.gateway_state`` returns (format 1)::
+
+    {"format": 1, "gateway": "gw1", "etag": "...", "generated_at": "...",
+     "vpn": {"ca": PEM, "aa": PEM, "crl": PEM, "vlans": {"c42": 142}, "server_name": "...",
+             "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
+     "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
+             "krl": base64, "clusters": {"c42": {"principals": ["c42-alice"], "targets": [["198.18.61.11", 22]],
+                                               "nodes": [...]}}}}
+
+Everything is validated before anything is written, so a bad document leaves the last good state in
+place (the gateway keeps working while the portal is down or broken). Each file is replaced
+atomically. Standalone: no Django; run it from cron or a systemd timer after fetching the document::
+
+    python3 -I access/gateway/pull.py --state /var/lib/virtcloud-gateway < state.json
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from access.gateway import management, sshd  # noqa: E402
+from access.gateway.state import SshState, StateError, VpnState, vlan_map_json, write_atomic  # noqa: E402
+from access.gateway.vpn import session_address  # noqa: E402
+
+_KRL_MAGIC = b"SSHKRL\n\x00"
+
+
+@dataclass
+class InstallReport:
+    """What an install changed, for the pull command's log line."""
+
+    written: list[str] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)
+    cut_errors: list[str] = field(default_factory=list)
+
+
+def _pem(value: object, kind: str, what: str) -> str:
+    if not isinstance(value, str) or f"-----BEGIN {kind}-----" not in value:
+        raise StateError(f"state document: {what} is not a PEM {kind}")
+    return value if value.endswith("\n") else value + "\n"
+
+
+def _ssh_key(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value.split()) < 2 or not value.startswith(("ssh-", "ecdsa-")):
+        raise StateError(f"state document: {what} is not an OpenSSH public key line")
+    return value.strip() + "\n"
+
+
+def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes, int]]:
+    if not isinstance(doc, dict) or doc.get("format") != 1:
+        raise StateError("state document has an unknown format (want format 1)")
+    files: dict[Path, tuple[bytes, int]] = {}
+    if "vpn" in doc:
+        v = doc["vpn"]
+        vlans = v.get("vlans")
+        if not isinstance(vlans, dict):
+            raise StateError("state document: vpn.vlans is not a map")
+        files[vpn.ca] = (_pem(v.get("ca"), "CERTIFICATE", "vpn.ca").encode(), 0o644)
+        files[vpn.aa] = (_pem(v.get("aa"), "CERTIFICATE", "vpn.aa").encode(), 0o644)
+        files[vpn.crl] = (_pem(v.get("crl"), "X509 CRL", "vpn.crl").encode(), 0o644)
+        stamp = str(doc.get("generated_at", ""))
+        files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), 0o644)
+    if "ssh" in doc:
+        s = doc["ssh"]
+        account = s.get("account")
+        try:
+            krl = base64.b64decode(s.get("krl", ""), validate=True)
+        except ValueError:
+            raise StateError("state document: ssh.krl is not base64") from None
+        if not krl.startswith(_KRL_MAGIC):
+            raise StateError("state document: ssh.krl is not an OpenSSH KRL")
+        clusters = s.get("clusters")
+        if not isinstance(clusters, dict):
+            raise StateError("state document: ssh.clusters is not a map")
+        grants = []
+        for entry in clusters.values():
+            targets = [(str(h), int(p)) for h, p in entry.get("targets", [])]
+            grants += [sshd.PrincipalGrant(p, targets) for p in entry.get("principals", [])]
+        try:
+            principals = sshd.render_principals_file(grants)
+            if not isinstance(account, str):
+                raise sshd.SshdConfigError("missing account")
+            sshd.render_sshd_config(state_dir=ssh.root.parent, listen=[("127.0.0.1", 22)], account=account)
+        except sshd.SshdConfigError as exc:
+            raise StateError(f"state document: ssh section: {exc}") from None
+        files[ssh.user_ca] = (_ssh_key(s.get("user_ca"), "ssh.user_ca").encode(), 0o644)
+        files[ssh.root / "host_ca.pub"] = (_ssh_key(s.get("host_ca"), "ssh.host_ca").encode(), 0o644)
+        files[ssh.krl] = (krl, 0o644)
+        files[ssh.principals(account)] = (principals.encode(), 0o644)
+    return files
+
+
+def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True) -> InstallReport:
+    """Validate ``doc`` fully, then write its files; then cut live sessions of revoked certificates.
+
+    The CRL is installed *before* sessions are cut, so the client's reconnect meets the new CRL. A
+    session is cut once (serials already cut are remembered in ``vpn/run/cut.json``); an unreachable
+    management socket is reported, not fatal (the next pull tries again).
+    """
+    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
+    files = _prepare(doc, vpn, ssh)
+    report = InstallReport()
+    if "vpn" in doc:
+        vpn.ensure_dirs()
+    if "ssh" in doc:
+        ssh.ensure_dirs()
+    for path, (data, mode) in files.items():
+        try:
+            unchanged = path.read_bytes() == data
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            write_atomic(path, data, mode)
+            report.written.append(str(path))
+    if cut_sessions and "vpn" in doc:
+        _cut(vpn, doc["vpn"].get("revoked_sessions", []), report)
+    return report
+
+
+def _cut(vpn: VpnState, revoked: list[dict], report: InstallReport) -> None:
+    done_path = vpn.run / "cut.json"
+    try:
+        done = set(json.loads(done_path.read_bytes()))
+    except (FileNotFoundError, ValueError):
+        done = set()
+    wanted = {int(r["serial"]) for r in revoked if "serial" in r}
+    for serial in sorted(wanted - done):
+        address = session_address(vpn, serial)
+        if address is None:
+            done.add(serial)  # never connected through this gateway
+            continue
+        try:
+            if management.kill_address(vpn.management, address):
+                report.cut.append(serial)
+            done.add(serial)
+        except management.ManagementError as exc:
+            report.cut_errors.append(f"serial {serial}: {exc}")
+    # Forget serials the portal no longer lists (their certificates expired).
+    write_atomic(done_path, json.dumps(sorted(done & wanted)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "--state":
+        print("usage: pull.py --state DIR < state.json", file=sys.stderr)
+        return 2
+    try:
+        report = install_state(args[1], json.load(sys.stdin))
+    except (StateError, ValueError) as exc:
+        print(f"virtcloud-pull: kept the previous state: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"virtcloud-pull: wrote {len(report.written)} file(s), cut {len(report.cut)} session(s)"
+        + (f", errors: {'; '.join(report.cut_errors)}" if report.cut_errors else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
