@@ -304,3 +304,131 @@ def test_lab_switch_k_rejecting_the_change_rolls_every_switch_back(clean_lab, la
     failed = DeviceChange.objects.get(segment=seg, device=name, cause="provision new")
     assert failed.status == "failed" and failed.error == "no port up on this switch"
     assert lab_view(lab, lab_inventory) == before
+
+
+# --- on a real Celery worker --------------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def worker_fabric(transactional_db, tmp_path):
+    from network.tests.fakefabric import build_fabric
+
+    return build_fabric(tmp_path / "devices")
+
+
+@pytest.mark.worker
+def test_worker_runs_the_canvas_as_the_clusters_app_composes_it(worker_fabric, celery_worker):
+    from celery import chain
+
+    from network import tasks
+
+    fabric = worker_fabric
+    seg = services.segment_create(owner="cluster:w", hosts=three_sites(fabric), gateway=True)
+    caller_next = tasks.segment_step.si(seg.pk, "clusters-ready")  # stands for the clusters app's next task
+    result = chain(workflows.provision(seg.pk), caller_next).on_error(tasks.segment_step.si(seg.pk, "x")).delay()
+    assert result.get(timeout=60) == {"segment": seg.pk, "step": "clusters-ready"}
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.ACTIVE
+    assert device_view(fabric) == desired_view(fabric) and fabric.host_vlans("prague2") == {seg.vid}
+
+    fabric.set_switch_args("sw-prague", fail_commit="permanent")
+    bad = services.segment_create(owner="cluster:bad", hosts=three_sites(fabric), gateway=False)
+    before = device_view(fabric)
+    result = chain(workflows.provision(bad.pk), tasks.segment_step.si(bad.pk, "never")).delay()
+    with pytest.raises(DeviceChangeFailed) as exc:  # rebuilt from the result backend with device and message
+        result.get(timeout=60)
+    assert exc.value.device == "sw-prague" and "Invalid input detected" in exc.value.message
+    _wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
+    bad.refresh_from_db()
+    assert bad.allocation.state == VlanAllocation.State.QUARANTINED
+    assert device_view(fabric) == before
+
+
+@pytest.mark.worker
+def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_fabric, celery_worker):
+    fabric = worker_fabric
+    # The worker must hand a killed worker's message on within seconds (Redis visibility timeout).
+    celery_worker.stop()
+    celery_worker.env["DJANGO_SETTINGS_MODULE"] = "network.tests.worker_settings"
+    celery_worker.start()
+    fabric.set_switch_args("sw-pilsen", delay=4)  # a slow switch session: the worker dies inside it
+    seg = services.segment_create(owner="cluster:k", hosts=three_sites(fabric), gateway=False)
+    result = workflows.provision(seg.pk).delay()
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
+    _wait_for(lambda: DeviceChange.objects.get(pk=change.pk).status == "running", what="the switch session")
+    celery_worker.kill()
+    assert DeviceChange.objects.get(pk=change.pk).status == "running"
+    assert fabric.switch_ports("sw-pilsen") == {}
+    fabric.set_switch_args("sw-pilsen", delay=0)
+    celery_worker.start()
+    assert result.get(timeout=90)["state"] == "active"
+    change.refresh_from_db()
+    assert change.status == "ok" and change.attempts >= 2  # claimed again by the redelivered task
+    assert device_view(fabric) == desired_view(fabric)
+    assert fabric.switch_ports("sw-pilsen")["h1"] == {seg.vid}
+
+
+@pytest.mark.worker
+def test_worker_on_the_demo_defaults_filesystem_broker_and_django_db_results(worker_fabric, tmp_path):
+    """The embedded default (kombu filesystem transport, django-db results, chords through chord_unlock)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs the PostgreSQL test database (a worker process cannot see an in-memory SQLite one)")
+    settings_dict = connection.settings_dict
+    db_url = (
+        f"postgres://{settings_dict['USER']}@{settings_dict['HOST'] or '127.0.0.1'}:{settings_dict['PORT'] or 5432}/"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        DJANGO_SETTINGS_MODULE="portal.settings_test",
+        DATABASE_URL=db_url + settings_dict["NAME"],
+        CELERY_TASK_ALWAYS_EAGER="false",
+        CELERY_BROKER_URL="filesystem://localhost/",
+        CELERY_RESULT_BACKEND="django-db",
+        DATA_DIR=str(tmp_path / "data"),
+    )
+    fabric = worker_fabric
+    seg = services.segment_create(owner="cluster:fs", hosts=three_sites(fabric), gateway=False)
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "portal.testing_celery", "worker", "--pool=threads", "-c", "4"]
+        + ["--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"fs-{os.getpid()}@localhost"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        code = (
+            "import json; from network import workflows; "
+            f"print(json.dumps(workflows.provision({seg.pk}).delay().get(timeout=90)))"
+        )
+        done = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["state"] == "active"
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert device_view(fabric) == desired_view(fabric)
