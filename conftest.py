@@ -54,7 +54,6 @@ class WorkerProcess:
         import sys
         import time
 
-
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
             [
@@ -62,7 +61,7 @@ class WorkerProcess:
                 "-m",
                 "celery",
                 "-A",
-                "portal",
+                "portal.testing_celery",
                 "worker",
                 "-l",
                 "INFO",

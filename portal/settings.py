@@ -161,6 +161,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
     for _folder in ("queue", "processed"):
         (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # A task a killed worker had taken (acks_late) goes back to the queue after this many seconds; it must
+    # exceed the longest device operation (tasks are idempotent, so a duplicate is harmless, only wasteful).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600, minimum=1)}
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "django-db")
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for the next one

@@ -20,4 +20,9 @@ if os.environ.get("REDIS_URL"):
     _base = os.environ["REDIS_URL"].rsplit("/", 1)[0]
     _index = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
     CELERY_BROKER_URL = CELERY_RESULT_BACKEND = f"{_base}/{15 - _index}"
-    CELERY_BROKER_TRANSPORT_OPTIONS = {}
+    # The killed-worker tests wait for redelivery: short visibility timeout, frequent restore sweeps.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": 4,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }

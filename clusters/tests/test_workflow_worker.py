@@ -1,0 +1,144 @@
+"""Cluster workflows through a real Celery worker on Redis (not eager): create, teardown, expiry,
+failure + compensation, migration. Devices are the fake fabric (state files shared with the worker)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clusters.models import ClusterState, Image, Node, VirtualCluster
+from network.models import VlanAllocation
+from network.tests.fakefabric import build_fabric
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def fabric(transactional_db, tmp_path):
+    fab = build_fabric(tmp_path / "devices")
+    Image.objects.create(name="my-own", approved=False)
+    return fab
+
+
+@pytest.fixture
+def api(alice):
+    client = APIClient()
+    client.force_authenticate(alice)
+    return client
+
+
+def wait_state(cluster_id: int, *states: str, timeout: float = 30.0) -> VirtualCluster:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cluster = VirtualCluster.objects.get(pk=cluster_id)
+        if cluster.state in states:
+            return cluster
+        time.sleep(0.05)
+    raise AssertionError(f"cluster {cluster_id} is {cluster.state}, not {states} after {timeout}s")
+
+
+def create(api, name="c1", nodes=(("n1", "brno1", "52:54:00:00:00:01"), ("n2", "prague1", "52:54:00:00:00:02"))):
+    r = api.post(
+        "/api/clusters/",
+        {
+            "name": name,
+            "image": "my-own",
+            "lifetime": 3600,
+            "nodes": [{"name": n, "host": h, "mac": m} for n, h, m in nodes],
+        },
+        format="json",
+    )
+    assert r.status_code == 201, r.content
+    return r.data["id"]
+
+
+def test_create_and_teardown(fabric, celery_worker, api):
+    started = time.monotonic()
+    cid = create(api)
+    cluster = wait_state(cid, ClusterState.READY, ClusterState.FAILED)
+    elapsed = time.monotonic() - started
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    vid = cluster.vlan_id
+    assert vid in fabric.host_vlans("brno1") and vid in fabric.host_vlans("prague1")
+    assert vid in fabric.switch_ports("sw-prague")["uplink"]
+    assert elapsed < 30
+
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    wait_state(cid, ClusterState.TORN_DOWN)
+    assert all(vid not in fabric.host_vlans(h) for h in fabric.hosts)
+    assert all(vid not in v for s in fabric.switches for v in fabric.switch_ports(f"sw-{s}").values())
+    assert VlanAllocation.objects.get(vid=vid).state == "quarantined"
+
+
+def test_expiry_found_by_the_periodic_task(fabric, celery_worker, api):
+    from clusters.tasks import expire
+
+    cid = create(api)
+    wait_state(cid, ClusterState.READY)
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() - timedelta(seconds=1))
+    expire.delay()
+    cluster = wait_state(cid, ClusterState.TORN_DOWN)
+    assert "expired" in cluster.state_reason
+
+
+@pytest.mark.parametrize("failing", ["sw-brno", "sw-prague", "brno1"])
+def test_failure_compensates_every_device_and_releases_the_vlan(fabric, celery_worker, api, failing):
+    before = {s: fabric.switch_ports(f"sw-{s}") for s in fabric.switches}
+    if failing.startswith("sw-"):
+        fabric.set_switch_args(failing, fail_commit="permanent")
+    else:
+        from network.models import Host
+
+        Host.objects.filter(name=failing).update(
+            driver_args={"state_dir": fabric.state_dir, "fail_commit": "permanent"}
+        )
+    cid = create(api)
+    cluster = wait_state(cid, ClusterState.FAILED, ClusterState.READY)
+    assert cluster.state == ClusterState.FAILED
+    assert failing in cluster.state_reason
+    assert not VlanAllocation.objects.filter(state="allocated").exists()
+    for site, ports in before.items():
+        now = fabric.switch_ports(f"sw-{site}")
+        assert {p: v for p, v in now.items() if v} == {p: v for p, v in ports.items() if v}
+    assert all(cluster.vlan_id not in fabric.host_vlans(h) for h in fabric.hosts if h != failing)
+    steps = {s.name: s for s in cluster.steps.all()}
+    assert steps["compensate"].status == "ok"
+
+
+def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api):
+    cid = create(api)
+    vid = wait_state(cid, ClusterState.READY).vlan_id
+    node = Node.objects.get(cluster_id=cid, name="n2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/", {"target_host": "pilsen2"}, format="json")
+    assert r.status_code == 202
+    wait_state(cid, ClusterState.READY)
+    assert vid in fabric.host_vlans("pilsen2") and vid in fabric.host_vlans("prague1")
+    api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrated/", {}, format="json")
+    wait_state(cid, ClusterState.READY)
+    deadline = time.monotonic() + 10
+    while vid in fabric.host_vlans("prague1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vid not in fabric.host_vlans("prague1")
+    assert vid in fabric.host_vlans("pilsen2")
+
+
+def test_worker_killed_mid_provisioning_finishes_after_restart(fabric, celery_worker, api):
+    # slow devices so that the kill lands while convergence runs
+    for name in fabric.switches:
+        fabric.set_switch_args(f"sw-{name}", delay=1.0)
+    cid = create(api)
+    time.sleep(0.6)
+    celery_worker.kill()
+    assert VirtualCluster.objects.get(pk=cid).state != ClusterState.READY
+    celery_worker.start()
+    try:
+        cluster = wait_state(cid, ClusterState.READY, ClusterState.FAILED, timeout=60)
+    except AssertionError:
+        print(celery_worker.log())
+        raise
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    assert cluster.vlan_id in fabric.host_vlans("brno1")
