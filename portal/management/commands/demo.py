@@ -4,7 +4,7 @@ Migrates the database, imports the demo topology (idempotent), starts a throwawa
 makes sure a local break-glass superuser ``admin`` exists, and starts the web server, a Celery worker (also
 consuming the hosts' agent queues) and Celery beat, all with the directory's LDAP settings in their
 environment. As root, and when the netns lab is available, it builds the lab for the demo topology
-(``manage.py lab up``). Ctrl-C (or SIGTERM) stops everything it started, by PID, and takes the lab down.
+(``manage.py lab up --name demo``). Ctrl-C (or SIGTERM) stops everything it started, by PID, and takes the lab down.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from network.topology import TopologyError, load_topology, topology_import
 from portal.ldapserver import LdapServer, LdapServerError
 
 DEMO_TOPOLOGY = Path(settings.BASE_DIR) / "network" / "topologies" / "demo.yaml"
+LAB_NAME = "demo"  # its own lab: never the one a test or an engineer runs as "default"
 
 
 class _Stop(Exception):
@@ -196,18 +197,25 @@ class Command(BaseCommand):
             self.stdout.write("demo: the netns lab (network.lab) is not available here; a simulated fabric is used")
             return
         self.stdout.write("demo: building the netns lab for the demo topology (manage.py lab up) ...")
-        result = self._manage(["lab", "up"], env, timeout=300)
+        result = self._manage(["lab", "up", "--name", LAB_NAME], env, timeout=300)
         if result.returncode != 0:
             self.stdout.write(self.style.WARNING(f"demo: lab up failed; going on without it:\n{result.stdout}"))
-            self._manage(["lab", "down"], env, timeout=120)
+            self._manage(["lab", "down", "--name", LAB_NAME], env, timeout=120)
             return
         self.lab_up = True
         self.stdout.write("demo: " + result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "lab up")
 
     def _manage(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         manage = str(Path(settings.BASE_DIR) / "manage.py")
+        # Its own session: a second Ctrl-C must not interrupt "lab down" half way.
         return subprocess.run(
-            [sys.executable, manage, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+            [sys.executable, manage, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
         )
 
     # --- shutdown -------------------------------------------------------------------------------------------
@@ -220,7 +228,7 @@ class Command(BaseCommand):
                 _stop_group(proc)
                 self.stdout.write(f"demo: stopped {name} (pid {proc.pid})")
             if self.lab_up:
-                result = self._manage(["lab", "down"], dict(os.environ), timeout=300)
+                result = self._manage(["lab", "down", "--name", LAB_NAME], dict(os.environ), timeout=300)
                 self.stdout.write(f"demo: lab down ({'ok' if result.returncode == 0 else result.stderr.strip()})")
             if self.directory is not None:
                 self.directory.stop()
