@@ -3,6 +3,7 @@
 from django import forms
 from django.contrib import admin
 
+from network.choices import PortRole
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
 
 
@@ -92,6 +93,13 @@ class SwitchPortAdmin(admin.ModelAdmin):
     list_filter = ("role", "switch__site", "core")
     search_fields = ("name", "switch__name", "description")
     list_select_related = ("switch", "switch__site", "core")
+
+    def get_search_results(self, request, queryset, search_term):
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        # The host form's port picker offers only host trunks (the others would fail validation anyway).
+        if request.GET.get("model_name") == "host" and request.GET.get("field_name") == "switch_port":
+            queryset = queryset.filter(role=PortRole.HOST_TRUNK)
+        return queryset, may_have_duplicates
 
 
 @admin.register(Host)

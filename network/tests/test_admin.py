@@ -172,3 +172,12 @@ def test_secrets_never_reach_the_logs(admin_client, caplog, monkeypatch):
     text = caplog.text
     assert "UPDATE" in text  # the SQL log is really captured
     assert "secret-from-env" not in text and "secret-from-admin" not in text
+
+
+def test_host_port_picker_offers_only_host_trunks(admin_client, demo):
+    response = admin_client.get(
+        reverse("admin:autocomplete"),
+        {"app_label": "network", "model_name": "host", "field_name": "switch_port", "term": "brno-sw"},
+    )
+    assert response.status_code == 200
+    assert sorted(r["text"] for r in response.json()["results"]) == ["brno-sw:h1", "brno-sw:h2"]
