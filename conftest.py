@@ -48,6 +48,7 @@ class WorkerProcess:
         self.env = env
         self.log_path = log_path
         self.proc = None
+        self.queues = ["celery"]
 
     def start(self, timeout: float = 30.0) -> None:
         import subprocess
@@ -70,6 +71,8 @@ class WorkerProcess:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                "-Q",
+                ",".join(self.queues),
                 "-n",
                 f"test-{os.getpid()}-{time.monotonic_ns()}@localhost",
             ],
@@ -138,6 +141,10 @@ def celery_worker(transactional_db, tmp_path):
         "CELERY_TASK_ALWAYS_EAGER": "false",
     }
     worker = WorkerProcess(env, str(tmp_path / "worker.log"))
+    from network.models import Host
+
+    # The worker stands in for the host agents too: it consumes every host's queue.
+    worker.queues += sorted(set(Host.objects.exclude(agent_queue="").values_list("agent_queue", flat=True)))
     app.conf.task_always_eager = False
     worker.start()
     try:
