@@ -2,7 +2,17 @@
 
 from rest_framework import serializers
 
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.models import (
+    CoreTransport,
+    DeviceChange,
+    Drift,
+    Host,
+    Site,
+    Switch,
+    SwitchPort,
+    VlanAllocation,
+    VlanPool,
+)
 
 
 class SiteSerializer(serializers.ModelSerializer):
@@ -52,3 +62,50 @@ class VlanPoolSerializer(serializers.ModelSerializer):
     class Meta:
         model = VlanPool
         fields = ["id", "name", "core", "ranges", "reserved", "quarantine_seconds", "description"]
+
+
+class VlanAllocationSerializer(serializers.ModelSerializer):
+    pool = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = VlanAllocation
+        fields = ["id", "pool", "vid", "state", "owner", "allocated_at", "released_at", "quarantine_until"]
+
+
+class DeviceChangeSerializer(serializers.ModelSerializer):
+    segment = serializers.CharField(source="segment.owner_ref", read_only=True, default=None)
+
+    class Meta:
+        model = DeviceChange
+        fields = [
+            "id",
+            "kind",
+            "device",
+            "segment",
+            "cause",
+            "status",
+            "diff",
+            "attempts",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error",
+        ]
+
+
+class DriftSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Drift
+        fields = [
+            "id",
+            "device_kind",
+            "device",
+            "port",
+            "kind",
+            "vlans",
+            "expected",
+            "actual",
+            "found_at",
+            "last_seen_at",
+            "repaired_at",
+        ]

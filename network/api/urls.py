@@ -9,3 +9,7 @@ router.register("switches", views.SwitchViewSet)
 router.register("hosts", views.HostViewSet)
 router.register("pools", views.VlanPoolViewSet)
 urlpatterns = router.urls
+router.register("allocations", views.VlanAllocationViewSet, basename="vlanallocation")
+router.register("changes", views.DeviceChangeViewSet, basename="devicechange")
+router.register("drift", views.DriftViewSet, basename="drift")
+urlpatterns = router.urls
