@@ -123,9 +123,22 @@ def _create_authority(kind: str, loaded: dict[str, object]) -> Authority:
     )
 
 
+#: Decrypted signers by (kind, row id, public key, passphrase digest): the key is decrypted once per
+#: process, not on every profile; a replaced key or passphrase misses the cache.
+_SIGNERS: dict[tuple, object] = {}
+
+
 def _load(row: Authority):
     """The in-memory signer of an authority row (a pki.CertificateAuthority, or an SSH CA key)."""
     passphrase = ca_passphrase()
+    cache_key = (row.kind, row.pk, row.public_key, hashlib.sha256(passphrase).digest())
+    signer = _SIGNERS.get(cache_key)
+    if signer is None:
+        signer = _SIGNERS[cache_key] = _decrypt(row, passphrase)
+    return signer
+
+
+def _decrypt(row: Authority, passphrase: bytes):
     if row.kind in (AuthorityKind.VPN, AuthorityKind.AA):
         return pki.load_ca(row.certificate.encode(), str(row.private_key).encode(), passphrase)
     from access import ssh
@@ -209,18 +222,22 @@ def clusters_authorize(*, user, clusters: Iterable) -> list:
 
 
 def _gateway(kind: str, clusters: Sequence) -> Gateway:
+    """The gateway a user of ``clusters`` connects to: one at a site where the clusters have nodes, if
+    there are several."""
     from clusters.models import Node, NodeState
 
+    gateways = selectors.gateways_for(kind=kind)
+    if not gateways:
+        raise NoGateway(f"no enabled {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is configured")
+    if len(gateways) == 1:
+        return gateways[0]
     site_ids = set(
         Node.objects.filter(cluster__in=clusters)
         .exclude(state=NodeState.REMOVED)
         .values_list("host__site_id", flat=True)
         .distinct()
     )
-    gateways = selectors.gateways_for(kind=kind, site_ids=site_ids)
-    if not gateways:
-        raise NoGateway(f"no enabled {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is configured")
-    return gateways[0]
+    return selectors.gateways_for(kind=kind, site_ids=site_ids)[0]
 
 
 def _ensure_tls_crypt(gateway: Gateway) -> str:
@@ -293,8 +310,11 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     chosen = clusters_authorize(user=user, clusters=clusters)
     gateway = _gateway("vpn", chosen)
     tls_crypt = _ensure_tls_crypt(gateway)
-    vpn_ca = _load(_authority(AuthorityKind.VPN))
-    aa = _load(_authority(AuthorityKind.AA))
+    rows = {a.kind: a for a in Authority.objects.filter(kind__in=(AuthorityKind.VPN, AuthorityKind.AA))}
+    if len(rows) < 2:
+        rows = ca_ensure()
+    vpn_ca = _load(rows[AuthorityKind.VPN])
+    aa = _load(rows[AuthorityKind.AA])
 
     labels = [selectors.cluster_label(c) for c in chosen]
     username = user.get_username()

@@ -373,3 +373,16 @@ def test_krl_lists_revoked_ssh_certificates(alice, cluster, gateway, tmp_path):
         ["ssh-keygen", "-Q", "-f", tmp_path / "krl", tmp_path / "valid-cert.pub"], capture_output=True, text=True
     )
     assert valid.returncode == 0, valid.stdout + valid.stderr
+
+
+def test_a_gateway_at_the_clusters_site_is_preferred(alice, cluster, gateway):
+    from access.models import Gateway
+
+    node_site = cluster.nodes.get().host.site
+    local = Gateway.objects.create(name="zz-local", site=node_site, address="198.18.100.9")
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    assert "remote 198.18.100.9 1194" in text
+    local.enabled = False
+    local.save()
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    assert "remote 198.18.100.1 1194" in text

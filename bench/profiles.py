@@ -1,0 +1,205 @@
+"""Profile issuance benchmark (never run as a test): ``.venv/bin/python bench/profiles.py [--live]``.
+
+Issues OpenVPN profiles through the HTTP endpoint ``POST /api/access/vpn-profiles/`` (key generation, AC
+and certificate signatures, database rows, rendering) and prints p50/p95 latency and profiles/s.
+
+- default: in-process with Django's test client, one request at a time (the per-request cost);
+- ``--live``: a real gunicorn (``--workers``, default 2 = the cores) on 127.0.0.1 and ``--concurrency``
+  client threads with an API token (the throughput a machine gives).
+
+Goal (issue 6): p95 ≤ 50 ms and ≥ 150 profiles/s on 2 cores. Uses a throwaway SQLite database under a
+temporary DATA_DIR unless ``DATABASE_URL`` is set (PostgreSQL gives the production picture; the bench
+database is migrated and filled, so point it at a scratch database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def report(label: str, latencies: list[float], wall: float) -> None:
+    print(
+        f"{label}: {len(latencies)} profiles, p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+        f"p95 {percentile(latencies, 95) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms, "
+        f"{len(latencies) / wall:.0f} profiles/s"
+    )
+
+
+def setup_django(data_dir: str) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings_test")
+    os.environ.setdefault("DATA_DIR", data_dir)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def fixtures():
+    """A user in a group with a closed READY cluster, a gateway, and an API token for the user."""
+    import datetime as dt
+
+    from django.contrib.auth.models import Group, User
+    from django.utils import timezone
+
+    from access import services
+    from access.models import Gateway
+    from clusters.models import Image, VirtualCluster
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    suffix = str(int(time.time() * 1000))[-8:]
+    group = Group.objects.create(name=f"bench-{suffix}")
+    user = User.objects.create_user(f"bench{suffix}", f"bench{suffix}@example.org", "x")
+    user.groups.add(group)
+    image, _ = Image.objects.get_or_create(name="bench-image")
+    cluster = VirtualCluster.objects.create(
+        name="bench",
+        owner=user,
+        group=group,
+        image=image,
+        admin_rights=True,
+        connectivity="closed",
+        connectivity_reason="bench",
+        state="ready",
+        vlan_id=3000,
+        expires_at=timezone.now() + dt.timedelta(days=1),
+    )
+    Gateway.objects.get_or_create(name="bench-gw", defaults={"address": "198.18.200.1"})
+    services.ca_ensure()
+    _, secret = token_create(user=user, name="bench", scopes=[TokenScope.CLUSTERS_WRITE])
+    return user, cluster, secret
+
+
+def bench_in_process(user, cluster, count: int) -> None:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    body = json.dumps({"clusters": [cluster.pk]})
+    for _ in range(20):  # warm up (imports, first connection, caches)
+        client.post("/api/access/vpn-profiles/", body, content_type="application/json")
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(count):
+        t = time.perf_counter()
+        response = client.post("/api/access/vpn-profiles/", body, content_type="application/json")
+        latencies.append(time.perf_counter() - t)
+        assert response.status_code == 200, response.content[:300]
+    report("in-process (test client, sequential)", latencies, time.perf_counter() - started)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_live(cluster, token: str, count: int, workers: int, concurrency: int) -> None:
+    port = _free_port()
+    env = dict(os.environ)
+    gunicorn = [str(Path(sys.executable).with_name("gunicorn")), "portal.wsgi", "-b", f"127.0.0.1:{port}"]
+    server = subprocess.Popen(
+        [*gunicorn, "-w", str(workers), "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/access/vpn-profiles/"
+        body = json.dumps({"clusters": [cluster.pk]}).encode()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+        def one() -> float:
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            t = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+            return time.perf_counter() - t
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                one()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        for _ in range(20):
+            one()
+        latencies: list[float] = []
+        lock = threading.Lock()
+        remaining = [count]
+
+        def worker():
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                elapsed = one()
+                with lock:
+                    latencies.append(elapsed)
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report(
+            f"live (gunicorn -w {workers}, {concurrency} client threads, API token)",
+            latencies,
+            time.perf_counter() - started,
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--requests", type=int, default=500)
+    parser.add_argument("--live", action="store_true", help="also measure through gunicorn over HTTP")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="bench-profiles-")
+    os.environ.setdefault("DATA_DIR", data_dir)
+    try:
+        setup_django(data_dir)
+        import logging
+
+        logging.getLogger("access").setLevel(logging.WARNING)  # one INFO line per profile would dominate
+        user, cluster, token = fixtures()
+        from django.db import connection
+
+        print(f"database: {connection.vendor}; cores: {os.cpu_count()}")
+        bench_in_process(user, cluster, args.requests)
+        if args.live:
+            os.environ["LOG_LEVEL"] = "WARNING"
+            bench_live(cluster, token, args.requests, args.workers, args.concurrency)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
