@@ -2,6 +2,7 @@
 staff/superuser flags follow directory groups, failures give the user a clear message and never a 500, and
 a local superuser still gets in while the directory is down."""
 
+import logging
 import os
 import shutil
 from unittest import mock
@@ -145,3 +146,21 @@ def test_ldap_settings_from_the_environment(directory):
     assert isinstance(flags["is_staff"], LDAPGroupQuery)  # staff group OR superuser group
     with mock.patch.dict(os.environ, {"LDAP_SERVER_URI": ""}, clear=False):
         assert ldap_settings() == {}
+
+
+def test_passwords_never_reach_the_logs(client, ldap_up, caplog):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="django_auth_ldap")
+    log_in(client, "alice", "wrong-password-in-logs")
+    log_in(client, "bob", ldap_up.passwords["bob"])
+    assert "django_auth_ldap" in {r.name for r in caplog.records}  # the backend's own lines are captured
+    assert "wrong-password-in-logs" not in caplog.text and ldap_up.passwords["bob"] not in caplog.text
+
+
+def test_throwaway_server_stops_and_leaves_nothing():
+    server = LdapServer(users=DEMO_USERS[:1], groups=())
+    with server:
+        directory, process = server.directory, server.process
+        assert directory.is_dir() and server.running
+    assert process.poll() is not None and not directory.exists()
+    server.stop()  # twice is fine
