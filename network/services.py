@@ -5,10 +5,11 @@ owned by an opaque reference. These services only change the database — the de
 made to match it by the workflows in ``network.workflows`` (Celery), which the owner composes and starts
 after its transaction commits.
 
-Allocation is race-free on PostgreSQL the way Neutron does it: one row per (pool, id); a request picks a
-free row from a random start with ``SELECT … FOR UPDATE SKIP LOCKED`` (two requests never wait for or get
-the same row) and takes it with a conditional ``UPDATE … WHERE free``; a bounded number of attempts. Rows
-are created lazily, the first time a pool looks exhausted. No lock wider than one row is ever taken.
+Allocation is race-free the way Neutron does it: one row per (pool, id); a request picks a free row from a
+random start and takes it. On PostgreSQL that is one ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP
+LOCKED)`` (two requests never wait for or get the same row); elsewhere a read followed by a conditional
+``UPDATE … WHERE free`` with a bounded number of attempts. Rows are created lazily, the first time a pool
+looks exhausted. No lock wider than one row is ever taken.
 """
 
 from __future__ import annotations
@@ -67,17 +68,54 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
     return len(missing)
 
 
-def _pick_free(pool: VlanPool, lo: int, hi: int, now) -> VlanAllocation | None:
-    candidates = VlanAllocation.objects.filter(_free_now(now), pool=pool)
-    if connection.features.has_select_for_update_skip_locked:
-        candidates = candidates.select_for_update(skip_locked=True)
-    # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
-    # again and again (Neutron's lesson).
-    start = random.randint(lo, hi)
-    return (
-        candidates.filter(vid__gte=start).order_by("vid").first()
-        or candidates.filter(vid__lt=start).order_by("vid").first()
+_TAKE_SQL = """
+UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL
+WHERE id = (
+    SELECT id FROM {table}
+    WHERE pool_id = %s AND {range} AND (state = %s OR (state = %s AND quarantine_until <= %s))
+    ORDER BY vid LIMIT 1 FOR UPDATE SKIP LOCKED
+)
+RETURNING id, vid
+"""
+
+
+def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | None:
+    """PostgreSQL: pick and take a free row in ONE statement (the job-queue idiom): the sub-select skips
+    rows other transactions hold, the UPDATE takes the one found. Returns the row taken or None."""
+    table = connection.ops.quote_name(VlanAllocation._meta.db_table)
+    with connection.cursor() as cursor:
+        for bound in ("vid >= %s", "vid < %s"):
+            cursor.execute(
+                _TAKE_SQL.format(table=table, range=bound),
+                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now],
+            )
+            row = cursor.fetchone()
+            if row:
+                return VlanAllocation(
+                    pk=row[0], pool=pool, vid=row[1], state=Free.ALLOCATED, owner=owner, allocated_at=now
+                )
+    return None
+
+
+def _take_conditional(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | int | None:
+    """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)."""
+    candidates = VlanAllocation.objects.filter(_free_now(now), pool=pool).order_by("vid")
+    row = candidates.filter(vid__gte=start).first() or candidates.filter(vid__lt=start).first()
+    if row is None:
+        return None
+    taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
+        state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
     )
+    if not taken:
+        return 0
+    row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until = (
+        Free.ALLOCATED,
+        owner,
+        now,
+        None,
+        None,
+    )
+    return row
 
 
 @transaction.atomic
@@ -89,26 +127,27 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
     if not valid:
         raise PoolExhausted(f"pool {pool.name} has no VLAN ids to hand out")
     lo, hi = min(valid), max(valid)
+    take = _take_skip_locked if connection.features.has_select_for_update_skip_locked else _take_conditional
     synced = False
     for _attempt in range(ALLOCATE_ATTEMPTS):
         now = timezone.now()
-        row = _pick_free(pool, lo, hi, now)
-        if row is None:
+        # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
+        # again and again (Neutron's lesson).
+        taken = take(pool, random.randint(lo, hi), owner, now)
+        if taken is None:  # nothing free
             if synced:
                 break
             vlan_pool_sync(pool=pool)
             synced = True
             continue
-        if row.vid not in valid:  # reserved or removed from the ranges since the row was made
-            VlanAllocation.objects.filter(_free_now(now), pk=row.pk).delete()
+        if not taken:  # lost a race for the row: try another
             continue
-        taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
-            state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
-        )
-        if taken:
-            row.refresh_from_db()
-            audit.record(row, "action", {"state": [Free.FREE, Free.ALLOCATED], "owner": [None, owner]}, "allocated")
-            return row
+        row = taken
+        if row.vid not in valid:  # reserved or removed from the ranges since the row was made: drop it
+            row.delete()
+            continue
+        audit.record(row, "action", {"state": [Free.FREE, Free.ALLOCATED], "owner": [None, owner]}, "allocated")
+        return row
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
     held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(timezone.now())).count()
