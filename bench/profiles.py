@@ -194,7 +194,9 @@ def main() -> None:
 
         print(f"database: {connection.vendor}; cores: {os.cpu_count()}")
         bench_in_process(user, cluster, args.requests)
-        if args.live:
+        if args.live and connection.vendor == "sqlite":
+            print("live: skipped (SQLite serialises writers across gunicorn workers; set DATABASE_URL=postgres://...)")
+        elif args.live:
             os.environ["LOG_LEVEL"] = "WARNING"
             bench_live(cluster, token, args.requests, args.workers, args.concurrency)
     finally:

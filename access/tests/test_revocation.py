@@ -10,6 +10,7 @@ from django.contrib.auth.models import Group
 
 from access import services
 from access.models import Credential, RevocationReason
+from access.selectors import cluster_label
 from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
 
 pytestmark = pytest.mark.django_db
@@ -156,3 +157,21 @@ def test_unreachable_management_socket_does_not_fail_the_revocation(
     services.vpn_profile_issue(user=alice, clusters=[cluster])
     with django_capture_on_commit_callbacks(execute=True):
         assert services.credential_revoke(credential=Credential.objects.get(), reason="key_compromise", by=alice)
+
+
+def test_the_clusters_teardown_service_revokes_through_its_signal(
+    alice, bob, cluster, gateway, django_capture_on_commit_callbacks
+):
+    """The real sender: clusters.services.cluster_finish_teardown sends cluster_ended after commit."""
+    from clusters import services as cluster_services
+    from clusters.models import VirtualCluster
+
+    issue_both(bob, cluster)
+    # The teardown workflow moves the cluster with conditional UPDATEs (no save(), no post_save).
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="tearing_down")
+    assert not Credential.objects.filter(revoked_at__isnull=False).exists()
+    assert cluster_label(cluster) not in services.gateway_state(gateway=gateway)["vpn"]["vlans"]  # already shut
+    with django_capture_on_commit_callbacks(execute=True):
+        cluster_services.cluster_finish_teardown(cluster_id=cluster.pk, generation=cluster.workflow_generation)
+    assert all(c.revocation_reason == "cessation_of_operation" for c in Credential.objects.all())
+    assert Credential.objects.count() == 2
