@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: setup demo test lint check test-unit test-smoke clean
+.PHONY: setup demo test lint check vm-lane clean
 
 setup:
 	@scripts/setup.sh
@@ -23,8 +23,12 @@ check: setup
 
 test: setup lint check
 	@scripts/require-services.sh "$(PG_URL)" "$(REDIS_URL)"
-	DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS_URL) .venv/bin/pytest -p no:randomly --create-db $(PYTEST_ARGS)
 	scripts/smoke-embedded.sh
+	scripts/vm-lane.sh
+	DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS_URL) .venv/bin/pytest -p no:randomly --create-db $(PYTEST_ARGS)
+
+vm-lane: setup
+	scripts/vm-lane.sh
 
 clean:
 	rm -rf var .pytest_cache

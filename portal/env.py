@@ -80,6 +80,12 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 def env_db(name: str, default: str) -> dict:
     value = _raw(name) or default
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in environ.Env.DB_SCHEMES:
+        known = ", ".join(
+            sorted(s for s in environ.Env.DB_SCHEMES if s in ("postgres", "postgresql", "sqlite", "mysql"))
+        )
+        raise ImproperlyConfigured(f"{name}={value!r} names an unsupported database scheme (use one of: {known})")
     try:
         config = _env.db_url_config(value)
     except Exception as exc:  # django-environ raises a bare exception type on unknown schemes

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   openvswitch-switch iproute2 ethtool tcpdump iputils-ping arping iperf3   # the netns lab
   openvpn openssh-server openssh-client              # access gateways
   chromium chromium-driver                           # browser tests
+  qemu-system-x86 linux-image-amd64 busybox-static   # the Linux-bridge lane in a guest with a stock kernel
 )
 
 missing=()

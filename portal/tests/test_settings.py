@@ -98,14 +98,7 @@ def test_production_values(tmp_path):
         ("DEVICE_RETRY_MAX", "three", "DEVICE_RETRY_MAX='three' is not an integer"),
         ("DEVICE_RETRY_MAX", "-1", "DEVICE_RETRY_MAX=-1 is below the minimum 0"),
         ("DEVICE_TIMEOUT", "soon", "DEVICE_TIMEOUT='soon' is not a number"),
-        pytest.param(
-            "DATABASE_URL",
-            "mongo://db/x",
-            "DATABASE_URL='mongo://db/x'",
-            # django-environ maps an unknown scheme to ENGINE='mongo' instead of failing; portal/env.py
-            # env_db must check the scheme against environ.Env.DB_SCHEMES (asked of the lead).
-            marks=pytest.mark.xfail(strict=True, reason="env_db accepts unknown database schemes"),
-        ),
+        ("DATABASE_URL", "mongo://db/x", "DATABASE_URL='mongo://db/x' names an unsupported database scheme"),
         ("DATABASE_URL", "nonsense", "DATABASE_URL='nonsense'"),
         ("LDAP_SERVER_URI", "http://ldap.example.org", "LDAP_SERVER_URI='http://ldap.example.org' must start with"),
         ("LDAP_TIMEOUT", "fast", "LDAP_TIMEOUT='fast' is not a number"),

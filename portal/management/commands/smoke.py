@@ -24,7 +24,7 @@ class Command(BaseCommand):
         except Exception as exc:
             raise CommandError(
                 f"no answer from a worker within {timeout:.0f}s over {settings.CELERY_BROKER_URL}: {exc}"
-            )
+            ) from exc
         if answer != f"pong:{nonce}":
             raise CommandError(f"wrong answer {answer!r}")
         db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
