@@ -113,7 +113,7 @@ class GatewayAdmin(admin.ModelAdmin):
         "ssh_port",
         "ssh_user",
         "server_name",
-        "management_socket",
+        "local_state_dir",
         "enabled",
         "token",
         "server_certificate",

@@ -184,8 +184,11 @@ class Gateway(models.Model):
     server_certificate = models.TextField(blank=True, help_text="the gateway's TLS certificate (PEM)")
     ssh_host_certificate = models.TextField(blank=True, help_text="the bastion's OpenSSH host certificate")
     tls_crypt_key = EncryptedTextField(blank=True, help_text="shared tls-crypt key (in every profile)")
-    management_socket = models.CharField(
-        max_length=200, blank=True, help_text="OpenVPN management socket, when the gateway runs on this host"
+    local_state_dir = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="the gateway's state directory when it runs on the portal's host: revocations are installed "
+        "there at once (new CRL/KRL, live sessions cut) instead of at the next pull",
     )
     token = models.OneToOneField(
         "portal.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="access_gateway"

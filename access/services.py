@@ -663,19 +663,22 @@ def krl_current() -> bytes:
     return base64.b64decode(row.revocation_list)
 
 
-def _cut_local_sessions(common_names: set[str]) -> None:
-    """Cut sessions at gateways whose management socket is on this host (remote ones cut after pulling)."""
-    from access.gateway import management
+def _install_local_gateways() -> None:
+    """Gateways on this host get the new state at once: CRL/KRL installed, then exactly the revoked
+    sessions cut (``access.gateway.pull``). Remote gateways do the same at their next pull."""
+    from access.gateway import pull
+    from access.gateway.state import StateError
 
-    for gateway in Gateway.objects.filter(enabled=True).exclude(management_socket=""):
-        for cn in sorted(common_names):
-            try:
-                killed = management.kill_sessions(gateway.management_socket, cn)
-            except (management.ManagementError, ValueError) as exc:
-                logger.warning("access: gateway %s: could not cut sessions of %s: %s", gateway.name, cn, exc)
-                continue
-            if killed:
-                logger.info("access: gateway %s: cut %d session(s) of %s", gateway.name, killed, cn)
+    for gateway in Gateway.objects.filter(enabled=True).exclude(local_state_dir=""):
+        try:
+            report = pull.install_state(gateway.local_state_dir, gateway_state(gateway=gateway))
+        except (StateError, OSError) as exc:
+            logger.warning("access: gateway %s: could not install the new state: %s", gateway.name, exc)
+            continue
+        for error in report.cut_errors:
+            logger.warning("access: gateway %s: could not cut a session: %s", gateway.name, error)
+        if report.cut:
+            logger.info("access: gateway %s: cut the sessions of serials %s", gateway.name, report.cut)
 
 
 def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, note: str = "") -> int:
@@ -684,7 +687,6 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
         raise AccessError(f"unknown revocation reason {reason!r}", field="reason")
     now = timezone.now()
     kinds: set[str] = set()
-    cut: set[str] = set()
     done = 0
     for credential in credentials:
         if credential.revoked_at is not None:
@@ -695,8 +697,6 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
         credential.revocation_note = (note or (f"by {by.get_username()}" if by is not None else "system"))[:200]
         credential.save(update_fields=["revoked_at", "revocation_reason", "revoked_by", "revocation_note"])
         kinds.add(credential.kind)
-        if credential.kind == CredentialKind.VPN:
-            cut.add(credential.user.get_username())
         logger.info(
             "access: revoked %s serial=%s user=%s reason=%s (%s)",
             credential.kind,
@@ -710,8 +710,8 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
         _crl_regenerate(_locked_authority(AuthorityKind.VPN))
     if CredentialKind.SSH in kinds:
         _krl_regenerate(_locked_authority(AuthorityKind.SSH_USER))
-    if cut:
-        transaction.on_commit(lambda: _cut_local_sessions(cut))
+    if done:
+        transaction.on_commit(_install_local_gateways)
     return done
 
 

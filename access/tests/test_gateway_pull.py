@@ -85,7 +85,7 @@ def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, tea
     assert "updated" in run(*args)
     crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
-    assert json.loads((state / "vpn" / "run" / "cut-serials.json").read_text()) == [credential.serial]
+    assert json.loads((state / "vpn" / "run" / "cut.json").read_text()) == [credential.serial]
 
     # Portal unreachable: exit 75 and the last good state stays.
     good = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}

@@ -129,34 +129,43 @@ def test_revoke_for_user_by_admin(alice, root, cluster, gateway):
     assert all(c.revoked_by == root for c in Credential.objects.all())
 
 
-def test_revocation_cuts_sessions_at_a_local_gateway(
+def test_revocation_reaches_a_local_gateway_at_once(
     alice, cluster, gateway, tmp_path, monkeypatch, django_capture_on_commit_callbacks
 ):
-    """Replaced at the seam (access.gateway.management, whose protocol has its own tests): after commit,
-    the portal asks each local gateway's management socket to cut the revoked user's sessions."""
-    from access.gateway import management
+    """A gateway on the portal's host gets the new CRL/KRL installed after commit, and the revoked
+    session (found by serial, see access.gateway.vpn.session_address) is cut through the management
+    interface (replaced at that seam: its protocol has its own tests with a real OpenVPN)."""
+    from access.gateway import management, pull
+    from access.gateway.state import VpnState
 
-    calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(management, "kill_sessions", lambda path, cn, **kw: calls.append((str(path), cn)) or 1)
-    gateway.management_socket = str(tmp_path / "mgmt.sock")
+    cut: list[str] = []
+    monkeypatch.setattr(pull, "session_address", lambda state, serial: "198.18.250.2:40000")
+    monkeypatch.setattr(management, "kill_address", lambda path, address, **kw: cut.append(address) or 1)
+    gateway.local_state_dir = str(tmp_path)
     gateway.save()
     services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        services.credential_revoke(credential=Credential.objects.get(), reason="key_compromise", by=alice)
-    assert calls == []  # nothing before the revocation is committed
+        services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    assert cut == [] and not VpnState.at(tmp_path).crl.exists()  # nothing before the commit
     for callback in callbacks:
         callback()
-    assert calls == [(str(tmp_path / "mgmt.sock"), "alice")]
+    crl = x509.load_pem_x509_crl(VpnState.at(tmp_path).crl.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
+    assert cut == ["198.18.250.2:40000"]
 
 
-def test_unreachable_management_socket_does_not_fail_the_revocation(
+def test_a_broken_local_gateway_does_not_fail_the_revocation(
     alice, cluster, gateway, tmp_path, django_capture_on_commit_callbacks
 ):
-    gateway.management_socket = str(tmp_path / "missing.sock")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    gateway.local_state_dir = str(blocker)
     gateway.save()
     services.vpn_profile_issue(user=alice, clusters=[cluster])
     with django_capture_on_commit_callbacks(execute=True):
         assert services.credential_revoke(credential=Credential.objects.get(), reason="key_compromise", by=alice)
+    assert Credential.objects.get().revoked_at is not None
 
 
 def test_the_clusters_teardown_service_revokes_through_its_signal(

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from access.gateway import management as openvpn_management
+from access.gateway import pull as gateway_pull
 from access.gateway import sshd
-from access.gateway.state import SshState, StateError, VpnState, vlan_map_json, write_atomic
+from access.gateway.state import SshState, StateError, VpnState, write_atomic
 
 EX_TEMPFAIL = 75
 STATE_PATH = "/api/access/gateway/state/"
@@ -65,114 +65,19 @@ def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) 
     return doc, new_etag
 
 
-def _rendered_files(doc: dict, state_dir: Path) -> list[tuple[Path, bytes | str, int]]:
-    """Every file of the state, rendered and validated before any is written."""
-    import base64
-
-    if not isinstance(doc, dict) or doc.get("format") != 1:
-        raise StateError("the pulled state has an unknown format")
-    files: list[tuple[Path, bytes | str, int]] = []
-    vpn = doc.get("vpn")
-    if vpn is not None:
-        st = VpnState.at(state_dir)
-        for key in ("ca", "aa", "crl"):
-            if "-----BEGIN " not in str(vpn.get(key, "")):
-                raise StateError(f"the pulled state has no PEM {key}")
-        files += [
-            (st.ca, vpn["ca"], 0o644),
-            (st.aa, vpn["aa"], 0o644),
-            (st.vlans, vlan_map_json(dict(vpn["vlans"]), generated_at=doc.get("generated_at", "")), 0o644),
-            (st.crl, vpn["crl"], 0o644),  # last of the VPN files: the CRL revokes what the map may still admit
-        ]
-    ssh = doc.get("ssh")
-    if ssh is not None:
-        st = SshState.at(state_dir)
-        grants = [
-            sshd.PrincipalGrant(principal, [(host, int(port)) for host, port in cluster.get("targets", [])])
-            for cluster in ssh["clusters"].values()
-            for principal in cluster["principals"]
-        ]
-        try:
-            krl = base64.b64decode(ssh["krl"], validate=True)
-        except ValueError:
-            raise StateError("the pulled KRL is not base64") from None
-        files += [
-            (st.user_ca, ssh["user_ca"].strip() + "\n", 0o644),
-            (st.root / "host_ca.pub", ssh["host_ca"].strip() + "\n", 0o644),
-            (st.principals(ssh["account"]), sshd.render_principals_file(grants), 0o644),
-            (st.krl, krl, 0o644),
-        ]
-    return files
-
-
-def install_state(doc: dict, state_dir: str | Path) -> list[Path]:
-    """Write ``doc`` into ``state_dir`` (each file atomically); returns the files that changed."""
-    state_dir = Path(state_dir)
-    try:
-        files = _rendered_files(doc, state_dir)
-    except (KeyError, TypeError, ValueError, sshd.SshdConfigError) as exc:
-        raise StateError(f"the pulled state is malformed: {exc}") from None
-    if "vpn" in doc:
-        VpnState.at(state_dir).ensure_dirs()
-    if "ssh" in doc:
-        SshState.at(state_dir).ensure_dirs()
-    changed = []
-    for path, data, mode in files:
-        raw = data.encode() if isinstance(data, str) else data
-        if path.exists() and path.read_bytes() == raw:
-            continue
-        write_atomic(path, raw, mode)
-        changed.append(path)
-    write_atomic(state_dir / "state.json", json.dumps(doc, indent=1, sort_keys=True), 0o600)
-    return changed
-
-
-def cut_revoked_sessions(doc: dict, state_dir: str | Path) -> list[str]:
-    """Cut live sessions of certificates revoked since the last pull; remembers which were handled."""
-    vpn = doc.get("vpn") or {}
-    st = VpnState.at(state_dir)
-    done_file = st.run / "cut-serials.json"
-    try:
-        done = set(json.loads(done_file.read_text()))
-    except (FileNotFoundError, ValueError):
-        done = set()
-    revoked = vpn.get("revoked_sessions", [])
-    todo = [r for r in revoked if r["serial"] not in done]
-    cut: list[str] = []
-    for entry in todo:
-        if not st.management.exists():
-            done.add(entry["serial"])  # no OpenVPN running here: nothing is up to cut
-            continue
-        try:
-            # RESTART: the client reconnects at once and meets the new CRL; other valid certificates of the
-            # same user come back, the revoked one is refused.
-            openvpn_management.kill_sessions(st.management, entry["common_name"], message="RESTART")
-        except (openvpn_management.ManagementError, ValueError) as exc:
-            print(f"gateway: could not cut sessions of {entry['common_name']}: {exc}", file=sys.stderr)
-            continue  # retried at the next pull
-        done.add(entry["serial"])
-        cut.append(entry["common_name"])
-    # Keep only serials still listed, so the file does not grow forever.
-    listed = {r["serial"] for r in revoked}
-    st.run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomic(done_file, json.dumps(sorted(done & listed)))
-    return cut
-
-
-def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) -> tuple[bool, list[Path], list[str]]:
-    """One pull: (changed?, files written, users whose sessions were cut). Raises PullError/StateError and
-    then leaves every file as it was."""
+def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) -> tuple[bool, object | None]:
+    """One pull: (changed?, the install report). Raises PullError/StateError and then leaves every file as
+    it was (``access.gateway.pull.install_state`` validates the whole document before writing)."""
     state_dir = Path(state_dir)
     etag_file = state_dir / ".etag"
     etag = etag_file.read_text().strip() if etag_file.exists() else None
     doc, new_etag = fetch_state(url, token, etag=etag, timeout=timeout)
     if doc is None:
-        return False, [], []
-    changed = install_state(doc, state_dir)
-    cut = cut_revoked_sessions(doc, state_dir)
+        return False, None
+    report = gateway_pull.install_state(state_dir, doc)
     if new_etag:
         write_atomic(etag_file, new_etag, 0o600)  # last: a failed install is retried in full
-    return True, changed, cut
+    return True, report
 
 
 # --- the command -------------------------------------------------------------------------------------------------
@@ -209,7 +114,7 @@ class Command(BaseCommand):
     def _pull(self, options):
         token = options["token"] or Path(options["token_file"]).read_text().strip()
         try:
-            changed, files, cut = pull(
+            changed, report = pull(
                 url=options["url"], token=token, state_dir=options["dir"], timeout=options["timeout"]
             )
         except (PullError, StateError) as exc:
@@ -218,9 +123,12 @@ class Command(BaseCommand):
         if not changed:
             self.stdout.write("gateway pull: unchanged")
             return
-        self.stdout.write(
-            f"gateway pull: {len(files)} file(s) updated" + (f"; cut sessions of {', '.join(cut)}" if cut else "")
-        )
+        line = f"gateway pull: {len(report.written)} file(s) updated"
+        if report.cut:
+            line += f"; cut the sessions of serials {', '.join(map(str, report.cut))}"
+        if report.cut_errors:
+            line += f"; could not cut: {'; '.join(report.cut_errors)} (retried at the next pull)"
+        self.stdout.write(line)
 
     def _config(self, options):
         from access import openvpn, services
@@ -256,7 +164,7 @@ class Command(BaseCommand):
         self._enrol(gateway, target, options["re_enrol"])
         for name, text in configs.items():
             write_atomic(target / name, text, 0o644)
-        install_state(services.gateway_state(gateway=gateway), target)
+        gateway_pull.install_state(target, services.gateway_state(gateway=gateway), cut_sessions=False)
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
 
     def _enrol(self, gateway, target: Path, force: bool) -> None:
