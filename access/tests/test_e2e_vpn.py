@@ -1,0 +1,160 @@
+"""End to end with the real ``openvpn``: everything from the portal — the gateway's configuration and keys
+(``manage.py gateway config``), its state (VLAN map, CRL, AA), the user's downloaded profile — and the
+gateway's own hooks. A "user workstation" namespace connects to a gateway namespace over a veth pair.
+
+Proves: the downloaded profile connects and lands on the cluster's VLAN (tagged frames on the trunk tap);
+asking for a cluster the AC does not cover → AUTH_FAILED; revoking in the portal installs the new CRL at
+the (local) gateway, cuts the live session, and the reconnect is refused.
+"""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from access import services
+from access.models import Credential
+from access.selectors import cluster_label
+from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+from access.tests.fixtures import cluster, gateway, make_cluster
+
+_skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(bool(_skip), reason=_skip or ""), pytest.mark.django_db]
+
+GW_ADDR, WS_ADDR = "198.18.246.1", "198.18.246.2"
+
+
+@pytest.fixture
+def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gateway state is written
+    prefix = run_prefix()
+    made: list[Netns] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        gw = Netns(f"{prefix}-gw")
+        made.append(gw)
+        ws = Netns(f"{prefix}-ws")
+        made.append(ws)
+        gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", f"{prefix}w", "netns", ws.name)
+        gw.ip("addr", "add", f"{GW_ADDR}/30", "dev", f"{prefix}g")
+        gw.ip("link", "set", f"{prefix}g", "up")
+        ws.ip("addr", "add", f"{WS_ADDR}/30", "dev", f"{prefix}w")
+        ws.ip("link", "set", f"{prefix}w", "up")
+        tap = f"{prefix}t"
+        gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
+        gw.ip("link", "set", tap, "up")
+
+        state = tmp_path / "gw"
+        gateway.address = GW_ADDR
+        gateway.local_state_dir = str(state)  # revocations are installed here at commit
+        gateway.save()
+        call_command("gateway", "config", gateway.name, "--dir", str(state), "--dev", tap, "--vpn-local", GW_ADDR)
+        log = tmp_path / "server.log"
+        procs.append(gw.popen("openvpn", "--config", str(state / "openvpn.conf"), "--log", str(log)))
+        wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
+
+        class Lab:
+            pass
+
+        lab = Lab()
+        lab.gw, lab.ws, lab.tap, lab.log, lab.procs, lab.tmp, lab.state = gw, ws, tap, log, procs, tmp_path, state
+        yield lab
+    finally:
+        for p in procs:
+            stop(p)
+        for ns in made:
+            ns.delete()
+
+
+def _connect(lab, text: str, name: str, dev: str) -> tuple[subprocess.Popen, Path]:
+    # A workstation's openvpn 2.x with the downloaded file; only the tap's name is pinned, for the capture.
+    path = lab.tmp / f"{name}.ovpn"
+    path.write_text(text.replace("\ndev tap\n", f"\ndev {dev}\n"))
+    os.chmod(path, 0o600)
+    log = lab.tmp / f"{name}.log"
+    proc = lab.ws.popen("openvpn", "--config", str(path), "--log", str(log))
+    lab.procs.append(proc)
+    wait_for(
+        lambda: "Initialization Sequence Completed" in read(log) or "AUTH_FAILED" in read(log),
+        15,
+        what=f"client {name}",
+    )
+    return proc, log
+
+
+def _tagged_frame(lab, dev: str, vid: int, addr: str) -> str:
+    dump = subprocess.Popen(
+        lab.gw.cmd("tcpdump", "-i", lab.tap, "-e", "-n", "-l", "-c", "1", f"vlan {vid} and arp"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lab.ws.ip("addr", "add", f"{addr}/24", "dev", dev)
+        lab.ws.ip("link", "set", dev, "up")
+        time.sleep(0.3)
+        deadline = time.monotonic() + 8
+        while dump.poll() is None and time.monotonic() < deadline:
+            lab.ws.run("ping", "-c", "1", "-W", "0.3", "-I", dev, "198.18.247.250", check=False)
+        return dump.stdout.read() if dump.poll() is not None else ""
+    finally:
+        stop(dump)
+
+
+def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
+    vpn_lab, alice, team, cluster, django_capture_on_commit_callbacks
+):
+    label = cluster_label(cluster)
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    proc, log = _connect(vpn_lab, text, "alice", "vce1")
+    assert "Initialization Sequence Completed" in read(log), read(log)[-2000:]
+    wait_for(
+        lambda: (
+            f"ACCEPT cn=alice serial={credential.serial}: cluster {label} -> vlan-pvid {cluster.vlan_id}"
+            in read(vpn_lab.log)
+        ),
+        10,
+        what="the gateway's ACCEPT line",
+    )
+    frame = _tagged_frame(vpn_lab, "vce1", cluster.vlan_id, "198.18.247.1")
+    assert f"vlan {cluster.vlan_id}" in frame, frame
+
+    # "I lost my laptop": the portal revokes; the local gateway gets the CRL and cuts the session.
+    with django_capture_on_commit_callbacks(execute=True):
+        services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    wait_for(lambda: "Halt command was pushed by server" in read(log), 15, what="the live session cut")
+    stop(proc)
+    again, again_log = _connect_refused(vpn_lab, text, "alice-again")
+    assert "Initialization Sequence Completed" not in read(again_log)
+    wait_for(lambda: "error=certificate revoked: O=VirtCloud, CN=alice" in read(vpn_lab.log), 10, what="refusal")
+    stop(again)
+
+
+def _connect_refused(lab, text: str, name: str) -> tuple[subprocess.Popen, Path]:
+    path = lab.tmp / f"{name}.ovpn"
+    path.write_text(text.replace("\ndev tap\n", "\ndev vce9\n") + "connect-retry-max 1\n")
+    os.chmod(path, 0o600)
+    log = lab.tmp / f"{name}.log"
+    proc = lab.ws.popen("openvpn", "--config", str(path), "--log", str(log))
+    lab.procs.append(proc)
+    time.sleep(3)
+    return proc, log
+
+
+def test_a_cluster_outside_the_ac_is_refused(vpn_lab, alice, team, cluster):
+    other = make_cluster(alice, name="other")
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    forged_choice = text.replace(
+        f"setenv UV_VCLUSTER {cluster_label(cluster)}", f"setenv UV_VCLUSTER {cluster_label(other)}"
+    )
+    proc, log = _connect(vpn_lab, forged_choice, "alice-other", "vce2")
+    assert "AUTH_FAILED" in read(log), read(log)[-2000:]
+    assert f"cluster {cluster_label(other)} is not in the AC" in read(vpn_lab.log)
+    stop(proc)
