@@ -1,0 +1,268 @@
+"""Hypervisor host driver ``linuxbridge``: one Linux bridge per cluster VLAN, fed by an 802.1Q sub-interface.
+
+For VLAN ``vid`` the host gets ``<trunk>.<vid>`` (a VLAN interface on the trunk NIC) enslaved to the bridge
+``br-v<vid>``; the VM manager plugs the VM's tap/veth into ``br-v<vid>`` (``attachment_point``). Everything
+is done with pyroute2 and is idempotent: what exists is left alone ("already exists" is success), what is
+half there (a bridge without its sub-interface, a link that is down) is repaired.
+
+A VLAN that is no longer wanted is removed (sub-interface, then bridge) only when no VM port is left on the
+bridge — the trunk sub-interface is the only other member allowed; otherwise the VLAN stays, and the diff
+says which VM ports kept it.
+
+``driver_args``: ``netns`` — the namespace of a lab host on this machine; absent or empty: this machine's
+own namespace (the host agent running on the hypervisor). Same code either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetlinkError
+
+from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
+
+NETNS_RUN_DIR = "/run/netns"
+IFNAMSIZ = 15  # longest interface name the kernel takes
+_BRIDGE_NAME = re.compile(r"br-v(\d{1,4})")
+_TEMPORARY_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOBUFS, errno.EINTR}
+
+
+@dataclass(frozen=True)
+class _Link:
+    index: int
+    name: str
+    kind: str
+    master: int | None
+    up: bool
+    parent: int | None  # IFLA_LINK: the lower device of a VLAN interface
+    vlan_id: int | None
+
+
+def bridge_name(vid: int) -> str:
+    return f"br-v{vid}"
+
+
+class LinuxBridgeHost:
+    """``HostSession`` for one hypervisor (or lab host namespace)."""
+
+    def __init__(self, spec: HostSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.trunk = spec.trunk_interface
+        self.netns = spec.driver_args.get("netns") or None
+        self._ipr: IPRoute | None = None
+
+    # --- connection
+
+    def open(self) -> None:
+        if self.netns and not os.path.exists(os.path.join(NETNS_RUN_DIR, self.netns)):
+            raise TemporaryDeviceError(self.name, f"network namespace {self.netns!r} does not exist")
+        try:
+            # flags=0: never let pyroute2 create a missing namespace.
+            self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
+        except OSError as exc:
+            raise TemporaryDeviceError(self.name, f"cannot enter network namespace {self.netns!r}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    # --- reading
+
+    def _links(self) -> dict[str, _Link]:
+        links = {}
+        for msg in self._call("listing links", self._ipr.get_links):
+            info = msg.get("IFLA_LINKINFO")
+            kind = (info.get("IFLA_INFO_KIND") if info else None) or ""
+            data = info.get("IFLA_INFO_DATA") if info else None
+            vlan_id = data.get("IFLA_VLAN_ID") if data is not None and kind == "vlan" else None
+            name = msg.get("IFLA_IFNAME")
+            links[name] = _Link(
+                index=msg["index"],
+                name=name,
+                kind=kind,
+                master=msg.get("IFLA_MASTER"),
+                up=bool(msg["flags"] & 1),  # IFF_UP: administratively up (operstate lags behind carrier)
+                parent=msg.get("IFLA_LINK"),
+                vlan_id=vlan_id,
+            )
+        return links
+
+    @staticmethod
+    def _carried(links: dict[str, _Link]) -> frozenset[int]:
+        vids = set()
+        for name, link in links.items():
+            m = _BRIDGE_NAME.fullmatch(name)
+            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094:
+                vids.add(int(m[1]))
+        return frozenset(vids)
+
+    def vlans(self) -> frozenset[int]:
+        """VLANs with an attachment point (a ``br-v<vid>`` bridge) on this host."""
+        return self._carried(self._links())
+
+    def vm_ports(self, vid: int) -> list[str]:
+        """Members of ``br-v<vid>`` other than the trunk sub-interface: the VMs plugged in."""
+        return self._vm_ports(self._links(), vid)
+
+    def _vm_ports(self, links: dict[str, _Link], vid: int) -> list[str]:
+        br = links.get(bridge_name(vid))
+        if br is None:
+            return []
+        sub = self._sub_name(vid)
+        return sorted(name for name, link in links.items() if link.master == br.index and name != sub)
+
+    def attachment_point(self, vid: int) -> str:
+        return bridge_name(vid)
+
+    # --- changing
+
+    def _sub_name(self, vid: int) -> str:
+        return f"{self.trunk}.{vid}"
+
+    def converge(self, desired: Iterable[int]) -> ConvergeResult:
+        desired = frozenset(desired)
+        bad = sorted(vid for vid in desired if not 1 <= vid <= 4094)
+        if bad:
+            raise PermanentDeviceError(self.name, f"VLAN ids outside 1-4094: {bad}")
+        if desired and len(self._sub_name(max(desired))) > IFNAMSIZ:
+            raise PermanentDeviceError(
+                self.name, f"trunk name {self.trunk!r} too long for VLAN interfaces ({IFNAMSIZ} characters at most)"
+            )
+        links = self._links()
+        before = self._carried(links)
+        trunk = links.get(self.trunk)
+        if trunk is None:
+            raise PermanentDeviceError(self.name, f"trunk interface {self.trunk} does not exist")
+        changes: list[str] = []
+
+        if desired and not trunk.up:
+            # The parent must be up before a VLAN sub-interface can go up (else ENETDOWN).
+            self._call(f"setting {self.trunk} up", self._ipr.link, "set", index=trunk.index, state="up")
+            changes.append(f"~ up {self.trunk}")
+
+        for vid in sorted(desired):
+            changes += self._ensure(vid, links)
+            links = self._links() if changes else links
+
+        for vid in sorted((before | self._orphan_vids(links)) - desired):
+            changes += self._remove(vid, links)
+            links = self._links()
+
+        after = self._carried(self._links())
+        return ConvergeResult(
+            device=self.name,
+            diff="".join(line + "\n" for line in changes),
+            changed=any(not line.startswith("!") for line in changes),
+            before={self.name: before},
+            after={self.name: after},
+        )
+
+    def _orphan_vids(self, links: dict[str, _Link]) -> set[int]:
+        """VLAN sub-interfaces of the trunk whose bridge is gone (a crashed half-removal)."""
+        trunk = links[self.trunk]
+        return {
+            link.vlan_id
+            for name, link in links.items()
+            if link.kind == "vlan" and link.parent == trunk.index and name == self._sub_name(link.vlan_id)
+        }
+
+    def _ensure(self, vid: int, links: dict[str, _Link]) -> list[str]:
+        changes = []
+        br_name, sub_name = bridge_name(vid), self._sub_name(vid)
+        br = links.get(br_name)
+        if br is not None and br.kind != "bridge":
+            raise PermanentDeviceError(self.name, f"{br_name} exists but is a {br.kind or 'plain'} link, not a bridge")
+        if br is None:
+            self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")
+            changes.append(f"+ bridge {br_name}")
+        br_index = self._index(br_name)
+        if br is None or not br.up:
+            self._call(f"setting {br_name} up", self._ipr.link, "set", index=br_index, state="up")
+            if br is not None:
+                changes.append(f"~ up {br_name}")
+
+        sub = links.get(sub_name)
+        trunk = links[self.trunk]
+        if sub is not None and (sub.kind != "vlan" or sub.vlan_id != vid or sub.parent != trunk.index):
+            raise PermanentDeviceError(
+                self.name, f"{sub_name} exists but is not VLAN {vid} on {self.trunk} (kind {sub.kind or 'plain'})"
+            )
+        if sub is None:
+            self._create(f"creating {sub_name}", ifname=sub_name, kind="vlan", link=trunk.index, vlan_id=vid)
+        if sub is None or sub.master != br_index or not sub.up:
+            self._call(
+                f"enslaving {sub_name} to {br_name}",
+                self._ipr.link,
+                "set",
+                index=self._index(sub_name),
+                master=br_index,
+                state="up",
+            )
+            changes.append(f"{'+' if sub is None else '~'} vlan {sub_name} master {br_name}")
+        return changes
+
+    def _remove(self, vid: int, links: dict[str, _Link]) -> list[str]:
+        br_name, sub_name = bridge_name(vid), self._sub_name(vid)
+        vms = self._vm_ports(links, vid)
+        if vms:
+            return [f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
+        changes = []
+        if sub_name in links:
+            self._delete(f"deleting {sub_name}", links[sub_name].index)
+            changes.append(f"- vlan {sub_name}")
+        if br_name in links and links[br_name].kind == "bridge":
+            self._delete(f"deleting bridge {br_name}", links[br_name].index)
+            changes.append(f"- bridge {br_name}")
+        return changes
+
+    # --- netlink with classified errors
+
+    def _index(self, name: str) -> int:
+        found = self._call(f"looking up {name}", self._ipr.link_lookup, ifname=name)
+        if not found:
+            raise TemporaryDeviceError(self.name, f"{name} vanished while being configured")
+        return found[0]
+
+    def _create(self, what: str, **kwargs) -> None:
+        try:
+            self._ipr.link("add", **kwargs)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:  # made by a concurrent run: idempotent, fine
+                raise self._classify(what, exc) from exc
+
+    def _delete(self, what: str, index: int) -> None:
+        try:
+            self._ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:  # already gone
+                raise self._classify(what, exc) from exc
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self._ipr is None:
+            raise TemporaryDeviceError(self.name, "session is not open")
+        try:
+            return fn(*args, **kwargs)
+        except NetlinkError as exc:
+            raise self._classify(what, exc) from exc
+
+    def _classify(self, what: str, exc: NetlinkError):
+        cls = TemporaryDeviceError if exc.code in _TEMPORARY_ERRNOS else PermanentDeviceError
+        return cls(self.name, f"{what}: {exc.args[1] if len(exc.args) > 1 else exc} (errno {exc.code})")
+
+
+@contextlib.contextmanager
+def open_host(spec: HostSpec) -> Iterator[LinuxBridgeHost]:
+    """Open the host of ``spec``; closed whatever happens."""
+    session = LinuxBridgeHost(spec)
+    session.open()
+    try:
+        yield session
+    finally:
+        session.close()

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The Linux-bridge lane. This machine's kernel has no 802.1Q, so the linuxbridge switch and host drivers are
+# tested inside a QEMU guest booted with Debian's stock kernel by virtme-ng (software emulation, the host's
+# root filesystem shared read-only): network/tests/test_drivers_linuxbridge.py, including the two-switch
+# isolation check over a plain 802.1Q core and a QinQ (802.1ad) core, without Django or a database.
+#
+#   scripts/vm-lane.sh          run the tests; exit status = pytest's (junit: $VM_LANE_OUT/junit.xml)
+#   scripts/vm-lane.sh bench    run bench/lab_linuxbridge.py in the guest ($VM_LANE_OUT/bench.json)
+#   VM_LANE_PYTEST_ARGS="-k qinq -x" scripts/vm-lane.sh    extra pytest arguments for the guest
+#
+# It installs nothing. Missing qemu, kernel, busybox or vng is a failure that says what to install
+# (scripts/setup.sh does). Only a machine that cannot run QEMU at all gives exit 0 with a SKIP line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+mode=${1:-test}
+out=${VM_LANE_OUT:-$repo/var/vm-lane}
+timeout_s=${VM_LANE_TIMEOUT:-900}
+
+fail() {
+  echo "vm-lane: FAIL: $*" >&2
+  exit 1
+}
+skip() {
+  echo "vm-lane: ========================================================================"
+  echo "vm-lane: SKIP: $* — the linuxbridge driver tests did NOT run"
+  echo "vm-lane: ========================================================================"
+  exit 0
+}
+
+case $mode in test | bench) ;; *) fail "usage: $0 [test|bench]" ;; esac
+
+arch=$(uname -m)
+[ "$arch" = x86_64 ] || skip "this is a $arch machine; the lane boots an amd64 kernel with qemu-system-x86_64"
+command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing: apt-get install -y qemu-system-x86"
+# The generic image: Debian's -cloud- kernel has no 9p, so it cannot mount the shared root.
+kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | grep -v -- -cloud- | sort -V | tail -n 1 || true)
+[ -n "$kernel" ] || fail "no /boot/vmlinuz-*-amd64: apt-get install -y linux-image-amd64"
+[ -r "$kernel" ] || fail "$kernel is not readable (run as root)"
+command -v busybox >/dev/null || [ -x /bin/busybox ] || fail "busybox missing (initramfs): apt-get install -y busybox-static"
+vng=$repo/.venv/bin/vng
+[ -x "$vng" ] || fail "$vng missing: .venv/bin/pip install -r requirements/dev.txt (virtme-ng)"
+
+# Can this machine run a QEMU guest at all (software emulation, no KVM needed)? Start an empty machine and
+# quit it through the monitor. Failing here is not an installation problem but a machine limit: skip.
+if ! probe=$(echo quit | timeout 60 qemu-system-x86_64 -machine none -accel tcg -nodefaults -display none \
+  -monitor stdio 2>&1); then
+  skip "qemu-system-x86_64 cannot start a guest here: $(echo "$probe" | tail -n 2 | tr '\n' ' ')"
+fi
+
+rm -rf "$out"
+mkdir -p "$out"
+printf '%s\n' "${VM_LANE_PYTEST_ARGS:-}" >"$out/pytest-args"
+echo "vm-lane: booting $(basename "$kernel") under QEMU (TCG) for '$mode'; output in $out"
+start=$(date +%s.%N)
+vng_rc=0
+# vng calls its helpers (virtme-run, ...) through PATH. The guest writes its own log into $out: vng's
+# console output is kept apart (it mangles the guest's stdout). The extra read-only 9p export of / (tag
+# vclbroot) is mounted with caching by guest.sh: vng's own root mount is uncached and very slow under TCG.
+PATH="$repo/.venv/bin:$PATH" timeout "$timeout_s" "$vng" --disable-kvm --force-9p --cpus 2 --memory 2G \
+  --user root --rwdir "$out" --run "$kernel" \
+  --qemu-opts="-fsdev local,id=vclbroot,path=/,security_model=none,readonly=on,multidevs=remap" \
+  --qemu-opts="-device virtio-9p-pci,fsdev=vclbroot,mount_tag=vclbroot" \
+  --exec "sh $(printf %q "$repo/network/lab/vmlane/guest.sh") $(printf %q "$out") $(printf %q "$repo") $mode" \
+  >"$out/vng.log" 2>&1 || vng_rc=$?
+end=$(date +%s.%N)
+
+[ -f "$out/guest.log" ] && cat "$out/guest.log"
+if [ ! -f "$out/status" ]; then
+  echo "--- vng console (last 30 lines) ---" >&2
+  tail -n 30 "$out/vng.log" >&2 || true
+  [ "$vng_rc" = 124 ] && fail "the guest did not finish within ${timeout_s}s"
+  fail "the guest did not finish (vng exit $vng_rc); see $out/vng.log"
+fi
+status=$(cat "$out/status")
+read -r booted finished <"$out/timing"
+awk -v s="$start" -v e="$end" -v b="$booted" -v f="$finished" 'BEGIN {
+  printf "vm-lane: guest boot %.1f s (kernel start to test script), %s %.1f s, total %.1f s wall clock\n",
+         b, "run", f - b, e - s }' | sed "s/ run / $mode /"
+echo "vm-lane: $mode exit status $status"
+exit "$status"
