@@ -274,6 +274,32 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
 
 
 @transaction.atomic
+def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
+    """Put the segment on the access-gateway trunks (a closed cluster) or take it off (public). Like
+    ``segment_set_hosts``: back to PENDING, run ``network.workflows.provision(segment.id)`` after commit.
+    Raises ``NoCoreForSites`` when the segment's core does not reach a gateway site."""
+    seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
+    if seg.state not in Segment.DESIRED_STATES:
+        raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; it cannot change")
+    if gateway:
+        host_sites = set(seg.members.values_list("host__site_id", flat=True))
+        sites = selectors.segment_sites(host_sites, gateway=True)
+        core = seg.allocation.pool.core
+        outside = set(sites) - set(core.sites.values_list("pk", flat=True))
+        if outside:
+            raise NoCoreForSites(
+                f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} does not reach the gateway at "
+                f"sites {_site_names(outside)}"
+            )
+    if seg.gateway != gateway:
+        seg.gateway = gateway
+        seg.state = Segment.State.PENDING
+        seg.save(update_fields=["gateway", "state", "updated_at"])
+    segment.refresh_from_db()
+    return seg
+
+
+@transaction.atomic
 def segment_delete(*, segment: Segment) -> Segment:
     """Mark the segment as going away: it leaves the desired state at once. Start
     ``network.workflows.teardown(segment.id)`` after commit to clean the devices and release the VLAN.

@@ -432,3 +432,19 @@ def test_worker_on_the_demo_defaults_filesystem_broker_and_django_db_results(wor
             worker.kill()
             worker.wait()
     assert device_view(fabric) == desired_view(fabric)
+
+
+def test_closing_a_public_segment_puts_it_on_the_gateway_trunk(fabric):
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["prague1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    assert fabric.switch_ports("sw-brno") == {}
+    services.segment_set_gateway(segment=seg, gateway=True)
+    assert seg.state == Segment.State.PENDING
+    workflows.provision(seg.pk).apply().get()
+    v = frozenset({seg.vid})
+    assert fabric.switch_ports("sw-brno") == {"h1": NONE, "h2": NONE, "uplink": v, "gw": v}
+    assert fabric.switch_ports("sw-prague")["uplink"] == v
+    services.segment_set_gateway(segment=seg, gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    assert fabric.switch_ports("sw-brno") == {"h1": NONE, "h2": NONE, "uplink": NONE, "gw": NONE}
+    assert fabric.switch_ports("sw-prague") == {"h1": v, "h2": NONE, "uplink": NONE}
