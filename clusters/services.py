@@ -89,11 +89,11 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
             raise InvalidTopology(f"host {n.host.name} is disabled", field="nodes")
 
 
-def _segment_error(exc: net_errors.NetworkError) -> ClusterError:
+def _segment_error(exc: net_errors.NetworkError, *, field: str = "nodes") -> ClusterError:
     if isinstance(exc, net_errors.PoolExhausted):
         return PoolExhausted(str(exc))
     if exc.status == 422:
-        return InvalidTopology(str(exc), field="nodes")
+        return InvalidTopology(str(exc), field=field)
     return Conflict(str(exc))
 
 
@@ -423,7 +423,10 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         cluster.public_subnet = ""
     cluster.save()
     audit.record(cluster, "update", {"connectivity": [old, connectivity]}, message=cluster.connectivity_reason)
-    net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
+    try:
+        net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
+    except net_errors.NetworkError as exc:
+        raise _segment_error(exc, field="connectivity") from None
     _reconverge(cluster, "connectivity", f"{old} → {connectivity}")
     return cluster
 

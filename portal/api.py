@@ -1,9 +1,14 @@
-"""API plumbing shared by every app: errors a user can cause become clear JSON answers, never a 500."""
+"""API plumbing shared by every app: errors a user can cause become clear JSON answers, never a 500, and the
+schema documents them (``error_responses``) and the API token scheme (``TokenAuthenticationScheme``)."""
 
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from rest_framework import status
+from django.http import JsonResponse
+from django.views.defaults import page_not_found
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -18,3 +23,53 @@ def exception_handler(exc, context):
         data = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
         return Response(data, status=status.HTTP_400_BAD_REQUEST)
     return drf_exception_handler(exc, context)
+
+
+def not_found(request, exception=None):
+    """``handler404``: under ``/api/`` a path no route matches (e.g. an id with a dot) is answered in JSON
+    like every other API error; elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
+    return page_not_found(request, exception)
+
+
+class ErrorSerializer(serializers.Serializer):
+    """An error answer: ``detail`` with a machine-readable ``code``, or, for invalid input, each offending
+    field (or header, e.g. ``Idempotency-Key``) with its list of messages."""
+
+    detail = serializers.CharField(required=False)
+    code = serializers.CharField(required=False)
+
+
+ERROR_DESCRIPTIONS = {
+    400: "invalid input, with field-level messages",
+    401: "not authenticated (no session, or a missing, unknown, revoked or expired API token)",
+    403: "not allowed: not your object, or the token lacks the scope",
+    404: "no such object (or not visible to you)",
+    409: "conflicts with the current state",
+    415: "the request body is not JSON, form or multipart data",
+    422: "well-formed but cannot be done on this network",
+}
+
+
+def error_responses(*codes: int, **descriptions: str) -> dict[int, OpenApiResponse]:
+    """Schema responses for error ``codes`` (``descriptions``: ``e409="..."`` overrides the default text)."""
+    return {
+        code: OpenApiResponse(ErrorSerializer, description=descriptions.get(f"e{code}", ERROR_DESCRIPTIONS[code]))
+        for code in codes
+    }
+
+
+class TokenAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Documents ``portal.tokens.TokenAuthentication`` as an HTTP bearer scheme."""
+
+    target_class = "portal.tokens.TokenAuthentication"
+    name = "apiToken"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "vc_<prefix>_<secret>",
+            "description": "An API token made in the admin (scoped, revocable): `Authorization: Bearer vc_…`.",
+        }

@@ -12,6 +12,8 @@ admin.site.site_header = "VirtCloud portal administration"
 admin.site.site_title = "VirtCloud admin"
 admin.site.login_form = LoginForm
 
+handler404 = "portal.api.not_found"
+
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),

@@ -91,7 +91,7 @@ class TeardownSerializer(serializers.Serializer):
 
 class NodeSerializer(serializers.ModelSerializer):
     host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = Node
@@ -106,7 +106,7 @@ class StepSerializer(serializers.ModelSerializer):
 
 class ClusterSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
-    group = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    group = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     image = serializers.SlugRelatedField(slug_field="name", read_only=True)
     nodes = NodeSerializer(many=True, read_only=True)
     steps = StepSerializer(many=True, read_only=True)

@@ -3,28 +3,28 @@ service, serialize."""
 
 from __future__ import annotations
 
-from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 
 from clusters import selectors, services
 from clusters.api import serializers as s
-from clusters.models import ClusterState, Node, NodeState
+from clusters.models import ClusterState, Connectivity, Node, NodeState, VirtualCluster
+from portal.api import error_responses
 from portal.models import TokenScope
 from portal.tokens import token_scope
 
-ERRORS = {
-    400: OpenApiResponse(description="invalid input, with field-level messages"),
-    401: OpenApiResponse(description="not authenticated"),
-    403: OpenApiResponse(description="not your cluster, or the token lacks the scope"),
-    404: OpenApiResponse(description="no such cluster (or not visible to you)"),
-    409: OpenApiResponse(description="VLAN pool exhausted, or the cluster's state does not allow this"),
-    422: OpenApiResponse(description="cannot be built on this network (e.g. a host no core reaches)"),
+CLUSTER_ERRORS = {
+    "e403": "not your cluster (group members only see it), or the token lacks the scope",
+    "e404": "no such cluster or node (or not visible to you)",
+    "e409": "VLAN pool or public prefix exhausted, or the cluster's state does not allow this",
+    "e422": "cannot be built on this network (e.g. a host no core reaches, a disabled host)",
 }
+WRITE_ERRORS = (400, 401, 403, 404, 409, 415, 422)
 IDEMPOTENCY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -32,20 +32,22 @@ IDEMPOTENCY = OpenApiParameter(
     description="a retried request with the same key returns the first cluster and creates nothing",
 )
 FILTERS = [
-    OpenApiParameter("state", OpenApiTypes.STR, description="filter by state"),
+    OpenApiParameter("state", OpenApiTypes.STR, enum=ClusterState.values, description="filter by state"),
     OpenApiParameter("owner", OpenApiTypes.STR, description="filter by owner user name"),
-    OpenApiParameter("connectivity", OpenApiTypes.STR, description="public or closed"),
+    OpenApiParameter("connectivity", OpenApiTypes.STR, enum=Connectivity.values, description="public or closed"),
     OpenApiParameter("job_id", OpenApiTypes.STR, description="the scheduler's job id"),
     OpenApiParameter("name", OpenApiTypes.STR, description="cluster name"),
 ]
 
 
 def _with_errors(*codes):
-    return {c: ERRORS[c] for c in codes}
+    return error_responses(*codes, **CLUSTER_ERRORS)
 
 
 @extend_schema_view(
-    list=extend_schema(parameters=FILTERS, responses={200: s.ClusterSerializer(many=True), **_with_errors(401, 403)}),
+    list=extend_schema(
+        parameters=FILTERS, responses={200: s.ClusterSerializer(many=True), **_with_errors(400, 401, 403)}
+    ),
     retrieve=extend_schema(responses={200: s.ClusterSerializer, **_with_errors(401, 403, 404)}),
 )
 class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -59,6 +61,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     filter_fields = ("state", "connectivity", "job_id", "name")
 
     def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no user
+            return VirtualCluster.objects.none()
         qs = selectors.clusters_visible(self.request)
         params = self.request.query_params
         if params.get("state") and params["state"] not in ClusterState.values:
@@ -86,7 +90,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         responses={
             201: s.ClusterSerializer,
             200: OpenApiResponse(s.ClusterSerializer, description="replay of an earlier request (same key)"),
-            **_with_errors(400, 401, 403, 409, 422),
+            **_with_errors(400, 401, 403, 409, 415, 422),
         },
     )
     def create(self, request):
@@ -116,7 +120,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         )
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
-    @extend_schema(request=s.ClusterExtendSerializer, responses={200: s.ClusterSerializer, **ERRORS})
+    @extend_schema(
+        request=s.ClusterExtendSerializer, responses={200: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)}
+    )
     def partial_update(self, request, pk=None):
         """Change the lifetime (``expires_at``)."""
         cluster = self._actionable(pk)
@@ -125,7 +131,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         services.cluster_extend(cluster=cluster, expires_at=data.validated_data["expires_at"])
         return self._respond(cluster)
 
-    @extend_schema(request=s.TeardownSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(request=s.TeardownSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
     @action(detail=True, methods=["post"])
     def teardown(self, request, pk=None):
         """Tear the cluster down: hosts, then switches; the VLAN goes to quarantine; access is revoked."""
@@ -136,7 +142,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         services.cluster_teardown(cluster=cluster, reason=f"{data.validated_data['reason']} (by {who})")
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=s.NodesAddSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(request=s.NodesAddSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
     @action(detail=True, methods=["post"])
     def nodes(self, request, pk=None):
         """Add nodes to a ready cluster; the network converges onto their hosts."""
@@ -152,7 +158,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def _node(self, cluster, node_id) -> Node:
         return get_object_or_404(Node.objects.exclude(state=NodeState.REMOVED), cluster=cluster, pk=node_id)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
         """Remove a node; its host is cleaned when no node of the cluster is left there."""
@@ -160,7 +166,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         services.cluster_node_remove(cluster=cluster, node=self._node(cluster, node_id))
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=s.MigrateSerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(request=s.MigrateSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate")
     def migrate(self, request, pk=None, node_id=None):
         """Prepare a migration: the network is made ready on the target host before the VM moves."""
@@ -172,7 +178,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         )
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
         """Complete a migration: the VM runs on the target; the source is cleaned if no node is left there."""
@@ -180,7 +186,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         services.node_migrate_complete(cluster=cluster, node=self._node(cluster, node_id))
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=s.ConnectivitySerializer, responses={202: s.ClusterSerializer, **ERRORS})
+    @extend_schema(
+        request=s.ConnectivitySerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)}
+    )
     @action(detail=True, methods=["post"])
     def connectivity(self, request, pk=None):
         """Admin only: override the connectivity policy (audited)."""

@@ -30,7 +30,7 @@ class CoreTransportSerializer(serializers.ModelSerializer):
 
 
 class SwitchPortSerializer(serializers.ModelSerializer):
-    core = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    core = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = SwitchPort
@@ -73,7 +73,9 @@ class VlanAllocationSerializer(serializers.ModelSerializer):
 
 
 class DeviceChangeSerializer(serializers.ModelSerializer):
-    segment = serializers.CharField(source="segment.owner_ref", read_only=True, default=None)
+    segment = serializers.CharField(
+        source="segment.owner_ref", read_only=True, default=None, allow_null=True, help_text="empty: reconcile"
+    )
 
     class Meta:
         model = DeviceChange
