@@ -6,6 +6,8 @@
 #
 #   scripts/vm-lane.sh          run the tests; exit status = pytest's (junit: $VM_LANE_OUT/junit.xml)
 #   scripts/vm-lane.sh bench    run bench/lab_linuxbridge.py in the guest ($VM_LANE_OUT/bench.json)
+#   scripts/vm-lane.sh test --if-needed    do nothing (exit 0) when this kernel has 802.1Q and we are root:
+#                               then the main pytest run already ran these tests natively
 #   VM_LANE_PYTEST_ARGS="-k qinq -x" scripts/vm-lane.sh    extra pytest arguments for the guest
 #
 # It installs nothing. Missing qemu, kernel, busybox or vng is a failure that says what to install
@@ -14,7 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 mode=${1:-test}
-out=${VM_LANE_OUT:-$repo/var/vm-lane}
+if_needed=0
+[ "${2:-}" = --if-needed ] && if_needed=1
+out=${VM_LANE_OUT:-$repo/var/vm-lane/$mode}
 timeout_s=${VM_LANE_TIMEOUT:-900}
 
 fail() {
@@ -28,7 +32,21 @@ skip() {
   exit 0
 }
 
-case $mode in test | bench) ;; *) fail "usage: $0 [test|bench]" ;; esac
+case $mode in test | bench) ;; *) fail "usage: $0 [test|bench] [--if-needed]" ;; esac
+
+if [ "$if_needed" = 1 ] && [ "$(id -u)" = 0 ]; then
+  probe_ns=vclb$$-probe native=0
+  if ip netns add "$probe_ns" 2>/dev/null; then
+    ip -n "$probe_ns" link add d0 type dummy 2>/dev/null &&
+      ip -n "$probe_ns" link add link d0 name d0.100 type vlan id 100 2>/dev/null &&
+      ip -n "$probe_ns" link add b0 type bridge vlan_filtering 1 2>/dev/null && native=1
+    ip netns del "$probe_ns"
+  fi
+  if [ "$native" = 1 ]; then
+    echo "vm-lane: this kernel has 802.1Q: the linuxbridge tests ran in the main pytest run; no guest needed"
+    exit 0
+  fi
+fi
 
 arch=$(uname -m)
 [ "$arch" = x86_64 ] || skip "this is a $arch machine; the lane boots an amd64 kernel with qemu-system-x86_64"

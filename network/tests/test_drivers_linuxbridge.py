@@ -296,10 +296,12 @@ def sw(fabric):
     ``loose``, a veth in sw1 that is not a bridge port. The far ends sit in namespace ``nb``."""
     fabric.switch("sw1")
     fabric.namespace("nb")
-    fabric.link("sw1", "p-h1", "nb", "eth-h1", a_master="br0")
-    fabric.link("sw1", "p-h2", "nb", "eth-h2", a_master="br0")
-    fabric.link("sw1", "mgmt", "nb", "eth-mg", a_master="br0")
-    fabric.link("sw1", "loose", "nb", "eth-lo")
+    fabric.wire(
+        ("sw1", "p-h1", "nb", "eth-h1", "br0"),
+        ("sw1", "p-h2", "nb", "eth-h2", "br0"),
+        ("sw1", "mgmt", "nb", "eth-mg", "br0"),
+        ("sw1", "loose", "nb", "eth-lo"),
+    )
     fabric.batch("sw1", ["vlan add dev mgmt vid 999", "vlan add dev mgmt vid 5 pvid untagged"], tool="bridge")
     return fabric
 
@@ -626,20 +628,20 @@ def test_two_switches_isolate_two_clusters_with_the_same_subnet(fabric, core):
     drivers under test. Same-cluster VMs reach each other across the core; nothing crosses between
     clusters (no reply, and no bridge anywhere learned a MAC of the other cluster in its VLAN)."""
     f = fabric
-    for name in ("sw1", "sw2"):
-        f.switch(name)
+    f.switch("sw1", "sw2")
     f.namespace("h1", "h2")
-    f.link("sw1", "p-h1", "h1", "eth0", a_master="br0")
-    f.link("sw2", "p-h2", "h2", "eth0", a_master="br0")
+    links = [("sw1", "p-h1", "h1", "eth0", "br0"), ("sw2", "p-h2", "h2", "eth0", "br0")]
     if core == "dot1q":
-        f.link("sw1", "core", "sw2", "core", a_master="br0", b_master="br0")
+        f.wire(*links, ("sw1", "core", "sw2", "core", "br0", "br0"))
         tap = ("sw1", "core", "vlan 100 and icmp")
     else:  # provider bridges carry the customer VLANs in S-VLAN 1000 (802.1ad)
-        f.switch("pe1", protocol="802.1ad")
-        f.switch("pe2", protocol="802.1ad")
-        f.link("sw1", "core", "pe1", "c-sw1", a_master="br0", b_master="br0")
-        f.link("sw2", "core", "pe2", "c-sw2", a_master="br0", b_master="br0")
-        f.link("pe1", "s-core", "pe2", "s-core", a_master="br0", b_master="br0")
+        f.switch("pe1", "pe2", protocol="802.1ad")
+        f.wire(
+            *links,
+            ("sw1", "core", "pe1", "c-sw1", "br0", "br0"),
+            ("sw2", "core", "pe2", "c-sw2", "br0", "br0"),
+            ("pe1", "s-core", "pe2", "s-core", "br0", "br0"),
+        )
         for pe, customer in (("pe1", "c-sw1"), ("pe2", "c-sw2")):
             f.batch(pe, [f"vlan add dev {customer} vid 1000 pvid untagged", "vlan add dev s-core vid 1000"], "bridge")
         tap = ("pe1", "s-core", "vlan 1000 and vlan 100 and icmp")
@@ -654,10 +656,12 @@ def test_two_switches_isolate_two_clusters_with_the_same_subnet(fabric, core):
         with host_session(spec) as host:
             assert host.converge(vids).after == {name: vids}
 
-    f.vm("a1", "h1", "br-v100", "198.18.0.1/24")
-    f.vm("a2", "h2", "br-v100", "198.18.0.2/24")
-    f.vm("b1", "h1", "br-v200", "198.18.0.1/24")  # the same address as a1, in the other cluster
-    f.vm("b2", "h2", "br-v200", "198.18.0.3/24")  # an address only cluster B has
+    f.vms(
+        ("a1", "h1", "br-v100", "198.18.0.1/24"),
+        ("a2", "h2", "br-v100", "198.18.0.2/24"),
+        ("b1", "h1", "br-v200", "198.18.0.1/24"),  # the same address as a1, in the other cluster
+        ("b2", "h2", "br-v200", "198.18.0.3/24"),  # an address only cluster B has
+    )
 
     seen = _capture(f, *tap, action=lambda: f.ping("a1", "198.18.0.2", wait=5, count=2))
     if core == "dot1q":

@@ -96,37 +96,50 @@ class Fabric:
     def namespace(self, *names: str) -> None:
         self.batch(None, [f"netns add {self.ns(n)}" for n in names])
         self.namespaces += [self.ns(n) for n in names]
-        for n in names:
-            self.batch(n, ["link set lo up"])
 
-    def switch(self, name: str, bridge: str = "br0", protocol: str = "802.1Q") -> None:
-        """A site switch: namespace + VLAN-aware bridge with no default PVID (``protocol`` 802.1ad: provider)."""
-        self.namespace(name)
-        self.batch(
-            name,
-            [
-                f"link add {bridge} type bridge vlan_filtering 1 vlan_default_pvid 0 vlan_protocol {protocol}",
-                f"link set {bridge} up",
-            ],
-        )
+    def switch(self, *names: str, bridge: str = "br0", protocol: str = "802.1Q") -> None:
+        """Site switches: namespace + VLAN-aware bridge with no default PVID (``protocol`` 802.1ad: provider)."""
+        self.namespace(*names)
+        for name in names:
+            self.batch(
+                name,
+                [
+                    f"link add {bridge} type bridge vlan_filtering 1 vlan_default_pvid 0 vlan_protocol {protocol}",
+                    f"link set {bridge} up",
+                ],
+            )
+
+    def wire(self, *links: tuple, extra: dict[str, list[str]] | None = None) -> None:
+        """veth pairs ``(a, a_if, b, b_if[, a_master[, b_master]])`` between namespaces, each end optionally
+        enslaved, all up; then the ``extra`` lines per namespace. Two passes of one batch per namespace:
+        every pair exists before any end is configured."""
+        create: dict[str, list[str]] = {}
+        configure: dict[str, list[str]] = {}
+        for a, a_if, b, b_if, *masters in links:
+            a_master, b_master = (list(masters) + [None, None])[:2]
+            create.setdefault(a, []).append(f"link add {a_if} type veth peer name {b_if} netns {self.ns(b)}")
+            configure.setdefault(a, []).append(f"link set {a_if}{f' master {a_master}' if a_master else ''} up")
+            configure.setdefault(b, []).append(f"link set {b_if}{f' master {b_master}' if b_master else ''} up")
+        for name, lines in (extra or {}).items():
+            configure.setdefault(name, []).extend(lines)
+        for name, lines in [*create.items(), *configure.items()]:
+            self.batch(name, lines)
 
     def link(self, a: str, a_if: str, b: str, b_if: str, a_master: str | None = None, b_master: str | None = None):
-        """A veth pair between namespaces ``a`` and ``b``; each end optionally enslaved, both up."""
-        self.batch(
-            a,
-            [
-                f"link add {a_if} type veth peer name {b_if} netns {self.ns(b)}",
-                f"link set {a_if}{f' master {a_master}' if a_master else ''} up",
-            ],
-        )
-        self.batch(b, [f"link set {b_if}{f' master {b_master}' if b_master else ''} up"])
+        self.wire((a, a_if, b, b_if, a_master, b_master))
 
     def vm(self, name: str, host: str, bridge: str, address: str) -> str:
         """A "VM": a namespace whose eth0 is plugged into ``bridge`` on ``host`` (port ``v-<name>``)."""
-        self.namespace(name)
-        self.link(host, f"v-{name}", name, "eth0", a_master=bridge)
-        self.batch(name, [f"addr add {address} dev eth0"])
+        self.vms((name, host, bridge, address))
         return f"v-{name}"
+
+    def vms(self, *vms: tuple[str, str, str, str]) -> None:
+        """Several VMs ``(name, host, bridge, address)``, built in a few batches."""
+        self.namespace(*(vm[0] for vm in vms))
+        self.wire(
+            *((host, f"v-{name}", name, "eth0", bridge) for name, host, bridge, _ in vms),
+            extra={name: [f"addr add {address} dev eth0"] for name, _, _, address in vms},
+        )
 
     def destroy(self) -> None:
         for ns in reversed(self.namespaces):
