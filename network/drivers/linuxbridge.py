@@ -29,7 +29,8 @@ Transports (``optional_args`` / ``SwitchSpec.driver_args``):
   command runner (tests, or ``LocalRunner`` to drive a local namespace through the same command layer).
 
 Every error is a ``TemporaryDeviceError`` (namespace/box unreachable, timeout) or a
-``PermanentDeviceError`` (unknown or unowned port, bad configuration, the kernel rejected the change); the
+``PermanentDeviceError`` (unknown or unowned port, bad configuration, the kernel rejected the change, ssh
+authentication refused); the
 classes also derive from the matching NAPALM exception, so NAPALM-minded callers can catch those.
 """
 
@@ -74,6 +75,10 @@ _BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 
 class LinuxBridgeUnreachable(TemporaryDeviceError, ConnectionException):
     """The namespace or the remote box is not there (yet), or did not answer in time: retry later."""
+
+
+class LinuxBridgeAuthError(PermanentDeviceError, ConnectionException):
+    """The box refused our key, or its host key is not the one we know: retrying will not help."""
 
 
 class LinuxBridgeConfigError(PermanentDeviceError, MergeConfigException):
@@ -343,9 +348,20 @@ class SshRunner:
     def __call__(self, command: Sequence[str], *, input: str | None = None, timeout: float) -> RunResult:
         done = subprocess.run(self.argv(command, timeout), input=input, capture_output=True, text=True, timeout=timeout)
         if done.returncode == 255:
-            # ssh's own failure (refused, unreachable, host key, auth) rather than the remote command's.
-            raise ConnectionError(done.stderr.strip() or "ssh failed")
+            # ssh's own failure rather than the remote command's: a refused key or host key will not get better
+            # by retrying; a refused or timed-out connection may.
+            message = done.stderr.strip() or "ssh failed"
+            if any(sign in message for sign in _SSH_PERMANENT):
+                raise SshAuthError(message)
+            raise ConnectionError(message)
         return RunResult(done.returncode, done.stdout, done.stderr)
+
+
+_SSH_PERMANENT = ("Permission denied", "Host key verification failed", "HOST IDENTIFICATION HAS CHANGED")
+
+
+class SshAuthError(Exception):
+    """ssh could connect but authentication (ours or the host's) failed."""
 
 
 class LocalRunner:
@@ -375,6 +391,8 @@ class CommandBackend:
             raise LinuxBridgeUnreachable(self.device, f"{what!r} timed out after {self.timeout:g} s") from None
         except ConnectionError as exc:
             raise LinuxBridgeUnreachable(self.device, f"{what!r}: {exc}") from exc
+        except SshAuthError as exc:
+            raise LinuxBridgeAuthError(self.device, f"{what!r}: {exc}") from exc
         except OSError as exc:  # the ssh client itself is missing or not executable
             raise LinuxBridgeCommitError(self.device, f"cannot run {what!r}: {exc}") from exc
 
