@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""API call → READY latency of virtual clusters in the lab (never run as a test). As root:
+
+    sudo .venv/bin/python bench/provision.py [--clusters 20] [--sites 1,3,4,16] [--profile]
+
+For each site count N: a fresh database (``--database-url``, dropped and created: default
+``postgres://postgres@127.0.0.1:5432/vc_bench_provision``), the topology ``network.lab.topology.generate
+(sites=N, hosts_per_site=2)`` imported through the portal's own ``topology_import`` (hosts with their agent
+queues ``host.<name>``), the netns lab built from the database (real Open vSwitch switches and hosts) and the
+inventory pointed at it, and a real Celery worker (threads pool) on Redis (``--redis-url``, its database is
+flushed) consuming the default queue and every host's agent queue. Then ``--clusters`` closed clusters, one
+after the other, each with one node per site, are created through the API (DRF ``APIClient`` in-process,
+the way a scheduler's request runs in a web worker); the latency is from just before the POST to the
+cluster's ``ready_at``. Each cluster is torn down (waited for) before the next. The first ``--warmup``
+clusters are not counted (imports, first connections).
+
+Prints per N: p50, p95, max of API → READY and the time the POST itself took, and the ratio of N=16 to
+N=1; with ``--profile``, where the time of one 3-site cluster goes (ClusterStep and DeviceChange
+timestamps relative to the POST). Goal (issue 5): p95 ≤ 0.5 s at 3 sites, never above 1 s, 16 sites
+within 1.5× of 1 site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _configure_environment(args) -> dict:
+    """Settings come from the environment (portal/settings.py): production settings, this run's services."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_hex(32),
+        "SECRETS_KEY": os.environ.get("SECRETS_KEY") or base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "ALLOWED_HOSTS": "testserver,localhost,127.0.0.1",
+        "SECURE_SSL_REDIRECT": "false",
+        "DATABASE_URL": args.database_url,
+        "DATABASE_CONN_MAX_AGE": "600",
+        "CELERY_BROKER_URL": args.redis_url,
+        "CELERY_RESULT_BACKEND": args.result_backend or args.redis_url,
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    return {**os.environ, **env}
+
+
+def _recreate_database(url: str) -> None:
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    admin = parsed._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def topology_file(topo) -> dict:
+    """``network.lab.topology.generate``'s topology in the shape of the portal's topology file (what an
+    administrator imports): OVS switches (the lab points them at itself), hosts with an agent queue each, and
+    a VLAN pool over the whole core range with a short quarantine."""
+    core = topo.cores[0]
+    return {
+        "sites": list(topo.sites),
+        "cores": [
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "sites": list(c.sites),
+                "vid_min": c.vid_min,
+                "vid_max": c.vid_max,
+                "service_tag": c.service_tag,
+            }
+            for c in topo.cores
+        ],
+        "switches": [
+            {
+                "name": sw.name,
+                "site": sw.site,
+                "platform": "ovs",
+                "address": "lab",
+                "ports": [{"name": p.name, "role": p.role, **({"core": p.core} if p.core else {})} for p in sw.ports],
+            }
+            for sw in topo.switches
+        ],
+        "hosts": [
+            {
+                "name": h.name,
+                "site": h.site,
+                "switch": h.switch,
+                "port": h.port,
+                "trunk": h.trunk_interface,
+                "driver": "ovs",
+                "queue": f"host.{h.name}",
+            }
+            for h in topo.hosts
+        ],
+        "pools": [{"name": "bench", "core": core.name, "ranges": f"{core.vid_min}-{core.vid_max}", "quarantine": 1}],
+    }
+
+
+class Worker:
+    """``celery worker`` (threads pool) on this run's database and Redis; stopped by PID."""
+
+    def __init__(self, env: dict, queues: list[str], concurrency: int, log: Path):
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "portal.celery",
+                    "worker",
+                    "-l",
+                    "WARNING",
+                    "--pool=threads",
+                    f"--concurrency={concurrency}",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "-Q",
+                    ",".join(queues),
+                    "-n",
+                    f"bench-provision-{os.getpid()}@localhost",
+                ],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.queues = queues
+
+    def wait_ready(self, app, timeout: float = 30.0) -> None:
+        """The worker answers a ping and consumes every queue."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log.read_text()[-2000:]}")
+            replies = app.control.inspect(timeout=0.5).active_queues() or {}
+            for queues in replies.values():
+                if {q["name"] for q in queues} >= set(self.queues):
+                    return
+        raise RuntimeError(f"worker not ready: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
+
+
+def wait_state(cluster_id: int, states: tuple[str, ...], timeout: float):
+    from clusters.models import VirtualCluster
+
+    deadline = time.monotonic() + timeout
+    while True:
+        cluster = VirtualCluster.objects.get(pk=cluster_id)
+        if cluster.state in states:
+            return cluster
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cluster {cluster.name} is {cluster.state} after {timeout}s: {cluster.state_reason}")
+        time.sleep(0.005)
+
+
+def profile(cluster_id: int, t0: datetime) -> list[str]:
+    """Where the time of one cluster went: every step and device change, in ms from the POST."""
+    from clusters.models import ClusterStep
+    from network.models import DeviceChange, Segment
+
+    def ms(when) -> str:
+        return f"{(when - t0).total_seconds() * 1000:7.1f}" if when else "      -"
+
+    lines = ["    what                               start     end   (ms after the POST)"]
+    rows = []
+    for step in ClusterStep.objects.filter(cluster_id=cluster_id):
+        rows.append((step.started_at, f"step {step.name}", step.started_at, step.finished_at))
+    segment = Segment.objects.filter(owner_ref=f"cluster:{cluster_id}").first()
+    for change in DeviceChange.objects.filter(segment=segment, cause__startswith="provision"):
+        rows.append(
+            (
+                change.started_at or change.created_at,
+                f"{change.kind} {change.device}",
+                change.started_at,
+                change.finished_at,
+            )
+        )
+        rows.append((change.created_at, f"  (change for {change.device} recorded)", change.created_at, None))
+    for _, label, start, end in sorted(rows, key=lambda r: r[0]):
+        lines.append(f"    {label:32s} {ms(start)} {ms(end)}")
+    return lines
+
+
+def run_sites(sites: int, args, env: dict, app) -> dict:
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    from clusters.models import ClusterState, Image
+    from network.lab import Lab, topology
+    from network.lab.inventory import point_inventory_at
+    from network.models import Host
+    from network.topology import topology_import
+
+    call_command("flush", interactive=False, verbosity=0)
+    topo = topology.generate(sites=sites, hosts_per_site=2, core_kind="qinq", vid_min=100, vid_max=3999)
+    topology_import(data=topology_file(topo), source=f"bench {sites} sites")
+    user = User.objects.create_user("scheduler")
+    Image.objects.create(name="user-image", approved=False)
+    started = time.perf_counter()
+    lab = Lab.up(topology.from_db(), name=f"bench-provision-{os.getpid()}")
+    lab_up = time.perf_counter() - started
+    worker = None
+    try:
+        point_inventory_at(lab)
+        queues = ["celery", *sorted(Host.objects.values_list("agent_queue", flat=True))]
+        worker = Worker(env, queues, args.concurrency or max(8, 2 * sites), Path(lab.run_dir) / "worker.log")
+        worker.wait_ready(app)
+        connection.close()  # the flush and import are done: start the measurement on a fresh connection
+        api = APIClient()
+        api.force_authenticate(user)
+        latencies, posts, teardowns = [], [], []
+        profiled = None
+        for i in range(args.warmup + args.clusters):
+            nodes = [
+                {
+                    "name": f"n{k}",
+                    "host": f"h-s{k + 1}-{1 + i % 2}",
+                    "mac": f"52:54:{i // 256:02x}:{i % 256:02x}:{k:02x}:01",
+                }
+                for k in range(sites)
+            ]
+            t0 = datetime.now(timezone.utc)
+            t_post = time.perf_counter()
+            r = api.post(
+                "/api/clusters/",
+                {"name": f"c{i}", "image": "user-image", "admin_rights": True, "nodes": nodes, "lifetime": 3600},
+                format="json",
+                HTTP_IDEMPOTENCY_KEY=f"bench-{sites}-{i}",
+            )
+            post = time.perf_counter() - t_post
+            if r.status_code != 201:
+                raise RuntimeError(f"create refused: {r.status_code} {r.content[:500]!r}")
+            cluster = wait_state(r.data["id"], (ClusterState.READY, ClusterState.FAILED), timeout=30)
+            if cluster.state != ClusterState.READY:
+                raise RuntimeError(f"cluster c{i} failed: {cluster.state_reason}")
+            if i >= args.warmup:
+                latencies.append((cluster.ready_at - t0).total_seconds())
+                posts.append(post)
+                if profiled is None and args.profile:
+                    profiled = profile(cluster.pk, t0)
+            t_down = time.perf_counter()
+            assert api.post(f"/api/clusters/{cluster.pk}/teardown/", {}, format="json").status_code == 202
+            wait_state(cluster.pk, (ClusterState.TORN_DOWN,), timeout=30)
+            if i >= args.warmup:
+                teardowns.append(time.perf_counter() - t_down)
+        return {
+            "sites": sites,
+            "n": len(latencies),
+            "lab_up": lab_up,
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
+            "max": max(latencies),
+            "post_p50": percentile(posts, 50),
+            "teardown_p50": percentile(teardowns, 50),
+            "profile": profiled,
+        }
+    finally:
+        if worker is not None:
+            worker.stop()
+        lab.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", default="1,3,4,16", help="comma-separated site counts")
+    parser.add_argument("--clusters", type=int, default=20, help="clusters measured per site count (≥ 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="clusters made first and not counted")
+    parser.add_argument("--concurrency", type=int, default=0, help="worker threads (default max(8, 2 × sites))")
+    parser.add_argument("--profile", action="store_true", help="print where one cluster's time goes")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/vc_bench_provision"),
+        help="dropped and created",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+        help="broker (and result backend); this Redis database is flushed",
+    )
+    parser.add_argument("--result-backend", default="", help="e.g. django-db (default: the Redis of --redis-url)")
+    args = parser.parse_args()
+
+    env = _configure_environment(args)
+    from network.lab import requirements
+
+    reason = requirements()
+    if reason:
+        sys.exit(f"cannot run the provisioning benchmark: {reason}")
+    _recreate_database(args.database_url)
+
+    import django
+
+    django.setup()
+    import redis
+    from django.core.management import call_command
+
+    from portal.celery import app
+
+    call_command("migrate", verbosity=0)
+    redis.Redis.from_url(args.redis_url).flushdb()
+
+    results = []
+    for sites in [int(s) for s in args.sites.split(",")]:
+        result = run_sites(sites, args, env, app)
+        results.append(result)
+        print(
+            f"  {sites:2d} sites: p50 {result['p50'] * 1000:6.0f} ms  p95 {result['p95'] * 1000:6.0f} ms  "
+            f"max {result['max'] * 1000:6.0f} ms   (POST {result['post_p50'] * 1000:.0f} ms, "
+            f"teardown {result['teardown_p50'] * 1000:.0f} ms, lab up {result['lab_up']:.1f} s)",
+            flush=True,
+        )
+        if result["profile"] and (sites == 3 or len(args.sites.split(",")) == 1):
+            print(f"  one {sites}-site cluster:")
+            print("\n".join(result["profile"]), flush=True)
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), closed clusters with one node per site, in turn")
+    print("  sites   clusters    p50 ms    p95 ms    max ms")
+    for r in results:
+        print(
+            f"  {r['sites']:5d}   {r['n']:8d}  {r['p50'] * 1000:8.0f}  {r['p95'] * 1000:8.0f}  {r['max'] * 1000:8.0f}"
+        )
+    by_sites = {r["sites"]: r for r in results}
+    if 1 in by_sites and 16 in by_sites:
+        print(
+            f"  16 sites / 1 site: p50 {by_sites[16]['p50'] / by_sites[1]['p50']:.2f}×, "
+            f"p95 {by_sites[16]['p95'] / by_sites[1]['p95']:.2f}×  (goal ≤ 1.5×)"
+        )
+    if 3 in by_sites:
+        ok = "met" if by_sites[3]["p95"] <= 0.5 else "NOT met"
+        print(f"  3 sites p95 {by_sites[3]['p95'] * 1000:.0f} ms (goal ≤ 500 ms: {ok})")
+
+
+if __name__ == "__main__":
+    main()
