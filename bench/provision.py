@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -255,7 +255,7 @@ def run_sites(sites: int, args, env: dict, app) -> dict:
                 }
                 for k in range(sites)
             ]
-            t0 = datetime.now(timezone.utc)
+            t0 = datetime.now(UTC)
             t_post = time.perf_counter()
             r = api.post(
                 "/api/clusters/",
