@@ -167,6 +167,11 @@ class Node(models.Model):
         "network.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="incoming_nodes"
     )
     mac = models.CharField(max_length=17, validators=[mac_validator])
+    address = models.GenericIPAddressField(
+        null=True,
+        blank=True,
+        help_text="the VM's address in the cluster network, if the scheduler knows it (SSH targets)",
+    )
     state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
 

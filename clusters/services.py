@@ -46,6 +46,7 @@ class NodeRequest:
     name: str
     host: Host
     mac: str
+    address: str | None = None
 
 
 def lifetime_bounds() -> tuple[timedelta, timedelta]:
@@ -76,6 +77,11 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         raise ClusterError("node names must be unique within the cluster", field="nodes")
     if len(set(macs)) != len(macs):
         raise ClusterError("a MAC address appears twice in the request", field="nodes")
+    addresses = [n.address for n in nodes if n.address]
+    if cluster is not None:
+        addresses += [a for a in cluster.nodes.exclude(state=NodeState.REMOVED).values_list("address", flat=True) if a]
+    if len(set(addresses)) != len(addresses):
+        raise ClusterError("an IP address appears twice among the cluster's nodes", field="nodes")
     taken = Node.objects.exclude(state=NodeState.REMOVED).filter(mac__in=macs)
     if cluster is not None:
         clash = taken.filter(cluster=cluster, name__in=names).values_list("name", flat=True)
@@ -176,7 +182,7 @@ def cluster_create(
     try:
         with transaction.atomic():
             Node.objects.bulk_create(
-                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower()) for n in nodes]
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes]
             )
     except IntegrityError:
         raise ClusterError("a MAC address or node name is already in use", field="nodes") from None
@@ -307,6 +313,28 @@ def cluster_mark_provisioning(*, cluster_id: int, generation: int) -> bool:
     )
 
 
+@transaction.atomic
+def cluster_provisioning_started(*, cluster_id: int, generation: int) -> ClusterStep | None:
+    """The provisioning workflow is about to be sent: PROVISIONING, with its running ``network`` step."""
+    if not cluster_mark_provisioning(cluster_id=cluster_id, generation=generation):
+        return None
+    return ClusterStep.objects.create(
+        cluster_id=cluster_id, name="network", generation=generation, status=StepStatus.RUNNING
+    )
+
+
+@transaction.atomic
+def cluster_provisioning_not_started(*, cluster_id: int, generation: int, step: ClusterStep | None) -> None:
+    """The workflow could not be sent (broker down): back to REQUESTED, so ``clusters_resume_requested``
+    sends it again; no request is lost."""
+    if step is None:
+        return
+    VirtualCluster.objects.filter(
+        pk=cluster_id, state=ClusterState.PROVISIONING, workflow_generation=generation
+    ).update(state=ClusterState.REQUESTED)
+    ClusterStep.objects.filter(pk=step.pk).delete()
+
+
 def cluster_mark_ready(*, cluster_id: int, generation: int) -> bool:
     """READY only when every participant reported success (the workflow calls this last)."""
     with transaction.atomic():
@@ -351,7 +379,7 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
     try:
         with transaction.atomic():
             created = Node.objects.bulk_create(
-                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower()) for n in nodes]
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes]
             )
     except IntegrityError:
         raise ClusterError("a MAC address or node name is already in use", field="nodes") from None

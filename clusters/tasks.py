@@ -31,6 +31,7 @@ def _describe(exc) -> str:
 
 @shared_task(name="clusters.provision_begin")
 def provision_begin(cluster_id: int, generation: int) -> None:
+    """Kept for workflows sent before ``start_provision`` marked PROVISIONING itself."""
     if services.cluster_mark_provisioning(cluster_id=cluster_id, generation=generation):
         cluster = _cluster(cluster_id)
         services.step_finish(services.step_start(cluster, "network"), status=StepStatus.RUNNING)
@@ -58,6 +59,14 @@ def provision_done(cluster_id: int, generation: int) -> None:
     if services.cluster_mark_ready(cluster_id=cluster_id, generation=generation):
         cluster = _cluster(cluster_id)
         services.step_finish(services.step_start(cluster, "ready"))
+
+
+@shared_task(name="clusters.provision_finish")
+def provision_finish(cluster_id: int, generation: int) -> None:
+    """The last stage of provisioning, after every device reported success: the gateway leg, then READY
+    (one task: each stage of a canvas costs a broker round trip)."""
+    gateway_leg(cluster_id, generation)
+    provision_done(cluster_id, generation)
 
 
 def _finish_running(cluster: VirtualCluster, name: str, *, error: str = "") -> None:

@@ -32,3 +32,14 @@ class PortRole(models.TextChoices):
     HOST_TRUNK = "host_trunk", "trunk to a hypervisor host"
     CORE_UPLINK = "core_uplink", "uplink into a core transport"
     GATEWAY_TRUNK = "gateway_trunk", "trunk to an access gateway"
+
+
+class DeviceKind(models.TextChoices):
+    SWITCH = "switch", "switch"
+    HOST = "host", "host"
+
+
+class DriftKind(models.TextChoices):
+    MISSING = "missing", "missing (removed by hand?)"
+    STALE = "stale", "stale (left behind)"
+    FOREIGN = "foreign", "foreign (not the portal's)"

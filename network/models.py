@@ -8,7 +8,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 
 from network import vlanranges
-from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, HostDriver, Platform, PortRole
+from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
 from portal.secrets import EncryptedTextField
 
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
@@ -297,6 +297,22 @@ class VlanPool(InventoryModel):
                         f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} "
                         f"on core {core.name}"
                     )
+            # Two cores meeting at one site share that site's switches: a VLAN id from both would join
+            # two clusters on one switch. Pools of cores with a common site must not overlap either.
+            shared = (
+                VlanPool.objects.filter(core__sites__in=core.sites.all())
+                .exclude(core_id=self.core_id)
+                .exclude(pk=self.pk)
+                .select_related("core")
+                .distinct()
+            )
+            for other in shared:
+                overlap = ids & set(vlanranges.parse(other.ranges))
+                if overlap:
+                    errors.setdefault("ranges", []).append(
+                        f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
+                        f"core {other.core.name}, which meets core {core.name} at a common site"
+                    )
         if errors:
             raise ValidationError(errors)
 
@@ -400,11 +416,6 @@ class SegmentMember(models.Model):
         return f"{self.segment.owner_ref} on {self.host.name}" if self.segment_id and self.host_id else "member"
 
 
-class DeviceKind(models.TextChoices):
-    SWITCH = "switch", "switch"
-    HOST = "host", "host"
-
-
 class DeviceChange(models.Model):
     """One piece of device work: make a switch or host match the desired state, for a cause (provisioning
     of a segment, teardown, compensation, reconcile). Several pending changes of one device are applied in
@@ -459,10 +470,7 @@ class Drift(models.Model):
     (missing), one left behind by the portal (stale), or one on an owned port the portal never put there
     (foreign). ``repaired_at`` is set when a later converge or reconcile made it go away."""
 
-    class Kind(models.TextChoices):
-        MISSING = "missing", "missing (removed by hand?)"
-        STALE = "stale", "stale (left behind)"
-        FOREIGN = "foreign", "foreign (not the portal's)"
+    Kind = DriftKind
 
     device_kind = models.CharField(max_length=6, choices=DeviceKind.choices)
     switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.CASCADE, related_name="drifts")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from network.schedules import beat_schedule
 from portal import auth as ldap_auth
 from portal.env import env_bool, env_db, env_float, env_int, env_list, env_str
 
@@ -146,6 +147,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Virtual cluster networks: VLANs across sites, switch and host convergence, access.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "DeviceKindEnum": "network.choices.DeviceKind.choices",
+        "DriftKindEnum": "network.choices.DriftKind.choices",
+        "CoreKindEnum": "network.choices.CoreKind.choices",
+    },
 }
 
 # --- Celery --------------------------------------------------------------------------------------------------
@@ -165,7 +171,11 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # A task a killed worker had taken (acks_late) goes back to the queue after this many seconds; it must
     # exceed the longest device operation (tasks are idempotent, so a duplicate is harmless, only wasteful).
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600, minimum=1)}
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600, minimum=1),
+        "unacked_restore_interval": 5,  # look for a dead worker's messages every 5 s, not every 100 s
+        "unacked_restore_throttle": 1,
+    }
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "django-db")
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for the next one
@@ -191,7 +201,18 @@ CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
 CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
 CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
+CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
 CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule": CLUSTER_EXPIRY_INTERVAL}
+
+# --- Access (VPN and SSH) -------------------------------------------------------------------------------------
+# Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.
+ACCESS_CA_PASSPHRASE = env_str("ACCESS_CA_PASSPHRASE", "")
+if not ACCESS_CA_PASSPHRASE and not DEBUG:
+    raise ImproperlyConfigured("ACCESS_CA_PASSPHRASE must be set when DEBUG is off (a long random string)")
+ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, minimum=300)
+ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)
+ACCESS_SSH_CERT_LIFETIME = env_int("ACCESS_SSH_CERT_LIFETIME", 12 * 3600, minimum=900, maximum=24 * 3600)
+ACCESS_CRL_VALIDITY = env_int("ACCESS_CRL_VALIDITY", 7 * 24 * 3600, minimum=3600)
 
 # --- Logging -------------------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

@@ -3,6 +3,6 @@
 set -euo pipefail
 out=$(DEBUG=false SECRET_KEY=$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n') \
   SECRETS_KEY=$(.venv/bin/python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())') \
-  ALLOWED_HOSTS=portal.example.org DATA_DIR=$(mktemp -d) \
+  ACCESS_CA_PASSPHRASE=$(head -c 32 /dev/urandom | base64) ALLOWED_HOSTS=portal.example.org DATA_DIR=$(mktemp -d) \
   .venv/bin/python manage.py check --deploy --fail-level WARNING 2>&1) || { echo "$out"; exit 1; }
 echo "$out"

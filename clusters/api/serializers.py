@@ -29,6 +29,7 @@ class NodeInputSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
     host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.select_related("site"))
     mac = serializers.CharField(max_length=17)
+    address = serializers.IPAddressField(required=False, allow_null=True, default=None)
 
     def validate_mac(self, value: str) -> str:
         value = value.strip().lower().replace("-", ":")
@@ -95,7 +96,7 @@ class NodeSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Node
-        fields = ["id", "name", "host", "target_host", "mac", "state"]
+        fields = ["id", "name", "host", "target_host", "mac", "address", "state"]
 
 
 class StepSerializer(serializers.ModelSerializer):

@@ -198,3 +198,20 @@ def test_password_is_stored_encrypted_and_read_back():
 def test_every_model_has_a_docstring_about_the_network():
     for model in (Site, CoreTransport, Switch, SwitchPort, Host, VlanPool):
         assert model.__doc__ and len(model.__doc__) > 60
+
+
+def test_pools_of_cores_meeting_at_a_site_must_not_overlap(db):
+    from django.core.exceptions import ValidationError
+
+    from network.tests.factories import CoreTransportFactory, SiteFactory, VlanPoolFactory
+
+    brno, pilsen, prague = SiteFactory(name="brno"), SiteFactory(name="pilsen"), SiteFactory(name="prague")
+    north = CoreTransportFactory(name="north", sites=[brno, pilsen])
+    south = CoreTransportFactory(name="south", sites=[pilsen, prague])
+    island = CoreTransportFactory(name="island", sites=[SiteFactory(name="island")])
+    VlanPoolFactory(name="a", core=north, ranges="100-199")
+    with pytest.raises(ValidationError) as err:
+        VlanPoolFactory.build(name="b", core=south, ranges="150-250").full_clean()
+    assert "pool b: ids 150-199 overlap pool a of core north, which meets core south at a common site" in str(err.value)
+    VlanPoolFactory.build(name="c", core=south, ranges="200-250").full_clean()
+    VlanPoolFactory.build(name="d", core=island, ranges="100-199").full_clean()  # no common site: fine
