@@ -3,22 +3,11 @@
 
 from __future__ import annotations
 
+from portal.errors import DomainError
 
-class AccessError(Exception):
-    """A refused request (permanent: retrying the same request fails the same way)."""
 
-    status = 400
-    code = "invalid"
-
-    def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-    def as_dict(self) -> dict:
-        if self.field:
-            return {self.field: [self.message], "code": self.code}
-        return {"detail": self.message, "code": self.code}
+class AccessError(DomainError):
+    """A refused access request."""
 
 
 class NotAllowed(AccessError):

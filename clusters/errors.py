@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
+from portal.errors import DomainError
 
-class ClusterError(Exception):
-    """A refused request. ``field`` names the offending input when there is one."""
 
-    status = 400
-    code = "invalid"
-
-    def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-    def as_dict(self) -> dict:
-        if self.field:
-            return {self.field: [self.message], "code": self.code}
-        return {"detail": self.message, "code": self.code}
+class ClusterError(DomainError):
+    """A refused request about a cluster. ``field`` names the offending input when there is one."""
 
 
 class InvalidTopology(ClusterError):

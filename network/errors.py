@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
+from portal.errors import DomainError
 
-class NetworkError(Exception):
+
+class NetworkError(DomainError):
     """Base of the service's domain errors; ``str(exc)`` is the message a user sees."""
-
-    status = 400
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 class PoolExhausted(NetworkError):

@@ -17,7 +17,7 @@ def exception_handler(exc, context):
     status_code = getattr(exc, "status", None)
     as_dict = getattr(exc, "as_dict", None)
     if isinstance(status_code, int) and callable(as_dict):
-        # Domain errors (clusters.errors.ClusterError, network.errors.NetworkError) carry their status.
+        # Domain errors (portal.errors.DomainError, network.errors.NetworkError) carry their status.
         return Response(as_dict(), status=status_code)
     if isinstance(exc, DjangoValidationError):
         data = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
