@@ -44,6 +44,7 @@ def _configure_environment(args) -> dict:
         "DJANGO_SETTINGS_MODULE": "portal.settings",
         "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_hex(32),
         "SECRETS_KEY": os.environ.get("SECRETS_KEY") or base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "ACCESS_CA_PASSPHRASE": os.environ.get("ACCESS_CA_PASSPHRASE") or secrets.token_hex(32),
         "ALLOWED_HOSTS": "testserver,localhost,127.0.0.1",
         "SECURE_SSL_REDIRECT": "false",
         "DATABASE_URL": args.database_url,
@@ -215,6 +216,40 @@ def profile(cluster_id: int, t0: datetime) -> list[str]:
     return lines
 
 
+PHASES = ("POST", "→1st device", "switches", "join", "hosts", "→READY")
+
+
+def phases(cluster, t0: datetime, post: float) -> dict[str, float]:
+    """Where one cluster's time went, in seconds: the API call; from its answer to the first device
+    session; the switch layer (first start to last end); the join between the layers; the host layer; from
+    the last device to READY. Device layers are device work plus the worker's parallelism; the rest is
+    the portal's own path (request, broker round trips, chord joins, bookkeeping)."""
+    from network.models import DeviceChange, DeviceKind
+
+    changes = DeviceChange.objects.filter(segment_id=cluster.segment_id, cause__startswith="provision")
+    sw = [c for c in changes if c.kind == DeviceKind.SWITCH]
+    hosts = [c for c in changes if c.kind == DeviceKind.HOST]
+    answered = t0.timestamp() + post
+    sw_start = min(c.started_at for c in sw).timestamp()
+    sw_end = max(c.finished_at for c in sw).timestamp()
+    h_start = min(c.started_at for c in hosts).timestamp()
+    h_end = max(c.finished_at for c in hosts).timestamp()
+    return dict(
+        zip(
+            PHASES,
+            (
+                post,
+                sw_start - answered,
+                sw_end - sw_start,
+                h_start - sw_end,
+                h_end - h_start,
+                cluster.ready_at.timestamp() - h_end,
+            ),
+            strict=True,
+        )
+    )
+
+
 def run_sites(sites: int, args, env: dict, app) -> dict:
     from django.contrib.auth.models import User
     from django.core.management import call_command
@@ -244,7 +279,7 @@ def run_sites(sites: int, args, env: dict, app) -> dict:
         connection.close()  # the flush and import are done: start the measurement on a fresh connection
         api = APIClient()
         api.force_authenticate(user)
-        latencies, posts, teardowns = [], [], []
+        latencies, posts, teardowns, breakdown = [], [], [], []
         profiled = None
         for i in range(args.warmup + args.clusters):
             nodes = [
@@ -272,6 +307,7 @@ def run_sites(sites: int, args, env: dict, app) -> dict:
             if i >= args.warmup:
                 latencies.append((cluster.ready_at - t0).total_seconds())
                 posts.append(post)
+                breakdown.append(phases(cluster, t0, post))
                 if profiled is None and args.profile:
                     profiled = profile(cluster.pk, t0)
             t_down = time.perf_counter()
@@ -289,6 +325,7 @@ def run_sites(sites: int, args, env: dict, app) -> dict:
             "post_p50": percentile(posts, 50),
             "teardown_p50": percentile(teardowns, 50),
             "profile": profiled,
+            "phases": {name: statistics.median(b[name] for b in breakdown) for name in PHASES},
         }
     finally:
         if worker is not None:
@@ -356,6 +393,10 @@ def main() -> None:
         print(
             f"  {r['sites']:5d}   {r['n']:8d}  {r['p50'] * 1000:8.0f}  {r['p95'] * 1000:8.0f}  {r['max'] * 1000:8.0f}"
         )
+    print("\nwhere the time goes (medians, ms)")
+    print("  sites" + "".join(f"{name:>13s}" for name in PHASES))
+    for r in results:
+        print(f"  {r['sites']:5d}" + "".join(f"{r['phases'][name] * 1000:13.0f}" for name in PHASES))
     by_sites = {r["sites"]: r for r in results}
     if 1 in by_sites and 16 in by_sites:
         print(
