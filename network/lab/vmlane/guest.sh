@@ -18,7 +18,12 @@ if [ "${VCLB_IN_CHROOT:-}" != 1 ]; then
   mkdir -p "$root"
   if mount -t 9p -o ro,version=9p2000.L,trans=virtio,access=any,msize=524288,cache=loose vclbroot "$root"; then
     for d in proc sys dev; do mount --rbind "/$d" "$root/$d"; done
-    for d in /run /tmp "$out"; do mount --bind "$d" "$root$d"; done
+    mount --bind /run "$root/run"
+    # A writable /tmp over the cached view (a repository cloned under /tmp stays on the fast path).
+    mkdir -p /run/vclbtmp/upper /run/vclbtmp/work
+    mount -t overlay overlay -o "lowerdir=$root/tmp,upperdir=/run/vclbtmp/upper,workdir=/run/vclbtmp/work" \
+      "$root/tmp" || mount --bind /tmp "$root/tmp"
+    mount --bind "$out" "$root$out"
     VCLB_IN_CHROOT=1 exec chroot "$root" /bin/sh "$repo/network/lab/vmlane/guest.sh" "$out" "$repo" "$mode"
   fi
   echo "guest: no cached root export (vclbroot); running on the uncached root (slow)"
