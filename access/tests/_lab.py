@@ -1,0 +1,153 @@
+"""Helpers of the access app's lab end-to-end tests: the demo topology built as a netns lab, clusters
+created through the API and made READY by a real Celery worker, a portal that can be stopped, gateway
+tokens.
+
+Imported by ``test_e2e_lab_vpn.py`` and ``test_e2e_lab_ssh.py`` (fixtures are imported into the modules
+that use them, as with ``access.tests.fixtures``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[2] / "network" / "topologies" / "demo.yaml"
+_macs = itertools.count(1)
+
+
+@pytest.fixture
+def lab_inventory(transactional_db):
+    """The demo topology (three sites, an access-gateway trunk at Brno) in the database and built as a lab
+    that the inventory points at; a user-provided image (so clusters are closed)."""
+    from network.lab import Lab, requirements, topology
+    from network.lab.inventory import point_inventory_at
+    from network.topology import topology_import
+
+    reason = requirements()
+    if reason:
+        pytest.skip(f"netns lab unavailable: {reason}")
+    import yaml
+
+    from clusters.models import Image
+
+    topology_import(data=yaml.safe_load(DEMO.read_text()), source="e2e-access")
+    Image.objects.create(name="my-own", approved=False)
+    lab = Lab.up(topology.from_db())
+    try:
+        point_inventory_at(lab)
+        yield lab
+    finally:
+        lab.down()
+
+
+def mac() -> str:
+    n = next(_macs)
+    return f"52:54:00:ac:{n // 256:02x}:{n % 256:02x}"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    host: str
+    address: str
+    mac: str
+
+
+def cluster_post(api, name: str, nodes: list[tuple[str, str]], *, group: str | None = None) -> tuple[int, list]:
+    """POST /api/clusters/ with ``nodes`` = [(host, address)]; returns (id, [NodeSpec]) without waiting."""
+    specs = [NodeSpec(f"node{i}", host, address, mac()) for i, (host, address) in enumerate(nodes, 1)]
+    body = {
+        "name": name,
+        "image": "my-own",
+        "admin_rights": True,
+        "nodes": [{"name": n.name, "host": n.host, "mac": n.mac, "address": n.address} for n in specs],
+    }
+    if group:
+        body["group"] = group
+    r = api.post("/api/clusters/", body, format="json")
+    assert r.status_code == 201, r.content
+    return r.data["id"], specs
+
+
+def wait_ready(*cluster_ids: int, timeout: float = 40.0) -> dict:
+    """Wait until every cluster is READY (fail on FAILED); returns {id: cluster}."""
+    from clusters.models import ClusterState, VirtualCluster
+
+    deadline = time.monotonic() + timeout
+    while True:
+        clusters = {c.pk: c for c in VirtualCluster.objects.filter(pk__in=cluster_ids)}
+        failed = [c for c in clusters.values() if c.state == ClusterState.FAILED]
+        assert not failed, [(c.name, c.state_reason) for c in failed]
+        if all(c.state == ClusterState.READY for c in clusters.values()) and len(clusters) == len(cluster_ids):
+            return clusters
+        assert time.monotonic() < deadline, {c.name: c.state for c in clusters.values()}
+        time.sleep(0.05)
+
+
+class Portal:
+    """The portal over real HTTP on 127.0.0.1 (Django's live-server thread), which a test can stop: then
+    nothing answers there any more, as when the portal host is down."""
+
+    def __init__(self):
+        from pytest_django.live_server_helper import LiveServer
+
+        self.server = LiveServer("127.0.0.1:0")
+        self.url = self.server.url
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.server.stop()
+            self.running = False
+
+    def request(self, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, bytes, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:  # noqa: S310 - our own http URL
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+
+@pytest.fixture
+def portal(transactional_db):
+    server = Portal()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def user_token(user) -> str:
+    """An API token of ``user`` that may issue profiles and revoke (what a user's script holds)."""
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    _, secret = token_create(user=user, name="e2e", scopes=[TokenScope.CLUSTERS_WRITE])
+    return secret
+
+
+def gateway_token(gateway, owner, path: Path) -> Path:
+    """Give ``gateway`` its own pull token (scope gateway:pull), written to ``path`` as the gateway keeps it."""
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    token, secret = token_create(user=owner, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save(update_fields=["token"])
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return path
