@@ -397,9 +397,9 @@ _DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_r
 
 
 def _node_address(label: str, node) -> str:
-    # The portal does not record the VMs' IP addresses (yet: a Node.address would be used here); the
-    # node's alias is then the address, which the bastion resolves inside the cluster's network.
-    return getattr(node, "address", "") or f"{label}-{node.name}"
+    # Node.address when the scheduler gave one (the ssh_config's HostName and the bastion's permitopen
+    # target); else the node's alias, which the bastion must resolve inside the cluster's network.
+    return node.address or f"{label}-{node.name}"
 
 
 def _node_hosts(cluster) -> list[tuple[str, str]]:

@@ -1,0 +1,345 @@
+"""End to end in the netns lab: a user lands on the nodes of his closed cluster at every site through the
+portal's SSH bastion, with the ssh_config, key and certificate downloaded through the API (issue 7, "done
+means").
+
+Everything comes from the portal: clusters created through the API with a user-provided image (closed), nodes
+given their ``address``, made READY by a real Celery worker; the bastion's ``sshd_config``, host key and
+certificate (``manage.py gateway config``); its state (user CA, KRL, principals with ``permitopen`` targets =
+the cluster's node addresses) pulled over HTTP with its token (``manage.py gateway pull``); the nodes' host
+certificates from the portal's host CA; the user's certificate, key pair and ``virtcloud.conf`` from
+``POST /api/access/ssh-certificates/``. Topology (``vl…`` names are the lab's, ``va…`` ours)::
+
+    <va>-ws   "user workstation": ssh -F virtcloud.conf <cluster>-node<n>            198.18.249.2/30
+       |  veth
+    bastion   sshd (portal-rendered), public leg 198.18.249.1/30, cluster leg 198.18.20.250/24
+       |  eth0 = access port of alpha's VLAN on brno-h1's bridge (lab.attach_vm)
+    brno-sw ==QinQ core== pilsen-sw, prague-sw -- alpha node1..3 (198.18.20.1..3): sshd, host certs
+
+Why the bastion's cluster leg is a VM-like access port rather than a leg on the gateway trunk: this kernel has
+no 802.1Q (LAB.md §1), so a namespace cannot terminate one VLAN of the trunk bridge (no VLAN sub-interface,
+no VLAN filtering on the plain Linux bridge). A host bridge port tagged with the cluster's VLAN (Open vSwitch
+does the tagging) is the same L2 leg. In production the bastion has one VLAN sub-interface per cluster on the
+trunk; note that ``permitopen`` names addresses, so clusters with overlapping addresses need a bastion
+namespace (or instance) per cluster — here alpha and beta use different subnets.
+
+Clusters: alice's ``alpha`` (group physics) with node1..3 at brno/pilsen/prague; charlie's ``beta`` with one
+node in another subnet.
+
+Proves: ``ssh -F virtcloud.conf alpha-…-node<n>`` lands on every node (ProxyJump through the bastion, host
+certificates, no prompt: StrictHostKeyChecking yes); refused with sshd's own messages for an expired
+certificate, a principal of another cluster, a forwarding target outside the cluster, a certificate revoked in
+the portal (KRL installed by the pull), and a certificate signed by another CA.
+"""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests._lab are parameters here)
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from access import services, ssh
+from access.models import Authority, AuthorityKind, Gateway, GatewayKind
+from access.selectors import cluster_label
+from access.tests._lab import cluster_post, gateway_token, lab_inventory, portal, user_token, wait_ready
+from access.tests._procs import Netns, can_use_netns, read, run_prefix, sh, stop, wait_for
+
+SSHD = "/usr/sbin/sshd"
+_skip = (
+    can_use_netns()
+    or (None if os.path.exists(SSHD) else "openssh-server (sshd) not installed")
+    or (None if shutil.which("ssh") else "openssh-client (ssh) not installed")
+)
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.worker,
+    pytest.mark.skipif(bool(_skip), reason=_skip or ""),
+    pytest.mark.django_db(transaction=True),
+]
+
+BASTION_PUBLIC, WS_PUBLIC = "198.18.249.1", "198.18.249.2"
+BASTION_CLUSTER_LEG = "198.18.20.250/24"
+ACCOUNT = "nobody"  # exists everywhere with a no-login shell: right for a relay-only bastion
+SITES = ["brno-h1", "pilsen-h1", "prague-h1"]
+
+
+class LabNetns(Netns):
+    """A namespace the lab made (a VM's): used here, deleted by the lab."""
+
+    def __init__(self, name: str):  # no `ip netns add`
+        self.name = name
+
+    def delete(self) -> None:
+        pass
+
+
+@pytest.fixture
+def run_dir():
+    # Not under /tmp: sshd's StrictModes refuses a principals file below a world-writable directory.
+    prefix = run_prefix()
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/run"))
+    root.chmod(0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    try:
+        yield prefix, root
+    finally:
+        if not os.environ.get("VIRTCLOUD_KEEP_TEST_FILES"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _private_openssh(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+
+
+def _node_sshd(d: Path, address: str, alias: str, user_ca: Path, principals: list[str]) -> Path:
+    """A cluster node's sshd as the cluster's image would set it up: a host certificate from the portal's
+    host CA, the portal's user CA trusted for root with the cluster's principals (from the pulled map)."""
+    d.mkdir(mode=0o755)
+    key = ed25519.Ed25519PrivateKey.generate()
+    (d / "host_key").write_bytes(_private_openssh(key))
+    (d / "host_key").chmod(0o600)
+    cert = services.ssh_host_certificate_issue(public_key=ssh.public_key_line(key), principals=[address, alias])
+    (d / "host_key-cert.pub").write_text(cert + "\n")
+    (d / "principals").mkdir(mode=0o755)
+    (d / "principals" / "root").write_text("\n".join(principals) + "\n")
+    conf = d / "sshd_config"
+    conf.write_text(
+        "\n".join(
+            [
+                f"ListenAddress {address}:22",
+                f"HostKey {d / 'host_key'}",
+                f"HostCertificate {d / 'host_key-cert.pub'}",
+                f"PidFile {d / 'sshd.pid'}",
+                f"TrustedUserCAKeys {user_ca}",
+                f"AuthorizedPrincipalsFile {d / 'principals'}/%u",
+                "AuthorizedKeysFile none",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "PermitRootLogin prohibit-password",
+                "LogLevel VERBOSE",
+            ]
+        )
+        + "\n"
+    )
+    return conf
+
+
+class Workstation:
+    """The user's machine: one folder per download (as unzipped), ``ssh -F virtcloud.conf`` run inside it."""
+
+    def __init__(self, ns: Netns, root: Path):
+        self.ns, self.root = ns, root
+        self.n = 0
+
+    def folder(self, issued: dict) -> Path:
+        """Save an API answer as the download's files (relative paths, as the config expects)."""
+        self.n += 1
+        d = self.root / f"user{self.n}"
+        d.mkdir(mode=0o700)
+        (d / services.SSH_CONFIG_FILE).write_text(issued["ssh_config"])
+        (d / services.SSH_KNOWN_HOSTS_FILE).write_text(issued["known_hosts"])
+        (d / services.SSH_CERT_FILE).write_text(issued["certificate"] + "\n")
+        (d / services.SSH_KEY_FILE).write_text(issued["private_key"])
+        (d / services.SSH_KEY_FILE).chmod(0o600)
+        return d
+
+    def variant(self, d: Path, certificate: str) -> Path:
+        """A copy of the folder ``d`` with another certificate for the same key."""
+        self.n += 1
+        copy = self.root / f"user{self.n}"
+        shutil.copytree(d, copy)
+        (copy / services.SSH_CERT_FILE).write_text(certificate + "\n")
+        return copy
+
+    def ssh(self, d: Path, host: str, *command: str, hostname: str | None = None) -> subprocess.CompletedProcess:
+        opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+        if hostname:
+            opts += ["-o", f"HostName={hostname}"]
+        return subprocess.run(
+            self.ns.cmd("ssh", "-F", services.SSH_CONFIG_FILE, *opts, host, *command),
+            cwd=d,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+def _denied(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 255 and "Permission denied (publickey)" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_ssh_through_the_portal_made_bastion_to_every_site(
+    lab_inventory, celery_worker, portal, run_dir, alice, charlie, root, team
+):
+    lab = lab_inventory
+    prefix, rundir = run_dir
+    started = time.monotonic()
+    api = {u.username: APIClient() for u in (alice, charlie)}
+    for u in (alice, charlie):
+        api[u.username].force_authenticate(u)
+    a_id, a_nodes = cluster_post(
+        api["alice"], "alpha", [(h, f"198.18.20.{i}") for i, h in enumerate(SITES, 1)], group="physics"
+    )
+    b_id, b_nodes = cluster_post(api["charlie"], "beta", [("pilsen-h2", "198.18.21.1")])
+    clusters = wait_ready(a_id, b_id)
+    alpha, beta = clusters[a_id], clusters[b_id]
+    la, lb = cluster_label(alpha), cluster_label(beta)
+    vms = {n.name: lab.attach_vm(n.host, alpha.vlan_id, f"alpha-{n.name}", f"{n.address}/24", n.mac) for n in a_nodes}
+    bastion_vm = lab.attach_vm("brno-h1", alpha.vlan_id, "bastion", BASTION_CLUSTER_LEG)
+    ready_s = time.monotonic() - started
+
+    procs: list[subprocess.Popen] = []
+    ws = Netns(f"{prefix}-ws")
+    try:
+        bastion = LabNetns(bastion_vm.netns)
+        bastion.ip("link", "add", f"{prefix}b", "type", "veth", "peer", "name", f"{prefix}w", "netns", ws.name)
+        bastion.ip("addr", "add", f"{BASTION_PUBLIC}/30", "dev", f"{prefix}b")
+        bastion.ip("link", "set", f"{prefix}b", "up")
+        ws.ip("addr", "add", f"{WS_PUBLIC}/30", "dev", f"{prefix}w")
+        ws.ip("link", "set", f"{prefix}w", "up")
+
+        # The bastion: made in the portal, configured by `gateway config`, state pulled over HTTP.
+        from network.models import Site
+
+        gateway = Gateway.objects.create(
+            name="brno-bastion",
+            site=Site.objects.get(name="brno"),
+            kind=GatewayKind.SSH,
+            address=BASTION_PUBLIC,
+            ssh_user=ACCOUNT,
+        )
+        state = rundir / "gw"
+        token_file = gateway_token(gateway, root, rundir / "gateway.token")
+        call_command(
+            "gateway", "config", gateway.name, "--dir", str(state), "--ssh-listen", BASTION_PUBLIC, stdout=StringIO()
+        )
+
+        def pull() -> str:
+            out = StringIO()
+            call_command(
+                "gateway", "pull", "--url", portal.url, "--token-file", str(token_file), "--dir", str(state), stdout=out
+            )
+            return out.getvalue()
+
+        assert "gateway pull:" in pull()
+        principals = (state / "ssh" / "principals" / ACCOUNT).read_text()
+        targets = ",".join(f'permitopen="{n.address}:22"' for n in a_nodes)
+        assert f"restrict,port-forwarding,{targets} {la}-alice" in principals, principals
+        bastion_log = rundir / "bastion.log"
+        procs.append(bastion.popen(SSHD, "-D", "-f", str(state / "sshd_config"), "-E", str(bastion_log)))
+
+        # alpha's nodes: sshd with host certificates, trusting the user CA for alpha's principals.
+        doc = services.gateway_state(gateway=gateway)
+        alpha_principals = doc["ssh"]["clusters"][la]["principals"]
+        assert alpha_principals == [f"{la}-alice"]  # owner; the group's other members would be listed too
+        logs = [bastion_log]
+        for n in a_nodes:
+            conf = _node_sshd(
+                rundir / n.name, n.address, f"{la}-{n.name}", state / "ssh" / "user_ca.pub", alpha_principals
+            )
+            logs.append(rundir / f"{n.name}.log")
+            procs.append(LabNetns(vms[n.name].netns).popen(SSHD, "-D", "-f", str(conf), "-E", str(logs[-1])))
+        for log in logs:
+            wait_for(lambda log=log: "Server listening on" in read(log), 10, what=f"sshd in {log.name}")
+
+        def bastion_says(needle: str) -> None:
+            wait_for(lambda: needle in read(bastion_log), 5, what=f"bastion log line {needle!r}")
+
+        # alice downloads her certificate, key and ssh_config (over HTTP, with her API token).
+        alice_token = user_token(alice)
+        status, body, _ = portal.request("POST", "/api/access/ssh-certificates/", alice_token, {"cluster": a_id})
+        assert status == 201, body
+        issued = json.loads(body)
+        assert issued["principal"] == f"{la}-alice"
+        station = Workstation(ws, rundir)
+        home = station.folder(issued)
+
+        # 1. Every node, at every site, through the bastion; no host-key prompt is possible (BatchMode,
+        #    StrictHostKeyChecking yes): the host certificates from the portal's host CA are checked.
+        for n in a_nodes:
+            t = time.perf_counter()
+            r = station.ssh(home, f"{la}-{n.name}", "ip", "-brief", "addr", "show", "eth0")
+            assert r.returncode == 0, r.stderr
+            assert f"{n.address}/24" in r.stdout, r.stdout
+            print(f"\nssh {la}-{n.name} ({n.host}) through the bastion: {(time.perf_counter() - t) * 1000:.0f} ms")
+        bastion_says(f'Accepted certificate ID "{issued["key_id"]}" (serial {issued["serial"]})')
+
+        user_ca = ssh.load_ca_key(
+            str(Authority.objects.get(kind=AuthorityKind.SSH_USER).private_key).encode(), services.ca_passphrase()
+        )
+
+        def portal_signed(cluster: str, **kw) -> str:
+            return ssh.issue_user_cert(
+                user_ca,
+                public_key=issued["public_key"],
+                user="alice",
+                cluster=cluster,
+                serial=services.serial_allocate("e2e-ssh"),
+                **kw,
+            )
+
+        # 2. An expired certificate (the portal's CA, alice's key and principal, ended an hour ago).
+        old = station.variant(home, portal_signed(la, hours=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)))
+        _denied(station.ssh(old, f"{la}-node1", "true"))
+        bastion_says("Certificate invalid: expired")
+
+        # 3. A principal of another cluster: charlie's beta, which alice is not a member of.
+        other = station.variant(home, portal_signed(lb))
+        _denied(station.ssh(other, f"{la}-node1", "true"))
+        bastion_says("Certificate does not contain an authorized principal")
+
+        # 4. Forwarding outside the cluster: charlie's valid beta certificate may log in to the bastion,
+        #    but not open a channel to alpha's node (reachable from the bastion, not permitted to beta).
+        status, body, _ = portal.request(
+            "POST", "/api/access/ssh-certificates/", user_token(charlie), {"cluster": b_id}
+        )
+        assert status == 201, body
+        charlie_home = station.folder(json.loads(body))
+        assert "pull:" in pull()  # (the state already had beta: nothing else changes)
+        r = station.ssh(charlie_home, f"{lb}-node1", "true", hostname=a_nodes[0].address)
+        assert r.returncode == 255 and "administratively prohibited" in r.stderr, r.stderr
+        bastion_says(f"to connect to host {a_nodes[0].address} port 22, but the request was denied")
+
+        # 5. Revoked in the portal (the user, through the API), KRL installed by the gateway's pull.
+        assert station.ssh(home, f"{la}-node1", "true").returncode == 0
+        status, body, _ = portal.request(
+            "POST", f"/api/access/credentials/{issued['credential']}/revoke/", alice_token, {}
+        )
+        assert status == 200, body
+        assert "updated" in pull()
+        _denied(station.ssh(home, f"{la}-node1", "true"))
+        bastion_says("revoked by file")
+
+        # 6. A certificate from another CA, for alice's key and her alpha principal (a valid one works).
+        status, body, _ = portal.request("POST", "/api/access/ssh-certificates/", alice_token, {"cluster": a_id})
+        assert status == 201, body
+        fresh = station.folder(json.loads(body))
+        assert station.ssh(fresh, f"{la}-node3", "true").returncode == 0
+        rogue, serial = ssh.generate_ca_key(), services.serial_allocate("e2e-ssh")
+        forged = ssh.issue_user_cert(rogue, public_key=issued["public_key"], user="alice", cluster=la, serial=serial)
+        _denied(station.ssh(station.variant(home, forged), f"{la}-node1", "true"))
+        bastion_says(f"(serial {serial}) CA ED25519 {ssh.fingerprint(rogue)}")
+        assert not re.search(rf'Accepted certificate ID "[^"]*:serial={serial}:', read(bastion_log))
+        assert f'Accepted certificate ID "{issued["key_id"]}"' in read(rundir / "node1.log")  # the node's own check
+        print(f"clusters READY and VMs attached in {ready_s:.1f} s; scenario {time.monotonic() - started:.1f} s")
+    finally:
+        for p in procs:
+            stop(p)
+        ws.delete()
