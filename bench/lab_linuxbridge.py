@@ -48,6 +48,9 @@ def measure(n: int) -> dict:
     """Build a switch with two owned trunk ports and a host behind it; add ``n`` VLANs one at a time."""
     vmlane = _load_fabric()
     vmlane.remove_stale()
+    # Load the drivers (NAPALM, pyroute2) before timing: the first session would otherwise carry the imports.
+    importlib.import_module("network.drivers.linuxbridge")
+    importlib.import_module("network.drivers.linuxbridge_host")
     fabric = vmlane.Fabric(vmlane.make_prefix("bench"))
     try:
         fabric.switch("sw1")
