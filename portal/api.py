@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import JsonResponse
+from django.utils.encoding import smart_str
 from django.views.defaults import page_not_found
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers, status
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -31,6 +33,24 @@ def not_found(request, exception=None):
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
     return page_not_found(request, exception)
+
+
+def query_param(request, name: str) -> str | None:
+    """A query parameter used as a filter; 400 for text PostgreSQL cannot compare (a NUL character)."""
+    value = request.query_params.get(name)
+    if value and "\x00" in value:
+        raise ValidationError({name: ["must not contain NUL characters"]})
+    return value
+
+
+class NameRelatedField(serializers.SlugRelatedField):
+    """A lookup by name that answers "does not exist" (400), not a database error (500), for a name
+    PostgreSQL cannot hold (a NUL character)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("does_not_exist", slug_name=self.slug_field, value=smart_str(data))
+        return super().to_internal_value(data)
 
 
 class ErrorSerializer(serializers.Serializer):

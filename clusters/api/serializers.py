@@ -21,13 +21,14 @@ from clusters.models import (
     name_validator,
 )
 from network.models import Host
+from portal.api import NameRelatedField
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")
 
 
 class NodeInputSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
-    host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.select_related("site"))
+    host = NameRelatedField(slug_field="name", queryset=Host.objects.select_related("site"))
     mac = serializers.CharField(max_length=17)
     address = serializers.IPAddressField(required=False, allow_null=True, default=None)
 
@@ -41,14 +42,14 @@ class NodeInputSerializer(serializers.Serializer):
 
 class ClusterCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=40, validators=[name_validator])
-    owner = serializers.SlugRelatedField(
+    owner = NameRelatedField(
         slug_field="username",
         queryset=get_user_model().objects.filter(is_active=True),
         required=False,
         help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
     )
-    group = serializers.SlugRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
-    image = serializers.SlugRelatedField(slug_field="name", queryset=Image.objects.all())
+    group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
+    image = NameRelatedField(slug_field="name", queryset=Image.objects.all())
     admin_rights = serializers.BooleanField(default=False)
     nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
     lifetime = serializers.IntegerField(
@@ -78,7 +79,7 @@ class NodesAddSerializer(serializers.Serializer):
 
 
 class MigrateSerializer(serializers.Serializer):
-    target_host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.all())
+    target_host = NameRelatedField(slug_field="name", queryset=Host.objects.all())
 
 
 class ConnectivitySerializer(serializers.Serializer):

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from clusters import selectors, services
 from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Node, NodeState, VirtualCluster
-from portal.api import error_responses
+from portal.api import error_responses, query_param
 from portal.models import TokenScope
 from portal.tokens import token_scope
 
@@ -69,9 +69,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             raise ValidationError({"state": f"unknown state; one of {', '.join(ClusterState.values)}"})
         for field in self.filter_fields:
             if field in params:
-                qs = qs.filter(**{field: params[field]})
+                qs = qs.filter(**{field: query_param(self.request, field)})
         if "owner" in params:
-            qs = qs.filter(owner__username=params["owner"])
+            qs = qs.filter(owner__username=query_param(self.request, "owner"))
         return qs
 
     def _actionable(self, pk) -> object:
@@ -161,7 +161,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def _node(self, cluster, node_id) -> Node:
         return get_object_or_404(Node.objects.exclude(state=NodeState.REMOVED), cluster=cluster, pk=node_id)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)})
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
         """Remove a node; its host is cleaned when no node of the cluster is left there."""
@@ -181,7 +181,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         )
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
+    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)})
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
         """Complete a migration: the VM runs on the target; the source is cleaned if no node is left there."""

@@ -187,3 +187,27 @@ def test_api_conforms_to_its_schema(caller, auth, wsgi_in_test_transaction, djan
                 ) as exc:  # collect every operation's failure, then report them all
                     failures.append(f"{operation.label} ({mode.value}, ids {fixed or 'generated'}):\n{exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_what_schemathesis_found_stays_fixed(world, alice):
+    """Regressions of the 500s the property-based test found, as plain requests."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(alice)
+    cid = world["cluster"].pk
+    node = world["cluster"].nodes.first()
+    for url in ("/api/clusters/abc/", "/api/clusters/1.5/", "/api/network/sites/x.y/", f"/api/clusters/{cid}x/"):
+        r = api.get(url)
+        assert (r.status_code, r["Content-Type"], r.json()["detail"]) == (404, "application/json", "Not found."), url
+    for url in ("/api/clusters/null/teardown/", f"/api/clusters/{cid}/nodes/{node.pk}x/migrated/"):
+        assert api.post(url, {}, format="json").status_code == 404, url
+    nul = {"name": "c2", "image": "my-own", "nodes": [{"name": "n", "host": "brno1\x00", "mac": "52:54:00:00:09:01"}]}
+    r = api.post("/api/clusters/", nul, format="json")
+    assert r.status_code == 400 and "host" in str(r.data["nodes"])
+    assert api.get("/api/clusters/?name=a\x00b").status_code == 400
+    assert api.get("/api/network/changes/?device=a\x00b").status_code == 400
+    assert (
+        api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/", {"target_host": "\x00"}, format="json").status_code
+        == 400
+    )

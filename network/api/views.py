@@ -18,7 +18,7 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
-from portal.api import error_responses
+from portal.api import error_responses, query_param
 from portal.models import TokenScope
 
 READ = {"read": (TokenScope.NETWORK_READ,)}
@@ -29,7 +29,8 @@ def _documented(serializer, *filters: OpenApiParameter):
     """List (with ``filters``) and retrieve, each with the errors it can answer."""
     return extend_schema_view(
         list=extend_schema(
-            parameters=list(filters), responses={200: serializer(many=True), **error_responses(401, 403, **DENIED)}
+            parameters=list(filters),
+            responses={200: serializer(many=True), **error_responses(*((400,) if filters else ()), 401, 403, **DENIED)},
         ),
         retrieve=extend_schema(responses={200: serializer, **error_responses(401, 403, 404, **DENIED)}),
     )
@@ -141,7 +142,7 @@ class DriftViewSet(viewsets.ReadOnlyModelViewSet):
 
 def _filtered(qs, request, **fields):
     for param, lookup in fields.items():
-        value = request.query_params.get(param)
+        value = query_param(request, param)
         if value:
             qs = qs.filter(**{lookup: value})
     return qs
