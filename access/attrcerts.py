@@ -26,6 +26,7 @@ The verifier (:func:`verify_ac`) checks what no library checks for us; every fai
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,6 +146,54 @@ def _gtime(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC).replace(microsecond=0)
 
 
+def _info(
+    aa_cert: x509.Certificate,
+    holder_issuer: x509.Name,
+    algorithm: str,
+    extra_extensions: Sequence[tuple[str, bool, bytes]] = (),
+) -> cms.AttributeCertificateInfoV2:
+    """An AC body with every field an AC of this AA for holders of this CA shares; the holder's serial, the
+    AC serial, validity and FQANs are placeholders that :func:`issue_ac` sets."""
+    aa_name = _directory_names(aa_cert.subject)
+    try:
+        ski = aa_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        ski = x509.SubjectKeyIdentifier.from_public_key(aa_cert.public_key()).digest
+    extensions = [
+        {"extn_id": AUTHORITY_KEY_ID_OID, "critical": False, "extn_value": {"key_identifier": ski}},
+        {
+            "extn_id": NO_REV_AVAIL_OID,
+            "critical": False,
+            "extn_value": asn1core.ParsableOctetString(asn1core.Null().dump()),
+        },
+    ]
+    for oid, critical, der in extra_extensions:
+        extensions.append({"extn_id": oid, "critical": critical, "extn_value": asn1core.ParsableOctetString(der)})
+    epoch = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    return cms.AttributeCertificateInfoV2(
+        {
+            "version": "v2",
+            "holder": {"base_certificate_id": {"issuer": _directory_names(holder_issuer), "serial": 1}},
+            "issuer": cms.AttCertIssuer(name="v2_form", value={"issuer_name": aa_name}),
+            "signature": cms.SignedDigestAlgorithm({"algorithm": algorithm}),
+            "serial_number": 1,
+            "att_cert_validity_period": {"not_before_time": epoch, "not_after_time": epoch},
+            "attributes": [
+                {
+                    "type": "group",
+                    "values": [
+                        {
+                            "policy_authority": aa_name,
+                            "values": [cms.IetfAttrValue(name="string", value="/virtcloud/x/Role=member")],
+                        }
+                    ],
+                }
+            ],
+            "extensions": extensions,
+        }
+    )
+
+
 # ------------------------------------------------------------------------------------------- issue
 
 
@@ -182,55 +231,84 @@ def issue_ac(
     if end <= start:
         raise ACError("AC not_after must be after not_before")
 
-    algorithm = cms.SignedDigestAlgorithm({"algorithm": _algorithm_for(aa_key)})
-    aa_name = _directory_names(aa_cert.subject)
-    try:
-        ski = aa_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        ski = x509.SubjectKeyIdentifier.from_public_key(aa_cert.public_key()).digest
-    extensions = [
-        {"extn_id": AUTHORITY_KEY_ID_OID, "critical": False, "extn_value": {"key_identifier": ski}},
-        {
-            "extn_id": NO_REV_AVAIL_OID,
-            "critical": False,
-            "extn_value": asn1core.ParsableOctetString(asn1core.Null().dump()),
-        },
-    ]
-    for oid, critical, der in extra_extensions:
-        extensions.append({"extn_id": oid, "critical": critical, "extn_value": asn1core.ParsableOctetString(der)})
+    algorithm_name = _algorithm_for(aa_key)
+    if extra_extensions:  # interoperability tests only: the general build
+        info = _info(aa_cert, holder.issuer, algorithm_name, extra_extensions)
+        info["holder"]["base_certificate_id"]["serial"] = holder.serial
+        info["serial_number"] = serial
+        info["att_cert_validity_period"] = {"not_before_time": start, "not_after_time": end}
+        info["attributes"][0]["values"][0]["values"] = [cms.IetfAttrValue(name="string", value=v) for v in fqans]
+        tbs = info.dump()
+    else:
+        tbs = _Template.of(aa_cert, holder.issuer, algorithm_name).tbs(holder.serial, serial, start, end, fqans)
+    signature = asn1core.OctetBitString(_sign(aa_key, tbs)).dump()
+    return _der(0x30, tbs + _template_algorithm(algorithm_name) + signature)
 
-    info = cms.AttributeCertificateInfoV2(
-        {
-            "version": "v2",
-            "holder": {
-                "base_certificate_id": {
-                    "issuer": _directory_names(holder.issuer),
-                    "serial": holder.serial,
-                }
-            },
-            "issuer": cms.AttCertIssuer(name="v2_form", value={"issuer_name": aa_name}),
-            "signature": algorithm,
-            "serial_number": serial,
-            "att_cert_validity_period": {"not_before_time": start, "not_after_time": end},
-            "attributes": [
-                {
-                    "type": "group",
-                    "values": [
-                        {
-                            "policy_authority": aa_name,
-                            "values": [cms.IetfAttrValue(name="string", value=v) for v in fqans],
-                        }
-                    ],
-                }
-            ],
-            "extensions": extensions,
-        }
-    )
-    tbs = info.dump()
-    ac = cms.AttributeCertificateV2(
-        {"ac_info": info, "signature_algorithm": algorithm, "signature": _sign(aa_key, tbs)}
-    )
-    return ac.dump()
+
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER TLV with a one-byte tag."""
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
+
+
+@functools.lru_cache(maxsize=4)
+def _template_algorithm(algorithm: str) -> bytes:
+    return cms.SignedDigestAlgorithm({"algorithm": algorithm}).dump()
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The DER of every part of an AC body that is the same for all ACs of one AA, holder CA and algorithm
+    (names, algorithm, extensions), cut from one AC built with asn1crypto (:func:`_info`). Building those
+    with asn1crypto is most of the cost of an AC, and a profile is issued per request; the variable parts
+    (serials, validity, FQANs) are encoded here around them. ``test_attrcerts_fast`` checks that the result
+    is byte-identical to the general build."""
+
+    version: bytes  # AttCertVersion v2
+    holder_issuer: bytes  # GeneralNames of the holder certificate's issuer
+    issuer: bytes  # AttCertIssuer (v2Form, the AA's name)
+    signature: bytes  # AlgorithmIdentifier
+    group_type: bytes  # the attribute type OID (id-aca-group)
+    policy_authority: bytes  # [0] IMPLICIT GeneralNames: the AA's name
+    extensions: bytes
+
+    @classmethod
+    @functools.lru_cache(maxsize=16)
+    def of(cls, aa_cert: x509.Certificate, holder_issuer: x509.Name, algorithm: str) -> _Template:
+        # Keyed by the AA certificate itself: a new AA misses the cache.
+        info = _info(aa_cert, holder_issuer, algorithm)
+        group = info["attributes"][0]
+        return cls(
+            version=info["version"].dump(),
+            holder_issuer=info["holder"]["base_certificate_id"]["issuer"].dump(),
+            issuer=info["issuer"].dump(),
+            signature=info["signature"].dump(),
+            group_type=group["type"].dump(),
+            policy_authority=group["values"][0]["policy_authority"].dump(),
+            extensions=info["extensions"].dump(),
+        )
+
+    def tbs(self, holder_serial: int, serial: int, start: dt.datetime, end: dt.datetime, fqans: Sequence[str]) -> bytes:
+        # Holder ::= SEQUENCE { baseCertificateID [0] IMPLICIT IssuerSerial }   (RFC 5755 §4.1)
+        holder = _der(0x30, _der(0xA0, self.holder_issuer + asn1core.Integer(holder_serial).dump()))
+        validity = _der(0x30, asn1core.GeneralizedTime(start).dump() + asn1core.GeneralizedTime(end).dump())
+        # Attribute { id-aca-group, SET { IetfAttrSyntax { policyAuthority, SEQUENCE OF UTF8String } } }
+        values = _der(0x30, b"".join(asn1core.UTF8String(v).dump() for v in fqans))
+        attribute = _der(0x30, self.group_type + _der(0x31, _der(0x30, self.policy_authority + values)))
+        return _der(
+            0x30,
+            self.version
+            + holder
+            + self.issuer
+            + self.signature
+            + asn1core.Integer(serial).dump()
+            + validity
+            + _der(0x30, attribute)
+            + self.extensions,
+        )
 
 
 # ------------------------------------------------------------------------------------------ verify
