@@ -24,11 +24,11 @@ check: setup
 test: setup lint check
 	@scripts/require-services.sh "$(PG_URL)" "$(REDIS_URL)"
 	scripts/smoke-embedded.sh
-	scripts/vm-lane.sh
+	scripts/vm-lane.sh test --if-needed
 	DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS_URL) .venv/bin/pytest -p no:randomly --create-db $(PYTEST_ARGS)
 
 vm-lane: setup
-	scripts/vm-lane.sh
+	scripts/vm-lane.sh test --if-needed
 
 clean:
 	rm -rf var .pytest_cache

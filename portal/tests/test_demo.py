@@ -91,7 +91,12 @@ def test_demo_comes_up_and_stops_everything(tmp_path):
         text=True,
     )
     try:
-        out = read_until(proc, r"demo: ready", timeout=120)
+        try:
+            out = read_until(proc, r"demo: ready", timeout=240)
+        except AssertionError:
+            for log in sorted((tmp_path / "logs").glob("*.log")):
+                print(f"--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}")
+            raise
         assert "24 created" in out
         assert "alice logs in through LDAP: ok" in out
         pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", out)]

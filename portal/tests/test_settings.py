@@ -14,6 +14,7 @@ PRODUCTION = {
     "DEBUG": "false",
     "SECRET_KEY": "k7Hq2vX9pLm4Rt8Wz3Nc6Bf1Jd5Gs0Ya-test-only-EuTiOpAsDf",
     "SECRETS_KEY": SECRETS_KEY,
+    "ACCESS_CA_PASSPHRASE": "a-long-random-ca-passphrase",
     "ALLOWED_HOSTS": "portal.example.org",
 }
 PROBE = """
