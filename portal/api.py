@@ -11,6 +11,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
+from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -33,6 +34,13 @@ def not_found(request, exception=None):
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
     return page_not_found(request, exception)
+
+
+class Pagination(LimitOffsetPagination):
+    """``?limit=&offset=`` with a ceiling: an unbounded limit (``limit=10**20``) overflows PostgreSQL's
+    LIMIT (a 500) and a large one reads a whole table into one answer."""
+
+    max_limit = 1000
 
 
 def query_param(request, name: str) -> str | None:

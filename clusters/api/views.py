@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from clusters import selectors, services
 from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Node, NodeState, VirtualCluster
-from portal.api import error_responses, query_param
+from portal.api import Pagination, error_responses, query_param
 from portal.models import TokenScope
 from portal.tokens import token_scope
 
@@ -54,6 +54,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     """Virtual clusters and their network."""
 
     serializer_class = s.ClusterSerializer
+    pagination_class = Pagination
     required_scopes = {
         "read": (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
         "write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),

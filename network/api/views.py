@@ -18,7 +18,7 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
-from portal.api import error_responses, query_param
+from portal.api import Pagination, error_responses, query_param
 from portal.models import TokenScope
 
 READ = {"read": (TokenScope.NETWORK_READ,)}
@@ -45,6 +45,7 @@ class SiteViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Site.objects.all()
     serializer_class = s.SiteSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
 
 @_documented(s.CoreTransportSerializer)
@@ -52,6 +53,7 @@ class CoreTransportViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = CoreTransport.objects.prefetch_related("sites")
     serializer_class = s.CoreTransportSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
 
 @_documented(s.SwitchSerializer)
@@ -61,6 +63,7 @@ class SwitchViewSet(viewsets.ReadOnlyModelViewSet):
     )
     serializer_class = s.SwitchSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
 
 @_documented(s.HostSerializer)
@@ -68,6 +71,7 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Host.objects.select_related("site", "switch_port", "switch_port__switch")
     serializer_class = s.HostSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
 
 @_documented(s.VlanPoolSerializer)
@@ -75,6 +79,7 @@ class VlanPoolViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = VlanPool.objects.select_related("core")
     serializer_class = s.VlanPoolSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
 
 @_documented(
@@ -89,6 +94,7 @@ class VlanAllocationViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = VlanAllocation.objects.select_related("pool").exclude(state=VlanAllocation.State.FREE)
     serializer_class = s.VlanAllocationSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
     def get_queryset(self):
         return _filtered(super().get_queryset(), self.request, pool="pool__name", state="state", owner="owner")
@@ -108,6 +114,7 @@ class DeviceChangeViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = DeviceChange.objects.select_related("segment")
     serializer_class = s.DeviceChangeSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
     def get_queryset(self):
         return _filtered(
@@ -132,6 +139,7 @@ class DriftViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Drift.objects.all()
     serializer_class = s.DriftSerializer
     required_scopes = READ
+    pagination_class = Pagination
 
     def get_queryset(self):
         qs = _filtered(super().get_queryset(), self.request, device="device", kind="kind")
