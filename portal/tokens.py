@@ -100,5 +100,5 @@ class HasScope(permissions.BasePermission):
 
 
 def token_scope(request, scope: str) -> bool:
-    token = request.auth
+    token = getattr(request, "auth", None)  # plain Django requests (browser pages) have no token
     return isinstance(token, ApiToken) and token.has_scope(scope)

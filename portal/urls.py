@@ -5,6 +5,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from clusters import views as cluster_views
 from portal import views
 from portal.forms import LoginForm
 
@@ -15,7 +16,7 @@ admin.site.login_form = LoginForm
 handler404 = "portal.api.not_found"
 
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("", cluster_views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("login/", auth_views.LoginView.as_view(authentication_form=LoginForm), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

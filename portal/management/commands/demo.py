@@ -21,14 +21,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
-from network.models import Host
+from network.models import Host, Site
 from network.topology import TopologyError, load_topology, topology_import
 from portal.ldapserver import LdapServer, LdapServerError
 
@@ -76,6 +78,7 @@ class Command(BaseCommand):
         self.stdout.write(f"demo: data in {settings.DATA_DIR}, database {settings.DATABASES['default']['NAME']}")
         call_command("migrate", interactive=False, verbosity=0)
         self._import(topology)
+        self._seed()
         try:
             self.directory = LdapServer().start()
         except LdapServerError as exc:
@@ -101,6 +104,7 @@ class Command(BaseCommand):
         self._wait_ready(url, ready_timeout)
         self._lab(no_lab, env)
         login_ok = self._check_login(url, "alice", self.directory.passwords["alice"])
+        demo_cluster = self._demo_cluster() if self.lab_up and login_ok else None
 
         self.stdout.write("")
         self.stdout.write(self.style.SUCCESS(f"demo: the portal is up at {url}  (admin: {url}admin/)"))
@@ -117,6 +121,13 @@ class Command(BaseCommand):
             else "demo: local break-glass superuser 'admin' exists (password unchanged)"
         )
         self.stdout.write(f"demo: alice logs in through LDAP: {'ok' if login_ok else 'FAILED (see logs)'}")
+        if demo_cluster is not None:
+            self.stdout.write(
+                f"demo: alice's closed cluster {demo_cluster.name} is {demo_cluster.get_state_display()} on VLAN "
+                f"{demo_cluster.vlan_id} (nodes at brno, pilsen, prague); log in as alice and open My clusters"
+            )
+        elif not self.lab_up:
+            self.stdout.write("demo: without the lab, clusters cannot be provisioned (their switches do not exist)")
         self.stdout.write(f"demo: worker queues {', '.join(queues)}; logs in {self.log_dir}")
         self.stdout.write("demo: ready — press Ctrl-C to stop everything")
         self.stdout.flush()
@@ -125,6 +136,79 @@ class Command(BaseCommand):
                 if proc.poll() is not None:
                     raise CommandError(f"{name} exited with status {proc.returncode}:\n{_tail(log)}")
             time.sleep(0.5)
+
+    def _seed(self) -> None:
+        """What an operator adds besides the topology: the image catalogue, the provider's public prefix
+        (lab addresses only) and an access gateway at brno, enrolled so that profiles can be downloaded."""
+        from clusters.models import Image, PublicPrefix
+
+        for name, approved, description in (
+            ("debian-12", True, "Debian 12, maintained by the provider"),
+            ("alma-9", True, "AlmaLinux 9, maintained by the provider"),
+            ("user-upload", False, "an image the user brought"),
+        ):
+            Image.objects.get_or_create(name=name, defaults={"approved": approved, "description": description})
+        PublicPrefix.objects.get_or_create(name="provider", defaults={"prefix": "198.19.0.0/16", "subnet_length": 26})
+        from access.models import Gateway
+
+        gateway, created = Gateway.objects.get_or_create(
+            name="brno-gw",
+            defaults={
+                "site_id": Site.objects.filter(name="brno").values_list("pk", flat=True).first(),
+                "address": "198.18.255.1",
+                "server_name": "brno-gw",
+            },
+        )
+        if created or not gateway.server_certificate:
+            call_command(
+                "gateway",
+                "config",
+                "brno-gw",
+                "--dir",
+                str(settings.DATA_DIR / "gateway"),
+                verbosity=0,
+                stdout=open(os.devnull, "w"),
+            )  # noqa: SIM115
+        self.stdout.write(
+            "demo: images debian-12, alma-9 (approved), user-upload; public prefix 198.19.0.0/16; "
+            "gateway brno-gw enrolled"
+        )
+
+    def _demo_cluster(self):
+        """A closed cluster for alice across the three sites, provisioned for real on the lab."""
+        from django.contrib.auth.models import Group, User
+
+        from clusters import services
+        from clusters.models import ClusterState, Image, VirtualCluster
+
+        alice = User.objects.get(username="alice")
+        existing = VirtualCluster.objects.filter(owner=alice, name="demo-alpha", state=ClusterState.READY).first()
+        if existing is not None:
+            return existing
+        hosts = {h.name: h for h in Host.objects.filter(name__in=["brno-h1", "pilsen-h1", "prague-h1"])}
+        try:
+            cluster, _ = services.cluster_create(
+                owner=alice,
+                name="demo-alpha",
+                image=Image.objects.get(name="user-upload"),
+                admin_rights=True,
+                nodes=[
+                    services.NodeRequest(f"node{i}", hosts[h], f"52:54:00:de:00:{i:02x}", f"198.18.100.{i}")
+                    for i, h in enumerate(sorted(hosts), 1)
+                ],
+                expires_at=timezone.now() + timedelta(days=1),
+                group=Group.objects.filter(name="physics").first(),
+            )
+        except Exception as exc:  # the demo goes on without it, and says why
+            self.stdout.write(self.style.WARNING(f"demo: could not create the demo cluster: {exc}"))
+            return None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cluster.refresh_from_db()
+            if cluster.state in (ClusterState.READY, ClusterState.FAILED):
+                break
+            time.sleep(0.2)
+        return cluster
 
     def _import(self, topology: str) -> None:
         path = Path(topology)

@@ -1,0 +1,39 @@
+"""The home page lists the clusters a person can see, with their network, and nobody else's."""
+
+import pytest
+from rest_framework.test import APIClient
+
+from clusters.models import Image
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_home_lists_own_and_group_clusters_only(
+    fabric, client, alice, bob, charlie, team, django_assert_max_num_queries
+):
+    Image.objects.create(name="my-own", approved=False)
+    api = APIClient()
+    api.force_authenticate(alice)
+    for i in range(3):
+        r = api.post(
+            "/api/clusters/",
+            {
+                "name": f"sim{i}",
+                "image": "my-own",
+                "group": team.name,
+                "lifetime": 3600,
+                "nodes": [{"name": "n1", "host": "brno1", "mac": f"52:54:00:00:0a:0{i}", "address": "198.18.1.1"}],
+            },
+            format="json",
+        )
+        assert r.status_code == 201, r.content
+    client.force_login(bob)
+    with django_assert_max_num_queries(12):
+        page = client.get("/").content.decode()
+    assert "sim0" in page and "sim2" in page and ">ready<" in page and "198.18.1.1" in page
+    client.force_login(charlie)
+    page = client.get("/").content.decode()
+    assert "sim0" not in page and "No live cluster." in page
+    client.logout()
+    assert client.get("/").status_code == 302

@@ -1,0 +1,21 @@
+"""Browser pages of clusters: the home page lists the clusters a user can see, with their network."""
+
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import render
+
+from clusters import selectors
+from clusters.models import LIVE_STATES
+
+
+@login_required
+def home(request):
+    clusters = selectors.clusters_visible(request)
+    return render(
+        request,
+        "clusters/home.html",
+        {
+            "groups": request.user.groups.order_by("name"),
+            "live": [c for c in clusters.filter(state__in=LIVE_STATES)],
+            "ended": list(clusters.exclude(state__in=LIVE_STATES)[:10]),
+        },
+    )
