@@ -257,10 +257,8 @@ def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualC
     if cluster.state not in ACTIVE_STATES:
         raise Conflict(f"cluster {cluster.name} is {cluster.get_state_display()} and cannot be extended")
     _check_lifetime(expires_at, since=cluster.created_at)
-    old = cluster.expires_at
     cluster.expires_at = expires_at
-    cluster.save(update_fields=["expires_at", "updated_at"])
-    audit.record(cluster, "update", {"expires_at": [old.isoformat(), expires_at.isoformat()]})
+    cluster.save(update_fields=["expires_at", "updated_at"])  # audited by the model's registration
     return cluster
 
 
@@ -450,7 +448,7 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     else:
         cluster.public_subnet = ""
     cluster.save()
-    audit.record(cluster, "update", {"connectivity": [old, connectivity]}, message=cluster.connectivity_reason)
+    audit.record(cluster, "action", message=f"connectivity {old} → {connectivity}: {cluster.connectivity_reason}")
     try:
         net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
     except net_errors.NetworkError as exc:

@@ -89,6 +89,9 @@ class HasScope(permissions.BasePermission):
     message = "This API token lacks the scope for this request."
 
     def has_permission(self, request, view) -> bool:
+        if request.user.is_authenticated and audit.current().actor == "anonymous":
+            # Authenticated by DRF inside the view (not by Django's middleware): it becomes the actor.
+            audit.set_request_actor(request.user.get_username(), request.user)
         token = request.auth
         if not isinstance(token, ApiToken):
             return True

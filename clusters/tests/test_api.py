@@ -326,3 +326,30 @@ def test_schema_and_docs(api, alice):
     assert r.status_code == 200
     assert b"/api/clusters/{id}/nodes/{node_id}/migrate/" in r.content
     assert api.get("/api/docs/").status_code == 200
+
+
+def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(fabric, images, api, alice, root):
+    from portal.models import AuditEntry
+
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    assert vid in fabric.switch_ports("sw-brno")["gw"]
+    r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "vetted"}, format="json")
+    assert r.status_code == 403
+    api.force_authenticate(root)
+    r = api.post(
+        f"/api/clusters/{cid}/connectivity/",
+        {"connectivity": "public", "reason": "image vetted by CERT"},
+        format="json",
+    )
+    assert r.status_code == 202, r.content
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.connectivity == "public" and cluster.public_subnet == "198.19.0.0/28"
+    assert "overridden by root: image vetted by CERT" in cluster.connectivity_reason
+    assert cluster.state == ClusterState.READY
+    assert vid not in fabric.switch_ports("sw-brno")["gw"]  # no longer on the access gateway trunk
+    entry = AuditEntry.objects.filter(object_id=str(cid), action="update", changes__has_key="connectivity").get()
+    assert entry.actor == "root" and entry.changes["connectivity"] == ["closed", "public"]
+    assert AuditEntry.objects.filter(object_id=str(cid), action="action", message__contains="image vetted").exists()
