@@ -5,7 +5,10 @@ and certificate signatures, database rows, rendering) and prints p50/p95 latency
 
 - default: in-process with Django's test client, one request at a time (the per-request cost);
 - ``--live``: a real gunicorn (``--workers``, default 2 = the cores) on 127.0.0.1 and ``--concurrency``
-  client threads with an API token (the throughput a machine gives).
+  client threads with an API token (the throughput a machine gives). Its workers keep their database
+  connections (``--conn-max-age``, default 60 s, as ``DATABASE_CONN_MAX_AGE``): with 0, every request
+  opens a PostgreSQL connection, which alone costs about a third of the throughput;
+- ``--profile``: cProfile of the in-process run, the functions with the most cumulative time.
 
 Goal (issue 6): p95 ≤ 50 ms and ≥ 150 profiles/s on 2 cores. Uses a throwaway SQLite database under a
 temporary DATA_DIR unless ``DATABASE_URL`` is set (PostgreSQL gives the production picture; the bench
@@ -91,7 +94,7 @@ def fixtures():
     return user, cluster, secret
 
 
-def bench_in_process(user, cluster, count: int) -> None:
+def bench_in_process(user, cluster, count: int, profile: bool = False) -> None:
     from django.test import Client
 
     client = Client()
@@ -100,13 +103,28 @@ def bench_in_process(user, cluster, count: int) -> None:
     for _ in range(20):  # warm up (imports, first connection, caches)
         client.post("/api/access/vpn-profiles/", body, content_type="application/json")
     latencies = []
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     started = time.perf_counter()
+    cpu = time.process_time()
     for _ in range(count):
         t = time.perf_counter()
         response = client.post("/api/access/vpn-profiles/", body, content_type="application/json")
         latencies.append(time.perf_counter() - t)
         assert response.status_code == 200, response.content[:300]
-    report("in-process (test client, sequential)", latencies, time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"access|rest_framework/views|psycopg/cursor", 30)
+    report("in-process (test client, sequential)", latencies, wall)
+    print(f"  this process's CPU: {cpu / count * 1000:.2f} ms per profile")
 
 
 def _free_port() -> int:
@@ -115,9 +133,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_live(cluster, token: str, count: int, workers: int, concurrency: int) -> None:
+def bench_live(cluster, token: str, count: int, workers: int, concurrency: int, conn_max_age: int) -> None:
     port = _free_port()
-    env = dict(os.environ)
+    env = dict(os.environ, DATABASE_CONN_MAX_AGE=str(conn_max_age))
     gunicorn = [str(Path(sys.executable).with_name("gunicorn")), "portal.wsgi", "-b", f"127.0.0.1:{port}"]
     server = subprocess.Popen(
         [*gunicorn, "-w", str(workers), "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
@@ -166,7 +184,7 @@ def bench_live(cluster, token: str, count: int, workers: int, concurrency: int) 
         for t in threads:
             t.join()
         report(
-            f"live (gunicorn -w {workers}, {concurrency} client threads, API token)",
+            f"live (gunicorn -w {workers}, {concurrency} client threads, API token, conn max age {conn_max_age} s)",
             latencies,
             time.perf_counter() - started,
         )
@@ -181,6 +199,8 @@ def main() -> None:
     parser.add_argument("--live", action="store_true", help="also measure through gunicorn over HTTP")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--conn-max-age", type=int, default=60, help="DATABASE_CONN_MAX_AGE of the gunicorn workers")
+    parser.add_argument("--profile", action="store_true", help="cProfile the in-process run")
     args = parser.parse_args()
     data_dir = tempfile.mkdtemp(prefix="bench-profiles-")
     os.environ.setdefault("DATA_DIR", data_dir)
@@ -193,12 +213,12 @@ def main() -> None:
         from django.db import connection
 
         print(f"database: {connection.vendor}; cores: {os.cpu_count()}")
-        bench_in_process(user, cluster, args.requests)
+        bench_in_process(user, cluster, args.requests, args.profile)
         if args.live and connection.vendor == "sqlite":
             print("live: skipped (SQLite serialises writers across gunicorn workers; set DATABASE_URL=postgres://...)")
         elif args.live:
             os.environ["LOG_LEVEL"] = "WARNING"
-            bench_live(cluster, token, args.requests, args.workers, args.concurrency)
+            bench_live(cluster, token, args.requests, args.workers, args.concurrency, args.conn_max_age)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
