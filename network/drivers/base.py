@@ -119,16 +119,24 @@ _HOST_DRIVERS = {
 @contextlib.contextmanager
 def switch_session(spec: SwitchSpec) -> Iterator[SwitchSession]:
     """Open a session to ``spec`` (module ``open_switch(spec)``), close it whatever happens."""
-    module = _load(_SWITCH_DRIVERS, spec.platform, spec.name)
+    module = _simulated(spec) or _load(_SWITCH_DRIVERS, spec.platform, spec.name)
     with module.open_switch(spec) as session:
         yield session
 
 
 @contextlib.contextmanager
 def host_session(spec: HostSpec) -> Iterator[HostSession]:
-    module = _load(_HOST_DRIVERS, spec.driver, spec.name)
+    module = _simulated(spec) or _load(_HOST_DRIVERS, spec.driver, spec.name)
     with module.open_host(spec) as session:
         yield session
+
+
+def _simulated(spec):
+    """``driver_args: {simulated: true, state_dir: …}`` puts a device on the simulated fabric (a demo
+    without root), whatever its platform."""
+    if spec.driver_args.get("simulated"):
+        return importlib.import_module("network.drivers.simulated")
+    return None
 
 
 def _load(table: dict[str, str], name: str, device: str):

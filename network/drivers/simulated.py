@@ -1,4 +1,6 @@
-"""A fake switch and host driver for unit tests, registered as platform/driver ``fake``.
+"""The simulated fabric: switches and hosts that exist only as JSON files, for a demo without root (no
+network namespaces) and for unit tests (registered there as platform/driver ``fake``). A device uses it when
+its ``driver_args`` say ``simulated: true``; every diff it reports is labelled ``(simulated)``.
 
 State lives in a JSON file per device under ``driver_args["state_dir"]`` so that a real Celery worker in
 another process sees the same device. Faults are injected through ``driver_args``:
@@ -23,9 +25,12 @@ from network.drivers.base import ConvergeResult, PermanentDeviceError, Temporary
 
 
 def register() -> None:
-    """Make ``platform="fake"`` (switches) and ``driver="fake"`` (hosts) use this module."""
+    """Make ``platform="fake"`` (switches) and ``driver="fake"`` (hosts) use this module (tests)."""
     base._SWITCH_DRIVERS["fake"] = __name__
     base._HOST_DRIVERS["fake"] = __name__
+
+
+LABEL = "(simulated) "
 
 
 def _path(driver_args: Mapping, kind: str, name: str) -> Path:
@@ -45,6 +50,11 @@ def save(driver_args: Mapping, kind: str, name: str, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, sort_keys=True))
     tmp.replace(path)
+
+
+def _labelled(driver_args: Mapping, diff: str) -> str:
+    """A demo's simulated device says so in every diff (admin and API show them)."""
+    return LABEL + diff if diff and driver_args.get("simulated") else diff
 
 
 def _vids(text: str) -> str:
@@ -79,7 +89,7 @@ class FakeSwitch:
                 lines.append(f"+ {port} vlan {vid}")
             for vid in sorted(current[port] - desired[port]):
                 lines.append(f"- {port} vlan {vid}")
-        return "\n".join(lines)
+        return _labelled(self.args, "\n".join(lines))
 
     def converge(self, desired: Mapping[str, frozenset[int]]) -> ConvergeResult:
         desired = {p: frozenset(v) for p, v in desired.items()}
@@ -126,8 +136,9 @@ class FakeHost:
         before = frozenset(state["vlans"])
         in_use = {int(v) for v, n in state["vm_ports"].items() if n}
         after = set(desired) | (before & in_use)
-        diff = "\n".join(
-            [f"+ br-v{v}" for v in sorted(after - before)] + [f"- br-v{v}" for v in sorted(before - after)]
+        diff = _labelled(
+            self.args,
+            "\n".join([f"+ br-v{v}" for v in sorted(after - before)] + [f"- br-v{v}" for v in sorted(before - after)]),
         )
         state["vlans"] = sorted(after)
         if diff:

@@ -50,19 +50,24 @@ class Browser:
 
 
 def read_until(proc, pattern: str, timeout: float) -> str:
+    """Read the demo's output until a line matches. Reads the pipe's file descriptor directly: select() on
+    a buffered text stream misses lines that already sit in Python's buffer (a burst of output)."""
     out = ""
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if re.search(pattern, out):
+            return out
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            out += line
-            if re.search(pattern, line):
-                return out
+            out += chunk.decode(errors="replace")
         elif proc.poll() is not None:
             break
+    if re.search(pattern, out):
+        return out
     raise AssertionError(f"demo did not print {pattern!r}; output so far:\n{out}")
 
 

@@ -57,6 +57,7 @@ class Command(BaseCommand):
         self.children: list[tuple[str, subprocess.Popen, Path]] = []
         self.directory: LdapServer | None = None
         self.lab_up = False
+        self.simulated = False
         self.log_dir = Path(settings.DATA_DIR) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -104,7 +105,7 @@ class Command(BaseCommand):
         self._wait_ready(url, ready_timeout)
         self._lab(no_lab, env)
         login_ok = self._check_login(url, "alice", self.directory.passwords["alice"])
-        demo_cluster = self._demo_cluster() if self.lab_up and login_ok else None
+        demo_cluster = self._demo_cluster() if (self.lab_up or self.simulated) and login_ok else None
 
         self.stdout.write("")
         self.stdout.write(self.style.SUCCESS(f"demo: the portal is up at {url}  (admin: {url}admin/)"))
@@ -124,10 +125,9 @@ class Command(BaseCommand):
         if demo_cluster is not None:
             self.stdout.write(
                 f"demo: alice's closed cluster {demo_cluster.name} is {demo_cluster.get_state_display()} on VLAN "
-                f"{demo_cluster.vlan_id} (nodes at brno, pilsen, prague); log in as alice and open My clusters"
+                f"{demo_cluster.vlan_id} (nodes at brno, pilsen, prague{'; SIMULATED' if self.simulated else ''}); "
+                "log in as alice and open My clusters"
             )
-        elif not self.lab_up:
-            self.stdout.write("demo: without the lab, clusters cannot be provisioned (their switches do not exist)")
         self.stdout.write(f"demo: worker queues {', '.join(queues)}; logs in {self.log_dir}")
         self.stdout.write("demo: ready — press Ctrl-C to stop everything")
         self.stdout.flush()
@@ -272,22 +272,36 @@ class Command(BaseCommand):
 
     def _lab(self, no_lab: bool, env: dict) -> None:
         if no_lab:
-            self.stdout.write("demo: --no-lab: a simulated fabric is used")
+            self._simulate("--no-lab")
             return
         if os.geteuid() != 0:
-            self.stdout.write("demo: not root: a simulated fabric is used (run as root for the netns lab)")
+            self._simulate("not root (run as root for the netns lab)")
             return
         if "lab" not in get_commands():
-            self.stdout.write("demo: the netns lab (network.lab) is not available here; a simulated fabric is used")
+            self._simulate("the netns lab (network.lab) is not available here")
             return
         self.stdout.write("demo: building the netns lab for the demo topology (manage.py lab up) ...")
         result = self._manage(["lab", "up", "--name", LAB_NAME], env, timeout=300)
         if result.returncode != 0:
             self.stdout.write(self.style.WARNING(f"demo: lab up failed; going on without it:\n{result.stdout}"))
             self._manage(["lab", "down", "--name", LAB_NAME], env, timeout=120)
+            self._simulate("the lab did not come up")
             return
         self.lab_up = True
         self.stdout.write("demo: " + result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "lab up")
+
+    def _simulate(self, why: str) -> None:
+        """Put every switch and host on the simulated fabric (JSON files; every diff says "(simulated)")."""
+        from network.models import Switch
+
+        folder = settings.DATA_DIR / "simulated"
+        args = {"simulated": True, "state_dir": str(folder)}
+        Switch.objects.update(driver_args=args)
+        Host.objects.update(driver_args=args)
+        self.simulated = True
+        self.stdout.write(
+            self.style.WARNING(f"demo: {why}: a SIMULATED fabric is used — devices are JSON files in {folder}")
+        )
 
     def _manage(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         manage = str(Path(settings.BASE_DIR) / "manage.py")
