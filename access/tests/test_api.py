@@ -205,3 +205,8 @@ def test_schema_documents_every_endpoint(root):
     ]:
         assert codes <= set(paths[path][method]["responses"]), path
     assert "application/x-openvpn-profile" in paths["/api/access/vpn-profiles/"]["post"]["responses"]["200"]["content"]
+
+
+def test_revoke_with_a_non_numeric_id_is_404_not_500(client, alice):
+    client.force_login(alice)
+    assert client.post("/api/access/credentials/true/revoke/").status_code == 404
