@@ -17,6 +17,14 @@ changed port in ONE OVSDB transaction together with a rollback record stored on 
 ``external_ids:virtcloud-rollback``), ``rollback`` restores the ports of the last commit, ``discard_config``
 drops the candidate. Ports that are not in the candidate are never written.
 
+Reads: like a NOS configuration session, the driver takes one snapshot of the ports the portal owns when it
+opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``; the
+snapshot is dropped by ``commit_config``, ``rollback``, ``discard_config`` and ``close`` (the next use reads
+the device again), so a converge costs three ``ovs-vsctl`` runs (read, commit, verifying read) and a converge
+with nothing to change one. The commit writes absolute values (``vlan_mode=trunk``, the whole trunk list, no
+tag), so a snapshot a few milliseconds old can only make the verifying read fail, never write a wrong
+value. The NAPALM getters (``get_vlans``, ``get_facts``, ``get_config``) always read the whole bridge afresh.
+
 Driver args (NAPALM ``optional_args``): ``bridge`` (scope: the switch is this bridge; default every bridge),
 ``port_map`` (inventory port name → OVS port name, when they differ, as in the lab where all switches share
 one ovs-vswitchd), ``owned_ports`` (refuse candidate lines for other ports), and the transport keys of
@@ -125,6 +133,45 @@ def render(desired: Mapping[str, frozenset[int]]) -> str:
     return "".join(f"port {name} trunks {vlan_list(desired[name]) or 'none'}\n" for name in sorted(desired))
 
 
+def _port_state(row: Mapping) -> PortState:
+    tag = as_set(row["tag"])
+    mode = as_set(row["vlan_mode"])
+    return PortState(
+        vlan_mode=mode[0] if mode else None,
+        tag=int(tag[0]) if tag else None,
+        trunks=tuple(sorted(int(v) for v in as_set(row["trunks"]))),
+    )
+
+
+def _vlan_table(ports: Mapping[str, PortState]) -> dict[int, dict]:
+    """NAPALM ``get_vlans`` format for ``ports``. OVS has no VLAN table: the VLANs are those some port
+    uses; a trunk with an empty list (OVS: every VLAN) is listed under each of them."""
+    members: dict[int, set[str]] = {}
+    carries_all = []
+    for name, state in ports.items():
+        if state.mode == "trunk" and not state.trunks:
+            carries_all.append(name)
+            continue
+        vids = set(state.vids)
+        if state.tag is not None and state.mode != "trunk":
+            vids.add(state.tag)
+        for vid in vids:
+            members.setdefault(vid, set()).add(name)
+    members.pop(0, None)
+    return {
+        vid: {"name": f"VLAN{vid:04d}", "interfaces": sorted(names | set(carries_all))}
+        for vid, names in sorted(members.items())
+    }
+
+
+def _port_vlans(ports: Mapping[str, PortState]) -> dict[str, frozenset[int]]:
+    found: dict[str, set[int]] = {name: set() for name in ports}
+    for vid, info in _vlan_table(ports).items():
+        for name in info["interfaces"]:
+            found[name].add(vid)
+    return {name: frozenset(vids) for name, vids in found.items()}
+
+
 class OvsDriver(NetworkDriver):
     """NAPALM driver for one Open vSwitch switch (one bridge, or a whole OVSDB)."""
 
@@ -145,18 +192,21 @@ class OvsDriver(NetworkDriver):
         self.ovsdb = Ovsdb.from_args(self.device_name, hostname, args, timeout=float(timeout))
         self._candidate: dict[str, frozenset[int]] = {}
         self._opened = False
+        # the session's snapshot of the candidate-relevant ports (see the module docstring); None = read again
+        self._snapshot: dict[str, PortState] | None = None
 
     # --- connection -------------------------------------------------------------------------------------------
 
     def open(self) -> None:
         try:
-            self._read()
+            self._snapshot = self._read_scoped()
         except TemporaryDeviceError as exc:
             raise OvsConnectionError(self.device_name, exc.message) from None
         self._opened = True
 
     def close(self) -> None:
         self._candidate = {}
+        self._snapshot = None
         self._opened = False
 
     def is_alive(self) -> dict:
@@ -190,17 +240,49 @@ class OvsDriver(NetworkDriver):
         for row in ports:
             if row["_uuid"] not in wanted or row["name"] in bridge_names:
                 continue  # the bridge's own local port is not a switch port
-            tag = as_set(row["tag"])
-            mode = as_set(row["vlan_mode"])
-            result[self._reverse.get(row["name"], row["name"])] = PortState(
-                vlan_mode=mode[0] if mode else None,
-                tag=int(tag[0]) if tag else None,
-                trunks=tuple(sorted(int(v) for v in as_set(row["trunks"]))),
-            )
+            result[self._reverse.get(row["name"], row["name"])] = _port_state(row)
         return result, root_rows[0], bridge
 
     def _ports(self) -> dict[str, PortState]:
         return self._read()[0]
+
+    def _scoped(self) -> bool:
+        """Whether reads for the candidate may skip the ports the portal does not own (it never writes them)."""
+        return bool(self.bridge) and self.owned is not None
+
+    def _read_scoped(self) -> dict[str, PortState]:
+        """The ports a candidate may name, read afresh: with a bridge and ``owned_ports``, only the owned
+        ports (one ``ovs-vsctl`` run, ``--if-exists`` so that a missing port shows up as "no port" at load
+        time as before); otherwise every port of the switch."""
+        if not self._scoped():
+            return self._read()[0]
+        names = sorted({self.port_map.get(name, name) for name in self.owned or ()})
+        bridges, ports = self.ovsdb.query(
+            ("Bridge", ("name", "ports"), ("--if-exists", self.bridge)),
+            ("Port", ("_uuid", "name", "vlan_mode", "tag", "trunks"), ("--if-exists", *names) if names else ()),
+        )
+        if not bridges:
+            raise PermanentDeviceError(self.device_name, f"OVSDB {self.hostname} has no bridge {self.bridge}")
+        if not names:
+            return {}
+        wanted = set(as_set(bridges[0]["ports"]))
+        return {
+            self._reverse.get(row["name"], row["name"]): _port_state(row)
+            for row in ports
+            if row["_uuid"] in wanted and row["name"] != self.bridge
+        }
+
+    def _session_ports(self) -> dict[str, PortState]:
+        """The snapshot (taken at ``open`` or at the first read after a commit, rollback or discard)."""
+        if self._snapshot is None:
+            self._snapshot = self._read_scoped()
+        return self._snapshot
+
+    def owned_port_vlans(self) -> dict[str, frozenset[int]]:
+        """Tagged VLANs of each port in the snapshot, the way ``get_vlans`` reports them (a trunk with an
+        empty list, "every VLAN" to OVS, carries every VLAN any other port in the snapshot carries).
+        What ``OvsSwitchSession.port_vlans`` uses instead of a whole-bridge ``get_vlans``."""
+        return _port_vlans(self._session_ports())
 
     def get_facts(self) -> dict:
         ports, root, bridge = self._read()
@@ -219,23 +301,7 @@ class OvsDriver(NetworkDriver):
     def get_vlans(self) -> dict[int, dict]:
         """NAPALM format {vid: {"name", "interfaces"}}. OVS has no VLAN table: the VLANs are those some port
         uses; a trunk with an empty list (OVS: every VLAN) is listed under each of them."""
-        ports = self._ports()
-        members: dict[int, set[str]] = {}
-        carries_all = []
-        for name, state in ports.items():
-            if state.mode == "trunk" and not state.trunks:
-                carries_all.append(name)
-                continue
-            vids = set(state.vids)
-            if state.tag is not None and state.mode != "trunk":
-                vids.add(state.tag)
-            for vid in vids:
-                members.setdefault(vid, set()).add(name)
-        members.pop(0, None)
-        return {
-            vid: {"name": f"VLAN{vid:04d}", "interfaces": sorted(names | set(carries_all))}
-            for vid, names in sorted(members.items())
-        }
+        return _vlan_table(self._ports())
 
     def get_config(self, retrieve: str = "all", full: bool = False, sanitized: bool = False, format: str = "text"):
         """running = startup (OVSDB is persistent); candidate = the loaded candidate text."""
@@ -267,7 +333,7 @@ class OvsDriver(NetworkDriver):
             foreign = sorted(set(lines) - self.owned)
             if foreign:
                 raise OvsMergeError(self.device_name, f"ports {', '.join(foreign)} are not owned by the portal")
-        ports = self._ports()
+        ports = self._session_ports() if self.owned is not None else self._ports()
         unknown = sorted(set(lines) - set(ports))
         if unknown:
             raise OvsMergeError(self.device_name, f"no port {', '.join(unknown)} on this switch")
@@ -278,7 +344,9 @@ class OvsDriver(NetworkDriver):
         raise NotImplementedError("the ovs driver only merges (ports not in the candidate are never touched)")
 
     def _changes(self) -> list[tuple[str, PortState, frozenset[int]]]:
-        ports = self._ports()
+        if not self._candidate:
+            return []
+        ports = self._session_ports()
         changes = []
         for name in sorted(self._candidate):
             if name not in ports:
@@ -316,27 +384,42 @@ class OvsDriver(NetworkDriver):
         for name, state, want in changes:
             ovs_name = self.port_map.get(name, name)
             record[ovs_name] = state.as_record()
+            # absolute values only, and the tag cleared whatever the snapshot says: a port changed by someone
+            # else since the snapshot still ends up a plain trunk of exactly ``want``
             commands.append(["set", "Port", ovs_name, "vlan_mode=trunk", f"trunks={trunks_value(want)}"])
-            if state.tag is not None:
-                commands.append(["clear", "Port", ovs_name, "tag"])
+            commands.append(["clear", "Port", ovs_name, "tag"])
         record_text = json.dumps({"time": time.time(), "message": message, "ports": record}, sort_keys=True)
         commands.append([*self._record_target(), f"external_ids:{ROLLBACK_KEY}={quote(record_text)}"])
+        self._snapshot = None  # whatever happens, the device is read again next time
         try:
             self.ovsdb.run(*commands)
         except PermanentDeviceError as exc:
+            gone = self._missing_port(exc.message)
+            if gone is not None:
+                raise OvsMergeError(
+                    self.device_name, f"port {gone} disappeared since the candidate was loaded"
+                ) from None
             raise OvsCommitError(self.device_name, exc.message) from None
         self._candidate = {}
 
+    def _missing_port(self, message: str) -> str | None:
+        """The inventory name of the port an ovs-vsctl 'no row "X" in table Port' error names, if any."""
+        match = re.search(r'no row "([^"]+)" in table Port', message)
+        if not match:
+            return None
+        return self._reverse.get(match[1], match[1])
+
     def discard_config(self) -> None:
         self._candidate = {}
+        self._snapshot = None
 
     def has_pending_commit(self) -> bool:
         return False
 
     def rollback(self) -> None:
         """Restore the ports of the last commit to what they were before it (once; the record is consumed)."""
-        _, root, bridge = self._read()
-        raw = bridge.get("external_ids", {}).get(ROLLBACK_KEY)
+        self._snapshot = None
+        raw = self._rollback_record()
         if not raw:
             raise OvsCommitError(self.device_name, "nothing to roll back (no commit recorded on the device)")
         record = json.loads(raw)
@@ -357,6 +440,15 @@ class OvsDriver(NetworkDriver):
         except PermanentDeviceError as exc:
             raise OvsCommitError(self.device_name, f"rollback failed: {exc.message}") from None
 
+    def _rollback_record(self) -> str | None:
+        if self.bridge:
+            rows = self.ovsdb.list_rows("Bridge", ("name", "external_ids"), "--if-exists", self.bridge)
+            if not rows:
+                raise PermanentDeviceError(self.device_name, f"OVSDB {self.hostname} has no bridge {self.bridge}")
+        else:
+            rows = self.ovsdb.list_rows("Open_vSwitch", ("external_ids",))
+        return rows[0].get("external_ids", {}).get(ROLLBACK_KEY)
+
     def _record_target(self) -> list[str]:
         return ["set", "Bridge", self.bridge] if self.bridge else ["set", "Open_vSwitch", "."]
 
@@ -369,6 +461,16 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
     with classified(spec.name, "open"):
         device.open()
     try:
-        yield NapalmSwitchSession(spec, device, render, port_key=lambda name: name)
+        yield OvsSwitchSession(spec, device, render, port_key=lambda name: name)
     finally:
         device.close()
+
+
+class OvsSwitchSession(NapalmSwitchSession):
+    """The shared NAPALM session flow; the owned ports' VLANs come from the driver's snapshot of the owned
+    ports (one read per configuration cycle) instead of a whole-bridge ``get_vlans`` each time."""
+
+    def port_vlans(self) -> dict[str, frozenset[int]]:
+        with classified(self.spec.name, "get_vlans"):
+            found = self.device.owned_port_vlans()
+        return {port: found.get(port, frozenset()) for port in self.spec.owned_ports}

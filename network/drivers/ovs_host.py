@@ -5,9 +5,11 @@ and carries exactly the host's cluster VLANs; a VM is an access port ``tag=<vid>
 "the host carries VLAN v" means "v is in the uplink's trunk list", and the attachment point of VLAN v is the
 pair (bridge, tag v).
 
-``converge(desired)`` writes the uplink's list in one OVSDB transaction. A VLAN that is no longer desired but
-still has a VM port is kept and reported in the diff (``keep 300: in use by vm-a``) — the VM manager must
-detach the VM first. Idempotent: converging to the current state changes nothing.
+``converge(desired)`` reads the bridge once, writes the uplink's list in one OVSDB transaction when it
+differs, and reads it back to verify (one ``ovs-vsctl`` run when nothing changes, three when it does). A
+VLAN that is no longer desired but still has a VM port is kept and reported in the diff (``keep 300: in use
+by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the current state changes
+nothing.
 
 Driver args: ``db`` (OVSDB address, default ``unix:/var/run/openvswitch/db.sock``), ``bridge`` (default: the
 bridge that holds the uplink), ``uplink`` (the uplink's OVS port name when it differs from the inventory's
@@ -45,11 +47,10 @@ class OvsHostSession:
 
     def _state(self) -> tuple[dict, dict[int, list[str]]]:
         """(the uplink's Port row, {vid: [VM ports with that tag]})."""
-        bridges, ports = self.ovsdb.query(
-            ("Bridge", ("name", "ports"), ()),
+        mine, ports = self.ovsdb.query(
+            ("Bridge", ("name", "ports"), ("--if-exists", self.bridge)),
             ("Port", ("_uuid", "name", "vlan_mode", "tag", "trunks"), ()),
         )
-        mine = [b for b in bridges if b["name"] == self.bridge]
         if not mine:
             raise PermanentDeviceError(self.spec.name, f"no OVS bridge {self.bridge}")
         members = set(as_set(mine[0]["ports"]))
@@ -112,7 +113,9 @@ class OvsHostSession:
             if as_set(uplink["tag"]):
                 commands.append(["clear", "Port", self.uplink, "tag"])
             self.ovsdb.run(*commands)
-        after = self.vlans()
+            after = self.vlans()  # verify: read the device again after the commit
+        else:
+            after = before  # nothing written: the state just read is the verified state
         if after != target:
             raise PermanentDeviceError(
                 self.spec.name,

@@ -141,8 +141,13 @@ class Ovsdb:
         return self.query((table, columns, records))[0]
 
     def query(self, *lists: tuple[str, Iterable[str], Sequence[str]]) -> list[list[dict]]:
-        """Several ``list TABLE [records]`` reads in one ovs-vsctl run (one consistent snapshot)."""
-        commands = [["--columns=" + ",".join(columns), "list", table, *records] for table, columns, records in lists]
+        """Several ``list TABLE [records]`` reads in one ovs-vsctl run (one consistent snapshot). A record
+        starting with ``--`` is a command option (``--if-exists``: records that do not exist are skipped)."""
+        commands = []
+        for table, columns, records in lists:
+            options = [r for r in records if r.startswith("--")]
+            names = [r for r in records if not r.startswith("--")]
+            commands.append([*options, "--columns=" + ",".join(columns), "list", table, *names])
         out = self.run(*commands, json_format=True, wait=False)
         tables = []
         for line in out.splitlines():
