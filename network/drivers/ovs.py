@@ -18,12 +18,13 @@ changed port in ONE OVSDB transaction together with a rollback record stored on 
 drops the candidate. Ports that are not in the candidate are never written.
 
 Reads: like a NOS configuration session, the driver takes one snapshot of the ports the portal owns when it
-opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``; the
-snapshot is dropped by ``commit_config``, ``rollback``, ``discard_config`` and ``close`` (the next use reads
-the device again), so a converge costs three ``ovs-vsctl`` runs (read, commit, verifying read) and a converge
-with nothing to change one. The commit writes absolute values (``vlan_mode=trunk``, the whole trunk list, no
-tag), so a snapshot a few milliseconds old can only make the verifying read fail, never write a wrong
-value. The NAPALM getters (``get_vlans``, ``get_facts``, ``get_config``) always read the whole bridge afresh.
+opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``. The
+snapshot is dropped by ``commit_config``, ``rollback`` and ``close`` and when older than ``snapshot_max_age``
+(driver arg, default 5 s); the next use reads the device again. So a converge costs three ``ovs-vsctl`` runs
+(read, commit, verifying read) and a converge with nothing to change one. The commit writes absolute values
+(``vlan_mode=trunk``, the whole trunk list, no tag), so a snapshot a few milliseconds old can only make the
+verifying read fail, never write a wrong value. The NAPALM getters (``get_vlans``, ``get_facts``,
+``get_config``) always read the whole bridge afresh.
 
 Driver args (NAPALM ``optional_args``): ``bridge`` (scope: the switch is this bridge; default every bridge),
 ``port_map`` (inventory port name → OVS port name, when they differ, as in the lab where all switches share
@@ -49,6 +50,8 @@ from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, quote, trunks_value
 from network.drivers.vendor import NapalmSwitchSession, classified, vlan_list
 
 ROLLBACK_KEY = "virtcloud-rollback"
+# A session's snapshot is read again when older than this (seconds); a convergence takes tens of ms.
+SNAPSHOT_MAX_AGE = 5.0
 _LINE = re.compile(r"^port\s+(?P<port>\S+)\s+trunks\s+(?P<vids>none|[0-9][0-9,\-]*)$")
 
 
@@ -194,12 +197,14 @@ class OvsDriver(NetworkDriver):
         self._opened = False
         # the session's snapshot of the candidate-relevant ports (see the module docstring); None = read again
         self._snapshot: dict[str, PortState] | None = None
+        self._snapshot_at = 0.0
+        self.snapshot_max_age = float(args.get("snapshot_max_age", SNAPSHOT_MAX_AGE))
 
     # --- connection -------------------------------------------------------------------------------------------
 
     def open(self) -> None:
         try:
-            self._snapshot = self._read_scoped()
+            self._snapshot, self._snapshot_at = self._read_scoped(), time.monotonic()
         except TemporaryDeviceError as exc:
             raise OvsConnectionError(self.device_name, exc.message) from None
         self._opened = True
@@ -210,6 +215,9 @@ class OvsDriver(NetworkDriver):
         self._opened = False
 
     def is_alive(self) -> dict:
+        if not self._opened:
+            # closed (or never opened): NAPALM's ``__del__`` asks on every garbage collection; no probe needed
+            return {"is_alive": False}
         try:
             self.ovsdb.run(["get", "Open_vSwitch", ".", "cur_cfg"], wait=False)
         except TemporaryDeviceError:
@@ -273,9 +281,10 @@ class OvsDriver(NetworkDriver):
         }
 
     def _session_ports(self) -> dict[str, PortState]:
-        """The snapshot (taken at ``open`` or at the first read after a commit, rollback or discard)."""
-        if self._snapshot is None:
-            self._snapshot = self._read_scoped()
+        """The snapshot (taken at ``open`` or at the first read after a commit or rollback, and again
+        when older than ``snapshot_max_age`` seconds: a driver kept open for long never works from old data)."""
+        if self._snapshot is None or time.monotonic() - self._snapshot_at > self.snapshot_max_age:
+            self._snapshot, self._snapshot_at = self._read_scoped(), time.monotonic()
         return self._snapshot
 
     def owned_port_vlans(self) -> dict[str, frozenset[int]]:
@@ -410,8 +419,7 @@ class OvsDriver(NetworkDriver):
         return self._reverse.get(match[1], match[1])
 
     def discard_config(self) -> None:
-        self._candidate = {}
-        self._snapshot = None
+        self._candidate = {}  # nothing was written: the snapshot stays valid
 
     def has_pending_commit(self) -> bool:
         return False
