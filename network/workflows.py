@@ -13,8 +13,10 @@ claim) and returns a Signature for the caller to compose and start after its tra
 - ``compensate``: converge back everything the segment touched, release the VLAN, FAILED with the reason.
 
 A layer is a ``group`` followed by a join task (Celery makes it a chord), so the canvas works with any
-result backend that supports chords (Redis natively, django-db through ``chord_unlock``). Host tasks go
-to the host's agent queue when it has one.
+result backend that supports chords (Redis natively, django-db through ``chord_unlock``). The last
+layer's join is the canvas's last task itself (``segment_provisioned``/``segment_released``), not an extra
+``segment_step``: every stage is a broker round trip. The pending changes of all layers are recorded in
+one INSERT. Host tasks go to the host's agent queue when it has one.
 """
 
 from __future__ import annotations
@@ -36,14 +38,21 @@ def _host_task(host: Host, change_id: int) -> Signature:
     return sig.set(queue=host.agent_queue) if host.agent_queue else sig
 
 
-def _layer(segment: Segment, step: str, signatures: list[Signature]) -> list[Signature]:
-    if not signatures:
-        return []
-    return [group(signatures), tasks.segment_step.si(segment.pk, step)]
+def _layers(segment: Segment, layers: list[tuple[str, list[Signature]]], last: Signature) -> list[Signature]:
+    """``group → join`` per non-empty layer, in order; the last layer joins straight into ``last``."""
+    layers = [(step, sigs) for step, sigs in layers if sigs]
+    steps: list[Signature] = []
+    for i, (step, signatures) in enumerate(layers):
+        steps.append(group(signatures))
+        if i < len(layers) - 1:
+            steps.append(tasks.segment_step.si(segment.pk, step))
+    steps.append(last)
+    return steps
 
 
-def _changes(segment: Segment, devices: list[Switch] | list[Host], cause: str) -> list[tuple]:
-    return [(d, convergence.change_create(device=d, segment=segment, cause=cause).pk) for d in devices]
+def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list[tuple]:
+    """One pending change per device, recorded in one INSERT: [(device, change id)]."""
+    return list(zip(devices, convergence.changes_create(devices=devices, segment=segment, cause=cause), strict=True))
 
 
 def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature:
@@ -53,12 +62,15 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
     if segment.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}; cannot provision")
     switches, hosts = selectors.segment_devices(segment)
-    cause = f"provision {segment.owner_ref}"
-    steps = [
-        *_layer(segment, "switches", [_switch_task(cid) for _sw, cid in _changes(segment, switches, cause)]),
-        *_layer(segment, "hosts", [_host_task(h, cid) for h, cid in _changes(segment, hosts, cause)]),
+    changes = _changes(segment, [*switches, *hosts], f"provision {segment.owner_ref}")
+    steps = _layers(
+        segment,
+        [
+            ("switches", [_switch_task(cid) for _sw, cid in changes[: len(switches)]]),
+            ("hosts", [_host_task(h, cid) for h, cid in changes[len(switches) :]]),
+        ],
         tasks.segment_provisioned.si(segment.pk),
-    ]
+    )
     if compensate_on_error:
         errback = compensate(segment.pk)
         for step in steps:
@@ -74,11 +86,16 @@ def teardown(segment_id: int) -> Signature:
     if segment.state in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}: delete it first")
     switches, hosts = selectors.segment_devices(segment)
-    cause = f"teardown {segment.owner_ref}"
+    changes = _changes(segment, [*hosts, *switches], f"teardown {segment.owner_ref}")
     return chain(
-        *_layer(segment, "hosts", [_host_task(h, cid) for h, cid in _changes(segment, hosts, cause)]),
-        *_layer(segment, "switches", [_switch_task(cid) for _sw, cid in _changes(segment, switches, cause)]),
-        tasks.segment_released.si(segment.pk),
+        *_layers(
+            segment,
+            [
+                ("hosts", [_host_task(h, cid) for h, cid in changes[: len(hosts)]]),
+                ("switches", [_switch_task(cid) for _sw, cid in changes[len(hosts) :]]),
+            ],
+            tasks.segment_released.si(segment.pk),
+        )
     )
 
 
