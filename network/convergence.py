@@ -144,23 +144,23 @@ def converge_change(change_id: int) -> DeviceChange:
     """Apply change ``change_id`` (and every other pending change of its device) and return it settled.
 
     Raises ``TemporaryDeviceError`` when the device may work on a retry (the change is pending again) and
-    ``DeviceChangeFailed`` when it failed for good (the change is failed, with the device's message)."""
-    change = DeviceChange.objects.get(pk=change_id)
+    ``DeviceChangeFailed`` when it failed for good (the change is failed, with the device's message).
+
+    Queries are pinned by a test (this runs once per device per workflow): the change with its device in
+    one query, the lock, the claim, the desired state, the settlement, the unlock and the final read."""
+    change = DeviceChange.objects.select_related("switch", "host").get(pk=change_id)
     if change.status in DeviceChange.FINAL:
         return _settled(change)
-    pk = change.switch_id if change.kind == DeviceKind.SWITCH else change.host_id
-    device = _device(change.kind, pk) if pk else None
+    device = change.switch if change.kind == DeviceKind.SWITCH else change.host
     if device is None:
         return change_fail(change_id, "the device no longer exists in the inventory")
     with device_lock(change.kind, device.pk) as held:
         if not held:
             raise TemporaryDeviceError(device.name, "another operation holds the device lock")
-        change.refresh_from_db()
-        if change.status in DeviceChange.FINAL:  # applied by another task's batch while we waited
-            return _settled(change)
-        apply_locked(change.kind, device)
-    change.refresh_from_db()
-    return _settled(change)
+        # No re-read of the change here: the claim takes every pending change of the device; when it takes
+        # none, ours was settled by another task's batch while we waited, and there is nothing to do.
+        apply_locked(change.kind, device, skip_if_none=True)
+    return _settled(DeviceChange.objects.get(pk=change_id))
 
 
 def change_fail(change_id: int, message: str) -> DeviceChange:
@@ -184,14 +184,17 @@ class Applied:
     desired: dict = field(default_factory=dict)
 
 
-def apply_locked(kind: str, device: Switch | Host, *, session=None) -> Applied:
+def apply_locked(kind: str, device: Switch | Host, *, session=None, skip_if_none: bool = False) -> Applied:
     """With the device's lock held: claim its pending changes, converge it to the desired state, settle
-    the claimed changes. ``session`` reuses an open driver session (the reconciler's)."""
+    the claimed changes. ``session`` reuses an open driver session (the reconciler's); ``skip_if_none``:
+    when no change was pending, do not open a session at all."""
     batch = uuid.uuid4()
     now = timezone.now()
     claimed = DeviceChange.objects.filter(
         status__in=[Status.PENDING, Status.RUNNING], **_device_filter(kind, device)
     ).update(status=Status.RUNNING, batch=batch, started_at=now, attempts=F("attempts") + 1, error="")
+    if skip_if_none and not claimed:
+        return Applied(batch, 0, Status.NOOP)
     rows = DeviceChange.objects.filter(batch=batch)
 
     if not device.enabled:
