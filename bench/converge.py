@@ -50,7 +50,7 @@ from network.tests.labinventory import inventory_for  # noqa: E402
 SIZES = (1, 2, 4, 8, 16)
 
 
-def start_worker(queue: str, log: Path, slots: int) -> subprocess.Popen:
+def start_worker(queue: str, log: Path, slots: int, pool: str = "threads") -> subprocess.Popen:
     env = dict(os.environ)
     proc = subprocess.Popen(
         [
@@ -62,7 +62,7 @@ def start_worker(queue: str, log: Path, slots: int) -> subprocess.Popen:
             "worker",
             "-l",
             "INFO",
-            "--pool=threads",
+            f"--pool={pool}",
             f"-c{slots}",
         ]
         + ["-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{queue}@localhost"],
@@ -122,6 +122,7 @@ def cleanup(inv: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         print("needs PostgreSQL: DATABASE_URL=postgres://...", file=sys.stderr)
@@ -135,7 +136,7 @@ def main() -> int:
     try:
         inv = inventory_for(lab, pool_ranges="100-999")
         created = [inv["pool"], *inv["hosts"].values(), *inv["switches"].values(), *inv["sites"].values()]
-        worker = start_worker(queue, workdir / "worker.log", max(SIZES))
+        worker = start_worker(queue, workdir / "worker.log", max(SIZES), args.pool)
         # warm up: the worker's threads open their database connections, Python imports the drivers
         seg, switches, changes = new_segment(inv, max(SIZES), "warm")
         group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(timeout=120)
@@ -159,7 +160,10 @@ def main() -> int:
             p, s = statistics.median(par) * 1000, statistics.median(seq) * 1000
             base = base or p
             print(f"{n:>8} {p:>12.0f} {s:>14.0f} {s / p:>8.1f}x {p / base:>11.2f}x")
-        print(f"goal: 16 switches within 1.5x of 1 switch (parallel); cores: {os.cpu_count()}, load: {os.getloadavg()}")
+        print(
+            f"goal: 16 switches within 1.5x of 1 switch (parallel); pool {args.pool}; cores: {os.cpu_count()}, "
+            f"load: {os.getloadavg()}"
+        )
     finally:
         try:
             if worker:

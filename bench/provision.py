@@ -116,7 +116,7 @@ def topology_file(topo) -> dict:
 class Worker:
     """``celery worker`` (threads pool) on this run's database and Redis; stopped by PID."""
 
-    def __init__(self, env: dict, queues: list[str], concurrency: int, log: Path):
+    def __init__(self, env: dict, queues: list[str], concurrency: int, log: Path, pool: str = "threads"):
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
@@ -129,7 +129,7 @@ class Worker:
                     "worker",
                     "-l",
                     "WARNING",
-                    "--pool=threads",
+                    f"--pool={pool}",
                     f"--concurrency={concurrency}",
                     "--without-gossip",
                     "--without-mingle",
@@ -274,7 +274,7 @@ def run_sites(sites: int, args, env: dict, app) -> dict:
     try:
         point_inventory_at(lab)
         queues = ["celery", *sorted(Host.objects.values_list("agent_queue", flat=True))]
-        worker = Worker(env, queues, args.concurrency or max(8, 2 * sites), Path(lab.run_dir) / "worker.log")
+        worker = Worker(env, queues, args.concurrency or max(8, 2 * sites), Path(lab.run_dir) / "worker.log", args.pool)
         worker.wait_ready(app)
         connection.close()  # the flush and import are done: start the measurement on a fresh connection
         api = APIClient()
@@ -340,6 +340,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="clusters made first and not counted")
     parser.add_argument("--concurrency", type=int, default=0, help="worker threads (default max(8, 2 × sites))")
     parser.add_argument("--profile", action="store_true", help="print where one cluster's time goes")
+    parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     parser.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/vc_bench_provision"),
@@ -387,7 +388,10 @@ def main() -> None:
             print("\n".join(result["profile"]), flush=True)
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), closed clusters with one node per site, in turn")
+    print(
+        f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), worker pool {args.pool}, closed clusters with "
+        "one node per site, in turn"
+    )
     print("  sites   clusters    p50 ms    p95 ms    max ms")
     for r in results:
         print(
