@@ -6,10 +6,10 @@ and carries exactly the host's cluster VLANs; a VM is an access port ``tag=<vid>
 pair (bridge, tag v).
 
 ``converge(desired)`` reads the bridge once, writes the uplink's list in one OVSDB transaction when it
-differs, and reads it back to verify (one ``ovs-vsctl`` run when nothing changes, three when it does). A
-VLAN that is no longer desired but still has a VM port is kept and reported in the diff (``keep 300: in use
-by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the current state changes
-nothing.
+differs, verifying from the row that transaction committed (one ``ovs-vsctl`` run when nothing changes,
+two when it does). A VLAN that is no longer desired but still has a VM port is kept and reported in the diff
+(``keep 300: in use by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the
+current state changes nothing.
 
 Driver args: ``db`` (OVSDB address, default ``unix:/var/run/openvswitch/db.sock``), ``bridge`` (default: the
 bridge that holds the uplink), ``uplink`` (the uplink's OVS port name when it differs from the inventory's
@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Iterator
 
 from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError
-from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, trunks_value
+from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, parse_tables, trunks_value
 from network.drivers.vendor import vlan_list
 
 DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
@@ -112,8 +112,12 @@ class OvsHostSession:
             commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target)}"]]
             if as_set(uplink["tag"]):
                 commands.append(["clear", "Port", self.uplink, "tag"])
-            self.ovsdb.run(*commands)
-            after = self.vlans()  # verify: read the device again after the commit
+            # verify from the transaction's own result: the uplink row as OVSDB committed it (a transaction is
+            # atomic, so this is what the device holds; with ``wait`` also what ovs-vswitchd applied)
+            commands.append(["--columns=vlan_mode,tag,trunks", "list", "Port", self.uplink])
+            out = self.ovsdb.run(*commands, json_format=True)
+            (committed,) = parse_tables(out)
+            after = self._carried(committed[0]) or frozenset()
         else:
             after = before  # nothing written: the state just read is the verified state
         if after != target:

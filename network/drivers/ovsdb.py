@@ -148,14 +148,18 @@ class Ovsdb:
             options = [r for r in records if r.startswith("--")]
             names = [r for r in records if not r.startswith("--")]
             commands.append([*options, "--columns=" + ",".join(columns), "list", table, *names])
-        out = self.run(*commands, json_format=True, wait=False)
-        tables = []
-        for line in out.splitlines():
-            if not line.strip():
-                continue
-            data = json.loads(line)
-            tables.append([dict(zip(data["headings"], (_value(v) for v in row), strict=True)) for row in data["data"]])
-        return tables
+        return parse_tables(self.run(*commands, json_format=True, wait=False))
+
+
+def parse_tables(out: str) -> list[list[dict]]:
+    """The tables ``list`` commands printed in an ovs-vsctl ``--format=json`` run, as lists of dicts."""
+    tables = []
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        tables.append([dict(zip(data["headings"], (_value(v) for v in row), strict=True)) for row in data["data"]])
+    return tables
 
 
 def _value(v):
