@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from django.core.exceptions import ValidationError
 
 from network.choices import VLAN_MAX, VLAN_MIN
+from network.drivers.ranges import compact
 
 
 def parse(text: str, *, what: str = "VLAN list") -> list[int]:
@@ -32,15 +33,4 @@ def parse(text: str, *, what: str = "VLAN list") -> list[int]:
 
 def format_ranges(ids: Iterable[int]) -> str:
     """The compact text form of a set of ids (inverse of ``parse``)."""
-    out: list[str] = []
-    run: list[int] = []
-    for vid in sorted(set(ids)):
-        if run and vid == run[-1] + 1:
-            run.append(vid)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [vid]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
+    return compact(ids)

@@ -29,6 +29,7 @@ from network.drivers.base import (
     SwitchSpec,
     TemporaryDeviceError,
 )
+from network.drivers.ranges import compact
 
 TEMPLATES = Path(__file__).with_name("templates")
 PLATFORMS = ("ios", "eos", "junos", "nxos")
@@ -42,18 +43,7 @@ DEFAULT_VLAN_NAME = "vc-{vid}"
 
 def vlan_list(vids) -> str:
     """Compact ``100-103,200`` form (what every vendor CLI accepts in an allowed list)."""
-    out: list[str] = []
-    run: list[int] = []
-    for vid in sorted(set(vids)):
-        if run and vid == run[-1] + 1:
-            run.append(vid)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [vid]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
+    return compact(vids)
 
 
 @cache
