@@ -56,6 +56,20 @@ class Netns:
         sh("ip", "netns", "delete", self.name, check=False)
 
 
+def gateway_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr: str, other_if: str) -> str:
+    """The gateway's public side: a veth pair gw ↔ other with /30 addresses, and a persistent tap in the
+    gateway namespace for OpenVPN. Returns the tap's name."""
+    gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", other_if, "netns", other.name)
+    gw.ip("addr", "add", f"{gw_addr}/30", "dev", f"{prefix}g")
+    gw.ip("link", "set", f"{prefix}g", "up")
+    other.ip("addr", "add", f"{other_addr}/30", "dev", other_if)
+    other.ip("link", "set", other_if, "up")
+    tap = f"{prefix}t"
+    gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
+    gw.ip("link", "set", tap, "up")
+    return tap
+
+
 def stop(proc: subprocess.Popen | None, timeout: float = 3, *, kill: bool = False) -> None:
     """Terminate one process we started (by its PID), then kill it if it lingers; ``kill``: SIGKILL at once."""
     if proc is None or proc.poll() is not None:

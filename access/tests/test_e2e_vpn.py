@@ -22,7 +22,7 @@ from django.core.management import call_command
 from access import services
 from access.models import Credential
 from access.selectors import cluster_label
-from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, wait_for
 from access.tests.fixtures import cluster, gateway, make_cluster
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -41,14 +41,7 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         made.append(gw)
         ws = Netns(f"{prefix}-ws")
         made.append(ws)
-        gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", f"{prefix}w", "netns", ws.name)
-        gw.ip("addr", "add", f"{GW_ADDR}/30", "dev", f"{prefix}g")
-        gw.ip("link", "set", f"{prefix}g", "up")
-        ws.ip("addr", "add", f"{WS_ADDR}/30", "dev", f"{prefix}w")
-        ws.ip("link", "set", f"{prefix}w", "up")
-        tap = f"{prefix}t"
-        gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
-        gw.ip("link", "set", tap, "up")
+        tap = gateway_link(gw, ws, prefix, GW_ADDR, WS_ADDR, f"{prefix}w")
 
         state = tmp_path / "gw"
         gateway.address = GW_ADDR

@@ -30,7 +30,7 @@ import pytest
 from access import attrcerts, openvpn, pki
 from access.gateway import management, pull, vpn
 from access.gateway.state import VpnState, vlan_map_json, write_atomic
-from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
 
@@ -139,14 +139,7 @@ def lab(tmp_path_factory):
         made.append(gw)
         cl = Netns(f"{prefix}-cl")
         made.append(cl)
-        gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", f"{prefix}c", "netns", cl.name)
-        gw.ip("addr", "add", f"{GW_ADDR}/30", "dev", f"{prefix}g")
-        gw.ip("link", "set", f"{prefix}g", "up")
-        cl.ip("addr", "add", f"{CL_ADDR}/30", "dev", f"{prefix}c")
-        cl.ip("link", "set", f"{prefix}c", "up")
-        tap = f"{prefix}t"
-        gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
-        gw.ip("link", "set", tap, "up")
+        tap = gateway_link(gw, cl, prefix, GW_ADDR, CL_ADDR, f"{prefix}c")
 
         g = Gateway(tmp, prefix)
         conf = tmp / "server.conf"
