@@ -104,6 +104,8 @@ def test_demo_comes_up_and_stops_everything(tmp_path):
             raise
         assert "24 created" in out
         assert "alice logs in through LDAP: ok" in out
+        # A cluster provisioned through the embedded broker, SQLite and a real worker (simulated fabric).
+        assert "alice's closed cluster demo-alpha is ready" in out
         pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", out)]
         assert len(pids) == 3 and all(alive(p) for p in pids)
         passwords = dict(re.findall(r"^\s{4}(\w+)\s+(\S+)\s+groups:", out, re.M))
