@@ -1,4 +1,5 @@
-"""Open vSwitch as a site switch: a NAPALM ``NetworkDriver`` over OVSDB (``ovs-vsctl --db=...``).
+"""Open vSwitch as a site switch: a NAPALM ``NetworkDriver`` over OVSDB (``network.drivers.ovsdb``: JSON-RPC on a
+local socket, ``ovs-vsctl --db=...`` otherwise).
 
 OVS switches exist in production (Pica8 PicOS; XenServer/XCP-ng run OVS), and the lab's site switches are
 OVS bridges, so this driver is both a production platform and the lab's.
@@ -20,7 +21,7 @@ drops the candidate. Ports that are not in the candidate are never written.
 Reads: like a NOS configuration session, the driver takes one snapshot of the ports the portal owns when it
 opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``. The
 snapshot is dropped by ``commit_config``, ``rollback`` and ``close`` and when older than ``snapshot_max_age``
-(driver arg, default 5 s); the next use reads the device again. So a converge costs three ``ovs-vsctl`` runs
+(driver arg, default 5 s); the next use reads the device again. So a converge costs three OVSDB transactions
 (read, commit, verifying read) and a converge with nothing to change one. The commit writes absolute values
 (``vlan_mode=trunk``, the whole trunk list, no tag), so a snapshot a few milliseconds old can only make the
 verifying read fail, never write a wrong value. The NAPALM getters (``get_vlans``, ``get_facts``,
@@ -260,7 +261,7 @@ class OvsDriver(NetworkDriver):
 
     def _read_scoped(self) -> dict[str, PortState]:
         """The ports a candidate may name, read afresh: with a bridge and ``owned_ports``, only the owned
-        ports (one ``ovs-vsctl`` run, ``--if-exists`` so that a missing port shows up as "no port" at load
+        ports (one OVSDB transaction, ``--if-exists`` so that a missing port shows up as "no port" at load
         time as before); otherwise every port of the switch."""
         if not self._scoped():
             return self._read()[0]

@@ -6,7 +6,7 @@ and carries exactly the host's cluster VLANs; a VM is an access port ``tag=<vid>
 pair (bridge, tag v).
 
 ``converge(desired)`` reads the bridge once, writes the uplink's list in one OVSDB transaction when it
-differs, verifying from the row that transaction committed (one ``ovs-vsctl`` run when nothing changes,
+differs, verifying from the row that transaction committed (one OVSDB transaction when nothing changes,
 two when it does). A VLAN that is no longer desired but still has a VM port is kept and reported in the diff
 (``keep 300: in use by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the
 current state changes nothing.

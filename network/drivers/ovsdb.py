@@ -8,6 +8,13 @@ in the driver args:
 - ``ssh``: run it on a remote box (``ssh_host``, optional ``ssh_user``, ``ssh_port``, ``ssh_key``,
   ``ssh_options``), the way an operator would drive an OVS switch or an XCP-ng host.
 
+Fast path: with the ``local`` transport (no ``netns``) and a ``unix:`` database, the reads and the small set of
+writes the drivers use (``list``, ``set``/``clear`` of ``vlan_mode``/``tag``/``trunks``, ``external_ids`` keys)
+talk OVSDB's JSON-RPC (RFC 7047) on the socket directly instead of starting an ``ovs-vsctl`` process (each
+costs ~10 ms of CPU). Same transaction, same ``--wait`` semantics (``next_cfg`` incremented in the transaction,
+then wait for ovs-vswitchd's ``cur_cfg``), same error classes and messages. Any other command still runs
+``ovs-vsctl``. Driver arg ``jsonrpc: false`` turns the fast path off.
+
 Failures are classified: a database that cannot be reached or does not answer in time is a
 ``TemporaryDeviceError``; a value OVSDB rejects or a port that does not exist is a ``PermanentDeviceError``.
 """
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +65,7 @@ class Ovsdb:
     timeout: float = 30.0
     wait: bool = True  # wait until ovs-vswitchd has applied a change (not only OVSDB stored it)
     env: Mapping[str, str] = field(default_factory=dict)
+    jsonrpc: bool = True  # use the JSON-RPC fast path when the database allows it (see the module docstring)
 
     @classmethod
     def from_args(cls, device: str, db: str, args: Mapping, timeout: float = 30.0) -> Ovsdb:
@@ -79,6 +89,7 @@ class Ovsdb:
             ssh_options=tuple(args.get("ssh_options", ())),
             timeout=float(args.get("timeout", timeout)),
             wait=bool(args.get("wait", True)),
+            jsonrpc=bool(args.get("jsonrpc", True)),
         )
 
     def argv(self, commands: Sequence[Sequence[str]], *, json_format: bool = False, wait: bool | None = None):
@@ -107,6 +118,9 @@ class Ovsdb:
 
     def run(self, *commands: Sequence[str], json_format: bool = False, wait: bool | None = None) -> str:
         """Run ``commands`` as one OVSDB transaction and return stdout; raise a classified DeviceError."""
+        plan = _translate(commands) if self._socket_path() else None
+        if plan is not None:
+            return self._rpc_run(plan, json_format=json_format, wait=self.wait if wait is None else wait)
         argv = self.argv(commands, json_format=json_format, wait=wait)
         try:
             proc = subprocess.run(
@@ -143,12 +157,268 @@ class Ovsdb:
     def query(self, *lists: tuple[str, Iterable[str], Sequence[str]]) -> list[list[dict]]:
         """Several ``list TABLE [records]`` reads in one ovs-vsctl run (one consistent snapshot). A record
         starting with ``--`` is a command option (``--if-exists``: records that do not exist are skipped)."""
+        if self._socket_path():
+            plan = [_list_plan(table, columns, records) for table, columns, records in lists]
+            if all(p is not None for p in plan):
+                return parse_tables(self._rpc_run(plan, json_format=True, wait=False))
         commands = []
         for table, columns, records in lists:
             options = [r for r in records if r.startswith("--")]
             names = [r for r in records if not r.startswith("--")]
             commands.append([*options, "--columns=" + ",".join(columns), "list", table, *names])
         return parse_tables(self.run(*commands, json_format=True, wait=False))
+
+    # --- JSON-RPC fast path ---------------------------------------------------------------------------------
+
+    def _socket_path(self) -> str:
+        """The unix socket to talk JSON-RPC on, or "" when the fast path does not apply."""
+        if not self.jsonrpc or self.transport != "local" or self.netns or self.env or not self.db.startswith("unix:"):
+            return ""
+        return self.db.removeprefix("unix:")
+
+    def _rpc_run(self, plan: list[tuple], *, json_format: bool, wait: bool) -> str:
+        """Execute translated commands as ONE ``transact`` and return what ovs-vsctl would have printed."""
+        ops: list[dict] = []
+        checks: list[tuple[int, str, str]] = []  # (op index, table, name): rows that must exist
+        lists: list[tuple] = []  # (first op, table, columns, names, if_exists)
+        writes = False
+        for step in plan:
+            kind = step[0]
+            if kind == "list":
+                _, table, columns, names, if_exists = step
+                first = len(ops)
+                for name in names or [None]:
+                    where = [] if name is None else [[_KEY[table], "==", name]]
+                    ops.append({"op": "select", "table": table, "where": where, "columns": list(columns)})
+                lists.append((first, table, list(columns), names, if_exists))
+                continue
+            writes = True
+            _, table, record, change = step
+            where = _where(table, record)
+            if where and (table, record) not in {(t, r) for _, t, r in checks}:
+                checks.append((len(ops), table, record))
+                # the row must exist (ovs-vsctl: 'no row "X" in table T'); fails the whole transaction
+                ops.append(
+                    {
+                        "op": "wait",
+                        "table": table,
+                        "timeout": 0,
+                        "where": where,
+                        "columns": [_KEY[table]],
+                        "until": "==",
+                        "rows": [{_KEY[table]: record}],
+                    }
+                )
+            if kind == "update":
+                ops.append({"op": "update", "table": table, "where": where, "row": change})
+            else:
+                ops.append({"op": "mutate", "table": table, "where": where, "mutations": change})
+        cfg_op = -1
+        if writes and wait:
+            ops.append({"op": "mutate", "table": "Open_vSwitch", "where": [], "mutations": [["next_cfg", "+=", 1]]})
+            cfg_op = len(ops)
+            ops.append({"op": "select", "table": "Open_vSwitch", "where": [], "columns": ["next_cfg"]})
+        deadline = time.monotonic() + self.timeout
+        results = self._transact(ops, deadline)
+        for index, result in enumerate(results):
+            if isinstance(result, dict) and "error" in result:
+                for op_index, table, record in checks:
+                    if op_index == index:
+                        raise PermanentDeviceError(
+                            self.device, f'OVSDB {self.db} rejected the change: no row "{record}" in table {table}'
+                        )
+                text = result["error"] + (f": {result['details']}" if result.get("details") else "")
+                if any(m in text for m in _TEMPORARY_MARKERS):
+                    raise TemporaryDeviceError(self.device, f"OVSDB {self.db}: {text}")
+                raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {text}")
+        if len(results) > len(ops) and isinstance(results[-1], dict) and "error" in results[-1]:
+            text = results[-1]["error"] + (f": {results[-1]['details']}" if results[-1].get("details") else "")
+            raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {text}")
+        out = []
+        for first, table, columns, names, if_exists in lists:
+            if names:
+                rows = []
+                for offset, name in enumerate(names):
+                    found = results[first + offset]["rows"]
+                    if not found and not if_exists:
+                        raise PermanentDeviceError(
+                            self.device, f'OVSDB {self.db} rejected the change: no row "{name}" in table {table}'
+                        )
+                    rows += found
+            else:
+                rows = results[first]["rows"]
+            data = [[row.get(c) for c in columns] for row in rows]
+            out.append(json.dumps({"headings": columns, "data": data}) if json_format else "")
+        if cfg_op >= 0:
+            self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline)
+        return "".join(line + "\n" for line in out)
+
+    def _wait_applied(self, next_cfg: int, deadline: float) -> None:
+        """ovs-vsctl ``--wait``: block until ovs-vswitchd reports ``cur_cfg >= next_cfg``. A server-side
+        ``wait`` operation does it in one round trip; it fails with "timed out" at the deadline."""
+        ms = max(1, int((deadline - time.monotonic()) * 1000))
+        op = {
+            "op": "wait",
+            "table": "Open_vSwitch",
+            "timeout": ms,
+            "where": [["cur_cfg", ">=", next_cfg]],
+            "columns": [],
+            "until": "!=",
+            "rows": [],
+        }
+        (result,) = self._transact([op], deadline + 1)[:1]
+        if "error" in result:
+            raise TemporaryDeviceError(
+                self.device, f"OVSDB {self.db}: timeout waiting for ovs-vswitchd to apply the change"
+            )
+
+    def _transact(self, ops: list[dict], deadline: float) -> list:
+        """One JSON-RPC ``transact`` on the socket; connection problems and silence are temporary."""
+        path = self._socket_path()
+        request = json.dumps({"method": "transact", "params": ["Open_vSwitch", *ops], "id": 0}).encode()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                raise TemporaryDeviceError(
+                    self.device, f"OVSDB {self.db}: database connection failed ({exc.strerror or exc})"
+                ) from None
+            try:
+                sock.sendall(request)
+                return self._receive(sock, deadline)
+            except TimeoutError:
+                raise TemporaryDeviceError(
+                    self.device, f"OVSDB {self.db} did not answer within {self.timeout:g} s"
+                ) from None
+            except OSError as exc:
+                raise TemporaryDeviceError(
+                    self.device, f"OVSDB {self.db}: connection reset ({exc.strerror or exc})"
+                ) from None
+        finally:
+            sock.close()
+
+    def _receive(self, sock: socket.socket, deadline: float) -> list:
+        decoder = json.JSONDecoder()
+        buffer = ""
+        raw = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("connection closed by ovsdb-server")
+            raw += chunk
+            try:
+                buffer = raw.decode()
+            except UnicodeDecodeError:
+                continue  # a multi-byte character split across reads
+            while buffer.strip():
+                try:
+                    message, end = decoder.raw_decode(buffer.lstrip())
+                except ValueError:
+                    break  # incomplete: read more
+                buffer = buffer.lstrip()[end:]
+                raw = buffer.encode()
+                if message.get("method") == "echo":  # the server's keepalive: answer it
+                    sock.sendall(json.dumps({"result": message["params"], "id": message["id"]}).encode())
+                    continue
+                if message.get("id") != 0:
+                    continue
+                if message.get("error") is not None:
+                    raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {message['error']}")
+                return message["result"]
+
+
+# Tables the fast path knows: how a record is named (``.`` = the one Open_vSwitch row) …
+_KEY = {"Port": "name", "Bridge": "name", "Interface": "name", "Open_vSwitch": ""}
+# … and the columns it may write, with their type (anything else runs ovs-vsctl).
+_COLUMNS = {"vlan_mode": "string", "tag": "integer", "trunks": "integer-set", "external_ids": "map"}
+
+
+def _where(table: str, record: str) -> list:
+    return [] if table == "Open_vSwitch" else [[_KEY[table], "==", record]]
+
+
+def _list_plan(table: str, columns: Iterable[str], records: Sequence[str]) -> tuple | None:
+    if table not in _KEY:
+        return None
+    options = [r for r in records if r.startswith("--")]
+    names = [r for r in records if not r.startswith("--")]
+    if set(options) - {"--if-exists"} or (table == "Open_vSwitch" and names):
+        return None
+    return ("list", table, tuple(columns), names, bool(options))
+
+
+def _atom(kind: str, text: str):
+    if kind == "integer":
+        return int(text)
+    if kind == "integer-set":
+        return ["set", [int(v) for v in text.split(",") if v.strip()]]
+    return json.loads(text) if text.startswith('"') else text
+
+
+def _translate(commands: Sequence[Sequence[str]]) -> list[tuple] | None:
+    """ovs-vsctl commands → fast-path steps, or None when any command is outside what the fast path knows."""
+    plan: list[tuple] = []
+    try:
+        for command in commands:
+            command = list(command)
+            if "list" in command:
+                at = command.index("list")
+                options, (table, *records) = command[:at], command[at + 1 :]
+                columns = [o.removeprefix("--columns=").split(",") for o in options if o.startswith("--columns=")]
+                others = [o for o in options if not o.startswith("--columns=")]
+                if len(columns) != 1:
+                    return None
+                step = _list_plan(table, columns[0], [*others, *records])
+                if step is None:
+                    return None
+                plan.append(step)
+                continue
+            verb, table, record, *rest = command
+            if table not in _KEY or (table == "Open_vSwitch") != (record == "."):
+                return None
+            if verb == "set":
+                row = {}
+                for item in rest:
+                    column, equals, value = item.partition("=")
+                    column, _, key = column.partition(":")
+                    kind = _COLUMNS.get(column)
+                    if kind is None or (kind == "map") != bool(key) or not equals:
+                        return None
+                    if key:
+                        key = json.loads(key) if key.startswith('"') else key
+                        # "insert" never overwrites a key: delete it first (mutations apply in order)
+                        mutations = [
+                            [column, "delete", ["set", [key]]],
+                            [column, "insert", ["map", [[key, _atom("string", value)]]]],
+                        ]
+                        plan.append(("mutate", table, record, mutations))
+                    else:
+                        row[column] = _atom(kind, value)
+                if row:
+                    plan.append(("update", table, record, row))
+            elif verb == "clear":
+                if not rest or any(c not in _COLUMNS for c in rest):
+                    return None
+                plan.append(
+                    ("update", table, record, {c: ["map" if _COLUMNS[c] == "map" else "set", []] for c in rest})
+                )
+            elif verb == "remove":
+                column, *keys = rest
+                if _COLUMNS.get(column) != "map" or not keys:
+                    return None
+                keys = [json.loads(k) if k.startswith('"') else k for k in keys]
+                plan.append(("mutate", table, record, [[column, "delete", ["set", keys]]]))
+            else:
+                return None
+    except (ValueError, TypeError):
+        return None  # not something the fast path parses: let ovs-vsctl handle (and report) it
+    return plan
 
 
 def parse_tables(out: str) -> list[list[dict]]:

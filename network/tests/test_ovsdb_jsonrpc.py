@@ -1,0 +1,147 @@
+"""The OVSDB JSON-RPC fast path (``network.drivers.ovsdb``) against the lab's real ovsdb-server/ovs-vswitchd:
+it reads and writes exactly what ``ovs-vsctl`` would, in one transaction, honours ``--wait``, starts no
+process, and classifies errors the same way."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+
+from network.drivers import PermanentDeviceError, TemporaryDeviceError
+from network.drivers.ovs import OvsDriver
+from network.drivers.ovsdb import Ovsdb
+
+pytestmark = pytest.mark.lab
+
+COLUMNS = ("_uuid", "name", "vlan_mode", "tag", "trunks", "external_ids")
+
+
+def both(lab) -> tuple[Ovsdb, Ovsdb]:
+    return Ovsdb(device="fast", db=lab.db), Ovsdb(device="vsctl", db=lab.db, jsonrpc=False)
+
+
+@pytest.fixture
+def no_processes():
+    """Fail the test if anything starts ovs-vsctl (the fast path must not). Patched by hand, not with
+    ``monkeypatch``, so that it is undone before the ``ovs_bridge`` teardown (which runs ovs-vsctl)."""
+    real = subprocess.run
+
+    def guard(argv, *args, **kwargs):
+        if argv and argv[0] == "ovs-vsctl":
+            raise AssertionError(f"ovs-vsctl started: {argv}")
+        return real(argv, *args, **kwargs)
+
+    subprocess.run = guard
+    try:
+        yield
+    finally:
+        subprocess.run = real
+
+
+def test_reads_match_ovs_vsctl(lab, ovs_bridge):
+    fast, vsctl = both(lab)
+    names = sorted(ovs_bridge["port_map"].values())
+    lists = (
+        ("Bridge", ("name", "ports", "external_ids"), ("--if-exists", ovs_bridge["bridge"])),
+        ("Port", COLUMNS, ("--if-exists", *names, "nosuch")),
+        ("Open_vSwitch", ("ovs_version", "external_ids"), ()),
+    )
+    assert fast.query(*lists) == vsctl.query(*lists)
+
+
+def test_writes_match_ovs_vsctl_and_wait_for_vswitchd(lab, ovs_bridge, no_processes):
+    fast = Ovsdb(device="fast", db=lab.db)
+    a, b = ovs_bridge["port_map"]["Ethernet1"], ovs_bridge["port_map"]["Ethernet2"]
+    text = json.dumps({"ports": {a: [1, 2]}, "note": 'quotes " and, commas\nnewline'})
+    fast.run(
+        ["set", "Port", a, "vlan_mode=access", "tag=42"],
+        ["set", "Port", b, "vlan_mode=trunk", "trunks=100,200"],
+        ["clear", "Port", b, "tag"],
+        ["set", "Bridge", ovs_bridge["bridge"], f"external_ids:virtcloud-rollback={json.dumps(text)}"],
+    )
+    # --wait: ovs-vswitchd has applied it when run() returns
+    (root,) = fast.list_rows("Open_vSwitch", ("cur_cfg", "next_cfg"))
+    assert root["cur_cfg"] >= root["next_cfg"]
+    rows = {r["name"]: r for r in fast.list_rows("Port", COLUMNS, a, b)}
+    assert (rows[a]["vlan_mode"], rows[a]["tag"]) == ("access", 42)
+    assert (rows[b]["vlan_mode"], rows[b]["trunks"], rows[b]["tag"]) == ("trunk", [100, 200], [])
+    # an existing key is overwritten (OVSDB's map "insert" alone would keep the old value), then removed
+    fast.run(["set", "Bridge", ovs_bridge["bridge"], "external_ids:virtcloud-rollback=second"])
+    (bridge,) = fast.list_rows("Bridge", ("external_ids",), ovs_bridge["bridge"])
+    assert bridge["external_ids"]["virtcloud-rollback"] == "second"
+    fast.run(["remove", "Bridge", ovs_bridge["bridge"], "external_ids", "virtcloud-rollback"])
+    (bridge,) = fast.list_rows("Bridge", ("external_ids",), ovs_bridge["bridge"])
+    assert "virtcloud-rollback" not in bridge["external_ids"]
+
+
+def test_same_stored_value_as_ovs_vsctl(lab, ovs_bridge):
+    fast, vsctl = both(lab)
+    a, b = ovs_bridge["port_map"]["Ethernet1"], ovs_bridge["port_map"]["Ethernet2"]
+    text = 'multi\nline, "quoted" {json}'
+    fast.run(["set", "Port", a, "external_ids:k=" + json.dumps(text)])
+    vsctl.run(["set", "Port", b, "external_ids:k=" + json.dumps(text)])
+    rows = {r["name"]: r["external_ids"]["k"] for r in vsctl.list_rows("Port", ("name", "external_ids"), a, b)}
+    assert rows == {a: text, b: text}
+
+
+def test_missing_port_fails_the_whole_transaction(lab, ovs_bridge, no_processes):
+    fast = Ovsdb(device="sw-fast", db=lab.db)
+    a = ovs_bridge["port_map"]["Ethernet1"]
+    with pytest.raises(PermanentDeviceError, match='sw-fast.*no row "ghost" in table Port') as excinfo:
+        fast.run(["set", "Port", a, "trunks=300"], ["set", "Port", "ghost", "trunks=300"])
+    assert excinfo.value.permanent
+    assert fast.list_rows("Port", ("trunks",), a)[0]["trunks"] == 4095  # nothing of it was written
+    with pytest.raises(PermanentDeviceError, match='no row "ghost" in table Port'):
+        fast.list_rows("Port", ("name",), "ghost")
+    assert fast.list_rows("Port", ("name",), "--if-exists", "ghost") == []
+
+
+def test_verifying_list_in_the_transaction_sees_the_write(lab, ovs_bridge, no_processes):
+    fast = Ovsdb(device="fast", db=lab.db)
+    a = ovs_bridge["port_map"]["Ethernet1"]
+    out = fast.run(
+        ["set", "Port", a, "vlan_mode=trunk", "trunks=5,6"],
+        ["--columns=vlan_mode,tag,trunks", "list", "Port", a],
+        json_format=True,
+    )
+    assert json.loads(out) == {
+        "headings": ["vlan_mode", "tag", "trunks"],
+        "data": [["trunk", ["set", []], ["set", [5, 6]]]],
+    }
+
+
+def test_other_commands_still_run_ovs_vsctl(lab, ovs_bridge):
+    fast = Ovsdb(device="fast", db=lab.db)
+    assert fast.run(["port-to-br", ovs_bridge["port_map"]["mgmt"]], wait=False).strip() == ovs_bridge["bridge"]
+
+
+def test_switch_converge_starts_no_process(lab, ovs_bridge, no_processes):
+    args = {"bridge": ovs_bridge["bridge"], "port_map": ovs_bridge["port_map"], "owned_ports": ["Ethernet1"]}
+    device = OvsDriver(ovs_bridge["db"], optional_args=args, timeout=10)
+    device.open()
+    device.load_merge_candidate(config="port Ethernet1 trunks 100-102")
+    assert device.compare_config() == "port Ethernet1 trunks add 100-102"
+    device.commit_config()
+    assert device.owned_port_vlans() == {"Ethernet1": frozenset({100, 101, 102})}
+    device.rollback()
+    assert device.owned_port_vlans() == {"Ethernet1": frozenset()}
+    device.close()
+
+
+def test_unreachable_and_silent_databases_are_temporary(tmp_path):
+    gone = Ovsdb(device="sw-gone", db=f"unix:{tmp_path}/db.sock", timeout=1)
+    with pytest.raises(TemporaryDeviceError, match="sw-gone.*database connection failed"):
+        gone.list_rows("Port", ("name",))
+    path = tmp_path / "hung.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        hung = Ovsdb(device="sw-hung", db=f"unix:{path}", timeout=0.5)
+        with pytest.raises(TemporaryDeviceError, match="sw-hung.*did not answer within 0.5 s"):
+            hung.run(["set", "Port", "p", "trunks=5"])
+    finally:
+        server.close()
