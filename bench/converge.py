@@ -142,7 +142,9 @@ def main() -> int:
         worker = start_worker(queue, workdir / "worker.log", max(SIZES), args.pool)
         # warm up: the worker's threads open their database connections, Python imports the drivers
         seg, switches, changes = new_segment(inv, max(SIZES), "warm")
-        group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(timeout=120, interval=0.005)
+        group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(
+            timeout=120, interval=0.005
+        )
         remove(seg, switches)
         print(f"{'switches':>8} {'parallel ms':>12} {'one-by-one ms':>14} {'speed-up':>9} {'vs 1 switch':>12}")
         base = None
@@ -151,7 +153,9 @@ def main() -> int:
             for r in range(args.rounds):
                 seg, switches, changes = new_segment(inv, n, f"p{n}-{r}")
                 started = time.perf_counter()
-                group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(timeout=120, interval=0.005)
+                group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(
+                    timeout=120, interval=0.005
+                )
                 par.append(time.perf_counter() - started)
                 remove(seg, switches)
                 seg, switches, changes = new_segment(inv, n, f"s{n}-{r}")
