@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -21,16 +22,20 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
+# Build-time commands never serve requests nor touch secrets: they run without production keys.
+BUILD_ONLY = (
+    len(sys.argv) > 1 and sys.argv[0].endswith("manage.py") and sys.argv[1] in ("makemigrations", "collectstatic")
+)
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
-    if not DEBUG:
+    if not DEBUG and not BUILD_ONLY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (e.g. SECRET_KEY=$(openssl rand -hex 32))")
     SECRET_KEY = "insecure-development-key-only-used-with-DEBUG-on"
 
 # Fernet key for secrets at rest (switch credentials, CA keys). Derived from SECRET_KEY only in DEBUG.
 SECRETS_KEY = env_str("SECRETS_KEY")
 if not SECRETS_KEY:
-    if not DEBUG:
+    if not DEBUG and not BUILD_ONLY:
         raise ImproperlyConfigured(
             "SECRETS_KEY must be set when DEBUG is off (a Fernet key: "
             "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
@@ -217,7 +222,7 @@ CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule"
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.
 ACCESS_CA_PASSPHRASE = env_str("ACCESS_CA_PASSPHRASE", "")
-if not ACCESS_CA_PASSPHRASE and not DEBUG:
+if not ACCESS_CA_PASSPHRASE and not DEBUG and not BUILD_ONLY:
     raise ImproperlyConfigured("ACCESS_CA_PASSPHRASE must be set when DEBUG is off (a long random string)")
 ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, minimum=300)
 ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)

@@ -136,3 +136,21 @@ def test_ldap_from_the_environment(tmp_path):
         "is_superuser": "cn=admins,ou=groups,dc=x",
         "is_staff": "cn=admins,ou=groups,dc=x",
     }
+
+
+def test_build_commands_run_without_production_keys(tmp_path):
+    """makemigrations (CI, the pre-stop check) needs no secrets; serving commands still refuse to start."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update(DATA_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="portal.settings")
+    manage = [sys.executable, "manage.py"]
+    built = subprocess.run(
+        [*manage, "makemigrations", "--check", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    served = subprocess.run([*manage, "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert served.returncode != 0 and "SECRET_KEY must be set" in served.stderr
