@@ -70,6 +70,27 @@ def gateway_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr:
     return tap
 
 
+def tagged_frame_seen(gw: Netns, tap: str, client: Netns, dev: str, vid: int, addr: str, target: str) -> str:
+    """Send ARP from the client's tap ``dev`` (address ``addr``, pinging ``target``) and capture it, tagged
+    ``vid``, on the gateway's trunk tap. Returns tcpdump's line, or "" when no such frame came."""
+    dump = subprocess.Popen(
+        gw.cmd("tcpdump", "-i", tap, "-e", "-n", "-l", "-c", "1", f"vlan {vid} and arp"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client.ip("addr", "add", f"{addr}/24", "dev", dev)
+        client.ip("link", "set", dev, "up")
+        time.sleep(0.3)  # tcpdump attaches
+        deadline = time.monotonic() + 8
+        while dump.poll() is None and time.monotonic() < deadline:
+            client.run("ping", "-c", "1", "-W", "0.3", "-I", dev, target, check=False)
+        return dump.stdout.read() if dump.poll() is not None else ""
+    finally:
+        stop(dump)
+
+
 def stop(proc: subprocess.Popen | None, timeout: float = 3, *, kill: bool = False) -> None:
     """Terminate one process we started (by its PID), then kill it if it lingers; ``kill``: SIGKILL at once."""
     if proc is None or proc.poll() is not None:

@@ -22,7 +22,7 @@ from django.core.management import call_command
 from access import services
 from access.models import Credential
 from access.selectors import cluster_label
-from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, tagged_frame_seen, wait_for
 from access.tests.fixtures import cluster, gateway, make_cluster
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -81,25 +81,6 @@ def _connect(lab, text: str, name: str, dev: str) -> tuple[subprocess.Popen, Pat
     return proc, log
 
 
-def _tagged_frame(lab, dev: str, vid: int, addr: str) -> str:
-    dump = subprocess.Popen(
-        lab.gw.cmd("tcpdump", "-i", lab.tap, "-e", "-n", "-l", "-c", "1", f"vlan {vid} and arp"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lab.ws.ip("addr", "add", f"{addr}/24", "dev", dev)
-        lab.ws.ip("link", "set", dev, "up")
-        time.sleep(0.3)
-        deadline = time.monotonic() + 8
-        while dump.poll() is None and time.monotonic() < deadline:
-            lab.ws.run("ping", "-c", "1", "-W", "0.3", "-I", dev, "198.18.247.250", check=False)
-        return dump.stdout.read() if dump.poll() is not None else ""
-    finally:
-        stop(dump)
-
-
 def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
     vpn_lab, alice, team, cluster, django_capture_on_commit_callbacks
 ):
@@ -116,7 +97,9 @@ def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
         10,
         what="the gateway's ACCEPT line",
     )
-    frame = _tagged_frame(vpn_lab, "vce1", cluster.vlan_id, "198.18.247.1")
+    frame = tagged_frame_seen(
+        vpn_lab.gw, vpn_lab.tap, vpn_lab.ws, "vce1", cluster.vlan_id, "198.18.247.1", "198.18.247.250"
+    )
     assert f"vlan {cluster.vlan_id}" in frame, frame
 
     # "I lost my laptop": the portal revokes; the local gateway gets the CRL and cuts the session.

@@ -30,7 +30,7 @@ import pytest
 from access import attrcerts, openvpn, pki
 from access.gateway import management, pull, vpn
 from access.gateway.state import VpnState, vlan_map_json, write_atomic
-from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, tagged_frame_seen, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
 
@@ -184,41 +184,20 @@ def _server_says(lab, needle: str, timeout: float = 10) -> None:
     wait_for(lambda: needle in read(lab.log), timeout, what=f"server log line {needle!r}")
 
 
-def _tagged_frame_seen(lab, dev: str, vid: int, addr: str) -> str:
-    """Send ARP from the client's tap and capture it, tagged ``vid``, on the gateway's trunk tap."""
-    dump = subprocess.Popen(
-        lab.gw.cmd("tcpdump", "-i", lab.tap, "-e", "-n", "-l", "-c", "1", f"vlan {vid} and arp"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lab.cl.ip("addr", "add", f"{addr}/24", "dev", dev)
-        lab.cl.ip("link", "set", dev, "up")
-        time.sleep(0.3)  # tcpdump attaches
-        deadline = time.monotonic() + 8
-        while dump.poll() is None and time.monotonic() < deadline:
-            lab.cl.run("ping", "-c", "1", "-W", "0.3", "-I", dev, "198.18.252.250", check=False)
-        out = dump.stdout.read() if dump.poll() is not None else ""
-    finally:
-        stop(dump)
-    return out
-
-
 @needs_lab
 def test_authorized_cluster_connects_on_its_vlan(lab):
     text, serial = lab.profile("alice", "c42", fqans=[attrcerts.fqan("c42"), attrcerts.fqan("c43")], dev="vct1")
     proc, log, ms = _connect_ok(lab, text, "alice-c42")
     print(f"\nopenvpn connect (authorized): {ms:.0f} ms")
     _server_says(lab, f"ACCEPT cn=alice serial={serial}: cluster c42 -> vlan-pvid 142")
-    frame = _tagged_frame_seen(lab, "vct1", 142, "198.18.252.1")
+    frame = tagged_frame_seen(lab.gw, lab.tap, lab.cl, "vct1", 142, "198.18.252.1", "198.18.252.250")
     assert "vlan 142" in frame, frame
 
     # The same user, second cluster of the same AC, at the same time: lands on VLAN 143.
     text2, serial2 = lab.profile("alice", "c43", fqans=[attrcerts.fqan("c42"), attrcerts.fqan("c43")], dev="vct2")
     proc2, _, _ = _connect_ok(lab, text2, "alice-c43")
     _server_says(lab, f"ACCEPT cn=alice serial={serial2}: cluster c43 -> vlan-pvid 143")
-    frame = _tagged_frame_seen(lab, "vct2", 143, "198.18.253.1")
+    frame = tagged_frame_seen(lab.gw, lab.tap, lab.cl, "vct2", 143, "198.18.253.1", "198.18.253.250")
     assert "vlan 143" in frame and "vlan 142" not in frame, frame
     stop(proc, kill=True)
     stop(proc2, kill=True)

@@ -4,13 +4,13 @@ Open vSwitch switches and hosts (netns); VMs attached as libvirt would; packets 
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import pytest
 from rest_framework.test import APIClient
 
 from clusters.models import ClusterState, Image, Node, VirtualCluster
+from clusters.tests.helpers import wait_state
 from network.drivers import host_session, switch_session
 from network.lab import Lab, broadcast, ping, requirements, topology
 from network.lab.inventory import point_inventory_at
@@ -37,16 +37,6 @@ def lab_inventory(transactional_db):
     point_inventory_at(lab)
     yield lab
     lab.down()
-
-
-def wait_state(cluster_id: int, *states: str, timeout: float = 30.0) -> VirtualCluster:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        cluster = VirtualCluster.objects.get(pk=cluster_id)
-        if cluster.state in states:
-            return cluster
-        time.sleep(0.05)
-    raise AssertionError(f"cluster {cluster_id} is {cluster.state}, not {states}")
 
 
 def mac() -> str:

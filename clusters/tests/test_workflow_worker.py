@@ -11,6 +11,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from clusters.models import ClusterState, Image, Node, VirtualCluster
+from clusters.tests.helpers import wait_state
 from network.models import VlanAllocation
 from network.tests.fakefabric import build_fabric
 
@@ -29,16 +30,6 @@ def api(alice):
     client = APIClient()
     client.force_authenticate(alice)
     return client
-
-
-def wait_state(cluster_id: int, *states: str, timeout: float = 30.0) -> VirtualCluster:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        cluster = VirtualCluster.objects.get(pk=cluster_id)
-        if cluster.state in states:
-            return cluster
-        time.sleep(0.05)
-    raise AssertionError(f"cluster {cluster_id} is {cluster.state}, not {states} after {timeout}s")
 
 
 def create(api, name="c1", nodes=(("n1", "brno1", "52:54:00:00:00:01"), ("n2", "prague1", "52:54:00:00:00:02"))):
