@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Time to converge one VLAN onto 1, 2, 4, 8 and 16 site switches of the netns lab: in parallel (one Celery
-group of ``network.converge_switch`` tasks on a real worker, as ``workflows.provision`` runs them) versus
-one by one (the same convergence, switch after switch, in this process). Goal: 16 switches in parallel
-within 1.5× the time of 1.
+"""Time to converge one VLAN onto 1, 2, 4, 8 and 16 site switches of the netns lab, three ways, side by side:
+
+- layer: one ``network.converge_devices`` task on a real worker, as ``workflows.provision`` sends a layer
+  (the switches converged side by side in threads, a fixed number of database queries);
+- per-device tasks: a Celery group of ``network.converge_switch`` tasks, one per switch (the previous design);
+- one by one: ``convergence.converge_change`` switch after switch, in this process.
+
+Goal: 16 switches (layer) within 1.5× the time of 1.
 
     REDIS_URL=redis://127.0.0.1:6379/3 DATABASE_URL=postgres://postgres@127.0.0.1:5432/virtcloud_bench \\
         .venv/bin/python bench/converge.py
@@ -101,6 +105,22 @@ def remove(seg, switches) -> None:
     services.vlan_release(allocation=seg.allocation)
 
 
+def layer(changes: list[int], queue: str) -> None:
+    tasks.converge_devices.si(changes).set(queue=queue).apply_async().get(timeout=120, interval=0.005)
+
+
+def per_device(changes: list[int], queue: str) -> None:
+    group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(timeout=120, interval=0.005)
+
+
+def one_by_one(changes: list[int], _queue: str) -> None:
+    for c in changes:
+        convergence.converge_change(c)
+
+
+WAYS = {"layer": layer, "per-device": per_device, "one-by-one": one_by_one}
+
+
 def cleanup(inv: dict) -> None:
     """Remove the bench's inventory and everything recorded against it."""
     from network.models import DeviceChange, Segment, SegmentMember, VlanAllocation
@@ -141,35 +161,34 @@ def main() -> int:
         created = [inv["pool"], *inv["hosts"].values(), *inv["switches"].values(), *inv["sites"].values()]
         worker = start_worker(queue, workdir / "worker.log", max(SIZES), args.pool)
         # warm up: the worker's threads open their database connections, Python imports the drivers
-        seg, switches, changes = new_segment(inv, max(SIZES), "warm")
-        group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(
-            timeout=120, interval=0.005
-        )
-        remove(seg, switches)
-        print(f"{'switches':>8} {'parallel ms':>12} {'one-by-one ms':>14} {'speed-up':>9} {'vs 1 switch':>12}")
-        base = None
-        for n in SIZES:
-            par, seq = [], []
-            for r in range(args.rounds):
-                seg, switches, changes = new_segment(inv, n, f"p{n}-{r}")
-                started = time.perf_counter()
-                group(tasks.converge_switch.si(c).set(queue=queue) for c in changes).apply_async().get(
-                    timeout=120, interval=0.005
-                )
-                par.append(time.perf_counter() - started)
-                remove(seg, switches)
-                seg, switches, changes = new_segment(inv, n, f"s{n}-{r}")
-                started = time.perf_counter()
-                for c in changes:
-                    convergence.converge_change(c)
-                seq.append(time.perf_counter() - started)
-                remove(seg, switches)
-            p, s = statistics.median(par) * 1000, statistics.median(seq) * 1000
-            base = base or p
-            print(f"{n:>8} {p:>12.0f} {s:>14.0f} {s / p:>8.1f}x {p / base:>11.2f}x")
+        for name, way in WAYS.items():
+            seg, switches, changes = new_segment(inv, max(SIZES), f"warm-{name}")
+            way(changes, queue)
+            remove(seg, switches)
         print(
-            f"goal: 16 switches within 1.5x of 1 switch (parallel); pool {args.pool}; cores: {os.cpu_count()}, "
-            f"load: {os.getloadavg()}"
+            f"{'switches':>8} {'layer ms':>9} {'per-device tasks ms':>20} {'one-by-one ms':>14} "
+            f"{'layer vs 1 switch':>18} {'per-device vs 1':>16}"
+        )
+        base: dict[str, float] = {}
+        for n in SIZES:
+            times: dict[str, list[float]] = {name: [] for name in WAYS}
+            for r in range(args.rounds):
+                for name, way in WAYS.items():  # interleaved, so that drift of the machine hits all three
+                    seg, switches, changes = new_segment(inv, n, f"{name[:3]}{n}-{r}")
+                    started = time.perf_counter()
+                    way(changes, queue)
+                    times[name].append(time.perf_counter() - started)
+                    remove(seg, switches)
+            ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
+            for name in ms:
+                base.setdefault(name, ms[name])
+            print(
+                f"{n:>8} {ms['layer']:>9.0f} {ms['per-device']:>20.0f} {ms['one-by-one']:>14.0f} "
+                f"{ms['layer'] / base['layer']:>17.2f}x {ms['per-device'] / base['per-device']:>15.2f}x"
+            )
+        print(
+            f"goal: 16 switches within 1.5x of 1 switch (layer); median of {args.rounds} rounds; pool {args.pool}; "
+            f"cores: {os.cpu_count()}, load: {os.getloadavg()}"
         )
     finally:
         try:

@@ -7,6 +7,11 @@ one switch cost one session and one commit, and a later task for an already-appl
 settled (networking-generic-switch's lesson: switches rate-limit sessions and lock their config database).
 Claiming before computing matters: a change recorded after our claim is applied by its own task later.
 
+``converge_changes(change_ids)`` does the same for many devices at once, which is how a workflow converges
+one layer (switches, then hosts): the locks, the claim, the desired state and the settlement are a fixed
+number of queries whatever the number of devices, and the device sessions (which only wait on the network)
+run side by side in threads, one per device. The threads never touch the database.
+
 The lock is a PostgreSQL session advisory lock (released by the server when the worker's connection dies,
 so a killed worker never leaves a switch locked) or, on SQLite (one machine), an ``flock`` on a file under
 ``DATA_DIR/locks`` (released by the kernel when the process dies). Holding the lock also means any change
@@ -21,12 +26,13 @@ import fcntl
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from network import selectors, specs
@@ -146,21 +152,17 @@ def converge_change(change_id: int) -> DeviceChange:
     Raises ``TemporaryDeviceError`` when the device may work on a retry (the change is pending again) and
     ``DeviceChangeFailed`` when it failed for good (the change is failed, with the device's message).
 
-    Queries are pinned by a test (this runs once per device per workflow): the change with its device in
-    one query, the lock, the claim, the desired state, the settlement, the unlock and the final read."""
-    change = DeviceChange.objects.select_related("switch", "host").get(pk=change_id)
-    if change.status in DeviceChange.FINAL:
-        return _settled(change)
-    device = change.switch if change.kind == DeviceKind.SWITCH else change.host
-    if device is None:
-        return change_fail(change_id, "the device no longer exists in the inventory")
-    with device_lock(change.kind, device.pk) as held:
-        if not held:
-            raise TemporaryDeviceError(device.name, "another operation holds the device lock")
-        # No re-read of the change here: the claim takes every pending change of the device; when it takes
-        # none, ours was settled by another task's batch while we waited, and there is nothing to do.
-        apply_locked(change.kind, device, skip_if_none=True)
-    return _settled(DeviceChange.objects.get(pk=change_id))
+    Queries are pinned by a test: the change with its device in one query, the lock, the claim and the
+    claimed rows, the desired state, the settlement, the unlock and the final read; a change already
+    settled (by another task's batch) costs one query and opens no session."""
+    outcome = converge_changes([change_id])
+    if change_id not in outcome.changes:
+        raise DeviceChange.DoesNotExist(f"no device change {change_id}")
+    if change_id in outcome.temporary:
+        raise outcome.temporary[change_id]
+    if outcome.failed:
+        raise outcome.failed[0]
+    return outcome.changes[change_id]
 
 
 def change_fail(change_id: int, message: str) -> DeviceChange:
@@ -184,17 +186,14 @@ class Applied:
     desired: dict = field(default_factory=dict)
 
 
-def apply_locked(kind: str, device: Switch | Host, *, session=None, skip_if_none: bool = False) -> Applied:
-    """With the device's lock held: claim its pending changes, converge it to the desired state, settle
-    the claimed changes. ``session`` reuses an open driver session (the reconciler's); ``skip_if_none``:
-    when no change was pending, do not open a session at all."""
+def apply_locked(kind: str, device: Switch | Host, *, session) -> Applied:
+    """With the device's lock held and a driver session open on it (the reconciler's): claim its pending
+    changes, converge it to the desired state, settle the claimed changes."""
     batch = uuid.uuid4()
     now = timezone.now()
     claimed = DeviceChange.objects.filter(
         status__in=[Status.PENDING, Status.RUNNING], **_device_filter(kind, device)
     ).update(status=Status.RUNNING, batch=batch, started_at=now, attempts=F("attempts") + 1, error="")
-    if skip_if_none and not claimed:
-        return Applied(batch, 0, Status.NOOP)
     rows = DeviceChange.objects.filter(batch=batch)
 
     if not device.enabled:
@@ -203,10 +202,10 @@ def apply_locked(kind: str, device: Switch | Host, *, session=None, skip_if_none
     try:
         if kind == DeviceKind.SWITCH:
             desired = selectors.switch_desired([device.pk])[device.pk]
-            result = _converge_switch(device, desired, session)
+            result = session.converge(desired)
         else:
             desired = selectors.host_desired([device.pk])[device.pk]
-            result = _converge_host(device, desired, session)
+            result = _host_result(device.name, desired, session.converge(desired))
     except TemporaryDeviceError as exc:
         # Back to pending: the retry (of this task or of another change's task) claims it again.
         rows.update(status=Status.PENDING, error=exc.message)
@@ -224,28 +223,231 @@ def apply_locked(kind: str, device: Switch | Host, *, session=None, skip_if_none
     return Applied(batch, claimed, status, diff=result.diff, desired={k: sorted(v) for k, v in shown.items()})
 
 
-def _converge_switch(switch: Switch, desired, session):
-    if session is not None:
-        return session.converge(desired)
-    with switch_session(specs.switch_spec(switch)) as opened:
-        return opened.converge(desired)
-
-
-def _converge_host(host: Host, desired: frozenset[int], session):
-    if session is None:
-        with host_session(specs.host_spec(host)) as opened:
-            result = opened.converge(desired)
-    else:
-        result = session.converge(desired)
+def _host_result(name: str, desired: frozenset[int], result):
+    """A host's converge result, checked: a bridge kept for its VM ports is temporary (the VMs must go
+    first), a VLAN still missing is permanent."""
     carried = frozenset().union(*result.after.values()) if result.after else frozenset()
     kept = carried - desired
     if kept:
-        # The driver keeps a bridge that still has VM ports: the VMs must go first; retry later.
-        raise TemporaryDeviceError(host.name, f"VLAN {format_ranges(kept)} kept: VM ports still attached")
+        raise TemporaryDeviceError(name, f"VLAN {format_ranges(kept)} kept: VM ports still attached")
     missing = desired - carried
     if missing:
-        raise PermanentDeviceError(host.name, f"VLAN {format_ranges(missing)} missing after converge")
+        raise PermanentDeviceError(name, f"VLAN {format_ranges(missing)} missing after converge")
     return result
+
+
+# --- many devices at once ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchOutcome:
+    """What ``converge_changes`` did: every change asked for (settled, or pending again), the permanent
+    failures (device and the device's own message) and the temporary ones (to retry), in the order asked."""
+
+    changes: dict[int, DeviceChange]
+    failed: list[DeviceChangeFailed] = field(default_factory=list)
+    temporary: dict[int, TemporaryDeviceError] = field(default_factory=dict)  # change id → error
+
+
+@dataclass
+class _Device:
+    """One device of a batch: what the worker thread needs (no ORM object crosses into the thread)."""
+
+    kind: str
+    device: Switch | Host
+    claimed: list[int] = field(default_factory=list)
+    spec: object = None
+    desired: object = None
+    status: str = ""
+    diff: str = ""
+    error: str = ""
+    finished_at: object = None
+    exc: DeviceError | None = None
+
+
+def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) -> BatchOutcome:
+    """Apply changes ``change_ids`` (and every other pending change of their devices), the devices side by
+    side. A device whose lock another operation holds is waited for (up to ``wait`` s, default the task
+    time limit) while the others go on; one still locked then counts as a temporary error."""
+    ids = list(dict.fromkeys(change_ids))
+    rows = DeviceChange.objects.select_related("switch", "host").in_bulk(ids)
+    todo: dict[tuple[str, int], Switch | Host] = {}
+    gone = []
+    for change in rows.values():
+        if change.status in DeviceChange.FINAL:
+            continue
+        device = change.switch if change.kind == DeviceKind.SWITCH else change.host
+        if device is None:
+            gone.append(change.pk)
+        else:
+            todo[(change.kind, device.pk)] = device
+    if not todo and not gone:  # all settled already (by another task's batch): no lock, no session
+        return _outcome(ids, rows, {})
+    if gone:
+        DeviceChange.objects.filter(pk__in=gone).exclude(status__in=DeviceChange.FINAL).update(
+            status=Status.FAILED, error="the device no longer exists in the inventory", finished_at=timezone.now()
+        )
+    temporary: dict[str, TemporaryDeviceError] = {}  # device name → error
+    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
+    while todo:
+        held, release = _lock_devices(list(todo))
+        try:
+            if held:
+                for device in _apply_devices([(kind, todo.pop((kind, pk))) for kind, pk in held]):
+                    if isinstance(device.exc, TemporaryDeviceError):
+                        temporary[device.device.name] = device.exc
+        finally:
+            release()
+        if todo:
+            if time.monotonic() >= deadline:
+                for device in todo.values():
+                    temporary[device.name] = TemporaryDeviceError(
+                        device.name, "another operation holds the device lock"
+                    )
+                break
+            time.sleep(0.02)
+    return _outcome(ids, DeviceChange.objects.in_bulk(ids), temporary)
+
+
+def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[str, TemporaryDeviceError]):
+    outcome = BatchOutcome(changes={pk: rows[pk] for pk in ids if pk in rows})
+    for pk, change in outcome.changes.items():
+        if change.status == Status.FAILED:
+            outcome.failed.append(DeviceChangeFailed(change.device, change.error or "failed", pk))
+        elif change.status not in DeviceChange.FINAL and change.device in temporary:
+            outcome.temporary[pk] = temporary[change.device]
+    return outcome
+
+
+def _lock_devices(keys: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], Callable[[], None]]:
+    """Try the locks of ``keys`` (kind, pk) without waiting: (the ones now held, how to release them).
+    PostgreSQL: one query per device kind, whatever the number of devices."""
+    kinds = sorted({kind for kind, _pk in keys})
+    if connection.vendor == "postgresql":
+        held: list[tuple[str, int]] = []
+        with connection.cursor() as cursor:
+            for kind in kinds:
+                cursor.execute(
+                    "SELECT k FROM unnest(%s::int[]) AS k WHERE pg_try_advisory_lock(%s, k)",
+                    [[pk for k, pk in keys if k == kind], _LOCK_SPACES[kind]],
+                )
+                held += [(kind, row[0]) for row in cursor.fetchall()]
+
+        def release() -> None:
+            with connection.cursor() as cursor:
+                for kind in kinds:
+                    pks = [pk for k, pk in held if k == kind]
+                    if pks:
+                        cursor.execute(
+                            "SELECT pg_advisory_unlock(%s, k) FROM unnest(%s::int[]) AS k", [_LOCK_SPACES[kind], pks]
+                        )
+
+        return held, release
+    stack = contextlib.ExitStack()
+    held = [(kind, pk) for kind, pk in keys if stack.enter_context(_file_lock(_LOCK_SPACES[kind], int(pk), 0))]
+    return held, stack.close
+
+
+def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[uuid.UUID, dict[tuple[str, int], list[int]]]:
+    """Pending → running for every pending (or orphaned running) change of ``devices``, in one UPDATE;
+    returns the batch id and the claimed change ids per device."""
+    batch = uuid.uuid4()
+    switch_ids = [d.pk for kind, d in devices if kind == DeviceKind.SWITCH]
+    host_ids = [d.pk for kind, d in devices if kind == DeviceKind.HOST]
+    where = Q(pk__in=[])
+    if switch_ids:
+        where |= Q(kind=DeviceKind.SWITCH, switch_id__in=switch_ids)
+    if host_ids:
+        where |= Q(kind=DeviceKind.HOST, host_id__in=host_ids)
+    DeviceChange.objects.filter(where, status__in=[Status.PENDING, Status.RUNNING]).update(
+        status=Status.RUNNING, batch=batch, started_at=timezone.now(), attempts=F("attempts") + 1, error=""
+    )
+    claimed: dict[tuple[str, int], list[int]] = {}
+    for pk, kind, switch_id, host_id in DeviceChange.objects.filter(batch=batch).values_list(
+        "pk", "kind", "switch_id", "host_id"
+    ):
+        claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
+    return batch, claimed
+
+
+def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
+    """With the devices' locks held: claim their pending changes, converge the devices that have some (side
+    by side, one thread per device), settle every claimed change in one UPDATE."""
+    _batch, claimed = _claim(devices)
+    work = [
+        _Device(kind, device, claimed=claimed[(kind, device.pk)])
+        for kind, device in devices
+        if (kind, device.pk) in claimed
+    ]
+    if not work:
+        return []
+    active = [w for w in work if w.device.enabled]
+    for w in work:
+        if not w.device.enabled:
+            w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
+    if active:
+        segments = selectors.desired_segments()
+        switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
+        hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]
+        per_switch = selectors.switch_desired(switches, segments=segments) if switches else {}
+        per_host = selectors.host_desired(hosts, segments=segments) if hosts else {}
+        for w in active:
+            if w.kind == DeviceKind.SWITCH:
+                w.desired = per_switch[w.device.pk]
+                w.spec = specs.switch_spec(w.device, owned_ports=w.desired.keys())
+            else:
+                w.desired = per_host[w.device.pk]
+                w.spec = specs.host_spec(w.device)
+        if len(active) == 1:
+            _drive(active[0])
+        else:
+            with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="converge") as pool:
+                list(pool.map(_drive, active))
+    _settle(work)
+    return work
+
+
+def _settle(work: list[_Device]) -> None:
+    """Every claimed change gets its device's outcome: one statement per change, sent in one batch
+    (``executemany``: psycopg pipelines it into one round trip; ``bulk_update``'s CASE expressions cost
+    more to build than the whole layer's database work)."""
+    finished = DeviceChange._meta.get_field("finished_at")
+    table = connection.ops.quote_name(DeviceChange._meta.db_table)
+    rows = [
+        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), pk)
+        for w in work
+        for pk in w.claimed
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s WHERE id = %s",  # noqa: S608
+            rows,
+        )
+
+
+def _drive(w: _Device) -> None:
+    """One device session (in a worker thread: drivers only, no database)."""
+    name = w.device.name
+    try:
+        if w.kind == DeviceKind.SWITCH:
+            with switch_session(w.spec) as session:
+                result = session.converge(w.desired)
+        else:
+            with host_session(w.spec) as session:
+                result = _host_result(name, w.desired, session.converge(w.desired))
+    except TemporaryDeviceError as exc:  # back to pending: a retry claims it again
+        w.status, w.error, w.exc = Status.PENDING, exc.message, exc
+        return
+    except DeviceError as exc:
+        w.status, w.error, w.exc, w.finished_at = Status.FAILED, exc.message, exc, timezone.now()
+        return
+    except Exception as exc:  # a driver bug: fail the change, never leave it running
+        message = f"{type(exc).__name__}: {exc}"
+        w.status, w.error, w.finished_at = Status.FAILED, message, timezone.now()
+        w.exc = PermanentDeviceError(name, message)
+        return
+    w.status = Status.OK if result.changed else Status.NOOP
+    w.diff, w.finished_at = result.diff, timezone.now()
 
 
 # --- dry run and drift ------------------------------------------------------------------------------------------

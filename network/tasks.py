@@ -4,12 +4,15 @@ Tasks take ids, load, claim their work with a conditional UPDATE and call ``netw
 ``network.services``. Device tasks are ``acks_late`` (a worker killed mid-task leaves the message for the
 next worker; converging is idempotent, so redoing it is safe), retry only temporary device errors with
 exponential backoff (``DEVICE_RETRY_MAX``, ``DEVICE_RETRY_BACKOFF``) and fail at once on permanent ones,
-raising ``DeviceChangeFailed`` with the device and the device's own message. The canvases that string
-these tasks together are built in ``network.workflows``.
+raising ``DeviceChangeFailed`` with the device and the device's own message. ``converge_devices`` (a layer
+of a workflow: many devices side by side) is what the workflows send; ``converge_switch``/``converge_host``
+converge the device of one change. The canvases that string these tasks together are built in
+``network.workflows``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -69,6 +72,39 @@ def converge_host(self, change_id: int) -> dict:
         return _run_change(self, change_id)
 
 
+@shared_task(name="network.converge_devices", **_DEVICE_TASK)
+def converge_devices(self, change_ids: list[int]) -> dict:
+    """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
+    workflow, or a chunk of it). Settled changes are skipped, so a retry (or a redelivery after a worker
+    died) redoes only what is still pending. A permanent failure of any device fails the task (after the
+    others finished) with that device and its message; temporary ones retry the task with backoff."""
+    with audit_actor("network.converge"):
+        outcome = convergence.converge_changes(change_ids)
+    if outcome.failed:
+        raise outcome.failed[0]
+    if outcome.temporary:
+        retries = self.request.retries or 0
+        if retries >= settings.DEVICE_RETRY_MAX:
+            for change_id, exc in outcome.temporary.items():
+                with contextlib.suppress(DeviceChangeFailed):
+                    convergence.change_fail(change_id, exc.message)
+            change_id, exc = next(iter(outcome.temporary.items()))
+            raise DeviceChangeFailed(exc.device, exc.message, change_id)
+        change_id, exc = next(iter(outcome.temporary.items()))
+        logger.warning(
+            "%s changes pending (%s); retry %s in %.1fs", len(outcome.temporary), exc, retries + 1, _backoff(retries)
+        )
+        raise self.retry(
+            countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
+        )
+    return {
+        "changes": [
+            {"change": change.pk, "device": change.device, "status": change.status}
+            for change in outcome.changes.values()
+        ]
+    }
+
+
 @shared_task(name="network.segment_step", acks_late=True)
 def segment_step(segment_id: int, step: str) -> dict:
     """The join point after a parallel layer of device tasks (the body of the layer's chord)."""
@@ -102,22 +138,25 @@ def segment_released(segment_id: int) -> dict:
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
 
 
-def _converge_now(change_id: int) -> str | None:
-    """Converge inline with the retry policy; the device's message when it failed for good."""
+def _converge_now(change_ids: list[int]) -> dict[int, str]:
+    """Converge the devices of ``change_ids`` inline, side by side, with the retry policy; the device's
+    message of every change that failed for good."""
+    failed: dict[int, str] = {}
+    remaining = list(change_ids)
     for attempt in range(settings.DEVICE_RETRY_MAX + 1):
-        try:
-            convergence.converge_change(change_id)
-            return None
-        except DeviceChangeFailed as exc:
-            return exc.message
-        except TemporaryDeviceError as exc:
-            if attempt == settings.DEVICE_RETRY_MAX:
-                try:
+        outcome = convergence.converge_changes(remaining)
+        failed.update({exc.change_id: exc.message for exc in outcome.failed})
+        remaining = list(outcome.temporary)
+        if not remaining:
+            break
+        if attempt == settings.DEVICE_RETRY_MAX:
+            for change_id, exc in outcome.temporary.items():
+                with contextlib.suppress(DeviceChangeFailed):
                     convergence.change_fail(change_id, exc.message)
-                except DeviceChangeFailed as failed:
-                    return failed.message
+                failed[change_id] = exc.message
+        else:
             time.sleep(_backoff(attempt))
-    return "retries exhausted"
+    return failed
 
 
 @shared_task(name="network.segment_compensate", **_DEVICE_TASK)
@@ -145,10 +184,13 @@ def segment_compensate(self, segment_id: int) -> dict:
         )
         reason = f"{first.device}: {first.error}" if first else "provisioning failed"
         switches, hosts = convergence.selectors.segment_devices(seg)
+        devices = [*hosts, *switches]  # reverse order of provisioning: hosts, then switches
+        ids = convergence.changes_create(devices=devices, segment=seg, cause=cause)
+        failed = _converge_now(ids[: len(hosts)])
+        failed.update(_converge_now(ids[len(hosts) :]))
         not_rolled_back = []
-        for device in [*hosts, *switches]:  # reverse order of provisioning
-            change = convergence.change_create(device=device, segment=seg, cause=cause)
-            message = _converge_now(change.pk)
+        for device, change_id in zip(devices, ids, strict=True):
+            message = failed.get(change_id)
             if message is None:
                 continue
             kind = DeviceKind.SWITCH if isinstance(device, Switch) else DeviceKind.HOST

@@ -12,37 +12,53 @@ claim) and returns a Signature for the caller to compose and start after its tra
 - ``teardown`` (after ``services.segment_delete``): hosts → switches → VLAN into quarantine, segment CLOSED.
 - ``compensate``: converge back everything the segment touched, release the VLAN, FAILED with the reason.
 
-A layer is a ``group`` followed by a join task (Celery makes it a chord), so the canvas works with any
-result backend that supports chords (Redis natively, django-db through ``chord_unlock``). The last
-layer's join is the canvas's last task itself (``segment_provisioned``/``segment_released``), not an extra
-``segment_step``: every stage is a broker round trip. The pending changes of all layers are recorded in
-one INSERT. Host tasks go to the host's agent queue when it has one.
+A layer is one ``converge_devices`` task per ``DEVICE_BATCH_SIZE`` devices (and per host agent queue:
+host tasks go to the host's agent queue when it has one); each converges its devices side by side, one
+thread per device, with a fixed number of database queries (``network.convergence.converge_changes``).
+Every task is a broker round trip and a worker slot, so a layer of 16 switches is one task, not 16.
+A layer of one task is simply the next link of the chain; a layer of several is a ``group`` followed by a
+join task (Celery makes it a chord), so the canvas works with any result backend that supports chords
+(Redis natively, django-db through ``chord_unlock``); the last layer's join is the canvas's last task
+itself (``segment_provisioned``/``segment_released``). The pending changes of all layers are recorded in
+one INSERT.
 """
 
 from __future__ import annotations
 
 from celery import chain, group
 from celery.canvas import Signature
+from django.conf import settings
 
 from network import convergence, selectors, tasks
 from network.errors import SegmentClosed
 from network.models import Host, Segment, Switch
 
 
-def _switch_task(change_id: int) -> Signature:
-    return tasks.converge_switch.si(change_id)
-
-
-def _host_task(host: Host, change_id: int) -> Signature:
-    sig = tasks.converge_host.si(change_id)
-    return sig.set(queue=host.agent_queue) if host.agent_queue else sig
+def _layer(pairs: list[tuple[Switch | Host, int]]) -> list[Signature]:
+    """The tasks of one layer: ``(device, change id)`` pairs in chunks of ``DEVICE_BATCH_SIZE``, hosts
+    with an agent queue on their own queue's tasks."""
+    by_queue: dict[str, list[int]] = {}
+    for device, change_id in pairs:
+        queue = device.agent_queue if isinstance(device, Host) else ""
+        by_queue.setdefault(queue or "", []).append(change_id)
+    size = settings.DEVICE_BATCH_SIZE
+    signatures = []
+    for queue, ids in by_queue.items():
+        for start in range(0, len(ids), size):
+            sig = tasks.converge_devices.si(ids[start : start + size])
+            signatures.append(sig.set(queue=queue) if queue else sig)
+    return signatures
 
 
 def _layers(segment: Segment, layers: list[tuple[str, list[Signature]]], last: Signature) -> list[Signature]:
-    """``group → join`` per non-empty layer, in order; the last layer joins straight into ``last``."""
+    """One link per non-empty layer, in order: its task, or ``group → join``; the last layer's group
+    joins straight into ``last``."""
     layers = [(step, sigs) for step, sigs in layers if sigs]
     steps: list[Signature] = []
     for i, (step, signatures) in enumerate(layers):
+        if len(signatures) == 1:
+            steps.append(signatures[0])
+            continue
         steps.append(group(signatures))
         if i < len(layers) - 1:
             steps.append(tasks.segment_step.si(segment.pk, step))
@@ -66,8 +82,8 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
     steps = _layers(
         segment,
         [
-            ("switches", [_switch_task(cid) for _sw, cid in changes[: len(switches)]]),
-            ("hosts", [_host_task(h, cid) for h, cid in changes[len(switches) :]]),
+            ("switches", _layer(changes[: len(switches)])),
+            ("hosts", _layer(changes[len(switches) :])),
         ],
         tasks.segment_provisioned.si(segment.pk),
     )
@@ -91,8 +107,8 @@ def teardown(segment_id: int) -> Signature:
         *_layers(
             segment,
             [
-                ("hosts", [_host_task(h, cid) for h, cid in changes[: len(hosts)]]),
-                ("switches", [_switch_task(cid) for _sw, cid in changes[len(hosts) :]]),
+                ("hosts", _layer(changes[: len(hosts)])),
+                ("switches", _layer(changes[len(hosts) :])),
             ],
             tasks.segment_released.si(segment.pk),
         )

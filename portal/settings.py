@@ -207,6 +207,9 @@ CELERY_BEAT_SCHEDULE: dict = {}
 DEVICE_RETRY_MAX = env_int("DEVICE_RETRY_MAX", 3, minimum=0)
 DEVICE_RETRY_BACKOFF = env_float("DEVICE_RETRY_BACKOFF", 1.0, minimum=0)
 DEVICE_TIMEOUT = env_float("DEVICE_TIMEOUT", 30.0, minimum=1)
+# devices per convergence task: a workflow layer is one task per this many devices (each converges its
+# devices side by side, one thread per device)
+DEVICE_BATCH_SIZE = env_int("DEVICE_BATCH_SIZE", 32, minimum=1)
 RECONCILE_INTERVAL = env_int("RECONCILE_INTERVAL", 300, minimum=5)
 RECONCILE_REPAIR = env_bool("RECONCILE_REPAIR", True)
 LAB_ENABLED = env_bool("LAB_ENABLED", False)

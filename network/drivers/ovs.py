@@ -204,6 +204,7 @@ class OvsDriver(NetworkDriver):
     # --- connection -------------------------------------------------------------------------------------------
 
     def open(self) -> None:
+        self.ovsdb.keep_open()  # one OVSDB connection for the session's transactions
         try:
             self._snapshot, self._snapshot_at = self._read_scoped(), time.monotonic()
         except TemporaryDeviceError as exc:
@@ -214,6 +215,7 @@ class OvsDriver(NetworkDriver):
         self._candidate = {}
         self._snapshot = None
         self._opened = False
+        self.ovsdb.close()
 
     def is_alive(self) -> dict:
         if not self._opened:
@@ -265,11 +267,17 @@ class OvsDriver(NetworkDriver):
         time as before); otherwise every port of the switch."""
         if not self._scoped():
             return self._read()[0]
+        return self._scoped_ports(*self.ovsdb.query(*self._scoped_reads()))
+
+    def _scoped_reads(self) -> list[tuple]:
         names = sorted({self.port_map.get(name, name) for name in self.owned or ()})
-        bridges, ports = self.ovsdb.query(
+        return [
             ("Bridge", ("name", "ports"), ("--if-exists", self.bridge)),
             ("Port", ("_uuid", "name", "vlan_mode", "tag", "trunks"), ("--if-exists", *names) if names else ()),
-        )
+        ]
+
+    def _scoped_ports(self, bridges: list[dict], ports: list[dict]) -> dict[str, PortState]:
+        names = self.owned
         if not bridges:
             raise PermanentDeviceError(self.device_name, f"OVSDB {self.hostname} has no bridge {self.bridge}")
         if not names:

@@ -152,4 +152,9 @@ class OvsHostSession:
 
 @contextlib.contextmanager
 def open_host(spec: HostSpec) -> Iterator[OvsHostSession]:
-    yield OvsHostSession(spec)
+    session = OvsHostSession(spec)
+    session.ovsdb.keep_open()
+    try:
+        yield session
+    finally:
+        session.ovsdb.close()

@@ -66,6 +66,8 @@ class Ovsdb:
     wait: bool = True  # wait until ovs-vswitchd has applied a change (not only OVSDB stored it)
     env: Mapping[str, str] = field(default_factory=dict)
     jsonrpc: bool = True  # use the JSON-RPC fast path when the database allows it (see the module docstring)
+    # the JSON-RPC connection kept between ``keep_open`` and ``close`` (a driver session); not a value
+    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_args(cls, device: str, db: str, args: Mapping, timeout: float = 30.0) -> Ovsdb:
@@ -185,12 +187,7 @@ class Ovsdb:
         for step in plan:
             kind = step[0]
             if kind == "list":
-                _, table, columns, names, if_exists = step
-                first = len(ops)
-                for name in names or [None]:
-                    where = [] if name is None else [[_KEY[table], "==", name]]
-                    ops.append({"op": "select", "table": table, "where": where, "columns": list(columns)})
-                lists.append((first, table, list(columns), names, if_exists))
+                _add_select(ops, lists, step)
                 continue
             writes = True
             _, table, record, change = step
@@ -234,6 +231,13 @@ class Ovsdb:
         if len(results) > len(ops) and isinstance(results[-1], dict) and "error" in results[-1]:
             text = results[-1]["error"] + (f": {results[-1]['details']}" if results[-1].get("details") else "")
             raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {text}")
+        out = self._list_output(results, lists, json_format)
+        if cfg_op >= 0:
+            self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline)
+        return out
+
+    def _list_output(self, results: list, lists: list[tuple], json_format: bool) -> str:
+        """What ovs-vsctl ``--format=json list`` prints for each read of ``lists``."""
         out = []
         for first, table, columns, names, if_exists in lists:
             if names:
@@ -249,8 +253,6 @@ class Ovsdb:
                 rows = results[first]["rows"]
             data = [[row.get(c) for c in columns] for row in rows]
             out.append(json.dumps({"headings": columns, "data": data}) if json_format else "")
-        if cfg_op >= 0:
-            self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline)
         return "".join(line + "\n" for line in out)
 
     def _wait_applied(self, next_cfg: int, deadline: float) -> None:
@@ -272,50 +274,69 @@ class Ovsdb:
                 self.device, f"OVSDB {self.db}: timeout waiting for ovs-vswitchd to apply the change"
             )
 
+    def keep_open(self) -> None:
+        """From now until ``close``, the JSON-RPC transactions share one connection (a driver session:
+        one connect instead of one per transaction, for this process and for ovsdb-server)."""
+        self._kept["keep"] = True
+
+    def close(self) -> None:
+        """Close the kept connection, if any; later transactions connect each time again."""
+        sock = self._kept.pop("sock", None)
+        self._kept.clear()
+        if sock is not None:
+            sock.close()
+
     def _transact(self, ops: list[dict], deadline: float) -> list:
-        """One JSON-RPC ``transact`` on the socket; connection problems and silence are temporary."""
-        path = self._socket_path()
-        request = json.dumps({"method": "transact", "params": ["Open_vSwitch", *ops], "id": 0}).encode()
+        """One JSON-RPC ``transact`` (on the kept connection, or a new one); connection problems and
+        silence are temporary. A connection that saw any error is not used again."""
+        sock = self._kept.get("sock")
+        if sock is None:
+            sock = self._connect(deadline)
+        request_id = self._kept.get("next_id", 0)
+        self._kept["next_id"] = request_id + 1
+        request = json.dumps({"method": "transact", "params": ["Open_vSwitch", *ops], "id": request_id}).encode()
+        keep = False
+        try:
+            sock.sendall(request)
+            result = self._receive(sock, deadline, request_id)
+            keep = bool(self._kept.get("keep"))
+            return result
+        except TimeoutError:
+            raise TemporaryDeviceError(
+                self.device, f"OVSDB {self.db} did not answer within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise TemporaryDeviceError(
+                self.device, f"OVSDB {self.db}: connection reset ({exc.strerror or exc})"
+            ) from None
+        finally:
+            if keep:
+                self._kept["sock"] = sock
+            else:
+                self._kept.pop("sock", None)
+                self._kept.pop("rest", None)
+                sock.close()
+
+    def _connect(self, deadline: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
-            try:
-                sock.connect(path)
-            except OSError as exc:
-                raise TemporaryDeviceError(
-                    self.device, f"OVSDB {self.db}: database connection failed ({exc.strerror or exc})"
-                ) from None
-            try:
-                sock.sendall(request)
-                return self._receive(sock, deadline)
-            except TimeoutError:
-                raise TemporaryDeviceError(
-                    self.device, f"OVSDB {self.db} did not answer within {self.timeout:g} s"
-                ) from None
-            except OSError as exc:
-                raise TemporaryDeviceError(
-                    self.device, f"OVSDB {self.db}: connection reset ({exc.strerror or exc})"
-                ) from None
-        finally:
+            sock.connect(self._socket_path())
+        except OSError as exc:
             sock.close()
+            raise TemporaryDeviceError(
+                self.device, f"OVSDB {self.db}: database connection failed ({exc.strerror or exc})"
+            ) from None
+        return sock
 
-    def _receive(self, sock: socket.socket, deadline: float) -> list:
+    def _receive(self, sock: socket.socket, deadline: float, request_id: int) -> list:
         decoder = json.JSONDecoder()
-        buffer = ""
-        raw = b""
+        raw = self._kept.pop("rest", b"")
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("connection closed by ovsdb-server")
-            raw += chunk
             try:
                 buffer = raw.decode()
             except UnicodeDecodeError:
-                continue  # a multi-byte character split across reads
+                buffer = ""  # a multi-byte character split across reads: read more
             while buffer.strip():
                 try:
                     message, end = decoder.raw_decode(buffer.lstrip())
@@ -326,17 +347,37 @@ class Ovsdb:
                 if message.get("method") == "echo":  # the server's keepalive: answer it
                     sock.sendall(json.dumps({"result": message["params"], "id": message["id"]}).encode())
                     continue
-                if message.get("id") != 0:
+                if message.get("id") != request_id:
                     continue
+                if raw.strip():
+                    self._kept["rest"] = raw  # what the server sent after our answer (a keepalive)
                 if message.get("error") is not None:
                     raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {message['error']}")
                 return message["result"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("connection closed by ovsdb-server")
+            raw += chunk
 
 
 # Tables the fast path knows: how a record is named (``.`` = the one Open_vSwitch row) …
 _KEY = {"Port": "name", "Bridge": "name", "Interface": "name", "Open_vSwitch": ""}
 # … and the columns it may write, with their type (anything else runs ovs-vsctl).
 _COLUMNS = {"vlan_mode": "string", "tag": "integer", "trunks": "integer-set", "external_ids": "map"}
+
+
+def _add_select(ops: list[dict], lists: list[tuple], step: tuple) -> None:
+    """Append the select ops of one ``list`` plan step to ``ops`` and note where they are in ``lists``."""
+    _, table, columns, names, if_exists = step
+    first = len(ops)
+    for name in names or [None]:
+        where = [] if name is None else [[_KEY[table], "==", name]]
+        ops.append({"op": "select", "table": table, "where": where, "columns": list(columns)})
+    lists.append((first, table, list(columns), names, if_exists))
 
 
 def _where(table: str, record: str) -> list:

@@ -131,6 +131,37 @@ def test_switch_converge_starts_no_process(lab, ovs_bridge, no_processes):
     device.close()
 
 
+def test_a_session_keeps_one_connection(lab, ovs_bridge, no_processes, monkeypatch):
+    """Between ``open`` and ``close`` a driver's transactions (read, commit, wait, verify, rollback) share one
+    OVSDB connection; after ``close`` none is left open. A kept connection the server dropped is a temporary
+    error once, then the next transaction connects again."""
+    connects = []
+    real = socket.socket.connect
+
+    def counted(sock, address):
+        connects.append(address)
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
+    args = {"bridge": ovs_bridge["bridge"], "port_map": ovs_bridge["port_map"], "owned_ports": ["Ethernet1"]}
+    device = OvsDriver(ovs_bridge["db"], optional_args=args, timeout=10)
+    device.open()
+    device.load_merge_candidate(config="port Ethernet1 trunks 7")
+    device.commit_config()
+    assert device.owned_port_vlans() == {"Ethernet1": frozenset({7})}
+    device.rollback()
+    assert device.owned_port_vlans() == {"Ethernet1": frozenset()}
+    assert len(connects) == 1
+    kept = device.ovsdb._kept["sock"]
+    kept.shutdown(socket.SHUT_RDWR)  # as if ovsdb-server restarted
+    with pytest.raises(TemporaryDeviceError, match="connection"):
+        device.ovsdb.list_rows("Bridge", ("name",), ovs_bridge["bridge"])
+    assert device.ovsdb.list_rows("Bridge", ("name",), ovs_bridge["bridge"])[0]["name"] == ovs_bridge["bridge"]
+    assert len(connects) == 2
+    device.close()
+    assert "sock" not in device.ovsdb._kept and kept.fileno() == -1
+
+
 def test_unreachable_and_silent_databases_are_temporary(tmp_path):
     gone = Ovsdb(device="sw-gone", db=f"unix:{tmp_path}/db.sock", timeout=1)
     with pytest.raises(TemporaryDeviceError, match="sw-gone.*database connection failed"):

@@ -10,11 +10,11 @@ from network import convergence, selectors, services
 from network.models import DeviceChange
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
-# change+device, claim, desired state (segments, members, gateway sites, switch ports), owned ports of the
-# spec, settlement, final read; PostgreSQL adds the advisory lock and unlock
+# change+device, claim, claimed rows, desired state (segments, members, gateway sites, switch ports — which
+# are also the spec's owned ports), settlement, final read; PostgreSQL adds the advisory lock and unlock
 SWITCH_QUERIES = 9
-# change+device, claim, desired state (segments, members, gateway sites), settlement, final read
-HOST_QUERIES = 7
+# change+device, claim, claimed rows, desired state (segments, members, gateway sites), settlement, final read
+HOST_QUERIES = 8
 
 
 def _locks() -> int:
@@ -64,3 +64,22 @@ def test_a_change_settled_by_another_batch_opens_no_session(fabric, segment, dja
     convergence.converge_change(first)
     with django_assert_num_queries(1):
         assert convergence.converge_change(second).status == DeviceChange.Status.OK
+
+
+def test_a_layer_costs_the_same_queries_for_one_device_or_many(fabric, django_assert_num_queries):
+    """A workflow layer (``converge_changes``): locks, claim, desired state and settlement are a fixed
+    number of queries whatever the number of devices; the sessions run side by side."""
+    hosts = [fabric.hosts[name] for name in ("brno1", "brno2", "pilsen1", "pilsen2", "prague1", "prague2")]
+    seg = services.segment_create(owner="cluster:layer", hosts=hosts, gateway=True)
+    switches, members = selectors.segment_devices(seg)
+    assert len(switches) == 3 and len(members) == 6
+    ids = convergence.changes_create(devices=switches, segment=seg, cause="q")
+    with django_assert_num_queries(SWITCH_QUERIES + _locks()):
+        outcome = convergence.converge_changes(ids)
+    assert [c.status for c in outcome.changes.values()] == [DeviceChange.Status.OK] * 3
+    ids = convergence.changes_create(devices=members, segment=seg, cause="q")
+    with django_assert_num_queries(HOST_QUERIES + _locks()):
+        outcome = convergence.converge_changes(ids)
+    assert [c.status for c in outcome.changes.values()] == [DeviceChange.Status.OK] * 6
+    assert all(fabric.host_vlans(h.name) == frozenset({seg.vid}) for h in members)
+    assert not outcome.failed and not outcome.temporary

@@ -3,7 +3,9 @@ canvases on a real Celery worker over Redis (``-m worker``), including a worker 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +13,7 @@ from django.db import connections
 
 from network import convergence, selectors, services, workflows
 from network.errors import DeviceChangeFailed
-from network.models import DeviceChange, Segment, VlanAllocation
+from network.models import DeviceChange, DeviceKind, Segment, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 NONE = frozenset()
@@ -217,6 +219,60 @@ def test_one_switch_is_never_configured_by_two_sessions_at_once(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(sessions, sessions[1:], strict=False)), "sessions overlapped"
     assert len(sessions) < len(changes)  # later ones were batched into an earlier session
     assert fabric.switch_ports("sw-brno")["h1"] | fabric.switch_ports("sw-brno")["h2"] == {s.vid for s in segments}
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(device, seconds: float):
+    """Another worker holds ``device``'s lock (its own database connection, in a thread) for ``seconds``."""
+    held = threading.Event()
+
+    def hold():
+        try:
+            with convergence.device_lock(DeviceKind.SWITCH, device.pk, wait=5):
+                held.set()
+                time.sleep(seconds)
+        finally:
+            connections["default"].close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        thread.join()
+
+
+def test_a_layer_converges_the_free_devices_while_a_locked_one_waits(fabric):
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    switches, _hosts = selectors.segment_devices(seg)
+    ids = convergence.changes_create(devices=switches, segment=seg, cause="provision c")
+    with lock_held_elsewhere(fabric.switches["brno"], 0.5):
+        started = time.time()
+        outcome = convergence.converge_changes(ids)
+    assert [c.status for c in outcome.changes.values()] == ["ok"] * 3 and not outcome.temporary
+    ((brno_start, _end),) = fabric.switch_state("sw-brno")["sessions"]
+    assert brno_start >= started + 0.45  # waited for the lock ...
+    for name in ("sw-pilsen", "sw-prague"):  # ... while the others did not
+        ((_start, end),) = fabric.switch_state(name)["sessions"]
+        assert end < started + 0.45
+    switches_only = lambda view: {k: v for k, v in view.items() if k.startswith("sw-")}  # noqa: E731
+    assert switches_only(device_view(fabric)) == switches_only(desired_view(fabric))
+
+
+def test_a_device_locked_past_the_wait_is_a_temporary_error_of_its_change_only(fabric):
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    switches, _hosts = selectors.segment_devices(seg)
+    ids = convergence.changes_create(devices=switches, segment=seg, cause="provision c")
+    with lock_held_elsewhere(fabric.switches["brno"], 0.5):
+        outcome = convergence.converge_changes(ids, wait=0.1)
+    statuses = {c.device: c.status for c in outcome.changes.values()}
+    assert statuses == {"sw-brno": "pending", "sw-pilsen": "ok", "sw-prague": "ok"}
+    ((change_id, error),) = outcome.temporary.items()
+    assert outcome.changes[change_id].device == "sw-brno" and "holds the device lock" in error.message
+    assert not outcome.failed and not fabric.switch_state("sw-brno")["sessions"]
+    # the retry (the task's, after its backoff) finishes it
+    assert convergence.converge_changes(ids).changes[change_id].status == "ok"
 
 
 # --- against the netns lab (Open vSwitch switches and hosts, QinQ core), for real ------------------------------
