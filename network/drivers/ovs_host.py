@@ -47,17 +47,13 @@ class OvsHostSession:
 
     def _state(self) -> tuple[dict, dict[int, list[str]]]:
         """(the uplink's Port row, {vid: [VM ports with that tag]})."""
-        mine, ports = self.ovsdb.query(
-            ("Bridge", ("name", "ports"), ("--if-exists", self.bridge)),
-            ("Port", ("_uuid", "name", "vlan_mode", "tag", "trunks"), ()),
-        )
-        if not mine:
+        ports = self.ovsdb.bridge_ports(self.bridge, ("vlan_mode", "tag", "trunks"))
+        if ports is None:
             raise PermanentDeviceError(self.spec.name, f"no OVS bridge {self.bridge}")
-        members = set(as_set(mine[0]["ports"]))
         uplink = None
         in_use: dict[int, list[str]] = {}
         for row in ports:
-            if row["_uuid"] not in members or row["name"] == self.bridge:
+            if row["name"] == self.bridge:
                 continue
             if row["name"] == self.uplink:
                 uplink = row

@@ -170,6 +170,35 @@ class Ovsdb:
             commands.append([*options, "--columns=" + ",".join(columns), "list", table, *names])
         return parse_tables(self.run(*commands, json_format=True, wait=False))
 
+    def bridge_ports(self, bridge: str, columns: Iterable[str]) -> list[dict] | None:
+        """The Port rows of ``bridge`` (``_uuid`` and ``columns``), or None when there is no such bridge.
+        On the JSON-RPC path only the bridge's own ports are read (its row, then its ports by uuid: two
+        small round trips on one connection), not every port of the database."""
+        columns = list(dict.fromkeys(["_uuid", "name", *columns]))
+        if not self._socket_path():
+            mine, ports = self.query(("Bridge", ("name", "ports"), ("--if-exists", bridge)), ("Port", columns, ()))
+            if not mine:
+                return None
+            members = set(as_set(mine[0]["ports"]))
+            return [row for row in ports if row["_uuid"] in members]
+        deadline = time.monotonic() + self.timeout
+        (found,) = self._transact(
+            [{"op": "select", "table": "Bridge", "where": [["name", "==", bridge]], "columns": ["ports"]}], deadline
+        )
+        if not found.get("rows"):
+            return None
+        members = [uuid for _kind, uuid in _uuid_list(found["rows"][0]["ports"])]
+        if not members:
+            return []
+        results = self._transact(
+            [
+                {"op": "select", "table": "Port", "where": [["_uuid", "==", ["uuid", uuid]]], "columns": columns}
+                for uuid in members
+            ],
+            deadline,
+        )
+        return [{column: _value(row.get(column)) for column in columns} for result in results for row in result["rows"]]
+
     # --- JSON-RPC fast path ---------------------------------------------------------------------------------
 
     def _socket_path(self) -> str:
@@ -378,6 +407,13 @@ def _add_select(ops: list[dict], lists: list[tuple], step: tuple) -> None:
         where = [] if name is None else [[_KEY[table], "==", name]]
         ops.append({"op": "select", "table": table, "where": where, "columns": list(columns)})
     lists.append((first, table, list(columns), names, if_exists))
+
+
+def _uuid_list(datum) -> list[tuple[str, str]]:
+    """An OVSDB set-of-uuids datum (``["set", [["uuid", u], …]]`` or a single ``["uuid", u]``) as pairs."""
+    if datum and datum[0] == "set":
+        return [tuple(item) for item in datum[1]]
+    return [tuple(datum)] if datum else []
 
 
 def _where(table: str, record: str) -> list:

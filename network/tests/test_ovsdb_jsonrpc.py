@@ -52,6 +52,16 @@ def test_reads_match_ovs_vsctl(lab, ovs_bridge):
     assert fast.query(*lists) == vsctl.query(*lists)
 
 
+def test_bridge_ports_reads_only_the_bridge_and_matches_ovs_vsctl(lab, ovs_bridge):
+    fast, vsctl = both(lab)
+    columns = ("vlan_mode", "tag", "trunks")
+    rows = fast.bridge_ports(ovs_bridge["bridge"], columns)
+    key = lambda row: row["name"]  # noqa: E731
+    assert sorted(rows, key=key) == sorted(vsctl.bridge_ports(ovs_bridge["bridge"], columns), key=key)
+    assert {r["name"] for r in rows} == {ovs_bridge["bridge"], *ovs_bridge["port_map"].values()}
+    assert fast.bridge_ports("no-such-bridge", columns) is None is vsctl.bridge_ports("no-such-bridge", columns)
+
+
 def test_writes_match_ovs_vsctl_and_wait_for_vswitchd(lab, ovs_bridge, no_processes):
     fast = Ovsdb(device="fast", db=lab.db)
     a, b = ovs_bridge["port_map"]["Ethernet1"], ovs_bridge["port_map"]["Ethernet2"]
