@@ -46,13 +46,7 @@ def _run_change(task, change_id: int) -> dict:
     try:
         change = convergence.converge_change(change_id)
     except TemporaryDeviceError as exc:
-        retries = task.request.retries or 0
-        if retries >= settings.DEVICE_RETRY_MAX:
-            convergence.change_fail(change_id, exc.message)  # raises DeviceChangeFailed
-        logger.warning("change %s: %s; retry %s in %.1fs", change_id, exc, retries + 1, _backoff(retries))
-        raise task.retry(
-            countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
-        ) from None
+        _retry_pending(task, {change_id: exc})
     except DeviceChangeFailed as exc:
         raise DeviceChangeFailed(exc.device, exc.message, change_id) from None
     return {"change": change.pk, "device": change.device, "status": change.status}
@@ -73,36 +67,39 @@ def converge_host(self, change_id: int) -> dict:
 
 
 @shared_task(name="network.converge_devices", **_DEVICE_TASK)
-def converge_devices(self, change_ids: list[int]) -> dict:
+def converge_devices(self, change_ids: list[int], then: list[list[int]] | None = None) -> dict:
     """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
-    workflow, or a chunk of it). Settled changes are skipped, so a retry (or a redelivery after a worker
-    died) redoes only what is still pending. A permanent failure of any device fails the task (after the
-    others finished) with that device and its message; temporary ones retry the task with backoff."""
-    with audit_actor("network.converge"):
-        outcome = convergence.converge_changes(change_ids)
-    if outcome.failed:
-        raise outcome.failed[0]
-    if outcome.temporary:
-        retries = self.request.retries or 0
-        if retries >= settings.DEVICE_RETRY_MAX:
-            for change_id, exc in outcome.temporary.items():
-                with contextlib.suppress(DeviceChangeFailed):
-                    convergence.change_fail(change_id, exc.message)
-            change_id, exc = next(iter(outcome.temporary.items()))
-            raise DeviceChangeFailed(exc.device, exc.message, change_id)
-        change_id, exc = next(iter(outcome.temporary.items()))
-        logger.warning(
-            "%s changes pending (%s); retry %s in %.1fs", len(outcome.temporary), exc, retries + 1, _backoff(retries)
-        )
-        raise self.retry(
-            countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
-        )
-    return {
-        "changes": [
-            {"change": change.pk, "device": change.device, "status": change.status}
-            for change in outcome.changes.values()
-        ]
-    }
+    workflow, or a chunk of it), then those of each layer in ``then``, in turn (consecutive layers the
+    same worker runs: one task instead of a broker round trip per layer). Settled changes are skipped, so
+    a retry (or a redelivery after a worker died) redoes only what is still pending. A permanent failure
+    of any device fails the task (after the others of its layer finished; later layers are not started)
+    with that device and its message; temporary ones retry the task with backoff."""
+    done = []
+    for layer in [change_ids, *(then or [])]:
+        with audit_actor("network.converge"):
+            outcome = convergence.converge_changes(layer)
+        if outcome.failed:
+            raise outcome.failed[0]
+        if outcome.temporary:
+            _retry_pending(self, outcome.temporary)
+        done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
+    return {"changes": done}
+
+
+def _retry_pending(task, pending: dict[int, TemporaryDeviceError]):
+    """Retry ``task`` with backoff for changes that failed temporarily, or fail them once the retries are
+    spent (raising ``DeviceChangeFailed`` with the first device and its message)."""
+    retries = task.request.retries or 0
+    change_id, exc = next(iter(pending.items()))
+    if retries >= settings.DEVICE_RETRY_MAX:
+        for pk, error in pending.items():
+            with contextlib.suppress(DeviceChangeFailed):
+                convergence.change_fail(pk, error.message)
+        raise DeviceChangeFailed(exc.device, exc.message, change_id)
+    logger.warning("%s changes pending (%s); retry %s in %.1fs", len(pending), exc, retries + 1, _backoff(retries))
+    raise task.retry(
+        countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
+    )
 
 
 @shared_task(name="network.segment_step", acks_late=True)

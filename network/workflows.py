@@ -33,35 +33,47 @@ from network import convergence, selectors, tasks
 from network.errors import SegmentClosed
 from network.models import Host, Segment, Switch
 
+Chunk = tuple[str, list[int]]  # (queue, "" for the default one; change ids)
 
-def _layer(pairs: list[tuple[Switch | Host, int]]) -> list[Signature]:
+
+def _layer(pairs: list[tuple[Switch | Host, int]]) -> list[Chunk]:
     """The tasks of one layer: ``(device, change id)`` pairs in chunks of ``DEVICE_BATCH_SIZE``, hosts
-    with an agent queue on their own queue's tasks."""
+    with an agent queue in chunks of their own queue."""
     by_queue: dict[str, list[int]] = {}
     for device, change_id in pairs:
         queue = device.agent_queue if isinstance(device, Host) else ""
         by_queue.setdefault(queue or "", []).append(change_id)
     size = settings.DEVICE_BATCH_SIZE
-    signatures = []
-    for queue, ids in by_queue.items():
-        for start in range(0, len(ids), size):
-            sig = tasks.converge_devices.si(ids[start : start + size])
-            signatures.append(sig.set(queue=queue) if queue else sig)
-    return signatures
+    return [(queue, ids[i : i + size]) for queue, ids in by_queue.items() for i in range(0, len(ids), size)]
 
 
-def _layers(segment: Segment, layers: list[tuple[str, list[Signature]]], last: Signature) -> list[Signature]:
+def _task(queue: str, layers: list[list[int]]) -> Signature:
+    sig = (
+        tasks.converge_devices.si(layers[0], then=layers[1:])
+        if len(layers) > 1
+        else tasks.converge_devices.si(layers[0])
+    )
+    return sig.set(queue=queue) if queue else sig
+
+
+def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], last: Signature) -> list[Signature]:
     """One link per non-empty layer, in order: its task, or ``group → join``; the last layer's group
-    joins straight into ``last``."""
-    layers = [(step, sigs) for step, sigs in layers if sigs]
-    steps: list[Signature] = []
-    for i, (step, signatures) in enumerate(layers):
-        if len(signatures) == 1:
-            steps.append(signatures[0])
+    joins straight into ``last``. Consecutive layers of one task each on the same queue (switches, then
+    hosts without an agent) become ONE task that converges them in turn: a broker round trip fewer."""
+    layers = [(step, chunks) for step, chunks in layers if chunks]
+    links: list[Signature | Chunk] = []
+    for i, (step, chunks) in enumerate(layers):
+        if len(chunks) == 1:
+            queue, ids = chunks[0]
+            if links and isinstance(links[-1], tuple) and links[-1][0] == queue:
+                links[-1][1].append(ids)
+            else:
+                links.append((queue, [ids]))
             continue
-        steps.append(group(signatures))
+        links.append(group(_task(queue, [ids]) for queue, ids in chunks))
         if i < len(layers) - 1:
-            steps.append(tasks.segment_step.si(segment.pk, step))
+            links.append(tasks.segment_step.si(segment.pk, step))
+    steps = [_task(*link) if isinstance(link, tuple) else link for link in links]
     steps.append(last)
     return steps
 

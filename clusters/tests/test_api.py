@@ -353,3 +353,31 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     entry = AuditEntry.objects.filter(object_id=str(cid), action="update", changes__has_key="connectivity").get()
     assert entry.actor == "root" and entry.changes["connectivity"] == ["closed", "public"]
     assert AuditEntry.objects.filter(object_id=str(cid), action="action", message__contains="image vetted").exists()
+
+
+def test_create_costs_the_same_queries_for_one_node_or_six(fabric, images, api, alice, monkeypatch):
+    """No query per node: the nodes' hosts are looked up together (a 16-site cluster's request must not cost
+    16 more round trips than a 1-site one)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from clusters import workflows
+
+    monkeypatch.setattr(workflows, "start_provision", lambda *args: None)  # the request alone
+    api.force_authenticate(alice)
+    counts = []
+    six = ["brno1", "brno2", "pilsen1", "pilsen2", "prague1", "prague2"]
+    for i, hosts in enumerate([["brno1"], ["brno1"], six]):  # the first warms the caches (content types)
+        nodes = [(f"n{k}", h, f"52:54:00:00:{i:02x}:{k:02x}") for k, h in enumerate(hosts)]
+        with CaptureQueriesContext(connection) as queries:
+            r = api.post("/api/clusters/", body(name=f"c{i}", nodes=nodes), format="json")
+        assert r.status_code == 201, r.content
+        assert len(r.data["nodes"]) == len(hosts)
+        counts.append(len(queries))
+    assert counts[1] == counts[2], counts
+    r = api.post(
+        "/api/clusters/",
+        body(name="bad", nodes=[("n1", "brno1", "52:54:00:00:09:01"), ("n2", "nosuch", "52:54:00:00:09:02")]),
+        format="json",
+    )
+    assert r.status_code == 400 and "nosuch" in str(r.data["nodes"][1]["host"])

@@ -221,6 +221,65 @@ def test_one_switch_is_never_configured_by_two_sessions_at_once(tmp_path):
     assert fabric.switch_ports("sw-brno")["h1"] | fabric.switch_ports("sw-brno")["h2"] == {s.vid for s in segments}
 
 
+def _links(steps: list) -> list:
+    """The links a workflow chains, as (task name, args, kwargs, queue); a group as a list of those."""
+
+    def one(sig):
+        return (sig.task, list(sig.args), dict(sig.kwargs), sig.options.get("queue", ""))
+
+    return [[one(t) for t in link.tasks] if hasattr(link, "tasks") else one(link) for link in steps]
+
+
+def test_a_layer_is_one_task_and_central_layers_are_merged(fabric, settings, monkeypatch):
+    from celery import chain
+
+    monkeypatch.setattr(workflows, "chain", lambda *steps: list(steps))  # the links, before Celery joins them
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    canvas = workflows.provision(seg.pk, compensate_on_error=False)
+    changes = {c.device: c.pk for c in DeviceChange.objects.filter(segment=seg)}
+    switches = [changes[n] for n in ("sw-brno", "sw-pilsen", "sw-prague")]
+    hosts = [changes[n] for n in ("brno1", "pilsen1", "prague2")]
+    # switches, then hosts (no agent queues): one task converging both layers in turn
+    assert _links(canvas) == [
+        ("network.converge_devices", [switches], {"then": [hosts]}, ""),
+        ("network.segment_provisioned", [seg.pk], {}, ""),
+    ]
+    # hosts with agent queues: a group of tasks on their queues after the switch task; chunks of
+    # DEVICE_BATCH_SIZE devices
+    settings.DEVICE_BATCH_SIZE = 2
+    for name in ("brno1", "pilsen1"):
+        fabric.hosts[name].agent_queue = f"host.{name}"
+        fabric.hosts[name].save(update_fields=["agent_queue"])
+    canvas = workflows.provision(seg.pk, compensate_on_error=False)
+    new = {c.device: c.pk for c in DeviceChange.objects.filter(segment=seg).exclude(pk__in=changes.values())}
+    assert _links(canvas) == [
+        [
+            ("network.converge_devices", [[new["sw-brno"], new["sw-pilsen"]]], {}, ""),
+            ("network.converge_devices", [[new["sw-prague"]]], {}, ""),
+        ],
+        ("network.segment_step", [seg.pk, "switches"], {}, ""),
+        [
+            ("network.converge_devices", [[new["brno1"]]], {}, "host.brno1"),
+            ("network.converge_devices", [[new["pilsen1"]]], {}, "host.pilsen1"),
+            ("network.converge_devices", [[new["prague2"]]], {}, ""),
+        ],
+        ("network.segment_provisioned", [seg.pk], {}, ""),
+    ]
+    chain(*canvas).apply().get()  # and it runs: every device converged
+    assert device_view(fabric) == desired_view(fabric)
+
+
+def test_the_one_change_task_retries_temporary_errors(fabric):
+    from network import tasks
+
+    fabric.set_switch_args("sw-pilsen", fail_times=2)
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    change = convergence.change_create(device=fabric.switches["pilsen"], segment=seg, cause="one")
+    assert tasks.converge_switch.si(change.pk).apply().get()["status"] == "ok"
+    change.refresh_from_db()
+    assert change.attempts == 3 and fabric.switch_ports("sw-pilsen")["h1"] == {seg.vid}
+
+
 @contextlib.contextmanager
 def lock_held_elsewhere(device, seconds: float):
     """Another worker holds ``device``'s lock (its own database connection, in a thread) for ``seconds``."""
