@@ -67,13 +67,19 @@ def converge_host(self, change_id: int) -> dict:
 
 
 @shared_task(name="network.converge_devices", **_DEVICE_TASK)
-def converge_devices(self, change_ids: list[int], then: list[list[int]] | None = None) -> dict:
+def converge_devices(
+    self, change_ids: list[int], then: list[list[int]] | None = None, finish: list | None = None
+) -> dict:
     """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
     workflow, or a chunk of it), then those of each layer in ``then``, in turn (consecutive layers the
-    same worker runs: one task instead of a broker round trip per layer). Settled changes are skipped, so
-    a retry (or a redelivery after a worker died) redoes only what is still pending. A permanent failure
-    of any device fails the task (after the others of its layer finished; later layers are not started)
-    with that device and its message; temporary ones retry the task with backoff."""
+    same worker runs: one task instead of a broker round trip per layer), then, with ``finish`` =
+    ``["provisioned" | "released", segment id]``, what ``segment_provisioned``/``segment_released`` do,
+    returning their result (the workflow's last step, without a round trip of its own).
+
+    Settled changes are skipped, so a retry (or a redelivery after a worker died) redoes only what is
+    still pending. A permanent failure of any device fails the task (after the others of its layer
+    finished; later layers are not started) with that device and its message; temporary ones retry the
+    task with backoff."""
     done = []
     for layer in [change_ids, *(then or [])]:
         with audit_actor("network.converge"):
@@ -83,6 +89,9 @@ def converge_devices(self, change_ids: list[int], then: list[list[int]] | None =
         if outcome.temporary:
             _retry_pending(self, outcome.temporary)
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
+    if finish:
+        kind, segment_id = finish
+        return {"provisioned": segment_provisioned, "released": segment_released}[kind](segment_id)
     return {"changes": done}
 
 

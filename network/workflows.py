@@ -47,19 +47,25 @@ def _layer(pairs: list[tuple[Switch | Host, int]]) -> list[Chunk]:
     return [(queue, ids[i : i + size]) for queue, ids in by_queue.items() for i in range(0, len(ids), size)]
 
 
-def _task(queue: str, layers: list[list[int]]) -> Signature:
-    sig = (
-        tasks.converge_devices.si(layers[0], then=layers[1:])
-        if len(layers) > 1
-        else tasks.converge_devices.si(layers[0])
-    )
+def _task(queue: str, layers: list[list[int]], finish: tuple[str, int] | None = None) -> Signature:
+    options = {"then": layers[1:]} if len(layers) > 1 else {}
+    if finish is not None:
+        options["finish"] = list(finish)
+    sig = tasks.converge_devices.si(layers[0], **options)
     return sig.set(queue=queue) if queue else sig
 
 
-def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], last: Signature) -> list[Signature]:
-    """One link per non-empty layer, in order: its task, or ``group → join``; the last layer's group
-    joins straight into ``last``. Consecutive layers of one task each on the same queue (switches, then
-    hosts without an agent) become ONE task that converges them in turn: a broker round trip fewer."""
+_FINISH = {"provisioned": tasks.segment_provisioned, "released": tasks.segment_released}
+
+
+def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], finish: str) -> list[Signature]:
+    """One link per non-empty layer, in order: its task, or ``group → join``; then ``finish``
+    (``provisioned``: ``segment_provisioned``, ``released``: ``segment_released``).
+
+    Consecutive layers of one task each on the same queue (switches, then hosts without an agent) become
+    ONE task that converges them in turn, and when the last link is such a task on the default queue it
+    runs ``finish`` itself: each link saved is a broker round trip. A last group joins straight into
+    ``finish``."""
     layers = [(step, chunks) for step, chunks in layers if chunks]
     links: list[Signature | Chunk] = []
     for i, (step, chunks) in enumerate(layers):
@@ -73,9 +79,13 @@ def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], last: Signa
         links.append(group(_task(queue, [ids]) for queue, ids in chunks))
         if i < len(layers) - 1:
             links.append(tasks.segment_step.si(segment.pk, step))
-    steps = [_task(*link) if isinstance(link, tuple) else link for link in links]
-    steps.append(last)
-    return steps
+    last = links[-1] if links else None
+    if isinstance(last, tuple) and last[0] == "":
+        return [
+            *(_task(*link) if isinstance(link, tuple) else link for link in links[:-1]),
+            _task(*last, finish=(finish, segment.pk)),
+        ]
+    return [*(_task(*link) if isinstance(link, tuple) else link for link in links), _FINISH[finish].si(segment.pk)]
 
 
 def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list[tuple]:
@@ -97,7 +107,7 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
             ("switches", _layer(changes[: len(switches)])),
             ("hosts", _layer(changes[len(switches) :])),
         ],
-        tasks.segment_provisioned.si(segment.pk),
+        "provisioned",
     )
     if compensate_on_error:
         errback = compensate(segment.pk)
@@ -122,7 +132,7 @@ def teardown(segment_id: int) -> Signature:
                 ("hosts", _layer(changes[: len(hosts)])),
                 ("switches", _layer(changes[len(hosts) :])),
             ],
-            tasks.segment_released.si(segment.pk),
+            "released",
         )
     )
 

@@ -239,10 +239,10 @@ def test_a_layer_is_one_task_and_central_layers_are_merged(fabric, settings, mon
     changes = {c.device: c.pk for c in DeviceChange.objects.filter(segment=seg)}
     switches = [changes[n] for n in ("sw-brno", "sw-pilsen", "sw-prague")]
     hosts = [changes[n] for n in ("brno1", "pilsen1", "prague2")]
-    # switches, then hosts (no agent queues): one task converging both layers in turn
+    # switches, then hosts (no agent queues): one task converging both layers in turn, then marking the
+    # segment active
     assert _links(canvas) == [
-        ("network.converge_devices", [switches], {"then": [hosts]}, ""),
-        ("network.segment_provisioned", [seg.pk], {}, ""),
+        ("network.converge_devices", [switches], {"then": [hosts], "finish": ["provisioned", seg.pk]}, ""),
     ]
     # hosts with agent queues: a group of tasks on their queues after the switch task; chunks of
     # DEVICE_BATCH_SIZE devices
