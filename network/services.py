@@ -69,25 +69,40 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
 
 
 _TAKE_SQL = """
-UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL
-WHERE id = (
-    SELECT id FROM {table}
-    WHERE pool_id = %s AND {range} AND (state = %s OR (state = %s AND quarantine_until <= %s))
-    ORDER BY vid LIMIT 1 FOR UPDATE SKIP LOCKED
-)
-RETURNING id, vid
+WITH taken AS (
+    UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL
+    WHERE id = (
+        SELECT id FROM {table}
+        WHERE pool_id = %s AND {range} AND (state = %s OR (state = %s AND quarantine_until <= %s))
+        ORDER BY vid LIMIT 1 FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, vid
+), logged AS ({audit})
+SELECT id, vid FROM taken
 """
+_ALLOCATED_CHANGES = {"state": [Free.FREE, Free.ALLOCATED]}
 
 
 def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | None:
-    """PostgreSQL: pick and take a free row in ONE statement (the job-queue idiom): the sub-select skips
-    rows other transactions hold, the UPDATE takes the one found. Returns the row taken or None."""
+    """PostgreSQL: pick, take and audit a free row in ONE statement (the job-queue idiom): the sub-select
+    skips rows other transactions hold, the UPDATE takes the one found, the audit entry is written from
+    its result. One round trip, no transaction around it: the row lock lasts one statement. Returns the
+    row taken or None."""
     table = connection.ops.quote_name(VlanAllocation._meta.db_table)
+    audit_sql, audit_params = audit.insert_for_rows(
+        "taken",
+        VlanAllocation,
+        action="action",
+        changes={**_ALLOCATED_CHANGES, "owner": [None, owner]},
+        message="allocated",
+        repr_sql="%s || CAST(taken.vid AS varchar(12))",
+        repr_params=[f"{pool.name}:"],
+    )
     with connection.cursor() as cursor:
         for bound in ("vid >= %s", "vid < %s"):
             cursor.execute(
-                _TAKE_SQL.format(table=table, range=bound),
-                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now],
+                _TAKE_SQL.format(table=table, range=bound, audit=audit_sql),
+                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now, *audit_params],
             )
             row = cursor.fetchone()
             if row:
@@ -118,9 +133,12 @@ def _take_conditional(pool: VlanPool, start: int, owner: str, now) -> VlanAlloca
     return row
 
 
-@transaction.atomic
 def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
-    """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left."""
+    """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left.
+
+    Every step is one statement that is consistent on its own (on PostgreSQL the take and its audit entry
+    are one statement), so no transaction is opened here: inside a caller's transaction the id is held
+    until it commits; alone, each allocation is one round trip."""
     if not owner:
         raise ValueError("an allocation needs an owner reference")
     valid = frozenset(pool.vlan_ids)
@@ -146,7 +164,8 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         if row.vid not in valid:  # reserved or removed from the ranges since the row was made: drop it
             row.delete()
             continue
-        audit.record(row, "action", {"state": [Free.FREE, Free.ALLOCATED], "owner": [None, owner]}, "allocated")
+        if take is _take_conditional:  # (the PostgreSQL statement audits the take itself)
+            audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
         return row
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")

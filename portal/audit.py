@@ -215,6 +215,42 @@ def record(instance, action: str, changes: dict | None = None, message: str = ""
     )
 
 
+def insert_for_rows(rows: str, model, *, action: str, changes: dict, message: str, repr_sql: str, repr_params=()):
+    """SQL and parameters of an ``INSERT … SELECT`` writing one audit entry (in the current context) for
+    each row of ``rows``, a CTE of ``model`` rows with an ``id`` column — so that a service changes rows
+    and audits them in ONE statement (PostgreSQL)::
+
+        WITH changed AS (UPDATE … RETURNING id, vid), logged AS (<this>) SELECT id, vid FROM changed
+
+    ``repr_sql`` (with ``repr_params``) is the SQL expression over ``rows`` for ``object_repr``."""
+    from django.contrib.contenttypes.models import ContentType
+    from django.db import connection
+    from django.utils import timezone
+
+    from portal.models import AuditEntry
+
+    ctx = current()
+    meta = AuditEntry._meta
+    q = connection.ops.quote_name
+    columns = ("timestamp", "user_id", "actor", "request_id", "action", "content_type_id", "changes", "message")
+    # identifiers come from the models and the caller's code, values are parameters
+    target = f"{q(meta.db_table)} ({', '.join(q(c) for c in columns)}, {q('object_id')}, {q('object_repr')})"
+    values = f"{', '.join(['%s'] * len(columns))}, CAST({rows}.id AS varchar(64)), {repr_sql}"
+    sql = f"INSERT INTO {target} SELECT {values} FROM {rows}"  # noqa: S608
+    params = [
+        meta.get_field("timestamp").get_db_prep_value(timezone.now(), connection),
+        ctx.user_id,
+        ctx.actor[:200],
+        ctx.request_id,
+        action,
+        ContentType.objects.get_for_model(model).pk,
+        meta.get_field("changes").get_db_prep_value(changes, connection),
+        message,
+        *repr_params,
+    ]
+    return sql, params
+
+
 def _pre_save(sender, instance, raw=False, **kwargs):
     if raw or instance.pk is None:
         instance._audit_before = None

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import os
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
 from django.utils import timezone
 
 from network import services
@@ -28,6 +26,22 @@ def test_allocate_gives_ids_of_the_pool_minus_reserved_then_exhausts(pool):
     with pytest.raises(PoolExhausted, match="pool p is exhausted") as exc:
         services.vlan_allocate(pool=pool, owner="late")
     assert exc.value.status == 409
+
+
+def test_each_allocation_is_audited_with_actor_and_owner(pool):
+    from django.contrib.contenttypes.models import ContentType
+
+    from portal.audit import audit_actor
+    from portal.models import AuditEntry
+
+    with audit_actor("pbs-token", request_id="req-42"):
+        alloc = services.vlan_allocate(pool=pool, owner="cluster:7")
+    entry = AuditEntry.objects.get(message="allocated", object_id=str(alloc.pk))
+    assert entry.content_type == ContentType.objects.get_for_model(VlanAllocation)
+    assert (entry.actor, entry.request_id, entry.action) == ("pbs-token", "req-42", "action")
+    assert entry.object_repr == f"p:{alloc.vid}" == str(VlanAllocation.objects.get(pk=alloc.pk))
+    assert entry.changes == {"state": ["free", "allocated"], "owner": [None, "cluster:7"]}
+    assert entry.timestamp is not None
 
 
 def test_release_quarantines_and_twice_is_harmless(pool):
@@ -136,57 +150,35 @@ def test_set_hosts_outside_the_core_and_after_delete(fabric):
 # --- concurrency on PostgreSQL -------------------------------------------------------------------------------------
 
 
-def _connections_available() -> int:
-    """How many connections this test may open: the server's limit minus what is in use, minus a margin
-    for the other test runs sharing the server."""
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW max_connections")
-        limit = int(cursor.fetchone()[0])
-        cursor.execute("SELECT count(*) FROM pg_stat_activity")
-        used = int(cursor.fetchone()[0])
-    return max(2, min(200, limit - used - 30))
+def test_200_allocations_from_200_connections_at_once():
+    """200 requests, each on a PostgreSQL connection of its own, released at once (the machine's server
+    allows 100 connections, so a throwaway server with room for 260 is started for this): 200 distinct
+    ids from a pool of 300; from a pool of 150, exactly 150 distinct ids and 50 clear 409s, no other
+    error, nothing allocated beyond what was granted."""
+    import json
+    import subprocess
+    import sys
 
+    from portal.testing_pg import server_bin, throwaway_postgres
 
-def _allocate_concurrently(pool, requests: int) -> tuple[list[int], list[Exception]]:
-    """``requests`` allocations, each on a connection of its own, as many at once as the server allows."""
-    workers = min(requests, _connections_available())
-    start = threading.Barrier(workers)
-    gate = threading.Semaphore(workers)
-
-    def one(i: int):
-        with gate:
-            try:
-                with connections["default"].cursor() as cursor:  # open this request's own connection first
-                    cursor.execute("SELECT 1")
-                if i < workers:
-                    start.wait(timeout=60)
-                return services.vlan_allocate(pool=pool, owner=f"req:{i}").vid
-            except Exception as exc:  # noqa: BLE001 - collected and asserted on
-                return exc
-            finally:
-                connections["default"].close()
-
-    with ThreadPoolExecutor(max_workers=workers) as pool_exec:
-        results = list(pool_exec.map(one, range(requests)))
-    return [r for r in results if isinstance(r, int)], [r for r in results if not isinstance(r, int)]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_200_concurrent_allocations_get_200_distinct_ids():
-    if connection.vendor != "postgresql":
-        pytest.skip("the concurrency test needs PostgreSQL (DATABASE_URL=postgres://...)")
-    pool = VlanPoolFactory(name="big", ranges="100-399")
-    vids, errors = _allocate_concurrently(pool, 200)
-    assert errors == []
-    assert len(vids) == 200 and len(set(vids)) == 200
-    assert VlanAllocation.objects.filter(pool=pool, state="allocated").count() == 200
-
-
-@pytest.mark.django_db(transaction=True)
-def test_concurrent_allocations_beyond_the_pool_get_409_and_no_duplicates():
-    if connection.vendor != "postgresql":
-        pytest.skip("the concurrency test needs PostgreSQL (DATABASE_URL=postgres://...)")
-    pool = VlanPoolFactory(name="small", ranges="100-249")  # 150 ids for 200 requests
-    vids, errors = _allocate_concurrently(pool, 200)
-    assert len(vids) == 150 and len(set(vids)) == 150
-    assert len(errors) == 50 and all(isinstance(e, PoolExhausted) and e.status == 409 for e in errors), errors[:3]
+    if server_bin() is None:
+        pytest.skip("needs PostgreSQL's server programs (/usr/lib/postgresql/*/bin) for a throwaway server")
+    with throwaway_postgres(max_connections=260) as url:
+        env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "portal.settings_test"}
+        done = subprocess.run(
+            [sys.executable, "-m", "network.tests.allocation_race", "--requests", "200", "--pool-sizes", "300,150"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    roomy, tight = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert roomy["backends"] == 200  # really 200 separate connections
+    assert roomy["errors"] == [] and len(roomy["vids"]) == 200 and len(set(roomy["vids"])) == 200
+    assert roomy["allocated_rows"] == 200
+    assert tight["backends"] == 200
+    assert len(tight["vids"]) == 150 and len(set(tight["vids"])) == 150 and tight["allocated_rows"] == 150
+    assert len(tight["errors"]) == 50
+    assert all(e["type"] == "PoolExhausted" and e["status"] == 409 for e in tight["errors"]), tight["errors"][:3]

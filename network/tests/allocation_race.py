@@ -1,0 +1,153 @@
+"""VLAN allocations at once, each request on a PostgreSQL connection of its own (a thread each: Django gives
+every thread its own connection), opened before the start so that the race is allocation, not connection
+set-up. Used by the allocation tests and ``bench/allocate.py``.
+
+As a program it runs against ``DATABASE_URL`` (migrating it), typically a throwaway server with room for
+200+ connections (``portal.testing_pg``), and prints one JSON object per pool size::
+
+    DATABASE_URL=postgres://… python -m network.tests.allocation_race --requests 200 --pool-sizes 300,150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+
+
+def race(pool, requests: int, workers: int, processes: int = 1) -> dict:
+    """``requests`` allocations from ``pool`` over ``workers`` connections (each serving its share),
+    released at once, from ``processes`` processes (threads in each; like web workers, so that one Python
+    interpreter's lock does not serialise every request). Returns the ids granted, the errors (type,
+    status, message), the distinct server backends that served them and the seconds from the start to
+    the last answer."""
+    shares = [requests // workers + (1 if i < requests % workers else 0) for i in range(workers)]
+    processes = max(1, min(processes, workers))
+    if processes == 1:
+        ready = threading.Barrier(workers + 1)
+        results = _run_threads(pool.pk, shares, ready)
+        ready.wait(timeout=120)
+        started = time.monotonic()
+        return _summary([results()], started)
+    import multiprocessing
+
+    from django.db import connections
+
+    connections.close_all()  # a forked child must not share the parent's connection
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Barrier(workers + 1)
+    out = ctx.Queue()
+    children = [ctx.Process(target=_child, args=(pool.pk, shares[k::processes], ready, out)) for k in range(processes)]
+    for child in children:
+        child.start()
+    ready.wait(timeout=120)
+    started = time.monotonic()
+    parts = [out.get(timeout=300) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    return _summary(parts, started)
+
+
+def _child(pool_id: int, shares: list[int], ready, out) -> None:
+    out.put(_run_threads(pool_id, shares, ready)())
+
+
+def _run_threads(pool_id: int, shares: list[int], ready):
+    """Start one thread per share (each opens its connection, then waits at ``ready``); returns a function
+    that waits for them and returns their part of the results."""
+    from django.db import connections
+
+    from network import services
+    from network.models import VlanPool
+
+    pool = VlanPool.objects.get(pk=pool_id)
+    connections["default"].close()
+    part = {"vids": [], "errors": [], "backends": [], "finished": 0.0}
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        vids, errors = [], []
+        try:
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")  # this thread's own connection, opened first
+                backend = cursor.fetchone()[0]
+            ready.wait(timeout=120)
+            for n in range(shares[i]):
+                try:
+                    vids.append(services.vlan_allocate(pool=pool, owner=f"race:{os.getpid()}:{i}:{n}").vid)
+                except Exception as exc:  # noqa: BLE001 - reported: only PoolExhausted (409) is expected
+                    errors.append(
+                        {"type": type(exc).__name__, "status": getattr(exc, "status", None), "message": str(exc)}
+                    )
+        finally:
+            connections["default"].close()
+        with lock:
+            part["vids"] += vids
+            part["errors"] += errors
+            part["backends"].append(backend)
+            part["finished"] = max(part["finished"], time.monotonic())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(shares))]
+    for t in threads:
+        t.start()
+
+    def wait() -> dict:
+        for t in threads:
+            t.join()
+        return part
+
+    return wait
+
+
+def _summary(parts: list[dict], started: float) -> dict:
+    return {
+        "elapsed": max(p["finished"] for p in parts) - started,
+        "vids": [v for p in parts for v in p["vids"]],
+        "errors": [e for p in parts for e in p["errors"]],
+        "backends": len({b for p in parts for b in p["backends"]}),
+    }
+
+
+def make_pool(size: int):
+    from network.models import CoreTransport, Site, VlanPool
+
+    tag = uuid.uuid4().hex[:8]
+    site = Site.objects.create(name=f"race-{tag}")
+    core = CoreTransport.objects.create(name=f"race-{tag}", kind="dot1q", vid_min=2, vid_max=4094)
+    core.sites.set([site])
+    return VlanPool.objects.create(name=f"race-{tag}", core=core, ranges=f"100-{99 + size}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--pool-sizes", default="300", help="comma-separated: one race per pool size")
+    parser.add_argument("--processes", type=int, default=1, help="spread the connections over this many processes")
+    args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings_test")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from network.models import VlanAllocation
+
+    call_command("migrate", verbosity=0)
+    for size in [int(s) for s in args.pool_sizes.split(",")]:
+        pool = make_pool(size)
+        result = race(pool, args.requests, args.requests, processes=args.processes)
+        result.update(
+            pool_size=size,
+            requests=args.requests,
+            allocated_rows=VlanAllocation.objects.filter(pool=pool, state="allocated").count(),
+        )
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
