@@ -1,23 +1,29 @@
 #!/usr/bin/env python
 """API call → READY latency of virtual clusters in the lab (never run as a test). As root:
 
-    sudo .venv/bin/python bench/provision.py [--clusters 20] [--sites 1,3,4,16] [--profile]
+    sudo .venv/bin/python bench/provision.py [--clusters 20] [--sites 1,3,4,16] [--hosts both] [--profile]
 
-For each site count N: a fresh database (``--database-url``, dropped and created: default
+For each host mode and site count N: a fresh database (``--database-url``, dropped and created: default
 ``postgres://postgres@127.0.0.1:5432/vc_bench_provision``), the topology ``network.lab.topology.generate
-(sites=N, hosts_per_site=2)`` imported through the portal's own ``topology_import`` (hosts with their agent
-queues ``host.<name>``), the netns lab built from the database (real Open vSwitch switches and hosts) and the
-inventory pointed at it, and a real Celery worker (threads pool) on Redis (``--redis-url``, its database is
-flushed) consuming the default queue and every host's agent queue. Then ``--clusters`` closed clusters, one
-after the other, each with one node per site, are created through the API (DRF ``APIClient`` in-process,
-the way a scheduler's request runs in a web worker); the latency is from just before the POST to the
-cluster's ``ready_at``. Each cluster is torn down (waited for) before the next. The first ``--warmup``
-clusters are not counted (imports, first connections).
+(sites=N, hosts_per_site=2)`` imported through the portal's own ``topology_import``, the netns lab built
+from the database (real Open vSwitch switches and hosts) and the inventory pointed at it, and real Celery
+workers (threads pool) on Redis (``--redis-url``, its database is flushed). Host modes (``--hosts``):
 
-Prints per N: p50, p95, max of API → READY and the time the POST itself took, and the ratio of N=16 to
-N=1; with ``--profile``, where the time of one 3-site cluster goes (ClusterStep and DeviceChange
-timestamps relative to the POST). Goal (issue 5): p95 ≤ 0.5 s at 3 sites, never above 1 s, 16 sites
-within 1.5× of 1 site.
+- ``agents``: every host has its agent queue ``host.<name>``, as when each hypervisor runs its own agent;
+  one worker process stands in for all the agents (``--agent-processes``: one process per host — on a
+  2-core machine that is 2 × N Python processes beside the lab);
+- ``central``: hosts without an agent queue, converged by the central worker (the host layer is then one
+  task, merged with the switch layer's).
+
+Then ``--clusters`` closed clusters, one after the other, each with one node per site, are created through
+the API (DRF ``APIClient`` in-process, the way a scheduler's request runs in a web worker); the latency is
+from just before the POST to the cluster's ``ready_at``. Each cluster is torn down (waited for) before the
+next. The first ``--warmup`` clusters are not counted (imports, first connections).
+
+Prints per mode and N: p50, p95, max of API → READY, the time the POST itself took, where the time goes
+(request, device layers, joins, bookkeeping) and the ratio of N=16 to N=1; with ``--profile``, where the
+time of one 3-site cluster goes (ClusterStep and DeviceChange timestamps relative to the POST). Goal
+(issue 5): p95 ≤ 0.5 s at 3 sites, never above 1 s, 16 sites within 1.5× of 1 site.
 """
 
 from __future__ import annotations
