@@ -398,11 +398,19 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             else:
                 w.desired = per_host[w.device.pk]
                 w.spec = specs.host_spec(w.device)
-        if len(active) == 1:
-            _drive(active[0])
-        else:
-            with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="converge") as pool:
-                list(pool.map(_drive, active))
+        try:
+            if len(active) == 1:
+                _drive(active[0])
+            else:
+                with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="converge") as pool:
+                    list(pool.map(_drive, active))
+        except BaseException as exc:  # the task's time limit, a worker shutdown: never leave a change running
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            for w in active:
+                if not w.status:
+                    w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
+            _settle(work)
+            raise
     _settle(work)
     return work
 

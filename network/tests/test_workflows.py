@@ -334,6 +334,43 @@ def test_a_device_locked_past_the_wait_is_a_temporary_error_of_its_change_only(f
     assert convergence.converge_changes(ids).changes[change_id].status == "ok"
 
 
+def test_an_interrupted_layer_leaves_no_change_running_and_no_lock_held(fabric, monkeypatch):
+    """The task's time limit (or a shutdown) lands while the sessions run: the devices that finished keep
+    their outcome, the others are failed with the reason, nothing stays "running", the locks are free."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    switches, _hosts = selectors.segment_devices(seg)
+    ids = convergence.changes_create(devices=switches, segment=seg, cause="provision c")
+    real = convergence._drive
+
+    def drive(w):
+        if w.device.name == "sw-pilsen":
+            raise KeyboardInterrupt  # a BaseException: what a time limit or a signal looks like here
+        real(w)
+
+    monkeypatch.setattr(convergence, "_drive", drive)
+    with pytest.raises(KeyboardInterrupt):
+        convergence.converge_changes(ids)
+    rows = {c.device: c for c in DeviceChange.objects.filter(pk__in=ids)}
+    assert rows["sw-pilsen"].status == "failed" and rows["sw-pilsen"].error == "interrupted: KeyboardInterrupt"
+    assert rows["sw-brno"].status == rows["sw-prague"].status == "ok"
+
+    def free_elsewhere() -> list[bool]:  # another connection can take every switch's lock at once
+        try:
+            found = []
+            for switch in switches:
+                with convergence.device_lock(DeviceKind.SWITCH, switch.pk, wait=0) as held:
+                    found.append(held)
+            return found
+        finally:
+            connections["default"].close()
+
+    with ThreadPoolExecutor(max_workers=1) as other:
+        assert other.submit(free_elsewhere).result() == [True, True, True]
+    monkeypatch.undo()
+    again = convergence.changes_create(devices=switches, segment=seg, cause="retry")
+    assert [c.status for c in convergence.converge_changes(again).changes.values()] == ["noop", "ok", "noop"]
+
+
 # --- against the netns lab (Open vSwitch switches and hosts, QinQ core), for real ------------------------------
 
 
