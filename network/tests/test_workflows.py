@@ -508,6 +508,28 @@ def test_worker_runs_the_canvas_as_the_clusters_app_composes_it(worker_fabric, c
 
 
 @pytest.mark.worker
+def test_worker_runs_layers_split_into_chunks_as_chords(worker_fabric, celery_worker, settings):
+    """More devices than ``DEVICE_BATCH_SIZE``: each layer is a group of tasks joined before the next layer
+    (a chord on the Redis backend), for provisioning and teardown, and a failing chunk still compensates."""
+    fabric = worker_fabric
+    settings.DEVICE_BATCH_SIZE = 1  # the canvas is built here, by the caller
+    seg = services.segment_create(owner="cluster:chunks", hosts=three_sites(fabric), gateway=True)
+    assert workflows.provision(seg.pk).delay().get(timeout=60)["state"] == "active"
+    assert device_view(fabric) == desired_view(fabric) and fabric.host_vlans("prague2") == {seg.vid}
+    services.segment_delete(segment=seg)
+    assert workflows.teardown(seg.pk).delay().get(timeout=60)["state"] == "closed"
+    assert all(not ports for ports in device_view(fabric).values())
+
+    fabric.set_switch_args("sw-pilsen", fail_commit="permanent")
+    bad = services.segment_create(owner="cluster:chunks-bad", hosts=three_sites(fabric), gateway=False)
+    with pytest.raises(DeviceChangeFailed) as exc:
+        workflows.provision(bad.pk).delay().get(timeout=60)
+    assert exc.value.device == "sw-pilsen"
+    _wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
+    assert all(not ports for ports in device_view(fabric).values())
+
+
+@pytest.mark.worker
 def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_fabric, celery_worker):
     fabric = worker_fabric
     # The worker must hand a killed worker's message on within seconds (Redis visibility timeout).
