@@ -174,53 +174,25 @@ def change_fail(change_id: int, message: str) -> DeviceChange:
     return _settled(DeviceChange.objects.get(pk=change_id))
 
 
-@dataclass
-class Applied:
-    """The outcome of one device session."""
-
-    batch: uuid.UUID
-    changes: int
-    status: str
-    diff: str = ""
-    error: str = ""
-    desired: dict = field(default_factory=dict)
-
-
-def apply_locked(kind: str, device: Switch | Host, *, session) -> Applied:
+def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     """With the device's lock held and a driver session open on it (the reconciler's): claim its pending
-    changes, converge it to the desired state, settle the claimed changes."""
-    batch = uuid.uuid4()
-    now = timezone.now()
-    claimed = DeviceChange.objects.filter(
-        status__in=[Status.PENDING, Status.RUNNING], **_device_filter(kind, device)
-    ).update(status=Status.RUNNING, batch=batch, started_at=now, attempts=F("attempts") + 1, error="")
-    rows = DeviceChange.objects.filter(batch=batch)
-
+    changes, converge it to the desired state through that session, settle the claimed changes. Raises
+    like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``."""
+    _batch, claimed = _claim([(kind, device)])
+    w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
     if not device.enabled:
-        rows.update(status=Status.NOOP, error="device disabled: not touched", finished_at=timezone.now())
-        return Applied(batch, claimed, Status.NOOP, error="device disabled")
-    try:
+        w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
+    else:
         if kind == DeviceKind.SWITCH:
-            desired = selectors.switch_desired([device.pk])[device.pk]
-            result = session.converge(desired)
+            w.desired = selectors.switch_desired([device.pk])[device.pk]
         else:
-            desired = selectors.host_desired([device.pk])[device.pk]
-            result = _host_result(device.name, desired, session.converge(desired))
-    except TemporaryDeviceError as exc:
-        # Back to pending: the retry (of this task or of another change's task) claims it again.
-        rows.update(status=Status.PENDING, error=exc.message)
-        raise
-    except DeviceError as exc:
-        rows.update(status=Status.FAILED, error=exc.message, finished_at=timezone.now())
-        raise DeviceChangeFailed(device.name, exc.message) from exc
-    except Exception as exc:  # a driver bug or the soft time limit: fail the change, never leave it running
-        message = f"{type(exc).__name__}: {exc}"
-        rows.update(status=Status.FAILED, error=message, finished_at=timezone.now())
-        raise DeviceChangeFailed(device.name, message) from exc
-    status = Status.OK if result.changed else Status.NOOP
-    rows.update(status=status, diff=result.diff, finished_at=timezone.now())
-    shown = desired if isinstance(desired, dict) else {device.name: desired}
-    return Applied(batch, claimed, status, diff=result.diff, desired={k: sorted(v) for k, v in shown.items()})
+            w.desired = selectors.host_desired([device.pk])[device.pk]
+        _drive(w, session=session)
+    _settle([w])
+    if isinstance(w.exc, TemporaryDeviceError):
+        raise w.exc
+    if w.exc is not None:
+        raise DeviceChangeFailed(device.name, w.error)
 
 
 def _host_result(name: str, desired: frozenset[int], result):
@@ -433,16 +405,19 @@ def _settle(work: list[_Device]) -> None:
         )
 
 
-def _drive(w: _Device) -> None:
-    """One device session (in a worker thread: drivers only, no database)."""
+def _drive(w: _Device, session=None) -> None:
+    """One device session (in a worker thread: drivers only, no database); ``session``: an open one to use
+    instead. Records the outcome, and the error, in ``w``."""
     name = w.device.name
     try:
-        if w.kind == DeviceKind.SWITCH:
-            with switch_session(w.spec) as session:
-                result = session.converge(w.desired)
+        if session is None:
+            opener = switch_session(w.spec) if w.kind == DeviceKind.SWITCH else host_session(w.spec)
         else:
-            with host_session(w.spec) as session:
-                result = _host_result(name, w.desired, session.converge(w.desired))
+            opener = contextlib.nullcontext(session)
+        with opener as opened:
+            result = opened.converge(w.desired)
+            if w.kind == DeviceKind.HOST:
+                result = _host_result(name, w.desired, result)
     except TemporaryDeviceError as exc:  # back to pending: a retry claims it again
         w.status, w.error, w.exc = Status.PENDING, exc.message, exc
         return
