@@ -358,9 +358,9 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
         if not w.device.enabled:
             w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
     if active:
-        segments = selectors.desired_segments()
         switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
         hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]
+        segments = selectors.desired_segments(switch_ids=switches, host_ids=hosts)
         per_switch = selectors.switch_desired(switches, segments=segments) if switches else {}
         per_host = selectors.host_desired(hosts, segments=segments) if hosts else {}
         for w in active:

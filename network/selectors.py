@@ -21,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from django.db.models import Exists, OuterRef, Q
+
 from network.choices import PortRole
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch, SwitchPort
 
@@ -67,8 +69,9 @@ def segment_sites(host_site_ids: Iterable[int], *, gateway: bool) -> frozenset[i
     return sites | gateway_site_ids() if gateway else sites
 
 
-def segment_views(segments) -> list[SegmentView]:
-    """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state."""
+def segment_views(segments, *, gateway_sites: frozenset[int] | None = None) -> list[SegmentView]:
+    """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state (``gateway_sites``: the
+    caller's ``gateway_site_ids()``, when it has them)."""
     rows = list(
         segments.filter(allocation__isnull=False).values_list(
             "id", "owner_ref", "allocation__vid", "allocation__pool__core_id", "gateway"
@@ -85,7 +88,10 @@ def segment_views(segments) -> list[SegmentView]:
         hosts[seg_id].add(host_id)
         ports[seg_id].add(port_id)
         sites[seg_id].add(site_id)
-    gateway_sites = gateway_site_ids() if any(r[4] for r in rows) else frozenset()
+    if not any(r[4] for r in rows):
+        gateway_sites = frozenset()
+    elif gateway_sites is None:
+        gateway_sites = gateway_site_ids()
     return [
         SegmentView(
             id=seg_id,
@@ -101,9 +107,31 @@ def segment_views(segments) -> list[SegmentView]:
     ]
 
 
-def desired_segments() -> list[SegmentView]:
-    """The segments the devices must carry now."""
-    return segment_views(Segment.objects.filter(state__in=Segment.DESIRED_STATES))
+def desired_segments(
+    *, switch_ids: Iterable[int] | None = None, host_ids: Iterable[int] | None = None
+) -> list[SegmentView]:
+    """The segments the devices must carry now: all of them, or, given ``switch_ids`` and/or ``host_ids``,
+    only those that can reach these devices — the desired state of these devices is the same, and the work
+    does not grow with the number of live clusters elsewhere. A switch is reached by a segment with a member
+    behind one of its ports or at its site (host trunks, core uplink) and, when it is at a gateway site, by
+    every closed segment; a host by a segment it is a member of."""
+    segments = Segment.objects.filter(state__in=Segment.DESIRED_STATES)
+    if switch_ids is None and host_ids is None:
+        return segment_views(segments)
+    reach = Q(pk__in=[])
+    gateway_sites = None
+    if switch_ids:
+        switch_ids = list(switch_ids)
+        gateway_port = SwitchPort.objects.filter(switch=OuterRef("pk"), role=PortRole.GATEWAY_TRUNK)
+        rows = list(Switch.objects.filter(pk__in=switch_ids).values_list("site_id", Exists(gateway_port)))
+        sites = {site for site, _has_gateway in rows}
+        reach |= Q(members__host__switch_port__switch_id__in=switch_ids) | Q(members__host__site_id__in=sites)
+        gateway_sites = gateway_site_ids()
+        if sites & gateway_sites or any(has_gateway for _site, has_gateway in rows):
+            reach |= Q(gateway=True)
+    if host_ids:
+        reach |= Q(members__host_id__in=list(host_ids))
+    return segment_views(segments.filter(pk__in=segments.filter(reach).values("pk")), gateway_sites=gateway_sites)
 
 
 def switch_desired(
@@ -111,7 +139,10 @@ def switch_desired(
 ) -> dict[int, PortVlans]:
     """For each switch (all, or ``switch_ids``): owned port name → the VLANs it must carry (every owned
     port is listed, an empty set meaning "carry none of the portal's VLANs")."""
-    views = desired_segments() if segments is None else segments
+    if segments is not None:
+        views = segments
+    else:
+        views = desired_segments(switch_ids=None if switch_ids is None else list(switch_ids))
     ports = SwitchPort.objects.all()
     if switch_ids is not None:
         switch_ids = list(switch_ids)
@@ -147,7 +178,10 @@ def host_desired(
     host_ids: Iterable[int] | None = None, *, segments: list[SegmentView] | None = None
 ) -> dict[int, frozenset[int]]:
     """For each host (all, or ``host_ids``): the VLANs it needs a bridge for."""
-    views = desired_segments() if segments is None else segments
+    if segments is not None:
+        views = segments
+    else:
+        views = desired_segments(host_ids=None if host_ids is None else list(host_ids))
     if host_ids is None:
         host_ids = Host.objects.values_list("pk", flat=True)
     wanted: dict[int, set[int]] = {pk: set() for pk in host_ids}

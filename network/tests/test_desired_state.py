@@ -95,3 +95,33 @@ def test_desired_state_costs_a_fixed_number_of_queries(fabric, django_assert_max
         selectors.switch_desired()
     with django_assert_max_num_queries(5):
         selectors.host_desired()
+
+
+def test_the_desired_state_of_some_devices_reads_only_the_segments_that_reach_them(fabric):
+    """For every device, the state computed from the segments that can reach it equals the state computed
+    from every live segment — over many random segments (single- and multi-site, closed and public, some
+    being deleted) and for batches of devices too."""
+    import random
+
+    rng = random.Random(7)
+    hosts = list(fabric.hosts.values())
+    for i in range(40):
+        members = rng.sample(hosts, rng.randint(1, 4))
+        seg = services.segment_create(owner=f"r{i}", hosts=members, gateway=rng.random() < 0.4)
+        if rng.random() < 0.2:
+            services.segment_delete(segment=seg)
+    everything = selectors.desired_segments()
+    full_switches = selectors.switch_desired(segments=everything)
+    full_hosts = selectors.host_desired(segments=everything)
+    switch_ids = [s.pk for s in fabric.switches.values()]
+    for pk in switch_ids:
+        assert selectors.switch_desired([pk])[pk] == full_switches[pk]
+        assert len(selectors.desired_segments(switch_ids=[pk])) <= len(everything)
+    for host in hosts:
+        assert selectors.host_desired([host.pk])[host.pk] == full_hosts[host.pk]
+    batch = rng.sample(switch_ids, 2)
+    assert selectors.switch_desired(batch) == {pk: full_switches[pk] for pk in batch}
+    prague = fabric.switches["prague"].pk  # no gateway trunk there: closed segments of other sites stay out
+    reaching = {v.owner_ref for v in selectors.desired_segments(switch_ids=[prague])}
+    assert reaching < {v.owner_ref for v in everything}
+    assert selectors.desired_segments(switch_ids=[], host_ids=[]) == []
