@@ -64,7 +64,7 @@ def _configure_environment(args) -> dict:
     return {**os.environ, **env}
 
 
-def _recreate_database(url: str) -> None:
+def _recreate_database(url: str, *, create: bool = True) -> None:
     import psycopg
 
     parsed = urlparse(url)
@@ -72,7 +72,12 @@ def _recreate_database(url: str) -> None:
     admin = parsed._replace(path="/postgres").geturl()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        if create:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _drop_database(url: str) -> None:
+    _recreate_database(url, create=False)
 
 
 def topology_file(topo, *, agents: bool) -> dict:

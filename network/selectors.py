@@ -118,20 +118,23 @@ def desired_segments(
     segments = Segment.objects.filter(state__in=Segment.DESIRED_STATES)
     if switch_ids is None and host_ids is None:
         return segment_views(segments)
-    reach = Q(pk__in=[])
+    members = Q(pk__in=[])  # which memberships make a segment reach the devices
+    closed = False  # whether every closed segment does
     gateway_sites = None
     if switch_ids:
         switch_ids = list(switch_ids)
         gateway_port = SwitchPort.objects.filter(switch=OuterRef("pk"), role=PortRole.GATEWAY_TRUNK)
         rows = list(Switch.objects.filter(pk__in=switch_ids).values_list("site_id", Exists(gateway_port)))
         sites = {site for site, _has_gateway in rows}
-        reach |= Q(members__host__switch_port__switch_id__in=switch_ids) | Q(members__host__site_id__in=sites)
+        members |= Q(host__switch_port__switch_id__in=switch_ids) | Q(host__site_id__in=sites)
         gateway_sites = gateway_site_ids()
-        if sites & gateway_sites or any(has_gateway for _site, has_gateway in rows):
-            reach |= Q(gateway=True)
+        closed = bool(sites & gateway_sites) or any(has_gateway for _site, has_gateway in rows)
     if host_ids:
-        reach |= Q(members__host_id__in=list(host_ids))
-    return segment_views(segments.filter(pk__in=segments.filter(reach).values("pk")), gateway_sites=gateway_sites)
+        members |= Q(host_id__in=list(host_ids))
+    reach = Q(pk__in=SegmentMember.objects.filter(members).values("segment_id"))
+    if closed:
+        reach |= Q(gateway=True)
+    return segment_views(segments.filter(reach), gateway_sites=gateway_sites)
 
 
 def switch_desired(
