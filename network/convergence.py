@@ -223,7 +223,8 @@ class BatchOutcome:
 
 @dataclass
 class _Device:
-    """One device of a batch: what the worker thread needs (no ORM object crosses into the thread)."""
+    """One device of a batch: what its worker thread needs, computed before (the spec, the desired state), and
+    its outcome. The thread reads only loaded fields of ``device``: it never queries the database."""
 
     kind: str
     device: Switch | Host
