@@ -8,8 +8,6 @@ from django.db.models import Prefetch
 
 from access import services
 from access.models import Authority, Credential, CredentialCluster, Gateway, RevocationReason
-from portal.models import TokenScope
-from portal.tokens import token_create
 
 
 @admin.register(Authority)
@@ -125,15 +123,8 @@ class GatewayAdmin(admin.ModelAdmin):
 
     @admin.action(description="Make gateway token (shown once; replaces the gateway's current token)")
     def make_token(self, request, queryset):
-        from portal.tokens import token_revoke
-
         for gateway in queryset:
-            old = gateway.token
-            token, secret = token_create(user=request.user, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
-            gateway.token = token
-            gateway.save(update_fields=["token"])
-            if old is not None:
-                token_revoke(token=old)
+            secret = services.gateway_token_issue(gateway=gateway, by=request.user)
             self.message_user(
                 request,
                 f"Token for gateway {gateway.name} — copy it now, it is not shown again: {secret}",

@@ -44,6 +44,8 @@ from access.models import (
     RevocationReason,
     SerialNumber,
 )
+from portal.models import TokenScope
+from portal.tokens import token_create, token_revoke
 
 logger = logging.getLogger(__name__)
 
@@ -1008,6 +1010,21 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
         ssh_host_key=host.private_openssh,
         ssh_host_cert=host_cert,
     )
+
+
+@transaction.atomic
+def gateway_token_issue(*, gateway: Gateway, by) -> str:
+    """A new pull token (scope ``gateway:pull``, owned by ``by``) for ``gateway``; its previous token is
+    revoked in the same transaction, so the gateway never holds two. Returns the secret, shown once."""
+    locked = Gateway.objects.select_for_update(of=("self",)).select_related("token").get(pk=gateway.pk)
+    old = locked.token
+    token, secret = token_create(user=by, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
+    locked.token = gateway.token = token
+    locked.save(update_fields=["token"])
+    if old is not None:
+        token_revoke(token=old)
+    logger.info("access: new pull token %s for gateway %s", token.prefix, gateway.name)
+    return secret
 
 
 def _is_ip(value: str) -> bool:

@@ -142,12 +142,9 @@ def user_token(user) -> str:
 
 def gateway_token(gateway, owner, path: Path) -> Path:
     """Give ``gateway`` its own pull token (scope gateway:pull), written to ``path`` as the gateway keeps it."""
-    from portal.models import TokenScope
-    from portal.tokens import token_create
+    from access.services import gateway_token_issue
 
-    token, secret = token_create(user=owner, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
-    gateway.token = token
-    gateway.save(update_fields=["token"])
+    secret = gateway_token_issue(gateway=gateway, by=owner)
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return path

@@ -255,6 +255,24 @@ def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     ]
 
 
+def test_gateway_token_issue_replaces_the_previous_token(root, gateway):
+    from rest_framework.test import APIClient
+
+    def pull(secret: str) -> int:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        return client.get("/api/access/gateway/state/").status_code
+
+    first = services.gateway_token_issue(gateway=gateway, by=root)
+    assert gateway.token.scopes == ["gateway:pull"] and first.startswith(f"vc_{gateway.token.prefix}_")
+    assert pull(first) == 200
+    second = services.gateway_token_issue(gateway=gateway, by=root)
+    gateway.refresh_from_db()
+    assert second.startswith(f"vc_{gateway.token.prefix}_")
+    assert pull(second) == 200
+    assert pull(first) in (401, 403)  # the old token stops working at once
+
+
 # --- SSH certificates ------------------------------------------------------------------------------------------------
 
 
