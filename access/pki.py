@@ -437,6 +437,11 @@ def load_crl_pem(pem: bytes) -> x509.CertificateRevocationList:
     return x509.load_pem_x509_crl(pem)
 
 
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, lowercase hex without colons (OpenVPN's ``tls_digest_sha256_0``)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def public_key_pem(key: PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

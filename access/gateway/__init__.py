@@ -2,5 +2,6 @@
 
 Standalone by design (DESIGN.md "Layers"): no Django, no database. Everything here works from the state
 directory the gateway last pulled from the portal, so access keeps working while the portal is down.
-Only :mod:`access.attrcerts` is imported from the rest of the project (for offline AC verification).
+Only :mod:`access.pki` and :mod:`access.attrcerts` are imported from the rest of the project (for offline
+AC verification).
 """

@@ -77,16 +77,14 @@ def tls_verify(state: VpnState, depth: int, subject: str, env: dict[str, str]) -
         return  # the CA chain itself is OpenVPN's job (``ca``); the AC rides on the leaf only
 
     # Imported here so client-connect, which needs no cryptography, starts faster.
-    from cryptography import x509
-
     from access import attrcerts, pki
 
     path = env.get("peer_cert")
     if not path:
         raise Refused(f"subject={subject!r}: no peer_cert (tls-export-cert is not configured)")
     try:
-        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
-        aa_cert = x509.load_pem_x509_certificate(state.aa.read_bytes())
+        cert = pki.load_cert_pem(Path(path).read_bytes())
+        aa_cert = pki.load_cert_pem(state.aa.read_bytes())
     except FileNotFoundError as exc:
         raise Refused(f"subject={subject!r}: missing {exc.filename}") from None
     except ValueError as exc:
@@ -100,9 +98,7 @@ def tls_verify(state: VpnState, depth: int, subject: str, env: dict[str, str]) -
     except attrcerts.ACInvalid as exc:
         raise Refused(f"{who}: AC invalid: {exc.reason}") from None
 
-    from cryptography.hazmat.primitives import hashes
-
-    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    fingerprint = pki.cert_fingerprint(cert)
     state.ac_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     entry = {
         "serial": cert.serial_number,

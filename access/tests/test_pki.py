@@ -115,6 +115,16 @@ def test_openssl_verifies_chain_purpose_and_crl(tmp_path, key_type):
     revoked = verify("bad", "sslclient", crl_check=True)
     assert revoked.returncode != 0 and "revoked" in revoked.stdout + revoked.stderr
 
+    # The gateway's AC cache is keyed by this fingerprint; OpenVPN computes it as openssl does.
+    fp = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", "good.pem"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert pki.cert_fingerprint(good) == fp.split("=", 1)[1].strip().replace(":", "").lower()
+
     loaded = pki.load_crl_pem(pki.crl_to_pem(crl))
     assert loaded.is_signature_valid(ca.key.public_key())
     entry = loaded.get_revoked_certificate_by_serial_number(11)
