@@ -82,12 +82,12 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         addresses += [a for a in cluster.nodes.exclude(state=NodeState.REMOVED).values_list("address", flat=True) if a]
     if len(set(addresses)) != len(addresses):
         raise ClusterError("an IP address appears twice among the cluster's nodes", field="nodes")
-    taken = Node.objects.exclude(state=NodeState.REMOVED).filter(mac__in=macs)
+    live = Node.objects.exclude(state=NodeState.REMOVED)
     if cluster is not None:
-        clash = taken.filter(cluster=cluster, name__in=names).values_list("name", flat=True)
+        clash = sorted(live.filter(cluster=cluster, name__in=names).values_list("name", flat=True))
         if clash:
-            raise ClusterError(f"node {sorted(clash)[0]} already exists in this cluster", field="nodes")
-    used = sorted(taken.values_list("mac", flat=True))
+            raise ClusterError(f"node {clash[0]} already exists in this cluster", field="nodes")
+    used = sorted(live.filter(mac__in=macs).values_list("mac", flat=True))
     if used:
         raise ClusterError(f"MAC address {used[0]} is already used by another VM", field="nodes")
     for n in nodes:

@@ -265,6 +265,22 @@ def test_expiry_tears_down(fabric, images, api, alice):
     assert VirtualCluster.objects.get(pk=cid).state == ClusterState.TORN_DOWN
 
 
+def test_nodes_add_refuses_a_name_the_cluster_already_has(fabric, images, api, alice):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    r = api.post(
+        f"/api/clusters/{cid}/nodes/",
+        {"nodes": [{"name": "n1", "host": "prague1", "mac": "52:54:00:00:00:0a"}]},  # a new MAC, a taken name
+        format="json",
+    )
+    assert r.status_code == 400, r.content
+    assert r.data["nodes"] == ["node n1 already exists in this cluster"]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    assert sorted(cluster.nodes.values_list("name", flat=True)) == ["n1", "n2"]
+    assert cluster.vlan_id not in fabric.host_vlans("prague1")
+
+
 def test_nodes_add_remove_and_migration_converge_the_network(fabric, images, api, alice):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
