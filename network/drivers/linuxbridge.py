@@ -57,6 +57,7 @@ from network.drivers.base import (
     SwitchSpec,
     TemporaryDeviceError,
 )
+from network.drivers.ranges import compact
 
 PLATFORM = "linuxbridge"
 NETNS_RUN_DIR = "/run/netns"
@@ -111,18 +112,7 @@ class PortState:
 
 def format_vids(vids: Iterable[int]) -> str:
     """``[100, 101, 102, 200]`` -> ``100-102,200``; an empty set is ``none``."""
-    vids = sorted(set(vids))
-    if not vids:
-        return "none"
-    parts, start, prev = [], vids[0], vids[0]
-    for vid in vids[1:] + [None]:
-        if vid is not None and vid == prev + 1:
-            prev = vid
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if vid is not None:
-            start = prev = vid
-    return ",".join(parts)
+    return compact(vids) or "none"
 
 
 def parse_vids(text: str) -> frozenset[int]:
