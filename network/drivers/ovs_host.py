@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError
 from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, parse_tables, trunks_value
-from network.drivers.vendor import vlan_list
+from network.drivers.ranges import compact
 
 DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
 
@@ -98,9 +98,9 @@ class OvsHostSession:
         if carried is None:
             lines.append(f"uplink {self.uplink}: make it a trunk (was not a plain trunk)")
         if target - before:
-            lines.append(f"add {vlan_list(target - before)}")
+            lines.append(f"add {compact(target - before)}")
         if before - target:
-            lines.append(f"remove {vlan_list(before - target)}")
+            lines.append(f"remove {compact(before - target)}")
         for vid, names in sorted(kept.items()):
             lines.append(f"keep {vid}: in use by {', '.join(sorted(names))}")
         changed = carried is None or target != before
@@ -119,8 +119,8 @@ class OvsHostSession:
         if after != target:
             raise PermanentDeviceError(
                 self.spec.name,
-                f"verification failed: uplink {self.uplink} carries {vlan_list(after) or 'none'}, "
-                f"wanted {vlan_list(target) or 'none'}",
+                f"verification failed: uplink {self.uplink} carries {compact(after) or 'none'}, "
+                f"wanted {compact(target) or 'none'}",
             )
         diff = "\n".join(lines) if changed or kept else ""
         return ConvergeResult(self.spec.name, diff, changed, {self.spec.name: before}, {self.spec.name: after})
