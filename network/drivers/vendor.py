@@ -93,14 +93,9 @@ def classified(device: str, action: str) -> Iterator[None]:
         napalm_exc.CommandTimeoutException,
     ) as exc:
         raise TemporaryDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
-    except (TimeoutError, ConnectionError, OSError) as exc:
+    except OSError as exc:  # timeouts, refused and reset connections
         raise TemporaryDeviceError(device, f"{action}: {exc}") from exc
-    except (
-        napalm_exc.MergeConfigException,
-        napalm_exc.ReplaceConfigException,
-        napalm_exc.CommitError,
-        napalm_exc.NapalmException,
-    ) as exc:
+    except napalm_exc.NapalmException as exc:  # every other NAPALM error: merge, replace or commit rejected …
         raise PermanentDeviceError(device, f"{action}: rejected: {exc}") from exc
     except NotImplementedError as exc:
         raise PermanentDeviceError(device, f"{action}: not supported by the driver: {exc}") from exc
