@@ -13,8 +13,12 @@ notifications and may arrive at any time; they are skipped.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+#: OpenVPN's answer to ``client-kill`` for a client ID it no longer knows (the client left in between).
+_CID_GONE = "ERROR: client-kill command failed"
 
 
 class ManagementError(Exception):
@@ -85,26 +89,7 @@ def kill_sessions(socket_path: str | Path, common_name: str, *, message: str = "
     """
     if not common_name or any(c.isspace() for c in common_name):
         raise ValueError(f"refusing to kill by an empty or spaced common name {common_name!r}")
-    if message not in ("HALT", "RESTART"):
-        raise ValueError(f"client-kill message must be HALT or RESTART, not {message!r}")
-    targets = [s for s in list_sessions(socket_path, timeout=timeout) if s.common_name == common_name]
-    if not targets:
-        return 0
-    conn = _Conn(Path(socket_path), timeout)
-    killed = 0
-    try:
-        for session in targets:
-            if session.client_id is None:
-                raise ManagementError(f"OpenVPN did not list a client ID for {common_name}; is it 2.5+?")
-            conn.send(f"client-kill {session.client_id} {message}")
-            answer = conn.reply()
-            if answer.startswith("SUCCESS"):
-                killed += 1
-            elif "not found" not in answer:  # gone in between: fine
-                raise ManagementError(f"unexpected answer to client-kill {session.client_id}: {answer}")
-    finally:
-        conn.close()
-    return killed
+    return _kill(socket_path, lambda s: s.common_name == common_name, message, timeout)
 
 
 def kill_address(socket_path: str | Path, address: str, *, message: str = "HALT", timeout: float = 5.0) -> int:
@@ -113,21 +98,31 @@ def kill_address(socket_path: str | Path, address: str, *, message: str = "HALT"
     With :func:`access.gateway.vpn.session_address` this cuts exactly the session of one revoked
     certificate, leaving the same user's other sessions (other clusters, other certificates) up.
     """
+    return _kill(socket_path, lambda s: s.real_address == address, message, timeout)
+
+
+def _kill(socket_path: str | Path, wanted: Callable[[Session], bool], message: str, timeout: float) -> int:
+    """``client-kill`` every listed session ``wanted`` picks; the number cut. An answer other than success
+    or "gone in between" raises, so the caller retries instead of taking the session for cut."""
     if message not in ("HALT", "RESTART"):
         raise ValueError(f"client-kill message must be HALT or RESTART, not {message!r}")
-    targets = [s for s in list_sessions(socket_path, timeout=timeout) if s.real_address == address]
+    targets = [s for s in list_sessions(socket_path, timeout=timeout) if wanted(s)]
+    if not targets:
+        return 0
+    conn = _Conn(Path(socket_path), timeout)
     killed = 0
-    if targets:
-        conn = _Conn(Path(socket_path), timeout)
-        try:
-            for session in targets:
-                if session.client_id is None:
-                    raise ManagementError("OpenVPN did not list client IDs; is it 2.5+?")
-                conn.send(f"client-kill {session.client_id} {message}")
-                if conn.reply().startswith("SUCCESS"):
-                    killed += 1
-        finally:
-            conn.close()
+    try:
+        for session in targets:
+            if session.client_id is None:
+                raise ManagementError(f"OpenVPN did not list a client ID for {session.common_name}; is it 2.5+?")
+            conn.send(f"client-kill {session.client_id} {message}")
+            answer = conn.reply()
+            if answer.startswith("SUCCESS"):
+                killed += 1
+            elif answer != _CID_GONE:
+                raise ManagementError(f"unexpected answer to client-kill {session.client_id}: {answer}")
+    finally:
+        conn.close()
     return killed
 
 
