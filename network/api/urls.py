@@ -8,7 +8,6 @@ router.register("cores", views.CoreTransportViewSet)
 router.register("switches", views.SwitchViewSet)
 router.register("hosts", views.HostViewSet)
 router.register("pools", views.VlanPoolViewSet)
-urlpatterns = router.urls
 router.register("allocations", views.VlanAllocationViewSet, basename="vlanallocation")
 router.register("changes", views.DeviceChangeViewSet, basename="devicechange")
 router.register("drift", views.DriftViewSet, basename="drift")
