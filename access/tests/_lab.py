@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from access.tests._procs import Netns
+
 DEMO = Path(__file__).resolve().parents[2] / "network" / "topologies" / "demo.yaml"
 _macs = itertools.count(1)
 
@@ -45,6 +47,16 @@ def lab_inventory(transactional_db):
         yield lab
     finally:
         lab.down()
+
+
+class LabNetns(Netns):
+    """A namespace the lab made (a VM's, or its gateway's): used by a test, never created or deleted by it."""
+
+    def __init__(self, name: str):  # no `ip netns add`
+        self.name = name
+
+    def delete(self) -> None:
+        pass
 
 
 def mac() -> str:

@@ -54,7 +54,15 @@ from rest_framework.test import APIClient
 from access import services, ssh
 from access.models import Authority, AuthorityKind, Gateway, GatewayKind
 from access.selectors import cluster_label
-from access.tests._lab import cluster_post, gateway_token, lab_inventory, portal, user_token, wait_ready
+from access.tests._lab import (
+    LabNetns,
+    cluster_post,
+    gateway_token,
+    lab_inventory,
+    portal,
+    user_token,
+    wait_ready,
+)
 from access.tests._procs import Netns, can_use_netns, read, run_prefix, sh, stop, wait_for
 
 SSHD = "/usr/sbin/sshd"
@@ -74,16 +82,6 @@ BASTION_PUBLIC, WS_PUBLIC = "198.18.249.1", "198.18.249.2"
 BASTION_CLUSTER_LEG = "198.18.20.250/24"
 ACCOUNT = "nobody"  # exists everywhere with a no-login shell: right for a relay-only bastion
 SITES = ["brno-h1", "pilsen-h1", "prague-h1"]
-
-
-class LabNetns(Netns):
-    """A namespace the lab made (a VM's): used here, deleted by the lab."""
-
-    def __init__(self, name: str):  # no `ip netns add`
-        self.name = name
-
-    def delete(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -45,7 +45,15 @@ from rest_framework.test import APIClient
 from access import attrcerts, pki, services
 from access.models import Authority, AuthorityKind, Credential, Gateway, GatewayKind
 from access.selectors import cluster_label
-from access.tests._lab import cluster_post, gateway_token, lab_inventory, portal, user_token, wait_ready
+from access.tests._lab import (
+    LabNetns,
+    cluster_post,
+    gateway_token,
+    lab_inventory,
+    portal,
+    user_token,
+    wait_ready,
+)
 from access.tests._procs import Netns, can_use_netns, read, run_prefix, sh, stop, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -59,16 +67,6 @@ pytestmark = [
 GW_PUBLIC, WS_PUBLIC = "198.18.248.1", "198.18.248.2"
 CLIENT_ADDR = "198.18.10.200/24"
 SITES = ["brno-h1", "pilsen-h1", "prague-h1"]
-
-
-class LabNetns(Netns):
-    """A namespace the lab made (its gateway namespace): used, never created or deleted here."""
-
-    def __init__(self, name: str):  # noqa: D107 - no `ip netns add`
-        self.name = name
-
-    def delete(self) -> None:
-        pass
 
 
 class Gw:
