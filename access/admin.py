@@ -69,7 +69,7 @@ class CredentialAdmin(admin.ModelAdmin):
 
     @admin.display(description="clusters")
     def clusters_list(self, obj) -> str:
-        return ", ".join(c.label for c in obj.clusters.all())
+        return ", ".join(obj.cluster_labels())
 
     def has_add_permission(self, request):
         return False

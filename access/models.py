@@ -13,6 +13,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from portal.secrets import EncryptedTextField
 
@@ -135,6 +136,13 @@ class Credential(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+    @property
+    def status(self) -> str:
+        """ "revoked", "expired" or "valid": what the page and the API show."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.not_after <= timezone.now() else "valid"
 
     def cluster_labels(self) -> list[str]:
         return [c.label for c in self.clusters.all()]

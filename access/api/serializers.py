@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.utils import timezone
 from rest_framework import serializers
 
 from access.models import Credential, RevocationReason
@@ -49,8 +48,8 @@ class SshCertificateSerializer(serializers.Serializer):
 class CredentialSerializer(serializers.ModelSerializer):
     user = serializers.CharField(source="user.username", read_only=True)
     revoked_by = serializers.CharField(source="revoked_by.username", read_only=True, default=None)
-    clusters = serializers.SerializerMethodField()
-    status = serializers.SerializerMethodField()
+    clusters = serializers.ListField(child=serializers.CharField(), source="cluster_labels", read_only=True)
+    status = serializers.ChoiceField(choices=["valid", "expired", "revoked"], read_only=True)
     revocation_reason = serializers.CharField(read_only=True, help_text="see the revoke request's reasons")
 
     class Meta:
@@ -75,14 +74,6 @@ class CredentialSerializer(serializers.ModelSerializer):
             "revoked_by",
         ]
         read_only_fields = fields
-
-    def get_clusters(self, obj) -> list[str]:
-        return [c.label for c in obj.clusters.all()]
-
-    def get_status(self, obj) -> str:
-        if obj.revoked_at is not None:
-            return "revoked"
-        return "expired" if obj.not_after <= timezone.now() else "valid"
 
 
 class RevokeRequestSerializer(serializers.Serializer):

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from cryptography import x509
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from access import services
@@ -148,6 +151,14 @@ def test_credentials_list_and_revoke(alice, bob, root, cluster, gateway, django_
     bad = client_for(root).post(f"/api/access/credentials/{theirs.pk}/revoke/", {"reason": "bored"}, format="json")
     assert bad.status_code == 400
     assert client_for(alice).get("/api/access/credentials/?status=revoked").json()["count"] == 1
+
+    # One of alice's runs out: listed as expired, not valid.
+    expired = Credential.objects.filter(user=alice, revoked_at__isnull=True).first()
+    Credential.objects.filter(pk=expired.pk).update(not_after=timezone.now() - dt.timedelta(seconds=1))
+    listed = client_for(alice).get("/api/access/credentials/?status=expired").json()
+    assert [(c["id"], c["status"]) for c in listed["results"]] == [(expired.pk, "expired")]
+    valid = client_for(alice).get("/api/access/credentials/?status=valid").json()["results"]
+    assert len(valid) == 1 and valid[0]["status"] == "valid" and valid[0]["id"] != expired.pk
 
 
 def test_public_crl(alice, cluster, gateway):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import zipfile
 
@@ -101,6 +102,21 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
     # GET does nothing.
     assert client.get(f"/access/credentials/{credential.pk}/revoke/").status_code == 405
+
+
+def test_an_expired_credential_shows_as_expired_without_a_revoke_button(alice, cluster, gateway):
+    from django.utils import timezone
+
+    client = logged_in(alice)
+    client.post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    credential = Credential.objects.get()
+    Credential.objects.filter(pk=credential.pk).update(
+        not_before=timezone.now() - dt.timedelta(days=4), not_after=timezone.now() - dt.timedelta(days=1)
+    )
+    page = client.get("/access/").content.decode()
+    row = page.split(f'data-serial="{credential.serial}"')[1].split("</tr>")[0]
+    assert "<td>expired</td>" in row
+    assert "Revoke" not in row
 
 
 # --- admin ---------------------------------------------------------------------------------------------------------
