@@ -2,9 +2,26 @@
 
 from django import forms
 from django.contrib import admin
+from django.db import transaction
+from django.db.models import Count
+from django.template.response import TemplateResponse
 
-from network.choices import PortRole
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network import convergence
+from network.choices import DeviceKind, PortRole
+from network.drivers import DeviceError
+from network.models import (
+    CoreTransport,
+    DeviceChange,
+    Drift,
+    Host,
+    Segment,
+    SegmentMember,
+    Site,
+    Switch,
+    SwitchPort,
+    VlanAllocation,
+    VlanPool,
+)
 
 
 @admin.register(Site)
@@ -62,6 +79,42 @@ class SwitchForm(forms.ModelForm):
         return data
 
 
+# --- actions on switches and hosts ---------------------------------------------------------------------------
+
+
+def _kind(queryset) -> str:
+    return DeviceKind.SWITCH if queryset.model is Switch else DeviceKind.HOST
+
+
+@admin.action(description="Reconcile now (find and repair drift)")
+def reconcile_now(modeladmin, request, queryset):
+    from network import tasks
+
+    kind = _kind(queryset)
+    ids = list(queryset.filter(enabled=True).values_list("pk", flat=True))
+    for pk in ids:
+        transaction.on_commit(lambda pk=pk: tasks.reconcile_device.delay(kind, pk))
+    modeladmin.message_user(request, f"Reconcile queued for {len(ids)} {kind}(s); see Drift and Device changes.")
+
+
+@admin.action(description="Plan (dry run): show the diff convergence would apply")
+def plan_dry_run(modeladmin, request, queryset):
+    kind = _kind(queryset)
+    rows = []
+    for device in queryset.filter(enabled=True).order_by("name"):
+        try:
+            rows.append({"device": device.name, "diff": convergence.plan(kind, device), "error": ""})
+        except DeviceError as exc:
+            rows.append({"device": device.name, "diff": "", "error": str(exc)})
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": f"Plan for {len(rows)} {kind}(s): nothing has been changed",
+        "rows": rows,
+        "opts": modeladmin.model._meta,
+    }
+    return TemplateResponse(request, "admin/network/plan.html", context)
+
+
 class SwitchPortInline(admin.TabularInline):
     model = SwitchPort
     extra = 0
@@ -76,10 +129,9 @@ class SwitchAdmin(admin.ModelAdmin):
     search_fields = ("name", "address", "description")
     list_select_related = ("site",)
     inlines = [SwitchPortInline]
+    actions = [reconcile_now, plan_dry_run]
 
     def get_queryset(self, request):
-        from django.db.models import Count
-
         return super().get_queryset(request).annotate(_ports=Count("ports"))
 
     @admin.display(description="ports", ordering="_ports")
@@ -109,6 +161,7 @@ class HostAdmin(admin.ModelAdmin):
     search_fields = ("name", "switch_port__name", "switch_port__switch__name")
     list_select_related = ("site", "switch_port", "switch_port__switch")
     autocomplete_fields = ("switch_port",)
+    actions = [reconcile_now, plan_dry_run]
 
 
 @admin.register(VlanPool)
@@ -120,13 +173,6 @@ class VlanPoolAdmin(admin.ModelAdmin):
 
 
 # --- The VLAN life cycle: allocations, segments, device changes and drift (read-only records) -----------------
-
-from django.db import transaction  # noqa: E402
-from django.template.response import TemplateResponse  # noqa: E402
-
-from network import convergence  # noqa: E402
-from network.drivers import DeviceError  # noqa: E402
-from network.models import DeviceChange, DeviceKind, Drift, Segment, SegmentMember, VlanAllocation  # noqa: E402
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -181,8 +227,6 @@ class SegmentAdmin(ReadOnlyAdmin):
     inlines = [SegmentMemberInline, DeviceChangeInline]
 
     def get_queryset(self, request):
-        from django.db.models import Count
-
         return super().get_queryset(request).annotate(_members=Count("members"))
 
     @admin.display(description="hosts", ordering="_members")
@@ -208,40 +252,3 @@ class DriftAdmin(ReadOnlyAdmin):
     list_display = ("found_at", "device", "port", "kind", "vlans", "expected", "actual", "last_seen_at", "repaired_at")
     list_filter = ("kind", "device_kind", ("repaired_at", admin.EmptyFieldListFilter))
     search_fields = ("device", "port", "vlans")
-
-
-def _kind(queryset) -> str:
-    return DeviceKind.SWITCH if queryset.model is Switch else DeviceKind.HOST
-
-
-@admin.action(description="Reconcile now (find and repair drift)")
-def reconcile_now(modeladmin, request, queryset):
-    from network import tasks
-
-    kind = _kind(queryset)
-    ids = list(queryset.filter(enabled=True).values_list("pk", flat=True))
-    for pk in ids:
-        transaction.on_commit(lambda pk=pk: tasks.reconcile_device.delay(kind, pk))
-    modeladmin.message_user(request, f"Reconcile queued for {len(ids)} {kind}(s); see Drift and Device changes.")
-
-
-@admin.action(description="Plan (dry run): show the diff convergence would apply")
-def plan_dry_run(modeladmin, request, queryset):
-    kind = _kind(queryset)
-    rows = []
-    for device in queryset.filter(enabled=True).order_by("name"):
-        try:
-            rows.append({"device": device.name, "diff": convergence.plan(kind, device), "error": ""})
-        except DeviceError as exc:
-            rows.append({"device": device.name, "diff": "", "error": str(exc)})
-    context = {
-        **modeladmin.admin_site.each_context(request),
-        "title": f"Plan for {len(rows)} {kind}(s): nothing has been changed",
-        "rows": rows,
-        "opts": modeladmin.model._meta,
-    }
-    return TemplateResponse(request, "admin/network/plan.html", context)
-
-
-for _admin_class in (SwitchAdmin, HostAdmin):
-    _admin_class.actions = [*(_admin_class.actions or []), reconcile_now, plan_dry_run]
