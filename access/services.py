@@ -300,12 +300,6 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
-def _pem_sha256(pem: bytes) -> str:
-    # The certificate's SHA-256 fingerprint (of its DER), without importing cryptography here.
-    body = b"".join(line for line in pem.splitlines() if line and not line.startswith(b"-----"))
-    return hashlib.sha256(base64.b64decode(body)).hexdigest()
-
-
 def _record_credential(
     *, kind: str, serial: int, user, key_id: str, fingerprint: str, clusters: Sequence, start, end, **extra
 ) -> Credential:
@@ -418,7 +412,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
         serial=serial,
         user=user,
         key_id=f"vpn:{username}:{','.join(labels)}:{now:%Y%m%dT%H%M%SZ}" + (":publish" if publish else ""),
-        fingerprint=_pem_sha256(cert_pem),
+        fingerprint=pki.cert_fingerprint(cert),
         clusters=chosen,
         start=start,
         end=end,

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from django.db import connection
 from django.utils import timezone
 
@@ -137,6 +138,8 @@ def test_vpn_profile_is_complete_and_its_ac_admits_to_the_chosen_cluster(bob, cl
     assert credential.cluster_labels() == [label]
     assert credential.not_after == parsed.cert.not_valid_after_utc
     assert credential.key_id.startswith(f"vpn:bob:{label}:")
+    # What the gateway's tls-verify hook sees of this certificate (OpenVPN's tls_digest_sha256_0).
+    assert credential.fingerprint == parsed.cert.fingerprint(hashes.SHA256()).hex()
     entry = AuditEntry.objects.get(object_id=str(credential.pk), content_type__model="credential")
     assert entry.action == "create"
 
