@@ -10,6 +10,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -89,6 +90,34 @@ def tagged_frame_seen(gw: Netns, tap: str, client: Netns, dev: str, vid: int, ad
         return dump.stdout.read() if dump.poll() is not None else ""
     finally:
         stop(dump)
+
+
+def node_sshd_config(d: Path, *, address: str, user_ca: Path, principals: Sequence[str]) -> Path:
+    """A cluster node's sshd in ``d`` (which holds ``host_key`` and ``host_key-cert.pub``), as the cluster's
+    image would set it up: the portal's user CA trusted for root with ``principals``. Returns the config."""
+    (d / "principals").mkdir(mode=0o755)
+    (d / "principals" / "root").write_text("".join(f"{p}\n" for p in principals))
+    conf = d / "sshd_config"
+    conf.write_text(
+        "\n".join(
+            [
+                f"ListenAddress {address}:22",
+                f"HostKey {d / 'host_key'}",
+                f"HostCertificate {d / 'host_key-cert.pub'}",
+                f"PidFile {d / 'sshd.pid'}",
+                f"TrustedUserCAKeys {user_ca}",
+                f"AuthorizedPrincipalsFile {d / 'principals'}/%u",
+                "AuthorizedKeysFile none",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "PermitRootLogin prohibit-password",
+                "LogLevel VERBOSE",
+            ]
+        )
+        + "\n"
+    )
+    return conf
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 3, *, kill: bool = False) -> None:

@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from access import ssh
 from access.gateway import pull, sshd
 from access.gateway.state import SshState, write_atomic
-from access.tests._procs import Netns, can_use_netns, read, run_prefix, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, node_sshd_config, read, run_prefix, stop, wait_for
 
 SSHD = "/usr/sbin/sshd"
 _skip = (
@@ -43,16 +41,11 @@ ACCOUNT = "nobody"  # exists everywhere with a no-login shell: right for a relay
 
 
 def _host_key(dirpath: Path, host_ca, principals: list[str], serial: int) -> tuple[Path, Path]:
-    key = ed25519.Ed25519PrivateKey.generate()
+    key = ssh.generate_user_key()  # what the portal enrols a gateway with
     key_path = dirpath / "host_key"
-    write_atomic(
-        key_path,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
-    )
+    write_atomic(key_path, key.private_openssh)
     cert_path = dirpath / "host_key-cert.pub"
-    line = ssh.issue_host_cert(host_ca, public_key=ssh.public_key_line(key), principals=principals, serial=serial)
+    line = ssh.issue_host_cert(host_ca, public_key=key.public_line, principals=principals, serial=serial)
     write_atomic(cert_path, line + "\n", 0o644)
     return key_path, cert_path
 
@@ -109,45 +102,18 @@ class Bastion:
         """A cluster node's sshd: trusts the user CA; root may log in with the cluster's principals."""
         d = self.root / name
         d.mkdir(mode=0o755)
-        key, cert = _host_key(d, self.host_ca, [address, name], 10 + len(name))
-        (d / "principals").mkdir(mode=0o755)
-        write_atomic(d / "principals" / "root", "c42-alice\nc43-bob\n", 0o644)
-        conf = d / "sshd_config"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"ListenAddress {address}:22",
-                    f"HostKey {key}",
-                    f"HostCertificate {cert}",
-                    f"PidFile {d / 'sshd.pid'}",
-                    f"TrustedUserCAKeys {self.state.user_ca}",
-                    f"AuthorizedPrincipalsFile {d / 'principals'}/%u",
-                    "AuthorizedKeysFile none",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "PermitRootLogin prohibit-password",
-                    "LogLevel VERBOSE",
-                ]
-            )
-            + "\n"
-        )
-        return conf
+        _host_key(d, self.host_ca, [address, name], 10 + len(name))
+        return node_sshd_config(d, address=address, user_ca=self.state.user_ca, principals=["c42-alice", "c43-bob"])
 
 
 class User:
     """A workstation: key, certificate, known_hosts and the rendered ssh_config profile."""
 
-    def __init__(self, lab, name: str, cert_line: str, key: ed25519.Ed25519PrivateKey, cluster: str = "c42"):
+    def __init__(self, lab, name: str, cert_line: str, key: ssh.UserKeyPair, cluster: str = "c42"):
         self.dir = lab.root / f"user-{name}"
         self.dir.mkdir(mode=0o700)
         ident = self.dir / "id"
-        write_atomic(
-            ident,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-        )
+        write_atomic(ident, key.private_openssh)
         write_atomic(self.dir / "id-cert.pub", cert_line + "\n", 0o644)
         write_atomic(self.dir / "known_hosts", ssh.known_hosts_line(ssh.public_key_line(lab.bastion.host_ca)), 0o644)
         self.config = self.dir / "ssh_config"
@@ -212,11 +178,11 @@ _serial = iter(range(100, 10_000))
 
 
 def _user(lab, name="alice", cluster="c42", *, ca=None, now=None, hours=1.0) -> tuple[User, int]:
-    key = ed25519.Ed25519PrivateKey.generate()
+    key = ssh.generate_user_key()
     serial = next(_serial)
     cert = ssh.issue_user_cert(
         ca or lab.bastion.user_ca,
-        public_key=ssh.public_key_line(key),
+        public_key=key.public_line,
         user=name,
         cluster=cluster,
         serial=serial,
