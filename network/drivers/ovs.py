@@ -222,7 +222,7 @@ class OvsDriver(NetworkDriver):
             # closed (or never opened): NAPALM's ``__del__`` asks on every garbage collection; no probe needed
             return {"is_alive": False}
         try:
-            self.ovsdb.run(["get", "Open_vSwitch", ".", "cur_cfg"], wait=False)
+            self.ovsdb.list_rows("Open_vSwitch", ("cur_cfg",))  # on the session's connection, no process
         except TemporaryDeviceError:
             return {"is_alive": False}
         return {"is_alive": True}

@@ -138,7 +138,9 @@ def test_switch_converge_starts_no_process(lab, ovs_bridge, no_processes):
     assert device.owned_port_vlans() == {"Ethernet1": frozenset({100, 101, 102})}
     device.rollback()
     assert device.owned_port_vlans() == {"Ethernet1": frozenset()}
+    assert device.is_alive() == {"is_alive": True}
     device.close()
+    assert device.is_alive() == {"is_alive": False}
 
 
 def test_a_session_keeps_one_connection(lab, ovs_bridge, no_processes, monkeypatch):
