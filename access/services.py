@@ -300,24 +300,8 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
+@transaction.atomic  # the credential and its clusters (what revocation finds it by) together
 def _record_credential(
-    *, kind: str, serial: int, user, key_id: str, fingerprint: str, clusters: Sequence, start, end, **extra
-) -> Credential:
-    with transaction.atomic():  # the credential and its clusters (what revocation finds it by) together
-        return _record_credential_rows(
-            kind=kind,
-            serial=serial,
-            user=user,
-            key_id=key_id,
-            fingerprint=fingerprint,
-            clusters=clusters,
-            start=start,
-            end=end,
-            **extra,
-        )
-
-
-def _record_credential_rows(
     *, kind: str, serial: int, user, key_id: str, fingerprint: str, clusters: Sequence, start, end, **extra
 ) -> Credential:
     credential = Credential.objects.create(
@@ -683,22 +667,22 @@ def _refresh_margin() -> dt.timedelta:
     return crl_validity() / 2
 
 
+def _crl_fresh(row: Authority) -> bool:
+    return bool(
+        row.revocation_list
+        and row.revocation_next_update
+        and row.revocation_next_update - timezone.now() > _refresh_margin()
+    )
+
+
 def crl_current() -> str:
     """The VPN CA's CRL (PEM), re-signed when a revocation happened or it is getting old."""
     row = _authority(AuthorityKind.VPN)
-    if (
-        row.revocation_list
-        and row.revocation_next_update
-        and row.revocation_next_update - timezone.now() > (_refresh_margin())
-    ):
+    if _crl_fresh(row):
         return row.revocation_list
     with transaction.atomic():
         row = _locked_authority(AuthorityKind.VPN)
-        if not (
-            row.revocation_list
-            and row.revocation_next_update
-            and row.revocation_next_update - timezone.now() > _refresh_margin()
-        ):
+        if not _crl_fresh(row):  # another request may have re-signed it while this one waited for the lock
             _crl_regenerate(row)
     return row.revocation_list
 
