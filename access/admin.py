@@ -82,14 +82,12 @@ class CredentialAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected credentials (withdrawn by an administrator)")
     def revoke(self, request, queryset):
-        done = 0
-        for credential in queryset:
-            done += services.credential_revoke(
-                credential=credential,
-                reason=RevocationReason.PRIVILEGE_WITHDRAWN,
-                by=request.user,
-                note=f"admin action by {request.user.get_username()}",
-            )
+        done = services.credentials_revoke(
+            ids=queryset.values_list("pk", flat=True),
+            reason=RevocationReason.PRIVILEGE_WITHDRAWN,
+            by=request.user,
+            note=f"admin action by {request.user.get_username()}",
+        )
         self.message_user(request, f"Revoked {done} credential(s); the CRL/KRL was re-signed.", messages.SUCCESS)
 
 

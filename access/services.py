@@ -760,6 +760,19 @@ def credential_revoke(*, credential: Credential, reason: str, by=None, note: str
 
 
 @transaction.atomic
+def credentials_revoke(*, ids: Iterable[int], reason: str, by=None, note: str = "") -> int:
+    """Revoke the credentials ``ids`` together (all or none, the CRL/KRL re-signed once); returns how many
+    were not revoked before."""
+    rows = list(
+        Credential.objects.filter(pk__in=list(ids))
+        .select_for_update(of=("self",))
+        .select_related("user")
+        .order_by("pk")
+    )
+    return _revoke_rows(rows, reason=reason, by=by, note=note)
+
+
+@transaction.atomic
 def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, note: str = "") -> int:
     """Revoke every live credential of ``user`` and/or covering ``cluster`` (an object or an id)."""
     if user is None and cluster is None:

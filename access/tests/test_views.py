@@ -136,22 +136,36 @@ def test_admin_shows_no_ca_key(root, gateway):
     assert "BEGIN CERTIFICATE" in client.get(f"/admin/access/authority/{vpn.pk}/change/").content.decode()
 
 
-def test_admin_revoke_action(root, alice, cluster, gateway):
+def test_admin_revoke_action(root, alice, bob, cluster, gateway):
     from access import services
 
     services.vpn_profile_issue(user=alice, clusters=[cluster])
-    credential = Credential.objects.get()
+    services.vpn_profile_issue(user=bob, clusters=[cluster])
+    services.vpn_profile_issue(user=bob, clusters=[cluster])
+    services.ssh_certificate_issue(user=bob, cluster=cluster)
+    kept = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    chosen = list(Credential.objects.exclude(pk=kept.pk).order_by("pk"))
     client = logged_in(root)
     assert client.get("/admin/access/credential/").status_code == 200
-    assert client.get(f"/admin/access/credential/{credential.pk}/change/").status_code == 200
+    assert client.get(f"/admin/access/credential/{chosen[0].pk}/change/").status_code == 200
+    services.credential_revoke(credential=chosen[0], reason="key_compromise", by=alice)
+    crl_number = Authority.objects.get(kind=AuthorityKind.VPN).revocation_number
     response = client.post(
         "/admin/access/credential/",
-        {"action": "revoke", "_selected_action": [credential.pk]},
+        {"action": "revoke", "_selected_action": [c.pk for c in chosen]},
         follow=True,
     )
-    assert "Revoked 1 credential" in response.content.decode()
-    credential.refresh_from_db()
-    assert credential.revocation_reason == "privilege_withdrawn" and credential.revoked_by == root
+    assert "Revoked 3 credential" in response.content.decode()  # the one revoked before is left as it was
+    revoked = Credential.objects.filter(pk__in=[c.pk for c in chosen]).order_by("pk")
+    assert [(c.revocation_reason, c.revoked_by) for c in revoked] == [
+        ("key_compromise", alice),
+        ("privilege_withdrawn", root),
+        ("privilege_withdrawn", root),
+        ("privilege_withdrawn", root),
+    ]
+    assert Authority.objects.get(kind=AuthorityKind.VPN).revocation_number == crl_number + 1  # signed once
+    kept.refresh_from_db()
+    assert kept.revoked_at is None
 
 
 def test_admin_makes_a_gateway_token_once(root, gateway):
