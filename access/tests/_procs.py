@@ -5,12 +5,13 @@ Everything created here is removed by PID or by exact name; nothing touches the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -69,6 +70,28 @@ def gateway_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr:
     gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
     gw.ip("link", "set", tap, "up")
     return tap
+
+
+@contextlib.contextmanager
+def gateway_pair(peer: str, gw_addr: str, peer_addr: str) -> Iterator[tuple[str, Netns, Netns, str, list]]:
+    """A gateway namespace and a ``peer`` one (``cl``, ``ws``...) joined by :func:`gateway_link`; yields
+    (prefix, gateway, peer, tap, procs). On exit the processes appended to ``procs`` are stopped and both
+    namespaces deleted, also when setting up failed half-way."""
+    prefix = run_prefix()
+    made: list[Netns] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        gw = Netns(f"{prefix}-gw")
+        made.append(gw)
+        other = Netns(f"{prefix}-{peer}")
+        made.append(other)
+        tap = gateway_link(gw, other, prefix, gw_addr, peer_addr, f"{prefix}{peer[0]}")
+        yield prefix, gw, other, tap, procs
+    finally:
+        for p in procs:
+            stop(p)
+        for ns in made:
+            ns.delete()
 
 
 def tagged_frame_seen(gw: Netns, tap: str, client: Netns, dev: str, vid: int, addr: str, target: str) -> str:

@@ -30,7 +30,7 @@ import pytest
 from access import attrcerts, openvpn, pki
 from access.gateway import management, pull, vpn
 from access.gateway.state import VpnState, vlan_map_json, write_atomic
-from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, tagged_frame_seen, wait_for
+from access.tests._procs import can_use_netns, gateway_pair, read, stop, tagged_frame_seen, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
 
@@ -131,30 +131,15 @@ class Gateway:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ovpn")
-    prefix = run_prefix()
-    made: list[Netns] = []
-    procs: list[subprocess.Popen] = []
-    try:
-        gw = Netns(f"{prefix}-gw")
-        made.append(gw)
-        cl = Netns(f"{prefix}-cl")
-        made.append(cl)
-        tap = gateway_link(gw, cl, prefix, GW_ADDR, CL_ADDR, f"{prefix}c")
-
+    with gateway_pair("cl", GW_ADDR, CL_ADDR) as (prefix, gw, cl, tap, procs):
         g = Gateway(tmp, prefix)
         conf = tmp / "server.conf"
         conf.write_text(openvpn.render_server_config(state_dir=g.state.root.parent, dev=tap, local=GW_ADDR))
         log = tmp / "server.log"
-        server = gw.popen("openvpn", "--config", str(conf), "--log", str(log))
-        procs.append(server)
+        procs.append(gw.popen("openvpn", "--config", str(conf), "--log", str(log)))
         wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
         g.gw, g.cl, g.tap, g.log, g.procs = gw, cl, tap, log, procs
         yield g
-    finally:
-        for p in procs:
-            stop(p)
-        for ns in made:
-            ns.delete()
 
 
 def _start_client(lab, text: str, name: str) -> tuple[subprocess.Popen, Path, float]:
