@@ -267,12 +267,7 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
     """Start the teardown: hosts, then switches, then the VLAN goes to quarantine; credentials revoked."""
     if cluster.state == ClusterState.TEARING_DOWN:
         return cluster  # asking twice is harmless
-    cluster = _transition(
-        cluster,
-        (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.READY, ClusterState.UPDATING),
-        ClusterState.TEARING_DOWN,
-        state_reason=reason,
-    )
+    cluster = _transition(cluster, ACTIVE_STATES, ClusterState.TEARING_DOWN, state_reason=reason)
     audit.record(cluster, "action", message=f"teardown: {reason}")
     if cluster.segment_id:
         net.segment_delete(segment=cluster.segment)
@@ -470,36 +465,29 @@ def clusters_expire() -> list[int]:
     return ids
 
 
-def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
-    """Teardowns that failed part-way (a device was down) are started again, each in a new generation."""
+def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:
+    """Clusters left in ``state`` for longer than ``older_than`` get their workflow ``start``-ed again, each in a
+    new generation (a late callback of the old one changes nothing). The conditional UPDATE claims each cluster
+    still in ``state``: two periodic runs never start one twice, and one that moved on meanwhile is left alone."""
     ids = []
-    cutoff = timezone.now() - older_than
-    for cluster_id in VirtualCluster.objects.filter(state=ClusterState.TEARING_DOWN, updated_at__lt=cutoff).values_list(
-        "pk", flat=True
-    ):
+    stalled = VirtualCluster.objects.filter(state=state, updated_at__lt=timezone.now() - older_than)
+    for cluster_id in stalled.values_list("pk", flat=True):
         with transaction.atomic():
-            if VirtualCluster.objects.filter(pk=cluster_id, updated_at__lt=cutoff).update(
+            if stalled.filter(pk=cluster_id).update(
                 workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
             ):
                 generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
-                transaction.on_commit(lambda cid=cluster_id, gen=generation: workflows.start_teardown(cid, gen))
+                transaction.on_commit(lambda cid=cluster_id, gen=generation: start(cid, gen))
                 ids.append(cluster_id)
     return ids
+
+
+def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
+    """Teardowns that failed part-way (a device was down) are started again."""
+    return _restart_stalled(ClusterState.TEARING_DOWN, older_than, workflows.start_teardown)
 
 
 def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
     """Clusters whose provisioning never started (the broker was down at commit time) are started again:
     no request is lost."""
-    ids = []
-    cutoff = timezone.now() - older_than
-    for cluster_id in VirtualCluster.objects.filter(state=ClusterState.REQUESTED, updated_at__lt=cutoff).values_list(
-        "pk", flat=True
-    ):
-        with transaction.atomic():
-            if VirtualCluster.objects.filter(pk=cluster_id, state=ClusterState.REQUESTED, updated_at__lt=cutoff).update(
-                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
-            ):
-                generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
-                transaction.on_commit(lambda cid=cluster_id, gen=generation: workflows.start_provision(cid, gen))
-                ids.append(cluster_id)
-    return ids
+    return _restart_stalled(ClusterState.REQUESTED, older_than, workflows.start_provision)

@@ -9,6 +9,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from clusters import services
 from clusters.models import ClusterState, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
 from network.models import Segment, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -242,6 +243,59 @@ def test_teardown_cleans_every_device_and_quarantines_the_vlan(fabric, images, a
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 409
     later = (timezone.now() + timedelta(hours=2)).isoformat()
     assert api.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json").status_code == 409
+
+
+@pytest.fixture
+def errbacks_run():
+    """Eager Celery as on a worker: a failing task calls its error callbacks instead of raising on the spot."""
+    from portal.celery import app
+
+    before = app.conf.task_eager_propagates
+    app.conf.task_eager_propagates = False
+    yield
+    app.conf.task_eager_propagates = before
+
+
+def test_teardown_stuck_on_a_failing_switch_is_retried_by_the_periodic_task(fabric, images, api, alice, errbacks_run):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    fabric.set_switch_args("sw-pilsen", fail_commit="permanent")
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TEARING_DOWN
+    assert "teardown incomplete" in cluster.state_reason and "sw-pilsen" in cluster.state_reason
+    assert VlanAllocation.objects.get(pool=fabric.pool, vid=vid).state == "allocated"
+
+    fabric.set_switch_args("sw-pilsen")  # repaired
+    assert services.clusters_retry_stuck_teardowns(older_than=timedelta(0)) == [cid]
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.TORN_DOWN
+    assert all(vid not in v for v in fabric.switch_ports("sw-pilsen").values())
+    assert VlanAllocation.objects.get(pool=fabric.pool, vid=vid).state == "quarantined"
+    assert services.clusters_retry_stuck_teardowns(older_than=timedelta(0)) == []
+
+
+def test_create_while_the_broker_is_down_is_provisioned_later(fabric, images, api, alice, monkeypatch):
+    from celery.canvas import _chain
+    from kombu.exceptions import OperationalError
+
+    def broker_down(self, *args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", broker_down)  # the seam where the workflow goes to the broker
+        r = api.post("/api/clusters/", body(), format="json")
+    assert r.status_code == 201, r.content
+    cluster = VirtualCluster.objects.get(pk=r.data["id"])
+    assert cluster.state == ClusterState.REQUESTED  # not PROVISIONING with nothing running
+    assert [s.name for s in cluster.steps.all()] == ["allocate"]
+
+    assert services.clusters_resume_requested(older_than=timedelta(0)) == [cluster.pk]
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    assert cluster.vlan_id in fabric.host_vlans("brno1") and cluster.vlan_id in fabric.host_vlans("pilsen1")
+    assert services.clusters_resume_requested(older_than=timedelta(0)) == []
 
 
 def test_extend_lifetime(fabric, images, api, alice):
