@@ -28,20 +28,21 @@ def test_allocate_gives_ids_of_the_pool_minus_reserved_then_exhausts(pool):
     assert exc.value.status == 409
 
 
-def test_each_allocation_is_audited_with_actor_and_owner(pool):
+def test_each_allocation_is_audited_with_actor_and_owner(pool, alice):
     from django.contrib.contenttypes.models import ContentType
 
     from portal.audit import audit_actor
     from portal.models import AuditEntry
 
-    with audit_actor("pbs-token", request_id="req-42"):
+    before = timezone.now()
+    with audit_actor("pbs-token", user=alice, request_id="req-42"):
         alloc = services.vlan_allocate(pool=pool, owner="cluster:7")
     entry = AuditEntry.objects.get(message="allocated", object_id=str(alloc.pk))
     assert entry.content_type == ContentType.objects.get_for_model(VlanAllocation)
-    assert (entry.actor, entry.request_id, entry.action) == ("pbs-token", "req-42", "action")
+    assert (entry.actor, entry.user, entry.request_id, entry.action) == ("pbs-token", alice, "req-42", "action")
     assert entry.object_repr == f"p:{alloc.vid}" == str(VlanAllocation.objects.get(pk=alloc.pk))
     assert entry.changes == {"state": ["free", "allocated"], "owner": [None, "cluster:7"]}
-    assert entry.timestamp is not None
+    assert before <= entry.timestamp <= timezone.now()
 
 
 def test_release_quarantines_and_twice_is_harmless(pool):
