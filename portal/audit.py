@@ -195,23 +195,31 @@ def _diff(before: dict, after: dict) -> dict:
     }
 
 
-def record(instance, action: str, changes: dict | None = None, message: str = "") -> None:
-    """Write one audit entry for ``instance`` in the current context (also for non-model actions)."""
+def _entry(model, action: str, changes: dict | None, message: str) -> dict:
+    """The values of an audit entry about an object of ``model`` in the current context, by attribute name
+    (the object's id and text are the caller's)."""
     from django.contrib.contenttypes.models import ContentType
 
+    ctx = current()
+    return {
+        "user_id": ctx.user_id,
+        "actor": ctx.actor[:200],
+        "request_id": ctx.request_id,
+        "action": action,
+        "content_type_id": ContentType.objects.get_for_model(model).pk,
+        "changes": changes or {},
+        "message": message,
+    }
+
+
+def record(instance, action: str, changes: dict | None = None, message: str = "") -> None:
+    """Write one audit entry for ``instance`` in the current context (also for non-model actions)."""
     from portal.models import AuditEntry
 
-    ctx = current()
     AuditEntry.objects.create(
-        user_id=ctx.user_id,
-        actor=ctx.actor[:200],
-        request_id=ctx.request_id,
-        action=action,
-        content_type=ContentType.objects.get_for_model(type(instance)),
+        **_entry(type(instance), action, changes, message),
         object_id=str(instance.pk),
         object_repr=str(instance)[:200],
-        changes=changes or {},
-        message=message,
     )
 
 
@@ -223,32 +231,21 @@ def insert_for_rows(rows: str, model, *, action: str, changes: dict, message: st
         WITH changed AS (UPDATE … RETURNING id, vid), logged AS (<this>) SELECT id, vid FROM changed
 
     ``repr_sql`` (with ``repr_params``) is the SQL expression over ``rows`` for ``object_repr``."""
-    from django.contrib.contenttypes.models import ContentType
     from django.db import connection
     from django.utils import timezone
 
     from portal.models import AuditEntry
 
-    ctx = current()
     meta = AuditEntry._meta
+    values = {"timestamp": timezone.now(), **_entry(model, action, changes, message)}
+    fields = [meta.get_field(name) for name in values]
     q = connection.ops.quote_name
-    columns = ("timestamp", "user_id", "actor", "request_id", "action", "content_type_id", "changes", "message")
+    columns = [q(f.column) for f in (*fields, meta.get_field("object_id"), meta.get_field("object_repr"))]
     # identifiers come from the models and the caller's code, values are parameters
-    target = f"{q(meta.db_table)} ({', '.join(q(c) for c in columns)}, {q('object_id')}, {q('object_repr')})"
-    values = f"{', '.join(['%s'] * len(columns))}, CAST({rows}.id AS varchar(64)), {repr_sql}"
-    sql = f"INSERT INTO {target} SELECT {values} FROM {rows}"  # noqa: S608
-    params = [
-        meta.get_field("timestamp").get_db_prep_value(timezone.now(), connection),
-        ctx.user_id,
-        ctx.actor[:200],
-        ctx.request_id,
-        action,
-        ContentType.objects.get_for_model(model).pk,
-        meta.get_field("changes").get_db_prep_value(changes, connection),
-        message,
-        *repr_params,
-    ]
-    return sql, params
+    select = f"{', '.join(['%s'] * len(fields))}, CAST({rows}.id AS varchar(64)), {repr_sql}"
+    sql = f"INSERT INTO {q(meta.db_table)} ({', '.join(columns)}) SELECT {select} FROM {rows}"  # noqa: S608
+    params = [f.get_db_prep_value(value, connection) for f, value in zip(fields, values.values(), strict=True)]
+    return sql, [*params, *repr_params]
 
 
 def _pre_save(sender, instance, raw=False, **kwargs):
