@@ -4,8 +4,8 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from network.models import CoreTransport, Site, Switch
-from network.tests.factories import CoreTransportFactory, SiteFactory, SwitchFactory
+from network.models import Segment, SegmentMember, Site, VlanAllocation
+from network.tests.factories import CoreTransportFactory, HostFactory, SiteFactory, SwitchFactory, VlanPoolFactory
 from portal.audit import audit_actor, current, record
 from portal.models import AuditEntry
 from portal.secrets import MASK
@@ -141,12 +141,11 @@ def test_audit_log_is_read_only_and_filterable_in_admin(client, root):
 
 
 def test_every_inventory_model_is_audited():
-    core = CoreTransportFactory()
-    switch = Switch.objects.get(pk=SwitchFactory().pk)
-    for obj in (core, switch):
-        assert entries_for(obj).filter(action="create").exists()
-    assert set(AuditEntry.objects.values_list("content_type__model", flat=True)) >= {
-        CoreTransport._meta.model_name,
-        "site",
-        "switch",
-    }
+    host = HostFactory()  # with its site, switch and port
+    pool = VlanPoolFactory()  # with its core
+    allocation = VlanAllocation.objects.create(pool=pool, vid=100, state="allocated", owner="cluster:1")
+    segment = Segment.objects.create(owner_ref="cluster:1", allocation=allocation, vid=100)
+    member = SegmentMember.objects.create(segment=segment, host=host)
+    switch_port = host.switch_port
+    for obj in (host.site, switch_port.switch, switch_port, host, pool.core, pool, allocation, segment, member):
+        assert entries_for(obj).filter(action="create").exists(), type(obj).__name__
