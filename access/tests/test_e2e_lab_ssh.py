@@ -46,8 +46,6 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
@@ -63,7 +61,7 @@ from access.tests._lab import (
     user_token,
     wait_ready,
 )
-from access.tests._procs import Netns, can_use_netns, read, run_prefix, sh, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, node_sshd_config, read, run_prefix, sh, stop, wait_for
 
 SSHD = "/usr/sbin/sshd"
 _skip = (
@@ -98,44 +96,16 @@ def run_dir():
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _private_openssh(key: ed25519.Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-
-
 def _node_sshd(d: Path, address: str, alias: str, user_ca: Path, principals: list[str]) -> Path:
     """A cluster node's sshd as the cluster's image would set it up: a host certificate from the portal's
     host CA, the portal's user CA trusted for root with the cluster's principals (from the pulled map)."""
     d.mkdir(mode=0o755)
-    key = ed25519.Ed25519PrivateKey.generate()
-    (d / "host_key").write_bytes(_private_openssh(key))
+    key = ssh.generate_user_key()
+    (d / "host_key").write_bytes(key.private_openssh)
     (d / "host_key").chmod(0o600)
-    cert = services.ssh_host_certificate_issue(public_key=ssh.public_key_line(key), principals=[address, alias])
+    cert = services.ssh_host_certificate_issue(public_key=key.public_line, principals=[address, alias])
     (d / "host_key-cert.pub").write_text(cert + "\n")
-    (d / "principals").mkdir(mode=0o755)
-    (d / "principals" / "root").write_text("\n".join(principals) + "\n")
-    conf = d / "sshd_config"
-    conf.write_text(
-        "\n".join(
-            [
-                f"ListenAddress {address}:22",
-                f"HostKey {d / 'host_key'}",
-                f"HostCertificate {d / 'host_key-cert.pub'}",
-                f"PidFile {d / 'sshd.pid'}",
-                f"TrustedUserCAKeys {user_ca}",
-                f"AuthorizedPrincipalsFile {d / 'principals'}/%u",
-                "AuthorizedKeysFile none",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "UsePAM no",
-                "PermitRootLogin prohibit-password",
-                "LogLevel VERBOSE",
-            ]
-        )
-        + "\n"
-    )
-    return conf
+    return node_sshd_config(d, address=address, user_ca=user_ca, principals=principals)
 
 
 class Workstation:
