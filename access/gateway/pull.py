@@ -55,12 +55,26 @@ def _ssh_key(value: object, what: str) -> str:
     return value.strip() + "\n"
 
 
+def _section(doc: dict, name: str) -> dict:
+    value = doc[name]
+    if not isinstance(value, dict):
+        raise StateError(f"state document: {name} is not a map")
+    return value
+
+
+def _revoked_serials(v: dict) -> set[int]:
+    try:
+        return {int(r["serial"]) for r in v.get("revoked_sessions", []) if "serial" in r}
+    except (TypeError, ValueError):
+        raise StateError("state document: vpn.revoked_sessions is not a list of {serial: ...}") from None
+
+
 def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes, int]]:
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise StateError("state document has an unknown format (want format 1)")
     files: dict[Path, tuple[bytes, int]] = {}
     if "vpn" in doc:
-        v = doc["vpn"]
+        v = _section(doc, "vpn")
         vlans = v.get("vlans")
         if not isinstance(vlans, dict):
             raise StateError("state document: vpn.vlans is not a map")
@@ -70,7 +84,7 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
         stamp = str(doc.get("generated_at", ""))
         files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), 0o644)
     if "ssh" in doc:
-        s = doc["ssh"]
+        s = _section(doc, "ssh")
         account = s.get("account")
         try:
             krl = base64.b64decode(s.get("krl", ""), validate=True)
@@ -82,9 +96,12 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
         if not isinstance(clusters, dict):
             raise StateError("state document: ssh.clusters is not a map")
         grants = []
-        for entry in clusters.values():
-            targets = [(str(h), int(p)) for h, p in entry.get("targets", [])]
-            grants += [sshd.PrincipalGrant(p, targets) for p in entry.get("principals", [])]
+        try:
+            for entry in clusters.values():
+                targets = [(str(h), int(p)) for h, p in entry.get("targets", [])]
+                grants += [sshd.PrincipalGrant(p, targets) for p in entry.get("principals", [])]
+        except (AttributeError, TypeError, ValueError):
+            raise StateError("state document: ssh.clusters entries need principals and [host, port] targets") from None
         try:
             principals = sshd.render_principals_file(grants)
             if not isinstance(account, str):
@@ -108,6 +125,7 @@ def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True
     """
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     files = _prepare(doc, vpn, ssh)
+    revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
     report = InstallReport()
     if "vpn" in doc:
         vpn.ensure_dirs()
@@ -122,17 +140,16 @@ def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True
             write_atomic(path, data, mode)
             report.written.append(str(path))
     if cut_sessions and "vpn" in doc:
-        _cut(vpn, doc["vpn"].get("revoked_sessions", []), report)
+        _cut(vpn, revoked, report)
     return report
 
 
-def _cut(vpn: VpnState, revoked: list[dict], report: InstallReport) -> None:
+def _cut(vpn: VpnState, wanted: set[int], report: InstallReport) -> None:
     done_path = vpn.run / "cut.json"
     try:
         done = set(json.loads(done_path.read_bytes()))
     except (FileNotFoundError, ValueError):
         done = set()
-    wanted = {int(r["serial"]) for r in revoked if "serial" in r}
     for serial in sorted(wanted - done):
         address = session_address(vpn, serial)
         if address is None:

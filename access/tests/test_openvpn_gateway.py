@@ -15,6 +15,7 @@ session and the revoked client cannot come back.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from access import attrcerts, openvpn, pki
+from access import attrcerts, openvpn, pki, ssh
 from access.gateway import management, pull, vpn
 from access.gateway.state import VpnState, vlan_map_json, write_atomic
 from access.tests._procs import can_use_netns, gateway_pair, read, stop, tagged_frame_seen, wait_for
@@ -489,12 +490,16 @@ def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
     pull.install_state(tmp_path, good)
     st = VpnState.at(tmp_path)
     before = {p: p.read_bytes() for p in (st.ca, st.crl, st.vlans)}
+    krl = base64.b64encode(ssh.build_krl(ca_public_key=ssh.public_key_line(ssh.generate_ca_key()), version=1)).decode()
     for bad in (
         {**good, "format": 2},
         {**good, "vpn": {**good["vpn"], "vlans": {"c42": 5000}}},
         {**good, "vpn": {**good["vpn"], "crl": "garbage"}},
+        {**good, "vpn": "garbage"},
+        {**good, "vpn": {**good["vpn"], "revoked_sessions": [{"serial": "x"}]}},
+        {**good, "ssh": {"account": "virtcloud", "krl": krl, "clusters": {"c42": {"targets": [["h", "x"]]}}}},
     ):
-        with pytest.raises(vpn.StateError):
+        with pytest.raises(vpn.StateError):  # a clear refusal (the pull keeps its state), not a traceback
             pull.install_state(tmp_path, bad)
     assert {p: p.read_bytes() for p in before} == before
     assert pull.install_state(tmp_path, good).written == []  # unchanged files are not rewritten
