@@ -32,9 +32,7 @@ def _describe(exc) -> str:
 @shared_task(name="clusters.provision_begin")
 def provision_begin(cluster_id: int, generation: int) -> None:
     """Kept for workflows sent before ``start_provision`` marked PROVISIONING itself."""
-    if services.cluster_mark_provisioning(cluster_id=cluster_id, generation=generation):
-        cluster = _cluster(cluster_id)
-        services.step_finish(services.step_start(cluster, "network"), status=StepStatus.RUNNING)
+    services.cluster_provisioning_started(cluster_id=cluster_id, generation=generation)
 
 
 @shared_task(name="clusters.gateway_leg")
@@ -45,13 +43,11 @@ def gateway_leg(cluster_id: int, generation: int) -> None:
     if cluster is None or cluster.workflow_generation != generation:
         return
     _finish_running(cluster, "network")
-    step = services.step_start(cluster, "gateway")
     if cluster.connectivity == Connectivity.CLOSED:
-        step.detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
+        detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
     else:
-        step.detail = f"public subnet {cluster.public_subnet}, router {cluster.public_gateway}"
-    step.save(update_fields=["detail"])
-    services.step_finish(step)
+        detail = f"public subnet {cluster.public_subnet}, router {cluster.public_gateway}"
+    services.step_finish(services.step_start(cluster, "gateway", detail=detail))
 
 
 @shared_task(name="clusters.provision_done")
@@ -90,9 +86,7 @@ def provision_failed(request, exc, traceback, cluster_id: int, generation: int) 
     cluster = _cluster(cluster_id)
     _finish_running(cluster, "network", error=reason)
     logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
-    step = services.step_start(cluster, "compensate", detail=reason)
-    step.status = StepStatus.RUNNING
-    step.save(update_fields=["status"])
+    services.step_start(cluster, "compensate", detail=reason)
     from clusters import workflows
 
     workflows.start_compensation(cluster_id, generation + 1, reason)
@@ -125,9 +119,7 @@ def compensation_failed(request, exc, traceback, cluster_id: int, generation: in
 def teardown_begin(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is not None and cluster.workflow_generation == generation:
-        step = services.step_start(cluster, "teardown")
-        step.status = StepStatus.RUNNING
-        step.save(update_fields=["status"])
+        services.step_start(cluster, "teardown")
 
 
 @shared_task(name="clusters.teardown_done")
