@@ -202,10 +202,12 @@ def test_visibility_and_permissions(fabric, images, api, alice, bob, charlie, ro
     api.force_authenticate(bob)  # group member: sees, cannot act
     assert api.get(f"/api/clusters/{cid}/").status_code == 200
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 403
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
     api.force_authenticate(charlie)  # outsider: does not even see it
     assert api.get(f"/api/clusters/{cid}/").status_code == 404
     assert api.get("/api/clusters/").data["count"] == 0
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 404
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
     api.force_authenticate(root)
     assert api.get("/api/clusters/").data["count"] == 1
     api.force_authenticate(alice)
@@ -213,6 +215,7 @@ def test_visibility_and_permissions(fabric, images, api, alice, bob, charlie, ro
         "/api/clusters/", body(name="x", owner="bob", nodes=[("n", "brno1", "52:54:00:00:09:01")]), format="json"
     )
     assert r.status_code == 403
+    assert not VirtualCluster.objects.filter(name="x").exists()
 
 
 def test_token_scopes(fabric, images, alice):
@@ -239,7 +242,7 @@ def test_teardown_cleans_every_device_and_quarantines_the_vlan(fabric, images, a
         assert all(vid not in v for v in fabric.switch_ports(f"sw-{site}").values())
     alloc = VlanAllocation.objects.get(pool=fabric.pool, vid=vid)
     assert alloc.state == "quarantined"
-    # twice is harmless; a torn-down cluster cannot be extended
+    # a torn-down cluster can be neither torn down again nor extended
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 409
     later = (timezone.now() + timedelta(hours=2)).isoformat()
     assert api.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json").status_code == 409

@@ -108,7 +108,7 @@ def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api
     assert r.status_code == 202
     wait_state(cid, ClusterState.READY)
     assert vid in fabric.host_vlans("pilsen2") and vid in fabric.host_vlans("prague1")
-    api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrated/", {}, format="json")
+    assert api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrated/", {}, format="json").status_code == 202
     wait_state(cid, ClusterState.READY)
     deadline = time.monotonic() + 10
     while vid in fabric.host_vlans("prague1") and time.monotonic() < deadline:
