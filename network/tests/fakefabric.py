@@ -35,34 +35,37 @@ class Fabric:
     pool: VlanPool | None = None
     core: object = None
 
-    def switch_ports(self, name: str) -> dict[str, frozenset[int]]:
-        """What the fake switch carries now (every port it knows)."""
-        ports = fakes.load({"state_dir": self.state_dir}, "switch", name)["ports"]
-        return {p: frozenset(v) for p, v in ports.items()}
-
-    def host_vlans(self, name: str) -> frozenset[int]:
-        return frozenset(fakes.load({"state_dir": self.state_dir}, "host", name)["vlans"])
+    @property
+    def args(self) -> dict:
+        """The driver arguments of every device of the fabric."""
+        return {"state_dir": self.state_dir}
 
     def switch_state(self, name: str) -> dict:
-        return fakes.load({"state_dir": self.state_dir}, "switch", name)
+        return fakes.load(self.args, "switch", name)
+
+    def switch_ports(self, name: str) -> dict[str, frozenset[int]]:
+        """What the fake switch carries now (every port it knows)."""
+        return {p: frozenset(v) for p, v in self.switch_state(name)["ports"].items()}
+
+    def host_vlans(self, name: str) -> frozenset[int]:
+        return frozenset(fakes.load(self.args, "host", name)["vlans"])
 
     def set_switch_args(self, name: str, **args) -> None:
         switch = Switch.objects.get(name=name)
-        switch.driver_args = {"state_dir": self.state_dir, **args}
+        switch.driver_args = {**self.args, **args}
         switch.save(update_fields=["driver_args"])
 
     def poke_switch(self, name: str, port: str, vids) -> None:
         """Change a port by hand, behind the portal's back."""
-        args = {"state_dir": self.state_dir}
-        state = fakes.load(args, "switch", name)
+        state = self.switch_state(name)
         state["ports"][port] = sorted(vids)
-        fakes.save(args, "switch", name, state)
+        fakes.save(self.args, "switch", name, state)
 
 
 def build_fabric(state_dir: str, *, pool_ranges: str = "100-199") -> Fabric:
     fakes.register()
     fab = Fabric(state_dir=str(state_dir))
-    args = {"state_dir": fab.state_dir}
+    args = fab.args
     for name in SITES:
         fab.sites[name] = SiteFactory(name=name)
     fab.core = CoreTransportFactory(name="cesnet", sites=list(fab.sites.values()))
@@ -72,9 +75,9 @@ def build_fabric(state_dir: str, *, pool_ranges: str = "100-199") -> Fabric:
         SwitchPortFactory(switch=switch, name="uplink", role=PortRole.CORE_UPLINK, core=fab.core)
         for i in (1, 2):
             port = SwitchPortFactory(switch=switch, name=f"h{i}", role=PortRole.HOST_TRUNK)
-            host = HostFactory(name=f"{name}{i}", site=site, switch_port=port, driver="fake", driver_args=args)
-            host.agent_queue = ""
-            host.save(update_fields=["agent_queue"])
+            host = HostFactory(
+                name=f"{name}{i}", site=site, switch_port=port, driver="fake", driver_args=args, agent_queue=""
+            )
             fab.hosts[host.name] = host
     SwitchPortFactory(switch=fab.switches["brno"], name="gw", role=PortRole.GATEWAY_TRUNK)
     fab.pool = VlanPoolFactory(name="wan", core=fab.core, ranges=pool_ranges, quarantine_seconds=60)
