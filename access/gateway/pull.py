@@ -85,7 +85,6 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
         files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), 0o644)
     if "ssh" in doc:
         s = _section(doc, "ssh")
-        account = s.get("account")
         try:
             krl = base64.b64decode(s.get("krl", ""), validate=True)
         except ValueError:
@@ -104,9 +103,7 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
             raise StateError("state document: ssh.clusters entries need principals and [host, port] targets") from None
         try:
             principals = sshd.render_principals_file(grants)
-            if not isinstance(account, str):
-                raise sshd.SshdConfigError("missing account")
-            sshd.render_sshd_config(state_dir=ssh.root.parent, listen=[("127.0.0.1", 22)], account=account)
+            account = sshd.check_account(s.get("account"))
         except sshd.SshdConfigError as exc:
             raise StateError(f"state document: ssh section: {exc}") from None
         files[ssh.user_ca] = (_ssh_key(s.get("user_ca"), "ssh.user_ca").encode(), 0o644)

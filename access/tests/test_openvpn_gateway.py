@@ -498,6 +498,7 @@ def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
         {**good, "vpn": "garbage"},
         {**good, "vpn": {**good["vpn"], "revoked_sessions": [{"serial": "x"}]}},
         {**good, "ssh": {"account": "virtcloud", "krl": krl, "clusters": {"c42": {"targets": [["h", "x"]]}}}},
+        {**good, "ssh": {"account": "root; rm", "krl": krl, "clusters": {}}},
     ):
         with pytest.raises(vpn.StateError):  # a clear refusal (the pull keeps its state), not a traceback
             pull.install_state(tmp_path, bad)
