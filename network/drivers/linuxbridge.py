@@ -37,9 +37,7 @@ classes also derive from the matching NAPALM exception, so NAPALM-minded callers
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
-import os
 import platform
 import re
 import shlex
@@ -57,14 +55,11 @@ from network.drivers.base import (
     SwitchSpec,
     TemporaryDeviceError,
 )
+from network.drivers.netlink import TEMPORARY_ERRNOS, netns_exists, open_iproute
 from network.drivers.ranges import compact
 
 PLATFORM = "linuxbridge"
-NETNS_RUN_DIR = "/run/netns"
 VID_MIN, VID_MAX = 1, 4094
-
-# Kernel answers that mean "try again later" rather than "this will never work".
-_TEMPORARY_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOBUFS, errno.EINTR}
 
 # struct bridge_vlan_info flags (include/uapi/linux/if_bridge.h)
 _BRIDGE_VLAN_INFO_PVID = 0x2
@@ -207,14 +202,7 @@ class NetlinkBackend:
         self._ipr: IPRoute | None = None
 
     def open(self) -> None:
-        if self.netns and not os.path.exists(os.path.join(NETNS_RUN_DIR, self.netns)):
-            raise LinuxBridgeUnreachable(self.device, f"network namespace {self.netns!r} does not exist")
-        try:
-            # flags=0: pyroute2 would otherwise create a missing namespace (O_CREAT) and we would configure
-            # an empty switch.
-            self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
-        except OSError as exc:
-            raise LinuxBridgeUnreachable(self.device, f"cannot enter network namespace {self.netns!r}: {exc}") from exc
+        self._ipr = open_iproute(self.device, self.netns, LinuxBridgeUnreachable)
 
     def close(self) -> None:
         if self._ipr is not None:
@@ -228,7 +216,7 @@ class NetlinkBackend:
         return self._ipr
 
     def alive(self) -> bool:
-        if self.netns and not os.path.exists(os.path.join(NETNS_RUN_DIR, self.netns)):
+        if not netns_exists(self.netns):
             return False
         try:
             self.ipr.link("get", index=1)
@@ -287,7 +275,7 @@ class NetlinkBackend:
             except NetlinkError as exc:
                 failure = _Rejected(
                     f"{action} VLAN {vid} on port {port}: {exc.args[1] if len(exc.args) > 1 else exc}",
-                    temporary=exc.code in _TEMPORARY_ERRNOS,
+                    temporary=exc.code in TEMPORARY_ERRNOS,
                 )
             except _Rejected as exc:
                 failure = exc
@@ -529,7 +517,7 @@ class LinuxBridgeDriver(NetworkDriver):
         return info.ports
 
     def _netlink_error(self, what: str, exc: NetlinkError):
-        cls = LinuxBridgeUnreachable if exc.code in _TEMPORARY_ERRNOS else LinuxBridgeCommitError
+        cls = LinuxBridgeUnreachable if exc.code in TEMPORARY_ERRNOS else LinuxBridgeCommitError
         return cls(self.device, f"{what}: {exc}")
 
     def get_facts(self) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute, NetlinkError
 
 from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
+from network.drivers.netlink import TEMPORARY_ERRNOS, open_iproute
 
-NETNS_RUN_DIR = "/run/netns"
 IFNAMSIZ = 15  # longest interface name the kernel takes
 _BRIDGE_NAME = re.compile(r"br-v(\d{1,4})")
-_TEMPORARY_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOBUFS, errno.EINTR}
 
 
 @dataclass(frozen=True)
@@ -60,13 +58,7 @@ class LinuxBridgeHost:
     # --- connection
 
     def open(self) -> None:
-        if self.netns and not os.path.exists(os.path.join(NETNS_RUN_DIR, self.netns)):
-            raise TemporaryDeviceError(self.name, f"network namespace {self.netns!r} does not exist")
-        try:
-            # flags=0: never let pyroute2 create a missing namespace.
-            self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
-        except OSError as exc:
-            raise TemporaryDeviceError(self.name, f"cannot enter network namespace {self.netns!r}: {exc}") from exc
+        self._ipr = open_iproute(self.name, self.netns)
 
     def close(self) -> None:
         if self._ipr is not None:
@@ -253,7 +245,7 @@ class LinuxBridgeHost:
             raise self._classify(what, exc) from exc
 
     def _classify(self, what: str, exc: NetlinkError):
-        cls = TemporaryDeviceError if exc.code in _TEMPORARY_ERRNOS else PermanentDeviceError
+        cls = TemporaryDeviceError if exc.code in TEMPORARY_ERRNOS else PermanentDeviceError
         return cls(self.name, f"{what}: {exc.args[1] if len(exc.args) > 1 else exc} (errno {exc.code})")
 
 
