@@ -9,7 +9,7 @@ import stat
 
 import pytest
 from cryptography import x509
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from access import services
 from access.models import Authority, AuthorityKind, Credential
@@ -95,6 +95,11 @@ def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, tea
     assert info.value.code == 75
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
     assert crl_path.read_bytes() != first_crl
+
+    # An unreadable token file: a clear error, state kept.
+    with pytest.raises(CommandError, match="cannot read the gateway token"):
+        run("pull", "--url", live_server.url, "--token-file", str(tmp_path / "missing"), "--dir", str(state))
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
 
     # A revoked gateway token: refused, state kept.
     from portal.tokens import token_revoke

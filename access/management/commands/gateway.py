@@ -112,7 +112,10 @@ class Command(BaseCommand):
         return self._pull(options)
 
     def _pull(self, options):
-        token = options["token"] or Path(options["token_file"]).read_text().strip()
+        try:
+            token = options["token"] or Path(options["token_file"]).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read the gateway token: {exc}") from None
         try:
             changed, report = pull(
                 url=options["url"], token=token, state_dir=options["dir"], timeout=options["timeout"]
