@@ -1,8 +1,9 @@
 """Cut live OpenVPN sessions through the management interface (a unix socket on the gateway).
 
 Revocation only bites at the next TLS handshake (``crl-verify``); a session that is up stays up until
-renegotiation. When the portal revokes a user's certificate the gateway calls :func:`kill_sessions`
-after installing the new CRL, so the client's automatic reconnect meets the new CRL and is refused.
+renegotiation. When the portal revokes a certificate, the gateway's pull (:mod:`access.gateway.pull`)
+installs the new CRL and then calls :func:`kill_address` for that certificate's session, so the client's
+automatic reconnect meets the new CRL and is refused. :func:`kill_sessions` cuts all of a user's sessions.
 
 Protocol (OpenVPN ``management-notes.txt``): a greeting line ``>INFO:...``, then one command per line;
 ``client-kill <CID> <msg>`` answers ``SUCCESS: ...`` or ``ERROR: ...``; ``status 3`` answers
