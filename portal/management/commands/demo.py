@@ -10,6 +10,7 @@ environment. As root, and when the netns lab is available, it builds the lab for
 from __future__ import annotations
 
 import http.cookiejar
+import io
 import os
 import re
 import secrets
@@ -167,8 +168,8 @@ class Command(BaseCommand):
                 "--dir",
                 str(settings.DATA_DIR / "gateway"),
                 verbosity=0,
-                stdout=open(os.devnull, "w"),
-            )  # noqa: SIM115
+                stdout=io.StringIO(),
+            )
         self.stdout.write(
             "demo: images debian-12, alma-9 (approved), user-upload; public prefix 198.19.0.0/16; "
             "gateway brno-gw enrolled"
@@ -288,7 +289,7 @@ class Command(BaseCommand):
             self._simulate("the lab did not come up")
             return
         self.lab_up = True
-        self.stdout.write("demo: " + result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "lab up")
+        self.stdout.write("demo: " + (result.stdout.strip().splitlines() or ["lab up"])[-1])
 
     def _simulate(self, why: str) -> None:
         """Put every switch and host on the simulated fabric (JSON files; every diff says "(simulated)")."""
