@@ -121,10 +121,6 @@ class CoreTransport(InventoryModel):
         if errors:
             raise ValidationError(errors)
 
-    @property
-    def vlan_ids(self) -> range:
-        return range(self.vid_min, self.vid_max + 1)
-
 
 class Switch(InventoryModel):
     """A site switch with 802.1Q trunks to hypervisors, an uplink into the core and possibly a trunk to an

@@ -88,10 +88,6 @@ class ImportReport:
     problems: list[str] = field(default_factory=list)
 
     @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
     def total_created(self) -> int:
         return sum(self.created.values())
 
