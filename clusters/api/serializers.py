@@ -21,6 +21,7 @@ from clusters.models import (
     mac_validator,
     name_validator,
 )
+from clusters.services import NodeRequest
 from network.models import Host
 from portal.api import NameRelatedField
 
@@ -66,6 +67,9 @@ class NodeInputSerializer(serializers.Serializer):
         if int(value.split(":")[0], 16) & 1:
             raise serializers.ValidationError("a multicast MAC cannot be a VM's address")
         return value
+
+    def validate(self, attrs) -> NodeRequest:
+        return NodeRequest(**attrs)
 
     class Meta:
         list_serializer_class = NodeListSerializer

@@ -113,7 +113,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             name=v["name"],
             image=v["image"],
             admin_rights=v["admin_rights"],
-            nodes=[services.NodeRequest(n["name"], n["host"], n["mac"], n.get("address")) for n in v["nodes"]],
+            nodes=v["nodes"],
             expires_at=v["expires_at"],
             group=v.get("group"),
             job_id=v["job_id"],
@@ -150,13 +150,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         cluster = self._actionable(pk)
         data = s.NodesAddSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        services.cluster_nodes_add(
-            cluster=cluster,
-            nodes=[
-                services.NodeRequest(n["name"], n["host"], n["mac"], n.get("address"))
-                for n in data.validated_data["nodes"]
-            ],
-        )
+        services.cluster_nodes_add(cluster=cluster, nodes=data.validated_data["nodes"])
         return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
     def _node(self, cluster, node_id) -> Node:
