@@ -296,6 +296,8 @@ def test_command_import_and_export(tmp_path, capsys):
     out = tmp_path / "export.yaml"
     call_command("topology", "export", "-o", str(out))
     assert yaml.safe_load(out.read_text()) == topology_export()
+    with pytest.raises(CommandError, match="cannot write .*missing/export.yaml: No such file or directory"):
+        call_command("topology", "export", "-o", str(tmp_path / "missing" / "export.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text(INVALID)
     with pytest.raises(CommandError) as info:

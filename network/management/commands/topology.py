@@ -52,7 +52,10 @@ class Command(BaseCommand):
     def _export(self, output: str | None) -> None:
         text = dump_topology(topology_export())
         if output:
-            Path(output).write_text(text)
+            try:
+                Path(output).write_text(text)
+            except OSError as exc:
+                raise CommandError(f"cannot write {output}: {exc.strerror}") from None
             self.stderr.write(f"topology written to {output}")
         else:
             self.stdout.write(text, ending="")
