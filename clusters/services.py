@@ -275,27 +275,25 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
     return cluster
 
 
+@transaction.atomic
+def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -> None:
+    """End the cluster (only from an ``allowed`` state, and only in the workflow's ``generation``): its nodes
+    are removed, its public subnet is free, and ``cluster_ended`` revokes credentials after commit."""
+    if VirtualCluster.objects.filter(pk=cluster_id, state__in=allowed, workflow_generation=generation).update(
+        ended_at=timezone.now(), public_subnet="", **fields
+    ):
+        cluster = VirtualCluster.objects.get(pk=cluster_id)
+        Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
+        transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+
+
 def cluster_finish_teardown(*, cluster_id: int, generation: int) -> None:
-    with transaction.atomic():
-        updated = VirtualCluster.objects.filter(
-            pk=cluster_id, state=ClusterState.TEARING_DOWN, workflow_generation=generation
-        ).update(state=ClusterState.TORN_DOWN, ended_at=timezone.now(), segment=None, public_subnet="")
-        if updated:
-            cluster = VirtualCluster.objects.get(pk=cluster_id)
-            Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
-            transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+    _end(cluster_id, generation, (ClusterState.TEARING_DOWN,), state=ClusterState.TORN_DOWN, segment=None)
 
 
 def cluster_fail(*, cluster_id: int, generation: int, reason: str) -> None:
     """The workflow failed for good after compensation: FAILED with the reason; credentials revoked."""
-    with transaction.atomic():
-        updated = VirtualCluster.objects.filter(
-            pk=cluster_id, state__in=LIVE_STATES, workflow_generation=generation
-        ).update(state=ClusterState.FAILED, state_reason=reason[:2000], ended_at=timezone.now(), public_subnet="")
-        if updated:
-            cluster = VirtualCluster.objects.get(pk=cluster_id)
-            Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
-            transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+    _end(cluster_id, generation, LIVE_STATES, state=ClusterState.FAILED, state_reason=reason[:2000])
 
 
 def cluster_mark_provisioning(*, cluster_id: int, generation: int) -> bool:
