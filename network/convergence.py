@@ -54,51 +54,63 @@ _LOCK_SPACES = {DeviceKind.SWITCH: 0x56430001, DeviceKind.HOST: 0x56430002, "seg
 def device_lock(kind: str, pk: int, *, wait: float | None = None) -> Iterator[bool]:
     """Hold the lock of one device (or segment). Yields True when held; False when ``wait`` seconds passed
     (``wait=0``: do not wait). ``None`` waits up to the task time limit."""
-    if wait is None:
-        wait = float(settings.CELERY_TASK_SOFT_TIME_LIMIT)
-    if connection.vendor == "postgresql":
-        lock = _pg_lock
-    else:
-        lock = _file_lock
-    with lock(_LOCK_SPACES[kind], int(pk), wait) as held:
-        yield held
-
-
-@contextlib.contextmanager
-def _pg_lock(space: int, key: int, wait: float) -> Iterator[bool]:
-    deadline = time.monotonic() + wait
-    with connection.cursor() as cursor:
-        while True:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [space, key])
-            if cursor.fetchone()[0]:
-                break
-            if time.monotonic() >= deadline:
-                yield False
-                return
-            time.sleep(0.02)
+    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
+    while True:
+        held, release = _lock_devices([(kind, int(pk))])
+        if held:
+            break
+        release()
+        if time.monotonic() >= deadline:
+            yield False
+            return
+        time.sleep(0.02)
     try:
         yield True
     finally:
+        release()
+
+
+def _lock_devices(keys: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], Callable[[], None]]:
+    """Try the locks of ``keys`` (kind, pk) without waiting: (the ones now held, how to release them).
+    PostgreSQL: one query per kind, whatever the number of devices."""
+    kinds = sorted({kind for kind, _pk in keys})
+    if connection.vendor == "postgresql":
+        held: list[tuple[str, int]] = []
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [space, key])
+            for kind in kinds:
+                cursor.execute(
+                    "SELECT k FROM unnest(%s::int[]) AS k WHERE pg_try_advisory_lock(%s, k)",
+                    [[pk for k, pk in keys if k == kind], _LOCK_SPACES[kind]],
+                )
+                held += [(kind, row[0]) for row in cursor.fetchall()]
+
+        def release() -> None:
+            with connection.cursor() as cursor:
+                for kind in kinds:
+                    pks = [pk for k, pk in held if k == kind]
+                    if pks:
+                        cursor.execute(
+                            "SELECT pg_advisory_unlock(%s, k) FROM unnest(%s::int[]) AS k", [_LOCK_SPACES[kind], pks]
+                        )
+
+        return held, release
+    stack = contextlib.ExitStack()
+    held = [(kind, pk) for kind, pk in keys if stack.enter_context(_file_lock(_LOCK_SPACES[kind], int(pk)))]
+    return held, stack.close
 
 
 @contextlib.contextmanager
-def _file_lock(space: int, key: int, wait: float) -> Iterator[bool]:
+def _file_lock(space: int, key: int) -> Iterator[bool]:
+    """SQLite (one machine): an ``flock`` on a file under ``DATA_DIR/locks``, tried once; yields whether held."""
     folder = settings.DATA_DIR / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / f"{space:x}-{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.02)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
         try:
             yield True
         finally:
@@ -110,34 +122,27 @@ def _file_lock(space: int, key: int, wait: float) -> Iterator[bool]:
 # --- one device -------------------------------------------------------------------------------------------------
 
 
-def _device(kind: str, pk: int) -> Switch | Host | None:
-    model = Switch if kind == DeviceKind.SWITCH else Host
-    return model.objects.filter(pk=pk).first()
-
-
 def _device_filter(kind: str, device) -> dict:
     return {"switch": device} if kind == DeviceKind.SWITCH else {"host": device}
 
 
-def change_create(*, device: Switch | Host, cause: str, segment: Segment | None = None) -> DeviceChange:
-    """Record a pending change of ``device`` (the work a converge task will claim)."""
+def _change(device: Switch | Host, cause: str, segment: Segment | None) -> DeviceChange:
     kind = DeviceKind.SWITCH if isinstance(device, Switch) else DeviceKind.HOST
-    return DeviceChange.objects.create(
+    return DeviceChange(
         kind=kind, device=device.name, segment=segment, cause=cause[:200], **_device_filter(kind, device)
     )
 
 
+def change_create(*, device: Switch | Host, cause: str, segment: Segment | None = None) -> DeviceChange:
+    """Record a pending change of ``device`` (the work a converge task will claim)."""
+    change = _change(device, cause, segment)
+    change.save()
+    return change
+
+
 def changes_create(*, devices: list[Switch | Host], cause: str, segment: Segment | None = None) -> list[int]:
     """``change_create`` for several devices in one INSERT; the ids, in the order of ``devices``."""
-    rows = []
-    for device in devices:
-        kind = DeviceKind.SWITCH if isinstance(device, Switch) else DeviceKind.HOST
-        rows.append(
-            DeviceChange(
-                kind=kind, device=device.name, segment=segment, cause=cause[:200], **_device_filter(kind, device)
-            )
-        )
-    return [row.pk for row in DeviceChange.objects.bulk_create(rows)]
+    return [row.pk for row in DeviceChange.objects.bulk_create([_change(d, cause, segment) for d in devices])]
 
 
 def _settled(change: DeviceChange) -> DeviceChange:
@@ -178,7 +183,7 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     """With the device's lock held and a driver session open on it (the reconciler's): claim its pending
     changes, converge it to the desired state through that session, settle the claimed changes. Raises
     like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``."""
-    _batch, claimed = _claim([(kind, device)])
+    claimed = _claim([(kind, device)])
     w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
     if not device.enabled:
         w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
@@ -260,7 +265,7 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
         DeviceChange.objects.filter(pk__in=gone).exclude(status__in=DeviceChange.FINAL).update(
             status=Status.FAILED, error="the device no longer exists in the inventory", finished_at=timezone.now()
         )
-    temporary: dict[str, TemporaryDeviceError] = {}  # device name → error
+    temporary: dict[tuple[str, str], TemporaryDeviceError] = {}  # (kind, device name) → error
     deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
     while todo:
         held, release = _lock_devices(list(todo))
@@ -268,13 +273,13 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
             if held:
                 for device in _apply_devices([(kind, todo.pop((kind, pk))) for kind, pk in held]):
                     if isinstance(device.exc, TemporaryDeviceError):
-                        temporary[device.device.name] = device.exc
+                        temporary[(device.kind, device.device.name)] = device.exc
         finally:
             release()
         if todo:
             if time.monotonic() >= deadline:
-                for device in todo.values():
-                    temporary[device.name] = TemporaryDeviceError(
+                for (kind, _pk), device in todo.items():
+                    temporary[(kind, device.name)] = TemporaryDeviceError(
                         device.name, "another operation holds the device lock"
                     )
                 break
@@ -282,48 +287,19 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
     return _outcome(ids, DeviceChange.objects.in_bulk(ids), temporary)
 
 
-def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[str, TemporaryDeviceError]):
+def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tuple[str, str], TemporaryDeviceError]):
     outcome = BatchOutcome(changes={pk: rows[pk] for pk in ids if pk in rows})
     for pk, change in outcome.changes.items():
         if change.status == Status.FAILED:
             outcome.failed.append(DeviceChangeFailed(change.device, change.error or "failed", pk))
-        elif change.status not in DeviceChange.FINAL and change.device in temporary:
-            outcome.temporary[pk] = temporary[change.device]
+        elif change.status not in DeviceChange.FINAL and (change.kind, change.device) in temporary:
+            outcome.temporary[pk] = temporary[(change.kind, change.device)]
     return outcome
 
 
-def _lock_devices(keys: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], Callable[[], None]]:
-    """Try the locks of ``keys`` (kind, pk) without waiting: (the ones now held, how to release them).
-    PostgreSQL: one query per device kind, whatever the number of devices."""
-    kinds = sorted({kind for kind, _pk in keys})
-    if connection.vendor == "postgresql":
-        held: list[tuple[str, int]] = []
-        with connection.cursor() as cursor:
-            for kind in kinds:
-                cursor.execute(
-                    "SELECT k FROM unnest(%s::int[]) AS k WHERE pg_try_advisory_lock(%s, k)",
-                    [[pk for k, pk in keys if k == kind], _LOCK_SPACES[kind]],
-                )
-                held += [(kind, row[0]) for row in cursor.fetchall()]
-
-        def release() -> None:
-            with connection.cursor() as cursor:
-                for kind in kinds:
-                    pks = [pk for k, pk in held if k == kind]
-                    if pks:
-                        cursor.execute(
-                            "SELECT pg_advisory_unlock(%s, k) FROM unnest(%s::int[]) AS k", [_LOCK_SPACES[kind], pks]
-                        )
-
-        return held, release
-    stack = contextlib.ExitStack()
-    held = [(kind, pk) for kind, pk in keys if stack.enter_context(_file_lock(_LOCK_SPACES[kind], int(pk), 0))]
-    return held, stack.close
-
-
-def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[uuid.UUID, dict[tuple[str, int], list[int]]]:
-    """Pending → running for every pending (or orphaned running) change of ``devices``, in one UPDATE;
-    returns the batch id and the claimed change ids per device."""
+def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
+    """Pending → running for every pending (or orphaned running) change of ``devices``, in one UPDATE (one
+    batch id); returns the claimed change ids per device."""
     batch = uuid.uuid4()
     switch_ids = [d.pk for kind, d in devices if kind == DeviceKind.SWITCH]
     host_ids = [d.pk for kind, d in devices if kind == DeviceKind.HOST]
@@ -340,13 +316,13 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[uuid.UUID, dict[tu
         "pk", "kind", "switch_id", "host_id"
     ):
         claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
-    return batch, claimed
+    return claimed
 
 
 def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     """With the devices' locks held: claim their pending changes, converge the devices that have some (side
     by side, one thread per device), settle every claimed change in one UPDATE."""
-    _batch, claimed = _claim(devices)
+    claimed = _claim(devices)
     work = [
         _Device(kind, device, claimed=claimed[(kind, device.pk)])
         for kind, device in devices
