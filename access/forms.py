@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from django import forms
 
+# A cluster offered when the page was loaded may have stopped being enterable since (being updated, torn
+# down, or no longer yours): say so instead of Django's bare "not one of the available choices".
+GONE = (
+    "Select a valid choice: cluster %(value)s cannot be entered now (its network is not up, or it is not "
+    "yours any more). Reload the page."
+)
+
 
 class VpnProfileForm(forms.Form):
     clusters = forms.TypedMultipleChoiceField(
-        coerce=int, widget=forms.CheckboxSelectMultiple, error_messages={"required": "Choose at least one cluster."}
+        coerce=int,
+        widget=forms.CheckboxSelectMultiple,
+        error_messages={"required": "Choose at least one cluster.", "invalid_choice": GONE},
     )
     publish = forms.BooleanField(
         required=False,
@@ -20,7 +29,7 @@ class VpnProfileForm(forms.Form):
 
 
 class SshCertificateForm(forms.Form):
-    cluster = forms.TypedChoiceField(coerce=int)
+    cluster = forms.TypedChoiceField(coerce=int, error_messages={"invalid_choice": GONE})
     public_key = forms.CharField(
         required=False,
         max_length=16384,

@@ -61,6 +61,7 @@ def test_vpn_download_for_a_foreign_cluster_is_refused_with_a_message(charlie, c
     response = client.post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
     assert response.redirect_chain[-1][0] == "/access/"
     assert "Select a valid choice" in response.content.decode()
+    assert f"cluster {cluster.pk} cannot be entered now" in response.content.decode()
     assert not Credential.objects.exists()
 
 
