@@ -458,7 +458,6 @@ def ssh_config_render(*, cluster, gateway: Gateway | None = None, identity_file:
         gateway_host=gateway.address,
         gateway_port=gateway.ssh_port,
         gateway_user=gateway.ssh_user,
-        host_ca_public_key=host_ca,
         identity_file=identity_file,
         certificate_file=SSH_CERT_FILE,
         known_hosts_file=SSH_KNOWN_HOSTS_FILE,

@@ -368,7 +368,6 @@ def render_ssh_config(
     gateway_host: str,
     gateway_port: int = 22,
     gateway_user: str,
-    host_ca_public_key: str,
     identity_file: str,
     certificate_file: str,
     known_hosts_file: str,
@@ -381,7 +380,6 @@ def render_ssh_config(
     """
     if not _NAME_RE.match(cluster):
         raise SSHCertError(f"invalid cluster name {cluster!r}")
-    del host_ca_public_key  # goes into the known_hosts file, see known_hosts_line()
     jump = f"virtcloud-gw-{cluster}"
     common = [
         f"  IdentityFile {identity_file}",

@@ -123,7 +123,6 @@ class User:
                 nodes=[("node1", NODE1), ("node2", NODE2)],
                 gateway_host=BASTION,
                 gateway_user=ACCOUNT,
-                host_ca_public_key=ssh.public_key_line(lab.bastion.host_ca),
                 identity_file=str(ident),
                 certificate_file=str(self.dir / "id-cert.pub"),
                 known_hosts_file=str(self.dir / "known_hosts"),
