@@ -230,7 +230,8 @@ def insert_for_rows(rows: str, model, *, action: str, changes: dict, message: st
 
         WITH changed AS (UPDATE … RETURNING id, vid), logged AS (<this>) SELECT id, vid FROM changed
 
-    ``repr_sql`` (with ``repr_params``) is the SQL expression over ``rows`` for ``object_repr``."""
+    ``repr_sql`` (with ``repr_params``) is the SQL expression over ``rows`` for ``object_repr`` (cut to the
+    column's length, as ``record`` cuts it)."""
     from django.db import connection
     from django.utils import timezone
 
@@ -242,7 +243,8 @@ def insert_for_rows(rows: str, model, *, action: str, changes: dict, message: st
     q = connection.ops.quote_name
     columns = [q(f.column) for f in (*fields, meta.get_field("object_id"), meta.get_field("object_repr"))]
     # identifiers come from the models and the caller's code, values are parameters
-    select = f"{', '.join(['%s'] * len(fields))}, CAST({rows}.id AS varchar(64)), {repr_sql}"
+    repr_length = meta.get_field("object_repr").max_length
+    select = f"{', '.join(['%s'] * len(fields))}, CAST({rows}.id AS varchar(64)), SUBSTR({repr_sql}, 1, {repr_length})"
     sql = f"INSERT INTO {q(meta.db_table)} ({', '.join(columns)}) SELECT {select} FROM {rows}"  # noqa: S608
     params = [f.get_db_prep_value(value, connection) for f, value in zip(fields, values.values(), strict=True)]
     return sql, [*params, *repr_params]

@@ -149,3 +149,21 @@ def test_every_inventory_model_is_audited():
     switch_port = host.switch_port
     for obj in (host.site, switch_port.switch, switch_port, host, pool.core, pool, allocation, segment, member):
         assert entries_for(obj).filter(action="create").exists(), type(obj).__name__
+
+
+def test_audit_entries_written_in_sql_cut_the_repr_as_record_does(db):
+    """``insert_for_rows`` (a service's one-statement change + audit, PostgreSQL) writes what ``record`` would:
+    the current actor, and ``object_repr`` cut to the column's length."""
+    from portal import audit
+
+    if connection.vendor != "postgresql":
+        pytest.skip("data-modifying WITH needs PostgreSQL")
+    with audit.audit_actor("sql-writer"):
+        sql, params = audit.insert_for_rows(
+            "rows", Site, action="action", changes={"k": [1, 2]}, message="m", repr_sql="%s", repr_params=["x" * 300]
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(f"WITH rows AS (SELECT 7 AS id), logged AS ({sql}) SELECT 1", params)  # noqa: S608
+    entry = AuditEntry.objects.get(message="m")
+    assert (entry.actor, entry.object_id, entry.changes) == ("sql-writer", "7", {"k": [1, 2]})
+    assert entry.object_repr == "x" * 200
