@@ -41,74 +41,6 @@ def root(db):
 # --- a real Celery worker ------------------------------------------------------------------------------------
 
 
-class WorkerProcess:
-    """A real ``celery worker`` subprocess on the test database and the test Redis broker."""
-
-    def __init__(self, env: dict, log_path: str):
-        self.env = env
-        self.log_path = log_path
-        self.proc = None
-        self.queues = ["celery"]
-
-    def start(self, timeout: float = 30.0) -> None:
-        import subprocess
-        import sys
-        import time
-
-        log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "portal.testing_celery",
-                "worker",
-                "-l",
-                "INFO",
-                "--pool=threads",
-                "--concurrency=8",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-Q",
-                ",".join(self.queues),
-                "-n",
-                f"test-{os.getpid()}-{time.monotonic_ns()}@localhost",
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=os.path.dirname(__file__),
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"celery worker exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            if b"ready." in open(self.log_path, "rb").read():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"celery worker not ready after {timeout}s: {self.log()[-2000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM would."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return open(self.log_path, errors="replace").read()
-
-
 def _database_url(settings_dict: dict) -> str:
     from urllib.parse import quote
 
@@ -140,7 +72,9 @@ def celery_worker(transactional_db, tmp_path):
         "DATABASE_URL": _database_url(connection.settings_dict),
         "CELERY_TASK_ALWAYS_EAGER": "false",
     }
-    worker = WorkerProcess(env, str(tmp_path / "worker.log"))
+    from portal.testing_celery import WorkerProcess
+
+    worker = WorkerProcess(env, tmp_path / "worker.log")
     from network.models import Host
 
     # The worker stands in for the host agents too: it consumes every host's queue.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,39 +52,9 @@ from django.db import connection  # noqa: E402
 from network import convergence, selectors, services, tasks  # noqa: E402
 from network.lab import Lab, topology  # noqa: E402
 from network.tests.labinventory import inventory_for  # noqa: E402
+from portal.testing_celery import WorkerProcess  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16)
-
-
-def start_worker(queue: str, log: Path, slots: int, pool: str = "threads") -> subprocess.Popen:
-    env = dict(os.environ)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "portal.testing_celery",
-            "worker",
-            "-l",
-            "INFO",
-            f"--pool={pool}",
-            f"-c{slots}",
-        ]
-        + ["-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{queue}@localhost"],
-        env=env,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited: {log.read_text()[-2000:]}")
-        if b"ready." in log.read_bytes():
-            return proc
-        time.sleep(0.1)
-    raise SystemExit("worker not ready")
 
 
 def new_segment(inv: dict, n: int, tag: str):
@@ -159,7 +128,10 @@ def main() -> int:
     try:
         inv = inventory_for(lab, pool_ranges="100-999")
         created = [inv["pool"], *inv["hosts"].values(), *inv["switches"].values(), *inv["sites"].values()]
-        worker = start_worker(queue, workdir / "worker.log", max(SIZES), args.pool)
+        worker = WorkerProcess(
+            dict(os.environ), workdir / "worker.log", queues=[queue], pool=args.pool, concurrency=max(SIZES), name=queue
+        )
+        worker.start(timeout=180)
         # warm up: the worker's threads open their database connections, Python imports the drivers
         for name, way in WAYS.items():
             seg, switches, changes = new_segment(inv, max(SIZES), f"warm-{name}")
@@ -193,8 +165,7 @@ def main() -> int:
     finally:
         try:
             if worker:
-                worker.terminate()
-                worker.wait(timeout=30)
+                worker.stop(timeout=30)
             if created:
                 cleanup(inv)
         finally:

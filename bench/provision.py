@@ -33,7 +33,6 @@ import base64
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -124,63 +123,21 @@ def topology_file(topo, *, agents: bool) -> dict:
     }
 
 
-class Worker:
-    """``celery worker`` (threads pool) on this run's database and Redis; stopped by PID."""
-
-    def __init__(
-        self, env: dict, queues: list[str], concurrency: int, log: Path, pool: str = "threads", name: str = "central"
-    ):
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "portal.celery",
-                    "worker",
-                    "-l",
-                    "WARNING",
-                    f"--pool={pool}",
-                    f"--concurrency={concurrency}",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-Q",
-                    ",".join(queues),
-                    "-n",
-                    f"bench-provision-{name}-{os.getpid()}@localhost",
-                ],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.queues = queues
-
-    @staticmethod
-    def wait_ready(app, workers: list[Worker], timeout: float = 60.0) -> None:
-        """Every worker answers and, together, they consume every queue."""
-        wanted = {q for w in workers for q in w.queues}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for w in workers:
-                if w.proc.poll() is not None:
-                    raise RuntimeError(f"worker exited: {w.log.read_text()[-2000:]}")
-            replies = app.control.inspect(timeout=0.5).active_queues() or {}
-            if {q["name"] for queues in replies.values() for q in queues} >= wanted:
-                return
-        raise RuntimeError(f"workers not ready: {workers[0].log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_workers(app, workers: list, timeout: float = 60.0) -> None:
+    """Launch every worker at once, then wait until, together, they answer for every queue (they log at
+    WARNING, so there is no "ready." line to wait for: per-task INFO lines would cost the worker CPU)."""
+    for w in workers:
+        w.launch()
+    wanted = {q for w in workers for q in w.queues}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {w.log()[-2000:]}")
+        replies = app.control.inspect(timeout=0.5).active_queues() or {}
+        if {q["name"] for queues in replies.values() for q in queues} >= wanted:
+            return
+    raise RuntimeError(f"workers not consuming {sorted(wanted)}: {workers[0].log()[-2000:]}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -281,6 +238,7 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
     from network.lab.inventory import point_inventory_at
     from network.models import Host
     from network.topology import topology_import
+    from portal.testing_celery import WorkerProcess
 
     call_command("flush", interactive=False, verbosity=0)
     topo = topology.generate(sites=sites, hosts_per_site=2, core_kind="qinq", vid_min=100, vid_max=3999)
@@ -290,21 +248,30 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
     started = time.perf_counter()
     lab = Lab.up(topology.from_db(), name=f"bench-provision-{os.getpid()}")
     lab_up = time.perf_counter() - started
-    workers: list[Worker] = []
+    workers: list = []
     try:
         point_inventory_at(lab)
         run_dir = Path(lab.run_dir)
-        slots = args.concurrency or max(8, 2 * sites)
-        workers.append(Worker(env, ["celery"], slots, run_dir / "worker.log", args.pool))
+
+        def worker(queues: list[str], slots: int, name: str):
+            return WorkerProcess(
+                env,
+                run_dir / f"{name}.log",
+                queues=queues,
+                app="portal.celery",
+                pool=args.pool,
+                concurrency=slots,
+                name=name,
+                loglevel="WARNING",
+            )
+
+        workers.append(worker(["celery"], args.concurrency or max(8, 2 * sites), "worker"))
         agent_queues = sorted(q for q in Host.objects.values_list("agent_queue", flat=True) if q)
         if args.agent_processes:
-            for queue in agent_queues:
-                workers.append(Worker(env, [queue], 2, run_dir / f"{queue}.log", args.pool, name=queue))
+            workers += [worker([queue], 2, queue) for queue in agent_queues]
         elif agent_queues:  # one process stands in for every hypervisor's agent (as the test suite does)
-            workers.append(
-                Worker(env, agent_queues, max(8, len(agent_queues)), run_dir / "agents.log", args.pool, name="agents")
-            )
-        Worker.wait_ready(app, workers)
+            workers.append(worker(agent_queues, max(8, len(agent_queues)), "agents"))
+        start_workers(app, workers)
         connection.close()  # the flush and import are done: start the measurement on a fresh connection
         api = APIClient()
         api.force_authenticate(user)
@@ -357,11 +324,10 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             "phases": {name: statistics.median(b[name] for b in breakdown) for name in PHASES},
         }
     finally:
-        for worker in workers:  # all at once, then wait for each
-            if worker.proc.poll() is None:
-                worker.proc.terminate()
-        for worker in workers:
-            worker.stop()
+        for w in workers:  # all at once, then wait for each
+            w.terminate()
+        for w in workers:
+            w.stop(timeout=20)
         lab.down()
 
 
