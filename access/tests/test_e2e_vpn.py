@@ -22,7 +22,7 @@ from django.core.management import call_command
 from access import services
 from access.models import Credential
 from access.selectors import cluster_label
-from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, stop, tagged_frame_seen, wait_for
+from access.tests._procs import can_use_netns, gateway_pair, read, stop, tagged_frame_seen, wait_for
 from access.tests.fixtures import cluster, gateway, make_cluster
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -33,16 +33,7 @@ GW_ADDR, WS_ADDR = "198.18.246.1", "198.18.246.2"
 
 @pytest.fixture
 def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gateway state is written
-    prefix = run_prefix()
-    made: list[Netns] = []
-    procs: list[subprocess.Popen] = []
-    try:
-        gw = Netns(f"{prefix}-gw")
-        made.append(gw)
-        ws = Netns(f"{prefix}-ws")
-        made.append(ws)
-        tap = gateway_link(gw, ws, prefix, GW_ADDR, WS_ADDR, f"{prefix}w")
-
+    with gateway_pair("ws", GW_ADDR, WS_ADDR) as (_prefix, gw, ws, tap, procs):
         state = tmp_path / "gw"
         gateway.address = GW_ADDR
         gateway.local_state_dir = str(state)  # revocations are installed here at commit
@@ -58,11 +49,6 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         lab = Lab()
         lab.gw, lab.ws, lab.tap, lab.log, lab.procs, lab.tmp, lab.state = gw, ws, tap, log, procs, tmp_path, state
         yield lab
-    finally:
-        for p in procs:
-            stop(p)
-        for ns in made:
-            ns.delete()
 
 
 def _connect(lab, text: str, name: str, dev: str) -> tuple[subprocess.Popen, Path]:
