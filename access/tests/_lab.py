@@ -20,33 +20,16 @@ import pytest
 
 from access.tests._procs import Netns
 
-DEMO = Path(__file__).resolve().parents[2] / "network" / "topologies" / "demo.yaml"
 _macs = itertools.count(1)
 
 
 @pytest.fixture
 def lab_inventory(transactional_db):
-    """The demo topology (three sites, an access-gateway trunk at Brno) in the database and built as a lab
-    that the inventory points at; a user-provided image (so clusters are closed)."""
-    from network.lab import Lab, requirements, topology
-    from network.lab.inventory import point_inventory_at
-    from network.topology import topology_import
+    """The demo topology in the database and built as a lab that the inventory points at (closed clusters)."""
+    from network.tests.labinventory import demo_lab
 
-    reason = requirements()
-    if reason:
-        pytest.skip(f"netns lab unavailable: {reason}")
-    import yaml
-
-    from clusters.models import Image
-
-    topology_import(data=yaml.safe_load(DEMO.read_text()), source="e2e-access")
-    Image.objects.create(name="my-own", approved=False)
-    lab = Lab.up(topology.from_db())
-    try:
-        point_inventory_at(lab)
+    with demo_lab("e2e-access") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 class LabNetns(Netns):

@@ -4,39 +4,27 @@ Open vSwitch switches and hosts (netns); VMs attached as libvirt would; packets 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 from rest_framework.test import APIClient
 
-from clusters.models import ClusterState, Image, Node, VirtualCluster
+from clusters.models import ClusterState, Node, VirtualCluster
 from clusters.tests.helpers import wait_state
 from network.drivers import host_session, switch_session
-from network.lab import Lab, broadcast, ping, requirements, topology
-from network.lab.inventory import point_inventory_at
+from network.lab import broadcast, ping
 from network.models import Host, Switch
 from network.specs import host_spec, switch_spec
-from network.topology import topology_import
+from network.tests.labinventory import demo_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-DEMO = Path(__file__).resolve().parents[2] / "network" / "topologies" / "demo.yaml"
 _macs = itertools.count(1)
 
 
 @pytest.fixture
 def lab_inventory(transactional_db):
     """The demo topology in the database and built as a lab that the inventory points at."""
-    reason = requirements()
-    if reason:
-        pytest.skip(f"netns lab unavailable: {reason}")
-    import yaml
-
-    topology_import(data=yaml.safe_load(DEMO.read_text()), source="e2e")
-    Image.objects.create(name="my-own", approved=False)
-    lab = Lab.up(topology.from_db())
-    point_inventory_at(lab)
-    yield lab
-    lab.down()
+    with demo_lab("e2e") as lab:
+        yield lab
 
 
 def mac() -> str:

@@ -4,7 +4,13 @@ Then the portal's own code (``network.specs`` → drivers) converges the lab's d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+
+DEMO = Path(__file__).resolve().parents[1] / "topologies" / "demo.yaml"
 
 
 def inventory_for(lab, *, pool_ranges: str | None = None) -> dict:
@@ -47,3 +53,29 @@ def inventory_for(lab, *, pool_ranges: str | None = None) -> dict:
         name="lab", core=cores[core.name], ranges=pool_ranges or f"{core.vid_min}-{core.vid_max}", quarantine_seconds=5
     )
     return {"switches": switches, "hosts": hosts, "pool": pool, "sites": sites}
+
+
+@contextlib.contextmanager
+def demo_lab(source: str) -> Iterator:
+    """The demo topology (three sites, an access-gateway trunk at Brno) imported into the database, built as
+    a netns lab that the inventory points at, and a user-provided image (so clusters are closed); the lab
+    is taken down at the end, also when pointing the inventory at it failed. Skips without the lab."""
+    import pytest
+    import yaml
+
+    from clusters.models import Image
+    from network.lab import Lab, requirements, topology
+    from network.lab.inventory import point_inventory_at
+    from network.topology import topology_import
+
+    reason = requirements()
+    if reason:
+        pytest.skip(f"netns lab unavailable: {reason}")
+    topology_import(data=yaml.safe_load(DEMO.read_text()), source=source)
+    Image.objects.create(name="my-own", approved=False)
+    lab = Lab.up(topology.from_db())
+    try:
+        point_inventory_at(lab)
+        yield lab
+    finally:
+        lab.down()
