@@ -10,7 +10,9 @@ Claiming before computing matters: a change recorded after our claim is applied 
 ``converge_changes(change_ids)`` does the same for many devices at once, which is how a workflow converges
 one layer (switches, then hosts): the locks, the claim, the desired state and the settlement are a fixed
 number of queries whatever the number of devices, and the device sessions (which only wait on the network)
-run side by side in threads, one per device. The threads never touch the database.
+run side by side on the worker process's session threads (``_session_pool``: kept between layers, so a
+layer does not pay for starting a thread per device, and a new thread does not wait for the GIL while the
+first sessions already run). The threads never touch the database.
 
 The lock is a PostgreSQL session advisory lock (released by the server when the worker's connection dies,
 so a killed worker never leaves a switch locked) or, on SQLite (one machine), an ``flock`` on a file under
@@ -24,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -351,8 +355,7 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             if len(active) == 1:
                 _drive(active[0])
             else:
-                with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="converge") as pool:
-                    list(pool.map(_drive, active))
+                _run_sessions(active)
         except BaseException as exc:  # the task's time limit, a worker shutdown: never leave a change running
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             for w in active:
@@ -362,6 +365,40 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             raise
     _settle(work)
     return work
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}  # process id → the session threads (a forked child makes its own)
+_POOL_LOCK = threading.Lock()
+
+
+def _session_pool() -> ThreadPoolExecutor:
+    """This process's device-session threads: started on demand up to ``DEVICE_SESSION_THREADS`` and kept
+    idle between layers."""
+    pid = os.getpid()
+    with _POOL_LOCK:
+        pool = _POOL.get(pid)
+        if pool is None:
+            _POOL.clear()  # inherited from the parent through fork: its threads do not exist here
+            pool = _POOL[pid] = ThreadPoolExecutor(
+                max_workers=settings.DEVICE_SESSION_THREADS, thread_name_prefix="converge"
+            )
+        return pool
+
+
+def _run_sessions(active: list[_Device]) -> None:
+    """``_drive`` every device on the session threads and wait for all. When the wait is interrupted (a time
+    limit, a shutdown) or a session raises something other than an error (recorded in its ``_Device``), the
+    sessions not started yet are cancelled and the running ones finish before this raises: no session goes
+    on after the caller releases the device locks."""
+    futures = [_session_pool().submit(_drive, w) for w in active]
+    try:
+        for future in as_completed(futures):
+            future.result()  # in completion order: an interruption is seen at once
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait_futures(futures)
+        raise
 
 
 def _settle(work: list[_Device]) -> None:

@@ -210,6 +210,8 @@ DEVICE_TIMEOUT = env_float("DEVICE_TIMEOUT", 30.0, minimum=1)
 # devices per convergence task: a workflow layer is one task per this many devices (each converges its
 # devices side by side, one thread per device)
 DEVICE_BATCH_SIZE = env_int("DEVICE_BATCH_SIZE", 32, minimum=1)
+# device sessions a worker process runs at once (threads, started on demand and kept between layers)
+DEVICE_SESSION_THREADS = env_int("DEVICE_SESSION_THREADS", 64, minimum=1)
 RECONCILE_INTERVAL = env_int("RECONCILE_INTERVAL", 300, minimum=5)
 RECONCILE_REPAIR = env_bool("RECONCILE_REPAIR", True)
 LAB_ENABLED = env_bool("LAB_ENABLED", False)

@@ -375,6 +375,32 @@ def test_an_interrupted_layer_leaves_no_change_running_and_no_lock_held(fabric, 
     assert [c.status for c in convergence.converge_changes(again).changes.values()] == ["noop", "ok", "noop"]
 
 
+def test_an_interrupted_layer_waits_for_its_running_sessions_before_releasing_the_locks(fabric, monkeypatch):
+    """The layer's sessions run on threads kept between layers. When one is interrupted, the others that are
+    still running finish (and keep their outcome) before ``converge_changes`` raises and frees the device
+    locks: no session goes on unsupervised against a device another task may now lock."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    switches, _hosts = selectors.segment_devices(seg)
+    ids = convergence.changes_create(devices=switches, segment=seg, cause="provision c")
+    real = convergence._drive
+    finished = []
+
+    def drive(w):
+        if w.device.name == "sw-pilsen":
+            raise KeyboardInterrupt
+        time.sleep(0.3)  # still running when the interruption reaches the layer
+        real(w)
+        finished.append(w.device.name)
+
+    monkeypatch.setattr(convergence, "_drive", drive)
+    with pytest.raises(KeyboardInterrupt):
+        convergence.converge_changes(ids)
+    assert sorted(finished) == ["sw-brno", "sw-prague"]
+    rows = {c.device: c for c in DeviceChange.objects.filter(pk__in=ids)}
+    assert rows["sw-brno"].status == rows["sw-prague"].status == "ok"
+    assert rows["sw-pilsen"].status == "failed" and rows["sw-pilsen"].error == "interrupted: KeyboardInterrupt"
+
+
 # --- against the netns lab (Open vSwitch switches and hosts, QinQ core), for real ------------------------------
 
 
