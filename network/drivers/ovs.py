@@ -19,10 +19,12 @@ changed port in ONE OVSDB transaction together with a rollback record stored on 
 drops the candidate. Ports that are not in the candidate are never written.
 
 Reads: like a NOS configuration session, the driver takes one snapshot of the ports the portal owns when it
-opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``. The
-snapshot is dropped by ``commit_config``, ``rollback`` and ``close`` and when older than ``snapshot_max_age``
-(driver arg, default 5 s); the next use reads the device again. So a converge costs three OVSDB transactions
-(read, commit, verifying read) and a converge with nothing to change one. The commit writes absolute values
+opens and works from it through ``load_merge_candidate`` / ``compare_config`` / ``commit_config``. A commit
+replaces the snapshot with the owned ports read back in the request that waits for ovs-vswitchd to apply it
+(the same OVSDB transaction as that wait, right after it: what the device holds once the change is live);
+``rollback`` and ``close`` drop it, and it is read again when older than ``snapshot_max_age`` (driver arg,
+default 5 s). So a converge costs three OVSDB round trips (read; commit; wait + verifying read) and a
+converge with nothing to change one. The commit writes absolute values
 (``vlan_mode=trunk``, the whole trunk list, no tag), so a snapshot a few milliseconds old can only make the
 verifying read fail, never write a wrong value. The NAPALM getters (``get_vlans``, ``get_facts``,
 ``get_config``) always read the whole bridge afresh.
@@ -410,7 +412,13 @@ class OvsDriver(NetworkDriver):
         commands.append([*self._record_target(), f"external_ids:{ROLLBACK_KEY}={quote(record_text)}"])
         self._snapshot = None  # whatever happens, the device is read again next time
         try:
-            self.ovsdb.run(*commands)
+            if self._scoped():
+                # the owned ports read back once ovs-vswitchd has applied the commit, with the wait for it
+                # (one round trip): the next snapshot, which the session's verification reads
+                read = self.ovsdb.run_then_query(commands, self._scoped_reads())
+                self._snapshot, self._snapshot_at = self._scoped_ports(*read), time.monotonic()
+            else:
+                self.ovsdb.run(*commands)
         except PermanentDeviceError as exc:
             gone = self._missing_port(exc.message)
             if gone is not None:

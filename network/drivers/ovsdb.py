@@ -145,6 +145,21 @@ class Ovsdb:
             raise TemporaryDeviceError(self.device, f"OVSDB {self.db}: {message or 'timed out'}")
         raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {message}")
 
+    def run_then_query(
+        self, commands: Sequence[Sequence[str]], lists: Sequence[tuple[str, Iterable[str], Sequence[str]]]
+    ) -> list[list[dict]]:
+        """``run(*commands)`` (one transaction, waiting for ovs-vswitchd as configured), then ``query(*lists)``.
+        On the JSON-RPC path with ``wait``, the reads are in the same request as the wait for ovs-vswitchd
+        (OVSDB runs a transaction's operations in order): they see the database the moment ovs-vswitchd
+        reports the change applied, one round trip less than a separate read."""
+        plan = _translate(commands) if self._socket_path() else None
+        reads = [_list_plan(table, columns, records) for table, columns, records in lists]
+        writes = plan is not None and any(step[0] != "list" for step in plan)
+        if not writes or not self.wait or any(r is None for r in reads):
+            self.run(*commands)
+            return self.query(*lists)
+        return self._rpc_apply(plan, json_format=False, wait=True, after=reads)[1]
+
     def _env(self) -> dict[str, str] | None:
         if not self.env:
             return None
@@ -209,6 +224,12 @@ class Ovsdb:
 
     def _rpc_run(self, plan: list[tuple], *, json_format: bool, wait: bool) -> str:
         """Execute translated commands as ONE ``transact`` and return what ovs-vsctl would have printed."""
+        return self._rpc_apply(plan, json_format=json_format, wait=wait)[0]
+
+    def _rpc_apply(
+        self, plan: list[tuple], *, json_format: bool, wait: bool, after: Sequence[tuple] = ()
+    ) -> tuple[str, list[list[dict]]]:
+        """``_rpc_run``, and the ``list`` steps ``after`` read with the wait for ovs-vswitchd (parsed)."""
         ops: list[dict] = []
         checks: list[tuple[int, str, str]] = []  # (op index, table, name): rows that must exist
         lists: list[tuple] = []  # (first op, table, columns, names, if_exists)
@@ -261,9 +282,10 @@ class Ovsdb:
             text = results[-1]["error"] + (f": {results[-1]['details']}" if results[-1].get("details") else "")
             raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {text}")
         out = self._list_output(results, lists, json_format)
+        found: list[list[dict]] = []
         if cfg_op >= 0:
-            self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline)
-        return out
+            found = self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline, after)
+        return out, found
 
     def _list_output(self, results: list, lists: list[tuple], json_format: bool) -> str:
         """What ovs-vsctl ``--format=json list`` prints for each read of ``lists``."""
@@ -284,11 +306,12 @@ class Ovsdb:
             out.append(json.dumps({"headings": columns, "data": data}) if json_format else "")
         return "".join(line + "\n" for line in out)
 
-    def _wait_applied(self, next_cfg: int, deadline: float) -> None:
+    def _wait_applied(self, next_cfg: int, deadline: float, after: Sequence[tuple] = ()) -> list[list[dict]]:
         """ovs-vsctl ``--wait``: block until ovs-vswitchd reports ``cur_cfg >= next_cfg``. A server-side
-        ``wait`` operation does it in one round trip; it fails with "timed out" at the deadline."""
+        ``wait`` operation does it in one round trip; it fails with "timed out" at the deadline. The ``list``
+        steps ``after`` are read in the same transaction, right after the wait succeeds (returned parsed)."""
         ms = max(1, int((deadline - time.monotonic()) * 1000))
-        op = {
+        wait_op = {
             "op": "wait",
             "table": "Open_vSwitch",
             "timeout": ms,
@@ -297,11 +320,16 @@ class Ovsdb:
             "until": "!=",
             "rows": [],
         }
-        (result,) = self._transact([op], deadline + 1)[:1]
-        if "error" in result:
+        ops: list[dict] = [wait_op]
+        lists: list[tuple] = []
+        for step in after:
+            _add_select(ops, lists, step)
+        results = self._transact(ops, deadline + 1)
+        if "error" in results[0]:
             raise TemporaryDeviceError(
                 self.device, f"OVSDB {self.db}: timeout waiting for ovs-vswitchd to apply the change"
             )
+        return parse_tables(self._list_output(results, lists, json_format=True)) if lists else []
 
     def keep_open(self) -> None:
         """From now until ``close``, the JSON-RPC transactions share one connection (a driver session:

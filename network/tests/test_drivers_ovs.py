@@ -279,17 +279,20 @@ def test_session_converge_plan_and_idempotence(lab, ovs_bridge):
 
 def test_session_rolls_back_when_verification_fails(lab, ovs_bridge, monkeypatch):
     """A device that accepts a commit but does not apply it (here: another writer changes the port right
-    after our transaction) fails verification; the session rolls back and raises a permanent error."""
+    after our transaction, before ovs-vswitchd has applied it and we read it back) fails verification; the
+    session rolls back and raises a permanent error."""
     e1 = ovs_bridge["port_map"]["Ethernet1"]
-    real_commit = OvsDriver.commit_config
+    real_wait = Ovsdb._wait_applied
+    drifts = [["set", "Port", e1, "trunks=999"]]  # once: the rollback's own wait finds none
 
-    def commit_then_drift(self, message="", revert_in=None):
-        real_commit(self, message, revert_in)
-        lab.ovsdb().run(["set", "Port", e1, "trunks=999"])
+    def drift_then_wait(self, *args, **kwargs):
+        if self.device != "lab" and drifts:  # our session's wait, not the other writer's own
+            lab.ovsdb().run(drifts.pop())
+        return real_wait(self, *args, **kwargs)
 
     with switch_session(spec(ovs_bridge)) as session:
         session.converge({"Ethernet1": frozenset({100})})
-        monkeypatch.setattr(OvsDriver, "commit_config", commit_then_drift)
+        monkeypatch.setattr(Ovsdb, "_wait_applied", drift_then_wait)
         with pytest.raises(PermanentDeviceError, match="verification failed.*Ethernet1 has 999, wanted 100,200"):
             session.converge({"Ethernet1": frozenset({100, 200}), "Ethernet2": frozenset({5})})
         monkeypatch.undo()

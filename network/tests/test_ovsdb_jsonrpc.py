@@ -123,6 +123,27 @@ def test_verifying_list_in_the_transaction_sees_the_write(lab, ovs_bridge, no_pr
     }
 
 
+def test_run_then_query_reads_back_with_the_wait_in_one_round_trip_less(lab, ovs_bridge, monkeypatch):
+    """``run_then_query``: the reads ride in the request that waits for ovs-vswitchd (two transactions, not
+    three), see ovs-vswitchd's ``cur_cfg`` already at the write's ``next_cfg``, and give what ``ovs-vsctl``
+    run then list gives."""
+    fast, vsctl = both(lab)
+    a, b = ovs_bridge["port_map"]["Ethernet1"], ovs_bridge["port_map"]["Ethernet2"]
+    lists = [("Port", ("name", "vlan_mode", "tag", "trunks"), (a, b)), ("Open_vSwitch", ("cur_cfg", "next_cfg"), ())]
+    transacts = []
+    real = Ovsdb._transact
+    monkeypatch.setattr(
+        Ovsdb, "_transact", lambda self, ops, deadline: transacts.append(ops) or real(self, ops, deadline)
+    )
+    ports, (root,) = fast.run_then_query([["set", "Port", a, "vlan_mode=trunk", "trunks=8,9"]], lists)
+    assert len(transacts) == 2 and transacts[1][0]["op"] == "wait"
+    assert root["cur_cfg"] >= root["next_cfg"]  # read once ovs-vswitchd had applied the write
+    assert {r["name"]: r["trunks"] for r in ports} == {a: [8, 9], b: 4095}
+    monkeypatch.undo()
+    slow_ports, _root = vsctl.run_then_query([["set", "Port", a, "vlan_mode=trunk", "trunks=8,9"]], lists)
+    assert slow_ports == ports
+
+
 def test_other_commands_still_run_ovs_vsctl(lab, ovs_bridge):
     fast = Ovsdb(device="fast", db=lab.db)
     assert fast.run(["port-to-br", ovs_bridge["port_map"]["mgmt"]], wait=False).strip() == ovs_bridge["bridge"]
