@@ -1,5 +1,6 @@
 """Clusters in Django admin: state, progress steps and nodes at a glance; teardown as an action."""
 
+from django import forms
 from django.contrib import admin, messages
 
 from clusters import services
@@ -42,8 +43,27 @@ class StepInline(admin.TabularInline):
         return False
 
 
+class VirtualClusterForm(forms.ModelForm):
+    """The one field admins edit, the expiry, checked by the service before anything is saved: a refused
+    extension is an error on the field, never a "changed successfully"."""
+
+    class Meta:
+        model = VirtualCluster
+        fields = ("expires_at",)
+
+    def clean_expires_at(self):
+        value = self.cleaned_data["expires_at"]
+        if "expires_at" in self.changed_data and value is not None:
+            try:
+                services.cluster_extend_check(cluster=self.instance, expires_at=value)
+            except ClusterError as exc:
+                raise forms.ValidationError(exc.message) from None
+        return value
+
+
 @admin.register(VirtualCluster)
 class VirtualClusterAdmin(admin.ModelAdmin):
+    form = VirtualClusterForm
     list_display = ("name", "owner", "group", "state", "connectivity", "vlan_id", "expires_at", "created_at")
     list_filter = ("state", "connectivity", "image", "group")
     search_fields = ("name", "owner__username", "job_id")
@@ -81,8 +101,14 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         if change and "expires_at" in form.changed_data:
             try:
                 services.cluster_extend(cluster=VirtualCluster.objects.get(pk=obj.pk), expires_at=obj.expires_at)
-            except ClusterError as exc:
-                messages.error(request, exc.message)
+            except ClusterError as exc:  # the cluster changed since the form's check (a teardown started)
+                request._cluster_not_saved = True
+                messages.error(request, f"Not saved: {exc.message}")
+
+    def message_user(self, request, message, level=messages.INFO, *args, **kwargs):
+        if level == messages.SUCCESS and getattr(request, "_cluster_not_saved", False):
+            return  # save_model said why nothing was saved
+        super().message_user(request, message, level, *args, **kwargs)
 
     @admin.action(description="Tear down selected clusters")
     def teardown(self, request, queryset):

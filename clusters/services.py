@@ -253,12 +253,22 @@ def _transition(cluster: VirtualCluster, allowed: tuple[str, ...], to: str, **fi
 
 
 @transaction.atomic
-def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
+def cluster_extend_check(*, cluster: VirtualCluster, expires_at: datetime) -> None:
+    """Why ``cluster`` (as read) cannot get this expiry, as a ``ClusterError`` on ``expires_at``; for forms
+    that show it on the field before anything is saved. ``cluster_extend`` checks again under the row lock."""
     if cluster.state not in ACTIVE_STATES:
         raise Conflict(f"cluster {cluster.name} is {cluster.get_state_display()} and cannot be extended")
     _check_lifetime(expires_at, since=cluster.created_at)
-    cluster.expires_at = expires_at
-    cluster.save(update_fields=["expires_at", "updated_at"])  # audited by the model's registration
+
+
+@transaction.atomic
+def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
+    """Set the expiry of an active cluster (the row locked: a teardown starting meanwhile wins or waits)."""
+    locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+    cluster_extend_check(cluster=locked, expires_at=expires_at)
+    locked.expires_at = expires_at
+    locked.save(update_fields=["expires_at", "updated_at"])  # audited by the model's registration
+    cluster.expires_at, cluster.updated_at, cluster.state = locked.expires_at, locked.updated_at, locked.state
     return cluster
 
 

@@ -1,0 +1,113 @@
+"""Clusters in Django admin: the expiry is the one editable field, checked before anything is saved."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clusters import services
+from clusters.models import ClusterState, Image, VirtualCluster
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal.models import AuditEntry
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def cluster(fabric, alice):
+    Image.objects.create(name="my-own", approved=False)
+    api = APIClient()
+    api.force_authenticate(alice)
+    nodes = [{"name": "n1", "host": "brno1", "mac": "52:54:00:00:00:01"}]
+    r = api.post("/api/clusters/", {"name": "c1", "image": "my-own", "nodes": nodes, "lifetime": 3600}, format="json")
+    assert r.status_code == 201, r.content
+    return VirtualCluster.objects.get(pk=r.data["id"])
+
+
+def change_form(client, cluster, expires_at) -> dict:
+    """What the admin change page posts (its hidden inputs: the inline management forms), with a new expiry."""
+    page = client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/change/").content.decode()
+    data = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page))
+    data.pop("csrfmiddlewaretoken", None)
+    local = timezone.localtime(expires_at)
+    data.update({"expires_at_0": local.strftime("%Y-%m-%d"), "expires_at_1": local.strftime("%H:%M:%S")})
+    return data
+
+
+def post(client, cluster, expires_at):
+    return client.post(
+        f"/admin/clusters/virtualcluster/{cluster.pk}/change/", change_form(client, cluster, expires_at), follow=True
+    )
+
+
+def messages_of(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+def test_admin_extends_a_ready_cluster_and_it_is_audited(client, root, cluster):
+    client.force_login(root)
+    later = (timezone.now() + timedelta(days=3)).replace(microsecond=0)
+    r = post(client, cluster, later)
+    assert r.status_code == 200
+    assert any("changed successfully" in m for m in messages_of(r))
+    cluster.refresh_from_db()
+    assert cluster.expires_at == later
+    assert AuditEntry.objects.filter(object_id=str(cluster.pk), changes__has_key="expires_at").exists()
+
+
+@pytest.mark.parametrize(
+    "when, error",
+    [
+        (timedelta(days=1000), "the lifetime must be at most"),
+        (timedelta(seconds=-5), "the lifetime must be at least"),
+    ],
+)
+def test_admin_refuses_an_expiry_out_of_bounds_on_the_field(client, root, cluster, when, error):
+    client.force_login(root)
+    before = cluster.expires_at
+    r = post(client, cluster, timezone.now() + when)
+    assert r.status_code == 200
+    assert error in str(r.context["adminform"].form.errors["expires_at"])
+    assert not any("changed successfully" in m for m in messages_of(r))
+    cluster.refresh_from_db()
+    assert cluster.expires_at == before
+
+
+def test_admin_refuses_to_extend_an_ended_cluster(client, root, cluster):
+    services.cluster_teardown(cluster=cluster, reason="test")
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.TORN_DOWN  # eager Celery: the teardown ran
+    client.force_login(root)
+    before = cluster.expires_at
+    r = post(client, cluster, timezone.now() + timedelta(days=2))
+    assert "cannot be extended" in str(r.context["adminform"].form.errors["expires_at"])
+    assert not any("changed successfully" in m for m in messages_of(r))
+    cluster.refresh_from_db()
+    assert cluster.expires_at == before
+
+
+def test_a_teardown_between_the_check_and_the_save_is_reported_not_called_a_success(client, root, cluster, monkeypatch):
+    """The form's check passed, then the cluster stopped being active before the save: the service, which
+    checks again under the row lock, refuses; the page says why and does not say "changed successfully"."""
+    real_check = services.cluster_extend_check
+    calls = []
+
+    def check_then_teardown(*, cluster, expires_at):
+        real_check(cluster=cluster, expires_at=expires_at)
+        calls.append(cluster.pk)
+        if len(calls) == 1:  # the form's check: a teardown lands right after it
+            VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.TEARING_DOWN)
+
+    monkeypatch.setattr(services, "cluster_extend_check", check_then_teardown)
+    client.force_login(root)
+    before = cluster.expires_at
+    r = post(client, cluster, timezone.now() + timedelta(days=2))
+    msgs = messages_of(r)
+    assert any(m.startswith("Not saved: cluster c1 is tearing down") for m in msgs), msgs
+    assert not any("changed successfully" in m for m in msgs)
+    cluster.refresh_from_db()
+    assert cluster.expires_at == before
