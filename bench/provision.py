@@ -346,7 +346,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2"),
         help="broker (and result backend); this Redis database is flushed",
     )
     parser.add_argument("--result-backend", default="", help="e.g. django-db (default: the Redis of --redis-url)")
