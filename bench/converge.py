@@ -14,6 +14,10 @@ Goal: 16 switches (layer) within 1.5× the time of 1.
 The group's result is polled every 5 ms (Celery's default of 0.5 s would put a 500 ms floor under every
 parallel figure and hide the real ratio).
 
+For the layer way it also prints the CPU time each layer took, per round: the worker process, the lab's
+daemons (ovsdb-server and ovs-vswitchd, which stand in for the switches' own CPUs) and this client; their sum
+over the machine's cores is a floor under the layer's time once the cores are saturated.
+
 Needs root, Open vSwitch (the lab), PostgreSQL and Redis. Builds a 16-site lab (one host per site, a plain
 802.1Q core), points a throw-away inventory at it, starts a worker (threads pool, 16 slots) on its own
 queue, and removes all of it at the end.
@@ -90,6 +94,16 @@ def one_by_one(changes: list[int], _queue: str) -> None:
 WAYS = {"layer": layer, "per-device": per_device, "one-by-one": one_by_one}
 
 
+def cpu_ms(pids) -> float:
+    """CPU time (user + system, every thread) the processes ``pids`` have used so far, in ms."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def cleanup(inv: dict) -> None:
     """Remove the bench's inventory and everything recorded against it."""
     from network.models import DeviceChange, Segment, SegmentMember, VlanAllocation
@@ -142,15 +156,23 @@ def main() -> int:
             f"{'layer vs 1 switch':>18} {'per-device vs 1':>16}"
         )
         base: dict[str, float] = {}
+        daemons = [pid for pid in lab.state["pids"].values() if pid]
+        cpu: dict[int, tuple[float, float, float]] = {}  # n → layer CPU per round: worker, daemons, client
         for n in SIZES:
             times: dict[str, list[float]] = {name: [] for name in WAYS}
+            spent = [0.0, 0.0, 0.0]
             for r in range(args.rounds):
                 for name, way in WAYS.items():  # interleaved, so that drift of the machine hits all three
                     seg, switches, changes = new_segment(inv, n, f"{name[:3]}{n}-{r}")
+                    before = (cpu_ms([worker.proc.pid]), cpu_ms(daemons), time.process_time() * 1000)
                     started = time.perf_counter()
                     way(changes, queue)
                     times[name].append(time.perf_counter() - started)
+                    if name == "layer":
+                        after = (cpu_ms([worker.proc.pid]), cpu_ms(daemons), time.process_time() * 1000)
+                        spent = [s + a - b for s, a, b in zip(spent, after, before, strict=True)]
                     remove(seg, switches)
+            cpu[n] = tuple(x / args.rounds for x in spent)
             ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
             for name in ms:
                 base.setdefault(name, ms[name])
@@ -162,6 +184,14 @@ def main() -> int:
             f"goal: 16 switches within 1.5x of 1 switch (layer); median of {args.rounds} rounds; pool {args.pool}; "
             f"cores: {os.cpu_count()}, load: {os.getloadavg()}"
         )
+        cores = os.cpu_count() or 1
+        print(f"\nCPU per layer task, mean of {args.rounds} rounds (clock-tick resolution: ±{10 / args.rounds:.1f} ms)")
+        print(
+            f"{'switches':>8} {'worker ms':>10} {'lab daemons ms':>15} {'client ms':>10} {'sum ms':>7} "
+            f"{f'sum / {cores} cores':>15}"
+        )
+        for n, (w, d, c) in cpu.items():
+            print(f"{n:>8} {w:>10.1f} {d:>15.1f} {c:>10.1f} {w + d + c:>7.1f} {(w + d + c) / cores:>15.1f}")
     finally:
         try:
             if worker:
