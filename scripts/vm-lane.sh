@@ -66,6 +66,11 @@ if ! probe=$(echo quit | timeout 60 qemu-system-x86_64 -machine none -accel tcg 
   skip "qemu-system-x86_64 cannot start a guest here: $(echo "$probe" | tail -n 2 | tr '\n' ' ')"
 fi
 
+# One run per output folder at a time: a second run (another terminal, another make test in this checkout)
+# would delete the first one's results under it.
+mkdir -p "$(dirname "$out")"
+exec 9>"$out.lock"
+flock -n 9 || fail "another vm-lane run is using $out (wait for it, or set VM_LANE_OUT to another folder)"
 rm -rf "$out"
 mkdir -p "$out"
 printf '%s\n' "${VM_LANE_PYTEST_ARGS:-}" >"$out/pytest-args"
