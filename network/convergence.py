@@ -302,22 +302,60 @@ def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tupl
 
 
 def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
-    """Pending → running for every pending (or orphaned running) change of ``devices``, in one UPDATE (one
-    batch id); returns the claimed change ids per device."""
+    """Pending → running for every pending (or orphaned running) change of ``devices`` (one batch id);
+    returns the claimed change ids per device. On PostgreSQL one statement that returns the rows it claimed
+    (``UPDATE … RETURNING``); elsewhere the UPDATE, then a read of its batch (SQLite's shared-cache test
+    database answers a RETURNING statement's concurrent readers with "table is locked" instead of waiting)."""
+    if connection.vendor != "postgresql":
+        return _claim_then_read(devices)
+    meta = DeviceChange._meta
+    quote = connection.ops.quote_name
+    column = {name: quote(meta.get_field(name).column) for name in ("id", "kind", "switch", "host", "status")}
+    reach, reach_params = [], []
+    for kind, key in ((DeviceKind.SWITCH, "switch"), (DeviceKind.HOST, "host")):
+        ids = [d.pk for k, d in devices if k == kind]
+        if ids:
+            reach.append(f"({column['kind']} = %s AND {column[key]} IN ({', '.join(['%s'] * len(ids))}))")
+            reach_params += [kind, *ids]
+    if not reach:
+        return {}
+    prep = {name: meta.get_field(name) for name in ("batch", "started_at")}
+    # identifiers come from the model, values are parameters
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET {column['status']} = %s, {quote(prep['batch'].column)} = %s, "  # noqa: S608
+        f"{quote(prep['started_at'].column)} = %s, attempts = attempts + 1, error = '' "
+        f"WHERE {column['status']} IN (%s, %s) AND ({' OR '.join(reach)}) "
+        f"RETURNING {column['id']}, {column['kind']}, {column['switch']}, {column['host']}"
+    )
+    params = [
+        Status.RUNNING,
+        prep["batch"].get_db_prep_value(uuid.uuid4(), connection),
+        prep["started_at"].get_db_prep_value(timezone.now(), connection),
+        Status.PENDING,
+        Status.RUNNING,
+        *reach_params,
+    ]
+    claimed: dict[tuple[str, int], list[int]] = {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for pk, kind, switch_id, host_id in sorted(cursor.fetchall()):
+            claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
+    return claimed
+
+
+def _claim_then_read(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
     batch = uuid.uuid4()
-    switch_ids = [d.pk for kind, d in devices if kind == DeviceKind.SWITCH]
-    host_ids = [d.pk for kind, d in devices if kind == DeviceKind.HOST]
     where = Q(pk__in=[])
-    if switch_ids:
-        where |= Q(kind=DeviceKind.SWITCH, switch_id__in=switch_ids)
-    if host_ids:
-        where |= Q(kind=DeviceKind.HOST, host_id__in=host_ids)
+    for kind, key in ((DeviceKind.SWITCH, "switch_id__in"), (DeviceKind.HOST, "host_id__in")):
+        ids = [d.pk for k, d in devices if k == kind]
+        if ids:
+            where |= Q(kind=kind, **{key: ids})
     DeviceChange.objects.filter(where, status__in=[Status.PENDING, Status.RUNNING]).update(
         status=Status.RUNNING, batch=batch, started_at=timezone.now(), attempts=F("attempts") + 1, error=""
     )
     claimed: dict[tuple[str, int], list[int]] = {}
-    for pk, kind, switch_id, host_id in DeviceChange.objects.filter(batch=batch).values_list(
-        "pk", "kind", "switch_id", "host_id"
+    for pk, kind, switch_id, host_id in (
+        DeviceChange.objects.filter(batch=batch).order_by("pk").values_list("pk", "kind", "switch_id", "host_id")
     ):
         claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
     return claimed
