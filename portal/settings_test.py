@@ -15,6 +15,14 @@ from portal.settings import *  # noqa: E402,F403
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "true").lower() == "true"
 
+# SQLite: a test database in a file, as in production, so that a connection meeting another's write lock
+# waits (the ``timeout`` option) — Django's default in-memory shared-cache test database answers it at once
+# with "database table is locked". One file per pytest-xdist worker.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"].setdefault("TEST", {}).setdefault(  # noqa: F405
+        "NAME", str(DATA_DIR / f"test-{os.environ.get('PYTEST_XDIST_WORKER') or 'gw0'}.sqlite3")  # noqa: F405
+    )
+
 # Each pytest-xdist worker gets its own Redis database, so real-worker tests running in parallel never
 # take each other's messages. Tests run eagerly unless a test starts a real worker (conftest.celery_worker).
 if os.environ.get("REDIS_URL"):
