@@ -22,6 +22,7 @@ from schemathesis import checks as st_checks
 from schemathesis.specs.openapi import checks as oa_checks
 from werkzeug.test import Client as WsgiClient
 
+from access.models import Gateway, GatewayKind
 from clusters.models import Image, Node, PublicPrefix, VirtualCluster
 from network.models import DeviceChange, Drift, Host, Site, Switch, VlanAllocation, VlanPool
 from network.tests.fakefabric import build_fabric
@@ -101,6 +102,9 @@ def world(db, tmp_path, django_capture_on_commit_callbacks, alice, root):
     Drift.objects.create(
         device_kind="switch", switch=fabric.switches["brno"], device="sw-brno", port="h1", kind="missing", vlans="150"
     )
+    # an access gateway: a generated request for a real cluster id gets a profile or a 4xx, never
+    # "no gateway configured" (503)
+    Gateway.objects.create(name="gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)
     return {"cluster": cluster, "fabric": fabric}
 
 
