@@ -20,7 +20,8 @@ CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "true").lo
 # with "database table is locked". One file per pytest-xdist worker.
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
     DATABASES["default"].setdefault("TEST", {}).setdefault(  # noqa: F405
-        "NAME", str(DATA_DIR / f"test-{os.environ.get('PYTEST_XDIST_WORKER') or 'gw0'}.sqlite3")  # noqa: F405
+        "NAME",
+        str(DATA_DIR / f"test-{os.environ.get('PYTEST_XDIST_WORKER') or 'gw0'}.sqlite3"),  # noqa: F405
     )
 
 # Each pytest-xdist worker gets its own Redis database, so real-worker tests running in parallel never
