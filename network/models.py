@@ -332,7 +332,8 @@ class VlanAllocation(models.Model):
         ALLOCATED = "allocated", "allocated"
         QUARANTINED = "quarantined", "in quarantine"
 
-    pool = models.ForeignKey(VlanPool, on_delete=models.CASCADE, related_name="allocations")
+    # no index of its own: (pool, vid) and (pool, state, vid) lead with it; an allocation updates every index
+    pool = models.ForeignKey(VlanPool, on_delete=models.CASCADE, related_name="allocations", db_index=False)
     vid = models.PositiveSmallIntegerField("VLAN id", validators=vlan_id_validators)
     state = models.CharField(max_length=12, choices=State.choices, default=State.FREE)
     owner = models.CharField(max_length=200, blank=True, help_text="opaque reference of the holder")
