@@ -19,17 +19,20 @@ import time
 import uuid
 
 
-def race(pool, requests: int, workers: int, processes: int = 1) -> dict:
+def race(pool, requests: int, workers: int, processes: int = 1, warm_pool=None) -> dict:
     """``requests`` allocations from ``pool`` over ``workers`` connections (each serving its share),
     released at once, from ``processes`` processes (threads in each; like web workers, so that one Python
-    interpreter's lock does not serialise every request). Returns the ids granted, the errors (type,
-    status, message), the distinct server backends that served them and the seconds from the start to
-    the last answer."""
+    interpreter's lock does not serialise every request). With ``warm_pool``, each connection first serves
+    one allocation from it, before the start: the server backends have loaded the tables and planned the
+    statement, as a running portal's persistent connections have (otherwise each request is its backend's
+    first). Returns the ids granted, the errors (type, status, message), the distinct server backends that
+    served them and the seconds from the start to the last answer."""
     shares = [requests // workers + (1 if i < requests % workers else 0) for i in range(workers)]
     processes = max(1, min(processes, workers))
+    warm_id = warm_pool.pk if warm_pool is not None else None
     if processes == 1:
         ready = threading.Barrier(workers + 1)
-        results = _run_threads(pool.pk, shares, ready)
+        results = _run_threads(pool.pk, shares, ready, warm_id)
         ready.wait(timeout=120)
         started = time.monotonic()
         return _summary([results()], started)
@@ -41,7 +44,9 @@ def race(pool, requests: int, workers: int, processes: int = 1) -> dict:
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Barrier(workers + 1)
     out = ctx.Queue()
-    children = [ctx.Process(target=_child, args=(pool.pk, shares[k::processes], ready, out)) for k in range(processes)]
+    children = [
+        ctx.Process(target=_child, args=(pool.pk, shares[k::processes], ready, out, warm_id)) for k in range(processes)
+    ]
     for child in children:
         child.start()
     ready.wait(timeout=120)
@@ -52,11 +57,11 @@ def race(pool, requests: int, workers: int, processes: int = 1) -> dict:
     return _summary(parts, started)
 
 
-def _child(pool_id: int, shares: list[int], ready, out) -> None:
-    out.put(_run_threads(pool_id, shares, ready)())
+def _child(pool_id: int, shares: list[int], ready, out, warm_id: int | None) -> None:
+    out.put(_run_threads(pool_id, shares, ready, warm_id)())
 
 
-def _run_threads(pool_id: int, shares: list[int], ready):
+def _run_threads(pool_id: int, shares: list[int], ready, warm_id: int | None = None):
     """Start one thread per share (each opens its connection, then waits at ``ready``); returns a function
     that waits for them and returns their part of the results."""
     from django.db import connections
@@ -65,6 +70,7 @@ def _run_threads(pool_id: int, shares: list[int], ready):
     from network.models import VlanPool
 
     pool = VlanPool.objects.get(pk=pool_id)
+    warm = VlanPool.objects.get(pk=warm_id) if warm_id is not None else None
     connections["default"].close()
     part = {"vids": [], "errors": [], "backends": [], "finished": 0.0}
     lock = threading.Lock()
@@ -75,6 +81,8 @@ def _run_threads(pool_id: int, shares: list[int], ready):
             with connections["default"].cursor() as cursor:
                 cursor.execute("SELECT pg_backend_pid()")  # this thread's own connection, opened first
                 backend = cursor.fetchone()[0]
+            if warm is not None:
+                services.vlan_allocate(pool=warm, owner=f"warm:{os.getpid()}:{i}")
             ready.wait(timeout=120)
             for n in range(shares[i]):
                 try:
