@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import F, Q
 from django.utils import timezone
 
 from network import selectors, specs
@@ -302,12 +301,9 @@ def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tupl
 
 
 def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
-    """Pending → running for every pending (or orphaned running) change of ``devices`` (one batch id);
-    returns the claimed change ids per device. On PostgreSQL one statement that returns the rows it claimed
-    (``UPDATE … RETURNING``); elsewhere the UPDATE, then a read of its batch (SQLite's shared-cache test
-    database answers a RETURNING statement's concurrent readers with "table is locked" instead of waiting)."""
-    if connection.vendor != "postgresql":
-        return _claim_then_read(devices)
+    """Pending → running for every pending (or orphaned running) change of ``devices`` (one batch id), in
+    ONE statement that returns the rows it claimed (``UPDATE … RETURNING``: PostgreSQL, SQLite ≥ 3.35);
+    returns the claimed change ids per device."""
     meta = DeviceChange._meta
     quote = connection.ops.quote_name
     column = {name: quote(meta.get_field(name).column) for name in ("id", "kind", "switch", "host", "status")}
@@ -340,24 +336,6 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], li
         cursor.execute(sql, params)
         for pk, kind, switch_id, host_id in sorted(cursor.fetchall()):
             claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
-    return claimed
-
-
-def _claim_then_read(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
-    batch = uuid.uuid4()
-    where = Q(pk__in=[])
-    for kind, key in ((DeviceKind.SWITCH, "switch_id__in"), (DeviceKind.HOST, "host_id__in")):
-        ids = [d.pk for k, d in devices if k == kind]
-        if ids:
-            where |= Q(kind=kind, **{key: ids})
-    DeviceChange.objects.filter(where, status__in=[Status.PENDING, Status.RUNNING]).update(
-        status=Status.RUNNING, batch=batch, started_at=timezone.now(), attempts=F("attempts") + 1, error=""
-    )
-    claimed: dict[tuple[str, int], list[int]] = {}
-    for pk, kind, switch_id, host_id in (
-        DeviceChange.objects.filter(batch=batch).order_by("pk").values_list("pk", "kind", "switch_id", "host_id")
-    ):
-        claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
     return claimed
 
 

@@ -13,10 +13,10 @@ from network.tests.fakefabric import fabric_fixture  # noqa: F401
 # change+device, claim (returning the claimed rows), desired state (the switches' sites, gateway sites, the
 # segments that reach them, their members, switch ports — which are also the spec's owned ports), settlement,
 # final read; PostgreSQL adds the advisory lock and unlock
-SWITCH_QUERIES = 9 if connection.vendor == "postgresql" else 10  # elsewhere the claim reads its rows after
+SWITCH_QUERIES = 9
 # change+device, claim (returning the claimed rows), desired state (segments, members, gateway sites),
 # settlement, final read
-HOST_QUERIES = SWITCH_QUERIES - 2
+HOST_QUERIES = 7
 
 
 def _locks() -> int:
