@@ -18,7 +18,7 @@ lint: setup
 
 check: setup
 	DEBUG=true $(PY) manage.py check
-	DEBUG=true DATA_DIR=$$(mktemp -d) $(PY) manage.py makemigrations --check --dry-run
+	d=$$(mktemp -d) && DEBUG=true DATA_DIR=$$d $(PY) manage.py makemigrations --check --dry-run; rc=$$?; rm -rf $$d; exit $$rc
 	scripts/check-deploy.sh
 
 test: setup lint check

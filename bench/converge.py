@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -200,6 +201,7 @@ def main() -> int:
                 cleanup(inv)
         finally:
             lab.down()
+            shutil.rmtree(workdir, ignore_errors=True)  # the worker's log (a failed start printed its tail)
     return 0
 
 
