@@ -100,7 +100,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if change and "expires_at" in form.changed_data:
             try:
-                services.cluster_extend(cluster=VirtualCluster.objects.get(pk=obj.pk), expires_at=obj.expires_at)
+                services.cluster_extend(cluster=obj, expires_at=obj.expires_at)
             except ClusterError as exc:  # the cluster changed since the form's check (a teardown started)
                 request._cluster_not_saved = True
                 messages.error(request, f"Not saved: {exc.message}")

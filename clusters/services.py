@@ -252,7 +252,6 @@ def _transition(cluster: VirtualCluster, allowed: tuple[str, ...], to: str, **fi
     return cluster
 
 
-@transaction.atomic
 def cluster_extend_check(*, cluster: VirtualCluster, expires_at: datetime) -> None:
     """Why ``cluster`` (as read) cannot get this expiry, as a ``ClusterError`` on ``expires_at``; for forms
     that show it on the field before anything is saved. ``cluster_extend`` checks again under the row lock."""
@@ -263,13 +262,13 @@ def cluster_extend_check(*, cluster: VirtualCluster, expires_at: datetime) -> No
 
 @transaction.atomic
 def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
-    """Set the expiry of an active cluster (the row locked: a teardown starting meanwhile wins or waits)."""
+    """Set the expiry of an active cluster (the row locked: a teardown starting meanwhile wins or waits);
+    returns the cluster as saved (``cluster`` only names it)."""
     locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
     cluster_extend_check(cluster=locked, expires_at=expires_at)
     locked.expires_at = expires_at
     locked.save(update_fields=["expires_at", "updated_at"])  # audited by the model's registration
-    cluster.expires_at, cluster.updated_at, cluster.state = locked.expires_at, locked.updated_at, locked.state
-    return cluster
+    return locked
 
 
 @transaction.atomic
