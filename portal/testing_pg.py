@@ -1,8 +1,8 @@
 """A throwaway PostgreSQL server for tests and benchmarks that need more connections than the machine's
 server allows (``max_connections`` is 100 there; the allocation race wants 200 at once).
 
-``throwaway_postgres(folder, max_connections=…)`` runs ``initdb`` into ``folder`` and starts ``postgres``
-listening on 127.0.0.1 only (a free port) and on a socket in ``folder``, trust authentication, no fsync;
+``throwaway_postgres(max_connections=…)`` runs ``initdb`` into a new temporary folder and starts ``postgres``
+listening on 127.0.0.1 only (a free port) and on a socket in that folder, trust authentication, no fsync;
 it yields the server's URL (database ``postgres``) and stops the server by its PID at the end, then
 removes the folder. As root, the server runs as the ``postgres`` account (PostgreSQL refuses root).
 """
@@ -75,11 +75,10 @@ def throwaway_postgres(max_connections: int = 260, *, timeout: float = 30.0) -> 
             "full_page_writes": "off",
         }
         options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
-        log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed with the server below
-        server = subprocess.Popen(
-            [*as_user, str(binaries / "postgres"), "-D", str(data), *options], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        with open(folder / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
+            server = subprocess.Popen(
+                [*as_user, str(binaries / "postgres"), "-D", str(data), *options], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while True:
             if server.poll() is not None:
