@@ -752,8 +752,7 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
 @transaction.atomic
 def credential_revoke(*, credential: Credential, reason: str, by=None, note: str = "") -> bool:
     """Revoke one credential (idempotent: False if it already was). The CRL/KRL is rewritten at once."""
-    locked = Credential.objects.select_for_update().select_related("user").get(pk=credential.pk)
-    done = _revoke_rows([locked], reason=reason, by=by, note=note) == 1
+    done = credentials_revoke(ids=[credential.pk], reason=reason, by=by, note=note) == 1
     credential.refresh_from_db()
     return done
 
