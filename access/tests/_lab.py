@@ -143,3 +143,27 @@ def gateway_token(gateway, owner, path: Path) -> Path:
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return path
+
+
+def gateway_pull(url: str, token_file: Path, state_dir: Path) -> str:
+    """``manage.py gateway pull`` as the gateway's timer runs it; its output (stdout and stderr)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command(
+        "gateway",
+        "pull",
+        "--url",
+        url,
+        "--token-file",
+        str(token_file),
+        "--dir",
+        str(state_dir),
+        "--timeout",
+        "3",
+        stdout=out,
+        stderr=out,
+    )
+    return out.getvalue()

@@ -58,14 +58,20 @@ class Netns:
         sh("ip", "netns", "delete", self.name, check=False)
 
 
-def gateway_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr: str, other_if: str) -> str:
-    """The gateway's public side: a veth pair gw ↔ other with /30 addresses, and a persistent tap in the
-    gateway namespace for OpenVPN. Returns the tap's name."""
+def public_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr: str, other_if: str) -> None:
+    """The gateway's public side: a veth pair gw (``<prefix>g``) ↔ other (``other_if``) with /30 addresses.
+    Deleting either namespace removes the pair."""
     gw.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", other_if, "netns", other.name)
     gw.ip("addr", "add", f"{gw_addr}/30", "dev", f"{prefix}g")
     gw.ip("link", "set", f"{prefix}g", "up")
     other.ip("addr", "add", f"{other_addr}/30", "dev", other_if)
     other.ip("link", "set", other_if, "up")
+
+
+def gateway_link(gw: Netns, other: Netns, prefix: str, gw_addr: str, other_addr: str, other_if: str) -> str:
+    """:func:`public_link`, and a persistent tap (``<prefix>t``) in the gateway namespace for OpenVPN.
+    Returns the tap's name."""
+    public_link(gw, other, prefix, gw_addr, other_addr, other_if)
     tap = f"{prefix}t"
     gw.ip("tuntap", "add", "dev", tap, "mode", "tap")
     gw.ip("link", "set", tap, "up")

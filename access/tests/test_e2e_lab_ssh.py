@@ -55,13 +55,14 @@ from access.selectors import cluster_label
 from access.tests._lab import (
     LabNetns,
     cluster_post,
+    gateway_pull,
     gateway_token,
     lab_inventory,
     portal,
     user_token,
     wait_ready,
 )
-from access.tests._procs import Netns, can_use_netns, node_sshd_config, read, run_prefix, sh, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, node_sshd_config, public_link, read, run_prefix, stop, wait_for
 
 SSHD = "/usr/sbin/sshd"
 _skip = (
@@ -177,11 +178,7 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
     ws = Netns(f"{prefix}-ws")
     try:
         bastion = LabNetns(bastion_vm.netns)
-        bastion.ip("link", "add", f"{prefix}b", "type", "veth", "peer", "name", f"{prefix}w", "netns", ws.name)
-        bastion.ip("addr", "add", f"{BASTION_PUBLIC}/30", "dev", f"{prefix}b")
-        bastion.ip("link", "set", f"{prefix}b", "up")
-        ws.ip("addr", "add", f"{WS_PUBLIC}/30", "dev", f"{prefix}w")
-        ws.ip("link", "set", f"{prefix}w", "up")
+        public_link(bastion, ws, prefix, BASTION_PUBLIC, WS_PUBLIC, f"{prefix}w")
 
         # The bastion: made in the portal, configured by `gateway config`, state pulled over HTTP.
         from network.models import Site
@@ -200,11 +197,7 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         )
 
         def pull() -> str:
-            out = StringIO()
-            call_command(
-                "gateway", "pull", "--url", portal.url, "--token-file", str(token_file), "--dir", str(state), stdout=out
-            )
-            return out.getvalue()
+            return gateway_pull(portal.url, token_file, state)
 
         assert "gateway pull:" in pull()
         principals = (state / "ssh" / "principals" / ACCOUNT).read_text()

@@ -48,13 +48,14 @@ from access.selectors import cluster_label
 from access.tests._lab import (
     LabNetns,
     cluster_post,
+    gateway_pull,
     gateway_token,
     lab_inventory,
     portal,
     user_token,
     wait_ready,
 )
-from access.tests._procs import Netns, can_use_netns, read, run_prefix, sh, stop, wait_for
+from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, sh, stop, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
 pytestmark = [
@@ -82,24 +83,7 @@ class Gw:
         wait_for(lambda: needle in read(self.log), timeout, what=f"gateway log line {needle!r}")
 
     def pull(self, portal_url: str, token_file: Path) -> str:
-        from io import StringIO
-
-        out = StringIO()
-        call_command(
-            "gateway",
-            "pull",
-            "--url",
-            portal_url,
-            "--token-file",
-            str(token_file),
-            "--dir",
-            str(self.state),
-            "--timeout",
-            "3",
-            stdout=out,
-            stderr=out,
-        )
-        return out.getvalue()
+        return gateway_pull(portal_url, token_file, self.state)
 
     def client(self, text: str, name: str, *extra: str) -> Client:
         """The workstation's openvpn 2.x with the downloaded file (only the tap's name given on the command
@@ -164,15 +148,9 @@ def gw(lab_inventory, tmp_path):
     ws = Netns(f"{prefix}-ws")
     g = None
     try:
-        gw_ns.ip("link", "add", f"{prefix}g", "type", "veth", "peer", "name", f"{prefix}w", "netns", ws.name)
-        gw_ns.ip("addr", "add", f"{GW_PUBLIC}/30", "dev", f"{prefix}g")
-        gw_ns.ip("link", "set", f"{prefix}g", "up")
-        ws.ip("addr", "add", f"{WS_PUBLIC}/30", "dev", f"{prefix}w")
-        ws.ip("link", "set", f"{prefix}w", "up")
-        tap = f"{prefix}t"  # persistent tap on the trunk: OpenVPN tags each client's frames with its VLAN
-        gw_ns.ip("tuntap", "add", "dev", tap, "mode", "tap")
+        tap = gateway_link(gw_ns, ws, prefix, GW_PUBLIC, WS_PUBLIC, f"{prefix}w")
+        # On the trunk: OpenVPN tags each client's frames with its VLAN.
         gw_ns.ip("link", "set", tap, "master", attach["bridge"])
-        gw_ns.ip("link", "set", tap, "up")
         g = Gw(tmp_path, prefix, gw_ns, ws, tmp_path / "gw-state")
         g.tap = tap
         yield g
@@ -181,8 +159,7 @@ def gw(lab_inventory, tmp_path):
             for p in g.procs:
                 stop(p)
         ws.delete()
-        sh("ip", "-n", attach["netns"], "link", "del", f"{prefix}g", check=False)
-        sh("ip", "-n", attach["netns"], "link", "del", f"{prefix}t", check=False)
+        sh("ip", "-n", attach["netns"], "link", "del", f"{prefix}t", check=False)  # the veth went with ws
 
 
 def _between(text: str, tag: str) -> str:
