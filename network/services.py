@@ -113,32 +113,35 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAlloca
 
 
 def _take_conditional(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | int | None:
-    """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)."""
+    """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)
+    and audit it, the take and its audit entry in one transaction."""
     candidates = VlanAllocation.objects.filter(_free_now(now), pool=pool).order_by("vid")
     row = candidates.filter(vid__gte=start).first() or candidates.filter(vid__lt=start).first()
     if row is None:
         return None
-    taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
-        state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
-    )
-    if not taken:
-        return 0
-    row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until = (
-        Free.ALLOCATED,
-        owner,
-        now,
-        None,
-        None,
-    )
+    with transaction.atomic():
+        taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
+            state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
+        )
+        if not taken:
+            return 0
+        row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until = (
+            Free.ALLOCATED,
+            owner,
+            now,
+            None,
+            None,
+        )
+        audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
     return row
 
 
 def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
     """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left.
 
-    Every step is one statement that is consistent on its own (on PostgreSQL the take and its audit entry
-    are one statement), so no transaction is opened here: inside a caller's transaction the id is held
-    until it commits; alone, each allocation is one round trip."""
+    Each take writes its own audit entry, atomically (on PostgreSQL in the same statement), so no
+    transaction is opened around the attempts: inside a caller's transaction the id is held until it
+    commits; alone, each allocation is one round trip."""
     if not owner:
         raise ValueError("an allocation needs an owner reference")
     valid = frozenset(pool.vlan_ids)
@@ -164,8 +167,6 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         if row.vid not in valid:  # reserved or removed from the ranges since the row was made: drop it
             row.delete()
             continue
-        if take is _take_conditional:  # (the PostgreSQL statement audits the take itself)
-            audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
         return row
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
