@@ -188,9 +188,7 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``."""
     claimed = _claim([(kind, device)])
     w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
-    if not device.enabled:
-        w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
-    else:
+    if not _skip_if_disabled(w):
         if kind == DeviceKind.SWITCH:
             w.desired = selectors.switch_desired([device.pk])[device.pk]
         else:
@@ -305,28 +303,27 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], li
     ONE statement that returns the rows it claimed (``UPDATE … RETURNING``: PostgreSQL, SQLite ≥ 3.35);
     returns the claimed change ids per device."""
     meta = DeviceChange._meta
-    quote = connection.ops.quote_name
-    column = {name: quote(meta.get_field(name).column) for name in ("id", "kind", "switch", "host", "status")}
+    names = ("id", "kind", "switch", "host", "status", "batch", "started_at", "attempts", "error")
+    col = {name: connection.ops.quote_name(meta.get_field(name).column) for name in names}
     reach, reach_params = [], []
     for kind, key in ((DeviceKind.SWITCH, "switch"), (DeviceKind.HOST, "host")):
         ids = [d.pk for k, d in devices if k == kind]
         if ids:
-            reach.append(f"({column['kind']} = %s AND {column[key]} IN ({', '.join(['%s'] * len(ids))}))")
+            reach.append(f"({col['kind']} = %s AND {col[key]} IN ({', '.join(['%s'] * len(ids))}))")
             reach_params += [kind, *ids]
     if not reach:
         return {}
-    prep = {name: meta.get_field(name) for name in ("batch", "started_at")}
     # identifiers come from the model, values are parameters
     sql = (
-        f"UPDATE {quote(meta.db_table)} SET {column['status']} = %s, {quote(prep['batch'].column)} = %s, "  # noqa: S608
-        f"{quote(prep['started_at'].column)} = %s, attempts = attempts + 1, error = '' "
-        f"WHERE {column['status']} IN (%s, %s) AND ({' OR '.join(reach)}) "
-        f"RETURNING {column['id']}, {column['kind']}, {column['switch']}, {column['host']}"
+        f"UPDATE {connection.ops.quote_name(meta.db_table)} SET {col['status']} = %s, {col['batch']} = %s, "  # noqa: S608
+        f"{col['started_at']} = %s, {col['attempts']} = {col['attempts']} + 1, {col['error']} = '' "
+        f"WHERE {col['status']} IN (%s, %s) AND ({' OR '.join(reach)}) "
+        f"RETURNING {col['id']}, {col['kind']}, {col['switch']}, {col['host']}"
     )
     params = [
         Status.RUNNING,
-        prep["batch"].get_db_prep_value(uuid.uuid4(), connection),
-        prep["started_at"].get_db_prep_value(timezone.now(), connection),
+        meta.get_field("batch").get_db_prep_value(uuid.uuid4(), connection),
+        meta.get_field("started_at").get_db_prep_value(timezone.now(), connection),
         Status.PENDING,
         Status.RUNNING,
         *reach_params,
@@ -339,9 +336,17 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], li
     return claimed
 
 
+def _skip_if_disabled(w: _Device) -> bool:
+    """A disabled device is never touched: its claimed changes settle as no-ops. Whether ``w`` was."""
+    if w.device.enabled:
+        return False
+    w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
+    return True
+
+
 def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     """With the devices' locks held: claim their pending changes, converge the devices that have some (side
-    by side, one thread per device), settle every claimed change in one UPDATE."""
+    by side on the session threads), settle every claimed change (one batch of statements)."""
     claimed = _claim(devices)
     work = [
         _Device(kind, device, claimed=claimed[(kind, device.pk)])
@@ -350,10 +355,7 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     ]
     if not work:
         return []
-    active = [w for w in work if w.device.enabled]
-    for w in work:
-        if not w.device.enabled:
-            w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
+    active = [w for w in work if not _skip_if_disabled(w)]
     if active:
         switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
         hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]

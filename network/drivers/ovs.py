@@ -279,10 +279,9 @@ class OvsDriver(NetworkDriver):
         ]
 
     def _scoped_ports(self, bridges: list[dict], ports: list[dict]) -> dict[str, PortState]:
-        names = self.owned
         if not bridges:
             raise PermanentDeviceError(self.device_name, f"OVSDB {self.hostname} has no bridge {self.bridge}")
-        if not names:
+        if not self.owned:
             return {}
         wanted = set(as_set(bridges[0]["ports"]))
         return {
