@@ -32,7 +32,7 @@ _DEVICE_TASK = {
     "bind": True,
     "acks_late": True,
     "reject_on_worker_lost": True,
-    "max_retries": None,  # counted against DEVICE_RETRY_MAX in _run_change
+    "max_retries": None,  # counted against DEVICE_RETRY_MAX in _retry_pending
     "soft_time_limit": settings.CELERY_TASK_SOFT_TIME_LIMIT,
     "time_limit": settings.CELERY_TASK_TIME_LIMIT,
 }
@@ -91,7 +91,7 @@ def converge_devices(
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
         kind, segment_id = finish
-        return {"provisioned": segment_provisioned, "released": segment_released}[kind](segment_id)
+        return FINISH[kind](segment_id)
     return {"changes": done}
 
 
@@ -142,6 +142,10 @@ def segment_released(segment_id: int) -> dict:
             seg.save(update_fields=["state", "updated_at"])
             SegmentMember.objects.filter(segment=seg).delete()
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
+
+
+# A workflow's last step by name: a task of its own, or run by the last ``converge_devices`` (``finish``).
+FINISH = {"provisioned": segment_provisioned, "released": segment_released}
 
 
 def _converge_now(change_ids: list[int]) -> dict[int, str]:

@@ -55,9 +55,6 @@ def _task(queue: str, layers: list[list[int]], finish: tuple[str, int] | None = 
     return sig.set(queue=queue) if queue else sig
 
 
-_FINISH = {"provisioned": tasks.segment_provisioned, "released": tasks.segment_released}
-
-
 def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], finish: str) -> list[Signature]:
     """One link per non-empty layer, in order: its task, or ``group → join``; then ``finish``
     (``provisioned``: ``segment_provisioned``, ``released``: ``segment_released``).
@@ -85,7 +82,7 @@ def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], finish: str
             *(_task(*link) if isinstance(link, tuple) else link for link in links[:-1]),
             _task(*last, finish=(finish, segment.pk)),
         ]
-    return [*(_task(*link) if isinstance(link, tuple) else link for link in links), _FINISH[finish].si(segment.pk)]
+    return [*(_task(*link) if isinstance(link, tuple) else link for link in links), tasks.FINISH[finish].si(segment.pk)]
 
 
 def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list[tuple]:
