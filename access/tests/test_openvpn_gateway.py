@@ -491,16 +491,20 @@ def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
     st = VpnState.at(tmp_path)
     before = {p: p.read_bytes() for p in (st.ca, st.crl, st.vlans)}
     krl = base64.b64encode(ssh.build_krl(ca_public_key=ssh.public_key_line(ssh.generate_ca_key()), version=1)).decode()
-    for bad in (
-        {**good, "format": 2},
-        {**good, "vpn": {**good["vpn"], "vlans": {"c42": 5000}}},
-        {**good, "vpn": {**good["vpn"], "crl": "garbage"}},
-        {**good, "vpn": "garbage"},
-        {**good, "vpn": {**good["vpn"], "revoked_sessions": [{"serial": "x"}]}},
-        {**good, "ssh": {"account": "virtcloud", "krl": krl, "clusters": {"c42": {"targets": [["h", "x"]]}}}},
-        {**good, "ssh": {"account": "root; rm", "krl": krl, "clusters": {}}},
+    for bad, why in (
+        ({**good, "format": 2}, "unknown format"),
+        ({**good, "vpn": {**good["vpn"], "vlans": {"c42": 5000}}}, "invalid VLAN id 5000"),
+        ({**good, "vpn": {**good["vpn"], "crl": "garbage"}}, "vpn.crl is not a PEM X509 CRL"),
+        ({**good, "vpn": "garbage"}, "vpn is not a map"),
+        ({**good, "vpn": {**good["vpn"], "revoked_sessions": [{"serial": "x"}]}}, "vpn.revoked_sessions"),
+        (
+            {**good, "ssh": {"account": "virtcloud", "krl": krl, "clusters": {"c42": {"targets": [["h", "x"]]}}}},
+            r"\[host, port\] targets",
+        ),
+        ({**good, "ssh": {"account": "root; rm", "krl": krl, "clusters": {}}}, "invalid bastion account name"),
     ):
-        with pytest.raises(vpn.StateError):  # a clear refusal (the pull keeps its state), not a traceback
+        # A clear refusal saying what is wrong (the pull keeps its state), not a traceback.
+        with pytest.raises(vpn.StateError, match=why):
             pull.install_state(tmp_path, bad)
     assert {p: p.read_bytes() for p in before} == before
     assert pull.install_state(tmp_path, good).written == []  # unchanged files are not rewritten
