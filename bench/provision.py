@@ -147,7 +147,11 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
 
 
-def wait_state(cluster_id: int, states: tuple[str, ...], timeout: float):
+def wait_state(cluster_id: int, states: tuple[str, ...], timeout: float, poll: float):
+    """Poll the cluster until it is in one of ``states``. The latency is read from the cluster's own
+    ``ready_at`` (written by the worker), not from when this loop notices it, so ``poll`` only decides how
+    much CPU the observer takes from the machine it measures (on 2 cores, a 5 ms poll is a query every 5 ms
+    competing with the worker, the lab and PostgreSQL)."""
     from clusters.models import VirtualCluster
 
     deadline = time.monotonic() + timeout
@@ -157,7 +161,35 @@ def wait_state(cluster_id: int, states: tuple[str, ...], timeout: float):
             return cluster
         if time.monotonic() > deadline:
             raise RuntimeError(f"cluster {cluster.name} is {cluster.state} after {timeout}s: {cluster.state_reason}")
-        time.sleep(0.005)
+        time.sleep(poll)
+
+
+def cpu_ms(pids) -> float:
+    """CPU time (user + system, every thread) the processes ``pids`` have used so far, in ms (a process
+    that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(name: str) -> list[int]:
+    """Every process whose command is ``name`` (PostgreSQL's backends, Redis): read, never signalled."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == name:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def profile(cluster_id: int, t0: datetime) -> list[str]:
@@ -275,8 +307,15 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
         connection.close()  # the flush and import are done: start the measurement on a fresh connection
         api = APIClient()
         api.force_authenticate(user)
-        latencies, posts, teardowns, breakdown = [], [], [], []
+        latencies, posts, teardowns, breakdown, cpu = [], [], [], [], []
         profiled = None
+        groups = {
+            "worker": [w.proc.pid for w in workers],
+            "lab": [pid for pid in lab.state["pids"].values() if pid],
+            "API+poll": [os.getpid()],
+            "postgres": pids_named("postgres"),
+            "redis": pids_named("redis-server"),
+        }
         for i in range(args.warmup + args.clusters):
             nodes = [
                 {
@@ -286,6 +325,8 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
                 }
                 for k in range(sites)
             ]
+            groups["postgres"] = pids_named("postgres")  # backends come and go
+            before = {name: cpu_ms(pids) for name, pids in groups.items()}
             t0 = datetime.now(UTC)
             t_post = time.perf_counter()
             r = api.post(
@@ -297,18 +338,20 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             post = time.perf_counter() - t_post
             if r.status_code != 201:
                 raise RuntimeError(f"create refused: {r.status_code} {r.content[:500]!r}")
-            cluster = wait_state(r.data["id"], (ClusterState.READY, ClusterState.FAILED), timeout=30)
+            cluster = wait_state(r.data["id"], (ClusterState.READY, ClusterState.FAILED), timeout=30, poll=args.poll)
+            spent = {name: cpu_ms(pids) - before[name] for name, pids in groups.items()}
             if cluster.state != ClusterState.READY:
                 raise RuntimeError(f"cluster c{i} failed: {cluster.state_reason}")
             if i >= args.warmup:
                 latencies.append((cluster.ready_at - t0).total_seconds())
                 posts.append(post)
                 breakdown.append(phases(cluster, t0, post))
+                cpu.append(spent)
                 if profiled is None and args.profile:
                     profiled = profile(cluster.pk, t0)
             t_down = time.perf_counter()
             assert api.post(f"/api/clusters/{cluster.pk}/teardown/", {}, format="json").status_code == 202
-            wait_state(cluster.pk, (ClusterState.TORN_DOWN,), timeout=30)
+            wait_state(cluster.pk, (ClusterState.TORN_DOWN,), timeout=30, poll=args.poll)
             if i >= args.warmup:
                 teardowns.append(time.perf_counter() - t_down)
         return {
@@ -322,6 +365,7 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             "teardown_p50": percentile(teardowns, 50),
             "profile": profiled,
             "phases": {name: statistics.median(b[name] for b in breakdown) for name in PHASES},
+            "cpu": {name: statistics.mean(c[name] for c in cpu) for name in groups},
         }
     finally:
         for w in workers:  # all at once, then wait for each
@@ -338,6 +382,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="clusters made first and not counted")
     parser.add_argument("--concurrency", type=int, default=0, help="worker threads (default max(8, 2 × sites))")
     parser.add_argument("--profile", action="store_true", help="print where one cluster's time goes")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.05,
+        help="seconds between this process's state queries (the latency comes from ready_at, not from the poll)",
+    )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     parser.add_argument(
         "--database-url",
@@ -423,6 +473,12 @@ def _report(mode: str, results: list[dict]) -> None:
     print("  sites" + "".join(f"{name:>13s}" for name in PHASES))
     for r in results:
         print(f"  {r['sites']:5d}" + "".join(f"{r['phases'][name] * 1000:13.0f}" for name in PHASES))
+    names = list(results[0]["cpu"])
+    print("  CPU per cluster, POST to READY noticed (means, ms; the whole machine has 2 × the wall time)")
+    print("  sites" + "".join(f"{name:>11s}" for name in names) + f"{'sum':>9s}")
+    for r in results:
+        row = [r["cpu"][name] for name in names]
+        print(f"  {r['sites']:5d}" + "".join(f"{v:11.0f}" for v in row) + f"{sum(row):9.0f}")
     by_sites = {r["sites"]: r for r in results}
     if 1 in by_sites and 16 in by_sites:
         print(
