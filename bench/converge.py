@@ -19,8 +19,8 @@ daemons (ovsdb-server and ovs-vswitchd, which stand in for the switches' own CPU
 over the machine's cores is a floor under the layer's time once the cores are saturated.
 
 Needs root, Open vSwitch (the lab), PostgreSQL and Redis. Builds a 16-site lab (one host per site, a plain
-802.1Q core), points a throw-away inventory at it, starts a worker (threads pool, 16 slots) on its own
-queue, and removes all of it at the end.
+802.1Q core; ``--planes site``: a control plane per site, see ``network.lab.fabric``), points a
+throw-away inventory at it, starts a worker (threads pool, 16 slots) on its own queue, and removes all of it at the end.
 """
 
 from __future__ import annotations
@@ -128,7 +128,15 @@ def cleanup(inv: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per size; the median is printed")
+    parser.add_argument(
+        "--planes",
+        default="shared",
+        choices=("shared", "site"),
+        help="the lab's control planes: one OVSDB and ovs-vswitchd for the whole lab (default; every commit makes "
+        "it reconfigure all 16 switches' bridges), or a pair per site (a commit costs the same at any lab size, "
+        "but 32 daemons share the machine's cores)",
+    )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     args = parser.parse_args()
     if connection.vendor != "postgresql":
@@ -137,7 +145,10 @@ def main() -> int:
     call_command("migrate", verbosity=0)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="converge-bench-"))
-    lab = Lab.up(topology.generate(sites=max(SIZES), hosts_per_site=1, core_kind="dot1q", vid_min=100, vid_max=999))
+    lab = Lab.up(
+        topology.generate(sites=max(SIZES), hosts_per_site=1, core_kind="dot1q", vid_min=100, vid_max=999),
+        planes=args.planes,
+    )
     worker = None
     created = []
     try:
@@ -183,6 +194,7 @@ def main() -> int:
             )
         print(
             f"goal: 16 switches within 1.5x of 1 switch (layer); median of {args.rounds} rounds; pool {args.pool}; "
+            f"lab planes: {args.planes}; "
             f"cores: {os.cpu_count()}, load: {os.getloadavg()}"
         )
         cores = os.cpu_count() or 1

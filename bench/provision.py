@@ -278,7 +278,7 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
     user = User.objects.create_user("scheduler")
     Image.objects.create(name="user-image", approved=False)
     started = time.perf_counter()
-    lab = Lab.up(topology.from_db(), name=f"bench-provision-{os.getpid()}")
+    lab = Lab.up(topology.from_db(), name=f"bench-provision-{os.getpid()}", planes=args.planes)
     lab_up = time.perf_counter() - started
     workers: list = []
     try:
@@ -383,6 +383,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=0, help="worker threads (default max(8, 2 × sites))")
     parser.add_argument("--profile", action="store_true", help="print where one cluster's time goes")
     parser.add_argument(
+        "--planes",
+        default="shared",
+        choices=("shared", "site"),
+        help="the lab's control planes: one OVSDB and ovs-vswitchd for the whole lab (default; every commit makes "
+        "it reconfigure every site's bridges), or a pair per site (a commit costs the same at any lab size, but "
+        "2 × sites daemons share the machine's cores)",
+    )
+    parser.add_argument(
         "--poll",
         type=float,
         default=0.05,
@@ -451,8 +459,8 @@ def main() -> None:
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), worker pool {args.pool}, closed clusters with "
-        "one node per site, in turn"
+        f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), worker pool {args.pool}, lab planes "
+        f"{args.planes}, closed clusters with one node per site, in turn"
     )
     for mode in modes:
         _report(mode, results[mode])

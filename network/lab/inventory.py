@@ -24,7 +24,7 @@ def point_inventory_at(lab: Lab) -> list[str]:
         backup["switches"][switch.name] = {"address": switch.address, "driver_args": switch.driver_args}
         if switch.platform != "ovs":
             warnings.append(f"switch {switch.name} is platform {switch.platform}: the lab built it as Open vSwitch")
-        switch.address = lab.db
+        switch.address = lab.switch_db(switch.name)
         switch.driver_args = lab.switch_driver_args(switch.name)
         switch.save(update_fields=["address", "driver_args"])
     for host in Host.objects.select_for_update().filter(name__in=lab.state["hosts"]):

@@ -30,7 +30,7 @@ def inventory_for(lab, *, pool_ranges: str | None = None) -> dict:
             name=sw.name,
             site=sites[sw.site],
             platform="ovs",
-            address=lab.db,
+            address=lab.switch_db(sw.name),
             driver_args=lab.switch_driver_args(sw.name),
         )
         for p in sw.ports:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from network.drivers import switch_session
-from network.lab import Lab, all_labs, arping, broadcast, capture, clean_stale, ping_many, topology
+from network.lab import Lab, LabError, all_labs, arping, broadcast, capture, clean_stale, ping_many, topology
 from network.lab.fabric import _alive
 
 pytestmark = pytest.mark.lab
@@ -272,6 +272,59 @@ def test_dot1q_core_carries_plain_802_1q_tags(run_root):
         assert not any("0x88a8" in line for line in cap.lines)
     finally:
         lab.down()
+
+
+# --- a control plane per site -------------------------------------------------------------------------------------
+
+
+def test_site_planes_give_each_site_its_own_daemons_and_still_join_the_sites(run_root):
+    """``planes="site"``: each site's switch, hosts and provider edge on an OVSDB and ovs-vswitchd of their own
+    (a commit at one site leaves the others' daemons alone), the core on the lab's; VMs at two sites reach each
+    other over the QinQ core, a cluster reusing their addresses stays apart, and ``down`` removes it all."""
+    from network.drivers.ovsdb import Ovsdb
+
+    lab = Lab.up(topology.generate(sites=3, hosts_per_site=1, core_kind="qinq"), run_root=run_root, planes="site")
+    pids = dict(lab.state["pids"])
+    switches = ("sw-s1", "sw-s2", "sw-s3")
+    try:
+        assert len(pids) == 2 * 4 and all(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+        assert all(lab.status()["daemons"].values())
+        ours = sorted(ns for ns in netns_list() if ns.startswith(lab.prefix))
+        assert ours == sorted([lab.ovs_ns, lab.gw_ns, *(lab.plane_netns(f"o{k}") for k in range(3))])
+        dbs = [lab.switch_db(s) for s in switches]
+        assert len(set(dbs)) == 3 and lab.db not in dbs
+        assert lab.host_driver_args("h-s2-1")["db"] == lab.switch_db("sw-s2")
+
+        def applied(db: str) -> int:
+            return Ovsdb(device="t", db=db).list_rows("Open_vSwitch", ["cur_cfg"])[0]["cur_cfg"]
+
+        before = {db: applied(db) for db in [*dbs, lab.db]}
+        lab.converge({150: ["h-s1-1"]})  # one site only: nothing to commit elsewhere
+        after = {db: applied(db) for db in before}
+        assert after[dbs[0]] > before[dbs[0]]
+        assert [after[db] - before[db] for db in [*dbs[1:], lab.db]] == [0, 0, 0]
+
+        lab.converge({150: ["h-s1-1", "h-s3-1"], 151: ["h-s3-1"]})
+        lab.attach_vm("h-s1-1", 150, "x1", "198.18.0.1/24")
+        lab.attach_vm("h-s3-1", 150, "x3", "198.18.0.3/24")
+        lab.attach_vm("h-s3-1", 151, "y3", "198.18.0.3/24")  # another cluster, the same address
+        provider = [link for link in lab.core_ports() if link["layer"] == "provider" and link["switch"] == "sw-s1"]
+        assert provider[0]["netns"] == lab.plane_netns("o0")
+        with capture(lab, provider[0]["iface"], "vlan and vlan and icmp") as outer:
+            assert ping_many(lab, [("x1", "198.18.0.3")], timeout=2) == {("x1", "198.18.0.3"): True}
+        assert arping(lab, "x1", "198.18.0.3") == {lab.vm("x3").mac}
+        assert any("802.1Q-QinQ (0x88a8)" in line and "vlan 150," in line for line in outer.lines), outer.lines
+    finally:
+        lab.down()
+    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert not lab.run_dir.exists()
+    assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+
+
+def test_planes_must_be_known(run_root):
+    with pytest.raises(LabError, match="planes must be one of shared, site"):
+        Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, planes="device")
+    assert not run_root.exists()  # refused before anything was made
 
 
 # --- from the database --------------------------------------------------------------------------------------------

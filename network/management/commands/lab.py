@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from network.lab import Lab, LabError, TopologyError, all_labs, requirements, topology
 from network.lab.checks import self_test
+from network.lab.fabric import PLANES
 
 
 class Command(BaseCommand):
@@ -24,8 +25,16 @@ class Command(BaseCommand):
         parser.add_argument("action", choices=["up", "down", "status", "check"])
         parser.add_argument("--topology", help="a topology file (JSON or YAML) instead of the database")
         parser.add_argument("--name", default="default", help="the lab's name (one lab per name)")
+        parser.add_argument(
+            "--planes",
+            choices=PLANES,
+            default="shared",
+            help="up: one OVSDB + ovs-vswitchd for the whole lab, or a pair per site (its switch, hosts and "
+            "provider edge), so that a commit costs the same whatever the lab's size",
+        )
 
-    def handle(self, *args, action, topology: str | None, name: str, **options):
+    def handle(self, *args, action, topology: str | None, name: str, planes: str = "shared", **options):
+        self.planes = planes
         try:
             getattr(self, f"do_{action}")(name, topology)
         except (LabError, TopologyError) as exc:
@@ -44,14 +53,15 @@ class Command(BaseCommand):
         if not topo.switches:
             raise CommandError("nothing to build: the inventory has no enabled switch (import a topology first)")
         started = time.monotonic()
-        lab = Lab.up(topo, name=name, persistent=True)
+        lab = Lab.up(topo, name=name, persistent=True, planes=self.planes)
         took = time.monotonic() - started
         if not topology_file:
             for warning in point_inventory_at(lab):
                 self.stderr.write(self.style.WARNING(warning))
+        planes = f" (core) and one per site ({len(topo.sites)})" if self.planes == "site" else ""
         self.stdout.write(
             f"lab {name} up in {took:.2f} s: prefix {lab.prefix}, {len(topo.switches)} switches, "
-            f"{len(topo.hosts)} hosts, OVSDB {lab.db}" + ("" if topology_file else "; inventory points at it")
+            f"{len(topo.hosts)} hosts, OVSDB {lab.db}{planes}" + ("" if topology_file else "; inventory points at it")
         )
 
     def do_down(self, name: str, topology_file: str | None) -> None:
