@@ -331,9 +331,11 @@ def test_planes_must_be_known(run_root):
 
 
 @pytest.mark.django_db
-def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab():
+@pytest.mark.parametrize("planes", ["shared", "site"])
+def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab(planes):
     """``manage.py lab up`` builds the inventory and writes addresses/driver args so that the portal's own
-    spec builder (network.specs) reaches the lab's switches and hosts; ``lab down`` restores the inventory."""
+    spec builder (network.specs) reaches the lab's switches and hosts (with ``--planes site``, each at its
+    site's OVSDB); ``lab down`` restores the inventory."""
     from pathlib import Path
 
     from django.core.management import call_command
@@ -347,11 +349,14 @@ def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab():
     data, lines = load_topology(demo.read_text(), source=str(demo))
     topology_import(data=data, source=str(demo), lines=lines)
     name = f"pytest-{os.getpid()}"
-    call_command("lab", "up", "--name", name)
+    call_command("lab", "up", "--name", name, "--planes", planes)
     try:
         lab = Lab.find(name)
         switch = Switch.objects.get(name="brno-sw")
-        assert switch.address == lab.db
+        assert switch.address == lab.switch_db("brno-sw")
+        addresses = set(Switch.objects.values_list("address", flat=True))
+        assert addresses == ({lab.db} if planes == "shared" else {lab.switch_db(s.name) for s in Switch.objects.all()})
+        assert len(addresses) == (1 if planes == "shared" else 3)
         with switch_session(specs.switch_spec(switch)) as session:
             result = session.converge({"h1": frozenset({300}), "core": frozenset({300})})
         assert result.diff == "port core trunks add 300\nport h1 trunks add 300"
