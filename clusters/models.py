@@ -50,6 +50,10 @@ class ClusterState(models.TextChoices):
 
 ACTIVE_STATES = (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.READY, ClusterState.UPDATING)
 LIVE_STATES = (*ACTIVE_STATES, ClusterState.TEARING_DOWN)
+SETTLED_STATES = (ClusterState.READY, ClusterState.FAILED, ClusterState.TORN_DOWN)  # no workflow is running
+# PostgreSQL: every change of a cluster's state is announced on this channel, its id as payload (a trigger,
+# migration 0003), so waiters (``selectors.cluster_wait``) wake without polling
+STATE_CHANNEL = "virtcloud_cluster_state"
 
 
 class PublicPrefix(models.Model):

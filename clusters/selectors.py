@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from django.db.models import Prefetch, Q, QuerySet
 
-from clusters.models import ClusterStep, Node, NodeState, VirtualCluster
+from clusters.models import STATE_CHANNEL, ClusterStep, Node, NodeState, VirtualCluster
 from portal.models import TokenScope
+from portal.notify import wait_for
 from portal.tokens import token_scope
 
 
@@ -26,3 +27,16 @@ def may_act_on(request, cluster: VirtualCluster) -> bool:
     """Owners, admins and middleware act on a cluster; group members only see it."""
     user = request.user
     return user.is_staff or cluster.owner_id == user.pk or token_scope(request, TokenScope.CLUSTERS_MANAGE)
+
+
+def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str:
+    """Wait until the cluster is in one of ``states`` or ``timeout`` seconds passed; its state then. Woken by
+    the state-change notification on PostgreSQL (no query while nothing happens), polling elsewhere."""
+    current = VirtualCluster.objects.values_list("state", flat=True)
+
+    def reached() -> str | None:
+        state = current.get(pk=cluster_id)
+        return state if state in states else None
+
+    found = wait_for(reached, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout)
+    return found or current.get(pk=cluster_id)

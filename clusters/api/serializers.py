@@ -12,6 +12,8 @@ from django.utils.encoding import smart_str
 from rest_framework import serializers
 
 from clusters.models import (
+    SETTLED_STATES,
+    ClusterState,
     ClusterStep,
     Connectivity,
     Image,
@@ -124,6 +126,33 @@ class ConnectivitySerializer(serializers.Serializer):
 
 class TeardownSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=200, required=False, default="requested")
+
+
+class WaitSerializer(serializers.Serializer):
+    """Query of ``GET /api/clusters/{id}/wait/``."""
+
+    until = serializers.CharField(
+        required=False,
+        default=",".join(SETTLED_STATES),
+        help_text="comma-separated states to wait for (default: a settled state: ready, failed or torn_down)",
+    )
+    timeout = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=settings.CLUSTER_WAIT_MAX,
+        default=settings.CLUSTER_WAIT_MAX,
+        help_text=f"seconds to wait at most (0 to {settings.CLUSTER_WAIT_MAX:g}; default the maximum)",
+    )
+
+    def validate_until(self, value: str) -> list[str]:
+        states = [part.strip() for part in value.split(",") if part.strip()]
+        unknown = sorted(set(states) - set(ClusterState.values))
+        if not states or unknown:
+            given = ", ".join(unknown) or "(none given)"
+            raise serializers.ValidationError(
+                f"unknown state {given}; use one or more of {', '.join(ClusterState.values)}"
+            )
+        return states
 
 
 class NodeSerializer(serializers.ModelSerializer):

@@ -122,6 +122,27 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        parameters=[s.WaitSerializer],
+        responses={
+            200: OpenApiResponse(
+                s.ClusterSerializer,
+                description="the cluster once its state is one of `until`, or when `timeout` ran out (compare `state`)",
+            ),
+            **_with_errors(400, 401, 403, 404),
+        },
+    )
+    @action(detail=True, methods=["get"])
+    def wait(self, request, pk=None):
+        """Long poll: answer as soon as the cluster's state is one of ``until`` (default: settled — ready,
+        failed or torn_down), or after ``timeout`` seconds with the state it has then. A scheduler waits for
+        READY with one request instead of polling."""
+        cluster = get_object_or_404(self.get_queryset(), pk=pk)
+        query = s.WaitSerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        selectors.cluster_wait(cluster.pk, query.validated_data["until"], query.validated_data["timeout"])
+        return self._respond(cluster)
+
+    @extend_schema(
         request=s.ClusterExtendSerializer, responses={200: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)}
     )
     def partial_update(self, request, pk=None):

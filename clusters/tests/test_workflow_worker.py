@@ -65,6 +65,17 @@ def test_create_and_teardown(fabric, celery_worker, api):
     assert VlanAllocation.objects.get(vid=vid).state == "quarantined"
 
 
+def test_a_scheduler_waits_with_one_request_per_transition(fabric, celery_worker, api):
+    """POST, then one long poll that answers when the worker has made the cluster READY (woken by the state
+    notification the worker's commit sends); the same for the teardown."""
+    cid = create(api)
+    r = api.get(f"/api/clusters/{cid}/wait/?until=ready,failed&timeout=20")
+    assert r.status_code == 200 and r.data["state"] == "ready", r.data
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    r = api.get(f"/api/clusters/{cid}/wait/?timeout=20")  # default: until settled
+    assert r.status_code == 200 and r.data["state"] == "torn_down", r.data
+
+
 def test_expiry_found_by_the_periodic_task(fabric, celery_worker, api):
     from clusters.tasks import expire
 

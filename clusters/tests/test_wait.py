@@ -1,0 +1,162 @@
+"""``GET /api/clusters/{id}/wait/``: a long poll that answers when the cluster reaches a state. On PostgreSQL
+it is woken by the state-change notification (trigger + LISTEN), elsewhere it polls (``portal.notify``).
+The real-worker test (create → wait → READY) is in test_workflow_worker.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
+from rest_framework.test import APIClient
+
+from clusters.models import ClusterState, Image, VirtualCluster
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal import notify
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def cluster(fabric, alice):
+    """A READY cluster (provisioned eagerly on the fake fabric)."""
+    Image.objects.create(name="my-own", approved=False)
+    api = APIClient()
+    api.force_authenticate(alice)
+    r = api.post(
+        "/api/clusters/",
+        {
+            "name": "c1",
+            "image": "my-own",
+            "lifetime": 3600,
+            "nodes": [{"name": "n1", "host": "brno1", "mac": "52:54:00:00:00:01"}],
+        },
+        format="json",
+    )
+    assert r.status_code == 201, r.content
+    c = VirtualCluster.objects.get(pk=r.data["id"])
+    assert c.state == ClusterState.READY, c.state_reason
+    return c
+
+
+@pytest.fixture
+def api(alice):
+    client = APIClient()
+    client.force_authenticate(alice)
+    return client
+
+
+def _set_state_later(cluster_id: int, state: str, delay: float) -> threading.Thread:
+    """Another connection changes the state after ``delay`` s and commits (as a worker would)."""
+
+    def run():
+        try:
+            time.sleep(delay)
+            VirtualCluster.objects.filter(pk=cluster_id).update(state=state)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _state_checks(queries) -> int:
+    return sum(1 for q in queries if q["sql"].startswith('SELECT "clusters_virtualcluster"."state"'))
+
+
+def test_a_settled_cluster_answers_at_once(cluster, api):
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/")
+    assert r.status_code == 200
+    assert r.data["state"] == "ready" and r.data["id"] == cluster.pk
+
+
+def test_the_state_change_wakes_the_waiter(cluster, api):
+    if connection.vendor != "postgresql":
+        pytest.skip("notifications need PostgreSQL")
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
+    other = VirtualCluster.objects.create(
+        name="other", owner=cluster.owner, image=cluster.image, expires_at=cluster.expires_at
+    )
+    changer = _set_state_later(cluster.pk, ClusterState.READY, 0.3)
+    noise = _set_state_later(other.pk, ClusterState.FAILED, 0.1)  # another cluster's change: not ours
+    started = time.monotonic()
+    with CaptureQueriesContext(connection) as ctx:
+        r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=20")
+    waited = time.monotonic() - started
+    changer.join()
+    noise.join()
+    assert r.status_code == 200 and r.data["state"] == "ready"
+    assert waited < 10, f"woken by the timeout ({waited:.1f} s), not by the notification"
+    # one check before sleeping, one after our cluster's notification (the other cluster's did not query);
+    # the final read of the answer is the serializer's own query
+    assert _state_checks(ctx.captured_queries) == 2, [q["sql"] for q in ctx.captured_queries]
+    assert any(q["sql"].startswith("LISTEN") for q in ctx.captured_queries)
+    assert any(q["sql"].startswith("UNLISTEN") for q in ctx.captured_queries)
+
+
+def test_the_timeout_answers_with_the_current_state(cluster, api):
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
+    started = time.monotonic()
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready,failed&timeout=0.3")
+    assert time.monotonic() - started >= 0.3
+    assert r.status_code == 200 and r.data["state"] == "provisioning"
+    # the connection no longer listens: a later state change is not queued for whoever uses it next
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_listening_channels()")
+            assert cursor.fetchone()[0] == 0
+
+
+def test_waiting_for_a_state_it_has_answers_at_once(cluster, api):
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=failed, ready&timeout=20")
+    assert r.status_code == 200 and r.data["state"] == "ready"
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [
+        ("until=bogus", "until", "unknown state bogus"),
+        ("until=ready,nope", "until", "unknown state nope"),
+        ("until=,", "until", "(none given)"),
+        ("timeout=-1", "timeout", "greater than or equal to 0"),
+        ("timeout=1000", "timeout", "less than or equal to"),
+        ("timeout=soon", "timeout", "valid number"),
+        ("timeout=nan", "timeout", "valid number"),
+    ],
+)
+def test_bad_queries_are_400_with_the_field(cluster, api, query, field, message):
+    started = time.monotonic()
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?{query}")
+    assert r.status_code == 400, r.content
+    assert message in str(r.data[field]), r.data
+    assert time.monotonic() - started < 5  # refused before any waiting
+
+
+def test_someone_elses_cluster_is_404(cluster, charlie):
+    api = APIClient()
+    api.force_authenticate(charlie)
+    assert api.get(f"/api/clusters/{cluster.pk}/wait/?timeout=0").status_code == 404
+    assert api.get("/api/clusters/999999/wait/?timeout=0").status_code == 404
+    assert APIClient().get(f"/api/clusters/{cluster.pk}/wait/").status_code in (401, 403)
+
+
+@pytest.mark.django_db(transaction=False)
+def test_inside_a_transaction_it_polls():
+    """A LISTEN takes effect only at commit: inside a transaction (and on SQLite) the check is polled."""
+    assert connection.in_atomic_block
+    answers = iter([None, None, "ready"])
+    calls = []
+
+    def check():
+        calls.append(time.monotonic())
+        return next(answers)
+
+    assert notify.wait_for(check, channel="c", payload="1", timeout=10) == "ready"
+    assert len(calls) == 3
+    assert all(b - a >= notify.POLL_INTERVAL * 0.9 for a, b in zip(calls, calls[1:], strict=False))
+    started = time.monotonic()
+    assert notify.wait_for(lambda: None, channel="c", payload="1", timeout=0.25) is None
+    assert time.monotonic() - started >= 0.25

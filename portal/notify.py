@@ -1,0 +1,55 @@
+"""Waiting for a row to change without polling the database: PostgreSQL ``LISTEN``/``NOTIFY``.
+
+A trigger (a migration of the app that owns the table) sends ``pg_notify(channel, payload)`` when a row
+changes; ``wait_for`` listens on the channel and re-checks only when a notification with the awaited payload
+arrives, so a waiting request costs no queries while nothing happens. A notification is delivered when the
+changing transaction commits, and the check runs after ``LISTEN``, so no change is missed between the two.
+
+Where notifications cannot arrive, it polls: on SQLite (the embedded demo) and inside a transaction (a
+``LISTEN`` takes effect only at commit, and a notification only between transactions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import connection
+
+T = TypeVar("T")
+
+POLL_INTERVAL = 0.1  # seconds between checks where notifications cannot arrive
+
+
+def _listening() -> bool:
+    return connection.vendor == "postgresql" and not connection.in_atomic_block
+
+
+def wait_for(check: Callable[[], T | None], *, channel: str, payload: str, timeout: float) -> T | None:
+    """Call ``check`` until it returns something other than None, at most ``timeout`` seconds; between calls,
+    sleep until ``channel`` carries ``payload`` (or ``POLL_INTERVAL``, see the module docstring). Returns what
+    ``check`` returned, or None when the time ran out (``check`` is always called at least once)."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    if not _listening():
+        while True:
+            found = check()
+            remaining = deadline - time.monotonic()
+            if found is not None or remaining <= 0:
+                return found
+            time.sleep(min(POLL_INTERVAL, remaining))
+    quoted = connection.ops.quote_name(channel)
+    with connection.cursor() as cursor:
+        cursor.execute(f"LISTEN {quoted}")
+    try:
+        while True:
+            found = check()
+            remaining = deadline - time.monotonic()
+            if found is not None or remaining <= 0:
+                return found
+            for note in connection.connection.notifies(timeout=remaining):
+                if note.channel == channel and note.payload == payload:
+                    break
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"UNLISTEN {quoted}")
