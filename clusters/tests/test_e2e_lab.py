@@ -117,3 +117,114 @@ def test_clusters_across_three_sites(lab_inventory, celery_worker, alice, bob):
     switches, host_vlans = device_vlans()
     assert all(not vids for ports in switches.values() for vids in ports.values()), switches
     assert all(not vids for vids in host_vlans.values()), host_vlans
+
+
+HOSTS = ["brno-h1", "brno-h2", "pilsen-h1", "pilsen-h2", "prague-h1", "prague-h2"]
+
+
+def _burst(calls) -> list:
+    """Run the API calls at once, each from a thread with its own database connection (as web workers do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    def run(call):
+        try:
+            return call()
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def _expected(clusters: dict[int, list[str]]) -> tuple[dict, dict]:
+    """What the devices must carry, from the clusters' nodes alone (closed clusters: the gateway trunk is at
+    Brno, so a cluster's VLAN reaches Brno's switch and crosses the core whenever it spans two sites)."""
+    vid = dict(VirtualCluster.objects.filter(pk__in=clusters).values_list("pk", "vlan_id"))
+    switches = {f"{site}-sw": {"h1": set(), "h2": set(), "core": set()} for site in ("brno", "pilsen", "prague")}
+    switches["brno-sw"]["gw"] = set()
+    hosts = {h: set() for h in HOSTS}
+    for cid, on in clusters.items():
+        sites = {h.split("-")[0] for h in on} | {"brno"}
+        for h in on:
+            hosts[h].add(vid[cid])
+            switches[f"{h.split('-')[0]}-sw"][h.split("-")[1]].add(vid[cid])
+        switches["brno-sw"]["gw"].add(vid[cid])
+        if len(sites) > 1:
+            for site in sites:
+                switches[f"{site}-sw"]["core"].add(vid[cid])
+    return switches, hosts
+
+
+def _carried() -> tuple[dict, dict]:
+    switches, hosts = device_vlans()
+    return (
+        {sw: {port: set(vids) for port, vids in ports.items()} for sw, ports in switches.items()},
+        {h: set(vids) for h, vids in hosts.items()},
+    )
+
+
+def test_a_burst_of_clusters_created_and_torn_down_at_once(lab_inventory, celery_worker, alice):
+    """A scheduler starting many jobs at once: clusters sharing every switch are created concurrently, then
+    some torn down while others are created, then the rest torn down. Every device carries exactly what the
+    live clusters need after each wave (no lost update between layers of different clusters that converge
+    the same switch), and nothing is left at the end."""
+    from network.models import VlanAllocation
+
+    api = APIClient()
+    api.force_authenticate(alice)
+
+    def creator(name: str, on: list[str]):
+        def call():
+            client = APIClient()
+            client.force_authenticate(alice)
+            nodes = [{"name": f"{name}n{i}", "host": h, "mac": mac()} for i, h in enumerate(on)]
+            r = client.post(
+                "/api/clusters/", {"name": name, "image": "my-own", "nodes": nodes, "lifetime": 3600}, format="json"
+            )
+            assert r.status_code == 201, r.content
+            return r.data["id"], on
+
+        return call
+
+    def teardown(cid: int):
+        def call():
+            client = APIClient()
+            client.force_authenticate(alice)
+            assert client.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+
+        return call
+
+    def settle(ids, state: str) -> None:
+        for cid in ids:
+            r = api.get(f"/api/clusters/{cid}/wait/?timeout=25")
+            assert r.status_code == 200 and r.data["state"] == state, (cid, r.data["state"], r.data["state_reason"])
+
+    layouts = [[HOSTS[i % 6], HOSTS[(i + 2) % 6]] + ([HOSTS[(i + 3) % 6]] if i % 2 else []) for i in range(8)]
+    layouts.append(["pilsen-h2"])  # one site only (plus the gateway's)
+    live = dict(_burst([creator(f"w{i}", on) for i, on in enumerate(layouts)]))
+    settle(live, "ready")
+    vids = list(VirtualCluster.objects.filter(pk__in=live).values_list("vlan_id", flat=True))
+    assert len(set(vids)) == len(live)
+    assert _carried() == _expected(live)
+
+    # second wave: tear five down while four new ones are created on the same switches and hosts
+    gone = list(live)[:5]
+    results = _burst(
+        [teardown(cid) for cid in gone]
+        + [creator(f"x{i}", [HOSTS[(5 * i) % 6], HOSTS[(5 * i + 3) % 6]]) for i in range(4)]
+    )
+    for cid in gone:
+        del live[cid]
+    live.update(dict(r for r in results if r is not None))
+    settle(gone, "torn_down")
+    settle(live, "ready")
+    assert _carried() == _expected(live)
+
+    _burst([teardown(cid) for cid in live])
+    settle(live, "torn_down")
+    switches, hosts = _carried()
+    assert all(not vids for ports in switches.values() for vids in ports.values()), switches
+    assert all(not vids for vids in hosts.values()), hosts
+    assert not VlanAllocation.objects.filter(state="allocated").exists()
