@@ -252,6 +252,77 @@ def phases(cluster, t0: datetime, post: float) -> dict[str, float]:
     )
 
 
+def burst_round(sites: int, n: int, user) -> dict:
+    """``n`` clusters (one node per site) created at once, each by a thread of its own that POSTs and then
+    waits with the long poll, as a scheduler starting ``n`` jobs together; then all torn down at once. The
+    API runs in this one process (threads, like a threaded web worker). Returns the spread of POST → READY,
+    the time from the first POST to the last READY, and how many device sessions applied the changes (the
+    pending changes of one switch are batched into one session)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    from clusters.models import VirtualCluster
+    from network.models import DeviceChange
+
+    def client() -> APIClient:
+        api = APIClient()
+        api.force_authenticate(user)
+        return api
+
+    def one(k: int) -> tuple[int, float]:
+        try:
+            api = client()
+            nodes = [
+                {"name": f"n{j}", "host": f"h-s{j + 1}-{1 + k % 2}", "mac": f"52:54:ff:{k:02x}:{j:02x}:01"}
+                for j in range(sites)
+            ]
+            posted = datetime.now(UTC)
+            r = api.post(
+                "/api/clusters/",
+                {"name": f"b{k}", "image": "user-image", "admin_rights": True, "nodes": nodes, "lifetime": 3600},
+                format="json",
+            )
+            if r.status_code != 201:
+                raise RuntimeError(f"create refused: {r.status_code} {r.content[:300]!r}")
+            wait_state(api, r.data["id"], "ready")
+            ready = VirtualCluster.objects.values_list("ready_at", flat=True).get(pk=r.data["id"])
+            return r.data["id"], (ready - posted).total_seconds()
+        finally:
+            connection.close()
+
+    def down(cid: int) -> None:
+        try:
+            api = client()
+            assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+            wait_state(api, cid, "torn_down")
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        started = time.perf_counter()
+        made = list(pool.map(one, range(n)))
+        all_ready = time.perf_counter() - started
+        ids = [cid for cid, _ in made]
+        segments = list(VirtualCluster.objects.filter(pk__in=ids).values_list("segment_id", flat=True))
+        changes = DeviceChange.objects.filter(segment_id__in=segments, cause__startswith="provision")
+        sessions = changes.exclude(status="noop").values("batch").distinct().count()
+        started = time.perf_counter()
+        list(pool.map(down, ids))
+        all_down = time.perf_counter() - started
+    latencies = [lat for _, lat in made]
+    return {
+        "n": n,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "all_ready": all_ready,
+        "all_down": all_down,
+        "changes": changes.count(),
+        "sessions": sessions,
+    }
+
+
 def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
     """``--clusters`` clusters on a fresh ``sites``-site lab. ``agents``: every host has its agent queue,
     consumed by one worker process standing in for all the agents, or (``--agent-processes``) by a worker
@@ -354,7 +425,9 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             wait_state(api, cluster.pk, "torn_down")
             if i >= args.warmup:
                 teardowns.append(time.perf_counter() - t_down)
+        burst = burst_round(sites, args.burst, user) if args.burst else None
         return {
+            "burst": burst,
             "sites": sites,
             "n": len(latencies),
             "lab_up": lab_up,
@@ -390,6 +463,9 @@ def main() -> None:
         help="the lab's control planes: one OVSDB and ovs-vswitchd for the whole lab (default; every commit makes "
         "it reconfigure every site's bridges), or a pair per site (a commit costs the same at any lab size, but "
         "2 × sites daemons share the machine's cores)",
+    )
+    parser.add_argument(
+        "--burst", type=int, default=20, help="then this many clusters created at once, and torn down (0: none)"
     )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     parser.add_argument(
@@ -483,6 +559,15 @@ def _report(mode: str, results: list[dict]) -> None:
     for r in results:
         row = [r["cpu"][name] for name in names]
         print(f"  {r['sites']:5d}" + "".join(f"{v:11.0f}" for v in row) + f"{sum(row):9.0f}")
+    if results[0].get("burst"):
+        print("  a burst: clusters created at once (a thread each, POST then the long poll), then torn down at once")
+        print("  sites  clusters  p50 ms  p95 ms  first POST → last READY ms  all torn down ms  changes / sessions")
+        for r in results:
+            b = r["burst"]
+            print(
+                f"  {r['sites']:5d}  {b['n']:8d}  {b['p50'] * 1000:6.0f}  {b['p95'] * 1000:6.0f}"
+                f"  {b['all_ready'] * 1000:26.0f}  {b['all_down'] * 1000:16.0f}  {b['changes']:7d} / {b['sessions']}"
+            )
     by_sites = {r["sites"]: r for r in results}
     if 1 in by_sites and 16 in by_sites:
         print(
