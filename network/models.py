@@ -426,6 +426,7 @@ class DeviceChange(models.Model):
         FAILED = "failed", "failed"
 
     FINAL = (Status.OK, Status.NOOP, Status.FAILED)
+    OPEN = (Status.PENDING, Status.RUNNING)
 
     kind = models.CharField(max_length=6, choices=DeviceKind.choices)
     switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
@@ -450,6 +451,12 @@ class DeviceChange(models.Model):
             models.Index(fields=["switch", "status"], name="devicechange_switch_status"),
             models.Index(fields=["host", "status"], name="devicechange_host_status"),
             models.Index(fields=["segment", "status"], name="devicechange_segment_status"),
+            # the newest first (admin, API lists, metrics of the last hour) without sorting the whole history
+            models.Index(fields=["created_at", "id"], name="devicechange_created"),
+            # unfinished work only: a small index however long the history grows (metrics, stuck-work checks)
+            models.Index(
+                fields=["created_at"], name="devicechange_open", condition=models.Q(status__in=["pending", "running"])
+            ),
         ]
 
     def __str__(self) -> str:

@@ -18,6 +18,7 @@ handler404 = "portal.api.not_found"
 urlpatterns = [
     path("", cluster_views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", views.MetricsView.as_view(), name="metrics"),
     path("login/", auth_views.LoginView.as_view(authentication_form=LoginForm), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -1,7 +1,14 @@
-"""Portal-wide pages: the health check."""
+"""Portal-wide endpoints for operators: the health check and the Prometheus metrics."""
 
 from django.db import connection
 from django.http import JsonResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import permissions, renderers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal import metrics
+from portal.models import ApiToken, TokenScope
 
 
 def healthz(request):
@@ -9,3 +16,40 @@ def healthz(request):
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})
+
+
+class PrometheusRenderer(renderers.BaseRenderer):
+    media_type = "text/plain"
+    format = "txt"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        if isinstance(data, dict):  # an error: its message as text
+            return f"{data.get('detail', data)}\n".encode()
+        return data.encode()
+
+
+class MayScrape(permissions.BasePermission):
+    """A token with ``metrics:read`` (what Prometheus is given), or an admin's browser session."""
+
+    message = "Scraping needs an API token with the metrics:read scope (or an admin session)."
+
+    def has_permission(self, request, view) -> bool:
+        if not request.user.is_authenticated:
+            return False
+        if isinstance(request.auth, ApiToken):
+            return request.auth.has_scope(TokenScope.METRICS)
+        return request.user.is_staff
+
+
+@extend_schema(exclude=True)  # an operators' endpoint in Prometheus's format, not part of the REST API
+class MetricsView(APIView):
+    """``GET /metrics``: see ``portal.metrics``."""
+
+    permission_classes = [MayScrape]
+    renderer_classes = [PrometheusRenderer]
+
+    def get(self, request):
+        response = Response(metrics.render(metrics.collect()), content_type=metrics.CONTENT_TYPE)
+        response["Cache-Control"] = "no-store"
+        return response

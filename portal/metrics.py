@@ -1,0 +1,130 @@
+"""Prometheus metrics (text exposition format 0.0.4) computed from the database at scrape time, so every web
+worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
+state, VLAN pool usage, device work that is queued or stuck, recent device failures, open drift, valid
+access credentials. Each family is one aggregate query (open device work and recent failures use partial
+and time indexes, so a scrape stays cheap however long the history grows)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.db.models import Count, Min, Q
+from django.utils import timezone
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT = timedelta(hours=1)
+
+
+@dataclass
+class Family:
+    name: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+    kind: str = "gauge"
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((labels, value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(families: Iterable[Family]) -> str:
+    lines = []
+    for fam in families:
+        lines.append(f"# HELP {fam.name} {fam.help}")
+        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        for labels, value in fam.samples:
+            inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+            lines.append(f"{fam.name}{{{inner}}} {value:g}" if inner else f"{fam.name} {value:g}")
+    return "\n".join(lines) + "\n"
+
+
+def collect() -> list[Family]:
+    from access.models import Credential, CredentialKind
+    from clusters.models import ClusterState, VirtualCluster
+    from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
+
+    now = timezone.now()
+    families = []
+
+    clusters = Family("virtcloud_clusters", "Virtual clusters by state.")
+    by_state = Counter(dict(VirtualCluster.objects.values_list("state").annotate(n=Count("id")).order_by()))
+    for state in ClusterState.values:
+        clusters.add(by_state[state], state=state)
+    families.append(clusters)
+
+    vlans = Family("virtcloud_vlan_ids", "VLAN ids of each pool: free, allocated, or in quarantine (held back).")
+    held = {
+        (row["pool__name"], row["state"]): row["n"]
+        for row in VlanAllocation.objects.filter(
+            Q(state=VlanAllocation.State.ALLOCATED)
+            | Q(state=VlanAllocation.State.QUARANTINED, quarantine_until__gt=now)
+        )
+        .values("pool__name", "state")
+        .annotate(n=Count("id"))
+        .order_by()
+    }
+    for pool in VlanPool.objects.order_by("name"):
+        allocated = held.get((pool.name, VlanAllocation.State.ALLOCATED), 0)
+        quarantined = held.get((pool.name, VlanAllocation.State.QUARANTINED), 0)
+        vlans.add(max(0, len(pool.vlan_ids) - allocated - quarantined), pool=pool.name, state="free")
+        vlans.add(allocated, pool=pool.name, state="allocated")
+        vlans.add(quarantined, pool=pool.name, state="quarantined")
+    families.append(vlans)
+
+    open_work = DeviceChange.objects.filter(status__in=DeviceChange.OPEN)
+    queued = Family("virtcloud_device_changes_open", "Device changes not finished yet (queued or running).")
+    counts = Counter(
+        {(k, s): n for k, s, n in open_work.values_list("kind", "status").annotate(n=Count("id")).order_by()}
+    )
+    for kind in DeviceKind.values:
+        for status in DeviceChange.OPEN:
+            queued.add(counts[(kind, status)], kind=kind, status=status)
+    families.append(queued)
+    oldest = open_work.aggregate(oldest=Min("created_at"))["oldest"]
+    age = Family(
+        "virtcloud_device_changes_oldest_open_seconds",
+        "Age of the oldest unfinished device change (0 when none): device work that is stuck.",
+    )
+    age.add((now - oldest).total_seconds() if oldest else 0)
+    families.append(age)
+
+    failed = Family("virtcloud_device_changes_failed_recent", "Device changes created in the last hour that failed.")
+    counts = Counter(
+        dict(
+            DeviceChange.objects.filter(created_at__gte=now - RECENT, status=DeviceChange.Status.FAILED)
+            .values_list("kind")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+    )
+    for kind in DeviceKind.values:
+        failed.add(counts[kind], kind=kind)
+    families.append(failed)
+
+    drift = Family("virtcloud_drift_open", "Drift found on devices and not repaired yet, by kind.")
+    counts = Counter(
+        dict(Drift.objects.filter(repaired_at__isnull=True).values_list("kind").annotate(n=Count("id")).order_by())
+    )
+    for kind in Drift.Kind.values:
+        drift.add(counts[kind], kind=kind)
+    families.append(drift)
+
+    creds = Family("virtcloud_access_credentials_valid", "Access credentials valid now (not expired, not revoked).")
+    counts = Counter(
+        dict(
+            Credential.objects.filter(revoked_at__isnull=True, not_before__lte=now, not_after__gt=now)
+            .values_list("kind")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+    )
+    for kind in CredentialKind.values:
+        creds.add(counts[kind], kind=kind)
+    families.append(creds)
+    return families

@@ -1,0 +1,141 @@
+"""``GET /metrics``: who may scrape it, and that it says what the database holds, in a format Prometheus's own
+parser reads."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from prometheus_client.parser import text_string_to_metric_families
+from rest_framework.test import APIClient
+
+from access.models import Credential, CredentialKind
+from clusters.models import ClusterState, Image, VirtualCluster
+from network.models import DeviceChange, Drift, VlanAllocation
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def scraper(user, scopes) -> APIClient:
+    _, secret = token_create(user=user, name="prometheus", scopes=scopes)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+def samples(text: str) -> dict[tuple, float]:
+    """{(metric name, sorted labels): value}, parsed by the reference parser."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, family.name
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def test_who_may_scrape(alice, root):
+    assert APIClient().get("/metrics").status_code in (401, 403)
+    assert scraper(alice, [TokenScope.CLUSTERS_READ, TokenScope.NETWORK_READ]).get("/metrics").status_code == 403
+    session = APIClient()
+    session.force_login(alice)
+    assert session.get("/metrics").status_code == 403  # a user's browser
+    r = scraper(alice, [TokenScope.METRICS]).get("/metrics")
+    assert r.status_code == 200
+    assert r["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert r["Cache-Control"] == "no-store"
+    session.force_login(root)
+    assert session.get("/metrics").status_code == 200
+    denied = APIClient().get("/metrics")
+    assert denied["Content-Type"].startswith("text/plain")  # errors in the same format, not a JSON body
+
+
+def test_the_figures_are_what_the_database_holds(fabric, alice):
+    Image.objects.create(name="my-own", approved=False)
+    api = APIClient()
+    api.force_authenticate(alice)
+    ids = []
+    for k, host in enumerate(("brno1", "pilsen1", "prague1")):
+        r = api.post(
+            "/api/clusters/",
+            {
+                "name": f"c{k}",
+                "image": "my-own",
+                "lifetime": 3600,
+                "nodes": [{"name": "n", "host": host, "mac": f"52:54:00:00:00:0{k}"}],
+            },
+            format="json",
+        )
+        assert r.status_code == 201, r.content
+        ids.append(r.data["id"])
+    assert api.post(f"/api/clusters/{ids[0]}/teardown/", {}, format="json").status_code == 202
+    assert VirtualCluster.objects.get(pk=ids[0]).state == ClusterState.TORN_DOWN
+    now = timezone.now()
+    stuck = DeviceChange.objects.create(kind="switch", device="sw-brno", cause="test", status="pending")
+    DeviceChange.objects.filter(pk=stuck.pk).update(created_at=now - timedelta(minutes=5))
+    DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="running")
+    DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="failed", error="no")
+    old = DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="failed", error="no")
+    DeviceChange.objects.filter(pk=old.pk).update(created_at=now - timedelta(hours=2))
+    Drift.objects.create(device_kind="switch", device="sw-brno", port="h1", kind="missing", vlans="150")
+    Drift.objects.create(device_kind="switch", device="sw-brno", port="h1", kind="stale", vlans="151", repaired_at=now)
+    for serial, (kind, revoked, not_after) in enumerate(
+        [
+            ("vpn", None, now + timedelta(days=1)),
+            ("vpn", now, now + timedelta(days=1)),  # revoked
+            ("ssh", None, now - timedelta(minutes=1)),  # expired
+            ("ssh", None, now + timedelta(hours=1)),
+        ],
+        1,
+    ):
+        Credential.objects.create(
+            kind=kind,
+            serial=serial,
+            user=alice,
+            key_id=f"k{serial}",
+            fingerprint=f"f{serial}",
+            not_before=now - timedelta(days=2),
+            not_after=not_after,
+            revoked_at=revoked,
+        )
+
+    prometheus = scraper(alice, [TokenScope.METRICS])
+    with CaptureQueriesContext(connection) as ctx:
+        r = prometheus.get("/metrics")
+    assert r.status_code == 200
+    found = samples(r.content.decode())
+
+    def value(name, **labels):
+        return found[(name, tuple(sorted(labels.items())))]
+
+    assert value("virtcloud_clusters", state="ready") == 2
+    assert value("virtcloud_clusters", state="torn_down") == 1
+    assert value("virtcloud_clusters", state="failed") == 0  # every state is there, zeros included
+    pool = fabric.pool
+    assert value("virtcloud_vlan_ids", pool=pool.name, state="allocated") == 2
+    assert value("virtcloud_vlan_ids", pool=pool.name, state="quarantined") == 1
+    assert value("virtcloud_vlan_ids", pool=pool.name, state="free") == len(pool.vlan_ids) - 3
+    assert VlanAllocation.objects.filter(pool=pool, state="allocated").count() == 2
+    # the clusters' own provisioning and teardown changes are finished: only the two made above are open
+    assert value("virtcloud_device_changes_open", kind="switch", status="pending") == 1
+    assert value("virtcloud_device_changes_open", kind="host", status="running") == 1
+    assert value("virtcloud_device_changes_open", kind="host", status="pending") == 0
+    assert 300 <= value("virtcloud_device_changes_oldest_open_seconds") < 400
+    assert value("virtcloud_device_changes_failed_recent", kind="host") == 1  # not the one from 2 h ago
+    assert value("virtcloud_drift_open", kind="missing") == 1
+    assert value("virtcloud_drift_open", kind="stale") == 0
+    assert value("virtcloud_access_credentials_valid", kind=CredentialKind.VPN) == 1
+    assert value("virtcloud_access_credentials_valid", kind=CredentialKind.SSH) == 1
+    # one aggregate query per family (plus the token's own lookup and last-use update), whatever the size
+    assert len(ctx.captured_queries) <= 12, [q["sql"] for q in ctx.captured_queries]
+
+
+def test_nothing_yet_is_all_zeros(alice):
+    found = samples(scraper(alice, [TokenScope.METRICS]).get("/metrics").content.decode())
+    assert found[("virtcloud_device_changes_oldest_open_seconds", ())] == 0
+    assert all(v == 0 for (name, _), v in found.items() if name == "virtcloud_clusters")
