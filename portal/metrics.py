@@ -1,11 +1,13 @@
 """Prometheus metrics (text exposition format 0.0.4) computed from the database at scrape time, so every web
 worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
-state, VLAN pool usage, device work that is queued or stuck, recent device failures, open drift, valid
-access credentials. Each family is one aggregate query (open device work and recent failures use partial
-and time indexes, so a scrape stays cheap however long the history grows)."""
+state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
+or stuck, recent device failures, open drift, valid access credentials. Each family is one aggregate query
+(open device work, recent failures and recent READY steps use partial and time indexes, so a scrape stays
+cheap however long the history grows)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ def render(families: Iterable[Family]) -> str:
 
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind
-    from clusters.models import ClusterState, VirtualCluster
+    from clusters.models import ClusterState, ClusterStep, VirtualCluster
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
 
     now = timezone.now()
@@ -57,6 +59,23 @@ def collect() -> list[Family]:
     for state in ClusterState.values:
         clusters.add(by_state[state], state=state)
     families.append(clusters)
+
+    ready = list(
+        ClusterStep.objects.filter(name="ready", status="ok", finished_at__gte=now - RECENT)
+        .values_list("finished_at", "cluster__created_at")
+        .order_by()
+    )
+    took = sorted((done - created).total_seconds() for done, created in ready)
+    made = Family("virtcloud_clusters_provisioned_recent", "Clusters that became ready in the last hour.")
+    made.add(len(took))
+    families.append(made)
+    latency = Family(
+        "virtcloud_cluster_provision_seconds_recent",
+        "Request to READY of the clusters that became ready in the last hour, by quantile (0 when none).",
+    )
+    for q in (0.5, 0.95, 1.0):
+        latency.add(took[max(0, math.ceil(q * len(took)) - 1)] if took else 0, quantile=f"{q:g}")  # nearest rank
+    families.append(latency)
 
     vlans = Family("virtcloud_vlan_ids", "VLAN ids of each pool: free, allocated, or in quarantine (held back).")
     held = {

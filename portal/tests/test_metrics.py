@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
 from access.models import Credential, CredentialKind
-from clusters.models import ClusterState, Image, VirtualCluster
+from clusters.models import ClusterState, ClusterStep, Image, VirtualCluster
 from network.models import DeviceChange, Drift, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
@@ -76,6 +76,10 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     assert api.post(f"/api/clusters/{ids[0]}/teardown/", {}, format="json").status_code == 202
     assert VirtualCluster.objects.get(pk=ids[0]).state == ClusterState.TORN_DOWN
     now = timezone.now()
+    # request → READY took 1, 2 and 3 s (the torn-down cluster counts: it was ready within the hour)
+    for seconds, cid in enumerate(ids, 1):
+        ClusterStep.objects.filter(cluster_id=cid, name="ready").update(finished_at=now)
+        VirtualCluster.objects.filter(pk=cid).update(created_at=now - timedelta(seconds=seconds))
     stuck = DeviceChange.objects.create(kind="switch", device="sw-brno", cause="test", status="pending")
     DeviceChange.objects.filter(pk=stuck.pk).update(created_at=now - timedelta(minutes=5))
     DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="running")
@@ -116,6 +120,10 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     assert value("virtcloud_clusters", state="ready") == 2
     assert value("virtcloud_clusters", state="torn_down") == 1
     assert value("virtcloud_clusters", state="failed") == 0  # every state is there, zeros included
+    assert value("virtcloud_clusters_provisioned_recent") == 3
+    assert value("virtcloud_cluster_provision_seconds_recent", quantile="0.5") == 2
+    assert value("virtcloud_cluster_provision_seconds_recent", quantile="0.95") == 3
+    assert value("virtcloud_cluster_provision_seconds_recent", quantile="1") == 3
     pool = fabric.pool
     assert value("virtcloud_vlan_ids", pool=pool.name, state="allocated") == 2
     assert value("virtcloud_vlan_ids", pool=pool.name, state="quarantined") == 1
@@ -139,3 +147,4 @@ def test_nothing_yet_is_all_zeros(alice):
     found = samples(scraper(alice, [TokenScope.METRICS]).get("/metrics").content.decode())
     assert found[("virtcloud_device_changes_oldest_open_seconds", ())] == 0
     assert all(v == 0 for (name, _), v in found.items() if name == "virtcloud_clusters")
+    assert found[("virtcloud_cluster_provision_seconds_recent", (("quantile", "0.5"),))] == 0
