@@ -335,16 +335,28 @@ def cluster_provisioning_not_started(*, cluster_id: int, generation: int, step: 
     ClusterStep.objects.filter(pk=step.pk).delete()
 
 
-def cluster_mark_ready(*, cluster_id: int, generation: int) -> bool:
-    """READY only when every participant reported success (the workflow calls this last)."""
+def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "") -> bool:
+    """READY only when every participant reported success (the workflow calls this last). ``step``: a
+    finished step of that name is recorded in the same transaction, so whoever sees READY (a long poll wakes
+    at this commit) also sees its progress complete."""
     with transaction.atomic():
+        now = timezone.now()
         updated = VirtualCluster.objects.filter(
             pk=cluster_id,
             state__in=(ClusterState.PROVISIONING, ClusterState.UPDATING),
             workflow_generation=generation,
-        ).update(state=ClusterState.READY, ready_at=timezone.now(), updated_at=timezone.now())
+        ).update(state=ClusterState.READY, ready_at=now, updated_at=now)
         if updated:
             Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING).update(state=NodeState.READY)
+            if step:
+                ClusterStep.objects.create(
+                    cluster_id=cluster_id,
+                    name=step,
+                    generation=generation,
+                    status=StepStatus.OK,
+                    started_at=now,
+                    finished_at=now,
+                )
         return bool(updated)
 
 

@@ -52,9 +52,7 @@ def gateway_leg(cluster_id: int, generation: int) -> None:
 
 @shared_task(name="clusters.provision_done")
 def provision_done(cluster_id: int, generation: int) -> None:
-    if services.cluster_mark_ready(cluster_id=cluster_id, generation=generation):
-        cluster = _cluster(cluster_id)
-        services.step_finish(services.step_start(cluster, "ready"))
+    services.cluster_mark_ready(cluster_id=cluster_id, generation=generation, step="ready")
 
 
 @shared_task(name="clusters.provision_finish")

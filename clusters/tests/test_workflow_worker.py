@@ -71,6 +71,7 @@ def test_a_scheduler_waits_with_one_request_per_transition(fabric, celery_worker
     cid = create(api)
     r = api.get(f"/api/clusters/{cid}/wait/?until=ready,failed&timeout=20")
     assert r.status_code == 200 and r.data["state"] == "ready", r.data
+    assert r.data["progress"] == {"percent": 100, "current": None}  # READY and its last step: one commit
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     r = api.get(f"/api/clusters/{cid}/wait/?timeout=20")  # default: until settled
     assert r.status_code == 200 and r.data["state"] == "torn_down", r.data
