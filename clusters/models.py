@@ -223,12 +223,15 @@ class ClusterStep(models.Model):
 
 
 class IdempotencyKey(models.Model):
-    """A client's ``Idempotency-Key`` for a create request: a retried request returns the same cluster."""
+    """A client's ``Idempotency-Key`` for a request that changes a cluster (create, teardown, nodes,
+    migration, …): a retried request answers like the first (``status_code``, the cluster as it is now) and
+    changes nothing again."""
 
     actor = models.CharField(max_length=200)
     key = models.CharField(max_length=200)
     request_hash = models.CharField(max_length=64)
     cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="+")
+    status_code = models.PositiveSmallIntegerField(default=201, help_text="what the first request answered")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -148,6 +149,7 @@ def cluster_create(
     same key with a different request is a conflict.
     """
     if idempotency is not None:
+        _idempotency_lock(*idempotency[:2])
         existing = _idempotent_replay(*idempotency)
         if existing is not None:
             return existing, False
@@ -220,12 +222,8 @@ class _IdempotentRace(Exception):
 
 
 def _idempotent_replay(actor: str, key: str, fingerprint: str) -> VirtualCluster | None:
-    record = IdempotencyKey.objects.select_related("cluster").filter(actor=actor, key=key).first()
-    if record is None:
-        return None
-    if record.request_hash != fingerprint:
-        raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
-    return record.cluster
+    record = _idempotency_record(actor, key, fingerprint)
+    return None if record is None else record.cluster
 
 
 def cluster_create_idempotent(**kwargs) -> tuple[VirtualCluster, bool]:
@@ -236,6 +234,56 @@ def cluster_create_idempotent(**kwargs) -> tuple[VirtualCluster, bool]:
         cluster = _idempotent_replay(*kwargs["idempotency"])
         assert cluster is not None
         return cluster, False
+
+
+def cluster_act_once(
+    *, idempotency: tuple[str, str, str] | None, cluster: VirtualCluster, status_code: int, act: Callable[[], object]
+) -> tuple[VirtualCluster, int]:
+    """Run ``act`` (a service call that changes ``cluster``) at most once per ``idempotency`` = (actor, key,
+    request fingerprint): the key is recorded in the same transaction as the change, and requests with the
+    same key are serialized, so a retry — also one racing the first request — changes nothing again and
+    answers with the first request's status code and the cluster as it is now. A request that fails records
+    nothing. The same key with a different request is a conflict (409). Returns (cluster, status code)."""
+    if idempotency is None:
+        act()
+        return cluster, status_code
+    actor, key, fingerprint = idempotency
+    try:
+        with transaction.atomic():
+            _idempotency_lock(actor, key)
+            record = _idempotency_record(actor, key, fingerprint)
+            if record is not None:
+                return record.cluster, record.status_code
+            act()
+            with transaction.atomic():
+                IdempotencyKey.objects.create(
+                    actor=actor, key=key, request_hash=fingerprint, cluster=cluster, status_code=status_code
+                )
+    except IntegrityError:  # without the lock (SQLite): a concurrent request with this key won; ours rolled back
+        record = _idempotency_record(actor, key, fingerprint)
+        if record is None:
+            raise
+        return record.cluster, record.status_code
+    return cluster, status_code
+
+
+_IDEMPOTENCY_LOCK_SPACE = 0x56430010
+
+
+def _idempotency_lock(actor: str, key: str) -> None:
+    """PostgreSQL: requests with the same key wait for each other until the first commits (a transaction
+    advisory lock); elsewhere transactions are serialized by the database."""
+    if connection.vendor == "postgresql":
+        digest = int.from_bytes(hashlib.sha256(f"{actor}\0{key}".encode()).digest()[:4], "big", signed=True)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_IDEMPOTENCY_LOCK_SPACE, digest])
+
+
+def _idempotency_record(actor: str, key: str, fingerprint: str) -> IdempotencyKey | None:
+    record = IdempotencyKey.objects.select_related("cluster").filter(actor=actor, key=key).first()
+    if record is not None and record.request_hash != fingerprint:
+        raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
+    return record
 
 
 def _transition(cluster: VirtualCluster, allowed: tuple[str, ...], to: str, **fields) -> VirtualCluster:

@@ -29,7 +29,8 @@ IDEMPOTENCY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
     OpenApiParameter.HEADER,
-    description="a retried request with the same key returns the first cluster and creates nothing",
+    description="a retried request with the same key (at most 200 characters) answers like the first and "
+    "changes nothing again (create: returns the first cluster); the same key with another request is a 409",
 )
 FILTERS = [
     OpenApiParameter("state", OpenApiTypes.STR, enum=ClusterState.values, description="filter by state"),
@@ -81,6 +82,25 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             raise PermissionDenied("Only the owner, an admin or the middleware can change this cluster.")
         return cluster
 
+    def _idempotency(self, request, payload) -> tuple[str, str, str] | None:
+        """(actor, key, fingerprint of ``payload``) when the request has an ``Idempotency-Key``."""
+        key = request.headers.get("Idempotency-Key", "").strip()
+        if not key:
+            return None
+        if len(key) > 200:
+            raise ValidationError({"Idempotency-Key": "at most 200 characters"})
+        actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
+        return actor, key, services.request_fingerprint(payload)
+
+    def _once(self, request, cluster, code: int, act) -> Response:
+        """Run ``act`` and answer ``code`` with the cluster; with an ``Idempotency-Key``, at most once: a retry
+        answers like the first request without acting again."""
+        fingerprint = {"method": request.method, "path": request.path, "body": request.data}
+        cluster, code = services.cluster_act_once(
+            idempotency=self._idempotency(request, fingerprint), cluster=cluster, status_code=code, act=act
+        )
+        return self._respond(cluster, code)
+
     def _respond(self, cluster, code=status.HTTP_200_OK) -> Response:
         cluster = selectors.clusters_visible(self.request).get(pk=cluster.pk)
         return Response(s.ClusterSerializer(cluster, context={"request": self.request}).data, status=code)
@@ -101,13 +121,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         owner = v.get("owner") or request.user
         if owner != request.user and not (request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)):
             raise PermissionDenied("Only middleware tokens (clusters:manage) and admins create clusters for others.")
-        key = request.headers.get("Idempotency-Key", "").strip()
-        if len(key) > 200:
-            raise ValidationError({"Idempotency-Key": "at most 200 characters"})
-        idempotency = None
-        if key:
-            actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
-            idempotency = (actor, key, services.request_fingerprint(request.data))
+        idempotency = self._idempotency(request, request.data)
         cluster, created = services.cluster_create_idempotent(
             owner=owner,
             name=v["name"],
@@ -143,81 +157,126 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster)
 
     @extend_schema(
-        request=s.ClusterExtendSerializer, responses={200: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)}
+        request=s.ClusterExtendSerializer,
+        parameters=[IDEMPOTENCY],
+        responses={200: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
     )
     def partial_update(self, request, pk=None):
         """Change the lifetime (``expires_at``)."""
         cluster = self._actionable(pk)
-        data = s.ClusterExtendSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        services.cluster_extend(cluster=cluster, expires_at=data.validated_data["expires_at"])
-        return self._respond(cluster)
 
-    @extend_schema(request=s.TeardownSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
+        def act():
+            data = s.ClusterExtendSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            services.cluster_extend(cluster=cluster, expires_at=data.validated_data["expires_at"])
+
+        return self._once(request, cluster, status.HTTP_200_OK, act)
+
+    @extend_schema(
+        request=s.TeardownSerializer,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+    )
     @action(detail=True, methods=["post"])
     def teardown(self, request, pk=None):
         """Tear the cluster down: hosts, then switches; the VLAN goes to quarantine; access is revoked."""
         cluster = self._actionable(pk)
-        data = s.TeardownSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        who = request.user.get_username()
-        services.cluster_teardown(cluster=cluster, reason=f"{data.validated_data['reason']} (by {who})")
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=s.NodesAddSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
+        def act():
+            data = s.TeardownSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            reason = f"{data.validated_data['reason']} (by {request.user.get_username()})"
+            services.cluster_teardown(cluster=cluster, reason=reason)
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+
+    @extend_schema(
+        request=s.NodesAddSerializer,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+    )
     @action(detail=True, methods=["post"])
     def nodes(self, request, pk=None):
         """Add nodes to a ready cluster; the network converges onto their hosts."""
         cluster = self._actionable(pk)
-        data = s.NodesAddSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        services.cluster_nodes_add(cluster=cluster, nodes=data.validated_data["nodes"])
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+        def act():
+            data = s.NodesAddSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            services.cluster_nodes_add(cluster=cluster, nodes=data.validated_data["nodes"])
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
 
     def _node(self, cluster, node_id) -> Node:
         return get_object_or_404(Node.objects.exclude(state=NodeState.REMOVED), cluster=cluster, pk=node_id)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)})
+    @extend_schema(
+        request=None,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+    )
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
         """Remove a node; its host is cleaned when no node of the cluster is left there."""
         cluster = self._actionable(pk)
-        services.cluster_node_remove(cluster=cluster, node=self._node(cluster, node_id))
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=s.MigrateSerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)})
+        def act():
+            services.cluster_node_remove(cluster=cluster, node=self._node(cluster, node_id))
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+
+    @extend_schema(
+        request=s.MigrateSerializer,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+    )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate")
     def migrate(self, request, pk=None, node_id=None):
         """Prepare a migration: the network is made ready on the target host before the VM moves."""
         cluster = self._actionable(pk)
-        data = s.MigrateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        services.node_migrate_prepare(
-            cluster=cluster, node=self._node(cluster, node_id), target=data.validated_data["target_host"]
-        )
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)})
+        def act():
+            data = s.MigrateSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            services.node_migrate_prepare(
+                cluster=cluster, node=self._node(cluster, node_id), target=data.validated_data["target_host"]
+            )
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+
+    @extend_schema(
+        request=None,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+    )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
         """Complete a migration: the VM runs on the target; the source is cleaned if no node is left there."""
         cluster = self._actionable(pk)
-        services.node_migrate_complete(cluster=cluster, node=self._node(cluster, node_id))
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+        def act():
+            services.node_migrate_complete(cluster=cluster, node=self._node(cluster, node_id))
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
 
     @extend_schema(
-        request=s.ConnectivitySerializer, responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)}
+        request=s.ConnectivitySerializer,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
     )
     @action(detail=True, methods=["post"])
     def connectivity(self, request, pk=None):
         """Admin only: override the connectivity policy (audited)."""
         cluster = self._actionable(pk)
-        data = s.ConnectivitySerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        services.connectivity_override(
-            cluster=cluster,
-            connectivity=data.validated_data["connectivity"],
-            admin=request.user,
-            reason=data.validated_data["reason"],
-        )
-        return self._respond(cluster, status.HTTP_202_ACCEPTED)
+
+        def act():
+            data = s.ConnectivitySerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            services.connectivity_override(
+                cluster=cluster,
+                connectivity=data.validated_data["connectivity"],
+                admin=request.user,
+                reason=data.validated_data["reason"],
+            )
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)

@@ -118,6 +118,106 @@ def test_idempotency_key_returns_the_same_cluster(fabric, images, scheduler, ali
     assert "Idempotency-Key" in other.data
 
 
+def test_retried_actions_with_an_idempotency_key_act_once(fabric, images, scheduler, alice):
+    """A scheduler retries after a lost answer: with the same key every action answers like the first time
+    and changes nothing again — even where a plain retry would be refused (a removed node is 404, a node
+    added twice is a conflict)."""
+    cid = scheduler.post("/api/clusters/", body(owner="alice"), format="json").data["id"]
+    base = f"/api/clusters/{cid}"
+    add = {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]}
+
+    def twice(method, path, data=None, key="k"):
+        send = getattr(scheduler, method)
+        return [send(path, data, format="json", HTTP_IDEMPOTENCY_KEY=key) for _ in range(2)]
+
+    first, again = twice("post", f"{base}/nodes/", add, key="add-n3")
+    assert (first.status_code, again.status_code) == (202, 202), again.data
+    assert Node.objects.filter(cluster_id=cid, name="n3").count() == 1
+    assert scheduler.post(f"{base}/nodes/", add, format="json").status_code in (400, 409)  # no key: refused
+
+    n1 = Node.objects.get(cluster_id=cid, name="n1")
+    first, again = twice("delete", f"{base}/nodes/{n1.pk}/", key="rm-n1")
+    assert (first.status_code, again.status_code) == (202, 202), again.data
+    assert scheduler.delete(f"{base}/nodes/{n1.pk}/").status_code == 404  # no key: it is gone
+
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    first, again = twice("post", f"{base}/nodes/{n2.pk}/migrate/", {"target_host": "prague2"}, key="mv-n2")
+    assert (first.status_code, again.status_code) == (202, 202), again.data
+    first, again = twice("post", f"{base}/nodes/{n2.pk}/migrated/", {}, key="mv-n2-done")
+    assert (first.status_code, again.status_code) == (202, 202), again.data
+    assert Node.objects.get(pk=n2.pk).host.name == "prague2"
+
+    expiry = (timezone.now() + timedelta(hours=5)).isoformat()
+    first, again = twice("patch", f"{base}/", {"expires_at": expiry}, key="extend")
+    assert (first.status_code, again.status_code) == (200, 200)
+
+    # the same key for another request (another path, or another body) is a conflict, and changes nothing
+    other = scheduler.post(f"{base}/teardown/", {}, format="json", HTTP_IDEMPOTENCY_KEY="add-n3")
+    assert other.status_code == 409 and "Idempotency-Key" in other.data
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
+    changed = {"nodes": [{"name": "n4", "host": "prague1", "mac": "52:54:00:00:00:04"}]}
+    assert scheduler.post(f"{base}/nodes/", changed, format="json", HTTP_IDEMPOTENCY_KEY="add-n3").status_code == 409
+    assert not Node.objects.filter(cluster_id=cid, name="n4").exists()
+
+    first, again = twice("post", f"{base}/teardown/", {}, key="down")
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.TORN_DOWN
+    assert again.data["state"] == "torn_down"  # the cluster as it is now
+
+
+def test_requests_racing_with_one_key_act_once(fabric, images, root, alice):
+    """The scheduler's retry overtakes its first request (PostgreSQL: they are serialized on the key): each
+    answers like the first one would, and the work is done once — a cluster create, then a node add."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent requests need PostgreSQL")
+    from django.contrib.auth.models import User
+
+    _, secret = token_create(user=User.objects.create_user("pbs"), name="PBS", scopes=[TokenScope.CLUSTERS_MANAGE])
+
+    def send(method: str, path: str, data: dict, key: str):
+        def call(_):
+            client = APIClient()
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+            try:
+                return getattr(client, method)(path, data, format="json", HTTP_IDEMPOTENCY_KEY=key)
+            finally:
+                connection.close()
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(call, range(4)))
+
+    made = send("post", "/api/clusters/", body(owner="alice"), "create-once")
+    assert sorted(r.status_code for r in made) == [200, 200, 200, 201], [r.data for r in made]
+    assert len({r.data["id"] for r in made}) == 1
+    assert VirtualCluster.objects.count() == 1 and len(allocated_vids()) == 1
+    cid = made[0].data["id"]
+    add = {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]}
+    added = send("post", f"/api/clusters/{cid}/nodes/", add, "add-once")
+    assert [r.status_code for r in added] == [202] * 4, [r.data for r in added]
+    assert Node.objects.filter(cluster_id=cid, name="n3").count() == 1
+    assert VirtualCluster.objects.get(pk=cid).steps.filter(name="nodes.add").count() == 1
+
+
+def test_a_refused_action_records_no_key(fabric, images, scheduler, alice):
+    """A request that fails changes nothing, its key included: the corrected retry with the same key runs."""
+    cid = scheduler.post("/api/clusters/", body(owner="alice"), format="json").data["id"]
+    bad = {"nodes": [{"name": "n3", "host": "nowhere", "mac": "52:54:00:00:00:03"}]}
+    r = scheduler.post(f"/api/clusters/{cid}/nodes/", bad, format="json", HTTP_IDEMPOTENCY_KEY="add")
+    assert r.status_code == 400
+    assert not IdempotencyKey.objects.filter(key="add").exists()
+    r = scheduler.post(
+        f"/api/clusters/{cid}/nodes/",
+        {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="add",
+    )
+    assert r.status_code == 202
+
+
 @pytest.mark.parametrize(
     "change, status, field",
     [
