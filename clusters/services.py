@@ -324,7 +324,12 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
     """Start the teardown: hosts, then switches, then the VLAN goes to quarantine; credentials revoked."""
     if cluster.state == ClusterState.TEARING_DOWN:
         return cluster  # asking twice is harmless
-    cluster = _transition(cluster, ACTIVE_STATES, ClusterState.TEARING_DOWN, state_reason=reason)
+    try:
+        cluster = _transition(cluster, ACTIVE_STATES, ClusterState.TEARING_DOWN, state_reason=reason)
+    except Conflict:
+        if cluster.state == ClusterState.TEARING_DOWN:  # (as re-read) another request just started it
+            return cluster
+        raise
     audit.record(cluster, "action", message=f"teardown: {reason}")
     if cluster.segment_id:
         net.segment_delete(segment=cluster.segment)

@@ -202,6 +202,23 @@ def test_requests_racing_with_one_key_act_once(fabric, images, root, alice):
     assert VirtualCluster.objects.get(pk=cid).steps.filter(name="nodes.add").count() == 1
 
 
+def test_a_teardown_that_loses_the_race_to_another_is_harmless(fabric, images, api, alice):
+    """Two teardowns read the cluster READY; the second's conditional update finds it TEARING_DOWN (the
+    first committed meanwhile): it answers like asking twice does, not 409."""
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    stale = VirtualCluster.objects.get(pk=cid)
+    assert stale.state == ClusterState.READY
+    VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.TEARING_DOWN)  # the other request's
+    cluster = services.cluster_teardown(cluster=stale, reason="again")
+    assert cluster.state == ClusterState.TEARING_DOWN
+    stale = VirtualCluster.objects.get(pk=cid)
+    stale.state = ClusterState.READY  # read before another request failed it
+    VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.FAILED)
+    with pytest.raises(services.Conflict):
+        services.cluster_teardown(cluster=stale, reason="not from failed")
+
+
 def test_a_refused_action_records_no_key(fabric, images, scheduler, alice):
     """A request that fails changes nothing, its key included: the corrected retry with the same key runs."""
     cid = scheduler.post("/api/clusters/", body(owner="alice"), format="json").data["id"]
