@@ -29,14 +29,20 @@ def may_act_on(request, cluster: VirtualCluster) -> bool:
     return user.is_staff or cluster.owner_id == user.pk or token_scope(request, TokenScope.CLUSTERS_MANAGE)
 
 
-def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str:
-    """Wait until the cluster is in one of ``states`` or ``timeout`` seconds passed; its state then. Woken by
-    the state-change notification on PostgreSQL (no query while nothing happens), polling elsewhere."""
+def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:
+    """Wait until the cluster is in one of ``states`` or ``timeout`` seconds passed; its state then (None:
+    the cluster was deleted meanwhile). Woken by the state-change notification on PostgreSQL (no query while
+    nothing happens), polling elsewhere."""
     current = VirtualCluster.objects.values_list("state", flat=True)
 
     def reached() -> str | None:
-        state = current.get(pk=cluster_id)
-        return state if state in states else None
+        state = current.filter(pk=cluster_id).first()
+        return GONE if state is None else (state if state in states else None)
 
     found = wait_for(reached, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout)
-    return found or current.get(pk=cluster_id)
+    if found is None:
+        found = current.filter(pk=cluster_id).first()
+    return None if found in (GONE, None) else found
+
+
+GONE = "(deleted)"

@@ -7,7 +7,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 
@@ -153,7 +153,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         cluster = get_object_or_404(self.get_queryset(), pk=pk)
         query = s.WaitSerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        selectors.cluster_wait(cluster.pk, query.validated_data["until"], query.validated_data["timeout"])
+        if selectors.cluster_wait(cluster.pk, query.validated_data["until"], query.validated_data["timeout"]) is None:
+            raise NotFound("the cluster was deleted while waiting")
         return self._respond(cluster)
 
     @extend_schema(

@@ -110,6 +110,31 @@ def test_the_timeout_answers_with_the_current_state(cluster, api):
             assert cursor.fetchone()[0] == 0
 
 
+def test_a_cluster_deleted_while_waiting_is_404(cluster, api):
+    """An admin deletes the cluster (Django admin) while a scheduler waits: a clear 404, not a 500."""
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
+    from clusters.models import ClusterStep, IdempotencyKey, Node
+
+    def delete_later():
+        try:
+            time.sleep(0.3)
+            IdempotencyKey.objects.filter(cluster_id=cluster.pk).delete()
+            ClusterStep.objects.filter(cluster_id=cluster.pk).delete()
+            Node.objects.filter(cluster_id=cluster.pk).delete()
+            VirtualCluster.objects.filter(pk=cluster.pk).delete()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=delete_later)
+    thread.start()
+    started = time.monotonic()
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=20")
+    thread.join()
+    assert r.status_code == 404, r.content
+    if connection.vendor == "postgresql":
+        assert time.monotonic() - started < 10  # woken by the deletion's notification, not the timeout
+
+
 def test_waiting_for_a_state_it_has_answers_at_once(cluster, api):
     r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=failed, ready&timeout=20")
     assert r.status_code == 200 and r.data["state"] == "ready"
