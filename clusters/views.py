@@ -4,7 +4,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
 from clusters import selectors
-from clusters.models import LIVE_STATES
+from clusters.models import LIVE_STATES, SETTLED_STATES, ClusterState
 
 
 @login_required
@@ -16,6 +16,11 @@ def home(request):
         {
             "groups": request.user.groups.order_by("name"),
             "live": [c for c in clusters.filter(state__in=LIVE_STATES)],
+            # the live page script (static/js/live-state.js) follows rows in a transitional state
+            "states": ",".join(ClusterState.values),
+            "live_states": ",".join(LIVE_STATES),
+            "transitional_states": ",".join(s for s in LIVE_STATES if s not in SETTLED_STATES),
+            "state_labels": dict(ClusterState.choices),
             "ended": list(clusters.exclude(state__in=LIVE_STATES)[:10]),
         },
     )

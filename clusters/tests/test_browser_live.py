@@ -1,0 +1,43 @@
+"""The clusters page in headless Chromium follows a cluster's state live (the long poll of
+``GET /api/clusters/{id}/wait/`` from ``static/js/live-state.js``), without reloading."""
+# ruff: noqa: F401, F811 (the browser fixture is imported from the access browser test)
+
+from __future__ import annotations
+
+import pytest
+
+from access.tests.fixtures import make_cluster
+from access.tests.test_browser import browser_page
+from clusters.models import ClusterState, VirtualCluster
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_server, alice):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the page's long poll is woken by PostgreSQL notifications")
+    cluster = make_cluster(alice, name="mpi", state=ClusterState.PROVISIONING)
+    page = browser_page
+    page.goto(f"{live_server.url}/login/?next=/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "alice-password")
+    page.click("form.login button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+    row = f"tr[data-cluster='{cluster.pk}']"
+    assert page.inner_text(f"{row} .state .tag") == "provisioning"
+    page.wait_for_timeout(300)  # the script's long poll is waiting now
+
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.READY)
+    page.wait_for_selector(f"{row}[data-state='ready']", timeout=10_000)
+    assert page.inner_text(f"{row} .state .tag") == "ready"
+    assert "state-ready" in page.get_attribute(f"{row} .state .tag", "class")
+
+    # a settled row is not followed any more; a cluster that ends makes the page list it as ended
+    other = make_cluster(alice, name="hpc", state=ClusterState.TEARING_DOWN)
+    page.reload()
+    page.wait_for_timeout(300)
+    VirtualCluster.objects.filter(pk=other.pk).update(state=ClusterState.TORN_DOWN, state_reason="job done")
+    page.wait_for_selector("h3:has-text('Recently ended')", timeout=10_000)
+    assert "job done" in page.inner_text("body")

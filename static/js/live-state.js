@@ -1,0 +1,51 @@
+// Clusters in a transitional state (requested, provisioning, updating, tearing down) follow their state
+// live: each such row waits with one long poll (GET /api/clusters/{id}/wait/) for any other state and
+// updates in place; a cluster that ends (torn down, failed) reloads the page, which then lists it as ended.
+(function () {
+  "use strict";
+  const table = document.querySelector("table[data-states]");
+  if (!table) return;
+  const states = table.dataset.states.split(",");
+  const live = table.dataset.live.split(",");
+  const transitional = table.dataset.transitional.split(",");
+  const labels = JSON.parse(document.getElementById("state-labels").textContent);
+
+  async function follow(row) {
+    let state = row.dataset.state;
+    let failures = 0;
+    while (transitional.includes(state)) {
+      const until = states.filter((s) => s !== state).join(",");
+      let cluster;
+      try {
+        const response = await fetch(`/api/clusters/${row.dataset.cluster}/wait/?until=${until}&timeout=25`, {
+          credentials: "same-origin",
+          headers: { Accept: "application/json" },
+        });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        cluster = await response.json();
+        failures = 0;
+      } catch (err) {
+        failures += 1;
+        if (failures > 5) return; // the page still shows the last state it knew
+        await new Promise((resolve) => setTimeout(resolve, 1000 * failures));
+        continue;
+      }
+      if (cluster.state === state) continue; // the wait ran out: ask again
+      if (!live.includes(cluster.state)) {
+        window.location.reload();
+        return;
+      }
+      state = cluster.state;
+      row.dataset.state = state;
+      const tag = row.querySelector(".state .tag");
+      tag.className = `tag state-${state}`;
+      tag.textContent = labels[state] || state;
+      const reason = row.querySelector(".state small");
+      if (reason) reason.textContent = cluster.state_reason || "";
+    }
+  }
+
+  table.querySelectorAll("tr[data-cluster]").forEach((row) => {
+    if (transitional.includes(row.dataset.state)) follow(row);
+  });
+})();
