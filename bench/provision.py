@@ -162,6 +162,65 @@ def wait_state(api, cluster_id: int, until: str) -> tuple[dict, float]:
     return r.data, answered
 
 
+class HttpApi:
+    """The few calls the bench makes, over HTTP to a real web server (``APIClient``'s interface)."""
+
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url.rstrip("/"), token
+
+    def _call(self, method: str, path: str, data=None):
+        import json
+        import urllib.error
+        import urllib.request
+        from types import SimpleNamespace
+
+        body = json.dumps(data).encode() if data is not None else None
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Accept", "application/json")
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (the bench's own server)
+                status, content = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, content = exc.code, exc.read()
+        return SimpleNamespace(status_code=status, content=content, data=json.loads(content or b"null"))
+
+    def post(self, path: str, data: dict, format: str = "json"):  # noqa: A002 (APIClient's name)
+        return self._call("POST", path, data)
+
+    def get(self, path: str, params: dict | None = None):
+        from urllib.parse import urlencode
+
+        return self._call("GET", path + (f"?{urlencode(params)}" if params else ""))
+
+
+def start_web(env: dict, log: Path, workers: int, threads: int):
+    """gunicorn serving the portal on a free port of 127.0.0.1; (process, base URL)."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [str(Path(sys.executable).parent / "gunicorn"), "portal.wsgi", "-b", f"127.0.0.1:{port}"]
+    argv += ["-w", str(workers), "--threads", str(threads), "--log-level", "warning"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):  # noqa: S310
+                return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"gunicorn did not start (see {log})") from None
+            time.sleep(0.1)
+
+
 def cpu_ms(pids) -> float:
     """CPU time (user + system, every thread) the processes ``pids`` have used so far, in ms (a process
     that is gone counts 0)."""
@@ -252,24 +311,18 @@ def phases(cluster, t0: datetime, post: float) -> dict[str, float]:
     )
 
 
-def burst_round(sites: int, n: int, user) -> dict:
+def burst_round(sites: int, n: int, client) -> dict:
     """``n`` clusters (one node per site) created at once, each by a thread of its own that POSTs and then
-    waits with the long poll, as a scheduler starting ``n`` jobs together; then all torn down at once. The
-    API runs in this one process (threads, like a threaded web worker). Returns the spread of POST → READY,
-    the time from the first POST to the last READY, and how many device sessions applied the changes (the
-    pending changes of one switch are batched into one session)."""
+    waits with the long poll, as a scheduler starting ``n`` jobs together; then all torn down at once.
+    ``client()`` makes an API client (over HTTP to gunicorn, or in-process). Returns the spread of POST →
+    READY, the time from the first POST to the last READY, and how many device sessions applied the changes
+    (the pending changes of one switch are batched into one session)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from django.db import connection
-    from rest_framework.test import APIClient
 
     from clusters.models import VirtualCluster
     from network.models import DeviceChange
-
-    def client() -> APIClient:
-        api = APIClient()
-        api.force_authenticate(user)
-        return api
 
     def one(k: int) -> tuple[int, float]:
         try:
@@ -425,7 +478,27 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             wait_state(api, cluster.pk, "torn_down")
             if i >= args.warmup:
                 teardowns.append(time.perf_counter() - t_down)
-        burst = burst_round(sites, args.burst, user) if args.burst else None
+        burst = None
+        if args.burst and args.burst_api == "http":
+            from portal.tokens import token_create
+
+            _, secret = token_create(user=user, name="bench burst", scopes=["clusters:write"])
+            web, url = start_web(env, run_dir / "gunicorn.log", args.web_workers, args.web_threads)
+            try:
+                burst = burst_round(sites, args.burst, lambda: HttpApi(url, secret))
+                burst["api"] = f"gunicorn, {args.web_workers} processes × {args.web_threads} threads, over HTTP"
+            finally:
+                web.terminate()
+                web.wait(timeout=20)
+        elif args.burst:
+
+            def in_process():
+                client = APIClient()
+                client.force_authenticate(user)
+                return client
+
+            burst = burst_round(sites, args.burst, in_process)
+            burst["api"] = "in this process (its threads share one interpreter lock)"
         return {
             "burst": burst,
             "sites": sites,
@@ -467,6 +540,15 @@ def main() -> None:
     parser.add_argument(
         "--burst", type=int, default=20, help="then this many clusters created at once, and torn down (0: none)"
     )
+    parser.add_argument(
+        "--burst-api",
+        default="http",
+        choices=("http", "inprocess"),
+        help="the burst's API: gunicorn on 127.0.0.1 (--web-workers processes × --web-threads threads, as "
+        "deployed) or this process",
+    )
+    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes for the burst")
+    parser.add_argument("--web-threads", type=int, default=8, help="threads per gunicorn worker for the burst")
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     parser.add_argument(
         "--database-url",
@@ -560,7 +642,10 @@ def _report(mode: str, results: list[dict]) -> None:
         row = [r["cpu"][name] for name in names]
         print(f"  {r['sites']:5d}" + "".join(f"{v:11.0f}" for v in row) + f"{sum(row):9.0f}")
     if results[0].get("burst"):
-        print("  a burst: clusters created at once (a thread each, POST then the long poll), then torn down at once")
+        print(
+            "  a burst: clusters created at once (a client thread each: POST, then the long poll), then torn down "
+            f"at once; the API {results[0]['burst']['api']}"
+        )
         print("  sites  clusters  p50 ms  p95 ms  first POST → last READY ms  all torn down ms  changes / sessions")
         for r in results:
             b = r["burst"]
