@@ -16,44 +16,9 @@ from django.db import connection
 
 from access.models import Authority, AuthorityKind, Credential
 from access.selectors import cluster_label
+from access.tests.browser import browser_page, log_in
 from access.tests.fixtures import gateway, make_cluster
 from access.tests.profile_check import parse_profile
-
-CHROMIUM = "/usr/bin/chromium"
-# LAB.md §11: without the background-networking flags Chromium keeps trying to reach the outside.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def browser_page(tmp_path, monkeypatch):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements/dev.txt)")
-    # Playwright's sync API keeps an event loop in this thread; the ORM calls the test makes between browser
-    # steps are plain synchronous code, which Django's async guard cannot tell apart.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            accept_downloads=True,
-        )
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
 
 
 def _all_rows_text() -> str:
@@ -73,11 +38,7 @@ def test_login_download_vpn_and_ssh_then_revoke(
     label = cluster_label(cluster)
     page = browser_page
 
-    page.goto(f"{live_server.url}/login/?next=/access/")
-    page.fill("#id_username", "alice")
-    page.fill("#id_password", "alice-password")
-    page.click("form.login button[type=submit]")
-    page.wait_for_url(f"{live_server.url}/access/")
+    log_in(page, live_server, "alice", "alice-password", next_url="/access/")
     assert "OpenVPN 2.x" in page.inner_text("#vpn")
     assert "OpenVPN Connect" in page.inner_text("#vpn")
     assert "ssh -F virtcloud.conf " in page.inner_text("#ssh")

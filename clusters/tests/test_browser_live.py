@@ -1,13 +1,13 @@
 """The clusters page in headless Chromium follows a cluster's state live (the long poll of
 ``GET /api/clusters/{id}/wait/`` from ``static/js/live-state.js``), without reloading."""
-# ruff: noqa: F401, F811 (the browser fixture is imported from the access browser test)
+# ruff: noqa: F401, F811 (the browser fixture is imported from access.tests.browser)
 
 from __future__ import annotations
 
 import pytest
 
+from access.tests.browser import browser_page, log_in
 from access.tests.fixtures import make_cluster
-from access.tests.test_browser import browser_page
 from clusters.models import ClusterState, VirtualCluster
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -20,11 +20,7 @@ def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_serve
         pytest.skip("the page's long poll is woken by PostgreSQL notifications")
     cluster = make_cluster(alice, name="mpi", state=ClusterState.PROVISIONING)
     page = browser_page
-    page.goto(f"{live_server.url}/login/?next=/")
-    page.fill("#id_username", "alice")
-    page.fill("#id_password", "alice-password")
-    page.click("form.login button[type=submit]")
-    page.wait_for_url(f"{live_server.url}/")
+    log_in(page, live_server, "alice", "alice-password")
     row = f"tr[data-cluster='{cluster.pk}']"
     assert page.inner_text(f"{row} .state .tag") == "provisioning"
     page.wait_for_timeout(300)  # the script's long poll is waiting now
