@@ -60,6 +60,8 @@ def _configure_environment(args) -> dict:
         "CELERY_RESULT_BACKEND": args.result_backend or args.redis_url,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "LOG_LEVEL": "WARNING",
+        "CLUSTER_QUOTA_CLUSTERS": "0",  # one bench user makes every cluster: no quota in the way of a burst
+        "CLUSTER_QUOTA_NODES": "0",
     }
     os.environ.update(env)
     return {**os.environ, **env}

@@ -5,7 +5,7 @@ from django.contrib import admin, messages
 
 from clusters import services
 from clusters.errors import ClusterError
-from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
+from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, Quota, VirtualCluster
 
 
 @admin.register(Image)
@@ -18,6 +18,20 @@ class ImageAdmin(admin.ModelAdmin):
 @admin.register(PublicPrefix)
 class PublicPrefixAdmin(admin.ModelAdmin):
     list_display = ("name", "prefix", "subnet_length")
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    """Per-user and per-group limits of live clusters and nodes; the defaults are in the settings."""
+
+    list_display = ("__str__", "max_clusters", "max_nodes", "in_use", "note")
+    search_fields = ("user__username", "group__name", "note")
+    raw_id_fields = ("user",)
+
+    @admin.display(description="live clusters / nodes now")
+    def in_use(self, quota: Quota) -> str:
+        owner = services.quota_usage(user=quota.user, group=quota.group)
+        return f"{owner[0]} / {owner[1]}"
 
 
 class NodeInline(admin.TabularInline):

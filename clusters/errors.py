@@ -27,6 +27,12 @@ class PoolExhausted(Conflict):
     code = "pool_exhausted"
 
 
+class QuotaExceeded(Conflict):
+    """The owner (or the cluster's group) already has as many live clusters or nodes as its quota allows."""
+
+    code = "quota_exceeded"
+
+
 class NotAllowed(ClusterError):
     status = 403
     code = "forbidden"

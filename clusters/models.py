@@ -222,6 +222,36 @@ class ClusterStep(models.Model):
         return f"{self.cluster_id}:{self.name}:{self.status}"
 
 
+class Quota(models.Model):
+    """How many live clusters and nodes (VMs) one user — or all clusters of one group together — may have.
+    VLAN ids are a scarce shared resource (at most 4094 per core), so one user or one runaway script must
+    not take them all. A user without a quota of their own gets ``CLUSTER_QUOTA_CLUSTERS`` and
+    ``CLUSTER_QUOTA_NODES``; a group is limited only when it has a quota. An empty limit means the default
+    (users) or no limit (groups); 0 allows none. Staff users are not limited."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="cluster_quota"
+    )
+    group = models.OneToOneField(
+        "auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="cluster_quota"
+    )
+    max_clusters = models.PositiveIntegerField(null=True, blank=True, help_text="live clusters at once")
+    max_nodes = models.PositiveIntegerField(null=True, blank=True, help_text="nodes of live clusters at once")
+    note = models.CharField(max_length=200, blank=True, help_text="why (e.g. the project's allocation)")
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(user__isnull=False, group__isnull=True) | Q(user__isnull=True, group__isnull=False),
+                name="quota_user_or_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        who = f"user {self.user}" if self.user_id else f"group {self.group}"
+        return f"quota of {who}"
+
+
 class IdempotencyKey(models.Model):
     """A client's ``Idempotency-Key`` for a request that changes a cluster (create, teardown, nodes,
     migration, …): a retried request answers like the first (``status_code``, the cluster as it is now) and

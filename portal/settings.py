@@ -221,6 +221,9 @@ CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
 CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
 CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
+# live clusters and nodes per user unless the user has a Quota of their own (admin); 0: no limit
+CLUSTER_QUOTA_CLUSTERS = env_int("CLUSTER_QUOTA_CLUSTERS", 25, minimum=0)
+CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
 # longest wait of GET /api/clusters/{id}/wait/ (seconds); keep it below the web server's worker timeout
 # (gunicorn: 30 s by default)
 CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)

@@ -21,7 +21,7 @@ from portal.tokens import token_scope
 CLUSTER_ERRORS = {
     "e403": "not your cluster (group members only see it), or the token lacks the scope",
     "e404": "no such cluster or node (or not visible to you)",
-    "e409": "VLAN pool or public prefix exhausted, or the cluster's state does not allow this",
+    "e409": "VLAN pool or public prefix exhausted, a quota reached, or the cluster's state does not allow this",
     "e422": "cannot be built on this network (e.g. a host no core reaches, a disabled host)",
 }
 WRITE_ERRORS = (400, 401, 403, 404, 409, 415, 422)

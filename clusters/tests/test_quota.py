@@ -1,0 +1,141 @@
+"""Quotas of live clusters and nodes per user (defaults from the settings, overrides in admin) and per group:
+a request past a quota is a 409 that leaves nothing allocated, concurrent requests cannot overshoot it,
+ended clusters do not count, staff are not limited."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from rest_framework.test import APIClient
+
+from clusters.models import Image, Node, Quota, VirtualCluster
+from network.models import VlanAllocation
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+_macs = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def image(db):
+    return Image.objects.create(name="my-own", approved=False)
+
+
+def client(user) -> APIClient:
+    api = APIClient()
+    api.force_authenticate(user)
+    return api
+
+
+def nodes(*hosts: str) -> list[dict]:
+    out = []
+    for host in hosts:
+        n = next(_macs)
+        out.append({"name": f"n{n}", "host": host, "mac": f"52:54:00:77:{n // 256:02x}:{n % 256:02x}"})
+    return out
+
+
+def create(api, name: str, hosts=("brno1",), **extra):
+    return api.post(
+        "/api/clusters/",
+        {"name": name, "image": "my-own", "lifetime": 3600, "nodes": nodes(*hosts), **extra},
+        format="json",
+    )
+
+
+def allocated() -> int:
+    return VlanAllocation.objects.filter(state="allocated").count()
+
+
+def test_the_default_quota_of_clusters(fabric, alice, settings):
+    settings.CLUSTER_QUOTA_CLUSTERS = 2
+    api = client(alice)
+    assert create(api, "c1").status_code == 201
+    assert create(api, "c2").status_code == 201
+    before = (allocated(), VirtualCluster.objects.count(), Node.objects.count())
+    r = create(api, "c3")
+    assert r.status_code == 409, r.content
+    assert r.data["code"] == "quota_exceeded"
+    assert "2 live clusters of 2 allowed" in str(r.data["quota"])
+    assert (allocated(), VirtualCluster.objects.count(), Node.objects.count()) == before  # nothing half-done
+    # an ended cluster gives its place back
+    c1 = VirtualCluster.objects.get(name="c1")
+    assert api.post(f"/api/clusters/{c1.pk}/teardown/", {}, format="json").status_code == 202
+    assert create(api, "c3").status_code == 201
+
+
+def test_a_users_own_quota_overrides_the_default(fabric, alice, bob, settings):
+    settings.CLUSTER_QUOTA_CLUSTERS = 1
+    Quota.objects.create(user=alice, max_clusters=3, note="project allocation")
+    Quota.objects.create(user=bob, max_clusters=0, note="suspended")
+    api = client(alice)
+    assert [create(api, f"c{i}").status_code for i in range(4)] == [201, 201, 201, 409]
+    assert create(client(bob), "b1").status_code == 409
+
+
+def test_the_quota_of_nodes_counts_additions(fabric, alice, settings):
+    settings.CLUSTER_QUOTA_NODES = 3
+    api = client(alice)
+    r = create(api, "c1", hosts=("brno1", "pilsen1"))
+    assert r.status_code == 201
+    assert create(api, "c2", hosts=("brno2", "pilsen2")).status_code == 409
+    cid = r.data["id"]
+    two = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": nodes("prague1", "prague2")}, format="json")
+    assert two.status_code == 409 and "2 live nodes of 3 allowed, 2 more asked for" in str(two.data["quota"])
+    assert Node.objects.filter(cluster_id=cid).count() == 2
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": nodes("prague1")}, format="json").status_code == 202
+
+
+def test_a_groups_quota_limits_its_clusters_together(fabric, alice, bob, team, settings):
+    settings.CLUSTER_QUOTA_CLUSTERS = 0  # no default limit
+    Quota.objects.create(group=team, max_clusters=1)
+    assert create(client(alice), "a1", group="physics").status_code == 201
+    r = create(client(bob), "b1", group="physics")
+    assert r.status_code == 409 and "group physics" in str(r.data["quota"])
+    assert create(client(bob), "b2").status_code == 201  # not in the group's name
+
+
+def test_staff_are_not_limited(fabric, root, settings):
+    settings.CLUSTER_QUOTA_CLUSTERS = 1
+    api = client(root)
+    assert [create(api, f"c{i}").status_code for i in range(3)] == [201, 201, 201]
+
+
+def test_concurrent_creates_cannot_overshoot_the_quota(fabric, alice, settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent requests need PostgreSQL")
+    settings.CLUSTER_QUOTA_CLUSTERS = 3
+
+    def one(i):
+        try:
+            return create(client(alice), f"c{i}").status_code
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = sorted(pool.map(one, range(8)))
+    assert codes == [201] * 3 + [409] * 5
+    assert VirtualCluster.objects.filter(owner=alice).count() == 3
+    assert allocated() == 3
+
+
+def test_a_quota_is_for_a_user_or_a_group(alice, team):
+    from django.db import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        Quota.objects.create(user=alice, group=team, max_clusters=1)
+
+
+def test_admin_lists_quotas_with_what_is_in_use(fabric, alice, root, settings):
+    Quota.objects.create(user=alice, max_clusters=5, max_nodes=10)
+    assert create(client(alice), "c1", hosts=("brno1", "pilsen1")).status_code == 201
+    api = APIClient()
+    api.force_login(root)
+    r = api.get("/admin/clusters/quota/")
+    assert r.status_code == 200
+    assert "1 / 2" in r.content.decode()
