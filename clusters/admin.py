@@ -3,7 +3,7 @@
 from django import forms
 from django.contrib import admin, messages
 
-from clusters import services
+from clusters import selectors, services
 from clusters.errors import ClusterError
 from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, Quota, VirtualCluster
 
@@ -30,7 +30,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
     @admin.display(description="live clusters / nodes now")
     def in_use(self, quota: Quota) -> str:
-        owner = services.quota_usage(user=quota.user, group=quota.group)
+        owner = selectors.quota_usage(user=quota.user, group=quota.group)
         return f"{owner[0]} / {owner[1]}"
 
 

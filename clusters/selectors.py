@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.contrib.auth.models import Group
 from django.db.models import Prefetch, Q, QuerySet
 
-from clusters.models import STATE_CHANNEL, ClusterStep, Node, NodeState, VirtualCluster
+from clusters.models import LIVE_STATES, STATE_CHANNEL, ClusterStep, Node, NodeState, Quota, VirtualCluster
 from portal.models import TokenScope
 from portal.notify import wait_for
 from portal.tokens import token_scope
@@ -46,3 +48,48 @@ def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | No
 
 
 GONE = "(deleted)"
+
+
+# --- quotas ---------------------------------------------------------------------------------------------------
+
+
+def quota_limits(*, owner, group: Group | None) -> list[tuple[str, int | None, int | None]]:
+    """The quotas that apply: [(whose, max live clusters, max live nodes)], None meaning no limit."""
+    if owner.is_staff:
+        return []
+    quotas = list(Quota.objects.filter(Q(user=owner) | Q(group=group)) if group else Quota.objects.filter(user=owner))
+    own = next((q for q in quotas if q.user_id == owner.pk), None)
+    default_clusters, default_nodes = settings.CLUSTER_QUOTA_CLUSTERS or None, settings.CLUSTER_QUOTA_NODES or None
+    limits = [
+        (
+            f"user {owner.get_username()}",
+            default_clusters if own is None or own.max_clusters is None else own.max_clusters,
+            default_nodes if own is None or own.max_nodes is None else own.max_nodes,
+        )
+    ]
+    theirs = next((q for q in quotas if group is not None and q.group_id == group.pk), None)
+    if theirs is not None:
+        limits.append((f"group {group.name}", theirs.max_clusters, theirs.max_nodes))
+    return limits
+
+
+def quota_usage(*, user=None, group: Group | None = None) -> tuple[int, int]:
+    """(live clusters, their live nodes) of ``user``, or of ``group``'s clusters."""
+    live = VirtualCluster.objects.filter(Q(owner=user) if user is not None else Q(group=group), state__in=LIVE_STATES)
+    return live.count(), Node.objects.filter(cluster__in=live).exclude(state=NodeState.REMOVED).count()
+
+
+def quota_report(owner) -> list[dict]:
+    """Every quota that applies to ``owner``'s clusters — their own, and each of their groups' that has one —
+    with what is in use now."""
+    rows = []
+    for whose, max_clusters, max_nodes in quota_limits(owner=owner, group=None):
+        rows.append((whose, max_clusters, max_nodes, quota_usage(user=owner)))
+    if not owner.is_staff:
+        groups = Quota.objects.filter(group__in=owner.groups.all()).select_related("group").order_by("group__name")
+        for q in groups:
+            rows.append((f"group {q.group.name}", q.max_clusters, q.max_nodes, quota_usage(group=q.group)))
+    return [
+        {"scope": whose, "max_clusters": c, "max_nodes": n, "clusters": used[0], "nodes": used[1]}
+        for whose, c, n, used in rows
+    ]

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
-from clusters import policy, workflows
+from clusters import policy, selectors, workflows
 from clusters.errors import ClusterError, Conflict, InvalidTopology, NotAllowed, PoolExhausted, QuotaExceeded
 from clusters.models import (
     ACTIVE_STATES,
@@ -32,7 +32,6 @@ from clusters.models import (
     Node,
     NodeState,
     PublicPrefix,
-    Quota,
     StepStatus,
     VirtualCluster,
 )
@@ -273,37 +272,11 @@ _IDEMPOTENCY_LOCK_SPACE = 0x56430010
 _QUOTA_LOCK_SPACES = {"user": 0x56430011, "group": 0x56430012}
 
 
-def quota_limits(*, owner, group: Group | None) -> list[tuple[str, int | None, int | None]]:
-    """The quotas that apply: [(whose, max live clusters, max live nodes)], None meaning no limit."""
-    if owner.is_staff:
-        return []
-    quotas = list(Quota.objects.filter(Q(user=owner) | Q(group=group)) if group else Quota.objects.filter(user=owner))
-    own = next((q for q in quotas if q.user_id == owner.pk), None)
-    default_clusters, default_nodes = settings.CLUSTER_QUOTA_CLUSTERS or None, settings.CLUSTER_QUOTA_NODES or None
-    limits = [
-        (
-            f"user {owner.get_username()}",
-            default_clusters if own is None or own.max_clusters is None else own.max_clusters,
-            default_nodes if own is None or own.max_nodes is None else own.max_nodes,
-        )
-    ]
-    theirs = next((q for q in quotas if group is not None and q.group_id == group.pk), None)
-    if theirs is not None:
-        limits.append((f"group {group.name}", theirs.max_clusters, theirs.max_nodes))
-    return limits
-
-
-def quota_usage(*, user=None, group: Group | None = None) -> tuple[int, int]:
-    """(live clusters, their live nodes) of ``user``, or of ``group``'s clusters."""
-    live = VirtualCluster.objects.filter(Q(owner=user) if user is not None else Q(group=group), state__in=LIVE_STATES)
-    return live.count(), Node.objects.filter(cluster__in=live).exclude(state=NodeState.REMOVED).count()
-
-
 def quota_check(*, owner, group: Group | None, clusters: int, nodes: int) -> None:
     """Raise ``QuotaExceeded`` (409) when ``clusters`` more live clusters and ``nodes`` more live nodes would
     exceed the owner's quota or the group's. Inside the caller's transaction, requests for the same owner
     (and group) are serialized on PostgreSQL, so concurrent creates cannot overshoot together."""
-    limits = quota_limits(owner=owner, group=group)
+    limits = selectors.quota_limits(owner=owner, group=group)
     if not any(c is not None or n is not None for _, c, n in limits):
         return
     if connection.vendor == "postgresql":
@@ -312,7 +285,8 @@ def quota_check(*, owner, group: Group | None, clusters: int, nodes: int) -> Non
             if len(limits) > 1:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_QUOTA_LOCK_SPACES["group"], group.pk])
     for whose, max_clusters, max_nodes in limits:
-        have_clusters, have_nodes = quota_usage(**({"user": owner} if whose.startswith("user") else {"group": group}))
+        scope = {"user": owner} if whose.startswith("user") else {"group": group}
+        have_clusters, have_nodes = selectors.quota_usage(**scope)
         if max_clusters is not None and clusters and have_clusters + clusters > max_clusters:
             raise QuotaExceeded(
                 f"quota of {whose}: {have_clusters} live clusters of {max_clusters} allowed; tear one down first",

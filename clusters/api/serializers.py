@@ -128,6 +128,27 @@ class TeardownSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=200, required=False, default="requested")
 
 
+class QuotaQuerySerializer(serializers.Serializer):
+    """Query of ``GET /api/clusters/quota/``."""
+
+    owner = NameRelatedField(
+        slug_field="username",
+        queryset=get_user_model().objects.filter(is_active=True),
+        required=False,
+        help_text="whose quota (middleware tokens and admins); default: the caller",
+    )
+
+
+class QuotaSerializer(serializers.Serializer):
+    """One quota that applies to the owner's clusters and what is in use now."""
+
+    scope = serializers.CharField(help_text="'user <name>' or 'group <name>'")
+    max_clusters = serializers.IntegerField(allow_null=True, help_text="live clusters allowed; null: no limit")
+    max_nodes = serializers.IntegerField(allow_null=True, help_text="live nodes allowed; null: no limit")
+    clusters = serializers.IntegerField(help_text="live clusters now")
+    nodes = serializers.IntegerField(help_text="nodes of live clusters now")
+
+
 class WaitSerializer(serializers.Serializer):
     """Query of ``GET /api/clusters/{id}/wait/``."""
 

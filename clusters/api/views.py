@@ -136,6 +136,21 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        parameters=[s.QuotaQuerySerializer],
+        responses={200: s.QuotaSerializer(many=True), **_with_errors(400, 401, 403)},
+    )
+    @action(detail=False, methods=["get"], pagination_class=None)
+    def quota(self, request):
+        """The quotas that apply to the caller's clusters (or, for middleware and admins, ``owner``'s), with
+        what is in use now: a scheduler can check before it asks for a cluster."""
+        query = s.QuotaQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        owner = query.validated_data.get("owner") or request.user
+        if owner != request.user and not (request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)):
+            raise PermissionDenied("Only middleware tokens (clusters:manage) and admins see others' quotas.")
+        return Response(s.QuotaSerializer(selectors.quota_report(owner), many=True).data)
+
+    @extend_schema(
         parameters=[s.WaitSerializer],
         responses={
             200: OpenApiResponse(

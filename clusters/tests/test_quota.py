@@ -139,3 +139,34 @@ def test_admin_lists_quotas_with_what_is_in_use(fabric, alice, root, settings):
     r = api.get("/admin/clusters/quota/")
     assert r.status_code == 200
     assert "1 / 2" in r.content.decode()
+
+
+def test_the_quota_endpoint_says_what_applies_and_what_is_in_use(fabric, alice, bob, root, team, settings):
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    settings.CLUSTER_QUOTA_CLUSTERS, settings.CLUSTER_QUOTA_NODES = 4, 0
+    Quota.objects.create(group=team, max_clusters=10, max_nodes=20)
+    assert create(client(alice), "a1", hosts=("brno1", "pilsen1"), group="physics").status_code == 201
+    assert create(client(bob), "b1").status_code == 201
+    r = client(alice).get("/api/clusters/quota/")
+    assert r.status_code == 200
+    assert r.data == [
+        {"scope": "user alice", "max_clusters": 4, "max_nodes": None, "clusters": 1, "nodes": 2},
+        {"scope": "group physics", "max_clusters": 10, "max_nodes": 20, "clusters": 1, "nodes": 2},
+    ]
+    # someone else's: middleware and admins only
+    assert client(alice).get("/api/clusters/quota/?owner=bob").status_code == 403
+    _, secret = token_create(user=root, name="PBS", scopes=[TokenScope.CLUSTERS_MANAGE])
+    pbs = APIClient()
+    pbs.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    r = pbs.get("/api/clusters/quota/?owner=bob")
+    assert r.status_code == 200 and r.data[0] == {
+        "scope": "user bob",
+        "max_clusters": 4,
+        "max_nodes": None,
+        "clusters": 1,
+        "nodes": 1,
+    }
+    assert pbs.get("/api/clusters/quota/?owner=nobody").status_code == 400
+    assert client(root).get("/api/clusters/quota/").data == []  # staff: no limits
