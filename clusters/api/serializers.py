@@ -9,6 +9,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.utils import timezone
 from django.utils.encoding import smart_str
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from clusters.models import (
@@ -18,13 +19,17 @@ from clusters.models import (
     Connectivity,
     Image,
     Node,
+    NodeState,
     StepStatus,
     VirtualCluster,
     mac_validator,
     name_validator,
 )
 from clusters.services import NodeRequest
+from network.drivers import host_attachment
+from network.libvirt import interface_xml
 from network.models import Host
+from network.specs import host_spec
 from portal.api import NameRelatedField
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")
@@ -176,13 +181,50 @@ class WaitSerializer(serializers.Serializer):
         return states
 
 
+class AttachmentSerializer(serializers.Serializer):
+    """Where the VM manager plugs this node's NIC on a host (nothing is asked of the host to say it)."""
+
+    bridge = serializers.CharField(
+        allow_null=True, help_text="the bridge; null: the OVS bridge that holds `uplink` (ovs-vsctl port-to-br)"
+    )
+    vlan = serializers.IntegerField(allow_null=True, help_text="802.1Q tag of the VM's port; null: untagged")
+    virtualport = serializers.CharField(allow_null=True, help_text="libvirt virtualport type (openvswitch)")
+    uplink = serializers.CharField(help_text="the host's trunk toward its switch")
+    libvirt = serializers.CharField(allow_null=True, help_text="the libvirt <interface> element, ready to use")
+
+
 class NodeSerializer(serializers.ModelSerializer):
     host = serializers.SlugRelatedField(slug_field="name", read_only=True)
     target_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    attachment = serializers.SerializerMethodField()
+    target_attachment = serializers.SerializerMethodField()
 
     class Meta:
         model = Node
-        fields = ["id", "name", "host", "target_host", "mac", "address", "state"]
+        fields = ["id", "name", "host", "target_host", "mac", "address", "state", "attachment", "target_attachment"]
+
+    def _attachment(self, node: Node, host) -> dict | None:
+        vid = node.cluster.vlan_id
+        if host is None or vid is None or node.state == NodeState.REMOVED:
+            return None
+        found = host_attachment(host_spec(host), vid)
+        return {
+            "bridge": found.bridge,
+            "vlan": found.vlan,
+            "virtualport": found.virtualport,
+            "uplink": found.uplink,
+            "libvirt": interface_xml(found, node.mac),
+        }
+
+    @extend_schema_field(AttachmentSerializer(allow_null=True))
+    def get_attachment(self, node: Node) -> dict | None:
+        """On ``host``, once the cluster has its VLAN."""
+        return self._attachment(node, node.host)
+
+    @extend_schema_field(AttachmentSerializer(allow_null=True))
+    def get_target_attachment(self, node: Node) -> dict | None:
+        """On ``target_host`` while the node migrates."""
+        return self._attachment(node, node.target_host)
 
 
 class StepSerializer(serializers.ModelSerializer):

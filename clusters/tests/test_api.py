@@ -103,6 +103,21 @@ def test_policy_public_for_approved_image_without_admin_rights(fabric, images, a
     assert "administrator" in r3.data["connectivity_reason"]
 
 
+def test_nodes_say_where_the_vm_manager_plugs_them(fabric, images, api, alice):
+    from xml.etree import ElementTree as ET
+
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(), format="json")
+    vid = VirtualCluster.objects.get(pk=r.data["id"]).vlan_id
+    cluster = api.get(f"/api/clusters/{r.data['id']}/").data
+    for node in cluster["nodes"]:
+        plug = node["attachment"]
+        assert plug["bridge"] == f"br-v{vid}" and plug["vlan"] is None  # the fake hosts: a bridge per VLAN
+        xml = ET.fromstring(plug["libvirt"])
+        assert xml.find("source").get("bridge") == f"br-v{vid}" and xml.find("mac").get("address") == node["mac"]
+        assert node["target_attachment"] is None
+
+
 def test_idempotency_key_returns_the_same_cluster(fabric, images, scheduler, alice):
     payload = body(owner="alice", job_id="4711.pbs")
     r1 = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4711")

@@ -73,6 +73,12 @@ def test_clusters_across_three_sites(lab_inventory, celery_worker, alice, bob):
     a_vid = VirtualCluster.objects.get(pk=a_id).vlan_id
     b_vid = VirtualCluster.objects.get(pk=b_id).vlan_id
     assert a_vid != b_vid
+    # the API tells the VM manager where to plug each node: the lab host's OVS bridge, tagged with the VLAN
+    for node in api_a.get(f"/api/clusters/{a_id}/").data["nodes"]:
+        plug = node["attachment"]
+        assert plug["bridge"] == lab.host_driver_args(node["host"])["bridge"], plug
+        assert (plug["vlan"], plug["virtualport"]) == (a_vid, "openvswitch")
+        assert f'<tag id="{a_vid}" />' in plug["libvirt"] and node["mac"] in plug["libvirt"]
 
     # Both clusters use the same addresses (closed clusters may), as libvirt would plug the VMs in.
     ips = {}
@@ -92,6 +98,8 @@ def test_clusters_across_three_sites(lab_inventory, celery_worker, alice, bob):
     node = Node.objects.get(cluster_id=a_id, name="alphan2")
     r = api_a.post(f"/api/clusters/{a_id}/nodes/{node.pk}/migrate/", {"target_host": "prague-h2"}, format="json")
     assert r.status_code == 202
+    moving = next(n for n in r.data["nodes"] if n["id"] == node.pk)
+    assert moving["target_attachment"]["bridge"] == lab.host_driver_args("prague-h2")["bridge"]
     wait_state(a_id, ClusterState.READY)
     _, host_vlans = device_vlans()
     assert a_vid in host_vlans["prague-h2"]

@@ -4,9 +4,11 @@ Entry points for the rest of the portal (see ``base`` for the types):
 
 - ``switch_session(spec)``: a context manager yielding a ``SwitchSession`` for one switch.
 - ``host_session(spec)``: a context manager yielding a ``HostSession`` for one hypervisor.
+- ``host_attachment(spec, vid)``: where the VM manager plugs a VM of VLAN ``vid`` (no device contacted).
 """
 
 from network.drivers.base import (  # noqa: F401
+    Attachment,
     ConvergeResult,
     DeviceError,
     HostSession,
@@ -15,6 +17,7 @@ from network.drivers.base import (  # noqa: F401
     SwitchSession,
     SwitchSpec,
     TemporaryDeviceError,
+    host_attachment,
     host_session,
     switch_session,
 )

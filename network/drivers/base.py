@@ -66,6 +66,19 @@ class HostSpec:
     timeout: float = 30.0
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """Where the VM manager (libvirt, XAPI) plugs a VM's interface for one VLAN on one host, known without
+    asking the host: the bridge, the 802.1Q tag the VM's port gets (None: the bridge carries only this VLAN),
+    and the libvirt ``virtualport`` type (``openvswitch`` for OVS bridges). ``bridge`` is None when only the
+    host knows it (an OVS host whose bridge is found from its uplink): ``ovs-vsctl port-to-br <uplink>``."""
+
+    bridge: str | None
+    vlan: int | None
+    virtualport: str | None = None
+    uplink: str = ""
+
+
 @dataclass
 class ConvergeResult:
     """The outcome of making a device match its desired state."""
@@ -129,6 +142,13 @@ def host_session(spec: HostSpec) -> Iterator[HostSession]:
     module = _simulated(spec) or _load(_HOST_DRIVERS, spec.driver, spec.name)
     with module.open_host(spec) as session:
         yield session
+
+
+def host_attachment(spec: HostSpec, vid: int) -> Attachment:
+    """Where a VM of VLAN ``vid`` is plugged on the host of ``spec`` (module ``attachment(spec, vid)``; no
+    device is contacted)."""
+    module = _simulated(spec) or _load(_HOST_DRIVERS, spec.driver, spec.name)
+    return module.attachment(spec, int(vid))
 
 
 def _simulated(spec):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
-from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
+from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
 from network.drivers.netlink import TEMPORARY_ERRNOS, open_iproute
 
 IFNAMSIZ = 15  # longest interface name the kernel takes
@@ -39,6 +39,11 @@ class _Link:
     up: bool
     parent: int | None  # IFLA_LINK: the lower device of a VLAN interface
     vlan_id: int | None
+
+
+def attachment(spec: HostSpec, vid: int) -> Attachment:
+    """The VLAN's own bridge ``br-v<vid>``: the VM's port is untagged on it."""
+    return Attachment(bridge=bridge_name(vid), vlan=None, uplink=spec.trunk_interface)
 
 
 def bridge_name(vid: int) -> str:

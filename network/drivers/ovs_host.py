@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from network.drivers.base import ConvergeResult, HostSpec, PermanentDeviceError
+from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError
 from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, parse_tables, trunks_value
 from network.drivers.ranges import compact
 
@@ -144,6 +144,14 @@ class OvsHostSession:
     def unplug(self, port: str) -> None:
         """Remove a VM port; a port that is already gone is success."""
         self.ovsdb.run(["--if-exists", "del-port", self.bridge, port])
+
+
+def attachment(spec: HostSpec, vid: int) -> Attachment:
+    """An access port with tag ``vid`` on the host's OVS bridge (``driver_args.bridge``; otherwise the bridge
+    that holds the uplink, which only the host knows)."""
+    args = dict(spec.driver_args)
+    uplink = str(args.get("uplink") or spec.trunk_interface)
+    return Attachment(bridge=str(args.get("bridge") or "") or None, vlan=vid, virtualport="openvswitch", uplink=uplink)
 
 
 @contextlib.contextmanager

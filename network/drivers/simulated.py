@@ -169,6 +169,11 @@ def open_switch(spec: base.SwitchSpec) -> Iterator[FakeSwitch]:
         yield FakeSwitch(spec)
 
 
+def attachment(spec: base.HostSpec, vid: int) -> base.Attachment:
+    """A simulated host has one bridge per VLAN, as the Linux-bridge driver does."""
+    return base.Attachment(bridge=f"br-v{vid}", vlan=None, uplink=spec.trunk_interface)
+
+
 @contextlib.contextmanager
 def open_host(spec: base.HostSpec) -> Iterator[FakeHost]:
     with _recorded("host", spec):

@@ -1,0 +1,34 @@
+"""The libvirt ``<interface>`` a VM manager gets for a node, per host driver (no device is contacted)."""
+
+from __future__ import annotations
+
+from xml.etree import ElementTree as ET
+
+from network.drivers import HostSpec, host_attachment
+from network.libvirt import interface_xml
+
+
+def test_an_ovs_host_gives_a_tagged_openvswitch_port():
+    found = host_attachment(HostSpec("h", "ovs", "eth0", {"bridge": "xenbr0"}), 120)
+    assert (found.bridge, found.vlan, found.virtualport, found.uplink) == ("xenbr0", 120, "openvswitch", "eth0")
+    iface = ET.fromstring(interface_xml(found, "52:54:00:AA:00:01"))
+    assert iface.tag == "interface" and iface.get("type") == "bridge"
+    assert iface.find("mac").get("address") == "52:54:00:aa:00:01"
+    assert iface.find("source").get("bridge") == "xenbr0"
+    assert iface.find("vlan/tag").get("id") == "120"
+    assert iface.find("virtualport").get("type") == "openvswitch"
+    assert iface.find("model").get("type") == "virtio"
+
+
+def test_a_linux_bridge_host_gives_the_vlans_own_bridge_untagged():
+    found = host_attachment(HostSpec("h", "linuxbridge", "eth1"), 7)
+    assert (found.bridge, found.vlan, found.virtualport) == ("br-v7", None, None)
+    iface = ET.fromstring(interface_xml(found, "52:54:00:00:00:02"))
+    assert iface.find("source").get("bridge") == "br-v7"
+    assert iface.find("vlan") is None and iface.find("virtualport") is None
+
+
+def test_an_ovs_host_whose_bridge_only_it_knows_names_its_uplink():
+    found = host_attachment(HostSpec("h", "ovs", "eth0", {"uplink": "bond0"}), 9)
+    assert found.bridge is None and found.uplink == "bond0" and found.vlan == 9
+    assert interface_xml(found, "52:54:00:00:00:03") is None
