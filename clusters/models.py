@@ -199,6 +199,25 @@ class StepStatus(models.TextChoices):
     SKIPPED = "skipped", "skipped"
 
 
+class ClusterEvent(models.Model):
+    """A cluster was created or its state changed. Written by the database itself (triggers, migration 0008),
+    in the transaction of the change, so no change is ever missed or recorded without happening; on
+    PostgreSQL at commit time under a short lock, so ids follow the order of commits: a reader that goes on
+    from the last id it saw (``GET /api/clusters/events/?after=``) never skips an event."""
+
+    id = models.BigAutoField(primary_key=True)
+    cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="events")
+    state = models.CharField(max_length=20, choices=ClusterState.choices)
+    at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["at"], name="clusterevent_at")]  # pruning old events
+
+    def __str__(self) -> str:
+        return f"{self.id}: cluster {self.cluster_id} {self.state}"
+
+
 class ClusterStep(models.Model):
     """One step of a cluster's life (allocate, switches, hosts, gateway, teardown, migration, …) with its
     timings and error; the API derives progress from these and the network's device changes."""

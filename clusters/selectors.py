@@ -6,7 +6,16 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db.models import Prefetch, Q, QuerySet
 
-from clusters.models import LIVE_STATES, STATE_CHANNEL, ClusterStep, Node, NodeState, Quota, VirtualCluster
+from clusters.models import (
+    LIVE_STATES,
+    STATE_CHANNEL,
+    ClusterEvent,
+    ClusterStep,
+    Node,
+    NodeState,
+    Quota,
+    VirtualCluster,
+)
 from portal.models import TokenScope
 from portal.notify import wait_for
 from portal.tokens import token_scope
@@ -93,3 +102,23 @@ def quota_report(owner) -> list[dict]:
         {"scope": whose, "max_clusters": c, "max_nodes": n, "clusters": used[0], "nodes": used[1]}
         for whose, c, n, used in rows
     ]
+
+
+# --- the event feed -------------------------------------------------------------------------------------------
+
+
+def cluster_events(request, *, after: int, cluster_id: int | None, limit: int, timeout: float) -> list[ClusterEvent]:
+    """Events after id ``after`` of the clusters the caller may see (one cluster's with ``cluster_id``), at
+    most ``limit``, oldest first. None yet: wait up to ``timeout`` seconds for the next (woken by the
+    state-change notification on PostgreSQL)."""
+    visible = clusters_visible(request).order_by().values("pk")
+    events = ClusterEvent.objects.filter(id__gt=after, cluster__in=visible).select_related("cluster")
+    if cluster_id is not None:
+        events = events.filter(cluster_id=cluster_id)
+
+    def found() -> list[ClusterEvent] | None:
+        rows = list(events.order_by("id")[:limit])
+        return rows or None
+
+    payload = None if cluster_id is None else str(cluster_id)
+    return wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout) or []

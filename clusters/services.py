@@ -24,6 +24,7 @@ from clusters.errors import ClusterError, Conflict, InvalidTopology, NotAllowed,
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
+    ClusterEvent,
     ClusterState,
     ClusterStep,
     Connectivity,
@@ -593,3 +594,10 @@ def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) 
     """Clusters whose provisioning never started (the broker was down at commit time) are started again:
     no request is lost."""
     return _restart_stalled(ClusterState.REQUESTED, older_than, workflows.start_provision)
+
+
+def cluster_events_prune() -> int:
+    """Delete the cluster events older than ``CLUSTER_EVENT_RETENTION`` days; how many went."""
+    horizon = timezone.now() - timedelta(days=settings.CLUSTER_EVENT_RETENTION)
+    deleted, _ = ClusterEvent.objects.filter(at__lt=horizon).delete()
+    return deleted

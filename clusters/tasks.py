@@ -165,3 +165,9 @@ def expire() -> list[int]:
     services.clusters_retry_stuck_teardowns()
     services.clusters_resume_requested()
     return ids
+
+
+@shared_task(name="clusters.prune_events")
+def prune_events() -> int:
+    """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history)."""
+    return services.cluster_events_prune()

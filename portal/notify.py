@@ -26,10 +26,11 @@ def _listening() -> bool:
     return connection.vendor == "postgresql" and not connection.in_atomic_block
 
 
-def wait_for(check: Callable[[], T | None], *, channel: str, payload: str, timeout: float) -> T | None:
+def wait_for(check: Callable[[], T | None], *, channel: str, payload: str | None, timeout: float) -> T | None:
     """Call ``check`` until it returns something other than None, at most ``timeout`` seconds; between calls,
-    sleep until ``channel`` carries ``payload`` (or ``POLL_INTERVAL``, see the module docstring). Returns what
-    ``check`` returned, or None when the time ran out (``check`` is always called at least once)."""
+    sleep until ``channel`` carries ``payload`` (any payload when None; or ``POLL_INTERVAL``, see the module
+    docstring). Returns what ``check`` returned, or None when the time ran out (``check`` is always called at
+    least once)."""
     deadline = time.monotonic() + max(0.0, timeout)
     if not _listening():
         while True:
@@ -48,7 +49,7 @@ def wait_for(check: Callable[[], T | None], *, channel: str, payload: str, timeo
             if found is not None or remaining <= 0:
                 return found
             for note in connection.connection.notifies(timeout=remaining):
-                if note.channel == channel and note.payload == payload:
+                if note.channel == channel and (payload is None or note.payload == payload):
                     break
     finally:
         with connection.cursor() as cursor:

@@ -229,6 +229,9 @@ CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
 CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)
 CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
 CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule": CLUSTER_EXPIRY_INTERVAL}
+# days the event feed (GET /api/clusters/events/) keeps; pruned hourly
+CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
+CELERY_BEAT_SCHEDULE["clusters-prune-events"] = {"task": "clusters.prune_events", "schedule": 3600}
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.

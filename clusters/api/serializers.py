@@ -154,6 +154,38 @@ class QuotaSerializer(serializers.Serializer):
     nodes = serializers.IntegerField(help_text="nodes of live clusters now")
 
 
+class EventQuerySerializer(serializers.Serializer):
+    """Query of ``GET /api/clusters/events/``."""
+
+    after = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=2**63 - 1, help_text="the last event id already seen"
+    )
+    cluster = serializers.IntegerField(
+        required=False, min_value=1, max_value=2**63 - 1, help_text="only this cluster's events"
+    )
+    limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
+    timeout = serializers.FloatField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=settings.CLUSTER_WAIT_MAX,
+        help_text=f"with no event yet, wait up to this many seconds for one (0 to {settings.CLUSTER_WAIT_MAX:g})",
+    )
+
+
+class EventSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    cluster = serializers.IntegerField(source="cluster_id")
+    cluster_name = serializers.CharField(source="cluster.name")
+    state = serializers.ChoiceField(choices=ClusterState.choices)
+    at = serializers.DateTimeField()
+
+
+class EventPageSerializer(serializers.Serializer):
+    events = EventSerializer(many=True)
+    last = serializers.IntegerField(help_text="pass it as `after` next time (the last id here, or `after`)")
+
+
 class WaitSerializer(serializers.Serializer):
     """Query of ``GET /api/clusters/{id}/wait/``."""
 

@@ -136,6 +136,25 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        parameters=[s.EventQuerySerializer],
+        responses={200: s.EventPageSerializer, **_with_errors(400, 401, 403)},
+    )
+    @action(detail=False, methods=["get"], pagination_class=None)
+    def events(self, request):
+        """The feed of cluster state changes (creation included), oldest first, for the clusters you may see:
+        go on with ``after`` = the ``last`` of the previous answer and nothing is ever skipped (the database
+        writes the events in the transaction of each change, numbered in commit order). With ``timeout``, an
+        empty answer waits for the next event: one long poll follows every cluster of a scheduler."""
+        query = s.EventQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        v = query.validated_data
+        events = selectors.cluster_events(
+            request, after=v["after"], cluster_id=v.get("cluster"), limit=v["limit"], timeout=v["timeout"]
+        )
+        last = events[-1].id if events else v["after"]
+        return Response(s.EventPageSerializer({"events": events, "last": last}).data)
+
+    @extend_schema(
         parameters=[s.QuotaQuerySerializer],
         responses={200: s.QuotaSerializer(many=True), **_with_errors(400, 401, 403)},
     )

@@ -1,0 +1,91 @@
+"""Cluster events (``ClusterEvent``), written by triggers in the transaction of each change.
+
+PostgreSQL: constraint triggers deferred to commit time take a short advisory lock (held until the commit
+ends) before the row gets its id, so event ids follow the order of commits and a reader that continues after
+the last id it saw cannot skip an event that committed later with a smaller id. SQLite has one writer at a
+time: plain triggers are enough."""
+
+import django.db.models.deletion
+from django.db import migrations, models
+
+
+PG_CREATE = """
+CREATE OR REPLACE FUNCTION clusters_state_event() RETURNS trigger AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM clusters_virtualcluster WHERE id = NEW.id) THEN
+        RETURN NULL;  -- created and deleted in one transaction
+    END IF;
+    PERFORM pg_advisory_xact_lock(1447231507);  -- 0x56430013: ids in commit order (held until commit ends)
+    INSERT INTO clusters_clusterevent (cluster_id, state, at) VALUES (NEW.id, NEW.state, clock_timestamp());
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS clusters_created_notify ON clusters_virtualcluster;
+CREATE TRIGGER clusters_created_notify AFTER INSERT ON clusters_virtualcluster
+    FOR EACH ROW EXECUTE FUNCTION clusters_state_notify();  -- (migration 0006) wakes the event feed's readers
+CREATE CONSTRAINT TRIGGER clusters_event_created AFTER INSERT ON clusters_virtualcluster
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION clusters_state_event();
+CREATE CONSTRAINT TRIGGER clusters_event_changed AFTER UPDATE OF state ON clusters_virtualcluster
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION clusters_state_event();
+"""
+PG_DROP = """
+DROP TRIGGER IF EXISTS clusters_created_notify ON clusters_virtualcluster;
+DROP TRIGGER IF EXISTS clusters_event_created ON clusters_virtualcluster;
+DROP TRIGGER IF EXISTS clusters_event_changed ON clusters_virtualcluster;
+DROP FUNCTION IF EXISTS clusters_state_event();
+"""
+SQLITE_CREATE = [
+    """CREATE TRIGGER clusters_event_created AFTER INSERT ON clusters_virtualcluster BEGIN
+        INSERT INTO clusters_clusterevent (cluster_id, state, at)
+        VALUES (NEW.id, NEW.state, strftime('%Y-%m-%d %H:%M:%f', 'now'));
+    END""",
+    """CREATE TRIGGER clusters_event_changed AFTER UPDATE OF state ON clusters_virtualcluster
+    WHEN OLD.state IS NOT NEW.state BEGIN
+        INSERT INTO clusters_clusterevent (cluster_id, state, at)
+        VALUES (NEW.id, NEW.state, strftime('%Y-%m-%d %H:%M:%f', 'now'));
+    END""",
+]
+SQLITE_DROP = ["DROP TRIGGER IF EXISTS clusters_event_created", "DROP TRIGGER IF EXISTS clusters_event_changed"]
+
+
+def _create_triggers(apps, schema_editor):
+    vendor = schema_editor.connection.vendor
+    if vendor == "postgresql":
+        schema_editor.execute(PG_CREATE)
+    elif vendor == "sqlite":
+        for sql in SQLITE_CREATE:
+            schema_editor.execute(sql)
+
+
+def _drop_triggers(apps, schema_editor):
+    vendor = schema_editor.connection.vendor
+    if vendor == "postgresql":
+        schema_editor.execute(PG_DROP)
+    elif vendor == "sqlite":
+        for sql in SQLITE_DROP:
+            schema_editor.execute(sql)
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('clusters', '0007_quota'),
+    ]
+
+    operations = [
+        migrations.CreateModel(
+            name='ClusterEvent',
+            fields=[
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('state', models.CharField(choices=[('requested', 'requested'), ('provisioning', 'provisioning'), ('ready', 'ready'), ('updating', 'updating network'), ('tearing_down', 'tearing down'), ('torn_down', 'torn down'), ('failed', 'failed')], max_length=20)),
+                ('at', models.DateTimeField()),
+                ('cluster', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='clusters.virtualcluster')),
+            ],
+            options={
+                'ordering': ['id'],
+                'indexes': [models.Index(fields=['at'], name='clusterevent_at')],
+            },
+        ),
+        migrations.RunPython(_create_triggers, _drop_triggers),
+    ]
