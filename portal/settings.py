@@ -166,6 +166,7 @@ SPECTACULAR_SETTINGS = {
         "DeviceKindEnum": "network.choices.DeviceKind.choices",
         "DriftKindEnum": "network.choices.DriftKind.choices",
         "CoreKindEnum": "network.choices.CoreKind.choices",
+        "ClusterStateEnum": "clusters.models.ClusterState.choices",
     },
 }
 
