@@ -2,10 +2,11 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.validators import URLValidator
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
-from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, Quota, VirtualCluster
+from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, Quota, VirtualCluster, Webhook
 
 
 @admin.register(Image)
@@ -32,6 +33,39 @@ class QuotaAdmin(admin.ModelAdmin):
     def in_use(self, quota: Quota) -> str:
         owner = selectors.quota_usage(user=quota.user, group=quota.group)
         return f"{owner[0]} / {owner[1]}"
+
+
+class WebhookForm(forms.ModelForm):
+    url = forms.URLField(
+        max_length=500,
+        assume_scheme="https",
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="http(s) endpoint that receives POSTed batches of events",
+    )
+    secret = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="signs every body (HMAC-SHA256); stored encrypted, never shown back; empty: keep the current one",
+    )
+
+    class Meta:
+        model = Webhook
+        fields = ("name", "url", "secret", "states", "enabled")
+
+    def clean_secret(self):
+        secret = self.cleaned_data.get("secret") or ""
+        if not secret and not (self.instance and self.instance.pk):
+            raise forms.ValidationError("a new webhook needs a secret")
+        return secret or self.instance.secret
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    """Endpoints the cluster event feed is pushed to; the delivery state shows whether they keep up."""
+
+    form = WebhookForm
+    list_display = ("name", "url", "enabled", "last_event_id", "last_status", "failures", "last_delivered_at")
+    readonly_fields = ("last_event_id", "last_delivered_at", "last_status", "last_error", "failures", "next_attempt_at")
 
 
 class NodeInline(admin.TabularInline):

@@ -7,10 +7,12 @@ import ipaddress
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
+from django.core.validators import RegexValidator, URLValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from portal.secrets import EncryptedTextField
 
 name_validator = RegexValidator(
     r"^[a-z][a-z0-9-]{0,39}$", "Lower-case letters, digits and '-', starting with a letter, at most 40 characters."
@@ -216,6 +218,43 @@ class ClusterEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id}: cluster {self.cluster_id} {self.state}"
+
+
+class Webhook(models.Model):
+    """An HTTP endpoint that gets the cluster event feed pushed (POST, JSON, HMAC-SHA256 signed with
+    ``secret``): in commit order, in batches, at least once — the cursor ``last_event_id`` moves only when the
+    endpoint answered 2xx; a failure is retried with backoff. Starts with the events after its creation."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    url = models.URLField(
+        max_length=500,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="http(s) endpoint that receives POSTed batches of events",
+    )
+    secret = EncryptedTextField(help_text="signs each body: X-VirtCloud-Signature: sha256=<hex HMAC>")
+    states = models.JSONField(
+        default=list, blank=True, help_text='only events of these states, e.g. ["ready", "failed"]; empty: all'
+    )
+    enabled = models.BooleanField(default=True)
+    last_event_id = models.BigIntegerField(default=0, help_text="the last event delivered (or skipped by states)")
+    last_delivered_at = models.DateTimeField(null=True, blank=True)
+    last_status = models.PositiveSmallIntegerField(null=True, blank=True, help_text="HTTP status of the last try")
+    last_error = models.TextField(blank=True)
+    failures = models.PositiveIntegerField(default=0, help_text="failed tries in a row")
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs):
+        if self._state.adding and not self.last_event_id:  # a new endpoint gets what happens from now on
+            self.last_event_id = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        unknown = sorted(set(self.states or []) - set(ClusterState.values))
+        if unknown or not isinstance(self.states, list):
+            raise ValidationError({"states": f"unknown states {unknown}; use {', '.join(ClusterState.values)}"})
 
 
 class ClusterStep(models.Model):

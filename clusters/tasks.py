@@ -171,3 +171,13 @@ def expire() -> list[int]:
 def prune_events() -> int:
     """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history)."""
     return services.cluster_events_prune()
+
+
+@shared_task(name="clusters.deliver_webhooks", ignore_result=True)
+def deliver_webhooks() -> None:
+    """Periodic (every ``WEBHOOK_INTERVAL`` s): push the event feed to every webhook that is due."""
+    from clusters import webhooks
+
+    for delivery in webhooks.deliver_due():
+        if delivery.error:
+            logger.warning("webhook %s: %s (the batch will be sent again)", delivery.webhook, delivery.error)

@@ -233,6 +233,11 @@ CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule"
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly
 CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
 CELERY_BEAT_SCHEDULE["clusters-prune-events"] = {"task": "clusters.prune_events", "schedule": 3600}
+# webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
+WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
+WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)
+WEBHOOK_MAX_BACKOFF = env_int("WEBHOOK_MAX_BACKOFF", 300, minimum=1)
+CELERY_BEAT_SCHEDULE["clusters-webhooks"] = {"task": "clusters.deliver_webhooks", "schedule": WEBHOOK_INTERVAL}
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.

@@ -1,0 +1,161 @@
+"""Webhooks get the cluster event feed pushed to a real HTTP endpoint (a server on 127.0.0.1 that this test
+runs): signed, in commit order, at least once across failures, filtered by state, from their creation on."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clusters import webhooks
+from clusters.models import ClusterEvent, Image, VirtualCluster, Webhook
+from clusters.tasks import deliver_webhooks
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SECRET = "hook-secret-0123456789"
+
+
+class Receiver:
+    """An HTTP endpoint on 127.0.0.1: records every POST; answers with the statuses queued in ``answers``."""
+
+    def __init__(self):
+        self.requests: list[tuple[dict, bytes]] = []
+        self.answers: list[int] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append((dict(self.headers), body))
+                code = outer.answers.pop(0) if outer.answers else 204
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def events(self, i: int) -> list[dict]:
+        return json.loads(self.requests[i][1])["events"]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def make(user, name: str, mac: str) -> int:
+    Image.objects.get_or_create(name="my-own", defaults={"approved": False})
+    api = APIClient()
+    api.force_authenticate(user)
+    r = api.post(
+        "/api/clusters/",
+        {"name": name, "image": "my-own", "lifetime": 3600, "nodes": [{"name": "n1", "host": "brno1", "mac": mac}]},
+        format="json",
+    )
+    assert r.status_code == 201, r.content
+    return r.data["id"]
+
+
+def test_events_are_pushed_signed_in_order_once(fabric, alice, receiver):
+    before = make(alice, "old", "52:54:00:00:00:09")  # before the webhook: not sent
+    hook = Webhook.objects.create(name="accounting", url=receiver.url, secret=SECRET)
+    assert hook.last_event_id == ClusterEvent.objects.order_by("-id").first().id
+    cid = make(alice, "c1", "52:54:00:00:00:01")
+    deliver_webhooks()
+    assert len(receiver.requests) == 1
+    headers, body = receiver.requests[0]
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Virtcloud-Signature"] == expected
+    assert headers["X-Virtcloud-Webhook"] == "accounting"
+    sent = receiver.events(0)
+    assert [(e["cluster"], e["state"]) for e in sent] == [(cid, "requested"), (cid, "provisioning"), (cid, "ready")]
+    assert all(e["cluster"] != before for e in sent)
+    assert [e["id"] for e in sent] == sorted(e["id"] for e in sent)
+    hook.refresh_from_db()
+    assert (hook.last_event_id, hook.last_status, hook.failures) == (sent[-1]["id"], 204, 0)
+    deliver_webhooks()
+    assert len(receiver.requests) == 1  # nothing new, nothing sent
+
+
+def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, alice, receiver):
+    hook = Webhook.objects.create(name="flaky", url=receiver.url, secret=SECRET)
+    cid = make(alice, "c1", "52:54:00:00:00:01")
+    receiver.answers = [500]
+    deliver_webhooks()
+    hook.refresh_from_db()
+    assert (hook.failures, hook.last_status) == (1, 500) and "500" in hook.last_error
+    assert hook.next_attempt_at > timezone.now()
+    deliver_webhooks()
+    assert len(receiver.requests) == 1  # backing off
+    Webhook.objects.filter(pk=hook.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    VirtualCluster.objects.filter(pk=cid).update(state="updating")  # a new event meanwhile
+    deliver_webhooks()
+    assert len(receiver.requests) == 2
+    assert receiver.events(1)[:3] == receiver.events(0)  # the same batch again, then what came since
+    assert [e["state"] for e in receiver.events(1)] == ["requested", "provisioning", "ready", "updating"]
+    hook.refresh_from_db()
+    assert hook.failures == 0 and hook.last_event_id == receiver.events(1)[-1]["id"]
+
+
+def test_an_unreachable_endpoint_is_recorded_and_retried(fabric, alice):
+    hook = Webhook.objects.create(name="gone", url="http://127.0.0.1:9/nowhere", secret=SECRET)
+    make(alice, "c1", "52:54:00:00:00:01")
+    [delivery] = webhooks.deliver_due()
+    assert delivery.status is None and delivery.error
+    hook.refresh_from_db()
+    assert hook.failures == 1 and hook.last_event_id < ClusterEvent.objects.order_by("-id").first().id
+
+
+def test_states_filter_what_is_sent_and_the_cursor_moves_past_the_rest(fabric, alice, receiver):
+    hook = Webhook.objects.create(name="ready-only", url=receiver.url, secret=SECRET, states=["ready"])
+    make(alice, "c1", "52:54:00:00:00:01")
+    deliver_webhooks()
+    assert [e["state"] for e in receiver.events(0)] == ["ready"]
+    hook.refresh_from_db()
+    assert hook.last_event_id == ClusterEvent.objects.order_by("-id").first().id
+
+
+def test_disabled_webhooks_get_nothing(fabric, alice, receiver):
+    Webhook.objects.create(name="off", url=receiver.url, secret=SECRET, enabled=False)
+    make(alice, "c1", "52:54:00:00:00:01")
+    deliver_webhooks()
+    assert receiver.requests == []
+
+
+def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
+    api = APIClient()
+    api.force_login(root)
+    r = api.post(
+        "/admin/clusters/webhook/add/",
+        {"name": "acct", "url": receiver.url, "secret": SECRET, "states": "[]", "enabled": "on"},
+    )
+    assert r.status_code == 302, r.content[:2000]
+    hook = Webhook.objects.get(name="acct")
+    assert hook.secret == SECRET
+    page = api.get(f"/admin/clusters/webhook/{hook.pk}/change/").content.decode()
+    assert SECRET not in page
+    r = api.post(
+        "/admin/clusters/webhook/add/",
+        {"name": "bad", "url": "ftp://example.org/x", "secret": "", "states": '["nope"]', "enabled": "on"},
+    )
+    assert r.status_code == 200 and not Webhook.objects.filter(name="bad").exists()
