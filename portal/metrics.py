@@ -113,37 +113,37 @@ def collect() -> list[Family]:
     age.add((now - oldest).total_seconds() if oldest else 0)
     families.append(age)
 
-    failed = Family("virtcloud_device_changes_failed_recent", "Device changes created in the last hour that failed.")
-    counts = Counter(
-        dict(
-            DeviceChange.objects.filter(created_at__gte=now - RECENT, status=DeviceChange.Status.FAILED)
-            .values_list("kind")
-            .annotate(n=Count("id"))
-            .order_by()
+    families.append(
+        _by_kind(
+            "virtcloud_device_changes_failed_recent",
+            "Device changes created in the last hour that failed.",
+            DeviceChange.objects.filter(created_at__gte=now - RECENT, status=DeviceChange.Status.FAILED),
+            DeviceKind.values,
         )
     )
-    for kind in DeviceKind.values:
-        failed.add(counts[kind], kind=kind)
-    families.append(failed)
-
-    drift = Family("virtcloud_drift_open", "Drift found on devices and not repaired yet, by kind.")
-    counts = Counter(
-        dict(Drift.objects.filter(repaired_at__isnull=True).values_list("kind").annotate(n=Count("id")).order_by())
-    )
-    for kind in Drift.Kind.values:
-        drift.add(counts[kind], kind=kind)
-    families.append(drift)
-
-    creds = Family("virtcloud_access_credentials_valid", "Access credentials valid now (not expired, not revoked).")
-    counts = Counter(
-        dict(
-            Credential.objects.filter(revoked_at__isnull=True, not_before__lte=now, not_after__gt=now)
-            .values_list("kind")
-            .annotate(n=Count("id"))
-            .order_by()
+    families.append(
+        _by_kind(
+            "virtcloud_drift_open",
+            "Drift found on devices and not repaired yet, by kind.",
+            Drift.objects.filter(repaired_at__isnull=True),
+            Drift.Kind.values,
         )
     )
-    for kind in CredentialKind.values:
-        creds.add(counts[kind], kind=kind)
-    families.append(creds)
+    families.append(
+        _by_kind(
+            "virtcloud_access_credentials_valid",
+            "Access credentials valid now (not expired, not revoked).",
+            Credential.objects.filter(revoked_at__isnull=True, not_before__lte=now, not_after__gt=now),
+            CredentialKind.values,
+        )
+    )
     return families
+
+
+def _by_kind(name: str, help_text: str, rows, kinds: list[str]) -> Family:
+    """A family with one sample per ``kind`` (zeros included): ``rows`` counted by their ``kind`` column."""
+    counts = Counter(dict(rows.values_list("kind").annotate(n=Count("id")).order_by()))
+    family = Family(name, help_text)
+    for kind in kinds:
+        family.add(counts[kind], kind=kind)
+    return family
