@@ -1,9 +1,9 @@
 """Prometheus metrics (text exposition format 0.0.4) computed from the database at scrape time, so every web
 worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
 state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
-or stuck, recent device failures, open drift, valid access credentials. Each family is one aggregate query
-(open device work, recent failures and recent READY steps use partial and time indexes, so a scrape stays
-cheap however long the history grows)."""
+or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind. Each family
+is one aggregate query (webhooks: one per webhook; open device work, recent failures and recent READY steps
+use partial and time indexes, so a scrape stays cheap however long the history grows)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def render(families: Iterable[Family]) -> str:
 
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind
-    from clusters.models import ClusterState, ClusterStep, VirtualCluster
+    from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
 
     now = timezone.now()
@@ -112,6 +112,16 @@ def collect() -> list[Family]:
     )
     age.add((now - oldest).total_seconds() if oldest else 0)
     families.append(age)
+
+    behind = Family("virtcloud_webhook_events_behind", "Cluster events a webhook has not received yet.")
+    failing = Family("virtcloud_webhook_failures", "Failed deliveries in a row of a webhook (0: keeping up).")
+    newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    for name, cursor, failures in (
+        Webhook.objects.filter(enabled=True).order_by("name").values_list("name", "last_event_id", "failures")
+    ):
+        behind.add(ClusterEvent.objects.filter(id__gt=cursor).count() if cursor < newest else 0, webhook=name)
+        failing.add(failures, webhook=name)
+    families += [behind, failing]
 
     families.append(
         _by_kind(

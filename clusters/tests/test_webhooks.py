@@ -97,6 +97,30 @@ def test_events_are_pushed_signed_in_order_once(fabric, alice, receiver):
     assert len(receiver.requests) == 1  # nothing new, nothing sent
 
 
+def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def figures() -> dict:
+        api = APIClient()
+        api.force_login(root)
+        text = api.get("/metrics").content.decode()
+        return {
+            (s.name, s.labels.get("webhook")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith("virtcloud_webhook")
+        }
+
+    Webhook.objects.create(name="acct", url=receiver.url, secret=SECRET)
+    make(alice, "c1", "52:54:00:00:00:01")
+    receiver.answers = [503]
+    deliver_webhooks()
+    assert figures() == {("virtcloud_webhook_events_behind", "acct"): 3, ("virtcloud_webhook_failures", "acct"): 1}
+    Webhook.objects.filter(name="acct").update(next_attempt_at=timezone.now())
+    deliver_webhooks()
+    assert figures() == {("virtcloud_webhook_events_behind", "acct"): 0, ("virtcloud_webhook_failures", "acct"): 0}
+
+
 def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, alice, receiver):
     hook = Webhook.objects.create(name="flaky", url=receiver.url, secret=SECRET)
     cid = make(alice, "c1", "52:54:00:00:00:01")
