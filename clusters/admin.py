@@ -31,8 +31,8 @@ class QuotaAdmin(admin.ModelAdmin):
 
     @admin.display(description="live clusters / nodes now")
     def in_use(self, quota: Quota) -> str:
-        owner = selectors.quota_usage(user=quota.user, group=quota.group)
-        return f"{owner[0]} / {owner[1]}"
+        clusters, nodes = selectors.quota_usage(user=quota.user, group=quota.group)
+        return f"{clusters} / {nodes}"
 
 
 class WebhookForm(forms.ModelForm):

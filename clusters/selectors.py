@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db.models import Prefetch, Q, QuerySet
@@ -40,46 +42,71 @@ def may_act_on(request, cluster: VirtualCluster) -> bool:
     return user.is_staff or cluster.owner_id == user.pk or token_scope(request, TokenScope.CLUSTERS_MANAGE)
 
 
+def may_act_for(request, owner) -> bool:
+    """Whether the caller may create clusters for ``owner`` or see ``owner``'s quota: themselves, or admins
+    and middleware tokens (clusters:manage)."""
+    return owner == request.user or request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)
+
+
 def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:
     """Wait until the cluster is in one of ``states`` or ``timeout`` seconds passed; its state then (None:
     the cluster was deleted meanwhile). Woken by the state-change notification on PostgreSQL (no query while
     nothing happens), polling elsewhere."""
     current = VirtualCluster.objects.values_list("state", flat=True)
 
-    def reached() -> str | None:
+    def settled() -> tuple[str | None] | None:  # (state,) once in ``states`` or gone (None): the wait ends
         state = current.filter(pk=cluster_id).first()
-        return GONE if state is None else (state if state in states else None)
+        return (state,) if state is None or state in states else None
 
-    found = wait_for(reached, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout)
-    if found is None:
-        found = current.filter(pk=cluster_id).first()
-    return None if found in (GONE, None) else found
-
-
-GONE = "(deleted)"
+    found = wait_for(settled, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout)
+    return found[0] if found else current.filter(pk=cluster_id).first()
 
 
 # --- quotas ---------------------------------------------------------------------------------------------------
 
 
-def quota_limits(*, owner, group: Group | None) -> list[tuple[str, int | None, int | None]]:
-    """The quotas that apply: [(whose, max live clusters, max live nodes)], None meaning no limit."""
+@dataclass(frozen=True)
+class QuotaLimit:
+    """One quota that applies: a user's (``user``) or a group's (``group``); None means no limit."""
+
+    user: object | None
+    group: Group | None
+    max_clusters: int | None
+    max_nodes: int | None
+
+    @property
+    def scope(self) -> str:
+        return f"user {self.user.get_username()}" if self.user is not None else f"group {self.group.name}"
+
+    def usage(self) -> tuple[int, int]:
+        return quota_usage(user=self.user, group=self.group)
+
+
+def quota_limits(*, owner, groups) -> list[QuotaLimit]:
+    """The quotas that apply to clusters of ``owner`` (and of ``groups``, those with a quota): the owner's
+    own quota, or the settings' defaults; none for staff."""
     if owner.is_staff:
         return []
-    quotas = list(Quota.objects.filter(Q(user=owner) | Q(group=group)) if group else Quota.objects.filter(user=owner))
-    own = next((q for q in quotas if q.user_id == owner.pk), None)
-    default_clusters, default_nodes = settings.CLUSTER_QUOTA_CLUSTERS or None, settings.CLUSTER_QUOTA_NODES or None
+    own = Quota.objects.filter(user=owner).first()
     limits = [
-        (
-            f"user {owner.get_username()}",
-            default_clusters if own is None or own.max_clusters is None else own.max_clusters,
-            default_nodes if own is None or own.max_nodes is None else own.max_nodes,
+        QuotaLimit(
+            user=owner,
+            group=None,
+            max_clusters=_or_default(own and own.max_clusters, settings.CLUSTER_QUOTA_CLUSTERS),
+            max_nodes=_or_default(own and own.max_nodes, settings.CLUSTER_QUOTA_NODES),
         )
     ]
-    theirs = next((q for q in quotas if group is not None and q.group_id == group.pk), None)
-    if theirs is not None:
-        limits.append((f"group {group.name}", theirs.max_clusters, theirs.max_nodes))
+    if groups:
+        for q in Quota.objects.filter(group__in=groups).select_related("group").order_by("group__name"):
+            limits.append(QuotaLimit(user=None, group=q.group, max_clusters=q.max_clusters, max_nodes=q.max_nodes))
     return limits
+
+
+def _or_default(value: int | None, default: int) -> int | None:
+    """A user's limit: their own when set (0 allows none), else the default (0 there: no limit)."""
+    if value is not None:
+        return value
+    return default or None
 
 
 def quota_usage(*, user=None, group: Group | None = None) -> tuple[int, int]:
@@ -91,17 +118,19 @@ def quota_usage(*, user=None, group: Group | None = None) -> tuple[int, int]:
 def quota_report(owner) -> list[dict]:
     """Every quota that applies to ``owner``'s clusters — their own, and each of their groups' that has one —
     with what is in use now."""
-    rows = []
-    for whose, max_clusters, max_nodes in quota_limits(owner=owner, group=None):
-        rows.append((whose, max_clusters, max_nodes, quota_usage(user=owner)))
-    if not owner.is_staff:
-        groups = Quota.objects.filter(group__in=owner.groups.all()).select_related("group").order_by("group__name")
-        for q in groups:
-            rows.append((f"group {q.group.name}", q.max_clusters, q.max_nodes, quota_usage(group=q.group)))
-    return [
-        {"scope": whose, "max_clusters": c, "max_nodes": n, "clusters": used[0], "nodes": used[1]}
-        for whose, c, n, used in rows
-    ]
+    report = []
+    for limit in quota_limits(owner=owner, groups=owner.groups.all()):
+        clusters, nodes = limit.usage()
+        report.append(
+            {
+                "scope": limit.scope,
+                "max_clusters": limit.max_clusters,
+                "max_nodes": limit.max_nodes,
+                "clusters": clusters,
+                "nodes": nodes,
+            }
+        )
+    return report
 
 
 # --- the event feed -------------------------------------------------------------------------------------------

@@ -277,36 +277,40 @@ def quota_check(*, owner, group: Group | None, clusters: int, nodes: int) -> Non
     """Raise ``QuotaExceeded`` (409) when ``clusters`` more live clusters and ``nodes`` more live nodes would
     exceed the owner's quota or the group's. Inside the caller's transaction, requests for the same owner
     (and group) are serialized on PostgreSQL, so concurrent creates cannot overshoot together."""
-    limits = selectors.quota_limits(owner=owner, group=group)
-    if not any(c is not None or n is not None for _, c, n in limits):
-        return
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_QUOTA_LOCK_SPACES["user"], owner.pk])
-            if len(limits) > 1:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_QUOTA_LOCK_SPACES["group"], group.pk])
-    for whose, max_clusters, max_nodes in limits:
-        scope = {"user": owner} if whose.startswith("user") else {"group": group}
-        have_clusters, have_nodes = selectors.quota_usage(**scope)
-        if max_clusters is not None and clusters and have_clusters + clusters > max_clusters:
+    limits = selectors.quota_limits(owner=owner, groups=[group] if group is not None else [])
+    limits = [q for q in limits if q.max_clusters is not None or q.max_nodes is not None]
+    for limit in limits:
+        if limit.user is not None:
+            _xact_lock(_QUOTA_LOCK_SPACES["user"], limit.user.pk)
+        else:
+            _xact_lock(_QUOTA_LOCK_SPACES["group"], limit.group.pk)
+    for limit in limits:
+        have_clusters, have_nodes = limit.usage()
+        if limit.max_clusters is not None and clusters and have_clusters + clusters > limit.max_clusters:
             raise QuotaExceeded(
-                f"quota of {whose}: {have_clusters} live clusters of {max_clusters} allowed; tear one down first",
+                f"quota of {limit.scope}: {have_clusters} live clusters of {limit.max_clusters} allowed; "
+                "tear one down first",
                 field="quota",
             )
-        if max_nodes is not None and nodes and have_nodes + nodes > max_nodes:
+        if limit.max_nodes is not None and nodes and have_nodes + nodes > limit.max_nodes:
             raise QuotaExceeded(
-                f"quota of {whose}: {have_nodes} live nodes of {max_nodes} allowed, {nodes} more asked for",
+                f"quota of {limit.scope}: {have_nodes} live nodes of {limit.max_nodes} allowed, {nodes} more asked for",
                 field="quota",
             )
 
 
 def _idempotency_lock(actor: str, key: str) -> None:
-    """PostgreSQL: requests with the same key wait for each other until the first commits (a transaction
-    advisory lock); elsewhere transactions are serialized by the database."""
+    """Requests with the same key wait for each other until the first commits."""
+    digest = int.from_bytes(hashlib.sha256(f"{actor}\0{key}".encode()).digest()[:4], "big", signed=True)
+    _xact_lock(_IDEMPOTENCY_LOCK_SPACE, digest)
+
+
+def _xact_lock(space: int, key: int) -> None:
+    """PostgreSQL: a transaction advisory lock, held until the caller's transaction ends; elsewhere nothing
+    (SQLite serializes writing transactions itself)."""
     if connection.vendor == "postgresql":
-        digest = int.from_bytes(hashlib.sha256(f"{actor}\0{key}".encode()).digest()[:4], "big", signed=True)
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_IDEMPOTENCY_LOCK_SPACE, digest])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [space, key])
 
 
 def _idempotency_record(actor: str, key: str, fingerprint: str) -> IdempotencyKey | None:

@@ -16,7 +16,6 @@ from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Node, NodeState, VirtualCluster
 from portal.api import Pagination, error_responses, query_param
 from portal.models import TokenScope
-from portal.tokens import token_scope
 
 CLUSTER_ERRORS = {
     "e403": "not your cluster (group members only see it), or the token lacks the scope",
@@ -119,7 +118,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         data.is_valid(raise_exception=True)
         v = data.validated_data
         owner = v.get("owner") or request.user
-        if owner != request.user and not (request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)):
+        if not selectors.may_act_for(request, owner):
             raise PermissionDenied("Only middleware tokens (clusters:manage) and admins create clusters for others.")
         idempotency = self._idempotency(request, request.data)
         cluster, created = services.cluster_create_idempotent(
@@ -165,7 +164,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         query = s.QuotaQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         owner = query.validated_data.get("owner") or request.user
-        if owner != request.user and not (request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)):
+        if not selectors.may_act_for(request, owner):
             raise PermissionDenied("Only middleware tokens (clusters:manage) and admins see others' quotas.")
         return Response(s.QuotaSerializer(selectors.quota_report(owner), many=True).data)
 
