@@ -252,9 +252,12 @@ class Webhook(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        unknown = sorted(set(self.states or []) - set(ClusterState.values))
-        if unknown or not isinstance(self.states, list):
-            raise ValidationError({"states": f"unknown states {unknown}; use {', '.join(ClusterState.values)}"})
+        choices = ", ".join(ClusterState.values)
+        if not isinstance(self.states, list) or not all(isinstance(s, str) for s in self.states):
+            raise ValidationError({"states": f'a list of state names, e.g. ["ready", "failed"]; use {choices}'})
+        unknown = sorted(set(self.states) - set(ClusterState.values))
+        if unknown:
+            raise ValidationError({"states": f"unknown states {', '.join(unknown)}; use {choices}"})
 
 
 class ClusterStep(models.Model):

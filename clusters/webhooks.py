@@ -3,8 +3,9 @@
 ``deliver(webhook)`` POSTs the next batch of events after the webhook's cursor as JSON::
 
     {"webhook": "accounting", "events": [{"id": 41, "cluster": 7, "cluster_name": "mpi", "state": "ready",
-                                          "at": "2026-11-27T00:00:00.123456+00:00"}, …]}
+                                          "at": "2026-11-27T00:00:00.123456Z"}, …]}
 
+(each event as ``GET /api/clusters/events/`` gives it)
 with ``X-VirtCloud-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>`` and
 ``X-VirtCloud-Webhook: <name>``. A 2xx answer moves the cursor past the batch; anything else (or no answer
 within ``WEBHOOK_TIMEOUT``) leaves it, so the same events are sent again (at least once, in commit order)
@@ -26,6 +27,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
 
 BATCH = 100
@@ -72,21 +74,7 @@ def deliver(webhook_id: int) -> Delivery:
         if not wanted:  # nothing this endpoint asked for: move past the batch without a request
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=batch[-1].id)
             return Delivery(webhook=hook.name, sent=0)
-        body = json.dumps(
-            {
-                "webhook": hook.name,
-                "events": [
-                    {
-                        "id": e.id,
-                        "cluster": e.cluster_id,
-                        "cluster_name": e.cluster.name,
-                        "state": e.state,
-                        "at": e.at.isoformat(),
-                    }
-                    for e in wanted
-                ],
-            }
-        ).encode()
+        body = json.dumps({"webhook": hook.name, "events": EventSerializer(wanted, many=True).data}).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "VirtCloud-portal-webhook",

@@ -32,25 +32,24 @@ def wait_for(check: Callable[[], T | None], *, channel: str, payload: str | None
     docstring). Returns what ``check`` returned, or None when the time ran out (``check`` is always called at
     least once)."""
     deadline = time.monotonic() + max(0.0, timeout)
-    if not _listening():
-        while True:
-            found = check()
-            remaining = deadline - time.monotonic()
-            if found is not None or remaining <= 0:
-                return found
-            time.sleep(min(POLL_INTERVAL, remaining))
+    listening = _listening()
     quoted = connection.ops.quote_name(channel)
-    with connection.cursor() as cursor:
-        cursor.execute(f"LISTEN {quoted}")
+    if listening:
+        with connection.cursor() as cursor:
+            cursor.execute(f"LISTEN {quoted}")
     try:
         while True:
             found = check()
             remaining = deadline - time.monotonic()
             if found is not None or remaining <= 0:
                 return found
+            if not listening:
+                time.sleep(min(POLL_INTERVAL, remaining))
+                continue
             for note in connection.connection.notifies(timeout=remaining):
                 if note.channel == channel and (payload is None or note.payload == payload):
                     break
     finally:
-        with connection.cursor() as cursor:
-            cursor.execute(f"UNLISTEN {quoted}")
+        if listening:
+            with connection.cursor() as cursor:
+                cursor.execute(f"UNLISTEN {quoted}")

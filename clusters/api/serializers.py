@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from django.conf import settings
@@ -240,13 +241,7 @@ class NodeSerializer(serializers.ModelSerializer):
         if host is None or vid is None or node.state == NodeState.REMOVED:
             return None
         found = host_attachment(host_spec(host), vid)
-        return {
-            "bridge": found.bridge,
-            "vlan": found.vlan,
-            "virtualport": found.virtualport,
-            "uplink": found.uplink,
-            "libvirt": interface_xml(found, node.mac),
-        }
+        return {**dataclasses.asdict(found), "libvirt": interface_xml(found, node.mac)}
 
     @extend_schema_field(AttachmentSerializer(allow_null=True))
     def get_attachment(self, node: Node) -> dict | None:

@@ -183,3 +183,10 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
         {"name": "bad", "url": "ftp://example.org/x", "secret": "", "states": '["nope"]', "enabled": "on"},
     )
     assert r.status_code == 200 and not Webhook.objects.filter(name="bad").exists()
+    for states, message in (('"ready"', "a list of state names"), ("5", "a list of state names"), ('["nope"]', "nope")):
+        r = api.post(
+            "/admin/clusters/webhook/add/",
+            {"name": "bad", "url": receiver.url, "secret": SECRET, "states": states, "enabled": "on"},
+        )
+        assert r.status_code == 200 and message in r.content.decode(), states  # the form says why, no 500
+    assert not Webhook.objects.filter(name="bad").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from network.drivers import base
 from network.drivers.base import ConvergeResult, PermanentDeviceError, TemporaryDeviceError
+from network.drivers.linuxbridge_host import bridge_name  # a simulated host names its bridges the same way
 
 
 def register() -> None:
@@ -127,7 +128,7 @@ class FakeHost:
         return frozenset(load(self.args, "host", self.spec.name)["vlans"])
 
     def attachment_point(self, vid: int) -> str:
-        return f"br-v{vid}"
+        return attachment(self.spec, vid).bridge
 
     def converge(self, desired: frozenset[int]) -> ConvergeResult:
         state = load(self.args, "host", self.spec.name)
@@ -138,7 +139,10 @@ class FakeHost:
         after = set(desired) | (before & in_use)
         diff = _labelled(
             self.args,
-            "\n".join([f"+ br-v{v}" for v in sorted(after - before)] + [f"- br-v{v}" for v in sorted(before - after)]),
+            "\n".join(
+                [f"+ {bridge_name(v)}" for v in sorted(after - before)]
+                + [f"- {bridge_name(v)}" for v in sorted(before - after)]
+            ),
         )
         state["vlans"] = sorted(after)
         if diff:
@@ -171,7 +175,7 @@ def open_switch(spec: base.SwitchSpec) -> Iterator[FakeSwitch]:
 
 def attachment(spec: base.HostSpec, vid: int) -> base.Attachment:
     """A simulated host has one bridge per VLAN, as the Linux-bridge driver does."""
-    return base.Attachment(bridge=f"br-v{vid}", vlan=None, uplink=spec.trunk_interface)
+    return base.Attachment(bridge=bridge_name(vid), vlan=None, uplink=spec.trunk_interface)
 
 
 @contextlib.contextmanager
