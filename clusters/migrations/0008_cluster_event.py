@@ -49,22 +49,12 @@ SQLITE_CREATE = [
 SQLITE_DROP = ["DROP TRIGGER IF EXISTS clusters_event_created", "DROP TRIGGER IF EXISTS clusters_event_changed"]
 
 
-def _create_triggers(apps, schema_editor):
-    vendor = schema_editor.connection.vendor
-    if vendor == "postgresql":
-        schema_editor.execute(PG_CREATE)
-    elif vendor == "sqlite":
-        for sql in SQLITE_CREATE:
+def _run(by_vendor: dict[str, list[str]]):
+    def run(apps, schema_editor):
+        for sql in by_vendor.get(schema_editor.connection.vendor, []):
             schema_editor.execute(sql)
 
-
-def _drop_triggers(apps, schema_editor):
-    vendor = schema_editor.connection.vendor
-    if vendor == "postgresql":
-        schema_editor.execute(PG_DROP)
-    elif vendor == "sqlite":
-        for sql in SQLITE_DROP:
-            schema_editor.execute(sql)
+    return run
 
 
 class Migration(migrations.Migration):
@@ -87,5 +77,8 @@ class Migration(migrations.Migration):
                 'indexes': [models.Index(fields=['at'], name='clusterevent_at')],
             },
         ),
-        migrations.RunPython(_create_triggers, _drop_triggers),
+        migrations.RunPython(
+            _run({"postgresql": [PG_CREATE], "sqlite": SQLITE_CREATE}),
+            _run({"postgresql": [PG_DROP], "sqlite": SQLITE_DROP}),
+        ),
     ]
