@@ -198,31 +198,6 @@ class HttpApi:
         return self._call("GET", path + (f"?{urlencode(params)}" if params else ""))
 
 
-def start_web(env: dict, log: Path, workers: int, threads: int):
-    """gunicorn serving the portal on a free port of 127.0.0.1; (process, base URL)."""
-    import socket
-    import subprocess
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [str(Path(sys.executable).parent / "gunicorn"), "portal.wsgi", "-b", f"127.0.0.1:{port}"]
-    argv += ["-w", str(workers), "--threads", str(threads), "--log-level", "warning"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):  # noqa: S310
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"gunicorn did not start (see {log})") from None
-            time.sleep(0.1)
-
-
 def cpu_ms(pids) -> float:
     """CPU time (user + system, every thread) the processes ``pids`` have used so far, in ms (a process
     that is gone counts 0)."""
@@ -485,7 +460,11 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             from portal.tokens import token_create
 
             _, secret = token_create(user=user, name="bench burst", scopes=["clusters:write"])
-            web, url = start_web(env, run_dir / "gunicorn.log", args.web_workers, args.web_threads)
+            from bench.web import start_gunicorn
+
+            web, url = start_gunicorn(
+                env, workers=args.web_workers, threads=args.web_threads, log=run_dir / "gunicorn.log"
+            )
             try:
                 burst = burst_round(sites, args.burst, lambda: HttpApi(url, secret))
                 burst["api"] = f"gunicorn, {args.web_workers} processes × {args.web_threads} threads, over HTTP"
