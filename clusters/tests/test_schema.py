@@ -148,8 +148,8 @@ def _real_ids(path: str) -> dict[str, int]:
 def _short_waits(case) -> None:
     """A valid ``timeout`` of a long poll (``…/wait/``, ``…/events/``; up to ``CLUSTER_WAIT_MAX`` s) is cut to
     0.2 s: the generated ``until`` states are mostly not the seed cluster's (and the feed has no new event), so
-    each example would wait it out. Invalid values are
-    left as generated; a missing one (the default: the maximum) becomes 0.2 s."""
+    each example would wait it out. Invalid values are left as generated; a missing one (``wait``'s default is
+    the maximum) becomes 0.2 s."""
     if not case.operation.path.endswith(("/wait/", "/events/")):
         return
     if case.query is None:

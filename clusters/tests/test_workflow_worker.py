@@ -69,12 +69,16 @@ def test_a_scheduler_waits_with_one_request_per_transition(fabric, celery_worker
     """POST, then one long poll that answers when the worker has made the cluster READY (woken by the state
     notification the worker's commit sends); the same for the teardown."""
     cid = create(api)
+    started = time.monotonic()
     r = api.get(f"/api/clusters/{cid}/wait/?until=ready,failed&timeout=20")
     assert r.status_code == 200 and r.data["state"] == "ready", r.data
+    assert time.monotonic() - started < 10  # woken by the worker's commit, not by the timeout
     assert r.data["progress"] == {"percent": 100, "current": None}  # READY and its last step: one commit
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    started = time.monotonic()
     r = api.get(f"/api/clusters/{cid}/wait/?timeout=20")  # default: until settled
     assert r.status_code == 200 and r.data["state"] == "torn_down", r.data
+    assert time.monotonic() - started < 10
 
 
 def test_expiry_found_by_the_periodic_task(fabric, celery_worker, api):
