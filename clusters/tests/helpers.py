@@ -1,4 +1,4 @@
-"""Shared by the clusters tests that run a real worker: wait for a cluster's workflow to reach a state."""
+"""Shared by the clusters tests: API clients, clusters made through the API, waiting for a workflow."""
 
 from __future__ import annotations
 
@@ -15,3 +15,24 @@ def wait_state(cluster_id: int, *states: str, timeout: float = 30.0) -> VirtualC
             return cluster
         time.sleep(0.05)
     raise AssertionError(f"cluster {cluster_id} is {cluster.state}, not {states} after {timeout}s")
+
+
+def client_for(user):
+    """An API client authenticated as ``user``."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def create_cluster(user, name: str = "c1", mac: str = "52:54:00:00:00:01", *, host: str = "brno1", **extra) -> int:
+    """A cluster of ``user`` with one node on ``host``, created through the API (on the fake fabric, eager
+    Celery: READY when this returns); its id. ``extra``: more fields of the request (``group``, …)."""
+    from clusters.models import Image
+
+    Image.objects.get_or_create(name="my-own", defaults={"approved": False})
+    body = {"name": name, "image": "my-own", "lifetime": 3600, "nodes": [{"name": "n1", "host": host, "mac": mac}]}
+    r = client_for(user).post("/api/clusters/", {**body, **extra}, format="json")
+    assert r.status_code == 201, r.content
+    return r.data["id"]

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from clusters import services
-from clusters.models import ClusterState, Image, VirtualCluster
+from clusters.models import ClusterState, VirtualCluster
+from clusters.tests.helpers import create_cluster
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import AuditEntry
 
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def cluster(fabric, alice):
-    Image.objects.create(name="my-own", approved=False)
-    api = APIClient()
-    api.force_authenticate(alice)
-    nodes = [{"name": "n1", "host": "brno1", "mac": "52:54:00:00:00:01"}]
-    r = api.post("/api/clusters/", {"name": "c1", "image": "my-own", "nodes": nodes, "lifetime": 3600}, format="json")
-    assert r.status_code == 201, r.content
-    return VirtualCluster.objects.get(pk=r.data["id"])
+    return VirtualCluster.objects.get(pk=create_cluster(alice))
 
 
 def change_form(client, cluster, expires_at) -> dict:

@@ -10,45 +10,22 @@ from datetime import timedelta
 import pytest
 from django.db import connection, connections, transaction
 from django.utils import timezone
-from rest_framework.test import APIClient
 
-from clusters.models import ClusterEvent, ClusterState, Image, VirtualCluster
+from clusters.models import ClusterEvent, ClusterState, VirtualCluster
+from clusters.tests.helpers import client_for, create_cluster
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def client(user) -> APIClient:
-    api = APIClient()
-    api.force_authenticate(user)
-    return api
-
-
-def make(user, name: str, mac: str, **extra) -> int:
-    Image.objects.get_or_create(name="my-own", defaults={"approved": False})
-    r = client(user).post(
-        "/api/clusters/",
-        {
-            "name": name,
-            "image": "my-own",
-            "lifetime": 3600,
-            "nodes": [{"name": "n1", "host": "brno1", "mac": mac}],
-            **extra,
-        },
-        format="json",
-    )
-    assert r.status_code == 201, r.content
-    return r.data["id"]
-
-
 def feed(user, **query) -> dict:
-    r = client(user).get("/api/clusters/events/", query)
+    r = client_for(user).get("/api/clusters/events/", query)
     assert r.status_code == 200, r.content
     return r.data
 
 
 def test_a_clusters_life_is_in_the_feed_in_order(fabric, alice):
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     page = feed(alice)
     assert [(e["cluster"], e["state"]) for e in page["events"]] == [
         (cid, "requested"),
@@ -59,14 +36,14 @@ def test_a_clusters_life_is_in_the_feed_in_order(fabric, alice):
     assert ids == sorted(ids) and page["last"] == ids[-1]
     assert page["events"][0]["cluster_name"] == "c1"
     assert feed(alice, after=page["last"]) == {"events": [], "last": page["last"]}
-    assert client(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    assert client_for(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     more = feed(alice, after=page["last"])
     assert [e["state"] for e in more["events"]] == ["tearing_down", "torn_down"]
 
 
 def test_the_feed_shows_only_clusters_you_may_see(fabric, alice, bob, charlie, team):
-    own = make(alice, "mine", "52:54:00:00:00:01")
-    shared = make(alice, "ours", "52:54:00:00:00:02", group="physics")
+    own = create_cluster(alice, "mine", "52:54:00:00:00:01")
+    shared = create_cluster(alice, "ours", "52:54:00:00:00:02", group="physics")
     assert {e["cluster"] for e in feed(alice)["events"]} == {own, shared}
     assert {e["cluster"] for e in feed(bob)["events"]} == {shared}  # a group member
     assert feed(charlie)["events"] == []
@@ -81,13 +58,13 @@ def test_the_feed_shows_only_clusters_you_may_see(fabric, alice, bob, charlie, t
     ["after=-1", "after=x", "limit=0", "limit=1001", "cluster=0", "timeout=-1", "timeout=1000", "timeout=nan"],
 )
 def test_bad_queries_are_400(alice, query):
-    r = client(alice).get(f"/api/clusters/events/?{query}")
+    r = client_for(alice).get(f"/api/clusters/events/?{query}")
     assert r.status_code == 400, r.content
     assert query.split("=")[0] in r.data
 
 
 def test_a_change_rolled_back_leaves_no_event(fabric, alice):
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     before = ClusterEvent.objects.count()
     with pytest.raises(RuntimeError), transaction.atomic():
         VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.TEARING_DOWN)
@@ -100,8 +77,8 @@ def test_ids_follow_commit_order_so_the_cursor_skips_nothing(fabric, alice):
     after B's: a reader continuing from B's id still gets A's (with ids taken at change time it would not)."""
     if connection.vendor != "postgresql":
         pytest.skip("concurrent transactions need PostgreSQL")
-    a = make(alice, "a", "52:54:00:00:00:01")
-    b = make(alice, "b", "52:54:00:00:00:02")
+    a = create_cluster(alice, "a", "52:54:00:00:00:01")
+    b = create_cluster(alice, "b", "52:54:00:00:00:02")
     start = feed(alice)["last"]
     changed, release = threading.Event(), threading.Event()
 
@@ -127,7 +104,7 @@ def test_ids_follow_commit_order_so_the_cursor_skips_nothing(fabric, alice):
 
 
 def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     last = feed(alice)["last"]
 
     def change():
@@ -152,7 +129,7 @@ def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
 def test_old_events_are_pruned(fabric, alice, settings):
     from clusters.tasks import prune_events
 
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     settings.CLUSTER_EVENT_RETENTION = 30
     ClusterEvent.objects.filter(cluster_id=cid, state="requested").update(at=timezone.now() - timedelta(days=31))
     assert prune_events() == 1

@@ -10,6 +10,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from clusters.models import Image, Node, Quota, VirtualCluster
+from clusters.tests.helpers import client_for
 from network.models import VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
@@ -20,12 +21,6 @@ _macs = itertools.count(1)
 @pytest.fixture(autouse=True)
 def image(db):
     return Image.objects.create(name="my-own", approved=False)
-
-
-def client(user) -> APIClient:
-    api = APIClient()
-    api.force_authenticate(user)
-    return api
 
 
 def nodes(*hosts: str) -> list[dict]:
@@ -50,7 +45,7 @@ def allocated() -> int:
 
 def test_the_default_quota_of_clusters(fabric, alice, settings):
     settings.CLUSTER_QUOTA_CLUSTERS = 2
-    api = client(alice)
+    api = client_for(alice)
     assert create(api, "c1").status_code == 201
     assert create(api, "c2").status_code == 201
     before = (allocated(), VirtualCluster.objects.count(), Node.objects.count())
@@ -69,14 +64,14 @@ def test_a_users_own_quota_overrides_the_default(fabric, alice, bob, settings):
     settings.CLUSTER_QUOTA_CLUSTERS = 1
     Quota.objects.create(user=alice, max_clusters=3, note="project allocation")
     Quota.objects.create(user=bob, max_clusters=0, note="suspended")
-    api = client(alice)
+    api = client_for(alice)
     assert [create(api, f"c{i}").status_code for i in range(4)] == [201, 201, 201, 409]
-    assert create(client(bob), "b1").status_code == 409
+    assert create(client_for(bob), "b1").status_code == 409
 
 
 def test_the_quota_of_nodes_counts_additions(fabric, alice, settings):
     settings.CLUSTER_QUOTA_NODES = 3
-    api = client(alice)
+    api = client_for(alice)
     r = create(api, "c1", hosts=("brno1", "pilsen1"))
     assert r.status_code == 201
     assert create(api, "c2", hosts=("brno2", "pilsen2")).status_code == 409
@@ -90,15 +85,15 @@ def test_the_quota_of_nodes_counts_additions(fabric, alice, settings):
 def test_a_groups_quota_limits_its_clusters_together(fabric, alice, bob, team, settings):
     settings.CLUSTER_QUOTA_CLUSTERS = 0  # no default limit
     Quota.objects.create(group=team, max_clusters=1)
-    assert create(client(alice), "a1", group="physics").status_code == 201
-    r = create(client(bob), "b1", group="physics")
+    assert create(client_for(alice), "a1", group="physics").status_code == 201
+    r = create(client_for(bob), "b1", group="physics")
     assert r.status_code == 409 and "group physics" in str(r.data["quota"])
-    assert create(client(bob), "b2").status_code == 201  # not in the group's name
+    assert create(client_for(bob), "b2").status_code == 201  # not in the group's name
 
 
 def test_staff_are_not_limited(fabric, root, settings):
     settings.CLUSTER_QUOTA_CLUSTERS = 1
-    api = client(root)
+    api = client_for(root)
     assert [create(api, f"c{i}").status_code for i in range(3)] == [201, 201, 201]
 
 
@@ -113,7 +108,7 @@ def test_concurrent_creates_cannot_overshoot_the_quota(fabric, alice, settings):
 
     def one(i):
         try:
-            return create(client(alice), f"c{i}").status_code
+            return create(client_for(alice), f"c{i}").status_code
         finally:
             connection.close()
 
@@ -133,7 +128,7 @@ def test_a_quota_is_for_a_user_or_a_group(alice, team):
 
 def test_admin_lists_quotas_with_what_is_in_use(fabric, alice, root, settings):
     Quota.objects.create(user=alice, max_clusters=5, max_nodes=10)
-    assert create(client(alice), "c1", hosts=("brno1", "pilsen1")).status_code == 201
+    assert create(client_for(alice), "c1", hosts=("brno1", "pilsen1")).status_code == 201
     api = APIClient()
     api.force_login(root)
     r = api.get("/admin/clusters/quota/")
@@ -147,16 +142,16 @@ def test_the_quota_endpoint_says_what_applies_and_what_is_in_use(fabric, alice, 
 
     settings.CLUSTER_QUOTA_CLUSTERS, settings.CLUSTER_QUOTA_NODES = 4, 0
     Quota.objects.create(group=team, max_clusters=10, max_nodes=20)
-    assert create(client(alice), "a1", hosts=("brno1", "pilsen1"), group="physics").status_code == 201
-    assert create(client(bob), "b1").status_code == 201
-    r = client(alice).get("/api/clusters/quota/")
+    assert create(client_for(alice), "a1", hosts=("brno1", "pilsen1"), group="physics").status_code == 201
+    assert create(client_for(bob), "b1").status_code == 201
+    r = client_for(alice).get("/api/clusters/quota/")
     assert r.status_code == 200
     assert r.data == [
         {"scope": "user alice", "max_clusters": 4, "max_nodes": None, "clusters": 1, "nodes": 2},
         {"scope": "group physics", "max_clusters": 10, "max_nodes": 20, "clusters": 1, "nodes": 2},
     ]
     # someone else's: middleware and admins only
-    assert client(alice).get("/api/clusters/quota/?owner=bob").status_code == 403
+    assert client_for(alice).get("/api/clusters/quota/?owner=bob").status_code == 403
     _, secret = token_create(user=root, name="PBS", scopes=[TokenScope.CLUSTERS_MANAGE])
     pbs = APIClient()
     pbs.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
@@ -169,4 +164,4 @@ def test_the_quota_endpoint_says_what_applies_and_what_is_in_use(fabric, alice, 
         "nodes": 1,
     }
     assert pbs.get("/api/clusters/quota/?owner=nobody").status_code == 400
-    assert client(root).get("/api/clusters/quota/").data == []  # staff: no limits
+    assert client_for(root).get("/api/clusters/quota/").data == []  # staff: no limits

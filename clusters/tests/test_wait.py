@@ -12,7 +12,8 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from clusters.models import ClusterState, Image, VirtualCluster
+from clusters.models import ClusterState, VirtualCluster
+from clusters.tests.helpers import client_for, create_cluster
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal import notify
 
@@ -22,30 +23,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def cluster(fabric, alice):
     """A READY cluster (provisioned eagerly on the fake fabric)."""
-    Image.objects.create(name="my-own", approved=False)
-    api = APIClient()
-    api.force_authenticate(alice)
-    r = api.post(
-        "/api/clusters/",
-        {
-            "name": "c1",
-            "image": "my-own",
-            "lifetime": 3600,
-            "nodes": [{"name": "n1", "host": "brno1", "mac": "52:54:00:00:00:01"}],
-        },
-        format="json",
-    )
-    assert r.status_code == 201, r.content
-    c = VirtualCluster.objects.get(pk=r.data["id"])
+    c = VirtualCluster.objects.get(pk=create_cluster(alice))
     assert c.state == ClusterState.READY, c.state_reason
     return c
 
 
 @pytest.fixture
 def api(alice):
-    client = APIClient()
-    client.force_authenticate(alice)
-    return client
+    return client_for(alice)
 
 
 def _set_state_later(cluster_id: int, state: str, delay: float) -> threading.Thread:

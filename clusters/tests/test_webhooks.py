@@ -15,8 +15,9 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from clusters import webhooks
-from clusters.models import ClusterEvent, Image, VirtualCluster, Webhook
+from clusters.models import ClusterEvent, VirtualCluster, Webhook
 from clusters.tasks import deliver_webhooks
+from clusters.tests.helpers import create_cluster
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -63,24 +64,11 @@ def receiver():
     r.close()
 
 
-def make(user, name: str, mac: str) -> int:
-    Image.objects.get_or_create(name="my-own", defaults={"approved": False})
-    api = APIClient()
-    api.force_authenticate(user)
-    r = api.post(
-        "/api/clusters/",
-        {"name": name, "image": "my-own", "lifetime": 3600, "nodes": [{"name": "n1", "host": "brno1", "mac": mac}]},
-        format="json",
-    )
-    assert r.status_code == 201, r.content
-    return r.data["id"]
-
-
 def test_events_are_pushed_signed_in_order_once(fabric, alice, receiver):
-    before = make(alice, "old", "52:54:00:00:00:09")  # before the webhook: not sent
+    before = create_cluster(alice, "old", "52:54:00:00:00:09")  # before the webhook: not sent
     hook = Webhook.objects.create(name="accounting", url=receiver.url, secret=SECRET)
     assert hook.last_event_id == ClusterEvent.objects.order_by("-id").first().id
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     deliver_webhooks()
     assert len(receiver.requests) == 1
     headers, body = receiver.requests[0]
@@ -112,7 +100,7 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
         }
 
     Webhook.objects.create(name="acct", url=receiver.url, secret=SECRET)
-    make(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
     receiver.answers = [503]
     deliver_webhooks()
     assert figures() == {("virtcloud_webhook_events_behind", "acct"): 3, ("virtcloud_webhook_failures", "acct"): 1}
@@ -123,7 +111,7 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
 
 def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, alice, receiver):
     hook = Webhook.objects.create(name="flaky", url=receiver.url, secret=SECRET)
-    cid = make(alice, "c1", "52:54:00:00:00:01")
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     receiver.answers = [500]
     deliver_webhooks()
     hook.refresh_from_db()
@@ -143,7 +131,7 @@ def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, a
 
 def test_an_unreachable_endpoint_is_recorded_and_retried(fabric, alice):
     hook = Webhook.objects.create(name="gone", url="http://127.0.0.1:9/nowhere", secret=SECRET)
-    make(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
     [delivery] = webhooks.deliver_due()
     assert delivery.status is None and delivery.error
     hook.refresh_from_db()
@@ -152,7 +140,7 @@ def test_an_unreachable_endpoint_is_recorded_and_retried(fabric, alice):
 
 def test_states_filter_what_is_sent_and_the_cursor_moves_past_the_rest(fabric, alice, receiver):
     hook = Webhook.objects.create(name="ready-only", url=receiver.url, secret=SECRET, states=["ready"])
-    make(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
     deliver_webhooks()
     assert [e["state"] for e in receiver.events(0)] == ["ready"]
     hook.refresh_from_db()
@@ -161,7 +149,7 @@ def test_states_filter_what_is_sent_and_the_cursor_moves_past_the_rest(fabric, a
 
 def test_disabled_webhooks_get_nothing(fabric, alice, receiver):
     Webhook.objects.create(name="off", url=receiver.url, secret=SECRET, enabled=False)
-    make(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
     deliver_webhooks()
     assert receiver.requests == []
 
