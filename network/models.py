@@ -409,6 +409,8 @@ class SegmentMember(models.Model):
         ordering = ["segment", "host__name"]
         constraints = [models.UniqueConstraint(fields=["segment", "host"], name="segmentmember_unique_host")]
 
+    TEXT_RELATED = ("segment", "host")  # what ``__str__`` reads (select_related these for many)
+
     def __str__(self) -> str:
         return f"{self.segment.owner_ref} on {self.host.name}" if self.segment_id and self.host_id else "member"
 

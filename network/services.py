@@ -284,7 +284,8 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
             f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} does not reach sites {_site_names(outside)}"
         )
     wanted = {h.pk for h in members}
-    SegmentMember.objects.filter(segment=seg).exclude(host_id__in=wanted).delete()
+    left = SegmentMember.objects.filter(segment=seg).exclude(host_id__in=wanted)
+    audit.delete_rows(left, related=SegmentMember.TEXT_RELATED)
     have = set(SegmentMember.objects.filter(segment=seg).values_list("host_id", flat=True))
     SegmentMember.objects.bulk_create([SegmentMember(segment=seg, host_id=pk) for pk in sorted(wanted - have)])
     seg.state = Segment.State.PENDING
@@ -331,7 +332,7 @@ def segment_delete(*, segment: Segment) -> Segment:
         # Compensation already cleaned the devices and released the VLAN: nothing left to tear down.
         seg.state = Segment.State.CLOSED
         seg.save(update_fields=["state", "updated_at"])
-        SegmentMember.objects.filter(segment=seg).delete()
+        audit.delete_rows(SegmentMember.objects.filter(segment=seg), related=SegmentMember.TEXT_RELATED)
     elif seg.state in Segment.DESIRED_STATES + (Segment.State.COMPENSATING, Segment.State.FAILED):
         seg.state = Segment.State.DELETING
         seg.save(update_fields=["state", "updated_at"])

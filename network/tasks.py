@@ -24,6 +24,7 @@ from network import convergence, services
 from network.drivers import TemporaryDeviceError
 from network.errors import DeviceChangeFailed, SegmentClosed
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
+from portal import audit
 from portal.audit import audit_actor
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def segment_released(segment_id: int) -> dict:
                 services.vlan_release(allocation=seg.allocation)
             seg.state = Segment.State.CLOSED
             seg.save(update_fields=["state", "updated_at"])
-            SegmentMember.objects.filter(segment=seg).delete()
+            audit.delete_rows(SegmentMember.objects.filter(segment=seg), related=SegmentMember.TEXT_RELATED)
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
 
 
