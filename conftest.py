@@ -71,6 +71,7 @@ def celery_worker(transactional_db, tmp_path):
         "DJANGO_SETTINGS_MODULE": "portal.settings_test",
         "DATABASE_URL": _database_url(connection.settings_dict),
         "CELERY_TASK_ALWAYS_EAGER": "false",
+        "PGAPPNAME": "virtcloud-test-worker",  # its sessions, told apart in pg_stat_activity
     }
     from portal.testing_celery import WorkerProcess
 

@@ -3,11 +3,16 @@
 
     sudo .venv/bin/python bench/provision.py [--clusters 20] [--sites 1,3,4,16] [--hosts both] [--profile]
 
-For each host mode and site count N: a fresh database (``--database-url``, dropped and created: default
+For each host mode: a fresh database (``--database-url``, dropped and created: default
 ``postgres://postgres@127.0.0.1:5432/vc_bench_provision``), the topology ``network.lab.topology.generate
-(sites=N, hosts_per_site=2)`` imported through the portal's own ``topology_import``, the netns lab built
+(sites=S, hosts_per_site=2)`` imported through the portal's own ``topology_import``, the netns lab built
 from the database (real Open vSwitch switches and hosts) and the inventory pointed at it, and real Celery
-workers (threads pool) on Redis (``--redis-url``, its database is flushed). Host modes (``--hosts``):
+workers (threads pool) on Redis (``--redis-url``, its database is flushed). ``--layout one-lab`` (the
+default): one lab of the largest site count S, and round after round one cluster of each count in turn, so
+that the ratios are measured side by side (a neighbour's load or the CPU's clock changing during the run
+falls on every count alike: on this kind of machine the same cluster's latency drifts by up to 1.6× between
+runs); ``--layout lab-per-count``: a lab of S = N sites for the clusters of N sites, one count after the
+other. Host modes (``--hosts``):
 
 - ``agents``: every host has its agent queue ``host.<name>``, as when each hypervisor runs its own agent;
   one worker process stands in for all the agents (``--agent-processes``: one process per host — on a
@@ -15,10 +20,11 @@ workers (threads pool) on Redis (``--redis-url``, its database is flushed). Host
 - ``central``: hosts without an agent queue, converged by the central worker (the host layer is then one
   task, merged with the switch layer's).
 
-Then ``--clusters`` closed clusters, one after the other, each with one node per site, are created through
-the API (DRF ``APIClient`` in-process, the way a scheduler's request runs in a web worker); the latency is
-from just before the POST to the cluster's ``ready_at``; the client then waits as a scheduler does, with one
-long poll (``GET …/wait/``, woken by the state notification), and when that answer arrives is printed too.
+Then ``--clusters`` closed clusters of each count, one after the other, each with one node per site (sites
+1…N), are created through the API (DRF ``APIClient`` in-process, the way a scheduler's request runs in a
+web worker); the latency is from just before the POST to the cluster's ``ready_at``; the client then waits
+as a scheduler does, with one long poll (``GET …/wait/``, woken by the state notification), and when that
+answer arrives is printed too.
 Each cluster is torn down (waited for the same way) before the next. The first ``--warmup`` clusters are not
 counted (imports, first connections).
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import secrets
 import statistics
@@ -353,8 +360,18 @@ def burst_round(sites: int, n: int, client) -> dict:
     }
 
 
-def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
-    """``--clusters`` clusters on a fresh ``sites``-site lab. ``agents``: every host has its agent queue,
+class Bench:
+    """One lab with its database, topology, workers and API client (``lab_bench``)."""
+
+    def __init__(self, *, sites, lab, lab_up, user, api, groups, run_dir, env):
+        self.sites, self.lab, self.lab_up, self.user, self.api = sites, lab, lab_up, user, api
+        self.groups, self.run_dir, self.env = groups, run_dir, env
+
+
+@contextlib.contextmanager
+def lab_bench(sites: int, args, env: dict, app, *, agents: bool):
+    """A fresh ``sites``-site lab: the database flushed and the topology imported, the netns lab built from
+    it, the inventory pointed at it and the workers started. ``agents``: every host has its agent queue,
     consumed by one worker process standing in for all the agents, or (``--agent-processes``) by a worker
     process of its own per host, as on real hypervisors — on a 2-core machine that is 2 × sites Python
     processes competing with the lab; otherwise the central worker converges the hosts too (the hosts
@@ -364,7 +381,7 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
     from django.db import connection
     from rest_framework.test import APIClient
 
-    from clusters.models import ClusterState, Image, VirtualCluster
+    from clusters.models import Image
     from network.lab import Lab, topology
     from network.lab.inventory import point_inventory_at
     from network.models import Host
@@ -406,8 +423,6 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
         connection.close()  # the flush and import are done: start the measurement on a fresh connection
         api = APIClient()
         api.force_authenticate(user)
-        latencies, seen_by_client, posts, teardowns, breakdown, cpu = [], [], [], [], [], []
-        profiled = None
         groups = {
             "worker": [w.proc.pid for w in workers],
             "lab": [pid for pid in lab.state["pids"].values() if pid],
@@ -415,92 +430,133 @@ def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
             "postgres": pids_named("postgres"),
             "redis": pids_named("redis-server"),
         }
-        for i in range(args.warmup + args.clusters):
-            nodes = [
-                {
-                    "name": f"n{k}",
-                    "host": f"h-s{k + 1}-{1 + i % 2}",
-                    "mac": f"52:54:{i // 256:02x}:{i % 256:02x}:{k:02x}:01",
-                }
-                for k in range(sites)
-            ]
-            groups["postgres"] = pids_named("postgres")  # backends come and go
-            before = {name: cpu_ms(pids) for name, pids in groups.items()}
-            t0 = datetime.now(UTC)
-            t_post = time.perf_counter()
-            r = api.post(
-                "/api/clusters/",
-                {"name": f"c{i}", "image": "user-image", "admin_rights": True, "nodes": nodes, "lifetime": 3600},
-                format="json",
-                HTTP_IDEMPOTENCY_KEY=f"bench-{sites}-{i}",
-            )
-            post = time.perf_counter() - t_post
-            if r.status_code != 201:
-                raise RuntimeError(f"create refused: {r.status_code} {r.content[:500]!r}")
-            answer, seen = wait_state(api, r.data["id"], "ready,failed")
-            cluster = VirtualCluster.objects.get(pk=r.data["id"])
-            spent = {name: cpu_ms(pids) - before[name] for name, pids in groups.items()}
-            if cluster.state != ClusterState.READY:
-                raise RuntimeError(f"cluster c{i} failed: {cluster.state_reason}")
-            if i >= args.warmup:
-                latencies.append((cluster.ready_at - t0).total_seconds())
-                seen_by_client.append(seen - t_post)
-                posts.append(post)
-                breakdown.append(phases(cluster, t0, post))
-                cpu.append(spent)
-                if profiled is None and args.profile:
-                    profiled = profile(cluster.pk, t0)
-            t_down = time.perf_counter()
-            assert api.post(f"/api/clusters/{cluster.pk}/teardown/", {}, format="json").status_code == 202
-            wait_state(api, cluster.pk, "torn_down")
-            if i >= args.warmup:
-                teardowns.append(time.perf_counter() - t_down)
-        burst = None
-        if args.burst and args.burst_api == "http":
-            from portal.tokens import token_create
-
-            _, secret = token_create(user=user, name="bench burst", scopes=["clusters:write"])
-            from bench.web import start_gunicorn
-
-            web, url = start_gunicorn(
-                env, workers=args.web_workers, threads=args.web_threads, log=run_dir / "gunicorn.log"
-            )
-            try:
-                burst = burst_round(sites, args.burst, lambda: HttpApi(url, secret))
-                burst["api"] = f"gunicorn, {args.web_workers} processes × {args.web_threads} threads, over HTTP"
-            finally:
-                web.terminate()
-                web.wait(timeout=20)
-        elif args.burst:
-
-            def in_process():
-                client = APIClient()
-                client.force_authenticate(user)
-                return client
-
-            burst = burst_round(sites, args.burst, in_process)
-            burst["api"] = "in this process (its threads share one interpreter lock)"
-        return {
-            "burst": burst,
-            "sites": sites,
-            "n": len(latencies),
-            "lab_up": lab_up,
-            "p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95),
-            "max": max(latencies),
-            "seen_p50": percentile(seen_by_client, 50),
-            "post_p50": percentile(posts, 50),
-            "teardown_p50": percentile(teardowns, 50),
-            "profile": profiled,
-            "phases": {name: statistics.median(b[name] for b in breakdown) for name in PHASES},
-            "cpu": {name: statistics.mean(c[name] for c in cpu) for name in groups},
-        }
+        yield Bench(sites=sites, lab=lab, lab_up=lab_up, user=user, api=api, groups=groups, run_dir=run_dir, env=env)
     finally:
         for w in workers:  # all at once, then wait for each
             w.terminate()
         for w in workers:
             w.stop(timeout=20)
         lab.down()
+
+
+def one_cluster(bench: Bench, sites: int, i: int, *, profiled: bool) -> dict:
+    """Create the ``i``-th closed cluster with one node on each of sites 1…``sites`` through the API, wait
+    for READY with the long poll, tear it down and wait for TORN_DOWN. Returns what it measured."""
+    from clusters.models import ClusterState, VirtualCluster
+
+    api, groups = bench.api, bench.groups
+    mac = f"52:{sites:02x}:{i // 256:02x}:{i % 256:02x}"  # unique per count and round
+    nodes = [{"name": f"n{k}", "host": f"h-s{k + 1}-{1 + i % 2}", "mac": f"{mac}:{k:02x}:01"} for k in range(sites)]
+    groups["postgres"] = pids_named("postgres")  # backends come and go
+    before = {name: cpu_ms(pids) for name, pids in groups.items()}
+    t0 = datetime.now(UTC)
+    t_post = time.perf_counter()
+    r = api.post(
+        "/api/clusters/",
+        {"name": f"c{sites}-{i}", "image": "user-image", "admin_rights": True, "nodes": nodes, "lifetime": 3600},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY=f"bench-{sites}-{i}",
+    )
+    post = time.perf_counter() - t_post
+    if r.status_code != 201:
+        raise RuntimeError(f"create refused: {r.status_code} {r.content[:500]!r}")
+    _answer, seen = wait_state(api, r.data["id"], "ready,failed")
+    cluster = VirtualCluster.objects.get(pk=r.data["id"])
+    spent = {name: cpu_ms(pids) - before[name] for name, pids in groups.items()}
+    if cluster.state != ClusterState.READY:
+        raise RuntimeError(f"cluster c{sites}-{i} failed: {cluster.state_reason}")
+    sample = {
+        "latency": (cluster.ready_at - t0).total_seconds(),
+        "seen": seen - t_post,
+        "post": post,
+        "phases": phases(cluster, t0, post),
+        "cpu": spent,
+        "profile": profile(cluster.pk, t0) if profiled else None,
+    }
+    t_down = time.perf_counter()
+    assert api.post(f"/api/clusters/{cluster.pk}/teardown/", {}, format="json").status_code == 202
+    wait_state(api, cluster.pk, "torn_down")
+    sample["teardown"] = time.perf_counter() - t_down
+    return sample
+
+
+def summary(sites: int, samples: list[dict], bench: Bench, burst: dict | None) -> dict:
+    def p(key: str, q: float) -> float:
+        return percentile([s[key] for s in samples], q)
+
+    return {
+        "burst": burst,
+        "sites": sites,
+        "n": len(samples),
+        "lab_up": bench.lab_up,
+        "p50": p("latency", 50),
+        "p95": p("latency", 95),
+        "max": max(s["latency"] for s in samples),
+        "seen_p50": p("seen", 50),
+        "post_p50": p("post", 50),
+        "teardown_p50": p("teardown", 50),
+        "profile": next((s["profile"] for s in samples if s["profile"]), None),
+        "phases": {name: statistics.median(s["phases"][name] for s in samples) for name in PHASES},
+        "cpu": {name: statistics.mean(s["cpu"][name] for s in samples) for name in bench.groups},
+    }
+
+
+def burst(bench: Bench, sites: int, args) -> dict | None:
+    """``--burst`` clusters of ``sites`` sites at once (``burst_round``), through gunicorn or in-process."""
+    from rest_framework.test import APIClient
+
+    if not args.burst:
+        return None
+    if args.burst_api == "http":
+        from bench.web import start_gunicorn
+        from portal.tokens import token_create
+
+        _, secret = token_create(user=bench.user, name=f"bench burst {sites}", scopes=["clusters:write"])
+        web, url = start_gunicorn(
+            bench.env, workers=args.web_workers, threads=args.web_threads, log=bench.run_dir / "gunicorn.log"
+        )
+        try:
+            result = burst_round(sites, args.burst, lambda: HttpApi(url, secret))
+            result["api"] = f"gunicorn, {args.web_workers} processes × {args.web_threads} threads, over HTTP"
+        finally:
+            web.terminate()
+            web.wait(timeout=20)
+        return result
+
+    def in_process():
+        client = APIClient()
+        client.force_authenticate(bench.user)
+        return client
+
+    result = burst_round(sites, args.burst, in_process)
+    result["api"] = "in this process (its threads share one interpreter lock)"
+    return result
+
+
+def run_sites(sites: int, args, env: dict, app, *, agents: bool) -> dict:
+    """``--layout lab-per-count``: ``--clusters`` clusters (after ``--warmup``) on a fresh ``sites``-site lab."""
+    with lab_bench(sites, args, env, app, agents=agents) as bench:
+        samples = []
+        for i in range(args.warmup + args.clusters):
+            sample = one_cluster(bench, sites, i, profiled=args.profile and i == args.warmup)
+            if i >= args.warmup:
+                samples.append(sample)
+        return summary(sites, samples, bench, burst(bench, sites, args))
+
+
+def run_side_by_side(counts: list[int], args, env: dict, app, *, agents: bool) -> list[dict]:
+    """``--layout one-lab``: one lab of ``max(counts)`` sites; round after round, one cluster of each count
+    in turn (1, 3, 4, 16, 1, 3, …), so that whatever the machine does meanwhile (a neighbour's load, the
+    CPU's clock) falls on every count alike, and the ratios compare like with like. A cluster of N sites has
+    its nodes on sites 1…N; the devices of the other sites are idle."""
+    with lab_bench(max(counts), args, env, app, agents=agents) as bench:
+        samples: dict[int, list[dict]] = {n: [] for n in counts}
+        for i in range(args.warmup + args.clusters):
+            for n in counts:
+                sample = one_cluster(bench, n, i, profiled=args.profile and i == args.warmup)
+                if i >= args.warmup:
+                    samples[n].append(sample)
+        return [summary(n, samples[n], bench, burst(bench, n, args)) for n in counts]
 
 
 def main() -> None:
@@ -530,6 +586,14 @@ def main() -> None:
     )
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes for the burst")
     parser.add_argument("--web-threads", type=int, default=8, help="threads per gunicorn worker for the burst")
+    parser.add_argument(
+        "--layout",
+        default="one-lab",
+        choices=("one-lab", "lab-per-count"),
+        help="one-lab (default): one lab of the largest count, a cluster of each count in turn, round after round "
+        "(side by side: the machine's drift falls on every count alike); lab-per-count: a lab of N sites for the "
+        "clusters of N sites, one count after the other",
+    )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     parser.add_argument(
         "--database-url",
@@ -576,25 +640,35 @@ def main() -> None:
     redis.Redis.from_url(args.redis_url).flushdb()
 
     modes = ("agents", "central") if args.hosts == "both" else (args.hosts,)
+    counts = [int(n) for n in args.sites.split(",")]
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
+
+    def show(mode: str, result: dict) -> None:
+        sites = result["sites"]
+        print(
+            f"  {mode:7s} {sites:2d} sites: p50 {result['p50'] * 1000:6.0f} ms  p95 {result['p95'] * 1000:6.0f} ms"
+            f"  max {result['max'] * 1000:6.0f} ms   (POST {result['post_p50'] * 1000:.0f} ms, "
+            f"teardown {result['teardown_p50'] * 1000:.0f} ms, lab up {result['lab_up']:.1f} s)",
+            flush=True,
+        )
+        if result["profile"] and (sites == 3 or len(counts) == 1):
+            print(f"  one {sites}-site cluster ({mode}):")
+            print("\n".join(result["profile"]), flush=True)
+
     for mode in modes:
-        for sites in [int(n) for n in args.sites.split(",")]:
-            result = run_sites(sites, args, env, app, agents=mode == "agents")
-            results[mode].append(result)
-            print(
-                f"  {mode:7s} {sites:2d} sites: p50 {result['p50'] * 1000:6.0f} ms  p95 {result['p95'] * 1000:6.0f} ms"
-                f"  max {result['max'] * 1000:6.0f} ms   (POST {result['post_p50'] * 1000:.0f} ms, "
-                f"teardown {result['teardown_p50'] * 1000:.0f} ms, lab up {result['lab_up']:.1f} s)",
-                flush=True,
-            )
-            if result["profile"] and (sites == 3 or len(args.sites.split(",")) == 1):
-                print(f"  one {sites}-site cluster ({mode}):")
-                print("\n".join(result["profile"]), flush=True)
+        agents = mode == "agents"
+        if args.layout == "one-lab":
+            results[mode] = run_side_by_side(counts, args, env, app, agents=agents)
+        else:
+            results[mode] = [run_sites(sites, args, env, app, agents=agents) for sites in counts]
+        for result in results[mode]:
+            show(mode, result)
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\nAPI call → READY, {os.cpu_count()} CPUs (load {load}), worker pool {args.pool}, lab planes "
-        f"{args.planes}, closed clusters with one node per site, in turn"
+        f"{args.planes}, closed clusters with one node per site, in turn, "
+        + ("the site counts side by side in one lab" if args.layout == "one-lab" else "a lab per site count")
     )
     for mode in modes:
         _report(mode, results[mode])

@@ -2,10 +2,23 @@
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 app = Celery("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+def _close_old_connections(**kwargs) -> None:
+    """Around every task, what Django does around every request: close this thread's database connections
+    that are older than CONN_MAX_AGE or broken (a failed transaction, a server that went away), keep the
+    others (Celery's own fix-up would close them all: see CELERY_DB_REUSE_MAX)."""
+    from django.db import close_old_connections
+
+    request = getattr(kwargs.get("task"), "request", None)
+    if not getattr(request, "is_eager", False):
+        close_old_connections()

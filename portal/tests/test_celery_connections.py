@@ -1,0 +1,46 @@
+"""Database connections of a real worker: kept from task to task (CONN_MAX_AGE), as a web worker keeps
+them from request to request, and replaced when broken. Celery's Django fix-up alone closes them before
+and after every task, so each task paid a new PostgreSQL backend."""
+
+import pytest
+from django.db import connection
+
+from clusters import tasks
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _sessions() -> int:
+    """Sessions ever established to the test database (PostgreSQL ≥ 14)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        (count,) = cursor.fetchone()
+    return count
+
+
+def _run(times: int) -> None:
+    for _ in range(times):
+        assert tasks.prune_events.delay().get(timeout=30) == 0  # a task that queries the database
+
+
+def test_a_worker_keeps_its_connections_between_tasks(celery_worker, settings):
+    assert settings.DATABASES["default"]["CONN_MAX_AGE"] > 0
+    _run(3)  # the worker's threads connect
+    before = _sessions()
+    _run(3 * celery_worker.concurrency)
+    opened = _sessions() - before
+    # one connection per worker thread at most (the statistics lag a little: PostgreSQL counts a session
+    # when it ends or at the next report), not one per task
+    assert opened <= celery_worker.concurrency, opened
+
+
+def test_a_broken_connection_is_replaced_before_the_next_task(celery_worker):
+    _run(2)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            [celery_worker.env["PGAPPNAME"]],
+        )
+        assert cursor.fetchall(), "the worker has no connection to break"
+    _run(2 * celery_worker.concurrency)  # every thread's next task finds its connection dead, and reconnects
