@@ -51,6 +51,19 @@ def query_param(request, name: str) -> str | None:
     return value
 
 
+ID_MAX = 2**63 - 1  # the largest row id (a bigint)
+
+
+class IdField(serializers.IntegerField):
+    """A row id in a request: a positive 64-bit integer, so that a huge number is a 400, not a database
+    error (a 500: SQLite cannot bind it)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", ID_MAX)
+        super().__init__(**kwargs)
+
+
 class NameRelatedField(serializers.SlugRelatedField):
     """A lookup by name that answers "does not exist" (400), not a database error (500), for a name
     PostgreSQL cannot hold (a NUL character)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from access.models import Credential, RevocationReason
+from portal.api import IdField
 
 
 class VpnProfileRequestSerializer(serializers.Serializer):
     clusters = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=IdField(),
         min_length=1,
         max_length=50,
         help_text="ids of the clusters the attribute certificate covers; the profile enters the first",
@@ -20,7 +21,7 @@ class VpnProfileRequestSerializer(serializers.Serializer):
 
 
 class SshCertificateRequestSerializer(serializers.Serializer):
-    cluster = serializers.IntegerField(min_value=1, help_text="id of the cluster")
+    cluster = IdField(help_text="id of the cluster")
     public_key = serializers.CharField(
         required=False,
         allow_blank=True,

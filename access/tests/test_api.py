@@ -50,6 +50,7 @@ def test_vpn_profile_download(bob, cluster, gateway):
     [
         ({"clusters": []}, 400, None),
         ({"clusters": ["x"]}, 400, None),
+        ({"clusters": [2**70]}, 400, None),  # no such row id: a field error, not a database error (500)
         ({}, 400, None),
     ],
 )
@@ -116,6 +117,8 @@ def test_ssh_certificate_statuses(alice, cluster, other_cluster, gateway):
     assert bad.status_code == 400
     assert "DSA" in bad.json()["public_key"][0]
     assert api.post("/api/access/ssh-certificates/", {"cluster": other_cluster.pk}, format="json").status_code == 403
+    huge = api.post("/api/access/ssh-certificates/", {"cluster": 2**70}, format="json")
+    assert (huge.status_code, list(huge.json())) == (400, ["cluster"])
     ending = make_cluster(alice, name="bye", state="tearing_down")
     assert api.post("/api/access/ssh-certificates/", {"cluster": ending.pk}, format="json").status_code == 409
 

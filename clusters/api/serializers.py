@@ -31,7 +31,7 @@ from network.drivers import host_attachment
 from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
-from portal.api import NameRelatedField
+from portal.api import ID_MAX, IdField, NameRelatedField
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")
 
@@ -159,11 +159,9 @@ class EventQuerySerializer(serializers.Serializer):
     """Query of ``GET /api/clusters/events/``."""
 
     after = serializers.IntegerField(
-        required=False, default=0, min_value=0, max_value=2**63 - 1, help_text="the last event id already seen"
+        required=False, default=0, min_value=0, max_value=ID_MAX, help_text="the last event id already seen"
     )
-    cluster = serializers.IntegerField(
-        required=False, min_value=1, max_value=2**63 - 1, help_text="only this cluster's events"
-    )
+    cluster = IdField(required=False, help_text="only this cluster's events")
     limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
     timeout = serializers.FloatField(
         required=False,
