@@ -26,7 +26,7 @@ from network.models import (
 
 @admin.register(Site)
 class SiteAdmin(admin.ModelAdmin):
-    list_display = ("name", "description")
+    list_display = ("name", "description", "worker_queue")
     search_fields = ("name", "description")
 
 
@@ -65,6 +65,7 @@ class SwitchForm(forms.ModelForm):
             "username",
             "password",
             "driver_args",
+            "worker_queue",
             "enabled",
             "description",
         ]
@@ -91,10 +92,10 @@ def reconcile_now(modeladmin, request, queryset):
     from network import tasks
 
     kind = _kind(queryset)
-    ids = list(queryset.filter(enabled=True).values_list("pk", flat=True))
-    for pk in ids:
-        transaction.on_commit(lambda pk=pk: tasks.reconcile_device.delay(kind, pk))
-    modeladmin.message_user(request, f"Reconcile queued for {len(ids)} {kind}(s); see Drift and Device changes.")
+    devices = list(queryset.filter(enabled=True).select_related("site"))
+    for device in devices:
+        transaction.on_commit(lambda device=device: tasks.reconcile_later(kind, device))
+    modeladmin.message_user(request, f"Reconcile queued for {len(devices)} {kind}(s); see Drift and Device changes.")
 
 
 @admin.action(description="Plan (dry run): show the diff convergence would apply")

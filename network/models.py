@@ -18,6 +18,9 @@ name_validator = RegexValidator(
 interface_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9/._:-]*$", "An interface name: letters, digits and / . _ : -"
 )
+queue_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$", "A Celery queue name: letters, digits and . _ : @ -"
+)
 _VLAN_FIELDS = {"vid_min", "vid_max"}
 
 
@@ -65,6 +68,14 @@ class Site(InventoryModel):
 
     name = models.SlugField(max_length=50, unique=True, validators=[name_validator])
     description = models.CharField(max_length=200, blank=True)
+    worker_queue = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[queue_validator],
+        help_text="Celery queue of a worker at the site: it converges the site's switches, and its hosts that "
+        "have no agent of their own (when only the site reaches their management addresses); empty: the "
+        "central worker",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -140,6 +151,12 @@ class Switch(InventoryModel):
     driver_args = models.JSONField(default=dict, blank=True, help_text="NAPALM optional_args (transport, port, …)")
     enabled = models.BooleanField(default=True, help_text="disabled switches are never touched")
     description = models.CharField(max_length=200, blank=True)
+    worker_queue = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[queue_validator],
+        help_text="Celery queue of the worker that reaches this switch; empty: its site's worker queue",
+    )
 
     class Meta:
         ordering = ["site__name", "name"]
@@ -147,6 +164,11 @@ class Switch(InventoryModel):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue its device tasks go to ("": the central worker's)."""
+        return self.worker_queue or self.site.worker_queue
 
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
@@ -215,7 +237,10 @@ class Host(InventoryModel):
     driver = models.CharField(max_length=20, choices=HostDriver.choices, default=HostDriver.OVS)
     driver_args = models.JSONField(default=dict, blank=True)
     agent_queue = models.CharField(
-        max_length=100, blank=True, help_text="Celery queue of the host agent; empty: the central worker"
+        max_length=100,
+        blank=True,
+        validators=[queue_validator],
+        help_text="Celery queue of the host agent; empty: its site's worker queue, or the central worker",
     )
     enabled = models.BooleanField(default=True)
 
@@ -224,6 +249,11 @@ class Host(InventoryModel):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue its device tasks go to ("": the central worker's)."""
+        return self.agent_queue or self.site.worker_queue
 
     def clean(self) -> None:
         if not self.switch_port_id:

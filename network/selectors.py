@@ -219,8 +219,9 @@ def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
     """Enabled switches and hosts to converge for ``segment``: what it needs plus what it touched before
     (so that a host it left, or a switch at a site it left, is cleaned too)."""
     devices = segment_footprint(segment) | touched_devices(segment)
-    switches = list(Switch.objects.filter(pk__in=devices.switches, enabled=True).order_by("name"))
-    hosts = list(Host.objects.filter(pk__in=devices.hosts, enabled=True).order_by("name"))
+    enabled = {"enabled": True}
+    switches = list(Switch.objects.filter(pk__in=devices.switches, **enabled).select_related("site").order_by("name"))
+    hosts = list(Host.objects.filter(pk__in=devices.hosts, **enabled).select_related("site").order_by("name"))
     return switches, hosts
 
 

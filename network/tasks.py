@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 
-from celery import shared_task
+from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
 
@@ -69,7 +69,11 @@ def converge_host(self, change_id: int) -> dict:
 
 @shared_task(name="network.converge_devices", **_DEVICE_TASK)
 def converge_devices(
-    self, change_ids: list[int], then: list[list[int]] | None = None, finish: list | None = None
+    self,
+    change_ids: list[int],
+    then: list[list[int]] | None = None,
+    finish: list | None = None,
+    tolerate: bool = False,
 ) -> dict:
     """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
     workflow, or a chunk of it), then those of each layer in ``then``, in turn (consecutive layers the
@@ -80,15 +84,21 @@ def converge_devices(
     Settled changes are skipped, so a retry (or a redelivery after a worker died) redoes only what is
     still pending. A permanent failure of any device fails the task (after the others of its layer
     finished; later layers are not started) with that device and its message; temporary ones retry the
-    task with backoff."""
+    task with backoff. With ``tolerate`` (a rollback: every device must be tried) a device that fails, at
+    once or after the retries, is recorded as failed and the others, and the later layers, go on."""
     done = []
     for layer in [change_ids, *(then or [])]:
         with audit_actor("network.converge"):
             outcome = convergence.converge_changes(layer)
-        if outcome.failed:
+        if outcome.failed and not tolerate:
             raise outcome.failed[0]
         if outcome.temporary:
-            _retry_pending(self, outcome.temporary)
+            try:
+                _retry_pending(self, outcome.temporary)
+            except DeviceChangeFailed:
+                if not tolerate:
+                    raise
+                outcome = convergence.BatchOutcome(changes=DeviceChange.objects.in_bulk(layer))
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
         kind, segment_id = finish
@@ -178,44 +188,63 @@ def segment_compensate(self, segment_id: int) -> dict:
 
     The VLAN is kept (not released) when a device that did take it could not be rolled back: handing the
     id to another owner while a switch still carries it would join two clusters. Deleting the segment
-    later (``segment_delete`` + ``teardown``) retries the cleanup."""
+    later (``segment_delete`` + ``teardown``) retries the cleanup.
+
+    Each device is converged by the worker that reaches it (``Switch.queue``, ``Host.queue``): when that is
+    the central worker for all of them, here, inline; otherwise this task is replaced by a chain of layers
+    on their queues (hosts, then switches; ``tolerate``: a device that fails stops neither the others nor
+    the next layer) ending in ``segment_compensated``, and whatever followed this task follows that."""
+    from network import workflows
+
     with audit_actor("network.compensate"), convergence.device_lock("segment", segment_id, wait=0) as held:
         if not held:
             return {"segment": segment_id, "state": "being compensated elsewhere"}
         Segment.objects.filter(pk=segment_id, state__in=Segment.DESIRED_STATES).update(state=Segment.State.COMPENSATING)
-        seg = Segment.objects.select_related("allocation__pool").get(pk=segment_id)
+        seg = Segment.objects.get(pk=segment_id)
         if seg.state != Segment.State.COMPENSATING:
             return {"segment": seg.pk, "state": seg.state}
-        cause = f"compensate {seg.owner_ref}"
-        first = (
-            DeviceChange.objects.filter(segment=seg, status=DeviceChange.Status.FAILED)
-            .exclude(cause=cause)
-            .order_by("finished_at", "pk")
-            .first()
-        )
-        reason = f"{first.device}: {first.error}" if first else "provisioning failed"
         switches, hosts = convergence.selectors.segment_devices(seg)
         devices = [*hosts, *switches]  # reverse order of provisioning: hosts, then switches
-        ids = convergence.changes_create(devices=devices, segment=seg, cause=cause)
-        failed = _converge_now(ids[: len(hosts)])
-        failed.update(_converge_now(ids[len(hosts) :]))
-        not_rolled_back = []
-        for device, change_id in zip(devices, ids, strict=True):
-            message = failed.get(change_id)
-            if message is None:
-                continue
-            kind = DeviceKind.SWITCH if isinstance(device, Switch) else DeviceKind.HOST
-            took_it = (
-                DeviceChange.objects.filter(
-                    segment=seg,
-                    status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP],
-                    **{kind: device},
-                )
-                .exclude(cause=cause)
-                .exists()
-            )
-            if took_it:
-                not_rolled_back.append(f"{device.name}: {message}")
+        ids = convergence.changes_create(devices=devices, segment=seg, cause=_compensation_cause(seg))
+        if not any(device.queue for device in devices):
+            _converge_now(ids[: len(hosts)])
+            _converge_now(ids[len(hosts) :])
+            return segment_compensated(seg.pk)
+        pairs = list(zip(devices, ids, strict=True))
+        steps = workflows.layers(
+            seg,
+            [("hosts", workflows.layer(pairs[: len(hosts)])), ("switches", workflows.layer(pairs[len(hosts) :]))],
+            "compensated",
+            tolerate=True,
+        )
+    return self.replace(chain(*steps))
+
+
+def _compensation_cause(seg: Segment) -> str:
+    return f"compensate {seg.owner_ref}"
+
+
+@shared_task(name="network.segment_compensated", acks_late=True)
+def segment_compensated(segment_id: int) -> dict:
+    """A rollback's last step, when every device has been tried: the segment is FAILED with the first
+    device's failure as the reason, and its VLAN released unless a device that took the VLAN could not be
+    converged back (then the reason says which). Idempotent."""
+    with audit_actor("network.compensate"):
+        seg = Segment.objects.select_related("allocation__pool").get(pk=segment_id)
+        if seg.state != Segment.State.COMPENSATING:
+            return {"segment": seg.pk, "state": seg.state, "error": seg.error}
+        cause = _compensation_cause(seg)
+        changes = DeviceChange.objects.filter(segment=seg)
+        first = changes.filter(status=DeviceChange.Status.FAILED).exclude(cause=cause).order_by("finished_at", "pk")
+        first = first.first()
+        reason = f"{first.device}: {first.error}" if first else "provisioning failed"
+        took = changes.filter(status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP]).exclude(cause=cause)
+        took = set(took.values_list("kind", "switch_id", "host_id"))
+        not_rolled_back = [
+            f"{change.device}: {change.error}"
+            for change in changes.filter(cause=cause, status=DeviceChange.Status.FAILED).order_by("pk")
+            if (change.kind, change.switch_id, change.host_id) in took
+        ]
         with transaction.atomic():
             if not_rolled_back:
                 reason += "; not rolled back (VLAN kept): " + "; ".join(not_rolled_back)
@@ -228,6 +257,9 @@ def segment_compensate(self, segment_id: int) -> dict:
         return {"segment": seg.pk, "state": seg.state, "error": seg.error, "released": not not_rolled_back}
 
 
+FINISH["compensated"] = segment_compensated
+
+
 # --- reconciler -------------------------------------------------------------------------------------------------
 
 
@@ -235,14 +267,19 @@ def segment_compensate(self, segment_id: int) -> dict:
 def reconcile(repair: bool | None = None) -> dict:
     """Periodic (celery beat, every ``RECONCILE_INTERVAL`` s): one reconcile task per enabled device."""
     expires = settings.RECONCILE_INTERVAL
-    switches = list(Switch.objects.filter(enabled=True).values_list("pk", flat=True))
-    hosts = list(Host.objects.filter(enabled=True).values_list("pk", "agent_queue"))
-    for pk in switches:
-        reconcile_device.apply_async((DeviceKind.SWITCH.value, pk, repair), expires=expires)
-    for pk, queue in hosts:
-        options = {"queue": queue} if queue else {}
-        reconcile_device.apply_async((DeviceKind.HOST.value, pk, repair), expires=expires, **options)
+    switches = list(Switch.objects.filter(enabled=True).select_related("site"))
+    hosts = list(Host.objects.filter(enabled=True).select_related("site"))
+    for kind, devices in ((DeviceKind.SWITCH, switches), (DeviceKind.HOST, hosts)):
+        for device in devices:
+            reconcile_later(kind, device, repair, expires=expires)
     return {"switches": len(switches), "hosts": len(hosts)}
+
+
+def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None, **options) -> None:
+    """Send ``reconcile_device`` for ``device`` to the queue of the worker that reaches it."""
+    if device.queue:
+        options["queue"] = device.queue
+    reconcile_device.apply_async((str(kind), device.pk, repair), **options)
 
 
 @shared_task(name="network.reconcile_device", acks_late=True, soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)

@@ -2,12 +2,15 @@
 
 An administrator describes the whole inventory once::
 
-    sites:    [brno, pilsen, {name: prague, description: ...}]
+    sites:    [brno, pilsen, {name: prague, description: ..., queue: ...}]
     cores:    [{name, kind, sites: [...], vlans: "100-3999" (or vid_min/vid_max), service_tag, description}]
     switches: [{name, site, platform, address, username, password | password_env: VAR, driver_args,
-                enabled, description, ports: [{name, role, core, description}]}]
+                enabled, description, queue, ports: [{name, role, core, description}]}]
     hosts:    [{name, site, switch, port, trunk, driver, driver_args, queue, enabled}]
     pools:    [{name, core, ranges, reserved, quarantine, description}]
+
+``queue`` is the Celery queue of the worker that reaches the devices: a site's worker (for its switches, and
+its hosts without an agent), a switch's own, a host's agent (see ``Switch.queue``, ``Host.queue``).
 
 A key that is left out means the model's default, except ``password``: the file never has to carry a
 secret (export leaves it out), so a switch without ``password``/``password_env`` keeps the stored one.
@@ -37,7 +40,7 @@ from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPo
 from portal.audit import audit_actor
 
 TOP_KEYS = ("sites", "cores", "switches", "hosts", "pools")
-SITE_KEYS = {"name", "description"}
+SITE_KEYS = {"name", "description", "queue"}
 CORE_KEYS = {"name", "kind", "sites", "vlans", "vid_min", "vid_max", "service_tag", "description"}
 SWITCH_KEYS = {
     "name",
@@ -50,6 +53,7 @@ SWITCH_KEYS = {
     "driver_args",
     "enabled",
     "description",
+    "queue",
     "ports",
 }
 PORT_KEYS = {"name", "role", "core", "description"}
@@ -58,6 +62,8 @@ POOL_KEYS = {"name", "core", "ranges", "reserved", "quarantine", "description"}
 
 # Model field -> key in the file, where they differ (for error paths).
 _KEYS = {
+    Site: {"worker_queue": "queue"},
+    Switch: {"worker_queue": "queue"},
     CoreTransport: {"vid_min": "vlans", "vid_max": "vlans"},
     Host: {"switch_port": "port", "trunk_interface": "trunk", "agent_queue": "queue"},
     VlanPool: {"quarantine_seconds": "quarantine"},
@@ -444,7 +450,11 @@ class _Importer:
 
     def _site(self, path: str, entry: dict) -> None:
         name = entry["name"]
-        obj = self._apply(path, Site, {"name": name}, {"description": self._text(path, entry, "description")})
+        values = {
+            "description": self._text(path, entry, "description"),
+            "worker_queue": self._text(path, entry, "queue"),
+        }
+        obj = self._apply(path, Site, {"name": name}, values)
         self._remember("site", name, obj, self.sites)
 
     def _vlans(self, path: str, entry: dict) -> tuple:
@@ -512,6 +522,7 @@ class _Importer:
             "description": self._text(path, entry, "description"),
             "driver_args": self._mapping(path, entry, "driver_args"),
             "enabled": self._bool(path, entry, "enabled", True),
+            "worker_queue": self._text(path, entry, "queue"),
         }
         # Left out, the stored password stays: a file (and an export) need not carry secrets.
         if "password" in entry and "password_env" in entry:
@@ -668,7 +679,7 @@ def topology_export() -> dict:
     out; importing the result keeps the stored ones)."""
     data: dict[str, list] = {key: [] for key in TOP_KEYS}
     for site in Site.objects.order_by("name"):
-        data["sites"].append(_compact({"name": site.name, "description": site.description}))
+        data["sites"].append(_compact({"name": site.name, "description": site.description, "queue": site.worker_queue}))
     for core in CoreTransport.objects.order_by("name").prefetch_related("sites"):
         data["cores"].append(
             _compact(
@@ -684,7 +695,7 @@ def topology_export() -> dict:
         )
     switches = Switch.objects.order_by("name").select_related("site").prefetch_related("ports__core")
     for switch in switches.only(
-        "name", "site__name", "platform", "address", "username", "driver_args", "enabled", "description"
+        "name", "site__name", "platform", "address", "username", "driver_args", "enabled", "description", "worker_queue"
     ):
         entry = {
             "name": switch.name,
@@ -694,6 +705,7 @@ def topology_export() -> dict:
             "username": switch.username,
             "driver_args": switch.driver_args,
             "description": switch.description,
+            "queue": switch.worker_queue,
         }
         if not switch.enabled:
             entry["enabled"] = False

@@ -12,8 +12,9 @@ claim) and returns a Signature for the caller to compose and start after its tra
 - ``teardown`` (after ``services.segment_delete``): hosts → switches → VLAN into quarantine, segment CLOSED.
 - ``compensate``: converge back everything the segment touched, release the VLAN, FAILED with the reason.
 
-A layer is one ``converge_devices`` task per ``DEVICE_BATCH_SIZE`` devices (and per host agent queue:
-host tasks go to the host's agent queue when it has one); each converges its devices side by side, one
+A layer is one ``converge_devices`` task per ``DEVICE_BATCH_SIZE`` devices (and per worker queue: a
+device's task goes to the queue of the worker that reaches it, a host's agent or its site's worker, see
+``Switch.queue`` and ``Host.queue``); each converges its devices side by side, one
 thread per device, with a fixed number of database queries (``network.convergence.converge_changes``).
 Every task is a broker round trip and a worker slot, so a layer of 16 switches is one task, not 16.
 A layer of one task is simply the next link of the chain; a layer of several is a ``group`` followed by a
@@ -36,36 +37,44 @@ from network.models import Host, Segment, Switch
 Chunk = tuple[str, list[int]]  # (queue, "" for the default one; change ids)
 
 
-def _layer(pairs: list[tuple[Switch | Host, int]]) -> list[Chunk]:
-    """The tasks of one layer: ``(device, change id)`` pairs in chunks of ``DEVICE_BATCH_SIZE``, hosts
-    with an agent queue in chunks of their own queue."""
+def layer(pairs: list[tuple[Switch | Host, int]]) -> list[Chunk]:
+    """The tasks of one layer: ``(device, change id)`` pairs in chunks of ``DEVICE_BATCH_SIZE``, each chunk
+    on the queue of the worker that reaches its devices (``Switch.queue``, ``Host.queue``: a site's worker,
+    a host's agent; "": the central worker)."""
     by_queue: dict[str, list[int]] = {}
     for device, change_id in pairs:
-        queue = device.agent_queue if isinstance(device, Host) else ""
-        by_queue.setdefault(queue or "", []).append(change_id)
+        by_queue.setdefault(device.queue, []).append(change_id)
     size = settings.DEVICE_BATCH_SIZE
     return [(queue, ids[i : i + size]) for queue, ids in by_queue.items() for i in range(0, len(ids), size)]
 
 
-def _task(queue: str, layers: list[list[int]], finish: tuple[str, int] | None = None) -> Signature:
-    options = {"then": layers[1:]} if len(layers) > 1 else {}
+def _task(
+    queue: str, layers: list[list[int]], finish: tuple[str, int] | None = None, *, tolerate: bool = False
+) -> Signature:
+    options: dict = {"then": layers[1:]} if len(layers) > 1 else {}
     if finish is not None:
         options["finish"] = list(finish)
+    if tolerate:
+        options["tolerate"] = True
     sig = tasks.converge_devices.si(layers[0], **options)
     return sig.set(queue=queue) if queue else sig
 
 
-def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], finish: str) -> list[Signature]:
-    """One link per non-empty layer, in order: its task, or ``group → join``; then ``finish``
-    (``provisioned``: ``segment_provisioned``, ``released``: ``segment_released``).
+def layers(
+    segment: Segment, steps: list[tuple[str, list[Chunk]]], finish: str, *, tolerate: bool = False
+) -> list[Signature]:
+    """One link per non-empty layer of ``steps`` (``(name, chunks)``), in order: its task, or ``group →
+    join``; then ``finish`` (``provisioned``: ``segment_provisioned``, ``released``: ``segment_released``,
+    ``compensated``: ``segment_compensated``). ``tolerate``: a device that fails stops neither its layer's
+    other devices nor the next layers (a rollback).
 
     Consecutive layers of one task each on the same queue (switches, then hosts without an agent) become
     ONE task that converges them in turn, and when the last link is such a task on the default queue it
     runs ``finish`` itself: each link saved is a broker round trip. A last group joins straight into
     ``finish``."""
-    layers = [(step, chunks) for step, chunks in layers if chunks]
+    steps = [(step, chunks) for step, chunks in steps if chunks]
     links: list[Signature | Chunk] = []
-    for i, (step, chunks) in enumerate(layers):
+    for i, (step, chunks) in enumerate(steps):
         if len(chunks) == 1:
             queue, ids = chunks[0]
             if links and isinstance(links[-1], tuple) and links[-1][0] == queue:
@@ -73,16 +82,17 @@ def _layers(segment: Segment, layers: list[tuple[str, list[Chunk]]], finish: str
             else:
                 links.append((queue, [ids]))
             continue
-        links.append(group(_task(queue, [ids]) for queue, ids in chunks))
-        if i < len(layers) - 1:
+        links.append(group(_task(queue, [ids], tolerate=tolerate) for queue, ids in chunks))
+        if i < len(steps) - 1:
             links.append(tasks.segment_step.si(segment.pk, step))
     last = links[-1] if links else None
+
+    def link(item):
+        return _task(*item, tolerate=tolerate) if isinstance(item, tuple) else item
+
     if isinstance(last, tuple) and last[0] == "":
-        return [
-            *(_task(*link) if isinstance(link, tuple) else link for link in links[:-1]),
-            _task(*last, finish=(finish, segment.pk)),
-        ]
-    return [*(_task(*link) if isinstance(link, tuple) else link for link in links), tasks.FINISH[finish].si(segment.pk)]
+        return [*(link(item) for item in links[:-1]), _task(*last, finish=(finish, segment.pk), tolerate=tolerate)]
+    return [*(link(item) for item in links), tasks.FINISH[finish].si(segment.pk)]
 
 
 def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list[tuple]:
@@ -98,11 +108,11 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}; cannot provision")
     switches, hosts = selectors.segment_devices(segment)
     changes = _changes(segment, [*switches, *hosts], f"provision {segment.owner_ref}")
-    steps = _layers(
+    steps = layers(
         segment,
         [
-            ("switches", _layer(changes[: len(switches)])),
-            ("hosts", _layer(changes[len(switches) :])),
+            ("switches", layer(changes[: len(switches)])),
+            ("hosts", layer(changes[len(switches) :])),
         ],
         "provisioned",
     )
@@ -123,11 +133,11 @@ def teardown(segment_id: int) -> Signature:
     switches, hosts = selectors.segment_devices(segment)
     changes = _changes(segment, [*hosts, *switches], f"teardown {segment.owner_ref}")
     return chain(
-        *_layers(
+        *layers(
             segment,
             [
-                ("hosts", _layer(changes[: len(hosts)])),
-                ("switches", _layer(changes[len(hosts) :])),
+                ("hosts", layer(changes[: len(hosts)])),
+                ("switches", layer(changes[len(hosts) :])),
             ],
             "released",
         )

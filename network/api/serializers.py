@@ -18,7 +18,7 @@ from network.models import (
 class SiteSerializer(serializers.ModelSerializer):
     class Meta:
         model = Site
-        fields = ["id", "name", "description"]
+        fields = ["id", "name", "description", "worker_queue"]
 
 
 class CoreTransportSerializer(serializers.ModelSerializer):
@@ -43,7 +43,7 @@ class SwitchSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Switch
-        fields = ["id", "name", "site", "platform", "address", "enabled", "description", "ports"]
+        fields = ["id", "name", "site", "platform", "address", "worker_queue", "enabled", "description", "ports"]
 
 
 class HostSerializer(serializers.ModelSerializer):

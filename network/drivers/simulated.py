@@ -7,7 +7,10 @@ another process sees the same device. Faults are injected through ``driver_args`
 
 - ``fail_commit``: ``"permanent"`` or ``"temporary"`` — every commit fails with the device's message;
 - ``fail_times``: the first N commits fail with a temporary error, then they work;
-- ``delay``: seconds each session takes (to make sessions overlap).
+- ``delay``: seconds each session takes (to make sessions overlap);
+- ``reachable_from``: only a worker whose environment has ``VIRTCLOUD_WORKER`` set to this value reaches
+  the device (a management address only its site's worker or its host's agent can reach); any other
+  session fails with a temporary error, as a timeout would.
 
 Every session is recorded (start, end, committed) so tests can check batching and serialisation.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -155,6 +159,9 @@ class FakeHost:
 
 @contextlib.contextmanager
 def _recorded(kind: str, spec) -> Iterator[None]:
+    only = spec.driver_args.get("reachable_from")
+    if only and os.environ.get("VIRTCLOUD_WORKER") != only:
+        raise TemporaryDeviceError(spec.name, f"connect: timed out (reachable from worker {only} only)")
     start = time.time()
     delay = float(spec.driver_args.get("delay", 0))
     if delay:

@@ -311,3 +311,24 @@ def test_dry_run_saves_nothing():
     assert report.total_created == 24 and report.dry_run
     assert inventory_counts() == dict.fromkeys(inventory_counts(), 0)
     assert not AuditEntry.objects.exists()
+
+
+def test_worker_queues_of_sites_and_switches_import_and_export(monkeypatch):
+    """``queue`` on a site (its worker) and on a switch (its own): imported, exported, validated."""
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    data = topology_export()
+    site = data["sites"][0]["name"]
+    data["sites"][0]["queue"] = f"site.{site}"
+    data["switches"][0]["queue"] = "switch.core-room"
+    report = import_text(dump_topology(data))
+    assert len(report.changes) == 2
+    assert Site.objects.get(name=site).worker_queue == f"site.{site}"
+    switch = Switch.objects.select_related("site").get(name=data["switches"][0]["name"])
+    assert (switch.worker_queue, switch.queue) == ("switch.core-room", "switch.core-room")
+    assert topology_export() == data
+    data["sites"][0]["queue"] = "no spaces please"
+    with pytest.raises(TopologyError) as exc:
+        import_text(dump_topology(data))
+    assert any(p.startswith("sites[0].queue") and "Celery queue name" in p for p in exc.value.problems), exc.value
+    assert Site.objects.get(name=site).worker_queue == f"site.{site}"

@@ -13,7 +13,7 @@ from django.db import connections
 
 from network import convergence, selectors, services, workflows
 from network.errors import DeviceChangeFailed
-from network.models import DeviceChange, DeviceKind, Segment, VlanAllocation
+from network.models import DeviceChange, DeviceKind, Host, Segment, Switch, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 NONE = frozenset()
@@ -267,6 +267,57 @@ def test_a_layer_is_one_task_and_central_layers_are_merged(fabric, settings, mon
     ]
     chain(*canvas).apply().get()  # and it runs: every device converged
     assert device_view(fabric) == desired_view(fabric)
+
+
+def _place_workers(fabric) -> None:
+    """pilsen has a site worker; the prague switch a worker of its own; prague2 an agent; brno nothing."""
+    pilsen = fabric.switches["pilsen"].site
+    pilsen.worker_queue = "site.pilsen"
+    pilsen.save(update_fields=["worker_queue"])
+    Switch.objects.filter(name="sw-prague").update(worker_queue="switch.sw-prague")
+    Host.objects.filter(name="prague2").update(agent_queue="host.prague2")
+
+
+def test_each_device_task_goes_to_the_worker_that_reaches_it(fabric, monkeypatch):
+    """A switch's task goes to its own worker queue, else its site's; a host's to its agent, else its site's
+    worker; else the central worker — for provisioning, teardown and the periodic reconciler."""
+    from network import tasks
+
+    _place_workers(fabric)
+    monkeypatch.setattr(workflows, "chain", lambda *steps: list(steps))
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    canvas = workflows.provision(seg.pk, compensate_on_error=False)
+    c = {c.device: c.pk for c in DeviceChange.objects.filter(segment=seg)}
+    assert _links(canvas) == [
+        [
+            ("network.converge_devices", [[c["sw-brno"]]], {}, ""),
+            ("network.converge_devices", [[c["sw-pilsen"]]], {}, "site.pilsen"),
+            ("network.converge_devices", [[c["sw-prague"]]], {}, "switch.sw-prague"),
+        ],
+        ("network.segment_step", [seg.pk, "switches"], {}, ""),
+        [
+            ("network.converge_devices", [[c["brno1"]]], {}, ""),
+            ("network.converge_devices", [[c["pilsen1"]]], {}, "site.pilsen"),
+            ("network.converge_devices", [[c["prague2"]]], {}, "host.prague2"),
+        ],
+        ("network.segment_provisioned", [seg.pk], {}, ""),
+    ]
+    sent = []
+    monkeypatch.setattr(tasks.reconcile_device, "apply_async", lambda args, **options: sent.append((args, options)))
+    tasks.reconcile.apply(kwargs={"repair": False}).get()
+    queues = {
+        (Switch if kind == "switch" else Host).objects.get(pk=pk).name: options.get("queue", "")
+        for (kind, pk, _repair), options in sent
+    }
+    assert queues == {
+        "sw-brno": "",
+        "sw-pilsen": "site.pilsen",
+        "sw-prague": "switch.sw-prague",
+        **{f"brno{i}": "" for i in (1, 2)},
+        **{f"pilsen{i}": "site.pilsen" for i in (1, 2)},
+        "prague1": "",
+        "prague2": "host.prague2",
+    }
 
 
 def test_the_one_change_task_retries_temporary_errors(fabric):
@@ -652,3 +703,43 @@ def test_closing_a_public_segment_puts_it_on_the_gateway_trunk(fabric):
     workflows.provision(seg.pk).apply().get()
     assert fabric.switch_ports("sw-brno") == {"h1": NONE, "h2": NONE, "uplink": NONE, "gw": NONE}
     assert fabric.switch_ports("sw-prague") == {"h1": v, "h2": NONE, "uplink": NONE}
+
+
+@pytest.mark.worker
+def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabric, celery_worker, tmp_path):
+    """A host that only its agent reaches (``reachable_from``): when another host fails for good, the
+    rollback converges it through the agent's queue too — the central worker, which runs the rest, cannot
+    reach it — so nothing is left on it and the VLAN goes back to the pool."""
+    from celery import chain
+
+    from network import tasks
+    from portal.testing_celery import WorkerProcess
+
+    fabric = worker_fabric
+    Host.objects.filter(name="brno1").update(
+        agent_queue="host.brno1", driver_args={**fabric.args, "reachable_from": "agent-brno1"}
+    )
+    Host.objects.filter(name="pilsen1").update(driver_args={**fabric.args, "fail_commit": "permanent"})
+    env = {**celery_worker.env, "VIRTCLOUD_WORKER": "agent-brno1"}
+    agent = WorkerProcess(env, tmp_path / "agent.log", queues=["host.brno1"], concurrency=2, name="agent-brno1")
+    agent.start()
+    try:
+        seg = services.segment_create(owner="cluster:agents", hosts=three_sites(fabric), gateway=False)
+        with pytest.raises(DeviceChangeFailed) as exc:
+            workflows.provision(seg.pk).delay().get(timeout=60)
+        assert exc.value.device == "pilsen1"
+        _wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED, what="compensation")
+        # as the clusters app runs it: the caller's next task follows the whole routed rollback
+        other = services.segment_create(owner="cluster:agents-2", hosts=[fabric.hosts["brno1"]], gateway=False)
+        after = tasks.segment_step.si(other.pk, "after the rollback")
+        assert chain(workflows.compensate(other.pk), after).delay().get(timeout=60)["step"] == "after the rollback"
+        assert Segment.objects.get(pk=other.pk).state == Segment.State.FAILED
+    finally:
+        agent.stop()
+    seg.refresh_from_db()
+    assert seg.error.startswith("pilsen1: ip link add") and "not rolled back" not in seg.error, seg.error
+    assert VlanAllocation.objects.get(pk=seg.allocation_id).state == VlanAllocation.State.QUARANTINED
+    rollback = DeviceChange.objects.get(segment=seg, device="brno1", cause="compensate cluster:agents")
+    assert (rollback.status, rollback.error) in (("ok", ""), ("noop", "")), (rollback.status, rollback.error)
+    assert fabric.host_vlans("brno1") == frozenset()
+    assert all(not ports for ports in device_view(fabric).values())

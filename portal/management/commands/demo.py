@@ -31,7 +31,7 @@ from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from network.models import Host, Site
+from network.models import Host, Site, Switch
 from network.topology import TopologyError, load_topology, topology_import
 from portal.ldapserver import LdapServer, LdapServerError
 
@@ -92,7 +92,14 @@ class Command(BaseCommand):
 
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
-        queues = sorted({"celery", *Host.objects.exclude(agent_queue="").values_list("agent_queue", flat=True)})
+        queues = sorted(
+            {
+                "celery",
+                *(h.queue for h in Host.objects.select_related("site")),
+                *(s.queue for s in Switch.objects.select_related("site")),
+            }
+            - {""}
+        )
         self._start("web", [sys.executable, manage, "runserver", addr, "--noreload"], env)
         self._start(
             "worker",
