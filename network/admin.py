@@ -6,9 +6,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.template.response import TemplateResponse
 
-from network import convergence
 from network.choices import DeviceKind, PortRole
-from network.drivers import DeviceError
 from network.models import (
     CoreTransport,
     DeviceChange,
@@ -100,13 +98,10 @@ def reconcile_now(modeladmin, request, queryset):
 
 @admin.action(description="Plan (dry run): show the diff convergence would apply")
 def plan_dry_run(modeladmin, request, queryset):
+    from network import tasks
+
     kind = _kind(queryset)
-    rows = []
-    for device in queryset.filter(enabled=True).order_by("name"):
-        try:
-            rows.append({"device": device.name, "diff": convergence.plan(kind, device), "error": ""})
-        except DeviceError as exc:
-            rows.append({"device": device.name, "diff": "", "error": str(exc)})
+    rows = tasks.plan_devices(kind, list(queryset.filter(enabled=True).select_related("site").order_by("name")))
     context = {
         **modeladmin.admin_site.each_context(request),
         "title": f"Plan for {len(rows)} {kind}(s): nothing has been changed",

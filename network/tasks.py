@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import transaction
 
 from network import convergence, services
-from network.drivers import TemporaryDeviceError
+from network.drivers import DeviceError, TemporaryDeviceError
 from network.errors import DeviceChangeFailed, SegmentClosed
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
 from portal import audit
@@ -273,6 +273,44 @@ def reconcile(repair: bool | None = None) -> dict:
         for device in devices:
             reconcile_later(kind, device, repair, expires=expires)
     return {"switches": len(switches), "hosts": len(hosts)}
+
+
+@shared_task(name="network.plan_device", soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
+def plan_device(kind: str, device_id: int) -> dict:
+    """The diff convergence would apply to one device now (nothing is changed), or the device's error."""
+    model = Switch if kind == DeviceKind.SWITCH else Host
+    device = model.objects.filter(pk=device_id).first()
+    if device is None:
+        return {"diff": "", "error": "the device no longer exists in the inventory"}
+    try:
+        return {"diff": convergence.plan(kind, device), "error": ""}
+    except DeviceError as exc:
+        return {"diff": "", "error": str(exc)}
+
+
+def plan_devices(kind: str, devices: list[Switch | Host], *, timeout: float | None = None) -> list[dict]:
+    """``plan_device`` for each device (``{"device", "diff", "error"}``, in order), asked of the worker that
+    reaches it (``device.queue``), all at once; a device of the central worker's is planned here. A worker
+    that does not answer within ``timeout`` (default: ``DEVICE_TIMEOUT`` + 10 s, for them all) is an error
+    row, not a failure of the whole plan."""
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    timeout = settings.DEVICE_TIMEOUT + 10 if timeout is None else timeout
+    sent = {d.pk: plan_device.apply_async((str(kind), d.pk), queue=d.queue) for d in devices if d.queue}
+    deadline = time.monotonic() + timeout
+    rows = []
+    for device in devices:
+        if not device.queue:
+            row = plan_device(str(kind), device.pk)
+        else:
+            try:
+                row = sent[device.pk].get(timeout=max(0.1, deadline - time.monotonic()))
+            except ResultTimeout:
+                row = {"diff": "", "error": f"no answer from a worker of queue {device.queue} in {timeout:.0f} s"}
+            except Exception as exc:  # the worker's task failed: say so in the device's row
+                row = {"diff": "", "error": f"{type(exc).__name__}: {exc}"}
+        rows.append({"device": device.name, **row})
+    return rows
 
 
 def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None, **options) -> None:

@@ -734,6 +734,16 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
         after = tasks.segment_step.si(other.pk, "after the rollback")
         assert chain(workflows.compensate(other.pk), after).delay().get(timeout=60)["step"] == "after the rollback"
         assert Segment.objects.get(pk=other.pk).state == Segment.State.FAILED
+        # the dry run too: asked of the agent (here the host cannot be reached), and a queue nobody
+        # consumes is an error row after the timeout, not a failed plan
+        brno1 = Host.objects.select_related("site").get(name="brno1")
+        assert "reachable from worker agent-brno1 only" in tasks.plan_device("host", brno1.pk)["error"]
+        Host.objects.filter(name="prague2").update(agent_queue="host.nobody")
+        assert tasks.plan_devices("host", [brno1], timeout=30) == [{"device": "brno1", "diff": "", "error": ""}]
+        prague2 = Host.objects.select_related("site").get(name="prague2")
+        assert tasks.plan_devices("host", [prague2], timeout=1) == [
+            {"device": "prague2", "diff": "", "error": "no answer from a worker of queue host.nobody in 1 s"}
+        ]
     finally:
         agent.stop()
     seg.refresh_from_db()

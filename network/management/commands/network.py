@@ -1,13 +1,14 @@
 """``manage.py network plan [--switch X] [--host Y]``: per device, the diff convergence would apply now
-(nothing is changed). ``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``: compare
-devices with the desired state, record drift and repair it (default: ``RECONCILE_REPAIR``)."""
+(nothing is changed), asked of the worker that reaches the device (its queue) or computed here.
+``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``: compare devices with the
+desired state, record drift and repair it (default: ``RECONCILE_REPAIR``), here."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from network import convergence
+from network import convergence, tasks
 from network.drivers import DeviceError
 from network.errors import DeviceChangeFailed
 from network.models import DeviceKind, Host, Switch
@@ -28,8 +29,8 @@ class Command(BaseCommand):
                 p.add_argument("--no-repair", dest="repair", action="store_false", help="only record drift")
 
     def _devices(self, options) -> list[tuple[str, Switch | Host]]:
-        switches = Switch.objects.filter(enabled=True).order_by("name")
-        hosts = Host.objects.filter(enabled=True).order_by("name")
+        switches = Switch.objects.filter(enabled=True).select_related("site").order_by("name")
+        hosts = Host.objects.filter(enabled=True).select_related("site").order_by("name")
         if options["switch"] or options["host"]:
             switches = switches.filter(name__in=options["switch"])
             hosts = hosts.filter(name__in=options["host"])
@@ -43,26 +44,26 @@ class Command(BaseCommand):
         devices = self._devices(options)
         failures = 0
         with audit_actor("manage.py network"):
-            for kind, device in devices:
-                if options["action"] == "plan":
-                    failures += self._plan(kind, device)
-                else:
+            if options["action"] == "plan":
+                for kind in (DeviceKind.SWITCH, DeviceKind.HOST):
+                    for row in tasks.plan_devices(kind, [device for k, device in devices if k == kind]):
+                        failures += self._plan(kind, row)
+            else:
+                for kind, device in devices:
                     failures += self._reconcile(kind, device, options)
         if failures:
             raise CommandError(f"{failures} device(s) could not be reached or changed")
 
-    def _plan(self, kind, device) -> int:
-        try:
-            diff = convergence.plan(kind, device)
-        except DeviceError as exc:
-            self.stderr.write(f"{kind} {device.name}: ERROR {exc}")
+    def _plan(self, kind, row: dict) -> int:
+        if row["error"]:
+            self.stderr.write(f"{kind} {row['device']}: ERROR {row['error']}")
             return 1
-        if diff.strip():
-            self.stdout.write(f"{kind} {device.name}:")
-            for line in diff.strip().splitlines():
+        if row["diff"].strip():
+            self.stdout.write(f"{kind} {row['device']}:")
+            for line in row["diff"].strip().splitlines():
                 self.stdout.write(f"  {line}")
         else:
-            self.stdout.write(f"{kind} {device.name}: in sync")
+            self.stdout.write(f"{kind} {row['device']}: in sync")
         return 0
 
     def _reconcile(self, kind, device, options) -> int:
