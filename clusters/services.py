@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,8 +40,10 @@ from clusters.models import (
 from clusters.signals import cluster_ended
 from network import errors as net_errors
 from network import services as net
-from network.models import Host
+from network.models import DeviceChange, Host
 from portal import audit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -592,6 +595,64 @@ def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:
 def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
     """Teardowns that failed part-way (a device was down) are started again."""
     return _restart_stalled(ClusterState.TEARING_DOWN, older_than, workflows.start_teardown)
+
+
+def steps_finish_running(cluster: VirtualCluster, name: str, *, error: str = "") -> None:
+    """The running steps ``name`` of ``cluster`` end: OK, or FAILED with ``error``."""
+    ClusterStep.objects.filter(cluster=cluster, name=name, status=StepStatus.RUNNING).update(
+        status=StepStatus.FAILED if error else StepStatus.OK, error=error, finished_at=timezone.now()
+    )
+
+
+def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str) -> bool:
+    """A provisioning failed: the first report claims the rollback (the generation moves on, so the
+    failed workflow's later callbacks change nothing) and starts it; any later report does nothing.
+    Whether this one claimed it."""
+    with transaction.atomic():
+        claimed = VirtualCluster.objects.filter(
+            pk=cluster_id,
+            workflow_generation=generation,
+            state__in=(ClusterState.REQUESTED, ClusterState.PROVISIONING),
+        ).update(workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000])
+    if not claimed:
+        return False
+    cluster = VirtualCluster.objects.get(pk=cluster_id)
+    steps_finish_running(cluster, "network", error=reason)
+    logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
+    step_start(cluster, "compensate", detail=reason)
+    workflows.start_compensation(cluster_id, generation + 1, reason)
+    return True
+
+
+def clusters_fail_stalled_provisioning() -> list[int]:
+    """Provisionings still running ``CLUSTER_PROVISION_TIMEOUT`` s after they started fail — the reason
+    names the devices still waiting and the worker queue each waits on — and are rolled back: a scheduler
+    is never left waiting for a worker that does not come."""
+    timeout = settings.CLUSTER_PROVISION_TIMEOUT
+    stalled = VirtualCluster.objects.filter(
+        state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - timedelta(seconds=timeout)
+    )
+    failed = []
+    for cluster in stalled.only("pk", "workflow_generation", "segment_id"):
+        waiting = DeviceChange.objects.filter(
+            segment_id=cluster.segment_id, status__in=[DeviceChange.Status.PENDING, DeviceChange.Status.RUNNING]
+        ).select_related("switch__site", "host__site")
+        devices = sorted(
+            {f"{c.device} ({_queue_text(c.switch or c.host)})" for c in waiting if (c.switch or c.host) is not None}
+        )
+        reason = f"provisioning did not finish within {timeout} s" + (
+            f"; still waiting: {', '.join(devices)}" if devices else ""
+        )
+        with audit.audit_actor("provisioning deadline"):
+            if cluster_provisioning_failed(
+                cluster_id=cluster.pk, generation=cluster.workflow_generation, reason=reason
+            ):
+                failed.append(cluster.pk)
+    return failed
+
+
+def _queue_text(device) -> str:
+    return f"queue {device.queue}" if device.queue else "the central worker"
 
 
 def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:

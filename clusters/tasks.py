@@ -6,12 +6,10 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
-from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from clusters import services
-from clusters.models import ClusterState, ClusterStep, Connectivity, StepStatus, VirtualCluster
+from clusters.models import ClusterStep, Connectivity, StepStatus, VirtualCluster
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def gateway_leg(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None or cluster.workflow_generation != generation:
         return
-    _finish_running(cluster, "network")
+    services.steps_finish_running(cluster, "network")
     if cluster.connectivity == Connectivity.CLOSED:
         detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
     else:
@@ -63,31 +61,10 @@ def provision_finish(cluster_id: int, generation: int) -> None:
     provision_done(cluster_id, generation)
 
 
-def _finish_running(cluster: VirtualCluster, name: str, *, error: str = "") -> None:
-    ClusterStep.objects.filter(cluster=cluster, name=name, status=StepStatus.RUNNING).update(
-        status=StepStatus.FAILED if error else StepStatus.OK, error=error, finished_at=timezone.now()
-    )
-
-
 @shared_task(name="clusters.provision_failed")
 def provision_failed(request, exc, traceback, cluster_id: int, generation: int) -> None:
     """Errback: the first failure claims the compensation (generation bump); later ones do nothing."""
-    reason = _describe(exc)
-    with transaction.atomic():
-        claimed = VirtualCluster.objects.filter(
-            pk=cluster_id,
-            workflow_generation=generation,
-            state__in=(ClusterState.REQUESTED, ClusterState.PROVISIONING),
-        ).update(workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000])
-    if not claimed:
-        return
-    cluster = _cluster(cluster_id)
-    _finish_running(cluster, "network", error=reason)
-    logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
-    services.step_start(cluster, "compensate", detail=reason)
-    from clusters import workflows
-
-    workflows.start_compensation(cluster_id, generation + 1, reason)
+    services.cluster_provisioning_failed(cluster_id=cluster_id, generation=generation, reason=_describe(exc))
 
 
 @shared_task(name="clusters.failed")
@@ -95,7 +72,7 @@ def failed(cluster_id: int, generation: int, reason: str) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    _finish_running(cluster, "compensate")
+    services.steps_finish_running(cluster, "compensate")
     services.cluster_fail(cluster_id=cluster_id, generation=generation, reason=reason)
 
 
@@ -105,7 +82,7 @@ def compensation_failed(request, exc, traceback, cluster_id: int, generation: in
     if cluster is None:
         return
     detail = _describe(exc)
-    _finish_running(cluster, "compensate", error=detail)
+    services.steps_finish_running(cluster, "compensate", error=detail)
     services.cluster_fail(
         cluster_id=cluster_id,
         generation=generation,
@@ -125,7 +102,7 @@ def teardown_done(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    _finish_running(cluster, "teardown")
+    services.steps_finish_running(cluster, "teardown")
     services.cluster_finish_teardown(cluster_id=cluster_id, generation=generation)
 
 
@@ -136,7 +113,7 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
     if cluster is None:
         return
     detail = _describe(exc)
-    _finish_running(cluster, "teardown", error=detail)
+    services.steps_finish_running(cluster, "teardown", error=detail)
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
         state_reason=f"teardown incomplete: {detail}"[:2000]
     )
@@ -160,10 +137,12 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 
 @shared_task(name="clusters.expire")
 def expire() -> list[int]:
-    """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck."""
+    """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck and provisionings that
+    never started; fail (and roll back) provisionings past their deadline."""
     ids = services.clusters_expire()
     services.clusters_retry_stuck_teardowns()
     services.clusters_resume_requested()
+    services.clusters_fail_stalled_provisioning()
     return ids
 
 

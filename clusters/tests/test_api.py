@@ -433,6 +433,41 @@ def test_create_while_the_broker_is_down_is_provisioned_later(fabric, images, ap
     assert services.clusters_resume_requested(older_than=timedelta(0)) == []
 
 
+def test_a_provisioning_that_never_finishes_fails_at_its_deadline_and_is_rolled_back(
+    fabric, images, api, alice, monkeypatch, settings
+):
+    """The workflow went to the broker but no worker ever runs it (here: a host agent that never comes):
+    at ``CLUSTER_PROVISION_TIMEOUT`` the periodic task fails the cluster, naming the devices still waiting
+    and the queue each waits on, and rolls it back."""
+    from celery.canvas import _chain
+
+    from network.models import Host
+
+    Host.objects.filter(name="pilsen1").update(agent_queue="host.pilsen1")
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # sent, and never consumed
+        r = api.post("/api/clusters/", body(), format="json")
+    assert r.status_code == 201, r.content
+    cluster = VirtualCluster.objects.get(pk=r.data["id"])
+    assert cluster.state == ClusterState.PROVISIONING
+    assert services.clusters_fail_stalled_provisioning() == []  # not late yet
+    VirtualCluster.objects.filter(pk=cluster.pk).update(updated_at=timezone.now() - timedelta(seconds=601))
+    assert services.clusters_fail_stalled_provisioning() == [cluster.pk]
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.FAILED
+    assert cluster.state_reason.startswith("provisioning did not finish within 600 s; still waiting: "), cluster
+    assert "pilsen1 (queue host.pilsen1)" in cluster.state_reason
+    assert "sw-brno (the central worker)" in cluster.state_reason
+    assert [(s.name, s.status) for s in cluster.steps.order_by("pk")][-2:] == [
+        ("network", "failed"),
+        ("compensate", "ok"),
+    ]
+    assert VlanAllocation.objects.get(pool=fabric.pool, vid=cluster.vlan_id).state == "quarantined"
+    assert all(not vids for vids in fabric.switch_ports("sw-pilsen").values())
+    assert services.clusters_fail_stalled_provisioning() == []
+
+
 def test_extend_lifetime(fabric, images, api, alice):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
