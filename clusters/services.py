@@ -624,31 +624,42 @@ def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str
     return True
 
 
-def clusters_fail_stalled_provisioning() -> list[int]:
-    """Provisionings still running ``CLUSTER_PROVISION_TIMEOUT`` s after they started fail — the reason
-    names the devices still waiting and the worker queue each waits on — and are rolled back: a scheduler
-    is never left waiting for a worker that does not come."""
-    timeout = settings.CLUSTER_PROVISION_TIMEOUT
-    stalled = VirtualCluster.objects.filter(
-        state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - timedelta(seconds=timeout)
+def _still_waiting(cluster: VirtualCluster) -> str:
+    """ "; still waiting: <device> (<its worker queue>), …" for the unfinished device changes of ``cluster``."""
+    waiting = DeviceChange.objects.filter(
+        segment_id=cluster.segment_id, status__in=[DeviceChange.Status.PENDING, DeviceChange.Status.RUNNING]
+    ).select_related("switch__site", "host__site")
+    devices = sorted(
+        {f"{c.device} ({_queue_text(c.switch or c.host)})" for c in waiting if (c.switch or c.host) is not None}
     )
-    failed = []
-    for cluster in stalled.only("pk", "workflow_generation", "segment_id"):
-        waiting = DeviceChange.objects.filter(
-            segment_id=cluster.segment_id, status__in=[DeviceChange.Status.PENDING, DeviceChange.Status.RUNNING]
-        ).select_related("switch__site", "host__site")
-        devices = sorted(
-            {f"{c.device} ({_queue_text(c.switch or c.host)})" for c in waiting if (c.switch or c.host) is not None}
-        )
-        reason = f"provisioning did not finish within {timeout} s" + (
-            f"; still waiting: {', '.join(devices)}" if devices else ""
-        )
+    return f"; still waiting: {', '.join(devices)}" if devices else ""
+
+
+def clusters_end_stalled_workflows() -> list[int]:
+    """Workflows still running ``CLUSTER_PROVISION_TIMEOUT`` s after they started end, so that a scheduler
+    is never left waiting for a worker that does not come: a provisioning fails — the reason names the
+    devices still waiting and the worker queue each waits on — and is rolled back; an update (nodes added
+    or removed, a migration) fails its step with that reason and the cluster is READY again, as when the
+    update fails (the reconciler keeps the devices at the desired state). Returns the clusters ended."""
+    timeout = settings.CLUSTER_PROVISION_TIMEOUT
+    late = VirtualCluster.objects.filter(updated_at__lt=timezone.now() - timedelta(seconds=timeout))
+    ended = []
+    for cluster in late.filter(state=ClusterState.PROVISIONING).only("pk", "workflow_generation", "segment_id"):
+        reason = f"provisioning did not finish within {timeout} s{_still_waiting(cluster)}"
+        generation = cluster.workflow_generation
         with audit.audit_actor("provisioning deadline"):
-            if cluster_provisioning_failed(
-                cluster_id=cluster.pk, generation=cluster.workflow_generation, reason=reason
-            ):
-                failed.append(cluster.pk)
-    return failed
+            if cluster_provisioning_failed(cluster_id=cluster.pk, generation=generation, reason=reason):
+                ended.append(cluster.pk)
+    for cluster in late.filter(state=ClusterState.UPDATING).only("pk", "workflow_generation", "segment_id"):
+        reason = f"the update did not finish within {timeout} s{_still_waiting(cluster)}"
+        with transaction.atomic():
+            steps = ClusterStep.objects.filter(
+                cluster=cluster, generation=cluster.workflow_generation, status=StepStatus.RUNNING
+            )
+            steps.update(status=StepStatus.FAILED, error=reason[:2000], finished_at=timezone.now())
+            if cluster_mark_ready(cluster_id=cluster.pk, generation=cluster.workflow_generation):
+                ended.append(cluster.pk)
+    return ended
 
 
 def _queue_text(device) -> str:

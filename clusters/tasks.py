@@ -138,11 +138,11 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 @shared_task(name="clusters.expire")
 def expire() -> list[int]:
     """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck and provisionings that
-    never started; fail (and roll back) provisionings past their deadline."""
+    never started; end provisionings (rolled back) and updates past their deadline."""
     ids = services.clusters_expire()
     services.clusters_retry_stuck_teardowns()
     services.clusters_resume_requested()
-    services.clusters_fail_stalled_provisioning()
+    services.clusters_end_stalled_workflows()
     return ids
 
 

@@ -227,8 +227,8 @@ CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
 CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
 CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
-# A provisioning that has not finished after this long (a worker that never consumes its queue, a lost
-# message) fails with the devices still waiting, and is rolled back; checked by clusters.expire.
+# A provisioning or update that has not finished after this long (a worker that never consumes its queue, a
+# lost message) ends with the devices still waiting as the reason; checked by clusters.expire.
 CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10)  # seconds
 # live clusters and nodes per user unless the user has a Quota of their own (admin); 0: no limit
 CLUSTER_QUOTA_CLUSTERS = env_int("CLUSTER_QUOTA_CLUSTERS", 25, minimum=0)

@@ -451,9 +451,9 @@ def test_a_provisioning_that_never_finishes_fails_at_its_deadline_and_is_rolled_
     assert r.status_code == 201, r.content
     cluster = VirtualCluster.objects.get(pk=r.data["id"])
     assert cluster.state == ClusterState.PROVISIONING
-    assert services.clusters_fail_stalled_provisioning() == []  # not late yet
+    assert services.clusters_end_stalled_workflows() == []  # not late yet
     VirtualCluster.objects.filter(pk=cluster.pk).update(updated_at=timezone.now() - timedelta(seconds=601))
-    assert services.clusters_fail_stalled_provisioning() == [cluster.pk]
+    assert services.clusters_end_stalled_workflows() == [cluster.pk]
     cluster.refresh_from_db()
     assert cluster.state == ClusterState.FAILED
     assert cluster.state_reason.startswith("provisioning did not finish within 600 s; still waiting: "), cluster
@@ -465,7 +465,24 @@ def test_a_provisioning_that_never_finishes_fails_at_its_deadline_and_is_rolled_
     ]
     assert VlanAllocation.objects.get(pool=fabric.pool, vid=cluster.vlan_id).state == "quarantined"
     assert all(not vids for vids in fabric.switch_ports("sw-pilsen").values())
-    assert services.clusters_fail_stalled_provisioning() == []
+    assert services.clusters_end_stalled_workflows() == []
+
+    # an update (a node added) whose workflow never runs: its step fails at the deadline, the cluster is
+    # READY again and takes the next change
+    cid = api.post("/api/clusters/", body(name="c2"), format="json").data["id"]
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+        node = {"name": "n3", "host": "pilsen1", "mac": "52:54:00:00:00:33"}
+        assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.UPDATING
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(seconds=601))
+    assert services.clusters_end_stalled_workflows() == [cid]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    step = cluster.steps.order_by("pk").last()
+    assert step.status == "failed" and step.error.startswith("the update did not finish within 600 s"), step.error
+    assert "pilsen1 (queue host.pilsen1)" in step.error
+    assert api.delete(f"/api/clusters/{cid}/nodes/{cluster.nodes.get(name='n3').pk}/").status_code == 202
 
 
 def test_extend_lifetime(fabric, images, api, alice):
