@@ -228,3 +228,13 @@ def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
 def known_vids() -> frozenset[int]:
     """VLAN ids the portal ever gave a segment (to tell a stale VLAN from a foreign one)."""
     return frozenset(Segment.objects.exclude(vid=None).values_list("vid", flat=True).distinct())
+
+
+def device_queues() -> dict[str, list[str]]:
+    """Every worker queue the enabled devices need: queue → the devices (``switch X``, ``host Y``) whose
+    operations go there ("" is the central worker's queue)."""
+    queues: dict[str, list[str]] = defaultdict(list)
+    for kind, model in (("switch", Switch), ("host", Host)):
+        for device in model.objects.filter(enabled=True).select_related("site").order_by("name"):
+            queues[device.queue].append(f"{kind} {device.name}")
+    return dict(queues)

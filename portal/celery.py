@@ -22,3 +22,14 @@ def _close_old_connections(**kwargs) -> None:
     request = getattr(kwargs.get("task"), "request", None)
     if not getattr(request, "is_eager", False):
         close_old_connections()
+
+
+def queue_consumers(timeout: float = 1.0) -> dict[str, list[str]]:
+    """Which workers consume which queue, as the workers answer a broadcast within ``timeout`` s: queue →
+    worker names (a queue nobody consumes is absent)."""
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    consumers: dict[str, list[str]] = {}
+    for worker, queues in replies.items():
+        for queue in queues:
+            consumers.setdefault(queue["name"], []).append(worker)
+    return {queue: sorted(workers) for queue, workers in consumers.items()}

@@ -753,3 +753,23 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
     assert (rollback.status, rollback.error) in (("ok", ""), ("noop", "")), (rollback.status, rollback.error)
     assert fabric.host_vlans("brno1") == frozenset()
     assert all(not ports for ports in device_view(fabric).values())
+
+
+@pytest.mark.worker
+def test_worker_network_workers_names_the_queues_nobody_consumes(worker_fabric, celery_worker, capsys):
+    """``manage.py network workers`` asks the running workers: every device queue with its consumers, and
+    an error (exit 1) naming the queue that has none."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    fabric = worker_fabric
+    call_command("network", "workers")  # every device on the central worker's queue, which the worker consumes
+    out = capsys.readouterr().out
+    assert out.startswith("celery: test-") and "switch sw-brno" in out and "NO WORKER" not in out
+    site = fabric.switches["pilsen"].site
+    site.worker_queue = "site.pilsen"
+    site.save(update_fields=["worker_queue"])
+    with pytest.raises(CommandError, match=r"no worker answered for queue\(s\) site.pilsen within 2 s"):
+        call_command("network", "workers")
+    lines = capsys.readouterr().out.splitlines()
+    assert "site.pilsen: NO WORKER — switch sw-pilsen, host pilsen1, host pilsen2" in lines, lines

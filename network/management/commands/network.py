@@ -1,14 +1,16 @@
 """``manage.py network plan [--switch X] [--host Y]``: per device, the diff convergence would apply now
 (nothing is changed), asked of the worker that reaches the device (its queue) or computed here.
 ``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``: compare devices with the
-desired state, record drift and repair it (default: ``RECONCILE_REPAIR``), here."""
+desired state, record drift and repair it (default: ``RECONCILE_REPAIR``), here. ``manage.py network workers
+[--timeout S]``: for each worker queue the devices need, the workers consuming it now; exit 1 when a queue
+has none (a device there would never be converged)."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from network import convergence, tasks
+from network import convergence, selectors, tasks
 from network.drivers import DeviceError
 from network.errors import DeviceChangeFailed
 from network.models import DeviceKind, Host, Switch
@@ -16,10 +18,15 @@ from portal.audit import audit_actor
 
 
 class Command(BaseCommand):
-    help = "VLAN life cycle: dry-run plan of every device, or a reconcile pass (drift detection and repair)."
+    help = (
+        "VLAN life cycle: dry-run plan of every device, a reconcile pass (drift detection and repair), or which "
+        "workers consume the devices' queues."
+    )
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
+        workers = sub.add_parser("workers", help="which worker consumes each device queue; exit 1 if one has none")
+        workers.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the workers' answers")
         for name, text in (("plan", "print the diff per device; change nothing"), ("reconcile", "find drift")):
             p = sub.add_parser(name, help=text)
             p.add_argument("--switch", action="append", default=[], help="only this switch (repeatable)")
@@ -41,6 +48,8 @@ class Command(BaseCommand):
         return [(DeviceKind.SWITCH, s) for s in switches] + [(DeviceKind.HOST, h) for h in hosts]
 
     def handle(self, *args, **options):
+        if options["action"] == "workers":
+            return self._workers(options["timeout"])
         devices = self._devices(options)
         failures = 0
         with audit_actor("manage.py network"):
@@ -53,6 +62,23 @@ class Command(BaseCommand):
                     failures += self._reconcile(kind, device, options)
         if failures:
             raise CommandError(f"{failures} device(s) could not be reached or changed")
+
+    def _workers(self, timeout: float) -> None:
+        """Each queue the devices need, the workers consuming it (asked now) and its devices."""
+        from portal.celery import queue_consumers
+
+        consumers = queue_consumers(timeout)
+        default = settings.CELERY_TASK_DEFAULT_QUEUE
+        missing = []
+        for queue, devices in sorted(selectors.device_queues().items()):
+            name = queue or default
+            workers = consumers.get(name, [])
+            if not workers:
+                missing.append(name)
+            shown = ", ".join(devices[:5]) + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
+            self.stdout.write(f"{name}: {', '.join(workers) or 'NO WORKER'} — {shown}")
+        if missing:
+            raise CommandError(f"no worker answered for queue(s) {', '.join(missing)} within {timeout:g} s")
 
     def _plan(self, kind, row: dict) -> int:
         if row["error"]:
