@@ -112,6 +112,7 @@ def collect() -> list[Family]:
     )
     age.add((now - oldest).total_seconds() if oldest else 0)
     families.append(age)
+    families.append(_oldest_by_queue(open_work, now))
 
     behind = Family("virtcloud_webhook_events_behind", "Cluster events a webhook has not received yet.")
     failing = Family("virtcloud_webhook_failures", "Failed deliveries in a row of a webhook (0: keeping up).")
@@ -156,4 +157,32 @@ def _by_kind(name: str, help_text: str, rows, kinds: list[str]) -> Family:
     family = Family(name, help_text)
     for kind in kinds:
         family.add(counts[kind], kind=kind)
+    return family
+
+
+def _oldest_by_queue(open_work, now) -> Family:
+    """Per worker queue the devices use (a site's worker, a host's agent, the central worker's), the age of
+    its oldest unfinished device change: a queue whose worker is gone keeps growing while the others stay
+    near 0. One aggregate query per device kind, plus the queues of the idle devices."""
+    from django.conf import settings
+
+    from network.selectors import device_queues
+
+    default = settings.CELERY_TASK_DEFAULT_QUEUE
+    family = Family(
+        "virtcloud_device_changes_oldest_open_by_queue_seconds",
+        "Age of the oldest unfinished device change per worker queue (0 when none): a worker that is down.",
+    )
+    oldest: dict[str, float] = {queue or default: 0 for queue in device_queues()}
+    per_kind = (
+        ("switch", ("switch__worker_queue", "switch__site__worker_queue")),
+        ("host", ("host__agent_queue", "host__site__worker_queue")),
+    )
+    for kind, columns in per_kind:
+        rows = open_work.filter(kind=kind).values_list(*columns).annotate(first=Min("created_at")).order_by()
+        for own, site, first in rows:
+            queue = own or site or default  # a device gone from the inventory: the central worker's
+            oldest[queue] = max(oldest.get(queue, 0), (now - first).total_seconds())
+    for queue in sorted(oldest):
+        family.add(oldest[queue], queue=queue)
     return family

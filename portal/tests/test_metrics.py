@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 
 from access.models import Credential, CredentialKind
 from clusters.models import ClusterState, ClusterStep, Image, VirtualCluster
-from network.models import DeviceChange, Drift, VlanAllocation
+from network.models import DeviceChange, Drift, Host, Site, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
 from portal.tokens import token_create
@@ -86,6 +86,13 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="failed", error="no")
     old = DeviceChange.objects.create(kind="host", device="brno1", cause="test", status="failed", error="no")
     DeviceChange.objects.filter(pk=old.pk).update(created_at=now - timedelta(hours=2))
+    # a host behind an agent that is down: its change waits on the agent's queue; prague's site worker is idle
+    Host.objects.filter(name="pilsen1").update(agent_queue="host.pilsen1")
+    Site.objects.filter(name="prague").update(worker_queue="site.prague")
+    waiting = DeviceChange.objects.create(
+        kind="host", device="pilsen1", host=Host.objects.get(name="pilsen1"), cause="test", status="pending"
+    )
+    DeviceChange.objects.filter(pk=waiting.pk).update(created_at=now - timedelta(seconds=100))
     Drift.objects.create(device_kind="switch", device="sw-brno", port="h1", kind="missing", vlans="150")
     Drift.objects.create(device_kind="switch", device="sw-brno", port="h1", kind="stale", vlans="151", repaired_at=now)
     for serial, (kind, revoked, not_after) in enumerate(
@@ -132,16 +139,21 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     # the clusters' own provisioning and teardown changes are finished: only the two made above are open
     assert value("virtcloud_device_changes_open", kind="switch", status="pending") == 1
     assert value("virtcloud_device_changes_open", kind="host", status="running") == 1
-    assert value("virtcloud_device_changes_open", kind="host", status="pending") == 0
+    assert value("virtcloud_device_changes_open", kind="host", status="pending") == 1
     assert 300 <= value("virtcloud_device_changes_oldest_open_seconds") < 400
+    by_queue = "virtcloud_device_changes_oldest_open_by_queue_seconds"
+    assert 300 <= value(by_queue, queue="celery") < 400  # sw-brno's (no worker queue: the central worker)
+    assert 100 <= value(by_queue, queue="host.pilsen1") < 200
+    assert value(by_queue, queue="site.prague") == 0
     assert value("virtcloud_device_changes_failed_recent", kind="host") == 1  # not the one from 2 h ago
     assert value("virtcloud_drift_open", kind="missing") == 1
     assert value("virtcloud_drift_open", kind="stale") == 0
     assert value("virtcloud_access_credentials_valid", kind=CredentialKind.VPN) == 1
     assert value("virtcloud_access_credentials_valid", kind=CredentialKind.SSH) == 1
     # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
-    # the webhooks — one more per webhook: none here), whatever the size
-    assert len(ctx.captured_queries) <= 14, [q["sql"] for q in ctx.captured_queries]
+    # the webhooks — one more per webhook: none here; the queues: two for the devices, one per device kind
+    # for their changes), whatever the size
+    assert len(ctx.captured_queries) <= 18, [q["sql"] for q in ctx.captured_queries]
 
 
 def test_nothing_yet_is_all_zeros(alice):
