@@ -1,6 +1,7 @@
 """Django admin for the network inventory. Secrets are write-only."""
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.db import transaction
 from django.db.models import Count
@@ -81,6 +82,11 @@ class SwitchForm(forms.ModelForm):
 # --- actions on switches and hosts ---------------------------------------------------------------------------
 
 
+def _worker(device) -> str:
+    """The queue of the worker that converges ``device`` (its own, its site's, or the central worker's)."""
+    return device.queue or f"{settings.CELERY_TASK_DEFAULT_QUEUE} (central)"
+
+
 def _kind(queryset) -> str:
     return DeviceKind.SWITCH if queryset.model is Switch else DeviceKind.HOST
 
@@ -120,7 +126,7 @@ class SwitchPortInline(admin.TabularInline):
 @admin.register(Switch)
 class SwitchAdmin(admin.ModelAdmin):
     form = SwitchForm
-    list_display = ("name", "site", "platform", "address", "enabled", "port_count")
+    list_display = ("name", "site", "platform", "address", "worker", "enabled", "port_count")
     list_filter = ("site", "platform", "enabled")
     search_fields = ("name", "address", "description")
     list_select_related = ("site",)
@@ -133,6 +139,10 @@ class SwitchAdmin(admin.ModelAdmin):
     @admin.display(description="ports", ordering="_ports")
     def port_count(self, obj):
         return obj._ports
+
+    @admin.display(description="worker queue")
+    def worker(self, obj):
+        return _worker(obj)
 
 
 @admin.register(SwitchPort)
@@ -152,12 +162,16 @@ class SwitchPortAdmin(admin.ModelAdmin):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ("name", "site", "switch_port", "trunk_interface", "driver", "agent_queue", "enabled")
+    list_display = ("name", "site", "switch_port", "trunk_interface", "driver", "worker", "enabled")
     list_filter = ("site", "driver", "enabled")
     search_fields = ("name", "switch_port__name", "switch_port__switch__name")
     list_select_related = ("site", "switch_port", "switch_port__switch")
     autocomplete_fields = ("switch_port",)
     actions = [reconcile_now, plan_dry_run]
+
+    @admin.display(description="worker queue")
+    def worker(self, obj):
+        return _worker(obj)
 
 
 @admin.register(VlanPool)

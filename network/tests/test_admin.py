@@ -82,6 +82,16 @@ def test_list_filters_and_search(admin_client, demo):
     assert response.context["cl"].result_count == 3
 
 
+def test_lists_show_the_worker_queue_of_each_device(admin_client, demo):
+    """The queue a device's work goes to: its own, its site's worker, or the central worker's."""
+    Site.objects.filter(name="brno").update(worker_queue="site.brno")
+    switches = admin_client.get(reverse("admin:network_switch_changelist")).content.decode()
+    assert "site.brno" in switches and "celery (central)" in switches
+    Host.objects.filter(name="brno-h2").update(agent_queue="")
+    hosts = admin_client.get(reverse("admin:network_host_changelist"), {"q": "brno"}).content.decode()
+    assert "host.brno-h1" in hosts and "site.brno" in hosts  # brno-h1: its agent; brno-h2: its site's worker
+
+
 def test_switch_page_shows_ports_inline(admin_client, demo):
     switch = Switch.objects.get(name="brno-sw")
     page = admin_client.get(reverse("admin:network_switch_change", args=[switch.pk])).content.decode()
