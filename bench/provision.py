@@ -44,6 +44,7 @@ import secrets
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
@@ -360,12 +361,18 @@ def burst_round(sites: int, n: int, client) -> dict:
     }
 
 
+@dataclass
 class Bench:
     """One lab with its database, topology, workers and API client (``lab_bench``)."""
 
-    def __init__(self, *, sites, lab, lab_up, user, api, groups, run_dir, env):
-        self.sites, self.lab, self.lab_up, self.user, self.api = sites, lab, lab_up, user, api
-        self.groups, self.run_dir, self.env = groups, run_dir, env
+    sites: int
+    lab: object
+    lab_up: float  # seconds the lab took to come up
+    user: object
+    api: object  # DRF APIClient, authenticated as ``user``
+    groups: dict[str, list[int]]  # process group → PIDs whose CPU is counted
+    run_dir: Path
+    env: dict
 
 
 @contextlib.contextmanager

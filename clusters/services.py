@@ -652,14 +652,22 @@ def clusters_end_stalled_workflows() -> list[int]:
                 ended.append(cluster.pk)
     for cluster in late.filter(state=ClusterState.UPDATING).only("pk", "workflow_generation", "segment_id"):
         reason = f"the update did not finish within {timeout} s{_still_waiting(cluster)}"
-        with transaction.atomic():
-            steps = ClusterStep.objects.filter(
-                cluster=cluster, generation=cluster.workflow_generation, status=StepStatus.RUNNING
-            )
-            steps.update(status=StepStatus.FAILED, error=reason[:2000], finished_at=timezone.now())
-            if cluster_mark_ready(cluster_id=cluster.pk, generation=cluster.workflow_generation):
-                ended.append(cluster.pk)
+        running = ClusterStep.objects.filter(
+            cluster=cluster, generation=cluster.workflow_generation, status=StepStatus.RUNNING
+        )
+        if cluster_update_failed(
+            cluster_id=cluster.pk, generation=cluster.workflow_generation, steps=running, reason=reason
+        ):
+            ended.append(cluster.pk)
     return ended
+
+
+@transaction.atomic
+def cluster_update_failed(*, cluster_id: int, generation: int, steps, reason: str) -> bool:
+    """A node change (add, remove, migration) could not be applied: its ``steps`` record why and the cluster
+    is READY again (the reconciler keeps the devices at the desired state). Whether it was still updating."""
+    steps.update(status=StepStatus.FAILED, error=reason[:2000], finished_at=timezone.now())
+    return cluster_mark_ready(cluster_id=cluster_id, generation=generation)
 
 
 def _queue_text(device) -> str:

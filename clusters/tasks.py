@@ -129,10 +129,12 @@ def update_done(cluster_id: int, generation: int, step_id: int) -> None:
 def update_failed(request, exc, traceback, cluster_id: int, generation: int, step_id: int) -> None:
     """A node change could not be applied: the step records why; the cluster returns to READY and the
     reconciler keeps the devices at the desired state."""
-    ClusterStep.objects.filter(pk=step_id).update(
-        status=StepStatus.FAILED, error=_describe(exc)[:2000], finished_at=timezone.now()
+    services.cluster_update_failed(
+        cluster_id=cluster_id,
+        generation=generation,
+        steps=ClusterStep.objects.filter(pk=step_id),
+        reason=_describe(exc),
     )
-    services.cluster_mark_ready(cluster_id=cluster_id, generation=generation)
 
 
 @shared_task(name="clusters.expire")

@@ -1,7 +1,6 @@
 """Django admin for the network inventory. Secrets are write-only."""
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin
 from django.db import transaction
 from django.db.models import Count
@@ -21,6 +20,7 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
+from network.selectors import queue_name
 
 
 @admin.register(Site)
@@ -84,7 +84,7 @@ class SwitchForm(forms.ModelForm):
 
 def _worker(device) -> str:
     """The queue of the worker that converges ``device`` (its own, its site's, or the central worker's)."""
-    return device.queue or f"{settings.CELERY_TASK_DEFAULT_QUEUE} (central)"
+    return queue_name(device) + ("" if device.queue else " (central)")
 
 
 def _kind(queryset) -> str:

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import Exists, OuterRef, Q
 
 from network.choices import PortRole
@@ -219,10 +220,10 @@ def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
     """Enabled switches and hosts to converge for ``segment``: what it needs plus what it touched before
     (so that a host it left, or a switch at a site it left, is cleaned too)."""
     devices = segment_footprint(segment) | touched_devices(segment)
-    enabled = {"enabled": True}
-    switches = list(Switch.objects.filter(pk__in=devices.switches, **enabled).select_related("site").order_by("name"))
-    hosts = list(Host.objects.filter(pk__in=devices.hosts, **enabled).select_related("site").order_by("name"))
-    return switches, hosts
+    switches = Switch.objects.filter(pk__in=devices.switches, enabled=True)
+    hosts = Host.objects.filter(pk__in=devices.hosts, enabled=True)
+    # the site: each device's worker queue (``queue``) falls back to its site's
+    return list(switches.select_related("site").order_by("name")), list(hosts.select_related("site").order_by("name"))
 
 
 def known_vids() -> frozenset[int]:
@@ -230,11 +231,16 @@ def known_vids() -> frozenset[int]:
     return frozenset(Segment.objects.exclude(vid=None).values_list("vid", flat=True).distinct())
 
 
+def queue_name(device: Switch | Host) -> str:
+    """The name of the queue ``device``'s operations go to: its ``queue``, or the central worker's."""
+    return device.queue or settings.CELERY_TASK_DEFAULT_QUEUE
+
+
 def device_queues() -> dict[str, list[str]]:
-    """Every worker queue the enabled devices need: queue → the devices (``switch X``, ``host Y``) whose
-    operations go there ("" is the central worker's queue)."""
+    """Every worker queue the enabled devices need (by name, the central worker's included): queue → the
+    devices (``switch X``, ``host Y``) whose operations go there."""
     queues: dict[str, list[str]] = defaultdict(list)
     for kind, model in (("switch", Switch), ("host", Host)):
         for device in model.objects.filter(enabled=True).select_related("site").order_by("name"):
-            queues[device.queue].append(f"{kind} {device.name}")
+            queues[queue_name(device)].append(f"{kind} {device.name}")
     return dict(queues)

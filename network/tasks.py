@@ -92,13 +92,11 @@ def converge_devices(
             outcome = convergence.converge_changes(layer)
         if outcome.failed and not tolerate:
             raise outcome.failed[0]
-        if outcome.temporary:
-            try:
-                _retry_pending(self, outcome.temporary)
-            except DeviceChangeFailed:
-                if not tolerate:
-                    raise
-                outcome = convergence.BatchOutcome(changes=DeviceChange.objects.in_bulk(layer))
+        if outcome.temporary and tolerate and _retries_spent(self):
+            _fail_pending(outcome.temporary)  # recorded as failed; the rollback goes on
+            outcome = convergence.BatchOutcome(changes=DeviceChange.objects.in_bulk(layer))
+        elif outcome.temporary:
+            _retry_pending(self, outcome.temporary)
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
         kind, segment_id = finish
@@ -106,15 +104,24 @@ def converge_devices(
     return {"changes": done}
 
 
+def _retries_spent(task) -> bool:
+    return (task.request.retries or 0) >= settings.DEVICE_RETRY_MAX
+
+
+def _fail_pending(pending: dict[int, TemporaryDeviceError]) -> None:
+    """Changes that failed temporarily on every attempt fail for good, with their device's last message."""
+    for pk, error in pending.items():
+        with contextlib.suppress(DeviceChangeFailed):
+            convergence.change_fail(pk, error.message)
+
+
 def _retry_pending(task, pending: dict[int, TemporaryDeviceError]):
     """Retry ``task`` with backoff for changes that failed temporarily, or fail them once the retries are
     spent (raising ``DeviceChangeFailed`` with the first device and its message)."""
     retries = task.request.retries or 0
     change_id, exc = next(iter(pending.items()))
-    if retries >= settings.DEVICE_RETRY_MAX:
-        for pk, error in pending.items():
-            with contextlib.suppress(DeviceChangeFailed):
-                convergence.change_fail(pk, error.message)
+    if _retries_spent(task):
+        _fail_pending(pending)
         raise DeviceChangeFailed(exc.device, exc.message, change_id)
     logger.warning("%s changes pending (%s); retry %s in %.1fs", len(pending), exc, retries + 1, _backoff(retries))
     raise task.retry(
@@ -235,15 +242,18 @@ def segment_compensated(segment_id: int) -> dict:
             return {"segment": seg.pk, "state": seg.state, "error": seg.error}
         cause = _compensation_cause(seg)
         changes = DeviceChange.objects.filter(segment=seg)
-        first = changes.filter(status=DeviceChange.Status.FAILED).exclude(cause=cause).order_by("finished_at", "pk")
-        first = first.first()
+        earlier, rollback = changes.exclude(cause=cause), changes.filter(cause=cause)
+        first = earlier.filter(status=DeviceChange.Status.FAILED).order_by("finished_at", "pk").first()
         reason = f"{first.device}: {first.error}" if first else "provisioning failed"
-        took = changes.filter(status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP]).exclude(cause=cause)
-        took = set(took.values_list("kind", "switch_id", "host_id"))
+        took_vlan = set(  # the devices an earlier change did converge: they carry the VLAN
+            earlier.filter(status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP]).values_list(
+                "kind", "switch_id", "host_id"
+            )
+        )
         not_rolled_back = [
             f"{change.device}: {change.error}"
-            for change in changes.filter(cause=cause, status=DeviceChange.Status.FAILED).order_by("pk")
-            if (change.kind, change.switch_id, change.host_id) in took
+            for change in rollback.filter(status=DeviceChange.Status.FAILED).order_by("pk")
+            if (change.kind, change.switch_id, change.host_id) in took_vlan
         ]
         with transaction.atomic():
             if not_rolled_back:
@@ -275,11 +285,15 @@ def reconcile(repair: bool | None = None) -> dict:
     return {"switches": len(switches), "hosts": len(hosts)}
 
 
+def _device(kind: str, device_id: int) -> Switch | Host | None:
+    """The switch or host a task was given by id (None: it left the inventory meanwhile)."""
+    return (Switch if kind == DeviceKind.SWITCH else Host).objects.filter(pk=device_id).first()
+
+
 @shared_task(name="network.plan_device", soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
 def plan_device(kind: str, device_id: int) -> dict:
     """The diff convergence would apply to one device now (nothing is changed), or the device's error."""
-    model = Switch if kind == DeviceKind.SWITCH else Host
-    device = model.objects.filter(pk=device_id).first()
+    device = _device(kind, device_id)
     if device is None:
         return {"diff": "", "error": "the device no longer exists in the inventory"}
     try:
@@ -324,8 +338,7 @@ def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None
 def reconcile_device(kind: str, device_id: int, repair: bool | None = None) -> dict:
     """Compare one device with the desired state; record drift; repair when ``RECONCILE_REPAIR``."""
     repair = settings.RECONCILE_REPAIR if repair is None else repair
-    model = Switch if kind == DeviceKind.SWITCH else Host
-    device = model.objects.filter(pk=device_id).first()
+    device = _device(kind, device_id)
     if device is None:
         return {"device": None}
     with audit_actor("network.reconcile"):

@@ -173,7 +173,7 @@ def _oldest_by_queue(open_work, now) -> Family:
         "virtcloud_device_changes_oldest_open_by_queue_seconds",
         "Age of the oldest unfinished device change per worker queue (0 when none): a worker that is down.",
     )
-    oldest: dict[str, float] = {queue or default: 0 for queue in device_queues()}
+    oldest: dict[str, float] = dict.fromkeys(device_queues(), 0)
     per_kind = (
         ("switch", ("switch__worker_queue", "switch__site__worker_queue")),
         ("host", ("host__agent_queue", "host__site__worker_queue")),
@@ -181,7 +181,7 @@ def _oldest_by_queue(open_work, now) -> Family:
     for kind, columns in per_kind:
         rows = open_work.filter(kind=kind).values_list(*columns).annotate(first=Min("created_at")).order_by()
         for own, site, first in rows:
-            queue = own or site or default  # a device gone from the inventory: the central worker's
+            queue = own or site or default  # ``queue_name`` in SQL; a device gone from the inventory: central
             oldest[queue] = max(oldest.get(queue, 0), (now - first).total_seconds())
     for queue in sorted(oldest):
         family.add(oldest[queue], queue=queue)

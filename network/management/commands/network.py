@@ -68,15 +68,13 @@ class Command(BaseCommand):
         from portal.celery import queue_consumers
 
         consumers = queue_consumers(timeout)
-        default = settings.CELERY_TASK_DEFAULT_QUEUE
         missing = []
         for queue, devices in sorted(selectors.device_queues().items()):
-            name = queue or default
-            workers = consumers.get(name, [])
+            workers = consumers.get(queue, [])
             if not workers:
-                missing.append(name)
+                missing.append(queue)
             shown = ", ".join(devices[:5]) + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
-            self.stdout.write(f"{name}: {', '.join(workers) or 'NO WORKER'} — {shown}")
+            self.stdout.write(f"{queue}: {', '.join(workers) or 'NO WORKER'} — {shown}")
         if missing:
             raise CommandError(f"no worker answered for queue(s) {', '.join(missing)} within {timeout:g} s")
 

@@ -31,7 +31,8 @@ from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from network.models import Host, Site, Switch
+from network.models import Host, Site
+from network.selectors import device_queues
 from network.topology import TopologyError, load_topology, topology_import
 from portal.ldapserver import LdapServer, LdapServerError
 
@@ -92,14 +93,7 @@ class Command(BaseCommand):
 
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
-        queues = sorted(
-            {
-                "celery",
-                *(h.queue for h in Host.objects.select_related("site")),
-                *(s.queue for s in Switch.objects.select_related("site")),
-            }
-            - {""}
-        )
+        queues = sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *device_queues()})
         self._start("web", [sys.executable, manage, "runserver", addr, "--noreload"], env)
         self._start(
             "worker",
