@@ -310,12 +310,20 @@ def plan_devices(kind: str, devices: list[Switch | Host], *, timeout: float | No
     from celery.exceptions import TimeoutError as ResultTimeout
 
     timeout = settings.DEVICE_TIMEOUT + 10 if timeout is None else timeout
-    sent = {d.pk: plan_device.apply_async((str(kind), d.pk), queue=d.queue) for d in devices if d.queue}
+    sent = {}
+    for device in devices:
+        if device.queue:
+            try:
+                sent[device.pk] = plan_device.apply_async((str(kind), device.pk), queue=device.queue)
+            except Exception as exc:  # the broker is unreachable: that device's row says so
+                sent[device.pk] = f"could not ask queue {device.queue}: {type(exc).__name__}: {exc}"
     deadline = time.monotonic() + timeout
     rows = []
     for device in devices:
         if not device.queue:
             row = plan_device(str(kind), device.pk)
+        elif isinstance(sent[device.pk], str):
+            row = {"diff": "", "error": sent[device.pk]}
         else:
             try:
                 row = sent[device.pk].get(timeout=max(0.1, deadline - time.monotonic()))

@@ -158,3 +158,34 @@ def test_lab_drift_by_hand_is_detected_and_repaired_by_one_reconcile_run(clean_l
     out = StringIO()
     call_command("network", "plan", stdout=out)
     assert "ERROR" not in out.getvalue() and out.getvalue().count("in sync") == 3 + 6
+
+
+def test_plan_and_workers_say_so_when_the_broker_is_down(fabric, monkeypatch, capsys):
+    """A device whose worker cannot be asked (the broker is down) is an error row of the plan, the others are
+    planned; ``network workers`` fails with the reason, not a traceback."""
+    from celery.app.control import Inspect
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from kombu.exceptions import OperationalError
+
+    from network import tasks
+    from network.models import Host
+
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    Host.objects.filter(name="brno1").update(agent_queue="host.brno1")
+    monkeypatch.setattr(tasks.plan_device, "apply_async", broker_down)
+    monkeypatch.setattr(Inspect, "active_queues", broker_down)
+    hosts = list(Host.objects.select_related("site").filter(name__in=["brno1", "brno2"]).order_by("name"))
+    assert tasks.plan_devices("host", hosts) == [
+        {
+            "device": "brno1",
+            "diff": "",
+            "error": "could not ask queue host.brno1: OperationalError: Error 111 connecting to 127.0.0.1:6379. "
+            "Connection refused.",
+        },
+        {"device": "brno2", "diff": "", "error": ""},
+    ]
+    with pytest.raises(CommandError, match="cannot ask the workers, the broker did not answer: Error 111"):
+        call_command("network", "workers")

@@ -67,7 +67,10 @@ class Command(BaseCommand):
         """Each queue the devices need, the workers consuming it (asked now) and its devices."""
         from portal.celery import queue_consumers
 
-        consumers = queue_consumers(timeout)
+        try:
+            consumers = queue_consumers(timeout)
+        except Exception as exc:  # the broker is unreachable
+            raise CommandError(f"cannot ask the workers, the broker did not answer: {exc}") from None
         missing = []
         for queue, devices in sorted(selectors.device_queues().items()):
             workers = consumers.get(queue, [])
