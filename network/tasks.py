@@ -285,6 +285,9 @@ def reconcile(repair: bool | None = None) -> dict:
     return {"switches": len(switches), "hosts": len(hosts)}
 
 
+_GONE = "the device no longer exists in the inventory"
+
+
 def _device(kind: str, device_id: int) -> Switch | Host | None:
     """The switch or host a task was given by id (None: it left the inventory meanwhile)."""
     return (Switch if kind == DeviceKind.SWITCH else Host).objects.filter(pk=device_id).first()
@@ -295,7 +298,7 @@ def plan_device(kind: str, device_id: int) -> dict:
     """The diff convergence would apply to one device now (nothing is changed), or the device's error."""
     device = _device(kind, device_id)
     if device is None:
-        return {"diff": "", "error": "the device no longer exists in the inventory"}
+        return {"diff": "", "error": _GONE}
     try:
         return {"diff": convergence.plan(kind, device), "error": ""}
     except DeviceError as exc:
@@ -304,34 +307,53 @@ def plan_device(kind: str, device_id: int) -> dict:
 
 def plan_devices(kind: str, devices: list[Switch | Host], *, timeout: float | None = None) -> list[dict]:
     """``plan_device`` for each device (``{"device", "diff", "error"}``, in order), asked of the worker that
-    reaches it (``device.queue``), all at once; a device of the central worker's is planned here. A worker
-    that does not answer within ``timeout`` (default: ``DEVICE_TIMEOUT`` + 10 s, for them all) is an error
-    row, not a failure of the whole plan."""
+    reaches it, all at once (``on_device_workers``; default timeout ``DEVICE_TIMEOUT`` + 10 s)."""
+    timeout = settings.DEVICE_TIMEOUT + 10 if timeout is None else timeout
+    return on_device_workers(plan_device, kind, devices, timeout=timeout, blank={"diff": ""})
+
+
+def reconcile_devices(
+    kind: str, devices: list[Switch | Host], repair: bool | None = None, *, actor: str, timeout: float | None = None
+) -> list[dict]:
+    """``reconcile_device`` for each device (its result with ``"device"``, in order), asked of the worker
+    that reaches it, all at once and waited for (default timeout: the task's time limit + 10 s); audited
+    as ``actor``."""
+    timeout = settings.CELERY_TASK_TIME_LIMIT + 10 if timeout is None else timeout
+    blank = {"busy": False, "drift": [], "repaired": False}
+    return on_device_workers(reconcile_device, kind, devices, repair, actor, timeout=timeout, blank=blank)
+
+
+def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, timeout: float, blank: dict) -> list[dict]:
+    """Run ``task(kind, device id, *args)`` (a task that returns a dict with ``"error"``) for each device on
+    the worker that reaches it (``device.queue``), all at once, and collect the answers in order as
+    ``{"device": name, **answer}``; a device of the central worker's runs here. A device whose worker cannot
+    be asked (the broker is down), does not answer within ``timeout`` s (for them all) or whose task failed
+    is a row of ``blank`` with the reason in ``"error"``, never a failure of the whole run."""
     from celery.exceptions import TimeoutError as ResultTimeout
 
-    timeout = settings.DEVICE_TIMEOUT + 10 if timeout is None else timeout
     sent = {}
     for device in devices:
         if device.queue:
             try:
-                sent[device.pk] = plan_device.apply_async((str(kind), device.pk), queue=device.queue)
+                sent[device.pk] = task.apply_async((str(kind), device.pk, *args), queue=device.queue)
             except Exception as exc:  # the broker is unreachable: that device's row says so
                 sent[device.pk] = f"could not ask queue {device.queue}: {type(exc).__name__}: {exc}"
     deadline = time.monotonic() + timeout
     rows = []
     for device in devices:
+        error = ""
         if not device.queue:
-            row = plan_device(str(kind), device.pk)
+            row = task(str(kind), device.pk, *args)
         elif isinstance(sent[device.pk], str):
-            row = {"diff": "", "error": sent[device.pk]}
+            error = sent[device.pk]
         else:
             try:
                 row = sent[device.pk].get(timeout=max(0.1, deadline - time.monotonic()))
             except ResultTimeout:
-                row = {"diff": "", "error": f"no answer from a worker of queue {device.queue} in {timeout:.0f} s"}
+                error = f"no answer from a worker of queue {device.queue} in {timeout:.0f} s"
             except Exception as exc:  # the worker's task failed: say so in the device's row
-                row = {"diff": "", "error": f"{type(exc).__name__}: {exc}"}
-        rows.append({"device": device.name, **row})
+                error = f"{type(exc).__name__}: {exc}"
+        rows.append({**blank, **({"error": error} if error else row), "device": device.name})
     return rows
 
 
@@ -343,13 +365,14 @@ def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None
 
 
 @shared_task(name="network.reconcile_device", acks_late=True, soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
-def reconcile_device(kind: str, device_id: int, repair: bool | None = None) -> dict:
-    """Compare one device with the desired state; record drift; repair when ``RECONCILE_REPAIR``."""
+def reconcile_device(kind: str, device_id: int, repair: bool | None = None, actor: str = "network.reconcile") -> dict:
+    """Compare one device with the desired state; record drift; repair when ``repair`` (default
+    ``RECONCILE_REPAIR``), audited as ``actor``."""
     repair = settings.RECONCILE_REPAIR if repair is None else repair
     device = _device(kind, device_id)
     if device is None:
-        return {"device": None}
-    with audit_actor("network.reconcile"):
+        return {"device": None, "busy": False, "drift": [], "repaired": False, "error": _GONE}
+    with audit_actor(actor):
         report = convergence.reconcile_device(kind, device, repair=repair)
     return {
         "device": report.device,

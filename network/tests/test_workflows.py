@@ -744,6 +744,27 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
         assert tasks.plan_devices("host", [prague2], timeout=1) == [
             {"device": "prague2", "diff": "", "error": "no answer from a worker of queue host.nobody in 1 s"}
         ]
+        from io import StringIO
+
+        from django.core.management import call_command
+        from django.core.management.base import CommandError
+
+        from network.tests import fakes
+
+        # so is ``manage.py network reconcile``: a VLAN put on brno1 by hand is found and removed by the agent
+        # (here it would be a "reachable from" error), and a queue nobody consumes fails the command, naming it
+        state = fakes.load(fabric.args, "host", "brno1")
+        fakes.save(fabric.args, "host", "brno1", {**state, "vlans": [777]})
+        out = StringIO()
+        call_command("network", "reconcile", "--host", "brno1", stdout=out)
+        assert out.getvalue() == "host brno1: drift brno1 foreign VLAN 777 (repaired)\n", out.getvalue()
+        assert fabric.host_vlans("brno1") == frozenset()
+        repairs = DeviceChange.objects.filter(device="brno1", cause__startswith="reconcile")
+        assert list(repairs.values_list("status", "diff")) == [("ok", "- br-v777")]
+        err = StringIO()
+        with pytest.raises(CommandError, match=r"1 device\(s\) could not be reached or changed"):
+            call_command("network", "reconcile", "--host", "prague2", "--timeout", "1", stdout=out, stderr=err)
+        assert err.getvalue() == "host prague2: ERROR no answer from a worker of queue host.nobody in 1 s\n"
     finally:
         agent.stop()
     seg.refresh_from_db()

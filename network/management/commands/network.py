@@ -1,18 +1,16 @@
 """``manage.py network plan [--switch X] [--host Y]``: per device, the diff convergence would apply now
-(nothing is changed), asked of the worker that reaches the device (its queue) or computed here.
-``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``: compare devices with the
-desired state, record drift and repair it (default: ``RECONCILE_REPAIR``), here. ``manage.py network workers
-[--timeout S]``: for each worker queue the devices need, the workers consuming it now; exit 1 when a queue
-has none (a device there would never be converged)."""
+(nothing is changed). ``manage.py network reconcile [--switch X] [--host Y] [--repair/--no-repair]``:
+compare devices with the desired state, record drift and repair it (default: ``RECONCILE_REPAIR``). Both
+ask each device of the worker that reaches it (its queue; a central worker's device here), all at once, and
+wait up to ``--timeout`` s for the answers. ``manage.py network workers [--timeout S]``: for each worker
+queue the devices need, the workers consuming it now; exit 1 when a queue has none (a device there would
+never be converged)."""
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from network import convergence, selectors, tasks
-from network.drivers import DeviceError
-from network.errors import DeviceChangeFailed
+from network import selectors, tasks
 from network.models import DeviceKind, Host, Switch
 from portal.audit import audit_actor
 
@@ -31,6 +29,13 @@ class Command(BaseCommand):
             p = sub.add_parser(name, help=text)
             p.add_argument("--switch", action="append", default=[], help="only this switch (repeatable)")
             p.add_argument("--host", action="append", default=[], help="only this host (repeatable)")
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=None,
+                help="seconds to wait for the devices' workers (default: DEVICE_TIMEOUT + 10 for a plan, the task "
+                "time limit + 10 for a reconcile)",
+            )
             if name == "reconcile":
                 p.add_argument("--repair", action="store_true", default=None, help="repair drift")
                 p.add_argument("--no-repair", dest="repair", action="store_false", help="only record drift")
@@ -53,13 +58,17 @@ class Command(BaseCommand):
         devices = self._devices(options)
         failures = 0
         with audit_actor("manage.py network"):
-            if options["action"] == "plan":
-                for kind in (DeviceKind.SWITCH, DeviceKind.HOST):
-                    for row in tasks.plan_devices(kind, [device for k, device in devices if k == kind]):
+            for kind in (DeviceKind.SWITCH, DeviceKind.HOST):
+                of_kind = [device for k, device in devices if k == kind]
+                if options["action"] == "plan":
+                    for row in tasks.plan_devices(kind, of_kind, timeout=options["timeout"]):
                         failures += self._plan(kind, row)
-            else:
-                for kind, device in devices:
-                    failures += self._reconcile(kind, device, options)
+                else:
+                    rows = tasks.reconcile_devices(
+                        kind, of_kind, options["repair"], actor="manage.py network", timeout=options["timeout"]
+                    )
+                    for row in rows:
+                        failures += self._reconcile(kind, row)
         if failures:
             raise CommandError(f"{failures} device(s) could not be reached or changed")
 
@@ -93,22 +102,17 @@ class Command(BaseCommand):
             self.stdout.write(f"{kind} {row['device']}: in sync")
         return 0
 
-    def _reconcile(self, kind, device, options) -> int:
-        repair = settings.RECONCILE_REPAIR if options["repair"] is None else options["repair"]
-        try:
-            report = convergence.reconcile_device(kind, device, repair=repair)
-        except (DeviceError, DeviceChangeFailed) as exc:
-            self.stderr.write(f"{kind} {device.name}: ERROR {exc}")
+    def _reconcile(self, kind, row: dict) -> int:
+        name = row["device"]
+        if row["error"]:
+            self.stderr.write(f"{kind} {name}: ERROR {row['error']}")
             return 1
-        if report.busy:
-            self.stdout.write(f"{kind} {device.name}: busy (a convergence is running), skipped")
-        elif report.error:
-            self.stderr.write(f"{kind} {device.name}: ERROR {report.error}")
-            return 1
-        elif not report.drifts:
-            self.stdout.write(f"{kind} {device.name}: in sync")
+        if row["busy"]:
+            self.stdout.write(f"{kind} {name}: busy (a convergence is running), skipped")
+        elif not row["drift"]:
+            self.stdout.write(f"{kind} {name}: in sync")
         else:
-            state = "repaired" if report.repaired else "not repaired"
-            for drift in report.drifts:
-                self.stdout.write(f"{kind} {device.name}: drift {drift} ({state})")
+            state = "repaired" if row["repaired"] else "not repaired"
+            for drift in row["drift"]:
+                self.stdout.write(f"{kind} {name}: drift {drift} ({state})")
         return 0
