@@ -19,8 +19,9 @@ daemons (ovsdb-server and ovs-vswitchd, which stand in for the switches' own CPU
 over the machine's cores is a floor under the layer's time once the cores are saturated.
 
 Needs root, Open vSwitch (the lab), PostgreSQL and Redis. Builds a 16-site lab (one host per site, a plain
-802.1Q core; ``--planes site``: a control plane per site, see ``network.lab.fabric``), points a
-throw-away inventory at it, starts a worker (threads pool, 16 slots) on its own queue, and removes all of it at the end.
+802.1Q core; a control plane per site by default, ``--planes shared`` one for the lab, see
+``network.lab.fabric``), points a throw-away inventory at it, starts a worker (threads pool, 16 slots) on its
+own queue, and removes all of it at the end.
 """
 
 from __future__ import annotations
@@ -131,11 +132,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds per size; the median is printed")
     parser.add_argument(
         "--planes",
-        default="shared",
+        default="site",
         choices=("shared", "site"),
-        help="the lab's control planes: one OVSDB and ovs-vswitchd for the whole lab (default; every commit makes "
-        "it reconfigure all 16 switches' bridges), or a pair per site (a commit costs the same at any lab size, "
-        "but 32 daemons share the machine's cores)",
+        help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per site (default: a commit costs the same at "
+        "any lab size, as a real switch has its own CPU; the 32 daemons share the machine's cores), or one for "
+        "the whole lab (every commit makes it reconfigure all 16 switches' bridges, so 1 switch pays for 16, "
+        "which flatters the ratio)",
     )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     args = parser.parse_args()
