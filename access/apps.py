@@ -1,7 +1,7 @@
 """The access app: audit registration and the events that revoke credentials."""
 
 from django.apps import AppConfig, apps
-from django.db.models.signals import m2m_changed, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 
 
 class AccessConfig(AppConfig):
@@ -23,6 +23,10 @@ class AccessConfig(AppConfig):
         m2m_changed.connect(
             signals.user_groups_changed, sender=user_model.groups.through, dispatch_uid="access-user-groups"
         )
+        group_model = user_model.groups.field.related_model
+        pre_delete.connect(signals.group_deleting, sender=group_model, dispatch_uid="access-group-deleting")
+        post_delete.connect(signals.group_deleted, sender=group_model, dispatch_uid="access-group-deleted")
+        post_save.connect(signals.user_saved, sender=user_model, dispatch_uid="access-user-saved")
         # The clusters app may not be installed in every deployment of this code (or may land later):
         # connect to it only when it is there, by label, so importing access never imports clusters.
         if apps.is_installed("clusters"):

@@ -38,3 +38,10 @@ class NoGateway(AccessError):
 
     status = 503
     code = "no_gateway"
+
+
+class AuthorityExpired(AccessError):
+    """A certificate that vouches for every credential (the VPN CA, the Attribute Authority) has expired."""
+
+    status = 503
+    code = "authority_expired"

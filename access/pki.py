@@ -24,6 +24,7 @@ import datetime as dt
 import ipaddress
 import os
 import textwrap
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -300,9 +301,14 @@ def issue_client_cert(
     if not user or "/" in user or "," in user:
         raise PKIError(f"invalid user name for a certificate subject: {user!r}")
     start, end = _validity(ca, not_before, not_after, lifetime)
-    san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"urn:virtcloud:user:{user}")]
-    if email:
-        san.append(x509.RFC822Name(email))
+    # A URI and an rfc822Name are ASCII (RFC 5280 §4.2.1.6): a user name is percent-encoded, an e-mail
+    # domain IDNA-encoded, and an address whose local part is not ASCII is left out (the CN carries UTF-8).
+    san: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(f"urn:virtcloud:user:{urllib.parse.quote(user, safe='@.+-_')}")
+    ]
+    mailbox = _ascii_email(email) if email else None
+    if mailbox:
+        san.append(x509.RFC822Name(mailbox))
     builder = (
         _base_builder(ca, _name(user, organization), public_key, serial, start, end)
         .add_extension(_key_usage(), critical=True)
@@ -312,6 +318,17 @@ def issue_client_cert(
     if ac_der is not None:
         builder = builder.add_extension(x509.UnrecognizedExtension(AC_EXTENSION_OID, ac_der), critical=False)
     return builder.sign(ca.key, _sign_hash(ca.key))
+
+
+def _ascii_email(email: str) -> str | None:
+    """``email`` as an rfc822Name can hold it (ASCII, the domain in IDNA), or None when it cannot."""
+    local, _, domain = email.rpartition("@")
+    if not local or not domain or not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None
 
 
 def issue_server_cert(

@@ -3,9 +3,14 @@ the state gateways pull.
 
 Rules kept here:
 
-- Authorization is :func:`access.selectors.clusters_user_may_enter`, asked at issue time; afterwards,
-  every event that takes the right away revokes (cluster ended or no longer closed/ready, user left the
-  group or the cluster lost its group/owner, admin action, "I lost my laptop").
+- Authorization is :func:`access.selectors.clusters_user_may_enter`, asked at issue time and asked again
+  when the credential is recorded, under the holder's and the clusters' row locks; afterwards, every event
+  that takes the right away revokes (cluster ended or no longer closed/ready, user left the group, the
+  group was deleted, the user was deactivated, the cluster lost its group/owner, admin action, "I lost my
+  laptop"), taking the same locks first: an event either commits before the re-check (which refuses) or
+  waits for the credential's commit and then revokes it.
+- No credential outlives what it admits to: its validity ends by the clusters' expiry and by the expiry of
+  the certificates that vouch for it (the VPN CA, the Attribute Authority).
 - A user's private key is generated in memory for the one response that carries it; it is never saved,
   logged or put in an exception. Only :mod:`access.pki`, :mod:`access.attrcerts` and :mod:`access.ssh`
   touch cryptography.
@@ -33,7 +38,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from access import attrcerts, openvpn, pki, selectors
-from access.errors import AccessError, BadPublicKey, ClusterNotReady, NoGateway, NotAllowed
+from access.errors import AccessError, AuthorityExpired, BadPublicKey, ClusterNotReady, NoGateway, NotAllowed
 from access.models import (
     Authority,
     AuthorityKind,
@@ -132,7 +137,9 @@ def _create_authority(kind: str, loaded: dict[str, object]) -> Authority:
     if kind == AuthorityKind.AA:
         vpn_ca = loaded[AuthorityKind.VPN]
         key = pki.generate_private_key()
-        cert = pki.issue_aa_cert(vpn_ca, public_key=key.public_key(), serial=serial_allocate("aa"))
+        # as long as the CA (it cannot outlive it): an AA ending first would refuse every login from then on
+        lifetime = vpn_ca.cert.not_valid_after_utc - _now() - dt.timedelta(minutes=1)
+        cert = pki.issue_aa_cert(vpn_ca, public_key=key.public_key(), serial=serial_allocate("aa"), lifetime=lifetime)
         return Authority(
             kind=kind,
             certificate=pki.cert_to_pem(cert).decode(),
@@ -223,25 +230,28 @@ def _cluster_id(value) -> int:
         raise AccessError(f"{value!r} is not a cluster id", field="clusters") from None
 
 
-def clusters_authorize(*, user, clusters: Iterable) -> list:
-    """The requested clusters (ids or objects) if ``user`` may enter every one, in request order.
+def clusters_authorize(*, user, clusters: Iterable, lock: bool = False) -> list:
+    """The requested clusters (ids or objects) if ``user`` may enter every one, in request order
+    (``lock``: their rows locked until the caller's transaction ends).
 
     403 (:class:`NotAllowed`) for a cluster that is not the user's (or does not exist: the answer does
-    not tell which); 409 (:class:`ClusterNotReady`) for the user's cluster whose network is not up or
-    which is public (reached without a gateway)."""
+    not tell which); 409 (:class:`ClusterNotReady`) for the user's cluster whose network is not up, whose
+    lifetime is over (its teardown has not started yet) or which is public (reached without a gateway)."""
     from clusters.models import Connectivity, VirtualCluster
 
     ids = list(dict.fromkeys(_cluster_id(c) for c in clusters))
     if not ids:
         raise AccessError("choose at least one cluster", field="clusters")
-    # Only what issuing needs (label, state): no owner/group join, a handful of columns.
-    enterable = {
-        c.pk: c
-        for c in selectors.clusters_user_may_enter(user)
+    # Only what issuing needs (label, state, expiry): no owner/group join, a handful of columns.
+    rows = (
+        selectors.clusters_user_may_enter(user)
         .filter(pk__in=ids)
         .select_related(None)
-        .only("id", "name", "state", "connectivity", "owner_id", "group_id")
-    }
+        .only("id", "name", "state", "connectivity", "owner_id", "group_id", "expires_at")
+    )
+    if lock:
+        rows = rows.select_for_update(of=("self",)).order_by("pk")
+    enterable = {c.pk: c for c in rows}
     missing = [pk for pk in ids if pk not in enterable]
     if missing:
         own = {
@@ -261,6 +271,13 @@ def clusters_authorize(*, user, clusters: Iterable) -> list:
             raise ClusterNotReady(
                 f"cluster {cluster.name} is {cluster.get_state_display()}: its network is not up, try again "
                 "when it is ready"
+            )
+    now = timezone.now()
+    for pk in ids:
+        if enterable[pk].expires_at <= now:
+            raise ClusterNotReady(
+                f"the lifetime of cluster {enterable[pk].name} ended at {enterable[pk].expires_at.isoformat()}: "
+                "it is being torn down"
             )
     return [enterable[pk] for pk in ids]
 
@@ -300,10 +317,26 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
+def _lock_holders(user_ids: Iterable[int]) -> None:
+    """Lock the rows of these users until the transaction ends (issuance and revocation take them first)."""
+    from django.contrib.auth import get_user_model
+
+    list(get_user_model().objects.select_for_update().filter(pk__in=list(user_ids)).order_by("pk").values("pk"))
+
+
 @transaction.atomic  # the credential and its clusters (what revocation finds it by) together
 def _record_credential(
     *, kind: str, serial: int, user, key_id: str, fingerprint: str, clusters: Sequence, start, end, **extra
 ) -> Credential:
+    """Record an issued credential, after asking the membership rule again under the holder's and the
+    clusters' row locks (signing took a while: the user may have left the group, been deactivated, the
+    cluster may be ending). An event that takes the right away either committed before this check, which
+    then refuses (the signed certificate is dropped, never handed out), or waits for this commit and then
+    finds and revokes the new row."""
+    from django.contrib.auth import get_user_model
+
+    holder = get_user_model().objects.select_for_update().get(pk=user.pk)
+    clusters_authorize(user=holder, clusters=[c.pk for c in clusters], lock=True)
     credential = Credential.objects.create(
         kind=kind,
         serial=serial,
@@ -338,11 +371,27 @@ class VpnProfile:
         return iter((self.text, self.filename))
 
 
+def _credential_end(wanted: dt.datetime, clusters: Sequence, authorities: dict[str, dt.datetime]) -> dt.datetime:
+    """When a credential issued now ends: ``wanted``, or earlier when a cluster it admits to expires first
+    or a certificate that vouches for it (``authorities``: name → end) does. An authority that has expired
+    (or would leave less than a minute) is :class:`AuthorityExpired`: nothing can be issued until an
+    administrator renews it."""
+    now = _now()
+    for name, until in authorities.items():
+        if until <= now + dt.timedelta(minutes=1):
+            raise AuthorityExpired(
+                f"the certificate of {name} is valid until {until.isoformat()}: an administrator must renew it"
+            )
+    ends = [wanted, *authorities.values(), *(c.expires_at for c in clusters)]
+    return min(ends).astimezone(dt.UTC).replace(microsecond=0)
+
+
 def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> VpnProfile:
     """An ``.ovpn`` for ``user`` whose attribute certificate admits to ``clusters`` (ids or objects).
 
     The client key is generated here and only returned inside the profile. The certificate and its AC
-    share one validity (a few days; months for a ``publish`` profile, which a router keeps up). The
+    share one validity (a few days; months for a ``publish`` profile, which a router keeps up; never past
+    the clusters' expiry, the CA's or the AA's). The
     profile enters the first cluster; the user switches with ``setenv UV_VCLUSTER`` to another one the
     AC covers (listed at the top of the file)."""
     chosen = clusters_authorize(user=user, clusters=clusters)
@@ -355,8 +404,11 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     serial = serial_allocate("vpn-client", pooled=True)
     now = _now()
     start = now - pki.CLOCK_SKEW
-    end = now + (publish_cert_lifetime() if publish else vpn_cert_lifetime())
-    end = min(end, vpn_ca.cert.not_valid_after_utc)
+    end = _credential_end(
+        now + (publish_cert_lifetime() if publish else vpn_cert_lifetime()),
+        chosen,
+        {"the VPN CA": vpn_ca.cert.not_valid_after_utc, "the Attribute Authority": aa.cert.not_valid_after_utc},
+    )
     holder = attrcerts.Holder(issuer=vpn_ca.cert.subject, serial=serial, not_before=start, not_after=end)
     ac_der = attrcerts.issue_ac(
         aa_key=aa.key,
@@ -529,7 +581,8 @@ class SshAccess:
 def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> SshAccess:
     """An OpenSSH user certificate admitting ``user`` to ``cluster`` through the bastion, for the user's
     own public key (we never see their private key) or, without one, for a fresh Ed25519 pair generated
-    here and only returned. Principal ``<cluster label>-<user>``, validity ACCESS_SSH_CERT_LIFETIME."""
+    here and only returned. Principal ``<cluster label>.<user>``, validity ACCESS_SSH_CERT_LIFETIME (or
+    up to the cluster's expiry, when that comes first)."""
     from access import ssh
 
     (chosen,) = clusters_authorize(user=user, clusters=[cluster])
@@ -550,7 +603,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
     ca_key = _load(_authority(AuthorityKind.SSH_USER))
     serial = serial_allocate("ssh-user")
     now = _now()
-    lifetime = ssh_cert_lifetime()
+    lifetime = _credential_end(now + ssh_cert_lifetime(), [chosen], {}) - now  # never past the cluster's expiry
     hours = lifetime.total_seconds() / 3600
     try:
         certificate = ssh.issue_user_cert(
@@ -560,6 +613,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
             cluster=label,
             serial=serial,
             hours=hours,
+            min_hours=min(0.25, hours),
             max_hours=max(24.0, hours),
             now=now,
         )
@@ -777,6 +831,7 @@ def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, not
         raise ValueError("credentials_revoke_for needs a user or a cluster")
     qs = Credential.objects.live(timezone.now())
     if user is not None:
+        _lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
         qs = qs.filter(user=user)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
@@ -796,6 +851,7 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
 
     qs = Credential.objects.live(timezone.now())
     if user is not None:
+        _lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
         qs = qs.filter(user=user)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
@@ -853,7 +909,7 @@ def _vlan_map() -> tuple[dict[str, int], list]:
 
 
 def ssh_principal(cluster, user) -> str:
-    """The SSH principal admitting ``user`` to ``cluster`` (on the bastion: ``<cluster label>-<user>``)."""
+    """The SSH principal admitting ``user`` to ``cluster`` (on the bastion: ``<cluster label>.<user>``)."""
     from access import ssh
 
     return ssh.principal(selectors.cluster_label(cluster), user.get_username())

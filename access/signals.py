@@ -59,5 +59,41 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
     else:
         users = [instance]
     with transaction.atomic():
+        services._lock_holders([user.pk for user in users])  # all at once, in one order (no deadlock)
         for user in users:
             services.credentials_revoke_unauthorized(user=user)
+
+
+def group_deleting(sender, instance, **kwargs) -> None:
+    """A group is about to be deleted (its memberships go in bulk, without ``m2m_changed``): lock its members
+    (before the clusters' rows, as issuance does) and remember them for ``group_deleted``."""
+    from access import services
+
+    instance._access_members = list(instance.user_set.values_list("pk", flat=True))
+    services._lock_holders(instance._access_members)
+
+
+def group_deleted(sender, instance, **kwargs) -> None:
+    """A group was deleted (same transaction): its members who may no longer enter a cluster through it
+    lose their credentials for it."""
+    from django.contrib.auth import get_user_model
+
+    from access import services
+
+    for user in get_user_model().objects.filter(pk__in=getattr(instance, "_access_members", ())):
+        services.credentials_revoke_unauthorized(user=user)
+
+
+def user_saved(sender, instance, created, raw=False, **kwargs) -> None:
+    """A deactivated account loses every credential at once (in the same transaction as the change). An
+    active one costs nothing here: this fires on every login (``last_login``)."""
+    if raw or created or instance.is_active:
+        return
+    from access import services
+    from access.models import RevocationReason
+
+    services.credentials_revoke_for(
+        user=instance,
+        reason=RevocationReason.PRIVILEGE_WITHDRAWN,
+        note=f"account {instance.get_username()} deactivated",
+    )

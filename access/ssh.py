@@ -6,7 +6,7 @@ disk. CA keys are cryptography private keys; store them with :func:`ca_key_to_en
 
 User certificates (issue 7):
 
-- principal per cluster: ``<cluster>-<user>`` (:func:`principal`), which the bastion's principals file
+- principal per cluster: ``<cluster>.<user>`` (:func:`principal`), which the bastion's principals file
   maps to that cluster's nodes with ``permitopen``;
 - key id says who/what/when: ``virtcloud:user=alice:cluster=c42:serial=17:issued=2026-03-01T12:00:00Z``
   (sshd logs it on every login with ``LogLevel VERBOSE``: the audit trail);
@@ -42,6 +42,7 @@ UserPublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPu
 USER_EXTENSIONS = (b"permit-port-forwarding", b"permit-pty")
 CLOCK_SKEW = dt.timedelta(minutes=5)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")  # no '.': the first '.' of a principal ends the label
 
 
 class SSHKeyRejected(ValueError):
@@ -181,11 +182,14 @@ def generate_user_key(comment: str = "") -> UserKeyPair:
 
 
 def principal(cluster: str, user: str) -> str:
-    """The principal that admits ``user`` to ``cluster``: ``<cluster>-<user>``."""
-    for what, value in (("cluster", cluster), ("user", user)):
-        if not _NAME_RE.match(value):
-            raise SSHCertError(f"invalid {what} name {value!r} for an SSH principal")
-    return f"{cluster}-{user}"
+    """The principal that admits ``user`` to ``cluster``: ``<cluster>.<user>``. A cluster label has no
+    ``.``, so a principal names one (cluster, user) pair only — with ``-`` between them, cluster ``c-17``
+    with user ``18-bob`` and cluster ``c-17-18`` with user ``bob`` would share one."""
+    if not _LABEL_RE.match(cluster):
+        raise SSHCertError(f"invalid cluster name {cluster!r} for an SSH principal")
+    if not _NAME_RE.match(user):
+        raise SSHCertError(f"invalid user name {user!r} for an SSH principal")
+    return f"{cluster}.{user}"
 
 
 def key_id(*, user: str, cluster: str, serial: int, issued: dt.datetime) -> str:

@@ -4,6 +4,7 @@ answer. Profiles and generated keys are answered with ``Cache-Control: no-store`
 from __future__ import annotations
 
 from django.http import HttpResponse
+from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, permissions, status, viewsets
@@ -65,7 +66,7 @@ class VpnProfileView(APIView):
             user=request.user, clusters=data.validated_data["clusters"], publish=data.validated_data["publish"]
         )
         response = HttpResponse(profile.text, content_type="application/x-openvpn-profile")
-        response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'
+        response["Content-Disposition"] = content_disposition_header(True, profile.filename)
         response["X-Credential-Id"] = str(profile.credential.pk)
         return _no_store(response)
 

@@ -6,7 +6,7 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
      "vpn": {"ca": PEM, "aa": PEM, "crl": PEM, "vlans": {"c42": 142}, "server_name": "...",
              "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
-             "krl": base64, "clusters": {"c42": {"principals": ["c42-alice"], "targets": [["198.18.61.11", 22]],
+             "krl": base64, "clusters": {"c42": {"principals": ["c42.alice"], "targets": [["198.18.61.11", 22]],
                                                "nodes": [...]}}}}
 
 Everything is validated before anything is written, so a bad document leaves the last good state in

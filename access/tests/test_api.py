@@ -45,6 +45,21 @@ def test_vpn_profile_download(bob, cluster, gateway):
     assert response["X-Credential-Id"] == str(Credential.objects.get(serial=parsed.cert.serial_number).pk)
 
 
+def test_vpn_profile_for_a_non_ascii_user_and_two_clusters(gateway):
+    """A user name Django allows (``jörg``), an internationalised e-mail domain, and the download's file
+    name made of the user name (several clusters): a profile, not a 500."""
+    from django.contrib.auth.models import User
+
+    user = User.objects.create_user("jörg", "jorg@bücher.de", "pw")
+    first, second = make_cluster(user, name="one"), make_cluster(user, name="two")
+    response = client_for(user).post("/api/access/vpn-profiles/", {"clusters": [first.pk, second.pk]}, format="json")
+    assert response.status_code == 200, response.content
+    assert response["Content-Disposition"] == "attachment; filename*=utf-8''virtcloud-j%C3%B6rg.ovpn"
+    parsed = parse_profile(response.content.decode(), aa_pem=aa_pem())
+    san = parsed.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == ["jorg@xn--bcher-kva.de"]
+
+
 @pytest.mark.parametrize(
     ("payload", "status", "code"),
     [
@@ -96,7 +111,7 @@ def test_ssh_certificate_endpoint(alice, cluster, gateway):
     assert response["Cache-Control"] == "no-store"
     body = response.json()
     assert body["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    assert body["principal"] == f"{cluster_label(cluster)}-alice"
+    assert body["principal"] == f"{cluster_label(cluster)}.alice"
     assert ssh.load_cert(body["certificate"]).valid_principals == [body["principal"].encode()]
     assert f"Host {cluster_label(cluster)}-*" in body["ssh_config"]
     assert body["known_hosts"].startswith("@cert-authority * ")

@@ -76,7 +76,7 @@ def test_login_download_vpn_and_ssh_then_revoke(
         listed = subprocess.run(
             ["ssh-keygen", "-L", "-f", folder / "id_virtcloud-cert.pub"], capture_output=True, text=True, check=True
         ).stdout
-        assert f"{label}-alice" in listed
+        assert f"{label}.alice" in listed
         derived = subprocess.run(
             ["ssh-keygen", "-y", "-f", folder / "id_virtcloud"], capture_output=True, text=True, check=True
         ).stdout.split()[:2]

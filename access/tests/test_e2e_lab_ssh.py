@@ -202,14 +202,14 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         assert "gateway pull:" in pull()
         principals = (state / "ssh" / "principals" / ACCOUNT).read_text()
         targets = ",".join(f'permitopen="{n.address}:22"' for n in a_nodes)
-        assert f"restrict,port-forwarding,{targets} {la}-alice" in principals, principals
+        assert f"restrict,port-forwarding,{targets} {la}.alice" in principals, principals
         bastion_log = rundir / "bastion.log"
         procs.append(bastion.popen(SSHD, "-D", "-f", str(state / "sshd_config"), "-E", str(bastion_log)))
 
         # alpha's nodes: sshd with host certificates, trusting the user CA for alpha's principals.
         doc = services.gateway_state(gateway=gateway)
         alpha_principals = doc["ssh"]["clusters"][la]["principals"]
-        assert alpha_principals == [f"{la}-alice"]  # owner; the group's other members would be listed too
+        assert alpha_principals == [f"{la}.alice"]  # owner; the group's other members would be listed too
         logs = [bastion_log]
         for n in a_nodes:
             conf = _node_sshd(
@@ -228,7 +228,7 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         status, body, _ = portal.request("POST", "/api/access/ssh-certificates/", alice_token, {"cluster": a_id})
         assert status == 201, body
         issued = json.loads(body)
-        assert issued["principal"] == f"{la}-alice"
+        assert issued["principal"] == f"{la}.alice"
         station = Workstation(ws, rundir)
         home = station.folder(issued)
 

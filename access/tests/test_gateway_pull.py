@@ -48,7 +48,7 @@ def test_config_enrols_and_writes_a_working_state(alice, cluster, gateway, tmp_p
         cluster_label(cluster): cluster.vlan_id
     }
     principals = (tmp_path / "ssh" / "principals" / "virtcloud").read_text()
-    assert f'permitopen="{cluster_label(cluster)}-node1:22" {cluster_label(cluster)}-alice' in principals
+    assert f'permitopen="{cluster_label(cluster)}-node1:22" {cluster_label(cluster)}.alice' in principals
     assert (tmp_path / "ssh" / "host_key-cert.pub").read_text().startswith("ssh-ed25519-cert-v01@openssh.com ")
     assert (tmp_path / "openvpn.conf").exists() and (tmp_path / "sshd_config").exists()
     # The profile a user downloads now pins this gateway's certificate name.

@@ -57,6 +57,25 @@ def test_client_cert_fields(ca):
     assert dt.timedelta(days=3) <= lifetime <= dt.timedelta(days=3, minutes=11)
 
 
+@pytest.mark.parametrize(
+    ("user", "email", "uri", "mailbox"),
+    [
+        ("jörg", "jorg@example.org", "urn:virtcloud:user:j%C3%B6rg", ["jorg@example.org"]),
+        ("eve", "eve@bücher.de", "urn:virtcloud:user:eve", ["eve@xn--bcher-kva.de"]),
+        ("zoë", "zoë@example.org", "urn:virtcloud:user:zo%C3%AB", []),  # no ASCII form: left out
+    ],
+)
+def test_client_cert_of_a_non_ascii_user(ca, user, email, uri, mailbox):
+    """A URI and an rfc822Name are ASCII: the user name is percent-encoded, the domain IDNA-encoded; the
+    subject's CN keeps the name as it is (UTF8String)."""
+    key = pki.generate_client_key()
+    cert = pki.issue_client_cert(ca, public_key=key.public_key, user=user, serial=4243, email=email)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
+    assert san.get_values_for_type(x509.RFC822Name) == mailbox
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == user
+
+
 def test_client_cert_without_ac(ca):
     key = pki.generate_client_key("ed25519")
     cert = pki.issue_client_cert(ca, public_key=key.public_key, user="bob", serial=7)

@@ -184,3 +184,101 @@ def test_the_clusters_teardown_service_revokes_through_its_signal(
         cluster_services.cluster_finish_teardown(cluster_id=cluster.pk, generation=cluster.workflow_generation)
     assert all(c.revocation_reason == "cessation_of_operation" for c in Credential.objects.all())
     assert Credential.objects.count() == 2
+
+
+def test_deleting_a_group_revokes_its_members_credentials(alice, bob, team, cluster, gateway):
+    """``Group.delete()`` drops memberships and the clusters' group in bulk (no ``m2m_changed``): bob, who
+    entered alice's cluster through the group, loses his credentials; alice, the owner, keeps hers."""
+    issue_both(alice, cluster)
+    issue_both(bob, cluster)
+    team.delete()
+    bobs = Credential.objects.filter(user=bob)
+    assert all(c.revocation_reason == RevocationReason.AFFILIATION_CHANGED for c in bobs), list(bobs)
+    assert not Credential.objects.filter(user=alice, revoked_at__isnull=False).exists()
+    assert {c.serial for c in bobs if c.kind == "vpn"} <= crl_serials()
+    assert all(krl_revokes(c.serial) for c in bobs if c.kind == "ssh")
+
+
+def test_deactivating_an_account_revokes_everything_it_holds(alice, bob, cluster, gateway, django_assert_num_queries):
+    issue_both(alice, cluster)
+    services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+    issue_both(bob, cluster)
+    with django_assert_num_queries(1):  # an active account's save (every login) costs the receiver nothing
+        alice.save(update_fields=["last_login"])
+    alice.is_active = False
+    alice.save()
+    revoked = Credential.objects.filter(user=alice)
+    assert revoked.count() == 3
+    assert {(c.revocation_reason, c.revocation_note) for c in revoked} == {
+        (RevocationReason.PRIVILEGE_WITHDRAWN, "account alice deactivated")
+    }
+    assert {c.serial for c in revoked if c.kind == "vpn"} <= crl_serials()
+    assert not Credential.objects.filter(user=bob, revoked_at__isnull=False).exists()
+
+
+@pytest.mark.parametrize("event", ["leaves the group", "cluster torn down", "account deactivated"])
+def test_an_event_while_a_profile_is_signed_refuses_it(alice, bob, team, cluster, gateway, monkeypatch, event):
+    """The right is asked again when the credential is recorded: an event that committed while the key was
+    generated and the certificate signed makes the issuance fail, and no credential is left behind."""
+    from access import pki
+    from access.errors import ClusterNotReady, NotAllowed
+    from clusters.models import VirtualCluster
+
+    real = pki.generate_client_key
+
+    def meanwhile(*args, **kwargs):
+        if event == "leaves the group":
+            bob.groups.remove(team)
+        elif event == "cluster torn down":
+            VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")
+        else:
+            type(bob).objects.filter(pk=bob.pk).update(is_active=False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pki, "generate_client_key", meanwhile)
+    with pytest.raises(ClusterNotReady if event == "cluster torn down" else NotAllowed):
+        services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
+    assert not Credential.objects.filter(user=bob).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_leaving_the_group_while_a_credential_is_recorded_revokes_it(alice, bob, team, cluster, gateway, monkeypatch):
+    """The other order, on PostgreSQL with two connections: bob is removed from the group after the
+    issuance's last check but before its commit. The removal waits for the holder's row lock, then finds
+    the new credential and revokes it — without the lock it would scan before the row exists and bob
+    would keep a valid credential for a cluster he left."""
+    import threading
+    import time
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    checked, removed_at = threading.Event(), []
+    real = services.clusters_authorize
+
+    def authorize_then_pause(**kwargs):
+        chosen = real(**kwargs)
+        if kwargs.get("lock"):  # the re-check under the locks: let the removal start now
+            checked.set()
+            time.sleep(0.5)
+        return chosen
+
+    def remove():
+        try:
+            checked.wait(10)
+            bob.groups.remove(team)
+            removed_at.append(time.monotonic())
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(services, "clusters_authorize", authorize_then_pause)
+    remover = threading.Thread(target=remove)
+    remover.start()
+    profile = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
+    committed = time.monotonic()
+    remover.join(10)
+    assert removed_at and removed_at[0] >= committed  # the removal waited for the issuance's commit
+    credential = Credential.objects.get(pk=profile.credential.pk)
+    assert credential.revocation_reason == RevocationReason.AFFILIATION_CHANGED
+    assert credential.serial in crl_serials()

@@ -18,6 +18,7 @@ from access.models import Authority, AuthorityKind, Credential, CredentialKind, 
 from access.selectors import cluster_label, clusters_user_may_enter
 from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
 from access.tests.profile_check import parse_profile
+from clusters.models import VirtualCluster
 from portal.models import AuditEntry
 
 pytestmark = pytest.mark.django_db
@@ -120,6 +121,7 @@ def test_membership_rule(alice, bob, charlie, team, cluster, other_cluster):
 
 
 def test_vpn_profile_is_complete_and_its_ac_admits_to_the_chosen_cluster(bob, cluster, gateway):
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + dt.timedelta(days=30))
     text, filename = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
     label = cluster_label(cluster)
     assert filename == f"virtcloud-{label}.ovpn"
@@ -156,6 +158,7 @@ def test_vpn_profile_for_two_clusters_covers_both(alice, team, cluster, gateway)
 
 
 def test_publish_profile_is_long_lived(alice, cluster, gateway):
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + dt.timedelta(days=100))
     text, filename = services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
     parsed = parse_profile(text, aa_pem=aa_pem())
     assert parsed.cert.not_valid_after_utc - timezone.now() > dt.timedelta(days=80)
@@ -234,10 +237,10 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     assert state["vpn"]["aa"] == aa_pem()
     ssh = state["ssh"]["clusters"][cluster_label(cluster)]
     label = cluster_label(cluster)
-    assert ssh["principals"] == [f"{label}-alice", f"{label}-bob"]
+    assert ssh["principals"] == [f"{label}.alice", f"{label}.bob"]
     assert ssh["targets"] == [[f"{label}-node1", 22]]
     assert state["ssh"]["clusters"][cluster_label(other_cluster)]["principals"] == [
-        f"{cluster_label(other_cluster)}-charlie"
+        f"{cluster_label(other_cluster)}.charlie"
     ]
     again = services.gateway_state(gateway=gateway)
     assert again["etag"] == state["etag"]
@@ -297,7 +300,7 @@ def test_ssh_certificate_for_a_pasted_key(bob, cluster, gateway):
     label = cluster_label(cluster)
     assert issued.private_key is None
     cert = _ssh_cert(issued.certificate)
-    assert cert.valid_principals == [f"{label}-bob".encode()]
+    assert cert.valid_principals == [f"{label}.bob".encode()]
     assert cert.type == serialization.SSHCertificateType.USER
     assert sorted(cert.extensions) == [b"permit-port-forwarding", b"permit-pty"]
     assert cert.critical_options == {}
@@ -407,3 +410,54 @@ def test_a_gateway_at_the_clusters_site_is_preferred(alice, cluster, gateway):
     local.save()
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert "remote 198.18.100.1 1194" in text
+
+
+# --- validity bounds, names ------------------------------------------------------------------------------------
+
+
+def test_no_credential_outlives_its_clusters(alice, team, cluster, gateway):
+    """A VPN certificate (and its AC) or an SSH certificate ends by the earliest expiry of the clusters it
+    admits to; a cluster whose lifetime is over (its teardown not started yet) gets none."""
+    soon = make_cluster(alice, name="short", group=team)
+    VirtualCluster.objects.filter(pk=soon.pk).update(expires_at=timezone.now() + dt.timedelta(hours=1))
+    soon.refresh_from_db()
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster, soon], publish=True)
+    parsed = parse_profile(text, aa_pem=aa_pem())
+    assert parsed.cert.not_valid_after_utc == soon.expires_at.replace(microsecond=0)
+    assert Credential.objects.get(serial=parsed.cert.serial_number).not_after == parsed.cert.not_valid_after_utc
+    access = services.ssh_certificate_issue(user=alice, cluster=soon)
+    assert access.credential.not_after == soon.expires_at.replace(microsecond=0)
+    assert _ssh_cert(access.certificate).valid_before == int(soon.expires_at.timestamp())
+    VirtualCluster.objects.filter(pk=soon.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    with pytest.raises(ClusterNotReady, match=r"lifetime of cluster short ended at"):
+        services.vpn_profile_issue(user=alice, clusters=[cluster, soon])
+    with pytest.raises(ClusterNotReady):
+        services.ssh_certificate_issue(user=alice, cluster=soon)
+
+
+def test_the_attribute_authority_lives_as_long_as_the_ca_and_bounds_every_profile(alice, cluster, gateway):
+    from access import pki
+    from access.errors import AuthorityExpired
+
+    services.ca_ensure()
+    ca = x509.load_pem_x509_certificate(Authority.objects.get(kind=AuthorityKind.VPN).certificate.encode())
+    aa_row = Authority.objects.get(kind=AuthorityKind.AA)
+    aa = x509.load_pem_x509_certificate(aa_row.certificate.encode())
+    assert ca.not_valid_after_utc - aa.not_valid_after_utc < dt.timedelta(minutes=2)
+    # an AA certificate from before (five years, shorter than the CA): no profile may outlive it
+    signer = services._load(Authority.objects.get(kind=AuthorityKind.VPN))
+    key = services._load(aa_row).key
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + dt.timedelta(days=80))
+    for lifetime, expired in ((dt.timedelta(days=10), False), (dt.timedelta(seconds=30), True)):
+        short = pki.issue_aa_cert(
+            signer, public_key=key.public_key(), serial=services.serial_allocate("aa"), lifetime=lifetime
+        )
+        Authority.objects.filter(pk=aa_row.pk).update(certificate=pki.cert_to_pem(short).decode())
+        services._SIGNERS.clear()  # this process decrypted the AA before
+        if expired:
+            with pytest.raises(AuthorityExpired, match="the certificate of the Attribute Authority is valid until"):
+                services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+        else:
+            text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+            parsed = parse_profile(text, aa_pem=pki.cert_to_pem(short).decode())
+            assert parsed.cert.not_valid_after_utc <= short.not_valid_after_utc

@@ -43,7 +43,7 @@ def test_user_cert_contents(ca):
     )
     assert cert.type == serialization.SSHCertificateType.USER
     assert cert.serial == 17
-    assert cert.valid_principals == [b"c42-alice"]
+    assert cert.valid_principals == [b"c42.alice"]
     assert cert.key_id == f"virtcloud:user=alice:cluster=c42:serial=17:issued={NOW:%Y-%m-%dT%H:%M:%SZ}".encode()
     assert re.fullmatch(
         rb"virtcloud:user=alice:cluster=c42:serial=17:issued=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert.key_id
@@ -122,9 +122,30 @@ def test_host_cert(ca):
 
 
 def test_principal_and_bad_names():
-    assert ssh.principal("c42", "alice") == "c42-alice"
+    assert ssh.principal("c42", "alice") == "c42.alice"
     with pytest.raises(ssh.SSHCertError):
         ssh.principal("c42", "al ice")
+    with pytest.raises(ssh.SSHCertError, match="invalid cluster name"):
+        ssh.principal("c.42", "alice")  # a label with '.' would make the split ambiguous
+
+
+def test_a_principal_names_one_cluster_and_user():
+    """With ``-`` between them, cluster ``c-17`` + user ``18-bob`` and cluster ``c-17-18`` + user ``bob``
+    shared a principal, and the bastion applied the first line (one cluster's targets) to both."""
+    assert ssh.principal("c-17", "18-bob") != ssh.principal("c-17-18", "bob")
+    pairs = [(c, u) for c in ("c-1", "c-1-2", "c-1-2-3") for u in ("2-3-bob", "3-bob", "bob", "2.bob", "x.y")]
+    assert len({ssh.principal(c, u) for c, u in pairs}) == len(pairs)
+
+
+def test_the_bastion_refuses_a_principal_granted_twice():
+    from access.gateway import sshd
+
+    grants = [
+        sshd.PrincipalGrant("c-1.bob", [("198.18.61.11", 22)]),
+        sshd.PrincipalGrant("c-1.bob", [("198.18.61.12", 22)]),
+    ]
+    with pytest.raises(sshd.SshdConfigError, match="granted twice"):
+        sshd.render_principals_file(grants)
 
 
 def test_serial_runs():

@@ -103,7 +103,7 @@ class Bastion:
         d = self.root / name
         d.mkdir(mode=0o755)
         _host_key(d, self.host_ca, [address, name], 10 + len(name))
-        return node_sshd_config(d, address=address, user_ca=self.state.user_ca, principals=["c42-alice", "c43-bob"])
+        return node_sshd_config(d, address=address, user_ca=self.state.user_ca, principals=["c42.alice", "c43.bob"])
 
 
 class User:
