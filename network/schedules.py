@@ -10,12 +10,10 @@ from __future__ import annotations
 
 
 def beat_schedule(reconcile_interval: int) -> dict:
-    """The reconciler every ``reconcile_interval`` seconds; a run that waited longer than one interval in
-    the queue is dropped (the next one is due anyway)."""
+    """The reconciler, and the retry of rollbacks that kept their VLAN, every ``reconcile_interval`` seconds;
+    a run that waited longer than one interval in the queue is dropped (the next one is due anyway)."""
+    every = {"schedule": float(reconcile_interval), "options": {"expires": float(reconcile_interval)}}
     return {
-        "network-reconcile": {
-            "task": "network.reconcile",
-            "schedule": float(reconcile_interval),
-            "options": {"expires": float(reconcile_interval)},
-        }
+        "network-reconcile": {"task": "network.reconcile", **every},
+        "network-retry-rollbacks": {"task": "network.retry_rollbacks", **every},
     }

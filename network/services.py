@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from network import selectors
@@ -318,6 +318,32 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
         seg.save(update_fields=["gateway", "state", "updated_at"])
     segment.refresh_from_db()
     return seg
+
+
+def segments_keeping_vlan() -> QuerySet[Segment]:
+    """FAILED segments that still hold the VLAN they were given: their rollback could not clean a device
+    that took it (``network.tasks.segment_compensated``), so the id may not go to anyone else yet."""
+    return Segment.objects.filter(
+        state=Segment.State.FAILED,
+        allocation__state=Free.ALLOCATED,
+        allocation__owner=F("owner_ref"),
+    ).order_by("pk")
+
+
+def segment_rollback_again(*, segment: Segment) -> bool:
+    """Claim a segment that kept its VLAN for another rollback (FAILED → COMPENSATING, conditionally: two
+    runs never claim one twice); send ``network.tasks.segment_compensate`` after this. Whether it was
+    claimed (not when its owner has a live segment again: the owner reference is unique among those)."""
+    try:
+        with transaction.atomic():
+            claimed = (
+                segments_keeping_vlan()
+                .filter(pk=segment.pk)
+                .update(state=Segment.State.COMPENSATING, updated_at=timezone.now())
+            )
+    except IntegrityError:
+        return False
+    return bool(claimed)
 
 
 @transaction.atomic

@@ -194,8 +194,9 @@ def segment_compensate(self, segment_id: int) -> dict:
     its own message). Used as the error callback of ``workflows.provision``; running it twice is harmless.
 
     The VLAN is kept (not released) when a device that did take it could not be rolled back: handing the
-    id to another owner while a switch still carries it would join two clusters. Deleting the segment
-    later (``segment_delete`` + ``teardown``) retries the cleanup.
+    id to another owner while a switch still carries it would join two clusters. ``retry_rollbacks`` (every
+    reconcile period) runs the rollback of such a segment again until every device is clean and the VLAN
+    goes back to the pool.
 
     Each device is converged by the worker that reaches it (``Switch.queue``, ``Host.queue``): when that is
     the central worker for all of them, here, inline; otherwise this task is replaced by a chain of layers
@@ -207,6 +208,7 @@ def segment_compensate(self, segment_id: int) -> dict:
         if not held:
             return {"segment": segment_id, "state": "being compensated elsewhere"}
         Segment.objects.filter(pk=segment_id, state__in=Segment.DESIRED_STATES).update(state=Segment.State.COMPENSATING)
+        # (``retry_rollbacks`` moves a FAILED segment that kept its VLAN back to COMPENSATING itself)
         seg = Segment.objects.get(pk=segment_id)
         if seg.state != Segment.State.COMPENSATING:
             return {"segment": seg.pk, "state": seg.state}
@@ -250,10 +252,13 @@ def segment_compensated(segment_id: int) -> dict:
                 "kind", "switch_id", "host_id"
             )
         )
+        latest: dict[tuple, DeviceChange] = {}  # each device's last rollback attempt (a retry supersedes)
+        for change in rollback.order_by("pk"):
+            latest[(change.kind, change.switch_id, change.host_id)] = change
         not_rolled_back = [
             f"{change.device}: {change.error}"
-            for change in rollback.filter(status=DeviceChange.Status.FAILED).order_by("pk")
-            if (change.kind, change.switch_id, change.host_id) in took_vlan
+            for device, change in latest.items()
+            if change.status == DeviceChange.Status.FAILED and device in took_vlan
         ]
         with transaction.atomic():
             if not_rolled_back:
@@ -268,6 +273,21 @@ def segment_compensated(segment_id: int) -> dict:
 
 
 FINISH["compensated"] = segment_compensated
+
+
+@shared_task(name="network.retry_rollbacks")
+def retry_rollbacks() -> list[int]:
+    """Periodic (with the reconciler): every segment whose rollback kept its VLAN (a device that took it
+    could not be converged back) is rolled back again — each device by its own worker — until every device
+    is clean and the VLAN goes back to the pool. Returns the segments retried."""
+    retried = []
+    for seg in services.segments_keeping_vlan():
+        with audit_actor("network.retry_rollbacks"):
+            if not services.segment_rollback_again(segment=seg):
+                continue
+        retried.append(seg.pk)
+        segment_compensate.delay(seg.pk)
+    return retried
 
 
 # --- reconciler -------------------------------------------------------------------------------------------------

@@ -129,6 +129,43 @@ def test_host_failure_rolls_back_switches_and_other_hosts(fabric):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
+def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabric, monkeypatch):
+    """A switch that took the VLAN cannot be converged back during the rollback: the VLAN is kept (another
+    owner would share it with that switch). ``retry_rollbacks`` (periodic) rolls back again — while the
+    switch is still broken nothing changes; once it is repaired it is cleaned and the VLAN released."""
+    from network import tasks
+
+    real, broken = tasks._compensation_cause, []
+
+    def brno_breaks_when_the_rollback_starts(seg):
+        if not broken:
+            broken.append(fabric.set_switch_args("sw-brno", fail_commit="permanent"))
+        return real(seg)
+
+    monkeypatch.setattr(tasks, "_compensation_cause", brno_breaks_when_the_rollback_starts)
+    fabric.hosts["pilsen1"].driver_args = {**fabric.args, "fail_commit": "permanent"}
+    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    with pytest.raises(DeviceChangeFailed, match="pilsen1"):
+        workflows.provision(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and "not rolled back (VLAN kept): sw-brno" in seg.error, seg.error
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert fabric.switch_ports("sw-brno")["uplink"] == {seg.vid}
+
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]  # still broken: kept again
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    fabric.set_switch_args("sw-brno")  # repaired
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.error.startswith("pilsen1: "), seg.error
+    assert "not rolled back" not in seg.error
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+    assert tasks.retry_rollbacks.apply().get() == []  # nothing kept any more
+
+
 def test_temporary_errors_are_retried_then_succeed(fabric):
     fabric.set_switch_args("sw-pilsen", fail_times=2)
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
