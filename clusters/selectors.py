@@ -18,34 +18,42 @@ from clusters.models import (
     Quota,
     VirtualCluster,
 )
-from portal.models import TokenScope
+from portal.models import ApiToken, TokenScope
 from portal.notify import wait_for
 from portal.tokens import token_scope
 
 
+def acts_as_admin(request) -> bool:
+    """Whether the caller acts on every user's clusters: middleware (a token with ``clusters:manage``), or
+    an admin in the browser. An admin's token is only as strong as its scopes: with ``clusters:write`` it
+    changes its owner's own clusters, like anyone's."""
+    if token_scope(request, TokenScope.CLUSTERS_MANAGE):
+        return True
+    return request.user.is_staff and not isinstance(getattr(request, "auth", None), ApiToken)
+
+
 def clusters_visible(request) -> QuerySet[VirtualCluster]:
-    """Admins and middleware tokens (clusters:manage) see every cluster; a user sees their own clusters and
-    their groups' clusters."""
+    """Admins and middleware tokens (clusters:manage) see every cluster (``acts_as_admin``); a user sees
+    their own clusters and their groups' clusters."""
     qs = VirtualCluster.objects.select_related("owner", "group", "image", "segment").prefetch_related(
         Prefetch("nodes", queryset=Node.objects.exclude(state=NodeState.REMOVED).select_related("host", "target_host")),
         Prefetch("steps", queryset=ClusterStep.objects.order_by("started_at", "id")),
     )
     user = request.user
-    if user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE):
+    if acts_as_admin(request):
         return qs
     return qs.filter(Q(owner=user) | Q(group__in=user.groups.all())).distinct()
 
 
 def may_act_on(request, cluster: VirtualCluster) -> bool:
     """Owners, admins and middleware act on a cluster; group members only see it."""
-    user = request.user
-    return user.is_staff or cluster.owner_id == user.pk or token_scope(request, TokenScope.CLUSTERS_MANAGE)
+    return cluster.owner_id == request.user.pk or acts_as_admin(request)
 
 
 def may_act_for(request, owner) -> bool:
     """Whether the caller may create clusters for ``owner`` or see ``owner``'s quota: themselves, or admins
     and middleware tokens (clusters:manage)."""
-    return owner == request.user or request.user.is_staff or token_scope(request, TokenScope.CLUSTERS_MANAGE)
+    return owner == request.user or acts_as_admin(request)
 
 
 def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:

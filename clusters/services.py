@@ -348,11 +348,13 @@ def cluster_extend_check(*, cluster: VirtualCluster, expires_at: datetime) -> No
 @transaction.atomic
 def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
     """Set the expiry of an active cluster (the row locked: a teardown starting meanwhile wins or waits);
-    returns the cluster as saved (``cluster`` only names it)."""
+    returns the cluster as saved (``cluster`` only names it). ``updated_at`` is left alone: it is when the
+    running workflow started, which the deadlines (``clusters_end_stalled_workflows``, the retries) measure
+    from — a scheduler changing the lifetime must not postpone them."""
     locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
     cluster_extend_check(cluster=locked, expires_at=expires_at)
     locked.expires_at = expires_at
-    locked.save(update_fields=["expires_at", "updated_at"])  # audited by the model's registration
+    locked.save(update_fields=["expires_at"])  # audited by the model's registration
     return locked
 
 
@@ -375,24 +377,28 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
 
 
 @transaction.atomic
-def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -> None:
+def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -> bool:
     """End the cluster (only from an ``allowed`` state, and only in the workflow's ``generation``): its nodes
-    are removed, its public subnet is free, and ``cluster_ended`` revokes credentials after commit."""
+    are removed, its public subnet is free, and ``cluster_ended`` revokes credentials after commit. Whether
+    it ended now."""
     if VirtualCluster.objects.filter(pk=cluster_id, state__in=allowed, workflow_generation=generation).update(
         ended_at=timezone.now(), public_subnet="", **fields
     ):
         cluster = VirtualCluster.objects.get(pk=cluster_id)
         Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
         transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+        return True
+    return False
 
 
 def cluster_finish_teardown(*, cluster_id: int, generation: int) -> None:
     _end(cluster_id, generation, (ClusterState.TEARING_DOWN,), state=ClusterState.TORN_DOWN, segment=None)
 
 
-def cluster_fail(*, cluster_id: int, generation: int, reason: str) -> None:
-    """The workflow failed for good after compensation: FAILED with the reason; credentials revoked."""
-    _end(cluster_id, generation, LIVE_STATES, state=ClusterState.FAILED, state_reason=reason[:2000])
+def cluster_fail(*, cluster_id: int, generation: int, reason: str) -> bool:
+    """The workflow failed for good after compensation: FAILED with the reason; credentials revoked.
+    Whether it failed now (not when another generation moved on, or it had ended already)."""
+    return _end(cluster_id, generation, LIVE_STATES, state=ClusterState.FAILED, state_reason=reason[:2000])
 
 
 def cluster_mark_provisioning(*, cluster_id: int, generation: int) -> bool:
@@ -534,15 +540,18 @@ def node_migrate_complete(*, cluster: VirtualCluster, node: Node) -> Node:
 
 @transaction.atomic
 def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, reason: str) -> VirtualCluster:
-    """An admin overrides the policy (audited). Takes effect on the network through the gateway leg."""
+    """An admin overrides the policy (audited). Takes effect on the network through the gateway leg. The
+    row is locked and only the connectivity fields are written: a request that changed the cluster meanwhile
+    (a lifetime, a node change that made it UPDATING) is neither undone nor overtaken."""
     if not admin.is_staff:
         raise NotAllowed("only an administrator can override the connectivity policy")
+    cluster = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
     _require_ready(cluster)
     if connectivity == cluster.connectivity:
         return cluster
     old = cluster.connectivity
     cluster.connectivity = connectivity
-    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"
+    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"[:200]
     cluster.connectivity_overridden_by = admin
     if connectivity == Connectivity.PUBLIC:
         prefix = PublicPrefix.objects.order_by("name").first()
@@ -552,7 +561,15 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         cluster.public_subnet = _allocate_public_subnet(prefix)
     else:
         cluster.public_subnet = ""
-    cluster.save()
+    cluster.save(
+        update_fields=[
+            "connectivity",
+            "connectivity_reason",
+            "connectivity_overridden_by",
+            "public_prefix",
+            "public_subnet",
+        ]
+    )
     audit.record(cluster, "action", message=f"connectivity {old} → {connectivity}: {cluster.connectivity_reason}")
     try:
         net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
@@ -613,7 +630,9 @@ def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str
             pk=cluster_id,
             workflow_generation=generation,
             state__in=(ClusterState.REQUESTED, ClusterState.PROVISIONING),
-        ).update(workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000])
+        ).update(  # updated_at: the rollback starts now (the deadline measures it from here)
+            workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000], updated_at=timezone.now()
+        )
     if not claimed:
         return False
     cluster = VirtualCluster.objects.get(pk=cluster_id)
@@ -638,16 +657,32 @@ def _still_waiting(cluster: VirtualCluster) -> str:
 def clusters_end_stalled_workflows() -> list[int]:
     """Workflows still running ``CLUSTER_PROVISION_TIMEOUT`` s after they started end, so that a scheduler
     is never left waiting for a worker that does not come: a provisioning fails — the reason names the
-    devices still waiting and the worker queue each waits on — and is rolled back; an update (nodes added
-    or removed, a migration) fails its step with that reason and the cluster is READY again, as when the
-    update fails (the reconciler keeps the devices at the desired state). Returns the clusters ended."""
+    devices still waiting and the worker queue each waits on — and is rolled back; a rollback still running
+    after as long again ends the cluster FAILED (the network keeps the VLAN until its rollback finishes);
+    an update (nodes added or removed, a migration) fails its step with that reason and the cluster is
+    READY again, as when the update fails (the reconciler keeps the devices at the desired state). Returns
+    the clusters ended or rolled back."""
     timeout = settings.CLUSTER_PROVISION_TIMEOUT
     late = VirtualCluster.objects.filter(updated_at__lt=timezone.now() - timedelta(seconds=timeout))
     ended = []
-    for cluster in late.filter(state=ClusterState.PROVISIONING).only("pk", "workflow_generation", "segment_id"):
-        reason = f"provisioning did not finish within {timeout} s{_still_waiting(cluster)}"
+    provisioning = late.filter(state=ClusterState.PROVISIONING).only(
+        "pk", "workflow_generation", "segment_id", "state_reason"
+    )
+    for cluster in provisioning:
         generation = cluster.workflow_generation
+        rolling_back = ClusterStep.objects.filter(
+            cluster=cluster, name="compensate", generation=generation, status=StepStatus.RUNNING
+        ).exists()
         with audit.audit_actor("provisioning deadline"):
+            if rolling_back:
+                reason = f"the rollback did not finish within {timeout} s{_still_waiting(cluster)}"
+                steps_finish_running(cluster, "compensate", error=reason)
+                if cluster_fail(
+                    cluster_id=cluster.pk, generation=generation, reason=f"{cluster.state_reason}; {reason}"
+                ):
+                    ended.append(cluster.pk)
+                continue
+            reason = f"provisioning did not finish within {timeout} s{_still_waiting(cluster)}"
             if cluster_provisioning_failed(cluster_id=cluster.pk, generation=generation, reason=reason):
                 ended.append(cluster.pk)
     for cluster in late.filter(state=ClusterState.UPDATING).only("pk", "workflow_generation", "segment_id"):

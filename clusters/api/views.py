@@ -302,6 +302,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def connectivity(self, request, pk=None):
         """Admin only: override the connectivity policy (audited)."""
         cluster = self._actionable(pk)
+        if not selectors.acts_as_admin(request):  # (an admin's token needs clusters:manage)
+            raise PermissionDenied("Only an administrator can override the connectivity policy.")
 
         def act():
             data = s.ConnectivitySerializer(data=request.data)

@@ -10,6 +10,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from clusters import services
+from clusters.errors import Conflict
 from clusters.models import ClusterState, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
 from network.models import Segment, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -360,6 +361,27 @@ def test_token_scopes(fabric, images, alice):
     assert client.get("/api/clusters/").status_code == 401
 
 
+def test_an_admins_token_is_only_as_strong_as_its_scopes(fabric, images, api, alice, root):
+    """``clusters:write`` is "create and change own clusters", also on an admin's token: alice's cluster is
+    not even visible to it; with ``clusters:manage`` (or in the browser, a session) the admin acts on it."""
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    _, write = token_create(user=root, name="mine", scopes=[TokenScope.CLUSTERS_WRITE])
+    _, manage = token_create(user=root, name="all", scopes=[TokenScope.CLUSTERS_MANAGE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {write}")
+    assert client.get("/api/clusters/").data["count"] == 0
+    assert client.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 404
+    assert client.post("/api/clusters/", {**body(name="for-alice"), "owner": "alice"}, format="json").status_code == 403
+    r = client.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json")
+    assert r.status_code == 404
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {manage}")
+    assert client.get("/api/clusters/").data["count"] == 1
+    api.force_authenticate(root)
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+
+
 def test_teardown_cleans_every_device_and_quarantines_the_vlan(fabric, images, api, alice):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
@@ -483,6 +505,48 @@ def test_a_provisioning_that_never_finishes_fails_at_its_deadline_and_is_rolled_
     assert step.status == "failed" and step.error.startswith("the update did not finish within 600 s"), step.error
     assert "pilsen1 (queue host.pilsen1)" in step.error
     assert api.delete(f"/api/clusters/{cid}/nodes/{cluster.nodes.get(name='n3').pk}/").status_code == 202
+
+
+def test_a_rollback_that_never_finishes_ends_the_cluster_failed_at_the_next_deadline(
+    fabric, images, api, alice, monkeypatch
+):
+    """No worker runs the provisioning, nor its rollback: the deadline claims the rollback once (a second run
+    soon after does nothing: it was claiming it again at every run, starting rollback after rollback), and
+    when the rollback is still not done as long again, the cluster ends FAILED saying so — a scheduler
+    waiting for READY or FAILED is not left waiting."""
+    from celery.canvas import _chain
+
+    api.force_authenticate(alice)
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # sent, and never consumed
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    late = timezone.now() - timedelta(seconds=601)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
+    assert services.clusters_end_stalled_workflows() == [cid]  # the rollback is started (and not consumed)
+    assert services.clusters_end_stalled_workflows() == []
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.PROVISIONING and cluster.steps.filter(name="compensate").count() == 1
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
+    assert services.clusters_end_stalled_workflows() == [cid]
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.FAILED
+    assert cluster.state_reason.startswith("provisioning did not finish within 600 s; still waiting: ")
+    assert "; the rollback did not finish within 600 s; still waiting: brno1 (the central worker)" in (
+        cluster.state_reason
+    ), cluster.state_reason
+    assert list(cluster.steps.filter(name="compensate").values_list("status", flat=True)) == ["failed"]
+    assert services.clusters_end_stalled_workflows() == []
+
+
+def test_changing_the_lifetime_does_not_postpone_a_deadline(fabric, images, api, alice, monkeypatch):
+    from celery.canvas import _chain
+
+    api.force_authenticate(alice)
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(seconds=601))
+    later = (timezone.now() + timedelta(days=2)).isoformat()
+    assert api.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json").status_code == 200
+    assert services.clusters_end_stalled_workflows() == [cid]
 
 
 def test_extend_lifetime(fabric, images, api, alice):
@@ -610,6 +674,37 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     entry = AuditEntry.objects.filter(object_id=str(cid), action="update", changes__has_key="connectivity").get()
     assert entry.actor == "root" and entry.changes["connectivity"] == ["closed", "public"]
     assert AuditEntry.objects.filter(object_id=str(cid), action="action", message__contains="image vetted").exists()
+
+
+def test_connectivity_override_works_on_the_cluster_as_it_is_now(fabric, images, api, alice, root, monkeypatch):
+    """The override reads the cluster under its row lock and writes only its own fields: a lifetime changed
+    since the caller read the cluster stays, a node change in flight (UPDATING) is a 409, not overtaken;
+    a reason as long as the field allows is cut to fit the record (it was a 500)."""
+    from celery.canvas import _chain
+
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    api.force_authenticate(root)
+    r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "x" * 200}, format="json")
+    assert r.status_code == 202, r.content
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.connectivity_reason.startswith("overridden by root: xxx") and len(cluster.connectivity_reason) == 200
+    assert cluster.state == ClusterState.READY and cluster.connectivity == "public"
+
+    as_read = VirtualCluster.objects.get(pk=cid)
+    later = timezone.now() + timedelta(days=5)
+    services.cluster_extend(cluster=as_read, expires_at=later)
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # the node change stays in flight
+        node = {"name": "n3", "host": "pilsen1", "mac": "52:54:00:00:00:33"}
+        assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    with pytest.raises(Conflict, match="is updating network; this needs it to be ready"):
+        services.connectivity_override(cluster=as_read, connectivity="closed", admin=root, reason="back")
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.UPDATING and cluster.connectivity == "public"
+    assert abs(cluster.expires_at - later) < timedelta(seconds=1)
 
 
 def test_create_costs_the_same_queries_for_one_node_or_six(fabric, images, api, alice, monkeypatch):
