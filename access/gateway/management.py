@@ -2,7 +2,7 @@
 
 Revocation only bites at the next TLS handshake (``crl-verify``); a session that is up stays up until
 renegotiation. When the portal revokes a certificate, the gateway's pull (:mod:`access.gateway.pull`)
-installs the new CRL and then calls :func:`kill_address` for that certificate's session, so the client's
+installs the new CRL and then calls :func:`kill_peers` for that certificate's sessions, so the client's
 automatic reconnect meets the new CRL and is refused. :func:`kill_sessions` cuts all of a user's sessions.
 
 Protocol (OpenVPN ``management-notes.txt``): a greeting line ``>INFO:...``, then one command per line;
@@ -14,7 +14,7 @@ notifications and may arrive at any time; they are skipped.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +100,23 @@ def kill_address(socket_path: str | Path, address: str, *, message: str = "HALT"
     certificate, leaving the same user's other sessions (other clusters, other certificates) up.
     """
     return _kill(socket_path, lambda s: s.real_address == address, message, timeout)
+
+
+def peer_matches(real_address: str, ip: str, port: str) -> bool:
+    """Whether a ``status 3`` "Real Address" is the peer (``ip``, ``port``) a client-connect recorded:
+    ``ip:port`` for IPv4 (and IPv4-mapped) peers, the bare address for native IPv6 ones (OpenVPN prints no
+    port for those)."""
+    return real_address == f"{ip}:{port}" or (":" in ip and real_address == ip)
+
+
+def kill_peers(
+    socket_path: str | Path, peers: Sequence[tuple[str, str]], *, message: str = "HALT", timeout: float = 5.0
+) -> int:
+    """Disconnect every session from one of ``peers`` ((address, port) pairs, see
+    :func:`access.gateway.vpn.session_peers`); the number cut."""
+    return _kill(
+        socket_path, lambda s: any(peer_matches(s.real_address, ip, port) for ip, port in peers), message, timeout
+    )
 
 
 def _kill(socket_path: str | Path, wanted: Callable[[Session], bool], message: str, timeout: float) -> int:

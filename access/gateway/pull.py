@@ -10,8 +10,9 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
                                                "nodes": [...]}}}}
 
 Everything is validated before anything is written, so a bad document leaves the last good state in
-place (the gateway keeps working while the portal is down or broken). Each file is replaced
-atomically. Standalone: no Django; run it from cron or a systemd timer after fetching the document::
+place (the gateway keeps working while the portal is down or broken). The files are replaced together:
+all the new ones are written first, and only then does any replace its old one (a full disk leaves the old
+set whole). Standalone: no Django; run it from cron or a systemd timer after fetching the document::
 
     python3 -I access/gateway/pull.py --state /var/lib/virtcloud-gateway < state.json
 """
@@ -28,8 +29,8 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from access.gateway import management, sshd  # noqa: E402
-from access.gateway.state import SshState, StateError, VpnState, vlan_map_json, write_atomic  # noqa: E402
-from access.gateway.vpn import session_address  # noqa: E402
+from access.gateway.state import SshState, StateError, VpnState, vlan_map_json, write_all_atomic  # noqa: E402
+from access.gateway.vpn import forget_sessions, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
 
@@ -65,7 +66,7 @@ def _section(doc: dict, name: str) -> dict:
 def _revoked_serials(v: dict) -> set[int]:
     try:
         return {int(r["serial"]) for r in v.get("revoked_sessions", []) if "serial" in r}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise StateError("state document: vpn.revoked_sessions is not a list of {serial: ...}") from None
 
 
@@ -83,11 +84,12 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
         files[vpn.crl] = (_pem(v.get("crl"), "X509 CRL", "vpn.crl").encode(), 0o644)
         stamp = str(doc.get("generated_at", ""))
         files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), 0o644)
+        files[vpn.revoked] = (json.dumps(sorted(_revoked_serials(v))).encode(), 0o644)
     if "ssh" in doc:
         s = _section(doc, "ssh")
         try:
             krl = base64.b64decode(s.get("krl", ""), validate=True)
-        except ValueError:
+        except (TypeError, ValueError):
             raise StateError("state document: ssh.krl is not base64") from None
         if not krl.startswith(_KRL_MAGIC):
             raise StateError("state document: ssh.krl is not an OpenSSH KRL")
@@ -99,13 +101,15 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
             for entry in clusters.values():
                 targets = [(str(h), int(p)) for h, p in entry.get("targets", [])]
                 grants += [sshd.PrincipalGrant(p, targets) for p in entry.get("principals", [])]
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, OverflowError):
             raise StateError("state document: ssh.clusters entries need principals and [host, port] targets") from None
         try:
             principals = sshd.render_principals_file(grants)
             account = sshd.check_account(s.get("account"))
         except sshd.SshdConfigError as exc:
             raise StateError(f"state document: ssh section: {exc}") from None
+        except (TypeError, ValueError):  # a principal or an account that is not a string
+            raise StateError("state document: ssh section: principals and the account must be strings") from None
         files[ssh.user_ca] = (_ssh_key(s.get("user_ca"), "ssh.user_ca").encode(), 0o644)
         files[ssh.root / "host_ca.pub"] = (_ssh_key(s.get("host_ca"), "ssh.host_ca").encode(), 0o644)
         files[ssh.krl] = (krl, 0o644)
@@ -116,50 +120,50 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
 def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True) -> InstallReport:
     """Validate ``doc`` fully, then write its files; then cut live sessions of revoked certificates.
 
-    The CRL is installed *before* sessions are cut, so the client's reconnect meets the new CRL. A
-    session is cut once (serials already cut are remembered in ``vpn/run/cut.json``); an unreachable
-    management socket is reported, not fatal (the next pull tries again).
+    The CRL and the list of revoked serials are installed *before* sessions are cut: the client's reconnect
+    meets the new CRL, and a client that passed the old CRL just before is refused by ``client-connect``.
+    Every session of a revoked certificate is cut (the same profile may be up in several places), once:
+    their record is dropped after; an unreachable management socket is reported, not fatal (the next pull
+    tries again). A malformed document is a :class:`StateError`, and nothing is written.
     """
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
-    files = _prepare(doc, vpn, ssh)
-    revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
+    try:
+        files = _prepare(doc, vpn, ssh)
+        revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
     report = InstallReport()
     if "vpn" in doc:
         vpn.ensure_dirs()
     if "ssh" in doc:
         ssh.ensure_dirs()
+    changed = {}
     for path, (data, mode) in files.items():
         try:
             unchanged = path.read_bytes() == data
         except FileNotFoundError:
             unchanged = False
         if not unchanged:
-            write_atomic(path, data, mode)
-            report.written.append(str(path))
+            changed[path] = (data, mode)
+    write_all_atomic(changed)
+    report.written += [str(path) for path in changed]
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
     return report
 
 
-def _cut(vpn: VpnState, wanted: set[int], report: InstallReport) -> None:
-    done_path = vpn.run / "cut.json"
-    try:
-        done = set(json.loads(done_path.read_bytes()))
-    except (FileNotFoundError, ValueError):
-        done = set()
-    for serial in sorted(wanted - done):
-        address = session_address(vpn, serial)
-        if address is None:
-            done.add(serial)  # never connected through this gateway
-            continue
+def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
+    for serial in sorted(revoked):
+        peers = session_peers(vpn, serial)
+        if not peers:
+            continue  # not connected through this gateway (or already cut)
         try:
-            if management.kill_address(vpn.management, address):
+            if management.kill_peers(vpn.management, peers):
                 report.cut.append(serial)
-            done.add(serial)
         except management.ManagementError as exc:
             report.cut_errors.append(f"serial {serial}: {exc}")
-    # Forget serials the portal no longer lists (their certificates expired).
-    write_atomic(done_path, json.dumps(sorted(done & wanted)))
+            continue
+        forget_sessions(vpn, serial)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         report = install_state(args[1], json.load(sys.stdin))
     except (StateError, ValueError) as exc:
         print(f"virtcloud-pull: kept the previous state: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
+        print(f"virtcloud-pull: kept the previous state: cannot write it: {exc}", file=sys.stderr)
         return 1
     print(
         f"virtcloud-pull: wrote {len(report.written)} file(s), cut {len(report.cut)} session(s)"

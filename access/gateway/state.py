@@ -7,19 +7,23 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
       vpn/crl.pem          CRL of that CA (OpenVPN ``crl-verify``; reloaded by OpenVPN when it changes)
       vpn/aa.pem           the pinned Attribute Authority certificate (AC signature check)
       vpn/vlans.json       {"format": 1, "generated_at": "...", "clusters": {"c42": 142, ...}}
+      vpn/revoked.json     serials the portal revoked lately (client-connect refuses them: the CRL is
+                           checked at the handshake, which may have come just before the pull)
       vpn/server.pem       gateway TLS certificate   (written once at enrolment)
       vpn/server.key       gateway TLS key           (generated on the gateway or enrolled; 0600)
       vpn/tls-crypt.key    shared tls-crypt key      (0600)
       vpn/run/             runtime: ac-cache/ (tls-verify -> client-connect), peer-certs/
-                           (tls-export-cert), sessions/<serial>.json (client-connect: peer address),
-                           management.sock, status.log, cut.json (sessions already cut)
+                           (tls-export-cert), sessions/<serial>.json (client-connect: the peers of
+                           that certificate's sessions; dropped once they are cut), management.sock,
+                           status.log
       ssh/user_ca.pub      TrustedUserCAKeys
       ssh/revoked.krl      RevokedKeys (binary KRL)
       ssh/principals/<account>   AuthorizedPrincipalsFile per bastion account
       ssh/host_key, ssh/host_key-cert.pub   the bastion's host key and certificate
 
-Files are replaced atomically (write a temporary file in the same directory, fsync, rename) so a hook
-never reads half a CRL or half a map.
+Files are replaced atomically (write a temporary file with a random name, created exclusively, in the
+same directory, fsync, rename) so a hook never reads half a CRL or half a map; a pull writes all of its
+new files before it renames any (``write_all_atomic``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +56,7 @@ class VpnState:
     crl = property(lambda self: self.root / "crl.pem")
     aa = property(lambda self: self.root / "aa.pem")
     vlans = property(lambda self: self.root / "vlans.json")
+    revoked = property(lambda self: self.root / "revoked.json")  # serials revoked lately (client-connect refuses)
     server_cert = property(lambda self: self.root / "server.pem")
     server_key = property(lambda self: self.root / "server.key")
     tls_crypt = property(lambda self: self.root / "tls-crypt.key")
@@ -95,21 +101,47 @@ class SshState:
             os.chmod(d, 0o755)  # noqa: S103 - public files only, see above
 
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never a mix)."""
+def _write_temp(path: Path, data: bytes | str, mode: int) -> Path:
+    """``data`` in a new file beside ``path`` (a random name, created exclusively: a link planted there by
+    someone who may write the directory is never followed), flushed to disk; its path."""
     if isinstance(data, str):
         data = data.encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never a mix)."""
+    tmp = _write_temp(path, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_all_atomic(files: dict[Path, tuple[bytes | str, int]]) -> None:
+    """Replace several files together: every new file is written (and flushed) first, and only when all of
+    them are does any replace its old one — a full disk or a failing write leaves the old set whole."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, (data, mode) in files.items():
+            written.append((_write_temp(path, data, mode), path))
+    except BaseException:
+        for tmp, _path in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
 
 
 def vlan_map_json(clusters: dict[str, int], *, generated_at: str) -> str:

@@ -122,6 +122,8 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     except FileNotFoundError:
         raise Refused(f"cn={cn}: no verified AC for this certificate (tls-verify did not pass it)") from None
     who = f"cn={cn} serial={entry['serial']}"
+    if entry["serial"] in _revoked_lately(state):  # passed the CRL before the pull that revoked it
+        raise Refused(f"{who}: certificate revoked")
     if time.time() > entry["not_after"]:
         raise Refused(f"{who}: AC expired at {dt.datetime.fromtimestamp(entry['not_after'], dt.UTC).isoformat()}")
 
@@ -153,23 +155,43 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     return vid
 
 
+def _revoked_lately(state: VpnState) -> set[int]:
+    """Serials the portal revoked lately (``revoked.json``, written by the pull before it cuts sessions)."""
+    try:
+        return {int(v) for v in json.loads(state.revoked.read_bytes())}
+    except FileNotFoundError:
+        return set()
+
+
 def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) -> None:
-    """Remember which peer address holds ``serial``, so a revocation cuts exactly that session."""
+    """Remember the peer (address, port) of this session of ``serial`` — every one: the same profile may be
+    connected from several places at once — so that a revocation cuts exactly that certificate's sessions.
+    (OpenVPN runs client-connect hooks one at a time: no two of them update the record together.)"""
     ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
     port = env.get("trusted_port", "")
     if not ip:
         return
     state.sessions.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record = {"serial": serial, "common_name": cn, "address": f"{ip}:{port}" if port else ip, "since": time.time()}
+    peers = [peer for peer in session_peers(state, serial) if peer != (ip, port)] + [(ip, port)]
+    record = {"serial": serial, "common_name": cn, "peers": [list(peer) for peer in peers], "since": time.time()}
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
 
 
-def session_address(state: VpnState, serial: int) -> str | None:
-    """The ``ip:port`` the session of certificate ``serial`` connected from (as ``status 3`` shows it)."""
+def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
+    """The (address, port) pairs sessions of certificate ``serial`` connected from."""
     try:
-        return json.loads((state.sessions / f"{int(serial)}.json").read_bytes())["address"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
+        record = json.loads((state.sessions / f"{int(serial)}.json").read_bytes())
+    except (FileNotFoundError, ValueError):
+        return []
+    if "address" in record:  # written by an earlier version: one "ip:port"
+        ip, _, port = str(record["address"]).rpartition(":")
+        return [(ip, port)] if ip else []
+    return [(str(ip), str(port)) for ip, port in record.get("peers", [])]
+
+
+def forget_sessions(state: VpnState, serial: int) -> None:
+    """Drop the record of ``serial``'s sessions (they were cut)."""
+    (state.sessions / f"{int(serial)}.json").unlink(missing_ok=True)
 
 
 def _parse(argv: list[str]) -> tuple[str, VpnState, list[str]]:

@@ -85,7 +85,7 @@ def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, tea
     assert "updated" in run(*args)
     crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
-    assert json.loads((state / "vpn" / "run" / "cut.json").read_text()) == [credential.serial]
+    assert json.loads((state / "vpn" / "revoked.json").read_text()) == [credential.serial]
 
     # Portal unreachable: exit 75 and the last good state stays.
     good = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
@@ -108,3 +108,43 @@ def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, tea
     with pytest.raises(SystemExit):
         run(*args)
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
+
+
+def test_pull_refuses_redirects_and_plain_http_to_another_host():
+    """urllib would send the token along a redirect; the state (CA, AA, CRL) is not signed, so plain http is
+    only for a portal on this host."""
+    import http.server
+    import threading
+
+    from access.management.commands.gateway import PullError, fetch_state
+
+    seen: list[str | None] = []
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            if self.path.startswith("/elsewhere"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/elsewhere/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PullError, match="a redirect to http://127.0.0.1:.*/elsewhere/: refused"):
+            fetch_state(f"http://127.0.0.1:{server.server_port}", "vc_secret", etag=None, timeout=5)
+        assert seen == ["Bearer vc_secret"]  # the redirect target never got the token
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(PullError, match="must be https"):
+        fetch_state("http://198.18.0.9", "vc_secret", etag=None)
+    with pytest.raises(PullError, match="must be https"):
+        fetch_state("ftp://portal.example.org", "vc_secret", etag=None)

@@ -133,14 +133,14 @@ def test_revocation_reaches_a_local_gateway_at_once(
     alice, cluster, gateway, tmp_path, monkeypatch, django_capture_on_commit_callbacks
 ):
     """A gateway on the portal's host gets the new CRL/KRL installed after commit, and the revoked
-    session (found by serial, see access.gateway.vpn.session_address) is cut through the management
+    session (found by serial, see access.gateway.vpn.session_peers) is cut through the management
     interface (replaced at that seam: its protocol has its own tests with a real OpenVPN)."""
     from access.gateway import management, pull
     from access.gateway.state import VpnState
 
     cut: list[str] = []
-    monkeypatch.setattr(pull, "session_address", lambda state, serial: "198.18.250.2:40000")
-    monkeypatch.setattr(management, "kill_address", lambda path, address, **kw: cut.append(address) or 1)
+    monkeypatch.setattr(pull, "session_peers", lambda state, serial: [("198.18.250.2", "40000")])
+    monkeypatch.setattr(management, "kill_peers", lambda path, peers, **kw: cut.extend(peers) or 1)
     gateway.local_state_dir = str(tmp_path)
     gateway.save()
     services.vpn_profile_issue(user=alice, clusters=[cluster])
@@ -152,7 +152,7 @@ def test_revocation_reaches_a_local_gateway_at_once(
         callback()
     crl = x509.load_pem_x509_crl(VpnState.at(tmp_path).crl.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(credential.serial) is not None
-    assert cut == ["198.18.250.2:40000"]
+    assert cut == [("198.18.250.2", "40000")]
 
 
 def test_a_broken_local_gateway_does_not_fail_the_revocation(

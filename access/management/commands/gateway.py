@@ -14,9 +14,11 @@ is and the command exits 75 (EX_TEMPFAIL): the gateway keeps authorizing from it
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,18 +40,43 @@ class PullError(Exception):
 # --- what runs on the gateway (no database) ---------------------------------------------------------------
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would send the token along to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise PullError(f"the portal answered {code}, a redirect to {newurl}: refused (the token stays here)")
+
+
+def _check_url(url: str) -> None:
+    """https, or http to a portal on this host (the state carries the CA, the AA and the CRL unsigned: anyone
+    on the path of a plain-http pull could replace them)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http":
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return
+        raise PullError(f"the portal URL must be https (plain http only to this host): {url}")
+    raise PullError(f"the portal URL must be https: {url}")
+
+
 def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) -> tuple[dict | None, str | None]:
-    """(document, etag) from the portal, or (None, etag) when unchanged (304)."""
+    """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused."""
     if not url.rstrip("/").endswith(STATE_PATH.rstrip("/")):
         url = url.rstrip("/") + STATE_PATH
-    if not url.startswith(("https://", "http://")):
-        raise PullError(f"the portal URL must be http(s): {url}")
+    _check_url(url)
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     if etag:
         request.add_header("If-None-Match", etag)
+    opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+        with opener.open(request, timeout=timeout) as response:
             body = response.read()
             new_etag = response.headers.get("ETag")
     except urllib.error.HTTPError as exc:
@@ -74,7 +101,10 @@ def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) ->
     doc, new_etag = fetch_state(url, token, etag=etag, timeout=timeout)
     if doc is None:
         return False, None
-    report = gateway_pull.install_state(state_dir, doc)
+    try:
+        report = gateway_pull.install_state(state_dir, doc)
+    except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
+        raise PullError(f"cannot write the state in {state_dir}: {exc}") from None
     if new_etag:
         write_atomic(etag_file, new_etag, 0o600)  # last: a failed install is retried in full
     return True, report

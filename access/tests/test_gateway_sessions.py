@@ -1,0 +1,181 @@
+"""The gateway's session cutting and state installation, without OpenVPN (a fake management socket that
+speaks ``status 3`` and ``client-kill`` as OpenVPN 2.6 does; the real daemon is in test_openvpn_gateway)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from access import pki
+from access.gateway import pull, vpn
+from access.gateway.state import StateError, VpnState, write_all_atomic, write_atomic
+
+FP = "ab" * 32
+_HEADER = (
+    "HEADER\tCLIENT_LIST\tCommon Name\tReal Address\tVirtual Address\tVirtual IPv6 Address\tBytes Received"
+    "\tBytes Sent\tConnected Since\tConnected Since (time_t)\tUsername\tClient ID\tPeer ID\tData Channel Cipher"
+)
+
+
+class FakeManagement:
+    """OpenVPN's management interface as far as the gateway uses it; ``sessions``: client id → (cn, address
+    as ``status 3`` prints it: ``ip:port`` for IPv4, the bare address for native IPv6)."""
+
+    def __init__(self, path, sessions: dict[int, tuple[str, str]]):
+        self.sessions = dict(sessions)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info\r\n")
+                for raw in lines:
+                    command = raw.decode().strip()
+                    if command == "status 3":
+                        rows = ["TITLE\tOpenVPN 2.6", _HEADER]
+                        rows += [
+                            f"CLIENT_LIST\t{cn}\t{address}\t\t\t1\t1\tx\t1700000000\tUNDEF\t{cid}\t{cid}\tAES-256-GCM"
+                            for cid, (cn, address) in self.sessions.items()
+                        ]
+                        conn.sendall(("\r\n".join([*rows, "END"]) + "\r\n").encode())
+                    elif command.startswith("client-kill "):
+                        cid = int(command.split()[1])
+                        gone = self.sessions.pop(cid, None) is None
+                        conn.sendall(b"ERROR: client-kill command failed\r\n" if gone else b"SUCCESS: done\r\n")
+                    elif command == "quit":
+                        break
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def gateway_state(tmp_path):
+    """A gateway state directory with a first state (cluster c42 on VLAN 142), the CA that signs its CRL,
+    and the document that installed it."""
+    ca = pki.create_ca("CA")
+    crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
+    doc = {
+        "format": 1,
+        "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {"c42": 142}},
+    }
+    pull.install_state(tmp_path, doc, cut_sessions=False)
+    state = VpnState.at(tmp_path)
+    # what tls-verify cached for certificate serial 77 (its AC grants c42)
+    entry = {"serial": 77, "subject": "CN=alice", "ac_serial": 77, "fqans": [], "clusters": {"c42": "member"}}
+    write_atomic(state.ac_cache / f"{FP}.json", json.dumps({**entry, "not_after": time.time() + 3600}))
+    return state, ca, doc
+
+
+def revoking(ca, doc: dict, serial: int) -> dict:
+    crl = pki.crl_to_pem(pki.build_crl(ca, [(serial, pki._now(), "key_compromise")], crl_number=2)).decode()
+    revoked = [{"serial": serial, "common_name": "alice", "revoked_at": "now"}]
+    return {**doc, "vpn": {**doc["vpn"], "crl": crl, "revoked_sessions": revoked}}
+
+
+def connect(state, tmp_path, name: str, **peer) -> None:
+    env = {"tls_digest_sha256_0": FP, "common_name": "alice", "UV_VCLUSTER": "c42", **peer}
+    vpn.client_connect(state, str(tmp_path / name), env)
+
+
+def test_every_session_of_a_revoked_certificate_is_cut_ipv4_and_ipv6(gateway_state, tmp_path):
+    """One profile up in three places (``duplicate-cn``), one of them over IPv6: all three are cut, the
+    other user's session from the same IPv4 address stays, and the next pull cuts nothing more."""
+    state, ca, doc = gateway_state
+    connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
+    connect(state, tmp_path, "b", trusted_ip="198.51.100.9", trusted_port="50002")
+    connect(state, tmp_path, "c", trusted_ip6="2001:db8::5", trusted_port="40003")
+    assert vpn.session_peers(state, 77) == [
+        ("203.0.113.5", "40001"),
+        ("198.51.100.9", "50002"),
+        ("2001:db8::5", "40003"),
+    ]
+    listed = {1: ("alice", "203.0.113.5:40001"), 2: ("alice", "198.51.100.9:50002"), 3: ("alice", "2001:db8::5")}
+    fake = FakeManagement(state.management, {**listed, 4: ("bob", "203.0.113.5:40009")})
+    try:
+        report = pull.install_state(state.root.parent, revoking(ca, doc, 77))
+        assert report.cut == [77] and report.cut_errors == []
+        assert fake.sessions == {4: ("bob", "203.0.113.5:40009")}
+        assert pull.install_state(state.root.parent, revoking(ca, doc, 77)).cut == []
+    finally:
+        fake.close()
+
+
+def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_state, tmp_path):
+    """Its handshake met the old CRL just before the pull; its client-connect comes after: refused (it was
+    admitted, and the pull, which had found no session to cut, never cut it)."""
+    state, ca, doc = gateway_state
+    fake = FakeManagement(state.management, {})
+    try:
+        pull.install_state(state.root.parent, revoking(ca, doc, 77))
+    finally:
+        fake.close()
+    with pytest.raises(vpn.Refused, match="serial=77: certificate revoked"):
+        connect(state, tmp_path, "late", trusted_ip="203.0.113.5", trusted_port="40001")
+    assert vpn.session_peers(state, 77) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ssh": {"krl": None}},
+        {"ssh": {"krl": 5}},
+        {"vpn": {"revoked_sessions": [{"serial": float("inf")}]}},
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"principals": [7], "targets": [["h", 22]]}}}},
+        {
+            "ssh": {
+                "krl": "U1NIS1JMCgA=",
+                "clusters": {"c42": {"principals": ["c42.a"], "targets": [["h", float("inf")]]}},
+            }
+        },
+    ],
+)
+def test_a_malformed_state_is_refused_and_the_old_one_kept(gateway_state, change):
+    state, _ca, doc = gateway_state
+    before = {p: p.read_bytes() for p in state.root.rglob("*") if p.is_file()}
+    bad = {**doc, **{k: {**doc.get(k, {}), **v} for k, v in change.items()}}
+    with pytest.raises(StateError):
+        pull.install_state(state.root.parent, bad)
+    assert {p: p.read_bytes() for p in state.root.rglob("*") if p.is_file()} == before
+
+
+def test_a_write_that_fails_midway_leaves_the_old_set_whole(tmp_path, monkeypatch):
+    (tmp_path / "crl.pem").write_text("old crl")
+    (tmp_path / "vlans.json").write_text("old map")
+    real = os.fsync
+    calls = []
+
+    def disk_full_on_the_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_on_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        write_all_atomic({tmp_path / "crl.pem": ("new crl", 0o644), tmp_path / "vlans.json": ("new map", 0o644)})
+    assert (tmp_path / "crl.pem").read_text() == "old crl" and (tmp_path / "vlans.json").read_text() == "old map"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crl.pem", "vlans.json"]  # no temporary file left
+
+
+def test_a_link_planted_where_the_temporary_file_goes_is_not_followed(tmp_path):
+    """The directory may be writable by OpenVPN's user (``user=``): a guessable temporary name would let it
+    point root's write at any file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for pid in range(os.getpid() - 2, os.getpid() + 3):  # the old names: .<file>.<pid>.tmp
+        (tmp_path / f".cut.json.{pid}.tmp").symlink_to(victim)
+    write_atomic(tmp_path / "cut.json", "[77]")
+    assert victim.read_text() == "precious" and (tmp_path / "cut.json").read_text() == "[77]"
