@@ -64,8 +64,17 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
     )
     gone = existing - valid
     if gone:
-        VlanAllocation.objects.filter(_free_now(timezone.now()), pool=pool, vid__in=gone).delete()
+        _drop_rows(VlanAllocation.objects.filter(_free_now(timezone.now()), pool=pool, vid__in=gone))
     return len(missing)
+
+
+def _drop_rows(rows: QuerySet[VlanAllocation]) -> None:
+    """Delete allocation rows no longer handed out (reserved, or out of the ranges). Segments that ended
+    with one of them (closed, or failed and released) keep its id in ``vid`` and let go of the row."""
+    Segment.objects.filter(allocation__in=rows, state__in=(Segment.State.CLOSED, Segment.State.FAILED)).exclude(
+        allocation__state=Free.ALLOCATED
+    ).update(allocation=None)
+    rows.delete()
 
 
 _TAKE_SQL = """
@@ -165,7 +174,9 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
             continue
         row = taken
         if row.vid not in valid:  # reserved or removed from the ranges since the row was made: drop it
-            row.delete()
+            with transaction.atomic():
+                VlanAllocation.objects.filter(pk=row.pk).update(state=Free.FREE)  # taken by nobody now
+                _drop_rows(VlanAllocation.objects.filter(pk=row.pk))
             continue
         return row
     else:

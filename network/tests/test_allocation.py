@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from network import services
+from network import services, tasks
 from network.errors import HostUnavailable, NoCoreForSites, PoolExhausted, SegmentClosed, SegmentExists
 from network.models import Segment, VlanAllocation
 from network.tests.factories import CoreTransportFactory, HostFactory, SiteFactory, VlanPoolFactory
@@ -83,6 +83,31 @@ def test_newly_reserved_id_is_never_handed_out(pool):
     assert services.vlan_allocate(pool=pool, owner="x").vid == left[-1]
     with pytest.raises(PoolExhausted):
         services.vlan_allocate(pool=pool, owner="y")
+
+
+@pytest.mark.parametrize("how", ["reserved", "out of the ranges"])
+def test_an_id_an_ended_segment_used_can_be_reserved_or_dropped(fabric, how):
+    """A torn-down segment keeps its allocation row (for the record); reserving that id, or shrinking the
+    ranges past it, then dropping the row must not fail allocations (a 500 on POST /api/clusters/)."""
+    pool = fabric.pool
+    pool.ranges, pool.quarantine_seconds = "100-102", 0
+    pool.save()
+    used = services.segment_create(owner="old", hosts=[fabric.hosts["brno1"]], gateway=False)
+    vid = used.vid
+    services.segment_delete(segment=used)
+    tasks.segment_released(used.pk)  # (no device carried it: nothing was provisioned)
+    if how == "reserved":
+        pool.reserved = str(vid)
+    else:
+        pool.ranges = ",".join(str(v) for v in (100, 101, 102) if v != vid)
+    pool.save()
+    got = {services.vlan_allocate(pool=pool, owner=f"n{i}").vid for i in range(2)}
+    assert vid not in got and len(got) == 2
+    with pytest.raises(PoolExhausted):
+        services.vlan_allocate(pool=pool, owner="late")
+    used.refresh_from_db()
+    assert (used.state, used.vid, used.allocation) == (Segment.State.CLOSED, vid, None)
+    assert not VlanAllocation.objects.filter(pool=pool, vid=vid).exists()
 
 
 def test_pools_for_sites(db):
