@@ -6,6 +6,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.template.response import TemplateResponse
 
+from network import selectors
 from network.choices import DeviceKind, PortRole
 from network.models import (
     CoreTransport,
@@ -21,6 +22,18 @@ from network.models import (
     VlanPool,
 )
 from network.selectors import queue_name
+from network.vlanranges import format_ranges
+
+
+def _still_carrying(ports) -> list[str]:
+    """Why these ports may not be deleted: the live VLANs each still carries (forgotten, a port is never
+    converged again, so they would stay on the device)."""
+    carrying = selectors.ports_carrying([p.pk for p in ports if p.pk])
+    return [
+        f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters: tear them down first"
+        for port in ports
+        if port.pk in carrying
+    ]
 
 
 @admin.register(Site)
@@ -29,8 +42,24 @@ class SiteAdmin(admin.ModelAdmin):
     search_fields = ("name", "description")
 
 
+class CoreTransportForm(forms.ModelForm):
+    class Meta:
+        model = CoreTransport
+        fields = "__all__"  # noqa: DJ007 - the admin shows every field of the core
+
+    def clean(self):
+        data = super().clean()
+        if self.instance.pk and "sites" in data:
+            users = selectors.core_site_users(self.instance.pk, [site.pk for site in data["sites"]])
+            if users:
+                shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+                self.add_error("sites", f"the core must keep joining the sites of {shown}")
+        return data
+
+
 @admin.register(CoreTransport)
 class CoreTransportAdmin(admin.ModelAdmin):
+    form = CoreTransportForm
     list_display = ("name", "kind", "vid_min", "vid_max", "service_tag", "site_list")
     list_filter = ("kind", "sites")
     search_fields = ("name", "description")
@@ -117,8 +146,30 @@ def plan_dry_run(modeladmin, request, queryset):
     return TemplateResponse(request, "admin/network/plan.html", context)
 
 
+class SwitchPortFormSet(forms.BaseInlineFormSet):
+    """A switch's ports: one that carries live VLANs is not deleted, and a new switch's core uplinks are
+    checked against its site (the port's own check needs a saved switch)."""
+
+    def clean(self):
+        super().clean()
+        refused = _still_carrying([form.instance for form in self.deleted_forms])
+        if refused:
+            raise forms.ValidationError(refused)
+        site = self.instance.site if self.instance.site_id else None
+        for form in self.forms:
+            if form in self.deleted_forms or not getattr(form, "cleaned_data", None):
+                continue
+            core = form.cleaned_data.get("core")
+            if site is None or core is None or form.cleaned_data.get("role") != PortRole.CORE_UPLINK:
+                continue
+            joined = set(core.sites.values_list("pk", flat=True))
+            if joined and site.pk not in joined:
+                form.add_error("core", f"core {core.name} does not join site {site.name}")
+
+
 class SwitchPortInline(admin.TabularInline):
     model = SwitchPort
+    formset = SwitchPortFormSet
     extra = 0
     fields = ("name", "role", "core", "description")
 
@@ -140,6 +191,11 @@ class SwitchAdmin(admin.ModelAdmin):
     def port_count(self, obj):
         return obj._ports
 
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
+        ports = list(SwitchPort.objects.filter(switch__in=list(objs)).select_related("switch"))
+        return deleted, counts, perms, [*protected, *_still_carrying(ports)]
+
     @admin.display(description="worker queue")
     def worker(self, obj):
         return _worker(obj)
@@ -151,6 +207,10 @@ class SwitchPortAdmin(admin.ModelAdmin):
     list_filter = ("role", "switch__site", "core")
     search_fields = ("name", "switch__name", "description")
     list_select_related = ("switch", "switch__site", "core")
+
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
+        return deleted, counts, perms, [*protected, *_still_carrying(list(objs))]
 
     def get_search_results(self, request, queryset, search_term):
         queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)

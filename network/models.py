@@ -219,6 +219,12 @@ class SwitchPort(InventoryModel):
                     )
         elif self.core_id is not None:
             raise ValidationError({"core": f"port {label}: only a core uplink names a core transport"})
+        if self.role != PortRole.HOST_TRUNK and self.pk:
+            host = Host.objects.filter(switch_port_id=self.pk).values_list("name", flat=True).first()
+            if host is not None:  # its VLANs would leave the host, and a gateway's or the core's would come
+                raise ValidationError(
+                    {"role": f"port {label}: host {host} hangs on it, so it stays a host trunk (move the host first)"}
+                )
 
 
 class Host(InventoryModel):

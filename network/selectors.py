@@ -244,3 +244,41 @@ def device_queues() -> dict[str, list[str]]:
         for device in model.objects.filter(enabled=True).select_related("site").order_by("name"):
             queues[queue_name(device)].append(f"{kind} {device.name}")
     return dict(queues)
+
+
+def core_site_users(core_id: int, sites: Iterable[int]) -> list[str]:
+    """Why core ``core_id`` must keep joining the sites it joins now but ``sites`` (the ids it would join)
+    leaves out: core uplinks of switches there, and live segments of its pools that span them."""
+    keep = set(sites)
+    users = [
+        f"core uplink {port}"
+        for port in SwitchPort.objects.filter(role=PortRole.CORE_UPLINK, core_id=core_id)
+        .exclude(switch__site_id__in=keep)
+        .select_related("switch__site")
+    ]
+    live = Segment.objects.filter(state__in=Segment.LIVE_STATES, allocation__pool__core_id=core_id)
+    users += [
+        f"live segment {view.owner_ref} (VLAN {view.vid})" for view in segment_views(live) if not view.sites <= keep
+    ]
+    return users
+
+
+def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
+    """Of these ports, those that carry VLANs of live segments now (port id → the VLANs): a port the portal
+    forgets while it carries them would keep them on the device for ever (nothing converges it again)."""
+    ports = list(SwitchPort.objects.filter(pk__in=list(port_ids)).values_list("pk", "switch_id", "name"))
+    desired = switch_desired({switch for _pk, switch, _name in ports}, segments=None) if ports else {}
+    live = desired_segments_live({switch for _pk, switch, _name in ports}) if ports else {}
+    out = {}
+    for pk, switch, name in ports:
+        vids = desired.get(switch, {}).get(name, frozenset()) | live.get(switch, {}).get(name, frozenset())
+        if vids:
+            out[pk] = vids
+    return out
+
+
+def desired_segments_live(switch_ids: Iterable[int]) -> dict[int, PortVlans]:
+    """``switch_desired`` counting segments being torn down or rolled back too (their VLANs are still on
+    the devices until that finishes)."""
+    views = segment_views(Segment.objects.filter(state__in=(Segment.State.DELETING, Segment.State.COMPENSATING)))
+    return switch_desired(list(switch_ids), segments=views) if views else {}

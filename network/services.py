@@ -18,6 +18,7 @@ import random
 from collections.abc import Iterable
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
@@ -338,18 +339,33 @@ def segments_keeping_vlan() -> QuerySet[Segment]:
         state=Segment.State.FAILED,
         allocation__state=Free.ALLOCATED,
         allocation__owner=F("owner_ref"),
-    ).order_by("pk")
+    )
 
 
-def segment_rollback_again(*, segment: Segment) -> bool:
-    """Claim a segment that kept its VLAN for another rollback (FAILED → COMPENSATING, conditionally: two
-    runs never claim one twice); send ``network.tasks.segment_compensate`` after this. Whether it was
-    claimed (not when its owner has a live segment again: the owner reference is unique among those)."""
+def _rollback_stalled_after() -> timedelta:
+    """How long a rollback may make no progress before it counts as stalled: both of its layers using every
+    retry up to the task time limit."""
+    return timedelta(seconds=2 * settings.CELERY_TASK_TIME_LIMIT * (settings.DEVICE_RETRY_MAX + 1))
+
+
+def segments_to_roll_back_again() -> QuerySet[Segment]:
+    """Segments whose rollback is to be run again: it kept the VLAN, or it stalled (still rolling back
+    long after it started: the worker died before it could hand the work on)."""
+    stalled = Segment.objects.filter(
+        state=Segment.State.COMPENSATING, updated_at__lt=timezone.now() - _rollback_stalled_after()
+    )
+    return (segments_keeping_vlan() | stalled).order_by("pk")
+
+
+def segment_rollback_again(*, segment_id: int) -> bool:
+    """Claim the rollback of a segment ``segments_to_roll_back_again`` lists (conditionally: of two runs,
+    one claims it). Whether this one did (not when its owner has a live segment again: the owner reference
+    is unique among those)."""
     try:
         with transaction.atomic():
             claimed = (
-                segments_keeping_vlan()
-                .filter(pk=segment.pk)
+                segments_to_roll_back_again()
+                .filter(pk=segment_id)
                 .update(state=Segment.State.COMPENSATING, updated_at=timezone.now())
             )
     except IntegrityError:

@@ -19,6 +19,7 @@ import time
 from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from network import convergence, services
 from network.drivers import DeviceError, TemporaryDeviceError
@@ -188,15 +189,16 @@ def _converge_now(change_ids: list[int]) -> dict[int, str]:
 
 
 @shared_task(name="network.segment_compensate", **_DEVICE_TASK)
-def segment_compensate(self, segment_id: int) -> dict:
+def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     """Roll a failed provisioning back: every device the segment needs or touched is converged to the
     state without it, then the VLAN is released and the segment is FAILED with the reason (the device and
-    its own message). Used as the error callback of ``workflows.provision``; running it twice is harmless.
+    its own message). Used as the error callback of ``workflows.provision``; running it twice is harmless
+    (the second finds the rollback claimed and does nothing).
 
     The VLAN is kept (not released) when a device that did take it could not be rolled back: handing the
     id to another owner while a switch still carries it would join two clusters. ``retry_rollbacks`` (every
-    reconcile period) runs the rollback of such a segment again until every device is clean and the VLAN
-    goes back to the pool.
+    reconcile period) runs the rollback of such a segment again (``retry``), and of one that stalled, until
+    every device is clean and the VLAN goes back to the pool.
 
     Each device is converged by the worker that reaches it (``Switch.queue``, ``Host.queue``): when that is
     the central worker for all of them, here, inline; otherwise this task is replaced by a chain of layers
@@ -207,11 +209,18 @@ def segment_compensate(self, segment_id: int) -> dict:
     with audit_actor("network.compensate"), convergence.device_lock("segment", segment_id, wait=0) as held:
         if not held:
             return {"segment": segment_id, "state": "being compensated elsewhere"}
-        Segment.objects.filter(pk=segment_id, state__in=Segment.DESIRED_STATES).update(state=Segment.State.COMPENSATING)
-        # (``retry_rollbacks`` moves a FAILED segment that kept its VLAN back to COMPENSATING itself)
+        # Claim the rollback (one only: Celery may call a workflow's errback twice, from the failed task and
+        # from its chord) — of a failed provisioning, or (``retry``) of a rollback that kept the VLAN or
+        # stalled (``services.segment_rollback_again``).
+        claimed = Segment.objects.filter(pk=segment_id, state__in=Segment.DESIRED_STATES).update(
+            state=Segment.State.COMPENSATING, updated_at=timezone.now()
+        )
+        if not claimed and retry:
+            claimed = services.segment_rollback_again(segment_id=segment_id)
         seg = Segment.objects.get(pk=segment_id)
-        if seg.state != Segment.State.COMPENSATING:
-            return {"segment": seg.pk, "state": seg.state}
+        if not claimed:
+            busy = seg.state == Segment.State.COMPENSATING
+            return {"segment": seg.pk, "state": "being compensated elsewhere" if busy else seg.state}
         switches, hosts = convergence.selectors.segment_devices(seg)
         devices = [*hosts, *switches]  # reverse order of provisioning: hosts, then switches
         ids = convergence.changes_create(devices=devices, segment=seg, cause=_compensation_cause(seg))
@@ -278,15 +287,12 @@ FINISH["compensated"] = segment_compensated
 @shared_task(name="network.retry_rollbacks")
 def retry_rollbacks() -> list[int]:
     """Periodic (with the reconciler): every segment whose rollback kept its VLAN (a device that took it
-    could not be converged back) is rolled back again — each device by its own worker — until every device
-    is clean and the VLAN goes back to the pool. Returns the segments retried."""
-    retried = []
-    for seg in services.segments_keeping_vlan():
-        with audit_actor("network.retry_rollbacks"):
-            if not services.segment_rollback_again(segment=seg):
-                continue
-        retried.append(seg.pk)
-        segment_compensate.delay(seg.pk)
+    could not be converged back), or stalled (its worker died before it could hand the work on), is rolled
+    back again — each device by its own worker — until every device is clean and the VLAN goes back to the
+    pool. Returns the segments sent."""
+    retried = list(services.segments_to_roll_back_again().values_list("pk", flat=True))
+    for segment_id in retried:
+        segment_compensate.delay(segment_id, retry=True)
     return retried
 
 

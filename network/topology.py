@@ -35,8 +35,10 @@ from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import transaction
 from django.db.models import ProtectedError, RestrictedError
 
+from network import selectors
 from network.choices import CoreKind, HostDriver, Platform, PortRole
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.vlanranges import format_ranges
 from portal.audit import audit_actor
 
 TOP_KEYS = ("sites", "cores", "switches", "hosts", "pools")
@@ -129,6 +131,10 @@ def load_topology(text: str, *, source: str = "<topology>") -> tuple[dict, dict[
     """Parse YAML text; returns the data and a map from path (``switches[0].ports[1].role``) to line number.
     Syntax errors and duplicate keys raise ``TopologyError``."""
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):  # a topology names things; a recursive alias never ends
+                line = event.start_mark.line + 1
+                raise TopologyError([f"{source} (line {line}): YAML aliases (*name) are not allowed here"])
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -441,6 +447,15 @@ class _Importer:
                 hosts=[e["name"] for _, e in hosts],
                 pools=[e["name"] for _, e in pools],
             )
+        if not self.report.problems:  # what live clusters need must still hold with the new inventory
+            for path, entry in cores:
+                core = self.cores.get(entry["name"])
+                users = (
+                    [] if core is None else selectors.core_site_users(core.pk, core.sites.values_list("pk", flat=True))
+                )
+                if users:
+                    shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+                    self.problem(f"{path}.sites", f"core {core.name} must keep joining the sites of {shown}")
 
     def _remember(self, kind: str, name: str, obj, table: dict) -> None:
         if obj is None:
@@ -588,10 +603,9 @@ class _Importer:
                 self.ports[(switch_name, port_name)] = obj
 
     def _host_port(self, path: str, entry: dict):
-        switch_name, port_name = entry.get("switch"), entry.get("port")
-        if switch_name in (None, "") or port_name in (None, ""):
-            return BAD  # reported as required
-        port_name = str(port_name)
+        switch_name, port_name = self._name(path, entry, "switch"), self._text(path, entry, "port")
+        if switch_name is BAD or port_name in (BAD, ""):
+            return BAD  # reported (required, or not a name)
         if (switch_name, port_name) in self.ports:
             return self.ports[(switch_name, port_name)]
         if ("port", (switch_name, port_name)) in self.failed or ("switch", switch_name) in self.failed:
@@ -644,6 +658,16 @@ class _Importer:
         for port in SwitchPort.objects.filter(switch__name__in=switch_names).select_related("switch"):
             if port.name not in keep_ports[port.switch.name]:
                 doomed.append(("ports", port))
+        # A port forgotten while it carries live VLANs is never converged again: they would stay on it.
+        gone_ports = [obj for section, obj in doomed if section == "ports"]
+        gone_ports += SwitchPort.objects.exclude(switch__name__in=switch_names).select_related("switch")
+        carrying = selectors.ports_carrying([port.pk for port in gone_ports])
+        for port in gone_ports:
+            if port.pk in carrying:
+                vids = format_ranges(carrying[port.pk])
+                self.problem("prune ports", f"cannot delete port {port}: it carries VLAN {vids} of live clusters")
+        if carrying:
+            return
         doomed += [("switches", s) for s in Switch.objects.exclude(name__in=switch_names)]
         doomed += [("cores", c) for c in CoreTransport.objects.exclude(name__in=cores)]
         doomed += [("sites", s) for s in Site.objects.exclude(name__in=sites)]

@@ -191,3 +191,48 @@ def test_host_port_picker_offers_only_host_trunks(admin_client, demo):
     )
     assert response.status_code == 200
     assert sorted(r["text"] for r in response.json()["results"]) == ["brno-sw:h1", "brno-sw:h2"]
+
+
+def test_ports_carrying_live_vlans_and_cores_live_clusters_need_are_kept(admin_client, demo):
+    """Deleting a port (its page, a switch's inline, the switch) that carries a live VLAN is refused, as is
+    taking from a core a site that a live segment spans; a new switch's core uplink must enter a core that
+    joins its site (the port's own check needs a saved switch)."""
+    from network import services
+
+    seg = services.segment_create(
+        owner="cluster:1", hosts=list(Host.objects.filter(name__in=["brno-h1", "pilsen-h1"])), gateway=False
+    )
+    port = SwitchPort.objects.get(switch__name="brno-sw", name="core")
+    page = admin_client.post(reverse("admin:network_switchport_delete", args=[port.pk]), {"post": "yes"})
+    assert page.status_code == 200 and f"carries VLAN {seg.vid} of live clusters" in page.content.decode()
+    switch = port.switch
+    page = admin_client.post(reverse("admin:network_switch_delete", args=[switch.pk]), {"post": "yes"})
+    assert page.status_code == 200 and SwitchPort.objects.filter(pk=port.pk).exists()
+    ports = list(switch.ports.order_by("pk"))
+    form = switch_form(switch, **{"ports-TOTAL_FORMS": str(len(ports)), "ports-INITIAL_FORMS": str(len(ports))})
+    for i, p in enumerate(ports):
+        form.update({f"ports-{i}-id": p.pk, f"ports-{i}-switch": switch.pk, f"ports-{i}-name": p.name})
+        form.update({f"ports-{i}-role": p.role, f"ports-{i}-core": p.core_id or "", f"ports-{i}-description": ""})
+        if p.pk == port.pk:
+            form[f"ports-{i}-DELETE"] = "on"
+    page = admin_client.post(reverse("admin:network_switch_change", args=[switch.pk]), form)
+    assert page.status_code == 200 and "carries VLAN" in page.content.decode()
+    assert SwitchPort.objects.filter(pk=port.pk).exists()
+
+    core = CoreTransport.objects.get()
+    keep = list(core.sites.exclude(name="pilsen").values_list("pk", flat=True))
+    change = {"name": core.name, "kind": core.kind, "sites": keep, "vid_min": core.vid_min, "vid_max": core.vid_max}
+    change.update({"service_tag": core.service_tag, "description": core.description, "_save": "Save"})
+    page = admin_client.post(reverse("admin:network_coretransport_change", args=[core.pk]), change)
+    assert (
+        page.status_code == 200 and "must keep joining the sites of core uplink pilsen-sw:core" in page.content.decode()
+    )
+    assert core.sites.filter(name="pilsen").exists()
+
+    elsewhere = Site.objects.create(name="ostrava")
+    new = switch_form(Switch(name="ostrava-sw", site=elsewhere, platform="ovs", address="lab", description=""))
+    new.update({"ports-TOTAL_FORMS": "1", "ports-0-name": "up", "ports-0-role": "core_uplink"})
+    new.update({"ports-0-core": core.pk, "ports-0-description": ""})
+    page = admin_client.post(reverse("admin:network_switch_add"), new)
+    assert page.status_code == 200 and "core cesnet-qinq does not join site ostrava" in page.content.decode()
+    assert not Switch.objects.filter(name="ostrava-sw").exists()

@@ -85,10 +85,12 @@ def test_core_sites_are_updated_and_audited():
     data, _ = load_topology(DEMO.read_text())
     data["cores"][0]["sites"] = ["pilsen", "prague"]
     data["switches"][0]["ports"] = [p for p in data["switches"][0]["ports"] if p["name"] != "core"]
-    report = topology_import(data=data, source="t")
-    assert report.changes == ["updated core cesnet-qinq (sites)"]
+    with pytest.raises(TopologyError, match="core cesnet-qinq must keep joining the sites of core uplink brno-sw:core"):
+        topology_import(data=data, source="t")  # the uplink is still in the inventory (no --prune)
+    report = topology_import(data=data, source="t", prune=True)
+    assert report.changes == ["updated core cesnet-qinq (sites)", "deleted port brno-sw:core"]
     assert sorted(CoreTransport.objects.get().sites.values_list("name", flat=True)) == ["pilsen", "prague"]
-    entry = AuditEntry.objects.first()
+    entry = AuditEntry.objects.filter(content_type__model="coretransport", changes__has_key="sites").first()
     assert entry.changes == {"sites": [None, {"removed": ["brno"]}]}
 
 
@@ -332,3 +334,66 @@ def test_worker_queues_of_sites_and_switches_import_and_export(monkeypatch):
         import_text(dump_topology(data))
     assert any(p.startswith("sites[0].queue") and "Celery queue name" in p for p in exc.value.problems), exc.value
     assert Site.objects.get(name=site).worker_queue == f"site.{site}"
+
+
+# --- what live clusters need stays -------------------------------------------------------------------------------
+
+
+def _live_segment(*hosts: str, gateway: bool = False):
+    from network import services
+
+    return services.segment_create(owner="cluster:1", hosts=list(Host.objects.filter(name__in=hosts)), gateway=gateway)
+
+
+def test_a_port_that_carries_live_vlans_is_not_pruned():
+    """A port the portal forgets is never converged again: pruned while it carried a live VLAN, the VLAN
+    would stay on the device after the cluster ends, and the id go back to the pool."""
+    import_file(DEMO)
+    seg = _live_segment("brno-h1", "pilsen-h1")
+    data, _ = load_topology(DEMO.read_text())
+    data["switches"][0]["ports"] = [p for p in data["switches"][0]["ports"] if p["name"] != "core"]
+    with pytest.raises(TopologyError, match=rf"cannot delete port brno-sw:core: it carries VLAN {seg.vid} of live"):
+        topology_import(data=data, source="t", prune=True)
+    assert SwitchPort.objects.filter(switch__name="brno-sw", name="core").exists()
+
+
+def test_a_port_a_host_hangs_on_stays_a_host_trunk():
+    """Else the host's VLANs would leave it and a gateway trunk's (every closed cluster's) would come."""
+    import_file(DEMO)
+    data, _ = load_topology(DEMO.read_text())
+    data.pop("hosts")
+    data["switches"][0]["ports"][0]["role"] = "gateway_trunk"
+    with pytest.raises(TopologyError, match="port brno-sw:h1: host brno-h1 hangs on it, so it stays a host trunk"):
+        topology_import(data=data, source="t")
+
+
+def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
+    import_file(DEMO)
+    seg = _live_segment("brno-h1", "pilsen-h1")
+    data, _ = load_topology(DEMO.read_text())
+    data = {"cores": data["cores"]}
+    data["cores"][0]["sites"] = ["brno", "prague"]
+    with pytest.raises(TopologyError) as exc:
+        topology_import(data=data, source="t")
+    assert "core cesnet-qinq must keep joining the sites of core uplink pilsen-sw:core" in str(exc.value)
+    assert f"live segment cluster:1 (VLAN {seg.vid})" in str(exc.value)
+    assert sorted(CoreTransport.objects.get().sites.values_list("name", flat=True)) == ["brno", "pilsen", "prague"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sites: &x [*x]\n", "YAML aliases"),
+        (
+            "sites: [brno]\nhosts:\n  - {name: h, site: brno, switch: [sw], port: h1}\n",
+            r"switch \(line 3\): must be a name",
+        ),
+        (
+            "sites: [brno]\nhosts:\n  - {name: h, site: brno, switch: {a: 1}, port: h1}\n",
+            r"switch \(line 3\): must be a name",
+        ),
+    ],
+)
+def test_malformed_files_are_problems_not_tracebacks(db, text, message):
+    with pytest.raises(TopologyError, match=message):
+        import_text(text)

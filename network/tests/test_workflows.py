@@ -166,6 +166,33 @@ def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabri
     assert tasks.retry_rollbacks.apply().get() == []  # nothing kept any more
 
 
+def test_a_rollback_runs_once_and_a_stalled_one_is_run_again(fabric):
+    """Celery may call a workflow's errback twice (the failed task's and its chord's): the second call finds
+    the rollback claimed and adds nothing. A rollback whose worker died before handing the work on stays
+    claimed; ``retry_rollbacks`` runs it again once it has made no progress for long."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from network import tasks
+
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    Segment.objects.filter(pk=seg.pk).update(state=Segment.State.COMPENSATING)  # claimed by a first call
+    before = DeviceChange.objects.count()
+    assert tasks.segment_compensate.apply((seg.pk,)).get() == {
+        "segment": seg.pk,
+        "state": "being compensated elsewhere",
+    }
+    assert DeviceChange.objects.count() == before
+    assert tasks.retry_rollbacks.apply().get() == []  # not stalled yet
+    Segment.objects.filter(pk=seg.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
 def test_temporary_errors_are_retried_then_succeed(fabric):
     fabric.set_switch_args("sw-pilsen", fail_times=2)
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
