@@ -49,11 +49,12 @@ class CoreTransportForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
-        if self.instance.pk and "sites" in data:
-            users = selectors.core_site_users(self.instance.pk, [site.pk for site in data["sites"]])
+        if self.instance.pk and "sites" in data and data.get("vid_min") and data.get("vid_max"):
+            sites, vids = [site.pk for site in data["sites"]], (data["vid_min"], data["vid_max"])
+            users = selectors.core_site_users(self.instance.pk, sites, vids)
             if users:
                 shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-                self.add_error("sites", f"the core must keep joining the sites of {shown}")
+                self.add_error(None, f"the core must keep joining the sites and carrying the VLANs of {shown}")
         return data
 
 

@@ -246,9 +246,10 @@ def device_queues() -> dict[str, list[str]]:
     return dict(queues)
 
 
-def core_site_users(core_id: int, sites: Iterable[int]) -> list[str]:
+def core_site_users(core_id: int, sites: Iterable[int], vids: tuple[int, int] | None = None) -> list[str]:
     """Why core ``core_id`` must keep joining the sites it joins now but ``sites`` (the ids it would join)
-    leaves out: core uplinks of switches there, and live segments of its pools that span them."""
+    leaves out — core uplinks of switches there, and live segments of its pools that span them — and
+    (``vids``: the range it would carry) keep carrying the VLANs of its pools' live segments."""
     keep = set(sites)
     users = [
         f"core uplink {port}"
@@ -258,7 +259,9 @@ def core_site_users(core_id: int, sites: Iterable[int]) -> list[str]:
     ]
     live = Segment.objects.filter(state__in=Segment.LIVE_STATES, allocation__pool__core_id=core_id)
     users += [
-        f"live segment {view.owner_ref} (VLAN {view.vid})" for view in segment_views(live) if not view.sites <= keep
+        f"live segment {view.owner_ref} (VLAN {view.vid})"
+        for view in segment_views(live)
+        if not view.sites <= keep or (vids is not None and not vids[0] <= view.vid <= vids[1])
     ]
     return users
 

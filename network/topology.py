@@ -448,14 +448,16 @@ class _Importer:
                 pools=[e["name"] for _, e in pools],
             )
         if not self.report.problems:  # what live clusters need must still hold with the new inventory
-            for path, entry in cores:
-                core = self.cores.get(entry["name"])
-                users = (
-                    [] if core is None else selectors.core_site_users(core.pk, core.sites.values_list("pk", flat=True))
-                )
+            paths = {entry["name"]: path for path, entry in cores}
+            for core in CoreTransport.objects.prefetch_related("sites"):  # a pool may have moved to another
+                sites, vids = [site.pk for site in core.sites.all()], (core.vid_min, core.vid_max)
+                users = selectors.core_site_users(core.pk, sites, vids)
                 if users:
                     shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-                    self.problem(f"{path}.sites", f"core {core.name} must keep joining the sites of {shown}")
+                    self.problem(
+                        paths.get(core.name, f"core {core.name}"),
+                        f"core {core.name} must keep joining the sites and carrying the VLANs of {shown}",
+                    )
 
     def _remember(self, kind: str, name: str, obj, table: dict) -> None:
         if obj is None:

@@ -225,7 +225,8 @@ def test_ports_carrying_live_vlans_and_cores_live_clusters_need_are_kept(admin_c
     change.update({"service_tag": core.service_tag, "description": core.description, "_save": "Save"})
     page = admin_client.post(reverse("admin:network_coretransport_change", args=[core.pk]), change)
     assert (
-        page.status_code == 200 and "must keep joining the sites of core uplink pilsen-sw:core" in page.content.decode()
+        page.status_code == 200
+        and "must keep joining the sites and carrying the VLANs of core uplink pilsen-sw:core" in page.content.decode()
     )
     assert core.sites.filter(name="pilsen").exists()
 

@@ -85,7 +85,10 @@ def test_core_sites_are_updated_and_audited():
     data, _ = load_topology(DEMO.read_text())
     data["cores"][0]["sites"] = ["pilsen", "prague"]
     data["switches"][0]["ports"] = [p for p in data["switches"][0]["ports"] if p["name"] != "core"]
-    with pytest.raises(TopologyError, match="core cesnet-qinq must keep joining the sites of core uplink brno-sw:core"):
+    with pytest.raises(
+        TopologyError,
+        match="core cesnet-qinq must keep joining the sites and carrying the VLANs of core uplink brno-sw:core",
+    ):
         topology_import(data=data, source="t")  # the uplink is still in the inventory (no --prune)
     report = topology_import(data=data, source="t", prune=True)
     assert report.changes == ["updated core cesnet-qinq (sites)", "deleted port brno-sw:core"]
@@ -375,7 +378,9 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
     data["cores"][0]["sites"] = ["brno", "prague"]
     with pytest.raises(TopologyError) as exc:
         topology_import(data=data, source="t")
-    assert "core cesnet-qinq must keep joining the sites of core uplink pilsen-sw:core" in str(exc.value)
+    assert "core cesnet-qinq must keep joining the sites and carrying the VLANs of core uplink pilsen-sw:core" in str(
+        exc.value
+    )
     assert f"live segment cluster:1 (VLAN {seg.vid})" in str(exc.value)
     assert sorted(CoreTransport.objects.get().sites.values_list("name", flat=True)) == ["brno", "pilsen", "prague"]
 
@@ -397,3 +402,17 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
 def test_malformed_files_are_problems_not_tracebacks(db, text, message):
     with pytest.raises(TopologyError, match=message):
         import_text(text)
+
+
+def test_a_core_keeps_carrying_the_vlans_of_live_segments():
+    """Shrinking a core's VLAN range (and its pool's, in the same file) past a live segment's VLAN would
+    cut the cluster between its sites."""
+    import_file(DEMO)
+    seg = _live_segment("brno-h1", "pilsen-h1")
+    data, _ = load_topology(DEMO.read_text())
+    data = {"cores": data["cores"], "pools": data["pools"]}
+    data["cores"][0]["vlans"] = f"{seg.vid + 1}-3999"
+    data["pools"][0]["ranges"] = f"{seg.vid + 1}-{seg.vid + 50}"
+    data["pools"][0].pop("reserved", None)
+    with pytest.raises(TopologyError, match=rf"carrying the VLANs of live segment cluster:1 \(VLAN {seg.vid}\)"):
+        topology_import(data=data, source="t")
