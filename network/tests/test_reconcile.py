@@ -106,6 +106,11 @@ def test_reconcile_command(fabric, active):
 def test_beat_schedule_runs_the_reconciler_every_interval():
     entry = beat_schedule(300)["network-reconcile"]
     assert entry["task"] == tasks.reconcile.name and entry["schedule"] == 300.0
+    entry = beat_schedule(300)["network-retry-rollbacks"]
+    assert entry["task"] == tasks.retry_rollbacks.name and entry["schedule"] == 300.0
+    from django.conf import settings
+
+    assert settings.CELERY_BEAT_SCHEDULE["network-retry-rollbacks"]["task"] == "network.retry_rollbacks"
 
 
 def test_admin_plan_and_reconcile_now(fabric, active, client, root, django_capture_on_commit_callbacks):
