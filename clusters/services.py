@@ -6,8 +6,10 @@ commit (``transaction.on_commit``) through ``clusters.workflows``, so a rolled-b
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -108,18 +110,32 @@ def _segment_error(exc: net_errors.NetworkError, *, field: str = "nodes") -> Clu
     return Conflict(str(exc))
 
 
-def _allocate_public_subnet(prefix: PublicPrefix) -> str:
-    """The first free subnet of ``prefix``; the row lock serialises concurrent public clusters."""
-    PublicPrefix.objects.select_for_update().get(pk=prefix.pk)
-    used = set(
-        VirtualCluster.objects.filter(public_prefix=prefix, state__in=LIVE_STATES).values_list(
-            "public_subnet", flat=True
+def _allocate_public_subnet() -> tuple[PublicPrefix, str]:
+    """A free subnet of the first public prefix (by name) that has one. Free: overlapping no live cluster's
+    subnet, whatever prefix that came from (prefixes may overlap; a prefix's subnet length may have changed
+    since). One lock for every public allocation (PostgreSQL; SQLite serializes writers itself)."""
+    _xact_lock(_PUBLIC_SUBNET_LOCK_SPACE, 0)
+    taken = sorted(
+        (int(net.network_address), int(net.broadcast_address))
+        for net in map(
+            ipaddress.ip_network,
+            VirtualCluster.objects.filter(state__in=LIVE_STATES)
+            .exclude(public_subnet="")
+            .values_list("public_subnet", flat=True),
         )
     )
-    for subnet in ipaddress.ip_network(prefix.prefix).subnets(new_prefix=prefix.subnet_length):
-        if str(subnet) not in used:
-            return str(subnet)
-    raise PoolExhausted(f"public prefix {prefix.name} has no free /{prefix.subnet_length} left")
+    starts = [lo for lo, _hi in taken]
+    reach = list(itertools.accumulate((hi for _lo, hi in taken), max))  # the highest address taken so far
+    prefixes = list(PublicPrefix.objects.order_by("name"))
+    for prefix in prefixes:
+        for subnet in ipaddress.ip_network(prefix.prefix).subnets(new_prefix=prefix.subnet_length):
+            lo, hi = int(subnet.network_address), int(subnet.broadcast_address)
+            i = bisect.bisect_right(starts, hi)  # taken[:i] start at or before hi: one overlaps if it reaches lo
+            if i and reach[i - 1] >= lo:
+                continue
+            return prefix, str(subnet)
+    names = ", ".join(p.name for p in prefixes)
+    raise PoolExhausted(f"the public prefixes ({names}) have no free subnet left")
 
 
 def step_start(cluster: VirtualCluster, name: str, *, detail: str = "") -> ClusterStep:
@@ -179,8 +195,7 @@ def cluster_create(
         job_id=job_id,
     )
     if decision.connectivity == Connectivity.PUBLIC:
-        cluster.public_prefix = prefix
-        cluster.public_subnet = _allocate_public_subnet(prefix)
+        cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
     try:
         with transaction.atomic():
             cluster.save()
@@ -273,6 +288,7 @@ def cluster_act_once(
 
 
 _IDEMPOTENCY_LOCK_SPACE = 0x56430010
+_PUBLIC_SUBNET_LOCK_SPACE = 0x56430013
 _QUOTA_LOCK_SPACES = {"user": 0x56430011, "group": 0x56430012}
 
 
@@ -431,7 +447,7 @@ def cluster_provisioning_not_started(*, cluster_id: int, generation: int, step: 
     ClusterStep.objects.filter(pk=step.pk).delete()
 
 
-def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "") -> bool:
+def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", nodes_ready: bool = True) -> bool:
     """READY only when every participant reported success (the workflow calls this last). ``step``: a
     finished step of that name is recorded in the same transaction, so whoever sees READY (a long poll wakes
     at this commit) also sees its progress complete."""
@@ -442,18 +458,25 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "") -> b
             state__in=(ClusterState.PROVISIONING, ClusterState.UPDATING),
             workflow_generation=generation,
         ).update(state=ClusterState.READY, ready_at=now, updated_at=now)
-        if updated:
+        if updated and nodes_ready:  # (after a failed update the new nodes' network is not there: PENDING)
             Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING).update(state=NodeState.READY)
-            if step:
-                ClusterStep.objects.create(
-                    cluster_id=cluster_id,
-                    name=step,
-                    generation=generation,
-                    status=StepStatus.OK,
-                    started_at=now,
-                    finished_at=now,
-                )
+        if updated and step:
+            ClusterStep.objects.create(
+                cluster_id=cluster_id,
+                name=step,
+                generation=generation,
+                status=StepStatus.OK,
+                started_at=now,
+                finished_at=now,
+            )
         return bool(updated)
+
+
+def _locked(cluster: VirtualCluster) -> VirtualCluster:
+    """The cluster as it is now, its row locked until the transaction ends: a node change reads the nodes
+    (the last one? the node's state?) only once no other change of this cluster is between its check and
+    its claim (the READY → UPDATING transition)."""
+    return VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
 
 
 def _require_ready(cluster: VirtualCluster) -> None:
@@ -482,6 +505,7 @@ def _reconverge(cluster: VirtualCluster, step_name: str, detail: str) -> None:
 
 @transaction.atomic
 def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> list[Node]:
+    cluster = _locked(cluster)
     _require_ready(cluster)
     _check_nodes(nodes, cluster=cluster)
     quota_check(owner=cluster.owner, group=cluster.group, clusters=0, nodes=len(nodes))
@@ -498,6 +522,7 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
 
 @transaction.atomic
 def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
+    cluster = _locked(cluster)
     _require_ready(cluster)
     if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
         raise Conflict("the last node cannot be removed; tear the cluster down instead")
@@ -509,7 +534,9 @@ def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
 @transaction.atomic
 def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -> Node:
     """Make the network ready on ``target`` (its bridge, its site switch, the core) before the VM moves."""
+    cluster = _locked(cluster)
     _require_ready(cluster)
+    node.refresh_from_db()
     if node.state != NodeState.READY:
         raise Conflict(f"node {node.name} is {node.get_state_display()}; only a ready node can migrate")
     if target.pk == node.host_id:
@@ -526,7 +553,9 @@ def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -
 @transaction.atomic
 def node_migrate_complete(*, cluster: VirtualCluster, node: Node) -> Node:
     """The VM now runs on its target: clean the source if no node of the cluster is left there."""
+    cluster = _locked(cluster)
     _require_ready(cluster)
+    node.refresh_from_db()
     if node.state != NodeState.MIGRATING or node.target_host_id is None:
         raise Conflict(f"node {node.name} is not migrating")
     source = node.host
@@ -554,11 +583,9 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"[:200]
     cluster.connectivity_overridden_by = admin
     if connectivity == Connectivity.PUBLIC:
-        prefix = PublicPrefix.objects.order_by("name").first()
-        if prefix is None:
+        if not PublicPrefix.objects.exists():
             raise InvalidTopology("no public prefix is configured", field="connectivity")
-        cluster.public_prefix = prefix
-        cluster.public_subnet = _allocate_public_subnet(prefix)
+        cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
     else:
         cluster.public_subnet = ""
     cluster.save(
@@ -700,9 +727,21 @@ def clusters_end_stalled_workflows() -> list[int]:
 @transaction.atomic
 def cluster_update_failed(*, cluster_id: int, generation: int, steps, reason: str) -> bool:
     """A node change (add, remove, migration) could not be applied: its ``steps`` record why and the cluster
-    is READY again (the reconciler keeps the devices at the desired state). Whether it was still updating."""
+    is READY again (the reconciler keeps the devices at the desired state; nodes being added stay PENDING).
+    A migration whose preparation failed is given up: the node stays where it runs, READY, and the target
+    leaves the cluster's network (an update of its own). Whether it was still updating."""
+    failed = list(steps.values_list("name", "detail"))
     steps.update(status=StepStatus.FAILED, error=reason[:2000], finished_at=timezone.now())
-    return cluster_mark_ready(cluster_id=cluster_id, generation=generation)
+    ready = cluster_mark_ready(cluster_id=cluster_id, generation=generation, nodes_ready=False)
+    moving = [detail.split(":", 1)[0] for name, detail in failed if name == "migrate.prepare"]
+    if ready and moving:
+        cluster = VirtualCluster.objects.get(pk=cluster_id)
+        nodes = cluster.nodes.filter(name__in=moving, state=NodeState.MIGRATING).select_related("target_host")
+        given_up = ", ".join(f"{n.name} stays on its host, {n.target_host.name} is left" for n in nodes)
+        if given_up:
+            nodes.update(state=NodeState.READY, target_host=None)
+            _reconverge(cluster, "migrate.abort", given_up)
+    return ready
 
 
 def _queue_text(device) -> str:

@@ -45,14 +45,28 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is the endpoint's answer, not a place to go: urllib would follow a POST's 301/302/303 as a
+    bodiless GET (whose 200 moved the cursor past events nobody received) and carry the signature along."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urlopen then raises HTTPError with the 3xx: a failed delivery, retried
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (checked above)
+    opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with urllib.request.urlopen(request, timeout=settings.WEBHOOK_TIMEOUT) as response:  # noqa: S310 (admin's URL)
+        with opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
             return response.status, ""
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            return (
+                exc.code,
+                f"HTTP {exc.code} {exc.reason}: a redirect (to {exc.headers.get('Location')}) is not followed",
+            )
         return exc.code, f"HTTP {exc.code} {exc.reason}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return None, str(getattr(exc, "reason", exc))[:500]

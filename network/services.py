@@ -223,10 +223,15 @@ def pools_for_sites(sites: Iterable[Site | int]) -> QuerySet[VlanPool]:
 # --- Segments ------------------------------------------------------------------------------------------------
 
 
-def _checked_hosts(hosts: Iterable[Host]) -> list[Host]:
+def _checked_hosts(hosts: Iterable[Host], *, members: Iterable[int] = ()) -> list[Host]:
+    """The hosts, loaded; a disabled one (or behind a disabled switch) is refused unless it is one of
+    ``members`` already (a host under maintenance keeps its segments, and they may still change elsewhere)."""
     unique = {h.pk: h for h in hosts}
     loaded = list(Host.objects.filter(pk__in=unique).select_related("site", "switch_port__switch"))
+    already = set(members)
     for host in loaded:
+        if host.pk in already:
+            continue
         if not host.enabled:
             raise HostUnavailable(f"host {host.name} is disabled")
         if not host.switch_port.switch.enabled:
@@ -287,7 +292,7 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
     seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; its hosts cannot change")
-    members = _checked_hosts(hosts)
+    members = _checked_hosts(hosts, members=SegmentMember.objects.filter(segment=seg).values_list("host_id", flat=True))
     sites = selectors.segment_sites({h.site_id for h in members}, gateway=seg.gateway)
     core = seg.allocation.pool.core
     outside = set(sites) - set(core.sites.values_list("pk", flat=True))

@@ -3,6 +3,7 @@
 from django import forms
 from django.contrib import admin, messages
 
+from portal import audit
 from portal.models import ApiToken, AuditEntry, TokenScope
 from portal.tokens import token_create, token_revoke
 
@@ -34,6 +35,13 @@ class ApiTokenForm(forms.ModelForm):
         fields = ["user", "name", "scopes", "expires_at"]
 
 
+def _plain(value):
+    """A field's value as the audit log keeps it (JSON)."""
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return str(value)
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
     """Tokens are made here; the secret is shown once, in the confirmation message."""
@@ -50,7 +58,15 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
+            before = type(obj).objects.get(pk=obj.pk)
             super().save_model(request, obj, form, change)
+            changes = {
+                name: [_plain(getattr(before, name)), _plain(getattr(obj, name))]
+                for name in form.changed_data
+                if getattr(before, name) != getattr(obj, name)
+            }
+            if changes:  # (tokens are not audited by registration: the secret's hash must never be)
+                audit.record(obj, "update", changes)
             return
         token, secret = token_create(
             user=form.cleaned_data["user"],
@@ -60,6 +76,15 @@ class ApiTokenAdmin(admin.ModelAdmin):
         )
         obj.pk = token.pk
         messages.warning(request, f"Copy the token now, it is not shown again: {secret}")
+
+    def delete_model(self, request, obj):
+        audit.record(obj, "delete", {"scopes": [obj.scopes, None]})
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for token in queryset:
+            audit.record(token, "delete", {"scopes": [token.scopes, None]})
+        super().delete_queryset(request, queryset)
 
     @admin.action(description="Revoke selected tokens")
     def revoke(self, request, queryset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import JsonResponse
 from django.utils.encoding import smart_str
+from django.views.defaults import bad_request as django_bad_request
 from django.views.defaults import page_not_found
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
@@ -34,6 +35,14 @@ def not_found(request, exception=None):
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
     return page_not_found(request, exception)
+
+
+def bad_request(request, exception=None):
+    """``handler400``: a request Django refuses before any view (a Host header that is not a host name,
+    too many fields) is answered in JSON under ``/api/`` too; elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Bad request.", "code": "bad_request"}, status=400)
+    return django_bad_request(request, exception)
 
 
 class Pagination(LimitOffsetPagination):

@@ -58,7 +58,7 @@ class TokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Malformed Authorization header: expected 'Bearer <token>'.")
         raw = header[1]
         parts = raw.split("_", 2)
-        if len(parts) != 3 or parts[0] != "vc":
+        if len(parts) != 3 or parts[0] != "vc" or "\x00" in raw:  # (PostgreSQL text cannot hold a NUL)
             raise exceptions.AuthenticationFailed("Invalid API token.")
         token = ApiToken.objects.select_related("user").filter(prefix=parts[1]).first()
         if token is None or not hmac.compare_digest(token.key_hash, _hash(raw)):

@@ -13,6 +13,7 @@ admin.site.site_header = "VirtCloud portal administration"
 admin.site.site_title = "VirtCloud admin"
 admin.site.login_form = LoginForm
 
+handler400 = "portal.api.bad_request"
 handler404 = "portal.api.not_found"
 
 urlpatterns = [

@@ -38,6 +38,14 @@ class Receiver:
                 outer.requests.append((dict(self.headers), body))
                 code = outer.answers.pop(0) if outer.answers else 204
                 self.send_response(code)
+                if 300 <= code < 400:
+                    self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/moved")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802 - a redirect followed as a GET would land here
+                outer.requests.append((dict(self.headers), b""))
+                self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -154,6 +162,20 @@ def test_disabled_webhooks_get_nothing(fabric, alice, receiver):
     assert receiver.requests == []
 
 
+@pytest.mark.parametrize("code", [301, 302, 303, 307])
+def test_a_redirect_is_a_failed_delivery_not_followed(fabric, alice, receiver, code):
+    """urllib follows a POST's 301/302/303 as a GET without the body: its 200 moved the cursor past events
+    nobody received (and carried the signature to wherever the redirect pointed)."""
+    hook = Webhook.objects.create(name="moved", url=receiver.url, secret=SECRET)
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    receiver.answers = [code]
+    deliver_webhooks()
+    hook.refresh_from_db()
+    assert len(receiver.requests) == 1 and receiver.requests[0][1]  # the POST, nothing followed
+    assert (hook.last_event_id, hook.failures, hook.last_status) == (0, 1, code)
+    assert "a redirect (to http://127.0.0.1:" in hook.last_error and "is not followed" in hook.last_error
+
+
 def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
     api = APIClient()
     api.force_login(root)
@@ -166,6 +188,10 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
     assert hook.secret == SECRET
     page = api.get(f"/admin/clusters/webhook/{hook.pk}/change/").content.decode()
     assert SECRET not in page
+    from portal.models import AuditEntry
+
+    entry = AuditEntry.objects.get(content_type__model="webhook", object_id=str(hook.pk), action="create")
+    assert entry.changes["url"] == [None, receiver.url] and SECRET not in json.dumps(entry.changes)
     r = api.post(
         "/admin/clusters/webhook/add/",
         {"name": "bad", "url": "ftp://example.org/x", "secret": "", "states": '["nope"]', "enabled": "on"},

@@ -1,0 +1,146 @@
+"""Node changes that go wrong or overlap: a failed add, a failed migration, a host under maintenance, two
+removals at once."""
+# ruff: noqa: F811 (pytest fixtures imported from test_api are parameters here)
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+
+from clusters import services
+from clusters.models import ClusterState, Node, NodeState, VirtualCluster
+from clusters.tests.test_api import api, body, errbacks_run, images  # noqa: F401 - fixtures
+from network.models import Host
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+
+def _cluster(api, alice) -> int:
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(), format="json")
+    assert r.status_code == 201, r.content
+    return r.data["id"]
+
+
+def _fail(fabric, host: str) -> None:
+    Host.objects.filter(name=host).update(driver_args={**fabric.args, "fail_commit": "permanent"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_node_whose_network_could_not_be_made_stays_pending(fabric, images, api, alice, errbacks_run):
+    cid = _cluster(api, alice)
+    _fail(fabric, "prague1")
+    node = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:33"}
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    assert cluster.nodes.get(name="n3").state == NodeState.PENDING  # it was reported "ready"
+    assert cluster.steps.get(name="nodes.add").status == "failed"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_migration_whose_preparation_failed_is_given_up(fabric, images, api, alice, errbacks_run):
+    """The node stays where it runs (READY, no target: it may migrate again), and the target leaves the
+    cluster's network: its site switch no longer carries the VLAN."""
+    cid = _cluster(api, alice)
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    _fail(fabric, "prague1")
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague1"}, format="json")
+    assert r.status_code == 202, r.content
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    n2.refresh_from_db()
+    assert (n2.state, n2.target_host_id, n2.host.name) == (NodeState.READY, None, "pilsen1")
+    steps = dict(cluster.steps.values_list("name", "status"))
+    assert steps["migrate.prepare"] == "failed" and steps["migrate.abort"] == "failed"  # prague1 still fails
+    assert vid not in fabric.switch_ports("sw-prague")["h1"] and vid not in fabric.switch_ports("sw-prague")["uplink"]
+    Host.objects.filter(name="prague1").update(driver_args=fabric.args)  # repaired: it may migrate again
+    r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague1"}, format="json")
+    assert r.status_code == 202 and Node.objects.get(pk=n2.pk).state == NodeState.MIGRATING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_host_under_maintenance_keeps_its_nodes_and_they_can_leave(fabric, images, api, alice):
+    """A disabled host refused every change of a cluster with a node there — evacuating it too."""
+    cid = _cluster(api, alice)
+    Host.objects.filter(name="pilsen1").update(enabled=False)
+    node = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:33"}
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague2"}, format="json")
+    assert r.status_code == 202, r.content
+    assert api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json").status_code == 202
+    assert Node.objects.get(pk=n2.pk).host.name == "prague2"
+    node = {"name": "n4", "host": "pilsen2", "mac": "52:54:00:00:00:34"}  # a new node on it is still refused?
+    Host.objects.filter(name="pilsen2").update(enabled=False)
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json")
+    assert r.status_code == 422 and "pilsen2 is disabled" in str(r.data)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_removals_at_once_never_leave_a_cluster_without_nodes(fabric, images, api, alice, monkeypatch):
+    """Removal B counted two live nodes, then waited; removal A ran whole. B must not go on to remove the
+    last node: the cluster row is locked from the check to the claim, so A waits for B instead, and then
+    finds the last node."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    cid = _cluster(api, alice)
+    n1, n2 = Node.objects.get(cluster_id=cid, name="n1"), Node.objects.get(cluster_id=cid, name="n2")
+    checked, a_done = threading.Event(), threading.Event()
+    real = services._reconverge
+    outcome = {}
+
+    def reconverge(cluster, step, detail):
+        if threading.current_thread().name == "B":
+            checked.set()
+            a_done.wait(1.5)  # A would run whole here without the lock
+        return real(cluster, step, detail)
+
+    def remove_b():
+        try:
+            services.cluster_node_remove(cluster=VirtualCluster.objects.get(pk=cid), node=Node.objects.get(pk=n2.pk))
+            outcome["b"] = "removed"
+        except services.Conflict as exc:
+            outcome["b"] = str(exc)
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(services, "_reconverge", reconverge)
+    b = threading.Thread(target=remove_b, name="B")
+    b.start()
+    assert checked.wait(10)
+    r = api.delete(f"/api/clusters/{cid}/nodes/{n1.pk}/")
+    a_done.set()
+    b.join(20)
+    live = list(Node.objects.filter(cluster_id=cid).exclude(state=NodeState.REMOVED).values_list("name", flat=True))
+    assert len(live) == 1, (r.status_code, outcome, live)
+    assert sorted([r.status_code, 202 if outcome["b"] == "removed" else 409]) == [202, 409]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_public_subnets_never_overlap_and_every_prefix_is_used(fabric, images, api, alice):
+    """Free means overlapping no live cluster's subnet from any prefix: a prefix whose subnet length was
+    changed, or a second prefix over the first, handed out a subnet containing another cluster's; and a
+    full first prefix made every public cluster a 409 while the next had room."""
+    from clusters.models import PublicPrefix
+
+    def public(name: str, mac: str) -> str:
+        r = api.post("/api/clusters/", body(name=name, image="debian-12", nodes=[("m", "brno2", mac)]), format="json")
+        assert r.status_code == 201, r.content
+        return r.data["public_subnet"]
+
+    api.force_authenticate(alice)
+    prefix = PublicPrefix.objects.create(name="b-provider", prefix="198.19.0.0/26", subnet_length=28)
+    assert public("c1", "52:54:00:00:07:01") == "198.19.0.0/28"
+    PublicPrefix.objects.filter(pk=prefix.pk).update(subnet_length=27)  # edited while c1 lives
+    assert public("c2", "52:54:00:00:07:02") == "198.19.0.32/27"  # not 198.19.0.0/27, which holds c1's
+    PublicPrefix.objects.create(name="a-overlap", prefix="198.19.0.0/25", subnet_length=28)  # sorts first
+    assert public("c3", "52:54:00:00:07:03") == "198.19.0.16/28"  # not c1's again
+    PublicPrefix.objects.filter(name="a-overlap").update(prefix="198.19.0.0/28")  # full (c1)
+    PublicPrefix.objects.create(name="c-more", prefix="198.19.1.0/28", subnet_length=28)
+    assert public("c4", "52:54:00:00:07:04") == "198.19.1.0/28"  # the next prefix with room
+    c5 = body(name="c5", image="debian-12", nodes=[("m", "brno2", "52:54:00:00:07:05")])
+    r = api.post("/api/clusters/", c5, format="json")
+    assert r.status_code == 409 and "no free subnet left" in str(r.data)
