@@ -121,7 +121,11 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
 
 @shared_task(name="clusters.update_done")
 def update_done(cluster_id: int, generation: int, step_id: int) -> None:
-    ClusterStep.objects.filter(pk=step_id).update(status=StepStatus.OK, finished_at=timezone.now())
+    """A node change converged: its step is OK and the cluster READY — unless the deadline ended it first
+    (the step stays failed, with why)."""
+    ClusterStep.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
+        status=StepStatus.OK, finished_at=timezone.now()
+    )
     services.cluster_mark_ready(cluster_id=cluster_id, generation=generation)
 
 
