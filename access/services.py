@@ -317,7 +317,7 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
-def _lock_holders(user_ids: Iterable[int]) -> None:
+def lock_holders(user_ids: Iterable[int]) -> None:
     """Lock the rows of these users until the transaction ends (issuance and revocation take them first)."""
     from django.contrib.auth import get_user_model
 
@@ -831,7 +831,7 @@ def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, not
         raise ValueError("credentials_revoke_for needs a user or a cluster")
     qs = Credential.objects.live(timezone.now())
     if user is not None:
-        _lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
+        lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
         qs = qs.filter(user=user)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
@@ -851,7 +851,7 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
 
     qs = Credential.objects.live(timezone.now())
     if user is not None:
-        _lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
+        lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
         qs = qs.filter(user=user)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))

@@ -59,7 +59,7 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
     else:
         users = [instance]
     with transaction.atomic():
-        services._lock_holders([user.pk for user in users])  # all at once, in one order (no deadlock)
+        services.lock_holders([user.pk for user in users])  # all at once, in one order (no deadlock)
         for user in users:
             services.credentials_revoke_unauthorized(user=user)
 
@@ -70,7 +70,7 @@ def group_deleting(sender, instance, **kwargs) -> None:
     from access import services
 
     instance._access_members = list(instance.user_set.values_list("pk", flat=True))
-    services._lock_holders(instance._access_members)
+    services.lock_holders(instance._access_members)
 
 
 def group_deleted(sender, instance, **kwargs) -> None:

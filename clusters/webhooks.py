@@ -1,4 +1,4 @@
-"""Pushing the cluster event feed to webhooks: the only code that makes outgoing HTTP requests.
+"""Pushing the cluster event feed to webhooks (outgoing requests through ``portal.http``).
 
 ``deliver(webhook)`` POSTs the next batch of events after the webhook's cursor as JSON::
 
@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
+from portal import http
 
 BATCH = 100
 
@@ -45,24 +46,15 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is the endpoint's answer, not a place to go: urllib would follow a POST's 301/302/303 as a
-    bodiless GET (whose 200 moved the cursor past events nobody received) and carry the signature along."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urlopen then raises HTTPError with the 3xx: a failed delivery, retried
-
-
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (checked above)
-    opener = urllib.request.build_opener(_NoRedirect)
-    try:
-        with opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
+    try:  # a redirect is not followed (it turned the POST into a bodiless GET whose 200 lost the batch)
+        with http.opener().open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
             return response.status, ""
     except urllib.error.HTTPError as exc:
-        if 300 <= exc.code < 400:
+        if http.redirected(exc.code):
             return (
                 exc.code,
                 f"HTTP {exc.code} {exc.reason}: a redirect (to {exc.headers.get('Location')}) is not followed",

@@ -267,21 +267,12 @@ def core_site_users(core_id: int, sites: Iterable[int], vids: tuple[int, int] | 
 
 
 def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
-    """Of these ports, those that carry VLANs of live segments now (port id → the VLANs): a port the portal
+    """Of these ports, those that carry VLANs of live segments now (port id → the VLANs), counting segments
+    being torn down or rolled back (their VLANs stay on the devices until that finishes): a port the portal
     forgets while it carries them would keep them on the device for ever (nothing converges it again)."""
     ports = list(SwitchPort.objects.filter(pk__in=list(port_ids)).values_list("pk", "switch_id", "name"))
-    desired = switch_desired({switch for _pk, switch, _name in ports}, segments=None) if ports else {}
-    live = desired_segments_live({switch for _pk, switch, _name in ports}) if ports else {}
-    out = {}
-    for pk, switch, name in ports:
-        vids = desired.get(switch, {}).get(name, frozenset()) | live.get(switch, {}).get(name, frozenset())
-        if vids:
-            out[pk] = vids
-    return out
-
-
-def desired_segments_live(switch_ids: Iterable[int]) -> dict[int, PortVlans]:
-    """``switch_desired`` counting segments being torn down or rolled back too (their VLANs are still on
-    the devices until that finishes)."""
-    views = segment_views(Segment.objects.filter(state__in=(Segment.State.DELETING, Segment.State.COMPENSATING)))
-    return switch_desired(list(switch_ids), segments=views) if views else {}
+    if not ports:
+        return {}
+    views = segment_views(Segment.objects.filter(state__in=Segment.LIVE_STATES))
+    carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views)
+    return {pk: carried[switch][name] for pk, switch, name in ports if carried.get(switch, {}).get(name)}

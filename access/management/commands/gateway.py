@@ -27,6 +27,7 @@ from django.core.management.base import BaseCommand, CommandError
 from access.gateway import pull as gateway_pull
 from access.gateway import sshd
 from access.gateway.state import SshState, StateError, VpnState, write_atomic
+from portal import http
 
 EX_TEMPFAIL = 75
 STATE_PATH = "/api/access/gateway/state/"
@@ -38,13 +39,6 @@ class PullError(Exception):
 
 
 # --- what runs on the gateway (no database) ---------------------------------------------------------------
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: urllib would send the token along to wherever it points."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise PullError(f"the portal answered {code}, a redirect to {newurl}: refused (the token stays here)")
 
 
 def _check_url(url: str) -> None:
@@ -74,14 +68,18 @@ def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) 
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     if etag:
         request.add_header("If-None-Match", etag)
-    opener = urllib.request.build_opener(_NoRedirect)
-    try:
-        with opener.open(request, timeout=timeout) as response:
+    try:  # a redirect is refused: urllib would send the token along to wherever it points
+        with http.opener().open(request, timeout=timeout) as response:
             body = response.read()
             new_etag = response.headers.get("ETag")
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return None, etag
+        if http.redirected(exc.code):
+            where = exc.headers.get("Location")
+            raise PullError(
+                f"the portal answered {exc.code}, a redirect to {where}: refused (the token stays here)"
+            ) from None
         raise PullError(f"the portal answered {exc.code} for {url}: {exc.read()[:200]!r}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise PullError(f"cannot reach the portal at {url}: {exc}") from None
