@@ -574,13 +574,14 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     (a lifetime, a node change that made it UPDATING) is neither undone nor overtaken."""
     if not admin.is_staff:
         raise NotAllowed("only an administrator can override the connectivity policy")
-    cluster = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+    cluster = _locked(cluster)
     _require_ready(cluster)
     if connectivity == cluster.connectivity:
         return cluster
     old = cluster.connectivity
     cluster.connectivity = connectivity
-    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"[:200]
+    room = VirtualCluster._meta.get_field("connectivity_reason").max_length
+    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"[:room]
     cluster.connectivity_overridden_by = admin
     if connectivity == Connectivity.PUBLIC:
         if not PublicPrefix.objects.exists():
