@@ -93,15 +93,6 @@ def kill_sessions(socket_path: str | Path, common_name: str, *, message: str = "
     return _kill(socket_path, lambda s: s.common_name == common_name, message, timeout)
 
 
-def kill_address(socket_path: str | Path, address: str, *, message: str = "HALT", timeout: float = 5.0) -> int:
-    """Disconnect the session whose real address is ``address`` (``ip:port``); return 0 or 1.
-
-    With :func:`access.gateway.vpn.session_address` this cuts exactly the session of one revoked
-    certificate, leaving the same user's other sessions (other clusters, other certificates) up.
-    """
-    return _kill(socket_path, lambda s: s.real_address == address, message, timeout)
-
-
 def peer_matches(real_address: str, ip: str, port: str) -> bool:
     """Whether a ``status 3`` "Real Address" is the peer (``ip``, ``port``) a client-connect recorded:
     ``ip:port`` for IPv4 (and IPv4-mapped) peers, the bare address for native IPv6 ones (OpenVPN prints no

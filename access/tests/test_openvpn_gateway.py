@@ -256,7 +256,8 @@ def test_management_kill_cuts_live_session_of_revoked_user(lab, monkeypatch):
     # Listed, then gone before client-kill (the client left in between): OpenVPN's answer is not an error.
     monkeypatch.setattr(management, "list_sessions", lambda *a, **kw: listed)
     assert management.kill_sessions(sock, "dave") == 0
-    assert management.kill_address(sock, next(s.real_address for s in listed if s.common_name == "dave")) == 0
+    ip, _, port = next(s.real_address for s in listed if s.common_name == "dave").rpartition(":")
+    assert management.kill_peers(sock, [(ip, port)]) == 0
     monkeypatch.undo()
 
     # Trying again with the same profile meets the new CRL.
