@@ -19,7 +19,8 @@ daemons (ovsdb-server and ovs-vswitchd, which stand in for the switches' own CPU
 over the machine's cores is a floor under the layer's time once the cores are saturated.
 
 Needs root, Open vSwitch (the lab), PostgreSQL and Redis. Builds a 16-site lab (one host per site, a plain
-802.1Q core; a control plane per site by default, ``--planes shared`` one for the lab, see
+802.1Q core; a control plane per switch and per host by default, ``--planes site`` one per site,
+``--planes shared`` one for the lab, see
 ``network.lab.fabric``), points a throw-away inventory at it, starts a worker (threads pool, 16 slots) on its
 own queue, and removes all of it at the end.
 """
@@ -132,12 +133,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds per size; the median is printed")
     parser.add_argument(
         "--planes",
-        default="site",
-        choices=("shared", "site"),
-        help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per site (default: a commit costs the same at "
-        "any lab size, as a real switch has its own CPU; the 32 daemons share the machine's cores), or one for "
-        "the whole lab (every commit makes it reconfigure all 16 switches' bridges, so 1 switch pays for 16, "
-        "which flatters the ratio)",
+        default="device",
+        choices=("shared", "site", "device"),
+        help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per switch and per host (default: a commit "
+        "reconfigures that device only, as a real switch has its own CPU; the daemons share the machine's "
+        "cores), per site (the site's switch and host together), or one for the whole lab (every commit makes "
+        "it reconfigure all 16 switches' bridges, so 1 switch pays for 16, which flatters the ratio)",
     )
     parser.add_argument("--pool", default="threads", choices=("threads", "prefork"), help="the worker's pool")
     args = parser.parse_args()

@@ -575,12 +575,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where one cluster's time goes")
     parser.add_argument(
         "--planes",
-        default="site",
-        choices=("shared", "site"),
-        help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per site (default: a commit costs the same "
-        "at any lab size, as a real site's devices have their own CPUs), or one for the whole lab (every commit "
-        "makes it reconfigure every site's bridges: in one 16-site lab a 1-site cluster would pay for 16 sites, "
-        "which flatters the ratio)",
+        default="device",
+        choices=("shared", "site", "device"),
+        help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per switch and per host (default: a commit "
+        "reconfigures that device only, as every real device has its own CPU), per site (a host's commit also "
+        "reconfigures its site's switch and other hosts), or one for the whole lab (every commit makes it "
+        "reconfigure every site's bridges: in one 16-site lab a 1-site cluster would pay for 16 sites, which "
+        "flatters the ratio)",
     )
     parser.add_argument(
         "--burst", type=int, default=20, help="then this many clusters created at once, and torn down (0: none)"

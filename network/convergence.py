@@ -420,21 +420,32 @@ def _run_sessions(active: list[_Device]) -> None:
 
 
 def _settle(work: list[_Device]) -> None:
-    """Every claimed change gets its device's outcome: one statement per change, sent in one batch
-    (``executemany``: psycopg pipelines it into one round trip; ``bulk_update``'s CASE expressions cost
-    more to build than the whole layer's database work)."""
+    """Every claimed change gets its device's outcome. PostgreSQL: ONE statement for the whole layer (an
+    ``UPDATE … FROM unnest(arrays)``: its cost hardly grows with the number of devices, where a pipelined
+    ``executemany`` cost ~0.7 ms per change and ``bulk_update``'s CASE expressions more); SQLite (one
+    machine, small batches): one statement per change."""
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
     rows = [
-        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), pk)
+        (pk, w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection))
         for w in work
         for pk in w.claimed
     ]
+    if not rows:
+        return
     with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s WHERE id = %s",  # noqa: S608
-            rows,
-        )
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"UPDATE {table} AS c SET status = v.status, diff = v.diff, error = v.error, "  # noqa: S608
+                "finished_at = v.finished_at FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], "
+                "%s::timestamptz[]) AS v(id, status, diff, error, finished_at) WHERE c.id = v.id",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+        else:
+            cursor.executemany(
+                f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s WHERE id = %s",  # noqa: S608
+                [(*row[1:], row[0]) for row in rows],
+            )
 
 
 def _drive(w: _Device, session=None) -> None:

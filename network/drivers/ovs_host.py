@@ -47,7 +47,8 @@ class OvsHostSession:
 
     def _state(self) -> tuple[dict, dict[int, list[str]]]:
         """(the uplink's Port row, {vid: [VM ports with that tag]})."""
-        ports = self.ovsdb.bridge_ports(self.bridge, ("vlan_mode", "tag", "trunks"))
+        # the uplink and the VM ports (those with a tag), in one OVSDB transaction
+        ports = self.ovsdb.bridge_ports(self.bridge, ("vlan_mode", "tag", "trunks"), named=[self.uplink], tagged=True)
         if ports is None:
             raise PermanentDeviceError(self.spec.name, f"no OVS bridge {self.bridge}")
         uplink = None

@@ -22,9 +22,11 @@ Failures are classified: a database that cannot be reached or does not answer in
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,8 +165,6 @@ class Ovsdb:
     def _env(self) -> dict[str, str] | None:
         if not self.env:
             return None
-        import os
-
         return {**os.environ, **self.env}
 
     def list_rows(self, table: str, columns: Iterable[str], *records: str) -> list[dict]:
@@ -185,21 +185,44 @@ class Ovsdb:
             commands.append([*options, "--columns=" + ",".join(columns), "list", table, *names])
         return parse_tables(self.run(*commands, json_format=True, wait=False))
 
-    def bridge_ports(self, bridge: str, columns: Iterable[str]) -> list[dict] | None:
-        """The Port rows of ``bridge`` (``_uuid`` and ``columns``), or None when there is no such bridge.
-        On the JSON-RPC path only the bridge's own ports are read (its row, then its ports by uuid: two
-        small round trips on one connection), not every port of the database."""
+    def bridge_ports(
+        self, bridge: str, columns: Iterable[str], *, named: Sequence[str] = (), tagged: bool = False
+    ) -> list[dict] | None:
+        """The Port rows of ``bridge`` (``_uuid``, ``name`` and ``columns``), or None when there is no such
+        bridge. With ``named`` and/or ``tagged``, only the ports with one of those names or with a ``tag``
+        (a hypervisor's VM ports).
+
+        On the JSON-RPC path only the bridge's own ports are read: its row, then its ports by uuid (two small
+        round trips on one connection); restricted, ONE transaction: the bridge's row, the named ports and
+        the tagged ones, kept when they belong to the bridge."""
         columns = list(dict.fromkeys(["_uuid", "name", *columns]))
+        restricted = bool(named) or tagged
+
+        def wanted(row: dict) -> bool:
+            return not restricted or row["name"] in named or (tagged and bool(as_set(row.get("tag"))))
+
         if not self._socket_path():
             mine, ports = self.query(("Bridge", ("name", "ports"), ("--if-exists", bridge)), ("Port", columns, ()))
             if not mine:
                 return None
             members = set(as_set(mine[0]["ports"]))
-            return [row for row in ports if row["_uuid"] in members]
+            return [row for row in ports if row["_uuid"] in members and wanted(row)]
         deadline = time.monotonic() + self.timeout
-        (found,) = self._transact(
-            [{"op": "select", "table": "Bridge", "where": [["name", "==", bridge]], "columns": ["ports"]}], deadline
-        )
+        bridge_op = {"op": "select", "table": "Bridge", "where": [["name", "==", bridge]], "columns": ["ports"]}
+        if restricted:
+            selects = [[["name", "==", name]] for name in dict.fromkeys(named)]
+            if tagged:
+                selects.append([["tag", "!=", ["set", []]]])
+            found, *results = self._transact(
+                [bridge_op, *({"op": "select", "table": "Port", "where": w, "columns": columns} for w in selects)],
+                deadline,
+            )
+            if not found.get("rows"):
+                return None
+            members = {uuid for _kind, uuid in _uuid_list(found["rows"][0]["ports"])}
+            rows = {row["_uuid"][1]: row for result in results for row in result["rows"]}
+            return [{c: _value(row.get(c)) for c in columns} for uuid, row in rows.items() if uuid in members]
+        (found,) = self._transact([bridge_op], deadline)
         if not found.get("rows"):
             return None
         members = [uuid for _kind, uuid in _uuid_list(found["rows"][0]["ports"])]
@@ -333,15 +356,23 @@ class Ovsdb:
 
     def keep_open(self) -> None:
         """From now until ``close``, the JSON-RPC transactions share one connection (a driver session:
-        one connect instead of one per transaction, for this process and for ovsdb-server)."""
+        one connect instead of one per transaction, for this process and for ovsdb-server). The connection
+        may be one a previous session of this process left idle (see ``_IdleConnections``)."""
         self._kept["keep"] = True
 
     def close(self) -> None:
-        """Close the kept connection, if any; later transactions connect each time again."""
+        """End the session: a healthy kept connection (no error, nothing unread) is left idle for the next
+        session of this process to the same database, any other is closed; later transactions connect each
+        time again."""
         sock = self._kept.pop("sock", None)
+        leftover = self._kept.get("rest")
         self._kept.clear()
-        if sock is not None:
+        if sock is None:
+            return
+        if leftover:
             sock.close()
+        else:
+            _IDLE.give_back(self._socket_path(), sock)
 
     def _transact(self, ops: list[dict], deadline: float) -> list:
         """One JSON-RPC ``transact`` (on the kept connection, or a new one); connection problems and
@@ -375,6 +406,11 @@ class Ovsdb:
                 sock.close()
 
     def _connect(self, deadline: float) -> socket.socket:
+        if self._kept.get("keep"):
+            idle = _IDLE.take(self._socket_path())
+            if idle is not None:
+                idle.settimeout(max(0.001, deadline - time.monotonic()))
+                return idle
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -464,6 +500,69 @@ def _atom(kind: str, text: str):
     if kind == "integer-set":
         return ["set", [int(v) for v in text.split(",") if v.strip()]]
     return json.loads(text) if text.startswith('"') else text
+
+
+class _IdleConnections:
+    """JSON-RPC connections a finished driver session left open, per database socket, for the next session
+    of this process to the same device: a converge then costs neither a connect nor a close, for the worker
+    nor for ovsdb-server (a network management system keeps its device sessions the same way). Kept at most
+    ``max_age`` seconds — ovsdb-server probes a client idle for 5 s and drops one that does not answer — and
+    ``per_db`` per database; one the server closed meanwhile (restarted, gone) is noticed before reuse and
+    replaced by a new connection. Keyed by process id as well: a forked child never shares its parent's."""
+
+    def __init__(self, *, max_age: float = 4.0, per_db: int = 4):
+        self.max_age, self.per_db = max_age, per_db
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[int, str], list[tuple[float, socket.socket]]] = {}
+
+    def take(self, path: str) -> socket.socket | None:
+        key = (os.getpid(), path)
+        while True:
+            with self._lock:
+                stack = self._idle.get(key)
+                if not stack:
+                    return None
+                since, sock = stack.pop()
+            if time.monotonic() - since <= self.max_age and _still_open(sock):
+                return sock
+            sock.close()
+
+    def give_back(self, path: str, sock: socket.socket) -> None:
+        key = (os.getpid(), path)
+        with self._lock:
+            stack = self._idle.setdefault(key, [])
+            now = time.monotonic()
+            stale = [s for since, s in stack if now - since > self.max_age]
+            stack[:] = [(since, s) for since, s in stack if now - since <= self.max_age]
+            if len(stack) < self.per_db:
+                stack.append((now, sock))
+                sock = None
+        for old in stale:
+            old.close()
+        if sock is not None:
+            sock.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for stack in idle.values():
+            for _since, sock in stack:
+                sock.close()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock`` (a peek, without waiting: end of stream means closed; pending
+    data, an ovsdb-server echo request, is read and answered by the next transaction)."""
+    try:
+        sock.setblocking(False)  # a socket with a timeout would wait for data up to that timeout
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+_IDLE = _IdleConnections()
 
 
 def _translate(commands: Sequence[Sequence[str]]) -> list[tuple] | None:

@@ -321,9 +321,53 @@ def test_site_planes_give_each_site_its_own_daemons_and_still_join_the_sites(run
     assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
 
 
+def test_device_planes_give_every_switch_and_host_its_own_daemons(run_root):
+    """``planes="device"``: every switch and every host on an OVSDB and ovs-vswitchd of its own, as real
+    devices have their own control planes (a commit on one reconfigures nothing else), the provider edges
+    with the core in the provider's plane; VMs at two sites reach each other over the QinQ core through a
+    host, its switch, the provider edge and the core, each a daemon of its own; ``down`` removes it all."""
+    from network.drivers.ovsdb import Ovsdb
+
+    topo = topology.generate(sites=2, hosts_per_site=2, core_kind="qinq")
+    lab = Lab.up(topo, run_root=run_root, planes="device")
+    pids = dict(lab.state["pids"])
+    try:
+        assert len(pids) == 2 * (1 + 2 + 4) and all(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+        planes = [f"ds{i}" for i in range(2)] + [f"dh{j}" for j in range(4)]
+        ours = sorted(ns for ns in netns_list() if ns.startswith(lab.prefix))
+        assert ours == sorted([lab.ovs_ns, lab.gw_ns, *(lab.plane_netns(plane) for plane in planes)])
+        dbs = {name: lab.switch_db(name) for name in ("sw-s1", "sw-s2")}
+        dbs |= {h.name: lab.host_driver_args(h.name)["db"] for h in topo.hosts}
+        assert len(set(dbs.values())) == 6 and lab.db not in dbs.values()
+
+        def applied(db: str) -> int:
+            return Ovsdb(device="t", db=db).list_rows("Open_vSwitch", ["cur_cfg"])[0]["cur_cfg"]
+
+        before = {name: applied(db) for name, db in [*dbs.items(), ("core", lab.db)]}
+        lab.converge({150: ["h-s1-1"]})  # one host and its switch: nothing to commit anywhere else
+        after = {name: applied(dbs.get(name, lab.db)) for name in before}
+        assert {name for name in before if after[name] > before[name]} == {"sw-s1", "h-s1-1"}
+
+        lab.converge({150: ["h-s1-1", "h-s2-2"]})
+        lab.attach_vm("h-s1-1", 150, "x1", "198.18.0.1/24")
+        lab.attach_vm("h-s2-2", 150, "x2", "198.18.0.2/24")
+        provider = [link for link in lab.core_ports() if link["layer"] == "provider" and link["switch"] == "sw-s1"]
+        customer = [link for link in lab.core_ports() if link["layer"] == "customer" and link["switch"] == "sw-s1"]
+        assert provider[0]["netns"] == lab.ovs_ns and customer[0]["netns"] == lab.plane_netns("ds0")
+        with capture(lab, provider[0]["iface"], "vlan and vlan and icmp") as outer:
+            assert ping_many(lab, [("x1", "198.18.0.2")], timeout=2) == {("x1", "198.18.0.2"): True}
+        assert arping(lab, "x1", "198.18.0.2") == {lab.vm("x2").mac}
+        assert any("802.1Q-QinQ (0x88a8)" in line and "vlan 150," in line for line in outer.lines), outer.lines
+    finally:
+        lab.down()
+    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert not lab.run_dir.exists()
+    assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+
+
 def test_planes_must_be_known(run_root):
-    with pytest.raises(LabError, match="planes must be one of shared, site"):
-        Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, planes="device")
+    with pytest.raises(LabError, match="planes must be one of shared, site, device"):
+        Lab.up(topology.generate(sites=2, hosts_per_site=1), run_root=run_root, planes="rack")
     assert not run_root.exists()  # refused before anything was made
 
 
@@ -331,7 +375,7 @@ def test_planes_must_be_known(run_root):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("planes", ["shared", "site"])
+@pytest.mark.parametrize("planes", ["shared", "site", "device"])
 def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab(planes):
     """``manage.py lab up`` builds the inventory and writes addresses/driver args so that the portal's own
     spec builder (network.specs) reaches the lab's switches and hosts (with ``--planes site``, each at its
@@ -357,6 +401,8 @@ def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab(planes):
         addresses = set(Switch.objects.values_list("address", flat=True))
         assert addresses == ({lab.db} if planes == "shared" else {lab.switch_db(s.name) for s in Switch.objects.all()})
         assert len(addresses) == (1 if planes == "shared" else 3)
+        host_dbs = {lab.host_driver_args(h)["db"] for h in Host.objects.values_list("name", flat=True)}
+        assert len(host_dbs) == {"shared": 1, "site": 3, "device": Host.objects.count()}[planes]
         with switch_session(specs.switch_spec(switch)) as session:
             result = session.converge({"h1": frozenset({300}), "core": frozenset({300})})
         assert result.diff == "port core trunks add 300\nport h1 trunks add 300"

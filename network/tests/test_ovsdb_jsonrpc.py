@@ -12,7 +12,7 @@ import pytest
 
 from network.drivers import PermanentDeviceError, TemporaryDeviceError
 from network.drivers.ovs import OvsDriver
-from network.drivers.ovsdb import Ovsdb
+from network.drivers.ovsdb import _IDLE, Ovsdb
 
 pytestmark = pytest.mark.lab
 
@@ -60,6 +60,31 @@ def test_bridge_ports_reads_only_the_bridge_and_matches_ovs_vsctl(lab, ovs_bridg
     assert sorted(rows, key=key) == sorted(vsctl.bridge_ports(ovs_bridge["bridge"], columns), key=key)
     assert {r["name"] for r in rows} == {ovs_bridge["bridge"], *ovs_bridge["port_map"].values()}
     assert fast.bridge_ports("no-such-bridge", columns) is None is vsctl.bridge_ports("no-such-bridge", columns)
+
+
+def test_bridge_ports_restricted_to_named_and_tagged_ports_in_one_transaction(lab, ovs_bridge):
+    """What a host session reads: its uplink and the VM ports (those with a tag), of this bridge only — an
+    untagged port and a tagged port of another bridge are left out; the same rows on both paths, and ONE
+    transaction on the JSON-RPC path."""
+    fast, vsctl = both(lab)
+    names = ovs_bridge["port_map"]
+    uplink, plain, vm = names["Ethernet1"], names["Ethernet2"], names["mgmt"]  # mgmt has tag 7
+    others = [p["name"] for p in fast.list_rows("Port", ("name",)) if p["name"] not in names.values()]
+    elsewhere = next(name for name in others if name != ovs_bridge["bridge"])
+    fast.run(["set", "Port", elsewhere, "tag=78"])
+    columns = ("vlan_mode", "tag", "trunks")
+    transactions = []
+    real = fast._transact
+    object.__setattr__(fast, "_transact", lambda ops, deadline: transactions.append(ops) or real(ops, deadline))
+
+    rows = fast.bridge_ports(ovs_bridge["bridge"], columns, named=[uplink], tagged=True)
+    assert len(transactions) == 1  # the bridge and both selections together
+    assert sorted(r["name"] for r in rows) == sorted([uplink, vm]) and plain not in {r["name"] for r in rows}
+    assert next(r for r in rows if r["name"] == vm)["tag"] == 7
+    key = lambda row: row["name"]  # noqa: E731
+    expected = vsctl.bridge_ports(ovs_bridge["bridge"], columns, named=[uplink], tagged=True)
+    assert sorted(rows, key=key) == sorted(expected, key=key)
+    assert fast.bridge_ports("no-such-bridge", columns, named=[uplink], tagged=True) is None
 
 
 def test_writes_match_ovs_vsctl_and_wait_for_vswitchd(lab, ovs_bridge, no_processes):
@@ -166,8 +191,9 @@ def test_switch_converge_starts_no_process(lab, ovs_bridge, no_processes):
 
 def test_a_session_keeps_one_connection(lab, ovs_bridge, no_processes, monkeypatch):
     """Between ``open`` and ``close`` a driver's transactions (read, commit, wait, verify, rollback) share one
-    OVSDB connection; after ``close`` none is left open. A kept connection the server dropped is a temporary
-    error once, then the next transaction connects again."""
+    OVSDB connection; ``close`` leaves it idle for the next session. A kept connection the server dropped is
+    a temporary error once (and closed), then the next transaction connects again."""
+    _IDLE.clear()  # no connection left idle by an earlier test
     connects = []
     real = socket.socket.connect
 
@@ -193,6 +219,43 @@ def test_a_session_keeps_one_connection(lab, ovs_bridge, no_processes, monkeypat
     assert len(connects) == 2
     device.close()
     assert "sock" not in device.ovsdb._kept and kept.fileno() == -1
+
+
+def test_the_next_session_reuses_an_idle_connection_unless_the_server_dropped_it(lab, ovs_bridge, monkeypatch):
+    """A driver session's connection outlives it, idle, for the next session to the same database: no connect
+    for the second session. One the server closed meanwhile (ovsdb-server restarted), or idle longer than the
+    server's inactivity probe allows, is never reused: the session connects again and works."""
+    from network.drivers import ovsdb as module
+
+    _IDLE.clear()
+    connects = []
+    real = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connects.append(address) or real(sock, address))
+    args = {"bridge": ovs_bridge["bridge"], "port_map": ovs_bridge["port_map"], "owned_ports": ["Ethernet1"]}
+
+    def session(vids: str) -> frozenset[int]:
+        device = OvsDriver(ovs_bridge["db"], optional_args=args, timeout=5)
+        device.open()
+        try:
+            device.load_merge_candidate(config=f"port Ethernet1 trunks {vids}")
+            device.commit_config()
+            return device.owned_port_vlans()["Ethernet1"]
+        finally:
+            device.close()
+
+    assert session("7") == {7}
+    assert session("8") == {8}
+    assert len(connects) == 1  # the second session took the first one's connection
+    ((_since, idle),) = [entry for (_pid, _path), stack in _IDLE._idle.items() for entry in stack]
+
+    idle.shutdown(socket.SHUT_RDWR)  # as if ovsdb-server restarted while it was idle
+    assert session("9") == {9}
+    assert len(connects) == 2 and idle.fileno() == -1  # noticed before use, closed, replaced
+
+    monkeypatch.setattr(module._IDLE, "max_age", 0.0)  # idle too long: the server may be about to drop it
+    assert session("10") == {10}
+    assert len(connects) == 3
+    _IDLE.clear()
 
 
 def test_unreachable_and_silent_databases_are_temporary(tmp_path):

@@ -29,8 +29,9 @@ class Command(BaseCommand):
             "--planes",
             choices=PLANES,
             default="shared",
-            help="up: one OVSDB + ovs-vswitchd for the whole lab, or a pair per site (its switch, hosts and "
-            "provider edge), so that a commit costs the same whatever the lab's size",
+            help="up: one OVSDB + ovs-vswitchd for the whole lab; a pair per site (its switch, hosts and "
+            "provider edge), so that a commit costs the same whatever the lab's size; or a pair per switch and "
+            "per host, as real devices have (a commit reconfigures that device only)",
         )
 
     def handle(self, *args, action, topology: str | None, name: str, planes: str = "shared", **options):
@@ -58,7 +59,10 @@ class Command(BaseCommand):
         if not topology_file:
             for warning in point_inventory_at(lab):
                 self.stderr.write(self.style.WARNING(warning))
-        planes = f" (core) and one per site ({len(topo.sites)})" if self.planes == "site" else ""
+        planes = {
+            "site": f" (core) and one per site ({len(topo.sites)})",
+            "device": f" (core) and one per switch and host ({len(topo.switches) + len(topo.hosts)})",
+        }.get(self.planes, "")
         self.stdout.write(
             f"lab {name} up in {took:.2f} s: prefix {lab.prefix}, {len(topo.switches)} switches, "
             f"{len(topo.hosts)} hosts, OVSDB {lab.db}{planes}" + ("" if topology_file else "; inventory points at it")
