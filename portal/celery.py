@@ -24,6 +24,22 @@ def _close_old_connections(**kwargs) -> None:
         close_old_connections()
 
 
+@signals.worker_ready.connect
+@signals.worker_process_init.connect
+def _warm_and_freeze(**kwargs) -> None:
+    """Once a worker (or a prefork child) has started: import the device drivers now (NAPALM's import takes
+    ~1 s, which the first cluster would otherwise wait for, every session thread queued behind the import
+    lock), then move everything alive at that point out of the cyclic garbage collector's reach
+    (``gc.freeze``): a full collection otherwise walks the whole of Django, Celery and NAPALM, ~100 ms on
+    whichever task's path it falls."""
+    import gc
+
+    from network.drivers import preload
+
+    preload()
+    gc.freeze()
+
+
 def queue_consumers(timeout: float = 1.0) -> dict[str, list[str]]:
     """Which workers consume which queue, as the workers answer a broadcast within ``timeout`` s: queue →
     worker names (a queue nobody consumes is absent)."""

@@ -151,6 +151,15 @@ def host_attachment(spec: HostSpec, vid: int) -> Attachment:
     return module.attachment(spec, int(vid))
 
 
+def preload() -> list[str]:
+    """Import every driver module of the portal (the OVS, Linux-bridge and NAPALM vendor drivers; NAPALM's
+    own platform drivers load when first used), as a worker does once at start. Returns their names."""
+    names = sorted(set(_SWITCH_DRIVERS.values()) | set(_HOST_DRIVERS.values()))
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
 def _simulated(spec):
     """``driver_args: {simulated: true, state_dir: …}`` puts a device on the simulated fabric (a demo
     without root), whatever its platform."""

@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Iterator
 
 from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError
-from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, parse_tables, trunks_value
+from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, trunks_value
 from network.drivers.ranges import compact
 
 DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
@@ -112,8 +112,7 @@ class OvsHostSession:
             # verify from the transaction's own result: the uplink row as OVSDB committed it (a transaction is
             # atomic, so this is what the device holds; with ``wait`` also what ovs-vswitchd applied)
             commands.append(["--columns=vlan_mode,tag,trunks", "list", "Port", self.uplink])
-            out = self.ovsdb.run(*commands, json_format=True)
-            (committed,) = parse_tables(out)
+            (committed,) = self.ovsdb.run_rows(*commands)
             after = self._carried(committed[0]) or frozenset()
         else:
             after = before  # nothing written: the state just read is the verified state

@@ -147,6 +147,15 @@ class Ovsdb:
             raise TemporaryDeviceError(self.device, f"OVSDB {self.db}: {message or 'timed out'}")
         raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {message}")
 
+    def run_rows(self, *commands: Sequence[str], wait: bool | None = None) -> list[list[dict]]:
+        """``run(*commands)`` (one transaction) and the rows of its ``list`` commands, parsed (what
+        ``parse_tables`` makes of ``run(..., json_format=True)``)."""
+        plan = _translate(commands) if self._socket_path() else None
+        if plan is None:
+            return parse_tables(self.run(*commands, json_format=True, wait=wait))
+        results, selects, _ = self._rpc_apply(plan, wait=self.wait if wait is None else wait)
+        return self._list_rows(results, selects)
+
     def run_then_query(
         self, commands: Sequence[Sequence[str]], lists: Sequence[tuple[str, Iterable[str], Sequence[str]]]
     ) -> list[list[dict]]:
@@ -160,7 +169,7 @@ class Ovsdb:
         if not writes or not self.wait or any(r is None for r in reads):
             self.run(*commands)
             return self.query(*lists)
-        return self._rpc_apply(plan, json_format=False, wait=True, after=reads)[1]
+        return self._rpc_apply(plan, wait=True, after=reads)[2]
 
     def _env(self) -> dict[str, str] | None:
         if not self.env:
@@ -177,7 +186,8 @@ class Ovsdb:
         if self._socket_path():
             plan = [_list_plan(table, columns, records) for table, columns, records in lists]
             if all(p is not None for p in plan):
-                return parse_tables(self._rpc_run(plan, json_format=True, wait=False))
+                results, selects, _ = self._rpc_apply(plan, wait=False)
+                return self._list_rows(results, selects)
         commands = []
         for table, columns, records in lists:
             options = [r for r in records if r.startswith("--")]
@@ -247,12 +257,14 @@ class Ovsdb:
 
     def _rpc_run(self, plan: list[tuple], *, json_format: bool, wait: bool) -> str:
         """Execute translated commands as ONE ``transact`` and return what ovs-vsctl would have printed."""
-        return self._rpc_apply(plan, json_format=json_format, wait=wait)[0]
+        results, selects, _ = self._rpc_apply(plan, wait=wait)
+        return self._list_output(results, selects, json_format)
 
     def _rpc_apply(
-        self, plan: list[tuple], *, json_format: bool, wait: bool, after: Sequence[tuple] = ()
-    ) -> tuple[str, list[list[dict]]]:
-        """``_rpc_run``, and the ``list`` steps ``after`` read with the wait for ovs-vswitchd (parsed)."""
+        self, plan: list[tuple], *, wait: bool, after: Sequence[tuple] = ()
+    ) -> tuple[list, list[tuple], list[list[dict]]]:
+        """Execute translated commands as ONE ``transact``: (its results, where its ``list`` steps' rows are
+        in them, the ``list`` steps ``after`` read with the wait for ovs-vswitchd, parsed)."""
         ops: list[dict] = []
         checks: list[tuple[int, str, str]] = []  # (op index, table, name): rows that must exist
         lists: list[tuple] = []  # (first op, table, columns, names, if_exists)
@@ -304,14 +316,34 @@ class Ovsdb:
         if len(results) > len(ops) and isinstance(results[-1], dict) and "error" in results[-1]:
             text = results[-1]["error"] + (f": {results[-1]['details']}" if results[-1].get("details") else "")
             raise PermanentDeviceError(self.device, f"OVSDB {self.db} rejected the change: {text}")
-        out = self._list_output(results, lists, json_format)
         found: list[list[dict]] = []
         if cfg_op >= 0:
             found = self._wait_applied(results[cfg_op]["rows"][0]["next_cfg"], deadline, after)
-        return out, found
+        return results, lists, found
 
     def _list_output(self, results: list, lists: list[tuple], json_format: bool) -> str:
         """What ovs-vsctl ``--format=json list`` prints for each read of ``lists``."""
+        return "".join(
+            (
+                json.dumps({"headings": columns, "data": [[row.get(c) for c in columns] for row in rows]})
+                if json_format
+                else ""
+            )
+            + "\n"
+            for columns, rows in self._selected(results, lists)
+        )
+
+    def _list_rows(self, results: list, lists: list[tuple]) -> list[list[dict]]:
+        """The rows of each read of ``lists`` as ``parse_tables`` gives them from ovs-vsctl's output (without
+        printing and parsing JSON again)."""
+        return [
+            [{c: _value(row.get(c)) for c in columns} for row in rows]
+            for columns, rows in self._selected(results, lists)
+        ]
+
+    def _selected(self, results: list, lists: list[tuple]) -> list[tuple[list[str], list[dict]]]:
+        """(columns, raw rows) of each read of ``lists``; a named row that is missing without ``--if-exists``
+        is ovs-vsctl's 'no row' error."""
         out = []
         for first, table, columns, names, if_exists in lists:
             if names:
@@ -325,9 +357,8 @@ class Ovsdb:
                     rows += found
             else:
                 rows = results[first]["rows"]
-            data = [[row.get(c) for c in columns] for row in rows]
-            out.append(json.dumps({"headings": columns, "data": data}) if json_format else "")
-        return "".join(line + "\n" for line in out)
+            out.append((columns, rows))
+        return out
 
     def _wait_applied(self, next_cfg: int, deadline: float, after: Sequence[tuple] = ()) -> list[list[dict]]:
         """ovs-vsctl ``--wait``: block until ovs-vswitchd reports ``cur_cfg >= next_cfg``. A server-side
@@ -352,7 +383,7 @@ class Ovsdb:
             raise TemporaryDeviceError(
                 self.device, f"OVSDB {self.db}: timeout waiting for ovs-vswitchd to apply the change"
             )
-        return parse_tables(self._list_output(results, lists, json_format=True)) if lists else []
+        return self._list_rows(results, lists)
 
     def keep_open(self) -> None:
         """From now until ``close``, the JSON-RPC transactions share one connection (a driver session:

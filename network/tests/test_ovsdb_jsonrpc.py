@@ -52,6 +52,17 @@ def test_reads_match_ovs_vsctl(lab, ovs_bridge):
     assert fast.query(*lists) == vsctl.query(*lists)
 
 
+def test_run_rows_gives_a_write_and_its_reads_parsed_as_from_ovs_vsctl(lab, ovs_bridge):
+    """``run_rows``: one transaction that writes and lists; the listed rows as ``parse_tables`` reads them from
+    ``ovs-vsctl --format=json`` (the fast path builds them without printing and parsing JSON)."""
+    fast, vsctl = both(lab)
+    port = ovs_bridge["port_map"]["Ethernet1"]
+    lists = ["--columns=name,vlan_mode,tag,trunks", "list", "Port", port]
+    got = fast.run_rows(["set", "Port", port, "vlan_mode=trunk", "trunks=5,6"], lists)
+    assert got == vsctl.run_rows(["set", "Port", port, "vlan_mode=trunk", "trunks=5,6"], lists)
+    assert got == [[{"name": port, "vlan_mode": "trunk", "tag": [], "trunks": [5, 6]}]]
+
+
 def test_bridge_ports_reads_only_the_bridge_and_matches_ovs_vsctl(lab, ovs_bridge):
     fast, vsctl = both(lab)
     columns = ("vlan_mode", "tag", "trunks")

@@ -44,3 +44,27 @@ def test_a_broken_connection_is_replaced_before_the_next_task(celery_worker):
         )
         assert cursor.fetchall(), "the worker has no connection to break"
     _run(2 * celery_worker.concurrency)  # every thread's next task finds its connection dead, and reconnects
+
+
+def test_a_starting_worker_imports_the_drivers_and_freezes_its_startup_objects():
+    """``worker_ready`` (and a prefork child's ``worker_process_init``): the drivers are imported before the
+    first task, and what is alive then is out of the cyclic collector's reach (``gc.freeze``)."""
+    import gc
+    import sys
+
+    from celery import signals
+
+    from portal import celery as module
+
+    connected = {
+        signal: [receiver() for _key, receiver in signal.receivers]
+        for signal in (signals.worker_ready, signals.worker_process_init)
+    }
+    assert all(module._warm_and_freeze in receivers for receivers in connected.values()), connected
+    sys.modules.pop("network.drivers.ovs_host", None)
+    try:
+        module._warm_and_freeze()
+        assert "network.drivers.ovs_host" in sys.modules and "napalm" in sys.modules
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
