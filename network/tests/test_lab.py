@@ -308,14 +308,28 @@ def test_site_planes_give_each_site_its_own_daemons_and_still_join_the_sites(run
         lab.attach_vm("h-s1-1", 150, "x1", "198.18.0.1/24")
         lab.attach_vm("h-s3-1", 150, "x3", "198.18.0.3/24")
         lab.attach_vm("h-s3-1", 151, "y3", "198.18.0.3/24")  # another cluster, the same address
-        provider = [link for link in lab.core_ports() if link["layer"] == "provider" and link["switch"] == "sw-s1"]
-        assert provider[0]["netns"] == lab.plane_netns("o0")
-        with capture(lab, provider[0]["iface"], "vlan and vlan and icmp") as outer:
-            assert ping_many(lab, [("x1", "198.18.0.3")], timeout=2) == {("x1", "198.18.0.3"): True}
-        assert arping(lab, "x1", "198.18.0.3") == {lab.vm("x3").mac}
-        assert any("802.1Q-QinQ (0x88a8)" in line and "vlan 150," in line for line in outer.lines), outer.lines
+        assert _sw1_link(lab, "provider")["netns"] == lab.plane_netns("o0")
+        _reaches_over_qinq(lab, "x1", "x3", "198.18.0.3", 150)
     finally:
         lab.down()
+    _assert_removed(lab, pids)
+
+
+def _sw1_link(lab, layer: str) -> dict:
+    return next(link for link in lab.core_ports() if link["layer"] == layer and link["switch"] == "sw-s1")
+
+
+def _reaches_over_qinq(lab, src: str, dst: str, address: str, vid: int) -> None:
+    """VM ``src`` pings VM ``dst`` at ``address`` and ARP finds ``dst``'s MAC, the frames crossing sw-s1's
+    provider link with an 802.1ad outer tag over VLAN ``vid``."""
+    with capture(lab, _sw1_link(lab, "provider")["iface"], "vlan and vlan and icmp") as outer:
+        assert ping_many(lab, [(src, address)], timeout=2) == {(src, address): True}
+    assert arping(lab, src, address) == {lab.vm(dst).mac}
+    assert any("802.1Q-QinQ (0x88a8)" in line and f"vlan {vid}," in line for line in outer.lines), outer.lines
+
+
+def _assert_removed(lab, pids: dict) -> None:
+    """``down`` left no namespace, run directory or daemon of the lab."""
     assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
     assert not lab.run_dir.exists()
     assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
@@ -351,18 +365,12 @@ def test_device_planes_give_every_switch_and_host_its_own_daemons(run_root):
         lab.converge({150: ["h-s1-1", "h-s2-2"]})
         lab.attach_vm("h-s1-1", 150, "x1", "198.18.0.1/24")
         lab.attach_vm("h-s2-2", 150, "x2", "198.18.0.2/24")
-        provider = [link for link in lab.core_ports() if link["layer"] == "provider" and link["switch"] == "sw-s1"]
-        customer = [link for link in lab.core_ports() if link["layer"] == "customer" and link["switch"] == "sw-s1"]
-        assert provider[0]["netns"] == lab.ovs_ns and customer[0]["netns"] == lab.plane_netns("ds0")
-        with capture(lab, provider[0]["iface"], "vlan and vlan and icmp") as outer:
-            assert ping_many(lab, [("x1", "198.18.0.2")], timeout=2) == {("x1", "198.18.0.2"): True}
-        assert arping(lab, "x1", "198.18.0.2") == {lab.vm("x2").mac}
-        assert any("802.1Q-QinQ (0x88a8)" in line and "vlan 150," in line for line in outer.lines), outer.lines
+        assert _sw1_link(lab, "provider")["netns"] == lab.ovs_ns
+        assert _sw1_link(lab, "customer")["netns"] == lab.plane_netns("ds0")
+        _reaches_over_qinq(lab, "x1", "x2", "198.18.0.2", 150)
     finally:
         lab.down()
-    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
-    assert not lab.run_dir.exists()
-    assert not any(_alive(pid, str(lab.run_dir)) for pid in pids.values())
+    _assert_removed(lab, pids)
 
 
 def test_planes_must_be_known(run_root):
