@@ -58,6 +58,7 @@ from django.db import connection  # noqa: E402
 
 from network import convergence, selectors, services, tasks  # noqa: E402
 from network.lab import Lab, topology  # noqa: E402
+from network.lab.fabric import PLANES  # noqa: E402
 from network.tests.labinventory import inventory_for  # noqa: E402
 from portal.testing_celery import WorkerProcess  # noqa: E402
 
@@ -134,7 +135,7 @@ def main() -> int:
     parser.add_argument(
         "--planes",
         default="device",
-        choices=("shared", "site", "device"),
+        choices=PLANES,
         help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per switch and per host (default: a commit "
         "reconfigures that device only, as a real switch has its own CPU; the daemons share the machine's "
         "cores), per site (the site's switch and host together), or one for the whole lab (every commit makes "

@@ -567,6 +567,8 @@ def run_side_by_side(counts: list[int], args, env: dict, app, *, agents: bool) -
 
 
 def main() -> None:
+    from network.lab.fabric import PLANES  # no Django needed
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", default="1,3,4,16", help="comma-separated site counts")
     parser.add_argument("--clusters", type=int, default=20, help="clusters measured per site count (≥ 20)")
@@ -576,7 +578,7 @@ def main() -> None:
     parser.add_argument(
         "--planes",
         default="device",
-        choices=("shared", "site", "device"),
+        choices=PLANES,
         help="the lab's control planes: a pair (OVSDB, ovs-vswitchd) per switch and per host (default: a commit "
         "reconfigures that device only, as every real device has its own CPU), per site (a host's commit also "
         "reconfigures its site's switch and other hosts), or one for the whole lab (every commit makes it "

@@ -427,7 +427,7 @@ def _settle(work: list[_Device]) -> None:
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
     rows = [
-        (pk, w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection))
+        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), pk)
         for w in work
         for pk in w.claimed
     ]
@@ -437,14 +437,14 @@ def _settle(work: list[_Device]) -> None:
         if connection.vendor == "postgresql":
             cursor.execute(
                 f"UPDATE {table} AS c SET status = v.status, diff = v.diff, error = v.error, "  # noqa: S608
-                "finished_at = v.finished_at FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], "
-                "%s::timestamptz[]) AS v(id, status, diff, error, finished_at) WHERE c.id = v.id",
+                "finished_at = v.finished_at FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], "
+                "%s::bigint[]) AS v(status, diff, error, finished_at, id) WHERE c.id = v.id",
                 [list(column) for column in zip(*rows, strict=True)],
             )
         else:
             cursor.executemany(
                 f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s WHERE id = %s",  # noqa: S608
-                [(*row[1:], row[0]) for row in rows],
+                rows,
             )
 
 

@@ -153,8 +153,7 @@ class Ovsdb:
         plan = _translate(commands) if self._socket_path() else None
         if plan is None:
             return parse_tables(self.run(*commands, json_format=True, wait=wait))
-        results, selects, _ = self._rpc_apply(plan, wait=self.wait if wait is None else wait)
-        return self._list_rows(results, selects)
+        return self._rpc_rows(plan, wait=self.wait if wait is None else wait)
 
     def run_then_query(
         self, commands: Sequence[Sequence[str]], lists: Sequence[tuple[str, Iterable[str], Sequence[str]]]
@@ -186,8 +185,7 @@ class Ovsdb:
         if self._socket_path():
             plan = [_list_plan(table, columns, records) for table, columns, records in lists]
             if all(p is not None for p in plan):
-                results, selects, _ = self._rpc_apply(plan, wait=False)
-                return self._list_rows(results, selects)
+                return self._rpc_rows(plan, wait=False)
         commands = []
         for table, columns, records in lists:
             options = [r for r in records if r.startswith("--")]
@@ -254,6 +252,11 @@ class Ovsdb:
         if not self.jsonrpc or self.transport != "local" or self.netns or self.env or not self.db.startswith("unix:"):
             return ""
         return self.db.removeprefix("unix:")
+
+    def _rpc_rows(self, plan: list[tuple], *, wait: bool) -> list[list[dict]]:
+        """Execute translated commands as ONE ``transact`` and return the rows of its ``list`` steps, parsed."""
+        results, selects, _ = self._rpc_apply(plan, wait=wait)
+        return self._list_rows(results, selects)
 
     def _rpc_run(self, plan: list[tuple], *, json_format: bool, wait: bool) -> str:
         """Execute translated commands as ONE ``transact`` and return what ovs-vsctl would have printed."""
@@ -323,15 +326,11 @@ class Ovsdb:
 
     def _list_output(self, results: list, lists: list[tuple], json_format: bool) -> str:
         """What ovs-vsctl ``--format=json list`` prints for each read of ``lists``."""
-        return "".join(
-            (
-                json.dumps({"headings": columns, "data": [[row.get(c) for c in columns] for row in rows]})
-                if json_format
-                else ""
-            )
-            + "\n"
-            for columns, rows in self._selected(results, lists)
-        )
+        lines = []
+        for columns, rows in self._selected(results, lists):
+            data = [[row.get(c) for c in columns] for row in rows]
+            lines.append(json.dumps({"headings": columns, "data": data}) if json_format else "")
+        return "".join(line + "\n" for line in lines)
 
     def _list_rows(self, results: list, lists: list[tuple]) -> list[list[dict]]:
         """The rows of each read of ``lists`` as ``parse_tables`` gives them from ovs-vsctl's output (without
@@ -438,9 +437,8 @@ class Ovsdb:
 
     def _connect(self, deadline: float) -> socket.socket:
         if self._kept.get("keep"):
-            idle = _IDLE.take(self._socket_path())
+            idle = _IDLE.take(self._socket_path(), timeout=max(0.001, deadline - time.monotonic()))
             if idle is not None:
-                idle.settimeout(max(0.001, deadline - time.monotonic()))
                 return idle
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -546,7 +544,8 @@ class _IdleConnections:
         self._lock = threading.Lock()
         self._idle: dict[tuple[int, str], list[tuple[float, socket.socket]]] = {}
 
-    def take(self, path: str) -> socket.socket | None:
+    def take(self, path: str, *, timeout: float) -> socket.socket | None:
+        """An idle connection to ``path`` still open, with ``timeout`` set on it; None when there is none."""
         key = (os.getpid(), path)
         while True:
             with self._lock:
@@ -555,6 +554,7 @@ class _IdleConnections:
                     return None
                 since, sock = stack.pop()
             if time.monotonic() - since <= self.max_age and _still_open(sock):
+                sock.settimeout(timeout)
                 return sock
             sock.close()
 
@@ -583,7 +583,8 @@ class _IdleConnections:
 
 def _still_open(sock: socket.socket) -> bool:
     """Whether the server still holds ``sock`` (a peek, without waiting: end of stream means closed; pending
-    data, an ovsdb-server echo request, is read and answered by the next transaction)."""
+    data, an ovsdb-server echo request, is read and answered by the next transaction). Leaves ``sock``
+    non-blocking: the caller sets the timeout it needs."""
     try:
         sock.setblocking(False)  # a socket with a timeout would wait for data up to that timeout
         return sock.recv(1, socket.MSG_PEEK) != b""

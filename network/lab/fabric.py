@@ -427,7 +427,7 @@ class Lab:
                 "topology": topology.as_dict(),
                 "pids": {},
                 "layout": planes,
-                "planes": [CORE_PLANE] + _plane_names(topology, planes),
+                "planes": _plane_names(topology, planes),
                 "ifaces": {},  # OVS-side interface -> its plane, for those outside the core plane
                 "switches": {},
                 "hosts": {},
@@ -516,14 +516,19 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _plane_names(topology: Topology, layout: str) -> list[str]:
-    """The control planes besides the core's: ``o<k>`` for site k, or ``ds<i>`` for switch i and ``dh<j>``
-    for host j (in the topology's order)."""
-    if layout == "site":
-        return [f"o{k}" for k in range(len(topology.sites))]
+def _device_planes(topology: Topology, layout: str) -> tuple[list[str], list[str]]:
+    """The control plane of each switch and of each host, in the topology's order: the core's (``shared``),
+    ``o<k>`` for site k (``site``), or ``ds<i>`` for switch i and ``dh<j>`` for host j (``device``)."""
     if layout == "device":
-        return [f"ds{i}" for i in range(len(topology.switches))] + [f"dh{j}" for j in range(len(topology.hosts))]
-    return []
+        return [f"ds{i}" for i in range(len(topology.switches))], [f"dh{j}" for j in range(len(topology.hosts))]
+    site = {name: (f"o{k}" if layout == "site" else CORE_PLANE) for k, name in enumerate(topology.sites)}
+    return [site[sw.site] for sw in topology.switches], [site[h.site] for h in topology.hosts]
+
+
+def _plane_names(topology: Topology, layout: str) -> list[str]:
+    """Every control plane of a lab: the core's first, then those of its devices."""
+    switch_planes, host_planes = _device_planes(topology, layout)
+    return list(dict.fromkeys([CORE_PLANE, *switch_planes, *host_planes]))
 
 
 def _suffix(plane: str) -> str:
@@ -534,10 +539,11 @@ def _suffix(plane: str) -> str:
 def _each(items: list[str], fn: Callable[[str], object]) -> None:
     """``fn`` for every item, up to 8 at a time (each mostly waits on a process it started); the first error
     is raised once all have finished."""
-    if len(items) == 1:
-        fn(items[0])
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
         return
-    with ThreadPoolExecutor(max_workers=min(8, len(items) or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
         list(pool.map(fn, items))
 
 
@@ -558,14 +564,8 @@ def _build(lab: Lab, topo: Topology) -> None:
     p, d = lab.prefix, lab.run_dir
     gw_ns = lab.gw_ns
     planes: list[str] = lab.state["planes"]
-    layout = lab.state.get("layout") or ("site" if len(planes) > 1 else "shared")
-    site_plane = {site: (f"o{k}" if layout == "site" else CORE_PLANE) for k, site in enumerate(topo.sites)}
-
-    def switch_plane(i: int, site: str) -> str:
-        return f"ds{i}" if layout == "device" else site_plane[site]
-
-    def host_plane_of(j: int, site: str) -> str:
-        return f"dh{j}" if layout == "device" else site_plane[site]
+    layout = lab.state["layout"]
+    switch_planes, host_planes = _device_planes(topo, layout)
 
     env = {**os.environ, "OVS_RUNDIR": str(d), "OVS_LOGDIR": str(d), "OVS_DBDIR": str(d)}
     has_gw = any(port.role == "gateway_trunk" for sw in topo.switches for port in sw.ports)
@@ -601,7 +601,7 @@ def _build(lab: Lab, topo: Topology) -> None:
     host_of = {(h.switch, h.port): h for h in topo.hosts}
     host_plane = {}
     for j, h in enumerate(topo.hosts):
-        br, up, plane = f"{p}h{j}", f"{p}h{j}u", host_plane_of(j, h.site)
+        br, up, plane = f"{p}h{j}", f"{p}h{j}u", host_planes[j]
         bridges[plane].append(br)
         place(plane, br, up, empty)
         host_plane[h.name] = plane
@@ -609,7 +609,7 @@ def _build(lab: Lab, topo: Topology) -> None:
     host_index = {h.name: j for j, h in enumerate(topo.hosts)}
     uplinks: dict[str, list[tuple[str, str, str]]] = {}  # core -> [(switch, ovs port, plane)]
     for i, sw in enumerate(topo.switches):
-        br, plane = f"{p}s{i}", switch_plane(i, sw.site)
+        br, plane = f"{p}s{i}", switch_planes[i]
         ns = lab.plane_netns(plane)
         bridges[plane].append(br)
         port_map = {}
