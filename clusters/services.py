@@ -568,6 +568,24 @@ def node_migrate_complete(*, cluster: VirtualCluster, node: Node) -> Node:
 
 
 @transaction.atomic
+def node_migrate_cancel(*, cluster: VirtualCluster, node: Node) -> Node:
+    """The VM did not move (the hypervisors' migration failed or was called off): the node stays on its
+    host and the network prepared on the target is taken away again (its bridge, and its switch and the core
+    when no other node of the cluster needs them)."""
+    cluster = _locked(cluster)
+    _require_ready(cluster)
+    node.refresh_from_db()
+    if node.state != NodeState.MIGRATING or node.target_host_id is None:
+        raise Conflict(f"node {node.name} is not migrating")
+    target = node.target_host
+    node.target_host = None
+    node.state = NodeState.READY
+    node.save(update_fields=["target_host", "state"])
+    _reconverge(cluster, "migrate.cancel", f"{node.name}: stays on {node.host.name}, {target.name} is left")
+    return node
+
+
+@transaction.atomic
 def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, reason: str) -> VirtualCluster:
     """An admin overrides the policy (audited). Takes effect on the network through the gateway leg. The
     row is locked and only the connectivity fields are written: a request that changed the cluster meanwhile

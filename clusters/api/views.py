@@ -294,6 +294,22 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
 
     @extend_schema(
+        request=None,
+        parameters=[IDEMPOTENCY],
+        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+    )
+    @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate/cancel")
+    def migrate_cancel(self, request, pk=None, node_id=None):
+        """Call a prepared migration off: the VM stays on its host; the network prepared on the target is
+        taken away again (409 when the node is not migrating)."""
+        cluster = self._actionable(pk)
+
+        def act():
+            services.node_migrate_cancel(cluster=cluster, node=self._node(cluster, node_id))
+
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+
+    @extend_schema(
         request=s.ConnectivitySerializer,
         parameters=[IDEMPOTENCY],
         responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},

@@ -625,6 +625,52 @@ def test_nodes_add_remove_and_migration_converge_the_network(fabric, images, api
     assert api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json").status_code == 409
 
 
+def test_a_prepared_migration_can_be_called_off(fabric, images, api, alice, charlie):
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    cancel = f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/cancel/"
+    r = api.post(cancel, {}, format="json")
+    assert r.status_code == 409 and "not migrating" in r.data["detail"]  # nothing to call off yet
+
+    # prepared toward prague2: the target site's switch and host carry the VLAN
+    assert (
+        api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague2"}, format="json").status_code
+        == 202
+    )
+    assert vid in fabric.host_vlans("prague2")
+    assert any(vid in v for v in fabric.switch_ports("sw-prague").values())
+    api.force_authenticate(charlie)
+    assert api.post(cancel, {}, format="json").status_code == 404  # someone else's cluster
+    api.force_authenticate(alice)
+
+    r = api.post(cancel, {}, format="json")
+    assert r.status_code == 202, r.content
+    node = next(n for n in r.data["nodes"] if n["id"] == n2.pk)
+    assert (node["state"], node["host"], node["target_host"], node["target_attachment"]) == (
+        "ready",
+        "pilsen1",
+        None,
+        None,
+    )
+    # the target and its site are clean again; the node's own host and site keep the VLAN
+    assert vid not in fabric.host_vlans("prague2")
+    assert all(vid not in v for v in fabric.switch_ports("sw-prague").values())
+    assert vid in fabric.host_vlans("pilsen1")
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    step = cluster.steps.get(name="migrate.cancel")
+    assert step.status == "ok" and step.detail == "n2: stays on pilsen1, prague2 is left"
+    assert api.post(cancel, {}, format="json").status_code == 409  # called off already
+    assert api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json").status_code == 409
+    # and it may migrate again
+    assert (
+        api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague2"}, format="json").status_code
+        == 202
+    )
+
+
 def test_list_filters_and_query_count(fabric, images, api, alice, django_assert_max_num_queries):
     api.force_authenticate(alice)
     for i in range(5):

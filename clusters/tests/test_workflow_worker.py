@@ -133,6 +133,26 @@ def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api
     assert vid in fabric.host_vlans("pilsen2")
 
 
+def test_a_migration_called_off_cleans_the_target(fabric, celery_worker, api):
+    cid = create(api)
+    vid = wait_state(cid, ClusterState.READY).vlan_id
+    node = Node.objects.get(cluster_id=cid, name="n2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/", {"target_host": "pilsen2"}, format="json")
+    assert r.status_code == 202
+    wait_state(cid, ClusterState.READY)
+    assert vid in fabric.host_vlans("pilsen2")
+    r = api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/cancel/", {}, format="json")
+    assert r.status_code == 202, r.content
+    wait_state(cid, ClusterState.READY)
+    deadline = time.monotonic() + 10
+    while vid in fabric.host_vlans("pilsen2") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vid not in fabric.host_vlans("pilsen2")
+    assert vid in fabric.host_vlans("prague1")
+    node.refresh_from_db()
+    assert (node.host.name, node.target_host, node.state) == ("prague1", None, "ready")
+
+
 def test_worker_killed_mid_provisioning_finishes_after_restart(fabric, celery_worker, api):
     # slow devices so that the kill lands while convergence runs
     for name in fabric.switches:
