@@ -292,7 +292,7 @@ class DeviceChangeInline(admin.TabularInline):
 
 @admin.register(Segment)
 class SegmentAdmin(ReadOnlyAdmin):
-    list_display = ("owner_ref", "vid", "state", "gateway", "member_count", "created_at", "updated_at")
+    list_display = ("owner_ref", "vid", "state", "gateway", "member_count", "created_at", "updated_at", "short_error")
     list_filter = ("state", "gateway")
     search_fields = ("owner_ref", "=vid")
     inlines = [SegmentMemberInline, DeviceChangeInline]
@@ -303,6 +303,10 @@ class SegmentAdmin(ReadOnlyAdmin):
     @admin.display(description="hosts", ordering="_members")
     def member_count(self, obj):
         return obj._members
+
+    @admin.display(description="why (failed, or VLAN kept)")
+    def short_error(self, obj):
+        return obj.error[:120]
 
 
 @admin.register(DeviceChange)

@@ -340,7 +340,7 @@ def _skip_if_disabled(w: _Device) -> bool:
     """A disabled device is never touched: its claimed changes settle as no-ops. Whether ``w`` was."""
     if w.device.enabled:
         return False
-    w.status, w.error, w.finished_at = Status.NOOP, "device disabled: not touched", timezone.now()
+    w.status, w.error, w.finished_at = Status.NOOP, DeviceChange.NOT_TOUCHED, timezone.now()
     return True
 
 

@@ -465,6 +465,7 @@ class DeviceChange(models.Model):
 
     FINAL = (Status.OK, Status.NOOP, Status.FAILED)
     OPEN = (Status.PENDING, Status.RUNNING)
+    NOT_TOUCHED = "device disabled: not touched"  # the error of a change a disabled device settled as a no-op
 
     kind = models.CharField(max_length=6, choices=DeviceKind.choices)
     switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")

@@ -216,6 +216,23 @@ def touched_devices(segment: Segment) -> Footprint:
     return Footprint(switches, hosts)
 
 
+def vlan_holders(segment: Segment) -> list[str]:
+    """Disabled devices that may still carry ``segment``'s VLAN: a change for the segment settled on them
+    while they were enabled (they took the VLAN, or were converged while the segment was on them), and a
+    disabled device is never touched, so nothing took it away since. While there is one, the id may go to
+    no other owner (the two would share it on that device). ``["switch sw-x", "host h1"]``; a device that
+    left the inventory holds nothing."""
+    settled = DeviceChange.objects.filter(
+        segment=segment, status__in=(DeviceChange.Status.OK, DeviceChange.Status.NOOP)
+    ).exclude(error=DeviceChange.NOT_TOUCHED)
+    holders = []
+    for label, model, column in (("switch", Switch, "switch_id"), ("host", Host, "host_id")):
+        took = settled.filter(**{f"{column}__isnull": False}).values(column)
+        names = model.objects.filter(enabled=False, pk__in=took).order_by("name").values_list("name", flat=True)
+        holders += [f"{label} {name}" for name in names]
+    return holders
+
+
 def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
     """Enabled switches and hosts to converge for ``segment``: what it needs plus what it touched before
     (so that a host it left, or a switch at a site it left, is cleaned too)."""

@@ -347,6 +347,28 @@ def segments_keeping_vlan() -> QuerySet[Segment]:
     )
 
 
+def segments_holding_vlan() -> QuerySet[Segment]:
+    """CLOSED segments that still hold their VLAN: their teardown found a device that may carry it disabled
+    (``selectors.vlan_holders``; a disabled device is never touched), so the id may not go to anyone else
+    until that device is enabled again and cleaned."""
+    return Segment.objects.filter(
+        state=Segment.State.CLOSED,
+        allocation__state=Free.ALLOCATED,
+        allocation__owner=F("owner_ref"),
+    )
+
+
+def segment_release_again(*, segment_id: int) -> bool:
+    """Claim the teardown of a segment ``segments_holding_vlan`` lists, to run it again (conditionally: of
+    two runs, one claims it). Whether this one did."""
+    with transaction.atomic():
+        return bool(
+            segments_holding_vlan()
+            .filter(pk=segment_id)
+            .update(state=Segment.State.DELETING, updated_at=timezone.now())
+        )
+
+
 def _rollback_stalled_after() -> timedelta:
     """How long a rollback may make no progress before it counts as stalled: both of its layers using every
     retry up to the task time limit."""

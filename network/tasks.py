@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from network import convergence, services
+from network import convergence, selectors, services
 from network.drivers import DeviceError, TemporaryDeviceError
 from network.errors import DeviceChangeFailed, SegmentClosed
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
@@ -148,17 +148,28 @@ def segment_provisioned(segment_id: int) -> dict:
 
 @shared_task(name="network.segment_released", acks_late=True)
 def segment_released(segment_id: int) -> dict:
-    """Teardown's last step: every device is clean, so the VLAN goes into quarantine and the segment
-    is closed. Idempotent."""
+    """Teardown's last step: every enabled device is clean, so the segment is closed and its VLAN goes into
+    quarantine — unless a disabled device may still carry it (``selectors.vlan_holders``): then the
+    segment keeps it (the reason in ``error``) and ``retry_rollbacks`` tears it down again once that device
+    is enabled. Idempotent."""
     with audit_actor("network.teardown"), transaction.atomic():
         seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool").get(pk=segment_id)
         if seg.state != Segment.State.CLOSED:
             if seg.state != Segment.State.DELETING:
                 raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not being deleted")
-            if seg.allocation is not None and seg.allocation.owner == seg.owner_ref:
-                services.vlan_release(allocation=seg.allocation)
+            holders = selectors.vlan_holders(seg)
+            owned = seg.allocation is not None and seg.allocation.owner == seg.owner_ref
+            if holders and owned:
+                seg.error = (
+                    f"VLAN {seg.vid} kept: {', '.join(holders)} disabled and may still carry it; released once "
+                    "enabled again and cleaned"
+                )
+            else:
+                seg.error = ""
+                if owned:
+                    services.vlan_release(allocation=seg.allocation)
             seg.state = Segment.State.CLOSED
-            seg.save(update_fields=["state", "updated_at"])
+            seg.save(update_fields=["state", "error", "updated_at"])
             audit.delete_rows(SegmentMember.objects.filter(segment=seg), related=SegmentMember.TEXT_RELATED)
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
 
@@ -269,6 +280,7 @@ def segment_compensated(segment_id: int) -> dict:
             for device, change in latest.items()
             if change.status == DeviceChange.Status.FAILED and device in took_vlan
         ]
+        not_rolled_back += [f"{holder}: disabled, not touched" for holder in selectors.vlan_holders(seg)]
         with transaction.atomic():
             if not_rolled_back:
                 reason += "; not rolled back (VLAN kept): " + "; ".join(not_rolled_back)
@@ -289,11 +301,21 @@ def retry_rollbacks() -> list[int]:
     """Periodic (with the reconciler): every segment whose rollback kept its VLAN (a device that took it
     could not be converged back), or stalled (its worker died before it could hand the work on), is rolled
     back again — each device by its own worker — until every device is clean and the VLAN goes back to the
-    pool. Returns the segments sent."""
-    retried = list(services.segments_to_roll_back_again().values_list("pk", flat=True))
-    for segment_id in retried:
-        segment_compensate.delay(segment_id, retry=True)
-    return retried
+    pool; and every closed segment that kept its VLAN for a disabled device is torn down again once no such
+    device is left disabled. A segment waiting for a disabled device is left alone (nothing would change).
+    Returns the segments sent."""
+    from network import workflows
+
+    retried = []
+    for segment in services.segments_to_roll_back_again():
+        if segment.state == Segment.State.COMPENSATING or not selectors.vlan_holders(segment):
+            segment_compensate.delay(segment.pk, retry=True)
+            retried.append(segment.pk)
+    for segment in services.segments_holding_vlan().order_by("pk"):
+        if not selectors.vlan_holders(segment) and services.segment_release_again(segment_id=segment.pk):
+            workflows.teardown(segment.pk).delay()
+            retried.append(segment.pk)
+    return sorted(retried)
 
 
 # --- reconciler -------------------------------------------------------------------------------------------------

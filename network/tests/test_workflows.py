@@ -129,26 +129,37 @@ def test_host_failure_rolls_back_switches_and_other_hosts(fabric):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
-def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabric, monkeypatch):
-    """A switch that took the VLAN cannot be converged back during the rollback: the VLAN is kept (another
-    owner would share it with that switch). ``retry_rollbacks`` (periodic) rolls back again — while the
-    switch is still broken nothing changes; once it is repaired it is cleaned and the VLAN released."""
+def _pilsen1_fails_then_at_the_rollback(fabric, monkeypatch, happen) -> Segment:
+    """Provision a three-site segment whose host pilsen1 rejects its change; ``happen()`` runs once, when the
+    rollback starts (after sw-brno took the VLAN). The failed segment, reloaded."""
     from network import tasks
 
-    real, broken = tasks._compensation_cause, []
+    real, happened = tasks._compensation_cause, []
 
-    def brno_breaks_when_the_rollback_starts(seg):
-        if not broken:
-            broken.append(fabric.set_switch_args("sw-brno", fail_commit="permanent"))
+    def at_the_rollback(seg):
+        if not happened:
+            happened.append(happen())
         return real(seg)
 
-    monkeypatch.setattr(tasks, "_compensation_cause", brno_breaks_when_the_rollback_starts)
+    monkeypatch.setattr(tasks, "_compensation_cause", at_the_rollback)
     fabric.hosts["pilsen1"].driver_args = {**fabric.args, "fail_commit": "permanent"}
     fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
     with pytest.raises(DeviceChangeFailed, match="pilsen1"):
         workflows.provision(seg.pk).apply().get()
     seg.refresh_from_db()
+    return seg
+
+
+def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabric, monkeypatch):
+    """A switch that took the VLAN cannot be converged back during the rollback: the VLAN is kept (another
+    owner would share it with that switch). ``retry_rollbacks`` (periodic) rolls back again — while the
+    switch is still broken nothing changes; once it is repaired it is cleaned and the VLAN released."""
+    from network import tasks
+
+    seg = _pilsen1_fails_then_at_the_rollback(
+        fabric, monkeypatch, lambda: fabric.set_switch_args("sw-brno", fail_commit="permanent")
+    )
     assert seg.state == Segment.State.FAILED and "not rolled back (VLAN kept): sw-brno" in seg.error, seg.error
     assert seg.allocation.state == VlanAllocation.State.ALLOCATED
     assert fabric.switch_ports("sw-brno")["uplink"] == {seg.vid}
@@ -164,6 +175,77 @@ def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabri
     assert seg.allocation.state == VlanAllocation.State.QUARANTINED
     assert all(not vlans for vlans in device_view(fabric).values())
     assert tasks.retry_rollbacks.apply().get() == []  # nothing kept any more
+
+
+@pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
+def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, kind, name):
+    """A device disabled (maintenance) is never touched, so a teardown cannot take the VLAN off it: the VLAN
+    stays with the closed segment — handed to another owner it would join the two on that device — until
+    the device is enabled again; then ``retry_rollbacks`` (periodic) tears the segment down again, the
+    device is cleaned and the VLAN goes into quarantine."""
+    from network import tasks
+
+    model = Switch if kind == "switch" else Host
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    model.objects.filter(name=name).update(enabled=False)
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED and seg.allocation.owner == "c"
+    kept = f"VLAN {seg.vid} kept: {kind} {name} disabled and may still carry it"
+    assert seg.error == f"{kept}; released once enabled again and cleaned"
+    left = {device: vlans for device, vlans in device_view(fabric).items() if vlans}
+    assert set(left) == {name}  # every enabled device is clean; the disabled one was not touched
+    assert services.segments_holding_vlan().get() == seg
+
+    assert tasks.retry_rollbacks.apply().get() == []  # still disabled: nothing to do
+    model.objects.filter(name=name).update(enabled=True)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert (seg.state, seg.error) == (Segment.State.CLOSED, "")
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+    assert tasks.retry_rollbacks.apply().get() == []
+
+
+def test_a_device_disabled_before_it_took_the_vlan_holds_nothing(fabric):
+    """A device disabled before provisioning reached it never carried the VLAN: the teardown releases it."""
+    Switch.objects.filter(name="sw-pilsen").update(enabled=False)
+    hosts = [fabric.hosts["brno1"], fabric.hosts["prague2"]]
+    seg = services.segment_create(owner="c", hosts=hosts, gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert (seg.state, seg.error, seg.allocation.state) == (
+        Segment.State.CLOSED,
+        "",
+        VlanAllocation.State.QUARANTINED,
+    )
+
+
+def test_a_rollback_keeps_the_vlan_while_a_disabled_switch_may_carry_it(fabric, monkeypatch):
+    """A switch that took the VLAN and is disabled before the rollback reaches it: the rollback keeps the
+    VLAN (the reason names the switch) and is not retried while it stays disabled."""
+    from network import tasks
+
+    seg = _pilsen1_fails_then_at_the_rollback(
+        fabric, monkeypatch, lambda: Switch.objects.filter(name="sw-brno").update(enabled=False)
+    )
+    assert seg.state == Segment.State.FAILED
+    assert "not rolled back (VLAN kept): switch sw-brno: disabled, not touched" in seg.error, seg.error
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert fabric.switch_ports("sw-brno")["uplink"] == {seg.vid}
+    assert tasks.retry_rollbacks.apply().get() == []  # waits for the switch
+    fabric.hosts["pilsen1"].driver_args = fabric.args
+    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
+    Switch.objects.filter(name="sw-brno").update(enabled=True)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
+    assert all(not vlans for vlans in device_view(fabric).values())
 
 
 def test_a_rollback_runs_once_and_a_stalled_one_is_run_again(fabric):
@@ -601,6 +683,35 @@ def test_lab_switch_k_rejecting_the_change_rolls_every_switch_back(clean_lab, la
     failed = DeviceChange.objects.get(segment=seg, device=name, cause="provision new")
     assert failed.status == "failed" and failed.error == "no port up on this switch"
     assert lab_view(lab, lab_inventory) == before
+
+
+@pytest.mark.lab
+def test_lab_a_disabled_switch_keeps_the_vlan_out_of_the_pool_until_it_is_cleaned(clean_lab, lab_inventory):
+    """On the lab's Open vSwitch switches: a switch disabled while it carries a cluster's VLAN keeps it through
+    the teardown (nothing touches a disabled device), so the id stays allocated (no other owner can get
+    it, not even after the quarantine); once the switch is enabled again the periodic retry cleans it and
+    the VLAN is released."""
+    from network import tasks
+
+    lab, hosts = clean_lab, lab_inventory["hosts"]
+    seg = services.segment_create(owner="held", hosts=[hosts["h-s1-1"], hosts["h-s2-1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    v = frozenset({seg.vid})
+    Switch.objects.filter(name="sw-s2").update(enabled=False)
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert "switch sw-s2 disabled" in seg.error
+    view = lab_view(lab, lab_inventory)
+    assert view["sw-s2"] == {"p-h1": v, "up": v}  # what the real switch still carries
+    assert all(not vlans for name, vlans in view.items() if name != "sw-s2")
+
+    Switch.objects.filter(name="sw-s2").update(enabled=True)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and seg.error == ""
+    assert lab_view(lab, lab_inventory)["sw-s2"] == {}
 
 
 # --- on a real Celery worker --------------------------------------------------------------------------------------
