@@ -438,7 +438,8 @@ class Segment(models.Model):
 class SegmentMember(models.Model):
     """A hypervisor that needs the segment's VLAN (a bridge on the host, the VLAN on its host trunk)."""
 
-    segment = models.ForeignKey(Segment, on_delete=models.CASCADE, related_name="members")
+    # the unique (segment, host) constraint's index serves lookups by segment: no index of its own
+    segment = models.ForeignKey(Segment, on_delete=models.CASCADE, related_name="members", db_index=False)
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="segment_memberships")
 
     class Meta:
@@ -467,12 +468,25 @@ class DeviceChange(models.Model):
     OPEN = (Status.PENDING, Status.RUNNING)
     NOT_TOUCHED = "device disabled: not touched"  # the error of a change a disabled device settled as a no-op
 
+    # No single-column index on the foreign keys: the (key, status) indexes below serve every lookup by key
+    # (and the ON DELETE SET NULL of a device or segment), and each index costs on every write of a change —
+    # three per device per workflow (recorded, claimed, settled).
     kind = models.CharField(max_length=6, choices=DeviceKind.choices)
-    switch = models.ForeignKey(Switch, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
-    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
+    switch = models.ForeignKey(
+        Switch, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes", db_index=False
+    )
+    host = models.ForeignKey(
+        Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes", db_index=False
+    )
     device = models.CharField(max_length=63, help_text="device name when the change was made")
     segment = models.ForeignKey(
-        Segment, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes", help_text="empty: reconcile"
+        Segment,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="changes",
+        help_text="empty: reconcile",
+        db_index=False,
     )
     cause = models.CharField(max_length=200)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
