@@ -313,7 +313,11 @@ def retry_rollbacks() -> list[int]:
             retried.append(segment.pk)
     for segment in services.segments_holding_vlan().order_by("pk"):
         if not selectors.vlan_holders(segment) and services.segment_release_again(segment_id=segment.pk):
-            workflows.teardown(segment.pk).delay()
+            try:
+                workflows.teardown(segment.pk).delay()
+            except Exception:  # not sent (the broker went away): closed again, so that the next run sends it
+                Segment.objects.filter(pk=segment.pk, state=Segment.State.DELETING).update(state=Segment.State.CLOSED)
+                raise
             retried.append(segment.pk)
     return sorted(retried)
 

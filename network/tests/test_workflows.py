@@ -210,6 +210,34 @@ def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, 
     assert tasks.retry_rollbacks.apply().get() == []
 
 
+def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, monkeypatch):
+    """The retry claims the held segment, then the broker refuses the teardown: the segment is closed (and
+    held) again, so the next run sends it."""
+    from network import tasks
+
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    Switch.objects.filter(name="sw-brno").update(enabled=False)
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    Switch.objects.filter(name="sw-brno").update(enabled=True)
+
+    class BrokerDown:
+        def delay(self):
+            raise ConnectionError("broker unreachable")
+
+    real = workflows.teardown
+    monkeypatch.setattr(workflows, "teardown", lambda segment_id: BrokerDown())
+    with pytest.raises(ConnectionError):
+        tasks.retry_rollbacks.apply().get()
+    assert services.segments_holding_vlan().get() == seg
+    monkeypatch.setattr(workflows, "teardown", real)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
 def test_a_device_disabled_before_it_took_the_vlan_holds_nothing(fabric):
     """A device disabled before provisioning reached it never carried the VLAN: the teardown releases it."""
     Switch.objects.filter(name="sw-pilsen").update(enabled=False)
