@@ -369,6 +369,14 @@ def segment_release_again(*, segment_id: int) -> bool:
         )
 
 
+def segment_release_not_sent(*, segment_id: int) -> None:
+    """Undo ``segment_release_again`` when its teardown could not be sent: closed (and holding its VLAN)
+    again, for the next run to claim."""
+    Segment.objects.filter(pk=segment_id, state=Segment.State.DELETING).update(
+        state=Segment.State.CLOSED, updated_at=timezone.now()
+    )
+
+
 def _rollback_stalled_after() -> timedelta:
     """How long a rollback may make no progress before it counts as stalled: both of its layers using every
     retry up to the task time limit."""

@@ -315,8 +315,8 @@ def retry_rollbacks() -> list[int]:
         if not selectors.vlan_holders(segment) and services.segment_release_again(segment_id=segment.pk):
             try:
                 workflows.teardown(segment.pk).delay()
-            except Exception:  # not sent (the broker went away): closed again, so that the next run sends it
-                Segment.objects.filter(pk=segment.pk, state=Segment.State.DELETING).update(state=Segment.State.CLOSED)
+            except Exception:  # not sent (the broker went away): held again, so that the next run sends it
+                services.segment_release_not_sent(segment_id=segment.pk)
                 raise
             retried.append(segment.pk)
     return sorted(retried)
