@@ -209,6 +209,14 @@ def main() -> int:
         )
         for n, (w, d, c) in cpu.items():
             print(f"{n:>8} {w:>10.1f} {d:>15.1f} {c:>10.1f} {w + d + c:>7.1f} {(w + d + c) / cores:>15.1f}")
+        first, last = min(cpu), max(cpu)
+        extra = sum(cpu[last]) - sum(cpu[first])
+        floor = base["layer"] + extra / cores
+        print(
+            f"the {last - first} more switches cost {extra:.1f} ms more CPU per layer: on {cores} cores at least "
+            f"{extra / cores:.1f} ms more wall time with perfect parallelism, a floor of {floor / base['layer']:.2f}x "
+            f"for {last} switches (goal 1.5x allows {base['layer'] * 0.5:.1f} ms more)"
+        )
     finally:
         try:
             if worker:
