@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from network.choices import PortRole
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch, SwitchPort
@@ -141,14 +141,17 @@ def desired_segments(
 def switch_desired(
     switch_ids: Iterable[int] | None = None, *, segments: list[SegmentView] | None = None
 ) -> dict[int, PortVlans]:
-    """For each switch (all, or ``switch_ids``): owned port name → the VLANs it must carry (every owned
-    port is listed, an empty set meaning "carry none of the portal's VLANs")."""
+    """For each switch (all, or ``switch_ids``: ids, or a queryset of them, read as a subquery): owned port
+    name → the VLANs it must carry (every owned port is listed, an empty set meaning "carry none of the
+    portal's VLANs")."""
     if segments is not None:
         views = segments
     else:
         views = desired_segments(switch_ids=None if switch_ids is None else list(switch_ids))
     ports = SwitchPort.objects.all()
-    if switch_ids is not None:
+    if isinstance(switch_ids, QuerySet):  # a subquery of switch ids: no list of its own
+        ports, switch_ids = ports.filter(switch_id__in=switch_ids), None
+    elif switch_ids is not None:
         switch_ids = list(switch_ids)
         ports = ports.filter(switch_id__in=switch_ids)
     by_host_port: dict[int, set[int]] = defaultdict(set)
@@ -201,7 +204,9 @@ def segment_footprint(segment: Segment) -> Footprint:
     views = segment_views(Segment.objects.filter(pk=segment.pk))
     if not views:
         return Footprint(frozenset(), frozenset())
-    per_switch = switch_desired(segments=views)
+    # only the switches the segment can reach (at its sites, or behind its hosts), not the whole inventory
+    reach = Switch.objects.filter(Q(site_id__in=views[0].sites) | Q(ports__in=views[0].host_ports))
+    per_switch = switch_desired(reach.values_list("pk", flat=True), segments=views)
     return Footprint(
         switches=frozenset(pk for pk, ports in per_switch.items() if any(ports.values())),
         hosts=views[0].hosts,
