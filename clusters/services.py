@@ -553,18 +553,7 @@ def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -
 @transaction.atomic
 def node_migrate_complete(*, cluster: VirtualCluster, node: Node) -> Node:
     """The VM now runs on its target: clean the source if no node of the cluster is left there."""
-    cluster = _locked(cluster)
-    _require_ready(cluster)
-    node.refresh_from_db()
-    if node.state != NodeState.MIGRATING or node.target_host_id is None:
-        raise Conflict(f"node {node.name} is not migrating")
-    source = node.host
-    node.host = node.target_host
-    node.target_host = None
-    node.state = NodeState.READY
-    node.save(update_fields=["host", "target_host", "state"])
-    _reconverge(cluster, "migrate.complete", f"{node.name}: left {source.name}")
-    return node
+    return _migration_end(cluster, node, moved=True)
 
 
 @transaction.atomic
@@ -572,16 +561,27 @@ def node_migrate_cancel(*, cluster: VirtualCluster, node: Node) -> Node:
     """The VM did not move (the hypervisors' migration failed or was called off): the node stays on its
     host and the network prepared on the target is taken away again (its bridge, and its switch and the core
     when no other node of the cluster needs them)."""
+    return _migration_end(cluster, node, moved=False)
+
+
+def _migration_end(cluster: VirtualCluster, node: Node, *, moved: bool) -> Node:
+    """End the node's migration (409 when it is not migrating): on the target when the VM ``moved``, else
+    where it was; the host it leaves is cleaned by the update this starts."""
     cluster = _locked(cluster)
     _require_ready(cluster)
     node.refresh_from_db()
     if node.state != NodeState.MIGRATING or node.target_host_id is None:
         raise Conflict(f"node {node.name} is not migrating")
-    target = node.target_host
+    source, target = node.host, node.target_host
+    if moved:
+        node.host = target
     node.target_host = None
     node.state = NodeState.READY
-    node.save(update_fields=["target_host", "state"])
-    _reconverge(cluster, "migrate.cancel", f"{node.name}: stays on {node.host.name}, {target.name} is left")
+    node.save(update_fields=["host", "target_host", "state"])
+    if moved:
+        _reconverge(cluster, "migrate.complete", f"{node.name}: left {source.name}")
+    else:
+        _reconverge(cluster, "migrate.cancel", f"{node.name}: stays on {source.name}, {target.name} is left")
     return node
 
 

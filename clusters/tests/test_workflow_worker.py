@@ -116,7 +116,8 @@ def test_failure_compensates_every_device_and_releases_the_vlan(fabric, celery_w
     assert steps["compensate"].status == "ok"
 
 
-def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api):
+def _prepared_migration(fabric, api) -> tuple[int, int, Node]:
+    """A ready cluster whose node n2 (on prague1) is prepared to move to pilsen2: (cluster id, VLAN, node)."""
     cid = create(api)
     vid = wait_state(cid, ClusterState.READY).vlan_id
     node = Node.objects.get(cluster_id=cid, name="n2")
@@ -124,30 +125,30 @@ def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api
     assert r.status_code == 202
     wait_state(cid, ClusterState.READY)
     assert vid in fabric.host_vlans("pilsen2") and vid in fabric.host_vlans("prague1")
+    return cid, vid, node
+
+
+def _wait_vlan_gone(fabric, host: str, vid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while vid in fabric.host_vlans(host) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vid not in fabric.host_vlans(host)
+
+
+def test_migration_prepares_target_then_cleans_source(fabric, celery_worker, api):
+    cid, vid, node = _prepared_migration(fabric, api)
     assert api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrated/", {}, format="json").status_code == 202
     wait_state(cid, ClusterState.READY)
-    deadline = time.monotonic() + 10
-    while vid in fabric.host_vlans("prague1") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert vid not in fabric.host_vlans("prague1")
+    _wait_vlan_gone(fabric, "prague1", vid)
     assert vid in fabric.host_vlans("pilsen2")
 
 
 def test_a_migration_called_off_cleans_the_target(fabric, celery_worker, api):
-    cid = create(api)
-    vid = wait_state(cid, ClusterState.READY).vlan_id
-    node = Node.objects.get(cluster_id=cid, name="n2")
-    r = api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/", {"target_host": "pilsen2"}, format="json")
-    assert r.status_code == 202
-    wait_state(cid, ClusterState.READY)
-    assert vid in fabric.host_vlans("pilsen2")
+    cid, vid, node = _prepared_migration(fabric, api)
     r = api.post(f"/api/clusters/{cid}/nodes/{node.pk}/migrate/cancel/", {}, format="json")
     assert r.status_code == 202, r.content
     wait_state(cid, ClusterState.READY)
-    deadline = time.monotonic() + 10
-    while vid in fabric.host_vlans("pilsen2") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert vid not in fabric.host_vlans("pilsen2")
+    _wait_vlan_gone(fabric, "pilsen2", vid)
     assert vid in fabric.host_vlans("prague1")
     node.refresh_from_db()
     assert (node.host.name, node.target_host, node.state) == ("prague1", None, "ready")
