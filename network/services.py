@@ -340,22 +340,19 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
 def segments_keeping_vlan() -> QuerySet[Segment]:
     """FAILED segments that still hold the VLAN they were given: their rollback could not clean a device
     that took it (``network.tasks.segment_compensated``), so the id may not go to anyone else yet."""
-    return Segment.objects.filter(
-        state=Segment.State.FAILED,
-        allocation__state=Free.ALLOCATED,
-        allocation__owner=F("owner_ref"),
-    )
+    return _owning_their_vlan(Segment.State.FAILED)
 
 
 def segments_holding_vlan() -> QuerySet[Segment]:
     """CLOSED segments that still hold their VLAN: their teardown found a device that may carry it disabled
     (``selectors.vlan_holders``; a disabled device is never touched), so the id may not go to anyone else
     until that device is enabled again and cleaned."""
-    return Segment.objects.filter(
-        state=Segment.State.CLOSED,
-        allocation__state=Free.ALLOCATED,
-        allocation__owner=F("owner_ref"),
-    )
+    return _owning_their_vlan(Segment.State.CLOSED)
+
+
+def _owning_their_vlan(state: str) -> QuerySet[Segment]:
+    """Segments in ``state`` whose VLAN is still allocated to them."""
+    return Segment.objects.filter(state=state, allocation__state=Free.ALLOCATED, allocation__owner=F("owner_ref"))
 
 
 def segment_release_again(*, segment_id: int) -> bool:

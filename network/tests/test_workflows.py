@@ -239,11 +239,14 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
 
 
 def test_a_device_disabled_before_it_took_the_vlan_holds_nothing(fabric):
-    """A device disabled before provisioning reached it never carried the VLAN: the teardown releases it."""
+    """A switch disabled after the provisioning recorded its change but before the change ran settles it
+    untouched: it never carried the VLAN, so the teardown releases it."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    canvas = workflows.provision(seg.pk)  # the device changes are recorded now
     Switch.objects.filter(name="sw-pilsen").update(enabled=False)
-    hosts = [fabric.hosts["brno1"], fabric.hosts["prague2"]]
-    seg = services.segment_create(owner="c", hosts=hosts, gateway=False)
-    workflows.provision(seg.pk).apply().get()
+    canvas.apply().get()
+    assert DeviceChange.objects.get(segment=seg, device="sw-pilsen").error == DeviceChange.NOT_TOUCHED
+    assert not any(fabric.switch_ports("sw-pilsen").values())  # never touched
     services.segment_delete(segment=seg)
     workflows.teardown(seg.pk).apply().get()
     seg.refresh_from_db()
