@@ -76,6 +76,17 @@ def test_footprint_is_what_the_segment_needs_whatever_its_state(fabric):
     assert footprint.hosts == {fabric.hosts["brno1"].pk, fabric.hosts["pilsen1"].pk}
 
 
+def test_a_closed_segments_footprint_reaches_the_gateway_site(fabric):
+    """The footprint reads only the switches the segment can reach: for a closed one that includes the switch
+    at the gateway site (brno) though no member is there."""
+    hosts = [fabric.hosts["pilsen1"], fabric.hosts["prague2"]]
+    seg = services.segment_create(owner="a", hosts=hosts, gateway=True)
+    footprint = selectors.segment_footprint(seg)
+    assert footprint.switches == {fabric.switches[site].pk for site in ("brno", "pilsen", "prague")}
+    seg = services.segment_create(owner="b", hosts=hosts, gateway=False)
+    assert selectors.segment_footprint(seg).switches == {fabric.switches[s].pk for s in ("pilsen", "prague")}
+
+
 def test_migration_keeps_the_old_devices_in_the_segments_device_list(fabric):
     seg = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=False)
     from network.convergence import change_create
