@@ -122,7 +122,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     except FileNotFoundError:
         raise Refused(f"cn={cn}: no verified AC for this certificate (tls-verify did not pass it)") from None
     who = f"cn={cn} serial={entry['serial']}"
-    if entry["serial"] in _revoked_lately(state):  # passed the CRL before the pull that revoked it
+    if entry["serial"] in revoked_lately(state):  # passed the CRL before the pull that revoked it
         raise Refused(f"{who}: certificate revoked")
     if time.time() > entry["not_after"]:
         raise Refused(f"{who}: AC expired at {dt.datetime.fromtimestamp(entry['not_after'], dt.UTC).isoformat()}")
@@ -155,7 +155,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     return vid
 
 
-def _revoked_lately(state: VpnState) -> set[int]:
+def revoked_lately(state: VpnState) -> set[int]:
     """Serials the portal revoked lately (``revoked.json``, written by the pull before it cuts sessions)."""
     try:
         return {int(v) for v in json.loads(state.revoked.read_bytes())}

@@ -148,3 +148,51 @@ def test_pull_refuses_redirects_and_plain_http_to_another_host():
         fetch_state("http://198.18.0.9", "vc_secret", etag=None)
     with pytest.raises(PullError, match="must be https"):
         fetch_state("ftp://portal.example.org", "vc_secret", etag=None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cut_that_failed_is_tried_again_by_the_next_pull_even_when_unchanged(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """The pull that brought a revocation could not reach OpenVPN's management socket: the state is
+    installed (new CRL), but the revoked certificate's live session is still up. The next pull finds the
+    document unchanged (304) and must still cut it, not wait for the next change of the state."""
+    import time
+
+    from access.gateway import vpn
+    from access.gateway.state import VpnState, write_atomic
+    from access.tests.test_gateway_sessions import FakeManagement
+
+    cluster = make_cluster(alice, name="mpi", group=team)
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state_dir = tmp_path / "state"
+    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
+    assert "updated" in run(*args)
+
+    # alice's profile is up on this gateway (what tls-verify and client-connect recorded).
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    state = VpnState.at(state_dir)
+    fingerprint = credential.fingerprint
+    entry = {
+        "serial": credential.serial,
+        "clusters": {cluster_label(cluster): "member"},
+        "not_after": time.time() + 3600,
+    }
+    write_atomic(state.ac_cache / f"{fingerprint}.json", json.dumps(entry))
+    env = {"tls_digest_sha256_0": fingerprint, "common_name": "alice", "trusted_ip": "203.0.113.5", "trusted_port": "4"}
+    vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "UV_VCLUSTER": cluster_label(cluster)})
+
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    assert "could not cut" in run(*args)  # no management socket at this moment
+    fake = FakeManagement(state.management, {1: ("alice", "203.0.113.5:4"), 2: ("bob", "198.51.100.7:9")})
+    try:
+        out = run(*args)
+        assert "unchanged" in out
+        assert fake.sessions == {2: ("bob", "198.51.100.7:9")}, out
+        assert f"cut the sessions of serials {credential.serial}" in out
+        assert "cut the sessions" not in run(*args)  # once
+    finally:
+        fake.close()

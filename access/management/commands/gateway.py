@@ -8,8 +8,9 @@ state directory and not kept by the portal), writes the tls-crypt key and a firs
 ``pull`` (on the gateway, from cron or a timer, every minute or so): fetches the state with the gateway's
 token and ``If-None-Match``, validates all of it, then replaces each file atomically; afterwards it cuts
 the live OpenVPN sessions of certificates revoked since the last pull (the new CRL is already in place, so
-the clients' reconnect is refused). When the portal cannot be reached the last good state stays as it
-is and the command exits 75 (EX_TEMPFAIL): the gateway keeps authorizing from it.
+the clients' reconnect is refused); an unchanged state (304) still cuts those it could not cut before.
+When the portal cannot be reached the last good state stays as it is and the command exits 75
+(EX_TEMPFAIL): the gateway keeps authorizing from it.
 """
 
 from __future__ import annotations
@@ -90,15 +91,19 @@ def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) 
     return doc, new_etag
 
 
-def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) -> tuple[bool, object | None]:
+def pull(
+    *, url: str, token: str, state_dir: str | Path, timeout: float = 20
+) -> tuple[bool, gateway_pull.InstallReport]:
     """One pull: (changed?, the install report). Raises PullError/StateError and then leaves every file as
-    it was (``access.gateway.pull.install_state`` validates the whole document before writing)."""
+    it was (``access.gateway.pull.install_state`` validates the whole document before writing). Unchanged
+    (304), it still cuts the sessions of the certificates revoked lately that are up: a cut that failed
+    last time is tried again, not only at the next change of the state."""
     state_dir = Path(state_dir)
     etag_file = state_dir / ".etag"
     etag = etag_file.read_text().strip() if etag_file.exists() else None
     doc, new_etag = fetch_state(url, token, etag=etag, timeout=timeout)
     if doc is None:
-        return False, None
+        return False, gateway_pull.cut_revoked(state_dir)
     try:
         report = gateway_pull.install_state(state_dir, doc)
     except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
@@ -151,10 +156,7 @@ class Command(BaseCommand):
         except (PullError, StateError) as exc:
             self.stderr.write(f"gateway pull: {exc}; keeping the last good state in {options['dir']}")
             sys.exit(EX_TEMPFAIL)
-        if not changed:
-            self.stdout.write("gateway pull: unchanged")
-            return
-        line = f"gateway pull: {len(report.written)} file(s) updated"
+        line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
         if report.cut:
             line += f"; cut the sessions of serials {', '.join(map(str, report.cut))}"
         if report.cut_errors:
