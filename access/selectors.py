@@ -58,12 +58,13 @@ def cluster_label(cluster) -> str:
     return f"{cluster.name}-{cluster.pk}"
 
 
-def credentials_visible(user) -> QuerySet[Credential]:
-    """A user's own credentials; admins see everyone's."""
+def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:
+    """A user's own credentials; admins see everyone's, unless they do not act as admins (``as_admin=False``:
+    through an API token without ``clusters:manage``)."""
     qs = Credential.objects.select_related("user", "revoked_by").prefetch_related(
         Prefetch("clusters", queryset=CredentialCluster.objects.order_by("label"))
     )
-    if user.is_staff:
+    if user.is_staff and as_admin:
         return qs
     return qs.filter(user=user)
 

@@ -33,6 +33,15 @@ READ_SCOPES = {
 }
 
 
+def _credentials_visible(request):
+    """The caller's credentials; everyone's for an admin in the browser or through a token with
+    ``clusters:manage``. An admin's token is only as strong as its scopes (as in the clusters API): with
+    ``clusters:read`` or ``clusters:write`` it lists and revokes its owner's own, like anyone's token."""
+    token = request.auth
+    as_admin = not isinstance(token, ApiToken) or token.has_scope(TokenScope.CLUSTERS_MANAGE)
+    return selectors.credentials_visible(request.user, as_admin=as_admin)
+
+
 def _errors(*codes):
     return {c: ERRORS[c] for c in codes}
 
@@ -103,7 +112,8 @@ class SshCertificateView(APIView):
     retrieve=extend_schema(responses={200: s.CredentialSerializer, **_errors(401, 403, 404)}),
 )
 class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """Your credentials (admins: everyone's); revoke one ("I lost my laptop")."""
+    """Your credentials (admins: everyone's; through a token only with clusters:manage); revoke one ("I lost my
+    laptop")."""
 
     serializer_class = s.CredentialSerializer
     required_scopes = READ_SCOPES
@@ -113,7 +123,7 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
 
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Credential.objects.none()
-        qs = selectors.credentials_visible(self.request.user)
+        qs = _credentials_visible(self.request)
         params = self.request.query_params
         if params.get("kind"):
             qs = qs.filter(kind=params["kind"])
@@ -131,7 +141,7 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     @extend_schema(request=s.RevokeRequestSerializer, responses={200: s.CredentialSerializer, **_errors(400, 401, 404)})
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
-        credential = get_object_or_404(selectors.credentials_visible(request.user), pk=pk)
+        credential = get_object_or_404(_credentials_visible(request), pk=pk)
         data = s.RevokeRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         own = credential.user_id == request.user.pk
@@ -142,7 +152,7 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
             by=request.user,
             note=data.validated_data.get("note") or f"revoked through the API by {request.user.get_username()}",
         )
-        credential = selectors.credentials_visible(request.user).get(pk=credential.pk)
+        credential = _credentials_visible(request).get(pk=credential.pk)
         return Response(self.get_serializer(credential).data)
 
 

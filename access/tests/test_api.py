@@ -239,3 +239,23 @@ def test_schema_documents_every_endpoint(root):
 def test_revoke_with_a_non_numeric_id_is_404_not_500(client, alice):
     client.force_login(alice)
     assert client.post("/api/access/credentials/true/revoke/").status_code == 404
+
+
+def test_an_admins_token_acts_on_everyones_credentials_only_with_clusters_manage(alice, root, cluster, gateway):
+    """As in the clusters API, an admin's token is only as strong as its scopes: with clusters:read or
+    clusters:write it lists and revokes its owner's own credentials, like anyone's token; everyone's takes
+    clusters:manage (an admin in the browser sees and revokes everyone's)."""
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    alices = Credential.objects.get(user=alice)
+    _, reader = token_create(user=root, name="script", scopes=[TokenScope.CLUSTERS_READ])
+    _, writer = token_create(user=root, name="script", scopes=[TokenScope.CLUSTERS_WRITE])
+    _, manager = token_create(user=root, name="ops", scopes=[TokenScope.CLUSTERS_MANAGE])
+    assert client_for(token=reader).get("/api/access/credentials/").json()["count"] == 0
+    assert client_for(token=reader).get(f"/api/access/credentials/{alices.pk}/").status_code == 404
+    assert client_for(token=writer).post(f"/api/access/credentials/{alices.pk}/revoke/").status_code == 404
+    alices.refresh_from_db()
+    assert alices.revoked_at is None
+    assert client_for(token=manager).get("/api/access/credentials/").json()["count"] == 1
+    assert client_for(root).get("/api/access/credentials/").json()["count"] == 1
+    response = client_for(token=manager).post(f"/api/access/credentials/{alices.pk}/revoke/")
+    assert response.status_code == 200 and response.json()["revocation_reason"] == "privilege_withdrawn"
