@@ -694,10 +694,11 @@ def _krl_regenerate(row: Authority) -> Authority:
     from access import ssh
 
     now = _now()
+    # Kept while a gateway whose clock is behind by up to the tolerated skew still takes it as unexpired.
     serials = list(
-        Credential.objects.filter(kind=CredentialKind.SSH, revoked_at__isnull=False, not_after__gt=now).values_list(
-            "serial", flat=True
-        )
+        Credential.objects.filter(
+            kind=CredentialKind.SSH, revoked_at__isnull=False, not_after__gt=now - ssh.CLOCK_SKEW
+        ).values_list("serial", flat=True)
     )
     number = row.revocation_number + 1
     krl = ssh.build_krl(ca_public_key=row.public_key, serials=serials, version=number, comment="virtcloud")

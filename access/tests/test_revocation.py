@@ -4,6 +4,8 @@ group/owner or stopped being closed, admin action, "I lost my laptop"; and the g
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from cryptography import x509
 from django.contrib.auth.models import Group
@@ -282,3 +284,20 @@ def test_leaving_the_group_while_a_credential_is_recorded_revokes_it(alice, bob,
     credential = Credential.objects.get(pk=profile.credential.pk)
     assert credential.revocation_reason == RevocationReason.AFFILIATION_CHANGED
     assert credential.serial in crl_serials()
+
+
+def test_a_revoked_ssh_certificate_stays_in_the_krl_while_a_lagging_gateway_clock_still_accepts_it(
+    alice, cluster, gateway
+):
+    """sshd checks a certificate's validity with the gateway's clock. A revoked certificate that has just
+    expired by the portal's clock is still good for a gateway a few minutes behind (the skew every window of
+    the service tolerates): a KRL re-signed then must still list it, as the CRL does for VPN certificates."""
+    from django.utils import timezone
+
+    lost = services.ssh_certificate_issue(user=alice, cluster=cluster).credential
+    services.credential_revoke(credential=lost, reason="key_compromise", by=alice)
+    Credential.objects.filter(pk=lost.pk).update(not_after=timezone.now() - dt.timedelta(minutes=2))
+    other = services.ssh_certificate_issue(user=alice, cluster=cluster).credential
+    services.credential_revoke(credential=other, reason="key_compromise", by=alice)  # re-signs the KRL
+    assert krl_revokes(other.serial)
+    assert krl_revokes(lost.serial)
