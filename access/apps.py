@@ -36,3 +36,6 @@ class AccessConfig(AppConfig):
                 return
             cluster_ended.connect(signals.cluster_ended, dispatch_uid="access-cluster-ended")
             post_save.connect(signals.cluster_saved, sender="clusters.VirtualCluster", dispatch_uid="access-cluster")
+            post_delete.connect(
+                signals.cluster_deleted, sender="clusters.VirtualCluster", dispatch_uid="access-cluster-deleted"
+            )

@@ -26,6 +26,20 @@ def cluster_ended(sender, cluster, **kwargs) -> None:
         logger.info("access: cluster %s ended, revoked %d credential(s)", cluster.pk, count)
 
 
+def cluster_deleted(sender, instance, **kwargs) -> None:
+    """A cluster's row was deleted (admin): its credentials are revoked as when it ends (same transaction)."""
+    from access import services
+    from access.models import RevocationReason
+
+    count = services.credentials_revoke_for(
+        cluster=instance.pk,
+        reason=RevocationReason.CESSATION_OF_OPERATION,
+        note=f"cluster {instance.name} ({instance.pk}) deleted",
+    )
+    if count:
+        logger.info("access: cluster %s deleted, revoked %d credential(s)", instance.pk, count)
+
+
 def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     """A cluster changed owner, group, state or connectivity: holders who may no longer enter lose their
     credentials (at once, in the same transaction as the change)."""
