@@ -893,6 +893,31 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
     return done
 
 
+def credentials_sweep() -> int:
+    """Periodic safety net (``access.sweep_credentials``): revoke the live credentials that still admit to a
+    cluster which ended, is ending, is no longer closed or is gone. Each of those events revokes at once
+    (``cluster_ended`` after the commit that ends a cluster, the save signals in its transaction); this
+    catches one that did not run (a worker that died between that commit and the signal, a signal that
+    failed). One query when there is nothing to do; returns how many were revoked."""
+    from clusters.models import Connectivity, VirtualCluster
+
+    open_clusters = VirtualCluster.objects.filter(
+        connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states()
+    ).values("pk")
+    stale = (
+        CredentialCluster.objects.filter(credential__in=Credential.objects.live(timezone.now()))
+        .exclude(cluster_id__in=open_clusters)
+        .values_list("cluster_id", flat=True)
+        .distinct()
+    )
+    done = 0
+    for cluster_id in sorted(stale):
+        done += credentials_revoke_unauthorized(cluster=cluster_id)
+    if done:
+        logger.warning("access: the sweep revoked %d credential(s) of ended clusters that had been missed", done)
+    return done
+
+
 # --- gateway state ---------------------------------------------------------------------------------------------
 
 

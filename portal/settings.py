@@ -257,6 +257,13 @@ ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, mi
 ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)
 ACCESS_SSH_CERT_LIFETIME = env_int("ACCESS_SSH_CERT_LIFETIME", 12 * 3600, minimum=900, maximum=24 * 3600)
 ACCESS_CRL_VALIDITY = env_int("ACCESS_CRL_VALIDITY", 7 * 24 * 3600, minimum=3600)
+# how often beat revokes the credentials of clusters that ended without their revocation having run (a safety
+# net: ending a cluster revokes at once)
+ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)
+CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = {
+    "task": "access.sweep_credentials",
+    "schedule": ACCESS_SWEEP_INTERVAL,
+}
 
 # --- Logging -------------------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

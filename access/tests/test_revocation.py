@@ -323,3 +323,32 @@ def test_deleting_a_cluster_revokes_its_credentials(alice, bob, root, cluster, g
     assert {c.serial for c in gone if c.kind == "vpn"} <= crl_serials()
     assert all(krl_revokes(c.serial) for c in gone if c.kind == "ssh")
     assert Credential.objects.get(clusters__cluster_id=second.pk).revoked_at is None
+
+
+def test_the_sweep_revokes_what_an_ending_missed(alice, bob, cluster, gateway, settings):
+    """A cluster that ended without its ``cluster_ended`` having run (the worker died between the commit and
+    the signal) keeps live credentials until the periodic sweep finds them; the sweep leaves the credentials
+    of clusters that may still be entered alone and costs nothing the second time."""
+    from access import tasks  # noqa: F401 (the worker finds it by autodiscovery)
+    from clusters.models import VirtualCluster
+    from portal.celery import app
+
+    public = make_cluster(alice, name="web")
+    second = make_cluster(alice, name="keep")
+    issue_both(alice, cluster)
+    issue_both(bob, cluster)
+    services.vpn_profile_issue(user=alice, clusters=[second])
+    services.ssh_certificate_issue(user=alice, cluster=public)
+    # ended behind the signals' back, as _end does, with the after-commit revocation lost
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")
+    VirtualCluster.objects.filter(pk=public.pk).update(connectivity="public")
+    assert Credential.objects.filter(revoked_at__isnull=True).count() == 6
+
+    task = settings.CELERY_BEAT_SCHEDULE["access-sweep-credentials"]["task"]
+    assert app.tasks[task].apply().get() == 5
+    gone = Credential.objects.filter(clusters__cluster_id__in=[cluster.pk, public.pk])
+    assert all(c.revoked_at and c.revocation_reason == RevocationReason.CESSATION_OF_OPERATION for c in gone)
+    assert {c.serial for c in gone if c.kind == "vpn"} <= crl_serials()
+    assert all(krl_revokes(c.serial) for c in gone if c.kind == "ssh")
+    assert Credential.objects.get(clusters__cluster_id=second.pk).revoked_at is None
+    assert services.credentials_sweep() == 0
