@@ -1,10 +1,10 @@
-"""The audit log in admin: read-only, filterable by object type, action and user."""
+"""Admin: the audit log (read-only, filterable by object type, action and user), API tokens, directory accounts."""
 
 from django import forms
 from django.contrib import admin, messages
 
 from portal import audit
-from portal.models import ApiToken, AuditEntry, TokenScope
+from portal.models import ApiToken, AuditEntry, DirectoryAccount, TokenScope
 from portal.tokens import token_create, token_revoke
 
 
@@ -90,3 +90,24 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         for token in queryset:
             token_revoke(token=token)
+
+
+@admin.register(DirectoryAccount)
+class DirectoryAccountAdmin(admin.ModelAdmin):
+    """Which accounts come from LDAP and when they last followed it (written by logins and the periodic sync;
+    read-only here: the directory is the source)."""
+
+    list_display = ["user", "dn", "synced_at", "active"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "dn"]
+    readonly_fields = ["user", "dn", "synced_at"]
+
+    @admin.display(boolean=True, ordering="user__is_active")
+    def active(self, obj) -> bool:
+        return obj.user.is_active
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

@@ -4,13 +4,20 @@ Users and their groups come from the directory (groups are mirrored into Django 
 ``clusters`` app maps to cluster membership); staff and superuser flags follow configured LDAP groups. A
 local Django superuser keeps working as break-glass when the directory is down. A directory that cannot be
 reached is reported to the person logging in as such, not as a wrong password.
+
+django-auth-ldap updates an account only when its owner logs in, but an API token acts without a login:
+``ldap_sync`` (beat, every ``LDAP_SYNC_INTERVAL`` seconds) brings every directory account up to date —
+groups (leaving one revokes the credentials it gave), flags, names — and deactivates an account gone from
+the directory (which revokes every credential and stops its tokens).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import ldap
+import ldap.filter
 from django.core.exceptions import ImproperlyConfigured
 from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
 
@@ -73,10 +80,32 @@ def ldap_settings() -> dict:
 
 
 def connect_signals() -> None:
-    """Called from ``PortalConfig.ready``: remember a directory outage on the request for the login form."""
-    from django_auth_ldap.backend import ldap_error
+    """Called from ``PortalConfig.ready``: remember a directory outage on the request for the login form, and
+    which accounts come from the directory."""
+    from django.contrib.auth import get_user_model
+    from django.db.models.signals import post_save
+    from django_auth_ldap.backend import ldap_error, populate_user
 
     ldap_error.connect(_on_ldap_error, dispatch_uid="portal-ldap-error")
+    populate_user.connect(_on_populate, dispatch_uid="portal-ldap-populate")
+    post_save.connect(_on_user_saved, sender=get_user_model(), dispatch_uid="portal-ldap-account")
+
+
+def _on_populate(sender, user, ldap_user, **kwargs) -> None:
+    # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved
+    user._directory_dn = ldap_user.dn
+
+
+def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:
+    dn = getattr(instance, "_directory_dn", None)
+    if raw or not dn:
+        return
+    from django.utils import timezone
+
+    from portal.models import DirectoryAccount
+
+    del instance._directory_dn
+    DirectoryAccount.objects.update_or_create(user=instance, defaults={"dn": dn, "synced_at": timezone.now()})
 
 
 def _on_ldap_error(sender, context, user, request=None, exception=None, **kwargs) -> None:
@@ -86,3 +115,78 @@ def _on_ldap_error(sender, context, user, request=None, exception=None, **kwargs
             request.ldap_unavailable = True
     else:
         logger.warning("LDAP error during %s: %s", context, type(exception).__name__)
+
+
+@dataclass
+class SyncReport:
+    checked: int = 0
+    deactivated: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    error: str = ""  # the directory could not be searched: the accounts not checked yet were left as they are
+
+
+def _connect(config) -> ldap.ldapobject.LDAPObject:
+    conn = ldap.initialize(config.AUTH_LDAP_SERVER_URI)
+    for option, value in config.AUTH_LDAP_CONNECTION_OPTIONS.items():
+        conn.set_option(option, value)
+    if config.AUTH_LDAP_START_TLS:
+        conn.start_tls_s()
+    conn.simple_bind_s(config.AUTH_LDAP_BIND_DN, config.AUTH_LDAP_BIND_PASSWORD)
+    return conn
+
+
+def _in_directory(conn, search, username: str) -> bool:
+    """Whether the user search finds ``username`` (raises ``ldap.LDAPError``: django-auth-ldap's own search
+    takes an error for "no such user", which must never deactivate anyone)."""
+    filterstr = search.filterstr % {"user": ldap.filter.escape_filter_chars(username)}
+    entries = conn.search_s(search.base_dn, search.scope, filterstr, ["1.1"])
+    return any(dn for dn, _attrs in entries)  # referrals come back without a DN
+
+
+def ldap_sync() -> SyncReport:
+    """Bring every active directory account (``DirectoryAccount``) up to date with the directory, as a login
+    would: groups mirrored (m2m signals revoke the credentials a lost group gave), staff/superuser flags,
+    names. An account the user search no longer finds is deactivated (``access.signals.user_saved`` revokes
+    its credentials; its API tokens stop working). When the directory cannot be searched, the run stops and
+    changes nothing more: an outage never deactivates anyone. A deactivated account is never reactivated
+    here (an admin may have done it)."""
+    from django.conf import settings
+    from django_auth_ldap.backend import LDAPBackend
+
+    from portal import audit
+    from portal.models import DirectoryAccount
+
+    report = SyncReport()
+    if not getattr(settings, "AUTH_LDAP_SERVER_URI", ""):
+        report.error = "LDAP is not configured (LDAP_SERVER_URI)"
+        return report
+    try:
+        conn = _connect(settings)
+    except ldap.LDAPError as exc:
+        report.error = f"the directory cannot be searched: {type(exc).__name__}"
+        logger.warning("LDAP sync: %s", report.error)
+        return report
+    backend = LDAPBackend()
+    try:
+        accounts = DirectoryAccount.objects.filter(user__is_active=True).select_related("user").order_by("pk")
+        for account in accounts:
+            user = account.user
+            username = user.get_username()
+            try:
+                present = _in_directory(conn, settings.AUTH_LDAP_USER_SEARCH, username)
+            except ldap.LDAPError as exc:
+                report.error = f"the directory cannot be searched: {type(exc).__name__}"
+                logger.warning("LDAP sync stopped at %s: %s", username, report.error)
+                break
+            report.checked += 1
+            if not present:
+                user.is_active = False
+                user.save(update_fields=["is_active"])
+                audit.record(user, "action", message=f"deactivated: {account.dn} is no longer in the directory")
+                logger.warning("LDAP sync: %s is no longer in the directory: account deactivated", username)
+                report.deactivated.append(username)
+            elif backend.populate_user(username) is None:  # an error half-way (logged by django-auth-ldap)
+                report.failed.append(username)
+    finally:
+        conn.unbind_s()
+    return report

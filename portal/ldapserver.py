@@ -106,6 +106,7 @@ class LdapServer:
     users: tuple[DirectoryUser, ...] = DEMO_USERS
     groups: tuple[DirectoryGroup, ...] = DEMO_GROUPS
     passwords: dict[str, str] = field(default_factory=dict)
+    root_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     start_timeout: float = 10.0
     port: int = 0
     directory: Path | None = None
@@ -145,6 +146,23 @@ class LdapServer:
             "LDAP_SUPERUSER_GROUP": self.group_dn(SUPERUSER_GROUP),
             "LDAP_TIMEOUT": "3",
         }
+
+    @property
+    def root_dn(self) -> str:
+        return f"cn=admin,{self.base}"
+
+    def modify(self, ldif: str) -> None:
+        """Change the running directory as its administrator (``ldapmodify`` LDIF: ``changetype: modify`` or
+        ``delete`` records), as an operator would: a user leaves a group, an account is removed."""
+        result = subprocess.run(
+            ["ldapmodify", "-x", "-H", self.uri, "-D", self.root_dn, "-w", self.root_password],
+            input=ldif,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if result.returncode != 0:
+            raise LdapServerError(f"ldapmodify failed: {result.stderr.strip() or result.stdout.strip()}")
 
     # --- life cycle -----------------------------------------------------------------------------------------
 
@@ -214,8 +232,8 @@ moduleload back_mdb
 database mdb
 maxsize 16777216
 suffix "{self.base}"
-rootdn "cn=admin,{self.base}"
-rootpw {ssha(secrets.token_urlsafe(16))}
+rootdn "{self.root_dn}"
+rootpw {ssha(self.root_password)}
 directory {self.directory / "db"}
 dbnosync
 access to attrs=userPassword by anonymous auth by self read by * none

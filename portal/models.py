@@ -1,4 +1,4 @@
-"""Portal-wide records: the audit log."""
+"""Portal-wide records: the audit log, API tokens, accounts that come from the directory."""
 
 from __future__ import annotations
 
@@ -76,3 +76,16 @@ class ApiToken(models.Model):
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
+
+
+class DirectoryAccount(models.Model):
+    """A Django user that comes from the LDAP directory (recorded whenever django-auth-ldap populates it: at
+    login, or by the periodic sync). Only these accounts are checked against the directory by
+    ``portal.auth.ldap_sync``; local accounts (a break-glass superuser, a scheduler's API account) never are."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="directory_account")
+    dn = models.CharField(max_length=500, help_text="the account's entry in the directory")
+    synced_at = models.DateTimeField(null=True, blank=True, help_text="last brought up to date from the directory")
+
+    def __str__(self) -> str:
+        return self.dn

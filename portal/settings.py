@@ -264,6 +264,11 @@ CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = {
     "task": "access.sweep_credentials",
     "schedule": ACCESS_SWEEP_INTERVAL,
 }
+# how often directory accounts are brought up to date with LDAP (groups, flags; gone from it → deactivated):
+# a login does it too, but an API token acts without one
+LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)
+if LDAP:
+    CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = {"task": "portal.ldap_sync", "schedule": LDAP_SYNC_INTERVAL}
 
 # --- Logging -------------------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

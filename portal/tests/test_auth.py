@@ -164,3 +164,105 @@ def test_throwaway_server_stops_and_leaves_nothing():
         assert directory.is_dir() and server.running
     assert process.poll() is not None and not directory.exists()
     server.stop()  # twice is fine
+
+
+# --- the periodic sync: an API token acts without a login, so the directory's changes must reach the portal
+# without one ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_directory():
+    """A directory of this test's own (the test changes it)."""
+    with LdapServer(users=USERS, groups=GROUPS) as server, settings_for(server):
+        yield server
+
+
+def run_sync():
+    from portal import tasks  # noqa: F401 (the worker finds it by autodiscovery)
+    from portal.celery import app
+
+    return app.tasks["portal.ldap_sync"].apply().get()
+
+
+def closed_cluster_of(owner, group):
+    from access.models import Gateway, GatewayKind
+    from access.tests.fixtures import make_cluster
+
+    Gateway.objects.get_or_create(name="gw1", defaults={"kind": GatewayKind.BOTH, "address": "198.18.100.1"})
+    return make_cluster(owner, name=f"c-{owner.username}", group=group)
+
+
+def test_sync_takes_a_group_the_directory_took_away_and_its_credentials(client, own_directory):
+    from access import services
+    from access.models import Credential, RevocationReason
+
+    for uid in ("alice", "bob"):
+        assert log_in(client, uid, own_directory.passwords[uid]).status_code == 302
+    alice, bob = User.objects.get(username="alice"), User.objects.get(username="bob")
+    assert alice.directory_account.dn == f"uid=alice,{own_directory.people_base}"
+    physics = Group.objects.get(name="physics")
+    cluster = closed_cluster_of(bob, physics)
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    services.ssh_certificate_issue(user=bob, cluster=cluster)
+    local = User.objects.create_user("pbs")  # a scheduler's API account: not in the directory, never touched
+
+    own_directory.modify(
+        f"dn: {own_directory.group_dn('physics')}\nchangetype: modify\ndelete: memberUid\nmemberUid: alice\n"
+    )
+    report = run_sync()
+
+    assert report == {"checked": 2, "deactivated": [], "failed": [], "error": ""}
+    assert not alice.groups.filter(name="physics").exists() and bob.groups.filter(name="physics").exists()
+    lost = Credential.objects.get(user=alice)
+    assert lost.revoked_at and lost.revocation_reason == RevocationReason.AFFILIATION_CHANGED
+    assert Credential.objects.get(user=bob).revoked_at is None
+    local.refresh_from_db()
+    assert local.is_active
+
+
+def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directory):
+    from access import services
+    from access.models import Credential, RevocationReason
+    from portal.models import AuditEntry
+    from portal.tokens import token_create
+
+    assert log_in(client, "charlie", own_directory.passwords["charlie"]).status_code == 302
+    charlie = User.objects.get(username="charlie")
+    services.vpn_profile_issue(user=charlie, clusters=[closed_cluster_of(charlie, None)])
+    _, secret = token_create(user=charlie, name="script", scopes=["clusters:read"])
+
+    own_directory.modify(f"dn: uid=charlie,{own_directory.people_base}\nchangetype: delete\n")
+    assert run_sync()["deactivated"] == ["charlie"]
+
+    charlie.refresh_from_db()
+    assert not charlie.is_active
+    assert Credential.objects.get(user=charlie).revocation_reason == RevocationReason.PRIVILEGE_WITHDRAWN
+    assert client.get("/api/clusters/", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 401
+    assert AuditEntry.objects.filter(object_id=str(charlie.pk), message__contains="no longer in the directory")
+    assert run_sync()["checked"] == 0  # an inactive account is left alone (an admin may reactivate it)
+
+
+def test_sync_with_the_directory_down_changes_nothing(client, own_directory):
+    from portal.auth import ldap_sync
+
+    assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 302
+    own_directory.stop()
+    report = ldap_sync()
+    assert report.error.startswith("the directory cannot be searched") and report.checked == 0
+    alice = User.objects.get(username="alice")
+    assert alice.is_active and alice.groups.filter(name="physics").exists()
+
+
+def test_sync_is_scheduled_only_with_ldap():
+    from django.conf import settings
+
+    assert "portal-ldap-sync" not in settings.CELERY_BEAT_SCHEDULE  # the test settings have no LDAP
+    assert run_sync()["error"] == "LDAP is not configured (LDAP_SERVER_URI)"
+
+
+def test_admin_lists_the_directory_accounts(client, own_directory, admin_client):
+    assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 302
+    page = admin_client.get(reverse("admin:portal_directoryaccount_changelist"))
+    assert page.status_code == 200 and f"uid=alice,{own_directory.people_base}" in page.content.decode()
+    account = User.objects.get(username="alice").directory_account
+    assert admin_client.get(reverse("admin:portal_directoryaccount_change", args=[account.pk])).status_code == 200
