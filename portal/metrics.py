@@ -1,9 +1,10 @@
 """Prometheus metrics (text exposition format 0.0.4) computed from the database at scrape time, so every web
 worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
 state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
-or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind. Each family
-is one aggregate query (webhooks: one per webhook; open device work, recent failures and recent READY steps
-use partial and time indexes, so a scrape stays cheap however long the history grows)."""
+or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind, access
+gateways that stopped pulling. Each family is one aggregate query (webhooks: one per webhook; open device
+work, recent failures and recent READY steps use partial and time indexes, so a scrape stays cheap however
+long the history grows)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def render(families: Iterable[Family]) -> str:
 
 
 def collect() -> list[Family]:
-    from access.models import Credential, CredentialKind
+    from access.models import Credential, CredentialKind, Gateway
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
 
@@ -123,6 +124,19 @@ def collect() -> list[Family]:
         behind.add(ClusterEvent.objects.filter(id__gt=cursor).count() if cursor < newest else 0, webhook=name)
         failing.add(failures, webhook=name)
     families += [behind, failing]
+
+    # A gateway authorizes from the state it last pulled: one that stopped pulling still admits the holders of
+    # credentials revoked since, and maps a cluster ended since to its old VLAN, which goes to another cluster
+    # once the pool's quarantine is over. Alert when this passes the smallest quarantine_seconds of the pools.
+    pulls = Family(
+        "virtcloud_gateway_pull_age_seconds",
+        "Seconds since an enabled access gateway last pulled its state (since it was enrolled, if never).",
+    )
+    for name, last_pull, created in (
+        Gateway.objects.filter(enabled=True).order_by("name").values_list("name", "last_pull_at", "created_at")
+    ):
+        pulls.add((now - (last_pull or created)).total_seconds(), gateway=name)
+    families.append(pulls)
 
     families.append(
         _by_kind(

@@ -12,7 +12,7 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
-from access.models import Credential, CredentialKind
+from access.models import Credential, CredentialKind, Gateway
 from clusters.models import ClusterState, ClusterStep, Image, VirtualCluster
 from network.models import DeviceChange, Drift, Host, Site, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -115,6 +115,11 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
             revoked_at=revoked,
         )
 
+    gateways = [Gateway.objects.create(name=n, address=f"198.18.100.{i}") for i, n in enumerate(("gw1", "gw2", "off"))]
+    Gateway.objects.filter(name="gw1").update(last_pull_at=now - timedelta(seconds=90))
+    Gateway.objects.filter(name="gw2").update(created_at=now - timedelta(hours=1))  # enrolled, never pulled
+    Gateway.objects.filter(pk=gateways[2].pk).update(enabled=False)
+
     prometheus = scraper(alice, [TokenScope.METRICS])
     with CaptureQueriesContext(connection) as ctx:
         r = prometheus.get("/metrics")
@@ -150,10 +155,13 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     assert value("virtcloud_drift_open", kind="stale") == 0
     assert value("virtcloud_access_credentials_valid", kind=CredentialKind.VPN) == 1
     assert value("virtcloud_access_credentials_valid", kind=CredentialKind.SSH) == 1
+    assert 90 <= value("virtcloud_gateway_pull_age_seconds", gateway="gw1") < 150
+    assert 3600 <= value("virtcloud_gateway_pull_age_seconds", gateway="gw2") < 3700
+    assert ("virtcloud_gateway_pull_age_seconds", (("gateway", "off"),)) not in found  # disabled: not expected to
     # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
-    # the webhooks — one more per webhook: none here; the queues: two for the devices, one per device kind
+    # the webhooks — one more per webhook: none here; the gateways; the queues: two for the devices, one per device kind
     # for their changes), whatever the size
-    assert len(ctx.captured_queries) <= 18, [q["sql"] for q in ctx.captured_queries]
+    assert len(ctx.captured_queries) <= 19, [q["sql"] for q in ctx.captured_queries]
 
 
 def test_nothing_yet_is_all_zeros(alice):
