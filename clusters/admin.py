@@ -6,7 +6,17 @@ from django.core.validators import URLValidator
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
-from clusters.models import ClusterStep, IdempotencyKey, Image, Node, PublicPrefix, Quota, VirtualCluster, Webhook
+from clusters.models import (
+    LIVE_STATES,
+    ClusterStep,
+    IdempotencyKey,
+    Image,
+    Node,
+    PublicPrefix,
+    Quota,
+    VirtualCluster,
+    Webhook,
+)
 
 
 @admin.register(Image)
@@ -144,6 +154,15 @@ class VirtualClusterAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # clusters are created through the API, where the policy and the workflow run
+
+    def get_deleted_objects(self, objs, request):
+        # Deleting a live cluster's row would leave its VLAN on the devices (its segment outlives it) and its
+        # credentials valid: only the teardown cleans and revokes.
+        deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
+        live = [
+            f"cluster {c.name} is {c.get_state_display()}: tear it down first" for c in objs if c.state in LIVE_STATES
+        ]
+        return deleted, counts, perms, [*protected, *live]
 
     def save_model(self, request, obj, form, change):
         if change and "expires_at" in form.changed_data:

@@ -105,3 +105,25 @@ def test_a_teardown_between_the_check_and_the_save_is_reported_not_called_a_succ
     assert not any("changed successfully" in m for m in msgs)
     cluster.refresh_from_db()
     assert cluster.expires_at == before
+
+
+def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root, cluster):
+    """Deleting the row of a live cluster would leave its VLAN on the switches and hosts (the segment
+    outlives it) and its VPN and SSH credentials valid: admin says to tear it down first, on the delete
+    page and in the bulk action."""
+    client.force_login(root)
+    r = client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/")
+    assert "tear it down first" in r.content.decode()
+    client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"})
+    r = client.post(
+        "/admin/clusters/virtualcluster/",
+        {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
+        follow=True,
+    )
+    assert "tear it down first" in r.content.decode()
+    assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+    services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: it ends now
+    r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
+    assert r.status_code == 200
+    assert not VirtualCluster.objects.filter(pk=cluster.pk).exists()
