@@ -141,8 +141,8 @@ def parse_public_key(text: str, *, min_rsa_bits: int = 3072) -> ParsedKey:
         key = serialization.load_ssh_public_key(" ".join(parts[:2]).encode())
     except (ValueError, TypeError) as exc:
         raise SSHKeyRejected(f"not a valid OpenSSH public key ({kind}): {exc}") from None
-    except Exception as exc:  # unsupported algorithms raise UnsupportedAlgorithm
-        raise SSHKeyRejected(f"unsupported key type {kind}: {exc}") from None
+    except Exception:  # unsupported algorithms raise UnsupportedAlgorithm (its text only repeats the type)
+        raise SSHKeyRejected(_unsupported(kind, min_rsa_bits)) from None
     if isinstance(key, dsa.DSAPublicKey):
         raise SSHKeyRejected("DSA keys are weak and disabled in OpenSSH; use an ssh-ed25519 key")
     if isinstance(key, rsa.RSAPublicKey):
@@ -155,7 +155,14 @@ def parse_public_key(text: str, *, min_rsa_bits: int = 3072) -> ParsedKey:
         return ParsedKey(key, kind, key.curve.key_size, comment)
     if isinstance(key, ed25519.Ed25519PublicKey):
         return ParsedKey(key, kind, 256, comment)
-    raise SSHKeyRejected(f"unsupported key type {kind}")
+    raise SSHKeyRejected(_unsupported(kind, min_rsa_bits))
+
+
+def _unsupported(kind: str, min_rsa_bits: int) -> str:
+    return (
+        f"unsupported key type {kind} (use ssh-ed25519, ecdsa-sha2-nistp256/384/521, "
+        f"or ssh-rsa of {min_rsa_bits} bits or more)"
+    )
 
 
 @dataclass(frozen=True)

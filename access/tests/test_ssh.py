@@ -96,6 +96,14 @@ def test_rejected_keys(text, reason):
         ssh.parse_public_key(text)
 
 
+def test_an_unsupported_key_type_says_which_ones_are():
+    with pytest.raises(ssh.SSHKeyRejected) as info:
+        ssh.parse_public_key("ssh-ed448 AAAA x")
+    assert str(info.value) == (
+        "unsupported key type ssh-ed448 (use ssh-ed25519, ecdsa-sha2-nistp256/384/521, or ssh-rsa of 3072 bits or more)"
+    )
+
+
 def test_short_rsa_rejected():
     with pytest.raises(ssh.SSHKeyRejected, match="2048 bits is too weak"):
         ssh.parse_public_key(_pub(rsa.generate_private_key(65537, 2048)))
