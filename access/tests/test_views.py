@@ -101,6 +101,7 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert "Revoked" in response.content.decode()
     credential.refresh_from_db()
     assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
+    assert f"revoked {credential.revoked_at:%Y-%m-%d %H:%M} UTC (" in response.content.decode()  # as "valid until"
     # GET does nothing.
     assert client.get(f"/access/credentials/{credential.pk}/revoke/").status_code == 405
 

@@ -37,3 +37,34 @@ def test_home_lists_own_and_group_clusters_only(
     assert "sim0" not in page and "No live cluster." in page
     client.logout()
     assert client.get("/").status_code == 302
+
+
+def test_home_says_its_times_are_utc(fabric, client, alice):
+    """The portal's times are UTC (the access page says so too): a user elsewhere must not read them as local."""
+    from django.utils import timezone
+
+    from clusters.models import VirtualCluster
+
+    Image.objects.create(name="my-own", approved=False)
+    api = APIClient()
+    api.force_authenticate(alice)
+    for i, name in enumerate(("kept", "gone")):
+        r = api.post(
+            "/api/clusters/",
+            {
+                "name": name,
+                "image": "my-own",
+                "nodes": [{"name": "n1", "host": "brno1", "mac": f"52:54:00:00:0b:0{i}"}],
+            },
+            format="json",
+        )
+        assert r.status_code == 201, r.content
+    gone = VirtualCluster.objects.get(name="gone")
+    assert api.post(f"/api/clusters/{gone.pk}/teardown/", {}, format="json").status_code == 202
+    kept, gone = VirtualCluster.objects.get(name="kept"), VirtualCluster.objects.get(name="gone")
+    assert gone.ended_at is not None
+    client.force_login(alice)
+    page = client.get("/").content.decode()
+    utc = timezone.get_fixed_timezone(0)
+    assert f"<td>{kept.expires_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
+    assert f"<td>{gone.ended_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
