@@ -95,6 +95,8 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     credential = Credential.objects.get()
     page = client.get("/access/").content.decode()
     assert f'data-serial="{credential.serial}"' in page and "Revoke (lost my laptop)" in page
+    # Every row has such a button: its accessible name says which credential it revokes.
+    assert f'aria-label="Revoke OpenVPN profile {credential.serial} (lost my laptop)"' in page
     # Someone else cannot revoke it.
     assert logged_in(bob).post(f"/access/credentials/{credential.pk}/revoke/").status_code == 404
     response = client.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
