@@ -28,6 +28,7 @@ print(json.dumps({
     "DB_ENGINE": settings.DATABASES["default"]["ENGINE"],
     "DB_NAME": str(settings.DATABASES["default"]["NAME"]),
     "BROKER": settings.CELERY_BROKER_URL,
+    "BROKER_TRANSPORT": getattr(settings, "CELERY_BROKER_TRANSPORT", None),
     "BACKENDS": settings.AUTHENTICATION_BACKENDS,
     "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
     "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
@@ -64,6 +65,7 @@ def test_defaults_run_with_nothing_installed(tmp_path):
     assert values["DB_ENGINE"] == "django.db.backends.sqlite3"
     assert values["DB_NAME"] == str(tmp_path / "portal.sqlite3")
     assert values["BROKER"].startswith("filesystem://")
+    assert values["BROKER_TRANSPORT"] == "portal.broker:Transport"  # whole message files (portal/broker.py)
     assert values["BACKENDS"] == ["django.contrib.auth.backends.ModelBackend"]
     assert values["LDAP_URI"] is None
 
