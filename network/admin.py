@@ -311,11 +311,15 @@ class SegmentAdmin(ReadOnlyAdmin):
 
 @admin.register(DeviceChange)
 class DeviceChangeAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "kind", "device", "cause", "status", "attempts", "duration", "short_error")
+    list_display = ("created_at", "kind", "device", "cause", "status", "attempts", "seconds", "short_error")
     list_filter = ("status", "kind")
     search_fields = ("device", "cause", "error", "segment__owner_ref")
     list_select_related = ("segment",)
     date_hierarchy = "created_at"
+
+    @admin.display(description="seconds")
+    def seconds(self, obj):
+        return None if obj.duration is None else f"{obj.duration:.3f}"
 
     @admin.display(description="error")
     def short_error(self, obj):

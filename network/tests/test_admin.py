@@ -237,3 +237,19 @@ def test_ports_carrying_live_vlans_and_cores_live_clusters_need_are_kept(admin_c
     page = admin_client.post(reverse("admin:network_switch_add"), new)
     assert page.status_code == 200 and "core cesnet-qinq does not join site ostrava" in page.content.decode()
     assert not Switch.objects.filter(name="ostrava-sw").exists()
+
+
+def test_device_change_list_says_the_duration_is_in_seconds(admin_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from network.models import DeviceChange
+
+    started = timezone.now()
+    DeviceChange.objects.create(
+        kind="switch", device="brno-sw", cause="reconcile", status="changed",
+        started_at=started, finished_at=started + timedelta(microseconds=18_639),
+    )  # fmt: skip
+    page = admin_client.get("/admin/network/devicechange/").content.decode()
+    assert "Seconds" in page and ">0.019<" in page and "0.018639" not in page
