@@ -2,6 +2,8 @@
 
 import os
 
+from django.core.exceptions import ImproperlyConfigured
+
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production-0123456789abcdef")
 os.environ.setdefault("SECRETS_KEY", "1b8NqwoUqaIVz7W6XI-MVmQ5IT9b4u1ZlG5x8c3mvX0=")
 os.environ.setdefault("ACCESS_CA_PASSPHRASE", "test-ca-passphrase-not-for-production")
@@ -24,12 +26,15 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
         str(DATA_DIR / f"test-{os.environ.get('PYTEST_XDIST_WORKER') or 'gw0'}.sqlite3"),  # noqa: F405
     )
 
-# Each pytest-xdist worker gets its own Redis database, so real-worker tests running in parallel never
-# take each other's messages. Tests run eagerly unless a test starts a real worker (conftest.celery_worker).
+# Each pytest-xdist worker gets its own Redis database, counting down from the one REDIS_URL names (a worker
+# test flushes it), so real-worker tests running in parallel never take each other's messages. Tests run
+# eagerly unless a test starts a real worker (conftest.celery_worker).
 if os.environ.get("REDIS_URL"):
-    _base = os.environ["REDIS_URL"].rsplit("/", 1)[0]
+    _base, _db = os.environ["REDIS_URL"].rsplit("/", 1)
     _index = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
-    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = f"{_base}/{15 - _index}"
+    if int(_db or 0) < _index:
+        raise ImproperlyConfigured(f"REDIS_URL: database {_db or 0} leaves none for pytest-xdist worker {_index}")
+    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = f"{_base}/{int(_db or 0) - _index}"
     # The killed-worker tests wait for redelivery: short visibility timeout, frequent restore sweeps.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": 4,

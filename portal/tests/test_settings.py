@@ -156,3 +156,11 @@ def test_build_commands_run_without_production_keys(tmp_path):
     assert built.returncode == 0, built.stderr
     served = subprocess.run([*manage, "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert served.returncode != 0 and "SECRET_KEY must be set" in served.stderr
+
+
+def test_tests_use_the_redis_database_of_redis_url(tmp_path):
+    """Each pytest-xdist worker counts down from the database REDIS_URL names (a worker test flushes it), not
+    from 15 whatever REDIS_URL said: another user of the same Redis may own 15."""
+    env = {"DJANGO_SETTINGS_MODULE": "portal.settings_test", "REDIS_URL": "redis://127.0.0.1:6379/13"}
+    assert loaded(tmp_path, **env)["BROKER"] == "redis://127.0.0.1:6379/13"
+    assert loaded(tmp_path, **env, PYTEST_XDIST_WORKER="gw2")["BROKER"] == "redis://127.0.0.1:6379/11"
