@@ -15,6 +15,7 @@ def home(request):
         "clusters/home.html",
         {
             "groups": request.user.groups.order_by("name"),
+            "sees_all": selectors.acts_as_admin(request),
             "live": [c for c in clusters.filter(state__in=LIVE_STATES)],
             # the live page script (static/js/live-state.js) follows rows in a transitional state
             "states": ",".join(ClusterState.values),

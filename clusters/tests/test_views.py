@@ -68,3 +68,11 @@ def test_home_says_its_times_are_utc(fabric, client, alice):
     utc = timezone.get_fixed_timezone(0)
     assert f"<td>{kept.expires_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
     assert f"<td>{gone.ended_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
+
+
+def test_home_tells_an_admin_the_list_is_everyone_s(client, alice, root):
+    client.force_login(alice)
+    assert "Virtual clusters you own or share through a group." in client.get("/").content.decode()
+    client.force_login(root)
+    page = client.get("/").content.decode()
+    assert "you own or share" not in page and "Every user's virtual clusters (you are an administrator)." in page
