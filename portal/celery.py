@@ -3,8 +3,12 @@
 import os
 
 from celery import Celery, signals
+from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+# The embedded broker ("filesystem://") in every process (web, worker, beat): kombu's own writer lets a worker
+# read a message file before it is written (portal/broker.py). By scheme, so a Redis or AMQP URL is untouched.
+TRANSPORT_ALIASES["filesystem"] = "portal.broker:Transport"
 
 app = Celery("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")

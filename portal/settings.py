@@ -174,9 +174,8 @@ SPECTACULAR_SETTINGS = {
 BROKER_DIR = DATA_DIR / "broker"
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    # Embedded broker: kombu's filesystem transport needs no server (one machine only); portal.broker writes
-    # each message file whole.
-    CELERY_BROKER_TRANSPORT = "portal.broker:Transport"
+    # Embedded broker: kombu's filesystem transport needs no server (one machine only); through portal.broker
+    # (portal.celery makes it the one "filesystem://" names), which writes each message file whole.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),

@@ -23,7 +23,8 @@ def channel(tmp_path):
         "control_folder": str(folders["control"]),
         "store_processed": False,
     }
-    with Connection("filesystem://localhost/", transport="portal.broker:Transport", transport_options=options) as conn:
+    with Connection("filesystem://localhost/", transport_options=options) as conn:  # portal.celery: the scheme
+        assert isinstance(conn.default_channel, broker.Channel)
         yield conn.default_channel
 
 

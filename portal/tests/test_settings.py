@@ -28,7 +28,9 @@ print(json.dumps({
     "DB_ENGINE": settings.DATABASES["default"]["ENGINE"],
     "DB_NAME": str(settings.DATABASES["default"]["NAME"]),
     "BROKER": settings.CELERY_BROKER_URL,
-    "BROKER_TRANSPORT": getattr(settings, "CELERY_BROKER_TRANSPORT", None),
+    "BROKER_TRANSPORT": (lambda cls: f"{cls.__module__}:{cls.__qualname__}")(
+        __import__("kombu").Connection(settings.CELERY_BROKER_URL).get_transport_cls()
+    ),
     "BACKENDS": settings.AUTHENTICATION_BACKENDS,
     "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
     "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
@@ -162,5 +164,7 @@ def test_tests_use_the_redis_database_of_redis_url(tmp_path):
     """Each pytest-xdist worker counts down from the database REDIS_URL names (a worker test flushes it), not
     from 15 whatever REDIS_URL said: another user of the same Redis may own 15."""
     env = {"DJANGO_SETTINGS_MODULE": "portal.settings_test", "REDIS_URL": "redis://127.0.0.1:6379/13"}
-    assert loaded(tmp_path, **env)["BROKER"] == "redis://127.0.0.1:6379/13"
+    values = loaded(tmp_path, **env)
+    assert values["BROKER"] == "redis://127.0.0.1:6379/13"
+    assert values["BROKER_TRANSPORT"] == "kombu.transport.redis:Transport"  # the embedded broker's is by scheme
     assert loaded(tmp_path, **env, PYTEST_XDIST_WORKER="gw2")["BROKER"] == "redis://127.0.0.1:6379/11"
