@@ -45,10 +45,22 @@ class HostField(NameRelatedField):
     def to_internal_value(self, data):
         if self.prefetched is not None and isinstance(data, str):
             host = self.prefetched.get(data)
+            if host is None and not _encodable(data):
+                self.fail("invalid")  # not "does not exist": the answer could not encode the name
             if host is None:
                 self.fail("does_not_exist", slug_name=self.slug_field, value=smart_str(data))
             return host
         return super().to_internal_value(data)
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 encoding: a lone surrogate (a ``\\ud800`` escape in the JSON) has none, so
+    the database cannot compare it, nor can an answer echo it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class NodeListSerializer(serializers.ListSerializer):
@@ -58,7 +70,8 @@ class NodeListSerializer(serializers.ListSerializer):
             names.discard("")
             field = self.child.fields["host"]
             field.prefetched = {
-                h.name: h for h in field.get_queryset().filter(name__in=[n for n in names if "\x00" not in n])
+                h.name: h
+                for h in field.get_queryset().filter(name__in=[n for n in names if "\x00" not in n and _encodable(n)])
             }
         return super().to_internal_value(data)
 

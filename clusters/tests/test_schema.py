@@ -236,6 +236,12 @@ def test_what_schemathesis_found_stays_fixed(world, alice):
     nul = {"name": "c2", "image": "my-own", "nodes": [{"name": "n", "host": "brno1\x00", "mac": "52:54:00:00:09:01"}]}
     r = api.post("/api/clusters/", nul, format="json")
     assert r.status_code == 400 and "host" in str(r.data["nodes"])
+    # a host name with a lone surrogate (a "\ud800" escape in the JSON) names no host either (it was a 500)
+    surrogate = json.dumps({**nul, "nodes": [{"name": "n", "host": "brno\ud800", "mac": "52:54:00:00:09:01"}]})
+    r = api.post("/api/clusters/", surrogate, content_type="application/json")
+    assert r.status_code == 400 and "host" in str(r.data["nodes"])
+    r = api.post(f"/api/clusters/{cid}/nodes/", surrogate, content_type="application/json")
+    assert r.status_code == 400 and "host" in str(r.data["nodes"])
     assert api.get("/api/clusters/?name=a\x00b").status_code == 400
     assert api.get("/api/network/changes/?device=a\x00b").status_code == 400
     assert (
