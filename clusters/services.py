@@ -386,6 +386,11 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
             return cluster
         raise
     audit.record(cluster, "action", message=f"teardown: {reason}")
+    # The workflow this interrupts (a provisioning, its rollback, a node change) is stale now and never
+    # reports: its running step ends here, or it would stay the progress's current step for good.
+    ClusterStep.objects.filter(cluster=cluster, status=StepStatus.RUNNING).update(
+        status=StepStatus.FAILED, error=f"called off by the teardown: {reason}", finished_at=timezone.now()
+    )
     if cluster.segment_id:
         net.segment_delete(segment=cluster.segment)
     transaction.on_commit(lambda: workflows.start_teardown(cluster.pk, cluster.workflow_generation))

@@ -402,6 +402,40 @@ def test_teardown_cleans_every_device_and_quarantines_the_vlan(fabric, images, a
     assert api.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json").status_code == 409
 
 
+def test_a_teardown_ends_the_step_of_the_workflow_it_interrupts(fabric, images, api, alice, monkeypatch):
+    """A scheduler tears a cluster down while it provisions, or while a node change converges: the interrupted
+    workflow never reports, so its step was left "running" for good (the progress of a torn-down cluster
+    named it as the current step). It ends failed, saying the teardown called it off."""
+    from celery.canvas import _chain
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # the workflow is sent, and still runs
+        provisioning = api.post("/api/clusters/", body(), format="json").data["id"]
+    updating = api.post("/api/clusters/", body(name="c2", nodes=[("m1", "brno2", "52:54:00:00:01:01")]), format="json")
+    updating = updating.data["id"]
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+        node = {"name": "m2", "host": "prague1", "mac": "52:54:00:00:01:02"}
+        assert api.post(f"/api/clusters/{updating}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    for cid, state, interrupted in (
+        (provisioning, ClusterState.PROVISIONING, "network"),
+        (updating, ClusterState.UPDATING, "nodes.add"),
+    ):
+        assert VirtualCluster.objects.get(pk=cid).state == state
+        r = api.post(f"/api/clusters/{cid}/teardown/", {"reason": "job cancelled"}, format="json")
+        assert r.status_code == 202, r.content
+        data = api.get(f"/api/clusters/{cid}/").data
+        assert data["state"] == "torn_down"
+        assert data["progress"]["current"] is None
+        assert not [s for s in data["steps"] if s["status"] == "running"], data["steps"]
+        step = next(s for s in data["steps"] if s["name"] == interrupted)
+        assert step["status"] == "failed" and step["finished_at"] is not None
+        assert step["error"] == "called off by the teardown: job cancelled (by alice)", step
+        assert next(s for s in data["steps"] if s["name"] == "teardown")["status"] == "ok"
+    assert not allocated_vids()
+
+
 @pytest.fixture
 def errbacks_run():
     """Eager Celery as on a worker: a failing task calls its error callbacks instead of raising on the spot."""
