@@ -88,6 +88,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             return None
         if len(key) > 200:
             raise ValidationError({"Idempotency-Key": "at most 200 characters"})
+        if "\x00" in key:  # (PostgreSQL text cannot hold it; gunicorn refuses it, runserver passes it on)
+            raise ValidationError({"Idempotency-Key": "must not contain NUL characters"})
         actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
         return actor, key, services.request_fingerprint(payload)
 

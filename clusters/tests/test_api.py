@@ -134,6 +134,20 @@ def test_idempotency_key_returns_the_same_cluster(fabric, images, scheduler, ali
     assert "Idempotency-Key" in other.data
 
 
+def test_an_idempotency_key_the_database_cannot_hold_is_refused(fabric, images, api, alice):
+    """A NUL character in the key (PostgreSQL text cannot hold one) is a 400 naming the header, not a 500;
+    nothing is created or changed."""
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(), format="json", HTTP_IDEMPOTENCY_KEY="job\x004711")
+    assert r.status_code == 400 and "Idempotency-Key" in r.data, r.content
+    assert VirtualCluster.objects.count() == 0 and not allocated_vids()
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    r = api.post(f"/api/clusters/{cid}/teardown/", {}, format="json", HTTP_IDEMPOTENCY_KEY="down\x00")
+    assert r.status_code == 400 and "Idempotency-Key" in r.data, r.content
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
+    assert IdempotencyKey.objects.count() == 0
+
+
 def test_retried_actions_with_an_idempotency_key_act_once(fabric, images, scheduler, alice):
     """A scheduler retries after a lost answer: with the same key every action answers like the first time
     and changes nothing again — even where a plain retry would be refused (a removed node is 404, a node
