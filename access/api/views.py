@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from access import selectors, services
 from access.api import serializers as s
 from access.models import Credential, Gateway, RevocationReason
+from portal.api import query_param
 from portal.models import ApiToken, TokenScope
 
 ERRORS = {
@@ -107,7 +108,7 @@ class SshCertificateView(APIView):
             OpenApiParameter("status", OpenApiTypes.STR, enum=["valid", "revoked", "expired"]),
             OpenApiParameter("user", OpenApiTypes.STR, description="user name (admins)"),
         ],
-        responses={200: s.CredentialSerializer(many=True), **_errors(401, 403)},
+        responses={200: s.CredentialSerializer(many=True), **_errors(400, 401, 403)},
     ),
     retrieve=extend_schema(responses={200: s.CredentialSerializer, **_errors(401, 403, 404)}),
 )
@@ -126,9 +127,9 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         qs = _credentials_visible(self.request)
         params = self.request.query_params
         if params.get("kind"):
-            qs = qs.filter(kind=params["kind"])
+            qs = qs.filter(kind=query_param(self.request, "kind"))
         if params.get("user"):
-            qs = qs.filter(user__username=params["user"])
+            qs = qs.filter(user__username=query_param(self.request, "user"))
         state = params.get("status")
         if state == "revoked":
             qs = qs.filter(revoked_at__isnull=False)

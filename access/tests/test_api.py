@@ -179,6 +179,16 @@ def test_credentials_list_and_revoke(alice, bob, root, cluster, gateway, django_
     assert len(valid) == 1 and valid[0]["status"] == "valid" and valid[0]["id"] != expired.pk
 
 
+def test_credential_filters_the_database_cannot_compare_are_a_400(alice, root):
+    """A NUL character in ``kind`` or ``user`` (PostgreSQL text cannot hold one) is a 400 naming the
+    parameter, as for every other list filter of the API; it was a 500."""
+    for caller in (alice, root):
+        for param in ("kind", "user"):
+            response = client_for(caller).get(f"/api/access/credentials/?{param}=a%00b")
+            assert response.status_code == 400, response.content
+            assert param in response.json()
+
+
 def test_public_crl(alice, cluster, gateway):
     services.vpn_profile_issue(user=alice, clusters=[cluster])
     credential = Credential.objects.get()
