@@ -87,6 +87,8 @@ class NodeInputSerializer(serializers.Serializer):
         mac_validator(value)
         if int(value.split(":")[0], 16) & 1:
             raise serializers.ValidationError("a multicast MAC cannot be a VM's address")
+        if value == "00:00:00:00:00:00":  # (nor can Linux give it to a NIC: not a valid Ethernet address)
+            raise serializers.ValidationError("the all-zero MAC cannot be a VM's address")
         return value
 
     def validate(self, attrs) -> NodeRequest:

@@ -271,6 +271,7 @@ def test_a_refused_action_records_no_key(fabric, images, scheduler, alice):
         ({"nodes": [{"name": "n1", "host": "nowhere", "mac": "52:54:00:00:00:01"}]}, 400, "nodes"),
         ({"nodes": [{"name": "n1", "host": "brno1", "mac": "not-a-mac"}]}, 400, "nodes"),
         ({"nodes": [{"name": "n1", "host": "brno1", "mac": "01:00:5e:00:00:01"}]}, 400, "nodes"),
+        ({"nodes": [{"name": "n1", "host": "brno1", "mac": "00-00-00-00-00-00"}]}, 400, "nodes"),
         ({"nodes": []}, 400, "nodes"),
         ({"lifetime": 5}, 400, "lifetime"),
         ({"lifetime": 10**9}, 400, "lifetime"),
