@@ -249,7 +249,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
@@ -283,7 +283,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
@@ -298,7 +298,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate/cancel")
     def migrate_cancel(self, request, pk=None, node_id=None):

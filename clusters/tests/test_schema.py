@@ -252,3 +252,29 @@ def test_what_schemathesis_found_stays_fixed(world, alice):
     r = api.get("/api/network/allocations/", HTTP_HOST="*m|")  # Django refuses it before any view: JSON too
     assert (r.status_code, r["Content-Type"], r.json()["code"]) == (400, "application/json", "bad_request")
     assert api.get(f"/api/clusters/?limit={10**20}&offset={10**20}").status_code == 200
+
+
+def test_every_operation_taking_an_idempotency_key_documents_its_400(world, alice):
+    """A key that is too long (or holds a NUL character) is a 400 on every write that takes the header: a
+    client generated from the schema must be told so (removing a node and ending a migration did not say)."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(alice)
+    raw = json.loads(api.get("/api/schema/?format=json").content)
+    taking = {
+        (method, path): operation["responses"]
+        for path, operations in raw["paths"].items()
+        for method, operation in operations.items()
+        if any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
+    }
+    assert len(taking) >= 8, sorted(taking)
+    assert [op for op, responses in taking.items() if "400" not in responses] == []
+    cluster = world["cluster"]
+    node = cluster.nodes.first()
+    for url in (f"nodes/{node.pk}/migrated/", f"nodes/{node.pk}/migrate/cancel/"):
+        r = api.post(f"/api/clusters/{cluster.pk}/{url}", {}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 201)
+        assert r.status_code == 400 and "Idempotency-Key" in r.data, url
+    r = api.delete(f"/api/clusters/{cluster.pk}/nodes/{node.pk}/", HTTP_IDEMPOTENCY_KEY="k" * 201)
+    assert r.status_code == 400 and "Idempotency-Key" in r.data
+    assert cluster.nodes.filter(pk=node.pk, state="ready").exists()
