@@ -244,7 +244,10 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
 
     def _node(self, cluster, node_id) -> Node:
-        return get_object_or_404(Node.objects.exclude(state=NodeState.REMOVED), cluster=cluster, pk=node_id)
+        # A removed node is gone (404) — but an ended cluster's nodes were removed by its end: a change of one
+        # is refused by the service for the cluster's state (409), as adding a node is.
+        nodes = Node.objects.exclude(state=NodeState.REMOVED) if cluster.is_live else Node.objects.all()
+        return get_object_or_404(nodes, cluster=cluster, pk=node_id)
 
     @extend_schema(
         request=None,

@@ -451,6 +451,36 @@ def test_a_teardown_ends_the_step_of_the_workflow_it_interrupts(fabric, images, 
     assert not allocated_vids()
 
 
+def test_node_changes_on_an_ended_cluster_are_a_conflict_naming_its_state(fabric, images, api, alice):
+    """Adding a node to a torn-down (or failed) cluster was a 409 saying so, but removing, migrating or ending
+    the migration of one of its nodes was a 404 "No Node matches", as if the scheduler had the node's id
+    wrong: the teardown had removed the nodes. Every node change is now the same 409."""
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    n1 = Node.objects.get(cluster_id=cid, name="n1")
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    failed = api.post("/api/clusters/", body(name="c2", nodes=[("m1", "brno2", "52:54:00:00:01:01")]), format="json")
+    m1 = Node.objects.get(cluster_id=failed.data["id"], name="m1")
+    services.cluster_fail(cluster_id=m1.cluster_id, generation=m1.cluster.workflow_generation, reason="broken")
+    for node, state in ((n1, "torn down"), (m1, "failed")):
+        base = f"/api/clusters/{node.cluster_id}/nodes"
+        for r in (
+            api.delete(f"{base}/{node.pk}/"),
+            api.post(f"{base}/{node.pk}/migrate/", {"target_host": "prague1"}, format="json"),
+            api.post(f"{base}/{node.pk}/migrated/", {}, format="json"),
+            api.post(f"{base}/{node.pk}/migrate/cancel/", {}, format="json"),
+            api.post(
+                f"{base}/", {"nodes": [{"name": "n9", "host": "prague1", "mac": "52:54:00:00:09:09"}]}, format="json"
+            ),
+        ):
+            assert r.status_code == 409, (r.request["PATH_INFO"], r.content)
+            assert f"is {state}; this needs it to be ready" in r.data["detail"]
+        assert api.delete(f"{base}/999999/").status_code == 404  # a node it never had
+    other = api.post("/api/clusters/", body(name="c3", nodes=[("k1", "brno2", "52:54:00:00:02:01")]), format="json")
+    k1 = Node.objects.get(cluster_id=other.data["id"], name="k1")
+    assert api.delete(f"/api/clusters/{cid}/nodes/{k1.pk}/").status_code == 404  # another cluster's node
+
+
 @pytest.fixture
 def errbacks_run():
     """Eager Celery as on a worker: a failing task calls its error callbacks instead of raising on the spot."""
