@@ -176,7 +176,7 @@ class EventQuerySerializer(serializers.Serializer):
     after = serializers.IntegerField(
         required=False, default=0, min_value=0, max_value=ID_MAX, help_text="the last event id already seen"
     )
-    cluster = IdField(required=False, help_text="only this cluster's events")
+    cluster = IdField(required=False, help_text="only this cluster's events (404: no such cluster you may see)")
     limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
     timeout = serializers.FloatField(
         required=False,

@@ -138,7 +138,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
     @extend_schema(
         parameters=[s.EventQuerySerializer],
-        responses={200: s.EventPageSerializer, **_with_errors(400, 401, 403)},
+        responses={200: s.EventPageSerializer, **_with_errors(400, 401, 403, 404)},
     )
     @action(detail=False, methods=["get"], pagination_class=None)
     def events(self, request):
@@ -149,6 +149,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         query = s.EventQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         v = query.validated_data
+        if v.get("cluster") is not None and not selectors.clusters_visible(request).filter(pk=v["cluster"]).exists():
+            raise NotFound("No such cluster (or it is not visible to you).")  # not a wait for what cannot come
         events = selectors.cluster_events(
             request, after=v["after"], cluster_id=v.get("cluster"), limit=v["limit"], timeout=v["timeout"]
         )

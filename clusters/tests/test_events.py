@@ -53,6 +53,20 @@ def test_the_feed_shows_only_clusters_you_may_see(fabric, alice, bob, charlie, t
     assert [e["state"] for e in rest["events"]] == ["ready"]
 
 
+def test_one_clusters_feed_of_a_cluster_you_may_not_see_is_404(fabric, alice, bob, charlie, team):
+    """``cluster=`` naming a cluster that does not exist or that the caller may not see was an empty page —
+    with ``timeout``, after waiting it out for an event that could never come. It is a 404 at once, as every
+    other endpoint answers for such an id."""
+    own = create_cluster(alice, "mine", "52:54:00:00:00:01")
+    shared = create_cluster(alice, "ours", "52:54:00:00:00:02", group="physics")
+    for user, cluster in ((bob, own), (charlie, own), (charlie, shared), (alice, own + shared + 1000)):
+        started = time.monotonic()
+        r = client_for(user).get("/api/clusters/events/", {"cluster": cluster, "timeout": 5})
+        assert r.status_code == 404, (user, cluster, r.content)
+        assert time.monotonic() - started < 2
+    assert [e["state"] for e in feed(bob, cluster=shared)["events"]] == ["requested", "provisioning", "ready"]
+
+
 @pytest.mark.parametrize(
     "query",
     ["after=-1", "after=x", "limit=0", "limit=1001", "cluster=0", "timeout=-1", "timeout=1000", "timeout=nan"],
