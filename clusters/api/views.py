@@ -68,6 +68,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         params = self.request.query_params
         if params.get("state") and params["state"] not in ClusterState.values:
             raise ValidationError({"state": f"unknown state; one of {', '.join(ClusterState.values)}"})
+        if params.get("connectivity") and params["connectivity"] not in Connectivity.values:
+            raise ValidationError({"connectivity": f"unknown connectivity; one of {', '.join(Connectivity.values)}"})
         for field in self.filter_fields:
             if field in params:
                 qs = qs.filter(**{field: query_param(self.request, field)})

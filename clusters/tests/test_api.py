@@ -768,6 +768,9 @@ def test_list_filters_and_query_count(fabric, images, api, alice, django_assert_
     assert api.get("/api/clusters/?job_id=j3").data["results"][0]["name"] == "c3"
     assert api.get("/api/clusters/?state=ready").data["count"] == 5
     assert api.get("/api/clusters/?state=bogus").status_code == 400
+    assert api.get("/api/clusters/?connectivity=closed").data["count"] == 5
+    r = api.get("/api/clusters/?connectivity=Closed")  # a typo was an empty list, as if there were none
+    assert r.status_code == 400 and "connectivity" in r.data
     assert IdempotencyKey.objects.count() == 0
 
 
