@@ -27,7 +27,8 @@ def cluster_ended(sender, cluster, **kwargs) -> None:
 
 
 def cluster_deleted(sender, instance, **kwargs) -> None:
-    """A cluster's row was deleted (admin): its credentials are revoked as when it ends (same transaction)."""
+    """A cluster's row was deleted (by a script: admin deletes only ended ones): its credentials are revoked
+    as when it ends (same transaction)."""
     from access import services
     from access.models import RevocationReason
 
