@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_results",
     "portal",
     "network",
@@ -162,6 +163,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Virtual cluster networks: VLANs across sites, switch and host convergence, access.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from the portal's own static files (drf-spectacular-sidecar), not a CDN's "latest"
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
         "DeviceKindEnum": "network.choices.DeviceKind.choices",
         "DriftKindEnum": "network.choices.DriftKind.choices",

@@ -779,7 +779,27 @@ def test_schema_and_docs(api, alice):
     r = api.get("/api/schema/")
     assert r.status_code == 200
     assert b"/api/clusters/{id}/nodes/{node_id}/migrate/" in r.content
-    assert api.get("/api/docs/").status_code == 200
+    docs = api.get("/api/docs/")
+    assert docs.status_code == 200
+
+
+def test_the_docs_page_needs_no_cdn(api, alice):
+    """Swagger UI comes from the portal's static files (a CDN is unreachable from many sites' networks, and
+    its "latest" would run unpinned code on a logged-in page): every script and style the page loads is one
+    of ours."""
+    import re
+
+    from django.conf import settings
+    from django.contrib.staticfiles import finders
+
+    api.force_authenticate(alice)
+    page = api.get("/api/docs/").content.decode()
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css|png))"', page)
+    assert len(assets) >= 3, assets
+    assert "cdn" not in page and "//" not in "".join(assets), assets
+    prefix = "/" + settings.STATIC_URL.lstrip("/")
+    for asset in assets:
+        assert asset.startswith(prefix) and finders.find(asset[len(prefix) :]), asset
 
 
 def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(fabric, images, api, alice, root):
