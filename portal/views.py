@@ -1,7 +1,11 @@
-"""Portal-wide endpoints for operators: the health check and the Prometheus metrics."""
+"""Portal-wide endpoints: the health check and the Prometheus metrics for operators, logging out for users."""
 
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.db import connection
 from django.http import JsonResponse
+from django.shortcuts import redirect, render
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, renderers
 from rest_framework.response import Response
@@ -52,4 +56,25 @@ class MetricsView(APIView):
     def get(self, request):
         response = Response(metrics.render(metrics.collect()), content_type=metrics.CONTENT_TYPE)
         response["Cache-Control"] = "no-store"
+        return response
+
+
+class LogoutView(auth_views.LogoutView):
+    """Log out by POST (the header's button), saying so on the login page. A GET — the address typed, an old
+    bookmark — asks to confirm with a button instead of Django's blank 405 page; logged out already: the
+    login page."""
+
+    http_method_names = ["get", "post", "options"]
+    template_name = "registration/logout_confirm.html"
+
+    def get(self, request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect(settings.LOGIN_URL)
+        return render(request, self.template_name)
+
+    def post(self, request, *args, **kwargs):
+        was_in = request.user.is_authenticated
+        response = super().post(request, *args, **kwargs)
+        if was_in:
+            messages.info(request, "You are logged out.")
         return response

@@ -266,3 +266,15 @@ def test_admin_lists_the_directory_accounts(client, own_directory, admin_client)
     assert page.status_code == 200 and f"uid=alice,{own_directory.people_base}" in page.content.decode()
     account = User.objects.get(username="alice").directory_account
     assert admin_client.get(reverse("admin:portal_directoryaccount_change", args=[account.pk])).status_code == 200
+
+
+def test_logging_out_says_so_and_a_typed_logout_address_asks_first(client, alice):
+    client.force_login(alice)
+    page = client.get(reverse("logout"))  # typed or bookmarked: a page with a button, not a blank 405
+    assert page.status_code == 200 and "You are logged in as alice" in page.content.decode()
+    assert client.get(reverse("home")).status_code == 200  # a GET logs nobody out
+    response = client.post(reverse("logout"), follow=True)
+    assert response.redirect_chain[-1][0] == reverse("login")
+    assert "You are logged out." in response.content.decode()
+    assert client.get(reverse("logout")).url == reverse("login")  # logged out already
+    assert client.post(reverse("logout"), follow=True).content.decode().count("You are logged out.") == 0
