@@ -529,6 +529,9 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
 def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
     cluster = _locked(cluster)
     _require_ready(cluster)
+    node = Node.objects.select_related("host").get(pk=node.pk)  # as it is now: read before the lock
+    if node.state == NodeState.REMOVED:  # a concurrent request removed it (and its update ended) meanwhile
+        raise Conflict(f"node {node.name} has been removed already")
     if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
         raise Conflict("the last node cannot be removed; tear the cluster down instead")
     node.state = NodeState.REMOVED

@@ -670,6 +670,33 @@ def test_nodes_add_refuses_a_name_the_cluster_already_has(fabric, images, api, a
     assert cluster.vlan_id not in fabric.host_vlans("prague1")
 
 
+def test_a_node_removed_by_a_concurrent_request_is_not_removed_twice(fabric, images, api, alice):
+    """Two DELETEs of one node at once: both read the node before either locks the cluster; when the first
+    has finished (its update too) by the time the second gets the lock, the second is refused — not a
+    second removal with a second update of the network."""
+    from clusters.models import ClusterStep
+
+    api.force_authenticate(alice)
+    cid = api.post(
+        "/api/clusters/",
+        body(
+            nodes=[
+                ("n1", "brno1", "52:54:00:00:07:01"),
+                ("n2", "pilsen1", "52:54:00:00:07:02"),
+                ("n3", "prague1", "52:54:00:00:07:03"),
+            ]
+        ),
+        format="json",
+    ).data["id"]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    read_by_both = Node.objects.get(cluster=cluster, name="n3")
+    services.cluster_node_remove(cluster=cluster, node=Node.objects.get(pk=read_by_both.pk))  # the first
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY  # eager Celery: its update ended
+    with pytest.raises(Conflict, match="n3 has been removed already"):
+        services.cluster_node_remove(cluster=cluster, node=read_by_both)
+    assert ClusterStep.objects.filter(cluster=cluster, name="nodes.remove").count() == 1
+
+
 def test_nodes_add_remove_and_migration_converge_the_network(fabric, images, api, alice):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
