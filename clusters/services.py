@@ -782,7 +782,10 @@ def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) 
 
 
 def cluster_events_prune() -> int:
-    """Delete the cluster events older than ``CLUSTER_EVENT_RETENTION`` days; how many went."""
+    """Delete the cluster events older than ``CLUSTER_EVENT_RETENTION`` days, and the Idempotency-Keys of
+    clusters that ended, recorded that long ago (a live cluster's keep answering retries); how many events
+    went."""
     horizon = timezone.now() - timedelta(days=settings.CLUSTER_EVENT_RETENTION)
     deleted, _ = ClusterEvent.objects.filter(at__lt=horizon).delete()
+    IdempotencyKey.objects.filter(created_at__lt=horizon).exclude(cluster__state__in=LIVE_STATES).delete()
     return deleted

@@ -154,7 +154,8 @@ def expire() -> list[int]:
 
 @shared_task(name="clusters.prune_events")
 def prune_events() -> int:
-    """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history)."""
+    """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history) and
+    the Idempotency-Keys of clusters that ended as long ago."""
     return services.cluster_events_prune()
 
 

@@ -148,3 +148,18 @@ def test_old_events_are_pruned(fabric, alice, settings):
     ClusterEvent.objects.filter(cluster_id=cid, state="requested").update(at=timezone.now() - timedelta(days=31))
     assert prune_events() == 1
     assert [e.state for e in ClusterEvent.objects.filter(cluster_id=cid)] == ["provisioning", "ready"]
+
+
+def test_old_idempotency_keys_of_ended_clusters_are_pruned(fabric, alice, settings):
+    from clusters import services
+    from clusters.models import IdempotencyKey
+    from clusters.tasks import prune_events
+
+    settings.CLUSTER_EVENT_RETENTION = 30
+    ended, live = create_cluster(alice, "c1", "52:54:00:00:00:01"), create_cluster(alice, "c2", "52:54:00:00:00:02")
+    services.cluster_teardown(cluster=VirtualCluster.objects.get(pk=ended), reason="test")
+    for cid, key in ((ended, "old-ended"), (live, "old-live"), (ended, "new-ended")):
+        IdempotencyKey.objects.create(actor="pbs", key=key, request_hash="h", cluster_id=cid)
+    IdempotencyKey.objects.filter(key__startswith="old").update(created_at=timezone.now() - timedelta(days=31))
+    prune_events()
+    assert set(IdempotencyKey.objects.values_list("key", flat=True)) == {"old-live", "new-ended"}
