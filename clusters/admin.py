@@ -186,7 +186,8 @@ class VirtualClusterAdmin(admin.ModelAdmin):
                 done += 1
             except ClusterError as exc:
                 messages.warning(request, f"{cluster.name}: {exc.message}")
-        messages.info(request, f"Teardown started for {done} cluster(s).")
+        if done:
+            messages.info(request, f"Teardown started for {done} cluster(s).")
 
 
 @admin.register(IdempotencyKey)

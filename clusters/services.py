@@ -384,7 +384,9 @@ def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
     except Conflict:
         if cluster.state == ClusterState.TEARING_DOWN:  # (as re-read) another request just started it
             return cluster
-        raise
+        raise Conflict(
+            f"cluster {cluster.name} has ended ({cluster.get_state_display()}): nothing to tear down"
+        ) from None
     audit.record(cluster, "action", message=f"teardown: {reason}")
     # The workflow this interrupts (a provisioning, its rollback, a node change) is stale now and never
     # reports: its running step ends here, or it would stay the progress's current step for good.

@@ -127,3 +127,14 @@ def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root,
     r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
     assert r.status_code == 200
     assert not VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+
+def test_the_teardown_action_on_an_ended_cluster_says_why_and_nothing_else(client, root, cluster):
+    services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: torn down now
+    client.force_login(root)
+    r = client.post(
+        "/admin/clusters/virtualcluster/", {"action": "teardown", "_selected_action": [cluster.pk]}, follow=True
+    )
+    page = r.content.decode()
+    assert f"cluster {cluster.name} has ended (torn down): nothing to tear down" in page
+    assert "Teardown started" not in page
