@@ -36,6 +36,7 @@ def test_page_lists_enterable_clusters_and_the_client_note(alice, bob, charlie, 
     assert cluster_label(cluster) in page
     assert cluster_label(other_cluster) not in page
     assert "OpenVPN 2.x" in page and "OpenVPN Connect" in page and "Android" in page
+    assert "virtcloud-bob.ovpn" in page  # the name a profile for several clusters gets
     assert f"ssh -F virtcloud.conf {cluster_label(cluster)}-node1" in page
     assert 'href="/access/"' in page  # the nav link
     alice_page = logged_in(alice).get("/access/").content.decode()
@@ -50,6 +51,8 @@ def test_vpn_download_from_the_page(bob, cluster, gateway):
     assert response.status_code == 200
     assert response["Cache-Control"] == "no-store"
     assert response["Content-Disposition"].startswith("attachment;")
+    both = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk, make_cluster(bob, name="two").pk]})
+    assert 'filename="virtcloud-bob.ovpn"' in both["Content-Disposition"]  # as the page says
     aa = Authority.objects.get(kind=AuthorityKind.AA).certificate
     assert parse_profile(response.content.decode(), aa_pem=aa).fqans == [
         f"/virtcloud/{cluster_label(cluster)}/Role=member"
