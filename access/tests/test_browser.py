@@ -97,3 +97,19 @@ def test_login_download_vpn_and_ssh_then_revoke(
     for secret in (parsed.key_pem.decode().splitlines()[1], ssh_key.splitlines()[1]):
         assert secret not in rows
         assert secret not in logs
+
+
+def test_on_a_phone_the_pages_do_not_scroll_sideways(browser_page, live_server, alice, team, gateway):
+    """390 px wide: a wide table scrolls inside itself; the page itself stays as wide as the screen."""
+    from access import services
+
+    cluster = make_cluster(alice, name="mpi-with-a-rather-long-name", group=team, nodes=("node1", "node2", "node3"))
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    services.ssh_certificate_issue(user=alice, cluster=cluster)
+    page = browser_page
+    page.set_viewport_size({"width": 390, "height": 800})
+    log_in(page, live_server, "alice", "alice-password", next_url="/access/")
+    for path in ("/access/", "/"):
+        page.goto(f"{live_server.url}{path}")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, (path, overflow)
