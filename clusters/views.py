@@ -10,13 +10,16 @@ from clusters.models import LIVE_STATES, SETTLED_STATES, ClusterState
 @login_required
 def home(request):
     clusters = selectors.clusters_visible(request)
+    live = list(clusters.filter(state__in=LIVE_STATES))
+    for cluster in live:  # the step a cluster in a transitional state is at (the live script keeps it current)
+        cluster.progress = selectors.cluster_progress(cluster) if cluster.state not in SETTLED_STATES else None
     return render(
         request,
         "clusters/home.html",
         {
             "groups": request.user.groups.order_by("name"),
             "sees_all": selectors.acts_as_admin(request),
-            "live": [c for c in clusters.filter(state__in=LIVE_STATES)],
+            "live": live,
             # the live page script (static/js/live-state.js) follows rows in a transitional state
             "states": ",".join(ClusterState.values),
             "live_states": ",".join(LIVE_STATES),

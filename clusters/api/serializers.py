@@ -13,6 +13,7 @@ from django.utils.encoding import smart_str
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from clusters import selectors
 from clusters.models import (
     SETTLED_STATES,
     ClusterState,
@@ -21,7 +22,6 @@ from clusters.models import (
     Image,
     Node,
     NodeState,
-    StepStatus,
     VirtualCluster,
     mac_validator,
     name_validator,
@@ -32,8 +32,6 @@ from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
 from portal.api import ID_MAX, IdField, NameRelatedField
-
-STEP_ORDER = ("allocate", "network", "gateway", "ready")
 
 
 class HostField(NameRelatedField):
@@ -310,10 +308,4 @@ class ClusterSerializer(serializers.ModelSerializer):
 
     def get_progress(self, cluster: VirtualCluster) -> dict:
         """Share of the provisioning steps done, and the step running now."""
-        steps = list(cluster.steps.all())
-        done = {s.name for s in steps if s.status == StepStatus.OK}
-        running = next((s.name for s in reversed(steps) if s.status == StepStatus.RUNNING), None)
-        return {
-            "percent": round(100 * sum(1 for n in STEP_ORDER if n in done) / len(STEP_ORDER)),
-            "current": running,
-        }
+        return selectors.cluster_progress(cluster)

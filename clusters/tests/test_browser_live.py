@@ -18,17 +18,28 @@ def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_serve
 
     if connection.vendor != "postgresql":
         pytest.skip("the page's long poll is woken by PostgreSQL notifications")
+    from django.utils import timezone
+
+    from clusters.models import ClusterStep, StepStatus
+
     cluster = make_cluster(alice, name="mpi", state=ClusterState.PROVISIONING)
+    step = ClusterStep.objects.create(
+        cluster=cluster, name="network", status=StepStatus.RUNNING, started_at=timezone.now()
+    )
     page = browser_page
     log_in(page, live_server, "alice", "alice-password")
     row = f"tr[data-cluster='{cluster.pk}']"
     assert page.inner_text(f"{row} .state .tag") == "provisioning"
+    assert "step network, 0 % done" in page.inner_text(f"{row} .state")
     page.wait_for_timeout(300)  # the script's long poll is waiting now
 
+    step.status = StepStatus.OK
+    step.save()
     VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.READY)
     page.wait_for_selector(f"{row}[data-state='ready']", timeout=10_000)
     assert page.inner_text(f"{row} .state .tag") == "ready"
     assert "state-ready" in page.get_attribute(f"{row} .state .tag", "class")
+    assert page.inner_text(f"{row} .state .progress") == ""  # settled: no step shown
 
     # a settled row is not followed any more; a cluster that ends makes the page list it as ended
     other = make_cluster(alice, name="hpc", state=ClusterState.TEARING_DOWN)

@@ -76,3 +76,27 @@ def test_home_tells_an_admin_the_list_is_everyone_s(client, alice, root):
     client.force_login(root)
     page = client.get("/").content.decode()
     assert "you own or share" not in page and "Every user's virtual clusters (you are an administrator)." in page
+
+
+def test_home_shows_the_step_a_cluster_in_transition_is_at(client, alice):
+    from django.utils import timezone
+
+    from access.tests.fixtures import make_cluster
+    from clusters.models import ClusterStep, StepStatus
+
+    busy = make_cluster(alice, name="busy", state="provisioning")
+    done = make_cluster(alice, name="done")
+    now = timezone.now()
+    for cluster, name, status in (
+        (busy, "allocate", StepStatus.OK),
+        (busy, "network", StepStatus.RUNNING),
+        (done, "network", StepStatus.RUNNING),
+    ):
+        ClusterStep.objects.create(cluster=cluster, name=name, status=status, started_at=now)
+    client.force_login(alice)
+    page = client.get("/").content.decode()
+    assert "step network, 25 % done" in page
+    assert page.count("step network") == 1  # a READY cluster shows no step (a stale one, say)
+    api = APIClient()
+    api.force_authenticate(alice)
+    assert api.get(f"/api/clusters/{busy.pk}/").data["progress"] == {"percent": 25, "current": "network"}

@@ -1,6 +1,7 @@
 // Clusters in a transitional state (requested, provisioning, updating, tearing down) follow their state
 // live: each such row waits with one long poll (GET /api/clusters/{id}/wait/) for any other state and
-// updates in place; a cluster that ends (torn down, failed) reloads the page, which then lists it as ended.
+// updates in place, with the step it is at (at least every 25 s, when a wait runs out); a cluster that ends
+// (torn down, failed) reloads the page, which then lists it as ended.
 (function () {
   "use strict";
   const table = document.querySelector("table[data-states]");
@@ -9,6 +10,15 @@
   const live = table.dataset.live.split(",");
   const transitional = table.dataset.transitional.split(",");
   const labels = JSON.parse(document.getElementById("state-labels").textContent);
+
+  // the step the cluster is at, while it is in a transitional state (a device that keeps failing shows here)
+  function showProgress(row, cluster) {
+    const progress = row.querySelector(".state .progress");
+    if (!progress) return;
+    const at = cluster.progress && cluster.progress.current;
+    progress.textContent =
+      transitional.includes(cluster.state) && at ? ` step ${at}, ${cluster.progress.percent} % done` : "";
+  }
 
   async function follow(row) {
     let state = row.dataset.state;
@@ -30,6 +40,7 @@
         await new Promise((resolve) => setTimeout(resolve, 1000 * failures));
         continue;
       }
+      showProgress(row, cluster);
       if (cluster.state === state) continue; // the wait ran out: ask again
       if (!live.includes(cluster.state)) {
         window.location.reload();
