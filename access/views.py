@@ -3,13 +3,15 @@ laptop". Thin: a form, one service call, a file response or a message."""
 
 from __future__ import annotations
 
+from functools import wraps
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
+from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import content_disposition_header
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
 
 from access import selectors, services
 from access.errors import AccessError
@@ -17,6 +19,21 @@ from access.forms import SshCertificateForm, VpnProfileForm
 from access.models import RevocationReason
 
 PAGE = "access:my-clusters"
+
+
+def _form_action(view):
+    """The action of one of the page's forms: POST only, but a GET (the address opened or bookmarked, a
+    download's address reloaded) goes back to the page instead of Django's blank 405."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if request.method in ("GET", "HEAD"):
+            return redirect(PAGE)
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        return view(request, *args, **kwargs)
+
+    return wrapper
 
 
 def _attachment(content: str | bytes, *, filename: str, content_type: str) -> HttpResponse:
@@ -58,7 +75,7 @@ def my_clusters(request):
     )
 
 
-@require_POST
+@_form_action
 @login_required
 def vpn_profile_download(request):
     form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
@@ -75,7 +92,7 @@ def vpn_profile_download(request):
     return _attachment(profile.text, filename=profile.filename, content_type="application/x-openvpn-profile")
 
 
-@require_POST
+@_form_action
 @login_required
 def ssh_download(request):
     form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
@@ -92,7 +109,7 @@ def ssh_download(request):
     return _attachment(issued.zip_bytes(), filename=issued.zip_name, content_type="application/zip")
 
 
-@require_POST
+@_form_action
 @login_required
 def credential_revoke(request, pk: int):
     credential = get_object_or_404(selectors.credentials_visible(request.user).filter(user=request.user), pk=pk)

@@ -102,13 +102,15 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert f'aria-label="Revoke OpenVPN profile {credential.serial} (lost my laptop)"' in page
     # Someone else cannot revoke it.
     assert logged_in(bob).post(f"/access/credentials/{credential.pk}/revoke/").status_code == 404
+    # GET does nothing (it leads back to the page).
+    assert client.get(f"/access/credentials/{credential.pk}/revoke/").url == "/access/"
+    credential.refresh_from_db()
+    assert credential.revoked_at is None
     response = client.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
     assert "Revoked" in response.content.decode()
     credential.refresh_from_db()
     assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
     assert f"revoked {credential.revoked_at:%Y-%m-%d %H:%M} UTC (" in response.content.decode()  # as "valid until"
-    # GET does nothing.
-    assert client.get(f"/access/credentials/{credential.pk}/revoke/").status_code == 405
 
 
 def test_an_expired_credential_shows_as_expired_without_a_revoke_button(alice, cluster, gateway):
@@ -192,3 +194,15 @@ def test_admin_makes_a_gateway_token_once(root, gateway):
     first.refresh_from_db()
     assert first.revoked_at is not None  # the old token stops working
     assert ApiToken.objects.filter(revoked_at__isnull=True, scopes=["gateway:pull"]).count() == 1
+
+
+def test_a_form_address_opened_goes_back_to_the_page(alice, cluster, gateway):
+    """The forms' addresses only take POST; opened in the address bar (or a download's address reloaded)
+    they lead back to the page, not to Django's blank 405 — and issue or revoke nothing."""
+    client = logged_in(alice)
+    for path in ("/access/vpn-profile/", "/access/ssh/", "/access/credentials/1/revoke/"):
+        response = client.get(path)
+        assert (response.status_code, response.url) == (302, "/access/"), path
+        assert client.put(path).status_code == 405
+    assert not Credential.objects.exists()
+    assert Client().get("/access/vpn-profile/").url == "/access/"  # then the page asks to log in
