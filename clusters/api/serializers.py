@@ -9,7 +9,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.utils import timezone
-from django.utils.encoding import smart_str
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -41,19 +40,15 @@ class HostField(NameRelatedField):
     prefetched: dict[str, Host] | None = None
 
     def to_internal_value(self, data):
-        if self.prefetched is not None and isinstance(data, str):
-            host = self.prefetched.get(data)
-            if host is None and not _encodable(data):
-                self.fail("invalid")  # not "does not exist": the answer could not encode the name
-            if host is None:
-                self.fail("does_not_exist", slug_name=self.slug_field, value=smart_str(data))
-            return host
-        return super().to_internal_value(data)
+        host = self.prefetched.get(data) if self.prefetched is not None and isinstance(data, str) else None
+        # not among them: the name lookup answers (a name of no host, or one the database cannot compare — a
+        # NUL, a lone surrogate — is a 400 there); a query per bad name only
+        return host if host is not None else super().to_internal_value(data)
 
 
 def _encodable(text: str) -> bool:
     """Whether ``text`` has a UTF-8 encoding: a lone surrogate (a ``\\ud800`` escape in the JSON) has none, so
-    the database cannot compare it, nor can an answer echo it."""
+    the database cannot compare it (in the list of names the nodes' hosts are prefetched by)."""
     try:
         text.encode()
     except UnicodeEncodeError:
