@@ -56,3 +56,16 @@ def other_cluster(charlie):
 @pytest.fixture
 def gateway(db):
     return Gateway.objects.create(name="gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def certificates_start_at_module_now(request):
+    """For a module whose tests check certificates at its ``NOW`` (taken at import; autouse where imported):
+    certificates issued without explicit dates start at that NOW too. A slow run reaches such a module more
+    than the clock skew after the import, and NOW would precede their validity."""
+    from access import pki
+
+    now = request.module.NOW
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pki, "_now", lambda: now)
+        yield

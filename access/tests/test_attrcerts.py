@@ -9,19 +9,11 @@ from pyasn1_modules import rfc5280, rfc5755
 
 from access import attrcerts, pki
 from access.attrcerts import ACInvalid
+from access.tests.fixtures import certificates_start_at_module_now  # noqa: F401 (autouse)
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 FQANS = [attrcerts.fqan("c42"), attrcerts.fqan("c43", "owner")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _certificates_start_at_now():
-    """Certificates issued without explicit dates start at NOW (taken at import): a slow run reaches these
-    tests more than the clock skew after the import, and NOW would precede their validity."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pki, "_now", lambda: NOW)
-        yield
 
 
 @pytest.fixture(scope="module")

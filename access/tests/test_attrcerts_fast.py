@@ -10,17 +10,9 @@ import pytest
 from asn1crypto import cms
 
 from access import attrcerts, pki
+from access.tests.fixtures import certificates_start_at_module_now  # noqa: F401 (autouse)
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _certificates_start_at_now():
-    """Certificates issued without explicit dates start at NOW (taken at import): a slow run reaches these
-    tests more than the clock skew after the import, and NOW would precede their validity."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pki, "_now", lambda: NOW)
-        yield
 
 
 def _general(aa_key, aa_cert, holder, serial, fqans) -> bytes:
