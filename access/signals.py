@@ -14,31 +14,26 @@ logger = logging.getLogger(__name__)
 
 def cluster_ended(sender, cluster, **kwargs) -> None:
     """A cluster was torn down or failed (sent after commit): every credential for it is revoked."""
-    from access import services
-    from access.models import RevocationReason
-
-    count = services.credentials_revoke_for(
-        cluster=cluster,
-        reason=RevocationReason.CESSATION_OF_OPERATION,
-        note=f"cluster {cluster.name} ({cluster.pk}) ended: {cluster.get_state_display()}",
-    )
-    if count:
-        logger.info("access: cluster %s ended, revoked %d credential(s)", cluster.pk, count)
+    _revoke_for_cluster(cluster, f"ended: {cluster.get_state_display()}")
 
 
 def cluster_deleted(sender, instance, **kwargs) -> None:
     """A cluster's row was deleted (by a script: admin deletes only ended ones): its credentials are revoked
     as when it ends (same transaction)."""
+    _revoke_for_cluster(instance, "deleted")
+
+
+def _revoke_for_cluster(cluster, what: str) -> None:
     from access import services
     from access.models import RevocationReason
 
     count = services.credentials_revoke_for(
-        cluster=instance.pk,
+        cluster=cluster.pk,
         reason=RevocationReason.CESSATION_OF_OPERATION,
-        note=f"cluster {instance.name} ({instance.pk}) deleted",
+        note=f"cluster {cluster.name} ({cluster.pk}) {what}",
     )
     if count:
-        logger.info("access: cluster %s deleted, revoked %d credential(s)", instance.pk, count)
+        logger.info("access: cluster %s %s, revoked %d credential(s)", cluster.pk, what, count)
 
 
 def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
