@@ -531,7 +531,7 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
 def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
     cluster = _locked(cluster)
     _require_ready(cluster)
-    node = Node.objects.select_related("host").get(pk=node.pk)  # as it is now: read before the lock
+    node.refresh_from_db()  # as it is now: read before the lock
     if node.state == NodeState.REMOVED:  # a concurrent request removed it (and its update ended) meanwhile
         raise Conflict(f"node {node.name} has been removed already")
     if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
@@ -584,14 +584,13 @@ def _migration_end(cluster: VirtualCluster, node: Node, *, moved: bool) -> Node:
         raise Conflict(f"node {node.name} is not migrating")
     source, target = node.host, node.target_host
     if moved:
-        node.host = target
+        node.host, step, detail = target, "migrate.complete", f"{node.name}: left {source.name}"
+    else:
+        step, detail = "migrate.cancel", f"{node.name}: stays on {source.name}, {target.name} is left"
     node.target_host = None
     node.state = NodeState.READY
     node.save(update_fields=["host", "target_host", "state"])
-    if moved:
-        _reconverge(cluster, "migrate.complete", f"{node.name}: left {source.name}")
-    else:
-        _reconverge(cluster, "migrate.cancel", f"{node.name}: stays on {source.name}, {target.name} is left")
+    _reconverge(cluster, step, detail)
     return node
 
 
