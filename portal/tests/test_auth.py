@@ -253,10 +253,7 @@ def test_sync_with_the_directory_down_changes_nothing(client, own_directory):
     assert alice.is_active and alice.groups.filter(name="physics").exists()
 
 
-def test_sync_is_scheduled_only_with_ldap():
-    from django.conf import settings
-
-    assert "portal-ldap-sync" not in settings.CELERY_BEAT_SCHEDULE  # the test settings have no LDAP
+def test_sync_without_ldap_says_so():  # (beat schedules it only with LDAP: test_settings)
     assert run_sync()["error"] == "LDAP is not configured (LDAP_SERVER_URI)"
 
 

@@ -35,6 +35,8 @@ print(json.dumps({
     "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
     "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
     "DEVICE_RETRY_MAX": settings.DEVICE_RETRY_MAX,
+    "BEAT": {name: [entry["task"], entry["schedule"]] for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
+             if isinstance(entry["schedule"], (int, float))},
 }))
 """
 
@@ -70,6 +72,8 @@ def test_defaults_run_with_nothing_installed(tmp_path):
     assert values["BROKER_TRANSPORT"] == "portal.broker:Transport"  # whole message files (portal/broker.py)
     assert values["BACKENDS"] == ["django.contrib.auth.backends.ModelBackend"]
     assert values["LDAP_URI"] is None
+    assert values["BEAT"]["access-sweep-credentials"] == ["access.sweep_credentials", 300]
+    assert "portal-ldap-sync" not in values["BEAT"]  # no directory, nothing to follow
 
 
 def test_secret_key_is_required_when_debug_is_off(tmp_path):
@@ -132,8 +136,10 @@ def test_ldap_from_the_environment(tmp_path):
         LDAP_USER_BASE="ou=people,dc=x",
         LDAP_GROUP_BASE="ou=groups,dc=x",
         LDAP_SUPERUSER_GROUP="cn=admins,ou=groups,dc=x",
+        LDAP_SYNC_INTERVAL="120",
     )
     assert values["LDAP_URI"] == "ldaps://ldap.example.org"
+    assert values["BEAT"]["portal-ldap-sync"] == ["portal.ldap_sync", 120]  # accounts follow it without a login
     assert values["BACKENDS"][0] == "django_auth_ldap.backend.LDAPBackend"
     assert values["BACKENDS"][-1] == "django.contrib.auth.backends.ModelBackend"  # break-glass local accounts
     assert values["LDAP_FLAGS"] == {
