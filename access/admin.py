@@ -96,7 +96,18 @@ class GatewayAdmin(admin.ModelAdmin):
     """Access gateways. After adding one: "make gateway token", then on the gateway host
     ``manage.py gateway config NAME --dir ...`` (on the portal) and ``manage.py gateway pull`` from cron."""
 
-    list_display = ("name", "site", "kind", "address", "vpn_port", "ssh_port", "enabled", "token", "last_pull_at")
+    list_display = (
+        "name",
+        "site",
+        "kind",
+        "address",
+        "vpn_port",
+        "ssh_port",
+        "enabled",
+        "token",
+        "last_pull_at",
+        "state_as_of",
+    )
     list_filter = ("kind", "enabled", "site")
     search_fields = ("name", "address")
     fields = (
@@ -115,8 +126,9 @@ class GatewayAdmin(admin.ModelAdmin):
         "server_certificate",
         "ssh_host_certificate",
         "last_pull_at",
+        "state_as_of",
     )
-    readonly_fields = ("token", "server_certificate", "ssh_host_certificate", "last_pull_at")
+    readonly_fields = ("token", "server_certificate", "ssh_host_certificate", "last_pull_at", "state_as_of")
     actions = ["make_token"]
 
     @admin.action(description="Make gateway token (shown once; replaces the gateway's current token)")

@@ -203,6 +203,13 @@ class Gateway(models.Model):
     )
     enabled = models.BooleanField(default=True)
     last_pull_at = models.DateTimeField(null=True, blank=True)
+    state_as_of = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="the state this gateway has installed holds every change made before this time (it answered "
+        "a pull with the current ETag, or said when the state it installed was made); VLAN ids released before "
+        "it may be handed out again",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -72,6 +72,7 @@ def render_server_config(
     code_root: str | Path | None = None,
     max_clients: int = 1024,
     keepalive: tuple[int, int] = (10, 60),
+    reneg_sec: int = 3600,
     user: str | None = None,
     group: str | None = None,
     verb: int = 3,
@@ -82,7 +83,9 @@ def render_server_config(
     bridge or switch port that carries the clusters' VLANs: OpenVPN writes each client's frames to it
     tagged with that client's ``vlan-pvid`` and only accepts tagged frames back. ``state_dir`` is the
     gateway state directory (:mod:`access.gateway.state`). With ``user``/``group`` OpenVPN drops
-    privileges after start; the state's ``vpn/run`` directory must then belong to that user.
+    privileges after start; the state's ``vpn/run`` directory must then belong to that user. Every
+    ``reneg_sec`` each session renegotiates its keys and ``tls-verify`` runs again: a session ends there once
+    its AC has expired or the gateway's state has (``GATEWAY_STATE_MAX_AGE``, which ``gateway config`` passes).
     """
     _check(_DEV_RE, dev, "tap device name")
     if proto not in ("udp", "tcp-server", "udp6", "tcp6-server"):
@@ -132,6 +135,7 @@ def render_server_config(
         f"status {st.status} 10",
         "status-version 3",
         f"keepalive {int(keepalive[0])} {int(keepalive[1])}",
+        f"reneg-sec {int(reneg_sec)}",  # tls-verify again: an expired AC or gateway state ends the session
         *(["explicit-exit-notify 1"] if proto.startswith("udp") else []),  # clients reconnect at once on restart
         "persist-key",
         "persist-tun",

@@ -6,7 +6,11 @@ that the access app imports (and its migrations run) independently of the cluste
 
 from __future__ import annotations
 
-from django.db.models import Prefetch, Q, QuerySet
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db.models import Min, Prefetch, Q, QuerySet
+from django.db.models.functions import Coalesce
 
 from access.models import Credential, CredentialCluster, Gateway
 
@@ -76,3 +80,30 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
     site_ids = set(site_ids)
     gateways.sort(key=lambda g: (g.site_id not in site_ids if site_ids else False, g.name))
     return gateways
+
+
+#: How far a gateway's clock may be from the portal's (the same margin as certificates get).
+GATEWAY_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def gateway_state_expiry(*, released_at: datetime) -> datetime:
+    """When every gateway that has not installed a state made after ``released_at`` has stopped trusting the
+    one it has: it fails closed ``GATEWAY_STATE_MAX_AGE`` after the last pull it made, and a session admitted
+    just before may live until its next renegotiation (every ``GATEWAY_STATE_MAX_AGE``) — twice the age, plus
+    the clocks' difference."""
+    return released_at + timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE) + GATEWAY_CLOCK_SKEW
+
+
+def vlan_reuse_horizon(now: datetime) -> datetime | None:
+    """VLAN ids released before the returned time are in no gateway's VLAN map any more (``None``: there is no
+    gateway), so no VPN client can still be put on one by the mapping of the cluster that had it.
+
+    A gateway's state holds every change made before its ``state_as_of`` (its creation when it never said);
+    a gateway that has not caught up with a release fails closed by ``gateway_state_expiry``. Every gateway
+    counts, disabled ones too (a disabled gateway may still be running on what it pulled): delete the row of
+    a gateway that is gone."""
+    oldest = Gateway.objects.aggregate(oldest=Min(Coalesce("state_as_of", "created_at")))["oldest"]
+    if oldest is None:
+        return None
+    expired_before = now - (gateway_state_expiry(released_at=now) - now)
+    return max(oldest, expired_before)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Value
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from access import attrcerts, openvpn, pki, selectors
@@ -759,11 +761,13 @@ def _install_local_gateways() -> None:
     from access.gateway.state import StateError
 
     for gateway in Gateway.objects.filter(enabled=True).exclude(local_state_dir=""):
+        doc = gateway_state(gateway=gateway)
         try:
-            report = pull.install_state(gateway.local_state_dir, gateway_state(gateway=gateway))
+            report = pull.install_state(gateway.local_state_dir, doc)
         except (StateError, OSError) as exc:
             logger.warning("access: gateway %s: could not install the new state: %s", gateway.name, exc)
             continue
+        gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         for error in report.cut_errors:
             logger.warning("access: gateway %s: could not cut a session: %s", gateway.name, error)
         if report.cut:
@@ -1018,10 +1022,28 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "krl": base64.b64encode(krl_current()).decode(),
             "clusters": _principals_map(clusters),
         }
+    doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE
     doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
     doc["generated_at"] = now.isoformat()
-    Gateway.objects.filter(pk=gateway.pk).update(last_pull_at=timezone.now())
     return doc
+
+
+def gateway_pulled(*, gateway: Gateway, installed: dt.datetime | str | None) -> None:
+    """Record a gateway's pull, and what it has installed: its state holds every change made before
+    ``installed`` — the ``generated_at`` of the current state when the gateway sent its ETag (304), or of the
+    state it says it installed (the ``VirtCloud-State-Generated-At`` header of a pull). A value that is malformed,
+    naive or later than now is ignored; ``state_as_of`` only moves forward. VLAN ids released before every
+    gateway's ``state_as_of`` may be handed out again (``access.selectors.vlan_reuse_horizon``)."""
+    now = timezone.now()
+    if isinstance(installed, str):
+        try:
+            installed = dt.datetime.fromisoformat(installed.strip())
+        except ValueError:
+            installed = None
+    updates: dict = {"last_pull_at": now}
+    if isinstance(installed, dt.datetime) and installed.tzinfo is not None and installed <= now:
+        updates["state_as_of"] = Greatest(Coalesce("state_as_of", Value(installed)), Value(installed))
+    Gateway.objects.filter(pk=gateway.pk).update(**updates)
 
 
 # --- gateway enrolment -------------------------------------------------------------------------------------------

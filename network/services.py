@@ -14,14 +14,16 @@ looks exhausted. No lock wider than one row is ever taken.
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from network import selectors
 from network.errors import (
@@ -48,9 +50,29 @@ class AllocationContention(NetworkError):
 # --- VLAN allocation -----------------------------------------------------------------------------------------
 
 
-def _free_now(now) -> Q:
-    """Rows that may be handed out: free, or quarantined with the hold-down time over."""
-    return Q(state=Free.FREE) | Q(state=Free.QUARANTINED, quarantine_until__lte=now)
+@functools.cache
+def _horizon_sources(paths: tuple[str, ...]) -> list[Callable[[datetime], datetime | None]]:
+    return [import_string(path) for path in paths]
+
+
+def reuse_horizon(now: datetime) -> datetime:
+    """Ids released after the returned time may still be mapped to their old owner somewhere outside the
+    portal's reach (an access gateway whose installed state predates the release): they stay in quarantine
+    past its hold-down time. The earliest of what the ``VLAN_REUSE_HORIZONS`` callables say (``now``: none)."""
+    horizon = now
+    for source in _horizon_sources(tuple(settings.VLAN_REUSE_HORIZONS)):
+        bound = source(now)
+        if bound is not None:
+            horizon = min(horizon, bound)
+    return horizon
+
+
+def _free_now(now, horizon=None) -> Q:
+    """Rows that may be handed out: free, or quarantined with the hold-down time over and released before
+    ``horizon`` (``reuse_horizon``; default ``now``)."""
+    return Q(state=Free.FREE) | Q(
+        state=Free.QUARANTINED, quarantine_until__lte=now, released_at__lte=now if horizon is None else horizon
+    )
 
 
 def vlan_pool_sync(*, pool: VlanPool) -> int:
@@ -65,7 +87,8 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
     )
     gone = existing - valid
     if gone:
-        _drop_rows(VlanAllocation.objects.filter(_free_now(timezone.now()), pool=pool, vid__in=gone))
+        now = timezone.now()
+        _drop_rows(VlanAllocation.objects.filter(_free_now(now, reuse_horizon(now)), pool=pool, vid__in=gone))
     return len(missing)
 
 
@@ -83,7 +106,8 @@ WITH taken AS (
     UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL
     WHERE id = (
         SELECT id FROM {table}
-        WHERE pool_id = %s AND {range} AND (state = %s OR (state = %s AND quarantine_until <= %s))
+        WHERE pool_id = %s AND {range}
+          AND (state = %s OR (state = %s AND quarantine_until <= %s AND released_at <= %s))
         ORDER BY vid LIMIT 1 FOR UPDATE SKIP LOCKED
     )
     RETURNING id, vid
@@ -93,7 +117,7 @@ SELECT id, vid FROM taken
 _ALLOCATED_CHANGES = {"state": [Free.FREE, Free.ALLOCATED]}
 
 
-def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | None:
+def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | None:
     """PostgreSQL: pick, take and audit a free row in ONE statement (the job-queue idiom): the sub-select
     skips rows other transactions hold, the UPDATE takes the one found, the audit entry is written from
     its result. One round trip, no transaction around it: the row lock lasts one statement. Returns the
@@ -112,7 +136,7 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAlloca
         for bound in ("vid >= %s", "vid < %s"):
             cursor.execute(
                 _TAKE_SQL.format(table=table, range=bound, audit=audit_sql),
-                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now, *audit_params],
+                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now, horizon, *audit_params],
             )
             row = cursor.fetchone()
             if row:
@@ -122,15 +146,15 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now) -> VlanAlloca
     return None
 
 
-def _take_conditional(pool: VlanPool, start: int, owner: str, now) -> VlanAllocation | int | None:
+def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | int | None:
     """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)
     and audit it, the take and its audit entry in one transaction."""
-    candidates = VlanAllocation.objects.filter(_free_now(now), pool=pool).order_by("vid")
+    candidates = VlanAllocation.objects.filter(_free_now(now, horizon), pool=pool).order_by("vid")
     row = candidates.filter(vid__gte=start).first() or candidates.filter(vid__lt=start).first()
     if row is None:
         return None
     with transaction.atomic():
-        taken = VlanAllocation.objects.filter(_free_now(now), pk=row.pk).update(
+        taken = VlanAllocation.objects.filter(_free_now(now, horizon), pk=row.pk).update(
             state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
         )
         if not taken:
@@ -160,11 +184,12 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
     lo, hi = min(valid), max(valid)
     take = _take_skip_locked if connection.features.has_select_for_update_skip_locked else _take_conditional
     synced = False
+    horizon = reuse_horizon(timezone.now())
     for _attempt in range(ALLOCATE_ATTEMPTS):
         now = timezone.now()
         # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
         # again and again (Neutron's lesson).
-        taken = take(pool, random.randint(lo, hi), owner, now)
+        taken = take(pool, random.randint(lo, hi), owner, now, horizon)
         if taken is None:  # nothing free
             if synced:
                 break
@@ -182,9 +207,16 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         return row
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
-    held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(timezone.now())).count()
+    now = timezone.now()
+    held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(now, horizon)).count()
+    waiting = VlanAllocation.objects.filter(_free_now(now), pool=pool, state=Free.QUARANTINED).count()
     raise PoolExhausted(
         f"pool {pool.name} is exhausted: all {len(valid)} VLAN ids are in use or in quarantine ({held})"
+        + (
+            f"; {waiting} of them only wait for an access gateway to pull a state without their old cluster"
+            if waiting
+            else ""
+        )
     )
 
 

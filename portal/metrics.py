@@ -51,6 +51,7 @@ def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
+    from network.services import reuse_horizon
 
     now = timezone.now()
     families = []
@@ -78,12 +79,18 @@ def collect() -> list[Family]:
         latency.add(took[max(0, math.ceil(q * len(took)) - 1)] if took else 0, quantile=f"{q:g}")  # nearest rank
     families.append(latency)
 
-    vlans = Family("virtcloud_vlan_ids", "VLAN ids of each pool: free, allocated, or in quarantine (held back).")
+    vlans = Family(
+        "virtcloud_vlan_ids",
+        "VLAN ids of each pool: free, allocated, or in quarantine (held back: the hold-down time, or an access "
+        "gateway's state that may still map them).",
+    )
+    horizon = reuse_horizon(now)
     held = {
         (row["pool__name"], row["state"]): row["n"]
         for row in VlanAllocation.objects.filter(
             Q(state=VlanAllocation.State.ALLOCATED)
             | Q(state=VlanAllocation.State.QUARANTINED, quarantine_until__gt=now)
+            | Q(state=VlanAllocation.State.QUARANTINED, released_at__gt=horizon)
         )
         .values("pool__name", "state")
         .annotate(n=Count("id"))
@@ -126,8 +133,9 @@ def collect() -> list[Family]:
     families += [behind, failing]
 
     # A gateway authorizes from the state it last pulled: one that stopped pulling still admits the holders of
-    # credentials revoked since, and maps a cluster ended since to its old VLAN, which goes to another cluster
-    # once the pool's quarantine is over. Alert when this passes the smallest quarantine_seconds of the pools.
+    # credentials revoked since, until GATEWAY_STATE_MAX_AGE after its last pull, when it refuses everyone; and
+    # the VLAN ids released since wait for it (or for that expiry) before they go to another cluster. Alert
+    # well before GATEWAY_STATE_MAX_AGE.
     pulls = Family(
         "virtcloud_gateway_pull_age_seconds",
         "Seconds since an enabled access gateway last pulled its state (since it was enrolled, if never).",

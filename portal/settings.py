@@ -263,6 +263,14 @@ ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, mi
 ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)
 ACCESS_SSH_CERT_LIFETIME = env_int("ACCESS_SSH_CERT_LIFETIME", 12 * 3600, minimum=900, maximum=24 * 3600)
 ACCESS_CRL_VALIDITY = env_int("ACCESS_CRL_VALIDITY", 7 * 24 * 3600, minimum=3600)
+# How long a gateway trusts the state it last pulled (seconds). Past it the gateway fails closed: OpenVPN's
+# client-connect and tls-verify (also at each renegotiation, every GATEWAY_STATE_MAX_AGE) and the bastion's
+# principals command refuse everyone until a pull succeeds. A released VLAN is handed out again only once every
+# gateway has installed a state without its old mapping, or 2 × this (+ 5 min of clock skew) after the release.
+GATEWAY_STATE_MAX_AGE = env_int("GATEWAY_STATE_MAX_AGE", 600, minimum=60, maximum=7 * 24 * 3600)
+# Where the VLAN allocator asks who may still map a released VLAN id (each returns a time: ids released
+# before it are safe to hand out again; None: no constraint).
+VLAN_REUSE_HORIZONS = ["access.selectors.vlan_reuse_horizon"]
 # how often beat revokes the credentials of clusters that ended without their revocation having run (a safety
 # net: ending a cluster revokes at once)
 ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)

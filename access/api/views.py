@@ -179,7 +179,16 @@ class GatewayStateView(APIView):
     permission_classes = [permissions.IsAuthenticated, IsGatewayToken]
 
     @extend_schema(
-        parameters=[OpenApiParameter("If-None-Match", OpenApiTypes.STR, OpenApiParameter.HEADER)],
+        parameters=[
+            OpenApiParameter("If-None-Match", OpenApiTypes.STR, OpenApiParameter.HEADER),
+            OpenApiParameter(
+                "VirtCloud-State-Generated-At",
+                OpenApiTypes.DATETIME,
+                OpenApiParameter.HEADER,
+                description="the generated_at of the state the gateway has installed: VLAN ids released before it "
+                "(and before every other gateway's) may be handed out again",
+            ),
+        ],
         responses={
             200: s.GatewayStateSerializer,
             304: OpenApiResponse(description="unchanged since the ETag the gateway sent"),
@@ -191,8 +200,11 @@ class GatewayStateView(APIView):
         state = services.gateway_state(gateway=self.gateway)
         etag = f'"{state["etag"]}"'
         if state["etag"] in _etags(request.headers.get("If-None-Match", "")):
+            # it has the current state: every change made before this document is in what it installed
+            services.gateway_pulled(gateway=self.gateway, installed=state["generated_at"])
             response = Response(status=status.HTTP_304_NOT_MODIFIED)
         else:
+            services.gateway_pulled(gateway=self.gateway, installed=request.headers.get("VirtCloud-State-Generated-At"))
             response = Response(state)
         response["ETag"] = etag
         response["Cache-Control"] = "no-cache"

@@ -2,7 +2,7 @@
 
 The document is what ``access.services.gateway_state`` returns (format 1)::
 
-    {"format": 1, "gateway": "gw1", "etag": "...", "generated_at": "...",
+    {"format": 1, "gateway": "gw1", "etag": "...", "generated_at": "...", "max_age": 600,
      "vpn": {"ca": PEM, "aa": PEM, "crl": PEM, "vlans": {"c42": 142}, "server_name": "...",
              "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
@@ -14,12 +14,16 @@ place (the gateway keeps working while the portal is down or broken). The files 
 all the new ones are written first, and only then does any replace its old one (a full disk leaves the old
 set whole). Standalone: no Django; run it from cron or a systemd timer after fetching the document::
 
-    python3 -I access/gateway/pull.py --state /var/lib/virtcloud-gateway < state.json
+    python3 -I access/gateway/pull.py --state /var/lib/virtcloud-gateway [--fetched-at EPOCH] < state.json
+
+(``--fetched-at``: when the fetch started, this host's clock; the state is trusted for its ``max_age`` from
+then, or from its ``generated_at`` without it.)
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +33,18 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from access.gateway import management, sshd  # noqa: E402
-from access.gateway.state import SshState, StateError, VpnState, vlan_map_json, write_all_atomic  # noqa: E402
+from access.gateway.state import (  # noqa: E402
+    SshState,
+    StateError,
+    VpnState,
+    check_fresh,
+    fresh_until_path,
+    fresh_until_text,
+    installed_path,
+    vlan_map_json,
+    write_all_atomic,
+    write_atomic,
+)
 from access.gateway.vpn import forget_sessions, revoked_lately, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
@@ -70,10 +85,32 @@ def _revoked_serials(v: dict) -> set[int]:
         raise StateError("state document: vpn.revoked_sessions is not a list of {serial: ...}") from None
 
 
-def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes, int]]:
+def _freshness(doc: dict) -> tuple[str, int, float]:
+    """(etag, max_age, generated_at as seconds since the epoch) of a state document."""
+    max_age = doc.get("max_age")
+    if not isinstance(max_age, int) or isinstance(max_age, bool) or not 0 < max_age <= 366 * 24 * 3600:
+        raise StateError("state document: max_age is not a number of seconds")
+    try:
+        generated = dt.datetime.fromisoformat(str(doc.get("generated_at", "")))
+    except ValueError:
+        raise StateError("state document: generated_at is not an ISO 8601 time") from None
+    if generated.tzinfo is None:
+        raise StateError("state document: generated_at has no time zone")
+    return str(doc.get("etag", "")), max_age, generated.timestamp()
+
+
+def _prepare(
+    doc: dict, vpn: VpnState, ssh: SshState, *, state_dir: Path, fetched_at: float | None
+) -> dict[Path, tuple[bytes, int]]:
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise StateError("state document has an unknown format (want format 1)")
-    files: dict[Path, tuple[bytes, int]] = {}
+    etag, max_age, generated = _freshness(doc)
+    installed = {"etag": etag, "generated_at": doc["generated_at"], "max_age": max_age}
+    files: dict[Path, tuple[bytes, int]] = {
+        installed_path(state_dir): (json.dumps(installed).encode(), 0o644),
+        # From the start of the pull that fetched it (this host's clock), or from when the portal made it.
+        fresh_until_path(state_dir): (fresh_until_text((fetched_at or generated) + max_age).encode(), 0o644),
+    }
     if "vpn" in doc:
         v = _section(doc, "vpn")
         vlans = v.get("vlans")
@@ -114,11 +151,21 @@ def _prepare(doc: dict, vpn: VpnState, ssh: SshState) -> dict[Path, tuple[bytes,
         files[ssh.root / "host_ca.pub"] = (_ssh_key(s.get("host_ca"), "ssh.host_ca").encode(), 0o644)
         files[ssh.krl] = (krl, 0o644)
         files[ssh.principals(account)] = (principals.encode(), 0o644)
+        try:
+            command = sshd.render_principals_command(state_dir)
+        except sshd.SshdConfigError as exc:
+            raise StateError(f"state directory: {exc}") from None
+        files[ssh.principals_command] = (command.encode(), 0o755)
     return files
 
 
-def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True) -> InstallReport:
+def install_state(
+    state_dir: str | Path, doc: dict, *, cut_sessions: bool = True, fetched_at: float | None = None
+) -> InstallReport:
     """Validate ``doc`` fully, then write its files; then cut live sessions of revoked certificates.
+
+    The state is trusted until ``max_age`` after ``fetched_at`` (when the pull that got it started, this host's
+    clock) or, without it, after the document's ``generated_at`` (the portal's clock): ``fresh-until``.
 
     The CRL and the list of revoked serials are installed *before* sessions are cut: the client's reconnect
     meets the new CRL, and a client that passed the old CRL just before is refused by ``client-connect``.
@@ -126,9 +173,10 @@ def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True
     their record is dropped after; an unreachable management socket is reported, not fatal (the next pull
     tries again). A malformed document is a :class:`StateError`, and nothing is written.
     """
+    state_dir = Path(state_dir)
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     try:
-        files = _prepare(doc, vpn, ssh)
+        files = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
         revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
@@ -149,6 +197,49 @@ def install_state(state_dir: str | Path, doc: dict, *, cut_sessions: bool = True
     report.written += [str(path) for path in changed]
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
+    return report
+
+
+def installed(state_dir: str | Path) -> dict | None:
+    """etag, generated_at and max_age of the installed state, or None (none installed, or by an older version:
+    the next pull fetches the whole state)."""
+    try:
+        record = json.loads(installed_path(state_dir).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("max_age"), int) or not record.get("etag"):
+        return None
+    return record
+
+
+def refresh(state_dir: str | Path, *, fetched_at: float) -> None:
+    """The portal answered that the installed state is current (304): trust it for its ``max_age`` from the
+    start of that pull."""
+    record = installed(state_dir)
+    if record is None:
+        raise StateError(f"no record of the installed state in {state_dir}: pull it whole")
+    write_atomic(fresh_until_path(state_dir), fresh_until_text(fetched_at + record["max_age"]), 0o644)
+
+
+def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallReport | None:
+    """When the installed state has expired (no successful pull for its ``max_age``): cut every live OpenVPN
+    session this gateway recorded — a cluster may have ended and its VLAN gone to another one since — and
+    return what was cut; None while the state is still fresh. (New connections and SSH logins are refused by
+    the hooks themselves, see :func:`access.gateway.state.check_fresh`.)"""
+    try:
+        check_fresh(state_dir, now)
+    except StateError:
+        pass
+    else:
+        return None
+    vpn = VpnState.at(state_dir)
+    report = InstallReport()
+    try:
+        serials = {int(p.stem) for p in vpn.sessions.glob("*.json") if p.stem.isdigit()}
+    except OSError as exc:
+        report.cut_errors.append(f"cannot list {vpn.sessions}: {exc}")
+        return report
+    _cut(vpn, serials, report)
     return report
 
 
@@ -184,11 +275,18 @@ def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    fetched_at = None
+    if len(args) == 4 and args[2] == "--fetched-at":
+        try:
+            fetched_at = float(args[3])
+        except ValueError:
+            args = []
+        args = args[:2]
     if len(args) != 2 or args[0] != "--state":
-        print("usage: pull.py --state DIR < state.json", file=sys.stderr)
+        print("usage: pull.py --state DIR [--fetched-at EPOCH] < state.json", file=sys.stderr)
         return 2
     try:
-        report = install_state(args[1], json.load(sys.stdin))
+        report = install_state(args[1], json.load(sys.stdin), fetched_at=fetched_at)
     except (StateError, ValueError) as exc:
         print(f"virtcloud-pull: kept the previous state: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,16 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
       ssh/revoked.krl      RevokedKeys (binary KRL)
       ssh/principals/<account>   AuthorizedPrincipalsFile per bastion account
       ssh/host_key, ssh/host_key-cert.pub   the bastion's host key and certificate
+      ssh/principals-command                sshd's AuthorizedPrincipalsCommand: the principals file, only
+                           while the state is fresh
+      fresh-until          until when (this host's clock, seconds since the epoch) the state may be trusted:
+                           the start of the pull that got it + its ``max_age``; past it every hook refuses
+      .installed.json      etag, generated_at and max_age of the installed state (the next pull reports
+                           generated_at to the portal, and a 304 refreshes fresh-until from max_age)
+
+Fail closed: a gateway that has not pulled for ``max_age`` (``GATEWAY_STATE_MAX_AGE`` on the portal) stops
+admitting anyone — it may map a cluster that has ended to a VLAN another cluster has since been given. Every
+hook calls :func:`check_fresh`.
 
 Files are replaced atomically (write a temporary file with a random name, created exclusively, in the
 same directory, fsync, rename) so a hook never reads half a CRL or half a map; a pull writes all of its
@@ -32,6 +42,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +99,7 @@ class SshState:
     host_key = property(lambda self: self.root / "host_key")
     host_cert = property(lambda self: self.root / "host_key-cert.pub")
     sshd_config = property(lambda self: self.root / "sshd_config")
+    principals_command = property(lambda self: self.root / "principals-command")
 
     def principals(self, account: str) -> Path:
         return self.principals_dir / account
@@ -171,3 +183,35 @@ def load_vlan_map(path: Path) -> dict[str, int]:
     for name, vid in doc["clusters"].items():
         _check_entry(name, vid)
     return doc["clusters"]
+
+
+def fresh_until_path(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / "fresh-until"
+
+
+def installed_path(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / ".installed.json"
+
+
+def fresh_until_text(until: float) -> str:
+    """``fresh-until``'s content: whole seconds (rounded down), one line — the shell reads it too."""
+    return f"{int(until)}\n"
+
+
+def check_fresh(state_dir: str | os.PathLike[str], now: float | None = None) -> float:
+    """Seconds the pulled state may still be trusted; :class:`StateError` (refuse everyone) when it has expired,
+    is missing or unreadable."""
+    path = fresh_until_path(state_dir)
+    try:
+        until = int(path.read_text().strip())
+    except FileNotFoundError:
+        raise StateError(f"no {path}: the gateway has not pulled its state (refusing everyone)") from None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"unreadable {path} ({exc}): refusing everyone") from None
+    left = until - (time.time() if now is None else now)
+    if left < 0:
+        raise StateError(
+            f"the pulled state expired {int(-left)} s ago: the gateway has not reached the portal since; "
+            "refusing everyone until a pull succeeds"
+        )
+    return left

@@ -16,6 +16,10 @@ reads the cluster the client asks for (``UV_VCLUSTER``, sent with ``push-peer-in
 only selects among the clusters the AC grants), intersects with the current cluster->VLAN map, and writes
 ``vlan-pvid <vid>`` into the file OpenVPN named; or exits 1, which OpenVPN turns into AUTH_FAILED.
 
+Both refuse everyone once the pulled state has expired (:func:`access.gateway.state.check_fresh`: no
+successful pull for the state's ``max_age``); ``tls-verify`` runs again at each renegotiation
+(``reneg-sec``), so a live session ends there too.
+
 Every decision is one line on stderr (OpenVPN's log): ``virtcloud-vpn: ACCEPT|REFUSE ...``.
 Run as a script (not ``-m``) so it needs no PYTHONPATH: it puts its own code root on ``sys.path``.
 """
@@ -32,7 +36,14 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - exercised by OpenVPN
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from access.gateway.state import CLUSTER_RE, StateError, VpnState, load_vlan_map, write_atomic  # noqa: E402
+from access.gateway.state import (  # noqa: E402
+    CLUSTER_RE,
+    StateError,
+    VpnState,
+    check_fresh,
+    load_vlan_map,
+    write_atomic,
+)
 
 #: How long a tls-verify result may wait for its client-connect.
 CACHE_TTL = 600
@@ -75,6 +86,7 @@ def tls_verify(state: VpnState, depth: int, subject: str, env: dict[str, str]) -
     """Verify the AC of the depth-0 certificate and cache its FQANs; raise :class:`Refused`."""
     if depth != 0:
         return  # the CA chain itself is OpenVPN's job (``ca``); the AC rides on the leaf only
+    _check_fresh(state, f"subject={subject!r}")  # also at each renegotiation: an expired state ends the session
 
     # Imported here so client-connect, which needs no cryptography, starts faster.
     from access import attrcerts, pki
@@ -122,6 +134,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     except FileNotFoundError:
         raise Refused(f"cn={cn}: no verified AC for this certificate (tls-verify did not pass it)") from None
     who = f"cn={cn} serial={entry['serial']}"
+    _check_fresh(state, who)
     if entry["serial"] in revoked_lately(state):  # passed the CRL before the pull that revoked it
         raise Refused(f"{who}: certificate revoked")
     if time.time() > entry["not_after"]:
@@ -153,6 +166,13 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     _record_session(state, entry["serial"], cn, env)
     _log("ACCEPT", f"{who}: cluster {cluster} -> vlan-pvid {vid}")
     return vid
+
+
+def _check_fresh(state: VpnState, who: str) -> None:
+    try:
+        check_fresh(state.root.parent)
+    except StateError as exc:
+        raise Refused(f"{who}: {exc}") from None
 
 
 def revoked_lately(state: VpnState) -> set[int]:

@@ -51,6 +51,14 @@ def test_config_enrols_and_writes_a_working_state(alice, cluster, gateway, tmp_p
     assert f'permitopen="{cluster_label(cluster)}-node1:22" {cluster_label(cluster)}.alice' in principals
     assert (tmp_path / "ssh" / "host_key-cert.pub").read_text().startswith("ssh-ed25519-cert-v01@openssh.com ")
     assert (tmp_path / "openvpn.conf").exists() and (tmp_path / "sshd_config").exists()
+    # Fail closed: OpenVPN renegotiates (tls-verify again) every GATEWAY_STATE_MAX_AGE; sshd asks the
+    # principals command, which reads the same fresh-until as the VPN hooks.
+    assert "reneg-sec 600\n" in (tmp_path / "openvpn.conf").read_text()
+    command = tmp_path / "ssh" / "principals-command"
+    assert f"AuthorizedPrincipalsCommand {command} %u" in (tmp_path / "sshd_config").read_text()
+    assert stat.S_IMODE(command.stat().st_mode) == 0o755 and str(tmp_path / "fresh-until") in command.read_text()
+    gateway.refresh_from_db()
+    assert gateway.state_as_of is not None  # the state written here is installed
     # The profile a user downloads now pins this gateway's certificate name.
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert f'verify-x509-name "{gateway.server_name}" name' in text
@@ -196,3 +204,100 @@ def test_a_cut_that_failed_is_tried_again_by_the_next_pull_even_when_unchanged(
         assert "cut the sessions" not in run(*args)  # once
     finally:
         fake.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_pull_keeps_the_state_fresh_and_tells_the_portal_what_it_installed(
+    live_server, alice, root, gateway, tmp_path, settings
+):
+    """fresh-until = the start of the last successful pull + max_age (a 304 too); each pull reports the
+    generated_at of the installed state, which is what lets the portal hand out again the VLAN ids released
+    before it."""
+    import time
+
+    from access.gateway import pull
+    from access.gateway.state import fresh_until_path, fresh_until_text, write_atomic
+
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state = tmp_path / "state"
+    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state))
+    fresh = fresh_until_path(state)
+
+    before = time.time()
+    assert "updated" in run(*args)
+    installed = pull.installed(state)
+    assert installed["max_age"] == settings.GATEWAY_STATE_MAX_AGE
+    assert before - 1 <= int(fresh.read_text()) - settings.GATEWAY_STATE_MAX_AGE <= time.time()
+    gateway.refresh_from_db()
+    assert gateway.state_as_of is None  # it got a state; the portal does not know yet that it installed it
+
+    write_atomic(fresh, fresh_until_text(time.time() + 5), 0o644)  # (as if the last pull were long ago)
+    before = time.time()
+    assert "unchanged" in run(*args)  # 304: the installed state is current
+    assert int(fresh.read_text()) >= int(before) + settings.GATEWAY_STATE_MAX_AGE - 1
+    gateway.refresh_from_db()
+    assert gateway.state_as_of.isoformat() == installed["generated_at"]  # (the current state's)
+
+    make_cluster(alice, name="new")  # the state changes: the next pull is a 200 that says what it had
+    time.sleep(1.1)  # (generated_at is in whole seconds)
+    assert "updated" in run(*args)
+    gateway.refresh_from_db()
+    assert gateway.state_as_of.isoformat() == installed["generated_at"]
+    assert "unchanged" in run(*args)
+    gateway.refresh_from_db()
+    assert gateway.state_as_of.isoformat() == pull.installed(state)["generated_at"] > installed["generated_at"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_gateway_cut_off_from_the_portal_fails_closed_once_its_state_expires(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """Until max_age after its last good pull it keeps authorizing from that state; then the pull that fails
+    cuts every live session it recorded (the hooks already refuse everyone: see test_openvpn_gateway)."""
+    import time
+
+    from access.gateway import vpn
+    from access.gateway.state import VpnState, fresh_until_path, fresh_until_text, write_atomic
+    from access.tests.test_gateway_sessions import FakeManagement
+
+    cluster = make_cluster(alice, name="mpi", group=team)
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state_dir = tmp_path / "state"
+    assert "updated" in run("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    state = VpnState.at(state_dir)
+    entry = {"serial": credential.serial, "clusters": {cluster_label(cluster): "member"}, "not_after": time.time() + 60}
+    write_atomic(state.ac_cache / f"{credential.fingerprint}.json", json.dumps(entry))
+    env = {"tls_digest_sha256_0": credential.fingerprint, "common_name": "alice", "trusted_ip": "203.0.113.5"}
+    env["UV_VCLUSTER"] = cluster_label(cluster)
+    vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "4"})
+
+    down = ("pull", "--url", "http://127.0.0.1:9", "--token", secret, "--dir", str(state_dir), "--timeout", "2")
+    fake = FakeManagement(state.management, {1: ("alice", "203.0.113.5:4"), 2: ("bob", "198.51.100.7:9")})
+    try:
+        out = io.StringIO()
+        with pytest.raises(SystemExit) as info:
+            call_command("gateway", *down, stdout=out, stderr=out)
+        assert info.value.code == 75 and "keeping the last good state" in out.getvalue()
+        assert len(fake.sessions) == 2  # still fresh: nothing cut
+
+        write_atomic(fresh_until_path(state_dir), fresh_until_text(time.time() - 1), 0o644)
+        out = io.StringIO()
+        with pytest.raises(SystemExit) as info:
+            call_command("gateway", *down, stdout=out, stderr=out)
+        assert info.value.code == 75
+        assert "has expired: refusing everyone" in out.getvalue()
+        assert f"cut the sessions of serials {credential.serial}" in out.getvalue()
+        assert fake.sessions == {2: ("bob", "198.51.100.7:9")}  # (bob's was not recorded here)
+        with pytest.raises(vpn.Refused, match="the pulled state expired"):
+            vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "5"})
+    finally:
+        fake.close()
+    # The portal is back: the next pull makes the state fresh again.
+    assert "unchanged" in run("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
+    vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "6"})

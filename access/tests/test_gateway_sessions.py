@@ -3,9 +3,11 @@ speaks ``status 3`` and ``client-kill`` as OpenVPN 2.6 does; the real daemon is 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -13,7 +15,7 @@ import pytest
 
 from access import pki
 from access.gateway import pull, vpn
-from access.gateway.state import StateError, VpnState, write_all_atomic, write_atomic
+from access.gateway.state import StateError, VpnState, check_fresh, write_all_atomic, write_atomic
 
 FP = "ab" * 32
 _HEADER = (
@@ -69,6 +71,8 @@ def gateway_state(tmp_path):
     crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
     doc = {
         "format": 1,
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "max_age": 3600,
         "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {"c42": 142}},
     }
     pull.install_state(tmp_path, doc, cut_sessions=False)
@@ -179,3 +183,68 @@ def test_a_link_planted_where_the_temporary_file_goes_is_not_followed(tmp_path):
         (tmp_path / f".cut.json.{pid}.tmp").symlink_to(victim)
     write_atomic(tmp_path / "cut.json", "[77]")
     assert victim.read_text() == "precious" and (tmp_path / "cut.json").read_text() == "[77]"
+
+
+def test_the_state_is_trusted_for_max_age_from_the_pull_or_else_from_when_it_was_made(tmp_path):
+    ca = pki.create_ca("CA")
+    crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
+    made = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+    doc = {
+        "format": 1,
+        "etag": "e1",
+        "generated_at": made.isoformat(),
+        "max_age": 600,
+        "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {}},
+    }
+    pull.install_state(tmp_path, doc)  # (as ``pull.py < state.json`` without --fetched-at)
+    assert (tmp_path / "fresh-until").read_text() == f"{int(made.timestamp()) + 600}\n"
+    with pytest.raises(StateError, match="expired"):
+        check_fresh(tmp_path)
+    pull.install_state(tmp_path, doc, fetched_at=1_900_000_000.7)
+    assert (tmp_path / "fresh-until").read_text() == "1900000600\n"
+    assert check_fresh(tmp_path, now=1_900_000_000) == 600
+    assert pull.installed(tmp_path) == {"etag": "e1", "generated_at": made.isoformat(), "max_age": 600}
+    pull.refresh(tmp_path, fetched_at=1_900_001_000)  # a 304
+    assert (tmp_path / "fresh-until").read_text() == "1900001600\n"
+
+
+def _principals_command(tmp_path, account: str, fresh_until: str | None) -> subprocess.CompletedProcess:
+    from access.gateway import sshd
+
+    script = tmp_path / "principals-command"
+    script.write_text(sshd.render_principals_command(tmp_path))
+    (tmp_path / "ssh" / "principals").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "ssh" / "principals" / "virtcloud").write_text("restrict,port-forwarding c42.alice\n")
+    (tmp_path / "fresh-until").unlink(missing_ok=True)
+    if fresh_until is not None:
+        (tmp_path / "fresh-until").write_text(fresh_until)
+    return subprocess.run(["/bin/sh", str(script), account], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("account", "fresh_until", "gives"),
+    [
+        ("virtcloud", "+60", "restrict,port-forwarding c42.alice\n"),
+        ("virtcloud", "-1", ""),
+        ("virtcloud", None, ""),
+        ("virtcloud", "12 34", ""),
+        ("../virtcloud", "+60", ""),
+        ("", "+60", ""),
+    ],
+    ids=["fresh", "expired", "never pulled", "unreadable", "a path", "no account"],
+)
+def test_the_bastions_principals_command_gives_principals_only_while_the_state_is_fresh(
+    tmp_path, account, fresh_until, gives
+):
+    if fresh_until is not None and fresh_until[0] in "+-":
+        fresh_until = f"{int(time.time()) + int(fresh_until)}\n"
+    result = _principals_command(tmp_path, account, fresh_until)
+    assert (result.returncode, result.stdout) == (0, gives), result.stderr
+
+
+def test_the_principals_command_needs_a_plain_state_path():
+    from access.gateway import sshd
+
+    for bad in ("/srv/gw dir", "/srv/it's", "/srv/$(reboot)", "/srv/a\nb"):
+        with pytest.raises(sshd.SshdConfigError, match="cannot go into a shell script"):
+            sshd.render_principals_command(bad)

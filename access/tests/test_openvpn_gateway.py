@@ -16,6 +16,7 @@ session and the revoked client cannot come back.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -24,13 +25,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from access import attrcerts, openvpn, pki, ssh
 from access.gateway import management, pull, vpn
-from access.gateway.state import VpnState, vlan_map_json, write_atomic
+from access.gateway.state import VpnState, fresh_until_path, fresh_until_text, vlan_map_json, write_atomic
 from access.tests._procs import can_use_netns, gateway_pair, read, stop, tagged_frame_seen, wait_for
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -70,6 +72,7 @@ class Gateway:
         write_atomic(self.state.server_key, server_key.private_pem)
         write_atomic(self.state.tls_crypt, self.tls_crypt)
         write_atomic(self.state.vlans, vlan_map_json(VLANS, generated_at=NOW.isoformat()))
+        write_atomic(fresh_until_path(tmp / "state"), fresh_until_text(time.time() + 3600), 0o644)  # pulled now
         self.publish_crl()
 
     def publish_crl(self) -> None:
@@ -129,17 +132,24 @@ class Gateway:
         return text, serial
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ovpn")
+@contextlib.contextmanager
+def _running_gateway(tmp: Path, **server) -> Iterator[Gateway]:
+    """A gateway namespace running our rendered server config (``server``: more of its arguments) and a
+    client namespace linked to it."""
     with gateway_pair("cl", GW_ADDR, CL_ADDR) as (prefix, gw, cl, tap, procs):
         g = Gateway(tmp, prefix)
         conf = tmp / "server.conf"
-        conf.write_text(openvpn.render_server_config(state_dir=g.state.root.parent, dev=tap, local=GW_ADDR))
+        conf.write_text(openvpn.render_server_config(state_dir=g.state.root.parent, dev=tap, local=GW_ADDR, **server))
         log = tmp / "server.log"
         procs.append(gw.popen("openvpn", "--config", str(conf), "--log", str(log)))
         wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
         g.gw, g.cl, g.tap, g.log, g.procs = gw, cl, tap, log, procs
+        yield g
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    with _running_gateway(tmp_path_factory.mktemp("ovpn")) as g:
         yield g
 
 
@@ -280,6 +290,7 @@ def test_pull_installs_crl_and_cuts_only_the_revoked_session(lab):
     doc = {
         "format": 1,
         "generated_at": NOW.isoformat(),
+        "max_age": 3600,
         "vpn": {
             "ca": lab.ca.cert_pem().decode(),
             "aa": pki.cert_to_pem(lab.aa_cert).decode(),
@@ -358,6 +369,38 @@ def test_publish_profile_connects_with_its_named_tap(lab):
     stop(proc, kill=True)
 
 
+@needs_lab
+def test_an_expired_state_refuses_everyone_and_ends_live_sessions_at_renegotiation(tmp_path):
+    """A gateway that has not pulled for its state's max_age fails closed (a cluster may have ended since and
+    its VLAN gone to another): a new client is refused, and a live session ends at its next renegotiation
+    (``reneg-sec``: tls-verify runs again) — without any pull, as when the pull timer itself is dead."""
+    with _running_gateway(tmp_path, reneg_sec=3) as g:
+        text, serial = g.profile("ida", "c42", dev="vct9")
+        proc, _, _ = _connect_ok(g, text, "ida")
+
+        def verified() -> int:
+            return read(g.log).count(f"VERIFIED subject='O=VirtCloud, CN=ida' serial={serial}")
+
+        def ida_connected() -> bool:
+            return any(s.common_name == "ida" for s in management.list_sessions(g.state.management))
+
+        wait_for(lambda: verified() >= 2, 10, what="a renegotiation that passes while the state is fresh")
+        assert ida_connected() and proc.poll() is None
+
+        write_atomic(fresh_until_path(g.state.root.parent), fresh_until_text(time.time() - 1), 0o644)
+        _server_says(g, "REFUSE tls-verify: subject='O=VirtCloud, CN=ida': the pulled state expired", timeout=10)
+        wait_for(lambda: not ida_connected(), 10, what="the live session to end at its renegotiation")
+
+        late, late_serial = g.profile("jan", "c42", dev="vcta")
+        late_proc, late_log, _ = _start_client(g, late, "jan")
+        _server_says(g, "REFUSE tls-verify: subject='O=VirtCloud, CN=jan': the pulled state expired", timeout=10)
+        time.sleep(1)
+        assert "Initialization Sequence Completed" not in read(late_log)
+        assert f"ACCEPT cn=jan serial={late_serial}" not in read(g.log)
+        stop(proc, kill=True)
+        stop(late_proc, kill=True)
+
+
 # ---- the hooks' decisions without OpenVPN (fast, no root) -------------------------------------------------------
 
 FP = "ab" * 32
@@ -366,6 +409,7 @@ FP = "ab" * 32
 def _state(tmp_path, clusters=None, vlans=VLANS, not_after=None):
     st = VpnState.at(tmp_path)
     st.ensure_dirs()
+    write_atomic(fresh_until_path(tmp_path), fresh_until_text(time.time() + 3600), 0o644)  # pulled now
     if vlans is not None:
         write_atomic(st.vlans, vlan_map_json(vlans, generated_at="now"))
     if clusters is not None:
@@ -444,6 +488,24 @@ def test_tls_verify_ignores_ca_depth_and_needs_peer_cert(tmp_path):
         vpn.tls_verify(st, 0, "CN=alice", {})
 
 
+@pytest.mark.parametrize("fresh_until", [None, "soon", -1], ids=["never pulled", "unreadable", "expired"])
+def test_both_hooks_refuse_everyone_when_the_state_is_not_fresh(tmp_path, fresh_until):
+    st = _state(tmp_path, clusters={"c42": "member"})
+    path = fresh_until_path(tmp_path)
+    if fresh_until is None:
+        path.unlink()
+    else:
+        path.write_text(fresh_until if isinstance(fresh_until, str) else fresh_until_text(time.time() + fresh_until))
+    why = {None: "has not pulled its state", "soon": "unreadable", -1: "the pulled state expired"}[fresh_until]
+    with pytest.raises(vpn.Refused, match=why):
+        vpn.client_connect(st, str(tmp_path / "ccd"), _env(UV_VCLUSTER="c42"))
+    with pytest.raises(vpn.Refused, match=why):
+        vpn.tls_verify(st, 0, "CN=alice", {"peer_cert": str(tmp_path / "nothing-read")})
+    assert not (tmp_path / "ccd").exists()
+    path.write_text(fresh_until_text(time.time() + 60))
+    assert vpn.client_connect(st, str(tmp_path / "ccd"), _env(UV_VCLUSTER="c42")) == 142
+
+
 def test_server_config_directives(tmp_path):
     conf = openvpn.render_server_config(state_dir=tmp_path, dev="tapgw0", local="198.18.250.1")
     for directive in (
@@ -486,6 +548,8 @@ def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
     crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
     good = {
         "format": 1,
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "max_age": 3600,
         "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {"c42": 142}},
     }
     pull.install_state(tmp_path, good)
@@ -503,6 +567,11 @@ def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
             r"\[host, port\] targets",
         ),
         ({**good, "ssh": {"account": "root; rm", "krl": krl, "clusters": {}}}, "invalid bastion account name"),
+        ({k: v for k, v in good.items() if k != "max_age"}, "max_age is not a number of seconds"),
+        ({**good, "max_age": True}, "max_age is not a number of seconds"),
+        ({**good, "max_age": 0}, "max_age is not a number of seconds"),
+        ({**good, "generated_at": "yesterday"}, "generated_at is not an ISO 8601 time"),
+        ({**good, "generated_at": "2026-12-01T10:00:00"}, "generated_at has no time zone"),
     ):
         # A clear refusal saying what is wrong (the pull keeps its state), not a traceback.
         with pytest.raises(vpn.StateError, match=why):

@@ -225,7 +225,7 @@ def test_crl_is_resigned_before_it_expires(alice, gateway):
 # --- gateway state -------------------------------------------------------------------------------------------------
 
 
-def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, cluster, other_cluster, gateway):
+def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, cluster, other_cluster, gateway, settings):
     make_cluster(alice, name="new", state="provisioning")
     make_cluster(alice, name="web", connectivity="public")
     state = services.gateway_state(gateway=gateway)
@@ -242,10 +242,11 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     assert state["ssh"]["clusters"][cluster_label(other_cluster)]["principals"] == [
         f"{cluster_label(other_cluster)}.charlie"
     ]
+    assert state["max_age"] == settings.GATEWAY_STATE_MAX_AGE  # how long the gateway may trust it
     again = services.gateway_state(gateway=gateway)
     assert again["etag"] == state["etag"]
     gateway.refresh_from_db()
-    assert gateway.last_pull_at is not None
+    assert gateway.last_pull_at is None  # making the document is not a pull (the API records those)
 
 
 def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):

@@ -25,7 +25,7 @@ import pytest
 
 from access import ssh
 from access.gateway import pull, sshd
-from access.gateway.state import SshState, write_atomic
+from access.gateway.state import SshState, fresh_until_path, fresh_until_text, write_atomic
 from access.tests._procs import Netns, can_use_netns, node_sshd_config, read, run_prefix, stop, wait_for
 
 SSHD = "/usr/sbin/sshd"
@@ -83,6 +83,8 @@ class Bastion:
         )
         doc = {
             "format": 1,
+            "generated_at": dt.datetime.now(dt.UTC).isoformat(),
+            "max_age": 3600,
             "ssh": {
                 "account": ACCOUNT,
                 "user_ca": ssh.public_key_line(self.user_ca),
@@ -221,6 +223,22 @@ def test_expired_certificate_refused(lab):
     r = user.ssh("c42-node1", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, "Certificate invalid: expired")
+
+
+def test_an_expired_state_lets_nobody_in(lab):
+    """A bastion that has not pulled for its state's max_age fails closed (the principals may name a cluster
+    that ended since): sshd's principals command gives nothing, so a valid certificate is refused — until the
+    next pull, with nothing restarted."""
+    user, _ = _user(lab)
+    fresh = fresh_until_path(lab.bastion.state.root.parent)
+    kept = fresh.read_text()
+    write_atomic(fresh, fresh_until_text(time.time() - 1), 0o644)
+    try:
+        r = user.ssh("c42-node1", "true")
+        assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+    finally:
+        write_atomic(fresh, kept, 0o644)
+    assert user.ssh("c42-node1", "true").returncode == 0
 
 
 def test_principal_of_another_cluster_refused(lab):

@@ -10,7 +10,9 @@ token and ``If-None-Match``, validates all of it, then replaces each file atomic
 the live OpenVPN sessions of certificates revoked since the last pull (the new CRL is already in place, so
 the clients' reconnect is refused); an unchanged state (304) still cuts those it could not cut before.
 When the portal cannot be reached the last good state stays as it is and the command exits 75
-(EX_TEMPFAIL): the gateway keeps authorizing from it.
+(EX_TEMPFAIL): the gateway keeps authorizing from it for the state's ``max_age`` (``GATEWAY_STATE_MAX_AGE``)
+from the last pull that succeeded, then fails closed — the hooks refuse everyone, and the command cuts every
+live OpenVPN session — since a cluster that ended meanwhile may have passed its VLAN to another.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from access.gateway import pull as gateway_pull
@@ -60,8 +64,12 @@ def _check_url(url: str) -> None:
     raise PullError(f"the portal URL must be https: {url}")
 
 
-def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) -> tuple[dict | None, str | None]:
-    """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused."""
+def fetch_state(
+    url: str, token: str, *, etag: str | None, generated_at: str | None = None, timeout: float = 20
+) -> tuple[dict | None, str | None]:
+    """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused.
+    ``generated_at``: that of the installed state, which the portal waits for before it hands out again the
+    VLAN ids released before it."""
     if not url.rstrip("/").endswith(STATE_PATH.rstrip("/")):
         url = url.rstrip("/") + STATE_PATH
     _check_url(url)
@@ -69,6 +77,8 @@ def fetch_state(url: str, token: str, *, etag: str | None, timeout: float = 20) 
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     if etag:
         request.add_header("If-None-Match", etag)
+    if generated_at:
+        request.add_header("VirtCloud-State-Generated-At", generated_at)
     try:  # a redirect is refused: urllib would send the token along to wherever it points
         with http.opener().open(request, timeout=timeout) as response:
             body = response.read()
@@ -100,12 +110,18 @@ def pull(
     last time is tried again, not only at the next change of the state."""
     state_dir = Path(state_dir)
     etag_file = state_dir / ".etag"
-    etag = etag_file.read_text().strip() if etag_file.exists() else None
-    doc, new_etag = fetch_state(url, token, etag=etag, timeout=timeout)
-    if doc is None:
-        return False, gateway_pull.cut_revoked(state_dir)
+    installed = gateway_pull.installed(state_dir)
+    # Without a record of what is installed, fetch it whole (a 304 could not say for how long to trust it).
+    etag = etag_file.read_text().strip() if installed and etag_file.exists() else None
+    fetched_at = time.time()  # before the request: the portal makes the state after this
+    doc, new_etag = fetch_state(
+        url, token, etag=etag, generated_at=installed and installed.get("generated_at"), timeout=timeout
+    )
     try:
-        report = gateway_pull.install_state(state_dir, doc)
+        if doc is None:
+            gateway_pull.refresh(state_dir, fetched_at=fetched_at)
+            return False, gateway_pull.cut_revoked(state_dir)
+        report = gateway_pull.install_state(state_dir, doc, fetched_at=fetched_at)
     except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
         raise PullError(f"cannot write the state in {state_dir}: {exc}") from None
     if new_etag:
@@ -154,7 +170,15 @@ class Command(BaseCommand):
                 url=options["url"], token=token, state_dir=options["dir"], timeout=options["timeout"]
             )
         except (PullError, StateError) as exc:
-            self.stderr.write(f"gateway pull: {exc}; keeping the last good state in {options['dir']}")
+            closed = gateway_pull.fail_closed(options["dir"])
+            if closed is None:
+                self.stderr.write(f"gateway pull: {exc}; keeping the last good state in {options['dir']}")
+            else:
+                self.stderr.write(
+                    f"gateway pull: {exc}; the last good state in {options['dir']} has expired: refusing everyone"
+                    + (f", cut the sessions of serials {', '.join(map(str, closed.cut))}" if closed.cut else "")
+                    + (f"; could not cut: {'; '.join(closed.cut_errors)}" if closed.cut_errors else "")
+                )
             sys.exit(EX_TEMPFAIL)
         line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
         if report.cut:
@@ -182,6 +206,7 @@ class Command(BaseCommand):
                 proto=gateway.vpn_proto,
                 local=options["vpn_local"],
                 python=options["python"],
+                reneg_sec=settings.GATEWAY_STATE_MAX_AGE,
             )
         if gateway.serves_ssh:
             configs["sshd_config"] = sshd.render_sshd_config(
@@ -197,7 +222,9 @@ class Command(BaseCommand):
         self._enrol(gateway, target, options["re_enrol"])
         for name, text in configs.items():
             write_atomic(target / name, text, 0o644)
-        gateway_pull.install_state(target, services.gateway_state(gateway=gateway), cut_sessions=False)
+        doc = services.gateway_state(gateway=gateway)
+        gateway_pull.install_state(target, doc, cut_sessions=False)
+        services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
 
     def _enrol(self, gateway, target: Path, force: bool) -> None:
