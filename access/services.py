@@ -770,8 +770,13 @@ def _install_local_gateways() -> None:
         gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         for error in report.cut_errors:
             logger.warning("access: gateway %s: could not cut a session: %s", gateway.name, error)
-        if report.cut:
-            logger.info("access: gateway %s: cut the sessions of serials %s", gateway.name, report.cut)
+        if report.cut or report.ssh_cut:
+            logger.info(
+                "access: gateway %s: cut the sessions of VPN serials %s, SSH serials %s",
+                gateway.name,
+                report.cut,
+                report.ssh_cut,
+            )
 
 
 def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, note: str = "") -> int:
@@ -984,9 +989,10 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
     return out
 
 
-def _revoked_sessions(now: dt.datetime) -> list[dict]:
+def _revoked_sessions(now: dt.datetime, kind: str) -> list[dict]:
+    """Credentials of ``kind`` revoked lately and not expired: a gateway cuts their live sessions."""
     rows = (
-        Credential.objects.filter(kind=CredentialKind.VPN, revoked_at__gte=now - SESSION_CUT_WINDOW, not_after__gt=now)
+        Credential.objects.filter(kind=kind, revoked_at__gte=now - SESSION_CUT_WINDOW, not_after__gt=now)
         .select_related("user")
         .order_by("revoked_at", "serial")
     )
@@ -1012,7 +1018,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "crl": crl_current(),
             "vlans": vlans,
             "server_name": gateway_server_name(gateway),
-            "revoked_sessions": _revoked_sessions(now),
+            "revoked_sessions": _revoked_sessions(now, CredentialKind.VPN),
         }
     if gateway.serves_ssh:
         doc["ssh"] = {
@@ -1020,6 +1026,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "user_ca": _authority(AuthorityKind.SSH_USER).public_key,
             "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
             "krl": base64.b64encode(krl_current()).decode(),
+            "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
             "clusters": _principals_map(clusters),
         }
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE

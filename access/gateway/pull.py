@@ -6,6 +6,7 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
      "vpn": {"ca": PEM, "aa": PEM, "crl": PEM, "vlans": {"c42": 142}, "server_name": "...",
              "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
+             "revoked_sessions": [{"serial": 23, "common_name": "alice", "revoked_at": "..."}],
              "krl": base64, "clusters": {"c42": {"principals": ["c42.alice"], "targets": [["198.18.61.11", 22]],
                                                "nodes": [...]}}}}
 
@@ -45,7 +46,7 @@ from access.gateway.state import (  # noqa: E402
     write_all_atomic,
     write_atomic,
 )
-from access.gateway.vpn import forget_sessions, revoked_lately, session_peers  # noqa: E402
+from access.gateway.vpn import forget_sessions, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
 
@@ -55,7 +56,8 @@ class InstallReport:
     """What an install changed, for the pull command's log line."""
 
     written: list[str] = field(default_factory=list)
-    cut: list[int] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)  # OpenVPN certificate serials whose sessions were cut
+    ssh_cut: list[int] = field(default_factory=list)  # SSH certificate serials whose bastion logins were cut
     cut_errors: list[str] = field(default_factory=list)
 
 
@@ -78,11 +80,11 @@ def _section(doc: dict, name: str) -> dict:
     return value
 
 
-def _revoked_serials(v: dict) -> set[int]:
+def _revoked_serials(v: dict, section: str = "vpn") -> set[int]:
     try:
         return {int(r["serial"]) for r in v.get("revoked_sessions", []) if "serial" in r}
     except (TypeError, ValueError, OverflowError):
-        raise StateError("state document: vpn.revoked_sessions is not a list of {serial: ...}") from None
+        raise StateError(f"state document: {section}.revoked_sessions is not a list of {{serial: ...}}") from None
 
 
 def _freshness(doc: dict) -> tuple[str, int, float]:
@@ -150,6 +152,7 @@ def _prepare(
         files[ssh.user_ca] = (_ssh_key(s.get("user_ca"), "ssh.user_ca").encode(), 0o644)
         files[ssh.root / "host_ca.pub"] = (_ssh_key(s.get("host_ca"), "ssh.host_ca").encode(), 0o644)
         files[ssh.krl] = (krl, 0o644)
+        files[ssh.revoked] = (json.dumps(sorted(_revoked_serials(s, "ssh"))).encode(), 0o644)
         files[ssh.principals(account)] = (principals.encode(), 0o644)
         try:
             command = sshd.render_principals_command(state_dir)
@@ -178,6 +181,7 @@ def install_state(
     try:
         files = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
         revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
+        ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
     report = InstallReport()
@@ -185,6 +189,7 @@ def install_state(
         vpn.ensure_dirs()
     if "ssh" in doc:
         ssh.ensure_dirs()
+        sshd.prepare_sessions_dir(ssh, doc["ssh"]["account"])
     changed = {}
     for path, (data, mode) in files.items():
         try:
@@ -197,6 +202,8 @@ def install_state(
     report.written += [str(path) for path in changed]
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
+    if cut_sessions and "ssh" in doc:
+        _cut_ssh(ssh, ssh_revoked, report)
     return report
 
 
@@ -223,23 +230,25 @@ def refresh(state_dir: str | Path, *, fetched_at: float) -> None:
 
 def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallReport | None:
     """When the installed state has expired (no successful pull for its ``max_age``): cut every live OpenVPN
-    session this gateway recorded — a cluster may have ended and its VLAN gone to another one since — and
-    return what was cut; None while the state is still fresh. (New connections and SSH logins are refused by
-    the hooks themselves, see :func:`access.gateway.state.check_fresh`.)"""
+    session and bastion login this gateway recorded — a cluster may have ended and its VLAN gone to another
+    one since — and return what was cut; None while the state is still fresh. (New connections and logins are
+    refused by the hooks themselves, see :func:`access.gateway.state.check_fresh`.)"""
     try:
         check_fresh(state_dir, now)
     except StateError:
         pass
     else:
         return None
-    vpn = VpnState.at(state_dir)
+    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
     try:
         serials = {int(p.stem) for p in vpn.sessions.glob("*.json") if p.stem.isdigit()}
+        ssh_serials = sshd.recorded_serials(ssh)
     except OSError as exc:
-        report.cut_errors.append(f"cannot list {vpn.sessions}: {exc}")
+        report.cut_errors.append(f"cannot list the recorded sessions: {exc}")
         return report
     _cut(vpn, serials, report)
+    _cut_ssh(ssh, ssh_serials, report)
     return report
 
 
@@ -248,14 +257,17 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
     document: a pull that finds the state unchanged (304) still retries a cut that failed (the management
     socket did not answer) and reaches a session recorded after the cut (its client-connect had passed the
     old list just before the pull)."""
-    vpn = VpnState.at(state_dir)
+    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
-    try:
-        revoked = revoked_lately(vpn)
-    except ValueError as exc:  # (written by install_state: not expected)
-        report.cut_errors.append(f"unreadable {vpn.revoked}: {exc}")
-        return report
-    _cut(vpn, revoked, report)
+    for state, cut in ((vpn, _cut), (ssh, _cut_ssh)):
+        try:
+            revoked = {int(v) for v in json.loads(state.revoked.read_bytes())}
+        except FileNotFoundError:
+            continue  # (this gateway does not serve it)
+        except (TypeError, ValueError) as exc:  # (written by install_state: not expected)
+            report.cut_errors.append(f"unreadable {state.revoked}: {exc}")
+            continue
+        cut(state, revoked, report)
     return report
 
 
@@ -271,6 +283,15 @@ def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
             report.cut_errors.append(f"serial {serial}: {exc}")
             continue
         forget_sessions(vpn, serial)
+
+
+def _cut_ssh(ssh: SshState, revoked: set[int], report: InstallReport) -> None:
+    for serial in sorted(revoked):
+        try:
+            if sshd.cut_sessions(ssh, serial):
+                report.ssh_cut.append(serial)
+        except OSError as exc:
+            report.cut_errors.append(f"SSH serial {serial}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"virtcloud-pull: kept the previous state: cannot write it: {exc}", file=sys.stderr)
         return 1
     print(
-        f"virtcloud-pull: wrote {len(report.written)} file(s), cut {len(report.cut)} session(s)"
+        f"virtcloud-pull: wrote {len(report.written)} file(s), cut {len(report.cut)} VPN and "
+        f"{len(report.ssh_cut)} SSH certificate(s)' sessions"
         + (f", errors: {'; '.join(report.cut_errors)}" if report.cut_errors else ""),
         file=sys.stderr,
     )

@@ -21,7 +21,10 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
       ssh/principals/<account>   AuthorizedPrincipalsFile per bastion account
       ssh/host_key, ssh/host_key-cert.pub   the bastion's host key and certificate
       ssh/principals-command                sshd's AuthorizedPrincipalsCommand: the principals file, only
-                           while the state is fresh
+                           while the state is fresh; it records each login's sshd process in
+                           ssh/run/sessions/<serial> (written by the bastion account), so that a revocation
+                           cuts exactly that certificate's sessions
+      ssh/revoked.json     SSH certificate serials the portal revoked lately (their sessions are cut)
       fresh-until          until when (this host's clock, seconds since the epoch) the state may be trusted:
                            the start of the pull that got it + its ``max_age``; past it every hook refuses
       .installed.json      etag, generated_at and max_age of the installed state (the next pull reports
@@ -100,6 +103,8 @@ class SshState:
     host_cert = property(lambda self: self.root / "host_key-cert.pub")
     sshd_config = property(lambda self: self.root / "sshd_config")
     principals_command = property(lambda self: self.root / "principals-command")
+    revoked = property(lambda self: self.root / "revoked.json")  # serials revoked lately (their sessions are cut)
+    sessions = property(lambda self: self.root / "run" / "sessions")  # <serial>: "pid starttime" per login
 
     def principals(self, account: str) -> Path:
         return self.principals_dir / account

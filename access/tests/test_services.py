@@ -260,6 +260,13 @@ def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     assert after["vpn"]["revoked_sessions"] == [
         {"serial": credential.serial, "common_name": "alice", "revoked_at": credential.revoked_at.isoformat()}
     ]
+    assert after["ssh"]["revoked_sessions"] == []  # a VPN serial means nothing to the bastion (another CA)
+    services.ssh_certificate_issue(user=alice, cluster=cluster)
+    ssh_credential = Credential.objects.get(kind=CredentialKind.SSH)
+    services.credential_revoke(credential=ssh_credential, reason="key_compromise", by=alice)
+    later = services.gateway_state(gateway=gateway)
+    assert [r["serial"] for r in later["ssh"]["revoked_sessions"]] == [ssh_credential.serial]
+    assert [r["serial"] for r in later["vpn"]["revoked_sessions"]] == [credential.serial]
 
 
 def test_gateway_token_issue_replaces_the_previous_token(root, gateway):

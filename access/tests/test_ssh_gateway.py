@@ -75,7 +75,7 @@ class Bastion:
         )
         self.log = root / "bastion.log"
 
-    def publish_krl(self) -> None:
+    def publish_krl(self) -> pull.InstallReport:
         """What the portal publishes and the gateway pulls (access.gateway.pull installs it)."""
         self.krl_version += 1
         krl = ssh.build_krl(
@@ -90,6 +90,7 @@ class Bastion:
                 "user_ca": ssh.public_key_line(self.user_ca),
                 "host_ca": ssh.public_key_line(self.host_ca),
                 "krl": base64.b64encode(krl).decode(),
+                "revoked_sessions": [{"serial": serial} for serial in self.revoked],
                 "clusters": {
                     "c42": {"principals": [ssh.principal("c42", "alice")], "targets": [[NODE1, 22]]},
                     "c43": {"principals": [ssh.principal("c43", "bob")], "targets": [[NODE2, 22]]},
@@ -99,6 +100,7 @@ class Bastion:
         }
         report = pull.install_state(self.state.root.parent, doc)
         assert str(self.state.krl) in report.written
+        return report
 
     def node_config(self, name: str, address: str) -> Path:
         """A cluster node's sshd: trusts the user CA; root may log in with the cluster's principals."""
@@ -229,15 +231,24 @@ def test_an_expired_state_lets_nobody_in(lab):
     """A bastion that has not pulled for its state's max_age fails closed (the principals may name a cluster
     that ended since): sshd's principals command gives nothing, so a valid certificate is refused — until the
     next pull, with nothing restarted."""
-    user, _ = _user(lab)
+    user, serial = _user(lab)
+    log = lab.root / f"live-{serial}.log"
+    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=log)
     fresh = fresh_until_path(lab.bastion.state.root.parent)
     kept = fresh.read_text()
-    write_atomic(fresh, fresh_until_text(time.time() - 1), 0o644)
     try:
+        wait_for(lambda: "up" in read(log), 10, what="the login through the bastion")
+        assert sshd.session_processes(lab.bastion.state, serial)
+        write_atomic(fresh, fresh_until_text(time.time() - 1), 0o644)
         r = user.ssh("c42-node1", "true")
         assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+        # The pull that cannot reach the portal ends the logins that are up.
+        assert serial in pull.fail_closed(lab.bastion.state.root.parent).ssh_cut
+        wait_for(lambda: live.poll() is not None, 10, what="the live login to end")
     finally:
         write_atomic(fresh, kept, 0o644)
+        stop(live, kill=True)
+    assert pull.fail_closed(lab.bastion.state.root.parent) is None  # fresh again: nothing to cut
     assert user.ssh("c42-node1", "true").returncode == 0
 
 
@@ -261,6 +272,36 @@ def test_revoked_certificate_refused_by_krl(lab):
     r = user.ssh("c42-node1", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, "revoked by file")
+
+
+def test_a_revocation_cuts_the_live_logins_of_that_certificate_and_no_other(lab):
+    """The principals command records each login's sshd under the certificate's serial; a pull that brings
+    the revocation ends exactly those connections (and every forwarding in them), as the VPN gateway cuts a
+    revoked profile's sessions."""
+    user, serial = _user(lab)
+    other, other_serial = _user(lab)
+    logs = {name: lab.root / f"live-{name}.log" for name in ("user", "other")}
+    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=logs["user"])
+    kept = lab.ns.popen("ssh", "-F", str(other.config), "c42-node1", "echo up; sleep 60", log=logs["other"])
+    try:
+        for name, s in (("user", serial), ("other", other_serial)):
+            wait_for(lambda name=name: "up" in read(logs[name]), 10, what=f"the login of serial {s}")
+            assert sshd.session_processes(lab.bastion.state, s)
+        assert live.poll() is None and kept.poll() is None
+
+        lab.bastion.revoked.append(serial)
+        report = lab.bastion.publish_krl()
+        assert report.ssh_cut == [serial] and report.cut_errors == []
+        wait_for(lambda: live.poll() is not None, 10, what="the revoked certificate's login to end")
+        assert live.returncode != 0
+        time.sleep(0.5)
+        assert kept.poll() is None, read(logs["other"])
+        assert sshd.session_processes(lab.bastion.state, serial) == []
+        assert len(sshd.session_processes(lab.bastion.state, other_serial)) == 1
+        assert lab.bastion.publish_krl().ssh_cut == []  # once
+    finally:
+        stop(live, kill=True)
+        stop(kept, kill=True)
 
 
 def test_certificate_from_another_ca_refused(lab):

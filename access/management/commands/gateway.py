@@ -129,6 +129,19 @@ def pull(
     return True, report
 
 
+def _cuts(report: gateway_pull.InstallReport, *, retried: bool = False) -> str:
+    """What a pull cut, for its log line ("" when nothing)."""
+    parts = []
+    if report.cut:
+        parts.append(f"cut the sessions of serials {', '.join(map(str, report.cut))}")
+    if report.ssh_cut:
+        parts.append(f"cut the SSH logins of serials {', '.join(map(str, report.ssh_cut))}")
+    if report.cut_errors:
+        again = " (retried at the next pull)" if retried else ""
+        parts.append(f"could not cut: {'; '.join(report.cut_errors)}{again}")
+    return "".join(f"; {part}" for part in parts)
+
+
 # --- the command -------------------------------------------------------------------------------------------------
 
 
@@ -176,16 +189,11 @@ class Command(BaseCommand):
             else:
                 self.stderr.write(
                     f"gateway pull: {exc}; the last good state in {options['dir']} has expired: refusing everyone"
-                    + (f", cut the sessions of serials {', '.join(map(str, closed.cut))}" if closed.cut else "")
-                    + (f"; could not cut: {'; '.join(closed.cut_errors)}" if closed.cut_errors else "")
+                    + _cuts(closed)
                 )
             sys.exit(EX_TEMPFAIL)
         line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
-        if report.cut:
-            line += f"; cut the sessions of serials {', '.join(map(str, report.cut))}"
-        if report.cut_errors:
-            line += f"; could not cut: {'; '.join(report.cut_errors)} (retried at the next pull)"
-        self.stdout.write(line)
+        self.stdout.write(line + _cuts(report, retried=True))
 
     def _config(self, options):
         from access import openvpn, services
