@@ -101,13 +101,23 @@ def peer_matches(real_address: str, ip: str, port: str) -> bool:
 
 
 def kill_peers(
-    socket_path: str | Path, peers: Sequence[tuple[str, str]], *, message: str = "HALT", timeout: float = 5.0
+    socket_path: str | Path,
+    peers: Sequence[tuple[str, str]],
+    *,
+    common_name: str | None = None,
+    message: str = "HALT",
+    timeout: float = 5.0,
 ) -> int:
     """Disconnect every session from one of ``peers`` ((address, port) pairs, see
-    :func:`access.gateway.vpn.session_peers`); the number cut."""
-    return _kill(
-        socket_path, lambda s: any(peer_matches(s.real_address, ip, port) for ip, port in peers), message, timeout
-    )
+    :func:`access.gateway.vpn.session_peers`) — of ``common_name`` only, when given: a NAT may since have
+    given another user that address and port — ; the number cut."""
+
+    def wanted(s: Session) -> bool:
+        if common_name is not None and s.common_name != common_name:
+            return False
+        return any(peer_matches(s.real_address, ip, port) for ip, port in peers)
+
+    return _kill(socket_path, wanted, message, timeout)
 
 
 def _kill(socket_path: str | Path, wanted: Callable[[Session], bool], message: str, timeout: float) -> int:

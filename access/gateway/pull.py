@@ -46,7 +46,7 @@ from access.gateway.state import (  # noqa: E402
     write_all_atomic,
     write_atomic,
 )
-from access.gateway.vpn import forget_sessions, session_peers  # noqa: E402
+from access.gateway.vpn import forget_sessions, session_owner, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
 
@@ -277,7 +277,7 @@ def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
         if not peers:
             continue  # not connected through this gateway (or already cut)
         try:
-            if management.kill_peers(vpn.management, peers):
+            if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
                 report.cut.append(serial)
         except management.ManagementError as exc:
             report.cut_errors.append(f"serial {serial}: {exc}")

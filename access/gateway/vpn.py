@@ -209,6 +209,16 @@ def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
     return [(str(ip), str(port)) for ip, port in record.get("peers", [])]
 
 
+def session_owner(state: VpnState, serial: int) -> str | None:
+    """The common name client-connect recorded for certificate ``serial``'s sessions (None: no record, or one
+    written by an earlier version)."""
+    try:
+        name = json.loads((state.sessions / f"{int(serial)}.json").read_bytes()).get("common_name")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name and name != "?" else None
+
+
 def forget_sessions(state: VpnState, serial: int) -> None:
     """Drop the record of ``serial``'s sessions (they were cut)."""
     (state.sessions / f"{int(serial)}.json").unlink(missing_ok=True)

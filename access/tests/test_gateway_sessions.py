@@ -96,7 +96,8 @@ def connect(state, tmp_path, name: str, **peer) -> None:
 
 def test_every_session_of_a_revoked_certificate_is_cut_ipv4_and_ipv6(gateway_state, tmp_path):
     """One profile up in three places (``duplicate-cn``), one of them over IPv6: all three are cut, the
-    other user's session from the same IPv4 address stays, and the next pull cuts nothing more."""
+    other users' sessions from the same IPv4 address — even from the same port — stay, and the next pull cuts
+    nothing more."""
     state, ca, doc = gateway_state
     connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
     connect(state, tmp_path, "b", trusted_ip="198.51.100.9", trusted_port="50002")
@@ -107,11 +108,13 @@ def test_every_session_of_a_revoked_certificate_is_cut_ipv4_and_ipv6(gateway_sta
         ("2001:db8::5", "40003"),
     ]
     listed = {1: ("alice", "203.0.113.5:40001"), 2: ("alice", "198.51.100.9:50002"), 3: ("alice", "2001:db8::5")}
-    fake = FakeManagement(state.management, {**listed, 4: ("bob", "203.0.113.5:40009")})
+    # bob: another port of the same address; carol: alice's first address and port, reused by a NAT since
+    others = {4: ("bob", "203.0.113.5:40009"), 5: ("carol", "203.0.113.5:40001")}
+    fake = FakeManagement(state.management, {**listed, **others})
     try:
         report = pull.install_state(state.root.parent, revoking(ca, doc, 77))
         assert report.cut == [77] and report.cut_errors == []
-        assert fake.sessions == {4: ("bob", "203.0.113.5:40009")}
+        assert fake.sessions == others
         assert pull.install_state(state.root.parent, revoking(ca, doc, 77)).cut == []
     finally:
         fake.close()
