@@ -154,11 +154,7 @@ def _prepare(
         files[ssh.krl] = (krl, 0o644)
         files[ssh.revoked] = (json.dumps(sorted(_revoked_serials(s, "ssh"))).encode(), 0o644)
         files[ssh.principals(account)] = (principals.encode(), 0o644)
-        try:
-            command = sshd.render_principals_command(state_dir)
-        except sshd.SshdConfigError as exc:
-            raise StateError(f"state directory: {exc}") from None
-        files[ssh.principals_command] = (command.encode(), 0o755)
+        files[ssh.principals_command] = (sshd.render_principals_command(state_dir).encode(), 0o755)
     return files
 
 
