@@ -649,6 +649,7 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
     redis.Redis.from_url(args.redis_url).flushdb()
+    import portal.wsgi  # noqa: F401 - this process answers the API as a web worker does: started the same way
 
     modes = ("agents", "central") if args.hosts == "both" else (args.hosts,)
     counts = [int(n) for n in args.sites.split(",")]
