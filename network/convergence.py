@@ -143,9 +143,40 @@ def change_create(*, device: Switch | Host, cause: str, segment: Segment | None 
     return change
 
 
+_INSERT_CHANGES = """
+INSERT INTO {table} (kind, switch_id, host_id, device, segment_id, cause, status, diff, attempts, created_at, error)
+SELECT v.kind, v.switch_id, v.host_id, v.device, %s, %s, %s, '', 0, %s, ''
+FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::varchar[]) WITH ORDINALITY
+    AS v(kind, switch_id, host_id, device, n)
+ORDER BY v.n
+RETURNING id, kind, switch_id, host_id
+"""
+
+
 def changes_create(*, devices: list[Switch | Host], cause: str, segment: Segment | None = None) -> list[int]:
-    """``change_create`` for several devices in one INSERT; the ids, in the order of ``devices``."""
-    return [row.pk for row in DeviceChange.objects.bulk_create([_change(d, cause, segment) for d in devices])]
+    """``change_create`` for several devices in one INSERT; the ids, in the order of ``devices``. PostgreSQL:
+    the rows come from ``unnest(arrays)`` (a 16-site cluster records 32 changes on the path of its request:
+    ``bulk_create`` spent ~0.1 ms of Python per row making and compiling models)."""
+    if connection.vendor != "postgresql" or not devices:
+        return [row.pk for row in DeviceChange.objects.bulk_create([_change(d, cause, segment) for d in devices])]
+    keys = [(DeviceKind.SWITCH if isinstance(d, Switch) else DeviceKind.HOST, d.pk) for d in devices]
+    created_at = DeviceChange._meta.get_field("created_at").get_db_prep_value(timezone.now(), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERT_CHANGES.format(table=connection.ops.quote_name(DeviceChange._meta.db_table)),
+            [
+                segment.pk if segment is not None else None,
+                cause[:200],
+                DeviceChange.Status.PENDING,
+                created_at,
+                [kind for kind, _pk in keys],
+                [pk if kind == DeviceKind.SWITCH else None for kind, pk in keys],
+                [pk if kind == DeviceKind.HOST else None for kind, pk in keys],
+                [d.name for d in devices],
+            ],
+        )
+        ids = {(kind, switch_id or host_id): pk for pk, kind, switch_id, host_id in cursor.fetchall()}
+    return [ids[key] for key in keys]
 
 
 def _settled(change: DeviceChange) -> DeviceChange:

@@ -37,6 +37,15 @@ def test_changes_are_recorded_in_one_query(segment, django_assert_num_queries):
     rows = DeviceChange.objects.in_bulk(ids)
     assert [rows[i].device for i in ids] == [d.name for d in [*switches, *hosts]]
     assert all(rows[i].status == DeviceChange.Status.PENDING and rows[i].segment_id == segment.pk for i in ids)
+    # each row names its device by kind and key, as one saved alone does
+    alone = convergence.change_create(device=hosts[-1], segment=segment, cause="provision q")
+    fields = ("kind", "switch_id", "host_id", "device", "segment_id", "cause", "status", "diff", "attempts", "error")
+    assert [getattr(rows[ids[-1]], f) for f in fields] == [getattr(alone, f) for f in fields]
+    assert [(rows[i].kind, rows[i].switch_id, rows[i].host_id) for i in ids] == [
+        ("switch", d.pk, None) for d in switches
+    ] + [("host", None, d.pk) for d in hosts]
+    assert all(abs((rows[i].created_at - alone.created_at).total_seconds()) < 5 for i in ids)
+    assert convergence.changes_create(devices=[], segment=segment, cause="nothing") == []
 
 
 def test_switch_change_query_count(fabric, segment, django_assert_num_queries):
