@@ -242,9 +242,12 @@ def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
     """Enabled switches and hosts to converge for ``segment``: what it needs plus what it touched before
     (so that a host it left, or a switch at a site it left, is cleaned too)."""
     devices = segment_footprint(segment) | touched_devices(segment)
-    switches = Switch.objects.filter(pk__in=devices.switches, enabled=True)
-    hosts = Host.objects.filter(pk__in=devices.hosts, enabled=True)
-    # the site: each device's worker queue (``queue``) falls back to its site's
+    # Only what a workflow records and routes by: the name, the worker queue and the site's, which ``queue``
+    # falls back to (not the drivers' settings: a switch's password would be decrypted for nothing).
+    switches = Switch.objects.filter(pk__in=devices.switches, enabled=True).only(
+        "name", "worker_queue", "site__worker_queue"
+    )
+    hosts = Host.objects.filter(pk__in=devices.hosts, enabled=True).only("name", "agent_queue", "site__worker_queue")
     return list(switches.select_related("site").order_by("name")), list(hosts.select_related("site").order_by("name"))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -255,20 +256,29 @@ def pools_for_sites(sites: Iterable[Site | int]) -> QuerySet[VlanPool]:
 # --- Segments ------------------------------------------------------------------------------------------------
 
 
-def _checked_hosts(hosts: Iterable[Host], *, members: Iterable[int] = ()) -> list[Host]:
-    """The hosts, loaded; a disabled one (or behind a disabled switch) is refused unless it is one of
-    ``members`` already (a host under maintenance keeps its segments, and they may still change elsewhere)."""
-    unique = {h.pk: h for h in hosts}
-    loaded = list(Host.objects.filter(pk__in=unique).select_related("site", "switch_port__switch"))
+@dataclass(frozen=True)
+class _Member:
+    pk: int
+    site_id: int
+
+
+def _checked_hosts(hosts: Iterable[Host], *, members: Iterable[int] = ()) -> list[_Member]:
+    """The hosts (id and site; one query, no models: a 16-site cluster checks 16); a disabled one (or behind a
+    disabled switch) is refused unless it is one of ``members`` already (a host under maintenance keeps its
+    segments, and they may still change elsewhere)."""
+    rows = Host.objects.filter(pk__in={h.pk for h in hosts}).values_list(
+        "pk", "name", "enabled", "site_id", "switch_port__switch__name", "switch_port__switch__enabled"
+    )
     already = set(members)
-    for host in loaded:
-        if host.pk in already:
-            continue
-        if not host.enabled:
-            raise HostUnavailable(f"host {host.name} is disabled")
-        if not host.switch_port.switch.enabled:
-            raise HostUnavailable(f"host {host.name}: its switch {host.switch_port.switch.name} is disabled")
-    return loaded
+    checked = []
+    for pk, name, enabled, site_id, switch, switch_enabled in rows:
+        if pk not in already:
+            if not enabled:
+                raise HostUnavailable(f"host {name} is disabled")
+            if not switch_enabled:
+                raise HostUnavailable(f"host {name}: its switch {switch} is disabled")
+        checked.append(_Member(pk, site_id))
+    return checked
 
 
 def _site_names(site_ids: Iterable[int]) -> str:
@@ -311,7 +321,7 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
             )
     except IntegrityError:
         raise SegmentExists(f"{owner} already has a network segment") from None
-    SegmentMember.objects.bulk_create([SegmentMember(segment=segment, host=h) for h in members])
+    SegmentMember.objects.bulk_create([SegmentMember(segment=segment, host_id=h.pk) for h in members])
     return segment
 
 
