@@ -140,11 +140,20 @@ def collect() -> list[Family]:
         "virtcloud_gateway_pull_age_seconds",
         "Seconds since an enabled access gateway last pulled its state (since it was enrolled, if never).",
     )
-    for name, last_pull, created in (
-        Gateway.objects.filter(enabled=True).order_by("name").values_list("name", "last_pull_at", "created_at")
+    # A gateway that pulls but cannot install (a full disk) looks fine above and not here: released VLAN ids
+    # wait for this age to pass their release, and at GATEWAY_STATE_MAX_AGE the gateway refuses everyone.
+    installed = Family(
+        "virtcloud_gateway_state_age_seconds",
+        "Seconds since the newest change every access gateway's installed state is known to hold was made "
+        "(since it was enrolled, if it never said); disabled gateways too: they hold released VLAN ids back.",
+    )
+    for name, enabled, last_pull, state_as_of, created in Gateway.objects.order_by("name").values_list(
+        "name", "enabled", "last_pull_at", "state_as_of", "created_at"
     ):
-        pulls.add((now - (last_pull or created)).total_seconds(), gateway=name)
-    families.append(pulls)
+        if enabled:
+            pulls.add((now - (last_pull or created)).total_seconds(), gateway=name)
+        installed.add((now - (state_as_of or created)).total_seconds(), gateway=name)
+    families += [pulls, installed]
 
     families.append(
         _by_kind(

@@ -119,6 +119,7 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     Gateway.objects.filter(name="gw1").update(last_pull_at=now - timedelta(seconds=90))
     Gateway.objects.filter(name="gw2").update(created_at=now - timedelta(hours=1))  # enrolled, never pulled
     Gateway.objects.filter(pk=gateways[2].pk).update(enabled=False)
+    Gateway.objects.filter(name="gw1").update(state_as_of=now - timedelta(seconds=700))  # pulls, cannot install
 
     prometheus = scraper(alice, [TokenScope.METRICS])
     with CaptureQueriesContext(connection) as ctx:
@@ -158,6 +159,9 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     assert 90 <= value("virtcloud_gateway_pull_age_seconds", gateway="gw1") < 150
     assert 3600 <= value("virtcloud_gateway_pull_age_seconds", gateway="gw2") < 3700
     assert ("virtcloud_gateway_pull_age_seconds", (("gateway", "off"),)) not in found  # disabled: not expected to
+    assert 700 <= value("virtcloud_gateway_state_age_seconds", gateway="gw1") < 760
+    assert 3600 <= value("virtcloud_gateway_state_age_seconds", gateway="gw2") < 3700
+    assert value("virtcloud_gateway_state_age_seconds", gateway="off") < 60  # (made now) still holds VLAN ids
     # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
     # the webhooks — one more per webhook: none here; the gateways; the queues: two for the devices, one per device kind
     # for their changes), whatever the size
