@@ -86,12 +86,11 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
 GATEWAY_CLOCK_SKEW = timedelta(minutes=5)
 
 
-def gateway_state_expiry(*, released_at: datetime) -> datetime:
-    """When every gateway that has not installed a state made after ``released_at`` has stopped trusting the
-    one it has: it fails closed ``GATEWAY_STATE_MAX_AGE`` after the last pull it made, and a session admitted
-    just before may live until its next renegotiation (every ``GATEWAY_STATE_MAX_AGE``) — twice the age, plus
-    the clocks' difference."""
-    return released_at + timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE) + GATEWAY_CLOCK_SKEW
+def stale_gateway_lifetime() -> timedelta:
+    """How long after the last pull it made a gateway may still let anyone in on the state it has: it fails
+    closed ``GATEWAY_STATE_MAX_AGE`` after that pull, and a session admitted just before may live until its
+    next renegotiation (every ``GATEWAY_STATE_MAX_AGE``) — twice the age, plus the clocks' difference."""
+    return timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE) + GATEWAY_CLOCK_SKEW
 
 
 def vlan_reuse_horizon(now: datetime) -> datetime | None:
@@ -99,11 +98,10 @@ def vlan_reuse_horizon(now: datetime) -> datetime | None:
     gateway), so no VPN client can still be put on one by the mapping of the cluster that had it.
 
     A gateway's state holds every change made before its ``state_as_of`` (its creation when it never said);
-    a gateway that has not caught up with a release fails closed by ``gateway_state_expiry``. Every gateway
-    counts, disabled ones too (a disabled gateway may still be running on what it pulled): delete the row of
-    a gateway that is gone."""
+    a gateway that has not caught up with a release has failed closed ``stale_gateway_lifetime`` after it.
+    Every gateway counts, disabled ones too (a disabled gateway may still be running on what it pulled):
+    delete the row of a gateway that is gone."""
     oldest = Gateway.objects.aggregate(oldest=Min(Coalesce("state_as_of", "created_at")))["oldest"]
     if oldest is None:
         return None
-    expired_before = now - (gateway_state_expiry(released_at=now) - now)
-    return max(oldest, expired_before)
+    return max(oldest, now - stale_gateway_lifetime())

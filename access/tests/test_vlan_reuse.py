@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from access.models import Gateway, GatewayKind
-from access.selectors import gateway_state_expiry, vlan_reuse_horizon
+from access.selectors import stale_gateway_lifetime, vlan_reuse_horizon
 from access.tests.fixtures import gateway
 from access.tests.test_api import client_for
 from network import services
@@ -122,12 +122,12 @@ def test_what_a_gateway_says_it_installed_moves_nothing_when_it_cannot_be_right(
 def test_a_gateway_that_never_pulls_holds_the_id_only_until_it_has_failed_closed(pool, old_gateway, settings):
     allocation = _release_a_while_ago(pool)
     assert _held(pool)
-    expired = gateway_state_expiry(released_at=allocation.released_at)
-    assert expired - allocation.released_at == timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE + 300)
-    almost = timezone.now() - (expired - allocation.released_at) + timedelta(seconds=5)
+    lifetime = stale_gateway_lifetime()
+    assert lifetime == timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE + 300)
+    almost = timezone.now() - lifetime + timedelta(seconds=5)
     VlanAllocation.objects.filter(pk=allocation.pk).update(released_at=almost)
     assert _held(pool)
-    past = timezone.now() - (expired - allocation.released_at) - timedelta(seconds=1)
+    past = timezone.now() - lifetime - timedelta(seconds=1)
     VlanAllocation.objects.filter(pk=allocation.pk).update(released_at=past)
     assert services.vlan_allocate(pool=pool, owner="cluster:2").vid == 100
 
