@@ -31,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings_test")
+# the test settings (throwaway keys) with what a deployment allocates with: the gateways' reuse horizon asked
+# once a second per process, not at every allocation as the tests do
+os.environ.setdefault("VLAN_REUSE_HORIZON_TTL", "1")
 
 
 def available_connections(limit: int) -> int:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from time import monotonic
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -56,10 +58,30 @@ def _horizon_sources(paths: tuple[str, ...]) -> list[Callable[[datetime], dateti
     return [import_string(path) for path in paths]
 
 
+_horizon_cache: tuple[float, datetime] | None = None  # (good until, on monotonic(); the horizon then)
+_horizon_lock = threading.Lock()
+
+
 def reuse_horizon(now: datetime) -> datetime:
     """Ids released after the returned time may still be mapped to their old owner somewhere outside the
     portal's reach (an access gateway whose installed state predates the release): they stay in quarantine
-    past its hold-down time. The earliest of what the ``VLAN_REUSE_HORIZONS`` callables say (``now``: none)."""
+    past its hold-down time. The earliest of what the ``VLAN_REUSE_HORIZONS`` callables say (``now``: none).
+
+    A source must never move backwards in time; then an answer a process computed up to
+    ``VLAN_REUSE_HORIZON_TTL`` seconds ago is still safe (it holds ids back a little longer, never hands one
+    out early), and a burst of allocations asks once instead of once each."""
+    global _horizon_cache
+    ttl = settings.VLAN_REUSE_HORIZON_TTL
+    if ttl <= 0:
+        return _ask_horizon(now)
+    with _horizon_lock:  # a burst of threads: one asks, the others take its answer
+        cached = _horizon_cache
+        if cached is None or monotonic() >= cached[0]:
+            cached = _horizon_cache = (monotonic() + ttl, _ask_horizon(now))
+    return min(cached[1], now)
+
+
+def _ask_horizon(now: datetime) -> datetime:
     horizon = now
     for source in _horizon_sources(tuple(settings.VLAN_REUSE_HORIZONS)):
         bound = source(now)

@@ -271,6 +271,9 @@ GATEWAY_STATE_MAX_AGE = env_int("GATEWAY_STATE_MAX_AGE", 600, minimum=60, maximu
 # Where the VLAN allocator asks who may still map a released VLAN id (each returns a time: ids released
 # before it are safe to hand out again; None: no constraint).
 VLAN_REUSE_HORIZONS = ["access.selectors.vlan_reuse_horizon"]
+# Seconds a process reuses the answer (each source only moves forward in time: an older answer holds ids back
+# a little longer, never hands one out early); 0: ask at every allocation.
+VLAN_REUSE_HORIZON_TTL = env_float("VLAN_REUSE_HORIZON_TTL", 1.0, minimum=0)
 # how often beat revokes the credentials of clusters that ended without their revocation having run (a safety
 # net: ending a cluster revokes at once)
 ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)

@@ -11,6 +11,8 @@ os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("SESSION_COOKIE_SECURE", "false")
 os.environ.setdefault("CSRF_COOKIE_SECURE", "false")
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+# A test sees a gateway's pull at the next allocation (the cache has a test of its own).
+os.environ.setdefault("VLAN_REUSE_HORIZON_TTL", "0")
 
 from portal.settings import *  # noqa: E402,F403
 

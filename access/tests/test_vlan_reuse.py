@@ -154,3 +154,22 @@ def test_the_metric_counts_an_id_held_for_a_gateway_as_quarantined(pool, old_gat
     assert (ids("quarantined"), ids("free")) == (1, 0)
     old_gateway.delete()
     assert (ids("quarantined"), ids("free")) == (0, 1)
+
+
+def test_a_process_reuses_its_answer_for_a_moment_which_only_holds_ids_back_longer(pool, root, settings, monkeypatch):
+    """VLAN_REUSE_HORIZON_TTL: a burst of allocations asks the gateways once. The answer only moves forward
+    in time, so one a moment old is earlier than the truth: ids wait a little longer, none goes out early."""
+    from network import services as network_services
+
+    settings.VLAN_REUSE_HORIZON_TTL = 30
+    monkeypatch.setattr(network_services, "_horizon_cache", None)
+    clock = [1000.0]
+    monkeypatch.setattr(network_services, "monotonic", lambda: clock[0])
+    gw, secret = _gateway_with_token(root, "gw1")
+    first = client_for(token=secret).get(STATE)
+    _release_a_while_ago(pool)
+    assert _held(pool)  # (computed now, and kept)
+    assert client_for(token=secret).get(STATE, HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
+    assert _held(pool)  # the gateway has caught up, but this process still goes by its earlier answer
+    clock[0] += 31
+    assert services.vlan_allocate(pool=pool, owner="cluster:2").vid == 100
