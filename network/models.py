@@ -376,6 +376,11 @@ class VlanAllocation(models.Model):
     allocated_at = models.DateTimeField(null=True, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)
     quarantine_until = models.DateTimeField(null=True, blank=True)
+    gateway_mapped = models.BooleanField(
+        default=False,
+        help_text="a segment on the access-gateway trunks (a closed cluster) held it: after its release it also "
+        "waits until no gateway can still map it to that segment's owner",
+    )
 
     class Meta:
         ordering = ["pool__name", "vid"]

@@ -91,11 +91,10 @@ def _ask_horizon(now: datetime) -> datetime:
 
 
 def _free_now(now, horizon=None) -> Q:
-    """Rows that may be handed out: free, or quarantined with the hold-down time over and released before
-    ``horizon`` (``reuse_horizon``; default ``now``)."""
-    return Q(state=Free.FREE) | Q(
-        state=Free.QUARANTINED, quarantine_until__lte=now, released_at__lte=now if horizon is None else horizon
-    )
+    """Rows that may be handed out: free, or quarantined with the hold-down time over and — if a segment on
+    the gateway trunks held it — released before ``horizon`` (``reuse_horizon``; default ``now``)."""
+    forgotten = Q(gateway_mapped=False) | Q(released_at__lte=now if horizon is None else horizon)
+    return Q(state=Free.FREE) | (Q(state=Free.QUARANTINED, quarantine_until__lte=now) & forgotten)
 
 
 def vlan_pool_sync(*, pool: VlanPool) -> int:
@@ -126,11 +125,12 @@ def _drop_rows(rows: QuerySet[VlanAllocation]) -> None:
 
 _TAKE_SQL = """
 WITH taken AS (
-    UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL
+    UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL,
+        gateway_mapped = %s
     WHERE id = (
         SELECT id FROM {table}
         WHERE pool_id = %s AND {range}
-          AND (state = %s OR (state = %s AND quarantine_until <= %s AND released_at <= %s))
+          AND (state = %s OR (state = %s AND quarantine_until <= %s AND (NOT gateway_mapped OR released_at <= %s)))
         ORDER BY vid LIMIT 1 FOR UPDATE SKIP LOCKED
     )
     RETURNING id, vid
@@ -140,7 +140,7 @@ SELECT id, vid FROM taken
 _ALLOCATED_CHANGES = {"state": [Free.FREE, Free.ALLOCATED]}
 
 
-def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | None:
+def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon, mapped: bool) -> VlanAllocation | None:
     """PostgreSQL: pick, take and audit a free row in ONE statement (the job-queue idiom): the sub-select
     skips rows other transactions hold, the UPDATE takes the one found, the audit entry is written from
     its result. One round trip, no transaction around it: the row lock lasts one statement. Returns the
@@ -159,17 +159,26 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon) -> V
         for bound in ("vid >= %s", "vid < %s"):
             cursor.execute(
                 _TAKE_SQL.format(table=table, range=bound, audit=audit_sql),
-                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now, horizon, *audit_params],
+                [Free.ALLOCATED, owner, now, mapped, pool.pk, start, Free.FREE, Free.QUARANTINED, now, horizon]
+                + audit_params,
             )
             row = cursor.fetchone()
             if row:
                 return VlanAllocation(
-                    pk=row[0], pool=pool, vid=row[1], state=Free.ALLOCATED, owner=owner, allocated_at=now
+                    pk=row[0],
+                    pool=pool,
+                    vid=row[1],
+                    state=Free.ALLOCATED,
+                    owner=owner,
+                    allocated_at=now,
+                    gateway_mapped=mapped,
                 )
     return None
 
 
-def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | int | None:
+def _take_conditional(
+    pool: VlanPool, start: int, owner: str, now, horizon, mapped: bool
+) -> VlanAllocation | int | None:
     """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)
     and audit it, the take and its audit entry in one transaction."""
     candidates = VlanAllocation.objects.filter(_free_now(now, horizon), pool=pool).order_by("vid")
@@ -178,23 +187,30 @@ def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> V
         return None
     with transaction.atomic():
         taken = VlanAllocation.objects.filter(_free_now(now, horizon), pk=row.pk).update(
-            state=Free.ALLOCATED, owner=owner, allocated_at=now, released_at=None, quarantine_until=None
+            state=Free.ALLOCATED,
+            owner=owner,
+            allocated_at=now,
+            released_at=None,
+            quarantine_until=None,
+            gateway_mapped=mapped,
         )
         if not taken:
             return 0
-        row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until = (
+        row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until, row.gateway_mapped = (
             Free.ALLOCATED,
             owner,
             now,
             None,
             None,
+            mapped,
         )
         audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
     return row
 
 
-def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
+def vlan_allocate(*, pool: VlanPool, owner: str, gateway_mapped: bool = False) -> VlanAllocation:
     """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left.
+    ``gateway_mapped``: it goes onto the access-gateway trunks (a closed cluster's; see ``vlan_map_to_gateways``).
 
     Each take writes its own audit entry, atomically (on PostgreSQL in the same statement), so no
     transaction is opened around the attempts: inside a caller's transaction the id is held until it
@@ -212,7 +228,7 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         now = timezone.now()
         # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
         # again and again (Neutron's lesson).
-        taken = take(pool, random.randint(lo, hi), owner, now, horizon)
+        taken = take(pool, random.randint(lo, hi), owner, now, horizon, gateway_mapped)
         if taken is None:  # nothing free
             if synced:
                 break
@@ -232,7 +248,9 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
     now = timezone.now()
     held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(now, horizon)).count()
-    waiting = VlanAllocation.objects.filter(_free_now(now), pool=pool, state=Free.QUARANTINED).count()
+    waiting = VlanAllocation.objects.filter(
+        _free_now(now), pool=pool, state=Free.QUARANTINED, gateway_mapped=True
+    ).count()
     raise PoolExhausted(
         f"pool {pool.name} is exhausted: all {len(valid)} VLAN ids are in use or in quarantine ({held})"
         + (
@@ -241,6 +259,15 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
             else ""
         )
     )
+
+
+def vlan_map_to_gateways(*, allocation: VlanAllocation) -> None:
+    """The id goes onto the access-gateway trunks (a segment became closed): once released it also waits until
+    no gateway can still map it (``reuse_horizon``) — even if the segment is public again by then."""
+    VlanAllocation.objects.filter(pk=allocation.pk, state=Free.ALLOCATED, owner=allocation.owner).update(
+        gateway_mapped=True
+    )
+    allocation.gateway_mapped = True
 
 
 @transaction.atomic
@@ -329,7 +356,7 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
     allocation = None
     for candidate in candidates:
         try:
-            allocation = vlan_allocate(pool=candidate, owner=owner)
+            allocation = vlan_allocate(pool=candidate, owner=owner, gateway_mapped=gateway)
             break
         except PoolExhausted:
             continue
@@ -397,6 +424,8 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
         seg.gateway = gateway
         seg.state = Segment.State.PENDING
         seg.save(update_fields=["gateway", "state", "updated_at"])
+        if gateway:
+            vlan_map_to_gateways(allocation=seg.allocation)
     segment.refresh_from_db()
     return seg
 

@@ -90,7 +90,7 @@ def collect() -> list[Family]:
         for row in VlanAllocation.objects.filter(
             Q(state=VlanAllocation.State.ALLOCATED)
             | Q(state=VlanAllocation.State.QUARANTINED, quarantine_until__gt=now)
-            | Q(state=VlanAllocation.State.QUARANTINED, released_at__gt=horizon)
+            | Q(state=VlanAllocation.State.QUARANTINED, gateway_mapped=True, released_at__gt=horizon)
         )
         .values("pool__name", "state")
         .annotate(n=Count("id"))

@@ -44,9 +44,10 @@ def _gateway_with_token(root, name: str) -> tuple[Gateway, str]:
     return gw, secret
 
 
-def _release_a_while_ago(pool) -> VlanAllocation:
-    """Allocate and release the pool's id, its release 2 s back (a state's generated_at is in whole seconds)."""
-    allocation = services.vlan_allocate(pool=pool, owner="cluster:1")
+def _release_a_while_ago(pool, *, gateway_mapped: bool = True) -> VlanAllocation:
+    """Allocate (for a closed cluster's segment: the gateways map it) and release the pool's id, its release
+    2 s back (a state's generated_at is in whole seconds)."""
+    allocation = services.vlan_allocate(pool=pool, owner="cluster:1", gateway_mapped=gateway_mapped)
     services.vlan_release(allocation=allocation)
     VlanAllocation.objects.filter(pk=allocation.pk).update(released_at=timezone.now() - timedelta(seconds=2))
     allocation.refresh_from_db()
@@ -61,6 +62,13 @@ def _held(pool) -> bool:
         return True
     services.vlan_release(allocation=allocation)  # (for the next check: released now, so held again)
     return False
+
+
+def test_an_id_no_gateway_ever_mapped_waits_for_none(pool, old_gateway):
+    """A public cluster's VLAN is on no gateway's trunk nor in any VLAN map: a stale gateway holds it back
+    for nothing."""
+    _release_a_while_ago(pool, gateway_mapped=False)
+    assert services.vlan_allocate(pool=pool, owner="cluster:2").vid == 100
 
 
 def test_a_gateway_set_up_after_the_release_never_had_its_mapping(pool, gateway):

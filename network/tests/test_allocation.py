@@ -79,7 +79,7 @@ def test_a_quarantined_id_also_waits_for_the_reuse_horizon(pool, settings, monke
     if take == "conditional":  # the way without SKIP LOCKED (SQLite)
         monkeypatch.setattr(services.connection.features, "has_select_for_update_skip_locked", False)
     settings.VLAN_REUSE_HORIZONS = ["network.tests.test_allocation.horizon"]
-    allocs = [services.vlan_allocate(pool=pool, owner=f"o{i}") for i in range(4)]
+    allocs = [services.vlan_allocate(pool=pool, owner=f"o{i}", gateway_mapped=True) for i in range(4)]
     services.vlan_release(allocation=allocs[0])
     long_ago = timezone.now() - timedelta(hours=1)
     VlanAllocation.objects.filter(pk=allocs[0].pk).update(quarantine_until=long_ago)
@@ -92,6 +92,37 @@ def test_a_quarantined_id_also_waits_for_the_reuse_horizon(pool, settings, monke
     finally:
         HORIZON.clear()
     assert again.vid == allocs[0].vid
+
+
+def test_only_a_closed_segments_id_waits_for_the_gateways_even_if_it_turned_public(fabric, settings):
+    """A segment on the gateway trunks marks its id (at creation, or when it becomes closed later); once
+    released, only a marked id waits for the reuse horizon — a public segment's never reached a gateway."""
+    settings.VLAN_REUSE_HORIZONS = ["network.tests.test_allocation.horizon"]
+    hosts = [fabric.hosts["brno1"]]
+    public = services.segment_create(owner="cluster:pub", hosts=hosts, gateway=False)
+    closed = services.segment_create(owner="cluster:closed", hosts=hosts, gateway=True)
+    turned = services.segment_create(owner="cluster:turned", hosts=hosts, gateway=False)
+    services.segment_set_gateway(segment=turned, gateway=True)
+    services.segment_set_gateway(segment=turned, gateway=False)  # public again: a gateway may still map it
+    mapped = {
+        seg.owner_ref: VlanAllocation.objects.get(pk=seg.allocation_id).gateway_mapped
+        for seg in (public, closed, turned)
+    }
+    assert mapped == {"cluster:pub": False, "cluster:closed": True, "cluster:turned": True}
+    long_ago = timezone.now() - timedelta(hours=1)
+    for seg in (public, closed, turned):
+        services.vlan_release(allocation=VlanAllocation.objects.get(pk=seg.allocation_id))
+    VlanAllocation.objects.filter(state=VlanAllocation.State.QUARANTINED).update(quarantine_until=long_ago)
+    HORIZON[:] = [long_ago]  # no gateway has caught up with these releases
+    try:
+        free = VlanAllocation.objects.filter(services._free_now(timezone.now(), services.reuse_horizon(timezone.now())))
+        back = set(free.filter(state=VlanAllocation.State.QUARANTINED).values_list("owner", flat=True))
+    finally:
+        HORIZON.clear()
+    assert back == {"cluster:pub"}
+    taken = services.vlan_allocate(pool=public.allocation.pool, owner="cluster:new")  # (ids reused: unmarked)
+    assert taken.gateway_mapped is False
+    assert VlanAllocation.objects.get(pk=taken.pk).gateway_mapped is False
 
 
 def test_stale_release_does_not_free_the_next_owners_id(pool):
