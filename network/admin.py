@@ -261,8 +261,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(VlanAllocation)
 class VlanAllocationAdmin(ReadOnlyAdmin):
-    list_display = ("pool", "vid", "state", "owner", "allocated_at", "released_at", "quarantine_until")
-    list_filter = ("state", "pool")
+    list_display = (
+        "pool",
+        "vid",
+        "state",
+        "owner",
+        "allocated_at",
+        "released_at",
+        "quarantine_until",
+        "gateway_mapped",
+    )
+    list_filter = ("state", "pool", "gateway_mapped")
     search_fields = ("owner", "=vid")
     list_select_related = ("pool",)
 

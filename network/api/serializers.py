@@ -69,7 +69,17 @@ class VlanAllocationSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = VlanAllocation
-        fields = ["id", "pool", "vid", "state", "owner", "allocated_at", "released_at", "quarantine_until"]
+        fields = [
+            "id",
+            "pool",
+            "vid",
+            "state",
+            "owner",
+            "allocated_at",
+            "released_at",
+            "quarantine_until",
+            "gateway_mapped",
+        ]
 
 
 class DeviceChangeSerializer(serializers.ModelSerializer):
