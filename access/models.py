@@ -176,7 +176,7 @@ class Gateway(models.Model):
     """An access gateway: an OpenVPN tap server and/or an SSH bastion with a trunk into the closed
     clusters' VLANs (one per site, or one for all). It pulls its state (VLAN map, CRL, KRL, principals)
     from the portal with its own API token (scope ``gateway:pull``) and keeps working from the last pull
-    when the portal is down."""
+    when the portal is down — for ``GATEWAY_STATE_MAX_AGE``, then it refuses everyone until a pull succeeds."""
 
     name = models.SlugField(max_length=50, unique=True)
     site = models.ForeignKey(

@@ -1,7 +1,8 @@
 """What runs on a gateway host: OpenVPN hooks, the management helper, sshd/state layout.
 
 Standalone by design (DESIGN.md "Layers"): no Django, no database. Everything here works from the state
-directory the gateway last pulled from the portal, so access keeps working while the portal is down.
+directory the gateway last pulled from the portal, so access keeps working while the portal is down — for the
+state's ``max_age``; then every hook refuses everyone (``access.gateway.state.check_fresh``).
 Only :mod:`access.pki` and :mod:`access.attrcerts` are imported from the rest of the project (for offline
 AC verification).
 """

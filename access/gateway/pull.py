@@ -11,9 +11,10 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
                                                "nodes": [...]}}}}
 
 Everything is validated before anything is written, so a bad document leaves the last good state in
-place (the gateway keeps working while the portal is down or broken). The files are replaced together:
-all the new ones are written first, and only then does any replace its old one (a full disk leaves the old
-set whole). Standalone: no Django; run it from cron or a systemd timer after fetching the document::
+place (the gateway keeps working while the portal is down or broken, up to the state's ``max_age``). The
+files are replaced together: all the new ones are written first, and only then does any replace its old one
+(a full disk leaves the old set whole). Standalone: no Django; run it from cron or a systemd timer after
+fetching the document::
 
     python3 -I access/gateway/pull.py --state /var/lib/virtcloud-gateway [--fetched-at EPOCH] < state.json
 
