@@ -287,6 +287,9 @@ LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)
 if LDAP:
     CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = {"task": "portal.ldap_sync", "schedule": LDAP_SYNC_INTERVAL}
 
+# Error reports (the DEBUG page, report e-mails) never show a frame variable that holds a private key.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.reporting.SecretsFilter"
+
 # --- Logging -------------------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOGGING = {
