@@ -62,9 +62,39 @@ def test_a_starting_worker_imports_the_drivers_and_freezes_its_startup_objects()
     }
     assert all(module._warm_and_freeze in receivers for receivers in connected.values()), connected
     sys.modules.pop("network.drivers.ovs_host", None)
+    gc.unfreeze()  # (another module's start-up, a web worker's, may have frozen this process already)
+    assert gc.get_freeze_count() == 0
     try:
         module._warm_and_freeze()
         assert "network.drivers.ovs_host" in sys.modules and "napalm" in sys.modules
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_a_starting_web_worker_imports_every_view_and_freezes_its_startup_objects(monkeypatch):
+    """``portal.wsgi`` (what gunicorn imports in each worker): every view is imported before the first
+    request (the URLconf's patterns are loaded), and what is alive then is out of the cyclic collector's reach."""
+    import gc
+
+    import django.urls
+
+    from portal import wsgi
+
+    loaded = []
+    real = django.urls.get_resolver
+
+    def resolver(*args):
+        found = real(*args)
+        loaded.append(len(found.url_patterns))
+        return found
+
+    monkeypatch.setattr(django.urls, "get_resolver", resolver)
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        wsgi._warm_and_freeze()
+        assert loaded and loaded[0] > 5
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
