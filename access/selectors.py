@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db.models import Min, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from access.models import Credential, CredentialCluster, Gateway
 
@@ -73,13 +74,27 @@ def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:
     return qs.filter(user=user)
 
 
-def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
-    """Enabled gateways serving ``kind`` ("vpn" or "ssh"), those at ``site_ids`` first."""
+def gateways_for(*, kind: str, site_ids=(), now: datetime | None = None) -> list[Gateway]:
+    """Enabled gateways serving ``kind`` ("vpn" or "ssh"): those whose state is current first (a stale one
+    refuses everyone, see ``gateway_is_stale``), then those at ``site_ids``."""
     field = {"vpn": ("vpn", "both"), "ssh": ("ssh", "both")}[kind]
-    gateways = list(Gateway.objects.filter(enabled=True, kind__in=field))  # (only site_id is used)
+    gateways = list(Gateway.objects.filter(enabled=True, kind__in=field))
     site_ids = set(site_ids)
-    gateways.sort(key=lambda g: (g.site_id not in site_ids if site_ids else False, g.name))
+    now = now or timezone.now()
+    gateways.sort(key=lambda g: (gateway_is_stale(g, now), g.site_id not in site_ids if site_ids else False, g.name))
     return gateways
+
+
+def gateway_state_age(gateway: Gateway, now: datetime) -> timedelta:
+    """How old the newest change is that the gateway's installed state is known to hold (since it was set up,
+    if it never said)."""
+    return now - (gateway.state_as_of or gateway.created_at)
+
+
+def gateway_is_stale(gateway: Gateway, now: datetime) -> bool:
+    """Whether the gateway has, as far as the portal knows, not installed a current state for
+    ``GATEWAY_STATE_MAX_AGE``: it then refuses everyone (it fails closed) until it reaches the portal."""
+    return gateway_state_age(gateway, now) > timedelta(seconds=settings.GATEWAY_STATE_MAX_AGE)
 
 
 #: How far a gateway's clock may be from the portal's (the same margin as certificates get).

@@ -206,3 +206,22 @@ def test_a_form_address_opened_goes_back_to_the_page(alice, cluster, gateway):
         assert client.put(path).status_code == 405
     assert not Credential.objects.exists()
     assert Client().get("/access/vpn-profile/").url == "/access/"  # then the page asks to log in
+
+
+def test_a_gateway_that_fails_closed_is_named_on_the_page_and_a_current_one_is_preferred(bob, cluster, gateway):
+    """A gateway whose state has not been brought up to date for GATEWAY_STATE_MAX_AGE refuses everyone: the
+    page says so (a user's AUTH_FAILED has a reason), and profiles point at a gateway that is current."""
+    from access.models import Gateway, GatewayKind
+
+    Gateway.objects.filter(pk=gateway.pk).update(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    page = logged_in(bob).get("/access/").content.decode()
+    assert 'id="stale-gateways"' in page and "<strong>gw1</strong>" in page and "for 60 minutes" in page
+    profile = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
+    assert "remote 198.18.100.1 1194" in profile  # the only one: still named in the profile
+
+    Gateway.objects.create(name="gw2", kind=GatewayKind.BOTH, address="198.18.100.2", vpn_port=1194)
+    profile = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
+    assert "remote 198.18.100.2 1194" in profile and "198.18.100.1" not in profile
+    Gateway.objects.filter(pk=gateway.pk).update(state_as_of=dt.datetime.now(dt.UTC))  # gw1 caught up
+    page = logged_in(bob).get("/access/").content.decode()
+    assert 'id="stale-gateways"' not in page
