@@ -210,7 +210,7 @@ def _take_conditional(
 
 def vlan_allocate(*, pool: VlanPool, owner: str, gateway_mapped: bool = False) -> VlanAllocation:
     """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left.
-    ``gateway_mapped``: it goes onto the access-gateway trunks (a closed cluster's; see ``vlan_map_to_gateways``).
+    ``gateway_mapped``: the access gateways may map it from the start (see ``vlan_map_to_gateways``).
 
     Each take writes its own audit entry, atomically (on PostgreSQL in the same statement), so no
     transaction is opened around the attempts: inside a caller's transaction the id is held until it
@@ -261,13 +261,14 @@ def vlan_allocate(*, pool: VlanPool, owner: str, gateway_mapped: bool = False) -
     )
 
 
-def vlan_map_to_gateways(*, allocation: VlanAllocation) -> None:
-    """The id goes onto the access-gateway trunks (a segment became closed): once released it also waits until
-    no gateway can still map it (``reuse_horizon``) — even if the segment is public again by then."""
-    VlanAllocation.objects.filter(pk=allocation.pk, state=Free.ALLOCATED, owner=allocation.owner).update(
+def vlan_map_to_gateways(*, allocation_id: int) -> None:
+    """The id may be in the access gateways' VLAN maps from now on (a closed segment became active, or a
+    segment became closed): once released it also waits until no gateway can still map it
+    (``reuse_horizon``) — even if the segment is public again by then. A closed cluster whose provisioning
+    failed never got here: its id waits for its quarantine only."""
+    VlanAllocation.objects.filter(pk=allocation_id, state=Free.ALLOCATED, gateway_mapped=False).update(
         gateway_mapped=True
     )
-    allocation.gateway_mapped = True
 
 
 @transaction.atomic
@@ -356,7 +357,7 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
     allocation = None
     for candidate in candidates:
         try:
-            allocation = vlan_allocate(pool=candidate, owner=owner, gateway_mapped=gateway)
+            allocation = vlan_allocate(pool=candidate, owner=owner)
             break
         except PoolExhausted:
             continue
@@ -424,8 +425,8 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
         seg.gateway = gateway
         seg.state = Segment.State.PENDING
         seg.save(update_fields=["gateway", "state", "updated_at"])
-        if gateway:
-            vlan_map_to_gateways(allocation=seg.allocation)
+        if gateway:  # (the owner is in the gateways' maps as soon as its cluster is closed and live)
+            vlan_map_to_gateways(allocation_id=seg.allocation_id)
     segment.refresh_from_db()
     return seg
 

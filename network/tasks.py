@@ -138,11 +138,14 @@ def segment_step(segment_id: int, step: str) -> dict:
 
 @shared_task(name="network.segment_provisioned", acks_late=True)
 def segment_provisioned(segment_id: int) -> dict:
-    """Every device reported success: the segment is active (unless it was deleted meanwhile)."""
+    """Every device reported success: the segment is active (unless it was deleted meanwhile). A segment on the
+    gateway trunks is its owner's way in now: its VLAN id may be in the gateways' maps from here on."""
     Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING).update(state=Segment.State.ACTIVE, error="")
     seg = Segment.objects.get(pk=segment_id)
     if seg.state != Segment.State.ACTIVE:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not active")
+    if seg.gateway and seg.allocation_id:
+        services.vlan_map_to_gateways(allocation_id=seg.allocation_id)
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
 
 

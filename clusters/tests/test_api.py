@@ -79,6 +79,8 @@ def test_create_runs_the_workflow_to_ready(fabric, images, api, alice):
     assert vid not in fabric.host_vlans("prague1")
     assert vid in fabric.switch_ports("sw-brno")["h1"] and vid in fabric.switch_ports("sw-brno")["gw"]
     assert vid in fabric.switch_ports("sw-pilsen")["uplink"]
+    # READY and closed: its VLAN is in the access gateways' maps now, and waits for them once released
+    assert VlanAllocation.objects.get(state="allocated", vid=vid).gateway_mapped is True
 
 
 def test_policy_public_for_approved_image_without_admin_rights(fabric, images, api, alice):
@@ -89,6 +91,7 @@ def test_policy_public_for_approved_image_without_admin_rights(fabric, images, a
     assert r.data["connectivity"] == "public"
     assert r.data["public_subnet"] == "198.19.0.0/28"
     assert r.data["public_gateway"] == "198.19.0.1"
+    assert VlanAllocation.objects.get(state="allocated", vid=r.data["vlan_id"]).gateway_mapped is False  # no map
     r2 = api.post(
         "/api/clusters/",
         body(name="c2", image="debian-12", nodes=[("m1", "brno2", "52:54:00:00:01:01")]),

@@ -95,22 +95,24 @@ def test_a_quarantined_id_also_waits_for_the_reuse_horizon(pool, settings, monke
 
 
 def test_only_a_closed_segments_id_waits_for_the_gateways_even_if_it_turned_public(fabric, settings):
-    """A segment on the gateway trunks marks its id (at creation, or when it becomes closed later); once
-    released, only a marked id waits for the reuse horizon — a public segment's never reached a gateway."""
+    """A closed segment marks its id once it is active (its owner may be in the gateways' maps from then on),
+    a segment that becomes closed at once; once released, only a marked id waits for the reuse horizon — a
+    public segment's, or a closed one's whose provisioning failed, never reached a gateway's map."""
     settings.VLAN_REUSE_HORIZONS = ["network.tests.test_allocation.horizon"]
     hosts = [fabric.hosts["brno1"]]
     public = services.segment_create(owner="cluster:pub", hosts=hosts, gateway=False)
     closed = services.segment_create(owner="cluster:closed", hosts=hosts, gateway=True)
+    failed = services.segment_create(owner="cluster:failed", hosts=hosts, gateway=True)
     turned = services.segment_create(owner="cluster:turned", hosts=hosts, gateway=False)
+    for seg in (public, closed, turned):
+        tasks.segment_provisioned(seg.pk)
     services.segment_set_gateway(segment=turned, gateway=True)
     services.segment_set_gateway(segment=turned, gateway=False)  # public again: a gateway may still map it
-    mapped = {
-        seg.owner_ref: VlanAllocation.objects.get(pk=seg.allocation_id).gateway_mapped
-        for seg in (public, closed, turned)
-    }
-    assert mapped == {"cluster:pub": False, "cluster:closed": True, "cluster:turned": True}
+    everyone = (public, closed, failed, turned)
+    mapped = {seg.owner_ref: VlanAllocation.objects.get(pk=seg.allocation_id).gateway_mapped for seg in everyone}
+    assert mapped == {"cluster:pub": False, "cluster:closed": True, "cluster:failed": False, "cluster:turned": True}
     long_ago = timezone.now() - timedelta(hours=1)
-    for seg in (public, closed, turned):
+    for seg in everyone:
         services.vlan_release(allocation=VlanAllocation.objects.get(pk=seg.allocation_id))
     VlanAllocation.objects.filter(state=VlanAllocation.State.QUARANTINED).update(quarantine_until=long_ago)
     HORIZON[:] = [long_ago]  # no gateway has caught up with these releases
@@ -119,7 +121,7 @@ def test_only_a_closed_segments_id_waits_for_the_gateways_even_if_it_turned_publ
         back = set(free.filter(state=VlanAllocation.State.QUARANTINED).values_list("owner", flat=True))
     finally:
         HORIZON.clear()
-    assert back == {"cluster:pub"}
+    assert back == {"cluster:pub", "cluster:failed"}
     taken = services.vlan_allocate(pool=public.allocation.pool, owner="cluster:new")  # (ids reused: unmarked)
     assert taken.gateway_mapped is False
     assert VlanAllocation.objects.get(pk=taken.pk).gateway_mapped is False
