@@ -378,8 +378,8 @@ class VlanAllocation(models.Model):
     quarantine_until = models.DateTimeField(null=True, blank=True)
     gateway_mapped = models.BooleanField(
         default=False,
-        help_text="a segment on the access-gateway trunks (a closed cluster) held it: after its release it also "
-        "waits until no gateway can still map it to that segment's owner",
+        help_text="the access gateways may have mapped it (a live closed cluster's): after its release it also "
+        "waits until none can still map it to its old owner",
     )
 
     class Meta:

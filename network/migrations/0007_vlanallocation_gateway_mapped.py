@@ -19,7 +19,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='vlanallocation',
             name='gateway_mapped',
-            field=models.BooleanField(default=False, help_text="a segment on the access-gateway trunks (a closed cluster) held it: after its release it also waits until no gateway can still map it to that segment's owner"),
+            field=models.BooleanField(default=False, help_text="the access gateways may have mapped it (a live closed cluster's): after its release it also waits until none can still map it to its old owner"),
         ),
         migrations.RunPython(held_ids_may_be_mapped, migrations.RunPython.noop),
     ]
