@@ -182,6 +182,7 @@ def install_state(
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
     report = InstallReport()
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # (fresh-until lives at its top)
     if "vpn" in doc:
         vpn.ensure_dirs()
     if "ssh" in doc:
