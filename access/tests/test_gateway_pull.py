@@ -277,6 +277,9 @@ def test_a_gateway_cut_off_from_the_portal_fails_closed_once_its_state_expires(
     env["UV_VCLUSTER"] = cluster_label(cluster)
     vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "4"})
 
+    status = run("status", "--dir", str(state_dir))
+    assert "current: trusted for" in status and "recorded sessions: 1 VPN certificate(s), 0 SSH" in status
+
     down = ("pull", "--url", "http://127.0.0.1:9", "--token", secret, "--dir", str(state_dir), "--timeout", "2")
     fake = FakeManagement(state.management, {1: ("alice", "203.0.113.5:4"), 2: ("bob", "198.51.100.7:9")})
     try:
@@ -296,6 +299,10 @@ def test_a_gateway_cut_off_from_the_portal_fails_closed_once_its_state_expires(
         assert fake.sessions == {2: ("bob", "198.51.100.7:9")}  # (bob's was not recorded here)
         with pytest.raises(vpn.Refused, match="the pulled state expired"):
             vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "5"})
+        out = io.StringIO()
+        with pytest.raises(SystemExit) as info:  # what a monitoring check sees
+            call_command("gateway", "status", "--dir", str(state_dir), stdout=out)
+        assert info.value.code == 1 and "REFUSING everyone: the pulled state expired" in out.getvalue()
     finally:
         fake.close()
     # The portal is back: the next pull makes the state fresh again.

@@ -31,7 +31,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from access.gateway import pull as gateway_pull
 from access.gateway import sshd
-from access.gateway.state import SshState, StateError, VpnState, write_atomic
+from access.gateway.state import SshState, StateError, VpnState, check_fresh, write_atomic
 from portal import http
 
 EX_TEMPFAIL = 75
@@ -146,7 +146,10 @@ def _cuts(report: gateway_pull.InstallReport, *, retried: bool = False) -> str:
 
 
 class Command(BaseCommand):
-    help = "Access gateway: 'config NAME' renders/enrols a gateway; 'pull' fetches its state (run on the gateway)."
+    help = (
+        "Access gateway: 'config NAME' renders/enrols a gateway; 'pull' fetches its state and 'status' says whether "
+        "it is current (run on the gateway)."
+    )
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
@@ -168,10 +171,36 @@ class Command(BaseCommand):
         pull_parser.add_argument("--dir", required=True, help="the gateway's state directory")
         pull_parser.add_argument("--timeout", type=float, default=20)
 
+        status = sub.add_parser("status", help="is the pulled state current? (run on the gateway; exit 1 if not)")
+        status.add_argument("--dir", required=True, help="the gateway's state directory")
+
     def handle(self, *args, **options):
         if options["action"] == "config":
             return self._config(options)
+        if options["action"] == "status":
+            return self._status(options)
         return self._pull(options)
+
+    def _status(self, options):
+        """What the gateway goes by: the state it installed, until when it trusts it, the sessions it recorded
+        (what an expiry or a revocation would cut). Exit 1 when it refuses everyone (for a monitoring check)."""
+        state_dir = Path(options["dir"])
+        installed = gateway_pull.installed(state_dir)
+        vpn_sessions = len(list(VpnState.at(state_dir).sessions.glob("*.json")))
+        ssh_logins = len(sshd.recorded_serials(SshState.at(state_dir)))
+        try:
+            left = check_fresh(state_dir)
+        except StateError as exc:
+            verdict, fresh = f"REFUSING everyone: {exc}", False
+        else:
+            verdict, fresh = f"current: trusted for {int(left)} s more unless a pull succeeds", True
+        made = installed["generated_at"] if installed else "none recorded"
+        self.stdout.write(
+            f"gateway state in {state_dir}: {verdict}; installed state made at {made}; "
+            f"recorded sessions: {vpn_sessions} VPN certificate(s), {ssh_logins} SSH certificate(s)"
+        )
+        if not fresh:
+            sys.exit(1)
 
     def _pull(self, options):
         try:
