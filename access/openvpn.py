@@ -125,8 +125,11 @@ def render_server_config(
         "# Authorization: tls-verify checks the attribute certificate, client-connect chooses the VLAN.",
         "script-security 2",
         f"tls-export-cert {st.peer_certs}",
-        f"tls-verify {_quoted(hook_command('tls-verify', state_dir, python=python, code_root=code_root))}",
-        f"client-connect {_quoted(hook_command('client-connect', state_dir, python=python, code_root=code_root))}",
+        *(
+            f"{hook} {_quoted(hook_command(hook, state_dir, python=python, code_root=code_root))}"
+            # client-disconnect forgets the session's peer: the records hold the sessions that are up
+            for hook in ("tls-verify", "client-connect", "client-disconnect")
+        ),
         "# A user in two clusters holds two profiles with the same CN at once.",
         "duplicate-cn",
         f"max-clients {int(max_clients)}",

@@ -4,6 +4,7 @@ Run by OpenVPN (see :func:`access.openvpn.render_server_config`)::
 
     tls-verify     "<python> -I <code>/access/gateway/vpn.py tls-verify --state <dir>"   + depth subject
     client-connect "<python> -I <code>/access/gateway/vpn.py client-connect --state <dir>"  + config-file
+    client-disconnect "<python> -I <code>/access/gateway/vpn.py client-disconnect --state <dir>"
 
 ``tls-verify`` (depth 0 only) reads the peer certificate that ``tls-export-cert`` wrote (env
 ``peer_cert``), extracts the attribute certificate from its private extension, verifies it offline
@@ -219,6 +220,32 @@ def session_owner(state: VpnState, serial: int) -> str | None:
     return name if isinstance(name, str) and name and name != "?" else None
 
 
+def client_disconnect(state: VpnState, env: dict[str, str]) -> None:
+    """A session ended: drop its peer from its certificate's record (the whole record with the last one), so
+    the records hold the sessions that are up — what a revocation or an expired state cuts, what ``gateway
+    status`` counts — and do not pile up. The certificate is ``tls_serial_0`` (decimal, set by OpenVPN), or the
+    one tls-verify cached for the session's fingerprint."""
+    serial = env.get("tls_serial_0", "")
+    if not serial.isdigit():
+        try:
+            serial = str(json.loads(_cache_path(state, _fingerprint_from_env(env)).read_bytes())["serial"])
+        except (Refused, FileNotFoundError, ValueError, KeyError):
+            return  # never recorded (refused before client-connect), or already forgotten
+    ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
+    port = env.get("trusted_port", "")
+    path = state.sessions / f"{int(serial)}.json"
+    try:
+        record = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return
+    peers = [peer for peer in session_peers(state, int(serial)) if peer != (ip, port)]
+    if not peers:
+        path.unlink(missing_ok=True)
+    else:
+        write_atomic(path, json.dumps({**record, "peers": [list(peer) for peer in peers]}))
+    _log("DISCONNECT", f"cn={env.get('common_name', '?')} serial={serial}: {ip} port {port}")
+
+
 def forget_sessions(state: VpnState, serial: int) -> None:
     """Drop the record of ``serial``'s sessions (they were cut)."""
     (state.sessions / f"{int(serial)}.json").unlink(missing_ok=True)
@@ -226,7 +253,7 @@ def forget_sessions(state: VpnState, serial: int) -> None:
 
 def _parse(argv: list[str]) -> tuple[str, VpnState, list[str]]:
     if len(argv) < 3 or argv[1] != "--state":
-        raise SystemExit("usage: vpn.py tls-verify|client-connect --state DIR [openvpn args...]")
+        raise SystemExit("usage: vpn.py tls-verify|client-connect|client-disconnect --state DIR [openvpn args...]")
     return argv[0], VpnState.at(argv[2]), argv[3:]
 
 
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
             if len(rest) < 2:
                 raise Refused("tls-verify expects: depth subject")
             tls_verify(state, int(rest[0]), rest[1], env)
+        elif verb == "client-disconnect":
+            client_disconnect(state, env)
         elif verb == "client-connect":
             if len(rest) < 1:
                 raise Refused("client-connect expects the config file path")

@@ -254,3 +254,20 @@ def test_the_principals_command_works_from_any_state_directory(tmp_path):
     assert (result.returncode, result.stdout) == (0, "restrict,port-forwarding c42.alice\n"), result.stderr
     pid, started = (odd / "ssh" / "run" / "sessions" / "7").read_text().split()
     assert int(pid) == os.getpid() and started.isdigit()  # (the test is the command's parent here)
+
+
+def test_client_disconnect_forgets_that_peer_only(gateway_state, tmp_path):
+    state, _ca, _doc = gateway_state
+    connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
+    connect(state, tmp_path, "b", trusted_ip6="2001:db8::5", trusted_port="40003")
+    gone = {"common_name": "alice", "trusted_ip": "203.0.113.5", "trusted_port": "40001"}
+    vpn.client_disconnect(state, {**gone, "tls_serial_0": "77"})
+    assert vpn.session_peers(state, 77) == [("2001:db8::5", "40003")]
+    assert vpn.session_owner(state, 77) == "alice"
+    # without tls_serial_0, the certificate comes from what tls-verify cached for the session's fingerprint
+    vpn.client_disconnect(state, {"tls_digest_sha256_0": FP, "trusted_ip6": "2001:db8::5", "trusted_port": "40003"})
+    assert not (state.sessions / "77.json").exists()
+    # a session never recorded (refused before client-connect), or forgotten already: nothing to do, no error
+    vpn.client_disconnect(state, {"tls_serial_0": "78", "trusted_ip": "203.0.113.9", "trusted_port": "1"})
+    vpn.client_disconnect(state, {"trusted_ip": "203.0.113.9", "trusted_port": "1"})
+    assert vpn.main(["client-disconnect", "--state", str(state.root.parent)], env={"tls_serial_0": "77"}) == 0

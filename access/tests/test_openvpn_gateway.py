@@ -249,6 +249,21 @@ def test_revoked_certificate_refused(lab):
 
 
 @needs_lab
+def test_a_session_that_ends_is_forgotten_and_the_other_of_the_same_profile_kept(lab):
+    """client-disconnect drops the session's peer from its certificate's record (the record with its last
+    peer): the records hold the sessions that are up, and do not pile up on a long-running gateway."""
+    text, serial = lab.profile("erin", "c42", dev="vctb")
+    first, _, _ = _connect_ok(lab, text, "erin-1")
+    second, _, _ = _connect_ok(lab, text.replace("dev vctb", "dev vctc"), "erin-2")  # the same profile, twice
+    wait_for(lambda: len(vpn.session_peers(lab.state, serial)) == 2, 5, what="both sessions recorded")
+    stop(first)  # (SIGTERM: the client says goodbye, explicit-exit-notify)
+    _server_says(lab, f"DISCONNECT cn=erin serial={serial}")
+    wait_for(lambda: len(vpn.session_peers(lab.state, serial)) == 1, 10, what="the first session forgotten")
+    stop(second)
+    wait_for(lambda: not (lab.state.sessions / f"{serial}.json").exists(), 10, what="the record gone")
+
+
+@needs_lab
 def test_management_kill_cuts_live_session_of_revoked_user(lab, monkeypatch):
     text, serial = lab.profile("dave", "c42", dev="vct7")
     proc, log, _ = _connect_ok(lab, text, "dave")
