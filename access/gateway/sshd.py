@@ -70,12 +70,14 @@ def render_principals_file(grants: Iterable[PrincipalGrant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_principals_command(state_dir: str | Path) -> str:
+def render_principals_command(state_dir: str | Path, *, watch_every: int = 30) -> str:
     """sshd's ``AuthorizedPrincipalsCommand`` (run with the account as ``$1``): the account's principals file,
     only while the pulled state is fresh (``fresh-until``, see :func:`access.gateway.state.check_fresh`) —
     once the gateway has not reached the portal for the state's ``max_age`` nobody logs in, as the VPN hooks
-    refuse everyone. A shell script, so that sshd runs no Python on every login; sshd wants it owned by root
-    and not writable by anyone else, like every directory above it."""
+    refuse everyone. It also leaves a watchdog per connection that ends the session once the state expires
+    (checked every ``watch_every`` s, and right at the expiry it last read). A shell script, so that sshd runs
+    no Python on every login; sshd wants it owned by root and not writable by anyone else, like every
+    directory above it."""
     root = Path(state_dir).absolute()
     fresh, principals = shlex.quote(str(root / "fresh-until")), root / "ssh" / "principals"
     sessions = SshState.at(root).sessions
@@ -98,6 +100,26 @@ case "$2" in
   *) {{ started=$(sed 's/.*) //' "/proc/$PPID/stat" | cut -d' ' -f20) &&
         printf '%s %s\\n' "$PPID" "$started" >> {shlex.quote(str(sessions))}/"$2"; }} 2>/dev/null || : ;;
 esac
+# A watchdog for this connection, running as the account: once the state expires (no pull for its max age,
+# even with the pull timer itself dead) it ends the connection's session — its unprivileged sshd process,
+# the account's own — as a renegotiation ends a VPN session. It leaves with the connection.
+(
+  exec </dev/null >/dev/null 2>&1
+  connection=$PPID
+  case "$(tr '\\000' ' ' < "/proc/$connection/cmdline" 2>/dev/null)" in sshd*) ;; *) exit 0 ;; esac
+  while [ -d "/proc/$connection" ]; do
+    until=$(cat "$fresh" 2>/dev/null) || until=0
+    case "$until" in ''|*[!0-9]*) until=0 ;; esac
+    now=$(date +%s)
+    if [ "$now" -gt "$until" ]; then
+      for pid in $(ps -o pid= --ppid "$connection"); do kill "$pid"; done
+      sleep 1
+      continue
+    fi
+    wait=$((until - now + 1)); [ "$wait" -gt {watch_every} ] && wait={watch_every}
+    sleep "$wait"
+  done
+) &
 exec cat {shlex.quote(str(principals))}/"$1"
 """
 

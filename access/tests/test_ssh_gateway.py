@@ -252,6 +252,25 @@ def test_an_expired_state_lets_nobody_in(lab):
     assert user.ssh("c42-node1", "true").returncode == 0
 
 
+def test_a_live_login_ends_when_the_state_expires_even_if_no_pull_runs(lab):
+    """The pull timer itself is dead: nothing cuts the logins that are up — but each connection's watchdog
+    (left by the principals command) ends its session once the state it was let in on expires."""
+    user, serial = _user(lab)
+    fresh = fresh_until_path(lab.bastion.state.root.parent)
+    kept = fresh.read_text()
+    log = lab.root / f"live-watchdog-{serial}.log"
+    write_atomic(fresh, fresh_until_text(time.time() + 6), 0o644)  # (no pull comes after this one)
+    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=log)
+    try:
+        wait_for(lambda: "up" in read(log), 5, what="the login through the bastion")
+        wait_for(lambda: live.poll() is not None, 20, what="the login to end once the state expired")
+        assert live.returncode != 0
+    finally:
+        write_atomic(fresh, kept, 0o644)
+        stop(live, kill=True)
+    assert user.ssh("c42-node1", "true").returncode == 0  # a pull came: in again
+
+
 def test_principal_of_another_cluster_refused(lab):
     user, _ = _user(lab, "alice", "c99")  # a valid certificate, but for a cluster the bastion does not list
     r = user.ssh("c99-node1", "true")
