@@ -126,7 +126,7 @@ def _drop_rows(rows: QuerySet[VlanAllocation]) -> None:
 _TAKE_SQL = """
 WITH taken AS (
     UPDATE {table} SET state = %s, owner = %s, allocated_at = %s, released_at = NULL, quarantine_until = NULL,
-        gateway_mapped = %s
+        gateway_mapped = FALSE
     WHERE id = (
         SELECT id FROM {table}
         WHERE pool_id = %s AND {range}
@@ -140,7 +140,7 @@ SELECT id, vid FROM taken
 _ALLOCATED_CHANGES = {"state": [Free.FREE, Free.ALLOCATED]}
 
 
-def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon, mapped: bool) -> VlanAllocation | None:
+def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | None:
     """PostgreSQL: pick, take and audit a free row in ONE statement (the job-queue idiom): the sub-select
     skips rows other transactions hold, the UPDATE takes the one found, the audit entry is written from
     its result. One round trip, no transaction around it: the row lock lasts one statement. Returns the
@@ -159,26 +159,17 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon, mapp
         for bound in ("vid >= %s", "vid < %s"):
             cursor.execute(
                 _TAKE_SQL.format(table=table, range=bound, audit=audit_sql),
-                [Free.ALLOCATED, owner, now, mapped, pool.pk, start, Free.FREE, Free.QUARANTINED, now, horizon]
-                + audit_params,
+                [Free.ALLOCATED, owner, now, pool.pk, start, Free.FREE, Free.QUARANTINED, now, horizon, *audit_params],
             )
             row = cursor.fetchone()
             if row:
                 return VlanAllocation(
-                    pk=row[0],
-                    pool=pool,
-                    vid=row[1],
-                    state=Free.ALLOCATED,
-                    owner=owner,
-                    allocated_at=now,
-                    gateway_mapped=mapped,
+                    pk=row[0], pool=pool, vid=row[1], state=Free.ALLOCATED, owner=owner, allocated_at=now
                 )
     return None
 
 
-def _take_conditional(
-    pool: VlanPool, start: int, owner: str, now, horizon, mapped: bool
-) -> VlanAllocation | int | None:
+def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | int | None:
     """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)
     and audit it, the take and its audit entry in one transaction."""
     candidates = VlanAllocation.objects.filter(_free_now(now, horizon), pool=pool).order_by("vid")
@@ -192,7 +183,7 @@ def _take_conditional(
             allocated_at=now,
             released_at=None,
             quarantine_until=None,
-            gateway_mapped=mapped,
+            gateway_mapped=False,
         )
         if not taken:
             return 0
@@ -202,15 +193,14 @@ def _take_conditional(
             now,
             None,
             None,
-            mapped,
+            False,
         )
         audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
     return row
 
 
-def vlan_allocate(*, pool: VlanPool, owner: str, gateway_mapped: bool = False) -> VlanAllocation:
+def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
     """Take a free VLAN id of ``pool`` for ``owner``. Raises ``PoolExhausted`` (409) when none is left.
-    ``gateway_mapped``: the access gateways may map it from the start (see ``vlan_map_to_gateways``).
 
     Each take writes its own audit entry, atomically (on PostgreSQL in the same statement), so no
     transaction is opened around the attempts: inside a caller's transaction the id is held until it
@@ -228,7 +218,7 @@ def vlan_allocate(*, pool: VlanPool, owner: str, gateway_mapped: bool = False) -
         now = timezone.now()
         # A random start spreads concurrent requests over the pool and avoids handing out the same low ids
         # again and again (Neutron's lesson).
-        taken = take(pool, random.randint(lo, hi), owner, now, horizon, gateway_mapped)
+        taken = take(pool, random.randint(lo, hi), owner, now, horizon)
         if taken is None:  # nothing free
             if synced:
                 break

@@ -47,7 +47,9 @@ def _gateway_with_token(root, name: str) -> tuple[Gateway, str]:
 def _release_a_while_ago(pool, *, gateway_mapped: bool = True) -> VlanAllocation:
     """Allocate (for a closed cluster's segment: the gateways map it) and release the pool's id, its release
     2 s back (a state's generated_at is in whole seconds)."""
-    allocation = services.vlan_allocate(pool=pool, owner="cluster:1", gateway_mapped=gateway_mapped)
+    allocation = services.vlan_allocate(pool=pool, owner="cluster:1")
+    if gateway_mapped:
+        services.vlan_map_to_gateways(allocation_id=allocation.pk)
     services.vlan_release(allocation=allocation)
     VlanAllocation.objects.filter(pk=allocation.pk).update(released_at=timezone.now() - timedelta(seconds=2))
     allocation.refresh_from_db()
