@@ -14,6 +14,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from access.models import Credential, CredentialCluster, Gateway
+from access.pki import CLOCK_SKEW
 
 
 def enterable_states() -> tuple[str, ...]:
@@ -74,13 +75,13 @@ def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:
     return qs.filter(user=user)
 
 
-def gateways_for(*, kind: str, site_ids=(), now: datetime | None = None) -> list[Gateway]:
+def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
     """Enabled gateways serving ``kind`` ("vpn" or "ssh"): those whose state is current first (a stale one
     refuses everyone, see ``gateway_is_stale``), then those at ``site_ids``."""
     field = {"vpn": ("vpn", "both"), "ssh": ("ssh", "both")}[kind]
     gateways = list(Gateway.objects.filter(enabled=True, kind__in=field))
     site_ids = set(site_ids)
-    now = now or timezone.now()
+    now = timezone.now()
     gateways.sort(key=lambda g: (gateway_is_stale(g, now), g.site_id not in site_ids if site_ids else False, g.name))
     return gateways
 
@@ -97,15 +98,19 @@ def gateway_is_stale(gateway: Gateway, now: datetime) -> bool:
     return gateway_state_age(gateway, now) > timedelta(seconds=settings.GATEWAY_STATE_MAX_AGE)
 
 
-#: How far a gateway's clock may be from the portal's (the same margin as certificates get).
-GATEWAY_CLOCK_SKEW = timedelta(minutes=5)
+def gateways_failed_closed() -> list[tuple[Gateway, timedelta]]:
+    """Enabled gateways that refuse everyone now (``gateway_is_stale``), by name, with their state's age."""
+    now = timezone.now()
+    gateways = Gateway.objects.filter(enabled=True).order_by("name")
+    return [(g, gateway_state_age(g, now)) for g in gateways if gateway_is_stale(g, now)]
 
 
 def stale_gateway_lifetime() -> timedelta:
     """How long after the last pull it made a gateway may still let anyone in on the state it has: it fails
     closed ``GATEWAY_STATE_MAX_AGE`` after that pull, and a session admitted just before may live until its
-    next renegotiation (every ``GATEWAY_STATE_MAX_AGE``) — twice the age, plus the clocks' difference."""
-    return timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE) + GATEWAY_CLOCK_SKEW
+    next renegotiation (every ``GATEWAY_STATE_MAX_AGE``) — twice the age, plus the clocks' difference (the
+    margin certificates get)."""
+    return timedelta(seconds=2 * settings.GATEWAY_STATE_MAX_AGE) + CLOCK_SKEW
 
 
 def vlan_reuse_horizon(now: datetime) -> datetime | None:

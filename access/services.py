@@ -1035,21 +1035,20 @@ def gateway_state(*, gateway: Gateway) -> dict:
     return doc
 
 
-def gateway_pulled(*, gateway: Gateway, installed: dt.datetime | str | None) -> None:
+def gateway_pulled(*, gateway: Gateway, installed: str | None) -> None:
     """Record a gateway's pull, and what it has installed: its state holds every change made before
     ``installed`` — the ``generated_at`` of the current state when the gateway sent its ETag (304), or of the
     state it says it installed (the ``VirtCloud-State-Generated-At`` header of a pull). A value that is malformed,
     naive or later than now is ignored; ``state_as_of`` only moves forward. VLAN ids released before every
     gateway's ``state_as_of`` may be handed out again (``access.selectors.vlan_reuse_horizon``)."""
     now = timezone.now()
-    if isinstance(installed, str):
-        try:
-            installed = dt.datetime.fromisoformat(installed.strip())
-        except ValueError:
-            installed = None
+    try:
+        made = dt.datetime.fromisoformat((installed or "").strip())
+    except ValueError:
+        made = None
     updates: dict = {"last_pull_at": now}
-    if isinstance(installed, dt.datetime) and installed.tzinfo is not None and installed <= now:
-        updates["state_as_of"] = Greatest(Coalesce("state_as_of", Value(installed)), Value(installed))
+    if made is not None and made.tzinfo is not None and made <= now:
+        updates["state_as_of"] = Greatest(Coalesce("state_as_of", Value(made)), Value(made))
     Gateway.objects.filter(pk=gateway.pk).update(**updates)
 
 

@@ -9,7 +9,6 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils import timezone
 from django.utils.http import content_disposition_header
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -62,13 +61,8 @@ def my_clusters(request):
         for c in selectors.clusters_user_may_see(user)
     ]
     credentials = selectors.credentials_visible(user).filter(user=user)[:50]
-    now = timezone.now()
-    gateways = {g.pk: g for kind in ("vpn", "ssh") for g in selectors.gateways_for(kind=kind, now=now)}
-    stale = [
-        {"name": g.name, "minutes": int(selectors.gateway_state_age(g, now).total_seconds() // 60)}
-        for g in sorted(gateways.values(), key=lambda g: g.name)
-        if selectors.gateway_is_stale(g, now)
-    ]
+    failed = selectors.gateways_failed_closed()
+    stale = [{"name": g.name, "minutes": int(age.total_seconds() // 60)} for g, age in failed]
     return render(
         request,
         "access/my_clusters.html",

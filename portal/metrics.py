@@ -49,6 +49,7 @@ def render(families: Iterable[Family]) -> str:
 
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
+    from access.selectors import gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
     from network.services import reuse_horizon
@@ -147,12 +148,10 @@ def collect() -> list[Family]:
         "Seconds since the newest change every access gateway's installed state is known to hold was made "
         "(since it was enrolled, if it never said); disabled gateways too: they hold released VLAN ids back.",
     )
-    for name, enabled, last_pull, state_as_of, created in Gateway.objects.order_by("name").values_list(
-        "name", "enabled", "last_pull_at", "state_as_of", "created_at"
-    ):
-        if enabled:
-            pulls.add((now - (last_pull or created)).total_seconds(), gateway=name)
-        installed.add((now - (state_as_of or created)).total_seconds(), gateway=name)
+    for gateway in Gateway.objects.order_by("name"):
+        if gateway.enabled:
+            pulls.add((now - (gateway.last_pull_at or gateway.created_at)).total_seconds(), gateway=gateway.name)
+        installed.add(gateway_state_age(gateway, now).total_seconds(), gateway=gateway.name)
     families += [pulls, installed]
 
     families.append(
