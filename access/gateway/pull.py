@@ -24,6 +24,7 @@ then, or from its ``generated_at`` without it.)
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime as dt
 import json
@@ -43,11 +44,12 @@ from access.gateway.state import (  # noqa: E402
     fresh_until_path,
     fresh_until_text,
     installed_path,
+    revoked_serials,
     vlan_map_json,
     write_all_atomic,
     write_atomic,
 )
-from access.gateway.vpn import forget_sessions, session_owner, session_peers  # noqa: E402
+from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
 
@@ -188,6 +190,7 @@ def install_state(
     if "ssh" in doc:
         ssh.ensure_dirs()
         sshd.prepare_sessions_dir(ssh, doc["ssh"]["account"])
+        sshd.prune_sessions(ssh)
     changed = {}
     for path, (data, mode) in files.items():
         try:
@@ -240,8 +243,7 @@ def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallRe
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
     try:
-        serials = {int(p.stem) for p in vpn.sessions.glob("*.json") if p.stem.isdigit()}
-        ssh_serials = sshd.recorded_serials(ssh)
+        serials, ssh_serials = recorded_serials(vpn), sshd.recorded_serials(ssh)
     except OSError as exc:
         report.cut_errors.append(f"cannot list the recorded sessions: {exc}")
         return report
@@ -259,10 +261,8 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
     report = InstallReport()
     for state, cut in ((vpn, _cut), (ssh, _cut_ssh)):
         try:
-            revoked = {int(v) for v in json.loads(state.revoked.read_bytes())}
-        except FileNotFoundError:
-            continue  # (this gateway does not serve it)
-        except (TypeError, ValueError) as exc:  # (written by install_state: not expected)
+            revoked = revoked_serials(state.revoked)
+        except ValueError as exc:  # (written by install_state: not expected)
             report.cut_errors.append(f"unreadable {state.revoked}: {exc}")
             continue
         cut(state, revoked, report)
@@ -293,19 +293,15 @@ def _cut_ssh(ssh: SshState, revoked: set[int], report: InstallReport) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    fetched_at = None
-    if len(args) == 4 and args[2] == "--fetched-at":
-        try:
-            fetched_at = float(args[3])
-        except ValueError:
-            args = []
-        args = args[:2]
-    if len(args) != 2 or args[0] != "--state":
-        print("usage: pull.py --state DIR [--fetched-at EPOCH] < state.json", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="pull.py", description="install a state document read from stdin")
+    parser.add_argument("--state", required=True, help="the gateway's state directory")
+    parser.add_argument("--fetched-at", type=float, help="when the fetch started (seconds since the epoch)")
     try:
-        report = install_state(args[1], json.load(sys.stdin), fetched_at=fetched_at)
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # (argparse printed the usage)
+        return int(exc.code or 0)
+    try:
+        report = install_state(args.state, json.load(sys.stdin), fetched_at=args.fetched_at)
     except (StateError, ValueError) as exc:
         print(f"virtcloud-pull: kept the previous state: {exc}", file=sys.stderr)
         return 1

@@ -22,9 +22,11 @@ wants every directory on the path to the principals file owned by root and not g
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import signal
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,11 @@ from access.gateway.state import SshState
 _PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
+#: Seconds between a login watchdog's looks at ``fresh-until`` (it also wakes right at the expiry it read).
+WATCH_EVERY = 30
+#: A login record untouched for this long names a certificate that has expired (SSH certificates live a day
+#: at most): once none of its logins is up, it is dropped.
+RECORD_KEPT = 2 * 24 * 3600
 
 
 class SshdConfigError(ValueError):
@@ -70,12 +77,12 @@ def render_principals_file(grants: Iterable[PrincipalGrant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_principals_command(state_dir: str | Path, *, watch_every: int = 30) -> str:
+def render_principals_command(state_dir: str | Path) -> str:
     """sshd's ``AuthorizedPrincipalsCommand`` (run with the account as ``$1``): the account's principals file,
     only while the pulled state is fresh (``fresh-until``, see :func:`access.gateway.state.check_fresh`) —
     once the gateway has not reached the portal for the state's ``max_age`` nobody logs in, as the VPN hooks
     refuse everyone. It also leaves a watchdog per connection that ends the session once the state expires
-    (checked every ``watch_every`` s, and right at the expiry it last read). A shell script, so that sshd runs
+    (checked every ``WATCH_EVERY`` s, and right at the expiry it last read). A shell script, so that sshd runs
     no Python on every login; sshd wants it owned by root and not writable by anyone else, like every
     directory above it."""
     root = Path(state_dir).absolute()
@@ -116,7 +123,7 @@ esac
       sleep 1
       continue
     fi
-    wait=$((until - now + 1)); [ "$wait" -gt {watch_every} ] && wait={watch_every}
+    wait=$((until - now + 1)); [ "$wait" -gt {WATCH_EVERY} ] && wait={WATCH_EVERY}
     sleep "$wait"
   done
 ) &
@@ -206,8 +213,6 @@ def prepare_sessions_dir(ssh: SshState, account: str) -> None:
     """``ssh/run/sessions``, where the principals command (run as ``account``) records each login; owned by
     that account, readable by nobody else. Without such a local account (a state written away from the
     gateway) logins are simply not recorded."""
-    import pwd
-
     ssh.sessions.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         entry = pwd.getpwnam(account)
@@ -258,6 +263,26 @@ def recorded_serials(ssh: SshState) -> set[int]:
         return {int(p.name) for p in ssh.sessions.iterdir() if p.name.isdigit()}
     except FileNotFoundError:
         return set()
+
+
+def live_serials(ssh: SshState) -> set[int]:
+    """Certificates with a login up now."""
+    return {serial for serial in recorded_serials(ssh) if session_processes(ssh, serial)}
+
+
+def prune_sessions(ssh: SshState, now: float | None = None) -> None:
+    """Drop the records of certificates that expired long ago and have no login up (logins that ended are
+    not reported, unlike OpenVPN's client-disconnect): the records do not pile up on a long-running bastion.
+    A record is only dropped after ``RECORD_KEPT`` without a new login, so none is lost being written."""
+    now = time.time() if now is None else now
+    for serial in recorded_serials(ssh):
+        path = ssh.sessions / str(serial)
+        try:
+            old = now - path.stat().st_mtime > RECORD_KEPT
+        except FileNotFoundError:
+            continue
+        if old and not session_processes(ssh, serial):
+            path.unlink(missing_ok=True)
 
 
 def cut_sessions(ssh: SshState, serial: int) -> int:

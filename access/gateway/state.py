@@ -220,3 +220,14 @@ def check_fresh(state_dir: str | os.PathLike[str], now: float | None = None) -> 
             "refusing everyone until a pull succeeds"
         )
     return left
+
+
+def revoked_serials(path: Path) -> set[int]:
+    """The serials a pull listed in ``path`` (``vpn/revoked.json``, ``ssh/revoked.json``) as revoked lately;
+    none when the file is missing (this gateway does not serve that side). ``ValueError`` when unreadable."""
+    try:
+        return {int(v) for v in json.loads(path.read_bytes())}
+    except FileNotFoundError:
+        return set()
+    except TypeError as exc:
+        raise ValueError(f"{path} is not a list of serials") from exc

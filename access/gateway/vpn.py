@@ -43,6 +43,7 @@ from access.gateway.state import (  # noqa: E402
     VpnState,
     check_fresh,
     load_vlan_map,
+    revoked_serials,
     write_atomic,
 )
 
@@ -178,10 +179,7 @@ def _check_fresh(state: VpnState, who: str) -> None:
 
 def revoked_lately(state: VpnState) -> set[int]:
     """Serials the portal revoked lately (``revoked.json``, written by the pull before it cuts sessions)."""
-    try:
-        return {int(v) for v in json.loads(state.revoked.read_bytes())}
-    except FileNotFoundError:
-        return set()
+    return revoked_serials(state.revoked)
 
 
 def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) -> None:
@@ -198,11 +196,20 @@ def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) 
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
 
 
-def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
-    """The (address, port) pairs sessions of certificate ``serial`` connected from."""
+def recorded_serials(state: VpnState) -> set[int]:
+    """Certificates with sessions up (as client-connect and client-disconnect recorded them)."""
+    return {int(p.stem) for p in state.sessions.glob("*.json") if p.stem.isdigit()}
+
+
+def _session_record(state: VpnState, serial: int) -> dict | None:
     try:
-        record = json.loads((state.sessions / f"{int(serial)}.json").read_bytes())
+        return json.loads((state.sessions / f"{int(serial)}.json").read_bytes())
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def _record_peers(record: dict | None) -> list[tuple[str, str]]:
+    if not record:
         return []
     if "address" in record:  # written by an earlier version: one "ip:port"
         ip, _, port = str(record["address"]).rpartition(":")
@@ -210,13 +217,16 @@ def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
     return [(str(ip), str(port)) for ip, port in record.get("peers", [])]
 
 
+def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
+    """The (address, port) pairs sessions of certificate ``serial`` connected from."""
+    return _record_peers(_session_record(state, serial))
+
+
 def session_owner(state: VpnState, serial: int) -> str | None:
     """The common name client-connect recorded for certificate ``serial``'s sessions (None: no record, or one
     written by an earlier version)."""
-    try:
-        name = json.loads((state.sessions / f"{int(serial)}.json").read_bytes()).get("common_name")
-    except (FileNotFoundError, ValueError, AttributeError):
-        return None
+    record = _session_record(state, serial)
+    name = record.get("common_name") if isinstance(record, dict) else None
     return name if isinstance(name, str) and name and name != "?" else None
 
 
@@ -233,16 +243,14 @@ def client_disconnect(state: VpnState, env: dict[str, str]) -> None:
             return  # never recorded (refused before client-connect), or already forgotten
     ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
     port = env.get("trusted_port", "")
-    path = state.sessions / f"{int(serial)}.json"
-    try:
-        record = json.loads(path.read_bytes())
-    except (FileNotFoundError, ValueError):
+    record = _session_record(state, int(serial))
+    if record is None:
         return
-    peers = [peer for peer in session_peers(state, int(serial)) if peer != (ip, port)]
+    peers = [peer for peer in _record_peers(record) if peer != (ip, port)]
     if not peers:
-        path.unlink(missing_ok=True)
+        forget_sessions(state, int(serial))
     else:
-        write_atomic(path, json.dumps({**record, "peers": [list(peer) for peer in peers]}))
+        write_atomic(state.sessions / f"{int(serial)}.json", json.dumps({**record, "peers": [list(p) for p in peers]}))
     _log("DISCONNECT", f"cn={env.get('common_name', '?')} serial={serial}: {ip} port {port}")
 
 

@@ -4,6 +4,7 @@ speaks ``status 3`` and ``client-kill`` as OpenVPN 2.6 does; the real daemon is 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import socket
@@ -271,3 +272,56 @@ def test_client_disconnect_forgets_that_peer_only(gateway_state, tmp_path):
     vpn.client_disconnect(state, {"tls_serial_0": "78", "trusted_ip": "203.0.113.9", "trusted_port": "1"})
     vpn.client_disconnect(state, {"trusted_ip": "203.0.113.9", "trusted_port": "1"})
     assert vpn.main(["client-disconnect", "--state", str(state.root.parent)], env={"tls_serial_0": "77"}) == 0
+
+
+def test_old_login_records_with_no_login_up_are_dropped_at_a_pull(tmp_path):
+    """sshd reports no logout: a record whose certificate expired long ago (nothing appended for
+    RECORD_KEPT) and whose logins are all gone is dropped, a recent one or one with a login up is kept."""
+    from access.gateway import sshd
+    from access.gateway.state import SshState
+
+    ssh = SshState.at(tmp_path)
+    ssh.sessions.mkdir(parents=True)
+    me = os.getpid()
+    login = subprocess.Popen(["bash", "-c", "exec -a sshd-login sleep 30"])  # a process that looks like sshd's
+    try:
+        time.sleep(0.2)
+        long_ago = time.time() - sshd.RECORD_KEPT - 60
+        records = {
+            "1": "999999999 1\n",  # old, its login gone: dropped
+            "2": "999999999 1\n",  # recent (its certificate may log in again): kept
+            "3": f"{me} {sshd._started(me)}\n",  # old, this process: not an sshd, so no login up: dropped
+            "4": f"{login.pid} {sshd._started(login.pid)}\n",  # old, a login up: kept
+        }
+        for name, text in records.items():
+            (ssh.sessions / name).write_text(text)
+        for name in ("1", "3", "4"):
+            os.utime(ssh.sessions / name, (long_ago, long_ago))
+        assert sshd.session_processes(ssh, 4) == [login.pid] and sshd.session_processes(ssh, 3) == []
+        sshd.prune_sessions(ssh)
+        assert sorted(p.name for p in ssh.sessions.iterdir()) == ["2", "4"]
+        assert sshd.live_serials(ssh) == {4}
+    finally:
+        login.kill()
+        login.wait()
+
+
+def test_the_standalone_pull_trusts_the_state_from_when_its_fetch_started(tmp_path, monkeypatch, capsys):
+    """``pull.py --state DIR --fetched-at EPOCH < state.json`` (a gateway fetching with curl)."""
+    ca = pki.create_ca("CA")
+    crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()
+    doc = {
+        "format": 1,
+        "etag": "e1",
+        "generated_at": "2026-12-01T10:00:00+00:00",
+        "max_age": 600,
+        "vpn": {"ca": ca.cert_pem().decode(), "aa": ca.cert_pem().decode(), "crl": crl, "vlans": {}},
+    }
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(doc)))
+    assert pull.main(["--state", str(tmp_path), "--fetched-at", "1900000000"]) == 0
+    assert (tmp_path / "fresh-until").read_text() == "1900000600\n"
+    assert "wrote" in capsys.readouterr().err
+    assert pull.main(["--state", str(tmp_path), "--fetched-at", "soon"]) == 2  # argparse's usage error
+    monkeypatch.setattr("sys.stdin", io.StringIO("{not json"))
+    assert pull.main(["--state", str(tmp_path)]) == 1
+    assert "kept the previous state" in capsys.readouterr().err

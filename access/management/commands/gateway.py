@@ -31,6 +31,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from access.gateway import pull as gateway_pull
 from access.gateway import sshd
+from access.gateway import vpn as gateway_vpn
 from access.gateway.state import SshState, StateError, VpnState, check_fresh, write_atomic
 from portal import http
 
@@ -186,8 +187,8 @@ class Command(BaseCommand):
         (what an expiry or a revocation would cut). Exit 1 when it refuses everyone (for a monitoring check)."""
         state_dir = Path(options["dir"])
         installed = gateway_pull.installed(state_dir)
-        vpn_sessions = len(list(VpnState.at(state_dir).sessions.glob("*.json")))
-        ssh_logins = len(sshd.recorded_serials(SshState.at(state_dir)))
+        vpn_sessions = len(gateway_vpn.recorded_serials(VpnState.at(state_dir)))
+        ssh_logins = len(sshd.live_serials(SshState.at(state_dir)))
         try:
             left = check_fresh(state_dir)
         except StateError as exc:
