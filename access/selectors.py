@@ -6,10 +6,12 @@ that the access app imports (and its migrations run) independently of the cluste
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Min, Prefetch, Q, QuerySet
+from django.db.models import Count, Min, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -62,6 +64,58 @@ def cluster_label(cluster) -> str:
     Cluster names are unique per owner only, and group members see clusters of several owners: the id
     makes the label unique. It matches ``access.attrcerts.FQAN_RE`` (name ≤ 40 characters + id)."""
     return f"{cluster.name}-{cluster.pk}"
+
+
+def bastion_address(text) -> str:
+    """An address as the bastion's ``permitopen`` compares it (one spelling per address)."""
+    return ipaddress.ip_address(str(text)).compressed
+
+
+def bastion_shared_addresses() -> set[str]:
+    """Node addresses the SSH bastion cannot tell apart: given to live nodes of more than one cluster that the
+    bastion relays to or that the provider routes (a closed cluster in the gateways' VLAN map, a live public
+    one). Closed clusters may use any addresses, others' too (paper §2.1), but the bastion forwards by address
+    (``permitopen``) from one network stack: it would carry a user of one cluster to whichever of those nodes
+    its routes pick. So such an address is withheld from every closed cluster that uses it (no ``permitopen``,
+    no ``Host`` entry); their users reach those nodes through the VPN, which selects the VLAN, not an address.
+    """
+    from clusters.models import LIVE_STATES, Connectivity, Node, NodeState
+
+    relayed = Q(cluster__connectivity=Connectivity.CLOSED, cluster__state__in=enterable_states()) & Q(
+        cluster__vlan_id__isnull=False
+    )
+    routed = Q(cluster__connectivity=Connectivity.PUBLIC, cluster__state__in=LIVE_STATES)
+    rows = (
+        Node.objects.filter(relayed | routed, address__isnull=False)
+        .exclude(state=NodeState.REMOVED)
+        .values("address")
+        .annotate(clusters=Count("cluster_id", distinct=True))
+        .filter(clusters__gt=1)
+        .values_list("address", flat=True)
+    )
+    return {bastion_address(a) for a in rows}
+
+
+def bastion_withheld_nodes(clusters: Iterable) -> dict[int, list[tuple[str, str]]]:
+    """Per cluster (by id), its live nodes that the SSH bastion does not relay to, as (name, address), by name:
+    their address is in ``bastion_shared_addresses``. Clusters with none are left out."""
+    from clusters.models import Node, NodeState
+
+    ids = [c.pk for c in clusters]
+    shared = bastion_shared_addresses() if ids else set()
+    if not shared:
+        return {}
+    out: dict[int, list[tuple[str, str]]] = {}
+    nodes = (
+        Node.objects.filter(cluster_id__in=ids, address__isnull=False)
+        .exclude(state=NodeState.REMOVED)
+        .order_by("name")
+        .values_list("cluster_id", "name", "address")
+    )
+    for cluster_id, name, address in nodes:
+        if bastion_address(address) in shared:
+            out.setdefault(cluster_id, []).append((name, bastion_address(address)))
+    return out
 
 
 def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:

@@ -482,6 +482,10 @@ SSH_CONFIG_FILE = "virtcloud.conf"
 SSH_KNOWN_HOSTS_FILE = "known_hosts"
 SSH_KEY_FILE = "id_virtcloud"
 SSH_CERT_FILE = "id_virtcloud-cert.pub"
+#: Why the bastion does not relay to a node (the API's ``withheld_nodes``, the ssh_config's comment).
+BASTION_SHARED_ADDRESS = (
+    "another cluster uses this address too and the SSH bastion forwards by address: use the VPN profile for this node"
+)
 _DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_rsa"}
 
 
@@ -499,16 +503,21 @@ def _node_hosts(cluster) -> list[tuple[str, str]]:
     return [(n.name, _node_address(label, n)) for n in cluster.nodes.exclude(state=NodeState.REMOVED).order_by("name")]
 
 
-def ssh_config_render(*, cluster, gateway: Gateway | None = None, identity_file: str = SSH_KEY_FILE) -> tuple[str, str]:
+def ssh_config_render(
+    *, cluster, gateway: Gateway | None = None, identity_file: str = SSH_KEY_FILE, withheld: Sequence = ()
+) -> tuple[str, str]:
     """The ``ssh_config`` snippet and ``known_hosts`` (``@cert-authority``) for ``cluster``, through the
-    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``."""
+    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``. The ``withheld`` nodes ((name, address),
+    see ``selectors.bastion_withheld_nodes``) get a comment saying why, not a ``Host`` entry."""
     from access import ssh
 
     gateway = gateway or _gateway("ssh", [cluster])
     host_ca = _authority(AuthorityKind.SSH_HOST).public_key
+    left_out = {name for name, _ in withheld}
     config = ssh.render_ssh_config(
         cluster=selectors.cluster_label(cluster),
-        nodes=_node_hosts(cluster),
+        nodes=[(name, address) for name, address in _node_hosts(cluster) if name not in left_out],
+        withheld=withheld,
         gateway_host=gateway.address,
         gateway_port=gateway.ssh_port,
         gateway_user=gateway.ssh_user,
@@ -532,6 +541,8 @@ class SshAccess:
     private_key: str | None
     ssh_config: str
     known_hosts: str
+    #: (name, address) of the cluster's nodes the bastion does not relay to (another cluster uses the address)
+    withheld: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"SshAccess(credential={self.credential.pk}, principal={self.principal!r}, private_key=<redacted>)"
@@ -549,6 +560,9 @@ class SshAccess:
             "private_key": self.private_key,
             "ssh_config": self.ssh_config,
             "known_hosts": self.known_hosts,
+            "withheld_nodes": [
+                {"name": name, "address": address, "reason": BASTION_SHARED_ADDRESS} for name, address in self.withheld
+            ],
         }
 
     @property
@@ -634,7 +648,10 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
         principals=[principal],
         generated_key=pair is not None,
     )
-    config, known_hosts = ssh_config_render(cluster=chosen, gateway=gateway, identity_file=identity_file)
+    withheld = tuple(selectors.bastion_withheld_nodes([chosen]).get(chosen.pk, ()))
+    config, known_hosts = ssh_config_render(
+        cluster=chosen, gateway=gateway, identity_file=identity_file, withheld=withheld
+    )
     logger.info(
         "access: issued SSH certificate serial=%s user=%s cluster=%s key=%s until=%s",
         serial,
@@ -652,6 +669,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
         private_key=pair.private_openssh.decode() if pair else None,
         ssh_config=config,
         known_hosts=known_hosts,
+        withheld=withheld,
     )
 
 
@@ -963,7 +981,10 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
         for g in u.groups.all():
             members.setdefault(g.pk, []).append(u)
     nodes: dict[int, list] = {}
+    shared = selectors.bastion_shared_addresses()  # withheld: the bastion cannot tell their clusters apart
     for node in Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).order_by("name"):
+        if node.address and selectors.bastion_address(node.address) in shared:
+            continue
         nodes.setdefault(node.cluster_id, []).append(node)
     out: dict[str, dict] = {}
     for cluster in clusters:

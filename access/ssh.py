@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import ipaddress
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -383,10 +384,12 @@ def render_ssh_config(
     certificate_file: str,
     known_hosts_file: str,
     node_user: str = "root",
+    withheld: Sequence[tuple[str, str]] = (),
 ) -> str:
     """An ``ssh_config`` snippet for one cluster: ``ssh <cluster>-<node>`` jumps through the gateway.
 
-    ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. The ``known_hosts_file``
+    ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. ``withheld`` nodes (name,
+    address), which the bastion does not relay to, are named in a comment only. The ``known_hosts_file``
     must hold :func:`known_hosts_line` so no host-key prompt appears (host certificates).
     """
     if not _NAME_RE.match(cluster):
@@ -415,6 +418,14 @@ def render_ssh_config(
         if not _NAME_RE.match(name):
             raise SSHCertError(f"invalid node name {name!r}")
         lines += [f"Host {cluster}-{name}", f"  HostName {address}", ""]
+    if withheld:
+        lines.append("# Not reachable through this gateway: another cluster uses the same address, and the SSH")
+        lines.append("# bastion forwards by address. Use the cluster's VPN profile to reach:")
+        for name, address in withheld:
+            if not _NAME_RE.match(name) or not _is_address(address):
+                raise SSHCertError(f"invalid withheld node {name!r} {address!r}")
+            lines.append(f"#   {cluster}-{name} ({address})")
+        lines.append("")
     lines += [
         f"Host {cluster}-*",
         f"  ProxyJump {jump}",
@@ -422,6 +433,14 @@ def render_ssh_config(
         *common,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str] = ("*",)) -> str:

@@ -63,6 +63,8 @@ def my_clusters(request):
     credentials = selectors.credentials_visible(user).filter(user=user)[:50]
     failed = selectors.gateways_failed_closed()
     stale = [{"name": g.name, "minutes": int(age.total_seconds() // 60)} for g, age in failed]
+    withheld = selectors.bastion_withheld_nodes(enterable)
+    unrelayed = [{"label": selectors.cluster_label(c), "nodes": withheld[c.pk]} for c in enterable if c.pk in withheld]
     return render(
         request,
         "access/my_clusters.html",
@@ -73,6 +75,7 @@ def my_clusters(request):
             "ssh_form": SshCertificateForm(clusters=enterable),
             "credentials": credentials,
             "stale_gateways": stale if enterable else [],
+            "unrelayed": unrelayed,
             "example_host": f"{selectors.cluster_label(enterable[0])}-node1" if enterable else "<cluster>-node1",
         },
     )

@@ -30,6 +30,12 @@ class SshCertificateRequestSerializer(serializers.Serializer):
     )
 
 
+class WithheldNodeSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    address = serializers.CharField()
+    reason = serializers.CharField()
+
+
 class SshCertificateSerializer(serializers.Serializer):
     credential = serializers.IntegerField(help_text="id of the credential record (for revocation)")
     serial = serializers.IntegerField()
@@ -44,6 +50,11 @@ class SshCertificateSerializer(serializers.Serializer):
     )
     ssh_config = serializers.CharField(help_text="ssh_config snippet: ssh -F virtcloud.conf <cluster>-<node>")
     known_hosts = serializers.CharField(help_text="the @cert-authority line (also inside ssh_config)")
+    withheld_nodes = WithheldNodeSerializer(
+        many=True,
+        help_text="nodes the SSH bastion does not relay to, and why (their address is used by another cluster: "
+        "the bastion forwards by address); reach them through the VPN",
+    )
 
 
 class CredentialSerializer(serializers.ModelSerializer):

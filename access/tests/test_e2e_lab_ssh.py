@@ -19,8 +19,8 @@ Why the bastion's cluster leg is a VM-like access port rather than a leg on the 
 no 802.1Q (LAB.md §1), so a namespace cannot terminate one VLAN of the trunk bridge (no VLAN sub-interface,
 no VLAN filtering on the plain Linux bridge). A host bridge port tagged with the cluster's VLAN (Open vSwitch
 does the tagging) is the same L2 leg. In production the bastion has one VLAN sub-interface per cluster on the
-trunk; note that ``permitopen`` names addresses, so clusters with overlapping addresses need a bastion
-namespace (or instance) per cluster — here alpha and beta use different subnets.
+trunk; note that ``permitopen`` names addresses, so the portal withholds an address that two clusters use
+(step 7).
 
 Clusters: alice's ``alpha`` (group physics) with node1..3 at brno/pilsen/prague; charlie's ``beta`` with one
 node in another subnet.
@@ -28,7 +28,9 @@ node in another subnet.
 Proves: ``ssh -F virtcloud.conf alpha-…-node<n>`` lands on every node (ProxyJump through the bastion, host
 certificates, no prompt: StrictHostKeyChecking yes); refused with sshd's own messages for an expired
 certificate, a principal of another cluster, a forwarding target outside the cluster, a certificate revoked in
-the portal (KRL installed by the pull), and a certificate signed by another CA.
+the portal (KRL installed by the pull), and a certificate signed by another CA; and once another cluster
+uses the address of one of alpha's nodes, the bastion relays to that node for neither cluster (the rest of
+alpha stays reachable).
 """
 # ruff: noqa: F401, F811 (pytest fixtures imported from access.tests._lab are parameters here)
 
@@ -299,6 +301,20 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         bastion_says(f"(serial {serial}) CA ED25519 {ssh.fingerprint(rogue)}")
         assert not re.search(rf'Accepted certificate ID "[^"]*:serial={serial}:', read(bastion_log))
         assert f'Accepted certificate ID "{issued["key_id"]}"' in read(rundir / "node1.log")  # the node's own check
+
+        # 7. beta's scheduler gives beta's node alpha's node2 address (closed clusters may): the bastion,
+        #    which forwards by address, must carry neither cluster's users there; the rest is unchanged.
+        from clusters.models import Node
+
+        shared = a_nodes[1].address
+        Node.objects.filter(cluster_id=b_id).update(address=shared)
+        assert "updated" in pull()
+        assert f'permitopen="{shared}:22"' not in (state / "ssh" / "principals" / ACCOUNT).read_text()
+        r = station.ssh(fresh, f"{la}-{a_nodes[1].name}", "true", hostname=shared)
+        assert r.returncode == 255 and "administratively prohibited" in r.stderr, r.stderr
+        r = station.ssh(charlie_home, f"{lb}-node1", "true", hostname=shared)
+        _denied(r)  # beta's principal has no target left: no login at all
+        assert station.ssh(fresh, f"{la}-node3", "true").returncode == 0
         print(f"clusters READY and VMs attached in {ready_s:.1f} s; scenario {time.monotonic() - started:.1f} s")
     finally:
         for p in procs:

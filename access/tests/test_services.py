@@ -249,6 +249,68 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     assert gateway.last_pull_at is None  # making the document is not a pull (the API records those)
 
 
+def _address(cluster, name, address):
+    from clusters.models import Node
+
+    Node.objects.filter(cluster=cluster, name=name).update(address=address)
+
+
+def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, cluster, other_cluster, gateway):
+    """Closed clusters may share addresses; the bastion, which forwards by address, relays to neither's node
+    with such an address (it could carry one cluster's user to the other's node), and to the rest as before."""
+    from access.selectors import bastion_shared_addresses, bastion_withheld_nodes
+    from clusters.models import Node, NodeState
+
+    extra = make_cluster(alice, name="solo", nodes=("node1", "node2"))
+    _address(cluster, "node1", "10.0.0.5")
+    _address(other_cluster, "node1", "10.0.0.5")
+    _address(extra, "node1", "10.0.0.6")
+    _address(extra, "node2", "10.0.0.5")
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(cluster)]["targets"] == []
+    assert state[cluster_label(other_cluster)]["targets"] == []
+    assert state[cluster_label(extra)]["targets"] == [["10.0.0.6", 22]]
+    assert [n["name"] for n in state[cluster_label(extra)]["nodes"]] == ["node1"]
+    assert bastion_withheld_nodes([cluster, extra]) == {
+        cluster.pk: [("node1", "10.0.0.5")],
+        extra.pk: [("node2", "10.0.0.5")],
+    }
+
+    # The issued ssh_config has no Host entry for such a node, and says why; the API lists it.
+    issued = services.ssh_certificate_issue(user=alice, cluster=extra)
+    label = cluster_label(extra)
+    assert f"Host {label}-node1\n  HostName 10.0.0.6" in issued.ssh_config
+    assert f"Host {label}-node2\n" not in issued.ssh_config
+    assert f"#   {label}-node2 (10.0.0.5)" in issued.ssh_config
+    assert issued.as_dict()["withheld_nodes"] == [
+        {"name": "node2", "address": "10.0.0.5", "reason": services.BASTION_SHARED_ADDRESS}
+    ]
+
+    # Once only one cluster holds it, the address is relayed again: a removed node and a cluster that
+    # ended do not count, nor does one not in the VLAN map yet.
+    Node.objects.filter(cluster=extra, name="node2").update(state=NodeState.REMOVED)
+    VirtualCluster.objects.filter(pk=other_cluster.pk).update(state="torn_down")
+    make_cluster(charlie, name="later", state="provisioning")
+    _address(VirtualCluster.objects.get(name="later"), "node1", "10.0.0.5")
+    assert bastion_shared_addresses() == set()
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(cluster)]["targets"] == [["10.0.0.5", 22]]
+
+
+def test_bastion_withholds_a_closed_clusters_address_that_a_public_cluster_routes(alice, cluster, gateway):
+    """A public cluster's address is routed by the provider: the bastion would reach that node, not the closed
+    cluster's, so the closed cluster's node with it is withheld. IPv6 spellings compare as addresses."""
+    from access.selectors import bastion_shared_addresses
+
+    public = make_cluster(alice, name="web", connectivity="public", nodes=("node1",))
+    _address(public, "node1", "2001:db8::5")
+    _address(cluster, "node1", "2001:0db8:0:0::5")
+    assert bastion_shared_addresses() == {"2001:db8::5"}
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(cluster)]["targets"] == []
+    assert cluster_label(public) not in state  # public clusters are not relayed at all
+
+
 def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
     before = services.gateway_state(gateway=gateway)

@@ -225,3 +225,23 @@ def test_a_gateway_that_fails_closed_is_named_on_the_page_and_a_current_one_is_p
     Gateway.objects.filter(pk=gateway.pk).update(state_as_of=dt.datetime.now(dt.UTC))  # gw1 caught up
     page = logged_in(bob).get("/access/").content.decode()
     assert 'id="stale-gateways"' not in page
+
+
+def test_the_page_names_nodes_the_bastion_does_not_relay_to(alice, charlie, cluster, other_cluster, gateway):
+    """Another closed cluster uses the address of one of alice's nodes: the bastion relays to neither, and the
+    page says which node and what to use instead; the download's ssh_config says it too."""
+    from clusters.models import Node
+
+    Node.objects.filter(cluster__in=[cluster, other_cluster]).update(address="10.0.0.5")
+    page = logged_in(alice).get("/access/").content.decode()
+    assert 'id="ssh-withheld"' in page
+    assert f"<code>{cluster_label(cluster)}-node1</code> (10.0.0.5)" in page
+    assert cluster_label(other_cluster) not in page  # charlie's cluster is not named to alice
+    download = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk})
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        config = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("virtcloud.conf"))
+    assert f"#   {cluster_label(cluster)}-node1 (10.0.0.5)" in config
+    assert f"Host {cluster_label(cluster)}-node1" not in config
+
+    Node.objects.filter(cluster=other_cluster).update(address="10.0.0.6")
+    assert 'id="ssh-withheld"' not in logged_in(alice).get("/access/").content.decode()
