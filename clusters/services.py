@@ -12,8 +12,8 @@ import ipaddress
 import itertools
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -138,6 +138,49 @@ def _allocate_public_subnet() -> tuple[PublicPrefix, str]:
     raise PoolExhausted(f"the public prefixes ({names}) have no free subnet left")
 
 
+def _public_addresses(
+    cluster: VirtualCluster, wanted: list[tuple[str, str | None]], *, taken: Iterable[str] = ()
+) -> list[str]:
+    """The addresses of a public cluster's nodes ``wanted`` ((name, address or None)), in its subnet: the
+    provider routes that subnet only, its first host address is the provider's router (``gateway_address``).
+    A given address must be another host address of the subnet, not one of ``taken`` (the cluster's other
+    live nodes'); a node without one gets the lowest free address. Nothing fits: a 400 naming the node."""
+    net = ipaddress.ip_network(cluster.public_subnet)
+    hosts = net.hosts()
+    router = next(hosts)
+    used = {ipaddress.ip_address(a) for a in taken if a} | {router}
+    for name, address in wanted:
+        if not address:
+            continue
+        ip = ipaddress.ip_address(address)
+        if ip == router or ip not in net or (net.version == 4 and ip in (net.network_address, net.broadcast_address)):
+            raise ClusterError(
+                f"node {name}: {address} is not a host address of the cluster's public subnet {net} other than "
+                f"the router's ({router}); leave it out to get one",
+                field="nodes",
+            )
+        if ip in used:
+            raise ClusterError(f"node {name}: {address} is already another node's address", field="nodes")
+        used.add(ip)
+    out = []
+    for name, address in wanted:
+        if not address:
+            ip = next((h for h in hosts if h not in used), None)
+            if ip is None:
+                raise ClusterError(
+                    f"the cluster's public subnet {net} has no free address left for node {name}", field="nodes"
+                )
+            used.add(ip)
+            address = str(ip)
+        out.append(str(ipaddress.ip_address(address)))
+    return out
+
+
+def _with_public_addresses(cluster: VirtualCluster, nodes: list[NodeRequest], *, taken: Iterable[str] = ()):
+    addresses = _public_addresses(cluster, [(n.name, n.address) for n in nodes], taken=taken)
+    return [replace(n, address=a) for n, a in zip(nodes, addresses, strict=True)]
+
+
 def step_start(cluster: VirtualCluster, name: str, *, detail: str = "") -> ClusterStep:
     return ClusterStep.objects.create(cluster=cluster, name=name, generation=cluster.workflow_generation, detail=detail)
 
@@ -196,6 +239,7 @@ def cluster_create(
     )
     if decision.connectivity == Connectivity.PUBLIC:
         cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
+        nodes = _with_public_addresses(cluster, nodes)
     try:
         with transaction.atomic():
             cluster.save()
@@ -516,6 +560,9 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
     _require_ready(cluster)
     _check_nodes(nodes, cluster=cluster)
     quota_check(owner=cluster.owner, group=cluster.group, clusters=0, nodes=len(nodes))
+    if cluster.public_subnet:
+        live = cluster.nodes.exclude(state=NodeState.REMOVED).values_list("address", flat=True)
+        nodes = _with_public_addresses(cluster, nodes, taken=live)
     try:
         with transaction.atomic():
             created = Node.objects.bulk_create(
@@ -614,8 +661,13 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         if not PublicPrefix.objects.exists():
             raise InvalidTopology("no public prefix is configured", field="connectivity")
         cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
+        # On the provider's routed network the nodes take addresses of its subnet (the VMs renumber).
+        live = list(cluster.nodes.exclude(state=NodeState.REMOVED).order_by("name"))
+        for node, address in zip(live, _public_addresses(cluster, [(n.name, None) for n in live]), strict=True):
+            node.address = address
+        Node.objects.bulk_update(live, ["address"])
     else:
-        cluster.public_subnet = ""
+        cluster.public_subnet = ""  # (the nodes keep their addresses: a closed cluster may use any)
     cluster.save(
         update_fields=[
             "connectivity",

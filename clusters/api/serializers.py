@@ -73,7 +73,13 @@ class NodeInputSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
     host = HostField(slug_field="name", queryset=Host.objects.select_related("site"))
     mac = serializers.CharField(max_length=17)
-    address = serializers.IPAddressField(required=False, allow_null=True, default=None)
+    address = serializers.IPAddressField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="the VM's address: a closed cluster's may be any (the SSH host entries use it); a public "
+        "cluster's must be a host address of its subnet other than the router's, and is assigned when left out",
+    )
 
     def validate_mac(self, value: str) -> str:
         value = value.strip().lower().replace("-", ":")

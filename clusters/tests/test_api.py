@@ -107,6 +107,69 @@ def test_policy_public_for_approved_image_without_admin_rights(fabric, images, a
     assert "administrator" in r3.data["connectivity_reason"]
 
 
+def _addressed(nodes, addresses):
+    out = body(image="debian-12", nodes=nodes)
+    for node, address in zip(out["nodes"], addresses, strict=True):
+        if address:
+            node["address"] = address
+    return out
+
+
+def test_a_public_clusters_nodes_get_addresses_of_its_subnet(fabric, images, api, alice):
+    """The provider routes a public cluster's subnet only: each node gets a host address of it (the lowest
+    free one unless the scheduler gives one), never the router's; a node added later gets the next free one,
+    and a removed node's address is free again."""
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
+    api.force_authenticate(alice)
+    three = (("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02"))
+    three += (("n3", "brno2", "52:54:00:00:00:03"),)
+    r = api.post("/api/clusters/", _addressed(three, [None, "198.19.0.2", None]), format="json")
+    assert r.status_code == 201, r.content
+    assert (r.data["public_subnet"], r.data["public_gateway"]) == ("198.19.0.0/29", "198.19.0.1")
+    assert {n["name"]: n["address"] for n in r.data["nodes"]} == {
+        "n1": "198.19.0.3",
+        "n2": "198.19.0.2",
+        "n3": "198.19.0.4",
+    }
+    base = f"/api/clusters/{r.data['id']}"
+    n4 = {"name": "n4", "host": "prague1", "mac": "52:54:00:00:00:04"}
+    added = api.post(f"{base}/nodes/", {"nodes": [n4]}, format="json")
+    assert added.status_code == 202, added.content
+    node = {n["name"]: n for n in api.get(base + "/").data["nodes"]}
+    assert node["n4"]["address"] == "198.19.0.5"
+    assert api.delete(f"{base}/nodes/{node['n2']['id']}/").status_code == 202
+    more = [{"name": f"m{i}", "host": "prague2", "mac": f"52:54:00:00:01:0{i}"} for i in (1, 2)]
+    assert api.post(f"{base}/nodes/", {"nodes": more}, format="json").status_code == 202
+    live = {n["name"]: n["address"] for n in api.get(base + "/").data["nodes"] if n["state"] != "removed"}
+    assert (live["m1"], live["m2"]) == ("198.19.0.2", "198.19.0.6")  # n2's address, then the last host one
+    m3 = {"name": "m3", "host": "prague2", "mac": "52:54:00:00:01:03"}
+    full = api.post(f"{base}/nodes/", {"nodes": [m3]}, format="json")
+    assert full.status_code == 400 and "no free address left for node m3" in full.data["nodes"][0], full.data
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("198.19.0.1", "other than the router's (198.19.0.1)"),
+        ("198.19.0.0", "not a host address"),
+        ("198.19.0.7", "not a host address"),
+        ("10.0.0.5", "not a host address of the cluster's public subnet 198.19.0.0/29"),
+        ("2001:db8::5", "not a host address"),
+    ],
+)
+def test_a_public_node_address_outside_its_subnet_is_a_400_and_nothing_is_kept(
+    fabric, images, api, alice, address, message
+):
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
+    api.force_authenticate(alice)
+    before = allocated_vids()
+    r = api.post("/api/clusters/", _addressed((("n1", "brno1", "52:54:00:00:00:01"),), [address]), format="json")
+    assert r.status_code == 400 and message in r.data["nodes"][0], r.data
+    assert not VirtualCluster.objects.exists() and allocated_vids() == before
+    r = api.post("/api/clusters/", _addressed((("n1", "brno1", "52:54:00:00:00:01"),), [None]), format="json")
+    assert r.data["public_subnet"] == "198.19.0.0/29"  # the refused request held no subnet either
+
+
 def test_nodes_say_where_the_vm_manager_plugs_them(fabric, images, api, alice):
     from xml.etree import ElementTree as ET
 
@@ -858,6 +921,11 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     entry = AuditEntry.objects.filter(object_id=str(cid), action="update", changes__has_key="connectivity").get()
     assert entry.actor == "root" and entry.changes["connectivity"] == ["closed", "public"]
     assert AuditEntry.objects.filter(object_id=str(cid), action="action", message__contains="image vetted").exists()
+    # On the provider's routed network the nodes take addresses of the subnet; back to closed, they keep them.
+    assert [n["address"] for n in api.get(f"/api/clusters/{cid}/").data["nodes"]] == ["198.19.0.2", "198.19.0.3"]
+    r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "closed", "reason": "back"}, format="json")
+    assert r.status_code == 202, r.content
+    assert [n["address"] for n in api.get(f"/api/clusters/{cid}/").data["nodes"]] == ["198.19.0.2", "198.19.0.3"]
 
 
 def test_connectivity_override_works_on_the_cluster_as_it_is_now(fabric, images, api, alice, root, monkeypatch):
