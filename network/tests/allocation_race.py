@@ -26,15 +26,19 @@ def race(pool, requests: int, workers: int, processes: int = 1, warm_pool=None) 
     one allocation from it, before the start: the server backends have loaded the tables and planned the
     statement, as a running portal's persistent connections have (otherwise each request is its backend's
     first). Returns the ids granted, the errors (type, status, message), the distinct server backends that
-    served them and the seconds from the start to the last answer."""
+    served them and the seconds from the start to the last answer.
+
+    The start is one signal per process (each releases its own threads), taken once every thread is
+    connected and waiting: a barrier across processes wakes its waiters one by one, each acknowledging
+    before the next wakes — through its interpreter's lock, held meanwhile by the threads already allocating
+    — so it would release the requests over hundreds of milliseconds and measure itself."""
     shares = [requests // workers + (1 if i < requests % workers else 0) for i in range(workers)]
     processes = max(1, min(processes, workers))
     warm_id = warm_pool.pk if warm_pool is not None else None
     if processes == 1:
-        ready = threading.Barrier(workers + 1)
-        results = _run_threads(pool.pk, shares, ready, warm_id)
-        ready.wait(timeout=120)
+        fire, results = _run_threads(pool.pk, shares, warm_id)
         started = time.monotonic()
+        fire()
         return _summary([results()], started)
     import multiprocessing
 
@@ -42,28 +46,35 @@ def race(pool, requests: int, workers: int, processes: int = 1, warm_pool=None) 
 
     connections.close_all()  # a forked child must not share the parent's connection
     ctx = multiprocessing.get_context("fork")
-    ready = ctx.Barrier(workers + 1)
+    gun = ctx.Event()
     out = ctx.Queue()
     children = [
-        ctx.Process(target=_child, args=(pool.pk, shares[k::processes], ready, out, warm_id)) for k in range(processes)
+        ctx.Process(target=_child, args=(pool.pk, shares[k::processes], gun, out, warm_id)) for k in range(processes)
     ]
     for child in children:
         child.start()
-    ready.wait(timeout=120)
+    for _ in children:
+        assert out.get(timeout=120) == "ready"
     started = time.monotonic()
+    gun.set()
     parts = [out.get(timeout=300) for _ in children]
     for child in children:
         child.join(timeout=60)
     return _summary(parts, started)
 
 
-def _child(pool_id: int, shares: list[int], ready, out, warm_id: int | None) -> None:
-    out.put(_run_threads(pool_id, shares, ready, warm_id)())
+def _child(pool_id: int, shares: list[int], gun, out, warm_id: int | None) -> None:
+    fire, results = _run_threads(pool_id, shares, warm_id)
+    out.put("ready")
+    gun.wait(timeout=120)
+    fire()
+    out.put(results())
 
 
-def _run_threads(pool_id: int, shares: list[int], ready, warm_id: int | None = None):
-    """Start one thread per share (each opens its connection, then waits at ``ready``); returns a function
-    that waits for them and returns their part of the results."""
+def _run_threads(pool_id: int, shares: list[int], warm_id: int | None = None):
+    """Start one thread per share; each opens its connection (and serves its warm-up allocation), then waits
+    for the start. Returns once all of them wait: (a function that starts them, a function that waits for
+    them and returns their part of the results)."""
     from django.db import connections
 
     from network import services
@@ -74,6 +85,8 @@ def _run_threads(pool_id: int, shares: list[int], ready, warm_id: int | None = N
     connections["default"].close()
     part = {"vids": [], "errors": [], "backends": [], "finished": 0.0}
     lock = threading.Lock()
+    ready = threading.Barrier(len(shares) + 1)
+    go = threading.Event()
 
     def worker(i: int) -> None:
         vids, errors = [], []
@@ -84,6 +97,7 @@ def _run_threads(pool_id: int, shares: list[int], ready, warm_id: int | None = N
             if warm is not None:
                 services.vlan_allocate(pool=warm, owner=f"warm:{os.getpid()}:{i}")
             ready.wait(timeout=120)
+            go.wait(timeout=120)
             for n in range(shares[i]):
                 try:
                     vids.append(services.vlan_allocate(pool=pool, owner=f"race:{os.getpid()}:{i}:{n}").vid)
@@ -102,13 +116,14 @@ def _run_threads(pool_id: int, shares: list[int], ready, warm_id: int | None = N
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(shares))]
     for t in threads:
         t.start()
+    ready.wait(timeout=120)
 
     def wait() -> dict:
         for t in threads:
             t.join()
         return part
 
-    return wait
+    return go.set, wait
 
 
 def _summary(parts: list[dict], started: float) -> dict:
