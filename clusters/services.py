@@ -663,7 +663,14 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
         # On the provider's routed network the nodes take addresses of its subnet (the VMs renumber).
         live = list(cluster.nodes.exclude(state=NodeState.REMOVED).order_by("name"))
-        for node, address in zip(live, _public_addresses(cluster, [(n.name, None) for n in live]), strict=True):
+        try:
+            addresses = _public_addresses(cluster, [(n.name, None) for n in live])
+        except ClusterError:
+            raise ClusterError(
+                f"the cluster's {len(live)} nodes do not fit in a public subnet ({cluster.public_subnet})",
+                field="connectivity",
+            ) from None
+        for node, address in zip(live, addresses, strict=True):
             node.address = address
         Node.objects.bulk_update(live, ["address"])
     else:

@@ -926,6 +926,13 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "closed", "reason": "back"}, format="json")
     assert r.status_code == 202, r.content
     assert [n["address"] for n in api.get(f"/api/clusters/{cid}/").data["nodes"]] == ["198.19.0.2", "198.19.0.3"]
+    # Nodes that do not fit in a public subnet: a 400, and the cluster stays as it was (closed, its subnet free).
+    PublicPrefix.objects.update(subnet_length=30)  # room for the router and one node
+    r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json")
+    assert r.status_code == 400 and "2 nodes do not fit in a public subnet" in r.data["connectivity"][0], r.data
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert (cluster.connectivity, cluster.public_subnet, cluster.state) == ("closed", "", ClusterState.READY)
+    assert vid in fabric.switch_ports("sw-brno")["gw"]
 
 
 def test_connectivity_override_works_on_the_cluster_as_it_is_now(fabric, images, api, alice, root, monkeypatch):
