@@ -49,7 +49,7 @@ def render(families: Iterable[Family]) -> str:
 
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
-    from access.selectors import gateway_state_age
+    from access.selectors import bastion_shared_addresses, gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
     from network.services import reuse_horizon
@@ -153,6 +153,13 @@ def collect() -> list[Family]:
             pulls.add((now - (gateway.last_pull_at or gateway.created_at)).total_seconds(), gateway=gateway.name)
         installed.add(gateway_state_age(gateway, now).total_seconds(), gateway=gateway.name)
     families += [pulls, installed]
+    shared = Family(
+        "virtcloud_bastion_shared_addresses",
+        "Node addresses more than one cluster uses that the SSH bastion therefore relays to for none of them "
+        "(it forwards by address): their closed clusters' users reach those nodes through the VPN only.",
+    )
+    shared.add(len(bastion_shared_addresses()))
+    families.append(shared)
 
     families.append(
         _by_kind(

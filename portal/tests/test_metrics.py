@@ -165,7 +165,7 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
     # the webhooks — one more per webhook: none here; the gateways; the queues: two for the devices, one per device kind
     # for their changes), whatever the size
-    assert len(ctx.captured_queries) <= 19, [q["sql"] for q in ctx.captured_queries]
+    assert len(ctx.captured_queries) <= 20, [q["sql"] for q in ctx.captured_queries]
 
 
 def test_nothing_yet_is_all_zeros(alice):
@@ -173,3 +173,21 @@ def test_nothing_yet_is_all_zeros(alice):
     assert found[("virtcloud_device_changes_oldest_open_seconds", ())] == 0
     assert all(v == 0 for (name, _), v in found.items() if name == "virtcloud_clusters")
     assert found[("virtcloud_cluster_provision_seconds_recent", (("quantile", "0.5"),))] == 0
+
+
+def test_addresses_the_bastion_withholds_are_counted(root):
+    """Two closed clusters give a node the same address: the bastion relays to neither (see access), and the
+    operator sees how many such addresses there are."""
+    from access.tests.fixtures import make_cluster
+    from clusters.models import Node
+
+    def shared() -> float:
+        text = scraper(root, [TokenScope.METRICS]).get("/metrics").content.decode()
+        return samples(text)[("virtcloud_bastion_shared_addresses", ())]
+
+    first, second = make_cluster(root, name="one"), make_cluster(root, name="two")
+    Node.objects.filter(cluster=first).update(address="10.0.0.5")
+    Node.objects.filter(cluster=second).update(address="10.0.0.6")
+    assert shared() == 0
+    Node.objects.filter(cluster=second).update(address="10.0.0.5")
+    assert shared() == 1
