@@ -999,6 +999,7 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
             except ssh.SSHCertError:  # a user name that cannot be a principal gets no certificate either
                 continue
         out[label] = {
+            "vlan": cluster.vlan_id,  # the bastion's leg into the cluster (the operator's --on-change hook)
             "principals": sorted(principals),
             "nodes": [
                 {"name": n.name, "alias": f"{label}-{n.name}", "address": _node_address(label, n)}
@@ -1027,7 +1028,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
 
     ``vpn``: CA and AA certificates, the CRL, the cluster->VLAN map of the closed READY clusters, and the
     recently revoked certificates whose live sessions the gateway cuts. ``ssh``: the user and host CA
-    keys, the KRL (base64), and per cluster its principals and the node aliases forwarding may reach."""
+    keys, the KRL (base64), and per cluster its VLAN, principals and the node aliases forwarding may reach."""
     ca_ensure()
     now = _now()
     vlans, clusters = _vlan_map()

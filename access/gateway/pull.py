@@ -7,8 +7,8 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
              "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
              "revoked_sessions": [{"serial": 23, "common_name": "alice", "revoked_at": "..."}],
-             "krl": base64, "clusters": {"c42": {"principals": ["c42.alice"], "targets": [["198.18.61.11", 22]],
-                                               "nodes": [...]}}}}
+             "krl": base64, "clusters": {"c42": {"vlan": 142, "principals": ["c42.alice"],
+                                               "targets": [["198.18.61.11", 22]], "nodes": [...]}}}}
 
 Everything is validated before anything is written, so a bad document leaves the last good state in
 place (the gateway keeps working while the portal is down or broken, up to the state's ``max_age``). The
@@ -28,6 +28,7 @@ import argparse
 import base64
 import datetime as dt
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,12 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 
 from access.gateway import management, sshd  # noqa: E402
 from access.gateway.state import (  # noqa: E402
+    CLUSTER_RE,
     SshState,
     StateError,
     VpnState,
     check_fresh,
+    check_vlan_entry,
     fresh_until_path,
     fresh_until_text,
     installed_path,
@@ -52,6 +55,7 @@ from access.gateway.state import (  # noqa: E402
 from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
+_NODE_FIELD_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 
 
 @dataclass
@@ -145,6 +149,7 @@ def _prepare(
                 grants += [sshd.PrincipalGrant(p, targets) for p in entry.get("principals", [])]
         except (AttributeError, TypeError, ValueError, OverflowError):
             raise StateError("state document: ssh.clusters entries need principals and [host, port] targets") from None
+        legs = _legs(clusters)
         try:
             principals = sshd.render_principals_file(grants)
             account = sshd.check_account(s.get("account"))
@@ -158,7 +163,33 @@ def _prepare(
         files[ssh.revoked] = (json.dumps(sorted(_revoked_serials(s, "ssh"))).encode(), 0o644)
         files[ssh.principals(account)] = (principals.encode(), 0o644)
         files[ssh.principals_command] = (sshd.render_principals_command(state_dir).encode(), 0o755)
+        stamp = str(doc.get("generated_at", ""))
+        files[ssh.clusters] = (
+            json.dumps({"format": 1, "generated_at": stamp, "clusters": legs}, indent=1, sort_keys=True).encode(),
+            0o644,
+        )
     return files
+
+
+def _legs(clusters: dict) -> dict[str, dict]:
+    """``ssh/clusters.json``'s clusters: per cluster its VLAN (when the portal says) and nodes (name, alias and
+    the address the bastion forwards to) — what a hook needs to give the bastion a leg in each cluster and
+    to resolve the node aliases. Validated like everything else: a hook run as root reads it."""
+    out = {}
+    for label, entry in clusters.items():
+        vlan = entry.get("vlan")
+        if vlan is not None:
+            check_vlan_entry(label, vlan)
+        elif not isinstance(label, str) or not CLUSTER_RE.match(label):
+            raise StateError(f"state document: invalid cluster name {label!r}")
+        nodes = []
+        for node in entry.get("nodes", []):
+            fields = [node.get(k) if isinstance(node, dict) else None for k in ("name", "alias", "address")]
+            if not all(isinstance(f, str) and _NODE_FIELD_RE.match(f) for f in fields):
+                raise StateError(f"state document: ssh.clusters.{label}.nodes: a node needs name, alias and address")
+            nodes.append(dict(zip(("name", "alias", "address"), fields, strict=True)))
+        out[label] = {"vlan": vlan, "nodes": nodes}
+    return out
 
 
 def install_state(

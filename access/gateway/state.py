@@ -104,6 +104,7 @@ class SshState:
     sshd_config = property(lambda self: self.root / "sshd_config")
     principals_command = property(lambda self: self.root / "principals-command")
     revoked = property(lambda self: self.root / "revoked.json")  # serials revoked lately (their sessions are cut)
+    clusters = property(lambda self: self.root / "clusters.json")  # per cluster: VLAN and nodes (for the legs)
     sessions = property(lambda self: self.root / "run" / "sessions")  # <serial>: "pid starttime" per login
 
     def principals(self, account: str) -> Path:
@@ -164,11 +165,12 @@ def write_all_atomic(files: dict[Path, tuple[bytes | str, int]]) -> None:
 def vlan_map_json(clusters: dict[str, int], *, generated_at: str) -> str:
     """Serialize a cluster -> VLAN id map in the format :func:`load_vlan_map` reads."""
     for name, vid in clusters.items():
-        _check_entry(name, vid)
+        check_vlan_entry(name, vid)
     return json.dumps({"format": 1, "generated_at": generated_at, "clusters": dict(sorted(clusters.items()))}, indent=1)
 
 
-def _check_entry(name: object, vid: object) -> None:
+def check_vlan_entry(name: object, vid: object) -> None:
+    """A cluster name and its VLAN id as a gateway may use them (StateError otherwise)."""
     if not isinstance(name, str) or not CLUSTER_RE.match(name):
         raise StateError(f"invalid cluster name {name!r} in the VLAN map")
     if not isinstance(vid, int) or isinstance(vid, bool) or not 1 <= vid <= 4094:
@@ -186,7 +188,7 @@ def load_vlan_map(path: Path) -> dict[str, int]:
     if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("clusters"), dict):
         raise StateError(f"VLAN map {path} has an unknown format")
     for name, vid in doc["clusters"].items():
-        _check_entry(name, vid)
+        check_vlan_entry(name, vid)
     return doc["clusters"]
 
 

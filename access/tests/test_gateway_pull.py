@@ -308,3 +308,59 @@ def test_a_gateway_cut_off_from_the_portal_fails_closed_once_its_state_expires(
     # The portal is back: the next pull makes the state fresh again.
     assert "unchanged" in run("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
     vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "trusted_port": "6"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succeeds(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """The bastion needs a leg in each closed cluster: the pull writes ssh/clusters.json (VLAN and nodes per
+    cluster) and runs the operator's --on-change hook after a change; a hook that failed runs again at the next
+    pull, even an unchanged one (and the pull exits 1 meanwhile), then only after changes."""
+    from clusters.models import Node
+
+    cluster = make_cluster(alice, name="mpi", group=team, nodes=("node1", "node2"))
+    Node.objects.filter(cluster=cluster, name="node1").update(address="10.0.0.5")
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state = tmp_path / "state"
+    calls = tmp_path / "calls"
+    hook = tmp_path / "legs.sh"
+    hook.write_text(
+        '#!/bin/sh\necho "$VIRTCLOUD_STATE_DIR" >> "$1"\n[ -e "$2" ] && { echo "no trunk" >&2; exit 3; }\nexit 0\n'
+    )
+    hook.chmod(0o755)
+    broken = tmp_path / "broken"
+    broken.touch()
+    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state))
+    on_change = ("--on-change", f"{hook} {calls} {broken}")
+
+    with pytest.raises(SystemExit) as exited:
+        run(*args, *on_change)
+    assert exited.value.code == 1
+    label = cluster_label(cluster)
+    legs = json.loads((state / "ssh" / "clusters.json").read_text())["clusters"]
+    assert legs == {
+        label: {
+            "vlan": cluster.vlan_id,
+            "nodes": [
+                {"name": "node1", "alias": f"{label}-node1", "address": "10.0.0.5"},
+                {"name": "node2", "alias": f"{label}-node2", "address": f"{label}-node2"},
+            ],
+        }
+    }
+    assert "no trunk" in (state / ".on-change-failed").read_text()
+    assert calls.read_text().splitlines() == [str(state.absolute())]
+
+    broken.unlink()  # the operator fixed it: the unchanged state's pull runs the hook again, once
+    out = run(*args, *on_change)
+    assert "unchanged" in out and "--on-change ran" in out
+    assert not (state / ".on-change-failed").exists()
+    assert "--on-change ran" not in run(*args, *on_change)
+    assert len(calls.read_text().splitlines()) == 2
+
+    make_cluster(alice, name="other")  # a change: the hook runs
+    assert "--on-change ran" in run(*args, *on_change)
+    assert len(calls.read_text().splitlines()) == 3
+    assert len(json.loads((state / "ssh" / "clusters.json").read_text())["clusters"]) == 2

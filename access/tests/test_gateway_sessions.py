@@ -148,6 +148,17 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
                 "clusters": {"c42": {"principals": ["c42.a"], "targets": [["h", float("inf")]]}},
             }
         },
+        # what the --on-change hook (root) reads: a VLAN id and node fields it may put on a command line
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"vlan": 5000}}}},
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"vlan": True}}}},
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c 42": {}}}},
+        {
+            "ssh": {
+                "krl": "U1NIS1JMCgA=",
+                "clusters": {"c42": {"nodes": [{"name": "n1", "alias": "c42-n1", "address": "$(reboot)"}]}},
+            }
+        },
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"nodes": [{"name": "n1"}]}}}},
     ],
 )
 def test_a_malformed_state_is_refused_and_the_old_one_kept(gateway_state, change):

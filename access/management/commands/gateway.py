@@ -13,12 +13,18 @@ When the portal cannot be reached the last good state stays as it is and the com
 (EX_TEMPFAIL): the gateway keeps authorizing from it for the state's ``max_age`` (``GATEWAY_STATE_MAX_AGE``)
 from the last pull that succeeded, then fails closed — the hooks refuse everyone, and the command cuts every
 live OpenVPN session — since a cluster that ended meanwhile may have passed its VLAN to another.
+``--on-change CMD`` runs CMD (no shell; ``VIRTCLOUD_STATE_DIR`` in its environment) after a pull that
+changed the state, and at every pull after one where CMD failed: the operator's hook that gives the SSH
+bastion its leg in each closed cluster from ``ssh/clusters.json`` (each cluster's VLAN and nodes).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shlex
+import subprocess
 import sys
 import time
 import urllib.error
@@ -171,6 +177,13 @@ class Command(BaseCommand):
         token.add_argument("--token-file", help="file holding the gateway's API token")
         pull_parser.add_argument("--dir", required=True, help="the gateway's state directory")
         pull_parser.add_argument("--timeout", type=float, default=20)
+        pull_parser.add_argument(
+            "--on-change",
+            metavar="CMD",
+            help="run CMD after a pull that changed the state (and after every pull until it succeeds once): "
+            "e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json",
+        )
+        pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
 
         status = sub.add_parser("status", help="is the pulled state current? (run on the gateway; exit 1 if not)")
         status.add_argument("--dir", required=True, help="the gateway's state directory")
@@ -224,6 +237,33 @@ class Command(BaseCommand):
             sys.exit(EX_TEMPFAIL)
         line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
         self.stdout.write(line + _cuts(report, retried=True))
+        if options["on_change"]:
+            self._on_change(options["on_change"], Path(options["dir"]), changed, options["on_change_timeout"])
+
+    def _on_change(self, command: str, state_dir: Path, changed: bool, timeout: float) -> None:
+        """Run the operator's hook after a change, or again after it failed (the state is installed either
+        way: a failing hook makes the pull exit 1, and it runs at the next pull even if nothing changed)."""
+        failed = state_dir / ".on-change-failed"
+        if not changed and not failed.exists():
+            return
+        env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
+        try:
+            done = subprocess.run(  # noqa: S603 - the operator's own command line, without a shell
+                shlex.split(command), env=env, capture_output=True, text=True, timeout=timeout, check=False
+            )
+            error = "" if done.returncode == 0 else f"exit {done.returncode}: {(done.stderr or done.stdout).strip()}"
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            error = str(exc)
+        if not error:
+            failed.unlink(missing_ok=True)
+            self.stdout.write("gateway pull: --on-change ran")
+            return
+        write_atomic(failed, error[-2000:] + "\n", 0o600)
+        self.stderr.write(
+            f"gateway pull: the state is installed, but --on-change failed ({error[-500:]}); "
+            "it runs again at the next pull"
+        )
+        sys.exit(1)
 
     def _config(self, options):
         from access import openvpn, services
