@@ -999,7 +999,9 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
             except ssh.SSHCertError:  # a user name that cannot be a principal gets no certificate either
                 continue
         out[label] = {
-            "vlan": cluster.vlan_id,  # the bastion's leg into the cluster (the operator's --on-change hook)
+            # the bastion's leg into the cluster (the operator's --on-change hook): the VLAN and its address there
+            "vlan": cluster.vlan_id,
+            "bastion_address": cluster.bastion_address,
             "principals": sorted(principals),
             "nodes": [
                 {"name": n.name, "alias": f"{label}-{n.name}", "address": _node_address(label, n)}

@@ -142,6 +142,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         "vlan_id",
         "public_prefix",
         "public_subnet",
+        "bastion_address",
         "job_id",
         "created_at",
         "ready_at",

@@ -106,6 +106,13 @@ class VirtualCluster(models.Model):
     public_prefix = models.ForeignKey(PublicPrefix, null=True, blank=True, on_delete=models.PROTECT)
     public_subnet = models.CharField(max_length=43, blank=True)
     job_id = models.CharField(max_length=200, blank=True, help_text="the scheduler's own job id")
+    bastion_address = models.CharField(
+        max_length=49,
+        blank=True,
+        help_text="closed clusters: the SSH bastion's own address in the cluster's network, with its prefix "
+        "length (e.g. 10.0.0.254/24), given by the scheduler; the gateway operator's hook puts it on the "
+        "bastion's leg into the cluster's VLAN",
+    )
     expires_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

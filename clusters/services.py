@@ -75,7 +75,7 @@ def _check_lifetime(expires_at: datetime, *, since: datetime | None = None) -> N
         )
 
 
-def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = None) -> None:
+def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = None, bastion_address: str = "") -> None:
     if not nodes:
         raise ClusterError("a cluster needs at least one node", field="nodes")
     names = [n.name for n in nodes]
@@ -89,6 +89,12 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         addresses += [a for a in cluster.nodes.exclude(state=NodeState.REMOVED).values_list("address", flat=True) if a]
     if len(set(addresses)) != len(addresses):
         raise ClusterError("an IP address appears twice among the cluster's nodes", field="nodes")
+    bastion = bastion_address or (cluster.bastion_address if cluster is not None else "")
+    if bastion:
+        own = ipaddress.ip_interface(bastion).ip
+        clash = [n.name for n in nodes if n.address and ipaddress.ip_address(n.address) == own]
+        if clash:
+            raise ClusterError(f"node {clash[0]}: {own} is the SSH bastion's address in this cluster", field="nodes")
     live = Node.objects.exclude(state=NodeState.REMOVED)
     if cluster is not None:
         clash = sorted(live.filter(cluster=cluster, name__in=names).values_list("name", flat=True))
@@ -204,6 +210,7 @@ def cluster_create(
     expires_at: datetime,
     group: Group | None = None,
     job_id: str = "",
+    bastion_address: str = "",
     idempotency: tuple[str, str, str] | None = None,
 ) -> tuple[VirtualCluster, bool]:
     """Create a cluster and start provisioning its network. Returns (cluster, created).
@@ -217,7 +224,7 @@ def cluster_create(
         if existing is not None:
             return existing, False
     _check_lifetime(expires_at)
-    _check_nodes(nodes)
+    _check_nodes(nodes, bastion_address=bastion_address)
     if VirtualCluster.objects.filter(owner=owner, name=name, state__in=LIVE_STATES).exists():
         raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
@@ -236,6 +243,7 @@ def cluster_create(
         connectivity_reason=decision.reason,
         expires_at=expires_at,
         job_id=job_id,
+        bastion_address=bastion_address,
     )
     if decision.connectivity == Connectivity.PUBLIC:
         cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import ipaddress
 import json
 import re
 import sys
@@ -172,8 +173,9 @@ def _prepare(
 
 
 def _legs(clusters: dict) -> dict[str, dict]:
-    """``ssh/clusters.json``'s clusters: per cluster its VLAN (when the portal says) and nodes (name, alias and
-    the address the bastion forwards to) — what a hook needs to give the bastion a leg in each cluster and
+    """``ssh/clusters.json``'s clusters: per cluster its VLAN (when the portal says), the bastion's address in
+    it (``bastion_address``, "" when the scheduler gave none) and nodes (name, alias and the address the
+    bastion forwards to) — what a hook needs to give the bastion a leg in each cluster and
     to resolve the node aliases. Validated like everything else: a hook run as root reads it."""
     out = {}
     for label, entry in clusters.items():
@@ -188,7 +190,14 @@ def _legs(clusters: dict) -> dict[str, dict]:
             if not all(isinstance(f, str) and _NODE_FIELD_RE.match(f) for f in fields):
                 raise StateError(f"state document: ssh.clusters.{label}.nodes: a node needs name, alias and address")
             nodes.append(dict(zip(("name", "alias", "address"), fields, strict=True)))
-        out[label] = {"vlan": vlan, "nodes": nodes}
+        bastion = entry.get("bastion_address") or ""
+        try:
+            if not isinstance(bastion, str) or (bastion and "/" not in bastion):
+                raise ValueError(bastion)
+            bastion = str(ipaddress.ip_interface(bastion)) if bastion else ""
+        except (TypeError, ValueError):
+            raise StateError(f"state document: ssh.clusters.{label}.bastion_address is not an address/prefix") from None
+        out[label] = {"vlan": vlan, "bastion_address": bastion, "nodes": nodes}
     return out
 
 

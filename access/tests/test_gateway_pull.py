@@ -317,10 +317,11 @@ def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succ
     """The bastion needs a leg in each closed cluster: the pull writes ssh/clusters.json (VLAN and nodes per
     cluster) and runs the operator's --on-change hook after a change; a hook that failed runs again at the next
     pull, even an unchanged one (and the pull exits 1 meanwhile), then only after changes."""
-    from clusters.models import Node
+    from clusters.models import Node, VirtualCluster
 
     cluster = make_cluster(alice, name="mpi", group=team, nodes=("node1", "node2"))
     Node.objects.filter(cluster=cluster, name="node1").update(address="10.0.0.5")
+    VirtualCluster.objects.filter(pk=cluster.pk).update(bastion_address="10.0.0.254/24")
     token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
     gateway.token = token
     gateway.save()
@@ -344,6 +345,7 @@ def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succ
     assert legs == {
         label: {
             "vlan": cluster.vlan_id,
+            "bastion_address": "10.0.0.254/24",
             "nodes": [
                 {"name": "node1", "alias": f"{label}-node1", "address": "10.0.0.5"},
                 {"name": "node2", "alias": f"{label}-node2", "address": f"{label}-node2"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from datetime import timedelta
 
 from django.conf import settings
@@ -113,6 +114,28 @@ class ClusterCreateSerializer(serializers.Serializer):
         required=False, min_value=1, help_text="seconds; default CLUSTER_DEFAULT_LIFETIME"
     )
     job_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    bastion_address = serializers.CharField(
+        max_length=49,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="closed clusters: the SSH bastion's address in the cluster's network with its prefix length "
+        "(e.g. 10.0.0.254/24), kept free of nodes; without it the cluster is reached through the VPN only",
+    )
+
+    def validate_bastion_address(self, value: str) -> str:
+        if not value:
+            return ""
+        try:
+            iface = ipaddress.ip_interface(value.strip())
+        except ValueError:
+            raise serializers.ValidationError("an address with its prefix length, e.g. 10.0.0.254/24") from None
+        net, longest = iface.network, iface.max_prefixlen
+        if "/" not in value or net.prefixlen > longest - 2:
+            raise serializers.ValidationError(f"give the cluster network's prefix length (at most /{longest - 2})")
+        if iface.ip in (net.network_address, net.broadcast_address):
+            raise serializers.ValidationError(f"{iface.ip} is not a host address of {net}")
+        return str(iface)
 
     def validate(self, attrs):
         seconds = attrs.pop("lifetime", settings.CLUSTER_DEFAULT_LIFETIME)
@@ -297,6 +320,7 @@ class ClusterSerializer(serializers.ModelSerializer):
             "vlan_id",
             "public_subnet",
             "public_gateway",
+            "bastion_address",
             "job_id",
             "expires_at",
             "created_at",

@@ -134,6 +134,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             expires_at=v["expires_at"],
             group=v.get("group"),
             job_id=v["job_id"],
+            bastion_address=v["bastion_address"],
             idempotency=idempotency,
         )
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)

@@ -170,6 +170,34 @@ def test_a_public_node_address_outside_its_subnet_is_a_400_and_nothing_is_kept(
     assert r.data["public_subnet"] == "198.19.0.0/29"  # the refused request held no subnet either
 
 
+def test_the_scheduler_gives_the_bastions_address_in_a_closed_cluster(fabric, images, api, alice):
+    """The SSH bastion needs an address of its own in a closed cluster's network (its leg on the cluster's
+    VLAN): the scheduler gives it with the prefix length, and no node may have it."""
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(bastion_address="10.0.0.254/24"), format="json")
+    assert r.status_code == 201, r.content
+    assert r.data["bastion_address"] == "10.0.0.254/24"
+    assert (
+        api.post("/api/clusters/", body(name="c2", nodes=[("m1", "brno2", "52:54:00:00:09:01")]), format="json").data[
+            "bastion_address"
+        ]
+        == ""
+    )
+    for bad in ("10.0.0.254", "10.0.0.254/32", "10.0.0.0/24", "10.0.0.255/24", "fd00::1/128", "banana/24"):
+        r = api.post("/api/clusters/", body(name="c3", bastion_address=bad), format="json")
+        assert r.status_code == 400 and "bastion_address" in r.data, (bad, r.data)
+    before = allocated_vids()
+    clash = body(name="c4", nodes=[("m1", "brno2", "52:54:00:00:09:02")], bastion_address="10.0.0.254/24")
+    clash["nodes"][0]["address"] = "10.0.0.254"
+    r = api.post("/api/clusters/", clash, format="json")
+    assert r.status_code == 400 and "the SSH bastion's address" in r.data["nodes"][0], r.data
+    assert allocated_vids() == before
+    cid = VirtualCluster.objects.get(name="c1").pk
+    node = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:09:03", "address": "10.0.0.254"}
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json")
+    assert r.status_code == 400 and "the SSH bastion's address" in r.data["nodes"][0], r.data
+
+
 def test_nodes_say_where_the_vm_manager_plugs_them(fabric, images, api, alice):
     from xml.etree import ElementTree as ET
 

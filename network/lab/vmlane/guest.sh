@@ -34,7 +34,8 @@ cd "$repo" || { echo 1 >"$out/status"; exit 1; }
 case $mode in
 test)
   .venv/bin/python -m pytest -c network/lab/vmlane/pytest.ini --rootdir "$repo" --noconftest \
-    --junitxml="$out/junit.xml" -q --durations=8 network/tests/test_drivers_linuxbridge.py $(cat "$out/pytest-args")
+    --junitxml="$out/junit.xml" -q --durations=8 network/tests/test_drivers_linuxbridge.py \
+    access/tests/test_gateway_legs.py $(cat "$out/pytest-args")
   rc=$?
   ;;
 bench)

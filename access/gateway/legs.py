@@ -1,0 +1,181 @@
+"""The SSH bastion's legs into the closed clusters: the reference ``--on-change`` hook, run as root on the gateway.
+
+The bastion connects to a cluster's nodes from an address of its own in the cluster's network, on the
+cluster's VLAN of the gateway's trunk. The pull writes ``ssh/clusters.json`` (each cluster's VLAN, the
+bastion's address there as the scheduler gave it, and the nodes); this makes the legs match it::
+
+    manage.py gateway pull ... --on-change "python3 -I /opt/virtcloud/access/gateway/legs.py --trunk eth1"
+
+For each cluster with a VLAN and a ``bastion_address``: a VLAN sub-interface ``<prefix><vid>`` of ``--trunk``,
+up, holding exactly that address (its global-scope addresses; the kernel's link-local ones stay). A
+sub-interface with the prefix that the file no longer asks for — the cluster ended, lost its address, or
+the link was made by hand with another VLAN or parent — is deleted. Nothing else is touched. Idempotent:
+run again, it changes nothing; it prints each change. Exit 1 (and a message) when iproute2 refuses one: the
+pull then runs it again next time.
+
+One network stack for every leg: two clusters whose networks overlap get their legs, but the kernel routes
+the overlap through one of them (a warning names them); the portal withholds from the bastion any node
+address two clusters use (``access.selectors.bastion_shared_addresses``), so no user is carried to another
+cluster's node. Run it inside the bastion's namespace (``ip netns exec``) when the bastion has one.
+Standalone: no Django.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PREFIX_RE = re.compile(r"^[a-z]{1,8}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,15}$")
+Runner = Callable[[Sequence[str]], str]
+
+
+class LegsError(Exception):
+    """The file or the system is not what the hook can work with (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A VLAN sub-interface as iproute2 reports it."""
+
+    name: str
+    vid: int | None  # None: not a VLAN device
+    parent: str
+    addresses: frozenset[str]  # global scope, "address/prefixlen"
+    up: bool = False
+
+
+def wanted(doc: dict) -> dict[int, str]:
+    """{VLAN id: the bastion's address there} from ``ssh/clusters.json``, validated."""
+    if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("clusters"), dict):
+        raise LegsError("ssh/clusters.json: not a format-1 cluster map")
+    out: dict[int, str] = {}
+    for label, entry in doc["clusters"].items():
+        vid, address = entry.get("vlan"), entry.get("bastion_address") or ""
+        if not address or vid is None:
+            continue
+        if type(vid) is not int or not 1 <= vid <= 4094:
+            raise LegsError(f"ssh/clusters.json: cluster {label}: VLAN {vid!r}")
+        try:
+            iface = ipaddress.ip_interface(address)
+        except ValueError:
+            raise LegsError(f"ssh/clusters.json: cluster {label}: address {address!r}") from None
+        if vid in out:
+            raise LegsError(f"ssh/clusters.json: VLAN {vid} is listed twice")
+        out[vid] = str(iface)
+    return out
+
+
+def overlaps(legs: dict[int, str]) -> list[tuple[int, int]]:
+    """Pairs of VLANs whose legs' networks overlap (one stack routes the overlap through one of them)."""
+    nets = sorted((n.version, n, vid) for vid, n in ((v, ipaddress.ip_interface(a).network) for v, a in legs.items()))
+    return [
+        (a_vid, b_vid)
+        for i, (version, a, a_vid) in enumerate(nets)
+        for b_version, b, b_vid in nets[i + 1 :]
+        if version == b_version and a.overlaps(b)
+    ]
+
+
+def current(run: Runner, prefix: str) -> dict[str, Link]:
+    """The links whose name starts with ``prefix``, with their VLAN, parent, global addresses and whether up."""
+    links = json.loads(run(["ip", "-j", "-d", "link", "show"]) or "[]")
+    addrs = json.loads(run(["ip", "-j", "addr", "show"]) or "[]")
+    global_addrs: dict[str, set[str]] = {}
+    for entry in addrs:
+        for a in entry.get("addr_info", []):
+            if a.get("scope") == "global" and a.get("family") in ("inet", "inet6"):
+                iface = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
+                global_addrs.setdefault(entry["ifname"], set()).add(str(iface))
+    out = {}
+    for entry in links:
+        name = entry.get("ifname", "")
+        if not name.startswith(prefix):
+            continue
+        info = entry.get("linkinfo", {})
+        vid = info.get("info_data", {}).get("id") if info.get("info_kind") == "vlan" else None
+        up = "UP" in entry.get("flags", [])
+        out[name] = Link(name, vid, entry.get("link", ""), frozenset(global_addrs.get(name, ())), up)
+    return out
+
+
+def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: str) -> list[list[str]]:
+    """The ``ip`` commands that make ``links`` what ``legs`` asks for (none when they already are)."""
+    commands: list[list[str]] = []
+    keep = set()
+    for vid, address in sorted(legs.items()):
+        name = f"{prefix}{vid}"
+        link = links.get(name)
+        if link is not None and (link.vid != vid or link.parent != trunk):
+            commands.append(["ip", "link", "del", name])  # made by hand, or for another trunk
+            link = None
+        if link is None:
+            commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
+        keep.add(name)
+        for old in sorted(link.addresses if link else ()):
+            if old != address:
+                commands.append(["ip", "addr", "del", old, "dev", name])
+        if link is None or address not in link.addresses:
+            commands.append(["ip", "addr", "add", address, "dev", name])
+        if link is None or not link.up:
+            commands.append(["ip", "link", "set", name, "up"])
+    for name in sorted(set(links) - keep):
+        commands.append(["ip", "link", "del", name])
+    return commands
+
+
+def _run(argv: Sequence[str]) -> str:
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise LegsError(f"{' '.join(argv)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def sync(state_dir: Path, *, trunk: str, prefix: str = "vcl", run: Runner = _run) -> list[str]:
+    """Make the legs match ``<state_dir>/ssh/clusters.json``; the changes made, as lines for the log."""
+    if not _PREFIX_RE.match(prefix) or not _IFNAME_RE.match(trunk) or trunk.startswith(prefix):
+        raise LegsError(f"bad --prefix {prefix!r} or --trunk {trunk!r}")
+    try:
+        doc = json.loads((state_dir / "ssh" / "clusters.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LegsError(f"cannot read {state_dir}/ssh/clusters.json: {exc}") from None
+    legs = wanted(doc)
+    run(["ip", "link", "show", "dev", trunk])  # no such trunk: an error before anything changes
+    links = current(run, prefix)
+    done = []
+    for argv in plan(legs, links, trunk=trunk, prefix=prefix):
+        run(argv)
+        done.append(" ".join(argv[1:]))
+    for a, b in overlaps(legs):
+        done.append(f"warning: the networks of VLANs {a} and {b} overlap: one stack routes the overlap through one")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="legs.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--trunk", required=True, help="the interface carrying the clusters' VLANs")
+    parser.add_argument("--prefix", default="vcl", help="name prefix of the legs (vcl<vid>); nothing else is touched")
+    parser.add_argument("--state", default=os.environ.get("VIRTCLOUD_STATE_DIR"), help="the gateway's state directory")
+    args = parser.parse_args(argv)
+    if not args.state:
+        parser.error("--state or VIRTCLOUD_STATE_DIR is needed")
+    try:
+        changes = sync(Path(args.state), trunk=args.trunk, prefix=args.prefix)
+    except LegsError as exc:
+        print(f"virtcloud-legs: {exc}", file=sys.stderr)
+        return 1
+    for line in changes:
+        print(f"virtcloud-legs: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

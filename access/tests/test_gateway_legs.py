@@ -1,0 +1,186 @@
+"""The SSH bastion's legs into closed clusters (``access/gateway/legs.py``, the reference --on-change hook).
+
+The plan is checked here everywhere; the real thing — VLAN sub-interfaces of a trunk, their addresses, a
+node reached through each, stale legs removed — needs a kernel with 802.1Q: it runs inside the QEMU guest of
+``scripts/vm-lane.sh`` (``make test`` runs it) and is skipped, with the reason, on kernels without it. No
+Django: the guest runs this file without the project's conftest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from access.gateway import legs
+from access.gateway.legs import LegsError, Link
+
+LEGS = Path(legs.__file__)
+
+
+def doc(**clusters) -> dict:
+    return {"format": 1, "generated_at": "now", "clusters": clusters}
+
+
+def test_wanted_takes_the_clusters_with_a_vlan_and_an_address():
+    assert legs.wanted(
+        doc(
+            a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []},
+            b={"vlan": 200, "bastion_address": "", "nodes": []},  # no address: VPN only
+            c={"vlan": None, "bastion_address": "10.2.0.254/24"},  # (an old portal)
+            d={"vlan": 300, "bastion_address": "fd00:0:0:1::fe/64"},
+        )
+    ) == {100: "10.0.0.254/24", 300: "fd00:0:0:1::fe/64"}
+    for bad in (
+        doc(a={"vlan": 5000, "bastion_address": "10.0.0.1/24"}),
+        doc(a={"vlan": True, "bastion_address": "10.0.0.1/24"}),
+        doc(a={"vlan": 100, "bastion_address": "10.0.0.1/33"}),
+        doc(a={"vlan": 100, "bastion_address": "10.0.0.1/24"}, b={"vlan": 100, "bastion_address": "10.1.0.1/24"}),
+        {"format": 2, "clusters": {}},
+    ):
+        with pytest.raises(LegsError):
+            legs.wanted(bad)
+
+
+def test_plan_creates_readdresses_and_removes_only_its_own_links():
+    links = {
+        "vcl100": Link("vcl100", 100, "eth1", frozenset({"10.0.0.254/24"}), up=True),  # as wanted
+        "vcl200": Link("vcl200", 200, "eth1", frozenset({"10.1.0.9/24", "10.1.0.8/24"}), up=False),
+        "vcl300": Link("vcl300", 300, "eth1", frozenset(), up=True),  # its cluster ended
+        "vcl400": Link("vcl400", 999, "eth1", frozenset(), up=True),  # made by hand with another VLAN
+    }
+    wanted = {100: "10.0.0.254/24", 200: "10.1.0.8/24", 400: "10.4.0.1/24", 500: "10.5.0.1/24"}
+    assert legs.plan(wanted, links, trunk="eth1", prefix="vcl") == [
+        ["ip", "addr", "del", "10.1.0.9/24", "dev", "vcl200"],
+        ["ip", "link", "set", "vcl200", "up"],
+        ["ip", "link", "del", "vcl400"],
+        ["ip", "link", "add", "link", "eth1", "name", "vcl400", "type", "vlan", "id", "400"],
+        ["ip", "addr", "add", "10.4.0.1/24", "dev", "vcl400"],
+        ["ip", "link", "set", "vcl400", "up"],
+        ["ip", "link", "add", "link", "eth1", "name", "vcl500", "type", "vlan", "id", "500"],
+        ["ip", "addr", "add", "10.5.0.1/24", "dev", "vcl500"],
+        ["ip", "link", "set", "vcl500", "up"],
+        ["ip", "link", "del", "vcl300"],
+    ]
+    done = {name: link for name, link in links.items() if name in ("vcl100",)}
+    assert legs.plan({100: "10.0.0.254/24"}, done, trunk="eth1", prefix="vcl") == []  # idempotent
+    assert legs.overlaps({1: "10.0.0.1/24", 2: "10.0.0.2/16", 3: "10.9.0.1/24", 4: "fd00::1/64"}) == [(2, 1)]
+
+
+# --- the real thing (a kernel with 802.1Q: the QEMU guest) -----------------------------------------------------
+
+
+def _fabric():
+    path = Path(__file__).resolve().parents[2] / "network" / "lab" / "vmlane" / "fabric.py"
+    spec = importlib.util.spec_from_file_location("vmlane_fabric", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fabric = _fabric()
+PREFIX = fabric.make_prefix("lg")
+_missing = fabric.kernel_8021q_missing(PREFIX)
+
+
+def _ip(ns: str, *argv: str, check: bool = True) -> str:
+    return fabric.run(["ip", "-n", ns, *argv], check=check).stdout
+
+
+@pytest.fixture
+def trunk():
+    """The gateway's namespace with trunk t0, wired to a "switch" namespace where two clusters' nodes answer on
+    VLANs 100 (10.0.0.1) and 200 (10.1.0.1) of the other end."""
+    if _missing:
+        if os.environ.get("VIRTCLOUD_VMLANE"):
+            pytest.fail(f"the QEMU guest must have 802.1Q: {_missing}")
+        pytest.skip(f"{_missing}; these tests run in the QEMU guest of scripts/vm-lane.sh (make test runs it)")
+    fabric.remove_stale()
+    gw, sw = f"{PREFIX}gw", f"{PREFIX}sw"
+    for ns in (gw, sw):
+        fabric.run(["ip", "netns", "add", ns])
+    try:
+        fabric.run(["ip", "link", "add", "t0", "netns", gw, "type", "veth", "peer", "name", "t0", "netns", sw])
+        fabric.run(
+            ["ip", "-n", sw, "-batch", "-"],
+            input="link set t0 up\nlink set lo up\n"
+            "link add link t0 name t0.100 type vlan id 100\naddr add 10.0.0.1/24 dev t0.100\nlink set t0.100 up\n"
+            "link add link t0 name t0.200 type vlan id 200\naddr add 10.1.0.1/24 dev t0.200\nlink set t0.200 up\n",
+        )
+        fabric.run(["ip", "-n", gw, "-batch", "-"], input="link set t0 up\nlink set lo up\nlink add other type dummy\n")
+        yield gw
+    finally:
+        for ns in (gw, sw):
+            fabric.run(["ip", "netns", "del", ns], check=False)
+
+
+def _sync(ns: str, state: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-I", str(LEGS), "--trunk", "t0", "--state", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _write(state: Path, **clusters) -> None:
+    (state / "ssh").mkdir(parents=True, exist_ok=True)
+    (state / "ssh" / "clusters.json").write_text(json.dumps(doc(**clusters)))
+
+
+def _addresses(ns: str, dev: str) -> set[str]:
+    entries = json.loads(_ip(ns, "-j", "addr", "show", "dev", dev) or "[]")
+    return {f"{a['local']}/{a['prefixlen']}" for e in entries for a in e["addr_info"] if a.get("scope") == "global"}
+
+
+def _reaches(ns: str, address: str) -> bool:
+    done = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "2", address], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.vmlane
+def test_legs_reach_each_clusters_nodes_and_follow_the_state(trunk, tmp_path):
+    gw = trunk
+    _write(
+        tmp_path,
+        alpha={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []},
+        beta={"vlan": 200, "bastion_address": "10.1.0.254/24", "nodes": []},
+        gamma={"vlan": 300, "bastion_address": "", "nodes": []},  # VPN only: no leg
+    )
+    done = _sync(gw, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "link add link t0 name vcl100 type vlan id 100" in done.stdout
+    assert _addresses(gw, "vcl100") == {"10.0.0.254/24"} and _addresses(gw, "vcl200") == {"10.1.0.254/24"}
+    assert _reaches(gw, "10.0.0.1") and _reaches(gw, "10.1.0.1")  # each cluster's node, through its VLAN
+    assert "vcl300" not in _ip(gw, "link", "show")
+
+    again = _sync(gw, tmp_path)
+    assert (again.returncode, again.stdout) == (0, "")  # nothing to change
+
+    # beta ended; alpha's scheduler moved the bastion's address; someone made vcl300 by hand.
+    _ip(gw, "link", "add", "link", "t0", "name", "vcl300", "type", "vlan", "id", "300")
+    _write(tmp_path, alpha={"vlan": 100, "bastion_address": "10.0.0.253/24", "nodes": []})
+    done = _sync(gw, tmp_path)
+    assert done.returncode == 0, done.stderr
+    links = _ip(gw, "link", "show")
+    assert "vcl200" not in links and "vcl300" not in links and "other" in links  # only its own links go
+    assert _addresses(gw, "vcl100") == {"10.0.0.253/24"}
+    assert _reaches(gw, "10.0.0.1") and not _reaches(gw, "10.1.0.1")
+
+    # A trunk that is not there (a typo in the hook's command line): exit 1 naming it, nothing changed; the
+    # pull runs the hook again at its next run.
+    bad = subprocess.run(
+        ["ip", "netns", "exec", gw, sys.executable, "-I", str(LEGS), "--trunk", "t9", "--state", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1 and "virtcloud-legs: ip link show dev t9" in bad.stderr, bad.stderr
+    assert _addresses(gw, "vcl100") == {"10.0.0.253/24"}
