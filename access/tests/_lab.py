@@ -55,7 +55,9 @@ class NodeSpec:
     mac: str
 
 
-def cluster_post(api, name: str, nodes: list[tuple[str, str]], *, group: str | None = None) -> tuple[int, list]:
+def cluster_post(
+    api, name: str, nodes: list[tuple[str, str]], *, group: str | None = None, bastion_address: str = ""
+) -> tuple[int, list]:
     """POST /api/clusters/ with ``nodes`` = [(host, address)]; returns (id, [NodeSpec]) without waiting."""
     specs = [NodeSpec(f"node{i}", host, address, mac()) for i, (host, address) in enumerate(nodes, 1)]
     body = {
@@ -66,6 +68,8 @@ def cluster_post(api, name: str, nodes: list[tuple[str, str]], *, group: str | N
     }
     if group:
         body["group"] = group
+    if bastion_address:
+        body["bastion_address"] = bastion_address
     r = api.post("/api/clusters/", body, format="json")
     assert r.status_code == 201, r.content
     return r.data["id"], specs

@@ -166,14 +166,43 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
     for u in (alice, charlie):
         api[u.username].force_authenticate(u)
     a_id, a_nodes = cluster_post(
-        api["alice"], "alpha", [(h, f"198.18.20.{i}") for i, h in enumerate(SITES, 1)], group="physics"
+        api["alice"],
+        "alpha",
+        [(h, f"198.18.20.{i}") for i, h in enumerate(SITES, 1)],
+        group="physics",
+        bastion_address=BASTION_CLUSTER_LEG,
     )
     b_id, b_nodes = cluster_post(api["charlie"], "beta", [("pilsen-h2", "198.18.21.1")])
     clusters = wait_ready(a_id, b_id)
     alpha, beta = clusters[a_id], clusters[b_id]
     la, lb = cluster_label(alpha), cluster_label(beta)
     vms = {n.name: lab.attach_vm(n.host, alpha.vlan_id, f"alpha-{n.name}", f"{n.address}/24", n.mac) for n in a_nodes}
-    bastion_vm = lab.attach_vm("brno-h1", alpha.vlan_id, "bastion", BASTION_CLUSTER_LEG)
+
+    # The bastion: made in the portal, configured by `gateway config`, state pulled over HTTP.
+    from network.models import Site
+
+    gateway = Gateway.objects.create(
+        name="brno-bastion",
+        site=Site.objects.get(name="brno"),
+        kind=GatewayKind.SSH,
+        address=BASTION_PUBLIC,
+        ssh_user=ACCOUNT,
+    )
+    state = rundir / "gw"
+    token_file = gateway_token(gateway, root, rundir / "gateway.token")
+    call_command(
+        "gateway", "config", gateway.name, "--dir", str(state), "--ssh-listen", BASTION_PUBLIC, stdout=StringIO()
+    )
+
+    def pull() -> str:
+        return gateway_pull(portal.url, token_file, state)
+
+    assert "gateway pull:" in pull()
+    # Its leg into alpha, as the operator's --on-change hook makes it from ssh/clusters.json (the VLAN and
+    # the address alpha's scheduler gave; here an access port of that VLAN, see above).
+    leg = json.loads((state / "ssh" / "clusters.json").read_text())["clusters"][la]
+    assert (leg["vlan"], leg["bastion_address"]) == (alpha.vlan_id, BASTION_CLUSTER_LEG)
+    bastion_vm = lab.attach_vm("brno-h1", leg["vlan"], "bastion", leg["bastion_address"])
     ready_s = time.monotonic() - started
 
     procs: list[subprocess.Popen] = []
@@ -182,26 +211,6 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         bastion = LabNetns(bastion_vm.netns)
         public_link(bastion, ws, prefix, BASTION_PUBLIC, WS_PUBLIC, f"{prefix}w")
 
-        # The bastion: made in the portal, configured by `gateway config`, state pulled over HTTP.
-        from network.models import Site
-
-        gateway = Gateway.objects.create(
-            name="brno-bastion",
-            site=Site.objects.get(name="brno"),
-            kind=GatewayKind.SSH,
-            address=BASTION_PUBLIC,
-            ssh_user=ACCOUNT,
-        )
-        state = rundir / "gw"
-        token_file = gateway_token(gateway, root, rundir / "gateway.token")
-        call_command(
-            "gateway", "config", gateway.name, "--dir", str(state), "--ssh-listen", BASTION_PUBLIC, stdout=StringIO()
-        )
-
-        def pull() -> str:
-            return gateway_pull(portal.url, token_file, state)
-
-        assert "gateway pull:" in pull()
         principals = (state / "ssh" / "principals" / ACCOUNT).read_text()
         targets = ",".join(f'permitopen="{n.address}:22"' for n in a_nodes)
         assert f"restrict,port-forwarding,{targets} {la}.alice" in principals, principals
