@@ -11,6 +11,7 @@ is a record that outlives its cluster, and the access app must not pin the clust
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -187,6 +188,13 @@ class Gateway(models.Model):
     vpn_port = models.PositiveIntegerField(default=1194)
     vpn_proto = models.CharField(max_length=12, default="udp")
     ssh_port = models.PositiveIntegerField(default=22)
+    ssh_port_base = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(65535 - 4094)],
+        help_text="0: one bastion for every cluster (it forwards by address, so a node address two clusters use "
+        "is withheld). N: a bastion per closed cluster, in the namespace of the cluster's leg, at port N + the "
+        "cluster's VLAN id (access/gateway/bastion.py): clusters may share addresses",
+    )
     ssh_user = models.CharField(max_length=32, default="virtcloud", help_text="bastion account users log in as")
     server_name = models.CharField(max_length=64, blank=True, help_text="CN of the gateway's TLS certificate")
     server_certificate = models.TextField(blank=True, help_text="the gateway's TLS certificate (PEM)")
@@ -225,3 +233,7 @@ class Gateway(models.Model):
     @property
     def serves_ssh(self) -> bool:
         return self.kind in (GatewayKind.SSH, GatewayKind.BOTH)
+
+    def ssh_port_for(self, vlan_id: int | None) -> int:
+        """The port users reach the bastion of the cluster on ``vlan_id`` at."""
+        return self.ssh_port_base + vlan_id if self.ssh_port_base and vlan_id else self.ssh_port

@@ -96,13 +96,20 @@ def bastion_shared_addresses() -> set[str]:
     return {bastion_address(a) for a in rows}
 
 
+def bastions_forward_by_address() -> bool:
+    """Whether an enabled SSH gateway runs one bastion for every cluster (``ssh_port_base`` 0): it withholds
+    ``bastion_shared_addresses``. A gateway with a bastion per cluster (in the cluster's namespace) does not."""
+    return Gateway.objects.filter(enabled=True, kind__in=("ssh", "both"), ssh_port_base=0).exists()
+
+
 def bastion_withheld_nodes(clusters: Iterable) -> dict[int, list[tuple[str, str]]]:
     """Per cluster (by id), its live nodes that the SSH bastion does not relay to, as (name, address), by name:
-    their address is in ``bastion_shared_addresses``. Clusters with none are left out."""
+    their address is in ``bastion_shared_addresses`` and a bastion forwards by address. Clusters with none are
+    left out."""
     from clusters.models import Node, NodeState
 
     ids = [c.pk for c in clusters]
-    shared = bastion_shared_addresses() if ids else set()
+    shared = bastion_shared_addresses() if ids and bastions_forward_by_address() else set()
     if not shared:
         return {}
     out: dict[int, list[tuple[str, str]]] = {}

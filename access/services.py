@@ -519,7 +519,7 @@ def ssh_config_render(
         nodes=[(name, address) for name, address in _node_hosts(cluster) if name not in left_out],
         withheld=withheld,
         gateway_host=gateway.address,
-        gateway_port=gateway.ssh_port,
+        gateway_port=gateway.ssh_port_for(cluster.vlan_id),
         gateway_user=gateway.ssh_user,
         identity_file=identity_file,
         certificate_file=SSH_CERT_FILE,
@@ -648,7 +648,8 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
         principals=[principal],
         generated_key=pair is not None,
     )
-    withheld = tuple(selectors.bastion_withheld_nodes([chosen]).get(chosen.pk, ()))
+    # (a bastion per cluster, in the cluster's own namespace, tells shared addresses apart: nothing withheld)
+    withheld = () if gateway.ssh_port_base else tuple(selectors.bastion_withheld_nodes([chosen]).get(chosen.pk, ()))
     config, known_hosts = ssh_config_render(
         cluster=chosen, gateway=gateway, identity_file=identity_file, withheld=withheld
     )
@@ -968,7 +969,7 @@ def ssh_principal(cluster, user) -> str:
     return ssh.principal(selectors.cluster_label(cluster), user.get_username())
 
 
-def _principals_map(clusters: Sequence) -> dict[str, dict]:
+def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, dict]:
     from django.contrib.auth import get_user_model
 
     from access import ssh
@@ -981,7 +982,8 @@ def _principals_map(clusters: Sequence) -> dict[str, dict]:
         for g in u.groups.all():
             members.setdefault(g.pk, []).append(u)
     nodes: dict[int, list] = {}
-    shared = selectors.bastion_shared_addresses()  # withheld: the bastion cannot tell their clusters apart
+    # withheld from a bastion that forwards by address: it cannot tell their clusters apart
+    shared = selectors.bastion_shared_addresses() if withhold else set()
     for node in Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).order_by("name"):
         if node.address and selectors.bastion_address(node.address) in shared:
             continue
@@ -1051,7 +1053,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
             "krl": base64.b64encode(krl_current()).decode(),
             "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
-            "clusters": _principals_map(clusters),
+            "clusters": _principals_map(clusters, withhold=not gateway.ssh_port_base),
         }
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE
     doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

@@ -148,7 +148,8 @@ def collect() -> list[Family]:
         "Seconds since the newest change every access gateway's installed state is known to hold was made "
         "(since it was enrolled, if it never said); disabled gateways too: they hold released VLAN ids back.",
     )
-    for gateway in Gateway.objects.order_by("name"):
+    gateways = list(Gateway.objects.order_by("name"))
+    for gateway in gateways:
         if gateway.enabled:
             pulls.add((now - (gateway.last_pull_at or gateway.created_at)).total_seconds(), gateway=gateway.name)
         installed.add(gateway_state_age(gateway, now).total_seconds(), gateway=gateway.name)
@@ -158,7 +159,8 @@ def collect() -> list[Family]:
         "Node addresses more than one cluster uses that the SSH bastion therefore relays to for none of them "
         "(it forwards by address): their closed clusters' users reach those nodes through the VPN only.",
     )
-    shared.add(len(bastion_shared_addresses()))
+    by_address = any(g.enabled and g.serves_ssh and not g.ssh_port_base for g in gateways)  # (see that selector)
+    shared.add(len(bastion_shared_addresses()) if by_address else 0)
     families.append(shared)
 
     families.append(

@@ -93,7 +93,9 @@ def render_principals_command(state_dir: str | Path) -> str:
 # Prints the principals of account $1 while the pulled state is fresh; nothing (no login) once it expired.
 # Records the connection's sshd process ($PPID, with its start time) under the certificate's serial $2, so
 # that a revocation cuts exactly that certificate's sessions; a record that cannot be written stops nothing.
+# $3, for a bastion of one cluster (gateway/bastion.py): only that cluster's principals (<cluster>.<user>).
 case "$1" in ''|*[!a-z0-9_-]*) exit 0 ;; esac
+case "$3" in *[!A-Za-z0-9._-]*) exit 0 ;; esac
 fresh={fresh}
 until=$(cat "$fresh" 2>/dev/null) || {{ echo "virtcloud-bastion: no $fresh: refusing everyone" >&2; exit 0; }}
 case "$until" in ''|*[!0-9]*) echo "virtcloud-bastion: unreadable $fresh: refusing everyone" >&2; exit 0 ;; esac
@@ -127,7 +129,8 @@ esac
     sleep "$wait"
   done
 ) &
-exec cat {shlex.quote(str(principals))}/"$1"
+[ -z "$3" ] && exec cat {shlex.quote(str(principals))}/"$1"
+exec awk -v p="$3." 'index($NF, p) == 1' {shlex.quote(str(principals))}/"$1"
 """
 
 

@@ -101,7 +101,6 @@ class SshState:
     principals_dir = property(lambda self: self.root / "principals")
     host_key = property(lambda self: self.root / "host_key")
     host_cert = property(lambda self: self.root / "host_key-cert.pub")
-    sshd_config = property(lambda self: self.root / "sshd_config")
     principals_command = property(lambda self: self.root / "principals-command")
     revoked = property(lambda self: self.root / "revoked.json")  # serials revoked lately (their sessions are cut)
     clusters = property(lambda self: self.root / "clusters.json")  # per cluster: VLAN and nodes (for the legs)

@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from io import StringIO
@@ -52,6 +53,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from access import services, ssh
+from access.gateway import bastion as bastion_module
 from access.models import Authority, AuthorityKind, Gateway, GatewayKind
 from access.selectors import cluster_label
 from access.tests._lab import (
@@ -328,4 +330,105 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
     finally:
         for p in procs:
             stop(p)
+        ws.delete()
+
+
+def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
+    lab_inventory, celery_worker, portal, run_dir, alice, charlie, root
+):
+    """Two closed clusters whose only nodes have the same address (at different sites), both giving the same
+    bastion address. The gateway runs a bastion per cluster (``ssh_port_base``, access/gateway/bastion.py):
+    each cluster's port starts sshd inside the namespace of that cluster's leg, so alice lands on alpha's node
+    and charlie on gamma's (told apart by their MAC addresses), and alice's certificate opens nothing on
+    gamma's port. The legs are what ``legs.py --namespaces`` makes, built here as access ports of each VLAN
+    (this kernel has no 802.1Q) under the names the bastion expects."""
+    lab = lab_inventory
+    prefix, rundir = run_dir
+    api = {u.username: APIClient() for u in (alice, charlie)}
+    for u in (alice, charlie):
+        api[u.username].force_authenticate(u)
+    same, leg_address, base = "198.18.30.1", "198.18.30.250/24", 30000
+    public, ws_public = "198.18.249.5", "198.18.249.6"
+    a_id, (a_node,) = cluster_post(api["alice"], "alpha", [("brno-h1", same)], bastion_address=leg_address)
+    g_id, (g_node,) = cluster_post(api["charlie"], "gamma", [("pilsen-h1", same)], bastion_address=leg_address)
+    clusters = wait_ready(a_id, g_id)
+    alpha, gamma = clusters[a_id], clusters[g_id]
+    la, lg = cluster_label(alpha), cluster_label(gamma)
+    vm_netns = {
+        c.name: lab.attach_vm(n.host, c.vlan_id, f"ns-{c.name}-{n.name}", f"{same}/24", n.mac).netns
+        for c, n in ((alpha, a_node), (gamma, g_node))
+    }
+
+    gateway = Gateway.objects.create(
+        name="ns-bastion", kind=GatewayKind.SSH, address=public, ssh_user=ACCOUNT, ssh_port_base=base
+    )
+    state = rundir / "gw"
+    token_file = gateway_token(gateway, root, rundir / "gateway.token")
+    call_command("gateway", "config", gateway.name, "--dir", str(state), "--ssh-listen", public, stdout=StringIO())
+    assert "gateway pull:" in gateway_pull(portal.url, token_file, state)
+    doc = services.gateway_state(gateway=gateway)
+    assert doc["ssh"]["clusters"][la]["targets"] == [[same, 22]] == doc["ssh"]["clusters"][lg]["targets"]
+
+    legs = json.loads((state / "ssh" / "clusters.json").read_text())["clusters"]
+    template = f"{prefix}L{{vid}}"
+    aliases, procs = [], []
+    pub, ws = Netns(f"{prefix}-pub"), Netns(f"{prefix}-ws")
+    try:
+        for label, node in ((la, a_node), (lg, g_node)):
+            entry = legs[label]  # (plugged in where the VLAN is: the lab's gateway trunk is not a namespace's)
+            vm = lab.attach_vm(node.host, entry["vlan"], f"leg-{label}", entry["bastion_address"])
+            alias = Path("/run/netns") / template.format(vid=entry["vlan"])
+            alias.touch()
+            aliases.append(alias)
+            subprocess.run(["mount", "--bind", f"/run/netns/{vm.netns}", str(alias)], check=True)
+        public_link(pub, ws, prefix, public, ws_public, f"{prefix}w")
+        sshd_log, log = rundir / "sshd.log", rundir / "bastion.log"
+        procs.append(
+            pub.popen(
+                sys.executable, "-I", str(Path(bastion_module.__file__)), "--state", str(state), "--listen", public,
+                "--port-base", str(base), "--netns", template, "--every", "0.5", "--sshd-log", str(sshd_log),
+                log=log,
+            )
+        )  # fmt: skip
+        for c in (alpha, gamma):
+            wait_for(lambda c=c: f"port {base + c.vlan_id}: cluster" in read(log), 10, what=f"{c.name}'s port")
+        for c, label in ((alpha, la), (gamma, lg)):
+            conf = _node_sshd(
+                rundir / c.name, same, f"{label}-node1", state / "ssh" / "user_ca.pub",
+                doc["ssh"]["clusters"][label]["principals"],
+            )  # fmt: skip
+            node_log = rundir / f"{c.name}.log"
+            procs.append(LabNetns(vm_netns[c.name]).popen(SSHD, "-D", "-f", str(conf), "-E", str(node_log)))
+            wait_for(lambda node_log=node_log: "Server listening on" in read(node_log), 10, what="node sshd")
+
+        station = Workstation(ws, rundir)
+        homes = {}
+        for user, cid in ((alice, a_id), (charlie, g_id)):
+            status, body, _ = portal.request(
+                "POST", "/api/access/ssh-certificates/", user_token(user), {"cluster": cid}
+            )
+            assert status == 201, body
+            homes[user.username] = station.folder(json.loads(body))
+        assert f"Port {base + alpha.vlan_id}\n" in (homes["alice"] / services.SSH_CONFIG_FILE).read_text()
+
+        mac_of = "cat /sys/class/net/eth0/address"
+        r = station.ssh(homes["alice"], f"{la}-node1", mac_of)
+        assert (r.returncode, r.stdout.strip()) == (0, a_node.mac), r.stderr + read(sshd_log)
+        r = station.ssh(homes["charlie"], f"{lg}-node1", mac_of)
+        assert (r.returncode, r.stdout.strip()) == (0, g_node.mac), r.stderr + read(sshd_log)
+
+        # alice's certificate on gamma's port: gamma's bastion knows only gamma's principals.
+        crossed = station.variant(homes["alice"], (homes["alice"] / services.SSH_CERT_FILE).read_text().strip())
+        config = crossed / services.SSH_CONFIG_FILE
+        config.write_text(
+            config.read_text().replace(f"Port {base + alpha.vlan_id}\n", f"Port {base + gamma.vlan_id}\n")
+        )
+        _denied(station.ssh(crossed, f"{la}-node1", "true"))
+    finally:
+        for p in procs:
+            stop(p)
+        for alias in aliases:
+            subprocess.run(["umount", str(alias)], check=False)
+            alias.unlink(missing_ok=True)
+        pub.delete()
         ws.delete()

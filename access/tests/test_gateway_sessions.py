@@ -224,24 +224,32 @@ def test_the_state_is_trusted_for_max_age_from_the_pull_or_else_from_when_it_was
 
 
 def _principals_command(
-    tmp_path, account: str, fresh_until: str | None, serial: str = ""
+    tmp_path, account: str, fresh_until: str | None, serial: str = "", *cluster: str
 ) -> subprocess.CompletedProcess:
     from access.gateway import sshd
 
     script = tmp_path / "principals-command"
     script.write_text(sshd.render_principals_command(tmp_path))
     (tmp_path / "ssh" / "principals").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "ssh" / "principals" / "virtcloud").write_text("restrict,port-forwarding c42.alice\n")
+    (tmp_path / "ssh" / "principals" / "virtcloud").write_text(
+        "restrict,port-forwarding c42.alice\nrestrict,port-forwarding c420.bob\nrestrict c4.carol\n"
+    )
     (tmp_path / "fresh-until").unlink(missing_ok=True)
     if fresh_until is not None:
         (tmp_path / "fresh-until").write_text(fresh_until)
-    return subprocess.run(["/bin/sh", str(script), account, serial], capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        ["/bin/sh", str(script), account, serial, *cluster], capture_output=True, text=True, timeout=10
+    )
 
 
 @pytest.mark.parametrize(
     ("account", "fresh_until", "gives"),
     [
-        ("virtcloud", "+60", "restrict,port-forwarding c42.alice\n"),
+        (
+            "virtcloud",
+            "+60",
+            "restrict,port-forwarding c42.alice\nrestrict,port-forwarding c420.bob\nrestrict c4.carol\n",
+        ),
         ("virtcloud", "-1", ""),
         ("virtcloud", None, ""),
         ("virtcloud", "12 34", ""),
@@ -263,9 +271,20 @@ def test_the_principals_command_works_from_any_state_directory(tmp_path):
     odd = tmp_path / "it's a $(dir)"
     (odd / "ssh" / "run" / "sessions").mkdir(parents=True)
     result = _principals_command(odd, "virtcloud", f"{int(time.time()) + 60}\n", serial="7")
-    assert (result.returncode, result.stdout) == (0, "restrict,port-forwarding c42.alice\n"), result.stderr
+    assert result.returncode == 0 and result.stdout.startswith("restrict,port-forwarding c42.alice\n"), result.stderr
     pid, started = (odd / "ssh" / "run" / "sessions" / "7").read_text().split()
     assert int(pid) == os.getpid() and started.isdigit()  # (the test is the command's parent here)
+
+
+def test_a_bastion_of_one_cluster_gets_only_that_clusters_principals(tmp_path):
+    """A bastion in one cluster's namespace (gateway/bastion.py) passes the cluster: another cluster's
+    principal — c420's, c4's: the prefix must end at the dot — must not log in there."""
+    fresh = f"{int(time.time()) + 60}\n"
+    assert _principals_command(tmp_path, "virtcloud", fresh, "", "c42").stdout == "restrict,port-forwarding c42.alice\n"
+    assert _principals_command(tmp_path, "virtcloud", fresh, "", "c4").stdout == "restrict c4.carol\n"
+    assert _principals_command(tmp_path, "virtcloud", fresh, "", "c9").stdout == ""
+    assert _principals_command(tmp_path, "virtcloud", fresh, "", "c4/../x").stdout == ""  # not a cluster name
+    assert _principals_command(tmp_path, "virtcloud", "1\n", "", "c42").stdout == ""  # expired: nobody
 
 
 def test_client_disconnect_forgets_that_peer_only(gateway_state, tmp_path):

@@ -311,6 +311,25 @@ def test_bastion_withholds_a_closed_clusters_address_that_a_public_cluster_route
     assert cluster_label(public) not in state  # public clusters are not relayed at all
 
 
+def test_a_bastion_per_cluster_relays_to_shared_addresses_on_the_clusters_own_port(
+    alice, charlie, cluster, other_cluster, gateway
+):
+    """With ``ssh_port_base`` the gateway runs a bastion per cluster in the namespace of the cluster's leg
+    (access/gateway/bastion.py): two clusters may share an address, nothing is withheld, and the ssh_config
+    jumps through the cluster's own port (base + VLAN id)."""
+    gateway.ssh_port_base = 30000
+    gateway.save()
+    _address(cluster, "node1", "10.0.0.5")
+    _address(other_cluster, "node1", "10.0.0.5")
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(cluster)]["targets"] == [["10.0.0.5", 22]]
+    assert state[cluster_label(other_cluster)]["targets"] == [["10.0.0.5", 22]]
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert issued.withheld == ()
+    assert f"Port {30000 + cluster.vlan_id}\n" in issued.ssh_config
+    assert f"Host {cluster_label(cluster)}-node1\n  HostName 10.0.0.5" in issued.ssh_config
+
+
 def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
     before = services.gateway_state(gateway=gateway)

@@ -185,9 +185,12 @@ def test_addresses_the_bastion_withholds_are_counted(root):
         text = scraper(root, [TokenScope.METRICS]).get("/metrics").content.decode()
         return samples(text)[("virtcloud_bastion_shared_addresses", ())]
 
+    Gateway.objects.create(name="gw", kind="both", address="198.18.100.1")  # one bastion for every cluster
     first, second = make_cluster(root, name="one"), make_cluster(root, name="two")
     Node.objects.filter(cluster=first).update(address="10.0.0.5")
     Node.objects.filter(cluster=second).update(address="10.0.0.6")
     assert shared() == 0
     Node.objects.filter(cluster=second).update(address="10.0.0.5")
     assert shared() == 1
+    Gateway.objects.update(ssh_port_base=30000)  # a bastion per cluster tells them apart: nothing withheld
+    assert shared() == 0
