@@ -13,10 +13,14 @@ the link was made by hand with another VLAN or parent — is deleted. Nothing el
 run again, it changes nothing; it prints each change. Exit 1 (and a message) when iproute2 refuses one: the
 pull then runs it again next time.
 
-One network stack for every leg: two clusters whose networks overlap get their legs, but the kernel routes
-the overlap through one of them (a warning names them); the portal withholds from the bastion any node
-address two clusters use (``access.selectors.bastion_shared_addresses``), so no user is carried to another
-cluster's node. Run it inside the bastion's namespace (``ip netns exec``) when the bastion has one.
+By default one network stack holds every leg: two clusters whose networks overlap get their legs, but the
+kernel routes the overlap through one of them (a warning names them); the portal withholds from such a
+bastion any node address two clusters use (``access.selectors.bastion_shared_addresses``), so no user is
+carried to another cluster's node. With ``--namespaces`` each leg gets a namespace of its own,
+``<prefix><vid>``, where ``bastion.py`` starts that cluster's sshd (the gateway's ``ssh_port_base``):
+clusters may then use the same addresses. Run it in the gateway's own mount namespace (as ``--on-change``
+does; ``nsenter --net=...`` to reach a trunk in another network namespace, not ``ip netns exec``, whose
+private mounts would take the namespaces it makes with it).
 Standalone: no Django.
 """
 
@@ -85,10 +89,12 @@ def overlaps(legs: dict[int, str]) -> list[tuple[int, int]]:
     ]
 
 
-def current(run: Runner, prefix: str) -> dict[str, Link]:
-    """The links whose name starts with ``prefix``, with their VLAN, parent, global addresses and whether up."""
-    links = json.loads(run(["ip", "-j", "-d", "link", "show"]) or "[]")
-    addrs = json.loads(run(["ip", "-j", "addr", "show"]) or "[]")
+def current(run: Runner, prefix: str, netns: str = "") -> dict[str, Link]:
+    """The links whose name starts with ``prefix`` (in namespace ``netns``), with their VLAN, parent, global
+    addresses and whether up."""
+    where = ["-n", netns] if netns else []
+    links = json.loads(run(["ip", *where, "-j", "-d", "link", "show"]) or "[]")
+    addrs = json.loads(run(["ip", *where, "-j", "addr", "show"]) or "[]")
     global_addrs: dict[str, set[str]] = {}
     for entry in addrs:
         for a in entry.get("addr_info", []):
@@ -132,6 +138,46 @@ def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: st
     return commands
 
 
+def namespaces(run: Runner, prefix: str) -> dict[str, Link | None]:
+    """The namespaces named ``<prefix><vid>``, each with the leg of the same name inside it (None: none)."""
+    found = json.loads(run(["ip", "-j", "netns", "list"]) or "[]")
+    names = [e["name"] for e in found if re.fullmatch(rf"{prefix}\d{{1,4}}", e.get("name", ""))]
+    return {name: current(run, prefix, name).get(name) for name in names}
+
+
+def plan_namespaced(
+    legs: dict[int, str], spaces: dict[str, Link | None], stray: dict[str, Link], *, trunk: str, prefix: str
+) -> list[list[str]]:
+    """``--namespaces``: the ``ip`` commands that give each leg a namespace of its own, ``<prefix><vid>``, with
+    the leg (same name) inside — clusters may then share addresses, each bastion in its cluster's namespace
+    (``bastion.py``). ``stray``: legs with the prefix left in this namespace (by a run without the flag)."""
+    commands = [["ip", "link", "del", name] for name in sorted(stray)]
+    for vid, address in sorted(legs.items()):
+        name = f"{prefix}{vid}"
+        ns = ["ip", "-n", name]
+        link = spaces.get(name)
+        if name in spaces and (link is None or link.vid != vid):
+            commands.append(["ip", "netns", "del", name])  # a namespace without its leg, or made by hand
+            link = None
+        if link is None:
+            commands += [
+                ["ip", "netns", "add", name],
+                ["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)],
+                ["ip", "link", "set", name, "netns", name],
+                [*ns, "link", "set", "lo", "up"],
+            ]
+        for old in sorted(link.addresses if link else ()):
+            if old != address:
+                commands.append([*ns, "addr", "del", old, "dev", name])
+        if link is None or address not in link.addresses:
+            commands.append([*ns, "addr", "add", address, "dev", name])
+        if link is None or not link.up:
+            commands.append([*ns, "link", "set", name, "up"])
+    wanted_names = {f"{prefix}{vid}" for vid in legs}
+    commands += [["ip", "netns", "del", name] for name in sorted(set(spaces) - wanted_names)]
+    return commands
+
+
 def _run(argv: Sequence[str]) -> str:
     done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
     if done.returncode != 0:
@@ -139,7 +185,9 @@ def _run(argv: Sequence[str]) -> str:
     return done.stdout
 
 
-def sync(state_dir: Path, *, trunk: str, prefix: str = "vcl", run: Runner = _run) -> list[str]:
+def sync(
+    state_dir: Path, *, trunk: str, prefix: str = "vcl", namespaced: bool = False, run: Runner = _run
+) -> list[str]:
     """Make the legs match ``<state_dir>/ssh/clusters.json``; the changes made, as lines for the log."""
     if not _PREFIX_RE.match(prefix) or not _IFNAME_RE.match(trunk) or trunk.startswith(prefix):
         raise LegsError(f"bad --prefix {prefix!r} or --trunk {trunk!r}")
@@ -150,11 +198,15 @@ def sync(state_dir: Path, *, trunk: str, prefix: str = "vcl", run: Runner = _run
     legs = wanted(doc)
     run(["ip", "link", "show", "dev", trunk])  # no such trunk: an error before anything changes
     links = current(run, prefix)
+    if namespaced:
+        commands = plan_namespaced(legs, namespaces(run, prefix), links, trunk=trunk, prefix=prefix)
+    else:
+        commands = plan(legs, links, trunk=trunk, prefix=prefix)
     done = []
-    for argv in plan(legs, links, trunk=trunk, prefix=prefix):
+    for argv in commands:
         run(argv)
         done.append(" ".join(argv[1:]))
-    for a, b in overlaps(legs):
+    for a, b in [] if namespaced else overlaps(legs):
         done.append(f"warning: the networks of VLANs {a} and {b} overlap: one stack routes the overlap through one")
     return done
 
@@ -164,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trunk", required=True, help="the interface carrying the clusters' VLANs")
     parser.add_argument("--prefix", default="vcl", help="name prefix of the legs (vcl<vid>); nothing else is touched")
     parser.add_argument("--state", default=os.environ.get("VIRTCLOUD_STATE_DIR"), help="the gateway's state directory")
+    parser.add_argument(
+        "--namespaces",
+        action="store_true",
+        help="each leg in a namespace of its own, <prefix><vid> (a bastion per cluster: bastion.py, ssh_port_base)",
+    )
     args = parser.parse_args(argv)
     if not args.state:
         parser.error("--state or VIRTCLOUD_STATE_DIR is needed")
     try:
-        changes = sync(Path(args.state), trunk=args.trunk, prefix=args.prefix)
+        changes = sync(Path(args.state), trunk=args.trunk, prefix=args.prefix, namespaced=args.namespaces)
     except LegsError as exc:
         print(f"virtcloud-legs: {exc}", file=sys.stderr)
         return 1

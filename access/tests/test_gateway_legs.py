@@ -184,3 +184,75 @@ def test_legs_reach_each_clusters_nodes_and_follow_the_state(trunk, tmp_path):
     )
     assert bad.returncode == 1 and "virtcloud-legs: ip link show dev t9" in bad.stderr, bad.stderr
     assert _addresses(gw, "vcl100") == {"10.0.0.253/24"}
+
+
+def test_plan_namespaced_gives_each_leg_a_namespace_of_its_own():
+    spaces = {
+        "vcl100": Link("vcl100", 100, "", frozenset({"10.0.0.254/24"}), up=True),  # as wanted
+        "vcl200": None,  # a namespace whose leg is gone
+        "vcl300": Link("vcl300", 300, "", frozenset(), up=True),  # its cluster ended
+    }
+    stray = {"vcl400": Link("vcl400", 400, "eth1", frozenset(), up=True)}  # from a run without --namespaces
+    wanted = {100: "10.0.0.254/24", 200: "10.0.0.254/24"}  # the same address: fine, one namespace each
+    assert legs.plan_namespaced(wanted, spaces, stray, trunk="eth1", prefix="vcl") == [
+        ["ip", "link", "del", "vcl400"],
+        ["ip", "netns", "del", "vcl200"],
+        ["ip", "netns", "add", "vcl200"],
+        ["ip", "link", "add", "link", "eth1", "name", "vcl200", "type", "vlan", "id", "200"],
+        ["ip", "link", "set", "vcl200", "netns", "vcl200"],
+        ["ip", "-n", "vcl200", "link", "set", "lo", "up"],
+        ["ip", "-n", "vcl200", "addr", "add", "10.0.0.254/24", "dev", "vcl200"],
+        ["ip", "-n", "vcl200", "link", "set", "vcl200", "up"],
+        ["ip", "netns", "del", "vcl300"],
+    ]
+    assert (
+        legs.plan_namespaced({100: "10.0.0.254/24"}, {"vcl100": spaces["vcl100"]}, {}, trunk="eth1", prefix="vcl") == []
+    )
+
+
+@pytest.mark.vmlane
+def test_legs_in_namespaces_tell_apart_clusters_with_the_same_addresses(trunk, tmp_path):
+    """--namespaces: two clusters with the same network and node address, each leg in its own namespace,
+    reach each its own node (told apart by MAC); a cluster that ended takes its namespace with it."""
+    gw = trunk
+    sw = gw[: -len("gw")] + "sw"
+    # In the "switch", each VLAN's node in a namespace of its own, both 10.0.0.2/24.
+    macs = {}
+    for vid in (100, 200):
+        node = f"{PREFIX}n{vid}"
+        fabric.run(["ip", "netns", "add", node])
+        fabric.run(["ip", "-n", sw, "link", "set", f"t0.{vid}", "netns", node])
+        fabric.run(
+            ["ip", "-n", node, "-batch", "-"],
+            input=f"addr flush dev t0.{vid}\naddr add 10.0.0.2/24 dev t0.{vid}\nlink set t0.{vid} up\nlink set lo up\n",
+        )
+        macs[vid] = json.loads(_ip(node, "-j", "link", "show", "dev", f"t0.{vid}"))[0]["address"]
+    # (nsenter, not `ip netns exec`: that one runs the hook in a mount namespace of its own, where the
+    # namespaces the hook makes would not outlive it — the hook runs in the gateway's own, as --on-change does)
+    prefix = "vct"
+    try:
+        _write(
+            tmp_path,
+            a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []},
+            b={"vlan": 200, "bastion_address": "10.0.0.254/24", "nodes": []},
+        )
+        args = ["--trunk", "t0", "--state", str(tmp_path), "--prefix", prefix, "--namespaces"]
+        hook = ["nsenter", f"--net=/run/netns/{gw}", sys.executable, "-I", str(LEGS), *args]
+        done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "overlap" not in done.stdout  # each in its own stack
+        for vid in (100, 200):
+            assert _reaches(f"{prefix}{vid}", "10.0.0.2")
+            neigh = json.loads(_ip(f"{prefix}{vid}", "-j", "neigh", "show", "10.0.0.2"))
+            assert neigh[0]["lladdr"] == macs[vid]  # its own cluster's node
+        again = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+        assert (again.returncode, again.stdout) == (0, "")
+
+        _write(tmp_path, a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []})
+        done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        names = fabric.run(["ip", "netns", "list"]).stdout
+        assert f"{prefix}100" in names and f"{prefix}200" not in names
+    finally:
+        for name in (f"{prefix}100", f"{prefix}200", f"{PREFIX}n100", f"{PREFIX}n200"):
+            fabric.run(["ip", "netns", "del", name], check=False)
