@@ -54,6 +54,8 @@ from rest_framework.test import APIClient
 
 from access import services, ssh
 from access.gateway import bastion as bastion_module
+from access.gateway import sshd
+from access.gateway.state import SshState
 from access.models import Authority, AuthorityKind, Gateway, GatewayKind
 from access.selectors import cluster_label
 from access.tests._lab import (
@@ -402,13 +404,16 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
             wait_for(lambda node_log=node_log: "Server listening on" in read(node_log), 10, what="node sshd")
 
         station = Workstation(ws, rundir)
-        homes = {}
+        homes, serials, credentials = {}, {}, {}
         for user, cid in ((alice, a_id), (charlie, g_id)):
             status, body, _ = portal.request(
                 "POST", "/api/access/ssh-certificates/", user_token(user), {"cluster": cid}
             )
             assert status == 201, body
-            homes[user.username] = station.folder(json.loads(body))
+            issued = json.loads(body)
+            homes[user.username] = station.folder(issued)
+            serials[user.username] = issued["serial"]
+            credentials[user.username] = issued["credential"]
         assert f"Port {base + alpha.vlan_id}\n" in (homes["alice"] / services.SSH_CONFIG_FILE).read_text()
 
         mac_of = "cat /sys/class/net/eth0/address"
@@ -416,6 +421,8 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         assert (r.returncode, r.stdout.strip()) == (0, a_node.mac), r.stderr + read(sshd_log)
         r = station.ssh(homes["charlie"], f"{lg}-node1", mac_of)
         assert (r.returncode, r.stdout.strip()) == (0, g_node.mac), r.stderr + read(sshd_log)
+        # the logins were recorded as with one sshd (what a revocation or an expired state cuts)
+        assert all((state / "ssh" / "run" / "sessions" / str(n)).exists() for n in serials.values())
 
         # alice's certificate on gamma's port: gamma's bastion knows only gamma's principals.
         crossed = station.variant(homes["alice"], (homes["alice"] / services.SSH_CERT_FILE).read_text().strip())
@@ -424,6 +431,28 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
             config.read_text().replace(f"Port {base + alpha.vlan_id}\n", f"Port {base + gamma.vlan_id}\n")
         )
         _denied(station.ssh(crossed, f"{la}-node1", "true"))
+
+        # Revoked in the portal: the pull ends alice's live session through her cluster's bastion too, and
+        # leaves charlie's (through his) alone.
+        live = {}
+        for user, label in (("alice", la), ("charlie", lg)):
+            live[user] = subprocess.Popen(
+                ws.cmd("ssh", "-F", services.SSH_CONFIG_FILE, "-o", "BatchMode=yes", f"{label}-node1", "sleep", "60"),
+                cwd=homes[user],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(live[user])
+        logged_in = set(serials.values())
+        wait_for(lambda: logged_in <= sshd.live_serials(SshState.at(state)), 10, what="both live logins")
+        status, body, _ = portal.request(
+            "POST", f"/api/access/credentials/{credentials['alice']}/revoke/", user_token(alice), {}
+        )
+        assert status == 200, body
+        assert "updated" in gateway_pull(portal.url, token_file, state)
+        wait_for(lambda: live["alice"].poll() is not None, 10, what="alice's session to end")
+        assert live["charlie"].poll() is None
     finally:
         for p in procs:
             stop(p)
