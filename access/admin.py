@@ -118,6 +118,7 @@ class GatewayAdmin(admin.ModelAdmin):
         "vpn_port",
         "vpn_proto",
         "ssh_port",
+        "ssh_port_base",
         "ssh_user",
         "server_name",
         "local_state_dir",

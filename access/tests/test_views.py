@@ -196,6 +196,28 @@ def test_admin_makes_a_gateway_token_once(root, gateway):
     assert ApiToken.objects.filter(revoked_at__isnull=True, scopes=["gateway:pull"]).count() == 1
 
 
+def test_admin_sets_a_bastion_per_cluster_and_refuses_a_port_base_without_room_for_every_vlan(root, gateway):
+    client = logged_in(root)
+    page = client.get(f"/admin/access/gateway/{gateway.pk}/change/").content.decode()
+    assert 'name="ssh_port_base"' in page
+    form = {
+        "name": gateway.name,
+        "kind": gateway.kind,
+        "address": gateway.address,
+        "vpn_port": 1194,
+        "vpn_proto": "udp",
+        "ssh_port": 22,
+        "ssh_user": "virtcloud",
+        "enabled": "on",
+    }
+    too_high = client.post(f"/admin/access/gateway/{gateway.pk}/change/", {**form, "ssh_port_base": 62000})
+    assert too_high.status_code == 200 and "less than or equal to 61441" in too_high.content.decode()
+    done = client.post(f"/admin/access/gateway/{gateway.pk}/change/", {**form, "ssh_port_base": 30000})
+    assert done.status_code == 302, done.content.decode()[:2000]
+    gateway.refresh_from_db()
+    assert gateway.ssh_port_base == 30000 and gateway.ssh_port_for(142) == 30142 and gateway.ssh_port_for(None) == 22
+
+
 def test_a_form_address_opened_goes_back_to_the_page(alice, cluster, gateway):
     """The forms' addresses only take POST; opened in the address bar (or a download's address reloaded)
     they lead back to the page, not to Django's blank 405 — and issue or revoke nothing."""
