@@ -354,11 +354,18 @@ def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succ
     }
     assert "no trunk" in (state / ".on-change-failed").read_text()
     assert calls.read_text().splitlines() == [str(state.absolute())]
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as status:  # what a monitoring check sees: current, but the hook failed
+        call_command("gateway", "status", "--dir", str(state), stdout=out)
+    assert (
+        status.value.code == 2 and "the --on-change hook failed at the last pull (exit 3: no trunk)" in out.getvalue()
+    )
 
     broken.unlink()  # the operator fixed it: the unchanged state's pull runs the hook again, once
     out = run(*args, *on_change)
     assert "unchanged" in out and "--on-change ran" in out
     assert not (state / ".on-change-failed").exists()
+    assert "current" in run("status", "--dir", str(state))  # (no exit: all is well)
     assert "--on-change ran" not in run(*args, *on_change)
     assert len(calls.read_text().splitlines()) == 2
 

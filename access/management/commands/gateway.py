@@ -42,6 +42,7 @@ from access.gateway.state import SshState, StateError, VpnState, check_fresh, wr
 from portal import http
 
 EX_TEMPFAIL = 75
+ON_CHANGE_FAILED = ".on-change-failed"  # in the state directory: why the --on-change hook failed last
 STATE_PATH = "/api/access/gateway/state/"
 DEFAULT_STATE_DIR = "/var/lib/virtcloud-gateway"
 
@@ -185,7 +186,10 @@ class Command(BaseCommand):
         )
         pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
 
-        status = sub.add_parser("status", help="is the pulled state current? (run on the gateway; exit 1 if not)")
+        status = sub.add_parser(
+            "status",
+            help="is the pulled state current? (run on the gateway; exit 1 if not, 2 if the --on-change hook failed)",
+        )
         status.add_argument("--dir", required=True, help="the gateway's state directory")
 
     def handle(self, *args, **options):
@@ -215,6 +219,11 @@ class Command(BaseCommand):
         )
         if not fresh:
             sys.exit(1)
+        failed = state_dir / ON_CHANGE_FAILED
+        if failed.exists():  # the state is current, but the legs (or whatever the hook keeps) may not follow it
+            reason = failed.read_text().strip().splitlines()[0][:300] if failed.stat().st_size else "?"
+            self.stdout.write(f"the --on-change hook failed at the last pull ({reason}); it runs again at the next")
+            sys.exit(2)
 
     def _pull(self, options):
         try:
@@ -243,7 +252,7 @@ class Command(BaseCommand):
     def _on_change(self, command: str, state_dir: Path, changed: bool, timeout: float) -> None:
         """Run the operator's hook after a change, or again after it failed (the state is installed either
         way: a failing hook makes the pull exit 1, and it runs at the next pull even if nothing changed)."""
-        failed = state_dir / ".on-change-failed"
+        failed = state_dir / ON_CHANGE_FAILED
         if not changed and not failed.exists():
             return
         env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
