@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import selectors
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from access.gateway.state import CLUSTER_RE, SshState  # noqa: E402
+from access.gateway.state import SshState, StateError, load_legs  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -40,16 +39,10 @@ def wanted(state_dir: Path, base: int) -> dict[int, tuple[str, int]]:
     """{port: (cluster, VLAN id)} for the clusters of ``ssh/clusters.json`` that have a VLAN and a bastion
     address (an unreadable or malformed file: none — the pull validated it, so that is a half-set-up gateway)."""
     try:
-        doc = json.loads((state_dir / "ssh" / "clusters.json").read_text())
-        clusters = doc["clusters"]
-    except (OSError, ValueError, KeyError, TypeError):
+        legs = load_legs(SshState.at(state_dir).clusters)
+    except StateError:
         return {}
-    out = {}
-    for label, entry in clusters.items():
-        vid = entry.get("vlan") if isinstance(entry, dict) else None
-        if entry.get("bastion_address") and type(vid) is int and 1 <= vid <= 4094 and CLUSTER_RE.match(label):
-            out[base + vid] = (label, vid)
-    return out
+    return {base + vid: (name, vid) for name, (vid, _address) in legs.items()}
 
 
 def enter_netns(path: Path) -> None:

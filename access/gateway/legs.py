@@ -37,6 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from access.gateway.state import SshState, StateError, legs_from_doc  # noqa: E402
+
 _PREFIX_RE = re.compile(r"^[a-z]{1,8}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,15}$")
 Runner = Callable[[Sequence[str]], str]
@@ -59,23 +64,10 @@ class Link:
 
 def wanted(doc: dict) -> dict[int, str]:
     """{VLAN id: the bastion's address there} from ``ssh/clusters.json``, validated."""
-    if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("clusters"), dict):
-        raise LegsError("ssh/clusters.json: not a format-1 cluster map")
-    out: dict[int, str] = {}
-    for label, entry in doc["clusters"].items():
-        vid, address = entry.get("vlan"), entry.get("bastion_address") or ""
-        if not address or vid is None:
-            continue
-        if type(vid) is not int or not 1 <= vid <= 4094:
-            raise LegsError(f"ssh/clusters.json: cluster {label}: VLAN {vid!r}")
-        try:
-            iface = ipaddress.ip_interface(address)
-        except ValueError:
-            raise LegsError(f"ssh/clusters.json: cluster {label}: address {address!r}") from None
-        if vid in out:
-            raise LegsError(f"ssh/clusters.json: VLAN {vid} is listed twice")
-        out[vid] = str(iface)
-    return out
+    try:
+        return {vid: address for vid, address in legs_from_doc(doc).values()}
+    except StateError as exc:
+        raise LegsError(str(exc)) from None
 
 
 def overlaps(legs: dict[int, str]) -> list[tuple[int, int]]:
@@ -113,6 +105,18 @@ def current(run: Runner, prefix: str, netns: str = "") -> dict[str, Link]:
     return out
 
 
+def _address_and_up(ip: list[str], name: str, link: Link | None, address: str) -> list[list[str]]:
+    """The commands (``ip`` = the command and its namespace) that leave leg ``name`` holding exactly
+    ``address`` (of its global ones) and up; ``link`` is the leg as it is now (None: just made)."""
+    have = link.addresses if link else frozenset()
+    commands = [[*ip, "addr", "del", old, "dev", name] for old in sorted(have) if old != address]
+    if address not in have:
+        commands.append([*ip, "addr", "add", address, "dev", name])
+    if link is None or not link.up:
+        commands.append([*ip, "link", "set", name, "up"])
+    return commands
+
+
 def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: str) -> list[list[str]]:
     """The ``ip`` commands that make ``links`` what ``legs`` asks for (none when they already are)."""
     commands: list[list[str]] = []
@@ -126,13 +130,7 @@ def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: st
         if link is None:
             commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
         keep.add(name)
-        for old in sorted(link.addresses if link else ()):
-            if old != address:
-                commands.append(["ip", "addr", "del", old, "dev", name])
-        if link is None or address not in link.addresses:
-            commands.append(["ip", "addr", "add", address, "dev", name])
-        if link is None or not link.up:
-            commands.append(["ip", "link", "set", name, "up"])
+        commands += _address_and_up(["ip"], name, link, address)
     for name in sorted(set(links) - keep):
         commands.append(["ip", "link", "del", name])
     return commands
@@ -166,13 +164,7 @@ def plan_namespaced(
                 ["ip", "link", "set", name, "netns", name],
                 [*ns, "link", "set", "lo", "up"],
             ]
-        for old in sorted(link.addresses if link else ()):
-            if old != address:
-                commands.append([*ns, "addr", "del", old, "dev", name])
-        if link is None or address not in link.addresses:
-            commands.append([*ns, "addr", "add", address, "dev", name])
-        if link is None or not link.up:
-            commands.append([*ns, "link", "set", name, "up"])
+        commands += _address_and_up(ns, name, link, address)
     wanted_names = {f"{prefix}{vid}" for vid in legs}
     commands += [["ip", "netns", "del", name] for name in sorted(set(spaces) - wanted_names)]
     return commands
@@ -192,7 +184,7 @@ def sync(
     if not _PREFIX_RE.match(prefix) or not _IFNAME_RE.match(trunk) or trunk.startswith(prefix):
         raise LegsError(f"bad --prefix {prefix!r} or --trunk {trunk!r}")
     try:
-        doc = json.loads((state_dir / "ssh" / "clusters.json").read_text())
+        doc = json.loads(SshState.at(state_dir).clusters.read_bytes())
     except (OSError, ValueError) as exc:
         raise LegsError(f"cannot read {state_dir}/ssh/clusters.json: {exc}") from None
     legs = wanted(doc)

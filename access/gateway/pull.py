@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import ipaddress
 import json
 import re
 import sys
@@ -43,6 +42,7 @@ from access.gateway.state import (  # noqa: E402
     SshState,
     StateError,
     VpnState,
+    check_bastion_address,
     check_fresh,
     check_vlan_entry,
     fresh_until_path,
@@ -190,13 +190,7 @@ def _legs(clusters: dict) -> dict[str, dict]:
             if not all(isinstance(f, str) and _NODE_FIELD_RE.match(f) for f in fields):
                 raise StateError(f"state document: ssh.clusters.{label}.nodes: a node needs name, alias and address")
             nodes.append(dict(zip(("name", "alias", "address"), fields, strict=True)))
-        bastion = entry.get("bastion_address") or ""
-        try:
-            if not isinstance(bastion, str) or (bastion and "/" not in bastion):
-                raise ValueError(bastion)
-            bastion = str(ipaddress.ip_interface(bastion)) if bastion else ""
-        except (TypeError, ValueError):
-            raise StateError(f"state document: ssh.clusters.{label}.bastion_address is not an address/prefix") from None
+        bastion = check_bastion_address(label, entry.get("bastion_address") or "")
         out[label] = {"vlan": vlan, "bastion_address": bastion, "nodes": nodes}
     return out
 

@@ -41,6 +41,7 @@ new files before it renames any (``write_all_atomic``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -189,6 +190,44 @@ def load_vlan_map(path: Path) -> dict[str, int]:
     for name, vid in doc["clusters"].items():
         check_vlan_entry(name, vid)
     return doc["clusters"]
+
+
+def legs_from_doc(doc: object) -> dict[str, tuple[int, str]]:
+    """{cluster: (VLAN id, the bastion's address there)} of ``ssh/clusters.json`` (format 1), for the clusters
+    that have both: the legs the bastion needs. :class:`StateError` if it is malformed."""
+    if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("clusters"), dict):
+        raise StateError("ssh/clusters.json: not a format-1 cluster map")
+    out: dict[str, tuple[int, str]] = {}
+    for name, entry in doc["clusters"].items():
+        vid, address = (entry.get("vlan"), entry.get("bastion_address")) if isinstance(entry, dict) else (None, None)
+        if vid is None or not address:
+            continue
+        check_vlan_entry(name, vid)
+        if any(v == vid for v, _ in out.values()):
+            raise StateError(f"ssh/clusters.json: VLAN {vid} is listed twice")
+        out[name] = (vid, check_bastion_address(name, address))
+    return out
+
+
+def check_bastion_address(name: object, address: object) -> str:
+    """A cluster's bastion address (``address/prefix``) as a gateway may use it, normalized ("" for none);
+    :class:`StateError` otherwise."""
+    if address == "":
+        return ""
+    try:
+        if not isinstance(address, str) or "/" not in address:
+            raise ValueError(address)
+        return str(ipaddress.ip_interface(address))
+    except ValueError:
+        raise StateError(f"cluster {name}: the bastion address {address!r} is not an address/prefix") from None
+
+
+def load_legs(path: Path) -> dict[str, tuple[int, str]]:
+    """``legs_from_doc`` of the file at ``path``; :class:`StateError` if missing or malformed."""
+    try:
+        return legs_from_doc(json.loads(path.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {path}: {exc}") from None
 
 
 def fresh_until_path(state_dir: str | os.PathLike[str]) -> Path:

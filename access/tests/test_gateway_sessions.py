@@ -159,6 +159,8 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
             }
         },
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"nodes": [{"name": "n1"}]}}}},
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": "10.0.0.1"}}}},  # no prefix
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": 5}}}},
     ],
 )
 def test_a_malformed_state_is_refused_and_the_old_one_kept(gateway_state, change):
