@@ -234,6 +234,12 @@ class Gateway(models.Model):
     def serves_ssh(self) -> bool:
         return self.kind in (GatewayKind.SSH, GatewayKind.BOTH)
 
+    @property
+    def forwards_by_address(self) -> bool:
+        """One bastion for every cluster (``ssh_port_base`` 0): it cannot tell apart clusters that use the same
+        address, so such addresses are withheld from it (``access.selectors.bastion_shared_addresses``)."""
+        return self.serves_ssh and not self.ssh_port_base
+
     def ssh_port_for(self, vlan_id: int | None) -> int:
         """The port users reach the bastion of the cluster on ``vlan_id`` at."""
         return self.ssh_port_base + vlan_id if self.ssh_port_base and vlan_id else self.ssh_port

@@ -96,20 +96,22 @@ def bastion_shared_addresses() -> set[str]:
     return {bastion_address(a) for a in rows}
 
 
-def bastions_forward_by_address() -> bool:
-    """Whether an enabled SSH gateway runs one bastion for every cluster (``ssh_port_base`` 0): it withholds
-    ``bastion_shared_addresses``. A gateway with a bastion per cluster (in the cluster's namespace) does not."""
-    return Gateway.objects.filter(enabled=True, kind__in=("ssh", "both"), ssh_port_base=0).exists()
+def bastions_forward_by_address(gateways: Iterable[Gateway] | None = None) -> bool:
+    """Whether an enabled gateway (of ``gateways``, default all) runs one bastion for every cluster
+    (``Gateway.forwards_by_address``): it withholds ``bastion_shared_addresses``."""
+    gateways = Gateway.objects.filter(enabled=True) if gateways is None else gateways
+    return any(g.enabled and g.forwards_by_address for g in gateways)
 
 
-def bastion_withheld_nodes(clusters: Iterable) -> dict[int, list[tuple[str, str]]]:
-    """Per cluster (by id), its live nodes that the SSH bastion does not relay to, as (name, address), by name:
-    their address is in ``bastion_shared_addresses`` and a bastion forwards by address. Clusters with none are
-    left out."""
+def bastion_withheld_nodes(clusters: Iterable, *, gateway: Gateway | None = None) -> dict[int, list[tuple[str, str]]]:
+    """Per cluster (by id), its live nodes that the SSH bastion (``gateway``'s, default any enabled one) does
+    not relay to, as (name, address), by name: their address is in ``bastion_shared_addresses`` and that
+    bastion forwards by address. Clusters with none are left out."""
     from clusters.models import Node, NodeState
 
     ids = [c.pk for c in clusters]
-    shared = bastion_shared_addresses() if ids and bastions_forward_by_address() else set()
+    by_address = gateway.forwards_by_address if gateway is not None else bastions_forward_by_address()
+    shared = bastion_shared_addresses() if ids and by_address else set()
     if not shared:
         return {}
     out: dict[int, list[tuple[str, str]]] = {}

@@ -648,8 +648,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
         principals=[principal],
         generated_key=pair is not None,
     )
-    # (a bastion per cluster, in the cluster's own namespace, tells shared addresses apart: nothing withheld)
-    withheld = () if gateway.ssh_port_base else tuple(selectors.bastion_withheld_nodes([chosen]).get(chosen.pk, ()))
+    withheld = tuple(selectors.bastion_withheld_nodes([chosen], gateway=gateway).get(chosen.pk, ()))
     config, known_hosts = ssh_config_render(
         cluster=chosen, gateway=gateway, identity_file=identity_file, withheld=withheld
     )
@@ -1053,7 +1052,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
             "krl": base64.b64encode(krl_current()).decode(),
             "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
-            "clusters": _principals_map(clusters, withhold=not gateway.ssh_port_base),
+            "clusters": _principals_map(clusters, withhold=gateway.forwards_by_address),
         }
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE
     doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

@@ -148,13 +148,16 @@ def _public_addresses(
     cluster: VirtualCluster, wanted: list[tuple[str, str | None]], *, taken: Iterable[str] = ()
 ) -> list[str]:
     """The addresses of a public cluster's nodes ``wanted`` ((name, address or None)), in its subnet: the
-    provider routes that subnet only, its first host address is the provider's router (``gateway_address``).
+    provider routes that subnet only, its first host address is the provider's router (``public_gateway``).
     A given address must be another host address of the subnet, not one of ``taken`` (the cluster's other
-    live nodes'); a node without one gets the lowest free address. Nothing fits: a 400 naming the node."""
+    live nodes'); a node without one gets the lowest free address (never the bastion's, should the cluster
+    become closed). Nothing fits: a 400 naming the node."""
     net = ipaddress.ip_network(cluster.public_subnet)
     hosts = net.hosts()
     router = next(hosts)
     used = {ipaddress.ip_address(a) for a in taken if a} | {router}
+    if cluster.bastion_address:
+        used.add(ipaddress.ip_interface(cluster.bastion_address).ip)
     for name, address in wanted:
         if not address:
             continue

@@ -176,25 +176,19 @@ def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> V
     row = candidates.filter(vid__gte=start).first() or candidates.filter(vid__lt=start).first()
     if row is None:
         return None
+    fields = {
+        "state": Free.ALLOCATED,
+        "owner": owner,
+        "allocated_at": now,
+        "released_at": None,
+        "quarantine_until": None,
+        "gateway_mapped": False,
+    }
     with transaction.atomic():
-        taken = VlanAllocation.objects.filter(_free_now(now, horizon), pk=row.pk).update(
-            state=Free.ALLOCATED,
-            owner=owner,
-            allocated_at=now,
-            released_at=None,
-            quarantine_until=None,
-            gateway_mapped=False,
-        )
-        if not taken:
+        if not VlanAllocation.objects.filter(_free_now(now, horizon), pk=row.pk).update(**fields):
             return 0
-        row.state, row.owner, row.allocated_at, row.released_at, row.quarantine_until, row.gateway_mapped = (
-            Free.ALLOCATED,
-            owner,
-            now,
-            None,
-            None,
-            False,
-        )
+        for name, value in fields.items():
+            setattr(row, name, value)
         audit.record(row, "action", {**_ALLOCATED_CHANGES, "owner": [None, owner]}, "allocated")
     return row
 

@@ -49,7 +49,7 @@ def render(families: Iterable[Family]) -> str:
 
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
-    from access.selectors import bastion_shared_addresses, gateway_state_age
+    from access.selectors import bastion_shared_addresses, bastions_forward_by_address, gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
     from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
     from network.services import reuse_horizon
@@ -159,8 +159,7 @@ def collect() -> list[Family]:
         "Node addresses more than one cluster uses that the SSH bastion therefore relays to for none of them "
         "(it forwards by address): their closed clusters' users reach those nodes through the VPN only.",
     )
-    by_address = any(g.enabled and g.serves_ssh and not g.ssh_port_base for g in gateways)  # (see that selector)
-    shared.add(len(bastion_shared_addresses()) if by_address else 0)
+    shared.add(len(bastion_shared_addresses()) if bastions_forward_by_address(gateways) else 0)
     families.append(shared)
 
     families.append(

@@ -221,7 +221,7 @@ class Command(BaseCommand):
             sys.exit(1)
         failed = state_dir / ON_CHANGE_FAILED
         if failed.exists():  # the state is current, but the legs (or whatever the hook keeps) may not follow it
-            reason = failed.read_text().strip().splitlines()[0][:300] if failed.stat().st_size else "?"
+            reason = (failed.read_text().strip().splitlines() or ["?"])[0][:300]
             self.stdout.write(f"the --on-change hook failed at the last pull ({reason}); it runs again at the next")
             sys.exit(2)
 
