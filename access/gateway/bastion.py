@@ -119,7 +119,13 @@ class Bastion:
             self.say(f"cluster {label}: no namespace {path.name} (its leg is not up): closed {peer[0]}'s connection")
             conn.close()
             return
-        if os.fork() == 0:  # the session: sshd in the cluster's namespace, on this connection
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes: this connection fails, the bastion goes on
+            self.say(f"cluster {label}: cannot start a session for {peer[0]}: {exc}")
+            conn.close()
+            return
+        if pid == 0:  # the session: sshd in the cluster's namespace, on this connection
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 enter_netns(path)
