@@ -1,4 +1,4 @@
-"""Pushing the cluster event feed to webhooks (outgoing requests through ``portal.http``).
+"""Pushing the cluster event feed to webhooks (outgoing requests through ``access.gateway.http``).
 
 ``deliver(webhook)`` POSTs the next batch of events after the webhook's cursor as JSON::
 
@@ -27,9 +27,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from access.gateway import http
 from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
-from portal import http
 
 BATCH = 100
 

@@ -1,4 +1,5 @@
-"""What runs on a gateway host: OpenVPN hooks, the management helper, sshd/state layout.
+"""What runs on a gateway host: the agent that pulls the state (``agent.py``, run by the units of
+``systemd.py``), OpenVPN hooks, the bastion (sshd, or ``bastion.py`` per cluster) and its legs, the state layout.
 
 Standalone by design (DESIGN.md "Layers"): no Django, no database. Everything here works from the state
 directory the gateway last pulled from the portal, so access keeps working while the portal is down — for the

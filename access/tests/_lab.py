@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -149,25 +151,21 @@ def gateway_token(gateway, owner, path: Path) -> Path:
     return path
 
 
+class PullFailed(Exception):
+    def __init__(self, code: int, output: str):
+        super().__init__(f"gateway pull exited {code}: {output}")
+        self.code, self.output = code, output
+
+
 def gateway_pull(url: str, token_file: Path, state_dir: Path) -> str:
-    """``manage.py gateway pull`` as the gateway's timer runs it; its output (stdout and stderr)."""
-    from io import StringIO
-
-    from django.core.management import call_command
-
-    out = StringIO()
-    call_command(
-        "gateway",
-        "pull",
-        "--url",
-        url,
-        "--token-file",
-        str(token_file),
-        "--dir",
-        str(state_dir),
-        "--timeout",
-        "3",
-        stdout=out,
-        stderr=out,
-    )
-    return out.getvalue()
+    """The pull as the gateway's timer runs it: the standalone agent (``access/gateway/agent.py``, what the
+    pull unit starts), in a process of its own without Django's settings or the portal's secrets; its output
+    (stdout and stderr). Raises ``PullFailed`` with its exit status when it fails."""
+    agent = Path(__file__).resolve().parents[1] / "gateway" / "agent.py"
+    argv = [sys.executable, "-I", str(agent), "pull", "--url", url, "--token-file", str(token_file)]
+    argv += ["--dir", str(state_dir), "--timeout", "3"]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode:
+        raise PullFailed(done.returncode, done.stdout + done.stderr)
+    return done.stdout + done.stderr

@@ -47,6 +47,7 @@ from access.models import Authority, AuthorityKind, Credential, Gateway, Gateway
 from access.selectors import cluster_label
 from access.tests._lab import (
     LabNetns,
+    PullFailed,
     cluster_post,
     gateway_pull,
     gateway_token,
@@ -294,7 +295,7 @@ def test_users_reach_their_cluster_at_every_site_through_the_portal_made_gateway
     assert status == 200, body
     bob_profile = body.decode()
     portal.stop()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(PullFailed) as exit_info:
         gw.pull(portal.url, token_file)
     assert exit_info.value.code == 75
     c = gw.client(bob_profile, "bob-portal-down").up()

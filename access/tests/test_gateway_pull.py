@@ -124,7 +124,7 @@ def test_pull_refuses_redirects_and_plain_http_to_another_host():
     import http.server
     import threading
 
-    from access.management.commands.gateway import PullError, fetch_state
+    from access.gateway.agent import PullError, fetch_state
 
     seen: list[str | None] = []
 

@@ -1,4 +1,6 @@
-"""Outgoing HTTP (webhooks, a gateway's pull): an opener that never follows a redirect.
+"""Outgoing HTTP (a gateway's pull, the portal's webhooks): an opener that never follows a redirect.
+
+Standard library only, so that the gateway agent (:mod:`access.gateway.agent`) runs without Django.
 
 urllib follows redirects by itself, carrying the request's headers (a token, a signature) to wherever they
 point, and turning a POST's 301/302/303 into a GET without its body. Here a redirect is the server's answer:

@@ -1,0 +1,300 @@
+"""The gateway agent: ``pull`` keeps the gateway's state current, ``status`` says whether it is.
+
+What the gateway's timer runs — standalone, like the hooks: standard library and this package only, no Django,
+no database and none of the portal's secrets (a gateway holds its pull token and nothing of the portal's)::
+
+    python3 -I access/gateway/agent.py pull --url https://portal.example.org --token-file D/token --dir D \\
+        [--on-change CMD] [--timeout 20] [--on-change-timeout 60]
+    python3 -I access/gateway/agent.py status --dir D
+
+``pull`` (every minute or so) fetches the state with the gateway's token and ``If-None-Match``, validates all
+of it, then replaces the files as a set (:func:`access.gateway.pull.install_state`); afterwards it cuts the live
+sessions of certificates revoked since the last pull (the new CRL and KRL are already in place, so the clients'
+reconnect is refused); an unchanged state (304) still cuts those it could not cut before. When the portal
+cannot be reached, or answers badly, the last good state stays as it is and the pull exits 75 (EX_TEMPFAIL): the
+gateway keeps authorizing from it for the state's ``max_age`` after the last pull that succeeded, then fails
+closed — the hooks refuse everyone and the pull cuts every live session — since a cluster that ended meanwhile
+may have passed its VLAN to another. ``--on-change CMD`` runs CMD (no shell; ``VIRTCLOUD_STATE_DIR`` in its
+environment) after a pull that changed the state, and at every pull after one where CMD failed (the pull then
+exits 1): the operator's hook, e.g. ``legs.py``, which gives the SSH bastion its leg in each closed cluster.
+
+``status`` prints what the gateway goes by and exits 1 when it refuses everyone, 2 when the ``--on-change``
+hook failed at the last pull (for a monitoring check).
+
+``manage.py gateway pull|status`` run the same code on a host that has the portal installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import TextIO
+
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from access.gateway import http, sshd  # noqa: E402
+from access.gateway import pull as install  # noqa: E402
+from access.gateway import vpn as gateway_vpn  # noqa: E402
+from access.gateway.state import SshState, StateError, VpnState, check_fresh, write_atomic  # noqa: E402
+
+EX_TEMPFAIL = 75
+ON_CHANGE_FAILED = ".on-change-failed"  # in the state directory: why the --on-change hook failed last
+STATE_PATH = "/api/access/gateway/state/"
+DEFAULT_STATE_DIR = "/var/lib/virtcloud-gateway"
+
+
+class PullError(Exception):
+    """The portal could not be reached or answered badly (temporary: the gateway keeps its last state)."""
+
+
+def _check_url(url: str) -> None:
+    """https, or http to a portal on this host (the state carries the CA, the AA and the CRL unsigned: anyone
+    on the path of a plain-http pull could replace them)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http":
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return
+        raise PullError(f"the portal URL must be https (plain http only to this host): {url}")
+    raise PullError(f"the portal URL must be https: {url}")
+
+
+def fetch_state(
+    url: str, token: str, *, etag: str | None, generated_at: str | None = None, timeout: float = 20
+) -> tuple[dict | None, str | None]:
+    """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused.
+    ``generated_at``: that of the installed state, which the portal waits for before it hands out again the
+    VLAN ids released before it."""
+    if not url.rstrip("/").endswith(STATE_PATH.rstrip("/")):
+        url = url.rstrip("/") + STATE_PATH
+    _check_url(url)
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
+    if etag:
+        request.add_header("If-None-Match", etag)
+    if generated_at:
+        request.add_header("VirtCloud-State-Generated-At", generated_at)
+    try:  # a redirect is refused: urllib would send the token along to wherever it points
+        with http.opener().open(request, timeout=timeout) as response:
+            body = response.read()
+            new_etag = response.headers.get("ETag")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            return None, etag
+        if http.redirected(exc.code):
+            where = exc.headers.get("Location")
+            raise PullError(
+                f"the portal answered {exc.code}, a redirect to {where}: refused (the token stays here)"
+            ) from None
+        raise PullError(f"the portal answered {exc.code} for {url}: {exc.read()[:200]!r}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise PullError(f"cannot reach the portal at {url}: {exc}") from None
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise PullError(f"the portal's state is not JSON: {exc}") from None
+    return doc, new_etag
+
+
+def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) -> tuple[bool, install.InstallReport]:
+    """One pull: (changed?, the install report). Raises PullError/StateError and then leaves every file as
+    it was (``access.gateway.pull.install_state`` validates the whole document before writing). Unchanged
+    (304), it still cuts the sessions of the certificates revoked lately that are up: a cut that failed
+    last time is tried again, not only at the next change of the state."""
+    state_dir = Path(state_dir)
+    etag_file = state_dir / ".etag"
+    installed = install.installed(state_dir)
+    # Without a record of what is installed, fetch it whole (a 304 could not say for how long to trust it).
+    etag = etag_file.read_text().strip() if installed and etag_file.exists() else None
+    fetched_at = time.time()  # before the request: the portal makes the state after this
+    doc, new_etag = fetch_state(
+        url, token, etag=etag, generated_at=installed and installed.get("generated_at"), timeout=timeout
+    )
+    try:
+        if doc is None:
+            install.refresh(state_dir, fetched_at=fetched_at)
+            return False, install.cut_revoked(state_dir)
+        report = install.install_state(state_dir, doc, fetched_at=fetched_at)
+    except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
+        raise PullError(f"cannot write the state in {state_dir}: {exc}") from None
+    if new_etag:
+        write_atomic(etag_file, new_etag, 0o600)  # last: a failed install is retried in full
+    return True, report
+
+
+def _cuts(report: install.InstallReport, *, retried: bool = False) -> str:
+    """What a pull cut, for its log line ("" when nothing)."""
+    parts = []
+    if report.cut:
+        parts.append(f"cut the sessions of serials {', '.join(map(str, report.cut))}")
+    if report.ssh_cut:
+        parts.append(f"cut the SSH logins of serials {', '.join(map(str, report.ssh_cut))}")
+    if report.cut_errors:
+        again = " (retried at the next pull)" if retried else ""
+        parts.append(f"could not cut: {'; '.join(report.cut_errors)}{again}")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _say(stream: TextIO, line: str) -> None:
+    stream.write(line + "\n")
+
+
+def run_pull(
+    *,
+    url: str,
+    token: str,
+    state_dir: str | Path,
+    timeout: float = 20,
+    on_change: str | None = None,
+    on_change_timeout: float = 60,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """A pull as the timer runs it, with its log lines; the exit status (0, 1: the hook failed, 75: the portal
+    could not be reached or sent something malformed, the last good state kept — or expired and refusing)."""
+    try:
+        changed, report = pull(url=url, token=token, state_dir=state_dir, timeout=timeout)
+    except (PullError, StateError) as exc:
+        closed = install.fail_closed(state_dir)
+        if closed is None:
+            _say(err, f"gateway pull: {exc}; keeping the last good state in {state_dir}")
+        else:
+            _say(
+                err,
+                f"gateway pull: {exc}; the last good state in {state_dir} has expired: refusing everyone"
+                + _cuts(closed),
+            )
+        return EX_TEMPFAIL
+    line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
+    _say(out, line + _cuts(report, retried=True))
+    if on_change:
+        return run_on_change(on_change, Path(state_dir), changed, on_change_timeout, out=out, err=err)
+    return 0
+
+
+def run_on_change(
+    command: str, state_dir: Path, changed: bool, timeout: float, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Run the operator's hook after a change, or again after it failed (the state is installed either
+    way: a failing hook makes the pull exit 1, and it runs at the next pull even if nothing changed)."""
+    failed = state_dir / ON_CHANGE_FAILED
+    if not changed and not failed.exists():
+        return 0
+    env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
+    try:
+        done = subprocess.run(  # noqa: S603 - the operator's own command line, without a shell
+            shlex.split(command), env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        error = "" if done.returncode == 0 else f"exit {done.returncode}: {(done.stderr or done.stdout).strip()}"
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        error = str(exc)
+    if not error:
+        failed.unlink(missing_ok=True)
+        _say(out, "gateway pull: --on-change ran")
+        return 0
+    write_atomic(failed, error[-2000:] + "\n", 0o600)
+    _say(
+        err,
+        f"gateway pull: the state is installed, but --on-change failed ({error[-500:]}); "
+        "it runs again at the next pull",
+    )
+    return 1
+
+
+def status(state_dir: str | Path, *, out: TextIO = sys.stdout) -> int:
+    """What the gateway goes by: the state it installed, until when it trusts it, the sessions it recorded
+    (what an expiry or a revocation would cut). 1 when it refuses everyone, 2 when the hook failed last."""
+    state_dir = Path(state_dir)
+    installed = install.installed(state_dir)
+    vpn_sessions = len(gateway_vpn.recorded_serials(VpnState.at(state_dir)))
+    ssh_logins = len(sshd.live_serials(SshState.at(state_dir)))
+    try:
+        left = check_fresh(state_dir)
+    except StateError as exc:
+        verdict, fresh = f"REFUSING everyone: {exc}", False
+    else:
+        verdict, fresh = f"current: trusted for {int(left)} s more unless a pull succeeds", True
+    made = installed["generated_at"] if installed else "none recorded"
+    _say(
+        out,
+        f"gateway state in {state_dir}: {verdict}; installed state made at {made}; "
+        f"recorded sessions: {vpn_sessions} VPN certificate(s), {ssh_logins} SSH certificate(s)",
+    )
+    if not fresh:
+        return 1
+    failed = state_dir / ON_CHANGE_FAILED
+    if failed.exists():  # the state is current, but the legs (or whatever the hook keeps) may not follow it
+        reason = (failed.read_text().strip().splitlines() or ["?"])[0][:300]
+        _say(out, f"the --on-change hook failed at the last pull ({reason}); it runs again at the next")
+        return 2
+    return 0
+
+
+def add_arguments(sub) -> None:
+    """The ``pull`` and ``status`` sub-commands (also ``manage.py gateway``'s)."""
+    pull_parser = sub.add_parser("pull", help="fetch the state from the portal (what the gateway runs)")
+    pull_parser.add_argument("--url", required=True, help="portal base URL, e.g. https://portal.example.org")
+    token = pull_parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="the gateway's API token (prefer --token-file: argv is visible)")
+    token.add_argument("--token-file", help="file holding the gateway's API token")
+    pull_parser.add_argument("--dir", required=True, help="the gateway's state directory")
+    pull_parser.add_argument("--timeout", type=float, default=20)
+    pull_parser.add_argument(
+        "--on-change",
+        metavar="CMD",
+        help="run CMD after a pull that changed the state (and after every pull until it succeeds once): "
+        "e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json",
+    )
+    pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
+    status_parser = sub.add_parser(
+        "status", help="is the pulled state current? (exit 1 if not, 2 if the --on-change hook failed)"
+    )
+    status_parser.add_argument("--dir", required=True, help="the gateway's state directory")
+
+
+def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run the parsed ``pull`` or ``status`` (``options["action"]``); the exit status."""
+    if options["action"] == "status":
+        return status(options["dir"], out=out)
+    try:
+        token = options["token"] or Path(options["token_file"]).read_text().strip()
+    except OSError as exc:
+        _say(err, f"gateway pull: cannot read the gateway token: {exc}")
+        return 2
+    return run_pull(
+        url=options["url"],
+        token=token,
+        state_dir=options["dir"],
+        timeout=options["timeout"],
+        on_change=options["on_change"],
+        on_change_timeout=options["on_change_timeout"],
+        out=out,
+        err=err,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="VirtCloud access gateway agent: pull the state, tell its status")
+    add_arguments(parser.add_subparsers(dest="action", required=True))
+    return run(vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

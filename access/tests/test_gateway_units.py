@@ -1,0 +1,190 @@
+"""The gateway's systemd units (``manage.py gateway config --dir``) and the standalone agent they run: a gateway
+pulls, installs and reports its state without Django and without any of the portal's secrets."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from access import services
+from access.gateway import systemd
+from access.models import Credential, GatewayKind
+from access.selectors import cluster_label
+from access.tests.fixtures import gateway, make_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+# What a gateway host has: a PATH, no DJANGO_SETTINGS_MODULE, no SECRET_KEY/SECRETS_KEY/CA passphrase.
+BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def config(*args) -> str:
+    out = io.StringIO()
+    call_command("gateway", "config", *args, stdout=out, stderr=out)
+    return out.getvalue()
+
+
+def unit_values(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def exec_argv(line: str) -> list[str]:
+    """What systemd runs for an ``ExecStart=`` line (words, double quotes with backslash escapes; specifiers
+    and variables doubled) — for the lines these units use, as shlex reads them."""
+    return [word.replace("%%", "%").replace("$$", "$") for word in shlex.split(line)]
+
+
+def run_unit(unit: Path) -> subprocess.CompletedProcess:
+    (line,) = unit_values(unit.read_text(), "ExecStart")
+    return subprocess.run(exec_argv(line), env=BARE_ENV, cwd="/", capture_output=True, text=True, timeout=60)
+
+
+def verify(paths: list[Path]) -> None:
+    """``systemd-analyze verify``: the syntax, every key known, every command present and executable."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:  # pragma: no cover - Debian's systemd is installed by scripts/setup.sh
+        pytest.skip("systemd-analyze is not installed")
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and "ignoring" not in done.stderr.lower(), done.stderr
+
+
+def test_exec_line_reads_back_exactly_the_words():
+    argv = ["/opt/v c/python", "-I", "", 'say "hi"', "back\\slash", "100%", "$HOME", "it's"]
+    line = systemd.exec_line(argv)
+    assert exec_argv(line) == argv
+    assert "%%" in line and "$$HOME" in line
+
+
+def test_the_agent_imports_nothing_of_the_portal():
+    """A gateway runs access/gateway/ alone: no Django, no portal package (its settings want the secrets)."""
+    probe = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import access.gateway.agent, access.gateway.systemd; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'django', 'portal', 'rest_framework', 'celery', "
+        "'clusters', 'network'}))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", probe], env=BARE_ENV, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_pull_unit_runs_the_standalone_agent_without_django_or_the_portals_secrets(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    cluster = make_cluster(alice, name="mpi", group=team)
+    state = tmp_path / "state"
+    config("gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable)
+    units = state / "systemd"
+    assert sorted(p.name for p in units.iterdir()) == [
+        "virtcloud-gateway-openvpn.service",
+        "virtcloud-gateway-pull.service",
+        "virtcloud-gateway-pull.timer",
+        "virtcloud-gateway-sshd.service",
+    ]
+    verify(sorted(units.iterdir()))
+    sshd_unit = (units / "virtcloud-gateway-sshd.service").read_text()
+    assert unit_values(sshd_unit, "ExecStart") == [f"/usr/sbin/sshd -D -e -f {state}/sshd_config"]
+    assert "KillMode=process" in sshd_unit  # a restart leaves the users' sessions up
+    assert unit_values((units / "virtcloud-gateway-pull.timer").read_text(), "OnUnitActiveSec") == ["60s"]
+    openvpn = (units / "virtcloud-gateway-openvpn.service").read_text()
+    assert unit_values(openvpn, "ExecStart") == [
+        f"/usr/sbin/openvpn --suppress-timestamps --config {state}/openvpn.conf"
+    ]
+    # The unit's checks before it starts sshd pass: the privilege separation directory, then sshd -t on the config.
+    for line in unit_values(sshd_unit, "ExecStartPre"):
+        done = subprocess.run(exec_argv(line), capture_output=True, text=True, check=False)
+        assert done.returncode == 0, (line, done.stderr)
+
+    pull = units / "virtcloud-gateway-pull.service"
+    # No token yet: the pull says so and changes nothing.
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    done = run_unit(pull)
+    assert done.returncode == 2 and "cannot read the gateway token" in done.stderr
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
+
+    (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
+    done = run_unit(pull)
+    assert done.returncode == 0, done.stderr
+    assert "file(s) updated" in done.stdout
+    assert json.loads((state / "vpn" / "vlans.json").read_text())["clusters"] == {
+        cluster_label(cluster): cluster.vlan_id
+    }
+    done = run_unit(pull)
+    assert (done.returncode, done.stdout.strip()) == (0, "gateway pull: unchanged")  # the ETag: a 304
+
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    done = run_unit(pull)
+    assert done.returncode == 0 and "updated" in done.stdout, done.stderr
+    assert json.loads((state / "vpn" / "revoked.json").read_text()) == [credential.serial]
+
+    status = [sys.executable, "-I", str(ROOT / "access/gateway/agent.py"), "status", "--dir", str(state)]
+    done = subprocess.run(status, env=BARE_ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "current: trusted for" in done.stdout
+
+    # The portal is gone: the agent keeps the last good state and says so (EX_TEMPFAIL).
+    assert live_server.url in unit_values(pull.read_text(), "ExecStart")[0]
+    pull.write_text(pull.read_text().replace(live_server.url, "http://127.0.0.1:9"))
+    kept = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name != "virtcloud-gateway-pull.service"}
+    done = run_unit(pull)
+    assert done.returncode == 75 and "keeping the last good state" in done.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+@pytest.mark.django_db
+def test_a_bastion_per_cluster_gets_its_service_and_the_pull_its_legs_hook(tmp_path):
+    from access.models import Gateway
+
+    Gateway.objects.create(name="gw2", kind=GatewayKind.SSH, address="198.18.100.2", ssh_port_base=30000)
+    state = tmp_path / "state"
+    config("gw2", "--dir", str(state), "--trunk", "vctrunk0", "--ssh-listen", "198.18.100.2")
+    units = state / "systemd"
+    assert sorted(p.name for p in units.iterdir()) == [
+        "virtcloud-gateway-bastion.service",
+        "virtcloud-gateway-pull.service",
+        "virtcloud-gateway-pull.timer",
+    ]
+    verify(sorted(units.iterdir()))
+    (bastion,) = unit_values((units / "virtcloud-gateway-bastion.service").read_text(), "ExecStart")
+    argv = exec_argv(bastion)
+    assert argv[1:] == [
+        "-I",
+        str(ROOT / "access/gateway/bastion.py"),
+        "--state",
+        str(state),
+        "--listen",
+        "198.18.100.2",
+        "--port-base",
+        "30000",
+        "--sshd",
+        "/usr/sbin/sshd",
+    ]
+    (pull,) = unit_values((units / "virtcloud-gateway-pull.service").read_text(), "ExecStart")
+    argv = exec_argv(pull)
+    assert argv[argv.index("--url") + 1] == "http://127.0.0.1:8000"  # SITE_URL
+    hook = shlex.split(argv[argv.index("--on-change") + 1])  # as the agent splits it
+    assert hook[1:] == [
+        "-I",
+        str(ROOT / "access/gateway/legs.py"),
+        "--trunk",
+        "vctrunk0",
+        "--state",
+        str(state),
+        "--namespaces",
+    ]
+    # The hook's command line runs: legs.py refuses a trunk this machine does not have, before changing anything.
+    done = subprocess.run(hook, env=BARE_ENV, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1 and "vctrunk0" in done.stderr, done.stderr
+    # A gateway without --trunk gets no hook (its clusters are reached by VPN only).
+    config("gw2", "--dir", str(state))
+    assert "--on-change" not in (units / "virtcloud-gateway-pull.service").read_text()
