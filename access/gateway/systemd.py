@@ -5,7 +5,7 @@
   hook, ``legs.py``, makes the bastion's legs); standalone: no Django, no portal secrets, only the gateway's
   token in ``D/token``;
 - ``virtcloud-gateway-openvpn.service`` when the gateway serves VPN (``openvpn.conf``; the persistent tap it
-  names must already be plugged into the trunk);
+  names must already be plugged into the trunk: the unit refuses to start without it);
 - ``virtcloud-gateway-sshd.service`` when it serves SSH with one bastion (``sshd_config``), or
   ``virtcloud-gateway-bastion.service`` with a bastion per cluster (``ssh_port_base``: ``bastion.py``, which
   needs the legs in namespaces, ``legs.py --namespaces``).
@@ -71,6 +71,7 @@ def render_units(
     ssh_port_base: int = 0,
     ssh_listen: str = "0.0.0.0",  # noqa: S104 - where users reach the bastion
     trunk: str | None = None,
+    tap: str = "tap-vc",
     sshd: str = "/usr/sbin/sshd",
     openvpn: str = "/usr/sbin/openvpn",
 ) -> dict[str, str]:
@@ -118,6 +119,9 @@ def render_units(
             "VirtCloud gateway: OpenVPN server of the closed clusters",
             {
                 "Type": "simple",
+                # the persistent tap plugged into the trunk: without it OpenVPN would make a tap of its own,
+                # plugged into nothing, and serve clients a network that reaches no cluster
+                "ExecStartPre": exec_line(["/usr/sbin/ip", "-o", "link", "show", "dev", tap]),
                 "ExecStart": exec_line([openvpn, "--suppress-timestamps", "--config", state_dir / "openvpn.conf"]),
                 "WorkingDirectory": str(state_dir),
                 "Restart": "on-failure",

@@ -82,7 +82,7 @@ def test_the_pull_unit_runs_the_standalone_agent_without_django_or_the_portals_s
 ):
     cluster = make_cluster(alice, name="mpi", group=team)
     state = tmp_path / "state"
-    config("gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable)
+    config("gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable, "--dev", "vcnotap0")
     units = state / "systemd"
     assert sorted(p.name for p in units.iterdir()) == [
         "virtcloud-gateway-openvpn.service",
@@ -99,6 +99,16 @@ def test_the_pull_unit_runs_the_standalone_agent_without_django_or_the_portals_s
     assert unit_values(openvpn, "ExecStart") == [
         f"/usr/sbin/openvpn --suppress-timestamps --config {state}/openvpn.conf"
     ]
+    # OpenVPN starts only with the persistent tap plugged into the trunk there (no such device here).
+    (check,) = unit_values(openvpn, "ExecStartPre")
+    done = subprocess.run(exec_argv(check), capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "vcnotap0" in done.stderr
+    units_with_lo = systemd.render_units(
+        state_dir=state, code_root=ROOT, python=sys.executable, portal_url="https://p", serves_vpn=True,
+        serves_ssh=False, tap="lo",
+    )  # fmt: skip
+    (check,) = unit_values(units_with_lo["virtcloud-gateway-openvpn.service"], "ExecStartPre")
+    assert subprocess.run(exec_argv(check), capture_output=True, check=False).returncode == 0
     # The unit's checks before it starts sshd pass: the privilege separation directory, then sshd -t on the config.
     for line in unit_values(sshd_unit, "ExecStartPre"):
         done = subprocess.run(exec_argv(line), capture_output=True, text=True, check=False)

@@ -117,6 +117,7 @@ class Command(BaseCommand):
             ssh_port_base=gateway.ssh_port_base,
             ssh_listen=options["ssh_listen"],
             trunk=options["trunk"],
+            tap=options["dev"],
         )
         configs.update({f"systemd/{name}": text for name, text in units.items()})
         if target is None:
