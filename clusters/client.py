@@ -1,0 +1,201 @@
+"""A batch scheduler's client of the cluster API: what a job's prologue and epilogue run (standard library
+only, no Django; the API itself is documented at ``/api/docs/``)::
+
+    client.py --url https://portal.example.org --token-file /etc/virtcloud/token up --job 1234.pbs \\
+        --name mpi --image debian-12 --node name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1] ... \\
+        [--admin-rights] [--group G] [--owner U] [--lifetime S] [--bastion-address A] [--timeout 300]
+    client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
+    client.py ... show --job 1234.pbs
+
+``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
+(each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
+Every request is keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a crash,
+a lost answer — gets the same cluster, never a second one. ``down`` tears down the job's live clusters and waits
+until they are torn down (nothing to do is success). ``show`` prints the job's clusters.
+
+Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
+field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
+answered 5xx, or the cluster was not READY/torn down within ``--timeout``: run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import TextIO
+
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from access.gateway import http  # noqa: E402 - stdlib only: the no-redirect opener
+
+EX_TEMPFAIL = 75
+LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
+LONG_POLL = 25  # seconds a wait request may take (the portal's CLUSTER_WAIT_MAX, by default) beyond the request timeout
+
+
+class Refused(Exception):
+    """The portal refused the request (4xx): retrying the same request cannot help."""
+
+
+class Unavailable(Exception):
+    """The portal could not be reached or failed (5xx), or the wait ran out: the same command may be retried."""
+
+
+class ClusterFailed(Exception):
+    """The cluster failed (or ended) instead of becoming ready."""
+
+
+class Api:
+    def __init__(self, url: str, token: str, *, timeout: float = 30):
+        self.base, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def call(self, method: str, path: str, body: dict | None = None, *, key: str | None = None, **query) -> dict:
+        url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        if key:
+            headers["Idempotency-Key"] = key
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+        try:
+            with http.opener().open(request, timeout=self.timeout + LONG_POLL) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:2000].decode(errors="replace")
+            if http.redirected(exc.code):  # the token is never sent along
+                raise Refused(f"{method} {path}: {exc.code}, a redirect to {exc.headers.get('Location')}") from None
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                raise Refused(f"{method} {path}: {exc.code} {detail}") from None
+            raise Unavailable(f"{method} {path}: {exc.code} {detail}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise Unavailable(f"{method} {path}: cannot reach the portal at {self.base}: {exc}") from None
+        except ValueError as exc:
+            raise Unavailable(f"{method} {path}: the answer is not JSON: {exc}") from None
+
+    def job_clusters(self, job: str) -> list[dict]:
+        found, page = [], 1
+        while True:
+            answer = self.call("GET", "/api/clusters/", job_id=job, page=page)
+            found += answer.get("results", [])
+            if not answer.get("next"):
+                return found
+            page += 1
+
+    def wait(self, cluster: dict, until: tuple[str, ...], deadline: float) -> dict:
+        """The cluster once its state is one of ``until``; ``Unavailable`` at the deadline."""
+        while cluster["state"] not in until:
+            left = deadline - time.monotonic()
+            if left <= 0:  # (a poll may end up to CLUSTER_WAIT_MAX after it)
+                raise Unavailable(f"cluster {cluster['id']} is still {cluster['state']} (not {'/'.join(until)})")
+            # one long poll of the portal's longest (CLUSTER_WAIT_MAX): the deadline is checked between polls
+            cluster = self.call("GET", f"/api/clusters/{cluster['id']}/wait/", until=",".join(until))
+        return cluster
+
+
+def parse_node(text: str) -> dict:
+    """``name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1]``."""
+    node = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("name", "host", "mac", "address") or key in node:
+            raise argparse.ArgumentTypeError(f"a node is name=…,host=…,mac=…[,address=…], not {text!r}")
+        node[key] = value
+    if not {"name", "host", "mac"} <= node.keys():
+        raise argparse.ArgumentTypeError(f"a node needs name, host and mac: {text!r}")
+    return node
+
+
+def up(api: Api, args, out: TextIO) -> int:
+    body = {"name": args.name, "image": args.image, "admin_rights": args.admin_rights, "nodes": args.node}
+    body["job_id"] = args.job
+    for field in ("group", "owner", "lifetime", "bastion_address"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    deadline = time.monotonic() + args.timeout
+    cluster = api.call("POST", "/api/clusters/", body, key=f"{args.job}:up")
+    cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
+    out.write(json.dumps(cluster, indent=1) + "\n")
+    if cluster["state"] != "ready":
+        raise ClusterFailed(
+            f"cluster {cluster['id']} ({cluster['name']}) is {cluster['state']}: {cluster['state_reason']}"
+        )
+    return 0
+
+
+def down(api: Api, args, out: TextIO) -> int:
+    deadline = time.monotonic() + args.timeout
+    ended = []
+    for cluster in api.job_clusters(args.job):
+        if cluster["state"] not in LIVE:
+            continue
+        if cluster["state"] != "tearing_down":
+            cluster = api.call(
+                "POST",
+                f"/api/clusters/{cluster['id']}/teardown/",
+                {"reason": args.reason},
+                key=f"{args.job}:down:{cluster['id']}",
+            )
+        ended.append(api.wait(cluster, ("torn_down", "failed"), deadline))
+    out.write(json.dumps(ended, indent=1) + "\n")
+    return 0
+
+
+def show(api: Api, args, out: TextIO) -> int:
+    out.write(json.dumps(api.job_clusters(args.job), indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="the portal, e.g. https://portal.example.org")
+    token = parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-file", help="file holding the API token (scope clusters:write or clusters:manage)")
+    token.add_argument("--token", help="the API token (prefer --token-file: argv is visible)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    make = sub.add_parser("up", help="create the job's cluster and wait until it is READY")
+    make.add_argument("--job", required=True, help="the scheduler's job id (keys every request)")
+    make.add_argument("--name", required=True)
+    make.add_argument("--image", required=True)
+    make.add_argument("--node", type=parse_node, action="append", required=True, help="name=…,host=…,mac=…[,address=…]")
+    make.add_argument("--admin-rights", action="store_true")
+    make.add_argument("--group")
+    make.add_argument("--owner", help="the user the cluster is for (a middleware token, clusters:manage)")
+    make.add_argument("--lifetime", type=int, help="seconds")
+    make.add_argument("--bastion-address", help="closed clusters: the SSH bastion's address, with its prefix length")
+    make.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
+    end = sub.add_parser("down", help="tear the job's clusters down and wait until they are")
+    end.add_argument("--job", required=True)
+    end.add_argument("--reason", default="job ended")
+    end.add_argument("--timeout", type=float, default=300, help="seconds to wait for TORN_DOWN")
+    look = sub.add_parser("show", help="print the job's clusters")
+    look.add_argument("--job", required=True)
+    args = parser.parse_args(argv)
+    try:
+        secret = args.token or Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        err.write(f"virtcloud: cannot read the token: {exc}\n")
+        return 2
+    api = Api(args.url, secret)
+    try:
+        return {"up": up, "down": down, "show": show}[args.action](api, args, out)
+    except ClusterFailed as exc:
+        err.write(f"virtcloud: {exc}\n")
+        return 1
+    except Refused as exc:
+        err.write(f"virtcloud: refused: {exc}\n")
+        return 2
+    except Unavailable as exc:
+        err.write(f"virtcloud: {exc}; run the same command again (it is idempotent)\n")
+        return EX_TEMPFAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

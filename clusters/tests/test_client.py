@@ -1,0 +1,108 @@
+"""The scheduler's client (``clusters/client.py``) run as a prologue/epilogue runs it: a process of its own with
+no Django, against a live portal and a real Celery worker on Redis (devices: the fake fabric)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusters.models import ClusterState, Image, VirtualCluster
+from network.models import VlanAllocation
+from network.tests.fakefabric import build_fabric
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+CLIENT = Path(__file__).resolve().parents[1] / "client.py"
+NODES = ("name=n1,host=brno1,mac=52:54:00:00:00:01", "name=n2,host=prague1,mac=52:54:00:00:00:02,address=10.0.0.2")
+
+
+@pytest.fixture
+def fabric(transactional_db, tmp_path):
+    fab = build_fabric(tmp_path / "devices")
+    Image.objects.create(name="my-own", approved=False)
+    return fab
+
+
+@pytest.fixture
+def client(alice, live_server, tmp_path):
+    _token, secret = token_create(user=alice, name="pbs", scopes=[TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE])
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+
+    def run(*args: str, url: str = live_server.url) -> tuple[int, object, str]:
+        argv = [sys.executable, "-I", str(CLIENT), "--url", url, "--token-file", str(token_file), *args]
+        done = subprocess.run(
+            argv, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120, check=False
+        )
+        return done.returncode, json.loads(done.stdout) if done.stdout.strip() else None, done.stderr
+
+    return run
+
+
+def up(client, job: str, *, nodes=NODES, **kwargs):
+    node_args = [arg for node in nodes for arg in ("--node", node)]
+    return client("up", "--job", job, "--name", "mpi", "--image", "my-own", *node_args, "--timeout", "60", **kwargs)
+
+
+def allocated() -> int:
+    return VlanAllocation.objects.filter(state="allocated").count()
+
+
+def test_a_prologue_gets_a_ready_cluster_once_and_the_epilogue_tears_it_down(fabric, celery_worker, client):
+    code, cluster, err = up(client, "1234.pbs")
+    assert code == 0, err
+    assert cluster["state"] == "ready" and cluster["job_id"] == "1234.pbs"
+    vid = cluster["vlan_id"]
+    assert vid in fabric.host_vlans("brno1") and vid in fabric.host_vlans("prague1")
+    by_name = {n["name"]: n for n in cluster["nodes"]}
+    assert by_name["n2"]["address"] == "10.0.0.2"
+    # what the VM manager plugs each VM with: the libvirt <interface> element, with the node's MAC
+    assert "52:54:00:00:00:01" in by_name["n1"]["attachment"]["libvirt"]
+    # The prologue runs again (a timeout, a lost answer): the same cluster, never a second one.
+    code, again, err = up(client, "1234.pbs")
+    assert (code, again["id"]) == (0, cluster["id"]), err
+    assert VirtualCluster.objects.filter(job_id="1234.pbs").count() == 1
+    code, shown, _ = client("show", "--job", "1234.pbs")
+    assert code == 0 and [c["id"] for c in shown] == [cluster["id"]]
+
+    code, ended, err = client("down", "--job", "1234.pbs", "--timeout", "60")
+    assert code == 0, err
+    assert [(c["id"], c["state"]) for c in ended] == [(cluster["id"], "torn_down")]
+    assert all(vid not in fabric.host_vlans(h) for h in fabric.hosts)
+    assert VlanAllocation.objects.get(vid=vid).state == "quarantined"
+    # The epilogue runs again, or for a job whose cluster never came: nothing to do.
+    assert client("down", "--job", "1234.pbs")[:2] == (0, [])
+    assert client("down", "--job", "no-such-job")[:2] == (0, [])
+
+
+def test_a_refused_request_exits_2_with_the_field_errors_and_leaves_nothing(fabric, celery_worker, client):
+    before = allocated()
+    code, out, err = up(client, "77.pbs", nodes=("name=n1,host=atlantis,mac=52:54:00:00:00:01",))
+    assert code == 2 and out is None
+    assert "refused" in err and "400" in err and "atlantis" in err
+    assert not VirtualCluster.objects.filter(job_id="77.pbs").exists()
+    assert allocated() == before
+    # A malformed node on the command line never reaches the portal.
+    code, _, err = up(client, "78.pbs", nodes=("n1:brno1",))
+    assert code == 2 and "name=…,host=…,mac=…" in err
+
+
+def test_a_failed_cluster_exits_1_with_its_reason(fabric, celery_worker, client):
+    fabric.set_switch_args("sw-prague", fail_commit="permanent")
+    code, cluster, err = up(client, "99.pbs")
+    assert code == 1 and cluster["state"] == "failed"
+    assert "sw-prague" in err and "failed" in err
+    assert VirtualCluster.objects.get(job_id="99.pbs").state == ClusterState.FAILED
+    assert client("down", "--job", "99.pbs")[:2] == (0, [])  # it has ended: nothing to tear down
+
+
+def test_an_unreachable_portal_is_temporary(client):
+    code, out, err = up(client, "5.pbs", url="http://127.0.0.1:9")
+    assert code == 75 and out is None
+    assert "cannot reach the portal" in err and "run the same command again" in err
