@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from clusters.models import VirtualCluster
 
 
@@ -36,3 +38,15 @@ def create_cluster(user, name: str = "c1", mac: str = "52:54:00:00:00:01", *, ho
     r = client_for(user).post("/api/clusters/", {**body, **extra}, format="json")
     assert r.status_code == 201, r.content
     return r.data["id"]
+
+
+@pytest.fixture
+def fabric(transactional_db, tmp_path):
+    """The fake fabric (device state files the worker shares) and an unapproved image, ``my-own``, for the
+    real-worker tests (import it into the module)."""
+    from clusters.models import Image
+    from network.tests.fakefabric import build_fabric
+
+    fab = build_fabric(tmp_path / "devices")
+    Image.objects.create(name="my-own", approved=False)
+    return fab

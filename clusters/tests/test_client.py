@@ -1,5 +1,6 @@
 """The scheduler's client (``clusters/client.py``) run as a prologue/epilogue runs it: a process of its own with
 no Django, against a live portal and a real Celery worker on Redis (devices: the fake fabric)."""
+# ruff: noqa: F401, F811 (the pytest fixture fabric is imported from clusters.tests.helpers)
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from clusters.models import ClusterState, Image, VirtualCluster
+from clusters.models import ClusterState, VirtualCluster
+from clusters.tests.helpers import fabric
 from network.models import VlanAllocation
-from network.tests.fakefabric import build_fabric
 from portal.models import TokenScope
 from portal.tokens import token_create
 
@@ -20,13 +21,6 @@ pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 CLIENT = Path(__file__).resolve().parents[1] / "client.py"
 NODES = ("name=n1,host=brno1,mac=52:54:00:00:00:01", "name=n2,host=prague1,mac=52:54:00:00:00:02,address=10.0.0.2")
-
-
-@pytest.fixture
-def fabric(transactional_db, tmp_path):
-    fab = build_fabric(tmp_path / "devices")
-    Image.objects.create(name="my-own", approved=False)
-    return fab
 
 
 @pytest.fixture

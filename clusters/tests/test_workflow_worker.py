@@ -1,5 +1,6 @@
 """Cluster workflows through a real Celery worker on Redis (not eager): create, teardown, expiry,
 failure + compensation, migration. Devices are the fake fabric (state files shared with the worker)."""
+# ruff: noqa: F401, F811 (the pytest fixture fabric is imported from clusters.tests.helpers)
 
 from __future__ import annotations
 
@@ -10,19 +11,11 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from clusters.models import ClusterState, Image, Node, VirtualCluster
-from clusters.tests.helpers import wait_state
+from clusters.models import ClusterState, Node, VirtualCluster
+from clusters.tests.helpers import fabric, wait_state
 from network.models import VlanAllocation
-from network.tests.fakefabric import build_fabric
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def fabric(transactional_db, tmp_path):
-    fab = build_fabric(tmp_path / "devices")
-    Image.objects.create(name="my-own", approved=False)
-    return fab
 
 
 @pytest.fixture
