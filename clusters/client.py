@@ -15,7 +15,8 @@ until they are torn down (nothing to do is success). ``show`` prints the job's c
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
-answered 5xx, or the cluster was not READY/torn down within ``--timeout``: run the same command again.
+answered 5xx, refused for now (the VLAN pool exhausted, a quota reached: nothing was left allocated), or the
+cluster was not READY/torn down within ``--timeout``: run the same command again, later.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from access.gateway import http  # noqa: E402 - stdlib only: the no-redirect ope
 
 EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
+# refusals that go away by themselves: VLAN ids come back from quarantine, other clusters end
+LATER = ("pool_exhausted", "quota_exceeded")
 LONG_POLL = 25  # seconds a wait request may take (the portal's CLUSTER_WAIT_MAX, by default) beyond the request timeout
 
 
@@ -72,7 +75,7 @@ class Api:
             detail = exc.read()[:2000].decode(errors="replace")
             if http.redirected(exc.code):  # the token is never sent along
                 raise Refused(f"{method} {path}: {exc.code}, a redirect to {exc.headers.get('Location')}") from None
-            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+            if 400 <= exc.code < 500 and exc.code not in (408, 429) and _code(detail) not in LATER:
                 raise Refused(f"{method} {path}: {exc.code} {detail}") from None
             raise Unavailable(f"{method} {path}: {exc.code} {detail}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
@@ -98,6 +101,15 @@ class Api:
             # one long poll of the portal's longest (CLUSTER_WAIT_MAX): the deadline is checked between polls
             cluster = self.call("GET", f"/api/clusters/{cluster['id']}/wait/", until=",".join(until))
         return cluster
+
+
+def _code(detail: str) -> str | None:
+    """The machine code of an API error body (``{"detail": …, "code": …}``)."""
+    try:
+        body = json.loads(detail)
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
 
 
 def parse_node(text: str) -> dict:

@@ -41,7 +41,8 @@ def client(alice, live_server, tmp_path):
 
 def up(client, job: str, *, nodes=NODES, **kwargs):
     node_args = [arg for node in nodes for arg in ("--node", node)]
-    return client("up", "--job", job, "--name", "mpi", "--image", "my-own", *node_args, "--timeout", "60", **kwargs)
+    name = "mpi-" + job.split(".")[0]
+    return client("up", "--job", job, "--name", name, "--image", "my-own", *node_args, "--timeout", "60", **kwargs)
 
 
 def allocated() -> int:
@@ -100,3 +101,18 @@ def test_an_unreachable_portal_is_temporary(client):
     code, out, err = up(client, "5.pbs", url="http://127.0.0.1:9")
     assert code == 75 and out is None
     assert "cannot reach the portal" in err and "run the same command again" in err
+
+
+def test_a_quota_reached_is_temporary_and_the_same_command_later_succeeds(fabric, celery_worker, client, settings):
+    settings.CLUSTER_QUOTA_CLUSTERS = 1
+    assert up(client, "1.pbs")[0] == 0
+    before = allocated()
+    other = ("name=n1,host=brno1,mac=52:54:00:00:02:01",)  # (a MAC is one VM's: never in two live clusters)
+    code, out, err = up(client, "2.pbs", nodes=other)
+    assert code == 75 and out is None, err
+    assert "quota_exceeded" in err and "run the same command again" in err
+    assert allocated() == before and not VirtualCluster.objects.filter(job_id="2.pbs").exists()
+    assert client("down", "--job", "1.pbs")[0] == 0
+    # the same request, keyed the same: the refusal recorded nothing
+    code, cluster, err = up(client, "2.pbs", nodes=other)
+    assert code == 0 and cluster["state"] == "ready", err
