@@ -6,12 +6,18 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
         [--admin-rights] [--group G] [--owner U] [--lifetime S] [--bastion-address A] [--timeout 300]
     client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
     client.py ... show --job 1234.pbs
+    client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
+    client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
 Every request is keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a crash,
 a lost answer — gets the same cluster, never a second one. ``down`` tears down the job's live clusters and waits
-until they are torn down (nothing to do is success). ``show`` prints the job's clusters.
+until they are torn down (nothing to do is success). ``show`` prints the job's clusters. ``migrate`` makes the
+network ready on a node's target host before the VM moves (paper §2.2) and prints the node with the
+``target_attachment`` to plug the moved VM with; ``migrated`` completes the move once the VM runs there (the host
+it left is cleaned), ``migrated --cancel`` calls it off (the target is cleaned). Both look at the node's state
+first, so running either again does nothing twice.
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
@@ -160,13 +166,75 @@ def down(api: Api, args, out: TextIO) -> int:
     return 0
 
 
+def _live_cluster(api: Api, job: str, deadline: float) -> dict:
+    """The job's one live cluster, once no change of it is running (a node change needs it READY)."""
+    live = [c for c in api.job_clusters(job) if c["state"] in LIVE and c["state"] != "tearing_down"]
+    if len(live) != 1:
+        raise Refused(f"job {job} has {len(live)} live clusters (a node change needs exactly one)")
+    cluster = api.wait(live[0], ("ready", "failed", "torn_down"), deadline)
+    if cluster["state"] != "ready":
+        raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
+    return cluster
+
+
+def _node(cluster: dict, name: str) -> dict:
+    for node in cluster["nodes"]:
+        if node["name"] == name and node["state"] != "removed":
+            return node
+    raise Refused(f"cluster {cluster['id']} has no node {name}")
+
+
+def _last_error(cluster: dict) -> str:
+    failed = [step for step in cluster.get("steps", []) if step.get("error")]
+    return failed[-1]["error"] if failed else cluster.get("state_reason", "")
+
+
+def migrate(api: Api, args, out: TextIO) -> int:
+    """Prepare ``--node``'s move to ``--target`` (its bridge there, its switch, the core) and wait until it is
+    ready: prints the node with its ``target_attachment`` (where the VM is plugged on the target). Run again,
+    it waits for the same preparation (and a node already on ``--target`` needs none)."""
+    deadline = time.monotonic() + args.timeout
+    cluster = _live_cluster(api, args.job, deadline)
+    node = _node(cluster, args.node)
+    if node["host"] == args.target and node["state"] == "ready":
+        out.write(json.dumps(node, indent=1) + "\n")
+        return 0
+    if not (node["state"] == "migrating" and node["target_host"] == args.target):
+        path = f"/api/clusters/{cluster['id']}/nodes/{node['id']}/migrate/"
+        cluster = api.call("POST", path, {"target_host": args.target})
+    cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
+    node = _node(cluster, args.node)
+    if node["state"] == "migrating" and node["target_host"] == args.target:
+        out.write(json.dumps(node, indent=1) + "\n")
+        return 0
+    raise ClusterFailed(f"the network could not be prepared on {args.target} for {args.node}: {_last_error(cluster)}")
+
+
+def migrated(api: Api, args, out: TextIO) -> int:
+    """The VM moved (``--cancel``: it did not): complete the node's migration — the host it left is cleaned
+    when no node of the cluster is left there — and wait until the network has converged. A node that is not
+    migrating (already completed) needs nothing."""
+    deadline = time.monotonic() + args.timeout
+    cluster = _live_cluster(api, args.job, deadline)
+    node = _node(cluster, args.node)
+    if node["state"] == "migrating":
+        verb = "migrate/cancel" if args.cancel else "migrated"
+        cluster = api.call("POST", f"/api/clusters/{cluster['id']}/nodes/{node['id']}/{verb}/")
+        cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
+        if cluster["state"] != "ready":
+            raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
+        node = _node(cluster, args.node)
+    out.write(json.dumps(node, indent=1) + "\n")
+    return 0
+
+
 def show(api: Api, args, out: TextIO) -> int:
     out.write(json.dumps(api.job_clusters(args.job), indent=1) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--url", required=True, help="the portal, e.g. https://portal.example.org")
     token = parser.add_mutually_exclusive_group(required=True)
     token.add_argument("--token-file", help="file holding the API token (scope clusters:write or clusters:manage)")
@@ -189,6 +257,16 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     end.add_argument("--timeout", type=float, default=300, help="seconds to wait for TORN_DOWN")
     look = sub.add_parser("show", help="print the job's clusters")
     look.add_argument("--job", required=True)
+    move = sub.add_parser("migrate", help="prepare the network on a node's target host and wait until it is ready")
+    move.add_argument("--job", required=True)
+    move.add_argument("--node", required=True, help="the node's name")
+    move.add_argument("--target", required=True, help="the target host")
+    move.add_argument("--timeout", type=float, default=300)
+    moved = sub.add_parser("migrated", help="the VM moved: complete its migration (--cancel: it did not)")
+    moved.add_argument("--job", required=True)
+    moved.add_argument("--node", required=True, help="the node's name")
+    moved.add_argument("--cancel", action="store_true", help="the VM stayed: take the target's network away")
+    moved.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
     try:
         secret = args.token or Path(args.token_file).read_text().strip()
@@ -197,7 +275,8 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
         return 2
     api = Api(args.url, secret)
     try:
-        return {"up": up, "down": down, "show": show}[args.action](api, args, out)
+        actions = {"up": up, "down": down, "show": show, "migrate": migrate, "migrated": migrated}
+        return actions[args.action](api, args, out)
     except ClusterFailed as exc:
         err.write(f"virtcloud: {exc}\n")
         return 1

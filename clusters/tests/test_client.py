@@ -116,3 +116,32 @@ def test_a_quota_reached_is_temporary_and_the_same_command_later_succeeds(fabric
     # the same request, keyed the same: the refusal recorded nothing
     code, cluster, err = up(client, "2.pbs", nodes=other)
     assert code == 0 and cluster["state"] == "ready", err
+
+
+def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric, celery_worker, client):
+    code, cluster, err = up(client, "9.pbs")
+    assert code == 0, err
+    vid = cluster["vlan_id"]
+    code, node, err = client("migrate", "--job", "9.pbs", "--node", "n2", "--target", "pilsen2", "--timeout", "60")
+    assert code == 0, err
+    assert (node["host"], node["target_host"], node["state"]) == ("prague1", "pilsen2", "migrating")
+    assert "52:54:00:00:00:02" in node["target_attachment"]["libvirt"]
+    assert vid in fabric.host_vlans("pilsen2") and vid in fabric.host_vlans("prague1")
+    # run again (the hypervisor's hook retried): it waits for the same preparation, nothing twice
+    code, again, err = client("migrate", "--job", "9.pbs", "--node", "n2", "--target", "pilsen2")
+    assert (code, again["target_host"]) == (0, "pilsen2"), err
+    code, node, err = client("migrated", "--job", "9.pbs", "--node", "n2", "--timeout", "60")
+    assert code == 0 and (node["host"], node["state"], node["target_host"]) == ("pilsen2", "ready", None), err
+    assert vid not in fabric.host_vlans("prague1") and vid in fabric.host_vlans("pilsen2")
+    assert client("migrated", "--job", "9.pbs", "--node", "n2")[0] == 0  # done already: nothing to do
+
+    # a migration called off: the VM stayed, the target is cleaned
+    assert client("migrate", "--job", "9.pbs", "--node", "n1", "--target", "pilsen2")[0] == 0
+    code, node, err = client("migrated", "--job", "9.pbs", "--node", "n1", "--cancel")
+    assert code == 0 and (node["host"], node["state"]) == ("brno1", "ready"), err
+    assert vid in fabric.host_vlans("brno1")
+    # bad input: an unknown node, an unknown host — refused, nothing changed
+    assert client("migrate", "--job", "9.pbs", "--node", "n7", "--target", "pilsen2")[0] == 2
+    code, _, err = client("migrate", "--job", "9.pbs", "--node", "n1", "--target", "atlantis")
+    assert code == 2 and "atlantis" in err
+    assert VirtualCluster.objects.get(job_id="9.pbs").nodes.filter(state="migrating").count() == 0
