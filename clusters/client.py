@@ -90,13 +90,13 @@ class Api:
             raise Unavailable(f"{method} {path}: the answer is not JSON: {exc}") from None
 
     def job_clusters(self, job: str) -> list[dict]:
-        found, page = [], 1
-        while True:
-            answer = self.call("GET", "/api/clusters/", job_id=job, page=page)
-            found += answer.get("results", [])
-            if not answer.get("next"):
+        found: list[dict] = []
+        while True:  # page after page (limit/offset pagination)
+            answer = self.call("GET", "/api/clusters/", job_id=job, offset=len(found))
+            page = answer.get("results", [])
+            found += page
+            if not page or not answer.get("next"):
                 return found
-            page += 1
 
     def wait(self, cluster: dict, until: tuple[str, ...], deadline: float) -> dict:
         """The cluster once its state is one of ``until``; ``Unavailable`` at the deadline."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.models import ClusterState, VirtualCluster
+from clusters.models import ClusterState, Image, VirtualCluster
 from clusters.tests.helpers import fabric
 from network.models import VlanAllocation
 from portal.models import TokenScope
@@ -145,3 +145,25 @@ def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric
     code, _, err = client("migrate", "--job", "9.pbs", "--node", "n1", "--target", "atlantis")
     assert code == 2 and "atlantis" in err
     assert VirtualCluster.objects.get(job_id="9.pbs").nodes.filter(state="migrating").count() == 0
+
+
+def test_show_reads_every_page_of_the_jobs_clusters(alice, client):
+    """More clusters than one page (50) of the list: all of them, in order, each once."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    image = Image.objects.create(name="debian", approved=True)
+    ended = timezone.now() - timedelta(hours=1)
+    VirtualCluster.objects.bulk_create(
+        VirtualCluster(
+            name=f"c{i}", owner=alice, image=image, connectivity="closed", connectivity_reason="test",
+            state=ClusterState.TORN_DOWN, job_id="many.pbs", expires_at=ended, ended_at=ended,
+        )
+        for i in range(57)
+    )  # fmt: skip
+    code, shown, err = client("show", "--job", "many.pbs")
+    assert code == 0, err
+    assert sorted(c["name"] for c in shown) == sorted(f"c{i}" for i in range(57))
+    # nothing live among them: the epilogue has nothing to do
+    assert client("down", "--job", "many.pbs")[:2] == (0, [])
