@@ -12,7 +12,10 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
 Every request is keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a crash,
-a lost answer — gets the same cluster, never a second one. ``down`` tears down the job's live clusters and waits
+a lost answer — gets the same cluster, never a second one; a job requeued under the same id says which run it
+is (``--attempt N``, e.g. ``SLURM_RESTART_COUNT``) and gets a new one. Job ids must be unique among the
+schedulers that share a token's view (a ``clusters:manage`` token sees every owner's clusters): PBS's
+``1234.server`` is. ``down`` tears down the job's live clusters and waits
 until they are torn down (nothing to do is success). ``show`` prints the job's clusters. ``migrate`` makes the
 network ready on a node's target host before the VM moves (paper §2.2) and prints the node with the
 ``target_attachment`` to plug the moved VM with; ``migrated`` completes the move once the VM runs there (the host
@@ -25,11 +28,22 @@ answered 5xx, refused for now (the VLAN pool exhausted, a quota reached: nothing
 cluster was not READY/torn down within ``--timeout``: run the same command again, later.
 """
 
+# ruff: noqa: E402 (the import path is set before the imports)
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
+    # Its own folder would come first on the import path, and clusters/selectors.py would shadow the standard
+    # library's selectors (which subprocess and http need): the project's root instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse
+import http.client
+import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -37,20 +51,21 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
-if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from access.gateway import http  # noqa: E402 - stdlib only: the no-redirect opener
+from access.gateway import outgoing  # stdlib only: the no-redirect opener, where a token may go
 
 EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
 # refusals that go away by themselves: VLAN ids come back from quarantine, other clusters end
 LATER = ("pool_exhausted", "quota_exceeded")
-LONG_POLL = 25  # seconds a wait request may take (the portal's CLUSTER_WAIT_MAX, by default) beyond the request timeout
+LONG_POLL = 25  # seconds one wait request asks for at most (the portal's CLUSTER_WAIT_MAX must be at least this)
 
 
 class Refused(Exception):
     """The portal refused the request (4xx): retrying the same request cannot help."""
+
+    def __init__(self, message: str, *, status: int = 0):
+        super().__init__(message)
+        self.status = status
 
 
 class Unavailable(Exception):
@@ -62,30 +77,38 @@ class ClusterFailed(Exception):
 
 
 class Api:
-    def __init__(self, url: str, token: str, *, timeout: float = 30):
+    def __init__(self, url: str, token: str, *, timeout: float = 30 + LONG_POLL):
         self.base, self.token, self.timeout = url.rstrip("/"), token, timeout
 
     def call(self, method: str, path: str, body: dict | None = None, *, key: str | None = None, **query) -> dict:
         url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        problem = outgoing.token_url_problem(url)
+        if problem:
+            raise Refused(problem)
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         data = None
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
         if key:
             headers["Idempotency-Key"] = key
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - checked
         try:
-            with http.opener().open(request, timeout=self.timeout + LONG_POLL) as response:
-                return json.loads(response.read() or b"{}")
+            with outgoing.opener(direct=outgoing.is_loopback(url)).open(request, timeout=self.timeout) as response:
+                raw = response.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:2000].decode(errors="replace")
-            if http.redirected(exc.code):  # the token is never sent along
+            try:
+                detail = exc.read()[:2000].decode(errors="replace")
+            except (OSError, http.client.HTTPException):
+                detail = ""
+            if outgoing.redirected(exc.code):  # the token is never sent along
                 raise Refused(f"{method} {path}: {exc.code}, a redirect to {exc.headers.get('Location')}") from None
             if 400 <= exc.code < 500 and exc.code not in (408, 429) and _code(detail) not in LATER:
-                raise Refused(f"{method} {path}: {exc.code} {detail}") from None
+                raise Refused(f"{method} {path}: {exc.code} {detail}", status=exc.code) from None
             raise Unavailable(f"{method} {path}: {exc.code} {detail}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
             raise Unavailable(f"{method} {path}: cannot reach the portal at {self.base}: {exc}") from None
+        try:
+            return json.loads(raw or b"{}")
         except ValueError as exc:
             raise Unavailable(f"{method} {path}: the answer is not JSON: {exc}") from None
 
@@ -102,10 +125,10 @@ class Api:
         """The cluster once its state is one of ``until``; ``Unavailable`` at the deadline."""
         while cluster["state"] not in until:
             left = deadline - time.monotonic()
-            if left <= 0:  # (a poll may end up to CLUSTER_WAIT_MAX after it)
+            if left <= 0:
                 raise Unavailable(f"cluster {cluster['id']} is still {cluster['state']} (not {'/'.join(until)})")
-            # one long poll of the portal's longest (CLUSTER_WAIT_MAX): the deadline is checked between polls
-            cluster = self.call("GET", f"/api/clusters/{cluster['id']}/wait/", until=",".join(until))
+            poll = max(1, min(LONG_POLL, int(left + 0.999)))  # (the portal's CLUSTER_WAIT_MAX must allow it)
+            cluster = self.call("GET", f"/api/clusters/{cluster['id']}/wait/", until=",".join(until), timeout=poll)
         return cluster
 
 
@@ -116,6 +139,16 @@ def _code(detail: str) -> str | None:
     except ValueError:
         return None
     return body.get("code") if isinstance(body, dict) else None
+
+
+_JOB_RE = re.compile(r"^[!-~]{1,150}$")  # printable ASCII, no spaces: it goes into a header and the keys
+
+
+def job_id(text: str) -> str:
+    """A job id: never empty (``--job ""`` would select every cluster made without one)."""
+    if not _JOB_RE.match(text):
+        raise argparse.ArgumentTypeError(f"a job id is 1 to 150 printable ASCII characters without spaces: {text!r}")
+    return text
 
 
 def parse_node(text: str) -> dict:
@@ -138,12 +171,14 @@ def up(api: Api, args, out: TextIO) -> int:
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
     deadline = time.monotonic() + args.timeout
-    cluster = api.call("POST", "/api/clusters/", body, key=f"{args.job}:up")
+    key = f"{args.job}:up" + (f":{args.attempt}" if args.attempt else "")
+    cluster = api.call("POST", "/api/clusters/", body, key=key)
     cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
     out.write(json.dumps(cluster, indent=1) + "\n")
     if cluster["state"] != "ready":
         raise ClusterFailed(
-            f"cluster {cluster['id']} ({cluster['name']}) is {cluster['state']}: {cluster['state_reason']}"
+            f"cluster {cluster['id']} ({cluster['name']}) is {cluster['state']}: {cluster['state_reason']} "
+            "(running `up` again answers the same; a requeued job asks for a new cluster with --attempt N)"
         )
     return 0
 
@@ -155,12 +190,16 @@ def down(api: Api, args, out: TextIO) -> int:
         if cluster["state"] not in LIVE:
             continue
         if cluster["state"] != "tearing_down":
-            cluster = api.call(
-                "POST",
-                f"/api/clusters/{cluster['id']}/teardown/",
-                {"reason": args.reason},
-                key=f"{args.job}:down:{cluster['id']}",
-            )
+            path, key = f"/api/clusters/{cluster['id']}/teardown/", f"{args.job}:down:{cluster['id']}"
+            try:
+                cluster = api.call("POST", path, {"reason": args.reason}, key=key)
+            except Refused as exc:
+                if exc.status != 409:
+                    raise
+                # it ended meanwhile (its lifetime ran out, someone else tore it down): as asked
+                cluster = api.call("GET", f"/api/clusters/{cluster['id']}/")
+                if cluster["state"] in LIVE:
+                    raise
         ended.append(api.wait(cluster, ("torn_down", "failed"), deadline))
     out.write(json.dumps(ended, indent=1) + "\n")
     return 0
@@ -241,7 +280,13 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     token.add_argument("--token", help="the API token (prefer --token-file: argv is visible)")
     sub = parser.add_subparsers(dest="action", required=True)
     make = sub.add_parser("up", help="create the job's cluster and wait until it is READY")
-    make.add_argument("--job", required=True, help="the scheduler's job id (keys every request)")
+    make.add_argument("--job", required=True, type=job_id, help="the scheduler's job id (keys every request)")
+    make.add_argument(
+        "--attempt",
+        type=int,
+        default=0,
+        help="the job's run (a requeued job with the same id gets a new cluster: e.g. SLURM_RESTART_COUNT)",
+    )
     make.add_argument("--name", required=True)
     make.add_argument("--image", required=True)
     make.add_argument("--node", type=parse_node, action="append", required=True, help="name=…,host=…,mac=…[,address=…]")
@@ -252,18 +297,18 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     make.add_argument("--bastion-address", help="closed clusters: the SSH bastion's address, with its prefix length")
     make.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
     end = sub.add_parser("down", help="tear the job's clusters down and wait until they are")
-    end.add_argument("--job", required=True)
+    end.add_argument("--job", required=True, type=job_id)
     end.add_argument("--reason", default="job ended")
     end.add_argument("--timeout", type=float, default=300, help="seconds to wait for TORN_DOWN")
     look = sub.add_parser("show", help="print the job's clusters")
-    look.add_argument("--job", required=True)
+    look.add_argument("--job", required=True, type=job_id)
     move = sub.add_parser("migrate", help="prepare the network on a node's target host and wait until it is ready")
-    move.add_argument("--job", required=True)
+    move.add_argument("--job", required=True, type=job_id)
     move.add_argument("--node", required=True, help="the node's name")
     move.add_argument("--target", required=True, help="the target host")
     move.add_argument("--timeout", type=float, default=300)
     moved = sub.add_parser("migrated", help="the VM moved: complete its migration (--cancel: it did not)")
-    moved.add_argument("--job", required=True)
+    moved.add_argument("--job", required=True, type=job_id)
     moved.add_argument("--node", required=True, help="the node's name")
     moved.add_argument("--cancel", action="store_true", help="the VM stayed: take the target's network away")
     moved.add_argument("--timeout", type=float, default=300)
@@ -272,6 +317,9 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
         secret = args.token or Path(args.token_file).read_text().strip()
     except OSError as exc:
         err.write(f"virtcloud: cannot read the token: {exc}\n")
+        return 2
+    if not secret or not secret.isprintable() or any(c.isspace() for c in secret):
+        err.write("virtcloud: the token is empty or malformed (one word, as the portal showed it)\n")
         return 2
     api = Api(args.url, secret)
     try:

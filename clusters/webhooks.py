@@ -1,4 +1,4 @@
-"""Pushing the cluster event feed to webhooks (outgoing requests through ``access.gateway.http``).
+"""Pushing the cluster event feed to webhooks (outgoing requests through ``access.gateway.outgoing``).
 
 ``deliver(webhook)`` POSTs the next batch of events after the webhook's cursor as JSON::
 
@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from access.gateway import http
+from access.gateway import outgoing
 from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
 
@@ -51,10 +51,10 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, s
         return None, "only http and https URLs are delivered to"
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (checked above)
     try:  # a redirect is not followed (it turned the POST into a bodiless GET whose 200 lost the batch)
-        with http.opener().open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
+        with outgoing.opener().open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
             return response.status, ""
     except urllib.error.HTTPError as exc:
-        if http.redirected(exc.code):
+        if outgoing.redirected(exc.code):
             return (
                 exc.code,
                 f"HTTP {exc.code} {exc.reason}: a redirect (to {exc.headers.get('Location')}) is not followed",

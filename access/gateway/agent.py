@@ -15,8 +15,9 @@ cannot be reached, or answers badly, the last good state stays as it is and the 
 gateway keeps authorizing from it for the state's ``max_age`` after the last pull that succeeded, then fails
 closed — the hooks refuse everyone and the pull cuts every live session — since a cluster that ended meanwhile
 may have passed its VLAN to another. ``--on-change CMD`` runs CMD (no shell; ``VIRTCLOUD_STATE_DIR`` in its
-environment) after a pull that changed the state, and at every pull after one where CMD failed (the pull then
-exits 1): the operator's hook, e.g. ``legs.py``, which gives the SSH bastion its leg in each closed cluster.
+environment) after a pull that changed the state, at every pull after one where CMD failed or was interrupted
+(the pull then exits 1), and once after each boot: the operator's hook, e.g. ``legs.py``, which gives the SSH
+bastion its leg in each closed cluster (the legs are gone after a reboot, while the state on disk is unchanged).
 
 ``status`` prints what the gateway goes by and exits 1 when it refuses everyone, 2 when the ``--on-change``
 hook failed at the last pull (for a monitoring check).
@@ -27,7 +28,7 @@ hook failed at the last pull (for a monitoring check).
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import http.client
 import json
 import os
 import shlex
@@ -35,7 +36,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TextIO
@@ -43,13 +43,14 @@ from typing import TextIO
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from access.gateway import http, sshd  # noqa: E402
+from access.gateway import outgoing, sshd  # noqa: E402
 from access.gateway import pull as install  # noqa: E402
 from access.gateway import vpn as gateway_vpn  # noqa: E402
 from access.gateway.state import SshState, StateError, VpnState, check_fresh, write_atomic  # noqa: E402
 
 EX_TEMPFAIL = 75
 ON_CHANGE_FAILED = ".on-change-failed"  # in the state directory: why the --on-change hook failed last
+ON_CHANGE_RAN = ".on-change-ran"  # … and the boot it last succeeded in
 STATE_PATH = "/api/access/gateway/state/"
 DEFAULT_STATE_DIR = "/var/lib/virtcloud-gateway"
 
@@ -58,33 +59,17 @@ class PullError(Exception):
     """The portal could not be reached or answered badly (temporary: the gateway keeps its last state)."""
 
 
-def _check_url(url: str) -> None:
-    """https, or http to a portal on this host (the state carries the CA, the AA and the CRL unsigned: anyone
-    on the path of a plain-http pull could replace them)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        return
-    if parts.scheme == "http":
-        host = parts.hostname or ""
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if loopback:
-            return
-        raise PullError(f"the portal URL must be https (plain http only to this host): {url}")
-    raise PullError(f"the portal URL must be https: {url}")
-
-
 def fetch_state(
     url: str, token: str, *, etag: str | None, generated_at: str | None = None, timeout: float = 20
 ) -> tuple[dict | None, str | None]:
     """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused.
     ``generated_at``: that of the installed state, which the portal waits for before it hands out again the
     VLAN ids released before it."""
-    if not url.rstrip("/").endswith(STATE_PATH.rstrip("/")):
-        url = url.rstrip("/") + STATE_PATH
-    _check_url(url)
+    url = url.rstrip("/")
+    url = url + "/" if url.endswith(STATE_PATH.rstrip("/")) else url + STATE_PATH
+    problem = outgoing.token_url_problem(url)
+    if problem:
+        raise PullError(problem)
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     if etag:
@@ -92,19 +77,23 @@ def fetch_state(
     if generated_at:
         request.add_header("VirtCloud-State-Generated-At", generated_at)
     try:  # a redirect is refused: urllib would send the token along to wherever it points
-        with http.opener().open(request, timeout=timeout) as response:
+        with outgoing.opener(direct=outgoing.is_loopback(url)).open(request, timeout=timeout) as response:
             body = response.read()
             new_etag = response.headers.get("ETag")
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return None, etag
-        if http.redirected(exc.code):
+        if outgoing.redirected(exc.code):
             where = exc.headers.get("Location")
             raise PullError(
                 f"the portal answered {exc.code}, a redirect to {where}: refused (the token stays here)"
             ) from None
-        raise PullError(f"the portal answered {exc.code} for {url}: {exc.read()[:200]!r}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        try:
+            detail = exc.read()[:200]
+        except (OSError, http.client.HTTPException):
+            detail = b""
+        raise PullError(f"the portal answered {exc.code} for {url}: {detail!r}") from None
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
         raise PullError(f"cannot reach the portal at {url}: {exc}") from None
     try:
         doc = json.loads(body)
@@ -189,14 +178,27 @@ def run_pull(
     return 0
 
 
+def _boot_id() -> str:
+    """This boot of the machine (what the hook made — network interfaces, namespaces — is gone after a reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def run_on_change(
     command: str, state_dir: Path, changed: bool, timeout: float, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
-    """Run the operator's hook after a change, or again after it failed (the state is installed either
-    way: a failing hook makes the pull exit 1, and it runs at the next pull even if nothing changed)."""
-    failed = state_dir / ON_CHANGE_FAILED
-    if not changed and not failed.exists():
+    """Run the operator's hook after a change, again after it failed or was interrupted, and once after each
+    boot of the gateway (the legs it made are gone then, while the state on disk is unchanged: the pull gets a
+    304). The state is installed either way: a failing hook makes the pull exit 1, and it runs at the next
+    pull even if nothing changed."""
+    failed, ran = state_dir / ON_CHANGE_FAILED, state_dir / ON_CHANGE_RAN
+    boot = _boot_id()
+    if not changed and not failed.exists() and ran.exists() and ran.read_text().strip() == boot:
         return 0
+    # until it succeeds, a pull killed meanwhile (a timeout, a shutdown) leaves the hook due
+    write_atomic(failed, "interrupted: the hook did not finish\n", 0o600)
     env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
     try:
         done = subprocess.run(  # noqa: S603 - the operator's own command line, without a shell
@@ -206,6 +208,7 @@ def run_on_change(
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         error = str(exc)
     if not error:
+        write_atomic(ran, boot + "\n", 0o600)
         failed.unlink(missing_ok=True)
         _say(out, "gateway pull: --on-change ran")
         return 0
@@ -277,6 +280,9 @@ def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         token = options["token"] or Path(options["token_file"]).read_text().strip()
     except OSError as exc:
         _say(err, f"gateway pull: cannot read the gateway token: {exc}")
+        return 2
+    if not token or not token.isprintable() or any(c.isspace() for c in token):
+        _say(err, "gateway pull: the gateway token is empty or malformed (one word, as the portal showed it)")
         return 2
     return run_pull(
         url=options["url"],

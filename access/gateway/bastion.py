@@ -32,6 +32,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 from access.gateway.state import SshState, StateError, load_legs  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
+PRIVSEP_DIR = "/run/sshd"
 NETNS_DIR = Path("/run/netns")
 
 
@@ -120,6 +121,8 @@ class Bastion:
             conn.close()
             return
         try:
+            # sshd's privilege separation directory: Debian's ssh.service deletes it when it stops
+            os.makedirs(PRIVSEP_DIR, mode=0o755, exist_ok=True)
             pid = os.fork()
         except OSError as exc:  # out of processes: this connection fails, the bastion goes on
             self.say(f"cluster {label}: cannot start a session for {peer[0]}: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 
 import pytest
@@ -213,10 +214,16 @@ def test_each_pull_keeps_the_state_fresh_and_tells_the_portal_what_it_installed(
     """fresh-until = the start of the last successful pull + max_age (a 304 too); each pull reports the
     generated_at of the installed state, which is what lets the portal hand out again the VLAN ids released
     before it."""
+    import datetime as dt
     import time
+
+    from django.utils import timezone
 
     from access.gateway import pull
     from access.gateway.state import fresh_until_path, fresh_until_text, write_atomic
+
+    def made(doc: dict) -> dt.datetime:
+        return dt.datetime.fromisoformat(doc["generated_at"])
 
     token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
     gateway.token = token
@@ -238,16 +245,19 @@ def test_each_pull_keeps_the_state_fresh_and_tells_the_portal_what_it_installed(
     assert "unchanged" in run(*args)  # 304: the installed state is current
     assert int(fresh.read_text()) >= int(before) + settings.GATEWAY_STATE_MAX_AGE - 1
     gateway.refresh_from_db()
-    assert gateway.state_as_of.isoformat() == installed["generated_at"]  # (the current state's)
+    # the current state's generated_at (made for this request: the same second as the installed one's, or later)
+    as_of = gateway.state_as_of
+    assert made(installed) <= as_of <= timezone.now()
 
     make_cluster(alice, name="new")  # the state changes: the next pull is a 200 that says what it had
     time.sleep(1.1)  # (generated_at is in whole seconds)
     assert "updated" in run(*args)
     gateway.refresh_from_db()
-    assert gateway.state_as_of.isoformat() == installed["generated_at"]
+    assert gateway.state_as_of == as_of  # it reported the state it had: nothing newer (and as_of never goes back)
+    assert made(pull.installed(state)) > as_of
     assert "unchanged" in run(*args)
     gateway.refresh_from_db()
-    assert gateway.state_as_of.isoformat() == pull.installed(state)["generated_at"] > installed["generated_at"]
+    assert made(pull.installed(state)) <= gateway.state_as_of <= timezone.now()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -373,3 +383,97 @@ def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succ
     assert "--on-change ran" in run(*args, *on_change)
     assert len(calls.read_text().splitlines()) == 3
     assert len(json.loads((state / "ssh" / "clusters.json").read_text())["clusters"]) == 2
+
+    # The gateway reboots: its legs are gone, the state on disk is not (the pull gets a 304). The hook runs
+    # once in the new boot.
+    (state / ".on-change-ran").write_text("an-earlier-boot\n")
+    out = run(*args, *on_change)
+    assert "unchanged" in out and "--on-change ran" in out
+    assert len(calls.read_text().splitlines()) == 4
+    assert "--on-change ran" not in run(*args, *on_change)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pull_killed_while_its_hook_runs_leaves_the_hook_due(live_server, root, gateway, tmp_path):
+    """The state was installed, the hook was running when the pull was killed (its unit's time limit, a
+    shutdown): the next pull, a 304, runs it again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from access.services import gateway_token_issue
+
+    token_file = tmp_path / "token"
+    token_file.write_text(gateway_token_issue(gateway=gateway, by=root) + "\n")
+    state = tmp_path / "state"
+    started = tmp_path / "started"
+    hook = tmp_path / "slow.sh"
+    hook.write_text(f"#!/bin/sh\necho run >> {started}\n[ -e {tmp_path}/fast ] && exit 0\nexec sleep 60\n")
+    hook.chmod(0o755)
+    agent = Path(__file__).resolve().parents[1] / "gateway" / "agent.py"
+    argv = [sys.executable, "-I", str(agent), "pull", "--url", live_server.url, "--token-file", str(token_file)]
+    argv += ["--dir", str(state), "--on-change", str(hook)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "the hook never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pull and its hook, as systemd's time limit does
+        proc.wait()
+    assert (state / ".on-change-failed").exists()
+    (tmp_path / "fast").touch()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "unchanged" in done.stdout and "--on-change ran" in done.stdout, done.stderr
+    assert started.read_text().splitlines() == ["run", "run"]
+    assert not (state / ".on-change-failed").exists()
+
+
+def test_fetch_state_survives_a_broken_answer_and_a_path_without_its_slash(monkeypatch):
+    """An answer that is not HTTP at all is the portal being unavailable (exit 75, the state kept), not a crash;
+    the state's URL given without its trailing slash is still the state's URL; a proxy of the environment is
+    never used for this host (it would get the token of a plain-http pull)."""
+    import socket
+    import threading
+
+    from access.gateway.agent import PullError, fetch_state
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    paths: list[bytes] = []
+
+    def serve(answers):
+        for answer in answers:
+            conn, _ = listener.accept()
+            paths.append(conn.recv(4096).split(b"\r\n", 1)[0])
+            conn.sendall(answer)
+            conn.close()
+
+    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nETag: "e1"\r\n\r\n{}'
+    thread = threading.Thread(target=serve, args=([b"garbage\r\n\r\n", ok],), daemon=True)
+    thread.start()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a proxy that would refuse: never asked
+    try:
+        with pytest.raises(PullError, match="cannot reach the portal"):
+            fetch_state(f"http://127.0.0.1:{port}", "vc_secret", etag=None, timeout=5)
+        doc, etag = fetch_state(f"http://127.0.0.1:{port}/api/access/gateway/state", "vc_secret", etag=None)
+        assert (doc, etag) == ({}, '"e1"')
+        assert paths[1] == b"GET /api/access/gateway/state/ HTTP/1.1"
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_a_malformed_token_is_refused_before_anything_is_sent(tmp_path):
+    from access.gateway import agent
+
+    token = tmp_path / "token"
+    token.write_text("vc_abc\nvc_def\n")
+    err = io.StringIO()
+    options = {"action": "pull", "token": None, "token_file": str(token), "url": "http://127.0.0.1:9"}
+    options |= {"dir": str(tmp_path / "state"), "timeout": 2, "on_change": None, "on_change_timeout": 5}
+    assert agent.run(options, out=io.StringIO(), err=err) == 2
+    assert "malformed" in err.getvalue() and not (tmp_path / "state").exists()

@@ -23,7 +23,8 @@ from access.tests.fixtures import gateway, make_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a gateway host has: a PATH, no DJANGO_SETTINGS_MODULE, no SECRET_KEY/SECRETS_KEY/CA passphrase.
-BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# And a proxy that refuses everything: the pull to a portal on this host never goes through one.
+BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "http_proxy": "http://127.0.0.1:9"}
 
 
 def config(*args) -> str:
@@ -63,6 +64,25 @@ def test_exec_line_reads_back_exactly_the_words():
     line = systemd.exec_line(argv)
     assert exec_argv(line) == argv
     assert "%%" in line and "$$HOME" in line
+    with pytest.raises(ValueError, match="control characters"):  # a line break would add a directive
+        systemd.exec_line(["/usr/bin/true", "https://p\nExecStartPost=/bin/touch /tmp/x"])
+
+
+def test_units_for_a_state_directory_with_specifier_characters(tmp_path):
+    """``%`` in a path would be read as a systemd specifier (a fatal error in WorkingDirectory=)."""
+    state = tmp_path / "gw%state"
+    units = systemd.render_units(
+        state_dir=state, code_root=ROOT, python=sys.executable, portal_url="https://portal.example.org",
+        serves_vpn=True, serves_ssh=True,
+    )  # fmt: skip
+    (tmp_path / "units").mkdir()
+    for name, text in units.items():
+        if name.endswith((".service", ".timer")):
+            (tmp_path / "units" / name).write_text(text)
+    verify(sorted((tmp_path / "units").iterdir()))
+    service = units["virtcloud-gateway-openvpn.service"]
+    assert f"WorkingDirectory={tmp_path}/gw%%state" in service
+    assert exec_argv(unit_values(service, "ExecStart")[0])[-1] == f"{state}/openvpn.conf"
 
 
 def test_the_agent_imports_nothing_of_the_portal():
@@ -85,12 +105,16 @@ def test_the_pull_unit_runs_the_standalone_agent_without_django_or_the_portals_s
     config("gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable, "--dev", "vcnotap0")
     units = state / "systemd"
     assert sorted(p.name for p in units.iterdir()) == [
+        "ssh.service.d",
         "virtcloud-gateway-openvpn.service",
         "virtcloud-gateway-pull.service",
         "virtcloud-gateway-pull.timer",
         "virtcloud-gateway-sshd.service",
     ]
-    verify(sorted(units.iterdir()))
+    verify(sorted(units.glob("*.service")) + sorted(units.glob("*.timer")))
+    # Debian's ssh.service would delete /run/sshd when it stops: the drop-in keeps it
+    drop_in = (units / "ssh.service.d" / "virtcloud-gateway.conf").read_text()
+    assert "[Service]\nRuntimeDirectoryPreserve=yes\n" in drop_in
     sshd_unit = (units / "virtcloud-gateway-sshd.service").read_text()
     assert unit_values(sshd_unit, "ExecStart") == [f"/usr/sbin/sshd -D -e -f {state}/sshd_config"]
     assert "KillMode=process" in sshd_unit  # a restart leaves the users' sessions up
@@ -160,11 +184,12 @@ def test_a_bastion_per_cluster_gets_its_service_and_the_pull_its_legs_hook(tmp_p
     config("gw2", "--dir", str(state), "--trunk", "vctrunk0", "--ssh-listen", "198.18.100.2")
     units = state / "systemd"
     assert sorted(p.name for p in units.iterdir()) == [
+        "ssh.service.d",
         "virtcloud-gateway-bastion.service",
         "virtcloud-gateway-pull.service",
         "virtcloud-gateway-pull.timer",
     ]
-    verify(sorted(units.iterdir()))
+    verify(sorted(units.glob("*.service")) + sorted(units.glob("*.timer")))
     (bastion,) = unit_values((units / "virtcloud-gateway-bastion.service").read_text(), "ExecStart")
     argv = exec_argv(bastion)
     assert argv[1:] == [

@@ -29,8 +29,9 @@ def client(alice, live_server, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(secret + "\n")
 
-    def run(*args: str, url: str = live_server.url) -> tuple[int, object, str]:
-        argv = [sys.executable, "-I", str(CLIENT), "--url", url, "--token-file", str(token_file), *args]
+    def run(*args: str, url: str = live_server.url, isolated: bool = True) -> tuple[int, object, str]:
+        python = [sys.executable, "-I"] if isolated else [sys.executable]
+        argv = [*python, str(CLIENT), "--url", url, "--token-file", str(token_file), *args]
         done = subprocess.run(
             argv, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120, check=False
         )
@@ -39,10 +40,11 @@ def client(alice, live_server, tmp_path):
     return run
 
 
-def up(client, job: str, *, nodes=NODES, **kwargs):
+def up(client, job: str, *extra: str, nodes=NODES, **kwargs):
     node_args = [arg for node in nodes for arg in ("--node", node)]
     name = "mpi-" + job.split(".")[0]
-    return client("up", "--job", job, "--name", name, "--image", "my-own", *node_args, "--timeout", "60", **kwargs)
+    argv = ("up", "--job", job, "--name", name, "--image", "my-own", *node_args, "--timeout", "60", *extra)
+    return client(*argv, **kwargs)
 
 
 def allocated() -> int:
@@ -88,13 +90,18 @@ def test_a_refused_request_exits_2_with_the_field_errors_and_leaves_nothing(fabr
     assert code == 2 and "name=…,host=…,mac=…" in err
 
 
-def test_a_failed_cluster_exits_1_with_its_reason(fabric, celery_worker, client):
+def test_a_failed_cluster_exits_1_with_its_reason_and_a_requeued_job_gets_a_new_one(fabric, celery_worker, client):
     fabric.set_switch_args("sw-prague", fail_commit="permanent")
     code, cluster, err = up(client, "99.pbs")
     assert code == 1 and cluster["state"] == "failed"
-    assert "sw-prague" in err and "failed" in err
+    assert "sw-prague" in err and "failed" in err and "--attempt" in err
     assert VirtualCluster.objects.get(job_id="99.pbs").state == ClusterState.FAILED
     assert client("down", "--job", "99.pbs")[:2] == (0, [])  # it has ended: nothing to tear down
+    assert up(client, "99.pbs")[:2][0] == 1  # the same run again: the same (failed) cluster
+    fabric.set_switch_args("sw-prague", fail_commit="")
+    code, again, err = up(client, "99.pbs", "--attempt", "1")  # requeued under the same id
+    assert code == 0 and again["state"] == "ready" and again["id"] != cluster["id"], err
+    assert VirtualCluster.objects.filter(job_id="99.pbs").count() == 2
 
 
 def test_an_unreachable_portal_is_temporary(client):
@@ -167,3 +174,22 @@ def test_show_reads_every_page_of_the_jobs_clusters(alice, client):
     assert sorted(c["name"] for c in shown) == sorted(f"c{i}" for i in range(57))
     # nothing live among them: the epilogue has nothing to do
     assert client("down", "--job", "many.pbs")[:2] == (0, [])
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent(alice, client, tmp_path):
+    """An empty job id (an epilogue whose job variable is unset) would select every cluster made without one;
+    a token over plain http to another host would be read on the way; a malformed token file."""
+    code, _, err = client("down", "--job", "")
+    assert code == 2 and "job id" in err
+    code, _, err = client("show", "--job", "1.pbs", url="http://198.18.0.9")
+    assert code == 2 and "must be https" in err
+    bad = tmp_path / "bad-token"
+    bad.write_text("vc_a vc_b\n")
+    argv = [sys.executable, "-I", str(CLIENT), "--url", "https://p", "--token-file", str(bad), "show", "--job", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "malformed" in done.stderr
+
+
+def test_it_runs_as_a_plain_script_too(alice, client):
+    """``python3 clusters/client.py``: its folder (clusters/selectors.py…) never shadows the standard library."""
+    assert client("show", "--job", "1.pbs", isolated=False)[:2] == (0, [])

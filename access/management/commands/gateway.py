@@ -106,27 +106,30 @@ class Command(BaseCommand):
                 account=gateway.ssh_user,
                 pid_file=state_dir / "ssh" / "sshd.pid",
             )
-        units = systemd.render_units(
-            state_dir=state_dir,
-            code_root=options["code_root"],
-            python=options["python"],
-            portal_url=options["portal_url"] or settings.SITE_URL,
-            token_file=options["token_file"],
-            serves_vpn=gateway.serves_vpn,
-            serves_ssh=gateway.serves_ssh,
-            ssh_port_base=gateway.ssh_port_base,
-            ssh_listen=options["ssh_listen"],
-            trunk=options["trunk"],
-            tap=options["dev"],
-        )
+        try:
+            units = systemd.render_units(
+                state_dir=state_dir,
+                code_root=options["code_root"],
+                python=options["python"],
+                portal_url=options["portal_url"] or settings.SITE_URL,
+                token_file=options["token_file"],
+                serves_vpn=gateway.serves_vpn,
+                serves_ssh=gateway.serves_ssh,
+                ssh_port_base=gateway.ssh_port_base,
+                ssh_listen=options["ssh_listen"],
+                trunk=options["trunk"],
+                tap=options["dev"],
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         configs.update({f"systemd/{name}": text for name, text in units.items()})
         if target is None:
             for name, text in configs.items():
                 self.stdout.write(f"# ---- {name} (state directory {state_dir})\n{text}")
             return
         self._enrol(gateway, target, options["re_enrol"])
-        (target / "systemd").mkdir(exist_ok=True)
         for name, text in configs.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target / name, text, 0o644)
         doc = services.gateway_state(gateway=gateway)
         gateway_pull.install_state(target, doc, cut_sessions=False)

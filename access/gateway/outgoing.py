@@ -1,0 +1,56 @@
+"""Outgoing HTTP (a gateway's pull, the scheduler's client, the portal's webhooks): an opener that never
+follows a redirect, and the rule for where a bearer token may be sent in the clear.
+
+Standard library only, so that the gateway agent (:mod:`access.gateway.agent`) and the scheduler's client
+(``clusters/client.py``) run without Django. (Not named ``http``: run as scripts, the folder of a script comes
+first on the import path, and this module would shadow the standard library's ``http``.)
+
+urllib follows redirects by itself, carrying the request's headers (a token, a signature) to wherever they
+point, and turning a POST's 301/302/303 into a GET without its body. Here a redirect is the server's answer:
+``open`` raises ``urllib.error.HTTPError`` with the 3xx code and its ``Location`` header, for the caller to
+report.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+import urllib.request
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the 3xx
+
+
+def opener(*, direct: bool = False) -> urllib.request.OpenerDirector:
+    """An opener like ``urlopen``'s, redirects refused; ``direct``: never through a proxy of the environment
+    (``http_proxy``…: a plain-http request to this host would hand its token to the proxy)."""
+    handlers: list = [_NoRedirect]
+    if direct:
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def redirected(code: int) -> bool:
+    """Whether an HTTP status is a redirect (refused by :func:`opener`)."""
+    return 300 <= code < 400 and code != 304
+
+
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_url_problem(url: str) -> str | None:
+    """Why a bearer token must not be sent to ``url`` (None: it may): https, or plain http only to this host
+    (anyone on the path of plain http would read the token, and could answer in the portal's place)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme == "https" or (scheme == "http" and is_loopback(url)):
+        return None
+    if scheme == "http":
+        return f"the portal URL must be https (plain http only to this host): {url}"
+    return f"the portal URL must be https: {url}"
