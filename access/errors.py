@@ -45,3 +45,10 @@ class AuthorityExpired(AccessError):
 
     status = 503
     code = "authority_expired"
+
+
+class NameTooLong(AccessError):
+    """The user name does not fit in a certificate's common name (X.509: at most 64 characters)."""
+
+    status = 422
+    code = "user_name_too_long"

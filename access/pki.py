@@ -166,6 +166,9 @@ def _check_serial(serial: int) -> None:
         raise PKIError(f"certificate serial {serial} is out of range (1..2**159-1)")
 
 
+MAX_COMMON_NAME = 64  # X.509's upper bound (ub-common-name)
+
+
 def _name(common_name: str, organization: str | None) -> x509.Name:
     attrs = []
     if organization:

@@ -40,7 +40,15 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from access import attrcerts, openvpn, pki, selectors
-from access.errors import AccessError, AuthorityExpired, BadPublicKey, ClusterNotReady, NoGateway, NotAllowed
+from access.errors import (
+    AccessError,
+    AuthorityExpired,
+    BadPublicKey,
+    ClusterNotReady,
+    NameTooLong,
+    NoGateway,
+    NotAllowed,
+)
 from access.models import (
     Authority,
     AuthorityKind,
@@ -403,6 +411,11 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
 
     labels = [selectors.cluster_label(c) for c in chosen]
     username = user.get_username()
+    if len(username) > pki.MAX_COMMON_NAME:
+        raise NameTooLong(
+            f"the user name {username[:20]}… has {len(username)} characters: a certificate's name holds at most "
+            f"{pki.MAX_COMMON_NAME}; use the SSH access, or ask an administrator"
+        )
     serial = serial_allocate("vpn-client", pooled=True)
     now = _now()
     start = now - pki.CLOCK_SKEW
@@ -1064,15 +1077,19 @@ def gateway_pulled(*, gateway: Gateway, installed: str | None) -> None:
     """Record a gateway's pull, and what it has installed: its state holds every change made before
     ``installed`` — the ``generated_at`` of the current state when the gateway sent its ETag (304), or of the
     state it says it installed (the ``VirtCloud-State-Generated-At`` header of a pull). A value that is malformed,
-    naive or later than now is ignored; ``state_as_of`` only moves forward. VLAN ids released before every
-    gateway's ``state_as_of`` may be handed out again (``access.selectors.vlan_reuse_horizon``)."""
+    naive, later than now or earlier than the gateway itself is ignored; ``state_as_of`` only moves forward. VLAN
+    ids released before every gateway's ``state_as_of`` may be handed out again
+    (``access.selectors.vlan_reuse_horizon``)."""
     now = timezone.now()
     try:
         made = dt.datetime.fromisoformat((installed or "").strip())
-    except ValueError:
+        # in UTC (a far-off offset on the first day of year 1 has no UTC date: it could be stored, never read)
+        made = made.astimezone(dt.UTC) if made.tzinfo is not None else None
+    except (ValueError, OverflowError):
         made = None
     updates: dict = {"last_pull_at": now}
-    if made is not None and made.tzinfo is not None and made <= now:
+    # No state of this gateway was made before it was enrolled (nor, with the clocks' skew, long before)
+    if made is not None and gateway.created_at - pki.CLOCK_SKEW <= made <= now:
         updates["state_as_of"] = Greatest(Coalesce("state_as_of", Value(made)), Value(made))
     Gateway.objects.filter(pk=gateway.pk).update(**updates)
 
@@ -1136,13 +1153,34 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     )
 
 
+GATEWAY_ACCOUNT = "virtcloud-gateways"  # owns every gateway's pull token: a machine's credential, nobody's
+
+
+def gateway_account():
+    """The local account that owns the gateways' pull tokens (made on first use; no password, no rights). Not
+    the admin who issued a token: deactivating that person (``ldap_sync``: gone from the directory) stopped
+    every token they owned, and each of their gateways failed closed for everyone."""
+    from django.contrib.auth import get_user_model
+
+    account, made = get_user_model().objects.get_or_create(username=GATEWAY_ACCOUNT, defaults={"is_active": True})
+    if made:
+        account.set_unusable_password()
+        account.save(update_fields=["password"])
+    return account
+
+
 @transaction.atomic
 def gateway_token_issue(*, gateway: Gateway, by) -> str:
-    """A new pull token (scope ``gateway:pull``, owned by ``by``) for ``gateway``; its previous token is
-    revoked in the same transaction, so the gateway never holds two. Returns the secret, shown once."""
+    """A new pull token (scope ``gateway:pull``, owned by the gateways' account, issued by ``by``: in its name
+    and the audit log) for ``gateway``; its previous token is revoked in the same transaction, so the gateway
+    never holds two. Returns the secret, shown once."""
     locked = Gateway.objects.select_for_update(of=("self",)).select_related("token").get(pk=gateway.pk)
     old = locked.token
-    token, secret = token_create(user=by, name=f"gateway {gateway.name}", scopes=[TokenScope.GATEWAY])
+    token, secret = token_create(
+        user=gateway_account(),
+        name=f"gateway {gateway.name} (issued by {by.get_username()})"[:100],
+        scopes=[TokenScope.GATEWAY],
+    )
     locked.token = gateway.token = token
     locked.save(update_fields=["token"])
     if old is not None:

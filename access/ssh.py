@@ -42,7 +42,7 @@ UserPublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPu
 
 USER_EXTENSIONS = (b"permit-port-forwarding", b"permit-pty")
 CLOCK_SKEW = dt.timedelta(minutes=5)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,62}$")  # as directories have them: jo.doe@example.org
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")  # no '.': the first '.' of a principal ends the label
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import ldap
 import ldap.filter
 from django.core.exceptions import ImproperlyConfigured
+from django_auth_ldap.backend import LDAPBackend
 from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
 
 from portal.env import env_bool, env_float, env_str
@@ -31,6 +32,16 @@ LDAP_UNAVAILABLE_MESSAGE = (
 )
 
 _GROUP_TYPES = {"posix": PosixGroupType, "groupofnames": GroupOfNamesType}
+
+
+class ActiveLDAPBackend(LDAPBackend):
+    """django-auth-ldap's backend, except that a deactivated account (``ldap_sync``: gone from the directory)
+    loses its browser sessions at once, as Django's own backend does: django-auth-ldap's ``get_user`` does not
+    look at ``is_active``, so such a session stayed signed in for up to the session's lifetime."""
+
+    def get_user(self, user_id):
+        user = super().get_user(user_id)
+        return user if user is not None and user.is_active else None
 
 
 def ldap_settings() -> dict:
@@ -151,7 +162,6 @@ def ldap_sync() -> SyncReport:
     changes nothing more: an outage never deactivates anyone. A deactivated account is never reactivated
     here (an admin may have done it)."""
     from django.conf import settings
-    from django_auth_ldap.backend import LDAPBackend
 
     from portal import audit
     from portal.models import DirectoryAccount

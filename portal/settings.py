@@ -117,7 +117,7 @@ AUTH_PASSWORD_VALIDATORS = [
 # --- Identity: LDAP first, local accounts (break-glass superuser) second -----------------------------------
 LDAP = ldap_auth.ldap_settings()
 globals().update(LDAP)
-AUTHENTICATION_BACKENDS = (["django_auth_ldap.backend.LDAPBackend"] if LDAP else []) + [
+AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + [
     "django.contrib.auth.backends.ModelBackend"
 ]
 LOGIN_URL = "login"

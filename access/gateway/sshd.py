@@ -33,7 +33,7 @@ from pathlib import Path
 
 from access.gateway.state import SshState
 
-_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 #: Seconds between a login watchdog's looks at ``fresh-until`` (it also wakes right at the expiry it read).

@@ -9,6 +9,7 @@ import threading
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from django.contrib.auth.models import User
 from django.db import connection
 from django.utils import timezone
 
@@ -174,6 +175,19 @@ def test_vpn_profile_refused_without_membership_or_gateway(charlie, alice, clust
     gateway.save()
     with pytest.raises(NoGateway):
         services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    assert not Credential.objects.exists()
+
+
+def test_a_user_name_too_long_for_a_certificate_is_a_clear_refusal(alice, team, gateway):
+    """X.509 names hold 64 characters; Django's user names 150: a clear 422, no credential, no 500."""
+    from access.errors import NameTooLong
+    from access.tests.fixtures import make_cluster
+
+    long = User.objects.create_user("a" * 65)
+    long.groups.add(team)
+    cluster = make_cluster(alice, name="long", group=team)
+    with pytest.raises(NameTooLong, match="65 characters"):
+        services.vpn_profile_issue(user=long, clusters=[cluster.pk])
     assert not Credential.objects.exists()
 
 
@@ -366,6 +380,25 @@ def test_gateway_token_issue_replaces_the_previous_token(root, gateway):
     assert second.startswith(f"vc_{gateway.token.prefix}_")
     assert pull(second) == 200
     assert pull(first) in (401, 403)  # the old token stops working at once
+    # The token is the gateway's, not the issuing admin's: the admin leaving (deactivated) stops no gateway.
+    assert gateway.token.user.username == services.GATEWAY_ACCOUNT and "issued by root" in gateway.token.name
+    root.is_active = False
+    root.save()
+    assert pull(second) == 200
+
+
+@pytest.mark.django_db
+def test_a_state_made_before_the_gateway_or_without_a_utc_date_is_not_recorded(gateway):
+    """A gateway reports what it installed; a value with no UTC date (year 1 at +14:00) could be stored but never
+    read back (every pull and page would fail), and no state of a gateway was made before it."""
+    services.gateway_pulled(gateway=gateway, installed="0001-01-01T00:00:00+14:00")
+    services.gateway_pulled(gateway=gateway, installed="2001-01-01T00:00:00+00:00")
+    gateway.refresh_from_db()
+    assert gateway.state_as_of is None and gateway.last_pull_at is not None
+    now = timezone.now().replace(microsecond=0)
+    services.gateway_pulled(gateway=gateway, installed=now.isoformat())
+    gateway.refresh_from_db()
+    assert gateway.state_as_of == now
 
 
 # --- SSH certificates ------------------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ def test_host_cert(ca):
 
 def test_principal_and_bad_names():
     assert ssh.principal("c42", "alice") == "c42.alice"
+    assert ssh.principal("c42", "jo.doe+hpc@example.org") == "c42.jo.doe+hpc@example.org"  # as directories name
     with pytest.raises(ssh.SSHCertError):
         ssh.principal("c42", "al ice")
     with pytest.raises(ssh.SSHCertError, match="invalid cluster name"):

@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 INVALID_LOGIN = "Please enter a correct username and password. Note that both fields may be case-sensitive."
-BACKENDS = ["django_auth_ldap.backend.LDAPBackend", "django.contrib.auth.backends.ModelBackend"]
+BACKENDS = ["portal.auth.ActiveLDAPBackend", "django.contrib.auth.backends.ModelBackend"]
 # erin is staff without being an administrator; frank is an administrator without being in the staff group.
 USERS = (*DEMO_USERS, DirectoryUser("erin", "Erin", "Helpdesk", 10005), DirectoryUser("frank", "Frank", "Ops", 10006))
 EXTRA = {"virtcloud-staff": ("erin",), "virtcloud-admins": ("frank",)}
@@ -238,6 +238,8 @@ def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directo
     assert not charlie.is_active
     assert Credential.objects.get(user=charlie).revocation_reason == RevocationReason.PRIVILEGE_WITHDRAWN
     assert client.get("/api/clusters/", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 401
+    # his browser session ends too (django-auth-ldap's backend kept it: the pages still showed him his clusters)
+    assert client.get("/access/").status_code == 302 and not client.get("/api/clusters/").wsgi_request.user.is_active
     assert AuditEntry.objects.filter(object_id=str(charlie.pk), message__contains="no longer in the directory")
     assert run_sync()["checked"] == 0  # an inactive account is left alone (an admin may reactivate it)
 

@@ -140,7 +140,7 @@ def test_ldap_from_the_environment(tmp_path):
     )
     assert values["LDAP_URI"] == "ldaps://ldap.example.org"
     assert values["BEAT"]["portal-ldap-sync"] == ["portal.ldap_sync", 120]  # accounts follow it without a login
-    assert values["BACKENDS"][0] == "django_auth_ldap.backend.LDAPBackend"
+    assert values["BACKENDS"][0] == "portal.auth.ActiveLDAPBackend"
     assert values["BACKENDS"][-1] == "django.contrib.auth.backends.ModelBackend"  # break-glass local accounts
     assert values["LDAP_FLAGS"] == {
         "is_superuser": "cn=admins,ou=groups,dc=x",
