@@ -48,7 +48,12 @@ Runner = Callable[[Sequence[str]], str]
 
 
 class LegsError(Exception):
-    """The file or the system is not what the hook can work with (the message says why)."""
+    """The file or the system is not what the hook can work with (the message says why); ``done``: the changes
+    made all the same (the legs the system did not refuse)."""
+
+    def __init__(self, message: str, done: Sequence[str] = ()):
+        super().__init__(message)
+        self.done = list(done)
 
 
 @dataclass(frozen=True)
@@ -194,12 +199,18 @@ def sync(
         commands = plan_namespaced(legs, namespaces(run, prefix), links, trunk=trunk, prefix=prefix)
     else:
         commands = plan(legs, links, trunk=trunk, prefix=prefix)
-    done = []
+    done, failed = [], []
     for argv in commands:
-        run(argv)
+        try:
+            run(argv)
+        except LegsError as exc:  # one leg the system refuses: the others are still made (and stale ones removed)
+            failed.append(str(exc))
+            continue
         done.append(" ".join(argv[1:]))
     for a, b in [] if namespaced else overlaps(legs):
         done.append(f"warning: the networks of VLANs {a} and {b} overlap: one stack routes the overlap through one")
+    if failed:
+        raise LegsError("; ".join(failed), done)
     return done
 
 
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         changes = sync(Path(args.state), trunk=args.trunk, prefix=args.prefix, namespaced=args.namespaces)
     except LegsError as exc:
+        for line in exc.done:
+            print(f"virtcloud-legs: {line}")
         print(f"virtcloud-legs: {exc}", file=sys.stderr)
         return 1
     for line in changes:

@@ -209,17 +209,44 @@ def legs_from_doc(doc: object) -> dict[str, tuple[int, str]]:
     return out
 
 
+# The prefix lengths a cluster network may have, IPv4 and IPv6: shorter would route a large part of the address
+# space into the cluster's leg; longer leaves no host address beside the bastion's.
+BASTION_PREFIX = {4: (8, 30), 6: (32, 126)}
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # (RFC 1122: "this host on this network", never a peer)
+
+
+def bastion_address_problem(address: str) -> str | None:
+    """Why ``address`` (``address/prefix``) cannot be the bastion's address in a cluster network, or None.
+    A unicast host address of that network: not loopback, link-local (the legs hook manages global addresses
+    only, and a link-local one is in every leg's network), multicast, unspecified or reserved, with a prefix
+    length in ``BASTION_PREFIX``."""
+    if "/" not in address or "%" in address:
+        return "an address with its prefix length, e.g. 10.0.0.254/24"
+    try:
+        iface = ipaddress.ip_interface(address.strip())
+    except ValueError:
+        return "an address with its prefix length, e.g. 10.0.0.254/24"
+    ip, net = iface.ip, iface.network
+    this_network = ip.version == 4 and ip in _THIS_NETWORK
+    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved or this_network:
+        return f"{ip} is not a unicast address a cluster network can give the bastion"
+    shortest, longest = BASTION_PREFIX[ip.version]
+    if not shortest <= net.prefixlen <= longest:
+        return f"give the cluster network's prefix length (/{shortest} to /{longest})"
+    if ip == net.network_address or (ip.version == 4 and ip == net.broadcast_address):
+        return f"{ip} is not a host address of {net}"
+    return None
+
+
 def check_bastion_address(name: object, address: object) -> str:
     """A cluster's bastion address (``address/prefix``) as a gateway may use it, normalized ("" for none);
-    :class:`StateError` otherwise."""
+    :class:`StateError` otherwise (the rule of :func:`bastion_address_problem`)."""
     if address == "":
         return ""
-    try:
-        if not isinstance(address, str) or "/" not in address:
-            raise ValueError(address)
-        return str(ipaddress.ip_interface(address))
-    except ValueError:
-        raise StateError(f"cluster {name}: the bastion address {address!r} is not an address/prefix") from None
+    problem = bastion_address_problem(address) if isinstance(address, str) else "not a string"
+    if problem:
+        raise StateError(f"cluster {name}: the bastion address {address!r} cannot be used: {problem}")
+    return str(ipaddress.ip_interface(address.strip()))
 
 
 def load_legs(path: Path) -> dict[str, tuple[int, str]]:

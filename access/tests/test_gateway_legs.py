@@ -72,6 +72,43 @@ def test_plan_creates_readdresses_and_removes_only_its_own_links():
     assert legs.overlaps({1: "10.0.0.1/24", 2: "10.0.0.2/16", 3: "10.9.0.1/24", 4: "fd00::1/64"}) == [(2, 1)]
 
 
+def test_a_leg_the_system_refuses_does_not_stop_the_others(tmp_path):
+    """One cluster's leg fails (the kernel refuses its address): the other clusters still get theirs and the
+    stale leg is still removed; the hook then fails, naming what it could not do, so the pull runs it again."""
+    (tmp_path / "ssh").mkdir()
+    clusters = {
+        "a": {"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []},
+        "b": {"vlan": 200, "bastion_address": "10.1.0.254/24", "nodes": []},
+    }
+    (tmp_path / "ssh" / "clusters.json").write_text(json.dumps({"format": 1, "clusters": clusters}))
+    stale = [
+        {
+            "ifname": "vcl300",
+            "flags": ["UP"],
+            "link": "eth1",
+            "linkinfo": {"info_kind": "vlan", "info_data": {"id": 300}},
+        }
+    ]
+    ran: list[list[str]] = []
+
+    def run(argv):
+        argv = list(argv)
+        if argv[:3] == ["ip", "-j", "-d"]:
+            return json.dumps(stale)
+        if argv[:2] == ["ip", "-j"]:
+            return "[]"
+        if argv == ["ip", "addr", "add", "10.0.0.254/24", "dev", "vcl100"]:
+            raise legs.LegsError("ip addr add 10.0.0.254/24 dev vcl100: RTNETLINK answers: File exists")
+        ran.append(argv)
+        return ""
+
+    with pytest.raises(legs.LegsError, match="vcl100: RTNETLINK") as failed:
+        legs.sync(tmp_path, trunk="eth1", run=run)
+    assert ["ip", "addr", "add", "10.1.0.254/24", "dev", "vcl200"] in ran
+    assert ["ip", "link", "set", "vcl200", "up"] in ran and ["ip", "link", "del", "vcl300"] in ran
+    assert "link del vcl300" in failed.value.done
+
+
 # --- the real thing (a kernel with 802.1Q: the QEMU guest) -----------------------------------------------------
 
 

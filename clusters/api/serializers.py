@@ -13,6 +13,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from access.gateway.state import bastion_address_problem
 from clusters import selectors
 from clusters.models import (
     SETTLED_STATES,
@@ -126,16 +127,10 @@ class ClusterCreateSerializer(serializers.Serializer):
     def validate_bastion_address(self, value: str) -> str:
         if not value:
             return ""
-        try:
-            iface = ipaddress.ip_interface(value.strip())
-        except ValueError:
-            raise serializers.ValidationError("an address with its prefix length, e.g. 10.0.0.254/24") from None
-        net, longest = iface.network, iface.max_prefixlen
-        if "/" not in value or net.prefixlen > longest - 2:
-            raise serializers.ValidationError(f"give the cluster network's prefix length (at most /{longest - 2})")
-        if iface.ip in (net.network_address, net.broadcast_address):
-            raise serializers.ValidationError(f"{iface.ip} is not a host address of {net}")
-        return str(iface)
+        problem = bastion_address_problem(value)  # the rule the gateways apply to it
+        if problem:
+            raise serializers.ValidationError(problem)
+        return str(ipaddress.ip_interface(value.strip()))
 
     def validate(self, attrs):
         seconds = attrs.pop("lifetime", settings.CLUSTER_DEFAULT_LIFETIME)

@@ -192,7 +192,12 @@ def test_the_scheduler_gives_the_bastions_address_in_a_closed_cluster(fabric, im
         ]
         == ""
     )
-    for bad in ("10.0.0.254", "10.0.0.254/32", "10.0.0.0/24", "10.0.0.255/24", "fd00::1/128", "banana/24"):
+    bad_ones = ("10.0.0.254", "10.0.0.254/32", "10.0.0.0/24", "10.0.0.255/24", "fd00::1/128", "banana/24")
+    # addresses the legs hook could not hold (link-local, loopback: not global), nor route (multicast), and
+    # prefixes that would draw half the address space into the cluster's leg
+    bad_ones += ("fe80::1/64", "fe80::1%eth0/64", "127.0.0.5/8", "224.0.0.5/24", "0.0.0.1/8", "10.0.0.254/1")
+    bad_ones += ("fd00::1/16",)
+    for bad in bad_ones:
         r = api.post("/api/clusters/", body(name="c3", bastion_address=bad), format="json")
         assert r.status_code == 400 and "bastion_address" in r.data, (bad, r.data)
     before = allocated_vids()
