@@ -4,7 +4,8 @@ schema documents them (``error_responses``) and the API token scheme (``TokenAut
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import JsonResponse
+from django.http import HttpResponse, JsonResponse
+from django.urls import is_valid_path
 from django.utils.encoding import smart_str
 from django.views.defaults import bad_request as django_bad_request
 from django.views.defaults import page_not_found
@@ -27,6 +28,25 @@ def exception_handler(exc, context):
         data = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
         return Response(data, status=status.HTTP_400_BAD_REQUEST)
     return drf_exception_handler(exc, context)
+
+
+def api_slash_middleware(get_response):
+    """Under ``/api/``, a POST, PUT, PATCH or DELETE to a path without its trailing slash is answered 308, which
+    a client repeats with the same method and body at the path with the slash. Django's APPEND_SLASH answers
+    301, which clients follow as a GET: ``POST /api/clusters`` then listed the clusters, and looked like a
+    success."""
+
+    def middleware(request):
+        path = request.path_info
+        if request.method not in ("GET", "HEAD", "OPTIONS") and path.startswith("/api/") and not path.endswith("/"):
+            urlconf = getattr(request, "urlconf", None)
+            if not is_valid_path(path, urlconf) and is_valid_path(f"{path}/", urlconf):
+                response = HttpResponse(status=308)
+                response["Location"] = request.get_full_path(force_append_slash=True)
+                return response
+        return get_response(request)
+
+    return middleware
 
 
 def not_found(request, exception=None):

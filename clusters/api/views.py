@@ -67,9 +67,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         qs = selectors.clusters_visible(self.request)
         params = self.request.query_params
         if params.get("state") and params["state"] not in ClusterState.values:
-            raise ValidationError({"state": f"unknown state; one of {', '.join(ClusterState.values)}"})
+            raise ValidationError({"state": [f"unknown state; one of {', '.join(ClusterState.values)}"]})
         if params.get("connectivity") and params["connectivity"] not in Connectivity.values:
-            raise ValidationError({"connectivity": f"unknown connectivity; one of {', '.join(Connectivity.values)}"})
+            raise ValidationError({"connectivity": [f"unknown connectivity; one of {', '.join(Connectivity.values)}"]})
         for field in self.filter_fields:
             if field in params:
                 qs = qs.filter(**{field: query_param(self.request, field)})
@@ -89,9 +89,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         if not key:
             return None
         if len(key) > 200:
-            raise ValidationError({"Idempotency-Key": "at most 200 characters"})
+            raise ValidationError({"Idempotency-Key": ["at most 200 characters"]})
         if "\x00" in key:  # (PostgreSQL text cannot hold it; gunicorn refuses it, runserver passes it on)
-            raise ValidationError({"Idempotency-Key": "must not contain NUL characters"})
+            raise ValidationError({"Idempotency-Key": ["must not contain NUL characters"]})
         actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
         return actor, key, services.request_fingerprint(payload)
 
@@ -105,7 +105,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster, code)
 
     def _respond(self, cluster, code=status.HTTP_200_OK) -> Response:
-        cluster = selectors.clusters_visible(self.request).get(pk=cluster.pk)
+        cluster = selectors.clusters_visible(self.request).filter(pk=cluster.pk).first()
+        if cluster is None:  # out of the caller's sight meanwhile (left the group during a long poll, deleted)
+            raise NotFound("No cluster matches the given query.")
         return Response(s.ClusterSerializer(cluster, context={"request": self.request}).data, status=code)
 
     @extend_schema(

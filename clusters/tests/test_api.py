@@ -1034,3 +1034,20 @@ def test_create_costs_the_same_queries_for_one_node_or_six(fabric, images, api, 
         format="json",
     )
     assert r.status_code == 400 and "nosuch" in str(r.data["nodes"][1]["host"])
+
+
+def test_a_body_nested_too_deep_is_a_400(api, alice):
+    api.force_authenticate(alice)
+    r = api.generic("POST", "/api/clusters/", b"[" * 100_000, content_type="application/json")
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
+
+
+def test_a_change_without_the_trailing_slash_is_redirected_with_its_method(api, alice):
+    """308: repeated with the same method and body; Django's 301 made clients repeat a POST as a GET (a list)."""
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters?x=1", {"name": "c1"}, format="json")
+    assert r.status_code == 308 and r["Location"] == "/api/clusters/?x=1"
+    r = api.post("/api/clusters/7/teardown", {}, format="json")
+    assert r.status_code == 308 and r["Location"] == "/api/clusters/7/teardown/"
+    assert api.post("/api/no-such-thing", {}, format="json").status_code == 404
+    assert api.get("/api/clusters").status_code == 301  # (a GET may follow Django's redirect as it is)

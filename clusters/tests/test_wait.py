@@ -170,3 +170,14 @@ def test_inside_a_transaction_it_polls():
     started = time.monotonic()
     assert notify.wait_for(lambda: None, channel="c", payload="1", timeout=0.25) is None
     assert time.monotonic() - started >= 0.25
+
+
+def test_a_member_who_leaves_the_group_while_waiting_gets_a_404(fabric, alice, bob, team):
+    """bob (alice's group) waits for her cluster; the directory takes him out of the group meanwhile: the
+    answer is the 404 he would get now, not a 500."""
+    cluster = VirtualCluster.objects.get(pk=create_cluster(alice, group=team.name))
+    leave = threading.Timer(0.3, lambda: (bob.groups.remove(team), connections.close_all()))
+    leave.start()
+    r = client_for(bob).get(f"/api/clusters/{cluster.pk}/wait/?until=torn_down&timeout=1.5")
+    leave.join()
+    assert r.status_code == 404, r.content
