@@ -59,6 +59,7 @@ from access.models import (
     RevocationReason,
     SerialNumber,
 )
+from portal import audit
 from portal.models import TokenScope
 from portal.tokens import token_create, token_revoke
 
@@ -1151,6 +1152,23 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
         ssh_host_key=host.private_openssh,
         ssh_host_cert=host_cert,
     )
+
+
+def sign_out_elsewhere(*, user):
+    """End ``user``'s other browser sessions, as a lost device's must end (it could download new profiles).
+    Django ties a session to the account's password hash: a directory account has no password here (an
+    unusable one), so a new unusable one ends every session — the caller keeps its own with
+    ``update_session_auth_hash`` and the account returned. None for an account with a password of its own: its
+    owner changes it instead."""
+    from django.contrib.auth import get_user_model
+
+    account = get_user_model().objects.get(pk=user.pk)
+    if account.has_usable_password():
+        return None
+    account.set_unusable_password()
+    account.save(update_fields=["password"])
+    audit.record(account, "action", message="signed out of every other session (a lost device)")
+    return account
 
 
 GATEWAY_ACCOUNT = "virtcloud-gateways"  # owns every gateway's pull token: a machine's credential, nobody's

@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import wraps
 
 from django.contrib import messages
+from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
@@ -128,4 +129,11 @@ def credential_revoke(request, pk: int):
         messages.success(request, f"Revoked {credential}. Gateways refuse it from their next pull (minutes).")
     else:
         messages.info(request, f"{credential} was already revoked.")
+    # The lost device may still be signed in here: it could download new profiles.
+    account = services.sign_out_elsewhere(user=request.user)
+    if account is not None:
+        update_session_auth_hash(request, account)  # (this session stays)
+        messages.info(request, "Every other browser session of yours is signed out.")
+    else:
+        messages.info(request, "Was the lost device signed in to this portal? Change your password: that signs it out.")
     return redirect(PAGE)

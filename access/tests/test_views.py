@@ -267,3 +267,33 @@ def test_the_page_names_nodes_the_bastion_does_not_relay_to(alice, charlie, clus
 
     Node.objects.filter(cluster=other_cluster).update(address="10.0.0.6")
     assert 'id="ssh-withheld"' not in logged_in(alice).get("/access/").content.decode()
+
+
+def test_lost_my_laptop_signs_out_the_laptop_too(team, cluster, gateway):
+    """The laptop's browser may still be signed in: it could download a new profile. Revoking from the phone ends
+    every other session of a directory account (no password here); this one stays."""
+    from django.contrib.auth.models import User
+
+    from access import services
+
+    dora = User.objects.create_user("dora")  # as django-auth-ldap makes them: no usable password
+    dora.groups.add(team)
+    assert not dora.has_usable_password()
+    laptop, phone = logged_in(dora), logged_in(dora)
+    services.vpn_profile_issue(user=dora, clusters=[cluster])
+    credential = Credential.objects.get(user=dora)
+    r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
+    assert "Every other browser session of yours is signed out" in r.content.decode()
+    assert laptop.get("/access/").status_code == 302  # to the login page
+    assert phone.get("/access/").status_code == 200
+
+
+def test_lost_my_laptop_with_a_local_password_says_to_change_it(alice, cluster, gateway):
+    from access import services
+
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get(user=alice)
+    laptop, phone = logged_in(alice), logged_in(alice)
+    r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
+    assert "Change your password" in r.content.decode()
+    assert laptop.get("/access/").status_code == 200  # (Django cannot end it without the password changing)
