@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from portal import audit
-from portal.models import ApiToken, AuditEntry, DirectoryAccount, TokenScope
+from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, TokenScope
 from portal.tokens import token_create, token_revoke
 
 
@@ -105,6 +105,23 @@ class DirectoryAccountAdmin(admin.ModelAdmin):
     @admin.display(boolean=True, ordering="user__is_active")
     def active(self, obj) -> bool:
         return obj.user.is_active
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(LoginFailure)
+class LoginFailureAdmin(admin.ModelAdmin):
+    """Recent failed logins per account; deleting an account's rows lets it log in again at once (a user who
+    mistyped their password too often and called the helpdesk)."""
+
+    list_display = ["username", "at"]
+    search_fields = ["username"]
+    date_hierarchy = "at"
+    readonly_fields = ["username", "at"]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.db import models
+from django.utils import timezone
 
 
 class AuditEntry(models.Model):
@@ -89,3 +90,20 @@ class DirectoryAccount(models.Model):
 
     def __str__(self) -> str:
         return self.dn
+
+
+class LoginFailure(models.Model):
+    """A failed login of ``username`` (as typed, lower-cased): ``LOGIN_FAILURES_MAX`` of them within
+    ``LOGIN_FAILURE_WINDOW`` refuse that account's logins until the oldest leaves the window
+    (``portal.forms.LoginForm``). Guessing a password gets that many tries, and the directory's own lockout
+    (an LDAP password policy) is never set off against its owner from here. Rows older than the window are
+    deleted as new failures come."""
+
+    username = models.CharField(max_length=150)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["username", "at"])]
+
+    def __str__(self) -> str:
+        return f"{self.username} at {self.at:%Y-%m-%d %H:%M:%S}"

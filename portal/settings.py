@@ -118,6 +118,9 @@ AUTH_PASSWORD_VALIDATORS = [
 # --- Identity: LDAP first, local accounts (break-glass superuser) second -----------------------------------
 LDAP = ldap_auth.ldap_settings()
 globals().update(LDAP)
+# failed logins of one account within the window (seconds) that refuse its logins until the oldest leaves it
+LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 5, minimum=0)
+LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + [
     "django.contrib.auth.backends.ModelBackend"
 ]
