@@ -51,6 +51,7 @@ from access.gateway.state import SshState, StateError, VpnState, check_fresh, wr
 EX_TEMPFAIL = 75
 ON_CHANGE_FAILED = ".on-change-failed"  # in the state directory: why the --on-change hook failed last
 ON_CHANGE_RAN = ".on-change-ran"  # … and the boot it last succeeded in
+RUNNING = "running: the pull of pid"  # the record while the hook runs
 STATE_PATH = "/api/access/gateway/state/"
 DEFAULT_STATE_DIR = "/var/lib/virtcloud-gateway"
 
@@ -198,7 +199,7 @@ def run_on_change(
     if not changed and not failed.exists() and ran.exists() and ran.read_text().strip() == boot:
         return 0
     # until it succeeds, a pull killed meanwhile (a timeout, a shutdown) leaves the hook due
-    write_atomic(failed, "interrupted: the hook did not finish\n", 0o600)
+    write_atomic(failed, f"{RUNNING} {os.getpid()} (interrupted if that pull is gone)\n", 0o600)
     env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
     try:
         done = subprocess.run(  # noqa: S603 - the operator's own command line, without a shell
@@ -245,9 +246,28 @@ def status(state_dir: str | Path, *, out: TextIO = sys.stdout) -> int:
     failed = state_dir / ON_CHANGE_FAILED
     if failed.exists():  # the state is current, but the legs (or whatever the hook keeps) may not follow it
         reason = (failed.read_text().strip().splitlines() or ["?"])[0][:300]
+        running = _running_pull(reason)
+        if running:
+            _say(out, f"the --on-change hook is running (the pull of pid {running})")
+            return 0
         _say(out, f"the --on-change hook failed at the last pull ({reason}); it runs again at the next")
         return 2
     return 0
+
+
+def _running_pull(record: str) -> int | None:
+    """The pid of the pull whose hook is running now, from the hook's record, or None (finished, failed, or its
+    pull was killed: the hook is due again)."""
+    if not record.startswith(RUNNING):
+        return None
+    try:
+        pid = int(record[len(RUNNING) :].split()[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
 
 
 def add_arguments(sub) -> None:

@@ -421,10 +421,18 @@ def test_a_pull_killed_while_its_hook_runs_leaves_the_hook_due(live_server, root
         while not started.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert started.exists(), proc.stderr.read() if proc.poll() is not None else "the hook never started"
+        status = [sys.executable, "-I", str(agent), "status", "--dir", str(state)]
+        running = subprocess.run(status, capture_output=True, text=True, timeout=30, check=False)
+        # a monitoring check meanwhile: not a failure
+        assert running.returncode == 0 and f"the --on-change hook is running (the pull of pid {proc.pid})" in (
+            running.stdout
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the pull and its hook, as systemd's time limit does
         proc.wait()
     assert (state / ".on-change-failed").exists()
+    killed = subprocess.run(status, capture_output=True, text=True, timeout=30, check=False)
+    assert killed.returncode == 2 and "the --on-change hook failed at the last pull" in killed.stdout
     (tmp_path / "fast").touch()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and "unchanged" in done.stdout and "--on-change ran" in done.stdout, done.stderr
