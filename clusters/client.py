@@ -41,14 +41,12 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
     sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
-import http.client
 import json
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import TextIO
 
 from access.gateway import outgoing  # stdlib only: the no-redirect opener, where a token may go
@@ -82,31 +80,23 @@ class Api:
 
     def call(self, method: str, path: str, body: dict | None = None, *, key: str | None = None, **query) -> dict:
         url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        problem = outgoing.token_url_problem(url)
-        if problem:
-            raise Refused(problem)
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        data = None
+        headers, data = {"Idempotency-Key": key} if key else {}, None
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-        if key:
-            headers["Idempotency-Key"] = key
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - checked
         try:
-            with outgoing.opener(direct=outgoing.is_loopback(url)).open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = exc.read()[:2000].decode(errors="replace")
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            if outgoing.redirected(exc.code):  # the token is never sent along
-                raise Refused(f"{method} {path}: {exc.code}, a redirect to {exc.headers.get('Location')}") from None
-            if 400 <= exc.code < 500 and exc.code not in (408, 429) and _code(detail) not in LATER:
-                raise Refused(f"{method} {path}: {exc.code} {detail}", status=exc.code) from None
-            raise Unavailable(f"{method} {path}: {exc.code} {detail}") from None
-        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            answer = outgoing.send_with_token(method, url, self.token, headers=headers, data=data, timeout=self.timeout)
+        except outgoing.NotSent as exc:
+            raise Refused(str(exc)) from None
+        except outgoing.Unreachable as exc:
             raise Unavailable(f"{method} {path}: cannot reach the portal at {self.base}: {exc}") from None
+        detail = answer.body[:2000].decode(errors="replace")
+        if outgoing.redirected(answer.status):  # the token is never sent along
+            raise Refused(f"{method} {path}: {answer.status}, a redirect to {answer.headers.get('Location')}")
+        if 400 <= answer.status < 500 and answer.status not in (408, 429) and _code(detail) not in LATER:
+            raise Refused(f"{method} {path}: {answer.status} {detail}", status=answer.status)
+        if answer.status >= 400:
+            raise Unavailable(f"{method} {path}: {answer.status} {detail}")
+        raw = answer.body
         try:
             return json.loads(raw or b"{}")
         except ValueError as exc:
@@ -314,12 +304,9 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     moved.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
     try:
-        secret = args.token or Path(args.token_file).read_text().strip()
-    except OSError as exc:
-        err.write(f"virtcloud: cannot read the token: {exc}\n")
-        return 2
-    if not secret or not secret.isprintable() or any(c.isspace() for c in secret):
-        err.write("virtcloud: the token is empty or malformed (one word, as the portal showed it)\n")
+        secret = outgoing.read_token(args.token, args.token_file)
+    except ValueError as exc:
+        err.write(f"virtcloud: {exc}\n")
         return 2
     api = Api(args.url, secret)
     try:

@@ -28,15 +28,12 @@ hook failed at the last pull (for a monitoring check).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TextIO
 
@@ -68,34 +65,23 @@ def fetch_state(
     VLAN ids released before it."""
     url = url.rstrip("/")
     url = url + "/" if url.endswith(STATE_PATH.rstrip("/")) else url + STATE_PATH
-    problem = outgoing.token_url_problem(url)
-    if problem:
-        raise PullError(problem)
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
-    if etag:
-        request.add_header("If-None-Match", etag)
-    if generated_at:
-        request.add_header("VirtCloud-State-Generated-At", generated_at)
+    headers = {"If-None-Match": etag, "VirtCloud-State-Generated-At": generated_at}
     try:  # a redirect is refused: urllib would send the token along to wherever it points
-        with outgoing.opener(direct=outgoing.is_loopback(url)).open(request, timeout=timeout) as response:
-            body = response.read()
-            new_etag = response.headers.get("ETag")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 304:
-            return None, etag
-        if outgoing.redirected(exc.code):
-            where = exc.headers.get("Location")
-            raise PullError(
-                f"the portal answered {exc.code}, a redirect to {where}: refused (the token stays here)"
-            ) from None
-        try:
-            detail = exc.read()[:200]
-        except (OSError, http.client.HTTPException):
-            detail = b""
-        raise PullError(f"the portal answered {exc.code} for {url}: {detail!r}") from None
-    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+        answer = outgoing.send_with_token(
+            "GET", url, token, headers={k: v for k, v in headers.items() if v}, timeout=timeout
+        )
+    except outgoing.NotSent as exc:
+        raise PullError(str(exc)) from None
+    except outgoing.Unreachable as exc:
         raise PullError(f"cannot reach the portal at {url}: {exc}") from None
+    if answer.status == 304:
+        return None, etag
+    if outgoing.redirected(answer.status):
+        where = answer.headers.get("Location")
+        raise PullError(f"the portal answered {answer.status}, a redirect to {where}: refused (the token stays here)")
+    if answer.status >= 300:
+        raise PullError(f"the portal answered {answer.status} for {url}: {answer.body[:200]!r}")
+    body, new_etag = answer.body, answer.headers.get("ETag")
     try:
         doc = json.loads(body)
     except ValueError as exc:
@@ -263,10 +249,10 @@ def _running_pull(record: str) -> int | None:
     try:
         pid = int(record[len(RUNNING) :].split()[0])
         os.kill(pid, 0)
+    except PermissionError:  # alive, another user's
+        pass
     except (ValueError, IndexError, ProcessLookupError):
         return None
-    except PermissionError:  # alive, another user's
-        return pid
     return pid
 
 
@@ -282,8 +268,8 @@ def add_arguments(sub) -> None:
     pull_parser.add_argument(
         "--on-change",
         metavar="CMD",
-        help="run CMD after a pull that changed the state (and after every pull until it succeeds once): "
-        "e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json",
+        help="run CMD after a pull that changed the state, at every pull until it succeeds once, and once after "
+        "each boot: e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json",
     )
     pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
     status_parser = sub.add_parser(
@@ -297,12 +283,9 @@ def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     if options["action"] == "status":
         return status(options["dir"], out=out)
     try:
-        token = options["token"] or Path(options["token_file"]).read_text().strip()
-    except OSError as exc:
-        _say(err, f"gateway pull: cannot read the gateway token: {exc}")
-        return 2
-    if not token or not token.isprintable() or any(c.isspace() for c in token):
-        _say(err, "gateway pull: the gateway token is empty or malformed (one word, as the portal showed it)")
+        token = outgoing.read_token(options["token"], options["token_file"], what="gateway token")
+    except ValueError as exc:
+        _say(err, f"gateway pull: {exc}")
         return 2
     return run_pull(
         url=options["url"],

@@ -13,9 +13,14 @@ report.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -54,3 +59,56 @@ def token_url_problem(url: str) -> str | None:
     if scheme == "http":
         return f"the portal URL must be https (plain http only to this host): {url}"
     return f"the portal URL must be https: {url}"
+
+
+class NotSent(ValueError):
+    """The request was not sent: the token would have gone somewhere it must not (see ``token_url_problem``)."""
+
+
+class Unreachable(OSError):
+    """No HTTP answer: the server could not be reached, or what came back was not HTTP (``http.client``)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Message
+    body: bytes
+
+
+def send_with_token(
+    method: str, url: str, token: str, *, headers: dict | None = None, data: bytes | None = None, timeout: float
+) -> Answer:
+    """One request carrying ``token`` as a bearer token, answered with whatever status the server gave (a 3xx
+    is never followed, a 4xx or 5xx is an ``Answer`` too); ``NotSent`` or ``Unreachable`` otherwise. The one
+    place the gateway agent and the scheduler's client send their tokens from."""
+    problem = token_url_problem(url)
+    if problem:
+        raise NotSent(problem)
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    )
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with opener(direct=is_loopback(url)).open(request, timeout=timeout) as response:
+            return Answer(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read()
+        except (OSError, http.client.HTTPException):
+            body = b""
+        return Answer(exc.code, exc.headers, body)
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+        raise Unreachable(str(exc)) from None
+
+
+def read_token(token: str | None, token_file: str | None, *, what: str = "token") -> str:
+    """The token given, or the one in ``token_file``; ``ValueError`` saying why there is none usable."""
+    try:
+        token = token or Path(token_file or "").read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what}: {exc}") from None
+    if not token or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError(f"the {what} is empty or malformed (one word, as the portal showed it)")
+    return token

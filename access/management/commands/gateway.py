@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from access.gateway import agent, sshd, systemd
+from access.gateway import agent, outgoing, sshd, systemd
 from access.gateway import pull as gateway_pull
 from access.gateway.agent import DEFAULT_STATE_DIR
 from access.gateway.state import SshState, VpnState, write_atomic
@@ -68,11 +68,11 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if options["action"] == "config":
             return self._config(options)
-        if options["action"] == "pull" and not options["token"]:
+        if options["action"] == "pull":
             try:
-                options["token"] = Path(options["token_file"]).read_text().strip()
-            except OSError as exc:
-                raise CommandError(f"cannot read the gateway token: {exc}") from None
+                options["token"] = outgoing.read_token(options["token"], options["token_file"], what="gateway token")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
         code = agent.run(options, out=self.stdout, err=self.stderr)
         if code:
             sys.exit(code)
