@@ -60,7 +60,7 @@ from access.models import (
     SerialNumber,
 )
 from portal import audit
-from portal.models import TokenScope
+from portal.models import ApiToken, TokenScope
 from portal.tokens import token_create, token_revoke
 
 logger = logging.getLogger(__name__)
@@ -405,18 +405,18 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     the clusters' expiry, the CA's or the AA's). The
     profile enters the first cluster; the user switches with ``setenv UV_VCLUSTER`` to another one the
     AC covers (listed at the top of the file)."""
-    chosen = clusters_authorize(user=user, clusters=clusters)
-    gateway = _gateway("vpn", chosen)
-    tls_crypt = _ensure_tls_crypt(gateway)
-    vpn_ca, aa = _signers(AuthorityKind.VPN, AuthorityKind.AA)
-
-    labels = [selectors.cluster_label(c) for c in chosen]
     username = user.get_username()
     if len(username) > pki.MAX_COMMON_NAME:
         raise NameTooLong(
             f"the user name {username[:20]}… has {len(username)} characters: a certificate's name holds at most "
             f"{pki.MAX_COMMON_NAME}; use the SSH access, or ask an administrator"
         )
+    chosen = clusters_authorize(user=user, clusters=clusters)
+    gateway = _gateway("vpn", chosen)
+    tls_crypt = _ensure_tls_crypt(gateway)
+    vpn_ca, aa = _signers(AuthorityKind.VPN, AuthorityKind.AA)
+
+    labels = [selectors.cluster_label(c) for c in chosen]
     serial = serial_allocate("vpn-client", pooled=True)
     now = _now()
     start = now - pki.CLOCK_SKEW
@@ -618,6 +618,11 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
     (chosen,) = clusters_authorize(user=user, clusters=[cluster])
     gateway = _gateway("ssh", [chosen])
     label = selectors.cluster_label(chosen)
+    if not gateway.forwards_by_address and not (chosen.vlan_id and chosen.bastion_address):
+        # a bastion per cluster listens only for clusters with a leg (access/gateway/bastion.py)
+        raise ClusterNotReady(
+            f"cluster {label} has no address for the SSH bastion (its scheduler gave none): use its VPN profile"
+        )
     username = user.get_username()
     pair = None
     if public_key:
@@ -1154,6 +1159,21 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     )
 
 
+@transaction.atomic
+def credential_revoke_lost_device(*, credential: Credential, user):
+    """ "Lost my laptop": revoke ``credential`` (``user``'s own) and, when that revoked it now, end the user's other
+    browser sessions (the device may still be signed in and could download a new profile). Returns (revoked
+    now?, the account whose session hash the caller refreshes to stay signed in, or None: nothing revoked, or an
+    account with a password of its own, whose owner changes it instead)."""
+    revoked = credential_revoke(
+        credential=credential,
+        reason=RevocationReason.KEY_COMPROMISE,
+        by=user,
+        note=f"{user.get_username()}: lost my laptop",
+    )
+    return revoked, (sign_out_elsewhere(user=user) if revoked else None)
+
+
 def sign_out_elsewhere(*, user):
     """End ``user``'s other browser sessions, as a lost device's must end (it could download new profiles).
     Django ties a session to the account's password hash: a directory account has no password here (an
@@ -1171,6 +1191,7 @@ def sign_out_elsewhere(*, user):
     return account
 
 
+_TOKEN_NAME_LENGTH = ApiToken._meta.get_field("name").max_length
 GATEWAY_ACCOUNT = "virtcloud-gateways"  # owns every gateway's pull token: a machine's credential, nobody's
 
 
@@ -1179,12 +1200,11 @@ def gateway_account():
     the admin who issued a token: deactivating that person (``ldap_sync``: gone from the directory) stopped
     every token they owned, and each of their gateways failed closed for everyone."""
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
 
-    account, made = get_user_model().objects.get_or_create(username=GATEWAY_ACCOUNT, defaults={"is_active": True})
-    if made:
-        account.set_unusable_password()
-        account.save(update_fields=["password"])
-    return account
+    return get_user_model().objects.get_or_create(
+        username=GATEWAY_ACCOUNT, defaults={"is_active": True, "password": make_password(None)}
+    )[0]
 
 
 @transaction.atomic
@@ -1196,7 +1216,7 @@ def gateway_token_issue(*, gateway: Gateway, by) -> str:
     old = locked.token
     token, secret = token_create(
         user=gateway_account(),
-        name=f"gateway {gateway.name} (issued by {by.get_username()})"[:100],
+        name=f"gateway {gateway.name} (issued by {by.get_username()})"[:_TOKEN_NAME_LENGTH],
         scopes=[TokenScope.GATEWAY],
     )
     locked.token = gateway.token = token

@@ -17,7 +17,6 @@ from django.views.decorators.http import require_GET
 from access import selectors, services
 from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
-from access.models import RevocationReason
 
 PAGE = "access:my-clusters"
 
@@ -120,17 +119,11 @@ def ssh_download(request):
 @login_required
 def credential_revoke(request, pk: int):
     credential = get_object_or_404(selectors.credentials_visible(request.user).filter(user=request.user), pk=pk)
-    if services.credential_revoke(
-        credential=credential,
-        reason=RevocationReason.KEY_COMPROMISE,
-        by=request.user,
-        note=f"{request.user.get_username()}: lost my laptop",
-    ):
-        messages.success(request, f"Revoked {credential}. Gateways refuse it from their next pull (minutes).")
-    else:
+    revoked, account = services.credential_revoke_lost_device(credential=credential, user=request.user)
+    if not revoked:
         messages.info(request, f"{credential} was already revoked.")
-    # The lost device may still be signed in here: it could download new profiles.
-    account = services.sign_out_elsewhere(user=request.user)
+        return redirect(PAGE)
+    messages.success(request, f"Revoked {credential}. Gateways refuse it from their next pull (minutes).")
     if account is not None:
         update_session_auth_hash(request, account)  # (this session stays)
         messages.info(request, "Every other browser session of yours is signed out.")

@@ -270,3 +270,12 @@ def test_an_admins_token_acts_on_everyones_credentials_only_with_clusters_manage
     assert client_for(root).get("/api/access/credentials/").json()["count"] == 1
     response = client_for(token=manager).post(f"/api/access/credentials/{alices.pk}/revoke/")
     assert response.status_code == 200 and response.json()["revocation_reason"] == "privilege_withdrawn"
+
+
+def test_a_user_name_too_long_for_a_certificate_is_a_422_naming_it(team, cluster, gateway):
+    from django.contrib.auth.models import User
+
+    long = User.objects.create_user("b" * 65)
+    long.groups.add(team)
+    response = client_for(long).post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
+    assert response.status_code == 422 and response.json()["code"] == "user_name_too_long", response.content

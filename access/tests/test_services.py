@@ -335,6 +335,13 @@ def test_a_bastion_per_cluster_relays_to_shared_addresses_on_the_clusters_own_po
     gateway.save()
     _address(cluster, "node1", "10.0.0.5")
     _address(other_cluster, "node1", "10.0.0.5")
+    # Without a bastion address there is no leg, and that cluster's bastion never listens: refused, not an
+    # ssh_config that points at a closed port.
+    with pytest.raises(ClusterNotReady, match="no address for the SSH bastion"):
+        services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert not Credential.objects.exists()
+    type(cluster).objects.filter(pk__in=[cluster.pk, other_cluster.pk]).update(bastion_address="10.0.0.254/24")
+    cluster.refresh_from_db()
     state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
     assert state[cluster_label(cluster)]["targets"] == [["10.0.0.5", 22]]
     assert state[cluster_label(other_cluster)]["targets"] == [["10.0.0.5", 22]]

@@ -286,6 +286,12 @@ def test_lost_my_laptop_signs_out_the_laptop_too(team, cluster, gateway):
     assert "Every other browser session of yours is signed out" in r.content.decode()
     assert laptop.get("/access/").status_code == 302  # to the login page
     assert phone.get("/access/").status_code == 200
+    # Revoking it again (already revoked) signs nobody out.
+    dora.refresh_from_db()  # (signed in after the sign-out)
+    tablet = logged_in(dora)
+    r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
+    assert "was already revoked" in r.content.decode() and "signed out" not in r.content.decode()
+    assert tablet.get("/access/").status_code == 200
 
 
 def test_lost_my_laptop_with_a_local_password_says_to_change_it(alice, cluster, gateway):
