@@ -95,9 +95,9 @@ class DirectoryAccount(models.Model):
 class LoginFailure(models.Model):
     """A failed login of ``username`` (as typed, lower-cased): ``LOGIN_FAILURES_MAX`` of them within
     ``LOGIN_FAILURE_WINDOW`` refuse that account's logins until the oldest leaves the window
-    (``portal.forms.LoginForm``). Guessing a password gets that many tries, and the directory's own lockout
-    (an LDAP password policy) is never set off against its owner from here. Rows older than the window are
-    deleted as new failures come."""
+    (``portal.logins``, asked by ``portal.forms.LoginForm``). Guessing a password gets that many tries, and the
+    directory's own lockout (an LDAP password policy) is never set off against its owner from here. Rows older
+    than the window are deleted as new failures come."""
 
     username = models.CharField(max_length=150)
     at = models.DateTimeField(default=timezone.now)
