@@ -29,7 +29,7 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from access.gateway.state import SshState, StateError, load_legs  # noqa: E402
+from access.gateway.state import SSHD_CONFIG, SshState, StateError, load_legs  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 PRIVSEP_DIR = "/run/sshd"
@@ -38,11 +38,8 @@ NETNS_DIR = Path("/run/netns")
 
 def wanted(state_dir: Path, base: int) -> dict[int, tuple[str, int]]:
     """{port: (cluster, VLAN id)} for the clusters of ``ssh/clusters.json`` that have a VLAN and a bastion
-    address (an unreadable or malformed file: none — the pull validated it, so that is a half-set-up gateway)."""
-    try:
-        legs = load_legs(SshState.at(state_dir).clusters)
-    except StateError:
-        return {}
+    address; :class:`StateError` when the file is missing (no pull yet) or malformed."""
+    legs = load_legs(SshState.at(state_dir).clusters)
     return {base + vid: (name, vid) for name, (vid, _address) in legs.items()}
 
 
@@ -68,13 +65,21 @@ class Bastion:
         self.ssh = SshState.at(state_dir)
         self.selector = selectors.DefaultSelector()
         self.listeners: dict[int, socket.socket] = {}
+        self.unreadable = ""  # why ssh/clusters.json could not be read at the last sync (said once)
 
     def say(self, text: str) -> None:
         print(f"virtcloud-bastion: {text}", file=self.log, flush=True)
 
     def sync(self) -> None:
         """Listen on the ports of the clusters the state lists now; stop listening for the others."""
-        ports = wanted(self.state_dir, self.base)
+        try:
+            ports = wanted(self.state_dir, self.base)
+        except StateError as exc:  # keep what listens now: the clusters did not leave, the file is unreadable
+            if str(exc) != self.unreadable:
+                self.say(f"{exc}: the listeners stay as they are until it can be read")
+            self.unreadable = str(exc)
+            return
+        self.unreadable = ""
         for port in set(self.listeners) - set(ports):
             sock = self.listeners.pop(port)
             self.selector.unregister(sock)
@@ -136,11 +141,11 @@ class Bastion:
                 os.dup2(conn.fileno(), 0)
                 os.dup2(conn.fileno(), 1)
                 command = f"{self.ssh.principals_command} %u %s {label}"
-                config = str(self.state_dir / "sshd_config")  # what `gateway config --dir` wrote
+                config = str(self.state_dir / SSHD_CONFIG)  # what `gateway config --dir` wrote
                 argv = ["sshd", "-i", "-f", config, "-o", f"AuthorizedPrincipalsCommand={command}"]
                 os.execv(self.sshd, argv + (["-E", self.sshd_log] if self.sshd_log else []))  # noqa: S606
             except BaseException as exc:  # noqa: BLE001 - the child must never return into the loop
-                print(f"virtcloud-bastion: cluster {label}: {exc}", file=sys.stderr, flush=True)
+                self.say(f"cluster {label}: {exc}")
             finally:
                 os._exit(1)
         conn.close()

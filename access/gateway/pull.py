@@ -181,7 +181,7 @@ def _legs(clusters: dict) -> dict[str, dict]:
     for label, entry in clusters.items():
         vlan = entry.get("vlan")
         if vlan is not None:
-            check_vlan_entry(label, vlan)
+            check_vlan_entry(label, vlan, "ssh/clusters.json")
         elif not isinstance(label, str) or not CLUSTER_RE.match(label):
             raise StateError(f"state document: invalid cluster name {label!r}")
         nodes = []

@@ -87,6 +87,10 @@ class VpnState:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+SSHD_CONFIG = "sshd_config"  # in the state directory: the bastion's sshd configuration (gateway config writes it)
+OPENVPN_CONFIG = "openvpn.conf"  # … and OpenVPN's
+
+
 @dataclass(frozen=True)
 class SshState:
     """Paths of the SSH bastion side of a gateway state directory."""
@@ -169,12 +173,12 @@ def vlan_map_json(clusters: dict[str, int], *, generated_at: str) -> str:
     return json.dumps({"format": 1, "generated_at": generated_at, "clusters": dict(sorted(clusters.items()))}, indent=1)
 
 
-def check_vlan_entry(name: object, vid: object) -> None:
+def check_vlan_entry(name: object, vid: object, where: str = "the VLAN map") -> None:
     """A cluster name and its VLAN id as a gateway may use them (StateError otherwise)."""
     if not isinstance(name, str) or not CLUSTER_RE.match(name):
-        raise StateError(f"invalid cluster name {name!r} in the VLAN map")
+        raise StateError(f"invalid cluster name {name!r} in {where}")
     if not isinstance(vid, int) or isinstance(vid, bool) or not 1 <= vid <= 4094:
-        raise StateError(f"invalid VLAN id {vid!r} for cluster {name} in the VLAN map")
+        raise StateError(f"invalid VLAN id {vid!r} for cluster {name} in {where}")
 
 
 def load_vlan_map(path: Path) -> dict[str, int]:

@@ -25,6 +25,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from access.gateway.state import OPENVPN_CONFIG, SSHD_CONFIG
+
 PULL = "virtcloud-gateway-pull"
 OPENVPN = "virtcloud-gateway-openvpn"
 SSHD = "virtcloud-gateway-sshd"
@@ -138,7 +140,7 @@ def render_units(
                 # the persistent tap plugged into the trunk: without it OpenVPN would make a tap of its own,
                 # plugged into nothing, and serve clients a network that reaches no cluster
                 "ExecStartPre": exec_line(["/usr/sbin/ip", "-o", "link", "show", "dev", tap]),
-                "ExecStart": exec_line([openvpn, "--suppress-timestamps", "--config", state_dir / "openvpn.conf"]),
+                "ExecStart": exec_line([openvpn, "--suppress-timestamps", "--config", state_dir / OPENVPN_CONFIG]),
                 "WorkingDirectory": _path_value(state_dir),
                 "Restart": "on-failure",
                 "RestartSec": "2s",
@@ -171,7 +173,7 @@ def render_units(
             ]
         )
     if serves_ssh and not ssh_port_base:
-        config = state_dir / "sshd_config"
+        config = state_dir / SSHD_CONFIG
         units[f"{SSHD}.service"] = _unit(
             "VirtCloud gateway: SSH bastion of the closed clusters",
             {

@@ -293,3 +293,37 @@ def test_legs_in_namespaces_tell_apart_clusters_with_the_same_addresses(trunk, t
     finally:
         for name in (f"{prefix}100", f"{prefix}200", f"{PREFIX}n100", f"{PREFIX}n200"):
             fabric.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_bastion_keeps_its_listeners_while_the_cluster_map_cannot_be_read(tmp_path):
+    """bastion.py listens on base + VLAN for each cluster with a leg; a malformed (or missing) clusters.json does
+    not mean the clusters left: it says so once and keeps listening; a readable one without the cluster closes."""
+    import io
+    import socket
+
+    from access.gateway import bastion
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    (tmp_path / "ssh").mkdir()
+    clusters = tmp_path / "ssh" / "clusters.json"
+    leg = {"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []}
+    clusters.write_text(json.dumps({"format": 1, "clusters": {"c7": leg}}))
+    log = io.StringIO()
+    b = bastion.Bastion(tmp_path, listen="127.0.0.1", base=port - 100, netns="vcl{vid}", sshd="/usr/sbin/sshd", log=log)
+    try:
+        b.sync()
+        assert set(b.listeners) == {port} and f"port {port}: cluster c7 (VLAN 100)" in log.getvalue()
+        clusters.write_text("{half a file")
+        b.sync()
+        b.sync()
+        assert set(b.listeners) == {port}
+        assert log.getvalue().count("the listeners stay as they are") == 1
+        clusters.write_text(json.dumps({"format": 1, "clusters": {}}))
+        b.sync()
+        assert b.listeners == {} and f"port {port}: closed (its cluster left the state)" in log.getvalue()
+    finally:
+        for sock in b.listeners.values():
+            sock.close()

@@ -22,7 +22,7 @@ from django.core.management.base import BaseCommand, CommandError
 from access.gateway import agent, outgoing, sshd, systemd
 from access.gateway import pull as gateway_pull
 from access.gateway.agent import DEFAULT_STATE_DIR
-from access.gateway.state import SshState, VpnState, write_atomic
+from access.gateway.state import OPENVPN_CONFIG, SSHD_CONFIG, SshState, VpnState, write_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[3]
 
@@ -89,7 +89,7 @@ class Command(BaseCommand):
         state_dir = target or Path(options["state_dir"])
         configs = {}
         if gateway.serves_vpn:
-            configs["openvpn.conf"] = openvpn.render_server_config(
+            configs[OPENVPN_CONFIG] = openvpn.render_server_config(
                 state_dir=state_dir,
                 dev=options["dev"],
                 port=gateway.vpn_port,
@@ -100,7 +100,7 @@ class Command(BaseCommand):
                 reneg_sec=settings.GATEWAY_STATE_MAX_AGE,
             )
         if gateway.serves_ssh:
-            configs["sshd_config"] = sshd.render_sshd_config(
+            configs[SSHD_CONFIG] = sshd.render_sshd_config(
                 state_dir=state_dir,
                 listen=[(options["ssh_listen"], gateway.ssh_port)],
                 account=gateway.ssh_user,
