@@ -29,7 +29,7 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from access.gateway.state import SSHD_CONFIG, SshState, StateError, load_legs  # noqa: E402
+from access.gateway.state import SSHD_CONFIG, SshState, StateError, load_legs, write_atomic  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 PRIVSEP_DIR = "/run/sshd"
@@ -100,6 +100,7 @@ class Bastion:
                 continue
             sock.listen(64)
             sock.setblocking(False)
+            self.cluster_config(label)
             self.listeners[port] = sock
             self.selector.register(sock, selectors.EVENT_READ, (label, vid))
             self.say(f"port {port}: cluster {label} (VLAN {vid})")
@@ -114,6 +115,19 @@ class Bastion:
             if time.monotonic() >= next_sync:
                 self.sync()
                 next_sync = time.monotonic() + every
+
+    def cluster_config(self, label: str) -> Path:
+        """The sshd configuration of cluster ``label``'s bastion: the gateway's own (``gateway config`` wrote
+        it, without a Match block), then its principals command again, given the cluster, so only that cluster's
+        principals log in here. sshd takes the last value of this directive that it reads, and reads ``-o``
+        before the file: a ``-o`` cannot override it (it did not: every cluster's principals got in)."""
+        path = self.ssh.root / "run" / f"sshd_config.{label}"
+        command = f"{self.ssh.principals_command} %u %s {label}"
+        text = f"Include {(self.state_dir / SSHD_CONFIG).absolute()}\nAuthorizedPrincipalsCommand {command}\n"
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(path, text, 0o644)
+        return path
 
     def accept(self, sock: socket.socket, label: str, vid: int) -> None:
         try:
@@ -140,9 +154,7 @@ class Bastion:
                 conn.setblocking(True)
                 os.dup2(conn.fileno(), 0)
                 os.dup2(conn.fileno(), 1)
-                command = f"{self.ssh.principals_command} %u %s {label}"
-                config = str(self.state_dir / SSHD_CONFIG)  # what `gateway config --dir` wrote
-                argv = ["sshd", "-i", "-f", config, "-o", f"AuthorizedPrincipalsCommand={command}"]
+                argv = ["sshd", "-i", "-f", str(self.cluster_config(label))]
                 os.execv(self.sshd, argv + (["-E", self.sshd_log] if self.sshd_log else []))  # noqa: S606
             except BaseException as exc:  # noqa: BLE001 - the child must never return into the loop
                 self.say(f"cluster {label}: {exc}")

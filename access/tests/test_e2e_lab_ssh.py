@@ -430,7 +430,11 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         config.write_text(
             config.read_text().replace(f"Port {base + alpha.vlan_id}\n", f"Port {base + gamma.vlan_id}\n")
         )
+        accepted = rf"Accepted publickey for \S+ from .* ID \S*:serial={serials['alice']}:"
+        before = len(re.findall(accepted, read(sshd_log)))
         _denied(station.ssh(crossed, f"{la}-node1", "true"))
+        # refused by gamma's bastion itself (gamma's node would refuse her too: that alone would prove nothing)
+        assert len(re.findall(accepted, read(sshd_log))) == before, read(sshd_log)
 
         # Revoked in the portal: the pull ends alice's live session through her cluster's bastion too, and
         # leaves charlie's (through his) alone.

@@ -321,6 +321,17 @@ def test_the_bastion_keeps_its_listeners_while_the_cluster_map_cannot_be_read(tm
         b.sync()
         assert set(b.listeners) == {port}
         assert log.getvalue().count("the listeners stay as they are") == 1
+        # c7's sshd admits only c7's principals: the principals command its configuration gives sshd (the one
+        # sshd really takes — a `-o` on its command line loses to the file's) is told the cluster
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hk")], check=True)
+        (tmp_path / "sshd_config").write_text(
+            f"HostKey {tmp_path}/hk\nAuthorizedPrincipalsCommand /bin/false %u\n"
+            "AuthorizedPrincipalsCommandUser nobody\n"
+        )
+        effective = subprocess.run(
+            ["/usr/sbin/sshd", "-T", "-f", str(b.cluster_config("c7"))], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"authorizedprincipalscommand {tmp_path}/ssh/principals-command %u %s c7\n" in effective
         clusters.write_text(json.dumps({"format": 1, "clusters": {}}))
         b.sync()
         assert b.listeners == {} and f"port {port}: closed (its cluster left the state)" in log.getvalue()
