@@ -328,9 +328,12 @@ def test_the_bastion_keeps_its_listeners_while_the_cluster_map_cannot_be_read(tm
             f"HostKey {tmp_path}/hk\nAuthorizedPrincipalsCommand /bin/false %u\n"
             "AuthorizedPrincipalsCommandUser nobody\n"
         )
-        effective = subprocess.run(
-            ["/usr/sbin/sshd", "-T", "-f", str(b.cluster_config("c7"))], capture_output=True, text=True, check=True
-        ).stdout
+        os.makedirs(bastion.PRIVSEP_DIR, mode=0o755, exist_ok=True)  # as bastion.py makes it (a fresh guest has none)
+        shown = subprocess.run(
+            ["/usr/sbin/sshd", "-T", "-f", str(b.cluster_config("c7"))], capture_output=True, text=True, check=False
+        )
+        assert shown.returncode == 0, shown.stderr
+        effective = shown.stdout
         assert f"authorizedprincipalscommand {tmp_path}/ssh/principals-command %u %s c7\n" in effective
         clusters.write_text(json.dumps({"format": 1, "clusters": {}}))
         b.sync()
