@@ -42,7 +42,7 @@ from clusters.models import (
 from clusters.signals import cluster_ended
 from network import errors as net_errors
 from network import services as net
-from network.models import DeviceChange, Host
+from network.models import DeviceChange, Host, Segment
 from portal import audit
 
 logger = logging.getLogger(__name__)
@@ -394,9 +394,12 @@ def _idempotency_record(actor: str, key: str, fingerprint: str) -> IdempotencyKe
     return record
 
 
-def _transition(cluster: VirtualCluster, allowed: tuple[str, ...], to: str, **fields) -> VirtualCluster:
-    """Conditional UPDATE: move ``cluster`` to ``to`` only from an allowed state, else 409."""
-    updated = VirtualCluster.objects.filter(pk=cluster.pk, state__in=allowed).update(
+def _transition(
+    cluster: VirtualCluster, allowed: tuple[str, ...], to: str, *, where: dict | None = None, **fields
+) -> VirtualCluster:
+    """Conditional UPDATE: move ``cluster`` to ``to`` only from an allowed state (and only if the row still
+    matches ``where``), else 409."""
+    updated = VirtualCluster.objects.filter(pk=cluster.pk, state__in=allowed, **(where or {})).update(
         state=to, updated_at=timezone.now(), workflow_generation=F("workflow_generation") + 1, **fields
     )
     cluster.refresh_from_db()
@@ -430,15 +433,22 @@ def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualC
 
 
 @transaction.atomic
-def cluster_teardown(*, cluster: VirtualCluster, reason: str) -> VirtualCluster:
-    """Start the teardown: hosts, then switches, then the VLAN goes to quarantine; credentials revoked."""
+def cluster_teardown(
+    *, cluster: VirtualCluster, reason: str, expired_by: datetime | None = None
+) -> VirtualCluster | None:
+    """Start the teardown: hosts, then switches, then the VLAN goes to quarantine; credentials revoked.
+    ``expired_by`` (the expiry): only while the cluster's expiry is still at or before that moment — a
+    lifetime extended since the expiry read it wins, and None is returned."""
     if cluster.state == ClusterState.TEARING_DOWN:
         return cluster  # asking twice is harmless
+    where = {"expires_at__lte": expired_by} if expired_by is not None else None
     try:
-        cluster = _transition(cluster, ACTIVE_STATES, ClusterState.TEARING_DOWN, state_reason=reason)
+        cluster = _transition(cluster, ACTIVE_STATES, ClusterState.TEARING_DOWN, where=where, state_reason=reason)
     except Conflict:
         if cluster.state == ClusterState.TEARING_DOWN:  # (as re-read) another request just started it
             return cluster
+        if expired_by is not None and cluster.state in ACTIVE_STATES:
+            return None  # extended meanwhile: not expired any more
         raise Conflict(
             f"cluster {cluster.name} has ended ({cluster.get_state_display()}): nothing to tear down"
         ) from None
@@ -707,11 +717,12 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
 def clusters_expire() -> list[int]:
     """Tear down every active cluster past its expiry (the periodic task calls this)."""
     ids = []
-    for cluster in VirtualCluster.objects.filter(state__in=ACTIVE_STATES, expires_at__lte=timezone.now()):
+    now = timezone.now()
+    for cluster in VirtualCluster.objects.filter(state__in=ACTIVE_STATES, expires_at__lte=now):
         try:
             with audit.audit_actor("expiry"):
-                cluster_teardown(cluster=cluster, reason="lifetime expired")
-            ids.append(cluster.pk)
+                if cluster_teardown(cluster=cluster, reason="lifetime expired", expired_by=now) is not None:
+                    ids.append(cluster.pk)
         except Conflict:
             continue  # changed state meanwhile; the next run looks again
     return ids
@@ -844,6 +855,25 @@ def cluster_update_failed(*, cluster_id: int, generation: int, steps, reason: st
 
 def _queue_text(device) -> str:
     return f"queue {device.queue}" if device.queue else "the central worker"
+
+
+def clusters_roll_back_abandoned_networks() -> list[int]:
+    """Failed clusters whose network was never rolled back get its rollback sent again: the rollback could not
+    be sent (the broker was down when the provisioning failed, and the deadline then ended the cluster), or it
+    failed before it claimed the segment — which is then still in the devices' desired state (the reconciler
+    would keep the VLAN on them) with its VLAN allocated. The network's claim makes a rollback sent twice do
+    its work once. Returns those clusters (a broker still down: the next run sends the rest)."""
+    ids = []
+    abandoned = VirtualCluster.objects.filter(state=ClusterState.FAILED, segment__state__in=Segment.DESIRED_STATES)
+    for cluster_id, segment_id in abandoned.values_list("pk", "segment_id").order_by("pk"):
+        try:
+            workflows.roll_back_network(segment_id)
+        except Exception:
+            logger.exception("could not send the rollback of cluster %s's network; the next run retries", cluster_id)
+            break
+        logger.warning("cluster %s failed with its network still configured: rolling it back", cluster_id)
+        ids.append(cluster_id)
+    return ids
 
 
 def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:

@@ -144,11 +144,13 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 @shared_task(name="clusters.expire")
 def expire() -> list[int]:
     """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck and provisionings that
-    never started; end provisionings (rolled back) and updates past their deadline."""
+    never started; end provisionings (rolled back) and updates past their deadline; send the rollback of a
+    failed cluster's network that was never rolled back."""
     ids = services.clusters_expire()
     services.clusters_retry_stuck_teardowns()
     services.clusters_resume_requested()
     services.clusters_end_stalled_workflows()
+    services.clusters_roll_back_abandoned_networks()
     return ids
 
 

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 def _never_raise(func):
     """Workflows start after commit, outside the request's transaction: a broker outage must not turn a
-    created cluster into a 500. The cluster keeps its state and ``clusters.expire`` restarts it."""
+    created cluster into a 500. The cluster keeps its state and ``clusters.expire`` restarts it (a rollback
+    that was not sent: the provisioning deadline ends the cluster FAILED, then its network's rollback is sent
+    again, ``services.clusters_roll_back_abandoned_networks``)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -65,6 +67,12 @@ def start_compensation(cluster_id: int, generation: int, reason: str) -> None:
         net_workflows.compensate(segment_id),
         tasks.failed.si(cluster_id, generation, reason),
     ).on_error(tasks.compensation_failed.s(cluster_id, generation, reason)).apply_async()
+
+
+def roll_back_network(segment_id: int) -> None:
+    """Send the rollback of a failed cluster's network alone (its cluster has ended already); raises when it
+    cannot be sent."""
+    net_workflows.compensate(segment_id).apply_async()
 
 
 @_never_raise

@@ -730,6 +730,80 @@ def test_a_rollback_that_never_finishes_ends_the_cluster_failed_at_the_next_dead
     assert services.clusters_end_stalled_workflows() == []
 
 
+def test_a_rollback_that_could_not_be_sent_is_sent_again_once_the_cluster_has_failed(
+    fabric, images, api, alice, monkeypatch
+):
+    """The provisioning stalls and, at its deadline, the rollback cannot be sent (the broker is down); at the
+    next deadline the cluster ends FAILED. Its network was never rolled back — the segment still in the
+    devices' desired state, its VLAN allocated — so the periodic task sends that rollback, until it goes:
+    nothing is left on the devices and the VLAN goes to quarantine."""
+    from celery.canvas import _chain
+
+    from clusters.tasks import expire
+    from network.tasks import reconcile
+
+    api.force_authenticate(alice)
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # sent, and never consumed
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    reconcile(repair=True)  # the switches and hosts carry it: it is in their desired state
+    assert vid in fabric.host_vlans("brno1")
+
+    def broker_down(self, *a, **k):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(_chain, "apply_async", broker_down)
+    late = timezone.now() - timedelta(seconds=601)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
+    assert services.clusters_end_stalled_workflows() == [cid]  # the rollback is claimed, and not sent
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
+    assert services.clusters_end_stalled_workflows() == [cid]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.FAILED and cluster.segment.state == Segment.State.PENDING
+
+    def refuse(signature, *a, **k):
+        raise ConnectionError("broker down")
+
+    with monkeypatch.context() as m:  # still down: nothing sent, the next run tries again
+        m.setattr("celery.canvas.Signature.apply_async", refuse)
+        assert services.clusters_roll_back_abandoned_networks() == []
+    monkeypatch.undo()  # the broker is back (eager Celery: the rollback runs now)
+    expire()
+    cluster.refresh_from_db()
+    assert cluster.segment.state == Segment.State.FAILED
+    assert VlanAllocation.objects.get(pool=fabric.pool, vid=vid).state == VlanAllocation.State.QUARANTINED
+    assert vid not in fabric.host_vlans("brno1")
+    assert all(vid not in vids for site in fabric.switches for vids in fabric.switch_ports(f"sw-{site}").values())
+    assert services.clusters_roll_back_abandoned_networks() == []  # done: not sent again
+
+
+def test_expiry_leaves_a_cluster_whose_lifetime_was_extended_meanwhile(fabric, images, api, alice, monkeypatch):
+    """The expiry reads the expired clusters, then tears each down: an extension committed in between (the
+    scheduler got its 200) wins."""
+    api.force_authenticate(alice)
+    a = api.post("/api/clusters/", body(name="a", nodes=[("n1", "brno1", "52:54:00:00:00:01")]), format="json")
+    b = api.post("/api/clusters/", body(name="b", nodes=[("n1", "brno2", "52:54:00:00:00:02")]), format="json")
+    ids = {a.data["id"], b.data["id"]}
+    VirtualCluster.objects.filter(pk__in=ids).update(expires_at=timezone.now() - timedelta(seconds=1))
+    later = timezone.now() + timedelta(days=2)
+    teardown = services.cluster_teardown
+    extended = []
+
+    def extend_the_other_first(*, cluster, **kwargs):
+        if not extended:  # while the expiry works on one, the scheduler extends the other
+            (other,) = ids - {cluster.pk}
+            r = api.patch(f"/api/clusters/{other}/", {"expires_at": later.isoformat()}, format="json")
+            assert r.status_code == 200, r.content
+            extended.append(other)
+        return teardown(cluster=cluster, **kwargs)
+
+    monkeypatch.setattr(services, "cluster_teardown", extend_the_other_first)
+    assert services.clusters_expire() == list(ids - set(extended))
+    kept = VirtualCluster.objects.get(pk=extended[0])
+    assert kept.state == ClusterState.READY and kept.expires_at > timezone.now() + timedelta(days=1)
+    assert VirtualCluster.objects.get(pk__in=ids - set(extended)).state == ClusterState.TORN_DOWN
+
+
 def test_changing_the_lifetime_does_not_postpone_a_deadline(fabric, images, api, alice, monkeypatch):
     from celery.canvas import _chain
 
