@@ -144,8 +144,9 @@ def change_create(*, device: Switch | Host, cause: str, segment: Segment | None 
 
 
 _INSERT_CHANGES = """
-INSERT INTO {table} (kind, switch_id, host_id, device, segment_id, cause, status, diff, attempts, created_at, error)
-SELECT v.kind, v.switch_id, v.host_id, v.device, %s, %s, %s, '', 0, %s, ''
+INSERT INTO {table} (kind, switch_id, host_id, device, segment_id, cause, status, diff, attempts, created_at, error,
+    refused)
+SELECT v.kind, v.switch_id, v.host_id, v.device, %s, %s, %s, '', 0, %s, '', false
 FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::varchar[]) WITH ORDINALITY
     AS v(kind, switch_id, host_id, device, n)
 ORDER BY v.n
@@ -273,6 +274,7 @@ class _Device:
     error: str = ""
     finished_at: object = None
     exc: DeviceError | None = None
+    refused: bool = False  # the device answered with a permanent error: it did not take the change
 
 
 def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) -> BatchOutcome:
@@ -458,7 +460,7 @@ def _settle(work: list[_Device]) -> None:
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
     rows = [
-        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), pk)
+        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), w.refused, pk)
         for w in work
         for pk in w.claimed
     ]
@@ -468,13 +470,15 @@ def _settle(work: list[_Device]) -> None:
         if connection.vendor == "postgresql":
             cursor.execute(
                 f"UPDATE {table} AS c SET status = v.status, diff = v.diff, error = v.error, "  # noqa: S608
-                "finished_at = v.finished_at FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], "
-                "%s::bigint[]) AS v(status, diff, error, finished_at, id) WHERE c.id = v.id",
+                "finished_at = v.finished_at, refused = v.refused FROM unnest(%s::text[], %s::text[], %s::text[], "
+                "%s::timestamptz[], %s::boolean[], %s::bigint[]) AS v(status, diff, error, finished_at, refused, id) "
+                "WHERE c.id = v.id",
                 [list(column) for column in zip(*rows, strict=True)],
             )
         else:
             cursor.executemany(
-                f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s WHERE id = %s",  # noqa: S608
+                f"UPDATE {table} SET status = %s, diff = %s, error = %s, finished_at = %s, refused = %s "  # noqa: S608
+                "WHERE id = %s",
                 rows,
             )
 
@@ -497,6 +501,7 @@ def _drive(w: _Device, session=None) -> None:
         return
     except DeviceError as exc:
         w.status, w.error, w.exc, w.finished_at = Status.FAILED, exc.message, exc, timezone.now()
+        w.refused = True
         return
     except Exception as exc:  # a driver bug: fail the change, never leave it running
         message = f"{type(exc).__name__}: {exc}"

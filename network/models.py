@@ -502,6 +502,11 @@ class DeviceChange(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True, help_text="the device's own message")
+    refused = models.BooleanField(
+        default=False,
+        help_text="failed because the device refused the change (a permanent error: it did not take it), not "
+        "because it could not be reached or answered too late (it may have taken it)",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -209,8 +209,8 @@ def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     its own message). Used as the error callback of ``workflows.provision``; running it twice is harmless
     (the second finds the rollback claimed and does nothing).
 
-    The VLAN is kept (not released) when a device that did take it could not be rolled back: handing the
-    id to another owner while a switch still carries it would join two clusters. ``retry_rollbacks`` (every
+    The VLAN is kept (not released) when a device could not be rolled back (it may carry the VLAN): handing
+    the id to another owner while a switch still carries it would join two clusters. ``retry_rollbacks`` (every
     reconcile period) runs the rollback of such a segment again (``retry``), and of one that stalled, until
     every device is clean and the VLAN goes back to the pool.
 
@@ -259,8 +259,8 @@ def _compensation_cause(seg: Segment) -> str:
 @shared_task(name="network.segment_compensated", acks_late=True)
 def segment_compensated(segment_id: int) -> dict:
     """A rollback's last step, when every device has been tried: the segment is FAILED with the first
-    device's failure as the reason, and its VLAN released unless a device that took the VLAN could not be
-    converged back (then the reason says which). Idempotent."""
+    device's failure as the reason, and its VLAN released unless a device could not be converged back (it
+    may carry the VLAN: then the reason says which, and ``retry_rollbacks`` tries again). Idempotent."""
     with audit_actor("network.compensate"):
         seg = Segment.objects.select_related("allocation__pool").get(pk=segment_id)
         if seg.state != Segment.State.COMPENSATING:
@@ -270,18 +270,23 @@ def segment_compensated(segment_id: int) -> dict:
         earlier, rollback = changes.exclude(cause=cause), changes.filter(cause=cause)
         first = earlier.filter(status=DeviceChange.Status.FAILED).order_by("finished_at", "pk").first()
         reason = f"{first.device}: {first.error}" if first else "provisioning failed"
-        took_vlan = set(  # the devices an earlier change did converge: they carry the VLAN
-            earlier.filter(status__in=[DeviceChange.Status.OK, DeviceChange.Status.NOOP]).values_list(
-                "kind", "switch_id", "host_id"
-            )
-        )
-        latest: dict[tuple, DeviceChange] = {}  # each device's last rollback attempt (a retry supersedes)
+        # Each device's last rollback attempt (a retry supersedes). One that did not end OK leaves a device
+        # that may carry the VLAN — unless every change this segment asked of it was refused by the device
+        # itself: a commit whose answer was lost (a timeout) may have taken effect, and the segment was in the
+        # desired state from its creation on, so a reconciler's repair may have put the VLAN there first. A
+        # device that left the inventory is no longer ours.
+        latest: dict[tuple, DeviceChange] = {}
         for change in rollback.order_by("pk"):
-            latest[(change.kind, change.switch_id, change.host_id)] = change
+            if change.switch_id is not None or change.host_id is not None:
+                latest[(change.kind, change.switch_id, change.host_id)] = change
+        asked: dict[tuple, list[bool]] = {}  # device → whether each earlier change of it was refused
+        for kind, switch_id, host_id, refused in earlier.values_list("kind", "switch_id", "host_id", "refused"):
+            asked.setdefault((kind, switch_id, host_id), []).append(refused)
+        settled = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
         not_rolled_back = [
-            f"{change.device}: {change.error}"
+            f"{change.device}: {change.error or change.get_status_display()}"
             for device, change in latest.items()
-            if change.status == DeviceChange.Status.FAILED and device in took_vlan
+            if change.status not in settled and not all(asked.get(device) or [False])
         ]
         not_rolled_back += [f"{holder}: disabled, not touched" for holder in selectors.vlan_holders(seg)]
         with transaction.atomic():

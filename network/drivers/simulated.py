@@ -5,7 +5,8 @@ its ``driver_args`` say ``simulated: true``; every diff it reports is labelled `
 State lives in a JSON file per device under ``driver_args["state_dir"]`` so that a real Celery worker in
 another process sees the same device. Faults are injected through ``driver_args``:
 
-- ``fail_commit``: ``"permanent"`` or ``"temporary"`` — every commit fails with the device's message;
+- ``fail_commit``: ``"permanent"`` or ``"temporary"`` — every commit fails with the device's message (a
+  converge with nothing to change commits nothing, so it does not fail);
 - ``fail_times``: the first N commits fail with a temporary error, then they work;
 - ``delay``: seconds each session takes (to make sessions overlap);
 - ``reachable_from``: only a worker whose environment has ``VIRTCLOUD_WORKER`` set to this value reaches
@@ -136,11 +137,11 @@ class FakeHost:
 
     def converge(self, desired: frozenset[int]) -> ConvergeResult:
         state = load(self.args, "host", self.spec.name)
-        if self.args.get("fail_commit"):
-            raise PermanentDeviceError(self.spec.name, "ip link add br-v: Operation not permitted")
         before = frozenset(state["vlans"])
         in_use = {int(v) for v, n in state["vm_ports"].items() if n}
         after = set(desired) | (before & in_use)
+        if self.args.get("fail_commit") and after != before:  # as the switch: nothing to change, nothing fails
+            raise PermanentDeviceError(self.spec.name, "ip link add br-v: Operation not permitted")
         diff = _labelled(
             self.args,
             "\n".join(

@@ -177,6 +177,75 @@ def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabri
     assert tasks.retry_rollbacks.apply().get() == []  # nothing kept any more
 
 
+def test_a_rollback_keeps_the_vlan_of_a_switch_whose_commit_answer_was_lost(fabric, monkeypatch):
+    """sw-pilsen's commit reaches the switch but its answer never comes back (a temporary error), and the
+    switch stays unreachable, through the rollback too. Its change never ended OK, yet it carries the VLAN:
+    the VLAN is kept (handed to another owner it would join two clusters on sw-pilsen) — while a device that
+    refused its change outright (pilsen1 below, sw-s<k> in the lab test) does not hold the VLAN back."""
+    from network.drivers import TemporaryDeviceError
+    from network.drivers.simulated import FakeSwitch
+
+    real, calls = FakeSwitch.converge, []
+
+    def converge(self, desired):
+        if self.spec.name != "sw-pilsen":
+            return real(self, desired)
+        calls.append(desired)
+        if len(calls) == 1:
+            real(self, desired)  # the commit took effect …
+        raise TemporaryDeviceError(self.spec.name, "commit_config: CommandTimeoutException: timed out")
+
+    monkeypatch.setattr(FakeSwitch, "converge", converge)
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    with pytest.raises(DeviceChangeFailed):
+        workflows.provision(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert fabric.switch_ports("sw-pilsen")["uplink"] == {seg.vid}
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert "not rolled back (VLAN kept): sw-pilsen: " in seg.error, seg.error
+
+
+def test_a_rollback_keeps_the_vlan_a_reconcile_put_on_a_switch_it_cannot_reach(fabric):
+    """The segment is in the desired state from its creation on: the reconciler's repair puts its VLAN on
+    sw-pilsen before the provisioning does. sw-pilsen then becomes unreachable and the provisioning fails on
+    sw-brno: the rollback cannot reach sw-pilsen, so the VLAN is kept, not released."""
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    from network import tasks
+
+    tasks.reconcile_device(DeviceKind.SWITCH, Switch.objects.get(name="sw-pilsen").pk, True)
+    assert fabric.switch_ports("sw-pilsen")["uplink"] == {seg.vid}
+    fabric.set_switch_args("sw-pilsen", reachable_from="site-worker-only")
+    fabric.set_switch_args("sw-brno", fail_commit="permanent")
+    with pytest.raises(DeviceChangeFailed):
+        workflows.provision(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert "not rolled back (VLAN kept): sw-pilsen: " in seg.error, seg.error
+    assert "sw-brno: " not in seg.error.partition("not rolled back")[2]  # it refused: it holds nothing
+
+
+def test_a_vlan_kept_for_a_switch_that_then_left_the_inventory_is_released(fabric, monkeypatch):
+    """A rollback kept the VLAN because sw-brno2 could not be converged back; sw-brno2 is then removed from
+    the inventory: the next retry releases the VLAN (a device that left the inventory is no longer ours), and
+    the retries stop."""
+    from network import tasks
+    from network.choices import PortRole
+    from network.tests.factories import SwitchFactory, SwitchPortFactory
+
+    extra = SwitchFactory(name="sw-brno2", site=fabric.sites["brno"], platform="fake", driver_args=fabric.args)
+    SwitchPortFactory(switch=extra, name="uplink", role=PortRole.CORE_UPLINK, core=fabric.core)
+    seg = _pilsen1_fails_then_at_the_rollback(
+        fabric, monkeypatch, lambda: fabric.set_switch_args("sw-brno2", fail_commit="permanent")
+    )
+    assert "not rolled back (VLAN kept): sw-brno2" in seg.error, seg.error
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED
+    Switch.objects.get(name="sw-brno2").delete()  # decommissioned
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
+    assert tasks.retry_rollbacks.apply().get() == []
+
+
 @pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
 def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, kind, name):
     """A device disabled (maintenance) is never touched, so a teardown cannot take the VLAN off it: the VLAN
