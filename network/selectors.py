@@ -25,7 +25,15 @@ from django.conf import settings
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from network.choices import PortRole
-from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch, SwitchPort
+from network.models import (
+    DeviceChange,
+    DeviceKind,
+    Host,
+    Segment,
+    SegmentMember,
+    Switch,
+    SwitchPort,
+)
 
 PortVlans = dict[str, frozenset[int]]
 
@@ -55,13 +63,30 @@ class Footprint:
         return Footprint(self.switches | other.switches, self.hosts | other.hosts)
 
 
+@dataclass(frozen=True)
+class GatewayReach:
+    """The sites with an access-gateway trunk on an enabled switch, and which of them each core joins."""
+
+    sites: frozenset[int]
+    by_core: dict[int, frozenset[int]]
+
+
+def gateway_reach() -> GatewayReach:
+    """``GatewayReach`` now, in one query."""
+    by_core: dict[int, set[int]] = defaultdict(set)
+    sites = set()
+    for site_id, core_id in SwitchPort.objects.filter(role=PortRole.GATEWAY_TRUNK, switch__enabled=True).values_list(
+        "switch__site_id", "switch__site__core_transports"
+    ):
+        sites.add(site_id)
+        if core_id is not None:
+            by_core[core_id].add(site_id)
+    return GatewayReach(frozenset(sites), {core: frozenset(found) for core, found in by_core.items()})
+
+
 def gateway_site_ids() -> frozenset[int]:
     """Sites with an access-gateway trunk on an enabled switch: a closed segment must reach them."""
-    return frozenset(
-        SwitchPort.objects.filter(role=PortRole.GATEWAY_TRUNK, switch__enabled=True).values_list(
-            "switch__site_id", flat=True
-        )
-    )
+    return gateway_reach().sites
 
 
 def segment_sites(host_site_ids: Iterable[int], *, gateway: bool) -> frozenset[int]:
@@ -70,9 +95,9 @@ def segment_sites(host_site_ids: Iterable[int], *, gateway: bool) -> frozenset[i
     return sites | gateway_site_ids() if gateway else sites
 
 
-def segment_views(segments, *, gateway_sites: frozenset[int] | None = None) -> list[SegmentView]:
-    """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state (``gateway_sites``: the
-    caller's ``gateway_site_ids()``, when it has them)."""
+def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[SegmentView]:
+    """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state (``gateway``: the caller's
+    ``gateway_reach()``, when it has it)."""
     rows = list(
         segments.filter(allocation__isnull=False).values_list(
             "id", "owner_ref", "allocation__vid", "allocation__pool__core_id", "gateway"
@@ -89,22 +114,24 @@ def segment_views(segments, *, gateway_sites: frozenset[int] | None = None) -> l
         hosts[seg_id].add(host_id)
         ports[seg_id].add(port_id)
         sites[seg_id].add(site_id)
-    if not any(r[4] for r in rows):
-        gateway_sites = frozenset()
-    elif gateway_sites is None:
-        gateway_sites = gateway_site_ids()
+    # A closed segment reaches the gateway sites its core joins: a gateway trunk added later at a site the
+    # core does not reach never gets the VLAN — the id may be another core's cluster there (pools of cores
+    # without a common site may overlap), and the two would meet on that switch.
+    reached: dict[int, frozenset[int]] = {}  # core id → the gateway sites it joins
+    if any(r[4] for r in rows):
+        reached = (gateway or gateway_reach()).by_core
     return [
         SegmentView(
             id=seg_id,
             owner_ref=owner,
             vid=vid,
             core_id=core_id,
-            gateway=gateway,
+            gateway=closed,
             hosts=frozenset(hosts[seg_id]),
             host_ports=frozenset(ports[seg_id]),
-            sites=frozenset(sites[seg_id]) | (gateway_sites if gateway else frozenset()),
+            sites=frozenset(sites[seg_id]) | (reached.get(core_id, frozenset()) if closed else frozenset()),
         )
-        for seg_id, owner, vid, core_id, gateway in rows
+        for seg_id, owner, vid, core_id, closed in rows
     ]
 
 
@@ -121,21 +148,21 @@ def desired_segments(
         return segment_views(segments)
     members = Q(pk__in=[])  # which memberships make a segment reach the devices
     closed = False  # whether every closed segment does
-    gateway_sites = None
+    gateway = None
     if switch_ids:
         switch_ids = list(switch_ids)
         gateway_port = SwitchPort.objects.filter(switch=OuterRef("pk"), role=PortRole.GATEWAY_TRUNK)
         rows = list(Switch.objects.filter(pk__in=switch_ids).values_list("site_id", Exists(gateway_port)))
         sites = {site for site, _has_gateway in rows}
         members |= Q(host__switch_port__switch_id__in=switch_ids) | Q(host__site_id__in=sites)
-        gateway_sites = gateway_site_ids()
-        closed = bool(sites & gateway_sites) or any(has_gateway for _site, has_gateway in rows)
+        gateway = gateway_reach()
+        closed = bool(sites & gateway.sites) or any(has_gateway for _site, has_gateway in rows)
     if host_ids:
         members |= Q(host_id__in=list(host_ids))
     reach = Q(pk__in=SegmentMember.objects.filter(members).values("segment_id"))
     if closed:
         reach |= Q(gateway=True)
-    return segment_views(segments.filter(reach), gateway_sites=gateway_sites)
+    return segment_views(segments.filter(reach), gateway=gateway)
 
 
 def switch_desired(
@@ -156,7 +183,7 @@ def switch_desired(
         ports = ports.filter(switch_id__in=switch_ids)
     by_host_port: dict[int, set[int]] = defaultdict(set)
     by_core_site: dict[tuple[int, int], set[int]] = defaultdict(set)
-    gateway_vids: set[int] = set()
+    gateway_by_site: dict[int, set[int]] = defaultdict(set)  # a closed segment's VLAN at the sites it reaches
     for view in views:
         for port_id in view.host_ports:
             by_host_port[port_id].add(view.vid)
@@ -164,7 +191,8 @@ def switch_desired(
             for site_id in view.sites:
                 by_core_site[(view.core_id, site_id)].add(view.vid)
         if view.gateway:
-            gateway_vids.add(view.vid)
+            for site_id in view.sites:
+                gateway_by_site[site_id].add(view.vid)
     result: dict[int, PortVlans] = {pk: {} for pk in (switch_ids or ())}
     for port_id, switch_id, name, role, core_id, site_id in ports.values_list(
         "id", "switch_id", "name", "role", "core_id", "switch__site_id"
@@ -174,7 +202,7 @@ def switch_desired(
         elif role == PortRole.CORE_UPLINK:
             vids = by_core_site.get((core_id, site_id), set())
         elif role == PortRole.GATEWAY_TRUNK:
-            vids = gateway_vids
+            vids = gateway_by_site.get(site_id, set())
         else:  # a role this code does not know: never put anything on it
             vids = set()
         result.setdefault(switch_id, {})[name] = frozenset(vids)

@@ -41,6 +41,38 @@ def test_closed_segment_reaches_the_gateway_across_the_core(fabric):
     assert want["sw-pilsen"]["uplink"] == NONE
 
 
+def test_a_gateway_trunk_gets_only_the_closed_vlans_whose_core_reaches_its_site(fabric):
+    """A gateway trunk added later at a site the closed segment's core does not reach (another core, whose
+    pool may hold the same ids: pools of cores without a common site may overlap) never gets that segment's
+    VLAN: there the id is the other core's cluster, and the two would meet on one switch. Every reader of
+    the desired state (provisioning, reconciler, dry run) agrees, on one query for the gateway sites."""
+    from network.choices import PortRole
+    from network.tests.factories import (
+        CoreTransportFactory,
+        HostFactory,
+        SiteFactory,
+        SwitchFactory,
+        SwitchPortFactory,
+        VlanPoolFactory,
+    )
+
+    fabric.pool.ranges = "150"
+    fabric.pool.save()
+    ostrava = SiteFactory(name="ostrava")
+    east = VlanPoolFactory(name="east", core=CoreTransportFactory(name="east", sites=[ostrava]), ranges="150")
+    east.full_clean()
+    sw = SwitchFactory(name="sw-ostrava", site=ostrava, platform="fake", driver_args=fabric.args)
+    port = SwitchPortFactory(switch=sw, name="h1", role=PortRole.HOST_TRUNK)
+    host = HostFactory(name="ostrava1", site=ostrava, switch_port=port, driver="fake", driver_args=fabric.args)
+    closed = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=True)
+    public = services.segment_create(owner="b", hosts=[host], gateway=False, pool=east)
+    assert closed.vid == public.vid == 150
+    SwitchPortFactory(switch=sw, name="gw", role=PortRole.GATEWAY_TRUNK)  # a second gateway, at ostrava
+    assert selectors.switch_desired([sw.pk])[sw.pk] == {"h1": frozenset({150}), "gw": NONE}
+    assert selectors.switch_desired([fabric.switches["brno"].pk])[fabric.switches["brno"].pk]["gw"] == {150}
+    assert selectors.segment_views(Segment.objects.filter(pk=closed.pk))[0].sites == {fabric.sites["brno"].pk}
+
+
 def test_several_segments_and_hosts(fabric):
     a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]], gateway=False)
     b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"]], gateway=True)
