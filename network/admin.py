@@ -6,7 +6,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.template.response import TemplateResponse
 
-from network import selectors
+from network import selectors, services
 from network.choices import DeviceKind, PortRole
 from network.models import (
     CoreTransport,
@@ -241,6 +241,12 @@ class VlanPoolAdmin(admin.ModelAdmin):
     list_filter = ("core",)
     search_fields = ("name", "description")
     list_select_related = ("core",)
+
+    def save_model(self, request, obj, form, change):
+        """The pool's rows follow its ranges and reserved ids at once (ids no longer in them leave the pool as
+        soon as no one holds them, new ones can be handed out)."""
+        super().save_model(request, obj, form, change)
+        services.vlan_pool_sync(pool=obj)
 
 
 # --- The VLAN life cycle: allocations, segments, device changes and drift (read-only records) -----------------

@@ -222,10 +222,13 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         if not taken:  # lost a race for the row: try another
             continue
         row = taken
-        if row.vid not in valid:  # reserved or removed from the ranges since the row was made: drop it
+        if row.vid not in valid:  # reserved or removed from the ranges since the rows were made
             with transaction.atomic():
                 VlanAllocation.objects.filter(pk=row.pk).update(state=Free.FREE)  # taken by nobody now
                 _drop_rows(VlanAllocation.objects.filter(pk=row.pk))
+            if not synced:  # drop all such rows at once: one by one, they could use up every attempt
+                vlan_pool_sync(pool=pool)
+                synced = True
             continue
         return row
     else:

@@ -149,6 +149,36 @@ def test_newly_reserved_id_is_never_handed_out(pool):
         services.vlan_allocate(pool=pool, owner="y")
 
 
+def test_many_ids_reserved_after_the_rows_were_made_never_block_an_allocation(fabric, monkeypatch):
+    """30 ids reserved after the pool's rows were made (free rows out of the pool now), the only valid free
+    ids below them: the first out-of-pool row the allocator meets drops all of them at once — one by one
+    they used up every attempt (a 409 "try again" that no retry cured: inside a caller's transaction the
+    drops were rolled back with it)."""
+    import random
+
+    pool = fabric.pool  # 100-199
+    services.vlan_pool_sync(pool=pool)
+    pool.reserved = "100-129"
+    pool.save()
+    VlanAllocation.objects.filter(pool=pool, vid__gte=140).update(state="allocated", owner="other")
+    monkeypatch.setattr(random, "randint", lambda lo, hi: hi)  # every take starts above the free valid ids
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    assert 130 <= seg.vid <= 139
+    assert not VlanAllocation.objects.filter(pool=pool, vid__lt=130).exists()
+
+
+def test_saving_a_pool_in_the_admin_syncs_its_rows(fabric, admin_client):
+    pool = fabric.pool
+    services.vlan_pool_sync(pool=pool)
+    r = admin_client.post(
+        f"/admin/network/vlanpool/{pool.pk}/change/",
+        {"name": pool.name, "core": pool.core_id, "ranges": "100-209", "reserved": "100-109", "quarantine_seconds": 60},
+    )
+    assert r.status_code == 302, r.content.decode()[:2000]
+    vids = set(VlanAllocation.objects.filter(pool=pool).values_list("vid", flat=True))
+    assert vids == set(range(110, 210))
+
+
 @pytest.mark.parametrize("how", ["reserved", "out of the ranges"])
 def test_an_id_an_ended_segment_used_can_be_reserved_or_dropped(fabric, how):
     """A torn-down segment keeps its allocation row (for the record); reserving that id, or shrinking the
