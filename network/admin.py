@@ -1,7 +1,7 @@
 """Django admin for the network inventory. Secrets are write-only."""
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count
 from django.template.response import TemplateResponse
@@ -127,9 +127,24 @@ def reconcile_now(modeladmin, request, queryset):
 
     kind = _kind(queryset)
     devices = list(queryset.filter(enabled=True).select_related("site"))
+    skipped = sorted(queryset.filter(enabled=False).values_list("name", flat=True))
+    unsent: list[str] = []
+
+    def send(device) -> None:
+        try:
+            tasks.reconcile_later(kind, device)
+        except Exception as exc:  # the broker is unreachable: say so, as Plan does per device
+            unsent.append(f"{device.name} ({type(exc).__name__}: {exc})")
+
     for device in devices:
-        transaction.on_commit(lambda device=device: tasks.reconcile_later(kind, device))
-    modeladmin.message_user(request, f"Reconcile queued for {len(devices)} {kind}(s); see Drift and Device changes.")
+        transaction.on_commit(lambda device=device: send(device))
+    queued = len(devices) - len(unsent)
+    if queued:
+        modeladmin.message_user(request, f"Reconcile queued for {queued} {kind}(s); see Drift and Device changes.")
+    if unsent:
+        modeladmin.message_user(request, f"Reconcile could not be queued for {', '.join(unsent)}", level=messages.ERROR)
+    if skipped:
+        modeladmin.message_user(request, f"Disabled, not reconciled: {', '.join(skipped)}", level=messages.WARNING)
 
 
 @admin.action(description="Plan (dry run): show the diff convergence would apply")

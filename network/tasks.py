@@ -403,7 +403,11 @@ def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, time
     for device in devices:
         error = ""
         if not device.queue:
-            row = task(str(kind), device.pk, *args)
+            try:
+                row = task(str(kind), device.pk, *args)
+            except Exception as exc:  # e.g. driver arguments its driver cannot use: that device's row says so
+                logger.exception("%s of %s %s failed", task.name, kind, device.name)
+                error = f"{type(exc).__name__}: {exc}"
         elif isinstance(sent[device.pk], str):
             error = sent[device.pk]
         else:

@@ -253,3 +253,60 @@ def test_device_change_list_says_the_duration_is_in_seconds(admin_client):
     )  # fmt: skip
     page = admin_client.get("/admin/network/devicechange/").content.decode()
     assert "Seconds" in page and ">0.019<" in page and "0.018639" not in page
+
+
+@pytest.fixture
+def unusable_switch(db):
+    """A switch whose driver arguments pass the model's checks but which its driver cannot use (the driver
+    raises a ValueError, not a device error)."""
+    from network.choices import PortRole
+    from network.tests.factories import SiteFactory
+
+    switch = SwitchFactory(
+        name="sw-bad",
+        site=SiteFactory(name="brno"),
+        platform="ovs",
+        address="unix:/nonexistent.sock",
+        driver_args={"transport": "ssh", "ssh_host": "ovs1", "ssh_port": "22a"},
+    )
+    switch.full_clean()
+    SwitchPortFactory(switch=switch, name="h1", role=PortRole.HOST_TRUNK)
+    return switch
+
+
+def test_plan_and_reconcile_of_a_switch_its_driver_cannot_use_say_why(admin_client, unusable_switch):
+    """Admin Plan shows the device's row with the error (it was a 500), and ``manage.py network plan`` /
+    ``reconcile`` fail with their "could not be reached or changed" message (they died with a traceback)."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    admin_client.raise_request_exception = False
+    url = reverse("admin:network_switch_changelist")
+    r = admin_client.post(url, {"action": "plan_dry_run", "_selected_action": [unusable_switch.pk]})
+    assert r.status_code == 200 and "ValueError" in r.content.decode()
+    for args in (["plan"], ["reconcile", "--no-repair"]):
+        with pytest.raises(CommandError, match="could not be reached"):
+            call_command("network", *args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconcile_now_with_the_broker_down_says_so(admin_client, monkeypatch):
+    from network import tasks
+
+    enabled, disabled = HostFactory(name="h1"), HostFactory(name="h2", enabled=False)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(tasks.reconcile_device, "apply_async", down)
+    monkeypatch.setattr(tasks.reconcile_device, "delay", down)
+    admin_client.raise_request_exception = False
+    r = admin_client.post(
+        reverse("admin:network_host_changelist"),
+        {"action": "reconcile_now", "_selected_action": [enabled.pk, disabled.pk]},
+        follow=True,
+    )
+    assert r.status_code == 200
+    text = [str(m) for m in r.context["messages"]]
+    assert any(t.startswith("Reconcile could not be queued for h1 (ConnectionError: ") for t in text), text
+    assert "Disabled, not reconciled: h2" in text, text
