@@ -299,7 +299,7 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
         DeviceChange.objects.filter(pk__in=gone).exclude(status__in=DeviceChange.FINAL).update(
             status=Status.FAILED, error="the device no longer exists in the inventory", finished_at=timezone.now()
         )
-    temporary: dict[tuple[str, str], TemporaryDeviceError] = {}  # (kind, device name) → error
+    temporary: dict[tuple[str, int], TemporaryDeviceError] = {}  # (kind, device id) → error (a name may change)
     deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
     while todo:
         held, release = _lock_devices(list(todo))
@@ -307,27 +307,26 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
             if held:
                 for device in _apply_devices([(kind, todo.pop((kind, pk))) for kind, pk in held]):
                     if isinstance(device.exc, TemporaryDeviceError):
-                        temporary[(device.kind, device.device.name)] = device.exc
+                        temporary[(device.kind, device.device.pk)] = device.exc
         finally:
             release()
         if todo:
             if time.monotonic() >= deadline:
-                for (kind, _pk), device in todo.items():
-                    temporary[(kind, device.name)] = TemporaryDeviceError(
-                        device.name, "another operation holds the device lock"
-                    )
+                for (kind, pk), device in todo.items():
+                    temporary[(kind, pk)] = TemporaryDeviceError(device.name, "another operation holds the device lock")
                 break
             time.sleep(0.02)
     return _outcome(ids, DeviceChange.objects.in_bulk(ids), temporary)
 
 
-def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tuple[str, str], TemporaryDeviceError]):
+def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tuple[str, int], TemporaryDeviceError]):
     outcome = BatchOutcome(changes={pk: rows[pk] for pk in ids if pk in rows})
     for pk, change in outcome.changes.items():
+        key = (change.kind, change.switch_id if change.kind == DeviceKind.SWITCH else change.host_id)
         if change.status == Status.FAILED:
             outcome.failed.append(DeviceChangeFailed(change.device, change.error or "failed", pk))
-        elif change.status not in DeviceChange.FINAL and (change.kind, change.device) in temporary:
-            outcome.temporary[pk] = temporary[(change.kind, change.device)]
+        elif change.status not in DeviceChange.FINAL and key in temporary:
+            outcome.temporary[pk] = temporary[key]
     return outcome
 
 

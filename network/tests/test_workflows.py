@@ -246,6 +246,22 @@ def test_a_vlan_kept_for_a_switch_that_then_left_the_inventory_is_released(fabri
     assert tasks.retry_rollbacks.apply().get() == []
 
 
+def test_a_temporary_failure_of_a_device_renamed_since_its_change_was_recorded_is_retried(fabric):
+    """The workflow recorded its change as "sw-pilsen"; the switch is renamed, then its config database is
+    locked: the temporary error is still that change's (retried, then the provisioning fails and is rolled
+    back), not lost — it made the segment ACTIVE without the VLAN on the switch, its change pending."""
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    canvas = workflows.provision(seg.pk)
+    Switch.objects.filter(name="sw-pilsen").update(
+        name="sw-pilsen-a", driver_args={**fabric.args, "fail_commit": "temporary"}
+    )
+    with pytest.raises(DeviceChangeFailed, match="configuration database locked"):
+        canvas.apply().get()
+    seg.refresh_from_db()
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c")
+    assert seg.state == Segment.State.FAILED and change.status == "failed" and change.attempts > 1
+
+
 @pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
 def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, kind, name):
     """A device disabled (maintenance) is never touched, so a teardown cannot take the VLAN off it: the VLAN
