@@ -57,7 +57,7 @@ _LOCK_SPACES = {DeviceKind.SWITCH: 0x56430001, DeviceKind.HOST: 0x56430002, "seg
 def device_lock(kind: str, pk: int, *, wait: float | None = None) -> Iterator[bool]:
     """Hold the lock of one device (or segment). Yields True when held; False when ``wait`` seconds passed
     (``wait=0``: do not wait). ``None`` waits up to the task time limit."""
-    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
+    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) / 2 if wait is None else wait)
     while True:
         held, release = _lock_devices([(kind, int(pk))])
         if held:
@@ -226,6 +226,7 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
         else:
             w.desired = selectors.host_desired([device.pk])[device.pk]
         _drive(w, session=session)
+    _hold_back_kept([w])
     _settle([w])
     if isinstance(w.exc, TemporaryDeviceError):
         raise w.exc
@@ -233,17 +234,38 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
         raise DeviceChangeFailed(device.name, w.error)
 
 
-def _host_result(name: str, desired: frozenset[int], result):
-    """A host's converge result, checked: a bridge kept for its VM ports is temporary (the VMs must go
-    first), a VLAN still missing is permanent."""
+def _host_kept(name: str, desired: frozenset[int], result) -> frozenset[int]:
+    """A host's converge result, checked: a VLAN still missing is permanent; returns the VLANs it kept
+    although not desired, for their VM ports (the VMs must go first: see ``_hold_back_kept``)."""
     carried = frozenset().union(*result.after.values()) if result.after else frozenset()
-    kept = carried - desired
-    if kept:
-        raise TemporaryDeviceError(name, f"VLAN {format_ranges(kept)} kept: VM ports still attached")
     missing = desired - carried
     if missing:
         raise PermanentDeviceError(name, f"VLAN {format_ranges(missing)} missing after converge")
-    return result
+    return carried - desired
+
+
+def _hold_back_kept(work: list[_Device]) -> None:
+    """Hosts that kept bridges for their VM ports: the changes that wanted one of those VLANs off (the
+    teardown or rollback of its segment) stay pending with the reason, to be retried once the VM manager has
+    detached the VMs (the device counts as a temporary failure for them), and a reconciler's repair fails
+    with it; every other change of the batch is done — a VM left on an ended cluster's bridge never holds
+    back another cluster's work on that host."""
+    held = [w for w in work if w.kept and w.status in (Status.OK, Status.NOOP)]
+    if not held:
+        return
+    rows = DeviceChange.objects.filter(pk__in=[pk for w in held for pk in w.claimed]).values_list(
+        "pk", "segment_id", "segment__vid"
+    )
+    wanted_off = {pk: (segment_id, vid) for pk, segment_id, vid in rows}
+    for w in held:
+        reason = f"VLAN {format_ranges(w.kept)} kept: VM ports still attached"
+        for pk in w.claimed:
+            segment_id, vid = wanted_off.get(pk, (None, None))
+            if segment_id is None:
+                w.per_change[pk] = (Status.FAILED, reason)
+            elif vid in w.kept:
+                w.per_change[pk] = (Status.PENDING, reason)
+                w.exc = TemporaryDeviceError(w.device.name, reason)
 
 
 # --- many devices at once ---------------------------------------------------------------------------------------
@@ -275,12 +297,15 @@ class _Device:
     finished_at: object = None
     exc: DeviceError | None = None
     refused: bool = False  # the device answered with a permanent error: it did not take the change
+    kept: frozenset[int] = frozenset()  # a host's VLANs kept, not desired, for their VM ports
+    per_change: dict[int, tuple[str, str]] = field(default_factory=dict)  # claimed change → (status, error)
 
 
 def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) -> BatchOutcome:
     """Apply changes ``change_ids`` (and every other pending change of their devices), the devices side by
-    side. A device whose lock another operation holds is waited for (up to ``wait`` s, default the task
-    time limit) while the others go on; one still locked then counts as a temporary error."""
+    side. A device whose lock another operation holds is waited for (up to ``wait`` s; default half the
+    task's soft time limit, so that the task is not cut by its limit first and can retry later) while the
+    others go on; one still locked then counts as a temporary error."""
     ids = list(dict.fromkeys(change_ids))
     rows = DeviceChange.objects.select_related("switch", "host").in_bulk(ids)
     todo: dict[tuple[str, int], Switch | Host] = {}
@@ -300,7 +325,7 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
             status=Status.FAILED, error="the device no longer exists in the inventory", finished_at=timezone.now()
         )
     temporary: dict[tuple[str, int], TemporaryDeviceError] = {}  # (kind, device id) → error (a name may change)
-    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) if wait is None else wait)
+    deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) / 2 if wait is None else wait)
     while todo:
         held, release = _lock_devices(list(todo))
         try:
@@ -413,6 +438,7 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
                     w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
             _settle(work)
             raise
+    _hold_back_kept(work)
     _settle(work)
     return work
 
@@ -458,11 +484,12 @@ def _settle(work: list[_Device]) -> None:
     machine, small batches): one statement per change."""
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
-    rows = [
-        (w.status, w.diff, w.error, finished.get_db_prep_value(w.finished_at, connection), w.refused, pk)
-        for w in work
-        for pk in w.claimed
-    ]
+    rows = []
+    for w in work:
+        for pk in w.claimed:
+            status, error = w.per_change.get(pk, (w.status, w.error))
+            at = None if status == Status.PENDING else w.finished_at
+            rows.append((status, w.diff, error, finished.get_db_prep_value(at, connection), w.refused, pk))
     if not rows:
         return
     with connection.cursor() as cursor:
@@ -494,7 +521,7 @@ def _drive(w: _Device, session=None) -> None:
         with opener as opened:
             result = opened.converge(w.desired)
             if w.kind == DeviceKind.HOST:
-                result = _host_result(name, w.desired, result)
+                w.kept = _host_kept(name, w.desired, result)
     except TemporaryDeviceError as exc:  # back to pending: a retry claims it again
         w.status, w.error, w.exc = Status.PENDING, exc.message, exc
         return

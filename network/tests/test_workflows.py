@@ -442,6 +442,35 @@ def test_teardown_waits_for_vm_ports_and_keeps_the_vlan(fabric):
     assert seg.allocation.state == VlanAllocation.State.ALLOCATED  # never handed on while still in use
 
 
+def test_a_vm_left_on_an_ended_clusters_bridge_holds_back_only_that_clusters_teardown(fabric):
+    """A VM that the VM manager has not detached yet keeps cluster A's bridge on brno1, and A's teardown waits
+    for it (above); cluster B provisioned onto brno1 meanwhile is not held back by it (it failed after its
+    retries and was rolled back), and a reconciler's repair of brno1 fails saying why instead of leaving a
+    pending change at every pass."""
+    from network import tasks
+    from network.tests import fakes
+
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(a.pk).apply().get()
+    state = fakes.load(fabric.args, "host", "brno1")
+    fakes.save(fabric.args, "host", "brno1", {**state, "vm_ports": {str(a.vid): 1}})
+    services.segment_delete(segment=a)
+    with pytest.raises(DeviceChangeFailed, match="VM ports still attached"):
+        workflows.teardown(a.pk).apply().get()
+    b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    workflows.provision(b.pk).apply().get()
+    b.refresh_from_db()
+    assert b.state == Segment.State.ACTIVE and fabric.host_vlans("brno1") == {a.vid, b.vid}
+    teardown = DeviceChange.objects.filter(segment=a, device="brno1", cause__startswith="teardown").latest("pk")
+    assert teardown.status == "failed" and "VM ports still attached" in teardown.error
+    for _ in range(2):
+        tasks.reconcile_device(DeviceKind.HOST, fabric.hosts["brno1"].pk, True)
+    repairs = DeviceChange.objects.filter(device="brno1", segment=None)
+    assert set(repairs.values_list("status", flat=True)) == {"failed"}, list(repairs.values_list("status", "error"))
+    assert f"VLAN {a.vid} kept: VM ports still attached" in repairs.first().error
+    assert not DeviceChange.objects.filter(device="brno1", status__in=DeviceChange.OPEN).exists()
+
+
 def test_disabled_switch_is_never_touched(fabric):
     switch = fabric.switches["pilsen"]
     switch.enabled = False
