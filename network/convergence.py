@@ -33,9 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from network import selectors, specs
@@ -212,6 +214,24 @@ def change_fail(change_id: int, message: str) -> DeviceChange:
         status=Status.FAILED, error=message, finished_at=now
     )
     return _settled(DeviceChange.objects.get(pk=change_id))
+
+
+def changes_abandon_stale(*, older_than: timedelta) -> int:
+    """Open changes that no task will settle any more fail, saying so: recorded, and last claimed, longer ago
+    than ``older_than`` — more than their workflow's tasks take with every retry (the later layers of a
+    workflow whose earlier layer failed for good, a sibling that failed temporarily while another failed for
+    good). The device itself is the reconciler's from then on; the lists and the open-work metrics show only
+    work under way. Returns how many."""
+    horizon = timezone.now() - older_than
+    stale = DeviceChange.objects.filter(status__in=DeviceChange.OPEN, created_at__lt=horizon).filter(
+        Q(started_at=None) | Q(started_at__lt=horizon)
+    )
+    seconds = int(older_than.total_seconds())
+    return stale.update(
+        status=Status.FAILED,
+        error=f"not converged within {seconds} s: its workflow ended without it",
+        finished_at=timezone.now(),
+    )
 
 
 def apply_locked(kind: str, device: Switch | Host, *, session) -> None:

@@ -455,7 +455,7 @@ def segment_release_not_sent(*, segment_id: int) -> None:
     )
 
 
-def _rollback_stalled_after() -> timedelta:
+def rollback_stalled_after() -> timedelta:
     """How long a rollback may make no progress before it counts as stalled: both of its layers using every
     retry up to the task time limit."""
     return timedelta(seconds=2 * settings.CELERY_TASK_TIME_LIMIT * (settings.DEVICE_RETRY_MAX + 1))
@@ -465,7 +465,7 @@ def segments_to_roll_back_again() -> QuerySet[Segment]:
     """Segments whose rollback is to be run again: it kept the VLAN, or it stalled (still rolling back
     long after it started: the worker died before it could hand the work on)."""
     stalled = Segment.objects.filter(
-        state=Segment.State.COMPENSATING, updated_at__lt=timezone.now() - _rollback_stalled_after()
+        state=Segment.State.COMPENSATING, updated_at__lt=timezone.now() - rollback_stalled_after()
     )
     return (segments_keeping_vlan() | stalled).order_by("pk")
 

@@ -335,7 +335,9 @@ def retry_rollbacks() -> list[int]:
 
 @shared_task(name="network.reconcile")
 def reconcile(repair: bool | None = None) -> dict:
-    """Periodic (celery beat, every ``RECONCILE_INTERVAL`` s): one reconcile task per enabled device."""
+    """Periodic (celery beat, every ``RECONCILE_INTERVAL`` s): one reconcile task per enabled device; the
+    device changes no workflow will settle any more (open for longer than a stalled rollback) fail."""
+    convergence.changes_abandon_stale(older_than=services.rollback_stalled_after())
     expires = settings.RECONCILE_INTERVAL
     switches = list(Switch.objects.filter(enabled=True).select_related("site"))
     hosts = list(Host.objects.filter(enabled=True).select_related("site"))

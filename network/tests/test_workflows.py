@@ -471,6 +471,37 @@ def test_a_vm_left_on_an_ended_clusters_bridge_holds_back_only_that_clusters_tea
     assert not DeviceChange.objects.filter(device="brno1", status__in=DeviceChange.OPEN).exists()
 
 
+def test_changes_a_failed_workflow_left_open_fail_once_no_task_can_settle_them(fabric):
+    """A node change (a workflow without rollback) whose switch layer fails for good: its host layer's
+    changes, recorded up front, and a switch that failed only temporarily beside it stay open — no task will
+    run them. The periodic reconcile fails them, saying so, once they are older than a stalled rollback (not
+    before: a workflow may still be retrying them)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from network import tasks
+
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
+    fabric.set_switch_args("sw-prague", fail_commit="permanent")
+    fabric.set_switch_args("sw-pilsen", fail_commit="temporary")
+    with pytest.raises(DeviceChangeFailed):
+        workflows.provision(seg.pk, compensate_on_error=False).apply().get()
+    left = DeviceChange.objects.filter(segment=seg, status__in=DeviceChange.OPEN)
+    assert set(left.values_list("device", flat=True)) >= {"sw-pilsen", "prague1"}
+    tasks.reconcile.apply(kwargs={"repair": False}).get()
+    assert left.exists()  # young: left alone
+    stalled = timezone.now() - services.rollback_stalled_after() - timedelta(seconds=1)
+    left.update(created_at=stalled, started_at=stalled)
+    ids = list(left.values_list("pk", flat=True))
+    tasks.reconcile.apply(kwargs={"repair": False}).get()
+    assert not left.exists()
+    for change in DeviceChange.objects.filter(pk__in=ids):
+        assert change.status == "failed" and change.error.endswith("its workflow ended without it"), change.error
+
+
 def test_disabled_switch_is_never_touched(fabric):
     switch = fabric.switches["pilsen"]
     switch.enabled = False
