@@ -3,12 +3,14 @@
 from django import forms
 from django.contrib import admin, messages
 from django.core.validators import URLValidator
+from django.template.response import TemplateResponse
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
 from clusters.models import (
     LIVE_STATES,
     ClusterStep,
+    Connectivity,
     IdempotencyKey,
     Image,
     Node,
@@ -151,7 +153,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
     )
     fields = (*readonly_fields, "expires_at")
     inlines = [NodeInline, StepInline]
-    actions = ["teardown"]
+    actions = ["teardown", "override_connectivity"]
 
     def has_add_permission(self, request):
         return False  # clusters are created through the API, where the policy and the workflow run
@@ -190,9 +192,49 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         if done:
             messages.info(request, f"Teardown started for {done} cluster(s).")
 
+    @admin.action(description="Override the connectivity policy of selected clusters…")
+    def override_connectivity(self, request, queryset):
+        """A page asking the connectivity and the reason; applied (audited) to each ready cluster."""
+        clusters = list(queryset.select_related("owner").order_by("name"))
+        form = ConnectivityOverrideForm(request.POST if "apply" in request.POST else None)
+        if form.is_bound and form.is_valid():
+            done = 0
+            for cluster in clusters:
+                try:
+                    services.connectivity_override(
+                        cluster=cluster,
+                        connectivity=form.cleaned_data["connectivity"],
+                        admin=request.user,
+                        reason=form.cleaned_data["reason"],
+                    )
+                    done += 1
+                except ClusterError as exc:
+                    messages.warning(request, f"{cluster.name}: {exc.message}")
+            if done:
+                messages.info(request, f"Connectivity set for {done} cluster(s); their network follows.")
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Override the connectivity policy",
+            "clusters": clusters,
+            "form": form,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/clusters/connectivity_override.html", context)
+
+
+class ConnectivityOverrideForm(forms.Form):
+    connectivity = forms.ChoiceField(choices=Connectivity.choices)
+    reason = forms.CharField(max_length=500, help_text="why the policy's decision does not apply (audited)")
+
 
 @admin.register(IdempotencyKey)
 class IdempotencyKeyAdmin(admin.ModelAdmin):
+    """Keys are recorded by the API's changes; one made by hand would answer a request nobody made."""
+
     list_display = ("key", "actor", "cluster", "created_at")
     search_fields = ("key", "actor")
     readonly_fields = ("key", "actor", "request_hash", "cluster", "created_at")
+
+    def has_add_permission(self, request):
+        return False

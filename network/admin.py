@@ -157,6 +157,7 @@ def plan_dry_run(modeladmin, request, queryset):
         **modeladmin.admin_site.each_context(request),
         "title": f"Plan for {len(rows)} {kind}(s): nothing has been changed",
         "rows": rows,
+        "skipped": sorted(queryset.filter(enabled=False).values_list("name", flat=True)),
         "opts": modeladmin.model._meta,
     }
     return TemplateResponse(request, "admin/network/plan.html", context)

@@ -138,3 +138,32 @@ def test_the_teardown_action_on_an_ended_cluster_says_why_and_nothing_else(clien
     page = r.content.decode()
     assert f"cluster {cluster.name} has ended (torn down): nothing to tear down" in page
     assert "Teardown started" not in page
+
+
+def test_admin_overrides_the_connectivity_policy_with_a_reason_and_it_is_audited(client, root, cluster):
+    """Admin action: a page asks the connectivity and the reason (required); the override is applied through
+    the service (audited with the admin's name), and a cluster that is not ready is named with why."""
+    from clusters.models import Connectivity, PublicPrefix
+
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    ended = VirtualCluster.objects.get(pk=create_cluster(root, name="ended", mac="52:54:00:00:00:02", host="brno2"))
+    services.cluster_teardown(cluster=ended, reason="test")
+    client.force_login(root)
+    url = "/admin/clusters/virtualcluster/"
+    selected = {"action": "override_connectivity", "_selected_action": [cluster.pk, ended.pk]}
+    page = client.post(url, selected)
+    assert page.status_code == 200 and "Override the connectivity policy" in page.content.decode()
+    assert "reason" in page.context["form"].fields
+    refused = client.post(url, {**selected, "apply": "1", "connectivity": Connectivity.PUBLIC, "reason": ""})
+    assert refused.status_code == 200 and refused.context["form"].errors["reason"]
+    assert VirtualCluster.objects.get(pk=cluster.pk).connectivity == cluster.connectivity
+    target = Connectivity.PUBLIC if cluster.connectivity == Connectivity.CLOSED else Connectivity.CLOSED
+    r = client.post(url, {**selected, "apply": "1", "connectivity": target, "reason": "a test"}, follow=True)
+    assert r.status_code == 200
+    text = messages_of(r)
+    assert "Connectivity set for 1 cluster(s); their network follows." in text, text
+    assert any(m.startswith("ended: ") for m in text), text
+    cluster.refresh_from_db()
+    assert cluster.connectivity == target and cluster.connectivity_overridden_by == root
+    assert "a test" in cluster.connectivity_reason
+    assert AuditEntry.objects.filter(object_id=str(cluster.pk), message__startswith="connectivity ").exists()
