@@ -66,13 +66,25 @@ def request_fingerprint(payload: dict) -> str:
 
 def _check_lifetime(expires_at: datetime, *, since: datetime | None = None) -> None:
     low, high = lifetime_bounds()
-    since = since or timezone.now()
-    if expires_at < timezone.now() + low:
-        raise ClusterError(f"the lifetime must be at least {int(low.total_seconds())} s", field="expires_at")
-    if expires_at > since + high:
+    now = timezone.now()
+    since = since or now
+    if expires_at <= now:
         raise ClusterError(
-            f"the lifetime must be at most {int(high.total_seconds() // 3600)} h from creation", field="expires_at"
+            f"the expiry is in the past: it must be at least {_duration(low)} from now", field="expires_at"
         )
+    if expires_at < now + low:
+        raise ClusterError(f"the lifetime must be at least {_duration(low)} from now", field="expires_at")
+    if expires_at > since + high:
+        raise ClusterError(f"the lifetime must be at most {_duration(high)} from creation", field="expires_at")
+
+
+def _duration(delta: timedelta) -> str:
+    """``delta`` in the largest unit that divides it: "90 days", "12 h", "60 s"."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}" if unit != "days" or seconds // size != 1 else "1 day"
+    return f"{seconds} s"
 
 
 def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = None, bastion_address: str = "") -> None:

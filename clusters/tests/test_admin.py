@@ -56,8 +56,9 @@ def test_admin_extends_a_ready_cluster_and_it_is_audited(client, root, cluster):
 @pytest.mark.parametrize(
     "when, error",
     [
-        (timedelta(days=1000), "the lifetime must be at most"),
-        (timedelta(seconds=-5), "the lifetime must be at least"),
+        (timedelta(days=1000), "the lifetime must be at most 90 days from creation"),
+        (timedelta(seconds=-5), "the expiry is in the past: it must be at least 1 min from now"),
+        (timedelta(seconds=30), "the lifetime must be at least 1 min from now"),
     ],
 )
 def test_admin_refuses_an_expiry_out_of_bounds_on_the_field(client, root, cluster, when, error):
