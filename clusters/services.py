@@ -762,9 +762,10 @@ def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=
     return _restart_stalled(ClusterState.TEARING_DOWN, older_than, workflows.start_teardown)
 
 
-def steps_finish_running(cluster: VirtualCluster, name: str, *, error: str = "") -> None:
-    """The running steps ``name`` of ``cluster`` end: OK, or FAILED with ``error``."""
-    ClusterStep.objects.filter(cluster=cluster, name=name, status=StepStatus.RUNNING).update(
+def steps_finish_running(cluster: VirtualCluster, name: str, *, generation: int, error: str = "") -> None:
+    """The running steps ``name`` of ``cluster``'s workflow ``generation`` end: OK, or FAILED with ``error``
+    (a late callback of an older workflow never ends the step of the one running now)."""
+    ClusterStep.objects.filter(cluster=cluster, name=name, generation=generation, status=StepStatus.RUNNING).update(
         status=StepStatus.FAILED if error else StepStatus.OK, error=error, finished_at=timezone.now()
     )
 
@@ -784,7 +785,7 @@ def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str
     if not claimed:
         return False
     cluster = VirtualCluster.objects.get(pk=cluster_id)
-    steps_finish_running(cluster, "network", error=reason)
+    steps_finish_running(cluster, "network", generation=generation, error=reason)
     logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
     step_start(cluster, "compensate", detail=reason)
     workflows.start_compensation(cluster_id, generation + 1, reason)
@@ -824,7 +825,7 @@ def clusters_end_stalled_workflows() -> list[int]:
         with audit.audit_actor("provisioning deadline"):
             if rolling_back:
                 reason = f"the rollback did not finish within {timeout} s{_still_waiting(cluster)}"
-                steps_finish_running(cluster, "compensate", error=reason)
+                steps_finish_running(cluster, "compensate", generation=generation, error=reason)
                 if cluster_fail(
                     cluster_id=cluster.pk, generation=generation, reason=f"{cluster.state_reason}; {reason}"
                 ):

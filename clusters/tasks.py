@@ -40,7 +40,7 @@ def gateway_leg(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None or cluster.workflow_generation != generation:
         return
-    services.steps_finish_running(cluster, "network")
+    services.steps_finish_running(cluster, "network", generation=generation)
     if cluster.connectivity == Connectivity.CLOSED:
         detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
     else:
@@ -72,7 +72,7 @@ def failed(cluster_id: int, generation: int, reason: str) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    services.steps_finish_running(cluster, "compensate")
+    services.steps_finish_running(cluster, "compensate", generation=generation)
     services.cluster_fail(cluster_id=cluster_id, generation=generation, reason=reason)
 
 
@@ -82,7 +82,7 @@ def compensation_failed(request, exc, traceback, cluster_id: int, generation: in
     if cluster is None:
         return
     detail = _describe(exc)
-    services.steps_finish_running(cluster, "compensate", error=detail)
+    services.steps_finish_running(cluster, "compensate", generation=generation, error=detail)
     services.cluster_fail(
         cluster_id=cluster_id,
         generation=generation,
@@ -102,7 +102,7 @@ def teardown_done(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    services.steps_finish_running(cluster, "teardown")
+    services.steps_finish_running(cluster, "teardown", generation=generation)
     services.cluster_finish_teardown(cluster_id=cluster_id, generation=generation)
 
 
@@ -113,7 +113,7 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
     if cluster is None:
         return
     detail = _describe(exc)
-    services.steps_finish_running(cluster, "teardown", error=detail)
+    services.steps_finish_running(cluster, "teardown", generation=generation, error=detail)
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
         state_reason=f"teardown incomplete: {detail}"[:2000]
     )

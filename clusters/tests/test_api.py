@@ -804,6 +804,30 @@ def test_expiry_leaves_a_cluster_whose_lifetime_was_extended_meanwhile(fabric, i
     assert VirtualCluster.objects.get(pk__in=ids - set(extended)).state == ClusterState.TORN_DOWN
 
 
+def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alone(
+    fabric, images, api, alice, monkeypatch
+):
+    from celery.canvas import _chain
+
+    from clusters import tasks
+    from clusters.models import StepStatus
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # sent, never consumed
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    first = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, first)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=6))
+    assert services.clusters_retry_stuck_teardowns() == [cid]
+    retry = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, retry)
+    tasks.teardown_done(cid, first)  # the first teardown's last callback, late
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TEARING_DOWN
+    assert cluster.steps.get(name="teardown", generation=retry).status == StepStatus.RUNNING
+
+
 def test_changing_the_lifetime_does_not_postpone_a_deadline(fabric, images, api, alice, monkeypatch):
     from celery.canvas import _chain
 
