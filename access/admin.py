@@ -75,12 +75,16 @@ class CredentialAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD") and super().has_view_permission(request, obj)
+        return False  # a record of what was issued: view-only (no Save buttons); revoke with the action
 
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Revoke selected credentials (withdrawn by an administrator)")
+    def has_revoke_permission(self, request) -> bool:
+        """Who may revoke: those with the model's change permission (though no field can be changed)."""
+        return super().has_change_permission(request)
+
+    @admin.action(description="Revoke selected credentials (withdrawn by an administrator)", permissions=["revoke"])
     def revoke(self, request, queryset):
         done = services.credentials_revoke(
             ids=queryset.values_list("pk", flat=True),

@@ -52,3 +52,17 @@ class NameTooLong(AccessError):
 
     status = 422
     code = "user_name_too_long"
+
+
+class GatewayMisconfigured(AccessError):
+    """A gateway's settings (or a value of the user's) cannot go into a download: an administrator must fix them."""
+
+    status = 503
+    code = "gateway_misconfigured"
+
+
+class CannotIssue(AccessError):
+    """The certificate cannot be made for this user or these clusters (a name it cannot hold)."""
+
+    status = 422
+    code = "cannot_issue"

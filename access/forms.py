@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from django import forms
 
+from access.selectors import cluster_label
+
 # A cluster offered when the page was loaded may have stopped being enterable since (being updated, torn
 # down, or no longer yours): say so instead of Django's bare "not one of the available choices".
 GONE = (
     "Select a valid choice: cluster %(value)s cannot be entered now (its network is not up, or it is not "
     "yours any more). Reload the page."
 )
+
+
+def cluster_choice(cluster) -> tuple[int, str]:
+    """A cluster as the forms offer it: its name at the gateway (the name with the id: unique, as in the table and
+    the downloads) with its owner and group, since group members see clusters of several owners by one name."""
+    whose = ", ".join(filter(None, [cluster.owner.get_username(), cluster.group.name if cluster.group_id else ""]))
+    return cluster.pk, f"{cluster_label(cluster)} ({whose})"
 
 
 class VpnProfileForm(forms.Form):
@@ -25,7 +34,7 @@ class VpnProfileForm(forms.Form):
 
     def __init__(self, *args, clusters=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["clusters"].choices = [(c.pk, c.name) for c in clusters]
+        self.fields["clusters"].choices = [cluster_choice(c) for c in clusters]
 
 
 class SshCertificateForm(forms.Form):
@@ -39,4 +48,4 @@ class SshCertificateForm(forms.Form):
 
     def __init__(self, *args, clusters=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["cluster"].choices = [(c.pk, c.name) for c in clusters]
+        self.fields["cluster"].choices = [cluster_choice(c) for c in clusters]

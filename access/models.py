@@ -10,8 +10,12 @@ is a record that outlives its cluster, and the access app must not pin the clust
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 from django.conf import settings
-from django.core.validators import MaxValueValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -173,6 +177,56 @@ class GatewayKind(models.TextChoices):
     BOTH = "both", "OpenVPN and SSH"
 
 
+# What a gateway's settings may hold: each one goes verbatim into users' downloads (OpenVPN profiles, ssh_config)
+# or into the gateway's own configs, where a newline or a space would start a directive of the admin's choosing.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+PORT_VALIDATORS = [MinValueValidator(1), MaxValueValidator(65535)]
+#: the bastion's local account (as ``access.gateway.sshd`` checks it): a POSIX-style user name
+SSH_USER_VALIDATOR = RegexValidator(
+    r"\A[a-z_][a-z0-9_-]{0,31}\Z",
+    "A POSIX user name: lower-case letters, digits, '_' and '-', not starting with a digit or '-' (at most 32).",
+)
+#: the CN (and a DNS name) of the gateway's TLS certificate
+SERVER_NAME_VALIDATOR = RegexValidator(
+    r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z",
+    "Letters, digits, '.', '_' and '-' only (no spaces), starting with a letter or digit.",
+)
+
+
+def validate_host(value: str) -> None:
+    """A host name (RFC 1123 labels) or an IPv4/IPv6 address: what users' clients connect to."""
+    try:
+        # (no zone: "fe80::1%<anything>" parses, whatever follows the %)
+        if "%" not in value and ipaddress.ip_address(value):
+            return
+    except ValueError:
+        pass
+    if len(value) > 253 or not _HOST_NAME_RE.fullmatch(value):
+        raise ValidationError(
+            "Enter a host name (letters, digits and '-' in dot-separated labels) or an IP address: %(value)r is "
+            "neither.",
+            code="invalid_host",
+            params={"value": value},
+        )
+
+
+def validate_state_dir(value: str) -> None:
+    """An absolute path without whitespace or control characters."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError("The path may not contain spaces, tabs, newlines or other control characters.")
+    if not value.startswith("/"):
+        raise ValidationError("Enter an absolute path (starting with '/').")
+
+
+class VpnProto(models.TextChoices):
+    # ``access.openvpn`` renders the server side (tcp-server) and the client side (tcp-client) from these.
+    UDP = "udp", "UDP"
+    TCP = "tcp", "TCP"
+    UDP6 = "udp6", "UDP over IPv6"
+    TCP6 = "tcp6", "TCP over IPv6"
+
+
 class Gateway(models.Model):
     """An access gateway: an OpenVPN tap server and/or an SSH bastion with a trunk into the closed
     clusters' VLANs (one per site, or one for all). It pulls its state (VLAN map, CRL, KRL, principals)
@@ -184,10 +238,12 @@ class Gateway(models.Model):
         "network.Site", null=True, blank=True, on_delete=models.PROTECT, related_name="access_gateways"
     )
     kind = models.CharField(max_length=4, choices=GatewayKind.choices, default=GatewayKind.BOTH)
-    address = models.CharField(max_length=253, help_text="public host name or IP users connect to")
-    vpn_port = models.PositiveIntegerField(default=1194)
-    vpn_proto = models.CharField(max_length=12, default="udp")
-    ssh_port = models.PositiveIntegerField(default=22)
+    address = models.CharField(
+        max_length=253, validators=[validate_host], help_text="public host name or IP users connect to"
+    )
+    vpn_port = models.PositiveIntegerField(default=1194, validators=PORT_VALIDATORS)
+    vpn_proto = models.CharField(max_length=12, choices=VpnProto.choices, default=VpnProto.UDP)
+    ssh_port = models.PositiveIntegerField(default=22, validators=PORT_VALIDATORS)
     ssh_port_base = models.PositiveIntegerField(
         default=0,
         validators=[MaxValueValidator(65535 - 4094)],
@@ -195,14 +251,25 @@ class Gateway(models.Model):
         "is withheld). N: a bastion per closed cluster, in the namespace of the cluster's leg, at port N + the "
         "cluster's VLAN id (access/gateway/bastion.py): clusters may share addresses",
     )
-    ssh_user = models.CharField(max_length=32, default="virtcloud", help_text="bastion account users log in as")
-    server_name = models.CharField(max_length=64, blank=True, help_text="CN of the gateway's TLS certificate")
+    ssh_user = models.CharField(
+        max_length=32,
+        default="virtcloud",
+        validators=[SSH_USER_VALIDATOR],
+        help_text="bastion account users log in as",
+    )
+    server_name = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[SERVER_NAME_VALIDATOR],
+        help_text="CN of the gateway's TLS certificate",
+    )
     server_certificate = models.TextField(blank=True, help_text="the gateway's TLS certificate (PEM)")
     ssh_host_certificate = models.TextField(blank=True, help_text="the bastion's OpenSSH host certificate")
     tls_crypt_key = EncryptedTextField(blank=True, help_text="shared tls-crypt key (in every profile)")
     local_state_dir = models.CharField(
         max_length=200,
         blank=True,
+        validators=[validate_state_dir],
         help_text="the gateway's state directory when it runs on the portal's host: revocations are installed "
         "there at once (new CRL/KRL, live sessions cut) instead of at the next pull",
     )
@@ -225,6 +292,12 @@ class Gateway(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_ready(self) -> bool:
+        """Set up and running: enrolled (``gateway config`` issued its server certificate) and it has pulled its
+        state at least once. Users are offered ready gateways only: any other refuses everyone."""
+        return bool(self.server_certificate) and self.last_pull_at is not None
 
     @property
     def serves_vpn(self) -> bool:

@@ -138,11 +138,27 @@ def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:
     return qs.filter(user=user)
 
 
+def credentials_of(user, *, ended: int) -> list[Credential]:
+    """``user``'s own credentials for their page: every one still valid (so each can be revoked, however many
+    there are), then the ``ended`` newest that were revoked or expired; newest first in each part."""
+    now = timezone.now()
+    own = credentials_visible(user, as_admin=False)
+    valid = list(own.live(now))
+    gone = list(own.filter(Q(revoked_at__isnull=False) | Q(not_after__lte=now))[:ended])
+    return valid + gone
+
+
+def gateways_ready() -> QuerySet[Gateway]:
+    """Enabled gateways that are set up (``Gateway.is_ready``: enrolled, pulled at least once). Any other
+    refuses everyone: it has no server certificate or no state to authorize from."""
+    return Gateway.objects.filter(enabled=True, last_pull_at__isnull=False).exclude(server_certificate="")
+
+
 def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
-    """Enabled gateways serving ``kind`` ("vpn" or "ssh"): those whose state is current first (a stale one
-    refuses everyone, see ``gateway_is_stale``), then those at ``site_ids``."""
+    """Ready gateways (``gateways_ready``) serving ``kind`` ("vpn" or "ssh"): those whose state is current first
+    (a stale one refuses everyone, see ``gateway_is_stale``), then those at ``site_ids``. Empty when none is."""
     field = {"vpn": ("vpn", "both"), "ssh": ("ssh", "both")}[kind]
-    gateways = list(Gateway.objects.filter(enabled=True, kind__in=field))
+    gateways = list(gateways_ready().filter(kind__in=field))
     site_ids = set(site_ids)
     now = timezone.now()
     gateways.sort(key=lambda g: (gateway_is_stale(g, now), g.site_id not in site_ids if site_ids else False, g.name))
@@ -151,20 +167,25 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
 
 def gateway_state_age(gateway: Gateway, now: datetime) -> timedelta:
     """How old the newest change is that the gateway's installed state is known to hold (since it was set up,
-    if it never said)."""
+    if it never said). An upper bound on what it knows, not a sign it is current: a gateway that never pulled has
+    no state at all, however recently it was made (``gateway_is_stale``)."""
     return now - (gateway.state_as_of or gateway.created_at)
 
 
 def gateway_is_stale(gateway: Gateway, now: datetime) -> bool:
     """Whether the gateway has, as far as the portal knows, not installed a current state for
-    ``GATEWAY_STATE_MAX_AGE``: it then refuses everyone (it fails closed) until it reaches the portal."""
+    ``GATEWAY_STATE_MAX_AGE`` — or never pulled one: it then refuses everyone (it fails closed) until it reaches
+    the portal."""
+    if gateway.last_pull_at is None and gateway.state_as_of is None:
+        return True  # never pulled: nothing installed, whatever its age since created_at says
     return gateway_state_age(gateway, now) > timedelta(seconds=settings.GATEWAY_STATE_MAX_AGE)
 
 
 def gateways_failed_closed() -> list[tuple[Gateway, timedelta]]:
-    """Enabled gateways that refuse everyone now (``gateway_is_stale``), by name, with their state's age."""
+    """Ready gateways (the ones users are sent to) that refuse everyone now (``gateway_is_stale``), by name, with
+    their state's age."""
     now = timezone.now()
-    gateways = Gateway.objects.filter(enabled=True).order_by("name")
+    gateways = gateways_ready().order_by("name")
     return [(g, gateway_state_age(g, now)) for g in gateways if gateway_is_stale(g, now)]
 
 

@@ -44,7 +44,9 @@ from access.errors import (
     AccessError,
     AuthorityExpired,
     BadPublicKey,
+    CannotIssue,
     ClusterNotReady,
+    GatewayMisconfigured,
     NameTooLong,
     NoGateway,
     NotAllowed,
@@ -300,7 +302,10 @@ def _gateway(kind: str, clusters: Sequence) -> Gateway:
 
     gateways = selectors.gateways_for(kind=kind)
     if not gateways:
-        raise NoGateway(f"no enabled {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is configured")
+        raise NoGateway(
+            f"no {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is ready (enabled, set up and pulling its "
+            "state): ask your administrator"
+        )
     if len(gateways) == 1:
         return gateways[0]
     site_ids = set(
@@ -322,6 +327,16 @@ def _ensure_tls_crypt(gateway: Gateway) -> str:
             locked.save(update_fields=["tls_crypt_key"])
     gateway.refresh_from_db(fields=["tls_crypt_key"])
     return str(gateway.tls_crypt_key)
+
+
+def _misconfigured(gateway: Gateway, what: str, exc: Exception) -> GatewayMisconfigured:
+    """A value that would break (or add lines to) a download. The user is told whom to ask; what is at fault, with
+    the value, goes to the log for the administrator — not to the user's page."""
+    logger.error("access: gateway %s: refused to write %s: %s", gateway.name, what, exc)
+    return GatewayMisconfigured(
+        f"a setting of access gateway {gateway.name} cannot be written into {what} (the portal's log says which). "
+        "Tell your administrator."
+    )
 
 
 def gateway_server_name(gateway: Gateway) -> str:
@@ -425,6 +440,57 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
         chosen,
         {"the VPN CA": vpn_ca.cert.not_valid_after_utc, "the Attribute Authority": aa.cert.not_valid_after_utc},
     )
+    try:
+        text, cert = _vpn_profile_render(
+            user=user,
+            gateway=gateway,
+            labels=labels,
+            serial=serial,
+            start=start,
+            end=end,
+            publish=publish,
+            signers=(vpn_ca, aa),
+            tls_crypt=tls_crypt,
+        )
+    except (attrcerts.ACError, pki.PKIError) as exc:
+        raise CannotIssue(f"cannot issue a VPN certificate for {username}: {exc}") from None
+    except openvpn.ProfileError as exc:
+        raise _misconfigured(gateway, "a VPN profile", exc) from None
+    # Recorded last, in one short transaction: a profile that could not be rendered leaves no row.
+    credential = _record_credential(
+        kind=CredentialKind.VPN,
+        serial=serial,
+        user=user,
+        key_id=f"vpn:{username}:{','.join(labels)}:{now:%Y%m%dT%H%M%SZ}" + (":publish" if publish else ""),
+        fingerprint=pki.cert_fingerprint(cert),
+        clusters=chosen,
+        start=start,
+        end=end,
+        published=publish,
+        generated_key=True,
+    )
+    if len(labels) > 1:
+        text = (
+            f"# This certificate admits to: {', '.join(labels)}.\n"
+            "# To enter another of them, change the 'setenv UV_VCLUSTER' line below.\n" + text
+        )
+    logger.info(
+        "access: issued VPN %sprofile serial=%s user=%s clusters=%s until=%s",
+        "publish " if publish else "",
+        serial,
+        username,
+        ",".join(labels),
+        end.isoformat(),
+    )
+    suffix = "-publish" if publish else ""
+    filename = f"virtcloud-{labels[0]}{suffix}.ovpn" if len(labels) == 1 else f"virtcloud-{username}{suffix}.ovpn"
+    return VpnProfile(text=text, filename=filename, credential=credential)
+
+
+def _vpn_profile_render(*, user, gateway: Gateway, labels, serial, start, end, publish, signers, tls_crypt):
+    """(profile text, client certificate): the AC, the certificate carrying it, a fresh key, the ``.ovpn``."""
+    vpn_ca, aa = signers
+    username = user.get_username()
     holder = attrcerts.Holder(issuer=vpn_ca.cert.subject, serial=serial, not_before=start, not_after=end)
     ac_der = attrcerts.issue_ac(
         aa_key=aa.key,
@@ -458,35 +524,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
         user=username,
         expires=end.isoformat(),
     )
-    # Recorded last, in one short transaction: a profile that could not be rendered leaves no row.
-    credential = _record_credential(
-        kind=CredentialKind.VPN,
-        serial=serial,
-        user=user,
-        key_id=f"vpn:{username}:{','.join(labels)}:{now:%Y%m%dT%H%M%SZ}" + (":publish" if publish else ""),
-        fingerprint=pki.cert_fingerprint(cert),
-        clusters=chosen,
-        start=start,
-        end=end,
-        published=publish,
-        generated_key=True,
-    )
-    if len(labels) > 1:
-        text = (
-            f"# This certificate admits to: {', '.join(labels)}.\n"
-            "# To enter another of them, change the 'setenv UV_VCLUSTER' line below.\n" + text
-        )
-    logger.info(
-        "access: issued VPN %sprofile serial=%s user=%s clusters=%s until=%s",
-        "publish " if publish else "",
-        serial,
-        username,
-        ",".join(labels),
-        end.isoformat(),
-    )
-    suffix = "-publish" if publish else ""
-    filename = f"virtcloud-{labels[0]}{suffix}.ovpn" if len(labels) == 1 else f"virtcloud-{username}{suffix}.ovpn"
-    return VpnProfile(text=text, filename=filename, credential=credential)
+    return text, cert
 
 
 # --- SSH certificates ----------------------------------------------------------------------------------------------
@@ -528,17 +566,20 @@ def ssh_config_render(
     gateway = gateway or _gateway("ssh", [cluster])
     host_ca = _authority(AuthorityKind.SSH_HOST).public_key
     left_out = {name for name, _ in withheld}
-    config = ssh.render_ssh_config(
-        cluster=selectors.cluster_label(cluster),
-        nodes=[(name, address) for name, address in _node_hosts(cluster) if name not in left_out],
-        withheld=withheld,
-        gateway_host=gateway.address,
-        gateway_port=gateway.ssh_port_for(cluster.vlan_id),
-        gateway_user=gateway.ssh_user,
-        identity_file=identity_file,
-        certificate_file=SSH_CERT_FILE,
-        known_hosts_file=SSH_KNOWN_HOSTS_FILE,
-    )
+    try:
+        config = ssh.render_ssh_config(
+            cluster=selectors.cluster_label(cluster),
+            nodes=[(name, address) for name, address in _node_hosts(cluster) if name not in left_out],
+            withheld=withheld,
+            gateway_host=gateway.address,
+            gateway_port=gateway.ssh_port_for(cluster.vlan_id),
+            gateway_user=gateway.ssh_user,
+            identity_file=identity_file,
+            certificate_file=SSH_CERT_FILE,
+            known_hosts_file=SSH_KNOWN_HOSTS_FILE,
+        )
+    except ssh.SSHCertError as exc:
+        raise _misconfigured(gateway, "an ssh_config", exc) from None
     return config, ssh.known_hosts_line(host_ca)
 
 

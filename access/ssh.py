@@ -193,9 +193,9 @@ def principal(cluster: str, user: str) -> str:
     """The principal that admits ``user`` to ``cluster``: ``<cluster>.<user>``. A cluster label has no
     ``.``, so a principal names one (cluster, user) pair only — with ``-`` between them, cluster ``c-17``
     with user ``18-bob`` and cluster ``c-17-18`` with user ``bob`` would share one."""
-    if not _LABEL_RE.match(cluster):
+    if not _LABEL_RE.fullmatch(cluster):
         raise SSHCertError(f"invalid cluster name {cluster!r} for an SSH principal")
-    if not _NAME_RE.match(user):
+    if not _NAME_RE.fullmatch(user):
         raise SSHCertError(f"invalid user name {user!r} for an SSH principal")
     return f"{cluster}.{user}"
 
@@ -392,8 +392,21 @@ def render_ssh_config(
     address), which the bastion does not relay to, are named in a comment only. The ``known_hosts_file``
     must hold :func:`known_hosts_line` so no host-key prompt appears (host certificates).
     """
-    if not _NAME_RE.match(cluster):
+    if not _NAME_RE.fullmatch(cluster):
         raise SSHCertError(f"invalid cluster name {cluster!r}")
+    # Every value below ends up as one token of an ssh_config line: a space would add an argument, a newline a
+    # directive (ProxyCommand ...). Refused here too, whatever the callers checked.
+    _config_token(gateway_host, "gateway host", _CONFIG_HOST_RE)
+    _config_token(gateway_user, "gateway user", _CONFIG_USER_RE)
+    _config_token(node_user, "node user", _CONFIG_USER_RE)
+    for value, what in (
+        (identity_file, "identity file"),
+        (certificate_file, "certificate file"),
+        (known_hosts_file, "known_hosts file"),
+    ):
+        _config_token(value, what)
+    if not 0 < int(gateway_port) < 65536:
+        raise SSHCertError(f"invalid gateway port {gateway_port!r} (1..65535)")
     jump = f"virtcloud-gw-{cluster}"
     common = [
         f"  IdentityFile {identity_file}",
@@ -415,14 +428,15 @@ def render_ssh_config(
         "",
     ]
     for name, address in nodes:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise SSHCertError(f"invalid node name {name!r}")
+        _config_token(address, f"address of node {name}", _CONFIG_HOST_RE)
         lines += [f"Host {cluster}-{name}", f"  HostName {address}", ""]
     if withheld:
         lines.append("# Not reachable through this gateway: another cluster uses the same address, and the SSH")
         lines.append("# bastion forwards by address. Use the cluster's VPN profile to reach:")
         for name, address in withheld:
-            if not _NAME_RE.match(name) or not _is_address(address):
+            if not _NAME_RE.fullmatch(name) or not _is_address(address):
                 raise SSHCertError(f"invalid withheld node {name!r} {address!r}")
             lines.append(f"#   {cluster}-{name} ({address})")
         lines.append("")
@@ -433,6 +447,23 @@ def render_ssh_config(
         *common,
     ]
     return "\n".join(lines) + "\n"
+
+
+_CONFIG_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}")  # a host name or an address (no IPv6 zone)
+_CONFIG_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
+
+
+def _config_token(value: str, what: str, pattern: re.Pattern[str] | None = None) -> str:
+    """``value`` if it can be one token of an ``ssh_config`` line: no whitespace, quote or control character
+    (and matching ``pattern``, when given), else :class:`SSHCertError`."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or any(c.isspace() or c in "\"'\\" or ord(c) < 32 or ord(c) == 127 for c in value)
+        or (pattern is not None and not pattern.fullmatch(value))
+    ):
+        raise SSHCertError(f"invalid {what} {value!r} for an ssh_config")
+    return value
 
 
 def _is_address(text: str) -> bool:

@@ -12,13 +12,15 @@ from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import content_disposition_header
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_http_methods, require_safe
 
 from access import selectors, services
 from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
 
 PAGE = "access:my-clusters"
+#: credentials that ended (revoked or expired) the page lists, newest first; valid ones are always all listed
+ENDED_CREDENTIALS_SHOWN = 20
 
 
 def _form_action(view):
@@ -44,12 +46,23 @@ def _attachment(content: str | bytes, *, filename: str, content_type: str) -> Ht
 
 
 def _form_errors(request, form) -> None:
-    for errors in form.errors.values():
+    """One message per error, naming the field it is about: the messages show above both forms of the page."""
+    for name, errors in form.errors.items():
         for error in errors:
-            messages.error(request, error)
+            messages.error(request, _about(form, name, error))
 
 
-@require_GET
+def _refused(request, form, exc: AccessError) -> None:
+    messages.error(request, _about(form, exc.field, exc.message))
+
+
+def _about(form, field: str | None, message: str) -> str:
+    if field in form.fields:
+        return f"{form[field].label}: {message}"
+    return message
+
+
+@require_safe
 @login_required
 @never_cache
 def my_clusters(request):
@@ -60,7 +73,7 @@ def my_clusters(request):
         {"cluster": c, "label": selectors.cluster_label(c), "enterable": c.pk in enterable_ids}
         for c in selectors.clusters_user_may_see(user)
     ]
-    credentials = selectors.credentials_visible(user).filter(user=user)[:50]
+    credentials = selectors.credentials_of(user, ended=ENDED_CREDENTIALS_SHOWN)
     failed = selectors.gateways_failed_closed()
     stale = [{"name": g.name, "minutes": int(age.total_seconds() // 60)} for g, age in failed]
     withheld = selectors.bastion_withheld_nodes(enterable)
@@ -74,6 +87,9 @@ def my_clusters(request):
             "vpn_form": VpnProfileForm(clusters=enterable),
             "ssh_form": SshCertificateForm(clusters=enterable),
             "credentials": credentials,
+            "ended_shown": ENDED_CREDENTIALS_SHOWN,
+            "vpn_gateway": bool(selectors.gateways_for(kind="vpn")) if enterable else False,
+            "ssh_gateway": bool(selectors.gateways_for(kind="ssh")) if enterable else False,
             "stale_gateways": stale if enterable else [],
             "unrelayed": unrelayed,
             "example_host": f"{selectors.cluster_label(enterable[0])}-node1" if enterable else "<cluster>-node1",
@@ -93,7 +109,7 @@ def vpn_profile_download(request):
             user=request.user, clusters=form.cleaned_data["clusters"], publish=form.cleaned_data["publish"]
         )
     except AccessError as exc:
-        messages.error(request, exc.message)
+        _refused(request, form, exc)
         return redirect(PAGE)
     return _attachment(profile.text, filename=profile.filename, content_type="application/x-openvpn-profile")
 
@@ -110,15 +126,23 @@ def ssh_download(request):
             user=request.user, cluster=form.cleaned_data["cluster"], public_key=form.cleaned_data["public_key"] or None
         )
     except AccessError as exc:
-        messages.error(request, exc.message)
+        _refused(request, form, exc)
         return redirect(PAGE)
     return _attachment(issued.zip_bytes(), filename=issued.zip_name, content_type="application/zip")
 
 
-@_form_action
+@require_http_methods(["GET", "HEAD", "POST"])
 @login_required
+@never_cache
 def credential_revoke(request, pk: int):
+    """GET: what revoking this credential does, and a button that does it. POST: revoke it."""
     credential = get_object_or_404(selectors.credentials_visible(request.user).filter(user=request.user), pk=pk)
+    if request.method != "POST":
+        return render(
+            request,
+            "access/credential_revoke.html",
+            {"credential": credential, "password_of_its_own": request.user.has_usable_password()},
+        )
     revoked, account = services.credential_revoke_lost_device(credential=credential, user=request.user)
     if not revoked:
         messages.info(request, f"{credential} was already revoked.")

@@ -1,9 +1,17 @@
-"""Admin: the audit log (read-only, filterable by object type, action and user), API tokens, directory accounts."""
+"""Admin: the audit log (read-only, filterable by object type, action and user), API tokens, directory accounts,
+and Django's users (a directory account's password is the directory's)."""
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils import timezone
 
 from portal import audit
+from portal.backends import is_directory_account
 from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, TokenScope
 from portal.tokens import token_create, token_revoke
 
@@ -34,6 +42,16 @@ class ApiTokenForm(forms.ModelForm):
         model = ApiToken
         fields = ["user", "name", "scopes", "expires_at"]
 
+    def clean_expires_at(self):
+        expires_at = self.cleaned_data.get("expires_at")
+        unchanged = self.instance.pk is not None and expires_at == self.instance.expires_at
+        if expires_at is not None and expires_at <= timezone.now() and not unchanged:
+            raise forms.ValidationError(
+                "This time has passed: the token would never work. Leave it empty for a token that does not expire, "
+                "or revoke the token instead."
+            )
+        return expires_at
+
 
 def _plain(value):
     """A field's value as the audit log keeps it (JSON)."""
@@ -47,7 +65,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     """Tokens are made here; the secret is shown once, in the confirmation message."""
 
     form = ApiTokenForm
-    list_display = ("name", "user", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_display = ("name", "user", "prefix", "scopes_list", "created_at", "expires_at", "revoked_at", "last_used_at")
     list_filter = ("revoked_at",)
     search_fields = ("name", "user__username", "prefix")
     list_select_related = ("user",)
@@ -86,10 +104,22 @@ class ApiTokenAdmin(admin.ModelAdmin):
             audit.record(token, "delete", {"scopes": [token.scopes, None]})
         super().delete_queryset(request, queryset)
 
+    @admin.display(description="scopes")
+    def scopes_list(self, obj) -> str:
+        labels = dict(TokenScope.choices)
+        return ", ".join(labels.get(scope, scope) for scope in obj.scopes) or "—"
+
     @admin.action(description="Revoke selected tokens")
     def revoke(self, request, queryset):
+        done = already = 0
         for token in queryset:
+            if token.revoked_at is not None:
+                already += 1
+                continue
             token_revoke(token=token)
+            done += 1
+        note = f" ({already} revoked before, left as they were)" if already else ""
+        self.message_user(request, f"Revoked {done} token(s); they stop working at once{note}.", messages.SUCCESS)
 
 
 @admin.register(DirectoryAccount)
@@ -128,3 +158,25 @@ class LoginFailureAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class PortalUserAdmin(UserAdmin):
+    """Django's user admin, except that a directory (LDAP) account gets no password here: it would log the
+    account in without the directory, even after the directory disabled it (``portal.backends``)."""
+
+    def user_change_password(self, request, id, form_url=""):
+        user = self.get_object(request, unquote(id))
+        if user is not None and is_directory_account(user):
+            messages.error(
+                request,
+                f"The account {user.get_username()} is a directory (LDAP) account: its password is set in the "
+                "directory, not here (a password set here would not log it in). To keep it out, deactivate the "
+                "account or disable it in the directory.",
+            )
+            return redirect(reverse("admin:auth_user_change", args=[user.pk]))
+        return super().user_change_password(request, id, form_url)

@@ -121,12 +121,14 @@ globals().update(LDAP)
 # failed logins of one account within the window (seconds) that refuse its logins until the oldest leaves it
 LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 5, minimum=0)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
-AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + [
-    "django.contrib.auth.backends.ModelBackend"
-]
+# The local backend never logs a directory account in with a password kept here (portal/backends.py).
+AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + ["portal.backends.LocalAccountBackend"]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
+# Messages carry one-time secrets (a new API token, a gateway's pull token): keep them in the server-side
+# session (the database session engine), never in a cookie, which browsers, proxies and logs keep.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -20,7 +20,11 @@ urlpatterns = [
     path("", cluster_views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("metrics", views.MetricsView.as_view(), name="metrics"),
-    path("login/", auth_views.LoginView.as_view(authentication_form=LoginForm), name="login"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(authentication_form=LoginForm, redirect_authenticated_user=True),
+        name="login",
+    ),
     path("logout/", views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/", include("clusters.api.urls")),

@@ -53,9 +53,17 @@ def other_cluster(charlie):
     return make_cluster(charlie, name="lab")
 
 
+def make_gateway(name="gw1", *, kind=GatewayKind.BOTH, address="198.18.100.1", **fields) -> Gateway:
+    """A gateway that is set up (``Gateway.is_ready``): enrolled (a server certificate; its text is not read by
+    the portal) and pulled once just now — what ``manage.py gateway config --dir`` leaves. Users are only offered
+    such gateways."""
+    fields = {"server_certificate": "-----BEGIN CERTIFICATE-----\n(test)\n", "last_pull_at": timezone.now()} | fields
+    return Gateway.objects.create(name=name, kind=kind, address=address, **fields)
+
+
 @pytest.fixture
 def gateway(db):
-    return Gateway.objects.create(name="gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)
+    return make_gateway("gw1", vpn_port=1194)
 
 
 @pytest.fixture(scope="module", autouse=True)

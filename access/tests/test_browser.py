@@ -85,7 +85,10 @@ def test_login_download_vpn_and_ssh_then_revoke(
     # "I lost my laptop": revoke the VPN profile from the page.
     page.goto(f"{live_server.url}/access/")
     vpn_row = page.locator(f"tr[data-serial='{parsed.cert.serial_number}']")
-    vpn_row.locator("button").click()
+    vpn_row.get_by_role("link", name=f"Revoke OpenVPN profile {parsed.cert.serial_number} (lost my laptop)").click()
+    page.wait_for_load_state()
+    assert "the access gateways refuse it" in page.inner_text("#what-happens")  # asked first, saying what happens
+    page.get_by_role("button", name=f"Revoke OpenVPN profile {parsed.cert.serial_number}").click()
     page.wait_for_load_state()
     assert "revoked" in page.locator(f"tr[data-serial='{parsed.cert.serial_number}']").inner_text()
     assert Credential.objects.get(serial=parsed.cert.serial_number).revocation_reason == "key_compromise"

@@ -558,6 +558,43 @@ def test_profile_refuses_injection():
     assert "persist-tun" not in text
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"cluster": "c42\n"},  # a trailing newline passes a "...$" pattern
+        {"remote": ("gw\n", 1194)},
+        {"remote": ("gw", 0)},
+        {"remote": ("gw", 65536)},
+        {"server_name": "gw1\n"},
+        {"user": "alice\nup /bin/sh"},
+        {"expires": "2026-01-01\nscript-security 3"},
+        {"proto": "tcp-server"},  # the server's side
+        {"proto": "sctp"},
+    ],
+)
+def test_profile_refuses_control_characters_and_values_out_of_range(bad):
+    base = dict(
+        cluster="c42", remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T"
+    )
+    with pytest.raises(openvpn.ProfileError):
+        openvpn.render_client_profile(**{**base, **bad})
+
+
+def test_one_transport_gives_each_side_its_proto(tmp_path):
+    base = dict(remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T")
+    for proto, client, server in (
+        ("udp", "udp", "udp"),
+        ("tcp", "tcp-client", "tcp-server"),
+        ("tcp6", "tcp6-client", "tcp6-server"),
+    ):
+        assert f"\nproto {client}\n" in openvpn.render_client_profile(cluster="c42", proto=proto, **base)
+        assert f"\nproto {server}\n" in openvpn.render_server_config(state_dir=tmp_path, dev="tap-vc", proto=proto)
+    with pytest.raises(openvpn.ProfileError):
+        openvpn.render_server_config(state_dir=tmp_path, dev="tap-vc", proto="tcp-client")
+    with pytest.raises(openvpn.ProfileError):
+        openvpn.render_server_config(state_dir=tmp_path, dev="tap-vc", port=0)
+
+
 def test_pull_keeps_last_good_state_on_a_bad_document(tmp_path):
     ca = pki.create_ca("CA")
     crl = pki.crl_to_pem(pki.build_crl(ca, [], crl_number=1)).decode()

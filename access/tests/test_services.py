@@ -242,6 +242,7 @@ def test_crl_is_resigned_before_it_expires(alice, gateway):
 def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, cluster, other_cluster, gateway, settings):
     make_cluster(alice, name="new", state="provisioning")
     make_cluster(alice, name="web", connectivity="public")
+    pulled = gateway.last_pull_at
     state = services.gateway_state(gateway=gateway)
     assert state["vpn"]["vlans"] == {
         cluster_label(cluster): cluster.vlan_id,
@@ -260,7 +261,7 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     again = services.gateway_state(gateway=gateway)
     assert again["etag"] == state["etag"]
     gateway.refresh_from_db()
-    assert gateway.last_pull_at is None  # making the document is not a pull (the API records those)
+    assert gateway.last_pull_at == pulled  # making the document is not a pull (the API records those)
 
 
 def _address(cluster, name, address):
@@ -529,10 +530,10 @@ def test_krl_lists_revoked_ssh_certificates(alice, cluster, gateway, tmp_path):
 
 
 def test_a_gateway_at_the_clusters_site_is_preferred(alice, cluster, gateway):
-    from access.models import Gateway
+    from access.tests.fixtures import make_gateway
 
     node_site = cluster.nodes.get().host.site
-    local = Gateway.objects.create(name="zz-local", site=node_site, address="198.18.100.9")
+    local = make_gateway("zz-local", site=node_site, address="198.18.100.9")
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert "remote 198.18.100.9 1194" in text
     local.enabled = False

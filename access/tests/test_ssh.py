@@ -221,3 +221,43 @@ def test_krl_checked_by_ssh_keygen(ca, tmp_path):
     (tmp_path / "empty").write_bytes(ssh.build_krl(ca_public_key=ssh.public_key_line(ca), version=1))
     r = subprocess.run(["ssh-keygen", "-Q", "-f", "empty", "7-cert.pub"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+SSH_CONFIG = dict(
+    cluster="c42",
+    nodes=[("node1", "10.0.0.1")],
+    gateway_host="gw.example.org",
+    gateway_port=22,
+    gateway_user="virtcloud",
+    identity_file="~/.ssh/id_ed25519",
+    certificate_file="id_virtcloud-cert.pub",
+    known_hosts_file="known_hosts",
+)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"gateway_user": "root\nProxyCommand touch /tmp/x"},
+        {"gateway_user": "root ProxyCommand"},
+        {"gateway_host": "gw.example.org\nProxyCommand x"},
+        {"gateway_host": "gw.example.org\n"},
+        {"gateway_port": 0},
+        {"gateway_port": 65536},
+        {"nodes": [("node1", "10.0.0.1\nProxyCommand x")]},
+        {"nodes": [("node1\n", "10.0.0.1")]},
+        {"identity_file": "id key"},
+        {"known_hosts_file": "known_hosts\x00"},
+        {"cluster": "c42\n"},
+    ],
+)
+def test_ssh_config_refuses_what_would_add_a_directive(bad):
+    with pytest.raises(ssh.SSHCertError):
+        ssh.render_ssh_config(**{**SSH_CONFIG, **bad})
+
+
+def test_ssh_config_of_sound_values():
+    config = ssh.render_ssh_config(**SSH_CONFIG)
+    assert "\n  HostName gw.example.org\n  Port 22\n  User virtcloud\n" in config
+    assert "Host c42-node1\n  HostName 10.0.0.1\n" in config
+    assert "ProxyCommand" not in config

@@ -12,7 +12,7 @@ from django.test import Client
 
 from access.models import Authority, AuthorityKind, Credential
 from access.selectors import cluster_label
-from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
+from access.tests.fixtures import cluster, gateway, make_cluster, make_gateway, other_cluster
 from access.tests.profile_check import parse_profile
 
 pytestmark = pytest.mark.django_db
@@ -70,7 +70,7 @@ def test_vpn_download_for_a_foreign_cluster_is_refused_with_a_message(charlie, c
 
 def test_no_gateway_is_a_message_not_a_500(alice, cluster):
     response = logged_in(alice).post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
-    assert "no enabled OpenVPN access gateway" in response.content.decode()
+    assert "no OpenVPN access gateway is ready" in response.content.decode()
 
 
 def test_ssh_zip_download(alice, cluster, gateway):
@@ -98,12 +98,21 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     credential = Credential.objects.get()
     page = client.get("/access/").content.decode()
     assert f'data-serial="{credential.serial}"' in page and "Revoke (lost my laptop)" in page
-    # Every row has such a button: its accessible name says which credential it revokes.
+    # Every row has such a link: its accessible name says which credential it revokes.
     assert f'aria-label="Revoke OpenVPN profile {credential.serial} (lost my laptop)"' in page
-    # Someone else cannot revoke it.
+    assert f'href="/access/credentials/{credential.pk}/revoke/"' in page
+    # Someone else cannot revoke it, nor see the confirmation page.
     assert logged_in(bob).post(f"/access/credentials/{credential.pk}/revoke/").status_code == 404
-    # GET does nothing (it leads back to the page).
-    assert client.get(f"/access/credentials/{credential.pk}/revoke/").url == "/access/"
+    assert logged_in(bob).get(f"/access/credentials/{credential.pk}/revoke/").status_code == 404
+    # GET asks first, saying what will happen; it revokes nothing.
+    confirm = client.get(f"/access/credentials/{credential.pk}/revoke/")
+    assert confirm.status_code == 200
+    text = confirm.content.decode()
+    assert f"Revoke OpenVPN profile {credential.serial}?" in text
+    assert "the access gateways refuse it from their next" in text and "cannot\n  be undone" in text
+    assert "change your\n  password afterwards" in text  # alice has a local password: nothing signs the laptop out
+    assert f'<form method="post" action="/access/credentials/{credential.pk}/revoke/">' in text
+    assert client.head(f"/access/credentials/{credential.pk}/revoke/").status_code == 200
     credential.refresh_from_db()
     assert credential.revoked_at is None
     response = client.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
@@ -222,10 +231,11 @@ def test_a_form_address_opened_goes_back_to_the_page(alice, cluster, gateway):
     """The forms' addresses only take POST; opened in the address bar (or a download's address reloaded)
     they lead back to the page, not to Django's blank 405 — and issue or revoke nothing."""
     client = logged_in(alice)
-    for path in ("/access/vpn-profile/", "/access/ssh/", "/access/credentials/1/revoke/"):
+    for path in ("/access/vpn-profile/", "/access/ssh/"):
         response = client.get(path)
         assert (response.status_code, response.url) == (302, "/access/"), path
         assert client.put(path).status_code == 405
+    assert client.put("/access/credentials/1/revoke/").status_code == 405
     assert not Credential.objects.exists()
     assert Client().get("/access/vpn-profile/").url == "/access/"  # then the page asks to log in
 
@@ -233,7 +243,7 @@ def test_a_form_address_opened_goes_back_to_the_page(alice, cluster, gateway):
 def test_a_gateway_that_fails_closed_is_named_on_the_page_and_a_current_one_is_preferred(bob, cluster, gateway):
     """A gateway whose state has not been brought up to date for GATEWAY_STATE_MAX_AGE refuses everyone: the
     page says so (a user's AUTH_FAILED has a reason), and profiles point at a gateway that is current."""
-    from access.models import Gateway, GatewayKind
+    from access.models import Gateway
 
     Gateway.objects.filter(pk=gateway.pk).update(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     page = logged_in(bob).get("/access/").content.decode()
@@ -241,7 +251,7 @@ def test_a_gateway_that_fails_closed_is_named_on_the_page_and_a_current_one_is_p
     profile = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
     assert "remote 198.18.100.1 1194" in profile  # the only one: still named in the profile
 
-    Gateway.objects.create(name="gw2", kind=GatewayKind.BOTH, address="198.18.100.2", vpn_port=1194)
+    make_gateway("gw2", address="198.18.100.2", vpn_port=1194)
     profile = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
     assert "remote 198.18.100.2 1194" in profile and "198.18.100.1" not in profile
     Gateway.objects.filter(pk=gateway.pk).update(state_as_of=dt.datetime.now(dt.UTC))  # gw1 caught up
@@ -303,3 +313,254 @@ def test_lost_my_laptop_with_a_local_password_says_to_change_it(alice, cluster, 
     r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
     assert "Change your password" in r.content.decode()
     assert laptop.get("/access/").status_code == 200  # (Django cannot end it without the password changing)
+
+
+# --- the review's findings ----------------------------------------------------------------------------------------
+
+GATEWAY_FORM = {
+    "name": "gw1",
+    "kind": "both",
+    "address": "198.18.100.1",
+    "vpn_port": 1194,
+    "vpn_proto": "udp",
+    "ssh_port": 22,
+    "ssh_port_base": 0,
+    "ssh_user": "virtcloud",
+    "server_name": "",
+    "local_state_dir": "",
+    "enabled": "on",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("ssh_user", "root\nProxyCommand x", "A POSIX user name"),
+        ("ssh_user", "Root", "A POSIX user name"),
+        ("address", "gw.example.org\nProxyCommand x", "Enter a host name"),
+        ("address", "gw example.org", "Enter a host name"),
+        ("address", "fe80::1%eth0 x", "Enter a host name"),
+        ("vpn_port", "0", "greater than or equal to 1"),
+        ("ssh_port", "65536", "less than or equal to 65535"),
+        ("vpn_proto", "tcp-server", "Select a valid choice"),
+        ("server_name", "gw 1", "no spaces"),
+        ("local_state_dir", "/var/lib/gw\nx", "control characters"),
+        ("local_state_dir", "var/lib/gw", "absolute path"),
+    ],
+)
+def test_admin_refuses_gateway_settings_that_would_go_into_downloads_broken(root, gateway, field, value, says):
+    """Each setting goes verbatim into users' profiles and ssh_config: admin says what is wrong and keeps the row."""
+    client = logged_in(root)
+    response = client.post(f"/admin/access/gateway/{gateway.pk}/change/", {**GATEWAY_FORM, field: value})
+    assert response.status_code == 200
+    assert says in response.content.decode()
+    before = {f: getattr(gateway, f) for f in GATEWAY_FORM if f != "enabled"}
+    gateway.refresh_from_db()
+    assert {f: getattr(gateway, f) for f in before} == before
+
+
+def test_admin_accepts_sound_gateway_settings(root, gateway):
+    client = logged_in(root)
+    good = {
+        **GATEWAY_FORM,
+        "address": "gw-1.example.org",
+        "vpn_proto": "tcp",
+        "ssh_user": "vc_bastion",
+        "server_name": "gw1.example.org",
+        "local_state_dir": "/var/lib/virtcloud-gateway",
+    }
+    response = client.post(f"/admin/access/gateway/{gateway.pk}/change/", good)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    gateway.refresh_from_db()
+    assert (gateway.address, gateway.vpn_proto, gateway.ssh_user) == ("gw-1.example.org", "tcp", "vc_bastion")
+    for address in ("2001:db8::1", "198.18.100.1"):
+        assert (
+            client.post(f"/admin/access/gateway/{gateway.pk}/change/", {**good, "address": address}).status_code == 302
+        )
+
+
+def test_a_tcp_gateway_gives_clients_the_client_side_of_tcp(bob, cluster, gateway):
+    """vpn_proto is one transport: the server config says tcp-server (manage.py gateway config), a profile
+    tcp-client; before, only one of the two renderers accepted whichever spelling was stored."""
+    from access import openvpn
+
+    gateway.vpn_proto = "tcp"
+    gateway.save()
+    profile = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
+    assert "\nproto tcp-client\n" in profile and "explicit-exit-notify" not in profile
+    assert "\nproto tcp-server\n" in openvpn.render_server_config(state_dir="/var/lib/gw", dev="tap-vc", proto="tcp")
+
+
+def test_a_gateway_row_with_injected_values_is_a_message_not_a_download(alice, cluster, gateway):
+    """Rows written around the validators (an old row, a shell, a bulk update) are refused again where the files
+    are written: no ProxyCommand line reaches a user, the user gets a message (not a 500), and nothing is recorded."""
+    from access.models import Gateway
+
+    client = logged_in(alice)
+    Gateway.objects.filter(pk=gateway.pk).update(ssh_user="root\nProxyCommand touch /tmp/x")
+    response = client.post("/access/ssh/", {"cluster": cluster.pk}, follow=True)
+    assert response.status_code == 200 and response.redirect_chain[-1][0] == "/access/"
+    page = response.content.decode()
+    assert (
+        "a setting of access gateway gw1 cannot be written into an ssh_config" in page
+        and "Tell your administrator" in page
+    )
+    assert "ProxyCommand" not in page  # (the admin finds the setting at fault in the log)
+
+    Gateway.objects.filter(pk=gateway.pk).update(ssh_user="virtcloud", address="198.18.100.1\nup /bin/sh")
+    response = client.post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
+    assert response.status_code == 200 and response.redirect_chain[-1][0] == "/access/"
+    assert "a setting of access gateway gw1 cannot be written into a VPN profile" in response.content.decode()
+    assert not Credential.objects.exists()
+
+
+def test_an_attribute_certificate_that_cannot_be_made_is_a_message_not_a_500(alice, cluster, gateway, monkeypatch):
+    from access import attrcerts
+
+    def refuse(*args, **kwargs):
+        raise attrcerts.ACError("cluster 'x' / role 'member' do not make a valid FQAN")
+
+    monkeypatch.setattr(attrcerts, "fqan", refuse)
+    response = logged_in(alice).post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
+    assert response.status_code == 200 and response.redirect_chain[-1][0] == "/access/"
+    assert "cannot issue a VPN certificate for alice: cluster &#x27;x&#x27;" in response.content.decode()
+    assert not Credential.objects.exists()
+
+
+def test_a_gateway_never_set_up_is_not_offered(alice, cluster, gateway):
+    """A gateway without a server certificate or that never pulled refuses everyone: profiles never point at it,
+    and when no other is ready the page says so instead of offering downloads that cannot work."""
+    from django.utils import timezone
+
+    from access import selectors
+    from access.models import Gateway
+
+    # a newer gateway at the cluster's own site, enrolled but never pulled, and one never enrolled
+    site = cluster.nodes.get().host.site
+    make_gateway("aa-unpulled", site=site, address="198.18.100.7", last_pull_at=None)
+    make_gateway("ab-unenrolled", site=site, address="198.18.100.8", server_certificate="")
+    profile = logged_in(alice).post("/access/vpn-profile/", {"clusters": [cluster.pk]}).content.decode()
+    assert "remote 198.18.100.1 1194" in profile and "198.18.100.7" not in profile and "198.18.100.8" not in profile
+    assert [g.name for g in selectors.gateways_for(kind="ssh")] == ["gw1"]
+
+    # Made a second ago and never pulled: not "fresh" — it has no state at all.
+    fresh = Gateway.objects.get(name="aa-unpulled")
+    assert selectors.gateway_state_age(fresh, timezone.now()).total_seconds() < 60
+    assert selectors.gateway_is_stale(fresh, timezone.now())
+
+    Gateway.objects.filter(pk=gateway.pk).update(last_pull_at=None)
+    issued = Credential.objects.count()
+    page = logged_in(alice).get("/access/").content.decode()
+    assert 'id="no-vpn-gateway"' in page and 'id="no-ssh-gateway"' in page
+    assert "No OpenVPN access gateway is ready yet" in page
+    assert 'id="vpn-form"' not in page and 'id="ssh-form"' not in page
+    assert 'id="stale-gateways"' not in page  # (not offered: not named as one that refuses everyone)
+    response = logged_in(alice).post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
+    assert "no OpenVPN access gateway is ready" in response.content.decode()
+    assert Credential.objects.count() == issued
+
+    Gateway.objects.filter(pk=gateway.pk).update(last_pull_at=timezone.now())
+    page = logged_in(alice).get("/access/").content.decode()
+    assert 'id="vpn-form"' in page and 'id="no-vpn-gateway"' not in page
+
+
+def _credential(user, serial, *, days_ago, valid=True, revoked=False):
+    from django.utils import timezone
+
+    now = timezone.now()
+    row = Credential.objects.create(
+        kind="ssh",
+        serial=serial,
+        user=user,
+        key_id=f"k{serial}",
+        fingerprint=f"f{serial}",
+        not_before=now - dt.timedelta(days=days_ago),
+        not_after=now + dt.timedelta(days=1) if valid else now - dt.timedelta(days=days_ago) + dt.timedelta(hours=1),
+        revoked_at=now if revoked else None,
+        revocation_reason="superseded" if revoked else "",
+    )
+    Credential.objects.filter(pk=row.pk).update(created_at=now - dt.timedelta(days=days_ago))
+    return row
+
+
+def test_every_valid_credential_is_listed_however_old_with_the_newest_ended_ones(
+    alice, cluster, gateway, django_assert_max_num_queries
+):
+    """60 valid credentials (the oldest issued long before 30 that ended since): each can still be revoked from
+    the page; of the ended ones, the newest 20 are shown."""
+    from access.views import ENDED_CREDENTIALS_SHOWN
+
+    valid = [_credential(alice, 1000 + i, days_ago=100 + i) for i in range(60)]
+    ended = [_credential(alice, 2000 + i, days_ago=i + 1, valid=False) for i in range(25)]
+    ended += [_credential(alice, 3000 + i, days_ago=i + 30, revoked=True) for i in range(5)]
+    client = logged_in(alice)
+    with django_assert_max_num_queries(20):
+        page = client.get("/access/").content.decode()
+    for credential in valid:
+        assert f'data-serial="{credential.serial}"' in page
+        assert f'href="/access/credentials/{credential.pk}/revoke/"' in page
+    shown = {c.serial for c in ended if f'data-serial="{c.serial}"' in page}
+    assert ENDED_CREDENTIALS_SHOWN == 20
+    newest = Credential.objects.filter(pk__in=[c.pk for c in ended]).order_by("-created_at")[:20]
+    assert shown == {c.serial for c in newest} == set(range(2000, 2020))
+    # the Issued column: the oldest valid one was issued 159 days ago
+    oldest = Credential.objects.get(pk=valid[-1].pk)
+    assert "<th>Issued</th>" in page
+    row = page.split(f'data-serial="{oldest.serial}"')[1].split("</tr>")[0]
+    assert f"<td>{oldest.created_at:%Y-%m-%d %H:%M} UTC</td>" in row
+
+
+def test_the_forms_tell_clusters_of_the_same_name_apart(alice, bob, team, gateway):
+    mine = make_cluster(alice, name="alpha", group=team)
+    theirs = make_cluster(bob, name="alpha", group=team)
+    page = logged_in(bob).get("/access/").content.decode()
+    assert f"{cluster_label(mine)} (alice, physics)" in page
+    assert f"{cluster_label(theirs)} (bob, physics)" in page
+
+
+def test_form_errors_name_their_field(alice, cluster, gateway):
+    client = logged_in(alice)
+    response = client.post("/access/vpn-profile/", {}, follow=True)
+    assert "Clusters: Choose at least one cluster." in response.content.decode()
+    response = client.post("/access/ssh/", {"cluster": cluster.pk, "public_key": "ssh-rsa AAAAB3Nza"}, follow=True)
+    assert "Your public key (optional): not a valid OpenSSH public key" in response.content.decode()
+
+
+def test_the_page_answers_head_and_messages_are_announced(alice, cluster, gateway):
+    client = logged_in(alice)
+    assert client.head("/access/").status_code == 200
+    page = client.post("/access/vpn-profile/", {}, follow=True).content.decode()
+    assert '<ul class="messages" role="status" aria-live="polite">' in page
+
+
+def test_an_ending_cluster_is_not_called_not_enterable_yet(alice, team, gateway):
+    make_cluster(alice, name="ending", group=team, state="tearing_down")
+    page = logged_in(alice).get("/access/").content.decode()
+    row = page.split("<td>ending</td>")[1].split("</tr>")[0]
+    assert "tearing down (ending: it cannot be entered any more)" in row and "not enterable yet" not in row
+
+
+def test_credential_admin_is_view_only(root, alice, cluster, gateway):
+    from access import services
+
+    credential = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    client = logged_in(root)
+    page = client.get(f"/admin/access/credential/{credential.pk}/change/")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'name="_save"' not in text and 'name="_continue"' not in text
+    assert client.post(f"/admin/access/credential/{credential.pk}/change/", {}).status_code == 403
+    assert "Revoke selected credentials" in client.get("/admin/access/credential/").content.decode()
+
+
+def test_a_gateway_token_secret_is_never_in_a_cookie(root, gateway):
+    """The secret is shown once in a message: kept in the server-side session, not in the messages cookie."""
+    client = logged_in(root)
+    response = client.post("/admin/access/gateway/", {"action": "make_token", "_selected_action": [gateway.pk]})
+    assert response.status_code == 302
+    cookies = [morsel.OutputString() for morsel in response.cookies.values()]
+    assert "messages" not in response.cookies
+    page = client.get(response.url).content.decode()
+    secret = page.split("not shown again: ")[1].split("<")[0].strip()
+    assert secret.startswith("vc_")
+    assert not any(secret in c or secret.split("_")[-1] in c for c in cookies)

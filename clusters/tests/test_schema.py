@@ -23,7 +23,8 @@ from schemathesis import checks as st_checks
 from schemathesis.specs.openapi import checks as oa_checks
 from werkzeug.test import Client as WsgiClient
 
-from access.models import Gateway, GatewayKind
+from access.models import GatewayKind
+from access.tests.fixtures import make_gateway
 from clusters.models import Image, Node, PublicPrefix, VirtualCluster
 from network.models import DeviceChange, Drift, Host, Site, Switch, VlanAllocation, VlanPool
 from network.tests.fakefabric import build_fabric
@@ -105,7 +106,7 @@ def world(db, tmp_path, django_capture_on_commit_callbacks, alice, root):
     )
     # an access gateway: a generated request for a real cluster id gets a profile or a 4xx, never
     # "no gateway configured" (503)
-    Gateway.objects.create(name="gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)
+    make_gateway("gw1", kind=GatewayKind.BOTH, address="198.18.100.1", vpn_port=1194)  # set up: users are sent to it
     return {"cluster": cluster, "fabric": fabric}
 
 

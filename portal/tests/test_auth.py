@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 INVALID_LOGIN = "Please enter a correct username and password. Note that both fields may be case-sensitive."
-BACKENDS = ["portal.auth.ActiveLDAPBackend", "django.contrib.auth.backends.ModelBackend"]
+BACKENDS = ["portal.auth.ActiveLDAPBackend", "portal.backends.LocalAccountBackend"]
 # erin is staff without being an administrator; frank is an administrator without being in the staff group.
 USERS = (*DEMO_USERS, DirectoryUser("erin", "Erin", "Helpdesk", 10005), DirectoryUser("frank", "Frank", "Ops", 10006))
 EXTRA = {"virtcloud-staff": ("erin",), "virtcloud-admins": ("frank",)}
@@ -185,10 +185,11 @@ def run_sync():
 
 
 def closed_cluster_of(owner, group):
-    from access.models import Gateway, GatewayKind
-    from access.tests.fixtures import make_cluster
+    from access.models import Gateway
+    from access.tests.fixtures import make_cluster, make_gateway
 
-    Gateway.objects.get_or_create(name="gw1", defaults={"kind": GatewayKind.BOTH, "address": "198.18.100.1"})
+    if not Gateway.objects.filter(name="gw1").exists():
+        make_gateway("gw1")
     return make_cluster(owner, name=f"c-{owner.username}", group=group)
 
 
@@ -197,6 +198,7 @@ def test_sync_takes_a_group_the_directory_took_away_and_its_credentials(client, 
     from access.models import Credential, RevocationReason
 
     for uid in ("alice", "bob"):
+        client.logout()  # (a logged-in user at the login page is only sent on)
         assert log_in(client, uid, own_directory.passwords[uid]).status_code == 302
     alice, bob = User.objects.get(username="alice"), User.objects.get(username="bob")
     assert alice.directory_account.dn == f"uid=alice,{own_directory.people_base}"

@@ -70,7 +70,7 @@ def test_defaults_run_with_nothing_installed(tmp_path):
     assert values["DB_NAME"] == str(tmp_path / "portal.sqlite3")
     assert values["BROKER"].startswith("filesystem://")
     assert values["BROKER_TRANSPORT"] == "portal.broker:Transport"  # whole message files (portal/broker.py)
-    assert values["BACKENDS"] == ["django.contrib.auth.backends.ModelBackend"]
+    assert values["BACKENDS"] == ["portal.backends.LocalAccountBackend"]
     assert values["LDAP_URI"] is None
     assert values["BEAT"]["access-sweep-credentials"] == ["access.sweep_credentials", 300]
     assert "portal-ldap-sync" not in values["BEAT"]  # no directory, nothing to follow
@@ -141,7 +141,7 @@ def test_ldap_from_the_environment(tmp_path):
     assert values["LDAP_URI"] == "ldaps://ldap.example.org"
     assert values["BEAT"]["portal-ldap-sync"] == ["portal.ldap_sync", 120]  # accounts follow it without a login
     assert values["BACKENDS"][0] == "portal.auth.ActiveLDAPBackend"
-    assert values["BACKENDS"][-1] == "django.contrib.auth.backends.ModelBackend"  # break-glass local accounts
+    assert values["BACKENDS"][-1] == "portal.backends.LocalAccountBackend"  # break-glass local accounts
     assert values["LDAP_FLAGS"] == {
         "is_superuser": "cn=admins,ou=groups,dc=x",
         "is_staff": "cn=admins,ou=groups,dc=x",

@@ -1,0 +1,131 @@
+"""Browser pages of the portal itself, with Django's test client: the login page, API tokens and users in admin."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.utils import timezone
+
+from portal.models import ApiToken, DirectoryAccount, TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db
+
+INVALID_LOGIN = "Please enter a correct username and password."
+
+
+def logged_in(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def directory_account(username: str, password: str) -> User:
+    """A directory (LDAP) account to which an administrator gave a local password as well."""
+    user = User.objects.create_user(username, f"{username}@example.org", password)
+    DirectoryAccount.objects.create(user=user, dn=f"uid={username},ou=people,dc=virtcloud,dc=test")
+    return user
+
+
+# --- login --------------------------------------------------------------------------------------------------------
+
+
+def test_a_directory_account_never_logs_in_with_a_local_password(alice):
+    """The directory checks its accounts' passwords: a local one set in admin would outlive the directory's
+    disabling the account. A local account (alice, root's break-glass) still logs in with its own."""
+    directory_account("dora", "a-local-password")
+    response = Client().post("/login/", {"username": "dora", "password": "a-local-password"})
+    assert response.status_code == 200 and INVALID_LOGIN in response.content.decode()
+    assert "_auth_user_id" not in response.wsgi_request.session
+    response = Client().post("/login/", {"username": "alice", "password": "alice-password"})
+    assert response.status_code == 302 and response.url == "/"
+
+
+def test_the_login_page_shows_each_fields_error_where_the_field_says(db):
+    page = Client().post("/login/", {"username": "", "password": ""}).content.decode()
+    assert '<div class="error" id="id_username_error"><p>This field is required.</p></div>' in page
+    assert '<div class="error" id="id_password_error"><p>This field is required.</p></div>' in page
+    assert 'aria-describedby="id_username_error"' in page  # the field points at a text that is there
+
+
+def test_a_logged_in_user_at_the_login_page_goes_home(alice):
+    response = logged_in(alice).get("/login/")
+    assert response.status_code == 302 and response.url == "/"
+    assert Client().get("/login/").status_code == 200
+
+
+# --- admin: users -------------------------------------------------------------------------------------------------
+
+
+def test_admin_gives_no_local_password_to_a_directory_account(root, alice):
+    dora = directory_account("dora", "a-local-password")
+    client = logged_in(root)
+    response = client.get(f"/admin/auth/user/{dora.pk}/password/", follow=True)
+    assert response.redirect_chain[-1][0] == f"/admin/auth/user/{dora.pk}/change/"
+    assert (
+        "The account dora is a directory (LDAP) account: its password is set in the directory"
+        in response.content.decode()
+    )
+    response = client.post(
+        f"/admin/auth/user/{dora.pk}/password/",
+        {"password1": "Another-pass-123", "password2": "Another-pass-123", "usable_password": "true"},
+    )
+    assert response.status_code == 302
+    dora.refresh_from_db()
+    assert dora.check_password("a-local-password") and not dora.check_password("Another-pass-123")
+    # a local account's page is Django's own
+    assert client.get(f"/admin/auth/user/{alice.pk}/password/").status_code == 200
+
+
+# --- admin: API tokens --------------------------------------------------------------------------------------------
+
+
+def test_a_new_tokens_secret_is_in_the_page_and_in_no_cookie(root, alice):
+    client = logged_in(root)
+    response = client.post(
+        "/admin/portal/apitoken/add/", {"user": alice.pk, "name": "scheduler", "scopes": ["clusters:read"]}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert "messages" not in response.cookies  # the message is in the server-side session
+    page = client.get(response.url).content.decode()
+    secret = page.split("not shown again: ")[1].split("<")[0].strip()
+    assert secret.startswith("vc_")
+    for morsel in response.cookies.values():
+        assert secret not in morsel.OutputString()
+
+
+def test_token_admin_refuses_an_expiry_in_the_past_and_shows_scopes_readably(root, alice):
+    client = logged_in(root)
+    past = timezone.now() - timedelta(days=1)
+    response = client.post(
+        "/admin/portal/apitoken/add/",
+        {
+            "user": alice.pk,
+            "name": "old",
+            "scopes": ["clusters:read"],
+            "expires_at_0": past.strftime("%Y-%m-%d"),
+            "expires_at_1": past.strftime("%H:%M:%S"),
+        },
+    )
+    assert response.status_code == 200 and "This time has passed" in response.content.decode()
+    assert not ApiToken.objects.exists()
+    token_create(user=alice, name="reader", scopes=[TokenScope.CLUSTERS_READ, TokenScope.METRICS])
+    page = client.get("/admin/portal/apitoken/").content.decode()
+    assert "read clusters, monitoring: scrape /metrics (Prometheus)" in page
+    assert "[&#x27;clusters:read&#x27;" not in page
+
+
+def test_revoking_tokens_in_admin_says_so(root, alice):
+    tokens = [token_create(user=alice, name=f"t{i}", scopes=[TokenScope.CLUSTERS_READ])[0] for i in range(3)]
+    client = logged_in(root)
+    client.post("/admin/portal/apitoken/", {"action": "revoke", "_selected_action": [tokens[0].pk]})
+    response = client.post(
+        "/admin/portal/apitoken/", {"action": "revoke", "_selected_action": [t.pk for t in tokens]}, follow=True
+    )
+    assert "Revoked 2 token(s); they stop working at once (1 revoked before, left as they were)." in (
+        response.content.decode()
+    )
+    assert ApiToken.objects.filter(revoked_at__isnull=True).count() == 0
