@@ -7,7 +7,7 @@ that the access app imports (and its migrations run) independently of the cluste
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -163,6 +163,28 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
     now = timezone.now()
     gateways.sort(key=lambda g: (gateway_is_stale(g, now), g.site_id not in site_ids if site_ids else False, g.name))
     return gateways
+
+
+def gateway_carries(clusters) -> Callable[[Gateway], bool]:
+    """Whether a gateway's trunk carries the VLANs of all of ``clusters`` (at most one query): a gateway without a site
+    (one trunk for all), or one at a site every cluster's core reaches — elsewhere the network never puts their
+    VLANs on its trunk (``network.selectors.segment_views``), and the same ids may be other clusters there."""
+    from clusters.models import VirtualCluster
+
+    ids = [c.pk for c in clusters]
+    reached: set[tuple[int, int]] = set()
+    asked = []  # read on the first gateway with a site: no query for gateways that serve every site
+
+    def carries(gateway: Gateway) -> bool:
+        if gateway.site_id is None:
+            return True
+        if not asked:
+            asked.append(True)
+            found = VirtualCluster.objects.filter(pk__in=ids)
+            reached.update(found.values_list("pk", "segment__allocation__pool__core__sites"))
+        return all((pk, gateway.site_id) in reached for pk in ids)
+
+    return carries
 
 
 def gateway_state_age(gateway: Gateway, now: datetime) -> timedelta:

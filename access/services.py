@@ -296,25 +296,28 @@ def clusters_authorize(*, user, clusters: Iterable, lock: bool = False) -> list:
 
 
 def _gateway(kind: str, clusters: Sequence) -> Gateway:
-    """The gateway a user of ``clusters`` connects to: one at a site where the clusters have nodes, if
-    there are several."""
+    """The gateway a user of ``clusters`` connects to: one whose trunk carries their VLANs (see
+    ``selectors.gateway_carries``), at a site where the clusters have nodes if there are several."""
     from clusters.models import Node, NodeState
 
+    what = "OpenVPN" if kind == "vpn" else "SSH"
     gateways = selectors.gateways_for(kind=kind)
     if not gateways:
         raise NoGateway(
-            f"no {'OpenVPN' if kind == 'vpn' else 'SSH'} access gateway is ready (enabled, set up and pulling its "
-            "state): ask your administrator"
+            f"no {what} access gateway is ready (enabled, set up and pulling its state): ask your administrator"
         )
-    if len(gateways) == 1:
-        return gateways[0]
-    site_ids = set(
-        Node.objects.filter(cluster__in=clusters)
-        .exclude(state=NodeState.REMOVED)
-        .values_list("host__site_id", flat=True)
-        .distinct()
-    )
-    return selectors.gateways_for(kind=kind, site_ids=site_ids)[0]
+    carries = selectors.gateway_carries(clusters)
+    if not [g for g in gateways if carries(g)]:
+        raise NoGateway(f"no {what} access gateway is at a site your cluster's network reaches: ask your administrator")
+    if len(gateways) > 1:
+        site_ids = set(
+            Node.objects.filter(cluster__in=clusters)
+            .exclude(state=NodeState.REMOVED)
+            .values_list("host__site_id", flat=True)
+            .distinct()
+        )
+        gateways = selectors.gateways_for(kind=kind, site_ids=site_ids)
+    return next(g for g in gateways if carries(g))
 
 
 def _ensure_tls_crypt(gateway: Gateway) -> str:
@@ -1008,16 +1011,18 @@ def credentials_sweep() -> int:
 # --- gateway state ---------------------------------------------------------------------------------------------
 
 
-def _vlan_map() -> tuple[dict[str, int], list]:
+def _vlan_map(gateway: Gateway) -> tuple[dict[str, int], list]:
+    """The closed clusters users may enter through ``gateway`` (label → VLAN), and those clusters: the ones whose
+    VLAN its trunk carries — at a gateway's site, only clusters whose core reaches the site (the same id may be
+    another core's cluster there)."""
     from clusters.models import Connectivity, VirtualCluster
 
-    clusters = list(
-        VirtualCluster.objects.filter(
-            connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states(), vlan_id__isnull=False
-        )
-        .select_related("owner", "group")
-        .order_by("pk")
+    closed = VirtualCluster.objects.filter(
+        connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states(), vlan_id__isnull=False
     )
+    if gateway.site_id is not None:
+        closed = closed.filter(segment__allocation__pool__core__sites=gateway.site_id)
+    clusters = list(closed.select_related("owner", "group").order_by("pk"))
     return {selectors.cluster_label(c): c.vlan_id for c in clusters}, clusters
 
 
@@ -1094,7 +1099,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
     keys, the KRL (base64), and per cluster its VLAN, principals and the node aliases forwarding may reach."""
     ca_ensure()
     now = _now()
-    vlans, clusters = _vlan_map()
+    vlans, clusters = _vlan_map(gateway)
     doc: dict = {"format": 1, "gateway": gateway.name}
     if gateway.serves_vpn:
         doc["vpn"] = {

@@ -529,10 +529,24 @@ def test_krl_lists_revoked_ssh_certificates(alice, cluster, gateway, tmp_path):
     assert valid.returncode == 0, valid.stdout + valid.stderr
 
 
+def _on_a_core(cluster, *sites):
+    """Give ``cluster`` (made directly, without a workflow) the segment a workflow gives it: a VLAN of a pool
+    whose core joins ``sites`` (its node's site first)."""
+    from network import services as net
+    from network.tests.factories import CoreTransportFactory, VlanPoolFactory
+
+    host = cluster.nodes.get().host
+    core = CoreTransportFactory(sites=[host.site, *sites])
+    VlanPoolFactory(core=core, ranges=str(cluster.vlan_id))
+    segment = net.segment_create(owner=cluster.ref, hosts=[host], gateway=True)
+    VirtualCluster.objects.filter(pk=cluster.pk).update(segment=segment)
+
+
 def test_a_gateway_at_the_clusters_site_is_preferred(alice, cluster, gateway):
     from access.tests.fixtures import make_gateway
 
     node_site = cluster.nodes.get().host.site
+    _on_a_core(cluster)
     local = make_gateway("zz-local", site=node_site, address="198.18.100.9")
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert "remote 198.18.100.9 1194" in text
@@ -540,6 +554,26 @@ def test_a_gateway_at_the_clusters_site_is_preferred(alice, cluster, gateway):
     local.save()
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert "remote 198.18.100.1 1194" in text
+
+
+def test_a_gateway_at_a_site_the_clusters_core_does_not_reach_is_never_its_way_in(alice, cluster):
+    """A gateway at a site the cluster's core does not reach never carries its VLAN (the network keeps it off
+    that trunk, and the same id may be another core's cluster there): its state leaves the cluster out, and a
+    profile is refused rather than sent there; one at a site the core reaches serves it."""
+    from access.tests.fixtures import make_gateway
+    from network.tests.factories import SiteFactory
+
+    reached, elsewhere = SiteFactory(name="pilsen"), SiteFactory(name="ostrava")
+    _on_a_core(cluster, reached)
+    far = make_gateway("far", site=elsewhere, address="198.18.100.9")
+    label = cluster_label(cluster)
+    assert label not in services.gateway_state(gateway=far)["vpn"]["vlans"]
+    with pytest.raises(NoGateway, match="no OpenVPN access gateway is at a site your cluster's network reaches"):
+        services.vpn_profile_issue(user=alice, clusters=[cluster])
+    near = make_gateway("near", site=reached, address="198.18.100.8")
+    assert services.gateway_state(gateway=near)["vpn"]["vlans"][label] == cluster.vlan_id
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    assert "remote 198.18.100.8 1194" in text
 
 
 # --- validity bounds, names ------------------------------------------------------------------------------------
