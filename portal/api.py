@@ -4,7 +4,7 @@ schema documents them (``error_responses``) and the API token scheme (``TokenAut
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse, HttpResponseServerError, JsonResponse
 from django.urls import is_valid_path
 from django.utils.encoding import smart_str
 from django.views.defaults import bad_request as django_bad_request
@@ -16,6 +16,8 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from portal import audit
 
 
 def exception_handler(exc, context):
@@ -63,6 +65,18 @@ def bad_request(request, exception=None):
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Bad request.", "code": "bad_request"}, status=400)
     return django_bad_request(request, exception)
+
+
+def server_error(request):
+    """``handler500``: the page (or, under ``/api/``, the JSON answer) names the request's id, which the
+    logs carry on every line of that request: what a user quotes to the operators."""
+    from django.template import loader
+
+    request_id = getattr(request, "request_id", "") or audit.current().request_id or ""
+    if request.path.startswith("/api/"):
+        body = {"detail": "Server error.", "code": "server_error", "request_id": request_id}
+        return JsonResponse(body, status=500)
+    return HttpResponseServerError(loader.get_template("500.html").render({"request_id": request_id}))
 
 
 class Pagination(LimitOffsetPagination):

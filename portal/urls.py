@@ -15,6 +15,7 @@ admin.site.login_form = LoginForm
 
 handler400 = "portal.api.bad_request"
 handler404 = "portal.api.not_found"
+handler500 = "portal.api.server_error"
 
 urlpatterns = [
     path("", cluster_views.home, name="home"),

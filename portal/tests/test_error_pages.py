@@ -46,6 +46,27 @@ def test_server_error_page_has_the_portal_layout():
     assert 'href="/"' in page
 
 
+@pytest.mark.urls("portal.tests.failing_urls")
+def test_a_server_error_names_the_request_id_on_the_page_and_in_the_api(alice, settings):
+    """The page (HTML) and the API (JSON) name the request's id: the logs carry it on every line of that
+    request, so a user can quote it to the operators."""
+    settings.DEBUG = False
+    client = Client(raise_request_exception=False)
+    client.force_login(alice)
+    page = client.get("/boom/", HTTP_X_REQUEST_ID="req-1234abcd")
+    assert page.status_code == 500 and "<code>req-1234abcd</code>" in page.content.decode()
+    api = client.get("/api/boom/", HTTP_X_REQUEST_ID="req-5678abcd")
+    assert api.status_code == 500
+    assert api.json() == {"detail": "Server error.", "code": "server_error", "request_id": "req-5678abcd"}
+
+
+def test_a_bad_request_has_the_portal_layout(alice, settings):
+    settings.DEBUG = False
+    response = Client().get("/access/", HTTP_HOST="bad host name")
+    assert response.status_code == 400
+    assert "<title>Bad request · VirtCloud portal</title>" in response.content.decode()
+
+
 def test_permission_denied_has_the_portal_layout(client, django_user_model):
     staff = django_user_model.objects.create_user("helpdesk", is_staff=True)  # staff without model permissions
     client.force_login(staff)
