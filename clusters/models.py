@@ -312,6 +312,7 @@ class Quota(models.Model):
             models.CheckConstraint(
                 condition=Q(user__isnull=False, group__isnull=True) | Q(user__isnull=True, group__isnull=False),
                 name="quota_user_or_group",
+                violation_error_message="A quota is for a user or for a group: choose one of them, not both.",
             )
         ]
 

@@ -134,6 +134,8 @@ def test_admin_lists_quotas_with_what_is_in_use(fabric, alice, root, settings):
     r = api.get("/admin/clusters/quota/")
     assert r.status_code == 200
     assert "1 / 2" in r.content.decode()
+    r = api.post("/admin/clusters/quota/add/", {"max_clusters": 1, "max_nodes": 1})  # neither user nor group
+    assert r.status_code == 200 and "A quota is for a user or for a group" in r.content.decode()
 
 
 def test_the_quota_endpoint_says_what_applies_and_what_is_in_use(fabric, alice, bob, root, team, settings):

@@ -197,6 +197,7 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
         {"name": "bad", "url": "ftp://example.org/x", "secret": "", "states": '["nope"]', "enabled": "on"},
     )
     assert r.status_code == 200 and not Webhook.objects.filter(name="bad").exists()
+    assert r.context["adminform"].form.errors["url"] == ["Enter a valid URL."]  # said once
     for states, message in (('"ready"', "a list of state names"), ("5", "a list of state names"), ('["nope"]', "nope")):
         r = api.post(
             "/admin/clusters/webhook/add/",
