@@ -42,8 +42,17 @@ class SshCertificateForm(forms.Form):
     public_key = forms.CharField(
         required=False,
         max_length=16384,
-        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA... (leave empty to generate a key)"}),
+        widget=forms.Textarea(
+            attrs={
+                "rows": 3,
+                "placeholder": "ssh-ed25519 AAAA... (leave empty to generate a key)",
+                "aria-describedby": "ssh-key-help",
+            }
+        ),
         label="Your public key (optional)",
+        help_text="With your own key, the ssh_config expects its private half where ssh keeps it by default "
+        "(~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa, by the key's type): change its IdentityFile "
+        "line if yours is elsewhere. Empty: a new key is made and put in the download.",
     )
 
     def __init__(self, *args, clusters=(), **kwargs):

@@ -564,3 +564,10 @@ def test_a_gateway_token_secret_is_never_in_a_cookie(root, gateway):
     secret = page.split("not shown again: ")[1].split("<")[0].strip()
     assert secret.startswith("vc_")
     assert not any(secret in c or secret.split("_")[-1] in c for c in cookies)
+
+
+def test_the_ssh_form_says_where_the_config_expects_a_pasted_keys_private_half(client, alice, cluster, gateway):
+    client.force_login(alice)
+    page = client.get("/access/").content.decode()
+    assert 'aria-describedby="ssh-key-help"' in page
+    assert "~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa" in page
