@@ -13,6 +13,7 @@ trunk allowed list of every owned port in ``desired``, and nothing else (templat
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -34,8 +35,24 @@ from network.drivers.ranges import compact
 TEMPLATES = Path(__file__).with_name("templates")
 PLATFORMS = ("ios", "eos", "junos", "nxos")
 # driver_args keys this module reads itself; never passed on to the NAPALM driver as optional_args
-_OWN_ARGS = ("template", "vlan_name_format")
+_OWN_ARGS = ("template", "vlan_name_format", "undo")
 DEFAULT_VLAN_NAME = "vc-{vid}"
+COMMIT_MESSAGE = "virtcloud: converge VLAN membership"
+# NAPALM's ios, eos and nxos drivers refuse any commit message (NotImplementedError, before doing anything)
+_NO_COMMIT_MESSAGE = ("ios", "eos", "nxos", "nxos_ssh")
+# the longest allowed list one configuration line carries; a longer one continues on "… allowed vlan add" lines
+LINE_WIDTH = 200
+# VLAN ids a platform keeps for itself: never put on a trunk (IOS: the FDDI/Token Ring defaults; NX-OS: the
+# internal range of its default reserved-vlan block)
+RESERVED: dict[str, frozenset[int]] = {
+    "ios": frozenset(range(1002, 1006)),
+    "nxos": frozenset(range(3968, 4095)),
+}
+# A failed verification is undone by merging the ports' previous state on the platforms whose NAPALM
+# rollback replaces the whole configuration (EOS: with the startup configuration copied at commit, losing
+# what others had not saved; IOS, NX-OS: ``configure replace`` of the file); the device's own rollback
+# only when that merge fails. Junos' ``rollback 1`` undoes exactly the last commit.
+_UNDO_BY_MERGE = ("ios", "eos", "nxos", "nxos_ssh")
 
 
 # --- rendering ------------------------------------------------------------------------------------------------
@@ -44,6 +61,19 @@ DEFAULT_VLAN_NAME = "vc-{vid}"
 def vlan_list(vids) -> str:
     """Compact ``100-103,200`` form (what every vendor CLI accepts in an allowed list)."""
     return compact(vids)
+
+
+def vlan_chunks(vids, width: int = LINE_WIDTH) -> list[str]:
+    """``vlan_list(vids)`` cut at commas into pieces of at most ``width`` characters: the first sets a trunk's
+    allowed list, each further one is added to it (a CLI line has a length limit, and the devices themselves
+    write a long list back that way)."""
+    chunks: list[str] = []
+    for item in vlan_list(vids).split(","):
+        if chunks and len(chunks[-1]) + 1 + len(item) <= width:
+            chunks[-1] += "," + item
+        else:
+            chunks.append(item)
+    return [c for c in chunks if c]
 
 
 @cache
@@ -56,6 +86,7 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.filters["vlan_list"] = vlan_list
+    env.filters["vlan_chunks"] = vlan_chunks
     return env
 
 
@@ -69,12 +100,46 @@ def render(platform: str, desired: Mapping[str, frozenset[int]], vlan_names: Map
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
     vlan_names = vlan_names or {}
     vids = sorted({vid for port_vids in desired.values() for vid in port_vids})
+    reserved = sorted(set(vids) & RESERVED.get(platform, frozenset()))
+    if reserved:
+        raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
     vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in vids]
     ports = [{"name": name, "vids": sorted(desired[name])} for name in sorted(desired)]
     return _environment().get_template(f"{platform}.j2").render(vlans=vlans, ports=ports)
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
+
+
+def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(permanent, temporary) exceptions of the transports under NAPALM's drivers (netmiko for IOS/NX-OS SSH,
+    pyeapi for EOS, PyEZ for Junos) that NAPALM lets through unwrapped; those not installed are left out."""
+    permanent: list[type] = []
+    temporary: list[type] = []
+    with contextlib.suppress(ImportError):
+        from netmiko import exceptions as netmiko_exc
+
+        permanent.append(netmiko_exc.NetmikoAuthenticationException)
+        temporary += [netmiko_exc.NetmikoTimeoutException, netmiko_exc.ReadTimeout, netmiko_exc.ReadException]
+    with contextlib.suppress(ImportError):
+        from pyeapi import eapilib
+
+        temporary.append(eapilib.ConnectionError)
+    with contextlib.suppress(ImportError):
+        from jnpr.junos import exception as junos_exc
+
+        permanent += [junos_exc.ConnectAuthError, junos_exc.ConnectUnknownHostError]
+        temporary += [
+            junos_exc.RpcTimeoutError,
+            junos_exc.ConnectRefusedError,
+            junos_exc.ConnectClosedError,
+            junos_exc.ConnectTimeoutError,
+            junos_exc.LockError,
+        ]
+    return tuple(permanent), tuple(temporary)
+
+
+_TRANSPORT_PERMANENT, _TRANSPORT_TEMPORARY = _transport_errors()
 
 
 @contextlib.contextmanager
@@ -95,6 +160,10 @@ def classified(device: str, action: str) -> Iterator[None]:
         raise TemporaryDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:  # timeouts, refused and reset connections
         raise TemporaryDeviceError(device, f"{action}: {exc}") from exc
+    except _TRANSPORT_PERMANENT as exc:  # the transports' own: a login refused, a name that does not resolve
+        raise PermanentDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
+    except _TRANSPORT_TEMPORARY as exc:  # … and their timeouts and lost connections (a switch reloading)
+        raise TemporaryDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
     except napalm_exc.NapalmException as exc:  # every other NAPALM error: merge, replace or commit rejected …
         raise PermanentDeviceError(device, f"{action}: rejected: {exc}") from exc
     except NotImplementedError as exc:
@@ -116,12 +185,21 @@ class NapalmSwitchSession:
         spec: SwitchSpec,
         device,
         renderer: Callable[[Mapping[str, frozenset[int]]], str],
-        port_key: Callable[[str], str] = canonical_interface_name,
+        port_key: Callable[[str], str] | None = None,
+        *,
+        undo_by_merge: bool | None = None,
+        reserved: frozenset[int] | None = None,
     ):
+        platform = spec.platform
+        if port_key is None:
+            port_key = _junos_port if platform == "junos" else canonical_interface_name
         self.spec = spec
         self.device = device
         self.renderer = renderer
         self.port_key = port_key
+        self.commit_message = "" if platform in _NO_COMMIT_MESSAGE else COMMIT_MESSAGE  # "": the driver takes none
+        self.undo_by_merge = platform in _UNDO_BY_MERGE if undo_by_merge is None else undo_by_merge
+        self.reserved = RESERVED.get(platform, frozenset()) if reserved is None else reserved
         self._owned = {port_key(p): p for p in spec.owned_ports}
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
@@ -162,19 +240,26 @@ class NapalmSwitchSession:
         if not diff.strip():
             with classified(self.spec.name, "discard_config"):
                 self.device.discard_config()
-            self._verify(desired, rollback=False)
+            self._verify(desired)
             return ConvergeResult(self.spec.name, "", False, before, dict(before))
+        self._commit()
+        after = self._verify(desired, before=before)
+        return ConvergeResult(self.spec.name, diff, True, before, after)
+
+    def _commit(self) -> None:
         try:
             with classified(self.spec.name, "commit_config"):
-                self.device.commit_config(message="virtcloud: converge VLAN membership")
+                self.device.commit_config(message=self.commit_message)
         except DeviceError:
             with contextlib.suppress(Exception):
                 self.device.discard_config()
             raise
-        after = self._verify(desired, rollback=True)
-        return ConvergeResult(self.spec.name, diff, True, before, after)
 
-    def _verify(self, desired: Mapping[str, frozenset[int]], *, rollback: bool) -> dict[str, frozenset[int]]:
+    def _verify(
+        self, desired: Mapping[str, frozenset[int]], *, before: Mapping[str, frozenset[int]] | None = None
+    ) -> dict[str, frozenset[int]]:
+        """The owned ports as the device shows them, when they are ``desired``. Otherwise a permanent error,
+        after undoing the commit when ``before`` (the ports before it) is given."""
         current = self.port_vlans()
         after = {port: current[port] for port in desired}
         wrong = {port: vids for port, vids in after.items() if vids != desired[port]}
@@ -184,11 +269,30 @@ class NapalmSwitchSession:
             f"{port} has {vlan_list(vids) or 'none'}, wanted {vlan_list(desired[port]) or 'none'}"
             for port, vids in sorted(wrong.items())
         )
-        if rollback:
-            with classified(self.spec.name, "rollback"):
-                self.device.rollback()
-            raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
-        raise PermanentDeviceError(self.spec.name, f"device shows no diff but differs from desired: {detail}")
+        if before is None:
+            raise PermanentDeviceError(self.spec.name, f"device shows no diff but differs from desired: {detail}")
+        if self.undo_by_merge and self._undo(before):
+            raise PermanentDeviceError(
+                self.spec.name, f"verification failed after commit, undone (the ports are as before): {detail}"
+            )
+        with classified(self.spec.name, "rollback"):
+            self.device.rollback()
+        raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
+
+    def _undo(self, before: Mapping[str, frozenset[int]]) -> bool:
+        """Merge the owned ports' previous state (only theirs: nothing else of the device is replaced);
+        whether the device shows them as they were."""
+        try:
+            with classified(self.spec.name, "load_merge_candidate"):
+                self.device.load_merge_candidate(config=self.render(before))
+            with classified(self.spec.name, "compare_config"):
+                diff = self.device.compare_config()
+            if diff.strip():
+                self._commit()
+            current = self.port_vlans()
+        except DeviceError:
+            return False
+        return all(current[port] == vids for port, vids in before.items())
 
     def _check(self, desired: Mapping[str, frozenset[int]]) -> None:
         foreign = sorted(p for p in desired if self.port_key(p) not in self._owned)
@@ -198,6 +302,17 @@ class NapalmSwitchSession:
             bad = sorted(v for v in vids if not 1 <= int(v) <= 4094)
             if bad:
                 raise PermanentDeviceError(self.spec.name, f"port {port}: VLAN ids {bad} are outside 1-4094")
+            kept = sorted(int(v) for v in vids if int(v) in self.reserved)
+            if kept:
+                raise PermanentDeviceError(
+                    self.spec.name, f"port {port}: VLAN ids {vlan_list(kept)} are reserved on this platform"
+                )
+
+
+def _junos_port(name: str) -> str:
+    """A Junos interface as the inventory names it: ``get_vlans`` reports the logical unit (``xe-0/0/1.0``,
+    an active one with ``*``), the inventory the physical port (``xe-0/0/1``)."""
+    return canonical_interface_name(re.sub(r"\.\d+$", "", name.rstrip("*")))
 
 
 @contextlib.contextmanager
@@ -211,6 +326,10 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
     template = str(args.get("template", spec.platform))
     name_format = str(args.get("vlan_name_format", DEFAULT_VLAN_NAME))
     optional_args = {k: v for k, v in args.items() if k not in _OWN_ARGS}
+    if spec.platform == "junos":
+        # deleting a port's VLAN members it has none of is a warning PyEZ raises: the candidate sets every
+        # owned port's members absolutely, so "statement not found" is expected, not an error
+        optional_args.setdefault("ignore_warning", "statement not found")
     with classified(spec.name, "load driver"):
         driver_class = get_network_driver(spec.platform)
     device = driver_class(
@@ -228,7 +347,13 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
         return render(template, desired, {vid: name_format.format(vid=vid) for vid in vids})
 
     try:
-        yield NapalmSwitchSession(spec, device, renderer)
+        yield NapalmSwitchSession(
+            spec,
+            device,
+            renderer,
+            undo_by_merge=None if "undo" not in args else args["undo"] == "merge",
+            reserved=RESERVED.get(template, frozenset()),
+        )
     finally:
         with contextlib.suppress(Exception):
             device.close()
