@@ -532,6 +532,10 @@ class LinuxBridgeDriver(NetworkDriver):
             "interface_list": self._backend.interfaces(),
         }
 
+    def tagged_vlans(self) -> dict[str, frozenset[int]]:
+        """Each port's tagged VLAN set: what the portal manages (untagged/PVID membership is not its own)."""
+        return {port: state.tagged for port, state in self._ports().items()}
+
     def get_vlans(self) -> dict:
         """NAPALM format: ``{vid: {"name": ..., "interfaces": [...]}}``, tagged and untagged members alike."""
         members: dict[int, set[str]] = {}
@@ -645,12 +649,10 @@ class LinuxBridgeSession:
         self.spec, self.driver = spec, driver
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
-        found: dict[str, set[int]] = {port: set() for port in self.spec.owned_ports}
-        for vid, vlan in self.driver.get_vlans().items():
-            for port in vlan["interfaces"]:
-                if port in found:
-                    found[port].add(vid)
-        return {port: frozenset(vids) for port, vids in found.items()}
+        """The owned ports' tagged VLANs (what the candidate sets and the verification compares: a port's
+        native/PVID VLAN is not the portal's and never made a converge fail)."""
+        tagged = self.driver.tagged_vlans()
+        return {port: tagged.get(port, frozenset()) for port in self.spec.owned_ports}
 
     def render(self, desired: Mapping[str, frozenset[int]]) -> str:
         foreign = sorted(set(desired) - set(self.spec.owned_ports))

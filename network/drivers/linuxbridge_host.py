@@ -7,7 +7,13 @@ half there (a bridge without its sub-interface, a link that is down) is repaired
 
 A VLAN that is no longer wanted is removed (sub-interface, then bridge) only when no VM port is left on the
 bridge — the trunk sub-interface is the only other member allowed; otherwise the VLAN stays, and the diff
-says which VM ports kept it.
+says which VM ports kept it. A sub-interface of the trunk without its bridge is removed only when the portal
+made it (its alias says ``virtcloud``) and it has no address: the hypervisor's own VLAN interfaces (a
+management or storage ``bond0.20``) are never touched.
+
+The host takes no part in a tenant's network: its bridge and sub-interface get no IPv6 address (no link-local
+address a root user in a VM could reach the hypervisor on) and, in the host's own namespace, IPv6 is off on
+them (no router advertisement from a VM is obeyed).
 
 ``driver_args``: ``netns`` — the namespace of a lab host on this machine; absent or empty: this machine's
 own namespace (the host agent running on the hypervisor). Same code either way.
@@ -27,6 +33,8 @@ from network.drivers.base import Attachment, ConvergeResult, HostSpec, Permanent
 from network.drivers.netlink import TEMPORARY_ERRNOS, open_iproute
 
 IFNAMSIZ = 15  # longest interface name the kernel takes
+ALIAS = "virtcloud"  # the alias of the sub-interfaces the portal makes (the only ones it ever removes)
+_ADDR_GEN = "IFLA_INET6_ADDR_GEN_MODE"  # 1: none (no address generated)
 _BRIDGE_NAME = re.compile(r"br-v(\d{1,4})")
 
 
@@ -39,6 +47,7 @@ class _Link:
     up: bool
     parent: int | None  # IFLA_LINK: the lower device of a VLAN interface
     vlan_id: int | None
+    alias: str = ""
 
 
 def attachment(spec: HostSpec, vid: int) -> Attachment:
@@ -88,6 +97,7 @@ class LinuxBridgeHost:
                 up=bool(msg["flags"] & 1),  # IFF_UP: administratively up (operstate lags behind carrier)
                 parent=msg.get("IFLA_LINK"),
                 vlan_id=vlan_id,
+                alias=msg.get("IFLA_IFALIAS") or "",
             )
         return links
 
@@ -162,12 +172,17 @@ class LinuxBridgeHost:
         )
 
     def _orphan_vids(self, links: dict[str, _Link]) -> set[int]:
-        """VLAN sub-interfaces of the trunk whose bridge is gone (a crashed half-removal)."""
+        """VLAN sub-interfaces of the trunk the portal made whose bridge is gone (a crashed half-removal); never
+        one it did not make, nor one with an address (the hypervisor's own)."""
         trunk = links[self.trunk]
         return {
             link.vlan_id
             for name, link in links.items()
-            if link.kind == "vlan" and link.parent == trunk.index and name == self._sub_name(link.vlan_id)
+            if link.kind == "vlan"
+            and link.parent == trunk.index
+            and name == self._sub_name(link.vlan_id)
+            and link.alias == ALIAS
+            and not self._call(f"reading the addresses of {name}", self._ipr.get_addr, index=link.index)
         }
 
     def _ensure(self, vid: int, links: dict[str, _Link]) -> list[str]:
@@ -180,6 +195,8 @@ class LinuxBridgeHost:
             self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")
             changes.append(f"+ bridge {br_name}")
         br_index = self._index(br_name)
+        if br is None:
+            self._no_ipv6(br_name, br_index)
         if br is None or not br.up:
             self._call(f"setting {br_name} up", self._ipr.link, "set", index=br_index, state="up")
             if br is not None:
@@ -193,6 +210,9 @@ class LinuxBridgeHost:
             )
         if sub is None:
             self._create(f"creating {sub_name}", ifname=sub_name, kind="vlan", link=trunk.index, vlan_id=vid)
+            sub_index = self._index(sub_name)
+            self._call(f"marking {sub_name}", self._ipr.link, "set", index=sub_index, ifalias=ALIAS)
+            self._no_ipv6(sub_name, sub_index)
         if sub is None or sub.master != br_index or not sub.up:
             self._call(
                 f"enslaving {sub_name} to {br_name}",
@@ -218,6 +238,20 @@ class LinuxBridgeHost:
             self._delete(f"deleting bridge {br_name}", links[br_name].index)
             changes.append(f"- bridge {br_name}")
         return changes
+
+    def _no_ipv6(self, name: str, index: int) -> None:
+        """No IPv6 of the host's own on a tenant's link: no address generated (netlink), and in the host's own
+        namespace IPv6 off (sysctl: no router advertisement from a VM obeyed). A kernel without IPv6: nothing
+        to do."""
+        try:
+            self._ipr.link("set", index=index, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [[_ADDR_GEN, 1]]}]]})
+        except NetlinkError as exc:
+            if exc.code not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+                raise self._classify(f"turning IPv6 off on {name}", exc) from exc
+        if self.netns is None:
+            with contextlib.suppress(FileNotFoundError):
+                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+                    f.write("1\n")
 
     # --- netlink with classified errors
 

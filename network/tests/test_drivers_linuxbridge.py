@@ -573,6 +573,20 @@ def test_session_plan_converge_verify(sw):
 
 @pytest.mark.lab
 @pytest.mark.vmlane
+def test_a_native_vlan_on_an_owned_trunk_is_neither_the_portals_nor_a_failed_verification(sw):
+    """An owned trunk with a native (PVID, untagged) VLAN: the session reads and verifies the tagged set only
+    (it counted the native VLAN as tagged: every change failed its verification and was rolled back), and the
+    native VLAN stays."""
+    sw.batch("sw1", ["vlan add dev p-h1 vid 5 pvid untagged"], tool="bridge")
+    with switch_session(_spec(sw)) as session:
+        assert session.port_vlans()["p-h1"] == frozenset()
+        result = session.converge({"p-h1": frozenset({100, 200})})
+        assert result.changed and result.after["p-h1"] == {100, 200}
+    assert sw.bridge_vlans("sw1")["p-h1"] >= {5, 100, 200}
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
 def test_session_rolls_back_when_verification_fails(sw, monkeypatch):
     sw.batch("sw1", ["vlan add dev p-h1 vid 100"], tool="bridge")
     with switch_session(_spec(sw)) as session:
@@ -641,7 +655,11 @@ def test_host_adopts_what_exists_and_repairs_half_made_vlans(hv):
             "link add br-v100 type bridge",  # made by hand (or a crashed run), down, nothing enslaved
             "link add link eth0 name eth0.100 type vlan id 100",
             "link add br-v200 type bridge",  # bridge without its sub-interface
-            "link add link eth0 name eth0.300 type vlan id 300",  # orphan sub-interface, bridge gone
+            "link add link eth0 name eth0.300 type vlan id 300",  # orphan sub-interface, bridge gone …
+            "link set eth0.300 alias virtcloud",  # … that the portal made (a crashed half-removal)
+            "link add link eth0 name eth0.20 type vlan id 20",  # the hypervisor's own (management) …
+            "address add 198.18.20.5/24 dev eth0.20",  # … with its address
+            "link add link eth0 name eth0.21 type vlan id 21",  # and one the portal did not make
         ],
     )
     with host_session(_host(hv)) as host:
@@ -650,8 +668,29 @@ def test_host_adopts_what_exists_and_repairs_half_made_vlans(hv):
         assert result.after == {"hv1": {100, 200}}
         assert "+ bridge br-v100" not in result.diff and "~ up br-v100" in result.diff
         assert "~ vlan eth0.100 master br-v100" in result.diff and "+ vlan eth0.200 master br-v200" in result.diff
-        assert "- vlan eth0.300" in result.diff
-    assert _carried(hv) == {"eth0.100": (100, "br-v100", True), "eth0.200": (200, "br-v200", True)}
+        touched = {line.split()[2] for line in result.diff.splitlines() if line.split()[1] == "vlan"}
+        assert "- vlan eth0.300" in result.diff and touched == {"eth0.100", "eth0.200", "eth0.300"}
+    carried = _carried(hv)
+    assert set(carried) == {"eth0.100", "eth0.200", "eth0.20", "eth0.21"}  # the hypervisor's own are left alone
+    assert carried["eth0.100"] == (100, "br-v100", True) and carried["eth0.200"] == (200, "br-v200", True)
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
+def test_the_host_has_no_ipv6_address_on_a_tenants_vlan(hv):
+    """A tenant's bridge and sub-interface get no IPv6 address of the host's (no link-local address a root
+    user in a VM could reach the hypervisor on); a bridge of the host's own still gets its usual one."""
+    with host_session(_host(hv)) as host:
+        host.converge(frozenset({100}))
+    hv.batch("hv", ["link add br-mine type bridge", "link set br-mine up"])
+    time.sleep(1)  # past the kernel's address generation (and DAD)
+
+    def inet6(dev):
+        command = ["ip", "-n", hv.ns("hv"), "-6", "-o", "addr", "show", "dev", dev]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert inet6("br-mine")  # the namespace has IPv6: the check below means something
+    assert inet6("br-v100") == "" and inet6("eth0.100") == ""
 
 
 @pytest.mark.lab
