@@ -55,7 +55,7 @@ EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
 # refusals that go away by themselves: VLAN ids come back from quarantine, other clusters end
 LATER = ("pool_exhausted", "quota_exceeded")
-LONG_POLL = 25  # seconds one wait request asks for at most (the portal's CLUSTER_WAIT_MAX must be at least this)
+LONG_POLL = 25  # seconds one wait request asks for at most (a portal that allows less: its own maximum)
 
 
 class Refused(Exception):
@@ -77,6 +77,7 @@ class ClusterFailed(Exception):
 class Api:
     def __init__(self, url: str, token: str, *, timeout: float = 30 + LONG_POLL):
         self.base, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self.portal_max = False  # whether the portal's longest wait is below LONG_POLL (learnt from a 400)
 
     def call(self, method: str, path: str, body: dict | None = None, *, key: str | None = None, **query) -> dict:
         url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -117,8 +118,16 @@ class Api:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Unavailable(f"cluster {cluster['id']} is still {cluster['state']} (not {'/'.join(until)})")
-            poll = max(1, min(LONG_POLL, int(left + 0.999)))  # (the portal's CLUSTER_WAIT_MAX must allow it)
-            cluster = self.call("GET", f"/api/clusters/{cluster['id']}/wait/", until=",".join(until), timeout=poll)
+            path, states = f"/api/clusters/{cluster['id']}/wait/", ",".join(until)
+            if self.portal_max:  # the portal allows less than LONG_POLL: its default is its maximum
+                cluster = self.call("GET", path, until=states)
+                continue
+            try:
+                cluster = self.call("GET", path, until=states, timeout=max(1, min(LONG_POLL, int(left + 0.999))))
+            except Refused as exc:
+                if exc.status != 400 or '"timeout"' not in str(exc):
+                    raise
+                self.portal_max = True  # its CLUSTER_WAIT_MAX is lower than LONG_POLL: ask for as long as it allows
         return cluster
 
 

@@ -14,6 +14,7 @@ the directory (which revokes every credential and stops its tokens).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import ldap
@@ -42,6 +43,33 @@ class ActiveLDAPBackend(LDAPBackend):
     def get_user(self, user_id):
         user = super().get_user(user_id)
         return user if user is not None and user.is_active else None
+
+    def get_or_build_user(self, username, ldap_user):
+        """A local account in use (a password of its own, admin rights, or API tokens: a break-glass
+        superuser, a scheduler's API account) is never taken over by a directory entry of the same name:
+        django-auth-ldap would fill it in from the directory (flags, groups, and from then on the sync's,
+        which may deactivate it and stop its tokens), so the login is refused. An account made beforehand
+        with none of these (to give it a quota, say) becomes the directory's, as always."""
+        user, built = super().get_or_build_user(username, ldap_user)
+        if not built and _local_account_in_use(user):
+            logger.warning(
+                "login: directory entry %s refused: a local account is named %s", ldap_user.dn, user.get_username()
+            )
+            raise ldap_user.AuthenticationFailed(f"{user.get_username()} is a local account, not the directory's")
+        return user, built
+
+
+def _local_account_in_use(user) -> bool:
+    from portal.models import ApiToken, DirectoryAccount
+
+    if DirectoryAccount.objects.filter(user_id=user.pk).exists():
+        return False
+    return (
+        user.has_usable_password()
+        or user.is_staff
+        or user.is_superuser
+        or ApiToken.objects.filter(user_id=user.pk).exists()
+    )
 
 
 def ldap_settings() -> dict:
@@ -146,12 +174,28 @@ def _connect(config) -> ldap.ldapobject.LDAPObject:
     return conn
 
 
-def _in_directory(conn, search, username: str) -> bool:
-    """Whether the user search finds ``username`` (raises ``ldap.LDAPError``: django-auth-ldap's own search
+def _in_directory(conn, search, username: str) -> bool | None:
+    """Whether the user search finds ``username``; None when it cannot tell (only a referral to another
+    server came back: the entry may well be there). Raises ``ldap.LDAPError`` (django-auth-ldap's own search
     takes an error for "no such user", which must never deactivate anyone)."""
     filterstr = search.filterstr % {"user": ldap.filter.escape_filter_chars(username)}
     entries = conn.search_s(search.base_dn, search.scope, filterstr, ["1.1"])
-    return any(dn for dn, _attrs in entries)  # referrals come back without a DN
+    if any(dn for dn, _attrs in entries):
+        return True
+    return None if entries else False  # referrals come back without a DN
+
+
+def _directory_shows_accounts(conn, search) -> bool:
+    """Whether the user search finds anyone at all (its filter with ``*`` for the name): an answer without
+    a single account (a replica being rebuilt, an ACL hiding the users from the bind account) says nothing
+    about who left."""
+    try:
+        entries = conn.search_ext_s(
+            search.base_dn, search.scope, search.filterstr % {"user": "*"}, ["1.1"], sizelimit=1
+        )
+    except ldap.SIZELIMIT_EXCEEDED:  # more than the one asked for
+        return True
+    return any(dn for dn, _attrs in entries)
 
 
 def ldap_sync() -> SyncReport:
@@ -177,26 +221,59 @@ def ldap_sync() -> SyncReport:
         logger.warning("LDAP sync: %s", report.error)
         return report
     backend = LDAPBackend()
+    search = settings.AUTH_LDAP_USER_SEARCH
+    gone = []
     try:
         accounts = DirectoryAccount.objects.filter(user__is_active=True).select_related("user").order_by("pk")
         for account in accounts:
             user = account.user
             username = user.get_username()
             try:
-                present = _in_directory(conn, settings.AUTH_LDAP_USER_SEARCH, username)
+                present = _in_directory(conn, search, username)
             except ldap.LDAPError as exc:
                 report.error = f"the directory cannot be searched: {type(exc).__name__}"
                 logger.warning("LDAP sync stopped at %s: %s", username, report.error)
                 break
             report.checked += 1
-            if not present:
-                user.is_active = False
-                user.save(update_fields=["is_active"])
-                audit.record(user, "action", message=f"deactivated: {account.dn} is no longer in the directory")
-                logger.warning("LDAP sync: %s is no longer in the directory: account deactivated", username)
-                report.deactivated.append(username)
+            if present is None:
+                report.failed.append(username)  # referred elsewhere: neither gone nor updated
+            elif not present:
+                gone.append(account)
             elif backend.populate_user(username) is None:  # an error half-way (logged by django-auth-ldap)
                 report.failed.append(username)
+        if gone and not report.error:
+            report.error = _why_not_deactivate(conn, search, len(gone), report.checked)
+    except ldap.LDAPError as exc:
+        report.error = f"the directory cannot be searched: {type(exc).__name__}"
     finally:
         conn.unbind_s()
+    if report.error:
+        if gone:
+            logger.warning("LDAP sync: %d account(s) not found, none deactivated: %s", len(gone), report.error)
+        return report
+    for account in gone:  # only after a whole run that could tell, and within bounds
+        user = account.user
+        user.is_active = False
+        user.save(update_fields=["is_active"])
+        audit.record(user, "action", message=f"deactivated: {account.dn} is no longer in the directory")
+        logger.warning("LDAP sync: %s is no longer in the directory: account deactivated", user.get_username())
+        report.deactivated.append(user.get_username())
     return report
+
+
+def _why_not_deactivate(conn, search, gone: int, checked: int) -> str:
+    """Why the accounts a run did not find must not be deactivated now ("" when they may): the directory
+    shows no account at all, or more of them went than ``LDAP_SYNC_DEACTIVATE_MAX`` (a fraction of the
+    accounts checked; at least 5 may always go) — a directory that lost its users by accident must not
+    take every account, credential and token with it; an administrator can still deactivate them."""
+    from django.conf import settings
+
+    if not _directory_shows_accounts(conn, search):
+        return f"the directory shows no account under {search.base_dn}: nobody was deactivated"
+    limit = max(5, math.ceil(settings.LDAP_SYNC_DEACTIVATE_MAX * checked))
+    if gone > limit:
+        return (
+            f"{gone} of {checked} accounts were not found, more than LDAP_SYNC_DEACTIVATE_MAX allows ({limit}): "
+            "nobody was deactivated"
+        )
+    return ""

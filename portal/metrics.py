@@ -182,7 +182,11 @@ def collect() -> list[Family]:
         _by_kind(
             "virtcloud_access_credentials_valid",
             "Access credentials valid now (not expired, not revoked).",
-            Credential.objects.filter(revoked_at__isnull=True, not_before__lte=now, not_after__gt=now),
+            # by kind, so that the (kind, revoked_at, not_after) index serves it: credentials are never
+            # pruned, and without a kind the count read them all at every scrape
+            Credential.objects.filter(
+                kind__in=CredentialKind.values, revoked_at__isnull=True, not_before__lte=now, not_after__gt=now
+            ),
             CredentialKind.values,
         )
     )

@@ -193,3 +193,53 @@ def test_bad_arguments_are_refused_before_anything_is_sent(alice, client, tmp_pa
 def test_it_runs_as_a_plain_script_too(alice, client):
     """``python3 clusters/client.py``: its folder (clusters/selectors.py…) never shadows the standard library."""
     assert client("show", "--job", "1.pbs", isolated=False)[:2] == (0, [])
+
+
+def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
+    """A portal whose CLUSTER_WAIT_MAX is below the client's 25 s long poll refuses the wait's ``timeout``
+    (400): the client then asks without one (the portal's default is its maximum) — it exited 2, "refused,
+    nothing left allocated", right after the portal had made the cluster."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    from clusters import client as scheduler_client
+
+    waits = []
+
+    class Portal(BaseHTTPRequestHandler):
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(201, {"id": 7, "name": "mpi", "state": "requested", "state_reason": "", "nodes": []})
+
+        def do_GET(self):
+            query = parse_qs(urlsplit(self.path).query)
+            if urlsplit(self.path).path.endswith("/wait/"):
+                waits.append(query.get("timeout"))
+                if float(query.get("timeout", ["20"])[0]) > 20:  # the portal's CLUSTER_WAIT_MAX=20
+                    return self._send(400, {"timeout": ["Ensure this value is less than or equal to 20.0."]})
+                return self._send(200, {"id": 7, "name": "mpi", "state": "ready", "state_reason": "", "nodes": []})
+            return self._send(200, {"count": 0, "next": None, "results": []})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        err = io.StringIO()
+        argv = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", "vc_x_y", "up", "--job", "1.pbs"]
+        argv += ["--name", "mpi", "--image", "debian", "--node", "name=n1,host=h1,mac=52:54:00:00:00:01"]
+        assert scheduler_client.main(argv, out=io.StringIO(), err=err) == 0, err.getvalue()
+    finally:
+        server.shutdown()
+    assert waits == [["25"], None]

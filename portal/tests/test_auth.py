@@ -97,7 +97,10 @@ def test_staff_and_superuser_flags_follow_directory_groups(client, ldap_up):
 
 
 def test_flags_are_taken_away_when_the_group_membership_is(client, ldap_up):
-    User.objects.create_user("bob", is_staff=True, is_superuser=True)
+    from portal.models import DirectoryAccount
+
+    bob = User.objects.create_user("bob", is_staff=True, is_superuser=True)  # the directory's, with stale flags
+    DirectoryAccount.objects.create(user=bob, dn=f"uid=bob,{ldap_up.people_base}")
     log_in(client, "bob", ldap_up.passwords["bob"])
     bob = User.objects.get(username="bob")
     assert not bob.is_staff and not bob.is_superuser
@@ -255,6 +258,71 @@ def test_sync_with_the_directory_down_changes_nothing(client, own_directory):
     assert report.error.startswith("the directory cannot be searched") and report.checked == 0
     alice = User.objects.get(username="alice")
     assert alice.is_active and alice.groups.filter(name="physics").exists()
+
+
+def test_a_directory_entry_never_takes_over_a_local_account_of_its_name(client, own_directory):
+    """A directory entry named like a local account in use (the break-glass superuser, a scheduler's API
+    account with tokens) does not log in as it: django-auth-ldap would fill the local account in from the
+    directory (its flags and groups, and from then on the sync's). The local account keeps its password."""
+    from portal.tokens import token_create
+
+    User.objects.create_superuser("alice", "alice@example.org", "break-glass-password")
+    assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 200  # refused
+    alice = User.objects.get(username="alice")
+    assert alice.is_superuser and not hasattr(alice, "directory_account")
+    assert log_in(client, "alice", "break-glass-password").status_code == 302
+    client.logout()
+    token_create(user=User.objects.create_user("bob"), name="pbs", scopes=["clusters:read"])  # an API account
+    assert log_in(client, "bob", own_directory.passwords["bob"]).status_code == 200
+    assert not hasattr(User.objects.get(username="bob"), "directory_account")
+
+
+def test_sync_deactivates_nobody_when_the_directory_shows_no_account(client, own_directory):
+    """A directory that answers every search without an entry (a replica being rebuilt, an ACL hiding the
+    users from the bind account) says nothing about who left: nobody is deactivated, and the run says why."""
+    for uid in ("alice", "bob"):
+        client.logout()
+        assert log_in(client, uid, own_directory.passwords[uid]).status_code == 302
+    for user in USERS:
+        own_directory.modify(f"dn: uid={user.uid},{own_directory.people_base}\nchangetype: delete\n")
+    report = run_sync()
+    assert report["deactivated"] == [] and report["error"].startswith("the directory shows no account under")
+    assert User.objects.filter(username__in=["alice", "bob"], is_active=True).count() == 2
+
+
+def test_sync_deactivates_nobody_when_more_go_than_it_may(client, own_directory, settings):
+    settings.LDAP_SYNC_DEACTIVATE_MAX = 0.0  # at least 5 may go whatever the share: make 6 accounts go
+    from portal.models import DirectoryAccount
+
+    for n in range(6):
+        user = User.objects.create_user(f"gone{n}")
+        DirectoryAccount.objects.create(user=user, dn=f"uid=gone{n},{own_directory.people_base}")
+    report = run_sync()
+    assert report["deactivated"] == [] and "6 of 6 accounts were not found" in report["error"]
+    assert User.objects.filter(username__startswith="gone", is_active=True).count() == 6
+    User.objects.filter(username="gone5").delete()  # five: within bounds
+    assert sorted(run_sync()["deactivated"]) == [f"gone{n}" for n in range(5)]
+
+
+def test_a_referral_is_not_taken_for_an_account_that_left(client, own_directory):
+    """An entry moved into a subtree delegated to another server comes back as a referral: the account is
+    reported as not checked, not deactivated."""
+    import ldap as python_ldap
+
+    assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 302
+    own_directory.modify(
+        f"dn: uid=alice,{own_directory.people_base}\nchangetype: delete\n\n"
+        f"dn: ou=partner,{own_directory.people_base}\nchangetype: add\nobjectClass: referral\n"
+        f"objectClass: extensibleObject\nou: partner\nref: ldap://ldap.partner.example/ou=partner,"
+        f"{own_directory.people_base}\n"
+    )
+    connection = python_ldap.initialize(own_directory.uri)
+    connection.set_option(python_ldap.OPT_REFERRALS, 0)
+    answer = connection.search_s(own_directory.people_base, python_ldap.SCOPE_SUBTREE, "(uid=alice)", ["1.1"])
+    assert answer and all(dn is None for dn, _ in answer)  # only the referral
+    report = run_sync()
+    assert report["deactivated"] == [] and report["failed"] == ["alice"]
+    assert User.objects.get(username="alice").is_active
 
 
 def test_sync_without_ldap_says_so():  # (beat schedules it only with LDAP: test_settings)

@@ -111,6 +111,10 @@ def test_production_values(tmp_path):
         ("DATABASE_URL", "nonsense", "DATABASE_URL='nonsense'"),
         ("LDAP_SERVER_URI", "http://ldap.example.org", "LDAP_SERVER_URI='http://ldap.example.org' must start with"),
         ("LDAP_TIMEOUT", "fast", "LDAP_TIMEOUT='fast' is not a number"),
+        ("CLUSTER_WAIT_MAX", "nan", "CLUSTER_WAIT_MAX='nan' is not a finite number"),  # nan passes every bound
+        ("DEVICE_TIMEOUT", "inf", "DEVICE_TIMEOUT='inf' is not a finite number"),
+        ("WEBHOOK_TIMEOUT", "1e999", "WEBHOOK_TIMEOUT='1e999' is not a finite number"),
+        ("LDAP_SYNC_DEACTIVATE_MAX", "2", "LDAP_SYNC_DEACTIVATE_MAX=2.0 is above the maximum 1.0"),
     ],
 )
 def test_malformed_value_names_the_variable(tmp_path, name, value, expected):
