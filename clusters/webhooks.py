@@ -65,8 +65,10 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, s
 
 
 def deliver(webhook_id: int) -> Delivery:
-    """Send the webhook's next batch if it is due. The webhook's row is locked meanwhile (another worker skips
-    it), so batches never overlap or arrive out of order."""
+    """Send the webhook's next batch if it is due. The attempt is claimed first, in a short transaction of its
+    own (the row locked meanwhile: another worker skips it), and counted as a failure with its backoff until
+    the endpoint answers 2xx — so batches never overlap, and an endpoint that hangs (or a worker cut by its
+    time limit) still backs off; the POST itself holds no lock and no transaction open."""
     with transaction.atomic():
         hook = Webhook.objects.select_for_update(skip_locked=True).filter(pk=webhook_id, enabled=True).first()
         if hook is None or hook.next_attempt_at > timezone.now():
@@ -80,34 +82,42 @@ def deliver(webhook_id: int) -> Delivery:
         if not wanted:  # nothing this endpoint asked for: move past the batch without a request
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=batch[-1].id)
             return Delivery(webhook=hook.name, sent=0)
-        body = json.dumps({"webhook": hook.name, "events": EventSerializer(wanted, many=True).data}).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "VirtCloud-portal-webhook",
-            "X-VirtCloud-Webhook": hook.name,
-            "X-VirtCloud-Signature": signature(str(hook.secret), body),
-        }
-        status, error = _post(hook.url, body, headers)
-        now = timezone.now()
-        if status is not None and 200 <= status < 300:
-            Webhook.objects.filter(pk=hook.pk).update(
-                last_event_id=batch[-1].id,
-                last_delivered_at=now,
-                last_status=status,
-                last_error="",
-                failures=0,
-                next_attempt_at=now,
-            )
-        else:
-            failures = hook.failures + 1
-            backoff = min(settings.WEBHOOK_MAX_BACKOFF, 2**failures)
-            Webhook.objects.filter(pk=hook.pk).update(
-                last_status=status,
-                last_error=error or f"HTTP {status}",
-                failures=failures,
-                next_attempt_at=now + timedelta(seconds=backoff),
-            )
-        return Delivery(webhook=hook.name, sent=len(wanted), status=status, error=error)
+        failures = hook.failures + 1
+        backoff = min(settings.WEBHOOK_MAX_BACKOFF, 2**failures)
+        claimed_at = timezone.now()
+        Webhook.objects.filter(pk=hook.pk).update(  # the claim: due again only after the backoff
+            failures=failures, next_attempt_at=claimed_at + timedelta(seconds=max(backoff, _claim_seconds()))
+        )
+    body = json.dumps({"webhook": hook.name, "events": EventSerializer(wanted, many=True).data}).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "VirtCloud-portal-webhook",
+        "X-VirtCloud-Webhook": hook.name,
+        "X-VirtCloud-Signature": signature(str(hook.secret), body),
+    }
+    status, error = _post(hook.url, body, headers)
+    now = timezone.now()
+    if status is not None and 200 <= status < 300:
+        Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id).update(
+            last_event_id=batch[-1].id,
+            last_delivered_at=now,
+            last_status=status,
+            last_error="",
+            failures=0,
+            next_attempt_at=now,
+        )
+    else:
+        Webhook.objects.filter(pk=hook.pk).update(
+            last_status=status,
+            last_error=error or f"HTTP {status}",
+            next_attempt_at=now + timedelta(seconds=backoff),
+        )
+    return Delivery(webhook=hook.name, sent=len(wanted), status=status, error=error)
+
+
+def _claim_seconds() -> float:
+    """How long a claimed attempt keeps others off at least: longer than the POST may take."""
+    return 2 * settings.WEBHOOK_TIMEOUT + 5
 
 
 def deliver_due() -> list[Delivery]:

@@ -205,3 +205,45 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
         )
         assert r.status_code == 200 and message in r.content.decode(), states  # the form says why, no 500
     assert not Webhook.objects.filter(name="bad").exists()
+
+
+def test_an_endpoint_that_hangs_holds_no_lock_and_its_attempt_is_counted_meanwhile(fabric, alice, settings):
+    """The POST runs outside any transaction: while an endpoint takes its time, the webhook's row is not
+    locked and the attempt is already counted as a failure with its backoff — a worker cut by its time limit
+    mid-POST (which rolled the whole attempt back: no failure, no backoff) leaves the webhook backed off."""
+    import socket
+    import time
+
+    from django.db import connections, transaction
+
+    settings.WEBHOOK_TIMEOUT = 5
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen = {}
+
+    def endpoint():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        time.sleep(0.5)  # meanwhile: how does the portal's database see the webhook?
+        try:
+            with transaction.atomic(using="default"):
+                row = Webhook.objects.select_for_update(nowait=True).get(name="slow")
+                seen.update(failures=row.failures, due_later=row.next_attempt_at > timezone.now())
+        except Exception as exc:  # a lock held by the delivery: the bug
+            seen["error"] = repr(exc)
+        finally:
+            connections.close_all()
+        connection.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        connection.close()
+
+    threading.Thread(target=endpoint, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    hook = Webhook.objects.create(name="slow", url=url, secret="s")
+    create_cluster(alice)
+    result = webhooks.deliver(hook.pk)
+    listener.close()
+    assert seen == {"failures": 1, "due_later": True}, seen
+    assert result.status == 204
+    hook.refresh_from_db()
+    assert hook.failures == 0 and hook.last_event_id > 0
