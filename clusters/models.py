@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import urllib.parse
 
 from django.conf import settings
 from django.contrib.auth.models import Group
@@ -259,6 +261,12 @@ class Webhook(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
+        from clusters.webhooks import refused_address
+
+        host = urllib.parse.urlsplit(self.url or "").hostname or ""
+        with contextlib.suppress(ValueError):
+            if refused_address("127.0.0.1" if host == "localhost" else host):
+                raise ValidationError({"url": f"{host} is this machine's or a special address: not delivered to"})
         choices = ", ".join(ClusterState.values)
         if not isinstance(self.states, list) or not all(isinstance(s, str) for s in self.states):
             raise ValidationError({"states": f'a list of state names, e.g. ["ready", "failed"]; use {choices}'})

@@ -6,8 +6,18 @@
                                           "at": "2026-11-27T00:00:00.123456Z"}, …]}
 
 (each event as ``GET /api/clusters/events/`` gives it)
-with ``X-VirtCloud-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>`` and
-``X-VirtCloud-Webhook: <name>``. A 2xx answer moves the cursor past the batch; anything else (or no answer
+with ``X-VirtCloud-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>``,
+``X-VirtCloud-Webhook: <name>``, ``X-VirtCloud-Timestamp: <unix seconds>`` and
+``X-VirtCloud-Signature-Timestamped: sha256=<hex HMAC-SHA256 of "<timestamp>." + body>`` — a receiver that
+checks the latter and refuses an old timestamp (and de-duplicates by event id) cannot be fed a recorded
+delivery again.
+
+The endpoint's host is resolved before each POST and the POST goes to the address checked (no second lookup
+a DNS answer could change in between): loopback, link-local (cloud metadata services), multicast,
+unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them — a webhook is
+not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
+
+A 2xx answer moves the cursor past the batch; anything else (or no answer
 within ``WEBHOOK_TIMEOUT``) leaves it, so the same events are sent again (at least once, in commit order)
 after a backoff of 2^failures seconds (at most ``WEBHOOK_MAX_BACKOFF``). Events of states the webhook does not
 want are skipped, the cursor moving past them.
@@ -17,8 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import ipaddress
 import json
+import socket
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,12 +61,81 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def refused_address(address: str) -> bool:
+    """Whether a webhook must not be sent to ``address`` (an IP): this machine's own or its network's
+    special ranges, unless ``WEBHOOK_ALLOWED_NETWORKS`` lists it."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if any(ip in ipaddress.ip_network(net, strict=False) for net in settings.WEBHOOK_ALLOWED_NETWORKS):
+        return False
+    return ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+
+
+def _checked_address(url: str) -> tuple[str | None, str]:
+    """(the address to POST to, "") or (None, why not): the host resolved once, every answer checked."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        return None, f"cannot resolve {host}: {exc}"
+    addresses = list(dict.fromkeys(info[4][0] for info in answers))
+    refused = [a for a in addresses if refused_address(a)]
+    if refused or not addresses:
+        listed = ", ".join(refused) or "nothing"
+        return None, f"{host} resolves to {listed}: not delivered to (WEBHOOK_ALLOWED_NETWORKS)"
+    return addresses[0], ""
+
+
+def _pinned(connection_class, address: str):
+    """A connection class of urllib's handlers that connects to ``address`` whatever the host resolves to now
+    (TLS still checks the certificate against the host's name)."""
+
+    def connect_to(host, **kwargs):
+        connection = connection_class(host, **kwargs)
+        create = connection._create_connection
+        connection._create_connection = lambda target, *args, **kw: create((address, target[1]), *args, **kw)
+        return connection
+
+    return connect_to
+
+
+class _PinnedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, address: str):
+        super().__init__()
+        self.address = address
+
+    def http_open(self, req):
+        return self.do_open(_pinned(http.client.HTTPConnection, self.address), req)
+
+
+class _PinnedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, address: str):
+        super().__init__()
+        self.address = address
+
+    def https_open(self, req):
+        return self.do_open(_pinned(http.client.HTTPSConnection, self.address), req, context=self._context)
+
+
+def _opener(url: str) -> tuple[urllib.request.OpenerDirector | None, str]:
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return outgoing.opener(), ""  # the proxy connects, and decides
+    address, why = _checked_address(url)
+    if address is None:
+        return None, why
+    return outgoing.opener(handlers=(_PinnedHTTP(address), _PinnedHTTPS(address))), ""
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
+    opener, why = _opener(url)
+    if opener is None:
+        return None, why
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (checked above)
     try:  # a redirect is not followed (it turned the POST into a bodiless GET whose 200 lost the batch)
-        with outgoing.opener().open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
+        with opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
             return response.status, ""
     except urllib.error.HTTPError as exc:
         if outgoing.redirected(exc.code):
@@ -89,11 +173,14 @@ def deliver(webhook_id: int) -> Delivery:
             failures=failures, next_attempt_at=claimed_at + timedelta(seconds=max(backoff, _claim_seconds()))
         )
     body = json.dumps({"webhook": hook.name, "events": EventSerializer(wanted, many=True).data}).encode()
+    stamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "VirtCloud-portal-webhook",
         "X-VirtCloud-Webhook": hook.name,
         "X-VirtCloud-Signature": signature(str(hook.secret), body),
+        "X-VirtCloud-Timestamp": stamp,
+        "X-VirtCloud-Signature-Timestamped": signature(str(hook.secret), stamp.encode() + b"." + body),
     }
     status, error = _post(hook.url, body, headers)
     now = timezone.now()

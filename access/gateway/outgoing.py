@@ -28,13 +28,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError with the 3xx
 
 
-def opener(*, direct: bool = False) -> urllib.request.OpenerDirector:
+def opener(*, direct: bool = False, handlers: tuple = ()) -> urllib.request.OpenerDirector:
     """An opener like ``urlopen``'s, redirects refused; ``direct``: never through a proxy of the environment
-    (``http_proxy``…: a plain-http request to this host would hand its token to the proxy)."""
-    handlers: list = [_NoRedirect]
+    (``http_proxy``…: a plain-http request to this host would hand its token to the proxy); ``handlers``: more
+    of them (they replace urllib's of the same kind)."""
+    chain: list = [_NoRedirect, *handlers]
     if direct:
-        handlers.append(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener(*handlers)
+        chain.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*chain)
 
 
 def redirected(code: int) -> bool:

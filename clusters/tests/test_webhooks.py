@@ -83,6 +83,10 @@ def test_events_are_pushed_signed_in_order_once(fabric, alice, receiver):
     expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     assert headers["X-Virtcloud-Signature"] == expected
     assert headers["X-Virtcloud-Webhook"] == "accounting"
+    stamp = headers["X-Virtcloud-Timestamp"]  # the signature a receiver checks to refuse a replayed delivery
+    assert abs(int(stamp) - timezone.now().timestamp()) < 60
+    stamped = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert headers["X-Virtcloud-Signature-Timestamped"] == "sha256=" + stamped
     sent = receiver.events(0)
     assert [(e["cluster"], e["state"]) for e in sent] == [(cid, "requested"), (cid, "provisioning"), (cid, "ready")]
     assert all(e["cluster"] != before for e in sent)
@@ -247,3 +251,44 @@ def test_an_endpoint_that_hangs_holds_no_lock_and_its_attempt_is_counted_meanwhi
     assert result.status == 204
     hook.refresh_from_db()
     assert hook.failures == 0 and hook.last_event_id > 0
+
+
+def test_a_webhook_never_reaches_this_machine_or_the_link_local_network(fabric, alice, receiver, settings, monkeypatch):
+    """Loopback, link-local (a cloud's metadata service), multicast and reserved addresses are refused — in
+    the admin when the URL names one, and at delivery when the name resolves to one; the POST goes to the
+    address that was checked (a second DNS answer cannot send it elsewhere). ``WEBHOOK_ALLOWED_NETWORKS``
+    lets an operator allow one (the tests' receivers are allowed 127.0.0.0/8)."""
+    import socket
+
+    from django.core.exceptions import ValidationError
+
+    settings.WEBHOOK_ALLOWED_NETWORKS = []
+    for url in (
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:5432/",
+        "http://[::1]:6379/",
+        "http://localhost/hook",
+        "http://0.0.0.0/",
+    ):
+        with pytest.raises(ValidationError, match="not delivered to"):
+            Webhook(name="x", url=url, secret="s", states=[]).full_clean()
+    Webhook(name="x", url="http://10.1.2.3/hook", secret="s", states=[]).full_clean()  # an internal service: fine
+    port = receiver.server.server_port
+    hook = Webhook.objects.create(name="sneaky", url=f"http://hooks.example.test:{port}/hook", secret=SECRET)
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.1", "127.0.0.1"])
+
+    def resolve(host, *args, **kwargs):  # the name resolves to this machine
+        if host == "hooks.example.test":
+            return real(next(answers), *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    create_cluster(alice)
+    result = webhooks.deliver(hook.pk)
+    assert result.status is None and "resolves to 127.0.0.1: not delivered to" in result.error
+    assert receiver.requests == []
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    Webhook.objects.filter(pk=hook.pk).update(next_attempt_at=timezone.now())
+    answers = iter(["127.0.0.1", "192.0.2.1"])  # checked, then a second lookup would go elsewhere: none is made
+    assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
