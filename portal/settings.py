@@ -226,6 +226,17 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180, minimum=1)
+if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT={CELERY_TASK_SOFT_TIME_LIMIT} must be below CELERY_TASK_TIME_LIMIT="
+        f"{CELERY_TASK_TIME_LIMIT} (the soft limit lets a task settle its device changes before the hard one)"
+    )
+_visibility = globals().get("CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("visibility_timeout")  # Redis (above)
+if _visibility is not None and _visibility <= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"CELERY_VISIBILITY_TIMEOUT={_visibility} must be above CELERY_TASK_TIME_LIMIT={CELERY_TASK_TIME_LIMIT}: "
+        "Redis hands a task that runs longer to another worker, and it runs twice"
+    )
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE: dict = {}
 

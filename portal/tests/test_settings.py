@@ -115,6 +115,7 @@ def test_production_values(tmp_path):
         ("DEVICE_TIMEOUT", "inf", "DEVICE_TIMEOUT='inf' is not a finite number"),
         ("WEBHOOK_TIMEOUT", "1e999", "WEBHOOK_TIMEOUT='1e999' is not a finite number"),
         ("LDAP_SYNC_DEACTIVATE_MAX", "2", "LDAP_SYNC_DEACTIVATE_MAX=2.0 is above the maximum 1.0"),
+        ("CELERY_TASK_SOFT_TIME_LIMIT", "180", "CELERY_TASK_SOFT_TIME_LIMIT=180 must be below CELERY_TASK_TIME_LIMIT"),
     ],
 )
 def test_malformed_value_names_the_variable(tmp_path, name, value, expected):
@@ -178,3 +179,9 @@ def test_tests_use_the_redis_database_of_redis_url(tmp_path):
     assert values["BROKER"] == "redis://127.0.0.1:6379/13"
     assert values["BROKER_TRANSPORT"] == "kombu.transport.redis:Transport"  # the embedded broker's is by scheme
     assert loaded(tmp_path, **env, PYTEST_XDIST_WORKER="gw2")["BROKER"] == "redis://127.0.0.1:6379/11"
+
+
+def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
+    """Redis hands a task that runs longer than the visibility timeout to another worker: it runs twice."""
+    env = {**PRODUCTION, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_VISIBILITY_TIMEOUT": "60"}
+    assert "CELERY_VISIBILITY_TIMEOUT=60 must be above CELERY_TASK_TIME_LIMIT=180" in refused(tmp_path, **env)
