@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import ldap
@@ -162,6 +163,7 @@ class SyncReport:
     deactivated: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     error: str = ""  # the directory could not be searched: the accounts not checked yet were left as they are
+    left: int = 0  # accounts not reached within the run's time: the next run starts with them
 
 
 def _connect(config) -> ldap.ldapobject.LDAPObject:
@@ -206,6 +208,8 @@ def ldap_sync() -> SyncReport:
     changes nothing more: an outage never deactivates anyone. A deactivated account is never reactivated
     here (an admin may have done it)."""
     from django.conf import settings
+    from django.db.models import F
+    from django.utils import timezone
 
     from portal import audit
     from portal.models import DirectoryAccount
@@ -223,9 +227,20 @@ def ldap_sync() -> SyncReport:
     backend = LDAPBackend()
     search = settings.AUTH_LDAP_USER_SEARCH
     gone = []
+    deadline = time.monotonic() + settings.LDAP_SYNC_TIME_BUDGET
     try:
-        accounts = DirectoryAccount.objects.filter(user__is_active=True).select_related("user").order_by("pk")
-        for account in accounts:
+        # the least recently synced first: a run that runs out of time leaves the others for the next one,
+        # which starts with them (never the same tail left out run after run)
+        accounts = list(
+            DirectoryAccount.objects.filter(user__is_active=True)
+            .select_related("user")
+            .order_by(F("synced_at").asc(nulls_first=True), "pk")
+        )
+        for position, account in enumerate(accounts):
+            if report.checked and time.monotonic() > deadline:
+                report.left = len(accounts) - position
+                logger.info("LDAP sync: %d account(s) left for the next run (LDAP_SYNC_TIME_BUDGET)", report.left)
+                break
             user = account.user
             username = user.get_username()
             try:
@@ -241,6 +256,8 @@ def ldap_sync() -> SyncReport:
                 gone.append(account)
             elif backend.populate_user(username) is None:  # an error half-way (logged by django-auth-ldap)
                 report.failed.append(username)
+            if present is not True:  # its turn has come (a referral, an account about to go): the others next
+                DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())
         if gone and not report.error:
             report.error = _why_not_deactivate(conn, search, len(gone), report.checked)
     except ldap.LDAPError as exc:

@@ -121,6 +121,8 @@ globals().update(LDAP)
 # failed logins of one account within the window (seconds) that refuse its logins until the oldest leaves it
 # the share of the accounts checked that one LDAP sync may deactivate (at least 5); more: none, and it says so
 LDAP_SYNC_DEACTIVATE_MAX = env_float("LDAP_SYNC_DEACTIVATE_MAX", 0.1, minimum=0.0, maximum=1.0)
+# seconds one LDAP sync may spend (within the task's soft limit); the accounts it did not reach come first next time
+LDAP_SYNC_TIME_BUDGET = env_float("LDAP_SYNC_TIME_BUDGET", 60.0, minimum=1.0)
 LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 5, minimum=0)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 # The local backend never logs a directory account in with a password kept here (portal/backends.py).
