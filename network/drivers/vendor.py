@@ -53,6 +53,9 @@ RESERVED: dict[str, frozenset[int]] = {
 # what others had not saved; IOS, NX-OS: ``configure replace`` of the file); the device's own rollback
 # only when that merge fails. Junos' ``rollback 1`` undoes exactly the last commit.
 _UNDO_BY_MERGE = ("ios", "eos", "nxos", "nxos_ssh")
+# platforms whose get_vlans lists a VLAN's ports that are up (EOS ``show vlan``, NX-OS ``show vlan brief``,
+# IOS ``show vlan``): a port that is down is verified from its state, not its VLANs
+_LIVE_VLANS = ("ios", "eos", "nxos", "nxos_ssh")
 
 
 # --- rendering ------------------------------------------------------------------------------------------------
@@ -263,6 +266,12 @@ class NapalmSwitchSession:
         current = self.port_vlans()
         after = {port: current[port] for port in desired}
         wrong = {port: vids for port, vids in after.items() if vids != desired[port]}
+        if wrong and self.spec.platform in _LIVE_VLANS:
+            # these devices list a VLAN's ports that are up: a port that is down (a hypervisor rebooting)
+            # shows none of its VLANs, which is not a failed change — its configuration is what was committed
+            down = self._down(wrong)
+            after.update({port: desired[port] for port in down})
+            wrong = {port: vids for port, vids in wrong.items() if port not in down}
         if not wrong:
             return after
         detail = "; ".join(
@@ -278,6 +287,16 @@ class NapalmSwitchSession:
         with classified(self.spec.name, "rollback"):
             self.device.rollback()
         raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
+
+    def _down(self, ports) -> set[str]:
+        """Of ``ports``, those the device reports down (none when it cannot say)."""
+        try:
+            with classified(self.spec.name, "get_interfaces"):
+                interfaces = self.device.get_interfaces()
+        except Exception:  # noqa: BLE001 - it cannot say: the verification's own failure stands
+            return set()
+        state = {self.port_key(name): info for name, info in interfaces.items()}
+        return {port for port in ports if state.get(self.port_key(port), {}).get("is_up") is False}
 
     def _undo(self, before: Mapping[str, frozenset[int]]) -> bool:
         """Merge the owned ports' previous state (only theirs: nothing else of the device is replaced);

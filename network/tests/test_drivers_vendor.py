@@ -338,3 +338,27 @@ def test_a_long_allowed_list_goes_on_with_add_lines(platform):
     assert max(len(line) for line in lines) <= len("switchport trunk allowed vlan add ") + 200
     listed = ",".join(line.rsplit(" ", 1)[1] for line in lines)
     assert sorted(int(v) for v in listed.split(",")) == sorted(vids)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_a_port_that_is_down_does_not_fail_the_verification_of_a_live_vlan_list(up):
+    """EOS, NX-OS and IOS list a VLAN's ports that are up: a hypervisor's port that is down shows none of
+    its VLANs after the commit. That is no failed change (its configuration is what was committed): the
+    session asks the device which ports are down; a port that is up and still lacks the VLAN fails."""
+    from network.drivers.vendor import NapalmSwitchSession
+
+    before = {"1": {"name": "default", "interfaces": []}}
+    after = {"100": {"name": "vc-100", "interfaces": ["Ethernet1"]}}  # Ethernet2 is not listed
+    device = _Stubbed.make("eos", [before, after, after])
+    device.get_interfaces = lambda: {
+        "Ethernet1": {"is_up": True},
+        "Ethernet2": {"is_up": up},
+    }
+    spec = SwitchSpec(name="sw", platform="eos", address="x", owned_ports=("Ethernet1", "Ethernet2"))
+    session = NapalmSwitchSession(spec, device, lambda desired: render("eos", desired), undo_by_merge=False)
+    desired = {"Ethernet1": frozenset({100}), "Ethernet2": frozenset({100})}
+    if up:
+        with pytest.raises(PermanentDeviceError, match="Ethernet2 has none, wanted 100"):
+            session.converge(desired)
+    else:
+        assert session.converge(desired).after == desired
