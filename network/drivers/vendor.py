@@ -35,7 +35,7 @@ from network.drivers.ranges import compact
 TEMPLATES = Path(__file__).with_name("templates")
 PLATFORMS = ("ios", "eos", "junos", "nxos")
 # driver_args keys this module reads itself; never passed on to the NAPALM driver as optional_args
-_OWN_ARGS = ("template", "vlan_name_format", "undo")
+_OWN_ARGS = ("template", "vlan_name_format", "undo", "trunk_encapsulation")
 DEFAULT_VLAN_NAME = "vc-{vid}"
 COMMIT_MESSAGE = "virtcloud: converge VLAN membership"
 # NAPALM's ios, eos and nxos drivers refuse any commit message (NotImplementedError, before doing anything)
@@ -93,7 +93,13 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render(platform: str, desired: Mapping[str, frozenset[int]], vlan_names: Mapping[int, str] | None = None) -> str:
+def render(
+    platform: str,
+    desired: Mapping[str, frozenset[int]],
+    vlan_names: Mapping[int, str] | None = None,
+    *,
+    trunk_encapsulation: str = "",
+) -> str:
     """The configuration that makes every port in ``desired`` a trunk carrying exactly its VLAN set.
 
     Every VLAN used is created (with its name from ``vlan_names``, default ``vc-<vid>``); no VLAN is ever
@@ -108,7 +114,13 @@ def render(platform: str, desired: Mapping[str, frozenset[int]], vlan_names: Map
         raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
     vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in vids]
     ports = [{"name": name, "vids": sorted(desired[name])} for name in sorted(desired)]
-    return _environment().get_template(f"{platform}.j2").render(vlans=vlans, ports=ports)
+    if trunk_encapsulation not in ("", "dot1q"):
+        raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")
+    return (
+        _environment()
+        .get_template(f"{platform}.j2")
+        .render(vlans=vlans, ports=ports, encapsulation=trunk_encapsulation)
+    )
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -344,6 +356,8 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
     args = dict(spec.driver_args)
     template = str(args.get("template", spec.platform))
     name_format = str(args.get("vlan_name_format", DEFAULT_VLAN_NAME))
+    # Catalysts that also speak ISL refuse "switchport mode trunk" while the encapsulation is "auto"
+    encapsulation = str(args.get("trunk_encapsulation", ""))
     optional_args = {k: v for k, v in args.items() if k not in _OWN_ARGS}
     if spec.platform == "junos":
         # deleting a port's VLAN members it has none of is a warning PyEZ raises: the candidate sets every
@@ -363,7 +377,8 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
 
     def renderer(desired: Mapping[str, frozenset[int]]) -> str:
         vids = {vid for v in desired.values() for vid in v}
-        return render(template, desired, {vid: name_format.format(vid=vid) for vid in vids})
+        names = {vid: name_format.format(vid=vid) for vid in vids}
+        return render(template, desired, names, trunk_encapsulation=encapsulation)
 
     try:
         yield NapalmSwitchSession(

@@ -362,3 +362,13 @@ def test_a_port_that_is_down_does_not_fail_the_verification_of_a_live_vlan_list(
             session.converge(desired)
     else:
         assert session.converge(desired).after == desired
+
+
+def test_ios_can_set_the_trunk_encapsulation_first():
+    """Catalysts that also speak ISL refuse ``switchport mode trunk`` while the encapsulation is "auto":
+    ``trunk_encapsulation: dot1q`` (driver args) sets it first; without it nothing changes."""
+    text = render("ios", {"Ethernet1": frozenset({100})}, trunk_encapsulation="dot1q")
+    assert "interface Ethernet1\n switchport trunk encapsulation dot1q\n switchport mode trunk\n" in text
+    assert "encapsulation" not in render("ios", {"Ethernet1": frozenset({100})})
+    with pytest.raises(PermanentDeviceError, match="only dot1q"):
+        render("ios", {"Ethernet1": frozenset({100})}, trunk_encapsulation="isl")
