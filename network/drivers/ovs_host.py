@@ -9,7 +9,9 @@ pair (bridge, tag v).
 differs, verifying from the row that transaction committed (one OVSDB transaction when nothing changes,
 two when it does). A VLAN that is no longer desired but still has a VM port is kept and reported in the diff
 (``keep 300: in use by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the
-current state changes nothing.
+current state changes nothing. Untagged frames the uplink lets in (VLAN 0 in its list, or a trunk of every
+VLAN before the first converge) keep coming in: the host's own network (XCP-ng's management on the same
+bridge) is not the portal's.
 
 Driver args: ``db`` (OVSDB address, default ``unix:/var/run/openvswitch/db.sock``), ``bridge`` (default: the
 bridge that holds the uplink), ``uplink`` (the uplink's OVS port name when it differs from the inventory's
@@ -26,6 +28,7 @@ from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, trunks_value
 from network.drivers.ranges import compact
 
 DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
+UNTAGGED = 0  # in an OVS trunk list: untagged frames (the host's own network), never a cluster's VLAN
 
 
 class OvsHostSession:
@@ -73,7 +76,17 @@ class OvsHostSession:
         trunks = {int(v) for v in as_set(uplink["trunks"])}
         if as_set(uplink["tag"]) or (mode and mode[0] != "trunk") or not trunks:
             return None
-        return frozenset(trunks - {NO_VLANS})
+        return frozenset(trunks - {NO_VLANS, UNTAGGED})
+
+    @staticmethod
+    def _passes_untagged(uplink: dict) -> bool:
+        """Whether the uplink lets untagged frames in now (VLAN 0 listed, or a trunk of every VLAN): the
+        host's own untagged network (XCP-ng's management on the same bridge) — kept, never the portal's."""
+        mode = as_set(uplink["vlan_mode"])
+        trunks = {int(v) for v in as_set(uplink["trunks"])}
+        if as_set(uplink["tag"]) or (mode and mode[0] != "trunk"):
+            return False
+        return UNTAGGED in trunks or not trunks
 
     def vlans(self) -> frozenset[int]:
         uplink, _ = self._state()
@@ -105,8 +118,9 @@ class OvsHostSession:
         for vid, names in sorted(kept.items()):
             lines.append(f"keep {vid}: in use by {', '.join(sorted(names))}")
         changed = carried is None or target != before
+        untagged = {UNTAGGED} if self._passes_untagged(uplink) else set()
         if changed:
-            commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target)}"]]
+            commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target | untagged)}"]]
             if as_set(uplink["tag"]):
                 commands.append(["clear", "Port", self.uplink, "tag"])
             # verify from the transaction's own result: the uplink row as OVSDB committed it (a transaction is

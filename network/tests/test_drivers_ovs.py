@@ -388,6 +388,29 @@ def test_host_converge_on_the_uplink_only(clean_lab):
     assert raw_port(lab, port) == before
 
 
+@pytest.mark.parametrize("untagged_before", ["0", "[]"])
+def test_a_host_uplink_keeps_letting_untagged_frames_in(clean_lab, untagged_before):
+    """The host's own untagged network (XCP-ng's management on the same bridge) keeps working: an uplink that
+    lets untagged frames in (VLAN 0 listed, or a trunk of every VLAN) still does after every converge, and
+    VLAN 0 is never counted as a cluster's."""
+    from network.drivers.ovsdb import Ovsdb
+
+    lab, spec = clean_lab, host(clean_lab)
+    args = lab.host_driver_args("h-s2-1")
+    db = Ovsdb(device="h-s2-1", db=args["db"])
+    db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", f"trunks={untagged_before}"])
+    try:
+        with host_session(spec) as session:
+            session.converge(frozenset({100}))
+            assert session.vlans() == frozenset({100})
+            assert set(db.list_rows("Port", ["trunks"], args["uplink"])[0]["trunks"]) == {0, 100}
+            session.converge(frozenset())
+            assert session.vlans() == frozenset()
+            assert db.list_rows("Port", ["trunks"], args["uplink"])[0]["trunks"] in (0, [0])
+    finally:
+        db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"])
+
+
 def test_host_errors_are_classified(lab, tmp_path):
     missing = HostSpec("h-x", "ovs", "eth0", driver_args={**lab.host_driver_args("h-s1-1"), "uplink": "nope"})
     with pytest.raises(PermanentDeviceError, match="h-x.*no uplink port nope"):
