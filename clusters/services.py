@@ -752,6 +752,11 @@ def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:
                 workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
             ):
                 generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
+                # the stalled workflow never reports: its running steps end here (the new one's callbacks end
+                # only their own), or one of them would stay the progress's current step for good
+                ClusterStep.objects.filter(
+                    cluster_id=cluster_id, status=StepStatus.RUNNING, generation__lt=generation
+                ).update(status=StepStatus.FAILED, error="stalled: started again", finished_at=timezone.now())
                 transaction.on_commit(lambda cid=cluster_id, gen=generation: start(cid, gen))
                 ids.append(cluster_id)
     return ids

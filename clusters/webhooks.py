@@ -194,7 +194,7 @@ def deliver(webhook_id: int) -> Delivery:
             next_attempt_at=now,
         )
     else:
-        Webhook.objects.filter(pk=hook.pk).update(
+        Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id).update(
             last_status=status,
             last_error=error or f"HTTP {status}",
             next_attempt_at=now + timedelta(seconds=backoff),
@@ -203,8 +203,9 @@ def deliver(webhook_id: int) -> Delivery:
 
 
 def _claim_seconds() -> float:
-    """How long a claimed attempt keeps others off at least: longer than the POST may take."""
-    return 2 * settings.WEBHOOK_TIMEOUT + 5
+    """How long a claimed attempt keeps others off at least: as long as the task sending it may run (a POST
+    trickled by a slow endpoint outlasts any per-read timeout, never the task's time limit)."""
+    return settings.CELERY_TASK_TIME_LIMIT + 5
 
 
 def deliver_due() -> list[Delivery]:

@@ -456,6 +456,7 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             for w in active:
                 if not w.status:
                     w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
+            _hold_back_kept(work)
             _settle(work)
             raise
     _hold_back_kept(work)
@@ -547,7 +548,9 @@ def _drive(w: _Device, session=None) -> None:
         return
     except DeviceError as exc:
         w.status, w.error, w.exc, w.finished_at = Status.FAILED, exc.message, exc, timezone.now()
-        w.refused = True
+        # a switch that refused the change outright did not take it; a host's failure may come half-way
+        # through its VLANs, and an error raised after a commit that could not be undone says so
+        w.refused = w.kind == DeviceKind.SWITCH and not exc.may_have_applied
         return
     except Exception as exc:  # a driver bug: fail the change, never leave it running
         message = f"{type(exc).__name__}: {exc}"

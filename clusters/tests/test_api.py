@@ -828,6 +828,31 @@ def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alo
     assert cluster.steps.get(name="teardown", generation=retry).status == StepStatus.RUNNING
 
 
+def test_a_stalled_teardown_started_again_leaves_no_step_running(fabric, images, api, alice, monkeypatch):
+    """The first teardown's worker dies; the periodic task starts it again (a new generation), which
+    completes: the stalled one's step ends too (it stayed the progress's current step for good)."""
+    from celery.canvas import _chain
+
+    from clusters import tasks
+    from clusters.models import StepStatus
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    first = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, first)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=6))
+    assert services.clusters_retry_stuck_teardowns() == [cid]
+    retry = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, retry)
+    tasks.teardown_done(cid, retry)
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TORN_DOWN
+    assert not cluster.steps.filter(status=StepStatus.RUNNING).exists()
+    assert cluster.steps.get(name="teardown", generation=first).error == "stalled: started again"
+
+
 def test_changing_the_lifetime_does_not_postpone_a_deadline(fabric, images, api, alice, monkeypatch):
     from celery.canvas import _chain
 

@@ -23,10 +23,13 @@ class DeviceError(Exception):
 
     permanent = True
 
-    def __init__(self, device: str, message: str):
+    def __init__(self, device: str, message: str, *, may_have_applied: bool = False):
         super().__init__(f"{device}: {message}")
         self.device = device
         self.message = message
+        # raised after the device took (part of) the change and it could not be undone: the device may carry
+        # what was asked, though the operation failed
+        self.may_have_applied = may_have_applied
 
 
 class TemporaryDeviceError(DeviceError):

@@ -684,10 +684,12 @@ class LinuxBridgeSession:
             )
             try:
                 self.driver.rollback()
-                outcome = "rolled back"
+                outcome, applied = "rolled back", False
             except (PermanentDeviceError, TemporaryDeviceError) as exc:
-                outcome = f"rollback failed: {exc.message}"
-            raise PermanentDeviceError(self.spec.name, f"verification failed after commit: {detail}; {outcome}")
+                outcome, applied = f"rollback failed: {exc.message}", True
+            raise PermanentDeviceError(
+                self.spec.name, f"verification failed after commit: {detail}; {outcome}", may_have_applied=applied
+            )
         return ConvergeResult(self.spec.name, diff, True, before, after)
 
 

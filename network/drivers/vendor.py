@@ -47,6 +47,7 @@ LINE_WIDTH = 200
 RESERVED: dict[str, frozenset[int]] = {
     "ios": frozenset(range(1002, 1006)),
     "nxos": frozenset(range(3968, 4095)),
+    "nxos_ssh": frozenset(range(3968, 4095)),
 }
 # A failed verification is undone by merging the ports' previous state on the platforms whose NAPALM
 # rollback replaces the whole configuration (EOS: with the startup configuration copied at commit, losing
@@ -292,12 +293,21 @@ class NapalmSwitchSession:
         )
         if before is None:
             raise PermanentDeviceError(self.spec.name, f"device shows no diff but differs from desired: {detail}")
-        if self.undo_by_merge and self._undo(before):
+        if self.undo_by_merge:
+            # a port that is down reads as carrying nothing (its "before" is blind): merging that back would
+            # empty its real list, so it keeps what was committed
+            blind = self._down(before) if self.spec.platform in _LIVE_VLANS else set()
+            if self._undo({port: vids for port, vids in before.items() if port not in blind}):
+                where = "the ports that are up are as before" if blind else "the ports are as before"
+                message = f"verification failed after commit, undone ({where}): {detail}"
+                raise PermanentDeviceError(self.spec.name, message)
+        try:
+            with classified(self.spec.name, "rollback"):
+                self.device.rollback()
+        except DeviceError as exc:
             raise PermanentDeviceError(
-                self.spec.name, f"verification failed after commit, undone (the ports are as before): {detail}"
-            )
-        with classified(self.spec.name, "rollback"):
-            self.device.rollback()
+                self.spec.name, f"verification failed after commit ({detail}); {exc.message}", may_have_applied=True
+            ) from exc
         raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
 
     def _down(self, ports) -> set[str]:

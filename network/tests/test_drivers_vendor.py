@@ -372,3 +372,43 @@ def test_ios_can_set_the_trunk_encapsulation_first():
     assert "encapsulation" not in render("ios", {"Ethernet1": frozenset({100})})
     with pytest.raises(PermanentDeviceError, match="only dot1q"):
         render("ios", {"Ethernet1": frozenset({100})}, trunk_encapsulation="isl")
+
+
+def test_an_undo_leaves_a_port_that_is_down_as_committed():
+    """A port that is down reads as carrying nothing on EOS (its "before" is blind): the undo of a failed
+    verification merges back only the ports that are up — it emptied the down port's real allowed list."""
+    from network.drivers.vendor import NapalmSwitchSession
+
+    before = {"50": {"name": "vc-50", "interfaces": []}}  # Ethernet2 is down: not listed
+    device = _Stubbed.make("eos", [before, before, before, before])  # nothing shows: verification fails
+    device.get_interfaces = lambda: {"Ethernet1": {"is_up": True}, "Ethernet2": {"is_up": False}}
+    spec = SwitchSpec(name="sw", platform="eos", address="x", owned_ports=("Ethernet1", "Ethernet2"))
+    session = NapalmSwitchSession(spec, device, lambda desired: render("eos", desired))
+    with pytest.raises(PermanentDeviceError, match="undone \\(the ports that are up are as before\\)"):
+        session.converge({"Ethernet1": frozenset({100}), "Ethernet2": frozenset({50, 100})})
+    undo = [call[1] for call in device.calls if call[0] == "load"][-1]
+    assert "Ethernet1" in undo and "Ethernet2" not in undo
+
+
+def test_a_rollback_that_fails_says_the_change_may_be_on_the_device():
+    """Verification fails after a commit, and the device's own rollback is refused: the error says the
+    change may have been applied (its device then holds the segment's VLAN back in a rollback), unlike a
+    change the device refused outright."""
+    from napalm.base.exceptions import NapalmException
+
+    from network import convergence
+    from network.drivers.vendor import NapalmSwitchSession
+    from network.models import DeviceKind
+
+    device = _Stubbed.make("junos", [{"1": {"name": "default", "interfaces": []}}])
+
+    def rollback():
+        raise NapalmException("rollback refused")
+
+    device.rollback = rollback
+    spec = SwitchSpec(name="sw", platform="junos", address="x", owned_ports=("ge-0/0/1",))
+    w = convergence._Device(DeviceKind.SWITCH, type("Switch", (), {"name": "sw"})(), claimed=[])
+    w.spec, w.desired = spec, {"ge-0/0/1": frozenset({100})}
+    convergence._drive(w, session=NapalmSwitchSession(spec, device, lambda desired: "config"))
+    assert w.status == "failed" and "rollback refused" in w.error and w.exc.may_have_applied
+    assert not w.refused

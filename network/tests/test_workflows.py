@@ -224,6 +224,61 @@ def test_a_rollback_keeps_the_vlan_a_reconcile_put_on_a_switch_it_cannot_reach(f
     assert "sw-brno: " not in seg.error.partition("not rolled back")[2]  # it refused: it holds nothing
 
 
+def test_a_switch_whose_failed_change_may_be_on_it_holds_the_vlan_back(fabric, monkeypatch):
+    """sw-pilsen took the change, its verification failed and its own rollback too (the error says the
+    change may be on the device); during the segment's rollback it cannot be reached: the VLAN is kept."""
+    from network.drivers import PermanentDeviceError, TemporaryDeviceError
+    from network.drivers.simulated import FakeSwitch
+
+    real, calls = FakeSwitch.converge, []
+
+    def converge(self, desired):
+        if self.spec.name != "sw-pilsen":
+            return real(self, desired)
+        calls.append(desired)
+        if len(calls) == 1:
+            real(self, desired)
+            raise PermanentDeviceError(self.spec.name, "rollback: rejected", may_have_applied=True)
+        raise TemporaryDeviceError(self.spec.name, "get_vlans: timed out")
+
+    monkeypatch.setattr(FakeSwitch, "converge", converge)
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    with pytest.raises(DeviceChangeFailed):
+        workflows.provision(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert fabric.switch_ports("sw-pilsen")["uplink"] == {seg.vid}
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED, seg.error
+    assert not DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c").refused
+
+
+def test_an_interrupted_batch_still_holds_back_the_teardown_of_a_kept_bridge(fabric, monkeypatch):
+    """brno1 keeps A's bridge for a VM port and finishes its session; the task's soft time limit then cuts
+    the batch: A's teardown change on brno1 waits (pending), it is not settled done with the bridge there."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from network.tests import fakes
+
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["brno2"]], gateway=False)
+    workflows.provision(a.pk).apply().get()
+    state = fakes.load(fabric.args, "host", "brno1")
+    fakes.save(fabric.args, "host", "brno1", {**state, "vm_ports": {str(a.vid): 1}})
+    services.segment_delete(segment=a)
+    hosts = (fabric.hosts["brno1"], fabric.hosts["brno2"])
+    changes = [convergence.change_create(device=host, cause="teardown a", segment=a) for host in hosts]
+
+    def run_sessions(active):
+        for w in active:
+            if w.device.name == "brno1":
+                convergence._drive(w)
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(convergence, "_run_sessions", run_sessions)
+    with pytest.raises(SoftTimeLimitExceeded):
+        convergence.converge_changes([c.pk for c in changes])
+    assert a.vid in fabric.host_vlans("brno1")
+    assert DeviceChange.objects.get(pk=changes[0].pk).status == "pending"
+
+
 def test_a_vlan_kept_for_a_switch_that_then_left_the_inventory_is_released(fabric, monkeypatch):
     """A rollback kept the VLAN because sw-brno2 could not be converged back; sw-brno2 is then removed from
     the inventory: the next retry releases the VLAN (a device that left the inventory is no longer ours), and
