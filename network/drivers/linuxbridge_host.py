@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pyroute2 import IPRoute, NetlinkError
 
 from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
 from network.drivers.netlink import TEMPORARY_ERRNOS, open_iproute
+
+logger = logging.getLogger(__name__)
 
 IFNAMSIZ = 15  # longest interface name the kernel takes
 ALIAS = "virtcloud"  # the alias of the sub-interfaces the portal makes (the only ones it ever removes)
@@ -249,9 +252,13 @@ class LinuxBridgeHost:
             if exc.code not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
                 raise self._classify(f"turning IPv6 off on {name}", exc) from exc
         if self.netns is None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
                     f.write("1\n")
+            except FileNotFoundError:
+                pass  # no IPv6 in this kernel
+            except OSError as exc:  # the address is off already (above); say what is left undone
+                logger.warning("%s: IPv6 left on for %s (router advertisements): %s", self.name, name, exc)
 
     # --- netlink with classified errors
 
