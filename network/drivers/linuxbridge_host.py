@@ -194,6 +194,14 @@ class LinuxBridgeHost:
         br = links.get(br_name)
         if br is not None and br.kind != "bridge":
             raise PermanentDeviceError(self.name, f"{br_name} exists but is a {br.kind or 'plain'} link, not a bridge")
+        own = links.get(sub_name)
+        if own is not None and (br is None or own.master != br.index):
+            if self._call(f"reading the addresses of {sub_name}", self._ipr.get_addr, index=own.index):
+                # the hypervisor's own VLAN interface (management, storage): a cluster never gets it (checked
+                # before anything is made: no bridge is left behind)
+                raise PermanentDeviceError(
+                    self.name, f"{sub_name} has addresses of the host's own: VLAN {vid} is the host's, not a cluster's"
+                )
         if br is None:
             self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")
             changes.append(f"+ bridge {br_name}")

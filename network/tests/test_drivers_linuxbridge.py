@@ -677,6 +677,26 @@ def test_host_adopts_what_exists_and_repairs_half_made_vlans(hv):
 
 @pytest.mark.lab
 @pytest.mark.vmlane
+def test_a_vlan_interface_of_the_hosts_own_is_never_given_to_a_cluster(hv):
+    """A cluster whose VLAN id is that of the hypervisor's own VLAN interface (with its address) is refused
+    on that host: the interface would have been enslaved to the cluster's bridge, the host's network with it."""
+    hv.batch(
+        "hv",
+        [
+            "link set eth0 up",
+            "link add link eth0 name eth0.20 type vlan id 20",
+            "address add 198.18.20.5/24 dev eth0.20",
+        ],
+    )
+    with host_session(_host(hv)) as host:
+        with pytest.raises(PermanentDeviceError, match="eth0.20 has addresses of the host's own"):
+            host.converge(frozenset({20}))
+    assert _carried(hv)["eth0.20"][1] is None  # not enslaved
+    assert "br-v20" not in hv.links("hv")  # and nothing made for it
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
 def test_the_host_has_no_ipv6_address_on_a_tenants_vlan(hv):
     """A tenant's bridge and sub-interface get no IPv6 address of the host's (no link-local address a root
     user in a VM could reach the hypervisor on); a bridge of the host's own still gets its usual one."""
