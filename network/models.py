@@ -9,6 +9,7 @@ from django.db import models
 
 from network import vlanranges
 from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
+from network.drivers.ranges import PLATFORM_RESERVED
 from portal.secrets import EncryptedTextField
 
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
@@ -345,6 +346,16 @@ class VlanPool(InventoryModel):
                         f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
                         f"core {other.core.name}, which meets core {core.name} at a common site"
                     )
+            # ids a switch on the core keeps for itself (IOS 1002-1005, NX-OS 3968-4094) are never handed out
+            usable = ids - reserved
+            on_core = Switch.objects.filter(site__in=core.sites.all(), platform__in=list(PLATFORM_RESERVED))
+            for platform, names in _by_platform(on_core.values_list("platform", "name")).items():
+                clash = usable & PLATFORM_RESERVED[platform]
+                if clash:
+                    errors.setdefault("ranges", []).append(
+                        f"pool {self.name}: ids {vlanranges.format_ranges(clash)} are reserved on {platform} "
+                        f"({', '.join(names)}): add them to the pool's reserved ids"
+                    )
         if errors:
             raise ValidationError(errors)
 
@@ -353,6 +364,13 @@ class VlanPool(InventoryModel):
         """The ids clusters may get: ranges minus reserved."""
         reserved = set(vlanranges.parse(self.reserved))
         return [v for v in vlanranges.parse(self.ranges) if v not in reserved]
+
+
+def _by_platform(rows) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for platform, name in rows:
+        grouped.setdefault(platform, []).append(name)
+    return {platform: sorted(names) for platform, names in grouped.items()}
 
 
 # --- The VLAN life-cycle service (the paper's "SBF"): allocations, segments, device work, drift ------------

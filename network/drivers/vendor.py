@@ -30,7 +30,7 @@ from network.drivers.base import (
     SwitchSpec,
     TemporaryDeviceError,
 )
-from network.drivers.ranges import compact
+from network.drivers.ranges import PLATFORM_RESERVED, compact
 
 TEMPLATES = Path(__file__).with_name("templates")
 PLATFORMS = ("ios", "eos", "junos", "nxos")
@@ -42,13 +42,7 @@ COMMIT_MESSAGE = "virtcloud: converge VLAN membership"
 _NO_COMMIT_MESSAGE = ("ios", "eos", "nxos", "nxos_ssh")
 # the longest allowed list one configuration line carries; a longer one continues on "… allowed vlan add" lines
 LINE_WIDTH = 200
-# VLAN ids a platform keeps for itself: never put on a trunk (IOS: the FDDI/Token Ring defaults; NX-OS: the
-# internal range of its default reserved-vlan block)
-RESERVED: dict[str, frozenset[int]] = {
-    "ios": frozenset(range(1002, 1006)),
-    "nxos": frozenset(range(3968, 4095)),
-    "nxos_ssh": frozenset(range(3968, 4095)),
-}
+RESERVED = PLATFORM_RESERVED  # VLAN ids a platform keeps for itself (pools are checked against it too)
 # A failed verification is undone by merging the ports' previous state on the platforms whose NAPALM
 # rollback replaces the whole configuration (EOS: with the startup configuration copied at commit, losing
 # what others had not saved; IOS, NX-OS: ``configure replace`` of the file); the device's own rollback

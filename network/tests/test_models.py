@@ -83,6 +83,20 @@ def test_pools_on_different_cores_may_overlap():
     VlanPoolFactory.build(name="b", core=CoreTransportFactory(), ranges="100-199").full_clean()
 
 
+def test_a_pool_leaves_out_the_ids_a_switch_on_its_core_keeps_for_itself():
+    """IOS keeps 1002-1005 and NX-OS 3968-4094: a pool whose core reaches such a switch must reserve them
+    (a cluster given one would fail on that switch)."""
+    site = SiteFactory(name="brno")
+    core = CoreTransportFactory(name="backbone", sites=[site], vid_min=2, vid_max=4094)
+    SwitchFactory(name="cat1", site=site, platform="ios")
+    pool = VlanPoolFactory.build(name="clusters", core=core, ranges="1000-1010")
+    assert messages(pool)["ranges"] == [
+        "pool clusters: ids 1002-1005 are reserved on ios (cat1): add them to the pool's reserved ids"
+    ]
+    VlanPoolFactory.build(name="clusters", core=core, ranges="1000-1010", reserved="1002-1005").full_clean()
+    VlanPoolFactory.build(name="clusters", core=CoreTransportFactory(), ranges="1000-1010").full_clean()  # no IOS
+
+
 def test_reserved_ids_must_be_in_the_pool():
     pool = VlanPoolFactory.build(name="clusters", ranges="100-199", reserved="150,300-301")
     assert messages(pool)["reserved"] == ["pool clusters: reserved ids 300-301 are not in its ranges"]
