@@ -42,7 +42,6 @@ COMMIT_MESSAGE = "virtcloud: converge VLAN membership"
 _NO_COMMIT_MESSAGE = ("ios", "eos", "nxos", "nxos_ssh")
 # the longest allowed list one configuration line carries; a longer one continues on "… allowed vlan add" lines
 LINE_WIDTH = 200
-RESERVED = PLATFORM_RESERVED  # VLAN ids a platform keeps for itself (pools are checked against it too)
 # A failed verification is undone by merging the ports' previous state on the platforms whose NAPALM
 # rollback replaces the whole configuration (EOS: with the startup configuration copied at commit, losing
 # what others had not saved; IOS, NX-OS: ``configure replace`` of the file); the device's own rollback
@@ -104,7 +103,7 @@ def render(
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
     vlan_names = vlan_names or {}
     vids = sorted({vid for port_vids in desired.values() for vid in port_vids})
-    reserved = sorted(set(vids) & RESERVED.get(platform, frozenset()))
+    reserved = sorted(set(vids) & PLATFORM_RESERVED.get(platform, frozenset()))
     if reserved:
         raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
     vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in vids]
@@ -198,7 +197,6 @@ class NapalmSwitchSession:
         port_key: Callable[[str], str] | None = None,
         *,
         undo_by_merge: bool | None = None,
-        reserved: frozenset[int] | None = None,
     ):
         platform = spec.platform
         if port_key is None:
@@ -209,7 +207,6 @@ class NapalmSwitchSession:
         self.port_key = port_key
         self.commit_message = "" if platform in _NO_COMMIT_MESSAGE else COMMIT_MESSAGE  # "": the driver takes none
         self.undo_by_merge = platform in _UNDO_BY_MERGE if undo_by_merge is None else undo_by_merge
-        self.reserved = RESERVED.get(platform, frozenset()) if reserved is None else reserved
         self._owned = {port_key(p): p for p in spec.owned_ports}
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
@@ -273,12 +270,11 @@ class NapalmSwitchSession:
         current = self.port_vlans()
         after = {port: current[port] for port in desired}
         wrong = {port: vids for port, vids in after.items() if vids != desired[port]}
-        if wrong and self.spec.platform in _LIVE_VLANS:
-            # these devices list a VLAN's ports that are up: a port that is down (a hypervisor rebooting)
-            # shows none of its VLANs, which is not a failed change — its configuration is what was committed
-            down = self._down(wrong)
-            after.update({port: desired[port] for port in down})
-            wrong = {port: vids for port, vids in wrong.items() if port not in down}
+        # a port that is down shows none of its VLANs on some platforms (``_down``): not a failed change, its
+        # configuration is what was committed
+        down = self._down(desired) if wrong else set()
+        after.update({port: desired[port] for port in wrong if port in down})
+        wrong = {port: vids for port, vids in wrong.items() if port not in down}
         if not wrong:
             return after
         detail = "; ".join(
@@ -288,11 +284,10 @@ class NapalmSwitchSession:
         if before is None:
             raise PermanentDeviceError(self.spec.name, f"device shows no diff but differs from desired: {detail}")
         if self.undo_by_merge:
-            # a port that is down reads as carrying nothing (its "before" is blind): merging that back would
+            # a port that is down read as carrying nothing (its "before" is blind): merging that back would
             # empty its real list, so it keeps what was committed
-            blind = self._down(before) if self.spec.platform in _LIVE_VLANS else set()
-            if self._undo({port: vids for port, vids in before.items() if port not in blind}):
-                where = "the ports that are up are as before" if blind else "the ports are as before"
+            if self._undo({port: vids for port, vids in before.items() if port not in down}):
+                where = "the ports that are up are as before" if down else "the ports are as before"
                 message = f"verification failed after commit, undone ({where}): {detail}"
                 raise PermanentDeviceError(self.spec.name, message)
         try:
@@ -305,7 +300,10 @@ class NapalmSwitchSession:
         raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
 
     def _down(self, ports) -> set[str]:
-        """Of ``ports``, those the device reports down (none when it cannot say)."""
+        """Of ``ports``, those the device reports down — on the platforms whose VLAN lists name only the ports
+        that are up (``_LIVE_VLANS``); none elsewhere, or when it cannot say."""
+        if self.spec.platform not in _LIVE_VLANS:
+            return set()
         try:
             with classified(self.spec.name, "get_interfaces"):
                 interfaces = self.device.get_interfaces()
@@ -337,11 +335,6 @@ class NapalmSwitchSession:
             bad = sorted(v for v in vids if not 1 <= int(v) <= 4094)
             if bad:
                 raise PermanentDeviceError(self.spec.name, f"port {port}: VLAN ids {bad} are outside 1-4094")
-            kept = sorted(int(v) for v in vids if int(v) in self.reserved)
-            if kept:
-                raise PermanentDeviceError(
-                    self.spec.name, f"port {port}: VLAN ids {vlan_list(kept)} are reserved on this platform"
-                )
 
 
 def _junos_port(name: str) -> str:
@@ -390,7 +383,6 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
             device,
             renderer,
             undo_by_merge=None if "undo" not in args else args["undo"] == "merge",
-            reserved=RESERVED.get(template, frozenset()),
         )
     finally:
         with contextlib.suppress(Exception):
