@@ -804,37 +804,12 @@ def test_expiry_leaves_a_cluster_whose_lifetime_was_extended_meanwhile(fabric, i
     assert VirtualCluster.objects.get(pk__in=ids - set(extended)).state == ClusterState.TORN_DOWN
 
 
-def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alone(
-    fabric, images, api, alice, monkeypatch
-):
+def _teardown_started_again(api, alice, monkeypatch) -> tuple[int, int, int]:
+    """A teardown whose worker dies (sent, never consumed; its step started), started again by the periodic
+    task with its step started too: (cluster id, the first generation, the retry's)."""
     from celery.canvas import _chain
 
     from clusters import tasks
-    from clusters.models import StepStatus
-
-    api.force_authenticate(alice)
-    cid = api.post("/api/clusters/", body(), format="json").data["id"]
-    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: None)  # sent, never consumed
-    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
-    first = VirtualCluster.objects.get(pk=cid).workflow_generation
-    tasks.teardown_begin(cid, first)
-    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=6))
-    assert services.clusters_retry_stuck_teardowns() == [cid]
-    retry = VirtualCluster.objects.get(pk=cid).workflow_generation
-    tasks.teardown_begin(cid, retry)
-    tasks.teardown_done(cid, first)  # the first teardown's last callback, late
-    cluster = VirtualCluster.objects.get(pk=cid)
-    assert cluster.state == ClusterState.TEARING_DOWN
-    assert cluster.steps.get(name="teardown", generation=retry).status == StepStatus.RUNNING
-
-
-def test_a_stalled_teardown_started_again_leaves_no_step_running(fabric, images, api, alice, monkeypatch):
-    """The first teardown's worker dies; the periodic task starts it again (a new generation), which
-    completes: the stalled one's step ends too (it stayed the progress's current step for good)."""
-    from celery.canvas import _chain
-
-    from clusters import tasks
-    from clusters.models import StepStatus
 
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
@@ -846,6 +821,29 @@ def test_a_stalled_teardown_started_again_leaves_no_step_running(fabric, images,
     assert services.clusters_retry_stuck_teardowns() == [cid]
     retry = VirtualCluster.objects.get(pk=cid).workflow_generation
     tasks.teardown_begin(cid, retry)
+    return cid, first, retry
+
+
+def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alone(
+    fabric, images, api, alice, monkeypatch
+):
+    from clusters import tasks
+    from clusters.models import StepStatus
+
+    cid, first, retry = _teardown_started_again(api, alice, monkeypatch)
+    tasks.teardown_done(cid, first)  # the first teardown's last callback, late
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TEARING_DOWN
+    assert cluster.steps.get(name="teardown", generation=retry).status == StepStatus.RUNNING
+
+
+def test_a_stalled_teardown_started_again_leaves_no_step_running(fabric, images, api, alice, monkeypatch):
+    """The first teardown's worker dies; the periodic task starts it again (a new generation), which
+    completes: the stalled one's step ends too (it stayed the progress's current step for good)."""
+    from clusters import tasks
+    from clusters.models import StepStatus
+
+    cid, first, retry = _teardown_started_again(api, alice, monkeypatch)
     tasks.teardown_done(cid, retry)
     cluster = VirtualCluster.objects.get(pk=cid)
     assert cluster.state == ClusterState.TORN_DOWN

@@ -177,11 +177,9 @@ def test_a_rollback_that_kept_the_vlan_is_retried_until_the_vlan_goes_back(fabri
     assert tasks.retry_rollbacks.apply().get() == []  # nothing kept any more
 
 
-def test_a_rollback_keeps_the_vlan_of_a_switch_whose_commit_answer_was_lost(fabric, monkeypatch):
-    """sw-pilsen's commit reaches the switch but its answer never comes back (a temporary error), and the
-    switch stays unreachable, through the rollback too. Its change never ended OK, yet it carries the VLAN:
-    the VLAN is kept (handed to another owner it would join two clusters on sw-pilsen) — while a device that
-    refused its change outright (pilsen1 below, sw-s<k> in the lab test) does not hold the VLAN back."""
+def _pilsen_takes_the_change_then_fails(fabric, monkeypatch, error) -> Segment:
+    """Provision a brno–pilsen segment whose switch sw-pilsen takes the change, then fails with ``error``
+    and cannot be reached any more (through the rollback too): the failed segment, reloaded."""
     from network.drivers import TemporaryDeviceError
     from network.drivers.simulated import FakeSwitch
 
@@ -193,7 +191,8 @@ def test_a_rollback_keeps_the_vlan_of_a_switch_whose_commit_answer_was_lost(fabr
         calls.append(desired)
         if len(calls) == 1:
             real(self, desired)  # the commit took effect …
-        raise TemporaryDeviceError(self.spec.name, "commit_config: CommandTimeoutException: timed out")
+            raise error
+        raise TemporaryDeviceError(self.spec.name, "get_vlans: timed out")
 
     monkeypatch.setattr(FakeSwitch, "converge", converge)
     seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
@@ -201,6 +200,18 @@ def test_a_rollback_keeps_the_vlan_of_a_switch_whose_commit_answer_was_lost(fabr
         workflows.provision(seg.pk).apply().get()
     seg.refresh_from_db()
     assert fabric.switch_ports("sw-pilsen")["uplink"] == {seg.vid}
+    return seg
+
+
+def test_a_rollback_keeps_the_vlan_of_a_switch_whose_commit_answer_was_lost(fabric, monkeypatch):
+    """sw-pilsen's commit reaches the switch but its answer never comes back (a temporary error), and the
+    switch stays unreachable, through the rollback too. Its change never ended OK, yet it carries the VLAN:
+    the VLAN is kept (handed to another owner it would join two clusters on sw-pilsen) — while a device that
+    refused its change outright (pilsen1 below, sw-s<k> in the lab test) does not hold the VLAN back."""
+    from network.drivers import TemporaryDeviceError
+
+    lost = TemporaryDeviceError("sw-pilsen", "commit_config: CommandTimeoutException: timed out")
+    seg = _pilsen_takes_the_change_then_fails(fabric, monkeypatch, lost)
     assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
     assert "not rolled back (VLAN kept): sw-pilsen: " in seg.error, seg.error
 
@@ -227,26 +238,10 @@ def test_a_rollback_keeps_the_vlan_a_reconcile_put_on_a_switch_it_cannot_reach(f
 def test_a_switch_whose_failed_change_may_be_on_it_holds_the_vlan_back(fabric, monkeypatch):
     """sw-pilsen took the change, its verification failed and its own rollback too (the error says the
     change may be on the device); during the segment's rollback it cannot be reached: the VLAN is kept."""
-    from network.drivers import PermanentDeviceError, TemporaryDeviceError
-    from network.drivers.simulated import FakeSwitch
+    from network.drivers import PermanentDeviceError
 
-    real, calls = FakeSwitch.converge, []
-
-    def converge(self, desired):
-        if self.spec.name != "sw-pilsen":
-            return real(self, desired)
-        calls.append(desired)
-        if len(calls) == 1:
-            real(self, desired)
-            raise PermanentDeviceError(self.spec.name, "rollback: rejected", may_have_applied=True)
-        raise TemporaryDeviceError(self.spec.name, "get_vlans: timed out")
-
-    monkeypatch.setattr(FakeSwitch, "converge", converge)
-    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
-    with pytest.raises(DeviceChangeFailed):
-        workflows.provision(seg.pk).apply().get()
-    seg.refresh_from_db()
-    assert fabric.switch_ports("sw-pilsen")["uplink"] == {seg.vid}
+    failed = PermanentDeviceError("sw-pilsen", "rollback: rejected", may_have_applied=True)
+    seg = _pilsen_takes_the_change_then_fails(fabric, monkeypatch, failed)
     assert seg.allocation.state == VlanAllocation.State.ALLOCATED, seg.error
     assert not DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c").refused
 
