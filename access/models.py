@@ -294,12 +294,6 @@ class Gateway(models.Model):
         return self.name
 
     @property
-    def is_ready(self) -> bool:
-        """Set up and running: enrolled (``gateway config`` issued its server certificate) and it has pulled its
-        state at least once. Users are offered ready gateways only: any other refuses everyone."""
-        return bool(self.server_certificate) and self.last_pull_at is not None
-
-    @property
     def serves_vpn(self) -> bool:
         return self.kind in (GatewayKind.VPN, GatewayKind.BOTH)
 

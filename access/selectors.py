@@ -6,6 +6,7 @@ that the access app imports (and its migrations run) independently of the cluste
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -149,8 +150,9 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
 
 
 def gateways_ready() -> QuerySet[Gateway]:
-    """Enabled gateways that are set up (``Gateway.is_ready``: enrolled, pulled at least once). Any other
-    refuses everyone: it has no server certificate or no state to authorize from."""
+    """Enabled gateways that are set up: enrolled (``gateway config`` issued their server certificate) and
+    pulled their state at least once. Any other refuses everyone: it has no server certificate or no state to
+    authorize from. Users are offered these only."""
     return Gateway.objects.filter(enabled=True, last_pull_at__isnull=False).exclude(server_certificate="")
 
 
@@ -166,25 +168,20 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
 
 
 def gateway_carries(clusters) -> Callable[[Gateway], bool]:
-    """Whether a gateway's trunk carries the VLANs of all of ``clusters`` (at most one query): a gateway without a site
-    (one trunk for all), or one at a site every cluster's core reaches — elsewhere the network never puts their
-    VLANs on its trunk (``network.selectors.segment_views``), and the same ids may be other clusters there."""
+    """Whether a gateway's trunk carries the VLANs of all of ``clusters``: a gateway without a site (one trunk
+    for all), or one at a site every cluster's core reaches — elsewhere the network never puts their VLANs on
+    its trunk (``network.selectors.segment_views``), and the same ids may be other clusters there. One query,
+    on the first gateway with a site."""
     from clusters.models import VirtualCluster
 
     ids = [c.pk for c in clusters]
-    reached: set[tuple[int, int]] = set()
-    asked = []  # read on the first gateway with a site: no query for gateways that serve every site
 
-    def carries(gateway: Gateway) -> bool:
-        if gateway.site_id is None:
-            return True
-        if not asked:
-            asked.append(True)
-            found = VirtualCluster.objects.filter(pk__in=ids)
-            reached.update(found.values_list("pk", "segment__allocation__pool__core__sites"))
-        return all((pk, gateway.site_id) in reached for pk in ids)
+    @functools.cache
+    def reached() -> frozenset[tuple[int, int]]:  # (cluster, a site its core joins)
+        found = VirtualCluster.objects.filter(pk__in=ids)
+        return frozenset(found.values_list("pk", "segment__allocation__pool__core__sites"))
 
-    return carries
+    return lambda gateway: gateway.site_id is None or all((pk, gateway.site_id) in reached() for pk in ids)
 
 
 def gateway_state_age(gateway: Gateway, now: datetime) -> timedelta:

@@ -54,7 +54,7 @@ def other_cluster(charlie):
 
 
 def make_gateway(name="gw1", *, kind=GatewayKind.BOTH, address="198.18.100.1", **fields) -> Gateway:
-    """A gateway that is set up (``Gateway.is_ready``): enrolled (a server certificate; its text is not read by
+    """A gateway that is set up (``selectors.gateways_ready``): enrolled (a server certificate; its text is not read by
     the portal) and pulled once just now — what ``manage.py gateway config --dir`` leaves. Users are only offered
     such gateways."""
     fields = {"server_certificate": "-----BEGIN CERTIFICATE-----\n(test)\n", "last_pull_at": timezone.now()} | fields
