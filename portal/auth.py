@@ -221,7 +221,7 @@ def ldap_sync() -> SyncReport:
     try:
         conn = _connect(settings)
     except ldap.LDAPError as exc:
-        report.error = f"the directory cannot be searched: {type(exc).__name__}"
+        report.error = _unsearchable(exc)
         logger.warning("LDAP sync: %s", report.error)
         return report
     backend = LDAPBackend()
@@ -243,12 +243,7 @@ def ldap_sync() -> SyncReport:
                 break
             user = account.user
             username = user.get_username()
-            try:
-                present = _in_directory(conn, search, username)
-            except ldap.LDAPError as exc:
-                report.error = f"the directory cannot be searched: {type(exc).__name__}"
-                logger.warning("LDAP sync stopped at %s: %s", username, report.error)
-                break
+            present = _in_directory(conn, search, username)
             report.checked += 1
             if present is None:
                 report.failed.append(username)  # referred elsewhere: neither gone nor updated
@@ -260,8 +255,9 @@ def ldap_sync() -> SyncReport:
                 DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())
         if gone and not report.error:
             report.error = _why_not_deactivate(conn, search, len(gone), report.checked)
-    except ldap.LDAPError as exc:
-        report.error = f"the directory cannot be searched: {type(exc).__name__}"
+    except ldap.LDAPError as exc:  # the run stops here: nothing more changes
+        report.error = _unsearchable(exc)
+        logger.warning("LDAP sync stopped after %d account(s): %s", report.checked, report.error)
     finally:
         conn.unbind_s()
     if report.error:
@@ -276,6 +272,10 @@ def ldap_sync() -> SyncReport:
         logger.warning("LDAP sync: %s is no longer in the directory: account deactivated", user.get_username())
         report.deactivated.append(user.get_username())
     return report
+
+
+def _unsearchable(exc: ldap.LDAPError) -> str:
+    return f"the directory cannot be searched: {type(exc).__name__}"
 
 
 def _why_not_deactivate(conn, search, gone: int, checked: int) -> str:
