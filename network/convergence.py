@@ -246,7 +246,6 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
         else:
             w.desired = selectors.host_desired([device.pk])[device.pk]
         _drive(w, session=session)
-    _hold_back_kept([w])
     _settle([w])
     if isinstance(w.exc, TemporaryDeviceError):
         raise w.exc
@@ -316,7 +315,7 @@ class _Device:
     error: str = ""
     finished_at: object = None
     exc: DeviceError | None = None
-    refused: bool = False  # the device answered with a permanent error: it did not take the change
+    refused: bool = False  # a switch refused the change outright: it did not take it (see ``_drive``)
     kept: frozenset[int] = frozenset()  # a host's VLANs kept, not desired, for their VM ports
     per_change: dict[int, tuple[str, str]] = field(default_factory=dict)  # claimed change → (status, error)
 
@@ -456,10 +455,8 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             for w in active:
                 if not w.status:
                     w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
-            _hold_back_kept(work)
             _settle(work)
             raise
-    _hold_back_kept(work)
     _settle(work)
     return work
 
@@ -502,7 +499,9 @@ def _settle(work: list[_Device]) -> None:
     """Every claimed change gets its device's outcome. PostgreSQL: ONE statement for the whole layer (an
     ``UPDATE … FROM unnest(arrays)``: its cost hardly grows with the number of devices, where a pipelined
     ``executemany`` cost ~0.7 ms per change and ``bulk_update``'s CASE expressions more); SQLite (one
-    machine, small batches): one statement per change."""
+    machine, small batches): one statement per change. The changes a host's kept bridges hold back are
+    sorted out first (``_hold_back_kept``), whatever ended the batch."""
+    _hold_back_kept(work)
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
     rows = []
