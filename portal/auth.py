@@ -61,9 +61,10 @@ class ActiveLDAPBackend(LDAPBackend):
 
 
 def _local_account_in_use(user) -> bool:
-    from portal.models import ApiToken, DirectoryAccount
+    from portal.backends import is_directory_account
+    from portal.models import ApiToken
 
-    if DirectoryAccount.objects.filter(user_id=user.pk).exists():
+    if is_directory_account(user):
         return False
     return (
         user.has_usable_password()
