@@ -145,13 +145,13 @@ class DirectoryAccountAdmin(admin.ModelAdmin):
 
 @admin.register(LoginFailure)
 class LoginFailureAdmin(admin.ModelAdmin):
-    """Recent failed logins per account; deleting an account's rows lets it log in again at once (a user who
-    mistyped their password too often and called the helpdesk)."""
+    """Recent failed logins per account and address; deleting an account's rows lets it log in again at once (a
+    user who mistyped their password too often and called the helpdesk)."""
 
-    list_display = ["username", "at"]
-    search_fields = ["username"]
+    list_display = ["username", "address", "at"]
+    search_fields = ["username", "address"]
     date_hierarchy = "at"
-    readonly_fields = ["username", "at"]
+    readonly_fields = ["username", "address", "at"]
 
     def has_add_permission(self, request) -> bool:
         return False

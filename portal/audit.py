@@ -37,7 +37,7 @@ _context: contextvars.ContextVar[_Context] = contextvars.ContextVar(
     "audit_context",
     default=_Context(),  # noqa: B039 (frozen, immutable)
 )
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # whole value (fullmatch): no trailing newline
 
 
 def current() -> _Context:
@@ -61,15 +61,16 @@ def audit_actor(actor: str, *, user=None, request_id: str | None = None):
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (the proxy's ``X-Request-ID`` when well-formed), echoed in the response
-    and in every log line and audit entry the request causes."""
+    """Gives every request an id, echoed in the response and in every log line and audit entry the request
+    causes. The ``X-Request-ID`` header is taken only behind the TLS proxy (``BEHIND_TLS_PROXY``), which sets
+    it, and only when it is a sane token (1-64 of ``A-Za-z0-9._-``): without a proxy any client could file
+    its changes in the audit log under another request's id, or under one of its choosing."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        request.request_id = _incoming_request_id(request) or uuid.uuid4().hex
         token = _context.set(_Context(actor="anonymous", request_id=request.request_id))
         try:
             response = self.get_response(request)
@@ -77,6 +78,15 @@ class RequestIdMiddleware:
             _context.reset(token)
         response["X-Request-ID"] = request.request_id
         return response
+
+
+def _incoming_request_id(request) -> str | None:
+    from django.conf import settings
+
+    if not settings.BEHIND_TLS_PROXY:
+        return None
+    incoming = request.headers.get("X-Request-ID", "")
+    return incoming if _REQUEST_ID_RE.fullmatch(incoming) else None
 
 
 class AuditActorMiddleware:

@@ -45,6 +45,14 @@ class ActiveLDAPBackend(LDAPBackend):
         user = super().get_user(user_id)
         return user if user is not None and user.is_active else None
 
+    def authenticate(self, request, username=None, password=None, **kwargs):
+        """What a login changes from the directory (flags, groups) is the directory's, not "anonymous"'s (the
+        actor of a request nobody is logged in to yet), in the audit log."""
+        from portal.audit import audit_actor
+
+        with audit_actor("ldap-login"):
+            return super().authenticate(request, username=username, password=password, **kwargs)
+
     def get_or_build_user(self, username, ldap_user):
         """A local account in use (a password of its own, admin rights, or API tokens: a break-glass
         superuser, a scheduler's API account) is never taken over by a directory entry of the same name:
@@ -132,9 +140,15 @@ def connect_signals() -> None:
     post_save.connect(_on_user_saved, sender=get_user_model(), dispatch_uid="portal-ldap-account")
 
 
+_FLAGS = ("is_staff", "is_superuser")
+
+
 def _on_populate(sender, user, ldap_user, **kwargs) -> None:
-    # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved
+    # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved, with the
+    # flags as they were (django-auth-ldap has already set them from the groups on this object)
     user._directory_dn = ldap_user.dn
+    stored = type(user)._default_manager.filter(pk=user.pk).values(*_FLAGS).first() if user.pk else None
+    user._directory_flags_before = stored or dict.fromkeys(_FLAGS, False)
 
 
 def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:
@@ -143,10 +157,17 @@ def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:
         return
     from django.utils import timezone
 
+    from portal import audit
     from portal.models import DirectoryAccount
 
     del instance._directory_dn
     DirectoryAccount.objects.update_or_create(user=instance, defaults={"dn": dn, "synced_at": timezone.now()})
+    # Admin rights given or taken by a directory group (at a login or by the sync) are in the audit log like
+    # any other change of rights: the user model itself is not audited.
+    before = instance.__dict__.pop("_directory_flags_before", {})
+    changes = {flag: [was, getattr(instance, flag)] for flag, was in before.items() if was != getattr(instance, flag)}
+    if changes:
+        audit.record(instance, "update", changes, message=f"staff/superuser flags follow the directory groups of {dn}")
 
 
 def _on_ldap_error(sender, context, user, request=None, exception=None, **kwargs) -> None:

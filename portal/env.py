@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -74,6 +75,59 @@ def env_float(name: str, default: float, *, minimum: float | None = None, maximu
     if maximum is not None and number > maximum:
         raise ImproperlyConfigured(f"{name}={number} is above the maximum {maximum}")
     return number
+
+
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """One of ``choices``, as spelled there whatever the case typed (``LOG_LEVEL=debug`` is ``DEBUG``)."""
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    spelled = {choice.lower(): choice for choice in choices}
+    if value.lower() not in spelled:
+        raise ImproperlyConfigured(f"{name}={value!r} must be one of: {', '.join(choices)}")
+    return spelled[value.lower()]
+
+
+def env_fernet_key(name: str) -> str | None:
+    """A Fernet key (32 url-safe base64-encoded bytes), checked at start-up: otherwise a wrong one passes
+    ``manage.py check`` and fails only when a secret is first stored or read. The value never goes into the
+    message (it is a key)."""
+    from cryptography.fernet import Fernet
+
+    value = env_str(name)
+    if value is None:
+        return None
+    try:
+        Fernet(value.encode())
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{name} is not a valid Fernet key (32 url-safe base64-encoded bytes; make one with: "
+            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+        ) from None
+    return value
+
+
+def env_broker_url(name: str, default: str) -> str:
+    """A kombu broker URL (``redis://…``, ``amqp://…``, ``filesystem://``; several for fail-over joined by
+    ``;``): a scheme kombu does not know, or a bad port, is refused at start-up rather than by the first
+    ``delay()`` (kombu takes a bare word for a host name). The message names only the scheme, as the URL may
+    hold a password."""
+    from kombu.transport import TRANSPORT_ALIASES
+    from kombu.utils.url import parse_url
+
+    value = _raw(name) or default
+    for url in value.split(";"):
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in TRANSPORT_ALIASES:
+            shown = f"names the unknown transport {scheme!r}" if scheme else "is not a URL (scheme://…)"
+            raise ImproperlyConfigured(
+                f"{name} {shown}: use e.g. redis://host:6379/0, amqp://user:password@host:5672//, filesystem://"
+            )
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name} ({scheme}://…) is not a valid URL: {exc}") from None
+    return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

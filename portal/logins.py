@@ -1,9 +1,17 @@
-"""Failed logins per account (``portal.models.LoginFailure``): ``LOGIN_FAILURES_MAX`` within
-``LOGIN_FAILURE_WINDOW`` refuse the account's logins until the oldest leaves the window; a success clears
-them. A soft limit: logins racing each other may each be counted after the check."""
+"""Failed logins (``portal.models.LoginFailure``), counted per account and client address.
+
+``LOGIN_FAILURES_MAX`` failures of one account from one address within ``LOGIN_FAILURE_WINDOW`` refuse that
+account's logins from that address until the oldest leaves the window: whoever types a wrong password at
+the break-glass superuser cannot lock the administrators out from their own machines. Guessing from many
+addresses is held by a ceiling across all of them, ``LOGIN_FAILURES_ACCOUNT_MAX`` (10 × the per-address
+limit by default), which refuses the account's logins from everywhere. A success clears the failures from
+its own address only: the ones from elsewhere still count towards the ceiling. A soft limit: logins racing
+each other may each be counted after the check.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 
 from django.conf import settings
@@ -16,28 +24,60 @@ def account_key(username: str) -> str:
     return (username or "").strip().lower()[: LoginFailure._meta.get_field("username").max_length]
 
 
+def client_address(request) -> str | None:
+    """The address a login comes from. Behind the TLS proxy (``BEHIND_TLS_PROXY``) that is the last entry of
+    ``X-Forwarded-For``, the one the proxy appended (nginx: ``$proxy_add_x_forwarded_for``): ``REMOTE_ADDR``
+    is the proxy itself there, which would make every client one. None when unknown (no request)."""
+    if request is None:
+        return None
+    remote = request.META.get("REMOTE_ADDR") or None
+    if settings.BEHIND_TLS_PROXY:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            return remote
+    return remote
+
+
 def _window() -> timedelta:
     return timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
 
 
-def refused_for(name: str) -> str | None:
-    """Why ``name``'s logins are refused now (None: they are not)."""
-    now = timezone.now()
-    recent = LoginFailure.objects.filter(username=name, at__gt=now - _window()).order_by("at")
-    if not name or not settings.LOGIN_FAILURES_MAX or recent.count() < settings.LOGIN_FAILURES_MAX:
+def _wait(recent, limit: int, now) -> int | None:
+    """Minutes until fewer than ``limit`` of the failures ``recent`` (a queryset in the window) are left in the
+    window; None when there are fewer already (or ``limit`` is 0: no limit)."""
+    if not limit:
         return None
-    oldest = recent.values_list("at", flat=True)[0]
-    minutes = max(1, -(-int((oldest + _window() - now).total_seconds()) // 60))
-    return f"Too many failed logins for this account: try again in {minutes} minute(s)."
+    times = list(recent.order_by("at").values_list("at", flat=True))
+    if len(times) < limit:
+        return None
+    freed = times[len(times) - limit]  # once this one has left, limit - 1 remain
+    return max(1, -(-int((freed + _window() - now).total_seconds()) // 60))
 
 
-def login_failed(name: str) -> None:
-    """Count a failed login of ``name`` (and forget those that left the window)."""
+def refused_for(name: str, address: str | None) -> str | None:
+    """Why ``name``'s logins from ``address`` are refused now (None: they are not)."""
+    if not name:
+        return None
+    now = timezone.now()
+    recent = LoginFailure.objects.filter(username=name, at__gt=now - _window())
+    minutes = _wait(recent.filter(address=address), settings.LOGIN_FAILURES_MAX, now)
+    if minutes is not None:
+        return f"Too many failed logins for this account: try again in {minutes} minute(s)."
+    minutes = _wait(recent, settings.LOGIN_FAILURES_ACCOUNT_MAX, now)
+    if minutes is not None:
+        return f"Too many failed logins for this account from many addresses: try again in {minutes} minute(s)."
+    return None
+
+
+def login_failed(name: str, address: str | None) -> None:
+    """Count a failed login of ``name`` from ``address`` (and forget those that left the window)."""
     if name:
         now = timezone.now()
         LoginFailure.objects.filter(at__lte=now - _window()).delete()
-        LoginFailure.objects.create(username=name, at=now)
+        LoginFailure.objects.create(username=name, address=address, at=now)
 
 
-def login_succeeded(name: str) -> None:
-    LoginFailure.objects.filter(username=name).delete()
+def login_succeeded(name: str, address: str | None) -> None:
+    LoginFailure.objects.filter(username=name, address=address).delete()

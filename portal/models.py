@@ -93,13 +93,16 @@ class DirectoryAccount(models.Model):
 
 
 class LoginFailure(models.Model):
-    """A failed login of ``username`` (as typed, lower-cased): ``LOGIN_FAILURES_MAX`` of them within
-    ``LOGIN_FAILURE_WINDOW`` refuse that account's logins until the oldest leaves the window
-    (``portal.logins``, asked by ``portal.forms.LoginForm``). Guessing a password gets that many tries, and the
-    directory's own lockout (an LDAP password policy) is never set off against its owner from here. Rows older
-    than the window are deleted as new failures come."""
+    """A failed login of ``username`` (as typed, lower-cased) from ``address``: ``LOGIN_FAILURES_MAX`` of them
+    from one address within ``LOGIN_FAILURE_WINDOW`` refuse that account's logins from that address, and
+    ``LOGIN_FAILURES_ACCOUNT_MAX`` from all addresses refuse them from everywhere, until the oldest leave the
+    window (``portal.logins``, asked by ``portal.forms.LoginForm``). Guessing a password gets that many tries,
+    a stranger's wrong passwords do not lock the owner out, and the directory's own lockout (an LDAP password
+    policy) is never set off against its owner from here. Rows older than the window are deleted as new
+    failures come."""
 
     username = models.CharField(max_length=150)
+    address = models.GenericIPAddressField(null=True, blank=True, help_text="the client's (empty: unknown)")
     at = models.DateTimeField(default=timezone.now)
 
     class Meta:

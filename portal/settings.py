@@ -16,7 +16,17 @@ from django.core.exceptions import ImproperlyConfigured
 
 from network.schedules import beat_schedule
 from portal import auth as ldap_auth
-from portal.env import env_bool, env_db, env_float, env_int, env_list, env_str
+from portal.env import (
+    env_bool,
+    env_broker_url,
+    env_choice,
+    env_db,
+    env_fernet_key,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var")))
@@ -33,7 +43,7 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-development-key-only-used-with-DEBUG-on"
 
 # Fernet key for secrets at rest (switch credentials, CA keys). Derived from SECRET_KEY only in DEBUG.
-SECRETS_KEY = env_str("SECRETS_KEY")
+SECRETS_KEY = env_fernet_key("SECRETS_KEY")
 if not SECRETS_KEY:
     if not DEBUG and not BUILD_ONLY:
         raise ImproperlyConfigured(
@@ -118,12 +128,15 @@ AUTH_PASSWORD_VALIDATORS = [
 # --- Identity: LDAP first, local accounts (break-glass superuser) second -----------------------------------
 LDAP = ldap_auth.ldap_settings()
 globals().update(LDAP)
-# failed logins of one account within the window (seconds) that refuse its logins until the oldest leaves it
 # the share of the accounts checked that one LDAP sync may deactivate (at least 5); more: none, and it says so
 LDAP_SYNC_DEACTIVATE_MAX = env_float("LDAP_SYNC_DEACTIVATE_MAX", 0.1, minimum=0.0, maximum=1.0)
 # seconds one LDAP sync may spend (within the task's soft limit); the accounts it did not reach come first next time
 LDAP_SYNC_TIME_BUDGET = env_float("LDAP_SYNC_TIME_BUDGET", 60.0, minimum=1.0)
+# failed logins of one account from one client address within the window (seconds) that refuse its logins from
+# that address until the oldest leaves it (portal.logins); from all addresses together, the ceiling that refuses
+# them from everywhere (guessing from many addresses). 0: no limit.
 LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 5, minimum=0)
+LOGIN_FAILURES_ACCOUNT_MAX = env_int("LOGIN_FAILURES_ACCOUNT_MAX", 10 * LOGIN_FAILURES_MAX, minimum=0)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 # The local backend never logs a directory account in with a password kept here (portal/backends.py).
 AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + ["portal.backends.LocalAccountBackend"]
@@ -152,7 +165,9 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("BEHIND_TLS_PROXY", False) else None
+# Behind the TLS proxy, which sets them: X-Forwarded-Proto says https, X-Request-ID names the request (portal.audit).
+BEHIND_TLS_PROXY = env_bool("BEHIND_TLS_PROXY", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_TLS_PROXY else None
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 X_FRAME_OPTIONS = "DENY"
 
@@ -192,7 +207,7 @@ SPECTACULAR_SETTINGS = {
 
 # --- Celery --------------------------------------------------------------------------------------------------
 BROKER_DIR = DATA_DIR / "broker"
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost/")
+CELERY_BROKER_URL = env_broker_url("CELERY_BROKER_URL", "filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # Embedded broker: kombu's filesystem transport needs no server (one machine only); through portal.broker
     # (portal.celery makes it the one "filesystem://" names), which writes each message file whole.
@@ -319,7 +334,7 @@ if LDAP:
 DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.reporting.SecretsFilter"
 
 # --- Logging -------------------------------------------------------------------------------------------------
-LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

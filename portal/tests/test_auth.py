@@ -134,11 +134,22 @@ def test_local_superuser_still_logs_in_while_the_directory_is_down(client, ldap_
     assert client.get(reverse("admin:index")).status_code == 200
 
 
-def test_known_ldap_user_cannot_fall_back_to_a_local_password_while_down(client, ldap_down):
-    User.objects.create_user("alice").set_unusable_password()
-    response = log_in(client, "alice", ldap_down.passwords["alice"])
-    assert response.status_code == 200
-    assert "_auth_user_id" not in client.session
+def test_known_ldap_user_cannot_fall_back_to_a_local_password_while_down(client, ldap_down, caplog):
+    """A directory account with a local password (an administrator set one; here the directory's own) would
+    log in without the directory, even after it disabled the account: refused while the directory is down.
+    The same account and password log in once the account is no longer the directory's, so it is the
+    directory check that refuses, not a wrong password."""
+    from portal.models import DirectoryAccount
+
+    password = ldap_down.passwords["alice"]
+    alice = User.objects.create_user("alice", password=password)
+    DirectoryAccount.objects.create(user=alice, dn=f"uid=alice,{ldap_down.people_base}")
+    response = log_in(client, "alice", password)
+    assert response.status_code == 200 and "_auth_user_id" not in client.session
+    assert LDAP_UNAVAILABLE_MESSAGE in response.content.decode().replace("&#x27;", "'")
+    assert "refused the local password of directory account alice" in caplog.text
+    DirectoryAccount.objects.filter(user=alice).delete()
+    assert log_in(client, "alice", password).status_code == 302
 
 
 def test_ldap_settings_from_the_environment(directory):
@@ -245,8 +256,36 @@ def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directo
     assert client.get("/api/clusters/", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 401
     # his browser session ends too (django-auth-ldap's backend kept it: the pages still showed him his clusters)
     assert client.get("/access/").status_code == 302 and not client.get("/api/clusters/").wsgi_request.user.is_active
-    assert AuditEntry.objects.filter(object_id=str(charlie.pk), message__contains="no longer in the directory")
+    assert AuditEntry.objects.filter(
+        object_id=str(charlie.pk), message__contains="no longer in the directory", actor="ldap-sync"
+    )
     assert run_sync()["checked"] == 0  # an inactive account is left alone (an admin may reactivate it)
+
+
+def test_admin_rights_a_directory_group_gives_or_takes_are_in_the_audit_log(client, own_directory):
+    """The user model is not audited: the staff/superuser flags directory groups set (at a login, by the sync)
+    are, with the user, the flags before and after, and the sync as the actor."""
+    from portal.models import AuditEntry
+
+    def flag_entries(user):
+        return AuditEntry.objects.filter(content_type__model="user", object_id=str(user.pk)).order_by("id")
+
+    assert log_in(client, "dave", own_directory.passwords["dave"]).status_code == 302
+    dave = User.objects.get(username="dave")
+    (given,) = flag_entries(dave)
+    assert given.changes == {"is_staff": [False, True], "is_superuser": [False, True]}
+    assert (given.actor, given.object_repr) == ("ldap-login", "dave")
+    assert f"uid=dave,{own_directory.people_base}" in given.message
+
+    own_directory.modify(
+        f"dn: {own_directory.group_dn('virtcloud-admins')}\nchangetype: modify\ndelete: memberUid\nmemberUid: dave\n"
+    )
+    assert run_sync()["failed"] == []
+    taken = flag_entries(dave).last()
+    assert (taken.actor, taken.action, taken.object_repr) == ("ldap-sync", "update", "dave")
+    assert taken.changes == {"is_superuser": [True, False]}  # still staff (virtcloud-staff)
+    run_sync()
+    assert flag_entries(dave).count() == 2  # nothing changed: nothing recorded
 
 
 def test_sync_with_the_directory_down_changes_nothing(client, own_directory):

@@ -3,6 +3,8 @@ server, worker and beat. An LDAP demo user logs in, an administrator sees the im
 and Ctrl-C stops every process the demo started."""
 
 import http.cookiejar
+import io
+import json
 import os
 import re
 import select
@@ -22,10 +24,9 @@ from portal.ldapserver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not shutil.which("slapd") and not os.path.exists("/usr/sbin/slapd"), reason="needs slapd"),
-]
+needs_slapd = pytest.mark.skipif(
+    not shutil.which("slapd") and not os.path.exists("/usr/sbin/slapd"), reason="needs slapd"
+)
 
 
 class Browser:
@@ -83,6 +84,8 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
+@needs_slapd
 def test_demo_comes_up_and_stops_everything(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
@@ -106,6 +109,7 @@ def test_demo_comes_up_and_stops_everything(tmp_path):
         assert "alice logs in through LDAP: ok" in out
         # A cluster provisioned through the embedded broker, SQLite and a real worker (simulated fabric).
         assert "alice's closed cluster demo-alpha is ready" in out
+        assert "demo: --no-lab: a SIMULATED fabric is used" in out
         pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", out)]
         assert len(pids) == 3 and all(alive(p) for p in pids)
         passwords = dict(re.findall(r"^\s{4}(\w+)\s+(\S+)\s+groups:", out, re.M))
@@ -125,6 +129,10 @@ def test_demo_comes_up_and_stops_everything(tmp_path):
         admin = Browser(base)
         admin.log_in("/admin/login/?next=/admin/", "admin", admin_password)
         assert "brno-h1" in admin.get("/admin/network/host/")[1]
+        # What an administrator reads of the demo cluster's device work: every diff says it was simulated.
+        changes = json.loads(admin.get("/api/network/changes/?status=ok")[1])["results"]
+        diffs = [change["diff"] for change in changes]
+        assert diffs and all(diff.startswith("(simulated) ") for diff in diffs), diffs
     finally:
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
@@ -136,3 +144,32 @@ def test_demo_comes_up_and_stops_everything(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ldap_port), timeout=1).close()
     assert took < 60
+
+
+@pytest.mark.django_db
+def test_the_simulated_fabric_goes_through_the_audit_log(tmp_path, settings):
+    """The demo's switch to the simulated fabric changes what every device is driven with: each change is in
+    the audit log under the demo's name, as any other change of a device is."""
+    from network.tests.factories import HostFactory, SwitchFactory
+    from portal.audit import audit_actor
+    from portal.management.commands.demo import Command
+    from portal.models import AuditEntry
+
+    settings.DATA_DIR = tmp_path
+    devices = [SwitchFactory(name="brno-sw"), HostFactory(name="brno-h1")]
+    command = Command(stdout=io.StringIO())
+    with audit_actor("manage.py demo"):  # as its handle() runs every step
+        command._lab(True, {})  # --no-lab
+    expected = {"simulated": True, "state_dir": str(tmp_path / "simulated")}
+    for device in devices:
+        device.refresh_from_db()
+        assert device.driver_args == expected
+        entry = AuditEntry.objects.filter(content_type__model=device._meta.model_name, object_id=str(device.pk)).latest(
+            "id"
+        )
+        assert (entry.actor, entry.action, entry.changes) == (
+            "manage.py demo",
+            "update",
+            {"driver_args": [{}, expected]},
+        )
+    assert "SIMULATED fabric" in command.stdout.getvalue()

@@ -51,6 +51,7 @@ def test_a_server_error_names_the_request_id_on_the_page_and_in_the_api(alice, s
     """The page (HTML) and the API (JSON) name the request's id: the logs carry it on every line of that
     request, so a user can quote it to the operators."""
     settings.DEBUG = False
+    settings.BEHIND_TLS_PROXY = True  # the proxy names the request (portal.audit.RequestIdMiddleware)
     client = Client(raise_request_exception=False)
     client.force_login(alice)
     page = client.get("/boom/", HTTP_X_REQUEST_ID="req-1234abcd")

@@ -1,5 +1,7 @@
-"""Failed logins of one account are limited: ``LOGIN_FAILURES_MAX`` within ``LOGIN_FAILURE_WINDOW`` refuse its
-logins, the right password too, until the oldest failure leaves the window; a success clears them."""
+"""Failed logins of one account are limited: ``LOGIN_FAILURES_MAX`` from one address within
+``LOGIN_FAILURE_WINDOW`` refuse its logins from that address, the right password too, until the oldest failure
+leaves the window; ``LOGIN_FAILURES_ACCOUNT_MAX`` from all addresses refuse them from everywhere; a success
+clears its address's failures."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from portal.models import LoginFailure
 pytestmark = pytest.mark.django_db
 
 
-def log_in(client, username: str, password: str):
-    return client.post(reverse("login"), {"username": username, "password": password})
+def log_in(client, username: str, password: str, **extra):
+    return client.post(reverse("login"), {"username": username, "password": password}, **extra)
+
+
+def logged_in(response) -> bool:
+    return response.status_code == 302
 
 
 def test_five_wrong_passwords_refuse_the_account_for_the_window(client, alice, bob, settings):
@@ -67,3 +73,47 @@ def test_an_admin_lets_a_locked_account_in_again(client, alice, root, settings):
     assert r.status_code == 302 and not LoginFailure.objects.exists()
     client.logout()
     assert log_in(client, "alice", "alice-password").status_code == 302
+
+
+STRANGER, ADMIN_DESK = "203.0.113.66", "198.51.100.7"
+
+
+def test_a_stranger_locks_only_their_own_address_out(client, root, settings):
+    """Anyone can type wrong passwords at the break-glass superuser: that must not keep the administrators out."""
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 5, 50
+    for _ in range(5):
+        assert not logged_in(log_in(client, "root", "guess", REMOTE_ADDR=STRANGER))
+    refused = log_in(client, "root", "root-password", REMOTE_ADDR=STRANGER)
+    assert "Too many failed logins for this account: try again in 15 minute(s)" in refused.content.decode()
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR=ADMIN_DESK))
+    client.logout()
+    # the administrator's success clears only the desk's failures: the stranger stays locked out
+    assert LoginFailure.objects.filter(username="root", address=STRANGER).count() == 5
+    assert not logged_in(log_in(client, "root", "root-password", REMOTE_ADDR=STRANGER))
+
+
+def test_the_ceiling_across_addresses_locks_the_account_everywhere(client, root, settings):
+    """Guessing from many addresses, each under the per-address limit, still ends at the account's ceiling."""
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 2, 20
+    for n in range(20):
+        assert not logged_in(log_in(client, "root", "guess", REMOTE_ADDR=f"203.0.113.{n + 1}"))
+    refused = log_in(client, "root", "root-password", REMOTE_ADDR=ADMIN_DESK)
+    assert "Too many failed logins for this account from many addresses: try again in 15 minute(s)" in (
+        refused.content.decode()
+    )
+    assert "_auth_user_id" not in client.session
+    LoginFailure.objects.filter(address="203.0.113.1").update(at=timezone.now() - timedelta(seconds=901))
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR=ADMIN_DESK))  # 19 left: under it
+
+
+def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(client, root, settings):
+    """Behind the proxy every request comes from the proxy: the client is the last X-Forwarded-For entry (the
+    one the proxy appended; what the client sent itself comes before it)."""
+    settings.BEHIND_TLS_PROXY = True
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 3, 30
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+    for _ in range(3):
+        log_in(client, "root", "guess", **proxy, HTTP_X_FORWARDED_FOR=f"{ADMIN_DESK}, {STRANGER}")
+    assert set(LoginFailure.objects.values_list("address", flat=True)) == {STRANGER}
+    assert not logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=STRANGER))
+    assert logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=ADMIN_DESK))

@@ -35,6 +35,7 @@ print(json.dumps({
     "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
     "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
     "DEVICE_RETRY_MAX": settings.DEVICE_RETRY_MAX,
+    "LOG_LEVEL": settings.LOG_LEVEL,
     "BEAT": {name: [entry["task"], entry["schedule"]] for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
              if isinstance(entry["schedule"], (int, float))},
 }))
@@ -116,6 +117,11 @@ def test_production_values(tmp_path):
         ("WEBHOOK_TIMEOUT", "1e999", "WEBHOOK_TIMEOUT='1e999' is not a finite number"),
         ("LDAP_SYNC_DEACTIVATE_MAX", "2", "LDAP_SYNC_DEACTIVATE_MAX=2.0 is above the maximum 1.0"),
         ("CELERY_TASK_SOFT_TIME_LIMIT", "180", "CELERY_TASK_SOFT_TIME_LIMIT=180 must be below CELERY_TASK_TIME_LIMIT"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' must be one of: DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("SECRETS_KEY", "not-a-fernet-key", "SECRETS_KEY is not a valid Fernet key"),  # not at the first secret
+        ("CELERY_BROKER_URL", "nonsense", "CELERY_BROKER_URL is not a URL (scheme://…)"),  # kombu: a host name
+        ("CELERY_BROKER_URL", "mqtt://broker", "CELERY_BROKER_URL names the unknown transport 'mqtt'"),
+        ("CELERY_BROKER_URL", "redis://redis:port/0", "CELERY_BROKER_URL (redis://…) is not a valid URL"),
     ],
 )
 def test_malformed_value_names_the_variable(tmp_path, name, value, expected):
@@ -124,6 +130,18 @@ def test_malformed_value_names_the_variable(tmp_path, name, value, expected):
         env.update(LDAP_USER_BASE="ou=people,dc=x", LDAP_GROUP_BASE="ou=groups,dc=x")
         env.setdefault("LDAP_SERVER_URI", "ldap://127.0.0.1:389")
     assert expected in refused(tmp_path, **env)
+
+
+def test_a_malformed_key_or_broker_url_is_not_repeated_in_the_error(tmp_path):
+    """Start-up errors go to logs and terminals: a key, or a broker URL's password, is named, never shown."""
+    key = SECRETS_KEY[:-2]  # a real key cut short
+    assert key not in refused(tmp_path, **{**PRODUCTION, "SECRETS_KEY": key})
+    url = "amqp://portal:s3cret-pw@rabbit:amqp//"
+    assert "s3cret-pw" not in refused(tmp_path, **{**PRODUCTION, "CELERY_BROKER_URL": url})
+
+
+def test_log_level_in_any_case(tmp_path):
+    assert loaded(tmp_path, **PRODUCTION, LOG_LEVEL="debug")["LOG_LEVEL"] == "DEBUG"  # logging knows only DEBUG
 
 
 def test_ldap_needs_its_bases_and_a_known_group_type(tmp_path):

@@ -34,6 +34,7 @@ from django.utils import timezone
 from network.models import Host, Site
 from network.selectors import device_queues
 from network.topology import TopologyError, load_topology, topology_import
+from portal.audit import audit_actor
 from portal.ldapserver import LdapServer, LdapServerError
 
 DEMO_TOPOLOGY = Path(settings.BASE_DIR) / "network" / "topologies" / "demo.yaml"
@@ -64,7 +65,8 @@ class Command(BaseCommand):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._run(addr, topology, no_lab, ready_timeout)
+            with audit_actor("manage.py demo"):  # its changes (seed data, the simulated fabric) say whose they are
+                self._run(addr, topology, no_lab, ready_timeout)
         except _Stop:
             self.stdout.write("\ndemo: stopping ...")
         finally:
@@ -293,13 +295,17 @@ class Command(BaseCommand):
         self.stdout.write("demo: " + (result.stdout.strip().splitlines() or ["lab up"])[-1])
 
     def _simulate(self, why: str) -> None:
-        """Put every switch and host on the simulated fabric (JSON files; every diff says "(simulated)")."""
+        """Put every switch and host on the simulated fabric (JSON files; every diff says "(simulated)"). Each
+        device is saved, not updated in bulk: its driver arguments are what it is driven with, and their change
+        goes to the audit log like any other (a bulk update writes no entry)."""
         from network.models import Switch
 
         folder = settings.DATA_DIR / "simulated"
         args = {"simulated": True, "state_dir": str(folder)}
-        Switch.objects.update(driver_args=args)
-        Host.objects.update(driver_args=args)
+        for device in (*Switch.objects.all(), *Host.objects.all()):
+            if device.driver_args != args:
+                device.driver_args = args
+                device.save(update_fields=["driver_args"])
         self.simulated = True
         self.stdout.write(
             self.style.WARNING(f"demo: {why}: a SIMULATED fabric is used — devices are JSON files in {folder}")
