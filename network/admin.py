@@ -43,18 +43,31 @@ class SiteAdmin(admin.ModelAdmin):
 
 
 class CoreTransportForm(forms.ModelForm):
+    """A core's sites are saved after its own clean() ran (many-to-many): what depends on them is checked
+    here, with the sites the form is about to give it (leaving a site: ``selectors.core_site_users``, also
+    the core uplinks there; joining one: the pools' checks ``shared_site_overlaps`` and ``platform_clashes``)."""
+
     class Meta:
         model = CoreTransport
         fields = "__all__"  # noqa: DJ007 - the admin shows every field of the core
 
     def clean(self):
         data = super().clean()
-        if self.instance.pk and "sites" in data and data.get("vid_min") and data.get("vid_max"):
-            sites, vids = [site.pk for site in data["sites"]], (data["vid_min"], data["vid_max"])
-            users = selectors.core_site_users(self.instance.pk, sites, vids)
-            if users:
-                shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-                self.add_error(None, f"the core must keep joining the sites and carrying the VLANs of {shown}")
+        if not self.instance.pk or "sites" not in data:
+            return data
+        sites = [site.pk for site in data["sites"]]
+        vids = (data["vid_min"], data["vid_max"]) if data.get("vid_min") and data.get("vid_max") else None
+        users = selectors.core_site_users(self.instance.pk, sites, vids)
+        if users:
+            shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            self.add_error(None, f"the core must keep joining the sites and carrying the VLANs of {shown}")
+        # a site the core newly joins may bring its pools to another core's pools, and to switches that keep
+        # some of their ids for themselves: the pools' own checks, with the sites added
+        added = sorted(set(sites) - set(self.instance.sites.values_list("pk", flat=True)))
+        if added:
+            for pool in self.instance.pools.select_related("core").order_by("name"):
+                for problem in pool.shared_site_overlaps(added) + pool.platform_clashes(added):
+                    self.add_error("sites", problem)
         return data
 
 

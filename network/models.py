@@ -3,6 +3,8 @@ the VLAN pools clusters draw from (paper §3: core L2 network, site network, hos
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
@@ -10,6 +12,7 @@ from django.db import models
 from network import vlanranges
 from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
 from network.drivers.ranges import PLATFORM_RESERVED
+from network.drivers.sshargs import ssh_problems
 from portal.secrets import EncryptedTextField
 
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
@@ -140,6 +143,8 @@ class Switch(InventoryModel):
     listed here (the ports it owns)."""
 
     kind_label = "switch"
+    # Cleared by the topology import while it has not yet written the file's pools (they may reserve the ids).
+    check_pools = True
 
     name = models.SlugField(max_length=63, unique=True, validators=[name_validator])
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="switches")
@@ -179,6 +184,53 @@ class Switch(InventoryModel):
                 raise ValidationError(
                     {"driver_args": f"switch {self.name}: put the {key} in the password field (stored encrypted)"}
                 )
+        host, user = self.driver_args.get("ssh_host", ""), self.driver_args.get("ssh_user", "")
+        if self.platform == Platform.LINUXBRIDGE and self.driver_args.get("transport") == "ssh":
+            host, user = self.address, self.username  # that driver's ssh destination
+        problems = ssh_problems(host=host, user=user, options=self.driver_args.get("ssh_options", ()))
+        if problems:
+            raise ValidationError({"driver_args": [f"switch {self.name}: {problem}" for problem in problems]})
+        errors: dict[str, list[str]] = {}
+        stored = Switch.objects.filter(pk=self.pk).values_list("site_id", flat=True).first() if self.pk else None
+        if stored is not None and self.site_id != stored:
+            # a host must stay at its switch's site, an uplink's core must join it: they move first
+            on_ports = self._hanging_on_ports()
+            if on_ports:
+                errors["site"] = [
+                    f"switch {self.name}: on its ports: {', '.join(on_ports)}; move or delete them before the "
+                    "switch leaves its site"
+                ]
+        if self.check_pools:
+            clashes = self.reserved_clashes()
+            if clashes:
+                errors["platform"] = clashes
+        if errors:
+            raise ValidationError(errors)
+
+    def _hanging_on_ports(self) -> list[str]:
+        hosts = Host.objects.filter(switch_port__switch_id=self.pk).order_by("name").values_list("name", flat=True)
+        uplinks = self.ports.filter(role=PortRole.CORE_UPLINK).select_related("core").order_by("name")
+        return [f"host {name}" for name in hosts] + [
+            f"core uplink {port.name} (core {port.core.name})" for port in uplinks
+        ]
+
+    def reserved_clashes(self, *, skip_pools: Iterable[str] = ()) -> list[str]:
+        """Why this switch may not be at its site with its platform: pools of the cores that reach the site
+        hand out ids the platform keeps for itself (the reverse of the check in ``VlanPool.clean``); a
+        cluster given one would fail on this switch. ``skip_pools``: names of pools checked on their own."""
+        reserved = PLATFORM_RESERVED.get(self.platform)
+        if not reserved or not self.site_id:
+            return []
+        pools = VlanPool.objects.filter(core__sites=self.site_id).exclude(name__in=list(skip_pools)).distinct()
+        clashes = []
+        for pool in pools.order_by("name"):
+            clash = reserved.intersection(pool.vlan_ids)
+            if clash:
+                clashes.append(
+                    f"switch {self.name}: pool {pool.name} hands out ids {vlanranges.format_ranges(clash)}, which "
+                    f"are reserved on {self.platform}: add them to the pool's reserved ids first"
+                )
+        return clashes
 
 
 class SwitchPort(InventoryModel):
@@ -220,12 +272,33 @@ class SwitchPort(InventoryModel):
                     )
         elif self.core_id is not None:
             raise ValidationError({"core": f"port {label}: only a core uplink names a core transport"})
+        if self.pk:
+            self._check_carried_port_stays()
         if self.role != PortRole.HOST_TRUNK and self.pk:
             host = Host.objects.filter(switch_port_id=self.pk).values_list("name", flat=True).first()
             if host is not None:  # its VLANs would leave the host, and a gateway's or the core's would come
                 raise ValidationError(
                     {"role": f"port {label}: host {host} hangs on it, so it stays a host trunk (move the host first)"}
                 )
+
+    def _check_carried_port_stays(self) -> None:
+        """A port that carries live VLANs keeps its name and switch: under another one the device's old port
+        would keep the VLANs for ever (nothing converges it again), as if the port had been deleted."""
+        from network import selectors  # it reads these models
+
+        stored = SwitchPort.objects.filter(pk=self.pk).values_list("switch_id", "name").first()
+        if stored is None or stored == (self.switch_id, self.name):
+            return
+        carrying = selectors.ports_carrying([self.pk]).get(self.pk)
+        if carrying:
+            old = SwitchPort.objects.select_related("switch").get(pk=self.pk)
+            field = "name" if self.name != old.name else "switch"
+            raise ValidationError(
+                {
+                    field: f"port {self}: {old} carries VLAN {vlanranges.format_ranges(carrying)} of live "
+                    "clusters: tear them down before renaming or moving it"
+                }
+            )
 
 
 class Host(InventoryModel):
@@ -263,6 +336,14 @@ class Host(InventoryModel):
         return self.agent_queue or self.site.worker_queue
 
     def clean(self) -> None:
+        if not isinstance(self.driver_args, dict):
+            raise ValidationError({"driver_args": f"host {self.name}: driver args must be a mapping"})
+        args = self.driver_args  # the OVSDB transport's ssh keys (network.drivers.ovsdb)
+        problems = ssh_problems(
+            host=args.get("ssh_host", ""), user=args.get("ssh_user", ""), options=args.get("ssh_options", ())
+        )
+        if problems:
+            raise ValidationError({"driver_args": [f"host {self.name}: {problem}" for problem in problems]})
         if not self.switch_port_id:
             return
         port = self.switch_port
@@ -330,34 +411,52 @@ class VlanPool(InventoryModel):
                         f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} "
                         f"on core {core.name}"
                     )
-            # Two cores meeting at one site share that site's switches: a VLAN id from both would join
-            # two clusters on one switch. Pools of cores with a common site must not overlap either.
-            shared = (
-                VlanPool.objects.filter(core__sites__in=core.sites.all())
-                .exclude(core_id=self.core_id)
-                .exclude(pk=self.pk)
-                .select_related("core")
-                .distinct()
-            )
-            for other in shared:
-                overlap = ids & set(vlanranges.parse(other.ranges))
-                if overlap:
-                    errors.setdefault("ranges", []).append(
-                        f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
-                        f"core {other.core.name}, which meets core {core.name} at a common site"
-                    )
-            # ids a switch on the core keeps for itself (IOS 1002-1005, NX-OS 3968-4094) are never handed out
-            usable = ids - reserved
-            on_core = Switch.objects.filter(site__in=core.sites.all(), platform__in=list(PLATFORM_RESERVED))
-            for platform, names in _by_platform(on_core.values_list("platform", "name")).items():
-                clash = usable & PLATFORM_RESERVED[platform]
-                if clash:
-                    errors.setdefault("ranges", []).append(
-                        f"pool {self.name}: ids {vlanranges.format_ranges(clash)} are reserved on {platform} "
-                        f"({', '.join(names)}): add them to the pool's reserved ids"
-                    )
+            sites = core.sites.all()
+            problems = self.shared_site_overlaps(sites, ids) + self.platform_clashes(sites, ids - reserved)
+            if problems:
+                errors.setdefault("ranges", []).extend(problems)
         if errors:
             raise ValidationError(errors)
+
+    def shared_site_overlaps(self, sites, ids: set[int] | None = None) -> list[str]:
+        """Why this pool's ids (``ids``: its ranges) clash with pools of other cores when its core joins
+        ``sites``. Two cores meeting at one site share that site's switches: a VLAN id from both would join
+        two clusters on one switch, so pools of cores with a common site must not overlap either. A core's
+        form asks this with the sites it is about to get."""
+        ids = set(vlanranges.parse(self.ranges)) if ids is None else ids
+        shared = (
+            VlanPool.objects.filter(core__sites__in=sites)
+            .exclude(core_id=self.core_id)
+            .exclude(pk=self.pk)
+            .select_related("core")
+            .distinct()
+            .order_by("name")
+        )
+        problems = []
+        for other in shared:
+            overlap = ids & set(vlanranges.parse(other.ranges))
+            if overlap:
+                problems.append(
+                    f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
+                    f"core {other.core.name}, which meets core {self.core.name} at a common site"
+                )
+        return problems
+
+    def platform_clashes(self, sites, usable: set[int] | None = None) -> list[str]:
+        """Why this pool's ids (``usable``: ranges minus reserved) may not reach the switches at ``sites``: ids
+        a switch keeps for itself (IOS 1002-1005, NX-OS 3968-4094) are never handed out. A core's form asks
+        this with the sites it is about to join."""
+        usable = set(self.vlan_ids) if usable is None else usable
+        on_sites = Switch.objects.filter(site__in=sites, platform__in=list(PLATFORM_RESERVED))
+        problems = []
+        for platform, names in _by_platform(on_sites.values_list("platform", "name")).items():
+            clash = usable & PLATFORM_RESERVED[platform]
+            if clash:
+                problems.append(
+                    f"pool {self.name}: ids {vlanranges.format_ranges(clash)} are reserved on {platform} "
+                    f"({', '.join(names)}): add them to the pool's reserved ids"
+                )
+        return problems
 
     @property
     def vlan_ids(self) -> list[int]:

@@ -439,6 +439,15 @@ class _Importer:
                     core.full_clean()
                 except ValidationError as exc:
                     self._validation(path, CoreTransport, exc)
+        # The file's pools checked themselves against the file's switches; the pools only in the inventory
+        # (which prune removes) are checked against the switches here.
+        if not self.prune:
+            file_pools = [entry["name"] for _, entry in pools]
+            for path, entry in switches:
+                switch = self.switches.get(entry["name"])
+                if switch is not None:
+                    for clash in switch.reserved_clashes(skip_pools=file_pools):
+                        self.problem(f"{path}.platform", clash)
         if self.prune and not self.report.problems:
             self._prune(
                 sites=[e["name"] for _, e in sites],
@@ -563,7 +572,12 @@ class _Importer:
                 values["password"] = BAD
             else:
                 values["password"] = password or ""
-        obj = self._apply(path, Switch, {"name": name}, values)
+
+        def defer_pool_check(switch):
+            # The file's pools may reserve what the platform keeps for itself; checked after them.
+            switch.check_pools = False
+
+        obj = self._apply(path, Switch, {"name": name}, values, before_clean=defer_pool_check)
         self._remember("switch", name, obj, self.switches)
         return obj
 

@@ -25,7 +25,8 @@ Transports (``optional_args`` / ``SwitchSpec.driver_args``):
   this machine, driven by pyroute2 (netlink).
 - ``transport: local`` — the switch is this machine's own namespace (the portal agent runs on the switch).
 - ``transport: ssh`` — a remote Linux box: ``ip -json``/``bridge -json`` and ``bridge -batch`` run over
-  ``ssh`` (options ``port``, ``identity_file``, ``ssh_options``, ``sudo``). ``runner`` replaces the
+  ``ssh`` (options ``port``, ``identity_file``, ``ssh_options``, ``sudo``). The box (the address), the user
+  name and the options must pass ``network.drivers.sshargs.ssh_problems``. ``runner`` replaces the
   command runner (tests, or ``LocalRunner`` to drive a local namespace through the same command layer).
 
 Every error is a ``TemporaryDeviceError`` (namespace/box unreachable, timeout) or a
@@ -57,6 +58,7 @@ from network.drivers.base import (
 )
 from network.drivers.netlink import TEMPORARY_ERRNOS, netns_exists, open_iproute
 from network.drivers.ranges import compact
+from network.drivers.sshargs import ssh_problems
 
 PLATFORM = "linuxbridge"
 VID_MIN, VID_MAX = 1, 4094
@@ -320,7 +322,8 @@ class SshRunner:
             argv += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
         for option in self.ssh_options:
             argv += ["-o", option]
-        argv += [f"{self.user}@{self.host}" if self.user else self.host, "--", shlex.join(command)]
+        # ``--``: nothing after it is an ssh option, whatever the destination looks like
+        argv += ["--", f"{self.user}@{self.host}" if self.user else self.host, shlex.join(command)]
         return argv
 
     def __call__(self, command: Sequence[str], *, input: str | None = None, timeout: float) -> RunResult:
@@ -472,6 +475,10 @@ class LinuxBridgeDriver(NetworkDriver):
         elif transport == "local":
             self._backend = NetlinkBackend(self.device, None)
         elif transport == "ssh":
+            # checked when the inventory was saved too; a row written another way must not get through either
+            problems = ssh_problems(host=hostname, user=username, options=args.get("ssh_options", ()))
+            if problems:
+                raise LinuxBridgeCommitError(self.device, "; ".join(problems))
             runner = args.get("runner") or SshRunner(
                 hostname,
                 user=username,

@@ -6,7 +6,8 @@ in the driver args:
 - ``local`` (default): run ``ovs-vsctl`` on this machine;
 - ``local`` with ``netns``: run it inside a network namespace (for a ``tcp:`` database only reachable there);
 - ``ssh``: run it on a remote box (``ssh_host``, optional ``ssh_user``, ``ssh_port``, ``ssh_key``,
-  ``ssh_options``), the way an operator would drive an OVS switch or an XCP-ng host.
+  ``ssh_options``), the way an operator would drive an OVS switch or an XCP-ng host. Host, user and options
+  must pass ``network.drivers.sshargs.ssh_problems`` (no ssh option that runs a command on the worker).
 
 Fast path: with the ``local`` transport (no ``netns``) and a ``unix:`` database, the reads and the small set of
 writes the drivers use (``list``, ``set``/``clear`` of ``vlan_mode``/``tag``/``trunks``, ``external_ids`` keys)
@@ -32,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from network.drivers.base import PermanentDeviceError, TemporaryDeviceError
+from network.drivers.sshargs import ssh_problems
 
 VSCTL = "ovs-vsctl"
 
@@ -81,6 +83,13 @@ class Ovsdb:
             raise PermanentDeviceError(device, "transport ssh needs ssh_host in the driver args")
         if not db:
             raise PermanentDeviceError(device, "no OVSDB address (e.g. unix:/run/openvswitch/db.sock)")
+        if transport == "ssh":
+            # checked when the inventory was saved too; a row written another way must not get through either
+            problems = ssh_problems(
+                host=args["ssh_host"], user=args.get("ssh_user", ""), options=args.get("ssh_options", ())
+            )
+            if problems:
+                raise PermanentDeviceError(device, "; ".join(problems))
         return cls(
             device=device,
             db=db,
@@ -114,8 +123,9 @@ class Ovsdb:
                 ssh += ["-i", self.ssh_key]
             for option in self.ssh_options:
                 ssh += ["-o", option]
-            # the remote shell re-splits the command line: quote every word
-            return [*ssh, target, "--", shlex.join(vsctl)]
+            # ``--``: nothing after it is an ssh option, whatever the target looks like; the remote shell
+            # re-splits the command line: quote every word
+            return [*ssh, "--", target, shlex.join(vsctl)]
         if self.netns:
             return ["ip", "netns", "exec", self.netns, *vsctl]
         return vsctl

@@ -40,12 +40,15 @@ def point_inventory_at(lab: Lab) -> list[str]:
 
 @transaction.atomic
 def restore_inventory(lab: Lab) -> None:
+    """Write back what ``point_inventory_at`` replaced. Saved one object at a time, as it was written, so
+    that the audit log shows the way back as well as the way there (a queryset ``update()`` sends no signal)."""
     backup = lab.state.get("inventory_backup")
     if not backup:
         return
-    for name, values in backup["switches"].items():
-        Switch.objects.filter(name=name).update(**values)
-    for name, values in backup["hosts"].items():
-        Host.objects.filter(name=name).update(**values)
+    for model, saved in ((Switch, backup["switches"]), (Host, backup["hosts"])):
+        for device in model.objects.select_for_update().filter(name__in=saved):
+            for name, value in saved[device.name].items():
+                setattr(device, name, value)
+            device.save(update_fields=list(saved[device.name]))
     lab.state.pop("inventory_backup")
     lab.save()

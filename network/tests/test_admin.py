@@ -310,3 +310,57 @@ def test_reconcile_now_with_the_broker_down_says_so(admin_client, monkeypatch):
     text = [str(m) for m in r.context["messages"]]
     assert any(t.startswith("Reconcile could not be queued for h1 (ConnectionError: ") for t in text), text
     assert "Disabled, not reconciled: h2" in text, text
+
+
+def core_form(core, **changes) -> dict:
+    """The admin change form of a core, as a browser would post it."""
+    data = {"name": core.name, "kind": core.kind, "sites": list(core.sites.values_list("pk", flat=True))}
+    data.update({"vid_min": core.vid_min, "vid_max": core.vid_max, "service_tag": core.service_tag})
+    data.update({"description": core.description, "_save": "Save"})
+    data.update(changes)
+    return data
+
+
+def test_a_core_joins_a_site_only_where_its_pools_fit(admin_client):
+    """A site added to a core brings the core's pools to the cores and switches already there: the pools'
+    own checks (overlap with another core's pool at a common site, ids a switch keeps for itself) run with
+    the sites the form gives the core; they ran only when a pool was saved."""
+    from network.tests.factories import CoreTransportFactory, SiteFactory, VlanPoolFactory
+
+    brno, pilsen, prague = SiteFactory(name="brno"), SiteFactory(name="pilsen"), SiteFactory(name="prague")
+    north = CoreTransportFactory(name="north", sites=[brno])
+    CoreTransportFactory(name="south", sites=[pilsen])
+    VlanPoolFactory(name="physics", core=north, ranges="100-199,3960-3999")
+    VlanPoolFactory(name="chemistry", core=CoreTransport.objects.get(name="south"), ranges="150-250")
+    SwitchFactory(name="prague-nx", site=prague, platform="nxos")
+    url = reverse("admin:network_coretransport_change", args=[north.pk])
+    page = admin_client.post(url, core_form(north, sites=[brno.pk, pilsen.pk, prague.pk]))
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert (
+        "pool physics: ids 150-199 overlap pool chemistry of core south, which meets core north at a common site"
+        in text
+    )
+    assert (
+        "pool physics: ids 3968-3999 are reserved on nxos (prague-nx): add them to the pool&#x27;s reserved ids" in text
+    )
+    assert list(north.sites.all()) == [brno]
+    VlanPool.objects.filter(name="physics").update(ranges="100-149,3960-3967")
+    page = admin_client.post(url, core_form(north, sites=[brno.pk, pilsen.pk, prague.pk]))
+    assert page.status_code == 302 and north.sites.count() == 3
+
+
+def test_a_core_keeps_the_sites_of_its_uplinks(admin_client):
+    """Without any live cluster: an uplink into the core at a site it would leave keeps the site (named)."""
+    from network.choices import PortRole
+    from network.tests.factories import CoreTransportFactory, SiteFactory
+
+    brno, pilsen = SiteFactory(name="brno"), SiteFactory(name="pilsen")
+    core = CoreTransportFactory(name="backbone", sites=[brno, pilsen])
+    SwitchPortFactory(
+        switch=SwitchFactory(name="pilsen-sw", site=pilsen), name="up", role=PortRole.CORE_UPLINK, core=core
+    )
+    url = reverse("admin:network_coretransport_change", args=[core.pk])
+    page = admin_client.post(url, core_form(core, sites=[brno.pk]))
+    assert page.status_code == 200 and "core uplink pilsen-sw:up" in page.content.decode()
+    assert core.sites.count() == 2

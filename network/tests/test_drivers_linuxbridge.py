@@ -221,11 +221,11 @@ def test_ssh_command_layer_timeouts_and_unreachable_boxes_are_temporary(failure)
 
 
 def test_ssh_runner_command_line():
-    runner = SshRunner("sw1.example.org", user="netops", port=2222, identity_file="/keys/id", ssh_options=["A=b"])
+    runner = SshRunner("sw1.example.org", user="netops", port=2222, identity_file="/keys/id", ssh_options=["Port=1"])
     assert runner.argv(["bridge", "-json", "vlan", "show", "dev", "p 1"], timeout=7.5) == [
         "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=7", "-p", "2222",
-        "-i", "/keys/id", "-o", "IdentitiesOnly=yes", "-o", "A=b",
-        "netops@sw1.example.org", "--", "bridge -json vlan show dev 'p 1'",
+        "-i", "/keys/id", "-o", "IdentitiesOnly=yes", "-o", "Port=1",
+        "--", "netops@sw1.example.org", "bridge -json vlan show dev 'p 1'",
     ]  # fmt: skip
 
 

@@ -229,3 +229,92 @@ def test_pools_of_cores_meeting_at_a_site_must_not_overlap(db):
     assert "pool b: ids 150-199 overlap pool a of core north, which meets core south at a common site" in str(err.value)
     VlanPoolFactory.build(name="c", core=south, ranges="200-250").full_clean()
     VlanPoolFactory.build(name="d", core=island, ranges="100-199").full_clean()  # no common site: fine
+
+
+# --- what a change of the inventory may not leave behind ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "driver_args,named",
+    [
+        ({"transport": "ssh", "ssh_host": "-oProxyCommand=touch /tmp/x"}, "ssh host '-oProxyCommand=touch /tmp/x'"),
+        ({"transport": "ssh", "ssh_host": "ovs1", "ssh_user": "-F/tmp/x"}, "ssh user '-F/tmp/x' starts with '-'"),
+        ({"transport": "ssh", "ssh_host": "ovs1", "ssh_options": ["ProxyCommand=sh"]}, "option 'ProxyCommand'"),
+    ],
+)
+def test_ssh_driver_args_must_not_run_commands_on_the_worker(driver_args, named):
+    """An admin chooses the box ssh goes to, never a command the worker runs (network.drivers.sshargs)."""
+    switch = SwitchFactory.build(name="sw", site=SiteFactory(), driver_args=driver_args)
+    assert len(messages(switch)["driver_args"]) == 1 and named in messages(switch)["driver_args"][0]
+    assert messages(switch)["driver_args"][0].startswith("switch sw: ")
+    host = HostFactory.build(name="h1", driver_args=driver_args, switch_port=HostFactory().switch_port)
+    assert messages(host)["driver_args"][0].startswith("host h1: ") and named in messages(host)["driver_args"][0]
+    ok = {"transport": "ssh", "ssh_host": "ovs1", "ssh_options": ["Port=2222", "StrictHostKeyChecking=yes"]}
+    SwitchFactory.build(name="sw", site=SiteFactory(), driver_args=ok).full_clean()
+
+
+def test_a_linux_bridge_switch_over_ssh_has_a_harmless_address_and_user():
+    """That driver's ssh destination is the switch's address and user name."""
+    args = {"transport": "ssh", "bridge": "br0"}
+    switch = SwitchFactory.build(name="lb", site=SiteFactory(), platform="linuxbridge", address="-oProxyCommand=x")
+    switch.driver_args = args
+    assert "ssh host '-oProxyCommand=x' starts with '-'" in messages(switch)["driver_args"][0]
+    switch.address, switch.username = "lb.example.org", "net ops"
+    assert "ssh user 'net ops' contains whitespace" in messages(switch)["driver_args"][0]
+    switch.username = "netops"
+    switch.full_clean()
+
+
+def test_a_switch_that_keeps_ids_for_itself_is_not_added_where_a_pool_hands_them_out():
+    """The reverse of the pool's check: an NX-OS switch at a site a core reaches, whose pool hands out
+    3968-4094 (or an IOS one with 1002-1005), would fail every cluster given one of those ids."""
+    site = SiteFactory(name="brno")
+    core = CoreTransportFactory(name="backbone", sites=[site], vid_min=2, vid_max=4094)
+    VlanPoolFactory(name="clusters", core=core, ranges="1000-1010,3960-3999")
+    nexus = SwitchFactory.build(name="nx1", site=site, platform="nxos")
+    assert messages(nexus)["platform"] == [
+        "switch nx1: pool clusters hands out ids 3968-3999, which are reserved on nxos: add them to the pool's "
+        "reserved ids first"
+    ]
+    catalyst = SwitchFactory(name="cat1", site=site, platform="ovs")
+    catalyst.platform = "ios"  # a change of platform is checked the same way
+    assert "pool clusters hands out ids 1002-1005" in messages(catalyst)["platform"][0]
+    VlanPool.objects.filter(name="clusters").update(reserved="1002-1005,3968-3999")
+    nexus.full_clean()
+    catalyst.full_clean()
+    SwitchFactory.build(name="nx2", site=SiteFactory(name="elsewhere"), platform="nxos").full_clean()  # no core
+
+
+def test_a_switch_does_not_move_away_from_its_hosts_and_uplinks():
+    brno, pilsen = SiteFactory(name="brno"), SiteFactory(name="pilsen")
+    host = HostFactory(name="brno-h1", site=brno, switch_port__switch__name="brno-sw")
+    switch = host.switch_port.switch
+    switch.site = pilsen
+    assert messages(switch)["site"] == [
+        "switch brno-sw: on its ports: host brno-h1; move or delete them before the switch leaves its site"
+    ]
+    host.delete()
+    core = CoreTransportFactory(name="backbone", sites=[brno, pilsen])
+    SwitchPortFactory(switch=switch, name="up", role=PortRole.CORE_UPLINK, core=core)
+    assert "on its ports: core uplink up (core backbone);" in messages(switch)["site"][0]
+    SwitchPort.objects.filter(name="up").delete()
+    switch.full_clean()  # nothing on its ports: it may move
+
+
+def test_a_port_that_carries_a_live_vlan_keeps_its_name():
+    """Renamed, the device's old port would keep the VLAN for ever (as if deleted: the same check)."""
+    from network import services
+
+    host = HostFactory(name="brno-h1", switch_port__name="h1", switch_port__switch__name="brno-sw")
+    VlanPoolFactory(name="clusters", core=CoreTransportFactory(name="backbone", sites=[host.site]), ranges="100-109")
+    port = host.switch_port
+    port.name = "h1-renamed"
+    port.full_clean()  # nothing carried yet
+    segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
+    assert messages(port)["name"] == [
+        f"port brno-sw:h1-renamed: brno-sw:h1 carries VLAN {segment.vid} of live clusters: tear them down before "
+        "renaming or moving it"
+    ]
+    port.name = "h1"
+    port.description = "still the same port"
+    port.full_clean()

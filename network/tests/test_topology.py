@@ -416,3 +416,48 @@ def test_a_core_keeps_carrying_the_vlans_of_live_segments():
     data["pools"][0].pop("reserved", None)
     with pytest.raises(TopologyError, match=rf"carrying the VLANs of live segment cluster:1 \(VLAN {seg.vid}\)"):
         topology_import(data=data, source="t")
+
+
+SSH_SWITCH = """
+sites: [brno]
+switches:
+  - name: brno-ovs
+    site: brno
+    platform: ovs
+    address: unix:/run/openvswitch/db.sock
+    driver_args: {transport: ssh, ssh_host: ovs1.example.org, ssh_options: [ProxyCommand=touch /tmp/x]}
+"""
+
+
+def test_ssh_driver_args_that_would_run_a_command_on_the_worker_are_refused():
+    with pytest.raises(TopologyError) as info:
+        import_text(SSH_SWITCH)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(
+        "switches[0].driver_args (line 8): switch brno-ovs: ssh option 'ProxyCommand' is not allowed"
+    )
+    assert not Switch.objects.exists()
+    import_text(SSH_SWITCH.replace("ProxyCommand=touch /tmp/x", "ConnectTimeout=5"))
+
+
+NEXUS = """
+sites: [brno]
+cores: [{name: backbone, kind: dot1q, sites: [brno], vlans: "2-4094"}]
+switches: [{name: brno-nx, site: brno, platform: nxos, address: 198.18.0.1}]
+pools: [{name: clusters, core: backbone, ranges: "3900-3999", reserved: "3968-3999"}]
+"""
+
+
+def test_a_switch_that_keeps_ids_for_itself_and_the_pool_reserving_them_come_in_one_file():
+    """The switch is checked against the pools after the file's pools are written (the file may reserve
+    the ids in the same change); a pool only in the inventory still counts."""
+    import_text(NEXUS)
+    assert Switch.objects.get().platform == "nxos"
+    SwitchFactory(name="brno-ovs", site=Site.objects.get(), platform="ovs")
+    VlanPool.objects.create(name="old", core=CoreTransport.objects.get(), ranges="4000-4010")
+    with pytest.raises(TopologyError) as info:
+        import_text(NEXUS.replace("brno-nx, site", "brno-nx2, site"))
+    assert info.value.problems == [
+        "switches[0].platform (line 4): switch brno-nx2: pool old hands out ids 4000-4010, which are reserved on "
+        "nxos: add them to the pool's reserved ids first"
+    ]
