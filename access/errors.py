@@ -17,6 +17,13 @@ class NotAllowed(AccessError):
     code = "forbidden"
 
 
+class NotFound(AccessError):
+    """No such cluster or node among those the caller may see (another's cluster looks the same)."""
+
+    status = 404
+    code = "not_found"
+
+
 class ClusterNotReady(AccessError):
     """The cluster is the user's but its network is not up (provisioning, ending) or it is public."""
 

@@ -72,6 +72,12 @@ class SerialNumber(models.Model):
 class CredentialKind(models.TextChoices):
     VPN = "vpn", "OpenVPN profile"
     SSH = "ssh", "SSH certificate"
+    SSH_HOST = "ssh_host", "SSH host certificate of a node"
+
+
+#: Credentials that admit a person (the membership rule applies to their holder); a node's host certificate
+#: vouches for the node, whoever asked for it, and ends with its cluster.
+USER_KINDS = (CredentialKind.VPN, CredentialKind.SSH)
 
 
 class RevocationReason(models.TextChoices):
@@ -98,15 +104,23 @@ class CredentialQuerySet(models.QuerySet):
 
 class Credential(models.Model):
     """A certificate given to a user: an OpenVPN client certificate with its attribute certificate, or
-    an OpenSSH user certificate. Holds what revocation, the CRL/KRL and the audit trail need — never the
-    private key. Revoked by setting ``revoked_at`` once (never un-revoked)."""
+    an OpenSSH user certificate; or an OpenSSH host certificate of a cluster's node (``user``: who asked for it,
+    the cluster's owner or the middleware). Holds what revocation, the CRL/KRL and the audit trail need — never
+    the private key. Revoked by setting ``revoked_at`` once (never un-revoked)."""
 
-    kind = models.CharField(max_length=3, choices=CredentialKind.choices)
+    kind = models.CharField(max_length=8, choices=CredentialKind.choices)
     serial = models.PositiveBigIntegerField(unique=True, help_text="certificate serial (also the AC serial)")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="access_credentials")
     key_id = models.CharField(max_length=200, help_text="who/what/when; the SSH certificate's key id")
-    fingerprint = models.CharField(max_length=100, help_text="SHA-256 of the certificate (VPN) or the user key (SSH)")
+    fingerprint = models.CharField(
+        max_length=100, help_text="SHA-256 of the certificate (VPN) or the user's or node's key (SSH)"
+    )
     principals = models.JSONField(default=list, blank=True, help_text="SSH principals")
+    public_key = models.TextField(
+        blank=True,
+        help_text="SSH host certificates: the node's public key (revoked, it goes into the profiles' known_hosts as "
+        "@revoked)",
+    )
     published = models.BooleanField(default=False, help_text="a long-lived 'publish' profile for a user's router")
     generated_key = models.BooleanField(default=False, help_text="the portal generated the key pair (not stored)")
     not_before = models.DateTimeField()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import textwrap
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -323,15 +324,34 @@ def issue_client_cert(
     return builder.sign(ca.key, _sign_hash(ca.key))
 
 
+# A plain RFC 5322 addr-spec: a dot-atom local part, a domain of LDH labels (after IDNA). What a directory's
+# ``mail`` may hold beyond that — a display name (``Alice <alice@x.org>``), a comment (``al(ice)@x.org``), a
+# quoted local part, spaces — cryptography's RFC822Name refuses with a ValueError, which failed the download.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_PART_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN_RE = re.compile(rf"{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*")
+
+
 def _ascii_email(email: str) -> str | None:
-    """``email`` as an rfc822Name can hold it (ASCII, the domain in IDNA), or None when it cannot."""
+    """``email`` as an rfc822Name can hold it (ASCII, the domain in IDNA), or None when it cannot: anything but
+    a plain ``local@domain`` (a display name, a comment, a quoted or non-ASCII local part) is left out of the
+    certificate — the e-mail is a courtesy there, the CN and the URI name the user."""
     local, _, domain = email.rpartition("@")
-    if not local or not domain or not local.isascii():
+    if not local or not domain or not local.isascii() or not _LOCAL_PART_RE.fullmatch(local):
         return None
     try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
+        ascii_domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+    if len(local) > 64 or not _DOMAIN_RE.fullmatch(ascii_domain) or len(ascii_domain) > 253:
+        return None
+    mailbox = f"{local}@{ascii_domain}"
+    try:
+        x509.RFC822Name(mailbox)  # what issue_client_cert builds: never a 500 on a value it refuses
+    except ValueError:
+        return None
+    return mailbox
 
 
 def issue_server_cert(

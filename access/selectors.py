@@ -16,7 +16,7 @@ from django.db.models import Count, Min, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from access.models import Credential, CredentialCluster, Gateway
+from access.models import USER_KINDS, Credential, CredentialCluster, Gateway
 from access.pki import CLOCK_SKEW
 
 
@@ -143,7 +143,8 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
     """``user``'s own credentials for their page: every one still valid (so each can be revoked, however many
     there are), then the ``ended`` newest that were revoked or expired; newest first in each part."""
     now = timezone.now()
-    own = credentials_visible(user, as_admin=False)
+    # (not the host certificates of nodes the user asked for: the page's "lost my laptop" is about the person)
+    own = credentials_visible(user, as_admin=False).filter(kind__in=USER_KINDS)
     valid = list(own.live(now))
     gone = list(own.filter(Q(revoked_at__isnull=False) | Q(not_after__lte=now))[:ended])
     return valid + gone

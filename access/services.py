@@ -50,8 +50,10 @@ from access.errors import (
     NameTooLong,
     NoGateway,
     NotAllowed,
+    NotFound,
 )
 from access.models import (
+    USER_KINDS,
     Authority,
     AuthorityKind,
     Credential,
@@ -84,6 +86,11 @@ def publish_cert_lifetime() -> dt.timedelta:
 
 def ssh_cert_lifetime() -> dt.timedelta:
     return _setting_seconds("ACCESS_SSH_CERT_LIFETIME", 12 * 3600)
+
+
+def ssh_host_cert_lifetime() -> dt.timedelta:
+    """The longest a node's host certificate lives (its cluster's expiry comes first, as a rule)."""
+    return _setting_seconds("ACCESS_SSH_HOST_CERT_LIFETIME", 365 * 24 * 3600)
 
 
 def crl_validity() -> dt.timedelta:
@@ -547,7 +554,9 @@ _DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_r
 def _node_address(label: str, node) -> str:
     # Node.address when the scheduler gave one (the ssh_config's HostName and the bastion's permitopen
     # target); else the node's alias, which the bastion must resolve inside the cluster's network.
-    return node.address or f"{label}-{node.name}"
+    from access import ssh
+
+    return node.address or ssh.node_alias(label, node.name)
 
 
 def _node_hosts(cluster) -> list[tuple[str, str]]:
@@ -569,21 +578,26 @@ def ssh_config_render(
     gateway = gateway or _gateway("ssh", [cluster])
     host_ca = _authority(AuthorityKind.SSH_HOST).public_key
     left_out = {name for name, _ in withheld}
+    label = selectors.cluster_label(cluster)
+    nodes = [(name, address) for name, address in _node_hosts(cluster) if name not in left_out]
+    port = gateway.ssh_port_for(cluster.vlan_id)
     try:
         config = ssh.render_ssh_config(
-            cluster=selectors.cluster_label(cluster),
-            nodes=[(name, address) for name, address in _node_hosts(cluster) if name not in left_out],
+            cluster=label,
+            nodes=nodes,
             withheld=withheld,
             gateway_host=gateway.address,
-            gateway_port=gateway.ssh_port_for(cluster.vlan_id),
+            gateway_port=port,
             gateway_user=gateway.ssh_user,
             identity_file=identity_file,
             certificate_file=SSH_CERT_FILE,
             known_hosts_file=SSH_KNOWN_HOSTS_FILE,
         )
+        patterns = ssh.known_hosts_patterns(cluster=label, nodes=nodes, gateway_host=gateway.address, gateway_port=port)
     except ssh.SSHCertError as exc:
         raise _misconfigured(gateway, "an ssh_config", exc) from None
-    return config, ssh.known_hosts_line(host_ca)
+    revoked = "".join(ssh.known_hosts_revoked_line(key) for key in _revoked_host_keys())
+    return config, ssh.known_hosts_line(host_ca, patterns) + revoked
 
 
 @dataclass(frozen=True)
@@ -737,14 +751,158 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
 
 
 def ssh_host_certificate_issue(*, public_key: str, principals: Sequence[str], days: float = 365) -> str:
-    """A host certificate from the SSH host CA (the gateway's bastion, cluster nodes' sshd), so users
-    never see a host-key prompt."""
+    """A host certificate from the SSH host CA for the gateway's bastion (``gateway_enrol``), so users never
+    see a host-key prompt. A cluster's nodes get theirs from :func:`node_host_certificate_issue`."""
     from access import ssh
 
     ca_key = _load(_authority(AuthorityKind.SSH_HOST))
     return ssh.issue_host_cert(
         ca_key, public_key=public_key, principals=list(principals), serial=serial_allocate("ssh-host"), days=days
     )
+
+
+@dataclass(frozen=True)
+class NodeHostCertificate:
+    """A node's host certificate, and what the node's sshd needs to let the cluster's people in: the user CA
+    key (``TrustedUserCAKeys``) and the principals file of :data:`access.ssh.NODE_USER`."""
+
+    credential: Credential
+    cluster_label: str
+    node: str
+    certificate: str
+    principals: tuple[str, ...]
+    user_ca: str
+    authorized_principals: str
+
+    def as_dict(self) -> dict:
+        from access import ssh
+
+        return {
+            "credential": self.credential.pk,
+            "serial": self.credential.serial,
+            "key_id": self.credential.key_id,
+            "cluster": self.cluster_label,
+            "node": self.node,
+            "principals": list(self.principals),
+            "valid_after": self.credential.not_before,
+            "valid_before": self.credential.not_after,
+            "certificate": self.certificate,
+            "user_ca": self.user_ca,
+            "node_user": ssh.NODE_USER,
+            "authorized_principals": self.authorized_principals,
+        }
+
+
+_NODES_GONE = ("tearing_down", "torn_down", "failed")
+
+
+@transaction.atomic
+def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admin: bool = False) -> NodeHostCertificate:
+    """A host certificate from the SSH host CA for ``node`` (its id or name) of ``cluster`` (an id or object),
+    for the node's own public key (its private key never leaves the node). Its principals are the names the
+    downloaded ssh_config reaches the node by (:func:`access.ssh.node_host_names`: ``<cluster>-<node>`` and
+    its address), so ``ssh <cluster>-<node>`` checks it against the host CA without a prompt; it lives
+    ACCESS_SSH_HOST_CERT_LIFETIME, never past the cluster's expiry.
+
+    For the cluster's owner, or (``as_admin``) an admin or the middleware: the certificate vouches for the
+    node to everyone who enters the cluster, so a group member, who may only enter it, is refused (403). A
+    cluster the caller cannot see, or a node it does not have (live), is a 404; a cluster whose nodes are
+    going or gone (tearing down, torn down, failed) or whose lifetime is over, a 409. A public cluster's nodes
+    may have one too (users reach them at their addresses). Recorded as a credential of the cluster, with the
+    key: it is revoked when the cluster ends, and a revoked host key goes into every SSH profile's
+    ``known_hosts`` as ``@revoked`` (ssh refuses it and its certificates). The cluster's row is locked until
+    the record commits, so a teardown either ended it first (409) or finds the record and revokes it."""
+    from access import ssh
+    from clusters.models import Node, NodeState, VirtualCluster
+
+    pk = _cluster_id(cluster)
+    visible = VirtualCluster.objects.all() if as_admin else selectors.clusters_user_belongs_to(user)
+    found = visible.select_related(None).select_related("owner").select_for_update(of=("self",)).filter(pk=pk).first()
+    if found is None:
+        raise NotFound(f"no cluster {pk} among yours", field="cluster")
+    label = selectors.cluster_label(found)
+    if not as_admin and found.owner_id != user.pk:
+        raise NotAllowed(
+            f"only the owner of cluster {label}, an admin or the middleware certifies its nodes' host keys (a host "
+            "certificate vouches for a node to everyone who enters the cluster)"
+        )
+    if found.state in _NODES_GONE:
+        raise ClusterNotReady(f"cluster {label} is {found.get_state_display()}: its nodes are gone")
+    if found.expires_at <= timezone.now():
+        raise ClusterNotReady(
+            f"the lifetime of cluster {label} ended at {found.expires_at.isoformat()}: it is being torn down"
+        )
+    wanted = str(node).strip()
+    live = Node.objects.filter(cluster=found).exclude(state=NodeState.REMOVED)
+    if wanted.isascii() and wanted.isdigit():  # an id (names start with a letter)
+        chosen = live.filter(pk=int(wanted)).first() if int(wanted) < 1 << 63 else None
+    else:
+        chosen = live.filter(name=wanted).first()
+    if chosen is None:
+        raise NotFound(f"cluster {label} has no node {wanted!r}", field="node")
+    try:
+        parsed = ssh.parse_public_key(public_key)
+    except ssh.SSHKeyRejected as exc:
+        raise BadPublicKey(str(exc)) from None
+    if Credential.objects.filter(
+        kind=CredentialKind.SSH_HOST, fingerprint=parsed.fingerprint, revoked_at__isnull=False
+    ).exists():
+        raise BadPublicKey(f"host key {parsed.fingerprint} was revoked: generate a new host key for the node")
+    principals = ssh.node_host_names(label, chosen.name, _node_address(label, chosen))
+    now = _now()
+    end = _credential_end(now + ssh_host_cert_lifetime(), [found], {})
+    serial = serial_allocate("ssh-host")
+    try:
+        certificate = ssh.issue_host_cert(
+            _load(_authority(AuthorityKind.SSH_HOST)),
+            public_key=parsed,
+            principals=principals,
+            serial=serial,
+            until=end,
+            now=now,
+        )
+    except ssh.SSHCertError as exc:
+        raise CannotIssue(f"cannot certify the host key of {ssh.node_alias(label, chosen.name)}: {exc}") from None
+    credential = Credential.objects.create(
+        kind=CredentialKind.SSH_HOST,
+        serial=serial,
+        user=user,
+        key_id=ssh.host_key_id(principals[0], serial),
+        fingerprint=parsed.fingerprint,
+        public_key=parsed.line,
+        principals=principals,
+        not_before=now - ssh.CLOCK_SKEW,
+        not_after=end,
+    )
+    CredentialCluster.objects.create(credential=credential, cluster_id=found.pk, label=label)
+    logger.info(
+        "access: issued SSH host certificate serial=%s node=%s key=%s until=%s for %s",
+        serial,
+        principals[0],
+        parsed.fingerprint,
+        end.isoformat(),
+        user.get_username(),
+    )
+    return NodeHostCertificate(
+        credential=credential,
+        cluster_label=label,
+        node=chosen.name,
+        certificate=certificate,
+        principals=tuple(principals),
+        user_ca=_authority(AuthorityKind.SSH_USER).public_key,
+        authorized_principals=ssh.render_authorized_principals(label, cluster_principals([found])[found.pk]),
+    )
+
+
+def _revoked_host_keys() -> list[str]:
+    """The keys of nodes whose host certificate was revoked and has not expired (give or take the clock skew):
+    ssh must refuse them (``@revoked`` in the profiles' known_hosts)."""
+    from access import ssh
+
+    rows = Credential.objects.filter(
+        kind=CredentialKind.SSH_HOST, revoked_at__isnull=False, not_after__gt=_now() - ssh.CLOCK_SKEW
+    ).exclude(public_key="")
+    return list(dict.fromkeys(rows.order_by("serial").values_list("public_key", flat=True)))
 
 
 # --- revocation ----------------------------------------------------------------------------------------------------
@@ -923,7 +1081,8 @@ def credentials_revoke_for(*, user=None, cluster=None, reason: str, by=None, not
     qs = Credential.objects.live(timezone.now())
     if user is not None:
         lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
-        qs = qs.filter(user=user)
+        # what admits the user: the host certificates they asked for vouch for their clusters' nodes
+        qs = qs.filter(user=user, kind__in=USER_KINDS)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
     rows = list(qs.select_for_update(of=("self",)).select_related("user").order_by("pk"))
@@ -940,7 +1099,8 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
     changed group or owner, ended, became public)."""
     from clusters.models import Connectivity, VirtualCluster
 
-    qs = Credential.objects.live(timezone.now())
+    # (a node's host certificate is not its requester's to lose: it ends with the cluster)
+    qs = Credential.objects.live(timezone.now()).filter(kind__in=USER_KINDS)
     if user is not None:
         lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
         qs = qs.filter(user=user)
@@ -985,24 +1145,38 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
 
 def credentials_sweep() -> int:
     """Periodic safety net (``access.sweep_credentials``): revoke the live credentials that still admit to a
-    cluster which ended, is ending, is no longer closed or is gone. Each of those events revokes at once
-    (``cluster_ended`` after the commit that ends a cluster, the save signals in its transaction); this
-    catches one that did not run (a worker that died between that commit and the signal, a signal that
-    failed). One query when there is nothing to do; returns how many were revoked."""
-    from clusters.models import Connectivity, VirtualCluster
+    cluster which ended, is ending, is no longer closed or is gone, and the host certificates of nodes of a
+    cluster that is ending, ended or gone. Each of those events revokes at once (``cluster_ended`` after the
+    commit that ends a cluster, the save signals in its transaction); this catches one that did not run (a
+    worker that died between that commit and the signal, a signal that failed). One query when there is
+    nothing to do; returns how many were revoked."""
+    from django.db.models import Q
+
+    from clusters.models import ACTIVE_STATES, Connectivity, VirtualCluster
 
     open_clusters = VirtualCluster.objects.filter(
         connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states()
     ).values("pk")
+    with_nodes = VirtualCluster.objects.filter(state__in=ACTIVE_STATES).values("pk")
     stale = (
         CredentialCluster.objects.filter(credential__in=Credential.objects.live(timezone.now()))
-        .exclude(cluster_id__in=open_clusters)
-        .values_list("cluster_id", flat=True)
+        .filter(
+            Q(credential__kind__in=USER_KINDS) & ~Q(cluster_id__in=open_clusters)
+            | Q(credential__kind=CredentialKind.SSH_HOST) & ~Q(cluster_id__in=with_nodes)
+        )
+        .values_list("cluster_id", "credential__kind")
         .distinct()
     )
     done = 0
-    for cluster_id in sorted(stale):
-        done += credentials_revoke_unauthorized(cluster=cluster_id)
+    for cluster_id, kind in sorted(stale):
+        if kind == CredentialKind.SSH_HOST:
+            done += credentials_revoke_for(
+                cluster=cluster_id,
+                reason=RevocationReason.CESSATION_OF_OPERATION,
+                note=f"cluster {cluster_id} ended (found by the sweep)",
+            )
+        else:
+            done += credentials_revoke_unauthorized(cluster=cluster_id)
     if done:
         logger.warning("access: the sweep revoked %d credential(s) of ended clusters that had been missed", done)
     return done
@@ -1033,18 +1207,42 @@ def ssh_principal(cluster, user) -> str:
     return ssh.principal(selectors.cluster_label(cluster), user.get_username())
 
 
-def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, dict]:
+def cluster_principals(clusters: Sequence) -> dict[int, list[str]]:
+    """Per cluster (by id), the SSH principals of the people who may enter it — its active owner and its
+    group's active members — sorted: what the bastion admits to its nodes (the gateway's state) and what
+    each node's sshd admits (:func:`access.ssh.render_authorized_principals`). ``clusters`` need ``owner``
+    loaded."""
     from django.contrib.auth import get_user_model
 
     from access import ssh
-    from clusters.models import Node, NodeState
 
-    users = get_user_model()
     group_ids = {c.group_id for c in clusters if c.group_id}
     members: dict[int, list] = {}
-    for u in users.objects.filter(groups__in=group_ids, is_active=True).prefetch_related("groups").distinct():
-        for g in u.groups.all():
-            members.setdefault(g.pk, []).append(u)
+    if group_ids:
+        active = get_user_model().objects.filter(groups__in=group_ids, is_active=True)
+        for u in active.prefetch_related("groups").distinct():
+            for g in u.groups.all():
+                members.setdefault(g.pk, []).append(u)
+    out: dict[int, list[str]] = {}
+    for cluster in clusters:
+        people = {cluster.owner.pk: cluster.owner} if cluster.owner.is_active else {}
+        for u in members.get(cluster.group_id, []):
+            people[u.pk] = u
+        principals = []
+        for u in people.values():
+            try:
+                principals.append(ssh_principal(cluster, u))
+            except ssh.SSHCertError:  # a user name that cannot be a principal gets no certificate either
+                continue
+        out[cluster.pk] = sorted(principals)
+    return out
+
+
+def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, dict]:
+    from access import ssh
+    from clusters.models import Node, NodeState
+
+    principals = cluster_principals(clusters)
     nodes: dict[int, list] = {}
     # withheld from a bastion that forwards by address: it cannot tell their clusters apart
     shared = selectors.bastion_shared_addresses() if withhold else set()
@@ -1054,23 +1252,14 @@ def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, d
         nodes.setdefault(node.cluster_id, []).append(node)
     out: dict[str, dict] = {}
     for cluster in clusters:
-        people = {cluster.owner.pk: cluster.owner} if cluster.owner.is_active else {}
-        for u in members.get(cluster.group_id, []):
-            people[u.pk] = u
         label = selectors.cluster_label(cluster)
-        principals = []
-        for u in people.values():
-            try:
-                principals.append(ssh_principal(cluster, u))
-            except ssh.SSHCertError:  # a user name that cannot be a principal gets no certificate either
-                continue
         out[label] = {
             # the bastion's leg into the cluster (the operator's --on-change hook): the VLAN and its address there
             "vlan": cluster.vlan_id,
             "bastion_address": cluster.bastion_address,
-            "principals": sorted(principals),
+            "principals": principals[cluster.pk],
             "nodes": [
-                {"name": n.name, "alias": f"{label}-{n.name}", "address": _node_address(label, n)}
+                {"name": n.name, "alias": ssh.node_alias(label, n.name), "address": _node_address(label, n)}
                 for n in nodes.get(cluster.pk, [])
             ],
             # Where the bastion lets these principals forward to (ProxyJump): the cluster's nodes only.

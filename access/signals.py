@@ -44,9 +44,9 @@ def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     from django.utils import timezone
 
     from access import services
-    from access.models import Credential
+    from access.models import USER_KINDS, Credential
 
-    if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).exists():
+    if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).filter(kind__in=USER_KINDS).exists():
         return
     services.credentials_revoke_unauthorized(cluster=instance)
 

@@ -261,19 +261,27 @@ def issue_user_cert(
 def issue_host_cert(
     ca_key: CAKey,
     *,
-    public_key: str,
+    public_key: str | ParsedKey,
     principals: Sequence[str],
     serial: int,
     days: float = 365,
+    until: dt.datetime | None = None,
     now: dt.datetime | None = None,
 ) -> str:
-    """A host certificate for a bastion or node: ``principals`` are the names and addresses clients use."""
+    """A host certificate for a bastion or node: ``principals`` are the names and addresses clients use.
+    Valid from now - 5 min (clock skew) for ``days``, or until ``until`` when given."""
     if not principals:
         raise SSHCertError("a host certificate needs at least one principal (hostname or address)")
     _check_serial(serial)
-    key = serialization.load_ssh_public_key(" ".join(public_key.split()[:2]).encode())
+    if isinstance(public_key, ParsedKey):
+        key = public_key.key
+    else:
+        key = serialization.load_ssh_public_key(" ".join(public_key.split()[:2]).encode())
     issued = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
-    ident = f"virtcloud-host:{principals[0]}:serial={serial}"
+    end = until if until is not None else issued + dt.timedelta(days=days)
+    if end <= issued:
+        raise SSHCertError(f"a host certificate valid until {end.isoformat()} would have ended already")
+    ident = host_key_id(principals[0], serial)
     cert = (
         serialization.SSHCertificateBuilder()
         .public_key(key)
@@ -282,10 +290,15 @@ def issue_host_cert(
         .key_id(ident.encode())
         .valid_principals([p.encode() for p in principals])
         .valid_after(int((issued - CLOCK_SKEW).timestamp()))
-        .valid_before(int((issued + dt.timedelta(days=days)).timestamp()))
+        .valid_before(int(end.timestamp()))
         .sign(ca_key)
     )
     return _cert_line(cert, ident)
+
+
+def host_key_id(first_principal: str, serial: int) -> str:
+    """``virtcloud-host:<first principal>:serial=<n>``: the key id of a host certificate."""
+    return f"virtcloud-host:{first_principal}:serial={serial}"
 
 
 def load_cert(line: str) -> serialization.SSHCertificate:
@@ -373,6 +386,36 @@ def build_krl(
 # ------------------------------------------------------------------------------------- ssh_config
 
 
+#: The account users log in as on a cluster's nodes (``User`` in the ssh_config); its principals file on the node
+#: is :func:`render_authorized_principals`.
+NODE_USER = "root"
+
+
+def render_authorized_principals(cluster: str, principals: Iterable[str]) -> str:
+    """The ``AuthorizedPrincipalsFile`` of :data:`NODE_USER` on a node of ``cluster``: the principals of the
+    people who may enter it (``<cluster>.<user>``, :func:`principal`), one a line; the node's sshd trusts the
+    portal's user CA (``TrustedUserCAKeys``) for them. Fetch it again when the cluster's group changes."""
+    lines = [f"# VirtCloud: who may log in to the nodes of cluster {cluster} (from the portal)."]
+    for name in principals:
+        label, _, user = name.partition(".")
+        lines.append(principal(label, user))  # (refuses what could not be one line of the file)
+    return "\n".join(lines) + "\n"
+
+
+def node_alias(cluster: str, name: str) -> str:
+    """``<cluster>-<node>``: the ``Host`` a user types (``ssh <cluster>-<node>``), and the node's name in the
+    gateway's state and its host certificate."""
+    return f"{cluster}-{name}"
+
+
+def node_host_names(cluster: str, name: str, address: str) -> list[str]:
+    """The names the ssh_config reaches node ``name`` by: its alias (``Host``) and the address the bastion
+    reaches it at (``HostName``, which ssh checks the host certificate and ``known_hosts`` against) — the
+    principals of the node's host certificate."""
+    alias = node_alias(cluster, name)
+    return [alias] if address == alias else [alias, address]
+
+
 def render_ssh_config(
     *,
     cluster: str,
@@ -383,14 +426,16 @@ def render_ssh_config(
     identity_file: str,
     certificate_file: str,
     known_hosts_file: str,
-    node_user: str = "root",
+    node_user: str = NODE_USER,
     withheld: Sequence[tuple[str, str]] = (),
 ) -> str:
     """An ``ssh_config`` snippet for one cluster: ``ssh <cluster>-<node>`` jumps through the gateway.
 
     ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. ``withheld`` nodes (name,
     address), which the bastion does not relay to, are named in a comment only. The ``known_hosts_file``
-    must hold :func:`known_hosts_line` so no host-key prompt appears (host certificates).
+    must hold :func:`known_hosts_line` for :func:`known_hosts_patterns` of the same arguments, so no host-key
+    prompt appears (host certificates). On the nodes, ``node_user``'s principals file is
+    :func:`render_authorized_principals`.
     """
     if not _NAME_RE.fullmatch(cluster):
         raise SSHCertError(f"invalid cluster name {cluster!r}")
@@ -431,14 +476,14 @@ def render_ssh_config(
         if not _NAME_RE.fullmatch(name):
             raise SSHCertError(f"invalid node name {name!r}")
         _config_token(address, f"address of node {name}", _CONFIG_HOST_RE)
-        lines += [f"Host {cluster}-{name}", f"  HostName {address}", ""]
+        lines += [f"Host {node_alias(cluster, name)}", f"  HostName {address}", ""]
     if withheld:
         lines.append("# Not reachable through this gateway: another cluster uses the same address, and the SSH")
         lines.append("# bastion forwards by address. Use the cluster's VPN profile to reach:")
         for name, address in withheld:
             if not _NAME_RE.fullmatch(name) or not _is_address(address):
                 raise SSHCertError(f"invalid withheld node {name!r} {address!r}")
-            lines.append(f"#   {cluster}-{name} ({address})")
+            lines.append(f"#   {node_alias(cluster, name)} ({address})")
         lines.append("")
     lines += [
         f"Host {cluster}-*",
@@ -474,7 +519,42 @@ def _is_address(text: str) -> bool:
     return True
 
 
-def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str] = ("*",)) -> str:
-    """``@cert-authority <patterns> <host CA key>``: trust host certificates from the portal's host CA."""
+def known_hosts_patterns(
+    *, cluster: str, nodes: Sequence[tuple[str, str]], gateway_host: str, gateway_port: int = 22
+) -> list[str]:
+    """The host patterns of a profile's ``known_hosts``: the gateway as ssh looks it up (``host``, or
+    ``[host]:port`` off port 22) and each node's alias and address (:func:`node_host_names`), nothing else — so
+    that the portal's host CA, merged into a user's own ``~/.ssh/known_hosts``, vouches for these hosts only."""
+    _config_token(gateway_host, "gateway host", _CONFIG_HOST_RE)
+    if not 0 < int(gateway_port) < 65536:
+        raise SSHCertError(f"invalid gateway port {gateway_port!r} (1..65535)")
+    patterns = [gateway_host if int(gateway_port) == 22 else f"[{gateway_host}]:{int(gateway_port)}"]
+    for name, address in nodes:
+        if not _NAME_RE.fullmatch(name):
+            raise SSHCertError(f"invalid node name {name!r}")
+        _config_token(address, f"address of node {name}", _CONFIG_HOST_RE)
+        patterns += node_host_names(cluster, name, address)
+    return list(dict.fromkeys(patterns))
+
+
+def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str]) -> str:
+    """``@cert-authority <patterns> <host CA key>``: trust host certificates from the portal's host CA for the
+    hosts ``patterns`` name (see :func:`known_hosts_patterns`; never ``*``, which would trust it for every
+    host the user connects to once the line is merged into their own ``known_hosts``)."""
+    if not patterns:
+        raise SSHCertError("a @cert-authority line needs the hosts it vouches for")
+    for pattern in patterns:
+        if not _KNOWN_HOST_RE.fullmatch(pattern):
+            raise SSHCertError(f"invalid known_hosts host pattern {pattern!r}")
     key = " ".join(host_ca_public_key.split()[:2])
     return f"@cert-authority {','.join(patterns)} {key}\n"
+
+
+def known_hosts_revoked_line(public_key: str) -> str:
+    """``@revoked * <key>``: ssh refuses this host key, and every certificate of it, for any host (a revoked
+    node's host certificate: the key is what it names, and ssh checks a certificate's key against it)."""
+    return f"@revoked * {' '.join(public_key.split()[:2])}\n"
+
+
+# a host name or address, or [host]:port — no wildcard, negation or list: each pattern names one host
+_KNOWN_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}|\[[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\]:[0-9]{1,5}")

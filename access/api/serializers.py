@@ -30,6 +30,39 @@ class SshCertificateRequestSerializer(serializers.Serializer):
     )
 
 
+class HostCertificateRequestSerializer(serializers.Serializer):
+    cluster = IdField(help_text="id of the cluster")
+    node = serializers.CharField(max_length=63, help_text="the node's id or name")
+    public_key = serializers.CharField(
+        max_length=16384,
+        help_text="the node's OpenSSH host public key, one line (/etc/ssh/ssh_host_ed25519_key.pub): ssh-ed25519, "
+        "ecdsa-sha2-nistp256/384/521 or ssh-rsa of 3072 bits or more",
+    )
+
+
+class HostCertificateSerializer(serializers.Serializer):
+    credential = serializers.IntegerField(help_text="id of the credential record (for revocation)")
+    serial = serializers.IntegerField()
+    key_id = serializers.CharField()
+    cluster = serializers.CharField(help_text="the cluster's access label")
+    node = serializers.CharField(help_text="the node's name")
+    principals = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="the names the users' ssh_config reaches the node by: <cluster>-<node> and its address",
+    )
+    valid_after = serializers.DateTimeField()
+    valid_before = serializers.DateTimeField(help_text="the cluster's expiry at the latest: ask again if it grows")
+    certificate = serializers.CharField(
+        help_text="OpenSSH host certificate: save beside the key as <key>-cert.pub, sshd's HostCertificate"
+    )
+    user_ca = serializers.CharField(help_text="the user CA's public key line: sshd's TrustedUserCAKeys")
+    node_user = serializers.CharField(help_text="the account users log in as (User in their ssh_config)")
+    authorized_principals = serializers.CharField(
+        help_text="node_user's AuthorizedPrincipalsFile (who may log in: the cluster's owner and group members "
+        "now; fetch again when they change)"
+    )
+
+
 class WithheldNodeSerializer(serializers.Serializer):
     name = serializers.CharField()
     address = serializers.CharField()
@@ -49,7 +82,10 @@ class SshCertificateSerializer(serializers.Serializer):
         allow_null=True, help_text="only when the portal generated the key pair: save it now, it is not kept"
     )
     ssh_config = serializers.CharField(help_text="ssh_config snippet: ssh -F virtcloud.conf <cluster>-<node>")
-    known_hosts = serializers.CharField(help_text="the @cert-authority line (also inside ssh_config)")
+    known_hosts = serializers.CharField(
+        help_text="the @cert-authority line for the gateway and this cluster's nodes (and @revoked lines for "
+        "revoked host keys): the ssh_config's UserKnownHostsFile"
+    )
     withheld_nodes = WithheldNodeSerializer(
         many=True,
         help_text="nodes the SSH bastion does not relay to, and why (their address is used by another cluster: "

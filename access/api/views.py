@@ -101,10 +101,47 @@ class SshCertificateView(APIView):
         return _no_store(Response(s.SshCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED))
 
 
+class HostCertificateView(APIView):
+    """Certify a cluster node's SSH host key (the cluster's owner, or the middleware): users reach it without a
+    host-key prompt. The answer also holds what the node's sshd needs to let the cluster's people in."""
+
+    required_scopes = ISSUE_SCOPES
+
+    @extend_schema(
+        request=s.HostCertificateRequestSerializer,
+        responses={
+            201: s.HostCertificateSerializer,
+            400: ERRORS[400],
+            401: ERRORS[401],
+            403: OpenApiResponse(
+                description="a group member's request (only the owner, an admin or the middleware certifies a "
+                "node), or the token lacks the scope"
+            ),
+            404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
+            409: OpenApiResponse(
+                description="the cluster is tearing down, torn down or failed, or its lifetime is over"
+            ),
+        },
+    )
+    def post(self, request):
+        from clusters.selectors import acts_as_admin
+
+        data = s.HostCertificateRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        issued = services.node_host_certificate_issue(
+            user=request.user,
+            cluster=data.validated_data["cluster"],
+            node=data.validated_data["node"],
+            public_key=data.validated_data["public_key"],
+            as_admin=acts_as_admin(request),
+        )
+        return Response(s.HostCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED)
+
+
 @extend_schema_view(
     list=extend_schema(
         parameters=[
-            OpenApiParameter("kind", OpenApiTypes.STR, enum=["vpn", "ssh"]),
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=["vpn", "ssh", "ssh_host"]),
             OpenApiParameter("status", OpenApiTypes.STR, enum=["valid", "revoked", "expired"]),
             OpenApiParameter("user", OpenApiTypes.STR, description="user name (admins)"),
         ],

@@ -5,8 +5,9 @@ leg, so that clusters may use the same addresses (the gateway's ``ssh_port_base`
 
 Run as root (a systemd service). It listens on port ``base + VLAN id`` for every cluster in
 ``ssh/clusters.json`` that has a bastion address, and follows the file (the pull rewrites it; it is read again
-every ``--every`` seconds). A connection gets ``sshd -i`` (inetd mode) with the bastion's own ``sshd_config``,
-started inside the cluster's namespace (``--netns``, default ``vcl{vid}``: what ``legs.py --namespaces``
+every ``--every`` seconds). A connection gets ``sshd -i`` (inetd mode) with its cluster's configuration (the
+gateway's ``sshd_config`` with that cluster's principals command, :meth:`Bastion.cluster_config`), started
+inside the cluster's namespace (``--netns``, default ``vcl{vid}``: what ``legs.py --namespaces``
 makes): its forwarding (ProxyJump) connects from the cluster's leg, to that cluster's nodes only, whatever
 addresses other clusters use. The principals command is given the cluster, so only that cluster's principals
 log in on its port; everything else (certificates, KRL, revocation cuts, failing closed) is the bastion's as
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import selectors
 import signal
 import socket
@@ -32,6 +34,8 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 from access.gateway.state import SSHD_CONFIG, SshState, StateError, load_legs, write_atomic  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
+#: An ``AuthorizedPrincipalsCommand`` line of sshd_config (keywords are case-insensitive; not ...CommandUser).
+_PRINCIPALS_COMMAND = re.compile(r"\s*AuthorizedPrincipalsCommand(?:\s|=)", re.IGNORECASE)
 PRIVSEP_DIR = "/run/sshd"
 NETNS_DIR = Path("/run/netns")
 
@@ -100,7 +104,10 @@ class Bastion:
                 continue
             sock.listen(64)
             sock.setblocking(False)
-            self.cluster_config(label)
+            try:
+                self.cluster_config(label)
+            except OSError as exc:  # each connection tries again (and says why it failed)
+                self.say(f"port {port} (cluster {label}): cannot write its sshd configuration yet: {exc}")
             self.listeners[port] = sock
             self.selector.register(sock, selectors.EVENT_READ, (label, vid))
             self.say(f"port {port}: cluster {label} (VLAN {vid})")
@@ -117,13 +124,26 @@ class Bastion:
                 next_sync = time.monotonic() + every
 
     def cluster_config(self, label: str) -> Path:
-        """The sshd configuration of cluster ``label``'s bastion: the gateway's own (``gateway config`` wrote
-        it, without a Match block), then its principals command again, given the cluster, so only that cluster's
-        principals log in here. sshd takes the last value of this directive that it reads, and reads ``-o``
-        before the file: a ``-o`` cannot override it (it did not: every cluster's principals got in)."""
+        """The sshd configuration of cluster ``label``'s bastion, rendered whole: that cluster's principals
+        command, so only its principals log in here, then the gateway's own configuration (``gateway config``
+        wrote it, without a principals command when the gateway has a bastion per cluster) less any
+        ``AuthorizedPrincipalsCommand`` it holds (one written before that). Exactly one such line, first: sshd
+        takes the first value of a directive; OpenSSH 9.2 happens to keep the last of this one, and with the
+        gateway's unfiltered command anywhere in the file some sshd would let every cluster's principals in on
+        every cluster's port. (``Include`` of the gateway's file would bring its line along; a ``-o`` loses to
+        the file.) :class:`OSError` when the gateway's configuration cannot be read."""
         path = self.ssh.root / "run" / f"sshd_config.{label}"
-        command = f"{self.ssh.principals_command} %u %s {label}"
-        text = f"Include {(self.state_dir / SSHD_CONFIG).absolute()}\nAuthorizedPrincipalsCommand {command}\n"
+        shared = (self.state_dir / SSHD_CONFIG).absolute()
+        kept = [line for line in shared.read_text().splitlines() if not _PRINCIPALS_COMMAND.match(line)]
+        text = "\n".join(
+            [
+                f"# VirtCloud bastion of cluster {label}: {shared} with this cluster's principals command "
+                "(written by bastion.py).",
+                f"AuthorizedPrincipalsCommand {self.ssh.principals_command} %u %s {label}",
+                *kept,
+            ]
+        )
+        text += "\n"
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(path, text, 0o644)

@@ -2,9 +2,9 @@
 live sessions, which a revocation (or a state that expired) cuts.
 
 The bastion only relays: users ``ssh -J`` (ProxyJump) through it to their cluster's nodes. One local
-account (``account``, with a no-login shell) serves every user; what a connection may do is decided by
-the certificate's principal (``<cluster>.<user>``, see :func:`access.ssh.principal`) and the line for
-that principal in ``ssh/principals/<account>``::
+account (``account``; ``ForceCommand`` refuses a shell, whatever the account's own shell is) serves every
+user; what a connection may do is decided by the certificate's principal (``<cluster>.<user>``, see
+:func:`access.ssh.principal`) and the line for that principal in ``ssh/principals/<account>``::
 
     restrict,port-forwarding,permitopen="198.18.61.11:22",permitopen="198.18.61.12:22" c42.alice
 
@@ -41,6 +41,11 @@ WATCH_EVERY = 30
 #: A login record untouched for this long names a certificate that has expired (SSH certificates live a day
 #: at most): once none of its logins is up, it is dropped.
 RECORD_KEPT = 2 * 24 * 3600
+
+
+#: What a session on the bastion runs instead of the shell or command asked for: Debian's ``nologin`` (package
+#: ``login``, essential) says "This account is currently not available." and exits 1.
+NO_COMMAND = "/usr/sbin/nologin"
 
 
 class SshdConfigError(ValueError):
@@ -150,15 +155,23 @@ def render_sshd_config(
     log_level: str = "VERBOSE",
     max_auth_tries: int = 3,
     login_grace_time: int = 20,
+    principals_command: bool = True,
 ) -> str:
     """``sshd_config`` for the bastion listening on ``listen`` ((address, port) pairs).
 
-    ``account`` must exist locally with a no-login shell.
+    ``account`` must exist locally (give it a no-login shell too; the config does not rely on it).
 
     Certificates only (``TrustedUserCAKeys``; ``AuthorizedKeysFile none``; no passwords, no keyboard-
     interactive, no PAM), KRL in ``RevokedKeys``, principals file per account, host key + certificate,
     no TTY, TCP forwarding (ProxyJump) limited by the principals file, no agent/X11/streamlocal/tunnel.
+    No command either: ``ForceCommand`` runs ``nologin`` for every shell or command request, whatever shell
+    the operator gave the account (ProxyJump opens direct-tcpip channels, which it does not touch).
     ``LogLevel VERBOSE`` logs each login's certificate key id and serial (the audit trail).
+
+    ``principals_command`` False leaves out ``AuthorizedPrincipalsCommand`` (nobody logs in with this file
+    alone): with a bastion per cluster (``ssh_port_base``), ``access/gateway/bastion.py`` renders each
+    cluster's configuration from this one with the cluster's own command — sshd takes the *first* value of
+    most directives, so a second, filtered one after this file's would not be the one every sshd uses.
     """
     check_account(account)
     st = SshState.at(state_dir)
@@ -178,7 +191,7 @@ def render_sshd_config(
         f"RevokedKeys {st.krl}",
         "AuthorizedPrincipalsFile none",
         # the principals file while the state is fresh; %s: the certificate's serial, to record the session
-        f"AuthorizedPrincipalsCommand {st.principals_command} %u %s",
+        *([f"AuthorizedPrincipalsCommand {st.principals_command} %u %s"] if principals_command else []),
         f"AuthorizedPrincipalsCommandUser {account}",
         "AuthorizedKeysFile none",
         "PasswordAuthentication no",
@@ -192,7 +205,8 @@ def render_sshd_config(
         f"MaxAuthTries {int(max_auth_tries)}",
         f"LoginGraceTime {int(login_grace_time)}",
         "",
-        "# What: relay only (ProxyJump), to the targets the principals file permits.",
+        "# What: relay only (ProxyJump), to the targets the principals file permits; no shell, no command.",
+        f"ForceCommand {NO_COMMAND}",
         "PermitTTY no",
         "AllowTcpForwarding local",
         "GatewayPorts no",

@@ -121,11 +121,14 @@ def tagged_frame_seen(gw: Netns, tap: str, client: Netns, dev: str, vid: int, ad
         stop(dump)
 
 
-def node_sshd_config(d: Path, *, address: str, user_ca: Path, principals: Sequence[str]) -> Path:
+def node_sshd_config(d: Path, *, address: str, user_ca: Path, principals: Sequence[str] | str) -> Path:
     """A cluster node's sshd in ``d`` (which holds ``host_key`` and ``host_key-cert.pub``), as the cluster's
-    image would set it up: the portal's user CA trusted for root with ``principals``. Returns the config."""
+    image would set it up: the portal's user CA trusted for root with ``principals`` (a list, or the principals
+    file as the portal renders it: ``authorized_principals`` of ``POST /api/access/host-certificates/``).
+    Returns the config."""
     (d / "principals").mkdir(mode=0o755)
-    (d / "principals" / "root").write_text("".join(f"{p}\n" for p in principals))
+    text = principals if isinstance(principals, str) else "".join(f"{p}\n" for p in principals)
+    (d / "principals" / "root").write_text(text)
     conf = d / "sshd_config"
     conf.write_text(
         "\n".join(

@@ -114,7 +114,7 @@ def test_ssh_certificate_endpoint(alice, cluster, gateway):
     assert body["principal"] == f"{cluster_label(cluster)}.alice"
     assert ssh.load_cert(body["certificate"]).valid_principals == [body["principal"].encode()]
     assert f"Host {cluster_label(cluster)}-*" in body["ssh_config"]
-    assert body["known_hosts"].startswith("@cert-authority * ")
+    assert body["known_hosts"].startswith(f"@cert-authority 198.18.100.1,{cluster_label(cluster)}-node1 ")
     assert body["withheld_nodes"] == []  # the bastion relays to every node (see test_services for the others)
 
     pasted = ssh.generate_user_key().public_line
@@ -238,6 +238,7 @@ def test_schema_documents_every_endpoint(root):
     for path, method, codes in [
         ("/api/access/vpn-profiles/", "post", {"200", "400", "403", "409", "503"}),
         ("/api/access/ssh-certificates/", "post", {"201", "400", "403", "409"}),
+        ("/api/access/host-certificates/", "post", {"201", "400", "403", "404", "409"}),
         ("/api/access/credentials/", "get", {"200"}),
         ("/api/access/credentials/{id}/revoke/", "post", {"200", "404"}),
         ("/api/access/gateway/state/", "get", {"200", "304", "403"}),
@@ -279,3 +280,159 @@ def test_a_user_name_too_long_for_a_certificate_is_a_422_naming_it(team, cluster
     long.groups.add(team)
     response = client_for(long).post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
     assert response.status_code == 422 and response.json()["code"] == "user_name_too_long", response.content
+
+
+# --- host certificates of cluster nodes -------------------------------------------------------------------------
+
+
+def _host_key(kind: str = "ed25519") -> str:
+    """A node's host public key line, as in /etc/ssh/ssh_host_*_key.pub."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from access import ssh
+
+    keys = {
+        "ed25519": lambda: ssh.generate_user_key().public_line.split()[0:2],
+        "ecdsa": lambda: ssh.public_key_line(ec.generate_private_key(ec.SECP384R1())).split(),
+        "rsa2048": lambda: ssh.public_key_line(rsa.generate_private_key(65537, 2048)).split(),
+        "dsa": lambda: ["ssh-dss", "AAAAB3NzaC1kc3MAAACBAP"],  # refused by its type, before it is read
+    }
+    return " ".join(keys[kind]()) + " root@node1"
+
+
+def _host_cert_post(client, cluster, node, public_key):
+    body = {"cluster": getattr(cluster, "pk", cluster), "node": node, "public_key": public_key}
+    return client.post("/api/access/host-certificates/", body, format="json")
+
+
+def test_a_clusters_owner_certifies_a_nodes_host_key(alice, bob, cluster, tmp_path):
+    """The owner (a clusters:write token) certifies node1's host key: a host certificate from the portal's host CA
+    for exactly the names the users' ssh_config reaches it by, valid until the cluster ends, recorded for
+    revocation; and what the node's sshd needs to let the cluster's people in."""
+    import shutil
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    from access import ssh
+    from clusters.models import Node
+
+    Node.objects.filter(cluster=cluster, name="node1").update(address="10.0.0.1")
+    _, secret = token_create(user=alice, name="boot", scopes=[TokenScope.CLUSTERS_WRITE])
+    key = _host_key()
+    response = _host_cert_post(client_for(token=secret), cluster, "node1", key)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    label = cluster_label(cluster)
+    assert body["principals"] == [f"{label}-node1", "10.0.0.1"]
+    assert (body["cluster"], body["node"], body["node_user"]) == (label, "node1", "root")
+
+    cert = ssh.load_cert(body["certificate"])
+    assert cert.type == serialization.SSHCertificateType.HOST
+    assert cert.valid_principals == [p.encode() for p in body["principals"]]
+    assert ssh.public_key_line(cert.public_key()) == " ".join(key.split()[:2])
+    cert.verify_cert_signature()
+    host_ca = Authority.objects.get(kind=AuthorityKind.SSH_HOST).public_key
+    assert ssh.public_key_line(cert.signature_key()) == " ".join(host_ca.split()[:2])
+    cluster.refresh_from_db()
+    assert cert.valid_before == int(cluster.expires_at.timestamp())  # the cluster's end, not a year
+    assert dt.datetime.fromisoformat(body["valid_before"]) == cluster.expires_at.replace(microsecond=0)
+    # and the same seen by OpenSSH itself
+    if shutil.which("ssh-keygen"):
+        (tmp_path / "host-cert.pub").write_text(body["certificate"] + "\n")
+        shown = subprocess.run(["ssh-keygen", "-L", "-f", tmp_path / "host-cert.pub"], capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr
+        assert "ssh-ed25519-cert-v01@openssh.com host certificate" in shown.stdout
+        assert f"\n                {label}-node1\n                10.0.0.1\n" in shown.stdout
+        until = cluster.expires_at.astimezone().replace(microsecond=0).isoformat(timespec="seconds")[:19]
+        assert f" to {until}\n" in shown.stdout, shown.stdout
+
+    # what the node's sshd needs: the user CA and root's principals (the owner and the group's members)
+    assert body["user_ca"] == Authority.objects.get(kind=AuthorityKind.SSH_USER).public_key
+    lines = [ln for ln in body["authorized_principals"].splitlines() if not ln.startswith("#")]
+    assert lines == [f"{label}.alice", f"{label}.bob"]
+
+    credential = Credential.objects.get(pk=body["credential"])
+    assert (credential.kind, credential.serial, credential.user) == ("ssh_host", cert.serial, alice)
+    assert credential.cluster_labels() == [label] and credential.principals == body["principals"]
+    assert credential.public_key == " ".join(key.split()[:2]) and credential.key_id == cert.key_id.decode()
+    assert credential.key_id == f"virtcloud-host:{label}-node1:serial={cert.serial}"
+
+    # by the node's id too, and an ECDSA key; a node without an address: its alias only (the ssh_config's HostName)
+    node2 = Node.objects.create(cluster=cluster, name="node2", host=cluster.nodes.first().host, mac="52:54:00:aa:00:02")
+    response = _host_cert_post(client_for(token=secret), cluster, node2.pk, _host_key("ecdsa"))
+    assert response.status_code == 201, response.content
+    assert response.json()["principals"] == [f"{label}-node2"]
+
+
+def test_the_middleware_certifies_any_clusters_nodes_and_public_ones_too(alice, charlie, cluster):
+    from access import ssh
+
+    public = make_cluster(alice, name="web", connectivity="public")
+    _, manage = token_create(user=charlie, name="scheduler", scopes=[TokenScope.CLUSTERS_MANAGE])
+    for target in (cluster, public):
+        response = _host_cert_post(client_for(token=manage), target, "node1", _host_key())
+        assert response.status_code == 201, response.content
+        assert ssh.load_cert(response.json()["certificate"]).valid_principals == [
+            f"{cluster_label(target)}-node1".encode()
+        ]
+    assert Credential.objects.filter(kind="ssh_host", user=charlie).count() == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("rsa2048", "too weak"),
+        ("dsa", "DSA"),
+        ("two lines", "exactly one"),
+        ("options", "unsupported key type"),
+        ("private", "PRIVATE"),
+        ("certificate", "certificate"),
+    ],
+)
+def test_a_host_key_that_cannot_be_certified_is_a_400(alice, cluster, key, message):
+    from access import ssh
+
+    text = {
+        "two lines": _host_key() + "\n" + _host_key(),
+        "options": 'from="10.0.0.0/8" ' + _host_key(),
+        "private": ssh.generate_user_key().private_openssh.decode(),
+        "certificate": "ssh-ed25519-cert-v01@openssh.com AAAA root@node1",
+    }.get(key) or _host_key(key)
+    response = _host_cert_post(client_for(alice), cluster, "node1", text)
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "bad_public_key" and message in response.json()["public_key"][0]
+    assert not Credential.objects.exists()
+
+
+def test_host_certificates_refused_with_the_right_status(alice, bob, charlie, cluster, other_cluster):
+    from clusters.models import VirtualCluster
+
+    key = _host_key()
+    # not the caller's cluster: 404, whether it exists or not
+    for target in (other_cluster.pk, 999999):
+        response = _host_cert_post(client_for(alice), target, "node1", key)
+        assert (response.status_code, response.json()["code"]) == (404, "not_found"), response.content
+    assert _host_cert_post(client_for(charlie), cluster, "node1", key).status_code == 404
+    # a node the cluster does not have (or no longer has)
+    for node in ("node9", "99999999999999999999", "²"):
+        assert _host_cert_post(client_for(alice), cluster, node, key).status_code == 404, node
+    cluster.nodes.update(state="removed")
+    assert _host_cert_post(client_for(alice), cluster, "node1", key).status_code == 404
+    cluster.nodes.update(state="ready")
+    # bob, of the cluster's group, may enter it, not vouch for its nodes
+    response = _host_cert_post(client_for(bob), cluster, "node1", key)
+    assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+    # nodes going or gone, or a lifetime over: 409
+    for state in ("tearing_down", "torn_down", "failed"):
+        VirtualCluster.objects.filter(pk=cluster.pk).update(state=state)
+        response = _host_cert_post(client_for(alice), cluster, "node1", key)
+        assert (response.status_code, response.json()["code"]) == (409, "cluster_not_ready"), state
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="ready", expires_at=timezone.now())
+    assert _host_cert_post(client_for(alice), cluster, "node1", key).status_code == 409
+    # input missing
+    response = client_for(alice).post("/api/access/host-certificates/", {"cluster": cluster.pk}, format="json")
+    assert response.status_code == 400 and set(response.json()) >= {"node", "public_key"}
+    _, reader = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
+    assert _host_cert_post(client_for(token=reader), cluster, "node1", key).status_code == 403
+    assert not Credential.objects.exists()

@@ -103,16 +103,24 @@ def run_dir():
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _node_sshd(d: Path, address: str, alias: str, user_ca: Path, principals: list[str]) -> Path:
-    """A cluster node's sshd as the cluster's image would set it up: a host certificate from the portal's
-    host CA, the portal's user CA trusted for root with the cluster's principals (from the pulled map)."""
+def _node_sshd(d: Path, portal, token: str, cluster_id: int, node) -> tuple[Path, dict]:
+    """A cluster node's sshd as the cluster's image sets it up at boot: its own host key, certified by the
+    portal (``POST /api/access/host-certificates/`` with the owner's token), and from the same answer the
+    portal's user CA, trusted for root with the cluster's principals. Returns the config and the answer."""
     d.mkdir(mode=0o755)
     key = ssh.generate_user_key()
     (d / "host_key").write_bytes(key.private_openssh)
     (d / "host_key").chmod(0o600)
-    cert = services.ssh_host_certificate_issue(public_key=key.public_line, principals=[address, alias])
-    (d / "host_key-cert.pub").write_text(cert + "\n")
-    return node_sshd_config(d, address=address, user_ca=user_ca, principals=principals)
+    body = {"cluster": cluster_id, "node": node.name, "public_key": key.public_line}
+    status, answer, _ = portal.request("POST", "/api/access/host-certificates/", token, body)
+    assert status == 201, answer
+    issued = json.loads(answer)
+    (d / "host_key-cert.pub").write_text(issued["certificate"] + "\n")
+    (d / "user_ca.pub").write_text(issued["user_ca"] + "\n")
+    conf = node_sshd_config(
+        d, address=node.address, user_ca=d / "user_ca.pub", principals=issued["authorized_principals"]
+    )
+    return conf, issued
 
 
 class Workstation:
@@ -226,10 +234,13 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         alpha_principals = doc["ssh"]["clusters"][la]["principals"]
         assert alpha_principals == [f"{la}.alice"]  # owner; the group's other members would be listed too
         logs = [bastion_log]
+        owner_token = user_token(alice)
         for n in a_nodes:
-            conf = _node_sshd(
-                rundir / n.name, n.address, f"{la}-{n.name}", state / "ssh" / "user_ca.pub", alpha_principals
-            )
+            conf, host = _node_sshd(rundir / n.name, portal, owner_token, a_id, n)
+            assert host["principals"] == [f"{la}-{n.name}", n.address]
+            # what the node trusts is what the bastion pulled: the same user CA, the same principals
+            assert host["user_ca"] == (state / "ssh" / "user_ca.pub").read_text().strip()
+            assert [p for p in host["authorized_principals"].splitlines() if p[:1] != "#"] == alpha_principals
             logs.append(rundir / f"{n.name}.log")
             procs.append(LabNetns(vms[n.name].netns).popen(SSHD, "-D", "-f", str(conf), "-E", str(logs[-1])))
         for log in logs:
@@ -394,11 +405,8 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         )  # fmt: skip
         for c in (alpha, gamma):
             wait_for(lambda c=c: f"port {base + c.vlan_id}: cluster" in read(log), 10, what=f"{c.name}'s port")
-        for c, label in ((alpha, la), (gamma, lg)):
-            conf = _node_sshd(
-                rundir / c.name, same, f"{label}-node1", state / "ssh" / "user_ca.pub",
-                doc["ssh"]["clusters"][label]["principals"],
-            )  # fmt: skip
+        for c, node, owner in ((alpha, a_node, alice), (gamma, g_node, charlie)):
+            conf, _ = _node_sshd(rundir / c.name, portal, user_token(owner), c.pk, node)
             node_log = rundir / f"{c.name}.log"
             procs.append(LabNetns(vm_netns[c.name]).popen(SSHD, "-D", "-f", str(conf), "-E", str(node_log)))
             wait_for(lambda node_log=node_log: "Server listening on" in read(node_log), 10, what="node sshd")
@@ -415,6 +423,9 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
             serials[user.username] = issued["serial"]
             credentials[user.username] = issued["credential"]
         assert f"Port {base + alpha.vlan_id}\n" in (homes["alice"] / services.SSH_CONFIG_FILE).read_text()
+        # the host CA is trusted for her bastion's port and alpha's node only (as ssh looks them up)
+        trusted = (homes["alice"] / services.SSH_KNOWN_HOSTS_FILE).read_text().split()[1]
+        assert trusted == f"[{public}]:{base + alpha.vlan_id},{la}-node1,{same}"
 
         mac_of = "cat /sys/class/net/eth0/address"
         r = station.ssh(homes["alice"], f"{la}-node1", mac_of)
@@ -430,10 +441,15 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         config.write_text(
             config.read_text().replace(f"Port {base + alpha.vlan_id}\n", f"Port {base + gamma.vlan_id}\n")
         )
+        known = crossed / services.SSH_KNOWN_HOSTS_FILE  # (her host CA line names her bastion's port only)
+        known.write_text(known.read_text().replace(f"]:{base + alpha.vlan_id},", f"]:{base + gamma.vlan_id},"))
         accepted = rf"Accepted publickey for \S+ from .* ID \S*:serial={serials['alice']}:"
-        before = len(re.findall(accepted, read(sshd_log)))
+        refused = "Certificate does not contain an authorized principal"
+        before, refusals = len(re.findall(accepted, read(sshd_log))), read(sshd_log).count(refused)
+        assert before >= 1, read(sshd_log)  # her login through alpha's bastion is in the log the bastions write
         _denied(station.ssh(crossed, f"{la}-node1", "true"))
         # refused by gamma's bastion itself (gamma's node would refuse her too: that alone would prove nothing)
+        wait_for(lambda: read(sshd_log).count(refused) > refusals, 5, what="gamma's bastion refusing her principal")
         assert len(re.findall(accepted, read(sshd_log))) == before, read(sshd_log)
 
         # Revoked in the portal: the pull ends alice's live session through her cluster's bastion too, and

@@ -219,3 +219,59 @@ def test_a_bastion_per_cluster_gets_its_service_and_the_pull_its_legs_hook(tmp_p
     # A gateway without --trunk gets no hook (its clusters are reached by VPN only).
     config("gw2", "--dir", str(state))
     assert "--on-change" not in (units / "virtcloud-gateway-pull.service").read_text()
+
+
+def _principals_commands(text: str) -> list[str]:
+    """The ``AuthorizedPrincipalsCommand`` lines of an sshd_config (not ``...CommandUser``)."""
+    return [line for line in text.splitlines() if line.split()[:1] == ["AuthorizedPrincipalsCommand"]]
+
+
+@pytest.mark.django_db
+def test_each_clusters_bastion_has_exactly_its_own_principals_command(tmp_path):
+    """With a bastion per cluster the gateway's sshd_config has no principals command and each cluster's
+    configuration exactly one, its own, with nothing included: sshd takes the first value of a directive (9.2
+    kept the last of this one by a quirk), so a second, unfiltered one would let every cluster's principals in on
+    every cluster's port. sshd -T shows the one it takes, and no shell for anyone."""
+    import os
+
+    from access.gateway import bastion
+    from access.gateway.sshd import NO_COMMAND
+    from access.gateway.state import SshState
+    from access.models import Gateway
+
+    Gateway.objects.create(name="gw2", kind=GatewayKind.SSH, address="198.18.100.2", ssh_port_base=30000)
+    state = tmp_path / "state"
+    config("gw2", "--dir", str(state), "--ssh-listen", "198.18.100.2")
+    shared = (state / "sshd_config").read_text()
+    assert _principals_commands(shared) == [] and "AuthorizedPrincipalsCommandUser virtcloud\n" in shared
+    b = bastion.Bastion(state, listen="127.0.0.1", base=30000, netns="vcl{vid}", sshd="/usr/sbin/sshd")
+    command = f"{SshState.at(state).principals_command} %u %s c7"
+    text = b.cluster_config("c7").read_text()
+    assert _principals_commands(text) == [f"AuthorizedPrincipalsCommand {command}"]
+    assert "Include" not in text and shared.splitlines()[1] in text
+    # a gateway configured by an older `gateway config` (its file has the unfiltered command): still one
+    (state / "sshd_config").write_text(
+        shared + f"authorizedprincipalscommand={SshState.at(state).principals_command}\n"
+    )
+    assert _principals_commands(b.cluster_config("c7").read_text()) == [f"AuthorizedPrincipalsCommand {command}"]
+    assert "authorizedprincipalscommand=" not in b.cluster_config("c7").read_text()
+    # One bastion for every cluster: its own file keeps the (unfiltered) command.
+    Gateway.objects.filter(name="gw2").update(ssh_port_base=0)
+    config("gw2", "--dir", str(state), "--ssh-listen", "198.18.100.2")
+    (one,) = _principals_commands((state / "sshd_config").read_text())
+    assert one == f"AuthorizedPrincipalsCommand {SshState.at(state).principals_command} %u %s"
+
+    if not os.path.exists("/usr/sbin/sshd"):  # pragma: no cover - scripts/setup.sh installs openssh-server
+        pytest.skip("openssh-server (sshd) not installed")
+    Gateway.objects.filter(name="gw2").update(ssh_port_base=30000)
+    config("gw2", "--dir", str(state), "--ssh-listen", "198.18.100.2")
+    os.makedirs(bastion.PRIVSEP_DIR, mode=0o755, exist_ok=True)  # sshd -T checks it (bastion.py makes it)
+    shown = subprocess.run(
+        ["/usr/sbin/sshd", "-T", "-f", str(b.cluster_config("c7"))], capture_output=True, text=True, check=False
+    )
+    assert shown.returncode == 0, shown.stderr
+    effective = [line for line in shown.stdout.splitlines() if line.startswith("authorizedprincipalscommand ")]
+    assert effective == [f"authorizedprincipalscommand {command}"]
+    for line in (f"forcecommand {NO_COMMAND}", "permittty no", "x11forwarding no", "allowagentforwarding no"):
+        assert line in shown.stdout.splitlines(), line
+    assert "allowtcpforwarding local" in shown.stdout.splitlines()  # ProxyJump's direct-tcpip still works

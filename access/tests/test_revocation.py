@@ -348,3 +348,65 @@ def test_the_sweep_revokes_what_an_ending_missed(alice, bob, cluster, gateway, s
     assert all(krl_revokes(c.serial) for c in gone if c.kind == "ssh")
     assert Credential.objects.get(clusters__cluster_id=second.pk).revoked_at is None
     assert services.credentials_sweep() == 0
+
+
+def _certify_node(user, cluster, *, as_admin=False):
+    from access import ssh
+
+    key = ssh.generate_user_key().public_line
+    return services.node_host_certificate_issue(
+        user=user, cluster=cluster, node="node1", public_key=key, as_admin=as_admin
+    ), key
+
+
+def test_a_nodes_host_certificate_ends_with_its_cluster_and_its_key_is_refused_after(
+    alice, bob, charlie, team, cluster, other_cluster, gateway, django_capture_on_commit_callbacks
+):
+    """A node's host certificate vouches for the node, not for whoever asked: people leaving the group, the
+    requester's account going, the group changing leave it; the cluster's end revokes it. Revoked, its key is
+    in every SSH profile's known_hosts as @revoked (ssh refuses it and its certificates) and is not certified
+    again."""
+    from access.errors import BadPublicKey
+    from access.selectors import credentials_of
+    from clusters.signals import cluster_ended
+
+    issued, key = _certify_node(alice, cluster)
+    assert issued.credential not in credentials_of(alice, ended=5)  # not hers to "lose with a laptop"
+    issue_both(bob, cluster)
+    bob.groups.remove(team)
+    cluster.group = None
+    cluster.save()
+    alice.is_active = False
+    alice.save()
+    issued.credential.refresh_from_db()
+    assert issued.credential.revoked_at is None
+    assert Credential.objects.filter(user=bob, revoked_at__isnull=False).count() == 2
+    assert (
+        " ".join(key.split()[:2]) not in services.ssh_certificate_issue(user=charlie, cluster=other_cluster).known_hosts
+    )
+
+    cluster.state = "torn_down"
+    with django_capture_on_commit_callbacks(execute=True):
+        cluster.save()
+        cluster_ended.send(type(cluster), cluster=cluster)
+    issued.credential.refresh_from_db()
+    assert issued.credential.revocation_reason == RevocationReason.CESSATION_OF_OPERATION
+    known_hosts = services.ssh_certificate_issue(user=charlie, cluster=other_cluster).known_hosts
+    assert f"@revoked * {' '.join(key.split()[:2])}\n" in known_hosts
+    with pytest.raises(BadPublicKey, match="was revoked"):
+        services.node_host_certificate_issue(user=charlie, cluster=other_cluster, node="node1", public_key=key)
+
+
+def test_the_sweep_revokes_host_certificates_of_clusters_that_ended_unseen(alice, cluster, gateway):
+    from clusters.models import VirtualCluster
+
+    public = make_cluster(alice, name="web", connectivity="public")
+    ended, _ = _certify_node(alice, cluster)
+    kept, _ = _certify_node(alice, public)
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")  # the signal's revocation lost
+    assert services.credentials_sweep() == 1
+    ended.credential.refresh_from_db()
+    kept.credential.refresh_from_db()
+    assert ended.credential.revocation_reason == RevocationReason.CESSATION_OF_OPERATION
+    assert kept.credential.revoked_at is None  # a public cluster's node: reached directly, its certificate stays
+    assert services.credentials_sweep() == 0

@@ -147,6 +147,29 @@ def test_vpn_profile_is_complete_and_its_ac_admits_to_the_chosen_cluster(bob, cl
     assert entry.action == "create"
 
 
+@pytest.mark.parametrize(
+    ("email", "mailbox"),
+    [
+        ("Alice <alice@example.org>", []),  # a directory's `mail` with a display name
+        ("al(ice)@example.org", []),  # a comment
+        ("alice@example.org (Alice)", []),
+        ('"al ice"@example.org', []),  # a quoted local part: not a plain addr-spec
+        ("alice@@example.org", []),
+        ("alice@bücher.de", ["alice@xn--bcher-kva.de"]),
+        ("o'brien+vpn@example.org", ["o'brien+vpn@example.org"]),
+    ],
+)
+def test_an_email_a_certificate_cannot_hold_is_left_out_not_a_500(alice, cluster, gateway, email, mailbox):
+    """The e-mail comes from LDAP as it is: anything but a plain addr-spec is left out of the certificate (its
+    CN and URI name the user), never a ValueError from the certificate builder on the download."""
+    User.objects.filter(pk=alice.pk).update(email=email)
+    alice.refresh_from_db()
+    text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    san = parse_profile(text, aa_pem=aa_pem()).cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.RFC822Name) == mailbox
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:virtcloud:user:alice"]
+
+
 def test_vpn_profile_for_two_clusters_covers_both(alice, team, cluster, gateway):
     second = make_cluster(alice, name="hpc")
     text, filename = services.vpn_profile_issue(user=alice, clusters=[second.pk, cluster.pk])
@@ -454,7 +477,32 @@ def test_ssh_certificate_for_a_pasted_key(bob, cluster, gateway):
     assert f"Host {label}-node1" in issued.ssh_config
     assert "HostName 198.18.100.1" in issued.ssh_config
     host_ca = Authority.objects.get(kind=AuthorityKind.SSH_HOST).public_key
-    assert issued.known_hosts == f"@cert-authority * {' '.join(host_ca.split()[:2])}\n"
+    # the host CA vouches for the gateway and this cluster's node (no address: its alias) only, not for "*"
+    assert issued.known_hosts == f"@cert-authority 198.18.100.1,{label}-node1 {' '.join(host_ca.split()[:2])}\n"
+
+
+def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gateway):
+    """The known_hosts line names the hosts the ssh_config connects to, as ssh looks them up — the gateway
+    (``[host]:port`` off port 22: a bastion per cluster) and each node's alias and address — so merged into a
+    user's own known_hosts it vouches for nothing else; a node withheld from the bastion is not among them."""
+    cluster.nodes.update(address="10.0.0.1")
+    other = make_cluster(alice, name="other", nodes=("n1",))
+    other.nodes.update(address="10.0.0.7")
+    label = cluster_label(cluster)
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    patterns = issued.known_hosts.split()[1]
+    assert patterns == f"198.18.100.1,{label}-node1,10.0.0.1"
+    assert issued.known_hosts.count("\n") == 1 and "*" not in issued.known_hosts
+    other.nodes.update(address="10.0.0.1")  # one bastion for both: it withholds the address from both
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert issued.withheld and issued.known_hosts.split()[1] == "198.18.100.1"
+
+    gateway.ssh_port_base = 30000  # a bastion per cluster, on the cluster's leg
+    gateway.save()
+    VirtualCluster.objects.filter(pk=cluster.pk).update(bastion_address="10.0.0.254/24")
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert issued.known_hosts.split()[1] == f"[198.18.100.1]:{30000 + cluster.vlan_id},{label}-node1,10.0.0.1"
+    assert f"Port {30000 + cluster.vlan_id}\n" in issued.ssh_config
 
 
 def test_ssh_certificate_with_a_generated_key_is_not_stored(alice, cluster, gateway, settings):

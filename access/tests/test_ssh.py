@@ -261,3 +261,39 @@ def test_ssh_config_of_sound_values():
     assert "\n  HostName gw.example.org\n  Port 22\n  User virtcloud\n" in config
     assert "Host c42-node1\n  HostName 10.0.0.1\n" in config
     assert "ProxyCommand" not in config
+
+
+def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
+    """The @cert-authority line's patterns are the hosts the ssh_config connects to — the gateway (``[host]:port``
+    off port 22, as ssh looks up such a host) and each node's alias and address — never a wildcard: merged into a
+    user's ~/.ssh/known_hosts, the portal's host CA vouches for nothing else."""
+    args = {k: SSH_CONFIG[k] for k in ("cluster", "nodes", "gateway_host", "gateway_port")}
+    assert ssh.known_hosts_patterns(**args) == ["gw.example.org", "c42-node1", "10.0.0.1"]
+    on_its_port = ssh.known_hosts_patterns(**{**args, "gateway_port": 30100, "nodes": [("n2", "c42-n2")]})
+    assert on_its_port == ["[gw.example.org]:30100", "c42-n2"]
+    line = ssh.known_hosts_line(ssh.public_key_line(ca, "comment"), on_its_port)
+    assert line == f"@cert-authority [gw.example.org]:30100,c42-n2 {ssh.public_key_line(ca)}\n"
+    for bad in ([], ["*"], ["10.0.0.*"], ["!evil"], ["a,b"], ["a b"]):
+        with pytest.raises(ssh.SSHCertError):
+            ssh.known_hosts_line(ssh.public_key_line(ca), bad)
+    host = ssh.public_key_line(ed25519.Ed25519PrivateKey.generate())
+    assert ssh.known_hosts_revoked_line(host + " root@node1") == f"@revoked * {host}\n"
+
+
+def test_a_nodes_host_certificate_names_how_the_ssh_config_reaches_it(ca):
+    assert ssh.node_host_names("c42", "node1", "10.0.0.1") == ["c42-node1", "10.0.0.1"]
+    assert ssh.node_host_names("c42", "node1", "c42-node1") == ["c42-node1"]  # no address: the alias is HostName
+    config = ssh.render_ssh_config(**SSH_CONFIG)
+    for name, address in SSH_CONFIG["nodes"]:
+        alias, *rest = ssh.node_host_names(SSH_CONFIG["cluster"], name, address)
+        assert f"Host {alias}\n  HostName {rest[0] if rest else alias}\n" in config
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=3)
+    key = _pub(ed25519.Ed25519PrivateKey.generate())
+    line = ssh.issue_host_cert(ca, public_key=key, principals=["x"], serial=3, until=until)
+    assert ssh.load_cert(line).valid_before == int(until.timestamp())
+    with pytest.raises(ssh.SSHCertError, match="ended already"):
+        ssh.issue_host_cert(ca, public_key=key, principals=["x"], serial=4, until=until - dt.timedelta(hours=4))
+    text = ssh.render_authorized_principals("c42", ["c42.alice", "c42.jo.doe@example.org"])
+    assert text.splitlines()[1:] == ["c42.alice", "c42.jo.doe@example.org"] and text.startswith("# ")
+    with pytest.raises(ssh.SSHCertError):
+        ssh.render_authorized_principals("c42", ["c42.alice\nc43.bob"])

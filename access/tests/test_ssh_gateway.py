@@ -113,19 +113,24 @@ class Bastion:
 class User:
     """A workstation: key, certificate, known_hosts and the rendered ssh_config profile."""
 
-    def __init__(self, lab, name: str, cert_line: str, key: ssh.UserKeyPair, cluster: str = "c42"):
+    def __init__(self, lab, name: str, cert_line: str, key: ssh.UserKeyPair, cluster: str = "c42", port: int = 22):
         self.dir = lab.root / f"user-{name}"
         self.dir.mkdir(mode=0o700)
         ident = self.dir / "id"
         write_atomic(ident, key.private_openssh)
         write_atomic(self.dir / "id-cert.pub", cert_line + "\n", 0o644)
-        write_atomic(self.dir / "known_hosts", ssh.known_hosts_line(ssh.public_key_line(lab.bastion.host_ca)), 0o644)
+        nodes = [("node1", NODE1), ("node2", NODE2)]
+        patterns = ssh.known_hosts_patterns(cluster=cluster, nodes=nodes, gateway_host=BASTION, gateway_port=port)
+        write_atomic(
+            self.dir / "known_hosts", ssh.known_hosts_line(ssh.public_key_line(lab.bastion.host_ca), patterns), 0o644
+        )
         self.config = self.dir / "ssh_config"
         self.config.write_text(
             ssh.render_ssh_config(
                 cluster=cluster,
-                nodes=[("node1", NODE1), ("node2", NODE2)],
+                nodes=nodes,
                 gateway_host=BASTION,
+                gateway_port=port,
                 gateway_user=ACCOUNT,
                 identity_file=str(ident),
                 certificate_file=str(self.dir / "id-cert.pub"),
@@ -338,3 +343,58 @@ def test_no_shell_on_the_bastion(lab):
     assert r.returncode != 0
     assert "uid=" not in r.stdout
     assert "not available" in r.stdout + r.stderr  # nologin: the bastion account has no shell
+
+
+def test_no_shell_on_the_bastion_even_for_an_account_that_has_one(lab):
+    """The bastion's sshd forces ``nologin`` on every session: an operator who gave the account a real shell
+    still gives users nothing but ProxyJump. The same bastion (state, CAs, principals) on a port of its own, its
+    sshd in a mount namespace where the account's shell is /bin/sh (the machine's /etc/passwd is left alone)."""
+    import re
+
+    passwd = lab.root / "passwd"
+    entry = re.compile(rf"^({ACCOUNT}:(?:[^:\n]*:){{5}})[^:\n]*$", re.MULTILINE)
+    passwd.write_text(entry.sub(r"\1/bin/sh", Path("/etc/passwd").read_text()))
+    bind = 'mount --bind "$0" /etc/passwd && exec "$@"'
+    with_shell = ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind]
+    seen = lab.ns.run(*with_shell, str(passwd), "getent", "passwd", ACCOUNT)
+    assert seen.stdout.strip().endswith(":/bin/sh"), seen.stdout  # what sshd's getpwnam() reads there
+    config = lab.root / "sshd_config.shell"
+    write_atomic(
+        config,
+        sshd.render_sshd_config(
+            state_dir=lab.bastion.state.root.parent,
+            listen=[(BASTION, 2222)],
+            account=ACCOUNT,
+            pid_file=lab.root / "shell.pid",
+        ),
+        0o644,
+    )
+    log = lab.root / "shell.log"
+    proc = lab.ns.popen(*with_shell, str(passwd), SSHD, "-D", "-f", str(config), "-E", str(log))
+    try:
+        wait_for(lambda: "Server listening on" in read(log), 10, what="the second bastion sshd")
+        key, serial = ssh.generate_user_key(), next(_serial)
+        cert = ssh.issue_user_cert(
+            lab.bastion.user_ca, public_key=key.public_line, user="alice", cluster="c42", serial=serial
+        )
+        user = User(lab, f"shell-{serial}", cert, key, port=2222)
+        r = user.ssh("virtcloud-gw-c42", "id")
+        assert "uid=" not in r.stdout and r.returncode != 0, (r.stdout, r.stderr)
+        assert "not available" in r.stdout + r.stderr, r.stderr  # nologin, run by the account's /bin/sh
+        assert f'Accepted certificate ID "virtcloud:user=alice:cluster=c42:serial={serial}:' in read(log)  # it got in
+        r = user.ssh("c42-node1", "true")
+        assert r.returncode == 0, r.stderr  # and relays as ever (ProxyJump: a direct-tcpip channel, no session)
+    finally:
+        stop(proc)
+
+
+def test_a_revoked_node_host_key_is_refused_by_the_client(lab):
+    """What the portal puts into every profile's known_hosts for a revoked node host certificate (``@revoked``
+    with the node's key) makes ssh refuse that node's certificate, though the host CA still signs for it."""
+    user, _ = _user(lab)
+    assert user.ssh("c42-node1", "true").returncode == 0
+    public = lab.ns.run("ssh-keygen", "-y", "-f", str(lab.root / "node1" / "host_key")).stdout
+    with open(user.dir / "known_hosts", "a") as known_hosts:
+        known_hosts.write(ssh.known_hosts_revoked_line(public))
+    r = user.ssh("c42-node1", "true")
+    assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr

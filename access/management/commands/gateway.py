@@ -105,6 +105,8 @@ class Command(BaseCommand):
                 listen=[(options["ssh_listen"], gateway.ssh_port)],
                 account=gateway.ssh_user,
                 pid_file=state_dir / "ssh" / "sshd.pid",
+                # a bastion per cluster: bastion.py adds each cluster's own command (exactly one per sshd)
+                principals_command=not gateway.ssh_port_base,
             )
         try:
             units = systemd.render_units(
