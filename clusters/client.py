@@ -8,6 +8,7 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py ... show --job 1234.pbs
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
+    client.py ... host-cert --job 1234.pbs --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
@@ -20,7 +21,12 @@ until they are torn down (nothing to do is success). ``show`` prints the job's c
 network ready on a node's target host before the VM moves (paper §2.2) and prints the node with the
 ``target_attachment`` to plug the moved VM with; ``migrated`` completes the move once the VM runs there (the host
 it left is cleaned), ``migrated --cancel`` calls it off (the target is cleaned). Both look at the node's state
-first, so running either again does nothing twice.
+first, so running either again does nothing twice. ``host-cert`` has the portal certify a node's SSH host key
+(from the node's boot script, or from the prologue that made the node's keys): it writes the certificate
+beside the key (``<key>-cert.pub``, sshd's ``HostCertificate``), the user CA (``virtcloud-user-ca.pub``,
+``TrustedUserCAKeys``) and the principals file of the account users log in as (``virtcloud-principals-<user>``,
+``AuthorizedPrincipalsFile``) into ``--dir`` (default: the key's folder), and prints the answer without the
+certificate; users then reach the node with no host-key prompt.
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
@@ -47,6 +53,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import TextIO
 
 from access.gateway import outgoing  # stdlib only: the no-redirect opener, where a token may go
@@ -266,6 +273,48 @@ def migrated(api: Api, args, out: TextIO) -> int:
     return 0
 
 
+def host_cert(api: Api, args, out: TextIO) -> int:
+    """Certify ``--key`` (a node's host public key) for ``--node`` of the job's live cluster and install what
+    the node's sshd needs. Files are replaced whole (a reader never sees half of one); run again, it asks for a
+    new certificate (the same key, a later expiry: after the cluster's lifetime was extended)."""
+    key_path = Path(args.key)
+    try:
+        public_key = key_path.read_text().strip()
+    except OSError as exc:
+        raise Refused(f"cannot read the host key {key_path}: {exc.strerror or exc}") from None
+    live = [c for c in api.job_clusters(args.job) if c["state"] in LIVE and c["state"] != "tearing_down"]
+    if len(live) != 1:
+        raise Refused(f"job {args.job} has {len(live)} live clusters (a host certificate needs exactly one)")
+    body = {"cluster": live[0]["id"], "node": args.node, "public_key": public_key}
+    issued = api.call("POST", "/api/access/host-certificates/", body)
+    folder = Path(args.dir) if args.dir else key_path.parent
+    stem = key_path.name.removesuffix(".pub")
+    written = {
+        folder / f"{stem}-cert.pub": issued["certificate"],
+        folder / "virtcloud-user-ca.pub": issued["user_ca"],
+        folder / f"virtcloud-principals-{issued['node_user']}": issued["authorized_principals"],
+    }
+    for path, text in written.items():
+        _write_whole(path, text if text.endswith("\n") else text + "\n")
+    shown = {k: v for k, v in issued.items() if k != "certificate"}
+    out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
+    return 0
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``path`` replaced by ``text`` at once (mode 0644: sshd reads these as root, nothing in them is secret)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", path.name):
+        raise Refused(f"the portal named a file {path.name!r}")  # (node_user comes from the answer)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(text)
+        temp.chmod(0o644)
+        temp.replace(path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise Refused(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def show(api: Api, args, out: TextIO) -> int:
     out.write(json.dumps(api.job_clusters(args.job), indent=1) + "\n")
     return 0
@@ -311,6 +360,11 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     moved.add_argument("--node", required=True, help="the node's name")
     moved.add_argument("--cancel", action="store_true", help="the VM stayed: take the target's network away")
     moved.add_argument("--timeout", type=float, default=300)
+    cert = sub.add_parser("host-cert", help="certify a node's SSH host key and install what its sshd needs")
+    cert.add_argument("--job", required=True, type=job_id)
+    cert.add_argument("--node", required=True, help="the node's name")
+    cert.add_argument("--key", required=True, help="the node's host public key, e.g. /etc/ssh/ssh_host_ed25519_key.pub")
+    cert.add_argument("--dir", help="where the certificate, user CA and principals file go (default: the key's)")
     args = parser.parse_args(argv)
     try:
         secret = outgoing.read_token(args.token, args.token_file)
@@ -319,7 +373,14 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
         return 2
     api = Api(args.url, secret)
     try:
-        actions = {"up": up, "down": down, "show": show, "migrate": migrate, "migrated": migrated}
+        actions = {
+            "up": up,
+            "down": down,
+            "show": show,
+            "migrate": migrate,
+            "migrated": migrated,
+            "host-cert": host_cert,
+        }
         return actions[args.action](api, args, out)
     except ClusterFailed as exc:
         err.write(f"virtcloud: {exc}\n")

@@ -154,6 +154,44 @@ def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric
     assert VirtualCluster.objects.get(job_id="9.pbs").nodes.filter(state="migrating").count() == 0
 
 
+def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, client, tmp_path):
+    """The node's boot script (or the prologue that made its keys) certifies its host key: the certificate
+    beside the key, the user CA and the principals file for its sshd; ssh-keygen reads a host certificate for
+    the names the users' ssh_config reaches the node by."""
+    code, cluster, err = up(client, "7.pbs")
+    assert code == 0, err
+    keys = tmp_path / "etc-ssh"
+    keys.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ssh_host_ed25519_key")], check=True
+    )
+    key = str(keys / "ssh_host_ed25519_key.pub")
+    code, issued, err = client("host-cert", "--job", "7.pbs", "--node", "n2", "--key", key)
+    assert code == 0, err
+    assert "certificate" not in issued and issued["node"] == "n2"
+    cert = keys / "ssh_host_ed25519_key-cert.pub"
+    shown = subprocess.run(["ssh-keygen", "-L", "-f", str(cert)], capture_output=True, text=True, check=True).stdout
+    assert "host certificate" in shown
+    assert all(name in shown for name in issued["principals"]) and "10.0.0.2" in issued["principals"]
+    assert (keys / "virtcloud-user-ca.pub").read_text().startswith("ssh-")
+    principals = (keys / f"virtcloud-principals-{issued['node_user']}").read_text()
+    assert principals == issued["authorized_principals"] + ("" if principals.endswith("\n") else "\n")
+    assert oct(cert.stat().st_mode & 0o777) == "0o644"
+    # refused: a node the cluster does not have (nothing written), a key file that is not there
+    code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n9", "--key", key)
+    assert code == 2 and "n9" in err
+    code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n1", "--key", str(keys / "missing.pub"))
+    assert code == 2 and "missing.pub" in err
+    assert sorted(p.name for p in keys.iterdir()) == sorted(
+        ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", cert.name, "virtcloud-user-ca.pub",
+         f"virtcloud-principals-{issued['node_user']}"]
+    )  # fmt: skip
+    # the cluster gone: no certificate for its nodes
+    assert client("down", "--job", "7.pbs", "--timeout", "60")[0] == 0
+    code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n2", "--key", key)
+    assert code == 2 and "0 live clusters" in err
+
+
 def test_show_reads_every_page_of_the_jobs_clusters(alice, client):
     """More clusters than one page (50) of the list: all of them, in order, each once."""
     from datetime import timedelta
