@@ -19,11 +19,13 @@ alice's ``beta`` with node1..3 at the same addresses and node4 = 198.18.10.99 (b
 charlie's ``gamma`` with node1 = 198.18.10.1 at brno.
 
 Proves: the downloaded profile reaches alpha's VMs at all three sites (the replies come from alpha's MACs)
-and nothing of beta or gamma; switching the profile's ``setenv UV_VCLUSTER`` lands on beta; a cluster the
-AC does not cover (gamma) → AUTH_FAILED, and the API refuses that profile; tampered and expired ACs
-(certificates from the portal's own CA and AA) → refused at TLS; revocation in the portal → the gateway's
-pull installs the CRL and cuts the live session, the reconnect is refused; with the portal stopped the pull
-fails (exit 75), the gateway keeps its last state and an authorized user (bob) still connects.
+and nothing of beta or gamma, not even with frames the workstation writes into the tunnel already tagged
+with beta's VLAN (802.1Q, 802.1ad + 802.1Q, alpha's tag + beta's); switching the profile's
+``setenv UV_VCLUSTER`` lands on beta; a cluster the AC does not cover (gamma) → AUTH_FAILED, and the API
+refuses that profile; tampered and expired ACs (certificates from the portal's own CA and AA) → refused at
+TLS; revocation in the portal → the gateway's pull installs the CRL and cuts the live session, the reconnect
+is refused; with the portal stopped the pull fails (exit 75), the gateway keeps its last state and an
+authorized user (bob) still connects.
 """
 # ruff: noqa: F401, F811 (pytest fixtures imported from access.tests._lab are parameters here)
 
@@ -32,8 +34,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import secrets
 import shutil
+import socket
+import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -192,6 +198,161 @@ def _with_bad_ac(text: str, label: str, how: str) -> tuple[str, int]:
     return text.replace(_between(text, "cert"), pki.cert_to_pem(cert).decode()), serial
 
 
+# --- raw frames into a tunnel, and captures that keep every byte ----------------------------------------------
+
+TPID_8021Q, TPID_8021AD = 0x8100, 0x88A8
+
+# Run in the workstation's namespace (``ip netns exec``): what any program there with CAP_NET_RAW can do.
+_SEND_FRAMES = """
+import socket, sys, time
+dev, rounds, frames = sys.argv[1], int(sys.argv[2]), [bytes.fromhex(h) for h in sys.argv[3:]]
+with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+    s.bind((dev, 0))
+    for _ in range(rounds):
+        for frame in frames:
+            s.send(frame)
+        time.sleep(0.1)
+"""
+
+
+def send_frames(ns: Netns, dev: str, frames: list[bytes], rounds: int = 3) -> None:
+    """Write ``frames`` (complete Ethernet frames, tags included, as given) out of ``dev`` in ``ns`` through an
+    AF_PACKET socket, ``rounds`` times."""
+    ns.run(sys.executable, "-I", "-c", _SEND_FRAMES, dev, str(rounds), *(f.hex() for f in frames), timeout=15)
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_broadcast(src_mac: str, src_ip: str, marker: bytes, tags: tuple[tuple[int, int], ...] = ()) -> bytes:
+    """A broadcast Ethernet frame carrying an IPv4/UDP broadcast (to the discard port) whose payload is
+    ``marker``, behind ``tags`` = ((TPID, VLAN id), ...), outermost first."""
+    udp = struct.pack("!HHHH", 40000, 9, 8 + len(marker), 0) + marker
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, socket.inet_aton(src_ip), b"\xff" * 4)
+    ip = ip[:10] + struct.pack("!H", _ip_checksum(ip)) + ip[12:]
+    frame = b"\xff" * 6 + bytes.fromhex(src_mac.replace(":", ""))
+    for tpid, vid in tags:
+        frame += struct.pack("!HH", tpid, vid)
+    return frame + struct.pack("!H", 0x0800) + ip + udp
+
+
+def link_mac(ns: Netns, dev: str) -> str:
+    return json.loads(ns.run("ip", "-j", "link", "show", "dev", dev).stdout)[0]["address"]
+
+
+class Pcap:
+    """tcpdump writing every frame seen on one interface to a pcap file. The test searches the frames'
+    bytes for its markers (a text filter could miss a frame whose tags it does not expect) and reads the
+    outer tag of the frames that carry one."""
+
+    def __init__(self, ns: Netns, iface: str, path: Path):
+        self.where, self.path, self.err = f"{ns.name}/{iface}", path, path.with_suffix(".err")
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                ns.cmd(
+                    "tcpdump", "-i", iface, "-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w", str(path)
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def listening(self, timeout: float = 10) -> None:
+        wait_for(lambda: "listening on" in read(self.err) or self.proc.poll() is not None, timeout, what=self.where)
+        assert self.proc.poll() is None, f"tcpdump on {self.where}: {read(self.err)}"
+
+    def frames(self) -> list[bytes]:
+        """The frames written so far (``-U``: each one as it comes); a record still being written is left out."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if len(data) < 24:
+            return []
+        endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+        assert struct.unpack(endian + "I", data[20:24])[0] == 1, f"{self.where}: not an Ethernet capture"
+        frames, offset = [], 24
+        while offset + 16 <= len(data):
+            length = struct.unpack(endian + "I", data[offset + 8 : offset + 12])[0]
+            frame = data[offset + 16 : offset + 16 + length]
+            if len(frame) < length:
+                break
+            frames.append(frame)
+            offset += 16 + length
+        return frames
+
+    def carrying(self, marker: bytes) -> list[bytes]:
+        return [f for f in self.frames() if marker in f]
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def outer_tag(frame: bytes) -> tuple[int, int] | None:
+    """(TPID, VLAN id) of the frame's outer tag, None if untagged."""
+    tpid = struct.unpack("!H", frame[12:14])[0]
+    return (tpid, struct.unpack("!H", frame[14:16])[0] & 0x0FFF) if tpid in (TPID_8021Q, TPID_8021AD) else None
+
+
+# The frames a client writes into its tunnel to try to leave its VLAN: each tagged for beta in its own way.
+HOPS = {
+    "802.1Q": lambda own, other: ((TPID_8021Q, other),),
+    "802.1ad+802.1Q": lambda own, other: ((TPID_8021AD, other), (TPID_8021Q, other)),
+    "own-tag+802.1Q": lambda own, other: ((TPID_8021Q, own), (TPID_8021Q, other)),  # the classic double tag
+}
+
+
+def _try_to_hop_to(lab, gw: Gw, client: Client, *, alpha, beta) -> dict:
+    """From alice's workstation, write into her tunnel to ``alpha`` UDP broadcasts tagged with ``beta``'s VLAN
+    (:data:`HOPS`), and the same broadcast untagged (the control); meanwhile beta's node4 broadcasts in its
+    own VLAN. Captured on alpha's node1, beta's node1 (same site as the gateway) and node4 (another site,
+    across the QinQ core), the gateway's tap and its trunk to brno-sw. Returns::
+
+        {"alpha": control frames at alpha's node1,
+         "beta": {where: {kind: frames carrying that marker}},   kinds: HOPS, "control", "own"
+         "trunk": {where: {kind: [outer tag of each frame carrying that marker]}}}
+    """
+    token = secrets.token_hex(4)
+    markers = {kind: f"virtcloud-hop-{kind}-{token}".encode() for kind in [*HOPS, "control", "own"]}
+    attach = lab.gateway("brno-sw")
+    members = json.loads(gw.gw.run("ip", "-j", "link", "show", "master", attach["bridge"]).stdout)
+    (uplink,) = [m["ifname"] for m in members if m["ifname"] != gw.tap]  # the veth to brno-sw's trunk port
+    vms = {name: lab.vm(name) for name in ("alpha-node1", "beta-node1", "beta-node4")}
+    places = [(name, LabNetns(vm.netns), "eth0") for name, vm in vms.items()]
+    places += [("gateway tap", gw.gw, gw.tap), ("gateway trunk", gw.gw, uplink)]
+    captures: dict[str, Pcap] = {}
+    try:
+        for name, ns, iface in places:
+            captures[name] = Pcap(ns, iface, gw.tmp / f"hop-{name.replace(' ', '-')}.pcap")
+        for capture in captures.values():
+            capture.listening()
+        src_mac, src_ip = link_mac(gw.ws, client.dev), CLIENT_ADDR.split("/")[0]
+        frames = [
+            udp_broadcast(src_mac, src_ip, markers[k], tag(alpha.vlan_id, beta.vlan_id)) for k, tag in HOPS.items()
+        ]
+        send_frames(gw.ws, client.dev, [*frames, udp_broadcast(src_mac, src_ip, markers["control"])])
+        node4 = LabNetns(vms["beta-node4"].netns)
+        send_frames(node4, "eth0", [udp_broadcast(vms["beta-node4"].mac, "198.18.10.99", markers["own"])], rounds=2)
+        # The tagged frames went first on the same path: once the control and beta's own are in, so are they.
+        wait_for(lambda: captures["alpha-node1"].carrying(markers["control"]), 10, what="the control at alpha")
+        wait_for(lambda: captures["beta-node1"].carrying(markers["own"]), 10, what="beta's own broadcast")
+        time.sleep(0.3)  # frames still in flight through the userspace datapath
+    finally:
+        for capture in captures.values():
+            capture.stop()
+    return {
+        "alpha": captures["alpha-node1"].carrying(markers["control"]),
+        "beta": {
+            f"{name} ({vms[name].host})": {kind: captures[name].carrying(m) for kind, m in markers.items()}
+            for name in ("beta-node1", "beta-node4")
+        },
+        "trunk": {
+            name: {kind: [outer_tag(f) for f in captures[name].carrying(m)] for kind, m in markers.items()}
+            for name in ("gateway tap", "gateway trunk")
+        },
+    }
+
+
 def test_users_reach_their_cluster_at_every_site_through_the_portal_made_gateway(
     lab_inventory, celery_worker, gw, portal, alice, bob, charlie, root, team
 ):
@@ -248,6 +409,21 @@ def test_users_reach_their_cluster_at_every_site_through_the_portal_made_gateway
         assert c.ping(n.address), f"alpha {n.name} at {n.host} unreachable through the gateway"
         assert c.mac_of(n.address) == n.mac, f"{n.address} answered from {c.mac_of(n.address)}, not alpha's {n.name}"
     assert not c.ping("198.18.10.99", count=2), "alpha's tunnel reaches beta's node4"
+    # ...not even by writing frames into the tunnel already tagged with beta's VLAN. The gateway drops 802.1Q
+    # tagged ones (vlan-tagging); OpenVPN reads only 0x8100 as a tag, so the 802.1ad one travels as alpha's
+    # payload, tagged alpha: nothing of them may be seen in beta's VLAN, on the trunk or at beta's VMs.
+    hop = _try_to_hop_to(lab, gw, c, alpha=alpha, beta=beta)
+    assert hop["alpha"], "the untagged control frame, written the same way, did not reach alpha's VM"
+    for where, seen in hop["beta"].items():
+        assert seen["own"], f"{where} captured none of beta's own broadcasts: its capture proves nothing"
+        for kind in [*HOPS, "control"]:
+            assert not seen[kind], f"a frame alice wrote ({kind}) into alpha's tunnel reached beta's VM {where}"
+    for where, tags in hop["trunk"].items():
+        assert tags["control"] and set(tags["control"]) == {(TPID_8021Q, alpha.vlan_id)}, (where, tags)
+        assert (TPID_8021Q, beta.vlan_id) in tags["own"], f"{where} did not see beta's VLAN: {tags}"
+        for kind in HOPS:
+            assert set(tags[kind]) <= {(TPID_8021Q, alpha.vlan_id)}, f"{kind} out of alpha's VLAN on {where}: {tags}"
+        assert tags["802.1Q"] == tags["own-tag+802.1Q"] == [], f"802.1Q-tagged client frames passed {where}: {tags}"
     c.stop()
 
     # 2. The documented switch: the profile's `setenv UV_VCLUSTER` line names the other cluster.
