@@ -2,11 +2,16 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
+from django.urls import path, reverse
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
 from clusters.models import (
+    ACTIVE_STATES,
     LIVE_STATES,
     ClusterStep,
     Connectivity,
@@ -48,6 +53,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
 class WebhookForm(forms.ModelForm):
     url = forms.URLField(  # the model's field checks the schemes (http, https): said once, not twice
+        label="URL",
         max_length=500,
         assume_scheme="https",
         help_text="http(s) endpoint that receives POSTed batches of events",
@@ -82,9 +88,10 @@ class NodeInline(admin.TabularInline):
     model = Node
     fk_name = "cluster"
     extra = 0
-    fields = ("name", "host", "target_host", "mac", "state")
+    fields = ("name", "host", "target_host", "mac", "address", "state")
     readonly_fields = fields
     can_delete = False
+    classes = ["no-row-titles"]  # each row's __str__ ("demo/node1") repeats its columns: hidden (change_form.html)
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -96,6 +103,7 @@ class StepInline(admin.TabularInline):
     fields = ("name", "status", "started_at", "finished_at", "device", "detail", "error")
     readonly_fields = fields
     can_delete = False
+    classes = ["no-row-titles"]  # "1:allocate:ok" says nothing the columns do not
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -122,7 +130,8 @@ class VirtualClusterForm(forms.ModelForm):
 @admin.register(VirtualCluster)
 class VirtualClusterAdmin(admin.ModelAdmin):
     form = VirtualClusterForm
-    list_display = ("name", "owner", "group", "state", "connectivity", "vlan_id", "expires_at", "created_at")
+    # few columns: at 1280px the filter panel covers the last ones (the creation date is in the date hierarchy)
+    list_display = ("name", "owner", "state", "connectivity", "vlan_id", "expires_at")
     list_filter = ("state", "connectivity", "image", "group")
     search_fields = ("name", "owner__username", "job_id")
     list_select_related = ("owner", "group")
@@ -147,7 +156,6 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         "created_at",
         "ready_at",
         "ended_at",
-        "workflow_generation",
     )
     fields = (*readonly_fields, "expires_at")
     inlines = [NodeInline, StepInline]
@@ -156,6 +164,10 @@ class VirtualClusterAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # clusters are created through the API, where the policy and the workflow run
 
+    def has_delete_permission(self, request, obj=None):
+        # No Delete button on a live cluster's page: the delete would be refused (get_deleted_objects).
+        return super().has_delete_permission(request, obj) and not (obj is not None and obj.is_live)
+
     def get_deleted_objects(self, objs, request):
         # Deleting a live cluster's row would leave its VLAN on the devices (its segment outlives it) and its
         # credentials valid: only the teardown cleans and revokes.
@@ -163,6 +175,9 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         live = [
             f"cluster {c.name} is {c.get_state_display()}: tear it down first" for c in objs if c.state in LIVE_STATES
         ]
+        if live and super().has_delete_permission(request):
+            # has_delete_permission refuses the live ones: this says why, where "no permission" would not
+            perms = perms - {self.model._meta.verbose_name}
         return deleted, counts, perms, [*protected, *live]
 
     def save_model(self, request, obj, form, change):
@@ -178,17 +193,54 @@ class VirtualClusterAdmin(admin.ModelAdmin):
             return  # save_model said why nothing was saved
         super().message_user(request, message, level, *args, **kwargs)
 
-    @admin.action(description="Tear down selected clusters")
+    def get_urls(self):
+        opts = self.model._meta
+        name = f"{opts.app_label}_{opts.model_name}_teardown"
+        teardown = path("<path:object_id>/teardown/", self.admin_site.admin_view(self.teardown_view), name=name)
+        return [teardown, *super().get_urls()]
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        # the change page's "Tear down…" button: where the service would start a teardown
+        context["can_tear_down"] = (
+            obj is not None and obj.state in ACTIVE_STATES and self.has_change_permission(request, obj)
+        )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def teardown_view(self, request, object_id):
+        """The change page's "Tear down…": the action's confirmation for this one cluster, then back to it."""
+        cluster = self.get_object(request, unquote(object_id))
+        if cluster is None:
+            raise Http404(f"no cluster with id {object_id}")
+        if not self.has_change_permission(request, cluster):
+            raise PermissionDenied
+        response = self.teardown(request, self.get_queryset(request).filter(pk=cluster.pk))
+        opts = self.model._meta
+        return response or HttpResponseRedirect(
+            reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[cluster.pk])
+        )
+
+    @admin.action(description="Tear down selected clusters…", permissions=["change"])
     def teardown(self, request, queryset):
-        done = 0
-        for cluster in queryset:
-            try:
-                services.cluster_teardown(cluster=cluster, reason=f"admin {request.user.get_username()}")
-                done += 1
-            except ClusterError as exc:
-                messages.warning(request, f"{cluster.name}: {exc.message}")
-        if done:
-            messages.info(request, f"Teardown started for {done} cluster(s).")
+        """A page naming the clusters and what a teardown does; confirmed, each one's teardown starts (audited)."""
+        clusters = list(queryset.select_related("owner").order_by("name"))
+        if request.method == "POST" and "apply" in request.POST:
+            done = 0
+            for cluster in clusters:
+                try:
+                    services.cluster_teardown(cluster=cluster, reason=f"admin {request.user.get_username()}")
+                    done += 1
+                except ClusterError as exc:
+                    messages.warning(request, f"{cluster.name}: {exc.message}")
+            if done:
+                messages.info(request, f"Teardown started for {done} cluster(s).")
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Tear down clusters",
+            "clusters": clusters,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/clusters/teardown_confirm.html", context)
 
     @admin.action(description="Override the connectivity policy of selected clusters…")
     def override_connectivity(self, request, queryset):

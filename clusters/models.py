@@ -104,7 +104,9 @@ class VirtualCluster(models.Model):
     segment = models.OneToOneField(
         "network.Segment", null=True, blank=True, on_delete=models.SET_NULL, related_name="cluster"
     )
-    vlan_id = models.PositiveSmallIntegerField(null=True, blank=True, help_text="kept for the record after release")
+    vlan_id = models.PositiveSmallIntegerField(
+        "VLAN", null=True, blank=True, help_text="kept for the record after release"
+    )
     public_prefix = models.ForeignKey(PublicPrefix, null=True, blank=True, on_delete=models.PROTECT)
     public_subnet = models.CharField(max_length=43, blank=True)
     job_id = models.CharField(max_length=200, blank=True, help_text="the scheduler's own job id")
@@ -181,7 +183,7 @@ class Node(models.Model):
     target_host = models.ForeignKey(
         "network.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="incoming_nodes"
     )
-    mac = models.CharField(max_length=17, validators=[mac_validator])
+    mac = models.CharField("MAC address", max_length=17, validators=[mac_validator])
     address = models.GenericIPAddressField(
         null=True,
         blank=True,
@@ -236,6 +238,7 @@ class Webhook(models.Model):
 
     name = models.SlugField(max_length=50, unique=True)
     url = models.URLField(
+        "URL",
         max_length=500,
         validators=[URLValidator(schemes=["http", "https"])],
         help_text="http(s) endpoint that receives POSTed batches of events",

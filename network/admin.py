@@ -203,11 +203,23 @@ class SwitchPortInline(admin.TabularInline):
     extra = 0
     fields = ("name", "role", "core", "description")
 
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        # The rows fit a 1280px screen: interface names are short, and no icons beside each row's core picker.
+        if db_field.name == "name":
+            kwargs["widget"] = forms.TextInput(attrs={"size": 16})
+        formfield = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name == "core":
+            widget = formfield.widget
+            widget.can_add_related = widget.can_change_related = False
+            widget.can_delete_related = widget.can_view_related = False
+        return formfield
+
 
 @admin.register(Switch)
 class SwitchAdmin(admin.ModelAdmin):
     form = SwitchForm
-    list_display = ("name", "site", "platform", "address", "worker", "enabled", "port_count")
+    # few columns: at 1280px the filter panel covers the last ones (the platform is a filter)
+    list_display = ("name", "site", "address", "worker", "enabled", "port_count")
     list_filter = ("site", "platform", "enabled")
     search_fields = ("name", "address", "description")
     list_select_related = ("site",)

@@ -376,6 +376,7 @@ class VlanPool(InventoryModel):
 
     class Meta:
         ordering = ["name"]
+        verbose_name = "VLAN pool"
 
     def __str__(self) -> str:
         return self.name
@@ -501,6 +502,7 @@ class VlanAllocation(models.Model):
 
     class Meta:
         ordering = ["pool__name", "vid"]
+        verbose_name = "VLAN allocation"
         constraints = [
             models.UniqueConstraint(fields=["pool", "vid"], name="vlanallocation_unique_pool_vid"),
             models.CheckConstraint(
@@ -662,7 +664,7 @@ class Drift(models.Model):
     device = models.CharField(max_length=63)
     port = models.CharField(max_length=64, blank=True, help_text="empty for a host")
     kind = models.CharField(max_length=8, choices=Kind.choices)
-    vlans = models.CharField(max_length=500, help_text="the VLAN ids in question")
+    vlans = models.CharField("VLANs", max_length=500, help_text="the VLAN ids in question")
     expected = models.CharField(max_length=500, blank=True)
     actual = models.CharField(max_length=500, blank=True)
     found_at = models.DateTimeField(auto_now_add=True)

@@ -67,10 +67,11 @@ class ApiToken(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
-    last_used_ip = models.GenericIPAddressField(null=True, blank=True)
+    last_used_ip = models.GenericIPAddressField("last used from (IP)", null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name = "API token"
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
@@ -85,7 +86,7 @@ class DirectoryAccount(models.Model):
     ``portal.auth.ldap_sync``; local accounts (a break-glass superuser, a scheduler's API account) never are."""
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="directory_account")
-    dn = models.CharField(max_length=500, help_text="the account's entry in the directory")
+    dn = models.CharField("DN", max_length=500, help_text="the account's entry in the directory")
     synced_at = models.DateTimeField(null=True, blank=True, help_text="last brought up to date from the directory")
 
     def __str__(self) -> str:

@@ -151,6 +151,9 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# Dates as the portal's pages show them, "2026-12-06 21:49 UTC", in admin too: the locale's formats win over
+# DATETIME_FORMAT and the like in settings (always localized since Django 5), so they are a format module.
+FORMAT_MODULE_PATH = ["portal.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(DATA_DIR / "static")))

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from clusters import services
-from clusters.models import ClusterState, VirtualCluster
+from clusters.models import ClusterState, Node, VirtualCluster
 from clusters.tests.helpers import create_cluster
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import AuditEntry
@@ -110,12 +110,13 @@ def test_a_teardown_between_the_check_and_the_save_is_reported_not_called_a_succ
 
 def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root, cluster):
     """Deleting the row of a live cluster would leave its VLAN on the switches and hosts (the segment
-    outlives it) and its VPN and SSH credentials valid: admin says to tear it down first, on the delete
-    page and in the bulk action."""
+    outlives it) and its VPN and SSH credentials valid: its page has no Delete button (the delete page is
+    refused), and the bulk action says to tear it down first."""
     client.force_login(root)
-    r = client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/")
-    assert "tear it down first" in r.content.decode()
-    client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"})
+    change = f"/admin/clusters/virtualcluster/{cluster.pk}/change/"
+    assert 'class="deletelink"' not in client.get(change).content.decode()
+    assert client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/").status_code == 403
+    assert client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}).status_code == 403
     r = client.post(
         "/admin/clusters/virtualcluster/",
         {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
@@ -125,6 +126,7 @@ def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root,
     assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
     services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: it ends now
+    assert 'class="deletelink"' in client.get(change).content.decode()
     r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
     assert r.status_code == 200
     assert not VirtualCluster.objects.filter(pk=cluster.pk).exists()
@@ -134,11 +136,79 @@ def test_the_teardown_action_on_an_ended_cluster_says_why_and_nothing_else(clien
     services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: torn down now
     client.force_login(root)
     r = client.post(
-        "/admin/clusters/virtualcluster/", {"action": "teardown", "_selected_action": [cluster.pk]}, follow=True
+        "/admin/clusters/virtualcluster/",
+        {"action": "teardown", "_selected_action": [cluster.pk], "apply": "1"},
+        follow=True,
     )
     page = r.content.decode()
     assert f"cluster {cluster.name} has ended (torn down): nothing to tear down" in page
     assert "Teardown started" not in page
+
+
+def test_the_teardown_action_asks_first_then_tears_down(client, root, cluster):
+    """The action names the clusters and what a teardown does, and changes nothing until confirmed."""
+    client.force_login(root)
+    selected = {"action": "teardown", "_selected_action": [cluster.pk]}
+    page = client.post("/admin/clusters/virtualcluster/", selected)
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert f"{cluster.name} (alice): ready, VLAN {cluster.vlan_id}" in text
+    assert "its VLAN goes back to the pool after the pool's quarantine" in text and "is revoked" in text
+    assert 'name="apply"' in text and "csrfmiddlewaretoken" in text
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY
+
+    r = client.post("/admin/clusters/virtualcluster/", {**selected, "apply": "1"}, follow=True)
+    assert "Teardown started for 1 cluster(s)." in messages_of(r)
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.TORN_DOWN  # eager Celery: the teardown ran
+    assert cluster.state_reason == "admin root"
+    assert AuditEntry.objects.filter(object_id=str(cluster.pk), message="teardown: admin root").exists()
+
+
+def test_a_live_clusters_page_has_a_tear_down_button_behind_the_confirmation(client, root, cluster):
+    client.force_login(root)
+    change = f"/admin/clusters/virtualcluster/{cluster.pk}/change/"
+    teardown = f"/admin/clusters/virtualcluster/{cluster.pk}/teardown/"
+    assert f'href="{teardown}"' in client.get(change).content.decode()
+    page = client.get(teardown)
+    assert page.status_code == 200 and f"{cluster.name} (alice): ready" in page.content.decode()
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY
+
+    r = client.post(teardown, {"apply": "1"})
+    assert r.status_code == 302 and r.url == change
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.TORN_DOWN
+    assert teardown not in client.get(change).content.decode()  # ended: nothing to tear down
+
+
+def test_a_view_only_admin_neither_tears_down_nor_sees_the_button(client, cluster, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    viewer = django_user_model.objects.create_user("vera", password="x", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_virtualcluster"))
+    client.force_login(viewer)
+    teardown = f"/admin/clusters/virtualcluster/{cluster.pk}/teardown/"
+    assert teardown not in client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/change/").content.decode()
+    assert client.post(teardown, {"apply": "1"}).status_code == 403
+    client.post(
+        "/admin/clusters/virtualcluster/", {"action": "teardown", "_selected_action": [cluster.pk], "apply": "1"}
+    )
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY
+
+
+def test_the_cluster_page_shows_node_addresses_without_row_titles_or_internals(client, root, cluster):
+    Node.objects.filter(cluster=cluster).update(address="10.0.0.11")
+    client.force_login(root)
+    page = client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/change/").content.decode()
+    assert re.search(r'<td class="field-address">\s*<p>10\.0\.0\.11</p>', page)
+    assert page.count('class="module no-row-titles"') == 2  # nodes and steps: their rows' raw names hidden
+    assert ".no-row-titles td.original p { display: none; }" in page
+    assert "Workflow generation" not in page
+    listing = client.get("/admin/clusters/virtualcluster/").content.decode()
+    assert "column-vlan_id" in listing and "column-created_at" not in listing
 
 
 def test_admin_overrides_the_connectivity_policy_with_a_reason_and_it_is_audited(client, root, cluster):

@@ -99,6 +99,18 @@ def test_switch_page_shows_ports_inline(admin_client, demo):
     assert "gateway_trunk" in page
 
 
+def test_switch_page_fits_the_screen_no_icons_beside_each_ports_core(admin_client, demo):
+    """At 1280px: each port row's core picker has no add/change/delete/view icons (the switch's site has)."""
+    switch = Switch.objects.get(name="brno-sw")
+    page = admin_client.get(reverse("admin:network_switch_change", args=[switch.pk])).content.decode()
+    assert 'id="id_ports-0-core"' in page
+    assert 'id="add_id_ports-0-core"' not in page and 'id="change_id_ports-0-core"' not in page
+    assert 'id="view_id_ports-0-core"' not in page and 'id="delete_id_ports-0-core"' not in page
+    assert 'id="add_id_site"' in page
+    listing = admin_client.get(reverse("admin:network_switch_changelist")).content.decode()
+    assert "column-port_count" in listing and "column-platform" not in listing
+
+
 def test_switch_change_page_never_shows_the_password(admin_client):
     switch = SwitchFactory(name="sw", password="do-not-show-me")
     page = admin_client.get(reverse("admin:network_switch_change", args=[switch.pk])).content.decode()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import User
@@ -129,3 +129,21 @@ def test_revoking_tokens_in_admin_says_so(root, alice):
         response.content.decode()
     )
     assert ApiToken.objects.filter(revoked_at__isnull=True).count() == 0
+
+
+# --- admin: names and dates ---------------------------------------------------------------------------------------
+
+
+def test_admin_names_acronyms_as_written(root):
+    page = logged_in(root).get("/admin/").content.decode()
+    for name in ("VLAN pools", "VLAN allocations", "API tokens"):
+        assert f">{name}<" in page, name
+    assert "Vlan" not in page and "Api tokens" not in page
+
+
+def test_admin_shows_iso_dates_with_the_zone_as_the_portal_does(root, alice):
+    token, _ = token_create(user=alice, name="reader", scopes=[TokenScope.CLUSTERS_READ])
+    ApiToken.objects.filter(pk=token.pk).update(expires_at=datetime(2026, 12, 6, 21, 49, tzinfo=UTC))
+    page = logged_in(root).get("/admin/portal/apitoken/").content.decode()
+    assert '<td class="field-expires_at nowrap">2026-12-06 21:49 UTC</td>' in page
+    assert "Dec. 6, 2026" not in page
