@@ -136,7 +136,9 @@ class GatewayAdmin(admin.ModelAdmin):
     readonly_fields = ("token", "server_certificate", "ssh_host_certificate", "last_pull_at", "state_as_of")
     actions = ["make_token"]
 
-    @admin.action(description="Make gateway token (shown once; replaces the gateway's current token)")
+    @admin.action(
+        description="Make gateway token (shown once; replaces the gateway's current token)", permissions=["change"]
+    )
     def make_token(self, request, queryset):
         for gateway in queryset:
             secret = services.gateway_token_issue(gateway=gateway, by=request.user)

@@ -242,7 +242,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/clusters/teardown_confirm.html", context)
 
-    @admin.action(description="Override the connectivity policy of selected clusters…")
+    @admin.action(description="Override the connectivity policy of selected clusters…", permissions=["change"])
     def override_connectivity(self, request, queryset):
         """A page asking the connectivity and the reason; applied (audited) to each ready cluster."""
         clusters = list(queryset.select_related("owner").order_by("name"))

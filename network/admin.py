@@ -134,7 +134,7 @@ def _kind(queryset) -> str:
     return DeviceKind.SWITCH if queryset.model is Switch else DeviceKind.HOST
 
 
-@admin.action(description="Reconcile now (find and repair drift)")
+@admin.action(description="Reconcile now (find and repair drift)", permissions=["change"])
 def reconcile_now(modeladmin, request, queryset):
     from network import tasks
 
@@ -160,7 +160,8 @@ def reconcile_now(modeladmin, request, queryset):
         modeladmin.message_user(request, f"Disabled, not reconciled: {', '.join(skipped)}", level=messages.WARNING)
 
 
-@admin.action(description="Plan (dry run): show the diff convergence would apply")
+# read-only (a dry run), so anyone who may view the devices may ask for it
+@admin.action(description="Plan (dry run): show the diff convergence would apply", permissions=["view"])
 def plan_dry_run(modeladmin, request, queryset):
     from network import tasks
 

@@ -109,7 +109,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         labels = dict(TokenScope.choices)
         return ", ".join(labels.get(scope, scope) for scope in obj.scopes) or "—"
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         done = already = 0
         for token in queryset:
