@@ -224,23 +224,15 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         """A page naming the clusters and what a teardown does; confirmed, each one's teardown starts (audited)."""
         clusters = list(queryset.select_related("owner").order_by("name"))
         if request.method == "POST" and "apply" in request.POST:
-            done = 0
-            for cluster in clusters:
-                try:
-                    services.cluster_teardown(cluster=cluster, reason=f"admin {request.user.get_username()}")
-                    done += 1
-                except ClusterError as exc:
-                    messages.warning(request, f"{cluster.name}: {exc.message}")
-            if done:
-                messages.info(request, f"Teardown started for {done} cluster(s).")
+            reason = f"admin {request.user.get_username()}"
+            _apply_each(
+                request,
+                clusters,
+                lambda cluster: services.cluster_teardown(cluster=cluster, reason=reason),
+                "Teardown started for {n} cluster(s).",
+            )
             return None
-        context = {
-            **self.admin_site.each_context(request),
-            "title": "Tear down clusters",
-            "clusters": clusters,
-            "opts": self.model._meta,
-        }
-        return TemplateResponse(request, "admin/clusters/teardown_confirm.html", context)
+        return self._confirm(request, "Tear down clusters", "teardown_confirm.html", clusters)
 
     @admin.action(description="Override the connectivity policy of selected clusters…", permissions=["change"])
     def override_connectivity(self, request, queryset):
@@ -248,29 +240,46 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         clusters = list(queryset.select_related("owner").order_by("name"))
         form = ConnectivityOverrideForm(request.POST if "apply" in request.POST else None)
         if form.is_bound and form.is_valid():
-            done = 0
-            for cluster in clusters:
-                try:
-                    services.connectivity_override(
-                        cluster=cluster,
-                        connectivity=form.cleaned_data["connectivity"],
-                        admin=request.user,
-                        reason=form.cleaned_data["reason"],
-                    )
-                    done += 1
-                except ClusterError as exc:
-                    messages.warning(request, f"{cluster.name}: {exc.message}")
-            if done:
-                messages.info(request, f"Connectivity set for {done} cluster(s); their network follows.")
+            _apply_each(
+                request,
+                clusters,
+                lambda cluster: services.connectivity_override(
+                    cluster=cluster,
+                    connectivity=form.cleaned_data["connectivity"],
+                    admin=request.user,
+                    reason=form.cleaned_data["reason"],
+                ),
+                "Connectivity set for {n} cluster(s); their network follows.",
+            )
             return None
+        return self._confirm(
+            request, "Override the connectivity policy", "connectivity_override.html", clusters, form=form
+        )
+
+    def _confirm(self, request, title: str, template: str, clusters: list, **extra) -> TemplateResponse:
+        """The page an action asks on before it changes anything (``admin/clusters/<template>``)."""
         context = {
             **self.admin_site.each_context(request),
-            "title": "Override the connectivity policy",
+            "title": title,
             "clusters": clusters,
-            "form": form,
             "opts": self.model._meta,
+            **extra,
         }
-        return TemplateResponse(request, "admin/clusters/connectivity_override.html", context)
+        return TemplateResponse(request, f"admin/clusters/{template}", context)
+
+
+def _apply_each(request, clusters: list, apply, done: str) -> None:
+    """``apply(cluster)`` for each of ``clusters``: one refused (a ``ClusterError``) is a warning naming it and
+    the others go on; then ``done`` (with ``{n}``, how many were not refused) as a message."""
+    count = 0
+    for cluster in clusters:
+        try:
+            apply(cluster)
+            count += 1
+        except ClusterError as exc:
+            messages.warning(request, f"{cluster.name}: {exc.message}")
+    if count:
+        messages.info(request, done.format(n=count))
 
 
 class ConnectivityOverrideForm(forms.Form):
