@@ -185,6 +185,23 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
     return lambda gateway: gateway.site_id is None or all((pk, gateway.site_id) in reached() for pk in ids)
 
 
+def gateway_settings(gateway: Gateway) -> dict:
+    """The portal's half of a gateway's own configuration, the ``config`` section of its state: what
+    ``access.gateway.config.render`` takes from the portal (with the operator's ``local.json``) for its
+    openvpn.conf, sshd_config and systemd units. A gateway re-renders them when a pull brings a change."""
+    return {
+        "serves_vpn": gateway.serves_vpn,
+        "serves_ssh": gateway.serves_ssh,
+        "vpn_port": gateway.vpn_port,
+        "vpn_proto": str(gateway.vpn_proto),
+        "ssh_port": gateway.ssh_port,
+        "ssh_port_base": gateway.ssh_port_base,
+        "ssh_user": gateway.ssh_user,
+        # OpenVPN renegotiates (tls-verify again) within the state's max age: a session ends once it has expired
+        "reneg_sec": settings.GATEWAY_STATE_MAX_AGE,
+    }
+
+
 def gateway_state_age(gateway: Gateway, now: datetime) -> timedelta:
     """How old the newest change is that the gateway's installed state is known to hold (since it was set up,
     if it never said). An upper bound on what it knows, not a sign it is current: a gateway that never pulled has

@@ -1285,7 +1285,9 @@ def gateway_state(*, gateway: Gateway) -> dict:
 
     ``vpn``: CA and AA certificates, the CRL, the cluster->VLAN map of the closed READY clusters, and the
     recently revoked certificates whose live sessions the gateway cuts. ``ssh``: the user and host CA
-    keys, the KRL (base64), and per cluster its VLAN, principals and the node aliases forwarding may reach."""
+    keys, the KRL (base64), and per cluster its VLAN, principals and the node aliases forwarding may reach.
+    ``config``: the gateway's settings its own configuration files are rendered from (``selectors.gateway_settings``).
+    """
     ca_ensure()
     now = _now()
     vlans, clusters = _vlan_map(gateway)
@@ -1308,6 +1310,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
             "clusters": _principals_map(clusters, withhold=gateway.forwards_by_address),
         }
+    doc["config"] = selectors.gateway_settings(gateway)  # (in the ETag: a gateway follows a change at its next pull)
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE
     doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
     doc["generated_at"] = now.isoformat()

@@ -19,6 +19,14 @@ environment) after a pull that changed the state, at every pull after one where 
 (the pull then exits 1), and once after each boot: the operator's hook, e.g. ``legs.py``, which gives the SSH
 bastion its leg in each closed cluster (the legs are gone after a reboot, while the state on disk is unchanged).
 
+The gateway follows the portal's settings for it (ports, transport, bastion account, which services): with
+``local.json`` in the state directory (the operator's choices, written by ``gateway config --dir``) a pull that
+brings changed settings rewrites ``openvpn.conf``, ``sshd_config`` and ``systemd/*`` with the rest of the state
+(:mod:`access.gateway.config`), says which, and gives the hook their names (relative to the state directory,
+space-separated) in ``VIRTCLOUD_CONFIG_CHANGED`` — empty when none changed — until a run of it succeeds: the
+hook restarts or reloads what reads them (``systemctl daemon-reload`` after copying the units, restart OpenVPN
+and the bastion). Without a hook the pull's log line is the only notice.
+
 ``status`` prints what the gateway goes by and exits 1 when it refuses everyone, 2 when the ``--on-change``
 hook failed at the last pull (for a monitoring check).
 
@@ -40,6 +48,7 @@ from typing import TextIO
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from access.gateway import config as gateway_config  # noqa: E402
 from access.gateway import outgoing, sshd  # noqa: E402
 from access.gateway import pull as install  # noqa: E402
 from access.gateway import vpn as gateway_vpn  # noqa: E402
@@ -159,9 +168,16 @@ def run_pull(
             )
         return EX_TEMPFAIL
     line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
+    if report.configs:
+        line += f"; configuration changed: {', '.join(report.configs)}"
+        if not on_change:
+            line += " (no --on-change hook: restart or reload what reads them)"
     _say(out, line + _cuts(report, retried=True))
+    for note in report.notes:
+        _say(err, f"gateway pull: {note}")
     if on_change:
         return run_on_change(on_change, Path(state_dir), changed, on_change_timeout, out=out, err=err)
+    (Path(state_dir) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)  # no hook to wait for: said above
     return 0
 
 
@@ -179,14 +195,20 @@ def run_on_change(
     """Run the operator's hook after a change, again after it failed or was interrupted, and once after each
     boot of the gateway (the legs it made are gone then, while the state on disk is unchanged: the pull gets a
     304). The state is installed either way: a failing hook makes the pull exit 1, and it runs at the next
-    pull even if nothing changed."""
+    pull even if nothing changed. ``VIRTCLOUD_CONFIG_CHANGED``: the configuration files pulls rewrote since a run
+    of it last succeeded (space-separated, relative to the state directory; empty when none)."""
     failed, ran = state_dir / ON_CHANGE_FAILED, state_dir / ON_CHANGE_RAN
     boot = _boot_id()
-    if not changed and not failed.exists() and ran.exists() and ran.read_text().strip() == boot:
+    configs = gateway_config.pending(state_dir)  # changed by this pull or one whose hook failed
+    if not changed and not configs and not failed.exists() and ran.exists() and ran.read_text().strip() == boot:
         return 0
     # until it succeeds, a pull killed meanwhile (a timeout, a shutdown) leaves the hook due
     write_atomic(failed, f"{RUNNING} {os.getpid()} (interrupted if that pull is gone)\n", 0o600)
-    env = {**os.environ, "VIRTCLOUD_STATE_DIR": str(state_dir.absolute())}
+    env = {
+        **os.environ,
+        "VIRTCLOUD_STATE_DIR": str(state_dir.absolute()),
+        "VIRTCLOUD_CONFIG_CHANGED": " ".join(configs),
+    }
     try:
         done = subprocess.run(  # noqa: S603 - the operator's own command line, without a shell
             shlex.split(command), env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -196,6 +218,8 @@ def run_on_change(
         error = str(exc)
     if not error:
         write_atomic(ran, boot + "\n", 0o600)
+        if configs and gateway_config.pending(state_dir) == configs:  # (another pull may have added some since)
+            (state_dir / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)
         failed.unlink(missing_ok=True)
         _say(out, "gateway pull: --on-change ran")
         return 0
@@ -227,6 +251,12 @@ def status(state_dir: str | Path, *, out: TextIO = sys.stdout) -> int:
         f"gateway state in {state_dir}: {verdict}; installed state made at {made}; "
         f"recorded sessions: {vpn_sessions} VPN certificate(s), {ssh_logins} SSH certificate(s)",
     )
+    if installed and not gateway_config.local_path(state_dir).exists():
+        _say(
+            out,
+            f"configuration: no {gateway_config.LOCAL} (set up by an older `gateway config`): openvpn.conf, "
+            "sshd_config and the units do not follow the portal's settings; run `gateway config NAME --dir` once",
+        )
     if not fresh:
         return 1
     failed = state_dir / ON_CHANGE_FAILED
@@ -269,7 +299,8 @@ def add_arguments(sub) -> None:
         "--on-change",
         metavar="CMD",
         help="run CMD after a pull that changed the state, at every pull until it succeeds once, and once after "
-        "each boot: e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json",
+        "each boot: e.g. the hook that gives the bastion a leg in each cluster from ssh/clusters.json; "
+        "VIRTCLOUD_CONFIG_CHANGED names the configuration files the pulls rewrote (restart what reads them)",
     )
     pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
     status_parser = sub.add_parser(

@@ -8,7 +8,14 @@ The document is what ``access.services.gateway_state`` returns (format 1)::
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
              "revoked_sessions": [{"serial": 23, "common_name": "alice", "revoked_at": "..."}],
              "krl": base64, "clusters": {"c42": {"vlan": 142, "principals": ["c42.alice"],
-                                               "targets": [["198.18.61.11", 22]], "nodes": [...]}}}}
+                                               "targets": [["198.18.61.11", 22]], "nodes": [...]}}},
+     "config": {"serves_vpn": true, "serves_ssh": true, "vpn_port": 1194, "vpn_proto": "udp", "ssh_port": 22,
+                "ssh_port_base": 0, "ssh_user": "virtcloud", "reneg_sec": 600}}
+
+``config``, the portal's settings for the gateway, is rendered with ``local.json`` (the operator's choices) into
+``openvpn.conf``, ``sshd_config`` and the systemd units (:mod:`access.gateway.config`), installed with the rest:
+a pull that brings changed settings rewrites them, and lists them for the ``--on-change`` hook
+(``.config-changed``) until one has run.
 
 Everything is validated before anything is written, so a bad document leaves the last good state in
 place (the gateway keeps working while the portal is down or broken, up to the state's ``max_age``). The
@@ -36,6 +43,7 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from access.gateway import config as gateway_config  # noqa: E402
 from access.gateway import management, sshd  # noqa: E402
 from access.gateway.state import (  # noqa: E402
     CLUSTER_RE,
@@ -56,7 +64,7 @@ from access.gateway.state import (  # noqa: E402
 from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
-_NODE_FIELD_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
+_NODE_FIELD_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}\Z")
 
 
 @dataclass
@@ -64,6 +72,8 @@ class InstallReport:
     """What an install changed, for the pull command's log line."""
 
     written: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)  # configuration files rewritten (relative to the state dir)
+    notes: list[str] = field(default_factory=list)  # what the operator should know about them (the pull says it)
     cut: list[int] = field(default_factory=list)  # OpenVPN certificate serials whose sessions were cut
     ssh_cut: list[int] = field(default_factory=list)  # SSH certificate serials whose bastion logins were cut
     cut_errors: list[str] = field(default_factory=list)
@@ -111,11 +121,17 @@ def _freshness(doc: dict) -> tuple[str, int, float]:
 
 def _prepare(
     doc: dict, vpn: VpnState, ssh: SshState, *, state_dir: Path, fetched_at: float | None
-) -> dict[Path, tuple[bytes, int]]:
+) -> tuple[dict[Path, tuple[bytes, int]], dict | None]:
+    """The files of ``doc`` (path -> (content, mode)) and its checked ``config`` section (None: the portal sends
+    none); :class:`StateError` when anything in it is malformed."""
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise StateError("state document has an unknown format (want format 1)")
     etag, max_age, generated = _freshness(doc)
     installed = {"etag": etag, "generated_at": doc["generated_at"], "max_age": max_age}
+    portal = None
+    if "config" in doc:
+        portal = gateway_config.check_portal(doc["config"], vpn="vpn" in doc, ssh="ssh" in doc)
+        installed["config"] = portal  # (the next pull says once that a state directory without local.json ignores it)
     files: dict[Path, tuple[bytes, int]] = {
         installed_path(state_dir): (json.dumps(installed).encode(), 0o644),
         # From the start of the pull that fetched it (this host's clock), or from when the portal made it.
@@ -169,7 +185,41 @@ def _prepare(
             json.dumps({"format": 1, "generated_at": stamp, "clusters": legs}, indent=1, sort_keys=True).encode(),
             0o644,
         )
-    return files
+    return files, portal
+
+
+def _configs(
+    state_dir: Path, portal: dict | None, previous: dict | None
+) -> tuple[dict[Path, tuple[bytes, int]], list[str]]:
+    """The configuration files rendered from the pulled settings and ``local.json`` (compared with the files on
+    disk by the caller: only those that differ are written), and what to tell the operator. Without
+    ``local.json`` nothing is rendered, and that is said once per change of the settings (``previous``: the
+    installed state's record)."""
+    if portal is None:  # a portal that sends no settings: the files stay as gateway config wrote them
+        return {}, []
+    try:
+        local = gateway_config.load_local(state_dir)
+    except gateway_config.LocalConfigError as exc:
+        return {}, [f"the configuration files stay as they are: {exc}"]
+    if local is None:
+        if previous is not None and previous.get("config") == portal:
+            return {}, []
+        return {}, [
+            f"no {gateway_config.LOCAL} in {state_dir} (it was set up by an older `gateway config`): openvpn.conf, "
+            "sshd_config and the units stay as they are and do not follow the portal's settings; run "
+            "`manage.py gateway config NAME --dir` once to have the pulls keep them current"
+        ]
+    try:
+        texts = gateway_config.render(portal, local)
+    except ValueError as exc:  # a value of local.json's (the pulled ones are checked)
+        return {}, [f"the configuration files stay as they are: cannot render them from {gateway_config.LOCAL}: {exc}"]
+    notes = []
+    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
+    if portal["serves_vpn"] and not vpn.server_key.exists():
+        notes.append("the portal has this gateway serve VPN, but it has no TLS key: enrol it (gateway config --dir)")
+    if portal["serves_ssh"] and not ssh.host_key.exists():
+        notes.append("the portal has this gateway serve SSH, but it has no host key: enrol it (gateway config --dir)")
+    return {state_dir / name: (text.encode(), 0o644) for name, text in texts.items()}, notes
 
 
 def _legs(clusters: dict) -> dict[str, dict]:
@@ -208,16 +258,22 @@ def install_state(
     Every session of a revoked certificate is cut (the same profile may be up in several places), once:
     their record is dropped after; an unreachable management socket is reported, not fatal (the next pull
     tries again). A malformed document is a :class:`StateError`, and nothing is written.
+
+    With ``local.json`` in ``state_dir``, the configuration files rendered from the document's ``config`` and it
+    belong to the set (those that differ from the files on disk: ``report.configs``), and ``.config-changed``
+    lists them until an ``--on-change`` hook has run (:mod:`access.gateway.agent`).
     """
     state_dir = Path(state_dir)
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     try:
-        files = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
+        files, portal = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
+        configs, notes = _configs(state_dir, portal, installed(state_dir))
+        files.update(configs)
         revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
         ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
-    report = InstallReport()
+    report = InstallReport(notes=notes)
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # (fresh-until lives at its top)
     if "vpn" in doc:
         vpn.ensure_dirs()
@@ -233,6 +289,12 @@ def install_state(
             unchanged = False
         if not unchanged:
             changed[path] = (data, mode)
+    report.configs = sorted(str(path.relative_to(state_dir)) for path in changed if path in configs)
+    if report.configs:  # until a hook has acted on them (restarted what reads them), with the rest of the set
+        waiting = sorted(set(gateway_config.pending(state_dir)) | set(report.configs))
+        changed[state_dir / gateway_config.CONFIG_CHANGED] = ("\n".join(waiting).encode() + b"\n", 0o644)
+        for path in configs:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # (systemd/)
     write_all_atomic(changed)
     report.written += [str(path) for path in changed]
     if cut_sessions and "vpn" in doc:
@@ -345,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"virtcloud-pull: wrote {len(report.written)} file(s), cut {len(report.cut)} VPN and "
         f"{len(report.ssh_cut)} SSH certificate(s)' sessions"
-        + (f", errors: {'; '.join(report.cut_errors)}" if report.cut_errors else ""),
+        + (f", configuration changed: {', '.join(report.configs)}" if report.configs else "")
+        + (f", errors: {'; '.join(report.cut_errors)}" if report.cut_errors else "")
+        + "".join(f"; {note}" for note in report.notes),
         file=sys.stderr,
     )
     return 0

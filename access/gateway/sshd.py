@@ -33,9 +33,10 @@ from pathlib import Path
 
 from access.gateway.state import SshState
 
-_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
-_ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
+# \Z, not $: "$" also matches before a final newline, which would end the line the value goes into
+_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
+_ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}\Z")
 #: Seconds between a login watchdog's looks at ``fresh-until`` (it also wakes right at the expiry it read).
 WATCH_EVERY = 30
 #: A login record untouched for this long names a certificate that has expired (SSH certificates live a day

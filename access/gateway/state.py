@@ -25,6 +25,10 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
                            ssh/run/sessions/<serial> (written by the bastion account), so that a revocation
                            cuts exactly that certificate's sessions
       ssh/revoked.json     SSH certificate serials the portal revoked lately (their sessions are cut)
+      openvpn.conf, sshd_config, systemd/   the gateway's own configuration, rendered from the pulled ``config``
+                           and local.json (:mod:`access.gateway.config`), rewritten by a pull that changes them
+      local.json           the operator's choices for them (``gateway config --dir`` writes it)
+      .config-changed      the configuration files pulls rewrote that no ``--on-change`` hook has acted on yet
       fresh-until          until when (this host's clock, seconds since the epoch) the state may be trusted:
                            the start of the pull that got it + its ``max_age``; past it every hook refuses
       .installed.json      etag, generated_at and max_age of the installed state (the next pull reports
@@ -50,7 +54,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# \Z, not $: "$" also matches before a final newline
+CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class StateError(Exception):

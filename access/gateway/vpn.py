@@ -1,6 +1,6 @@
 """OpenVPN hooks of the access gateway: ``tls-verify`` checks the AC, ``client-connect`` picks the VLAN.
 
-Run by OpenVPN (see :func:`access.openvpn.render_server_config`)::
+Run by OpenVPN (see :func:`access.gateway.vpnconf.render_server_config`)::
 
     tls-verify     "<python> -I <code>/access/gateway/vpn.py tls-verify --state <dir>"   + depth subject
     client-connect "<python> -I <code>/access/gateway/vpn.py client-connect --state <dir>"  + config-file

@@ -2,9 +2,10 @@
 has the portal installed) — set up an access gateway and keep its state current.
 
 ``config`` renders the gateway's ``openvpn.conf``, ``sshd_config`` and systemd units
-(:mod:`access.gateway.systemd`); with ``--dir`` it also enrols the gateway (new TLS server key and SSH host key
+(:mod:`access.gateway.config`); with ``--dir`` it also enrols the gateway (new TLS server key and SSH host key
 with their certificates, written into the state directory and not kept by the portal), writes the tls-crypt
-key, the configs and units, and a first state.
+key, the configs and units, ``local.json`` (the options given here, from which the gateway's pulls render the
+files again when the portal's settings for it change), and a first state.
 
 ``pull`` and ``status`` are the gateway agent's (:mod:`access.gateway.agent`, which a gateway runs standalone,
 without Django: its systemd units do): fetch and install the state, cut what it revokes, run the
@@ -19,10 +20,11 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from access.gateway import agent, outgoing, sshd, systemd
+from access.gateway import agent, outgoing
+from access.gateway import config as gateway_config
 from access.gateway import pull as gateway_pull
 from access.gateway.agent import DEFAULT_STATE_DIR
-from access.gateway.state import OPENVPN_CONFIG, SSHD_CONFIG, SshState, VpnState, write_atomic
+from access.gateway.state import SshState, VpnState, write_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[3]
 
@@ -78,7 +80,7 @@ class Command(BaseCommand):
             sys.exit(code)
 
     def _config(self, options):
-        from access import openvpn, services
+        from access import selectors, services
         from access.models import Gateway
 
         try:
@@ -87,44 +89,25 @@ class Command(BaseCommand):
             raise CommandError(f"no gateway named {options['name']!r}") from None
         target = Path(options["dir"]) if options["dir"] else None
         state_dir = target or Path(options["state_dir"])
-        configs = {}
-        if gateway.serves_vpn:
-            configs[OPENVPN_CONFIG] = openvpn.render_server_config(
-                state_dir=state_dir,
-                dev=options["dev"],
-                port=gateway.vpn_port,
-                proto=gateway.vpn_proto,
-                local=options["vpn_local"],
-                python=options["python"],
-                code_root=options["code_root"],
-                reneg_sec=settings.GATEWAY_STATE_MAX_AGE,
-            )
-        if gateway.serves_ssh:
-            configs[SSHD_CONFIG] = sshd.render_sshd_config(
-                state_dir=state_dir,
-                listen=[(options["ssh_listen"], gateway.ssh_port)],
-                account=gateway.ssh_user,
-                pid_file=state_dir / "ssh" / "sshd.pid",
-                # a bastion per cluster: bastion.py adds each cluster's own command (exactly one per sshd)
-                principals_command=not gateway.ssh_port_base,
-            )
+        # The operator's half: what the portal does not know; recorded beside the state (local.json), the gateway's
+        # pulls render the files again from it and the portal's half whenever the portal's settings change.
+        local = {
+            "state_dir": str(state_dir),
+            "dev": options["dev"],
+            "vpn_local": options["vpn_local"] or None,
+            "ssh_listen": options["ssh_listen"],
+            "python": options["python"],
+            "code_root": str(options["code_root"]),
+            "portal_url": options["portal_url"] or settings.SITE_URL,
+            "token_file": options["token_file"] or None,
+            "trunk": options["trunk"] or None,
+        }
         try:
-            units = systemd.render_units(
-                state_dir=state_dir,
-                code_root=options["code_root"],
-                python=options["python"],
-                portal_url=options["portal_url"] or settings.SITE_URL,
-                token_file=options["token_file"],
-                serves_vpn=gateway.serves_vpn,
-                serves_ssh=gateway.serves_ssh,
-                ssh_port_base=gateway.ssh_port_base,
-                ssh_listen=options["ssh_listen"],
-                trunk=options["trunk"],
-                tap=options["dev"],
-            )
+            configs = gateway_config.render(selectors.gateway_settings(gateway), local)
+            if target is not None:
+                configs[gateway_config.LOCAL] = gateway_config.local_json(local)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        configs.update({f"systemd/{name}": text for name, text in units.items()})
         if target is None:
             for name, text in configs.items():
                 self.stdout.write(f"# ---- {name} (state directory {state_dir})\n{text}")

@@ -1,0 +1,292 @@
+"""A gateway follows the portal's settings for it: the state carries them (``config``), and the agent's pull renders
+``openvpn.conf``, ``sshd_config`` and the units again from them and the operator's ``local.json`` — only from
+values it checked, so a compromised portal cannot write a directive into a file root runs."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from access import services
+from access.gateway import pull
+from access.gateway.config import CONFIG_CHANGED, LOCAL
+from access.gateway.state import StateError
+from access.models import GatewayKind
+from access.tests.fixtures import gateway, make_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = ROOT / "access" / "gateway" / "agent.py"
+# What a gateway host has: no Django settings, none of the portal's secrets (as in test_gateway_units)
+BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "http_proxy": "http://127.0.0.1:9"}
+CONFIGS = ("openvpn.conf", "sshd_config", "systemd/virtcloud-gateway-pull.service")
+
+
+def run(*args) -> str:
+    out = io.StringIO()
+    call_command("gateway", *args, stdout=out, stderr=out)
+    return out.getvalue()
+
+
+def snapshot(state: Path) -> dict[Path, tuple[bytes, int]]:
+    """Every file of the state directory: its content and when it was last written."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.rglob("*") if p.is_file()}
+
+
+def mtimes(state: Path, names=CONFIGS) -> dict[str, int]:
+    return {name: (state / name).stat().st_mtime_ns for name in names}
+
+
+@pytest.mark.django_db
+def test_the_state_carries_the_gateways_settings_and_its_etag_follows_them(gateway, settings):
+    doc = services.gateway_state(gateway=gateway)
+    assert doc["config"] == {
+        "serves_vpn": True,
+        "serves_ssh": True,
+        "vpn_port": 1194,
+        "vpn_proto": "udp",
+        "ssh_port": 22,
+        "ssh_port_base": 0,
+        "ssh_user": "virtcloud",
+        "reneg_sec": settings.GATEWAY_STATE_MAX_AGE,
+    }
+    assert services.gateway_state(gateway=gateway)["etag"] == doc["etag"]  # (nothing changed: the same ETag)
+    gateway.vpn_port = 1195
+    gateway.save()
+    moved = services.gateway_state(gateway=gateway)
+    assert moved["config"]["vpn_port"] == 1195 and moved["etag"] != doc["etag"]
+    gateway.vpn_proto, gateway.ssh_user = "tcp", "bastion"
+    gateway.save()
+    changed = services.gateway_state(gateway=gateway)
+    assert (changed["config"]["vpn_proto"], changed["config"]["ssh_user"]) == ("tcp", "bastion")
+    assert changed["ssh"]["account"] == "bastion" and changed["etag"] not in (doc["etag"], moved["etag"])
+    settings.GATEWAY_STATE_MAX_AGE = 900  # the portal's side of it: OpenVPN's reneg-sec
+    longer = services.gateway_state(gateway=gateway)
+    assert longer["config"]["reneg_sec"] == 900 and longer["etag"] != changed["etag"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_agent_rewrites_the_configuration_when_an_admin_changes_the_gateway(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """The standalone agent (a process, no Django) installs what a change of the gateway's settings makes of its
+    files — exactly what ``gateway config`` renders — and names them to the --on-change hook until a run of it
+    succeeds; a change of the state alone leaves them untouched."""
+    make_cluster(alice, name="mpi", group=team)
+    state = tmp_path / "state"
+    options = ("--portal-url", live_server.url, "--python", sys.executable, "--dev", "vcnotap0")
+    run("config", "gw1", "--dir", str(state), *options)
+    local = state / LOCAL
+    assert stat.S_IMODE(local.stat().st_mode) == 0o644
+    assert json.loads(local.read_text()) == {
+        "format": 1,
+        "state_dir": str(state),
+        "dev": "vcnotap0",
+        "vpn_local": None,
+        "ssh_listen": "0.0.0.0",
+        "python": sys.executable,
+        "code_root": str(ROOT),
+        "portal_url": live_server.url,
+        "token_file": None,
+        "trunk": None,
+    }
+    (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
+    seen, broken = tmp_path / "seen", tmp_path / "broken"
+    hook = tmp_path / "restart.sh"  # what an operator's hook gets: the files to act on
+    hook.write_text(f'#!/bin/sh\necho "[$VIRTCLOUD_CONFIG_CHANGED]" >> {seen}\n[ -e {broken} ] && exit 4\nexit 0\n')
+    hook.chmod(0o755)
+    argv = [sys.executable, "-I", str(AGENT), "pull", "--url", live_server.url, "--token-file", str(state / "token")]
+    argv += ["--dir", str(state), "--on-change", str(hook)]
+
+    def agent(*, code: int = 0) -> str:
+        done = subprocess.run(argv, env=BARE_ENV, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == code, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    before = mtimes(state)
+    out = agent()  # its first pull: a whole state, the configuration as gateway config wrote it
+    assert "file(s) updated" in out and "configuration changed" not in out
+    make_cluster(alice, name="other", group=team)
+    out = agent()  # the state changed, the settings did not: the files are not even written again
+    assert "file(s) updated" in out and "configuration changed" not in out
+    assert mtimes(state) == before and not (state / CONFIG_CHANGED).exists()
+
+    gateway.vpn_port = 1195
+    gateway.save()
+    out = agent()
+    assert "; configuration changed: openvpn.conf\n" in out
+    conf = (state / "openvpn.conf").read_text()
+    assert "\nport 1195\n" in conf and "\nport 1194\n" not in conf
+    assert stat.S_IMODE((state / "openvpn.conf").stat().st_mode) == 0o644
+    # exactly what `gateway config` renders for these settings and options
+    printed = run("config", "gw1", "--state-dir", str(state), *options)
+    assert f"# ---- openvpn.conf (state directory {state})\n{conf}" in printed
+    unchanged = [name for name in CONFIGS if name != "openvpn.conf"]
+    assert mtimes(state, unchanged) == {name: before[name] for name in unchanged}
+    assert seen.read_text().splitlines() == ["[]", "[]", "[openvpn.conf]"]
+    assert not (state / CONFIG_CHANGED).exists()  # the hook acted on it
+
+    # A hook that fails: the files it must act on stay listed, and the next pull (a 304) gives them again.
+    broken.touch()
+    gateway.ssh_port_base = 30000  # a bastion per cluster: its own service, no principals command in sshd_config
+    gateway.save()
+    out = agent(code=1)
+    assert "configuration changed: sshd_config, systemd/virtcloud-gateway-bastion.service" in out
+    assert "AuthorizedPrincipalsCommand " not in (state / "sshd_config").read_text()
+    assert "--port-base 30000" in (state / "systemd" / "virtcloud-gateway-bastion.service").read_text()
+    assert (state / CONFIG_CHANGED).read_text().split() == ["sshd_config", "systemd/virtcloud-gateway-bastion.service"]
+    broken.unlink()
+    out = agent()
+    assert "unchanged" in out and "--on-change ran" in out
+    assert seen.read_text().splitlines()[-2:] == ["[sshd_config systemd/virtcloud-gateway-bastion.service]"] * 2
+    assert not (state / CONFIG_CHANGED).exists()
+    agent()
+    assert len(seen.read_text().splitlines()) == 5  # (all acted on: no run of the hook)
+
+
+# Values a compromised portal might send to write a directive of its own into a file root runs.
+MALICIOUS = [
+    ("vpn_port", "1194\nscript-security 3\nup /bin/sh"),
+    ("vpn_port", 70000),
+    ("vpn_port", 0),
+    ("vpn_port", True),
+    ("vpn_port", 1194.5),
+    ("vpn_proto", "udp\nup /tmp/x"),
+    ("vpn_proto", "tcp-client"),
+    ("vpn_proto", 'udp"'),
+    ("ssh_port", -22),
+    ("ssh_port", "22\nPermitRootLogin yes"),
+    ("ssh_port_base", 65000),
+    ("ssh_user", "virtcloud\n"),  # ("$" would have let it through)
+    ("ssh_user", "virtcloud\nForceCommand /bin/sh"),
+    ("ssh_user", 'root"'),
+    ("ssh_user", "Root"),
+    ("ssh_user", "x" * 33),
+    ("ssh_user", None),
+    ("reneg_sec", "600\nup /bin/sh"),
+    ("reneg_sec", 10),
+    ("serves_vpn", False),  # while the document carries the VPN state
+    ("serves_ssh", "yes"),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("key", "value"), MALICIOUS)
+def test_malicious_settings_are_refused_and_nothing_is_installed(gateway, tmp_path, key, value):
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state))
+    before = snapshot(state)
+    doc = services.gateway_state(gateway=gateway)
+    doc["config"]["vpn_port"] = 1195  # a change the gateway would otherwise install
+    doc["config"][key] = value
+    with pytest.raises(StateError, match=f"config.{key}") as refused:
+        pull.install_state(state, doc)
+    assert "\n" not in str(refused.value)  # (the log line says what it got, escaped)
+    assert snapshot(state) == before
+
+
+@pytest.mark.django_db
+def test_a_config_section_that_is_not_a_map_is_refused_and_one_missing_changes_nothing(gateway, tmp_path):
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state))
+    before = snapshot(state)
+    doc = services.gateway_state(gateway=gateway)
+    with pytest.raises(StateError, match="config is not a map"):
+        pull.install_state(state, {**doc, "config": ["port 1195"]})
+    assert snapshot(state) == before
+    gateway.vpn_port = 1195
+    gateway.save()
+    doc = services.gateway_state(gateway=gateway)
+    del doc["config"]  # an older portal: the files stay as gateway config wrote them
+    report = pull.install_state(state, doc)
+    assert report.configs == [] and report.notes == []
+    assert "\nport 1194\n" in (state / "openvpn.conf").read_text()
+
+
+@pytest.mark.django_db
+def test_the_real_agent_refuses_a_malicious_document_and_keeps_the_last_good_state(gateway, root, tmp_path):
+    """Through the standalone agent, from a portal that sends an injected directive: exit 75, nothing written."""
+    import http.server
+    import threading
+
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state), "--python", sys.executable)
+    (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
+    doc = services.gateway_state(gateway=gateway)
+    doc["config"]["vpn_proto"] = "udp\nscript-security 3\nup /bin/sh"
+    doc["etag"] = "evil"
+    body = json.dumps(doc).encode()
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("ETag", '"evil"')
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    before = snapshot(state)
+    try:
+        argv = [sys.executable, "-I", str(AGENT), "pull", "--url", f"http://127.0.0.1:{server.server_port}"]
+        argv += ["--token-file", str(state / "token"), "--dir", str(state)]
+        done = subprocess.run(argv, env=BARE_ENV, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 75 and "config.vpn_proto" in done.stderr, done.stderr
+    assert "keeping the last good state" in done.stderr
+    assert snapshot(state) == before
+    assert "up /bin/sh" not in (state / "openvpn.conf").read_text()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_state_directory_without_local_json_keeps_its_configuration_and_says_so(live_server, root, gateway, tmp_path):
+    """Set up by an older ``gateway config`` (no local.json): the pulls install the state and leave the
+    configuration files alone, and say so once per change of the settings; the status says so too."""
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state), "--portal-url", live_server.url)
+    (state / LOCAL).unlink()
+    token = services.gateway_token_issue(gateway=gateway, by=root)
+    args = ("pull", "--url", live_server.url, "--token", token, "--dir", str(state))
+    before = mtimes(state)
+    out = run(*args)  # the settings are those the files were written from: nothing to say
+    assert "updated" in out and LOCAL not in out
+
+    gateway.vpn_port, gateway.ssh_port = 1195, 2222
+    gateway.save()
+    out = run(*args)
+    assert "updated" in out and out.count(f"no {LOCAL} in {state}") == 1, out
+    assert "stay as they are" in out and "configuration changed" not in out
+    assert mtimes(state) == before and "\nport 1194\n" in (state / "openvpn.conf").read_text()
+    assert not (state / CONFIG_CHANGED).exists()
+    make_cluster(root, name="later")  # another change of the state, the same settings: said already
+    out = run(*args)
+    assert "updated" in out and LOCAL not in out
+    assert mtimes(state) == before
+    assert f"configuration: no {LOCAL}" in run("status", "--dir", str(state))
+
+
+@pytest.mark.django_db
+def test_a_gateway_now_serving_ssh_without_a_host_key_is_told_to_enrol(tmp_path):
+    from access.models import Gateway
+
+    gw = Gateway.objects.create(name="gw2", kind=GatewayKind.VPN, address="198.18.100.2")
+    state = tmp_path / "state"
+    run("config", "gw2", "--dir", str(state))
+    gw.kind = GatewayKind.BOTH
+    gw.save()
+    report = pull.install_state(state, services.gateway_state(gateway=gw), cut_sessions=False)
+    assert "sshd_config" in report.configs and "systemd/virtcloud-gateway-sshd.service" in report.configs
+    assert any("no host key: enrol it" in note for note in report.notes)
