@@ -255,10 +255,11 @@ class Gateway(models.Model):
     address = models.CharField(
         max_length=253, validators=[validate_host], help_text="public host name or IP users connect to"
     )
-    vpn_port = models.PositiveIntegerField(default=1194, validators=PORT_VALIDATORS)
-    vpn_proto = models.CharField(max_length=12, choices=VpnProto.choices, default=VpnProto.UDP)
-    ssh_port = models.PositiveIntegerField(default=22, validators=PORT_VALIDATORS)
+    vpn_port = models.PositiveIntegerField("VPN port", default=1194, validators=PORT_VALIDATORS)
+    vpn_proto = models.CharField("VPN transport", max_length=12, choices=VpnProto.choices, default=VpnProto.UDP)
+    ssh_port = models.PositiveIntegerField("SSH port", default=22, validators=PORT_VALIDATORS)
     ssh_port_base = models.PositiveIntegerField(
+        "SSH port base",
         default=0,
         validators=[MaxValueValidator(65535 - 4094)],
         help_text="0: one bastion for every cluster (it forwards by address, so a node address two clusters use "
@@ -266,6 +267,7 @@ class Gateway(models.Model):
         "cluster's VLAN id (access/gateway/bastion.py): clusters may share addresses",
     )
     ssh_user = models.CharField(
+        "SSH account",
         max_length=32,
         default="virtcloud",
         validators=[SSH_USER_VALIDATOR],
@@ -277,9 +279,13 @@ class Gateway(models.Model):
         validators=[SERVER_NAME_VALIDATOR],
         help_text="CN of the gateway's TLS certificate",
     )
-    server_certificate = models.TextField(blank=True, help_text="the gateway's TLS certificate (PEM)")
-    ssh_host_certificate = models.TextField(blank=True, help_text="the bastion's OpenSSH host certificate")
-    tls_crypt_key = EncryptedTextField(blank=True, help_text="shared tls-crypt key (in every profile)")
+    server_certificate = models.TextField(
+        "TLS certificate", blank=True, help_text="the gateway's TLS certificate (PEM)"
+    )
+    ssh_host_certificate = models.TextField(
+        "SSH host certificate", blank=True, help_text="the bastion's OpenSSH host certificate"
+    )
+    tls_crypt_key = EncryptedTextField("tls-crypt key", blank=True, help_text="shared tls-crypt key (in every profile)")
     local_state_dir = models.CharField(
         max_length=200,
         blank=True,
