@@ -1,4 +1,4 @@
-"""Forms of the "my clusters" page: which clusters a VPN profile covers, an SSH key, a revocation."""
+"""Forms of the "VPN and SSH access" page (/access/): which clusters a VPN profile covers, an SSH key, a revocation."""
 
 from __future__ import annotations
 
@@ -15,16 +15,31 @@ GONE = (
 
 
 def cluster_choice(cluster) -> tuple[int, str]:
-    """A cluster as the forms offer it: its name at the gateway (the name with the id: unique, as in the table and
+    """A cluster as the forms offer it: its access name (the name with the id: unique, as in the table and
     the downloads) with its owner and group, since group members see clusters of several owners by one name."""
     whose = ", ".join(filter(None, [cluster.owner.get_username(), cluster.group.name if cluster.group_id else ""]))
     return cluster.pk, f"{cluster_label(cluster)} ({whose})"
 
 
-class VpnProfileForm(forms.Form):
+class PageForm(forms.Form):
+    """A form of the page. Django marks a field in error aria-invalid and describes it by its error and help."""
+
+    def focus_first_error(self) -> None:
+        """The page shown again opens at the first field in error: focused, a screen reader reads its label and
+        error, and the browser scrolls to it."""
+        for name in self.errors:
+            if name in self.fields:
+                self.fields[name].widget.attrs["autofocus"] = True
+                return
+
+
+class VpnProfileForm(PageForm):
     clusters = forms.TypedMultipleChoiceField(
         coerce=int,
         widget=forms.CheckboxSelectMultiple,
+        label="Clusters this profile admits to",
+        help_text="The profile enters the first cluster ticked; to enter another, change the profile's "
+        "setenv UV_VCLUSTER line to that cluster's access name.",
         error_messages={"required": "Choose at least one cluster.", "invalid_choice": GONE},
     )
     publish = forms.BooleanField(
@@ -34,10 +49,12 @@ class VpnProfileForm(forms.Form):
 
     def __init__(self, *args, clusters=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["clusters"].choices = [cluster_choice(c) for c in clusters]
+        self.fields["clusters"].choices = choices = [cluster_choice(c) for c in clusters]
+        if len(choices) == 1:  # nothing to choose: the only cluster is ticked (an unticked one can still be sent)
+            self.fields["clusters"].initial = [choices[0][0]]
 
 
-class SshCertificateForm(forms.Form):
+class SshCertificateForm(PageForm):
     cluster = forms.TypedChoiceField(coerce=int, error_messages={"invalid_choice": GONE})
     public_key = forms.CharField(
         required=False,
@@ -46,7 +63,8 @@ class SshCertificateForm(forms.Form):
             attrs={
                 "rows": 3,
                 "placeholder": "ssh-ed25519 AAAA... (leave empty to generate a key)",
-                "aria-describedby": "ssh-key-help",
+                "spellcheck": "false",
+                "autocapitalize": "off",
             }
         ),
         label="Your public key (optional)",

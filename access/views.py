@@ -1,5 +1,5 @@
-"""The "my clusters" page: VPN profile and SSH downloads, and the user's credentials with "I lost my
-laptop". Thin: a form, one service call, a file response or a message."""
+"""The "VPN and SSH access" page: VPN profile and SSH downloads, and the user's credentials with "I lost my
+laptop". Thin: a form, one service call, a file response, the page again with the form's errors, or a message."""
 
 from __future__ import annotations
 
@@ -45,27 +45,31 @@ def _attachment(content: str | bytes, *, filename: str, content_type: str) -> Ht
     return response
 
 
-def _form_errors(request, form) -> None:
-    """One message per error, naming the field it is about: the messages show above both forms of the page."""
-    for name, errors in form.errors.items():
-        for error in errors:
-            messages.error(request, _about(form, name, error))
+def _refused(request, form, exc: AccessError):
+    """A refusal the user can fix in the form (a pasted key that is not one) goes under its field, the page shown
+    again with what they entered; any other (no gateway, an administrator's setting) is a message above the page."""
+    if exc.field in form.fields:
+        form.add_error(exc.field, exc.message[:1].upper() + exc.message[1:])  # (the API's messages start lower-case)
+        return _invalid(request, form)
+    messages.error(request, exc.message)
+    return redirect(PAGE)
 
 
-def _refused(request, form, exc: AccessError) -> None:
-    messages.error(request, _about(form, exc.field, exc.message))
-
-
-def _about(form, field: str | None, message: str) -> str:
-    if field in form.fields:
-        return f"{form[field].label}: {message}"
-    return message
+def _invalid(request, form) -> HttpResponse:
+    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost)."""
+    form.focus_first_error()
+    forms = {"vpn_form": form} if isinstance(form, VpnProfileForm) else {"ssh_form": form}
+    return _page(request, **forms, status=400)
 
 
 @require_safe
 @login_required
 @never_cache
 def my_clusters(request):
+    return _page(request)
+
+
+def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpResponse:
     user = request.user
     enterable = list(selectors.clusters_user_may_enter(user))
     enterable_ids = {c.pk for c in enterable}
@@ -78,22 +82,30 @@ def my_clusters(request):
     stale = [{"name": g.name, "minutes": int(age.total_seconds() // 60)} for g, age in failed]
     withheld = selectors.bastion_withheld_nodes(enterable)
     unrelayed = [{"label": selectors.cluster_label(c), "nodes": withheld[c.pk]} for c in enterable if c.pk in withheld]
+    vpn_gateway = bool(selectors.gateways_for(kind="vpn")) if enterable else False
+    ssh_gateway = bool(selectors.gateways_for(kind="ssh")) if enterable else False
+    for form, shown in ((vpn_form, vpn_gateway), (ssh_form, ssh_gateway)):
+        if form is not None and not shown:  # (no cluster to enter any more, or no gateway): said above the page
+            for error in form.errors.values():
+                messages.error(request, " ".join(error))
     return render(
         request,
         "access/my_clusters.html",
         {
             "clusters": clusters,
             "enterable": enterable,
-            "vpn_form": VpnProfileForm(clusters=enterable),
-            "ssh_form": SshCertificateForm(clusters=enterable),
+            "vpn_form": vpn_form if vpn_form is not None else VpnProfileForm(clusters=enterable),
+            "ssh_form": ssh_form if ssh_form is not None else SshCertificateForm(clusters=enterable),
+            "has_errors": status == 400,
             "credentials": credentials,
             "ended_shown": ENDED_CREDENTIALS_SHOWN,
-            "vpn_gateway": bool(selectors.gateways_for(kind="vpn")) if enterable else False,
-            "ssh_gateway": bool(selectors.gateways_for(kind="ssh")) if enterable else False,
+            "vpn_gateway": vpn_gateway,
+            "ssh_gateway": ssh_gateway,
             "stale_gateways": stale if enterable else [],
             "unrelayed": unrelayed,
             "example_host": f"{selectors.cluster_label(enterable[0])}-node1" if enterable else "<cluster>-node1",
         },
+        status=status,
     )
 
 
@@ -102,15 +114,13 @@ def my_clusters(request):
 def vpn_profile_download(request):
     form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():
-        _form_errors(request, form)
-        return redirect(PAGE)
+        return _invalid(request, form)
     try:
         profile = services.vpn_profile_issue(
             user=request.user, clusters=form.cleaned_data["clusters"], publish=form.cleaned_data["publish"]
         )
     except AccessError as exc:
-        _refused(request, form, exc)
-        return redirect(PAGE)
+        return _refused(request, form, exc)
     return _attachment(profile.text, filename=profile.filename, content_type="application/x-openvpn-profile")
 
 
@@ -119,16 +129,21 @@ def vpn_profile_download(request):
 def ssh_download(request):
     form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():
-        _form_errors(request, form)
-        return redirect(PAGE)
+        return _invalid(request, form)
     try:
         issued = services.ssh_certificate_issue(
             user=request.user, cluster=form.cleaned_data["cluster"], public_key=form.cleaned_data["public_key"] or None
         )
     except AccessError as exc:
-        _refused(request, form, exc)
-        return redirect(PAGE)
+        return _refused(request, form, exc)
     return _attachment(issued.zip_bytes(), filename=issued.zip_name, content_type="application/zip")
+
+
+def _named(credential, user) -> str:
+    """A credential as a message names it to ``user``: "your OpenVPN profile 37" to its holder, and by the number
+    the page's table shows."""
+    whose = "your" if credential.user_id == user.pk else f"{credential.user}'s"
+    return f"{whose} {credential.get_kind_display()} {credential.serial}"
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
@@ -144,10 +159,11 @@ def credential_revoke(request, pk: int):
             {"credential": credential, "password_of_its_own": request.user.has_usable_password()},
         )
     revoked, account = services.credential_revoke_lost_device(credential=credential, user=request.user)
+    named = _named(credential, request.user)
     if not revoked:
-        messages.info(request, f"{credential} was already revoked.")
+        messages.info(request, f"{named[0].upper()}{named[1:]} was already revoked.")
         return redirect(PAGE)
-    messages.success(request, f"Revoked {credential}. Gateways refuse it from their next pull (minutes).")
+    messages.success(request, f"Revoked {named}: the gateways refuse it from their next pull (within minutes).")
     if account is not None:
         update_session_auth_hash(request, account)  # (this session stays)
         messages.info(request, "Every other browser session of yours is signed out.")

@@ -1,5 +1,5 @@
 """The download page in headless Chromium (Debian's, driven by Playwright): log in through the login form
-(a local account, and a directory account of a throwaway slapd), open "my clusters", download the VPN profile
+(a local account, and a directory account of a throwaway slapd), open "VPN and SSH access", download the VPN profile
 and the SSH bundle, check both are usable, revoke; and no private key of the user is left in the database,
 the logs or any file on disk (the portal's DATA_DIR, /tmp, the test's and Chromium's directories) afterwards,
 but the downloaded file."""
@@ -122,11 +122,24 @@ def test_login_download_vpn_and_ssh_then_revoke(
     assert "OpenVPN Connect" in page.inner_text("#vpn")
     assert "ssh -F virtcloud.conf " in page.inner_text("#ssh")
 
+    # A pasted key that is not one: the page comes back with it, and the error at the field.
+    page.select_option("#id_cluster", str(cluster.pk))
+    page.fill("#id_public_key", "ssh-ed25519 not-a-key")
+    page.click("#ssh-form button[type=submit]")
+    page.wait_for_load_state()
+    assert page.input_value("#id_public_key") == "ssh-ed25519 not-a-key"
+    assert "Not a valid OpenSSH public key" in page.inner_text("#id_public_key_error")
+    assert page.evaluate("document.activeElement.id") == "id_public_key"  # focused there
+    page.fill("#id_public_key", "")
+
+    assert not page.query_selector("#credentials tr[data-serial]")
     page.check(f"#vpn-form input[value='{cluster.pk}']")
     with page.expect_download() as info:
         page.click("#vpn-form button[type=submit]")
     download = info.value
     assert download.suggested_filename == f"virtcloud-{label}.ovpn"
+    # The page lists the new credential a moment later, without a reload.
+    page.wait_for_selector("#credentials tr[data-serial]", timeout=10_000)
     downloads = tmp_path / "downloads"
     profile_path = downloads / download.suggested_filename
     download.save_as(profile_path)
@@ -188,7 +201,7 @@ def test_login_download_vpn_and_ssh_then_revoke(
 def test_directory_user_logs_in_opens_my_clusters_and_downloads_a_vpn_profile(
     browser_page, live_server, ldap_up, gateway, tmp_path
 ):
-    """The issue's path: LDAP login → my clusters → download. alice exists only in the directory."""
+    """The issue's path: LDAP login → VPN and SSH access → download. alice exists only in the directory."""
     from django.contrib.auth.models import Group, User
 
     from portal.models import DirectoryAccount
@@ -205,7 +218,7 @@ def test_directory_user_logs_in_opens_my_clusters_and_downloads_a_vpn_profile(
 
     page.get_by_role("navigation").get_by_role("link", name="VPN and SSH access").click()
     page.wait_for_url(f"{live_server.url}/access/")
-    assert page.inner_text("h1") == "My clusters"
+    assert page.inner_text("h1") == "VPN and SSH access"  # as the link says
     assert label in page.inner_text(f"#clusters tr[data-cluster='{cluster.pk}']")
     page.check(f"#vpn-form input[value='{cluster.pk}']")
     with page.expect_download() as info:
@@ -237,3 +250,22 @@ def test_on_a_phone_the_pages_do_not_scroll_sideways(browser_page, live_server, 
         page.goto(f"{live_server.url}{path}")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, (path, overflow)
+    # Each credential is a card: its "Revoke" link is on the screen, not in a column scrolled out of sight.
+    page.goto(f"{live_server.url}/access/")
+    for link in page.locator("#credentials a", has_text="Revoke (lost my laptop)").all():
+        link.scroll_into_view_if_needed()
+        box = link.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+
+
+def test_after_a_failed_login_the_password_is_focused(browser_page, live_server, alice):
+    page = browser_page
+    page.goto(f"{live_server.url}/login/")
+    assert page.evaluate("document.activeElement.id") == "id_username"
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "wrong")
+    page.click("form.login button[type=submit]")
+    page.wait_for_load_state()
+    assert page.input_value("#id_username") == "alice"
+    assert page.evaluate("document.activeElement.id") == "id_password"
+    assert page.evaluate("getComputedStyle(document.getElementById('id_password')).fontSize") == "16px"

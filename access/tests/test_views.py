@@ -1,4 +1,4 @@
-"""The "my clusters" page with Django's test client: what a logged-in user sees and downloads."""
+"""The "VPN and SSH access" page (/access/) with Django's test client: what a logged-in user sees and downloads."""
 # ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
 
 from __future__ import annotations
@@ -59,12 +59,25 @@ def test_vpn_download_from_the_page(bob, cluster, gateway):
     ]
 
 
+def test_vpn_download_for_a_cluster_not_enterable_any_more_is_refused_under_the_field(alice, bob, cluster, gateway):
+    """Offered when the page was loaded, then torn down: the form comes back saying so under the field."""
+    make_cluster(bob, name="other")  # bob still has a cluster to enter: the form is on the page
+    cluster.state = "tearing_down"
+    cluster.save()
+    response = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    assert response.status_code == 400
+    errors = response.content.decode().split('id="id_clusters_error"')[1].split("</ul>")[0]
+    assert "Select a valid choice" in errors and f"cluster {cluster.pk} cannot be entered now" in errors
+    assert not Credential.objects.exists()
+
+
 def test_vpn_download_for_a_foreign_cluster_is_refused_with_a_message(charlie, cluster, gateway):
-    client = logged_in(charlie)
-    response = client.post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True)
-    assert response.redirect_chain[-1][0] == "/access/"
-    assert "Select a valid choice" in response.content.decode()
-    assert f"cluster {cluster.pk} cannot be entered now" in response.content.decode()
+    """charlie can enter no cluster: the page has no form to show the error in, so it is a message."""
+    response = logged_in(charlie).post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    assert response.status_code == 400
+    page = response.content.decode()
+    alert = page.split('<p class="message error" role="alert">')[1].split("</p>")[0]
+    assert f"cluster {cluster.pk} cannot be entered now" in alert
     assert not Credential.objects.exists()
 
 
@@ -83,12 +96,23 @@ def test_ssh_zip_download(alice, cluster, gateway):
     assert f"Host {cluster_label(cluster)}-*" in config and "ProxyJump" in config
 
 
-def test_ssh_bad_key_is_a_message(alice, cluster, gateway):
-    response = logged_in(alice).post(
-        "/access/ssh/", {"cluster": cluster.pk, "public_key": "ssh-rsa AAAAB3Nza"}, follow=True
-    )
-    assert response.status_code == 200
-    assert "not a valid OpenSSH public key (ssh-rsa)" in response.content.decode()
+def test_ssh_bad_key_is_said_under_the_field_and_the_key_is_kept(alice, cluster, gateway):
+    """The service refuses the key (not the form): the page comes back with the key as pasted, the error under
+    the field (which is marked invalid and described by it), and no message above the page repeating the label."""
+    response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": "ssh-rsa AAAAB3Nza"})
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert "<title>Error: VPN and SSH access · VirtCloud portal</title>" in page
+    textarea = page.split('<textarea name="public_key"')[1].split("</textarea>")[0]
+    assert textarea.endswith(">\nssh-rsa AAAAB3Nza")  # kept
+    assert 'aria-invalid="true"' in textarea and "autofocus" in textarea
+    assert 'aria-describedby="id_public_key_helptext id_public_key_error"' in textarea
+    errors = page.split('<ul class="errorlist" id="id_public_key_error">')[1].split("</ul>")[0]
+    assert "Not a valid OpenSSH public key (ssh-rsa)" in errors
+    assert 'id="id_public_key_helptext"' in page
+    assert 'class="messages"' not in page and "Your public key (optional):" not in page
+    assert f'<option value="{cluster.pk}" selected>' in page  # the cluster chosen, too
+    assert 'id="vpn-form"' in page and "aria-invalid" not in page.split('id="vpn-form"')[1].split("</form>")[0]
     assert not Credential.objects.exists()
 
 
@@ -108,7 +132,8 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     confirm = client.get(f"/access/credentials/{credential.pk}/revoke/")
     assert confirm.status_code == 200
     text = confirm.content.decode()
-    assert f"Revoke OpenVPN profile {credential.serial}?" in text
+    assert f"<h1>Revoke OpenVPN profile {credential.serial}?</h1>" in text
+    assert f'<button type="submit" class="danger">Revoke OpenVPN profile {credential.serial}</button>' in text
     assert "the access gateways refuse it from their next" in text and "cannot\n  be undone" in text
     assert "change your\n  password afterwards" in text  # alice has a local password: nothing signs the laptop out
     assert f'<form method="post" action="/access/credentials/{credential.pk}/revoke/">' in text
@@ -116,10 +141,17 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     credential.refresh_from_db()
     assert credential.revoked_at is None
     response = client.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
-    assert "Revoked" in response.content.decode()
+    page = response.content.decode()
+    # said to alice herself, by the number the table shows
+    assert f'<p class="message success" role="status">Revoked your OpenVPN profile {credential.serial}:' in page
+    assert " of alice" not in page and f"#{credential.serial}" not in page
     credential.refresh_from_db()
     assert credential.revocation_reason == "key_compromise" and credential.revoked_by == alice
-    assert f"revoked {credential.revoked_at:%Y-%m-%d %H:%M} UTC (" in response.content.decode()  # as "valid until"
+    assert f">{credential.revoked_at:%Y-%m-%d %H:%M} UTC</time> (" in page  # as "valid until"
+    # Its page again: headed as what it is now, with nothing to press.
+    again = client.get(f"/access/credentials/{credential.pk}/revoke/").content.decode()
+    assert f"<h1>OpenVPN profile {credential.serial} is revoked</h1>" in again
+    assert "Revoke OpenVPN profile" not in again and "<button" not in again.split("</header>")[1]
 
 
 def test_an_expired_credential_shows_as_expired_without_a_revoke_button(alice, cluster, gateway):
@@ -133,8 +165,10 @@ def test_an_expired_credential_shows_as_expired_without_a_revoke_button(alice, c
     )
     page = client.get("/access/").content.decode()
     row = page.split(f'data-serial="{credential.serial}"')[1].split("</tr>")[0]
-    assert "<td>expired</td>" in row
+    assert '<td data-label="Status">expired</td>' in row
     assert "Revoke" not in row
+    confirm = client.get(f"/access/credentials/{credential.pk}/revoke/").content.decode()
+    assert f"<h1>OpenVPN profile {credential.serial} has expired</h1>" in confirm and 'class="danger"' not in confirm
 
 
 # --- admin ---------------------------------------------------------------------------------------------------------
@@ -507,7 +541,8 @@ def test_every_valid_credential_is_listed_however_old_with_the_newest_ended_ones
     oldest = Credential.objects.get(pk=valid[-1].pk)
     assert "<th>Issued</th>" in page
     row = page.split(f'data-serial="{oldest.serial}"')[1].split("</tr>")[0]
-    assert f"<td>{oldest.created_at:%Y-%m-%d %H:%M} UTC</td>" in row
+    assert f'<td data-label="Issued"><time datetime="{oldest.created_at.isoformat()}">' in row
+    assert f">{oldest.created_at:%Y-%m-%d %H:%M} UTC</time></td>" in row
 
 
 def test_the_forms_tell_clusters_of_the_same_name_apart(alice, bob, team, gateway):
@@ -518,25 +553,83 @@ def test_the_forms_tell_clusters_of_the_same_name_apart(alice, bob, team, gatewa
     assert f"{cluster_label(theirs)} (bob, physics)" in page
 
 
-def test_form_errors_name_their_field(alice, cluster, gateway):
+def test_form_errors_are_under_their_field(alice, cluster, gateway):
     client = logged_in(alice)
-    response = client.post("/access/vpn-profile/", {}, follow=True)
-    assert "Clusters: Choose at least one cluster." in response.content.decode()
-    response = client.post("/access/ssh/", {"cluster": cluster.pk, "public_key": "ssh-rsa AAAAB3Nza"}, follow=True)
-    assert "Your public key (optional): not a valid OpenSSH public key" in response.content.decode()
+    response = client.post("/access/vpn-profile/", {"publish": "on"})
+    assert response.status_code == 400
+    page = response.content.decode()
+    fieldset = page.split('id="vpn-form"')[1].split("</fieldset>")[0]
+    assert '<fieldset aria-describedby="id_clusters_helptext id_clusters_error" class="invalid">' in fieldset
+    assert '<ul class="errorlist" id="id_clusters_error"><li>Choose at least one cluster.</li></ul>' in fieldset
+    assert 'aria-invalid="true"' in fieldset
+    assert 'name="publish" id="id_publish" checked' in page  # what was sent is kept
+    assert 'class="messages"' not in page
 
 
-def test_the_page_answers_head_and_messages_are_announced(alice, cluster, gateway):
+def test_the_page_answers_head_and_messages_are_announced(alice, cluster):
+    """An error message is an alert (read at once); others are a status."""
     client = logged_in(alice)
     assert client.head("/access/").status_code == 200
-    page = client.post("/access/vpn-profile/", {}, follow=True).content.decode()
-    assert '<ul class="messages" role="status" aria-live="polite">' in page
+    page = client.post("/access/vpn-profile/", {"clusters": [cluster.pk]}, follow=True).content.decode()
+    assert '<div class="messages">' in page and '<ul class="messages"' not in page
+    alert = page.split('<p class="message error" role="alert">')[1].split("</p>")[0]
+    assert "no OpenVPN access gateway is ready" in alert
+
+
+def test_the_page_is_headed_as_its_nav_link_and_the_link_is_marked_current(alice, cluster, gateway):
+    page = logged_in(alice).get("/access/").content.decode()
+    assert "<title>VPN and SSH access · VirtCloud portal</title>" in page and "<h1>VPN and SSH access</h1>" in page
+    assert '<a href="/access/" aria-current="page">VPN and SSH access</a>' in page
+    assert '<a href="/">Clusters</a>' in page
+    home = logged_in(alice).get("/").content.decode()
+    assert '<a href="/" aria-current="page">Clusters</a>' in home and '<a href="/access/">VPN' in home
+
+
+def test_the_page_speaks_plainly(alice, bob, cluster, gateway):
+    """No "name at the gateway": the access name, what it is used for; the UV_VCLUSTER hint is help text; the key
+    is made once; the only cluster one can enter is ticked already."""
+    page = logged_in(alice).get("/access/").content.decode()
+    assert "Name at the gateway" not in page
+    assert "<th>Access name <small>(used in file and SSH host names)</small></th>" in page
+    assert "<legend>Clusters this profile admits to</legend>" in page
+    help_text = page.split('<small id="id_clusters_helptext">')[1].split("</small>")[0]
+    assert "setenv UV_VCLUSTER" in help_text
+    assert "The portal keeps no copy of the private key: downloading again makes a new credential." in page
+    assert f'name="clusters" value="{cluster.pk}" id="id_clusters_0" checked>' in page
+    make_cluster(alice, name="second")
+    page = logged_in(alice).get("/access/").content.decode()
+    assert "checked" not in page.split('id="vpn-form"')[1].split("</fieldset>")[0]  # two: the user chooses
+
+
+def test_no_closed_cluster_says_where_clusters_come_from(charlie, gateway):
+    page = logged_in(charlie).get("/access/").content.decode()
+    assert "You have no closed clusters. Clusters are created by your batch jobs; public clusters need no VPN." in page
+    assert 'id="clusters"' not in page and 'id="vpn-form"' not in page
+    assert 'id="no-credentials"' in page
+
+
+def test_the_credentials_section_is_refreshed_after_a_download(alice, cluster, gateway):
+    """The download forms ask the small script to fetch the page again and replace #credentials (which says
+    where from); without it, nothing else depends on it."""
+    page = logged_in(alice).get("/access/").content.decode()
+    assert '<form method="post" action="/access/vpn-profile/" id="vpn-form" data-refreshes="credentials">' in page
+    assert '<form method="post" action="/access/ssh/" id="ssh-form" data-refreshes="credentials">' in page
+    assert '<section id="credentials" data-source="/access/">' in page
+    assert 'src="/static/js/credentials-refresh.js" defer' in page
+
+
+def test_a_refusal_not_about_a_field_stays_a_message(alice, cluster, gateway):
+    from access.models import Gateway
+
+    Gateway.objects.filter(pk=gateway.pk).update(ssh_user="root\nProxyCommand touch /tmp/x")
+    response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": ""})
+    assert (response.status_code, response.url) == (302, "/access/")
 
 
 def test_an_ending_cluster_is_not_called_not_enterable_yet(alice, team, gateway):
     make_cluster(alice, name="ending", group=team, state="tearing_down")
     page = logged_in(alice).get("/access/").content.decode()
-    row = page.split("<td>ending</td>")[1].split("</tr>")[0]
+    row = page.split('<td data-label="Cluster">ending</td>')[1].split("</tr>")[0]
     assert "tearing down (ending: it cannot be entered any more)" in row and "not enterable yet" not in row
 
 
@@ -571,5 +664,6 @@ def test_a_gateway_token_secret_is_never_in_a_cookie(root, gateway):
 def test_the_ssh_form_says_where_the_config_expects_a_pasted_keys_private_half(client, alice, cluster, gateway):
     client.force_login(alice)
     page = client.get("/access/").content.decode()
-    assert 'aria-describedby="ssh-key-help"' in page
+    assert 'aria-describedby="id_public_key_helptext"' in page
+    assert '<small id="id_public_key_helptext">' in page
     assert "~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa" in page

@@ -66,8 +66,29 @@ def test_home_says_its_times_are_utc(fabric, client, alice):
     client.force_login(alice)
     page = client.get("/").content.decode()
     utc = timezone.get_fixed_timezone(0)
-    assert f"<td>{kept.expires_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
-    assert f"<td>{gone.ended_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</td>" in page
+    assert f">{kept.expires_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</time></td>" in page
+    assert f">{gone.ended_at.astimezone(utc):%Y-%m-%d %H:%M} UTC</time></td>" in page
+
+
+def test_home_rows_lead_to_their_access_section_and_for_an_admin_to_the_admin(client, alice, bob, root, team):
+    """A closed cluster of one's own or of one's group links to its row on the access page (which has that id);
+    a public one, or another's that an admin sees, does not; an admin's rows link to the admin's change page."""
+    from access.tests.fixtures import make_cluster
+
+    closed = make_cluster(alice, name="closed", group=team)
+    public = make_cluster(alice, name="public", connectivity="public")
+    client.force_login(bob)  # a member of team
+    page = client.get("/").content.decode()
+    assert f'href="/access/#cluster-{closed.pk}"' in page and f"#cluster-{public.pk}" not in page
+    assert "/admin/" not in page
+    assert f'id="cluster-{closed.pk}"' in client.get("/access/").content.decode()
+    row = page.split(f'data-cluster="{closed.pk}"')[1].split("</tr>")[0]
+    assert '<ul class="nodes"><li><span class="nowrap"><code>node1</code> on ' in row  # name, host, address apart
+    client.force_login(root)
+    page = client.get("/").content.decode()
+    assert f'href="/admin/clusters/virtualcluster/{closed.pk}/change/"' in page
+    assert f'href="/admin/clusters/virtualcluster/{public.pk}/change/"' in page
+    assert f"#cluster-{closed.pk}" not in page  # not root's: the access page would not list it
 
 
 def test_home_tells_an_admin_the_list_is_everyone_s(client, alice, root):

@@ -130,7 +130,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"demo: alice's closed cluster {demo_cluster.name} is {demo_cluster.get_state_display()} on VLAN "
                 f"{demo_cluster.vlan_id} (nodes at brno, pilsen, prague{'; SIMULATED' if self.simulated else ''}); "
-                "log in as alice and open My clusters"
+                "log in as alice and open VPN and SSH access"
             )
         self.stdout.write(f"demo: worker queues {', '.join(queues)}; logs in {self.log_dir}")
         self.stdout.write("demo: ready — press Ctrl-C to stop everything")
