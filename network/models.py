@@ -11,6 +11,7 @@ from django.db import models
 
 from network import vlanranges
 from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
+from network.drivers.naming import vlan_name
 from network.drivers.ranges import PLATFORM_RESERVED
 from network.drivers.sshargs import ssh_problems
 from portal.secrets import EncryptedTextField
@@ -188,6 +189,11 @@ class Switch(InventoryModel):
         if self.platform == Platform.LINUXBRIDGE and self.driver_args.get("transport") == "ssh":
             host, user = self.address, self.username  # that driver's ssh destination
         problems = ssh_problems(host=host, user=user, options=self.driver_args.get("ssh_options", ()))
+        if "vlan_name_format" in self.driver_args:
+            try:  # written into the vendor switch's configuration: one plain word per VLAN
+                vlan_name(str(self.driver_args["vlan_name_format"]), VLAN_MIN)
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValidationError({"driver_args": [f"switch {self.name}: {problem}" for problem in problems]})
         errors: dict[str, list[str]] = {}

@@ -30,6 +30,7 @@ from network.drivers.base import (
     SwitchSpec,
     TemporaryDeviceError,
 )
+from network.drivers.naming import VLAN_NAME, vlan_name
 from network.drivers.ranges import PLATFORM_RESERVED, compact
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -107,6 +108,9 @@ def render(
     if reserved:
         raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
     vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in vids]
+    bad = [vlan["name"] for vlan in vlans if not VLAN_NAME.fullmatch(str(vlan["name"]))]
+    if bad:  # (a caller's names; open_switch makes them with vlan_name, which says why)
+        raise PermanentDeviceError(platform, f"VLAN names {bad} are not plain words of 1-32 characters")
     ports = [{"name": name, "vids": sorted(desired[name])} for name in sorted(desired)]
     if trunk_encapsulation not in ("", "dot1q"):
         raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")
@@ -374,7 +378,10 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
 
     def renderer(desired: Mapping[str, frozenset[int]]) -> str:
         vids = {vid for v in desired.values() for vid in v}
-        names = {vid: name_format.format(vid=vid) for vid in vids}
+        try:
+            names = {vid: vlan_name(name_format, vid) for vid in vids}
+        except ValueError as exc:
+            raise PermanentDeviceError(spec.name, str(exc)) from None
         return render(template, desired, names, trunk_encapsulation=encapsulation)
 
     try:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from network.drivers import PermanentDeviceError, SwitchSpec, TemporaryDeviceError
+from network.drivers.naming import vlan_name
 from network.drivers.vendor import PLATFORMS, open_switch, render, vlan_list
 
 DESIRED = {"Ethernet2": frozenset(), "Ethernet1": frozenset({100, 101, 102, 200})}
@@ -412,3 +413,41 @@ def test_a_rollback_that_fails_says_the_change_may_be_on_the_device():
     convergence._drive(w, session=NapalmSwitchSession(spec, device, lambda desired: "config"))
     assert w.status == "failed" and "rollback refused" in w.error and w.exc.may_have_applied
     assert not w.refused
+
+
+@pytest.mark.parametrize(
+    "name_format",
+    [
+        "vc-{vid}\ninterface Gi0/1\n shutdown",  # a newline would start another statement on the switch
+        "vc {vid}",
+        'vc-"{vid}"',
+        "{vid.__class__}",  # anything but the id
+        "{0}",
+        "x" * 40 + "{vid}",
+        "vc-{vid",
+        "",
+    ],
+)
+def test_a_vlan_name_format_that_would_write_more_than_a_name_is_refused(name_format):
+    with pytest.raises(ValueError, match="vlan_name_format"):
+        vlan_name(name_format, 100)
+
+
+def test_vlan_names_are_plain_words():
+    assert vlan_name("vc-{vid}", 100) == "vc-100"
+    assert vlan_name("grid{vid:04d}", 7) == "grid0007"
+    assert vlan_name("virtcloud", 7) == "virtcloud"
+    with pytest.raises(PermanentDeviceError, match="not plain words"):
+        render("ios", {"Gi1/0/1": frozenset({100})}, {100: "a\nb"})
+
+
+def test_a_switch_session_refuses_a_bad_vlan_name_format_before_loading_anything(tmp_path):
+    spec = mock_device(tmp_path, {"get_vlans.1": BEFORE})
+    spec = SwitchSpec(
+        name=spec.name, platform=spec.platform, address=spec.address, owned_ports=spec.owned_ports,
+        driver_args={**spec.driver_args, "vlan_name_format": "vc {vid}"},
+    )  # fmt: skip
+    with open_switch(spec) as session:
+        with pytest.raises(PermanentDeviceError, match="vlan_name_format"):
+            session.converge({"Ethernet1": frozenset({100})})
+        assert session.device.calls.get("load_merge_candidate", 0) == 0

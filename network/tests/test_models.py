@@ -318,3 +318,16 @@ def test_a_port_that_carries_a_live_vlan_keeps_its_name():
     port.name = "h1"
     port.description = "still the same port"
     port.full_clean()
+
+
+@pytest.mark.django_db
+def test_a_vlan_name_format_that_would_write_more_than_a_name_is_refused_on_the_switch():
+    from network.tests.factories import SwitchFactory
+
+    switch = SwitchFactory(platform="ios")
+    switch.driver_args = {"vlan_name_format": "vc-{vid}\nno spanning-tree"}
+    with pytest.raises(ValidationError) as refused:
+        switch.full_clean()
+    assert "vlan_name_format" in str(refused.value.message_dict["driver_args"])
+    switch.driver_args = {"vlan_name_format": "grid{vid:04d}"}
+    switch.full_clean()
