@@ -4,8 +4,9 @@
   which services the gateway runs, OpenVPN's port and transport, the bastion's port, account and port base, and
   ``reneg_sec`` (the portal's ``GATEWAY_STATE_MAX_AGE``). An admin may change these at any time.
 - What only the operator knows: ``local.json`` in the state directory — the tap on the trunk, the listen
-  addresses, the Python and code that run on the gateway, the portal's URL, the token file, the trunk, and the
-  state directory's path as the configs name it. ``manage.py gateway config NAME --dir D`` writes it.
+  addresses, the Python and code that run on the gateway, the portal's URL, the token file, the trunk, the
+  account OpenVPN and its hooks run as after start (``vpn_user``/``vpn_group``), and the state directory's path as
+  the configs name it. ``manage.py gateway config NAME --dir D`` writes it.
 
 ``manage.py gateway config`` and the agent's pull render with the one function here (:func:`render`), so a pull
 that brings changed settings rewrites the files exactly as ``gateway config`` would have (installed with the rest
@@ -26,7 +27,7 @@ import os
 from pathlib import Path
 
 from access.gateway import sshd, systemd, vpnconf
-from access.gateway.state import OPENVPN_CONFIG, SSHD_CONFIG, StateError
+from access.gateway.state import OPENVPN_CONFIG, SSHD_CONFIG, RunAs, StateError
 
 LOCAL = "local.json"  # in the state directory: the operator's half (gateway config --dir writes it)
 #: in the state directory: the configuration files pulls changed that no ``--on-change`` hook has acted on yet
@@ -36,8 +37,9 @@ PROTOS = ("udp", "tcp", "udp6", "tcp6")  # access.models.VpnProto
 _NUMBERS = {"vpn_port": (1, 65535), "ssh_port": (1, 65535), "ssh_port_base": (0, 65535 - 4094)}
 _NUMBERS["reneg_sec"] = (60, 7 * 24 * 3600)  # GATEWAY_STATE_MAX_AGE's range in the portal's settings
 PORTAL_FIELDS = ("serves_vpn", "serves_ssh", "vpn_proto", "ssh_user", *_NUMBERS)
-#: the operator's half: those that may be null (None: OpenVPN listens on every address; <state>/token; no trunk)
-_OPTIONAL = ("vpn_local", "token_file", "trunk")
+#: the operator's half: those that may be null (None: OpenVPN listens on every address; <state>/token; no trunk;
+#: OpenVPN and its hooks stay root — also what a local.json written before they existed means)
+_OPTIONAL = ("vpn_local", "token_file", "trunk", "vpn_user", "vpn_group")
 LOCAL_FIELDS = ("state_dir", "dev", "ssh_listen", "python", "code_root", "portal_url", *_OPTIONAL)
 
 
@@ -87,7 +89,20 @@ def check_local(doc: object) -> dict:
         if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise LocalConfigError(f"{key} is not a line of text: {value!r:.80}")
         out[key] = value
+    if (out["vpn_user"] is None) != (out["vpn_group"] is None):
+        raise LocalConfigError("vpn_user and vpn_group are given together (or neither: OpenVPN stays root)")
+    for key in ("vpn_user", "vpn_group"):
+        if out[key] is not None and not vpnconf.ACCOUNT_RE.match(out[key]):
+            raise LocalConfigError(f"{key} is not a user or group name: {out[key]!r:.80}")
     return out
+
+
+def run_as(local: dict | None) -> RunAs | None:
+    """Who OpenVPN and its hooks run as after start, by ``local.json`` (None: root throughout);
+    :class:`LookupError` when this host has no such user or group."""
+    if not local or not local["vpn_user"]:
+        return None
+    return RunAs.lookup(local["vpn_user"], local["vpn_group"])
 
 
 def local_json(local: dict) -> str:
@@ -127,6 +142,8 @@ def render(portal: dict, local: dict) -> dict[str, str]:
             python=local["python"],
             code_root=local["code_root"],
             reneg_sec=portal["reneg_sec"],
+            user=local["vpn_user"],
+            group=local["vpn_group"],
         )
     if portal["serves_ssh"]:
         configs[SSHD_CONFIG] = sshd.render_sshd_config(

@@ -47,6 +47,7 @@ from access.gateway import config as gateway_config  # noqa: E402
 from access.gateway import management, sshd  # noqa: E402
 from access.gateway.state import (  # noqa: E402
     CLUSTER_RE,
+    RunAs,
     SshState,
     StateError,
     VpnState,
@@ -121,9 +122,9 @@ def _freshness(doc: dict) -> tuple[str, int, float]:
 
 def _prepare(
     doc: dict, vpn: VpnState, ssh: SshState, *, state_dir: Path, fetched_at: float | None
-) -> tuple[dict[Path, tuple[bytes, int]], dict | None]:
-    """The files of ``doc`` (path -> (content, mode)) and its checked ``config`` section (None: the portal sends
-    none); :class:`StateError` when anything in it is malformed."""
+) -> tuple[dict[Path, tuple], dict | None]:
+    """The files of ``doc`` (path -> (content, mode[, group])) and its checked ``config`` section (None: the portal
+    sends none); :class:`StateError` when anything in it is malformed."""
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise StateError("state document has an unknown format (want format 1)")
     etag, max_age, generated = _freshness(doc)
@@ -132,7 +133,7 @@ def _prepare(
     if "config" in doc:
         portal = gateway_config.check_portal(doc["config"], vpn="vpn" in doc, ssh="ssh" in doc)
         installed["config"] = portal  # (the next pull says once that a state directory without local.json ignores it)
-    files: dict[Path, tuple[bytes, int]] = {
+    files: dict[Path, tuple] = {
         installed_path(state_dir): (json.dumps(installed).encode(), 0o644),
         # From the start of the pull that fetched it (this host's clock), or from when the portal made it.
         fresh_until_path(state_dir): (fresh_until_text((fetched_at or generated) + max_age).encode(), 0o644),
@@ -142,12 +143,13 @@ def _prepare(
         vlans = v.get("vlans")
         if not isinstance(vlans, dict):
             raise StateError("state document: vpn.vlans is not a map")
-        files[vpn.ca] = (_pem(v.get("ca"), "CERTIFICATE", "vpn.ca").encode(), 0o644)
-        files[vpn.aa] = (_pem(v.get("aa"), "CERTIFICATE", "vpn.aa").encode(), 0o644)
-        files[vpn.crl] = (_pem(v.get("crl"), "X509 CRL", "vpn.crl").encode(), 0o644)
+        # all read by OpenVPN (the CRL) or its hooks after OpenVPN has dropped its privileges
+        files[vpn.ca] = (_pem(v.get("ca"), "CERTIFICATE", "vpn.ca").encode(), *vpn.readable)
+        files[vpn.aa] = (_pem(v.get("aa"), "CERTIFICATE", "vpn.aa").encode(), *vpn.readable)
+        files[vpn.crl] = (_pem(v.get("crl"), "X509 CRL", "vpn.crl").encode(), *vpn.readable)
         stamp = str(doc.get("generated_at", ""))
-        files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), 0o644)
-        files[vpn.revoked] = (json.dumps(sorted(_revoked_serials(v))).encode(), 0o644)
+        files[vpn.vlans] = (vlan_map_json(vlans, generated_at=stamp).encode(), *vpn.readable)
+        files[vpn.revoked] = (json.dumps(sorted(_revoked_serials(v))).encode(), *vpn.readable)
     if "ssh" in doc:
         s = _section(doc, "ssh")
         try:
@@ -222,6 +224,33 @@ def _configs(
     return {state_dir / name: (text.encode(), 0o644) for name, text in texts.items()}, notes
 
 
+def _run_as(state_dir: Path) -> tuple[RunAs | None, dict | None, list[str]]:
+    """Who OpenVPN and its hooks run as after start, by ``local.json`` (None: root throughout, also without it or
+    when it is malformed, which :func:`_configs` says), ``local.json``, and what to tell the operator (this host
+    has no such account)."""
+    try:
+        local = gateway_config.load_local(state_dir)
+    except gateway_config.LocalConfigError:
+        return None, None, []
+    try:
+        return gateway_config.run_as(local), local, []
+    except LookupError as exc:
+        account = f"{local['vpn_user']}:{local['vpn_group']}"
+        return None, local, [f"OpenVPN cannot run as {account} ({exc}): the VPN state is root's only"]
+
+
+def _unreachable(vpn: VpnState, local: dict) -> list[str]:
+    """What OpenVPN's hooks, once they run as ``vpn.run_as``, cannot reach — the state, their script, their Python
+    (every client would be refused) — for the operator."""
+    hook = Path(local["code_root"]) / "access" / "gateway" / "vpn.py"
+    notes = []
+    for path, what, bits in ((vpn.crl, "the state", 4), (hook, "their script", 4), (local["python"], "Python", 1)):
+        problem = vpn.run_as.cannot_reach(path, bits)
+        if problem:
+            notes.append(f"OpenVPN's hooks run as {vpn.run_as}, who cannot reach {what} ({problem}): all are refused")
+    return notes
+
+
 def _legs(clusters: dict) -> dict[str, dict]:
     """``ssh/clusters.json``'s clusters: per cluster its VLAN (when the portal says), the bastion's address in
     it (``bastion_address``, "" when the scheduler gave none) and nodes (name, alias and the address the
@@ -264,10 +293,12 @@ def install_state(
     lists them until an ``--on-change`` hook has run (:mod:`access.gateway.agent`).
     """
     state_dir = Path(state_dir)
-    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
+    run_as, local, notes = _run_as(state_dir)
+    vpn, ssh = VpnState.at(state_dir, run_as), SshState.at(state_dir)
     try:
         files, portal = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
-        configs, notes = _configs(state_dir, portal, installed(state_dir))
+        configs, config_notes = _configs(state_dir, portal, installed(state_dir))
+        notes += config_notes
         files.update(configs)
         revoked = _revoked_serials(doc["vpn"]) if "vpn" in doc else set()
         ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
@@ -282,13 +313,13 @@ def install_state(
         sshd.prepare_sessions_dir(ssh, doc["ssh"]["account"])
         sshd.prune_sessions(ssh)
     changed = {}
-    for path, (data, mode) in files.items():
+    for path, entry in files.items():  # (data, mode[, group]): ensure_dirs gave the others theirs
         try:
-            unchanged = path.read_bytes() == data
+            unchanged = path.read_bytes() == entry[0]
         except FileNotFoundError:
             unchanged = False
         if not unchanged:
-            changed[path] = (data, mode)
+            changed[path] = entry
     report.configs = sorted(str(path.relative_to(state_dir)) for path in changed if path in configs)
     if report.configs:  # until a hook has acted on them (restarted what reads them), with the rest of the set
         waiting = sorted(set(gateway_config.pending(state_dir)) | set(report.configs))
@@ -297,6 +328,8 @@ def install_state(
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # (systemd/)
     write_all_atomic(changed)
     report.written += [str(path) for path in changed]
+    if vpn.run_as and "vpn" in doc:
+        report.notes += _unreachable(vpn, local)
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
     if cut_sessions and "ssh" in doc:

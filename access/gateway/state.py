@@ -1,6 +1,6 @@
 """The gateway's state directory: what the portal publishes and the gateway pulls, and where it lives.
 
-Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd reads it as the login user)::
+Layout (one directory, owned by root; ``ssh/`` 0755 because sshd reads it as the login user; ``vpn/`` see below)::
 
     <state>/
       vpn/ca.pem           client CA certificate (OpenVPN ``ca``)
@@ -34,6 +34,16 @@ Layout (one directory, owned by root; ``vpn/`` 0700, ``ssh/`` 0755 because sshd 
       .installed.json      etag, generated_at and max_age of the installed state (the next pull reports
                            generated_at to the portal, and a 304 refreshes fresh-until from max_age)
 
+OpenVPN drops its privileges after start (``user``/``group`` in ``openvpn.conf``: ``local.json``'s ``vpn_user`` and
+``vpn_group``, :class:`RunAs`), and its hooks run as that account too. So ``vpn/`` and ``vpn/run/`` are 0750
+root:<group> and every file OpenVPN or a hook reads afterwards (CA, CRL, AA, VLAN map, revoked serials, server
+certificate) 0640 root:<group>: readable, never writable by it. The keys stay 0600 root (OpenVPN reads them before
+it drops, and ``persist-key`` keeps them across its soft restarts). What they write — ``run/ac-cache``,
+``run/peer-certs``, ``run/sessions`` — belongs to that user (0700). ``management.sock`` and ``status.log`` are made by
+OpenVPN before it drops, so only root (the pull that cuts sessions) may use the socket. Without ``vpn_user``
+everything is root's: ``vpn/`` 0700. :meth:`VpnState.ensure_dirs` sets all of it (also on a directory copied from
+elsewhere or set up before), :meth:`VpnState.readable` is the mode and group of a file the hooks read.
+
 Fail closed: a gateway that has not pulled for ``max_age`` (``GATEWAY_STATE_MAX_AGE`` on the portal) stops
 admitting anyone — it may map a cluster that has ended to a VLAN another cluster has since been given. Every
 hook calls :func:`check_fresh`.
@@ -45,10 +55,13 @@ new files before it renames any (``write_all_atomic``).
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -63,14 +76,93 @@ class StateError(Exception):
 
 
 @dataclass(frozen=True)
-class VpnState:
-    """Paths of the OpenVPN side of a gateway state directory."""
+class RunAs:
+    """The account OpenVPN and its hooks run as once OpenVPN has started (``user``/``group`` in ``openvpn.conf``;
+    ``local.json``'s ``vpn_user``/``vpn_group``), with its ids on this host."""
 
-    root: Path
+    user: str
+    group: str
+    uid: int
+    gid: int
 
     @classmethod
-    def at(cls, state_dir: str | os.PathLike[str]) -> VpnState:
-        return cls(Path(state_dir) / "vpn")
+    def lookup(cls, user: str, group: str) -> RunAs:
+        """The account by its names; :class:`LookupError` when this host has no such user or group."""
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise LookupError(f"no user {user!r} on this host") from None
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise LookupError(f"no group {group!r} on this host") from None
+        return cls(user, group, uid, gid)
+
+    def __str__(self) -> str:
+        return f"{self.user}:{self.group}"
+
+    def may(self, st: os.stat_result, bits: int) -> bool:
+        """Whether this account has all of ``bits`` (4 read, 2 write, 1 search/execute) on a file with ``st``."""
+        if st.st_uid == self.uid:
+            have = st.st_mode >> 6
+        elif st.st_gid == self.gid or st.st_gid in os.getgrouplist(self.user, self.gid):
+            have = st.st_mode >> 3
+        else:
+            have = st.st_mode
+        return have & bits == bits
+
+    def cannot_reach(self, path: str | os.PathLike[str], bits: int = 4) -> str | None:
+        """Why this account cannot open ``path`` (``bits`` on the file, search on every directory above it, on
+        the way as written and as its symbolic links resolve), or None when it can."""
+        path = Path(os.path.abspath(path))
+        for way in dict.fromkeys((path, path.resolve())):
+            for d in reversed(way.parents):
+                try:
+                    st = os.stat(d)
+                except OSError as exc:
+                    return f"{d}: {exc.strerror}"
+                if not self.may(st, 1):
+                    return f"{d} is {_describe(st)}"
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
+        return None if self.may(st, bits) else f"{path} is {_describe(st)}"
+
+
+def _describe(st: os.stat_result) -> str:
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{stat.S_IMODE(st.st_mode):04o} {owner}:{group}"
+
+
+def _own(path: Path, mode: int | None, *, uid: int = -1, gid: int = -1) -> None:
+    """Give ``path`` (never a symbolic link's target) that owner/group (-1: as it is) and ``mode`` (None: as it is);
+    only what differs is changed. ``PermissionError`` when this process may not (not root)."""
+    st = os.lstat(path)
+    if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+@dataclass(frozen=True)
+class VpnState:
+    """Paths of the OpenVPN side of a gateway state directory, and (``run_as``) who OpenVPN runs as after it has
+    started: None for root throughout."""
+
+    root: Path
+    run_as: RunAs | None = None
+
+    @classmethod
+    def at(cls, state_dir: str | os.PathLike[str], run_as: RunAs | None = None) -> VpnState:
+        return cls(Path(state_dir) / "vpn", run_as)
 
     ca = property(lambda self: self.root / "ca.pem")
     crl = property(lambda self: self.root / "crl.pem")
@@ -87,9 +179,39 @@ class VpnState:
     management = property(lambda self: self.root / "run" / "management.sock")
     status = property(lambda self: self.root / "run" / "status.log")
 
+    @property
+    def readable(self) -> tuple[int, int | None]:
+        """(mode, group) of a file OpenVPN or its hooks read after OpenVPN has dropped its privileges: 0640 and
+        ``run_as``'s group (readable, not writable by it); 0644 and as it is without (``vpn/`` is root's then)."""
+        return (0o640, self.run_as.gid) if self.run_as else (0o644, None)
+
+    @property
+    def shared(self) -> tuple[Path, ...]:
+        """The files the hooks and OpenVPN read after it has dropped its privileges (mode :attr:`readable`)."""
+        return (self.ca, self.crl, self.aa, self.vlans, self.revoked, self.server_cert)
+
     def ensure_dirs(self) -> None:
-        for d in (self.root, self.run, self.ac_cache, self.peer_certs, self.sessions):
+        """Make the directories, and give them and the files already in them the owners and modes ``run_as``
+        needs (see the module's docstring): also those of a directory set up for the other way, or copied from
+        elsewhere. ``PermissionError`` when they cannot be given (not root)."""
+        gid = self.run_as.gid if self.run_as else os.getegid()  # (root's again when the drop is turned off)
+        for d in (self.root, self.run):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _own(d, 0o750 if self.run_as else 0o700, gid=gid)
+        for path in self.shared:
+            if path.exists():
+                _own(path, self.readable[0], gid=gid)
+        for path in (self.server_key, self.tls_crypt):
+            if path.exists():
+                _own(path, 0o600)
+        # what the hooks (and OpenVPN's tls-export-cert) write, with what is in it: theirs, or root's again
+        uid, gid = (self.run_as.uid, self.run_as.gid) if self.run_as else (os.geteuid(), os.getegid())
+        for d in (self.ac_cache, self.peer_certs, self.sessions):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _own(d, 0o700, uid=uid, gid=gid)
+            with os.scandir(d) as entries:  # (lchown: a link the account planted there is not followed)
+                for entry in entries:
+                    _own(Path(entry.path), None, uid=uid, gid=gid)
 
 
 SSHD_CONFIG = "sshd_config"  # in the state directory: the bastion's sshd configuration (gateway config writes it)
@@ -128,13 +250,15 @@ class SshState:
             os.chmod(d, 0o755)  # noqa: S103 - public files only, see above
 
 
-def _write_temp(path: Path, data: bytes | str, mode: int) -> Path:
+def _write_temp(path: Path, data: bytes | str, mode: int, group: int | None = None) -> Path:
     """``data`` in a new file beside ``path`` (a random name, created exclusively: a link planted there by
-    someone who may write the directory is never followed), flushed to disk; its path."""
+    someone who may write the directory is never followed), of ``group`` when given, flushed to disk; its path."""
     if isinstance(data, str):
         data = data.encode()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if group is not None:
+            os.fchown(fd, -1, group)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -146,9 +270,10 @@ def _write_temp(path: Path, data: bytes | str, mode: int) -> Path:
     return Path(name)
 
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never a mix)."""
-    tmp = _write_temp(path, data, mode)
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, group: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never a mix); the new file has
+    ``mode`` and, when given, ``group`` (before it replaces the old one: no reader ever finds it unreadable)."""
+    tmp = _write_temp(path, data, mode, group)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -156,13 +281,14 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         raise
 
 
-def write_all_atomic(files: dict[Path, tuple[bytes | str, int]]) -> None:
+def write_all_atomic(files: dict[Path, tuple[bytes | str, int] | tuple[bytes | str, int, int | None]]) -> None:
     """Replace several files together: every new file is written (and flushed) first, and only when all of
-    them are does any replace its old one — a full disk or a failing write leaves the old set whole."""
+    them are does any replace its old one — a full disk or a failing write leaves the old set whole. Each file
+    is (data, mode) or (data, mode, group), as for :func:`write_atomic`."""
     written: list[tuple[Path, Path]] = []
     try:
-        for path, (data, mode) in files.items():
-            written.append((_write_temp(path, data, mode), path))
+        for path, (data, mode, *group) in files.items():
+            written.append((_write_temp(path, data, mode, *group), path))
     except BaseException:
         for tmp, _path in written:
             tmp.unlink(missing_ok=True)

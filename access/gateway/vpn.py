@@ -21,6 +21,11 @@ Both refuse everyone once the pulled state has expired (:func:`access.gateway.st
 successful pull for the state's ``max_age``); ``tls-verify`` runs again at each renegotiation
 (``reneg-sec``), so a live session ends there too.
 
+They run as the account OpenVPN dropped its privileges to (``user``/``group``, ``gateway config --vpn-user``): they
+read the state as its group and write only their records, ``vpn/run/ac-cache`` and ``vpn/run/sessions``, which
+are that account's (:meth:`access.gateway.state.VpnState.ensure_dirs`); OpenVPN's ``client-connect`` file is in its
+own temporary directory.
+
 Every decision is one line on stderr (OpenVPN's log): ``virtcloud-vpn: ACCEPT|REFUSE ...``.
 Run as a script (not ``-m``) so it needs no PYTHONPATH: it puts its own code root on ``sys.path``.
 """

@@ -31,6 +31,7 @@ DATA_CIPHERS = "AES-256-GCM:CHACHA20-POLY1305:AES-128-GCM"
 
 _DEV_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
+ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")  # a user or group name (``user``/``group``)
 
 
 class ProfileError(ValueError):
@@ -118,7 +119,10 @@ def render_server_config(
     bridge or switch port that carries the clusters' VLANs: OpenVPN writes each client's frames to it
     tagged with that client's ``vlan-pvid`` and only accepts tagged frames back. ``state_dir`` is the
     gateway state directory (:mod:`access.gateway.state`). With ``user``/``group`` OpenVPN drops
-    privileges after start; the state's ``vpn/run`` directory must then belong to that user. Every
+    privileges after start (``gateway config --vpn-user/--vpn-group``): it reads its keys and opens the tap, the
+    management socket and the status file as root first, and ``persist-key``/``persist-tun`` keep them across its
+    soft restarts; the hooks run as that account, so the state must be installed for it
+    (:meth:`access.gateway.state.VpnState.ensure_dirs`, which the pull does). Every
     ``reneg_sec`` each session renegotiates its keys and ``tls-verify`` runs again: a session ends there once
     its AC has expired or the gateway's state has (``GATEWAY_STATE_MAX_AGE``, which ``gateway config`` passes).
     """
@@ -170,6 +174,9 @@ def render_server_config(
         f"max-clients {int(max_clients)}",
         "",
         f"management {st.management} unix",
+        # its socket is made before the drop, as root, but mode 0777 in a directory the group may search: only
+        # root's connections (the pull that cuts sessions) are answered, never the unprivileged account's
+        *(["management-client-user root"] if user or group else []),
         f"status {st.status} 10",
         "status-version 3",
         f"keepalive {int(keepalive[0])} {int(keepalive[1])}",
@@ -180,7 +187,7 @@ def render_server_config(
         f"verb {int(verb)}",
     ]
     if user:
-        lines.append(f"user {_check(_DEV_RE, user, 'user')}")
+        lines.append(f"user {_check(ACCOUNT_RE, user, 'user')}")
     if group:
-        lines.append(f"group {_check(_DEV_RE, group, 'group')}")
+        lines.append(f"group {_check(ACCOUNT_RE, group, 'group')}")
     return "\n".join(lines) + "\n"

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,6 +100,40 @@ def gateway_pair(peer: str, gw_addr: str, peer_addr: str) -> Iterator[tuple[str,
             stop(p)
         for ns in made:
             ns.delete()
+
+
+@contextlib.contextmanager
+def reachable_for(run_as, paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[str]]:
+    """A command prefix that runs its command in a mount namespace of its own in which ``run_as``
+    (:class:`access.gateway.state.RunAs`) may search every directory on the way to ``paths`` — where OpenVPN's
+    hooks must get to once it has dropped its privileges. This machine's Python lives under /root, pytest's
+    temporary directories under /tmp/pytest-of-root, both 0700: a real gateway installs its code, its Python and
+    its state where that account reaches them (the pull says when it cannot). The machine's own modes are left
+    alone: in the namespace an empty 0711 tmpfs covers each directory in the way, with only the next step of the
+    way bound back in. [] when nothing is in the way. Start the command inside the ``with``."""
+    steps: list[tuple[Path, str]] = []  # (a directory the account may not search, the step below it) outermost first
+    for path in paths:
+        path = Path(os.path.abspath(path))
+        for way in (path, path.resolve()):
+            for d in reversed(way.parents):
+                if not run_as.may(os.stat(d), 1) and (d, way.parts[len(d.parts)]) not in steps:
+                    steps.append((d, way.parts[len(d.parts)]))
+    staging = Path(tempfile.mkdtemp(prefix="vc-way-"))  # (in /tmp: under none of the directories it covers)
+    try:
+        lines = []
+        for n, (d, step) in enumerate(steps):  # (a nested one is covered after its parent: its step is back by then)
+            inner, stage, q = d / step, staging / str(n), shlex.quote
+            if inner.is_dir():
+                stage.mkdir()
+            else:
+                stage.touch()
+            lines += [f"mount --bind {q(str(inner))} {q(str(stage))}", f"mount -t tmpfs -o mode=0711 vc {q(str(d))}"]
+            lines += [f"{'mkdir' if inner.is_dir() else 'touch'} {q(str(inner))}"]
+            lines += [f"mount --move {q(str(stage))} {q(str(inner))}"]
+        script = " && ".join([*lines, 'exec "$@"'])
+        yield ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"] if lines else []
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def tagged_frame_seen(gw: Netns, tap: str, client: Netns, dev: str, vid: int, addr: str, target: str) -> str:

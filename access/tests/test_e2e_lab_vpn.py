@@ -49,6 +49,8 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from access import attrcerts, pki, services
+from access.gateway import vpn as vpn_hooks
+from access.gateway.state import RunAs
 from access.models import Authority, AuthorityKind, Credential, Gateway, GatewayKind
 from access.selectors import cluster_label
 from access.tests._lab import (
@@ -62,7 +64,17 @@ from access.tests._lab import (
     user_token,
     wait_ready,
 )
-from access.tests._procs import Netns, can_use_netns, gateway_link, read, run_prefix, sh, stop, wait_for
+from access.tests._procs import (
+    Netns,
+    can_use_netns,
+    gateway_link,
+    reachable_for,
+    read,
+    run_prefix,
+    sh,
+    stop,
+    wait_for,
+)
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
 pytestmark = [
@@ -390,8 +402,13 @@ def test_users_reach_their_cluster_at_every_site_through_the_portal_made_gateway
     assert "gateway pull:" in gw.pull(portal.url, token_file)
     vlans = json.loads((gw.state / "vpn" / "vlans.json").read_text())["clusters"]
     assert vlans == {cluster_label(c): c.vlan_id for c in (alpha, beta, gamma)}
-    gw.procs.append(gw.gw.popen("openvpn", "--config", str(gw.state / "openvpn.conf"), "--log", str(gw.log)))
-    gw.says("Initialization Sequence Completed")
+    # As `gateway config` sets it up: OpenVPN drops to nobody:nogroup after start, its hooks run as that account
+    # (where they can reach this machine's Python: see reachable_for); its log is on its stdout.
+    run_as = RunAs.lookup("nobody", "nogroup")
+    with reachable_for(run_as, [gw.state / "vpn" / "crl.pem", sys.executable, Path(vpn_hooks.__file__)]) as prefix:
+        gw.procs.append(gw.gw.popen(*prefix, "openvpn", "--config", str(gw.state / "openvpn.conf"), log=gw.log))
+        gw.says("Initialization Sequence Completed")
+    assert "UID set to nobody" in read(gw.log)
 
     # alice downloads one profile for both her clusters (over HTTP, with her API token).
     alice_token = user_token(alice)

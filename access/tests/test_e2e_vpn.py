@@ -4,7 +4,10 @@ gateway's own hooks. A "user workstation" namespace connects to a gateway namesp
 
 Proves: the downloaded profile connects and lands on the cluster's VLAN (tagged frames on the trunk tap);
 asking for a cluster the AC does not cover → AUTH_FAILED; revoking in the portal installs the new CRL at
-the (local) gateway, cuts the live session, and the reconnect is refused.
+the (local) gateway, cuts the live session, and the reconnect is refused. All of it with OpenVPN as
+``gateway config`` sets it up by default: dropped to nobody:nogroup after start, its hooks unprivileged too
+(they read the state as its group, write their records as that user), the session cut by the root pull
+through the management socket, the revoked certificate refused by ``crl-verify`` reading the new CRL.
 """
 # ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +24,11 @@ import pytest
 from django.core.management import call_command
 
 from access import services
+from access.gateway import vpn as vpn_hooks
+from access.gateway.state import RunAs
 from access.models import Credential
 from access.selectors import cluster_label
-from access.tests._procs import can_use_netns, gateway_pair, read, stop, tagged_frame_seen, wait_for
+from access.tests._procs import can_use_netns, gateway_pair, reachable_for, read, stop, tagged_frame_seen, wait_for
 from access.tests.fixtures import cluster, gateway, make_cluster
 
 _skip = can_use_netns() or (None if shutil.which("openvpn") else "openvpn binary not installed")
@@ -39,15 +45,24 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         gateway.local_state_dir = str(state)  # revocations are installed here at commit
         gateway.save()
         call_command("gateway", "config", gateway.name, "--dir", str(state), "--dev", tap, "--vpn-local", GW_ADDR)
+        run_as = RunAs.lookup("nobody", "nogroup")  # gateway config's default
+        hooks = (state / "vpn" / "crl.pem", sys.executable, Path(vpn_hooks.__file__))
         log = tmp_path / "server.log"
-        procs.append(gw.popen("openvpn", "--config", str(state / "openvpn.conf"), "--log", str(log)))
-        wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
+        with reachable_for(run_as, hooks) as prefix:  # (its log: a file of this namespace, open on its stdout)
+            server = gw.popen(*prefix, "openvpn", "--config", str(state / "openvpn.conf"), log=log)
+            procs.append(server)
+            wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
+        assert "UID set to nobody" in read(log) and "GID set to nogroup" in read(log), read(log)
+        ids = dict(line.split(":\t", 1) for line in Path(f"/proc/{server.pid}/status").read_text().splitlines())
+        assert ids["Uid"].split() == [str(run_as.uid)] * 4 and ids["Gid"].split() == [str(run_as.gid)] * 4
+        assert "0" not in ids["Groups"].split()  # (no supplementary group of root's is kept)
 
         class Lab:
             pass
 
         lab = Lab()
         lab.gw, lab.ws, lab.tap, lab.log, lab.procs, lab.tmp, lab.state = gw, ws, tap, log, procs, tmp_path, state
+        lab.run_as = run_as
         yield lab
 
 
@@ -87,6 +102,10 @@ def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
         vpn_lab.gw, vpn_lab.tap, vpn_lab.ws, "vce1", cluster.vlan_id, "198.18.247.1", "198.18.247.250"
     )
     assert f"vlan {cluster.vlan_id}" in frame, frame
+    # the hooks ran as nobody: what they wrote is theirs (the AC cache, the session's record)
+    written = [vpn_lab.state / "vpn" / "run" / "sessions" / f"{credential.serial}.json"]
+    written += list((vpn_lab.state / "vpn" / "run" / "ac-cache").iterdir())
+    assert len(written) == 2 and {p.stat().st_uid for p in written} == {vpn_lab.run_as.uid}
 
     # "I lost my laptop": the portal revokes; the local gateway gets the CRL and cuts the session.
     with django_capture_on_commit_callbacks(execute=True):
@@ -120,3 +139,30 @@ def test_a_cluster_outside_the_ac_is_refused(vpn_lab, alice, team, cluster):
     assert "AUTH_FAILED" in read(log), read(log)[-2000:]
     assert f"cluster {cluster_label(other)} is not in the AC" in read(vpn_lab.log)
     stop(proc)
+
+
+def test_only_root_may_use_the_management_interface(vpn_lab):
+    """Its socket is made before OpenVPN drops its privileges, in a directory the unprivileged account may search
+    (its hooks' files are below it): OpenVPN answers root's connections only (the pull's, which cut sessions)."""
+    sock = vpn_lab.state / "vpn" / "run" / "management.sock"
+    banner = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.settimeout(5)\n"
+        "s.connect(sys.argv[1])\n"
+        "print(repr(s.recv(100)))\n"
+    )
+    ids = [f"--reuid={vpn_lab.run_as.uid}", f"--regid={vpn_lab.run_as.gid}", "--clear-groups"]
+    with reachable_for(vpn_lab.run_as, [sock, "/usr/bin/python3"]) as prefix:
+        as_nobody = subprocess.run(
+            [*prefix, "setpriv", *ids, "/usr/bin/python3", "-c", banner, str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    assert as_nobody.stdout.strip() == "b''", as_nobody  # connected (the directory let it), then hung up on
+    as_root = subprocess.run(
+        ["/usr/bin/python3", "-c", banner, str(sock)], capture_output=True, text=True, timeout=10, check=True
+    )
+    assert "OpenVPN Management Interface" in as_root.stdout, as_root

@@ -96,6 +96,8 @@ def test_the_agent_rewrites_the_configuration_when_an_admin_changes_the_gateway(
         "portal_url": live_server.url,
         "token_file": None,
         "trunk": None,
+        "vpn_user": "nobody",
+        "vpn_group": "nogroup",
     }
     (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
     seen, broken = tmp_path / "seen", tmp_path / "broken"
@@ -195,7 +197,7 @@ def test_malicious_settings_are_refused_and_nothing_is_installed(gateway, tmp_pa
 @pytest.mark.django_db
 def test_a_config_section_that_is_not_a_map_is_refused_and_one_missing_changes_nothing(gateway, tmp_path):
     state = tmp_path / "state"
-    run("config", "gw1", "--dir", str(state))
+    run("config", "gw1", "--dir", str(state), "--vpn-user", "")  # (as nobody, OpenVPN could not reach tmp_path)
     before = snapshot(state)
     doc = services.gateway_state(gateway=gateway)
     with pytest.raises(StateError, match="config is not a map"):

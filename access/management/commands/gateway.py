@@ -24,9 +24,10 @@ from access.gateway import agent, outgoing
 from access.gateway import config as gateway_config
 from access.gateway import pull as gateway_pull
 from access.gateway.agent import DEFAULT_STATE_DIR
-from access.gateway.state import SshState, VpnState, write_atomic
+from access.gateway.state import RunAs, SshState, VpnState, write_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[3]
+_ROOT_HINT = " (--vpn-user '' keeps OpenVPN and its hooks root, e.g. in a lab run without root)"
 
 # --- the command -------------------------------------------------------------------------------------------------
 
@@ -63,6 +64,12 @@ class Command(BaseCommand):
             default=None,
             help="interface carrying the clusters' VLANs: the pull's hook then gives the bastion a leg in each",
         )
+        config.add_argument(
+            "--vpn-user",
+            default="nobody",
+            help="the user OpenVPN and its hooks run as after start ('': root throughout, e.g. a lab without root)",
+        )
+        config.add_argument("--vpn-group", default="nogroup", help="… and their group (files they read are root:GROUP)")
         config.add_argument("--re-enrol", action="store_true", help="new keys even if the directory has some")
 
         agent.add_arguments(sub)
@@ -101,30 +108,42 @@ class Command(BaseCommand):
             "portal_url": options["portal_url"] or settings.SITE_URL,
             "token_file": options["token_file"] or None,
             "trunk": options["trunk"] or None,
+            # an empty --vpn-user keeps OpenVPN root (and its state root's only)
+            "vpn_user": options["vpn_user"] or None,
+            "vpn_group": (options["vpn_user"] and options["vpn_group"]) or None,
         }
+        if local["vpn_user"] and not local["vpn_group"]:
+            raise CommandError("--vpn-user needs a --vpn-group (the group that may read the state)")
+        run_as = None
         try:
             configs = gateway_config.render(selectors.gateway_settings(gateway), local)
             if target is not None:
                 configs[gateway_config.LOCAL] = gateway_config.local_json(local)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+                run_as = gateway_config.run_as(local)  # (the state directory is this host's: its accounts)
+        except (ValueError, LookupError) as exc:
+            raise CommandError(f"{exc}{_ROOT_HINT if isinstance(exc, LookupError) else ''}") from None
         if target is None:
             for name, text in configs.items():
                 self.stdout.write(f"# ---- {name} (state directory {state_dir})\n{text}")
             return
-        self._enrol(gateway, target, options["re_enrol"])
-        for name, text in configs.items():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(target / name, text, 0o644)
-        doc = services.gateway_state(gateway=gateway)
-        gateway_pull.install_state(target, doc, cut_sessions=False)
+        try:
+            self._enrol(gateway, target, options["re_enrol"], run_as)
+            for name, text in configs.items():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target / name, text, 0o644)
+            doc = services.gateway_state(gateway=gateway)
+            report = gateway_pull.install_state(target, doc, cut_sessions=False)
+        except PermissionError as exc:  # giving the state to the account's group takes root
+            raise CommandError(f"{exc}{_ROOT_HINT if run_as else ''}") from None
         services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
+        for note in report.notes:
+            self.stdout.write(f"gateway {gateway.name}: {note}")
 
-    def _enrol(self, gateway, target: Path, force: bool) -> None:
+    def _enrol(self, gateway, target: Path, force: bool, run_as: RunAs | None) -> None:
         from access import services
 
-        vpn, ssh = VpnState.at(target), SshState.at(target)
+        vpn, ssh = VpnState.at(target, run_as), SshState.at(target)
         have = (not gateway.serves_vpn or vpn.server_key.exists()) and (not gateway.serves_ssh or ssh.host_key.exists())
         if have and not force:
             return
@@ -132,7 +151,7 @@ class Command(BaseCommand):
         if gateway.serves_vpn:
             vpn.ensure_dirs()
             write_atomic(vpn.server_key, enrolment.server_key_pem, 0o600)
-            write_atomic(vpn.server_cert, enrolment.server_cert_pem, 0o644)
+            write_atomic(vpn.server_cert, enrolment.server_cert_pem, *vpn.readable)
             write_atomic(vpn.tls_crypt, enrolment.tls_crypt_key, 0o600)
         if gateway.serves_ssh:
             ssh.ensure_dirs()
