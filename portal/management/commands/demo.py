@@ -170,6 +170,9 @@ class Command(BaseCommand):
                 "brno-gw",
                 "--dir",
                 str(settings.DATA_DIR / "gateway"),
+                # the demo runs no OpenVPN (it only enrols, for the downloads), and may run without root: no chown
+                "--vpn-user",
+                "",
                 verbosity=0,
                 stdout=io.StringIO(),
             )
