@@ -596,7 +596,11 @@ def ssh_config_render(
         patterns = ssh.known_hosts_patterns(cluster=label, nodes=nodes, gateway_host=gateway.address, gateway_port=port)
     except ssh.SSHCertError as exc:
         raise _misconfigured(gateway, "an ssh_config", exc) from None
-    revoked = "".join(ssh.known_hosts_revoked_line(key) for key in _revoked_host_keys())
+    revoked = "".join(
+        ssh.known_hosts_revoked_line(key, [p for p in patterns if p in names])
+        for key, names in _revoked_host_keys()
+        if set(names) & set(patterns)  # the hosts this bundle reaches: no other cluster's node names
+    )
     return config, ssh.known_hosts_line(host_ca, patterns) + revoked
 
 
@@ -849,6 +853,9 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
     ).exists():
         raise BadPublicKey(f"host key {parsed.fingerprint} was revoked: generate a new host key for the node")
     principals = ssh.node_host_names(label, chosen.name, _node_address(label, chosen))
+    holder = _host_key_in_use(parsed.fingerprint, cluster_id=found.pk, node=principals[0])
+    if holder is not None:
+        raise BadPublicKey(f"host key {parsed.fingerprint} is {holder}'s: generate a host key of the node's own")
     now = _now()
     end = _credential_end(now + ssh_host_cert_lifetime(), [found], {})
     serial = serial_allocate("ssh-host")
@@ -894,15 +901,37 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
     )
 
 
-def _revoked_host_keys() -> list[str]:
-    """The keys of nodes whose host certificate was revoked and has not expired (give or take the clock skew):
-    ssh must refuse them (``@revoked`` in the profiles' known_hosts)."""
+def _revoked_host_keys() -> list[tuple[str, list[str]]]:
+    """(key, the host names it was certified for) of nodes whose host certificate was revoked and has not
+    expired (give or take the clock skew): ssh must refuse them for those names (``@revoked`` in the
+    profiles' known_hosts)."""
     from access import ssh
 
     rows = Credential.objects.filter(
         kind=CredentialKind.SSH_HOST, revoked_at__isnull=False, not_after__gt=_now() - ssh.CLOCK_SKEW
     ).exclude(public_key="")
-    return list(dict.fromkeys(rows.order_by("serial").values_list("public_key", flat=True)))
+    return [(key, list(names)) for key, names in rows.order_by("serial").values_list("public_key", "principals")]
+
+
+def _host_key_in_use(fingerprint: str, *, cluster_id: int, node: str) -> str | None:
+    """Who else has host key ``fingerprint``: a gateway's bastion, or another node with a live host certificate
+    (the same node asking again — a longer lifetime — is fine). Whoever asks chooses the key; certifying, then
+    revoking, someone else's would have it refused for that host's names."""
+    from access import ssh
+
+    for gateway in Gateway.objects.exclude(ssh_host_certificate=""):
+        if ssh.certificate_key_fingerprint(gateway.ssh_host_certificate) == fingerprint:
+            return f"gateway {gateway.name}'s bastion"
+    others = (
+        Credential.objects.live(timezone.now())
+        .filter(kind=CredentialKind.SSH_HOST, fingerprint=fingerprint)
+        .prefetch_related("clusters")
+    )
+    for other in others:
+        links = list(other.clusters.all())
+        if any(link.cluster_id != cluster_id for link in links) or (other.principals or [""])[0] != node:
+            return "another node"
+    return None
 
 
 # --- revocation ----------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
@@ -550,10 +551,26 @@ def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str]) -> str:
     return f"@cert-authority {','.join(patterns)} {key}\n"
 
 
-def known_hosts_revoked_line(public_key: str) -> str:
-    """``@revoked * <key>``: ssh refuses this host key, and every certificate of it, for any host (a revoked
-    node's host certificate: the key is what it names, and ssh checks a certificate's key against it)."""
-    return f"@revoked * {' '.join(public_key.split()[:2])}\n"
+def known_hosts_revoked_line(public_key: str, patterns: Sequence[str]) -> str:
+    """``@revoked <patterns> <key>``: ssh refuses this host key, and every certificate of it, for the hosts
+    ``patterns`` name — those the revoked node certificate was for, never ``*`` (whoever asked for it chose the
+    key: with ``*`` they could have any host's key refused by every user of the portal)."""
+    if not patterns:
+        raise SSHCertError("a @revoked line needs the hosts it is for")
+    for pattern in patterns:
+        if not _KNOWN_HOST_RE.fullmatch(pattern):
+            raise SSHCertError(f"invalid known_hosts host pattern {pattern!r}")
+    return f"@revoked {','.join(patterns)} {' '.join(public_key.split()[:2])}\n"
+
+
+def certificate_key_fingerprint(certificate: str) -> str | None:
+    """The fingerprint of the key an OpenSSH certificate (one line) certifies; None when it is not one."""
+    try:
+        cert = serialization.load_ssh_public_identity(certificate.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    key = cert.public_key() if hasattr(cert, "public_key") else cert
+    return fingerprint(public_key_line(key))
 
 
 # a host name or address, or [host]:port — no wildcard, negation or list: each pattern names one host

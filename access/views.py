@@ -17,6 +17,7 @@ from django.views.decorators.http import require_http_methods, require_safe
 from access import selectors, services
 from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
+from access.models import USER_KINDS
 
 PAGE = "access:my-clusters"
 #: credentials that ended (revoked or expired) the page lists, newest first; valid ones are always all listed
@@ -151,7 +152,9 @@ def _named(credential, user) -> str:
 @never_cache
 def credential_revoke(request, pk: int):
     """GET: what revoking this credential does, and a button that does it. POST: revoke it."""
-    credential = get_object_or_404(selectors.credentials_visible(request.user).filter(user=request.user), pk=pk)
+    # a node's host certificate is not the holder's to "lose with a laptop" (it ends with its cluster)
+    mine = selectors.credentials_visible(request.user).filter(user=request.user, kind__in=USER_KINDS)
+    credential = get_object_or_404(mine, pk=pk)
     if request.method != "POST":
         return render(
             request,

@@ -368,8 +368,11 @@ def test_a_nodes_host_certificate_ends_with_its_cluster_and_its_key_is_refused_a
     again."""
     from access.errors import BadPublicKey
     from access.selectors import credentials_of
+    from clusters.models import Node
     from clusters.signals import cluster_ended
 
+    # closed clusters may share addresses: charlie's node1 is at the address alice's had
+    Node.objects.filter(cluster__in=[cluster, other_cluster], name="node1").update(address="10.9.0.1")
     issued, key = _certify_node(alice, cluster)
     assert issued.credential not in credentials_of(alice, ended=5)  # not hers to "lose with a laptop"
     issue_both(bob, cluster)
@@ -392,7 +395,10 @@ def test_a_nodes_host_certificate_ends_with_its_cluster_and_its_key_is_refused_a
     issued.credential.refresh_from_db()
     assert issued.credential.revocation_reason == RevocationReason.CESSATION_OF_OPERATION
     known_hosts = services.ssh_certificate_issue(user=charlie, cluster=other_cluster).known_hosts
-    assert f"@revoked * {' '.join(key.split()[:2])}\n" in known_hosts
+    # refused where charlie's bundle could meet it (the shared address), never for every host, and no name of
+    # alice's cluster in charlie's bundle
+    assert f"@revoked 10.9.0.1 {' '.join(key.split()[:2])}\n" in known_hosts
+    assert "@revoked *" not in known_hosts and issued.principals[0] not in known_hosts
     with pytest.raises(BadPublicKey, match="was revoked"):
         services.node_host_certificate_issue(user=charlie, cluster=other_cluster, node="node1", public_key=key)
 
@@ -410,3 +416,24 @@ def test_the_sweep_revokes_host_certificates_of_clusters_that_ended_unseen(alice
     assert ended.credential.revocation_reason == RevocationReason.CESSATION_OF_OPERATION
     assert kept.credential.revoked_at is None  # a public cluster's node: reached directly, its certificate stays
     assert services.credentials_sweep() == 0
+
+
+def test_a_host_key_that_is_a_gateways_or_another_nodes_is_not_certified(alice, cluster, gateway):
+    """Whoever asks chooses the key: certifying (then revoking) the bastion's key or another node's would have
+    it refused for that host's names. The same node asking again (a longer lifetime) is fine."""
+    from access import ssh
+    from access.errors import BadPublicKey
+
+    first, key = _certify_node(alice, cluster)
+    again = services.node_host_certificate_issue(user=alice, cluster=cluster, node="node1", public_key=key)
+    assert again.credential.pk != first.credential.pk
+    second = make_cluster(alice, name="web2")
+    with pytest.raises(BadPublicKey, match="another node"):
+        services.node_host_certificate_issue(user=alice, cluster=second, node="node1", public_key=key)
+    bastion = ssh.generate_user_key()
+    gateway.ssh_host_certificate = services.ssh_host_certificate_issue(
+        public_key=bastion.public_line, principals=[gateway.address]
+    )
+    gateway.save()
+    with pytest.raises(BadPublicKey, match=f"gateway {gateway.name}"):
+        services.node_host_certificate_issue(user=alice, cluster=second, node="node1", public_key=bastion.public_line)

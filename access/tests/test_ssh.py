@@ -277,7 +277,11 @@ def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
         with pytest.raises(ssh.SSHCertError):
             ssh.known_hosts_line(ssh.public_key_line(ca), bad)
     host = ssh.public_key_line(ed25519.Ed25519PrivateKey.generate())
-    assert ssh.known_hosts_revoked_line(host + " root@node1") == f"@revoked * {host}\n"
+    line = ssh.known_hosts_revoked_line(host + " root@node1", ["c42-node1", "10.0.0.1"])
+    assert line == f"@revoked c42-node1,10.0.0.1 {host}\n"
+    for bad in ([], ["*"], ["a,b"]):
+        with pytest.raises(ssh.SSHCertError):
+            ssh.known_hosts_revoked_line(host, bad)
 
 
 def test_a_nodes_host_certificate_names_how_the_ssh_config_reaches_it(ca):
