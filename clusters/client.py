@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TextIO
 
 from access.gateway import outgoing  # stdlib only: the no-redirect opener, where a token may go
+from access.gateway.state import write_all_atomic  # stdlib only: files replaced whole, as a set
 
 EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
@@ -276,7 +277,8 @@ def migrated(api: Api, args, out: TextIO) -> int:
 def host_cert(api: Api, args, out: TextIO) -> int:
     """Certify ``--key`` (a node's host public key) for ``--node`` of the job's live cluster and install what
     the node's sshd needs. Files are replaced whole (a reader never sees half of one); run again, it asks for a
-    new certificate (the same key, a later expiry: after the cluster's lifetime was extended)."""
+    new certificate (the same key, a later expiry: after the cluster's lifetime was extended). sshd reads the
+    files as root and nothing in them is secret: mode 0644."""
     key_path = Path(args.key)
     try:
         public_key = key_path.read_text().strip()
@@ -289,30 +291,21 @@ def host_cert(api: Api, args, out: TextIO) -> int:
     issued = api.call("POST", "/api/access/host-certificates/", body)
     folder = Path(args.dir) if args.dir else key_path.parent
     stem = key_path.name.removesuffix(".pub")
+    node_user = str(issued["node_user"])
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):
+        raise Refused(f"the portal named the node's account {node_user!r}")  # it becomes a file name
     written = {
         folder / f"{stem}-cert.pub": issued["certificate"],
         folder / "virtcloud-user-ca.pub": issued["user_ca"],
-        folder / f"virtcloud-principals-{issued['node_user']}": issued["authorized_principals"],
+        folder / f"virtcloud-principals-{node_user}": issued["authorized_principals"],
     }
-    for path, text in written.items():
-        _write_whole(path, text if text.endswith("\n") else text + "\n")
+    try:  # as a set (all new files written and flushed before any replaces its old one), never through a link
+        write_all_atomic({path: (text.rstrip("\n") + "\n", 0o644) for path, text in written.items()})
+    except OSError as exc:
+        raise Refused(f"cannot write into {folder}: {exc.strerror or exc}") from None
     shown = {k: v for k, v in issued.items() if k != "certificate"}
     out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
     return 0
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """``path`` replaced by ``text`` at once (mode 0644: sshd reads these as root, nothing in them is secret)."""
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", path.name):
-        raise Refused(f"the portal named a file {path.name!r}")  # (node_user comes from the answer)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_text(text)
-        temp.chmod(0o644)
-        temp.replace(path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise Refused(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def show(api: Api, args, out: TextIO) -> int:

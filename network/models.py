@@ -191,7 +191,8 @@ class Switch(InventoryModel):
         problems = ssh_problems(host=host, user=user, options=self.driver_args.get("ssh_options", ()))
         if "vlan_name_format" in self.driver_args:
             try:  # written into the vendor switch's configuration: one plain word per VLAN
-                vlan_name(str(self.driver_args["vlan_name_format"]), VLAN_MIN)
+                for vid in (VLAN_MIN, VLAN_MAX):  # the longest name too (a 4-digit id)
+                    vlan_name(str(self.driver_args["vlan_name_format"]), vid)
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:

@@ -329,5 +329,8 @@ def test_a_vlan_name_format_that_would_write_more_than_a_name_is_refused_on_the_
     with pytest.raises(ValidationError) as refused:
         switch.full_clean()
     assert "vlan_name_format" in str(refused.value.message_dict["driver_args"])
+    switch.driver_args = {"vlan_name_format": "abcdefghijklmnopqrstuvwxyzabcd-{vid}"}  # 32 for VLAN 1, 35 for 4094
+    with pytest.raises(ValidationError):
+        switch.full_clean()
     switch.driver_args = {"vlan_name_format": "grid{vid:04d}"}
     switch.full_clean()
