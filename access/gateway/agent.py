@@ -25,7 +25,9 @@ brings changed settings rewrites ``openvpn.conf``, ``sshd_config`` and ``systemd
 (:mod:`access.gateway.config`), says which, and gives the hook their names (relative to the state directory,
 space-separated) in ``VIRTCLOUD_CONFIG_CHANGED`` — empty when none changed — until a run of it succeeds: the
 hook restarts or reloads what reads them (``systemctl daemon-reload`` after copying the units, restart OpenVPN
-and the bastion). Without a hook the pull's log line is the only notice.
+and the bastion). A listed file that is gone belongs to a service the portal no longer has the gateway serve: stop
+and disable it (its state is already emptied and its sessions cut, see :func:`access.gateway.pull.install_state`).
+Without a hook the pull's log line is the only notice.
 
 ``status`` prints what the gateway goes by and exits 1 when it refuses everyone, 2 when the ``--on-change``
 hook failed at the last pull (for a monitoring check).

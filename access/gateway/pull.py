@@ -35,6 +35,7 @@ import argparse
 import base64
 import datetime as dt
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -44,9 +45,11 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from access.gateway import config as gateway_config  # noqa: E402
-from access.gateway import management, sshd  # noqa: E402
+from access.gateway import management, sshd, systemd  # noqa: E402
 from access.gateway.state import (  # noqa: E402
     CLUSTER_RE,
+    OPENVPN_CONFIG,
+    SSHD_CONFIG,
     RunAs,
     SshState,
     StateError,
@@ -57,6 +60,7 @@ from access.gateway.state import (  # noqa: E402
     fresh_until_path,
     fresh_until_text,
     installed_path,
+    load_vlan_map,
     revoked_serials,
     vlan_map_json,
     write_all_atomic,
@@ -65,6 +69,18 @@ from access.gateway.state import (  # noqa: E402
 from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
+#: per service, the configuration files that run it (relative to the state directory): removed once the portal's
+#: document no longer carries that service, so that the ``--on-change`` hook (told of them) stops it
+SERVICE_CONFIGS = {
+    "vpn": (OPENVPN_CONFIG, f"systemd/{systemd.OPENVPN}.service"),
+    "ssh": (
+        SSHD_CONFIG,
+        f"systemd/{systemd.SSHD}.service",
+        f"systemd/{systemd.BASTION}.service",
+        f"systemd/{systemd.SSH_DROP_IN}",
+    ),
+}
+SERVICE_NAMES = {"vpn": "VPN (OpenVPN)", "ssh": "SSH (the bastion)"}
 _NODE_FIELD_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}\Z")
 
 
@@ -224,19 +240,36 @@ def _configs(
     return {state_dir / name: (text.encode(), 0o644) for name, text in texts.items()}, notes
 
 
-def _run_as(state_dir: Path) -> tuple[RunAs | None, dict | None, list[str]]:
-    """Who OpenVPN and its hooks run as after start, by ``local.json`` (None: root throughout, also without it or
-    when it is malformed, which :func:`_configs` says), ``local.json``, and what to tell the operator (this host
-    has no such account)."""
+def _run_as(state_dir: Path) -> tuple[RunAs | None, dict | None, list[str], bool]:
+    """Who OpenVPN and its hooks run as after start, by ``local.json`` (None: root throughout, also without it),
+    ``local.json``, what to tell the operator, and whether to leave the VPN state's owners and modes as they are.
+
+    A ``local.json`` that cannot be used — malformed (which :func:`_configs` says too), or naming a user or group
+    this host lacks — does not hand the VPN state to root: ``openvpn.conf`` still has OpenVPN drop to the account
+    it names, which could then no longer read the CRL (every client refused). The account the state is set up for
+    (:meth:`VpnState.current_run_as`, its owners on disk) is kept, and its owners and modes are left alone."""
     try:
         local = gateway_config.load_local(state_dir)
-    except gateway_config.LocalConfigError:
-        return None, None, []
-    try:
-        return gateway_config.run_as(local), local, []
-    except LookupError as exc:
-        account = f"{local['vpn_user']}:{local['vpn_group']}"
-        return None, local, [f"OpenVPN cannot run as {account} ({exc}): the VPN state is root's only"]
+    except gateway_config.LocalConfigError as exc:
+        local, problem = None, f"{exc}"
+    else:
+        try:
+            return gateway_config.run_as(local), local, [], False
+        except LookupError as exc:
+            problem = f"OpenVPN cannot run as {local['vpn_user']}:{local['vpn_group']} ({exc})"
+    vpn = VpnState.at(state_dir)
+    if not vpn.root.is_dir():  # nothing set up yet to keep
+        return None, local, [f"{problem}: the VPN state is root's only"], False
+    kept = vpn.current_run_as()
+    return (
+        kept,
+        local,
+        [
+            f"{problem}: the VPN state stays set up for {kept or 'root'} (its owners and modes as they are) "
+            f"until {gateway_config.LOCAL} can be used"
+        ],
+        True,
+    )
 
 
 def _unreachable(vpn: VpnState, local: dict) -> list[str]:
@@ -249,6 +282,56 @@ def _unreachable(vpn: VpnState, local: dict) -> list[str]:
         if problem:
             notes.append(f"OpenVPN's hooks run as {vpn.run_as}, who cannot reach {what} ({problem}): all are refused")
     return notes
+
+
+@dataclass
+class _Dropped:
+    """What a pull does for the services the portal no longer has the gateway serve (its document lacks their
+    section): their authorization state emptied, their configuration files removed."""
+
+    services: list[str] = field(default_factory=list)  # "vpn", "ssh": not in the document
+    files: dict[Path, tuple] = field(default_factory=dict)  # the emptied state (written with the rest)
+    removed: dict[str, list[Path]] = field(default_factory=dict)  # per service, its configuration files (removed
+    # after the writes)
+
+
+def _dropped(doc: dict, state_dir: Path, vpn: VpnState, ssh: SshState) -> _Dropped:
+    """Fail closed, per service, for a service the document no longer carries (an admin switched the gateway from
+    both to one of them): its hooks would otherwise keep going by the last state it had, renewed by every pull — a
+    VLAN map naming clusters that ended (their VLANs may be another cluster's now), principals of ended grants. So
+    the VPN's VLAN map is emptied (client-connect refuses everyone), the bastion's principals files and cluster map
+    too (no login, no leg), and the files that run the service go (the caller cuts the sessions it recorded)."""
+    out = _Dropped()
+    stamp = str(doc.get("generated_at", ""))
+    if "vpn" not in doc:
+        out.services.append("vpn")
+        if _has_clusters(vpn.vlans, load_vlan_map):
+            out.files[vpn.vlans] = (vlan_map_json({}, generated_at=stamp).encode(), *vpn.readable)
+    if "ssh" not in doc:
+        out.services.append("ssh")
+        try:
+            principals = [p for p in ssh.principals_dir.iterdir() if not p.name.startswith(".")]
+        except FileNotFoundError:
+            principals = []
+        for path in principals:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size:
+                out.files[path] = (b"", 0o644)
+        if _has_clusters(ssh.clusters, lambda path: json.loads(path.read_bytes()).get("clusters")):
+            empty = {"format": 1, "generated_at": stamp, "clusters": {}}
+            out.files[ssh.clusters] = (json.dumps(empty, indent=1, sort_keys=True).encode(), 0o644)
+    for service in out.services:
+        out.removed[service] = [state_dir / name for name in SERVICE_CONFIGS[service] if (state_dir / name).is_file()]
+    return out
+
+
+def _has_clusters(path: Path, load) -> bool:
+    """Whether the cluster map at ``path`` grants anything (an unreadable one counts: it is replaced)."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        return bool(load(path))
+    except (OSError, StateError, ValueError, AttributeError):
+        return True
 
 
 def _legs(clusters: dict) -> dict[str, dict]:
@@ -291,9 +374,14 @@ def install_state(
     With ``local.json`` in ``state_dir``, the configuration files rendered from the document's ``config`` and it
     belong to the set (those that differ from the files on disk: ``report.configs``), and ``.config-changed``
     lists them until an ``--on-change`` hook has run (:mod:`access.gateway.agent`).
+
+    A service the document no longer carries (``vpn`` or ``ssh`` missing: the gateway no longer serves it) fails
+    closed by itself: its cluster maps are emptied, the sessions it recorded cut, and its configuration files
+    (``openvpn.conf``, ``sshd_config`` and their units) removed and listed in ``report.configs`` like a change,
+    so that the hook stops what ran them (:func:`_dropped`).
     """
     state_dir = Path(state_dir)
-    run_as, local, notes = _run_as(state_dir)
+    run_as, local, notes, keep_owners = _run_as(state_dir)
     vpn, ssh = VpnState.at(state_dir, run_as), SshState.at(state_dir)
     try:
         files, portal = _prepare(doc, vpn, ssh, state_dir=state_dir, fetched_at=fetched_at)
@@ -304,10 +392,12 @@ def install_state(
         ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
+    dropped = _dropped(doc, state_dir, vpn, ssh)
+    files.update(dropped.files)
     report = InstallReport(notes=notes)
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # (fresh-until lives at its top)
-    if "vpn" in doc:
-        vpn.ensure_dirs()
+    if "vpn" in doc and not keep_owners:
+        report.notes += vpn.ensure_dirs()
     if "ssh" in doc:
         ssh.ensure_dirs()
         sshd.prepare_sessions_dir(ssh, doc["ssh"]["account"])
@@ -320,7 +410,10 @@ def install_state(
             unchanged = False
         if not unchanged:
             changed[path] = entry
-    report.configs = sorted(str(path.relative_to(state_dir)) for path in changed if path in configs)
+    report.configs = sorted(
+        {str(path.relative_to(state_dir)) for path in changed if path in configs}
+        | {str(path.relative_to(state_dir)) for paths in dropped.removed.values() for path in paths}
+    )
     if report.configs:  # until a hook has acted on them (restarted what reads them), with the rest of the set
         waiting = sorted(set(gateway_config.pending(state_dir)) | set(report.configs))
         changed[state_dir / gateway_config.CONFIG_CHANGED] = ("\n".join(waiting).encode() + b"\n", 0o644)
@@ -328,12 +421,28 @@ def install_state(
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # (systemd/)
     write_all_atomic(changed)
     report.written += [str(path) for path in changed]
-    if vpn.run_as and "vpn" in doc:
+    for path in (path for paths in dropped.removed.values() for path in paths):
+        path.unlink(missing_ok=True)  # (after the emptied state is in place: what restarts meanwhile admits nobody)
+    if vpn.run_as and local and "vpn" in doc:
         report.notes += _unreachable(vpn, local)
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
     if cut_sessions and "ssh" in doc:
         _cut_ssh(ssh, ssh_revoked, report)
+    for service in dropped.services:
+        cut_before = len(report.cut) + len(report.ssh_cut)
+        if cut_sessions:
+            _cut_all(vpn if service == "vpn" else ssh, report)
+        emptied = [path for path in dropped.files if path.is_relative_to(state_dir / service)]
+        cut = len(report.cut) + len(report.ssh_cut) - cut_before
+        removed = [str(path.relative_to(state_dir)) for path in dropped.removed[service]]
+        if emptied or cut or removed:
+            report.notes.append(
+                f"the portal no longer has this gateway serve {SERVICE_NAMES[service]}: it refuses everyone there "
+                f"(emptied {', '.join(str(p.relative_to(state_dir)) for p in emptied) or 'nothing more'}; "
+                f"cut {cut} certificate(s)' sessions)"
+                + (f"; removed {', '.join(removed)}: stop what ran them" if removed else "")
+            )
     return report
 
 
@@ -369,16 +478,21 @@ def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallRe
         pass
     else:
         return None
-    vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
-    try:
-        serials, ssh_serials = recorded_serials(vpn), sshd.recorded_serials(ssh)
-    except OSError as exc:
-        report.cut_errors.append(f"cannot list the recorded sessions: {exc}")
-        return report
-    _cut(vpn, serials, report)
-    _cut_ssh(ssh, ssh_serials, report)
+    _cut_all(VpnState.at(state_dir), report)
+    _cut_all(SshState.at(state_dir), report)
     return report
+
+
+def _cut_all(state: VpnState | SshState, report: InstallReport) -> None:
+    """Cut every live session of one service this gateway recorded (its state no longer admits anyone)."""
+    try:
+        if isinstance(state, VpnState):
+            _cut(state, recorded_serials(state), report)
+        else:
+            _cut_ssh(state, sshd.recorded_serials(state), report)
+    except OSError as exc:
+        report.cut_errors.append(f"cannot cut the sessions recorded in {state.sessions}: {exc}")
 
 
 def cut_revoked(state_dir: str | Path) -> InstallReport:

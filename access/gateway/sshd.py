@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from access.gateway.state import SshState
+from access.gateway.state import SshState, read_record
 
 # \Z, not $: "$" also matches before a final newline, which would end the line the value goes into
 _PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
@@ -42,6 +42,7 @@ WATCH_EVERY = 30
 #: A login record untouched for this long names a certificate that has expired (SSH certificates live a day
 #: at most): once none of its logins is up, it is dropped.
 RECORD_KEPT = 2 * 24 * 3600
+SESSIONS_LIMIT = 1024 * 1024  # a login's line is ~20 bytes: tens of thousands of logins of one certificate
 
 
 #: What a session on the bastion runs instead of the shell or command asked for: Debian's ``nologin`` (package
@@ -257,7 +258,8 @@ def session_processes(ssh: SshState, serial: int) -> list[int]:
     it is an sshd started at the recorded time: a pid the system has since given to another process is
     never touched)."""
     try:
-        lines = (ssh.sessions / str(int(serial))).read_text().splitlines()
+        # (written by the bastion's account: read so that a link or a FIFO planted there is not followed)
+        lines = read_record(ssh.sessions / str(int(serial)), SESSIONS_LIMIT).decode(errors="replace").splitlines()
     except (FileNotFoundError, ValueError):
         return []
     alive = []
@@ -296,7 +298,7 @@ def prune_sessions(ssh: SshState, now: float | None = None) -> None:
     for serial in recorded_serials(ssh):
         path = ssh.sessions / str(serial)
         try:
-            old = now - path.stat().st_mtime > RECORD_KEPT
+            old = now - path.lstat().st_mtime > RECORD_KEPT
         except FileNotFoundError:
             continue
         if old and not session_processes(ssh, serial):

@@ -46,7 +46,11 @@ elsewhere or set up before), :meth:`VpnState.readable` is the mode and group of 
 
 Fail closed: a gateway that has not pulled for ``max_age`` (``GATEWAY_STATE_MAX_AGE`` on the portal) stops
 admitting anyone — it may map a cluster that has ended to a VLAN another cluster has since been given. Every
-hook calls :func:`check_fresh`.
+hook calls :func:`check_fresh`. A service the pulled document no longer carries fails closed by itself: its VLAN
+map (or principals and cluster map) is emptied (:func:`access.gateway.pull.install_state`).
+
+The root pull reads the hooks' records only through :func:`read_record` and gives them their owner only through
+:func:`_own`: the account that writes them may plant links, FIFOs or hard links there, never followed.
 
 Files are replaced atomically (write a temporary file with a random name, created exclusively, in the
 same directory, fsync, rename) so a hook never reads half a CRL or half a map; a pull writes all of its
@@ -55,6 +59,7 @@ new files before it renames any (``write_all_atomic``).
 
 from __future__ import annotations
 
+import errno
 import grp
 import ipaddress
 import json
@@ -62,6 +67,7 @@ import os
 import pwd
 import re
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -142,14 +148,86 @@ def _describe(st: os.stat_result) -> str:
     return f"{stat.S_IMODE(st.st_mode):04o} {owner}:{group}"
 
 
-def _own(path: Path, mode: int | None, *, uid: int = -1, gid: int = -1) -> None:
-    """Give ``path`` (never a symbolic link's target) that owner/group (-1: as it is) and ``mode`` (None: as it is);
-    only what differs is changed. ``PermissionError`` when this process may not (not root)."""
+def _own(path: Path, mode: int | None, *, uid: int = -1, gid: int = -1) -> str | None:
+    """Give ``path`` that owner/group (-1: as it is) and ``mode`` (None: as it is); only what differs is changed.
+    Never through a link: a symbolic link gets the owner itself (``lchown``, never a mode), a regular file or a
+    directory is changed through a descriptor opened without following one (``fchown``/``fchmod``: a swap after the
+    check changes nothing else), and a file with another name elsewhere (a hard link, maybe to a file of root's),
+    a FIFO, a socket or a device is left alone: what was left alone, or None. ``PermissionError`` when this process
+    may not (not root)."""
     st = os.lstat(path)
-    if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
-        os.chown(path, uid, gid, follow_symlinks=False)
-    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
+    if stat.S_ISLNK(st.st_mode):
+        if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+            os.chown(path, uid, gid, follow_symlinks=False)
+        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return f"{path} is not a regular file: left as it is"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since
+            return f"{path} became a symbolic link: left as it is"
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+            return f"{path} has {st.st_nlink} names (a hard link?) or is not a regular file: left as it is"
+        if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+            os.fchown(fd, uid, gid)
+        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return None
+
+
+#: The most a record another account writes (``vpn/run/sessions/<serial>.json``, ``vpn/run/ac-cache/*``) may hold
+#: when root reads it: a real one is a few hundred bytes.
+RECORD_LIMIT = 64 * 1024
+
+
+def read_record(path: Path, limit: int = RECORD_LIMIT) -> bytes:
+    """The content of a record in a directory an unprivileged account writes (OpenVPN's hooks, the bastion's
+    principals command), read so that a compromised one cannot make root follow anything or hang: opened without
+    following a link, without waiting (a FIFO), and read from the descriptor only when it is a regular file with
+    one name and at most ``limit`` bytes. Anything else is removed — the entry, never what it points to — said on
+    stderr, and taken as no record: ``FileNotFoundError``, like a missing one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+            raise  # (FileNotFoundError: no record)
+        return _drop_record(path, "a symbolic link or a socket")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            problem = "not a regular file"
+        elif st.st_nlink != 1:
+            problem = f"a file with {st.st_nlink} names (a hard link)"
+        elif st.st_size > limit:
+            problem = f"{st.st_size} bytes, more than {limit}"
+        else:
+            chunks, size = [], 0
+            while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            if size <= limit:
+                return b"".join(chunks)
+            problem = f"more than {limit} bytes"  # (it grew since)
+    finally:
+        os.close(fd)
+    return _drop_record(path, problem)
+
+
+def _drop_record(path: Path, problem: str) -> bytes:
+    print(f"virtcloud-gateway: removed {path}, not a record: {problem}", file=sys.stderr, flush=True)
+    try:
+        os.unlink(path)  # (the entry itself: unlink follows nothing)
+    except OSError:
+        pass
+    raise FileNotFoundError(errno.ENOENT, f"not a record: {problem}", str(path))
 
 
 @dataclass(frozen=True)
@@ -190,28 +268,51 @@ class VpnState:
         """The files the hooks and OpenVPN read after it has dropped its privileges (mode :attr:`readable`)."""
         return (self.ca, self.crl, self.aa, self.vlans, self.revoked, self.server_cert)
 
-    def ensure_dirs(self) -> None:
+    def ensure_dirs(self) -> list[str]:
         """Make the directories, and give them and the files already in them the owners and modes ``run_as``
         needs (see the module's docstring): also those of a directory set up for the other way, or copied from
-        elsewhere. ``PermissionError`` when they cannot be given (not root)."""
+        elsewhere. What it left alone, for the operator (an entry among the hooks' records that is not theirs to
+        have: a hard link, a FIFO — never followed, see :func:`_own`). ``PermissionError`` when they cannot be
+        given (not root)."""
+        skipped = []
         gid = self.run_as.gid if self.run_as else os.getegid()  # (root's again when the drop is turned off)
         for d in (self.root, self.run):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _own(d, 0o750 if self.run_as else 0o700, gid=gid)
+            skipped.append(_own(d, 0o750 if self.run_as else 0o700, gid=gid))
         for path in self.shared:
             if path.exists():
-                _own(path, self.readable[0], gid=gid)
+                skipped.append(_own(path, self.readable[0], gid=gid))
         for path in (self.server_key, self.tls_crypt):
             if path.exists():
-                _own(path, 0o600)
+                skipped.append(_own(path, 0o600))
         # what the hooks (and OpenVPN's tls-export-cert) write, with what is in it: theirs, or root's again
         uid, gid = (self.run_as.uid, self.run_as.gid) if self.run_as else (os.geteuid(), os.getegid())
         for d in (self.ac_cache, self.peer_certs, self.sessions):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _own(d, 0o700, uid=uid, gid=gid)
-            with os.scandir(d) as entries:  # (lchown: a link the account planted there is not followed)
+            skipped.append(_own(d, 0o700, uid=uid, gid=gid))
+            with os.scandir(d) as entries:  # (a link the account planted there is not followed)
                 for entry in entries:
-                    _own(Path(entry.path), None, uid=uid, gid=gid)
+                    skipped.append(_own(Path(entry.path), None, uid=uid, gid=gid))
+        return [problem for problem in skipped if problem]
+
+    def current_run_as(self) -> RunAs | None:
+        """Who the directory is set up for now, by its owners on disk (what :meth:`ensure_dirs` gave it last): the
+        group of ``vpn/`` and the owner of the hooks' records; None when they are root's (or there is none yet)."""
+        try:
+            gid, uid = os.lstat(self.root).st_gid, os.lstat(self.sessions).st_uid
+        except FileNotFoundError:
+            return None
+        if gid == os.getegid() and uid == os.geteuid():
+            return None
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+        return RunAs(user, group, uid, gid)
 
 
 SSHD_CONFIG = "sshd_config"  # in the state directory: the bastion's sshd configuration (gateway config writes it)

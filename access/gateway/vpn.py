@@ -48,6 +48,7 @@ from access.gateway.state import (  # noqa: E402
     VpnState,
     check_fresh,
     load_vlan_map,
+    read_record,
     revoked_serials,
     write_atomic,
 )
@@ -83,7 +84,7 @@ def _prune_cache(state: VpnState, now: float) -> None:
         return
     for entry in entries:
         try:
-            if now - entry.stat().st_mtime > CACHE_TTL:
+            if now - entry.stat(follow_symlinks=False).st_mtime > CACHE_TTL:
                 os.unlink(entry.path)
         except FileNotFoundError:
             pass
@@ -137,7 +138,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     cn = env.get("common_name", "?")
     fingerprint = _fingerprint_from_env(env)
     try:
-        entry = json.loads(_cache_path(state, fingerprint).read_bytes())
+        entry = json.loads(read_record(_cache_path(state, fingerprint)))
     except FileNotFoundError:
         raise Refused(f"cn={cn}: no verified AC for this certificate (tls-verify did not pass it)") from None
     who = f"cn={cn} serial={entry['serial']}"
@@ -208,9 +209,10 @@ def recorded_serials(state: VpnState) -> set[int]:
 
 def _session_record(state: VpnState, serial: int) -> dict | None:
     try:
-        return json.loads((state.sessions / f"{int(serial)}.json").read_bytes())
+        record = json.loads(read_record(state.sessions / f"{int(serial)}.json"))  # (the hooks' account writes them)
     except (FileNotFoundError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _record_peers(record: dict | None) -> list[tuple[str, str]]:
@@ -243,8 +245,8 @@ def client_disconnect(state: VpnState, env: dict[str, str]) -> None:
     serial = env.get("tls_serial_0", "")
     if not serial.isdigit():
         try:
-            serial = str(json.loads(_cache_path(state, _fingerprint_from_env(env)).read_bytes())["serial"])
-        except (Refused, FileNotFoundError, ValueError, KeyError):
+            serial = str(json.loads(read_record(_cache_path(state, _fingerprint_from_env(env))))["serial"])
+        except (Refused, FileNotFoundError, ValueError, KeyError, TypeError):
             return  # never recorded (refused before client-connect), or already forgotten
     ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
     port = env.get("trusted_port", "")

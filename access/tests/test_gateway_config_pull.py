@@ -292,3 +292,67 @@ def test_a_gateway_now_serving_ssh_without_a_host_key_is_told_to_enrol(tmp_path)
     report = pull.install_state(state, services.gateway_state(gateway=gw), cut_sessions=False)
     assert "sshd_config" in report.configs and "systemd/virtcloud-gateway-sshd.service" in report.configs
     assert any("no host key: enrol it" in note for note in report.notes)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_service_the_gateway_no_longer_serves_fails_closed_and_its_files_go(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """An admin switches the gateway from both services to SSH only, then to VPN only. The state of the service it
+    no longer serves is not left as it was (renewed by every pull, the VLAN of a cluster that ended may be another
+    cluster's by then): the standalone agent empties its cluster maps — its hooks admit nobody — removes the files
+    that run it and names them to the --on-change hook, which stops it, and says so."""
+    from access.gateway import vpn as gateway_vpn
+    from access.gateway.state import SshState, VpnState, load_vlan_map
+
+    make_cluster(alice, name="mpi", group=team)
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable)
+    (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
+    seen = tmp_path / "seen"
+    hook = tmp_path / "hook.sh"  # what an operator's hook does with a file that is gone: stops what ran it
+    hook.write_text(f'#!/bin/sh\necho "[$VIRTCLOUD_CONFIG_CHANGED]" >> {seen}\n')
+    hook.chmod(0o755)
+    argv = [sys.executable, "-I", str(AGENT), "pull", "--url", live_server.url, "--token-file", str(state / "token")]
+    argv += ["--dir", str(state), "--on-change", str(hook)]
+
+    def agent() -> str:
+        done = subprocess.run(argv, env=BARE_ENV, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    agent()
+    vpn, ssh = VpnState.at(state), SshState.at(state)
+    [label] = load_vlan_map(vpn.vlans)  # the cluster's name on the gateway
+    assert (ssh.principals_dir / "virtcloud").read_text()
+    vpn_files = ["openvpn.conf", "systemd/virtcloud-gateway-openvpn.service"]
+    assert all((state / name).exists() for name in vpn_files)
+
+    gateway.kind = GatewayKind.SSH
+    gateway.save()
+    out = agent()
+    assert load_vlan_map(vpn.vlans) == {}  # client-connect has no VLAN for anyone
+    assert not [name for name in vpn_files if (state / name).exists()]
+    assert seen.read_text().splitlines()[-1] == f"[{' '.join(vpn_files)}]", out
+    assert "the portal no longer has this gateway serve VPN (OpenVPN): it refuses everyone there" in out
+    assert "removed openvpn.conf, systemd/virtcloud-gateway-openvpn.service" in out
+    entry = {"serial": 77, "subject": "CN=alice", "ac_serial": 77, "fqans": [], "clusters": {label: "member"}}
+    (vpn.ac_cache / f"{'ab' * 32}.json").write_text(json.dumps({**entry, "not_after": 4e9}))
+    env = {"tls_digest_sha256_0": "ab" * 32, "UV_VCLUSTER": label}
+    with pytest.raises(gateway_vpn.Refused, match=f"cluster {label} has no VLAN on this gateway"):
+        gateway_vpn.client_connect(vpn, str(tmp_path / "cc"), env)
+    assert (ssh.principals_dir / "virtcloud").read_text()  # (the service it still serves: as it was)
+    runs = len(seen.read_text().splitlines())
+    out = agent()  # done once: the next pulls have nothing more to do or say
+    assert "no longer" not in out and len(seen.read_text().splitlines()) == runs
+
+    gateway.kind = GatewayKind.VPN
+    gateway.save()
+    out = agent()
+    assert (ssh.principals_dir / "virtcloud").read_text() == ""  # no principals: no login
+    assert json.loads(ssh.clusters.read_text())["clusters"] == {}  # no leg in any cluster
+    assert not (state / "sshd_config").exists() and not (state / "systemd/virtcloud-gateway-sshd.service").exists()
+    assert "the portal no longer has this gateway serve SSH (the bastion)" in out
+    changed = seen.read_text().splitlines()[-1]
+    assert "sshd_config" in changed and "systemd/virtcloud-gateway-sshd.service" in changed
+    assert "openvpn.conf" in changed and label in load_vlan_map(vpn.vlans)  # served again: back as it was

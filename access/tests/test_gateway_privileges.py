@@ -167,11 +167,36 @@ def test_an_account_this_host_does_not_have(gateway, tmp_path):
     with pytest.raises(CommandError, match="--vpn-user needs a --vpn-group"):
         run("config", "gw1", "--dir", str(state), "--vpn-group", "")
     run("config", "gw1", "--dir", str(state))
+    set_up = owners(state)
     local = json.loads((state / "local.json").read_text())
     (state / "local.json").write_text(json.dumps({**local, "vpn_group": "vc-no-such-group"}))  # edited by hand
     report = pull.install_state(state, services.gateway_state(gateway=gateway))
     assert any("cannot run as nobody:vc-no-such-group (no group 'vc-no-such-group'" in n for n in report.notes)
-    assert owners(state)["vpn"] == ("0700", "root", "root")  # the VPN state is root's only then
+    # OpenVPN, still running as nobody:nogroup, must still read the CRL: the state keeps the account it is set up for
+    assert any("the VPN state stays set up for nobody:nogroup (its owners" in n for n in report.notes)
+    assert owners(state) == set_up
+
+
+@as_root
+@pytest.mark.django_db
+@pytest.mark.parametrize("broken", ["{not json", json.dumps({"format": 1, "dev": "tap-vc"}), "keep-root"])
+def test_a_local_json_that_cannot_be_used_leaves_the_vpn_state_set_up_as_it_was(alice, gateway, tmp_path, broken):
+    """A malformed ``local.json`` (edited by hand, truncated): the pull installs the new state for the account the
+    directory is set up for — not root's, which OpenVPN (as nobody) could not read — and changes no owner or mode.
+    A directory set up for root stays root's."""
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state), *(["--vpn-user", ""] if broken == "keep-root" else []))
+    set_up = owners(state)
+    (state / "local.json").write_text("{not json" if broken == "keep-root" else broken)
+    make_cluster(alice, name="mpi")  # (a state that changes: vlans.json is written again)
+    report = pull.install_state(state, services.gateway_state(gateway=gateway))
+    assert str(state / "vpn" / "vlans.json") in report.written
+    assert owners(state) == set_up
+    account = "root" if broken == "keep-root" else "nobody:nogroup"
+    assert any(
+        f"the VPN state stays set up for {account} (its owners and modes as they are)" in n for n in report.notes
+    )
+    assert any("the configuration files stay as they are" in n for n in report.notes)
 
 
 @as_root
@@ -196,3 +221,75 @@ def test_a_pull_says_what_the_account_cannot_reach(alice, gateway, tmp_path):
         assert pull.install_state(reachable / "state", services.gateway_state(gateway=gateway)).notes == []
     finally:
         shutil.rmtree(reachable)
+
+
+def _in_thread(call, timeout: float = 20):
+    """``call()``'s result (or its exception), failing the test rather than hanging it when it blocks on a FIFO."""
+    import threading
+
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = call()
+        except Exception as exc:  # noqa: BLE001 - raised again below, in the test's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        import faulthandler
+
+        faulthandler.dump_traceback(all_threads=True)
+        pytest.fail(f"{call} hangs")
+    if "error" in out:
+        raise out["error"]
+    return out.get("result")
+
+
+@as_root
+@pytest.mark.django_db
+def test_what_a_compromised_hook_plants_among_its_records_is_never_followed_by_the_root_pull(gateway, tmp_path):
+    """The hooks' account writes ``vpn/run/sessions`` and ``vpn/run/ac-cache``; the pull, as root, reads and chowns
+    what is there. A link to a file of root's, a FIFO (a read would block every pull, and after max_age everyone is
+    refused), a hard link to a file of root's (chowned to nobody where fs.protected_hardlinks=0 let the account make
+    it) or a huge file: the pull completes, follows nothing, gives nothing of root's away, and drops the entries."""
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state))
+    sessions, cache = state / "vpn" / "run" / "sessions", state / "vpn" / "run" / "ac-cache"
+    record = {"serial": 17, "common_name": "alice", "peers": [["203.0.113.5", "40001"]]}
+    linked, hard = tmp_path / "root-linked.json", tmp_path / "root-hard.json"
+    for victim in (linked, hard):
+        victim.write_text(json.dumps(record))
+        victim.chmod(0o600)
+    (sessions / "17.json").symlink_to(linked)
+    os.mkfifo(sessions / "18.json")
+    os.link(hard, sessions / "19.json")  # (as root: what the account could do with protected_hardlinks off)
+    (sessions / "20.json").write_text(json.dumps({**record, "pad": " " * 100_000}))
+    os.link(hard, cache / f"{'cd' * 32}.json")
+    os.mkfifo(cache / f"{'ef' * 32}.json")
+
+    doc = services.gateway_state(gateway=gateway)  # (here: the thread has no database connection)
+    report = _in_thread(lambda: pull.install_state(state, doc))
+    for victim in (linked, hard):
+        assert (os.lstat(victim).st_uid, os.lstat(victim).st_gid, stat.S_IMODE(os.lstat(victim).st_mode)) == (
+            0,
+            0,
+            0o600,
+        )
+        assert json.loads(victim.read_text()) == record
+    assert any("sessions/19.json has 3 names (a hard link?)" in note for note in report.notes), report.notes
+    assert any(f"{'ef' * 32}.json is not a regular file" in note for note in report.notes), report.notes
+
+    from access.gateway import vpn as gateway_vpn
+    from access.gateway.state import VpnState
+
+    vpn = VpnState.at(state)
+    closed = _in_thread(lambda: pull.fail_closed(state, now=4e9))  # (an expired state: every record is read)
+    assert closed is not None and closed.cut == [] and closed.cut_errors == []  # no peer read from any of them
+    assert gateway_vpn.recorded_serials(vpn) == set()  # each dropped: the entry, not what it named
+    assert json.loads(linked.read_text()) == record and json.loads(hard.read_text()) == record
+    env = {"tls_digest_sha256_0": "ef" * 32, "UV_VCLUSTER": "mpi"}
+    with pytest.raises(gateway_vpn.Refused, match="no verified AC"):  # (the hook's own read: no hang either)
+        _in_thread(lambda: gateway_vpn.client_connect(vpn, str(tmp_path / "cc"), env))

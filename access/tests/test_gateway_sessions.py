@@ -357,3 +357,38 @@ def test_the_standalone_pull_trusts_the_state_from_when_its_fetch_started(tmp_pa
     monkeypatch.setattr("sys.stdin", io.StringIO("{not json"))
     assert pull.main(["--state", str(tmp_path)]) == 1
     assert "kept the previous state" in capsys.readouterr().err
+
+
+def test_a_document_without_the_vpn_section_cuts_the_vpn_sessions_and_admits_nobody(gateway_state, tmp_path):
+    """The gateway no longer serves VPN (its document has no ``vpn``): the sessions up are cut, as when the state
+    expires, and the VLAN map is emptied, so a reconnect is refused although fresh-until is renewed."""
+    state, _ca, doc = gateway_state
+    connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
+    fake = FakeManagement(state.management, {1: ("alice", "203.0.113.5:40001"), 2: ("bob", "198.51.100.9:1")})
+    try:
+        report = pull.install_state(tmp_path, {k: v for k, v in doc.items() if k != "vpn"})
+    finally:
+        fake.close()
+    assert report.cut == [77] and fake.sessions == {2: ("bob", "198.51.100.9:1")}
+    assert any("no longer has this gateway serve VPN" in note for note in report.notes)
+    check_fresh(tmp_path)
+    with pytest.raises(vpn.Refused, match="cluster c42 has no VLAN"):
+        connect(state, tmp_path, "again", trusted_ip="203.0.113.5", trusted_port="40002")
+
+
+def test_a_fifo_or_a_link_among_the_bastions_login_records_is_not_followed(tmp_path):
+    """The bastion's account writes ``ssh/run/sessions``; the pull (root) reads it to cut logins: a FIFO there would
+    block every pull, a link would have root read what it points to. Neither is read; both entries are dropped."""
+    from access.gateway import sshd
+    from access.gateway.state import SshState
+
+    ssh = SshState.at(tmp_path)
+    ssh.sessions.mkdir(parents=True)
+    os.mkfifo(ssh.sessions / "23")
+    target = tmp_path / "elsewhere"
+    target.write_text(f"{os.getpid()} 1\n")
+    (ssh.sessions / "24").symlink_to(target)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pull.fail_closed(tmp_path, now=4e9), done.set()), daemon=True).start()
+    assert done.wait(20), "the pull hangs on a FIFO"
+    assert sshd.recorded_serials(ssh) == set() and target.read_text() == f"{os.getpid()} 1\n"
