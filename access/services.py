@@ -817,33 +817,16 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
     ``known_hosts`` as ``@revoked`` (ssh refuses it and its certificates). The cluster's row is locked until
     the record commits, so a teardown either ended it first (409) or finds the record and revokes it."""
     from access import ssh
-    from clusters.models import Node, NodeState, VirtualCluster
 
-    pk = _cluster_id(cluster)
-    visible = VirtualCluster.objects.all() if as_admin else selectors.clusters_user_belongs_to(user)
-    found = visible.select_related(None).select_related("owner").select_for_update(of=("self",)).filter(pk=pk).first()
-    if found is None:
-        raise NotFound(f"no cluster {pk} among yours", field="cluster")
-    label = selectors.cluster_label(found)
-    if not as_admin and found.owner_id != user.pk:
-        raise NotAllowed(
-            f"only the owner of cluster {label}, an admin or the middleware certifies its nodes' host keys (a host "
-            "certificate vouches for a node to everyone who enters the cluster)"
-        )
-    if found.state in _NODES_GONE:
-        raise ClusterNotReady(f"cluster {label} is {found.get_state_display()}: its nodes are gone")
-    if found.expires_at <= timezone.now():
-        raise ClusterNotReady(
-            f"the lifetime of cluster {label} ended at {found.expires_at.isoformat()}: it is being torn down"
-        )
-    wanted = str(node).strip()
-    live = Node.objects.filter(cluster=found).exclude(state=NodeState.REMOVED)
-    if wanted.isascii() and wanted.isdigit():  # an id (names start with a letter)
-        chosen = live.filter(pk=int(wanted)).first() if int(wanted) < 1 << 63 else None
-    else:
-        chosen = live.filter(name=wanted).first()
-    if chosen is None:
-        raise NotFound(f"cluster {label} has no node {wanted!r}", field="node")
+    found, label, chosen = _owned_live_node(
+        user=user,
+        cluster=cluster,
+        node=node,
+        as_admin=as_admin,
+        lock=True,
+        refusal="certifies its nodes' host keys (a host certificate vouches for a node to everyone who enters the "
+        "cluster)",
+    )
     try:
         parsed = ssh.parse_public_key(public_key)
     except ssh.SSHKeyRejected as exc:
@@ -897,7 +880,97 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
         certificate=certificate,
         principals=tuple(principals),
         user_ca=_authority(AuthorityKind.SSH_USER).public_key,
-        authorized_principals=ssh.render_authorized_principals(label, cluster_principals([found])[found.pk]),
+        authorized_principals=_node_authorized_principals(found, label),
+    )
+
+
+def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal: str):
+    """(cluster, its label, node) for what a node's sshd gets from the portal (:func:`node_host_certificate_issue`,
+    :func:`node_access_current`): ``node`` (an id or name) of ``cluster`` (an id or object) if the caller is its
+    owner or (``as_admin``) an admin or the middleware — a group member is refused (403, "only the owner ...
+    ``refusal``"). 404 for a cluster the caller cannot see or a node it does not have (live); 409 for a cluster
+    whose nodes are going or gone or whose lifetime is over. ``lock``: the cluster's row stays locked until the
+    caller's transaction ends."""
+    from clusters.models import Node, NodeState, VirtualCluster
+
+    pk = _cluster_id(cluster)
+    visible = VirtualCluster.objects.all() if as_admin else selectors.clusters_user_belongs_to(user)
+    visible = visible.select_related(None).select_related("owner")
+    if lock:
+        visible = visible.select_for_update(of=("self",))
+    found = visible.filter(pk=pk).first()
+    if found is None:
+        raise NotFound(f"no cluster {pk} among yours", field="cluster")
+    label = selectors.cluster_label(found)
+    if not as_admin and found.owner_id != user.pk:
+        raise NotAllowed(f"only the owner of cluster {label}, an admin or the middleware {refusal}")
+    if found.state in _NODES_GONE:
+        raise ClusterNotReady(f"cluster {label} is {found.get_state_display()}: its nodes are gone")
+    if found.expires_at <= timezone.now():
+        raise ClusterNotReady(
+            f"the lifetime of cluster {label} ended at {found.expires_at.isoformat()}: it is being torn down"
+        )
+    wanted = str(node).strip()
+    live = Node.objects.filter(cluster=found).exclude(state=NodeState.REMOVED)
+    if wanted.isascii() and wanted.isdigit():  # an id (names start with a letter)
+        chosen = live.filter(pk=int(wanted)).first() if int(wanted) < 1 << 63 else None
+    else:
+        chosen = live.filter(name=wanted).first()
+    if chosen is None:
+        raise NotFound(f"cluster {label} has no node {wanted!r}", field="node")
+    return found, label, chosen
+
+
+def _node_authorized_principals(cluster, label: str) -> str:
+    """The principals file of :data:`access.ssh.NODE_USER` on the cluster's nodes, as the people are now."""
+    from access import ssh
+
+    return ssh.render_authorized_principals(label, cluster_principals([cluster])[cluster.pk])
+
+
+@dataclass(frozen=True)
+class NodeAccess:
+    """Who may log in to a node now: what its sshd reads beside its host certificate, fetched again from a
+    timer on the node so that someone who left the group, or a revoked user certificate, is refused there."""
+
+    cluster_label: str
+    node: str
+    user_ca: str
+    authorized_principals: str
+    krl: bytes
+
+    def as_dict(self) -> dict:
+        from access import ssh
+
+        return {
+            "cluster": self.cluster_label,
+            "node": self.node,
+            "node_user": ssh.NODE_USER,
+            "authorized_principals": self.authorized_principals,
+            "krl": base64.b64encode(self.krl).decode(),
+            "user_ca": self.user_ca,
+        }
+
+
+def node_access_current(*, user, cluster, node, as_admin: bool = False) -> NodeAccess:
+    """What ``node`` of ``cluster``'s sshd needs to admit exactly the cluster's people as they are now: the
+    principals file of :data:`access.ssh.NODE_USER` (the owner and the group's members now), the user CA key
+    (``TrustedUserCAKeys``) and the user CA's current KRL (``RevokedKeys``). Asked as a host certificate is
+    (:func:`node_host_certificate_issue`): the owner, an admin or the middleware; 404, 403 and 409 alike."""
+    found, label, chosen = _owned_live_node(
+        user=user,
+        cluster=cluster,
+        node=node,
+        as_admin=as_admin,
+        lock=False,
+        refusal="reads who may log in to its nodes (as it certifies their host keys)",
+    )
+    return NodeAccess(
+        cluster_label=label,
+        node=chosen.name,
+        user_ca=_authority(AuthorityKind.SSH_USER).public_key,
+        authorized_principals=_node_authorized_principals(found, label),
+        krl=krl_current(),
     )
 
 

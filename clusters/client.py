@@ -9,6 +9,7 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
     client.py ... host-cert --job 1234.pbs --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
+    client.py ... host-access --job 1234.pbs --node node1 [--dir /etc/ssh]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
@@ -24,9 +25,11 @@ it left is cleaned), ``migrated --cancel`` calls it off (the target is cleaned).
 first, so running either again does nothing twice. ``host-cert`` has the portal certify a node's SSH host key
 (from the node's boot script, or from the prologue that made the node's keys): it writes the certificate
 beside the key (``<key>-cert.pub``, sshd's ``HostCertificate``), the user CA (``virtcloud-user-ca.pub``,
-``TrustedUserCAKeys``) and the principals file of the account users log in as (``virtcloud-principals-<user>``,
-``AuthorizedPrincipalsFile``) into ``--dir`` (default: the key's folder), and prints the answer without the
-certificate; users then reach the node with no host-key prompt.
+``TrustedUserCAKeys``), the principals file of the account users log in as (``virtcloud-principals-<user>``,
+``AuthorizedPrincipalsFile``) and the user CA's KRL (``virtcloud-revoked-keys``, ``RevokedKeys``) into ``--dir``
+(default: the key's folder), and prints the answer without the certificate; users then reach the node with no
+host-key prompt. ``host-access`` (from a timer on the node) writes those three files again as they are now: who
+left the cluster's group, or whose SSH certificate was revoked, is no longer let in.
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
@@ -47,6 +50,8 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
     sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
+import base64
+import binascii
 import json
 import re
 import time
@@ -274,36 +279,73 @@ def migrated(api: Api, args, out: TextIO) -> int:
     return 0
 
 
+def _job_cluster(api: Api, job: str) -> dict:
+    """The job's one live cluster that is not tearing down (what a node's sshd files are for)."""
+    live = [c for c in api.job_clusters(job) if c["state"] in LIVE and c["state"] != "tearing_down"]
+    if len(live) != 1:
+        raise Refused(f"job {job} has {len(live)} live clusters (a node's SSH access needs exactly one)")
+    return live[0]
+
+
+def _node_access(api: Api, cluster: dict, node: str, folder: Path) -> tuple[dict, dict[Path, str | bytes]]:
+    """The portal's answer of who may log in to ``node`` now (without its KRL), and the files of the node's sshd
+    it makes in ``folder``: the user CA, the principals file and the KRL."""
+    answer = api.call("GET", "/api/access/host-certificates/access/", cluster=cluster["id"], node=node)
+    node_user = str(answer["node_user"])
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):
+        raise Refused(f"the portal named the node's account {node_user!r}")  # it becomes a file name
+    try:
+        krl = base64.b64decode(str(answer["krl"]), validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused("the portal's KRL is not base64") from None
+    files: dict[Path, str | bytes] = {
+        folder / "virtcloud-user-ca.pub": str(answer["user_ca"]).rstrip("\n") + "\n",
+        folder / f"virtcloud-principals-{node_user}": str(answer["authorized_principals"]).rstrip("\n") + "\n",
+        folder / "virtcloud-revoked-keys": krl,  # binary (ssh-keygen -k)
+    }
+    return {k: v for k, v in answer.items() if k != "krl"}, files
+
+
+def _install(folder: Path, files: dict[Path, str | bytes]) -> None:
+    """Write ``files`` as a set (all new files written and flushed before any replaces its old one), never
+    through a link. sshd reads them as root and nothing in them is secret: mode 0644."""
+    try:
+        write_all_atomic({path: (data, 0o644) for path, data in files.items()})
+    except OSError as exc:
+        raise Refused(f"cannot write into {folder}: {exc.strerror or exc}") from None
+
+
 def host_cert(api: Api, args, out: TextIO) -> int:
     """Certify ``--key`` (a node's host public key) for ``--node`` of the job's live cluster and install what
-    the node's sshd needs. Files are replaced whole (a reader never sees half of one); run again, it asks for a
-    new certificate (the same key, a later expiry: after the cluster's lifetime was extended). sshd reads the
-    files as root and nothing in them is secret: mode 0644."""
+    the node's sshd needs: the certificate (``HostCertificate``), the user CA (``TrustedUserCAKeys``), the
+    principals file (``AuthorizedPrincipalsFile``) and the user CA's KRL (``RevokedKeys``; ``host-access``
+    keeps the last three current). Files are replaced whole (a reader never sees half of one); run again, it
+    asks for a new certificate (the same key, a later expiry: after the cluster's lifetime was extended)."""
     key_path = Path(args.key)
     try:
         public_key = key_path.read_text().strip()
     except OSError as exc:
         raise Refused(f"cannot read the host key {key_path}: {exc.strerror or exc}") from None
-    live = [c for c in api.job_clusters(args.job) if c["state"] in LIVE and c["state"] != "tearing_down"]
-    if len(live) != 1:
-        raise Refused(f"job {args.job} has {len(live)} live clusters (a host certificate needs exactly one)")
-    body = {"cluster": live[0]["id"], "node": args.node, "public_key": public_key}
+    cluster = _job_cluster(api, args.job)
+    body = {"cluster": cluster["id"], "node": args.node, "public_key": public_key}
     issued = api.call("POST", "/api/access/host-certificates/", body)
     folder = Path(args.dir) if args.dir else key_path.parent
-    stem = key_path.name.removesuffix(".pub")
-    node_user = str(issued["node_user"])
-    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):
-        raise Refused(f"the portal named the node's account {node_user!r}")  # it becomes a file name
-    written = {
-        folder / f"{stem}-cert.pub": issued["certificate"],
-        folder / "virtcloud-user-ca.pub": issued["user_ca"],
-        folder / f"virtcloud-principals-{node_user}": issued["authorized_principals"],
-    }
-    try:  # as a set (all new files written and flushed before any replaces its old one), never through a link
-        write_all_atomic({path: (text.rstrip("\n") + "\n", 0o644) for path, text in written.items()})
-    except OSError as exc:
-        raise Refused(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    _, access = _node_access(api, cluster, args.node, folder)
+    written = {folder / f"{key_path.name.removesuffix('.pub')}-cert.pub": issued["certificate"].rstrip("\n") + "\n"}
+    written.update(access)
+    _install(folder, written)
     shown = {k: v for k, v in issued.items() if k != "certificate"}
+    out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
+    return 0
+
+
+def host_access(api: Api, args, out: TextIO) -> int:
+    """Write, as they are now, the files that say who may log in to ``--node`` of the job's live cluster: the
+    principals file (who left the group is gone from it), the user CA and its KRL (revoked user certificates).
+    Meant for a timer on the node; sshd reads them at each login (no reload needed)."""
+    folder = Path(args.dir)
+    shown, written = _node_access(api, _job_cluster(api, args.job), args.node, folder)
+    _install(folder, written)
     out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
     return 0
 
@@ -357,7 +399,11 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     cert.add_argument("--job", required=True, type=job_id)
     cert.add_argument("--node", required=True, help="the node's name")
     cert.add_argument("--key", required=True, help="the node's host public key, e.g. /etc/ssh/ssh_host_ed25519_key.pub")
-    cert.add_argument("--dir", help="where the certificate, user CA and principals file go (default: the key's)")
+    cert.add_argument("--dir", help="where the certificate, user CA, principals file and KRL go (default: the key's)")
+    access = sub.add_parser("host-access", help="write who may log in to a node now (principals, user CA, KRL)")
+    access.add_argument("--job", required=True, type=job_id)
+    access.add_argument("--node", required=True, help="the node's name")
+    access.add_argument("--dir", default="/etc/ssh", help="where the user CA, principals file and KRL go")
     args = parser.parse_args(argv)
     try:
         secret = outgoing.read_token(args.token, args.token_file)
@@ -373,6 +419,7 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
             "migrate": migrate,
             "migrated": migrated,
             "host-cert": host_cert,
+            "host-access": host_access,
         }
         return actions[args.action](api, args, out)
     except ClusterFailed as exc:

@@ -63,6 +63,24 @@ class HostCertificateSerializer(serializers.Serializer):
     )
 
 
+class NodeAccessQuerySerializer(serializers.Serializer):
+    cluster = IdField(help_text="id of the cluster")
+    node = serializers.CharField(max_length=63, help_text="the node's id or name")
+
+
+class NodeAccessSerializer(serializers.Serializer):
+    cluster = serializers.CharField(help_text="the cluster's access label")
+    node = serializers.CharField(help_text="the node's name")
+    node_user = serializers.CharField(help_text="the account users log in as (User in their ssh_config)")
+    authorized_principals = serializers.CharField(
+        help_text="node_user's AuthorizedPrincipalsFile: who may log in now (the cluster's owner and group members)"
+    )
+    krl = serializers.CharField(
+        help_text="base64 of the SSH user CA's current KRL (ssh-keygen -k format): sshd's RevokedKeys"
+    )
+    user_ca = serializers.CharField(help_text="the user CA's public key line: sshd's TrustedUserCAKeys")
+
+
 class WithheldNodeSerializer(serializers.Serializer):
     name = serializers.CharField()
     address = serializers.CharField()

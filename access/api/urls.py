@@ -12,6 +12,7 @@ urlpatterns = [
     path("vpn-profiles/", views.VpnProfileView.as_view(), name="access-vpn-profiles"),
     path("ssh-certificates/", views.SshCertificateView.as_view(), name="access-ssh-certificates"),
     path("host-certificates/", views.HostCertificateView.as_view(), name="access-host-certificates"),
+    path("host-certificates/access/", views.NodeAccessView.as_view(), name="access-host-access"),
     path("gateway/state/", views.GatewayStateView.as_view(), name="access-gateway-state"),
     path("crl.pem", views.CrlView.as_view(), name="access-crl"),
     *router.urls,

@@ -138,6 +138,45 @@ class HostCertificateView(APIView):
         return Response(s.HostCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED)
 
 
+class NodeAccessView(APIView):
+    """Who may log in to a cluster's node now (the cluster's owner, or the middleware): its sshd's principals
+    file, the user CA and the CA's current KRL, for a timer on the node to fetch again."""
+
+    # the scopes that certify the node's host key, though this is a GET (a clusters:read token gets a 403)
+    required_scopes = {"read": ISSUE_SCOPES["write"]}
+
+    @extend_schema(
+        parameters=[s.NodeAccessQuerySerializer],
+        responses={
+            200: s.NodeAccessSerializer,
+            400: OpenApiResponse(description="cluster or node missing or malformed"),
+            401: ERRORS[401],
+            403: OpenApiResponse(
+                description="a group member's request (only the owner, an admin or the middleware), or the token "
+                "lacks the scope"
+            ),
+            404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
+            409: OpenApiResponse(
+                description="the cluster is tearing down, torn down or failed, or its lifetime is over"
+            ),
+        },
+    )
+    def get(self, request):
+        from clusters.selectors import acts_as_admin
+
+        data = s.NodeAccessQuerySerializer(data=request.query_params)
+        data.is_valid(raise_exception=True)
+        current = services.node_access_current(
+            user=request.user,
+            cluster=data.validated_data["cluster"],
+            node=data.validated_data["node"],
+            as_admin=acts_as_admin(request),
+        )
+        response = Response(s.NodeAccessSerializer(current.as_dict()).data)
+        response["Cache-Control"] = "no-cache"
+        return response
+
+
 @extend_schema_view(
     list=extend_schema(
         parameters=[

@@ -239,6 +239,7 @@ def test_schema_documents_every_endpoint(root):
         ("/api/access/vpn-profiles/", "post", {"200", "400", "403", "409", "503"}),
         ("/api/access/ssh-certificates/", "post", {"201", "400", "403", "409"}),
         ("/api/access/host-certificates/", "post", {"201", "400", "403", "404", "409"}),
+        ("/api/access/host-certificates/access/", "get", {"200", "400", "403", "404", "409"}),
         ("/api/access/credentials/", "get", {"200"}),
         ("/api/access/credentials/{id}/revoke/", "post", {"200", "404"}),
         ("/api/access/gateway/state/", "get", {"200", "304", "403"}),
@@ -436,3 +437,85 @@ def test_host_certificates_refused_with_the_right_status(alice, bob, charlie, cl
     _, reader = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
     assert _host_cert_post(client_for(token=reader), cluster, "node1", key).status_code == 403
     assert not Credential.objects.exists()
+
+
+def _host_access_get(client, cluster, node):
+    query = {"cluster": getattr(cluster, "pk", cluster), "node": node}
+    return client.get("/api/access/host-certificates/access/", query)
+
+
+def test_a_node_learns_who_may_log_in_now(alice, bob, team, cluster, gateway, tmp_path):
+    """A timer on the node asks again: bob, who left the cluster's group, is gone from the principals file, and
+    bob's revoked SSH certificate is in the KRL its sshd reads (RevokedKeys)."""
+    import base64
+    import shutil
+    import subprocess
+
+    label = cluster_label(cluster)
+    _, secret = token_create(user=alice, name="node timer", scopes=[TokenScope.CLUSTERS_WRITE])
+    issued = services.ssh_certificate_issue(user=bob, cluster=cluster)
+    response = _host_access_get(client_for(token=secret), cluster, "node1")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["cluster"], body["node"], body["node_user"]) == (label, "node1", "root")
+    assert body["user_ca"] == Authority.objects.get(kind=AuthorityKind.SSH_USER).public_key
+    lines = [ln for ln in body["authorized_principals"].splitlines() if not ln.startswith("#")]
+    assert lines == [f"{label}.alice", f"{label}.bob"]
+    krl = base64.b64decode(body["krl"])
+    assert krl.startswith(b"SSHKRL\n\x00") and issued.credential.serial.to_bytes(8, "big") not in krl
+    # the same as a host certificate's answer gives (one function renders both)
+    certified = _host_cert_post(client_for(token=secret), cluster, "node1", _host_key()).json()
+    assert certified["authorized_principals"] == body["authorized_principals"]
+
+    bob.groups.remove(team)  # revokes bob's certificate (he may no longer enter the cluster)
+    body = _host_access_get(client_for(token=secret), cluster, "node1").json()
+    lines = [ln for ln in body["authorized_principals"].splitlines() if not ln.startswith("#")]
+    assert lines == [f"{label}.alice"]
+    krl = base64.b64decode(body["krl"])
+    assert krl == services.krl_current()
+    assert Credential.objects.get(pk=issued.credential.pk).revoked_at is not None
+    if shutil.which("ssh-keygen"):
+        (tmp_path / "krl").write_bytes(krl)
+        (tmp_path / "bob-cert.pub").write_text(issued.certificate + "\n")
+        shown = subprocess.run(
+            ["ssh-keygen", "-Q", "-f", tmp_path / "krl", tmp_path / "bob-cert.pub"], capture_output=True, text=True
+        )
+        assert shown.returncode != 0 and "REVOKED" in shown.stdout, shown.stdout + shown.stderr
+    else:
+        assert issued.credential.serial.to_bytes(8, "big") in krl
+
+
+def test_a_nodes_access_refused_as_its_host_certificate_is(alice, bob, charlie, root, cluster, other_cluster):
+    from clusters.models import Node, VirtualCluster
+
+    # the middleware (clusters:manage) and an admin in the browser, for anyone's cluster, by the node's id too
+    _, manage = token_create(user=charlie, name="scheduler", scopes=[TokenScope.CLUSTERS_MANAGE])
+    node1 = Node.objects.get(cluster=cluster, name="node1")
+    for client in (client_for(token=manage), client_for(root)):
+        response = _host_access_get(client, cluster, node1.pk)
+        assert (response.status_code, response.json().get("node")) == (200, "node1"), response.content
+    # not the caller's cluster (or none), a node it does not have (or no longer has): 404
+    for target in (other_cluster.pk, 999999):
+        response = _host_access_get(client_for(alice), target, "node1")
+        assert (response.status_code, response.json()["code"]) == (404, "not_found"), response.content
+    assert _host_access_get(client_for(charlie), cluster, "node1").status_code == 404
+    for node in ("node9", "99999999999999999999"):
+        assert _host_access_get(client_for(alice), cluster, node).status_code == 404, node
+    cluster.nodes.update(state="removed")
+    assert _host_access_get(client_for(alice), cluster, "node1").status_code == 404
+    cluster.nodes.update(state="ready")
+    # a group member may enter the cluster, not speak for its nodes; a token without the scope
+    response = _host_access_get(client_for(bob), cluster, "node1")
+    assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+    _, reader = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
+    assert _host_access_get(client_for(token=reader), cluster, "node1").status_code == 403
+    # input missing or malformed
+    response = client_for(alice).get("/api/access/host-certificates/access/", {"cluster": "x"})
+    assert response.status_code == 400 and set(response.json()) >= {"cluster", "node"}
+    # nodes going or gone, or a lifetime over: 409
+    for state in ("tearing_down", "torn_down", "failed"):
+        VirtualCluster.objects.filter(pk=cluster.pk).update(state=state)
+        response = _host_access_get(client_for(alice), cluster, "node1")
+        assert (response.status_code, response.json()["code"]) == (409, "cluster_not_ready"), state
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="ready", expires_at=timezone.now())
+    assert _host_access_get(client_for(alice), cluster, "node1").status_code == 409

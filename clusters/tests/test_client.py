@@ -176,6 +176,7 @@ def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, cl
     assert (keys / "virtcloud-user-ca.pub").read_text().startswith("ssh-")
     principals = (keys / f"virtcloud-principals-{issued['node_user']}").read_text()
     assert principals == issued["authorized_principals"] + ("" if principals.endswith("\n") else "\n")
+    assert (keys / "virtcloud-revoked-keys").read_bytes().startswith(b"SSHKRL\n\x00")  # sshd's RevokedKeys
     assert oct(cert.stat().st_mode & 0o777) == "0o644"
     # refused: a node the cluster does not have (nothing written), a key file that is not there
     code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n9", "--key", key)
@@ -184,11 +185,62 @@ def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, cl
     assert code == 2 and "missing.pub" in err
     assert sorted(p.name for p in keys.iterdir()) == sorted(
         ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", cert.name, "virtcloud-user-ca.pub",
-         f"virtcloud-principals-{issued['node_user']}"]
+         f"virtcloud-principals-{issued['node_user']}", "virtcloud-revoked-keys"]
     )  # fmt: skip
     # the cluster gone: no certificate for its nodes
     assert client("down", "--job", "7.pbs", "--timeout", "60")[0] == 0
     code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n2", "--key", key)
+    assert code == 2 and "0 live clusters" in err
+
+
+def test_a_nodes_timer_keeps_who_may_log_in_current_through_the_client(
+    alice, bob, team, fabric, celery_worker, client, tmp_path
+):
+    """``host-access`` from a timer on the node: the principals file, the user CA and the KRL, written again as
+    they are now (bob left the group: gone from the principals file, his revoked certificate in the KRL)."""
+    from access import services
+    from access.models import Authority, AuthorityKind
+    from access.tests.fixtures import make_gateway
+
+    code, cluster, err = up(client, "8.pbs", "--group", team.name)
+    assert code == 0, err
+    folder = tmp_path / "etc-ssh"
+    folder.mkdir()
+    code, shown, err = client("host-access", "--job", "8.pbs", "--node", "n1", "--dir", str(folder))
+    assert code == 0, err
+    assert "krl" not in shown and shown["node"] == "n1" and shown["node_user"] == "root"
+    principals = folder / f"virtcloud-principals-{shown['node_user']}"
+    assert [ln for ln in principals.read_text().splitlines() if not ln.startswith("#")] == [
+        f"{shown['cluster']}.alice",
+        f"{shown['cluster']}.bob",
+    ]
+    user_ca = Authority.objects.get(kind=AuthorityKind.SSH_USER).public_key
+    assert (folder / "virtcloud-user-ca.pub").read_text() == user_ca.rstrip("\n") + "\n"
+    krl = folder / "virtcloud-revoked-keys"
+    assert krl.read_bytes() == services.krl_current()
+    assert (
+        sorted(p.name for p in folder.iterdir())
+        == sorted(Path(f).name for f in shown["files"])
+        == sorted([principals.name, krl.name, "virtcloud-user-ca.pub"])
+    )
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o644"}
+
+    make_gateway("gw1")  # bob's certificate is for its bastion
+    bobs = services.ssh_certificate_issue(user=bob, cluster=VirtualCluster.objects.get(pk=cluster["id"]))
+    bob.groups.remove(team)  # revokes his certificate
+    code, shown, err = client("host-access", "--job", "8.pbs", "--node", "n1", "--dir", str(folder))
+    assert code == 0, err
+    assert [ln for ln in principals.read_text().splitlines() if not ln.startswith("#")] == [f"{shown['cluster']}.alice"]
+    (tmp_path / "bob-cert.pub").write_text(bobs.certificate + "\n")
+    checked = subprocess.run(
+        ["ssh-keygen", "-Q", "-f", str(krl), str(tmp_path / "bob-cert.pub")], capture_output=True, text=True
+    )
+    assert checked.returncode != 0 and "REVOKED" in checked.stdout, checked.stdout + checked.stderr
+    # refused: a node the cluster does not have; the cluster gone
+    code, _, err = client("host-access", "--job", "8.pbs", "--node", "n9", "--dir", str(folder))
+    assert code == 2 and "n9" in err
+    assert client("down", "--job", "8.pbs", "--timeout", "60")[0] == 0
+    code, _, err = client("host-access", "--job", "8.pbs", "--node", "n1", "--dir", str(folder))
     assert code == 2 and "0 live clusters" in err
 
 
