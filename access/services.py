@@ -625,12 +625,8 @@ class SshAccess:
 
     def as_dict(self) -> dict:
         return {
-            "credential": self.credential.pk,
-            "serial": self.credential.serial,
-            "key_id": self.credential.key_id,
+            **_credential_fields(self.credential),
             "principal": self.principal,
-            "valid_after": self.credential.not_before,
-            "valid_before": self.credential.not_after,
             "certificate": self.certificate,
             "public_key": self.public_key,
             "private_key": self.private_key,
@@ -765,6 +761,17 @@ def ssh_host_certificate_issue(*, public_key: str, principals: Sequence[str], da
     )
 
 
+def _credential_fields(credential: Credential) -> dict:
+    """What every issued certificate's answer says of its record (for revocation and the user's own records)."""
+    return {
+        "credential": credential.pk,
+        "serial": credential.serial,
+        "key_id": credential.key_id,
+        "valid_after": credential.not_before,
+        "valid_before": credential.not_after,
+    }
+
+
 @dataclass(frozen=True)
 class NodeHostCertificate:
     """A node's host certificate, and what the node's sshd needs to let the cluster's people in: the user CA
@@ -782,22 +789,15 @@ class NodeHostCertificate:
         from access import ssh
 
         return {
-            "credential": self.credential.pk,
-            "serial": self.credential.serial,
-            "key_id": self.credential.key_id,
+            **_credential_fields(self.credential),
             "cluster": self.cluster_label,
             "node": self.node,
             "principals": list(self.principals),
-            "valid_after": self.credential.not_before,
-            "valid_before": self.credential.not_after,
             "certificate": self.certificate,
             "user_ca": self.user_ca,
             "node_user": ssh.NODE_USER,
             "authorized_principals": self.authorized_principals,
         }
-
-
-_NODES_GONE = ("tearing_down", "torn_down", "failed")
 
 
 @transaction.atomic
@@ -891,7 +891,7 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
     ``refusal``"). 404 for a cluster the caller cannot see or a node it does not have (live); 409 for a cluster
     whose nodes are going or gone or whose lifetime is over. ``lock``: the cluster's row stays locked until the
     caller's transaction ends."""
-    from clusters.models import Node, NodeState, VirtualCluster
+    from clusters.models import ACTIVE_STATES, Node, NodeState, VirtualCluster
 
     pk = _cluster_id(cluster)
     visible = VirtualCluster.objects.all() if as_admin else selectors.clusters_user_belongs_to(user)
@@ -904,7 +904,7 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
     label = selectors.cluster_label(found)
     if not as_admin and found.owner_id != user.pk:
         raise NotAllowed(f"only the owner of cluster {label}, an admin or the middleware {refusal}")
-    if found.state in _NODES_GONE:
+    if found.state not in ACTIVE_STATES:  # tearing down, torn down, failed
         raise ClusterNotReady(f"cluster {label} is {found.get_state_display()}: its nodes are gone")
     if found.expires_at <= timezone.now():
         raise ClusterNotReady(

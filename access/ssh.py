@@ -542,25 +542,26 @@ def known_hosts_line(host_ca_public_key: str, patterns: Sequence[str]) -> str:
     """``@cert-authority <patterns> <host CA key>``: trust host certificates from the portal's host CA for the
     hosts ``patterns`` name (see :func:`known_hosts_patterns`; never ``*``, which would trust it for every
     host the user connects to once the line is merged into their own ``known_hosts``)."""
-    if not patterns:
-        raise SSHCertError("a @cert-authority line needs the hosts it vouches for")
-    for pattern in patterns:
-        if not _KNOWN_HOST_RE.fullmatch(pattern):
-            raise SSHCertError(f"invalid known_hosts host pattern {pattern!r}")
     key = " ".join(host_ca_public_key.split()[:2])
-    return f"@cert-authority {','.join(patterns)} {key}\n"
+    return f"@cert-authority {_host_patterns(patterns, 'a @cert-authority line')} {key}\n"
 
 
 def known_hosts_revoked_line(public_key: str, patterns: Sequence[str]) -> str:
     """``@revoked <patterns> <key>``: ssh refuses this host key, and every certificate of it, for the hosts
     ``patterns`` name — those the revoked node certificate was for, never ``*`` (whoever asked for it chose the
     key: with ``*`` they could have any host's key refused by every user of the portal)."""
+    return f"@revoked {_host_patterns(patterns, 'a @revoked line')} {' '.join(public_key.split()[:2])}\n"
+
+
+def _host_patterns(patterns: Sequence[str], what: str) -> str:
+    """``patterns`` as a known_hosts marker line lists them: each one host (no wildcard, negation or list),
+    at least one."""
     if not patterns:
-        raise SSHCertError("a @revoked line needs the hosts it is for")
+        raise SSHCertError(f"{what} needs the hosts it is for")
     for pattern in patterns:
         if not _KNOWN_HOST_RE.fullmatch(pattern):
             raise SSHCertError(f"invalid known_hosts host pattern {pattern!r}")
-    return f"@revoked {','.join(patterns)} {' '.join(public_key.split()[:2])}\n"
+    return ",".join(patterns)
 
 
 def certificate_key_fingerprint(certificate: str) -> str | None:

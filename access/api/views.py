@@ -101,6 +101,17 @@ class SshCertificateView(APIView):
         return _no_store(Response(s.SshCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED))
 
 
+# what a node's host certificate and its sshd's access answer when they are refused (one lookup in services)
+NODE_ERRORS = {
+    403: OpenApiResponse(
+        description="a group member's request (only the owner, an admin or the middleware), or the token lacks "
+        "the scope"
+    ),
+    404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
+    409: OpenApiResponse(description="the cluster is tearing down, torn down or failed, or its lifetime is over"),
+}
+
+
 class HostCertificateView(APIView):
     """Certify a cluster node's SSH host key (the cluster's owner, or the middleware): users reach it without a
     host-key prompt. The answer also holds what the node's sshd needs to let the cluster's people in."""
@@ -113,14 +124,7 @@ class HostCertificateView(APIView):
             201: s.HostCertificateSerializer,
             400: ERRORS[400],
             401: ERRORS[401],
-            403: OpenApiResponse(
-                description="a group member's request (only the owner, an admin or the middleware certifies a "
-                "node), or the token lacks the scope"
-            ),
-            404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
-            409: OpenApiResponse(
-                description="the cluster is tearing down, torn down or failed, or its lifetime is over"
-            ),
+            **NODE_ERRORS,
         },
     )
     def post(self, request):
@@ -151,14 +155,7 @@ class NodeAccessView(APIView):
             200: s.NodeAccessSerializer,
             400: OpenApiResponse(description="cluster or node missing or malformed"),
             401: ERRORS[401],
-            403: OpenApiResponse(
-                description="a group member's request (only the owner, an admin or the middleware), or the token "
-                "lacks the scope"
-            ),
-            404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
-            409: OpenApiResponse(
-                description="the cluster is tearing down, torn down or failed, or its lifetime is over"
-            ),
+            **NODE_ERRORS,
         },
     )
     def get(self, request):
