@@ -11,6 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import content_disposition_header
+from django.utils.text import capfirst
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_safe
 
@@ -50,7 +51,7 @@ def _refused(request, form, exc: AccessError):
     """A refusal the user can fix in the form (a pasted key that is not one) goes under its field, the page shown
     again with what they entered; any other (no gateway, an administrator's setting) is a message above the page."""
     if exc.field in form.fields:
-        form.add_error(exc.field, exc.message[:1].upper() + exc.message[1:])  # (the API's messages start lower-case)
+        form.add_error(exc.field, capfirst(exc.message))  # (the API's messages start lower-case)
         return _invalid(request, form)
     messages.error(request, exc.message)
     return redirect(PAGE)
@@ -140,11 +141,10 @@ def ssh_download(request):
     return _attachment(issued.zip_bytes(), filename=issued.zip_name, content_type="application/zip")
 
 
-def _named(credential, user) -> str:
-    """A credential as a message names it to ``user``: "your OpenVPN profile 37" to its holder, and by the number
-    the page's table shows."""
-    whose = "your" if credential.user_id == user.pk else f"{credential.user}'s"
-    return f"{whose} {credential.get_kind_display()} {credential.serial}"
+def _named(credential) -> str:
+    """A credential as a message names it to its holder (the page revokes only one's own): "your OpenVPN
+    profile 37", by the number the page's table shows."""
+    return f"your {credential.get_kind_display()} {credential.serial}"
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
@@ -162,9 +162,9 @@ def credential_revoke(request, pk: int):
             {"credential": credential, "password_of_its_own": request.user.has_usable_password()},
         )
     revoked, account = services.credential_revoke_lost_device(credential=credential, user=request.user)
-    named = _named(credential, request.user)
+    named = _named(credential)
     if not revoked:
-        messages.info(request, f"{named[0].upper()}{named[1:]} was already revoked.")
+        messages.info(request, f"{capfirst(named)} was already revoked.")
         return redirect(PAGE)
     messages.success(request, f"Revoked {named}: the gateways refuse it from their next pull (within minutes).")
     if account is not None:
