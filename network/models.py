@@ -450,12 +450,14 @@ class VlanPool(InventoryModel):
                 )
         return problems
 
-    def platform_clashes(self, sites, usable: set[int] | None = None) -> list[str]:
-        """Why this pool's ids (``usable``: ranges minus reserved) may not reach the switches at ``sites``: ids
-        a switch keeps for itself (IOS 1002-1005, NX-OS 3968-4094) are never handed out. A core's form asks
-        this with the sites it is about to join."""
+    def platform_clashes(self, sites, usable: set[int] | None = None, *, skip_switches=()) -> list[str]:
+        """Why this pool's ids (``usable``: ranges minus reserved) may not reach the switches at ``sites``
+        (but those named in ``skip_switches``, checked another way): ids a switch keeps for itself (IOS
+        1002-1005, NX-OS 3968-4094) are never handed out. A core's form asks this with the sites it is about
+        to join."""
         usable = set(self.vlan_ids) if usable is None else usable
         on_sites = Switch.objects.filter(site__in=sites, platform__in=list(PLATFORM_RESERVED))
+        on_sites = on_sites.exclude(name__in=skip_switches)
         problems = []
         for platform, names in _by_platform(on_sites.values_list("platform", "name")).items():
             clash = usable & PLATFORM_RESERVED[platform]

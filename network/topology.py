@@ -206,6 +206,7 @@ class _Importer:
         # a reference to them is not reported a second time.
         self.sites: dict[str, Site] = {}
         self.cores: dict[str, CoreTransport] = {}
+        self.sites_before: dict[str, set[int]] = {}  # core name → its sites before the import (existing cores)
         self.switches: dict[str, Switch] = {}
         self.ports: dict[tuple[str, str], SwitchPort] = {}
         self.failed: set[tuple[str, Any]] = set()
@@ -448,6 +449,21 @@ class _Importer:
                 if switch is not None:
                     for clash in switch.reserved_clashes(skip_pools=file_pools):
                         self.problem(f"{path}.platform", clash)
+            # and a core that joins a site brings its inventory-only pools there: the checks the file's pools
+            # made in their own validation (another core's pools at that site, ids its switches keep; the
+            # file's switches checked themselves just above)
+            file_switches = [entry["name"] for _, entry in switches]
+            for path, entry in cores:
+                core = self.cores.get(entry["name"])
+                if core is None or core.name not in self.sites_before:
+                    continue  # a new core has no pools but the file's
+                added = set(core.sites.values_list("pk", flat=True)) - self.sites_before[core.name]
+                if added:
+                    for pool in core.pools.exclude(name__in=file_pools).select_related("core").order_by("name"):
+                        for problem in pool.shared_site_overlaps(added) + pool.platform_clashes(
+                            added, skip_switches=file_switches
+                        ):
+                            self.problem(f"{path}.sites", problem)
         if self.prune and not self.report.problems:
             self._prune(
                 sites=[e["name"] for _, e in sites],
@@ -527,6 +543,9 @@ class _Importer:
             # The file's pools may move with the core; they are checked against the new range after them.
             core.check_pools = False
 
+        known = CoreTransport.objects.filter(name=name).first()
+        if known is not None:
+            self.sites_before[name] = set(known.sites.values_list("pk", flat=True))
         obj = self._apply(
             path,
             CoreTransport,

@@ -461,3 +461,48 @@ def test_a_switch_that_keeps_ids_for_itself_and_the_pool_reserving_them_come_in_
         "switches[0].platform (line 4): switch brno-nx2: pool old hands out ids 4000-4010, which are reserved on "
         "nxos: add them to the pool's reserved ids first"
     ]
+
+
+TWO_CORES = """
+sites: [brno, praha]
+cores:
+  - {name: north, kind: dot1q, sites: [brno], vlans: "100-999"}
+  - {name: south, kind: dot1q, sites: [praha], vlans: "100-999"}
+switches: [{name: praha-nx, site: praha, platform: nxos, address: 198.18.0.1}]
+"""
+
+
+def test_a_core_joining_a_site_checks_the_pools_only_the_inventory_has():
+    """A core the file moves onto another site takes its pools there, also those the file does not name (an
+    import without prune keeps them): they must not overlap the pools of the cores already at that site, nor
+    hand out ids a switch there keeps for itself — the same checks the admin form makes."""
+    import_text(TWO_CORES)
+    VlanPool.objects.create(name="south-pool", core=CoreTransport.objects.get(name="south"), ranges="100-199")
+    VlanPool.objects.create(name="north-pool", core=CoreTransport.objects.get(name="north"), ranges="150-249")
+    with pytest.raises(TopologyError) as info:
+        import_text(TWO_CORES.replace("sites: [brno], vlans", "sites: [brno, praha], vlans"))
+    assert info.value.problems == [
+        "cores[0].sites (line 4): pool north-pool: ids 150-199 overlap pool south-pool of core south, which meets "
+        "core north at a common site"
+    ]
+    assert list(CoreTransport.objects.get(name="north").sites.values_list("name", flat=True)) == ["brno"]
+
+    VlanPool.objects.filter(name="north-pool").update(ranges="3960-3970")
+    CoreTransport.objects.filter(name="north").update(vid_max=4000)
+    wider = TWO_CORES.replace('sites: [brno], vlans: "100-999"', 'sites: [brno, praha], vlans: "100-4000"')
+    with pytest.raises(TopologyError) as info:  # the switch is in the file: it reports the clash itself
+        import_text(wider)
+    assert info.value.problems == [
+        "switches[0].platform (line 6): switch praha-nx: pool north-pool hands out ids 3968-3970, which are "
+        "reserved on nxos: add them to the pool's reserved ids first"
+    ]
+    without_switch = wider.replace("switches: [", "# switches: [")  # the file leaves it out, no prune
+    with pytest.raises(TopologyError) as info:  # only in the inventory: the core's check finds it
+        import_text(without_switch)
+    assert info.value.problems == [
+        "cores[0].sites (line 4): pool north-pool: ids 3968-3970 are reserved on nxos (praha-nx): add them to the "
+        "pool's reserved ids"
+    ]
+    VlanPool.objects.filter(name="north-pool").update(reserved="3968-3970")
+    import_text(without_switch)
+    assert CoreTransport.objects.get(name="north").sites.count() == 2
