@@ -84,17 +84,6 @@ def gateway_reach() -> GatewayReach:
     return GatewayReach(frozenset(sites), {core: frozenset(found) for core, found in by_core.items()})
 
 
-def gateway_site_ids() -> frozenset[int]:
-    """Sites with an access-gateway trunk on an enabled switch: a closed segment must reach them."""
-    return gateway_reach().sites
-
-
-def segment_sites(host_site_ids: Iterable[int], *, gateway: bool) -> frozenset[int]:
-    """The sites a segment spans: its hosts' sites, plus the gateway sites for a closed segment."""
-    sites = frozenset(host_site_ids)
-    return sites | gateway_site_ids() if gateway else sites
-
-
 def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[SegmentView]:
     """Views of ``segments`` (a queryset) that hold a VLAN, whatever their state (``gateway``: the caller's
     ``gateway_reach()``, when it has it)."""

@@ -278,16 +278,17 @@ def vlan_release(*, allocation: VlanAllocation) -> bool:
 
 
 def pools_for_sites(sites: Iterable[Site | int]) -> QuerySet[VlanPool]:
-    """Pools whose core transport joins every one of ``sites`` (all pools for no sites)."""
+    """Pools whose core transport joins every one of ``sites`` (all pools for no sites), the pools of the
+    widest cores first (the most sites joined, then by name): a cluster that starts at one site may later
+    grow or migrate to others only within its core, so a core that reaches only the sites of today is the
+    last choice, not the first."""
     site_ids = {s if isinstance(s, int) else s.pk for s in sites}
-    pools = VlanPool.objects.select_related("core")
-    if not site_ids:
-        return pools.order_by("name")
-    return (
-        pools.annotate(_joined=Count("core__sites", filter=Q(core__sites__in=site_ids), distinct=True))
-        .filter(_joined=len(site_ids))
-        .order_by("name")
-    )
+    pools = VlanPool.objects.select_related("core").annotate(_span=Count("core__sites", distinct=True))
+    if site_ids:
+        pools = pools.annotate(_joined=Count("core__sites", filter=Q(core__sites__in=site_ids), distinct=True)).filter(
+            _joined=len(site_ids)
+        )
+    return pools.order_by("-_span", "name")
 
 
 # --- Segments ------------------------------------------------------------------------------------------------
@@ -322,25 +323,38 @@ def _site_names(site_ids: Iterable[int]) -> str:
     return ", ".join(Site.objects.filter(pk__in=set(site_ids)).order_by("name").values_list("name", flat=True))
 
 
+def _needs(sites: Iterable[int], reach: selectors.GatewayReach | None) -> str:
+    """What a segment's core must join, in words: its hosts' sites, and for a closed one a gateway site."""
+    text = f"sites {_site_names(sites)}"
+    if reach is not None and reach.sites:
+        text += f" and a site with an access gateway ({_site_names(reach.sites)})"
+    return text
+
+
 @transaction.atomic
 def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPool | None = None) -> Segment:
-    """A new segment for ``owner`` on ``hosts`` with a VLAN from a pool whose core joins every needed site
-    (the hosts' sites, plus the access-gateway sites when ``gateway``). Nothing is configured yet: start
+    """A new segment for ``owner`` on ``hosts`` with a VLAN from a pool whose core joins the hosts' sites
+    and, when ``gateway`` (a closed cluster) and access gateways exist, at least one site with a gateway
+    (the way in; the segment reaches the gateway sites its core joins, see ``selectors.segment_views``).
+    Candidates in ``pools_for_sites``' order (the widest cores first). Nothing is configured yet: start
     ``network.workflows.provision(segment.id)`` after commit.
 
     Raises ``NoCoreForSites`` (422), ``PoolExhausted`` (409), ``SegmentExists`` (409), ``HostUnavailable``
     (422)."""
     members = _checked_hosts(hosts)
-    sites = selectors.segment_sites({h.site_id for h in members}, gateway=gateway)
+    sites = {h.site_id for h in members}
     if Segment.objects.filter(owner_ref=owner, state__in=Segment.LIVE_STATES).exists():
         raise SegmentExists(f"{owner} already has a network segment")
     candidates = list(pools_for_sites(sites))
+    reach = selectors.gateway_reach() if gateway else None
+    if reach is not None and reach.sites:
+        candidates = [p for p in candidates if reach.by_core.get(p.core_id)]
     if pool is not None:
         if pool.pk not in {p.pk for p in candidates}:
-            raise NoCoreForSites(f"pool {pool.name}: core {pool.core.name} does not join sites {_site_names(sites)}")
+            raise NoCoreForSites(f"pool {pool.name}: core {pool.core.name} does not join {_needs(sites, reach)}")
         candidates = [pool]
     if not candidates:
-        raise NoCoreForSites(f"no core transport with a VLAN pool joins sites {_site_names(sites)}")
+        raise NoCoreForSites(f"no core transport with a VLAN pool joins {_needs(sites, reach)}")
     allocation = None
     for candidate in candidates:
         try:
@@ -367,12 +381,13 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
     """The new set of hosts that need the segment (add, remove, VM migration). The segment goes back to
     PENDING; start ``network.workflows.provision(segment.id)`` after commit to converge the devices
     (the ones it leaves included). Raises ``NoCoreForSites`` when a new site is outside the segment's
-    core, ``SegmentClosed`` when it is going away."""
+    core (the gateway sites it reaches stay what they are: they do not depend on the hosts),
+    ``SegmentClosed`` when it is going away."""
     seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; its hosts cannot change")
     members = _checked_hosts(hosts, members=SegmentMember.objects.filter(segment=seg).values_list("host_id", flat=True))
-    sites = selectors.segment_sites({h.site_id for h in members}, gateway=seg.gateway)
+    sites = {h.site_id for h in members}
     core = seg.allocation.pool.core
     outside = set(sites) - set(core.sites.values_list("pk", flat=True))
     if outside:
@@ -394,19 +409,18 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
 def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
     """Put the segment on the access-gateway trunks (a closed cluster) or take it off (public). Like
     ``segment_set_hosts``: back to PENDING, run ``network.workflows.provision(segment.id)`` after commit.
-    Raises ``NoCoreForSites`` when the segment's core does not reach a gateway site."""
+    Raises ``NoCoreForSites`` when there are access gateways and the segment's core reaches none of their
+    sites (it reaches those its core joins, as a new closed segment's does)."""
     seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; it cannot change")
     if gateway:
-        host_sites = set(seg.members.values_list("host__site_id", flat=True))
-        sites = selectors.segment_sites(host_sites, gateway=True)
+        reach = selectors.gateway_reach()
         core = seg.allocation.pool.core
-        outside = set(sites) - set(core.sites.values_list("pk", flat=True))
-        if outside:
+        if reach.sites and not reach.by_core.get(core.pk):
             raise NoCoreForSites(
-                f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} does not reach the gateway at "
-                f"sites {_site_names(outside)}"
+                f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} reaches no site with an access "
+                f"gateway ({_site_names(reach.sites)})"
             )
     if seg.gateway != gateway:
         seg.gateway = gateway

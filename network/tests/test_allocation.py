@@ -9,9 +9,17 @@ import pytest
 from django.utils import timezone
 
 from network import services, tasks
+from network.choices import PortRole
 from network.errors import HostUnavailable, NoCoreForSites, PoolExhausted, SegmentClosed, SegmentExists
 from network.models import Segment, VlanAllocation
-from network.tests.factories import CoreTransportFactory, HostFactory, SiteFactory, VlanPoolFactory
+from network.tests.factories import (
+    CoreTransportFactory,
+    HostFactory,
+    SiteFactory,
+    SwitchFactory,
+    SwitchPortFactory,
+    VlanPoolFactory,
+)
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 
@@ -208,9 +216,66 @@ def test_pools_for_sites(db):
     a, b, c = SiteFactory(name="a"), SiteFactory(name="b"), SiteFactory(name="c")
     ab = VlanPoolFactory(name="ab", core=CoreTransportFactory(name="core-ab", sites=[a, b]))
     abc = VlanPoolFactory(name="abc", core=CoreTransportFactory(name="core-abc", sites=[a, b, c]), ranges="200-299")
-    assert list(services.pools_for_sites([a, b])) == [ab, abc]
+    a2 = VlanPoolFactory(name="a2", core=CoreTransportFactory(name="core-a", sites=[a]), ranges="300-399")
+    # the widest cores first (a cluster may grow or migrate within its core only), then by name
+    assert list(services.pools_for_sites([a, b])) == [abc, ab]
+    assert list(services.pools_for_sites([a])) == [abc, ab, a2]
     assert list(services.pools_for_sites([a, c])) == [abc]
     assert list(services.pools_for_sites([a.pk, b.pk, c.pk])) == [abc]
+    assert list(services.pools_for_sites([])) == [abc, ab, a2]
+
+
+def test_a_cluster_at_one_site_gets_a_vlan_it_can_migrate_with(fabric):
+    """A pool whose core reaches only today's site (and sorts first by name) is not taken while a wider one
+    has ids: the cluster can then grow to, or migrate to, another site of the wider core."""
+    local = VlanPoolFactory(name="a-brno", core=CoreTransportFactory(name="brno-local", sites=[fabric.sites["brno"]]))
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    assert seg.allocation.pool == fabric.pool
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["prague1"]])  # the migration's new site
+    fabric.pool.ranges = str(seg.vid)  # the wide pool runs out: the local one is the fallback
+    fabric.pool.save()
+    assert services.segment_create(owner="d", hosts=[fabric.hosts["brno2"]], gateway=False).allocation.pool == local
+
+
+def test_a_closed_segment_needs_a_gateway_its_core_reaches_not_every_gateway(fabric):
+    """A gateway trunk at a site another core serves must not stop closed clusters elsewhere: a closed segment
+    needs its hosts' sites and at least one gateway site on its core (it reaches the gateway sites its core
+    joins). A core that reaches no gateway cannot carry a closed cluster (there would be no way in)."""
+    ostrava, kosice = SiteFactory(name="ostrava"), SiteFactory(name="kosice")
+    VlanPoolFactory(name="ost", core=CoreTransportFactory(name="ost-local", sites=[ostrava]), ranges="100-199")
+    VlanPoolFactory(name="kos", core=CoreTransportFactory(name="kos-local", sites=[kosice]), ranges="100-199")
+    gw = SwitchPortFactory(
+        switch=SwitchFactory(name="sw-ostrava", site=ostrava), name="gw", role=PortRole.GATEWAY_TRUNK
+    )
+    on_ostrava = HostFactory(name="ostrava1", site=ostrava, switch_port=SwitchPortFactory(switch=gw.switch))
+    on_kosice = HostFactory(
+        name="kosice1", site=kosice, switch_port=SwitchPortFactory(switch=SwitchFactory(site=kosice))
+    )
+
+    closed = services.segment_create(owner="c1", hosts=[fabric.hosts["brno1"]], gateway=True)
+    assert closed.allocation.pool == fabric.pool
+    services.segment_set_hosts(segment=closed, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
+    public = services.segment_create(owner="c2", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    services.segment_set_gateway(segment=public, gateway=True)  # turned closed: cesnet reaches brno's gateway
+    assert services.segment_create(owner="c3", hosts=[on_ostrava], gateway=True).allocation.pool.name == "ost"
+
+    with pytest.raises(NoCoreForSites) as exc:
+        services.segment_create(owner="c4", hosts=[on_kosice], gateway=True)
+    assert str(exc.value) == (
+        "no core transport with a VLAN pool joins sites kosice and a site with an access gateway (brno, ostrava)"
+    )
+    kos_public = services.segment_create(owner="c5", hosts=[on_kosice], gateway=False)
+    with pytest.raises(
+        NoCoreForSites, match=r"core kos-local reaches no site with an access gateway \(brno, ostrava\)"
+    ):
+        services.segment_set_gateway(segment=kos_public, gateway=True)
+    assert not Segment.objects.filter(owner_ref="c4").exists()
+    assert set(VlanAllocation.objects.filter(state=VlanAllocation.State.ALLOCATED).values_list("owner", flat=True)) == {
+        "c1",
+        "c2",
+        "c3",
+        "c5",
+    }
 
 
 def test_segment_create_takes_a_vlan_from_a_pool_joining_all_sites(fabric):
