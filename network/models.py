@@ -351,6 +351,16 @@ class Host(InventoryModel):
         )
         if problems:
             raise ValidationError({"driver_args": [f"host {self.name}: {problem}" for problem in problems]})
+        if self.driver == HostDriver.LINUXBRIDGE and not self.agent_queue and not args.get("netns"):
+            # the driver works in the network stack of the process that runs it (netlink, no remote transport):
+            # without an agent on the host, the worker would make the bridges on its own machine and say done
+            raise ValidationError(
+                {
+                    "agent_queue": f"host {self.name}: a Linux-bridge host is configured by an agent running on "
+                    "it: give the queue that agent consumes (or driver_args.netns for a lab host in a network "
+                    "namespace of the worker's machine)"
+                }
+            )
         if not self.switch_port_id:
             return
         port = self.switch_port

@@ -3,7 +3,7 @@
 import pytest
 from django.core.exceptions import ValidationError
 
-from network.choices import CoreKind, PortRole
+from network.choices import CoreKind, HostDriver, PortRole
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
 from network.tests.factories import (
     CoreTransportFactory,
@@ -136,6 +136,24 @@ def test_host_port_must_be_at_the_hosts_site():
     assert messages(host)["switch_port"] == [
         "host brno-h1: port pilsen-sw:h1 is on switch pilsen-sw at site pilsen, but the host is at site brno"
     ]
+
+
+def test_a_linux_bridge_host_needs_its_agent_or_a_lab_namespace():
+    """The Linux-bridge host driver configures the network stack it runs in: without an agent queue (an agent
+    on the host) the central or site worker would build the bridges on its own machine and report success."""
+    port = SwitchPortFactory(switch=SwitchFactory(name="brno-sw", site=SiteFactory(name="brno")), name="h1")
+    host = Host(name="brno-h1", site=port.switch.site, switch_port=port, driver=HostDriver.LINUXBRIDGE)
+    assert messages(host)["agent_queue"] == [
+        "host brno-h1: a Linux-bridge host is configured by an agent running on it: give the queue that agent "
+        "consumes (or driver_args.netns for a lab host in a network namespace of the worker's machine)"
+    ]
+    host.agent_queue = "host.brno-h1"
+    host.full_clean()
+    host.agent_queue, host.driver_args = "", {"netns": "vclab-h1"}
+    host.full_clean()
+    Host(name="brno-h2", site=port.switch.site, switch_port=port, driver=HostDriver.OVS).full_clean(
+        exclude=["switch_port"]
+    )  # OVS: OVSDB over ssh or a local socket, reached from the worker
 
 
 def test_one_host_per_port():
