@@ -66,7 +66,9 @@ class CoreTransportForm(forms.ModelForm):
         added = sorted(set(sites) - set(self.instance.sites.values_list("pk", flat=True)))
         if added:
             for pool in self.instance.pools.select_related("core").order_by("name"):
-                for problem in pool.shared_site_overlaps(added) + pool.platform_clashes(added):
+                for problem in (
+                    pool.shared_site_overlaps(added) + pool.platform_clashes(added) + pool.static_clashes(added)
+                ):
                     self.add_error("sites", problem)
         return data
 
@@ -202,11 +204,11 @@ class SwitchPortInline(admin.TabularInline):
     model = SwitchPort
     formset = SwitchPortFormSet
     extra = 0
-    fields = ("name", "role", "core", "description")
+    fields = ("name", "role", "core", "static_vlans", "description")
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         # The rows fit a 1280px screen: interface names are short, and no icons beside each row's core picker.
-        if db_field.name == "name":
+        if db_field.name in ("name", "static_vlans"):
             kwargs["widget"] = forms.TextInput(attrs={"size": 16})
         formfield = super().formfield_for_dbfield(db_field, request, **kwargs)
         if db_field.name == "core":

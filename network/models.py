@@ -257,6 +257,14 @@ class SwitchPort(InventoryModel):
         related_name="uplinks",
         help_text="for a core uplink: the transport it enters",
     )
+    static_vlans = models.CharField(
+        "static VLANs",
+        max_length=200,
+        blank=True,
+        help_text="VLAN ids the port always carries besides the clusters' — the hypervisor's management or "
+        "storage VLAN, the native VLAN of an IOS/EOS/NX-OS trunk — e.g. 10,20-21. They must exist on the switch; "
+        "the portal never creates, renames or removes them, and no pool at this site may hand them out",
+    )
     description = models.CharField(max_length=200, blank=True)
 
     class Meta:
@@ -279,6 +287,23 @@ class SwitchPort(InventoryModel):
                     )
         elif self.core_id is not None:
             raise ValidationError({"core": f"port {label}: only a core uplink names a core transport"})
+        try:
+            static = set(vlanranges.parse(self.static_vlans, what=f"port {label}: static VLANs"))
+        except ValidationError as exc:
+            raise ValidationError({"static_vlans": exc.messages}) from None
+        if static and self.switch_id:
+            # a cluster given one of these ids would share the VLAN with the host's own network on this port
+            pools = VlanPool.objects.filter(core__sites=self.switch.site_id).select_related("core").order_by("name")
+            for pool in pools:
+                clash = static & set(pool.vlan_ids)
+                if clash:
+                    raise ValidationError(
+                        {
+                            "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(clash)} is handed "
+                            f"out by pool {pool.name} (core {pool.core.name}) at site {self.switch.site.name}: "
+                            "reserve it in the pool, or pick another id"
+                        }
+                    )
         if self.pk:
             self._check_carried_port_stays()
         if self.role != PortRole.HOST_TRUNK and self.pk:
@@ -287,6 +312,11 @@ class SwitchPort(InventoryModel):
                 raise ValidationError(
                     {"role": f"port {label}: host {host} hangs on it, so it stays a host trunk (move the host first)"}
                 )
+
+    @property
+    def static_vids(self) -> frozenset[int]:
+        """``static_vlans`` as ids (checked on save)."""
+        return frozenset(vlanranges.parse(self.static_vlans)) if self.static_vlans else frozenset()
 
     def _check_carried_port_stays(self) -> None:
         """A port that carries live VLANs keeps its name and switch: under another one the device's old port
@@ -430,7 +460,12 @@ class VlanPool(InventoryModel):
                         f"on core {core.name}"
                     )
             sites = core.sites.all()
-            problems = self.shared_site_overlaps(sites, ids) + self.platform_clashes(sites, ids - reserved)
+            usable = ids - reserved
+            problems = (
+                self.shared_site_overlaps(sites, ids)
+                + self.platform_clashes(sites, usable)
+                + self.static_clashes(sites, usable)
+            )
             if problems:
                 errors.setdefault("ranges", []).extend(problems)
         if errors:
@@ -475,6 +510,22 @@ class VlanPool(InventoryModel):
                 problems.append(
                     f"pool {self.name}: ids {vlanranges.format_ranges(clash)} are reserved on {platform} "
                     f"({', '.join(names)}): add them to the pool's reserved ids"
+                )
+        return problems
+
+    def static_clashes(self, sites, usable: set[int] | None = None) -> list[str]:
+        """Why this pool's ids (``usable``: ranges minus reserved) may not reach the switches at ``sites``: a
+        port there carries one of them as a static VLAN (a host's own network; a cluster given that id would
+        share it). A core's form asks this with the sites it is about to join."""
+        usable = set(self.vlan_ids) if usable is None else usable
+        ports = SwitchPort.objects.filter(switch__site__in=sites).exclude(static_vlans="").select_related("switch")
+        problems = []
+        for port in ports.order_by("switch__name", "name"):
+            clash = usable & port.static_vids
+            if clash:
+                problems.append(
+                    f"pool {self.name}: ids {vlanranges.format_ranges(clash)} are static VLANs of port {port}: "
+                    "add them to the pool's reserved ids"
                 )
         return problems
 

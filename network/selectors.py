@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
+from network import vlanranges
 from network.choices import PortRole
 from network.models import (
     DeviceChange,
@@ -155,11 +156,17 @@ def desired_segments(
 
 
 def switch_desired(
-    switch_ids: Iterable[int] | None = None, *, segments: list[SegmentView] | None = None
+    switch_ids: Iterable[int] | None = None,
+    *,
+    segments: list[SegmentView] | None = None,
+    static: bool = True,
+    statics: dict[int, frozenset[int]] | None = None,
 ) -> dict[int, PortVlans]:
     """For each switch (all, or ``switch_ids``: ids, or a queryset of them, read as a subquery): owned port
     name → the VLANs it must carry (every owned port is listed, an empty set meaning "carry none of the
-    portal's VLANs")."""
+    portal's VLANs"): the clusters' and, unless ``static`` is False (only the clusters' VLANs: what a
+    segment or a live cluster needs), the port's static VLANs. ``statics``, when given, is filled with
+    switch id → the static VLANs of its ports (what its ``SwitchSpec`` says, read in the same query)."""
     if segments is not None:
         views = segments
     else:
@@ -183,8 +190,8 @@ def switch_desired(
             for site_id in view.sites:
                 gateway_by_site[site_id].add(view.vid)
     result: dict[int, PortVlans] = {pk: {} for pk in (switch_ids or ())}
-    for port_id, switch_id, name, role, core_id, site_id in ports.values_list(
-        "id", "switch_id", "name", "role", "core_id", "switch__site_id"
+    for port_id, switch_id, name, role, core_id, site_id, fixed in ports.values_list(
+        "id", "switch_id", "name", "role", "core_id", "switch__site_id", "static_vlans"
     ):
         if role == PortRole.HOST_TRUNK:
             vids = by_host_port.get(port_id, set())
@@ -194,6 +201,12 @@ def switch_desired(
             vids = gateway_by_site.get(site_id, set())
         else:  # a role this code does not know: never put anything on it
             vids = set()
+        if fixed:
+            ids = frozenset(vlanranges.parse(fixed))
+            if static:
+                vids = vids | ids
+            if statics is not None:
+                statics[switch_id] = statics.get(switch_id, frozenset()) | ids
         result.setdefault(switch_id, {})[name] = frozenset(vids)
     return result
 
@@ -223,7 +236,7 @@ def segment_footprint(segment: Segment) -> Footprint:
         return Footprint(frozenset(), frozenset())
     # only the switches the segment can reach (at its sites, or behind its hosts), not the whole inventory
     reach = Switch.objects.filter(Q(site_id__in=views[0].sites) | Q(ports__in=views[0].host_ports))
-    per_switch = switch_desired(reach.values_list("pk", flat=True), segments=views)
+    per_switch = switch_desired(reach.values_list("pk", flat=True), segments=views, static=False)
     return Footprint(
         switches=frozenset(pk for pk, ports in per_switch.items() if any(ports.values())),
         hosts=views[0].hosts,
@@ -316,5 +329,5 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
     if not ports:
         return {}
     views = segment_views(Segment.objects.filter(state__in=Segment.LIVE_STATES))
-    carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views)
+    carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views, static=False)
     return {pk: carried[switch][name] for pk, switch, name in ports if carried.get(switch, {}).get(name)}

@@ -8,15 +8,21 @@ from collections.abc import Iterable
 
 from django.conf import settings
 
+from network import vlanranges
 from network.drivers import HostSpec, SwitchSpec
 from network.models import Host, Switch
 
 
-def switch_spec(switch: Switch, *, owned_ports: Iterable[str] | None = None) -> SwitchSpec:
-    """The spec of ``switch`` with every port the portal owns on it (``owned_ports`` when the caller has
-    just read them, e.g. as the keys of the switch's desired state; otherwise read here)."""
+def switch_spec(
+    switch: Switch, *, owned_ports: Iterable[str] | None = None, static_vlans: Iterable[int] = ()
+) -> SwitchSpec:
+    """The spec of ``switch`` with every port the portal owns on it and their static VLANs (``owned_ports``
+    and ``static_vlans`` when the caller has just read them, e.g. with the switch's desired state;
+    otherwise both are read here)."""
     if owned_ports is None:
-        owned_ports = switch.ports.values_list("name", flat=True)
+        rows = list(switch.ports.values_list("name", "static_vlans"))
+        owned_ports = [name for name, _static in rows]
+        static_vlans = {vid for _name, static in rows if static for vid in vlanranges.parse(static)}
     return SwitchSpec(
         name=switch.name,
         platform=switch.platform,
@@ -26,6 +32,7 @@ def switch_spec(switch: Switch, *, owned_ports: Iterable[str] | None = None) -> 
         driver_args=dict(switch.driver_args or {}),
         owned_ports=tuple(sorted(owned_ports)),
         timeout=settings.DEVICE_TIMEOUT,
+        static_vlans=frozenset(static_vlans),
     )
 
 

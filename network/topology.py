@@ -58,7 +58,7 @@ SWITCH_KEYS = {
     "queue",
     "ports",
 }
-PORT_KEYS = {"name", "role", "core", "description"}
+PORT_KEYS = {"name", "role", "core", "static_vlans", "description"}
 HOST_KEYS = {"name", "site", "switch", "port", "trunk", "driver", "driver_args", "queue", "enabled"}
 POOL_KEYS = {"name", "core", "ranges", "reserved", "quarantine", "description"}
 
@@ -460,8 +460,10 @@ class _Importer:
                 added = set(core.sites.values_list("pk", flat=True)) - self.sites_before[core.name]
                 if added:
                     for pool in core.pools.exclude(name__in=file_pools).select_related("core").order_by("name"):
-                        for problem in pool.shared_site_overlaps(added) + pool.platform_clashes(
-                            added, skip_switches=file_switches
+                        for problem in (
+                            pool.shared_site_overlaps(added)
+                            + pool.platform_clashes(added, skip_switches=file_switches)
+                            + pool.static_clashes(added)
                         ):
                             self.problem(f"{path}.sites", problem)
         if self.prune and not self.report.problems:
@@ -624,6 +626,7 @@ class _Importer:
             values = {
                 "role": self._choice(port_path, port, "role", PortRole),
                 "core": core,
+                "static_vlans": self._text(port_path, port, "static_vlans"),
                 "description": self._text(port_path, port, "description"),
             }
             obj = None
@@ -774,6 +777,7 @@ def topology_export() -> dict:
                     "name": port.name,
                     "role": port.role,
                     "core": port.core.name if port.core_id else None,
+                    "static_vlans": port.static_vlans,
                     "description": port.description,
                 }
             )

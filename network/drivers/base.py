@@ -56,6 +56,7 @@ class SwitchSpec:
     driver_args: Mapping = field(default_factory=dict)
     owned_ports: tuple[str, ...] = ()  # the only ports a session may change
     timeout: float = 30.0
+    static_vlans: frozenset[int] = frozenset()  # the operator's VLANs on owned ports: carried, never created
 
 
 @dataclass(frozen=True)

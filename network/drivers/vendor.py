@@ -94,11 +94,13 @@ def render(
     vlan_names: Mapping[int, str] | None = None,
     *,
     trunk_encapsulation: str = "",
+    existing: frozenset[int] = frozenset(),
 ) -> str:
     """The configuration that makes every port in ``desired`` a trunk carrying exactly its VLAN set.
 
-    Every VLAN used is created (with its name from ``vlan_names``, default ``vc-<vid>``); no VLAN is ever
-    deleted (another port the portal does not own may use it) and no other port is mentioned.
+    Every VLAN used is created (with its name from ``vlan_names``, default ``vc-<vid>``) but those in
+    ``existing`` (the operator's static VLANs: carried, never created or renamed); no VLAN is ever deleted
+    (another port the portal does not own may use it) and no other port is mentioned.
     """
     if platform not in PLATFORMS:
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
@@ -107,7 +109,8 @@ def render(
     reserved = sorted(set(vids) & PLATFORM_RESERVED.get(platform, frozenset()))
     if reserved:
         raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
-    vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in vids]
+    created = [vid for vid in vids if vid not in existing]
+    vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in created]
     bad = [vlan["name"] for vlan in vlans if not VLAN_NAME.fullmatch(str(vlan["name"]))]
     if bad:  # (a caller's names; open_switch makes them with vlan_name, which says why)
         raise PermanentDeviceError(platform, f"VLAN names {bad} are not plain words of 1-32 characters")
@@ -377,12 +380,12 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
         device.open()
 
     def renderer(desired: Mapping[str, frozenset[int]]) -> str:
-        vids = {vid for v in desired.values() for vid in v}
+        vids = {vid for v in desired.values() for vid in v} - spec.static_vlans
         try:
             names = {vid: vlan_name(name_format, vid) for vid in vids}
         except ValueError as exc:
             raise PermanentDeviceError(spec.name, str(exc)) from None
-        return render(template, desired, names, trunk_encapsulation=encapsulation)
+        return render(template, desired, names, trunk_encapsulation=encapsulation, existing=spec.static_vlans)
 
     try:
         yield NapalmSwitchSession(

@@ -36,6 +36,19 @@ def test_render_ios_allowed_lists():
     assert "vlan 100\n name vc-100\n" in text
 
 
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_render_carries_static_vlans_but_never_creates_or_renames_them(platform):
+    """A port's static VLANs (the hypervisor's management VLAN, say) are in its allowed list, and the
+    operator's VLAN stays as it is: no "vlan 10 / name vc-10" over its own name."""
+    desired = {"Ethernet1": frozenset({10, 100})}
+    text = render(platform, desired, {100: "physics"}, existing=frozenset({10}))
+    assert "physics" in text
+    assert "vc-10" not in text and "vlan 10\n" not in text and "vlan-id 10\n" not in text
+    assert "10" in text.split("Ethernet1", 1)[1]  # the trunk carries it
+    if platform == "ios":
+        assert " switchport trunk allowed vlan 10,100\n" in text
+
+
 def test_render_junos_replaces_member_lists():
     text = render("junos", DESIRED, {})
     members = "set interfaces Ethernet1 unit 0 family ethernet-switching vlan members [ 100-102 200 ]"

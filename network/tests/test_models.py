@@ -156,6 +156,39 @@ def test_a_linux_bridge_host_needs_its_agent_or_a_lab_namespace():
     )  # OVS: OVSDB over ssh or a local socket, reached from the worker
 
 
+def test_static_vlans_of_a_port_are_never_ids_a_pool_at_its_site_hands_out():
+    """A cluster given a port's static VLAN would share the host's own network: refused on both sides — the
+    port naming a pool's id, and a pool (or its core joining a site) handing out a port's static VLAN."""
+    site = SiteFactory(name="brno")
+    core = CoreTransportFactory(name="cesnet", sites=[site])
+    VlanPoolFactory(name="wan", core=core, ranges="100-199", reserved="150")
+    port = SwitchPortFactory(switch=SwitchFactory(name="brno-sw", site=site), name="h1")
+    port.static_vlans = "300,140-141"
+    assert messages(port)["static_vlans"] == [
+        "port brno-sw:h1: static VLAN 140-141 is handed out by pool wan (core cesnet) at site brno: reserve it in "
+        "the pool, or pick another id"
+    ]
+    port.static_vlans = "300,150"  # the pool's reserved id is never handed out
+    port.full_clean()
+    port.save()
+    assert port.static_vids == {150, 300}
+    port.static_vlans = "300,x"
+    assert messages(port)["static_vlans"] == [
+        "port brno-sw:h1: static VLANs: 'x' is not a VLAN id or a range like 100-199"
+    ]
+
+    other = VlanPoolFactory.build(name="more", core=core, ranges="290-310")
+    assert messages(other)["ranges"] == [
+        "pool more: ids 300 are static VLANs of port brno-sw:h1: add them to the pool's reserved ids"
+    ]
+    VlanPoolFactory.build(name="more", core=core, ranges="290-310", reserved="300").full_clean()
+    elsewhere = CoreTransportFactory(name="metro", sites=[SiteFactory(name="praha")])
+    pool = VlanPoolFactory(name="metro-pool", core=elsewhere, ranges="250-350")
+    assert pool.static_clashes([site]) == [
+        "pool metro-pool: ids 300 are static VLANs of port brno-sw:h1: add them to the pool's reserved ids"
+    ]
+
+
 def test_one_host_per_port():
     existing = HostFactory(name="brno-h1")
     other = Host(name="brno-h2", site=existing.site, switch_port=existing.switch_port)

@@ -51,6 +51,37 @@ def test_drift_by_hand_is_found_and_repaired_by_one_reconcile_run(fabric, active
     assert Drift.objects.count() == 3
 
 
+def test_static_vlans_are_carried_kept_after_teardown_and_never_drift(fabric, settings):
+    """A host trunk's static VLAN (the hypervisor's own network) is on the port with the clusters' VLANs,
+    stays when they leave, is no drift, and comes back when removed by hand; a switch where only static
+    VLANs are is not part of a cluster's devices."""
+    settings.RECONCILE_REPAIR = True
+    port = Switch.objects.get(name="sw-brno").ports.get(name="h1")
+    port.static_vlans = "10,20-21"
+    port.full_clean()
+    port.save()
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    assert fabric.switch_ports("sw-brno")["h1"] == {10, 20, 21, seg.vid}
+    assert fabric.switch_ports("sw-brno")["h2"] == frozenset()
+
+    tasks.reconcile.apply().get()
+    assert not Drift.objects.exists()
+    fabric.poke_switch("sw-brno", "h1", [seg.vid, 10])  # 20-21 removed by hand
+    tasks.reconcile.apply().get()
+    drift = Drift.objects.get()
+    assert (drift.port, drift.kind, drift.vlans, drift.repaired_at is not None) == ("h1", "missing", "20-21", True)
+    assert fabric.switch_ports("sw-brno")["h1"] == {10, 20, 21, seg.vid}
+
+    other = services.segment_create(owner="c2", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    workflows.provision(other.pk).apply().get()
+    assert not DeviceChange.objects.filter(segment=other, switch__name="sw-brno").exists()
+
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    assert fabric.switch_ports("sw-brno")["h1"] == {10, 20, 21}
+
+
 def test_without_repair_drift_is_only_recorded_and_closes_when_fixed(fabric, active):
     fabric.poke_switch("sw-brno", "uplink", [])
     tasks.reconcile_device.apply(("switch", fabric.switches["brno"].pk, False)).get()
@@ -163,6 +194,30 @@ def test_lab_drift_by_hand_is_detected_and_repaired_by_one_reconcile_run(clean_l
     out = StringIO()
     call_command("network", "plan", stdout=out)
     assert "ERROR" not in out.getvalue() and out.getvalue().count("in sync") == 3 + 6
+
+
+@pytest.mark.lab
+def test_lab_static_vlans_stay_on_a_real_trunk_through_a_clusters_life(clean_lab, db):
+    """Open vSwitch: a host trunk with a static VLAN carries it beside the cluster's, and only it after the
+    teardown (the VLAN the operator keeps for the hypervisor is never taken away)."""
+    from network.drivers import switch_session
+    from network.tests.labinventory import inventory_for
+
+    lab = clean_lab
+    inv = inventory_for(lab)
+    port = Switch.objects.get(name="sw-s1").ports.get(name="p-h1")
+    port.static_vlans = "10"
+    port.full_clean()
+    port.save()
+    seg = services.segment_create(owner="c", hosts=[inv["hosts"]["h-s1-1"], inv["hosts"]["h-s2-1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    with switch_session(lab.switch_spec("sw-s1")) as session:
+        assert session.port_vlans()["p-h1"] == {10, seg.vid}
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    with switch_session(lab.switch_spec("sw-s1")) as session:
+        vlans = session.port_vlans()
+    assert vlans["p-h1"] == {10} and vlans["up"] == frozenset()
 
 
 def test_plan_and_workers_say_so_when_the_broker_is_down(fabric, monkeypatch, capsys):

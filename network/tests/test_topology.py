@@ -506,3 +506,36 @@ def test_a_core_joining_a_site_checks_the_pools_only_the_inventory_has():
     VlanPool.objects.filter(name="north-pool").update(reserved="3968-3970")
     import_text(without_switch)
     assert CoreTransport.objects.get(name="north").sites.count() == 2
+
+
+STATIC = """
+sites: [brno]
+cores: [{name: backbone, kind: dot1q, sites: [brno], vlans: "2-4094"}]
+switches:
+  - name: brno-sw
+    site: brno
+    platform: ios
+    address: 198.18.0.1
+    ports: [{name: Gi0/1, role: host_trunk, static_vlans: "10,20-21"}]
+pools: [{name: clusters, core: backbone, ranges: "100-199"}]
+"""
+
+
+def test_static_vlans_of_ports_import_export_and_must_not_meet_a_pool():
+    import_text(STATIC)
+    assert SwitchPort.objects.get(name="Gi0/1").static_vids == {10, 20, 21}
+    exported = topology_export()
+    assert exported["switches"][0]["ports"] == [{"name": "Gi0/1", "role": "host_trunk", "static_vlans": "10,20-21"}]
+    assert topology_import(data=exported, source="again").total_updated == 0
+    with pytest.raises(TopologyError) as info:
+        import_text(STATIC.replace('ranges: "100-199"', 'ranges: "10-199"'))
+    assert info.value.problems == [
+        "pools[0].ranges (line 10): pool clusters: ids 10,20-21 are static VLANs of port brno-sw:Gi0/1: add them to "
+        "the pool's reserved ids"
+    ]
+    with pytest.raises(TopologyError) as info:
+        import_text(STATIC.replace('static_vlans: "10,20-21"', 'static_vlans: "10,150"'))
+    assert info.value.problems == [
+        "switches[0].ports[0].static_vlans (line 9): port brno-sw:Gi0/1: static VLAN 150 is handed out by pool "
+        "clusters (core backbone) at site brno: reserve it in the pool, or pick another id"
+    ]
