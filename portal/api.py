@@ -3,8 +3,10 @@ schema documents them (``error_responses``) and the API token scheme (``TokenAut
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import HttpResponse, HttpResponseServerError, JsonResponse
+from django.http import Http404, HttpResponse, HttpResponseServerError, JsonResponse
 from django.urls import is_valid_path
 from django.utils.encoding import smart_str
 from django.views.defaults import bad_request as django_bad_request
@@ -12,15 +14,26 @@ from django.views.defaults import page_not_found
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
+from rest_framework.routers import DefaultRouter
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal import audit
 
 
+def _too_big() -> dict:
+    return {
+        "detail": f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes",
+        "code": "too_large",
+    }
+
+
 def exception_handler(exc, context):
+    """Every error answer of a view is JSON with ``code`` beside a ``detail``: domain errors as they say,
+    DRF's own (401, 403, 404, 405, 415, …) with their code (e.g. ``not_authenticated``, ``not_found``), a
+    body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` a 413; invalid input keeps its field-level messages."""
     status_code = getattr(exc, "status", None)
     as_dict = getattr(exc, "as_dict", None)
     if isinstance(status_code, int) and callable(as_dict):
@@ -29,7 +42,23 @@ def exception_handler(exc, context):
     if isinstance(exc, DjangoValidationError):
         data = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
         return Response(data, status=status.HTTP_400_BAD_REQUEST)
-    return drf_exception_handler(exc, context)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(_too_big(), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, Http404):
+        exc = NotFound()  # Django's message names the model ("No VirtualCluster matches the given query.")
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, APIException) and isinstance(response.data, dict):
+        if set(response.data) == {"detail"} and isinstance(exc.detail, str):
+            response.data["code"] = getattr(exc.detail, "code", None) or exc.default_code
+    return response
+
+
+class Router(DefaultRouter):
+    """The API's router: DRF's (trailing slashes, the API root), without the ``.json`` format-suffix routes —
+    the API speaks JSON only, and those routes reached the views with a ``format`` argument they do not take
+    (a 500 for ``POST /api/clusters/1/teardown.json``); such a path is a 404 now."""
+
+    include_format_suffixes = False
 
 
 def api_slash_middleware(get_response):
@@ -63,6 +92,8 @@ def bad_request(request, exception=None):
     """``handler400``: a request Django refuses before any view (a Host header that is not a host name,
     too many fields) is answered in JSON under ``/api/`` too; elsewhere Django's page."""
     if request.path.startswith("/api/"):
+        if isinstance(exception, RequestDataTooBig):
+            return JsonResponse(_too_big(), status=413)
         return JsonResponse({"detail": "Bad request.", "code": "bad_request"}, status=400)
     return django_bad_request(request, exception)
 
@@ -131,6 +162,7 @@ ERROR_DESCRIPTIONS = {
     403: "not allowed: not your object, or the token lacks the scope",
     404: "no such object (or not visible to you)",
     409: "conflicts with the current state",
+    413: "the request body is larger than the server accepts",
     415: "the request body is not JSON, form or multipart data",
     422: "well-formed but cannot be done on this network",
 }

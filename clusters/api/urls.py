@@ -1,7 +1,6 @@
-from rest_framework.routers import DefaultRouter
-
 from clusters.api.views import ClusterViewSet
+from portal.api import Router
 
-router = DefaultRouter(trailing_slash=True)
+router = Router(trailing_slash=True)
 router.register("clusters", ClusterViewSet, basename="cluster")
 urlpatterns = router.urls

@@ -1,8 +1,7 @@
-from rest_framework.routers import DefaultRouter
-
 from network.api import views
+from portal.api import Router
 
-router = DefaultRouter(trailing_slash=True)
+router = Router(trailing_slash=True)
 router.register("sites", views.SiteViewSet)
 router.register("cores", views.CoreTransportViewSet)
 router.register("switches", views.SwitchViewSet)
