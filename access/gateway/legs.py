@@ -7,10 +7,10 @@ bastion's address there as the scheduler gave it, and the nodes); this makes the
     manage.py gateway pull ... --on-change "python3 -I /opt/virtcloud/access/gateway/legs.py --trunk eth1"
 
 For each cluster with a VLAN and a ``bastion_address``: a VLAN sub-interface ``<prefix><vid>`` of ``--trunk``,
-up, holding exactly that address (its global-scope addresses; the kernel's link-local ones stay). A
+up, holding exactly that address (its global-scope addresses; an IPv6 leg keeps its link-local ones). A
 sub-interface with the prefix that the file no longer asks for — the cluster ended, lost its address, or
 the link was made by hand with another VLAN or parent — is deleted. Nothing else is touched. Idempotent:
-run again, it changes nothing; it prints each change. Exit 1 (and a message) when iproute2 refuses one: the
+run again, it changes nothing; it prints each change. Exit 1 (and a message) when the system refuses one: the
 pull then runs it again next time.
 
 By default one network stack holds every leg: two clusters whose networks overlap get their legs, but the
@@ -21,6 +21,17 @@ carried to another cluster's node. With ``--namespaces`` each leg gets a namespa
 clusters may then use the same addresses. Run it in the gateway's own mount namespace (as ``--on-change``
 does; ``nsenter --net=...`` to reach a trunk in another network namespace, not ``ip netns exec``, whose
 private mounts would take the namespaces it makes with it).
+
+No leg forwards what it receives: on a gateway that routes (``net.ipv4.ip_forward=1``, common beside OpenVPN) a
+root user in one cluster could otherwise route through the bastion's address into another cluster, or out. Each
+leg gets ``net.ipv4.conf.<leg>.forwarding=0`` (IPv4 asks the interface a packet came in on) and
+``net.ipv6.conf.<leg>.forwarding=0``; IPv6 forwards by its stack-wide switch alone, so an IPv4 leg takes no IPv6
+(``disable_ipv6=1``), and while ``net.ipv6.conf.all.forwarding`` is on in the shared stack a leg holding an IPv6
+address is refused (removed, exit 1: turn it off, or use ``--namespaces``). With ``--namespaces`` the leg's
+namespace forwards nothing (``all`` and ``default`` too). The values are written with ``sysctl -w`` (in the leg's
+namespace) before a new leg goes up and whenever one differs; a refused write fails the hook like a refused
+``ip`` command. The kernel turns forwarding on for every interface when ``ip_forward`` goes from 0 to 1: run the
+hook after such a change (the pull runs it after each boot).
 Standalone: no Django.
 """
 
@@ -110,11 +121,45 @@ def current(run: Runner, prefix: str, netns: str = "") -> dict[str, Link]:
     return out
 
 
-def _address_and_up(ip: list[str], name: str, link: Link | None, address: str) -> list[list[str]]:
+IPV6_FORWARDING = "net.ipv6.conf.all.forwarding"
+
+
+def kernel_settings(name: str, address: str, *, namespaced: bool = False, ipv6: bool = True) -> dict[str, str]:
+    """The sysctl values leg ``name`` (holding ``address``) needs so that the kernel forwards nothing it receives
+    there (the module docstring says why); ``namespaced``: its namespace forwards nothing at all. ``ipv6``: the
+    kernel has IPv6."""
+    scopes = ["all", "default", name] if namespaced else [name]
+    families = ["ipv4", "ipv6"] if ipv6 else ["ipv4"]
+    wanted = {f"net.{family}.conf.{scope}.forwarding": "0" for family in families for scope in scopes}
+    if ipv6:  # IPv6 has no per-interface forwarding switch: an IPv4 leg takes no IPv6 at all
+        wanted[f"net.ipv6.conf.{name}.disable_ipv6"] = "1" if ipaddress.ip_interface(address).version == 4 else "0"
+    return wanted
+
+
+def read_settings(run: Runner, keys: Sequence[str], netns: str = "") -> dict[str, str]:
+    """The current values of the sysctl ``keys`` (in namespace ``netns``); a key the kernel lacks is left out."""
+    where = ["ip", "netns", "exec", netns] if netns else []
+    out = run([*where, "sysctl", "-e", *keys])
+    return {key.strip(): value.strip() for key, eq, value in (line.partition("=") for line in out.splitlines()) if eq}
+
+
+def _settings(where: list[str], wanted: dict[str, str], have: dict[str, str] | None) -> list[list[str]]:
+    """The ``sysctl -w`` (run with ``where``: its namespace) that sets the ``wanted`` values ``have`` differs in
+    (all of them when None: a leg just made); none when all are as wanted."""
+    change = [f"{key}={value}" for key, value in wanted.items() if have is None or have.get(key) != value]
+    return [[*where, "sysctl", "-w", *change]] if change else []
+
+
+def _address_and_up(
+    ip: list[str], name: str, link: Link | None, address: str, settings: list[list[str]]
+) -> list[list[str]]:
     """The commands (``ip`` = the command and its namespace) that leave leg ``name`` holding exactly
-    ``address`` (of its global ones) and up; ``link`` is the leg as it is now (None: just made)."""
+    ``address`` (of its global ones) and up; ``link`` is the leg as it is now (None: just made). ``settings``
+    (its sysctl values) come after the deletions (``disable_ipv6`` would take an IPv6 address before its ``addr
+    del``, which would then fail) and before it gets its address and goes up: a new leg never forwards."""
     have = link.addresses if link else frozenset()
     commands = [[*ip, "addr", "del", old, "dev", name] for old in sorted(have) if old != address]
+    commands += settings
     if address not in have:
         commands.append([*ip, "addr", "add", address, "dev", name])
     if link is None or not link.up:
@@ -122,8 +167,17 @@ def _address_and_up(ip: list[str], name: str, link: Link | None, address: str) -
     return commands
 
 
-def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: str) -> list[list[str]]:
-    """The ``ip`` commands that make ``links`` what ``legs`` asks for (none when they already are)."""
+def plan(
+    legs: dict[int, str],
+    links: dict[str, Link],
+    *,
+    trunk: str,
+    prefix: str,
+    kernel: dict[str, str],
+    ipv6: bool = True,
+) -> list[list[str]]:
+    """The ``ip`` and ``sysctl`` commands that make ``links`` what ``legs`` asks for (none when they already are);
+    ``kernel``: the legs' sysctl values now (:func:`read_settings`)."""
     commands: list[list[str]] = []
     keep = set()
     for vid, address in sorted(legs.items()):
@@ -135,7 +189,8 @@ def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: st
         if link is None:
             commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
         keep.add(name)
-        commands += _address_and_up(["ip"], name, link, address)
+        settings = _settings([], kernel_settings(name, address, ipv6=ipv6), kernel if link else None)
+        commands += _address_and_up(["ip"], name, link, address, settings)
     for name in sorted(set(links) - keep):
         commands.append(["ip", "link", "del", name])
     return commands
@@ -149,11 +204,19 @@ def namespaces(run: Runner, prefix: str) -> dict[str, Link | None]:
 
 
 def plan_namespaced(
-    legs: dict[int, str], spaces: dict[str, Link | None], stray: dict[str, Link], *, trunk: str, prefix: str
+    legs: dict[int, str],
+    spaces: dict[str, Link | None],
+    stray: dict[str, Link],
+    *,
+    trunk: str,
+    prefix: str,
+    kernel: dict[str, dict[str, str]],
+    ipv6: bool = True,
 ) -> list[list[str]]:
-    """``--namespaces``: the ``ip`` commands that give each leg a namespace of its own, ``<prefix><vid>``, with
-    the leg (same name) inside — clusters may then share addresses, each bastion in its cluster's namespace
-    (``bastion.py``). ``stray``: legs with the prefix left in this namespace (by a run without the flag)."""
+    """``--namespaces``: the commands that give each leg a namespace of its own, ``<prefix><vid>``, with the leg
+    (same name) inside — clusters may then share addresses, each bastion in its cluster's namespace
+    (``bastion.py``). ``stray``: legs with the prefix left in this namespace (by a run without the flag);
+    ``kernel``: each namespace's sysctl values now (:func:`read_settings`)."""
     commands = [["ip", "link", "del", name] for name in sorted(stray)]
     for vid, address in sorted(legs.items()):
         name = f"{prefix}{vid}"
@@ -169,14 +232,19 @@ def plan_namespaced(
                 ["ip", "link", "set", name, "netns", name],
                 [*ns, "link", "set", "lo", "up"],
             ]
-        commands += _address_and_up(ns, name, link, address)
+        wanted = kernel_settings(name, address, namespaced=True, ipv6=ipv6)  # (a moved link takes the defaults)
+        settings = _settings(["ip", "netns", "exec", name], wanted, kernel.get(name, {}) if link else None)
+        commands += _address_and_up(ns, name, link, address, settings)
     wanted_names = {f"{prefix}{vid}" for vid in legs}
     commands += [["ip", "netns", "del", name] for name in sorted(set(spaces) - wanted_names)]
     return commands
 
 
 def _run(argv: Sequence[str]) -> str:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
+    except OSError as exc:  # no such program (sysctl is procps'): a message, not a traceback
+        raise LegsError(f"{' '.join(argv)}: {exc}") from None
     if done.returncode != 0:
         raise LegsError(f"{' '.join(argv)}: {done.stderr.strip() or f'exit {done.returncode}'}")
     return done.stdout
@@ -195,18 +263,39 @@ def sync(
     legs = wanted(doc)
     run(["ip", "link", "show", "dev", trunk])  # no such trunk: an error before anything changes
     links = current(run, prefix)
+    names = {f"{prefix}{vid}": address for vid, address in legs.items()}
+    kept = [] if namespaced else sorted(names.keys() & links.keys())  # (the new ones get every value)
+    kernel = read_settings(
+        run, [IPV6_FORWARDING, *(key for name in kept for key in kernel_settings(name, names[name]))]
+    )
+    ipv6 = IPV6_FORWARDING in kernel  # (not there: a kernel without IPv6)
+    failed = []
+    if not namespaced and kernel.get(IPV6_FORWARDING, "0") != "0":
+        for vid, address in sorted(legs.items()):
+            if ipaddress.ip_interface(address).version == 6:
+                del legs[vid]  # (a leg already there is removed as stale)
+                failed.append(
+                    f"no leg for VLAN {vid} ({address}): {IPV6_FORWARDING} is on and IPv6 cannot turn forwarding off "
+                    "per interface, so it would route between clusters; turn it off, or use --namespaces"
+                )
     if namespaced:
-        commands = plan_namespaced(legs, namespaces(run, prefix), links, trunk=trunk, prefix=prefix)
+        spaces = namespaces(run, prefix)
+        kernel_of = {
+            name: read_settings(run, list(kernel_settings(name, names[name], namespaced=True, ipv6=ipv6)), name)
+            for name, link in spaces.items()
+            if link is not None and name in names
+        }
+        commands = plan_namespaced(legs, spaces, links, trunk=trunk, prefix=prefix, kernel=kernel_of, ipv6=ipv6)
     else:
-        commands = plan(legs, links, trunk=trunk, prefix=prefix)
-    done, failed = [], []
+        commands = plan(legs, links, trunk=trunk, prefix=prefix, kernel=kernel, ipv6=ipv6)
+    done = []
     for argv in commands:
         try:
             run(argv)
         except LegsError as exc:  # one leg the system refuses: the others are still made (and stale ones removed)
             failed.append(str(exc))
             continue
-        done.append(" ".join(argv[1:]))
+        done.append(" ".join(argv[1:] if argv[0] == "ip" else argv))
     for a, b in [] if namespaced else overlaps(legs):
         done.append(f"warning: the networks of VLANs {a} and {b} overlap: one stack routes the overlap through one")
     if failed:

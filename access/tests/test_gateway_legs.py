@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from access.gateway import legs
-from access.gateway.legs import LegsError, Link
+from access.gateway.legs import IPV6_FORWARDING, LegsError, Link
 
 LEGS = Path(legs.__file__)
 
@@ -55,21 +55,36 @@ def test_plan_creates_readdresses_and_removes_only_its_own_links():
         "vcl400": Link("vcl400", 999, "eth1", frozenset(), up=True),  # made by hand with another VLAN
     }
     wanted = {100: "10.0.0.254/24", 200: "10.1.0.8/24", 400: "10.4.0.1/24", 500: "10.5.0.1/24"}
-    assert legs.plan(wanted, links, trunk="eth1", prefix="vcl") == [
+    kernel = {**_no_forwarding("vcl100"), **_no_forwarding("vcl200"), "net.ipv4.conf.vcl200.forwarding": "1"}
+
+    def no_forwarding(name):
+        keys = ["net.ipv4.conf.{}.forwarding=0", "net.ipv6.conf.{}.forwarding=0", "net.ipv6.conf.{}.disable_ipv6=1"]
+        return ["sysctl", "-w", *(key.format(name) for key in keys)]
+
+    assert legs.plan(wanted, links, trunk="eth1", prefix="vcl", kernel=kernel) == [
         ["ip", "addr", "del", "10.1.0.9/24", "dev", "vcl200"],
+        ["sysctl", "-w", "net.ipv4.conf.vcl200.forwarding=0"],  # turned on by hand
         ["ip", "link", "set", "vcl200", "up"],
         ["ip", "link", "del", "vcl400"],
         ["ip", "link", "add", "link", "eth1", "name", "vcl400", "type", "vlan", "id", "400"],
+        no_forwarding("vcl400"),  # a new leg: before it has an address and is up
         ["ip", "addr", "add", "10.4.0.1/24", "dev", "vcl400"],
         ["ip", "link", "set", "vcl400", "up"],
         ["ip", "link", "add", "link", "eth1", "name", "vcl500", "type", "vlan", "id", "500"],
+        no_forwarding("vcl500"),
         ["ip", "addr", "add", "10.5.0.1/24", "dev", "vcl500"],
         ["ip", "link", "set", "vcl500", "up"],
         ["ip", "link", "del", "vcl300"],
     ]
     done = {name: link for name, link in links.items() if name in ("vcl100",)}
-    assert legs.plan({100: "10.0.0.254/24"}, done, trunk="eth1", prefix="vcl") == []  # idempotent
+    assert legs.plan({100: "10.0.0.254/24"}, done, trunk="eth1", prefix="vcl", kernel=kernel) == []  # idempotent
     assert legs.overlaps({1: "10.0.0.1/24", 2: "10.0.0.2/16", 3: "10.9.0.1/24", 4: "fd00::1/64"}) == [(2, 1)]
+
+
+def _no_forwarding(name: str, *, scopes: tuple[str, ...] = (), ipv4_leg: bool = True) -> dict[str, str]:
+    """The sysctl values of leg ``name`` (and of ``scopes``: "all", "default") as the hook leaves them."""
+    values = {f"net.{family}.conf.{scope}.forwarding": "0" for family in ("ipv4", "ipv6") for scope in (*scopes, name)}
+    return {**values, f"net.ipv6.conf.{name}.disable_ipv6": "1" if ipv4_leg else "0"}
 
 
 def test_a_leg_the_system_refuses_does_not_stop_the_others(tmp_path):
@@ -107,6 +122,167 @@ def test_a_leg_the_system_refuses_does_not_stop_the_others(tmp_path):
     assert ["ip", "addr", "add", "10.1.0.254/24", "dev", "vcl200"] in ran
     assert ["ip", "link", "set", "vcl200", "up"] in ran and ["ip", "link", "del", "vcl300"] in ran
     assert "link del vcl300" in failed.value.done
+
+
+class FakeStack:
+    """The gateway's network stack as the hook sees it through its runner: VLAN links of trunk eth1, their global
+    addresses and the kernel's sysctl values. A link it makes takes the stack's defaults, as the kernel does: on
+    a gateway that routes (ip_forward=1), forwarding on. ``ipv6=None``: a kernel without IPv6."""
+
+    def __init__(self, *, ipv6: str | None = "0"):
+        self.links: dict[str, dict] = {}
+        self.sysctl = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.default.forwarding": "1"}
+        if ipv6 is not None:
+            self.sysctl |= {IPV6_FORWARDING: ipv6, "net.ipv6.conf.default.forwarding": ipv6}
+            self.sysctl["net.ipv6.conf.default.disable_ipv6"] = "0"
+        self.refuse: set[str] = set()  # keys whose write the kernel refuses
+        self.writes: list[list[str]] = []
+
+    def add(self, name: str, vid: int, *addresses: str, up: bool = True) -> None:
+        self.links[name] = {"vid": vid, "addresses": set(addresses), "up": up}
+        for key in ("ipv4.conf.{}.forwarding", "ipv6.conf.{}.forwarding", "ipv6.conf.{}.disable_ipv6"):
+            default = f"net.{key.format('default')}"
+            if default in self.sysctl:
+                self.sysctl[f"net.{key.format(name)}"] = self.sysctl[default]
+
+    def __call__(self, argv) -> str:
+        match list(argv):
+            case ["ip", "link", "show", "dev", "eth1"]:
+                return ""
+            case ["ip", "-j", "-d", "link", "show"]:
+                return json.dumps(
+                    [
+                        {
+                            "ifname": name,
+                            "link": "eth1",
+                            "flags": ["UP"] if link["up"] else [],
+                            "linkinfo": {"info_kind": "vlan", "info_data": {"id": link["vid"]}},
+                        }
+                        for name, link in self.links.items()
+                    ]
+                )
+            case ["ip", "-j", "addr", "show"]:
+                entries = []
+                for name, link in self.links.items():
+                    infos = []
+                    for address in sorted(link["addresses"]):
+                        local, prefixlen = address.split("/")
+                        family = "inet6" if ":" in local else "inet"
+                        infos.append({"family": family, "local": local, "prefixlen": int(prefixlen), "scope": "global"})
+                    entries.append({"ifname": name, "addr_info": infos})
+                return json.dumps(entries)
+            case ["sysctl", "-e", *keys]:
+                return "".join(f"{key} = {self.sysctl[key]}\n" for key in keys if key in self.sysctl)
+            case ["sysctl", "-w", *assignments]:
+                self.writes.append(assignments)
+                refused = []
+                for assignment in assignments:
+                    key, _, value = assignment.partition("=")
+                    if key in self.refuse or key not in self.sysctl:
+                        refused.append(f"sysctl: permission denied on key '{key}'")
+                    else:
+                        self.sysctl[key] = value
+                if refused:
+                    raise LegsError(f"{' '.join(argv)}: {'; '.join(refused)}")
+            case ["ip", "link", "add", "link", "eth1", "name", name, "type", "vlan", "id", vid]:
+                self.add(name, int(vid), up=False)
+            case ["ip", "addr", "add", address, "dev", name]:
+                self.links[name]["addresses"].add(address)
+            case ["ip", "addr", "del", address, "dev", name]:
+                self.links[name]["addresses"].remove(address)
+            case ["ip", "link", "set", name, "up"]:
+                self.links[name]["up"] = True
+            case ["ip", "link", "del", name]:
+                del self.links[name]
+                self.sysctl = {key: value for key, value in self.sysctl.items() if f".{name}." not in key}
+            case other:
+                raise AssertionError(f"unexpected command {other}")
+        return ""
+
+    def forwarding(self, name: str) -> tuple[str, ...]:
+        """IPv4 forwarding, IPv6 forwarding and disable_ipv6 of leg ``name``."""
+        keys = ("net.ipv4.conf.{}.forwarding", "net.ipv6.conf.{}.forwarding", "net.ipv6.conf.{}.disable_ipv6")
+        return tuple(self.sysctl.get(key.format(name)) for key in keys)
+
+
+def _clusters(state: Path, **clusters: str) -> None:
+    """``ssh/clusters.json`` with a cluster per VLAN: name="vid address"."""
+    (state / "ssh").mkdir(exist_ok=True)
+    entries = {
+        name: {"vlan": int(leg.split()[0]), "bastion_address": leg.split()[1], "nodes": []}
+        for name, leg in clusters.items()
+    }
+    (state / "ssh" / "clusters.json").write_text(json.dumps({"format": 1, "clusters": entries}))
+
+
+def test_no_leg_forwards_what_it_receives_on_a_gateway_that_routes(tmp_path):
+    """ip_forward=1 on the gateway: a new leg gets forwarding off before it has an address or is up; a leg whose
+    forwarding someone turned on by hand gets it off again (said in a change line); a leg already as wanted is
+    not written to, and a run with nothing to change prints nothing."""
+    gw = FakeStack()
+    gw.add("vcl200", 200, "198.18.2.254/24")  # made by an earlier run, forwarding off
+    gw.sysctl |= _no_forwarding("vcl200")
+    _clusters(tmp_path, a="100 198.18.1.254/24", b="200 198.18.2.254/24")
+
+    done = legs.sync(tmp_path, trunk="eth1", run=gw)
+    off = (
+        "sysctl -w net.ipv4.conf.vcl100.forwarding=0 net.ipv6.conf.vcl100.forwarding=0 "
+        "net.ipv6.conf.vcl100.disable_ipv6=1"
+    )
+    assert done == [
+        "link add link eth1 name vcl100 type vlan id 100",
+        off,
+        "addr add 198.18.1.254/24 dev vcl100",
+        "link set vcl100 up",
+    ]
+    assert gw.forwarding("vcl100") == ("0", "0", "1") and gw.forwarding("vcl200") == ("0", "0", "1")
+    assert gw.sysctl["net.ipv4.ip_forward"] == "1"  # the gateway's own switch is the operator's
+
+    gw.sysctl["net.ipv4.conf.vcl200.forwarding"] = "1"  # by hand (or ip_forward went from 0 to 1)
+    gw.writes.clear()
+    assert legs.sync(tmp_path, trunk="eth1", run=gw) == ["sysctl -w net.ipv4.conf.vcl200.forwarding=0"]
+    assert gw.forwarding("vcl200") == ("0", "0", "1")
+
+    gw.writes.clear()
+    assert legs.sync(tmp_path, trunk="eth1", run=gw) == [] and gw.writes == []
+
+
+def test_a_refused_forwarding_write_fails_the_hook(tmp_path):
+    """The kernel refuses a value (a read-only /proc/sys): the hook fails, naming it, like a refused ``ip``
+    command — the other leg is still made, and the pull runs the hook again."""
+    gw = FakeStack()
+    gw.refuse.add("net.ipv4.conf.vcl100.forwarding")
+    _clusters(tmp_path, a="100 198.18.1.254/24", b="200 198.18.2.254/24")
+    with pytest.raises(LegsError, match=r"permission denied on key 'net\.ipv4\.conf\.vcl100\.forwarding'") as failed:
+        legs.sync(tmp_path, trunk="eth1", run=gw)
+    assert "link set vcl200 up" in failed.value.done and gw.forwarding("vcl200") == ("0", "0", "1")
+
+
+def test_an_ipv6_leg_needs_ipv6_forwarding_off_in_the_shared_stack(tmp_path):
+    """IPv6 forwards by net.ipv6.conf.all.forwarding alone (a leg's own forwarding=0 does not stop it): while it
+    is on, the shared stack gets no leg holding an IPv6 address — one already there is removed — and the hook
+    fails saying so; IPv4 legs still come up, without IPv6. Once it is off, the IPv6 leg is made."""
+    gw = FakeStack(ipv6="1")
+    gw.add("vcl300", 300, "fd00:3::fe/64")  # made while IPv6 forwarding was off
+    gw.sysctl |= _no_forwarding("vcl300", ipv4_leg=False)
+    _clusters(tmp_path, a="100 198.18.1.254/24", c="300 fd00:3::fe/64")
+    with pytest.raises(
+        LegsError, match=r"no leg for VLAN 300 \(fd00:3::fe/64\): net\.ipv6\.conf\.all\.forwarding is on"
+    ):
+        legs.sync(tmp_path, trunk="eth1", run=gw)
+    assert set(gw.links) == {"vcl100"} and gw.forwarding("vcl100") == ("0", "0", "1")
+
+    gw.sysctl[IPV6_FORWARDING] = "0"
+    assert "link add link eth1 name vcl300 type vlan id 300" in legs.sync(tmp_path, trunk="eth1", run=gw)
+    assert gw.forwarding("vcl300") == ("0", "0", "0")  # IPv6 stays on where the cluster uses it
+
+
+def test_a_kernel_without_ipv6_gets_the_ipv4_values_only(tmp_path):
+    gw = FakeStack(ipv6=None)
+    _clusters(tmp_path, a="100 198.18.1.254/24")
+    assert "sysctl -w net.ipv4.conf.vcl100.forwarding=0" in legs.sync(tmp_path, trunk="eth1", run=gw)
+    assert gw.forwarding("vcl100") == ("0", None, None)
+    assert legs.sync(tmp_path, trunk="eth1", run=gw) == []
 
 
 # --- the real thing (a kernel with 802.1Q: the QEMU guest) -----------------------------------------------------
@@ -181,6 +357,11 @@ def _reaches(ns: str, address: str) -> bool:
     return done.returncode == 0
 
 
+def _proc(ns: str, path: str) -> str:
+    """``/proc/sys/<path>`` as namespace ``ns`` sees it."""
+    return fabric.run(["ip", "netns", "exec", ns, "cat", f"/proc/sys/{path}"]).stdout.strip()
+
+
 @pytest.mark.vmlane
 def test_legs_reach_each_clusters_nodes_and_follow_the_state(trunk, tmp_path):
     gw = trunk
@@ -223,6 +404,55 @@ def test_legs_reach_each_clusters_nodes_and_follow_the_state(trunk, tmp_path):
     assert _addresses(gw, "vcl100") == {"10.0.0.253/24"}
 
 
+@pytest.mark.vmlane
+def test_a_gateway_that_routes_carries_nothing_from_one_cluster_to_another(trunk, tmp_path):
+    """ip_forward=1 on the gateway (as beside OpenVPN): a node of cluster A routing through the bastion's address
+    in A reaches nothing of cluster B. With the legs' forwarding turned on by hand it would (so the lab can route
+    and the check can fail); the hook's next run turns it off again."""
+    gw = trunk
+    sw = gw[: -len("gw")] + "sw"
+    nodes = {vid: f"{PREFIX}f{vid}" for vid in (100, 200)}  # each cluster's node: 198.18.1.1, 198.18.2.1
+    try:
+        for vid, node in nodes.items():
+            fabric.run(["ip", "netns", "add", node])
+            fabric.run(["ip", "-n", sw, "link", "set", f"t0.{vid}", "netns", node])
+            net = f"198.18.{vid // 100}"
+            fabric.run(
+                ["ip", "-n", node, "-batch", "-"],
+                input=f"addr flush dev t0.{vid}\naddr add {net}.1/24 dev t0.{vid}\nlink set t0.{vid} up\n"
+                f"link set lo up\nroute add default via {net}.254\n",
+            )
+        fabric.run(["ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        _write(
+            tmp_path,
+            a={"vlan": 100, "bastion_address": "198.18.1.254/24", "nodes": []},
+            b={"vlan": 200, "bastion_address": "198.18.2.254/24", "nodes": []},
+        )
+        done = _sync(gw, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert _proc(gw, "net/ipv4/ip_forward") == "1"  # the gateway's own switch stays the operator's
+        for leg in ("vcl100", "vcl200"):
+            assert _proc(gw, f"net/ipv4/conf/{leg}/forwarding") == "0"
+            assert _proc(gw, f"net/ipv6/conf/{leg}/disable_ipv6") == "1"  # an IPv4 leg: no IPv6 to forward
+        node_a = nodes[100]
+        assert _reaches(node_a, "198.18.1.254")  # its bastion leg answers
+        assert not _reaches(node_a, "198.18.2.1")  # B's node, through the bastion: no
+
+        for leg in ("vcl100", "vcl200"):
+            fabric.run(["ip", "netns", "exec", gw, "sysctl", "-qw", f"net.ipv4.conf.{leg}.forwarding=1"])
+        assert _reaches(node_a, "198.18.2.1")
+        done = _sync(gw, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            "virtcloud-legs: sysctl -w net.ipv4.conf.vcl100.forwarding=0",
+            "virtcloud-legs: sysctl -w net.ipv4.conf.vcl200.forwarding=0",
+        ]
+        assert not _reaches(node_a, "198.18.2.1")
+    finally:
+        for node in nodes.values():
+            fabric.run(["ip", "netns", "del", node], check=False)
+
+
 def test_plan_namespaced_gives_each_leg_a_namespace_of_its_own():
     spaces = {
         "vcl100": Link("vcl100", 100, "", frozenset({"10.0.0.254/24"}), up=True),  # as wanted
@@ -231,20 +461,25 @@ def test_plan_namespaced_gives_each_leg_a_namespace_of_its_own():
     }
     stray = {"vcl400": Link("vcl400", 400, "eth1", frozenset(), up=True)}  # from a run without --namespaces
     wanted = {100: "10.0.0.254/24", 200: "10.0.0.254/24"}  # the same address: fine, one namespace each
-    assert legs.plan_namespaced(wanted, spaces, stray, trunk="eth1", prefix="vcl") == [
+    # vcl100's namespace took the gateway's ip_forward=1 when it was made (a new namespace inherits IPv4's)
+    kernel = {"vcl100": {**_no_forwarding("vcl100", scopes=("all", "default")), "net.ipv4.conf.all.forwarding": "1"}}
+    in_ns = ["ip", "netns", "exec", "vcl200", "sysctl", "-w"]
+    assert legs.plan_namespaced(wanted, spaces, stray, trunk="eth1", prefix="vcl", kernel=kernel) == [
         ["ip", "link", "del", "vcl400"],
+        ["ip", "netns", "exec", "vcl100", "sysctl", "-w", "net.ipv4.conf.all.forwarding=0"],
         ["ip", "netns", "del", "vcl200"],
         ["ip", "netns", "add", "vcl200"],
         ["ip", "link", "add", "link", "eth1", "name", "vcl200", "type", "vlan", "id", "200"],
         ["ip", "link", "set", "vcl200", "netns", "vcl200"],
         ["ip", "-n", "vcl200", "link", "set", "lo", "up"],
+        [*in_ns, *(f"{key}={value}" for key, value in _no_forwarding("vcl200", scopes=("all", "default")).items())],
         ["ip", "-n", "vcl200", "addr", "add", "10.0.0.254/24", "dev", "vcl200"],
         ["ip", "-n", "vcl200", "link", "set", "vcl200", "up"],
         ["ip", "netns", "del", "vcl300"],
     ]
-    assert (
-        legs.plan_namespaced({100: "10.0.0.254/24"}, {"vcl100": spaces["vcl100"]}, {}, trunk="eth1", prefix="vcl") == []
-    )
+    kernel["vcl100"]["net.ipv4.conf.all.forwarding"] = "0"
+    only_100 = {"vcl100": spaces["vcl100"]}
+    assert legs.plan_namespaced({100: "10.0.0.254/24"}, only_100, {}, trunk="eth1", prefix="vcl", kernel=kernel) == []
 
 
 @pytest.mark.vmlane
@@ -284,6 +519,19 @@ def test_legs_in_namespaces_tell_apart_clusters_with_the_same_addresses(trunk, t
             assert neigh[0]["lladdr"] == macs[vid]  # its own cluster's node
         again = subprocess.run(hook, capture_output=True, text=True, timeout=60)
         assert (again.returncode, again.stdout) == (0, "")
+
+        # ip_forward going from 0 to 1 in a leg's namespace turns forwarding on for all of it: the next run turns
+        # it off again (all, default and the leg)
+        ns = f"{prefix}100"
+        fabric.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == (
+            f"virtcloud-legs: netns exec {ns} sysctl -w net.ipv4.conf.all.forwarding=0 "
+            f"net.ipv4.conf.default.forwarding=0 net.ipv4.conf.{ns}.forwarding=0\n"
+        )
+        assert _proc(ns, "net/ipv4/ip_forward") == "0" == _proc(ns, f"net/ipv4/conf/{ns}/forwarding")
+        assert _proc(ns, "net/ipv6/conf/all/forwarding") == "0"
 
         _write(tmp_path, a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []})
         done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
