@@ -3,13 +3,19 @@ services) and carry the workflow generation so that a stale callback changes not
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 
 from celery import shared_task
+from celery.exceptions import ChordError
+from celery.result import AsyncResult
 from django.utils import timezone
 
 from clusters import services
 from clusters.models import ClusterStep, Connectivity, StepStatus, VirtualCluster
+from network import selectors as net_selectors
+from network.errors import DeviceChangeFailed
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +24,31 @@ def _cluster(cluster_id: int) -> VirtualCluster | None:
     return VirtualCluster.objects.filter(pk=cluster_id).first()
 
 
+_DEPENDENCY = re.compile(r"^Dependency (\S+) raised ")
+
+
+def _cause(exc):
+    """The exception a workflow really failed with: a chord's header that failed reaches the errback as
+    Celery's ``ChordError`` ("Dependency <task id> raised DeviceChangeFailed(...)"); the failed task's own
+    exception, with its device, is in the result backend."""
+    if isinstance(exc, ChordError):
+        match = _DEPENDENCY.match(str(exc))
+        if match:
+            with contextlib.suppress(Exception):  # the backend may have lost it: the wrapper is all there is
+                inner = AsyncResult(match[1]).result
+                if isinstance(inner, BaseException):
+                    return inner
+    return exc
+
+
 def _describe(exc) -> str:
+    """A failure as the scheduler reads it: "<device>: <the device's own message>" for a device that failed
+    (``DeviceChangeFailed``), "<type>: <message>" otherwise."""
+    exc = _cause(exc)
     if exc is None:
         return "unknown error"
+    if isinstance(exc, DeviceChangeFailed):
+        return str(exc)
     device = getattr(exc, "device", None)
     message = getattr(exc, "message", None) or str(exc)
     text = f"{type(exc).__name__}: {message}"
@@ -69,11 +97,17 @@ def provision_failed(request, exc, traceback, cluster_id: int, generation: int) 
 
 @shared_task(name="clusters.failed")
 def failed(cluster_id: int, generation: int, reason: str) -> None:
+    """The rollback went through every device: FAILED with the reason. A device that could not be converged
+    back keeps the VLAN allocated (the network's periodic rollback retries it): the compensate step fails
+    with that, and the reason says so."""
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    services.steps_finish_running(cluster, "compensate", generation=generation)
-    services.cluster_fail(cluster_id=cluster_id, generation=generation, reason=reason)
+    kept = net_selectors.rollback_kept(cluster.segment_id)
+    if kept:
+        kept = f"rollback incomplete, {kept} (retried until every device is clean)"
+    services.steps_finish_running(cluster, "compensate", generation=generation, error=kept)
+    services.cluster_fail(cluster_id=cluster_id, generation=generation, reason=f"{reason}; {kept}" if kept else reason)
 
 
 @shared_task(name="clusters.compensation_failed")

@@ -34,6 +34,7 @@ from network.models import (
     SegmentMember,
     Switch,
     SwitchPort,
+    VlanAllocation,
 )
 
 PortVlans = dict[str, frozenset[int]]
@@ -249,6 +250,26 @@ def touched_devices(segment: Segment) -> Footprint:
     switches = frozenset(s for kind, s, _h in rows if kind == DeviceKind.SWITCH and s)
     hosts = frozenset(h for kind, _s, h in rows if kind == DeviceKind.HOST and h)
     return Footprint(switches, hosts)
+
+
+NOT_ROLLED_BACK = "; not rolled back (VLAN kept): "  # how a failed segment's error names what kept its VLAN
+
+
+def rollback_kept(segment_id: int | None) -> str:
+    """ "" when the rollback of segment ``segment_id`` gave its VLAN back (or there is none); otherwise what
+    kept it, from the segment's error: "VLAN 203 kept: prague-h2: <its message>" (``retry_rollbacks``
+    tries again until every device is clean)."""
+    row = (
+        Segment.objects.filter(pk=segment_id, state=Segment.State.FAILED)
+        .values_list("vid", "error", "allocation__state", "allocation__owner", "owner_ref")
+        .first()
+    )
+    if row is None:
+        return ""
+    vid, error, allocation_state, allocation_owner, owner = row
+    if allocation_state != VlanAllocation.State.ALLOCATED or allocation_owner != owner:
+        return ""
+    return f"VLAN {vid} kept: {error.partition(NOT_ROLLED_BACK)[2] or 'a device may carry it'}"
 
 
 def vlan_holders(segment: Segment) -> list[str]:

@@ -291,7 +291,7 @@ def segment_compensated(segment_id: int) -> dict:
         not_rolled_back += [f"{holder}: disabled, not touched" for holder in selectors.vlan_holders(seg)]
         with transaction.atomic():
             if not_rolled_back:
-                reason += "; not rolled back (VLAN kept): " + "; ".join(not_rolled_back)
+                reason += selectors.NOT_ROLLED_BACK + "; ".join(not_rolled_back)
             elif seg.allocation is not None and seg.allocation.owner == seg.owner_ref:
                 services.vlan_release(allocation=seg.allocation)
             Segment.objects.filter(pk=seg.pk, state=Segment.State.COMPENSATING).update(

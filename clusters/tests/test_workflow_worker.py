@@ -99,7 +99,11 @@ def test_failure_compensates_every_device_and_releases_the_vlan(fabric, celery_w
     cid = create(api)
     cluster = wait_state(cid, ClusterState.FAILED, ClusterState.READY)
     assert cluster.state == ClusterState.FAILED
-    assert failing in cluster.state_reason
+    # the device and the device's own message, not a wrapper's repr (a chord's ChordError)
+    message = "ip link add br-v: Operation not permitted" if failing == "brno1" else "commit_config: % Invalid"
+    assert cluster.state_reason.startswith(f"{failing}: {message}"), cluster.state_reason
+    network_step = cluster.steps.get(name="network")
+    assert network_step.error.startswith(f"{failing}: "), network_step.error
     assert not VlanAllocation.objects.filter(state="allocated").exists()
     for site, ports in before.items():
         now = fabric.switch_ports(f"sw-{site}")
@@ -107,6 +111,30 @@ def test_failure_compensates_every_device_and_releases_the_vlan(fabric, celery_w
     assert all(cluster.vlan_id not in fabric.host_vlans(h) for h in fabric.hosts if h != failing)
     steps = {s.name: s for s in cluster.steps.all()}
     assert steps["compensate"].status == "ok"
+
+
+def test_a_rollback_that_keeps_the_vlan_says_so(fabric, celery_worker, api):
+    """A device that took the VLAN and cannot be converged back (here: disabled meanwhile, so never touched)
+    keeps it allocated: the compensate step fails with what kept it, and the cluster's reason says so — not
+    "ok" beside a VLAN that is still allocated."""
+    from network.models import DeviceChange, Host, Switch
+
+    Host.objects.filter(name="prague1").update(
+        driver_args={"state_dir": fabric.state_dir, "fail_commit": "permanent", "delay": 2}
+    )
+    cid = create(api)
+    deadline = time.monotonic() + 20
+    while not DeviceChange.objects.filter(switch__name="sw-brno", status="ok").exists():
+        assert time.monotonic() < deadline, "sw-brno never took the VLAN"
+        time.sleep(0.02)
+    Switch.objects.filter(name="sw-brno").update(enabled=False)  # while prague1 is still failing
+    cluster = wait_state(cid, ClusterState.FAILED, ClusterState.READY)
+    assert cluster.state == ClusterState.FAILED
+    kept = f"rollback incomplete, VLAN {cluster.vlan_id} kept: switch sw-brno: disabled, not touched"
+    assert cluster.state_reason.startswith("prague1: ip link add br-v: Operation not permitted; " + kept)
+    compensate = cluster.steps.get(name="compensate")
+    assert compensate.status == "failed" and compensate.error.startswith(kept)
+    assert VlanAllocation.objects.get(vid=cluster.vlan_id).state == "allocated"
 
 
 def _prepared_migration(fabric, api) -> tuple[int, int, Node]:
