@@ -226,9 +226,14 @@ def cluster_create(
     group: Group | None = None,
     job_id: str = "",
     bastion_address: str = "",
+    connectivity: str = "",
     idempotency: tuple[str, str, str] | None = None,
 ) -> tuple[VirtualCluster, bool]:
     """Create a cluster and start provisioning its network. Returns (cluster, created).
+
+    ``connectivity`` is what the request asks for ("": the policy decides); closed is always granted, public
+    only where the policy decides public (``policy.decide``). Everything that follows — a public subnet, the
+    VLAN on the access gateways' trunks — follows the decision, not the image.
 
     ``idempotency`` is (actor, key, request fingerprint): a retried request returns the first cluster; the
     same key with a different request is a conflict.
@@ -247,7 +252,9 @@ def cluster_create(
     quota_check(owner=owner, group=group, clusters=1, nodes=len(nodes))
 
     prefix = PublicPrefix.objects.order_by("name").first()
-    decision = policy.decide(image=image, admin_rights=admin_rights, public_available=prefix is not None)
+    decision = policy.decide(
+        image=image, admin_rights=admin_rights, public_available=prefix is not None, requested=connectivity
+    )
     cluster = VirtualCluster(
         name=name,
         owner=owner,

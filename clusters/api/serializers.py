@@ -110,6 +110,15 @@ class ClusterCreateSerializer(serializers.Serializer):
     group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
     image = NameRelatedField(slug_field="name", queryset=Image.objects.all())
     admin_rights = serializers.BooleanField(default=False)
+    connectivity = serializers.ChoiceField(
+        choices=Connectivity.choices,
+        required=False,
+        help_text="default: the policy decides (public for an approved image without administrator rights when a "
+        "public prefix is configured, else closed). `closed` is always granted: reachable only through the "
+        "access gateway, no public subnet (e.g. legacy software with known flaws on an approved image). `public` "
+        "only where the policy decides public: else a 400 naming this field (a 422 when no public prefix is "
+        "configured); only an administrator can override the policy",
+    )
     nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
     lifetime = serializers.IntegerField(
         required=False, min_value=1, help_text="seconds; default CLUSTER_DEFAULT_LIFETIME"

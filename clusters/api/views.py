@@ -23,6 +23,12 @@ CLUSTER_ERRORS = {
     "e409": "VLAN pool or public prefix exhausted, a quota reached, or the cluster's state does not allow this",
     "e422": "cannot be built on this network (e.g. a host no core reaches, a disabled host)",
 }
+CREATE_ERRORS = {
+    **CLUSTER_ERRORS,
+    "e400": "invalid input, with field-level messages (e.g. `connectivity`: public asked for where the policy "
+    "makes the cluster closed)",
+    "e422": f"{CLUSTER_ERRORS['e422']}, or public `connectivity` asked for with no public prefix configured",
+}
 WRITE_ERRORS = (400, 401, 403, 404, 409, 415, 422)
 IDEMPOTENCY = OpenApiParameter(
     "Idempotency-Key",
@@ -116,10 +122,13 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         responses={
             201: s.ClusterSerializer,
             200: OpenApiResponse(s.ClusterSerializer, description="replay of an earlier request (same key)"),
-            **_with_errors(400, 401, 403, 409, 415, 422),
+            **error_responses(400, 401, 403, 409, 415, 422, **CREATE_ERRORS),
         },
     )
     def create(self, request):
+        """Create a cluster; its network is provisioned in the background (wait for READY with ``…/wait/``). The
+        policy decides whether it is public or closed (``connectivity_reason`` says why); the request may ask
+        for closed, never for public against the policy."""
         data = s.ClusterCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
@@ -137,6 +146,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             group=v.get("group"),
             job_id=v["job_id"],
             bastion_address=v["bastion_address"],
+            connectivity=v.get("connectivity", ""),
             idempotency=idempotency,
         )
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)

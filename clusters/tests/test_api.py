@@ -107,6 +107,107 @@ def test_policy_public_for_approved_image_without_admin_rights(fabric, images, a
     assert "administrator" in r3.data["connectivity_reason"]
 
 
+def test_a_closed_cluster_asked_for_on_an_approved_image_is_closed_all_the_way_down(fabric, images, api, alice):
+    """Legacy insecure software on an approved image (paper §2.1): the owner asks for closed and gets a cluster
+    reachable only through the access gateway — its VLAN on the gateway trunk and in the gateways' maps, no
+    public subnet, its nodes keep the addresses the request gave (or none) — and the reason says so."""
+    from portal.models import AuditEntry
+
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    nodes = _addressed(
+        (("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02")), ["10.0.0.1", None]
+    )
+    r = api.post("/api/clusters/", {**nodes, "connectivity": "closed"}, format="json")
+    assert r.status_code == 201, r.content
+    data = api.get(f"/api/clusters/{r.data['id']}/").data
+    assert data["state"] == "ready" and data["connectivity"] == "closed"
+    assert data["connectivity_reason"] == (
+        "closed on request (the policy allows public: approved image debian-12 without administrator rights)"
+    )
+    assert (data["public_subnet"], data["public_gateway"]) == ("", "")
+    assert [n["address"] for n in data["nodes"]] == ["10.0.0.1", None]
+    cluster = VirtualCluster.objects.get(pk=data["id"])
+    assert cluster.public_prefix is None and cluster.segment.gateway is True
+    vid = data["vlan_id"]
+    assert vid in fabric.switch_ports("sw-brno")["gw"]  # on the access gateway trunk
+    assert VlanAllocation.objects.get(state="allocated", vid=vid).gateway_mapped is True
+    message = AuditEntry.objects.get(object_id=str(cluster.pk), action="action").message
+    assert message.startswith("created; connectivity closed: closed on request")
+    # its owner sees it among the clusters to enter through the VPN and the bastion
+    from access.selectors import clusters_user_may_enter
+
+    assert list(clusters_user_may_enter(alice)) == [cluster]
+    # no subnet was taken: the next public cluster gets the prefix's first
+    nodes = [("m1", "brno2", "52:54:00:00:01:01")]
+    again = api.post("/api/clusters/", body(name="c2", image="debian-12", nodes=nodes), format="json")
+    assert (again.data["connectivity"], again.data["public_subnet"]) == ("public", "198.19.0.0/28"), again.data
+
+
+def test_public_asked_for_where_the_policy_says_public_is_as_if_left_out(fabric, images, api, alice):
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(image="debian-12", connectivity="public"), format="json")
+    assert r.status_code == 201, r.content
+    assert (r.data["connectivity"], r.data["public_subnet"]) == ("public", "198.19.0.0/28")
+    assert r.data["connectivity_reason"] == "approved image debian-12 without administrator rights"
+
+
+@pytest.mark.parametrize(
+    "change, prefix, status, says",
+    [
+        ({}, True, 400, "the policy makes this cluster closed: image my-own is user-provided"),
+        ({"image": "debian-12", "admin_rights": True}, True, 400, "administrator rights in the VMs"),
+        ({"image": "debian-12"}, False, 422, "no public prefix is configured"),
+    ],
+)
+def test_public_asked_for_where_the_policy_says_closed_is_refused_and_leaves_nothing(
+    fabric, images, api, alice, change, prefix, status, says
+):
+    """Never silently closed instead: the request is refused with a message on the field, and nothing is
+    allocated — no cluster, no VLAN, no segment, no public subnet."""
+    if prefix:
+        PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api.force_authenticate(alice)
+    r = api.post("/api/clusters/", body(connectivity="public", **change), format="json")
+    assert r.status_code == status, r.content
+    assert says in r.data["connectivity"][0] and "ask for closed or leave connectivity out" in r.data["connectivity"][0]
+    assert r.data["code"] == ("invalid" if status == 400 else "invalid_topology")
+    assert VirtualCluster.objects.count() == 0 and not allocated_vids() and Segment.objects.count() == 0
+    assert Node.objects.count() == 0
+
+
+def test_a_retry_asking_for_another_connectivity_is_the_idempotency_conflict(fabric, images, scheduler, alice):
+    """The connectivity is part of the request a key stands for: a retry that asks for closed where the first
+    request left it to the policy (public) is told so, and the cluster stays as the first request made it."""
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    payload = body(owner="alice", image="debian-12", job_id="4711.pbs")
+    first = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4711")
+    assert first.status_code == 201 and first.data["connectivity"] == "public", first.content
+    for connectivity in ("closed", "public"):
+        other = scheduler.post(
+            "/api/clusters/", {**payload, "connectivity": connectivity}, format="json", HTTP_IDEMPOTENCY_KEY="job-4711"
+        )
+        assert other.status_code == 409, other.content
+        assert other.data == {
+            "Idempotency-Key": ["this Idempotency-Key was already used for a different request"],
+            "code": "conflict",
+        }
+    replay = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4711")
+    assert (replay.status_code, replay.data["id"]) == (200, first.data["id"])
+    cluster = VirtualCluster.objects.get()
+    assert (cluster.connectivity, cluster.public_subnet) == ("public", "198.19.0.0/28")
+    assert len(allocated_vids()) == 1 and cluster.segment.gateway is False
+    # and the other way round: a cluster asked closed is not replayed for a retry that leaves it out
+    closed = {**payload, "name": "c2", "job_id": "4712.pbs", "connectivity": "closed"}
+    closed["nodes"] = [{"name": "m1", "host": "brno2", "mac": "52:54:00:00:01:01"}]
+    made = scheduler.post("/api/clusters/", closed, format="json", HTTP_IDEMPOTENCY_KEY="job-4712")
+    assert made.status_code == 201 and made.data["connectivity"] == "closed", made.content
+    left_out = {k: v for k, v in closed.items() if k != "connectivity"}
+    assert scheduler.post("/api/clusters/", left_out, format="json", HTTP_IDEMPOTENCY_KEY="job-4712").status_code == 409
+    assert VirtualCluster.objects.count() == 2 and len(allocated_vids()) == 2
+
+
 def _addressed(nodes, addresses):
     out = body(image="debian-12", nodes=nodes)
     for node, address in zip(out["nodes"], addresses, strict=True):
@@ -385,6 +486,8 @@ def test_a_refused_action_records_no_key(fabric, images, scheduler, alice):
         ({"lifetime": 10**9}, 400, "lifetime"),
         ({"image": "nope"}, 400, "image"),
         ({"name": "Bad Name"}, 400, "name"),
+        ({"connectivity": "open"}, 400, "connectivity"),
+        ({"connectivity": "public"}, 400, "connectivity"),  # a user-provided image: the policy says closed
         (
             {
                 "nodes": [

@@ -279,3 +279,24 @@ def test_every_operation_taking_an_idempotency_key_documents_its_400(world, alic
     r = api.delete(f"/api/clusters/{cluster.pk}/nodes/{node.pk}/", HTTP_IDEMPOTENCY_KEY="k" * 201)
     assert r.status_code == 400 and "Idempotency-Key" in r.data
     assert cluster.nodes.filter(pk=node.pk, state="ready").exists()
+
+
+def test_the_create_request_documents_connectivity_and_its_refusals(alice):
+    """A client generated from the schema knows it may ask for a closed cluster, that the field is optional,
+    and which answers a public one the policy does not allow gets (400; 422 without a public prefix)."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(alice)
+    raw = json.loads(api.get("/api/schema/?format=json").content)
+    schemas = raw["components"]["schemas"]
+    create = schemas["ClusterCreate"]
+    field = create["properties"]["connectivity"]
+    assert "connectivity" not in create["required"]
+    assert schemas[field["allOf"][0]["$ref"].rsplit("/", 1)[1]]["enum"] == ["public", "closed"]
+    assert "`closed` is always granted" in field["description"] and "a 400 naming this field" in field["description"]
+    responses = raw["paths"]["/api/clusters/"]["post"]["responses"]
+    assert (
+        "`connectivity`: public asked for where the policy makes the cluster closed" in responses["400"]["description"]
+    )
+    assert "public `connectivity` asked for with no public prefix configured" in responses["422"]["description"]
