@@ -112,9 +112,40 @@ def server_error(request):
 
 class Pagination(LimitOffsetPagination):
     """``?limit=&offset=`` with a ceiling: an unbounded limit (``limit=10**20``) overflows PostgreSQL's
-    LIMIT (a 500) and a large one reads a whole table into one answer."""
+    LIMIT (a 500) and a large one reads a whole table into one answer. A limit or offset that is not a
+    number (or a limit below 1, an offset below 0) is a 400, not silently the default page."""
 
     max_limit = 1000
+
+    def get_limit(self, request):
+        self._check(request, self.limit_query_param, minimum=1)
+        return super().get_limit(request)
+
+    def get_offset(self, request):
+        self._check(request, self.offset_query_param, minimum=0)
+        return super().get_offset(request)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            minimum = {self.limit_query_param: 1, self.offset_query_param: 0}.get(parameter["name"])
+            if minimum is not None:
+                parameter["schema"]["minimum"] = minimum
+                if parameter["name"] == self.limit_query_param:
+                    parameter["schema"]["maximum"] = self.max_limit
+        return parameters
+
+    @staticmethod
+    def _check(request, name: str, *, minimum: int) -> None:
+        raw = request.query_params.get(name)
+        if raw in (None, ""):
+            return
+        try:
+            ok = int(raw) >= minimum
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValidationError({name: [f"must be a whole number, at least {minimum}"]})
 
 
 def query_param(request, name: str) -> str | None:

@@ -4,6 +4,7 @@ from django.db.models import Prefetch
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import viewsets
+from rest_framework.exceptions import ValidationError
 
 from network.api import serializers as s
 from network.models import (
@@ -22,6 +23,8 @@ from portal.api import error_responses, query_param
 from portal.models import TokenScope
 
 DENIED = {"e403": "the token lacks the scope network:read"}
+ALLOCATION_STATES = [v for v in VlanAllocation.State.values if v != "free"]
+OPEN_VALUES = ["1", "true", "0", "false"]
 
 
 def _documented(serializer, *filters: OpenApiParameter):
@@ -29,7 +32,7 @@ def _documented(serializer, *filters: OpenApiParameter):
     return extend_schema_view(
         list=extend_schema(
             parameters=list(filters),
-            responses={200: serializer(many=True), **error_responses(*((400,) if filters else ()), 401, 403, **DENIED)},
+            responses={200: serializer(many=True), **error_responses(400, 401, 403, **DENIED)},
         ),
         retrieve=extend_schema(responses={200: serializer, **error_responses(401, 403, 404, **DENIED)}),
     )
@@ -40,18 +43,27 @@ def _param(name: str, description: str, enum=None) -> OpenApiParameter:
 
 
 # Readable with the scope network:read; ``filter_params`` maps a query parameter to the lookup it filters on
-# (exact match, ignored when empty). A comment, not a docstring: the schema would show it for every endpoint.
+# (exact match, ignored when empty); ``filter_choices``: the values a parameter may take (any other is a 400,
+# not an empty list that reads like "nothing there"). A comment, not a docstring: the schema would show it for
+# every endpoint.
 class _ReadOnly(viewsets.ReadOnlyModelViewSet):
     required_scopes = {"read": (TokenScope.NETWORK_READ,)}
     filter_params: dict[str, str] = {}
+    filter_choices: dict[str, list[str]] = {}
 
     def get_queryset(self):
         qs = super().get_queryset()
         for param, lookup in self.filter_params.items():
             value = query_param(self.request, param)
             if value:
+                _check_choice(param, value, self.filter_choices.get(param))
                 qs = qs.filter(**{lookup: value})
         return qs
+
+
+def _check_choice(param: str, value: str, choices: list[str] | None) -> None:
+    if choices is not None and value not in choices:
+        raise ValidationError({param: [f"{value!r} is not one of: {', '.join(choices)}"]})
 
 
 @_documented(s.SiteSerializer)
@@ -89,7 +101,7 @@ class VlanPoolViewSet(_ReadOnly):
 @_documented(
     s.VlanAllocationSerializer,
     _param("pool", "pool name"),
-    _param("state", "allocation state", enum=[v for v in VlanAllocation.State.values if v != "free"]),
+    _param("state", "allocation state", enum=ALLOCATION_STATES),
     _param("owner", "the holder's reference, e.g. cluster:42"),
 )
 class VlanAllocationViewSet(_ReadOnly):
@@ -98,6 +110,7 @@ class VlanAllocationViewSet(_ReadOnly):
     queryset = VlanAllocation.objects.select_related("pool").exclude(state=VlanAllocation.State.FREE)
     serializer_class = s.VlanAllocationSerializer
     filter_params = {"pool": "pool__name", "state": "state", "owner": "owner"}
+    filter_choices = {"state": ALLOCATION_STATES}
 
 
 @_documented(
@@ -114,13 +127,14 @@ class DeviceChangeViewSet(_ReadOnly):
     queryset = DeviceChange.objects.select_related("segment")
     serializer_class = s.DeviceChangeSerializer
     filter_params = {"device": "device", "status": "status", "kind": "kind", "segment": "segment__owner_ref"}
+    filter_choices = {"status": DeviceChange.Status.values, "kind": DeviceKind.values}
 
 
 @_documented(
     s.DriftSerializer,
     _param("device", "switch or host name"),
     _param("kind", "kind of drift", enum=Drift.Kind.values),
-    _param("open", "1 or true: only drift not repaired yet", enum=["1", "true", "0", "false"]),
+    _param("open", "1 or true: only drift not repaired yet; 0 or false: only repaired drift", enum=OPEN_VALUES),
 )
 class DriftViewSet(_ReadOnly):
     """Differences the reconciler found between devices and the desired state. ``open=1``: not repaired."""
@@ -128,9 +142,12 @@ class DriftViewSet(_ReadOnly):
     queryset = Drift.objects.all()
     serializer_class = s.DriftSerializer
     filter_params = {"device": "device", "kind": "kind"}
+    filter_choices = {"kind": Drift.Kind.values}
 
     def get_queryset(self):
         qs = super().get_queryset()
-        if self.request.query_params.get("open") in ("1", "true"):
-            qs = qs.filter(repaired_at__isnull=True)
+        value = query_param(self.request, "open")
+        if value:
+            _check_choice("open", value, OPEN_VALUES)
+            qs = qs.filter(repaired_at__isnull=value in ("1", "true"))
         return qs

@@ -173,7 +173,8 @@ def test_filters(inventory, reader):
     assert names(reader.get("/api/network/drift/?device=sw1"), "device") == ["sw1"]
     assert set(names(reader.get("/api/network/drift/?kind=stale"), "device")) == {"sw0", "sw2"}
     assert set(names(reader.get("/api/network/drift/?open=1"), "device")) == {"sw0", "sw2"}
-    assert len(names(reader.get("/api/network/drift/?open=0"))) == 3
+    assert names(reader.get("/api/network/drift/?open=0"), "device") == ["sw1"]  # only the repaired
+    assert len(names(reader.get("/api/network/drift/?open="))) == 3  # empty: no filter
     # the inventory lists show names, not ids
     host = reader.get("/api/network/hosts/?limit=1").data["results"][0]
     assert (host["site"], host["switch"], host["port"]) == ("site0", "sw0", "h1")
@@ -182,6 +183,27 @@ def test_filters(inventory, reader):
     # pagination
     page = reader.get("/api/network/sites/?limit=2&offset=1").data
     assert page["count"] == 3 and len(page["results"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [
+        ("allocations/?state=bogus", "state", "'bogus' is not one of: allocated, quarantined"),
+        ("changes/?status=bogus", "status", "'bogus' is not one of: pending, running, ok, noop, failed"),
+        ("changes/?kind=x", "kind", "'x' is not one of: switch, host"),
+        ("drift/?kind=x", "kind", "'x' is not one of: missing, stale, foreign"),
+        ("drift/?open=maybe", "open", "'maybe' is not one of: 1, true, 0, false"),
+        ("sites/?limit=abc", "limit", "must be a whole number, at least 1"),
+        ("sites/?limit=-1", "limit", "must be a whole number, at least 1"),
+        ("sites/?limit=0", "limit", "must be a whole number, at least 1"),
+        ("sites/?offset=-5", "offset", "must be a whole number, at least 0"),
+    ],
+)
+def test_a_filter_or_page_that_cannot_match_is_a_400_not_an_empty_list(inventory, reader, query, field, message):
+    """A typo in a filter value answered an empty list, which reads like "nothing there"; a bad limit the
+    default page."""
+    response = reader.get(f"/api/network/{query}")
+    assert (response.status_code, response.json()) == (400, {field: [message]})
 
 
 @pytest.mark.parametrize("name", LISTS)
