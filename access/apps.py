@@ -36,6 +36,9 @@ class AccessConfig(AppConfig):
                 return
             cluster_ended.connect(signals.cluster_ended, dispatch_uid="access-cluster-ended")
             post_save.connect(signals.cluster_saved, sender="clusters.VirtualCluster", dispatch_uid="access-cluster")
+            post_save.connect(
+                signals.cluster_step_saved, sender="clusters.ClusterStep", dispatch_uid="access-cluster-ready"
+            )
             post_delete.connect(
                 signals.cluster_deleted, sender="clusters.VirtualCluster", dispatch_uid="access-cluster-deleted"
             )

@@ -16,7 +16,7 @@ from django.db.models import Count, Min, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from access.models import USER_KINDS, Credential, CredentialCluster, Gateway
+from access.models import USER_KINDS, Credential, CredentialCluster, CredentialKind, Gateway
 from access.pki import CLOCK_SKEW
 
 
@@ -147,7 +147,43 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
     own = credentials_visible(user, as_admin=False).filter(kind__in=USER_KINDS)
     valid = list(own.live(now))
     gone = list(own.filter(Q(revoked_at__isnull=False) | Q(not_after__lte=now))[:ended])
+    early = credentials_ending_before_their_clusters(valid)
+    for credential in valid + gone:
+        credential.ends_before_cluster = credential.pk in early
     return valid + gone
+
+
+#: how far before its full lifetime a credential must end to count as cut short by a cluster's end (signing
+#: and recording it take a moment after its validity was set)
+_CUT_SHORT = timedelta(minutes=1)
+
+
+def credentials_ending_before_their_clusters(credentials: Iterable[Credential]) -> set[int]:
+    """The ids of the valid user credentials among ``credentials`` that a download now would outlast: cut short
+    at issue by the end of a cluster they admit to (they end before their full lifetime, by the settings), and
+    every cluster they admit to now ends later (its lifetime was extended since). Their holder should download
+    again. ``credentials`` need their ``clusters`` prefetched; one query."""
+    from access import services
+    from clusters.models import VirtualCluster
+
+    now = timezone.now()
+    candidates = [c for c in credentials if c.kind in USER_KINDS and c.revoked_at is None and c.not_after > now]
+    ids = {link.cluster_id for c in candidates for link in c.clusters.all()}
+    ends = dict(VirtualCluster.objects.filter(pk__in=ids).values_list("pk", "expires_at")) if ids else {}
+    early = set()
+    for credential in candidates:
+        if credential.kind == CredentialKind.SSH:
+            lifetime = services.ssh_cert_lifetime()
+        else:
+            lifetime = services.publish_cert_lifetime() if credential.published else services.vpn_cert_lifetime()
+        clusters_end = [ends.get(link.cluster_id) for link in credential.clusters.all()]
+        if not clusters_end or None in clusters_end:
+            continue
+        cut_short = credential.not_after < credential.created_at + lifetime - _CUT_SHORT
+        # (validities are whole seconds: a credential that ends with its cluster ends at most a second before it)
+        if cut_short and credential.not_after < min(clusters_end).replace(microsecond=0):
+            early.add(credential.pk)
+    return early
 
 
 def gateways_ready() -> QuerySet[Gateway]:
@@ -183,6 +219,32 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
         return frozenset(found.values_list("pk", "segment__allocation__pool__core__sites"))
 
     return lambda gateway: gateway.site_id is None or all((pk, gateway.site_id) in reached() for pk in ids)
+
+
+def clusters_access_ready(clusters: Iterable) -> dict[int, bool]:
+    """Per cluster of ``clusters`` (by id): whether every ready gateway (``gateways_ready``) that carries it
+    (``gateway_carries``) is known to have installed a state made after the cluster became ready — its
+    ``state_as_of`` (a pull answered 304, a pull that reported the state it had installed, a state the portal
+    installed itself on a gateway on its host) at or after the cluster's ``ready_at``. False: a gateway may still
+    refuse its users ("gateways updating…"); a remote gateway pulling every minute is known to have it within two
+    pulls (the first brings it, the next says it has it). Left out: clusters no ready gateway carries, and those
+    with no ready time. Two queries at most."""
+    from clusters.models import VirtualCluster
+
+    ready = [c for c in clusters if c.ready_at is not None]
+    gateways = list(gateways_ready().only("id", "site_id", "state_as_of")) if ready else []
+    if not gateways:
+        return {}
+    reached: set[tuple[int, int]] = set()  # (cluster, a site its core joins)
+    if any(g.site_id is not None for g in gateways):
+        found = VirtualCluster.objects.filter(pk__in=[c.pk for c in ready])
+        reached = set(found.values_list("pk", "segment__allocation__pool__core__sites"))
+    out = {}
+    for cluster in ready:
+        carrying = [g for g in gateways if g.site_id is None or (cluster.pk, g.site_id) in reached]
+        if carrying:
+            out[cluster.pk] = all(g.state_as_of is not None and g.state_as_of >= cluster.ready_at for g in carrying)
+    return out
 
 
 def gateway_settings(gateway: Gateway) -> dict:

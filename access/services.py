@@ -840,38 +840,14 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
     if holder is not None:
         raise BadPublicKey(f"host key {parsed.fingerprint} is {holder}'s: generate a host key of the node's own")
     now = _now()
-    end = _credential_end(now + ssh_host_cert_lifetime(), [found], {})
-    serial = serial_allocate("ssh-host")
-    try:
-        certificate = ssh.issue_host_cert(
-            _load(_authority(AuthorityKind.SSH_HOST)),
-            public_key=parsed,
-            principals=principals,
-            serial=serial,
-            until=end,
-            now=now,
-        )
-    except ssh.SSHCertError as exc:
-        raise CannotIssue(f"cannot certify the host key of {ssh.node_alias(label, chosen.name)}: {exc}") from None
-    credential = Credential.objects.create(
-        kind=CredentialKind.SSH_HOST,
-        serial=serial,
+    credential, certificate = _host_certificate_record(
         user=user,
-        key_id=ssh.host_key_id(principals[0], serial),
-        fingerprint=parsed.fingerprint,
-        public_key=parsed.line,
+        cluster=found,
+        label=label,
+        parsed=parsed,
         principals=principals,
-        not_before=now - ssh.CLOCK_SKEW,
-        not_after=end,
-    )
-    CredentialCluster.objects.create(credential=credential, cluster_id=found.pk, label=label)
-    logger.info(
-        "access: issued SSH host certificate serial=%s node=%s key=%s until=%s for %s",
-        serial,
-        principals[0],
-        parsed.fingerprint,
-        end.isoformat(),
-        user.get_username(),
+        now=now,
+        end=_credential_end(now + ssh_host_cert_lifetime(), [found], {}),
     )
     return NodeHostCertificate(
         credential=credential,
@@ -882,6 +858,49 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
         user_ca=_authority(AuthorityKind.SSH_USER).public_key,
         authorized_principals=_node_authorized_principals(found, label),
     )
+
+
+def _host_certificate_record(
+    *, user, cluster, label: str, parsed, principals: Sequence[str], now: dt.datetime, end: dt.datetime, why: str = ""
+) -> tuple[Credential, str]:
+    """Sign a host certificate of the host CA for ``parsed`` (a node's key) with ``principals`` until ``end``, and
+    record it as a credential of ``cluster`` asked for by ``user`` (the caller holds the cluster's row lock)."""
+    from access import ssh
+
+    serial = serial_allocate("ssh-host")
+    try:
+        certificate = ssh.issue_host_cert(
+            _load(_authority(AuthorityKind.SSH_HOST)),
+            public_key=parsed,
+            principals=list(principals),
+            serial=serial,
+            until=end,
+            now=now,
+        )
+    except ssh.SSHCertError as exc:
+        raise CannotIssue(f"cannot certify the host key of {principals[0]}: {exc}") from None
+    credential = Credential.objects.create(
+        kind=CredentialKind.SSH_HOST,
+        serial=serial,
+        user=user,
+        key_id=ssh.host_key_id(principals[0], serial),
+        fingerprint=parsed.fingerprint,
+        public_key=parsed.line,
+        principals=list(principals),
+        not_before=now - ssh.CLOCK_SKEW,
+        not_after=end,
+    )
+    CredentialCluster.objects.create(credential=credential, cluster_id=cluster.pk, label=label)
+    logger.info(
+        "access: issued SSH host certificate serial=%s node=%s key=%s until=%s for %s%s",
+        serial,
+        principals[0],
+        parsed.fingerprint,
+        end.isoformat(),
+        user.get_username(),
+        why,
+    )
+    return credential, certificate
 
 
 def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal: str):
@@ -938,10 +957,20 @@ class NodeAccess:
     user_ca: str
     authorized_principals: str
     krl: bytes
+    #: (its record, the certificate): the node's host certificate issued again, to the cluster's new end
+    host_certificate: tuple[Credential, str] | None = None
 
     def as_dict(self) -> dict:
         from access import ssh
 
+        renewed = None
+        if self.host_certificate is not None:
+            credential, certificate = self.host_certificate
+            renewed = {
+                **_credential_fields(credential),
+                "principals": credential.principals,
+                "certificate": certificate,
+            }
         return {
             "cluster": self.cluster_label,
             "node": self.node,
@@ -949,14 +978,18 @@ class NodeAccess:
             "authorized_principals": self.authorized_principals,
             "krl": base64.b64encode(self.krl).decode(),
             "user_ca": self.user_ca,
+            "host_certificate": renewed,
         }
 
 
-def node_access_current(*, user, cluster, node, as_admin: bool = False) -> NodeAccess:
+def node_access_current(*, user, cluster, node, as_admin: bool = False, host_key: str = "") -> NodeAccess:
     """What ``node`` of ``cluster``'s sshd needs to admit exactly the cluster's people as they are now: the
     principals file of :data:`access.ssh.NODE_USER` (the owner and the group's members now), the user CA key
     (``TrustedUserCAKeys``) and the user CA's current KRL (``RevokedKeys``). Asked as a host certificate is
-    (:func:`node_host_certificate_issue`): the owner, an admin or the middleware; 404, 403 and 409 alike."""
+    (:func:`node_host_certificate_issue`): the owner, an admin or the middleware; 404, 403 and 409 alike.
+
+    ``host_key``: the node's host public key. When the certificate recorded for it ends before the cluster now
+    ends (its lifetime was extended since), a new one is issued and answered (:func:`_host_certificate_renew`)."""
     found, label, chosen = _owned_live_node(
         user=user,
         cluster=cluster,
@@ -965,13 +998,80 @@ def node_access_current(*, user, cluster, node, as_admin: bool = False) -> NodeA
         lock=False,
         refusal="reads who may log in to its nodes (as it certifies their host keys)",
     )
+    renewed = _host_certificate_renew(user=user, cluster=found, label=label, node=chosen, host_key=host_key)
     return NodeAccess(
         cluster_label=label,
         node=chosen.name,
         user_ca=_authority(AuthorityKind.SSH_USER).public_key,
         authorized_principals=_node_authorized_principals(found, label),
         krl=krl_current(),
+        host_certificate=renewed,
     )
+
+
+def _host_certificate_renew(*, user, cluster, label: str, node, host_key: str) -> tuple[Credential, str] | None:
+    """The host certificate of ``node``'s key ``host_key`` issued again — the same key and principals, valid until
+    the cluster now ends — when the newest one recorded for that key and node ends before a new one would
+    (:func:`_host_certificate_due`); None when it does not, or none is recorded (a key never certified there), or
+    the key was revoked (a certificate of it was). Recorded like any issuance; the old certificate is left to
+    expire. Under the cluster's row lock, as issuance: a teardown either ended the cluster first (nothing issued)
+    or revokes this one too."""
+    from access import ssh
+    from clusters.models import ACTIVE_STATES, VirtualCluster
+
+    if not host_key:
+        return None
+    try:
+        parsed = ssh.parse_public_key(host_key)
+    except ssh.SSHKeyRejected as exc:
+        raise BadPublicKey(str(exc)) from None
+    alias = ssh.node_alias(label, node.name)
+
+    def recorded() -> Credential | None:
+        rows = Credential.objects.filter(kind=CredentialKind.SSH_HOST, fingerprint=parsed.fingerprint)
+        if rows.filter(revoked_at__isnull=False).exists():
+            return None  # a revoked key is never certified again (its older certificates are not revoked too)
+        rows = rows.for_cluster(cluster.pk).order_by("-not_after", "-pk")
+        return next((c for c in rows if (c.principals or [""])[0] == alias), None)
+
+    stored = recorded()
+    if stored is None or _host_certificate_due(stored, cluster) is None:
+        return None  # (the usual answer, without a lock)
+    with transaction.atomic():
+        locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+        stored = recorded()
+        if locked.state not in ACTIVE_STATES or stored is None:
+            return None  # ended meanwhile: its certificates are being revoked
+        now = _now()
+        end = _host_certificate_due(stored, locked, now=now)
+        if end is None:  # another request renewed it meanwhile
+            return None
+        return _host_certificate_record(
+            user=user,
+            cluster=locked,
+            label=label,
+            parsed=parsed,
+            principals=stored.principals,
+            now=now,
+            end=end,
+            why=f" (renewed: serial {stored.serial} ended at {stored.not_after.isoformat()})",
+        )
+
+
+def _host_certificate_due(stored: Credential, cluster, *, now: dt.datetime | None = None) -> dt.datetime | None:
+    """When a host certificate issued now would end, if ``stored`` (a node's) should be issued again: it ends
+    before that, and either the new one reaches the cluster's end (the cluster's lifetime was extended since) or
+    ``stored`` has less than half of ``ACCESS_SSH_HOST_CERT_LIFETIME`` left (a cluster that outlives that
+    lifetime: renewed once, not at every request). None when it need not be."""
+    now = now or _now()
+    lifetime = ssh_host_cert_lifetime()
+    if cluster.expires_at <= now:
+        return None
+    end = _credential_end(now + lifetime, [cluster], {})
+    reaches_the_end = end >= cluster.expires_at.replace(microsecond=0)
+    if stored.not_after < end and (reaches_the_end or stored.not_after < now + lifetime / 2):
+        return end
+    return None
 
 
 def _revoked_host_keys() -> list[tuple[str, list[str]]]:
@@ -1095,13 +1195,17 @@ def krl_current() -> bytes:
     return base64.b64decode(row.revocation_list)
 
 
-def _install_local_gateways() -> None:
-    """Gateways on this host get the new state at once: CRL/KRL installed, then exactly the revoked
-    sessions cut (``access.gateway.pull``). Remote gateways do the same at their next pull."""
+def _local_gateways():
+    return Gateway.objects.filter(enabled=True).exclude(local_state_dir="")
+
+
+def _install_local_gateways(gateways: Iterable[Gateway] | None = None) -> None:
+    """Gateways on this host (of ``gateways``, default all) get the new state at once: CRL/KRL installed, then
+    exactly the revoked sessions cut (``access.gateway.pull``). Remote gateways do the same at their next pull."""
     from access.gateway import pull
     from access.gateway.state import StateError
 
-    for gateway in Gateway.objects.filter(enabled=True).exclude(local_state_dir=""):
+    for gateway in _local_gateways() if gateways is None else gateways:
         doc = gateway_state(gateway=gateway)
         try:
             report = pull.install_state(gateway.local_state_dir, doc)
@@ -1118,6 +1222,27 @@ def _install_local_gateways() -> None:
                 report.cut,
                 report.ssh_cut,
             )
+
+
+def gateways_install_ready_cluster(*, cluster_id: int) -> int:
+    """A closed cluster became ready: the gateways on this host that carry it get a state with it at once, as a
+    revocation's (the others at their next pull; ``selectors.clusters_access_ready`` tells when all have it).
+    Call it after the commit that made the cluster ready. Returns how many gateways it went to."""
+    from clusters.models import Connectivity, VirtualCluster
+
+    gateways = list(_local_gateways())
+    if not gateways:
+        return 0
+    cluster = VirtualCluster.objects.filter(
+        pk=cluster_id, connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states()
+    ).first()
+    if cluster is None:  # public, or ended again already: no gateway map changes
+        return 0
+    carries = selectors.gateway_carries([cluster])
+    gateways = [g for g in gateways if carries(g)]
+    _install_local_gateways(gateways)
+    logger.info("access: cluster %s is ready: its state went to gateways %s", cluster_id, [g.name for g in gateways])
+    return len(gateways)
 
 
 def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, note: str = "") -> int:
@@ -1390,6 +1515,9 @@ def gateway_state(*, gateway: Gateway) -> dict:
     keys, the KRL (base64), and per cluster its VLAN, principals and the node aliases forwarding may reach.
     ``config``: the gateway's settings its own configuration files are rendered from (``selectors.gateway_settings``).
     """
+    # Taken before anything is read (to the microsecond: a cluster that became ready in the same second is in the
+    # state only if this is later), so the state holds every change committed before it.
+    made = timezone.now().astimezone(dt.UTC)
     ca_ensure()
     now = _now()
     vlans, clusters = _vlan_map(gateway)
@@ -1415,7 +1543,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
     doc["config"] = selectors.gateway_settings(gateway)  # (in the ETag: a gateway follows a change at its next pull)
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE
     doc["etag"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
-    doc["generated_at"] = now.isoformat()
+    doc["generated_at"] = made.isoformat()
     return doc
 
 

@@ -1,4 +1,5 @@
-"""Receivers that turn events elsewhere into revocations (connected in ``AccessConfig.ready``).
+"""Receivers that turn events elsewhere into revocations (connected in ``AccessConfig.ready``), and a closed
+cluster becoming ready into a state for the gateways on this host.
 
 Each one is cheap when there is nothing to revoke (one indexed query) because some fire on every save.
 """
@@ -49,6 +50,20 @@ def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).filter(kind__in=USER_KINDS).exists():
         return
     services.credentials_revoke_unauthorized(cluster=instance)
+
+
+def cluster_step_saved(sender, instance, created, raw=False, **kwargs) -> None:
+    """A provisioning's "ready" step was recorded: the cluster became READY in this transaction (the clusters app
+    records the step with the state change, ``clusters.services.cluster_mark_ready``; the state itself changes by
+    a conditional UPDATE, which sends no signal). After the commit, the gateways on this host get a state with
+    the cluster at once, instead of at their next pull: a user who downloads a profile right away gets in."""
+    if raw or not created or instance.name != "ready":
+        return
+    from access import services
+
+    cluster_id = instance.cluster_id
+    # robust: the cluster is ready whatever happens here (a gateway that cannot take it now pulls it later)
+    transaction.on_commit(lambda: services.gateways_install_ready_cluster(cluster_id=cluster_id), robust=True)
 
 
 def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> None:

@@ -75,8 +75,14 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
     user = request.user
     enterable = list(selectors.clusters_user_may_enter(user))
     enterable_ids = {c.pk for c in enterable}
+    access_ready = selectors.clusters_access_ready(enterable)
     clusters = [
-        {"cluster": c, "label": selectors.cluster_label(c), "enterable": c.pk in enterable_ids}
+        {
+            "cluster": c,
+            "label": selectors.cluster_label(c),
+            "enterable": c.pk in enterable_ids,
+            "access_ready": access_ready.get(c.pk),  # None (nothing shown): no ready gateway carries it, or unknown
+        }
         for c in selectors.clusters_user_may_see(user)
     ]
     credentials = selectors.credentials_of(user, ended=ENDED_CREDENTIALS_SHOWN)
@@ -95,6 +101,7 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
         "access/my_clusters.html",
         {
             "clusters": clusters,
+            "gateways_updating": any(row["access_ready"] is False for row in clusters),
             "enterable": enterable,
             "vpn_form": vpn_form if vpn_form is not None else VpnProfileForm(clusters=enterable),
             "ssh_form": ssh_form if ssh_form is not None else SshCertificateForm(clusters=enterable),

@@ -3,13 +3,14 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
 
     client.py --url https://portal.example.org --token-file /etc/virtcloud/token up --job 1234.pbs \\
         --name mpi --image debian-12 --node name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1] ... \\
-        [--admin-rights] [--group G] [--owner U] [--lifetime S] [--bastion-address A] [--timeout 300]
+        [--admin-rights] [--connectivity closed] [--group G] [--owner U] [--lifetime S] [--bastion-address A] \\
+        [--timeout 300]
     client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
     client.py ... show --job 1234.pbs
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
     client.py ... host-cert --job 1234.pbs --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
-    client.py ... host-access --job 1234.pbs --node node1 [--dir /etc/ssh]
+    client.py ... host-access --job 1234.pbs --node node1 [--dir /etc/ssh] [--key /etc/ssh/ssh_host_ed25519_key.pub]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
@@ -29,7 +30,9 @@ beside the key (``<key>-cert.pub``, sshd's ``HostCertificate``), the user CA (``
 ``AuthorizedPrincipalsFile``) and the user CA's KRL (``virtcloud-revoked-keys``, ``RevokedKeys``) into ``--dir``
 (default: the key's folder), and prints the answer without the certificate; users then reach the node with no
 host-key prompt. ``host-access`` (from a timer on the node) writes those three files again as they are now: who
-left the cluster's group, or whose SSH certificate was revoked, is no longer let in.
+left the cluster's group, or whose SSH certificate was revoked, is no longer let in; with ``--key`` (the key
+``host-cert`` certified) it writes the host certificate too when the portal issued it again (the cluster's lifetime
+was extended: the one the node has would end first), all of them as a set.
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
@@ -179,7 +182,7 @@ def parse_node(text: str) -> dict:
 def up(api: Api, args, out: TextIO) -> int:
     body = {"name": args.name, "image": args.image, "admin_rights": args.admin_rights, "nodes": args.node}
     body["job_id"] = args.job
-    for field in ("group", "owner", "lifetime", "bastion_address"):
+    for field in ("group", "owner", "lifetime", "bastion_address", "connectivity"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
     deadline = time.monotonic() + args.timeout
@@ -287,10 +290,25 @@ def _job_cluster(api: Api, job: str) -> dict:
     return live[0]
 
 
-def _node_access(api: Api, cluster: dict, node: str, folder: Path) -> tuple[dict, dict[Path, str | bytes]]:
-    """The portal's answer of who may log in to ``node`` now (without its KRL), and the files of the node's sshd
-    it makes in ``folder``: the user CA, the principals file and the KRL."""
-    answer = api.call("GET", "/api/access/host-certificates/access/", cluster=cluster["id"], node=node)
+def _read_key(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise Refused(f"cannot read the host key {path}: {exc.strerror or exc}") from None
+
+
+def _node_access(
+    api: Api, cluster: dict, node: str, folder: Path, key: Path | None = None
+) -> tuple[dict, dict[Path, str | bytes]]:
+    """The portal's answer of who may log in to ``node`` now (without its KRL, nor a host certificate's text), and
+    the files of the node's sshd it makes in ``folder``: the user CA, the principals file and the KRL — and, when
+    the portal issued the host certificate of ``key`` (the node's host public key) again, that certificate
+    (``<key>-cert.pub``)."""
+    query = {"cluster": cluster["id"], "node": node}
+    public_key = _read_key(key) if key is not None else ""
+    if public_key:
+        query["public_key"] = " ".join(public_key.split()[:2])  # (its type and key: no comment in the portal's log)
+    answer = api.call("GET", "/api/access/host-certificates/access/", **query)
     node_user = str(answer["node_user"])
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):
         raise Refused(f"the portal named the node's account {node_user!r}")  # it becomes a file name
@@ -303,7 +321,15 @@ def _node_access(api: Api, cluster: dict, node: str, folder: Path) -> tuple[dict
         folder / f"virtcloud-principals-{node_user}": str(answer["authorized_principals"]).rstrip("\n") + "\n",
         folder / "virtcloud-revoked-keys": krl,  # binary (ssh-keygen -k)
     }
-    return {k: v for k, v in answer.items() if k != "krl"}, files
+    shown = {k: v for k, v in answer.items() if k != "krl"}
+    renewed = answer.get("host_certificate")
+    if renewed and key is not None:
+        line = str(renewed.get("certificate", "")).strip()
+        if "\n" in line or line.split(" ", 1)[0] != f"{public_key.split()[0]}-cert-v01@openssh.com":
+            raise Refused(f"the portal's host certificate is not one for a {public_key.split()[0]} key: {line[:60]!r}")
+        files[folder / f"{key.name.removesuffix('.pub')}-cert.pub"] = line + "\n"
+        shown["host_certificate"] = {k: v for k, v in renewed.items() if k != "certificate"}
+    return shown, files
 
 
 def _install(folder: Path, files: dict[Path, str | bytes]) -> None:
@@ -322,10 +348,7 @@ def host_cert(api: Api, args, out: TextIO) -> int:
     keeps the last three current). Files are replaced whole (a reader never sees half of one); run again, it
     asks for a new certificate (the same key, a later expiry: after the cluster's lifetime was extended)."""
     key_path = Path(args.key)
-    try:
-        public_key = key_path.read_text().strip()
-    except OSError as exc:
-        raise Refused(f"cannot read the host key {key_path}: {exc.strerror or exc}") from None
+    public_key = _read_key(key_path)
     cluster = _job_cluster(api, args.job)
     body = {"cluster": cluster["id"], "node": args.node, "public_key": public_key}
     issued = api.call("POST", "/api/access/host-certificates/", body)
@@ -341,10 +364,13 @@ def host_cert(api: Api, args, out: TextIO) -> int:
 
 def host_access(api: Api, args, out: TextIO) -> int:
     """Write, as they are now, the files that say who may log in to ``--node`` of the job's live cluster: the
-    principals file (who left the group is gone from it), the user CA and its KRL (revoked user certificates).
-    Meant for a timer on the node; sshd reads them at each login (no reload needed)."""
+    principals file (who left the group is gone from it), the user CA and its KRL (revoked user certificates);
+    with ``--key``, the host certificate of that key when the portal issued it again (the cluster's lifetime was
+    extended: the certificate the node has would end before the cluster). Meant for a timer on the node; sshd
+    reads the first three at each login (no reload needed), a new host certificate when it starts or reloads."""
     folder = Path(args.dir)
-    shown, written = _node_access(api, _job_cluster(api, args.job), args.node, folder)
+    key = Path(args.key) if args.key else None
+    shown, written = _node_access(api, _job_cluster(api, args.job), args.node, folder, key)
     _install(folder, written)
     out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
     return 0
@@ -374,6 +400,11 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     make.add_argument("--image", required=True)
     make.add_argument("--node", type=parse_node, action="append", required=True, help="name=…,host=…,mac=…[,address=…]")
     make.add_argument("--admin-rights", action="store_true")
+    make.add_argument(
+        "--connectivity",
+        choices=("public", "closed"),
+        help="closed: reachable through the access gateway only, whatever the policy decides (default: the policy)",
+    )
     make.add_argument("--group")
     make.add_argument("--owner", help="the user the cluster is for (a middleware token, clusters:manage)")
     make.add_argument("--lifetime", type=int, help="seconds")
@@ -404,6 +435,11 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     access.add_argument("--job", required=True, type=job_id)
     access.add_argument("--node", required=True, help="the node's name")
     access.add_argument("--dir", default="/etc/ssh", help="where the user CA, principals file and KRL go")
+    access.add_argument(
+        "--key",
+        help="the host public key host-cert certified (e.g. /etc/ssh/ssh_host_ed25519_key.pub): its certificate, "
+        "<key>-cert.pub in --dir, is replaced when the portal issues it again (the cluster's lifetime was extended)",
+    )
     args = parser.parse_args(argv)
     try:
         secret = outgoing.read_token(args.token, args.token_file)

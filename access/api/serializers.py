@@ -66,6 +66,22 @@ class HostCertificateSerializer(serializers.Serializer):
 class NodeAccessQuerySerializer(serializers.Serializer):
     cluster = IdField(help_text="id of the cluster")
     node = serializers.CharField(max_length=63, help_text="the node's id or name")
+    public_key = serializers.CharField(
+        required=False,
+        max_length=16384,
+        help_text="the node's host public key (one line) whose certificate it has: when that certificate ends "
+        "before the cluster now ends (its lifetime was extended), the answer has a new one (host_certificate)",
+    )
+
+
+class RenewedHostCertificateSerializer(serializers.Serializer):
+    credential = serializers.IntegerField(help_text="id of the new credential record")
+    serial = serializers.IntegerField()
+    key_id = serializers.CharField()
+    principals = serializers.ListField(child=serializers.CharField(), help_text="those of the certificate it replaces")
+    valid_after = serializers.DateTimeField()
+    valid_before = serializers.DateTimeField(help_text="the cluster's expiry as it is now, at the latest")
+    certificate = serializers.CharField(help_text="replaces <key>-cert.pub (sshd's HostCertificate)")
 
 
 class NodeAccessSerializer(serializers.Serializer):
@@ -79,6 +95,12 @@ class NodeAccessSerializer(serializers.Serializer):
         help_text="base64 of the SSH user CA's current KRL (ssh-keygen -k format): sshd's RevokedKeys"
     )
     user_ca = serializers.CharField(help_text="the user CA's public key line: sshd's TrustedUserCAKeys")
+    host_certificate = RenewedHostCertificateSerializer(
+        allow_null=True,
+        help_text="a new host certificate for public_key (the same key and principals, until the cluster now ends) "
+        "when the one issued for it ends earlier; null when it does not, or without public_key. The old one is "
+        "not revoked: it expires",
+    )
 
 
 class WithheldNodeSerializer(serializers.Serializer):

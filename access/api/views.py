@@ -144,7 +144,8 @@ class HostCertificateView(APIView):
 
 class NodeAccessView(APIView):
     """Who may log in to a cluster's node now (the cluster's owner, or the middleware): its sshd's principals
-    file, the user CA and the CA's current KRL, for a timer on the node to fetch again."""
+    file, the user CA and the CA's current KRL, for a timer on the node to fetch again; with the node's host key,
+    its host certificate issued again when the cluster's lifetime was extended."""
 
     # the scopes that certify the node's host key, though this is a GET (a clusters:read token gets a 403)
     required_scopes = {"read": ISSUE_SCOPES["write"]}
@@ -153,7 +154,7 @@ class NodeAccessView(APIView):
         parameters=[s.NodeAccessQuerySerializer],
         responses={
             200: s.NodeAccessSerializer,
-            400: OpenApiResponse(description="cluster or node missing or malformed"),
+            400: OpenApiResponse(description="cluster or node missing or malformed, or an unreadable public_key"),
             401: ERRORS[401],
             **NODE_ERRORS,
         },
@@ -168,6 +169,7 @@ class NodeAccessView(APIView):
             cluster=data.validated_data["cluster"],
             node=data.validated_data["node"],
             as_admin=acts_as_admin(request),
+            host_key=data.validated_data.get("public_key", ""),
         )
         response = Response(s.NodeAccessSerializer(current.as_dict()).data)
         response["Cache-Control"] = "no-cache"

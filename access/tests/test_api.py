@@ -519,3 +519,81 @@ def test_a_nodes_access_refused_as_its_host_certificate_is(alice, bob, charlie, 
         assert (response.status_code, response.json()["code"]) == (409, "cluster_not_ready"), state
     VirtualCluster.objects.filter(pk=cluster.pk).update(state="ready", expires_at=timezone.now())
     assert _host_access_get(client_for(alice), cluster, "node1").status_code == 409
+
+
+def _host_access_with_key(client, cluster, node, public_key):
+    query = {"cluster": getattr(cluster, "pk", cluster), "node": node, "public_key": public_key}
+    return client.get("/api/access/host-certificates/access/", query)
+
+
+def test_a_node_gets_its_host_certificate_again_once_the_clusters_lifetime_was_extended(alice, cluster):
+    """The node's host certificate ends with the cluster as it was when issued. Once the cluster's lifetime is
+    extended, the node's timer (with its host key) gets a new one: the same key and names, until the cluster now
+    ends, recorded and audited as any issuance; the old one is left to expire. Asked again, nothing new."""
+    from access import ssh
+    from clusters import services as cluster_services
+    from portal.models import AuditEntry
+
+    _, secret = token_create(user=alice, name="node timer", scopes=[TokenScope.CLUSTERS_WRITE])
+    api = client_for(token=secret)
+    key = _host_key()
+    first = _host_cert_post(api, cluster, "node1", key).json()
+    response = _host_access_with_key(api, cluster, "node1", key)
+    assert response.status_code == 200, response.content
+    assert response.json()["host_certificate"] is None  # it lasts as long as the cluster
+
+    cluster = cluster_services.cluster_extend(cluster=cluster, expires_at=cluster.expires_at + dt.timedelta(days=2))
+    assert _host_access_get(api, cluster, "node1").json()["host_certificate"] is None  # no key: nothing to renew
+    body = _host_access_with_key(api, cluster, "node1", key).json()
+    renewed = body["host_certificate"]
+    assert renewed is not None and body["node"] == "node1" and body["authorized_principals"]
+    cert = ssh.load_cert(renewed["certificate"])
+    cert.verify_cert_signature()
+    host_ca = Authority.objects.get(kind=AuthorityKind.SSH_HOST).public_key
+    assert ssh.public_key_line(cert.signature_key()) == " ".join(host_ca.split()[:2])
+    assert ssh.public_key_line(cert.public_key()) == " ".join(key.split()[:2])
+    assert (
+        cert.valid_principals == [p.encode() for p in first["principals"]]
+        and renewed["principals"] == first["principals"]
+    )
+    assert cert.valid_before == int(cluster.expires_at.timestamp())  # the new end
+    assert dt.datetime.fromisoformat(renewed["valid_before"]) == cluster.expires_at.replace(microsecond=0)
+    new = Credential.objects.get(pk=renewed["credential"])
+    assert (new.kind, new.serial, new.user, new.principals) == ("ssh_host", cert.serial, alice, first["principals"])
+    assert new.serial != first["serial"] and new.cluster_labels() == [cluster_label(cluster)]
+    assert AuditEntry.objects.filter(object_id=str(new.pk), content_type__model="credential", action="create").exists()
+    old = Credential.objects.get(pk=first["credential"])
+    assert old.revoked_at is None and old.not_after < new.not_after
+
+    # asked again: the certificate it now has lasts as long as the cluster
+    assert _host_access_with_key(api, cluster, "node1", key).json()["host_certificate"] is None
+    # a key of the node's never certified: nothing to renew; a key that is not one: 400
+    assert _host_access_with_key(api, cluster, "node1", _host_key("ecdsa")).json()["host_certificate"] is None
+    response = _host_access_with_key(api, cluster, "node1", "ssh-ed25519 AAAA-not-base64")
+    assert (response.status_code, response.json()["code"]) == (400, "bad_public_key"), response.content
+    # another node's certificate is not this one's
+    assert _host_access_with_key(api, cluster, "node2", key).status_code == 404
+    assert Credential.objects.filter(kind="ssh_host").count() == 2
+
+
+def test_a_host_certificate_of_a_cluster_that_outlives_its_lifetime_is_renewed_once_half_is_left(
+    alice, cluster, settings
+):
+    """A cluster that lives longer than ACCESS_SSH_HOST_CERT_LIFETIME: its nodes' certificates end before it,
+    whatever is done. The node's timer gets a new one once less than half of that lifetime is left, not at every
+    request; a revoked key never again."""
+    settings.ACCESS_SSH_HOST_CERT_LIFETIME = 3600  # the cluster lives a day
+    key = _host_key()
+    first = _host_cert_post(client_for(alice), cluster, "node1", key).json()
+    assert _host_access_with_key(client_for(alice), cluster, "node1", key).json()["host_certificate"] is None
+    Credential.objects.filter(pk=first["credential"]).update(not_after=timezone.now() + dt.timedelta(minutes=29))
+    renewed = _host_access_with_key(client_for(alice), cluster, "node1", key).json()["host_certificate"]
+    assert renewed is not None
+    made = dt.datetime.fromisoformat(renewed["valid_before"]) - dt.datetime.fromisoformat(renewed["valid_after"])
+    assert dt.timedelta(minutes=60) <= made <= dt.timedelta(minutes=66)  # (valid_after: the clock skew before now)
+    assert _host_access_with_key(client_for(alice), cluster, "node1", key).json()["host_certificate"] is None
+    # a revoked host certificate: its key gets none again, though the older one of it was not revoked
+    services.credential_revoke(credential=Credential.objects.get(pk=renewed["credential"]), reason="key_compromise")
+    Credential.objects.update(not_after=timezone.now() + dt.timedelta(minutes=29))  # both due
+    assert _host_access_with_key(client_for(alice), cluster, "node1", key).json()["host_certificate"] is None
+    assert Credential.objects.filter(kind="ssh_host").count() == 2

@@ -395,6 +395,50 @@ def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     assert [r["serial"] for r in later["vpn"]["revoked_sessions"]] == [credential.serial]
 
 
+def test_a_closed_cluster_that_becomes_ready_is_installed_at_once_at_a_gateway_on_this_host(
+    alice, team, gateway, tmp_path, django_capture_on_commit_callbacks
+):
+    """The provisioning's last task makes the cluster READY: after that commit a gateway on the portal's host has a
+    state with the cluster installed — no pull — and the portal knows it (access to the cluster is ready there). A
+    remote gateway gets it at its next pull: until it says it has it, access is not ready. A public cluster that
+    becomes ready changes no gateway's state: nothing is installed."""
+    import json
+
+    from access.gateway.state import SshState, VpnState
+    from access.selectors import clusters_access_ready
+    from access.tests.fixtures import make_gateway
+    from clusters import tasks
+
+    gateway.local_state_dir = str(tmp_path)
+    gateway.save()
+    public = make_cluster(alice, name="web", connectivity="public", state="provisioning")
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.provision_finish(public.pk, public.workflow_generation)
+    assert VirtualCluster.objects.get(pk=public.pk).state == "ready"
+    assert not VpnState.at(tmp_path).vlans.exists()
+    assert services.gateways_install_ready_cluster(cluster_id=public.pk) == 0
+
+    cluster = make_cluster(alice, name="new", group=team, state="provisioning")
+    label = cluster_label(cluster)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        tasks.provision_finish(cluster.pk, cluster.workflow_generation)
+    cluster.refresh_from_db()
+    assert cluster.state == "ready" and cluster.ready_at is not None
+    assert not VpnState.at(tmp_path).vlans.exists()  # nothing before the commit
+    for callback in callbacks:
+        callback()
+    assert json.loads(VpnState.at(tmp_path).vlans.read_text())["clusters"] == {label: cluster.vlan_id}
+    assert json.loads(SshState.at(tmp_path).clusters.read_text())["clusters"][label]["vlan"] == cluster.vlan_id
+    gateway.refresh_from_db()
+    assert gateway.state_as_of >= cluster.ready_at  # (made after it, though in the same second)
+    assert clusters_access_ready([cluster]) == {cluster.pk: True}
+
+    remote = make_gateway("gw2", address="198.18.100.2")  # set up, not pulled since
+    assert clusters_access_ready([cluster]) == {cluster.pk: False}
+    services.gateway_pulled(gateway=remote, installed=services.gateway_state(gateway=remote)["generated_at"])
+    assert clusters_access_ready([cluster]) == {cluster.pk: True}
+
+
 def test_gateway_token_issue_replaces_the_previous_token(root, gateway):
     from rest_framework.test import APIClient
 

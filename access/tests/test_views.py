@@ -667,3 +667,82 @@ def test_the_ssh_form_says_where_the_config_expects_a_pasted_keys_private_half(c
     assert 'aria-describedby="id_public_key_helptext"' in page
     assert '<small id="id_public_key_helptext">' in page
     assert "~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa" in page
+
+
+def _row(page: str, marker: str) -> str:
+    return page.split(marker)[1].split("</tr>")[0]
+
+
+def test_a_cluster_just_ready_shows_gateways_updating_until_every_gateway_that_carries_it_has_it(
+    bob, root, cluster, gateway
+):
+    """A cluster that has just become ready: the gateway's state predates it, so the page says "gateways
+    updating…" beside it. The gateway's pull brings it (a 200: it has not installed it yet), the next one says it
+    has it (304): "gateways ready". A gateway at a site the cluster's network does not reach never carries it and
+    is never waited for."""
+    from django.utils import timezone
+    from rest_framework.test import APIClient
+
+    from access.models import Gateway
+    from clusters.models import VirtualCluster
+    from network.tests.factories import SiteFactory
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    ready = timezone.now()
+    Gateway.objects.filter(pk=gateway.pk).update(token=token, state_as_of=ready - dt.timedelta(minutes=1))
+    VirtualCluster.objects.filter(pk=cluster.pk).update(ready_at=ready)
+    make_gateway("far", site=SiteFactory(name="ostrava"), address="198.18.100.9")  # never pulled a state since
+    marker = f'id="cluster-{cluster.pk}"'
+    page = logged_in(bob).get("/access/").content.decode()
+    assert '<span data-access="updating">— gateways updating…</span>' in _row(page, marker)
+    assert 'id="gateways-updating"' in page and "connect again in a minute" in page
+
+    pulls = APIClient()
+    pulls.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    first = pulls.get("/api/access/gateway/state/")
+    assert first.status_code == 200 and first.json()["vpn"]["vlans"][cluster_label(cluster)] == cluster.vlan_id
+    page = logged_in(bob).get("/access/").content.decode()
+    assert "gateways updating…" in _row(page, marker)  # it has the state; it has not said it installed it
+    assert pulls.get("/api/access/gateway/state/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
+    page = logged_in(bob).get("/access/").content.decode()
+    assert '<span data-access="ready">— gateways ready</span>' in _row(page, marker)
+    assert "gateways updating" not in page.lower()
+
+
+def test_a_credential_that_ends_before_its_cluster_now_ends_is_marked(alice, cluster, gateway):
+    """Credentials end by their cluster's expiry as it was when they were made. Once the cluster's lifetime is
+    extended, those that were cut short by it are marked: a new download lasts longer. One that runs its full
+    lifetime is not, nor one whose cluster was not extended."""
+    from django.utils import timezone
+
+    from access import services
+    from clusters import services as cluster_services
+    from clusters.models import VirtualCluster
+
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + dt.timedelta(hours=2))
+    cluster.refresh_from_db()
+    vpn = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential  # 2 h, not the 3 days of a profile
+    ssh = services.ssh_certificate_issue(user=alice, cluster=cluster).credential  # 2 h, not 12
+    long = make_cluster(alice, name="long")
+    VirtualCluster.objects.filter(pk=long.pk).update(expires_at=timezone.now() + dt.timedelta(days=10))
+    full = services.vpn_profile_issue(user=alice, clusters=[long]).credential  # its 3 days
+    short = make_cluster(alice, name="short")  # a day: cut short, not extended
+    kept = services.vpn_profile_issue(user=alice, clusters=[short]).credential
+    mark = '<strong class="ends-early">ends before your cluster — download again</strong>'
+    page = logged_in(alice).get("/access/").content.decode()
+    assert all(f'data-serial="{c.serial}"' in page for c in (vpn, ssh, full, kept)) and mark not in page
+
+    for target in (cluster, long):
+        target.refresh_from_db()
+        cluster_services.cluster_extend(cluster=target, expires_at=target.expires_at + dt.timedelta(days=5))
+    page = logged_in(alice).get("/access/").content.decode()
+    for credential in (vpn, ssh):
+        assert mark in _row(page, f'data-serial="{credential.serial}"'), credential
+    for credential in (full, kept):
+        assert mark not in _row(page, f'data-serial="{credential.serial}"'), credential
+    # revoked, it is not marked (nothing to download again for)
+    services.credential_revoke(credential=vpn, reason="key_compromise", by=alice)
+    page = logged_in(alice).get("/access/").content.decode()
+    assert mark not in _row(page, f'data-serial="{vpn.serial}"') and mark in _row(page, f'data-serial="{ssh.serial}"')

@@ -46,7 +46,7 @@ def _gateway_with_token(root, name: str) -> tuple[Gateway, str]:
 
 def _release_a_while_ago(pool, *, gateway_mapped: bool = True) -> VlanAllocation:
     """Allocate (for a closed cluster's segment: the gateways map it) and release the pool's id, its release
-    2 s back (a state's generated_at is in whole seconds)."""
+    2 s back (a state made since is plainly after it)."""
     allocation = services.vlan_allocate(pool=pool, owner="cluster:1")
     if gateway_mapped:
         services.vlan_map_to_gateways(allocation_id=allocation.pk)

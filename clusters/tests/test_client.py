@@ -88,6 +88,15 @@ def test_a_refused_request_exits_2_with_the_field_errors_and_leaves_nothing(fabr
     # A malformed node on the command line never reaches the portal.
     code, _, err = up(client, "78.pbs", nodes=("n1:brno1",))
     assert code == 2 and "name=…,host=…,mac=…" in err
+    # Public asked for on a user-provided image: the policy makes it closed, the portal refuses (never closed
+    # silently instead) and records nothing: the same job, keyed the same, asking for closed gets it.
+    code, out, err = up(client, "79.pbs", "--connectivity", "public")
+    assert code == 2 and out is None
+    assert "400" in err and "connectivity" in err and "the policy makes this cluster closed" in err
+    assert not VirtualCluster.objects.filter(job_id="79.pbs").exists() and allocated() == before
+    code, cluster, err = up(client, "79.pbs", "--connectivity", "closed")
+    assert code == 0 and cluster["connectivity"] == "closed", err
+    assert cluster["connectivity_reason"].startswith("closed on request (and by the policy: image my-own")
 
 
 def test_a_failed_cluster_exits_1_with_its_reason_and_a_requeued_job_gets_a_new_one(fabric, celery_worker, client):
@@ -242,6 +251,60 @@ def test_a_nodes_timer_keeps_who_may_log_in_current_through_the_client(
     assert client("down", "--job", "8.pbs", "--timeout", "60")[0] == 0
     code, _, err = client("host-access", "--job", "8.pbs", "--node", "n1", "--dir", str(folder))
     assert code == 2 and "0 live clusters" in err
+
+
+def test_a_nodes_timer_installs_its_host_certificate_again_once_the_clusters_lifetime_was_extended(
+    fabric, celery_worker, client, tmp_path
+):
+    """The node's host certificate ends with its cluster as it was. The scheduler extends the cluster: the node's
+    ``host-access --key`` timer gets a new certificate of the same key, until the new end, and writes it with the
+    other files as a set; before the extension, and after it once renewed, it leaves the certificate alone."""
+    from datetime import timedelta
+
+    from access import ssh
+    from clusters import services
+
+    code, cluster, err = up(client, "6.pbs")
+    assert code == 0, err
+    keys = tmp_path / "etc-ssh"
+    keys.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ssh_host_ed25519_key")], check=True
+    )
+    key = str(keys / "ssh_host_ed25519_key.pub")
+    code, issued, err = client("host-cert", "--job", "6.pbs", "--node", "n2", "--key", key)
+    assert code == 0, err
+    cert = keys / "ssh_host_ed25519_key-cert.pub"
+    first = cert.read_text()
+    timer = ("host-access", "--job", "6.pbs", "--node", "n2", "--dir", str(keys), "--key", key)
+    code, shown, err = client(*timer)
+    assert code == 0, err
+    assert shown["host_certificate"] is None and str(cert) not in shown["files"] and cert.read_text() == first
+
+    extended = services.cluster_extend(
+        cluster=VirtualCluster.objects.get(pk=cluster["id"]),
+        expires_at=VirtualCluster.objects.get(pk=cluster["id"]).expires_at + timedelta(days=2),
+    )
+    code, shown, err = client(*timer)
+    assert code == 0, err
+    assert "certificate" not in shown["host_certificate"] and str(cert) in shown["files"]
+    renewed = ssh.load_cert(cert.read_text())
+    assert renewed.valid_before == int(extended.expires_at.timestamp()) > ssh.load_cert(first).valid_before
+    assert renewed.serial == shown["host_certificate"]["serial"] != issued["serial"]
+    assert renewed.valid_principals == [p.encode() for p in issued["principals"]]
+    assert ssh.public_key_line(renewed.public_key()) == " ".join(Path(key).read_text().split()[:2])
+    listed = subprocess.run(["ssh-keygen", "-L", "-f", str(cert)], capture_output=True, text=True, check=True)
+    assert "host certificate" in listed.stdout
+    assert oct(cert.stat().st_mode & 0o777) == "0o644"
+    assert sorted(Path(f).name for f in shown["files"]) == sorted(
+        [cert.name, "virtcloud-user-ca.pub", f"virtcloud-principals-{shown['node_user']}", "virtcloud-revoked-keys"]
+    )
+    # the next run: nothing new, the certificate stays; a key file that is not there: refused, nothing written
+    now = cert.read_text()
+    code, shown, err = client(*timer)
+    assert code == 0 and shown["host_certificate"] is None and cert.read_text() == now, err
+    code, _, err = client(*timer[:-1], str(keys / "missing.pub"))
+    assert code == 2 and "missing.pub" in err
 
 
 def test_show_reads_every_page_of_the_jobs_clusters(alice, client):
