@@ -32,6 +32,7 @@ class PortRole(models.TextChoices):
     HOST_TRUNK = "host_trunk", "trunk to a hypervisor host"
     CORE_UPLINK = "core_uplink", "uplink into a core transport"
     GATEWAY_TRUNK = "gateway_trunk", "trunk to an access gateway"
+    ROUTER_TRUNK = "router_trunk", "trunk to the provider's router (public clusters)"
 
 
 class DeviceKind(models.TextChoices):

@@ -6,7 +6,9 @@ For every switch: the exact set of VLAN ids each owned port must carry —
 - a core uplink: the VLANs of segments drawn from that core's pools that span more than one site, when
   the switch's site is one of them (the core carries the VLAN between the sites; a single-site segment
   never leaves its site);
-- an access-gateway trunk: the VLANs of segments with ``gateway`` (closed clusters).
+- an access-gateway trunk: the VLANs of segments with ``gateway`` (closed clusters) whose core joins its site;
+- a router trunk (toward the provider's router): the VLANs of segments without ``gateway`` (public clusters,
+  routed by the provider) whose core joins its site.
 
 For every host: the set of VLANs it needs a bridge for (segments it is a member of).
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Q, QuerySet
@@ -51,7 +53,7 @@ class SegmentView:
     gateway: bool
     hosts: frozenset[int]  # member host ids
     host_ports: frozenset[int]  # the host trunks (switch port ids) of the members
-    sites: frozenset[int]  # member sites, plus gateway sites when ``gateway``
+    sites: frozenset[int]  # member sites, plus the gateway sites (``gateway``) or router sites its core joins
 
 
 @dataclass(frozen=True)
@@ -67,23 +69,35 @@ class Footprint:
 
 @dataclass(frozen=True)
 class GatewayReach:
-    """The sites with an access-gateway trunk on an enabled switch, and which of them each core joins."""
+    """The sites with an access-gateway trunk on an enabled switch and which of them each core joins (``sites``,
+    ``by_core``); the same for the trunks toward the provider's routers (``router_sites``, ``router_by_core``)."""
 
     sites: frozenset[int]
     by_core: dict[int, frozenset[int]]
+    router_sites: frozenset[int] = frozenset()
+    router_by_core: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
 def gateway_reach() -> GatewayReach:
     """``GatewayReach`` now, in one query."""
-    by_core: dict[int, set[int]] = defaultdict(set)
-    sites = set()
-    for site_id, core_id in SwitchPort.objects.filter(role=PortRole.GATEWAY_TRUNK, switch__enabled=True).values_list(
-        "switch__site_id", "switch__site__core_transports"
+    by_role: dict[str, tuple[set[int], dict[int, set[int]]]] = {
+        PortRole.GATEWAY_TRUNK: (set(), defaultdict(set)),
+        PortRole.ROUTER_TRUNK: (set(), defaultdict(set)),
+    }
+    for role, site_id, core_id in SwitchPort.objects.filter(role__in=list(by_role), switch__enabled=True).values_list(
+        "role", "switch__site_id", "switch__site__core_transports"
     ):
+        sites, by_core = by_role[role]
         sites.add(site_id)
         if core_id is not None:
             by_core[core_id].add(site_id)
-    return GatewayReach(frozenset(sites), {core: frozenset(found) for core, found in by_core.items()})
+    (gw_sites, gw_cores), (rt_sites, rt_cores) = by_role[PortRole.GATEWAY_TRUNK], by_role[PortRole.ROUTER_TRUNK]
+    return GatewayReach(
+        frozenset(gw_sites),
+        {core: frozenset(found) for core, found in gw_cores.items()},
+        frozenset(rt_sites),
+        {core: frozenset(found) for core, found in rt_cores.items()},
+    )
 
 
 def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[SegmentView]:
@@ -105,12 +119,10 @@ def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[Segm
         hosts[seg_id].add(host_id)
         ports[seg_id].add(port_id)
         sites[seg_id].add(site_id)
-    # A closed segment reaches the gateway sites its core joins: a gateway trunk added later at a site the
-    # core does not reach never gets the VLAN — the id may be another core's cluster there (pools of cores
-    # without a common site may overlap), and the two would meet on that switch.
-    reached: dict[int, frozenset[int]] = {}  # core id → the gateway sites it joins
-    if any(r[4] for r in rows):
-        reached = (gateway or gateway_reach()).by_core
+    # A closed segment reaches the gateway sites its core joins, a public one the router sites: a trunk added
+    # later at a site the core does not reach never gets the VLAN — the id may be another core's cluster there
+    # (pools of cores without a common site may overlap), and the two would meet on that switch.
+    reach = gateway or gateway_reach()
     return [
         SegmentView(
             id=seg_id,
@@ -120,7 +132,8 @@ def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[Segm
             gateway=closed,
             hosts=frozenset(hosts[seg_id]),
             host_ports=frozenset(ports[seg_id]),
-            sites=frozenset(sites[seg_id]) | (reached.get(core_id, frozenset()) if closed else frozenset()),
+            sites=frozenset(sites[seg_id])
+            | (reach.by_core if closed else reach.router_by_core).get(core_id, frozenset()),
         )
         for seg_id, owner, vid, core_id, closed in rows
     ]
@@ -133,26 +146,32 @@ def desired_segments(
     only those that can reach these devices — the desired state of these devices is the same, and the work
     does not grow with the number of live clusters elsewhere. A switch is reached by a segment with a member
     behind one of its ports or at its site (host trunks, core uplink) and, when it is at a gateway site, by
-    every closed segment; a host by a segment it is a member of."""
+    every closed segment (at a router site, every public one); a host by a segment it is a member of."""
     segments = Segment.objects.filter(state__in=Segment.DESIRED_STATES)
     if switch_ids is None and host_ids is None:
         return segment_views(segments)
     members = Q(pk__in=[])  # which memberships make a segment reach the devices
-    closed = False  # whether every closed segment does
+    closed = public = False  # whether every closed (public) segment does
     gateway = None
     if switch_ids:
         switch_ids = list(switch_ids)
         gateway_port = SwitchPort.objects.filter(switch=OuterRef("pk"), role=PortRole.GATEWAY_TRUNK)
-        rows = list(Switch.objects.filter(pk__in=switch_ids).values_list("site_id", Exists(gateway_port)))
-        sites = {site for site, _has_gateway in rows}
+        router_port = SwitchPort.objects.filter(switch=OuterRef("pk"), role=PortRole.ROUTER_TRUNK)
+        rows = list(
+            Switch.objects.filter(pk__in=switch_ids).values_list("site_id", Exists(gateway_port), Exists(router_port))
+        )
+        sites = {site for site, _has_gateway, _has_router in rows}
         members |= Q(host__switch_port__switch_id__in=switch_ids) | Q(host__site_id__in=sites)
         gateway = gateway_reach()
-        closed = bool(sites & gateway.sites) or any(has_gateway for _site, has_gateway in rows)
+        closed = bool(sites & gateway.sites) or any(has_gateway for _site, has_gateway, _r in rows)
+        public = bool(sites & gateway.router_sites) or any(has_router for _site, _g, has_router in rows)
     if host_ids:
         members |= Q(host_id__in=list(host_ids))
     reach = Q(pk__in=SegmentMember.objects.filter(members).values("segment_id"))
     if closed:
         reach |= Q(gateway=True)
+    if public:
+        reach |= Q(gateway=False)
     return segment_views(segments.filter(reach), gateway=gateway)
 
 
@@ -181,15 +200,15 @@ def switch_desired(
     by_host_port: dict[int, set[int]] = defaultdict(set)
     by_core_site: dict[tuple[int, int], set[int]] = defaultdict(set)
     gateway_by_site: dict[int, set[int]] = defaultdict(set)  # a closed segment's VLAN at the sites it reaches
+    router_by_site: dict[int, set[int]] = defaultdict(set)  # a public segment's
     for view in views:
         for port_id in view.host_ports:
             by_host_port[port_id].add(view.vid)
         if len(view.sites) > 1:
             for site_id in view.sites:
                 by_core_site[(view.core_id, site_id)].add(view.vid)
-        if view.gateway:
-            for site_id in view.sites:
-                gateway_by_site[site_id].add(view.vid)
+        for site_id in view.sites:
+            (gateway_by_site if view.gateway else router_by_site)[site_id].add(view.vid)
     result: dict[int, PortVlans] = {pk: {} for pk in (switch_ids or ())}
     for port_id, switch_id, name, role, core_id, site_id, fixed in ports.values_list(
         "id", "switch_id", "name", "role", "core_id", "switch__site_id", "static_vlans"
@@ -200,6 +219,8 @@ def switch_desired(
             vids = by_core_site.get((core_id, site_id), set())
         elif role == PortRole.GATEWAY_TRUNK:
             vids = gateway_by_site.get(site_id, set())
+        elif role == PortRole.ROUTER_TRUNK:
+            vids = router_by_site.get(site_id, set())
         else:  # a role this code does not know: never put anything on it
             vids = set()
         if fixed:

@@ -323,11 +323,14 @@ def _site_names(site_ids: Iterable[int]) -> str:
     return ", ".join(Site.objects.filter(pk__in=set(site_ids)).order_by("name").values_list("name", flat=True))
 
 
-def _needs(sites: Iterable[int], reach: selectors.GatewayReach | None) -> str:
-    """What a segment's core must join, in words: its hosts' sites, and for a closed one a gateway site."""
+def _needs(sites: Iterable[int], reach: selectors.GatewayReach, *, gateway: bool) -> str:
+    """What a segment's core must join, in words: its hosts' sites, and a gateway site for a closed one (a
+    router site for a public one) when there are any."""
     text = f"sites {_site_names(sites)}"
-    if reach is not None and reach.sites:
+    if gateway and reach.sites:
         text += f" and a site with an access gateway ({_site_names(reach.sites)})"
+    elif not gateway and reach.router_sites:
+        text += f" and a site with a router trunk ({_site_names(reach.router_sites)})"
     return text
 
 
@@ -335,7 +338,8 @@ def _needs(sites: Iterable[int], reach: selectors.GatewayReach | None) -> str:
 def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPool | None = None) -> Segment:
     """A new segment for ``owner`` on ``hosts`` with a VLAN from a pool whose core joins the hosts' sites
     and, when ``gateway`` (a closed cluster) and access gateways exist, at least one site with a gateway
-    (the way in; the segment reaches the gateway sites its core joins, see ``selectors.segment_views``).
+    (the way in; the segment reaches the gateway sites its core joins, see ``selectors.segment_views``) —
+    without ``gateway`` (a public cluster) and when router trunks exist, at least one router site.
     Candidates in ``pools_for_sites``' order (the widest cores first). Nothing is configured yet: start
     ``network.workflows.provision(segment.id)`` after commit.
 
@@ -346,15 +350,18 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
     if Segment.objects.filter(owner_ref=owner, state__in=Segment.LIVE_STATES).exists():
         raise SegmentExists(f"{owner} already has a network segment")
     candidates = list(pools_for_sites(sites))
-    reach = selectors.gateway_reach() if gateway else None
-    if reach is not None and reach.sites:
-        candidates = [p for p in candidates if reach.by_core.get(p.core_id)]
+    reach = selectors.gateway_reach()
+    way_in, by_core = (reach.sites, reach.by_core) if gateway else (reach.router_sites, reach.router_by_core)
+    if way_in:
+        candidates = [p for p in candidates if by_core.get(p.core_id)]
     if pool is not None:
         if pool.pk not in {p.pk for p in candidates}:
-            raise NoCoreForSites(f"pool {pool.name}: core {pool.core.name} does not join {_needs(sites, reach)}")
+            raise NoCoreForSites(
+                f"pool {pool.name}: core {pool.core.name} does not join {_needs(sites, reach, gateway=gateway)}"
+            )
         candidates = [pool]
     if not candidates:
-        raise NoCoreForSites(f"no core transport with a VLAN pool joins {_needs(sites, reach)}")
+        raise NoCoreForSites(f"no core transport with a VLAN pool joins {_needs(sites, reach, gateway=gateway)}")
     allocation = None
     for candidate in candidates:
         try:
@@ -407,21 +414,25 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
 
 @transaction.atomic
 def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
-    """Put the segment on the access-gateway trunks (a closed cluster) or take it off (public). Like
-    ``segment_set_hosts``: back to PENDING, run ``network.workflows.provision(segment.id)`` after commit.
-    Raises ``NoCoreForSites`` when there are access gateways and the segment's core reaches none of their
-    sites (it reaches those its core joins, as a new closed segment's does)."""
+    """Put the segment on the access-gateway trunks (a closed cluster) or take it off them, onto the router
+    trunks (public). Like ``segment_set_hosts``: back to PENDING, run ``network.workflows.provision(segment.id)``
+    after commit. Raises ``NoCoreForSites`` when there are access gateways (router trunks) and the segment's
+    core reaches none of their sites (it reaches those its core joins, as a new segment's does)."""
     seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; it cannot change")
-    if gateway:
-        reach = selectors.gateway_reach()
-        core = seg.allocation.pool.core
-        if reach.sites and not reach.by_core.get(core.pk):
-            raise NoCoreForSites(
-                f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} reaches no site with an access "
-                f"gateway ({_site_names(reach.sites)})"
-            )
+    reach = selectors.gateway_reach()
+    core = seg.allocation.pool.core
+    if gateway and reach.sites and not reach.by_core.get(core.pk):
+        raise NoCoreForSites(
+            f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} reaches no site with an access "
+            f"gateway ({_site_names(reach.sites)})"
+        )
+    if not gateway and reach.router_sites and not reach.router_by_core.get(core.pk):
+        raise NoCoreForSites(
+            f"segment of {seg.owner_ref} (VLAN {seg.vid}): core {core.name} reaches no site with a router "
+            f"trunk ({_site_names(reach.router_sites)})"
+        )
     if seg.gateway != gateway:
         seg.gateway = gateway
         seg.state = Segment.State.PENDING

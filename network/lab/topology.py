@@ -36,7 +36,7 @@ class Core:
 @dataclass
 class Port:
     name: str
-    role: str  # host_trunk, core_uplink, gateway_trunk
+    role: str  # host_trunk, core_uplink, gateway_trunk, router_trunk
     core: str | None = None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from network import selectors, services
 from network.models import Segment
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -168,3 +170,57 @@ def test_the_desired_state_of_some_devices_reads_only_the_segments_that_reach_th
     reaching = {v.owner_ref for v in selectors.desired_segments(switch_ids=[prague])}
     assert reaching < {v.owner_ref for v in everything}
     assert selectors.desired_segments(switch_ids=[], host_ids=[]) == []
+
+
+def test_a_public_segment_reaches_the_providers_router_across_the_core(fabric):
+    """A router trunk (toward the provider's router, which routes public clusters' subnets) carries every
+    public segment whose core joins its site — across the core from the hosts' sites — and no closed one; the
+    access-gateway trunk carries no public one. Both readers (every switch, or the switches of one layer)
+    agree, and the segment's devices include the router's switch."""
+    from network import workflows
+    from network.choices import PortRole
+    from network.tests.factories import SwitchPortFactory
+
+    SwitchPortFactory(switch=fabric.switches["prague"], name="rt", role=PortRole.ROUTER_TRUNK)
+    public = services.segment_create(owner="p", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    closed = services.segment_create(owner="c", hosts=[fabric.hosts["pilsen2"]], gateway=True)
+    p, c = frozenset({public.vid}), frozenset({closed.vid})
+    want = _by_name(fabric, selectors.switch_desired())
+    assert want["sw-prague"] == {"h1": NONE, "h2": NONE, "uplink": p, "rt": p}
+    assert want["sw-pilsen"] == {"h1": p, "h2": c, "uplink": p | c}
+    assert want["sw-brno"] == {"h1": NONE, "h2": NONE, "uplink": c, "gw": c}
+    prague = fabric.switches["prague"].pk
+    assert selectors.switch_desired([prague])[prague] == want["sw-prague"]
+    switches, _hosts = selectors.segment_devices(public)
+    assert {s.name for s in switches} == {"sw-pilsen", "sw-prague"}
+
+    workflows.provision(public.pk).apply().get()
+    assert fabric.switch_ports("sw-prague")["rt"] == p
+    services.segment_delete(segment=public)
+    workflows.teardown(public.pk).apply().get()
+    assert fabric.switch_ports("sw-prague")["rt"] == NONE
+
+
+def test_with_routers_a_public_segment_needs_a_core_that_reaches_one(fabric):
+    from network.choices import PortRole
+    from network.errors import NoCoreForSites
+    from network.tests.factories import (
+        CoreTransportFactory,
+        HostFactory,
+        SiteFactory,
+        SwitchFactory,
+        SwitchPortFactory,
+        VlanPoolFactory,
+    )
+
+    kosice = SiteFactory(name="kosice")
+    VlanPoolFactory(name="kos", core=CoreTransportFactory(name="kos-local", sites=[kosice]), ranges="100-199")
+    host = HostFactory(name="kosice1", site=kosice, switch_port=SwitchPortFactory(switch=SwitchFactory(site=kosice)))
+    services.segment_create(owner="before", hosts=[host], gateway=False)  # no router anywhere: nothing to reach
+    SwitchPortFactory(switch=fabric.switches["prague"], name="rt", role=PortRole.ROUTER_TRUNK)
+    with pytest.raises(NoCoreForSites) as exc:
+        services.segment_create(owner="after", hosts=[host], gateway=False)
+    assert str(exc.value) == (
+        "no core transport with a VLAN pool joins sites kosice and a site with a router trunk (prague)"
+    )
+    services.segment_create(owner="ok", hosts=[fabric.hosts["brno1"]], gateway=False)  # cesnet reaches prague

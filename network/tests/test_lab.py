@@ -453,3 +453,81 @@ def test_full_size_frames_cross_the_qinq_core(lab, clusters):
     TCP stalls otherwise while small pings pass)."""
     argv = ["ip", "netns", "exec", clusters["a0"].netns, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1472"]
     assert subprocess.run([*argv, own_ip("a", 5)], capture_output=True).returncode == 0
+
+
+def test_a_public_cluster_reaches_the_providers_router_through_its_router_trunk(run_root, db):
+    """A public cluster's VLAN goes, through the drivers, across the core to the switch port that faces the
+    provider's router (role ``router_trunk``): a VM at the other site pings the router's address in the
+    cluster's subnet. A closed cluster's VLAN never reaches that trunk, and after the teardown neither does the
+    public one's. The "router" is a namespace behind an OVS bridge that untags the VLAN, made here."""
+    from network import services, workflows
+    from network.drivers.ovsdb import Ovsdb
+    from network.lab.checks import ping
+    from network.lab.fabric import CORE_PLANE
+    from network.tests.labinventory import inventory_for
+
+    shape = topology.generate(sites=2, hosts_per_site=1, core_kind="dot1q").as_dict()
+    next(sw for sw in shape["switches"] if sw["name"] == "sw-s2")["ports"].append(
+        {"name": "rt", "role": "router_trunk", "core": None}
+    )
+    lab = Lab.up(topology.from_dict(shape), run_root=run_root)
+    router_ns = f"{lab.prefix}rt"
+    try:
+        inv = inventory_for(lab)
+        public = services.segment_create(owner="pub", hosts=[inv["hosts"]["h-s1-1"]], gateway=False)
+        closed = services.segment_create(owner="cls", hosts=[inv["hosts"]["h-s1-1"]], gateway=True)
+        for seg in (public, closed):
+            workflows.provision(seg.pk).apply().get()
+        with switch_session(lab.switch_spec("sw-s2")) as session:
+            assert session.port_vlans()["rt"] == {public.vid}
+
+        # the provider's router: untags the public VLAN from the trunk, holds the subnet's router address
+        plane = lab.state["switches"]["sw-s2"].get("plane", CORE_PLANE)
+        plane_ns, trunk_end = lab.plane_netns(plane), lab.state["switches"]["sw-s2"]["port_map"]["rt"] + "x"
+        subprocess.run(["ip", "netns", "add", router_ns], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "-n",
+                plane_ns,
+                "link",
+                "add",
+                f"{lab.prefix}rtv",
+                "type",
+                "veth",
+                "peer",
+                "eth0",
+                "netns",
+                router_ns,
+            ],
+            check=True,
+        )
+        subprocess.run(["ip", "-n", plane_ns, "link", "set", f"{lab.prefix}rtv", "up"], check=True)
+        script = (
+            "ip link set lo up && ip addr add 198.18.20.1/24 dev eth0 && ip link set eth0 up"
+            " && ethtool -K eth0 tx off >/dev/null"
+        )
+        subprocess.run(["ip", "netns", "exec", router_ns, "sh", "-c", script], check=True)
+        router_bridge = f"{lab.prefix}rbr"
+        Ovsdb(device="router", db=lab.plane_db(plane)).run(
+            ["add-br", router_bridge],
+            ["set", "Bridge", router_bridge, "datapath_type=netdev"],
+            ["add-port", router_bridge, trunk_end],
+            ["set", "Port", trunk_end, "vlan_mode=trunk", f"trunks={public.vid}"],
+            ["add-port", router_bridge, f"{lab.prefix}rtv"],
+            ["set", "Port", f"{lab.prefix}rtv", f"tag={public.vid}"],
+        )
+
+        lab.attach_vm("h-s1-1", public.vid, "pub1", "198.18.20.10/24")
+        lab.attach_vm("h-s1-1", closed.vid, "cls1", "198.18.20.11/24")
+        assert ping(lab, "pub1", "198.18.20.1", count=2, timeout=2)  # across the core, to the router
+        assert not ping(lab, "cls1", "198.18.20.1", timeout=1)  # a closed cluster never reaches it
+
+        lab.detach_vm("pub1")
+        services.segment_delete(segment=public)
+        workflows.teardown(public.pk).apply().get()
+        with switch_session(lab.switch_spec("sw-s2")) as session:
+            assert session.port_vlans() == {"p-h1": frozenset(), "up": frozenset(), "rt": frozenset()}
+    finally:
+        subprocess.run(["ip", "netns", "del", router_ns], capture_output=True, check=False)
+        lab.down()
