@@ -22,4 +22,6 @@ def interface_xml(attachment: Attachment, mac: str, *, model: str = "virtio") ->
     if attachment.virtualport:
         ET.SubElement(iface, "virtualport", type=attachment.virtualport)
     ET.SubElement(iface, "model", type=model)
+    if attachment.mtu:
+        ET.SubElement(iface, "mtu", size=str(attachment.mtu))
     return ET.tostring(iface, encoding="unicode")

@@ -109,6 +109,15 @@ class CoreTransport(InventoryModel):
         blank=True,
         help_text="QinQ outer S-VLAN id, VPLS instance/VC id or VXLAN VNI base; informational for circuits.",
     )
+    mtu = models.PositiveSmallIntegerField(
+        "MTU",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(576), MaxValueValidator(9216)],
+        help_text="the largest IP packet a VM may send on this core's VLANs, when it is less than the hosts' "
+        "1500 (e.g. 1450 on a VXLAN core over a 1500-byte underlay): the VM managers get it with each "
+        "attachment (libvirt <mtu>); empty: the default",
+    )
     description = models.CharField(max_length=200, blank=True)
 
     class Meta:

@@ -43,7 +43,7 @@ from portal.audit import audit_actor
 
 TOP_KEYS = ("sites", "cores", "switches", "hosts", "pools")
 SITE_KEYS = {"name", "description", "queue"}
-CORE_KEYS = {"name", "kind", "sites", "vlans", "vid_min", "vid_max", "service_tag", "description"}
+CORE_KEYS = {"name", "kind", "sites", "vlans", "vid_min", "vid_max", "service_tag", "mtu", "description"}
 SWITCH_KEYS = {
     "name",
     "site",
@@ -528,6 +528,7 @@ class _Importer:
             "vid_min": vid_min,
             "vid_max": vid_max,
             "service_tag": self._int(path, entry, "service_tag", None),
+            "mtu": self._int(path, entry, "mtu", None),
             "description": self._text(path, entry, "description"),
         }
         site_names = entry.get("sites") or []
@@ -751,6 +752,7 @@ def topology_export() -> dict:
                     "sites": sorted(s.name for s in core.sites.all()),
                     "vlans": f"{core.vid_min}-{core.vid_max}",
                     "service_tag": core.service_tag,
+                    "mtu": core.mtu,
                     "description": core.description,
                 }
             )

@@ -26,7 +26,7 @@ class CoreTransportSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = CoreTransport
-        fields = ["id", "name", "kind", "sites", "vid_min", "vid_max", "service_tag", "description"]
+        fields = ["id", "name", "kind", "sites", "vid_min", "vid_max", "service_tag", "mtu", "description"]
 
 
 class SwitchPortSerializer(serializers.ModelSerializer):
@@ -34,7 +34,7 @@ class SwitchPortSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = SwitchPort
-        fields = ["id", "name", "role", "core", "description"]
+        fields = ["id", "name", "role", "core", "static_vlans", "description"]
 
 
 class SwitchSerializer(serializers.ModelSerializer):

@@ -81,6 +81,7 @@ class Attachment:
     vlan: int | None
     virtualport: str | None = None
     uplink: str = ""
+    mtu: int | None = None  # the VLAN's core's MTU when below the default (``CoreTransport.mtu``)
 
 
 @dataclass

@@ -32,3 +32,14 @@ def test_an_ovs_host_whose_bridge_only_it_knows_names_its_uplink():
     found = host_attachment(HostSpec("h", "ovs", "eth0", {"uplink": "bond0"}), 9)
     assert found.bridge is None and found.uplink == "bond0" and found.vlan == 9
     assert interface_xml(found, "52:54:00:00:00:03") is None
+
+
+def test_a_core_with_a_smaller_mtu_gives_the_vm_that_mtu():
+    """On a VXLAN core over a 1500-byte underlay a VM must send at most 1450-byte packets: the attachment
+    carries the core's MTU and libvirt's ``<mtu>`` gives it to the guest's NIC; without one, no element."""
+    from dataclasses import replace
+
+    found = replace(host_attachment(HostSpec("h", "linuxbridge", "eth1"), 7), mtu=1450)
+    assert ET.fromstring(interface_xml(found, "52:54:00:00:00:02")).find("mtu").get("size") == "1450"
+    plain = host_attachment(HostSpec("h", "linuxbridge", "eth1"), 7)
+    assert ET.fromstring(interface_xml(plain, "52:54:00:00:00:02")).find("mtu") is None

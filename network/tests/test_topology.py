@@ -539,3 +539,15 @@ def test_static_vlans_of_ports_import_export_and_must_not_meet_a_pool():
         "switches[0].ports[0].static_vlans (line 9): port brno-sw:Gi0/1: static VLAN 150 is handed out by pool "
         "clusters (core backbone) at site brno: reserve it in the pool, or pick another id"
     ]
+
+
+def test_a_cores_mtu_imports_exports_and_is_checked():
+    text = STATIC.replace('vlans: "2-4094"}', 'vlans: "2-4094", mtu: 1450}')
+    import_text(text)
+    assert CoreTransport.objects.get().mtu == 1450
+    assert topology_export()["cores"][0]["mtu"] == 1450
+    with pytest.raises(TopologyError) as info:
+        import_text(text.replace("mtu: 1450", "mtu: 100"))
+    assert info.value.problems == [
+        "cores[0].mtu (line 3): core backbone: Ensure this value is greater than or equal to 576."
+    ]
