@@ -163,18 +163,23 @@ def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric
     assert VirtualCluster.objects.get(job_id="9.pbs").nodes.filter(state="migrating").count() == 0
 
 
+def host_key(tmp_path):
+    """A node's /etc/ssh with a fresh ed25519 host key: (the directory, the public key's path)."""
+    keys = tmp_path / "etc-ssh"
+    keys.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ssh_host_ed25519_key")], check=True
+    )
+    return keys, str(keys / "ssh_host_ed25519_key.pub")
+
+
 def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, client, tmp_path):
     """The node's boot script (or the prologue that made its keys) certifies its host key: the certificate
     beside the key, the user CA and the principals file for its sshd; ssh-keygen reads a host certificate for
     the names the users' ssh_config reaches the node by."""
     code, cluster, err = up(client, "7.pbs")
     assert code == 0, err
-    keys = tmp_path / "etc-ssh"
-    keys.mkdir()
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ssh_host_ed25519_key")], check=True
-    )
-    key = str(keys / "ssh_host_ed25519_key.pub")
+    keys, key = host_key(tmp_path)
     code, issued, err = client("host-cert", "--job", "7.pbs", "--node", "n2", "--key", key)
     assert code == 0, err
     assert "certificate" not in issued and issued["node"] == "n2"
@@ -266,12 +271,7 @@ def test_a_nodes_timer_installs_its_host_certificate_again_once_the_clusters_lif
 
     code, cluster, err = up(client, "6.pbs")
     assert code == 0, err
-    keys = tmp_path / "etc-ssh"
-    keys.mkdir()
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ssh_host_ed25519_key")], check=True
-    )
-    key = str(keys / "ssh_host_ed25519_key.pub")
+    keys, key = host_key(tmp_path)
     code, issued, err = client("host-cert", "--job", "6.pbs", "--node", "n2", "--key", key)
     assert code == 0, err
     cert = keys / "ssh_host_ed25519_key-cert.pub"
