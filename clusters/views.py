@@ -1,21 +1,137 @@
-"""Browser pages of clusters: the home page lists the clusters a user can see, with their network."""
+"""Browser pages of clusters: the home page lists the clusters a user can see, with their network; whoever may act
+on one (``selectors.may_act_on``, the API's rule) extends its lifetime there, or tears it down after a page that
+says what that does. Thin, as the access pages: a form, one service call, a message or the page again with the
+refusal at its field (400)."""
 
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from functools import wraps
+
+from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.http import HttpResponse, HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.text import capfirst
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods
 
-from clusters import selectors
-from clusters.models import LIVE_STATES, SETTLED_STATES, ClusterState, Connectivity
+from clusters import selectors, services
+from clusters.errors import ClusterError
+from clusters.models import (
+    ACTIVE_STATES,
+    LIVE_STATES,
+    SETTLED_STATES,
+    ClusterState,
+    Connectivity,
+    VirtualCluster,
+)
+
+HOME = "home"
+#: how much longer "Extend" offers: (value, label, added to the expiry — or to now, for a cluster past it)
+EXTEND_BY = (
+    ("1h", "1 hour", timedelta(hours=1)),
+    ("1d", "1 day", timedelta(days=1)),
+    ("7d", "7 days", timedelta(days=7)),
+    ("30d", "30 days", timedelta(days=30)),
+)
+#: a cluster expiring within this says so beside its expiry, so that its users notice before it is torn down
+EXPIRES_SOON = timedelta(hours=24)
+
+
+class ExtendForm(forms.Form):
+    """One row's "Extend": how much longer. Every row has one, so its field ids carry the cluster's id."""
+
+    by = forms.ChoiceField(
+        choices=[(value, f"+{label}") for value, label, _ in EXTEND_BY],
+        error_messages={"required": "Choose how much longer.", "invalid_choice": "Choose one of the lengths offered."},
+    )
+
+    def __init__(self, *args, cluster: VirtualCluster, **kwargs):
+        super().__init__(*args, auto_id=f"extend-{cluster.pk}-%s", **kwargs)
+        self.cluster = cluster
+
+    def offer(self, now: datetime) -> None:
+        """Show only the lengths the lifetime bounds allow now (the service's own check): a length past them
+        is still refused at the field when a page left open sends it."""
+        self.fields["by"].choices = [
+            (value, f"+{label}")
+            for value, label, delta in EXTEND_BY
+            if _fits(self.cluster, extended_expiry(self.cluster, delta, now=now))
+        ]
+        if self.errors:
+            self.fields["by"].widget.attrs["autofocus"] = True  # the page opens at the refusal
+        elif any(value == "1d" for value, _ in self.fields["by"].choices):
+            self.initial["by"] = "1d"
+
+    def expiry(self) -> datetime:
+        delta = next(delta for value, _, delta in EXTEND_BY if value == self.cleaned_data["by"])
+        return extended_expiry(self.cluster, delta, now=timezone.now())
+
+
+def extended_expiry(cluster: VirtualCluster, delta: timedelta, *, now: datetime) -> datetime:
+    """The expiry "+delta" gives: later than the current one by ``delta`` — or than now, when the cluster is past
+    its expiry and the periodic expiry has not torn it down yet."""
+    return max(cluster.expires_at, now) + delta
+
+
+def _fits(cluster: VirtualCluster, expires_at: datetime) -> bool:
+    try:
+        services.cluster_extend_check(cluster=cluster, expires_at=expires_at)
+    except ClusterError:
+        return False
+    return True
+
+
+def _utc(moment: datetime) -> str:
+    """A time as the pages show it."""
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _expires_soon(cluster: VirtualCluster, now: datetime) -> str:
+    """What the page says beside the expiry of an active cluster that expires within EXPIRES_SOON: "in 3 h",
+    "in 20 min", "past its expiry" (the periodic expiry tears it down at its next run); "" otherwise."""
+    left = cluster.expires_at - now
+    if cluster.state not in ACTIVE_STATES or left > EXPIRES_SOON:
+        return ""
+    if left <= timedelta(0):
+        return "past its expiry"
+    if left < timedelta(hours=1):
+        return f"in {max(1, int(left.total_seconds() // 60))} min"
+    return f"in {int(left.total_seconds() // 3600)} h"
+
+
+def _post_only(view):
+    """POST only: another method is a 405, with a page that leads back (not Django's blank one)."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if request.method != "POST":
+            page = render_to_string("clusters/post_only.html", request=request)
+            return HttpResponseNotAllowed(["POST"], content=page)
+        return view(request, *args, **kwargs)
+
+    return wrapper
 
 
 @login_required
 def home(request):
+    return _page(request)
+
+
+def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> HttpResponse:
+    """The clusters page; ``refused``: a row's "Extend" as it was sent, shown with its refusal (status 400)."""
     clusters = selectors.clusters_visible(request)
     live = list(clusters.filter(state__in=LIVE_STATES))
     groups = list(request.user.groups.order_by("name"))
     mine = {g.pk for g in groups}
     access = reverse("access:my-clusters")
     admin = request.user.is_staff and request.user.has_perm("clusters.view_virtualcluster")
+    now = timezone.now()
     for cluster in live:  # the step a cluster in a transitional state is at (the live script keeps it current)
         cluster.progress = selectors.cluster_progress(cluster) if cluster.state not in SETTLED_STATES else None
         # its row on the access page: closed clusters of one's own or of one's groups (an admin sees others' too)
@@ -23,6 +139,13 @@ def home(request):
         closed = cluster.connectivity == Connectivity.CLOSED
         cluster.access_url = f"{access}#cluster-{cluster.pk}" if ours and closed else ""
         cluster.admin_url = reverse("admin:clusters_virtualcluster_change", args=[cluster.pk]) if admin else ""
+        cluster.expires_soon = _expires_soon(cluster, now)
+        # extend or tear down: the owner's and an admin's (group members only see it), while it is active
+        cluster.actionable = cluster.state in ACTIVE_STATES and selectors.may_act_on(request, cluster)
+        if cluster.actionable:
+            form = refused if refused is not None and refused.cluster.pk == cluster.pk else ExtendForm(cluster=cluster)
+            form.offer(now)
+            cluster.extend_form = form
     return render(
         request,
         "clusters/home.html",
@@ -37,4 +160,82 @@ def home(request):
             "state_labels": dict(ClusterState.choices),
             "ended": list(clusters.exclude(state__in=LIVE_STATES)[:10]),
         },
+        status=status,
     )
+
+
+def _visible(request, pk: int) -> VirtualCluster:
+    """The cluster ``pk`` if the user can see it (404 otherwise, as in the API)."""
+    return get_object_or_404(selectors.clusters_visible(request), pk=pk)
+
+
+def _not_yours(request, cluster: VirtualCluster) -> HttpResponse:
+    """403 for a cluster the user sees but may not change (a group member who is not its owner), saying who may."""
+    return render(request, "clusters/not_yours.html", {"cluster": cluster}, status=403)
+
+
+@_post_only
+@login_required
+def extend(request, pk: int):
+    """A row's "Extend": the expiry later by the length chosen. Refused by the lifetime bounds: the page again
+    with the reason at the field (400), nothing changed; refused because of its state: a message."""
+    cluster = _visible(request, pk)
+    if not selectors.may_act_on(request, cluster):
+        return _not_yours(request, cluster)
+    form = ExtendForm(request.POST, cluster=cluster)
+    if form.is_valid():
+        try:
+            cluster = services.cluster_extend(cluster=cluster, expires_at=form.expiry())
+        except ClusterError as exc:
+            if exc.field != "expires_at":  # (it has ended, or is ending): nothing to choose differently
+                messages.error(request, capfirst(exc.message))
+                return redirect(HOME)
+            latest = _utc(_longest(cluster))
+            form.add_error("by", f"{capfirst(exc.message)}: {cluster.name} may run until {latest} at most.")
+    if not form.is_valid():
+        return _page(request, refused=form, status=400)
+    messages.success(request, f"Extended {cluster.name}: it now expires {_utc(cluster.expires_at)}.")
+    if cluster.connectivity == Connectivity.CLOSED:
+        messages.info(
+            request,
+            "VPN profiles and SSH certificates downloaded before still end at the old expiry: "
+            "the VPN and SSH access page marks them, download again there.",
+        )
+    return redirect(HOME)
+
+
+def _longest(cluster: VirtualCluster) -> datetime:
+    """The latest expiry the lifetime bounds allow."""
+    return cluster.created_at + services.lifetime_bounds()[1]
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@login_required
+@never_cache
+def teardown(request, pk: int):
+    """GET: what tearing this cluster down does, and a button that does it. POST: start the teardown."""
+    cluster = _visible(request, pk)
+    if not selectors.may_act_on(request, cluster):
+        return _not_yours(request, cluster)
+    if request.method != "POST":
+        return render(
+            request,
+            "clusters/teardown.html",
+            {"cluster": cluster, "active": cluster.state in ACTIVE_STATES, "nodes": list(cluster.nodes.all())},
+        )
+    if cluster.state == ClusterState.TEARING_DOWN:  # (the button sent twice, or another's teardown came first)
+        messages.info(request, f"{cluster.name} is already being torn down.")
+        return redirect(HOME)
+    try:
+        services.cluster_teardown(
+            cluster=cluster, reason=f"requested in the browser (by {request.user.get_username()})"
+        )
+    except ClusterError as exc:  # it has ended meanwhile (a page left open): 409 in the API
+        messages.error(request, capfirst(exc.message))
+        return redirect(HOME)
+    messages.success(
+        request,
+        f"Tearing down {cluster.name}: its VLAN leaves every switch and host, and access to it is revoked. "
+        "It moves to Recently ended when that is done.",
+    )
+    return redirect(HOME)

@@ -32,6 +32,7 @@ urlpatterns = [
     path("api/network/", include("network.api.urls")),
     path("api/access/", include("access.api.urls")),
     path("access/", include("access.urls")),
+    path("clusters/", include("clusters.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]

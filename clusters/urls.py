@@ -1,0 +1,12 @@
+"""Browser pages acting on one cluster (the list is the home page, ``/``); included by ``portal.urls`` at
+``clusters/``."""
+
+from django.urls import path
+
+from clusters import views
+
+app_name = "clusters"
+urlpatterns = [
+    path("<int:pk>/extend/", views.extend, name="extend"),
+    path("<int:pk>/teardown/", views.teardown, name="teardown"),
+]
