@@ -23,6 +23,15 @@ class Conflict(ClusterError):
     code = "conflict"
 
 
+class Busy(Conflict):
+    """The cluster is in the middle of a workflow (provisioning, a node change) that ends in READY: the same
+    request succeeds once it is ready. The API answers ``Retry-After`` (seconds) with it; ``Conflict`` itself
+    is a refusal that retrying does not change (the cluster has ended)."""
+
+    code = "busy"
+    retry_after = 2  # seconds; a node change on real switches takes a few
+
+
 class PoolExhausted(Conflict):
     code = "pool_exhausted"
 

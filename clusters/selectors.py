@@ -10,8 +10,10 @@ from django.db.models import Prefetch, Q, QuerySet
 
 from clusters.models import (
     LIVE_STATES,
+    SETTLED_STATES,
     STATE_CHANNEL,
     ClusterEvent,
+    ClusterState,
     ClusterStep,
     Node,
     NodeState,
@@ -49,12 +51,6 @@ def clusters_visible(request) -> QuerySet[VirtualCluster]:
 def may_act_on(request, cluster: VirtualCluster) -> bool:
     """Owners, admins and middleware act on a cluster; group members only see it."""
     return cluster.owner_id == request.user.pk or acts_as_admin(request)
-
-
-def may_act_for(request, owner) -> bool:
-    """Whether the caller may create clusters for ``owner`` or see ``owner``'s quota: themselves, or admins
-    and middleware tokens (clusters:manage)."""
-    return owner == request.user or acts_as_admin(request)
 
 
 def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:
@@ -162,14 +158,21 @@ def cluster_events(request, *, after: int, cluster_id: int | None, limit: int, t
     return wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout) or []
 
 
-STEP_ORDER = ("allocate", "network", "gateway", "ready")
+STEP_ORDER = ("allocate", "network", "gateway", "ready")  # the provisioning's
 
 
 def cluster_progress(cluster: VirtualCluster) -> dict:
-    """Share of the provisioning steps done (``percent``) and the step running now (``current``, None when
-    none is): what the API's ``progress`` and the clusters page show. Reads ``cluster.steps`` (prefetched by
+    """How far the workflow the cluster's state names is: the share of its steps done (``percent``) and the
+    step running now (``current``, None when none is). The provisioning while REQUESTED or PROVISIONING
+    (``STEP_ORDER``); a node change while UPDATING and the teardown while TEARING_DOWN are one step each (0
+    until it ends, and the state with it); a settled state (READY, FAILED, TORN_DOWN) runs nothing: 100. What
+    the API's ``progress`` and the clusters page show. Reads ``cluster.steps`` (prefetched by
     ``clusters_visible``)."""
+    if cluster.state in SETTLED_STATES:
+        return {"percent": 100, "current": None}
     steps = list(cluster.steps.all())
-    done = {s.name for s in steps if s.status == StepStatus.OK}
     running = next((s.name for s in reversed(steps) if s.status == StepStatus.RUNNING), None)
+    if cluster.state not in (ClusterState.REQUESTED, ClusterState.PROVISIONING):
+        return {"percent": 0, "current": running}
+    done = {s.name for s in steps if s.status == StepStatus.OK}
     return {"percent": round(100 * sum(1 for n in STEP_ORDER if n in done) / len(STEP_ORDER)), "current": running}

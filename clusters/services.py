@@ -12,18 +12,19 @@ import ipaddress
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields, is_dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import F, Model, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from clusters import policy, selectors, workflows
-from clusters.errors import ClusterError, Conflict, InvalidTopology, NotAllowed, PoolExhausted, QuotaExceeded
+from clusters.errors import Busy, ClusterError, Conflict, InvalidTopology, NotAllowed, PoolExhausted, QuotaExceeded
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -61,7 +62,30 @@ def lifetime_bounds() -> tuple[timedelta, timedelta]:
 
 
 def request_fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    """What an Idempotency-Key stands for: ``payload`` (the request as validated, defaults applied), with rows
+    by id, dataclasses (``NodeRequest``) by their fields and instants in UTC, so that a retry that writes the
+    same request differently is the same request."""
+    return hashlib.sha256(json.dumps(_canonical(payload), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _canonical(value):
+    if isinstance(value, Model):
+        return value.pk
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return value
+
+
+# A lifetime asked for in seconds became an expiry when the request came in, and is checked here a moment later:
+# the minimum allows for that moment (a cluster asked for CLUSTER_MIN_LIFETIME seconds is accepted, as the schema
+# says, also when the request waited for a lock).
+_REQUEST_SLACK = timedelta(seconds=5)
 
 
 def _check_lifetime(expires_at: datetime, *, since: datetime | None = None) -> None:
@@ -72,7 +96,7 @@ def _check_lifetime(expires_at: datetime, *, since: datetime | None = None) -> N
         raise ClusterError(
             f"the expiry is in the past: it must be at least {_duration(low)} from now", field="expires_at"
         )
-    if expires_at < now + low:
+    if expires_at < now + low - _REQUEST_SLACK:
         raise ClusterError(f"the lifetime must be at least {_duration(low)} from now", field="expires_at")
     if expires_at > since + high:
         raise ClusterError(f"the lifetime must be at most {_duration(high)} from creation", field="expires_at")
@@ -211,7 +235,7 @@ def step_finish(step: ClusterStep, *, status: str = StepStatus.OK, error: str = 
     step.error = error
     step.device = device or step.device
     step.finished_at = timezone.now()
-    step.save(update_fields=["status", "error", "device", "finished_at"])
+    step.save(update_fields=["status", "error", "device", "detail", "finished_at"])
 
 
 @transaction.atomic
@@ -255,6 +279,12 @@ def cluster_create(
     decision = policy.decide(
         image=image, admin_rights=admin_rights, public_available=prefix is not None, requested=connectivity
     )
+    if bastion_address and decision.connectivity == Connectivity.PUBLIC:
+        raise ClusterError(
+            f"only a closed cluster has an SSH bastion, and this one is public ({decision.reason}): leave "
+            "bastion_address out, or ask for connectivity closed",
+            field="bastion_address",
+        )
     cluster = VirtualCluster(
         name=name,
         owner=owner,
@@ -548,7 +578,9 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
             pk=cluster_id,
             state__in=(ClusterState.PROVISIONING, ClusterState.UPDATING),
             workflow_generation=generation,
-        ).update(state=ClusterState.READY, ready_at=now, updated_at=now)
+        ).update(  # ready_at: the first time (the provisioning's latency is measured to it), not the last update
+            state=ClusterState.READY, ready_at=Coalesce("ready_at", Value(now)), updated_at=now
+        )
         if updated and nodes_ready:  # (after a failed update the new nodes' network is not there: PENDING)
             Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING).update(state=NodeState.READY)
         if updated and step:
@@ -570,9 +602,16 @@ def _locked(cluster: VirtualCluster) -> VirtualCluster:
     return VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
 
 
+# States whose workflow ends in READY (or FAILED): a change refused in one of them is worth retrying.
+_BUSY_STATES = (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.UPDATING)
+
+
 def _require_ready(cluster: VirtualCluster) -> None:
+    """A 409 unless ``cluster`` is READY: ``Busy`` while a workflow runs that ends in READY (retry later),
+    ``Conflict`` once it has ended or is tearing down (never)."""
     if cluster.state != ClusterState.READY:
-        raise Conflict(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
+        error = Busy if cluster.state in _BUSY_STATES else Conflict
+        raise error(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
 
 
 def _segment_hosts(cluster: VirtualCluster) -> list[Host]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from datetime import timedelta
+from collections.abc import Mapping
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.utils import timezone
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 
 from access.gateway.state import bastion_address_problem
 from clusters import selectors
@@ -33,6 +34,54 @@ from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
 from portal.api import ID_MAX, IdField, NameRelatedField
+
+
+# A request body that refuses the fields it does not know: a 400 naming each ("unknown field"), beside the other
+# fields' errors. Ignored, a misspelt or guessed field (``expires_at`` for ``lifetime``, a node's ``ip`` for
+# ``address``) left the caller believing it got what it asked for. (A comment, not a docstring: the schema would
+# give it as the description of every request body without one of its own.)
+class StrictSerializer(serializers.Serializer):
+    def to_internal_value(self, data):
+        unknown = {}
+        if isinstance(data, Mapping):
+            known = {name for name, field in self.fields.items() if not field.read_only}
+            unknown = {name: ["unknown field"] for name in data if name not in known}
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if unknown and isinstance(exc.detail, dict):
+                raise serializers.ValidationError({**exc.detail, **unknown}) from None
+            raise
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return value
+
+
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """The schema says it too: ``additionalProperties: false`` on every ``StrictSerializer``."""
+
+    target_class = StrictSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}
+
+
+class OwnerField(NameRelatedField):
+    """The user (by name) a request acts for. A caller that acts only for itself (neither middleware nor an
+    admin: ``selectors.acts_as_admin``) naming anyone else is refused (403, ``refusal``) before the name is
+    looked up, whether that user exists or not: it learns nothing about who has an account."""
+
+    def __init__(self, *, refusal: str, **kwargs):
+        self.refusal = refusal
+        super().__init__(slug_field="username", queryset=get_user_model().objects.filter(is_active=True), **kwargs)
+
+    def to_internal_value(self, data):
+        request = self.context["request"]
+        if data != request.user.get_username() and not selectors.acts_as_admin(request):
+            raise PermissionDenied(self.refusal)
+        return super().to_internal_value(data)
 
 
 class HostField(NameRelatedField):
@@ -71,8 +120,8 @@ class NodeListSerializer(serializers.ListSerializer):
         return super().to_internal_value(data)
 
 
-class NodeInputSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, validators=[name_validator])
+class NodeInputSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=40, validators=[name_validator])
     host = HostField(slug_field="name", queryset=Host.objects.select_related("site"))
     mac = serializers.CharField(max_length=17)
     address = serializers.IPAddressField(
@@ -99,13 +148,16 @@ class NodeInputSerializer(serializers.Serializer):
         list_serializer_class = NodeListSerializer
 
 
-class ClusterCreateSerializer(serializers.Serializer):
+_LIFETIME_BOUNDS = f"must be between {settings.CLUSTER_MIN_LIFETIME} and {settings.CLUSTER_MAX_LIFETIME} seconds"
+
+
+class ClusterCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=40, validators=[name_validator])
-    owner = NameRelatedField(
-        slug_field="username",
-        queryset=get_user_model().objects.filter(is_active=True),
+    owner = OwnerField(
+        refusal="Only middleware tokens (clusters:manage) and admins create clusters for others.",
         required=False,
-        help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
+        help_text="only for middleware tokens (clusters:manage) and admins (anyone else naming another user: "
+        "403); default: the caller",
     )
     group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
     image = NameRelatedField(slug_field="name", queryset=Image.objects.all())
@@ -121,7 +173,11 @@ class ClusterCreateSerializer(serializers.Serializer):
     )
     nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
     lifetime = serializers.IntegerField(
-        required=False, min_value=1, help_text="seconds; default CLUSTER_DEFAULT_LIFETIME"
+        default=settings.CLUSTER_DEFAULT_LIFETIME,
+        min_value=settings.CLUSTER_MIN_LIFETIME,
+        max_value=settings.CLUSTER_MAX_LIFETIME,
+        error_messages={"min_value": _LIFETIME_BOUNDS, "max_value": _LIFETIME_BOUNDS},
+        help_text="seconds from now; default CLUSTER_DEFAULT_LIFETIME",
     )
     job_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     bastion_address = serializers.CharField(
@@ -141,48 +197,48 @@ class ClusterCreateSerializer(serializers.Serializer):
             raise serializers.ValidationError(problem)
         return str(ipaddress.ip_interface(value.strip()))
 
-    def validate(self, attrs):
-        seconds = attrs.pop("lifetime", settings.CLUSTER_DEFAULT_LIFETIME)
-        if not settings.CLUSTER_MIN_LIFETIME <= seconds <= settings.CLUSTER_MAX_LIFETIME:
-            raise serializers.ValidationError(
-                {
-                    "lifetime": f"must be between {settings.CLUSTER_MIN_LIFETIME} and "
-                    f"{settings.CLUSTER_MAX_LIFETIME} seconds"
-                }
-            )
-        attrs["expires_at"] = timezone.now() + timedelta(seconds=seconds)
-        return attrs
 
+class ClusterExtendSerializer(StrictSerializer):
+    """The new expiry: required (this PATCH changes the lifetime and nothing else)."""
 
-class ClusterExtendSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField()
 
+    # Never partial, although DRF and drf-spectacular make a PATCH's serializer so: the schema then says
+    # ``expires_at`` is required (``ClusterExtend``, not an all-optional ``PatchedClusterExtend``), as it is.
+    @property
+    def partial(self) -> bool:
+        return False
 
-class NodesAddSerializer(serializers.Serializer):
+    @partial.setter
+    def partial(self, value: bool) -> None:
+        pass
+
+
+class NodesAddSerializer(StrictSerializer):
     nodes = NodeInputSerializer(many=True, allow_empty=False, max_length=1000)
 
 
-class MigrateSerializer(serializers.Serializer):
+class MigrateSerializer(StrictSerializer):
     target_host = NameRelatedField(slug_field="name", queryset=Host.objects.all())
 
 
-class ConnectivitySerializer(serializers.Serializer):
+class ConnectivitySerializer(StrictSerializer):
     connectivity = serializers.ChoiceField(choices=Connectivity.choices)
     reason = serializers.CharField(max_length=200)
 
 
-class TeardownSerializer(serializers.Serializer):
+class TeardownSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=200, required=False, default="requested")
 
 
 class QuotaQuerySerializer(serializers.Serializer):
     """Query of ``GET /api/clusters/quota/``."""
 
-    owner = NameRelatedField(
-        slug_field="username",
-        queryset=get_user_model().objects.filter(is_active=True),
+    owner = OwnerField(
+        refusal="Only middleware tokens (clusters:manage) and admins see others' quotas.",
         required=False,
-        help_text="whose quota (middleware tokens and admins); default: the caller",
+        help_text="whose quota (middleware tokens and admins; anyone else naming another user: 403); default: "
+        "the caller",
     )
 
 
@@ -299,13 +355,26 @@ class StepSerializer(serializers.ModelSerializer):
         fields = ["name", "status", "started_at", "finished_at", "device", "detail", "error"]
 
 
+class ProgressSerializer(serializers.Serializer):
+    percent = serializers.IntegerField(min_value=0, max_value=100, help_text="share of the workflow's steps done")
+    current = serializers.CharField(
+        allow_null=True, help_text="the step running now (a name among `steps`); null: none is running"
+    )
+
+
 class ClusterSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     group = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     image = serializers.SlugRelatedField(slug_field="name", read_only=True)
     nodes = NodeSerializer(many=True, read_only=True)
     steps = StepSerializer(many=True, read_only=True)
-    progress = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField(
+        help_text="how far the workflow the state names is: the provisioning while `requested` or "
+        "`provisioning` (its steps allocate, network, gateway, ready: 25 % each); a node change while "
+        "`updating` and the teardown while `tearing_down` (one step each: 0 % until it ends and the state "
+        "changes); 100 % with no current step in a settled state (`ready`, `failed`, `torn_down`): nothing "
+        "is running. `current` is null too before a worker has started the workflow's step"
+    )
     public_gateway = serializers.CharField(read_only=True)
 
     class Meta:
@@ -335,6 +404,6 @@ class ClusterSerializer(serializers.ModelSerializer):
             "steps",
         ]
 
+    @extend_schema_field(ProgressSerializer)
     def get_progress(self, cluster: VirtualCluster) -> dict:
-        """Share of the provisioning steps done, and the step running now."""
         return selectors.cluster_progress(cluster)

@@ -3,6 +3,9 @@ service, serialize."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -23,8 +26,20 @@ CLUSTER_ERRORS = {
     "e409": "VLAN pool or public prefix exhausted, a quota reached, or the cluster's state does not allow this",
     "e422": "cannot be built on this network (e.g. a host no core reaches, a disabled host)",
 }
+CHANGE_ERRORS = {  # a change that needs the cluster READY
+    **CLUSTER_ERRORS,
+    "e409": "code `busy`: the cluster is provisioning or updating; the same request (with the same "
+    "Idempotency-Key) succeeds once it is ready: retry after the `Retry-After` header's seconds. Code `conflict`: "
+    "it never will (the cluster is tearing down, torn down or failed; the node is not migrating; the "
+    "Idempotency-Key was used for another request). Also `quota_exceeded`, `pool_exhausted`",
+}
+OWNER_403 = (
+    "`owner` names another user than the caller, which only middleware tokens (clusters:manage) and admins may "
+    "(whether that user exists or not), or the token lacks the scope"
+)
 CREATE_ERRORS = {
     **CLUSTER_ERRORS,
+    "e403": OWNER_403,
     "e400": "invalid input, with field-level messages (e.g. `connectivity`: public asked for where the policy "
     "makes the cluster closed)",
     "e422": f"{CLUSTER_ERRORS['e422']}, or public `connectivity` asked for with no public prefix configured",
@@ -48,6 +63,10 @@ FILTERS = [
 
 def _with_errors(*codes):
     return error_responses(*codes, **CLUSTER_ERRORS)
+
+
+def _change_errors(*codes):
+    return error_responses(*codes, **CHANGE_ERRORS)
 
 
 @extend_schema_view(
@@ -89,8 +108,24 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             raise PermissionDenied("Only the owner, an admin or the middleware can change this cluster.")
         return cluster
 
-    def _idempotency(self, request, payload) -> tuple[str, str, str] | None:
-        """(actor, key, fingerprint of ``payload``) when the request has an ``Idempotency-Key``."""
+    def handle_exception(self, exc):
+        response = super().handle_exception(exc)
+        retry_after = getattr(exc, "retry_after", None)  # (clusters.errors.Busy: the same request succeeds later)
+        if retry_after:
+            response["Retry-After"] = str(retry_after)
+        return response
+
+    def _valid(self, serializer_class, request) -> dict:
+        """The request body as ``serializer_class`` validates it (400 otherwise), defaults applied."""
+        data = serializer_class(data=request.data, context={"request": request})
+        data.is_valid(raise_exception=True)
+        return data.validated_data
+
+    def _idempotency(self, request, body: dict) -> tuple[str, str, str] | None:
+        """(actor, key, fingerprint) when the request has an ``Idempotency-Key``. The actor is the caller's user,
+        whichever of its tokens (or its session) sends the request: a retry after the token was rotated is the
+        same caller. The fingerprint is of the method, path and ``body`` as validated (defaults applied): a
+        retry that spells out a default is the same request."""
         key = request.headers.get("Idempotency-Key", "").strip()
         if not key:
             return None
@@ -98,15 +133,14 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             raise ValidationError({"Idempotency-Key": ["at most 200 characters"]})
         if "\x00" in key:  # (PostgreSQL text cannot hold it; gunicorn refuses it, runserver passes it on)
             raise ValidationError({"Idempotency-Key": ["must not contain NUL characters"]})
-        actor = f"token:{request.auth.pk}" if request.auth is not None else f"user:{request.user.pk}"
-        return actor, key, services.request_fingerprint(payload)
+        fingerprint = services.request_fingerprint({"method": request.method, "path": request.path, "body": body})
+        return f"user:{request.user.pk}", key, fingerprint
 
-    def _once(self, request, cluster, code: int, act) -> Response:
+    def _once(self, request, cluster, code: int, act, body: dict | None = None) -> Response:
         """Run ``act`` and answer ``code`` with the cluster; with an ``Idempotency-Key``, at most once: a retry
-        answers like the first request without acting again."""
-        fingerprint = {"method": request.method, "path": request.path, "body": request.data}
+        (the same validated ``body``) answers like the first request without acting again."""
         cluster, code = services.cluster_act_once(
-            idempotency=self._idempotency(request, fingerprint), cluster=cluster, status_code=code, act=act
+            idempotency=self._idempotency(request, body or {}), cluster=cluster, status_code=code, act=act
         )
         return self._respond(cluster, code)
 
@@ -129,20 +163,16 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         """Create a cluster; its network is provisioned in the background (wait for READY with ``…/wait/``). The
         policy decides whether it is public or closed (``connectivity_reason`` says why); the request may ask
         for closed, never for public against the policy."""
-        data = s.ClusterCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        v = data.validated_data
+        v = self._valid(s.ClusterCreateSerializer, request)  # (another owner than the caller: 403 unless allowed)
         owner = v.get("owner") or request.user
-        if not selectors.may_act_for(request, owner):
-            raise PermissionDenied("Only middleware tokens (clusters:manage) and admins create clusters for others.")
-        idempotency = self._idempotency(request, request.data)
+        idempotency = self._idempotency(request, {**v, "owner": owner})
         cluster, created = services.cluster_create_idempotent(
             owner=owner,
             name=v["name"],
             image=v["image"],
             admin_rights=v["admin_rights"],
             nodes=v["nodes"],
-            expires_at=v["expires_at"],
+            expires_at=timezone.now() + timedelta(seconds=v["lifetime"]),
             group=v.get("group"),
             job_id=v["job_id"],
             bastion_address=v["bastion_address"],
@@ -174,17 +204,15 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
     @extend_schema(
         parameters=[s.QuotaQuerySerializer],
-        responses={200: s.QuotaSerializer(many=True), **_with_errors(400, 401, 403)},
+        responses={200: s.QuotaSerializer(many=True), **error_responses(400, 401, 403, e403=OWNER_403)},
     )
     @action(detail=False, methods=["get"], pagination_class=None)
     def quota(self, request):
         """The quotas that apply to the caller's clusters (or, for middleware and admins, ``owner``'s), with
         what is in use now: a scheduler can check before it asks for a cluster."""
-        query = s.QuotaQuerySerializer(data=request.query_params)
-        query.is_valid(raise_exception=True)
+        query = s.QuotaQuerySerializer(data=request.query_params, context={"request": request})
+        query.is_valid(raise_exception=True)  # (another owner than the caller: 403 unless allowed)
         owner = query.validated_data.get("owner") or request.user
-        if not selectors.may_act_for(request, owner):
-            raise PermissionDenied("Only middleware tokens (clusters:manage) and admins see others' quotas.")
         return Response(s.QuotaSerializer(selectors.quota_report(owner), many=True).data)
 
     @extend_schema(
@@ -217,13 +245,12 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def partial_update(self, request, pk=None):
         """Change the lifetime (``expires_at``)."""
         cluster = self._actionable(pk)
+        v = self._valid(s.ClusterExtendSerializer, request)
 
         def act():
-            data = s.ClusterExtendSerializer(data=request.data)
-            data.is_valid(raise_exception=True)
-            services.cluster_extend(cluster=cluster, expires_at=data.validated_data["expires_at"])
+            services.cluster_extend(cluster=cluster, expires_at=v["expires_at"])
 
-        return self._once(request, cluster, status.HTTP_200_OK, act)
+        return self._once(request, cluster, status.HTTP_200_OK, act, v)
 
     @extend_schema(
         request=s.TeardownSerializer,
@@ -234,31 +261,28 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def teardown(self, request, pk=None):
         """Tear the cluster down: hosts, then switches; the VLAN goes to quarantine; access is revoked."""
         cluster = self._actionable(pk)
+        v = self._valid(s.TeardownSerializer, request)
 
         def act():
-            data = s.TeardownSerializer(data=request.data)
-            data.is_valid(raise_exception=True)
-            reason = f"{data.validated_data['reason']} (by {request.user.get_username()})"
-            services.cluster_teardown(cluster=cluster, reason=reason)
+            services.cluster_teardown(cluster=cluster, reason=f"{v['reason']} (by {request.user.get_username()})")
 
-        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act, v)
 
     @extend_schema(
         request=s.NodesAddSerializer,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+        responses={202: s.ClusterSerializer, **_change_errors(*WRITE_ERRORS)},
     )
     @action(detail=True, methods=["post"])
     def nodes(self, request, pk=None):
         """Add nodes to a ready cluster; the network converges onto their hosts."""
         cluster = self._actionable(pk)
+        v = self._valid(s.NodesAddSerializer, request)
 
         def act():
-            data = s.NodesAddSerializer(data=request.data)
-            data.is_valid(raise_exception=True)
-            services.cluster_nodes_add(cluster=cluster, nodes=data.validated_data["nodes"])
+            services.cluster_nodes_add(cluster=cluster, nodes=v["nodes"])
 
-        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act, v)
 
     def _node(self, cluster, node_id) -> Node:
         # A removed node is gone (404) — but an ended cluster's nodes were removed by its end: a change of one
@@ -269,7 +293,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
@@ -284,26 +308,23 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=s.MigrateSerializer,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+        responses={202: s.ClusterSerializer, **_change_errors(*WRITE_ERRORS)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate")
     def migrate(self, request, pk=None, node_id=None):
         """Prepare a migration: the network is made ready on the target host before the VM moves."""
         cluster = self._actionable(pk)
+        v = self._valid(s.MigrateSerializer, request)
 
         def act():
-            data = s.MigrateSerializer(data=request.data)
-            data.is_valid(raise_exception=True)
-            services.node_migrate_prepare(
-                cluster=cluster, node=self._node(cluster, node_id), target=data.validated_data["target_host"]
-            )
+            services.node_migrate_prepare(cluster=cluster, node=self._node(cluster, node_id), target=v["target_host"])
 
-        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act, v)
 
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
@@ -318,7 +339,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate/cancel")
     def migrate_cancel(self, request, pk=None, node_id=None):
@@ -334,7 +355,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=s.ConnectivitySerializer,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_with_errors(*WRITE_ERRORS)},
+        responses={202: s.ClusterSerializer, **_change_errors(*WRITE_ERRORS)},
     )
     @action(detail=True, methods=["post"])
     def connectivity(self, request, pk=None):
@@ -342,15 +363,11 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         cluster = self._actionable(pk)
         if not selectors.acts_as_admin(request):  # (an admin's token needs clusters:manage)
             raise PermissionDenied("Only an administrator can override the connectivity policy.")
+        v = self._valid(s.ConnectivitySerializer, request)
 
         def act():
-            data = s.ConnectivitySerializer(data=request.data)
-            data.is_valid(raise_exception=True)
             services.connectivity_override(
-                cluster=cluster,
-                connectivity=data.validated_data["connectivity"],
-                admin=request.user,
-                reason=data.validated_data["reason"],
+                cluster=cluster, connectivity=v["connectivity"], admin=request.user, reason=v["reason"]
             )
 
-        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act)
+        return self._once(request, cluster, status.HTTP_202_ACCEPTED, act, v)

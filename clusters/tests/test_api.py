@@ -248,12 +248,20 @@ def test_a_public_clusters_nodes_get_addresses_of_its_subnet(fabric, images, api
     assert full.status_code == 400 and "no free address left for node m3" in full.data["nodes"][0], full.data
 
 
-def test_a_public_node_never_gets_the_bastions_address(fabric, images, api, alice):
+def test_a_public_node_never_gets_the_bastions_address(fabric, images, api, alice, root):
+    """A public cluster has no bastion (asked for one, it is a 400: ``test_api_contract``); a closed cluster
+    that has one and is made public by an admin keeps it, and its nodes are renumbered around it."""
     PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
     api.force_authenticate(alice)
     two = (("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02"))
-    r = api.post("/api/clusters/", {**_addressed(two, [None, None]), "bastion_address": "198.19.0.2/29"}, format="json")
+    closed = {**_addressed(two, [None, None]), "connectivity": "closed", "bastion_address": "198.19.0.2/29"}
+    r = api.post("/api/clusters/", closed, format="json")
     assert r.status_code == 201, r.content
+    api.force_authenticate(root)
+    r = api.post(
+        f"/api/clusters/{r.data['id']}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json"
+    )
+    assert r.status_code == 202 and r.data["public_subnet"] == "198.19.0.0/29", r.content
     assert [n["address"] for n in r.data["nodes"]] == ["198.19.0.3", "198.19.0.4"]
 
 
