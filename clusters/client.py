@@ -69,8 +69,9 @@ from access.gateway.state import write_all_atomic  # stdlib only: files replaced
 
 EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
-# refusals that go away by themselves: VLAN ids come back from quarantine, other clusters end
-LATER = ("pool_exhausted", "quota_exceeded")
+# refusals that go away by themselves (EX_TEMPFAIL: the scheduler retries later): VLAN ids come back from quarantine,
+# other clusters end, a cluster still provisioning or updating gets ready (409 busy)
+LATER = ("pool_exhausted", "quota_exceeded", "busy")
 LONG_POLL = 25  # seconds one wait request asks for at most (a portal that allows less: its own maximum)
 
 

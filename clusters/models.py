@@ -122,6 +122,9 @@ class VirtualCluster(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    expiry_warned_for = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="the expiry an 'expiring' event was written for"
+    )
     workflow_generation = models.PositiveIntegerField(
         default=0, help_text="bumped by every network change; stale workflow callbacks are ignored"
     )
@@ -212,14 +215,24 @@ class StepStatus(models.TextChoices):
     SKIPPED = "skipped", "skipped"
 
 
+class EventKind(models.TextChoices):
+    STATE = "state", "created, or its state changed"
+    EXPIRING = "expiring", "expires soon"
+
+
 class ClusterEvent(models.Model):
-    """A cluster was created or its state changed. Written by the database itself (triggers, migration 0008),
-    in the transaction of the change, so no change is ever missed or recorded without happening; on
-    PostgreSQL at commit time under a short lock, so ids follow the order of commits: a reader that goes on
-    from the last id it saw (``GET /api/clusters/events/?after=``) never skips an event."""
+    """A cluster was created or its state changed (``kind`` state). Written by the database itself (triggers,
+    migration 0008), in the transaction of the change, so no change is ever missed or recorded without
+    happening; on PostgreSQL at commit time under a short lock, so ids follow the order of commits: a reader
+    that goes on from the last id it saw (``GET /api/clusters/events/?after=``) never skips an event. An
+    ``expiring`` event (the cluster ends within ``CLUSTER_EXPIRY_WARNING``; ``state`` is its state then) is
+    written by ``clusters.services.clusters_warn_expiring`` under the same lock."""
 
     id = models.BigAutoField(primary_key=True)
     cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(
+        max_length=10, choices=EventKind.choices, default=EventKind.STATE, db_default=EventKind.STATE
+    )
     state = models.CharField(max_length=20, choices=ClusterState.choices)
     at = models.DateTimeField()
 

@@ -32,6 +32,7 @@ from clusters.models import (
     ClusterState,
     ClusterStep,
     Connectivity,
+    EventKind,
     IdempotencyKey,
     Image,
     Node,
@@ -784,6 +785,47 @@ def clusters_expire() -> list[int]:
         except Conflict:
             continue  # changed state meanwhile; the next run looks again
     return ids
+
+
+EVENT_LOCK = 1447231507  # the event feed's advisory lock (migration 0008): ids in commit order
+
+
+def clusters_warn_expiring() -> list[int]:
+    """An ``expiring`` event (the feed, the webhooks) for every active cluster whose expiry comes within
+    ``CLUSTER_EXPIRY_WARNING``, once per expiry: an extension warns again when the new one comes near. Written
+    under the feed's lock, as the triggers write theirs, so event ids keep the order of commits; on PostgreSQL the
+    feed's long polls are woken. Returns the clusters warned (the periodic expiry calls this)."""
+    if not settings.CLUSTER_EXPIRY_WARNING:
+        return []
+    now = timezone.now()
+    due = VirtualCluster.objects.filter(
+        state__in=ACTIVE_STATES,
+        expires_at__gt=now,
+        expires_at__lte=now + timedelta(seconds=settings.CLUSTER_EXPIRY_WARNING),
+    ).exclude(expiry_warned_for=F("expires_at"))
+    warned = []
+    for cluster_id in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVENT_LOCK])
+            cluster = (
+                VirtualCluster.objects.select_for_update()
+                .filter(pk=cluster_id, state__in=ACTIVE_STATES, expires_at__gt=now)
+                .exclude(expiry_warned_for=F("expires_at"))
+                .first()
+            )
+            if cluster is None:  # ended, or warned by another run, meanwhile
+                continue
+            ClusterEvent.objects.create(
+                cluster=cluster, kind=EventKind.EXPIRING, state=cluster.state, at=timezone.now()
+            )
+            VirtualCluster.objects.filter(pk=cluster.pk).update(expiry_warned_for=cluster.expires_at)
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_notify('virtcloud_cluster_state', %s)", [str(cluster.pk)])
+        warned.append(cluster_id)
+    return warned
 
 
 def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:

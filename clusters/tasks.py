@@ -177,10 +177,11 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 
 @shared_task(name="clusters.expire")
 def expire() -> list[int]:
-    """Periodic: tear down clusters past their lifetime; retry teardowns that got stuck and provisionings that
-    never started; end provisionings (rolled back) and updates past their deadline; send the rollback of a
-    failed cluster's network that was never rolled back."""
+    """Periodic: tear down clusters past their lifetime, say which ones come near theirs; retry teardowns
+    that got stuck and provisionings that never started; end provisionings (rolled back) and updates past their
+    deadline; send the rollback of a failed cluster's network that was never rolled back."""
     ids = services.clusters_expire()
+    services.clusters_warn_expiring()
     services.clusters_retry_stuck_teardowns()
     services.clusters_resume_requested()
     services.clusters_end_stalled_workflows()

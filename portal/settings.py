@@ -278,6 +278,8 @@ CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
 CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
 CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
+# an "expiring" event (feed, webhooks) this long before a cluster's expiry tears it down; 0: none
+CLUSTER_EXPIRY_WARNING = env_int("CLUSTER_EXPIRY_WARNING", 24 * 3600, minimum=0)
 # A provisioning or update that has not finished after this long (a worker that never consumes its queue, a
 # lost message) ends with the devices still waiting as the reason; checked by clusters.expire.
 CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10)  # seconds

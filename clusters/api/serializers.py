@@ -21,6 +21,7 @@ from clusters.models import (
     ClusterState,
     ClusterStep,
     Connectivity,
+    EventKind,
     Image,
     Node,
     NodeState,
@@ -273,6 +274,11 @@ class EventSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     cluster = serializers.IntegerField(source="cluster_id")
     cluster_name = serializers.CharField(source="cluster.name")
+    kind = serializers.ChoiceField(
+        choices=EventKind.choices,
+        help_text="state: the cluster was created or its state changed (to state); expiring: its expiry comes within "
+        "CLUSTER_EXPIRY_WARNING and will tear it down unless its lifetime is extended (state: its state then)",
+    )
     state = serializers.ChoiceField(choices=ClusterState.choices)
     at = serializers.DateTimeField()
 
@@ -318,6 +324,9 @@ class AttachmentSerializer(serializers.Serializer):
     vlan = serializers.IntegerField(allow_null=True, help_text="802.1Q tag of the VM's port; null: untagged")
     virtualport = serializers.CharField(allow_null=True, help_text="libvirt virtualport type (openvswitch)")
     uplink = serializers.CharField(help_text="the host's trunk toward its switch")
+    mtu = serializers.IntegerField(
+        allow_null=True, help_text="the largest packet the VM may send (the core's MTU); null: the default (1500)"
+    )
     libvirt = serializers.CharField(allow_null=True, help_text="the libvirt <interface> element, ready to use")
 
 
@@ -335,7 +344,8 @@ class NodeSerializer(serializers.ModelSerializer):
         vid = node.cluster.vlan_id
         if host is None or vid is None or node.state == NodeState.REMOVED:
             return None
-        found = host_attachment(host_spec(host), vid)
+        # the core's MTU when the cluster was read with it (``selectors.clusters_visible``)
+        found = dataclasses.replace(host_attachment(host_spec(host), vid), mtu=getattr(node.cluster, "core_mtu", None))
         return {**dataclasses.asdict(found), "libvirt": interface_xml(found, node.mac)}
 
     @extend_schema_field(AttachmentSerializer(allow_null=True))

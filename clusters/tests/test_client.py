@@ -396,3 +396,46 @@ def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
     finally:
         server.shutdown()
     assert waits == [["25"], None]
+
+
+def test_a_cluster_busy_with_another_change_is_temporary():
+    """409 ``busy`` (the cluster is still provisioning or updating; the portal says when to retry) is not a
+    refusal: the client exits EX_TEMPFAIL (75) so that the scheduler runs the same command again — it exited
+    2, "refused"."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from clusters import client as scheduler_client
+
+    class Portal(BaseHTTPRequestHandler):
+        def do_GET(self):  # the job's cluster, found by its job id
+            cluster = {"id": 7, "name": "mpi", "state": "updating", "state_reason": "", "job_id": "1.pbs", "nodes": []}
+            self._send(200, {"count": 1, "next": None, "results": [cluster]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._send(409, {"detail": "cluster mpi is updating network; this needs it to be ready", "code": "busy"})
+
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if code == 409:
+                self.send_header("Retry-After", "2")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        err = io.StringIO()
+        argv = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", "vc_x_y", "down", "--job", "1.pbs"]
+        assert scheduler_client.main(argv, out=io.StringIO(), err=err) == 75, err.getvalue()
+    finally:
+        server.shutdown()
+    assert "busy" in err.getvalue()

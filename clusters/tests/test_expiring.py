@@ -1,0 +1,72 @@
+"""A cluster about to be torn down by its expiry says so first: an ``expiring`` event in the feed (and so to the
+webhooks) ``CLUSTER_EXPIRY_WARNING`` before, once per expiry — again after an extension, nearer the new one."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from clusters import services, tasks
+from clusters.models import ClusterEvent, EventKind, VirtualCluster
+from clusters.tests.helpers import client_for, create_cluster
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def expiring(cluster_id: int) -> list[ClusterEvent]:
+    return list(ClusterEvent.objects.filter(cluster_id=cluster_id, kind=EventKind.EXPIRING))
+
+
+def test_an_expiring_event_once_per_expiry_in_the_feed(fabric, alice, settings):
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    later = create_cluster(alice, "c2", "52:54:00:00:00:02")
+    now = timezone.now()
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=now + timedelta(minutes=30))
+    VirtualCluster.objects.filter(pk=later).update(expires_at=now + timedelta(hours=5))
+
+    assert tasks.expire.apply().get() == []  # nothing torn down yet
+    assert [e.state for e in expiring(cid)] == ["ready"] and expiring(later) == []
+    tasks.expire.apply().get()
+    assert len(expiring(cid)) == 1  # once for this expiry
+
+    page = client_for(alice).get("/api/clusters/events/", {"cluster": cid}).data
+    last = page["events"][-1]
+    assert (last["kind"], last["state"], last["cluster"]) == ("expiring", "ready", cid)
+    assert [e["kind"] for e in page["events"][:-1]] == ["state"] * (len(page["events"]) - 1)
+
+    # extended: warned again only when the new expiry comes near
+    services.cluster_extend(cluster=VirtualCluster.objects.get(pk=cid), expires_at=now + timedelta(hours=3))
+    services.clusters_warn_expiring()
+    assert len(expiring(cid)) == 1
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=now + timedelta(minutes=50))
+    services.clusters_warn_expiring()
+    assert len(expiring(cid)) == 2
+
+
+def test_no_warning_when_switched_off_or_for_a_cluster_that_ended(fabric, alice, settings):
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() + timedelta(minutes=5))
+    settings.CLUSTER_EXPIRY_WARNING = 0
+    assert services.clusters_warn_expiring() == []
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    assert client_for(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    assert services.clusters_warn_expiring() == []
+    assert expiring(cid) == []
+
+
+def test_a_nodes_attachment_carries_its_cores_mtu(fabric, alice):
+    """A VXLAN core over a 1500-byte underlay: the VM manager gets the core's MTU with the node's attachment
+    (and in the libvirt <interface>), read in the cluster's own query (no query per node)."""
+    fabric.core.mtu = 1450
+    fabric.core.save()
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    node = client_for(alice).get(f"/api/clusters/{cid}/").data["nodes"][0]
+    assert node["attachment"]["mtu"] == 1450 and '<mtu size="1450" />' in node["attachment"]["libvirt"]
+    fabric.core.mtu = None
+    fabric.core.save()
+    node = client_for(alice).get(f"/api/clusters/{cid}/").data["nodes"][0]
+    assert node["attachment"]["mtu"] is None and "<mtu" not in node["attachment"]["libvirt"]
