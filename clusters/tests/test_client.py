@@ -4,9 +4,12 @@ no Django, against a live portal and a real Celery worker on Redis (devices: the
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -352,24 +355,11 @@ def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
     """A portal whose CLUSTER_WAIT_MAX is below the client's 25 s long poll refuses the wait's ``timeout``
     (400): the client then asks without one (the portal's default is its maximum) — it exited 2, "refused,
     nothing left allocated", right after the portal had made the cluster."""
-    import io
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
-
-    from clusters import client as scheduler_client
 
     waits = []
 
-    class Portal(BaseHTTPRequestHandler):
-        def _send(self, code, body):
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Portal(FakePortal):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             self._send(201, {"id": 7, "name": "mpi", "state": "requested", "state_reason": "", "nodes": []})
@@ -383,18 +373,19 @@ def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
                 return self._send(200, {"id": 7, "name": "mpi", "state": "ready", "state_reason": "", "nodes": []})
             return self._send(200, {"count": 0, "next": None, "results": []})
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        err = io.StringIO()
-        argv = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", "vc_x_y", "up", "--job", "1.pbs"]
-        argv += ["--name", "mpi", "--image", "debian", "--node", "name=n1,host=h1,mac=52:54:00:00:00:01"]
-        assert scheduler_client.main(argv, out=io.StringIO(), err=err) == 0, err.getvalue()
-    finally:
-        server.shutdown()
+    up = [
+        "up",
+        "--job",
+        "1.pbs",
+        "--name",
+        "mpi",
+        "--image",
+        "debian",
+        "--node",
+        "name=n1,host=h1,mac=52:54:00:00:00:01",
+    ]
+    code, err = against(Portal, *up)
+    assert code == 0, err
     assert waits == [["25"], None]
 
 
@@ -402,40 +393,48 @@ def test_a_cluster_busy_with_another_change_is_temporary():
     """409 ``busy`` (the cluster is still provisioning or updating; the portal says when to retry) is not a
     refusal: the client exits EX_TEMPFAIL (75) so that the scheduler runs the same command again — it exited
     2, "refused"."""
-    import io
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from clusters import client as scheduler_client
-
-    class Portal(BaseHTTPRequestHandler):
+    class Portal(FakePortal):
         def do_GET(self):  # the job's cluster, found by its job id
             cluster = {"id": 7, "name": "mpi", "state": "updating", "state_reason": "", "job_id": "1.pbs", "nodes": []}
             self._send(200, {"count": 1, "next": None, "results": [cluster]})
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self._send(409, {"detail": "cluster mpi is updating network; this needs it to be ready", "code": "busy"})
+            detail = "cluster mpi is updating network; this needs it to be ready"
+            self._send(409, {"detail": detail, "code": "busy"}, retry_after=2)
 
-        def _send(self, code, body):
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if code == 409:
-                self.send_header("Retry-After", "2")
-            self.end_headers()
-            self.wfile.write(data)
+    code, err = against(Portal, "down", "--job", "1.pbs")
+    assert code == 75, err
+    assert "busy" in err
 
-        def log_message(self, *args):
-            pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+class FakePortal(BaseHTTPRequestHandler):
+    """A portal that answers what a test's subclass says (``do_GET``/``do_POST`` with ``_send``)."""
+
+    def _send(self, code: int, body: dict, *, retry_after: int | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def against(handler: type[FakePortal], *command: str) -> tuple[int, str]:
+    """``client.py --url <a portal answering with handler> --token … <command>`` in-process: (exit code, stderr)."""
+    from clusters import client as scheduler_client
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         err = io.StringIO()
-        argv = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", "vc_x_y", "down", "--job", "1.pbs"]
-        assert scheduler_client.main(argv, out=io.StringIO(), err=err) == 75, err.getvalue()
+        argv = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", "vc_x_y", *command]
+        return scheduler_client.main(argv, out=io.StringIO(), err=err), err.getvalue()
     finally:
         server.shutdown()
-    assert "busy" in err.getvalue()
