@@ -31,14 +31,12 @@ class AccessConfig(AppConfig):
         # connect to it only when it is there, by label, so importing access never imports clusters.
         if apps.is_installed("clusters"):
             try:
-                from clusters.signals import cluster_ended
+                from clusters.signals import cluster_ended, cluster_ready
             except ImportError:  # clusters not finished yet: nothing can end
                 return
             cluster_ended.connect(signals.cluster_ended, dispatch_uid="access-cluster-ended")
             post_save.connect(signals.cluster_saved, sender="clusters.VirtualCluster", dispatch_uid="access-cluster")
-            post_save.connect(
-                signals.cluster_step_saved, sender="clusters.ClusterStep", dispatch_uid="access-cluster-ready"
-            )
+            cluster_ready.connect(signals.cluster_ready, dispatch_uid="access-cluster-ready")
             post_delete.connect(
                 signals.cluster_deleted, sender="clusters.VirtualCluster", dispatch_uid="access-cluster-deleted"
             )

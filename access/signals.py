@@ -52,18 +52,13 @@ def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     services.credentials_revoke_unauthorized(cluster=instance)
 
 
-def cluster_step_saved(sender, instance, created, raw=False, **kwargs) -> None:
-    """A provisioning's "ready" step was recorded: the cluster became READY in this transaction (the clusters app
-    records the step with the state change, ``clusters.services.cluster_mark_ready``; the state itself changes by
-    a conditional UPDATE, which sends no signal). After the commit, the gateways on this host get a state with
-    the cluster at once, instead of at their next pull: a user who downloads a profile right away gets in."""
-    if raw or not created or instance.name != "ready":
-        return
+def cluster_ready(sender, cluster_id, **kwargs) -> None:
+    """A provisioning made the cluster READY (sent after its commit): the gateways on this host get a state
+    with it at once, instead of at their next pull, so a user who downloads a profile right away gets in (a
+    gateway that cannot take it now pulls it later: the sender is robust)."""
     from access import services
 
-    cluster_id = instance.cluster_id
-    # robust: the cluster is ready whatever happens here (a gateway that cannot take it now pulls it later)
-    transaction.on_commit(lambda: services.gateways_install_ready_cluster(cluster_id=cluster_id), robust=True)
+    services.gateways_install_ready_cluster(cluster_id=cluster_id)
 
 
 def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> None:

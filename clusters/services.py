@@ -41,7 +41,7 @@ from clusters.models import (
     StepStatus,
     VirtualCluster,
 )
-from clusters.signals import cluster_ended
+from clusters.signals import cluster_ended, cluster_ready
 from network import errors as net_errors
 from network import services as net
 from network.models import DeviceChange, Host, Segment
@@ -593,6 +593,8 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
                 started_at=now,
                 finished_at=now,
             )
+            # robust: the cluster is READY whatever a receiver does (access pushes it to the local gateways)
+            transaction.on_commit(lambda: cluster_ready.send(VirtualCluster, cluster_id=cluster_id), robust=True)
         return bool(updated)
 
 

@@ -4,3 +4,5 @@ from django.dispatch import Signal
 
 # Sent after commit when a cluster is torn down or failed: kwargs ``cluster``.
 cluster_ended = Signal()
+# Sent after commit when a cluster's provisioning made it READY: kwargs ``cluster_id``.
+cluster_ready = Signal()
