@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from functools import wraps
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
@@ -39,8 +40,6 @@ EXTEND_BY = (
     ("7d", "7 days", timedelta(days=7)),
     ("30d", "30 days", timedelta(days=30)),
 )
-#: a cluster expiring within this says so beside its expiry, so that its users notice before it is torn down
-EXPIRES_SOON = timedelta(hours=24)
 
 
 class ExtendForm(forms.Form):
@@ -93,10 +92,11 @@ def _utc(moment: datetime) -> str:
 
 
 def _expires_soon(cluster: VirtualCluster, now: datetime) -> str:
-    """What the page says beside the expiry of an active cluster that expires within EXPIRES_SOON: "in 3 h",
+    """What the page says beside the expiry of an active cluster that expires within ``CLUSTER_EXPIRY_WARNING``
+    (the window of its ``expiring`` event, so that its users notice before it is torn down): "in 3 h",
     "in 20 min", "past its expiry" (the periodic expiry tears it down at its next run); "" otherwise."""
     left = cluster.expires_at - now
-    if cluster.state not in ACTIVE_STATES or left > EXPIRES_SOON:
+    if cluster.state not in ACTIVE_STATES or left > timedelta(seconds=settings.CLUSTER_EXPIRY_WARNING):
         return ""
     if left <= timedelta(0):
         return "past its expiry"

@@ -290,6 +290,16 @@ def test_a_cluster_expiring_within_a_day_says_so_beside_its_expiry(alice, bob, t
             assert f'UTC</time> <strong class="tag soon">{shown}</strong>' in mine
 
 
+def test_expires_soon_is_the_window_of_the_expiring_event(alice, settings):
+    """The page warns when the feed does (``CLUSTER_EXPIRY_WARNING``): one setting, one notion of "soon"."""
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    cluster = make_cluster(alice, name="mpi")
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + timedelta(hours=3))
+    assert 'class="tag soon"' not in row(logged_in(alice).get("/").content.decode(), cluster)
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + timedelta(minutes=50, seconds=30))
+    assert '<strong class="tag soon">in 50 min</strong>' in row(logged_in(alice).get("/").content.decode(), cluster)
+
+
 def test_a_cluster_being_torn_down_is_not_said_to_expire_soon(alice):
     cluster = make_cluster(alice, name="mpi", state=ClusterState.TEARING_DOWN)
     VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + timedelta(hours=2))
