@@ -27,9 +27,31 @@ from clusters.models import (
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
-    list_display = ("name", "approved", "description")
-    list_filter = ("approved",)
-    search_fields = ("name", "description")
+    """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
+    it: later clusters booting it may be public (paper §2.1); live ones keep their connectivity."""
+
+    list_display = ("name", "approved", "owner", "group", "description", "created_at", "retired_at")
+    list_filter = ("approved", ("owner", admin.EmptyFieldListFilter), ("retired_at", admin.EmptyFieldListFilter))
+    search_fields = ("name", "description", "source", "owner__username")
+    raw_id_fields = ("owner",)
+    readonly_fields = ("created_at",)
+    actions = ("approve", "withdraw_approval")
+
+    @admin.action(description="Approve the selected images (the provider vouches for them)")
+    def approve(self, request, queryset) -> None:
+        self._set_approved(request, queryset, approved=True)
+
+    @admin.action(description="Withdraw the approval of the selected images")
+    def withdraw_approval(self, request, queryset) -> None:
+        self._set_approved(request, queryset, approved=False)
+
+    def _set_approved(self, request, queryset, *, approved: bool) -> None:
+        changed = 0
+        for image in queryset.exclude(approved=approved):  # one save each: the audit log records every change
+            image.approved = approved
+            image.save(update_fields=["approved"])
+            changed += 1
+        self.message_user(request, f"{changed} image(s) {'approved' if approved else 'no longer approved'}.")
 
 
 @admin.register(PublicPrefix)

@@ -24,14 +24,47 @@ mac_validator = RegexValidator(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", "A MAC address
 
 class Image(models.Model):
     """An OS image a cluster's VMs boot. Approved images are maintained by the provider; user-provided
-    ones are not, which makes the cluster closed (paper §2.1)."""
+    ones are not, which makes the cluster closed (paper §2.1).
+
+    The provider's catalogue (no ``owner``) is open to everyone. A user registers their own images through the
+    API: only they (and, with ``group``, that group's members) may boot clusters from it, and it is never
+    approved unless an admin approves it. An image that ended clusters still name is retired rather than
+    deleted: it keeps their history, is listed no more, and boots nothing new; its name stays taken."""
 
     name = models.SlugField(max_length=100, unique=True)
     approved = models.BooleanField(default=False, help_text="maintained and vouched for by the provider")
     description = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="images",
+        help_text="who registered it (user-provided); empty: the provider's catalogue, open to everyone",
+    )
+    group = models.ForeignKey(
+        Group,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="images",
+        help_text="a user-provided image shared with this group's members",
+    )
+    source = models.CharField(
+        max_length=500, blank=True, help_text="where the image comes from (a URL, a path, a checksum): for the record"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, null=True)
+    retired_at = models.DateTimeField(null=True, blank=True, help_text="deleted while ended clusters still name it")
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(group__isnull=True) | Q(owner__isnull=False),
+                name="image_group_needs_owner",
+                violation_error_message="Only a user-provided image (one with an owner) is shared with a group.",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -15,6 +15,7 @@ from clusters.models import (
     ClusterEvent,
     ClusterState,
     ClusterStep,
+    Image,
     Node,
     NodeState,
     Quota,
@@ -50,6 +51,29 @@ def clusters_visible(request) -> QuerySet[VirtualCluster]:
     if acts_as_admin(request):
         return qs
     return qs.filter(Q(owner=user) | Q(group__in=user.groups.all())).distinct()
+
+
+def images_usable(user) -> QuerySet[Image]:
+    """The images ``user`` may boot clusters from: the provider's catalogue (no owner), their own, and those
+    shared with one of their groups; not retired."""
+    return Image.objects.filter(
+        Q(owner__isnull=True) | Q(owner=user) | Q(group__in=user.groups.all()), retired_at__isnull=True
+    ).distinct()
+
+
+def images_visible(request) -> QuerySet[Image]:
+    """Images the caller sees: every one that is not retired for admins and middleware (``acts_as_admin``: they
+    name images for any owner), ``images_usable`` for anyone else."""
+    qs = Image.objects.filter(retired_at__isnull=True) if acts_as_admin(request) else images_usable(request.user)
+    return qs.select_related("owner", "group")
+
+
+def image_may_change(request, image: Image) -> bool:
+    """Owners change and delete their own images, admins and middleware any user-provided one; the provider's
+    catalogue is changed in the admin only."""
+    if image.owner_id is None:
+        return False
+    return image.owner_id == request.user.pk or acts_as_admin(request)
 
 
 def may_act_on(request, cluster: VirtualCluster) -> bool:

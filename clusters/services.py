@@ -274,6 +274,7 @@ def cluster_create(
         raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
         raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
+    _check_image(image, owner=owner)
     quota_check(owner=owner, group=group, clusters=1, nodes=len(nodes))
 
     prefix = PublicPrefix.objects.order_by("name").first()
@@ -395,6 +396,7 @@ def cluster_act_once(
 _IDEMPOTENCY_LOCK_SPACE = 0x56430010
 _PUBLIC_SUBNET_LOCK_SPACE = 0x56430013
 _QUOTA_LOCK_SPACES = {"user": 0x56430011, "group": 0x56430012}
+_IMAGE_LOCK_SPACE = 0x56430014
 
 
 def quota_check(*, owner, group: Group | None, clusters: int, nodes: int) -> None:
@@ -421,6 +423,77 @@ def quota_check(*, owner, group: Group | None, clusters: int, nodes: int) -> Non
                 f"quota of {limit.scope}: {have_nodes} live nodes of {limit.max_nodes} allowed, {nodes} more asked for",
                 field="quota",
             )
+
+
+def image_unavailable(name: str) -> str:
+    """The one answer for an image that does not exist, is retired, or is someone else's: it tells no one
+    which (the API's lookup by name says the same)."""
+    return f"No image named {name} is available."
+
+
+def _check_image(image: Image, *, owner) -> None:
+    """Refuse ``image`` unless ``owner`` may boot it (``selectors.images_usable``). On PostgreSQL the image's row
+    is share-locked until the cluster commits, so a concurrent delete waits and then finds the cluster."""
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(Image._meta.db_table)  # (identifier from the model, value a parameter)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR SHARE", [image.pk])  # noqa: S608
+    if not selectors.images_usable(owner).filter(pk=image.pk).exists():
+        raise ClusterError(image_unavailable(image.name), field="image")
+
+
+@transaction.atomic
+def image_register(*, owner, name: str, description: str = "", source: str = "", group: Group | None = None) -> Image:
+    """Register a user-provided image of ``owner`` (shared with ``group``'s members when given). It is never
+    approved here (an admin may approve it), so clusters booting it are closed. At most ``IMAGE_QUOTA`` images
+    per owner (409 ``quota_exceeded``); a taken name is a 400 on ``name``."""
+    if group is not None and not owner.groups.filter(pk=group.pk).exists():
+        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
+    _xact_lock(_IMAGE_LOCK_SPACE, owner.pk)  # concurrent registrations of one owner count one after the other
+    have = Image.objects.filter(owner=owner, retired_at__isnull=True).count()
+    if have >= settings.IMAGE_QUOTA:
+        raise QuotaExceeded(
+            f"{owner.get_username()} already has {have} images of {settings.IMAGE_QUOTA} allowed: delete one first",
+            field="quota",
+        )
+    image = Image(owner=owner, group=group, name=name, description=description, source=source, approved=False)
+    try:
+        with transaction.atomic():
+            image.save()
+    except IntegrityError:
+        raise ClusterError(f"an image named {name} already exists", field="name") from None
+    audit.record(image, "action", message=f"registered by {owner.get_username()}")
+    return image
+
+
+def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
+    """Change a user-provided image's ``description``, ``source`` or ``group`` (its owner must be a member)."""
+    unknown = set(changes) - {"description", "source", "group"}
+    if unknown:
+        raise ClusterError(f"cannot change {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
+    group = changes.get("group", image.group)
+    if group is not None and not image.owner.groups.filter(pk=group.pk).exists():
+        raise ClusterError(f"{image.owner.get_username()} is not a member of group {group.name}", field="group")
+    for name, value in changes.items():
+        setattr(image, name, value)
+    image.save(update_fields=[*changes])
+    return image
+
+
+@transaction.atomic
+def image_delete(*, image: Image) -> str:
+    """Delete a user-provided image: "deleted", or "retired" when ended clusters still name it (kept for their
+    history, listed no more, booting nothing new). A live cluster booting it is a 409 naming it."""
+    image = Image.objects.select_for_update().get(pk=image.pk)  # (cluster creates share-lock it: they finish first)
+    live = list(image.clusters.filter(state__in=LIVE_STATES).order_by("name").values_list("name", flat=True)[:5])
+    if live:
+        raise Conflict(f"live clusters boot image {image.name}: {', '.join(live)}; tear them down first")
+    if image.clusters.exists():
+        image.retired_at = timezone.now()
+        image.save(update_fields=["retired_at"])
+        return "retired"
+    image.delete()
+    return "deleted"
 
 
 def _idempotency_lock(actor: str, key: str) -> None:

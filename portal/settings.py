@@ -286,6 +286,8 @@ CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10
 # live clusters and nodes per user unless the user has a Quota of their own (admin); 0: no limit
 CLUSTER_QUOTA_CLUSTERS = env_int("CLUSTER_QUOTA_CLUSTERS", 25, minimum=0)
 CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
+# user-provided images a user may register (POST /api/images/); retired ones do not count
+IMAGE_QUOTA = env_int("IMAGE_QUOTA", 50, minimum=0)
 # longest wait of GET /api/clusters/{id}/wait/ (seconds); keep it below the web server's worker timeout
 # (gunicorn: 30 s by default)
 CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)

@@ -161,7 +161,13 @@ class ClusterCreateSerializer(StrictSerializer):
         "403); default: the caller",
     )
     group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
-    image = NameRelatedField(slug_field="name", queryset=Image.objects.all())
+    image = NameRelatedField(
+        slug_field="name",
+        queryset=Image.objects.all(),
+        error_messages={"does_not_exist": "No image named {value} is available."},  # = services.image_unavailable
+        help_text="the provider's catalogue, the owner's own images, or an image shared with one of the owner's "
+        "groups (`GET /api/images/`); a user-provided (not approved) image makes the cluster closed",
+    )
     admin_rights = serializers.BooleanField(default=False)
     connectivity = serializers.ChoiceField(
         choices=Connectivity.choices,
@@ -197,6 +203,64 @@ class ClusterCreateSerializer(StrictSerializer):
         if problem:
             raise serializers.ValidationError(problem)
         return str(ipaddress.ip_interface(value.strip()))
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    owner = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True, help_text="null: the provider's catalogue"
+    )
+    group = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+
+    class Meta:
+        model = Image
+        fields = ("name", "approved", "description", "source", "owner", "group", "created_at")
+        read_only_fields = fields
+
+
+class ImageCreateSerializer(StrictSerializer):
+    """A user-provided image to register: never approved (an admin approves images), so clusters booting it
+    are closed."""
+
+    name = serializers.SlugField(max_length=100, help_text="unique among all images")
+    owner = OwnerField(
+        refusal="Only middleware tokens (clusters:manage) and admins register images for others.",
+        required=False,
+        help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
+    )
+    group = NameRelatedField(
+        slug_field="name",
+        queryset=Group.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="share it with this group's members (the owner must be one)",
+    )
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    source = serializers.CharField(
+        max_length=500, required=False, allow_blank=True, default="", help_text="a URL, a path, a checksum"
+    )
+
+
+class ImageUpdateSerializer(StrictSerializer):
+    """What the owner may change of a user-provided image (each field optional)."""
+
+    group = NameRelatedField(
+        slug_field="name",
+        queryset=Group.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="share it with this group (the owner must be a member); null: not shared",
+    )
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    source = serializers.CharField(max_length=500, required=False, allow_blank=True)
+
+
+class ImageQuerySerializer(serializers.Serializer):
+    """Filters of ``GET /api/images/``."""
+
+    approved = serializers.BooleanField(required=False, allow_null=True, default=None)
+    owner = serializers.CharField(
+        required=False, max_length=150, help_text="the owner's user name; `-`: the provider's catalogue"
+    )
 
 
 class ClusterExtendSerializer(StrictSerializer):

@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from clusters import selectors, services
 from clusters.api import serializers as s
-from clusters.models import ClusterState, Connectivity, Node, NodeState, VirtualCluster
+from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster
 from portal.api import Pagination, error_responses, query_param
 from portal.models import TokenScope
 
@@ -59,6 +59,13 @@ FILTERS = [
     OpenApiParameter("job_id", OpenApiTypes.STR, description="the scheduler's job id"),
     OpenApiParameter("name", OpenApiTypes.STR, description="cluster name"),
 ]
+
+
+def _valid(serializer_class, request) -> dict:
+    """The request body as ``serializer_class`` validates it (400 otherwise), defaults applied."""
+    data = serializer_class(data=request.data, context={"request": request})
+    data.is_valid(raise_exception=True)
+    return data.validated_data
 
 
 def _with_errors(*codes):
@@ -115,12 +122,6 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             response["Retry-After"] = str(retry_after)
         return response
 
-    def _valid(self, serializer_class, request) -> dict:
-        """The request body as ``serializer_class`` validates it (400 otherwise), defaults applied."""
-        data = serializer_class(data=request.data, context={"request": request})
-        data.is_valid(raise_exception=True)
-        return data.validated_data
-
     def _idempotency(self, request, body: dict) -> tuple[str, str, str] | None:
         """(actor, key, fingerprint) when the request has an ``Idempotency-Key``. The actor is the caller's user,
         whichever of its tokens (or its session) sends the request: a retry after the token was rotated is the
@@ -163,7 +164,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         """Create a cluster; its network is provisioned in the background (wait for READY with ``…/wait/``). The
         policy decides whether it is public or closed (``connectivity_reason`` says why); the request may ask
         for closed, never for public against the policy."""
-        v = self._valid(s.ClusterCreateSerializer, request)  # (another owner than the caller: 403 unless allowed)
+        v = _valid(s.ClusterCreateSerializer, request)  # (another owner than the caller: 403 unless allowed)
         owner = v.get("owner") or request.user
         idempotency = self._idempotency(request, {**v, "owner": owner})
         cluster, created = services.cluster_create_idempotent(
@@ -245,7 +246,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def partial_update(self, request, pk=None):
         """Change the lifetime (``expires_at``)."""
         cluster = self._actionable(pk)
-        v = self._valid(s.ClusterExtendSerializer, request)
+        v = _valid(s.ClusterExtendSerializer, request)
 
         def act():
             services.cluster_extend(cluster=cluster, expires_at=v["expires_at"])
@@ -261,7 +262,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def teardown(self, request, pk=None):
         """Tear the cluster down: hosts, then switches; the VLAN goes to quarantine; access is revoked."""
         cluster = self._actionable(pk)
-        v = self._valid(s.TeardownSerializer, request)
+        v = _valid(s.TeardownSerializer, request)
 
         def act():
             services.cluster_teardown(cluster=cluster, reason=f"{v['reason']} (by {request.user.get_username()})")
@@ -277,7 +278,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def nodes(self, request, pk=None):
         """Add nodes to a ready cluster; the network converges onto their hosts."""
         cluster = self._actionable(pk)
-        v = self._valid(s.NodesAddSerializer, request)
+        v = _valid(s.NodesAddSerializer, request)
 
         def act():
             services.cluster_nodes_add(cluster=cluster, nodes=v["nodes"])
@@ -314,7 +315,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def migrate(self, request, pk=None, node_id=None):
         """Prepare a migration: the network is made ready on the target host before the VM moves."""
         cluster = self._actionable(pk)
-        v = self._valid(s.MigrateSerializer, request)
+        v = _valid(s.MigrateSerializer, request)
 
         def act():
             services.node_migrate_prepare(cluster=cluster, node=self._node(cluster, node_id), target=v["target_host"])
@@ -363,7 +364,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         cluster = self._actionable(pk)
         if not selectors.acts_as_admin(request):  # (an admin's token needs clusters:manage)
             raise PermissionDenied("Only an administrator can override the connectivity policy.")
-        v = self._valid(s.ConnectivitySerializer, request)
+        v = _valid(s.ConnectivitySerializer, request)
 
         def act():
             services.connectivity_override(
@@ -371,3 +372,89 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             )
 
         return self._once(request, cluster, status.HTTP_202_ACCEPTED, act, v)
+
+
+IMAGE_ERRORS = {
+    "e403": "the provider's catalogue (changed in the admin only), someone else's image, or the token lacks the scope",
+    "e404": "no such image (or not available to you)",
+    "e409": "`quota_exceeded`: IMAGE_QUOTA images already; `conflict`: live clusters boot the image",
+}
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[s.ImageQuerySerializer],
+        responses={200: s.ImageSerializer(many=True), **error_responses(400, 401, 403, **IMAGE_ERRORS)},
+    ),
+    retrieve=extend_schema(responses={200: s.ImageSerializer, **error_responses(401, 403, 404, **IMAGE_ERRORS)}),
+)
+class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """OS images: the provider's catalogue, and images users register themselves (paper §2.1: a cluster that
+    boots a user-provided image is closed)."""
+
+    serializer_class = s.ImageSerializer
+    pagination_class = Pagination
+    lookup_field = "name"
+    lookup_value_regex = r"[-a-zA-Z0-9_]+"
+    required_scopes = ClusterViewSet.required_scopes
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no user
+            return Image.objects.none()
+        qs = selectors.images_visible(self.request)
+        if self.action != "list":
+            return qs
+        query = s.ImageQuerySerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        v = query.validated_data
+        if v["approved"] is not None:
+            qs = qs.filter(approved=v["approved"])
+        if "owner" in v:
+            qs = qs.filter(owner__isnull=True) if v["owner"] == "-" else qs.filter(owner__username=v["owner"])
+        return qs
+
+    def _changeable(self, name) -> Image:
+        image = get_object_or_404(self.get_queryset(), name=name)
+        if not selectors.image_may_change(self.request, image):
+            raise PermissionDenied(
+                "Only its owner, an admin or the middleware change a user-provided image; the provider's catalogue "
+                "is changed in the admin."
+            )
+        return image
+
+    @extend_schema(
+        request=s.ImageCreateSerializer,
+        responses={
+            201: s.ImageSerializer,
+            **error_responses(400, 401, 403, 409, 415, **{**IMAGE_ERRORS, "e403": OWNER_403}),
+        },
+    )
+    def create(self, request):
+        """Register a user-provided image (never approved: an admin may approve it in the admin). Only its owner
+        (and, with ``group``, that group's members) may boot clusters from it."""
+        v = _valid(s.ImageCreateSerializer, request)
+        image = services.image_register(
+            owner=v.get("owner") or request.user,
+            name=v["name"],
+            description=v["description"],
+            source=v["source"],
+            group=v.get("group"),
+        )
+        return Response(s.ImageSerializer(image).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=s.ImageUpdateSerializer,
+        responses={200: s.ImageSerializer, **error_responses(400, 401, 403, 404, 415, **IMAGE_ERRORS)},
+    )
+    def partial_update(self, request, name=None):
+        """Change a user-provided image's description, source or group."""
+        image = self._changeable(name)
+        v = _valid(s.ImageUpdateSerializer, request)
+        return Response(s.ImageSerializer(services.image_update(image=image, changes=v)).data)
+
+    @extend_schema(request=None, responses={204: None, **error_responses(401, 403, 404, 409, **IMAGE_ERRORS)})
+    def destroy(self, request, name=None):
+        """Delete a user-provided image no live cluster boots. One that ended clusters still name is retired
+        instead: kept for their history, listed no more, booting nothing; its name stays taken."""
+        services.image_delete(image=self._changeable(name))
+        return Response(status=status.HTTP_204_NO_CONTENT)
