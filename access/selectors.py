@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, Min, Prefetch, Q, QuerySet
+from django.db.models import BooleanField, Count, ExpressionWrapper, Min, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -27,15 +28,30 @@ def enterable_states() -> tuple[str, ...]:
     return (ClusterState.READY, ClusterState.UPDATING)
 
 
+def enterable_condition() -> Q:
+    """The cluster's half of the access rule: closed (users enter it through the gateways, whose VLAN maps
+    hold such clusters only) and its network up (``enterable_states``)."""
+    from clusters.models import Connectivity
+
+    return Q(connectivity=Connectivity.CLOSED, state__in=enterable_states())
+
+
 def clusters_user_may_enter(user) -> QuerySet:
     """Closed clusters whose network is up and that ``user`` owns or shares through one of their groups.
 
     THE membership rule of the access service: profiles, SSH certificates, the "my clusters" page and
     revocation on leaving a group all ask this function.
     """
-    from clusters.models import Connectivity
+    return clusters_user_belongs_to(user).filter(enterable_condition())
 
-    return clusters_user_belongs_to(user).filter(connectivity=Connectivity.CLOSED, state__in=enterable_states())
+
+def clusters_with_enterable(clusters: QuerySet) -> QuerySet:
+    """``clusters`` with ``enterable``: whether the cluster's people (its owner and its group's members) may enter
+    it now — ``clusters_user_may_enter`` without the membership half. On the "my clusters" page, which lists the
+    user's own clusters only, that is whether the user may; in the access API it speaks of the cluster's people
+    whoever asks (a scheduler's token, an admin, who see others' clusters too). False for a public cluster:
+    nobody enters it through the gateways (it is reached directly)."""
+    return clusters.annotate(enterable=ExpressionWrapper(enterable_condition(), output_field=BooleanField()))
 
 
 def clusters_user_belongs_to(user) -> QuerySet:
@@ -53,10 +69,13 @@ def clusters_user_belongs_to(user) -> QuerySet:
 
 
 def clusters_user_may_see(user) -> QuerySet:
-    """Closed clusters the user owns or shares in any live state (the page shows why one is not enterable)."""
+    """Closed clusters the user owns or shares in any live state, with ``enterable`` (``clusters_with_enterable``):
+    the page shows why one is not enterable."""
     from clusters.models import LIVE_STATES, Connectivity
 
-    return clusters_user_belongs_to(user).filter(connectivity=Connectivity.CLOSED, state__in=LIVE_STATES)
+    return clusters_with_enterable(
+        clusters_user_belongs_to(user).filter(connectivity=Connectivity.CLOSED, state__in=LIVE_STATES)
+    )
 
 
 def cluster_label(cluster) -> str:
@@ -221,30 +240,131 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
     return lambda gateway: gateway.site_id is None or all((pk, gateway.site_id) in reached() for pk in ids)
 
 
-def clusters_access_ready(clusters: Iterable) -> dict[int, bool]:
-    """Per cluster of ``clusters`` (by id): whether every ready gateway (``gateways_ready``) that carries it
-    (``gateway_carries``) is known to have installed a state made after the cluster became ready — its
-    ``state_as_of`` (a pull answered 304, a pull that reported the state it had installed, a state the portal
-    installed itself on a gateway on its host) at or after the cluster's ``ready_at``. False: a gateway may still
-    refuse its users ("gateways updating…"); a remote gateway pulling every minute is known to have it within two
-    pulls (the first brings it, the next says it has it). Left out: clusters no ready gateway carries, and those
-    with no ready time. Two queries at most."""
+def gateway_has_cluster(gateway: Gateway, cluster) -> bool | None:
+    """Whether ``gateway`` is known to have installed a state that holds ``cluster``: its ``state_as_of`` (see
+    ``clusters_access_ready``) at or after the cluster's ``ready_at``. None: the cluster has no ready time."""
+    if cluster.ready_at is None:
+        return None
+    return gateway.state_as_of is not None and gateway.state_as_of >= cluster.ready_at
+
+
+def gateways_carrying(clusters: Iterable) -> dict[int, list[Gateway]]:
+    """Per cluster of ``clusters`` (by id), the ready gateways (``gateways_ready``, with their ``site``) whose trunk
+    carries it, by name: ``gateway_carries``' rule (no site, or a site the cluster's core reaches), for the
+    clusters the gateways' VLAN maps hold (``access.services.gateway_state``: closed, network up, with a VLAN).
+    Left out: clusters no ready gateway carries — public ones, and closed ones whose network is not up, among
+    them. Two queries at most, however many clusters and gateways."""
     from clusters.models import VirtualCluster
 
-    ready = [c for c in clusters if c.ready_at is not None]
-    gateways = list(gateways_ready().only("id", "site_id", "state_as_of")) if ready else []
+    ids = [c.pk for c in clusters]
+    gateways = list(gateways_ready().select_related("site").order_by("name")) if ids else []
     if not gateways:
         return {}
-    reached: set[tuple[int, int]] = set()  # (cluster, a site its core joins)
-    if any(g.site_id is not None for g in gateways):
-        found = VirtualCluster.objects.filter(pk__in=[c.pk for c in ready])
-        reached = set(found.values_list("pk", "segment__allocation__pool__core__sites"))
-    out = {}
-    for cluster in ready:
-        carrying = [g for g in gateways if g.site_id is None or (cluster.pk, g.site_id) in reached]
-        if carrying:
-            out[cluster.pk] = all(g.state_as_of is not None and g.state_as_of >= cluster.ready_at for g in carrying)
-    return out
+    reached: dict[int, set[int | None]] = {}  # cluster → the sites its core joins (None: it has no core)
+    carried = VirtualCluster.objects.filter(enterable_condition(), pk__in=ids, vlan_id__isnull=False).order_by()
+    for pk, site_id in carried.values_list("pk", "segment__allocation__pool__core__sites"):
+        reached.setdefault(pk, set()).add(site_id)
+    out = {pk: [g for g in gateways if g.site_id is None or g.site_id in sites] for pk, sites in reached.items()}
+    return {pk: carrying for pk, carrying in out.items() if carrying}
+
+
+def clusters_access_ready(clusters: Iterable) -> dict[int, bool]:
+    """Per cluster of ``clusters`` (by id): whether every ready gateway (``gateways_ready``) that carries it
+    (``gateways_carrying``) is known to have installed a state made after the cluster became ready — its
+    ``state_as_of`` (a pull answered 304, a pull that reported the state it had installed, a state the portal
+    installed itself on a gateway on its host) at or after the cluster's ``ready_at`` (``gateway_has_cluster``).
+    False: a gateway may still refuse its users ("gateways updating…"); a remote gateway pulling every minute is
+    known to have it within two pulls (the first brings it, the next says it has it). Left out: clusters no ready
+    gateway carries (public ones too), and those with no ready time. Two queries at most."""
+    ready = [c for c in clusters if c.ready_at is not None]
+    return _access_ready(ready, gateways_carrying(ready))
+
+
+def _access_ready(clusters: Iterable, carrying: dict[int, list[Gateway]]) -> dict[int, bool]:
+    return {
+        c.pk: all(gateway_has_cluster(g, c) for g in carrying[c.pk])
+        for c in clusters
+        if c.ready_at is not None and c.pk in carrying
+    }
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a user's client connects to a gateway for one service: ``proto`` for OpenVPN (the profile's
+    ``proto``/``remote``), ``user`` for SSH (the ssh_config's ``ProxyJump`` account)."""
+
+    host: str
+    port: int
+    proto: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewayRoute:
+    """One way into a cluster: a ready gateway whose trunk carries it (``clusters_access``)."""
+
+    gateway: Gateway
+    #: what VPN profiles and SSH configs for the cluster connect to (None: the gateway does not serve it, or, for
+    #: SSH, its bastions do not relay to this cluster: ``gateway_relays_ssh``)
+    vpn: Endpoint | None
+    ssh: Endpoint | None
+    #: it refuses everyone now (``gateway_is_stale``)
+    stale: bool
+    #: its installed state holds the cluster (``gateway_has_cluster``; None: the cluster has no ready time)
+    has_cluster: bool | None
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    """Whether and where a cluster can be entered (``clusters_access``). ``cluster`` has ``enterable``
+    (``clusters_with_enterable``)."""
+
+    cluster: object
+    access_ready: bool | None
+    gateways: list[GatewayRoute]
+
+
+def clusters_access(clusters: Iterable) -> list[ClusterAccess]:
+    """``clusters`` (annotated by ``clusters_with_enterable``), each with the ready gateways that carry it
+    (``gateways_carrying``) and where a user connects to them, and ``access_ready`` (``clusters_access_ready``;
+    None where it leaves the cluster out). What the "my clusters" page says beside a cluster, for the API. Two
+    queries at most, however many clusters and gateways."""
+    clusters = list(clusters)
+    carrying = gateways_carrying(clusters)
+    ready = _access_ready(clusters, carrying)
+    now = timezone.now()
+    return [
+        ClusterAccess(
+            cluster=cluster,
+            access_ready=ready.get(cluster.pk),
+            gateways=[_route(g, cluster, now) for g in carrying.get(cluster.pk, [])],
+        )
+        for cluster in clusters
+    ]
+
+
+def gateway_relays_ssh(gateway: Gateway, cluster) -> bool:
+    """Whether ``gateway`` runs an SSH bastion that relays to ``cluster``'s nodes: one bastion for every cluster,
+    or a bastion per cluster, which listens only for clusters with a VLAN and a ``bastion_address``
+    (access/gateway/bastion.py; ``access.services.ssh_certificate_issue`` refuses the others)."""
+    if not gateway.serves_ssh:
+        return False
+    return gateway.forwards_by_address or bool(cluster.vlan_id and cluster.bastion_address)
+
+
+def _route(gateway: Gateway, cluster, now: datetime) -> GatewayRoute:
+    # the same host, ports and account as ``access.services`` writes into profiles and SSH configs
+    vpn = Endpoint(gateway.address, gateway.vpn_port, proto=str(gateway.vpn_proto)) if gateway.serves_vpn else None
+    ssh = None
+    if gateway_relays_ssh(gateway, cluster):
+        ssh = Endpoint(gateway.address, gateway.ssh_port_for(cluster.vlan_id), user=gateway.ssh_user)
+    return GatewayRoute(
+        gateway=gateway,
+        vpn=vpn,
+        ssh=ssh,
+        stale=gateway_is_stale(gateway, now),
+        has_cluster=gateway_has_cluster(gateway, cluster),
+    )
 
 
 def gateway_settings(gateway: Gateway) -> dict:

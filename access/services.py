@@ -676,7 +676,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
     (chosen,) = clusters_authorize(user=user, clusters=[cluster])
     gateway = _gateway("ssh", [chosen])
     label = selectors.cluster_label(chosen)
-    if not gateway.forwards_by_address and not (chosen.vlan_id and chosen.bastion_address):
+    if not selectors.gateway_relays_ssh(gateway, chosen):
         # a bastion per cluster listens only for clusters with a leg (access/gateway/bastion.py)
         raise ClusterNotReady(
             f"cluster {label} has no address for the SSH bastion (its scheduler gave none): use its VPN profile"
@@ -1416,11 +1416,9 @@ def _vlan_map(gateway: Gateway) -> tuple[dict[str, int], list]:
     """The closed clusters users may enter through ``gateway`` (label → VLAN), and those clusters: the ones whose
     VLAN its trunk carries — at a gateway's site, only clusters whose core reaches the site (the same id may be
     another core's cluster there)."""
-    from clusters.models import Connectivity, VirtualCluster
+    from clusters.models import VirtualCluster
 
-    closed = VirtualCluster.objects.filter(
-        connectivity=Connectivity.CLOSED, state__in=selectors.enterable_states(), vlan_id__isnull=False
-    )
+    closed = VirtualCluster.objects.filter(selectors.enterable_condition(), vlan_id__isnull=False)
     if gateway.site_id is not None:
         closed = closed.filter(segment__allocation__pool__core__sites=gateway.site_id)
     clusters = list(closed.select_related("owner", "group").order_by("pk"))

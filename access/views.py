@@ -74,13 +74,12 @@ def my_clusters(request):
 def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpResponse:
     user = request.user
     enterable = list(selectors.clusters_user_may_enter(user))
-    enterable_ids = {c.pk for c in enterable}
     access_ready = selectors.clusters_access_ready(enterable)
     clusters = [
         {
             "cluster": c,
             "label": selectors.cluster_label(c),
-            "enterable": c.pk in enterable_ids,
+            "enterable": c.enterable,
             "access_ready": access_ready.get(c.pk),  # None (nothing shown): no ready gateway carries it, or unknown
         }
         for c in selectors.clusters_user_may_see(user)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from access.models import Credential, RevocationReason
+from access.models import Credential, GatewayKind, RevocationReason, VpnProto
+from clusters.models import ClusterState, Connectivity
 from portal.api import IdField
 
 
@@ -182,3 +183,68 @@ class GatewayStateSerializer(serializers.Serializer):
     generated_at = serializers.DateTimeField()
     vpn = serializers.DictField(required=False, help_text="ca, aa, crl, vlans, server_name, revoked_sessions")
     ssh = serializers.DictField(required=False, help_text="account, user_ca, host_ca, krl (base64), clusters")
+
+
+class VpnEndpointSerializer(serializers.Serializer):
+    host = serializers.CharField(help_text="the gateway's public host name or address (the profile's `remote`)")
+    port = serializers.IntegerField()
+    proto = serializers.ChoiceField(choices=VpnProto.choices, help_text="the transport: UDP or TCP (`6`: over IPv6)")
+
+
+class SshEndpointSerializer(serializers.Serializer):
+    host = serializers.CharField(help_text="the SSH bastion's public host name or address (the jump host)")
+    port = serializers.IntegerField(
+        help_text="the port of this cluster's bastion: the gateway's SSH port, or its own port when the gateway "
+        "runs a bastion per cluster"
+    )
+    user = serializers.CharField(help_text="the account users log in to the bastion as")
+
+
+class GatewayRouteSerializer(serializers.Serializer):
+    """A ready access gateway whose trunk carries the cluster, and where a user connects to it."""
+
+    name = serializers.CharField(source="gateway.name")
+    kind = serializers.ChoiceField(source="gateway.kind", choices=GatewayKind.choices)
+    site = serializers.CharField(
+        source="gateway.site.name", allow_null=True, help_text="its site; null: one trunk for every site"
+    )
+    vpn = VpnEndpointSerializer(allow_null=True, help_text="where OpenVPN profiles connect; null: no OpenVPN here")
+    ssh = SshEndpointSerializer(
+        allow_null=True,
+        help_text="where SSH configs jump through; null: no SSH bastion here, or its bastion per cluster has none "
+        "for this cluster (its scheduler gave no bastion address): use the VPN",
+    )
+    stale = serializers.BooleanField(
+        help_text="it has not installed a current state for too long (or never pulled one): it refuses everyone "
+        "until it reaches the portal again"
+    )
+    has_cluster = serializers.BooleanField(
+        allow_null=True,
+        help_text="its installed state is known to hold the cluster (made at or after the cluster became ready); "
+        "null: the cluster has no ready time",
+    )
+
+
+class ClusterAccessSerializer(serializers.Serializer):
+    """Whether and where a cluster can be entered: what the access page shows beside it."""
+
+    id = serializers.IntegerField(source="cluster.pk")
+    name = serializers.CharField(source="cluster.name")
+    state = serializers.ChoiceField(source="cluster.state", choices=ClusterState.choices)
+    connectivity = serializers.ChoiceField(source="cluster.connectivity", choices=Connectivity.choices)
+    enterable = serializers.BooleanField(
+        source="cluster.enterable",
+        help_text="its owner and group members may enter it now: closed, and its network up (ready or updating). "
+        "False for a public cluster: it is reached directly, not through the gateways",
+    )
+    access_ready = serializers.BooleanField(
+        allow_null=True,
+        help_text="every gateway listed has installed a state that holds the cluster (false: some may still refuse "
+        "its users, for a minute or two after it became ready); null: no ready gateway carries it, or it has no "
+        "ready time",
+    )
+    gateways = GatewayRouteSerializer(
+        many=True,
+        help_text="the ready access gateways whose trunk carries the cluster, by name (empty for a public cluster "
+        "or one whose network is not up)",
+    )

@@ -7,6 +7,7 @@ from access.api import views
 
 router = SimpleRouter(trailing_slash=True)
 router.register("credentials", views.CredentialViewSet, basename="access-credential")
+router.register("clusters", views.ClusterAccessViewSet, basename="access-cluster")
 
 urlpatterns = [
     path("vpn-profiles/", views.VpnProfileView.as_view(), name="access-vpn-profiles"),

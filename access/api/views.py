@@ -9,6 +9,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,7 +17,8 @@ from rest_framework.views import APIView
 from access import selectors, services
 from access.api import serializers as s
 from access.models import Credential, Gateway, RevocationReason
-from portal.api import query_param
+from clusters.models import ClusterState, VirtualCluster
+from portal.api import Pagination, error_responses, query_param
 from portal.models import ApiToken, TokenScope
 
 ERRORS = {
@@ -229,6 +231,61 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         )
         credential = _credentials_visible(request).get(pk=credential.pk)
         return Response(self.get_serializer(credential).data)
+
+
+CLUSTER_ERRORS = {
+    "e400": "invalid input, with field-level messages (an unknown `state`, a NUL character in `job_id`, a bad "
+    "`limit` or `offset`)",
+    "e403": "the token lacks the scope (clusters:read, clusters:write or clusters:manage)",
+    "e404": "no such cluster (or not visible to you)",
+}
+CLUSTER_FILTERS = [
+    OpenApiParameter("state", OpenApiTypes.STR, enum=ClusterState.values, description="filter by state"),
+    OpenApiParameter("job_id", OpenApiTypes.STR, description="the scheduler's job id"),
+]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=CLUSTER_FILTERS,
+        responses={200: s.ClusterAccessSerializer(many=True), **error_responses(400, 401, 403, **CLUSTER_ERRORS)},
+    ),
+    retrieve=extend_schema(
+        responses={200: s.ClusterAccessSerializer, **error_responses(401, 403, 404, **CLUSTER_ERRORS)}
+    ),
+)
+class ClusterAccessViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Whether and where the clusters you may see can be entered: enterable, the access gateways that carry each
+    (where to connect, whether they are stale) and whether they have installed it yet (``access_ready``; false
+    for a minute or two after the cluster became ready). What the access page shows, for a scheduler."""
+
+    serializer_class = s.ClusterAccessSerializer
+    pagination_class = Pagination
+    required_scopes = READ_SCOPES
+
+    def get_queryset(self):
+        from clusters.selectors import clusters_visible
+
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no user
+            return VirtualCluster.objects.none()
+        # (not the nodes and steps clusters_visible prefetches for the clusters API: none is shown here)
+        return selectors.clusters_with_enterable(clusters_visible(self.request).prefetch_related(None))
+
+    def list(self, request):
+        qs = self.get_queryset()
+        state = query_param(request, "state")
+        if state and state not in ClusterState.values:
+            raise ValidationError({"state": [f"unknown state; one of {', '.join(ClusterState.values)}"]})
+        if state:
+            qs = qs.filter(state=state)
+        if "job_id" in request.query_params:
+            qs = qs.filter(job_id=query_param(request, "job_id"))
+        page = self.paginate_queryset(qs)
+        return self.get_paginated_response(self.get_serializer(selectors.clusters_access(page), many=True).data)
+
+    def retrieve(self, request, pk=None):
+        (access,) = selectors.clusters_access([self.get_object()])
+        return Response(self.get_serializer(access).data)
 
 
 class IsGatewayToken(permissions.BasePermission):

@@ -42,6 +42,7 @@ MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "6"))
 # Which stored object an ``{id}`` (or ``{node_id}``) in a path stands for, by path prefix.
 ID_MODELS = {
     "/api/clusters/": VirtualCluster,
+    "/api/access/clusters/": VirtualCluster,
     "/api/network/sites/": Site,
     "/api/network/switches/": Switch,
     "/api/network/hosts/": Host,
@@ -136,6 +137,9 @@ def auth(caller, world, alice, root, client) -> dict:
 
 def _real_ids(path: str) -> dict[str, int]:
     """Ids of stored objects for the path's ``{id}`` (and ``{node_id}``), so detail operations reach them."""
+    if path.startswith("/api/images/{name}"):
+        name = Image.objects.order_by("pk").values_list("name", flat=True).first()
+        return {"name": name} if name else {}
     model = next((m for prefix, m in ID_MODELS.items() if path.startswith(prefix)), None)
     if model is None or "{id}" not in path:
         return {}
