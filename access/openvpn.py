@@ -11,8 +11,10 @@ Client compatibility: tap needs the OpenVPN 2.x client (Linux, macOS Tunnelblick
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from access.gateway.state import CLUSTER_RE
 
@@ -42,6 +44,33 @@ def _inline(tag: str, pem: str | bytes) -> list[str]:
     return [f"<{tag}>", text.strip(), f"</{tag}>"]
 
 
+#: A failover profile pins its gateways by the start their certificates' names share (``verify-x509-name …
+#: name-prefix``): at least this long, or the gateways are not put in one profile (``failover_prefix``).
+MIN_SHARED_NAME = 8
+#: How long a client waits for a gateway of a failover profile before it tries the next one (s).
+FAILOVER_POLL_TIMEOUT = 10
+_SERVER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One more gateway a failover profile may connect to: where it listens, its certificate's name and its
+    own tls-crypt key."""
+
+    host: str
+    port: int
+    proto: str
+    server_name: str
+    tls_crypt_key: str | bytes
+
+
+def failover_prefix(server_names: Sequence[str]) -> str:
+    """The start every one of ``server_names`` shares, which a failover profile pins; "" when it is shorter than
+    ``MIN_SHARED_NAME`` (the default names, ``virtcloud-gateway-<name>``, share 18 characters)."""
+    prefix = os.path.commonprefix(list(server_names))
+    return prefix if len(prefix) >= MIN_SHARED_NAME else ""
+
+
 def render_client_profile(
     *,
     cluster: str,
@@ -57,6 +86,7 @@ def render_client_profile(
     user: str | None = None,
     expires: str | None = None,
     verb: int = 3,
+    fallbacks: Sequence[Remote] = (),
 ) -> str:
     """A self-contained ``.ovpn`` for ``cluster`` (everything inline: CA, cert with AC, key, tls-crypt).
 
@@ -64,7 +94,12 @@ def render_client_profile(
     certificate's CN, pinned with ``verify-x509-name``. ``publish=True`` renders the long-lived variant
     for a user's router that bridges the cluster into the user's LAN (paper §2.2): a fixed tap name,
     ``persist-tun`` and endless retries; the router owner adds the tap to their LAN bridge.
-    The result contains the private key: hand it to the user, never store or log it.
+
+    ``fallbacks``: more gateways that carry the cluster, tried in turn when the one before does not answer
+    within ``FAILOVER_POLL_TIMEOUT`` s or a session to it dies (OpenVPN's ``<connection>`` blocks, each with
+    its gateway's address, ``proto`` and tls-crypt key; after the last, the first again). The certificate's
+    name is then pinned by the prefix all the gateways' names share (``failover_prefix``; a ProfileError when
+    it is too short). The result contains the private key: hand it to the user, never store or log it.
     """
     _check(CLUSTER_RE, cluster, "cluster name")
     proto = _proto(proto, 1)
@@ -76,7 +111,25 @@ def render_client_profile(
         raise ProfileError("a profile needs at least one remote")
     dev = dev or (f"vc-{cluster}"[:15] if publish else "tap")
     _check(_DEV_RE, dev, "tap device name")
-    _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}"), server_name, "server name")
+    for name in (server_name, *(r.server_name for r in fallbacks)):
+        _check(_SERVER_NAME_RE, name, "server name")
+    if fallbacks:
+        pinned = failover_prefix([server_name, *(r.server_name for r in fallbacks)])
+        if not pinned:
+            raise ProfileError("the gateways' certificate names share too short a start to pin them together")
+        verify = f"verify-x509-name {_quoted(pinned)} name-prefix"
+        connections = [
+            *_connection(remotes, proto, tls_crypt_key),
+            *(line for r in fallbacks for line in _connection([(r.host, r.port)], _proto(r.proto, 1), r.tls_crypt_key)),
+        ]
+        where = [f"server-poll-timeout {FAILOVER_POLL_TIMEOUT}"]
+    else:
+        verify = f"verify-x509-name {_quoted(server_name)} name"
+        connections = []
+        where = [
+            f"proto {proto}",
+            *[f"remote {_check(_HOST_RE, h, 'remote host')} {_port(p, 'remote port')}" for h, p in remotes],
+        ]
 
     head = [
         f"# VirtCloud: layer-2 access to cluster {cluster}" + (f" for {user}" if user else ""),
@@ -98,24 +151,39 @@ def render_client_profile(
         "client",
         f"dev {dev}",
         "dev-type tap",
-        f"proto {proto}",
-        *[f"remote {_check(_HOST_RE, h, 'remote host')} {_port(p, 'remote port')}" for h, p in remotes],
+        *where,
         "nobind",
         "resolv-retry infinite",
         "persist-key",
         "remote-cert-tls server",
-        f"verify-x509-name {_quoted(server_name)} name",
+        verify,
         "tls-version-min 1.2",
         f"data-ciphers {DATA_CIPHERS}",
         "# Which cluster network to enter; the gateway checks it against the attribute certificate.",
         "push-peer-info",
         f"setenv UV_VCLUSTER {cluster}",
         "auth-nocache",
-        *(["explicit-exit-notify 1"] if proto.startswith("udp") else []),  # free the gateway slot on exit
+        *(["explicit-exit-notify 1"] if proto.startswith("udp") and not fallbacks else []),  # free the slot on exit
         f"verb {int(verb)}",
     ]
     if publish:
         lines += ["persist-tun", "keepalive 10 60", "connect-retry 5 300"]
     lines += _inline("ca", ca_pem) + _inline("cert", cert_pem) + _inline("key", key_pem)
-    lines += _inline("tls-crypt", tls_crypt_key)
+    lines += connections or _inline("tls-crypt", tls_crypt_key)
     return "\n".join(lines) + "\n"
+
+
+def _connection(remotes: Sequence[tuple[str, int]], proto: str, tls_crypt_key: str | bytes) -> list[str]:
+    """One gateway of a failover profile: a ``<connection>`` block per address (OpenVPN: one ``remote`` each) with
+    its proto and the gateway's tls-crypt key; a UDP one tells the gateway when the client leaves, as a
+    single-gateway profile does."""
+    lines = []
+    for host, port in remotes:
+        lines += [
+            "<connection>",
+            f"remote {_check(_HOST_RE, host, 'remote host')} {_port(port, 'remote port')} {proto}",
+            *(["explicit-exit-notify 1"] if proto.startswith("udp") else []),
+            *_inline("tls-crypt", tls_crypt_key),
+            "</connection>",
+        ]
+    return lines

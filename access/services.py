@@ -303,8 +303,29 @@ def clusters_authorize(*, user, clusters: Iterable, lock: bool = False) -> list:
 
 
 def _gateway(kind: str, clusters: Sequence) -> Gateway:
-    """The gateway a user of ``clusters`` connects to: one whose trunk carries their VLANs (see
-    ``selectors.gateway_carries``), at a site where the clusters have nodes if there are several."""
+    """The gateway a user of ``clusters`` connects to (the first of ``_gateways``)."""
+    return _gateways(kind, clusters)[0]
+
+
+def _vpn_gateways(clusters: Sequence) -> list[Gateway]:
+    """The gateways a VPN profile for ``clusters`` names: the one it connects to first (``_gateway``), then, for
+    failover, up to ``ACCESS_VPN_PROFILE_GATEWAYS`` in all of the others that carry the clusters, in
+    ``_gateways``' order, as long as all their certificates' names share a start the profile can pin
+    (``openvpn.failover_prefix``: the default names do)."""
+    chosen: list[Gateway] = []
+    for gateway in _gateways("vpn", clusters):
+        if len(chosen) >= max(1, settings.ACCESS_VPN_PROFILE_GATEWAYS):
+            break
+        if chosen and not openvpn.failover_prefix([gateway_server_name(g) for g in (*chosen, gateway)]):
+            continue
+        chosen.append(gateway)
+    return chosen
+
+
+def _gateways(kind: str, clusters: Sequence) -> list[Gateway]:
+    """The gateways a user of ``clusters`` may connect to, best first: those whose trunk carries their VLANs
+    (see ``selectors.gateway_carries``), current before stale, at a site where the clusters have nodes
+    before others (``selectors.gateways_for``). Never empty (``NoGateway``)."""
     from clusters.models import Node, NodeState
 
     what = "OpenVPN" if kind == "vpn" else "SSH"
@@ -324,7 +345,7 @@ def _gateway(kind: str, clusters: Sequence) -> Gateway:
             .distinct()
         )
         gateways = selectors.gateways_for(kind=kind, site_ids=site_ids)
-    return next(g for g in gateways if carries(g))
+    return [g for g in gateways if carries(g)]
 
 
 def _ensure_tls_crypt(gateway: Gateway) -> str:
@@ -437,7 +458,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
             f"{pki.MAX_COMMON_NAME}; use the SSH access, or ask an administrator"
         )
     chosen = clusters_authorize(user=user, clusters=clusters)
-    gateway = _gateway("vpn", chosen)
+    gateway, *fallbacks = _vpn_gateways(chosen)
     tls_crypt = _ensure_tls_crypt(gateway)
     vpn_ca, aa = _signers(AuthorityKind.VPN, AuthorityKind.AA)
 
@@ -461,6 +482,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
             publish=publish,
             signers=(vpn_ca, aa),
             tls_crypt=tls_crypt,
+            fallbacks=fallbacks,
         )
     except (attrcerts.ACError, pki.PKIError) as exc:
         raise CannotIssue(f"cannot issue a VPN certificate for {username}: {exc}") from None
@@ -497,8 +519,11 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     return VpnProfile(text=text, filename=filename, credential=credential)
 
 
-def _vpn_profile_render(*, user, gateway: Gateway, labels, serial, start, end, publish, signers, tls_crypt):
-    """(profile text, client certificate): the AC, the certificate carrying it, a fresh key, the ``.ovpn``."""
+def _vpn_profile_render(
+    *, user, gateway: Gateway, labels, serial, start, end, publish, signers, tls_crypt, fallbacks: Sequence = ()
+):
+    """(profile text, client certificate): the AC, the certificate carrying it, a fresh key, the ``.ovpn`` (with
+    ``fallbacks``: the gateways it tries when ``gateway`` does not answer)."""
     vpn_ca, aa = signers
     username = user.get_username()
     holder = attrcerts.Holder(issuer=vpn_ca.cert.subject, serial=serial, not_before=start, not_after=end)
@@ -533,6 +558,16 @@ def _vpn_profile_render(*, user, gateway: Gateway, labels, serial, start, end, p
         publish=publish,
         user=username,
         expires=end.isoformat(),
+        fallbacks=[
+            openvpn.Remote(
+                host=g.address,
+                port=g.vpn_port,
+                proto=g.vpn_proto,
+                server_name=gateway_server_name(g),
+                tls_crypt_key=_ensure_tls_crypt(g),
+            )
+            for g in fallbacks
+        ],
     )
     return text, cert
 

@@ -37,11 +37,11 @@ class ImageAdmin(admin.ModelAdmin):
     readonly_fields = ("created_at",)
     actions = ("approve", "withdraw_approval")
 
-    @admin.action(description="Approve the selected images (the provider vouches for them)")
+    @admin.action(description="Approve the selected images (the provider vouches for them)", permissions=["change"])
     def approve(self, request, queryset) -> None:
         self._set_approved(request, queryset, approved=True)
 
-    @admin.action(description="Withdraw the approval of the selected images")
+    @admin.action(description="Withdraw the approval of the selected images", permissions=["change"])
     def withdraw_approval(self, request, queryset) -> None:
         self._set_approved(request, queryset, approved=False)
 

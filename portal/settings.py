@@ -311,6 +311,9 @@ if not ACCESS_CA_PASSPHRASE and not DEBUG and not BUILD_ONLY:
     raise ImproperlyConfigured("ACCESS_CA_PASSPHRASE must be set when DEBUG is off (a long random string)")
 ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, minimum=300)
 ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)
+# gateways a VPN profile names (the first, then the others that carry its clusters, tried in turn when one does not
+# answer); 1: no failover
+ACCESS_VPN_PROFILE_GATEWAYS = env_int("ACCESS_VPN_PROFILE_GATEWAYS", 3, minimum=1, maximum=16)
 ACCESS_SSH_CERT_LIFETIME = env_int("ACCESS_SSH_CERT_LIFETIME", 12 * 3600, minimum=900, maximum=24 * 3600)
 ACCESS_CRL_VALIDITY = env_int("ACCESS_CRL_VALIDITY", 7 * 24 * 3600, minimum=3600)
 # How long a gateway trusts the state it last pulled (seconds). Past it the gateway fails closed: OpenVPN's

@@ -181,7 +181,8 @@ def render_server_config(
         "status-version 3",
         f"keepalive {int(keepalive[0])} {int(keepalive[1])}",
         f"reneg-sec {int(reneg_sec)}",  # tls-verify again: an expired AC or gateway state ends the session
-        *(["explicit-exit-notify 1"] if proto.startswith("udp") else []),  # clients reconnect at once on restart
+        # on a restart or shutdown clients reconnect at once, going on to their profile's next gateway (failover)
+        *(["explicit-exit-notify 2"] if proto.startswith("udp") else []),
         "persist-key",
         "persist-tun",
         f"verb {int(verb)}",

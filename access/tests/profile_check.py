@@ -19,6 +19,8 @@ class ParsedProfile:
     key_pem: bytes
     tls_crypt: str
     fqans: list[str]
+    #: a failover profile's gateways in order: (``remote`` line, tls-crypt key) of each ``<connection>`` block
+    connections: list[tuple[str, str]]
 
 
 def inline_blocks(text: str) -> dict[str, str]:
@@ -44,4 +46,9 @@ def parse_profile(text: str, *, aa_pem: str | bytes) -> ParsedProfile:
     assert ac is not None, "the certificate carries no attribute certificate"
     aa = x509.load_pem_x509_certificate(aa_pem.encode() if isinstance(aa_pem, str) else aa_pem)
     fqans = attrcerts.verify_ac(ac, aa_cert=aa, holder_cert=cert)
-    return ParsedProfile(directives, ca, cert, blocks["key"].encode(), blocks["tls-crypt"], fqans)
+    connections = [
+        (re.search(r"^remote (.*)$", body, re.M)[1], inline_blocks(body)["tls-crypt"])
+        for body in re.findall(r"<connection>\n(.*?)\n</connection>", text, re.S)
+    ]
+    tls_crypt = connections[0][1] if connections else blocks["tls-crypt"]
+    return ParsedProfile(directives, ca, cert, blocks["key"].encode(), tls_crypt, fqans, connections)

@@ -668,6 +668,45 @@ def test_a_gateway_at_a_site_the_clusters_core_does_not_reach_is_never_its_way_i
     assert "remote 198.18.100.8 1194" in text
 
 
+def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover(alice, cluster, gateway, settings):
+    """Each gateway its own <connection> block, with its own address, proto and tls-crypt key, best first; pinned
+    by the start their names share. Left out: a gateway whose trunk does not carry the cluster, and one whose
+    certificate name shares too little with the others' to be pinned together."""
+    from access.models import Gateway
+    from access.tests.fixtures import make_gateway
+    from network.tests.factories import SiteFactory
+
+    reached, elsewhere = SiteFactory(name="pilsen"), SiteFactory(name="ostrava")
+    _on_a_core(cluster, reached)
+    near = make_gateway("near", site=reached, address="198.18.100.8", vpn_port=1195, vpn_proto="tcp")
+    make_gateway("far", site=elsewhere, address="198.18.100.9")
+    make_gateway("zz-alias", address="198.18.100.7", server_name="vpn.example.org")
+
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    keys = {g.name: g.tls_crypt_key for g in Gateway.objects.all()}
+    assert parsed.connections == [
+        ("198.18.100.1 1194 udp", keys["gw1"].strip()),
+        ("198.18.100.8 1195 tcp-client", keys["near"].strip()),
+    ]
+    assert keys["gw1"] != keys["near"]
+    assert parsed.directives["verify-x509-name"] == ['"virtcloud-gateway-" name-prefix']
+    assert parsed.directives["server-poll-timeout"] == ["10"]
+    assert "remote" not in parsed.directives and "proto" not in parsed.directives
+
+    near.enabled = False
+    near.save()
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert parsed.connections == []  # gw1 alone (the alias cannot be pinned with it): the single-gateway form
+    assert parsed.directives["remote"] == ["198.18.100.1 1194"]
+    assert parsed.directives["verify-x509-name"] == ['"virtcloud-gateway-gw1" name']
+
+    near.enabled = True
+    near.save()
+    settings.ACCESS_VPN_PROFILE_GATEWAYS = 1
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert parsed.connections == [] and parsed.directives["remote"] == ["198.18.100.1 1194"]
+
+
 # --- validity bounds, names ------------------------------------------------------------------------------------
 
 
