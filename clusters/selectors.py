@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -9,12 +10,14 @@ from django.contrib.auth.models import Group
 from django.db.models import F, Prefetch, Q, QuerySet
 
 from clusters.models import (
+    ACTIVE_STATES,
     LIVE_STATES,
     SETTLED_STATES,
     STATE_CHANNEL,
     ClusterEvent,
     ClusterState,
     ClusterStep,
+    Connectivity,
     Image,
     Node,
     NodeState,
@@ -74,6 +77,38 @@ def image_may_change(request, image: Image) -> bool:
     if image.owner_id is None:
         return False
     return image.owner_id == request.user.pk or acts_as_admin(request)
+
+
+def public_networks(*, site: str | None = None) -> list[dict]:
+    """What the provider's router needs for every public cluster whose network is set up or being set up
+    (``ACTIVE_STATES``): its VLAN, subnet and the router's address in it (``public_gateway``, with the subnet's
+    prefix length), by VLAN. With ``site`` (a site's name): only clusters whose core joins that site — the router
+    trunk there carries their VLANs, and the same ids may be other cores' clusters elsewhere. One query."""
+    qs = VirtualCluster.objects.filter(
+        connectivity=Connectivity.PUBLIC, state__in=ACTIVE_STATES, vlan_id__isnull=False
+    ).exclude(public_subnet="")
+    if site is not None:
+        qs = qs.filter(segment__allocation__pool__core__sites__name=site)
+    rows = (
+        qs.distinct()
+        .order_by("vlan_id", "pk")
+        .values("pk", "name", "owner__username", "state", "vlan_id", "public_subnet")
+    )
+    out = []
+    for row in rows:
+        subnet = ipaddress.ip_network(row["public_subnet"])
+        out.append(
+            {
+                "cluster": row["pk"],
+                "name": row["name"],
+                "owner": row["owner__username"],
+                "state": row["state"],
+                "vlan_id": row["vlan_id"],
+                "subnet": str(subnet),
+                "router_address": f"{next(subnet.hosts())}/{subnet.prefixlen}",
+            }
+        )
+    return out
 
 
 def may_act_on(request, cluster: VirtualCluster) -> bool:

@@ -156,6 +156,12 @@ def query_param(request, name: str) -> str | None:
     return value
 
 
+def if_none_match(request) -> set[str]:
+    """The entity tags of the request's ``If-None-Match`` header, without quotes or ``W/``."""
+    header = request.headers.get("If-None-Match", "")
+    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
+
+
 ID_MAX = 2**63 - 1  # the largest row id (a bigint)
 
 

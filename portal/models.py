@@ -50,6 +50,7 @@ class TokenScope(models.TextChoices):
     CLUSTERS_MANAGE = "clusters:manage", "middleware: act on behalf of any user"
     NETWORK_READ = "network:read", "read the network inventory"
     GATEWAY = "gateway:pull", "access gateway: pull configuration, CRL, KRL and VLAN map"
+    ROUTER = "router:pull", "provider's router: read the public clusters' VLANs, subnets and router addresses"
     METRICS = "metrics:read", "monitoring: scrape /metrics (Prometheus)"
 
 

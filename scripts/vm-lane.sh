@@ -2,8 +2,9 @@
 # The Linux-bridge lane. This machine's kernel has no 802.1Q, so the linuxbridge switch and host drivers are
 # tested inside a QEMU guest booted with Debian's stock kernel by virtme-ng (software emulation, the host's
 # root filesystem shared read-only): network/tests/test_drivers_linuxbridge.py, including the two-switch
-# isolation check over a plain 802.1Q core and a QinQ (802.1ad) core, and access/tests/test_gateway_legs.py
-# (the SSH bastion's VLAN legs), without Django or a database.
+# isolation check over a plain 802.1Q core and a QinQ (802.1ad) core, access/tests/test_gateway_legs.py
+# (the SSH bastion's VLAN legs) and access/tests/test_router_hook.py (the provider router's VLAN links), without
+# Django or a database.
 #
 #   scripts/vm-lane.sh          run the tests; exit status = pytest's (junit: $VM_LANE_OUT/junit.xml)
 #   scripts/vm-lane.sh bench    run bench/lab_linuxbridge.py in the guest ($VM_LANE_OUT/bench.json)

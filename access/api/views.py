@@ -18,7 +18,7 @@ from access import selectors, services
 from access.api import serializers as s
 from access.models import Credential, Gateway, RevocationReason
 from clusters.models import ClusterState, VirtualCluster
-from portal.api import Pagination, error_responses, query_param
+from portal.api import Pagination, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
 
 ERRORS = {
@@ -301,10 +301,6 @@ class IsGatewayToken(permissions.BasePermission):
         return view.gateway is not None
 
 
-def _etags(header: str) -> set[str]:
-    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
-
-
 class GatewayStateView(APIView):
     """What a gateway needs to authorize offline: CA/AA certificates, CRL, KRL, VLAN map, principals."""
 
@@ -331,7 +327,7 @@ class GatewayStateView(APIView):
     def get(self, request):
         state = services.gateway_state(gateway=self.gateway)
         etag = f'"{state["etag"]}"'
-        if state["etag"] in _etags(request.headers.get("If-None-Match", "")):
+        if state["etag"] in if_none_match(request):
             # it has the current state: every change made before this document is in what it installed
             services.gateway_pulled(gateway=self.gateway, installed=state["generated_at"])
             response = Response(status=status.HTTP_304_NOT_MODIFIED)

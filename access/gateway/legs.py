@@ -53,8 +53,8 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 
 from access.gateway.state import SshState, StateError, legs_from_doc  # noqa: E402
 
-_PREFIX_RE = re.compile(r"^[a-z]{1,8}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,15}$")
+PREFIX_RE = re.compile(r"^[a-z]{1,8}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,15}$")
 Runner = Callable[[Sequence[str]], str]
 
 
@@ -150,7 +150,7 @@ def _settings(where: list[str], wanted: dict[str, str], have: dict[str, str] | N
     return [[*where, "sysctl", "-w", *change]] if change else []
 
 
-def _address_and_up(
+def address_and_up(
     ip: list[str], name: str, link: Link | None, address: str, settings: list[list[str]]
 ) -> list[list[str]]:
     """The commands (``ip`` = the command and its namespace) that leave leg ``name`` holding exactly
@@ -190,7 +190,7 @@ def plan(
             commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
         keep.add(name)
         settings = _settings([], kernel_settings(name, address, ipv6=ipv6), kernel if link else None)
-        commands += _address_and_up(["ip"], name, link, address, settings)
+        commands += address_and_up(["ip"], name, link, address, settings)
     for name in sorted(set(links) - keep):
         commands.append(["ip", "link", "del", name])
     return commands
@@ -234,13 +234,13 @@ def plan_namespaced(
             ]
         wanted = kernel_settings(name, address, namespaced=True, ipv6=ipv6)  # (a moved link takes the defaults)
         settings = _settings(["ip", "netns", "exec", name], wanted, kernel.get(name, {}) if link else None)
-        commands += _address_and_up(ns, name, link, address, settings)
+        commands += address_and_up(ns, name, link, address, settings)
     wanted_names = {f"{prefix}{vid}" for vid in legs}
     commands += [["ip", "netns", "del", name] for name in sorted(set(spaces) - wanted_names)]
     return commands
 
 
-def _run(argv: Sequence[str]) -> str:
+def run_command(argv: Sequence[str]) -> str:
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
     except OSError as exc:  # no such program (sysctl is procps'): a message, not a traceback
@@ -251,10 +251,10 @@ def _run(argv: Sequence[str]) -> str:
 
 
 def sync(
-    state_dir: Path, *, trunk: str, prefix: str = "vcl", namespaced: bool = False, run: Runner = _run
+    state_dir: Path, *, trunk: str, prefix: str = "vcl", namespaced: bool = False, run: Runner = run_command
 ) -> list[str]:
     """Make the legs match ``<state_dir>/ssh/clusters.json``; the changes made, as lines for the log."""
-    if not _PREFIX_RE.match(prefix) or not _IFNAME_RE.match(trunk) or trunk.startswith(prefix):
+    if not PREFIX_RE.match(prefix) or not IFNAME_RE.match(trunk) or trunk.startswith(prefix):
         raise LegsError(f"bad --prefix {prefix!r} or --trunk {trunk!r}")
     try:
         doc = json.loads(SshState.at(state_dir).clusters.read_bytes())

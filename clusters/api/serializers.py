@@ -263,6 +263,30 @@ class ImageQuerySerializer(serializers.Serializer):
     )
 
 
+class PublicNetworkSerializer(serializers.Serializer):
+    cluster = serializers.IntegerField()
+    name = serializers.CharField()
+    owner = serializers.CharField()
+    state = serializers.ChoiceField(choices=ClusterState.choices)
+    vlan_id = serializers.IntegerField(min_value=1, max_value=4094)
+    subnet = serializers.CharField(help_text="the cluster's public subnet (CIDR)")
+    router_address = serializers.CharField(
+        help_text="the router's address in it, with the prefix length (the subnet's first host: the nodes' gateway)"
+    )
+
+
+class PublicNetworksSerializer(serializers.Serializer):
+    networks = PublicNetworkSerializer(many=True)
+
+
+class PublicNetworksQuerySerializer(serializers.Serializer):
+    site = serializers.CharField(
+        required=False,
+        max_length=100,
+        help_text="only clusters whose core joins this site (the router trunk there carries their VLANs)",
+    )
+
+
 class ClusterExtendSerializer(StrictSerializer):
     """The new expiry: required (this PATCH changes the lifetime and nothing else)."""
 

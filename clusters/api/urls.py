@@ -1,7 +1,12 @@
-from clusters.api.views import ClusterViewSet, ImageViewSet
+from django.urls import path
+
+from clusters.api.views import ClusterViewSet, ImageViewSet, PublicNetworksView
 from portal.api import Router
 
 router = Router(trailing_slash=True)
 router.register("clusters", ClusterViewSet, basename="cluster")
 router.register("images", ImageViewSet, basename="image")
-urlpatterns = router.urls
+urlpatterns = [
+    path("public-networks/", PublicNetworksView.as_view(), name="public-networks"),
+    *router.urls,
+]

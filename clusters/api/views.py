@@ -8,17 +8,19 @@ from datetime import timedelta
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from clusters import selectors, services
 from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster
-from portal.api import Pagination, error_responses, query_param
-from portal.models import TokenScope
+from portal.api import Pagination, error_responses, if_none_match, query_param
+from portal.models import ApiToken, TokenScope
+from portal.tokens import HasScope
 
 CLUSTER_ERRORS = {
     "e403": "not your cluster (group members only see it), or the token lacks the scope",
@@ -458,3 +460,44 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         instead: kept for their history, listed no more, booting nothing; its name stays taken."""
         services.image_delete(image=self._changeable(name))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class IsRouterOrAdmin(permissions.BasePermission):
+    """A token with ``router:pull`` (or ``clusters:manage``: ``HasScope`` checks which), or an admin's session:
+    the list names every public cluster and its owner."""
+
+    message = "Only the provider's router (a token with scope router:pull), middleware or an admin may read this."
+
+    def has_permission(self, request, view) -> bool:
+        return isinstance(request.auth, ApiToken) or request.user.is_staff
+
+
+class PublicNetworksView(APIView):
+    """What the provider's router configures for the public clusters (the reference hook:
+    ``access/gateway/router.py``)."""
+
+    permission_classes = [permissions.IsAuthenticated, HasScope, IsRouterOrAdmin]
+    required_scopes = {"read": (TokenScope.ROUTER, TokenScope.CLUSTERS_MANAGE)}
+
+    @extend_schema(
+        parameters=[s.PublicNetworksQuerySerializer, OpenApiParameter("If-None-Match", OpenApiTypes.STR, "header")],
+        responses={
+            200: s.PublicNetworksSerializer,
+            304: OpenApiResponse(description="unchanged since the ETag sent"),
+            **error_responses(400, 401, 403, e403="not a token with router:pull or clusters:manage, nor an admin"),
+        },
+    )
+    def get(self, request):
+        """Every public cluster whose network is set up or being set up, by VLAN: its subnet and the router's
+        address there. Polled with ``If-None-Match`` (the ETag of the answer): 304 while nothing changed."""
+        query = s.PublicNetworksQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        networks = selectors.public_networks(site=query.validated_data.get("site"))
+        etag = '"' + services.request_fingerprint({"networks": networks})[:32] + '"'
+        if etag.strip('"') in if_none_match(request):
+            response = Response(status=status.HTTP_304_NOT_MODIFIED)
+        else:
+            response = Response(s.PublicNetworksSerializer({"networks": networks}).data)
+        response["ETag"] = etag
+        response["Cache-Control"] = "no-cache"
+        return response

@@ -35,7 +35,7 @@ case $mode in
 test)
   .venv/bin/python -m pytest -c network/lab/vmlane/pytest.ini --rootdir "$repo" --noconftest \
     --junitxml="$out/junit.xml" -q --durations=8 network/tests/test_drivers_linuxbridge.py \
-    access/tests/test_gateway_legs.py $(cat "$out/pytest-args")
+    access/tests/test_gateway_legs.py access/tests/test_router_hook.py $(cat "$out/pytest-args")
   rc=$?
   ;;
 bench)

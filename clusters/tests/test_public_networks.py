@@ -1,0 +1,119 @@
+"""``GET /api/public-networks/``: what the provider's router needs for the public clusters, for the router's own
+token only; and the reference hook (access/gateway/router.py) reading it over real HTTP (``live_server``). On the
+fake fabric with eager Celery."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from access.gateway import router
+from clusters.models import ClusterState, Image, PublicPrefix, VirtualCluster
+from network.tests.factories import CoreTransportFactory, SiteFactory
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def public(fabric, alice):
+    Image.objects.create(name="debian-12", approved=True)
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api = APIClient()
+    api.force_authenticate(alice)
+
+    def create(name, mac, **extra):
+        body = {"name": name, "image": "debian-12", "nodes": [{"name": "n1", "host": "brno1", "mac": mac}], **extra}
+        r = api.post("/api/clusters/", body, format="json")
+        assert r.status_code == 201, r.content
+        return r.data
+
+    return create
+
+
+def secret_with(*scopes) -> str:
+    user = User.objects.create_user(f"t{User.objects.count()}")
+    return token_create(user=user, name="router", scopes=list(scopes))[1]
+
+
+def client_with(*scopes) -> APIClient:
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret_with(*scopes)}")
+    return api
+
+
+def test_the_router_gets_each_live_public_clusters_vlan_subnet_and_address(public):
+    one = public("web", "52:54:00:00:00:01")
+    two = public("db", "52:54:00:00:00:02")
+    public("closed", "52:54:00:00:00:03", connectivity="closed")  # no router address: never listed
+    VirtualCluster.objects.filter(pk=two["id"]).update(state=ClusterState.TORN_DOWN)  # ended: gone from the list
+
+    r = client_with(TokenScope.ROUTER).get("/api/public-networks/")
+    assert r.status_code == 200, r.content
+    assert r.data["networks"] == [
+        {
+            "cluster": one["id"],
+            "name": "web",
+            "owner": "alice",
+            "state": "ready",
+            "vlan_id": one["vlan_id"],
+            "subnet": "198.19.0.0/28",
+            "router_address": "198.19.0.1/28",
+        }
+    ]
+    assert r["ETag"] and r["Cache-Control"] == "no-cache"
+
+
+def test_nobody_but_the_router_middleware_or_an_admin_reads_it(public, alice, root):
+    public("web", "52:54:00:00:00:01")
+    assert client_with(TokenScope.CLUSTERS_MANAGE).get("/api/public-networks/").status_code == 200
+    others = ([TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE], [TokenScope.GATEWAY], [TokenScope.NETWORK_READ])
+    for scopes in others:
+        assert client_with(*scopes).get("/api/public-networks/").status_code == 403
+    user = APIClient()
+    user.force_login(alice)
+    assert user.get("/api/public-networks/").status_code == 403  # a user's own session: not every owner's list
+    admin = APIClient()
+    admin.force_login(root)
+    assert admin.get("/api/public-networks/").status_code == 200
+    assert APIClient().get("/api/public-networks/").status_code == 401
+
+
+def test_an_unchanged_list_is_a_304_and_a_change_a_new_etag(public):
+    api = client_with(TokenScope.ROUTER)
+    public("web", "52:54:00:00:00:01")
+    first = api.get("/api/public-networks/")
+    again = api.get("/api/public-networks/", HTTP_IF_NONE_MATCH=first["ETag"])
+    assert again.status_code == 304 and again["ETag"] == first["ETag"]
+    public("db", "52:54:00:00:00:02")
+    changed = api.get("/api/public-networks/", HTTP_IF_NONE_MATCH=first["ETag"])
+    assert changed.status_code == 200 and len(changed.data["networks"]) == 2 and changed["ETag"] != first["ETag"]
+
+
+def test_a_site_gets_only_the_clusters_whose_core_joins_it(public, fabric):
+    public("web", "52:54:00:00:00:01")
+    api = client_with(TokenScope.ROUTER)
+    assert len(api.get("/api/public-networks/?site=brno").data["networks"]) == 1
+    CoreTransportFactory(name="elsewhere", sites=[SiteFactory(name="ostrava")])
+    assert api.get("/api/public-networks/?site=ostrava").data["networks"] == []
+    assert api.get("/api/public-networks/?site=nowhere").data["networks"] == []
+    bad = api.get("/api/public-networks/?site=" + "x" * 101)
+    assert bad.status_code == 400 and "site" in bad.data
+
+
+def test_the_reference_hook_reads_the_list_over_http_and_makes_one_link_per_vlan(public, live_server):
+    web = public("web", "52:54:00:00:00:01")
+    portal = router.Portal(live_server.url, secret_with(TokenScope.ROUTER), site="brno")
+    doc = portal.fetch()
+    assert router.wanted(doc) == ({web["vlan_id"]: "198.19.0.1/28"}, [])
+    assert portal.fetch() is None  # the ETag it kept: unchanged
+    public("db", "52:54:00:00:00:02")
+    legs, problems = router.wanted(portal.fetch())
+    assert sorted(legs.values()) == ["198.19.0.1/28", "198.19.0.17/28"] and problems == []
+
+    wrong = router.Portal(live_server.url, secret_with(TokenScope.CLUSTERS_READ))
+    with pytest.raises(router.RouterError, match="the portal answered 403"):
+        wrong.fetch()
