@@ -10,6 +10,7 @@ APT_PACKAGES=(
   slapd ldap-utils                                   # throwaway directory for the demo and the tests
   openvswitch-switch iproute2 ethtool tcpdump iputils-ping arping iperf3   # the netns lab
   openvpn openssh-server openssh-client procps       # access gateways (ps: the bastion's session watchdog)
+  nftables                                           # the bastion legs' table (access/gateway/legs.py)
   systemd                                            # systemd-analyze verifies the gateway's units
   chromium chromium-driver                           # browser tests
   qemu-system-x86 linux-image-amd64 busybox-static   # the Linux-bridge lane in a guest with a stock kernel

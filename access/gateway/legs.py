@@ -32,12 +32,22 @@ namespace forwards nothing (``all`` and ``default`` too). The values are written
 namespace) before a new leg goes up and whenever one differs; a refused write fails the hook like a refused
 ``ip`` command. The kernel turns forwarding on for every interface when ``ip_forward`` goes from 0 to 1: run the
 hook after such a change (the pull runs it after each boot).
+Nothing a cluster sends reaches the gateway's own services either, unasked: an nftables table of its own,
+``inet virtcloud_<prefix>``, drops what comes in on a leg unless it answers a connection the gateway made (the
+bastion's to the nodes) or is a ping or IPv6 neighbour discovery, and drops whatever would be routed in or out
+through a leg (beside forwarding=0). Without it every service listening on all addresses — the gateway's own
+sshd, an agent, a monitoring port — would be open to every closed cluster's root users. The table is replaced
+in one nftables transaction when its rules differ (a digest in its comment says which it holds), before any leg
+is made: a leg never comes up unprotected, and when ``nft`` fails nothing changes (exit 1). ``--no-firewall``
+leaves it out (and an earlier run's table in place). With ``--namespaces`` nothing listens in a leg's
+namespace (the bastion's sockets are the gateway's), and each namespace forwards nothing: no table.
 Standalone: no Django.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import os
@@ -240,6 +250,49 @@ def plan_namespaced(
     return commands
 
 
+def firewall_table(prefix: str) -> str:
+    return f"virtcloud_{prefix}"
+
+
+def firewall_script(prefix: str) -> str:
+    """The nftables commands that replace the legs' table with the rules the module docstring describes, in one
+    transaction (the first line makes the table when there is none, so that deleting it never fails)."""
+    legs = f'"{prefix}*"'
+    rules = (
+        "  chain input {\n"
+        "    type filter hook input priority filter; policy accept;\n"
+        f"    iifname {legs} ct state established,related accept\n"
+        f"    iifname {legs} icmp type echo-request accept\n"
+        f"    iifname {legs} icmpv6 type {{ echo-request, nd-neighbor-solicit, nd-neighbor-advert }} accept\n"
+        f"    iifname {legs} drop\n"
+        "  }\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority filter; policy accept;\n"
+        f"    iifname {legs} drop\n"
+        f"    oifname {legs} drop\n"
+        "  }\n"
+    )
+    digest = hashlib.sha256(rules.encode()).hexdigest()[:16]
+    table = f"inet {firewall_table(prefix)}"
+    return f'table {table}\ndelete table {table}\ntable {table} {{\n  comment "virtcloud-legs {digest}"\n{rules}}}\n'
+
+
+def firewall_plan(run: Runner, prefix: str) -> list[list[str]]:
+    """``[["nft", script]]`` when the legs' table is missing or holds other rules, else []. A LegsError when
+    ``nft`` cannot be run (not installed: install nftables, or --no-firewall)."""
+    try:
+        run(["nft", "--version"])
+    except LegsError as exc:
+        raise LegsError(f"{exc} (install nftables, or run with --no-firewall)") from None
+    script = firewall_script(prefix)
+    marker = re.search(r'comment "virtcloud-legs [0-9a-f]+"', script)[0]
+    try:
+        have = run(["nft", "list", "table", "inet", firewall_table(prefix)])
+    except LegsError:  # no such table
+        have = ""
+    return [] if marker in have else [["nft", script]]
+
+
 def run_command(argv: Sequence[str]) -> str:
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
@@ -251,9 +304,16 @@ def run_command(argv: Sequence[str]) -> str:
 
 
 def sync(
-    state_dir: Path, *, trunk: str, prefix: str = "vcl", namespaced: bool = False, run: Runner = run_command
+    state_dir: Path,
+    *,
+    trunk: str,
+    prefix: str = "vcl",
+    namespaced: bool = False,
+    firewall: bool = True,
+    run: Runner = run_command,
 ) -> list[str]:
-    """Make the legs match ``<state_dir>/ssh/clusters.json``; the changes made, as lines for the log."""
+    """Make the legs (and, ``firewall``, their nftables table) match ``<state_dir>/ssh/clusters.json``; the
+    changes made, as lines for the log."""
     if not PREFIX_RE.match(prefix) or not IFNAME_RE.match(trunk) or trunk.startswith(prefix):
         raise LegsError(f"bad --prefix {prefix!r} or --trunk {trunk!r}")
     try:
@@ -262,6 +322,11 @@ def sync(
         raise LegsError(f"cannot read {state_dir}/ssh/clusters.json: {exc}") from None
     legs = wanted(doc)
     run(["ip", "link", "show", "dev", trunk])  # no such trunk: an error before anything changes
+    done = []
+    if firewall and not namespaced:  # before any leg: none comes up unprotected (nft refused: nothing changes)
+        for argv in firewall_plan(run, prefix):
+            run(argv)
+            done.append(f"nft: table inet {firewall_table(prefix)} (only answers and pings come in on a leg)")
     links = current(run, prefix)
     names = {f"{prefix}{vid}": address for vid, address in legs.items()}
     kept = [] if namespaced else sorted(names.keys() & links.keys())  # (the new ones get every value)
@@ -288,7 +353,6 @@ def sync(
         commands = plan_namespaced(legs, spaces, links, trunk=trunk, prefix=prefix, kernel=kernel_of, ipv6=ipv6)
     else:
         commands = plan(legs, links, trunk=trunk, prefix=prefix, kernel=kernel, ipv6=ipv6)
-    done = []
     for argv in commands:
         try:
             run(argv)
@@ -313,11 +377,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="each leg in a namespace of its own, <prefix><vid> (a bastion per cluster: bastion.py, ssh_port_base)",
     )
+    parser.add_argument(
+        "--no-firewall",
+        action="store_true",
+        help="no nftables table dropping what clusters send to the gateway itself (or route through a leg)",
+    )
     args = parser.parse_args(argv)
     if not args.state:
         parser.error("--state or VIRTCLOUD_STATE_DIR is needed")
     try:
-        changes = sync(Path(args.state), trunk=args.trunk, prefix=args.prefix, namespaced=args.namespaces)
+        changes = sync(
+            Path(args.state),
+            trunk=args.trunk,
+            prefix=args.prefix,
+            namespaced=args.namespaces,
+            firewall=not args.no_firewall,
+        )
     except LegsError as exc:
         for line in exc.done:
             print(f"virtcloud-legs: {line}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,7 @@ class FakeStack:
             self.sysctl["net.ipv6.conf.default.disable_ipv6"] = "0"
         self.refuse: set[str] = set()  # keys whose write the kernel refuses
         self.writes: list[list[str]] = []
+        self.nft: dict[str, str] | None = {}  # table → what `nft list table` prints; None: nftables not installed
 
     def add(self, name: str, vid: int, *addresses: str, up: bool = True) -> None:
         self.links[name] = {"vid": vid, "addresses": set(addresses), "up": up}
@@ -195,6 +197,17 @@ class FakeStack:
             case ["ip", "link", "del", name]:
                 del self.links[name]
                 self.sysctl = {key: value for key, value in self.sysctl.items() if f".{name}." not in key}
+            case ["nft", *_] if self.nft is None:
+                raise LegsError("nft --version: [Errno 2] No such file or directory: 'nft'")
+            case ["nft", "--version"]:
+                return "nftables v1.0.6 (Lester Gooch #5)\n"
+            case ["nft", "list", "table", "inet", table]:
+                if table not in self.nft:
+                    raise LegsError(f"nft list table inet {table}: Error: No such file or directory")
+                return self.nft[table]
+            case ["nft", script]:
+                table = re.search(r"^table inet (\S+) \{$", script, re.M)[1]
+                self.nft[table] = script.split(f"table inet {table} {{", 1)[1]  # (a listing holds the body)
             case other:
                 raise AssertionError(f"unexpected command {other}")
         return ""
@@ -230,6 +243,7 @@ def test_no_leg_forwards_what_it_receives_on_a_gateway_that_routes(tmp_path):
         "net.ipv6.conf.vcl100.disable_ipv6=1"
     )
     assert done == [
+        "nft: table inet virtcloud_vcl (only answers and pings come in on a leg)",
         "link add link eth1 name vcl100 type vlan id 100",
         off,
         "addr add 198.18.1.254/24 dev vcl100",
@@ -245,6 +259,38 @@ def test_no_leg_forwards_what_it_receives_on_a_gateway_that_routes(tmp_path):
 
     gw.writes.clear()
     assert legs.sync(tmp_path, trunk="eth1", run=gw) == [] and gw.writes == []
+
+
+def test_the_legs_table_comes_first_is_rewritten_when_it_differs_and_nft_missing_changes_nothing(tmp_path):
+    """The nftables table is in place before any leg comes up; a table someone changed by hand (its digest gone)
+    is replaced, one left as the hook made it is not touched; without nft the hook fails before making a leg,
+    and --no-firewall (firewall=False) leaves nftables alone."""
+    gw = FakeStack()
+    _clusters(tmp_path, a="100 198.18.1.254/24")
+    ran = []
+    legs.sync(tmp_path, trunk="eth1", run=lambda argv: ran.append(list(argv)) or gw(argv))
+    first_nft = next(i for i, argv in enumerate(ran) if argv[0] == "nft" and len(argv) == 2 and argv[1] != "--version")
+    first_link = next(i for i, argv in enumerate(ran) if argv[:3] == ["ip", "link", "add"])
+    assert first_nft < first_link
+    script = ran[first_nft][1]
+    assert 'iifname "vcl*" ct state established,related accept' in script
+    assert 'iifname "vcl*" drop' in script and 'oifname "vcl*" drop' in script
+    assert script.startswith("table inet virtcloud_vcl\ndelete table inet virtcloud_vcl\n")  # one transaction
+
+    assert legs.sync(tmp_path, trunk="eth1", run=gw) == []
+    gw.nft["virtcloud_vcl"] = "\n  chain input {\n  }\n}\n"  # flushed by hand
+    assert legs.sync(tmp_path, trunk="eth1", run=gw) == [
+        "nft: table inet virtcloud_vcl (only answers and pings come in on a leg)"
+    ]
+
+    bare = FakeStack()
+    bare.nft = None
+    with pytest.raises(LegsError, match="install nftables, or run with --no-firewall"):
+        legs.sync(tmp_path, trunk="eth1", run=bare)
+    assert bare.links == {}
+    assert "link add link eth1 name vcl100 type vlan id 100" in legs.sync(
+        tmp_path, trunk="eth1", run=bare, firewall=False
+    )
 
 
 def test_a_refused_forwarding_write_fails_the_hook(tmp_path):
@@ -332,9 +378,9 @@ def trunk():
             fabric.run(["ip", "netns", "del", ns], check=False)
 
 
-def _sync(ns: str, state: Path) -> subprocess.CompletedProcess:
+def _sync(ns: str, state: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-I", str(LEGS), "--trunk", "t0", "--state", str(state)],
+        ["ip", "netns", "exec", ns, sys.executable, "-I", str(LEGS), "--trunk", "t0", "--state", str(state), *extra],
         capture_output=True,
         text=True,
         timeout=60,
@@ -407,8 +453,9 @@ def test_legs_reach_each_clusters_nodes_and_follow_the_state(trunk, tmp_path):
 @pytest.mark.vmlane
 def test_a_gateway_that_routes_carries_nothing_from_one_cluster_to_another(trunk, tmp_path):
     """ip_forward=1 on the gateway (as beside OpenVPN): a node of cluster A routing through the bastion's address
-    in A reaches nothing of cluster B. With the legs' forwarding turned on by hand it would (so the lab can route
-    and the check can fail); the hook's next run turns it off again."""
+    in A reaches nothing of cluster B — by the legs' forwarding=0 alone (--no-firewall), and by the nftables table
+    alone (forwarding turned on by hand). With both gone it would (so the lab can route and the check can fail);
+    the hook's next run puts both back."""
     gw = trunk
     sw = gw[: -len("gw")] + "sw"
     nodes = {vid: f"{PREFIX}f{vid}" for vid in (100, 200)}  # each cluster's node: 198.18.1.1, 198.18.2.1
@@ -428,8 +475,9 @@ def test_a_gateway_that_routes_carries_nothing_from_one_cluster_to_another(trunk
             a={"vlan": 100, "bastion_address": "198.18.1.254/24", "nodes": []},
             b={"vlan": 200, "bastion_address": "198.18.2.254/24", "nodes": []},
         )
-        done = _sync(gw, tmp_path)
+        done = _sync(gw, tmp_path, "--no-firewall")
         assert done.returncode == 0, done.stderr
+        assert "nft" not in done.stdout
         assert _proc(gw, "net/ipv4/ip_forward") == "1"  # the gateway's own switch stays the operator's
         for leg in ("vcl100", "vcl200"):
             assert _proc(gw, f"net/ipv4/conf/{leg}/forwarding") == "0"
@@ -438,19 +486,77 @@ def test_a_gateway_that_routes_carries_nothing_from_one_cluster_to_another(trunk
         assert _reaches(node_a, "198.18.1.254")  # its bastion leg answers
         assert not _reaches(node_a, "198.18.2.1")  # B's node, through the bastion: no
 
-        for leg in ("vcl100", "vcl200"):
-            fabric.run(["ip", "netns", "exec", gw, "sysctl", "-qw", f"net.ipv4.conf.{leg}.forwarding=1"])
-        assert _reaches(node_a, "198.18.2.1")
+        def forward_by_hand():
+            for leg in ("vcl100", "vcl200"):
+                fabric.run(["ip", "netns", "exec", gw, "sysctl", "-qw", f"net.ipv4.conf.{leg}.forwarding=1"])
+
+        forward_by_hand()
+        assert _reaches(node_a, "198.18.2.1")  # the control: the lab routes
         done = _sync(gw, tmp_path)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == [
+            "virtcloud-legs: nft: table inet virtcloud_vcl (only answers and pings come in on a leg)",
             "virtcloud-legs: sysctl -w net.ipv4.conf.vcl100.forwarding=0",
             "virtcloud-legs: sysctl -w net.ipv4.conf.vcl200.forwarding=0",
         ]
         assert not _reaches(node_a, "198.18.2.1")
+
+        forward_by_hand()
+        assert not _reaches(node_a, "198.18.2.1")  # the table drops what would be routed through a leg
+        fabric.run(["ip", "netns", "exec", gw, "nft", "delete", "table", "inet", "virtcloud_vcl"])
+        assert _reaches(node_a, "198.18.2.1")
+        done = _sync(gw, tmp_path)
+        assert done.returncode == 0 and len(done.stdout.splitlines()) == 3, done
+        assert not _reaches(node_a, "198.18.2.1")
     finally:
         for node in nodes.values():
             fabric.run(["ip", "netns", "del", node], check=False)
+
+
+@pytest.mark.vmlane
+def test_a_clusters_nodes_reach_none_of_the_gateways_own_services_but_the_bastion_reaches_them(trunk, tmp_path):
+    """A service listening on every address of the gateway (its sshd, an agent) is out of reach of the clusters'
+    nodes on the legs' addresses, while the gateway's own connections to the nodes (the bastion's) are answered,
+    and a node can ping its leg. With --no-firewall (the control) the node gets through."""
+    gw = trunk
+    sw = gw[: -len("gw")] + "sw"
+    serve = (
+        "import socket,sys\ns=socket.socket(); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen()\n"
+        "while True:\n    c,_=s.accept(); c.sendall(b'hello\\n'); c.close()\n"
+    )
+    services = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", serve, "7070"]) for ns in (gw, sw)]
+
+    def connects(ns: str, address: str) -> bool:
+        probe = f"import socket\nsocket.create_connection(('{address}', 7070), 2).recv(6)"
+        return (
+            subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe], capture_output=True).returncode
+            == 0
+        )
+
+    try:
+        _write(tmp_path, a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []})
+        done = _sync(gw, tmp_path, "--no-firewall")
+        assert done.returncode == 0, done.stderr
+        assert fabric_wait(lambda: connects(sw, "10.0.0.254"))  # the control: the node reaches the service
+
+        done = _sync(gw, tmp_path)
+        assert done.returncode == 0 and "nft: table inet virtcloud_vcl" in done.stdout, done
+        assert not connects(sw, "10.0.0.254")  # the gateway's own service: dropped on the leg
+        assert connects(gw, "10.0.0.1")  # the bastion's way to the node: its answers come back in
+        assert _reaches(sw, "10.0.0.254")  # a ping to the leg is answered
+    finally:
+        for proc in services:
+            proc.kill()
+            proc.wait()
+
+
+def fabric_wait(predicate, tries: int = 50) -> bool:
+    """``predicate()`` true within ``tries`` tenths of a second (a server just started)."""
+    for _ in range(tries):
+        if predicate():
+            return True
+        subprocess.run(["sleep", "0.1"], check=False)
+    return False
 
 
 def test_plan_namespaced_gives_each_leg_a_namespace_of_its_own():
