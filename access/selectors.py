@@ -242,10 +242,12 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
 
 def gateway_has_cluster(gateway: Gateway, cluster) -> bool | None:
     """Whether ``gateway`` is known to have installed a state that holds ``cluster``: its ``state_as_of`` (see
-    ``clusters_access_ready``) at or after the cluster's ``ready_at``. None: the cluster has no ready time."""
+    ``clusters_access_ready``) at or after the cluster's ``ready_at`` and its ``closed_since`` (a cluster an admin
+    made closed later enters the gateways' maps then). None: the cluster has no ready time."""
     if cluster.ready_at is None:
         return None
-    return gateway.state_as_of is not None and gateway.state_as_of >= cluster.ready_at
+    since = max(cluster.ready_at, cluster.closed_since or cluster.ready_at)
+    return gateway.state_as_of is not None and gateway.state_as_of >= since
 
 
 def gateways_carrying(clusters: Iterable) -> dict[int, list[Gateway]]:

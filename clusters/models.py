@@ -154,6 +154,13 @@ class VirtualCluster(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    closed_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="when it last became closed (created closed, or an admin's override): the access gateways have "
+        "it once the state they installed is newer than this and than ready_at",
+    )
     ended_at = models.DateTimeField(null=True, blank=True)
     expiry_warned_for = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="the expiry an 'expiring' event was written for"

@@ -298,6 +298,7 @@ def cluster_create(
         expires_at=expires_at,
         job_id=job_id,
         bastion_address=bastion_address,
+        closed_since=timezone.now() if decision.connectivity == Connectivity.CLOSED else None,
     )
     if decision.connectivity == Connectivity.PUBLIC:
         cluster.public_prefix, cluster.public_subnet = _allocate_public_subnet()
@@ -830,6 +831,7 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         Node.objects.bulk_update(live, ["address"])
     else:
         cluster.public_subnet = ""  # (the nodes keep their addresses: a closed cluster may use any)
+        cluster.closed_since = timezone.now()  # the gateways have it once they installed a state made after this
     cluster.save(
         update_fields=[
             "connectivity",
@@ -837,6 +839,7 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
             "connectivity_overridden_by",
             "public_prefix",
             "public_subnet",
+            "closed_since",
         ]
     )
     audit.record(cluster, "action", message=f"connectivity {old} → {connectivity}: {cluster.connectivity_reason}")

@@ -99,6 +99,20 @@ def test_a_cluster_just_ready_is_not_access_ready_until_its_gateway_has_it(bob, 
     assert [(g["name"], g["has_cluster"]) for g in row["gateways"]] == [("gw1", True)]
 
 
+def test_a_cluster_an_admin_made_closed_after_it_was_ready_waits_for_a_state_made_after_that(alice, cluster, gateway):
+    """Ready (and public) long ago, the gateway's state newer than that: once an admin makes it closed it enters the
+    gateways' maps only then, so access is not ready until a gateway's state is newer than the override."""
+    ready = timezone.now() - dt.timedelta(hours=1)
+    Gateway.objects.filter(pk=gateway.pk).update(state_as_of=ready + dt.timedelta(minutes=5))
+    VirtualCluster.objects.filter(pk=cluster.pk).update(ready_at=ready, closed_since=ready - dt.timedelta(seconds=1))
+    api = client_for(alice)
+    assert listed(api)[cluster.pk]["access_ready"] is True  # closed from the start: it has it
+    VirtualCluster.objects.filter(pk=cluster.pk).update(closed_since=timezone.now())  # the override
+    assert listed(api)[cluster.pk]["access_ready"] is False
+    Gateway.objects.filter(pk=gateway.pk).update(state_as_of=timezone.now())
+    assert listed(api)[cluster.pk]["access_ready"] is True
+
+
 def test_a_cluster_without_a_ready_time_has_no_answer_yet(alice, cluster, gateway):
     """A cluster whose ready time is unknown: the gateway carries it, whether it has it is not known (null)."""
     row = client_for(alice).get(f"{URL}{cluster.pk}/").json()

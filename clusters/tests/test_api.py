@@ -1177,6 +1177,8 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
     vid = VirtualCluster.objects.get(pk=cid).vlan_id
+    created_closed = VirtualCluster.objects.get(pk=cid)
+    assert created_closed.closed_since is not None and created_closed.closed_since <= created_closed.ready_at
     assert vid in fabric.switch_ports("sw-brno")["gw"]
     r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "vetted"}, format="json")
     assert r.status_code == 403
@@ -1200,6 +1202,8 @@ def test_connectivity_override_is_admin_only_audited_and_moves_the_gateway_leg(f
     r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "closed", "reason": "back"}, format="json")
     assert r.status_code == 202, r.content
     assert [n["address"] for n in api.get(f"/api/clusters/{cid}/").data["nodes"]] == ["198.19.0.2", "198.19.0.3"]
+    reclosed = VirtualCluster.objects.get(pk=cid)
+    assert reclosed.closed_since > reclosed.ready_at  # the gateways have it once their state is newer than this
     # Nodes that do not fit in a public subnet: a 400, and the cluster stays as it was (closed, its subnet free).
     PublicPrefix.objects.update(subnet_length=30)  # room for the router and one node
     r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json")
