@@ -177,6 +177,19 @@ def address_and_up(
     return commands
 
 
+def vlan_link(name: str, vid: int, trunk: str, link: Link | None) -> tuple[list[list[str]], Link | None]:
+    """The ``ip`` commands that make ``name`` a sub-interface of ``trunk`` for VLAN ``vid`` (none when ``link``, the
+    link of that name now, is one; a link of that name made by hand, or for another trunk, is deleted first), and
+    the link as it is before its addresses are set (None: made anew)."""
+    commands = []
+    if link is not None and (link.vid != vid or link.parent != trunk):
+        commands.append(["ip", "link", "del", name])
+        link = None
+    if link is None:
+        commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
+    return commands, link
+
+
 def plan(
     legs: dict[int, str],
     links: dict[str, Link],
@@ -192,12 +205,8 @@ def plan(
     keep = set()
     for vid, address in sorted(legs.items()):
         name = f"{prefix}{vid}"
-        link = links.get(name)
-        if link is not None and (link.vid != vid or link.parent != trunk):
-            commands.append(["ip", "link", "del", name])  # made by hand, or for another trunk
-            link = None
-        if link is None:
-            commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
+        made, link = vlan_link(name, vid, trunk, links.get(name))
+        commands += made
         keep.add(name)
         settings = _settings([], kernel_settings(name, address, ipv6=ipv6), kernel if link else None)
         commands += address_and_up(["ip"], name, link, address, settings)

@@ -49,6 +49,7 @@ from access.gateway.legs import (  # noqa: E402
     address_and_up,
     current,
     run_command,
+    vlan_link,
 )
 
 USER_AGENT = "virtcloud-router/1"
@@ -96,13 +97,7 @@ def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: st
     keep = set()
     for vid, address in sorted(legs.items()):
         name = f"{prefix}{vid}"
-        link = links.get(name)
-        commands = []
-        if link is not None and (link.vid != vid or link.parent != trunk):
-            commands.append(["ip", "link", "del", name])  # made by hand, or for another trunk
-            link = None
-        if link is None:
-            commands.append(["ip", "link", "add", "link", trunk, "name", name, "type", "vlan", "id", str(vid)])
+        commands, link = vlan_link(name, vid, trunk, links.get(name))
         keep.add(name)
         commands += address_and_up(["ip"], name, link, address, [])
         if commands:

@@ -6,11 +6,13 @@ Everything created here is removed by PID or by exact name; nothing touches the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -219,3 +221,15 @@ def read(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def vmlane_fabric():
+    """``network/lab/vmlane/fabric.py`` (the namespaces of the QEMU lane's tests), loaded by path, once: the lane
+    runs without Django and must not import the OVS lab package."""
+    if "vmlane_fabric" not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "network" / "lab" / "vmlane" / "fabric.py"
+        spec = importlib.util.spec_from_file_location("vmlane_fabric", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["vmlane_fabric"]

@@ -8,7 +8,6 @@ Django: the guest runs this file without the project's conftest.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import pytest
 
 from access.gateway import legs
 from access.gateway.legs import IPV6_FORWARDING, LegsError, Link
+from access.tests._procs import vmlane_fabric
 
 LEGS = Path(legs.__file__)
 
@@ -334,15 +334,7 @@ def test_a_kernel_without_ipv6_gets_the_ipv4_values_only(tmp_path):
 # --- the real thing (a kernel with 802.1Q: the QEMU guest) -----------------------------------------------------
 
 
-def _fabric():
-    path = Path(__file__).resolve().parents[2] / "network" / "lab" / "vmlane" / "fabric.py"
-    spec = importlib.util.spec_from_file_location("vmlane_fabric", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fabric = _fabric()
+fabric = vmlane_fabric()
 PREFIX = fabric.make_prefix("lg")
 _missing = fabric.kernel_8021q_missing(PREFIX)
 
@@ -360,22 +352,9 @@ def trunk():
             pytest.fail(f"the QEMU guest must have 802.1Q: {_missing}")
         pytest.skip(f"{_missing}; these tests run in the QEMU guest of scripts/vm-lane.sh (make test runs it)")
     fabric.remove_stale()
-    gw, sw = f"{PREFIX}gw", f"{PREFIX}sw"
-    for ns in (gw, sw):
-        fabric.run(["ip", "netns", "add", ns])
-    try:
-        fabric.run(["ip", "link", "add", "t0", "netns", gw, "type", "veth", "peer", "name", "t0", "netns", sw])
-        fabric.run(
-            ["ip", "-n", sw, "-batch", "-"],
-            input="link set t0 up\nlink set lo up\n"
-            "link add link t0 name t0.100 type vlan id 100\naddr add 10.0.0.1/24 dev t0.100\nlink set t0.100 up\n"
-            "link add link t0 name t0.200 type vlan id 200\naddr add 10.1.0.1/24 dev t0.200\nlink set t0.200 up\n",
-        )
-        fabric.run(["ip", "-n", gw, "-batch", "-"], input="link set t0 up\nlink set lo up\nlink add other type dummy\n")
+    nodes = {100: "10.0.0.1/24", 200: "10.1.0.1/24"}
+    with fabric.trunk_pair(f"{PREFIX}gw", f"{PREFIX}sw", nodes, near_batch="link add other type dummy\n") as gw:
         yield gw
-    finally:
-        for ns in (gw, sw):
-            fabric.run(["ip", "netns", "del", ns], check=False)
 
 
 def _sync(ns: str, state: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ is clusters/tests/test_public_networks.py)."""
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from access.gateway import router
 from access.gateway.legs import LegsError
+from access.tests._procs import vmlane_fabric
 
 ROUTER = Path(router.__file__).resolve()
 
@@ -237,15 +237,7 @@ def test_follow_applies_changes_repairs_after_a_refusal_and_keeps_the_links_when
 # --- the real thing (a kernel with 802.1Q: the QEMU guest) -----------------------------------------------------
 
 
-def _fabric():
-    path = Path(__file__).resolve().parents[2] / "network" / "lab" / "vmlane" / "fabric.py"
-    spec = importlib.util.spec_from_file_location("vmlane_fabric", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fabric = _fabric()
+fabric = vmlane_fabric()
 PREFIX = fabric.make_prefix("rt")
 _missing = fabric.kernel_8021q_missing(PREFIX)
 
@@ -259,23 +251,8 @@ def trunk():
             pytest.fail(f"the QEMU guest must have 802.1Q: {_missing}")
         pytest.skip(f"{_missing}; these tests run in the QEMU guest of scripts/vm-lane.sh (make test runs it)")
     fabric.remove_stale()
-    rt, sw = f"{PREFIX}rt", f"{PREFIX}sw"
-    for ns in (rt, sw):
-        fabric.run(["ip", "netns", "add", ns])
-    try:
-        fabric.run(["ip", "link", "add", "t0", "netns", rt, "type", "veth", "peer", "name", "t0", "netns", sw])
-        fabric.run(
-            ["ip", "-n", sw, "-batch", "-"],
-            input="link set t0 up\nlink set lo up\n"
-            "link add link t0 name t0.100 type vlan id 100\naddr add 198.18.20.10/24 dev t0.100\nlink set t0.100 up\n"
-            "link add link t0 name t0.200 type vlan id 200\naddr add 198.18.21.10/24 dev t0.200\n"
-            "link set t0.200 up\n",
-        )
-        fabric.run(["ip", "-n", rt, "-batch", "-"], input="link set t0 up\nlink set lo up\n")
+    with fabric.trunk_pair(f"{PREFIX}rt", f"{PREFIX}sw", {100: "198.18.20.10/24", 200: "198.18.21.10/24"}) as rt:
         yield rt
-    finally:
-        for ns in (rt, sw):
-            fabric.run(["ip", "netns", "del", ns], check=False)
 
 
 def _once(ns: str, portal: str, token: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -11,11 +11,12 @@ those of earlier runs whose process is gone. No link ever leaves the fabric's ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 PREFIX_ROOT = "vclb"  # every namespace this helper makes starts with it
 NETNS_RUN_DIR = "/run/netns"
@@ -73,6 +74,29 @@ def kernel_8021q_missing(prefix: str) -> str | None:
         return None
     finally:
         run(["ip", "netns", "del", ns], check=False)
+
+
+@contextlib.contextmanager
+def trunk_pair(near: str, far: str, nodes: dict[int, str], near_batch: str = "") -> Iterator[str]:
+    """Namespaces ``near`` (a gateway, a router) and ``far`` (a "switch") joined by a veth pair named ``t0`` at both
+    ends, up; at the far end a VLAN sub-interface ``t0.<vid>`` holding each of ``nodes``' address (``{vid:
+    "addr/len"}``), up; ``near_batch``: more ``ip -batch`` lines for ``near``. Yields ``near``; both namespaces are
+    deleted afterwards."""
+    for ns in (near, far):
+        run(["ip", "netns", "add", ns])
+    try:
+        run(["ip", "link", "add", "t0", "netns", near, "type", "veth", "peer", "name", "t0", "netns", far])
+        vlans = "".join(
+            f"link add link t0 name t0.{vid} type vlan id {vid}\naddr add {address} dev t0.{vid}\n"
+            f"link set t0.{vid} up\n"
+            for vid, address in nodes.items()
+        )
+        run(["ip", "-n", far, "-batch", "-"], input=f"link set t0 up\nlink set lo up\n{vlans}")
+        run(["ip", "-n", near, "-batch", "-"], input=f"link set t0 up\nlink set lo up\n{near_batch}")
+        yield near
+    finally:
+        for ns in (near, far):
+            run(["ip", "netns", "del", ns], check=False)
 
 
 class Fabric:
