@@ -9,6 +9,14 @@ import pytest
 from django.contrib.auth.models import Group, User
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Every test starts with no request counted against the API's rate limits (portal.throttle)."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def team(db):
     return Group.objects.create(name="physics")

@@ -19,6 +19,7 @@ from access import selectors, services
 from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
 from access.models import USER_KINDS
+from portal import throttle
 
 PAGE = "access:my-clusters"
 #: credentials that ended (revoked or expired) the page lists, newest first; valid ones are always all listed
@@ -36,6 +37,23 @@ def _form_action(view):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _within_rate(view):
+    """A download issues a credential (a fresh key, a signature): past ``API_THROTTLE_RATES``' ``credentials`` rate
+    (the API's, counted together) the page comes back with a message and 429, ``Retry-After`` set."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        wait = throttle.refused(request, "credentials")
+        if wait is None:
+            return view(request, *args, **kwargs)
+        messages.error(request, f"Too many downloads in a short time: try again in {wait} seconds.")
+        response = _page(request, status=429)
+        response["Retry-After"] = str(wait)
+        return response
 
     return wrapper
 
@@ -119,6 +137,7 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
 
 @_form_action
 @login_required
+@_within_rate
 def vpn_profile_download(request):
     form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():
@@ -134,6 +153,7 @@ def vpn_profile_download(request):
 
 @_form_action
 @login_required
+@_within_rate
 def ssh_download(request):
     form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():

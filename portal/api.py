@@ -202,6 +202,8 @@ ERROR_DESCRIPTIONS = {
     413: "the request body is larger than the server accepts",
     415: "the request body is not JSON, form or multipart data",
     422: "well-formed but cannot be done on this network",
+    429: "code `throttled`: more requests of this kind than API_THROTTLE_RATES allows a user; retry after the "
+    "Retry-After header's seconds",
 }
 
 

@@ -190,7 +190,26 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "portal.api.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_CLASSES": ["portal.throttle.ScopedThrottle"],
 }
+
+
+def _rates(text: str) -> dict[str, str]:
+    """``scope=N/period,…`` → {scope: "N/period"} (DRF's rates: period s, m, h or d); "" or "off" for none."""
+    rates = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        scope, eq, rate = item.partition("=")
+        number, slash, period = rate.partition("/")
+        if not eq or not slash or not number.isdigit() or period[:1] not in ("s", "m", "h", "d"):
+            raise ImproperlyConfigured(f"API_THROTTLE_RATES: {item!r} is not scope=N/s|min|hour|day")
+        rates[scope.strip()] = rate.strip()
+    return rates
+
+
+# Per user, unsafe requests only (portal.throttle): a runaway script gets 429 with Retry-After.
+API_THROTTLE_RATES = _rates(
+    env_str("API_THROTTLE_RATES", "credentials=60/min,host-certificates=6000/min,cluster-writes=1200/min")
+)
 SPECTACULAR_SETTINGS = {
     "TITLE": "VirtCloud portal API",
     "DESCRIPTION": "Virtual cluster networks: VLANs across sites, switch and host convergence, access.",
@@ -232,6 +251,25 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         "unacked_restore_throttle": 1,
     }
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "django-db")
+
+# --- cache (the API's rate-limit counters) ----------------------------------------------------------------------
+# Shared by every web worker: Redis (the broker's, by default, keys prefixed), or this process's memory for the
+# embedded default (one web process).
+_redis_broker = CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+CACHE_URL = env_str("CACHE_URL", _redis_broker or "locmem://")
+if CACHE_URL.startswith(("redis://", "rediss://")):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            "KEY_PREFIX": "virtcloud",
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+        }
+    }
+elif CACHE_URL == "locmem://":
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+else:
+    raise ImproperlyConfigured(f"CACHE_URL: redis://… or locmem://, not {CACHE_URL!r}")
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"  # the central worker's queue (devices without a worker queue)
 CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for the next one

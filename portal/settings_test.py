@@ -45,3 +45,7 @@ if os.environ.get("REDIS_URL"):
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+
+# The rate-limit counters in this process's memory, emptied before each test (conftest): tests of different
+# pytest-xdist workers share user ids, and must not count each other's requests in a shared Redis.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

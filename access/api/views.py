@@ -28,6 +28,10 @@ ERRORS = {
     404: OpenApiResponse(description="no such credential (or not yours)"),
     409: OpenApiResponse(description="the cluster's network is not up (not READY), or the cluster is public"),
     503: OpenApiResponse(description="no access gateway of this kind is configured"),
+    429: OpenApiResponse(
+        description="code `throttled`: more requests of this kind than API_THROTTLE_RATES allows a user; retry "
+        "after the Retry-After header's seconds"
+    ),
 }
 ISSUE_SCOPES = {"write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE)}
 READ_SCOPES = {
@@ -60,6 +64,7 @@ class VpnProfileView(APIView):
     """Issue an OpenVPN profile (.ovpn) for clusters you may enter."""
 
     required_scopes = ISSUE_SCOPES
+    throttle_scope = "credentials"
 
     @extend_schema(
         request=s.VpnProfileRequestSerializer,
@@ -68,7 +73,7 @@ class VpnProfileView(APIView):
                 OpenApiTypes.BINARY,
                 description="the .ovpn as a download (Content-Disposition); contains your private key",
             ),
-            **_errors(400, 401, 403, 409, 503),
+            **_errors(400, 401, 403, 409, 429, 503),
         },
     )
     def post(self, request):
@@ -87,10 +92,11 @@ class SshCertificateView(APIView):
     """Sign an OpenSSH user certificate for one cluster (your key, or a fresh key pair)."""
 
     required_scopes = ISSUE_SCOPES
+    throttle_scope = "credentials"
 
     @extend_schema(
         request=s.SshCertificateRequestSerializer,
-        responses={201: s.SshCertificateSerializer, **_errors(400, 401, 403, 409, 503)},
+        responses={201: s.SshCertificateSerializer, **_errors(400, 401, 403, 409, 429, 503)},
     )
     def post(self, request):
         data = s.SshCertificateRequestSerializer(data=request.data)
@@ -119,6 +125,7 @@ class HostCertificateView(APIView):
     host-key prompt. The answer also holds what the node's sshd needs to let the cluster's people in."""
 
     required_scopes = ISSUE_SCOPES
+    throttle_scope = "host-certificates"
 
     @extend_schema(
         request=s.HostCertificateRequestSerializer,
@@ -126,6 +133,7 @@ class HostCertificateView(APIView):
             201: s.HostCertificateSerializer,
             400: ERRORS[400],
             401: ERRORS[401],
+            429: ERRORS[429],
             **NODE_ERRORS,
         },
     )

@@ -46,7 +46,7 @@ CREATE_ERRORS = {
     "makes the cluster closed)",
     "e422": f"{CLUSTER_ERRORS['e422']}, or public `connectivity` asked for with no public prefix configured",
 }
-WRITE_ERRORS = (400, 401, 403, 404, 409, 415, 422)
+WRITE_ERRORS = (400, 401, 403, 404, 409, 415, 422, 429)
 IDEMPOTENCY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -94,6 +94,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         "write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
     }
     filter_fields = ("state", "connectivity", "job_id", "name")
+    throttle_scope = "cluster-writes"  # (unsafe methods only: portal.throttle)
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
@@ -159,7 +160,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         responses={
             201: s.ClusterSerializer,
             200: OpenApiResponse(s.ClusterSerializer, description="replay of an earlier request (same key)"),
-            **error_responses(400, 401, 403, 409, 415, 422, **CREATE_ERRORS),
+            **error_responses(400, 401, 403, 409, 415, 422, 429, **CREATE_ERRORS),
         },
     )
     def create(self, request):
@@ -296,7 +297,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422, 429)},
     )
     @action(detail=True, methods=["delete"], url_path=r"nodes/(?P<node_id>\d+)")
     def node_remove(self, request, pk=None, node_id=None):
@@ -327,7 +328,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422, 429)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrated")
     def migrated(self, request, pk=None, node_id=None):
@@ -342,7 +343,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         request=None,
         parameters=[IDEMPOTENCY],
-        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422)},
+        responses={202: s.ClusterSerializer, **_change_errors(400, 401, 403, 404, 409, 422, 429)},
     )
     @action(detail=True, methods=["post"], url_path=r"nodes/(?P<node_id>\d+)/migrate/cancel")
     def migrate_cancel(self, request, pk=None, node_id=None):
@@ -399,6 +400,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     lookup_field = "name"
     lookup_value_regex = r"[-a-zA-Z0-9_]+"
     required_scopes = ClusterViewSet.required_scopes
+    throttle_scope = "cluster-writes"
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
@@ -428,7 +430,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         request=s.ImageCreateSerializer,
         responses={
             201: s.ImageSerializer,
-            **error_responses(400, 401, 403, 409, 415, **{**IMAGE_ERRORS, "e403": OWNER_403}),
+            **error_responses(400, 401, 403, 409, 415, 429, **{**IMAGE_ERRORS, "e403": OWNER_403}),
         },
     )
     def create(self, request):
@@ -446,7 +448,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     @extend_schema(
         request=s.ImageUpdateSerializer,
-        responses={200: s.ImageSerializer, **error_responses(400, 401, 403, 404, 415, **IMAGE_ERRORS)},
+        responses={200: s.ImageSerializer, **error_responses(400, 401, 403, 404, 415, 429, **IMAGE_ERRORS)},
     )
     def partial_update(self, request, name=None):
         """Change a user-provided image's description, source or group."""
@@ -454,7 +456,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         v = _valid(s.ImageUpdateSerializer, request)
         return Response(s.ImageSerializer(services.image_update(image=image, changes=v)).data)
 
-    @extend_schema(request=None, responses={204: None, **error_responses(401, 403, 404, 409, **IMAGE_ERRORS)})
+    @extend_schema(request=None, responses={204: None, **error_responses(401, 403, 404, 409, 429, **IMAGE_ERRORS)})
     def destroy(self, request, name=None):
         """Delete a user-provided image no live cluster boots. One that ended clusters still name is retired
         instead: kept for their history, listed no more, booting nothing; its name stays taken."""

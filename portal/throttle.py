@@ -1,0 +1,60 @@
+"""Rate limits of the API's costly writes, per user (``API_THROTTLE_RATES``): a runaway script or scheduler gets
+429 with ``Retry-After`` instead of keeping the CA, the database and the workers busy for everyone.
+
+A view names its ``throttle_scope``; only unsafe methods count (reads, long polls and the gateways' pulls never
+do). The counters live in Django's cache (``CACHE_URL``: Redis in production, shared by every web worker); when
+the cache cannot be reached the request is let through — a limit is a protection, not a dependency.
+
+Scopes: ``credentials`` (VPN profiles, SSH user certificates: a fresh key and a signature each, API and
+browser), ``host-certificates`` (a node's boot script; a scheduler starting a large cluster sends one per node)
+and ``cluster-writes`` (creating and changing clusters and images).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from django.conf import settings
+from rest_framework.permissions import SAFE_METHODS
+from rest_framework.throttling import SimpleRateThrottle
+
+logger = logging.getLogger(__name__)
+
+
+class ScopedThrottle(SimpleRateThrottle):
+    """DRF's fixed-window-by-history throttle, per user (per client address without one), with the rate of the
+    view's ``throttle_scope`` read from the settings at each request."""
+
+    cache_format = "throttle:%(scope)s:%(ident)s"
+
+    def __init__(self):  # (the rate depends on the view: set in allow_request)
+        pass
+
+    def allow_request(self, request, view) -> bool:
+        self.scope = getattr(view, "throttle_scope", None)
+        if not self.scope or request.method in SAFE_METHODS:
+            return True
+        self.rate = settings.API_THROTTLE_RATES.get(self.scope)
+        if not self.rate:
+            return True
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        try:
+            return super().allow_request(request, view)
+        except Exception as exc:  # noqa: BLE001 (the cache is down: let it through, say so)
+            logger.warning("rate limit %s not checked: the cache failed: %s", self.scope, exc)
+            return True
+
+    def get_cache_key(self, request, view) -> str:
+        user = getattr(request, "user", None)
+        ident = f"user{user.pk}" if user is not None and user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+def refused(request, scope: str) -> int | None:
+    """For a view outside DRF (a browser download): None when the request is within ``scope``'s rate (and counted),
+    else the seconds to wait."""
+    throttle = ScopedThrottle()
+    if throttle.allow_request(request, SimpleNamespace(throttle_scope=scope)):
+        return None
+    return max(1, round(throttle.wait() or 1))
