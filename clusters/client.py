@@ -36,7 +36,8 @@ was extended: the one the node has would end first), all of them as a set.
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
-answered 5xx, refused for now (the VLAN pool exhausted, a quota reached: nothing was left allocated), or the
+answered 5xx, refused for now (the VLAN pool exhausted, a quota reached, too many requests: nothing was left
+allocated), or the
 cluster was not READY/torn down within ``--timeout``: run the same command again, later.
 """
 
