@@ -1,5 +1,5 @@
-"""Browser pages acting on one cluster (the list is the home page, ``/``); included by ``portal.urls`` at
-``clusters/``."""
+"""Browser pages acting on one cluster (the list is the home page, ``/``) and the images page; included by
+``portal.urls`` at ``clusters/``."""
 
 from django.urls import path
 
@@ -9,4 +9,6 @@ app_name = "clusters"
 urlpatterns = [
     path("<int:pk>/extend/", views.extend, name="extend"),
     path("<int:pk>/teardown/", views.teardown, name="teardown"),
+    path("images/", views.images, name="images"),
+    path("images/<slug:name>/delete/", views.image_delete, name="image-delete"),
 ]

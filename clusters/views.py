@@ -22,7 +22,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
 
 from clusters import selectors, services
-from clusters.errors import ClusterError
+from clusters.errors import ClusterError, QuotaExceeded
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -31,6 +31,7 @@ from clusters.models import (
     Connectivity,
     VirtualCluster,
 )
+from portal import throttle
 
 HOME = "home"
 #: how much longer "Extend" offers: (value, label, added to the expiry — or to now, for a cluster past it)
@@ -239,3 +240,88 @@ def teardown(request, pk: int):
         "It moves to Recently ended when that is done.",
     )
     return redirect(HOME)
+
+
+# --- images ----------------------------------------------------------------------------------------------------
+
+
+class ImageForm(forms.Form):
+    """Register a user-provided image (``services.image_register``: never approved, so clusters booting it are
+    closed)."""
+
+    name = forms.SlugField(max_length=100, help_text="Letters, digits, '-' and '_'; unique among all images.")
+    description = forms.CharField(max_length=200, required=False)
+    source = forms.CharField(
+        max_length=500, required=False, help_text="Where it comes from: a URL, a path, a checksum (for the record)."
+    )
+    group = forms.ModelChoiceField(
+        queryset=None, required=False, empty_label="nobody (only you)", label="Share with group"
+    )
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["group"].queryset = user.groups.order_by("name")
+
+    def focus_first_error(self) -> None:
+        """The page opens at the first field refused (the name, for a refusal of the whole form)."""
+        refused = [name for name in self.fields if name in self.errors] or ["name"]
+        self.fields[refused[0]].widget.attrs["autofocus"] = True
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@login_required
+@never_cache
+def images(request):
+    """GET: the images the user may boot (the provider's catalogue, their own, their groups'), and a form to
+    register one of their own. POST: register it (the page again with the refusal at its field: 400)."""
+    form = ImageForm(request.POST or None, user=request.user)
+    if request.method != "POST":
+        return _images_page(request, form)
+    wait = throttle.refused(request, "cluster-writes")
+    if wait is not None:
+        messages.error(request, f"Too many changes in a short time: try again in {wait} seconds.")
+        response = _images_page(request, form, status=429)
+        response["Retry-After"] = str(wait)
+        return response
+    if form.is_valid():
+        try:
+            image = services.image_register(owner=request.user, **form.cleaned_data)
+        except QuotaExceeded as exc:
+            form.add_error(None, capfirst(exc.message))
+        except ClusterError as exc:
+            form.add_error(exc.field if exc.field in form.fields else None, capfirst(exc.message))
+        else:
+            shared = f", shared with {image.group.name}" if image.group else ""
+            messages.success(request, f"Registered {image.name}{shared}: clusters booting it are closed.")
+            return redirect("clusters:images")
+    return _images_page(request, form, status=400)
+
+
+def _images_page(request, form: ImageForm, *, status: int = 200) -> HttpResponse:
+    if form.is_bound and form.errors:
+        form.focus_first_error()
+    rows = list(selectors.images_visible(request))
+    for image in rows:
+        image.changeable = selectors.image_may_change(request, image)
+    return render(request, "clusters/images.html", {"images": rows, "form": form}, status=status)
+
+
+@_post_only
+@login_required
+def image_delete(request, name: str):
+    """Delete one of the user's images (retired when ended clusters still name it); refused while a live cluster
+    boots it, with a message."""
+    image = get_object_or_404(selectors.images_visible(request), name=name)
+    if not selectors.image_may_change(request, image):
+        messages.error(request, f"{image.name} is not yours to delete.")
+        return redirect("clusters:images")
+    try:
+        outcome = services.image_delete(image=image)
+    except ClusterError as exc:
+        messages.error(request, capfirst(exc.message))
+        return redirect("clusters:images")
+    if outcome == "retired":
+        messages.success(request, f"Retired {image.name}: ended clusters still name it; it boots nothing new.")
+    else:
+        messages.success(request, f"Deleted {image.name}.")
+    return redirect("clusters:images")

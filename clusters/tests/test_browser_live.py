@@ -48,3 +48,25 @@ def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_serve
     VirtualCluster.objects.filter(pk=other.pk).update(state=ClusterState.TORN_DOWN, state_reason="job done")
     page.wait_for_selector("h3:has-text('Recently ended')", timeout=10_000)
     assert "job done" in page.inner_text("body")
+
+
+def test_a_user_registers_and_deletes_an_image_on_a_phone(browser_page, live_server, alice, team):
+    """At 390 px: the images page fits the screen (a long source URL wraps), registering shares the image with
+    the group chosen, and its row offers Delete."""
+    from clusters.models import Image
+
+    page = browser_page
+    page.set_viewport_size({"width": 390, "height": 844})
+    log_in(page, live_server, "alice", "alice-password", next_url="/clusters/images/")
+    page.fill("#id_name", "my-stack")
+    page.fill("#id_source", "https://images.example.org/" + "very-long-path-segment/" * 6 + "stack.qcow2")
+    page.select_option("#id_group", label="physics")
+    page.click("#image-form button[type=submit]")
+    page.wait_for_selector("tr[data-image='my-stack']")
+    assert "Registered my-stack, shared with physics" in page.inner_text(".messages")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    image = Image.objects.get(name="my-stack")
+    assert (image.owner, image.group, image.approved) == (alice, team, False)
+    page.click("tr[data-image='my-stack'] button.danger")
+    page.wait_for_selector("tr[data-image='my-stack']", state="detached")
+    assert "Deleted my-stack." in page.inner_text(".messages")
