@@ -77,3 +77,15 @@ def certificates_start_at_module_now(request):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pki, "_now", lambda: now)
         yield
+
+
+def client_for(user=None, token: str | None = None):
+    """An API client acting as ``user`` (forced), or with the bearer ``token``."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    if token:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client

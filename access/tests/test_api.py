@@ -13,21 +13,12 @@ from rest_framework.test import APIClient
 from access import services
 from access.models import Authority, AuthorityKind, Credential
 from access.selectors import cluster_label
-from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
+from access.tests.fixtures import client_for, cluster, gateway, make_cluster, other_cluster
 from access.tests.profile_check import parse_profile
 from portal.models import TokenScope
 from portal.tokens import token_create
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user=None, token: str | None = None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    if token:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
 
 
 def aa_pem() -> str:

@@ -17,7 +17,7 @@ from access import services
 from access.errors import ClusterNotReady
 from access.models import Gateway, GatewayKind
 from access.selectors import cluster_label
-from access.tests.fixtures import cluster, gateway, make_cluster, make_gateway, other_cluster
+from access.tests.fixtures import client_for, cluster, gateway, make_cluster, make_gateway, other_cluster
 from clusters.models import VirtualCluster
 from network.tests.factories import SiteFactory
 from portal.models import TokenScope
@@ -26,15 +26,6 @@ from portal.tokens import token_create
 pytestmark = pytest.mark.django_db
 
 URL = "/api/access/clusters/"
-
-
-def client_for(user=None, token: str | None = None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    if token:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
 
 
 def listed(client, **params) -> dict[int, dict]:
