@@ -444,13 +444,23 @@ def _check_image(image: Image, *, owner) -> None:
 
 
 @transaction.atomic
-def image_register(*, owner, name: str, description: str = "", source: str = "", group: Group | None = None) -> Image:
-    """Register a user-provided image of ``owner`` (shared with ``group``'s members when given). It is never
-    approved here (an admin may approve it), so clusters booting it are closed. At most ``IMAGE_QUOTA`` images
-    per owner (409 ``quota_exceeded``); a taken name is a 400 on ``name``."""
+def image_register(
+    *, owner, name: str, description: str = "", source: str = "", group: Group | None = None
+) -> tuple[Image, bool]:
+    """Register a user-provided image of ``owner`` (shared with ``group``'s members when given): (image, created).
+    It is never approved here (an admin may approve it), so clusters booting it are closed. The same registration
+    again (a retry after a lost answer: the owner's live image of that name, with the same description, source and
+    group) returns the image, created False; any other image of that name is a 400 on ``name``. At most
+    ``IMAGE_QUOTA`` images per owner (409 ``quota_exceeded``)."""
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
         raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
     _xact_lock(_IMAGE_LOCK_SPACE, owner.pk)  # concurrent registrations of one owner count one after the other
+    taken = Image.objects.filter(name=name).first()
+    if taken is not None:
+        same = (taken.owner_id, taken.group_id, taken.description, taken.source, taken.retired_at)
+        if same == (owner.pk, getattr(group, "pk", None), description, source, None):
+            return taken, False
+        raise ClusterError(f"an image named {name} already exists", field="name")
     have = Image.objects.filter(owner=owner, retired_at__isnull=True).count()
     if have >= settings.IMAGE_QUOTA:
         raise QuotaExceeded(
@@ -464,7 +474,7 @@ def image_register(*, owner, name: str, description: str = "", source: str = "",
     except IntegrityError:
         raise ClusterError(f"an image named {name} already exists", field="name") from None
     audit.record(image, "action", message=f"registered by {owner.get_username()}")
-    return image
+    return image, True
 
 
 def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:

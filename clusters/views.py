@@ -285,7 +285,7 @@ def images(request):
         return response
     if form.is_valid():
         try:
-            image = services.image_register(owner=request.user, **form.cleaned_data)
+            image, _ = services.image_register(owner=request.user, **form.cleaned_data)
         except QuotaExceeded as exc:
             form.add_error(None, capfirst(exc.message))
         except ClusterError as exc:

@@ -430,21 +430,24 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         request=s.ImageCreateSerializer,
         responses={
             201: s.ImageSerializer,
+            200: OpenApiResponse(s.ImageSerializer, description="the same registration again (a retry): the image"),
             **error_responses(400, 401, 403, 409, 415, 429, **{**IMAGE_ERRORS, "e403": OWNER_403}),
         },
     )
     def create(self, request):
         """Register a user-provided image (never approved: an admin may approve it in the admin). Only its owner
-        (and, with ``group``, that group's members) may boot clusters from it."""
+        (and, with ``group``, that group's members) may boot clusters from it. The same registration again (a
+        retry) answers 200 with the image; another image of that name is a 400."""
         v = _valid(s.ImageCreateSerializer, request)
-        image = services.image_register(
+        image, created = services.image_register(
             owner=v.get("owner") or request.user,
             name=v["name"],
             description=v["description"],
             source=v["source"],
             group=v.get("group"),
         )
-        return Response(s.ImageSerializer(image).data, status=status.HTTP_201_CREATED)
+        code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return Response(s.ImageSerializer(image).data, status=code)
 
     @extend_schema(
         request=s.ImageUpdateSerializer,

@@ -63,6 +63,11 @@ def test_a_user_registers_an_image_that_is_never_approved(alice):
     assert image.owner == alice and not image.approved
     assert AuditEntry.objects.filter(object_id=str(image.pk), message__contains="registered by alice").exists()
 
+    again = register(alice, source="https://example.org/alice.qcow2", description="my stack")  # a retry
+    assert again.status_code == 200 and again.data == r.data and Image.objects.filter(owner=alice).count() == 1
+    other = register(alice, source="https://example.org/other.qcow2")  # not the same registration
+    assert other.status_code == 400 and "already exists" in str(other.data["name"])
+
     refused = register(alice, name="sneaky", approved=True)  # approval is the admin's
     assert refused.status_code == 400 and refused.data["approved"] == ["unknown field"]
     assert not Image.objects.filter(name="sneaky").exists()
