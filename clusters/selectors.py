@@ -58,10 +58,10 @@ def clusters_visible(request) -> QuerySet[VirtualCluster]:
 
 def images_usable(user) -> QuerySet[Image]:
     """The images ``user`` may boot clusters from: the provider's catalogue (no owner), their own, and those
-    shared with one of their groups; not retired."""
-    return Image.objects.filter(
-        Q(owner__isnull=True) | Q(owner=user) | Q(group__in=user.groups.all()), retired_at__isnull=True
-    ).distinct()
+    shared with one of their groups — while their owner is still a member of it (one who left takes the share
+    along, as leaving a group ends access to its clusters); not retired."""
+    shared = Q(group__in=user.groups.all(), owner__groups=F("group"))
+    return Image.objects.filter(Q(owner__isnull=True) | Q(owner=user) | shared, retired_at__isnull=True).distinct()
 
 
 def images_visible(request) -> QuerySet[Image]:
@@ -101,7 +101,6 @@ def public_networks(*, site: str | None = None) -> list[dict]:
             {
                 "cluster": row["pk"],
                 "name": row["name"],
-                "owner": row["owner__username"],
                 "state": row["state"],
                 "vlan_id": row["vlan_id"],
                 "subnet": str(subnet),

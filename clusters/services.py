@@ -452,8 +452,6 @@ def image_register(
     again (a retry after a lost answer: the owner's live image of that name, with the same description, source and
     group) returns the image, created False; any other image of that name is a 400 on ``name``. At most
     ``IMAGE_QUOTA`` images per owner (409 ``quota_exceeded``)."""
-    if group is not None and not owner.groups.filter(pk=group.pk).exists():
-        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
     _xact_lock(_IMAGE_LOCK_SPACE, owner.pk)  # concurrent registrations of one owner count one after the other
     taken = Image.objects.filter(name=name).first()
     if taken is not None:
@@ -461,8 +459,10 @@ def image_register(
         if same == (owner.pk, getattr(group, "pk", None), description, source, None):
             return taken, False
         raise ClusterError(f"an image named {name} already exists", field="name")
+    if group is not None and not owner.groups.filter(pk=group.pk).exists():
+        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
     have = Image.objects.filter(owner=owner, retired_at__isnull=True).count()
-    if have >= settings.IMAGE_QUOTA:
+    if settings.IMAGE_QUOTA and not owner.is_staff and have >= settings.IMAGE_QUOTA:
         raise QuotaExceeded(
             f"{owner.get_username()} already has {have} images of {settings.IMAGE_QUOTA} allowed: delete one first",
             field="quota",
@@ -477,18 +477,24 @@ def image_register(
     return image, True
 
 
+@transaction.atomic
 def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
-    """Change a user-provided image's ``description``, ``source`` or ``group`` (its owner must be a member)."""
+    """Change a user-provided image's ``description``, ``source`` or ``group`` (a group given: its owner must be
+    a member). The row is locked: an image deleted or retired meanwhile is a 409, not a 500."""
     unknown = set(changes) - {"description", "source", "group"}
     if unknown:
         raise ClusterError(f"cannot change {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
-    group = changes.get("group", image.group)
-    if group is not None and not image.owner.groups.filter(pk=group.pk).exists():
-        raise ClusterError(f"{image.owner.get_username()} is not a member of group {group.name}", field="group")
+    locked = Image.objects.select_for_update().filter(pk=image.pk, retired_at__isnull=True).first()
+    if locked is None:
+        raise Conflict(f"image {image.name} was deleted meanwhile")
+    group = changes.get("group")
+    if group is not None and not locked.owner.groups.filter(pk=group.pk).exists():
+        raise ClusterError(f"{locked.owner.get_username()} is not a member of group {group.name}", field="group")
     for name, value in changes.items():
-        setattr(image, name, value)
-    image.save(update_fields=[*changes])
-    return image
+        setattr(locked, name, value)
+    if changes:
+        locked.save(update_fields=[*changes])
+    return locked
 
 
 @transaction.atomic
@@ -496,9 +502,9 @@ def image_delete(*, image: Image) -> str:
     """Delete a user-provided image: "deleted", or "retired" when ended clusters still name it (kept for their
     history, listed no more, booting nothing new). A live cluster booting it is a 409 naming it."""
     image = Image.objects.select_for_update().get(pk=image.pk)  # (cluster creates share-lock it: they finish first)
-    live = list(image.clusters.filter(state__in=LIVE_STATES).order_by("name").values_list("name", flat=True)[:5])
+    live = image.clusters.filter(state__in=LIVE_STATES).count()  # (not named: they may be others' clusters)
     if live:
-        raise Conflict(f"live clusters boot image {image.name}: {', '.join(live)}; tear them down first")
+        raise Conflict(f"{live} live cluster(s) boot image {image.name}: they must end first")
     if image.clusters.exists():
         image.retired_at = timezone.now()
         image.save(update_fields=["retired_at"])

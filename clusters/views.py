@@ -315,6 +315,12 @@ def image_delete(request, name: str):
     if not selectors.image_may_change(request, image):
         messages.error(request, f"{image.name} is not yours to delete.")
         return redirect("clusters:images")
+    wait = throttle.refused(request, "cluster-writes")
+    if wait is not None:
+        messages.error(request, f"Too many changes in a short time: try again in {wait} seconds.")
+        response = _images_page(request, ImageForm(user=request.user), status=429)
+        response["Retry-After"] = str(wait)
+        return response
     try:
         outcome = services.image_delete(image=image)
     except ClusterError as exc:

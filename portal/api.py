@@ -157,7 +157,8 @@ def query_param(request, name: str) -> str | None:
 
 
 def if_none_match(request) -> set[str]:
-    """The entity tags of the request's ``If-None-Match`` header, without quotes or ``W/``."""
+    """The entity tags of the request's ``If-None-Match`` header, without quotes or ``W/`` (``*``: any tag, the
+    caller answers 304 when it has the resource at all)."""
     header = request.headers.get("If-None-Match", "")
     return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
 

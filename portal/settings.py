@@ -194,15 +194,22 @@ REST_FRAMEWORK = {
 }
 
 
+THROTTLE_SCOPES = ("credentials", "host-certificates", "cluster-writes")  # (portal.throttle says which is which)
+_PERIODS = {"s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"}
+
+
 def _rates(text: str) -> dict[str, str]:
-    """``scope=N/period,…`` → {scope: "N/period"} (DRF's rates: period s, m, h or d); "" or "off" for none."""
+    """``scope=N/period,…`` → {scope: "N/period"} (DRF's rates); "" for none. A scope the portal does not have or
+    a period it cannot read is refused at start, never a limit that silently limits nothing or something else."""
     rates = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        scope, eq, rate = item.partition("=")
+        scope, eq, rate = (part.strip() for part in item.partition("="))
         number, slash, period = rate.partition("/")
-        if not eq or not slash or not number.isdigit() or period[:1] not in ("s", "m", "h", "d"):
-            raise ImproperlyConfigured(f"API_THROTTLE_RATES: {item!r} is not scope=N/s|min|hour|day")
-        rates[scope.strip()] = rate.strip()
+        if not eq or not slash or not number.isdigit() or period not in _PERIODS:
+            raise ImproperlyConfigured(f"API_THROTTLE_RATES: {item!r} is not scope=N/second|minute|hour|day")
+        if scope not in THROTTLE_SCOPES:
+            raise ImproperlyConfigured(f"API_THROTTLE_RATES: no scope {scope!r} (one of {', '.join(THROTTLE_SCOPES)})")
+        rates[scope] = rate
     return rates
 
 
@@ -324,7 +331,8 @@ CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10
 # live clusters and nodes per user unless the user has a Quota of their own (admin); 0: no limit
 CLUSTER_QUOTA_CLUSTERS = env_int("CLUSTER_QUOTA_CLUSTERS", 25, minimum=0)
 CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
-# user-provided images a user may register (POST /api/images/); retired ones do not count
+# user-provided images a user may register (POST /api/images/); retired ones do not count; 0: no limit; staff are
+# not limited
 IMAGE_QUOTA = env_int("IMAGE_QUOTA", 50, minimum=0)
 # longest wait of GET /api/clusters/{id}/wait/ (seconds); keep it below the web server's worker timeout
 # (gunicorn: 30 s by default)

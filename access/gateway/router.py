@@ -28,18 +28,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import ssl
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from access.gateway import outgoing  # noqa: E402
 from access.gateway.legs import (  # noqa: E402
     IFNAME_RE,
     PREFIX_RE,
@@ -131,34 +129,40 @@ def sync(doc: dict, *, trunk: str, prefix: str = "vcr", run: Runner = run_comman
 
 
 class Portal:
-    """``GET /api/public-networks/`` with the router's token, remembering the last answer's ETag."""
+    """``GET /api/public-networks/`` with the router's token, remembering the last answer's ETag. Sent the way the
+    gateway agent sends its token (``outgoing.send_with_token``): https (plain http to this host only), no
+    redirect followed, no proxy for this host — the token never goes anywhere else, and an answer from
+    anywhere else is never taken for the portal's. (A private CA: ``SSL_CERT_FILE``.)"""
 
-    def __init__(self, url: str, token: str, *, site: str | None = None, ca_file: str | None = None, timeout=20.0):
-        query = f"?{urllib.parse.urlencode({'site': site})}" if site else ""
+    def __init__(self, url: str, token: str, *, site: str | None = None, timeout: float = 20.0):
+        query = f"?{urllib.parse.urlencode({'site': site})}" if site is not None else ""
         self.url = url.rstrip("/") + "/api/public-networks/" + query
         self.token = token
         self.timeout = timeout
-        self.context = ssl.create_default_context(cafile=ca_file) if self.url.startswith("https:") else None
         self.etag = ""
 
     def fetch(self) -> dict | None:
         """The networks, or None when unchanged since the last answer (304). ``RouterError`` when the portal
-        cannot be reached or refuses (the router then keeps its links as they are)."""
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json", "User-Agent": USER_AGENT}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        request = urllib.request.Request(self.url, headers=headers)  # noqa: S310 (the operator's portal URL)
+        cannot be reached, refuses, redirects or answers something else (the router then keeps its links)."""
+        headers = {"User-Agent": USER_AGENT, **({"If-None-Match": self.etag} if self.etag else {})}
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310
-                doc = json.loads(response.read())
-                self.etag = response.headers.get("ETag", "")
-                return doc
-        except urllib.error.HTTPError as exc:
-            if exc.code == 304:
-                return None
-            raise RouterError(f"the portal answered {exc.code} {exc.reason}: {exc.read()[:300]!r}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            answer = outgoing.send_with_token("GET", self.url, self.token, headers=headers, timeout=self.timeout)
+        except outgoing.NotSent as exc:
+            raise RouterError(str(exc)) from None
+        except outgoing.Unreachable as exc:
             raise RouterError(f"cannot read {self.url}: {exc}") from None
+        if answer.status == 304:
+            return None
+        if outgoing.redirected(answer.status):  # (not followed: the token stays with the portal)
+            raise RouterError(f"the portal answered {answer.status}, a redirect to {answer.headers.get('Location')}")
+        if answer.status != 200:
+            raise RouterError(f"the portal answered {answer.status}: {answer.body[:300]!r}")
+        try:
+            doc = json.loads(answer.body)
+        except ValueError as exc:
+            raise RouterError(f"the portal's answer is not JSON: {exc}") from None
+        self.etag = answer.headers.get("ETag", "")
+        return doc
 
 
 def follow(
@@ -207,16 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trunk", required=True, help="the interface facing the site switch's router trunk")
     parser.add_argument("--site", help="only the clusters whose core joins this site (the portal's site name)")
     parser.add_argument("--prefix", default="vcr", help="name prefix of the links (vcr<vid>); nothing else is touched")
-    parser.add_argument("--ca-file", help="CA certificates to verify the portal's TLS certificate with")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
     parser.add_argument("--resync", type=float, default=300.0, help="make the links match again at least this often")
     parser.add_argument("--once", action="store_true", help="one sync, then exit (1 when something was refused)")
     args = parser.parse_args(argv)
     try:
-        token = Path(args.token_file).read_text().strip()
-    except OSError as exc:
-        parser.error(f"cannot read --token-file: {exc}")
-    portal = Portal(args.portal, token, site=args.site, ca_file=args.ca_file)
+        token = outgoing.read_token(None, args.token_file, what="--token-file")
+    except ValueError as exc:
+        parser.error(str(exc))
+    portal = Portal(args.portal, token, site=args.site)
 
     def apply(doc: dict) -> list[str]:
         return sync(doc, trunk=args.trunk, prefix=args.prefix)

@@ -169,6 +169,8 @@ class _Portal(http.server.BaseHTTPRequestHandler):
         code, body = type(self).answers.pop(0)
         self.send_response(code)
         self.send_header("ETag", '"v1"')
+        if code == 302:
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/elsewhere")
         self.end_headers()
         if body is not None:
             self.wfile.write(json.dumps(body).encode())
@@ -203,6 +205,17 @@ def test_the_portal_is_asked_with_the_token_the_site_and_the_last_etag(portal):
     assert second["if-none-match"] == '"v1"'
     with pytest.raises(router.RouterError, match="cannot read"):
         router.Portal("http://127.0.0.1:9", "t", timeout=2).fetch()  # nobody listens: the links stay
+    with pytest.raises(router.RouterError, match="must be https"):
+        router.Portal("http://portal.example.org", "t").fetch()  # the token is never sent in the clear
+
+
+def test_a_redirect_is_not_followed_and_the_token_stays_with_the_portal(portal):
+    """A redirect (to another host) is the portal's answer, refused: the token is not sent there, and an empty
+    list from there is never taken for the portal's (it would delete every link)."""
+    _Portal.answers = [(302, None)]
+    with pytest.raises(router.RouterError, match="a redirect to"):
+        router.Portal(portal, "s3cret").fetch()
+    assert len(_Portal.seen) == 1  # the redirect's target was never asked
 
 
 def test_follow_applies_changes_repairs_after_a_refusal_and_keeps_the_links_when_the_portal_is_away():

@@ -152,6 +152,26 @@ class NodeInputSerializer(StrictSerializer):
 _LIFETIME_BOUNDS = f"must be between {settings.CLUSTER_MIN_LIFETIME} and {settings.CLUSTER_MAX_LIFETIME} seconds"
 
 
+class UsableImageField(NameRelatedField):
+    """An image the cluster's owner may boot (``selectors.images_usable``), by name: the caller, or the ``owner``
+    a middleware token or an admin names. One that does not exist, is retired or is someone else's gets the same
+    answer, at this field, beside the other fields' (``services.image_unavailable``)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("error_messages", {"does_not_exist": "No image named {value} is available."})
+        super().__init__(slug_field="name", queryset=Image.objects.none(), **kwargs)
+
+    def get_queryset(self):
+        request = self.context.get("request")
+        if request is None:  # (schema generation)
+            return Image.objects.none()
+        owner = request.user
+        named = getattr(self.parent, "initial_data", {}).get("owner")
+        if named and selectors.acts_as_admin(request) and isinstance(named, str):
+            owner = get_user_model().objects.filter(username=named, is_active=True).first()
+        return selectors.images_usable(owner) if owner is not None else Image.objects.none()
+
+
 class ClusterCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=40, validators=[name_validator])
     owner = OwnerField(
@@ -161,10 +181,7 @@ class ClusterCreateSerializer(StrictSerializer):
         "403); default: the caller",
     )
     group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
-    image = NameRelatedField(
-        slug_field="name",
-        queryset=Image.objects.all(),
-        error_messages={"does_not_exist": "No image named {value} is available."},  # = services.image_unavailable
+    image = UsableImageField(
         help_text="the provider's catalogue, the owner's own images, or an image shared with one of the owner's "
         "groups (`GET /api/images/`); a user-provided (not approved) image makes the cluster closed",
     )
@@ -266,7 +283,6 @@ class ImageQuerySerializer(serializers.Serializer):
 class PublicNetworkSerializer(serializers.Serializer):
     cluster = serializers.IntegerField()
     name = serializers.CharField()
-    owner = serializers.CharField()
     state = serializers.ChoiceField(choices=ClusterState.choices)
     vlan_id = serializers.IntegerField(min_value=1, max_value=4094)
     subnet = serializers.CharField(help_text="the cluster's public subnet (CIDR)")
@@ -283,8 +299,21 @@ class PublicNetworksQuerySerializer(serializers.Serializer):
     site = serializers.CharField(
         required=False,
         max_length=100,
-        help_text="only clusters whose core joins this site (the router trunk there carries their VLANs)",
+        help_text="only clusters whose core joins this site (the router trunk there carries their VLANs); a name "
+        "no site has is a 400, never an empty list (a router with a misspelt site would remove every link)",
     )
+
+    def validate_site(self, value: str) -> str:
+        from network.models import Site
+
+        if not Site.objects.filter(name=value).exists():
+            raise serializers.ValidationError(f"no site named {value}")
+        return value
+
+    def validate(self, attrs):
+        if self.initial_data.get("site") == "":  # (DRF drops an empty optional query value: "every site")
+            raise serializers.ValidationError({"site": ["may not be blank: leave it out for every site"]})
+        return attrs
 
 
 class ClusterExtendSerializer(StrictSerializer):

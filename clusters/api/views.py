@@ -499,7 +499,8 @@ class PublicNetworksView(APIView):
         query.is_valid(raise_exception=True)
         networks = selectors.public_networks(site=query.validated_data.get("site"))
         etag = '"' + services.request_fingerprint({"networks": networks})[:32] + '"'
-        if etag.strip('"') in if_none_match(request):
+        tags = if_none_match(request)
+        if etag.strip('"') in tags or "*" in tags:
             response = Response(status=status.HTTP_304_NOT_MODIFIED)
         else:
             response = Response(s.PublicNetworksSerializer({"networks": networks}).data)

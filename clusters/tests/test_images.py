@@ -136,6 +136,44 @@ def test_only_the_owner_changes_a_user_image_and_nobody_the_catalogue_through_th
     assert not Image.objects.get(name="alice-img").approved
 
 
+def test_a_share_ends_when_its_owner_leaves_the_group_and_the_owner_still_edits_the_image(fabric, alice, bob, team):
+    """Leaving a group takes one's shares along (as it ends access to the group's clusters): bob no longer sees
+    or boots alice's image; alice still changes her image's description (the group is checked only when given)."""
+    register(alice, group="physics")
+    body = cluster_body("alice-img", name="bobs", mac="52:54:00:00:00:0c")
+    assert "alice-img" in names(client(bob).get("/api/images/"))
+    alice.groups.remove(team)
+    assert "alice-img" not in names(client(bob).get("/api/images/"))
+    assert client(bob).post("/api/clusters/", body, format="json").json() == {
+        "image": ["No image named alice-img is available."]
+    }
+    r = client(alice).patch("/api/images/alice-img/", {"description": "still mine"}, format="json")
+    assert r.status_code == 200 and r.data["description"] == "still mine"
+    refused = client(alice).patch("/api/images/alice-img/", {"group": "physics"}, format="json")
+    assert refused.status_code == 400 and "not a member of group physics" in str(refused.data["group"])
+
+
+def test_no_quota_at_zero_and_none_for_staff(alice, root, settings):
+    settings.IMAGE_QUOTA = 0
+    for i in range(3):
+        assert register(alice, name=f"free{i}").status_code == 201
+    settings.IMAGE_QUOTA = 1
+    assert register(root, name="root-one").status_code == 201
+    assert register(root, name="root-two").status_code == 201  # staff are not limited
+    assert register(alice, name="free9").status_code == 409
+
+
+def test_a_change_of_an_image_deleted_or_retired_meanwhile_is_a_conflict_not_a_500(alice):
+    register(alice)
+    image = Image.objects.get(name="alice-img")  # as the PATCH read it
+    Image.objects.filter(pk=image.pk).update(retired_at="2026-01-01T00:00Z")  # a DELETE retired it meanwhile
+    with pytest.raises(Conflict, match="deleted meanwhile"):
+        services.image_update(image=image, changes={"description": "x"})
+    Image.objects.filter(pk=image.pk).delete()
+    with pytest.raises(Conflict, match="deleted meanwhile"):
+        services.image_update(image=image, changes={"description": "x"})
+
+
 def test_read_only_tokens_cannot_register(alice):
     reader = token_client(alice, TokenScope.CLUSTERS_READ)
     assert reader.get("/api/images/").status_code == 200
@@ -175,8 +213,13 @@ def test_a_user_image_makes_the_cluster_closed_and_only_owner_and_group_boot_it(
     theirs = client(charlie).post("/api/clusters/", cluster_body("alice-img", mac="52:54:00:00:00:09"), format="json")
     missing = client(charlie).post("/api/clusters/", cluster_body("no-such", mac="52:54:00:00:00:09"), format="json")
     assert theirs.status_code == missing.status_code == 400
-    assert theirs.data["image"] == ["No image named alice-img is available."]
-    assert missing.data["image"] == ["No image named no-such is available."]
+    assert theirs.json() == {"image": ["No image named alice-img is available."]}
+    assert missing.json() == {"image": ["No image named no-such is available."]}
+    # with another field refused too, both answers name both fields, at the same stage
+    for name in ("alice-img", "no-such"):
+        body = cluster_body(name, mac="52:54:00:00:00:09", lifetime=1)
+        both = client(charlie).post("/api/clusters/", body, format="json")
+        assert both.status_code == 400 and set(both.json()) == {"image", "lifetime"}, both.json()
     assert VlanAllocation.objects.filter(state="allocated").count() == vlans
     assert not VirtualCluster.objects.filter(owner=charlie).exists()
 
@@ -197,7 +240,7 @@ def test_delete_refuses_live_clusters_then_retires_an_image_with_history(fabric,
     register(alice)
     created = client(alice).post("/api/clusters/", cluster_body("alice-img"), format="json")
     r = client(alice).delete("/api/images/alice-img/")
-    assert r.status_code == 409 and "live clusters boot image alice-img: c1" in r.data["detail"]
+    assert r.status_code == 409 and r.data["detail"] == "1 live cluster(s) boot image alice-img: they must end first"
 
     assert client(alice).post(f"/api/clusters/{created.data['id']}/teardown/", {}, format="json").status_code == 202
     assert client(alice).delete("/api/images/alice-img/").status_code == 204
@@ -282,5 +325,5 @@ def test_a_delete_waits_for_a_create_that_uses_the_image(fabric, alice):
     go_on.set()
     creator.join(10)
     deleter.join(10)
-    assert "live clusters boot image alice-img: racing" in outcome.get("conflict", ""), outcome
+    assert "1 live cluster(s) boot image alice-img" in outcome.get("conflict", ""), outcome
     assert Image.objects.filter(name="alice-img", retired_at__isnull=True).exists()

@@ -81,7 +81,7 @@ def test_delete_removes_retires_or_refuses_with_a_message(alice, bob, team):
     cluster = make_cluster(alice, name="mpi")  # boots user-image, made alice's here
     Image.objects.filter(name="user-image").update(owner=alice)
     client.post(f"{URL}user-image/delete/")
-    assert "live clusters boot image user-image: mpi" in client.get(URL).content.decode().lower()
+    assert "1 live cluster(s) boot image user-image: they must end first" in client.get(URL).content.decode()
     VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")
     client.post(f"{URL}user-image/delete/")
     assert Image.objects.get(name="user-image").retired_at is not None

@@ -69,6 +69,11 @@ def test_cluster_writes_past_the_rate_leave_nothing_allocated_and_reads_go_on(se
     first = VirtualCluster.objects.get(name="a")
     assert api.get(f"/api/clusters/{first.pk}/wait/?timeout=0").status_code == 200
     assert api.post("/api/images/", {"name": "mine"}, format="json").status_code == 429  # images: the same scope
+    Image.objects.create(name="old", owner=alice)
+    browser = Client()
+    browser.force_login(alice)
+    page = browser.post("/clusters/images/old/delete/")  # the browser's image changes count too
+    assert page.status_code == 429 and page["Retry-After"] and Image.objects.filter(name="old").exists()
 
 
 def test_a_cache_that_is_down_lets_requests_through_and_says_so(settings, alice, cluster, gateway, caplog):
@@ -90,6 +95,17 @@ def test_a_cache_that_is_down_lets_requests_through_and_says_so(settings, alice,
 def test_rates_are_read_from_one_setting_and_a_bad_one_is_refused():
     assert _rates("credentials=60/min, cluster-writes=5/s") == {"credentials": "60/min", "cluster-writes": "5/s"}
     assert _rates("") == {}
-    for bad in ("credentials", "credentials=60", "credentials=x/min", "credentials=60/week"):
+    assert _rates("credentials=1/second,host-certificates=2/hour") == {
+        "credentials": "1/second",
+        "host-certificates": "2/hour",
+    }
+    for bad in (
+        "credentials",
+        "credentials=60",
+        "credentials=x/min",
+        "credentials=60/week",
+        "credentials=10/month",  # not read as 10 a minute
+        "cluster_writes=5/min",  # a misspelt scope: not a limit that limits nothing
+    ):
         with pytest.raises(ImproperlyConfigured, match="API_THROTTLE_RATES"):
             _rates(bad)
