@@ -4,7 +4,7 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py --url https://portal.example.org --token-file /etc/virtcloud/token up --job 1234.pbs \\
         --name mpi --image debian-12 --node name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1] ... \\
         [--admin-rights] [--connectivity closed] [--group G] [--owner U] [--lifetime S] [--bastion-address A] \\
-        [--timeout 300]
+        [--timeout 300] [--wait-access]
     client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
     client.py ... show --job 1234.pbs
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
@@ -13,7 +13,9 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py ... host-access --job 1234.pbs --node node1 [--dir /etc/ssh] [--key /etc/ssh/ssh_host_ed25519_key.pub]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
-(each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with).
+(each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with). With
+``--wait-access`` it waits, for a closed cluster, until every access gateway carrying it has installed it too
+(printed as ``access``: the gateways and where users connect), so that the job's users get in at once.
 Every request is keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a crash,
 a lost answer — gets the same cluster, never a second one; a job requeued under the same id says which run it
 is (``--attempt N``, e.g. ``SLURM_RESTART_COUNT``) and gets a new one. Job ids must be unique among the
@@ -181,7 +183,7 @@ def parse_node(text: str) -> dict:
     return node
 
 
-def up(api: Api, args, out: TextIO) -> int:
+def up(api: Api, args, out: TextIO, err: TextIO = sys.stderr) -> int:
     body = {"name": args.name, "image": args.image, "admin_rights": args.admin_rights, "nodes": args.node}
     body["job_id"] = args.job
     for field in ("group", "owner", "lifetime", "bastion_address", "connectivity"):
@@ -191,6 +193,8 @@ def up(api: Api, args, out: TextIO) -> int:
     key = f"{args.job}:up" + (f":{args.attempt}" if args.attempt else "")
     cluster = api.call("POST", "/api/clusters/", body, key=key)
     cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
+    if cluster["state"] == "ready" and args.wait_access and cluster.get("connectivity") == "closed":
+        cluster["access"] = wait_access(api, cluster, deadline, err=err)
     out.write(json.dumps(cluster, indent=1) + "\n")
     if cluster["state"] != "ready":
         raise ClusterFailed(
@@ -198,6 +202,32 @@ def up(api: Api, args, out: TextIO) -> int:
             "(running `up` again answers the same; a requeued job asks for a new cluster with --attempt N)"
         )
     return 0
+
+
+ACCESS_POLL = 2.0  # seconds between two looks at a closed cluster's gateways (they pull every minute or so)
+
+
+def wait_access(api: Api, cluster: dict, deadline: float, *, err: TextIO) -> dict:
+    """``up --wait-access``: wait until every access gateway that carries the closed ``cluster`` has installed it
+    (``GET /api/access/clusters/{id}/``: ``access_ready``), so that its users are let in as soon as the job
+    starts; the answer. ``Unavailable`` at the deadline (the same command later waits on). None to wait for — no
+    ready gateway carries it (``access_ready`` null) — is said on ``err``: its users cannot get in until an
+    administrator sets one up."""
+    while True:
+        access = api.call("GET", f"/api/access/clusters/{cluster['id']}/")
+        if access.get("access_ready") is True:
+            return access
+        if access.get("access_ready") is None:
+            err.write(
+                f"virtcloud: warning: no ready access gateway carries cluster {cluster['name']}: its users cannot "
+                "enter it through the VPN or SSH until an administrator sets one up\n"
+            )
+            return access
+        if time.monotonic() + ACCESS_POLL > deadline:
+            raise Unavailable(
+                f"cluster {cluster['id']} is ready, but not every access gateway has it yet: run `up` again"
+            )
+        time.sleep(ACCESS_POLL)
 
 
 def down(api: Api, args, out: TextIO) -> int:
@@ -412,6 +442,11 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     make.add_argument("--lifetime", type=int, help="seconds")
     make.add_argument("--bastion-address", help="closed clusters: the SSH bastion's address, with its prefix length")
     make.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
+    make.add_argument(
+        "--wait-access",
+        action="store_true",
+        help="closed clusters: wait (within --timeout) until every access gateway carrying it has installed it",
+    )
     end = sub.add_parser("down", help="tear the job's clusters down and wait until they are")
     end.add_argument("--job", required=True, type=job_id)
     end.add_argument("--reason", default="job ended")
@@ -451,7 +486,6 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     api = Api(args.url, secret)
     try:
         actions = {
-            "up": up,
             "down": down,
             "show": show,
             "migrate": migrate,
@@ -459,6 +493,8 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
             "host-cert": host_cert,
             "host-access": host_access,
         }
+        if args.action == "up":
+            return up(api, args, out, err)
         return actions[args.action](api, args, out)
     except ClusterFailed as exc:
         err.write(f"virtcloud: {exc}\n")

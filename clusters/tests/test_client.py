@@ -68,6 +68,10 @@ def test_a_prologue_gets_a_ready_cluster_once_and_the_epilogue_tears_it_down(fab
     code, again, err = up(client, "1234.pbs")
     assert (code, again["id"]) == (0, cluster["id"]), err
     assert VirtualCluster.objects.filter(job_id="1234.pbs").count() == 1
+    # --wait-access against the real access API: no gateway is set up here, so nothing to wait for, and it says so
+    code, again, err = up(client, "1234.pbs", "--wait-access")
+    assert (code, again["access"]["access_ready"]) == (0, None), err
+    assert "no ready access gateway carries cluster mpi-1234" in err
     code, shown, _ = client("show", "--job", "1234.pbs")
     assert code == 0 and [c["id"] for c in shown] == [cluster["id"]]
 
@@ -407,6 +411,48 @@ def test_a_cluster_busy_with_another_change_is_temporary():
     code, err = against(Portal, "down", "--job", "1.pbs")
     assert code == 75, err
     assert "busy" in err
+
+
+def test_up_waits_until_the_access_gateways_have_a_closed_cluster_when_asked(monkeypatch):
+    """--wait-access: READY is not yet "users get in" for a closed cluster; the client looks at the cluster's
+    access until every gateway carrying it has installed it, and prints it with the cluster. No gateway carrying
+    it is said on stderr (nothing to wait for); gateways still updating at the deadline: EX_TEMPFAIL."""
+    from clusters import client as scheduler_client
+
+    monkeypatch.setattr(scheduler_client, "ACCESS_POLL", 0.01)
+    cluster = {"id": 7, "name": "mpi", "state": "ready", "state_reason": "", "connectivity": "closed", "nodes": []}
+
+    def portal(*answers):
+        seen = []
+
+        class Portal(FakePortal):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(201, cluster)
+
+            def do_GET(self):
+                seen.append(self.path)
+                self._send(200, answers[min(len(seen), len(answers)) - 1])
+
+        return Portal, seen
+
+    up = ["up", "--job", "1.pbs", "--name", "mpi", "--image", "i", "--node", "name=n1,host=h1,mac=52:54:00:00:00:01"]
+    Portal, seen = portal({"access_ready": False}, {"access_ready": False}, {"access_ready": True, "gateways": []})
+    code, err = against(Portal, *up, "--wait-access")
+    assert code == 0, err
+    assert seen == ["/api/access/clusters/7/"] * 3
+
+    Portal, seen = portal({"access_ready": None, "gateways": []})
+    code, err = against(Portal, *up, "--wait-access")
+    assert code == 0 and "no ready access gateway carries cluster mpi" in err
+
+    Portal, seen = portal({"access_ready": False})
+    code, err = against(Portal, *up, "--wait-access", "--timeout", "0.2")
+    assert code == 75 and "not every access gateway has it yet" in err
+
+    Portal, seen = portal({"access_ready": False})
+    code, err = against(Portal, *up)  # not asked: READY is enough
+    assert code == 0 and seen == []
 
 
 class FakePortal(BaseHTTPRequestHandler):
