@@ -42,20 +42,8 @@ def _form_action(view):
 
 
 def _within_rate(view):
-    """A download issues a credential (a fresh key, a signature): past ``API_THROTTLE_RATES``' ``credentials`` rate
-    (the API's, counted together) the page comes back with a message and 429, ``Retry-After`` set."""
-
-    @wraps(view)
-    def wrapper(request, *args, **kwargs):
-        wait = throttle.refused(request, "credentials")
-        if wait is None:
-            return view(request, *args, **kwargs)
-        messages.error(request, f"Too many downloads in a short time: try again in {wait} seconds.")
-        response = _page(request, status=429)
-        response["Retry-After"] = str(wait)
-        return response
-
-    return wrapper
+    """A download issues a credential (a fresh key, a signature): counted with the API's (``credentials``)."""
+    return throttle.limited("credentials", "downloads", lambda request: _page(request, status=429))(view)
 
 
 def _attachment(content: str | bytes, *, filename: str, content_type: str) -> HttpResponse:

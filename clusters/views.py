@@ -268,21 +268,27 @@ class ImageForm(forms.Form):
         self.fields[refused[0]].widget.attrs["autofocus"] = True
 
 
+def _image_changes_limited(bound: bool):
+    """The images page's writes count with the API's cluster and image writes (``cluster-writes``); past the rate,
+    the page again with 429 (``bound``: with the form as it was sent)."""
+
+    def page(request):
+        form = ImageForm(request.POST if bound else None, user=request.user)
+        return _images_page(request, form, status=429)
+
+    return throttle.limited("cluster-writes", "changes", page)
+
+
 @require_http_methods(["GET", "HEAD", "POST"])
 @login_required
 @never_cache
+@_image_changes_limited(bound=True)
 def images(request):
     """GET: the images the user may boot (the provider's catalogue, their own, their groups'), and a form to
     register one of their own. POST: register it (the page again with the refusal at its field: 400)."""
     form = ImageForm(request.POST or None, user=request.user)
     if request.method != "POST":
         return _images_page(request, form)
-    wait = throttle.refused(request, "cluster-writes")
-    if wait is not None:
-        messages.error(request, f"Too many changes in a short time: try again in {wait} seconds.")
-        response = _images_page(request, form, status=429)
-        response["Retry-After"] = str(wait)
-        return response
     if form.is_valid():
         try:
             image, _ = services.image_register(owner=request.user, **form.cleaned_data)
@@ -308,6 +314,7 @@ def _images_page(request, form: ImageForm, *, status: int = 200) -> HttpResponse
 
 @_post_only
 @login_required
+@_image_changes_limited(bound=False)
 def image_delete(request, name: str):
     """Delete one of the user's images (retired when ended clusters still name it); refused while a live cluster
     boots it, with a message."""
@@ -315,12 +322,6 @@ def image_delete(request, name: str):
     if not selectors.image_may_change(request, image):
         messages.error(request, f"{image.name} is not yours to delete.")
         return redirect("clusters:images")
-    wait = throttle.refused(request, "cluster-writes")
-    if wait is not None:
-        messages.error(request, f"Too many changes in a short time: try again in {wait} seconds.")
-        response = _images_page(request, ImageForm(user=request.user), status=429)
-        response["Retry-After"] = str(wait)
-        return response
     try:
         outcome = services.image_delete(image=image)
     except ClusterError as exc:

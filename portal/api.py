@@ -163,6 +163,15 @@ def if_none_match(request) -> set[str]:
     return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
 
 
+def choice_param(request, name: str, choices) -> str | None:
+    """A query parameter that must be one of ``choices`` (a TextChoices' values): the value, None when absent or
+    empty, a 400 naming the choices otherwise."""
+    value = query_param(request, name)
+    if value and value not in choices:
+        raise ValidationError({name: [f"unknown {name}; one of {', '.join(choices)}"]})
+    return value or None
+
+
 ID_MAX = 2**63 - 1  # the largest row id (a bigint)
 
 

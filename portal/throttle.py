@@ -13,9 +13,13 @@ and ``cluster-writes`` (creating and changing clusters and images).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import wraps
 from types import SimpleNamespace
 
 from django.conf import settings
+from django.contrib import messages
+from django.http import HttpResponse
 from rest_framework.permissions import SAFE_METHODS
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -58,3 +62,24 @@ def refused(request, scope: str) -> int | None:
     if throttle.allow_request(request, SimpleNamespace(throttle_scope=scope)):
         return None
     return max(1, round(throttle.wait() or 1))
+
+
+def limited(scope: str, what: str, page: Callable[[object], HttpResponse]):
+    """A browser view counted in ``scope`` (unsafe requests only, as in the API): past its rate, ``page(request)``
+    — the page the view belongs to, rendered with status 429 — with "Too many ``what``…" above it and
+    ``Retry-After``; the view itself does nothing."""
+
+    def decorate(view):
+        @wraps(view)
+        def wrapper(request, *args, **kwargs):
+            wait = refused(request, scope)
+            if wait is None:
+                return view(request, *args, **kwargs)
+            messages.error(request, f"Too many {what} in a short time: try again in {wait} seconds.")
+            response = page(request)
+            response["Retry-After"] = str(wait)
+            return response
+
+        return wrapper
+
+    return decorate

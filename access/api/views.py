@@ -9,7 +9,6 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
 from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -18,7 +17,7 @@ from access import selectors, services
 from access.api import serializers as s
 from access.models import Credential, Gateway, RevocationReason
 from clusters.models import ClusterState, VirtualCluster
-from portal.api import Pagination, error_responses, if_none_match, query_param
+from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
 
 ERRORS = {
@@ -281,9 +280,7 @@ class ClusterAccessViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
 
     def list(self, request):
         qs = self.get_queryset()
-        state = query_param(request, "state")
-        if state and state not in ClusterState.values:
-            raise ValidationError({"state": [f"unknown state; one of {', '.join(ClusterState.values)}"]})
+        state = choice_param(request, "state", ClusterState.values)
         if state:
             qs = qs.filter(state=state)
         if "job_id" in request.query_params:

@@ -29,7 +29,7 @@ from clusters.models import (
     mac_validator,
     name_validator,
 )
-from clusters.services import NodeRequest
+from clusters.services import NodeRequest, image_unavailable
 from network.drivers import host_attachment
 from network.libvirt import interface_xml
 from network.models import Host
@@ -158,7 +158,7 @@ class UsableImageField(NameRelatedField):
     answer, at this field, beside the other fields' (``services.image_unavailable``)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("error_messages", {"does_not_exist": "No image named {value} is available."})
+        kwargs.setdefault("error_messages", {"does_not_exist": image_unavailable("{value}")})
         super().__init__(slug_field="name", queryset=Image.objects.none(), **kwargs)
 
     def get_queryset(self):

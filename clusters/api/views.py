@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from clusters import selectors, services
 from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster
-from portal.api import Pagination, error_responses, if_none_match, query_param
+from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
 from portal.tokens import HasScope
 
@@ -101,10 +101,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             return VirtualCluster.objects.none()
         qs = selectors.clusters_visible(self.request)
         params = self.request.query_params
-        if params.get("state") and params["state"] not in ClusterState.values:
-            raise ValidationError({"state": [f"unknown state; one of {', '.join(ClusterState.values)}"]})
-        if params.get("connectivity") and params["connectivity"] not in Connectivity.values:
-            raise ValidationError({"connectivity": [f"unknown connectivity; one of {', '.join(Connectivity.values)}"]})
+        choice_param(self.request, "state", ClusterState.values)
+        choice_param(self.request, "connectivity", Connectivity.values)
         for field in self.filter_fields:
             if field in params:
                 qs = qs.filter(**{field: query_param(self.request, field)})
@@ -469,7 +467,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
 class IsRouterOrAdmin(permissions.BasePermission):
     """A token with ``router:pull`` (or ``clusters:manage``: ``HasScope`` checks which), or an admin's session:
-    the list names every public cluster and its owner."""
+    the list names every public cluster, not only the caller's."""
 
     message = "Only the provider's router (a token with scope router:pull), middleware or an admin may read this."
 
