@@ -169,8 +169,8 @@ class _Portal(http.server.BaseHTTPRequestHandler):
         code, body = type(self).answers.pop(0)
         self.send_response(code)
         self.send_header("ETag", '"v1"')
-        if code == 302:
-            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/elsewhere")
+        if code == 302:  # (to this very server: a client that followed it would be seen asking there)
+            self.send_header("Location", "/elsewhere")
         self.end_headers()
         if body is not None:
             self.wfile.write(json.dumps(body).encode())
@@ -210,12 +210,12 @@ def test_the_portal_is_asked_with_the_token_the_site_and_the_last_etag(portal):
 
 
 def test_a_redirect_is_not_followed_and_the_token_stays_with_the_portal(portal):
-    """A redirect (to another host) is the portal's answer, refused: the token is not sent there, and an empty
-    list from there is never taken for the portal's (it would delete every link)."""
-    _Portal.answers = [(302, None)]
+    """A redirect is the portal's answer, refused: the token is not sent where it points, and an empty list from
+    there is never taken for the portal's (it would delete every link)."""
+    _Portal.answers = [(302, None), (200, {"networks": []})]
     with pytest.raises(router.RouterError, match="a redirect to"):
         router.Portal(portal, "s3cret").fetch()
-    assert len(_Portal.seen) == 1  # the redirect's target was never asked
+    assert [seen["path"] for seen in _Portal.seen] == ["/api/public-networks/"]  # the target was never asked
 
 
 def test_follow_applies_changes_repairs_after_a_refusal_and_keeps_the_links_when_the_portal_is_away():

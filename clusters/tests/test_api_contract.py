@@ -261,6 +261,9 @@ def test_a_retry_is_recognized_by_what_it_asks_not_how_it_is_written(fabric, ima
         f"/api/clusters/{cid}/", {"expires_at": elsewhere}, format="json", HTTP_IDEMPOTENCY_KEY="extend"
     )
     assert (utc.status_code, again.status_code) == (200, 200), again.content
+    later = (expiry + timedelta(hours=1)).isoformat()  # another request under the same key: not a retry
+    other = client.patch(f"/api/clusters/{cid}/", {"expires_at": later}, format="json", HTTP_IDEMPOTENCY_KEY="extend")
+    assert other.status_code == 409, other.content
 
     down = client.post(f"/api/clusters/{cid}/teardown/", {}, format="json", HTTP_IDEMPOTENCY_KEY="down")
     again = client.post(

@@ -200,6 +200,8 @@ def test_the_quota_counts_live_images(alice, settings):
     assert r.status_code == 409 and r.data["code"] == "quota_exceeded"
     assert client(alice).delete("/api/images/one/").status_code == 204
     assert register(alice, name="three").status_code == 201
+    Image.objects.filter(name="two").update(retired_at=timezone.now())  # retired (ended clusters name it)
+    assert register(alice, name="four").status_code == 201  # a retired image takes no slot
 
 
 def test_a_user_image_makes_the_cluster_closed_and_only_owner_and_group_boot_it(fabric, alice, bob, charlie, root):
@@ -273,6 +275,8 @@ def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     admin.post(url, {"action": "withdraw_approval", "_selected_action": [image.pk]})
     image.refresh_from_db()
     assert not image.approved
+    withdrawn = AuditEntry.objects.filter(object_id=str(image.pk), action="update").latest("id")
+    assert withdrawn.changes["approved"] == [True, False]
 
 
 def test_the_list_costs_the_same_queries_for_many_images(alice, bob, django_assert_num_queries):

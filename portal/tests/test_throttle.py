@@ -69,6 +69,7 @@ def test_cluster_writes_past_the_rate_leave_nothing_allocated_and_reads_go_on(se
     first = VirtualCluster.objects.get(name="a")
     assert api.get(f"/api/clusters/{first.pk}/wait/?timeout=0").status_code == 200
     assert api.post("/api/images/", {"name": "mine"}, format="json").status_code == 429  # images: the same scope
+    assert not Image.objects.filter(name="mine").exists()
     Image.objects.create(name="old", owner=alice)
     browser = Client()
     browser.force_login(alice)
