@@ -3,16 +3,18 @@ NAPALM-based platform shares (the project's own ``ovs`` driver uses ``NapalmSwit
 
 The flow of ``converge(desired)``: read the owned ports' VLANs (``get_vlans``) → render the desired VLAN
 membership in the platform's language → ``load_merge_candidate`` → ``compare_config`` → ``commit_config``
-only when the diff is not empty → verify with ``get_vlans`` → ``rollback`` when the device does not show
-what was asked for.
+only when the diff is not empty → verify with ``get_vlans`` → undo (or ``rollback``) when the device does
+not show what was asked for.
 
-Rendering is a pure function, ``render(platform, desired, vlan_names)``: it creates the VLANs and sets the
-trunk allowed list of every owned port in ``desired``, and nothing else (templates in ``templates/``).
+Rendering is a pure function, ``render(platform, desired, vlan_names, existing=…, current=…)``: it creates the
+VLANs the device does not have yet and sets the trunk allowed list of every owned port in ``desired``, and
+nothing else (templates in ``templates/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
@@ -35,6 +37,8 @@ from network.drivers.ranges import PLATFORM_RESERVED, compact
 
 TEMPLATES = Path(__file__).with_name("templates")
 PLATFORMS = ("ios", "eos", "junos", "nxos")
+# the templates ``render`` knows: a platform's own, and ``junos_nonels`` (non-ELS EX switches: "port-mode trunk")
+TEMPLATE_NAMES = (*PLATFORMS, "junos_nonels")
 # driver_args keys this module reads itself; never passed on to the NAPALM driver as optional_args
 _OWN_ARGS = ("template", "vlan_name_format", "undo", "trunk_encapsulation")
 DEFAULT_VLAN_NAME = "vc-{vid}"
@@ -43,10 +47,15 @@ COMMIT_MESSAGE = "virtcloud: converge VLAN membership"
 _NO_COMMIT_MESSAGE = ("ios", "eos", "nxos", "nxos_ssh")
 # the longest allowed list one configuration line carries; a longer one continues on "… allowed vlan add" lines
 LINE_WIDTH = 200
+# templates whose merge the device applies line by line (IOS, NX-OS): a first "allowed vlan <list>" line would
+# drop every VLAN of the later "add" lines for a moment, so a long list is changed by "add"/"remove" lines from
+# the port's current VLANs (EOS config sessions and Junos commits apply at once: the absolute form is safe)
+_INCREMENTAL = ("ios", "nxos")
 # A failed verification is undone by merging the ports' previous state on the platforms whose NAPALM
 # rollback replaces the whole configuration (EOS: with the startup configuration copied at commit, losing
 # what others had not saved; IOS, NX-OS: ``configure replace`` of the file); the device's own rollback
-# only when that merge fails. Junos' ``rollback 1`` undoes exactly the last commit.
+# only when that merge committed nothing (each commit retakes its snapshot). Junos' ``rollback 1`` undoes
+# exactly the last commit.
 _UNDO_BY_MERGE = ("ios", "eos", "nxos", "nxos_ssh")
 # platforms whose get_vlans lists a VLAN's ports that are up (EOS ``show vlan``, NX-OS ``show vlan brief``,
 # IOS ``show vlan``): a port that is down is verified from its state, not its VLANs
@@ -95,26 +104,49 @@ def render(
     *,
     trunk_encapsulation: str = "",
     existing: frozenset[int] = frozenset(),
+    current: Mapping[str, frozenset[int]] | None = None,
+    undo: bool = False,
 ) -> str:
     """The configuration that makes every port in ``desired`` a trunk carrying exactly its VLAN set.
 
     Every VLAN used is created (with its name from ``vlan_names``, default ``vc-<vid>``) but those in
-    ``existing`` (the operator's static VLANs: carried, never created or renamed); no VLAN is ever deleted
-    (another port the portal does not own may use it) and no other port is mentioned.
+    ``existing`` (the operator's static VLANs and every VLAN the device already has: carried by id, never
+    created or renamed); no VLAN is ever deleted (another port the portal does not own may use it) and no
+    other port is mentioned.
+
+    ``current``: the VLANs of the ports whose present state the device showed (listed under a VLAN). On IOS
+    and NX-OS a port whose list takes more than one line is changed by ``add``/``remove`` lines from it (not
+    at all when it already carries its set). ``undo``: restoring the ports' previous lists exactly as they
+    were — no VLAN is created, and ids the platform reserves (IOS lists a trunk under 1002-1005) are let be.
     """
-    if platform not in PLATFORMS:
+    if platform not in TEMPLATE_NAMES:
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
     vlan_names = vlan_names or {}
     vids = sorted({vid for port_vids in desired.values() for vid in port_vids})
-    reserved = sorted(set(vids) & PLATFORM_RESERVED.get(platform, frozenset()))
-    if reserved:
+    platform_reserved = PLATFORM_RESERVED.get(platform, frozenset())
+    reserved = sorted(set(vids) & platform_reserved)
+    if reserved and not undo:
         raise PermanentDeviceError(platform, f"VLAN ids {vlan_list(reserved)} are reserved on {platform}")
-    created = [vid for vid in vids if vid not in existing]
+    created = [] if undo else [vid for vid in vids if vid not in existing]
     vlans = [{"id": vid, "name": vlan_names.get(vid, DEFAULT_VLAN_NAME.format(vid=vid))} for vid in created]
     bad = [vlan["name"] for vlan in vlans if not VLAN_NAME.fullmatch(str(vlan["name"]))]
     if bad:  # (a caller's names; open_switch makes them with vlan_name, which says why)
         raise PermanentDeviceError(platform, f"VLAN names {bad} are not plain words of 1-32 characters")
-    ports = [{"name": name, "vids": sorted(desired[name])} for name in sorted(desired)]
+    ports = []
+    for name in sorted(desired):
+        port = {"name": name, "vids": sorted(desired[name]), "add": None, "remove": None}
+        now = (current or {}).get(name)
+        # a list IOS shows under a reserved id (the default "all") is not one the portal set: set it absolutely
+        if (
+            platform in _INCREMENTAL
+            and now is not None
+            and not now & platform_reserved
+            and len(vlan_chunks(desired[name])) > 1
+        ):
+            if now == desired[name]:
+                continue
+            port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks(now - desired[name])
+        ports.append(port)
     if trunk_encapsulation not in ("", "dot1q"):
         raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")
     return (
@@ -188,12 +220,36 @@ def classified(device: str, action: str) -> Iterator[None]:
 
 # --- the session ----------------------------------------------------------------------------------------------
 
+# what the session knows of the device when it renders, passed to a renderer that takes it as keywords
+_RENDER_CONTEXT = ("existing", "current", "undo")
+
+
+def _context_keywords(renderer: Callable) -> frozenset[str]:
+    """Which of ``_RENDER_CONTEXT`` ``renderer`` takes (a renderer of the desired state alone takes none)."""
+    try:
+        params = inspect.signature(renderer).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return frozenset(_RENDER_CONTEXT)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in params if p.name in _RENDER_CONTEXT and p.kind in keyword)
+
+
+def _vid(key) -> int | None:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return None
+
 
 class NapalmSwitchSession:
     """A ``SwitchSession`` over an opened NAPALM ``NetworkDriver``: the one code path for every platform.
 
-    ``renderer`` turns the desired state into the platform's configuration text; ``port_key`` maps an
-    interface name as the device reports it (``Et1``) to the spelling used in the inventory (``Ethernet1``).
+    ``renderer`` turns the desired state into the platform's configuration text (given, when it takes them as
+    keywords, ``existing``: every VLAN id the device showed at the last ``get_vlans``; ``current``: the
+    owned ports it listed, with their VLANs; ``undo``: restoring the ports' previous state); ``port_key`` maps
+    an interface name as the device reports it (``Et1``) to the spelling used in the inventory (``Ethernet1``).
     """
 
     def __init__(
@@ -215,23 +271,44 @@ class NapalmSwitchSession:
         self.commit_message = "" if platform in _NO_COMMIT_MESSAGE else COMMIT_MESSAGE  # "": the driver takes none
         self.undo_by_merge = platform in _UNDO_BY_MERGE if undo_by_merge is None else undo_by_merge
         self._owned = {port_key(p): p for p in spec.owned_ports}
+        self._keywords = _context_keywords(renderer)
+        # what the last get_vlans showed: every VLAN id of the device, and the owned ports listed under one
+        self.device_vlans: frozenset[int] = frozenset()
+        self._listed: dict[str, frozenset[int]] = {}
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
         with classified(self.spec.name, "get_vlans"):
             vlans = self.device.get_vlans()
         found: dict[str, set[int]] = {p: set() for p in self.spec.owned_ports}
-        for vid, info in vlans.items():
+        listed: set[str] = set()
+        ids: set[int] = set()
+        for key, info in vlans.items():
+            vid = _vid(key)
+            if vid is None:
+                continue
+            ids.add(vid)
             for ifname in info.get("interfaces", ()):
                 port = self._owned.get(self.port_key(ifname))
                 if port is not None:
-                    found[port].add(int(vid))
+                    found[port].add(vid)
+                    listed.add(port)
+        self.device_vlans = frozenset(ids)
+        self._listed = {p: frozenset(found[p]) for p in listed}
         return {p: frozenset(v) for p, v in found.items()}
 
-    def render(self, desired: Mapping[str, frozenset[int]]) -> str:
+    def render(self, desired: Mapping[str, frozenset[int]], *, undo: bool = False) -> str:
         self._check(desired)
-        return self.renderer(desired)
+        context = {
+            "existing": self.device_vlans,
+            "current": {port: vids for port, vids in self._listed.items() if port in desired},
+            "undo": undo,
+        }
+        return self.renderer(desired, **{k: v for k, v in context.items() if k in self._keywords})
 
     def plan(self, desired: Mapping[str, frozenset[int]]) -> str:
+        if self._keywords:  # the renderer needs what the device has (its VLANs, the ports' lists)
+            self._check(desired)
+            self.port_vlans()
         config = self.render(desired)
         with classified(self.spec.name, "load_merge_candidate"):
             self.device.load_merge_candidate(config=config)
@@ -244,21 +321,35 @@ class NapalmSwitchSession:
 
     def converge(self, desired: Mapping[str, frozenset[int]]) -> ConvergeResult:
         desired = {port: frozenset(vids) for port, vids in desired.items()}
-        config = self.render(desired)
+        self._check(desired)
         current = self.port_vlans()
         before = {port: current[port] for port in desired}
+        config = self.render(desired)
         with classified(self.spec.name, "load_merge_candidate"):
             self.device.load_merge_candidate(config=config)
-        with classified(self.spec.name, "compare_config"):
-            diff = self.device.compare_config()
+        with self._discarded_on_failure():
+            with classified(self.spec.name, "compare_config"):
+                diff = self.device.compare_config()
+            if not diff.strip():
+                with classified(self.spec.name, "discard_config"):
+                    self.device.discard_config()
         if not diff.strip():
-            with classified(self.spec.name, "discard_config"):
-                self.device.discard_config()
             self._verify(desired)
             return ConvergeResult(self.spec.name, "", False, before, dict(before))
         self._commit()
         after = self._verify(desired, before=before)
         return ConvergeResult(self.spec.name, diff, True, before, after)
+
+    @contextlib.contextmanager
+    def _discarded_on_failure(self) -> Iterator[None]:
+        """After a load: any failure discards the candidate (EOS keeps its config session otherwise, and
+        NAPALM's lock then refuses every later load), the discard's own errors suppressed."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.device.discard_config()
+            raise
 
     def _commit(self) -> None:
         try:
@@ -293,10 +384,20 @@ class NapalmSwitchSession:
         if self.undo_by_merge:
             # a port that is down read as carrying nothing (its "before" is blind): merging that back would
             # empty its real list, so it keeps what was committed
-            if self._undo({port: vids for port, vids in before.items() if port not in down}):
+            committed, problem = self._undo({port: vids for port, vids in before.items() if port not in down})
+            if not problem:
                 where = "the ports that are up are as before" if down else "the ports are as before"
                 message = f"verification failed after commit, undone ({where}): {detail}"
                 raise PermanentDeviceError(self.spec.name, message)
+            if committed:
+                # NAPALM's ios, eos and nxos commit first snapshots the device (rollback_config, rollback-0,
+                # checkpoint): the device's rollback would now restore the failed change, not the state before it
+                raise PermanentDeviceError(
+                    self.spec.name,
+                    f"verification failed after commit ({detail}); the undo did not restore the ports ({problem}): "
+                    "the change may be on the device (its own rollback, now the undo's snapshot, is not used)",
+                    may_have_applied=True,
+                )
         try:
             with classified(self.spec.name, "rollback"):
                 self.device.rollback()
@@ -319,20 +420,32 @@ class NapalmSwitchSession:
         state = {self.port_key(name): info for name, info in interfaces.items()}
         return {port for port in ports if state.get(self.port_key(port), {}).get("is_up") is False}
 
-    def _undo(self, before: Mapping[str, frozenset[int]]) -> bool:
-        """Merge the owned ports' previous state (only theirs: nothing else of the device is replaced);
-        whether the device shows them as they were."""
+    def _undo(self, before: Mapping[str, frozenset[int]]) -> tuple[bool, str]:
+        """Merge the owned ports' previous state (only theirs: nothing else of the device is replaced; no VLAN
+        created, their lists restored exactly as they were). (whether a commit was attempted, what is still
+        wrong: "" when the device shows the ports as they were)."""
+        committed = False
         try:
+            config = self.render(before, undo=True)
             with classified(self.spec.name, "load_merge_candidate"):
-                self.device.load_merge_candidate(config=self.render(before))
-            with classified(self.spec.name, "compare_config"):
-                diff = self.device.compare_config()
+                self.device.load_merge_candidate(config=config)
+            with self._discarded_on_failure():
+                with classified(self.spec.name, "compare_config"):
+                    diff = self.device.compare_config()
+                if not diff.strip():
+                    with classified(self.spec.name, "discard_config"):
+                        self.device.discard_config()
             if diff.strip():
+                committed = True  # from here on the device's own rollback snapshot is the undo's
                 self._commit()
             current = self.port_vlans()
-        except DeviceError:
-            return False
-        return all(current[port] == vids for port, vids in before.items())
+        except DeviceError as exc:
+            return committed, exc.message or type(exc).__name__
+        wrong = {port: vids for port, vids in before.items() if current[port] != vids}
+        return committed, "; ".join(
+            f"{port} has {vlan_list(current[port]) or 'none'}, was {vlan_list(vids) or 'none'}"
+            for port, vids in sorted(wrong.items())
+        )
 
     def _check(self, desired: Mapping[str, frozenset[int]]) -> None:
         foreign = sorted(p for p in desired if self.port_key(p) not in self._owned)
@@ -350,15 +463,26 @@ def _junos_port(name: str) -> str:
     return canonical_interface_name(re.sub(r"\.\d+$", "", name.rstrip("*")))
 
 
+def _junos_switch_style(device) -> str:
+    """The PyEZ fact ``switch_style`` of an opened NAPALM junos driver (``VLAN``: a non-ELS EX switch,
+    ``VLAN_L2NG``: ELS), read as NAPALM's own ``get_vlans`` does; "" when it cannot be read (facts are
+    gathered on demand: an RPC that may fail)."""
+    try:
+        style = device.device.facts.get("switch_style", "")
+    except Exception:  # noqa: BLE001 - no answer: the ELS template
+        return ""
+    return style if isinstance(style, str) else ""
+
+
 @contextlib.contextmanager
 def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
     """A session to a vendor switch through ``napalm.get_network_driver(spec.platform)``.
 
     ``driver_args`` are passed as NAPALM ``optional_args`` except ``template`` (render with another
-    platform's template, e.g. for a NAPALM community driver of a compatible CLI) and ``vlan_name_format``.
+    platform's template, e.g. for a NAPALM community driver of a compatible CLI; ``junos_nonels`` for a non-ELS
+    EX switch, chosen by itself when the device's facts say switch_style ``VLAN``) and ``vlan_name_format``.
     """
     args = dict(spec.driver_args)
-    template = str(args.get("template", spec.platform))
     name_format = str(args.get("vlan_name_format", DEFAULT_VLAN_NAME))
     # Catalysts that also speak ISL refuse "switchport mode trunk" while the encapsulation is "auto"
     encapsulation = str(args.get("trunk_encapsulation", ""))
@@ -378,14 +502,36 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
     )
     with classified(spec.name, "open"):
         device.open()
+    if "template" in args:
+        template = str(args["template"])
+    elif spec.platform == "junos" and _junos_switch_style(device) == "VLAN":
+        template = "junos_nonels"
+    else:
+        template = spec.platform
 
-    def renderer(desired: Mapping[str, frozenset[int]]) -> str:
-        vids = {vid for v in desired.values() for vid in v} - spec.static_vlans
+    def renderer(
+        desired: Mapping[str, frozenset[int]],
+        *,
+        existing: frozenset[int] = frozenset(),
+        current: Mapping[str, frozenset[int]] | None = None,
+        undo: bool = False,
+    ) -> str:
+        # the operator's static VLANs and every VLAN the device already has: carried, never created or renamed
+        existing = spec.static_vlans | existing
+        vids = set() if undo else {vid for v in desired.values() for vid in v} - existing
         try:
             names = {vid: vlan_name(name_format, vid) for vid in vids}
         except ValueError as exc:
             raise PermanentDeviceError(spec.name, str(exc)) from None
-        return render(template, desired, names, trunk_encapsulation=encapsulation, existing=spec.static_vlans)
+        return render(
+            template,
+            desired,
+            names,
+            trunk_encapsulation=encapsulation,
+            existing=existing,
+            current=current,
+            undo=undo,
+        )
 
     try:
         yield NapalmSwitchSession(

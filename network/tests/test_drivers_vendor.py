@@ -464,3 +464,256 @@ def test_a_switch_session_refuses_a_bad_vlan_name_format_before_loading_anything
         with pytest.raises(PermanentDeviceError, match="vlan_name_format"):
             session.converge({"Ethernet1": frozenset({100})})
         assert session.device.calls.get("load_merge_candidate", 0) == 0
+
+
+# --- the network engineer's review ------------------------------------------------------------------------------
+
+
+def _opened(monkeypatch, device, spec: SwitchSpec):
+    """``open_switch(spec)`` over ``device`` (a ``_Stubbed`` real driver: its open and close do nothing)."""
+    device.open = device.close = lambda: None
+    device.get_interfaces = lambda: {}
+    monkeypatch.setattr("network.drivers.vendor.get_network_driver", lambda platform: lambda **kwargs: device)
+    return open_switch(spec)
+
+
+def _loads(device) -> list[str]:
+    return [call[1] for call in device.calls if call[0] == "load"]
+
+
+@pytest.mark.parametrize(
+    ("platform", "port"), [("ios", "Gi1/0/1"), ("eos", "Ethernet1"), ("nxos", "Ethernet1/1"), ("junos", "ge-0/0/1")]
+)
+def test_a_vlan_the_device_already_has_is_carried_never_created_or_renamed(monkeypatch, platform, port):
+    """get_vlans lists every VLAN of the device: one it has (the operator's "ops-100"; under IOS VTP server
+    mode it is not even in the running configuration) is only put on the trunk, by id — "vlan 100 / name
+    vc-100" renamed it, and Junos refused "set vlans vc-100 vlan-id 100" beside its own name."""
+    device_vlans = {"100": {"name": "ops-100", "interfaces": []}, "1": {"name": "default", "interfaces": []}}
+    after = {**device_vlans, "100": {"name": "ops-100", "interfaces": [port]}}
+    after["200"] = {"name": "vc-200", "interfaces": [port]}
+    device = _Stubbed.make(platform, [device_vlans, after])
+    if platform == "junos":
+        device.device = type("PyEZ", (), {"facts": {"switch_style": "VLAN_L2NG"}})()
+    spec = SwitchSpec(name="sw", platform=platform, address="x", owned_ports=(port,))
+    with _opened(monkeypatch, device, spec) as session:
+        session.converge({port: frozenset({100, 200})})
+    config = _loads(device)[0]
+    assert "ops-100" not in config and "vc-100" not in config
+    assert "\nvlan 100\n" not in "\n" + config and "vlan-id 100\n" not in config
+    assert ("set vlans vc-200 vlan-id 200" if platform == "junos" else "vlan 200\n") in config
+    assert ("vlan members [ 100 200 ]" if platform == "junos" else "switchport trunk allowed vlan 100,200\n") in config
+
+
+def test_a_dry_run_renders_as_converge_does(tmp_path):
+    spec = mock_device(
+        tmp_path,
+        {
+            "get_vlans.1": {"100": {"name": "ops-100", "interfaces": []}},
+            "load_merge_candidate.1": {},
+            "compare_config.1": {"diff": "+ switchport trunk allowed vlan 100"},
+            "discard_config.1": {},
+        },
+    )
+    with open_switch(spec) as session:
+        loaded = []
+        original = session.device.load_merge_candidate
+        session.device.load_merge_candidate = lambda config=None: loaded.append(config) or original(config=config)
+        assert session.plan({"Ethernet1": frozenset({100})}) == "+ switchport trunk allowed vlan 100"
+    assert "\nvlan 100\n" not in "\n" + loaded[0] and "switchport trunk allowed vlan 100\n" in loaded[0]
+
+
+def test_an_undo_creates_no_vlan_and_restores_reserved_ids_as_they_were():
+    """The undo of a failed verification restores the allowed lists exactly as get_vlans read them: no
+    "vlan 1 / name vc-1" (IOS: "%Default VLAN 1 may not have its name changed") and IOS' 1002-1005, under
+    which it lists a trunk, are no reason to give up the undo for the device's whole-configuration rollback."""
+    from network.drivers.vendor import NapalmSwitchSession
+
+    port = "GigabitEthernet1/0/1"
+    before = {str(v): {"name": f"v{v}", "interfaces": [port]} for v in (1, 10, 1002, 1003, 1004, 1005)}
+    device = _Stubbed.make("ios", [before])  # the change never shows: verification fails, the undo "works"
+    device.get_interfaces = lambda: {}
+    spec = SwitchSpec(name="sw", platform="ios", address="x", owned_ports=(port,))
+    session = NapalmSwitchSession(spec, device, lambda desired, **context: render("ios", desired, **context))
+    with pytest.raises(PermanentDeviceError, match="undone \\(the ports are as before\\)"):
+        session.converge({port: frozenset({10, 100})})
+    assert ("rollback",) not in device.calls
+    change, undo = _loads(device)
+    assert "vlan 100\n name vc-100\n" in change  # the change itself still creates its VLAN
+    assert "vlan " not in undo.split("interface", 1)[0] and " name " not in undo
+    assert " switchport trunk allowed vlan 1,10,1002-1005\n" in undo
+    with pytest.raises(PermanentDeviceError, match="reserved on ios"):  # the converge keeps the check
+        session.converge({port: frozenset({1002})})
+
+
+@pytest.mark.parametrize("failure", ["not restored", "commit refused"])
+def test_an_undo_that_committed_never_calls_the_device_rollback(failure):
+    """NAPALM's ios/eos/nxos commit snapshots the device first: after the undo's commit the device's own
+    rollback would restore the failed change, not the state before it. The change is said to be possibly on
+    the device (``may_have_applied``), and nothing is "rolled back"."""
+    from napalm.base.exceptions import CommitError
+
+    from network.drivers.vendor import NapalmSwitchSession
+
+    before = {"50": {"name": "vc-50", "interfaces": ["Ethernet1"]}}
+    wrong = {"50": {"name": "vc-50", "interfaces": []}}
+    device = _Stubbed.make("eos", [before, wrong])  # neither the change nor its undo shows
+    device.get_interfaces = lambda: {"Ethernet1": {"is_up": True}}
+    commit = device.commit_config
+
+    def commit_config(message="", revert_in=None):
+        commit(message=message, revert_in=revert_in)
+        if failure == "commit refused" and len([c for c in device.calls if c[0] == "commit"]) == 2:
+            raise CommitError("undo refused")
+
+    device.commit_config = commit_config
+    spec = SwitchSpec(name="sw", platform="eos", address="x", owned_ports=("Ethernet1",))
+    session = NapalmSwitchSession(spec, device, lambda desired: render("eos", desired))
+    with pytest.raises(PermanentDeviceError, match="the undo did not restore the ports") as failed:
+        session.converge({"Ethernet1": frozenset({50, 100})})
+    assert failed.value.may_have_applied and "rolled back" not in str(failed.value)
+    assert "may be on the device" in str(failed.value)
+    assert ("undo refused" if failure == "commit refused" else "Ethernet1 has none, was 50") in str(failed.value)
+    assert ("rollback",) not in device.calls
+    assert len([c for c in device.calls if c[0] == "commit"]) == 2
+
+
+def test_an_undo_that_never_committed_falls_back_to_the_device_rollback():
+    """The undo's compare fails: its candidate is discarded, nothing of it was committed, so the device's
+    rollback (its snapshot is still the one from before the change) runs."""
+    from napalm.base.exceptions import CommandErrorException
+
+    from network.drivers.vendor import NapalmSwitchSession
+
+    before = {"50": {"name": "vc-50", "interfaces": ["Ethernet1"]}}
+    device = _Stubbed.make("eos", [before, {}])
+    device.get_interfaces = lambda: {"Ethernet1": {"is_up": True}}
+    compares = []
+
+    def compare_config():
+        compares.append(1)
+        if len(compares) == 2:
+            raise CommandErrorException("show session-config diffs failed")
+        return "+ switchport trunk allowed vlan 50,100"
+
+    device.compare_config = compare_config
+    spec = SwitchSpec(name="sw", platform="eos", address="x", owned_ports=("Ethernet1",))
+    session = NapalmSwitchSession(spec, device, lambda desired: render("eos", desired))
+    with pytest.raises(PermanentDeviceError, match="verification failed after commit, rolled back"):
+        session.converge({"Ethernet1": frozenset({50, 100})})
+    kinds = [call[0] for call in device.calls]
+    assert kinds == ["load", "commit", "load", "discard", "rollback"]
+
+
+@pytest.mark.parametrize("discard", [{}, {"exception": "napalm.base.exceptions.CommandErrorException", "args": ["x"]}])
+def test_a_failed_compare_discards_the_candidate(tmp_path, discard):
+    """EOS: a config session left open after a failed compare made NAPALM's lock refuse every later load
+    (SessionLockedException: temporary, retried forever). The compare's own error is the one raised."""
+    spec = mock_device(
+        tmp_path,
+        {
+            "get_vlans.1": BEFORE,
+            "load_merge_candidate.1": {},
+            "compare_config.1": {"exception": "napalm.base.exceptions.ConnectionException", "args": ["eAPI reset"]},
+            "discard_config.1": discard,
+        },
+    )
+    with open_switch(spec) as session:
+        with pytest.raises(TemporaryDeviceError, match="compare_config: ConnectionException: eAPI reset"):
+            session.converge({"Ethernet1": frozenset({100})})
+        assert session.device.calls["discard_config"] == 1
+        assert "commit_config" not in session.device.calls
+
+
+class _PyEZ:
+    def __init__(self, facts):
+        self._facts = facts
+
+    @property
+    def facts(self):
+        if isinstance(self._facts, Exception):
+            raise self._facts
+        return self._facts
+
+
+@pytest.mark.parametrize(
+    ("facts", "args", "mode"),
+    [
+        ({"switch_style": "VLAN"}, {}, "port-mode trunk"),  # EX2200/3300/4200
+        ({"switch_style": "VLAN_L2NG"}, {}, "interface-mode trunk"),  # ELS
+        ({}, {}, "interface-mode trunk"),
+        (ConnectionError("facts RPC failed"), {}, "interface-mode trunk"),  # in doubt: ELS, no error
+        ({"switch_style": "VLAN"}, {"template": "junos"}, "interface-mode trunk"),  # the operator's word
+        ({"switch_style": "VLAN_L2NG"}, {"template": "junos_nonels"}, "port-mode trunk"),
+    ],
+)
+def test_junos_non_els_switches_get_port_mode_trunk(monkeypatch, facts, args, mode):
+    """Non-ELS EX switches (PyEZ fact switch_style "VLAN", what NAPALM's own get_vlans reads) know no
+    "interface-mode trunk": the ``junos_nonels`` template, chosen by itself unless ``template`` is given."""
+    device = _Stubbed.make("junos", [{}])
+    device.device = _PyEZ(facts)
+    spec = SwitchSpec(name="ex", platform="junos", address="x", owned_ports=("ge-0/0/1",), driver_args=args)
+    with _opened(monkeypatch, device, spec) as session:
+        text = session.render({"ge-0/0/1": frozenset({100})})
+    assert f"set interfaces ge-0/0/1 unit 0 family ethernet-switching {mode}\n" in text
+    assert "vlan members [ 100 ]" in text and "set vlans vc-100 vlan-id 100" in text
+
+
+LONG = frozenset(range(2, 1000, 2))  # 499 VLANs: several lines
+
+
+@pytest.mark.parametrize("platform", ["ios", "nxos"])
+def test_a_long_allowed_list_is_changed_by_add_and_remove_lines_from_the_known_list(platform):
+    """IOS and NX-OS apply a merge line by line: "allowed vlan <first chunk>" dropped every VLAN of the
+    later "add" lines for a moment (spanning tree, MAC flush) on the trunks carrying the most VLANs, at every
+    converge. A port whose list is known changes only by what differs; one carrying its set is not touched."""
+    desired = {"Eth1": LONG | {1001, 1007}, "Eth2": LONG, "Eth3": LONG, "Eth4": frozenset({100})}
+    current = {"Eth1": LONG - {2, 500} | {7, 9}, "Eth2": LONG, "Eth4": frozenset({100, 200})}  # Eth3: unknown
+    text = render(platform, desired, current=current)
+    port = {name: text.split(f"interface {name}\n", 1)[1].split("interface", 1)[0] for name in ("Eth1", "Eth3", "Eth4")}
+    lines = [line.strip() for line in port["Eth1"].splitlines() if "allowed vlan" in line]
+    assert lines == ["switchport trunk allowed vlan add 2,500,1001,1007", "switchport trunk allowed vlan remove 7,9"]
+    assert "interface Eth2\n" not in text  # already carries exactly its set
+    # unknown (down: no traffic to disrupt) or fitting one line: the absolute form, as before
+    assert port["Eth3"].count("switchport trunk allowed vlan 2,4,") == 1
+    assert "switchport trunk allowed vlan 100\n" in port["Eth4"]
+    assert render(platform, desired) == render(platform, desired, current=None)  # pure
+
+
+def test_add_and_remove_lines_are_cut_at_the_line_width():
+    current = {"Eth1": frozenset(range(1007, 2000, 2))}
+    text = render("ios", {"Eth1": LONG}, current=current)
+    lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
+    adds = [line for line in lines if line.startswith("switchport trunk allowed vlan add ")]
+    removes = [line for line in lines if line.startswith("switchport trunk allowed vlan remove ")]
+    assert len(adds) > 1 and len(removes) > 1 and lines == adds + removes
+    assert all(len(line.rsplit(" ", 1)[1]) <= 200 for line in lines)
+    assert sorted(int(v) for line in adds for v in line.rsplit(" ", 1)[1].split(",")) == sorted(LONG)
+
+
+@pytest.mark.parametrize("platform", ["eos", "junos"])
+def test_atomic_platforms_keep_the_absolute_allowed_list(platform):
+    """EOS config sessions and Junos commits apply at once: their long lists stay set absolutely."""
+    text = render(platform, {"Eth1": LONG}, current={"Eth1": LONG - {2}})
+    assert "allowed vlan add 2\n" not in text and ("vlan members [ 2 4 " in text or "allowed vlan 2,4," in text)
+
+
+def test_a_list_ios_shows_as_all_is_set_absolutely():
+    """A trunk IOS lists under 1002-1005 carries the default "all", not a list the portal set: an add/remove
+    from the VLANs that exist today would leave every future one allowed."""
+    text = render("ios", {"Eth1": LONG}, current={"Eth1": LONG | {1, 1002, 1003, 1004, 1005}})
+    assert "switchport trunk allowed vlan 2,4," in text and "remove" not in text
+
+
+def test_an_ios_session_changes_a_long_trunk_by_add_and_remove_lines(monkeypatch):
+    port = "TenGigabitEthernet1/1/1"
+    now = {str(v): {"name": f"vc-{v}", "interfaces": [port]} for v in LONG - {500}}
+    now["7"] = {"name": "ops-7", "interfaces": [port]}
+    after = {str(v): {"name": f"vc-{v}", "interfaces": [port]} for v in LONG}
+    device = _Stubbed.make("ios", [now, after])
+    spec = SwitchSpec(name="sw", platform="ios", address="x", owned_ports=(port,))
+    with _opened(monkeypatch, device, spec) as session:
+        session.converge({port: LONG})
+    config = _loads(device)[0]
+    assert "vlan 500\n name vc-500\n" in config and "vlan 2\n" not in config  # only the missing VLAN created
+    lines = [line.strip() for line in config.splitlines() if "allowed vlan" in line]
+    assert lines == ["switchport trunk allowed vlan add 500", "switchport trunk allowed vlan remove 7"]

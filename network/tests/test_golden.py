@@ -36,6 +36,7 @@ PORT_NAMES = {
     "junos": {"h1": "ge-0/0/1", "h2": "ge-0/0/2", "uplink": "xe-0/1/0", "gw": "ge-0/0/47"},
     "nxos": {"h1": "Ethernet1/1", "h2": "Ethernet1/2", "uplink": "Ethernet1/49", "gw": "Ethernet1/48"},
 }
+PORT_NAMES["junos_nonels"] = PORT_NAMES["junos"]  # non-ELS EX switches (template ``junos_nonels``)
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def brno_desired(fabric):
     return {port: frozenset(fixed[v] for v in vids) for port, vids in desired.items()}
 
 
-@pytest.mark.parametrize("platform", ["ios", "eos", "junos", "nxos"])
+@pytest.mark.parametrize("platform", ["ios", "eos", "junos", "junos_nonels", "nxos"])
 def test_rendered_configuration_matches_the_golden_file(brno_desired, platform):
     assert brno_desired == {"h1": {100, 101}, "h2": set(), "uplink": {100}, "gw": {101}}
     names = PORT_NAMES[platform]
