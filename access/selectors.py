@@ -91,6 +91,35 @@ def bastion_address(text) -> str:
     return ipaddress.ip_address(str(text)).compressed
 
 
+#: Why the SSH bastion does not relay to a node (the API's ``withheld_nodes``, the ssh_config's comment, the
+#: "my clusters" page).
+WITHHELD_SHARED = (
+    "another cluster uses this address too and the SSH bastion forwards by address: use the VPN profile for this node"
+)
+WITHHELD_NO_LEG = (
+    "the SSH bastion has no address of its own in this cluster's network (its scheduler gave no bastion_address): "
+    "it reaches only nodes known by name there; use the VPN profile for this node"
+)
+WITHHELD_OUTSIDE = (
+    "the address is outside the network of the SSH bastion's address in this cluster: use the VPN profile for this node"
+)
+
+
+def bastion_unreachable(cluster, address: str | None) -> str | None:
+    """Why the SSH bastion may not forward to a node of ``cluster`` at ``address``, or None when it may. It
+    forwards through its leg into the cluster: to an address in the network of the cluster's
+    ``bastion_address``, or (``address`` None) to the node's alias, which the operator's resolver maps into the
+    cluster's network. An address without a leg, or outside its network, would be reached through the gateway's
+    other routes — its own services, the provider's network, another cluster — so it never is."""
+    if not address:
+        return None
+    if not cluster.bastion_address:
+        return WITHHELD_NO_LEG
+    if ipaddress.ip_address(str(address)) not in ipaddress.ip_interface(cluster.bastion_address).network:
+        return WITHHELD_OUTSIDE
+    return None
+
+
 def bastion_shared_addresses() -> set[str]:
     """Node addresses the SSH bastion cannot tell apart: given to live nodes of more than one cluster that the
     bastion relays to or that the provider routes (a closed cluster in the gateways' VLAN map, a live public
@@ -123,37 +152,43 @@ def bastions_forward_by_address(gateways: Iterable[Gateway] | None = None) -> bo
     return any(g.enabled and g.forwards_by_address for g in gateways)
 
 
-def bastion_withheld_nodes(clusters: Iterable, *, gateway: Gateway | None = None) -> dict[int, list[tuple[str, str]]]:
+def bastion_withheld_nodes(
+    clusters: Iterable, *, gateway: Gateway | None = None
+) -> dict[int, list[tuple[str, str, str]]]:
     """Per cluster (by id), its live nodes that the SSH bastion (``gateway``'s, default any enabled one) does
-    not relay to, as (name, address), by name: their address is in ``bastion_shared_addresses`` and that
-    bastion forwards by address. Clusters with none are left out."""
+    not relay to, as (name, address, why), by name: an address ``bastion_unreachable`` refuses, or, for a
+    bastion that forwards by address, one in ``bastion_shared_addresses``. Clusters with none are left out."""
     from clusters.models import Node, NodeState
 
-    ids = [c.pk for c in clusters]
-    by_address = gateway.forwards_by_address if gateway is not None else bastions_forward_by_address()
-    shared = bastion_shared_addresses() if ids and by_address else set()
-    if not shared:
+    by_id = {c.pk: c for c in clusters}
+    if not by_id:
         return {}
-    out: dict[int, list[tuple[str, str]]] = {}
+    by_address = gateway.forwards_by_address if gateway is not None else bastions_forward_by_address()
+    shared = bastion_shared_addresses() if by_address else set()
+    out: dict[int, list[tuple[str, str, str]]] = {}
     nodes = (
-        Node.objects.filter(cluster_id__in=ids, address__isnull=False)
+        Node.objects.filter(cluster_id__in=list(by_id), address__isnull=False)
         .exclude(state=NodeState.REMOVED)
         .order_by("name")
         .values_list("cluster_id", "name", "address")
     )
     for cluster_id, name, address in nodes:
-        if bastion_address(address) in shared:
-            out.setdefault(cluster_id, []).append((name, bastion_address(address)))
+        why = WITHHELD_SHARED if bastion_address(address) in shared else bastion_unreachable(by_id[cluster_id], address)
+        if why:
+            out.setdefault(cluster_id, []).append((name, bastion_address(address), why))
     return out
 
 
 def credentials_visible(user, *, as_admin: bool = True) -> QuerySet[Credential]:
-    """A user's own credentials; admins see everyone's, unless they do not act as admins (``as_admin=False``:
-    through an API token without ``clusters:manage``)."""
+    """A user's own credentials; admins who may view credentials (``clusters.selectors.staff_may``, as in the
+    Django admin) see everyone's, unless they do not act as admins (``as_admin=False``: through an API token
+    without ``clusters:manage``)."""
+    from clusters.selectors import staff_may
+
     qs = Credential.objects.select_related("user", "revoked_by").prefetch_related(
         Prefetch("clusters", queryset=CredentialCluster.objects.order_by("label"))
     )
-    if user.is_staff and as_admin:
+    if as_admin and staff_may(user, "view", Credential):
         return qs
     return qs.filter(user=user)
 
@@ -346,9 +381,10 @@ def clusters_access(clusters: Iterable) -> list[ClusterAccess]:
 
 
 def gateway_relays_ssh(gateway: Gateway, cluster) -> bool:
-    """Whether ``gateway`` runs an SSH bastion that relays to ``cluster``'s nodes: one bastion for every cluster,
-    or a bastion per cluster, which listens only for clusters with a VLAN and a ``bastion_address``
-    (access/gateway/bastion.py; ``access.services.ssh_certificate_issue`` refuses the others)."""
+    """Whether ``gateway`` runs an SSH bastion that relays to ``cluster``'s nodes: one bastion for every cluster
+    (to the nodes ``bastion_unreachable`` lets it reach), or a bastion per cluster, which listens only for
+    clusters with a VLAN and a ``bastion_address`` (access/gateway/bastion.py;
+    ``access.services.ssh_certificate_issue`` refuses the others)."""
     if not gateway.serves_ssh:
         return False
     return gateway.forwards_by_address or bool(cluster.vlan_id and cluster.bastion_address)

@@ -580,9 +580,7 @@ SSH_KNOWN_HOSTS_FILE = "known_hosts"
 SSH_KEY_FILE = "id_virtcloud"
 SSH_CERT_FILE = "id_virtcloud-cert.pub"
 #: Why the bastion does not relay to a node (the API's ``withheld_nodes``, the ssh_config's comment).
-BASTION_SHARED_ADDRESS = (
-    "another cluster uses this address too and the SSH bastion forwards by address: use the VPN profile for this node"
-)
+BASTION_SHARED_ADDRESS = selectors.WITHHELD_SHARED
 _DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_rsa"}
 
 
@@ -606,13 +604,13 @@ def ssh_config_render(
     *, cluster, gateway: Gateway | None = None, identity_file: str = SSH_KEY_FILE, withheld: Sequence = ()
 ) -> tuple[str, str]:
     """The ``ssh_config`` snippet and ``known_hosts`` (``@cert-authority``) for ``cluster``, through the
-    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``. The ``withheld`` nodes ((name, address),
+    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``. The ``withheld`` nodes ((name, address, why),
     see ``selectors.bastion_withheld_nodes``) get a comment saying why, not a ``Host`` entry."""
     from access import ssh
 
     gateway = gateway or _gateway("ssh", [cluster])
     host_ca = _authority(AuthorityKind.SSH_HOST).public_key
-    left_out = {name for name, _ in withheld}
+    left_out = {name for name, _address, _why in withheld}
     label = selectors.cluster_label(cluster)
     nodes = [(name, address) for name, address in _node_hosts(cluster) if name not in left_out]
     port = gateway.ssh_port_for(cluster.vlan_id)
@@ -652,8 +650,8 @@ class SshAccess:
     private_key: str | None
     ssh_config: str
     known_hosts: str
-    #: (name, address) of the cluster's nodes the bastion does not relay to (another cluster uses the address)
-    withheld: tuple[tuple[str, str], ...] = ()
+    #: (name, address, why) of the cluster's nodes the bastion does not relay to (``selectors.bastion_withheld_nodes``)
+    withheld: tuple[tuple[str, str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"SshAccess(credential={self.credential.pk}, principal={self.principal!r}, private_key=<redacted>)"
@@ -668,7 +666,7 @@ class SshAccess:
             "ssh_config": self.ssh_config,
             "known_hosts": self.known_hosts,
             "withheld_nodes": [
-                {"name": name, "address": address, "reason": BASTION_SHARED_ADDRESS} for name, address in self.withheld
+                {"name": name, "address": address, "reason": why} for name, address, why in self.withheld
             ],
         }
 
@@ -836,16 +834,20 @@ class NodeHostCertificate:
 
 
 @transaction.atomic
-def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admin: bool = False) -> NodeHostCertificate:
+def node_host_certificate_issue(
+    *, user, cluster, node, public_key: str, as_admin: bool = False, sees_all: bool = False
+) -> NodeHostCertificate:
     """A host certificate from the SSH host CA for ``node`` (its id or name) of ``cluster`` (an id or object),
-    for the node's own public key (its private key never leaves the node). Its principals are the names the
-    downloaded ssh_config reaches the node by (:func:`access.ssh.node_host_names`: ``<cluster>-<node>`` and
-    its address), so ``ssh <cluster>-<node>`` checks it against the host CA without a prompt; it lives
+    for the node's own public key (its private key never leaves the node). Its one principal is the node's alias
+    (:func:`access.ssh.node_host_names`: ``<cluster>-<node>``, never its address, which the owner picks), which
+    the downloaded ssh_config checks it as (``HostKeyAlias``), so ``ssh <cluster>-<node>`` checks it against the
+    host CA without a prompt; it lives
     ACCESS_SSH_HOST_CERT_LIFETIME, never past the cluster's expiry.
 
-    For the cluster's owner, or (``as_admin``) an admin or the middleware: the certificate vouches for the
-    node to everyone who enters the cluster, so a group member, who may only enter it, is refused (403). A
-    cluster the caller cannot see, or a node it does not have (live), is a 404; a cluster whose nodes are
+    For the cluster's owner, or (``as_admin``) an admin who may change clusters or the middleware: the
+    certificate vouches for the node to everyone who enters the cluster, so a group member, who may only enter
+    it, is refused (403), and so is an admin who may only view clusters (``sees_all``). A cluster the caller
+    cannot see, or a node it does not have (live), is a 404; a cluster whose nodes are
     going or gone (tearing down, torn down, failed) or whose lifetime is over, a 409. A public cluster's nodes
     may have one too (users reach them at their addresses). Recorded as a credential of the cluster, with the
     key: it is revoked when the cluster ends, and a revoked host key goes into every SSH profile's
@@ -858,6 +860,7 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
         cluster=cluster,
         node=node,
         as_admin=as_admin,
+        sees_all=sees_all,
         lock=True,
         refusal="certifies its nodes' host keys (a host certificate vouches for a node to everyone who enters the "
         "cluster)",
@@ -870,7 +873,7 @@ def node_host_certificate_issue(*, user, cluster, node, public_key: str, as_admi
         kind=CredentialKind.SSH_HOST, fingerprint=parsed.fingerprint, revoked_at__isnull=False
     ).exists():
         raise BadPublicKey(f"host key {parsed.fingerprint} was revoked: generate a new host key for the node")
-    principals = ssh.node_host_names(label, chosen.name, _node_address(label, chosen))
+    principals = ssh.node_host_names(label, chosen.name)
     holder = _host_key_in_use(parsed.fingerprint, cluster_id=found.pk, node=principals[0])
     if holder is not None:
         raise BadPublicKey(f"host key {parsed.fingerprint} is {holder}'s: generate a host key of the node's own")
@@ -938,17 +941,18 @@ def _host_certificate_record(
     return credential, certificate
 
 
-def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal: str):
+def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal: str, sees_all: bool = False):
     """(cluster, its label, node) for what a node's sshd gets from the portal (:func:`node_host_certificate_issue`,
     :func:`node_access_current`): ``node`` (an id or name) of ``cluster`` (an id or object) if the caller is its
-    owner or (``as_admin``) an admin or the middleware — a group member is refused (403, "only the owner ...
-    ``refusal``"). 404 for a cluster the caller cannot see or a node it does not have (live); 409 for a cluster
+    owner or (``as_admin``) an admin who may change clusters or the middleware — a group member, or an admin who
+    only sees every cluster (``sees_all``), is refused (403, "only the owner ... ``refusal``"). 404 for a cluster
+    the caller cannot see or a node it does not have (live); 409 for a cluster
     whose nodes are going or gone or whose lifetime is over. ``lock``: the cluster's row stays locked until the
     caller's transaction ends."""
     from clusters.models import ACTIVE_STATES, Node, NodeState, VirtualCluster
 
     pk = _cluster_id(cluster)
-    visible = VirtualCluster.objects.all() if as_admin else selectors.clusters_user_belongs_to(user)
+    visible = VirtualCluster.objects.all() if as_admin or sees_all else selectors.clusters_user_belongs_to(user)
     visible = visible.select_related(None).select_related("owner")
     if lock:
         visible = visible.select_for_update(of=("self",))
@@ -1017,7 +1021,9 @@ class NodeAccess:
         }
 
 
-def node_access_current(*, user, cluster, node, as_admin: bool = False, host_key: str = "") -> NodeAccess:
+def node_access_current(
+    *, user, cluster, node, as_admin: bool = False, sees_all: bool = False, host_key: str = ""
+) -> NodeAccess:
     """What ``node`` of ``cluster``'s sshd needs to admit exactly the cluster's people as they are now: the
     principals file of :data:`access.ssh.NODE_USER` (the owner and the group's members now), the user CA key
     (``TrustedUserCAKeys``) and the user CA's current KRL (``RevokedKeys``). Asked as a host certificate is
@@ -1030,6 +1036,7 @@ def node_access_current(*, user, cluster, node, as_admin: bool = False, host_key
         cluster=cluster,
         node=node,
         as_admin=as_admin,
+        sees_all=sees_all,
         lock=False,
         refusal="reads who may log in to its nodes (as it certifies their host keys)",
     )
@@ -1506,9 +1513,12 @@ def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, d
     nodes: dict[int, list] = {}
     # withheld from a bastion that forwards by address: it cannot tell their clusters apart
     shared = selectors.bastion_shared_addresses() if withhold else set()
+    by_id = {cluster.pk: cluster for cluster in clusters}
     for node in Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).order_by("name"):
         if node.address and selectors.bastion_address(node.address) in shared:
             continue
+        if selectors.bastion_unreachable(by_id[node.cluster_id], node.address):
+            continue  # an address without the bastion's leg, or outside its network: never a target
         nodes.setdefault(node.cluster_id, []).append(node)
     out: dict[str, dict] = {}
     for cluster in clusters:

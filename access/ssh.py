@@ -409,12 +409,12 @@ def node_alias(cluster: str, name: str) -> str:
     return f"{cluster}-{name}"
 
 
-def node_host_names(cluster: str, name: str, address: str) -> list[str]:
-    """The names the ssh_config reaches node ``name`` by: its alias (``Host``) and the address the bastion
-    reaches it at (``HostName``, which ssh checks the host certificate and ``known_hosts`` against) — the
-    principals of the node's host certificate."""
-    alias = node_alias(cluster, name)
-    return [alias] if address == alias else [alias, address]
+def node_host_names(cluster: str, name: str) -> list[str]:
+    """The names a node's host certificate vouches for, and its ``known_hosts`` patterns: its alias only. The
+    ssh_config checks the node's host key as ``HostKeyAlias <alias>``, never as its address (``HostName``): an
+    owner picks the address, which may be anyone's — the gateway's, another cluster's node's — and a host
+    certificate naming it would let that owner's node pass for them."""
+    return [node_alias(cluster, name)]
 
 
 def render_ssh_config(
@@ -428,12 +428,12 @@ def render_ssh_config(
     certificate_file: str,
     known_hosts_file: str,
     node_user: str = NODE_USER,
-    withheld: Sequence[tuple[str, str]] = (),
+    withheld: Sequence[tuple[str, str, str]] = (),
 ) -> str:
     """An ``ssh_config`` snippet for one cluster: ``ssh <cluster>-<node>`` jumps through the gateway.
 
     ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. ``withheld`` nodes (name,
-    address), which the bastion does not relay to, are named in a comment only. The ``known_hosts_file``
+    address, why), which the bastion does not relay to, are named in a comment only, with why. The ``known_hosts_file``
     must hold :func:`known_hosts_line` for :func:`known_hosts_patterns` of the same arguments, so no host-key
     prompt appears (host certificates). On the nodes, ``node_user``'s principals file is
     :func:`render_authorized_principals`.
@@ -477,14 +477,14 @@ def render_ssh_config(
         if not _NAME_RE.fullmatch(name):
             raise SSHCertError(f"invalid node name {name!r}")
         _config_token(address, f"address of node {name}", _CONFIG_HOST_RE)
-        lines += [f"Host {node_alias(cluster, name)}", f"  HostName {address}", ""]
+        alias = node_alias(cluster, name)
+        lines += [f"Host {alias}", f"  HostName {address}", f"  HostKeyAlias {alias}", ""]
     if withheld:
-        lines.append("# Not reachable through this gateway: another cluster uses the same address, and the SSH")
-        lines.append("# bastion forwards by address. Use the cluster's VPN profile to reach:")
-        for name, address in withheld:
-            if not _NAME_RE.fullmatch(name) or not _is_address(address):
+        lines.append("# Not reachable through this gateway's SSH bastion (use the cluster's VPN profile):")
+        for name, address, why in withheld:
+            if not _NAME_RE.fullmatch(name) or not _is_address(address) or "\n" in why:
                 raise SSHCertError(f"invalid withheld node {name!r} {address!r}")
-            lines.append(f"#   {node_alias(cluster, name)} ({address})")
+            lines.append(f"#   {node_alias(cluster, name)} ({address}): {why}")
         lines.append("")
     lines += [
         f"Host {cluster}-*",
@@ -524,8 +524,9 @@ def known_hosts_patterns(
     *, cluster: str, nodes: Sequence[tuple[str, str]], gateway_host: str, gateway_port: int = 22
 ) -> list[str]:
     """The host patterns of a profile's ``known_hosts``: the gateway as ssh looks it up (``host``, or
-    ``[host]:port`` off port 22) and each node's alias and address (:func:`node_host_names`), nothing else — so
-    that the portal's host CA, merged into a user's own ``~/.ssh/known_hosts``, vouches for these hosts only."""
+    ``[host]:port`` off port 22) and each node's alias (:func:`node_host_names`; the ssh_config's
+    ``HostKeyAlias``), nothing else — so that the portal's host CA, merged into a user's own
+    ``~/.ssh/known_hosts``, vouches for these hosts only."""
     _config_token(gateway_host, "gateway host", _CONFIG_HOST_RE)
     if not 0 < int(gateway_port) < 65536:
         raise SSHCertError(f"invalid gateway port {gateway_port!r} (1..65535)")
@@ -534,7 +535,7 @@ def known_hosts_patterns(
         if not _NAME_RE.fullmatch(name):
             raise SSHCertError(f"invalid node name {name!r}")
         _config_token(address, f"address of node {name}", _CONFIG_HOST_RE)
-        patterns += node_host_names(cluster, name, address)
+        patterns += node_host_names(cluster, name)
     return list(dict.fromkeys(patterns))
 
 

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.contrib.auth import get_permission_codename
 from django.contrib.auth.models import Group
 from django.db.models import F, Prefetch, Q, QuerySet
 
@@ -27,21 +28,64 @@ from clusters.models import (
 )
 from portal.models import ApiToken, TokenScope
 from portal.notify import wait_for
-from portal.tokens import token_scope
+
+# --- who acts as an administrator: what the Django admin grants, and the middleware -------------------------------
+
+#: the models a token with ``clusters:manage`` (the middleware) sees and changes for every user, whoever holds it;
+#: on any other (credentials) it is as strong as its user's permissions
+MIDDLEWARE_MODELS = (VirtualCluster, Image)
+
+
+def staff_may(user, action: str, model) -> bool:
+    """Whether the Django admin lets ``user`` ``action`` ("view" or "change") every row of ``model``: a
+    superuser everything; another staff member with the model's ``change`` permission (which views too), or
+    with its ``view`` permission for "view". Not staff (the admin lets nobody else in): nothing — an ordinary
+    user, who sees and changes only their own (and sees their groups')."""
+    if action not in ("view", "change"):
+        raise ValueError(f"unknown action {action!r}")
+    if not (user.is_active and user.is_staff):
+        return False
+    if user.is_superuser:
+        return True
+    opts = model._meta
+    actions = ("change",) if action == "change" else ("change", "view")
+    return any(user.has_perm(f"{opts.app_label}.{get_permission_codename(a, opts)}") for a in actions)
+
+
+def _as_admin(request, action: str, model) -> bool:
+    token = getattr(request, "auth", None)
+    if isinstance(token, ApiToken):  # an admin's token is only as strong as its scopes
+        if not token.has_scope(TokenScope.CLUSTERS_MANAGE):
+            return False
+        if model in MIDDLEWARE_MODELS:
+            return True
+    return staff_may(request.user, action, model)
+
+
+def sees_all(request, model=VirtualCluster) -> bool:
+    """Whether the caller sees every user's rows of ``model``: middleware (a token with ``clusters:manage``:
+    clusters and images), or a user the admin lets view them (``staff_may``) — in the browser, or through a
+    token with ``clusters:manage``. Through a token with ``clusters:read`` or ``clusters:write`` an admin sees
+    their own, like anyone."""
+    return _as_admin(request, "view", model)
+
+
+def acts_on_all(request, model=VirtualCluster) -> bool:
+    """Whether the caller changes every user's rows of ``model`` (tears clusters down, changes their lifetime
+    and nodes, overrides the policy, certifies their nodes; revokes credentials): as ``sees_all``, with the
+    model's ``change`` permission — what the admin's actions ask for. A staff member who may only view sees
+    others' clusters but changes only their own."""
+    return _as_admin(request, "change", model)
 
 
 def acts_as_admin(request) -> bool:
-    """Whether the caller acts on every user's clusters: middleware (a token with ``clusters:manage``), or
-    an admin in the browser. An admin's token is only as strong as its scopes: with ``clusters:write`` it
-    changes its owner's own clusters, like anyone's."""
-    if token_scope(request, TokenScope.CLUSTERS_MANAGE):
-        return True
-    return request.user.is_staff and not isinstance(getattr(request, "auth", None), ApiToken)
+    """Whether the caller acts on every user's clusters (``acts_on_all``)."""
+    return acts_on_all(request, VirtualCluster)
 
 
 def clusters_visible(request) -> QuerySet[VirtualCluster]:
-    """Admins and middleware tokens (clusters:manage) see every cluster (``acts_as_admin``); a user sees
-    their own clusters and their groups' clusters."""
+    """Middleware tokens (clusters:manage) and admins who may view clusters see every cluster (``sees_all``); a
+    user sees their own clusters and their groups' clusters."""
     qs = (
         VirtualCluster.objects.select_related("owner", "group", "image", "segment")
         # the MTU of the VLAN's core, for the nodes' attachments (one join, no query per node)
@@ -51,7 +95,7 @@ def clusters_visible(request) -> QuerySet[VirtualCluster]:
         Prefetch("steps", queryset=ClusterStep.objects.order_by("started_at", "id")),
     )
     user = request.user
-    if acts_as_admin(request):
+    if sees_all(request, VirtualCluster):
         return qs
     return qs.filter(Q(owner=user) | Q(group__in=user.groups.all())).distinct()
 
@@ -65,18 +109,19 @@ def images_usable(user) -> QuerySet[Image]:
 
 
 def images_visible(request) -> QuerySet[Image]:
-    """Images the caller sees: every one that is not retired for admins and middleware (``acts_as_admin``: they
-    name images for any owner), ``images_usable`` for anyone else."""
-    qs = Image.objects.filter(retired_at__isnull=True) if acts_as_admin(request) else images_usable(request.user)
+    """Images the caller sees: every one that is not retired for middleware and admins who may view images
+    (``sees_all``: they name images for any owner), ``images_usable`` for anyone else."""
+    everyone = sees_all(request, Image)
+    qs = Image.objects.filter(retired_at__isnull=True) if everyone else images_usable(request.user)
     return qs.select_related("owner", "group")
 
 
 def image_may_change(request, image: Image) -> bool:
-    """Owners change and delete their own images, admins and middleware any user-provided one; the provider's
-    catalogue is changed in the admin only."""
+    """Owners change and delete their own images, middleware and admins who may change images (``acts_on_all``)
+    any user-provided one; the provider's catalogue is changed in the admin only."""
     if image.owner_id is None:
         return False
-    return image.owner_id == request.user.pk or acts_as_admin(request)
+    return image.owner_id == request.user.pk or acts_on_all(request, Image)
 
 
 def public_networks(*, site: str | None = None) -> list[dict]:
@@ -111,8 +156,9 @@ def public_networks(*, site: str | None = None) -> list[dict]:
 
 
 def may_act_on(request, cluster: VirtualCluster) -> bool:
-    """Owners, admins and middleware act on a cluster; group members only see it."""
-    return cluster.owner_id == request.user.pk or acts_as_admin(request)
+    """Owners, middleware and admins who may change clusters (``acts_on_all``) act on a cluster; group members
+    and admins who may only view clusters only see it."""
+    return cluster.owner_id == request.user.pk or acts_on_all(request, VirtualCluster)
 
 
 def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:

@@ -132,6 +132,16 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         clash = [n.name for n in nodes if n.address and ipaddress.ip_address(n.address) == own]
         if clash:
             raise ClusterError(f"node {clash[0]}: {own} is the SSH bastion's address in this cluster", field="nodes")
+        # the bastion reaches the nodes through its leg, the network of its address: one outside it would be
+        # reached through the gateway's other routes (its own services, another network), never this cluster
+        network = ipaddress.ip_interface(bastion).network
+        outside = [n for n in nodes if n.address and ipaddress.ip_address(n.address) not in network]
+        if outside:
+            raise ClusterError(
+                f"node {outside[0].name}: {outside[0].address} is outside {network}, the cluster network of the "
+                f"SSH bastion (bastion_address {bastion})",
+                field="nodes",
+            )
     live = Node.objects.exclude(state=NodeState.REMOVED)
     if cluster is not None:
         clash = sorted(live.filter(cluster=cluster, name__in=names).values_list("name", flat=True))
@@ -818,7 +828,7 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     """An admin overrides the policy (audited). Takes effect on the network through the gateway leg. The
     row is locked and only the connectivity fields are written: a request that changed the cluster meanwhile
     (a lifetime, a node change that made it UPDATING) is neither undone nor overtaken."""
-    if not admin.is_staff:
+    if not selectors.staff_may(admin, "change", VirtualCluster):  # (the admin's action asks the same)
         raise NotAllowed("only an administrator can override the connectivity policy")
     cluster = _locked(cluster)
     _require_ready(cluster)

@@ -131,7 +131,7 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
     groups = list(request.user.groups.order_by("name"))
     mine = {g.pk for g in groups}
     access = reverse("access:my-clusters")
-    admin = request.user.is_staff and request.user.has_perm("clusters.view_virtualcluster")
+    admin = selectors.staff_may(request.user, "view", VirtualCluster)
     now = timezone.now()
     for cluster in live:  # the step a cluster in a transitional state is at (the live script keeps it current)
         cluster.progress = selectors.cluster_progress(cluster) if cluster.state not in SETTLED_STATES else None
@@ -152,7 +152,7 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
         "clusters/home.html",
         {
             "groups": groups,
-            "sees_all": selectors.acts_as_admin(request),
+            "sees_all": selectors.sees_all(request, VirtualCluster),
             "live": live,
             # the live page script (static/js/live-state.js) follows rows in a transitional state
             "states": ",".join(ClusterState.values),

@@ -34,7 +34,8 @@ class PrometheusRenderer(renderers.BaseRenderer):
 
 
 class MayScrape(permissions.BasePermission):
-    """A token with ``metrics:read`` (what Prometheus is given), or an admin's browser session."""
+    """A token with ``metrics:read`` (what Prometheus is given), or the browser session of an admin who may view
+    every cluster (``clusters.selectors.staff_may``: the counts say no more than the clusters they see)."""
 
     message = "Scraping needs an API token with the metrics:read scope (or an admin session)."
 
@@ -43,7 +44,10 @@ class MayScrape(permissions.BasePermission):
             return False
         if isinstance(request.auth, ApiToken):
             return request.auth.has_scope(TokenScope.METRICS)
-        return request.user.is_staff
+        from clusters.models import VirtualCluster
+        from clusters.selectors import staff_may
+
+        return staff_may(request.user, "view", VirtualCluster)
 
 
 @extend_schema(exclude=True)  # an operators' endpoint in Prometheus's format, not part of the REST API

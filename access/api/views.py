@@ -9,6 +9,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -40,12 +41,12 @@ READ_SCOPES = {
 
 
 def _credentials_visible(request):
-    """The caller's credentials; everyone's for an admin in the browser or through a token with
-    ``clusters:manage``. An admin's token is only as strong as its scopes (the clusters API's rule,
-    ``acts_as_admin``): with ``clusters:read`` or ``clusters:write`` it lists and revokes its owner's own."""
-    from clusters.selectors import acts_as_admin
+    """The caller's credentials; everyone's for an admin who may view credentials (``clusters.selectors.sees_all``)
+    in the browser or through a token with ``clusters:manage``. An admin's token is only as strong as its scopes:
+    with ``clusters:read`` or ``clusters:write`` it lists and revokes its owner's own."""
+    from clusters.selectors import sees_all
 
-    return selectors.credentials_visible(request.user, as_admin=acts_as_admin(request))
+    return selectors.credentials_visible(request.user, as_admin=sees_all(request, Credential))
 
 
 def _errors(*codes):
@@ -111,8 +112,8 @@ class SshCertificateView(APIView):
 # what a node's host certificate and its sshd's access answer when they are refused (one lookup in services)
 NODE_ERRORS = {
     403: OpenApiResponse(
-        description="a group member's request (only the owner, an admin or the middleware), or the token lacks "
-        "the scope"
+        description="a group member's request, or an admin's who may only view clusters (only the owner, an admin "
+        "who may change clusters or the middleware), or the token lacks the scope"
     ),
     404: OpenApiResponse(description="no such cluster among yours, or no such live node in it"),
     409: OpenApiResponse(description="the cluster is tearing down, torn down or failed, or its lifetime is over"),
@@ -137,7 +138,7 @@ class HostCertificateView(APIView):
         },
     )
     def post(self, request):
-        from clusters.selectors import acts_as_admin
+        from clusters.selectors import acts_on_all, sees_all
 
         data = s.HostCertificateRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -146,7 +147,8 @@ class HostCertificateView(APIView):
             cluster=data.validated_data["cluster"],
             node=data.validated_data["node"],
             public_key=data.validated_data["public_key"],
-            as_admin=acts_as_admin(request),
+            as_admin=acts_on_all(request, VirtualCluster),
+            sees_all=sees_all(request, VirtualCluster),
         )
         return Response(s.HostCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED)
 
@@ -169,7 +171,7 @@ class NodeAccessView(APIView):
         },
     )
     def get(self, request):
-        from clusters.selectors import acts_as_admin
+        from clusters.selectors import acts_on_all, sees_all
 
         data = s.NodeAccessQuerySerializer(data=request.query_params)
         data.is_valid(raise_exception=True)
@@ -177,7 +179,8 @@ class NodeAccessView(APIView):
             user=request.user,
             cluster=data.validated_data["cluster"],
             node=data.validated_data["node"],
-            as_admin=acts_as_admin(request),
+            as_admin=acts_on_all(request, VirtualCluster),
+            sees_all=sees_all(request, VirtualCluster),
             host_key=data.validated_data.get("public_key", ""),
         )
         response = Response(s.NodeAccessSerializer(current.as_dict()).data)
@@ -222,13 +225,27 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
             qs = qs.filter(revoked_at__isnull=True, not_after__lte=timezone.now())
         return qs
 
-    @extend_schema(request=s.RevokeRequestSerializer, responses={200: s.CredentialSerializer, **_errors(400, 401, 404)})
+    @extend_schema(
+        request=s.RevokeRequestSerializer,
+        responses={
+            200: s.CredentialSerializer,
+            **_errors(400, 401, 404),
+            403: OpenApiResponse(
+                description="another's credential, which only an admin who may change credentials revokes, or the "
+                "token lacks the scope"
+            ),
+        },
+    )
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
+        from clusters.selectors import acts_on_all
+
         credential = get_object_or_404(_credentials_visible(request), pk=pk)
+        own = credential.user_id == request.user.pk
+        if not own and not acts_on_all(request, Credential):  # (seen by an admin who may only view credentials)
+            raise PermissionDenied("Only an administrator who may change credentials revokes another's.")
         data = s.RevokeRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        own = credential.user_id == request.user.pk
         default = RevocationReason.KEY_COMPROMISE if own else RevocationReason.PRIVILEGE_WITHDRAWN
         services.credential_revoke(
             credential=credential,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -185,6 +186,8 @@ def _prepare(
         except (AttributeError, TypeError, ValueError, OverflowError):
             raise StateError("state document: ssh.clusters entries need principals and [host, port] targets") from None
         legs = _legs(clusters)
+        for label, entry in clusters.items():
+            _check_targets(label, entry.get("targets", []), legs[label])
         try:
             principals = sshd.render_principals_file(grants)
             account = sshd.check_account(s.get("account"))
@@ -355,6 +358,26 @@ def _legs(clusters: dict) -> dict[str, dict]:
         bastion = check_bastion_address(label, entry.get("bastion_address") or "")
         out[label] = {"vlan": vlan, "bastion_address": bastion, "nodes": nodes}
     return out
+
+
+def _check_targets(label: str, targets: list, leg: dict) -> None:
+    """The bastion forwards only through its leg into the cluster: a target is an address in the network of
+    the leg's address (none without a leg), or one of the cluster's node aliases (the operator's resolver maps
+    them into that network). Any other address would be reached through the gateway's other routes — its own
+    services, another network — so it is refused whatever the portal sent (:class:`StateError`)."""
+    bastion = leg["bastion_address"]
+    aliases = {node["alias"] for node in leg["nodes"]}
+    network = ipaddress.ip_interface(bastion).network if bastion else None
+    for host, _port in targets:
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            inside = host in aliases
+        else:
+            inside = network is not None and address in network
+        if not inside:
+            where = f"in {network}" if network else "an address (the cluster has no bastion address)"
+            raise StateError(f"state document: ssh.clusters.{label}: target {host} is neither {where} nor a node alias")
 
 
 def install_state(

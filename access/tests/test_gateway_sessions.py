@@ -161,6 +161,33 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"nodes": [{"name": "n1"}]}}}},
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": "10.0.0.1"}}}},  # no prefix
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": 5}}}},
+        # forwarding targets the bastion would reach through the gateway's other routes, not the cluster's leg
+        {
+            "ssh": {
+                "krl": "U1NIS1JMCgA=",
+                "clusters": {"c42": {"principals": ["c42.a"], "targets": [["127.0.0.1", 22]]}},
+            }
+        },
+        {
+            "ssh": {
+                "krl": "U1NIS1JMCgA=",
+                "clusters": {
+                    "c42": {"principals": ["c42.a"], "targets": [["10.0.1.5", 22]], "bastion_address": "10.0.0.254/24"}
+                },
+            }
+        },
+        {
+            "ssh": {
+                "krl": "U1NIS1JMCgA=",
+                "clusters": {
+                    "c42": {
+                        "principals": ["c42.a"],
+                        "targets": [["gateway.example.org", 22]],
+                        "nodes": [{"name": "n1", "alias": "c42-n1", "address": "c42-n1"}],
+                    }
+                },
+            }
+        },
     ],
 )
 def test_a_malformed_state_is_refused_and_the_old_one_kept(gateway_state, change):

@@ -300,6 +300,9 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     from clusters.models import Node, NodeState
 
     extra = make_cluster(alice, name="solo", nodes=("node1", "node2"))
+    VirtualCluster.objects.update(bastion_address="10.0.0.254/24")  # each with its leg in 10.0.0.0/24
+    for c in (cluster, other_cluster, extra):
+        c.refresh_from_db()
     _address(cluster, "node1", "10.0.0.5")
     _address(other_cluster, "node1", "10.0.0.5")
     _address(extra, "node1", "10.0.0.6")
@@ -310,8 +313,8 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     assert state[cluster_label(extra)]["targets"] == [["10.0.0.6", 22]]
     assert [n["name"] for n in state[cluster_label(extra)]["nodes"]] == ["node1"]
     assert bastion_withheld_nodes([cluster, extra]) == {
-        cluster.pk: [("node1", "10.0.0.5")],
-        extra.pk: [("node2", "10.0.0.5")],
+        cluster.pk: [("node1", "10.0.0.5", services.BASTION_SHARED_ADDRESS)],
+        extra.pk: [("node2", "10.0.0.5", services.BASTION_SHARED_ADDRESS)],
     }
 
     # The issued ssh_config has no Host entry for such a node, and says why; the API lists it.
@@ -319,7 +322,7 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     label = cluster_label(extra)
     assert f"Host {label}-node1\n  HostName 10.0.0.6" in issued.ssh_config
     assert f"Host {label}-node2\n" not in issued.ssh_config
-    assert f"#   {label}-node2 (10.0.0.5)" in issued.ssh_config
+    assert f"#   {label}-node2 (10.0.0.5): {services.BASTION_SHARED_ADDRESS}" in issued.ssh_config
     assert issued.as_dict()["withheld_nodes"] == [
         {"name": "node2", "address": "10.0.0.5", "reason": services.BASTION_SHARED_ADDRESS}
     ]
@@ -333,6 +336,36 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     assert bastion_shared_addresses() == set()
     state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
     assert state[cluster_label(cluster)]["targets"] == [["10.0.0.5", 22]]
+
+
+def test_the_bastion_forwards_only_through_its_leg_into_the_cluster(alice, cluster, gateway):
+    """The one bastion of a gateway forwards by address from the gateway's own network stack: an address the
+    owner picked is a target only inside the network of the cluster's ``bastion_address`` (its leg). Without
+    a leg, or outside its network (the gateway's loopback, the provider's network, another cluster's), the
+    node is withheld, saying why; a node known by its alias only is relayed (the operator resolves it)."""
+    from access.selectors import WITHHELD_NO_LEG, WITHHELD_OUTSIDE, bastion_withheld_nodes
+    from clusters.models import Node
+
+    label = cluster_label(cluster)
+    assert services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]["targets"] == [[f"{label}-node1", 22]]
+    _address(cluster, "node1", "127.0.0.1")  # no leg: the gateway's own sshd, were it a target
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]
+    assert state["targets"] == [] and state["nodes"] == []
+    assert bastion_withheld_nodes([cluster]) == {cluster.pk: [("node1", "127.0.0.1", WITHHELD_NO_LEG)]}
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    assert f"Host {label}-node1\n" not in issued.ssh_config
+    assert f"#   {label}-node1 (127.0.0.1): {WITHHELD_NO_LEG}" in issued.ssh_config
+    assert issued.as_dict()["withheld_nodes"] == [{"name": "node1", "address": "127.0.0.1", "reason": WITHHELD_NO_LEG}]
+
+    # with a leg: its network only (a node recorded before the API refused addresses outside it stays out)
+    type(cluster).objects.filter(pk=cluster.pk).update(bastion_address="10.0.0.254/24")
+    cluster.refresh_from_db()
+    _address(cluster, "node1", "10.0.0.5")
+    Node.objects.create(cluster=cluster, name="node2", host=cluster.nodes.get().host, mac="52:54:00:99:00:02")
+    _address(cluster, "node2", "198.18.100.1")
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]
+    assert state["targets"] == [["10.0.0.5", 22]]
+    assert bastion_withheld_nodes([cluster]) == {cluster.pk: [("node2", "198.18.100.1", WITHHELD_OUTSIDE)]}
 
 
 def test_bastion_withholds_a_closed_clusters_address_that_a_public_cluster_routes(alice, cluster, gateway):
@@ -527,15 +560,20 @@ def test_ssh_certificate_for_a_pasted_key(bob, cluster, gateway):
 
 def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gateway):
     """The known_hosts line names the hosts the ssh_config connects to, as ssh looks them up — the gateway
-    (``[host]:port`` off port 22: a bastion per cluster) and each node's alias and address — so merged into a
-    user's own known_hosts it vouches for nothing else; a node withheld from the bastion is not among them."""
+    (``[host]:port`` off port 22: a bastion per cluster) and each node's alias (its ``HostKeyAlias``; never its
+    address, which the owner picks) — so merged into a user's own known_hosts it vouches for nothing else; a
+    node withheld from the bastion is not among them."""
+    VirtualCluster.objects.update(bastion_address="10.0.0.254/24")
+    cluster.refresh_from_db()
     cluster.nodes.update(address="10.0.0.1")
     other = make_cluster(alice, name="other", nodes=("n1",))
+    VirtualCluster.objects.filter(pk=other.pk).update(bastion_address="10.0.0.254/24")
     other.nodes.update(address="10.0.0.7")
     label = cluster_label(cluster)
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
     patterns = issued.known_hosts.split()[1]
-    assert patterns == f"198.18.100.1,{label}-node1,10.0.0.1"
+    assert patterns == f"198.18.100.1,{label}-node1"
+    assert f"Host {label}-node1\n  HostName 10.0.0.1\n  HostKeyAlias {label}-node1\n" in issued.ssh_config
     assert issued.known_hosts.count("\n") == 1 and "*" not in issued.known_hosts
     other.nodes.update(address="10.0.0.1")  # one bastion for both: it withholds the address from both
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
@@ -543,9 +581,8 @@ def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gate
 
     gateway.ssh_port_base = 30000  # a bastion per cluster, on the cluster's leg
     gateway.save()
-    VirtualCluster.objects.filter(pk=cluster.pk).update(bastion_address="10.0.0.254/24")
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
-    assert issued.known_hosts.split()[1] == f"[198.18.100.1]:{30000 + cluster.vlan_id},{label}-node1,10.0.0.1"
+    assert issued.known_hosts.split()[1] == f"[198.18.100.1]:{30000 + cluster.vlan_id},{label}-node1"
     assert f"Port {30000 + cluster.vlan_id}\n" in issued.ssh_config
 
 

@@ -265,10 +265,10 @@ def test_ssh_config_of_sound_values():
 
 def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
     """The @cert-authority line's patterns are the hosts the ssh_config connects to — the gateway (``[host]:port``
-    off port 22, as ssh looks up such a host) and each node's alias and address — never a wildcard: merged into a
-    user's ~/.ssh/known_hosts, the portal's host CA vouches for nothing else."""
+    off port 22, as ssh looks up such a host) and each node's alias (its HostKeyAlias; never its address) — never
+    a wildcard: merged into a user's ~/.ssh/known_hosts, the portal's host CA vouches for nothing else."""
     args = {k: SSH_CONFIG[k] for k in ("cluster", "nodes", "gateway_host", "gateway_port")}
-    assert ssh.known_hosts_patterns(**args) == ["gw.example.org", "c42-node1", "10.0.0.1"]
+    assert ssh.known_hosts_patterns(**args) == ["gw.example.org", "c42-node1"]
     on_its_port = ssh.known_hosts_patterns(**{**args, "gateway_port": 30100, "nodes": [("n2", "c42-n2")]})
     assert on_its_port == ["[gw.example.org]:30100", "c42-n2"]
     line = ssh.known_hosts_line(ssh.public_key_line(ca, "comment"), on_its_port)
@@ -285,12 +285,12 @@ def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
 
 
 def test_a_nodes_host_certificate_names_how_the_ssh_config_reaches_it(ca):
-    assert ssh.node_host_names("c42", "node1", "10.0.0.1") == ["c42-node1", "10.0.0.1"]
-    assert ssh.node_host_names("c42", "node1", "c42-node1") == ["c42-node1"]  # no address: the alias is HostName
+    # the alias only, never the address, which the cluster's owner picks (the gateway's, another cluster's)
+    assert ssh.node_host_names("c42", "node1") == ["c42-node1"]
     config = ssh.render_ssh_config(**SSH_CONFIG)
     for name, address in SSH_CONFIG["nodes"]:
-        alias, *rest = ssh.node_host_names(SSH_CONFIG["cluster"], name, address)
-        assert f"Host {alias}\n  HostName {rest[0] if rest else alias}\n" in config
+        (alias,) = ssh.node_host_names(SSH_CONFIG["cluster"], name)
+        assert f"Host {alias}\n  HostName {address}\n  HostKeyAlias {alias}\n" in config
     until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=3)
     key = _pub(ed25519.Ed25519PrivateKey.generate())
     line = ssh.issue_host_cert(ca, public_key=key, principals=["x"], serial=3, until=until)

@@ -37,6 +37,7 @@ _skip = (
 pytestmark = [pytest.mark.skipif(bool(_skip), reason=_skip or ""), pytest.mark.lab]
 
 BASTION, NODE1, NODE2 = "198.18.60.1", "198.18.61.11", "198.18.61.12"
+LEG = "198.18.61.254/24"  # the clusters' bastion_address: the nodes' network
 ACCOUNT = "nobody"  # exists everywhere with a no-login shell: right for a relay-only bastion
 
 
@@ -92,8 +93,17 @@ class Bastion:
                 "krl": base64.b64encode(krl).decode(),
                 "revoked_sessions": [{"serial": serial} for serial in self.revoked],
                 "clusters": {
-                    "c42": {"principals": [ssh.principal("c42", "alice")], "targets": [[NODE1, 22]]},
-                    "c43": {"principals": [ssh.principal("c43", "bob")], "targets": [[NODE2, 22]]},
+                    # the bastion forwards only into the network of its address in the cluster (its leg)
+                    "c42": {
+                        "principals": [ssh.principal("c42", "alice")],
+                        "targets": [[NODE1, 22]],
+                        "bastion_address": LEG,
+                    },
+                    "c43": {
+                        "principals": [ssh.principal("c43", "bob")],
+                        "targets": [[NODE2, 22]],
+                        "bastion_address": LEG,
+                    },
                     "c44": {"principals": [ssh.principal("c44", "nobody-home")], "targets": []},
                 },
             },
@@ -106,7 +116,8 @@ class Bastion:
         """A cluster node's sshd: trusts the user CA; root may log in with the cluster's principals."""
         d = self.root / name
         d.mkdir(mode=0o755)
-        _host_key(d, self.host_ca, [address, name], 10 + len(name))
+        # the portal certifies a node by its alias (the ssh_config's HostKeyAlias); these nodes serve both clusters
+        _host_key(d, self.host_ca, [ssh.node_alias(c, name) for c in ("c42", "c43")], 10 + len(name))
         return node_sshd_config(d, address=address, user_ca=self.state.user_ca, principals=["c42.alice", "c43.bob"])
 
 

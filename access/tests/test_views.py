@@ -300,6 +300,7 @@ def test_the_page_names_nodes_the_bastion_does_not_relay_to(alice, charlie, clus
     page says which node and what to use instead; the download's ssh_config says it too."""
     from clusters.models import Node
 
+    type(cluster).objects.filter(pk__in=[cluster.pk, other_cluster.pk]).update(bastion_address="10.0.0.254/24")
     Node.objects.filter(cluster__in=[cluster, other_cluster]).update(address="10.0.0.5")
     page = logged_in(alice).get("/access/").content.decode()
     assert 'id="ssh-withheld"' in page

@@ -71,16 +71,18 @@ class StrictSerializerSchema(OpenApiSerializerExtension):
 
 class OwnerField(NameRelatedField):
     """The user (by name) a request acts for. A caller that acts only for itself (neither middleware nor an
-    admin: ``selectors.acts_as_admin``) naming anyone else is refused (403, ``refusal``) before the name is
-    looked up, whether that user exists or not: it learns nothing about who has an account."""
+    admin who may, ``may(request)``: by default ``selectors.acts_as_admin``) naming anyone else is refused (403,
+    ``refusal``) before the name is looked up, whether that user exists or not: it learns nothing about who has
+    an account."""
 
-    def __init__(self, *, refusal: str, **kwargs):
+    def __init__(self, *, refusal: str, may=selectors.acts_as_admin, **kwargs):
         self.refusal = refusal
+        self.may = may
         super().__init__(slug_field="username", queryset=get_user_model().objects.filter(is_active=True), **kwargs)
 
     def to_internal_value(self, data):
         request = self.context["request"]
-        if data != request.user.get_username() and not selectors.acts_as_admin(request):
+        if data != request.user.get_username() and not self.may(request):
             raise PermissionDenied(self.refusal)
         return super().to_internal_value(data)
 
@@ -167,7 +169,7 @@ class UsableImageField(NameRelatedField):
             return Image.objects.none()
         owner = request.user
         named = getattr(self.parent, "initial_data", {}).get("owner")
-        if named and selectors.acts_as_admin(request) and isinstance(named, str):
+        if named and selectors.acts_as_admin(request) and isinstance(named, str):  # (as ``owner`` allows)
             owner = get_user_model().objects.filter(username=named, is_active=True).first()
         return selectors.images_usable(owner) if owner is not None else Image.objects.none()
 
@@ -241,6 +243,7 @@ class ImageCreateSerializer(StrictSerializer):
     name = serializers.SlugField(max_length=100, help_text="unique among all images")
     owner = OwnerField(
         refusal="Only middleware tokens (clusters:manage) and admins register images for others.",
+        may=lambda request: selectors.acts_on_all(request, Image),
         required=False,
         help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
     )
@@ -354,6 +357,7 @@ class QuotaQuerySerializer(serializers.Serializer):
 
     owner = OwnerField(
         refusal="Only middleware tokens (clusters:manage) and admins see others' quotas.",
+        may=selectors.sees_all,  # (whoever sees every cluster: the quota report counts them)
         required=False,
         help_text="whose quota (middleware tokens and admins; anyone else naming another user: 403); default: "
         "the caller",

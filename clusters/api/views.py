@@ -23,7 +23,8 @@ from portal.models import ApiToken, TokenScope
 from portal.tokens import HasScope
 
 CLUSTER_ERRORS = {
-    "e403": "not your cluster (group members only see it), or the token lacks the scope",
+    "e403": "not your cluster (group members and admins who may only view clusters see it), or the token lacks "
+    "the scope",
     "e404": "no such cluster or node (or not visible to you)",
     "e409": "VLAN pool or public prefix exhausted, a quota reached, or the cluster's state does not allow this",
     "e422": "cannot be built on this network (e.g. a host no core reaches, a disabled host)",
@@ -113,7 +114,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def _actionable(self, pk) -> object:
         cluster = get_object_or_404(self.get_queryset(), pk=pk)
         if not selectors.may_act_on(self.request, cluster):
-            raise PermissionDenied("Only the owner, an admin or the middleware can change this cluster.")
+            raise PermissionDenied(
+                "Only the owner, an admin who may change clusters or the middleware can change this cluster."
+            )
         return cluster
 
     def handle_exception(self, exc):
@@ -363,7 +366,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def connectivity(self, request, pk=None):
         """Admin only: override the connectivity policy (audited)."""
         cluster = self._actionable(pk)
-        if not selectors.acts_as_admin(request):  # (an admin's token needs clusters:manage)
+        if not selectors.acts_on_all(request, VirtualCluster):  # (an admin's token needs clusters:manage)
             raise PermissionDenied("Only an administrator can override the connectivity policy.")
         v = _valid(s.ConnectivitySerializer, request)
 
@@ -466,13 +469,14 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
 
 class IsRouterOrAdmin(permissions.BasePermission):
-    """A token with ``router:pull`` (or ``clusters:manage``: ``HasScope`` checks which), or an admin's session:
-    the list names every public cluster, not only the caller's."""
+    """A token with ``router:pull`` (or ``clusters:manage``: ``HasScope`` checks which), or the session of an
+    admin who may view every cluster (``selectors.staff_may``): the list names every public cluster, not only the
+    caller's."""
 
     message = "Only the provider's router (a token with scope router:pull), middleware or an admin may read this."
 
     def has_permission(self, request, view) -> bool:
-        return isinstance(request.auth, ApiToken) or request.user.is_staff
+        return isinstance(request.auth, ApiToken) or selectors.staff_may(request.user, "view", VirtualCluster)
 
 
 class PublicNetworksView(APIView):

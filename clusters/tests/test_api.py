@@ -321,6 +321,28 @@ def test_the_scheduler_gives_the_bastions_address_in_a_closed_cluster(fabric, im
     assert r.status_code == 400 and "the SSH bastion's address" in r.data["nodes"][0], r.data
 
 
+@pytest.mark.parametrize("address", ["10.0.1.5", "127.0.0.1", "198.18.100.1", "fd00::5"])
+def test_a_node_outside_the_bastions_network_is_refused(fabric, images, api, alice, address):
+    """The bastion reaches a closed cluster's nodes through its leg, the network of its address: a node
+    address outside it (the gateway's own loopback or address, the provider's network, another cluster's)
+    would be reached through the gateway's other routes. Refused on create and on node add, nothing allocated."""
+    api.force_authenticate(alice)
+    before = allocated_vids()
+    outside = body(name="c5", nodes=[("m1", "brno2", "52:54:00:00:09:05")], bastion_address="10.0.0.254/24")
+    outside["nodes"][0]["address"] = address
+    r = api.post("/api/clusters/", outside, format="json")
+    assert r.status_code == 400 and f"{address} is outside 10.0.0.0/24" in r.data["nodes"][0], r.data
+    assert allocated_vids() == before and not VirtualCluster.objects.filter(name="c5").exists()
+    inside = body(name="c6", nodes=[("m1", "brno2", "52:54:00:00:09:06")], bastion_address="10.0.0.254/24")
+    inside["nodes"][0]["address"] = "10.0.0.7"
+    r = api.post("/api/clusters/", inside, format="json")
+    assert r.status_code == 201, r.content
+    node = {"name": "m2", "host": "prague1", "mac": "52:54:00:00:09:07", "address": address}
+    r = api.post(f"/api/clusters/{r.data['id']}/nodes/", {"nodes": [node]}, format="json")
+    assert r.status_code == 400 and f"{address} is outside 10.0.0.0/24" in r.data["nodes"][0], r.data
+    assert VirtualCluster.objects.get(name="c6").nodes.count() == 1
+
+
 def test_nodes_say_where_the_vm_manager_plugs_them(fabric, images, api, alice):
     from xml.etree import ElementTree as ET
 

@@ -1,0 +1,316 @@
+"""Staff get in the API and the browser pages what the Django admin grants them, no more: a superuser everything;
+another staff member sees everyone's clusters (credentials, images) only with the model's ``view`` (or ``change``)
+permission and acts on them only with ``change``; one without either is an ordinary user. (Being staff only lets
+one into the admin: an LDAP staff group also holds the help desk.)"""
+# ruff: noqa: F401, F811 (pytest fixtures imported from other test modules are parameters here)
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from access import services as access_services
+from access.models import Credential, CredentialKind
+from access.tests.fixtures import make_cluster, make_gateway
+from clusters.models import ClusterState, Image, Node, NodeState, PublicPrefix, VirtualCluster
+from clusters.tests.helpers import create_cluster
+from network.tests.fakefabric import fabric_fixture
+from portal.models import TokenScope
+from portal.tokens import token_create
+
+
+def staff(name: str, *codenames: str) -> User:
+    """A staff member (who may open the admin) with only the permissions ``codenames`` ("app.codename")."""
+    user = User.objects.create_user(name, f"{name}@example.org", "x", is_staff=True)
+    for full in codenames:
+        app, codename = full.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app, codename=codename))
+    return User.objects.get(pk=user.pk)  # (no permission cache from before they were given)
+
+
+def api_as(user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def browser_as(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def api_with_token(user, *scopes: str) -> APIClient:
+    _, secret = token_create(user=user, name="t", scopes=list(scopes))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+def host_key() -> str:
+    from access import ssh
+
+    return " ".join(ssh.generate_user_key().public_line.split()[:2]) + " root@node1"
+
+
+def host_cert_post(client, cluster, node="node1"):
+    body = {"cluster": cluster.pk, "node": node, "public_key": host_key()}
+    return client.post("/api/access/host-certificates/", body, format="json")
+
+
+def host_access_get(client, cluster, node="node1"):
+    return client.get("/api/access/host-certificates/access/", {"cluster": cluster.pk, "node": node})
+
+
+# --- clusters, through the API (a real cluster on the fake fabric) ---------------------------------------------
+
+
+@pytest.fixture
+def fabric_cluster(fabric, transactional_db, alice) -> VirtualCluster:
+    """alice's READY cluster (one node n1 on brno1), built by the workflow; a public prefix to override to."""
+    Image.objects.create(name="debian-12", approved=True)
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    return VirtualCluster.objects.get(pk=create_cluster(alice, name="mpi"))
+
+
+def _snapshot(cluster: VirtualCluster) -> tuple:
+    cluster = VirtualCluster.objects.get(pk=cluster.pk)
+    nodes = sorted(Node.objects.filter(cluster=cluster).values_list("name", "host__name", "state", "target_host_id"))
+    return cluster.state, cluster.expires_at, cluster.connectivity, cluster.public_subnet, nodes
+
+
+def _every_change(client, cluster) -> dict[str, int]:
+    """Each change of the clusters API tried on ``cluster`` by ``client``: its status code."""
+    base = f"/api/clusters/{cluster.pk}"
+    node = Node.objects.get(cluster=cluster, name="n1")
+    later = (cluster.expires_at + timedelta(hours=1)).isoformat()
+    more = {"nodes": [{"name": "n2", "host": "pilsen1", "mac": "52:54:00:00:00:02"}]}
+    target = {"target_host": "pilsen1"}
+    return {
+        "extend": client.patch(f"{base}/", {"expires_at": later}, format="json").status_code,
+        "nodes": client.post(f"{base}/nodes/", more, format="json").status_code,
+        "migrate": client.post(f"{base}/nodes/{node.pk}/migrate/", target, format="json").status_code,
+        "migrated": client.post(f"{base}/nodes/{node.pk}/migrated/", {}, format="json").status_code,
+        "cancel": client.post(f"{base}/nodes/{node.pk}/migrate/cancel/", {}, format="json").status_code,
+        "remove": client.delete(f"{base}/nodes/{node.pk}/").status_code,
+        "connectivity": client.post(
+            f"{base}/connectivity/", {"connectivity": "public", "reason": "vetted"}, format="json"
+        ).status_code,
+        "teardown": client.post(f"{base}/teardown/", {"reason": "help desk"}, format="json").status_code,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_view_only_staff_member_sees_every_cluster_but_changes_none(fabric_cluster, alice):
+    viewer = staff("vera", "clusters.view_virtualcluster")
+    api = api_as(viewer)
+    listed = api.get("/api/clusters/").json()
+    assert [c["id"] for c in listed["results"]] == [fabric_cluster.pk]  # alice's, though not vera's
+    assert api.get(f"/api/clusters/{fabric_cluster.pk}/").status_code == 200
+    assert api.get(f"/api/clusters/{fabric_cluster.pk}/wait/?timeout=0").status_code == 200
+    before = _snapshot(fabric_cluster)
+    assert _every_change(api, fabric_cluster) == dict.fromkeys(
+        ("extend", "nodes", "migrate", "migrated", "cancel", "remove", "connectivity", "teardown"), 403
+    )
+    assert _snapshot(fabric_cluster) == before
+    assert (before[0], before[2]) == (ClusterState.READY, "closed")
+    # nor does she act for alice: no cluster created in her name, no quota of hers read as if an admin's
+    body = {
+        "name": "x",
+        "owner": "alice",
+        "image": "my-own",
+        "lifetime": 3600,
+        "nodes": [{"name": "n", "host": "brno1", "mac": "52:54:00:00:09:01"}],
+    }
+    assert api.post("/api/clusters/", body, format="json").status_code == 403
+    assert not VirtualCluster.objects.filter(name="x").exists()
+    assert api.get("/api/clusters/quota/?owner=alice").status_code == 200  # a read: she sees alice's clusters
+    # the clusters page says she sees every user's, and offers her no action on alice's
+    page = browser_as(viewer).get("/").content.decode()
+    assert "Every user&#x27;s virtual clusters" in page or "Every user's virtual clusters" in page
+    assert f"/clusters/{fabric_cluster.pk}/teardown/" not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_staff_member_who_may_change_clusters_acts_on_everyones(fabric_cluster, alice):
+    operator = staff("otto", "clusters.change_virtualcluster")
+    api = api_as(operator)
+    base = f"/api/clusters/{fabric_cluster.pk}"
+    assert api.get("/api/clusters/").json()["count"] == 1  # change lets one view too
+    later = (fabric_cluster.expires_at + timedelta(hours=1)).replace(microsecond=0)
+    r = api.patch(f"{base}/", {"expires_at": later.isoformat()}, format="json")
+    assert r.status_code == 200, r.content
+    r = api.post(f"{base}/connectivity/", {"connectivity": "public", "reason": "vetted"}, format="json")
+    assert r.status_code == 202, r.content
+    cluster = VirtualCluster.objects.get(pk=fabric_cluster.pk)
+    assert (cluster.expires_at, cluster.connectivity) == (later, "public")
+    assert cluster.connectivity_overridden_by == operator
+    r = api.post(f"{base}/teardown/", {"reason": "help desk"}, format="json")
+    assert r.status_code == 202, r.content
+    assert VirtualCluster.objects.get(pk=fabric_cluster.pk).state in (ClusterState.TEARING_DOWN, ClusterState.TORN_DOWN)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_staff_member_without_permissions_is_an_ordinary_user(fabric_cluster, alice):
+    nobody = staff("nora")
+    api = api_as(nobody)
+    assert api.get("/api/clusters/").json()["count"] == 0
+    assert api.get(f"/api/clusters/{fabric_cluster.pk}/").status_code == 404
+    before = _snapshot(fabric_cluster)
+    assert set(_every_change(api, fabric_cluster).values()) == {404}
+    assert _snapshot(fabric_cluster) == before
+    assert api.get("/api/clusters/quota/?owner=alice").status_code == 403
+    assert api.get("/api/clusters/events/?timeout=0").json()["events"] == []
+    assert api.get("/api/access/clusters/").json()["count"] == 0
+    assert api.get("/api/public-networks/").status_code == 403
+    assert browser_as(nobody).get("/metrics").status_code == 403
+    # her own clusters are hers to change, as anyone's
+    own = create_cluster(nobody, name="mine", mac="52:54:00:00:00:09")
+    assert api.post(f"/api/clusters/{own}/teardown/", {}, format="json").status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_admins_token_is_as_strong_as_its_scopes_and_the_connectivity_override_as_its_user(fabric_cluster):
+    """A ``clusters:manage`` token (the middleware) acts on every cluster, as before; the policy override also
+    needs its user to be an administrator who may change clusters, as in the admin."""
+    viewer = staff("vera", "clusters.view_virtualcluster")
+    write = api_with_token(viewer, TokenScope.CLUSTERS_WRITE)
+    assert write.get("/api/clusters/").json()["count"] == 0  # through clusters:write: her own only
+    manage = api_with_token(viewer, TokenScope.CLUSTERS_MANAGE)
+    r = manage.post(
+        f"/api/clusters/{fabric_cluster.pk}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json"
+    )
+    assert r.status_code == 403, r.content
+    assert VirtualCluster.objects.get(pk=fabric_cluster.pk).connectivity == "closed"
+    later = (fabric_cluster.expires_at + timedelta(hours=1)).replace(microsecond=0)
+    r = manage.patch(f"/api/clusters/{fabric_cluster.pk}/", {"expires_at": later.isoformat()}, format="json")
+    assert r.status_code == 200, r.content
+
+
+# --- the browser pages -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_browser_teardown_and_extend_follow_the_same_permissions(alice):
+    cluster = make_cluster(alice, name="mpi")  # no group
+    before = cluster.expires_at
+    viewer = browser_as(staff("vera", "clusters.view_virtualcluster"))
+    for response in (
+        viewer.get(f"/clusters/{cluster.pk}/teardown/"),
+        viewer.post(f"/clusters/{cluster.pk}/teardown/"),
+        viewer.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
+    ):
+        assert response.status_code == 403
+        assert "Only alice, who owns mpi, or an administrator" in response.content.decode()
+    nobody = browser_as(staff("nora"))
+    assert "mpi" not in nobody.get("/").content.decode().split("<main>")[1]
+    for response in (
+        nobody.get(f"/clusters/{cluster.pk}/teardown/"),
+        nobody.post(f"/clusters/{cluster.pk}/teardown/"),
+        nobody.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
+    ):
+        assert response.status_code == 404
+    cluster.refresh_from_db()
+    assert (cluster.state, cluster.expires_at) == (ClusterState.READY, before)
+
+    operator = browser_as(staff("otto", "clusters.change_virtualcluster"))
+    assert operator.post(f"/clusters/{cluster.pk}/extend/", {"by": "1h"}).status_code == 302
+    assert operator.post(f"/clusters/{cluster.pk}/teardown/").status_code == 302
+    cluster.refresh_from_db()
+    assert (cluster.state, cluster.expires_at) == (ClusterState.TEARING_DOWN, before + timedelta(hours=1))
+
+
+@pytest.mark.django_db
+def test_the_browser_revokes_only_ones_own_credentials(alice, team):
+    cluster = make_cluster(alice, name="mpi", group=team)
+    make_gateway("gw1", vpn_port=1194)
+    theirs = access_services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    for user in (staff("vera", "access.view_credential"), staff("otto", "access.change_credential")):
+        client = browser_as(user)
+        assert client.get(f"/access/credentials/{theirs.pk}/revoke/").status_code == 404
+        assert client.post(f"/access/credentials/{theirs.pk}/revoke/").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is None
+
+
+# --- node host certificates and credentials, through the API ----------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_host_certificates_and_node_access_need_the_change_permission(alice):
+    cluster = make_cluster(alice, name="mpi")
+    viewer = api_as(staff("vera", "clusters.view_virtualcluster"))
+    assert host_cert_post(viewer, cluster).status_code == 403  # she sees the cluster: refused, not unknown
+    assert host_access_get(viewer, cluster).status_code == 403
+    nobody = api_as(staff("nora"))
+    assert host_cert_post(nobody, cluster).status_code == 404
+    assert host_access_get(nobody, cluster).status_code == 404
+    assert not Credential.objects.filter(kind=CredentialKind.SSH_HOST).exists()
+    operator = api_as(staff("otto", "clusters.change_virtualcluster"))
+    r = host_cert_post(operator, cluster)
+    assert r.status_code == 201, r.content
+    assert host_access_get(operator, cluster).status_code == 200
+    assert Credential.objects.filter(kind=CredentialKind.SSH_HOST).count() == 1
+
+
+@pytest.mark.django_db
+def test_credentials_are_listed_with_view_and_revoked_with_change(alice, team):
+    cluster = make_cluster(alice, name="mpi", group=team)
+    make_gateway("gw1", vpn_port=1194)
+    theirs = access_services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    url = f"/api/access/credentials/{theirs.pk}/revoke/"
+
+    viewer = staff("vera", "access.view_credential")
+    api = api_as(viewer)
+    assert [c["id"] for c in api.get("/api/access/credentials/").json()["results"]] == [theirs.pk]
+    r = api.post(url, {"note": "help desk"}, format="json")
+    assert r.status_code == 403, r.content
+    # through a token: as strong as its scopes (clusters:manage) and its user's permissions
+    assert api_with_token(viewer, TokenScope.CLUSTERS_WRITE).get("/api/access/credentials/").json()["count"] == 0
+    manage = api_with_token(viewer, TokenScope.CLUSTERS_MANAGE)
+    assert manage.get("/api/access/credentials/").json()["count"] == 1
+    assert manage.post(url, {}, format="json").status_code == 403
+
+    nobody = api_as(staff("nora", "clusters.change_virtualcluster"))  # clusters, not credentials
+    assert nobody.get("/api/access/credentials/").json()["count"] == 0
+    assert nobody.post(url, {}, format="json").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is None
+
+    operator = api_as(staff("otto", "access.change_credential"))
+    r = operator.post(url, {}, format="json")
+    assert r.status_code == 200, r.content
+    assert (r.json()["status"], r.json()["revoked_by"]) == ("revoked", "otto")
+
+
+# --- images, public networks, metrics -----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_others_images_are_changed_with_the_images_change_permission(alice):
+    Image.objects.create(name="alices", owner=alice)
+    viewer = api_as(staff("vera", "clusters.view_image"))
+    assert "alices" in [i["name"] for i in viewer.get("/api/images/").json()["results"]]
+    assert viewer.patch("/api/images/alices/", {"description": "mine now"}, format="json").status_code == 403
+    assert viewer.delete("/api/images/alices/").status_code == 403
+    assert api_as(staff("nora")).delete("/api/images/alices/").status_code == 404
+    assert Image.objects.get(name="alices").description == ""
+    operator = api_as(staff("otto", "clusters.change_image"))
+    assert operator.patch("/api/images/alices/", {"description": "vetted"}, format="json").status_code == 200
+    assert Image.objects.get(name="alices").description == "vetted"
+
+
+@pytest.mark.django_db
+def test_public_networks_and_metrics_need_a_staff_member_who_may_view_clusters(root):
+    viewer = staff("vera", "clusters.view_virtualcluster")
+    nobody = staff("nora")
+    assert api_as(viewer).get("/api/public-networks/").status_code == 200
+    assert api_as(nobody).get("/api/public-networks/").status_code == 403
+    assert browser_as(viewer).get("/metrics").status_code == 200
+    assert browser_as(nobody).get("/metrics").status_code == 403
+    assert browser_as(root).get("/metrics").status_code == 200
