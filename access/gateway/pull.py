@@ -369,8 +369,10 @@ def _check_targets(label: str, targets: list, leg: dict) -> None:
     aliases = {node["alias"] for node in leg["nodes"]}
     network = ipaddress.ip_interface(bastion).network if bastion else None
     for host, _port in targets:
+        if not isinstance(host, str):
+            raise StateError(f"state document: ssh.clusters.{label}: a target host is not a string")
         try:
-            address = ipaddress.ip_address(str(host))
+            address = ipaddress.ip_address(host)
         except ValueError:
             inside = host in aliases
         else:

@@ -72,7 +72,16 @@ def cluster_post(
         body["group"] = group
     if bastion_address:
         body["bastion_address"] = bastion_address
+        # the scheduler gives a bastion address (a clusters:manage token), for the user the client acts as
+        from portal.models import TokenScope
+        from portal.tokens import token_create
+
+        user = api.handler._force_user
+        token, _ = token_create(user=user, name=f"scheduler-{name}", scopes=[TokenScope.CLUSTERS_MANAGE])
+        api.force_authenticate(user, token=token)
     r = api.post("/api/clusters/", body, format="json")
+    if bastion_address:
+        api.force_authenticate(user)
     assert r.status_code == 201, r.content
     return r.data["id"], specs
 

@@ -162,6 +162,7 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": "10.0.0.1"}}}},  # no prefix
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": 5}}}},
         # forwarding targets the bastion would reach through the gateway's other routes, not the cluster's leg
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"principals": ["c42.a"], "targets": [[["c42-n1"], 22]]}}}},
         {
             "ssh": {
                 "krl": "U1NIS1JMCgA=",

@@ -212,12 +212,21 @@ class ClusterCreateSerializer(StrictSerializer):
         allow_blank=True,
         default="",
         help_text="closed clusters: the SSH bastion's address in the cluster's network with its prefix length "
-        "(e.g. 10.0.0.254/24), kept free of nodes; without it the cluster is reached through the VPN only",
+        "(e.g. 10.0.0.254/24), kept free of nodes; without it the cluster is reached through the VPN only. Given "
+        "by the scheduler (a `clusters:manage` token) or an admin who may change clusters: its network is where "
+        "the shared bastion forwards to, so a user may not choose it (403)",
     )
 
     def validate_bastion_address(self, value: str) -> str:
         if not value:
             return ""
+        if not selectors.acts_on_all(self.context["request"]):
+            # the network decides where the gateway's one bastion forwards to (its routes): a user choosing a
+            # wide one (10.255.255.254/8) would reach the provider's hosts through it
+            raise PermissionDenied(
+                "bastion_address is given by the scheduler (a clusters:manage token) or an admin: the bastion "
+                "forwards into its network"
+            )
         problem = bastion_address_problem(value)  # the rule the gateways apply to it
         if problem:
             raise serializers.ValidationError(problem)

@@ -45,6 +45,13 @@ def scheduler(db, root):
     return client
 
 
+def as_scheduler_for(api, user) -> None:
+    """``api`` acts for ``user`` as the scheduler does: with a token of ``user``'s that has ``clusters:manage``
+    (it may give a ``bastion_address``)."""
+    token, _ = token_create(user=user, name="scheduler", scopes=[TokenScope.CLUSTERS_MANAGE])
+    api.force_authenticate(user, token=token)
+
+
 def body(name="c1", nodes=(("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02")), **extra):
     data = {
         "name": name,
@@ -252,7 +259,7 @@ def test_a_public_node_never_gets_the_bastions_address(fabric, images, api, alic
     """A public cluster has no bastion (asked for one, it is a 400: ``test_api_contract``); a closed cluster
     that has one and is made public by an admin keeps it, and its nodes are renumbered around it."""
     PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
-    api.force_authenticate(alice)
+    as_scheduler_for(api, alice)
     two = (("n1", "brno1", "52:54:00:00:00:01"), ("n2", "pilsen1", "52:54:00:00:00:02"))
     closed = {**_addressed(two, [None, None]), "connectivity": "closed", "bastion_address": "198.19.0.2/29"}
     r = api.post("/api/clusters/", closed, format="json")
@@ -290,8 +297,14 @@ def test_a_public_node_address_outside_its_subnet_is_a_400_and_nothing_is_kept(
 
 def test_the_scheduler_gives_the_bastions_address_in_a_closed_cluster(fabric, images, api, alice):
     """The SSH bastion needs an address of its own in a closed cluster's network (its leg on the cluster's
-    VLAN): the scheduler gives it with the prefix length, and no node may have it."""
+    VLAN): the scheduler gives it with the prefix length, and no node may have it. A user may not: its network
+    is where the gateway's one bastion forwards to (a wide one would reach the provider's hosts)."""
     api.force_authenticate(alice)
+    before = allocated_vids()
+    r = api.post("/api/clusters/", body(bastion_address="10.255.255.254/8"), format="json")
+    assert r.status_code == 403 and "scheduler" in r.data["detail"], r.data
+    assert allocated_vids() == before and not VirtualCluster.objects.exists()
+    as_scheduler_for(api, alice)
     r = api.post("/api/clusters/", body(bastion_address="10.0.0.254/24"), format="json")
     assert r.status_code == 201, r.content
     assert r.data["bastion_address"] == "10.0.0.254/24"
@@ -326,7 +339,7 @@ def test_a_node_outside_the_bastions_network_is_refused(fabric, images, api, ali
     """The bastion reaches a closed cluster's nodes through its leg, the network of its address: a node
     address outside it (the gateway's own loopback or address, the provider's network, another cluster's)
     would be reached through the gateway's other routes. Refused on create and on node add, nothing allocated."""
-    api.force_authenticate(alice)
+    as_scheduler_for(api, alice)
     before = allocated_vids()
     outside = body(name="c5", nodes=[("m1", "brno2", "52:54:00:00:09:05")], bastion_address="10.0.0.254/24")
     outside["nodes"][0]["address"] = address

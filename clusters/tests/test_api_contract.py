@@ -396,6 +396,8 @@ def test_the_schema_tells_busy_from_conflict(alice):
 def test_a_bastion_address_for_a_public_cluster_is_refused(fabric, images, alice):
     PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
     api = as_user(alice)
+    token, _ = token_create(user=alice, name="scheduler", scopes=[TokenScope.CLUSTERS_MANAGE])
+    api.force_authenticate(alice, token=token)  # as the scheduler, who gives a bastion_address
     public = body(image="debian-12", bastion_address="10.0.0.254/24")
     r = api.post("/api/clusters/", public, format="json")
     assert r.status_code == 400, r.content

@@ -136,13 +136,12 @@ def render(
     for name in sorted(desired):
         port = {"name": name, "vids": sorted(desired[name]), "add": None, "remove": None}
         now = (current or {}).get(name)
-        # a list IOS shows under a reserved id (the default "all") is not one the portal set: set it absolutely
-        if (
-            platform in _INCREMENTAL
-            and now is not None
-            and not now & platform_reserved
-            and len(vlan_chunks(desired[name])) > 1
-        ):
+        # a port listed under every VLAN the device has — or, on IOS, under a reserved id — may well allow "all"
+        # (the default), which no remove line could turn into the desired list: set it absolutely
+        allows_all = bool(
+            now is not None and (now & platform_reserved or (existing and existing - platform_reserved <= now))
+        )
+        if platform in _INCREMENTAL and now is not None and not allows_all and len(vlan_chunks(desired[name])) > 1:
             if now == desired[name]:
                 continue
             port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks(now - desired[name])

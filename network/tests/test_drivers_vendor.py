@@ -679,6 +679,21 @@ def test_a_long_allowed_list_is_changed_by_add_and_remove_lines_from_the_known_l
     assert render(platform, desired) == render(platform, desired, current=None)  # pure
 
 
+@pytest.mark.parametrize("platform", ["ios", "nxos"])
+def test_a_port_listed_under_every_vlan_of_the_device_is_set_absolutely(platform):
+    """A trunk that allows "all" (the default; NX-OS lists no reserved id for it) shows every VLAN the device
+    has: remove lines would leave it carrying every VLAN created later, so its list is set absolutely; a port
+    showing fewer than all of them (a list the portal set) changes by add/remove lines."""
+    device = frozenset({1}) | LONG | {7, 9}
+    desired = {"Eth1": LONG | {1001}}
+    text = render(platform, desired, existing=device, current={"Eth1": device})
+    lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
+    assert lines[0].startswith("switchport trunk allowed vlan 2,4,") and "remove" not in text
+    text = render(platform, desired, existing=device, current={"Eth1": device - {1}})
+    lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
+    assert lines == ["switchport trunk allowed vlan add 1001", "switchport trunk allowed vlan remove 7,9"]
+
+
 def test_add_and_remove_lines_are_cut_at_the_line_width():
     current = {"Eth1": frozenset(range(1007, 2000, 2))}
     text = render("ios", {"Eth1": LONG}, current=current)
@@ -709,6 +724,8 @@ def test_an_ios_session_changes_a_long_trunk_by_add_and_remove_lines(monkeypatch
     now = {str(v): {"name": f"vc-{v}", "interfaces": [port]} for v in LONG - {500}}
     now["7"] = {"name": "ops-7", "interfaces": [port]}
     after = {str(v): {"name": f"vc-{v}", "interfaces": [port]} for v in LONG}
+    for vlans in (now, after):  # the default VLAN, which the trunk (set by the portal) does not carry
+        vlans["1"] = {"name": "default", "interfaces": ["GigabitEthernet1/0/9"]}
     device = _Stubbed.make("ios", [now, after])
     spec = SwitchSpec(name="sw", platform="ios", address="x", owned_ports=(port,))
     with _opened(monkeypatch, device, spec) as session:
