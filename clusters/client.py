@@ -440,7 +440,10 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     make.add_argument("--group")
     make.add_argument("--owner", help="the user the cluster is for (a middleware token, clusters:manage)")
     make.add_argument("--lifetime", type=int, help="seconds")
-    make.add_argument("--bastion-address", help="closed clusters: the SSH bastion's address, with its prefix length")
+    make.add_argument(
+        "--bastion-address",
+        help="closed clusters: the SSH bastion's address, with its prefix length (a clusters:manage token)",
+    )
     make.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
     make.add_argument(
         "--wait-access",
