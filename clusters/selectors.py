@@ -197,8 +197,9 @@ class QuotaLimit:
 
 def quota_limits(*, owner, groups) -> list[QuotaLimit]:
     """The quotas that apply to clusters of ``owner`` (and of ``groups``, those with a quota): the owner's
-    own quota, or the settings' defaults; none for staff."""
-    if owner.is_staff:
+    own quota, or the settings' defaults; none for an admin who may change every cluster (``staff_may``: a
+    staff member without that permission is limited like anyone)."""
+    if staff_may(owner, "change", VirtualCluster):
         return []
     own = Quota.objects.filter(user=owner).first()
     limits = [

@@ -472,7 +472,7 @@ def image_register(
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
         raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
     have = Image.objects.filter(owner=owner, retired_at__isnull=True).count()
-    if settings.IMAGE_QUOTA and not owner.is_staff and have >= settings.IMAGE_QUOTA:
+    if settings.IMAGE_QUOTA and not selectors.staff_may(owner, "change", Image) and have >= settings.IMAGE_QUOTA:
         raise QuotaExceeded(
             f"{owner.get_username()} already has {have} images of {settings.IMAGE_QUOTA} allowed: delete one first",
             field="quota",

@@ -97,6 +97,21 @@ def test_staff_are_not_limited(fabric, root, settings):
     assert [create(api, f"c{i}").status_code for i in range(3)] == [201, 201, 201]
 
 
+def test_staff_who_may_not_change_clusters_are_limited_like_anyone(fabric, settings):
+    """The exemption follows what the admin grants: a help-desk account (staff, view permission only) is
+    limited like any user; given the change permission, it is not."""
+    from django.contrib.auth.models import Permission, User
+
+    settings.CLUSTER_QUOTA_CLUSTERS = 1
+    desk = User.objects.create_user("desk", is_staff=True)
+    desk.user_permissions.add(Permission.objects.get(codename="view_virtualcluster"))
+    api = client_for(desk)
+    assert [create(api, f"d{i}").status_code for i in range(2)] == [201, 409]
+    desk.user_permissions.add(Permission.objects.get(codename="change_virtualcluster"))
+    desk = User.objects.get(pk=desk.pk)  # (permissions are cached on the instance)
+    assert create(client_for(desk), "d2").status_code == 201
+
+
 def test_concurrent_creates_cannot_overshoot_the_quota(fabric, alice, settings):
     from concurrent.futures import ThreadPoolExecutor
 
