@@ -579,8 +579,6 @@ SSH_CONFIG_FILE = "virtcloud.conf"
 SSH_KNOWN_HOSTS_FILE = "known_hosts"
 SSH_KEY_FILE = "id_virtcloud"
 SSH_CERT_FILE = "id_virtcloud-cert.pub"
-#: Why the bastion does not relay to a node (the API's ``withheld_nodes``, the ssh_config's comment).
-BASTION_SHARED_ADDRESS = selectors.WITHHELD_SHARED
 _DEFAULT_IDENTITY = {"ssh-ed25519": "~/.ssh/id_ed25519", "ssh-rsa": "~/.ssh/id_rsa"}
 
 
@@ -1505,21 +1503,21 @@ def cluster_principals(clusters: Sequence) -> dict[int, list[str]]:
     return out
 
 
-def _principals_map(clusters: Sequence, *, withhold: bool = True) -> dict[str, dict]:
+def _principals_map(clusters: Sequence, *, gateway: Gateway) -> dict[str, dict]:
     from access import ssh
     from clusters.models import Node, NodeState
 
     principals = cluster_principals(clusters)
+    # the nodes ``gateway``'s bastion does not relay to are never targets (the same rule as the ssh_config's)
+    withheld = {
+        (cluster_id, name)
+        for cluster_id, rows in selectors.bastion_withheld_nodes(clusters, gateway=gateway).items()
+        for name, _address, _why in rows
+    }
     nodes: dict[int, list] = {}
-    # withheld from a bastion that forwards by address: it cannot tell their clusters apart
-    shared = selectors.bastion_shared_addresses() if withhold else set()
-    by_id = {cluster.pk: cluster for cluster in clusters}
     for node in Node.objects.filter(cluster__in=clusters).exclude(state=NodeState.REMOVED).order_by("name"):
-        if node.address and selectors.bastion_address(node.address) in shared:
-            continue
-        if selectors.bastion_unreachable(by_id[node.cluster_id], node.address):
-            continue  # an address without the bastion's leg, or outside its network: never a target
-        nodes.setdefault(node.cluster_id, []).append(node)
+        if (node.cluster_id, node.name) not in withheld:
+            nodes.setdefault(node.cluster_id, []).append(node)
     out: dict[str, dict] = {}
     for cluster in clusters:
         label = selectors.cluster_label(cluster)
@@ -1581,7 +1579,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
             "krl": base64.b64encode(krl_current()).decode(),
             "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
-            "clusters": _principals_map(clusters, withhold=gateway.forwards_by_address),
+            "clusters": _principals_map(clusters, gateway=gateway),
         }
     doc["config"] = selectors.gateway_settings(gateway)  # (in the ETag: a gateway follows a change at its next pull)
     doc["max_age"] = settings.GATEWAY_STATE_MAX_AGE

@@ -58,6 +58,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 import argparse
 import base64
 import binascii
+import functools
 import json
 import re
 import time
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     api = Api(args.url, secret)
     try:
         actions = {
+            "up": functools.partial(up, err=err),
             "down": down,
             "show": show,
             "migrate": migrate,
@@ -496,8 +498,6 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
             "host-cert": host_cert,
             "host-access": host_access,
         }
-        if args.action == "up":
-            return up(api, args, out, err)
         return actions[args.action](api, args, out)
     except ClusterFailed as exc:
         err.write(f"virtcloud: {exc}\n")

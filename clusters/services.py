@@ -128,13 +128,12 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         raise ClusterError("an IP address appears twice among the cluster's nodes", field="nodes")
     bastion = bastion_address or (cluster.bastion_address if cluster is not None else "")
     if bastion:
-        own = ipaddress.ip_interface(bastion).ip
+        own, network = ipaddress.ip_interface(bastion).ip, ipaddress.ip_interface(bastion).network
         clash = [n.name for n in nodes if n.address and ipaddress.ip_address(n.address) == own]
         if clash:
             raise ClusterError(f"node {clash[0]}: {own} is the SSH bastion's address in this cluster", field="nodes")
         # the bastion reaches the nodes through its leg, the network of its address: one outside it would be
         # reached through the gateway's other routes (its own services, another network), never this cluster
-        network = ipaddress.ip_interface(bastion).network
         outside = [n for n in nodes if n.address and ipaddress.ip_address(n.address) not in network]
         if outside:
             raise ClusterError(

@@ -22,7 +22,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
 
 from clusters import selectors, services
-from clusters.errors import ClusterError, QuotaExceeded
+from clusters.errors import ClusterError
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -292,9 +292,7 @@ def images(request):
     if form.is_valid():
         try:
             image, _ = services.image_register(owner=request.user, **form.cleaned_data)
-        except QuotaExceeded as exc:
-            form.add_error(None, capfirst(exc.message))
-        except ClusterError as exc:
+        except ClusterError as exc:  # (a quota reached names no field of the form: the whole form)
             form.add_error(exc.field if exc.field in form.fields else None, capfirst(exc.message))
         else:
             shared = f", shared with {image.group.name}" if image.group else ""

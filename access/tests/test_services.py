@@ -296,7 +296,7 @@ def _address(cluster, name, address):
 def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, cluster, other_cluster, gateway):
     """Closed clusters may share addresses; the bastion, which forwards by address, relays to neither's node
     with such an address (it could carry one cluster's user to the other's node), and to the rest as before."""
-    from access.selectors import bastion_shared_addresses, bastion_withheld_nodes
+    from access.selectors import WITHHELD_SHARED, bastion_shared_addresses, bastion_withheld_nodes
     from clusters.models import Node, NodeState
 
     extra = make_cluster(alice, name="solo", nodes=("node1", "node2"))
@@ -313,8 +313,8 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     assert state[cluster_label(extra)]["targets"] == [["10.0.0.6", 22]]
     assert [n["name"] for n in state[cluster_label(extra)]["nodes"]] == ["node1"]
     assert bastion_withheld_nodes([cluster, extra]) == {
-        cluster.pk: [("node1", "10.0.0.5", services.BASTION_SHARED_ADDRESS)],
-        extra.pk: [("node2", "10.0.0.5", services.BASTION_SHARED_ADDRESS)],
+        cluster.pk: [("node1", "10.0.0.5", WITHHELD_SHARED)],
+        extra.pk: [("node2", "10.0.0.5", WITHHELD_SHARED)],
     }
 
     # The issued ssh_config has no Host entry for such a node, and says why; the API lists it.
@@ -322,10 +322,8 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     label = cluster_label(extra)
     assert f"Host {label}-node1\n  HostName 10.0.0.6" in issued.ssh_config
     assert f"Host {label}-node2\n" not in issued.ssh_config
-    assert f"#   {label}-node2 (10.0.0.5): {services.BASTION_SHARED_ADDRESS}" in issued.ssh_config
-    assert issued.as_dict()["withheld_nodes"] == [
-        {"name": "node2", "address": "10.0.0.5", "reason": services.BASTION_SHARED_ADDRESS}
-    ]
+    assert f"#   {label}-node2 (10.0.0.5): {WITHHELD_SHARED}" in issued.ssh_config
+    assert issued.as_dict()["withheld_nodes"] == [{"name": "node2", "address": "10.0.0.5", "reason": WITHHELD_SHARED}]
 
     # Once only one cluster holds it, the address is relayed again: a removed node and a cluster that
     # ended do not count, nor does one not in the VLAN map yet.

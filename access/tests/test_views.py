@@ -15,14 +15,9 @@ from access.models import Authority, AuthorityKind, Credential
 from access.selectors import cluster_label
 from access.tests.fixtures import cluster, gateway, make_cluster, make_gateway, other_cluster
 from access.tests.profile_check import parse_profile
+from portal.tests.helpers import logged_in
 
 pytestmark = pytest.mark.django_db
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_page_needs_login(cluster):

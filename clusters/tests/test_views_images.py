@@ -4,19 +4,13 @@ typed kept), deleting it; the rules are the API's (clusters/tests/test_images.py
 from __future__ import annotations
 
 import pytest
-from django.test import Client
 
 from clusters.models import Image, VirtualCluster
+from portal.tests.helpers import logged_in
 
 pytestmark = pytest.mark.django_db
 
 URL = "/clusters/images/"
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

@@ -323,15 +323,7 @@ class NapalmSwitchSession:
         self._check(desired)
         current = self.port_vlans()
         before = {port: current[port] for port in desired}
-        config = self.render(desired)
-        with classified(self.spec.name, "load_merge_candidate"):
-            self.device.load_merge_candidate(config=config)
-        with self._discarded_on_failure():
-            with classified(self.spec.name, "compare_config"):
-                diff = self.device.compare_config()
-            if not diff.strip():
-                with classified(self.spec.name, "discard_config"):
-                    self.device.discard_config()
+        diff = self._load(self.render(desired))
         if not diff.strip():
             self._verify(desired)
             return ConvergeResult(self.spec.name, "", False, before, dict(before))
@@ -339,16 +331,23 @@ class NapalmSwitchSession:
         after = self._verify(desired, before=before)
         return ConvergeResult(self.spec.name, diff, True, before, after)
 
-    @contextlib.contextmanager
-    def _discarded_on_failure(self) -> Iterator[None]:
-        """After a load: any failure discards the candidate (EOS keeps its config session otherwise, and
-        NAPALM's lock then refuses every later load), the discard's own errors suppressed."""
+    def _load(self, config: str) -> str:
+        """Load ``config`` as a merge candidate; the device's diff. A candidate with an empty diff is discarded,
+        and so is one whose compare fails (EOS keeps its config session otherwise, and NAPALM's lock then
+        refuses every later load; the discard's own errors suppressed there)."""
+        with classified(self.spec.name, "load_merge_candidate"):
+            self.device.load_merge_candidate(config=config)
         try:
-            yield
+            with classified(self.spec.name, "compare_config"):
+                diff = self.device.compare_config()
+            if not diff.strip():
+                with classified(self.spec.name, "discard_config"):
+                    self.device.discard_config()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.device.discard_config()
             raise
+        return diff
 
     def _commit(self) -> None:
         try:
@@ -425,15 +424,7 @@ class NapalmSwitchSession:
         wrong: "" when the device shows the ports as they were)."""
         committed = False
         try:
-            config = self.render(before, undo=True)
-            with classified(self.spec.name, "load_merge_candidate"):
-                self.device.load_merge_candidate(config=config)
-            with self._discarded_on_failure():
-                with classified(self.spec.name, "compare_config"):
-                    diff = self.device.compare_config()
-                if not diff.strip():
-                    with classified(self.spec.name, "discard_config"):
-                        self.device.discard_config()
+            diff = self._load(self.render(before, undo=True))
             if diff.strip():
                 committed = True  # from here on the device's own rollback snapshot is the undo's
                 self._commit()

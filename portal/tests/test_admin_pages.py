@@ -10,17 +10,12 @@ from django.test import Client
 from django.utils import timezone
 
 from portal.models import ApiToken, DirectoryAccount, TokenScope
+from portal.tests.helpers import logged_in
 from portal.tokens import token_create
 
 pytestmark = pytest.mark.django_db
 
 INVALID_LOGIN = "Please enter a correct username and password."
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def directory_account(username: str, password: str) -> User:

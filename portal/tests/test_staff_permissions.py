@@ -21,6 +21,7 @@ from clusters.models import ClusterState, Image, Node, NodeState, PublicPrefix, 
 from clusters.tests.helpers import create_cluster
 from network.tests.fakefabric import fabric_fixture
 from portal.models import TokenScope
+from portal.tests.helpers import logged_in
 from portal.tokens import token_create
 
 
@@ -36,12 +37,6 @@ def staff(name: str, *codenames: str) -> User:
 def api_as(user) -> APIClient:
     client = APIClient()
     client.force_authenticate(user)
-    return client
-
-
-def browser_as(user) -> Client:
-    client = Client()
-    client.force_login(user)
     return client
 
 
@@ -131,7 +126,7 @@ def test_a_view_only_staff_member_sees_every_cluster_but_changes_none(fabric_clu
     assert not VirtualCluster.objects.filter(name="x").exists()
     assert api.get("/api/clusters/quota/?owner=alice").status_code == 200  # a read: she sees alice's clusters
     # the clusters page says she sees every user's, and offers her no action on alice's
-    page = browser_as(viewer).get("/").content.decode()
+    page = logged_in(viewer).get("/").content.decode()
     assert "Every user&#x27;s virtual clusters" in page or "Every user's virtual clusters" in page
     assert f"/clusters/{fabric_cluster.pk}/teardown/" not in page
 
@@ -168,7 +163,7 @@ def test_a_staff_member_without_permissions_is_an_ordinary_user(fabric_cluster, 
     assert api.get("/api/clusters/events/?timeout=0").json()["events"] == []
     assert api.get("/api/access/clusters/").json()["count"] == 0
     assert api.get("/api/public-networks/").status_code == 403
-    assert browser_as(nobody).get("/metrics").status_code == 403
+    assert logged_in(nobody).get("/metrics").status_code == 403
     # her own clusters are hers to change, as anyone's
     own = create_cluster(nobody, name="mine", mac="52:54:00:00:00:09")
     assert api.post(f"/api/clusters/{own}/teardown/", {}, format="json").status_code == 202
@@ -199,7 +194,7 @@ def test_an_admins_token_is_as_strong_as_its_scopes_and_the_connectivity_overrid
 def test_the_browser_teardown_and_extend_follow_the_same_permissions(alice):
     cluster = make_cluster(alice, name="mpi")  # no group
     before = cluster.expires_at
-    viewer = browser_as(staff("vera", "clusters.view_virtualcluster"))
+    viewer = logged_in(staff("vera", "clusters.view_virtualcluster"))
     for response in (
         viewer.get(f"/clusters/{cluster.pk}/teardown/"),
         viewer.post(f"/clusters/{cluster.pk}/teardown/"),
@@ -207,7 +202,7 @@ def test_the_browser_teardown_and_extend_follow_the_same_permissions(alice):
     ):
         assert response.status_code == 403
         assert "Only alice, who owns mpi, or an administrator" in response.content.decode()
-    nobody = browser_as(staff("nora"))
+    nobody = logged_in(staff("nora"))
     assert "mpi" not in nobody.get("/").content.decode().split("<main>")[1]
     for response in (
         nobody.get(f"/clusters/{cluster.pk}/teardown/"),
@@ -218,7 +213,7 @@ def test_the_browser_teardown_and_extend_follow_the_same_permissions(alice):
     cluster.refresh_from_db()
     assert (cluster.state, cluster.expires_at) == (ClusterState.READY, before)
 
-    operator = browser_as(staff("otto", "clusters.change_virtualcluster"))
+    operator = logged_in(staff("otto", "clusters.change_virtualcluster"))
     assert operator.post(f"/clusters/{cluster.pk}/extend/", {"by": "1h"}).status_code == 302
     assert operator.post(f"/clusters/{cluster.pk}/teardown/").status_code == 302
     cluster.refresh_from_db()
@@ -231,7 +226,7 @@ def test_the_browser_revokes_only_ones_own_credentials(alice, team):
     make_gateway("gw1", vpn_port=1194)
     theirs = access_services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
     for user in (staff("vera", "access.view_credential"), staff("otto", "access.change_credential")):
-        client = browser_as(user)
+        client = logged_in(user)
         assert client.get(f"/access/credentials/{theirs.pk}/revoke/").status_code == 404
         assert client.post(f"/access/credentials/{theirs.pk}/revoke/").status_code == 404
     theirs.refresh_from_db()
@@ -311,6 +306,6 @@ def test_public_networks_and_metrics_need_a_staff_member_who_may_view_clusters(r
     nobody = staff("nora")
     assert api_as(viewer).get("/api/public-networks/").status_code == 200
     assert api_as(nobody).get("/api/public-networks/").status_code == 403
-    assert browser_as(viewer).get("/metrics").status_code == 200
-    assert browser_as(nobody).get("/metrics").status_code == 403
-    assert browser_as(root).get("/metrics").status_code == 200
+    assert logged_in(viewer).get("/metrics").status_code == 200
+    assert logged_in(nobody).get("/metrics").status_code == 403
+    assert logged_in(root).get("/metrics").status_code == 200
