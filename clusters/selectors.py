@@ -78,11 +78,6 @@ def acts_on_all(request, model=VirtualCluster) -> bool:
     return _as_admin(request, "change", model)
 
 
-def acts_as_admin(request) -> bool:
-    """Whether the caller acts on every user's clusters (``acts_on_all``)."""
-    return acts_on_all(request, VirtualCluster)
-
-
 def clusters_visible(request) -> QuerySet[VirtualCluster]:
     """Middleware tokens (clusters:manage) and admins who may view clusters see every cluster (``sees_all``); a
     user sees their own clusters and their groups' clusters."""

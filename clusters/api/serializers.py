@@ -71,11 +71,11 @@ class StrictSerializerSchema(OpenApiSerializerExtension):
 
 class OwnerField(NameRelatedField):
     """The user (by name) a request acts for. A caller that acts only for itself (neither middleware nor an
-    admin who may, ``may(request)``: by default ``selectors.acts_as_admin``) naming anyone else is refused (403,
+    admin who may, ``may(request)``: by default ``selectors.acts_on_all``) naming anyone else is refused (403,
     ``refusal``) before the name is looked up, whether that user exists or not: it learns nothing about who has
     an account."""
 
-    def __init__(self, *, refusal: str, may=selectors.acts_as_admin, **kwargs):
+    def __init__(self, *, refusal: str, may=selectors.acts_on_all, **kwargs):
         self.refusal = refusal
         self.may = may
         super().__init__(slug_field="username", queryset=get_user_model().objects.filter(is_active=True), **kwargs)
@@ -169,7 +169,7 @@ class UsableImageField(NameRelatedField):
             return Image.objects.none()
         owner = request.user
         named = getattr(self.parent, "initial_data", {}).get("owner")
-        if named and selectors.acts_as_admin(request) and isinstance(named, str):  # (as ``owner`` allows)
+        if named and selectors.acts_on_all(request) and isinstance(named, str):  # (as ``owner`` allows)
             owner = get_user_model().objects.filter(username=named, is_active=True).first()
         return selectors.images_usable(owner) if owner is not None else Image.objects.none()
 
