@@ -116,6 +116,12 @@ class Credential(models.Model):
         max_length=100, help_text="SHA-256 of the certificate (VPN) or the user's or node's key (SSH)"
     )
     principals = models.JSONField(default=list, blank=True, help_text="SSH principals")
+    pinned_gateways = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="VPN profiles: the SHA-256 of each gateway certificate the profile accepts (re-enrolling one of "
+        "these gateways makes the profile refuse it: download again)",
+    )
     public_key = models.TextField(
         blank=True,
         help_text="SSH host certificates: the node's public key (revoked, it goes into the profiles' known_hosts as "

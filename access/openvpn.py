@@ -50,18 +50,20 @@ MIN_SHARED_NAME = 8
 #: How long a client waits for a gateway of a failover profile before it tries the next one (s).
 FAILOVER_POLL_TIMEOUT = 10
 _SERVER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class Remote:
-    """One more gateway a failover profile may connect to: where it listens, its certificate's name and its
-    own tls-crypt key."""
+    """One more gateway a failover profile may connect to: where it listens, its certificate's name and SHA-256
+    fingerprint (``pki.cert_fingerprint``) and its own tls-crypt key."""
 
     host: str
     port: int
     proto: str
     server_name: str
     tls_crypt_key: str | bytes
+    fingerprint: str
 
 
 def failover_prefix(server_names: Sequence[str]) -> str:
@@ -76,6 +78,7 @@ def render_client_profile(
     cluster: str,
     remote: Sequence[tuple[str, int]] | tuple[str, int],
     server_name: str,
+    server_fingerprint: str,
     ca_pem: str | bytes,
     cert_pem: str | bytes,
     key_pem: str | bytes,
@@ -91,7 +94,12 @@ def render_client_profile(
     """A self-contained ``.ovpn`` for ``cluster`` (everything inline: CA, cert with AC, key, tls-crypt).
 
     ``remote`` is ``(host, port)`` or a list of them (tried in order). ``server_name`` is the gateway
-    certificate's CN, pinned with ``verify-x509-name``. ``publish=True`` renders the long-lived variant
+    certificate's CN, pinned with ``verify-x509-name``; ``server_fingerprint`` the SHA-256 of that certificate
+    (``pki.cert_fingerprint``), pinned too (``peer-fingerprint``, with the CA check): the profile accepts the
+    gateways' certificates of the day it was made and no other, so a gateway re-enrolled (a new key) or removed
+    cannot be impersonated with its old key, whatever that certificate's name and validity.
+
+    ``publish=True`` renders the long-lived variant
     for a user's router that bridges the cluster into the user's LAN (paper §2.2): a fixed tap name,
     ``persist-tun`` and endless retries; the router owner adds the tap to their LAN bridge.
 
@@ -113,6 +121,10 @@ def render_client_profile(
     _check(_DEV_RE, dev, "tap device name")
     for name in (server_name, *(r.server_name for r in fallbacks)):
         _check(_SERVER_NAME_RE, name, "server name")
+    pins = [
+        _check(_FINGERPRINT_RE, fp, "certificate fingerprint")
+        for fp in (server_fingerprint, *(r.fingerprint for r in fallbacks))
+    ]
     if fallbacks:
         pinned = failover_prefix([server_name, *(r.server_name for r in fallbacks)])
         if not pinned:
@@ -169,8 +181,14 @@ def render_client_profile(
     if publish:
         lines += ["persist-tun", "keepalive 10 60", "connect-retry 5 300"]
     lines += _inline("ca", ca_pem) + _inline("cert", cert_pem) + _inline("key", key_pem)
+    lines += ["<peer-fingerprint>", *sorted({_colons(fp) for fp in pins}), "</peer-fingerprint>"]
     lines += connections or _inline("tls-crypt", tls_crypt_key)
     return "\n".join(lines) + "\n"
+
+
+def _colons(fingerprint: str) -> str:
+    """OpenVPN's form of a SHA-256 fingerprint: hex pairs joined by colons."""
+    return ":".join(fingerprint[i : i + 2] for i in range(0, len(fingerprint), 2))
 
 
 def _connection(remotes: Sequence[tuple[str, int]], proto: str, tls_crypt_key: str | bytes) -> list[str]:

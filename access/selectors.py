@@ -6,6 +6,7 @@ that the access app imports (and its migrations run) independently of the cluste
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable
@@ -202,9 +203,40 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
     valid = list(own.live(now))
     gone = list(own.filter(Q(revoked_at__isnull=False) | Q(not_after__lte=now))[:ended])
     early = credentials_ending_before_their_clusters(valid)
+    unpinned = credentials_pinning_a_retired_gateway(valid)
     for credential in valid + gone:
         credential.ends_before_cluster = credential.pk in early
+        credential.gateway_re_enrolled = credential.pk in unpinned
     return valid + gone
+
+
+def gateway_fingerprints() -> set[str]:
+    """The SHA-256 of every gateway's current TLS certificate (one query; a certificate that cannot be read is
+    left out: no profile pins it)."""
+    from access import services
+    from access.gateway.vpnconf import ProfileError
+
+    found = set()
+    for gateway in Gateway.objects.exclude(server_certificate=""):
+        with contextlib.suppress(ProfileError):
+            found.add(services.gateway_fingerprint(gateway))
+    return found
+
+
+def credentials_pinning_a_retired_gateway(credentials: Iterable[Credential]) -> set[int]:
+    """The ids of the valid VPN profiles among ``credentials`` that pin a gateway certificate no gateway has any
+    more (the gateway was re-enrolled, or removed): the profile refuses that gateway now, and its holder should
+    download again. One query, none when no credential is a candidate."""
+    now = timezone.now()
+    candidates = [
+        c
+        for c in credentials
+        if c.kind == CredentialKind.VPN and c.revoked_at is None and c.not_after > now and c.pinned_gateways
+    ]
+    if not candidates:
+        return set()
+    current = gateway_fingerprints()
+    return {c.pk for c in candidates if not set(c.pinned_gateways) <= current}
 
 
 #: how far before its full lifetime a credential must end to count as cut short by a cluster's end (signing

@@ -374,6 +374,15 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
+def gateway_fingerprint(gateway: Gateway) -> str:
+    """SHA-256 of the gateway's current TLS server certificate (``gateway_enrol``), which VPN profiles pin: a
+    ``ProfileError`` when the recorded certificate cannot be read (the download says to ask the administrator)."""
+    try:
+        return pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+    except ValueError as exc:
+        raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
+
+
 def lock_holders(user_ids: Iterable[int]) -> None:
     """Lock the rows of these users until the transaction ends (issuance and revocation take them first)."""
     from django.contrib.auth import get_user_model
@@ -500,6 +509,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
         end=end,
         published=publish,
         generated_key=True,
+        pinned_gateways=[gateway_fingerprint(g) for g in (gateway, *fallbacks)],
     )
     if len(labels) > 1:
         text = (
@@ -550,6 +560,7 @@ def _vpn_profile_render(
         cluster=labels[0],
         remote=(gateway.address, gateway.vpn_port),
         server_name=gateway_server_name(gateway),
+        server_fingerprint=gateway_fingerprint(gateway),
         ca_pem=vpn_ca.cert_pem(),
         cert_pem=cert_pem,
         key_pem=client_key.private_pem,
@@ -565,6 +576,7 @@ def _vpn_profile_render(
                 proto=g.vpn_proto,
                 server_name=gateway_server_name(g),
                 tls_crypt_key=_ensure_tls_crypt(g),
+                fingerprint=gateway_fingerprint(g),
             )
             for g in fallbacks
         ],

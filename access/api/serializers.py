@@ -151,6 +151,7 @@ class CredentialSerializer(serializers.ModelSerializer):
             "key_id",
             "clusters",
             "principals",
+            "pinned_gateways",
             "published",
             "generated_key",
             "not_before",

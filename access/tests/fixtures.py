@@ -7,6 +7,7 @@ gets them there is the clusters app's business and tested there.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 
 import pytest
@@ -53,11 +54,19 @@ def other_cluster(charlie):
     return make_cluster(charlie, name="lab")
 
 
+@functools.cache
+def server_certificate(name: str) -> str:
+    """A certificate for gateway ``name`` (one per name for the run: VPN profiles pin its fingerprint)."""
+    from access import pki
+
+    return pki.create_ca(f"virtcloud-gateway-{name}").cert_pem().decode()
+
+
 def make_gateway(name="gw1", *, kind=GatewayKind.BOTH, address="198.18.100.1", **fields) -> Gateway:
-    """A gateway that is set up (``selectors.gateways_ready``): enrolled (a server certificate; its text is not read by
-    the portal) and pulled once just now — what ``manage.py gateway config --dir`` leaves. Users are only offered
-    such gateways."""
-    fields = {"server_certificate": "-----BEGIN CERTIFICATE-----\n(test)\n", "last_pull_at": timezone.now()} | fields
+    """A gateway that is set up (``selectors.gateways_ready``): enrolled (a server certificate, which VPN profiles
+    pin) and pulled once just now — what ``manage.py gateway config --dir`` leaves. Users are only offered such
+    gateways."""
+    fields = {"server_certificate": server_certificate(name), "last_pull_at": timezone.now()} | fields
     return Gateway.objects.create(name=name, kind=kind, address=address, **fields)
 
 

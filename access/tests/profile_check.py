@@ -21,6 +21,8 @@ class ParsedProfile:
     fqans: list[str]
     #: a failover profile's gateways in order: (``remote`` line, tls-crypt key) of each ``<connection>`` block
     connections: list[tuple[str, str]]
+    #: the gateway certificates the profile accepts (``peer-fingerprint``), as ``pki.cert_fingerprint`` gives them
+    pinned: set[str]
 
 
 def inline_blocks(text: str) -> dict[str, str]:
@@ -51,4 +53,5 @@ def parse_profile(text: str, *, aa_pem: str | bytes) -> ParsedProfile:
         for body in re.findall(r"<connection>\n(.*?)\n</connection>", text, re.S)
     ]
     tls_crypt = connections[0][1] if connections else blocks["tls-crypt"]
-    return ParsedProfile(directives, ca, cert, blocks["key"].encode(), tls_crypt, fqans, connections)
+    pinned = {line.replace(":", "") for line in blocks["peer-fingerprint"].splitlines()}
+    return ParsedProfile(directives, ca, cert, blocks["key"].encode(), tls_crypt, fqans, connections, pinned)

@@ -69,6 +69,7 @@ class Gateway:
         write_atomic(self.state.ca, self.ca.cert_pem())
         write_atomic(self.state.aa, pki.cert_to_pem(self.aa_cert))
         write_atomic(self.state.server_cert, pki.cert_to_pem(server_cert))
+        self.server_fingerprint = pki.cert_fingerprint(server_cert)
         write_atomic(self.state.server_key, server_key.private_pem)
         write_atomic(self.state.tls_crypt, self.tls_crypt)
         write_atomic(self.state.vlans, vlan_map_json(VLANS, generated_at=NOW.isoformat()))
@@ -122,6 +123,7 @@ class Gateway:
             cluster=cluster,
             remote=(GW_ADDR, 1194),
             server_name=SERVER_NAME,
+            server_fingerprint=self.server_fingerprint,
             ca_pem=self.ca.cert_pem(),
             cert_pem=pki.cert_to_pem(cert),
             key_pem=key.private_pem,
@@ -371,6 +373,7 @@ def test_publish_profile_connects_with_its_named_tap(lab):
         cluster="c43",
         remote=(GW_ADDR, 1194),
         server_name=SERVER_NAME,
+        server_fingerprint=lab.server_fingerprint,
         ca_pem=lab.ca.cert_pem(),
         cert_pem=text.split("<cert>\n", 1)[1].split("\n</cert>", 1)[0],
         key_pem=text.split("<key>\n", 1)[1].split("\n</key>", 1)[0],
@@ -546,7 +549,15 @@ def test_server_config_directives(tmp_path):
 
 
 def test_profile_refuses_injection():
-    base = dict(remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T")
+    base = dict(
+        remote=("gw", 1194),
+        server_name="gw1",
+        server_fingerprint=FP,
+        ca_pem="C",
+        cert_pem="X",
+        key_pem="K",
+        tls_crypt_key="T",
+    )
     with pytest.raises(openvpn.ProfileError):
         openvpn.render_client_profile(cluster="c42\nscript-security 3", **base)
     with pytest.raises(openvpn.ProfileError):
@@ -556,6 +567,8 @@ def test_profile_refuses_injection():
     assert "\nremote-cert-tls server\n" in text and '\nverify-x509-name "gw1" name\n' in text
     assert "<ca>\nC\n</ca>" in text and "<key>\nK\n</key>" in text and "<tls-crypt>\nT\n</tls-crypt>" in text
     assert "persist-tun" not in text
+    pinned = ":".join(FP[i : i + 2] for i in range(0, 64, 2))
+    assert f"\n<peer-fingerprint>\n{pinned}\n</peer-fingerprint>\n" in text
 
 
 @pytest.mark.parametrize(
@@ -570,18 +583,37 @@ def test_profile_refuses_injection():
         {"expires": "2026-01-01\nscript-security 3"},
         {"proto": "tcp-server"},  # the server's side
         {"proto": "sctp"},
+        {"server_fingerprint": ""},  # a profile always pins the gateway's certificate
+        {"server_fingerprint": FP.upper()},
+        {"server_fingerprint": FP + "\ncomp-lzo"},
+        {"server_fingerprint": FP[:-2]},
     ],
 )
 def test_profile_refuses_control_characters_and_values_out_of_range(bad):
     base = dict(
-        cluster="c42", remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T"
+        cluster="c42",
+        remote=("gw", 1194),
+        server_name="gw1",
+        server_fingerprint=FP,
+        ca_pem="C",
+        cert_pem="X",
+        key_pem="K",
+        tls_crypt_key="T",
     )
     with pytest.raises(openvpn.ProfileError):
         openvpn.render_client_profile(**{**base, **bad})
 
 
 def test_one_transport_gives_each_side_its_proto(tmp_path):
-    base = dict(remote=("gw", 1194), server_name="gw1", ca_pem="C", cert_pem="X", key_pem="K", tls_crypt_key="T")
+    base = dict(
+        remote=("gw", 1194),
+        server_name="gw1",
+        server_fingerprint=FP,
+        ca_pem="C",
+        cert_pem="X",
+        key_pem="K",
+        tls_crypt_key="T",
+    )
     for proto, client, server in (
         ("udp", "udp", "udp"),
         ("tcp", "tcp-client", "tcp-server"),

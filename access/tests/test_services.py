@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from access import services
 from access.errors import AccessError, ClusterNotReady, NoGateway, NotAllowed
-from access.models import Authority, AuthorityKind, Credential, CredentialKind, SerialNumber
+from access.models import Authority, AuthorityKind, Credential, CredentialKind, Gateway, SerialNumber
 from access.selectors import cluster_label, clusters_user_may_enter
 from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
 from access.tests.profile_check import parse_profile
@@ -707,7 +707,6 @@ def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover
     """Each gateway its own <connection> block, with its own address, proto and tls-crypt key, best first; pinned
     by the start their names share. Left out: a gateway whose trunk does not carry the cluster, and one whose
     certificate name shares too little with the others' to be pinned together."""
-    from access.models import Gateway
     from access.tests.fixtures import make_gateway
     from network.tests.factories import SiteFactory
 
@@ -725,6 +724,8 @@ def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover
     ]
     assert keys["gw1"] != keys["near"]
     assert parsed.directives["verify-x509-name"] == ['"virtcloud-gateway-" name-prefix']
+    assert parsed.pinned == {services.gateway_fingerprint(gateway), services.gateway_fingerprint(near)}
+    assert len(parsed.pinned) == 2
     assert parsed.directives["server-poll-timeout"] == ["10"]
     assert "remote" not in parsed.directives and "proto" not in parsed.directives
 
@@ -734,12 +735,43 @@ def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover
     assert parsed.connections == []  # gw1 alone (the alias cannot be pinned with it): the single-gateway form
     assert parsed.directives["remote"] == ["198.18.100.1 1194"]
     assert parsed.directives["verify-x509-name"] == ['"virtcloud-gateway-gw1" name']
+    assert parsed.pinned == {services.gateway_fingerprint(gateway)}
 
     near.enabled = True
     near.save()
     settings.ACCESS_VPN_PROFILE_GATEWAYS = 1
     parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
     assert parsed.connections == [] and parsed.directives["remote"] == ["198.18.100.1 1194"]
+
+
+def test_a_vpn_profile_pins_the_gateways_current_certificate(alice, cluster, gateway):
+    """The profile accepts the certificate the gateway was last enrolled with, and no other: after a re-enrolment
+    (a new key: the old one lost, or the machine rebuilt) new profiles pin the new certificate, so the old key
+    cannot answer for the gateway (OpenVPN's ``peer-fingerprint``, beside the CA and name checks; proven against
+    real OpenVPN in test_vpn_failover)."""
+    from access import pki
+
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    first = pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert parsed.pinned == {first}
+
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    renewed = pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert renewed != first and parsed.pinned == {renewed}
+
+
+def test_a_gateway_whose_certificate_cannot_be_read_gets_no_profile_and_nothing_is_recorded(alice, cluster, gateway):
+    from access.errors import GatewayMisconfigured
+
+    Gateway.objects.filter(pk=gateway.pk).update(server_certificate="-----BEGIN CERTIFICATE-----\nbroken\n")
+    before = Credential.objects.count()
+    with pytest.raises(GatewayMisconfigured, match="Tell your administrator"):
+        services.vpn_profile_issue(user=alice, clusters=[cluster])
+    assert Credential.objects.count() == before
 
 
 # --- validity bounds, names ------------------------------------------------------------------------------------

@@ -744,3 +744,28 @@ def test_a_credential_that_ends_before_its_cluster_now_ends_is_marked(alice, clu
     services.credential_revoke(credential=vpn, reason="key_compromise", by=alice)
     page = logged_in(alice).get("/access/").content.decode()
     assert mark not in _row(page, f'data-serial="{vpn.serial}"') and mark in _row(page, f'data-serial="{ssh.serial}"')
+
+
+def test_a_vpn_profile_whose_gateway_was_re_enrolled_since_is_marked(alice, cluster, gateway):
+    """A profile pins its gateways' certificates: once one of them is re-enrolled, the page says the profile is
+    refused there and to download again (the new download pins the new certificate and is not marked). SSH
+    credentials, a revoked profile and one made after the re-enrolment are not marked; the API lists the pins."""
+    from access import services
+
+    mark = "a gateway it names was re-enrolled since and is refused — download again"
+    before = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    ssh = services.ssh_certificate_issue(user=alice, cluster=cluster).credential
+    revoked = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    services.credential_revoke(credential=revoked, reason="key_compromise", by=alice)
+    page = logged_in(alice).get("/access/").content.decode()
+    assert f'data-serial="{before.serial}"' in page and mark not in page
+
+    services.gateway_enrol(gateway=gateway)
+    after = services.vpn_profile_issue(user=alice, clusters=[cluster]).credential
+    page = logged_in(alice).get("/access/").content.decode()
+    assert mark in _row(page, f'data-serial="{before.serial}"')
+    for credential in (ssh, revoked, after):
+        assert mark not in _row(page, f'data-serial="{credential.serial}"'), credential
+    gateway.refresh_from_db()
+    listed = logged_in(alice).get(f"/api/access/credentials/{after.pk}/").json()
+    assert listed["pinned_gateways"] == [services.gateway_fingerprint(gateway)]

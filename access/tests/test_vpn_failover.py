@@ -9,7 +9,8 @@ Topology (per run, prefix ``va<hex>``)::
 Each gateway has its own server certificate and its own tls-crypt key, as the portal's gateways do; one VPN CA
 and one Attribute Authority for both. Proves: the profile's first gateway down → the client lands on the second;
 the first gateway shut down under a live session (``explicit-exit-notify 2``) → the client moves to the second;
-a gateway whose certificate's name is outside the pinned prefix is refused, and the next one is tried.
+a gateway whose certificate's name is outside the pinned prefix is refused, and the next one is tried; so is one
+that answers with a certificate the profile does not pin (a re-enrolled gateway's old key: same CA, same name).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Server:
         self.state.ensure_dirs()
         key = pki.generate_client_key()
         cert = pki.issue_server_cert(ca.ca, public_key=key.public_key, common_name=server_name, serial=ca.next_serial())
+        self.fingerprint = pki.cert_fingerprint(cert)
         write_atomic(self.state.ca, ca.ca.cert_pem())
         write_atomic(self.state.aa, pki.cert_to_pem(ca.aa_cert))
         write_atomic(self.state.server_cert, pki.cert_to_pem(cert))
@@ -85,7 +87,12 @@ class Server:
 
     def remote(self) -> openvpn.Remote:
         return openvpn.Remote(
-            host=self.address, port=1194, proto="udp", server_name=self.server_name, tls_crypt_key=self.tls_crypt
+            host=self.address,
+            port=1194,
+            proto="udp",
+            server_name=self.server_name,
+            tls_crypt_key=self.tls_crypt,
+            fingerprint=self.fingerprint,
         )
 
 
@@ -133,6 +140,7 @@ def _profile(ca: Pki, first: Server, *fallbacks: Server, dev: str = "vcf0") -> s
         cluster="c42",
         remote=(first.address, 1194),
         server_name=first.server_name,
+        server_fingerprint=first.fingerprint,
         ca_pem=ca.ca.cert_pem(),
         cert_pem=pki.cert_to_pem(cert),
         key_pem=key.private_pem,
@@ -194,4 +202,25 @@ def test_a_gateway_outside_the_pinned_names_is_refused_and_the_next_one_tried(tm
         log = _client(tmp_path, client, procs, _profile(ca, pinned_as, gw2))
         wait_for(lambda: "Initialization Sequence Completed" in read(log), 40, what="the client to connect to gw2")
         assert "VERIFY X509NAME ERROR: O=VirtCloud, CN=rogue-gateway-gw1" in read(log)
+        assert _accepted(gw2) and not _accepted(gw1)
+
+
+def test_a_gateway_answering_with_a_certificate_the_profile_does_not_pin_is_refused(tmp_path):
+    """Profiles pin their gateways' certificates by fingerprint as well as by name: after gw1 was re-enrolled (the
+    portal records a new certificate, the profile pins that one), whoever still holds gw1's old key — a valid
+    certificate of the same CA under the right name — is refused, and the client goes on to the next gateway."""
+    names = {"gw1": "virtcloud-gateway-gw1", "gw2": "virtcloud-gateway-gw2"}
+    with _lab(tmp_path, names) as (ca, servers, client, procs):
+        gw1, gw2 = servers["gw1"], servers["gw2"]
+        gw1.start()  # still serving the old certificate
+        gw2.start()
+        renewed = pki.issue_server_cert(
+            ca.ca, public_key=pki.generate_client_key().public_key, common_name=gw1.server_name, serial=ca.next_serial()
+        )
+        re_enrolled = Server.__new__(Server)
+        re_enrolled.__dict__.update(gw1.__dict__, fingerprint=pki.cert_fingerprint(renewed))
+        log = _client(tmp_path, client, procs, _profile(ca, re_enrolled, gw2))
+        wait_for(lambda: "Initialization Sequence Completed" in read(log), 40, what="the client to connect to gw2")
+        old = ":".join(gw1.fingerprint[i : i + 2] for i in range(0, 64, 2))
+        assert f"certificate hash verification failed. (got certificate fingerprint: {old})" in read(log)
         assert _accepted(gw2) and not _accepted(gw1)
