@@ -130,10 +130,18 @@ class GatewayAdmin(admin.ModelAdmin):
         "token",
         "server_certificate",
         "ssh_host_certificate",
+        "retired_host_keys",
         "last_pull_at",
         "state_as_of",
     )
-    readonly_fields = ("token", "server_certificate", "ssh_host_certificate", "last_pull_at", "state_as_of")
+    readonly_fields = (
+        "token",
+        "server_certificate",
+        "ssh_host_certificate",
+        "retired_host_keys",
+        "last_pull_at",
+        "state_as_of",
+    )
     actions = ["make_token"]
 
     @admin.action(

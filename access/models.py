@@ -291,6 +291,12 @@ class Gateway(models.Model):
     ssh_host_certificate = models.TextField(
         "SSH host certificate", blank=True, help_text="the bastion's OpenSSH host certificate"
     )
+    retired_host_keys = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="the bastion's host keys of earlier enrolments whose certificates have not expired yet "
+        '({"key", "until"} each): every SSH bundle for this gateway says @revoked for them',
+    )
     tls_crypt_key = EncryptedTextField("tls-crypt key", blank=True, help_text="shared tls-crypt key (in every profile)")
     local_state_dir = models.CharField(
         max_length=200,

@@ -644,7 +644,7 @@ def ssh_config_render(
         for key, names in _revoked_host_keys()
         if set(names) & set(patterns)  # the hosts this bundle reaches: no other cluster's node names
     )
-    return config, ssh.known_hosts_line(host_ca, patterns) + revoked
+    return config, ssh.known_hosts_line(host_ca, patterns) + revoked + retired_host_key_lines(gateway, patterns[:1])
 
 
 @dataclass(frozen=True)
@@ -1640,12 +1640,42 @@ class GatewayEnrolment:
         return f"GatewayEnrolment(server_name={self.server_name!r}, keys=<redacted>)"
 
 
+def _retire_host_key(gateway: Gateway) -> list[dict]:
+    """``gateway.retired_host_keys`` once its current host certificate is replaced: that certificate's key added
+    (while the certificate is valid, ssh would take it for the gateway), the keys whose certificates expired
+    dropped."""
+    from access import ssh
+
+    now = _now()
+    kept = [
+        entry for entry in gateway.retired_host_keys if dt.datetime.fromisoformat(entry["until"]) > now - ssh.CLOCK_SKEW
+    ]
+    old = ssh.certified_key(gateway.ssh_host_certificate)  # None: no certificate, or nothing ssh would take
+    if old is not None and old[1] > now - ssh.CLOCK_SKEW:
+        kept.append({"key": old[0], "until": old[1].isoformat()})
+    return kept
+
+
+def retired_host_key_lines(gateway: Gateway, patterns: Sequence[str]) -> str:
+    """``@revoked`` lines, for the gateway's ``patterns`` (as the bundle's ``known_hosts`` names it), of the
+    bastion's retired host keys whose certificates have not expired: ssh refuses whoever still holds one."""
+    from access import ssh
+
+    now = _now()
+    return "".join(
+        ssh.known_hosts_revoked_line(entry["key"], patterns)
+        for entry in gateway.retired_host_keys
+        if dt.datetime.fromisoformat(entry["until"]) > now - ssh.CLOCK_SKEW
+    )
+
+
 @transaction.atomic
 def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     """New TLS server key + certificate (VPN CA) and SSH host key + certificate (host CA) for ``gateway``.
 
-    Re-enrolling replaces both certificates (the old ones stay valid until they expire: gateways are
-    not revoked through the client CRL)."""
+    Re-enrolling replaces both keys and certificates, and retires the old ones: VPN profiles pin the new TLS
+    certificate (``gateway_fingerprint``; those downloaded before refuse the gateway now), and SSH bundles say
+    ``@revoked`` for the old host key until its certificate expires (``retired_host_keys``)."""
     from access import ssh
 
     gateway = Gateway.objects.select_for_update().get(pk=gateway.pk)
@@ -1665,10 +1695,11 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     )
     host = ssh.generate_user_key(comment=f"virtcloud-gateway-{gateway.name}")
     host_cert = ssh_host_certificate_issue(public_key=host.public_line, principals=[gateway.address, server_name])
+    gateway.retired_host_keys = _retire_host_key(gateway)
     gateway.server_name = server_name
     gateway.server_certificate = pki.cert_to_pem(cert).decode()
     gateway.ssh_host_certificate = host_cert
-    gateway.save(update_fields=["server_name", "server_certificate", "ssh_host_certificate"])
+    gateway.save(update_fields=["server_name", "server_certificate", "ssh_host_certificate", "retired_host_keys"])
     logger.info("access: enrolled gateway %s (TLS serial %s)", gateway.name, cert.serial_number)
     return GatewayEnrolment(
         server_name=server_name,

@@ -575,5 +575,16 @@ def certificate_key_fingerprint(certificate: str) -> str | None:
     return fingerprint(public_key_line(key))
 
 
+def certified_key(certificate: str) -> tuple[str, dt.datetime] | None:
+    """(the key line an OpenSSH certificate certifies, when the certificate ends); None when it is not one."""
+    try:
+        cert = serialization.load_ssh_public_identity(certificate.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if not hasattr(cert, "valid_before"):
+        return None
+    return public_key_line(cert.public_key()), dt.datetime.fromtimestamp(min(cert.valid_before, 2**33), dt.UTC)
+
+
 # a host name or address, or [host]:port — no wildcard, negation or list: each pattern names one host
 _KNOWN_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}|\[[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\]:[0-9]{1,5}")

@@ -764,6 +764,35 @@ def test_a_vpn_profile_pins_the_gateways_current_certificate(alice, cluster, gat
     assert renewed != first and parsed.pinned == {renewed}
 
 
+def test_a_re_enrolled_bastions_old_host_key_is_revoked_in_every_ssh_bundle(alice, cluster, gateway):
+    """Re-enrolment retires the bastion's host key: until its certificate expires, every SSH bundle's known_hosts
+    says ``@revoked`` for it, for the gateway as the bundle names it (ssh refuses whoever still holds it: real ssh in
+    test_ssh_gateway); the new key is not listed, and a retired key whose certificate has expired is dropped."""
+    from access import ssh
+
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    first, first_end = ssh.certified_key(gateway.ssh_host_certificate)
+    assert "@revoked" not in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    second, _ = ssh.certified_key(gateway.ssh_host_certificate)
+    assert gateway.retired_host_keys == [{"key": first, "until": first_end.isoformat()}]
+    known_hosts = services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+    revoked = [line for line in known_hosts.splitlines() if line.startswith("@revoked")]
+    assert revoked == [f"@revoked 198.18.100.1 {' '.join(first.split()[:2])}"]
+    assert " ".join(second.split()[:2]) not in known_hosts
+
+    long_ago = (timezone.now() - dt.timedelta(days=1)).isoformat()
+    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[{"key": first, "until": long_ago}])
+    assert "@revoked" not in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+    gateway.refresh_from_db()
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    assert [entry["key"] for entry in gateway.retired_host_keys] == [second]
+
+
 def test_a_gateway_whose_certificate_cannot_be_read_gets_no_profile_and_nothing_is_recorded(alice, cluster, gateway):
     from access.errors import GatewayMisconfigured
 

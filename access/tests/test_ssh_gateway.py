@@ -411,3 +411,23 @@ def test_a_revoked_node_host_key_is_refused_by_the_client(lab):
         known_hosts.write(ssh.known_hosts_revoked_line(public, ca_line.split()[1].split(",")[1:]))
     r = user.ssh("c42-node1", "true")
     assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr
+
+
+def test_a_retired_bastion_host_key_is_refused_by_the_client(lab):
+    """What the portal adds to every bundle's known_hosts once a gateway is re-enrolled (its old host key
+    ``@revoked`` for the gateway's name, ``services.retired_host_key_lines``) makes ssh refuse a bastion still
+    presenting that key with its valid certificate: whoever kept the old key cannot stand in for the gateway."""
+    from types import SimpleNamespace
+
+    from access import services
+
+    user, _ = _user(lab)
+    assert user.ssh("c42-node1", "true").returncode == 0
+    public = lab.ns.run("ssh-keygen", "-y", "-f", str(lab.bastion.state.root / "host_key")).stdout
+    ca_line = next(line for line in (user.dir / "known_hosts").read_text().splitlines() if line.startswith("@cert"))
+    until = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+    retired = SimpleNamespace(retired_host_keys=[{"key": public, "until": until}])
+    with open(user.dir / "known_hosts", "a") as known_hosts:
+        known_hosts.write(services.retired_host_key_lines(retired, ca_line.split()[1].split(",")[:1]))
+    r = user.ssh("c42-node1", "true")
+    assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr
