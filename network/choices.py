@@ -19,6 +19,7 @@ class Platform(models.TextChoices):
     EOS = "eos", "Arista EOS"
     JUNOS = "junos", "Juniper Junos"
     NXOS = "nxos", "Cisco NX-OS"
+    NXOS_SSH = "nxos_ssh", "Cisco NX-OS (SSH, without NX-API)"
     OVS = "ovs", "Open vSwitch (OVSDB)"
     LINUXBRIDGE = "linuxbridge", "Linux bridge (vlan_filtering)"
 

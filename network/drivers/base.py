@@ -49,7 +49,7 @@ class SwitchSpec:
     """What a driver needs to reach and change one switch (built from ``network.Switch``)."""
 
     name: str
-    platform: str  # ios, eos, junos, nxos, ovs, linuxbridge
+    platform: str  # ios, eos, junos, nxos, nxos_ssh, ovs, linuxbridge
     address: str
     username: str = ""
     password: str = field(default="", repr=False)
@@ -127,6 +127,7 @@ _SWITCH_DRIVERS = {
     "eos": "network.drivers.vendor",
     "junos": "network.drivers.vendor",
     "nxos": "network.drivers.vendor",
+    "nxos_ssh": "network.drivers.vendor",
 }
 _HOST_DRIVERS = {
     "ovs": "network.drivers.ovs_host",

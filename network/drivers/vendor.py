@@ -1,4 +1,4 @@
-"""Vendor switches (``ios``, ``eos``, ``junos``, ``nxos``) through NAPALM, and the one session flow every
+"""Vendor switches (``ios``, ``eos``, ``junos``, ``nxos``, ``nxos_ssh``) through NAPALM, and the one session flow every
 NAPALM-based platform shares (the project's own ``ovs`` driver uses ``NapalmSwitchSession`` too).
 
 The flow of ``converge(desired)``: read the owned ports' VLANs (``get_vlans``) → render the desired VLAN
@@ -36,9 +36,11 @@ from network.drivers.naming import VLAN_NAME, vlan_name
 from network.drivers.ranges import PLATFORM_RESERVED, compact
 
 TEMPLATES = Path(__file__).with_name("templates")
-PLATFORMS = ("ios", "eos", "junos", "nxos")
+PLATFORMS = ("ios", "eos", "junos", "nxos", "nxos_ssh")
 # the templates ``render`` knows: a platform's own, and ``junos_nonels`` (non-ELS EX switches: "port-mode trunk")
 TEMPLATE_NAMES = (*PLATFORMS, "junos_nonels")
+# platforms that speak another's configuration language: NX-OS over SSH takes the CLI lines NX-API does
+_TEMPLATE_OF = {"nxos_ssh": "nxos"}
 # driver_args keys this module reads itself; never passed on to the NAPALM driver as optional_args
 _OWN_ARGS = ("template", "vlan_name_format", "undo", "trunk_encapsulation")
 DEFAULT_VLAN_NAME = "vc-{vid}"
@@ -121,6 +123,7 @@ def render(
     """
     if platform not in TEMPLATE_NAMES:
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
+    language = _TEMPLATE_OF.get(platform, platform)
     vlan_names = vlan_names or {}
     vids = sorted({vid for port_vids in desired.values() for vid in port_vids})
     platform_reserved = PLATFORM_RESERVED.get(platform, frozenset())
@@ -141,7 +144,7 @@ def render(
         allows_all = bool(
             now is not None and (now & platform_reserved or (existing and existing - platform_reserved <= now))
         )
-        if platform in _INCREMENTAL and now is not None and not allows_all and len(vlan_chunks(desired[name])) > 1:
+        if language in _INCREMENTAL and now is not None and not allows_all and len(vlan_chunks(desired[name])) > 1:
             if now == desired[name]:
                 continue
             port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks(now - desired[name])
@@ -150,7 +153,7 @@ def render(
         raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")
     return (
         _environment()
-        .get_template(f"{platform}.j2")
+        .get_template(f"{language}.j2")
         .render(vlans=vlans, ports=ports, encapsulation=trunk_encapsulation)
     )
 

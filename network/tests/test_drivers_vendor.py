@@ -734,3 +734,26 @@ def test_an_ios_session_changes_a_long_trunk_by_add_and_remove_lines(monkeypatch
     assert "vlan 500\n name vc-500\n" in config and "vlan 2\n" not in config  # only the missing VLAN created
     lines = [line.strip() for line in config.splitlines() if "allowed vlan" in line]
     assert lines == ["switchport trunk allowed vlan add 500", "switchport trunk allowed vlan remove 7"]
+
+
+def test_nxos_over_ssh_is_a_platform_of_its_own_with_the_nxos_configuration():
+    """NX-OS without NX-API (NAPALM's ``nxos_ssh``) takes the CLI lines ``nxos`` does — the long-list add/remove form
+    included — and keeps the ids NX-OS reserves; an inventory switch may say so."""
+    from network.choices import Platform
+    from network.drivers.base import _SWITCH_DRIVERS
+
+    long = frozenset(range(100, 1000, 2))
+    current = {"Ethernet1": long - {100}, "Ethernet2": frozenset({7})}
+    for desired, kwargs in (
+        (DESIRED, {}),
+        ({"Ethernet1": long, "Ethernet2": frozenset()}, {"current": current, "existing": long}),
+    ):
+        assert render("nxos_ssh", desired, {100: "physics"}, **kwargs) == render(
+            "nxos", desired, {100: "physics"}, **kwargs
+        )
+    assert "switchport trunk allowed vlan add 100\n" in render(
+        "nxos_ssh", {"Ethernet1": long}, {}, current=current, existing=long
+    )
+    with pytest.raises(PermanentDeviceError, match="reserved on nxos_ssh"):
+        render("nxos_ssh", {"Ethernet1": frozenset({4000})}, {})
+    assert "nxos_ssh" in Platform.values and _SWITCH_DRIVERS["nxos_ssh"] == "network.drivers.vendor"

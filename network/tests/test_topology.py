@@ -134,7 +134,7 @@ def test_invalid_file_imports_nothing_and_reports_every_problem_with_its_place()
         "cores[0].service_tag (line 4): core backbone: a QinQ core needs its S-VLAN (service tag)",
         "cores[1].kind (line 5): 'warp' is not one of: qinq, dot1q, vpls, xponder, vxlan",
         "switches[0].ports[1].role (line 13): 'uplink' is not one of: host_trunk, core_uplink, gateway_trunk",
-        "switches[1].platform (line 16): 'cisco' is not one of: ios, eos, junos, nxos, ovs, linuxbridge",
+        "switches[1].platform (line 16): 'cisco' is not one of: ios, eos, junos, nxos, nxos_ssh, ovs, linuxbridge",
         "hosts[0].colour (line 21): unknown key",
         "hosts[0].port (line 21): host brno-h1: port brno-sw:h1 is on switch brno-sw at site brno, "
         "but the host is at site pilsen",
