@@ -291,6 +291,9 @@ class Gateway(models.Model):
     ssh_host_certificate = models.TextField(
         "SSH host certificate", blank=True, help_text="the bastion's OpenSSH host certificate"
     )
+    enrolled_at = models.DateTimeField(
+        null=True, blank=True, help_text="when its current keys and certificates were made (gateway config)"
+    )
     retired_host_keys = models.JSONField(
         default=list,
         blank=True,

@@ -95,8 +95,9 @@ def render_client_profile(
 
     ``remote`` is ``(host, port)`` or a list of them (tried in order). ``server_name`` is the gateway
     certificate's CN, pinned with ``verify-x509-name``; ``server_fingerprint`` the SHA-256 of that certificate
-    (``pki.cert_fingerprint``), pinned too (``peer-fingerprint``, with the CA check): the profile accepts the
-    gateways' certificates of the day it was made and no other, so a gateway re-enrolled (a new key) or removed
+    (``pki.cert_fingerprint``), pinned too (``peer-fingerprint``, with the CA check; OpenVPN 2.6 and later, which
+    the profile asks for with ``setenv opt`` so that an older client still connects without it): the profile
+    accepts the gateways' certificates of the day it was made and no other, so a gateway re-enrolled (a new key)
     cannot be impersonated with its old key, whatever that certificate's name and validity.
 
     ``publish=True`` renders the long-lived variant
@@ -149,7 +150,8 @@ def render_client_profile(
     if expires:
         head.append(f"# Certificate valid until {expires}; download a new profile after that.")
     head += [
-        "# Needs the OpenVPN 2.x client (tap). OpenVPN 3 / OpenVPN Connect / Android do not support tap.",
+        "# Needs the OpenVPN 2.x client (tap); 2.6 or later also checks the gateway's exact certificate.",
+        "# OpenVPN 3 / OpenVPN Connect / Android do not support tap.",
         "# Contains your private key: keep this file private.",
     ]
     if publish:
@@ -181,7 +183,9 @@ def render_client_profile(
     if publish:
         lines += ["persist-tun", "keepalive 10 60", "connect-retry 5 300"]
     lines += _inline("ca", ca_pem) + _inline("cert", cert_pem) + _inline("key", key_pem)
-    lines += ["<peer-fingerprint>", *sorted({_colons(fp) for fp in pins}), "</peer-fingerprint>"]
+    # "setenv opt": an OpenVPN 2.6 client checks the certificate against these, an older one (no peer-fingerprint)
+    # ignores the lines with a warning and still connects on the CA and name checks
+    lines += [f"setenv opt peer-fingerprint {fp}" for fp in sorted({_colons(fp) for fp in pins})]
     lines += connections or _inline("tls-crypt", tls_crypt_key)
     return "\n".join(lines) + "\n"
 

@@ -210,33 +210,38 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
     return valid + gone
 
 
-def gateway_fingerprints() -> set[str]:
-    """The SHA-256 of every gateway's current TLS certificate (one query; a certificate that cannot be read is
-    left out: no profile pins it)."""
-    from access import services
-    from access.gateway.vpnconf import ProfileError
+def gateway_certificates() -> tuple[set[str], datetime | None]:
+    """(the SHA-256 of every gateway's current TLS certificate, when the last gateway was enrolled); one query. A
+    certificate that cannot be read is left out: no profile pins it."""
+    from access import pki
 
-    found = set()
-    for gateway in Gateway.objects.exclude(server_certificate=""):
-        with contextlib.suppress(ProfileError):
-            found.add(services.gateway_fingerprint(gateway))
-    return found
+    found, newest = set(), None
+    rows = Gateway.objects.exclude(server_certificate="").values_list("server_certificate", "enrolled_at")
+    for pem, enrolled_at in rows:
+        with contextlib.suppress(ValueError):
+            found.add(pki.cert_fingerprint(pki.load_cert_pem(pem.encode())))
+        if enrolled_at is not None and (newest is None or enrolled_at > newest):
+            newest = enrolled_at
+    return found, newest
 
 
 def credentials_pinning_a_retired_gateway(credentials: Iterable[Credential]) -> set[int]:
-    """The ids of the valid VPN profiles among ``credentials`` that pin a gateway certificate no gateway has any
-    more (the gateway was re-enrolled, or removed): the profile refuses that gateway now, and its holder should
-    download again. One query, none when no credential is a candidate."""
+    """The ids of the valid VPN profiles among ``credentials`` that a gateway refuses now because it was
+    re-enrolled since they were made: one that pins a certificate no gateway has any more, or one from before
+    profiles pinned certificates (which a gateway's old key could still answer) made before some gateway's
+    current certificate. Their holder should download again. One query, none when no credential is a
+    candidate."""
     now = timezone.now()
-    candidates = [
-        c
-        for c in credentials
-        if c.kind == CredentialKind.VPN and c.revoked_at is None and c.not_after > now and c.pinned_gateways
-    ]
+    candidates = [c for c in credentials if c.kind == CredentialKind.VPN and c.revoked_at is None and c.not_after > now]
     if not candidates:
         return set()
-    current = gateway_fingerprints()
-    return {c.pk for c in candidates if not set(c.pinned_gateways) <= current}
+    current, newest = gateway_certificates()
+    return {
+        c.pk
+        for c in candidates
+        if (not set(c.pinned_gateways) <= current)
+        or (not c.pinned_gateways and newest is not None and newest > c.created_at)
+    }
 
 
 #: how far before its full lifetime a credential must end to count as cut short by a cluster's end (signing

@@ -318,8 +318,19 @@ def _vpn_gateways(clusters: Sequence) -> list[Gateway]:
             break
         if chosen and not openvpn.failover_prefix([gateway_server_name(g) for g in (*chosen, gateway)]):
             continue
+        if chosen and not _readable_certificate(gateway):
+            continue  # a failover gateway whose certificate cannot be pinned is left out (the first: an error)
         chosen.append(gateway)
     return chosen
+
+
+def _readable_certificate(gateway: Gateway) -> bool:
+    try:
+        gateway_fingerprint(gateway)
+    except openvpn.ProfileError as exc:
+        logger.error("access: gateway %s left out of VPN profiles: %s", gateway.name, exc)
+        return False
+    return True
 
 
 def _gateways(kind: str, clusters: Sequence) -> list[Gateway]:
@@ -1646,14 +1657,33 @@ def _retire_host_key(gateway: Gateway) -> list[dict]:
     dropped."""
     from access import ssh
 
-    now = _now()
-    kept = [
-        entry for entry in gateway.retired_host_keys if dt.datetime.fromisoformat(entry["until"]) > now - ssh.CLOCK_SKEW
-    ]
+    kept = [{"key": key, "until": until.isoformat()} for key, until in _retired_host_keys(gateway)]
     old = ssh.certified_key(gateway.ssh_host_certificate)  # None: no certificate, or nothing ssh would take
-    if old is not None and old[1] > now - ssh.CLOCK_SKEW:
+    if old is not None and old[1] > _now() - RETIRED_HOST_KEY_GRACE:
         kept.append({"key": old[0], "until": old[1].isoformat()})
     return kept
+
+
+#: how long after its certificate's end a retired host key is still listed: a client whose clock is behind would
+#: still take the certificate
+RETIRED_HOST_KEY_GRACE = dt.timedelta(days=1)
+
+
+def _retired_host_keys(gateway: Gateway) -> list[tuple[str, dt.datetime]]:
+    """(key, end of its certificate) of ``gateway.retired_host_keys`` still listed; an entry that cannot be read
+    (edited by hand) is logged and skipped rather than breaking every SSH bundle."""
+    found = []
+    for entry in gateway.retired_host_keys:
+        try:
+            key, until = str(entry["key"]), dt.datetime.fromisoformat(entry["until"])
+            if until.tzinfo is None:
+                raise ValueError("no time zone")
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.error("access: gateway %s: unreadable retired host key %r: %s", gateway.name, entry, exc)
+            continue
+        if until > _now() - RETIRED_HOST_KEY_GRACE:
+            found.append((key, until))
+    return found
 
 
 def retired_host_key_lines(gateway: Gateway, patterns: Sequence[str]) -> str:
@@ -1661,12 +1691,7 @@ def retired_host_key_lines(gateway: Gateway, patterns: Sequence[str]) -> str:
     bastion's retired host keys whose certificates have not expired: ssh refuses whoever still holds one."""
     from access import ssh
 
-    now = _now()
-    return "".join(
-        ssh.known_hosts_revoked_line(entry["key"], patterns)
-        for entry in gateway.retired_host_keys
-        if dt.datetime.fromisoformat(entry["until"]) > now - ssh.CLOCK_SKEW
-    )
+    return "".join(ssh.known_hosts_revoked_line(key, patterns) for key, _until in _retired_host_keys(gateway))
 
 
 @transaction.atomic
@@ -1696,10 +1721,13 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     host = ssh.generate_user_key(comment=f"virtcloud-gateway-{gateway.name}")
     host_cert = ssh_host_certificate_issue(public_key=host.public_line, principals=[gateway.address, server_name])
     gateway.retired_host_keys = _retire_host_key(gateway)
+    gateway.enrolled_at = timezone.now()
     gateway.server_name = server_name
     gateway.server_certificate = pki.cert_to_pem(cert).decode()
     gateway.ssh_host_certificate = host_cert
-    gateway.save(update_fields=["server_name", "server_certificate", "ssh_host_certificate", "retired_host_keys"])
+    gateway.save(
+        update_fields=["server_name", "server_certificate", "ssh_host_certificate", "retired_host_keys", "enrolled_at"]
+    )
     logger.info("access: enrolled gateway %s (TLS serial %s)", gateway.name, cert.serial_number)
     return GatewayEnrolment(
         server_name=server_name,

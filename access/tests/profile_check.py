@@ -37,6 +37,7 @@ def parse_profile(text: str, *, aa_pem: str | bytes) -> ParsedProfile:
     directives: dict[str, list[str]] = {}
     for line in outside.splitlines():
         if line and not line.startswith("#"):
+            line = line.removeprefix("setenv opt ")  # OpenVPN takes the rest as a directive (if it knows it)
             word, _, rest = line.partition(" ")
             directives.setdefault(word, []).append(rest)
     ca = x509.load_pem_x509_certificate(blocks["ca"].encode())
@@ -53,5 +54,5 @@ def parse_profile(text: str, *, aa_pem: str | bytes) -> ParsedProfile:
         for body in re.findall(r"<connection>\n(.*?)\n</connection>", text, re.S)
     ]
     tls_crypt = connections[0][1] if connections else blocks["tls-crypt"]
-    pinned = {line.replace(":", "") for line in blocks["peer-fingerprint"].splitlines()}
+    pinned = {fp.replace(":", "") for fp in directives.get("peer-fingerprint", [])}
     return ParsedProfile(directives, ca, cert, blocks["key"].encode(), tls_crypt, fqans, connections, pinned)

@@ -12,10 +12,12 @@ import pytest
 from cryptography import x509
 from django.core.management import CommandError, call_command
 
-from access import services
+from access import pki, services
+from access.gateway.state import write_atomic
 from access.models import Authority, AuthorityKind, Credential
 from access.selectors import cluster_label
 from access.tests.fixtures import cluster, gateway, make_cluster
+from access.tests.profile_check import parse_profile
 from portal.models import TokenScope
 from portal.tokens import token_create
 
@@ -485,3 +487,41 @@ def test_a_malformed_token_is_refused_before_anything_is_sent(tmp_path):
     options |= {"dir": str(tmp_path / "state"), "timeout": 2, "on_change": None, "on_change_timeout": 5}
     assert agent.run(options, out=io.StringIO(), err=err) == 2
     assert "malformed" in err.getvalue() and not (tmp_path / "state").exists()
+
+
+@pytest.mark.django_db
+def test_re_enrolment_records_the_new_keys_only_once_they_are_written(alice, cluster, gateway, tmp_path, monkeypatch):
+    """``config --re-enrol`` makes new keys; the portal pins them in new profiles, so it records them only with the
+    files written: a failure on the way leaves the portal on the old ones (profiles keep working). It tells the
+    operator to restart the daemons that still hold the old keys."""
+    from access.management.commands import gateway as command
+
+    run("config", "gw1", "--dir", str(tmp_path))
+    gateway.refresh_from_db()
+    first = services.gateway_fingerprint(gateway)
+    key = tmp_path / "vpn" / "server.key"
+    before = key.read_bytes()
+
+    def fail_on_the_host_key(path, *args):
+        if path.name == "host_key":
+            raise PermissionError(f"cannot write {path}")
+        return write_atomic(path, *args)
+
+    monkeypatch.setattr(command, "write_atomic", fail_on_the_host_key)
+    with pytest.raises(CommandError, match="cannot write"):
+        run("config", "gw1", "--dir", str(tmp_path), "--re-enrol")
+    gateway.refresh_from_db()
+    assert services.gateway_fingerprint(gateway) == first and gateway.retired_host_keys == []
+    monkeypatch.undo()
+
+    out = run("config", "gw1", "--dir", str(tmp_path), "--re-enrol")
+    assert "re-enrolled: restart its OpenVPN and its bastion's sshd now" in out
+    gateway.refresh_from_db()
+    assert key.read_bytes() != before and services.gateway_fingerprint(gateway) != first
+    assert len(gateway.retired_host_keys) == 1
+    on_disk = pki.cert_fingerprint(pki.load_cert_pem((tmp_path / "vpn" / "server.pem").read_bytes()))
+    parsed = parse_profile(
+        services.vpn_profile_issue(user=alice, clusters=[cluster]).text,
+        aa_pem=Authority.objects.get(kind=AuthorityKind.AA).certificate,
+    )
+    assert parsed.pinned == {on_disk}

@@ -240,6 +240,20 @@ def test_bad_ac_refused_at_tls(lab, ac, reason):
 
 
 @needs_lab
+def test_a_profile_refuses_a_gateway_whose_certificate_it_does_not_pin(lab):
+    """The gateway's certificate is of the right CA and name, but not the one the profile pins (the gateway was
+    re-enrolled since, or someone holds its old key): the client refuses it at TLS and never connects."""
+    text, _ = lab.profile("fred", "c42", dev="vct7")
+    pinned = ":".join(lab.server_fingerprint[i : i + 2] for i in range(0, 64, 2))
+    assert f"\nsetenv opt peer-fingerprint {pinned}\n" in text
+    proc, log, _ = _start_client(lab, text.replace(pinned, ":".join(["5a"] * 32)), "fred-unpinned")
+    wait_for(lambda: "certificate hash verification failed" in read(log), 10, what="the client to refuse the gateway")
+    assert f"got certificate fingerprint: {pinned}" in read(log)
+    assert "Initialization Sequence Completed" not in read(log)
+    stop(proc, kill=True)
+
+
+@needs_lab
 def test_revoked_certificate_refused(lab):
     text, serial = lab.profile("erin", "c42", dev="vct6")
     lab.revoke(serial)
@@ -568,7 +582,7 @@ def test_profile_refuses_injection():
     assert "<ca>\nC\n</ca>" in text and "<key>\nK\n</key>" in text and "<tls-crypt>\nT\n</tls-crypt>" in text
     assert "persist-tun" not in text
     pinned = ":".join(FP[i : i + 2] for i in range(0, 64, 2))
-    assert f"\n<peer-fingerprint>\n{pinned}\n</peer-fingerprint>\n" in text
+    assert f"\nsetenv opt peer-fingerprint {pinned}\n" in text  # an OpenVPN 2.5 client ignores it, 2.6 checks it
 
 
 @pytest.mark.parametrize(

@@ -784,8 +784,14 @@ def test_a_re_enrolled_bastions_old_host_key_is_revoked_in_every_ssh_bundle(alic
     assert revoked == [f"@revoked 198.18.100.1 {' '.join(first.split()[:2])}"]
     assert " ".join(second.split()[:2]) not in known_hosts
 
-    long_ago = (timezone.now() - dt.timedelta(days=1)).isoformat()
-    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[{"key": first, "until": long_ago}])
+    # listed a day past its certificate's end (a client whose clock is behind still takes it), then dropped; an
+    # entry edited into something unreadable is skipped, not a broken download
+    lately = (timezone.now() - dt.timedelta(hours=20)).isoformat()
+    long_ago = (timezone.now() - dt.timedelta(days=2)).isoformat()
+    unreadable = [{"key": first}, {"key": first, "until": "2030-01-01T00:00:00"}, "x"]
+    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[*unreadable, {"key": first, "until": lately}])
+    assert "@revoked" in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[*unreadable, {"key": first, "until": long_ago}])
     assert "@revoked" not in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
     gateway.refresh_from_db()
     services.gateway_enrol(gateway=gateway)

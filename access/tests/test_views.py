@@ -769,3 +769,12 @@ def test_a_vpn_profile_whose_gateway_was_re_enrolled_since_is_marked(alice, clus
     gateway.refresh_from_db()
     listed = logged_in(alice).get(f"/api/access/credentials/{after.pk}/").json()
     assert listed["pinned_gateways"] == [services.gateway_fingerprint(gateway)]
+
+    # a profile from before profiles pinned certificates (no pins: the gateway's old key could answer for it) is
+    # marked once any gateway is enrolled after it was made
+    Credential.objects.filter(pk=after.pk).update(pinned_gateways=[])
+    page = logged_in(alice).get("/access/").content.decode()
+    assert mark not in _row(page, f'data-serial="{after.serial}"')
+    services.gateway_enrol(gateway=gateway)
+    page = logged_in(alice).get("/access/").content.decode()
+    assert mark in _row(page, f'data-serial="{after.serial}"')

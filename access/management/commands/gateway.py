@@ -127,7 +127,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"# ---- {name} (state directory {state_dir})\n{text}")
             return
         try:
-            self._enrol(gateway, target, options["re_enrol"], run_as)
+            re_enrolled = self._enrol(gateway, target, options["re_enrol"], run_as)
             for name, text in configs.items():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(target / name, text, 0o644)
@@ -137,23 +137,35 @@ class Command(BaseCommand):
             raise CommandError(f"{exc}{_ROOT_HINT if run_as else ''}") from None
         services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
+        if re_enrolled:
+            self.stdout.write(
+                f"gateway {gateway.name}: re-enrolled: restart its OpenVPN and its bastion's sshd now, to use the new "
+                "keys; VPN profiles and SSH bundles issued from now on accept the new keys only"
+            )
         for note in report.notes:
             self.stdout.write(f"gateway {gateway.name}: {note}")
 
-    def _enrol(self, gateway, target: Path, force: bool, run_as: RunAs | None) -> None:
+    def _enrol(self, gateway, target: Path, force: bool, run_as: RunAs | None) -> bool:
+        """New keys for ``gateway`` into ``target`` when it has none (or ``force``); whether it had some before.
+        The portal records them only once the files are written (new profiles pin the new certificate)."""
+        from django.db import transaction
+
         from access import services
 
         vpn, ssh = VpnState.at(target, run_as), SshState.at(target)
         have = (not gateway.serves_vpn or vpn.server_key.exists()) and (not gateway.serves_ssh or ssh.host_key.exists())
         if have and not force:
-            return
-        enrolment = services.gateway_enrol(gateway=gateway)
-        if gateway.serves_vpn:
-            vpn.ensure_dirs()
-            write_atomic(vpn.server_key, enrolment.server_key_pem, 0o600)
-            write_atomic(vpn.server_cert, enrolment.server_cert_pem, *vpn.readable)
-            write_atomic(vpn.tls_crypt, enrolment.tls_crypt_key, 0o600)
-        if gateway.serves_ssh:
-            ssh.ensure_dirs()
-            write_atomic(ssh.host_key, enrolment.ssh_host_key, 0o600)
-            write_atomic(ssh.host_cert, enrolment.ssh_host_cert + "\n", 0o644)
+            return False
+        had = bool(gateway.server_certificate or gateway.ssh_host_certificate)
+        with transaction.atomic():
+            enrolment = services.gateway_enrol(gateway=gateway)
+            if gateway.serves_vpn:
+                vpn.ensure_dirs()
+                write_atomic(vpn.server_key, enrolment.server_key_pem, 0o600)
+                write_atomic(vpn.server_cert, enrolment.server_cert_pem, *vpn.readable)
+                write_atomic(vpn.tls_crypt, enrolment.tls_crypt_key, 0o600)
+            if gateway.serves_ssh:
+                ssh.ensure_dirs()
+                write_atomic(ssh.host_key, enrolment.ssh_host_key, 0o600)
+                write_atomic(ssh.host_cert, enrolment.ssh_host_cert + "\n", 0o644)
+        return had
