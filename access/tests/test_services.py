@@ -809,6 +809,19 @@ def test_a_gateway_whose_certificate_cannot_be_read_gets_no_profile_and_nothing_
     assert Credential.objects.count() == before
 
 
+def test_a_failover_gateway_whose_certificate_cannot_be_read_is_left_out(alice, cluster, gateway):
+    """Only the first gateway's unreadable certificate stops a download; a further one is left out (and logged)."""
+    from access.tests.fixtures import make_gateway
+
+    other = make_gateway("gw2", address="198.18.100.2")
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert len(parsed.connections) == 2 and len(parsed.pinned) == 2
+    Gateway.objects.filter(pk=other.pk).update(server_certificate="-----BEGIN CERTIFICATE-----\nbroken\n")
+    parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
+    assert parsed.connections == [] and parsed.directives["remote"] == ["198.18.100.1 1194"]
+    assert parsed.pinned == {services.gateway_fingerprint(gateway)}
+
+
 # --- validity bounds, names ------------------------------------------------------------------------------------
 
 
