@@ -145,9 +145,13 @@ def render(
             now is not None and (now & platform_reserved or (existing and existing - platform_reserved <= now))
         )
         if language in _INCREMENTAL and now is not None and not allows_all and len(vlan_chunks(desired[name])) > 1:
-            if now == desired[name]:
+            # a VLAN created now is removed too where it is not wanted: the device showed the port's VLANs among
+            # those it has, and an id it does not have may still be on the allowed list (its VLAN deleted by
+            # hand), which would carry the new VLAN there
+            stale = frozenset(created) - desired[name]
+            if now == desired[name] and not stale:
                 continue
-            port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks(now - desired[name])
+            port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks((now - desired[name]) | stale)
         ports.append(port)
     if trunk_encapsulation not in ("", "dot1q"):
         raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")

@@ -668,7 +668,8 @@ def test_a_long_allowed_list_is_changed_by_add_and_remove_lines_from_the_known_l
     converge. A port whose list is known changes only by what differs; one carrying its set is not touched."""
     desired = {"Eth1": LONG | {1001, 1007}, "Eth2": LONG, "Eth3": LONG, "Eth4": frozenset({100})}
     current = {"Eth1": LONG - {2, 500} | {7, 9}, "Eth2": LONG, "Eth4": frozenset({100, 200})}  # Eth3: unknown
-    text = render(platform, desired, current=current)
+    existing = LONG | {7, 9, 100, 200, 1001, 1007}  # (the device has every VLAN: none is created)
+    text = render(platform, desired, existing=existing, current=current)
     port = {name: text.split(f"interface {name}\n", 1)[1].split("interface", 1)[0] for name in ("Eth1", "Eth3", "Eth4")}
     lines = [line.strip() for line in port["Eth1"].splitlines() if "allowed vlan" in line]
     assert lines == ["switchport trunk allowed vlan add 2,500,1001,1007", "switchport trunk allowed vlan remove 7,9"]
@@ -677,6 +678,31 @@ def test_a_long_allowed_list_is_changed_by_add_and_remove_lines_from_the_known_l
     assert port["Eth3"].count("switchport trunk allowed vlan 2,4,") == 1
     assert "switchport trunk allowed vlan 100\n" in port["Eth4"]
     assert render(platform, desired) == render(platform, desired, current=None)  # pure
+
+
+@pytest.mark.parametrize("platform", ["ios", "nxos"])
+def test_a_vlan_created_is_removed_from_the_long_lists_that_must_not_carry_it(platform):
+    """The device shows a port's VLANs among those it has: an id whose VLAN was deleted by hand may still be on
+    a long allowed list, unseen, and would be carried there once the VLAN is created again. So a converge that
+    creates VLANs removes them from every long list it changes by add/remove lines that must not carry them —
+    also from one whose known VLANs are already right; a VLAN that exists is left to the lists as shown."""
+    desired = {"Eth1": LONG | {1001}, "Eth2": LONG, "Eth3": LONG | {1001}}
+    current = {"Eth1": LONG, "Eth2": LONG, "Eth3": LONG}
+    text = render(platform, desired, existing=LONG | {7}, current=current)
+    port = {name: text.split(f"interface {name}\n", 1)[1].split("interface", 1)[0] for name in ("Eth1", "Eth2")}
+    assert [line.strip() for line in port["Eth2"].splitlines() if "allowed vlan" in line] == [
+        "switchport trunk allowed vlan remove 1001"
+    ]
+    assert [line.strip() for line in port["Eth1"].splitlines() if "allowed vlan" in line] == [
+        "switchport trunk allowed vlan add 1001"
+    ]
+    assert text.index("vlan 1001\n") < text.index("interface Eth1\n")
+    assert "interface Eth2\n" not in render(platform, desired, existing=LONG | {1001}, current=current)
+    # an undo creates nothing, so removes nothing more
+    undone = render(platform, {"Eth2": LONG}, existing=LONG | {7, 1001}, current={"Eth2": LONG | {1001}}, undo=True)
+    assert [line.strip() for line in undone.splitlines() if "allowed vlan" in line] == [
+        "switchport trunk allowed vlan remove 1001"
+    ]
 
 
 @pytest.mark.parametrize("platform", ["ios", "nxos"])
