@@ -27,6 +27,7 @@ class AccessConfig(AppConfig):
         pre_delete.connect(signals.group_deleting, sender=group_model, dispatch_uid="access-group-deleting")
         post_delete.connect(signals.group_deleted, sender=group_model, dispatch_uid="access-group-deleted")
         post_save.connect(signals.user_saved, sender=user_model, dispatch_uid="access-user-saved")
+        pre_delete.connect(signals.gateway_deleted, sender=Gateway, dispatch_uid="access-gateway-deleted")
         # The clusters app may not be installed in every deployment of this code (or may land later):
         # connect to it only when it is there, by label, so importing access never imports clusters.
         if apps.is_installed("clusters"):

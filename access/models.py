@@ -294,12 +294,6 @@ class Gateway(models.Model):
     enrolled_at = models.DateTimeField(
         null=True, blank=True, help_text="when its current keys and certificates were made (gateway config)"
     )
-    retired_host_keys = models.JSONField(
-        default=list,
-        blank=True,
-        help_text="the bastion's host keys of earlier enrolments whose certificates have not expired yet "
-        '({"key", "until"} each): every SSH bundle for this gateway says @revoked for them',
-    )
     tls_crypt_key = EncryptedTextField("tls-crypt key", blank=True, help_text="shared tls-crypt key (in every profile)")
     local_state_dir = models.CharField(
         max_length=200,
@@ -345,3 +339,23 @@ class Gateway(models.Model):
     def ssh_port_for(self, vlan_id: int | None) -> int:
         """The port users reach the bastion of the cluster on ``vlan_id`` at."""
         return self.ssh_port_base + vlan_id if self.ssh_port_base and vlan_id else self.ssh_port
+
+
+class RetiredHostKey(models.Model):
+    """A bastion host key taken out of use (its gateway re-enrolled or deleted) while its host certificate is still
+    valid: ssh would take it for the names it was certified for, so every SSH bundle for a gateway at one of those
+    names says ``@revoked`` for it, until a day after the certificate's end. Kept apart from the gateway's row, so
+    that a gateway deleted and set up again at its address still refuses the old key."""
+
+    key = models.TextField(help_text="the public key (OpenSSH line)")
+    names = models.JSONField(default=list, help_text="the host names and addresses its certificate was for")
+    until = models.DateTimeField(help_text="when its certificate ends")
+    gateway = models.CharField(max_length=100, help_text="the gateway it was retired from, for the record")
+    retired_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["until"]
+        indexes = [models.Index(fields=["until"])]
+
+    def __str__(self) -> str:
+        return f"{self.gateway}: {self.key.split()[0]} until {self.until:%Y-%m-%d}"

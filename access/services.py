@@ -60,6 +60,7 @@ from access.models import (
     CredentialCluster,
     CredentialKind,
     Gateway,
+    RetiredHostKey,
     RevocationReason,
     SerialNumber,
 )
@@ -1651,17 +1652,19 @@ class GatewayEnrolment:
         return f"GatewayEnrolment(server_name={self.server_name!r}, keys=<redacted>)"
 
 
-def _retire_host_key(gateway: Gateway) -> list[dict]:
-    """``gateway.retired_host_keys`` once its current host certificate is replaced: that certificate's key added
-    (while the certificate is valid, ssh would take it for the gateway), the keys whose certificates expired
-    dropped."""
+def host_key_retire(*, gateway: Gateway) -> RetiredHostKey | None:
+    """Take the bastion's current host key out of use (its gateway is re-enrolled or deleted): recorded while its
+    certificate is valid, so that SSH bundles say ``@revoked`` for it (``retired_host_key_lines``). Rows past
+    their grace are dropped here."""
     from access import ssh
 
-    kept = [{"key": key, "until": until.isoformat()} for key, until in _retired_host_keys(gateway)]
+    RetiredHostKey.objects.filter(until__lt=_now() - RETIRED_HOST_KEY_GRACE).delete()
     old = ssh.certified_key(gateway.ssh_host_certificate)  # None: no certificate, or nothing ssh would take
-    if old is not None and old[1] > _now() - RETIRED_HOST_KEY_GRACE:
-        kept.append({"key": old[0], "until": old[1].isoformat()})
-    return kept
+    if old is None or old[2] <= _now() - RETIRED_HOST_KEY_GRACE:
+        return None
+    key, names, until = old
+    logger.info("access: gateway %s: host key %s retired (certificate until %s)", gateway.name, key.split()[0], until)
+    return RetiredHostKey.objects.create(key=key, names=names, until=until, gateway=gateway.name)
 
 
 #: how long after its certificate's end a retired host key is still listed: a client whose clock is behind would
@@ -1669,29 +1672,14 @@ def _retire_host_key(gateway: Gateway) -> list[dict]:
 RETIRED_HOST_KEY_GRACE = dt.timedelta(days=1)
 
 
-def _retired_host_keys(gateway: Gateway) -> list[tuple[str, dt.datetime]]:
-    """(key, end of its certificate) of ``gateway.retired_host_keys`` still listed; an entry that cannot be read
-    (edited by hand) is logged and skipped rather than breaking every SSH bundle."""
-    found = []
-    for entry in gateway.retired_host_keys:
-        try:
-            key, until = str(entry["key"]), dt.datetime.fromisoformat(entry["until"])
-            if until.tzinfo is None:
-                raise ValueError("no time zone")
-        except (KeyError, TypeError, ValueError) as exc:
-            logger.error("access: gateway %s: unreadable retired host key %r: %s", gateway.name, entry, exc)
-            continue
-        if until > _now() - RETIRED_HOST_KEY_GRACE:
-            found.append((key, until))
-    return found
-
-
 def retired_host_key_lines(gateway: Gateway, patterns: Sequence[str]) -> str:
-    """``@revoked`` lines, for the gateway's ``patterns`` (as the bundle's ``known_hosts`` names it), of the
-    bastion's retired host keys whose certificates have not expired: ssh refuses whoever still holds one."""
+    """``@revoked`` lines, for the gateway's ``patterns`` (as the bundle's ``known_hosts`` names it), of the retired
+    host keys certified for the gateway's address whose certificates have not ended (a day's grace): ssh refuses
+    whoever still holds one — the gateway's own earlier keys, and those of a gateway deleted at its address."""
     from access import ssh
 
-    return "".join(ssh.known_hosts_revoked_line(key, patterns) for key, _until in _retired_host_keys(gateway))
+    rows = RetiredHostKey.objects.filter(until__gt=_now() - RETIRED_HOST_KEY_GRACE).values_list("key", "names")
+    return "".join(ssh.known_hosts_revoked_line(key, patterns) for key, names in rows if gateway.address in names)
 
 
 @transaction.atomic
@@ -1700,7 +1688,7 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
 
     Re-enrolling replaces both keys and certificates, and retires the old ones: VPN profiles pin the new TLS
     certificate (``gateway_fingerprint``; those downloaded before refuse the gateway now), and SSH bundles say
-    ``@revoked`` for the old host key until its certificate expires (``retired_host_keys``)."""
+    ``@revoked`` for the old host key until its certificate expires (``host_key_retire``)."""
     from access import ssh
 
     gateway = Gateway.objects.select_for_update().get(pk=gateway.pk)
@@ -1720,14 +1708,12 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     )
     host = ssh.generate_user_key(comment=f"virtcloud-gateway-{gateway.name}")
     host_cert = ssh_host_certificate_issue(public_key=host.public_line, principals=[gateway.address, server_name])
-    gateway.retired_host_keys = _retire_host_key(gateway)
+    host_key_retire(gateway=gateway)
     gateway.enrolled_at = timezone.now()
     gateway.server_name = server_name
     gateway.server_certificate = pki.cert_to_pem(cert).decode()
     gateway.ssh_host_certificate = host_cert
-    gateway.save(
-        update_fields=["server_name", "server_certificate", "ssh_host_certificate", "retired_host_keys", "enrolled_at"]
-    )
+    gateway.save(update_fields=["server_name", "server_certificate", "ssh_host_certificate", "enrolled_at"])
     logger.info("access: enrolled gateway %s (TLS serial %s)", gateway.name, cert.serial_number)
     return GatewayEnrolment(
         server_name=server_name,

@@ -117,3 +117,11 @@ def user_saved(sender, instance, created, raw=False, **kwargs) -> None:
         reason=RevocationReason.PRIVILEGE_WITHDRAWN,
         note=f"account {instance.get_username()} deactivated",
     )
+
+
+def gateway_deleted(sender, instance, **kwargs) -> None:
+    """A gateway's row is being deleted: its bastion's host key is retired (same transaction), so that a gateway
+    set up again at its address — a new row — still has SSH bundles refuse the old key."""
+    from access import services
+
+    services.host_key_retire(gateway=instance)

@@ -575,15 +575,16 @@ def certificate_key_fingerprint(certificate: str) -> str | None:
     return fingerprint(public_key_line(key))
 
 
-def certified_key(certificate: str) -> tuple[str, dt.datetime] | None:
-    """(the key line an OpenSSH certificate certifies, when the certificate ends); None when it is not one."""
+def certified_key(certificate: str) -> tuple[str, list[str], dt.datetime] | None:
+    """(the key line an OpenSSH certificate certifies, its principals, when it ends); None when it is not one."""
     try:
         cert = serialization.load_ssh_public_identity(certificate.strip().encode())
     except (ValueError, UnsupportedAlgorithm):
         return None
     if not hasattr(cert, "valid_before"):
         return None
-    return public_key_line(cert.public_key()), dt.datetime.fromtimestamp(min(cert.valid_before, 2**33), dt.UTC)
+    names = [p.decode(errors="replace") for p in cert.valid_principals]
+    return public_key_line(cert.public_key()), names, dt.datetime.fromtimestamp(min(cert.valid_before, 2**33), dt.UTC)
 
 
 # a host name or address, or [host]:port — no wildcard, negation or list: each pattern names one host

@@ -765,38 +765,55 @@ def test_a_vpn_profile_pins_the_gateways_current_certificate(alice, cluster, gat
 
 
 def test_a_re_enrolled_bastions_old_host_key_is_revoked_in_every_ssh_bundle(alice, cluster, gateway):
-    """Re-enrolment retires the bastion's host key: until its certificate expires, every SSH bundle's known_hosts
-    says ``@revoked`` for it, for the gateway as the bundle names it (ssh refuses whoever still holds it: real ssh in
-    test_ssh_gateway); the new key is not listed, and a retired key whose certificate has expired is dropped."""
+    """Re-enrolment retires the bastion's host key: until a day after its certificate ends, every SSH bundle's
+    known_hosts says ``@revoked`` for it, for the gateway as the bundle names it (ssh refuses whoever still holds it:
+    real ssh in test_ssh_gateway); the new key is not listed, nor a key certified for another address, and one whose
+    certificate ended more than a day ago is dropped."""
     from access import ssh
+    from access.models import RetiredHostKey
+
+    def revoked() -> list[str]:
+        known_hosts = services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+        return [line.split()[-1] for line in known_hosts.splitlines() if line.startswith("@revoked 198.18.100.1 ")]
 
     services.gateway_enrol(gateway=gateway)
     gateway.refresh_from_db()
-    first, first_end = ssh.certified_key(gateway.ssh_host_certificate)
-    assert "@revoked" not in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
+    first, names, first_end = ssh.certified_key(gateway.ssh_host_certificate)
+    assert revoked() == [] and names == ["198.18.100.1", "virtcloud-gateway-gw1"]
 
     services.gateway_enrol(gateway=gateway)
     gateway.refresh_from_db()
-    second, _ = ssh.certified_key(gateway.ssh_host_certificate)
-    assert gateway.retired_host_keys == [{"key": first, "until": first_end.isoformat()}]
+    second, _, _ = ssh.certified_key(gateway.ssh_host_certificate)
+    retired = RetiredHostKey.objects.get()
+    assert (retired.key, retired.names, retired.until, retired.gateway) == (first, names, first_end, "gw1")
+    assert revoked() == [first.split()[1]] and second.split()[1] not in revoked()
+
+    RetiredHostKey.objects.create(key=second, names=["198.18.100.99"], until=first_end, gateway="elsewhere")
+    assert revoked() == [first.split()[1]]  # certified for another address: not this gateway's business
+    RetiredHostKey.objects.filter(pk=retired.pk).update(until=timezone.now() - dt.timedelta(hours=20))
+    assert revoked() == [first.split()[1]]  # a client whose clock is behind still takes its certificate
+    RetiredHostKey.objects.filter(pk=retired.pk).update(until=timezone.now() - dt.timedelta(days=2))
+    assert revoked() == []
+    services.gateway_enrol(gateway=gateway)
+    assert not RetiredHostKey.objects.filter(pk=retired.pk).exists()  # dropped at the next retirement
+
+
+def test_a_deleted_gateways_host_key_stays_revoked_for_its_address(alice, cluster, gateway):
+    """A gateway deleted and set up again at its address (a new entry, new keys): the old entry's host key, whose
+    certificate names that address, is refused in every bundle of the new one."""
+    from access import ssh
+    from access.models import RetiredHostKey
+    from access.tests.fixtures import make_gateway
+
+    services.gateway_enrol(gateway=gateway)
+    gateway.refresh_from_db()
+    old, _, _ = ssh.certified_key(gateway.ssh_host_certificate)
+    gateway.delete()
+    assert RetiredHostKey.objects.get().key == old
+    rebuilt = make_gateway("gw1-new", address="198.18.100.1")
+    services.gateway_enrol(gateway=rebuilt)
     known_hosts = services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
-    revoked = [line for line in known_hosts.splitlines() if line.startswith("@revoked")]
-    assert revoked == [f"@revoked 198.18.100.1 {' '.join(first.split()[:2])}"]
-    assert " ".join(second.split()[:2]) not in known_hosts
-
-    # listed a day past its certificate's end (a client whose clock is behind still takes it), then dropped; an
-    # entry edited into something unreadable is skipped, not a broken download
-    lately = (timezone.now() - dt.timedelta(hours=20)).isoformat()
-    long_ago = (timezone.now() - dt.timedelta(days=2)).isoformat()
-    unreadable = [{"key": first}, {"key": first, "until": "2030-01-01T00:00:00"}, "x"]
-    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[*unreadable, {"key": first, "until": lately}])
-    assert "@revoked" in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
-    Gateway.objects.filter(pk=gateway.pk).update(retired_host_keys=[*unreadable, {"key": first, "until": long_ago}])
-    assert "@revoked" not in services.ssh_certificate_issue(user=alice, cluster=cluster).known_hosts
-    gateway.refresh_from_db()
-    services.gateway_enrol(gateway=gateway)
-    gateway.refresh_from_db()
-    assert [entry["key"] for entry in gateway.retired_host_keys] == [second]
+    assert f"@revoked 198.18.100.1 {' '.join(old.split()[:2])}\n" in known_hosts
 
 
 def test_a_gateway_whose_certificate_cannot_be_read_gets_no_profile_and_nothing_is_recorded(alice, cluster, gateway):

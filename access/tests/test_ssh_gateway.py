@@ -413,6 +413,7 @@ def test_a_revoked_node_host_key_is_refused_by_the_client(lab):
     assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr
 
 
+@pytest.mark.django_db
 def test_a_retired_bastion_host_key_is_refused_by_the_client(lab):
     """What the portal adds to every bundle's known_hosts once a gateway is re-enrolled (its old host key
     ``@revoked`` for the gateway's name, ``services.retired_host_key_lines``) makes ssh refuse a bastion still
@@ -420,14 +421,17 @@ def test_a_retired_bastion_host_key_is_refused_by_the_client(lab):
     from types import SimpleNamespace
 
     from access import services
+    from access.models import RetiredHostKey
 
     user, _ = _user(lab)
     assert user.ssh("c42-node1", "true").returncode == 0
     public = lab.ns.run("ssh-keygen", "-y", "-f", str(lab.bastion.state.root / "host_key")).stdout
     ca_line = next(line for line in (user.dir / "known_hosts").read_text().splitlines() if line.startswith("@cert"))
-    until = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
-    retired = SimpleNamespace(retired_host_keys=[{"key": public, "until": until}])
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    RetiredHostKey.objects.create(key=public, names=[BASTION, "bastion"], until=until, gateway="gw")
+    lines = services.retired_host_key_lines(SimpleNamespace(address=BASTION), ca_line.split()[1].split(",")[:1])
+    assert lines.startswith("@revoked ")
     with open(user.dir / "known_hosts", "a") as known_hosts:
-        known_hosts.write(services.retired_host_key_lines(retired, ca_line.split()[1].split(",")[:1]))
+        known_hosts.write(lines)
     r = user.ssh("c42-node1", "true")
     assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr
