@@ -10,8 +10,21 @@ from access import services
 from access.models import Authority, Credential, CredentialCluster, Gateway, RetiredHostKey, RevocationReason
 
 
+class MadeByThePortal:
+    """An admin page for rows only the portal writes: shown, never added, changed or deleted here."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Authority)
-class AuthorityAdmin(admin.ModelAdmin):
+class AuthorityAdmin(MadeByThePortal, admin.ModelAdmin):
     """Made by the portal on first use; shown for their certificates and revocation list status only."""
 
     list_display = ("kind", "created_at", "revocation_number", "revocation_updated_at", "revocation_next_update")
@@ -24,35 +37,17 @@ class AuthorityAdmin(admin.ModelAdmin):
         "revocation_next_update",
         "created_at",
     )
-    readonly_fields = fields
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False  # deleting a CA would orphan every credential and gateway
+    readonly_fields = fields  # (deleting a CA would orphan every credential and gateway)
 
 
 @admin.register(RetiredHostKey)
-class RetiredHostKeyAdmin(admin.ModelAdmin):
+class RetiredHostKeyAdmin(MadeByThePortal, admin.ModelAdmin):
     """Bastion host keys taken out of use (a gateway re-enrolled or deleted) whose certificates are still valid:
     every SSH bundle refuses them. Kept by the portal; nothing to edit."""
 
     list_display = ("gateway", "retired_at", "until")
     fields = ("gateway", "key", "names", "until", "retired_at")
-    readonly_fields = fields
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False  # deleting one would let the old key answer for the gateway again
+    readonly_fields = fields  # (deleting one would let the old key answer for the gateway again)
 
 
 class CredentialClusterInline(admin.TabularInline):

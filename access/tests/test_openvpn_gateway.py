@@ -436,6 +436,16 @@ def test_an_expired_state_refuses_everyone_and_ends_live_sessions_at_renegotiati
 # ---- the hooks' decisions without OpenVPN (fast, no root) -------------------------------------------------------
 
 FP = "ab" * 32
+#: what a client profile needs besides its cluster (placeholders where only the rendering is checked)
+PROFILE = dict(
+    remote=("gw", 1194),
+    server_name="gw1",
+    server_fingerprint=FP,
+    ca_pem="C",
+    cert_pem="X",
+    key_pem="K",
+    tls_crypt_key="T",
+)
 
 
 def _state(tmp_path, clusters=None, vlans=VLANS, not_after=None):
@@ -563,15 +573,7 @@ def test_server_config_directives(tmp_path):
 
 
 def test_profile_refuses_injection():
-    base = dict(
-        remote=("gw", 1194),
-        server_name="gw1",
-        server_fingerprint=FP,
-        ca_pem="C",
-        cert_pem="X",
-        key_pem="K",
-        tls_crypt_key="T",
-    )
+    base = dict(PROFILE)
     with pytest.raises(openvpn.ProfileError):
         openvpn.render_client_profile(cluster="c42\nscript-security 3", **base)
     with pytest.raises(openvpn.ProfileError):
@@ -604,30 +606,13 @@ def test_profile_refuses_injection():
     ],
 )
 def test_profile_refuses_control_characters_and_values_out_of_range(bad):
-    base = dict(
-        cluster="c42",
-        remote=("gw", 1194),
-        server_name="gw1",
-        server_fingerprint=FP,
-        ca_pem="C",
-        cert_pem="X",
-        key_pem="K",
-        tls_crypt_key="T",
-    )
+    base = dict(PROFILE, cluster="c42")
     with pytest.raises(openvpn.ProfileError):
         openvpn.render_client_profile(**{**base, **bad})
 
 
 def test_one_transport_gives_each_side_its_proto(tmp_path):
-    base = dict(
-        remote=("gw", 1194),
-        server_name="gw1",
-        server_fingerprint=FP,
-        ca_pem="C",
-        cert_pem="X",
-        key_pem="K",
-        tls_crypt_key="T",
-    )
+    base = dict(PROFILE)
     for proto, client, server in (
         ("udp", "udp", "udp"),
         ("tcp", "tcp-client", "tcp-server"),

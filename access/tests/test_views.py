@@ -184,6 +184,24 @@ def test_admin_shows_no_ca_key(root, gateway):
     assert "BEGIN CERTIFICATE" in client.get(f"/admin/access/authority/{vpn.pk}/change/").content.decode()
 
 
+def test_admin_shows_retired_host_keys_and_lets_nobody_remove_one(root, gateway):
+    """A retired host key stays listed until its certificate ends: deleting it would let the old key answer for the
+    gateway again, so the admin shows it and offers neither delete nor change nor add, even to a superuser."""
+    from access import services
+    from access.models import RetiredHostKey
+
+    services.gateway_enrol(gateway=gateway)
+    services.gateway_enrol(gateway=gateway)
+    retired = RetiredHostKey.objects.get()
+    client = logged_in(root)
+    assert "gw1" in client.get("/admin/access/retiredhostkey/").content.decode()
+    page = client.get(f"/admin/access/retiredhostkey/{retired.pk}/change/").content.decode()
+    assert retired.key.split()[1] in page and 'name="_save"' not in page
+    assert client.post(f"/admin/access/retiredhostkey/{retired.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert client.get("/admin/access/retiredhostkey/add/").status_code == 403
+    assert RetiredHostKey.objects.filter(pk=retired.pk).exists()
+
+
 def test_admin_revoke_action(root, alice, bob, cluster, gateway):
     from access import services
 
