@@ -1,5 +1,5 @@
-"""Access in admin: the authorities (never their keys), credentials (read-only, revoke action), gateways
-(with "make gateway token", whose secret is shown once)."""
+"""Access in admin: the authorities (never their keys), credentials (read-only, revoke action), retired host
+keys (read-only), gateways (with "make gateway token", whose secret is shown once)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,7 @@ from django.db.models import Prefetch
 
 from access import services
 from access.models import Authority, Credential, CredentialCluster, Gateway, RetiredHostKey, RevocationReason
-
-
-class MadeByThePortal:
-    """An admin page for rows only the portal writes: shown, never added, changed or deleted here."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+from portal.admin import MadeByThePortal
 
 
 @admin.register(Authority)

@@ -16,14 +16,8 @@ from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, 
 from portal.tokens import token_create, token_revoke
 
 
-@admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
-    list_display = ("timestamp", "actor", "action", "content_type", "object_repr", "request_id")
-    list_filter = ("action", "content_type", "actor")
-    search_fields = ("object_repr", "object_id", "actor", "request_id", "message")
-    date_hierarchy = "timestamp"
-    list_select_related = ("content_type",)
-    readonly_fields = [f.name for f in AuditEntry._meta.fields]
+class MadeByThePortal:
+    """An admin page for rows only the portal writes: shown, never added, changed or deleted here."""
 
     def has_add_permission(self, request):
         return False
@@ -33,6 +27,16 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(MadeByThePortal, admin.ModelAdmin):
+    list_display = ("timestamp", "actor", "action", "content_type", "object_repr", "request_id")
+    list_filter = ("action", "content_type", "actor")
+    search_fields = ("object_repr", "object_id", "actor", "request_id", "message")
+    date_hierarchy = "timestamp"
+    list_select_related = ("content_type",)
+    readonly_fields = [f.name for f in AuditEntry._meta.fields]
 
 
 class ApiTokenForm(forms.ModelForm):
