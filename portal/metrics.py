@@ -2,9 +2,9 @@
 worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
 state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
 or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind, access
-gateways that stopped pulling. Each family is one aggregate query (webhooks: one per webhook; open device
-work, recent failures and recent READY steps use partial and time indexes, so a scrape stays cheap however
-long the history grows)."""
+gateways that stopped pulling or whose certificates are about to end. Each family is one aggregate query
+(webhooks: one per webhook; open device work, recent failures and recent READY steps use partial and time
+indexes, so a scrape stays cheap however long the history grows)."""
 
 from __future__ import annotations
 
@@ -148,12 +148,21 @@ def collect() -> list[Family]:
         "Seconds since the newest change every access gateway's installed state is known to hold was made "
         "(since it was enrolled, if it never said); disabled gateways too: they hold released VLAN ids back.",
     )
+    # VPN profiles pin a gateway's TLS certificate and SSH bundles trust its host certificate: when one ends, every
+    # user is refused there. Renew by re-enrolling (``gateway config --re-enrol``) before.
+    expiry = Family(
+        "virtcloud_gateway_certificate_expiry_seconds",
+        "Seconds until an enabled access gateway's certificate ends (tls: its OpenVPN server's, ssh: its "
+        "bastion's host certificate; negative: ended). Re-enrol the gateway before.",
+    )
     gateways = list(Gateway.objects.order_by("name"))
     for gateway in gateways:
         if gateway.enabled:
             pulls.add((now - (gateway.last_pull_at or gateway.created_at)).total_seconds(), gateway=gateway.name)
+            for kind, ends in _certificates_end(gateway).items():
+                expiry.add((ends - now).total_seconds(), gateway=gateway.name, certificate=kind)
         installed.add(gateway_state_age(gateway, now).total_seconds(), gateway=gateway.name)
-    families += [pulls, installed]
+    families += [pulls, installed, expiry]
     shared = Family(
         "virtcloud_bastion_shared_addresses",
         "Node addresses more than one cluster uses that the SSH bastion therefore relays to for none of them "
@@ -191,6 +200,21 @@ def collect() -> list[Family]:
         )
     )
     return families
+
+
+def _certificates_end(gateway) -> dict:
+    """When the gateway's certificates that can be read end, by kind (tls, ssh)."""
+    from access import pki, ssh
+
+    ends = {}
+    if gateway.server_certificate:
+        try:
+            ends["tls"] = pki.load_cert_pem(gateway.server_certificate.encode()).not_valid_after_utc
+        except ValueError:
+            pass
+    if (host := ssh.certified_key(gateway.ssh_host_certificate)) is not None:
+        ends["ssh"] = host[2]
+    return ends
 
 
 def _by_kind(name: str, help_text: str, rows, kinds: list[str]) -> Family:

@@ -120,6 +120,9 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     Gateway.objects.filter(name="gw2").update(created_at=now - timedelta(hours=1))  # enrolled, never pulled
     Gateway.objects.filter(pk=gateways[2].pk).update(enabled=False)
     Gateway.objects.filter(name="gw1").update(state_as_of=now - timedelta(seconds=700))  # pulls, cannot install
+    from access import services as access_services
+
+    access_services.gateway_enrol(gateway=gateways[0])  # gw1's certificates: a year; gw2 has none yet
 
     prometheus = scraper(alice, [TokenScope.METRICS])
     with CaptureQueriesContext(connection) as ctx:
@@ -162,7 +165,14 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     assert 700 <= value("virtcloud_gateway_state_age_seconds", gateway="gw1") < 760
     assert 3600 <= value("virtcloud_gateway_state_age_seconds", gateway="gw2") < 3700
     assert value("virtcloud_gateway_state_age_seconds", gateway="off") < 60  # (made now) still holds VLAN ids
-    # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
+    year = timedelta(days=365).total_seconds()
+    for kind in ("tls", "ssh"):
+        assert year - 3600 < value("virtcloud_gateway_certificate_expiry_seconds", gateway="gw1", certificate=kind)
+        assert value("virtcloud_gateway_certificate_expiry_seconds", gateway="gw1", certificate=kind) < year + 600
+    assert not any(
+        name == "virtcloud_gateway_certificate_expiry_seconds" and ("gateway", "gw2") in labels
+        for name, labels in found
+    )  # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
     # the webhooks — one more per webhook: none here; the gateways; the queues: two for the devices, one per device kind
     # for their changes), whatever the size
     assert len(ctx.captured_queries) <= 20, [q["sql"] for q in ctx.captured_queries]
