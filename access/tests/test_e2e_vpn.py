@@ -7,7 +7,9 @@ asking for a cluster the AC does not cover → AUTH_FAILED; revoking in the port
 the (local) gateway, cuts the live session, and the reconnect is refused. All of it with OpenVPN as
 ``gateway config`` sets it up by default: dropped to nobody:nogroup after start, its hooks unprivileged too
 (they read the state as its group, write their records as that user), the session cut by the root pull
-through the management socket, the revoked certificate refused by ``crl-verify`` reading the new CRL.
+through the management socket, the revoked certificate refused by ``crl-verify`` reading the new CRL. After
+``gateway config --re-enrol`` and a restart, a profile downloaded before refuses the gateway (it pins the old
+certificate) and a new one connects.
 """
 # ruff: noqa: F401, F811 (pytest fixtures imported from access.tests.fixtures are parameters here)
 
@@ -48,10 +50,18 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         run_as = RunAs.lookup("nobody", "nogroup")  # gateway config's default
         hooks = (state / "vpn" / "crl.pem", sys.executable, Path(vpn_hooks.__file__))
         log = tmp_path / "server.log"
-        with reachable_for(run_as, hooks) as prefix:  # (its log: a file of this namespace, open on its stdout)
-            server = gw.popen(*prefix, "openvpn", "--config", str(state / "openvpn.conf"), log=log)
-            procs.append(server)
-            wait_for(lambda: "Initialization Sequence Completed" in read(log), 10, what="openvpn server start")
+
+        def start_server():
+            with reachable_for(run_as, hooks) as prefix:  # (its log: a file of this namespace, open on its stdout)
+                started = gw.popen(*prefix, "openvpn", "--config", str(state / "openvpn.conf"), log=log)
+                procs.append(started)
+                wait_for(
+                    lambda: read(log).count("Initialization Sequence Completed") > done, 10, what="openvpn server start"
+                )
+            return started
+
+        done = 0
+        server = start_server()
         assert "UID set to nobody" in read(log) and "GID set to nogroup" in read(log), read(log)
         ids = dict(line.split(":\t", 1) for line in Path(f"/proc/{server.pid}/status").read_text().splitlines())
         assert ids["Uid"].split() == [str(run_as.uid)] * 4 and ids["Gid"].split() == [str(run_as.gid)] * 4
@@ -63,6 +73,14 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         lab = Lab()
         lab.gw, lab.ws, lab.tap, lab.log, lab.procs, lab.tmp, lab.state = gw, ws, tap, log, procs, tmp_path, state
         lab.run_as = run_as
+
+        def restart_server():  # what the operator does after a re-enrolment
+            nonlocal done, server
+            done = read(log).count("Initialization Sequence Completed")
+            stop(server)
+            server = start_server()
+
+        lab.restart_server = restart_server
         yield lab
 
 
@@ -166,3 +184,41 @@ def test_only_root_may_use_the_management_interface(vpn_lab):
         ["/usr/bin/python3", "-c", banner, str(sock)], capture_output=True, text=True, timeout=10, check=True
     )
     assert "OpenVPN Management Interface" in as_root.stdout, as_root
+
+
+def test_after_a_re_enrolment_the_profiles_made_before_refuse_the_gateway_and_new_ones_connect(vpn_lab, alice, cluster):
+    """``gateway config --re-enrol`` (the gateway's key was exposed): once OpenVPN is restarted on the new key, a
+    profile downloaded before refuses the gateway at TLS — it pins the old certificate, which whoever holds the old
+    key could still present — and one downloaded now connects."""
+    from io import StringIO
+
+    before, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    proc, log = _connect(vpn_lab, before, "before", "vce3")
+    assert "Initialization Sequence Completed" in read(log), read(log)[-2000:]
+    stop(proc)
+
+    out = StringIO()
+    call_command(
+        "gateway",
+        "config",
+        "gw1",
+        "--dir",
+        str(vpn_lab.state),
+        "--dev",
+        vpn_lab.tap,
+        "--vpn-local",
+        GW_ADDR,
+        "--re-enrol",
+        stdout=out,
+    )
+    assert "re-enrolled: restart its OpenVPN" in out.getvalue()
+    vpn_lab.restart_server()
+    old, old_log = _connect_refused(vpn_lab, before, "before-again")
+    wait_for(lambda: "certificate hash verification failed" in read(old_log), 10, what="the old profile to refuse")
+    assert "Initialization Sequence Completed" not in read(old_log)
+    stop(old)
+
+    after, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
+    proc, log = _connect(vpn_lab, after, "after", "vce4")
+    assert "Initialization Sequence Completed" in read(log), read(log)[-2000:]
+    stop(proc)
