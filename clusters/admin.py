@@ -149,6 +149,17 @@ class VirtualClusterForm(forms.ModelForm):
         return value
 
 
+def _undeletable(cluster) -> str:
+    """Why the row of ``cluster`` may not be deleted ("" when it may): it is live, or its network still is."""
+    from network.models import Segment
+
+    if cluster.state in LIVE_STATES:
+        return f"cluster {cluster.name} is {cluster.get_state_display()}: tear it down first"
+    if cluster.segment_id and Segment.objects.filter(pk=cluster.segment_id, state__in=Segment.LIVE_STATES).exists():
+        return f"cluster {cluster.name}'s network is still being rolled back: wait until it is released"
+    return ""
+
+
 @admin.register(VirtualCluster)
 class VirtualClusterAdmin(admin.ModelAdmin):
     form = VirtualClusterForm
@@ -188,15 +199,15 @@ class VirtualClusterAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         # No Delete button on a live cluster's page: the delete would be refused (get_deleted_objects).
-        return super().has_delete_permission(request, obj) and not (obj is not None and obj.is_live)
+        return super().has_delete_permission(request, obj) and not (obj is not None and _undeletable(obj))
 
     def get_deleted_objects(self, objs, request):
         # Deleting a live cluster's row would leave its VLAN on the devices (its segment outlives it) and its
-        # credentials valid: only the teardown cleans and revokes.
+        # credentials valid: only the teardown cleans and revokes. A failed one whose network is not rolled back
+        # yet (the rollback could not be sent, or is running) likewise: the sweeper that finishes it works from the
+        # cluster's row.
         deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
-        live = [
-            f"cluster {c.name} is {c.get_state_display()}: tear it down first" for c in objs if c.state in LIVE_STATES
-        ]
+        live = [why for c in objs if (why := _undeletable(c))]
         if live and super().has_delete_permission(request):
             # has_delete_permission refuses the live ones: this says why, where "no permission" would not
             perms = perms - {self.model._meta.verbose_name}

@@ -179,13 +179,28 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 def expire() -> list[int]:
     """Periodic: tear down clusters past their lifetime, say which ones come near theirs; retry teardowns
     that got stuck and provisionings that never started; end provisionings (rolled back) and updates past their
-    deadline; send the rollback of a failed cluster's network that was never rolled back."""
-    ids = services.clusters_expire()
-    services.clusters_warn_expiring()
-    services.clusters_retry_stuck_teardowns()
-    services.clusters_resume_requested()
-    services.clusters_end_stalled_workflows()
-    services.clusters_roll_back_abandoned_networks()
+    deadline; send the rollback of a failed cluster's network that was never rolled back. Each sweep on its own:
+    one that fails (logged, and the task fails after the others ran) does not hold back the rest."""
+    ids: list[int] = []
+    failed: list[str] = []
+    for sweep in (
+        services.clusters_expire,
+        services.clusters_warn_expiring,
+        services.clusters_retry_stuck_teardowns,
+        services.clusters_resume_requested,
+        services.clusters_end_stalled_workflows,
+        services.clusters_roll_back_abandoned_networks,
+    ):
+        try:
+            found = sweep()
+        except Exception:  # noqa: BLE001 - logged; the next sweeps still run, the task fails at the end
+            logger.exception("clusters.expire: %s failed", sweep.__name__)
+            failed.append(sweep.__name__)
+            continue
+        if sweep is services.clusters_expire:
+            ids = found
+    if failed:
+        raise RuntimeError(f"clusters.expire: {', '.join(failed)} failed (see the log); the other sweeps ran")
     return ids
 
 

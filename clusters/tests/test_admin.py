@@ -132,6 +132,29 @@ def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root,
     assert not VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
 
+def test_admin_refuses_to_delete_a_failed_cluster_whose_network_is_not_rolled_back_yet(client, root, cluster):
+    """A failed cluster whose network is still live (its rollback could not be sent, or is running) keeps its row:
+    the sweeper that rolls such networks back works from it; deleted, the VLAN would stay on the devices for good.
+    Once the network is rolled back, the row may go."""
+    from network.models import Segment
+
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.FAILED)
+    assert cluster.segment.state in Segment.LIVE_STATES
+    client.force_login(root)
+    assert client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/").status_code == 403
+    r = client.post(
+        "/admin/clusters/virtualcluster/",
+        {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
+        follow=True,
+    )
+    assert "network is still being rolled back: wait until it is released" in r.content.decode()
+    assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+    Segment.objects.filter(pk=cluster.segment_id).update(state=Segment.State.FAILED)
+    r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
+    assert r.status_code == 200 and not VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+
 def test_the_teardown_action_on_an_ended_cluster_says_why_and_nothing_else(client, root, cluster):
     services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: torn down now
     client.force_login(root)

@@ -47,6 +47,31 @@ def test_an_expiring_event_once_per_expiry_in_the_feed(fabric, alice, settings):
     assert len(expiring(cid)) == 2
 
 
+def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, settings, monkeypatch, caplog):
+    """The periodic task runs six sweeps: one failing (a database hiccup, a bug) is logged and fails the task,
+    after the others ran — a cluster past its lifetime is still torn down, a warning still goes out."""
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    gone = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    soon = create_cluster(alice, "c2", "52:54:00:00:00:02")
+    now = timezone.now()
+    VirtualCluster.objects.filter(pk=gone).update(expires_at=now - timedelta(minutes=1))
+    VirtualCluster.objects.filter(pk=soon).update(expires_at=now + timedelta(minutes=30))
+    ran = []
+
+    def clusters_resume_requested():
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "clusters_resume_requested", clusters_resume_requested)
+    monkeypatch.setattr(services, "clusters_retry_stuck_teardowns", lambda: ran.append("retry"))
+    monkeypatch.setattr(services, "clusters_roll_back_abandoned_networks", lambda: ran.append("roll back"))
+    with pytest.raises(RuntimeError, match="clusters_resume_requested failed"):
+        tasks.expire.apply().get()
+    assert ran == ["retry", "roll back"]
+    assert VirtualCluster.objects.get(pk=gone).state in ("tearing_down", "torn_down")
+    assert len(expiring(soon)) == 1
+    assert "clusters.expire: clusters_resume_requested failed" in caplog.text and "database went away" in caplog.text
+
+
 def test_no_warning_when_switched_off_or_for_a_cluster_that_ended(fabric, alice, settings):
     cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() + timedelta(minutes=5))
