@@ -295,13 +295,18 @@ def rollback_kept(segment_id: int | None) -> str:
 
 def vlan_holders(segment: Segment) -> list[str]:
     """Disabled devices that may still carry ``segment``'s VLAN: a change for the segment settled on them
-    while they were enabled (they took the VLAN, or were converged while the segment was on them), and a
-    disabled device is never touched, so nothing took it away since. While there is one, the id may go to
-    no other owner (the two would share it on that device). ``["switch sw-x", "host h1"]``; a device that
-    left the inventory holds nothing."""
-    settled = DeviceChange.objects.filter(
-        segment=segment, status__in=(DeviceChange.Status.OK, DeviceChange.Status.NOOP)
-    ).exclude(error=DeviceChange.NOT_TOUCHED)
+    while they were enabled (they took the VLAN, or were converged while the segment was on them), failed
+    in a way that may have applied part of it (all but a switch that refused it outright), or had a session
+    started that never finished (the device was disabled under it) — and a disabled device is never touched,
+    so nothing took it away since. While there is one, the id may go to no other owner (the two would share it
+    on that device). ``["switch sw-x", "host h1"]``; a device that left the inventory holds nothing."""
+    status = DeviceChange.Status
+    may_have_applied = (
+        (Q(status__in=(status.OK, status.NOOP)) & ~Q(error=DeviceChange.NOT_TOUCHED))
+        | Q(status=status.FAILED, refused=False)
+        | Q(status__in=DeviceChange.OPEN, started_at__isnull=False)
+    )
+    settled = DeviceChange.objects.filter(may_have_applied, segment=segment)
     holders = []
     for label, model, column in (("switch", Switch, "switch_id"), ("host", Host, "host_id")):
         took = settled.filter(**{f"{column}__isnull": False}).values(column)

@@ -414,6 +414,29 @@ def test_a_rollback_keeps_the_vlan_while_a_disabled_switch_may_carry_it(fabric, 
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
+def test_a_rollback_keeps_the_vlan_while_a_disabled_host_whose_change_failed_may_carry_it(fabric, monkeypatch):
+    """A host's change that failed may have applied part of it (a host fails half-way through its VLANs): the
+    host disabled before the rollback reaches it may carry the VLAN, so the rollback keeps it, naming the host,
+    until the host is enabled and cleaned. (A switch that refused its change outright holds nothing.)"""
+    from network import tasks
+
+    seg = _pilsen1_fails_then_at_the_rollback(
+        fabric, monkeypatch, lambda: Host.objects.filter(name="pilsen1").update(enabled=False)
+    )
+    assert seg.state == Segment.State.FAILED
+    assert DeviceChange.objects.get(segment=seg, device="pilsen1", cause="provision c").status == "failed"
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED, seg.error
+    assert "pilsen1" in seg.error.partition("not rolled back")[2], seg.error
+    assert tasks.retry_rollbacks.apply().get() == []  # waits for the host
+    fabric.hosts["pilsen1"].driver_args = fabric.args
+    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
+    Host.objects.filter(name="pilsen1").update(enabled=True)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
 def test_a_rollback_runs_once_and_a_stalled_one_is_run_again(fabric):
     """Celery may call a workflow's errback twice (the failed task's and its chord's): the second call finds
     the rollback claimed and adds nothing. A rollback whose worker died before handing the work on stays
