@@ -139,7 +139,22 @@ def segment_step(segment_id: int, step: str) -> dict:
 @shared_task(name="network.segment_provisioned", acks_late=True)
 def segment_provisioned(segment_id: int) -> dict:
     """Every device reported success: the segment is active (unless it was deleted meanwhile). A segment on the
-    gateway trunks is its owner's way in now: its VLAN id may be in the gateways' maps from here on."""
+    gateway trunks is its owner's way in now: its VLAN id may be in the gateways' maps from here on.
+
+    Not when a device was disabled between the provisioning's recording its change and running it (the change
+    settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
+    provisioning fails with the device named, and is rolled back."""
+    untouched = (
+        DeviceChange.objects.filter(
+            segment_id=segment_id, error=DeviceChange.NOT_TOUCHED, segment__state=Segment.State.PENDING
+        )
+        .order_by("device")
+        .values_list("device", "pk")
+        .first()
+    )
+    if untouched is not None:
+        device, change_id = untouched
+        raise DeviceChangeFailed(device, "disabled while the network was being provisioned: not configured", change_id)
     Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING).update(state=Segment.State.ACTIVE, error="")
     seg = Segment.objects.get(pk=segment_id)
     if seg.state != Segment.State.ACTIVE:

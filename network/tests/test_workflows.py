@@ -373,23 +373,22 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
-def test_a_device_disabled_before_it_took_the_vlan_holds_nothing(fabric):
+def test_a_device_disabled_before_it_took_the_vlan_fails_the_provisioning_and_holds_nothing(fabric):
     """A switch disabled after the provisioning recorded its change but before the change ran settles it
-    untouched: it never carried the VLAN, so the teardown releases it."""
+    untouched: the nodes behind it would have no network, so the provisioning fails naming it (never "ready"
+    without it) and is rolled back; it never carried the VLAN, so the rollback releases it."""
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
     canvas = workflows.provision(seg.pk)  # the device changes are recorded now
     Switch.objects.filter(name="sw-pilsen").update(enabled=False)
-    canvas.apply().get()
-    assert DeviceChange.objects.get(segment=seg, device="sw-pilsen").error == DeviceChange.NOT_TOUCHED
-    assert not any(fabric.switch_ports("sw-pilsen").values())  # never touched
-    services.segment_delete(segment=seg)
-    workflows.teardown(seg.pk).apply().get()
-    seg.refresh_from_db()
-    assert (seg.state, seg.error, seg.allocation.state) == (
-        Segment.State.CLOSED,
-        "",
-        VlanAllocation.State.QUARANTINED,
+    with pytest.raises(DeviceChangeFailed, match="sw-pilsen: disabled while the network was being provisioned"):
+        canvas.apply().get()
+    assert DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c").error == (
+        DeviceChange.NOT_TOUCHED
     )
+    assert not any(fabric.switch_ports("sw-pilsen").values())  # never touched
+    seg.refresh_from_db()
+    assert (seg.state, seg.allocation.state) == (Segment.State.FAILED, VlanAllocation.State.QUARANTINED)
+    assert all(not vlans for vlans in device_view(fabric).values())
 
 
 def test_a_rollback_keeps_the_vlan_while_a_disabled_switch_may_carry_it(fabric, monkeypatch):
