@@ -240,6 +240,14 @@ def step_start(cluster: VirtualCluster, name: str, *, detail: str = "") -> Clust
     return ClusterStep.objects.create(cluster=cluster, name=name, generation=cluster.workflow_generation, detail=detail)
 
 
+def step_start_once(cluster: VirtualCluster, name: str, *, detail: str = "") -> ClusterStep | None:
+    """``step_start``, unless this workflow (generation) recorded that step already: None then (a task redelivered
+    after its worker died runs again, and records its step once)."""
+    if ClusterStep.objects.filter(cluster=cluster, name=name, generation=cluster.workflow_generation).exists():
+        return None
+    return step_start(cluster, name, detail=detail)
+
+
 def step_finish(step: ClusterStep, *, status: str = StepStatus.OK, error: str = "", device: str = "") -> None:
     step.status = status
     step.error = error

@@ -73,7 +73,8 @@ def gateway_leg(cluster_id: int, generation: int) -> None:
         detail = f"access gateway trunks carry VLAN {cluster.vlan_id}"
     else:
         detail = f"public subnet {cluster.public_subnet}, router {cluster.public_gateway}"
-    services.step_finish(services.step_start(cluster, "gateway", detail=detail))
+    if (step := services.step_start_once(cluster, "gateway", detail=detail)) is not None:
+        services.step_finish(step)
 
 
 @shared_task(name="clusters.provision_done")
@@ -128,7 +129,7 @@ def compensation_failed(request, exc, traceback, cluster_id: int, generation: in
 def teardown_begin(cluster_id: int, generation: int) -> None:
     cluster = _cluster(cluster_id)
     if cluster is not None and cluster.workflow_generation == generation:
-        services.step_start(cluster, "teardown")
+        services.step_start_once(cluster, "teardown")
 
 
 @shared_task(name="clusters.teardown_done")

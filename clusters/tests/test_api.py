@@ -997,6 +997,26 @@ def test_a_stalled_teardown_started_again_leaves_no_step_running(fabric, images,
     assert cluster.steps.get(name="teardown", generation=first).error == "stalled: started again"
 
 
+def test_a_redelivered_task_records_its_step_once(fabric, images, api, alice, monkeypatch):
+    """acks_late: a task whose worker died after it ran is delivered again and runs again. The gateway leg and
+    the teardown's start record their step once per workflow (the progress lists each step once)."""
+    from clusters import tasks
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]  # eager: ready now
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY
+    tasks.gateway_leg(cid, cluster.workflow_generation)  # delivered again
+    assert cluster.steps.filter(name="gateway", generation=cluster.workflow_generation).count() == 1
+
+    monkeypatch.setattr(services.workflows, "start_teardown", lambda cluster_id, generation: None)
+    services.cluster_teardown(cluster=cluster, reason="test")
+    cluster.refresh_from_db()
+    for _ in range(2):
+        tasks.teardown_begin(cid, cluster.workflow_generation)
+    assert cluster.steps.filter(name="teardown", generation=cluster.workflow_generation).count() == 1
+
+
 def test_changing_the_lifetime_does_not_postpone_a_deadline(fabric, images, api, alice, monkeypatch):
     from celery.canvas import _chain
 
