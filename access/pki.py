@@ -482,6 +482,11 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def pem_fingerprint(pem: str) -> str:
+    """``cert_fingerprint`` of a PEM certificate; ValueError when it is not one."""
+    return cert_fingerprint(load_cert_pem(pem.encode()))
+
+
 def public_key_pem(key: PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

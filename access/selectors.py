@@ -219,7 +219,7 @@ def gateway_certificates() -> tuple[set[str], datetime | None]:
     rows = Gateway.objects.exclude(server_certificate="").values_list("server_certificate", "enrolled_at")
     for pem, enrolled_at in rows:
         with contextlib.suppress(ValueError):
-            found.add(pki.cert_fingerprint(pki.load_cert_pem(pem.encode())))
+            found.add(pki.pem_fingerprint(pem))
         if enrolled_at is not None and (newest is None or enrolled_at > newest):
             newest = enrolled_at
     return found, newest

@@ -390,7 +390,7 @@ def gateway_fingerprint(gateway: Gateway) -> str:
     """SHA-256 of the gateway's current TLS server certificate (``gateway_enrol``), which VPN profiles pin: a
     ``ProfileError`` when the recorded certificate cannot be read (the download says to ask the administrator)."""
     try:
-        return pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+        return pki.pem_fingerprint(gateway.server_certificate)
     except ValueError as exc:
         raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
 

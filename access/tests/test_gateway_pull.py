@@ -519,7 +519,7 @@ def test_re_enrolment_records_the_new_keys_only_once_they_are_written(alice, clu
     gateway.refresh_from_db()
     assert key.read_bytes() != before and services.gateway_fingerprint(gateway) != first
     assert RetiredHostKey.objects.count() == 1
-    on_disk = pki.cert_fingerprint(pki.load_cert_pem((tmp_path / "vpn" / "server.pem").read_bytes()))
+    on_disk = pki.pem_fingerprint((tmp_path / "vpn" / "server.pem").read_text())
     parsed = parse_profile(
         services.vpn_profile_issue(user=alice, clusters=[cluster]).text,
         aa_pem=Authority.objects.get(kind=AuthorityKind.AA).certificate,

@@ -753,13 +753,13 @@ def test_a_vpn_profile_pins_the_gateways_current_certificate(alice, cluster, gat
 
     services.gateway_enrol(gateway=gateway)
     gateway.refresh_from_db()
-    first = pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+    first = pki.pem_fingerprint(gateway.server_certificate)
     parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
     assert parsed.pinned == {first}
 
     services.gateway_enrol(gateway=gateway)
     gateway.refresh_from_db()
-    renewed = pki.cert_fingerprint(pki.load_cert_pem(gateway.server_certificate.encode()))
+    renewed = pki.pem_fingerprint(gateway.server_certificate)
     parsed = parse_profile(services.vpn_profile_issue(user=alice, clusters=[cluster]).text, aa_pem=aa_pem())
     assert renewed != first and parsed.pinned == {renewed}
 

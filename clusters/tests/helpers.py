@@ -19,6 +19,16 @@ def wait_state(cluster_id: int, *states: str, timeout: float = 30.0) -> VirtualC
     raise AssertionError(f"cluster {cluster_id} is {cluster.state}, not {states} after {timeout}s")
 
 
+def life_cycle_attempts(client, cluster) -> list:
+    """The browser's actions on ``cluster`` that change its life (the teardown page, the teardown, a day more),
+    as ``client`` sends them: their responses, for tests of who may."""
+    return [
+        client.get(f"/clusters/{cluster.pk}/teardown/"),
+        client.post(f"/clusters/{cluster.pk}/teardown/"),
+        client.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
+    ]
+
+
 def client_for(user):
     """An API client authenticated as ``user``."""
     from rest_framework.test import APIClient

@@ -22,6 +22,15 @@ def cluster(fabric, alice):
     return VirtualCluster.objects.get(pk=create_cluster(alice))
 
 
+def bulk_delete(client, cluster):
+    """The change list's "delete selected" on ``cluster``, confirmed."""
+    return client.post(
+        "/admin/clusters/virtualcluster/",
+        {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
+        follow=True,
+    )
+
+
 def change_form(client, cluster, expires_at) -> dict:
     """What the admin change page posts (its hidden inputs: the inline management forms), with a new expiry."""
     page = client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/change/").content.decode()
@@ -117,11 +126,7 @@ def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root,
     assert 'class="deletelink"' not in client.get(change).content.decode()
     assert client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/").status_code == 403
     assert client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}).status_code == 403
-    r = client.post(
-        "/admin/clusters/virtualcluster/",
-        {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
-        follow=True,
-    )
+    r = bulk_delete(client, cluster)
     assert "tear it down first" in r.content.decode()
     assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
@@ -142,11 +147,7 @@ def test_admin_refuses_to_delete_a_failed_cluster_whose_network_is_not_rolled_ba
     assert cluster.segment.state in Segment.LIVE_STATES
     client.force_login(root)
     assert client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/").status_code == 403
-    r = client.post(
-        "/admin/clusters/virtualcluster/",
-        {"action": "delete_selected", "_selected_action": [cluster.pk], "post": "yes"},
-        follow=True,
-    )
+    r = bulk_delete(client, cluster)
     assert "network is still being rolled back: wait until it is released" in r.content.decode()
     assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 from access.tests.browser import browser_page, log_in
 from access.tests.fixtures import make_cluster
 from clusters.models import ClusterState, VirtualCluster
-from clusters.tests.helpers import create_cluster
+from clusters.tests.helpers import create_cluster, life_cycle_attempts
 from network.tests.fakefabric import fabric_fixture
 from portal.models import AuditEntry
 
@@ -214,11 +214,7 @@ def test_a_group_member_sees_the_cluster_but_may_not_act_on_it_and_an_admin_may(
     client = logged_in(bob)
     mine = row(client.get("/").content.decode(), cluster)
     assert "mpi" in mine and "Extend" not in mine and "Tear down" not in mine
-    for response in (
-        client.get(f"/clusters/{cluster.pk}/teardown/"),
-        client.post(f"/clusters/{cluster.pk}/teardown/"),
-        client.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
-    ):
+    for response in life_cycle_attempts(client, cluster):
         assert response.status_code == 403
         assert "Only alice, who owns mpi, or an administrator can extend it or tear it" in response.content.decode()
     cluster.refresh_from_db()

@@ -391,11 +391,25 @@ def test_a_device_disabled_before_it_took_the_vlan_fails_the_provisioning_and_ho
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
+def _kept_until_enabled_again(fabric, seg: Segment, disabled) -> None:
+    """The rollback of ``seg`` (pilsen1 failed) kept its VLAN for the ``disabled`` device: ``retry_rollbacks`` waits
+    while it stays disabled; with pilsen1 repaired and the device enabled, the retry cleans every device and the
+    VLAN goes into quarantine."""
+    from network import tasks
+
+    assert tasks.retry_rollbacks.apply().get() == []  # waits for the device
+    fabric.hosts["pilsen1"].driver_args = fabric.args
+    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
+    disabled.update(enabled=True)
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
 def test_a_rollback_keeps_the_vlan_while_a_disabled_switch_may_carry_it(fabric, monkeypatch):
     """A switch that took the VLAN and is disabled before the rollback reaches it: the rollback keeps the
     VLAN (the reason names the switch) and is not retried while it stays disabled."""
-    from network import tasks
-
     seg = _pilsen1_fails_then_at_the_rollback(
         fabric, monkeypatch, lambda: Switch.objects.filter(name="sw-brno").update(enabled=False)
     )
@@ -403,22 +417,13 @@ def test_a_rollback_keeps_the_vlan_while_a_disabled_switch_may_carry_it(fabric, 
     assert "not rolled back (VLAN kept): switch sw-brno: disabled, not touched" in seg.error, seg.error
     assert seg.allocation.state == VlanAllocation.State.ALLOCATED
     assert fabric.switch_ports("sw-brno")["uplink"] == {seg.vid}
-    assert tasks.retry_rollbacks.apply().get() == []  # waits for the switch
-    fabric.hosts["pilsen1"].driver_args = fabric.args
-    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
-    Switch.objects.filter(name="sw-brno").update(enabled=True)
-    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
-    seg.refresh_from_db()
-    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
-    assert all(not vlans for vlans in device_view(fabric).values())
+    _kept_until_enabled_again(fabric, seg, Switch.objects.filter(name="sw-brno"))
 
 
 def test_a_rollback_keeps_the_vlan_while_a_disabled_host_whose_change_failed_may_carry_it(fabric, monkeypatch):
     """A host's change that failed may have applied part of it (a host fails half-way through its VLANs): the
     host disabled before the rollback reaches it may carry the VLAN, so the rollback keeps it, naming the host,
     until the host is enabled and cleaned. (A switch that refused its change outright holds nothing.)"""
-    from network import tasks
-
     seg = _pilsen1_fails_then_at_the_rollback(
         fabric, monkeypatch, lambda: Host.objects.filter(name="pilsen1").update(enabled=False)
     )
@@ -426,14 +431,7 @@ def test_a_rollback_keeps_the_vlan_while_a_disabled_host_whose_change_failed_may
     assert DeviceChange.objects.get(segment=seg, device="pilsen1", cause="provision c").status == "failed"
     assert seg.allocation.state == VlanAllocation.State.ALLOCATED, seg.error
     assert "pilsen1" in seg.error.partition("not rolled back")[2], seg.error
-    assert tasks.retry_rollbacks.apply().get() == []  # waits for the host
-    fabric.hosts["pilsen1"].driver_args = fabric.args
-    fabric.hosts["pilsen1"].save(update_fields=["driver_args"])
-    Host.objects.filter(name="pilsen1").update(enabled=True)
-    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
-    seg.refresh_from_db()
-    assert seg.allocation.state == VlanAllocation.State.QUARANTINED and "not rolled back" not in seg.error
-    assert all(not vlans for vlans in device_view(fabric).values())
+    _kept_until_enabled_again(fabric, seg, Host.objects.filter(name="pilsen1"))
 
 
 def test_a_rollback_runs_once_and_a_stalled_one_is_run_again(fabric):

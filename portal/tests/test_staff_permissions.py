@@ -18,7 +18,7 @@ from access import services as access_services
 from access.models import Credential, CredentialKind
 from access.tests.fixtures import make_cluster, make_gateway
 from clusters.models import ClusterState, Image, Node, NodeState, PublicPrefix, VirtualCluster
-from clusters.tests.helpers import create_cluster
+from clusters.tests.helpers import create_cluster, life_cycle_attempts
 from network.tests.fakefabric import fabric_fixture
 from portal.models import TokenScope
 from portal.tests.helpers import logged_in
@@ -195,20 +195,12 @@ def test_the_browser_teardown_and_extend_follow_the_same_permissions(alice):
     cluster = make_cluster(alice, name="mpi")  # no group
     before = cluster.expires_at
     viewer = logged_in(staff("vera", "clusters.view_virtualcluster"))
-    for response in (
-        viewer.get(f"/clusters/{cluster.pk}/teardown/"),
-        viewer.post(f"/clusters/{cluster.pk}/teardown/"),
-        viewer.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
-    ):
+    for response in life_cycle_attempts(viewer, cluster):
         assert response.status_code == 403
         assert "Only alice, who owns mpi, or an administrator" in response.content.decode()
     nobody = logged_in(staff("nora"))
     assert "mpi" not in nobody.get("/").content.decode().split("<main>")[1]
-    for response in (
-        nobody.get(f"/clusters/{cluster.pk}/teardown/"),
-        nobody.post(f"/clusters/{cluster.pk}/teardown/"),
-        nobody.post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}),
-    ):
+    for response in life_cycle_attempts(nobody, cluster):
         assert response.status_code == 404
     cluster.refresh_from_db()
     assert (cluster.state, cluster.expires_at) == (ClusterState.READY, before)
