@@ -287,7 +287,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # it closes them only every 2 × this many tasks; portal.celery closes the obsolete or broken ones around
 # every task the way Django does around a request (CONN_MAX_AGE, CONN_HEALTH_CHECKS). 0: close every time.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000, minimum=0)
-CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TASK_ALWAYS_EAGER = False  # never in production (the tests turn it on: portal/settings_test.py)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180, minimum=1)
@@ -316,7 +316,6 @@ DEVICE_BATCH_SIZE = env_int("DEVICE_BATCH_SIZE", 32, minimum=1)
 DEVICE_SESSION_THREADS = env_int("DEVICE_SESSION_THREADS", 64, minimum=1)
 RECONCILE_INTERVAL = env_int("RECONCILE_INTERVAL", 300, minimum=5)
 RECONCILE_REPAIR = env_bool("RECONCILE_REPAIR", True)
-LAB_ENABLED = env_bool("LAB_ENABLED", False)
 
 # --- Clusters --------------------------------------------------------------------------------------------------
 CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
