@@ -203,3 +203,44 @@ def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     """Redis hands a task that runs longer than the visibility timeout to another worker: it runs twice."""
     env = {**PRODUCTION, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_VISIBILITY_TIMEOUT": "60"}
     assert "CELERY_VISIBILITY_TIMEOUT=60 must be above CELERY_TASK_TIME_LIMIT=180" in refused(tmp_path, **env)
+
+
+def _environment_variables() -> set[str]:
+    """The names the settings read from the environment: the first argument of every ``env_*`` call in
+    portal/settings.py and portal/auth.py (the LDAP settings)."""
+    import ast
+
+    trees = [ast.parse((ROOT / "portal" / name).read_text()) for name in ("settings.py", "auth.py")]
+    return {
+        node.args[0].value
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id.startswith("env_")
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+
+
+def _readme_configuration() -> tuple[str, set[str]]:
+    """The README's Configuration section, and the variables its table's first column names."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return section, {name for cell in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
+
+
+def test_readme_documents_every_setting_an_operator_can_set():
+    section, _table = _readme_configuration()
+    variables = _environment_variables()
+    assert len(variables) > 50  # the parse found the settings
+    assert sorted(v for v in variables if f"`{v}`" not in section) == []
+
+
+def test_readme_configuration_table_names_only_real_settings():
+    _section, table = _readme_configuration()
+    lab = {"VIRTCLOUD_LAB_DIR"}  # read by the lab itself (network/lab/fabric.py), not a portal setting
+    assert sorted(table - _environment_variables() - lab) == []
