@@ -917,9 +917,8 @@ def clusters_warn_expiring() -> list[int]:
     warned = []
     for cluster_id in due.values_list("pk", flat=True):
         with transaction.atomic():
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVENT_LOCK])
+            # the row first, then the feed's lock: the order of a state change (its UPDATE, then the trigger at
+            # commit) — the other order deadlocks with a change of this cluster committing meanwhile
             cluster = (
                 VirtualCluster.objects.select_for_update()
                 .filter(pk=cluster_id, state__in=ACTIVE_STATES, expires_at__gt=now)
@@ -928,6 +927,9 @@ def clusters_warn_expiring() -> list[int]:
             )
             if cluster is None:  # ended, or warned by another run, meanwhile
                 continue
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVENT_LOCK])
             ClusterEvent.objects.create(
                 cluster=cluster, kind=EventKind.EXPIRING, state=cluster.state, at=timezone.now()
             )

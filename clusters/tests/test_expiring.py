@@ -3,6 +3,8 @@ webhooks) ``CLUSTER_EXPIRY_WARNING`` before, once per expiry — again after an 
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -95,3 +97,53 @@ def test_a_nodes_attachment_carries_its_cores_mtu(fabric, alice):
     fabric.core.save()
     node = client_for(alice).get(f"/api/clusters/{cid}/").data["nodes"][0]
     assert node["attachment"]["mtu"] is None and "<mtu" not in node["attachment"]["libvirt"]
+
+
+def test_the_warning_and_a_state_change_of_the_same_cluster_never_deadlock(fabric, alice, settings):
+    """A state change holds the cluster's row from its UPDATE and takes the feed's lock at commit (the trigger);
+    the warning takes them in the same order. The other order deadlocked: the sweep, holding the feed's lock,
+    waited for the row while the change, holding the row, waited at commit for the feed's lock — PostgreSQL
+    then aborted one of them (a teardown answered 500, a worker's READY failed)."""
+    from django.db import connection, connections, transaction
+
+    from clusters.models import ClusterState
+
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent transactions need PostgreSQL")
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() + timedelta(minutes=30))
+    changed, sweep_waits = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def change():  # as a teardown: the row changed, the commit a moment later
+        try:
+            with transaction.atomic():
+                VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.UPDATING)
+                changed.set()
+                sweep_waits.wait(5)
+                time.sleep(0.3)  # the sweep is now blocked (on the row, or on the feed's lock)
+            outcome["change"] = "committed"
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome["change"] = exc
+        finally:
+            connections.close_all()
+
+    def sweep():
+        try:
+            assert changed.wait(5)
+            sweep_waits.set()
+            outcome["sweep"] = services.clusters_warn_expiring()
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome["sweep"] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=change), threading.Thread(target=sweep)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert outcome == {"change": "committed", "sweep": [cid]}
+    kinds = list(ClusterEvent.objects.filter(cluster_id=cid).order_by("pk").values_list("kind", "state"))
+    assert kinds[-2:] == [("state", "updating"), ("expiring", "updating")]  # the warning read the committed row
