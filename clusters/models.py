@@ -319,7 +319,12 @@ class Webhook(models.Model):
     def clean(self) -> None:
         from clusters.webhooks import refused_address
 
-        host = urllib.parse.urlsplit(self.url or "").hostname or ""
+        parts = urllib.parse.urlsplit(self.url or "")
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError as exc:
+            raise ValidationError({"url": f"{exc} in {self.url}"}) from None
+        host = parts.hostname or ""
         with contextlib.suppress(ValueError):
             if refused_address("127.0.0.1" if host == "localhost" else host):
                 raise ValidationError({"url": f"{host} is this machine's or a special address: not delivered to"})

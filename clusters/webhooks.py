@@ -17,10 +17,13 @@ a DNS answer could change in between): loopback, link-local (cloud metadata serv
 unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them — a webhook is
 not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
 
-A 2xx answer moves the cursor past the batch; anything else (or no answer
-within ``WEBHOOK_TIMEOUT``) leaves it, so the same events are sent again (at least once, in commit order)
-after a backoff of 2^failures seconds (at most ``WEBHOOK_MAX_BACKOFF``). Events of states the webhook does not
-want are skipped, the cursor moving past them.
+A 2xx answer moves the cursor past the batch; anything else (or no complete answer within ``WEBHOOK_TIMEOUT``
+from the connect on: the whole exchange, not each read — an endpoint that trickles its answer a byte at a time
+is cut then, and never holds a worker's thread longer) leaves it, so the same events are sent again (at least
+once, in commit order) after a backoff of 2^failures seconds (at most ``WEBHOOK_MAX_BACKOFF``), in batches
+halved after each failure in a row (``BATCH`` events, then 50, 25 … down to one: an endpoint whose answer takes
+longer the more events it gets still gets through). Events of states the webhook does not want are skipped,
+the cursor moving past them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import hmac
 import http.client
 import ipaddress
 import json
+import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -47,6 +52,7 @@ from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
 
 BATCH = 100
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,66 +92,132 @@ def _checked_address(url: str) -> tuple[str | None, str]:
     return addresses[0], ""
 
 
-def _pinned(connection_class, address: str):
-    """A connection class of urllib's handlers that connects to ``address`` whatever the host resolves to now
-    (TLS still checks the certificate against the host's name)."""
+class _Deadline:
+    """The connections one POST opens, cut when its time is up (a socket timeout bounds each read, not the
+    exchange: an endpoint sending a byte every few seconds would hold the worker's thread for good — Celery's
+    threads pool enforces no task time limit)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False  # cut before the answer was complete
+        self._finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def connected(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            if not self.expired:
+                self._sockets.append(sock)
+                return sock
+        sock.close()
+        raise TimeoutError(f"no complete answer within {self.seconds:g} s")
+
+    def in_time(self) -> bool:
+        """The answer is read: whether before the cut (from now on nothing is cut)."""
+        with self._lock:
+            self._finished = True
+            return not self.expired
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+                except OSError:
+                    pass
+
+
+def _connection(connection_class, deadline: _Deadline, address: str | None):
+    """A connection class of urllib's handlers whose sockets ``deadline`` cuts, connecting to ``address`` (when
+    given) whatever the host resolves to now (TLS still checks the certificate against the host's name)."""
 
     def connect_to(host, **kwargs):
         connection = connection_class(host, **kwargs)
         create = connection._create_connection
-        connection._create_connection = lambda target, *args, **kw: create((address, target[1]), *args, **kw)
+
+        def create_connection(target, *args, **kw):
+            return deadline.connected(create((address, target[1]) if address else target, *args, **kw))
+
+        connection._create_connection = create_connection
         return connection
 
     return connect_to
 
 
-class _PinnedHTTP(urllib.request.HTTPHandler):
-    def __init__(self, address: str):
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline, address: str | None):
         super().__init__()
-        self.address = address
+        self.deadline, self.address = deadline, address
 
     def http_open(self, req):
-        return self.do_open(_pinned(http.client.HTTPConnection, self.address), req)
+        return self.do_open(_connection(http.client.HTTPConnection, self.deadline, self.address), req)
 
 
-class _PinnedHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, address: str):
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline, address: str | None):
         super().__init__()
-        self.address = address
+        self.deadline, self.address = deadline, address
 
     def https_open(self, req):
-        return self.do_open(_pinned(http.client.HTTPSConnection, self.address), req, context=self._context)
+        connection = _connection(http.client.HTTPSConnection, self.deadline, self.address)
+        return self.do_open(connection, req, context=self._context)
 
 
-def _opener(url: str) -> tuple[urllib.request.OpenerDirector | None, str]:
+def _opener(url: str, deadline: _Deadline) -> tuple[urllib.request.OpenerDirector | None, str]:
     parts = urllib.parse.urlsplit(url)
     if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
-        return outgoing.opener(), ""  # the proxy connects, and decides
-    address, why = _checked_address(url)
-    if address is None:
-        return None, why
-    return outgoing.opener(handlers=(_PinnedHTTP(address), _PinnedHTTPS(address))), ""
+        address = None  # the proxy connects, and decides
+    else:
+        address, why = _checked_address(url)
+        if address is None:
+            return None, why
+    return outgoing.opener(handlers=(_DeadlineHTTP(deadline, address), _DeadlineHTTPS(deadline, address))), ""
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+    """(the HTTP status or None, what went wrong); never raises for anything the endpoint or its URL does."""
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
-    opener, why = _opener(url)
-    if opener is None:
-        return None, why
-    request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (checked above)
-    try:  # a redirect is not followed (it turned the POST into a bodiless GET whose 200 lost the batch)
-        with opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
-            return response.status, ""
-    except urllib.error.HTTPError as exc:
-        if outgoing.redirected(exc.code):
-            return (
-                exc.code,
-                f"HTTP {exc.code} {exc.reason}: a redirect (to {exc.headers.get('Location')}) is not followed",
-            )
-        return exc.code, f"HTTP {exc.code} {exc.reason}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return None, str(getattr(exc, "reason", exc))[:500]
+    timeout = settings.WEBHOOK_TIMEOUT
+    cut = f"no complete answer within {timeout:g} s (WEBHOOK_TIMEOUT)"
+    with _Deadline(timeout) as deadline:
+        try:
+            opener, why = _opener(url, deadline)
+            if opener is None:
+                return None, why
+            request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
+            # a redirect is not followed (it turned the POST into a bodiless GET whose 200 lost the batch)
+            with opener.open(request, timeout=timeout) as response:
+                status = response.status
+            if not deadline.in_time():  # what the cut left may parse as a whole answer: it is not one
+                return None, cut
+            return status, ""
+        except urllib.error.HTTPError as exc:
+            if not deadline.in_time():
+                return None, cut
+            if outgoing.redirected(exc.code):
+                return (
+                    exc.code,
+                    f"HTTP {exc.code} {exc.reason}: a redirect (to {exc.headers.get('Location')}) is not followed",
+                )
+            return exc.code, f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            if deadline.expired:
+                return None, cut
+            reason = getattr(exc, "reason", None) or exc
+            return None, (str(reason) or type(exc).__name__)[:500]
 
 
 def deliver(webhook_id: int) -> Delivery:
@@ -157,8 +229,9 @@ def deliver(webhook_id: int) -> Delivery:
         hook = Webhook.objects.select_for_update(skip_locked=True).filter(pk=webhook_id, enabled=True).first()
         if hook is None or hook.next_attempt_at > timezone.now():
             return Delivery(webhook=hook.name if hook else "", sent=0)
+        size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         batch = list(
-            ClusterEvent.objects.filter(id__gt=hook.last_event_id).select_related("cluster").order_by("id")[:BATCH]
+            ClusterEvent.objects.filter(id__gt=hook.last_event_id).select_related("cluster").order_by("id")[:size]
         )
         if not batch:
             return Delivery(webhook=hook.name, sent=0)
@@ -209,6 +282,14 @@ def _claim_seconds() -> float:
 
 
 def deliver_due() -> list[Delivery]:
-    """One round: every enabled webhook whose next attempt is due gets its next batch."""
-    due = Webhook.objects.filter(enabled=True, next_attempt_at__lte=timezone.now()).values_list("pk", flat=True)
-    return [deliver(pk) for pk in due]
+    """One round: every enabled webhook whose next attempt is due gets its next batch (one that fails in a way
+    ``deliver`` did not foresee is logged, and the others still get theirs)."""
+    due = Webhook.objects.filter(enabled=True, next_attempt_at__lte=timezone.now()).values_list("pk", "name")
+    deliveries = []
+    for pk, name in due:
+        try:
+            deliveries.append(deliver(pk))
+        except Exception as exc:  # noqa: BLE001 - logged; the next webhooks still get theirs
+            logger.exception("webhook %s: delivery failed", name)
+            deliveries.append(Delivery(webhook=name, sent=0, error=f"{type(exc).__name__}: {exc}"[:500]))
+    return deliveries

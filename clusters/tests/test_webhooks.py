@@ -292,3 +292,121 @@ def test_a_webhook_never_reaches_this_machine_or_the_link_local_network(fabric, 
     Webhook.objects.filter(pk=hook.pk).update(next_attempt_at=timezone.now())
     answers = iter(["127.0.0.1", "192.0.2.1"])  # checked, then a second lookup would go elsewhere: none is made
     assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
+
+
+def _raw_endpoint(answer) -> tuple[str, threading.Thread]:
+    """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        connection, _ = listener.accept()
+        try:
+            connection.recv(65536)
+            answer(connection)
+        except OSError:
+            pass  # the portal hung up
+        finally:
+            connection.close()
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/hook", thread
+
+
+def test_an_endpoint_that_trickles_its_answer_is_cut_at_the_timeout(fabric, alice, settings):
+    """``WEBHOOK_TIMEOUT`` bounds the whole exchange, not each read: an endpoint sending a byte every 0.2 s
+    (no read ever times out) is cut after it, a failure with its backoff — it held a worker's thread for as
+    long as it liked, and Celery's threads pool enforces no task time limit."""
+    import time
+
+    settings.WEBHOOK_TIMEOUT = 1
+
+    def trickle(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(100):
+            connection.sendall(b"X")
+            time.sleep(0.2)
+
+    url, thread = _raw_endpoint(trickle)
+    hook = Webhook.objects.create(name="trickle", url=url, secret="s")
+    start = hook.last_event_id
+    create_cluster(alice)
+    started = time.monotonic()
+    result = webhooks.deliver(hook.pk)
+    assert time.monotonic() - started < 3
+    assert result.status is None and result.error == "no complete answer within 1 s (WEBHOOK_TIMEOUT)"
+    hook.refresh_from_db()
+    assert (hook.last_event_id, hook.failures) == (start, 1)
+    assert hook.last_error == result.error and hook.next_attempt_at > timezone.now()
+    thread.join(5)
+    assert not thread.is_alive()  # its connection was cut
+
+
+@pytest.mark.parametrize(
+    "answer, error",
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "SSH-2.0-OpenSSH_9.2"),  # not HTTP at all (http.client's BadStatusLine)
+        (b"", "Remote end closed connection without response"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n", "got more than 65536 bytes"),
+    ],
+)
+def test_an_endpoint_that_answers_garbage_is_a_failed_delivery(fabric, alice, answer, error):
+    url, _thread = _raw_endpoint(lambda connection: connection.sendall(answer))
+    hook = Webhook.objects.create(name="garbage", url=url, secret="s")
+    create_cluster(alice)
+    result = webhooks.deliver(hook.pk)
+    assert result.status is None and error in result.error
+    hook.refresh_from_db()
+    assert hook.failures == 1 and error in hook.last_error and hook.next_attempt_at > timezone.now()
+
+
+def test_a_url_with_an_impossible_port_is_refused_and_never_breaks_a_round(fabric, alice, receiver, monkeypatch):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="Port out of range"):
+        Webhook(name="x", url="http://hooks.example.org:99999/hook", secret="s", states=[]).full_clean()
+    bad = Webhook.objects.create(name="a-bad", url="http://hooks.example.org:99999/hook", secret="s")
+    good = Webhook.objects.create(name="b-good", url=receiver.url, secret=SECRET)
+    create_cluster(alice)
+    by_name = {d.webhook: d for d in webhooks.deliver_due()}
+    assert "Port out of range" in by_name["a-bad"].error and by_name["b-good"].status == 204
+    bad.refresh_from_db()
+    assert bad.failures == 1 and "Port out of range" in bad.last_error
+
+    # whatever else goes wrong with one webhook, the round goes on with the others
+    real = webhooks.deliver
+
+    def deliver(pk):
+        if pk == bad.pk:
+            raise RuntimeError("a bug")
+        return real(pk)
+
+    monkeypatch.setattr(webhooks, "deliver", deliver)
+    Webhook.objects.update(next_attempt_at=timezone.now())
+    create_cluster(alice, "c2", "52:54:00:00:00:02")
+    by_name = {d.webhook: d for d in webhooks.deliver_due()}
+    assert by_name["a-bad"].error == "RuntimeError: a bug" and by_name["b-good"].status == 204
+    assert good.pk and len(receiver.requests) == 2
+
+
+def test_batches_halve_after_each_failure_in_a_row(fabric, alice, receiver, monkeypatch):
+    """An endpoint whose answer takes longer the more events it gets (and times out on a full batch) still
+    gets through: 4 events, then 2, then 1 after failures; a success goes back to full batches."""
+    monkeypatch.setattr(webhooks, "BATCH", 4)
+    hook = Webhook.objects.create(name="slow", url=receiver.url, secret=SECRET)
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c2", "52:54:00:00:00:02")
+    create_cluster(alice, "c3", "52:54:00:00:00:03")  # three events each
+    receiver.answers = [503, 503, 204, 204, 204]
+    for _ in range(5):
+        Webhook.objects.filter(pk=hook.pk).update(next_attempt_at=timezone.now())
+        webhooks.deliver(hook.pk)
+    sizes = [len(receiver.events(i)) for i in range(5)]
+    assert sizes == [4, 2, 1, 4, 4]
+    ids = [e["id"] for i in range(2, 5) for e in receiver.events(i)]
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) == 9  # every event once after the failures
