@@ -16,8 +16,8 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with). With
 ``--wait-access`` it waits, for a closed cluster, until every access gateway carrying it has installed it too
 (printed as ``access``: the gateways and where users connect), so that the job's users get in at once.
-Every request is keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a crash,
-a lost answer — gets the same cluster, never a second one; a job requeued under the same id says which run it
+``up`` and ``down`` are keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a
+crash, a lost answer — gets the same cluster, never a second one; a job requeued under the same id says which run it
 is (``--attempt N``, e.g. ``SLURM_RESTART_COUNT``) and gets a new one. Job ids must be unique among the
 schedulers that share a token's view (a ``clusters:manage`` token sees every owner's clusters): PBS's
 ``1234.server`` is. ``down`` tears down the job's live clusters and waits
@@ -98,7 +98,7 @@ class ClusterFailed(Exception):
 class Api:
     def __init__(self, url: str, token: str, *, timeout: float = 30 + LONG_POLL):
         self.base, self.token, self.timeout = url.rstrip("/"), token, timeout
-        self.portal_max = False  # whether the portal's longest wait is below LONG_POLL (learnt from a 400)
+        self.wait_max = LONG_POLL  # the longest wait the portal allows (learnt from a 400 when it is below)
 
     def call(self, method: str, path: str, body: dict | None = None, *, key: str | None = None, **query) -> dict:
         url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -136,20 +136,31 @@ class Api:
     def wait(self, cluster: dict, until: tuple[str, ...], deadline: float) -> dict:
         """The cluster once its state is one of ``until``; ``Unavailable`` at the deadline."""
         while cluster["state"] not in until:
-            left = deadline - time.monotonic()
+            asked = time.monotonic()
+            left = deadline - asked
             if left <= 0:
                 raise Unavailable(f"cluster {cluster['id']} is still {cluster['state']} (not {'/'.join(until)})")
             path, states = f"/api/clusters/{cluster['id']}/wait/", ",".join(until)
-            if self.portal_max:  # the portal allows less than LONG_POLL: its default is its maximum
-                cluster = self.call("GET", path, until=states)
-                continue
+            timeout = min(self.wait_max, max(1, int(left + 0.999)))  # never past the deadline
             try:
-                cluster = self.call("GET", path, until=states, timeout=max(1, min(LONG_POLL, int(left + 0.999))))
+                cluster = self.call("GET", path, until=states, timeout=timeout)
             except Refused as exc:
-                if exc.status != 400 or '"timeout"' not in str(exc):
+                if exc.status != 400 or '"timeout"' not in str(exc) or not timeout:
                     raise
-                self.portal_max = True  # its CLUSTER_WAIT_MAX is lower than LONG_POLL: ask for as long as it allows
+                self.wait_max = _allowed_wait(str(exc), timeout)  # its CLUSTER_WAIT_MAX is lower: as long as allowed
+                continue
+            early = 1.0 - (time.monotonic() - asked)
+            if cluster["state"] not in until and early > 0:  # answered at once (a portal that allows no wait)
+                time.sleep(min(early, max(0.0, deadline - time.monotonic())))
         return cluster
+
+
+def _allowed_wait(refusal: str, asked: int) -> int:
+    """The longest wait a portal allows, from its refusal of ``asked`` seconds ("… less than or equal to 20.0");
+    half of ``asked`` when it does not say."""
+    found = re.search(r"less than or equal to ([0-9]+(?:\.[0-9]*)?)", refusal)
+    allowed = int(float(found[1])) if found else asked // 2
+    return max(0, min(allowed, asked - 1))
 
 
 def _code(detail: str) -> str | None:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -359,8 +360,8 @@ def test_it_runs_as_a_plain_script_too(alice, client):
 
 def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
     """A portal whose CLUSTER_WAIT_MAX is below the client's 25 s long poll refuses the wait's ``timeout``
-    (400): the client then asks without one (the portal's default is its maximum) — it exited 2, "refused,
-    nothing left allocated", right after the portal had made the cluster."""
+    (400, saying its maximum): the client then asks for that — it exited 2, "refused, nothing left allocated",
+    right after the portal had made the cluster."""
     from urllib.parse import parse_qs, urlsplit
 
     waits = []
@@ -392,7 +393,38 @@ def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
     ]
     code, err = against(Portal, *up)
     assert code == 0, err
-    assert waits == [["25"], None]
+    assert waits == [["25"], ["20"]]
+
+
+def test_a_portal_that_allows_no_wait_is_asked_once_a_second_within_the_deadline():
+    """CLUSTER_WAIT_MAX=0: every wait answers at once. The client asked again without pausing (hundreds of
+    requests a second until its deadline); now at most once a second, and never for longer than its own
+    ``--timeout`` leaves (it asked the portal's maximum, overshooting the deadline by up to that)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    waits = []
+
+    class Portal(FakePortal):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(201, {"id": 7, "name": "mpi", "state": "requested", "state_reason": "", "nodes": []})
+
+        def do_GET(self):
+            query = parse_qs(urlsplit(self.path).query)
+            if urlsplit(self.path).path.endswith("/wait/"):
+                waits.append((time.monotonic(), query.get("timeout")))
+                if float(query.get("timeout", ["0"])[0]) > 0:
+                    return self._send(400, {"timeout": ["Ensure this value is less than or equal to 0.0."]})
+                state = "ready" if len(waits) > 4 else "provisioning"
+                return self._send(200, {"id": 7, "name": "mpi", "state": state, "state_reason": "", "nodes": []})
+            return self._send(200, {"count": 0, "next": None, "results": []})
+
+    up = ["up", "--job", "1.pbs", "--name", "mpi", "--image", "debian", "--timeout", "10"]
+    code, err = against(Portal, *up, "--node", "name=n1,host=h1,mac=52:54:00:00:00:01")
+    assert code == 0, err
+    assert [timeout for _at, timeout in waits] == [["10"], ["0"], ["0"], ["0"], ["0"]]
+    gaps = [b[0] - a[0] for a, b in zip(waits[1:-1], waits[2:], strict=True)]
+    assert all(gap >= 0.9 for gap in gaps), gaps
 
 
 def test_a_cluster_busy_with_another_change_is_temporary():
