@@ -398,6 +398,9 @@ class IdempotencyKey(models.Model):
     actor = models.CharField(max_length=200)
     key = models.CharField(max_length=200)
     request_hash = models.CharField(max_length=64)
+    # a create's body as sent (``services.request_fingerprint``): its retry is answered before validation, which
+    # may refuse what was valid then (the image's share ended, the owner was deactivated since)
+    raw_hash = models.CharField(max_length=64, blank=True, default="")
     cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="+")
     status_code = models.PositiveSmallIntegerField(default=201, help_text="what the first request answered")
     created_at = models.DateTimeField(auto_now_add=True)

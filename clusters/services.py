@@ -270,6 +270,7 @@ def cluster_create(
     bastion_address: str = "",
     connectivity: str = "",
     idempotency: tuple[str, str, str] | None = None,
+    raw_fingerprint: str = "",
 ) -> tuple[VirtualCluster, bool]:
     """Create a cluster and start provisioning its network. Returns (cluster, created).
 
@@ -278,7 +279,8 @@ def cluster_create(
     VLAN on the access gateways' trunks — follows the decision, not the image.
 
     ``idempotency`` is (actor, key, request fingerprint): a retried request returns the first cluster; the
-    same key with a different request is a conflict.
+    same key with a different request is a conflict. ``raw_fingerprint``: of the body as sent, recorded with
+    the key (``create_replay``).
     """
     if idempotency is not None:
         _idempotency_lock(*idempotency[:2])
@@ -352,7 +354,9 @@ def cluster_create(
         actor, key, fingerprint = idempotency
         try:
             with transaction.atomic():
-                IdempotencyKey.objects.create(actor=actor, key=key, request_hash=fingerprint, cluster=cluster)
+                IdempotencyKey.objects.create(
+                    actor=actor, key=key, request_hash=fingerprint, raw_hash=raw_fingerprint, cluster=cluster
+                )
         except IntegrityError:
             # A concurrent request with the same key won the race: ours rolls back entirely.
             raise _IdempotentRace() from None
@@ -367,6 +371,20 @@ class _IdempotentRace(Exception):
 
 def _idempotent_replay(actor: str, key: str, fingerprint: str) -> VirtualCluster | None:
     record = _idempotency_record(actor, key, fingerprint)
+    return None if record is None else record.cluster
+
+
+def create_replay(actor: str, key: str, raw_fingerprint: str) -> VirtualCluster | None:
+    """The cluster a create with this key made from exactly this body (``raw_fingerprint``), if one did: its retry
+    is answered like it without validating the body again — what was valid then may not be now (the image's
+    share ended, the owner was deactivated), and a refusal would tell the scheduler that nothing was made while
+    its cluster holds a VLAN. Any other body with the key goes through validation (and is a 409 if it differs)."""
+    record = (
+        IdempotencyKey.objects.select_related("cluster")
+        .filter(actor=actor, key=key, raw_hash=raw_fingerprint)
+        .exclude(raw_hash="")
+        .first()
+    )
     return None if record is None else record.cluster
 
 

@@ -168,6 +168,10 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         """Create a cluster; its network is provisioned in the background (wait for READY with ``…/wait/``). The
         policy decides whether it is public or closed (``connectivity_reason`` says why); the request may ask
         for closed, never for public against the policy."""
+        raw = self._idempotency(request, {"sent": request.data})
+        replayed = services.create_replay(*raw) if raw else None
+        if replayed is not None:  # the same body with the same key: answered like the first, not validated again
+            return self._respond(replayed, status.HTTP_200_OK)
         v = _valid(s.ClusterCreateSerializer, request)  # (another owner than the caller: 403 unless allowed)
         owner = v.get("owner") or request.user
         idempotency = self._idempotency(request, {**v, "owner": owner})
@@ -183,6 +187,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             bastion_address=v["bastion_address"],
             connectivity=v.get("connectivity", ""),
             idempotency=idempotency,
+            raw_fingerprint=raw[2] if raw else "",
         )
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

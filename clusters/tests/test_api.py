@@ -386,6 +386,27 @@ def test_idempotency_key_returns_the_same_cluster(fabric, images, scheduler, ali
     assert "Idempotency-Key" in other.data
 
 
+def test_a_create_retried_after_its_owner_was_deactivated_gets_the_cluster_not_a_refusal(
+    fabric, images, scheduler, alice
+):
+    """The first create succeeded but its answer was lost; meanwhile the owner was deactivated (the directory
+    sync). The retry — the same body, the same key — is answered with the cluster (200): validating it again
+    refused the owner (400), and the scheduler, told "refused, nothing left allocated", left the cluster holding
+    its VLAN until it expired. Another body with the key is still validated (and refused)."""
+    payload = body(owner="alice", job_id="4712.pbs")
+    first = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4712")
+    assert first.status_code == 201
+    alice.is_active = False
+    alice.save(update_fields=["is_active"])
+    retry = scheduler.post("/api/clusters/", payload, format="json", HTTP_IDEMPOTENCY_KEY="job-4712")
+    assert (retry.status_code, retry.data["id"]) == (200, first.data["id"]), retry.content
+    other = scheduler.post(
+        "/api/clusters/", {**payload, "lifetime": 7200}, format="json", HTTP_IDEMPOTENCY_KEY="job-4712"
+    )
+    assert other.status_code == 400 and "owner" in other.data, other.content
+    assert VirtualCluster.objects.count() == 1 and len(allocated_vids()) == 1
+
+
 def test_an_idempotency_key_the_database_cannot_hold_is_refused(fabric, images, api, alice):
     """A NUL character in the key (PostgreSQL text cannot hold one) is a 400 naming the header, not a 500;
     nothing is created or changed."""
