@@ -1,12 +1,16 @@
 """Clusters in Django admin: state, progress steps and nodes at a glance; teardown as an action."""
 
+from datetime import timedelta
+
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
@@ -150,13 +154,23 @@ class VirtualClusterForm(forms.ModelForm):
 
 
 def _undeletable(cluster) -> str:
-    """Why the row of ``cluster`` may not be deleted ("" when it may): it is live, or its network still is."""
+    """Why the row of ``cluster`` may not be deleted ("" when it may): it is live, or its network still is, or it
+    ended less than ``CLUSTER_EVENT_RETENTION`` days ago — its events go with its row, and the feed and the
+    webhooks promise every event until then (a reader behind would never learn it ended), and so do its
+    Idempotency-Keys (a scheduler's retry would make a second cluster)."""
     from network.models import Segment
 
     if cluster.state in LIVE_STATES:
         return f"cluster {cluster.name} is {cluster.get_state_display()}: tear it down first"
     if cluster.segment_id and Segment.objects.filter(pk=cluster.segment_id, state__in=Segment.LIVE_STATES).exists():
         return f"cluster {cluster.name}'s network is still being rolled back: wait until it is released"
+    kept_until = (cluster.ended_at or cluster.updated_at) + timedelta(days=settings.CLUSTER_EVENT_RETENTION)
+    if kept_until > timezone.now():
+        return (
+            f"cluster {cluster.name} ended less than CLUSTER_EVENT_RETENTION ({settings.CLUSTER_EVENT_RETENTION}) "
+            f"days ago: the event feed, the webhooks and its Idempotency-Keys still answer for it; it can be deleted "
+            f"from {timezone.localtime(kept_until):%Y-%m-%d %H:%M}"
+        )
     return ""
 
 

@@ -131,10 +131,40 @@ def test_admin_refuses_to_delete_a_live_cluster_tear_it_down_first(client, root,
     assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
     services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: it ends now
+    ended_long_ago(cluster)
     assert 'class="deletelink"' in client.get(change).content.decode()
     r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
     assert r.status_code == 200
     assert not VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+
+def ended_long_ago(cluster) -> None:
+    """As if ``cluster`` had ended longer ago than the event feed keeps its events."""
+    from django.conf import settings
+
+    ended = timezone.now() - timedelta(days=settings.CLUSTER_EVENT_RETENTION, minutes=1)
+    VirtualCluster.objects.filter(pk=cluster.pk).update(ended_at=ended, updated_at=ended)
+
+
+def test_admin_keeps_an_ended_clusters_row_while_its_events_and_keys_answer_for_it(client, root, cluster, settings):
+    """Its events go with the row: a feed reader or a webhook behind would never learn the cluster ended, and a
+    scheduler's retry with its Idempotency-Key would make a second cluster. So the row stays for
+    CLUSTER_EVENT_RETENTION days after the cluster ended (the page says until when), then may go."""
+    settings.CLUSTER_EVENT_RETENTION = 30
+    services.cluster_teardown(cluster=cluster, reason="test")  # eager Celery: it ends now
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.TORN_DOWN
+    client.force_login(root)
+    assert client.get(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/").status_code == 403
+    r = bulk_delete(client, cluster)
+    until = timezone.localtime(cluster.ended_at + timedelta(days=30))
+    assert "ended less than CLUSTER_EVENT_RETENTION (30) days ago" in r.content.decode()
+    assert f"it can be deleted from {until:%Y-%m-%d %H:%M}" in r.content.decode()
+    assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
+
+    ended_long_ago(cluster)
+    r = bulk_delete(client, cluster)
+    assert r.status_code == 200 and not VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
 
 def test_admin_refuses_to_delete_a_failed_cluster_whose_network_is_not_rolled_back_yet(client, root, cluster):
@@ -152,6 +182,7 @@ def test_admin_refuses_to_delete_a_failed_cluster_whose_network_is_not_rolled_ba
     assert VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
     Segment.objects.filter(pk=cluster.segment_id).update(state=Segment.State.FAILED)
+    ended_long_ago(cluster)
     r = client.post(f"/admin/clusters/virtualcluster/{cluster.pk}/delete/", {"post": "yes"}, follow=True)
     assert r.status_code == 200 and not VirtualCluster.objects.filter(pk=cluster.pk).exists()
 
