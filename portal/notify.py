@@ -7,19 +7,37 @@ changing transaction commits, and the check runs after ``LISTEN``, so no change 
 
 Where notifications cannot arrive, it polls: on SQLite (the embedded demo) and inside a transaction (a
 ``LISTEN`` takes effect only at commit, and a notification only between transactions).
+
+A waiting request holds a web server thread and a database connection. At most ``LONG_POLL_SLOTS`` wait at
+once in one process; any more are answered at once, as with ``timeout`` 0 (their callers ask again): a caller
+with many long polls open — a scheduler following many clusters, or one that misbehaves — never takes every
+thread, and a create or a teardown always finds one.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from django.conf import settings
 from django.db import connection
 
 T = TypeVar("T")
 
 POLL_INTERVAL = 0.1  # seconds between checks where notifications cannot arrive
+
+_slots: tuple[int, threading.BoundedSemaphore] | None = None  # (LONG_POLL_SLOTS, its semaphore) of this process
+_slots_lock = threading.Lock()
+
+
+def _long_poll_slots() -> threading.BoundedSemaphore:
+    global _slots
+    with _slots_lock:
+        if _slots is None or _slots[0] != settings.LONG_POLL_SLOTS:  # (a changed setting: the tests)
+            _slots = (settings.LONG_POLL_SLOTS, threading.BoundedSemaphore(settings.LONG_POLL_SLOTS))
+        return _slots[1]
 
 
 def _listening() -> bool:
@@ -30,8 +48,20 @@ def wait_for(check: Callable[[], T | None], *, channel: str, payload: str | None
     """Call ``check`` until it returns something other than None, at most ``timeout`` seconds; between calls,
     sleep until ``channel`` carries ``payload`` (any payload when None; or ``POLL_INTERVAL``, see the module
     docstring). Returns what ``check`` returned, or None when the time ran out (``check`` is always called at
-    least once)."""
-    deadline = time.monotonic() + max(0.0, timeout)
+    least once; without a free long-poll slot, only once)."""
+    if timeout <= 0:
+        return check()
+    slots = _long_poll_slots()
+    if not slots.acquire(blocking=False):
+        return check()  # every slot waits already: answer now, the caller asks again
+    try:
+        return _wait(check, channel=channel, payload=payload, timeout=timeout)
+    finally:
+        slots.release()
+
+
+def _wait(check: Callable[[], T | None], *, channel: str, payload: str | None, timeout: float) -> T | None:
+    deadline = time.monotonic() + timeout
     listening = _listening()
     quoted = connection.ops.quote_name(channel)
     if listening:

@@ -336,6 +336,8 @@ IMAGE_QUOTA = env_int("IMAGE_QUOTA", 50, minimum=0)
 # longest wait of GET /api/clusters/{id}/wait/ (seconds); keep it below the web server's worker timeout
 # (gunicorn: 30 s by default)
 CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)
+# long polls one web process holds at once (each a thread and a database connection); more answer at once
+LONG_POLL_SLOTS = env_int("LONG_POLL_SLOTS", 4, minimum=1)
 CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
 CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule": CLUSTER_EXPIRY_INTERVAL}
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly

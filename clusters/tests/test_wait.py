@@ -181,3 +181,43 @@ def test_a_member_who_leaves_the_group_while_waiting_gets_a_404(fabric, alice, b
     r = client_for(bob).get(f"/api/clusters/{cluster.pk}/wait/?until=torn_down&timeout=1.5")
     leave.join()
     assert r.status_code == 404, r.content
+
+
+def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settings):
+    """LONG_POLL_SLOTS=2: two long polls wait (each holds a thread and a database connection); a third — a wait
+    or the event feed — answers at once with what there is now, so a caller with many long polls open never
+    takes every thread of a web process (a create or a teardown always finds one); once a slot is free, a long
+    poll waits again."""
+    settings.LONG_POLL_SLOTS = 2
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
+    answers = []
+
+    def hold():
+        try:
+            answers.append(client_for(alice).get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=20").data)
+        finally:
+            connections.close_all()
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 10
+    while notify._long_poll_slots()._value and time.monotonic() < deadline:  # both hold their slot
+        time.sleep(0.02)
+    api = client_for(alice)
+    started = time.monotonic()
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=20")
+    assert r.status_code == 200 and r.data["state"] == "provisioning"
+    last = api.get("/api/clusters/events/", {"after": 0}).data["last"]
+    page = api.get("/api/clusters/events/", {"after": last, "timeout": 20})
+    assert page.status_code == 200 and page.data["events"] == []
+    assert time.monotonic() - started < 5  # both at once, not after their 20 s
+
+    _set_state_later(cluster.pk, ClusterState.READY, 0.2).join()
+    for t in holders:
+        t.join(20)
+    assert [a["state"] for a in answers] == ["ready", "ready"]  # the holders were woken by the change
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
+    started = time.monotonic()
+    assert api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=0.5").data["state"] == "provisioning"
+    assert time.monotonic() - started >= 0.5  # a slot is free again: it waited
