@@ -400,7 +400,7 @@ class IdempotencyKey(models.Model):
     request_hash = models.CharField(max_length=64)
     # a create's body as sent (``services.request_fingerprint``): its retry is answered before validation, which
     # may refuse what was valid then (the image's share ended, the owner was deactivated since)
-    raw_hash = models.CharField(max_length=64, blank=True, default="")
+    raw_hash = models.CharField(max_length=64, blank=True, default="", db_default="")  # (old processes: no column)
     cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="+")
     status_code = models.PositiveSmallIntegerField(default=201, help_text="what the first request answered")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -253,7 +253,7 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # A task a killed worker had taken (acks_late) goes back to the queue after this many seconds; it must
     # exceed the longest device operation (tasks are idempotent, so a duplicate is harmless, only wasteful).
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600, minimum=1),
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 300, minimum=1),
         "unacked_restore_interval": 5,  # look for a dead worker's messages every 5 s, not every 100 s
         "unacked_restore_throttle": 1,
     }
@@ -327,6 +327,12 @@ CLUSTER_EXPIRY_WARNING = env_int("CLUSTER_EXPIRY_WARNING", 24 * 3600, minimum=0)
 # A provisioning or update that has not finished after this long (a worker that never consumes its queue, a
 # lost message) ends with the devices still waiting as the reason; checked by clusters.expire.
 CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10)  # seconds
+if _visibility is not None and CLUSTER_PROVISION_TIMEOUT <= _visibility:
+    raise ImproperlyConfigured(
+        f"CLUSTER_PROVISION_TIMEOUT={CLUSTER_PROVISION_TIMEOUT} must be above CELERY_VISIBILITY_TIMEOUT={_visibility}: "
+        "a device task of a worker that died is handed to another one only after the visibility timeout, and a "
+        "provisioning given up before then never gets it"
+    )
 # live clusters and nodes per user unless the user has a Quota of their own (admin); 0: no limit
 CLUSTER_QUOTA_CLUSTERS = env_int("CLUSTER_QUOTA_CLUSTERS", 25, minimum=0)
 CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
@@ -339,17 +345,25 @@ CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)
 # long polls one web process holds at once (each a thread and a database connection); more answer at once
 LONG_POLL_SLOTS = env_int("LONG_POLL_SLOTS", 4, minimum=1)
 CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
-CELERY_BEAT_SCHEDULE["clusters-expire"] = {"task": "clusters.expire", "schedule": CLUSTER_EXPIRY_INTERVAL}
+
+
+def _every(task: str, seconds: float) -> dict:
+    """A beat entry: ``task`` every ``seconds``; a run still queued after that long is dropped (the next is due
+    anyway): a central worker down for an hour does not find hundreds of stale runs ahead of the workflows."""
+    return {"task": task, "schedule": float(seconds), "options": {"expires": float(seconds)}}
+
+
+CELERY_BEAT_SCHEDULE["clusters-expire"] = _every("clusters.expire", CLUSTER_EXPIRY_INTERVAL)
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly
 CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
-CELERY_BEAT_SCHEDULE["clusters-prune-events"] = {"task": "clusters.prune_events", "schedule": 3600}
+CELERY_BEAT_SCHEDULE["clusters-prune-events"] = _every("clusters.prune_events", 3600)
 # webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
 WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
 WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)
 WEBHOOK_MAX_BACKOFF = env_int("WEBHOOK_MAX_BACKOFF", 300, minimum=1)
 # networks a webhook may reach although loopback, link-local, multicast or reserved (e.g. 127.0.0.0/8)
 WEBHOOK_ALLOWED_NETWORKS = env_list("WEBHOOK_ALLOWED_NETWORKS", [])
-CELERY_BEAT_SCHEDULE["clusters-webhooks"] = {"task": "clusters.deliver_webhooks", "schedule": WEBHOOK_INTERVAL}
+CELERY_BEAT_SCHEDULE["clusters-webhooks"] = _every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.
@@ -377,15 +391,12 @@ VLAN_REUSE_HORIZON_TTL = env_float("VLAN_REUSE_HORIZON_TTL", 1.0, minimum=0)
 # how often beat revokes the credentials of clusters that ended without their revocation having run (a safety
 # net: ending a cluster revokes at once)
 ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)
-CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = {
-    "task": "access.sweep_credentials",
-    "schedule": ACCESS_SWEEP_INTERVAL,
-}
+CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = _every("access.sweep_credentials", ACCESS_SWEEP_INTERVAL)
 # how often directory accounts are brought up to date with LDAP (groups, flags; gone from it → deactivated):
 # a login does it too, but an API token acts without one
 LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)
 if LDAP:
-    CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = {"task": "portal.ldap_sync", "schedule": LDAP_SYNC_INTERVAL}
+    CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = _every("portal.ldap_sync", LDAP_SYNC_INTERVAL)
 
 # Error reports (the DEBUG page, report e-mails) never show a frame variable that holds a private key.
 DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.reporting.SecretsFilter"

@@ -205,6 +205,23 @@ def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     assert "CELERY_VISIBILITY_TIMEOUT=60 must be above CELERY_TASK_TIME_LIMIT=180" in refused(tmp_path, **env)
 
 
+def test_a_provisioning_deadline_within_the_visibility_timeout_is_refused(tmp_path):
+    """A worker killed mid-provisioning (OOM, a reboot, a deploy's SIGKILL): its device task comes back to another
+    worker only after the visibility timeout. With the deadline at or below it (both were 600 s by default), the
+    provisioning was given up — rolled back, FAILED — just as the task came back: acks_late never saved a job."""
+    env = {**PRODUCTION, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert loaded(tmp_path, **env)["DEBUG"] is False  # the defaults: 300 s visibility, a 600 s deadline
+    problem = refused(tmp_path, **env, CLUSTER_PROVISION_TIMEOUT="300")
+    assert "CLUSTER_PROVISION_TIMEOUT=300 must be above CELERY_VISIBILITY_TIMEOUT=300" in problem
+
+
+def test_every_periodic_run_that_waited_a_whole_interval_is_dropped(settings):
+    """A run still queued after its interval expires (the next is due anyway): a central worker down for an hour
+    found some 800 stale runs of the webhooks, the expiry and the sweeps ahead of the workflows."""
+    for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+        assert 0 < entry["options"]["expires"] <= float(entry["schedule"]), name
+
+
 def _environment_variables() -> set[str]:
     """The names the settings read from the environment: the first argument of every ``env_*`` call in
     portal/settings.py and portal/auth.py (the LDAP settings)."""
