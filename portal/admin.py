@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from portal import audit
 from portal.backends import is_directory_account
-from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, TokenScope
+from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, PeriodicRun, TokenScope
 from portal.tokens import token_create, token_revoke
 
 
@@ -27,6 +27,14 @@ class MadeByThePortal:
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(PeriodicRun)
+class PeriodicRunAdmin(MadeByThePortal, admin.ModelAdmin):
+    """When each periodic task last ended, well or not (a task missing here has not run yet)."""
+
+    list_display = ("task", "last_success_at", "last_failure_at", "last_error")
+    search_fields = ("task",)
 
 
 @admin.register(AuditEntry)

@@ -179,6 +179,7 @@ def collect() -> list[Family]:
             DeviceKind.values,
         )
     )
+    families += _periodic(now)
     families.append(
         _by_kind(
             "virtcloud_drift_open",
@@ -200,6 +201,30 @@ def collect() -> list[Family]:
         )
     )
     return families
+
+
+def _periodic(now) -> list[Family]:
+    """Per periodic task (beat's schedule): seconds since it last succeeded (absent: never yet) and its interval
+    — alert when the age passes a few intervals (beat down, or the worker of its queue)."""
+    from django.conf import settings
+
+    from portal.models import PeriodicRun
+
+    intervals: dict[str, float] = {}
+    for entry in settings.CELERY_BEAT_SCHEDULE.values():
+        intervals[entry["task"]] = min(float(entry["schedule"]), intervals.get(entry["task"], math.inf))
+    age = Family(
+        "virtcloud_periodic_task_success_age_seconds",
+        "Seconds since each periodic task last succeeded: growing past a few intervals, beat or its worker is "
+        "down (no sample: it never has).",
+    )
+    interval = Family("virtcloud_periodic_task_interval_seconds", "How often beat runs each periodic task.")
+    last = dict(PeriodicRun.objects.filter(last_success_at__isnull=False).values_list("task", "last_success_at"))
+    for task in sorted(intervals):
+        interval.add(intervals[task], task=task)
+        if task in last:
+            age.add(max(0.0, (now - last[task]).total_seconds()), task=task)
+    return [age, interval]
 
 
 def _certificates_end(gateway) -> dict:

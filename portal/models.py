@@ -112,3 +112,18 @@ class LoginFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class PeriodicRun(models.Model):
+    """When each periodic task (celery beat: ``CELERY_BEAT_SCHEDULE``) last ended, well or not — recorded by the
+    worker that ran it (``portal.celery``). ``/metrics`` exports the age of the last success per task with the
+    task's interval: beat or the worker of the default queue down shows as a growing age (clusters then stop
+    expiring, the provisioning deadline, webhooks and the sweeps stop), not as quiet."""
+
+    task = models.CharField(max_length=200, unique=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return self.task

@@ -80,9 +80,15 @@ def test_expiry_found_by_the_periodic_task(fabric, celery_worker, api):
     cid = create(api)
     wait_state(cid, ClusterState.READY)
     VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() - timedelta(seconds=1))
-    expire.delay()
+    expire.delay().get(timeout=60)
     cluster = wait_state(cid, ClusterState.TORN_DOWN)
     assert "expired" in cluster.state_reason
+    from portal.models import PeriodicRun  # the worker recorded the run (its age is a metric)
+
+    deadline = time.monotonic() + 10  # (recorded just after the result is stored)
+    while not PeriodicRun.objects.filter(task="clusters.expire", last_success_at__isnull=False).exists():
+        assert time.monotonic() < deadline, "the worker did not record the periodic run"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("failing", ["sw-brno", "sw-prague", "brno1"])

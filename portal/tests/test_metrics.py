@@ -175,7 +175,7 @@ def test_the_figures_are_what_the_database_holds(fabric, alice):
     )  # one aggregate query per family (plus the token's own lookup and last-use update, the newest event and
     # the webhooks — one more per webhook: none here; the gateways; the queues: two for the devices, one per device kind
     # for their changes), whatever the size
-    assert len(ctx.captured_queries) <= 20, [q["sql"] for q in ctx.captured_queries]
+    assert len(ctx.captured_queries) <= 21, [q["sql"] for q in ctx.captured_queries]  # (+1: the periodic tasks)
 
 
 def test_nothing_yet_is_all_zeros(alice):
@@ -204,3 +204,43 @@ def test_addresses_the_bastion_withholds_are_counted(root):
     assert shared() == 1
     Gateway.objects.update(ssh_port_base=30000)  # a bastion per cluster tells them apart: nothing withheld
     assert shared() == 0
+
+
+def test_periodic_tasks_say_when_they_last_succeeded(alice, settings, monkeypatch):
+    """Each periodic task records how it ended (the worker's signals); /metrics gives the age of its last success
+    and its interval, so that beat or its worker being down shows as a growing age (clusters stop expiring, the
+    provisioning deadline, the webhooks and the sweeps stop) — it was quiet, and the drift figures read 0."""
+    from clusters import services, tasks
+    from portal.models import PeriodicRun
+
+    settings.CELERY_BEAT_SCHEDULE = {
+        **settings.CELERY_BEAT_SCHEDULE,
+        "clusters-expire": {"task": "clusters.expire", "schedule": 60.0, "options": {"expires": 60.0}},
+    }
+    client = scraper(alice, [TokenScope.METRICS])
+    found = samples(client.get("/metrics").content.decode())
+    assert found[("virtcloud_periodic_task_interval_seconds", (("task", "clusters.expire"),))] == 60
+    assert ("virtcloud_periodic_task_success_age_seconds", (("task", "clusters.expire"),)) not in found  # never ran
+
+    tasks.expire.apply().get()
+    run = PeriodicRun.objects.get(task="clusters.expire")
+    assert run.last_success_at is not None and run.last_failure_at is None
+    PeriodicRun.objects.filter(pk=run.pk).update(last_success_at=timezone.now() - timedelta(minutes=10))
+    found = samples(client.get("/metrics").content.decode())
+    age = found[("virtcloud_periodic_task_success_age_seconds", (("task", "clusters.expire"),))]
+    assert 600 <= age < 660
+
+    def broken():
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "clusters_expire", broken)
+    assert tasks.expire.apply(throw=False).failed()  # (as a worker runs it: the failure is not raised here)
+    run.refresh_from_db()
+    assert run.last_failure_at is not None and "clusters.expire: broken failed" in run.last_error
+    assert (
+        samples(client.get("/metrics").content.decode())[
+            ("virtcloud_periodic_task_success_age_seconds", (("task", "clusters.expire"),))
+        ]
+        >= 600
+    )  # a failure is not a success
+    assert set(PeriodicRun.objects.values_list("task", flat=True)) == {"clusters.expire"}
