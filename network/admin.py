@@ -226,6 +226,7 @@ class SwitchAdmin(admin.ModelAdmin):
     list_filter = ("site", "platform", "enabled")
     search_fields = ("name", "address", "description")
     list_select_related = ("site",)
+    readonly_fields = ("last_reconciled_at", "reconcile_error")
     inlines = [SwitchPortInline]
     actions = [reconcile_now, plan_dry_run]
 
@@ -270,6 +271,7 @@ class HostAdmin(admin.ModelAdmin):
     list_display = ("name", "site", "switch_port", "trunk_interface", "driver", "worker", "enabled")
     list_filter = ("site", "driver", "enabled")
     search_fields = ("name", "switch_port__name", "switch_port__switch__name")
+    readonly_fields = ("last_reconciled_at", "reconcile_error")
     list_select_related = ("site", "switch_port", "switch_port__switch")
     autocomplete_fields = ("switch_port",)
     actions = [reconcile_now, plan_dry_run]

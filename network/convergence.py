@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ from network.models import DeviceChange, DeviceKind, Drift, Host, Segment, Switc
 from network.vlanranges import format_ranges
 
 Status = DeviceChange.Status
+
+logger = logging.getLogger(__name__)
 
 # Advisory lock namespaces (first int4 of pg_advisory_lock(int4, int4)); arbitrary but fixed.
 _LOCK_SPACES = {DeviceKind.SWITCH: 0x56430001, DeviceKind.HOST: 0x56430002, "segment": 0x56430003}
@@ -644,6 +647,11 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                         report.repaired = True
         except (DeviceError, DeviceChangeFailed) as exc:
             report.error = str(exc)
+            logger.warning("reconcile %s %s: %s", kind, device.name, report.error)
+    done = {"reconcile_error": report.error[:2000]}
+    if not report.error:
+        done["last_reconciled_at"] = timezone.now()
+    type(device).objects.filter(pk=device.pk).update(**done)
     return report
 
 

@@ -29,6 +29,29 @@ queue_validator = RegexValidator(
 _VLAN_FIELDS = {"vid_min", "vid_max"}
 
 
+class Reconciled(models.Model):
+    """What the reconciler last made of a device: when it last compared it with the desired state, and why its
+    last attempt failed. An unreachable device (a rotated password, an ACL, its site worker down) shows here and
+    in ``/metrics``, not only when a cluster's provisioning fails on it."""
+
+    last_reconciled_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="the reconciler's last complete comparison with the desired state",
+    )
+    reconcile_error = models.TextField(
+        blank=True,
+        default="",
+        db_default="",
+        editable=False,
+        help_text="why its last attempt failed (empty: it did not)",
+    )
+
+    class Meta:
+        abstract = True
+
+
 class InventoryModel(models.Model):
     """Common behaviour of the inventory: every validation message names the object it is about
     (``core cesnet-qinq: ...``), also Django's own field and uniqueness messages, so that a list of
@@ -147,7 +170,7 @@ class CoreTransport(InventoryModel):
             raise ValidationError(errors)
 
 
-class Switch(InventoryModel):
+class Switch(InventoryModel, Reconciled):
     """A site switch with 802.1Q trunks to hypervisors, an uplink into the core and possibly a trunk to an
     access gateway. Configured through NAPALM with the platform's driver; the portal changes only the ports
     listed here (the ports it owns)."""
@@ -347,7 +370,7 @@ class SwitchPort(InventoryModel):
             )
 
 
-class Host(InventoryModel):
+class Host(InventoryModel, Reconciled):
     """A hypervisor (KVM/libvirt today, Xen in the paper) at a site, hanging on a host trunk of a site
     switch through its trunk NIC. It carries one bridge per cluster VLAN it hosts; its agent (a Celery
     worker on the host) consumes ``agent_queue``."""

@@ -2,7 +2,8 @@
 worker process answers the same and nothing is lost on a restart: what operators alert on — clusters by
 state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
 or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind, access
-gateways that stopped pulling or whose certificates are about to end. Each family is one aggregate query
+gateways that stopped pulling or whose certificates are about to end, periodic tasks that stopped succeeding,
+devices the reconciler cannot reach. Each family is one aggregate query
 (webhooks: one per webhook; open device work, recent failures and recent READY steps use partial and time
 indexes, so a scrape stays cheap however long the history grows)."""
 
@@ -180,6 +181,7 @@ def collect() -> list[Family]:
         )
     )
     families += _periodic(now)
+    families += _reconciled(now)
     families.append(
         _by_kind(
             "virtcloud_drift_open",
@@ -225,6 +227,32 @@ def _periodic(now) -> list[Family]:
         if task in last:
             age.add(max(0.0, (now - last[task]).total_seconds()), task=task)
     return [age, interval]
+
+
+def _reconciled(now) -> list[Family]:
+    """Enabled devices whose last reconcile failed, and those the reconciler has not compared for three
+    intervals (or ever): unreachable, or their worker queue has no worker. One query per device kind."""
+    from django.conf import settings
+
+    from network.models import Host, Switch
+
+    since = now - timedelta(seconds=3 * settings.RECONCILE_INTERVAL)
+    failing = Family(
+        "virtcloud_devices_reconcile_failing",
+        "Enabled devices whose last reconcile failed (admin: the device's reconcile error).",
+    )
+    overdue = Family(
+        "virtcloud_devices_reconcile_overdue",
+        "Enabled devices not compared with the desired state for 3 reconcile intervals, or never.",
+    )
+    for kind, model in (("switch", Switch), ("host", Host)):
+        counts = model.objects.filter(enabled=True).aggregate(
+            failing=Count("pk", filter=~Q(reconcile_error="")),
+            overdue=Count("pk", filter=Q(last_reconciled_at__isnull=True) | Q(last_reconciled_at__lt=since)),
+        )
+        failing.add(counts["failing"], kind=kind)
+        overdue.add(counts["overdue"], kind=kind)
+    return [failing, overdue]
 
 
 def _certificates_end(gateway) -> dict:

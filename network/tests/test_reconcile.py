@@ -249,3 +249,57 @@ def test_plan_and_workers_say_so_when_the_broker_is_down(fabric, monkeypatch, ca
     ]
     with pytest.raises(CommandError, match="cannot ask the workers, the broker did not answer: Error 111"):
         call_command("network", "workers")
+
+
+def test_a_device_the_reconciler_cannot_reach_says_so_and_is_counted(fabric, active, alice, caplog):
+    """An unreachable switch (a rotated password, an ACL, its site worker down) looked exactly like a healthy
+    one until a cluster's provisioning failed on it: the error was only in the task's result. Now the device
+    records when it was last reconciled and why its last attempt failed, the log says it, and /metrics counts
+    the failing and the overdue devices."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from rest_framework.test import APIClient
+
+    from network.models import Host
+    from portal.models import TokenScope
+    from portal.tokens import token_create
+
+    def figures() -> dict:
+        client = APIClient()
+        client.credentials(
+            HTTP_AUTHORIZATION=f"Bearer {token_create(user=alice, name='m', scopes=[TokenScope.METRICS])[1]}"
+        )
+        found = {}
+        for line in client.get("/metrics").content.decode().splitlines():
+            if line.startswith("virtcloud_devices_reconcile_"):
+                name, value = line.rsplit(" ", 1)
+                found[name] = float(value)
+        return found
+
+    assert figures()['virtcloud_devices_reconcile_overdue{kind="switch"}'] == 3  # never reconciled yet
+    tasks.reconcile.apply().get()
+    assert all(s.last_reconciled_at and not s.reconcile_error for s in Switch.objects.all())
+    assert all(h.last_reconciled_at for h in Host.objects.all())
+    assert figures() == {
+        'virtcloud_devices_reconcile_failing{kind="switch"}': 0,
+        'virtcloud_devices_reconcile_failing{kind="host"}': 0,
+        'virtcloud_devices_reconcile_overdue{kind="switch"}': 0,
+        'virtcloud_devices_reconcile_overdue{kind="host"}': 0,
+    }
+
+    fabric.set_switch_args("sw-brno", reachable_from="the-brno-worker")  # this worker cannot reach it
+    before = Switch.objects.get(name="sw-brno").last_reconciled_at
+    tasks.reconcile.apply().get()
+    brno = Switch.objects.get(name="sw-brno")
+    assert brno.last_reconciled_at == before and "sw-brno" in brno.reconcile_error
+    assert f"reconcile switch sw-brno: {brno.reconcile_error}" in caplog.text
+    Switch.objects.filter(name="sw-pilsen").update(last_reconciled_at=timezone.now() - timedelta(days=1))
+    found = figures()
+    assert found['virtcloud_devices_reconcile_failing{kind="switch"}'] == 1
+    assert found['virtcloud_devices_reconcile_overdue{kind="switch"}'] == 1  # pilsen: not compared for a day
+
+    fabric.set_switch_args("sw-brno")  # reachable again: the next run clears the error
+    tasks.reconcile.apply().get()
+    brno.refresh_from_db()
+    assert brno.reconcile_error == "" and brno.last_reconciled_at > before
