@@ -598,7 +598,9 @@ class ReconcileReport:
     error: str = ""
 
 
-def _compare(expected: dict[str, frozenset[int]], actual: dict[str, frozenset[int]], known: frozenset[int]):
+def _compare(expected: dict[str, frozenset[int]], actual: dict[str, frozenset[int]]):
+    extras = {v for port in expected for v in actual.get(port, frozenset()) - expected[port]}
+    known = selectors.known_vids(extras)  # (no query when nothing is extra)
     for port in sorted(expected):
         want, have = expected[port], actual.get(port, frozenset())
         missing = want - have
@@ -634,7 +636,7 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                 else:
                     expected = {"": selectors.host_desired([device.pk])[device.pk]}
                     actual = {"": session.vlans()}
-                report.drifts = _record_drift(kind, device, list(_compare(expected, actual, selectors.known_vids())))
+                report.drifts = _record_drift(kind, device, list(_compare(expected, actual)))
                 if report.drifts and repair:
                     summary = "; ".join(str(d) for d in report.drifts)
                     change = change_create(device=device, cause=f"reconcile: {summary}")

@@ -649,6 +649,12 @@ class Segment(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # segments are kept for good: the periodic queries by state (rollbacks that kept their VLAN, who holds a
+        # VLAN) and the reconciler's "did the portal ever give this id" go through indexes
+        indexes = [
+            models.Index(fields=["state"], name="segment_state"),
+            models.Index(fields=["vid"], name="segment_vid"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["owner_ref"],

@@ -328,9 +328,14 @@ def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:
     return list(switches.select_related("site").order_by("name")), list(hosts.select_related("site").order_by("name"))
 
 
-def known_vids() -> frozenset[int]:
-    """VLAN ids the portal ever gave a segment (to tell a stale VLAN from a foreign one)."""
-    return frozenset(Segment.objects.exclude(vid=None).values_list("vid", flat=True).distinct())
+def known_vids(vids: Iterable[int]) -> frozenset[int]:
+    """Of ``vids``, those the portal ever gave a segment (to tell a stale VLAN from a foreign one). Asked only
+    about the VLANs a device carries beyond its desired state (usually none), through the index on the segments'
+    ids: segments are kept for good, and the reconciler asks for every device every interval."""
+    vids = sorted(set(vids))
+    if not vids:
+        return frozenset()
+    return frozenset(Segment.objects.filter(vid__in=vids).values_list("vid", flat=True).distinct())
 
 
 def queue_name(device: Switch | Host) -> str:

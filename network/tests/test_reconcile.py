@@ -303,3 +303,23 @@ def test_a_device_the_reconciler_cannot_reach_says_so_and_is_counted(fabric, act
     tasks.reconcile.apply().get()
     brno.refresh_from_db()
     assert brno.reconcile_error == "" and brno.last_reconciled_at > before
+
+
+def test_an_in_sync_device_costs_no_look_at_the_segment_history(fabric, active):
+    """Segments are kept for good; the reconciler asked "which VLAN ids did the portal ever give" of all of them
+    for every device every interval. Now only about VLANs a device carries beyond its desired state."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from network import convergence
+
+    switch = Switch.objects.get(name="sw-brno")
+    with CaptureQueriesContext(connection) as ctx:
+        assert convergence.reconcile_device("switch", switch, repair=False).drifts == []
+    assert not [q["sql"] for q in ctx.captured_queries if '"network_segment"."vid"' in q["sql"]]
+    fabric.poke_switch("sw-brno", "h1", [active.vid, 999])
+    with CaptureQueriesContext(connection) as ctx:
+        drifts = convergence.reconcile_device("switch", switch, repair=False).drifts
+    assert [(d.kind, d.vlans) for d in drifts] == [("foreign", "999")]
+    asked = [q["sql"] for q in ctx.captured_queries if '"network_segment"."vid"' in q["sql"]]
+    assert len(asked) == 1 and "IN (999)" in asked[0]
