@@ -13,9 +13,11 @@ the directory (which revokes every credential and stops its tokens).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import ldap
@@ -82,13 +84,30 @@ def _local_account_in_use(user) -> bool:
     )
 
 
-def ldap_settings() -> dict:
-    """AUTH_LDAP_* settings from the environment; empty when LDAP_SERVER_URI is not set."""
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ldap_settings(*, debug: bool = True) -> dict:
+    """AUTH_LDAP_* settings from the environment; empty when LDAP_SERVER_URI is not set. In production
+    (``debug`` off) a plain ``ldap://`` to another machine needs ``LDAP_START_TLS``: the portal binds as the
+    user, so every password would cross the network in clear (``LDAP_ALLOW_PLAINTEXT`` allows it anyway)."""
     uri = env_str("LDAP_SERVER_URI")
     if not uri:
         return {}
     if not uri.startswith(("ldap://", "ldaps://", "ldapi://")):
         raise ImproperlyConfigured(f"LDAP_SERVER_URI={uri!r} must start with ldap://, ldaps:// or ldapi://")
+    start_tls = env_bool("LDAP_START_TLS", False)
+    if not debug and uri.startswith("ldap://") and not start_tls and not env_bool("LDAP_ALLOW_PLAINTEXT", False):
+        hosts = [urllib.parse.urlsplit(part).hostname or "" for part in uri.split()]
+        if not all(_loopback(host) for host in hosts):
+            raise ImproperlyConfigured(
+                f"LDAP_SERVER_URI={uri!r} sends the users' passwords in clear: use ldaps://, or LDAP_START_TLS=true "
+                "(LDAP_ALLOW_PLAINTEXT=true if the network to the directory is trusted)"
+            )
     user_base = env_str("LDAP_USER_BASE", required=True)
     group_base = env_str("LDAP_GROUP_BASE", required=True)
     group_kind = (env_str("LDAP_GROUP_TYPE", "posix") or "").lower()
@@ -109,7 +128,7 @@ def ldap_settings() -> dict:
         "AUTH_LDAP_SERVER_URI": uri,
         "AUTH_LDAP_BIND_DN": env_str("LDAP_BIND_DN", ""),
         "AUTH_LDAP_BIND_PASSWORD": env_str("LDAP_BIND_PASSWORD", ""),
-        "AUTH_LDAP_START_TLS": env_bool("LDAP_START_TLS", False),
+        "AUTH_LDAP_START_TLS": start_tls,
         "AUTH_LDAP_USER_SEARCH": LDAPSearch(
             user_base, ldap.SCOPE_SUBTREE, env_str("LDAP_USER_FILTER", "(uid=%(user)s)")
         ),

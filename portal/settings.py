@@ -126,7 +126,7 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 # --- Identity: LDAP first, local accounts (break-glass superuser) second -----------------------------------
-LDAP = ldap_auth.ldap_settings()
+LDAP = ldap_auth.ldap_settings(debug=DEBUG)
 globals().update(LDAP)
 # the share of the accounts checked that one LDAP sync may deactivate (at least 5); more: none, and it says so
 LDAP_SYNC_DEACTIVATE_MAX = env_float("LDAP_SYNC_DEACTIVATE_MAX", 0.1, minimum=0.0, maximum=1.0)

@@ -215,6 +215,24 @@ def test_a_provisioning_deadline_within_the_visibility_timeout_is_refused(tmp_pa
     assert "CLUSTER_PROVISION_TIMEOUT=300 must be above CELERY_VISIBILITY_TIMEOUT=300" in problem
 
 
+def test_a_directory_reached_in_clear_is_refused_in_production(tmp_path):
+    """The portal binds to LDAP as the user: over plain ldap:// every password crosses the network in clear.
+    Without DEBUG that needs StartTLS, ldaps://, a directory on this machine, or an explicit opt-in."""
+    ldap_env = {"LDAP_USER_BASE": "ou=people,dc=x", "LDAP_GROUP_BASE": "ou=groups,dc=x"}
+    env = {**PRODUCTION, **ldap_env, "LDAP_SERVER_URI": "ldap://ldap.example.org"}
+    assert "sends the users' passwords in clear" in refused(tmp_path, **env)
+    mixed = {**env, "LDAP_SERVER_URI": "ldap://127.0.0.1 ldap://ldap.example.org"}  # one of them remote
+    assert "sends the users' passwords in clear" in refused(tmp_path, **mixed)
+    for fine in (
+        {"LDAP_START_TLS": "true"},
+        {"LDAP_SERVER_URI": "ldaps://ldap.example.org"},
+        {"LDAP_SERVER_URI": "ldap://127.0.0.1:3389"},
+        {"LDAP_ALLOW_PLAINTEXT": "true"},
+    ):
+        assert loaded(tmp_path, **{**env, **fine})["DEBUG"] is False, fine
+    assert loaded(tmp_path, **{**env, "DEBUG": "true"})["DEBUG"] is True  # (the demo's throwaway directory)
+
+
 def test_every_periodic_run_that_waited_a_whole_interval_is_dropped(settings):
     """A run still queued after its interval expires (the next is due anyway): a central worker down for an hour
     found some 800 stale runs of the webhooks, the expiry and the sweeps ahead of the workflows."""
