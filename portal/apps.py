@@ -6,6 +6,6 @@ class PortalConfig(AppConfig):
     verbose_name = "Portal"
 
     def ready(self) -> None:
-        from portal import auth
+        from portal import auth, checks  # noqa: F401 - checks registers the deploy checks
 
         auth.connect_signals()

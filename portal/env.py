@@ -140,11 +140,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
 def env_db(name: str, default: str) -> dict:
     value = _raw(name) or default
     scheme = value.split("://", 1)[0] if "://" in value else ""
-    if scheme not in environ.Env.DB_SCHEMES:
-        known = ", ".join(
-            sorted(s for s in environ.Env.DB_SCHEMES if s in ("postgres", "postgresql", "sqlite", "mysql"))
+    # PostgreSQL, or SQLite on one machine: the device changes are claimed with UPDATE … RETURNING and devices
+    # locked with PostgreSQL's advisory locks (SQLite: file locks), which other databases do not have
+    known = ("postgres", "postgresql", "sqlite")
+    if scheme not in known:
+        raise ImproperlyConfigured(
+            f"{name}={value!r} names an unsupported database scheme (use one of: {', '.join(known)})"
         )
-        raise ImproperlyConfigured(f"{name}={value!r} names an unsupported database scheme (use one of: {known})")
     try:
         config = _env.db_url_config(value)
     except Exception as exc:  # django-environ raises a bare exception type on unknown schemes

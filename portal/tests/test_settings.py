@@ -279,3 +279,21 @@ def test_readme_configuration_table_names_only_real_settings():
     _section, table = _readme_configuration()
     lab = {"VIRTCLOUD_LAB_DIR"}  # read by the lab itself (network/lab/fabric.py), not a portal setting
     assert sorted(table - _environment_variables() - lab) == []
+
+
+def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
+    """An environment file that misses DATABASE_URL or CELERY_BROKER_URL on one machine of several started without
+    complaint, on a private SQLite file and a private broker folder: ``check --deploy`` says so."""
+    from portal import checks
+
+    found = checks.single_machine_settings("django.db.backends.sqlite3", "filesystem://localhost/")
+    assert [w.id for w in found] == ["portal.W001", "portal.W002"]
+    assert checks.single_machine_settings("django.db.backends.postgresql", "redis://redis.example.org:6379/0") == []
+    assert settings.CELERY_BROKER_URL.startswith("redis://") and checks.one_machine_only() == []  # (the tests')
+
+
+def test_only_databases_the_portal_runs_on_are_accepted(tmp_path):
+    """Claims use UPDATE … RETURNING and device locks PostgreSQL's advisory locks (SQLite: file locks): a MySQL
+    URL, which django-environ would take, is refused at start-up instead of failing at the first cluster."""
+    problem = refused(tmp_path, **PRODUCTION, DATABASE_URL="mysql://portal@db/portal")
+    assert "names an unsupported database scheme (use one of: postgres, postgresql, sqlite)" in problem

@@ -1,0 +1,38 @@
+"""``manage.py check --deploy``: settings that work on one machine and nowhere else."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Tags, Warning, register
+
+
+@register(Tags.security, deploy=True)
+def one_machine_only(app_configs=None, **kwargs) -> list[Warning]:
+    """The embedded defaults — SQLite, the filesystem broker — hold only while web, workers and beat run on one
+    machine: a worker elsewhere would have a database and a broker of its own (and device locks that are file
+    locks on its own disk). An environment file that misses ``DATABASE_URL`` or ``CELERY_BROKER_URL`` on one
+    machine of several starts without complaint; the deploy check says so."""
+    return single_machine_settings(settings.DATABASES["default"]["ENGINE"], str(settings.CELERY_BROKER_URL))
+
+
+def single_machine_settings(engine: str, broker: str) -> list[Warning]:
+    problems = []
+    if engine.endswith("sqlite3"):
+        problems.append(
+            Warning(
+                "DATABASE_URL is not set: the portal runs on SQLite, for one machine only (web, workers and beat on "
+                "it; device locks are file locks there)",
+                hint="set DATABASE_URL=postgres://… on every machine of the portal",
+                id="portal.W001",
+            )
+        )
+    if broker.startswith("filesystem://"):
+        problems.append(
+            Warning(
+                "CELERY_BROKER_URL is not set: the broker is a folder under DATA_DIR, for one machine only (a worker "
+                "elsewhere never gets a task)",
+                hint="set CELERY_BROKER_URL=redis://… (or amqp://…) on every machine of the portal",
+                id="portal.W002",
+            )
+        )
+    return problems
