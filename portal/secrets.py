@@ -15,6 +15,11 @@ MASK = "********"
 
 
 def _fernet() -> Fernet:
+    if not settings.SECRETS_KEY:
+        raise ImproperlyConfigured(
+            "this process holds no SECRETS_KEY (PORTAL_ROLE=agent: a host agent decrypts nothing); "
+            "the portal's own workers do this"
+        )
     try:
         return Fernet(settings.SECRETS_KEY.encode())
     except ValueError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 import sys
 from pathlib import Path
 
@@ -36,7 +37,20 @@ DEBUG = env_bool("DEBUG", False)
 BUILD_ONLY = (
     len(sys.argv) > 1 and sys.argv[0].endswith("manage.py") and sys.argv[1] in ("makemigrations", "collectstatic")
 )
-SECRET_KEY = env_str("SECRET_KEY")
+# What this process is: "portal" (web, the central and site workers, beat) or "agent" (a worker on a hypervisor
+# that converges its own host from its agent_queue). A hypervisor runs users' VMs: an agent holds none of the
+# portal's keys — no SECRET_KEY (a random one of its own: it signs nothing), no SECRETS_KEY (switch passwords,
+# the CA's keys), no CA passphrase — so that a VM escaping onto it does not take the CA or the switches.
+PORTAL_ROLE = env_choice("PORTAL_ROLE", "portal", ["portal", "agent"])
+AGENT = PORTAL_ROLE == "agent"
+if AGENT:
+    held = [name for name in ("SECRET_KEY", "SECRETS_KEY", "ACCESS_CA_PASSPHRASE") if env_str(name, "")]
+    if held:
+        raise ImproperlyConfigured(
+            f"PORTAL_ROLE=agent: {', '.join(held)} must not be set on a host agent (it needs none of the portal's "
+            "keys, and a hypervisor that holds them gives them to any VM that escapes onto it)"
+        )
+SECRET_KEY = env_str("SECRET_KEY") or (secrets.token_urlsafe(48) if AGENT else "")
 if not SECRET_KEY:
     if not DEBUG and not BUILD_ONLY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (e.g. SECRET_KEY=$(openssl rand -hex 32))")
@@ -44,7 +58,7 @@ if not SECRET_KEY:
 
 # Fernet key for secrets at rest (switch credentials, CA keys). Derived from SECRET_KEY only in DEBUG.
 SECRETS_KEY = env_fernet_key("SECRETS_KEY")
-if not SECRETS_KEY:
+if not SECRETS_KEY and not AGENT:  # (an agent: "", and portal.secrets refuses to decrypt)
     if not DEBUG and not BUILD_ONLY:
         raise ImproperlyConfigured(
             "SECRETS_KEY must be set when DEBUG is off (a Fernet key: "
@@ -368,7 +382,7 @@ CELERY_BEAT_SCHEDULE["clusters-webhooks"] = _every("clusters.deliver_webhooks", 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.
 ACCESS_CA_PASSPHRASE = env_str("ACCESS_CA_PASSPHRASE", "")
-if not ACCESS_CA_PASSPHRASE and not DEBUG and not BUILD_ONLY:
+if not ACCESS_CA_PASSPHRASE and not DEBUG and not BUILD_ONLY and not AGENT:
     raise ImproperlyConfigured("ACCESS_CA_PASSPHRASE must be set when DEBUG is off (a long random string)")
 ACCESS_VPN_CERT_LIFETIME = env_int("ACCESS_VPN_CERT_LIFETIME", 3 * 24 * 3600, minimum=300)
 ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 * 3600, minimum=3600)

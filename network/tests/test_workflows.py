@@ -1141,7 +1141,9 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
         agent_queue="host.brno1", driver_args={**fabric.args, "reachable_from": "agent-brno1"}
     )
     Host.objects.filter(name="pilsen1").update(driver_args={**fabric.args, "fail_commit": "permanent"})
-    env = {**celery_worker.env, "VIRTCLOUD_WORKER": "agent-brno1"}
+    # the agent as on a hypervisor: none of the portal's keys (settings_test fills in only what is absent)
+    keys = {"SECRET_KEY": "", "SECRETS_KEY": "", "ACCESS_CA_PASSPHRASE": ""}
+    env = {**celery_worker.env, "VIRTCLOUD_WORKER": "agent-brno1", "PORTAL_ROLE": "agent", **keys}
     agent = WorkerProcess(env, tmp_path / "agent.log", queues=["host.brno1"], concurrency=2, name="agent-brno1")
     agent.start()
     try:

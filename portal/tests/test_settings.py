@@ -297,3 +297,20 @@ def test_only_databases_the_portal_runs_on_are_accepted(tmp_path):
     URL, which django-environ would take, is refused at start-up instead of failing at the first cluster."""
     problem = refused(tmp_path, **PRODUCTION, DATABASE_URL="mysql://portal@db/portal")
     assert "names an unsupported database scheme (use one of: postgres, postgresql, sqlite)" in problem
+
+
+def test_a_host_agent_holds_none_of_the_portals_keys(tmp_path):
+    """PORTAL_ROLE=agent (a worker on a hypervisor): starts without SECRET_KEY, SECRETS_KEY and the CA passphrase,
+    and refuses to start with any of them — a VM escaping onto the hypervisor must not find the keys to the CA's
+    private keys and the switch passwords. (Its convergence through a real agent: test_workflows.)"""
+    agent = {
+        "DEBUG": "false",
+        "ALLOWED_HOSTS": "portal.example.org",
+        "PORTAL_ROLE": "agent",
+        "DATABASE_URL": "postgres://agent@db.example.org/portal",
+        "CELERY_BROKER_URL": "redis://redis.example.org:6379/0",
+    }
+    assert loaded(tmp_path, **agent)["DEBUG"] is False
+    for key in ("SECRET_KEY", "SECRETS_KEY", "ACCESS_CA_PASSPHRASE"):
+        problem = refused(tmp_path, **agent, **{key: PRODUCTION.get(key) or SECRETS_KEY})
+        assert f"PORTAL_ROLE=agent: {key} must not be set on a host agent" in problem
