@@ -37,7 +37,7 @@ from network.errors import (
     SegmentClosed,
     SegmentExists,
 )
-from network.models import Host, Segment, SegmentMember, Site, VlanAllocation, VlanPool
+from network.models import DeviceChange, Drift, Host, Segment, SegmentMember, Site, VlanAllocation, VlanPool
 from portal import audit
 
 ALLOCATE_ATTEMPTS = 20
@@ -529,3 +529,38 @@ def segment_delete(*, segment: Segment) -> Segment:
         seg.save(update_fields=["state", "updated_at"])
     segment.refresh_from_db()
     return seg
+
+
+# --- history ----------------------------------------------------------------------------------------------------
+
+PRUNE_BATCH = 5000  # rows per DELETE: short transactions, however much is due
+
+
+def history_prune(*, now: datetime | None = None) -> dict[str, int]:
+    """Delete the device history older than ``HISTORY_RETENTION`` days that nothing reads any more: settled
+    device changes of no segment (repairs) or of a segment that ended (rolled back or closed) that long ago and
+    holds no VLAN (a segment that kept its VLAN still counts its changes: ``selectors.vlan_holders``), and drift
+    repaired that long ago. Unfinished work and open drift are never pruned. Batches of ``PRUNE_BATCH`` rows,
+    each its own transaction. Returns how many of each went."""
+    horizon = (now or timezone.now()) - timedelta(days=settings.HISTORY_RETENTION)
+    holding = Segment.objects.filter(allocation__state=Free.ALLOCATED, allocation__owner=F("owner_ref"))
+    ended = (
+        Segment.objects.filter(state__in=(Segment.State.FAILED, Segment.State.CLOSED), updated_at__lt=horizon)
+        .exclude(pk__in=holding.values("pk"))
+        .values("pk")
+    )
+    changes = DeviceChange.objects.filter(status__in=DeviceChange.FINAL, created_at__lt=horizon).filter(
+        Q(segment__isnull=True) | Q(segment__in=ended)
+    )
+    drift = Drift.objects.filter(repaired_at__lt=horizon)
+    return {"device changes": _delete_in_batches(changes), "drift": _delete_in_batches(drift)}
+
+
+def _delete_in_batches(rows: QuerySet) -> int:
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            batch = list(rows.order_by().values_list("pk", flat=True)[:PRUNE_BATCH])
+            if not batch:
+                return deleted
+            deleted += rows.model.objects.filter(pk__in=batch).delete()[1].get(rows.model._meta.label, 0)

@@ -462,3 +462,9 @@ def reconcile_device(kind: str, device_id: int, repair: bool | None = None, acto
         "repaired": report.repaired,
         "error": report.error,
     }
+
+
+@shared_task(name="network.prune_history")
+def prune_history() -> dict[str, int]:
+    """Periodic (hourly): the device history older than ``HISTORY_RETENTION`` days that nothing reads any more."""
+    return services.history_prune()

@@ -371,6 +371,10 @@ CELERY_BEAT_SCHEDULE["clusters-expire"] = _every("clusters.expire", CLUSTER_EXPI
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly
 CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
 CELERY_BEAT_SCHEDULE["clusters-prune-events"] = _every("clusters.prune_events", 3600)
+# days the device history (settled device changes of ended networks, repaired drift) and the steps of ended
+# clusters are kept; pruned hourly
+HISTORY_RETENTION = env_int("HISTORY_RETENTION", 180, minimum=1)
+CELERY_BEAT_SCHEDULE["network-prune-history"] = _every("network.prune_history", 3600)
 # webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
 WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
 WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)

@@ -163,3 +163,26 @@ def test_old_idempotency_keys_of_ended_clusters_are_pruned(fabric, alice, settin
     IdempotencyKey.objects.filter(key__startswith="old").update(created_at=timezone.now() - timedelta(days=31))
     prune_events()
     assert set(IdempotencyKey.objects.values_list("key", flat=True)) == {"old-live", "new-ended"}
+
+
+def test_the_steps_of_clusters_that_ended_long_ago_are_pruned(fabric, alice, settings):
+    """A cluster's steps are its progress: once it ended HISTORY_RETENTION days ago nobody reads them (they were
+    kept for good, a few rows per device and workflow); a live cluster's and a recently ended one's stay."""
+    from clusters import services
+    from clusters.models import ClusterStep
+    from clusters.tasks import prune_events
+
+    settings.HISTORY_RETENTION = 90
+    old, recent, live = (create_cluster(alice, f"c{i}", f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
+    for cid in (old, recent):
+        services.cluster_teardown(cluster=VirtualCluster.objects.get(pk=cid), reason="test")
+    VirtualCluster.objects.filter(pk=old).update(ended_at=timezone.now() - timedelta(days=91))
+    VirtualCluster.objects.filter(pk=live).update(ended_at=timezone.now() - timedelta(days=91))  # (never mind: live)
+    steps = {cid: ClusterStep.objects.filter(cluster_id=cid).count() for cid in (old, recent, live)}
+    assert all(steps.values())
+    prune_events()
+    assert {cid: ClusterStep.objects.filter(cluster_id=cid).count() for cid in (old, recent, live)} == {
+        old: 0,
+        recent: steps[recent],
+        live: steps[live],
+    }
