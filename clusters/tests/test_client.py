@@ -358,51 +358,11 @@ def test_it_runs_as_a_plain_script_too(alice, client):
     assert client("show", "--job", "1.pbs", isolated=False)[:2] == (0, [])
 
 
-def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
-    """A portal whose CLUSTER_WAIT_MAX is below the client's 25 s long poll refuses the wait's ``timeout``
-    (400, saying its maximum): the client then asks for that — it exited 2, "refused, nothing left allocated",
-    right after the portal had made the cluster."""
+def waiting_portal(wait_max: float, waits: list, *, ready_from: int = 1) -> type[FakePortal]:
+    """A portal that makes cluster 7 and answers its long polls as one whose CLUSTER_WAIT_MAX is ``wait_max``: a
+    longer ``timeout`` is refused (400, saying the maximum), any other answered at once — provisioning, ready
+    from the ``ready_from``-th wait on. Each wait is recorded in ``waits`` as (when, its timeout)."""
     from urllib.parse import parse_qs, urlsplit
-
-    waits = []
-
-    class Portal(FakePortal):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self._send(201, {"id": 7, "name": "mpi", "state": "requested", "state_reason": "", "nodes": []})
-
-        def do_GET(self):
-            query = parse_qs(urlsplit(self.path).query)
-            if urlsplit(self.path).path.endswith("/wait/"):
-                waits.append(query.get("timeout"))
-                if float(query.get("timeout", ["20"])[0]) > 20:  # the portal's CLUSTER_WAIT_MAX=20
-                    return self._send(400, {"timeout": ["Ensure this value is less than or equal to 20.0."]})
-                return self._send(200, {"id": 7, "name": "mpi", "state": "ready", "state_reason": "", "nodes": []})
-            return self._send(200, {"count": 0, "next": None, "results": []})
-
-    up = [
-        "up",
-        "--job",
-        "1.pbs",
-        "--name",
-        "mpi",
-        "--image",
-        "debian",
-        "--node",
-        "name=n1,host=h1,mac=52:54:00:00:00:01",
-    ]
-    code, err = against(Portal, *up)
-    assert code == 0, err
-    assert waits == [["25"], ["20"]]
-
-
-def test_a_portal_that_allows_no_wait_is_asked_once_a_second_within_the_deadline():
-    """CLUSTER_WAIT_MAX=0: every wait answers at once. The client asked again without pausing (hundreds of
-    requests a second until its deadline); now at most once a second, and never for longer than its own
-    ``--timeout`` leaves (it asked the portal's maximum, overshooting the deadline by up to that)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    waits = []
 
     class Portal(FakePortal):
         def do_POST(self):
@@ -413,14 +373,35 @@ def test_a_portal_that_allows_no_wait_is_asked_once_a_second_within_the_deadline
             query = parse_qs(urlsplit(self.path).query)
             if urlsplit(self.path).path.endswith("/wait/"):
                 waits.append((time.monotonic(), query.get("timeout")))
-                if float(query.get("timeout", ["0"])[0]) > 0:
-                    return self._send(400, {"timeout": ["Ensure this value is less than or equal to 0.0."]})
-                state = "ready" if len(waits) > 4 else "provisioning"
+                if float(query.get("timeout", ["0"])[0]) > wait_max:
+                    refusal = f"Ensure this value is less than or equal to {float(wait_max)}."
+                    return self._send(400, {"timeout": [refusal]})
+                state = "ready" if len(waits) >= ready_from else "provisioning"
                 return self._send(200, {"id": 7, "name": "mpi", "state": state, "state_reason": "", "nodes": []})
             return self._send(200, {"count": 0, "next": None, "results": []})
 
-    up = ["up", "--job", "1.pbs", "--name", "mpi", "--image", "debian", "--timeout", "10"]
-    code, err = against(Portal, *up, "--node", "name=n1,host=h1,mac=52:54:00:00:00:01")
+    return Portal
+
+
+UP = ["up", "--job", "1.pbs", "--name", "mpi", "--image", "debian", "--node", "name=n1,host=h1,mac=52:54:00:00:00:01"]
+
+
+def test_a_portal_that_allows_shorter_waits_is_waited_on_as_long_as_it_allows():
+    """A portal whose CLUSTER_WAIT_MAX is below the client's 25 s long poll refuses the wait's ``timeout``
+    (400, saying its maximum): the client then asks for that — it exited 2, "refused, nothing left allocated",
+    right after the portal had made the cluster."""
+    waits = []
+    code, err = against(waiting_portal(20, waits), *UP)
+    assert code == 0, err
+    assert [timeout for _at, timeout in waits] == [["25"], ["20"]]
+
+
+def test_a_portal_that_allows_no_wait_is_asked_once_a_second_within_the_deadline():
+    """CLUSTER_WAIT_MAX=0: every wait answers at once. The client asked again without pausing (hundreds of
+    requests a second until its deadline); now at most once a second, and never for longer than its own
+    ``--timeout`` leaves (it asked the portal's maximum, overshooting the deadline by up to that)."""
+    waits = []
+    code, err = against(waiting_portal(0, waits, ready_from=5), *UP, "--timeout", "10")
     assert code == 0, err
     assert [timeout for _at, timeout in waits] == [["10"], ["0"], ["0"], ["0"], ["0"]]
     gaps = [b[0] - a[0] for a, b in zip(waits[1:-1], waits[2:], strict=True)]
