@@ -1121,12 +1121,13 @@ def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) 
 
 def cluster_events_prune() -> int:
     """Delete the cluster events older than ``CLUSTER_EVENT_RETENTION`` days, and the Idempotency-Keys of
-    clusters that ended, recorded that long ago (a live cluster's keep answering retries); and the steps of
+    clusters that ended that long ago (a live cluster's keep answering retries); and the steps of
     clusters that ended ``HISTORY_RETENTION`` days ago (their progress is over). How many events went."""
     now = timezone.now()
     horizon = now - timedelta(days=settings.CLUSTER_EVENT_RETENTION)
     deleted, _ = ClusterEvent.objects.filter(at__lt=horizon).delete()
-    IdempotencyKey.objects.filter(created_at__lt=horizon).exclude(cluster__state__in=LIVE_STATES).delete()
-    long_ended = VirtualCluster.objects.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION))
-    ClusterStep.objects.filter(cluster__in=long_ended.exclude(state__in=LIVE_STATES).values("pk")).delete()
+    ended = VirtualCluster.objects.exclude(state__in=LIVE_STATES)
+    IdempotencyKey.objects.filter(cluster__in=ended.filter(ended_at__lt=horizon).values("pk")).delete()
+    long_ended = ended.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).values("pk")
+    net.delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
     return deleted

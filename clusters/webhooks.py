@@ -145,12 +145,17 @@ def _connection(connection_class, deadline: _Deadline, address: str | None):
 
     def connect_to(host, **kwargs):
         connection = connection_class(host, **kwargs)
-        create = connection._create_connection
+        create, connect = connection._create_connection, connection.connect
 
-        def create_connection(target, *args, **kw):
+        def create_connection(target, *args, **kw):  # the TCP socket: cut during the TLS handshake too
             return deadline.connected(create((address, target[1]) if address else target, *args, **kw))
 
+        def connect_and_watch():  # the socket the exchange goes on: HTTPS wraps the TCP one (which it detaches)
+            connect()
+            deadline.connected(connection.sock)
+
         connection._create_connection = create_connection
+        connection.connect = connect_and_watch
         return connection
 
     return connect_to

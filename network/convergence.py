@@ -621,8 +621,9 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
     if not device.enabled:
         return report
     with device_lock(kind, device.pk, wait=0) as held:
-        if not held:
+        if not held:  # a convergence is running: it verifies the device against the desired state
             report.busy = True
+            type(device).objects.filter(pk=device.pk).update(last_reconciled_at=timezone.now())
             return report
         try:
             if kind == DeviceKind.SWITCH:

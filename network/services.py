@@ -553,10 +553,11 @@ def history_prune(*, now: datetime | None = None) -> dict[str, int]:
         Q(segment__isnull=True) | Q(segment__in=ended)
     )
     drift = Drift.objects.filter(repaired_at__lt=horizon)
-    return {"device changes": _delete_in_batches(changes), "drift": _delete_in_batches(drift)}
+    return {"device changes": delete_in_batches(changes), "drift": delete_in_batches(drift)}
 
 
-def _delete_in_batches(rows: QuerySet) -> int:
+def delete_in_batches(rows: QuerySet) -> int:
+    """Delete ``rows`` ``PRUNE_BATCH`` at a time, each batch its own transaction; how many went."""
     deleted = 0
     while True:
         with transaction.atomic():

@@ -101,9 +101,11 @@ def ldap_settings(*, debug: bool = True) -> dict:
     if not uri.startswith(("ldap://", "ldaps://", "ldapi://")):
         raise ImproperlyConfigured(f"LDAP_SERVER_URI={uri!r} must start with ldap://, ldaps:// or ldapi://")
     start_tls = env_bool("LDAP_START_TLS", False)
-    if not debug and uri.startswith("ldap://") and not start_tls and not env_bool("LDAP_ALLOW_PLAINTEXT", False):
-        hosts = [urllib.parse.urlsplit(part).hostname or "" for part in uri.split()]
-        if not all(_loopback(host) for host in hosts):
+    if not debug and not start_tls and not env_bool("LDAP_ALLOW_PLAINTEXT", False):
+        plain = [
+            urllib.parse.urlsplit(part) for part in uri.split() if part.startswith("ldap://")
+        ]  # (a list: failover)
+        if not all(_loopback(part.hostname or "") for part in plain):
             raise ImproperlyConfigured(
                 f"LDAP_SERVER_URI={uri!r} sends the users' passwords in clear: use ldaps://, or LDAP_START_TLS=true "
                 "(LDAP_ALLOW_PLAINTEXT=true if the network to the directory is trusted)"

@@ -9,9 +9,10 @@ Where notifications cannot arrive, it polls: on SQLite (the embedded demo) and i
 ``LISTEN`` takes effect only at commit, and a notification only between transactions).
 
 A waiting request holds a web server thread and a database connection. At most ``LONG_POLL_SLOTS`` wait at
-once in one process; any more are answered at once, as with ``timeout`` 0 (their callers ask again): a caller
-with many long polls open — a scheduler following many clusters, or one that misbehaves — never takes every
-thread, and a create or a teardown always finds one.
+once in one process; any more are answered at once, as with ``timeout`` 0, and ``answered_early()`` says so (the
+API adds ``Retry-After: 1``: their callers ask again a second later): a caller with many long polls open — a
+scheduler following many clusters, or one that misbehaves — never takes every thread, and a create or a
+teardown always finds one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ POLL_INTERVAL = 0.1  # seconds between checks where notifications cannot arrive
 
 _slots: tuple[int, threading.BoundedSemaphore] | None = None  # (LONG_POLL_SLOTS, its semaphore) of this process
 _slots_lock = threading.Lock()
+_thread = threading.local()  # .early: this thread's last wait found no free slot
+
+
+def answered_early() -> bool:
+    """Whether this thread's last ``wait_for`` answered without waiting because every slot was taken."""
+    return getattr(_thread, "early", False)
 
 
 def _long_poll_slots() -> threading.BoundedSemaphore:
@@ -49,10 +56,12 @@ def wait_for(check: Callable[[], T | None], *, channel: str, payload: str | None
     sleep until ``channel`` carries ``payload`` (any payload when None; or ``POLL_INTERVAL``, see the module
     docstring). Returns what ``check`` returned, or None when the time ran out (``check`` is always called at
     least once; without a free long-poll slot, only once)."""
+    _thread.early = False
     if timeout <= 0:
         return check()
     slots = _long_poll_slots()
     if not slots.acquire(blocking=False):
+        _thread.early = True
         return check()  # every slot waits already: answer now, the caller asks again
     try:
         return _wait(check, channel=channel, payload=payload, timeout=timeout)

@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 from clusters import selectors, services
 from clusters.api import serializers as s
 from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster
+from portal import notify
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
 from portal.tokens import HasScope
@@ -62,6 +63,14 @@ FILTERS = [
     OpenApiParameter("job_id", OpenApiTypes.STR, description="the scheduler's job id"),
     OpenApiParameter("name", OpenApiTypes.STR, description="cluster name"),
 ]
+
+
+def _backing_off(response: Response) -> Response:
+    """A long poll answered at once because this server's long-poll slots were all taken (``LONG_POLL_SLOTS``)
+    says when to ask again (``Retry-After``), so that a caller does not ask again at once, in a loop."""
+    if notify.answered_early():
+        response["Retry-After"] = "1"
+    return response
 
 
 def _valid(serializer_class, request) -> dict:
@@ -210,7 +219,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             request, after=v["after"], cluster_id=v.get("cluster"), limit=v["limit"], timeout=v["timeout"]
         )
         last = events[-1].id if events else v["after"]
-        return Response(s.EventPageSerializer({"events": events, "last": last}).data)
+        return _backing_off(Response(s.EventPageSerializer({"events": events, "last": last}).data))
 
     @extend_schema(
         parameters=[s.QuotaQuerySerializer],
@@ -245,7 +254,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         query.is_valid(raise_exception=True)
         if selectors.cluster_wait(cluster.pk, query.validated_data["until"], query.validated_data["timeout"]) is None:
             raise NotFound("the cluster was deleted while waiting")
-        return self._respond(cluster)
+        return _backing_off(self._respond(cluster))
 
     @extend_schema(
         request=s.ClusterExtendSerializer,

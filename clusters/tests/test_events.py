@@ -157,12 +157,17 @@ def test_old_idempotency_keys_of_ended_clusters_are_pruned(fabric, alice, settin
 
     settings.CLUSTER_EVENT_RETENTION = 30
     ended, live = create_cluster(alice, "c1", "52:54:00:00:00:01"), create_cluster(alice, "c2", "52:54:00:00:00:02")
-    services.cluster_teardown(cluster=VirtualCluster.objects.get(pk=ended), reason="test")
-    for cid, key in ((ended, "old-ended"), (live, "old-live"), (ended, "new-ended")):
+    lately = create_cluster(alice, "c3", "52:54:00:00:00:03")
+    for cid in (ended, lately):
+        services.cluster_teardown(cluster=VirtualCluster.objects.get(pk=cid), reason="test")
+    for cid, key in ((ended, "ended-long-ago"), (live, "live"), (lately, "ended-lately")):
         IdempotencyKey.objects.create(actor="pbs", key=key, request_hash="h", cluster_id=cid)
-    IdempotencyKey.objects.filter(key__startswith="old").update(created_at=timezone.now() - timedelta(days=31))
+    long_ago = timezone.now() - timedelta(days=31)
+    IdempotencyKey.objects.update(created_at=long_ago)  # all made long ago: a cluster may live for months
+    VirtualCluster.objects.filter(pk=ended).update(ended_at=long_ago)
     prune_events()
-    assert set(IdempotencyKey.objects.values_list("key", flat=True)) == {"old-live", "new-ended"}
+    # by when the cluster ended, not when the key was made: a retry may come until then
+    assert set(IdempotencyKey.objects.values_list("key", flat=True)) == {"live", "ended-lately"}
 
 
 def test_the_steps_of_clusters_that_ended_long_ago_are_pruned(fabric, alice, settings):

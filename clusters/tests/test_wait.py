@@ -208,9 +208,10 @@ def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settin
     started = time.monotonic()
     r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=20")
     assert r.status_code == 200 and r.data["state"] == "provisioning"
+    assert r["Retry-After"] == "1"  # ask again in a second, not at once
     last = api.get("/api/clusters/events/", {"after": 0}).data["last"]
     page = api.get("/api/clusters/events/", {"after": last, "timeout": 20})
-    assert page.status_code == 200 and page.data["events"] == []
+    assert page.status_code == 200 and page.data["events"] == [] and page["Retry-After"] == "1"
     assert time.monotonic() - started < 5  # both at once, not after their 20 s
 
     _set_state_later(cluster.pk, ClusterState.READY, 0.2).join()
@@ -219,5 +220,6 @@ def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settin
     assert [a["state"] for a in answers] == ["ready", "ready"]  # the holders were woken by the change
     VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
     started = time.monotonic()
-    assert api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=0.5").data["state"] == "provisioning"
+    r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=0.5")
+    assert r.data["state"] == "provisioning" and "Retry-After" not in r
     assert time.monotonic() - started >= 0.5  # a slot is free again: it waited

@@ -295,8 +295,9 @@ def test_a_webhook_never_reaches_this_machine_or_the_link_local_network(fabric, 
     assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
 
 
-def _raw_endpoint(answer) -> tuple[str, threading.Thread]:
-    """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``."""
+def _raw_endpoint(answer, tls=None) -> tuple[str, threading.Thread]:
+    """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``; with ``tls`` (a
+    server SSLContext) over TLS."""
     import socket
 
     listener = socket.socket()
@@ -306,6 +307,8 @@ def _raw_endpoint(answer) -> tuple[str, threading.Thread]:
     def serve():
         connection, _ = listener.accept()
         try:
+            if tls is not None:
+                connection = tls.wrap_socket(connection, server_side=True)
             request = b""
             while b"\r\n\r\n" not in request:  # the whole request (closing with some unread resets the connection)
                 request += connection.recv(65536)
@@ -417,3 +420,67 @@ def test_batches_halve_after_each_failure_in_a_row(fabric, alice, receiver, monk
     assert sizes == [4, 2, 1, 4, 4]
     ids = [e["id"] for i in range(2, 5) for e in receiver.events(i)]
     assert ids == sorted(ids) and len(ids) == len(set(ids)) == 9  # every event once after the failures
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+def test_an_https_endpoint_that_trickles_its_answer_is_cut_at_the_timeout(
+    fabric, alice, settings, tmp_path, monkeypatch
+):
+    """The same over TLS: the exchange runs on the TLS socket that wraps (and detaches) the TCP one, and the cut
+    reached only the latter — an HTTPS endpoint was never cut."""
+    import ssl
+    import time
+
+    settings.WEBHOOK_TIMEOUT = 1
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # the portal trusts this endpoint's certificate
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+
+    def trickle(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(100):
+            connection.sendall(b"X")
+            time.sleep(0.2)
+
+    url, thread = _raw_endpoint(trickle, tls=server)
+    hook = Webhook.objects.create(name="trickle-tls", url=url.replace("http://", "https://"), secret="s")
+    create_cluster(alice)
+    started = time.monotonic()
+    result = webhooks.deliver(hook.pk)
+    assert time.monotonic() - started < 3, result
+    assert result.status is None and result.error == "no complete answer within 1 s (WEBHOOK_TIMEOUT)"
+    thread.join(5)
+    assert not thread.is_alive()

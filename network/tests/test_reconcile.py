@@ -323,3 +323,39 @@ def test_an_in_sync_device_costs_no_look_at_the_segment_history(fabric, active):
     assert [(d.kind, d.vlans) for d in drifts] == [("foreign", "999")]
     asked = [q["sql"] for q in ctx.captured_queries if '"network_segment"."vid"' in q["sql"]]
     assert len(asked) == 1 and "IN (999)" in asked[0]
+
+
+def test_a_device_busy_converging_counts_as_reconciled(fabric, active):
+    """The reconciler skips a device whose lock a convergence holds (that convergence verifies it against the
+    desired state): skipped interval after interval — a busy core switch — it was counted overdue, a false alert."""
+    import threading
+    from datetime import timedelta
+
+    from django.db import connections
+    from django.utils import timezone
+
+    from network import convergence
+
+    switch = Switch.objects.get(name="sw-brno")
+    Switch.objects.filter(pk=switch.pk).update(last_reconciled_at=timezone.now() - timedelta(days=1))
+    held, release = threading.Event(), threading.Event()
+
+    def converging():  # another worker's connection holds the device's lock
+        try:
+            with convergence.device_lock("switch", switch.pk) as got:
+                assert got
+                held.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=converging)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert convergence.reconcile_device("switch", switch, repair=True).busy
+    finally:
+        release.set()
+        thread.join()
+    switch.refresh_from_db()
+    assert timezone.now() - switch.last_reconciled_at < timedelta(minutes=1) and switch.reconcile_error == ""
