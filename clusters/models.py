@@ -168,6 +168,12 @@ class VirtualCluster(models.Model):
     workflow_generation = models.PositiveIntegerField(
         default=0, help_text="bumped by every network change; stale workflow callbacks are ignored"
     )
+    provision_sent = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="the workflow generation whose provisioning went to the broker (a crash in between: sent again)",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

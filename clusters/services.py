@@ -682,6 +682,12 @@ def cluster_provisioning_started(*, cluster_id: int, generation: int) -> Cluster
     )
 
 
+def cluster_provisioning_sent(*, cluster_id: int, generation: int) -> None:
+    """The provisioning of ``generation`` is with the broker: a process that dies before this (after the commit
+    that made the cluster PROVISIONING) leaves it unmarked, and ``clusters_resend_unsent`` sends it again."""
+    VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(provision_sent=generation)
+
+
 @transaction.atomic
 def cluster_provisioning_not_started(*, cluster_id: int, generation: int, step: ClusterStep | None) -> None:
     """The workflow could not be sent (broker down): back to REQUESTED, so ``clusters_resume_requested``
@@ -1110,6 +1116,34 @@ def clusters_roll_back_abandoned_networks() -> list[int]:
             break
         logger.warning("cluster %s failed with its network still configured: rolling it back", cluster_id)
         ids.append(cluster_id)
+    return ids
+
+
+def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
+    """Clusters PROVISIONING for longer than ``older_than`` whose workflow never reached the broker (the process
+    that committed PROVISIONING died before it sent the workflow: ``provision_sent`` is not this generation)
+    are made REQUESTED again, in a new generation, and their provisioning sent — rather than failed at the
+    deadline as if a device had not answered. One that was sent and merely waits in a slow queue is left alone.
+    (Dying after the send and before the mark sends it twice: the first copy's callbacks are a generation
+    behind and change nothing, and converging twice is harmless.)"""
+    ids = []
+    unsent = VirtualCluster.objects.filter(
+        state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - older_than
+    ).exclude(provision_sent=F("workflow_generation"))
+    for cluster_id, generation in unsent.values_list("pk", "workflow_generation"):
+        with transaction.atomic():
+            if not unsent.filter(pk=cluster_id, workflow_generation=generation).update(
+                state=ClusterState.REQUESTED, workflow_generation=generation + 1, updated_at=timezone.now()
+            ):
+                continue  # sent, moved on or claimed by another run meanwhile
+            ClusterStep.objects.filter(
+                cluster_id=cluster_id, name="network", generation=generation, status=StepStatus.RUNNING
+            ).update(
+                status=StepStatus.FAILED, error="never sent to the workers: sent again", finished_at=timezone.now()
+            )
+            logger.warning("cluster %s: its provisioning was never sent (a process died); sending it again", cluster_id)
+            transaction.on_commit(lambda cid=cluster_id, gen=generation + 1: workflows.start_provision(cid, gen))
+            ids.append(cluster_id)
     return ids
 
 

@@ -58,6 +58,7 @@ def start_provision(cluster_id: int, generation: int) -> None:
     except Exception:
         services.cluster_provisioning_not_started(cluster_id=cluster_id, generation=generation, step=step)
         raise
+    services.cluster_provisioning_sent(cluster_id=cluster_id, generation=generation)
 
 
 @_never_raise

@@ -1363,3 +1363,41 @@ def test_a_change_without_the_trailing_slash_is_redirected_with_its_method(api, 
     assert r.status_code == 308 and r["Location"] == "/api/clusters/7/teardown/"
     assert api.post("/api/no-such-thing", {}, format="json").status_code == 404
     assert api.get("/api/clusters").status_code == 301  # (a GET may follow Django's redirect as it is)
+
+
+class ProcessDied(BaseException):
+    """The web process killed (OOM, a deploy) between the commit and the send: nothing catches it."""
+
+
+def test_a_provisioning_a_crash_kept_from_the_broker_is_sent_again(fabric, images, api, alice, monkeypatch):
+    """The process that committed PROVISIONING died before it sent the workflow: nothing would ever run, and
+    the deadline failed the cluster minutes later as if a device had not answered. The sweeper sends it again
+    (a new generation) — but never one that was sent and waits in a slow queue."""
+    from celery.canvas import _chain
+
+    def dies(self, *args, **kwargs):
+        raise ProcessDied
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", dies)
+        with pytest.raises(ProcessDied):
+            api.post("/api/clusters/", body(), format="json")
+    cluster = VirtualCluster.objects.get(owner=alice)
+    assert cluster.state == ClusterState.PROVISIONING and cluster.provision_sent is None
+    assert services.clusters_resend_unsent(older_than=timedelta(minutes=1)) == []  # not yet: it may be on its way
+    assert services.clusters_resend_unsent(older_than=timedelta(0)) == [cluster.pk]
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    assert cluster.provision_sent == cluster.workflow_generation
+    assert cluster.vlan_id in fabric.host_vlans("brno1") and cluster.vlan_id in fabric.host_vlans("pilsen1")
+    network = [(s.status, s.error) for s in cluster.steps.filter(name="network").order_by("pk")]
+    assert network == [("failed", "never sent to the workers: sent again"), ("ok", "")]
+
+    with monkeypatch.context() as m:  # sent, and no worker has taken it yet
+        m.setattr(_chain, "apply_async", lambda self, *args, **kwargs: None)
+        r = api.post("/api/clusters/", body(name="slow", nodes=(("n1", "brno1", "52:54:00:00:00:09"),)), format="json")
+    assert r.status_code == 201, r.content
+    slow = r.data["id"]
+    assert VirtualCluster.objects.get(pk=slow).state == ClusterState.PROVISIONING
+    assert services.clusters_resend_unsent(older_than=timedelta(0)) == []

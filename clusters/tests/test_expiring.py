@@ -50,7 +50,7 @@ def test_an_expiring_event_once_per_expiry_in_the_feed(fabric, alice, settings):
 
 
 def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, settings, monkeypatch, caplog):
-    """The periodic task runs six sweeps: one failing (a database hiccup, a bug) is logged and fails the task,
+    """The periodic task runs seven sweeps: one failing (a database hiccup, a bug) is logged and fails the task,
     after the others ran — a cluster past its lifetime is still torn down, a warning still goes out."""
     settings.CLUSTER_EXPIRY_WARNING = 3600
     gone = create_cluster(alice, "c1", "52:54:00:00:00:01")
