@@ -209,7 +209,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         """The feed of cluster state changes (creation included), oldest first, for the clusters you may see:
         go on with ``after`` = the ``last`` of the previous answer and nothing is ever skipped (the database
         writes the events in the transaction of each change, numbered in commit order). With ``timeout``, an
-        empty answer waits for the next event: one long poll follows every cluster of a scheduler."""
+        empty answer waits for the next event: one long poll follows every cluster of a scheduler. When every
+        long-poll slot of the server is taken (``LONG_POLL_SLOTS``), the answer comes at once with ``Retry-After:
+        1``: ask again a second later."""
         query = s.EventQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         v = query.validated_data
@@ -248,7 +250,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def wait(self, request, pk=None):
         """Long poll: answer as soon as the cluster's state is one of ``until`` (default: settled — ready,
         failed or torn_down), or after ``timeout`` seconds with the state it has then. A scheduler waits for
-        READY with one request instead of polling."""
+        READY with one request instead of polling. When every long-poll slot of the server is taken
+        (``LONG_POLL_SLOTS``), the answer comes at once with ``Retry-After: 1``: ask again a second later."""
         cluster = get_object_or_404(self.get_queryset(), pk=pk)
         query = s.WaitSerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
