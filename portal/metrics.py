@@ -3,7 +3,7 @@ worker process answers the same and nothing is lost on a restart: what operators
 state, how long the last hour's clusters took to become ready, VLAN pool usage, device work that is queued
 or stuck, recent device failures, open drift, valid access credentials, webhooks falling behind, access
 gateways that stopped pulling or whose certificates are about to end, periodic tasks that stopped succeeding,
-devices the reconciler cannot reach. Each family is one aggregate query
+devices the reconciler cannot reach, a broker this process cannot reach. Each family is one aggregate query
 (webhooks: one per webhook; open device work, recent failures and recent READY steps use partial and time
 indexes, so a scrape stays cheap however long the history grows)."""
 
@@ -181,6 +181,7 @@ def collect() -> list[Family]:
         )
     )
     families += _periodic(now)
+    families.append(_broker())
     families += _reconciled(now)
     families.append(
         _by_kind(
@@ -227,6 +228,26 @@ def _periodic(now) -> list[Family]:
         if task in last:
             age.add(max(0.0, (now - last[task]).total_seconds()), task=task)
     return [age, interval]
+
+
+def _broker() -> Family:
+    """Whether this process reaches the Celery broker now (one connection, a second at most): 0 means created
+    clusters stay REQUESTED and nothing is provisioned or torn down until it is back (``clusters.expire`` then
+    sends what waited)."""
+    from portal.celery import app
+
+    family = Family(
+        "virtcloud_broker_reachable",
+        "1 when the web server reaches the Celery broker now; 0: no workflow can be sent (clusters stay requested).",
+    )
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=1, interval_start=0, interval_step=0)
+    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says
+        family.add(0)
+    else:
+        family.add(1)
+    return family
 
 
 def _reconciled(now) -> list[Family]:

@@ -244,3 +244,13 @@ def test_periodic_tasks_say_when_they_last_succeeded(alice, settings, monkeypatc
         >= 600
     )  # a failure is not a success
     assert set(PeriodicRun.objects.values_list("task", flat=True)) == {"clusters.expire"}
+
+
+def test_a_broker_that_cannot_be_reached_shows(alice, monkeypatch):
+    """With the broker down, a create still answers 201 but its cluster stays REQUESTED: the scrape says so."""
+    from portal.celery import app
+
+    client = scraper(alice, [TokenScope.METRICS])
+    assert samples(client.get("/metrics").content.decode())[("virtcloud_broker_reachable", ())] == 1
+    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    assert samples(client.get("/metrics").content.decode())[("virtcloud_broker_reachable", ())] == 0
