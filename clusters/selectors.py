@@ -156,7 +156,7 @@ def may_act_on(request, cluster: VirtualCluster) -> bool:
     return cluster.owner_id == request.user.pk or acts_on_all(request, VirtualCluster)
 
 
-def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | None:
+def cluster_wait(cluster_id: int, states: list[str], timeout: float, *, holder: str = "") -> str | None:
     """Wait until the cluster is in one of ``states`` or ``timeout`` seconds passed; its state then (None:
     the cluster was deleted meanwhile). Woken by the state-change notification on PostgreSQL (no query while
     nothing happens), polling elsewhere."""
@@ -166,7 +166,7 @@ def cluster_wait(cluster_id: int, states: list[str], timeout: float) -> str | No
         state = current.filter(pk=cluster_id).first()
         return (state,) if state is None or state in states else None
 
-    found = wait_for(settled, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout)
+    found = wait_for(settled, channel=STATE_CHANNEL, payload=str(cluster_id), timeout=timeout, holder=holder)
     return found[0] if found else current.filter(pk=cluster_id).first()
 
 
@@ -259,7 +259,8 @@ def cluster_events(request, *, after: int, cluster_id: int | None, limit: int, t
         return rows or None
 
     payload = None if cluster_id is None else str(cluster_id)
-    return wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout) or []
+    holder = f"user:{request.user.pk}"  # (the long-poll slots: one caller never takes them all)
+    return wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout, holder=holder) or []
 
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")  # the provisioning's

@@ -9,10 +9,10 @@ Where notifications cannot arrive, it polls: on SQLite (the embedded demo) and i
 ``LISTEN`` takes effect only at commit, and a notification only between transactions).
 
 A waiting request holds a web server thread and a database connection. At most ``LONG_POLL_SLOTS`` wait at
-once in one process; any more are answered at once, as with ``timeout`` 0, and ``answered_early()`` says so (the
-API adds ``Retry-After: 1``: their callers ask again a second later): a caller with many long polls open — a
-scheduler following many clusters, or one that misbehaves — never takes every thread, and a create or a
-teardown always finds one.
+once in one process, the last free one kept for a caller that waits nowhere else yet; any more are answered at
+once, as with ``timeout`` 0, and ``answered_early()`` says so (the API adds ``Retry-After: 1``: their callers
+ask again a second later): a caller with many long polls open — a scheduler following many clusters, or one
+that misbehaves — never takes every thread (a create or a teardown always finds one), nor every slot.
 """
 
 from __future__ import annotations
@@ -29,44 +29,60 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 0.1  # seconds between checks where notifications cannot arrive
 
-_slots: tuple[int, threading.BoundedSemaphore] | None = None  # (LONG_POLL_SLOTS, its semaphore) of this process
+_held: dict[str, int] = {}  # long polls waiting now in this process, by holder (the caller)
 _slots_lock = threading.Lock()
 _thread = threading.local()  # .early: this thread's last wait found no free slot
 
 
 def answered_early() -> bool:
-    """Whether this thread's last ``wait_for`` answered without waiting because every slot was taken."""
+    """Whether this thread's last ``wait_for`` answered without waiting because no slot was free for it."""
     return getattr(_thread, "early", False)
 
 
-def _long_poll_slots() -> threading.BoundedSemaphore:
-    global _slots
+def slots_in_use() -> int:
     with _slots_lock:
-        if _slots is None or _slots[0] != settings.LONG_POLL_SLOTS:  # (a changed setting: the tests)
-            _slots = (settings.LONG_POLL_SLOTS, threading.BoundedSemaphore(settings.LONG_POLL_SLOTS))
-        return _slots[1]
+        return sum(_held.values())
+
+
+def _take_slot(holder: str) -> bool:
+    """A long-poll slot for ``holder``, if one is free for it: the last free one only for a holder that waits
+    nowhere else yet, so that one caller's many long polls never leave another caller none."""
+    with _slots_lock:
+        free = settings.LONG_POLL_SLOTS - sum(_held.values())
+        if free <= 0 or (free == 1 and _held.get(holder)):
+            return False
+        _held[holder] = _held.get(holder, 0) + 1
+        return True
+
+
+def _give_back_slot(holder: str) -> None:
+    with _slots_lock:
+        _held[holder] -= 1
+        if not _held[holder]:
+            del _held[holder]
 
 
 def _listening() -> bool:
     return connection.vendor == "postgresql" and not connection.in_atomic_block
 
 
-def wait_for(check: Callable[[], T | None], *, channel: str, payload: str | None, timeout: float) -> T | None:
+def wait_for(
+    check: Callable[[], T | None], *, channel: str, payload: str | None, timeout: float, holder: str = ""
+) -> T | None:
     """Call ``check`` until it returns something other than None, at most ``timeout`` seconds; between calls,
     sleep until ``channel`` carries ``payload`` (any payload when None; or ``POLL_INTERVAL``, see the module
     docstring). Returns what ``check`` returned, or None when the time ran out (``check`` is always called at
-    least once; without a free long-poll slot, only once)."""
+    least once; without a long-poll slot free for ``holder`` — the caller — only once)."""
     _thread.early = False
     if timeout <= 0:
         return check()
-    slots = _long_poll_slots()
-    if not slots.acquire(blocking=False):
+    if not _take_slot(holder):
         _thread.early = True
-        return check()  # every slot waits already: answer now, the caller asks again
+        return check()  # no slot for this caller: answer now, it asks again
     try:
         return _wait(check, channel=channel, payload=payload, timeout=timeout)
     finally:
-        slots.release()
+        _give_back_slot(holder)
 
 
 def _wait(check: Callable[[], T | None], *, channel: str, payload: str | None, timeout: float) -> T | None:

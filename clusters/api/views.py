@@ -255,7 +255,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         cluster = get_object_or_404(self.get_queryset(), pk=pk)
         query = s.WaitSerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        if selectors.cluster_wait(cluster.pk, query.validated_data["until"], query.validated_data["timeout"]) is None:
+        until, timeout = query.validated_data["until"], query.validated_data["timeout"]
+        if selectors.cluster_wait(cluster.pk, until, timeout, holder=f"user:{request.user.pk}") is None:
             raise NotFound("the cluster was deleted while waiting")
         return _backing_off(self._respond(cluster))
 

@@ -183,12 +183,13 @@ def test_a_member_who_leaves_the_group_while_waiting_gets_a_404(fabric, alice, b
     assert r.status_code == 404, r.content
 
 
-def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settings):
-    """LONG_POLL_SLOTS=2: two long polls wait (each holds a thread and a database connection); a third — a wait
-    or the event feed — answers at once with what there is now, so a caller with many long polls open never
-    takes every thread of a web process (a create or a teardown always finds one); once a slot is free, a long
-    poll waits again."""
-    settings.LONG_POLL_SLOTS = 2
+def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, bob, settings):
+    """LONG_POLL_SLOTS=3: each waiting long poll holds a thread and a database connection. Alice's first two
+    wait; her third — a wait or the event feed — answers at once with what there is now and Retry-After: 1, for
+    the last free slot is kept for a caller that waits nowhere else yet: Bob's long poll gets it. So one caller
+    with many long polls open never takes every thread of a web process (a create or a teardown always finds
+    one), nor every slot; once a slot is free again, Alice's long poll waits again."""
+    settings.LONG_POLL_SLOTS = 3
     VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
     answers = []
 
@@ -202,7 +203,7 @@ def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settin
     for t in holders:
         t.start()
     deadline = time.monotonic() + 10
-    while notify._long_poll_slots()._value and time.monotonic() < deadline:  # both hold their slot
+    while notify.slots_in_use() < 2 and time.monotonic() < deadline:  # both hold their slot
         time.sleep(0.02)
     api = client_for(alice)
     started = time.monotonic()
@@ -214,10 +215,15 @@ def test_long_polls_past_the_process_slots_answer_at_once(cluster, alice, settin
     assert page.status_code == 200 and page.data["events"] == [] and page["Retry-After"] == "1"
     assert time.monotonic() - started < 5  # both at once, not after their 20 s
 
+    started = time.monotonic()
+    page = client_for(bob).get("/api/clusters/events/", {"after": last, "timeout": 0.5})  # the last slot: Bob's
+    assert page.status_code == 200 and "Retry-After" not in page and time.monotonic() - started >= 0.5
+
     _set_state_later(cluster.pk, ClusterState.READY, 0.2).join()
     for t in holders:
         t.join(20)
     assert [a["state"] for a in answers] == ["ready", "ready"]  # the holders were woken by the change
+    assert notify.slots_in_use() == 0
     VirtualCluster.objects.filter(pk=cluster.pk).update(state=ClusterState.PROVISIONING)
     started = time.monotonic()
     r = api.get(f"/api/clusters/{cluster.pk}/wait/?until=ready&timeout=0.5")
