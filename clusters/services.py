@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Model, Value
+from django.db.models import Exists, F, Model, OuterRef, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -697,7 +697,7 @@ def cluster_provisioning_not_started(*, cluster_id: int, generation: int, step: 
     VirtualCluster.objects.filter(
         pk=cluster_id, state=ClusterState.PROVISIONING, workflow_generation=generation
     ).update(state=ClusterState.REQUESTED)
-    ClusterStep.objects.filter(pk=step.pk).delete()
+    ClusterStep.objects.filter(pk=step.pk, status=StepStatus.RUNNING).delete()  # (not one a sweep ended meanwhile)
 
 
 def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", nodes_ready: bool = True) -> bool:
@@ -1127,9 +1127,14 @@ def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> 
     (Dying after the send and before the mark sends it twice: the first copy's callbacks are a generation
     behind and change nothing, and converging twice is harmless.)"""
     ids = []
-    unsent = VirtualCluster.objects.filter(
-        state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - older_than
-    ).exclude(provision_sent=F("workflow_generation"))
+    provisioning = ClusterStep.objects.filter(  # (a rollback runs in a generation of its own, with no such step)
+        cluster=OuterRef("pk"), name="network", generation=OuterRef("workflow_generation"), status=StepStatus.RUNNING
+    )
+    unsent = (
+        VirtualCluster.objects.filter(state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - older_than)
+        .filter(Exists(provisioning))
+        .exclude(provision_sent=F("workflow_generation"))
+    )
     for cluster_id, generation in unsent.values_list("pk", "workflow_generation"):
         with transaction.atomic():
             if not unsent.filter(pk=cluster_id, workflow_generation=generation).update(

@@ -240,14 +240,30 @@ def _broker() -> Family:
         "virtcloud_broker_reachable",
         "1 when the web server reaches the Celery broker now; 0: no workflow can be sent (clusters stay requested).",
     )
-    try:
-        with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=1, interval_start=0, interval_step=0)
-    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says
-        family.add(0)
-    else:
-        family.add(1)
+    family.add(1 if _broker_reachable(app) else 0)
     return family
+
+
+def _broker_reachable(app) -> bool:
+    """One connection, a second at most for each step (a broker that drops packets or never answers must not
+    hold a scrape, and with it a web server thread); the embedded broker: its folder takes a file."""
+    import os
+    import tempfile
+
+    if str(app.conf.broker_url).startswith("filesystem://"):  # connecting touches nothing there
+        folder = (app.conf.get("broker_transport_options") or {}).get("data_folder_out", "")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                return os.path.isdir(folder)
+        except OSError:
+            return False
+    timeouts = {"socket_connect_timeout": 1, "socket_timeout": 1}
+    try:
+        with app.connection_for_write(connect_timeout=1, transport_options=timeouts) as connection:
+            connection.ensure_connection(max_retries=0, timeout=1)
+    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says
+        return False
+    return True
 
 
 def _reconciled(now) -> list[Family]:

@@ -1401,3 +1401,30 @@ def test_a_provisioning_a_crash_kept_from_the_broker_is_sent_again(fabric, image
     slow = r.data["id"]
     assert VirtualCluster.objects.get(pk=slow).state == ClusterState.PROVISIONING
     assert services.clusters_resend_unsent(older_than=timedelta(0)) == []
+
+
+def test_a_rollback_still_running_is_never_taken_for_an_unsent_provisioning(fabric, images, api, alice, monkeypatch):
+    """A failed provisioning's rollback runs in a generation of its own, the cluster still PROVISIONING, and no
+    provisioning is marked sent for that generation: the periodic task must leave it to its rollback (sending the
+    provisioning again made a cluster that never ended FAILED — sent, failed and sent again for good)."""
+    from celery.canvas import _chain
+
+    from clusters import tasks, workflows
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:  # sent, and no worker has taken it yet
+        m.setattr(_chain, "apply_async", lambda self, *args, **kwargs: None)
+        cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    with monkeypatch.context() as m:  # the rollback is sent, and waits in the queue of a worker that is down
+        m.setattr(workflows, "start_compensation", lambda *args: None)
+        assert services.cluster_provisioning_failed(
+            cluster_id=cid, generation=cluster.workflow_generation, reason="switch sw-brno: timeout"
+        )
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=2))
+    before = VirtualCluster.objects.get(pk=cid)
+    assert before.state == ClusterState.PROVISIONING and before.provision_sent != before.workflow_generation
+    tasks.expire.apply().get()
+    after = VirtualCluster.objects.get(pk=cid)
+    assert (after.state, after.workflow_generation) == (ClusterState.PROVISIONING, before.workflow_generation)
+    assert after.steps.filter(name="compensate", status="running").exists()

@@ -254,3 +254,30 @@ def test_a_broker_that_cannot_be_reached_shows(alice, monkeypatch):
     assert samples(client.get("/metrics").content.decode())[("virtcloud_broker_reachable", ())] == 1
     monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
     assert samples(client.get("/metrics").content.decode())[("virtcloud_broker_reachable", ())] == 0
+
+
+def test_the_broker_probe_never_holds_a_scrape_and_checks_the_embedded_folder(monkeypatch, tmp_path):
+    """A broker that takes the connection and never answers held the scrape (and a web thread) for as long as
+    the socket waited — forever; the probe gives up within its timeouts. The embedded broker's connection
+    touches nothing: its folder must take a file."""
+    import socket
+    import time
+
+    from portal.celery import app
+    from portal.metrics import _broker_reachable
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes connections; nobody ever reads or answers
+    try:
+        monkeypatch.setattr(app.conf, "broker_url", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        started = time.monotonic()
+        assert _broker_reachable(app) is False
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
+    monkeypatch.setattr(app.conf, "broker_url", "filesystem://localhost/")
+    monkeypatch.setitem(app.conf, "broker_transport_options", {"data_folder_out": str(tmp_path)})
+    assert _broker_reachable(app) is True and list(tmp_path.iterdir()) == []  # (the probe file is gone)
+    monkeypatch.setitem(app.conf, "broker_transport_options", {"data_folder_out": str(tmp_path / "gone")})
+    assert _broker_reachable(app) is False
