@@ -28,41 +28,18 @@ def _close_old_connections(**kwargs) -> None:
         close_old_connections()
 
 
-def _periodic_tasks() -> frozenset[str]:
-    from django.conf import settings
-
-    return frozenset(entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values())
-
-
 @signals.task_success.connect
 def _periodic_succeeded(sender=None, **kwargs) -> None:
-    _record_periodic(sender, error=None)
+    from portal.periodic import run_record
+
+    run_record(getattr(sender, "name", ""), error=None)
 
 
 @signals.task_failure.connect
 def _periodic_failed(sender=None, exception=None, **kwargs) -> None:
-    _record_periodic(sender, error=f"{type(exception).__name__}: {exception}")
+    from portal.periodic import run_record
 
-
-def _record_periodic(task, *, error: str | None) -> None:
-    """A periodic task ended (``portal.models.PeriodicRun``: its age is a metric). Never fails the task: a
-    database that cannot take the record is logged."""
-    import logging
-
-    name = getattr(task, "name", "")
-    if name not in _periodic_tasks():
-        return
-    try:
-        from django.utils import timezone
-
-        from portal.models import PeriodicRun
-
-        now = timezone.now()
-        fields = {"last_success_at": now} if error is None else {"last_failure_at": now, "last_error": error[:2000]}
-        if not PeriodicRun.objects.filter(task=name).update(**fields):
-            PeriodicRun.objects.get_or_create(task=name, defaults=fields)
-    except Exception:  # noqa: BLE001 - the task itself is done; only its record is lost
-        logging.getLogger(__name__).exception("could not record the run of periodic task %s", name)
+    run_record(getattr(sender, "name", ""), error=f"{type(exception).__name__}: {exception}")
 
 
 @signals.worker_ready.connect

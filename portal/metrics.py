@@ -209,13 +209,10 @@ def collect() -> list[Family]:
 def _periodic(now) -> list[Family]:
     """Per periodic task (beat's schedule): seconds since it last succeeded (absent: never yet) and its interval
     — alert when the age passes a few intervals (beat down, or the worker of its queue)."""
-    from django.conf import settings
-
     from portal.models import PeriodicRun
+    from portal.periodic import beat_intervals
 
-    intervals: dict[str, float] = {}
-    for entry in settings.CELERY_BEAT_SCHEDULE.values():
-        intervals[entry["task"]] = min(float(entry["schedule"]), intervals.get(entry["task"], math.inf))
+    intervals = beat_intervals()
     age = Family(
         "virtcloud_periodic_task_success_age_seconds",
         "Seconds since each periodic task last succeeded: growing past a few intervals, beat or its worker is "
