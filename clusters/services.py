@@ -46,6 +46,7 @@ from network import errors as net_errors
 from network import services as net
 from network.models import DeviceChange, Host, Segment
 from portal import audit
+from portal.pruning import delete_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -1168,5 +1169,5 @@ def cluster_events_prune() -> int:
     ended = VirtualCluster.objects.exclude(state__in=LIVE_STATES)
     IdempotencyKey.objects.filter(cluster__in=ended.filter(ended_at__lt=horizon).values("pk")).delete()
     long_ended = ended.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).values("pk")
-    net.delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
+    delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
     return deleted

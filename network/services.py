@@ -39,6 +39,7 @@ from network.errors import (
 )
 from network.models import DeviceChange, Drift, Host, Segment, SegmentMember, Site, VlanAllocation, VlanPool
 from portal import audit
+from portal.pruning import delete_in_batches
 
 ALLOCATE_ATTEMPTS = 20
 Free = VlanAllocation.State
@@ -456,9 +457,9 @@ def segments_holding_vlan() -> QuerySet[Segment]:
     return _owning_their_vlan(Segment.State.CLOSED)
 
 
-def _owning_their_vlan(state: str) -> QuerySet[Segment]:
-    """Segments in ``state`` whose VLAN is still allocated to them."""
-    return Segment.objects.filter(state=state, allocation__state=Free.ALLOCATED, allocation__owner=F("owner_ref"))
+def _owning_their_vlan(*states: str) -> QuerySet[Segment]:
+    """Segments in one of ``states`` whose VLAN is still allocated to them."""
+    return Segment.objects.filter(state__in=states, allocation__state=Free.ALLOCATED, allocation__owner=F("owner_ref"))
 
 
 def segment_release_again(*, segment_id: int) -> bool:
@@ -533,20 +534,18 @@ def segment_delete(*, segment: Segment) -> Segment:
 
 # --- history ----------------------------------------------------------------------------------------------------
 
-PRUNE_BATCH = 5000  # rows per DELETE: short transactions, however much is due
-
 
 def history_prune(*, now: datetime | None = None) -> dict[str, int]:
     """Delete the device history older than ``HISTORY_RETENTION`` days that nothing reads any more: settled
     device changes of no segment (repairs) or of a segment that ended (rolled back or closed) that long ago and
     holds no VLAN (a segment that kept its VLAN still counts its changes: ``selectors.vlan_holders``), and drift
-    repaired that long ago. Unfinished work and open drift are never pruned. Batches of ``PRUNE_BATCH`` rows,
-    each its own transaction. Returns how many of each went."""
+    repaired that long ago. Unfinished work and open drift are never pruned. In batches
+    (``portal.pruning``). Returns how many of each went."""
     horizon = (now or timezone.now()) - timedelta(days=settings.HISTORY_RETENTION)
-    holding = Segment.objects.filter(allocation__state=Free.ALLOCATED, allocation__owner=F("owner_ref"))
+    final = (Segment.State.FAILED, Segment.State.CLOSED)
     ended = (
-        Segment.objects.filter(state__in=(Segment.State.FAILED, Segment.State.CLOSED), updated_at__lt=horizon)
-        .exclude(pk__in=holding.values("pk"))
+        Segment.objects.filter(state__in=final, updated_at__lt=horizon)
+        .exclude(pk__in=_owning_their_vlan(*final).values("pk"))
         .values("pk")
     )
     changes = DeviceChange.objects.filter(status__in=DeviceChange.FINAL, created_at__lt=horizon).filter(
@@ -554,14 +553,3 @@ def history_prune(*, now: datetime | None = None) -> dict[str, int]:
     )
     drift = Drift.objects.filter(repaired_at__lt=horizon)
     return {"device changes": delete_in_batches(changes), "drift": delete_in_batches(drift)}
-
-
-def delete_in_batches(rows: QuerySet) -> int:
-    """Delete ``rows`` ``PRUNE_BATCH`` at a time, each batch its own transaction; how many went."""
-    deleted = 0
-    while True:
-        with transaction.atomic():
-            batch = list(rows.order_by().values_list("pk", flat=True)[:PRUNE_BATCH])
-            if not batch:
-                return deleted
-            deleted += rows.model.objects.filter(pk__in=batch).delete()[1].get(rows.model._meta.label, 0)

@@ -12,6 +12,7 @@ from django.utils import timezone
 from network import services, tasks, workflows
 from network.models import DeviceChange, Drift, Segment, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal import pruning
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -66,7 +67,7 @@ def test_only_history_nothing_reads_any_more_is_pruned(fabric, settings):
 
 def test_pruning_goes_in_batches(fabric, settings, monkeypatch):
     settings.HISTORY_RETENTION = 1
-    monkeypatch.setattr(services, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(pruning, "BATCH", 2)
     switch = fabric.switches["brno"]
     for i in range(5):
         DeviceChange.objects.create(kind="switch", switch=switch, device="sw-brno", cause=f"r{i}", status="noop")
