@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, Model, OuterRef, Value
+from django.db.models import Exists, F, Model, OuterRef, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -966,23 +966,29 @@ def clusters_warn_expiring() -> list[int]:
     return warned
 
 
-def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:
-    """Clusters left in ``state`` for longer than ``older_than`` get their workflow ``start``-ed again, each in a
-    new generation (a late callback of the old one changes nothing). The conditional UPDATE claims each cluster
-    still in ``state``: two periodic runs never start one twice, and one that moved on meanwhile is left alone."""
+def _stalled(state: str, older_than: timedelta) -> QuerySet[VirtualCluster]:
+    return VirtualCluster.objects.filter(state=state, updated_at__lt=timezone.now() - older_than)
+
+
+def _restart_stalled(
+    stalled: QuerySet[VirtualCluster], start, *, error: str = "stalled: started again", **fields
+) -> list[int]:
+    """The clusters ``stalled`` lists get their workflow ``start``-ed again, each in a new generation (a late
+    callback of the old one changes nothing), with ``fields`` changed too; the old one's running steps fail with
+    ``error``. The conditional UPDATE claims each cluster ``stalled`` still lists: two periodic runs never start
+    one twice, and one that moved on meanwhile is left alone."""
     ids = []
-    stalled = VirtualCluster.objects.filter(state=state, updated_at__lt=timezone.now() - older_than)
     for cluster_id in stalled.values_list("pk", flat=True):
         with transaction.atomic():
             if stalled.filter(pk=cluster_id).update(
-                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
+                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now(), **fields
             ):
                 generation = VirtualCluster.objects.values_list("workflow_generation", flat=True).get(pk=cluster_id)
                 # the stalled workflow never reports: its running steps end here (the new one's callbacks end
                 # only their own), or one of them would stay the progress's current step for good
                 ClusterStep.objects.filter(
                     cluster_id=cluster_id, status=StepStatus.RUNNING, generation__lt=generation
-                ).update(status=StepStatus.FAILED, error="stalled: started again", finished_at=timezone.now())
+                ).update(status=StepStatus.FAILED, error=error, finished_at=timezone.now())
                 transaction.on_commit(lambda cid=cluster_id, gen=generation: start(cid, gen))
                 ids.append(cluster_id)
     return ids
@@ -990,7 +996,7 @@ def _restart_stalled(state: str, older_than: timedelta, start) -> list[int]:
 
 def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
     """Teardowns that failed part-way (a device was down) are started again."""
-    return _restart_stalled(ClusterState.TEARING_DOWN, older_than, workflows.start_teardown)
+    return _restart_stalled(_stalled(ClusterState.TEARING_DOWN, older_than), workflows.start_teardown)
 
 
 def steps_finish_running(cluster: VirtualCluster, name: str, *, generation: int, error: str = "") -> None:
@@ -1127,36 +1133,26 @@ def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> 
     deadline as if a device had not answered. One that was sent and merely waits in a slow queue is left alone.
     (Dying after the send and before the mark sends it twice: the first copy's callbacks are a generation
     behind and change nothing, and converging twice is harmless.)"""
-    ids = []
     provisioning = ClusterStep.objects.filter(  # (a rollback runs in a generation of its own, with no such step)
         cluster=OuterRef("pk"), name="network", generation=OuterRef("workflow_generation"), status=StepStatus.RUNNING
     )
     unsent = (
-        VirtualCluster.objects.filter(state=ClusterState.PROVISIONING, updated_at__lt=timezone.now() - older_than)
+        _stalled(ClusterState.PROVISIONING, older_than)
         .filter(Exists(provisioning))
         .exclude(provision_sent=F("workflow_generation"))
     )
-    for cluster_id, generation in unsent.values_list("pk", "workflow_generation"):
-        with transaction.atomic():
-            if not unsent.filter(pk=cluster_id, workflow_generation=generation).update(
-                state=ClusterState.REQUESTED, workflow_generation=generation + 1, updated_at=timezone.now()
-            ):
-                continue  # sent, moved on or claimed by another run meanwhile
-            ClusterStep.objects.filter(
-                cluster_id=cluster_id, name="network", generation=generation, status=StepStatus.RUNNING
-            ).update(
-                status=StepStatus.FAILED, error="never sent to the workers: sent again", finished_at=timezone.now()
-            )
-            logger.warning("cluster %s: its provisioning was never sent (a process died); sending it again", cluster_id)
-            transaction.on_commit(lambda cid=cluster_id, gen=generation + 1: workflows.start_provision(cid, gen))
-            ids.append(cluster_id)
+    ids = _restart_stalled(
+        unsent, workflows.start_provision, error="never sent to the workers: sent again", state=ClusterState.REQUESTED
+    )
+    for cluster_id in ids:
+        logger.warning("cluster %s: its provisioning was never sent (a process died); sending it again", cluster_id)
     return ids
 
 
 def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
     """Clusters whose provisioning never started (the broker was down at commit time) are started again:
     no request is lost."""
-    return _restart_stalled(ClusterState.REQUESTED, older_than, workflows.start_provision)
+    return _restart_stalled(_stalled(ClusterState.REQUESTED, older_than), workflows.start_provision)
 
 
 def cluster_events_prune() -> int:
