@@ -422,37 +422,29 @@ def test_batches_halve_after_each_failure_in_a_row(fabric, alice, receiver, monk
     assert ids == sorted(ids) and len(ids) == len(set(ids)) == 9  # every event once after the failures
 
 
-def _self_signed(tmp_path) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 and its key (PEM files)."""
-    import datetime as dt
-    import ipaddress
+def _tls_server(tmp_path):
+    """A TLS server context for 127.0.0.1 and the CA file that trusts it (made by the portal's own PKI module)."""
+    import ssl
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from access import pki
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
+    ca = pki.create_ca("webhook test CA")
+    key = pki.generate_private_key()
+    cert = pki.issue_server_cert(
+        ca,
+        public_key=key.public_key(),
+        common_name="127.0.0.1",
+        serial=2,
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1"],
     )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(cert_file), str(key_file)
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca_file.write_bytes(pki.cert_to_pem(ca.cert))
+    cert_file.write_bytes(pki.cert_to_pem(cert))
+    key_file.write_bytes(pki.private_key_to_encrypted_pem(key, b"test"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file, password=b"test")
+    return server, str(ca_file)
 
 
 def test_an_https_endpoint_that_trickles_its_answer_is_cut_at_the_timeout(
@@ -460,14 +452,11 @@ def test_an_https_endpoint_that_trickles_its_answer_is_cut_at_the_timeout(
 ):
     """The same over TLS: the exchange runs on the TLS socket that wraps (and detaches) the TCP one, and the cut
     reached only the latter — an HTTPS endpoint was never cut."""
-    import ssl
     import time
 
     settings.WEBHOOK_TIMEOUT = 1
-    cert, key = _self_signed(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", cert)  # the portal trusts this endpoint's certificate
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
+    server, ca = _tls_server(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", ca)  # the portal trusts this endpoint's certificate
 
     def trickle(connection):
         connection.sendall(b"HTTP/1.1 200 OK\r\n")
