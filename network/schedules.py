@@ -8,12 +8,14 @@ In ``portal/settings.py``::
 
 from __future__ import annotations
 
+from portal.schedules import every
+
 
 def beat_schedule(reconcile_interval: int) -> dict:
     """The reconciler, and the retry of rollbacks that kept their VLAN, every ``reconcile_interval`` seconds;
-    a run that waited longer than one interval in the queue is dropped (the next one is due anyway)."""
-    every = {"schedule": float(reconcile_interval), "options": {"expires": float(reconcile_interval)}}
+    a run that waited longer than one interval (a minute at least) in the queue is dropped (the next one is due
+    anyway)."""
     return {
-        "network-reconcile": {"task": "network.reconcile", **every},
-        "network-retry-rollbacks": {"task": "network.retry_rollbacks", **every},
+        "network-reconcile": every("network.reconcile", reconcile_interval),
+        "network-retry-rollbacks": every("network.retry_rollbacks", reconcile_interval),
     }

@@ -28,6 +28,7 @@ from portal.env import (
     env_list,
     env_str,
 )
+from portal.schedules import every
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var")))
@@ -361,28 +362,21 @@ LONG_POLL_SLOTS = env_int("LONG_POLL_SLOTS", 4, minimum=1)
 CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
 
 
-def _every(task: str, seconds: float) -> dict:
-    """A beat entry: ``task`` every ``seconds``; a run still queued after that long (a minute at least: a queue
-    busy for a few seconds, or clocks a little apart, drop nothing) is dropped — the next is due anyway, and a
-    central worker down for an hour does not find hundreds of stale runs ahead of the workflows."""
-    return {"task": task, "schedule": float(seconds), "options": {"expires": max(float(seconds), 60.0)}}
-
-
-CELERY_BEAT_SCHEDULE["clusters-expire"] = _every("clusters.expire", CLUSTER_EXPIRY_INTERVAL)
+CELERY_BEAT_SCHEDULE["clusters-expire"] = every("clusters.expire", CLUSTER_EXPIRY_INTERVAL)
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly
 CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
-CELERY_BEAT_SCHEDULE["clusters-prune-events"] = _every("clusters.prune_events", 3600)
+CELERY_BEAT_SCHEDULE["clusters-prune-events"] = every("clusters.prune_events", 3600)
 # days the device history (settled device changes of ended networks, repaired drift) and the steps of ended
 # clusters are kept; pruned hourly
 HISTORY_RETENTION = env_int("HISTORY_RETENTION", 180, minimum=1)
-CELERY_BEAT_SCHEDULE["network-prune-history"] = _every("network.prune_history", 3600)
+CELERY_BEAT_SCHEDULE["network-prune-history"] = every("network.prune_history", 3600)
 # webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
 WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
 WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)
 WEBHOOK_MAX_BACKOFF = env_int("WEBHOOK_MAX_BACKOFF", 300, minimum=1)
 # networks a webhook may reach although loopback, link-local, multicast or reserved (e.g. 127.0.0.0/8)
 WEBHOOK_ALLOWED_NETWORKS = env_list("WEBHOOK_ALLOWED_NETWORKS", [])
-CELERY_BEAT_SCHEDULE["clusters-webhooks"] = _every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
+CELERY_BEAT_SCHEDULE["clusters-webhooks"] = every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.
@@ -410,12 +404,12 @@ VLAN_REUSE_HORIZON_TTL = env_float("VLAN_REUSE_HORIZON_TTL", 1.0, minimum=0)
 # how often beat revokes the credentials of clusters that ended without their revocation having run (a safety
 # net: ending a cluster revokes at once)
 ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)
-CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = _every("access.sweep_credentials", ACCESS_SWEEP_INTERVAL)
+CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = every("access.sweep_credentials", ACCESS_SWEEP_INTERVAL)
 # how often directory accounts are brought up to date with LDAP (groups, flags; gone from it → deactivated):
 # a login does it too, but an API token acts without one
 LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)
 if LDAP:
-    CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = _every("portal.ldap_sync", LDAP_SYNC_INTERVAL)
+    CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = every("portal.ldap_sync", LDAP_SYNC_INTERVAL)
 
 # Error reports (the DEBUG page, report e-mails) never show a frame variable that holds a private key.
 DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.reporting.SecretsFilter"
