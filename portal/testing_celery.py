@@ -16,7 +16,7 @@ from portal.celery import app
 
 fakes.register()
 
-__all__ = ["WorkerProcess", "app"]
+__all__ = ["WorkerProcess", "app", "wait_for"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +94,15 @@ class WorkerProcess:
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned) — what a worker commits shows up in the
+    test's database a moment later; an AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

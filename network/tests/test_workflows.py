@@ -15,6 +15,7 @@ from network import convergence, selectors, services, workflows
 from network.errors import DeviceChangeFailed
 from network.models import DeviceChange, DeviceKind, Host, Segment, Switch, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
+from portal.testing_celery import wait_for
 
 NONE = frozenset()
 
@@ -963,18 +964,6 @@ def test_lab_a_disabled_switch_keeps_the_vlan_out_of_the_pool_until_it_is_cleane
 # --- on a real Celery worker --------------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def worker_fabric(transactional_db, tmp_path):
     from network.tests.fakefabric import build_fabric
@@ -1003,7 +992,7 @@ def test_worker_runs_the_canvas_as_the_clusters_app_composes_it(worker_fabric, c
     with pytest.raises(DeviceChangeFailed) as exc:  # rebuilt from the result backend with device and message
         result.get(timeout=60)
     assert exc.value.device == "sw-prague" and "Invalid input detected" in exc.value.message
-    _wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
+    wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
     bad.refresh_from_db()
     assert bad.allocation.state == VlanAllocation.State.QUARANTINED
     assert device_view(fabric) == before
@@ -1027,7 +1016,7 @@ def test_worker_runs_layers_split_into_chunks_as_chords(worker_fabric, celery_wo
     with pytest.raises(DeviceChangeFailed) as exc:
         workflows.provision(bad.pk).delay().get(timeout=60)
     assert exc.value.device == "sw-pilsen"
-    _wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
+    wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
     assert all(not ports for ports in device_view(fabric).values())
 
 
@@ -1042,7 +1031,7 @@ def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_f
     seg = services.segment_create(owner="cluster:k", hosts=three_sites(fabric), gateway=False)
     result = workflows.provision(seg.pk).delay()
     change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
-    _wait_for(lambda: DeviceChange.objects.get(pk=change.pk).status == "running", what="the switch session")
+    wait_for(lambda: DeviceChange.objects.get(pk=change.pk).status == "running", what="the switch session")
     celery_worker.kill()
     assert DeviceChange.objects.get(pk=change.pk).status == "running"
     assert fabric.switch_ports("sw-pilsen") == {}
@@ -1151,7 +1140,7 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
         with pytest.raises(DeviceChangeFailed) as exc:
             workflows.provision(seg.pk).delay().get(timeout=60)
         assert exc.value.device == "pilsen1"
-        _wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED, what="compensation")
+        wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED, what="compensation")
         # as the clusters app runs it: the caller's next task follows the whole routed rollback
         other = services.segment_create(owner="cluster:agents-2", hosts=[fabric.hosts["brno1"]], gateway=False)
         after = tasks.segment_step.si(other.pk, "after the rollback")

@@ -4,7 +4,8 @@ compare devices with the desired state, record drift and repair it (default: ``R
 ask each device of the worker that reaches it (its queue; a central worker's device here), all at once, and
 wait up to ``--timeout`` s for the answers. ``manage.py network workers [--timeout S]``: for each worker
 queue the devices need, the workers consuming it now; exit 1 when a queue has none (a device there would
-never be converged)."""
+never be converged). ``manage.py network agent-grants ROLE --host NAME … [--apply]``: the PostgreSQL
+privileges of a host agent's own role (``network.agentdb``), printed, or run with ``--apply``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         workers = sub.add_parser("workers", help="which worker consumes each device queue; exit 1 if one has none")
         workers.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the workers' answers")
+        grants = sub.add_parser(
+            "agent-grants", help="the PostgreSQL privileges of a host agent's role: print them, or --apply them"
+        )
+        grants.add_argument("role", help="the agent's PostgreSQL role (create it first: CREATE ROLE … LOGIN)")
+        grants.add_argument("--host", action="append", required=True, help="a host the agent converges (repeatable)")
+        grants.add_argument(
+            "--group", default="virtcloud_agents", help="the agents' group role (default: virtcloud_agents)"
+        )
+        grants.add_argument("--apply", action="store_true", help="run the statements (as the tables' owner)")
         for name, text in (("plan", "print the diff per device; change nothing"), ("reconcile", "find drift")):
             p = sub.add_parser(name, help=text)
             p.add_argument("--switch", action="append", default=[], help="only this switch (repeatable)")
@@ -55,6 +65,8 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if options["action"] == "workers":
             return self._workers(options["timeout"])
+        if options["action"] == "agent-grants":
+            return self._agent_grants(options["role"], options["host"], options["group"], apply=options["apply"])
         devices = self._devices(options)
         failures = 0
         with audit_actor("manage.py network"):
@@ -89,6 +101,25 @@ class Command(BaseCommand):
             self.stdout.write(f"{queue}: {', '.join(workers) or 'NO WORKER'} — {shown}")
         if missing:
             raise CommandError(f"no worker answered for queue(s) {', '.join(missing)} within {timeout:g} s")
+
+    def _agent_grants(self, role: str, hosts: list[str], group: str, *, apply: bool) -> None:
+        from django.db import DatabaseError, connection
+
+        from network import agentdb
+
+        if connection.vendor != "postgresql":
+            raise CommandError("agent roles need PostgreSQL (the portal runs on one database for every machine)")
+        unknown = sorted(set(hosts) - set(Host.objects.filter(name__in=hosts).values_list("name", flat=True)))
+        if unknown:
+            raise CommandError(f"no host named {', '.join(unknown)}")
+        try:
+            sql = agentdb.apply(role, hosts, group=group) if apply else agentdb.statements(role, hosts, group=group)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        except DatabaseError as exc:  # e.g. no CREATEROLE to make the group: nothing was changed (one transaction)
+            raise CommandError(f"PostgreSQL refused, nothing was changed: {str(exc).strip()}") from None
+        for statement in sql:
+            self.stdout.write(statement + ";")
 
     def _plan(self, kind, row: dict) -> int:
         if row["error"]:
