@@ -160,6 +160,38 @@ def apply(role: str, hosts: Sequence[str], *, group: str = GROUP) -> list[str]:
     return sql
 
 
+def unrestricted() -> str | None:
+    """Why this process's database role is not a restricted agent role (``statements``), or None when it is.
+    A host agent logs it when it starts (``portal.celery``)."""
+    from django.contrib.auth.models import User
+
+    if connection.vendor != "postgresql":
+        return "the database is not PostgreSQL (no roles)"
+    changes = DeviceChange._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+        superuser, bypass = cursor.fetchone()
+        cursor.execute(
+            "SELECT pg_has_role(current_user, relowner, 'USAGE'), relrowsecurity FROM pg_class "
+            "WHERE oid = %s::regclass",
+            [connection.ops.quote_name(changes)],
+        )
+        owner, row_security = cursor.fetchone()
+        cursor.execute("SELECT has_table_privilege(current_user, %s, 'SELECT')", [User._meta.db_table])
+        (reads_users,) = cursor.fetchone()
+    if superuser:
+        return "it is a superuser"
+    if bypass:
+        return "it bypasses row-level security"
+    if owner:
+        return "it owns the portal's tables"
+    if reads_users:
+        return "it reads the users' table"
+    if not row_security:
+        return f"row-level security is off on {changes}"
+    return None
+
+
 def _schema() -> str:
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_schema()")

@@ -58,6 +58,36 @@ def _warm_and_freeze(**kwargs) -> None:
     gc.freeze()
 
 
+@signals.worker_ready.connect
+def _agent_role_check(**kwargs) -> None:
+    """A host agent (``PORTAL_ROLE=agent``) says when its database role reaches more than an agent's
+    (``network.agentdb``): a VM escaping onto the hypervisor would find that role."""
+    from django.conf import settings
+
+    if not settings.AGENT:
+        return
+    import logging
+
+    from django.db import DatabaseError, connection
+
+    from network import agentdb
+
+    try:
+        reason = agentdb.unrestricted()
+    except DatabaseError as exc:
+        reason = f"its privileges could not be read ({exc})"
+    finally:
+        connection.close()
+    if reason:
+        user = connection.settings_dict.get("USER") or "?"
+        logging.getLogger("network.agent").warning(
+            "PORTAL_ROLE=agent on database role %s, which is not restricted to an agent's privileges: %s. Give the "
+            "agent a role of its own: manage.py network agent-grants ROLE --host NAME --apply",
+            user,
+            reason,
+        )
+
+
 def queue_consumers(timeout: float = 1.0) -> dict[str, list[str]]:
     """Which workers consume which queue, as the workers answer a broadcast within ``timeout`` s: queue →
     worker names (a queue nobody consumes is absent)."""

@@ -77,6 +77,7 @@ def test_an_agent_on_its_own_role_converges_its_host_and_reaches_nothing_else(ro
     agent = WorkerProcess(env, tmp_path / "agent.log", queues=["host.brno1"], concurrency=2, name="agent-brno1")
     agent.start()
     try:
+        assert "not restricted to an agent's privileges" not in (tmp_path / "agent.log").read_text()
         hosts = [fabric.hosts["brno1"], fabric.hosts["pilsen1"], fabric.hosts["prague2"]]
         seg = services.segment_create(owner="cluster:agent-role", hosts=hosts, gateway=False)
         assert workflows.provision(seg.pk).delay().get(timeout=60)["state"] == "active"
@@ -178,3 +179,28 @@ def test_agent_grants_are_refused_for_unknown_hosts_and_roles_and_can_be_applied
         ]
         cursor.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", [roles["agent"], roles["group"]])
         assert cursor.fetchone()[0] is True
+
+
+def test_an_agent_says_when_its_role_is_not_restricted(roles):
+    """What a host agent logs when it starts (``agentdb.unrestricted``), asked as each role (SET ROLE)."""
+    from network import agentdb
+    from network.tests.factories import HostFactory
+
+    HostFactory(name="h1")
+
+    def as_role(role: str | None) -> str | None:
+        with connection.cursor() as cursor:
+            cursor.execute(f'SET ROLE "{role}"' if role else "RESET ROLE")
+        try:
+            return agentdb.unrestricted()
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET ROLE")
+
+    assert as_role(None) == "it is a superuser"  # the test database's own user
+    assert as_role(roles["report"]) == "row-level security is off on network_devicechange"
+    agentdb.apply(roles["agent"], ["h1"], group=roles["group"])
+    assert as_role(roles["agent"]) is None
+    with connection.cursor() as cursor:
+        cursor.execute(f'GRANT SELECT ON auth_user TO "{roles["agent"]}"')
+    assert as_role(roles["agent"]) == "it reads the users' table"

@@ -1136,6 +1136,9 @@ def test_worker_rollback_reaches_each_device_through_its_own_worker(worker_fabri
     agent = WorkerProcess(env, tmp_path / "agent.log", queues=["host.brno1"], concurrency=2, name="agent-brno1")
     agent.start()
     try:
+        # on the test database's own role: the agent says so when it starts (network.agentdb)
+        log = (tmp_path / "agent.log").read_text()
+        assert "which is not restricted to an agent's privileges: it is a superuser" in log, log[-2000:]
         seg = services.segment_create(owner="cluster:agents", hosts=three_sites(fabric), gateway=False)
         with pytest.raises(DeviceChangeFailed) as exc:
             workflows.provision(seg.pk).delay().get(timeout=60)
