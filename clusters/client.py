@@ -7,6 +7,9 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
         [--timeout 300] [--wait-access]
     client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
     client.py ... show --job 1234.pbs
+    client.py ... extend --job 1234.pbs (--lifetime S | --until 2026-12-31T18:00:00+01:00)
+    client.py ... add-node --job 1234.pbs --node name=node3,host=pilsen-h1,mac=52:54:00:00:00:03 ... [--timeout 300]
+    client.py ... remove-node --job 1234.pbs --node node3 ... [--timeout 300]
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
     client.py ... host-cert --job 1234.pbs --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
@@ -21,7 +24,12 @@ crash, a lost answer — gets the same cluster, never a second one; a job requeu
 is (``--attempt N``, e.g. ``SLURM_RESTART_COUNT``) and gets a new one. Job ids must be unique among the
 schedulers that share a token's view (a ``clusters:manage`` token sees every owner's clusters): PBS's
 ``1234.server`` is. ``down`` tears down the job's live clusters and waits
-until they are torn down (nothing to do is success). ``show`` prints the job's clusters. ``migrate`` makes the
+until they are torn down (nothing to do is success). ``show`` prints the job's clusters. ``extend`` moves the
+expiry of the job's cluster (the job's walltime was changed: ``--lifetime`` seconds from now, or ``--until`` a
+time) and prints the cluster. ``add-node`` adds nodes to the job's ready cluster and waits until the network
+reaches their hosts, printing the cluster; ``remove-node`` removes nodes (their hosts are cleaned when no node
+of the cluster is left there) and waits likewise. Run again, each does nothing twice: a node already there
+(``add-node``, the same name, host and MAC) or already gone (``remove-node``) needs nothing. ``migrate`` makes the
 network ready on a node's target host before the VM moves (paper §2.2) and prints the node with the
 ``target_attachment`` to plug the moved VM with; ``migrated`` completes the move once the VM runs there (the host
 it left is cleaned), ``migrated --cancel`` calls it off (the target is cleaned). Both look at the node's state
@@ -182,6 +190,20 @@ def job_id(text: str) -> str:
     return text
 
 
+def iso_time(text: str) -> str:
+    """An ISO 8601 time with its UTC offset (``Z`` or ``+01:00``): a time without one would be read in the
+    portal's time zone, not the scheduler's."""
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time's UTC offset (Z or +01:00): {text!r}")
+    return parsed.isoformat()
+
+
 def parse_node(text: str) -> dict:
     """``name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1]``."""
     node = {}
@@ -326,11 +348,70 @@ def migrated(api: Api, args, out: TextIO) -> int:
     return 0
 
 
-def _job_cluster(api: Api, job: str) -> dict:
+def extend(api: Api, args, out: TextIO) -> int:
+    """Move the expiry of the job's live cluster to ``--until`` (or ``--lifetime`` s from now)."""
+    cluster = _job_cluster(api, args.job, what="extending its lifetime")
+    if args.until:
+        expires = args.until
+    else:
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + args.lifetime))
+    path, key = f"/api/clusters/{cluster['id']}/", f"{args.job}:extend:{expires}"
+    out.write(json.dumps(api.call("PATCH", path, {"expires_at": expires}, key=key), indent=1) + "\n")
+    return 0
+
+
+def add_node(api: Api, args, out: TextIO) -> int:
+    """Add ``--node``s to the job's ready cluster and wait until the network has converged onto their hosts.
+    Nodes already there with the same host and MAC are not added again; one of the same name that differs is
+    a refusal (remove it first)."""
+    deadline = time.monotonic() + args.timeout
+    cluster = _live_cluster(api, args.job, deadline)
+    present = {n["name"]: n for n in cluster["nodes"] if n["state"] != "removed"}
+    new = []
+    for node in args.node:
+        there = present.get(node["name"])
+        if there is None:
+            new.append(node)
+        elif (there["host"], there["mac"].lower()) != (node["host"], node["mac"].lower()):
+            raise Refused(
+                f"cluster {cluster['id']} has a node {node['name']} already, on {there['host']} ({there['mac']})"
+            )
+    if new:
+        names = ",".join(sorted(n["name"] for n in new))
+        cluster = api.call(
+            "POST", f"/api/clusters/{cluster['id']}/nodes/", {"nodes": new}, key=f"{args.job}:add:{names}"
+        )
+        cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
+    wanted = {n["name"] for n in args.node}
+    nodes = [n for n in cluster["nodes"] if n["name"] in wanted and n["state"] != "removed"]
+    if cluster["state"] != "ready" or any(n["state"] != "ready" for n in nodes):
+        raise ClusterFailed(f"the network could not be extended to the new nodes: {_last_error(cluster)}")
+    out.write(json.dumps(cluster, indent=1) + "\n")
+    return 0
+
+
+def remove_node(api: Api, args, out: TextIO) -> int:
+    """Remove ``--node``s from the job's ready cluster, one after the other, and wait until the network has
+    converged (a host is cleaned when no node of the cluster is left there). A node already gone needs nothing."""
+    deadline = time.monotonic() + args.timeout
+    cluster = _live_cluster(api, args.job, deadline)
+    for name in args.node:
+        node = next((n for n in cluster["nodes"] if n["name"] == name and n["state"] != "removed"), None)
+        if node is None:
+            continue
+        path, key = f"/api/clusters/{cluster['id']}/nodes/{node['id']}/", f"{args.job}:remove:{node['id']}"
+        cluster = api.wait(api.call("DELETE", path, key=key), ("ready", "failed", "torn_down"), deadline)
+        if cluster["state"] != "ready":
+            raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
+    out.write(json.dumps(cluster, indent=1) + "\n")
+    return 0
+
+
+def _job_cluster(api: Api, job: str, *, what: str = "a node's SSH access") -> dict:
     """The job's one live cluster that is not tearing down (what a node's sshd files are for)."""
     live = [c for c in api.job_clusters(job) if c["state"] in LIVE and c["state"] != "tearing_down"]
     if len(live) != 1:
-        raise Refused(f"job {job} has {len(live)} live clusters (a node's SSH access needs exactly one)")
+        raise Refused(f"job {job} has {len(live)} live clusters ({what} needs exactly one)")
     return live[0]
 
 
@@ -468,6 +549,19 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     end.add_argument("--timeout", type=float, default=300, help="seconds to wait for TORN_DOWN")
     look = sub.add_parser("show", help="print the job's clusters")
     look.add_argument("--job", required=True, type=job_id)
+    longer = sub.add_parser("extend", help="move the expiry of the job's cluster (the job's walltime changed)")
+    longer.add_argument("--job", required=True, type=job_id)
+    until = longer.add_mutually_exclusive_group(required=True)
+    until.add_argument("--lifetime", type=int, help="seconds from now")
+    until.add_argument("--until", type=iso_time, help="an ISO 8601 time with its offset, e.g. 2026-12-31T18:00:00Z")
+    grow = sub.add_parser("add-node", help="add nodes to the job's cluster and wait until the network reaches them")
+    grow.add_argument("--job", required=True, type=job_id)
+    grow.add_argument("--node", type=parse_node, action="append", required=True, help="name=…,host=…,mac=…[,address=…]")
+    grow.add_argument("--timeout", type=float, default=300, help="seconds to wait for the network")
+    shrink = sub.add_parser("remove-node", help="remove nodes from the job's cluster and wait until it is clean")
+    shrink.add_argument("--job", required=True, type=job_id)
+    shrink.add_argument("--node", action="append", required=True, help="a node's name (repeatable)")
+    shrink.add_argument("--timeout", type=float, default=300, help="seconds to wait for the network")
     move = sub.add_parser("migrate", help="prepare the network on a node's target host and wait until it is ready")
     move.add_argument("--job", required=True, type=job_id)
     move.add_argument("--node", required=True, help="the node's name")
@@ -504,6 +598,9 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
             "up": functools.partial(up, err=err),
             "down": down,
             "show": show,
+            "extend": extend,
+            "add-node": add_node,
+            "remove-node": remove_node,
             "migrate": migrate,
             "migrated": migrated,
             "host-cert": host_cert,

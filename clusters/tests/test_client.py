@@ -171,6 +171,54 @@ def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric
     assert VirtualCluster.objects.get(job_id="9.pbs").nodes.filter(state="migrating").count() == 0
 
 
+def test_a_job_that_grows_shrinks_and_runs_longer_through_the_client(fabric, celery_worker, client):
+    from datetime import UTC, datetime, timedelta
+
+    from network.models import Host
+
+    code, cluster, err = up(client, "11.pbs")
+    assert code == 0, err
+    vid, job = cluster["vlan_id"], ("--job", "11.pbs")
+    n3 = "name=n3,host=pilsen1,mac=52:54:00:00:00:03"
+    code, cluster, err = client("add-node", *job, "--node", n3, "--timeout", "60")
+    assert code == 0 and cluster["state"] == "ready", err
+    assert {n["name"]: n["state"] for n in cluster["nodes"]} == {"n1": "ready", "n2": "ready", "n3": "ready"}
+    assert vid in fabric.host_vlans("pilsen1")
+    # run again (the hook retried): the node is there already, nothing is added twice
+    code, again, err = client("add-node", *job, "--node", n3.replace("52:54:00:00:00:03", "52:54:00:00:00:03".upper()))
+    assert code == 0 and [n["name"] for n in again["nodes"]].count("n3") == 1, err
+    # the same name elsewhere is a refusal: nothing sent
+    code, _, err = client("add-node", *job, "--node", "name=n3,host=pilsen2,mac=52:54:00:00:00:03")
+    assert code == 2 and "has a node n3 already, on pilsen1" in err, err
+    # a node whose host fails: exit 1 with the device's message, the node left pending, the cluster ready
+    Host.objects.filter(name="pilsen2").update(driver_args={**fabric.args, "fail_commit": "permanent"})
+    code, _, err = client("add-node", *job, "--node", "name=n4,host=pilsen2,mac=52:54:00:00:00:04", "--timeout", "60")
+    assert code == 1 and "pilsen2" in err, err
+    live = VirtualCluster.objects.get(job_id="11.pbs")
+    assert live.state == ClusterState.READY and live.nodes.get(name="n4").state == "pending"
+
+    code, cluster, err = client("remove-node", *job, "--node", "n3", "--node", "n4", "--timeout", "60")
+    assert code == 0 and cluster["state"] == "ready", err
+    assert {n["name"] for n in cluster["nodes"] if n["state"] != "removed"} == {"n1", "n2"}
+    assert vid not in fabric.host_vlans("pilsen1")
+    assert client("remove-node", *job, "--node", "n3")[0] == 0  # gone already: nothing to do
+
+    code, cluster, err = client("extend", *job, "--lifetime", "7200")
+    assert code == 0, err
+    expires = datetime.fromisoformat(cluster["expires_at"])
+    assert abs(expires - (datetime.now(UTC) + timedelta(seconds=7200))) < timedelta(seconds=30)
+    until = "2026-12-31T18:00:00+01:00"
+    later = datetime.now(UTC) + timedelta(days=3)
+    code, cluster, err = client("extend", *job, "--until", later.isoformat())
+    assert code == 0 and abs(datetime.fromisoformat(cluster["expires_at"]) - later) < timedelta(seconds=1), err
+    # a time without its offset, or past the longest lifetime: refused, the expiry unchanged
+    code, _, err = client("extend", *job, "--until", until[:-6])
+    assert code == 2 and "UTC offset" in err, err
+    code, _, err = client("extend", *job, "--until", (datetime.now(UTC) + timedelta(days=400)).isoformat())
+    assert code == 2 and "expires_at" in err, err
+    assert VirtualCluster.objects.get(job_id="11.pbs").expires_at == datetime.fromisoformat(cluster["expires_at"])
+
+
 def host_key(tmp_path):
     """A node's /etc/ssh with a fresh ed25519 host key: (the directory, the public key's path)."""
     keys = tmp_path / "etc-ssh"
