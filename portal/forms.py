@@ -1,4 +1,4 @@
-"""The login form."""
+"""The login form, and the form of a token a user makes for themselves."""
 
 from django import forms
 from django.contrib.auth.forms import AuthenticationForm
@@ -31,3 +31,30 @@ class LoginForm(AuthenticationForm):
         if getattr(self.request, "ldap_unavailable", False):
             return forms.ValidationError(LDAP_UNAVAILABLE_MESSAGE, code="ldap_unavailable")
         return super().get_invalid_login_error()
+
+
+class TokenForm(forms.Form):
+    """A token for the user's own scripts (``portal.tokens.token_create_own`` decides what is allowed)."""
+
+    name = forms.CharField(max_length=100, help_text="what uses it, e.g. 'laptop: client.py'")
+    scopes = forms.MultipleChoiceField(
+        choices=[],
+        widget=forms.CheckboxSelectMultiple,
+        initial=["clusters:read"],
+        help_text="read: list your clusters and their access; write: also create, change and tear them down, and "
+        "download VPN profiles and SSH certificates",
+    )
+    days = forms.TypedChoiceField(coerce=int, choices=[], label="Valid for")
+
+    def __init__(self, *args, max_days: int, **kwargs):
+        from portal.models import TokenScope
+        from portal.tokens import SELF_SERVICE_SCOPES
+
+        super().__init__(*args, **kwargs)
+        labels = dict(TokenScope.choices)
+        self.fields["scopes"].choices = [
+            (scope.value, f"{scope.value} — {labels[scope]}") for scope in SELF_SERVICE_SCOPES
+        ]
+        lengths = sorted({d for d in (7, 30, 90, 365) if d <= max_days} | {max_days})
+        self.fields["days"].choices = [(d, f"{d} day{'s' if d != 1 else ''}") for d in lengths]
+        self.fields["days"].initial = 30 if 30 in lengths else lengths[-1]

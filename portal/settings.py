@@ -354,6 +354,8 @@ CLUSTER_QUOTA_NODES = env_int("CLUSTER_QUOTA_NODES", 500, minimum=0)
 # user-provided images a user may register (POST /api/images/); retired ones do not count; 0: no limit; staff are
 # not limited
 IMAGE_QUOTA = env_int("IMAGE_QUOTA", 50, minimum=0)
+# API tokens users make for themselves (the "API tokens" page): their longest lifetime in days; 0: admins only
+USER_TOKEN_MAX_DAYS = env_int("USER_TOKEN_MAX_DAYS", 365, minimum=0)
 # longest wait of GET /api/clusters/{id}/wait/ (seconds); keep it below the web server's worker timeout
 # (gunicorn: 30 s by default)
 CLUSTER_WAIT_MAX = env_float("CLUSTER_WAIT_MAX", 25.0, minimum=0)

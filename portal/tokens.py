@@ -9,6 +9,7 @@ import secrets
 from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
@@ -35,6 +36,46 @@ def token_create(*, user, name: str, scopes: list[str], expires_at=None) -> tupl
     )
     audit.record(token, "create", {"name": [None, name], "scopes": [None, sorted(scopes)], "user": [None, user.pk]})
     return token, secret
+
+
+#: what a user may give a token of their own (the API tokens page): act as themselves on their clusters and
+#: credentials; never middleware's, a gateway's, the router's or monitoring's
+SELF_SERVICE_SCOPES = (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE)
+#: live (neither revoked nor expired) tokens a user may hold that they made themselves
+SELF_SERVICE_LIMIT = 20
+
+
+class TokenRefused(Exception):
+    """A token a user asked for themselves is refused: ``field`` (of the form) and why."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def tokens_live(user):
+    """``user``'s tokens that still admit: neither revoked nor expired."""
+    return ApiToken.objects.filter(user=user, revoked_at=None).filter(
+        Q(expires_at=None) | Q(expires_at__gt=timezone.now())
+    )
+
+
+@transaction.atomic
+def token_create_own(*, user, name: str, scopes: list[str], days: int) -> tuple[ApiToken, str]:
+    """A token ``user`` makes for themselves (scripts, a laptop's ``client.py``): ``SELF_SERVICE_SCOPES`` only,
+    expiring within ``USER_TOKEN_MAX_DAYS``, at most ``SELF_SERVICE_LIMIT`` live at once. (record, secret)."""
+    from django.conf import settings
+
+    if not settings.USER_TOKEN_MAX_DAYS:
+        raise TokenRefused(None, "API tokens are made by the administrators here: ask them for one")
+    if not scopes or set(scopes) - set(SELF_SERVICE_SCOPES):
+        raise TokenRefused("scopes", f"choose among {', '.join(SELF_SERVICE_SCOPES)}")
+    if not 1 <= days <= settings.USER_TOKEN_MAX_DAYS:
+        raise TokenRefused("days", f"a token lives 1 to {settings.USER_TOKEN_MAX_DAYS} days")
+    user._meta.model.objects.select_for_update().filter(pk=user.pk).first()  # one count at a time per user
+    if tokens_live(user).count() >= SELF_SERVICE_LIMIT:
+        raise TokenRefused(None, f"you hold {SELF_SERVICE_LIMIT} live tokens already: revoke one you no longer use")
+    return token_create(user=user, name=name, scopes=list(scopes), expires_at=timezone.now() + timedelta(days=days))
 
 
 @transaction.atomic

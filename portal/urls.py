@@ -27,6 +27,8 @@ urlpatterns = [
         name="login",
     ),
     path("logout/", views.LogoutView.as_view(), name="logout"),
+    path("tokens/", views.my_tokens, name="tokens"),
+    path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
     path("admin/", admin.site.urls),
     path("api/", include("clusters.api.urls")),
     path("api/network/", include("network.api.urls")),

@@ -1,17 +1,21 @@
-"""Portal-wide endpoints: the health check and the Prometheus metrics for operators, logging out for users."""
+"""Portal-wide endpoints: the health check and the Prometheus metrics for operators, logging out for users, and
+the page where users make and revoke API tokens for their own scripts."""
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import JsonResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, renderers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal import metrics
+from portal import metrics, tokens
 from portal.models import ApiToken, TokenScope
 
 
@@ -82,3 +86,67 @@ class LogoutView(auth_views.LogoutView):
         if was_in:
             messages.info(request, "You are logged out.")
         return response
+
+
+# --- API tokens a user makes for their own scripts --------------------------------------------------------------
+
+#: ended (revoked or expired) tokens the page lists, newest first; live ones are always all listed
+ENDED_TOKENS_SHOWN = 20
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@login_required
+@never_cache
+def my_tokens(request):
+    """GET: the user's API tokens and the form to make one. POST: make it; the page shows its secret, once."""
+    from portal.forms import TokenForm
+
+    max_days = settings.USER_TOKEN_MAX_DAYS
+    form = TokenForm(request.POST if request.method == "POST" else None, max_days=max_days) if max_days else None
+    made = secret = None
+    status = 200
+    if request.method == "POST":
+        if form is None:
+            messages.error(request, "API tokens are made by the administrators here: ask them for one.")
+            return redirect("tokens")
+        if form.is_valid():
+            try:
+                made, secret = tokens.token_create_own(user=request.user, **form.cleaned_data)
+            except tokens.TokenRefused as exc:
+                if exc.field in form.fields:
+                    form.add_error(exc.field, exc.message)
+                else:
+                    messages.error(request, exc.message)
+                status = 400
+            else:
+                form = TokenForm(max_days=max_days)
+        else:
+            status = 400
+    live = tokens.tokens_live(request.user)
+    ended = ApiToken.objects.filter(user=request.user).exclude(pk__in=live.values("pk"))
+    context = {
+        "form": form,
+        "made": made,
+        "secret": secret,
+        "live": list(live.order_by("-created_at")),
+        "ended": list(ended.order_by("-created_at")[:ENDED_TOKENS_SHOWN]),
+        "ended_shown": ENDED_TOKENS_SHOWN,
+        "scope_labels": dict(TokenScope.choices),
+    }
+    return render(request, "portal/tokens.html", context, status=status)
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@login_required
+@never_cache
+def token_revoke(request, pk: int):
+    """GET: what revoking this token does, and a button that does it. POST: revoke it."""
+    token = get_object_or_404(ApiToken, user=request.user, pk=pk)
+    if request.method != "POST":
+        return render(request, "portal/token_revoke.html", {"token": token})
+    if token.revoked_at is not None:
+        messages.info(request, f"Token {token.name} was already revoked.")
+    else:
+        tokens.token_revoke(token=token)
+        messages.success(request, f"Revoked token {token.name} ({token.prefix}…): it is refused from now on.")
+    return redirect("tokens")

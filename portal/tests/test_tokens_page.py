@@ -1,0 +1,125 @@
+"""The "API tokens" page: a user makes tokens for their own scripts (the scopes, lifetime and number a user may
+give themselves), sees the secret once, and revokes them; nobody else's tokens are reachable."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from portal.models import ApiToken, AuditEntry, TokenScope
+from portal.tokens import SELF_SERVICE_LIMIT, token_create
+
+pytestmark = pytest.mark.django_db
+
+
+def _make(client, *, follow: bool = False, **form):
+    data = {"name": "laptop", "scopes": ["clusters:read"], "days": 30, **form}
+    return client.post(reverse("tokens"), data, follow=follow)
+
+
+def _works(secret: str) -> int:
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return api.get("/api/clusters/").status_code
+
+
+def test_a_user_makes_a_token_sees_it_once_uses_it_and_revokes_it(client, alice):
+    client.force_login(alice)
+    page = client.get(reverse("tokens"))
+    assert page.status_code == 200 and b'id="token-form"' in page.content and b'id="no-tokens"' in page.content
+    assert "no-store" in page["Cache-Control"]
+    r = _make(client, name="laptop: client.py", scopes=["clusters:read", "clusters:write"], days=7)
+    assert r.status_code == 200 and "no-store" in r["Cache-Control"]
+    secret = re.search(rb'<code id="token-secret">(vc_[^<]+)</code>', r.content)[1].decode()
+    token = ApiToken.objects.get(user=alice)
+    assert token.scopes == ["clusters:read", "clusters:write"] and token.name == "laptop: client.py"
+    assert abs(token.expires_at - (timezone.now() + timedelta(days=7))) < timedelta(minutes=1)
+    assert AuditEntry.objects.filter(content_type__model="apitoken", object_id=str(token.pk), action="create").exists()
+    assert _works(secret) == 200
+    # shown once: the list names it by its prefix only
+    again = client.get(reverse("tokens"))
+    assert secret.encode() not in again.content and f"vc_{token.prefix}_…".encode() in again.content
+
+    confirm = client.get(reverse("token-revoke", args=[token.pk]))
+    assert confirm.status_code == 200 and b"Revoke token laptop: client.py?" in confirm.content
+    assert _works(secret) == 200  # looking at the page revokes nothing
+    r = client.post(reverse("token-revoke", args=[token.pk]), follow=True)
+    assert b"Revoked token laptop: client.py" in r.content
+    assert _works(secret) == 401
+    assert b"revoked" in client.get(reverse("tokens")).content
+    r = client.post(reverse("token-revoke", args=[token.pk]), follow=True)
+    assert b"was already revoked" in r.content
+
+
+@pytest.mark.parametrize(
+    "form, field, message",
+    [
+        ({"scopes": ["clusters:manage"]}, "scopes", "Select a valid choice"),
+        ({"scopes": ["network:read"]}, "scopes", "Select a valid choice"),
+        ({"scopes": []}, "scopes", "This field is required"),
+        ({"days": 400}, "days", "Select a valid choice"),
+        ({"name": ""}, "name", "This field is required"),
+        ({"name": "x" * 101}, "name", "at most 100 characters"),
+    ],
+)
+def test_what_a_user_may_not_give_a_token_is_refused_and_makes_none(client, alice, form, field, message):
+    client.force_login(alice)
+    r = _make(client, **form)
+    assert r.status_code == 400
+    assert message in str(r.context["form"].errors[field])
+    assert not ApiToken.objects.exists()
+
+
+def test_the_service_refuses_what_the_form_would_not_offer(alice, settings):
+    from portal.tokens import TokenRefused, token_create_own
+
+    with pytest.raises(TokenRefused, match="choose among clusters:read, clusters:write"):
+        token_create_own(user=alice, name="x", scopes=["clusters:manage"], days=1)
+    with pytest.raises(TokenRefused, match="1 to 365 days"):
+        token_create_own(user=alice, name="x", scopes=["clusters:read"], days=366)
+    settings.USER_TOKEN_MAX_DAYS = 0
+    with pytest.raises(TokenRefused, match="made by the administrators"):
+        token_create_own(user=alice, name="x", scopes=["clusters:read"], days=1)
+    assert not ApiToken.objects.exists()
+
+
+def test_a_user_holds_a_limited_number_of_live_tokens(client, alice):
+    for i in range(SELF_SERVICE_LIMIT - 1):
+        token_create(user=alice, name=f"t{i}", scopes=[TokenScope.CLUSTERS_READ])
+    expired = token_create(user=alice, name="old", scopes=[TokenScope.CLUSTERS_READ])[0]
+    ApiToken.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(days=1))
+    client.force_login(alice)
+    assert _make(client).status_code == 200  # the expired one does not count: the 20th live one
+    r = _make(client, name="one more")
+    assert r.status_code == 400 and b"you hold 20 live tokens already" in r.content
+    assert not ApiToken.objects.filter(name="one more").exists()
+
+
+def test_someone_elses_token_is_not_reachable(client, alice, bob):
+    theirs, secret = token_create(user=bob, name="bob's", scopes=[TokenScope.CLUSTERS_READ])
+    client.force_login(alice)
+    assert b"bob&#x27;s" not in client.get(reverse("tokens")).content
+    assert client.get(reverse("token-revoke", args=[theirs.pk])).status_code == 404
+    assert client.post(reverse("token-revoke", args=[theirs.pk])).status_code == 404
+    assert _works(secret) == 200
+
+
+def test_where_only_admins_make_tokens_the_page_says_so_and_lists_the_users_tokens(client, alice, settings):
+    settings.USER_TOKEN_MAX_DAYS = 0
+    token_create(user=alice, name="from the admins", scopes=[TokenScope.CLUSTERS_READ])
+    client.force_login(alice)
+    page = client.get(reverse("tokens"))
+    assert b'id="admins-only"' in page.content and b'id="token-form"' not in page.content
+    assert b"from the admins" in page.content
+    r = _make(client, name="mine", follow=True)
+    assert b"made by the administrators here" in r.content and not ApiToken.objects.filter(name="mine").exists()
+
+
+def test_the_page_needs_a_login(client):
+    r = client.get(reverse("tokens"))
+    assert r.status_code == 302 and r["Location"].startswith(reverse("login"))
