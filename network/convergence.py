@@ -329,7 +329,8 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
     task's soft time limit, so that the task is not cut by its limit first and can retry later) while the
     others go on; one still locked then counts as a temporary error."""
     ids = list(dict.fromkeys(change_ids))
-    rows = DeviceChange.objects.select_related("switch", "host").in_bulk(ids)
+    # a host agent converges hosts only, and may not read a switch's credentials (network.agentdb)
+    rows = DeviceChange.objects.select_related(*(("host",) if settings.AGENT else ("switch", "host"))).in_bulk(ids)
     todo: dict[tuple[str, int], Switch | Host] = {}
     gone = []
     for change in rows.values():

@@ -31,9 +31,6 @@ class Command(BaseCommand):
         )
         grants.add_argument("role", help="the agent's PostgreSQL role (create it first: CREATE ROLE … LOGIN)")
         grants.add_argument("--host", action="append", required=True, help="a host the agent converges (repeatable)")
-        grants.add_argument(
-            "--group", default="virtcloud_agents", help="the agents' group role (default: virtcloud_agents)"
-        )
         grants.add_argument("--apply", action="store_true", help="run the statements (as the tables' owner)")
         for name, text in (("plan", "print the diff per device; change nothing"), ("reconcile", "find drift")):
             p = sub.add_parser(name, help=text)
@@ -66,7 +63,7 @@ class Command(BaseCommand):
         if options["action"] == "workers":
             return self._workers(options["timeout"])
         if options["action"] == "agent-grants":
-            return self._agent_grants(options["role"], options["host"], options["group"], apply=options["apply"])
+            return self._agent_grants(options["role"], options["host"], apply=options["apply"])
         devices = self._devices(options)
         failures = 0
         with audit_actor("manage.py network"):
@@ -102,7 +99,7 @@ class Command(BaseCommand):
         if missing:
             raise CommandError(f"no worker answered for queue(s) {', '.join(missing)} within {timeout:g} s")
 
-    def _agent_grants(self, role: str, hosts: list[str], group: str, *, apply: bool) -> None:
+    def _agent_grants(self, role: str, hosts: list[str], *, apply: bool) -> None:
         from django.db import DatabaseError, connection
 
         from network import agentdb
@@ -113,13 +110,15 @@ class Command(BaseCommand):
         if unknown:
             raise CommandError(f"no host named {', '.join(unknown)}")
         try:
-            sql = agentdb.apply(role, hosts, group=group) if apply else agentdb.statements(role, hosts, group=group)
+            sql = agentdb.apply(role, hosts) if apply else agentdb.statements(role, hosts)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        except DatabaseError as exc:  # e.g. no CREATEROLE to make the group: nothing was changed (one transaction)
+        except DatabaseError as exc:  # e.g. not the tables' owner: nothing was changed (one transaction)
             raise CommandError(f"PostgreSQL refused, nothing was changed: {str(exc).strip()}") from None
+        self.stdout.write("BEGIN;")  # printed for a DBA: all of it or nothing (row-level security without its policies)
         for statement in sql:
             self.stdout.write(statement + ";")
+        self.stdout.write("COMMIT;")
 
     def _plan(self, kind, row: dict) -> int:
         if row["error"]:
