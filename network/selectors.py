@@ -37,6 +37,7 @@ from network.models import (
     Switch,
     SwitchPort,
     VlanAllocation,
+    VlanPool,
 )
 
 PortVlans = dict[str, frozenset[int]]
@@ -383,3 +384,37 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
     views = segment_views(Segment.objects.filter(state__in=Segment.LIVE_STATES))
     carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views, static=False)
     return {pk: carried[switch][name] for pk, switch, name in ports if carried.get(switch, {}).get(name)}
+
+
+def pools_with_usage(pools: QuerySet | None = None) -> QuerySet:
+    """``pools`` (default: every pool) annotated with ``held_allocated`` and ``held_quarantined``: the ids
+    handed out, and those held back in quarantine (its hold-down time, or an access gateway's state that may
+    still map them: ``services.reuse_horizon``) — one query. ``pool_usage`` makes the figures of a row."""
+    from django.db.models import Count
+    from django.utils import timezone
+
+    from network.services import reuse_horizon
+
+    now = timezone.now()
+    state = VlanAllocation.State
+    quarantined = Q(allocations__state=state.QUARANTINED) & (
+        Q(allocations__quarantine_until__gt=now)
+        | Q(allocations__gateway_mapped=True, allocations__released_at__gt=reuse_horizon(now))
+    )
+    return (pools if pools is not None else VlanPool.objects.all()).annotate(
+        held_allocated=Count("allocations", filter=Q(allocations__state=state.ALLOCATED)),
+        held_quarantined=Count("allocations", filter=quarantined),
+    )
+
+
+def pool_usage(pool: VlanPool) -> dict[str, int]:
+    """VLAN ids of a pool from ``pools_with_usage``: ``size`` (its ranges minus reserved), ``free`` (what an
+    allocation may take now), ``allocated``, ``quarantined``."""
+    size = len(pool.vlan_ids)
+    allocated, quarantined = pool.held_allocated, pool.held_quarantined
+    return {
+        "size": size,
+        "free": max(0, size - allocated - quarantined),
+        "allocated": allocated,
+        "quarantined": quarantined,
+    }

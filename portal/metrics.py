@@ -52,8 +52,8 @@ def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
     from access.selectors import bastion_shared_addresses, bastions_forward_by_address, gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
-    from network.models import DeviceChange, DeviceKind, Drift, VlanAllocation, VlanPool
-    from network.services import reuse_horizon
+    from network.models import DeviceChange, DeviceKind, Drift
+    from network.selectors import pool_usage, pools_with_usage
 
     now = timezone.now()
     families = []
@@ -86,24 +86,10 @@ def collect() -> list[Family]:
         "VLAN ids of each pool: free, allocated, or in quarantine (held back: the hold-down time, or an access "
         "gateway's state that may still map them).",
     )
-    horizon = reuse_horizon(now)
-    held = {
-        (row["pool__name"], row["state"]): row["n"]
-        for row in VlanAllocation.objects.filter(
-            Q(state=VlanAllocation.State.ALLOCATED)
-            | Q(state=VlanAllocation.State.QUARANTINED, quarantine_until__gt=now)
-            | Q(state=VlanAllocation.State.QUARANTINED, gateway_mapped=True, released_at__gt=horizon)
-        )
-        .values("pool__name", "state")
-        .annotate(n=Count("id"))
-        .order_by()
-    }
-    for pool in VlanPool.objects.order_by("name"):
-        allocated = held.get((pool.name, VlanAllocation.State.ALLOCATED), 0)
-        quarantined = held.get((pool.name, VlanAllocation.State.QUARANTINED), 0)
-        vlans.add(max(0, len(pool.vlan_ids) - allocated - quarantined), pool=pool.name, state="free")
-        vlans.add(allocated, pool=pool.name, state="allocated")
-        vlans.add(quarantined, pool=pool.name, state="quarantined")
+    for pool in pools_with_usage().order_by("name"):
+        usage = pool_usage(pool)
+        for state in ("free", "allocated", "quarantined"):
+            vlans.add(usage[state], pool=pool.name, state=state)
     families.append(vlans)
 
     open_work = DeviceChange.objects.filter(status__in=DeviceChange.OPEN)

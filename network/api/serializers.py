@@ -1,5 +1,6 @@
 """Read-only representations of the inventory. Credentials never appear."""
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from network.models import (
@@ -13,6 +14,7 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
+from network.selectors import pool_usage
 
 
 class SiteSerializer(serializers.ModelSerializer):
@@ -56,12 +58,31 @@ class HostSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "site", "switch", "port", "trunk_interface", "driver", "agent_queue", "enabled"]
 
 
+class VlanUsageSerializer(serializers.Serializer):
+    size = serializers.IntegerField(help_text="VLAN ids clusters may get: the ranges minus the reserved ones")
+    free = serializers.IntegerField(help_text="ids an allocation may take now")
+    allocated = serializers.IntegerField(help_text="ids held by live networks")
+    quarantined = serializers.IntegerField(
+        help_text="ids released but held back: the pool's hold-down time, or an access gateway that may still map them"
+    )
+
+
 class VlanPoolSerializer(serializers.ModelSerializer):
     core = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    sites = serializers.SerializerMethodField(help_text="the sites the pool's core joins (a cluster's hosts' sites)")
+    usage = serializers.SerializerMethodField()
 
     class Meta:
         model = VlanPool
-        fields = ["id", "name", "core", "ranges", "reserved", "quarantine_seconds", "description"]
+        fields = ["id", "name", "core", "sites", "ranges", "reserved", "quarantine_seconds", "description", "usage"]
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_sites(self, pool) -> list[str]:
+        return sorted(site.name for site in pool.core.sites.all())
+
+    @extend_schema_field(VlanUsageSerializer)
+    def get_usage(self, pool) -> dict[str, int]:
+        return pool_usage(pool)
 
 
 class VlanAllocationSerializer(serializers.ModelSerializer):

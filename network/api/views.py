@@ -19,6 +19,7 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
+from network.selectors import pools_with_usage
 from portal.api import error_responses, query_param
 from portal.models import TokenScope
 
@@ -94,7 +95,14 @@ class HostViewSet(_ReadOnly):
 
 @_documented(s.VlanPoolSerializer)
 class VlanPoolViewSet(_ReadOnly):
-    queryset = VlanPool.objects.select_related("core")
+    """VLAN pools with the sites their core joins and their ids' usage now (``usage.free``: what a new cluster's
+    network may take; a scheduler checks it before it places a cluster)."""
+
+    queryset = VlanPool.objects.select_related("core").prefetch_related("core__sites")
+
+    def get_queryset(self):
+        return pools_with_usage(super().get_queryset())  # (quarantine as of now)
+
     serializer_class = s.VlanPoolSerializer
 
 

@@ -31,7 +31,7 @@ MAX_QUERIES = {
     "cores": 4,  # + the cores' sites
     "switches": 4,  # + the switches' ports with their cores
     "hosts": 3,
-    "pools": 3,
+    "pools": 5,  # + the cores' sites, + how long the gateways may still map a released id (services.reuse_horizon)
     "allocations": 3,
     "changes": 3,
     "drift": 3,
@@ -86,6 +86,7 @@ def make_inventory(n: int, tag: str = "") -> dict:
         )
         made.setdefault("switches", []).append(switch)
         made.setdefault("hosts", []).append(host)
+        made.setdefault("pools", []).append(pool)
     return made
 
 
@@ -147,6 +148,31 @@ def test_switch_credentials_never_appear(inventory, root, reader):
     switch = reader.get("/api/network/switches/").data["results"][0]
     assert "username" not in switch and "password" not in switch
     assert {p["name"] for p in switch["ports"]} == {"up", "h1"}
+
+
+def test_a_pool_says_how_many_ids_it_has_free_now(inventory, reader):
+    """What a scheduler checks before it places a cluster: the pool's sites and its ids' usage — quarantine that
+    ended is free again, reserved ids are none of it. The metrics say the same."""
+    from datetime import timedelta
+
+    from portal import metrics
+
+    pool = inventory["pools"][0]
+    pool.reserved = "190-199"
+    pool.save()
+    now = timezone.now()
+    quarantined = VlanAllocation.State.QUARANTINED
+    VlanAllocation.objects.create(pool=pool, vid=120, state=quarantined, quarantine_until=now + timedelta(hours=1))
+    VlanAllocation.objects.create(pool=pool, vid=121, state=quarantined, quarantine_until=now - timedelta(seconds=1))
+    VlanAllocation.objects.create(pool=pool, vid=122)  # a free row
+    row = reader.get(f"/api/network/pools/{pool.pk}/").data
+    assert row["sites"] == ["site0"]
+    assert row["usage"] == {"size": 90, "free": 88, "allocated": 1, "quarantined": 1}
+    listed = {p["name"]: p["usage"] for p in reader.get("/api/network/pools/").data["results"]}
+    assert listed["pool1"] == {"size": 100, "free": 99, "allocated": 1, "quarantined": 0}
+    text = metrics.render(metrics.collect())
+    assert 'virtcloud_vlan_ids{pool="pool0",state="free"} 88' in text
+    assert 'virtcloud_vlan_ids{pool="pool0",state="quarantined"} 1' in text
 
 
 def names(response, key="id") -> list:
