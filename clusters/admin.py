@@ -23,10 +23,12 @@ from clusters.models import (
     Image,
     Node,
     PublicPrefix,
+    PublicSubnetLease,
     Quota,
     VirtualCluster,
     Webhook,
 )
+from portal.admin import MadeByThePortal
 
 
 @admin.register(Image)
@@ -61,6 +63,51 @@ class ImageAdmin(admin.ModelAdmin):
 @admin.register(PublicPrefix)
 class PublicPrefixAdmin(admin.ModelAdmin):
     list_display = ("name", "prefix", "subnet_length")
+
+
+@admin.register(PublicSubnetLease)
+class PublicSubnetLeaseAdmin(MadeByThePortal, admin.ModelAdmin):
+    """Who held each public subnet, and when. Search for an address (``198.51.100.7``), or an address and a time
+    (``198.51.100.7 2026-12-01T10:00Z``): the clusters whose subnet held it (then)."""
+
+    list_display = ("subnet", "cluster_name", "owner", "group", "job_id", "started_at", "ended_at")
+    search_fields = ("subnet", "cluster_name", "owner", "group", "job_id")
+    search_help_text = "an address, or an address and a time (198.51.100.7 2026-12-01T10:00Z); or a subnet, owner, job"
+    date_hierarchy = "started_at"
+
+    def get_search_results(self, request, queryset, search_term):
+        found = _address_and_time(search_term)
+        if found is None:
+            return super().get_search_results(request, queryset, search_term)
+        address, at = found
+        holders = selectors.public_address_holders(address, at=at)
+        return queryset.filter(pk__in=holders.values("pk")), False
+
+
+def _address_and_time(text: str):
+    """(address, time or None) when ``text`` is an IP address, optionally followed by an ISO 8601 time (UTC
+    unless it says otherwise); None for anything else."""
+    import ipaddress
+    from datetime import UTC
+
+    from django.utils.dateparse import parse_datetime
+
+    parts = text.split()
+    if not 1 <= len(parts) <= 2:
+        return None
+    try:
+        ipaddress.ip_address(parts[0])
+    except ValueError:
+        return None
+    if len(parts) == 1:
+        return parts[0], None
+    try:
+        at = parse_datetime(parts[1].replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if at is None:
+        return None
+    return parts[0], at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 @admin.register(Quota)

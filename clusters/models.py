@@ -215,6 +215,39 @@ class VirtualCluster(models.Model):
         return str(next(ipaddress.ip_network(self.public_subnet).hosts()))
 
 
+def address_key(address) -> str:
+    """An IP address as a fixed-width hex string (32 digits): keys of one version compare as the addresses do."""
+    return f"{int(ipaddress.ip_address(address)):032x}"
+
+
+class PublicSubnetLease(models.Model):
+    """Who held a public subnet, and when: a cluster's subnet on the provider's routed network, from the moment
+    it got it until it gave it back (its end, or an override to closed). The answer to an abuse report ("who
+    had 198.51.100.7 on 1 December at 10:00?"): the VMs' users are root, so any address of the subnet was
+    theirs to use. Kept ``HISTORY_RETENTION`` days after it ended, whatever becomes of the cluster's row."""
+
+    cluster = models.ForeignKey(
+        VirtualCluster, null=True, blank=True, on_delete=models.SET_NULL, related_name="public_leases"
+    )
+    cluster_name = models.CharField(max_length=63)
+    owner = models.CharField(max_length=150, help_text="the owner's user name then")
+    group = models.CharField(max_length=150, blank=True)
+    job_id = models.CharField(max_length=150, blank=True)
+    subnet = models.CharField(max_length=43)
+    version = models.PositiveSmallIntegerField()
+    first = models.CharField(max_length=32, help_text="the subnet's first address (address_key)")
+    last = models.CharField(max_length=32, help_text="the subnet's last address (address_key)")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["version", "first", "last"], name="lease_range")]
+
+    def __str__(self) -> str:
+        return f"{self.subnet}: {self.cluster_name} ({self.owner})"
+
+
 class NodeState(models.TextChoices):
     PENDING = "pending", "pending network"
     READY = "ready", "ready"

@@ -22,9 +22,11 @@ from clusters.models import (
     Image,
     Node,
     NodeState,
+    PublicSubnetLease,
     Quota,
     StepStatus,
     VirtualCluster,
+    address_key,
 )
 from portal.models import ApiToken, TokenScope
 from portal.notify import wait_for
@@ -148,6 +150,17 @@ def public_networks(*, site: str | None = None) -> list[dict]:
             }
         )
     return out
+
+
+def public_address_holders(address: str, *, at=None) -> QuerySet[PublicSubnetLease]:
+    """Who held the public subnet that ``address`` is in (at the time ``at``; every time when None), newest
+    first: the answer to an abuse report. ``ValueError`` for a string that is not an IP address."""
+    ip = ipaddress.ip_address(address.strip())
+    key = address_key(ip)
+    leases = PublicSubnetLease.objects.filter(version=ip.version, first__lte=key, last__gte=key)
+    if at is not None:
+        leases = leases.filter(started_at__lte=at).filter(Q(ended_at=None) | Q(ended_at__gt=at))
+    return leases.order_by("-started_at", "-id")
 
 
 def may_act_on(request, cluster: VirtualCluster) -> bool:

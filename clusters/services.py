@@ -38,8 +38,10 @@ from clusters.models import (
     Node,
     NodeState,
     PublicPrefix,
+    PublicSubnetLease,
     StepStatus,
     VirtualCluster,
+    address_key,
 )
 from clusters.signals import cluster_ended, cluster_ready
 from network import errors as net_errors
@@ -328,6 +330,8 @@ def cluster_create(
             cluster.save()
     except IntegrityError:
         raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name") from None
+    if cluster.public_subnet:
+        _lease_start(cluster)
     try:
         with transaction.atomic():
             Node.objects.bulk_create(
@@ -640,6 +644,28 @@ def cluster_teardown(
     return cluster
 
 
+def _lease_start(cluster: VirtualCluster) -> None:
+    """``cluster`` holds its public subnet from now (``PublicSubnetLease``: who had an address, and when)."""
+    net = ipaddress.ip_network(cluster.public_subnet)
+    PublicSubnetLease.objects.create(
+        cluster=cluster,
+        cluster_name=cluster.name,
+        owner=cluster.owner.get_username(),
+        group=cluster.group.name if cluster.group_id else "",
+        job_id=cluster.job_id or "",
+        subnet=str(net),
+        version=net.version,
+        first=address_key(net.network_address),
+        last=address_key(net.broadcast_address),
+        started_at=timezone.now(),
+    )
+
+
+def _lease_end(cluster_id: int) -> None:
+    """The cluster gave its public subnet back (it ended, or was made closed)."""
+    PublicSubnetLease.objects.filter(cluster_id=cluster_id, ended_at=None).update(ended_at=timezone.now())
+
+
 @transaction.atomic
 def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -> bool:
     """End the cluster (only from an ``allowed`` state, and only in the workflow's ``generation``): its nodes
@@ -650,6 +676,7 @@ def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -
     ):
         cluster = VirtualCluster.objects.get(pk=cluster_id)
         Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
+        _lease_end(cluster_id)
         transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
         return True
     return False
@@ -900,6 +927,10 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
             "closed_since",
         ]
     )
+    if connectivity == Connectivity.PUBLIC:
+        _lease_start(cluster)
+    else:
+        _lease_end(cluster.pk)
     audit.record(cluster, "action", message=f"connectivity {old} → {connectivity}: {cluster.connectivity_reason}")
     try:
         net.segment_set_gateway(segment=cluster.segment, gateway=connectivity == Connectivity.CLOSED)
@@ -1158,7 +1189,8 @@ def clusters_resume_requested(*, older_than: timedelta = timedelta(seconds=60)) 
 def cluster_events_prune() -> int:
     """Delete the cluster events older than ``CLUSTER_EVENT_RETENTION`` days, and the Idempotency-Keys of
     clusters that ended that long ago (a live cluster's keep answering retries); and the steps of
-    clusters that ended ``HISTORY_RETENTION`` days ago (their progress is over). How many events went."""
+    clusters that ended ``HISTORY_RETENTION`` days ago (their progress is over), and the public subnet leases
+    that ended that long ago. How many events went."""
     now = timezone.now()
     horizon = now - timedelta(days=settings.CLUSTER_EVENT_RETENTION)
     deleted, _ = ClusterEvent.objects.filter(at__lt=horizon).delete()
@@ -1166,4 +1198,5 @@ def cluster_events_prune() -> int:
     IdempotencyKey.objects.filter(cluster__in=ended.filter(ended_at__lt=horizon).values("pk")).delete()
     long_ended = ended.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).values("pk")
     delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
+    PublicSubnetLease.objects.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).delete()
     return deleted

@@ -1,0 +1,133 @@
+"""Who held a public address, and when (``PublicSubnetLease``): an abuse report names an address and a time, and
+the operator finds the cluster, its owner and its job — through the admin's search or ``manage.py clusters
+whois`` — long after the cluster ended and its subnet went to another. On the fake fabric with eager Celery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clusters import selectors, services
+from clusters.models import Image, PublicPrefix, PublicSubnetLease, VirtualCluster
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def create(fabric, alice):
+    Image.objects.create(name="debian-12", approved=True)
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api = APIClient()
+    api.force_authenticate(alice)
+
+    def make(name, mac, **extra):
+        body = {"name": name, "image": "debian-12", "nodes": [{"name": "n1", "host": "brno1", "mac": mac}], **extra}
+        r = api.post("/api/clusters/", body, format="json")
+        assert r.status_code == 201, r.content
+        return VirtualCluster.objects.get(pk=r.data["id"])
+
+    return make
+
+
+def _at(lease: PublicSubnetLease, seconds: float):
+    return lease.started_at + timedelta(seconds=seconds)
+
+
+def test_an_address_is_traced_to_each_cluster_that_held_it_and_when(create, root, alice):
+    first = create("web", "52:54:00:00:00:01", job_id="77.pbs")
+    assert first.public_subnet == "198.19.0.0/28"
+    lease = PublicSubnetLease.objects.get(cluster=first)
+    assert (lease.subnet, lease.owner, lease.group, lease.job_id, lease.ended_at) == (
+        "198.19.0.0/28",
+        "alice",
+        "",
+        "77.pbs",
+        None,
+    )
+    address = "198.19.0.9"  # any address of the subnet: the VMs' users are root
+    assert list(selectors.public_address_holders(address)) == [lease]
+    assert not selectors.public_address_holders("198.19.0.16").exists()  # the next subnet: nobody's
+
+    services.cluster_teardown(cluster=first, reason="job ended")
+    lease.refresh_from_db()
+    assert lease.ended_at is not None and lease.cluster_name == "web"
+    second = create("db", "52:54:00:00:00:02")
+    assert second.public_subnet == "198.19.0.0/28"  # the same subnet, someone else's now
+    later = PublicSubnetLease.objects.get(cluster=second)
+    # the cluster's row deleted (its retention over): the lease stays, with its names
+    VirtualCluster.objects.filter(pk=first.pk).delete()
+    lease.refresh_from_db()
+    assert lease.cluster_id is None and lease.owner == "alice"
+
+    assert list(selectors.public_address_holders(address, at=_at(lease, 0.001))) == [lease]
+    assert list(selectors.public_address_holders(address, at=later.started_at)) == [later]
+    assert list(selectors.public_address_holders(address)) == [later, lease]
+    assert not selectors.public_address_holders(address, at=lease.started_at - timedelta(seconds=1)).exists()
+
+    out = StringIO()
+    call_command("clusters", "whois", address, "--at", _at(lease, 0.001).isoformat(), stdout=out)
+    assert out.getvalue() == (
+        f"198.19.0.0/28: cluster web (owner alice, job 77.pbs) from {lease.started_at.isoformat()} "
+        f"until {lease.ended_at.isoformat()}\n"
+    )
+    out = StringIO()
+    call_command("clusters", "whois", address, stdout=out)
+    assert out.getvalue().splitlines()[0].startswith("198.19.0.0/28: cluster db (owner alice) from ")
+    assert out.getvalue().splitlines()[0].endswith(" until now")
+    with pytest.raises(CommandError, match="no public cluster held 198.19.0.200"):
+        call_command("clusters", "whois", "198.19.0.200")
+    with pytest.raises(CommandError, match="not an IP address: 'web'"):
+        call_command("clusters", "whois", "web")
+    with pytest.raises(CommandError, match="not an ISO 8601 time"):
+        call_command("clusters", "whois", address, "--at", "yesterday")
+
+    # the admin's search: an address, or an address and a time
+    from django.test import Client
+
+    admin = Client()
+    admin.force_login(root)
+    url = reverse("admin:clusters_publicsubnetlease_changelist")
+    page = admin.get(url, {"q": address})
+    assert page.status_code == 200 and list(page.context["cl"].result_list) == [later, lease]
+    page = admin.get(url, {"q": f"{address} {_at(lease, 0.001).isoformat()}"})
+    assert list(page.context["cl"].result_list) == [lease]
+    assert list(admin.get(url, {"q": "db"}).context["cl"].result_list) == [later]  # by name, as any search
+    assert admin.get(reverse("admin:clusters_publicsubnetlease_add")).status_code == 403  # the portal's rows
+
+
+def test_an_override_to_closed_ends_the_lease_and_one_to_public_starts_another(create, root):
+    cluster = create("web", "52:54:00:00:00:01")
+    services.connectivity_override(cluster=cluster, connectivity="closed", admin=root, reason="legacy software")
+    (lease,) = PublicSubnetLease.objects.filter(cluster=cluster)
+    assert lease.ended_at is not None
+    services.connectivity_override(
+        cluster=VirtualCluster.objects.get(pk=cluster.pk), connectivity="public", admin=root, reason="fixed"
+    )
+    again = PublicSubnetLease.objects.filter(cluster=cluster, ended_at=None).get()
+    assert again.subnet == VirtualCluster.objects.get(pk=cluster.pk).public_subnet and again.pk != lease.pk
+
+
+def test_a_closed_cluster_holds_no_public_subnet(create):
+    create("quiet", "52:54:00:00:00:01", connectivity="closed")
+    assert not PublicSubnetLease.objects.exists()
+
+
+def test_leases_are_pruned_after_the_history_retention(create, settings):
+    from clusters.services import cluster_events_prune
+
+    cluster = create("web", "52:54:00:00:00:01")
+    services.cluster_teardown(cluster=cluster, reason="done")
+    create("db", "52:54:00:00:00:02")  # live: never pruned
+    PublicSubnetLease.objects.filter(cluster=cluster).update(
+        ended_at=timezone.now() - timedelta(days=settings.HISTORY_RETENTION, seconds=1)
+    )
+    cluster_events_prune()
+    assert list(PublicSubnetLease.objects.values_list("cluster_name", flat=True)) == ["db"]
