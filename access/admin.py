@@ -53,9 +53,9 @@ class CredentialClusterInline(admin.TabularInline):
 class CredentialAdmin(admin.ModelAdmin):
     """Every certificate given to a user; revoke from the list (the CRL/KRL is re-signed at once)."""
 
-    list_display = ("serial", "kind", "user", "clusters_list", "not_after", "revoked_at", "revocation_reason")
+    list_display = ("serial", "kind", "user", "label", "clusters_list", "not_after", "revoked_at", "revocation_reason")
     list_filter = ("kind", "revocation_reason", "published", ("revoked_at", admin.EmptyFieldListFilter))
-    search_fields = ("serial", "user__username", "key_id", "fingerprint", "clusters__label")
+    search_fields = ("serial", "user__username", "key_id", "fingerprint", "clusters__label", "label")
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in Credential._meta.fields]
     inlines = [CredentialClusterInline]

@@ -40,6 +40,15 @@ class BadPublicKey(AccessError):
         super().__init__(message, field="public_key")
 
 
+class BadLabel(AccessError):
+    """A credential's label the page could not show as it was given (a control character)."""
+
+    code = "bad_label"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="label")
+
+
 class NoGateway(AccessError):
     """No enabled access gateway serves this kind of access (temporary: an admin has to add one)."""
 

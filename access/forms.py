@@ -33,6 +33,16 @@ class PageForm(forms.Form):
                 return
 
 
+def label_field() -> forms.CharField:
+    return forms.CharField(
+        required=False,
+        max_length=60,
+        label="Label (optional)",
+        help_text="Where it goes, e.g. 'work laptop': the list below names it so, for the day that device is lost.",
+        widget=forms.TextInput(attrs={"placeholder": "work laptop", "autocomplete": "off"}),
+    )
+
+
 class VpnProfileForm(PageForm):
     clusters = forms.TypedMultipleChoiceField(
         coerce=int,
@@ -46,6 +56,7 @@ class VpnProfileForm(PageForm):
         required=False,
         label="Publish profile (long-lived, for a router that bridges the cluster into your own network)",
     )
+    label = label_field()
 
     def __init__(self, *args, clusters=(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,6 +83,8 @@ class SshCertificateForm(PageForm):
         "(~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa, by the key's type): change its IdentityFile "
         "line if yours is elsewhere. Empty: a new key is made and put in the download.",
     )
+
+    label = label_field()
 
     def __init__(self, *args, clusters=(), **kwargs):
         super().__init__(*args, **kwargs)

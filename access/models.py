@@ -127,6 +127,9 @@ class Credential(models.Model):
         help_text="SSH host certificates: the node's public key (revoked, it goes into the profiles' known_hosts as "
         "@revoked)",
     )
+    label = models.CharField(
+        max_length=60, blank=True, default="", db_default="", help_text="the holder's name for it, e.g. 'work laptop'"
+    )
     published = models.BooleanField(default=False, help_text="a long-lived 'publish' profile for a user's router")
     generated_key = models.BooleanField(default=False, help_text="the portal generated the key pair (not stored)")
     not_before = models.DateTimeField()

@@ -43,6 +43,7 @@ from access import attrcerts, openvpn, pki, selectors
 from access.errors import (
     AccessError,
     AuthorityExpired,
+    BadLabel,
     BadPublicKey,
     CannotIssue,
     ClusterNotReady,
@@ -464,7 +465,17 @@ def _credential_end(wanted: dt.datetime, clusters: Sequence, authorities: dict[s
     return min(ends).astimezone(dt.UTC).replace(microsecond=0)
 
 
-def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> VpnProfile:
+def credential_label(text: str | None) -> str:
+    """A credential's label as given ("work laptop"): trimmed, at most 60 characters, no control characters."""
+    label = (text or "").strip()
+    if len(label) > 60:
+        raise BadLabel(f"a label has at most 60 characters, this one {len(label)}")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in label):
+        raise BadLabel("a label is one line of text, without control characters")
+    return label
+
+
+def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False, label: str = "") -> VpnProfile:
     """An ``.ovpn`` for ``user`` whose attribute certificate admits to ``clusters`` (ids or objects).
 
     The client key is generated here and only returned inside the profile. The certificate and its AC
@@ -472,6 +483,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
     the clusters' expiry, the CA's or the AA's). The
     profile enters the first cluster; the user switches with ``setenv UV_VCLUSTER`` to another one the
     AC covers (listed at the top of the file)."""
+    label = credential_label(label)
     username = user.get_username()
     if len(username) > pki.MAX_COMMON_NAME:
         raise NameTooLong(
@@ -522,6 +534,7 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False) -> Vpn
         published=publish,
         generated_key=True,
         pinned_gateways=[gateway_fingerprint(g) for g in (gateway, *fallbacks)],
+        label=label,
     )
     if len(labels) > 1:
         text = (
@@ -721,13 +734,14 @@ class SshAccess:
 
 
 @transaction.atomic
-def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> SshAccess:
+def ssh_certificate_issue(*, user, cluster, public_key: str | None = None, label: str = "") -> SshAccess:
     """An OpenSSH user certificate admitting ``user`` to ``cluster`` through the bastion, for the user's
     own public key (we never see their private key) or, without one, for a fresh Ed25519 pair generated
     here and only returned. Principal ``<cluster label>.<user>``, validity ACCESS_SSH_CERT_LIFETIME (or
     up to the cluster's expiry, when that comes first)."""
     from access import ssh
 
+    label_given = credential_label(label)
     (chosen,) = clusters_authorize(user=user, clusters=[cluster])
     gateway = _gateway("ssh", [chosen])
     label = selectors.cluster_label(chosen)
@@ -778,6 +792,7 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None) -> Ss
         start=now - ssh.CLOCK_SKEW,
         end=now + lifetime,
         principals=[principal],
+        label=label_given,
         generated_key=pair is not None,
     )
     withheld = tuple(selectors.bastion_withheld_nodes([chosen], gateway=gateway).get(chosen.pk, ()))

@@ -132,7 +132,10 @@ def vpn_profile_download(request):
         return _invalid(request, form)
     try:
         profile = services.vpn_profile_issue(
-            user=request.user, clusters=form.cleaned_data["clusters"], publish=form.cleaned_data["publish"]
+            user=request.user,
+            clusters=form.cleaned_data["clusters"],
+            publish=form.cleaned_data["publish"],
+            label=form.cleaned_data["label"],
         )
     except AccessError as exc:
         return _refused(request, form, exc)
@@ -148,7 +151,10 @@ def ssh_download(request):
         return _invalid(request, form)
     try:
         issued = services.ssh_certificate_issue(
-            user=request.user, cluster=form.cleaned_data["cluster"], public_key=form.cleaned_data["public_key"] or None
+            user=request.user,
+            cluster=form.cleaned_data["cluster"],
+            public_key=form.cleaned_data["public_key"] or None,
+            label=form.cleaned_data["label"],
         )
     except AccessError as exc:
         return _refused(request, form, exc)
@@ -158,7 +164,8 @@ def ssh_download(request):
 def _named(credential) -> str:
     """A credential as a message names it to its holder (the page revokes only one's own): "your OpenVPN
     profile 37", by the number the page's table shows."""
-    return f"your {credential.get_kind_display()} {credential.serial}"
+    named = f"your {credential.get_kind_display()} {credential.serial}"
+    return f"{named} ({credential.label})" if credential.label else named
 
 
 @require_http_methods(["GET", "HEAD", "POST"])

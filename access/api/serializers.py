@@ -19,6 +19,12 @@ class VpnProfileRequestSerializer(serializers.Serializer):
     publish = serializers.BooleanField(
         default=False, help_text="a long-lived profile for a router that bridges the cluster into your network"
     )
+    label = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=60,
+        help_text="your name for the credential, e.g. 'work laptop' (listed with it, for revoking it when lost)",
+    )
 
 
 class SshCertificateRequestSerializer(serializers.Serializer):
@@ -28,6 +34,12 @@ class SshCertificateRequestSerializer(serializers.Serializer):
         allow_blank=True,
         max_length=16384,
         help_text="your OpenSSH public key (one line); omit to get a fresh key pair (never stored)",
+    )
+    label = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=60,
+        help_text="your name for the credential, e.g. 'work laptop' (listed with it, for revoking it when lost)",
     )
 
 
@@ -152,6 +164,7 @@ class CredentialSerializer(serializers.ModelSerializer):
             "clusters",
             "principals",
             "pinned_gateways",
+            "label",
             "published",
             "generated_key",
             "not_before",

@@ -80,7 +80,10 @@ class VpnProfileView(APIView):
         data = s.VpnProfileRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         profile = services.vpn_profile_issue(
-            user=request.user, clusters=data.validated_data["clusters"], publish=data.validated_data["publish"]
+            user=request.user,
+            clusters=data.validated_data["clusters"],
+            publish=data.validated_data["publish"],
+            label=data.validated_data.get("label", ""),
         )
         response = HttpResponse(profile.text, content_type="application/x-openvpn-profile")
         response["Content-Disposition"] = content_disposition_header(True, profile.filename)
@@ -105,6 +108,7 @@ class SshCertificateView(APIView):
             user=request.user,
             cluster=data.validated_data["cluster"],
             public_key=data.validated_data.get("public_key") or None,
+            label=data.validated_data.get("label", ""),
         )
         return _no_store(Response(s.SshCertificateSerializer(issued.as_dict()).data, status=status.HTTP_201_CREATED))
 

@@ -116,6 +116,19 @@ def test_ssh_certificate_endpoint(alice, cluster, gateway):
     assert response.json()["private_key"] is None
 
 
+def test_a_credential_is_labelled_through_the_api_and_listed_with_its_label(alice, cluster, gateway):
+    api = client_for(alice)
+    vpn = api.post("/api/access/vpn-profiles/", {"clusters": [cluster.pk], "label": "router at home"}, format="json")
+    assert vpn.status_code == 200 and vpn["X-Credential-Id"], vpn.status_code
+    ssh_access = api.post("/api/access/ssh-certificates/", {"cluster": cluster.pk, "label": "cron"}, format="json")
+    assert ssh_access.status_code == 201, ssh_access.content
+    listed = {row["kind"]: row["label"] for row in api.get("/api/access/credentials/").json()["results"]}
+    assert listed == {"vpn": "router at home", "ssh": "cron"}
+    bad = api.post("/api/access/ssh-certificates/", {"cluster": cluster.pk, "label": "a\u0007b"}, format="json")
+    assert bad.status_code == 400 and bad.json()["label"] == ["a label is one line of text, without control characters"]
+    assert api.get("/api/access/credentials/").json()["count"] == 2
+
+
 def test_ssh_certificate_statuses(alice, cluster, other_cluster, gateway):
     api = client_for(alice)
     bad = api.post(

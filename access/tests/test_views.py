@@ -796,3 +796,33 @@ def test_a_vpn_profile_whose_gateway_was_re_enrolled_since_is_marked(alice, clus
     services.gateway_enrol(gateway=gateway)
     page = logged_in(alice).get("/access/").content.decode()
     assert mark in _row(page, f'data-serial="{after.serial}"')
+
+
+def test_a_labelled_credential_is_named_by_its_label_wherever_it_is_revoked(alice, bob, cluster, gateway):
+    """A label says where a download went ("work laptop"): the list, the revoke page and its message name it."""
+    client = logged_in(alice)
+    client.post("/access/vpn-profile/", {"clusters": [cluster.pk], "label": "  work laptop "})
+    client.post("/access/ssh/", {"cluster": cluster.pk, "public_key": ""})  # no label: as before
+    vpn, ssh = Credential.objects.order_by("pk")
+    assert (vpn.label, ssh.label) == ("work laptop", "")
+    page = client.get("/access/").content.decode()
+    assert '<td data-label="Label">work laptop</td>' in page and '<td data-label="Label">—</td>' in page
+    assert f'aria-label="Revoke OpenVPN profile {vpn.serial} (work laptop) (lost my laptop)"' in page
+    confirm = client.get(f"/access/credentials/{vpn.pk}/revoke/").content.decode()
+    assert f"<h1>Revoke OpenVPN profile {vpn.serial} (work laptop)?</h1>" in confirm
+    done = client.post(f"/access/credentials/{vpn.pk}/revoke/", follow=True).content.decode()
+    assert f"Revoked your OpenVPN profile {vpn.serial} (work laptop):" in done
+
+
+@pytest.mark.parametrize(
+    "label, error",
+    [("x" * 61, "Ensure this value has at most 60 characters"), ("two\nlines", "without control characters")],
+)
+def test_a_label_that_cannot_be_shown_is_refused_under_its_field_and_issues_nothing(
+    alice, cluster, gateway, label, error
+):
+    response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": "", "label": label})
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert error in page.split('id="id_label_error"')[1].split("</ul>")[0]
+    assert not Credential.objects.exists()
