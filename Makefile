@@ -10,7 +10,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	DEBUG=true $(PY) manage.py demo
+	DEBUG=true EMAIL_URL=$${EMAIL_URL-console://} $(PY) manage.py demo
 
 lint: setup
 	.venv/bin/ruff check .

@@ -165,6 +165,9 @@ class VirtualCluster(models.Model):
     expiry_warned_for = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="the expiry an 'expiring' event was written for"
     )
+    expiry_mailed_for = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="the expiry its owner was sent an e-mail about"
+    )
     workflow_generation = models.PositiveIntegerField(
         default=0, help_text="bumped by every network change; stale workflow callbacks are ignored"
     )

@@ -997,6 +997,60 @@ def clusters_warn_expiring() -> list[int]:
     return warned
 
 
+def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
+    """An e-mail to the owner of every cluster warned of its expiry (``clusters_warn_expiring``) and not mailed
+    about that expiry yet (an extension mails again when the new one comes near). Each is claimed before it is
+    sent (two runs never mail one expiry twice); a relay that refuses or does not answer gives the claim back,
+    and the next run tries again. An owner without an address is not mailed. Returns the clusters mailed."""
+    from portal import mail
+
+    if not settings.EMAIL_ENABLED:
+        return []
+    now = timezone.now()
+    due = (
+        VirtualCluster.objects.filter(state__in=ACTIVE_STATES, expires_at__gt=now, expiry_warned_for=F("expires_at"))
+        .exclude(expiry_mailed_for=F("expires_at"))
+        .select_related("owner")
+        .order_by("expires_at")[:limit]
+    )
+    mailed = []
+    for cluster in due:
+        claim = VirtualCluster.objects.filter(pk=cluster.pk, expires_at=cluster.expires_at).exclude(
+            expiry_mailed_for=cluster.expires_at
+        )
+        if not claim.update(expiry_mailed_for=cluster.expires_at):
+            continue  # extended, or mailed by another run, meanwhile
+        if not cluster.owner.email:
+            continue
+        if mail.send(to=cluster.owner.email, subject=_expiry_subject(cluster), body=_expiry_body(cluster, now)):
+            mailed.append(cluster.pk)
+        else:  # the next run tries again
+            VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at).update(
+                expiry_mailed_for=None
+            )
+    return mailed
+
+
+def _expiry_subject(cluster: VirtualCluster) -> str:
+    return f"VirtCloud: your cluster {cluster.name} ends {cluster.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _expiry_body(cluster: VirtualCluster, now) -> str:
+    owner = cluster.owner
+    left = max(0, int((cluster.expires_at - now).total_seconds()))
+    hours = f"{left // 3600} h" if left >= 3600 else f"{max(1, left // 60)} min"
+    job = f", job {cluster.job_id}" if cluster.job_id else ""
+    return (
+        f"Hello {owner.get_short_name() or owner.get_username()},\n\n"
+        f"your virtual cluster {cluster.name} (id {cluster.pk}{job}) ends at "
+        f"{cluster.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC, in about {hours}: its network is then torn "
+        "down, and its VPN and SSH access end with it.\n\n"
+        f"To keep it longer, extend its lifetime on {settings.SITE_URL.rstrip('/')}/ (Extend, beside the "
+        "cluster), or ask whoever runs your jobs to.\n\n"
+        "-- \nVirtCloud portal\n"
+    )
+
+
 def _stalled(state: str, older_than: timedelta) -> QuerySet[VirtualCluster]:
     return VirtualCluster.objects.filter(state=state, updated_at__lt=timezone.now() - older_than)
 

@@ -207,6 +207,13 @@ def expire() -> list[int]:
     return ids
 
 
+@shared_task(name="clusters.mail_expiring")
+def mail_expiring() -> list[int]:
+    """Periodic: an e-mail to the owner of each cluster whose expiry comes within ``CLUSTER_EXPIRY_WARNING``
+    (once per expiry; nothing without ``EMAIL_URL``)."""
+    return services.clusters_mail_expiring()
+
+
 @shared_task(name="clusters.prune_events")
 def prune_events() -> int:
     """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history) and

@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from network.schedules import beat_schedule
 from portal import auth as ldap_auth
+from portal import mail
 from portal.env import (
     env_bool,
     env_broker_url,
@@ -70,6 +71,9 @@ if not SECRETS_KEY and not AGENT:  # (an agent: "", and portal.secrets refuses t
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
+# e-mail to users (a cluster about to expire): see portal/mail.py; empty: none is sent
+globals().update(mail.settings_from_url(env_str("EMAIL_URL", ""), debug=DEBUG))
+DEFAULT_FROM_EMAIL = SERVER_EMAIL = env_str("EMAIL_FROM", "VirtCloud portal <virtcloud@localhost>")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -365,6 +369,7 @@ CELERY_BEAT_SCHEDULE.update(beat_schedule(RECONCILE_INTERVAL))
 
 
 CELERY_BEAT_SCHEDULE["clusters-expire"] = every("clusters.expire", CLUSTER_EXPIRY_INTERVAL)
+CELERY_BEAT_SCHEDULE["clusters-mail-expiring"] = every("clusters.mail_expiring", CLUSTER_EXPIRY_INTERVAL)
 # days the event feed (GET /api/clusters/events/) keeps; pruned hourly
 CLUSTER_EVENT_RETENTION = env_int("CLUSTER_EVENT_RETENTION", 30, minimum=1)
 CELERY_BEAT_SCHEDULE["clusters-prune-events"] = every("clusters.prune_events", 3600)
