@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import threading
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -470,7 +471,8 @@ def credential_label(text: str | None) -> str:
     label = (text or "").strip()
     if len(label) > 60:
         raise BadLabel(f"a label has at most 60 characters, this one {len(label)}")
-    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in label):
+    # control and format characters (a bidi override would make it read as another), line and paragraph breaks
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in label):
         raise BadLabel("a label is one line of text, without control characters")
     return label
 

@@ -67,6 +67,7 @@ import argparse
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import re
 import time
@@ -355,9 +356,21 @@ def extend(api: Api, args, out: TextIO) -> int:
         expires = args.until
     else:
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + args.lifetime))
-    path, key = f"/api/clusters/{cluster['id']}/", f"{args.job}:extend:{expires}"
-    out.write(json.dumps(api.call("PATCH", path, {"expires_at": expires}, key=key), indent=1) + "\n")
+    # keyed by the change as seen (from this expiry to that one): the same run again is one change, a later
+    # one — back to an earlier expiry too — another
+    key = _key(args.job, cluster, "extend", f"{cluster['expires_at']}>{expires}")
+    out.write(
+        json.dumps(api.call("PATCH", f"/api/clusters/{cluster['id']}/", {"expires_at": expires}, key=key), indent=1)
+        + "\n"
+    )
     return 0
+
+
+def _key(job: str, cluster: dict, verb: str, change: str) -> str:
+    """An Idempotency-Key for a change of the job's ``cluster``: the same change of the same cluster, retried,
+    gets the same key; another change (or the cluster of a requeued job) another one. At most 190 characters."""
+    digest = hashlib.sha256(change.encode()).hexdigest()[:24]
+    return f"{job}:{cluster['id']}:{verb}:{digest}"
 
 
 def add_node(api: Api, args, out: TextIO) -> int:
@@ -377,32 +390,49 @@ def add_node(api: Api, args, out: TextIO) -> int:
                 f"cluster {cluster['id']} has a node {node['name']} already, on {there['host']} ({there['mac']})"
             )
     if new:
-        names = ",".join(sorted(n["name"] for n in new))
-        cluster = api.call(
-            "POST", f"/api/clusters/{cluster['id']}/nodes/", {"nodes": new}, key=f"{args.job}:add:{names}"
-        )
+        # keyed by the cluster as seen (its nodes, and how many changes it has had: its steps) and the nodes asked
+        # for: added, removed and added again is a new change; the same run again is the same one
+        nodes_seen = sorted((n["id"], n["state"]) for n in cluster["nodes"])
+        seen = json.dumps([len(cluster.get("steps", [])), nodes_seen, new], sort_keys=True)
+        key = _key(args.job, cluster, "add", seen)
+        cluster = api.call("POST", f"/api/clusters/{cluster['id']}/nodes/", {"nodes": new}, key=key)
         cluster = api.wait(cluster, ("ready", "failed", "torn_down"), deadline)
-    wanted = {n["name"] for n in args.node}
-    nodes = [n for n in cluster["nodes"] if n["name"] in wanted and n["state"] != "removed"]
-    if cluster["state"] != "ready" or any(n["state"] != "ready" for n in nodes):
-        raise ClusterFailed(f"the network could not be extended to the new nodes: {_last_error(cluster)}")
+    nodes = {n["name"]: n for n in cluster["nodes"] if n["state"] != "removed"}
+    missing = [n["name"] for n in args.node if nodes.get(n["name"], {}).get("state") != "ready"]
+    if cluster["state"] != "ready" or missing:
+        failed = _step_error(cluster, "nodes.add") or cluster.get("state_reason") or "not added"
+        raise ClusterFailed(f"the network could not be extended to {', '.join(missing) or 'the nodes'}: {failed}")
     out.write(json.dumps(cluster, indent=1) + "\n")
     return 0
 
 
+def _step_error(cluster: dict, name: str, detail: str = "") -> str:
+    """The error of the latest step ``name`` (whose detail starts with ``detail``), when it failed."""
+    steps = [s for s in cluster.get("steps", []) if s["name"] == name and s.get("detail", "").startswith(detail)]
+    return steps[-1]["error"] if steps and steps[-1]["status"] == "failed" else ""
+
+
 def remove_node(api: Api, args, out: TextIO) -> int:
     """Remove ``--node``s from the job's ready cluster, one after the other, and wait until the network has
-    converged (a host is cleaned when no node of the cluster is left there). A node already gone needs nothing."""
+    converged (a host is cleaned when no node of the cluster is left there): a device that could not be changed
+    exits 1 with its message (the node is removed; the reconciler converges the device later). A node already
+    gone needs nothing."""
     deadline = time.monotonic() + args.timeout
     cluster = _live_cluster(api, args.job, deadline)
     for name in args.node:
         node = next((n for n in cluster["nodes"] if n["name"] == name and n["state"] != "removed"), None)
         if node is None:
             continue
-        path, key = f"/api/clusters/{cluster['id']}/nodes/{node['id']}/", f"{args.job}:remove:{node['id']}"
+        path, key = (
+            f"/api/clusters/{cluster['id']}/nodes/{node['id']}/",
+            _key(args.job, cluster, "remove", str(node["id"])),
+        )
         cluster = api.wait(api.call("DELETE", path, key=key), ("ready", "failed", "torn_down"), deadline)
         if cluster["state"] != "ready":
             raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
+        failed = _step_error(cluster, "nodes.remove", f"{name}@")
+        if failed:
+            raise ClusterFailed(f"node {name} is removed, but the network did not converge: {failed}")
     out.write(json.dumps(cluster, indent=1) + "\n")
     return 0
 

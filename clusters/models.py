@@ -235,7 +235,7 @@ class PublicSubnetLease(models.Model):
     cluster_name = models.CharField(max_length=63)
     owner = models.CharField(max_length=150, help_text="the owner's user name then")
     group = models.CharField(max_length=150, blank=True)
-    job_id = models.CharField(max_length=150, blank=True)
+    job_id = models.CharField(max_length=200, blank=True)
     subnet = models.CharField(max_length=43)
     version = models.PositiveSmallIntegerField()
     first = models.CharField(max_length=32, help_text="the subnet's first address (address_key)")

@@ -386,35 +386,39 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
     return {pk: carried[switch][name] for pk, switch, name in ports if carried.get(switch, {}).get(name)}
 
 
-def pools_with_usage(pools: QuerySet | None = None) -> QuerySet:
-    """``pools`` (default: every pool) annotated with ``held_allocated`` and ``held_quarantined``: the ids
-    handed out, and those held back in quarantine (its hold-down time, or an access gateway's state that may
-    still map them: ``services.reuse_horizon``) — one query. ``pool_usage`` makes the figures of a row."""
-    from django.db.models import Count
+def pool_usage(pools: Iterable[VlanPool]) -> dict[int, dict[str, int]]:
+    """VLAN ids of each pool now, by pool id: ``size`` (its ranges minus reserved), ``free`` (what an
+    allocation may take now: the allocator's own rule, ``services._free_now``), ``allocated`` and
+    ``quarantined`` (held back: the hold-down time, or an access gateway's state that may still map them) — of
+    the ids inside its ranges (one a range no longer holds, still held until it is released, counts for none).
+    One query, whatever the number of pools."""
     from django.utils import timezone
 
-    from network.services import reuse_horizon
+    from network.services import _free_now, reuse_horizon
 
+    pools = list(pools)
     now = timezone.now()
-    state = VlanAllocation.State
-    quarantined = Q(allocations__state=state.QUARANTINED) & (
-        Q(allocations__quarantine_until__gt=now)
-        | Q(allocations__gateway_mapped=True, allocations__released_at__gt=reuse_horizon(now))
+    held = (
+        VlanAllocation.objects.filter(pool__in=[p.pk for p in pools])
+        .exclude(_free_now(now, reuse_horizon(now)))
+        .values_list("pool_id", "vid", "state")
     )
-    return (pools if pools is not None else VlanPool.objects.all()).annotate(
-        held_allocated=Count("allocations", filter=Q(allocations__state=state.ALLOCATED)),
-        held_quarantined=Count("allocations", filter=quarantined),
-    )
-
-
-def pool_usage(pool: VlanPool) -> dict[str, int]:
-    """VLAN ids of a pool from ``pools_with_usage``: ``size`` (its ranges minus reserved), ``free`` (what an
-    allocation may take now), ``allocated``, ``quarantined``."""
-    size = len(pool.vlan_ids)
-    allocated, quarantined = pool.held_allocated, pool.held_quarantined
-    return {
-        "size": size,
-        "free": max(0, size - allocated - quarantined),
-        "allocated": allocated,
-        "quarantined": quarantined,
-    }
+    counts: dict[int, dict[str, int]] = {}
+    valid = {p.pk: set(p.vlan_ids) for p in pools}
+    for pool_id, vid, state in held:
+        if vid in valid[pool_id]:
+            kind = "allocated" if state == VlanAllocation.State.ALLOCATED else "quarantined"
+            counts.setdefault(pool_id, {}).setdefault(kind, 0)
+            counts[pool_id][kind] += 1
+    usage = {}
+    for pool in pools:
+        allocated = counts.get(pool.pk, {}).get("allocated", 0)
+        quarantined = counts.get(pool.pk, {}).get("quarantined", 0)
+        size = len(valid[pool.pk])
+        usage[pool.pk] = {
+            "size": size,
+            "free": size - allocated - quarantined,
+            "allocated": allocated,
+            "quarantined": quarantined,
+        }
+    return usage

@@ -52,8 +52,8 @@ def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
     from access.selectors import bastion_shared_addresses, bastions_forward_by_address, gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
-    from network.models import DeviceChange, DeviceKind, Drift
-    from network.selectors import pool_usage, pools_with_usage
+    from network.models import DeviceChange, DeviceKind, Drift, VlanPool
+    from network.selectors import pool_usage
 
     now = timezone.now()
     families = []
@@ -86,10 +86,11 @@ def collect() -> list[Family]:
         "VLAN ids of each pool: free, allocated, or in quarantine (held back: the hold-down time, or an access "
         "gateway's state that may still map them).",
     )
-    for pool in pools_with_usage().order_by("name"):
-        usage = pool_usage(pool)
+    pools = list(VlanPool.objects.order_by("name"))
+    usage = pool_usage(pools)
+    for pool in pools:
         for state in ("free", "allocated", "quarantined"):
-            vlans.add(usage[state], pool=pool.name, state=state)
+            vlans.add(usage[pool.pk][state], pool=pool.name, state=state)
     families.append(vlans)
 
     open_work = DeviceChange.objects.filter(status__in=DeviceChange.OPEN)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 from rest_framework import authentication, exceptions, permissions
 
 from portal import audit
@@ -23,6 +24,7 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@sensitive_variables("secret")
 @transaction.atomic
 def token_create(*, user, name: str, scopes: list[str], expires_at=None) -> tuple[ApiToken, str]:
     """Make a token; returns (record, the secret shown once)."""
@@ -41,7 +43,8 @@ def token_create(*, user, name: str, scopes: list[str], expires_at=None) -> tupl
 #: what a user may give a token of their own (the API tokens page): act as themselves on their clusters and
 #: credentials; never middleware's, a gateway's, the router's or monitoring's
 SELF_SERVICE_SCOPES = (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE)
-#: live (neither revoked nor expired) tokens a user may hold that they made themselves
+#: live (neither revoked nor expired) tokens a user may hold — made by themselves or by an administrator — for
+#: them to make another one themselves
 SELF_SERVICE_LIMIT = 20
 
 

@@ -9,6 +9,7 @@ from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from django.views.decorators.http import require_http_methods
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, renderers
@@ -94,16 +95,21 @@ class LogoutView(auth_views.LogoutView):
 ENDED_TOKENS_SHOWN = 20
 
 
+_NEW_TOKEN = "portal.new_token"  # the session key holding a token just made, until the page shows it (once)
+
+
 @require_http_methods(["GET", "HEAD", "POST"])
 @login_required
 @never_cache
+@sensitive_variables("secret", "made")
+@sensitive_post_parameters()
 def my_tokens(request):
-    """GET: the user's API tokens and the form to make one. POST: make it; the page shows its secret, once."""
+    """GET: the user's API tokens and the form to make one (and, once, the secret of the one just made). POST:
+    make it, then back to the page (a reload of the page makes no second token)."""
     from portal.forms import TokenForm
 
     max_days = settings.USER_TOKEN_MAX_DAYS
     form = TokenForm(request.POST if request.method == "POST" else None, max_days=max_days) if max_days else None
-    made = secret = None
     status = 200
     if request.method == "POST":
         if form is None:
@@ -119,9 +125,15 @@ def my_tokens(request):
                     messages.error(request, exc.message)
                 status = 400
             else:
-                form = TokenForm(max_days=max_days)
+                request.session[_NEW_TOKEN] = [made.pk, secret]
+                return redirect("tokens")
         else:
             status = 400
+    made = secret = None
+    shown = request.session.pop(_NEW_TOKEN, None) if request.method == "GET" else None
+    if shown:
+        made = ApiToken.objects.filter(user=request.user, pk=shown[0]).first()
+        secret = shown[1] if made else None
     live = tokens.tokens_live(request.user)
     ended = ApiToken.objects.filter(user=request.user).exclude(pk__in=live.values("pk"))
     context = {
@@ -131,7 +143,6 @@ def my_tokens(request):
         "live": list(live.order_by("-created_at")),
         "ended": list(ended.order_by("-created_at")[:ENDED_TOKENS_SHOWN]),
         "ended_shown": ENDED_TOKENS_SHOWN,
-        "scope_labels": dict(TokenScope.choices),
     }
     return render(request, "portal/tokens.html", context, status=status)
 

@@ -816,7 +816,12 @@ def test_a_labelled_credential_is_named_by_its_label_wherever_it_is_revoked(alic
 
 @pytest.mark.parametrize(
     "label, error",
-    [("x" * 61, "Ensure this value has at most 60 characters"), ("two\nlines", "without control characters")],
+    [
+        ("x" * 61, "Ensure this value has at most 60 characters"),
+        ("two\nlines", "without control characters"),
+        ("laptop\u202egnp.exe", "without control characters"),  # a bidi override: reads as another name
+        ("one\u2028two", "without control characters"),  # a line separator
+    ],
 )
 def test_a_label_that_cannot_be_shown_is_refused_under_its_field_and_issues_nothing(
     alice, cluster, gateway, label, error

@@ -7,11 +7,26 @@ from django.db import migrations, models
 
 
 def leases_of_live_clusters(apps, schema_editor):
-    """A public cluster that exists at the upgrade holds its subnet since it was made (as far as is known)."""
+    """A public cluster that exists at the upgrade holds its subnet since it was made — or, made public by an
+    admin's override, since the override the audit log recorded last."""
     VirtualCluster = apps.get_model("clusters", "VirtualCluster")
     PublicSubnetLease = apps.get_model("clusters", "PublicSubnetLease")
+    AuditEntry = apps.get_model("portal", "AuditEntry")
     for cluster in VirtualCluster.objects.exclude(public_subnet="").select_related("owner", "group"):
         net = ipaddress.ip_network(cluster.public_subnet)
+        started = cluster.created_at
+        if cluster.connectivity_overridden_by_id:
+            override = (
+                AuditEntry.objects.filter(
+                    content_type__app_label="clusters",
+                    content_type__model="virtualcluster",
+                    object_id=str(cluster.pk),
+                    message__startswith="connectivity closed → public",
+                )
+                .order_by("-timestamp")
+                .first()
+            )
+            started = override.timestamp if override else started
         PublicSubnetLease.objects.create(
             cluster=cluster,
             cluster_name=cluster.name,
@@ -22,7 +37,7 @@ def leases_of_live_clusters(apps, schema_editor):
             version=net.version,
             first=f"{int(net.network_address):032x}",
             last=f"{int(net.broadcast_address):032x}",
-            started_at=cluster.created_at,
+            started_at=started,
         )
 
 
@@ -30,6 +45,8 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('clusters', '0018_provision_sent'),
+        ('portal', '0008_periodic_run'),
+        ('contenttypes', '0002_remove_content_type_name'),
     ]
 
     operations = [
@@ -40,7 +57,7 @@ class Migration(migrations.Migration):
                 ('cluster_name', models.CharField(max_length=63)),
                 ('owner', models.CharField(help_text="the owner's user name then", max_length=150)),
                 ('group', models.CharField(blank=True, max_length=150)),
-                ('job_id', models.CharField(blank=True, max_length=150)),
+                ('job_id', models.CharField(blank=True, max_length=200)),
                 ('subnet', models.CharField(max_length=43)),
                 ('version', models.PositiveSmallIntegerField()),
                 ('first', models.CharField(help_text="the subnet's first address (address_key)", max_length=32)),

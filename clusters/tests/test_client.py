@@ -197,11 +197,20 @@ def test_a_job_that_grows_shrinks_and_runs_longer_through_the_client(fabric, cel
     live = VirtualCluster.objects.get(job_id="11.pbs")
     assert live.state == ClusterState.READY and live.nodes.get(name="n4").state == "pending"
 
+    Host.objects.filter(name="pilsen2").update(driver_args=fabric.args)  # (repaired)
     code, cluster, err = client("remove-node", *job, "--node", "n3", "--node", "n4", "--timeout", "60")
     assert code == 0 and cluster["state"] == "ready", err
     assert {n["name"] for n in cluster["nodes"] if n["state"] != "removed"} == {"n1", "n2"}
     assert vid not in fabric.host_vlans("pilsen1")
     assert client("remove-node", *job, "--node", "n3")[0] == 0  # gone already: nothing to do
+    # added again, as before: a new change (not the first one's answer replayed)
+    code, cluster, err = client("add-node", *job, "--node", n3, "--timeout", "60")
+    assert code == 0 and vid in fabric.host_vlans("pilsen1"), err
+    assert [n["state"] for n in cluster["nodes"] if n["name"] == "n3"] == ["ready"]
+    # a host that cannot be cleaned: the node is removed, and the command says the device's message
+    Host.objects.filter(name="pilsen1").update(driver_args={**fabric.args, "fail_commit": "permanent"})
+    code, _, err = client("remove-node", *job, "--node", "n3", "--timeout", "60")
+    assert code == 1 and "n3 is removed, but the network did not converge: pilsen1" in err, err
 
     code, cluster, err = client("extend", *job, "--lifetime", "7200")
     assert code == 0, err
@@ -209,6 +218,11 @@ def test_a_job_that_grows_shrinks_and_runs_longer_through_the_client(fabric, cel
     assert abs(expires - (datetime.now(UTC) + timedelta(seconds=7200))) < timedelta(seconds=30)
     until = "2026-12-31T18:00:00+01:00"
     later = datetime.now(UTC) + timedelta(days=3)
+    code, cluster, err = client("extend", *job, "--until", later.isoformat())
+    assert code == 0 and abs(datetime.fromisoformat(cluster["expires_at"]) - later) < timedelta(seconds=1), err
+    # to another expiry and back: each a change of its own (the first one's answer is not replayed)
+    code, _, err = client("extend", *job, "--until", (later + timedelta(days=1)).isoformat())
+    assert code == 0, err
     code, cluster, err = client("extend", *job, "--until", later.isoformat())
     assert code == 0 and abs(datetime.fromisoformat(cluster["expires_at"]) - later) < timedelta(seconds=1), err
     # a time without its offset, or past the longest lifetime: refused, the expiry unchanged

@@ -131,3 +131,8 @@ def test_leases_are_pruned_after_the_history_retention(create, settings):
     )
     cluster_events_prune()
     assert list(PublicSubnetLease.objects.values_list("cluster_name", flat=True)) == ["db"]
+
+
+def test_a_job_id_as_long_as_the_api_takes_is_leased_whole(create):
+    cluster = create("long", "52:54:00:00:00:01", job_id="j" * 200)
+    assert PublicSubnetLease.objects.get(cluster=cluster).job_id == "j" * 200

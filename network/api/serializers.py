@@ -67,6 +67,15 @@ class VlanUsageSerializer(serializers.Serializer):
     )
 
 
+class VlanPoolListSerializer(serializers.ListSerializer):
+    """A page of pools: their usage counted at once (``selectors.pool_usage``: one query for the page)."""
+
+    def to_representation(self, data):
+        pools = list(data.all() if hasattr(data, "all") else data)
+        self.child.context["usage"] = pool_usage(pools)
+        return super().to_representation(pools)
+
+
 class VlanPoolSerializer(serializers.ModelSerializer):
     core = serializers.SlugRelatedField(slug_field="name", read_only=True)
     sites = serializers.SerializerMethodField(help_text="the sites the pool's core joins (a cluster's hosts' sites)")
@@ -75,6 +84,7 @@ class VlanPoolSerializer(serializers.ModelSerializer):
     class Meta:
         model = VlanPool
         fields = ["id", "name", "core", "sites", "ranges", "reserved", "quarantine_seconds", "description", "usage"]
+        list_serializer_class = VlanPoolListSerializer
 
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_sites(self, pool) -> list[str]:
@@ -82,7 +92,8 @@ class VlanPoolSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(VlanUsageSerializer)
     def get_usage(self, pool) -> dict[str, int]:
-        return pool_usage(pool)
+        usage = self.context.get("usage") or pool_usage([pool])  # (one pool: its own query)
+        return usage[pool.pk]
 
 
 class VlanAllocationSerializer(serializers.ModelSerializer):

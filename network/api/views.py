@@ -19,7 +19,6 @@ from network.models import (
     VlanAllocation,
     VlanPool,
 )
-from network.selectors import pools_with_usage
 from portal.api import error_responses, query_param
 from portal.models import TokenScope
 
@@ -99,9 +98,6 @@ class VlanPoolViewSet(_ReadOnly):
     network may take; a scheduler checks it before it places a cluster)."""
 
     queryset = VlanPool.objects.select_related("core").prefetch_related("core__sites")
-
-    def get_queryset(self):
-        return pools_with_usage(super().get_queryset())  # (quarantine as of now)
 
     serializer_class = s.VlanPoolSerializer
 

@@ -34,6 +34,8 @@ def test_a_user_makes_a_token_sees_it_once_uses_it_and_revokes_it(client, alice)
     assert page.status_code == 200 and b'id="token-form"' in page.content and b'id="no-tokens"' in page.content
     assert "no-store" in page["Cache-Control"]
     r = _make(client, name="laptop: client.py", scopes=["clusters:read", "clusters:write"], days=7)
+    assert r.status_code == 302 and r["Location"] == reverse("tokens")  # a reload of the page makes none again
+    r = client.get(r["Location"])
     assert r.status_code == 200 and "no-store" in r["Cache-Control"]
     secret = re.search(rb'<code id="token-secret">(vc_[^<]+)</code>', r.content)[1].decode()
     token = ApiToken.objects.get(user=alice)
@@ -94,7 +96,7 @@ def test_a_user_holds_a_limited_number_of_live_tokens(client, alice):
     expired = token_create(user=alice, name="old", scopes=[TokenScope.CLUSTERS_READ])[0]
     ApiToken.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(days=1))
     client.force_login(alice)
-    assert _make(client).status_code == 200  # the expired one does not count: the 20th live one
+    assert _make(client).status_code == 302  # the expired one does not count: the 20th live one
     r = _make(client, name="one more")
     assert r.status_code == 400 and b"you hold 20 live tokens already" in r.content
     assert not ApiToken.objects.filter(name="one more").exists()
