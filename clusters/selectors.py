@@ -124,8 +124,9 @@ def image_may_change(request, image: Image) -> bool:
 def public_networks(*, site: str | None = None) -> list[dict]:
     """What the provider's router needs for every public cluster whose network is set up or being set up
     (``ACTIVE_STATES``): its VLAN, subnet and the router's address in it (``public_gateway``, with the subnet's
-    prefix length), by VLAN. With ``site`` (a site's name): only clusters whose core joins that site — the router
-    trunk there carries their VLANs, and the same ids may be other cores' clusters elsewhere. One query."""
+    prefix length), and its nodes' names, MACs and addresses (for the router's DHCP and DNS), by VLAN. With
+    ``site`` (a site's name): only clusters whose core joins that site — the router trunk there carries their
+    VLANs, and the same ids may be other cores' clusters elsewhere. Two queries."""
     qs = VirtualCluster.objects.filter(
         connectivity=Connectivity.PUBLIC, state__in=ACTIVE_STATES, vlan_id__isnull=False
     ).exclude(public_subnet="")
@@ -136,6 +137,16 @@ def public_networks(*, site: str | None = None) -> list[dict]:
         .order_by("vlan_id", "pk")
         .values("pk", "name", "owner__username", "state", "vlan_id", "public_subnet")
     )
+    rows = list(rows)
+    hosts: dict[int, list[dict]] = {}
+    nodes = (
+        Node.objects.filter(cluster__in=[row["pk"] for row in rows], address__isnull=False)
+        .exclude(state=NodeState.REMOVED)
+        .order_by("cluster", "name")
+        .values_list("cluster", "name", "mac", "address")
+    )
+    for cluster_id, name, mac, address in nodes:
+        hosts.setdefault(cluster_id, []).append({"name": name, "mac": mac, "address": address})
     out = []
     for row in rows:
         subnet = ipaddress.ip_network(row["public_subnet"])
@@ -147,6 +158,7 @@ def public_networks(*, site: str | None = None) -> list[dict]:
                 "vlan_id": row["vlan_id"],
                 "subnet": str(subnet),
                 "router_address": f"{next(subnet.hosts())}/{subnet.prefixlen}",
+                "hosts": hosts.get(row["pk"], []),
             }
         )
     return out

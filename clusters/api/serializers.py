@@ -292,6 +292,12 @@ class ImageQuerySerializer(serializers.Serializer):
     )
 
 
+class PublicHostSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="the node's name in its cluster")
+    mac = serializers.CharField(help_text="its MAC address")
+    address = serializers.IPAddressField(help_text="its address in the subnet (what the router's DHCP hands it)")
+
+
 class PublicNetworkSerializer(serializers.Serializer):
     cluster = serializers.IntegerField()
     name = serializers.CharField()
@@ -301,6 +307,7 @@ class PublicNetworkSerializer(serializers.Serializer):
     router_address = serializers.CharField(
         help_text="the router's address in it, with the prefix length (the subnet's first host: the nodes' gateway)"
     )
+    hosts = PublicHostSerializer(many=True, help_text="the cluster's nodes, for the router's DHCP and DNS")
 
 
 class PublicNetworksSerializer(serializers.Serializer):

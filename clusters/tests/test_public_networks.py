@@ -61,9 +61,22 @@ def test_the_router_gets_each_live_public_clusters_vlan_subnet_and_address(publi
             "vlan_id": one["vlan_id"],
             "subnet": "198.19.0.0/28",
             "router_address": "198.19.0.1/28",
+            "hosts": [{"name": "n1", "mac": "52:54:00:00:00:01", "address": "198.19.0.2"}],
         }
     ]
     assert r["ETag"] and r["Cache-Control"] == "no-cache"
+    # a node added: the list (and its ETag) says so, for the router's DHCP and DNS
+    from clusters import services
+    from network.models import Host
+
+    etag = r["ETag"]
+    services.cluster_nodes_add(
+        cluster=VirtualCluster.objects.get(pk=one["id"]),
+        nodes=[services.NodeRequest(name="n2", host=Host.objects.get(name="pilsen1"), mac="52:54:00:00:00:09")],
+    )
+    again = client_with(TokenScope.ROUTER).get("/api/public-networks/", HTTP_IF_NONE_MATCH=etag)
+    assert again.status_code == 200 and again["ETag"] != etag
+    assert again.data["networks"][0]["hosts"][1] == {"name": "n2", "mac": "52:54:00:00:00:09", "address": "198.19.0.3"}
 
 
 def test_nobody_but_the_router_middleware_or_an_admin_reads_it(public, alice, root):
