@@ -137,6 +137,19 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def env_networks(name: str) -> list:
+    """Comma-separated IP addresses or networks (``10.0.0.5, 192.0.2.0/24``) as networks; empty: none."""
+    import ipaddress
+
+    networks = []
+    for item in env_list(name, []):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an IP address or network") from None
+    return networks
+
+
 def env_db(name: str, default: str) -> dict:
     value = _raw(name) or default
     scheme = value.split("://", 1)[0] if "://" in value else ""

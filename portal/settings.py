@@ -27,6 +27,7 @@ from portal.env import (
     env_float,
     env_int,
     env_list,
+    env_networks,
     env_str,
 )
 from portal.schedules import every
@@ -159,6 +160,22 @@ LOGIN_FAILURES_ACCOUNT_MAX = env_int("LOGIN_FAILURES_ACCOUNT_MAX", 10 * LOGIN_FA
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 # The local backend never logs a directory account in with a password kept here (portal/backends.py).
 AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + ["portal.backends.LocalAccountBackend"]
+# Single sign-on behind an authenticating proxy (portal/sso.py): the header it names the user in, the addresses
+# it connects from (required with the header), an eduPersonPrincipalName's realm, where "Log out" ends up
+SSO_HEADER = env_str("SSO_HEADER", "")
+SSO_PROXY_NETWORKS = env_networks("SSO_PROXIES")
+SSO_USERNAME_SUFFIX = env_str("SSO_USERNAME_SUFFIX", "")
+SSO_LOGOUT_URL = env_str("SSO_LOGOUT_URL", "")
+if SSO_HEADER:
+    if not SSO_PROXY_NETWORKS:
+        raise ImproperlyConfigured(
+            "SSO_HEADER needs SSO_PROXIES: the addresses of the proxy that sets it (anyone else could name any user)"
+        )
+    AUTHENTICATION_BACKENDS.append("portal.sso.DirectoryRemoteUserBackend")
+    MIDDLEWARE.insert(
+        MIDDLEWARE.index("django.contrib.auth.middleware.AuthenticationMiddleware") + 1,
+        "portal.sso.TrustedHeaderMiddleware",
+    )
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"

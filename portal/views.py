@@ -84,6 +84,8 @@ class LogoutView(auth_views.LogoutView):
     def post(self, request, *args, **kwargs):
         was_in = request.user.is_authenticated
         response = super().post(request, *args, **kwargs)
+        if settings.SSO_LOGOUT_URL:  # signed in by the proxy: its logout too, or the next request signs in again
+            return redirect(settings.SSO_LOGOUT_URL)
         if was_in:
             messages.info(request, "You are logged out.")
         return response
