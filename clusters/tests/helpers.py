@@ -60,3 +60,25 @@ def fabric(transactional_db, tmp_path):
     fab = build_fabric(tmp_path / "devices")
     Image.objects.create(name="my-own", approved=False)
     return fab
+
+
+@pytest.fixture
+def public(fabric, alice):
+    """Public clusters of alice: an approved image, a provider prefix of /28 subnets; ``public(name, mac, **extra)``
+    creates one through the API (one node on brno1) and returns the API's answer."""
+    from rest_framework.test import APIClient
+
+    from clusters.models import Image, PublicPrefix
+
+    Image.objects.create(name="debian-12", approved=True)
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
+    api = APIClient()
+    api.force_authenticate(alice)
+
+    def create(name, mac, **extra):
+        body = {"name": name, "image": "debian-12", "nodes": [{"name": "n1", "host": "brno1", "mac": mac}], **extra}
+        r = api.post("/api/clusters/", body, format="json")
+        assert r.status_code == 201, r.content
+        return r.data
+
+    return create

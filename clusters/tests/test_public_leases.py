@@ -1,6 +1,7 @@
 """Who held a public address, and when (``PublicSubnetLease``): an abuse report names an address and a time, and
 the operator finds the cluster, its owner and its job — through the admin's search or ``manage.py clusters
 whois`` — long after the cluster ended and its subnet went to another. On the fake fabric with eager Celery."""
+# ruff: noqa: F401, F811 (the pytest fixture public is imported from clusters.tests.helpers)
 
 from __future__ import annotations
 
@@ -12,27 +13,19 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from clusters import selectors, services
-from clusters.models import Image, PublicPrefix, PublicSubnetLease, VirtualCluster
+from clusters.models import PublicSubnetLease, VirtualCluster
+from clusters.tests.helpers import public
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def create(fabric, alice):
-    Image.objects.create(name="debian-12", approved=True)
-    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
-    api = APIClient()
-    api.force_authenticate(alice)
-
-    def make(name, mac, **extra):
-        body = {"name": name, "image": "debian-12", "nodes": [{"name": "n1", "host": "brno1", "mac": mac}], **extra}
-        r = api.post("/api/clusters/", body, format="json")
-        assert r.status_code == 201, r.content
-        return VirtualCluster.objects.get(pk=r.data["id"])
+def create(public):
+    def make(name, mac, **extra) -> VirtualCluster:
+        return VirtualCluster.objects.get(pk=public(name, mac, **extra)["id"])
 
     return make
 

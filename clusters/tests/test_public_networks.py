@@ -1,6 +1,7 @@
 """``GET /api/public-networks/``: what the provider's router needs for the public clusters, for the router's own
 token only; and the reference hook (access/gateway/router.py) reading it over real HTTP (``live_server``). On the
 fake fabric with eager Celery."""
+# ruff: noqa: F401, F811 (the pytest fixture public is imported from clusters.tests.helpers)
 
 from __future__ import annotations
 
@@ -9,29 +10,14 @@ from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from access.gateway import router
-from clusters.models import ClusterState, Image, PublicPrefix, VirtualCluster
+from clusters.models import ClusterState, VirtualCluster
+from clusters.tests.helpers import public
 from network.tests.factories import CoreTransportFactory, SiteFactory
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
 from portal.tokens import token_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def public(fabric, alice):
-    Image.objects.create(name="debian-12", approved=True)
-    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=28)
-    api = APIClient()
-    api.force_authenticate(alice)
-
-    def create(name, mac, **extra):
-        body = {"name": name, "image": "debian-12", "nodes": [{"name": "n1", "host": "brno1", "mac": mac}], **extra}
-        r = api.post("/api/clusters/", body, format="json")
-        assert r.status_code == 201, r.content
-        return r.data
-
-    return create
 
 
 def secret_with(*scopes) -> str:
