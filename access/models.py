@@ -131,6 +131,9 @@ class Credential(models.Model):
         max_length=60, blank=True, default="", db_default="", help_text="the holder's name for it, e.g. 'work laptop'"
     )
     published = models.BooleanField(default=False, help_text="a long-lived 'publish' profile for a user's router")
+    expiry_mailed = models.BooleanField(
+        default=False, db_default=False, editable=False, help_text="its holder was sent an e-mail before it ends"
+    )
     generated_key = models.BooleanField(default=False, help_text="the portal generated the key pair (not stored)")
     not_before = models.DateTimeField()
     not_after = models.DateTimeField()

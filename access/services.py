@@ -1451,6 +1451,74 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
     return done
 
 
+#: how long before a publish profile ends (one its clusters outlive) its holder gets an e-mail
+PUBLISH_EXPIRY_NOTICE = dt.timedelta(days=7)
+
+
+def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
+    """An e-mail to the holder of each publish profile (a router bridging a cluster into their network) that ends
+    within ``PUBLISH_EXPIRY_NOTICE`` while every cluster it admits to lives on: the router loses access then,
+    unless a new profile is installed. Once per profile: claimed before it is sent, given back when the relay
+    refuses (the next run tries again). A profile that ends with its cluster is the cluster's e-mail's
+    business; a holder without an address is not mailed. Returns the credentials mailed."""
+    from clusters.models import ACTIVE_STATES, VirtualCluster
+    from portal import mail
+
+    if not settings.EMAIL_ENABLED:
+        return []
+    now = timezone.now()
+    due = (
+        Credential.objects.filter(
+            kind=CredentialKind.VPN,
+            published=True,
+            revoked_at=None,
+            expiry_mailed=False,
+            not_after__gt=now,
+            not_after__lte=now + PUBLISH_EXPIRY_NOTICE,
+        )
+        .select_related("user")
+        .prefetch_related("clusters")
+        .order_by("not_after")[:limit]
+    )
+    mailed = []
+    for credential in due:
+        claim = Credential.objects.filter(pk=credential.pk, expiry_mailed=False)
+        if not claim.update(expiry_mailed=True):
+            continue  # another run
+        ids = [link.cluster_id for link in credential.clusters.all()]
+        outlive = VirtualCluster.objects.filter(
+            pk__in=ids, state__in=ACTIVE_STATES, expires_at__gt=credential.not_after
+        ).count()
+        if not ids or outlive < len(ids) or not credential.user.email:
+            continue
+        sent = mail.send(
+            to=credential.user.email,
+            subject=f"VirtCloud: your publish VPN profile {credential.serial} ends "
+            f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            body=_publish_expiry_body(credential),
+        )
+        if sent:
+            mailed.append(credential.pk)
+        else:
+            Credential.objects.filter(pk=credential.pk).update(expiry_mailed=False)
+    return mailed
+
+
+def _publish_expiry_body(credential: Credential) -> str:
+    user = credential.user
+    labels = ", ".join(link.label for link in credential.clusters.all())
+    named = f" ({credential.label})" if credential.label else ""
+    return (
+        f"Hello {user.get_short_name() or user.get_username()},\n\n"
+        f"your publish VPN profile {credential.serial}{named}, which bridges {labels} into your network, ends at "
+        f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC. The router that uses it loses access to "
+        "the cluster then, although the cluster lives on.\n\n"
+        f"Download a new publish profile on {settings.SITE_URL.rstrip('/')}/access/ and install it on the router "
+        "before then.\n\n"
+        "-- \nVirtCloud portal\n"
+    )
+
+
 def credentials_sweep() -> int:
     """Periodic safety net (``access.sweep_credentials``): revoke the live credentials that still admit to a
     cluster which ended, is ending, is no longer closed or is gone, and the host certificates of nodes of a

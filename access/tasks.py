@@ -11,3 +11,10 @@ from access import services
 def sweep_credentials() -> int:
     """Periodic: revoke live credentials of clusters that ended without their revocation having run."""
     return services.credentials_sweep()
+
+
+@shared_task(name="access.mail_expiring")
+def mail_expiring() -> list[int]:
+    """Periodic (hourly): an e-mail to the holder of each publish profile that ends within a week while its
+    clusters live on (nothing without ``EMAIL_URL``)."""
+    return services.credentials_mail_expiring()

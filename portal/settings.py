@@ -429,6 +429,7 @@ VLAN_REUSE_HORIZON_TTL = env_float("VLAN_REUSE_HORIZON_TTL", 1.0, minimum=0)
 # net: ending a cluster revokes at once)
 ACCESS_SWEEP_INTERVAL = env_int("ACCESS_SWEEP_INTERVAL", 300, minimum=10)
 CELERY_BEAT_SCHEDULE["access-sweep-credentials"] = every("access.sweep_credentials", ACCESS_SWEEP_INTERVAL)
+CELERY_BEAT_SCHEDULE["access-mail-expiring"] = every("access.mail_expiring", 3600)
 # how often directory accounts are brought up to date with LDAP (groups, flags; gone from it → deactivated):
 # a login does it too, but an API token acts without one
 LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)

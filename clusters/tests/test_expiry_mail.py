@@ -1,7 +1,7 @@
 """E-mail to a cluster's owner before its expiry tears it down: sent over SMTP (a real connection to a loopback
 server) once per expiry, again after an extension, tried again while the relay is down, never without an
 address; and ``EMAIL_URL`` read as the README says."""
-# ruff: noqa: F401, F811 (the pytest fixture fabric is imported from clusters.tests.helpers)
+# ruff: noqa: F401, F811 (the pytest fixtures fabric and relay are imported)
 
 from __future__ import annotations
 
@@ -15,22 +15,9 @@ from clusters import services
 from clusters.models import ClusterState, VirtualCluster
 from clusters.tests.helpers import create_cluster, fabric
 from portal import mail
-from portal.tests.smtp import SmtpServer, closed_port
+from portal.tests.smtp import closed_port, relay
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def relay(settings):
-    with SmtpServer() as smtp:
-        settings.EMAIL_ENABLED = True
-        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-        settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", smtp.port
-        settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
-        settings.EMAIL_TIMEOUT = 5
-        settings.DEFAULT_FROM_EMAIL = "VirtCloud portal <virtcloud@example.org>"
-        settings.SITE_URL = "https://portal.example.org"
-        yield smtp
 
 
 def _expiring(cluster_id: int, hours: float) -> VirtualCluster:

@@ -9,6 +9,8 @@ import socketserver
 import threading
 from email.message import Message
 
+import pytest
+
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
@@ -84,3 +86,17 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def relay(settings):
+    """An SMTP relay on loopback the portal's e-mail goes to (``EMAIL_URL`` as ``smtp://127.0.0.1:<port>``)."""
+    with SmtpServer() as smtp:
+        settings.EMAIL_ENABLED = True
+        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", smtp.port
+        settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
+        settings.EMAIL_TIMEOUT = 5
+        settings.DEFAULT_FROM_EMAIL = "VirtCloud portal <virtcloud@example.org>"
+        settings.SITE_URL = "https://portal.example.org"
+        yield smtp
