@@ -1459,8 +1459,9 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
     """An e-mail to the holder of each publish profile (a router bridging a cluster into their network) that ends
     within ``PUBLISH_EXPIRY_NOTICE`` while every cluster it admits to lives on: the router loses access then,
     unless a new profile is installed. Once per profile: claimed before it is sent, given back when the relay
-    refuses (the next run tries again). A profile that ends with its cluster is the cluster's e-mail's
-    business; a holder without an address is not mailed. Returns the credentials mailed."""
+    cannot take it now (the next run tries again), not when it refuses it for good. A profile that ends with
+    its cluster is the cluster's e-mail's business; a holder without an address is not mailed. Returns the
+    credentials mailed."""
     from clusters.models import ACTIVE_STATES, VirtualCluster
     from portal import mail
 
@@ -1481,7 +1482,10 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
         .order_by("not_after")[:limit]
     )
     mailed = []
+    budget = mail.Budget()
     for credential in due:
+        if not budget.left():
+            break  # the rest: the next run
         claim = Credential.objects.filter(pk=credential.pk, expiry_mailed=False)
         if not claim.update(expiry_mailed=True):
             continue  # another run
@@ -1491,16 +1495,21 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
         ).count()
         if not ids or outlive < len(ids) or not credential.user.email:
             continue
-        sent = mail.send(
-            to=credential.user.email,
-            subject=f"VirtCloud: your publish VPN profile {credential.serial} ends "
-            f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC",
-            body=_publish_expiry_body(credential),
-        )
-        if sent:
+        give_back = Credential.objects.filter(pk=credential.pk)
+        try:
+            outcome = mail.send(
+                to=credential.user.email,
+                subject=f"VirtCloud: your publish VPN profile {credential.serial} ends "
+                f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC",
+                body=_publish_expiry_body(credential),
+            )
+        except BaseException:  # the task's time limit, a shutdown: not sent, the next run tries again
+            give_back.update(expiry_mailed=False)
+            raise
+        if outcome == mail.SENT:
             mailed.append(credential.pk)
-        else:
-            Credential.objects.filter(pk=credential.pk).update(expiry_mailed=False)
+        elif outcome == mail.RETRY:
+            give_back.update(expiry_mailed=False)
     return mailed
 
 

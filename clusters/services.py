@@ -1000,8 +1000,9 @@ def clusters_warn_expiring() -> list[int]:
 def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
     """An e-mail to the owner of every cluster warned of its expiry (``clusters_warn_expiring``) and not mailed
     about that expiry yet (an extension mails again when the new one comes near). Each is claimed before it is
-    sent (two runs never mail one expiry twice); a relay that refuses or does not answer gives the claim back,
-    and the next run tries again. An owner without an address is not mailed. Returns the clusters mailed."""
+    sent (two runs never mail one expiry twice); a relay that cannot take it now (not reached, a 4xx) gives the
+    claim back and the next run tries again, one that refuses it for good (a 5xx) does not. An owner without an
+    address is not mailed. A run sends for at most ``mail.BUDGET`` s. Returns the clusters mailed."""
     from portal import mail
 
     if not settings.EMAIL_ENABLED:
@@ -1014,7 +1015,10 @@ def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
         .order_by("expires_at")[:limit]
     )
     mailed = []
+    budget = mail.Budget()
     for cluster in due:
+        if not budget.left():
+            break  # the rest: the next run
         claim = VirtualCluster.objects.filter(pk=cluster.pk, expires_at=cluster.expires_at).exclude(
             expiry_mailed_for=cluster.expires_at
         )
@@ -1022,12 +1026,18 @@ def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
             continue  # extended, or mailed by another run, meanwhile
         if not cluster.owner.email:
             continue
-        if mail.send(to=cluster.owner.email, subject=_expiry_subject(cluster), body=_expiry_body(cluster, now)):
-            mailed.append(cluster.pk)
-        else:  # the next run tries again
-            VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at).update(
-                expiry_mailed_for=None
+        give_back = VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at)
+        try:
+            outcome = mail.send(
+                to=cluster.owner.email, subject=_expiry_subject(cluster), body=_expiry_body(cluster, now)
             )
+        except BaseException:  # the task's time limit, a shutdown: not sent, the next run tries again
+            give_back.update(expiry_mailed_for=None)
+            raise
+        if outcome == mail.SENT:
+            mailed.append(cluster.pk)
+        elif outcome == mail.RETRY:  # the relay could not take it now: the next run tries again
+            give_back.update(expiry_mailed_for=None)
     return mailed
 
 

@@ -144,9 +144,12 @@ def env_networks(name: str) -> list:
     networks = []
     for item in env_list(name, []):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item)  # strict: 10.0.0.5/8 is a typo, not the whole /8
         except ValueError:
             raise ImproperlyConfigured(f"{name}: {item!r} is not an IP address or network") from None
+        if network.prefixlen == 0:
+            raise ImproperlyConfigured(f"{name}: {item!r} is every address")
+        networks.append(network)
     return networks
 
 

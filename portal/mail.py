@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
@@ -56,6 +57,20 @@ def settings_from_url(url: str, *, debug: bool) -> dict:
     }
 
 
+#: seconds one periodic run may spend sending (the task's soft time limit is well above it)
+BUDGET = 60.0
+
+
+class Budget:
+    """``while budget.left(): …`` — the run stops sending after ``BUDGET`` s; the rest waits for the next run."""
+
+    def __init__(self, seconds: float = BUDGET):
+        self.until = time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return time.monotonic() < self.until
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -65,17 +80,34 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def send(*, to: str, subject: str, body: str) -> bool:
-    """Send one plain-text message to ``to``; whether it went (a relay that refuses or does not answer is
-    logged, never raised: the caller's work is done either way and may try again later)."""
+SENT, RETRY, FAILED = "sent", "retry", "failed"
+
+
+def send(*, to: str, subject: str, body: str) -> str:
+    """Send one plain-text message to ``to``: ``SENT``; ``RETRY`` when the relay could not be reached or refused
+    for now (a 4xx, a connection that broke: try again later); ``FAILED`` when it refused for good (a 5xx, an
+    address that is not one: trying again would only be refused again). Logged, never raised; anything else
+    (a task's time limit) goes through."""
+    import smtplib
+
     from django.conf import settings
     from django.core.mail import EmailMessage
 
     if not settings.EMAIL_ENABLED or not to:
-        return False
+        return FAILED
     try:
         EmailMessage(subject=subject, body=body, from_email=settings.DEFAULT_FROM_EMAIL, to=[to]).send()
-    except Exception as exc:  # smtplib's errors, OSError (refused, timed out), TLS errors
-        logger.warning("mail to %s (%s) not sent: %s: %s", to, subject, type(exc).__name__, exc)
-        return False
-    return True
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _message in exc.recipients.values()]
+        outcome, why = (RETRY if any(400 <= code < 500 for code in codes) else FAILED), f"refused: {exc.recipients}"
+    except smtplib.SMTPResponseException as exc:
+        outcome, why = (RETRY if 400 <= exc.smtp_code < 500 else FAILED), f"{exc.smtp_code} {exc.smtp_error!r}"
+    except (smtplib.SMTPException, OSError) as exc:  # refused, timed out, broken connection, TLS
+        outcome, why = RETRY, f"{type(exc).__name__}: {exc}"
+    except ValueError as exc:  # an address or header Django refuses
+        outcome, why = FAILED, f"{type(exc).__name__}: {exc}"
+    else:
+        return SENT
+    then = "will retry" if outcome == RETRY else "given up"
+    logger.warning("mail to %s (%s) not sent (%s): %s", to, subject, then, why)
+    return outcome

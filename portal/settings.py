@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -73,8 +74,11 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
 # e-mail to users (a cluster about to expire): see portal/mail.py; empty: none is sent
-globals().update(mail.settings_from_url(env_str("EMAIL_URL", ""), debug=DEBUG))
+_email = mail.settings_from_url(env_str("EMAIL_URL", ""), debug=DEBUG)
+globals().update(_email)
 DEFAULT_FROM_EMAIL = SERVER_EMAIL = env_str("EMAIL_FROM", "VirtCloud portal <virtcloud@localhost>")
+if _email["EMAIL_ENABLED"] and not DEBUG and not env_str("SITE_URL", ""):
+    raise ImproperlyConfigured("EMAIL_URL needs SITE_URL: the e-mail links to the portal (https://portal.example.org)")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -119,6 +123,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "portal.sso.context",
             ]
         },
     }
@@ -160,22 +165,27 @@ LOGIN_FAILURES_ACCOUNT_MAX = env_int("LOGIN_FAILURES_ACCOUNT_MAX", 10 * LOGIN_FA
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 # The local backend never logs a directory account in with a password kept here (portal/backends.py).
 AUTHENTICATION_BACKENDS = (["portal.auth.ActiveLDAPBackend"] if LDAP else []) + ["portal.backends.LocalAccountBackend"]
-# Single sign-on behind an authenticating proxy (portal/sso.py): the header it names the user in, the addresses
-# it connects from (required with the header), an eduPersonPrincipalName's realm, where "Log out" ends up
+# Single sign-on through an authenticating proxy that protects /sso/login/ (portal/sso.py): the header it names
+# the user in, the addresses it connects from, the realm its names end in, where "Log out" ends up
 SSO_HEADER = env_str("SSO_HEADER", "")
 SSO_PROXY_NETWORKS = env_networks("SSO_PROXIES")
 SSO_USERNAME_SUFFIX = env_str("SSO_USERNAME_SUFFIX", "")
 SSO_LOGOUT_URL = env_str("SSO_LOGOUT_URL", "")
 if SSO_HEADER:
-    if not SSO_PROXY_NETWORKS:
-        raise ImproperlyConfigured(
-            "SSO_HEADER needs SSO_PROXIES: the addresses of the proxy that sets it (anyone else could name any user)"
+    _missing = [
+        text
+        for text, absent in (
+            ("SSO_PROXIES (the proxy's addresses: anyone else could name any user)", not SSO_PROXY_NETWORKS),
+            ("SSO_USERNAME_SUFFIX (the realm the identity provider vouches for)", not SSO_USERNAME_SUFFIX),
+            ("LDAP_SERVER_URI (the accounts and their groups come from the directory)", not LDAP),
         )
+        if absent
+    ]
+    if _missing:
+        raise ImproperlyConfigured(f"SSO_HEADER needs {'; '.join(_missing)}")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", SSO_HEADER):
+        raise ImproperlyConfigured(f"SSO_HEADER: {SSO_HEADER!r} is not a header name of letters, digits and dashes")
     AUTHENTICATION_BACKENDS.append("portal.sso.DirectoryRemoteUserBackend")
-    MIDDLEWARE.insert(
-        MIDDLEWARE.index("django.contrib.auth.middleware.AuthenticationMiddleware") + 1,
-        "portal.sso.TrustedHeaderMiddleware",
-    )
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"

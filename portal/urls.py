@@ -6,7 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from clusters import views as cluster_views
-from portal import views
+from portal import sso, views
 from portal.forms import LoginForm
 
 admin.site.site_header = "VirtCloud portal administration"
@@ -27,6 +27,7 @@ urlpatterns = [
         name="login",
     ),
     path("logout/", views.LogoutView.as_view(), name="logout"),
+    path("sso/login/", sso.sso_login, name="sso-login"),
     path("tokens/", views.my_tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
     path("admin/", admin.site.urls),

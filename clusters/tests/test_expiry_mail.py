@@ -66,6 +66,25 @@ def test_a_relay_that_is_down_is_tried_again_and_an_owner_without_address_is_not
     assert services.clusters_mail_expiring() == []  # bob has no address: never tried again
 
 
+def test_an_address_the_relay_refuses_for_good_is_not_tried_again_one_it_defers_is(fabric, alice, relay):
+    cluster = create_cluster(alice, "a")
+    _expiring(cluster, hours=1)
+    relay.rcpt_reply = (450, "mailbox busy, try later")
+    assert services.clusters_mail_expiring() == [] and relay.rcpts == 1
+    assert VirtualCluster.objects.get(pk=cluster).expiry_mailed_for is None  # given back: tried again
+    relay.rcpt_reply = (550, "no such user")
+    assert services.clusters_mail_expiring() == [] and relay.rcpts == 2
+    assert services.clusters_mail_expiring() == [] and relay.rcpts == 2  # refused for good: not asked again
+
+
+def test_email_needs_the_portals_address_in_production(tmp_path):
+    from portal.tests.test_settings import PRODUCTION, loaded, refused
+
+    assert "EMAIL_URL needs SITE_URL" in refused(tmp_path, **PRODUCTION, EMAIL_URL="smtp://127.0.0.1")
+    site = {"SITE_URL": "https://portal.example.org"}
+    assert loaded(tmp_path, **PRODUCTION, **site, EMAIL_URL="smtp://127.0.0.1")["DEBUG"] is False
+
+
 def test_no_mail_without_email_url(fabric, alice, settings):
     settings.EMAIL_ENABLED = False
     _expiring(create_cluster(alice, "a"), hours=1)

@@ -29,8 +29,11 @@ class _Handler(socketserver.StreamRequestHandler):
                 envelope = {"from": command.split(":", 1)[1].strip(" <>"), "to": []}
                 self._say(250, "ok")
             elif verb == "RCPT":
-                envelope["to"].append(command.split(":", 1)[1].strip(" <>"))
-                self._say(250, "ok")
+                server.rcpts += 1
+                code, text = server.rcpt_reply
+                if code == 250:
+                    envelope["to"].append(command.split(":", 1)[1].strip(" <>"))
+                self._say(code, text)
             elif verb == "DATA":
                 self._say(354, "end with <CRLF>.<CRLF>")
                 data = bytearray()
@@ -69,6 +72,8 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.port = self.server_address[1]
         self.received: list[tuple[str, list[str], Message]] = []
+        self.rcpt_reply = (250, "ok")  # what RCPT TO is answered (a test sets 550 or 450)
+        self.rcpts = 0  # RCPT TO commands seen
         self.lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 

@@ -45,3 +45,16 @@ def test_without_the_filter_it_would(alice, cluster, gateway, monkeypatch, rf, s
     settings.DEBUG = True
     html, _text = _report_of_a_failed_profile(alice, cluster, monkeypatch, rf, SafeExceptionReporterFilter())
     assert "PRIVATE KEY" in html
+
+
+def test_urls_in_settings_and_the_environment_are_hidden_in_error_reports():
+    """EMAIL_URL, DATABASE_URL, a broker's URL may hold a password: hidden, as Django hides its own secrets (the
+    development server copies the environment into a request's META, which the DEBUG page shows)."""
+    from portal.reporting import SecretsFilter
+
+    report = SecretsFilter()
+    for name in ("EMAIL_URL", "DATABASE_URL", "CELERY_BROKER_URL", "LDAP_SERVER_URI"):
+        assert (
+            report.cleanse_setting(name, "smtp+starttls://user:hunter2@mail.example.org") == report.cleansed_substitute
+        )
+    assert report.cleanse_setting("DEBUG", True) is True

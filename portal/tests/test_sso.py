@@ -1,17 +1,17 @@
-"""Single sign-on behind an authenticating proxy (``portal.sso``): the user the proxy names in its header is
-signed in — the account and its groups from the LDAP directory (a real, throwaway slapd) — only when the
-request comes from the proxy; another realm, a name the directory does not know, or the header from anywhere
-else signs nobody in."""
+"""Single sign-on through an authenticating proxy (``portal.sso``): ``/sso/login/``, which the proxy protects,
+signs in the user the proxy names in its header — the account and its groups from the LDAP directory (a real,
+throwaway slapd) — only when the request comes from the proxy; another realm, a name the directory does not
+know, or the header from anywhere else signs nobody in, and on any other path the header means nothing."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
 from unittest import mock
 
 import pytest
-from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import Client, override_settings
 from django.urls import reverse
@@ -25,8 +25,8 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("slapd") and not os.path.exists("/usr/sbin/slapd"), reason="needs slapd"),
 ]
 
-PROXY = "127.0.0.1"  # the test client's address
 HEADER = "HTTP_X_REMOTE_USER"
+SSO = "/sso/login/"
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +37,16 @@ def directory():
 
 @pytest.fixture
 def sso(directory):
-    import ipaddress
-
     with mock.patch.dict(os.environ, directory.env()):
         values = ldap_settings()
-    middleware = list(settings.MIDDLEWARE)
-    middleware.insert(
-        middleware.index("django.contrib.auth.middleware.AuthenticationMiddleware") + 1,
-        "portal.sso.TrustedHeaderMiddleware",
-    )
     with override_settings(
         AUTHENTICATION_BACKENDS=[
             "portal.auth.ActiveLDAPBackend",
             "portal.backends.LocalAccountBackend",
             "portal.sso.DirectoryRemoteUserBackend",
         ],
-        MIDDLEWARE=middleware,
         SSO_HEADER="X-Remote-User",
-        SSO_PROXY_NETWORKS=[ipaddress.ip_network("127.0.0.0/8")],
+        SSO_PROXY_NETWORKS=[ipaddress.ip_network("127.0.0.0/8")],  # the test client's address
         SSO_USERNAME_SUFFIX="@virtcloud.test",
         SSO_LOGOUT_URL="",
         **values,
@@ -62,9 +54,9 @@ def sso(directory):
         yield directory
 
 
-def whoami(client: Client, **headers) -> str | None:
+def whoami(client: Client) -> str | None:
     """Who the home page is for (None: sent to the login page)."""
-    response = client.get(reverse("home"), **headers)
+    response = client.get(reverse("home"))
     if response.status_code == 302:
         return None
     assert response.status_code == 200
@@ -73,39 +65,63 @@ def whoami(client: Client, **headers) -> str | None:
 
 def test_the_user_the_proxy_names_is_signed_in_with_the_directorys_groups(sso):
     client = Client()
-    assert whoami(client, **{HEADER: "alice@virtcloud.test"}) == "alice"
+    assert b'id="sso-login"' in client.get(reverse("login")).content
+    response = client.get(SSO, {"next": "/access/"}, **{HEADER: "Alice@VirtCloud.test"})
+    assert response.status_code == 302 and response["Location"] == "/access/"
+    assert whoami(client) == "alice"  # the session carries her: the header is for /sso/login/ only
     alice = User.objects.get(username="alice")
     assert set(alice.groups.values_list("name", flat=True)) == {"physics"}
     assert (alice.email, alice.has_usable_password()) == ("alice@virtcloud.test", False)
-    assert whoami(client) == "alice"  # a request without the header keeps the session (the proxy's own pages)
-    # the proxy names someone else now (the browser's user changed): never both
-    assert whoami(client, **{HEADER: "bob@virtcloud.test"}) == "bob"
-    assert client.session["_auth_user_backend"] == "portal.sso.DirectoryRemoteUserBackend"
+    # the browser's user changed at the identity provider: the session is bob's, never both
+    assert client.get(SSO, **{HEADER: "bob@virtcloud.test"}).status_code == 302
+    assert whoami(client) == "bob"
+    # somewhere else than the portal: the default page
+    elsewhere = client.get(SSO, {"next": "https://evil.example.org/"}, **{HEADER: "bob@virtcloud.test"})
+    assert elsewhere["Location"] == reverse("home")
 
 
 @pytest.mark.parametrize(
-    "value, address",
+    "value, address, why",
     [
-        ("alice@virtcloud.test", "198.51.100.9"),  # not from the proxy: anyone could send the header
-        ("alice@elsewhere.org", PROXY),  # another realm
-        ("alice", PROXY),  # no realm
-        ("mallory@virtcloud.test", PROXY),  # not in the directory
-        ("al ice@virtcloud.test", PROXY),
-        ("@virtcloud.test", PROXY),
+        ("alice@virtcloud.test", "198.51.100.9", "not behind the organization"),  # anyone could send it
+        ("alice@elsewhere.org", "127.0.0.1", "names an account this portal does not serve"),
+        ("alice", "127.0.0.1", "names an account this portal does not serve"),
+        ("al ice@virtcloud.test", "127.0.0.1", "names an account this portal does not serve"),
+        ("mallory@virtcloud.test", "127.0.0.1", "no active account mallory in the directory"),
+        (None, "127.0.0.1", "not behind the organization"),  # the proxy set no header
     ],
 )
-def test_nobody_is_signed_in_otherwise(sso, value, address, caplog):
+def test_nobody_is_signed_in_otherwise(sso, value, address, why, caplog):
     caplog.set_level(logging.WARNING, logger="portal.sso")
     client = Client(REMOTE_ADDR=address)
-    assert whoami(client, **{HEADER: value}) is None
+    response = client.get(SSO, **({HEADER: value} if value else {}))
+    assert response.status_code == 403 and why in response.content.decode()
+    assert whoami(client) is None
     assert not User.objects.filter(username__in=["alice", "mallory"]).exists()
     assert caplog.records, "a refusal is logged"
 
 
-def test_a_session_the_proxy_no_longer_vouches_for_ends(sso):
+def test_the_header_means_nothing_on_any_other_path(sso):
+    """A path the proxy leaves open (the API, the pages): a client's own header names nobody."""
     client = Client()
-    assert whoami(client, **{HEADER: "alice@virtcloud.test"}) == "alice"
-    assert whoami(client, **{HEADER: "mallory@virtcloud.test"}) is None  # not alice any more, and nobody
+    assert client.get(reverse("home"), **{HEADER: "alice@virtcloud.test"}).status_code == 302
+    assert client.get("/api/clusters/", **{HEADER: "alice@virtcloud.test"}).status_code in (401, 403)
+    assert not User.objects.filter(username="alice").exists()
+
+
+def test_a_session_of_someone_the_directory_does_not_have_ends(sso):
+    client = Client()
+    client.get(SSO, **{HEADER: "alice@virtcloud.test"})
+    assert client.get(SSO, **{HEADER: "mallory@virtcloud.test"}).status_code == 403
+    assert whoami(client) is None  # not alice any more, and nobody
+
+
+def test_a_local_account_is_never_signed_in_by_the_proxy(sso, root):
+    """The break-glass superuser keeps its password login; the proxy naming it signs nobody in."""
+    client = Client()
+    assert client.get(SSO, **{HEADER: "root@virtcloud.test"}).status_code == 403
+    assert whoami(client) is None
+    assert client.post(reverse("login"), {"username": "root", "password": "root-password"}).status_code == 302
 
 
 def test_the_sso_backend_never_takes_a_password(sso):
@@ -119,16 +135,21 @@ def test_the_sso_backend_never_takes_a_password(sso):
 def test_log_out_ends_at_the_proxys_logout(sso, settings):
     settings.SSO_LOGOUT_URL = "https://idp.example.org/logout"
     client = Client()
-    assert whoami(client, **{HEADER: "alice@virtcloud.test"}) == "alice"
+    client.get(SSO, **{HEADER: "alice@virtcloud.test"})
     response = client.post(reverse("logout"))
     assert response.status_code == 302 and response["Location"] == "https://idp.example.org/logout"
     assert whoami(client) is None
 
 
-def test_sso_needs_the_proxys_addresses(tmp_path):
-    assert "SSO_HEADER needs SSO_PROXIES" in refused(tmp_path, DEBUG="true", SSO_HEADER="X-Remote-User")
-    assert "SSO_PROXIES: 'proxy' is not an IP address or network" in refused(
-        tmp_path, DEBUG="true", SSO_HEADER="X-Remote-User", SSO_PROXIES="proxy"
-    )
-    on = loaded(tmp_path, DEBUG="true", SSO_HEADER="X-Remote-User", SSO_PROXIES="10.0.0.5, 192.0.2.0/24")
-    assert on["BACKENDS"][-1] == "portal.sso.DirectoryRemoteUserBackend"
+def test_sso_needs_the_proxy_the_realm_and_the_directory(tmp_path):
+    problem = refused(tmp_path, DEBUG="true", SSO_HEADER="X-Remote-User")
+    assert "SSO_HEADER needs SSO_PROXIES" in problem
+    assert "SSO_USERNAME_SUFFIX" in problem and "LDAP_SERVER_URI" in problem
+    ldap = {"LDAP_SERVER_URI": "ldap://127.0.0.1", "LDAP_USER_BASE": "ou=p,dc=x", "LDAP_GROUP_BASE": "ou=g,dc=x"}
+    on = {"DEBUG": "true", "SSO_HEADER": "X-Remote-User", "SSO_USERNAME_SUFFIX": "@example.org", **ldap}
+    assert "is not an IP address or network" in refused(tmp_path, **on, SSO_PROXIES="proxy")
+    assert "is not an IP address or network" in refused(tmp_path, **on, SSO_PROXIES="10.0.0.5/8")  # a typo
+    assert "is every address" in refused(tmp_path, **on, SSO_PROXIES="0.0.0.0/0")
+    assert "is not a header name" in refused(tmp_path, **{**on, "SSO_HEADER": "X_Remote_User"}, SSO_PROXIES="10.0.0.5")
+    fine = loaded(tmp_path, **on, SSO_PROXIES="10.0.0.5, 192.0.2.0/24")
+    assert fine["BACKENDS"][-1] == "portal.sso.DirectoryRemoteUserBackend"
