@@ -168,17 +168,16 @@ def _segment_error(exc: net_errors.NetworkError, *, field: str = "nodes") -> Clu
 def _allocate_public_subnet() -> tuple[PublicPrefix, str]:
     """A free subnet of the first public prefix (by name) that has one. Free: overlapping no live cluster's
     subnet, whatever prefix that came from (prefixes may overlap; a prefix's subnet length may have changed
-    since). One lock for every public allocation (PostgreSQL; SQLite serializes writers itself)."""
+    since), nor one given back less than ``PUBLIC_SUBNET_HOLD_DOWN`` s ago (the provider's router may still route
+    it to its old network until its next pull, and an abuse report for that moment must name one cluster). One
+    lock for every public allocation (PostgreSQL; SQLite serializes writers itself)."""
     _xact_lock(_PUBLIC_SUBNET_LOCK_SPACE, 0)
-    taken = sorted(
-        (int(net.network_address), int(net.broadcast_address))
-        for net in map(
-            ipaddress.ip_network,
-            VirtualCluster.objects.filter(state__in=LIVE_STATES)
-            .exclude(public_subnet="")
-            .values_list("public_subnet", flat=True),
-        )
+    live = VirtualCluster.objects.filter(state__in=LIVE_STATES).exclude(public_subnet="")
+    held = PublicSubnetLease.objects.filter(
+        ended_at__gt=timezone.now() - timedelta(seconds=settings.PUBLIC_SUBNET_HOLD_DOWN)
     )
+    subnets = [*live.values_list("public_subnet", flat=True), *held.values_list("subnet", flat=True)]
+    taken = sorted((int(net.network_address), int(net.broadcast_address)) for net in map(ipaddress.ip_network, subnets))
     starts = [lo for lo, _hi in taken]
     reach = list(itertools.accumulate((hi for _lo, hi in taken), max))  # the highest address taken so far
     prefixes = list(PublicPrefix.objects.order_by("name"))
@@ -190,7 +189,9 @@ def _allocate_public_subnet() -> tuple[PublicPrefix, str]:
                 continue
             return prefix, str(subnet)
     names = ", ".join(p.name for p in prefixes)
-    raise PoolExhausted(f"the public prefixes ({names}) have no free subnet left")
+    resting = held.count()
+    later = f" ({resting} held back for {settings.PUBLIC_SUBNET_HOLD_DOWN} s after their clusters)" if resting else ""
+    raise PoolExhausted(f"the public prefixes ({names}) have no free subnet left{later}")
 
 
 def _public_addresses(

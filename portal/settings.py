@@ -370,6 +370,8 @@ CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimu
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
 # an "expiring" event (feed, webhooks) this long before a cluster's expiry tears it down; 0: none
 CLUSTER_EXPIRY_WARNING = env_int("CLUSTER_EXPIRY_WARNING", 24 * 3600, minimum=0)
+# seconds a public subnet given back (its cluster ended, or was made closed) waits before another cluster gets it
+PUBLIC_SUBNET_HOLD_DOWN = env_int("PUBLIC_SUBNET_HOLD_DOWN", 600, minimum=0)
 # A provisioning or update that has not finished after this long (a worker that never consumes its queue, a
 # lost message) ends with the devices still waiting as the reason; checked by clusters.expire.
 CLUSTER_PROVISION_TIMEOUT = env_int("CLUSTER_PROVISION_TIMEOUT", 600, minimum=10)  # seconds

@@ -34,7 +34,8 @@ def _at(lease: PublicSubnetLease, seconds: float):
     return lease.started_at + timedelta(seconds=seconds)
 
 
-def test_an_address_is_traced_to_each_cluster_that_held_it_and_when(create, root, alice):
+def test_an_address_is_traced_to_each_cluster_that_held_it_and_when(create, root, alice, settings):
+    settings.PUBLIC_SUBNET_HOLD_DOWN = 0  # (the next cluster gets the same subnet at once)
     first = create("web", "52:54:00:00:00:01", job_id="77.pbs")
     assert first.public_subnet == "198.19.0.0/28"
     lease = PublicSubnetLease.objects.get(cluster=first)
@@ -129,3 +130,15 @@ def test_leases_are_pruned_after_the_history_retention(create, settings):
 def test_a_job_id_as_long_as_the_api_takes_is_leased_whole(create):
     cluster = create("long", "52:54:00:00:00:01", job_id="j" * 200)
     assert PublicSubnetLease.objects.get(cluster=cluster).job_id == "j" * 200
+
+
+def test_a_subnet_given_back_rests_before_another_cluster_gets_it(create, root, settings):
+    settings.PUBLIC_SUBNET_HOLD_DOWN = 600
+    first = create("web", "52:54:00:00:00:01")
+    services.cluster_teardown(cluster=first, reason="done")
+    overridden = create("db", "52:54:00:00:00:02")
+    assert overridden.public_subnet == "198.19.0.16/28"  # not web's: its router may still route it there
+    services.connectivity_override(cluster=overridden, connectivity="closed", admin=root, reason="legacy software")
+    assert create("third", "52:54:00:00:00:03").public_subnet == "198.19.0.32/28"  # nor db's, now closed
+    PublicSubnetLease.objects.filter(ended_at__isnull=False).update(ended_at=timezone.now() - timedelta(seconds=601))
+    assert create("fourth", "52:54:00:00:00:04").public_subnet == "198.19.0.0/28"  # rested: the lowest again
