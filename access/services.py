@@ -1462,12 +1462,17 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
     cannot take it now (the next run tries again), not when it refuses it for good. A profile that ends with
     its cluster is the cluster's e-mail's business; a holder without an address is not mailed. Returns the
     credentials mailed."""
+    from django.db.models import Exists, OuterRef
+
     from clusters.models import ACTIVE_STATES, VirtualCluster
     from portal import mail
 
     if not settings.EMAIL_ENABLED:
         return []
     now = timezone.now()
+    # a cluster it admits to that does not outlive it (ended, ending first): the cluster's e-mail's business
+    outliving = VirtualCluster.objects.filter(state__in=ACTIVE_STATES, expires_at__gt=OuterRef(OuterRef("not_after")))
+    links = CredentialCluster.objects.filter(credential=OuterRef("pk"))
     due = (
         Credential.objects.filter(
             kind=CredentialKind.VPN,
@@ -1477,6 +1482,9 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
             not_after__gt=now,
             not_after__lte=now + PUBLISH_EXPIRY_NOTICE,
         )
+        .exclude(user__email="")
+        .filter(Exists(links))
+        .exclude(Exists(links.exclude(cluster_id__in=outliving.values("pk"))))
         .select_related("user")
         .prefetch_related("clusters")
         .order_by("not_after")[:limit]
@@ -1489,12 +1497,6 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
         claim = Credential.objects.filter(pk=credential.pk, expiry_mailed=False)
         if not claim.update(expiry_mailed=True):
             continue  # another run
-        ids = [link.cluster_id for link in credential.clusters.all()]
-        outlive = VirtualCluster.objects.filter(
-            pk__in=ids, state__in=ACTIVE_STATES, expires_at__gt=credential.not_after
-        ).count()
-        if not ids or outlive < len(ids) or not credential.user.email:
-            continue
         give_back = Credential.objects.filter(pk=credential.pk)
         try:
             outcome = mail.send(

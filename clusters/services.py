@@ -662,6 +662,28 @@ def _lease_start(cluster: VirtualCluster) -> None:
     )
 
 
+def clusters_lease_public_subnets() -> list[int]:
+    """A lease for every live public cluster that holds its subnet without one: made by a web process of the
+    release before leases (a rolling upgrade), whose migration's backfill came first. Its start is when this
+    found it (the best known). Returns the clusters."""
+    open_leases = PublicSubnetLease.objects.filter(cluster=OuterRef("pk"), ended_at=None)
+    unleased = (
+        VirtualCluster.objects.filter(state__in=LIVE_STATES)
+        .exclude(public_subnet="")
+        .exclude(Exists(open_leases))
+        .select_related("owner", "group")
+    )
+    found = []
+    for cluster in unleased:
+        with transaction.atomic():  # under the cluster's row lock, as an override or an end changes the subnet
+            locked = VirtualCluster.objects.select_for_update()
+            still = locked.filter(pk=cluster.pk, public_subnet=cluster.public_subnet)
+            if still.exists() and not PublicSubnetLease.objects.filter(cluster=cluster, ended_at=None).exists():
+                _lease_start(cluster)
+                found.append(cluster.pk)
+    return found
+
+
 def _lease_end(cluster_id: int) -> None:
     """The cluster gave its public subnet back (it ended, or was made closed)."""
     PublicSubnetLease.objects.filter(cluster_id=cluster_id, ended_at=None).update(ended_at=timezone.now())
@@ -1049,7 +1071,7 @@ def _expiry_subject(cluster: VirtualCluster) -> str:
 def _expiry_body(cluster: VirtualCluster, now) -> str:
     owner = cluster.owner
     left = max(0, int((cluster.expires_at - now).total_seconds()))
-    hours = f"{left // 3600} h" if left >= 3600 else f"{max(1, left // 60)} min"
+    hours = f"{round(left / 3600)} h" if left >= 3600 else f"{max(1, round(left / 60))} min"
     job = f", job {cluster.job_id}" if cluster.job_id else ""
     return (
         f"Hello {owner.get_short_name() or owner.get_username()},\n\n"

@@ -180,9 +180,9 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 def expire() -> list[int]:
     """Periodic: tear down clusters past their lifetime, say which ones come near theirs; retry teardowns that
     got stuck and provisionings that never started or never reached the broker; end provisionings (rolled back)
-    and updates past their deadline; send the rollback of a failed cluster's network that was never rolled back.
-    Each sweep on its own: one that fails (logged, and the task fails after the others ran) does not hold back
-    the rest."""
+    and updates past their deadline; send the rollback of a failed cluster's network that was never rolled back;
+    record the lease of a public subnet a process of the release before gave out. Each sweep on its own: one that
+    fails (logged, and the task fails after the others ran) does not hold back the rest."""
     ids: list[int] = []
     failed: list[str] = []
     for sweep in (
@@ -193,6 +193,7 @@ def expire() -> list[int]:
         services.clusters_resend_unsent,
         services.clusters_end_stalled_workflows,
         services.clusters_roll_back_abandoned_networks,
+        services.clusters_lease_public_subnets,
     ):
         try:
             found = sweep()

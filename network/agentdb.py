@@ -199,7 +199,7 @@ def unrestricted() -> str | None:
     if connection.vendor != "postgresql":
         return "the database is not PostgreSQL (no roles)"
     changes = DeviceChange._meta.db_table
-    allowed = {w.model._meta.db_table: ("UPDATE", "INSERT") for w in WRITES}
+    allowed = {w.model._meta.db_table: ("SELECT", "UPDATE", "INSERT") for w in WRITES}
     allowed.update({table: tuple(p.strip() for p in privileges.split(",")) for table, privileges in _results()})
     with connection.cursor() as cursor:
         cursor.execute("SELECT rolsuper, rolbypassrls, rolcreaterole FROM pg_roles WHERE rolname = current_user")
@@ -209,13 +209,22 @@ def unrestricted() -> str | None:
             [connection.ops.quote_name(changes)],
         )
         (owner,) = cursor.fetchone()
+        # every privilege on every table of the schema, column grants too (has_any_column_privilege)
         cursor.execute(
             "SELECT c.relname, p.privilege FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, "
-            "unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) AS p(privilege) "
-            "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
-            "AND has_table_privilege(c.oid, p.privilege) ORDER BY 1, 2"
+            "unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) AS p(privilege) "
+            "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND CASE "
+            "WHEN p.privilege IN ('SELECT', 'INSERT', 'UPDATE') THEN has_any_column_privilege(c.oid, p.privilege) "
+            "ELSE has_table_privilege(c.oid, p.privilege) END ORDER BY 1, 2"
         )
-        writes = [(table, privilege) for table, privilege in cursor.fetchall()]
+        privileges = cursor.fetchall()
+        switches = Switch._meta.db_table
+        cursor.execute(
+            "SELECT bool_or(has_column_privilege(%s, a.attname, 'SELECT')) FROM pg_attribute a "
+            "WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s)",
+            [switches, connection.ops.quote_name(switches), [Switch._meta.get_field(n).column for n in SWITCH_SECRETS]],
+        )
+        (reads_logins,) = cursor.fetchone()
         cursor.execute(
             "SELECT tablename FROM pg_policies WHERE schemaname = current_schema() AND permissive = 'RESTRICTIVE' "
             "AND policyname LIKE 'virtcloud_agent_%%' AND current_user::name = ANY(roles)"
@@ -233,6 +242,13 @@ def unrestricted() -> str | None:
         return "it may create and grant roles"
     if creates:
         return "it may create objects in the portal's schema (functions that could shadow the portal's)"
+    readable = {m._meta.db_table for m in READS} | {switches} | set(allowed)
+    reads = sorted({table for table, privilege in privileges if privilege == "SELECT" and table not in readable})
+    if reads:
+        return f"it may read {', '.join(reads[:5])}{' …' if len(reads) > 5 else ''}"
+    if reads_logins:
+        return "it may read the switches' logins"
+    writes = [(table, privilege) for table, privilege in privileges if privilege != "SELECT"]
     beyond = sorted({table for table, privilege in writes if privilege not in allowed.get(table, ())})
     if beyond:
         return f"it may write {', '.join(beyond[:5])}{' …' if len(beyond) > 5 else ''}"

@@ -13,7 +13,6 @@ the directory (which revokes every credential and stops its tokens).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_auth_ldap.backend import LDAPBackend
 from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
 
-from portal.env import env_bool, env_float, env_str
+from portal.env import env_bool, env_float, env_str, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +83,6 @@ def _local_account_in_use(user) -> bool:
     )
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def ldap_settings(*, debug: bool = True) -> dict:
     """AUTH_LDAP_* settings from the environment; empty when LDAP_SERVER_URI is not set. In production
     (``debug`` off) a plain ``ldap://`` to another machine needs ``LDAP_START_TLS``: the portal binds as the
@@ -105,7 +97,7 @@ def ldap_settings(*, debug: bool = True) -> dict:
         plain = [
             urllib.parse.urlsplit(part) for part in uri.split() if part.startswith("ldap://")
         ]  # (a list: failover)
-        if not all(_loopback(part.hostname or "") for part in plain):
+        if not all(is_loopback(part.hostname or "") for part in plain):
             raise ImproperlyConfigured(
                 f"LDAP_SERVER_URI={uri!r} sends the users' passwords in clear: use ldaps://, or LDAP_START_TLS=true "
                 "(LDAP_ALLOW_PLAINTEXT=true if the network to the directory is trusted)"

@@ -137,6 +137,16 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine: ``localhost`` or a loopback address."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def env_networks(name: str) -> list:
     """Comma-separated IP addresses or networks (``10.0.0.5, 192.0.2.0/24``) as networks; empty: none."""
     import ipaddress

@@ -8,12 +8,13 @@ over plain ``smtp://`` to another machine would cross the network in clear: refu
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def settings_from_url(url: str, *, debug: bool) -> dict:
         raise ImproperlyConfigured("EMAIL_URL: no host (e.g. smtp+starttls://user:password@mail.example.org)")
     default_port, starttls, tls = _SCHEMES[parts.scheme]
     user, password = unquote(parts.username or ""), unquote(parts.password or "")
-    if (user or password) and not (starttls or tls or debug or _loopback(parts.hostname)):
+    if (user or password) and not (starttls or tls or debug or is_loopback(parts.hostname)):
         raise ImproperlyConfigured(
             "EMAIL_URL: a user name and password over plain smtp:// would cross the network in clear: use "
             "smtp+starttls:// or smtps://"
@@ -71,23 +72,14 @@ class Budget:
         return time.monotonic() < self.until
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 SENT, RETRY, FAILED = "sent", "retry", "failed"
 
 
 def send(*, to: str, subject: str, body: str) -> str:
-    """Send one plain-text message to ``to``: ``SENT``; ``RETRY`` when the relay could not be reached or refused
-    for now (a 4xx, a connection that broke: try again later); ``FAILED`` when it refused for good (a 5xx, an
-    address that is not one: trying again would only be refused again). Logged, never raised; anything else
-    (a task's time limit) goes through."""
+    """Send one plain-text message to ``to``: ``SENT``; ``FAILED`` when the relay refused this address or this
+    message for good (a 5xx to RCPT or DATA, an address that is not one: trying again would only be refused
+    again); ``RETRY`` otherwise (a 4xx, a relay that cannot be reached or refuses our login or sender: try
+    again later). Logged, never raised; anything else (a task's time limit) goes through."""
     import smtplib
 
     from django.conf import settings
@@ -97,13 +89,16 @@ def send(*, to: str, subject: str, body: str) -> str:
         return FAILED
     try:
         EmailMessage(subject=subject, body=body, from_email=settings.DEFAULT_FROM_EMAIL, to=[to]).send()
-    except smtplib.SMTPRecipientsRefused as exc:
+    except smtplib.SMTPRecipientsRefused as exc:  # the address: refused for good (5xx) or for now (4xx)
         codes = [code for code, _message in exc.recipients.values()]
         outcome, why = (RETRY if any(400 <= code < 500 for code in codes) else FAILED), f"refused: {exc.recipients}"
-    except smtplib.SMTPResponseException as exc:
+    except smtplib.SMTPDataError as exc:  # the message itself
         outcome, why = (RETRY if 400 <= exc.smtp_code < 500 else FAILED), f"{exc.smtp_code} {exc.smtp_error!r}"
-    except (smtplib.SMTPException, OSError) as exc:  # refused, timed out, broken connection, TLS
+    except (smtplib.SMTPException, OSError) as exc:
+        # the relay, not this message: unreachable, timed out, TLS, our login (535) or sender (553) refused — a
+        # relay set up wrong refuses every message alike, and each is tried again once it is put right
         outcome, why = RETRY, f"{type(exc).__name__}: {exc}"
+        logger.error("mail: the relay %s refuses or cannot be reached: %s", settings.EMAIL_HOST, why)
     except ValueError as exc:  # an address or header Django refuses
         outcome, why = FAILED, f"{type(exc).__name__}: {exc}"
     else:

@@ -1,6 +1,8 @@
 """Portal-wide endpoints: the health check and the Prometheus metrics for operators, logging out for users, and
 the page where users make and revoke API tokens for their own scripts."""
 
+import time
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
@@ -82,9 +84,14 @@ class LogoutView(auth_views.LogoutView):
         return render(request, self.template_name)
 
     def post(self, request, *args, **kwargs):
+        from django.contrib.auth import BACKEND_SESSION_KEY
+
+        from portal import sso
+
         was_in = request.user.is_authenticated
+        by_proxy = request.session.get(BACKEND_SESSION_KEY) == sso.BACKEND
         response = super().post(request, *args, **kwargs)
-        if settings.SSO_LOGOUT_URL:  # signed in by the proxy: its logout too, or the next request signs in again
+        if by_proxy and settings.SSO_LOGOUT_URL:  # signed in by the proxy: its logout too
             return redirect(settings.SSO_LOGOUT_URL)
         if was_in:
             messages.info(request, "You are logged out.")
@@ -98,6 +105,7 @@ ENDED_TOKENS_SHOWN = 20
 
 
 _NEW_TOKEN = "portal.new_token"  # the session key holding a token just made, until the page shows it (once)
+_NEW_TOKEN_SHOWN_FOR = 120  # seconds: the redirect's page shows it; later (never followed, a stale tab) never
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
@@ -127,13 +135,13 @@ def my_tokens(request):
                     messages.error(request, exc.message)
                 status = 400
             else:
-                request.session[_NEW_TOKEN] = [made.pk, secret]
+                request.session[_NEW_TOKEN] = [made.pk, secret, time.time()]
                 return redirect("tokens")
         else:
             status = 400
     made = secret = None
-    shown = request.session.pop(_NEW_TOKEN, None) if request.method == "GET" else None
-    if shown:
+    shown = request.session.pop(_NEW_TOKEN, None)  # (a page that never came: gone with the next one)
+    if shown and request.method == "GET" and time.time() - shown[2] < _NEW_TOKEN_SHOWN_FOR:
         made = ApiToken.objects.filter(user=request.user, pk=shown[0]).first()
         secret = shown[1] if made else None
     live = tokens.tokens_live(request.user)

@@ -59,3 +59,12 @@ def test_a_relay_that_is_down_is_tried_again(alice, cluster, gateway, relay, set
     assert Credential.objects.get(pk=soon.pk).expiry_mailed is False
     settings.EMAIL_PORT = relay.port
     assert services.credentials_mail_expiring() == [soon.pk]
+
+
+def test_a_profile_that_ends_with_its_cluster_is_mailed_once_the_cluster_is_extended(alice, cluster, gateway, relay):
+    days = dt.timedelta(days=1)
+    profile = _publish(alice, [cluster], ends_in=3 * days, cluster_ends_in=3 * days)
+    assert services.credentials_mail_expiring() == []  # it ends with the cluster: the cluster's e-mail says so
+    assert Credential.objects.get(pk=profile.pk).expiry_mailed is False  # not given up on
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + 30 * days)
+    assert services.credentials_mail_expiring() == [profile.pk]

@@ -39,7 +39,7 @@ def test_the_owner_is_mailed_once_per_expiry_and_again_after_an_extension(fabric
     when = f"{cluster.expires_at:%Y-%m-%d %H:%M} UTC"
     assert message["Subject"] == f"VirtCloud: your cluster mpi ends {when}"
     body = message.get_payload(decode=True).decode()
-    assert f"your virtual cluster mpi (id {mine}, job 42.pbs) ends at {when}, in about 2 h" in body
+    assert f"your virtual cluster mpi (id {mine}, job 42.pbs) ends at {when}, in about 3 h" in body
     assert "extend its lifetime on https://portal.example.org/" in body
 
     assert services.clusters_mail_expiring() == []  # once per expiry
@@ -72,6 +72,11 @@ def test_an_address_the_relay_refuses_for_good_is_not_tried_again_one_it_defers_
     relay.rcpt_reply = (450, "mailbox busy, try later")
     assert services.clusters_mail_expiring() == [] and relay.rcpts == 1
     assert VirtualCluster.objects.get(pk=cluster).expiry_mailed_for is None  # given back: tried again
+    # a relay set up wrong (our sender refused) refuses every message alike: each is tried again once it is right
+    relay.rcpt_reply, relay.mail_reply = (250, "ok"), (553, "sender not allowed")
+    assert services.clusters_mail_expiring() == []
+    assert VirtualCluster.objects.get(pk=cluster).expiry_mailed_for is None
+    relay.mail_reply = (250, "ok")
     relay.rcpt_reply = (550, "no such user")
     assert services.clusters_mail_expiring() == [] and relay.rcpts == 2
     assert services.clusters_mail_expiring() == [] and relay.rcpts == 2  # refused for good: not asked again

@@ -142,3 +142,15 @@ def test_a_subnet_given_back_rests_before_another_cluster_gets_it(create, root, 
     assert create("third", "52:54:00:00:00:03").public_subnet == "198.19.0.32/28"  # nor db's, now closed
     PublicSubnetLease.objects.filter(ended_at__isnull=False).update(ended_at=timezone.now() - timedelta(seconds=601))
     assert create("fourth", "52:54:00:00:00:04").public_subnet == "198.19.0.0/28"  # rested: the lowest again
+
+
+def test_a_public_cluster_a_process_of_the_release_before_made_gets_its_lease(create):
+    """A rolling upgrade: web processes of the release before make public clusters without a lease until they
+    restart; the periodic expiry records it (once)."""
+    cluster = create("web", "52:54:00:00:00:01")
+    PublicSubnetLease.objects.filter(cluster=cluster).delete()  # as the release before made it
+    assert services.clusters_lease_public_subnets() == [cluster.pk]
+    assert services.clusters_lease_public_subnets() == []
+    lease = PublicSubnetLease.objects.get(cluster=cluster)
+    assert (lease.subnet, lease.ended_at) == (cluster.public_subnet, None)
+    assert list(selectors.public_address_holders("198.19.0.5")) == [lease]

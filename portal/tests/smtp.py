@@ -27,7 +27,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._say(250, "test")
             elif verb == "MAIL":
                 envelope = {"from": command.split(":", 1)[1].strip(" <>"), "to": []}
-                self._say(250, "ok")
+                self._say(*server.mail_reply)
             elif verb == "RCPT":
                 server.rcpts += 1
                 code, text = server.rcpt_reply
@@ -73,6 +73,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self.port = self.server_address[1]
         self.received: list[tuple[str, list[str], Message]] = []
         self.rcpt_reply = (250, "ok")  # what RCPT TO is answered (a test sets 550 or 450)
+        self.mail_reply = (250, "ok")  # what MAIL FROM is answered (a test sets 553: the sender refused)
         self.rcpts = 0  # RCPT TO commands seen
         self.lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)

@@ -116,12 +116,16 @@ def test_a_session_of_someone_the_directory_does_not_have_ends(sso):
     assert whoami(client) is None  # not alice any more, and nobody
 
 
-def test_a_local_account_is_never_signed_in_by_the_proxy(sso, root):
-    """The break-glass superuser keeps its password login; the proxy naming it signs nobody in."""
+def test_a_local_account_is_never_signed_in_by_the_proxy(sso):
+    """A local account (a password of its own) named like a directory user: the proxy naming it signs nobody in,
+    and it stays the local account it was, its password login working."""
+    User.objects.create_user("alice", password="local-password")
     client = Client()
-    assert client.get(SSO, **{HEADER: "root@virtcloud.test"}).status_code == 403
+    assert client.get(SSO, **{HEADER: "alice@virtcloud.test"}).status_code == 403
     assert whoami(client) is None
-    assert client.post(reverse("login"), {"username": "root", "password": "root-password"}).status_code == 302
+    alice = User.objects.get(username="alice")
+    assert alice.check_password("local-password") and not alice.groups.exists()  # not filled from the directory
+    assert client.post(reverse("login"), {"username": "alice", "password": "local-password"}).status_code == 302
 
 
 def test_the_sso_backend_never_takes_a_password(sso):
@@ -132,13 +136,17 @@ def test_the_sso_backend_never_takes_a_password(sso):
         assert authenticate(None, username="alice", password="") is None
 
 
-def test_log_out_ends_at_the_proxys_logout(sso, settings):
+def test_log_out_ends_at_the_proxys_logout_for_whom_the_proxy_signed_in(sso, settings, root):
     settings.SSO_LOGOUT_URL = "https://idp.example.org/logout"
     client = Client()
     client.get(SSO, **{HEADER: "alice@virtcloud.test"})
     response = client.post(reverse("logout"))
     assert response.status_code == 302 and response["Location"] == "https://idp.example.org/logout"
     assert whoami(client) is None
+    # a password login (the break-glass superuser) logs out here, as without SSO
+    client.post(reverse("login"), {"username": "root", "password": "root-password"})
+    response = client.post(reverse("logout"))
+    assert response.status_code == 302 and response["Location"] == reverse("login")
 
 
 def test_sso_needs_the_proxy_the_realm_and_the_directory(tmp_path):
