@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
+from access.models import LABEL_MAX
 from access.selectors import cluster_label
 
 # A cluster offered when the page was loaded may have stopped being enterable since (being updated, torn
@@ -36,7 +37,7 @@ class PageForm(forms.Form):
 def label_field() -> forms.CharField:
     return forms.CharField(
         required=False,
-        max_length=60,
+        max_length=LABEL_MAX,
         label="Label (optional)",
         help_text="Where it goes, e.g. 'work laptop': the list below names it so, for the day that device is lost.",
         widget=forms.TextInput(attrs={"placeholder": "work laptop", "autocomplete": "off"}),

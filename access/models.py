@@ -102,6 +102,9 @@ class CredentialQuerySet(models.QuerySet):
         return self.filter(clusters__cluster_id=cluster_id)
 
 
+LABEL_MAX = 60  # characters of a credential's label
+
+
 class Credential(models.Model):
     """A certificate given to a user: an OpenVPN client certificate with its attribute certificate, or
     an OpenSSH user certificate; or an OpenSSH host certificate of a cluster's node (``user``: who asked for it,
@@ -128,7 +131,11 @@ class Credential(models.Model):
         "@revoked)",
     )
     label = models.CharField(
-        max_length=60, blank=True, default="", db_default="", help_text="the holder's name for it, e.g. 'work laptop'"
+        max_length=LABEL_MAX,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="the holder's name for it, e.g. 'work laptop'",
     )
     published = models.BooleanField(default=False, help_text="a long-lived 'publish' profile for a user's router")
     expiry_mailed = models.BooleanField(

@@ -55,6 +55,7 @@ from access.errors import (
     NotFound,
 )
 from access.models import (
+    LABEL_MAX,
     USER_KINDS,
     Authority,
     AuthorityKind,
@@ -467,10 +468,10 @@ def _credential_end(wanted: dt.datetime, clusters: Sequence, authorities: dict[s
 
 
 def credential_label(text: str | None) -> str:
-    """A credential's label as given ("work laptop"): trimmed, at most 60 characters, no control characters."""
+    """A credential's label as given ("work laptop"): trimmed, at most ``LABEL_MAX`` characters, one line."""
     label = (text or "").strip()
-    if len(label) > 60:
-        raise BadLabel(f"a label has at most 60 characters, this one {len(label)}")
+    if len(label) > LABEL_MAX:
+        raise BadLabel(f"a label has at most {LABEL_MAX} characters, this one {len(label)}")
     # control and format characters (a bidi override would make it read as another), line and paragraph breaks
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in label):
         raise BadLabel("a label is one line of text, without control characters")

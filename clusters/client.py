@@ -305,7 +305,13 @@ def _node(cluster: dict, name: str) -> dict:
     raise Refused(f"cluster {cluster['id']} has no node {name}")
 
 
-def _last_error(cluster: dict) -> str:
+def _last_error(cluster: dict, name: str = "", detail: str = "") -> str:
+    """Why the cluster's latest change failed: the error of its latest step (named ``name``, its detail starting
+    with ``detail``, when given) if that failed; without a name, the latest error of any step, or the state's
+    reason."""
+    steps = [s for s in cluster.get("steps", []) if s["name"] == name and s.get("detail", "").startswith(detail)]
+    if name:
+        return steps[-1]["error"] if steps and steps[-1]["status"] == "failed" else ""
     failed = [step for step in cluster.get("steps", []) if step.get("error")]
     return failed[-1]["error"] if failed else cluster.get("state_reason", "")
 
@@ -400,16 +406,10 @@ def add_node(api: Api, args, out: TextIO) -> int:
     nodes = {n["name"]: n for n in cluster["nodes"] if n["state"] != "removed"}
     missing = [n["name"] for n in args.node if nodes.get(n["name"], {}).get("state") != "ready"]
     if cluster["state"] != "ready" or missing:
-        failed = _step_error(cluster, "nodes.add") or cluster.get("state_reason") or "not added"
+        failed = _last_error(cluster, "nodes.add") or cluster.get("state_reason") or "not added"
         raise ClusterFailed(f"the network could not be extended to {', '.join(missing) or 'the nodes'}: {failed}")
     out.write(json.dumps(cluster, indent=1) + "\n")
     return 0
-
-
-def _step_error(cluster: dict, name: str, detail: str = "") -> str:
-    """The error of the latest step ``name`` (whose detail starts with ``detail``), when it failed."""
-    steps = [s for s in cluster.get("steps", []) if s["name"] == name and s.get("detail", "").startswith(detail)]
-    return steps[-1]["error"] if steps and steps[-1]["status"] == "failed" else ""
 
 
 def remove_node(api: Api, args, out: TextIO) -> int:
@@ -430,7 +430,7 @@ def remove_node(api: Api, args, out: TextIO) -> int:
         cluster = api.wait(api.call("DELETE", path, key=key), ("ready", "failed", "torn_down"), deadline)
         if cluster["state"] != "ready":
             raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
-        failed = _step_error(cluster, "nodes.remove", f"{name}@")
+        failed = _last_error(cluster, "nodes.remove", f"{name}@")
         if failed:
             raise ClusterFailed(f"node {name} is removed, but the network did not converge: {failed}")
     out.write(json.dumps(cluster, indent=1) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from access.models import Credential, GatewayKind, RevocationReason, VpnProto
+from access.models import LABEL_MAX, Credential, GatewayKind, RevocationReason, VpnProto
 from clusters.models import ClusterState, Connectivity
 from portal.api import IdField
 
@@ -22,7 +22,7 @@ class VpnProfileRequestSerializer(serializers.Serializer):
     label = serializers.CharField(
         required=False,
         allow_blank=True,
-        max_length=60,
+        max_length=LABEL_MAX,
         help_text="your name for the credential, e.g. 'work laptop' (listed with it, for revoking it when lost)",
     )
 
@@ -38,7 +38,7 @@ class SshCertificateRequestSerializer(serializers.Serializer):
     label = serializers.CharField(
         required=False,
         allow_blank=True,
-        max_length=60,
+        max_length=LABEL_MAX,
         help_text="your name for the credential, e.g. 'work laptop' (listed with it, for revoking it when lost)",
     )
 
