@@ -332,6 +332,14 @@ class Webhook(models.Model):
     endpoint answered 2xx; a failure is retried with backoff. Starts with the events after its creation."""
 
     name = models.SlugField(max_length=50, unique=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="webhooks",
+        help_text="who registered it through the API (the middleware's account); empty: made in the admin",
+    )
     url = models.URLField(
         "URL",
         max_length=500,

@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -41,6 +42,7 @@ from clusters.models import (
     PublicSubnetLease,
     StepStatus,
     VirtualCluster,
+    Webhook,
     address_key,
 )
 from clusters.signals import cluster_ended, cluster_ready
@@ -1287,3 +1289,56 @@ def cluster_events_prune() -> int:
     delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
     PublicSubnetLease.objects.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).delete()
     return deleted
+
+
+# --- webhooks the middleware registers through the API -------------------------------------------------------
+
+#: webhooks one account may register through the API (the admin makes any number)
+WEBHOOKS_PER_OWNER = 10
+_WEBHOOK_FIELDS = ("url", "states", "enabled")
+
+
+def _webhook_checked(hook: Webhook) -> None:
+    """The model's own checks (the URL's scheme, port and address, the states) as a refusal naming the field."""
+    from django.core.exceptions import ValidationError
+
+    try:
+        hook.full_clean(exclude=["secret", "owner", "next_attempt_at", "last_event_id"])
+    except ValidationError as exc:
+        field, messages = next(iter(exc.message_dict.items()))
+        raise ClusterError(" ".join(messages), field=None if field == "__all__" else field) from None
+
+
+@transaction.atomic
+def webhook_create(*, owner, name: str, url: str, states: list[str], enabled: bool = True) -> tuple[Webhook, str]:
+    """A webhook ``owner`` registers: it gets the event feed from now on, signed with a secret made here and
+    returned (the only time it is shown). At most ``WEBHOOKS_PER_OWNER``. (webhook, secret)."""
+    owner.__class__.objects.select_for_update().filter(pk=owner.pk).first()  # one count at a time per owner
+    if Webhook.objects.filter(owner=owner).count() >= WEBHOOKS_PER_OWNER:
+        raise QuotaExceeded(f"{owner.get_username()} has {WEBHOOKS_PER_OWNER} webhooks already: delete one first")
+    if Webhook.objects.filter(name=name).exists():
+        raise ClusterError(f"a webhook named {name} exists already", field="name")
+    secret = secrets.token_urlsafe(32)
+    hook = Webhook(owner=owner, name=name, url=url, states=states, enabled=enabled, secret=secret)
+    _webhook_checked(hook)
+    hook.save()  # (audited, as every change of a webhook: clusters.apps registers it, its secret never shown)
+    return hook, secret
+
+
+@transaction.atomic
+def webhook_update(*, hook: Webhook, changes: dict) -> Webhook:
+    """Change a webhook's URL, states or whether it is enabled."""
+    hook = Webhook.objects.select_for_update().get(pk=hook.pk)
+    before = {name: getattr(hook, name) for name in _WEBHOOK_FIELDS}
+    for name in _WEBHOOK_FIELDS:
+        if name in changes:
+            setattr(hook, name, changes[name])
+    _webhook_checked(hook)
+    changed = [name for name in _WEBHOOK_FIELDS if before[name] != getattr(hook, name)]
+    if changed:
+        hook.save(update_fields=list(changed))
+    return hook
+
+
+def webhook_delete(*, hook: Webhook) -> None:
+    hook.delete()

@@ -26,6 +26,7 @@ from clusters.models import (
     Node,
     NodeState,
     VirtualCluster,
+    Webhook,
     mac_validator,
     name_validator,
 )
@@ -554,3 +555,53 @@ class ClusterSerializer(serializers.ModelSerializer):
     @extend_schema_field(ProgressSerializer)
     def get_progress(self, cluster: VirtualCluster) -> dict:
         return selectors.cluster_progress(cluster)
+
+
+class WebhookSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Webhook
+        fields = [
+            "id",
+            "name",
+            "url",
+            "states",
+            "enabled",
+            "last_event_id",
+            "last_delivered_at",
+            "last_status",
+            "last_error",
+            "failures",
+            "next_attempt_at",
+        ]
+        read_only_fields = fields
+
+
+class WebhookCreatedSerializer(WebhookSerializer):
+    secret = serializers.CharField(
+        help_text="signs every delivery (X-VirtCloud-Signature: sha256=<HMAC of the body>): shown this once"
+    )
+
+    class Meta(WebhookSerializer.Meta):
+        fields = [*WebhookSerializer.Meta.fields, "secret"]
+        read_only_fields = fields
+
+
+class WebhookCreateSerializer(StrictSerializer):
+    name = serializers.SlugField(max_length=50)
+    url = serializers.URLField(max_length=500, help_text="http(s) endpoint that receives POSTed batches of events")
+    states = serializers.ListField(
+        child=serializers.ChoiceField(choices=ClusterState.choices),
+        required=False,
+        default=list,
+        max_length=20,
+        help_text="only events of these states; empty: all",
+    )
+    enabled = serializers.BooleanField(required=False, default=True)
+
+
+class WebhookUpdateSerializer(StrictSerializer):
+    url = serializers.URLField(max_length=500, required=False)
+    states = serializers.ListField(
+        child=serializers.ChoiceField(choices=ClusterState.choices), required=False, max_length=20
+    )
+    enabled = serializers.BooleanField(required=False)

@@ -1,11 +1,12 @@
 from django.urls import path
 
-from clusters.api.views import ClusterViewSet, ImageViewSet, PublicNetworksView
+from clusters.api.views import ClusterViewSet, ImageViewSet, PublicNetworksView, WebhookViewSet
 from portal.api import Router
 
 router = Router(trailing_slash=True)
 router.register("clusters", ClusterViewSet, basename="cluster")
 router.register("images", ImageViewSet, basename="image")
+router.register("webhooks", WebhookViewSet, basename="webhook")
 urlpatterns = [
     path("public-networks/", PublicNetworksView.as_view(), name="public-networks"),
     *router.urls,

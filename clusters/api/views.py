@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from clusters import selectors, services
 from clusters.api import serializers as s
-from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster
+from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster, Webhook
 from portal import notify
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
@@ -484,6 +484,68 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         instead: kept for their history, listed no more, booting nothing; its name stays taken."""
         services.image_delete(image=self._changeable(name))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+WEBHOOK_403 = "webhooks get every cluster's events: a token with clusters:manage (middleware), or an administrator"
+
+
+@extend_schema_view(
+    list=extend_schema(
+        responses={200: s.WebhookSerializer(many=True), **error_responses(400, 401, 403, e403=WEBHOOK_403)}
+    ),
+    retrieve=extend_schema(responses={200: s.WebhookSerializer, **error_responses(401, 403, 404, e403=WEBHOOK_403)}),
+)
+class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Webhooks the middleware registers for itself: each gets the cluster event feed (every cluster's, as
+    ``GET /api/clusters/events/`` gives it to the middleware) pushed, signed with its secret. A caller sees and
+    changes the webhooks it registered (the admin: all of them)."""
+
+    serializer_class = s.WebhookSerializer
+    pagination_class = Pagination
+    required_scopes = {"read": (TokenScope.CLUSTERS_MANAGE,), "write": (TokenScope.CLUSTERS_MANAGE,)}
+    throttle_scope = "cluster-writes"
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        if not selectors.sees_all(request):
+            raise PermissionDenied(WEBHOOK_403)
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no user
+            return Webhook.objects.none()
+        return Webhook.objects.filter(owner=self.request.user).order_by("name")
+
+    @extend_schema(
+        request=s.WebhookCreateSerializer,
+        responses={201: s.WebhookCreatedSerializer, **error_responses(400, 401, 403, 409, 415, 429, e403=WEBHOOK_403)},
+    )
+    def create(self, request):
+        """Register a webhook: it gets the events from now on. Its ``secret`` is in this answer only."""
+        v = _valid(s.WebhookCreateSerializer, request)
+        hook, secret = services.webhook_create(owner=request.user, **v)
+        data = {**s.WebhookSerializer(hook).data, "secret": secret}
+        return _no_store(Response(data, status=status.HTTP_201_CREATED))
+
+    @extend_schema(
+        request=s.WebhookUpdateSerializer,
+        responses={200: s.WebhookSerializer, **error_responses(400, 401, 403, 404, 415, 429, e403=WEBHOOK_403)},
+    )
+    def partial_update(self, request, pk=None):
+        """Change a webhook's URL, states, or whether it is enabled."""
+        hook = get_object_or_404(self.get_queryset(), pk=pk)
+        v = _valid(s.WebhookUpdateSerializer, request)
+        return Response(s.WebhookSerializer(services.webhook_update(hook=hook, changes=v)).data)
+
+    @extend_schema(request=None, responses={204: None, **error_responses(401, 403, 404, 429, e403=WEBHOOK_403)})
+    def destroy(self, request, pk=None):
+        """Delete a webhook: nothing more is sent to it."""
+        services.webhook_delete(hook=get_object_or_404(self.get_queryset(), pk=pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _no_store(response: Response) -> Response:
+    response["Cache-Control"] = "no-store"  # it carries a secret
+    return response
 
 
 class IsRouterOrAdmin(permissions.BasePermission):

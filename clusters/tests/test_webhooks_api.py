@@ -1,0 +1,115 @@
+"""Webhooks the middleware registers through the API (``/api/webhooks/``): made with a token that has
+``clusters:manage``, the secret shown once, the feed pushed to it signed with that secret (a real HTTP endpoint on
+loopback), changed and deleted by the account that made it only; anyone else is refused, bad input is a 400 that
+makes nothing."""
+# ruff: noqa: F401, F811 (pytest fixtures imported from clusters.tests)
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from rest_framework.test import APIClient
+
+from clusters.models import Webhook
+from clusters.tasks import deliver_webhooks
+from clusters.tests.helpers import create_cluster
+from clusters.tests.test_webhooks import receiver
+from network.tests.fakefabric import fabric_fixture
+from portal.models import AuditEntry, TokenScope
+from portal.tokens import token_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def client_with(user, *scopes) -> APIClient:
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token_create(user=user, name='t', scopes=list(scopes))[1]}")
+    return api
+
+
+@pytest.fixture
+def middleware(django_user_model):
+    return client_with(django_user_model.objects.create_user("pbs"), TokenScope.CLUSTERS_MANAGE)
+
+
+def test_the_middleware_registers_a_webhook_and_gets_the_feed_signed_with_its_secret(
+    fabric, alice, receiver, middleware, settings
+):
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    r = middleware.post(
+        "/api/webhooks/", {"name": "pbs-events", "url": receiver.url, "states": ["ready"]}, format="json"
+    )
+    assert r.status_code == 201, r.content
+    assert r["Cache-Control"] == "no-store"
+    secret = r.data["secret"]
+    assert len(secret) >= 40 and r.data["states"] == ["ready"]
+    hook = Webhook.objects.get(name="pbs-events")
+    assert hook.owner.username == "pbs" and hook.secret == secret
+    entry = AuditEntry.objects.get(content_type__model="webhook", object_id=str(hook.pk), action="create")
+    assert secret not in str(entry.changes)
+    listed = middleware.get("/api/webhooks/").data["results"]
+    assert [w["name"] for w in listed] == ["pbs-events"] and "secret" not in listed[0]
+
+    cluster = create_cluster(alice, "c1")
+    deliver_webhooks()
+    ((headers, body),) = receiver.requests
+    assert headers["X-Virtcloud-Signature"] == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert [(e["cluster"], e["state"]) for e in receiver.events(0)] == [(cluster, "ready")]
+
+    r = middleware.patch(f"/api/webhooks/{hook.pk}/", {"enabled": False, "states": []}, format="json")
+    assert r.status_code == 200 and (r.data["enabled"], r.data["states"]) == (False, [])
+    assert middleware.delete(f"/api/webhooks/{hook.pk}/").status_code == 204
+    assert not Webhook.objects.filter(pk=hook.pk).exists()
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": "x", "url": "ftp://example.org/hook"}, "url"),
+        ({"name": "x", "url": "http://169.254.169.254/hook"}, "url"),  # link-local (a cloud's metadata service)
+        ({"name": "x", "url": "http://example.org:99999/hook"}, "url"),
+        ({"name": "x", "url": "https://example.org/hook", "states": ["nope"]}, "states"),
+        ({"name": "not a slug", "url": "https://example.org/hook"}, "name"),
+        ({"name": "x", "url": "https://example.org/hook", "secret": "mine"}, "secret"),  # unknown field
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field_and_makes_nothing(middleware, body, field):
+    r = middleware.post("/api/webhooks/", body, format="json")
+    assert r.status_code == 400 and field in r.data, r.data
+    assert not Webhook.objects.exists()
+
+
+def test_only_the_middleware_or_an_admin_and_only_its_own(alice, root, middleware, django_user_model):
+    r = middleware.post("/api/webhooks/", {"name": "a", "url": "https://example.org/a"}, format="json")
+    theirs = Webhook.objects.get(pk=r.data["id"])
+    # an ordinary user (a session, or a token with clusters:write): the feed of every cluster is not theirs
+    session = APIClient()
+    session.force_login(alice)
+    assert session.get("/api/webhooks/").status_code == 403
+    writer = client_with(alice, TokenScope.CLUSTERS_WRITE)
+    assert (
+        writer.post("/api/webhooks/", {"name": "b", "url": "https://example.org/b"}, format="json").status_code == 403
+    )
+    # another middleware account: someone else's webhook is a 404
+    other = client_with(django_user_model.objects.create_user("slurm"), TokenScope.CLUSTERS_MANAGE)
+    assert other.get(f"/api/webhooks/{theirs.pk}/").status_code == 404
+    assert other.delete(f"/api/webhooks/{theirs.pk}/").status_code == 404
+    assert other.get("/api/webhooks/").data["results"] == []
+    # an admin's session registers its own
+    admin = APIClient()
+    admin.force_login(root)
+    assert admin.post("/api/webhooks/", {"name": "c", "url": "https://example.org/c"}, format="json").status_code == 201
+    # a name taken, a quota reached: refused, nothing made
+    assert other.post("/api/webhooks/", {"name": "a", "url": "https://example.org/x"}, format="json").status_code == 400
+    for i in range(9):
+        assert (
+            middleware.post(
+                "/api/webhooks/", {"name": f"m{i}", "url": "https://example.org/m"}, format="json"
+            ).status_code
+            == 201
+        )
+    r = middleware.post("/api/webhooks/", {"name": "m10", "url": "https://example.org/m"}, format="json")
+    assert r.status_code == 409 and r.data["code"] == "quota_exceeded"
+    assert Webhook.objects.count() == 11
