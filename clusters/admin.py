@@ -153,8 +153,27 @@ class WebhookAdmin(admin.ModelAdmin):
     """Endpoints the cluster event feed is pushed to; the delivery state shows whether they keep up."""
 
     form = WebhookForm
-    list_display = ("name", "url", "enabled", "last_event_id", "last_status", "failures", "last_delivered_at")
-    readonly_fields = ("last_event_id", "last_delivered_at", "last_status", "last_error", "failures", "next_attempt_at")
+    list_display = (
+        "name",
+        "url",
+        "owner",
+        "enabled",
+        "last_event_id",
+        "last_status",
+        "failures",
+        "last_delivered_at",
+    )
+    list_filter = ("enabled", ("owner", admin.EmptyFieldListFilter))
+    readonly_fields = (
+        "owner",
+        "token",
+        "last_event_id",
+        "last_delivered_at",
+        "last_status",
+        "last_error",
+        "failures",
+        "next_attempt_at",
+    )
 
 
 class NodeInline(admin.TabularInline):

@@ -45,3 +45,10 @@ class QuotaExceeded(Conflict):
 class NotAllowed(ClusterError):
     status = 403
     code = "forbidden"
+
+
+class Gone(ClusterError):
+    """What the request names was deleted while it was being handled."""
+
+    status = 404
+    code = "not_found"

@@ -336,9 +336,19 @@ class Webhook(models.Model):
         settings.AUTH_USER_MODEL,
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.CASCADE,
         related_name="webhooks",
+        editable=False,
         help_text="who registered it through the API (the middleware's account); empty: made in the admin",
+    )
+    token = models.ForeignKey(
+        "portal.ApiToken",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="webhooks",
+        editable=False,
+        help_text="the token it was registered with: revoked or expired, nothing more is sent",
     )
     url = models.URLField(
         "URL",
@@ -376,7 +386,7 @@ class Webhook(models.Model):
             raise ValidationError({"url": f"{exc} in {self.url}"}) from None
         host = parts.hostname or ""
         with contextlib.suppress(ValueError):
-            if refused_address("127.0.0.1" if host == "localhost" else host):
+            if refused_address("127.0.0.1" if host == "localhost" else host, public_only=self.owner_id is not None):
                 raise ValidationError({"url": f"{host} is this machine's or a special address: not delivered to"})
         choices = ", ".join(ClusterState.values)
         if not isinstance(self.states, list) or not all(isinstance(s, str) for s in self.states):
@@ -384,6 +394,18 @@ class Webhook(models.Model):
         unknown = sorted(set(self.states) - set(ClusterState.values))
         if unknown:
             raise ValidationError({"states": f"unknown states {', '.join(unknown)}; use {choices}"})
+
+    @classmethod
+    def deliverable(cls):
+        """The webhooks that get the feed: enabled, and made in the admin or by an account that still may — its
+        user active, and the token it was registered with neither revoked nor expired (or, registered from an
+        admin's session, the admin still staff)."""
+        now = timezone.now()
+        live_token = Q(token__revoked_at=None) & (Q(token__expires_at=None) | Q(token__expires_at__gt=now))
+        by_staff = Q(token=None, owner__is_staff=True)
+        return cls.objects.filter(enabled=True).filter(
+            Q(owner=None) | (Q(owner__is_active=True) & (Q(token__isnull=False) & live_token | by_staff))
+        )
 
 
 class ClusterStep(models.Model):

@@ -25,7 +25,16 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from clusters import policy, selectors, workflows
-from clusters.errors import Busy, ClusterError, Conflict, InvalidTopology, NotAllowed, PoolExhausted, QuotaExceeded
+from clusters.errors import (
+    Busy,
+    ClusterError,
+    Conflict,
+    Gone,
+    InvalidTopology,
+    NotAllowed,
+    PoolExhausted,
+    QuotaExceeded,
+)
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -1310,33 +1319,48 @@ def _webhook_checked(hook: Webhook) -> None:
 
 
 @transaction.atomic
-def webhook_create(*, owner, name: str, url: str, states: list[str], enabled: bool = True) -> tuple[Webhook, str]:
-    """A webhook ``owner`` registers: it gets the event feed from now on, signed with a secret made here and
-    returned (the only time it is shown). At most ``WEBHOOKS_PER_OWNER``. (webhook, secret)."""
+def webhook_create(
+    *, owner, name: str, url: str, states: list[str], enabled: bool = True, token=None
+) -> tuple[Webhook, str]:
+    """A webhook ``owner`` registers (with ``token``: it gets the feed while that token is live): it gets the
+    event feed from now on, signed with a secret made here and returned (the only time it is shown). At most
+    ``WEBHOOKS_PER_OWNER``; only public addresses unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them. (webhook,
+    secret)."""
     owner.__class__.objects.select_for_update().filter(pk=owner.pk).first()  # one count at a time per owner
     if Webhook.objects.filter(owner=owner).count() >= WEBHOOKS_PER_OWNER:
         raise QuotaExceeded(f"{owner.get_username()} has {WEBHOOKS_PER_OWNER} webhooks already: delete one first")
+    taken = ClusterError(f"a webhook named {name} exists already", field="name")
     if Webhook.objects.filter(name=name).exists():
-        raise ClusterError(f"a webhook named {name} exists already", field="name")
+        raise taken
     secret = secrets.token_urlsafe(32)
-    hook = Webhook(owner=owner, name=name, url=url, states=states, enabled=enabled, secret=secret)
+    hook = Webhook(owner=owner, token=token, name=name, url=url, states=states, enabled=enabled, secret=secret)
     _webhook_checked(hook)
-    hook.save()  # (audited, as every change of a webhook: clusters.apps registers it, its secret never shown)
+    try:
+        with transaction.atomic():
+            hook.save()  # (audited, as every change of a webhook: clusters.apps registers it, its secret never shown)
+    except IntegrityError:  # the same name, made by another account at the same moment
+        raise taken from None
     return hook, secret
 
 
 @transaction.atomic
 def webhook_update(*, hook: Webhook, changes: dict) -> Webhook:
-    """Change a webhook's URL, states or whether it is enabled."""
-    hook = Webhook.objects.select_for_update().get(pk=hook.pk)
+    """Change a webhook's URL, states or whether it is enabled. A new URL or enabling it again starts afresh:
+    no backoff left from the failures of before."""
+    hook = Webhook.objects.select_for_update().filter(pk=hook.pk).first()
+    if hook is None:
+        raise Gone("the webhook was deleted meanwhile")
     before = {name: getattr(hook, name) for name in _WEBHOOK_FIELDS}
     for name in _WEBHOOK_FIELDS:
         if name in changes:
             setattr(hook, name, changes[name])
     _webhook_checked(hook)
     changed = [name for name in _WEBHOOK_FIELDS if before[name] != getattr(hook, name)]
+    if "url" in changed or ("enabled" in changed and hook.enabled):
+        hook.failures, hook.next_attempt_at, hook.last_error = 0, timezone.now(), ""
+        changed += ["failures", "next_attempt_at", "last_error"]
     if changed:
-        hook.save(update_fields=list(changed))
+        hook.save(update_fields=changed)
     return hook
 
 

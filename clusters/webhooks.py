@@ -67,16 +67,19 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def refused_address(address: str) -> bool:
+def refused_address(address: str, *, public_only: bool = False) -> bool:
     """Whether a webhook must not be sent to ``address`` (an IP): this machine's own or its network's
-    special ranges, unless ``WEBHOOK_ALLOWED_NETWORKS`` lists it."""
+    special ranges — and with ``public_only`` (a webhook the middleware registered through the API) anything
+    not public (the provider's private networks) — unless ``WEBHOOK_ALLOWED_NETWORKS`` lists it."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if any(ip in ipaddress.ip_network(net, strict=False) for net in settings.WEBHOOK_ALLOWED_NETWORKS):
         return False
+    if public_only and not ip.is_global:
+        return True
     return ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
 
 
-def _checked_address(url: str) -> tuple[str | None, str]:
+def _checked_address(url: str, *, public_only: bool = False) -> tuple[str | None, str]:
     """(the address to POST to, "") or (None, why not): the host resolved once, every answer checked."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -85,7 +88,7 @@ def _checked_address(url: str) -> tuple[str | None, str]:
     except (OSError, UnicodeError) as exc:
         return None, f"cannot resolve {host}: {exc}"
     addresses = list(dict.fromkeys(info[4][0] for info in answers))
-    refused = [a for a in addresses if refused_address(a)]
+    refused = [a for a in addresses if refused_address(a, public_only=public_only)]
     if refused or not addresses:
         listed = ", ".join(refused) or "nothing"
         return None, f"{host} resolves to {listed}: not delivered to (WEBHOOK_ALLOWED_NETWORKS)"
@@ -180,18 +183,18 @@ class _DeadlineHTTPS(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
-def _opener(url: str, deadline: _Deadline) -> tuple[urllib.request.OpenerDirector | None, str]:
+def _opener(url: str, deadline: _Deadline, *, public_only: bool) -> tuple[urllib.request.OpenerDirector | None, str]:
     parts = urllib.parse.urlsplit(url)
     if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
         address = None  # the proxy connects, and decides
     else:
-        address, why = _checked_address(url)
+        address, why = _checked_address(url, public_only=public_only)
         if address is None:
             return None, why
     return outgoing.opener(handlers=(_DeadlineHTTP(deadline, address), _DeadlineHTTPS(deadline, address))), ""
 
 
-def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+def _post(url: str, body: bytes, headers: dict[str, str], *, public_only: bool = False) -> tuple[int | None, str]:
     """(the HTTP status or None, what went wrong); never raises for anything the endpoint or its URL does."""
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
@@ -199,7 +202,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, s
     cut = f"no complete answer within {timeout:g} s (WEBHOOK_TIMEOUT)"
     with _Deadline(timeout) as deadline:
         try:
-            opener, why = _opener(url, deadline)
+            opener, why = _opener(url, deadline, public_only=public_only)
             if opener is None:
                 return None, why
             request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
@@ -231,7 +234,7 @@ def deliver(webhook_id: int) -> Delivery:
     the endpoint answers 2xx — so batches never overlap, and an endpoint that hangs (or a worker cut by its
     time limit) still backs off; the POST itself holds no lock and no transaction open."""
     with transaction.atomic():
-        hook = Webhook.objects.select_for_update(skip_locked=True).filter(pk=webhook_id, enabled=True).first()
+        hook = Webhook.deliverable().select_for_update(skip_locked=True, of=("self",)).filter(pk=webhook_id).first()
         if hook is None or hook.next_attempt_at > timezone.now():
             return Delivery(webhook=hook.name if hook else "", sent=0)
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
@@ -260,7 +263,7 @@ def deliver(webhook_id: int) -> Delivery:
         "X-VirtCloud-Timestamp": stamp,
         "X-VirtCloud-Signature-Timestamped": signature(str(hook.secret), stamp.encode() + b"." + body),
     }
-    status, error = _post(hook.url, body, headers)
+    status, error = _post(hook.url, body, headers, public_only=hook.owner_id is not None)
     now = timezone.now()
     if status is not None and 200 <= status < 300:
         Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id).update(
@@ -289,7 +292,7 @@ def _claim_seconds() -> float:
 def deliver_due() -> list[Delivery]:
     """One round: every enabled webhook whose next attempt is due gets its next batch (one that fails in a way
     ``deliver`` did not foresee is logged, and the others still get theirs)."""
-    due = Webhook.objects.filter(enabled=True, next_attempt_at__lte=timezone.now()).values_list("pk", "name")
+    due = Webhook.deliverable().filter(next_attempt_at__lte=timezone.now()).values_list("pk", "name")
     deliveries = []
     for pk, name in due:
         try:

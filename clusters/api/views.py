@@ -497,8 +497,9 @@ WEBHOOK_403 = "webhooks get every cluster's events: a token with clusters:manage
 )
 class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Webhooks the middleware registers for itself: each gets the cluster event feed (every cluster's, as
-    ``GET /api/clusters/events/`` gives it to the middleware) pushed, signed with its secret. A caller sees and
-    changes the webhooks it registered (the admin: all of them)."""
+    ``GET /api/clusters/events/`` gives it to the middleware) pushed, signed with its secret, while the token it
+    was registered with is live. A caller sees and changes only the webhooks it registered (the admin's pages
+    show every one)."""
 
     serializer_class = s.WebhookSerializer
     pagination_class = Pagination
@@ -507,7 +508,11 @@ class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
-        if not selectors.sees_all(request):
+        token = request.auth
+        if isinstance(token, ApiToken):  # (HasScope made sure of clusters:manage)
+            return
+        action = "view" if request.method in permissions.SAFE_METHODS else "change"
+        if not selectors.staff_may(request.user, action, Webhook):  # as the admin's webhook pages ask
             raise PermissionDenied(WEBHOOK_403)
 
     def get_queryset(self):
@@ -522,7 +527,8 @@ class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def create(self, request):
         """Register a webhook: it gets the events from now on. Its ``secret`` is in this answer only."""
         v = _valid(s.WebhookCreateSerializer, request)
-        hook, secret = services.webhook_create(owner=request.user, **v)
+        token = request.auth if isinstance(request.auth, ApiToken) else None
+        hook, secret = services.webhook_create(owner=request.user, token=token, **v)
         data = {**s.WebhookSerializer(hook).data, "secret": secret}
         return _no_store(Response(data, status=status.HTTP_201_CREATED))
 

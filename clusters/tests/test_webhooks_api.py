@@ -35,9 +35,8 @@ def middleware(django_user_model):
 
 
 def test_the_middleware_registers_a_webhook_and_gets_the_feed_signed_with_its_secret(
-    fabric, alice, receiver, middleware, settings
+    fabric, alice, receiver, middleware
 ):
-    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
     r = middleware.post(
         "/api/webhooks/", {"name": "pbs-events", "url": receiver.url, "states": ["ready"]}, format="json"
     )
@@ -73,6 +72,9 @@ def test_the_middleware_registers_a_webhook_and_gets_the_feed_signed_with_its_se
         ({"name": "x", "url": "https://example.org/hook", "states": ["nope"]}, "states"),
         ({"name": "not a slug", "url": "https://example.org/hook"}, "name"),
         ({"name": "x", "url": "https://example.org/hook", "secret": "mine"}, "secret"),  # unknown field
+        ({"name": "x", "url": "http://10.1.2.3/hook"}, "url"),  # the provider's private network: not the API's
+        ({"name": "x", "url": None}, "url"),
+        ({"name": "x", "url": "https://example.org/hook", "states": None}, "states"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field_and_makes_nothing(middleware, body, field):
@@ -113,3 +115,46 @@ def test_only_the_middleware_or_an_admin_and_only_its_own(alice, root, middlewar
     r = middleware.post("/api/webhooks/", {"name": "m10", "url": "https://example.org/m"}, format="json")
     assert r.status_code == 409 and r.data["code"] == "quota_exceeded"
     assert Webhook.objects.count() == 11
+
+
+def test_a_change_is_checked_as_a_new_one_is(middleware):
+    r = middleware.post("/api/webhooks/", {"name": "a", "url": "https://example.org/a"}, format="json")
+    url = f"/api/webhooks/{r.data['id']}/"
+    for body, field in (({"url": "http://169.254.169.254/"}, "url"), ({"states": ["nope"]}, "states")):
+        answer = middleware.patch(url, body, format="json")
+        assert answer.status_code == 400 and field in answer.data, answer.data
+    assert Webhook.objects.get(name="a").url == "https://example.org/a"
+
+
+def test_a_webhook_stops_with_the_token_or_the_account_it_was_registered_with(alice, django_user_model):
+    from portal.tokens import token_revoke
+
+    pbs = django_user_model.objects.create_user("pbs")
+    token, secret = token_create(user=pbs, name="pbs", scopes=[TokenScope.CLUSTERS_MANAGE])
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    r = api.post("/api/webhooks/", {"name": "a", "url": "https://example.org/a"}, format="json")
+    hook = Webhook.objects.get(pk=r.data["id"])
+    assert hook.token == token and Webhook.deliverable().filter(pk=hook.pk).exists()
+    token_revoke(token=token)
+    assert not Webhook.deliverable().filter(pk=hook.pk).exists()  # a leaked token revoked: no feed left behind
+    token.revoked_at = None
+    token.save()
+    pbs.is_active = False
+    pbs.save()
+    assert not Webhook.deliverable().filter(pk=hook.pk).exists()
+    pbs.delete()
+    assert not Webhook.objects.filter(pk=hook.pk).exists()  # gone with its account, never left ownerless
+
+
+def test_a_staff_member_who_may_only_view_clusters_cannot_register_one(django_user_model):
+    from django.contrib.auth.models import Permission
+
+    viewer = django_user_model.objects.create_user("viewer", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_virtualcluster"))
+    session = APIClient()
+    session.force_login(viewer)
+    assert (
+        session.post("/api/webhooks/", {"name": "v", "url": "https://example.org/v"}, format="json").status_code == 403
+    )
+    assert not Webhook.objects.exists()
