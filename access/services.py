@@ -1498,21 +1498,15 @@ def credentials_mail_expiring(*, limit: int = 200) -> list[int]:
         claim = Credential.objects.filter(pk=credential.pk, expiry_mailed=False)
         if not claim.update(expiry_mailed=True):
             continue  # another run
-        give_back = Credential.objects.filter(pk=credential.pk)
-        try:
-            outcome = mail.send(
-                to=credential.user.email,
-                subject=f"VirtCloud: your publish VPN profile {credential.serial} ends "
-                f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC",
-                body=_publish_expiry_body(credential),
-            )
-        except BaseException:  # the task's time limit, a shutdown: not sent, the next run tries again
-            give_back.update(expiry_mailed=False)
-            raise
-        if outcome == mail.SENT:
+        given = Credential.objects.filter(pk=credential.pk)
+        if mail.send_claimed(
+            give_back=lambda given=given: given.update(expiry_mailed=False),
+            to=credential.user.email,
+            subject=f"VirtCloud: your publish VPN profile {credential.serial} ends "
+            f"{credential.not_after.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            body=_publish_expiry_body(credential),
+        ):
             mailed.append(credential.pk)
-        elif outcome == mail.RETRY:
-            give_back.update(expiry_mailed=False)
     return mailed
 
 

@@ -1060,18 +1060,14 @@ def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
             continue  # extended, or mailed by another run, meanwhile
         if not cluster.owner.email:
             continue
-        give_back = VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at)
-        try:
-            outcome = mail.send(
-                to=cluster.owner.email, subject=_expiry_subject(cluster), body=_expiry_body(cluster, now)
-            )
-        except BaseException:  # the task's time limit, a shutdown: not sent, the next run tries again
-            give_back.update(expiry_mailed_for=None)
-            raise
-        if outcome == mail.SENT:
+        given = VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at)
+        if mail.send_claimed(
+            give_back=lambda given=given: given.update(expiry_mailed_for=None),
+            to=cluster.owner.email,
+            subject=_expiry_subject(cluster),
+            body=_expiry_body(cluster, now),
+        ):
             mailed.append(cluster.pk)
-        elif outcome == mail.RETRY:  # the relay could not take it now: the next run tries again
-            give_back.update(expiry_mailed_for=None)
     return mailed
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
@@ -106,3 +107,17 @@ def send(*, to: str, subject: str, body: str) -> str:
     then = "will retry" if outcome == RETRY else "given up"
     logger.warning("mail to %s (%s) not sent (%s): %s", to, subject, then, why)
     return outcome
+
+
+def send_claimed(*, give_back: Callable[[], object], to: str, subject: str, body: str) -> bool:
+    """Send a message the caller claimed first (a row marked as mailed, so that two runs never send it twice):
+    ``give_back()`` undoes the claim when the relay cannot take it now, or the run is cut short (a task's time
+    limit), and the next run tries again; a message sent, or refused for good, keeps it. Whether it was sent."""
+    try:
+        outcome = send(to=to, subject=subject, body=body)
+    except BaseException:
+        give_back()
+        raise
+    if outcome == RETRY:
+        give_back()
+    return outcome == SENT
