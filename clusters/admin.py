@@ -88,9 +88,6 @@ def _address_and_time(text: str):
     """(address, time or None) when ``text`` is an IP address, optionally followed by an ISO 8601 time (UTC
     unless it says otherwise); None for anything else."""
     import ipaddress
-    from datetime import UTC
-
-    from django.utils.dateparse import parse_datetime
 
     parts = text.split()
     if not 1 <= len(parts) <= 2:
@@ -101,13 +98,8 @@ def _address_and_time(text: str):
         return None
     if len(parts) == 1:
         return parts[0], None
-    try:
-        at = parse_datetime(parts[1].replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if at is None:
-        return None
-    return parts[0], at if at.tzinfo else at.replace(tzinfo=UTC)
+    at = selectors.moment(parts[1])
+    return (parts[0], at) if at else None
 
 
 @admin.register(Quota)

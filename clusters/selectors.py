@@ -164,6 +164,22 @@ def public_networks(*, site: str | None = None) -> list[dict]:
     return out
 
 
+def moment(text: str):
+    """An ISO 8601 time as an abuse report gives it (``2026-12-01T10:00Z``; UTC unless it says otherwise); None
+    for anything else."""
+    from datetime import UTC
+
+    from django.utils.dateparse import parse_datetime
+
+    try:
+        at = parse_datetime(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if at is None:
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def public_address_holders(address: str, *, at=None) -> QuerySet[PublicSubnetLease]:
     """Who held the public subnet that ``address`` is in (at the time ``at``; every time when None), newest
     first: the answer to an abuse report. ``ValueError`` for a string that is not an IP address."""

@@ -2,6 +2,7 @@
 signs in the user the proxy names in its header — the account and its groups from the LDAP directory (a real,
 throwaway slapd) — only when the request comes from the proxy; another realm, a name the directory does not
 know, or the header from anywhere else signs nobody in, and on any other path the header means nothing."""
+# ruff: noqa: F401, F811 (the pytest fixture directory is imported from portal.tests.test_auth)
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from django.test import Client, override_settings
 from django.urls import reverse
 
 from portal.auth import ldap_settings
-from portal.ldapserver import DEMO_GROUPS, DEMO_USERS, LdapServer
+from portal.tests.test_auth import directory  # a throwaway slapd (the demo's users and groups)
 from portal.tests.test_settings import loaded, refused
 
 pytestmark = [
@@ -27,12 +28,6 @@ pytestmark = [
 
 HEADER = "HTTP_X_REMOTE_USER"
 SSO = "/sso/login/"
-
-
-@pytest.fixture(scope="module")
-def directory():
-    with LdapServer(users=DEMO_USERS, groups=DEMO_GROUPS) as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,22 +4,16 @@ did."""
 
 from __future__ import annotations
 
-from datetime import UTC
-
 from django.core.management.base import BaseCommand, CommandError
-from django.utils.dateparse import parse_datetime
 
 from clusters import selectors
 
 
 def _time(text: str):
-    try:
-        at = parse_datetime(text.replace("Z", "+00:00"))
-    except ValueError:
-        at = None
+    at = selectors.moment(text)
     if at is None:
         raise CommandError(f"not an ISO 8601 time: {text!r} (e.g. 2026-12-01T10:00Z)")
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+    return at
 
 
 class Command(BaseCommand):
