@@ -388,19 +388,19 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
 
 def pool_usage(pools: Iterable[VlanPool]) -> dict[int, dict[str, int]]:
     """VLAN ids of each pool now, by pool id: ``size`` (its ranges minus reserved), ``free`` (what an
-    allocation may take now: the allocator's own rule, ``services._free_now``), ``allocated`` and
+    allocation may take now: the allocator's own rule, ``services.free_now``), ``allocated`` and
     ``quarantined`` (held back: the hold-down time, or an access gateway's state that may still map them) — of
     the ids inside its ranges (one a range no longer holds, still held until it is released, counts for none).
     One query, whatever the number of pools."""
     from django.utils import timezone
 
-    from network.services import _free_now, reuse_horizon
+    from network.services import free_now, reuse_horizon
 
     pools = list(pools)
     now = timezone.now()
     held = (
         VlanAllocation.objects.filter(pool__in=[p.pk for p in pools])
-        .exclude(_free_now(now, reuse_horizon(now)))
+        .exclude(free_now(now, reuse_horizon(now)))
         .values_list("pool_id", "vid", "state")
     )
     counts: dict[int, dict[str, int]] = {}

@@ -91,7 +91,7 @@ def _ask_horizon(now: datetime) -> datetime:
     return horizon
 
 
-def _free_now(now, horizon=None) -> Q:
+def free_now(now, horizon=None) -> Q:
     """Rows that may be handed out: free, or quarantined with the hold-down time over and — if a segment on
     the gateway trunks held it — released before ``horizon`` (``reuse_horizon``; default ``now``)."""
     forgotten = Q(gateway_mapped=False) | Q(released_at__lte=now if horizon is None else horizon)
@@ -111,7 +111,7 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
     gone = existing - valid
     if gone:
         now = timezone.now()
-        _drop_rows(VlanAllocation.objects.filter(_free_now(now, reuse_horizon(now)), pool=pool, vid__in=gone))
+        _drop_rows(VlanAllocation.objects.filter(free_now(now, reuse_horizon(now)), pool=pool, vid__in=gone))
     return len(missing)
 
 
@@ -173,7 +173,7 @@ def _take_skip_locked(pool: VlanPool, start: int, owner: str, now, horizon) -> V
 def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> VlanAllocation | int | None:
     """Any database: read a free candidate, then take it with a conditional UPDATE (0 rows: lost a race)
     and audit it, the take and its audit entry in one transaction."""
-    candidates = VlanAllocation.objects.filter(_free_now(now, horizon), pool=pool).order_by("vid")
+    candidates = VlanAllocation.objects.filter(free_now(now, horizon), pool=pool).order_by("vid")
     row = candidates.filter(vid__gte=start).first() or candidates.filter(vid__lt=start).first()
     if row is None:
         return None
@@ -186,7 +186,7 @@ def _take_conditional(pool: VlanPool, start: int, owner: str, now, horizon) -> V
         "gateway_mapped": False,
     }
     with transaction.atomic():
-        if not VlanAllocation.objects.filter(_free_now(now, horizon), pk=row.pk).update(**fields):
+        if not VlanAllocation.objects.filter(free_now(now, horizon), pk=row.pk).update(**fields):
             return 0
         for name, value in fields.items():
             setattr(row, name, value)
@@ -235,9 +235,9 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
     else:
         raise AllocationContention(f"pool {pool.name}: could not take a free VLAN id; try again")
     now = timezone.now()
-    held = VlanAllocation.objects.filter(pool=pool).exclude(_free_now(now, horizon)).count()
+    held = VlanAllocation.objects.filter(pool=pool).exclude(free_now(now, horizon)).count()
     waiting = VlanAllocation.objects.filter(
-        _free_now(now), pool=pool, state=Free.QUARANTINED, gateway_mapped=True
+        free_now(now), pool=pool, state=Free.QUARANTINED, gateway_mapped=True
     ).count()
     raise PoolExhausted(
         f"pool {pool.name} is exhausted: all {len(valid)} VLAN ids are in use or in quarantine ({held})"

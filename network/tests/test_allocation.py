@@ -126,7 +126,7 @@ def test_only_a_closed_segments_id_waits_for_the_gateways_even_if_it_turned_publ
     VlanAllocation.objects.filter(state=VlanAllocation.State.QUARANTINED).update(quarantine_until=long_ago)
     HORIZON[:] = [long_ago]  # no gateway has caught up with these releases
     try:
-        free = VlanAllocation.objects.filter(services._free_now(timezone.now(), services.reuse_horizon(timezone.now())))
+        free = VlanAllocation.objects.filter(services.free_now(timezone.now(), services.reuse_horizon(timezone.now())))
         back = set(free.filter(state=VlanAllocation.State.QUARANTINED).values_list("owner", flat=True))
     finally:
         HORIZON.clear()
