@@ -12,6 +12,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import F
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -159,7 +160,10 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             "live_states": ",".join(LIVE_STATES),
             "transitional_states": ",".join(s for s in LIVE_STATES if s not in SETTLED_STATES),
             "state_labels": dict(ClusterState.choices),
-            "ended": list(clusters.exclude(state__in=LIVE_STATES)[:10]),
+            # the last ten to end (a long-lived cluster torn down a minute ago before ten jobs' made after it)
+            "ended": list(
+                clusters.exclude(state__in=LIVE_STATES).order_by(F("ended_at").desc(nulls_last=True), "-id")[:10]
+            ),
         },
         status=status,
     )

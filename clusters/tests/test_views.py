@@ -121,3 +121,24 @@ def test_home_shows_the_step_a_cluster_in_transition_is_at(client, alice):
     api = APIClient()
     api.force_authenticate(alice)
     assert api.get(f"/api/clusters/{busy.pk}/").data["progress"] == {"percent": 25, "current": "network"}
+
+
+def test_home_recently_ended_are_the_last_ten_to_end(client, alice):
+    """ "Recently ended" is by the time each ended, not by creation: an old cluster torn down a minute ago is there
+    although ten clusters made after it ended before."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from access.tests.fixtures import make_cluster
+    from clusters.models import VirtualCluster
+
+    now = timezone.now()
+    old = make_cluster(alice, name="long-lived", state="torn_down")
+    VirtualCluster.objects.filter(pk=old.pk).update(ended_at=now - timedelta(minutes=1))
+    for i in range(10):
+        job = make_cluster(alice, name=f"job{i}", state="torn_down")
+        VirtualCluster.objects.filter(pk=job.pk).update(ended_at=now - timedelta(hours=1, minutes=i))
+    client.force_login(alice)
+    ended = client.get("/").context["ended"]
+    assert [c.name for c in ended] == ["long-lived"] + [f"job{i}" for i in range(9)]
