@@ -1816,19 +1816,35 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     )
 
 
+@dataclass(frozen=True)
+class LostDevice:
+    """What "lost my laptop" did: whether it revoked the credential now, the account whose session hash the caller
+    refreshes to stay signed in (None: nothing revoked, or an account with a password of its own, whose owner
+    changes it instead), and the API tokens it revoked with it."""
+
+    revoked: bool
+    account: object | None
+    tokens: list
+
+
 @transaction.atomic
-def credential_revoke_lost_device(*, credential: Credential, user):
+def credential_revoke_lost_device(*, credential: Credential, user, token_ids=()) -> LostDevice:
     """ "Lost my laptop": revoke ``credential`` (``user``'s own) and, when that revoked it now, end the user's other
-    browser sessions (the device may still be signed in and could download a new profile). Returns (revoked
-    now?, the account whose session hash the caller refreshes to stay signed in, or None: nothing revoked, or an
-    account with a password of its own, whose owner changes it instead)."""
+    browser sessions (the device may still be signed in and could download a new profile). The API tokens among
+    ``token_ids`` that are ``user``'s own and live are revoked too, whatever the credential's state (a token on the
+    laptop issues new profiles as well as a browser session does); other ids are ignored."""
+    from portal.tokens import token_revoke, tokens_live
+
     revoked = credential_revoke(
         credential=credential,
         reason=RevocationReason.KEY_COMPROMISE,
         by=user,
         note=f"{user.get_username()}: lost my laptop",
     )
-    return revoked, (sign_out_elsewhere(user=user) if revoked else None)
+    tokens = list(tokens_live(user).filter(pk__in=list(token_ids)).select_for_update().order_by("pk"))
+    for token in tokens:
+        token_revoke(token=token)
+    return LostDevice(revoked, sign_out_elsewhere(user=user) if revoked else None, tokens)
 
 
 def sign_out_elsewhere(*, user):

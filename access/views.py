@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from functools import wraps
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import pluralize
 from django.utils.http import content_disposition_header
 from django.utils.text import capfirst
 from django.views.decorators.cache import never_cache
@@ -20,6 +22,7 @@ from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
 from access.models import USER_KINDS
 from portal import throttle
+from portal.tokens import tokens_live
 
 PAGE = "access:my-clusters"
 #: credentials that ended (revoked or expired) the page lists, newest first; valid ones are always all listed
@@ -180,16 +183,26 @@ def credential_revoke(request, pk: int):
         return render(
             request,
             "access/credential_revoke.html",
-            {"credential": credential, "password_of_its_own": request.user.has_usable_password()},
+            {
+                "credential": credential,
+                "password_of_its_own": request.user.has_usable_password(),
+                "sso": bool(settings.SSO_HEADER),
+                # a token on the lost device issues new profiles as well as a browser session does
+                "tokens": tokens_live(request.user).order_by("-last_used_at", "-created_at"),
+            },
         )
-    revoked, account = services.credential_revoke_lost_device(credential=credential, user=request.user)
+    chosen = [int(v) for v in request.POST.getlist("tokens") if v.isdigit() and len(v) < 19]
+    done = services.credential_revoke_lost_device(credential=credential, user=request.user, token_ids=chosen)
     named = _named(credential)
-    if not revoked:
+    if done.tokens:
+        names = ", ".join(f"{t.name} ({t.prefix}…)" for t in done.tokens)
+        messages.success(request, f"Revoked API token{pluralize(len(done.tokens))} {names}: refused from now on.")
+    if not done.revoked:
         messages.info(request, f"{capfirst(named)} was already revoked.")
         return redirect(PAGE)
     messages.success(request, f"Revoked {named}: the gateways refuse it from their next pull (within minutes).")
-    if account is not None:
-        update_session_auth_hash(request, account)  # (this session stays)
+    if done.account is not None:
+        update_session_auth_hash(request, done.account)  # (this session stays)
         messages.info(request, "Every other browser session of yours is signed out.")
     else:
         messages.info(request, "Was the lost device signed in to this portal? Change your password: that signs it out.")

@@ -150,6 +150,53 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert "Revoke OpenVPN profile" not in again and "<button" not in again.split("</header>")[1]
 
 
+def test_lost_my_laptop_revokes_the_api_tokens_ticked(alice, bob, cluster, gateway, settings):
+    """The laptop may hold API tokens too (client.py's): the page lists the live ones with their last use, and
+    revokes those ticked — only the user's own, even when the credential was revoked before."""
+    from django.utils import timezone
+
+    from portal.models import ApiToken
+    from portal.tokens import token_create, token_revoke
+
+    laptop, _ = token_create(user=alice, name="laptop client.py", scopes=["clusters:write"])
+    ApiToken.objects.filter(pk=laptop.pk).update(last_used_at=timezone.now(), last_used_ip="198.18.7.7")
+    desktop, _ = token_create(user=alice, name="desktop", scopes=["clusters:read"])
+    gone, _ = token_create(user=alice, name="old one", scopes=["clusters:read"])
+    token_revoke(token=gone)
+    bobs, _ = token_create(user=bob, name="bob's", scopes=["clusters:read"])
+    client = logged_in(alice)
+    client.post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    credential = Credential.objects.get()
+    url = f"/access/credentials/{credential.pk}/revoke/"
+    page = client.get(url).content.decode()
+    listed = page.split('<fieldset id="tokens">')[1].split("</fieldset>")[0]
+    assert f'value="{laptop.pk}"' in listed and f'value="{desktop.pk}"' in listed
+    assert f'value="{gone.pk}"' not in listed and f'value="{bobs.pk}"' not in listed
+    assert "laptop client.py" in listed and "from 198.18.7.7" in listed and "never used" in listed
+    assert "signs in to this portal again" not in page  # no single sign-on here
+    page = client.post(url, {"tokens": [str(laptop.pk), str(bobs.pk), "x", "9" * 40]}, follow=True).content.decode()
+    assert f"Revoked API token laptop client.py ({laptop.prefix}…): refused from now on." in page
+    assert ApiToken.objects.get(pk=laptop.pk).revoked_at is not None
+    assert ApiToken.objects.get(pk=desktop.pk).revoked_at is None  # not ticked
+    assert ApiToken.objects.get(pk=bobs.pk).revoked_at is None  # not hers
+    credential.refresh_from_db()
+    assert credential.revoked_at is not None
+    # The credential already revoked (she comes back for the token she forgot): the token still goes.
+    page = client.post(url, {"tokens": [str(desktop.pk)]}, follow=True).content.decode()
+    assert "Revoked API token desktop" in page and "was already revoked" in page
+    assert ApiToken.objects.get(pk=desktop.pk).revoked_at is not None
+
+
+def test_lost_my_laptop_says_to_end_the_single_sign_on_session(alice, cluster, gateway, settings):
+    settings.SSO_HEADER = "X-Remote-User"
+    alice.set_unusable_password()  # a directory account: no password here
+    alice.save(update_fields=["password"])
+    client = logged_in(alice)
+    client.post("/access/vpn-profile/", {"clusters": [cluster.pk]})
+    page = client.get(f"/access/credentials/{Credential.objects.get().pk}/revoke/").content.decode()
+    assert "end its session there too" in page and 'id="tokens"' not in page  # (she has no token)
+
+
 def test_an_expired_credential_shows_as_expired_without_a_revoke_button(alice, cluster, gateway):
     from django.utils import timezone
 
