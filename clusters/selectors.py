@@ -6,7 +6,6 @@ import ipaddress
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.contrib.auth import get_permission_codename
 from django.contrib.auth.models import Group
 from django.db.models import F, Prefetch, Q, QuerySet
 
@@ -30,28 +29,13 @@ from clusters.models import (
 )
 from portal.models import ApiToken, TokenScope
 from portal.notify import wait_for
+from portal.tokens import staff_may  # noqa: F401 (the clusters' callers name it here)
 
 # --- who acts as an administrator: what the Django admin grants, and the middleware -------------------------------
 
 #: the models a token with ``clusters:manage`` (the middleware) sees and changes for every user, whoever holds it;
 #: on any other (credentials) it is as strong as its user's permissions
 MIDDLEWARE_MODELS = (VirtualCluster, Image)
-
-
-def staff_may(user, action: str, model) -> bool:
-    """Whether the Django admin lets ``user`` ``action`` ("view" or "change") every row of ``model``: a
-    superuser everything; another staff member with the model's ``change`` permission (which views too), or
-    with its ``view`` permission for "view". Not staff (the admin lets nobody else in): nothing — an ordinary
-    user, who sees and changes only their own (and sees their groups')."""
-    if action not in ("view", "change"):
-        raise ValueError(f"unknown action {action!r}")
-    if not (user.is_active and user.is_staff):
-        return False
-    if user.is_superuser:
-        return True
-    opts = model._meta
-    actions = ("change",) if action == "change" else ("change", "view")
-    return any(user.has_perm(f"{opts.app_label}.{get_permission_codename(a, opts)}") for a in actions)
 
 
 def _as_admin(request, action: str, model) -> bool:

@@ -8,6 +8,7 @@ import hmac
 import secrets
 from datetime import timedelta
 
+from django.contrib.auth import get_permission_codename
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -128,7 +129,9 @@ def _client_ip(request) -> str | None:
 
 
 class HasScope(permissions.BasePermission):
-    """Session users (browser) act as themselves; tokens need the view's ``required_scopes`` for the method."""
+    """Session users (browser) act as themselves; tokens need the view's ``required_scopes`` for the method. A
+    view that names no scope for a method it answers refuses every token (a view that forgot its scopes is closed,
+    not open to gateway, router and metrics tokens); a method it does not answer stays DRF's 405."""
 
     message = "This API token lacks the scope for this request."
 
@@ -142,8 +145,37 @@ class HasScope(permissions.BasePermission):
         scopes = getattr(view, "required_scopes", {})
         needed = scopes.get("write" if request.method not in permissions.SAFE_METHODS else "read", ())
         if not needed:
-            return True
+            return getattr(view, request.method.lower(), None) is None  # (not answered: a 405 follows)
         return any(token.has_scope(s) for s in needed)
+
+
+class StaffSessionMayView(permissions.BasePermission):
+    """In the browser, only an administrator who may view the view's model (``staff_may``) — the network
+    inventory: switch addresses, device diffs, allocations' holders are not every user's to read. Through a token
+    the scopes decide (``HasScope``)."""
+
+    message = "Only an administrator who may view these in the admin reads them with a browser session."
+
+    def has_permission(self, request, view) -> bool:
+        if isinstance(request.auth, ApiToken):
+            return True
+        return staff_may(request.user, "view", view.queryset.model)
+
+
+def staff_may(user, action: str, model) -> bool:
+    """Whether the Django admin lets ``user`` ``action`` ("view" or "change") every row of ``model``: a
+    superuser everything; another staff member with the model's ``change`` permission (which views too), or
+    with its ``view`` permission for "view". Not staff (the admin lets nobody else in): nothing — an ordinary
+    user, who sees and changes only their own (and sees their groups')."""
+    if action not in ("view", "change"):
+        raise ValueError(f"unknown action {action!r}")
+    if not (user.is_active and user.is_staff):
+        return False
+    if user.is_superuser:
+        return True
+    opts = model._meta
+    actions = ("change",) if action == "change" else ("change", "view")
+    return any(user.has_perm(f"{opts.app_label}.{get_permission_codename(a, opts)}") for a in actions)
 
 
 def token_scope(request, scope: str) -> bool:

@@ -1,9 +1,10 @@
-"""Read-only inventory endpoints (scope network:read for tokens). Switch credentials never appear."""
+"""Read-only inventory endpoints (scope network:read for tokens; in the browser, administrators who may view the
+model in the admin). Switch credentials never appear."""
 
 from django.db.models import Prefetch
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
-from rest_framework import viewsets
+from rest_framework import permissions, viewsets
 from rest_framework.exceptions import ValidationError
 
 from network.api import serializers as s
@@ -21,8 +22,12 @@ from network.models import (
 )
 from portal.api import error_responses, query_param
 from portal.models import TokenScope
+from portal.tokens import HasScope, StaffSessionMayView
 
-DENIED = {"e403": "the token lacks the scope network:read"}
+DENIED = {
+    "e403": "the token lacks the scope network:read, or the browser session's account is not an administrator who "
+    "may view these in the admin"
+}
 ALLOCATION_STATES = [v for v in VlanAllocation.State.values if v != "free"]
 OPEN_VALUES = ["1", "true", "0", "false"]
 
@@ -47,6 +52,7 @@ def _param(name: str, description: str, enum=None) -> OpenApiParameter:
 # not an empty list that reads like "nothing there"). A comment, not a docstring: the schema would show it for
 # every endpoint.
 class _ReadOnly(viewsets.ReadOnlyModelViewSet):
+    permission_classes = [permissions.IsAuthenticated, HasScope, StaffSessionMayView]
     required_scopes = {"read": (TokenScope.NETWORK_READ,)}
     filter_params: dict[str, str] = {}
     filter_choices: dict[str, list[str]] = {}

@@ -124,7 +124,9 @@ def test_who_may_read(inventory, alice, root, reader):
 
     token_revoke(token=ApiToken.objects.order_by("-pk").first())
     session = APIClient()
-    session.force_login(alice)  # a browser: sessions read as the user
+    session.force_login(root)  # a browser: an administrator's session reads
+    user_session = APIClient()
+    user_session.force_login(alice)  # not an ordinary user's: switch addresses, diffs and holders are not hers
     for url in urls:
         assert anonymous.get(url).status_code == 401, url  # with WWW-Authenticate: Bearer
         refused = no_scope.get(url)
@@ -132,9 +134,25 @@ def test_who_may_read(inventory, alice, root, reader):
         assert revoked.get(url).status_code == 401, url
         assert reader.get(url).status_code == 200, url
         assert session.get(url).status_code == 200, url
+        refused = user_session.get(url)
+        assert refused.status_code == 403 and "administrator" in refused.data["detail"], url
         # read-only: no writes through any endpoint
         assert reader.post(url, {}, format="json").status_code == 405, url
         assert reader.delete(url).status_code == 405, url
+
+
+def test_a_staff_session_reads_what_the_admin_lets_it_view(inventory, alice):
+    """A staff member reads, in the browser, the endpoints whose model the admin lets them view, and no other."""
+    from django.contrib.auth.models import Permission
+
+    alice.is_staff = True
+    alice.save(update_fields=["is_staff"])
+    alice.user_permissions.add(Permission.objects.get(codename="view_switch", content_type__app_label="network"))
+    session = APIClient()
+    session.force_login(alice)
+    assert session.get("/api/network/switches/").status_code == 200
+    assert session.get("/api/network/changes/").status_code == 403
+    assert session.get("/api/network/drift/?open=nonsense").status_code == 403  # refused before the filter
 
 
 def test_switch_credentials_never_appear(inventory, root, reader):

@@ -37,3 +37,43 @@ def test_a_token_with_a_nul_is_refused_not_a_500(alice, raw):
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
     assert api.get("/api/clusters/").status_code == 401
+
+
+def test_a_view_that_names_no_scope_refuses_every_token(alice):
+    """Scope checks fail closed: a view that forgot ``required_scopes`` for a method it answers is open to no
+    token (not to a gateway's, a router's or the metrics' scraper); a session acts as its user; a method the view
+    does not answer is still DRF's 405."""
+    from rest_framework.response import Response
+    from rest_framework.test import APIRequestFactory, force_authenticate
+    from rest_framework.views import APIView
+
+    class Forgot(APIView):
+        required_scopes = {"read": (TokenScope.CLUSTERS_READ,)}  # nothing for writes
+
+        def get(self, request):
+            return Response({"ok": True})
+
+        def post(self, request):
+            return Response({"ok": True})
+
+    class Nothing(APIView):
+        def get(self, request):
+            return Response({"ok": True})
+
+    factory = APIRequestFactory()
+    view, bare = Forgot.as_view(), Nothing.as_view()
+    for scopes in ([TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_MANAGE], [TokenScope.GATEWAY]):
+        token, _ = token_create(user=alice, name="t", scopes=scopes)
+        for request, expected in (
+            (factory.post("/"), 403),
+            (factory.put("/"), 405),
+            (factory.get("/"), 200 if TokenScope.CLUSTERS_READ in scopes else 403),
+        ):
+            force_authenticate(request, user=alice, token=token)
+            assert view(request).status_code == expected, (scopes, request.method)
+        request = factory.get("/")
+        force_authenticate(request, user=alice, token=token)
+        assert bare(request).status_code == 403
+    request = factory.post("/")
+    force_authenticate(request, user=alice)  # a browser session: as alice
+    assert view(request).status_code == 200
