@@ -62,7 +62,12 @@ class ImageAdmin(admin.ModelAdmin):
 
 @admin.register(PublicPrefix)
 class PublicPrefixAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "subnet_length")
+    list_display = ("name", "prefix", "subnet_length", "free_subnets")
+
+    @admin.display(description="free subnets (allocated, resting)")
+    def free_subnets(self, obj: PublicPrefix) -> str:
+        u = selectors.public_prefix_usage([obj])[obj.pk]  # (two queries a row: a provider has a few prefixes)
+        return f"{u['free']} of {u['size']} ({u['allocated']}, {u['resting']})"
 
 
 @admin.register(PublicSubnetLease)

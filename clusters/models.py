@@ -116,6 +116,18 @@ class PublicPrefix(models.Model):
             raise ValidationError(
                 {"subnet_length": f"prefix {self.name}: subnets of /{self.subnet_length} do not fit in {net}"}
             )
+        others = PublicPrefix.objects.exclude(pk=self.pk).values_list("name", "prefix")
+        other_family = [
+            name for name, prefix in others if ipaddress.ip_network(prefix, strict=False).version != net.version
+        ]
+        if other_family:
+            # a cluster gets one subnet: mixing families would give it IPv4 or IPv6 by which has room left
+            raise ValidationError(
+                {
+                    "prefix": f"prefix {self.name}: {net} is IPv{net.version}, prefix {other_family[0]} is not; "
+                    "a public cluster gets one subnet (no dual stack), so every public prefix is of one family"
+                }
+            )
 
 
 class VirtualCluster(models.Model):

@@ -306,3 +306,64 @@ def cluster_progress(cluster: VirtualCluster) -> dict:
         return {"percent": 0, "current": running}
     done = {s.name for s in steps if s.status == StepStatus.OK}
     return {"percent": round(100 * sum(1 for n in STEP_ORDER if n in done) / len(STEP_ORDER)), "current": running}
+
+
+def public_subnets_taken() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The public subnets no cluster may get now, as (IP version, first, last address as integers): the live
+    clusters' (whatever prefix they came from), and the resting ones — given back less than
+    ``PUBLIC_SUBNET_HOLD_DOWN`` s ago and not live again (the provider's router may still route them to their old
+    network). The allocator's rule, and the usage's."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    def ranges(subnets):
+        return [
+            (n.version, int(n.network_address), int(n.broadcast_address)) for n in map(ipaddress.ip_network, subnets)
+        ]
+
+    live = ranges(
+        VirtualCluster.objects.filter(state__in=LIVE_STATES)
+        .exclude(public_subnet="")
+        .values_list("public_subnet", flat=True)
+    )
+    since = timezone.now() - timedelta(seconds=settings.PUBLIC_SUBNET_HOLD_DOWN)
+    held = ranges(PublicSubnetLease.objects.filter(ended_at__gt=since).values_list("subnet", flat=True))
+    return live, held
+
+
+def public_prefix_usage(prefixes) -> dict[int, dict[str, int]]:
+    """Subnets of each public prefix now, by prefix id: ``size``, ``free`` (what a new public cluster may get:
+    the allocator's rule), ``allocated`` (overlapping a live cluster's subnet) and ``resting`` (only a subnet
+    given back within ``PUBLIC_SUBNET_HOLD_DOWN``). Prefixes may overlap, and a prefix's subnet length may have
+    changed: a subnet counts as taken when any taken range overlaps it. Two queries, whatever the number."""
+    live, held = public_subnets_taken()
+    usage = {}
+    for prefix in prefixes:
+        net = ipaddress.ip_network(prefix.prefix)
+        first, last = int(net.network_address), int(net.broadcast_address)
+        bits = net.max_prefixlen - prefix.subnet_length
+
+        def covered(ranges, net=net, first=first, last=last, bits=bits) -> set[tuple[int, int]]:
+            # the runs of subnet indexes each range overlaps (few ranges; a prefix may hold 2**32 subnets)
+            return {
+                ((max(lo, first) - first) >> bits, (min(hi, last) - first) >> bits)
+                for version, lo, hi in ranges
+                if version == net.version and lo <= last and hi >= first
+            }
+
+        allocated = _count_union(covered(live))
+        taken = _count_union(covered(live) | covered(held))
+        size = 1 << (prefix.subnet_length - net.prefixlen)
+        usage[prefix.pk] = {"size": size, "free": size - taken, "allocated": allocated, "resting": taken - allocated}
+    return usage
+
+
+def _count_union(runs: set[tuple[int, int]]) -> int:
+    """How many integers the inclusive runs (a, b) cover together."""
+    count, reach = 0, -1
+    for a, b in sorted(runs):
+        if b > reach:
+            count += b - max(a, reach + 1) + 1
+            reach = b
+    return count

@@ -183,24 +183,24 @@ def _allocate_public_subnet() -> tuple[PublicPrefix, str]:
     it to its old network until its next pull, and an abuse report for that moment must name one cluster). One
     lock for every public allocation (PostgreSQL; SQLite serializes writers itself)."""
     _xact_lock(_PUBLIC_SUBNET_LOCK_SPACE, 0)
-    live = VirtualCluster.objects.filter(state__in=LIVE_STATES).exclude(public_subnet="")
-    held = PublicSubnetLease.objects.filter(
-        ended_at__gt=timezone.now() - timedelta(seconds=settings.PUBLIC_SUBNET_HOLD_DOWN)
-    )
-    subnets = [*live.values_list("public_subnet", flat=True), *held.values_list("subnet", flat=True)]
-    taken = sorted((int(net.network_address), int(net.broadcast_address)) for net in map(ipaddress.ip_network, subnets))
-    starts = [lo for lo, _hi in taken]
-    reach = list(itertools.accumulate((hi for _lo, hi in taken), max))  # the highest address taken so far
+    live, held = selectors.public_subnets_taken()
+    by_version: dict[int, list[tuple[int, int]]] = {4: [], 6: []}  # (another family's subnet never overlaps)
+    for version, lo, hi in (*live, *held):
+        by_version[version].append((lo, hi))
     prefixes = list(PublicPrefix.objects.order_by("name"))
     for prefix in prefixes:
-        for subnet in ipaddress.ip_network(prefix.prefix).subnets(new_prefix=prefix.subnet_length):
+        net = ipaddress.ip_network(prefix.prefix)
+        taken = sorted(by_version[net.version])
+        starts = [lo for lo, _hi in taken]
+        reach = list(itertools.accumulate((hi for _lo, hi in taken), max))  # the highest address taken so far
+        for subnet in net.subnets(new_prefix=prefix.subnet_length):
             lo, hi = int(subnet.network_address), int(subnet.broadcast_address)
             i = bisect.bisect_right(starts, hi)  # taken[:i] start at or before hi: one overlaps if it reaches lo
             if i and reach[i - 1] >= lo:
                 continue
             return prefix, str(subnet)
     names = ", ".join(p.name for p in prefixes)
-    resting = held.count()
+    resting = len(held)
     later = f" ({resting} held back for {settings.PUBLIC_SUBNET_HOLD_DOWN} s after their clusters)" if resting else ""
     raise PoolExhausted(f"the public prefixes ({names}) have no free subnet left{later}")
 

@@ -51,7 +51,8 @@ def render(families: Iterable[Family]) -> str:
 def collect() -> list[Family]:
     from access.models import Credential, CredentialKind, Gateway
     from access.selectors import bastion_shared_addresses, bastions_forward_by_address, gateway_state_age
-    from clusters.models import ClusterEvent, ClusterState, ClusterStep, VirtualCluster, Webhook
+    from clusters.models import ClusterEvent, ClusterState, ClusterStep, PublicPrefix, VirtualCluster, Webhook
+    from clusters.selectors import public_prefix_usage
     from network.models import DeviceChange, DeviceKind, Drift, VlanPool
     from network.selectors import pool_usage
 
@@ -92,6 +93,18 @@ def collect() -> list[Family]:
         for state in ("free", "allocated", "quarantined"):
             vlans.add(usage[pool.pk][state], pool=pool.name, state=state)
     families.append(vlans)
+
+    subnets = Family(
+        "virtcloud_public_subnets",
+        "Subnets of each public prefix: free, allocated to live clusters, or resting (given back less than "
+        "PUBLIC_SUBNET_HOLD_DOWN ago). None free: a public cluster is refused (409).",
+    )
+    prefixes = list(PublicPrefix.objects.order_by("name"))
+    usage = public_prefix_usage(prefixes)
+    for prefix in prefixes:
+        for state in ("free", "allocated", "resting"):
+            subnets.add(usage[prefix.pk][state], prefix=prefix.name, state=state)
+    families.append(subnets)
 
     open_work = DeviceChange.objects.filter(status__in=DeviceChange.OPEN)
     queued = Family("virtcloud_device_changes_open", "Device changes not finished yet (queued or running).")

@@ -25,6 +25,7 @@ from clusters.models import (
     Image,
     Node,
     NodeState,
+    PublicPrefix,
     VirtualCluster,
     Webhook,
     mac_validator,
@@ -605,3 +606,34 @@ class WebhookUpdateSerializer(StrictSerializer):
         child=serializers.ChoiceField(choices=ClusterState.choices), required=False, max_length=20
     )
     enabled = serializers.BooleanField(required=False)
+
+
+class PublicSubnetUsageSerializer(serializers.Serializer):
+    size = serializers.IntegerField(help_text="subnets of the prefix at its subnet length")
+    free = serializers.IntegerField(help_text="subnets a new public cluster may get now")
+    allocated = serializers.IntegerField(help_text="subnets overlapping a live cluster's")
+    resting = serializers.IntegerField(
+        help_text="subnets given back less than PUBLIC_SUBNET_HOLD_DOWN seconds ago (the router may still route them)"
+    )
+
+
+class PublicPrefixListSerializer(serializers.ListSerializer):
+    """A page of prefixes: their usage counted at once (``selectors.public_prefix_usage``: two queries)."""
+
+    def to_representation(self, data):
+        prefixes = list(data.all() if hasattr(data, "all") else data)
+        self.child.context["usage"] = selectors.public_prefix_usage(prefixes)
+        return super().to_representation(prefixes)
+
+
+class PublicPrefixSerializer(serializers.ModelSerializer):
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PublicPrefix
+        fields = ["id", "name", "prefix", "subnet_length", "usage"]
+        list_serializer_class = PublicPrefixListSerializer
+
+    @extend_schema_field(PublicSubnetUsageSerializer)
+    def get_usage(self, prefix) -> dict[str, int]:
+        return (self.context.get("usage") or selectors.public_prefix_usage([prefix]))[prefix.pk]

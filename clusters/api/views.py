@@ -17,11 +17,20 @@ from rest_framework.views import APIView
 
 from clusters import selectors, services
 from clusters.api import serializers as s
-from clusters.models import ClusterState, Connectivity, Image, Node, NodeState, VirtualCluster, Webhook
+from clusters.models import (
+    ClusterState,
+    Connectivity,
+    Image,
+    Node,
+    NodeState,
+    PublicPrefix,
+    VirtualCluster,
+    Webhook,
+)
 from portal import notify
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
-from portal.tokens import HasScope
+from portal.tokens import HasScope, StaffSessionMayView
 
 CLUSTER_ERRORS = {
     "e403": "not your cluster (group members and admins who may only view clusters see it), or the token lacks "
@@ -563,6 +572,28 @@ class IsRouterOrAdmin(permissions.BasePermission):
 
     def has_permission(self, request, view) -> bool:
         return isinstance(request.auth, ApiToken) or selectors.staff_may(request.user, "view", VirtualCluster)
+
+
+PREFIX_DENIED = "not a token with clusters:manage or network:read, nor an administrator who may view public prefixes"
+
+
+@extend_schema_view(
+    list=extend_schema(
+        responses={200: s.PublicPrefixSerializer(many=True), **error_responses(400, 401, 403, e403=PREFIX_DENIED)}
+    ),
+    retrieve=extend_schema(
+        responses={200: s.PublicPrefixSerializer, **error_responses(401, 403, 404, e403=PREFIX_DENIED)}
+    ),
+)
+class PublicPrefixViewSet(viewsets.ReadOnlyModelViewSet):
+    """The provider's public prefixes with their subnets' usage now (``usage.free``: how many more public
+    clusters fit; a scheduler checks it before it asks for one, an operator alerts on it)."""
+
+    queryset = PublicPrefix.objects.order_by("name")
+    serializer_class = s.PublicPrefixSerializer
+    pagination_class = Pagination
+    permission_classes = [permissions.IsAuthenticated, HasScope, StaffSessionMayView]
+    required_scopes = {"read": (TokenScope.CLUSTERS_MANAGE, TokenScope.NETWORK_READ)}
 
 
 class PublicNetworksView(APIView):
