@@ -445,6 +445,15 @@ def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None
     reconcile_device.apply_async((str(kind), device.pk, repair), **options)
 
 
+def reconcile_agent_hosts(queues: set[str]) -> list[str]:
+    """Send ``reconcile_device`` (repairing as ``RECONCILE_REPAIR`` says) for every enabled host whose
+    ``agent_queue`` is one of ``queues`` — a worker's, as it starts. Their names."""
+    hosts = list(Host.objects.filter(enabled=True, agent_queue__in=sorted(q for q in queues if q)).order_by("name"))
+    for host in hosts:
+        reconcile_later(DeviceKind.HOST, host, None, expires=settings.RECONCILE_INTERVAL)
+    return [h.name for h in hosts]
+
+
 @shared_task(name="network.reconcile_device", acks_late=True, soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
 def reconcile_device(kind: str, device_id: int, repair: bool | None = None, actor: str = "network.reconcile") -> dict:
     """Compare one device with the desired state; record drift; repair when ``repair`` (default

@@ -59,6 +59,35 @@ def _warm_and_freeze(**kwargs) -> None:
 
 
 @signals.worker_ready.connect
+def _reconcile_agent_hosts(sender=None, **kwargs) -> None:
+    """A worker that consumes hosts' ``agent_queue`` (the agent on a hypervisor) reconciles those hosts as it
+    starts: a hypervisor that rebooted lost its Linux bridges (netlink's are not persistent), and its VMs cannot
+    start until they are back — not ``RECONCILE_INTERVAL`` later."""
+    import logging
+
+    from django.db import DatabaseError, connection
+
+    from network.tasks import reconcile_agent_hosts
+
+    try:
+        queues = {q.name for q in sender.task_consumer.queues}
+    except AttributeError:  # (not a worker's consumer: nothing to go by)
+        return
+    try:
+        hosts = reconcile_agent_hosts(queues)
+    except Exception as exc:  # the database or the broker is not there yet: the periodic reconcile comes
+        logging.getLogger("network.agent").warning("could not reconcile this agent's hosts at start: %s", exc)
+        return
+    finally:
+        try:
+            connection.close()
+        except DatabaseError:
+            pass
+    if hosts:
+        logging.getLogger("network.agent").info("reconciling this agent's hosts at start: %s", ", ".join(hosts))
+
+
+@signals.worker_ready.connect
 def _agent_role_check(**kwargs) -> None:
     """A host agent (``PORTAL_ROLE=agent``) says when its database role reaches more than an agent's
     (``network.agentdb``): a VM escaping onto the hypervisor would find that role."""
