@@ -25,6 +25,7 @@ class LoginForm(AuthenticationForm):
                 logins.login_failed(name, address)
             raise
         logins.login_succeeded(name, address)
+        logins.login_audit(self.get_user(), self.request, "password")
         return cleaned
 
     def get_invalid_login_error(self):

@@ -15,8 +15,10 @@ import ipaddress
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from portal import audit
 from portal.models import LoginFailure
 
 
@@ -72,12 +74,26 @@ def refused_for(name: str, address: str | None) -> str | None:
 
 
 def login_failed(name: str, address: str | None) -> None:
-    """Count a failed login of ``name`` from ``address`` (and forget those that left the window)."""
+    """Count a failed login of ``name`` from ``address`` (and forget those that left the window); an account of
+    that name gets it in the audit log, where it stays ``AUDIT_RETENTION`` days (the count leaves with the
+    window). Refused logins (too many failures) are not counted again, nor audited: a guesser's flood writes
+    nothing past the limit."""
     if name:
         now = timezone.now()
         LoginFailure.objects.filter(at__lte=now - _window()).delete()
         LoginFailure.objects.create(username=name, address=address, at=now)
+        account = get_user_model().objects.filter(**{f"{get_user_model().USERNAME_FIELD}__iexact": name}).first()
+        if account is not None:
+            with audit.audit_actor(f"login from {address or 'an unknown address'}"):
+                audit.record(account, "action", message=f"failed login from {address or 'an unknown address'}")
 
 
 def login_succeeded(name: str, address: str | None) -> None:
     LoginFailure.objects.filter(username=name, address=address).delete()
+
+
+def login_audit(user, request, how: str) -> None:
+    """The audit log's entry of a login (``how``: "password", "single sign-on"), with the client's address."""
+    address = client_address(request) or "an unknown address"
+    with audit.audit_actor(user.get_username(), user=user):
+        audit.record(user, "action", message=f"logged in ({how}) from {address}")

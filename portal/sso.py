@@ -25,6 +25,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
 from portal.auth import ActiveLDAPBackend
+from portal.logins import login_audit
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def sso_login(request):
     if user is None:
         return _refused(request, f"There is no active account {name} in the directory.")
     auth.login(request, user, backend=BACKEND)
+    login_audit(user, request, "single sign-on")
     return redirect(target)
 
 

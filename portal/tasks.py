@@ -20,3 +20,20 @@ def ldap_sync() -> dict:
 
     with audit_actor("ldap-sync"):
         return asdict(sync())
+
+
+@shared_task(name="portal.prune_audit")
+def prune_audit() -> int:
+    """Periodic (hourly): the audit entries older than ``AUDIT_RETENTION`` days (0: none go). How many went."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    from portal.models import AuditEntry
+    from portal.pruning import delete_in_batches
+
+    if not settings.AUDIT_RETENTION:
+        return 0
+    horizon = timezone.now() - timedelta(days=settings.AUDIT_RETENTION)
+    return delete_in_batches(AuditEntry.objects.filter(timestamp__lt=horizon))

@@ -117,3 +117,44 @@ def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(clien
     assert set(LoginFailure.objects.values_list("address", flat=True)) == {STRANGER}
     assert not logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=STRANGER))
     assert logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=ADMIN_DESK))
+
+
+def test_logins_and_failed_logins_are_in_the_audit_log(client, alice, settings):
+    """Who logged in, how and from where stays in the audit log (``AUDIT_RETENTION``), after the failures' count
+    left its window; a refused login (too many failures) writes nothing more; a name with no account, nothing."""
+    from portal.models import AuditEntry
+
+    settings.LOGIN_FAILURES_MAX = 2
+
+    def entries():
+        return list(
+            AuditEntry.objects.filter(content_type__model="user", object_id=str(alice.pk))
+            .order_by("pk")
+            .values_list("actor", "message")
+        )
+
+    log_in(client, "Alice", "wrong", REMOTE_ADDR="198.18.9.9")
+    log_in(client, "alice", "wrong", REMOTE_ADDR="198.18.9.9")
+    log_in(client, "alice", "alice-password", REMOTE_ADDR="198.18.9.9")  # refused: over the limit
+    log_in(client, "nobody", "wrong", REMOTE_ADDR="198.18.9.9")
+    assert entries() == [("login from 198.18.9.9", "failed login from 198.18.9.9")] * 2
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR="198.18.9.10"))
+    assert entries()[-1] == ("alice", "logged in (password) from 198.18.9.10")
+    assert not AuditEntry.objects.filter(message__contains="nobody").exists()
+
+
+def test_the_audit_log_keeps_audit_retention_days(alice, settings):
+    from portal import audit
+    from portal.models import AuditEntry
+    from portal.tasks import prune_audit
+
+    audit.record(alice, "action", message="old")
+    audit.record(alice, "action", message="recent")
+    AuditEntry.objects.filter(message="old").update(timestamp=timezone.now() - timedelta(days=401))
+    settings.AUDIT_RETENTION = 0  # kept for good
+    assert prune_audit() == 0 and AuditEntry.objects.filter(message="old").exists()
+    settings.AUDIT_RETENTION = 400
+    assert prune_audit() == 1
+    assert list(AuditEntry.objects.filter(message__in=["old", "recent"]).values_list("message", flat=True)) == [
+        "recent"
+    ]

@@ -156,3 +156,12 @@ def test_sso_needs_the_proxy_the_realm_and_the_directory(tmp_path):
     assert "is not a header name" in refused(tmp_path, **{**on, "SSO_HEADER": "X_Remote_User"}, SSO_PROXIES="10.0.0.5")
     fine = loaded(tmp_path, **on, SSO_PROXIES="10.0.0.5, 192.0.2.0/24")
     assert fine["BACKENDS"][-1] == "portal.sso.DirectoryRemoteUserBackend"
+
+
+def test_a_single_sign_on_login_is_in_the_audit_log(sso):
+    from portal.models import AuditEntry
+
+    assert Client().get(SSO, **{HEADER: "alice@virtcloud.test"}).status_code == 302
+    entry = AuditEntry.objects.filter(message__startswith="logged in").get()
+    assert (entry.actor, entry.object_repr) == ("alice", "alice")
+    assert entry.message.startswith("logged in (single sign-on) from ")
