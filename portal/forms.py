@@ -24,8 +24,9 @@ class LoginForm(AuthenticationForm):
             if exc.code == "invalid_login":  # (not an LDAP outage, not a disabled account)
                 logins.login_failed(name, address)
             raise
-        logins.login_succeeded(name, address)
-        logins.login_audit(self.get_user(), self.request, "password")
+        if self.get_user() is not None:  # (None: a field is missing, and says so)
+            logins.login_succeeded(name, address)
+            logins.login_audit(self.get_user(), self.request, "password")
         return cleaned
 
     def get_invalid_login_error(self):
