@@ -179,8 +179,15 @@ def _not_yours(request, cluster: VirtualCluster) -> HttpResponse:
     return render(request, "clusters/not_yours.html", {"cluster": cluster}, status=403)
 
 
+def _cluster_changes_limited(view):
+    """Extend and tear down count with the API's cluster writes (``cluster-writes``); past the rate, the home page
+    with 429, nothing done."""
+    return throttle.limited("cluster-writes", "changes", lambda request: _page(request, status=429))(view)
+
+
 @_post_only
 @login_required
+@_cluster_changes_limited
 def extend(request, pk: int):
     """A row's "Extend": the expiry later by the length chosen. Refused by the lifetime bounds: the page again
     with the reason at the field (400), nothing changed; refused because of its state: a message."""
@@ -217,6 +224,7 @@ def _longest(cluster: VirtualCluster) -> datetime:
 @require_http_methods(["GET", "HEAD", "POST"])
 @login_required
 @never_cache
+@_cluster_changes_limited
 def teardown(request, pk: int):
     """GET: what tearing this cluster down does, and a button that does it. POST: start the teardown."""
     cluster = _visible(request, pk)

@@ -75,6 +75,15 @@ def test_cluster_writes_past_the_rate_leave_nothing_allocated_and_reads_go_on(se
     browser.force_login(alice)
     page = browser.post("/clusters/images/old/delete/")  # the browser's image changes count too
     assert page.status_code == 429 and page["Retry-After"] and Image.objects.filter(name="old").exists()
+    # and so do its cluster changes: extend and tear down, the home page again with 429, nothing done
+    expires = first.expires_at
+    page = browser.post(f"/clusters/{first.pk}/extend/", {"by": "1h"})
+    assert page.status_code == 429 and page["Retry-After"] and "Too many changes" in page.content.decode()
+    page = browser.post(f"/clusters/{first.pk}/teardown/")
+    assert page.status_code == 429 and page["Retry-After"]
+    first.refresh_from_db()
+    assert first.state != "tearing_down" and first.expires_at == expires
+    assert browser.get(f"/clusters/{first.pk}/teardown/").status_code == 200  # (asking is not a change)
 
 
 def test_a_cache_that_is_down_lets_requests_through_and_says_so(settings, alice, cluster, gateway, caplog):
