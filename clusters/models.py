@@ -412,9 +412,20 @@ class Webhook(models.Model):
         """The webhooks that get the feed: enabled, and made in the admin or by an account that still may — its
         user active, and the token it was registered with neither revoked nor expired (or, registered from an
         admin's session, the admin still staff)."""
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.models import Permission
+
         now = timezone.now()
         live_token = Q(token__revoked_at=None) & (Q(token__expires_at=None) | Q(token__expires_at__gt=now))
-        by_staff = Q(token=None, owner__is_staff=True)
+        # the feed names every cluster: an admin's session webhook only while the admin may view them all
+        # (``staff_may``: a superuser, or the clusters' view or change permission, given or through a group)
+        viewing = Permission.objects.filter(
+            content_type__app_label="clusters", codename__in=["view_virtualcluster", "change_virtualcluster"]
+        )
+        viewers = get_user_model().objects.filter(
+            Q(is_superuser=True) | Q(user_permissions__in=viewing) | Q(groups__permissions__in=viewing)
+        )
+        by_staff = Q(token=None, owner__is_staff=True, owner__in=viewers.values("pk"))
         return cls.objects.filter(enabled=True).filter(
             Q(owner=None) | (Q(owner__is_active=True) & (Q(token__isnull=False) & live_token | by_staff))
         )

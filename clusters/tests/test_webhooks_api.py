@@ -158,3 +158,29 @@ def test_a_staff_member_who_may_only_view_clusters_cannot_register_one(django_us
         session.post("/api/webhooks/", {"name": "v", "url": "https://example.org/v"}, format="json").status_code == 403
     )
     assert not Webhook.objects.exists()
+
+
+def test_an_admins_session_webhook_is_fed_only_while_the_admin_may_view_every_cluster(django_user_model):
+    """The feed names every cluster: a webhook an admin registered in the browser stops when the admin may no longer
+    view them (the permission taken, given or through a group), not only when the admin stops being staff."""
+    from django.contrib.auth.models import Group, Permission
+
+    ops = django_user_model.objects.create_user("ops", is_staff=True)
+    change_webhook = Permission.objects.get(codename="change_webhook")
+    view_clusters = Permission.objects.get(codename="view_virtualcluster")
+    ops.user_permissions.add(change_webhook, view_clusters)
+    session = APIClient()
+    session.force_login(ops)
+    r = session.post("/api/webhooks/", {"name": "ops", "url": "https://example.org/ops"}, format="json")
+    assert r.status_code == 201, r.data
+    fed = Webhook.deliverable().filter(pk=r.data["id"])
+    assert fed.exists()
+    ops.user_permissions.remove(view_clusters)
+    assert not fed.exists()
+    team = Group.objects.create(name="noc")
+    team.permissions.add(view_clusters)
+    ops.groups.add(team)
+    assert fed.exists() and fed.count() == 1  # (once, though reached twice)
+    ops.is_staff = False
+    ops.save()
+    assert not fed.exists()
