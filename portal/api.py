@@ -238,3 +238,16 @@ class TokenAuthenticationScheme(OpenApiAuthenticationExtension):
             "bearerFormat": "vc_<prefix>_<secret>",
             "description": "An API token made in the admin (scoped, revocable): `Authorization: Bearer vc_…`.",
         }
+
+
+def counted_list(count):
+    """A ``ListSerializer`` class that counts its page at once — ``count(items)`` (one query or two, whatever the
+    page's size) — and gives each item's serializer the answer in ``context["usage"]``."""
+
+    class CountedList(serializers.ListSerializer):
+        def to_representation(self, data):
+            items = list(data.all() if hasattr(data, "all") else data)
+            self.child.context["usage"] = count(items)
+            return super().to_representation(items)
+
+    return CountedList

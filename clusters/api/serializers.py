@@ -36,7 +36,7 @@ from network.drivers import host_attachment
 from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
-from portal.api import ID_MAX, IdField, NameRelatedField
+from portal.api import ID_MAX, IdField, NameRelatedField, counted_list
 
 
 # A request body that refuses the fields it does not know: a 400 naming each ("unknown field"), beside the other
@@ -617,22 +617,13 @@ class PublicSubnetUsageSerializer(serializers.Serializer):
     )
 
 
-class PublicPrefixListSerializer(serializers.ListSerializer):
-    """A page of prefixes: their usage counted at once (``selectors.public_prefix_usage``: two queries)."""
-
-    def to_representation(self, data):
-        prefixes = list(data.all() if hasattr(data, "all") else data)
-        self.child.context["usage"] = selectors.public_prefix_usage(prefixes)
-        return super().to_representation(prefixes)
-
-
 class PublicPrefixSerializer(serializers.ModelSerializer):
     usage = serializers.SerializerMethodField()
 
     class Meta:
         model = PublicPrefix
         fields = ["id", "name", "prefix", "subnet_length", "usage"]
-        list_serializer_class = PublicPrefixListSerializer
+        list_serializer_class = counted_list(selectors.public_prefix_usage)  # (two queries for the page)
 
     @extend_schema_field(PublicSubnetUsageSerializer)
     def get_usage(self, prefix) -> dict[str, int]:

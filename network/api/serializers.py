@@ -15,6 +15,7 @@ from network.models import (
     VlanPool,
 )
 from network.selectors import pool_usage
+from portal.api import counted_list
 
 
 class SiteSerializer(serializers.ModelSerializer):
@@ -67,15 +68,6 @@ class VlanUsageSerializer(serializers.Serializer):
     )
 
 
-class VlanPoolListSerializer(serializers.ListSerializer):
-    """A page of pools: their usage counted at once (``selectors.pool_usage``: one query for the page)."""
-
-    def to_representation(self, data):
-        pools = list(data.all() if hasattr(data, "all") else data)
-        self.child.context["usage"] = pool_usage(pools)
-        return super().to_representation(pools)
-
-
 class VlanPoolSerializer(serializers.ModelSerializer):
     core = serializers.SlugRelatedField(slug_field="name", read_only=True)
     sites = serializers.SerializerMethodField(help_text="the sites the pool's core joins (a cluster's hosts' sites)")
@@ -84,7 +76,7 @@ class VlanPoolSerializer(serializers.ModelSerializer):
     class Meta:
         model = VlanPool
         fields = ["id", "name", "core", "sites", "ranges", "reserved", "quarantine_seconds", "description", "usage"]
-        list_serializer_class = VlanPoolListSerializer
+        list_serializer_class = counted_list(pool_usage)  # (one query for the page)
 
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_sites(self, pool) -> list[str]:
