@@ -1827,24 +1827,26 @@ class LostDevice:
     tokens: list
 
 
-@transaction.atomic
 def credential_revoke_lost_device(*, credential: Credential, user, token_ids=()) -> LostDevice:
     """ "Lost my laptop": revoke ``credential`` (``user``'s own) and, when that revoked it now, end the user's other
     browser sessions (the device may still be signed in and could download a new profile). The API tokens among
     ``token_ids`` that are ``user``'s own and live are revoked too, whatever the credential's state (a token on the
-    laptop issues new profiles as well as a browser session does); other ids are ignored."""
+    laptop issues new profiles as well as a browser session does); other ids are ignored. The tokens go first, in
+    a transaction of their own: a CA that cannot sign the revocation list now does not keep them alive."""
     from portal.tokens import token_revoke, tokens_live
 
-    revoked = credential_revoke(
-        credential=credential,
-        reason=RevocationReason.KEY_COMPROMISE,
-        by=user,
-        note=f"{user.get_username()}: lost my laptop",
-    )
-    tokens = list(tokens_live(user).filter(pk__in=list(token_ids)).select_for_update().order_by("pk"))
-    for token in tokens:
-        token_revoke(token=token)
-    return LostDevice(revoked, sign_out_elsewhere(user=user) if revoked else None, tokens)
+    with transaction.atomic():
+        tokens = list(tokens_live(user).filter(pk__in=list(token_ids)).select_for_update().order_by("pk"))
+        for token in tokens:
+            token_revoke(token=token)
+    with transaction.atomic():
+        revoked = credential_revoke(
+            credential=credential,
+            reason=RevocationReason.KEY_COMPROMISE,
+            by=user,
+            note=f"{user.get_username()}: lost my laptop",
+        )
+        return LostDevice(revoked, sign_out_elsewhere(user=user) if revoked else None, tokens)
 
 
 def sign_out_elsewhere(*, user):

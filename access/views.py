@@ -191,7 +191,7 @@ def credential_revoke(request, pk: int):
                 "tokens": tokens_live(request.user).order_by("-last_used_at", "-created_at"),
             },
         )
-    chosen = [int(v) for v in request.POST.getlist("tokens") if v.isdigit() and len(v) < 19]
+    chosen = [int(v) for v in request.POST.getlist("tokens") if v.isascii() and v.isdigit() and len(v) < 19]
     done = services.credential_revoke_lost_device(credential=credential, user=request.user, token_ids=chosen)
     named = _named(credential)
     if done.tokens:

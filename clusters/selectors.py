@@ -340,7 +340,7 @@ def public_prefix_usage(prefixes) -> dict[int, dict[str, int]]:
     live, held = public_subnets_taken()
     usage = {}
     for prefix in prefixes:
-        net = ipaddress.ip_network(prefix.prefix)
+        net = ipaddress.ip_network(prefix.prefix, strict=False)
         first, last = int(net.network_address), int(net.broadcast_address)
         bits = net.max_prefixlen - prefix.subnet_length
 

@@ -21,6 +21,7 @@ from rest_framework.routers import DefaultRouter
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal import audit
+from portal.models import TokenScope
 
 
 def _too_big() -> dict:
@@ -59,6 +60,11 @@ class Router(DefaultRouter):
     (a 500 for ``POST /api/clusters/1/teardown.json``); such a path is a 404 now."""
 
     include_format_suffixes = False
+
+    class APIRootView(DefaultRouter.APIRootView):
+        """The links to the API's lists: readable by any token (each list asks for its own scope)."""
+
+        required_scopes = {"read": tuple(TokenScope.values)}
 
 
 def api_slash_middleware(get_response):

@@ -75,17 +75,23 @@ def refused_for(name: str, address: str | None) -> str | None:
 
 def login_failed(name: str, address: str | None) -> None:
     """Count a failed login of ``name`` from ``address`` (and forget those that left the window); an account of
-    that name gets it in the audit log, where it stays ``AUDIT_RETENTION`` days (the count leaves with the
-    window). Refused logins (too many failures) are not counted again, nor audited: a guesser's flood writes
-    nothing past the limit."""
+    that name gets the first failure from an address in the window, and the one that reaches
+    ``LOGIN_FAILURES_MAX``, in the audit log (the count leaves with the window; a guesser's flood writes two
+    entries a window). Refused logins (too many failures) are not counted again, nor audited."""
     if name:
         now = timezone.now()
         LoginFailure.objects.filter(at__lte=now - _window()).delete()
         LoginFailure.objects.create(username=name, address=address, at=now)
-        account = get_user_model().objects.filter(**{f"{get_user_model().USERNAME_FIELD}__iexact": name}).first()
+        count = LoginFailure.objects.filter(username=name, address=address, at__gt=now - _window()).count()
+        if count not in (1, settings.LOGIN_FAILURES_MAX):  # (a guesser's flood writes two entries a window)
+            return
+        model = get_user_model()
+        account = model.objects.filter(**{f"{model.USERNAME_FIELD}__iexact": name}).order_by("pk").first()
         if account is not None:
-            with audit.audit_actor(f"login from {address or 'an unknown address'}"):
-                audit.record(account, "action", message=f"failed login from {address or 'an unknown address'}")
+            where = address or "an unknown address"
+            locked = f" ({count} in a row: refused from there for the window)" if count > 1 else ""
+            with audit.audit_actor(f"login from {where}"):
+                audit.record(account, "action", message=f"failed login from {where}{locked}")
 
 
 def login_succeeded(name: str, address: str | None) -> None:

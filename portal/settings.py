@@ -406,8 +406,8 @@ CELERY_BEAT_SCHEDULE["clusters-prune-events"] = every("clusters.prune_events", 3
 # clusters are kept; pruned hourly
 HISTORY_RETENTION = env_int("HISTORY_RETENTION", 180, minimum=1)
 CELERY_BEAT_SCHEDULE["network-prune-history"] = every("network.prune_history", 3600)
-# days the audit log keeps its entries (changes, actions, logins); pruned hourly; 0: kept for good
-AUDIT_RETENTION = env_int("AUDIT_RETENTION", 400, minimum=0)
+# days the audit log keeps its entries (changes, actions, logins); pruned hourly; 0 (default): kept for good
+AUDIT_RETENTION = env_int("AUDIT_RETENTION", 0, minimum=0)
 CELERY_BEAT_SCHEDULE["portal-prune-audit"] = every("portal.prune_audit", 3600)
 # webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
 WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)

@@ -174,7 +174,8 @@ def test_lost_my_laptop_revokes_the_api_tokens_ticked(alice, bob, cluster, gatew
     assert f'value="{gone.pk}"' not in listed and f'value="{bobs.pk}"' not in listed
     assert "laptop client.py" in listed and "from 198.18.7.7" in listed and "never used" in listed
     assert "signs in to this portal again" not in page  # no single sign-on here
-    page = client.post(url, {"tokens": [str(laptop.pk), str(bobs.pk), "x", "9" * 40]}, follow=True).content.decode()
+    page = client.post(url, {"tokens": [str(laptop.pk), str(bobs.pk), "x", "9" * 40, "\u00b2"]}, follow=True)
+    page = page.content.decode()
     assert f"Revoked API token laptop client.py ({laptop.prefix}…): refused from now on." in page
     assert ApiToken.objects.get(pk=laptop.pk).revoked_at is not None
     assert ApiToken.objects.get(pk=desktop.pk).revoked_at is None  # not ticked

@@ -137,7 +137,10 @@ def test_logins_and_failed_logins_are_in_the_audit_log(client, alice, settings):
     log_in(client, "alice", "wrong", REMOTE_ADDR="198.18.9.9")
     log_in(client, "alice", "alice-password", REMOTE_ADDR="198.18.9.9")  # refused: over the limit
     log_in(client, "nobody", "wrong", REMOTE_ADDR="198.18.9.9")
-    assert entries() == [("login from 198.18.9.9", "failed login from 198.18.9.9")] * 2
+    assert entries() == [
+        ("login from 198.18.9.9", "failed login from 198.18.9.9"),
+        ("login from 198.18.9.9", "failed login from 198.18.9.9 (2 in a row: refused from there for the window)"),
+    ]
     assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR="198.18.9.10"))
     assert entries()[-1] == ("alice", "logged in (password) from 198.18.9.10")
     assert not AuditEntry.objects.filter(message__contains="nobody").exists()
@@ -158,3 +161,27 @@ def test_the_audit_log_keeps_audit_retention_days(alice, settings):
     assert list(AuditEntry.objects.filter(message__in=["old", "recent"]).values_list("message", flat=True)) == [
         "recent"
     ]
+
+
+def test_a_guessers_flood_writes_two_audit_entries_a_window(client, alice, settings):
+    from portal.models import AuditEntry
+
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 0, 0  # no limit at all
+    for _ in range(12):
+        log_in(client, "alice", "wrong", REMOTE_ADDR="198.18.9.9")
+    assert AuditEntry.objects.filter(message__startswith="failed login").count() == 1  # (MAX 0: only the first)
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 5, 50
+    for _ in range(12):
+        log_in(client, "alice", "wrong", REMOTE_ADDR="198.18.9.10")
+    assert AuditEntry.objects.filter(message__startswith="failed login from 198.18.9.10").count() == 2
+
+
+def test_a_blank_password_does_not_clear_the_failures(client, alice, settings):
+    """A form with the password left out is no success: it must not wipe the count a guesser has run up."""
+    settings.LOGIN_FAILURES_MAX = 3
+    for _ in range(2):
+        log_in(client, "alice", "wrong")
+    log_in(client, "alice", "")
+    log_in(client, "alice", "wrong")
+    r = log_in(client, "alice", "alice-password")
+    assert r.status_code == 200 and "Too many failed logins" in r.content.decode()

@@ -77,3 +77,16 @@ def test_a_view_that_names_no_scope_refuses_every_token(alice):
     request = factory.post("/")
     force_authenticate(request, user=alice)  # a browser session: as alice
     assert view(request).status_code == 200
+
+
+def test_options_and_the_api_root_answer_a_token(alice):
+    """OPTIONS says what a view takes to a token with any scope the view names (a write-only view too); the API's
+    root pages, links only, to any token."""
+    _, secret = token_create(user=alice, name="w", scopes=[TokenScope.CLUSTERS_WRITE])
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert api.options("/api/access/vpn-profiles/").status_code == 200
+    assert api.options("/api/clusters/").status_code == 200
+    assert api.options("/api/network/sites/").status_code == 403  # network:read it does not have
+    for root in ("/api/", "/api/network/"):
+        assert api.get(root).status_code == 200, root
