@@ -445,6 +445,27 @@ def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None
     reconcile_device.apply_async((str(kind), device.pk, repair), **options)
 
 
+@shared_task(
+    name="network.reconcile_agent_hosts_at_start",
+    bind=True,
+    max_retries=20,
+    soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT,
+)
+def reconcile_agent_hosts_at_start(self, queues: list[str]) -> list[str]:
+    """Sent by a worker as it starts, to one of its own ``queues``: ``reconcile_agent_hosts`` for them, again
+    (2 s, 4 s, … up to a minute apart, some 15 minutes in all) while the database cannot be reached."""
+    from django.db import DatabaseError, close_old_connections
+
+    try:
+        hosts = reconcile_agent_hosts(set(queues))
+    except DatabaseError as exc:
+        close_old_connections()
+        raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from None
+    if hosts:
+        logging.getLogger("network.agent").info("reconciling this agent's hosts at start: %s", ", ".join(hosts))
+    return hosts
+
+
 def reconcile_agent_hosts(queues: set[str]) -> list[str]:
     """Send ``reconcile_device`` (repairing as ``RECONCILE_REPAIR`` says) for every enabled host whose
     ``agent_queue`` is one of ``queues`` — a worker's, as it starts. Their names."""

@@ -62,29 +62,22 @@ def _warm_and_freeze(**kwargs) -> None:
 def _reconcile_agent_hosts(sender=None, **kwargs) -> None:
     """A worker that consumes hosts' ``agent_queue`` (the agent on a hypervisor) reconciles those hosts as it
     starts: a hypervisor that rebooted lost its Linux bridges (netlink's are not persistent), and its VMs cannot
-    start until they are back — not ``RECONCILE_INTERVAL`` later."""
+    start until they are back — not ``RECONCILE_INTERVAL`` later. Asked of its own queues through the broker
+    (up by now), the task finds the hosts, retrying while the database is not reachable yet."""
     import logging
 
-    from django.db import DatabaseError, connection
-
-    from network.tasks import reconcile_agent_hosts
-
     try:
-        queues = {q.name for q in sender.task_consumer.queues}
+        queues = sorted(q.name for q in sender.task_consumer.queues)
     except AttributeError:  # (not a worker's consumer: nothing to go by)
         return
-    try:
-        hosts = reconcile_agent_hosts(queues)
-    except Exception as exc:  # the database or the broker is not there yet: the periodic reconcile comes
-        logging.getLogger("network.agent").warning("could not reconcile this agent's hosts at start: %s", exc)
+    if not queues:
         return
-    finally:
-        try:
-            connection.close()
-        except DatabaseError:
-            pass
-    if hosts:
-        logging.getLogger("network.agent").info("reconciling this agent's hosts at start: %s", ", ".join(hosts))
+    from network.tasks import reconcile_agent_hosts_at_start
+
+    try:
+        reconcile_agent_hosts_at_start.apply_async((queues,), queue=queues[0], expires=600)
+    except Exception as exc:  # the broker went away again: the periodic reconcile comes
+        logging.getLogger("network.agent").warning("could not ask for this agent's hosts' reconcile: %s", exc)
 
 
 @signals.worker_ready.connect

@@ -45,3 +45,29 @@ def test_an_agent_reconciles_its_hosts_when_it_starts(celery_worker, tmp_path, s
         assert Drift.objects.filter(device="pilsen1").count() == 0  # not this agent's host: untouched
     finally:
         agent.stop()
+
+
+def test_the_reconcile_at_start_waits_for_the_database(monkeypatch, db):
+    """A hypervisor boots before its network reaches the database: the task asks again instead of giving up until
+    the next periodic reconcile."""
+    from django.db import OperationalError
+
+    from network import tasks
+
+    calls = []
+
+    def flaky(queues):
+        calls.append(sorted(queues))
+        if len(calls) < 3:
+            raise OperationalError("could not connect to server")
+        return ["brno1"]
+
+    monkeypatch.setattr(tasks, "reconcile_agent_hosts", flaky)
+    from celery.exceptions import Retry
+
+    with pytest.raises(Retry, match="Retry in 2s"):
+        tasks.reconcile_agent_hosts_at_start.apply(args=(["host.brno1"],))
+    with pytest.raises(Retry, match="Retry in 4s"):
+        tasks.reconcile_agent_hosts_at_start.apply(args=(["host.brno1"],), retries=1)
+    assert tasks.reconcile_agent_hosts_at_start.apply(args=(["host.brno1"],), retries=2).get() == ["brno1"]
+    assert calls == [["host.brno1"]] * 3
