@@ -312,6 +312,7 @@ class StepStatus(models.TextChoices):
 class EventKind(models.TextChoices):
     STATE = "state", "created, or its state changed"
     EXPIRING = "expiring", "expires soon"
+    LIFETIME = "lifetime", "its expiry changed"
 
 
 class ClusterEvent(models.Model):
@@ -320,7 +321,9 @@ class ClusterEvent(models.Model):
     happening; on PostgreSQL at commit time under a short lock, so ids follow the order of commits: a reader
     that goes on from the last id it saw (``GET /api/clusters/events/?after=``) never skips an event. An
     ``expiring`` event (the cluster ends within ``CLUSTER_EXPIRY_WARNING``; ``state`` is its state then) is
-    written by ``clusters.services.clusters_warn_expiring`` under the same lock."""
+    written by ``clusters.services.clusters_warn_expiring`` under the same lock. A ``lifetime`` event (its expiry
+    changed: extended by its owner, an admin or the middleware) is written by a trigger as ``state`` events are
+    (migration 0022)."""
 
     id = models.BigAutoField(primary_key=True)
     cluster = models.ForeignKey(VirtualCluster, on_delete=models.CASCADE, related_name="events")

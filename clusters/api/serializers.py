@@ -416,10 +416,15 @@ class EventSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(
         choices=EventKind.choices,
         help_text="state: the cluster was created or its state changed (to state); expiring: its expiry comes within "
-        "CLUSTER_EXPIRY_WARNING and will tear it down unless its lifetime is extended (state: its state then)",
+        "CLUSTER_EXPIRY_WARNING and will tear it down unless its lifetime is extended (state: its state then); "
+        "lifetime: its expiry changed — extended by its owner, an admin or the middleware (state: its state then)",
     )
     state = serializers.ChoiceField(choices=ClusterState.choices)
     at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(
+        source="cluster.expires_at",
+        help_text="the cluster's expiry as the event is read (a later change: a later event)",
+    )
 
 
 class EventPageSerializer(serializers.Serializer):

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection, connections, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from clusters.models import ClusterEvent, ClusterState, VirtualCluster
@@ -39,6 +40,25 @@ def test_a_clusters_life_is_in_the_feed_in_order(fabric, alice):
     assert client_for(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     more = feed(alice, after=page["last"])
     assert [e["state"] for e in more["events"]] == ["tearing_down", "torn_down"]
+
+
+def test_an_extension_is_a_lifetime_event_with_the_new_expiry(fabric, alice, root, client):
+    """Extended through the API, the browser or the admin: one ``lifetime`` event each (the scheduler learns the new
+    expiry from the feed or its webhook); a save that leaves the expiry as it was writes none."""
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    last = feed(alice)["last"]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    later = cluster.expires_at + timedelta(hours=2)
+    r = client_for(alice).patch(f"/api/clusters/{cid}/", {"expires_at": later.isoformat()}, format="json")
+    assert r.status_code == 200, r.content
+    client.force_login(alice)
+    assert client.post(f"/clusters/{cid}/extend/", {"by": "1h"}).status_code == 302
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=F("expires_at"))  # the same value: nothing
+    events = feed(alice, after=last)["events"]
+    cluster.refresh_from_db()
+    assert [(e["kind"], e["state"]) for e in events] == [("lifetime", "ready")] * 2
+    assert events[-1]["expires_at"] == cluster.expires_at.isoformat().replace("+00:00", "Z")
+    assert cluster.expires_at > later
 
 
 def test_the_feed_shows_only_clusters_you_may_see(fabric, alice, bob, charlie, team):

@@ -27,8 +27,10 @@ cluster = VirtualCluster.objects.create(
 )
 VirtualCluster.objects.filter(pk=cluster.pk).update(state="provisioning")
 VirtualCluster.objects.filter(pk=cluster.pk).update(state="provisioning")  # no change: no event
+VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=cluster.expires_at + timedelta(hours=1))
+VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=cluster.expires_at + timedelta(hours=1))  # no change
 print(json.dumps({"vendor": connection.vendor, "triggers": triggers,
-                  "events": list(ClusterEvent.objects.values_list("state", flat=True))}))
+                  "events": [f"{k}:{s}" for k, s in ClusterEvent.objects.values_list("kind", "state")]}))
 """
 
 
@@ -46,5 +48,5 @@ def test_a_fresh_sqlite_database_writes_an_event_per_creation_and_state_change(t
     manage("migrate", "--noinput", "-v", "0")
     found = json.loads(manage("shell", "-c", SCRIPT).strip().splitlines()[-1])
     assert found["vendor"] == "sqlite"
-    assert {"clusters_event_created", "clusters_event_changed"} <= set(found["triggers"])
-    assert found["events"] == ["requested", "provisioning"]
+    assert {"clusters_event_created", "clusters_event_changed", "clusters_event_lifetime"} <= set(found["triggers"])
+    assert found["events"] == ["state:requested", "state:provisioning", "lifetime:provisioning"]
