@@ -367,3 +367,41 @@ def _count_union(runs: set[tuple[int, int]]) -> int:
             count += b - max(a, reach + 1) + 1
             reach = b
     return count
+
+
+def cluster_network(request, cluster: VirtualCluster) -> dict:
+    """What ``cluster``'s network is made of now (``network.selectors.segment_status``): each switch and host with
+    its last change for the cluster and the open drift on its VLAN. The devices' own messages only for whom may
+    read the device history (middleware; a token with ``network:read``; staff who may view device changes): they
+    quote the devices' configuration."""
+    from network.models import DeviceChange
+    from network.selectors import segment_status
+
+    token = getattr(request, "auth", None)
+    if isinstance(token, ApiToken):
+        detailed = token.has_scope(TokenScope.CLUSTERS_MANAGE) or token.has_scope(TokenScope.NETWORK_READ)
+    else:
+        detailed = staff_may(request.user, "view", DeviceChange)
+    from network.models import Segment
+
+    # (a cluster that ended no longer links its segment: its last one, by its reference, tells what was cleaned)
+    segment = cluster.segment or Segment.objects.filter(owner_ref=cluster.ref).order_by("-pk").first()
+    devices = segment_status(segment) if segment is not None else []
+    return {
+        "vlan_id": cluster.vlan_id,
+        "segment_state": segment.state if segment is not None else None,
+        "devices": [
+            {
+                "kind": d.kind,
+                "name": d.name,
+                "site": d.site,
+                "wanted": d.wanted,
+                "enabled": d.enabled,
+                "status": d.status,
+                "changed_at": d.changed_at,
+                "error": d.error if detailed else ("" if not d.error else "(the device's message: ask an operator)"),
+                "drift": [{"port": r.port, "kind": r.kind, "found_at": r.found_at} for r in d.drift],
+            }
+            for d in devices
+        ],
+    }

@@ -633,3 +633,37 @@ class PublicPrefixSerializer(serializers.ModelSerializer):
     @extend_schema_field(PublicSubnetUsageSerializer)
     def get_usage(self, prefix) -> dict[str, int]:
         return (self.context.get("usage") or selectors.public_prefix_usage([prefix]))[prefix.pk]
+
+
+class DriftBriefSerializer(serializers.Serializer):
+    port = serializers.CharField(help_text="the switch port (empty for a host)")
+    kind = serializers.CharField(help_text="missing, stale or foreign")
+    found_at = serializers.DateTimeField()
+
+
+class NetworkDeviceSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["switch", "host"])
+    name = serializers.CharField()
+    site = serializers.CharField()
+    wanted = serializers.BooleanField(
+        help_text="its desired state carries the cluster's VLAN now (false: being cleaned)"
+    )
+    enabled = serializers.BooleanField(
+        help_text="false: an operator took it out of service; the portal leaves it alone"
+    )
+    status = serializers.CharField(
+        help_text="its last change for the cluster: pending, running, ok, noop or failed; none: no change yet"
+    )
+    changed_at = serializers.DateTimeField(allow_null=True)
+    error = serializers.CharField(
+        help_text="the device's own message (middleware, network:read and admins who may view device changes)"
+    )
+    drift = DriftBriefSerializer(many=True, help_text="open drift on the cluster's VLAN (the reconciler repairs it)")
+
+
+class ClusterNetworkSerializer(serializers.Serializer):
+    vlan_id = serializers.IntegerField(allow_null=True)
+    segment_state = serializers.CharField(
+        allow_null=True, help_text="pending, active, deleting, compensating, failed, closed"
+    )
+    devices = NetworkDeviceSerializer(many=True)

@@ -269,6 +269,14 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             raise NotFound("the cluster was deleted while waiting")
         return _backing_off(self._respond(cluster))
 
+    @extend_schema(responses={200: s.ClusterNetworkSerializer, **_with_errors(401, 403, 404)})
+    @action(detail=True, methods=["get"])
+    def network(self, request, pk=None):
+        """The switches and hosts that carry the cluster's VLAN (or carried it and are being cleaned), each with its
+        last change for the cluster and the open drift on the VLAN: which device a pending node waits for."""
+        cluster = get_object_or_404(self.get_queryset().select_related("segment"), pk=pk)
+        return Response(s.ClusterNetworkSerializer(selectors.cluster_network(request, cluster)).data)
+
     @extend_schema(
         request=s.ClusterExtendSerializer,
         parameters=[IDEMPOTENCY],
