@@ -1,5 +1,5 @@
-"""Browser pages acting on one cluster (the list is the home page, ``/``) and the images page; included by
-``portal.urls`` at ``clusters/``."""
+"""Browser pages of one cluster — its page, extend, tear down — (the list is the home page, ``/``) and the images
+page; included by ``portal.urls`` at ``clusters/``."""
 
 from django.urls import path
 
@@ -7,6 +7,7 @@ from clusters import views
 
 app_name = "clusters"
 urlpatterns = [
+    path("<int:pk>/", views.detail, name="detail"),
     path("<int:pk>/extend/", views.extend, name="extend"),
     path("<int:pk>/teardown/", views.teardown, name="teardown"),
     path("images/", views.images, name="images"),

@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import capfirst
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_http_methods, require_safe
 
 from clusters import selectors, services
 from clusters.errors import ClusterError
@@ -166,6 +166,36 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             ),
         },
         status=status,
+    )
+
+
+@require_safe
+@login_required
+@never_cache
+def detail(request, pk: int):
+    """A cluster's page: what it is, its nodes, its life step by step, its events, and the switches and hosts of its
+    network with their last change and open drift ("why is node n2 still pending?")."""
+    cluster = get_object_or_404(
+        selectors.clusters_visible(request).select_related("owner", "group", "image", "segment"), pk=pk
+    )
+    steps = list(cluster.steps.order_by("-started_at", "-id")[:50])
+    for step in steps:
+        seconds = (step.finished_at - step.started_at).total_seconds() if step.finished_at else None
+        step.took = "" if seconds is None else f"{seconds:.2f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    return render(
+        request,
+        "clusters/detail.html",
+        {
+            "cluster": cluster,
+            "nodes": list(cluster.nodes.select_related("host", "host__site").order_by("name")),
+            "steps": steps,
+            "events": list(cluster.events.order_by("-id")[:20]),
+            "network": selectors.cluster_network(request, cluster),
+            "actionable": cluster.state in ACTIVE_STATES and selectors.may_act_on(request, cluster),
+            "admin_url": reverse("admin:clusters_virtualcluster_change", args=[cluster.pk])
+            if selectors.sees_all(request, VirtualCluster)
+            else "",
+        },
     )
 
 

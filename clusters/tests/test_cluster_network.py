@@ -78,3 +78,24 @@ def test_the_devices_of_a_clusters_network_with_their_changes_and_drift(
     assert client_for(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     after = _network(client_for(alice), cid)
     assert after["segment_state"] == "closed" and not any(d["wanted"] for d in after["devices"])
+
+
+def test_the_clusters_page(fabric, alice, bob, client, django_assert_max_num_queries):
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01", host="brno1", job_id="42.pbs")
+    client.force_login(alice)
+    home = client.get("/").content.decode()
+    assert f'<a href="/clusters/{cid}/">c1</a>' in home
+    with django_assert_max_num_queries(30):
+        page = client.get(f"/clusters/{cid}/")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "<h1>c1 " in text and "<code>42.pbs</code>" in text and "52:54:00:00:00:01" in text
+    network = text.split('id="network"')[1].split("</table>")[0]
+    assert 'data-device="sw-brno"' in network and 'data-device="brno1"' in network
+    steps = text.split('id="steps"')[1].split("</table>")[0]
+    assert ">ready<" in steps and " s</td>" in steps  # each finished step with its duration
+    assert "created, or its state changed: ready" in text
+    assert "Tear down…" in text
+    client.force_login(bob)
+    assert client.get(f"/clusters/{cid}/").status_code == 404  # not his
+    assert client.post(f"/clusters/{cid}/").status_code == 405
