@@ -31,6 +31,7 @@ urlpatterns = [
     path("tokens/", views.my_tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
     path("admin/", admin.site.urls),
+    path("api/status/", views.StatusView.as_view(), name="status"),
     path("api/", include("clusters.api.urls")),
     path("api/network/", include("network.api.urls")),
     path("api/access/", include("access.api.urls")),

@@ -14,12 +14,58 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from django.views.decorators.http import require_http_methods
 from drf_spectacular.utils import extend_schema
-from rest_framework import permissions, renderers
+from rest_framework import permissions, renderers, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal import metrics, tokens
+from portal.api import error_responses
 from portal.models import ApiToken, TokenScope
+
+
+class BeatStatusSerializer(serializers.Serializer):
+    ok = serializers.BooleanField(allow_null=True, help_text="null: clusters.expire has not run yet (or no beat)")
+    last_success_age = serializers.FloatField(allow_null=True, help_text="seconds since clusters.expire last succeeded")
+    interval = serializers.FloatField(allow_null=True, help_text="CLUSTER_EXPIRY_INTERVAL")
+
+
+class StatusSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "degraded", "down"],
+        help_text="down: nothing is provisioned now (no broker, or no central worker); degraded: the hosts_unusable "
+        "cannot get a cluster's network, or beat is late",
+    )
+    checked_at = serializers.DateTimeField(help_text="the answer is kept 10 s")
+    broker = serializers.BooleanField(help_text="the web server reaches the Celery broker")
+    queues_without_worker = serializers.ListField(child=serializers.CharField())
+    hosts_unusable = serializers.ListField(
+        child=serializers.CharField(), help_text="enabled hosts whose agent or whose site's switch worker is missing"
+    )
+    beat = BeatStatusSerializer()
+
+
+class StatusView(APIView):
+    """``GET /api/status/``: whether a cluster asked for now would be provisioned (``portal.status``)."""
+
+    required_scopes = {
+        "read": (
+            TokenScope.CLUSTERS_READ,
+            TokenScope.CLUSTERS_WRITE,
+            TokenScope.CLUSTERS_MANAGE,
+            TokenScope.NETWORK_READ,
+            TokenScope.METRICS,
+        )
+    }
+
+    @extend_schema(responses={200: StatusSerializer, **error_responses(401, 403)})
+    def get(self, request):
+        """Whether provisioning works now: the broker, a worker on every queue the devices need, beat. A scheduler
+        holds its jobs while it is ``down``, and places none on ``hosts_unusable``. Always 200: the body says."""
+        from portal.status import provisioning_status
+
+        response = Response(StatusSerializer(provisioning_status()).data)
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 def healthz(request):
