@@ -288,6 +288,7 @@ class Node(models.Model):
     )
     state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True, help_text="when it left the cluster (usage reports)")
 
     class Meta:
         ordering = ["cluster_id", "name"]

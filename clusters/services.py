@@ -709,7 +709,9 @@ def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -
         ended_at=timezone.now(), public_subnet="", **fields
     ):
         cluster = VirtualCluster.objects.get(pk=cluster_id)
-        Node.objects.filter(cluster=cluster).update(state=NodeState.REMOVED)
+        Node.objects.filter(cluster=cluster).exclude(state=NodeState.REMOVED).update(
+            state=NodeState.REMOVED, removed_at=cluster.ended_at
+        )
         _lease_end(cluster_id)
         transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
         return True
@@ -859,7 +861,8 @@ def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
     if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
         raise Conflict("the last node cannot be removed; tear the cluster down instead")
     node.state = NodeState.REMOVED
-    node.save(update_fields=["state"])
+    node.removed_at = timezone.now()
+    node.save(update_fields=["state", "removed_at"])
     _reconverge(cluster, "nodes.remove", f"{node.name}@{node.host.name}")
 
 
