@@ -7,7 +7,15 @@ from django.contrib import admin, messages
 from django.db.models import Prefetch
 
 from access import services
-from access.models import Authority, Credential, CredentialCluster, Gateway, RetiredHostKey, RevocationReason
+from access.models import (
+    Authority,
+    Credential,
+    CredentialCluster,
+    Gateway,
+    GatewaySession,
+    RetiredHostKey,
+    RevocationReason,
+)
 from portal.admin import MadeByThePortal
 
 
@@ -97,6 +105,28 @@ class CredentialAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {done} credential(s); the CRL/KRL was re-signed.", messages.SUCCESS)
 
 
+@admin.register(GatewaySession)
+class GatewaySessionAdmin(MadeByThePortal, admin.ModelAdmin):
+    """Who is connected through the access gateways, as each last reported (after its pull): the holder of each
+    certificate, where from, on which cluster. A row whose gateway reported longer than ``GATEWAY_STATE_MAX_AGE``
+    ago may be over. To cut one: revoke its credential (the gateway cuts it at its next pull)."""
+
+    list_display = ("gateway", "kind", "holder", "serial", "peer", "cluster", "count", "since", "reported_at")
+    list_filter = ("kind", "gateway")
+    search_fields = ("=serial", "peer", "cluster", "credential__user__username", "credential__label")
+    list_select_related = ("gateway", "credential", "credential__user")
+    fields = list_display + ("credential",)
+    readonly_fields = fields
+
+    @admin.display(description="holder", ordering="credential__user__username")
+    def holder(self, obj: GatewaySession) -> str:
+        if obj.credential is None:
+            return "(not issued by this portal)"
+        label = f" ({obj.credential.label})" if obj.credential.label else ""
+        who = obj.credential.user.get_username() if obj.credential.user_id else "?"
+        return f"{who}{label}"
+
+
 @admin.register(Gateway)
 class GatewayAdmin(admin.ModelAdmin):
     """Access gateways. After adding one: "make gateway token", then on the gateway host
@@ -113,6 +143,7 @@ class GatewayAdmin(admin.ModelAdmin):
         "token",
         "last_pull_at",
         "state_as_of",
+        "sessions_reported_at",
     )
     list_filter = ("kind", "enabled", "site")
     search_fields = ("name", "address")

@@ -328,6 +328,9 @@ class Gateway(models.Model):
         "it may be handed out again",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    sessions_reported_at = models.DateTimeField(
+        null=True, blank=True, help_text="when it last reported who is connected (after each pull)"
+    )
 
     class Meta:
         ordering = ["name"]
@@ -372,3 +375,32 @@ class RetiredHostKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.gateway}: {self.key.split()[0]} until {self.until:%Y-%m-%d}"
+
+
+class GatewaySession(models.Model):
+    """Someone connected through an access gateway, as the gateway last reported (``access.gateway.report``, after
+    each pull): a VPN session of a certificate from a peer address, or SSH logins on the bastion. The gateway's
+    report replaces its rows whole; a report older than ``GATEWAY_STATE_MAX_AGE`` is not taken as "now"."""
+
+    class Kind(models.TextChoices):
+        VPN = "vpn", "VPN"
+        SSH = "ssh", "SSH"
+
+    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="sessions")
+    kind = models.CharField(max_length=3, choices=Kind.choices)
+    serial = models.PositiveBigIntegerField(help_text="the certificate's serial")
+    credential = models.ForeignKey(
+        Credential, null=True, blank=True, on_delete=models.SET_NULL, related_name="sessions"
+    )
+    peer = models.CharField(max_length=100, blank=True, help_text="address and port it connects from (VPN)")
+    cluster = models.CharField(max_length=100, blank=True, help_text="the cluster the VPN session landed on")
+    count = models.PositiveIntegerField(default=1, help_text="logins of this certificate up (SSH)")
+    since = models.DateTimeField(null=True, blank=True)
+    reported_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["gateway_id", "kind", "serial", "peer"]
+
+    def __str__(self) -> str:
+        where = f" from {self.peer}" if self.peer else ""
+        return f"{self.get_kind_display()} {self.serial}{where} on {self.gateway_id}"

@@ -204,10 +204,28 @@ def credentials_of(user, *, ended: int) -> list[Credential]:
     gone = list(own.filter(Q(revoked_at__isnull=False) | Q(not_after__lte=now))[:ended])
     early = credentials_ending_before_their_clusters(valid)
     unpinned = credentials_pinning_a_retired_gateway(valid)
+    connected = sessions_now([c.pk for c in valid + gone])
     for credential in valid + gone:
         credential.ends_before_cluster = credential.pk in early
         credential.gateway_re_enrolled = credential.pk in unpinned
+        credential.connected = connected.get(credential.pk, [])
     return valid + gone
+
+
+def sessions_now(credential_ids) -> dict[int, list]:
+    """The sessions the gateways report up now for each of ``credential_ids`` (``GatewaySession``): only from a
+    gateway whose last report is younger than ``GATEWAY_STATE_MAX_AGE`` — an older one may be long over. One
+    query."""
+    from access.models import GatewaySession
+
+    fresh = timezone.now() - timedelta(seconds=settings.GATEWAY_STATE_MAX_AGE)
+    rows = GatewaySession.objects.filter(
+        credential_id__in=list(credential_ids), gateway__sessions_reported_at__gte=fresh, gateway__enabled=True
+    ).select_related("gateway")
+    found: dict[int, list] = {}
+    for row in rows.order_by("since", "pk"):
+        found.setdefault(row.credential_id, []).append(row)
+    return found
 
 
 def gateway_certificates() -> tuple[set[str], datetime | None]:

@@ -63,6 +63,7 @@ from access.models import (
     CredentialCluster,
     CredentialKind,
     Gateway,
+    GatewaySession,
     RetiredHostKey,
     RevocationReason,
     SerialNumber,
@@ -1722,6 +1723,47 @@ def gateway_pulled(*, gateway: Gateway, installed: str | None) -> None:
     if made is not None and gateway.created_at - pki.CLOCK_SKEW <= made <= now:
         updates["state_as_of"] = Greatest(Coalesce("state_as_of", Value(made)), Value(made))
     Gateway.objects.filter(pk=gateway.pk).update(**updates)
+
+
+@transaction.atomic
+def gateway_sessions_report(*, gateway: Gateway, vpn: Sequence[dict], ssh: Sequence[dict]) -> int:
+    """Who is connected through ``gateway`` now, as it reports after a pull (``access.gateway.report``; validated by
+    the API): its sessions replace those it reported before. A VPN entry is ``serial``, ``peers`` ([address, port]
+    each: one row per peer), ``since`` and ``cluster``; an SSH entry ``serial``, ``count`` and ``since``. Each row
+    names its credential (the serial's, of its kind) when the portal issued it. How many rows."""
+    now = timezone.now()
+    kinds = {GatewaySession.Kind.VPN: CredentialKind.VPN, GatewaySession.Kind.SSH: CredentialKind.SSH}
+    serials = {e["serial"] for e in (*vpn, *ssh)}
+    known = {
+        (kind, serial): pk
+        for pk, kind, serial in Credential.objects.filter(serial__in=serials, kind__in=kinds.values()).values_list(
+            "pk", "kind", "serial"
+        )
+    }
+    rows = []
+    for kind, entries in ((GatewaySession.Kind.VPN, vpn), (GatewaySession.Kind.SSH, ssh)):
+        for entry in entries:
+            common = {
+                "gateway": gateway,
+                "kind": kind,
+                "serial": entry["serial"],
+                "credential_id": known.get((kinds[kind], entry["serial"])),
+                "since": entry.get("since"),
+                "reported_at": now,
+            }
+            if kind == GatewaySession.Kind.VPN:
+                cluster = entry.get("cluster", "")
+                rows += [GatewaySession(**common, peer=_peer(ip, port), cluster=cluster) for ip, port in entry["peers"]]
+            else:
+                rows.append(GatewaySession(**common, count=entry["count"]))
+    GatewaySession.objects.filter(gateway=gateway).delete()
+    GatewaySession.objects.bulk_create(rows)
+    Gateway.objects.filter(pk=gateway.pk).update(sessions_reported_at=now)
+    return len(rows)
+
+
+def _peer(ip: str, port: str) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 # --- gateway enrolment -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Min, Q, Sum
 from django.utils import timezone
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -49,7 +49,7 @@ def render(families: Iterable[Family]) -> str:
 
 
 def collect() -> list[Family]:
-    from access.models import Credential, CredentialKind, Gateway
+    from access.models import Credential, CredentialKind, Gateway, GatewaySession
     from access.selectors import bastion_shared_addresses, bastions_forward_by_address, gateway_state_age
     from clusters.models import ClusterEvent, ClusterState, ClusterStep, PublicPrefix, VirtualCluster, Webhook
     from clusters.selectors import public_prefix_usage
@@ -138,6 +138,25 @@ def collect() -> list[Family]:
     # credentials revoked since, until GATEWAY_STATE_MAX_AGE after its last pull, when it refuses everyone; and
     # the VLAN ids released since wait for it (or for that expiry) before they go to another cluster. Alert
     # well before GATEWAY_STATE_MAX_AGE.
+    connected = Family(
+        "virtcloud_gateway_sessions",
+        "Sessions up through each enabled access gateway, by kind, as it last reported (VPN: one per peer; SSH: "
+        "logins); no sample for a gateway that never reported.",
+    )
+    per_gateway = Counter(
+        {
+            (g, k): n
+            for g, k, n in GatewaySession.objects.filter(gateway__enabled=True)
+            .values_list("gateway__name", "kind")
+            .annotate(n=Sum("count"))
+            .order_by()
+        }
+    )
+    for name in Gateway.objects.filter(enabled=True, sessions_reported_at__isnull=False).values_list("name", flat=True):
+        for kind in GatewaySession.Kind.values:
+            connected.add(per_gateway[(name, kind)], gateway=name, kind=kind)
+    families.append(connected)
+
     pulls = Family(
         "virtcloud_gateway_pull_age_seconds",
         "Seconds since an enabled access gateway last pulled its state (since it was enrolled, if never).",

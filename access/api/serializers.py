@@ -262,3 +262,41 @@ class ClusterAccessSerializer(serializers.Serializer):
         help_text="the ready access gateways whose trunk carries the cluster, by name (empty for a public cluster "
         "or one whose network is not up)",
     )
+
+
+class _EpochField(serializers.FloatField):
+    """Seconds since the epoch (what the gateway's records hold), as an aware time; out of range: a 400."""
+
+    def to_internal_value(self, data):
+        import datetime as dt
+
+        value = super().to_internal_value(data)
+        try:
+            return dt.datetime.fromtimestamp(value, tz=dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise serializers.ValidationError("not a time (seconds since 1970)") from None
+
+
+MAX_REPORTED = 5000  # per kind (access.gateway.report.MAX_SESSIONS)
+
+
+class VpnSessionSerializer(serializers.Serializer):
+    serial = serializers.IntegerField(min_value=0, max_value=2**63 - 1)
+    peers = serializers.ListField(
+        child=serializers.ListField(child=serializers.CharField(max_length=45), min_length=2, max_length=2),
+        max_length=64,
+        help_text="[address, port] of each peer the certificate's sessions connect from",
+    )
+    since = _EpochField(required=False, allow_null=True, default=None)
+    cluster = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+
+
+class SshSessionSerializer(serializers.Serializer):
+    serial = serializers.IntegerField(min_value=0, max_value=2**63 - 1)
+    count = serializers.IntegerField(min_value=1, max_value=100000)
+    since = _EpochField(required=False, allow_null=True, default=None)
+
+
+class SessionsReportSerializer(serializers.Serializer):
+    vpn = VpnSessionSerializer(many=True, max_length=MAX_REPORTED)
+    ssh = SshSessionSerializer(many=True, max_length=MAX_REPORTED)

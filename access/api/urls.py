@@ -15,6 +15,7 @@ urlpatterns = [
     path("host-certificates/", views.HostCertificateView.as_view(), name="access-host-certificates"),
     path("host-certificates/access/", views.NodeAccessView.as_view(), name="access-host-access"),
     path("gateway/state/", views.GatewayStateView.as_view(), name="access-gateway-state"),
+    path("gateway/sessions/", views.GatewaySessionsView.as_view(), name="access-gateway-sessions"),
     path("crl.pem", views.CrlView.as_view(), name="access-crl"),
     *router.urls,
 ]

@@ -327,6 +327,26 @@ class IsGatewayToken(permissions.BasePermission):
         return view.gateway is not None
 
 
+class GatewaySessionsView(APIView):
+    """Who is connected through the gateway now (``access.gateway.report``, after each pull)."""
+
+    permission_classes = [permissions.IsAuthenticated, IsGatewayToken]
+
+    @extend_schema(
+        request=s.SessionsReportSerializer,
+        responses={
+            204: OpenApiResponse(description="recorded: the gateway's sessions are these now"),
+            **error_responses(400, 401, 403, e403="not an enabled gateway's own token (scope gateway:pull)"),
+        },
+    )
+    def post(self, request):
+        """The gateway's sessions up now, replacing those it reported before."""
+        report = s.SessionsReportSerializer(data=request.data)
+        report.is_valid(raise_exception=True)
+        services.gateway_sessions_report(gateway=self.gateway, **report.validated_data)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
 class GatewayStateView(APIView):
     """What a gateway needs to authorize offline: CA/AA certificates, CRL, KRL, VLAN map, principals."""
 

@@ -53,6 +53,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # pragma: no cover - r
 from access.gateway import config as gateway_config  # noqa: E402
 from access.gateway import outgoing, sshd  # noqa: E402
 from access.gateway import pull as install  # noqa: E402
+from access.gateway import report as sessions_report  # noqa: E402
 from access.gateway import vpn as gateway_vpn  # noqa: E402
 from access.gateway.state import SshState, StateError, VpnState, check_fresh, write_atomic  # noqa: E402
 
@@ -177,6 +178,10 @@ def run_pull(
     _say(out, line + _cuts(report, retried=True))
     for note in report.notes:
         _say(err, f"gateway pull: {note}")
+    try:  # who is connected, for the portal's operators and users (best effort: the pull itself went well)
+        sessions_report.report(url=url, token=token, state_dir=state_dir, timeout=timeout)
+    except sessions_report.ReportError as exc:
+        _say(err, f"gateway pull: {exc}")
     if on_change:
         return run_on_change(on_change, Path(state_dir), changed, on_change_timeout, out=out, err=err)
     (Path(state_dir) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)  # no hook to wait for: said above

@@ -285,6 +285,27 @@ def recorded_serials(ssh: SshState) -> set[int]:
         return set()
 
 
+def sessions(ssh: SshState) -> list[dict]:
+    """The logins up, one entry per certificate: ``serial``, ``count`` and ``since`` (the earliest one's start,
+    epoch seconds; None when the process start cannot be read)."""
+    try:
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError):
+        boot, ticks = None, None
+    out = []
+    for serial in sorted(recorded_serials(ssh)):
+        pids = session_processes(ssh, serial)
+        if not pids:
+            continue
+        starts = [int(s) for s in (_started(pid) for pid in pids) if s and s.isdigit()]
+        since = boot + min(starts) / ticks if boot is not None and ticks and starts else None
+        out.append({"serial": serial, "count": len(pids), "since": since})
+    return out
+
+
 def live_serials(ssh: SshState) -> set[int]:
     """Certificates with a login up now."""
     return {serial for serial in recorded_serials(ssh) if session_processes(ssh, serial)}

@@ -171,7 +171,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     if vid is None:
         raise Refused(f"{who}: cluster {cluster} has no VLAN on this gateway (not READY or torn down)")
     Path(config_file).write_text(f"vlan-pvid {vid}\n")
-    _record_session(state, entry["serial"], cn, env)
+    _record_session(state, entry["serial"], cn, env, cluster=cluster)
     _log("ACCEPT", f"{who}: cluster {cluster} -> vlan-pvid {vid}")
     return vid
 
@@ -188,7 +188,7 @@ def revoked_lately(state: VpnState) -> set[int]:
     return revoked_serials(state.revoked)
 
 
-def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) -> None:
+def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str], *, cluster: str = "") -> None:
     """Remember the peer (address, port) of this session of ``serial`` — every one: the same profile may be
     connected from several places at once — so that a revocation cuts exactly that certificate's sessions.
     (OpenVPN runs client-connect hooks one at a time: no two of them update the record together.)"""
@@ -198,7 +198,13 @@ def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str]) 
         return
     state.sessions.mkdir(mode=0o700, parents=True, exist_ok=True)
     peers = [peer for peer in session_peers(state, serial) if peer != (ip, port)] + [(ip, port)]
-    record = {"serial": serial, "common_name": cn, "peers": [list(peer) for peer in peers], "since": time.time()}
+    record = {
+        "serial": serial,
+        "common_name": cn,
+        "peers": [list(peer) for peer in peers],
+        "since": time.time(),
+        "cluster": cluster,
+    }
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
 
 
@@ -227,6 +233,28 @@ def _record_peers(record: dict | None) -> list[tuple[str, str]]:
 def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
     """The (address, port) pairs sessions of certificate ``serial`` connected from."""
     return _record_peers(_session_record(state, serial))
+
+
+def sessions(state: VpnState) -> list[dict]:
+    """The sessions up, one entry per certificate: ``serial``, ``peers`` ([address, port] each), ``since`` (the
+    last connect, epoch seconds) and the ``cluster`` it landed on (as client-connect recorded them)."""
+    out = []
+    for serial in sorted(recorded_serials(state)):
+        record = _session_record(state, serial)
+        peers = _record_peers(record)
+        if not peers:
+            continue
+        since = record.get("since")
+        cluster = record.get("cluster")
+        out.append(
+            {
+                "serial": serial,
+                "peers": [list(p) for p in peers],
+                "since": since if isinstance(since, (int, float)) else None,
+                "cluster": cluster if isinstance(cluster, str) else "",
+            }
+        )
+    return out
 
 
 def session_owner(state: VpnState, serial: int) -> str | None:

@@ -15,6 +15,7 @@ certificate) and a new one connects.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,7 @@ def vpn_lab(tmp_path, gateway, cluster):  # the cluster exists before the gatewa
         lab = Lab()
         lab.gw, lab.ws, lab.tap, lab.log, lab.procs, lab.tmp, lab.state = gw, ws, tap, log, procs, tmp_path, state
         lab.run_as = run_as
+        lab.gateway = gateway
 
         def restart_server():  # what the operator does after a re-enrolment
             nonlocal done, server
@@ -124,6 +126,18 @@ def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
     written = [vpn_lab.state / "vpn" / "run" / "sessions" / f"{credential.serial}.json"]
     written += list((vpn_lab.state / "vpn" / "run" / "ac-cache").iterdir())
     assert len(written) == 2 and {p.stat().st_uid for p in written} == {vpn_lab.run_as.uid}
+    # what the pull reports to the portal: the session, from the workstation, on the cluster (access.gateway.report)
+    from access.api.serializers import SessionsReportSerializer
+    from access.gateway import report
+    from access.models import GatewaySession
+
+    collected = report.collect(vpn_lab.state)
+    [up] = collected["vpn"]
+    assert (up["serial"], up["cluster"], up["peers"][0][0]) == (credential.serial, label, WS_ADDR)
+    reported = SessionsReportSerializer(data=json.loads(json.dumps(collected)))  # (as it crosses the network)
+    assert reported.is_valid(), reported.errors
+    services.gateway_sessions_report(gateway=vpn_lab.gateway, **reported.validated_data)
+    assert GatewaySession.objects.get().credential == credential
 
     # "I lost my laptop": the portal revokes; the local gateway gets the CRL and cuts the session.
     with django_capture_on_commit_callbacks(execute=True):
