@@ -382,6 +382,28 @@ def cluster_create(
     return cluster, True
 
 
+class _Planned(Exception):
+    """Raised inside a dry run's transaction, carrying what it found: everything it did rolls back."""
+
+    def __init__(self, found):
+        super().__init__("dry run")
+        self.found = found
+
+
+def cluster_plan(*, describe: Callable[[VirtualCluster], dict], **kwargs) -> dict:
+    """A dry run of ``cluster_create`` (same arguments, no idempotency): every check it makes — lifetime, nodes,
+    name, group, image, quota, the policy, a VLAN from a pool whose core joins the hosts' sites (and a gateway's,
+    for a closed cluster), a public subnet — with the same errors, then ``describe(cluster)`` of the cluster it
+    would make, and all of it rolled back: nothing is allocated, recorded or sent. What it names (the pool, the
+    subnet) is what a create now would get, not a reservation."""
+    try:
+        with transaction.atomic():
+            cluster, _created = cluster_create(**kwargs)
+            raise _Planned(describe(cluster))
+    except _Planned as planned:
+        return planned.found
+
+
 class _IdempotentRace(Exception):
     """Raised inside the atomic block so everything rolls back; ``cluster_create_idempotent`` replays."""
 

@@ -667,3 +667,21 @@ class ClusterNetworkSerializer(serializers.Serializer):
         allow_null=True, help_text="pending, active, deleting, compensating, failed, closed"
     )
     devices = NetworkDeviceSerializer(many=True)
+
+
+class PlannedNodeSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    host = serializers.CharField()
+    address = serializers.CharField(allow_null=True, help_text="a public cluster's nodes get theirs from its subnet")
+
+
+class ClusterPlanSerializer(serializers.Serializer):
+    connectivity = serializers.ChoiceField(choices=Connectivity.choices)
+    connectivity_reason = serializers.CharField()
+    pool = serializers.CharField(help_text="the VLAN pool its network would come from (no id is reserved)")
+    core = serializers.CharField(help_text="that pool's core transport")
+    sites = serializers.ListField(child=serializers.CharField(), help_text="the sites its nodes are at")
+    public_subnet = serializers.CharField(help_text="what a public cluster would get now (not reserved); '' if closed")
+    public_gateway = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+    nodes = PlannedNodeSerializer(many=True)

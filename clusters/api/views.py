@@ -210,6 +210,47 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        request=s.ClusterCreateSerializer,
+        responses={200: s.ClusterPlanSerializer, **error_responses(400, 401, 403, 409, 415, 422, 429, **CREATE_ERRORS)},
+    )
+    @action(detail=False, methods=["post"])
+    def plan(self, request):
+        """A dry run of a create with the same body: the policy's decision, the VLAN pool and the public subnet it
+        would get now, or the very error a create would answer (a quota, an exhausted pool, a host no core
+        reaches…). Nothing is allocated, recorded or sent — a scheduler checks a placement before it commits."""
+        v = _valid(s.ClusterCreateSerializer, request)
+
+        def describe(cluster) -> dict:
+            pool = cluster.segment.allocation.pool
+            nodes = list(cluster.nodes.select_related("host__site").order_by("name"))
+            return {
+                "connectivity": cluster.connectivity,
+                "connectivity_reason": cluster.connectivity_reason,
+                "pool": pool.name,
+                "core": pool.core.name,
+                "sites": sorted({n.host.site.name for n in nodes}),
+                "public_subnet": cluster.public_subnet,
+                "public_gateway": cluster.public_gateway,
+                "expires_at": cluster.expires_at,
+                "nodes": [{"name": n.name, "host": n.host.name, "address": n.address} for n in nodes],
+            }
+
+        found = services.cluster_plan(
+            describe=describe,
+            owner=v.get("owner") or request.user,
+            name=v["name"],
+            image=v["image"],
+            admin_rights=v["admin_rights"],
+            nodes=v["nodes"],
+            expires_at=timezone.now() + timedelta(seconds=v["lifetime"]),
+            group=v.get("group"),
+            job_id=v["job_id"],
+            bastion_address=v["bastion_address"],
+            connectivity=v.get("connectivity", ""),
+        )
+        return Response(s.ClusterPlanSerializer(found).data)
+
+    @extend_schema(
         parameters=[s.EventQuerySerializer],
         responses={200: s.EventPageSerializer, **_with_errors(400, 401, 403, 404)},
     )
