@@ -5,6 +5,8 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
         --name mpi --image debian-12 --node name=node1,host=brno-h1,mac=52:54:00:00:00:01[,address=10.0.0.1] ... \\
         [--admin-rights] [--connectivity closed] [--group G] [--owner U] [--lifetime S] [--bastion-address A] \\
         [--timeout 300] [--wait-access]
+    client.py ... plan --job 1234.pbs --name mpi --image debian-12 --node ... (as up, without the waiting)
+    client.py ... status
     client.py ... down --job 1234.pbs [--reason R] [--timeout 300]
     client.py ... show --job 1234.pbs
     client.py ... extend --job 1234.pbs (--lifetime S | --until 2026-12-31T18:00:00+01:00)
@@ -19,6 +21,9 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with). With
 ``--wait-access`` it waits, for a closed cluster, until every access gateway carrying it has installed it too
 (printed as ``access``: the gateways and where users connect), so that the job's users get in at once.
+``plan`` is a dry run of ``up`` (the policy's decision, the VLAN pool, the public subnet and addresses it would get
+now, or the refusal ``up`` would meet; nothing is made). ``status`` prints whether the portal provisions now and
+which hosts cannot get a network (exit 75 when it provisions nothing: hold the job).
 ``up`` and ``down`` are keyed by the job (``Idempotency-Key``): a prologue that runs again — after a timeout, a
 crash, a lost answer — gets the same cluster, never a second one; a job requeued under the same id says which run it
 is (``--attempt N``, e.g. ``SLURM_RESTART_COUNT``) and gets a new one. Job ids must be unique among the
@@ -218,12 +223,30 @@ def parse_node(text: str) -> dict:
     return node
 
 
-def up(api: Api, args, out: TextIO, err: TextIO = sys.stderr) -> int:
+def _create_body(args) -> dict:
     body = {"name": args.name, "image": args.image, "admin_rights": args.admin_rights, "nodes": args.node}
     body["job_id"] = args.job
     for field in ("group", "owner", "lifetime", "bastion_address", "connectivity"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
+    return body
+
+
+def plan(api: Api, args, out: TextIO) -> int:
+    out.write(json.dumps(api.call("POST", "/api/clusters/plan/", _create_body(args)), indent=1) + "\n")
+    return 0
+
+
+def status(api: Api, args, out: TextIO) -> int:
+    answer = api.call("GET", "/api/status/")
+    out.write(json.dumps(answer, indent=1) + "\n")
+    if answer.get("status") == "down":
+        raise Unavailable("the portal provisions nothing now (no broker, or no central worker): hold the job")
+    return 0
+
+
+def up(api: Api, args, out: TextIO, err: TextIO = sys.stderr) -> int:
+    body = _create_body(args)
     deadline = time.monotonic() + args.timeout
     key = f"{args.job}:up" + (f":{args.attempt}" if args.attempt else "")
     cluster = api.call("POST", "/api/clusters/", body, key=key)
@@ -536,21 +559,9 @@ def show(api: Api, args, out: TextIO) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--url", required=True, help="the portal, e.g. https://portal.example.org")
-    token = parser.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token-file", help="file holding the API token (scope clusters:write or clusters:manage)")
-    token.add_argument("--token", help="the API token (prefer --token-file: argv is visible)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    make = sub.add_parser("up", help="create the job's cluster and wait until it is READY")
+def _cluster_arguments(make) -> None:
+    """What ``up`` and ``plan`` take: the cluster asked for."""
     make.add_argument("--job", required=True, type=job_id, help="the scheduler's job id (keys every request)")
-    make.add_argument(
-        "--attempt",
-        type=int,
-        default=0,
-        help="the job's run (a requeued job with the same id gets a new cluster: e.g. SLURM_RESTART_COUNT)",
-    )
     make.add_argument("--name", required=True)
     make.add_argument("--image", required=True)
     make.add_argument("--node", type=parse_node, action="append", required=True, help="name=…,host=…,mac=…[,address=…]")
@@ -566,6 +577,26 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     make.add_argument(
         "--bastion-address",
         help="closed clusters: the SSH bastion's address, with its prefix length (a clusters:manage token)",
+    )
+
+
+def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--url", required=True, help="the portal, e.g. https://portal.example.org")
+    token = parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-file", help="file holding the API token (scope clusters:write or clusters:manage)")
+    token.add_argument("--token", help="the API token (prefer --token-file: argv is visible)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    make = sub.add_parser("up", help="create the job's cluster and wait until it is READY")
+    dry = sub.add_parser("plan", help="what `up` with these arguments would get now (a dry run: nothing is made)")
+    sub.add_parser("status", help="whether the portal provisions now (exit 75 when it does not: hold the job)")
+    for command in (make, dry):
+        _cluster_arguments(command)
+    make.add_argument(
+        "--attempt",
+        type=int,
+        default=0,
+        help="the job's run (a requeued job with the same id gets a new cluster: e.g. SLURM_RESTART_COUNT)",
     )
     make.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
     make.add_argument(
@@ -626,6 +657,8 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     try:
         actions = {
             "up": functools.partial(up, err=err),
+            "plan": plan,
+            "status": status,
             "down": down,
             "show": show,
             "extend": extend,

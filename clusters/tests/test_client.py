@@ -561,3 +561,30 @@ def against(handler: type[FakePortal], *command: str) -> tuple[int, str]:
         return scheduler_client.main(argv, out=io.StringIO(), err=err), err.getvalue()
     finally:
         server.shutdown()
+
+
+def test_a_scheduler_plans_a_job_and_asks_whether_the_portal_provisions(fabric, celery_worker, client, settings):
+    """``plan`` answers what ``up`` would get and leaves nothing; a refusal exits as ``up``'s would. ``status``
+    exits 0 while the portal provisions, 75 once it does not (hold the job)."""
+    before = allocated()
+    node_args = [arg for node in NODES for arg in ("--node", node)]
+    argv = ("plan", "--job", "5.pbs", "--name", "mpi-5", "--image", "my-own", *node_args)
+    code, planned, err = client(*argv)
+    assert code == 0, err
+    assert planned["connectivity"] == "closed" and planned["sites"] == ["brno", "prague"] and planned["pool"]
+    assert allocated() == before and not VirtualCluster.objects.filter(job_id="5.pbs").exists()
+    settings.CLUSTER_QUOTA_CLUSTERS = 1
+    assert up(client, "6.pbs", nodes=("name=n1,host=brno1,mac=52:54:00:00:03:01",))[0] == 0
+    code, _, err = client(*argv)
+    assert code == 75 and "quota_exceeded" in err  # what `up` would meet: later
+    from django.core.cache import cache
+
+    from portal.status import CACHE_KEY
+
+    cache.delete(CACHE_KEY)  # (the answer is kept 10 s)
+    code, status, err = client("status")
+    assert code == 0 and status["status"] == "ok", (status, err)
+    celery_worker.stop()
+    cache.delete(CACHE_KEY)
+    code, status, err = client("status")
+    assert code == 75 and status["status"] == "down" and "hold the job" in err
