@@ -1728,9 +1728,11 @@ def gateway_pulled(*, gateway: Gateway, installed: str | None) -> None:
 @transaction.atomic
 def gateway_sessions_report(*, gateway: Gateway, vpn: Sequence[dict], ssh: Sequence[dict]) -> int:
     """Who is connected through ``gateway`` now, as it reports after a pull (``access.gateway.report``; validated by
-    the API): its sessions replace those it reported before. A VPN entry is ``serial``, ``peers`` ([address, port]
-    each: one row per peer), ``since`` and ``cluster``; an SSH entry ``serial``, ``count`` and ``since``. Each row
-    names its credential (the serial's, of its kind) when the portal issued it. How many rows."""
+    the API): its sessions replace those it reported before. A VPN entry is ``serial``, ``peer`` ([address, port]),
+    ``since`` and ``cluster``; an SSH entry ``serial``, ``count`` and ``since``. Each row names its credential (the
+    serial's, of its kind) when the portal issued it. Two reports of one gateway at once are taken one after the
+    other (its row locked). How many rows."""
+    Gateway.objects.select_for_update().filter(pk=gateway.pk).first()
     now = timezone.now()
     kinds = {GatewaySession.Kind.VPN: CredentialKind.VPN, GatewaySession.Kind.SSH: CredentialKind.SSH}
     serials = {e["serial"] for e in (*vpn, *ssh)}
@@ -1752,8 +1754,7 @@ def gateway_sessions_report(*, gateway: Gateway, vpn: Sequence[dict], ssh: Seque
                 "reported_at": now,
             }
             if kind == GatewaySession.Kind.VPN:
-                cluster = entry.get("cluster", "")
-                rows += [GatewaySession(**common, peer=_peer(ip, port), cluster=cluster) for ip, port in entry["peers"]]
+                rows.append(GatewaySession(**common, peer=_peer(*entry["peer"]), cluster=entry.get("cluster", "")))
             else:
                 rows.append(GatewaySession(**common, count=entry["count"]))
     GatewaySession.objects.filter(gateway=gateway).delete()

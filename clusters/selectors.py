@@ -373,7 +373,7 @@ def cluster_network(request, cluster: VirtualCluster) -> dict:
     """What ``cluster``'s network is made of now (``network.selectors.segment_status``): each switch and host with
     its last change for the cluster and the open drift on its VLAN. The devices' own messages only for whom may
     read the device history (middleware; a token with ``network:read``; staff who may view device changes): they
-    quote the devices' configuration."""
+    quote the devices' configuration; so do the drift's port names."""
     from network.models import DeviceChange
     from network.selectors import segment_status
 
@@ -400,7 +400,10 @@ def cluster_network(request, cluster: VirtualCluster) -> dict:
                 "status": d.status,
                 "changed_at": d.changed_at,
                 "error": d.error if detailed else ("" if not d.error else "(the device's message: ask an operator)"),
-                "drift": [{"port": r.port, "kind": r.kind, "found_at": r.found_at} for r in d.drift],
+                # (a switch's port names are the operators', as its messages are)
+                "drift": [
+                    {"port": r.port if detailed else "", "kind": r.kind, "found_at": r.found_at} for r in d.drift
+                ],
             }
             for d in devices
         ],
@@ -422,11 +425,13 @@ def usage(since, until, *, by: str = "owner") -> list[dict]:
         raise ValueError(f"by: one of {', '.join(USAGE_KEYS)}")
     now = timezone.now()
     until = min(until, now)
+    in_window = VirtualCluster.objects.filter(created_at__lt=until).filter(
+        Q(ended_at__isnull=True) | Q(ended_at__gt=since)
+    )
     clusters = list(
-        VirtualCluster.objects.filter(created_at__lt=until)
-        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=since))
-        .values_list("pk", "name", "owner__username", "group__name", "job_id", "created_at", "ended_at")
-        .order_by("pk")
+        in_window.values_list(
+            "pk", "name", "owner__username", "group__name", "job_id", "created_at", "ended_at"
+        ).order_by("pk")
     )
 
     def hours(start, end) -> float:
@@ -443,10 +448,15 @@ def usage(since, until, *, by: str = "owner") -> list[dict]:
         row["clusters"] += 1
         row["cluster_hours"] += hours(created, ends[pk])
     keyed = {pk: {"cluster": pk, "owner": owner, "group": group or ""}[by] for pk, _n, owner, group, *_ in clusters}
-    nodes = Node.objects.filter(cluster_id__in=list(ends)).values_list("cluster_id", "created_at", "removed_at")
+    # (a subquery, not the ids: a year's window may hold more clusters than a query takes parameters)
+    nodes = Node.objects.filter(cluster__in=in_window.values("pk")).values_list(
+        "cluster_id", "created_at", "removed_at"
+    )
     for cluster_id, created, removed in nodes.iterator():
+        if cluster_id not in keyed:  # (a cluster made between the two queries)
+            continue
         rows[keyed[cluster_id]]["node_hours"] += hours(created, min(removed or now, ends[cluster_id]))
-    out = sorted(rows.values(), key=lambda r: str(r[by]))
+    out = sorted(rows.values(), key=lambda r: r[by] if by == "cluster" else str(r[by]))
     for row in out:
         row["cluster_hours"] = round(row["cluster_hours"], 3)
         row["node_hours"] = round(row["node_hours"], 3)

@@ -444,7 +444,8 @@ class DeviceStatus:
 def segment_status(segment: Segment) -> list[DeviceStatus]:
     """The devices of ``segment``'s network — those its desired state includes now and those a change for it was
     recorded on — switches first, by name, each with its last change for the segment and the open drift that
-    concerns its VLAN. A fixed number of queries, whatever the number of devices."""
+    concerns its VLAN while the segment wants it (after, the id may be another segment's). A fixed number of
+    queries, whatever the number of devices."""
     wanted = (
         segment_footprint(segment) if segment.state in Segment.DESIRED_STATES else Footprint(frozenset(), frozenset())
     )
@@ -462,7 +463,11 @@ def segment_status(segment: Segment) -> list[DeviceStatus]:
     )
     drift: dict[tuple[str, int], list[Drift]] = {}
     for row in open_drift.order_by("device", "port", "kind"):
-        if segment.vid is not None and segment.vid in vlanranges.parse(row.vlans):
+        if (
+            segment.vid is not None
+            and segment.state in Segment.DESIRED_STATES
+            and vlanranges.holds(row.vlans, segment.vid)
+        ):
             drift.setdefault((row.device_kind, row.switch_id or row.host_id), []).append(row)
     out = []
     for kind, model, ids, wanted_ids in (

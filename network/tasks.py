@@ -453,12 +453,13 @@ def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None
 )
 def reconcile_agent_hosts_at_start(self, queues: list[str]) -> list[str]:
     """Sent by a worker as it starts, to one of its own ``queues``: ``reconcile_agent_hosts`` for them, again
-    (2 s, 4 s, … up to a minute apart, some 15 minutes in all) while the database cannot be reached."""
-    from django.db import DatabaseError, close_old_connections
+    (2 s, 4 s, … up to a minute apart, some 15 minutes in all; the message expires after 20) while the database
+    cannot be reached."""
+    from django.db import InterfaceError, OperationalError, close_old_connections
 
     try:
         hosts = reconcile_agent_hosts(set(queues))
-    except DatabaseError as exc:
+    except (OperationalError, InterfaceError) as exc:  # (not reachable yet; a refusal of its role would stay)
         close_old_connections()
         raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from None
     if hosts:

@@ -31,6 +31,17 @@ def parse(text: str, *, what: str = "VLAN list") -> list[int]:
     return sorted(ids)
 
 
+def holds(text: str, vid: int) -> bool:
+    """Whether the range list ``text`` holds ``vid`` — leniently: a device may report ids ``parse`` refuses (VLAN
+    1, a reserved one), and an item that is not a number or a range is skipped."""
+    for raw in str(text or "").replace(" ", "").split(","):
+        lo_s, sep, hi_s = raw.partition("-")
+        if lo_s.isascii() and lo_s.isdigit() and (not sep or (hi_s.isascii() and hi_s.isdigit())):
+            if int(lo_s) <= vid <= int(hi_s if sep else lo_s):
+                return True
+    return False
+
+
 def format_ranges(ids: Iterable[int]) -> str:
     """The compact text form of a set of ids (inverse of ``parse``)."""
     return compact(ids)

@@ -75,7 +75,7 @@ def _reconcile_agent_hosts(sender=None, **kwargs) -> None:
     from network.tasks import reconcile_agent_hosts_at_start
 
     try:
-        reconcile_agent_hosts_at_start.apply_async((queues,), queue=queues[0], expires=600)
+        reconcile_agent_hosts_at_start.apply_async((queues,), queue=queues[0], expires=1200)
     except Exception as exc:  # the broker went away again: the periodic reconcile comes
         logging.getLogger("network.agent").warning("could not ask for this agent's hosts' reconcile: %s", exc)
 

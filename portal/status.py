@@ -13,6 +13,7 @@ polling it do not each broadcast to the workers."""
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.core.cache import cache
@@ -26,20 +27,38 @@ BEAT_TASK = "clusters.expire"
 
 
 def provisioning_status(*, fresh: bool = False) -> dict:
-    """The status (see the module), from the cache unless ``fresh`` or older than ``STATUS_CACHE_SECONDS``."""
+    """The status (see the module), from the cache unless ``fresh`` or older than ``STATUS_CACHE_SECONDS``. When it
+    is due, one request asks the workers (it takes a short claim in the cache); the others wait for its answer,
+    up to two seconds, rather than each broadcasting."""
     if not fresh:
-        try:
-            cached = cache.get(CACHE_KEY)
-        except Exception:  # noqa: BLE001 - a cache that is down: ask now
-            cached = None
+        cached = _cached()
         if cached is not None:
             return cached
+        try:
+            claimed = cache.add(CACHE_KEY + ":asking", 1, 5)
+        except Exception:  # noqa: BLE001 - a cache that is down: ask now
+            claimed = True
+        if not claimed:
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                cached = _cached()
+                if cached is not None:
+                    return cached
     status = _check()
     try:
         cache.set(CACHE_KEY, status, STATUS_CACHE_SECONDS)
+        cache.delete(CACHE_KEY + ":asking")
     except Exception:  # noqa: BLE001
         logger.warning("status: the cache is unreachable; the next request asks the workers again")
     return status
+
+
+def _cached() -> dict | None:
+    try:
+        return cache.get(CACHE_KEY)
+    except Exception:  # noqa: BLE001 - a cache that is down: ask now
+        return None
 
 
 def _check() -> dict:

@@ -282,10 +282,8 @@ MAX_REPORTED = 5000  # per kind (access.gateway.report.MAX_SESSIONS)
 
 class VpnSessionSerializer(serializers.Serializer):
     serial = serializers.IntegerField(min_value=0, max_value=2**63 - 1)
-    peers = serializers.ListField(
-        child=serializers.ListField(child=serializers.CharField(max_length=45), min_length=2, max_length=2),
-        max_length=64,
-        help_text="[address, port] of each peer the certificate's sessions connect from",
+    peer = serializers.ListField(
+        child=serializers.CharField(max_length=45), min_length=2, max_length=2, help_text="[address, port]"
     )
     since = _EpochField(required=False, allow_null=True, default=None)
     cluster = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
@@ -298,5 +296,29 @@ class SshSessionSerializer(serializers.Serializer):
 
 
 class SessionsReportSerializer(serializers.Serializer):
-    vpn = VpnSessionSerializer(many=True, max_length=MAX_REPORTED)
-    ssh = SshSessionSerializer(many=True, max_length=MAX_REPORTED)
+    """The document: two lists of entries. An entry that is not valid is skipped (and counted), not the whole
+    report: one record the gateway could not make sense of must not hide everyone else's sessions."""
+
+    vpn = serializers.ListField(
+        child=serializers.JSONField(), max_length=MAX_REPORTED, help_text="entries as VpnSession (one per peer)"
+    )
+    ssh = serializers.ListField(
+        child=serializers.JSONField(), max_length=MAX_REPORTED, help_text="entries as SshSession"
+    )
+
+    def validate(self, data):
+        kept, skipped = {}, 0
+        for kind, entry_serializer in (("vpn", VpnSessionSerializer), ("ssh", SshSessionSerializer)):
+            kept[kind] = []
+            for entry in data[kind]:
+                checked = entry_serializer(data=entry)
+                if checked.is_valid():
+                    kept[kind].append(checked.validated_data)
+                else:
+                    skipped += 1
+        return {**kept, "skipped": skipped}
+
+
+class SessionsReportAnswerSerializer(serializers.Serializer):
+    recorded = serializers.IntegerField(help_text="sessions recorded for the gateway")
+    skipped = serializers.IntegerField(help_text="entries that were not valid, left out")

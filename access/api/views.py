@@ -3,6 +3,8 @@ answer. Profiles and generated keys are answered with ``Cache-Control: no-store`
 
 from __future__ import annotations
 
+import logging
+
 from django.http import HttpResponse
 from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
@@ -20,6 +22,8 @@ from access.models import Credential, Gateway, RevocationReason
 from clusters.models import ClusterState, VirtualCluster
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
+
+logger = logging.getLogger(__name__)
 
 ERRORS = {
     400: OpenApiResponse(description="invalid input (field-level messages), e.g. an unreadable public key"),
@@ -335,16 +339,20 @@ class GatewaySessionsView(APIView):
     @extend_schema(
         request=s.SessionsReportSerializer,
         responses={
-            204: OpenApiResponse(description="recorded: the gateway's sessions are these now"),
+            200: s.SessionsReportAnswerSerializer,
             **error_responses(400, 401, 403, e403="not an enabled gateway's own token (scope gateway:pull)"),
         },
     )
     def post(self, request):
-        """The gateway's sessions up now, replacing those it reported before."""
+        """The gateway's sessions up now, replacing those it reported before (an entry that is not valid is left
+        out and counted in ``skipped``; a document that is not two lists is a 400)."""
         report = s.SessionsReportSerializer(data=request.data)
         report.is_valid(raise_exception=True)
-        services.gateway_sessions_report(gateway=self.gateway, **report.validated_data)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        v = report.validated_data
+        recorded = services.gateway_sessions_report(gateway=self.gateway, vpn=v["vpn"], ssh=v["ssh"])
+        if v["skipped"]:
+            logger.warning("gateway %s reported %d session entries that are not valid", self.gateway.name, v["skipped"])
+        return Response({"recorded": recorded, "skipped": v["skipped"]})
 
 
 class GatewayStateView(APIView):

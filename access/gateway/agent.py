@@ -182,6 +182,8 @@ def run_pull(
         sessions_report.report(url=url, token=token, state_dir=state_dir, timeout=timeout)
     except sessions_report.ReportError as exc:
         _say(err, f"gateway pull: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a record it could not read: the pull's work stands
+        _say(err, f"gateway pull: could not report the sessions: {type(exc).__name__}: {exc}")
     if on_change:
         return run_on_change(on_change, Path(state_dir), changed, on_change_timeout, out=out, err=err)
     (Path(state_dir) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)  # no hook to wait for: said above

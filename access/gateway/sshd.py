@@ -280,7 +280,7 @@ def session_processes(ssh: SshState, serial: int) -> list[int]:
 def recorded_serials(ssh: SshState) -> set[int]:
     """Serials with recorded logins."""
     try:
-        return {int(p.name) for p in ssh.sessions.iterdir() if p.name.isdigit()}
+        return {int(p.name) for p in ssh.sessions.iterdir() if p.name.isascii() and p.name.isdigit()}
     except FileNotFoundError:
         return set()
 

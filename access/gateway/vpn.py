@@ -197,20 +197,25 @@ def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str], 
     if not ip:
         return
     state.sessions.mkdir(mode=0o700, parents=True, exist_ok=True)
-    peers = [peer for peer in session_peers(state, serial) if peer != (ip, port)] + [(ip, port)]
-    record = {
-        "serial": serial,
-        "common_name": cn,
-        "peers": [list(peer) for peer in peers],
-        "since": time.time(),
-        "cluster": cluster,
-    }
+    old = _session_record(state, serial)
+    peers = [peer for peer in _record_peers(old) if peer != (ip, port)] + [(ip, port)]
+    # each peer's own connect time and cluster (one profile may be up from two laptops, on two clusters)
+    info = {k: v for k, v in _peer_info(old).items() if tuple(k.split(" ", 1)) in peers}
+    info[f"{ip} {port}"] = {"since": time.time(), "cluster": cluster}
+    record = {"serial": serial, "common_name": cn, "peers": [list(peer) for peer in peers], "peer_info": info}
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
+
+
+def _peer_info(record: dict | None) -> dict:
+    info = record.get("peer_info") if isinstance(record, dict) else None
+    return (
+        {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, dict)} if isinstance(info, dict) else {}
+    )
 
 
 def recorded_serials(state: VpnState) -> set[int]:
     """Certificates with sessions up (as client-connect and client-disconnect recorded them)."""
-    return {int(p.stem) for p in state.sessions.glob("*.json") if p.stem.isdigit()}
+    return {int(p.stem) for p in state.sessions.glob("*.json") if p.stem.isascii() and p.stem.isdigit()}
 
 
 def _session_record(state: VpnState, serial: int) -> dict | None:
@@ -236,24 +241,27 @@ def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
 
 
 def sessions(state: VpnState) -> list[dict]:
-    """The sessions up, one entry per certificate: ``serial``, ``peers`` ([address, port] each), ``since`` (the
-    last connect, epoch seconds) and the ``cluster`` it landed on (as client-connect recorded them)."""
+    """The sessions up, one entry per peer: ``serial``, ``peer`` ([address, port]), ``since`` (its connect, epoch
+    seconds; None when unknown) and the ``cluster`` it landed on (as client-connect recorded them). A record it
+    cannot read (the hooks' account writes them) is skipped."""
     out = []
     for serial in sorted(recorded_serials(state)):
-        record = _session_record(state, serial)
-        peers = _record_peers(record)
-        if not peers:
+        try:
+            record = _session_record(state, serial)
+            info = _peer_info(record)
+            for ip, port in _record_peers(record):
+                peer = info.get(f"{ip} {port}", {})
+                since, cluster = peer.get("since", record.get("since")), peer.get("cluster", record.get("cluster"))
+                out.append(
+                    {
+                        "serial": serial,
+                        "peer": [ip, port],
+                        "since": since if isinstance(since, (int, float)) else None,
+                        "cluster": cluster if isinstance(cluster, str) else "",
+                    }
+                )
+        except (ValueError, TypeError, AttributeError):
             continue
-        since = record.get("since")
-        cluster = record.get("cluster")
-        out.append(
-            {
-                "serial": serial,
-                "peers": [list(p) for p in peers],
-                "since": since if isinstance(since, (int, float)) else None,
-                "cluster": cluster if isinstance(cluster, str) else "",
-            }
-        )
     return out
 
 
@@ -285,7 +293,9 @@ def client_disconnect(state: VpnState, env: dict[str, str]) -> None:
     if not peers:
         forget_sessions(state, int(serial))
     else:
-        write_atomic(state.sessions / f"{int(serial)}.json", json.dumps({**record, "peers": [list(p) for p in peers]}))
+        info = {k: v for k, v in _peer_info(record).items() if tuple(k.split(" ", 1)) in peers}
+        kept = {**record, "peers": [list(p) for p in peers], "peer_info": info}
+        write_atomic(state.sessions / f"{int(serial)}.json", json.dumps(kept))
     _log("DISCONNECT", f"cn={env.get('common_name', '?')} serial={serial}: {ip} port {port}")
 
 

@@ -133,7 +133,7 @@ def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
 
     collected = report.collect(vpn_lab.state)
     [up] = collected["vpn"]
-    assert (up["serial"], up["cluster"], up["peers"][0][0]) == (credential.serial, label, WS_ADDR)
+    assert (up["serial"], up["cluster"], up["peer"][0]) == (credential.serial, label, WS_ADDR)
     reported = SessionsReportSerializer(data=json.loads(json.dumps(collected)))  # (as it crosses the network)
     assert reported.is_valid(), reported.errors
     services.gateway_sessions_report(gateway=vpn_lab.gateway, **reported.validated_data)

@@ -46,19 +46,17 @@ def test_a_report_replaces_the_gateways_sessions_and_names_the_credentials(alice
     credential = Credential.objects.get()
     api = _gateway_api(gateway)
     now = time.time()
+    label = cluster_label(cluster)
     report = {
         "vpn": [
-            {
-                "serial": credential.serial,
-                "peers": [["203.0.113.5", "4"], ["2001:db8::7", "1194"]],
-                "since": now - 60,
-                "cluster": cluster_label(cluster),
-            },
-            {"serial": 99, "peers": [["198.51.100.9", "5"]], "since": None, "cluster": ""},  # not ours
+            {"serial": credential.serial, "peer": ["203.0.113.5", "4"], "since": now - 60, "cluster": label},
+            {"serial": credential.serial, "peer": ["2001:db8::7", "1194"], "since": now - 5, "cluster": label},
+            {"serial": 99, "peer": ["198.51.100.9", "5"], "since": None, "cluster": ""},  # not ours
         ],
         "ssh": [{"serial": 77, "count": 2, "since": now - 5}],
     }
-    assert api.post("/api/access/gateway/sessions/", report, format="json").status_code == 204
+    r = api.post("/api/access/gateway/sessions/", report, format="json")
+    assert (r.status_code, r.data) == (200, {"recorded": 4, "skipped": 0})
     rows = {(r.kind, r.peer): r for r in GatewaySession.objects.all()}
     assert set(rows) == {
         ("vpn", "203.0.113.5:4"),
@@ -73,29 +71,35 @@ def test_a_report_replaces_the_gateways_sessions_and_names_the_credentials(alice
     gateway.refresh_from_db()
     assert gateway.sessions_reported_at is not None
     # the next report replaces the last: alice disconnected
-    assert api.post("/api/access/gateway/sessions/", {"vpn": [], "ssh": []}, format="json").status_code == 204
+    assert api.post("/api/access/gateway/sessions/", {"vpn": [], "ssh": []}, format="json").status_code == 200
     assert not GatewaySession.objects.exists()
 
 
-@pytest.mark.parametrize(
-    "report",
-    [
-        {"vpn": [{"serial": -1, "peers": []}], "ssh": []},
-        {"vpn": [{"serial": 1, "peers": [["198.51.100.9"]]}], "ssh": []},
-        {"vpn": [{"serial": 1, "peers": [], "since": 1e30}], "ssh": []},
-        {"vpn": [], "ssh": [{"serial": 1, "count": 0}]},
-        {"vpn": [{"serial": 1, "peers": []}] * 5001, "ssh": []},
-        {"ssh": []},
-        [],
-    ],
-)
+@pytest.mark.parametrize("report", [{"ssh": []}, {"vpn": {}, "ssh": []}, [], {"vpn": [{}] * 5001, "ssh": []}])
 def test_a_malformed_report_is_a_400_that_changes_nothing(gateway, report):
     api = _gateway_api(gateway)
-    good = {"vpn": [{"serial": 5, "peers": [["198.51.100.9", "5"]]}], "ssh": []}
-    assert api.post("/api/access/gateway/sessions/", good, format="json").status_code == 204
+    good = {"vpn": [{"serial": 5, "peer": ["198.51.100.9", "5"]}], "ssh": []}
+    assert api.post("/api/access/gateway/sessions/", good, format="json").status_code == 200
     r = api.post("/api/access/gateway/sessions/", report, format="json")
     assert r.status_code == 400, r.content
     assert list(GatewaySession.objects.values_list("serial", flat=True)) == [5]
+
+
+def test_an_entry_that_is_not_valid_is_left_out_not_the_whole_report(gateway):
+    """One record the gateway could not make sense of must not hide everyone else's sessions."""
+    api = _gateway_api(gateway)
+    bad = [
+        {"serial": -1, "peer": ["198.51.100.9", "5"]},
+        {"serial": 2**70, "peer": ["198.51.100.9", "5"]},
+        {"serial": 1, "peer": ["198.51.100.9"]},
+        {"serial": 1, "peer": ["198.51.100.9", "5"], "since": 1e30},
+        {"serial": 1, "peer": ["x" * 46, "5"]},
+        "not an entry",
+    ]
+    report = {"vpn": [*bad, {"serial": 6, "peer": ["198.51.100.9", "5"]}], "ssh": [{"serial": 1, "count": 0}]}
+    r = api.post("/api/access/gateway/sessions/", report, format="json")
+    assert (r.status_code, r.data) == (200, {"recorded": 1, "skipped": 7})
+    assert list(GatewaySession.objects.values_list("serial", flat=True)) == [6]
 
 
 def test_only_an_enabled_gateways_own_token_reports(alice, gateway):
@@ -112,7 +116,7 @@ def test_the_user_sees_where_a_credential_is_connected_while_the_report_is_fresh
     services.vpn_profile_issue(user=alice, clusters=[cluster])
     credential = Credential.objects.get()
     api = _gateway_api(gateway)
-    report = {"vpn": [{"serial": credential.serial, "peers": [["203.0.113.5", "4"]], "since": time.time()}], "ssh": []}
+    report = {"vpn": [{"serial": credential.serial, "peer": ["203.0.113.5", "4"], "since": time.time()}], "ssh": []}
     api.post("/api/access/gateway/sessions/", report, format="json")
     page = logged_in(alice).get("/access/").content.decode()
     row = page.split(f'data-serial="{credential.serial}"')[1].split("</tr>")[0]
@@ -129,7 +133,10 @@ def test_the_admin_and_the_metrics_list_them(alice, root, cluster, gateway):
     credential = Credential.objects.get()
     api = _gateway_api(gateway)
     report = {
-        "vpn": [{"serial": credential.serial, "peers": [["203.0.113.5", "4"], ["203.0.113.6", "5"]]}],
+        "vpn": [
+            {"serial": credential.serial, "peer": ["203.0.113.5", "4"]},
+            {"serial": credential.serial, "peer": ["203.0.113.6", "5"]},
+        ],
         "ssh": [{"serial": 12, "count": 3}],
     }
     api.post("/api/access/gateway/sessions/", report, format="json")
@@ -143,9 +150,11 @@ def test_the_admin_and_the_metrics_list_them(alice, root, cluster, gateway):
 
 
 def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, root, team, gateway, tmp_path):
-    """The agent's pull, against a live portal: the session client-connect recorded (its peer, its cluster) is
-    reported after the pull; once client-disconnect dropped it, the next pull reports none."""
-    cluster = make_cluster(alice, name="mpi", group=team)
+    """The agent's pull, against a live portal: the sessions client-connect recorded — one profile up from two
+    places, on two clusters, each with its own time — are reported after the pull; once client-disconnect dropped
+    one, the next pull reports the other only."""
+    first = make_cluster(alice, name="mpi", group=team)
+    second = make_cluster(alice, name="web", group=team)
     token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
     gateway.token = token
     gateway.save()
@@ -155,24 +164,52 @@ def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, r
     call_command("gateway", *args, stdout=out, stderr=out)
     assert "updated" in out.getvalue() and not GatewaySession.objects.exists()
 
-    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    services.vpn_profile_issue(user=alice, clusters=[first, second])
     credential = Credential.objects.get()
     state = VpnState.at(state_dir)
-    entry = {"serial": credential.serial, "clusters": {cluster_label(cluster): "member"}, "not_after": time.time() + 60}
+    grants = {cluster_label(first): "member", cluster_label(second): "member"}
+    entry = {"serial": credential.serial, "clusters": grants, "not_after": time.time() + 60}
     write_atomic(state.ac_cache / f"{credential.fingerprint}.json", json.dumps(entry))
-    env = {
-        "tls_digest_sha256_0": credential.fingerprint,
-        "common_name": "alice",
-        "trusted_ip": "203.0.113.5",
-        "trusted_port": "4",
-    }
-    vpn.client_connect(state, str(tmp_path / "ccd"), {**env, "UV_VCLUSTER": cluster_label(cluster)})
+
+    def env(ip: str, port: str) -> dict:
+        return {
+            "tls_digest_sha256_0": credential.fingerprint,
+            "common_name": "alice",
+            "trusted_ip": ip,
+            "trusted_port": port,
+        }
+
+    vpn.client_connect(state, str(tmp_path / "ccd1"), {**env("203.0.113.5", "4"), "UV_VCLUSTER": cluster_label(first)})
+    time.sleep(0.05)
+    vpn.client_connect(state, str(tmp_path / "ccd2"), {**env("203.0.113.6", "5"), "UV_VCLUSTER": cluster_label(second)})
     out = io.StringIO()
     call_command("gateway", *args, stdout=out, stderr=out)
     assert "sessions" not in out.getvalue(), out.getvalue()  # (reported quietly)
-    [row] = GatewaySession.objects.all()
-    assert (row.credential, row.peer, row.cluster) == (credential, "203.0.113.5:4", cluster_label(cluster))
+    rows = {r.peer: r for r in GatewaySession.objects.all()}
+    assert {p: (r.credential, r.cluster) for p, r in rows.items()} == {
+        "203.0.113.5:4": (credential, cluster_label(first)),
+        "203.0.113.6:5": (credential, cluster_label(second)),
+    }
+    assert rows["203.0.113.5:4"].since < rows["203.0.113.6:5"].since  # each its own connect time
 
-    vpn.client_disconnect(state, {**env, "tls_serial_0": str(credential.serial)})
+    vpn.client_disconnect(state, {**env("203.0.113.5", "4"), "tls_serial_0": str(credential.serial)})
     call_command("gateway", *args, stdout=io.StringIO(), stderr=io.StringIO())
-    assert not GatewaySession.objects.exists()
+    assert [(r.peer, r.cluster) for r in GatewaySession.objects.all()] == [("203.0.113.6:5", cluster_label(second))]
+
+
+def test_a_record_the_gateway_cannot_read_fails_no_pull(live_server, root, gateway, tmp_path):
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state_dir = tmp_path / "state"
+    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
+    call_command("gateway", *args, stdout=io.StringIO(), stderr=io.StringIO())
+    sessions = VpnState.at(state_dir).sessions
+    sessions.mkdir(parents=True, exist_ok=True)
+    (sessions / "7.json").write_text(json.dumps({"serial": 7, "peers": [["203.0.113.5"]]}))  # not a pair
+    (sessions / "\u00b2.json").write_text("{}")  # a name that looks like a number
+    (sessions / "8.json").write_text(json.dumps({"serial": 8, "peers": [["203.0.113.8", "9"]]}))
+    out = io.StringIO()
+    call_command("gateway", *args, stdout=out, stderr=out)
+    assert "unchanged" in out.getvalue()
+    assert [(r.serial, r.peer) for r in GatewaySession.objects.all()] == [(8, "203.0.113.8:9")]

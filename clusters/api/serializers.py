@@ -636,7 +636,9 @@ class PublicPrefixSerializer(serializers.ModelSerializer):
 
 
 class DriftBriefSerializer(serializers.Serializer):
-    port = serializers.CharField(help_text="the switch port (empty for a host)")
+    port = serializers.CharField(
+        help_text="the switch port (empty for a host, and for whom the device messages are not)"
+    )
     kind = serializers.CharField(help_text="missing, stale or foreign")
     found_at = serializers.DateTimeField()
 

@@ -15,6 +15,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock(1447231507);  -- 0x56430013: ids in commit order, as the state events' (0008)
     INSERT INTO clusters_clusterevent (cluster_id, kind, state, at)
         SELECT id, 'lifetime', state, clock_timestamp() FROM clusters_virtualcluster WHERE id = NEW.id;
+    PERFORM pg_notify('virtcloud_cluster_state', NEW.id::text);  -- wakes the feed's long polls (as 0003's does)
     RETURN NULL;
 END
 $$ LANGUAGE plpgsql;

@@ -74,10 +74,23 @@ def test_the_devices_of_a_clusters_network_with_their_changes_and_drift(
     assert {d["name"]: d for d in _network(pbs, cid)["devices"]}["brno1"]["error"].startswith("commit refused")
     assert client_for(bob).get(f"/api/clusters/{cid}/network/").status_code == 404  # not his
 
+    # Drift a device reports with ids the portal never hands out (VLAN 1) is shown, not a 500.
+    from network.models import Drift
+
+    switch = fabric.switches["brno"]
+    Drift.objects.create(
+        device_kind="switch", switch=switch, device=switch.name, port="h1", kind="foreign", vlans=f"1,{cluster.vlan_id}"
+    )
+    sw = {d["name"]: d for d in _network(client_for(alice), cid)["devices"]}["sw-brno"]
+    assert [(d["port"], d["kind"]) for d in sw["drift"]] == [("", "foreign")]  # (the port name is the operators')
+    sw = {d["name"]: d for d in _network(client_for(root), cid)["devices"]}["sw-brno"]
+    assert [(d["port"], d["kind"]) for d in sw["drift"]] == [("h1", "foreign")]
+
     # Torn down: the devices were cleaned, none wants the VLAN any more.
     assert client_for(alice).post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     after = _network(client_for(alice), cid)
     assert after["segment_state"] == "closed" and not any(d["wanted"] for d in after["devices"])
+    assert not any(d["drift"] for d in after["devices"])  # (its VLAN id may be another cluster's now)
 
 
 def test_the_clusters_page(fabric, alice, bob, client, django_assert_max_num_queries):

@@ -160,6 +160,26 @@ def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
     assert time.monotonic() - started >= 0.3
 
 
+def test_an_extension_wakes_a_waiting_feed(fabric, alice):
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    last = feed(alice)["last"]
+
+    def extend():
+        try:
+            time.sleep(0.3)
+            VirtualCluster.objects.filter(pk=cid).update(expires_at=F("expires_at") + timedelta(hours=1))
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=extend)
+    thread.start()
+    started = time.monotonic()
+    page = feed(alice, after=last, timeout=20)
+    thread.join()
+    assert [e["kind"] for e in page["events"]] == ["lifetime"]
+    assert time.monotonic() - started < 10  # woken by the trigger's NOTIFY, not by the timeout
+
+
 def test_old_events_are_pruned(fabric, alice, settings):
     from clusters.tasks import prune_events
 

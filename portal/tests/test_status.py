@@ -83,3 +83,28 @@ def test_the_endpoint_answers_schedulers_and_keeps_its_answer(alice, settings, m
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {gateway}")
     assert api.get("/api/status/").status_code == 403
     assert APIClient().get("/api/status/").status_code == 401
+
+
+def test_one_request_asks_the_workers_when_the_answer_is_due(settings, monkeypatch):
+    """Schedulers polling together: one of them broadcasts to the workers, the others take its answer."""
+    import threading
+    import time
+
+    from portal import status as module
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"status": "ok"}
+
+    monkeypatch.setattr(module, "_check", check)
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "herd"}}
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(provisioning_status())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [{"status": "ok"}] * 6 and len(calls) == 1
