@@ -136,7 +136,10 @@ def test_downloaded_profile_lands_on_the_cluster_vlan_and_revocation_cuts_it(
     assert (up["serial"], up["cluster"], up["peer"][0]) == (credential.serial, label, WS_ADDR)
     reported = SessionsReportSerializer(data=json.loads(json.dumps(collected)))  # (as it crosses the network)
     assert reported.is_valid(), reported.errors
-    services.gateway_sessions_report(gateway=vpn_lab.gateway, **reported.validated_data)
+    assert reported.validated_data["skipped"] == 0
+    services.gateway_sessions_report(
+        gateway=vpn_lab.gateway, vpn=reported.validated_data["vpn"], ssh=reported.validated_data["ssh"]
+    )
     assert GatewaySession.objects.get().credential == credential
 
     # "I lost my laptop": the portal revokes; the local gateway gets the CRL and cuts the session.
