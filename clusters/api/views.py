@@ -97,6 +97,22 @@ def _change_errors(*codes):
     return error_responses(*codes, **CHANGE_ERRORS)
 
 
+def _asked(v: dict, owner) -> dict:
+    """``cluster_create``'s arguments from a validated create (or plan) body."""
+    return {
+        "owner": owner,
+        "name": v["name"],
+        "image": v["image"],
+        "admin_rights": v["admin_rights"],
+        "nodes": v["nodes"],
+        "expires_at": timezone.now() + timedelta(seconds=v["lifetime"]),
+        "group": v.get("group"),
+        "job_id": v["job_id"],
+        "bastion_address": v["bastion_address"],
+        "connectivity": v.get("connectivity", ""),
+    }
+
+
 @extend_schema_view(
     list=extend_schema(
         parameters=FILTERS, responses={200: s.ClusterSerializer(many=True), **_with_errors(400, 401, 403)}
@@ -194,18 +210,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         owner = v.get("owner") or request.user
         idempotency = self._idempotency(request, {**v, "owner": owner})
         cluster, created = services.cluster_create_idempotent(
-            owner=owner,
-            name=v["name"],
-            image=v["image"],
-            admin_rights=v["admin_rights"],
-            nodes=v["nodes"],
-            expires_at=timezone.now() + timedelta(seconds=v["lifetime"]),
-            group=v.get("group"),
-            job_id=v["job_id"],
-            bastion_address=v["bastion_address"],
-            connectivity=v.get("connectivity", ""),
-            idempotency=idempotency,
-            raw_fingerprint=raw[2] if raw else "",
+            **_asked(v, owner), idempotency=idempotency, raw_fingerprint=raw[2] if raw else ""
         )
         return self._respond(cluster, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -235,19 +240,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
                 "nodes": [{"name": n.name, "host": n.host.name, "address": n.address} for n in nodes],
             }
 
-        found = services.cluster_plan(
-            describe=describe,
-            owner=v.get("owner") or request.user,
-            name=v["name"],
-            image=v["image"],
-            admin_rights=v["admin_rights"],
-            nodes=v["nodes"],
-            expires_at=timezone.now() + timedelta(seconds=v["lifetime"]),
-            group=v.get("group"),
-            job_id=v["job_id"],
-            bastion_address=v["bastion_address"],
-            connectivity=v.get("connectivity", ""),
-        )
+        found = services.cluster_plan(describe=describe, **_asked(v, v.get("owner") or request.user))
         return Response(s.ClusterPlanSerializer(found).data)
 
     @extend_schema(
