@@ -199,8 +199,29 @@ def my_tokens(request):
         "live": list(live.order_by("-created_at")),
         "ended": list(ended.order_by("-created_at")[:ENDED_TOKENS_SHOWN]),
         "ended_shown": ENDED_TOKENS_SHOWN,
+        "signins": sign_ins(request.user),
     }
     return render(request, "portal/tokens.html", context, status=status)
+
+
+SIGN_INS_SHOWN = 15
+
+
+def sign_ins(user) -> list:
+    """The account's latest sign-ins and failed sign-ins, from the audit log (``portal.logins``): its holder spots
+    one that was not theirs."""
+    from django.contrib.contenttypes.models import ContentType
+    from django.db.models import Q
+
+    from portal.models import AuditEntry
+
+    kind = ContentType.objects.get_for_model(user._meta.model)
+    about = Q(message__startswith="logged in") | Q(message__startswith="failed login")
+    return list(
+        AuditEntry.objects.filter(about, content_type=kind, object_id=str(user.pk)).order_by("-timestamp", "-id")[
+            :SIGN_INS_SHOWN
+        ]
+    )
 
 
 @require_http_methods(["GET", "HEAD", "POST"])

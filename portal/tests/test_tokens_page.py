@@ -125,3 +125,17 @@ def test_where_only_admins_make_tokens_the_page_says_so_and_lists_the_users_toke
 def test_the_page_needs_a_login(client):
     r = client.get(reverse("tokens"))
     assert r.status_code == 302 and r["Location"].startswith(reverse("login"))
+
+
+def test_the_page_lists_the_accounts_recent_sign_ins(client, alice, bob):
+    """The holder spots a sign-in that was not theirs: the latest, with their address; never someone else's."""
+    for address in ("198.18.5.1", "198.18.5.2"):
+        client.post(reverse("login"), {"username": "alice", "password": "wrong"}, REMOTE_ADDR=address)
+    client.post(reverse("login"), {"username": "bob", "password": "wrong"}, REMOTE_ADDR="198.18.5.9")
+    assert client.post(reverse("login"), {"username": "alice", "password": "alice-password"}, REMOTE_ADDR="198.18.5.3")[
+        "Location"
+    ]
+    page = client.get("/tokens/").content.decode()
+    section = page.split('<section id="sign-ins">')[1].split("</section>")[0]
+    assert section.index("logged in (password) from 198.18.5.3") < section.index("failed login from 198.18.5.2")
+    assert "failed login from 198.18.5.1" in section and "198.18.5.9" not in section
