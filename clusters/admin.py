@@ -155,15 +155,17 @@ class WebhookAdmin(admin.ModelAdmin):
         "url",
         "owner",
         "enabled",
+        "all_clusters",
         "last_event_id",
         "last_status",
         "failures",
         "last_delivered_at",
     )
-    list_filter = ("enabled", ("owner", admin.EmptyFieldListFilter))
+    list_filter = ("enabled", "all_clusters", ("owner", admin.EmptyFieldListFilter))
     readonly_fields = (
         "owner",
         "token",
+        "all_clusters",
         "last_event_id",
         "last_delivered_at",
         "last_status",

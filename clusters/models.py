@@ -377,6 +377,11 @@ class Webhook(models.Model):
         default=list, blank=True, help_text='only events of these states, e.g. ["ready", "failed"]; empty: all'
     )
     enabled = models.BooleanField(default=True)
+    all_clusters = models.BooleanField(
+        default=True,
+        help_text="every cluster's events (made in the admin, by middleware or an admin); off: only those of the "
+        "clusters its owner sees — their own and their groups' (registered with a user's clusters:write token)",
+    )
     last_event_id = models.BigIntegerField(default=0, help_text="the last event delivered (or skipped by states)")
     last_delivered_at = models.DateTimeField(null=True, blank=True)
     last_status = models.PositiveSmallIntegerField(null=True, blank=True, help_text="HTTP status of the last try")

@@ -59,6 +59,7 @@ from network import errors as net_errors
 from network import services as net
 from network.models import DeviceChange, Host, Segment
 from portal import audit
+from portal.models import TokenScope
 from portal.pruning import delete_in_batches
 
 logger = logging.getLogger(__name__)
@@ -1354,7 +1355,18 @@ def webhook_create(
     if Webhook.objects.filter(name=name).exists():
         raise taken
     secret = secrets.token_urlsafe(32)
-    hook = Webhook(owner=owner, token=token, name=name, url=url, states=states, enabled=enabled, secret=secret)
+    # a user's own token (clusters:write) gets the feed of the clusters the user sees; middleware and admins, all
+    everything = token is None or token.has_scope(TokenScope.CLUSTERS_MANAGE)
+    hook = Webhook(
+        owner=owner,
+        token=token,
+        name=name,
+        url=url,
+        states=states,
+        enabled=enabled,
+        secret=secret,
+        all_clusters=everything,
+    )
     _webhook_checked(hook)
     try:
         with transaction.atomic():

@@ -45,11 +45,12 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from access.gateway import outgoing
 from clusters.api.serializers import EventSerializer
-from clusters.models import ClusterEvent, Webhook
+from clusters.models import ClusterEvent, VirtualCluster, Webhook
 
 BATCH = 100
 logger = logging.getLogger(__name__)
@@ -244,6 +245,15 @@ def deliver(webhook_id: int) -> Delivery:
         if not batch:
             return Delivery(webhook=hook.name, sent=0)
         wanted = [e for e in batch if not hook.states or e.state in hook.states]
+        if wanted and not hook.all_clusters:  # a user's: the clusters its owner sees now (own, groups')
+            ids = {e.cluster_id for e in wanted}
+            user = hook.owner
+            seen = set(
+                VirtualCluster.objects.filter(pk__in=ids)
+                .filter(Q(owner=user) | Q(group__in=user.groups.all()))
+                .values_list("pk", flat=True)
+            )
+            wanted = [e for e in wanted if e.cluster_id in seen]
         if not wanted:  # nothing this endpoint asked for: move past the batch without a request
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=batch[-1].id)
             return Delivery(webhook=hook.name, sent=0)

@@ -572,6 +572,7 @@ class WebhookSerializer(serializers.ModelSerializer):
             "url",
             "states",
             "enabled",
+            "all_clusters",
             "last_event_id",
             "last_delivered_at",
             "last_status",

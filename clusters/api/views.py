@@ -537,7 +537,10 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-WEBHOOK_403 = "webhooks get every cluster's events: a token with clusters:manage (middleware), or an administrator"
+WEBHOOK_403 = (
+    "webhooks: a token with clusters:manage (middleware: every cluster's events) or clusters:write (a user: the "
+    "events of the clusters the user sees), or an administrator"
+)
 
 
 @extend_schema_view(
@@ -547,20 +550,24 @@ WEBHOOK_403 = "webhooks get every cluster's events: a token with clusters:manage
     retrieve=extend_schema(responses={200: s.WebhookSerializer, **error_responses(401, 403, 404, e403=WEBHOOK_403)}),
 )
 class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """Webhooks the middleware registers for itself: each gets the cluster event feed (every cluster's, as
-    ``GET /api/clusters/events/`` gives it to the middleware) pushed, signed with its secret, while the token it
-    was registered with is live. A caller sees and changes only the webhooks it registered (the admin's pages
-    show every one)."""
+    """Webhooks a caller registers for itself: each gets the cluster event feed pushed, signed with its secret, while
+    the token it was registered with is live — every cluster's (as ``GET /api/clusters/events/`` gives it to the
+    middleware) for a ``clusters:manage`` token or an administrator, the clusters its owner sees (own, groups')
+    for a user's ``clusters:write`` token (``all_clusters``). A caller sees and changes only the webhooks it
+    registered (the admin's pages show every one)."""
 
     serializer_class = s.WebhookSerializer
     pagination_class = Pagination
-    required_scopes = {"read": (TokenScope.CLUSTERS_MANAGE,), "write": (TokenScope.CLUSTERS_MANAGE,)}
+    required_scopes = {
+        "read": (TokenScope.CLUSTERS_MANAGE, TokenScope.CLUSTERS_WRITE),
+        "write": (TokenScope.CLUSTERS_MANAGE, TokenScope.CLUSTERS_WRITE),
+    }
     throttle_scope = "cluster-writes"
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
         token = request.auth
-        if isinstance(token, ApiToken):  # (HasScope made sure of clusters:manage)
+        if isinstance(token, ApiToken):  # (HasScope made sure of clusters:manage or clusters:write)
             return
         action = "view" if request.method in permissions.SAFE_METHODS else "change"
         if not selectors.staff_may(request.user, action, Webhook):  # as the admin's webhook pages ask

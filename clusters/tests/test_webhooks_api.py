@@ -83,17 +83,18 @@ def test_bad_input_is_a_400_naming_the_field_and_makes_nothing(middleware, body,
     assert not Webhook.objects.exists()
 
 
-def test_only_the_middleware_or_an_admin_and_only_its_own(alice, root, middleware, django_user_model):
+def test_only_a_token_that_may_write_or_an_admin_and_only_its_own(alice, root, middleware, django_user_model):
     r = middleware.post("/api/webhooks/", {"name": "a", "url": "https://example.org/a"}, format="json")
     theirs = Webhook.objects.get(pk=r.data["id"])
-    # an ordinary user (a session, or a token with clusters:write): the feed of every cluster is not theirs
+    # an ordinary user's session: refused; a token with clusters:write only reads: refused too
     session = APIClient()
     session.force_login(alice)
     assert session.get("/api/webhooks/").status_code == 403
-    writer = client_with(alice, TokenScope.CLUSTERS_WRITE)
+    reader = client_with(alice, TokenScope.CLUSTERS_READ)
     assert (
-        writer.post("/api/webhooks/", {"name": "b", "url": "https://example.org/b"}, format="json").status_code == 403
+        reader.post("/api/webhooks/", {"name": "b", "url": "https://example.org/b"}, format="json").status_code == 403
     )
+    assert theirs.all_clusters  # (the middleware's: every cluster's events)
     # another middleware account: someone else's webhook is a 404
     other = client_with(django_user_model.objects.create_user("slurm"), TokenScope.CLUSTERS_MANAGE)
     assert other.get(f"/api/webhooks/{theirs.pk}/").status_code == 404
@@ -184,3 +185,27 @@ def test_an_admins_session_webhook_is_fed_only_while_the_admin_may_view_every_cl
     ops.is_staff = False
     ops.save()
     assert not fed.exists()
+
+
+def test_a_users_webhook_gets_the_events_of_the_clusters_the_user_sees(
+    fabric, alice, bob, charlie, team, receiver, django_user_model
+):
+    """A user's own token (clusters:write) registers a webhook fed with the events of the clusters the user sees —
+    their own and their groups', as the groups are at each delivery — never anyone else's."""
+    writer = client_with(alice, TokenScope.CLUSTERS_WRITE)
+    r = writer.post("/api/webhooks/", {"name": "alice-events", "url": receiver.url, "states": ["ready"]}, format="json")
+    assert r.status_code == 201, r.content
+    assert r.data["all_clusters"] is False
+    own = create_cluster(alice, "mine", "52:54:00:00:00:01")
+    shared = create_cluster(bob, "shared", "52:54:00:00:00:02", group=team.name)  # alice is in team
+    create_cluster(charlie, "theirs", "52:54:00:00:00:03")
+    deliver_webhooks()
+    assert sorted(e["cluster"] for e in receiver.events(0)) == sorted([own, shared])
+    # alice leaves the team: its clusters' events are no longer hers
+    alice.groups.remove(team)
+    later = create_cluster(bob, "shared2", "52:54:00:00:00:04", group=team.name)
+    again = create_cluster(alice, "mine2", "52:54:00:00:00:05")
+    deliver_webhooks()
+    assert [e["cluster"] for e in receiver.events(1)] == [again] and later not in [
+        e["cluster"] for e in receiver.events(1)
+    ]
