@@ -413,20 +413,22 @@ def cluster_network(request, cluster: VirtualCluster) -> dict:
 USAGE_KEYS = ("cluster", "owner", "group")
 
 
-def usage(since, until, *, by: str = "owner") -> list[dict]:
+def usage(since, until, *, by: str = "owner", only=None) -> list[dict]:
     """Accounting for ``[since, until)``: per owner, group (``""``: none) or cluster, the clusters that lived in
     it, their hours in it (a VLAN each: VLAN-hours too) and their nodes' hours — a node from its creation until it
     was removed, its cluster ended, or now. Clusters that ended are counted from their history (kept for good);
     a node removed from a live cluster before node removal times were kept counts until its cluster ended. Two
-    queries, whatever the window."""
+    queries, whatever the window. ``only``: a queryset of the clusters to count (default: all)."""
     from django.utils import timezone
 
     if by not in USAGE_KEYS:
         raise ValueError(f"by: one of {', '.join(USAGE_KEYS)}")
     now = timezone.now()
     until = min(until, now)
-    in_window = VirtualCluster.objects.filter(created_at__lt=until).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=since)
+    in_window = (
+        (VirtualCluster.objects if only is None else only)
+        .filter(created_at__lt=until)
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=since))
     )
     clusters = list(
         in_window.values_list(

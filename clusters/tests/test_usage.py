@@ -108,3 +108,22 @@ def test_a_teardown_records_when_its_nodes_left(fabric_live):
     assert cluster.ended_at is not None
     assert Node.objects.get(cluster=cluster, name="n1").removed_at == cluster.ended_at
     assert Node.objects.get(pk=removed.pk).removed_at == before  # (removed before: its own time stays)
+
+
+def test_the_admin_exports_the_usage_of_the_clusters_picked(alice, bob, root, client):
+    a = make_cluster(alice, name="a", state="torn_down")
+    VirtualCluster.objects.filter(pk=a.pk).update(created_at=_at(0), ended_at=_at(2))
+    Node.objects.filter(cluster=a).update(created_at=_at(0), removed_at=_at(2))
+    b = make_cluster(bob, name="b", state="torn_down")
+    VirtualCluster.objects.filter(pk=b.pk).update(created_at=_at(1), ended_at=_at(4))
+    Node.objects.filter(cluster=b).update(created_at=_at(1))  # (removed with its cluster: its end counts)
+    make_cluster(alice, name="not-picked", state="torn_down")
+    client.force_login(root)
+    r = client.post("/admin/clusters/virtualcluster/", {"action": "export_usage", "_selected_action": [a.pk, b.pk]})
+    assert r.status_code == 200 and r["Content-Type"].startswith("text/csv")
+    assert r["Content-Disposition"].startswith('attachment; filename="virtcloud-usage-')
+    rows = list(csv.DictReader(StringIO(r.content.decode())))
+    assert [(row["name"], row["owner"], row["cluster_hours"], row["node_hours"]) for row in rows] == [
+        ("a", "alice", "2.0", "2.0"),
+        ("b", "bob", "3.0", "3.0"),
+    ]

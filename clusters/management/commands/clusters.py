@@ -8,12 +8,11 @@ owner, group or cluster, the clusters that lived in the window, their hours (VLA
 
 from __future__ import annotations
 
-import csv
-
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from clusters import selectors
+from clusters.reports import write_usage
 
 
 def _time(text: str):
@@ -61,14 +60,4 @@ class Command(BaseCommand):
         until = _time(options["until"]) if options["until"] else timezone.now()
         if until <= since:
             raise CommandError("--until must come after --since")
-        by = options["by"]
-        columns = [by, "clusters", "cluster_hours", "node_hours"]
-        if by == "cluster":
-            columns = ["cluster", "name", "owner", "group", "job_id", "created_at", "ended_at", *columns[1:]]
-        writer = csv.DictWriter(self.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in selectors.usage(since, until, by=by):
-            for key in ("created_at", "ended_at"):
-                if row.get(key) is not None:
-                    row[key] = row[key].isoformat()
-            writer.writerow(row)
+        write_usage(self.stdout, since=since, until=until, by=options["by"])
