@@ -86,7 +86,13 @@ def login_failed(name: str, address: str | None) -> None:
         if count not in (1, settings.LOGIN_FAILURES_MAX):  # (a guesser's flood writes two entries a window)
             return
         model = get_user_model()
-        account = model.objects.filter(**{f"{model.USERNAME_FIELD}__iexact": name}).order_by("pk").first()
+        # the account of that name: exactly, or the one account that name stands for in any case (two accounts
+        # "Bob" and "bob": neither gets the other's failures)
+        field = model.USERNAME_FIELD
+        account = model.objects.filter(**{field: name}).first()
+        if account is None:
+            alike = list(model.objects.filter(**{f"{field}__iexact": name})[:2])
+            account = alike[0] if len(alike) == 1 else None
         if account is not None:
             where = address or "an unknown address"
             locked = f" ({count} in a row: refused from there for the window)" if count > 1 else ""

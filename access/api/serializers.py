@@ -308,6 +308,7 @@ class SessionsReportSerializer(serializers.Serializer):
 
     def validate(self, data):
         kept, skipped = {}, 0
+        data = {**data, "vpn": [one for entry in data["vpn"] for one in _per_peer(entry)]}
         for kind, entry_serializer in (("vpn", VpnSessionSerializer), ("ssh", SshSessionSerializer)):
             kept[kind] = []
             for entry in data[kind]:
@@ -316,7 +317,18 @@ class SessionsReportSerializer(serializers.Serializer):
                     kept[kind].append(checked.validated_data)
                 else:
                     skipped += 1
+        if skipped and not kept["vpn"] and not kept["ssh"]:  # (a gateway that speaks another format: keep the last)
+            raise serializers.ValidationError(f"none of the {skipped} entries is valid")
         return {**kept, "skipped": skipped}
+
+
+def _per_peer(entry):
+    """A VPN entry of an agent of the release before — ``peers``, a list of [address, port] — as one entry per
+    peer (with its ``since`` and ``cluster``); any other entry as it is."""
+    if isinstance(entry, dict) and "peer" not in entry and isinstance(entry.get("peers"), list):
+        rest = {k: v for k, v in entry.items() if k != "peers"}
+        return [{**rest, "peer": peer} for peer in entry["peers"]]
+    return [entry]
 
 
 class SessionsReportAnswerSerializer(serializers.Serializer):

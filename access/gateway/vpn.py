@@ -200,7 +200,12 @@ def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str], 
     old = _session_record(state, serial)
     peers = [peer for peer in _record_peers(old) if peer != (ip, port)] + [(ip, port)]
     # each peer's own connect time and cluster (one profile may be up from two laptops, on two clusters)
-    info = {k: v for k, v in _peer_info(old).items() if tuple(k.split(" ", 1)) in peers}
+    known = _peer_info(old)
+    if old and not known:  # written by the release before: its peers keep the record's time and cluster
+        known = {
+            f"{a} {b}": {"since": old.get("since"), "cluster": old.get("cluster", "")} for a, b in _record_peers(old)
+        }
+    info = {k: v for k, v in known.items() if tuple(k.split(" ", 1)) in peers}
     info[f"{ip} {port}"] = {"since": time.time(), "cluster": cluster}
     record = {"serial": serial, "common_name": cn, "peers": [list(peer) for peer in peers], "peer_info": info}
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))

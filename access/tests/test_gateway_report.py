@@ -213,3 +213,28 @@ def test_a_record_the_gateway_cannot_read_fails_no_pull(live_server, root, gatew
     call_command("gateway", *args, stdout=out, stderr=out)
     assert "unchanged" in out.getvalue()
     assert [(r.serial, r.peer) for r in GatewaySession.objects.all()] == [(8, "203.0.113.8:9")]
+
+
+def test_an_agent_of_the_release_before_is_understood(alice, cluster, gateway):
+    """Gateways upgrade apart from the portal: a report in the release before's shape (``peers``, a list per
+    certificate) is taken as one entry per peer; a report of which nothing is valid is a 400 that keeps the last."""
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    api = _gateway_api(gateway)
+    old = {"serial": credential.serial, "peers": [["203.0.113.5", "4"], ["203.0.113.6", "5"]], "since": time.time()}
+    r = api.post("/api/access/gateway/sessions/", {"vpn": [old], "ssh": []}, format="json")
+    assert (r.status_code, r.data) == (200, {"recorded": 2, "skipped": 0})
+    r = api.post("/api/access/gateway/sessions/", {"vpn": [{"serial": "x"}], "ssh": []}, format="json")
+    assert r.status_code == 400 and GatewaySession.objects.count() == 2
+
+
+def test_a_record_of_the_release_before_keeps_its_peers_time_and_cluster(tmp_path):
+    state = VpnState.at(tmp_path)
+    state.sessions.mkdir(parents=True)
+    write_atomic(
+        state.sessions / "9.json",
+        json.dumps({"serial": 9, "common_name": "a", "peers": [["203.0.113.5", "4"]], "since": 1000.0, "cluster": "x"}),
+    )
+    vpn._record_session(state, 9, "a", {"trusted_ip": "203.0.113.6", "trusted_port": "5"}, cluster="y")
+    up = {tuple(s["peer"]): (s["since"], s["cluster"]) for s in vpn.sessions(state)}
+    assert up[("203.0.113.5", "4")] == (1000.0, "x") and up[("203.0.113.6", "5")][1] == "y"

@@ -137,5 +137,20 @@ def test_the_page_lists_the_accounts_recent_sign_ins(client, alice, bob):
     ]
     page = client.get("/tokens/").content.decode()
     section = page.split('<section id="sign-ins">')[1].split("</section>")[0]
-    assert section.index("logged in (password) from 198.18.5.3") < section.index("failed login from 198.18.5.2")
-    assert "failed login from 198.18.5.1" in section and "198.18.5.9" not in section
+    signed_in = section.split('id="signed-in"')[1].split("</ul>")[0]
+    failed = section.split('id="failed"')[1].split("</ul>")[0]
+    assert "logged in (password) from 198.18.5.3" in signed_in and "failed" not in signed_in
+    assert failed.index("failed login from 198.18.5.2") < failed.index("failed login from 198.18.5.1")
+    assert "198.18.5.9" not in section
+
+
+def test_failed_logins_are_never_another_accounts(client, alice, django_user_model):
+    """Accounts "Alice" and "alice" both exist: a failure of the name "alice" is alice's, not the older account's;
+    a name two accounts share in other cases names neither."""
+    from portal.models import AuditEntry
+
+    other = django_user_model.objects.create_user("ALICE2")
+    django_user_model.objects.filter(pk=other.pk).update(username="Alice")  # (an older account, another case)
+    client.post(reverse("login"), {"username": "alice", "password": "wrong"}, REMOTE_ADDR="198.18.5.1")
+    entries = AuditEntry.objects.filter(message__startswith="failed login")
+    assert list(entries.values_list("object_id", flat=True)) == [str(alice.pk)]
