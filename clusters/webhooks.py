@@ -303,15 +303,31 @@ def _claim_seconds() -> float:
     return settings.CELERY_TASK_TIME_LIMIT + 5
 
 
+DELIVERY_THREADS = 8  # webhooks sent to at once (PostgreSQL): a slow endpoint holds up only its own thread
+
+
 def deliver_due() -> list[Delivery]:
     """One round: every enabled webhook whose next attempt is due gets its next batch (one that fails in a way
-    ``deliver`` did not foresee is logged, and the others still get theirs)."""
-    due = Webhook.deliverable().filter(next_attempt_at__lte=timezone.now()).values_list("pk", "name")
-    deliveries = []
-    for pk, name in due:
+    ``deliver`` did not foresee is logged, and the others still get theirs). On PostgreSQL ``DELIVERY_THREADS`` at
+    once — users register webhooks too, and one whose endpoint answers at the last moment of ``WEBHOOK_TIMEOUT``
+    must not make everyone else's events wait; SQLite (one writer) sends them one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection, connections
+
+    due = list(Webhook.deliverable().filter(next_attempt_at__lte=timezone.now()).values_list("pk", "name"))
+
+    def one(pk: int, name: str, *, own_thread: bool) -> Delivery:
         try:
-            deliveries.append(deliver(pk))
+            return deliver(pk)
         except Exception as exc:  # noqa: BLE001 - logged; the next webhooks still get theirs
             logger.exception("webhook %s: delivery failed", name)
-            deliveries.append(Delivery(webhook=name, sent=0, error=f"{type(exc).__name__}: {exc}"[:500]))
-    return deliveries
+            return Delivery(webhook=name, sent=0, error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if own_thread:
+                connections.close_all()  # (this thread's own connections)
+
+    if connection.vendor != "postgresql" or len(due) < 2:
+        return [one(pk, name, own_thread=False) for pk, name in due]
+    with ThreadPoolExecutor(max_workers=min(DELIVERY_THREADS, len(due)), thread_name_prefix="webhook") as pool:
+        return list(pool.map(lambda row: one(*row, own_thread=True), due))

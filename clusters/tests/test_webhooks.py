@@ -473,3 +473,38 @@ def test_an_https_endpoint_that_trickles_its_answer_is_cut_at_the_timeout(
     assert result.status is None and result.error == "no complete answer within 1 s (WEBHOOK_TIMEOUT)"
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_webhooks_are_sent_to_at_once_so_a_slow_endpoint_holds_up_only_itself(fabric, alice, settings):
+    """Three endpoints that each answer only once all three have been asked: sent one after the other, the first
+    would wait for the others in vain (and fail); sent at once, every one answers."""
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    barrier = threading.Barrier(3, timeout=4)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            try:
+                barrier.wait()
+                code = 204
+            except threading.BrokenBarrierError:
+                code = 503
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for i in range(3):
+            Webhook.objects.create(name=f"hook{i}", url=f"http://127.0.0.1:{server.server_port}/{i}", secret=SECRET)
+        create_cluster(alice, "c1", "52:54:00:00:00:01")
+        deliveries = webhooks.deliver_due()
+        assert sorted((d.webhook, d.status, d.error) for d in deliveries) == [(f"hook{i}", 204, "") for i in range(3)]
+        assert set(Webhook.objects.values_list("failures", flat=True)) == {0}
+    finally:
+        server.shutdown()
+        server.server_close()
