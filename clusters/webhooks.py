@@ -28,6 +28,7 @@ the cursor moving past them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import hmac
 import http.client
@@ -81,12 +82,26 @@ def refused_address(address: str, *, public_only: bool = False) -> bool:
     return ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
 
 
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+
+
+def _resolve(host: str, port: int, timeout: float) -> list:
+    """``getaddrinfo`` within ``timeout`` s (it has no timeout of its own: a resolver that does not answer would
+    hold the delivery's thread for as long as the system's retries last); ``TimeoutError`` past it."""
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+
+
 def _checked_address(url: str, *, public_only: bool = False) -> tuple[str | None, str]:
-    """(the address to POST to, "") or (None, why not): the host resolved once, every answer checked."""
+    """(the address to POST to, "") or (None, why not): the host resolved once (within ``WEBHOOK_TIMEOUT``),
+    every answer checked."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        answers = _resolve(host, port, settings.WEBHOOK_TIMEOUT)
     except (OSError, UnicodeError) as exc:
         return None, f"cannot resolve {host}: {exc}"
     addresses = list(dict.fromkeys(info[4][0] for info in answers))

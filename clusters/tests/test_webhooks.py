@@ -508,3 +508,25 @@ def test_webhooks_are_sent_to_at_once_so_a_slow_endpoint_holds_up_only_itself(fa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_resolver_that_does_not_answer_costs_one_timeout_not_the_systems_retries(monkeypatch, settings):
+    """``getaddrinfo`` has no timeout of its own: the host's lookup is given ``WEBHOOK_TIMEOUT``, then the delivery
+    fails (and backs off) like an endpoint that does not answer."""
+    import time as clock
+
+    settings.WEBHOOK_TIMEOUT = 0.2
+    release = threading.Event()
+
+    def stuck(*args, **kwargs):
+        release.wait(5)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", stuck)
+    started = clock.monotonic()
+    try:
+        address, why = webhooks._checked_address("https://slow-dns.example.org/hook")
+    finally:
+        release.set()
+    assert address is None and why == "cannot resolve slow-dns.example.org: no answer within 0.2 s"
+    assert clock.monotonic() - started < 4
