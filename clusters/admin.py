@@ -138,6 +138,17 @@ class WebhookForm(forms.ModelForm):
         model = Webhook
         fields = ("name", "url", "secret", "states", "enabled")
 
+    def clean_name(self):
+        """Unique among its owner's webhooks (the admin's, for one made here): the owner is not a field of the
+        form, so the model's constraint is checked here, as the form would."""
+        name = self.cleaned_data.get("name")
+        owner = self.instance.owner_id if self.instance and self.instance.pk else None
+        if Webhook.objects.filter(owner_id=owner, name=name).exclude(pk=self.instance.pk).exists():
+            constraint = "webhook_name_of_the_admin" if owner is None else "webhook_name_per_owner"
+            message = next(c for c in Webhook._meta.constraints if c.name == constraint).violation_error_message
+            raise forms.ValidationError(message)
+        return name
+
     def clean_secret(self):
         secret = self.cleaned_data.get("secret") or ""
         if not secret and not (self.instance and self.instance.pk):

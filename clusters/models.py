@@ -347,7 +347,7 @@ class Webhook(models.Model):
     ``secret``): in commit order, in batches, at least once — the cursor ``last_event_id`` moves only when the
     endpoint answered 2xx; a failure is retried with backoff. Starts with the events after its creation."""
 
-    name = models.SlugField(max_length=50, unique=True)
+    name = models.SlugField(max_length=50, help_text="unique among its owner's (and among the admin's) webhooks")
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -388,6 +388,22 @@ class Webhook(models.Model):
     last_error = models.TextField(blank=True)
     failures = models.PositiveIntegerField(default=0, help_text="failed tries in a row")
     next_attempt_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        # a name per account: nobody learns another's webhook names, nor takes one before its setup script runs
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                name="webhook_name_per_owner",
+                violation_error_message="its owner has a webhook of this name already",
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(owner=None),
+                name="webhook_name_of_the_admin",
+                violation_error_message="a webhook made in the admin has this name already",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name

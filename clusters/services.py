@@ -1352,7 +1352,7 @@ def webhook_create(
     if Webhook.objects.filter(owner=owner).count() >= WEBHOOKS_PER_OWNER:
         raise QuotaExceeded(f"{owner.get_username()} has {WEBHOOKS_PER_OWNER} webhooks already: delete one first")
     taken = ClusterError(f"a webhook named {name} exists already", field="name")
-    if Webhook.objects.filter(name=name).exists():
+    if Webhook.objects.filter(owner=owner, name=name).exists():
         raise taken
     secret = secrets.token_urlsafe(32)
     # a user's own token (clusters:write) gets the feed of the clusters the user sees; middleware and admins, all

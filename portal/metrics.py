@@ -127,11 +127,11 @@ def collect() -> list[Family]:
     behind = Family("virtcloud_webhook_events_behind", "Cluster events a webhook has not received yet.")
     failing = Family("virtcloud_webhook_failures", "Failed deliveries in a row of a webhook (0: keeping up).")
     newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
-    for name, cursor, failures in (
-        Webhook.objects.filter(enabled=True).order_by("name").values_list("name", "last_event_id", "failures")
-    ):
-        behind.add(ClusterEvent.objects.filter(id__gt=cursor).count() if cursor < newest else 0, webhook=name)
-        failing.add(failures, webhook=name)
+    rows = Webhook.objects.filter(enabled=True).order_by("owner__username", "name")
+    for name, owner, cursor, failures in rows.values_list("name", "owner__username", "last_event_id", "failures"):
+        who = {"webhook": name, "owner": owner or ""}  # (names are unique per owner; "": made in the admin)
+        behind.add(ClusterEvent.objects.filter(id__gt=cursor).count() if cursor < newest else 0, **who)
+        failing.add(failures, **who)
     families += [behind, failing]
 
     # A gateway authorizes from the state it last pulled: one that stopped pulling still admits the holders of

@@ -106,7 +106,7 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
         api.force_login(root)
         text = api.get("/metrics").content.decode()
         return {
-            (s.name, s.labels.get("webhook")): s.value
+            (s.name, s.labels.get("webhook"), s.labels.get("owner")): s.value
             for family in text_string_to_metric_families(text)
             for s in family.samples
             if s.name.startswith("virtcloud_webhook")
@@ -116,10 +116,16 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
     create_cluster(alice, "c1", "52:54:00:00:00:01")
     receiver.answers = [503]
     deliver_webhooks()
-    assert figures() == {("virtcloud_webhook_events_behind", "acct"): 3, ("virtcloud_webhook_failures", "acct"): 1}
+    assert figures() == {
+        ("virtcloud_webhook_events_behind", "acct", ""): 3,
+        ("virtcloud_webhook_failures", "acct", ""): 1,
+    }
     Webhook.objects.filter(name="acct").update(next_attempt_at=timezone.now())
     deliver_webhooks()
-    assert figures() == {("virtcloud_webhook_events_behind", "acct"): 0, ("virtcloud_webhook_failures", "acct"): 0}
+    assert figures() == {
+        ("virtcloud_webhook_events_behind", "acct", ""): 0,
+        ("virtcloud_webhook_failures", "acct", ""): 0,
+    }
 
 
 def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, alice, receiver):
@@ -210,6 +216,11 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
         )
         assert r.status_code == 200 and message in r.content.decode(), states  # the form says why, no 500
     assert not Webhook.objects.filter(name="bad").exists()
+    r = api.post(  # the admin's names are one set (a user's "acct" is theirs)
+        "/admin/clusters/webhook/add/",
+        {"name": "acct", "url": receiver.url, "secret": SECRET, "states": "[]", "enabled": "on"},
+    )
+    assert r.status_code == 200 and "a webhook made in the admin has this name already" in r.content.decode()
 
 
 def test_an_endpoint_that_hangs_holds_no_lock_and_its_attempt_is_counted_meanwhile(fabric, alice, settings):

@@ -105,8 +105,11 @@ def test_only_a_token_that_may_write_or_an_admin_and_only_its_own(alice, root, m
     admin = APIClient()
     admin.force_login(root)
     assert admin.post("/api/webhooks/", {"name": "c", "url": "https://example.org/c"}, format="json").status_code == 201
-    # a name taken, a quota reached: refused, nothing made
-    assert other.post("/api/webhooks/", {"name": "a", "url": "https://example.org/x"}, format="json").status_code == 400
+    # a name is the account's own: another account has its "a" too (nobody learns or takes another's names);
+    # the same account twice is refused, as a quota reached is: nothing made
+    assert other.post("/api/webhooks/", {"name": "a", "url": "https://example.org/x"}, format="json").status_code == 201
+    again = middleware.post("/api/webhooks/", {"name": "a", "url": "https://example.org/x"}, format="json")
+    assert again.status_code == 400 and "exists already" in str(again.data)
     for i in range(9):
         assert (
             middleware.post(
@@ -116,7 +119,7 @@ def test_only_a_token_that_may_write_or_an_admin_and_only_its_own(alice, root, m
         )
     r = middleware.post("/api/webhooks/", {"name": "m10", "url": "https://example.org/m"}, format="json")
     assert r.status_code == 409 and r.data["code"] == "quota_exceeded"
-    assert Webhook.objects.count() == 11
+    assert Webhook.objects.count() == 12
 
 
 def test_a_change_is_checked_as_a_new_one_is(middleware):
