@@ -1371,7 +1371,7 @@ def webhook_create(
     try:
         with transaction.atomic():
             hook.save()  # (audited, as every change of a webhook: clusters.apps registers it, its secret never shown)
-    except IntegrityError:  # the same name, made by another account at the same moment
+    except IntegrityError:  # the same name, made by this account in another request at the same moment
         raise taken from None
     return hook, secret
 

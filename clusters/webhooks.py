@@ -28,7 +28,6 @@ the cursor moving past them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import hmac
 import http.client
@@ -82,17 +81,27 @@ def refused_address(address: str, *, public_only: bool = False) -> bool:
     return ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
 
 
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
-
-
 def _resolve(host: str, port: int, timeout: float) -> list:
     """``getaddrinfo`` within ``timeout`` s (it has no timeout of its own: a resolver that does not answer would
-    hold the delivery's thread for as long as the system's retries last); ``TimeoutError`` past it."""
-    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"no answer within {timeout:g} s") from None
+    hold the delivery's thread for as long as the system's retries last); ``TimeoutError`` past it. Each lookup
+    has a daemon thread of its own, left to end with the system's retries: no shared pool that one endpoint's
+    hanging lookups could fill for everyone else's."""
+    done: dict = {}
+
+    def look() -> None:
+        try:
+            done["answer"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            done["error"] = exc
+
+    thread = threading.Thread(target=look, name="webhook-dns", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in done:
+        raise done["error"]
+    return done["answer"]
 
 
 def _checked_address(url: str, *, public_only: bool = False) -> tuple[str | None, str]:
@@ -321,28 +330,73 @@ def _claim_seconds() -> float:
 DELIVERY_THREADS = 8  # webhooks sent to at once (PostgreSQL): a slow endpoint holds up only its own thread
 
 
+_ROUND_LOCK = 0x5643_0057  # PostgreSQL advisory lock: one delivery round at a time
+
+
 def deliver_due() -> list[Delivery]:
     """One round: every enabled webhook whose next attempt is due gets its next batch (one that fails in a way
     ``deliver`` did not foresee is logged, and the others still get theirs). On PostgreSQL ``DELIVERY_THREADS`` at
     once — users register webhooks too, and one whose endpoint answers at the last moment of ``WEBHOOK_TIMEOUT``
-    must not make everyone else's events wait; SQLite (one writer) sends them one after the other."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from django.db import connection, connections
+    must not make everyone else's events wait — each thread with one database connection for the round, and one
+    round at a time (a round that finds another running does nothing: that one sends what is due); SQLite (one
+    writer) sends them one after the other. A time limit that cuts the round stops the threads taking more."""
+    from django.db import connection
 
     due = list(Webhook.deliverable().filter(next_attempt_at__lte=timezone.now()).values_list("pk", "name"))
-
-    def one(pk: int, name: str, *, own_thread: bool) -> Delivery:
-        try:
-            return deliver(pk)
-        except Exception as exc:  # noqa: BLE001 - logged; the next webhooks still get theirs
-            logger.exception("webhook %s: delivery failed", name)
-            return Delivery(webhook=name, sent=0, error=f"{type(exc).__name__}: {exc}"[:500])
-        finally:
-            if own_thread:
-                connections.close_all()  # (this thread's own connections)
-
     if connection.vendor != "postgresql" or len(due) < 2:
-        return [one(pk, name, own_thread=False) for pk, name in due]
-    with ThreadPoolExecutor(max_workers=min(DELIVERY_THREADS, len(due)), thread_name_prefix="webhook") as pool:
-        return list(pool.map(lambda row: one(*row, own_thread=True), due))
+        return [_deliver_logged(pk, name) for pk, name in due]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_ROUND_LOCK])
+        if not cursor.fetchone()[0]:
+            return []
+    try:
+        return _deliver_at_once(due)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [_ROUND_LOCK])
+
+
+def _deliver_logged(pk: int, name: str) -> Delivery:
+    try:
+        return deliver(pk)
+    except Exception as exc:  # noqa: BLE001 - logged; the next webhooks still get theirs
+        logger.exception("webhook %s: delivery failed", name)
+        return Delivery(webhook=name, sent=0, error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _deliver_at_once(due: list[tuple[int, str]]) -> list[Delivery]:
+    import contextvars
+    import queue
+
+    from django.db import connections
+
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for row in due:
+        todo.put(row)
+    results: list[Delivery] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    pk, name = todo.get_nowait()
+                except queue.Empty:
+                    return
+                results.append(_deliver_logged(pk, name))
+        finally:
+            connections.close_all()  # (this thread's own connection, once for the round)
+
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), name="webhook", daemon=True)
+        for _ in range(min(DELIVERY_THREADS, len(due)))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # the task's soft time limit: take no more; those under way finish by WEBHOOK_TIMEOUT
+        stop.set()
+        raise
+    return results

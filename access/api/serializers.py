@@ -309,6 +309,8 @@ class SessionsReportSerializer(serializers.Serializer):
     def validate(self, data):
         kept, skipped = {}, 0
         data = {**data, "vpn": [one for entry in data["vpn"] for one in _per_peer(entry)]}
+        if len(data["vpn"]) > MAX_REPORTED:  # (the release before's entries, one per peer now)
+            raise serializers.ValidationError({"vpn": [f"at most {MAX_REPORTED} sessions"]})
         for kind, entry_serializer in (("vpn", VpnSessionSerializer), ("ssh", SshSessionSerializer)):
             kept[kind] = []
             for entry in data[kind]:

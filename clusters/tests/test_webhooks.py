@@ -536,8 +536,29 @@ def test_a_resolver_that_does_not_answer_costs_one_timeout_not_the_systems_retri
     monkeypatch.setattr(webhooks.socket, "getaddrinfo", stuck)
     started = clock.monotonic()
     try:
-        address, why = webhooks._checked_address("https://slow-dns.example.org/hook")
+        # one after the other, as many as a user's webhooks: the lookups still hanging never queue the next
+        answers = [webhooks._checked_address("https://slow-dns.example.org/hook") for _ in range(10)]
     finally:
         release.set()
-    assert address is None and why == "cannot resolve slow-dns.example.org: no answer within 0.2 s"
-    assert clock.monotonic() - started < 4
+    assert answers == [(None, "cannot resolve slow-dns.example.org: no answer within 0.2 s")] * 10
+    assert clock.monotonic() - started < 4.5  # (ten lookups of 0.2 s; a pool filled by the hanging ones: 5 s)
+
+
+def test_one_delivery_round_at_a_time(fabric, alice, receiver, settings):
+    """Rounds that overlap (beat every WEBHOOK_INTERVAL, a round slowed by its endpoints) would each open their
+    threads' connections: a round that finds another running does nothing."""
+    import psycopg
+    from django.db import connection
+
+    for i in range(2):
+        Webhook.objects.create(name=f"hook{i}", url=receiver.url, secret=SECRET)
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    params = connection.get_connection_params()
+    other = psycopg.connect(**{k: v for k, v in params.items() if k in ("dbname", "user", "host", "port", "password")})
+    try:
+        other.execute("SELECT pg_advisory_lock(%s)", [webhooks._ROUND_LOCK])
+        assert webhooks.deliver_due() == [] and receiver.requests == []  # another round is running
+        other.execute("SELECT pg_advisory_unlock(%s)", [webhooks._ROUND_LOCK])
+    finally:
+        other.close()
+    assert sorted(d.webhook for d in webhooks.deliver_due() if d.sent) == ["hook0", "hook1"]
