@@ -4,6 +4,8 @@ kombu's own writer creates a message file in the queue folder, then writes it; a
 folder in between takes the empty file and its worker dies on the JSON error (kombu issue 1551) — the demo's
 worker did, a quarter of an hour in, as beat sent its periodic tasks. Here a message is written under a name
 no consumer takes (``….msg.part``) and renamed into place: a rename within a folder is atomic.
+
+``reachable(app)``: whether the broker (this one, or Redis/RabbitMQ) answers now.
 """
 
 from __future__ import annotations
@@ -33,3 +35,25 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+
+def reachable(app) -> bool:
+    """Whether ``app``'s broker answers now (``/metrics``, ``/api/status/``): one connection, a second at most for
+    each step (a broker that drops packets or never answers must not hold a scrape, and with it a web server
+    thread); the embedded broker: its folder takes a file."""
+    import tempfile
+
+    if str(app.conf.broker_url).startswith("filesystem://"):  # connecting touches nothing there
+        folder = (app.conf.get("broker_transport_options") or {}).get("data_folder_out", "")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                return os.path.isdir(folder)
+        except OSError:
+            return False
+    timeouts = {"socket_connect_timeout": 1, "socket_timeout": 1}
+    try:
+        with app.connection_for_write(connect_timeout=1, transport_options=timeouts) as connection:
+            connection.ensure_connection(max_retries=0, timeout=1)
+    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says
+        return False
+    return True

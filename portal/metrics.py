@@ -250,36 +250,15 @@ def _broker() -> Family:
     """Whether this process reaches the Celery broker now (one connection, a second at most): 0 means created
     clusters stay REQUESTED and nothing is provisioned or torn down until it is back (``clusters.expire`` then
     sends what waited)."""
+    from portal.broker import reachable
     from portal.celery import app
 
     family = Family(
         "virtcloud_broker_reachable",
         "1 when the web server reaches the Celery broker now; 0: no workflow can be sent (clusters stay requested).",
     )
-    family.add(1 if _broker_reachable(app) else 0)
+    family.add(1 if reachable(app) else 0)
     return family
-
-
-def _broker_reachable(app) -> bool:
-    """One connection, a second at most for each step (a broker that drops packets or never answers must not
-    hold a scrape, and with it a web server thread); the embedded broker: its folder takes a file."""
-    import os
-    import tempfile
-
-    if str(app.conf.broker_url).startswith("filesystem://"):  # connecting touches nothing there
-        folder = (app.conf.get("broker_transport_options") or {}).get("data_folder_out", "")
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-                return os.path.isdir(folder)
-        except OSError:
-            return False
-    timeouts = {"socket_connect_timeout": 1, "socket_timeout": 1}
-    try:
-        with app.connection_for_write(connect_timeout=1, transport_options=timeouts) as connection:
-            connection.ensure_connection(max_retries=0, timeout=1)
-    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says
-        return False
-    return True
 
 
 def _reconciled(now) -> list[Family]:

@@ -64,14 +64,14 @@ def _cached() -> dict | None:
 def _check() -> dict:
     from network.models import Host, Switch
     from network.selectors import queue_name
+    from portal.broker import reachable
     from portal.celery import app, queue_consumers
-    from portal.metrics import _broker_reachable
     from portal.models import PeriodicRun
     from portal.periodic import beat_intervals
 
     now = timezone.now()
     central = settings.CELERY_TASK_DEFAULT_QUEUE
-    broker = _broker_reachable(app)
+    broker = reachable(app)
     consumers: dict[str, list[str]] = {}
     if broker:
         try:

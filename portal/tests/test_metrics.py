@@ -264,8 +264,8 @@ def test_the_broker_probe_never_holds_a_scrape_and_checks_the_embedded_folder(mo
     import socket
     import time
 
+    from portal.broker import reachable as _broker_reachable
     from portal.celery import app
-    from portal.metrics import _broker_reachable
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
