@@ -21,6 +21,10 @@ from django.utils import timezone
 from portal import audit
 from portal.models import LoginFailure
 
+# how the audit log's entries of sign-ins begin (written here, listed by ``sign_ins``)
+LOGGED_IN, FAILED = "logged in", "failed login"
+SIGN_INS_SHOWN = 15
+
 
 def account_key(username: str) -> str:
     return (username or "").strip().lower()[: LoginFailure._meta.get_field("username").max_length]
@@ -97,7 +101,7 @@ def login_failed(name: str, address: str | None) -> None:
             where = address or "an unknown address"
             locked = f" ({count} in a row: refused from there for the window)" if count > 1 else ""
             with audit.audit_actor(f"login from {where}"):
-                audit.record(account, "action", message=f"failed login from {where}{locked}")
+                audit.record(account, "action", message=f"{FAILED} from {where}{locked}")
 
 
 def login_succeeded(name: str, address: str | None) -> None:
@@ -108,4 +112,19 @@ def login_audit(user, request, how: str) -> None:
     """The audit log's entry of a login (``how``: "password", "single sign-on"), with the client's address."""
     address = client_address(request) or "an unknown address"
     with audit.audit_actor(user.get_username(), user=user):
-        audit.record(user, "action", message=f"logged in ({how}) from {address}")
+        audit.record(user, "action", message=f"{LOGGED_IN} ({how}) from {address}")
+
+
+def sign_ins(user) -> dict:
+    """The account's latest sign-ins and, apart, its latest failed ones, from the audit log: its holder spots one
+    that was not theirs — failures anyone can cause never push the sign-ins out of sight."""
+    from django.contrib.contenttypes.models import ContentType
+
+    from portal.models import AuditEntry
+
+    kind = ContentType.objects.get_for_model(user._meta.model)
+    mine = AuditEntry.objects.filter(content_type=kind, object_id=str(user.pk)).order_by("-timestamp", "-id")
+    return {
+        "ok": list(mine.filter(message__startswith=LOGGED_IN)[:SIGN_INS_SHOWN]),
+        "failed": list(mine.filter(message__startswith=FAILED)[:SIGN_INS_SHOWN]),
+    }

@@ -18,7 +18,7 @@ from rest_framework import permissions, renderers, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal import metrics, tokens
+from portal import logins, metrics, tokens
 from portal.api import error_responses
 from portal.models import ApiToken, TokenScope
 
@@ -199,27 +199,9 @@ def my_tokens(request):
         "live": list(live.order_by("-created_at")),
         "ended": list(ended.order_by("-created_at")[:ENDED_TOKENS_SHOWN]),
         "ended_shown": ENDED_TOKENS_SHOWN,
-        "signins": sign_ins(request.user),
+        "signins": logins.sign_ins(request.user),
     }
     return render(request, "portal/tokens.html", context, status=status)
-
-
-SIGN_INS_SHOWN = 15
-
-
-def sign_ins(user) -> dict:
-    """The account's latest sign-ins and, apart, its latest failed ones, from the audit log (``portal.logins``):
-    its holder spots one that was not theirs — failures anyone can cause never push the sign-ins out of sight."""
-    from django.contrib.contenttypes.models import ContentType
-
-    from portal.models import AuditEntry
-
-    kind = ContentType.objects.get_for_model(user._meta.model)
-    mine = AuditEntry.objects.filter(content_type=kind, object_id=str(user.pk)).order_by("-timestamp", "-id")
-    return {
-        "ok": list(mine.filter(message__startswith="logged in")[:SIGN_INS_SHOWN]),
-        "failed": list(mine.filter(message__startswith="failed login")[:SIGN_INS_SHOWN]),
-    }
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
