@@ -463,3 +463,21 @@ def usage(since, until, *, by: str = "owner", only=None) -> list[dict]:
         row["cluster_hours"] = round(row["cluster_hours"], 3)
         row["node_hours"] = round(row["node_hours"], 3)
     return out
+
+
+def planned(cluster: VirtualCluster) -> dict:
+    """What a cluster just made would get (``services.cluster_plan``, before it rolls back): the policy's decision,
+    the VLAN pool and its core, the nodes' sites, the public subnet and the nodes' addresses."""
+    pool = cluster.segment.allocation.pool
+    nodes = list(cluster.nodes.select_related("host__site").order_by("name"))
+    return {
+        "connectivity": cluster.connectivity,
+        "connectivity_reason": cluster.connectivity_reason,
+        "pool": pool.name,
+        "core": pool.core.name,
+        "sites": sorted({n.host.site.name for n in nodes}),
+        "public_subnet": cluster.public_subnet,
+        "public_gateway": cluster.public_gateway,
+        "expires_at": cluster.expires_at,
+        "nodes": [{"name": n.name, "host": n.host.name, "address": n.address} for n in nodes],
+    }

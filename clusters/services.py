@@ -391,16 +391,16 @@ class _Planned(Exception):
         self.found = found
 
 
-def cluster_plan(*, describe: Callable[[VirtualCluster], dict], **kwargs) -> dict:
+def cluster_plan(**kwargs) -> dict:
     """A dry run of ``cluster_create`` (same arguments, no idempotency): every check it makes — lifetime, nodes,
     name, group, image, quota, the policy, a VLAN from a pool whose core joins the hosts' sites (and a gateway's,
-    for a closed cluster), a public subnet — with the same errors, then ``describe(cluster)`` of the cluster it
+    for a closed cluster), a public subnet — with the same errors, then ``selectors.planned`` of the cluster it
     would make, and all of it rolled back: nothing is allocated or sent, no row stays (only ids of sequences are
     used up). What it names (the pool, the subnet) is what a create now would get, not a reservation."""
     try:
         with transaction.atomic():
             cluster, _created = cluster_create(**kwargs)
-            raise _Planned(describe(cluster))
+            raise _Planned(selectors.planned(cluster))
     except _Planned as planned:
         return planned.found
 

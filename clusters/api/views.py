@@ -224,23 +224,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         would get now, or the very error a create would answer (a quota, an exhausted pool, a host no core
         reaches…). Nothing is allocated, recorded or sent — a scheduler checks a placement before it commits."""
         v = _valid(s.ClusterCreateSerializer, request)
-
-        def describe(cluster) -> dict:
-            pool = cluster.segment.allocation.pool
-            nodes = list(cluster.nodes.select_related("host__site").order_by("name"))
-            return {
-                "connectivity": cluster.connectivity,
-                "connectivity_reason": cluster.connectivity_reason,
-                "pool": pool.name,
-                "core": pool.core.name,
-                "sites": sorted({n.host.site.name for n in nodes}),
-                "public_subnet": cluster.public_subnet,
-                "public_gateway": cluster.public_gateway,
-                "expires_at": cluster.expires_at,
-                "nodes": [{"name": n.name, "host": n.host.name, "address": n.address} for n in nodes],
-            }
-
-        found = services.cluster_plan(describe=describe, **_asked(v, v.get("owner") or request.user))
+        found = services.cluster_plan(**_asked(v, v.get("owner") or request.user))
         return Response(s.ClusterPlanSerializer(found).data)
 
     @extend_schema(
