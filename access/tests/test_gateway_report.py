@@ -28,17 +28,30 @@ from portal.tokens import token_create
 pytestmark = pytest.mark.django_db
 
 
-def _gateway_api(gateway) -> APIClient:
-    token, secret = token_create(user=gateway_owner(), name=gateway.name, scopes=[TokenScope.GATEWAY])
+def _gateway_token(gateway) -> str:
+    """``gateway``'s pull token (as ``gateway token`` makes it): its secret."""
+    token, secret = token_create(user=services.gateway_account(), name=gateway.name, scopes=[TokenScope.GATEWAY])
     gateway.token = token
     gateway.save()
+    return secret
+
+
+def _gateway_api(gateway) -> APIClient:
     api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {_gateway_token(gateway)}")
     return api
 
 
-def gateway_owner():
-    return services.gateway_account()
+def _puller(gateway, live_server, state_dir):
+    """``manage.py gateway pull`` of ``gateway`` against the live portal, into ``state_dir``: what it printed."""
+    args = ("pull", "--url", live_server.url, "--token", _gateway_token(gateway), "--dir", str(state_dir))
+
+    def pull() -> str:
+        out = io.StringIO()
+        call_command("gateway", *args, stdout=out, stderr=out)
+        return out.getvalue()
+
+    return pull
 
 
 def test_a_report_replaces_the_gateways_sessions_and_names_the_credentials(alice, cluster, gateway):
@@ -149,20 +162,15 @@ def test_the_admin_and_the_metrics_list_them(alice, root, cluster, gateway):
     assert 'virtcloud_gateway_sessions{gateway="gw1",kind="ssh"} 3' in text
 
 
-def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, root, team, gateway, tmp_path):
+def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, team, gateway, tmp_path):
     """The agent's pull, against a live portal: the sessions client-connect recorded — one profile up from two
     places, on two clusters, each with its own time — are reported after the pull; once client-disconnect dropped
     one, the next pull reports the other only."""
     first = make_cluster(alice, name="mpi", group=team)
     second = make_cluster(alice, name="web", group=team)
-    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
-    gateway.token = token
-    gateway.save()
     state_dir = tmp_path / "state"
-    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
-    out = io.StringIO()
-    call_command("gateway", *args, stdout=out, stderr=out)
-    assert "updated" in out.getvalue() and not GatewaySession.objects.exists()
+    pull = _puller(gateway, live_server, state_dir)
+    assert "updated" in pull() and not GatewaySession.objects.exists()
 
     services.vpn_profile_issue(user=alice, clusters=[first, second])
     credential = Credential.objects.get()
@@ -182,9 +190,8 @@ def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, r
     vpn.client_connect(state, str(tmp_path / "ccd1"), {**env("203.0.113.5", "4"), "UV_VCLUSTER": cluster_label(first)})
     time.sleep(0.05)
     vpn.client_connect(state, str(tmp_path / "ccd2"), {**env("203.0.113.6", "5"), "UV_VCLUSTER": cluster_label(second)})
-    out = io.StringIO()
-    call_command("gateway", *args, stdout=out, stderr=out)
-    assert "sessions" not in out.getvalue(), out.getvalue()  # (reported quietly)
+    out = pull()
+    assert "sessions" not in out, out  # (reported quietly)
     rows = {r.peer: r for r in GatewaySession.objects.all()}
     assert {p: (r.credential, r.cluster) for p, r in rows.items()} == {
         "203.0.113.5:4": (credential, cluster_label(first)),
@@ -193,25 +200,20 @@ def test_each_pull_reports_the_sessions_the_hooks_recorded(live_server, alice, r
     assert rows["203.0.113.5:4"].since < rows["203.0.113.6:5"].since  # each its own connect time
 
     vpn.client_disconnect(state, {**env("203.0.113.5", "4"), "tls_serial_0": str(credential.serial)})
-    call_command("gateway", *args, stdout=io.StringIO(), stderr=io.StringIO())
+    pull()
     assert [(r.peer, r.cluster) for r in GatewaySession.objects.all()] == [("203.0.113.6:5", cluster_label(second))]
 
 
-def test_a_record_the_gateway_cannot_read_fails_no_pull(live_server, root, gateway, tmp_path):
-    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
-    gateway.token = token
-    gateway.save()
+def test_a_record_the_gateway_cannot_read_fails_no_pull(live_server, gateway, tmp_path):
     state_dir = tmp_path / "state"
-    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state_dir))
-    call_command("gateway", *args, stdout=io.StringIO(), stderr=io.StringIO())
+    pull = _puller(gateway, live_server, state_dir)
+    pull()
     sessions = VpnState.at(state_dir).sessions
     sessions.mkdir(parents=True, exist_ok=True)
     (sessions / "7.json").write_text(json.dumps({"serial": 7, "peers": [["203.0.113.5"]]}))  # not a pair
     (sessions / "\u00b2.json").write_text("{}")  # a name that looks like a number
     (sessions / "8.json").write_text(json.dumps({"serial": 8, "peers": [["203.0.113.8", "9"]]}))
-    out = io.StringIO()
-    call_command("gateway", *args, stdout=out, stderr=out)
-    assert "unchanged" in out.getvalue()
+    assert "unchanged" in pull()
     assert [(r.serial, r.peer) for r in GatewaySession.objects.all()] == [(8, "203.0.113.8:9")]
 
 
