@@ -137,24 +137,31 @@ def test_ids_follow_commit_order_so_the_cursor_skips_nothing(fabric, alice):
     assert [(e["cluster"], e["state"]) for e in later["events"]] == [(a, "updating")]
 
 
-def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
-    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
-    last = feed(alice)["last"]
+def _waiting_feed(user, cid: int, **change) -> tuple[dict, float]:
+    """A long poll of ``user``'s feed after its last event, while another connection updates cluster ``cid`` with
+    ``change`` 0.3 s in: (the page, how long it waited)."""
+    last = feed(user)["last"]
 
-    def change():
+    def update():
         try:
             time.sleep(0.3)
-            VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.UPDATING)
+            VirtualCluster.objects.filter(pk=cid).update(**change)
         finally:
             connections.close_all()
 
-    thread = threading.Thread(target=change)
+    thread = threading.Thread(target=update)
     thread.start()
     started = time.monotonic()
-    page = feed(alice, after=last, timeout=20)
+    page = feed(user, after=last, timeout=20)
     thread.join()
+    return page, time.monotonic() - started
+
+
+def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
+    cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
+    page, waited = _waiting_feed(alice, cid, state=ClusterState.UPDATING)
     assert [e["state"] for e in page["events"]] == ["updating"]
-    assert time.monotonic() - started < 10  # woken by the change (polled on SQLite), not by the timeout
+    assert waited < 10  # woken by the change (polled on SQLite), not by the timeout
     started = time.monotonic()
     assert feed(alice, after=page["last"], timeout=0.3)["events"] == []
     assert time.monotonic() - started >= 0.3
@@ -162,22 +169,9 @@ def test_an_empty_feed_waits_for_the_next_event(fabric, alice):
 
 def test_an_extension_wakes_a_waiting_feed(fabric, alice):
     cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
-    last = feed(alice)["last"]
-
-    def extend():
-        try:
-            time.sleep(0.3)
-            VirtualCluster.objects.filter(pk=cid).update(expires_at=F("expires_at") + timedelta(hours=1))
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=extend)
-    thread.start()
-    started = time.monotonic()
-    page = feed(alice, after=last, timeout=20)
-    thread.join()
+    page, waited = _waiting_feed(alice, cid, expires_at=F("expires_at") + timedelta(hours=1))
     assert [e["kind"] for e in page["events"]] == ["lifetime"]
-    assert time.monotonic() - started < 10  # woken by the trigger's NOTIFY, not by the timeout
+    assert waited < 10  # woken by the trigger's NOTIFY, not by the timeout
 
 
 def test_old_events_are_pruned(fabric, alice, settings):
