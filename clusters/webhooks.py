@@ -28,12 +28,14 @@ the cursor moving past them.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import http.client
 import ipaddress
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -45,7 +47,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -365,10 +367,7 @@ def _deliver_logged(pk: int, name: str) -> Delivery:
 
 
 def _deliver_at_once(due: list[tuple[int, str]]) -> list[Delivery]:
-    import contextvars
-    import queue
-
-    from django.db import connections
+    """``_deliver_logged`` of each of ``due`` by up to ``DELIVERY_THREADS`` threads, each with one connection."""
 
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for row in due:
