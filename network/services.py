@@ -453,8 +453,13 @@ def segments_keeping_vlan() -> QuerySet[Segment]:
 def segments_holding_vlan() -> QuerySet[Segment]:
     """CLOSED segments that still hold their VLAN: their teardown found a device that may carry it disabled
     (``selectors.vlan_holders``; a disabled device is never touched), so the id may not go to anyone else
-    until that device is enabled again and cleaned."""
-    return _owning_their_vlan(Segment.State.CLOSED)
+    until that device is enabled again and cleaned. And DELETING ones whose teardown stalled (no progress for
+    longer than a rollback may take: its worker died, or its chain ended with nobody to hear of it): torn
+    down again as well, or they would hold their VLAN for good."""
+    stalled = _owning_their_vlan(Segment.State.DELETING).filter(
+        updated_at__lt=timezone.now() - rollback_stalled_after()
+    )
+    return _owning_their_vlan(Segment.State.CLOSED) | stalled
 
 
 def _owning_their_vlan(*states: str) -> QuerySet[Segment]:
@@ -473,12 +478,13 @@ def segment_release_again(*, segment_id: int) -> bool:
         )
 
 
-def segment_release_not_sent(*, segment_id: int) -> None:
-    """Undo ``segment_release_again`` when its teardown could not be sent: closed (and holding its VLAN)
-    again, for the next run to claim."""
-    Segment.objects.filter(pk=segment_id, state=Segment.State.DELETING).update(
-        state=Segment.State.CLOSED, updated_at=timezone.now()
-    )
+def segment_release_not_sent(*, segment_id: int, reason: str = "") -> None:
+    """Undo ``segment_release_again`` when its teardown could not be sent, or failed (``reason``): closed (and
+    holding its VLAN) again, for the next run to claim."""
+    changes = {"state": Segment.State.CLOSED, "updated_at": timezone.now()}
+    if reason:
+        changes["error"] = reason[:5000]
+    Segment.objects.filter(pk=segment_id, state=Segment.State.DELETING).update(**changes)
 
 
 def rollback_stalled_after() -> timedelta:

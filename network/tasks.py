@@ -337,12 +337,20 @@ def retry_rollbacks() -> list[int]:
     for segment in services.segments_holding_vlan().order_by("pk"):
         if not selectors.vlan_holders(segment) and services.segment_release_again(segment_id=segment.pk):
             try:
-                workflows.teardown(segment.pk).delay()
+                workflows.teardown(segment.pk).on_error(segment_release_failed.s(segment.pk)).delay()
             except Exception:  # not sent (the broker went away): held again, so that the next run sends it
                 services.segment_release_not_sent(segment_id=segment.pk)
                 raise
             retried.append(segment.pk)
     return sorted(retried)
+
+
+@shared_task(name="network.segment_release_failed")
+def segment_release_failed(request, exc, traceback, segment_id: int) -> None:
+    """The error callback of a teardown ``retry_rollbacks`` sent again (a device could not be cleaned): the
+    segment is closed again, holding its VLAN, with why, for a later run to try again."""
+    detail = str(exc) if isinstance(exc, DeviceChangeFailed) else f"{type(exc).__name__}: {exc}"
+    services.segment_release_not_sent(segment_id=segment_id, reason=f"VLAN kept: teardown failed again ({detail})")
 
 
 # --- reconciler -------------------------------------------------------------------------------------------------

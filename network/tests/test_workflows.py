@@ -359,6 +359,9 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
     Switch.objects.filter(name="sw-brno").update(enabled=True)
 
     class BrokerDown:
+        def on_error(self, _errback):
+            return self
+
         def delay(self):
             raise ConnectionError("broker unreachable")
 
@@ -371,6 +374,40 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
     assert tasks.retry_rollbacks.apply().get() == [seg.pk]
     seg.refresh_from_db()
     assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
+def _held_for_disabled(fabric, name: str) -> Segment:
+    """A provisioned segment torn down while switch ``name`` was disabled: CLOSED, holding its VLAN."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    Switch.objects.filter(name=name).update(enabled=False)
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    return seg
+
+
+def test_a_teardown_that_stalled_is_torn_down_again_and_releases_the_vlan(fabric):
+    """A teardown whose worker died (or whose chain failed with nobody to hear of it) leaves its segment
+    DELETING, holding its VLAN: once it has made no progress for longer than a rollback may take,
+    ``retry_rollbacks`` tears it down again; a teardown still under way is left alone."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from network import tasks
+
+    seg = _held_for_disabled(fabric, "sw-brno")
+    Switch.objects.filter(name="sw-brno").update(enabled=True)
+    Segment.objects.filter(pk=seg.pk).update(state=Segment.State.DELETING)  # a teardown under way
+    assert tasks.retry_rollbacks.apply().get() == []
+    long_ago = timezone.now() - services.rollback_stalled_after() - timedelta(seconds=1)
+    Segment.objects.filter(pk=seg.pk).update(updated_at=long_ago)  # ... that stalled
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert (seg.state, seg.allocation.state) == (Segment.State.CLOSED, VlanAllocation.State.QUARANTINED)
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
@@ -1017,6 +1054,33 @@ def test_worker_runs_layers_split_into_chunks_as_chords(worker_fabric, celery_wo
         workflows.provision(bad.pk).delay().get(timeout=60)
     assert exc.value.device == "sw-pilsen"
     wait_for(lambda: Segment.objects.get(pk=bad.pk).state == Segment.State.FAILED, what="compensation")
+    assert all(not ports for ports in device_view(fabric).values())
+
+
+@pytest.mark.worker
+def test_worker_a_held_vlan_whose_teardown_fails_again_is_held_with_why_and_tried_later(worker_fabric, celery_worker):
+    """``retry_rollbacks`` sends the teardown of a segment held for a device that was disabled; the device is
+    back but refuses the change: the segment is CLOSED again, still holding its VLAN, with the device's
+    message — not DELETING for good — and the next run, with the device mended, releases it."""
+    from network import tasks
+
+    fabric = worker_fabric
+    seg = _held_for_disabled(fabric, "sw-brno")
+    Switch.objects.filter(name="sw-brno").update(enabled=True)
+    fabric.set_switch_args("sw-brno", fail_commit="permanent")
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]  # the teardown goes to the worker
+    wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.CLOSED, what="the failed teardown")
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED and seg.allocation.owner == "c"
+    assert seg.error.startswith("VLAN kept: teardown failed again (sw-brno: ") and "Invalid input" in seg.error
+    assert services.segments_holding_vlan().get() == seg
+
+    fabric.set_switch_args("sw-brno")
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    wait_for(
+        lambda: VlanAllocation.objects.get(pk=seg.allocation_id).state == VlanAllocation.State.QUARANTINED,
+        what="the teardown sent again",
+    )
     assert all(not ports for ports in device_view(fabric).values())
 
 
