@@ -19,6 +19,7 @@ import time
 from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from network import convergence, selectors, services
@@ -144,10 +145,19 @@ def segment_provisioned(segment_id: int) -> dict:
     Not when a device was disabled between the provisioning's recording its change and running it (the change
     settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
     provisioning fails with the device named, and is rolled back."""
+    # a device's latest change for the segment: an untouched one an earlier workflow left behind is
+    # superseded once the device took a later one (enabled again, converged by this workflow)
+    later = DeviceChange.objects.filter(
+        Q(switch_id=OuterRef("switch_id")) | Q(host_id=OuterRef("host_id")),
+        segment_id=segment_id,
+        kind=OuterRef("kind"),
+        pk__gt=OuterRef("pk"),
+    )
     untouched = (
         DeviceChange.objects.filter(
             segment_id=segment_id, error=DeviceChange.NOT_TOUCHED, segment__state=Segment.State.PENDING
         )
+        .exclude(Exists(later))
         .order_by("device")
         .values_list("device", "pk")
         .first()

@@ -519,6 +519,25 @@ def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
+def test_an_update_that_left_a_disabled_host_untouched_does_not_fail_every_later_update(fabric):
+    """A node add records its host's change, then the host is disabled before the change runs: that update
+    fails, naming the host. Once the host is enabled again, the next update converges it and the segment
+    is ACTIVE — the earlier untouched change no longer counts (before, it failed every later update)."""
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(seg.pk, compensate_on_error=False).apply().get()
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
+    canvas = workflows.provision(seg.pk, compensate_on_error=False)  # the changes are recorded now
+    Host.objects.filter(name="prague1").update(enabled=False)
+    with pytest.raises(DeviceChangeFailed, match="prague1: disabled while the network was being provisioned"):
+        canvas.apply().get()
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.PENDING
+
+    Host.objects.filter(name="prague1").update(enabled=True)
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
+    assert workflows.provision(seg.pk, compensate_on_error=False).apply().get()["state"] == "active"
+    assert fabric.host_vlans("prague1") == {seg.vid}
+
+
 def test_migration_moves_the_vlan_and_cleans_the_source(fabric):
     seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
     workflows.provision(seg.pk).apply().get()
