@@ -624,11 +624,12 @@ class LinuxBridgeDriver(NetworkDriver):
             failure = exc
         try:
             self._restore(restore_to)
-            restored = "ports restored"
+            restored, applied = "ports restored", False
         except (_Rejected, PermanentDeviceError, TemporaryDeviceError) as exc:
-            restored = f"restoring the ports failed too: {exc}"
+            # what was applied before the rejection may still be there: not a change the device refused
+            restored, applied = f"restoring the ports failed too: {exc}", True
         cls = LinuxBridgeUnreachable if failure.temporary else LinuxBridgeCommitError
-        raise cls(self.device, f"change rejected: {failure}; {restored}")
+        raise cls(self.device, f"change rejected: {failure}; {restored}", may_have_applied=applied)
 
     def _restore(self, tagged: Mapping[str, frozenset[int]]) -> None:
         current = self._ports()

@@ -59,6 +59,10 @@ _INCREMENTAL = ("ios", "nxos")
 # only when that merge committed nothing (each commit retakes its snapshot). Junos' ``rollback 1`` undoes
 # exactly the last commit.
 _UNDO_BY_MERGE = ("ios", "eos", "nxos", "nxos_ssh")
+# platforms whose commit takes all of the candidate or none of it (EOS configuration sessions, Junos commits,
+# one OVSDB transaction): a commit they reject was refused. Elsewhere a merge applied line by line may stop
+# half-way (the device kept the lines before the one it rejected), so a rejected commit may have applied.
+_ATOMIC_COMMIT = ("eos", "junos", "ovs")
 # platforms whose get_vlans lists a VLAN's ports that are up (EOS ``show vlan``, NX-OS ``show vlan brief``,
 # IOS ``show vlan``): a port that is down is verified from its state, not its VLANs
 _LIVE_VLANS = ("ios", "eos", "nxos", "nxos_ssh")
@@ -360,9 +364,11 @@ class NapalmSwitchSession:
         try:
             with classified(self.spec.name, "commit_config"):
                 self.device.commit_config(message=self.commit_message)
-        except DeviceError:
+        except DeviceError as exc:
             with contextlib.suppress(Exception):
                 self.device.discard_config()
+            if exc.permanent and not exc.may_have_applied and self.spec.platform not in _ATOMIC_COMMIT:
+                raise PermanentDeviceError(exc.device, exc.message, may_have_applied=True) from exc
             raise
 
     def _verify(

@@ -186,10 +186,31 @@ def test_ssh_command_layer_restores_touched_ports_when_the_box_rejects_a_change(
             driver.commit_config()
     assert isinstance(caught.value, PermanentDeviceError) and isinstance(caught.value, CommitError)
     assert "Operation not supported" in str(caught.value) and "ports restored" in str(caught.value)
+    assert not caught.value.may_have_applied  # refused: nothing of it stayed
     assert box.tagged == {"p-h1": {100}, "p-h2": set()}
     (first, script), (restore, restore_script) = box.batches()
     assert script.startswith("vlan add dev p-h1 vid 200\n") and "-force" not in first
     assert "-force" in restore and restore_script == "vlan del dev p-h1 vid 200\n"
+
+
+def test_a_rejected_change_whose_restore_fails_too_says_it_may_have_been_applied():
+    """p-h2 refuses its VLAN after p-h1 took VLAN 200, and then p-h1 refuses the restore: the error says the
+    change may have been applied (p-h1 still carries 200), so a rollback never counts the switch as one
+    that refused the change and releases a VLAN it still carries."""
+
+    class RestoreFails(FakeLinuxBox):
+        def __call__(self, argv, *, input=None, timeout):
+            if "-force" in argv:
+                self.reject.add("p-h1")
+            return super().__call__(argv, input=input, timeout=timeout)
+
+    box = RestoreFails({"p-h1": {100}, "p-h2": set()}, reject={"p-h2"})
+    with _ssh_driver(box) as driver:
+        driver.load_merge_candidate(config="port p-h1 vlans 100,200\nport p-h2 vlans 300\n")
+        with pytest.raises(LinuxBridgeCommitError) as caught:
+            driver.commit_config()
+    assert "restoring the ports failed too" in caught.value.message and caught.value.may_have_applied
+    assert box.tagged["p-h1"] == {100, 200}
 
 
 def test_ssh_command_layer_refuses_unowned_and_unknown_ports_without_running_anything():

@@ -428,6 +428,32 @@ def test_a_rollback_that_fails_says_the_change_may_be_on_the_device():
     assert not w.refused
 
 
+@pytest.mark.parametrize(("platform", "refused"), [("ios", False), ("nxos", False), ("eos", True), ("junos", True)])
+def test_a_rejected_commit_was_refused_only_where_commits_are_all_or_nothing(platform, refused):
+    """The device rejects the commit. EOS sessions and Junos commits take all of the candidate or none: the
+    switch refused the change. IOS and NX-OS merge line by line and may have kept the lines before the one
+    they rejected: the change may be on the switch (a rollback then holds the VLAN back)."""
+    from napalm.base.exceptions import MergeConfigException
+
+    from network import convergence
+    from network.drivers.vendor import NapalmSwitchSession
+    from network.models import DeviceKind
+
+    device = _Stubbed.make(platform, [{"1": {"name": "default", "interfaces": []}}])
+
+    def commit_config(message="", revert_in=None):
+        raise MergeConfigException("% Invalid input detected at '^' marker.")
+
+    device.commit_config = commit_config
+    port = "ge-0/0/1" if platform == "junos" else "Ethernet1"
+    spec = SwitchSpec(name="sw", platform=platform, address="x", owned_ports=(port,))
+    w = convergence._Device(DeviceKind.SWITCH, type("Switch", (), {"name": "sw"})(), claimed=[])
+    w.spec, w.desired = spec, {port: frozenset({100})}
+    convergence._drive(w, session=NapalmSwitchSession(spec, device, lambda desired: "config"))
+    assert w.status == "failed" and "Invalid input detected" in w.error
+    assert (w.refused, w.exc.may_have_applied) == (refused, not refused)
+
+
 @pytest.mark.parametrize(
     "name_format",
     [
