@@ -36,6 +36,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connection
 from django.db.models import Q
@@ -248,7 +249,12 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
             w.desired = selectors.switch_desired([device.pk])[device.pk]
         else:
             w.desired = selectors.host_desired([device.pk])[device.pk]
-        _drive(w, session=session)
+        try:
+            _drive(w, session=session)
+        except BaseException as exc:  # the task's time limit, a worker shutdown: never leave a change running
+            _interrupted([w], exc)
+            _settle([w])
+            raise
     _settle([w])
     if isinstance(w.exc, TemporaryDeviceError):
         raise w.exc
@@ -458,14 +464,19 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
             else:
                 _run_sessions(active)
         except BaseException as exc:  # the task's time limit, a worker shutdown: never leave a change running
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            for w in active:
-                if not w.status:
-                    w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
+            _interrupted(active, exc)
             _settle(work)
             raise
     _settle(work)
     return work
+
+
+def _interrupted(work: list[_Device], exc: BaseException) -> None:
+    """The devices of ``work`` whose session did not end: failed, interrupted by ``exc``."""
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    for w in work:
+        if not w.status:
+            w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}  # process id → the session threads (a forked child makes its own)
@@ -558,6 +569,8 @@ def _drive(w: _Device, session=None) -> None:
         # through its VLANs, and an error raised after a commit that could not be undone says so
         w.refused = w.kind == DeviceKind.SWITCH and not exc.may_have_applied
         return
+    except SoftTimeLimitExceeded:  # the task's time is up: not the device's fault (see ``_apply_devices``)
+        raise
     except Exception as exc:  # a driver bug: fail the change, never leave it running
         message = f"{type(exc).__name__}: {exc}"
         w.status, w.error, w.finished_at = Status.FAILED, message, timezone.now()

@@ -359,3 +359,32 @@ def test_a_device_busy_converging_counts_as_reconciled(fabric, active):
         thread.join()
     switch.refresh_from_db()
     assert timezone.now() - switch.last_reconciled_at < timedelta(minutes=1) and switch.reconcile_error == ""
+
+
+def test_a_time_limit_during_a_repair_settles_its_change_as_interrupted(fabric, active, monkeypatch):
+    """The task's soft time limit fires while the reconciler repairs a switch: the repair's change is not
+    left running (nor failed as the driver's error) — it settles as interrupted, and the limit ends the task."""
+    import contextlib
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from network import convergence
+
+    fabric.poke_switch("sw-brno", "uplink", [])
+    real = convergence.switch_session
+
+    @contextlib.contextmanager
+    def time_up_on_commit(spec):
+        with real(spec) as session:
+
+            def converge(desired):
+                raise SoftTimeLimitExceeded()
+
+            session.converge = converge
+            yield session
+
+    monkeypatch.setattr(convergence, "switch_session", time_up_on_commit)
+    with pytest.raises(SoftTimeLimitExceeded):
+        convergence.reconcile_device("switch", fabric.switches["brno"], repair=True)
+    change = DeviceChange.objects.get(cause__startswith="reconcile")
+    assert change.status == "failed" and change.error.startswith("interrupted: SoftTimeLimitExceeded")

@@ -538,6 +538,30 @@ def test_an_update_that_left_a_disabled_host_untouched_does_not_fail_every_later
     assert fabric.host_vlans("prague1") == {seg.vid}
 
 
+def test_a_time_limit_during_a_device_session_stops_the_task_instead_of_failing_the_device(fabric, monkeypatch):
+    """The task's soft time limit fires while a switch's session runs (the one-device path, in the task's own
+    thread): it is not taken for the driver's error (a permanent failure, the task going on to its next
+    layer): the change settles as interrupted and the limit ends the task."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    switch = fabric.switches["brno"]
+    change = convergence.change_create(device=switch, segment=seg, cause="provision c")
+
+    class TimeUp:
+        def __enter__(self):
+            raise SoftTimeLimitExceeded()
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(convergence, "switch_session", lambda spec: TimeUp())
+    with pytest.raises(SoftTimeLimitExceeded):
+        convergence.converge_change(change.pk)
+    change.refresh_from_db()
+    assert change.status == "failed" and change.error.startswith("interrupted: SoftTimeLimitExceeded")
+
+
 def test_migration_moves_the_vlan_and_cleans_the_source(fabric):
     seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
     workflows.provision(seg.pk).apply().get()
