@@ -9,7 +9,8 @@ A VLAN that is no longer wanted is removed (sub-interface, then bridge) only whe
 bridge — the trunk sub-interface is the only other member allowed; otherwise the VLAN stays, and the diff
 says which VM ports kept it. A sub-interface of the trunk without its bridge is removed only when the portal
 made it (its alias says ``virtcloud``) and it has no address: the hypervisor's own VLAN interfaces (a
-management or storage ``bond0.20``) are never touched.
+management or storage ``bond0.20``) are never touched. Nor is a ``br-v<vid>`` bridge with an address: the
+host's own bridge so named is never counted, removed or given to a cluster.
 
 The host takes no part in a tenant's network: its bridge and sub-interface get no IPv6 address (no link-local
 address a root user in a VM could reach the hypervisor on) and, in the host's own namespace, IPv6 is off on
@@ -104,18 +105,24 @@ class LinuxBridgeHost:
             )
         return links
 
+    def _addressed(self) -> set[int]:
+        """The links that have an address (one dump for all of them)."""
+        return {msg["index"] for msg in self._call("listing addresses", self._ipr.get_addr)}
+
     @staticmethod
-    def _carried(links: dict[str, _Link]) -> frozenset[int]:
+    def _carried(links: dict[str, _Link], addressed: set[int]) -> frozenset[int]:
+        """The VLANs of the ``br-v<vid>`` bridges, but for one with an address: the host's own (a management
+        or storage bridge so named), never counted nor removed."""
         vids = set()
         for name, link in links.items():
             m = _BRIDGE_NAME.fullmatch(name)
-            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094:
+            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094 and link.index not in addressed:
                 vids.add(int(m[1]))
         return frozenset(vids)
 
     def vlans(self) -> frozenset[int]:
-        """VLANs with an attachment point (a ``br-v<vid>`` bridge) on this host."""
-        return self._carried(self._links())
+        """VLANs with an attachment point (a ``br-v<vid>`` bridge of the portal's) on this host."""
+        return self._carried(self._links(), self._addressed())
 
     def vm_ports(self, vid: int) -> list[str]:
         """Members of ``br-v<vid>`` other than the trunk sub-interface: the VMs plugged in."""
@@ -145,8 +152,8 @@ class LinuxBridgeHost:
             raise PermanentDeviceError(
                 self.name, f"trunk name {self.trunk!r} too long for VLAN interfaces ({IFNAMSIZ} characters at most)"
             )
-        links = self._links()
-        before = self._carried(links)
+        links, addressed = self._links(), self._addressed()
+        before = self._carried(links, addressed)
         trunk = links.get(self.trunk)
         if trunk is None:
             raise PermanentDeviceError(self.name, f"trunk interface {self.trunk} does not exist")
@@ -158,14 +165,14 @@ class LinuxBridgeHost:
             changes.append(f"~ up {self.trunk}")
 
         for vid in sorted(desired):
-            changes += self._ensure(vid, links)
+            changes += self._ensure(vid, links, addressed)
             links = self._links() if changes else links
 
         for vid in sorted((before | self._orphan_vids(links)) - desired):
             changes += self._remove(vid, links)
             links = self._links()
 
-        after = self._carried(self._links())
+        after = self._carried(self._links(), addressed)
         return ConvergeResult(
             device=self.name,
             diff="".join(line + "\n" for line in changes),
@@ -188,12 +195,16 @@ class LinuxBridgeHost:
             and not self._call(f"reading the addresses of {name}", self._ipr.get_addr, index=link.index)
         }
 
-    def _ensure(self, vid: int, links: dict[str, _Link]) -> list[str]:
+    def _ensure(self, vid: int, links: dict[str, _Link], addressed: set[int]) -> list[str]:
         changes = []
         br_name, sub_name = bridge_name(vid), self._sub_name(vid)
         br = links.get(br_name)
         if br is not None and br.kind != "bridge":
             raise PermanentDeviceError(self.name, f"{br_name} exists but is a {br.kind or 'plain'} link, not a bridge")
+        if br is not None and br.index in addressed:
+            raise PermanentDeviceError(
+                self.name, f"{br_name} has addresses of the host's own: VLAN {vid} is the host's, not a cluster's"
+            )
         own = links.get(sub_name)
         if own is not None and (br is None or own.master != br.index):
             if self._call(f"reading the addresses of {sub_name}", self._ipr.get_addr, index=own.index):

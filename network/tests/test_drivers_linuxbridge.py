@@ -718,6 +718,36 @@ def test_a_vlan_interface_of_the_hosts_own_is_never_given_to_a_cluster(hv):
 
 @pytest.mark.lab
 @pytest.mark.vmlane
+def test_a_bridge_of_the_hosts_own_named_like_the_portals_is_never_counted_removed_or_given(hv):
+    """The hypervisor's storage bridge happens to be called ``br-v20`` and holds the host's address over
+    ``eth0.20``: no converge counts it as a VLAN the host carries (no foreign drift), removes it (the host
+    would lose that network) or gives VLAN 20 to a cluster."""
+    hv.batch(
+        "hv",
+        [
+            "link set eth0 up",
+            "link add br-v20 type bridge",
+            "link add link eth0 name eth0.20 type vlan id 20",
+            "link set eth0.20 master br-v20",
+            "address add 198.18.20.5/24 dev br-v20",
+            "link set br-v20 up",
+            "link set eth0.20 up",
+        ],
+    )
+    with host_session(_host(hv)) as host:
+        assert host.vlans() == frozenset()
+        result = host.converge(frozenset({100}))
+        assert result.before == {"hv1": frozenset()} and result.after == {"hv1": {100}}
+        assert "br-v20" not in result.diff
+        with pytest.raises(PermanentDeviceError, match="br-v20 has addresses of the host's own"):
+            host.converge(frozenset({20}))
+        assert host.converge(frozenset()).after == {"hv1": frozenset()}
+    assert _carried(hv)["eth0.20"] == (20, "br-v20", True)  # untouched
+    assert "br-v100" not in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
 def test_the_host_has_no_ipv6_address_on_a_tenants_vlan(hv):
     """A tenant's bridge and sub-interface get no IPv6 address of the host's (no link-local address a root
     user in a VM could reach the hypervisor on); a bridge of the host's own still gets its usual one."""
