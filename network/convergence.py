@@ -355,11 +355,15 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
         )
     temporary: dict[tuple[str, int], TemporaryDeviceError] = {}  # (kind, device id) → error (a name may change)
     deadline = time.monotonic() + (float(settings.CELERY_TASK_SOFT_TIME_LIMIT) / 2 if wait is None else wait)
+    waited = False
     while todo:
         held, release = _lock_devices(list(todo))
         try:
             if held:
-                for device in _apply_devices([(kind, todo.pop((kind, pk))) for kind, pk in held]):
+                devices = [(kind, todo.pop((kind, pk))) for kind, pk in held]
+                if waited:  # a device disabled while this waited for its lock is not touched
+                    _refresh_enabled(devices)
+                for device in _apply_devices(devices):
                     if isinstance(device.exc, TemporaryDeviceError):
                         temporary[(device.kind, device.device.pk)] = device.exc
         finally:
@@ -370,7 +374,17 @@ def converge_changes(change_ids: Sequence[int], *, wait: float | None = None) ->
                     temporary[(kind, pk)] = TemporaryDeviceError(device.name, "another operation holds the device lock")
                 break
             time.sleep(0.02)
+            waited = True
     return _outcome(ids, DeviceChange.objects.in_bulk(ids), temporary)
+
+
+def _refresh_enabled(devices: list[tuple[str, Switch | Host]]) -> None:
+    """Read again whether each of ``devices`` is enabled (one query per kind)."""
+    for kind, model in ((DeviceKind.SWITCH, Switch), (DeviceKind.HOST, Host)):
+        mine = {device.pk: device for k, device in devices if k == kind}
+        if mine:
+            for pk, enabled in model.objects.filter(pk__in=mine).values_list("pk", "enabled"):
+                mine[pk].enabled = enabled
 
 
 def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tuple[str, int], TemporaryDeviceError]):

@@ -826,6 +826,26 @@ def lock_held_elsewhere(device, seconds: float):
         thread.join()
 
 
+def test_a_device_disabled_while_its_change_waits_for_the_lock_is_not_touched(fabric, monkeypatch):
+    """The switch is disabled for maintenance while the task waits for its lock (another operation holds
+    it): once the lock is free its change settles untouched, and the switch gets no commit."""
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
+    change = convergence.change_create(device=fabric.switches["brno"], segment=seg, cause="provision c")
+    real, tries = convergence._lock_devices, []
+
+    def busy_then_free(keys):
+        tries.append(keys)
+        if len(tries) == 1:  # held elsewhere; meanwhile an admin disables the switch
+            Switch.objects.filter(name="sw-brno").update(enabled=False)
+            return [], lambda: None
+        return real(keys)
+
+    monkeypatch.setattr(convergence, "_lock_devices", busy_then_free)
+    outcome = convergence.converge_changes([change.pk])
+    assert len(tries) == 2 and outcome.changes[change.pk].error == DeviceChange.NOT_TOUCHED
+    assert not fabric.switch_state("sw-brno").get("sessions") and not any(fabric.switch_ports("sw-brno").values())
+
+
 def test_a_layer_converges_the_free_devices_while_a_locked_one_waits(fabric):
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
     switches, _hosts = selectors.segment_devices(seg)
