@@ -50,6 +50,21 @@ def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_serve
     assert "job done" in page.inner_text("body")
 
 
+def test_the_page_backs_off_when_its_long_polls_are_answered_at_once(browser_page, live_server, alice, settings):
+    """With more clusters changing than long-poll slots free for this user, a wait is answered at once with
+    ``Retry-After``: the page asks again after that pause, not in a tight loop that ties up the web server."""
+    settings.LONG_POLL_SLOTS = 1  # one slot: the second row's wait is answered at once, every time
+    for name in ("mpi", "hpc"):
+        make_cluster(alice, name=name, state=ClusterState.PROVISIONING)
+    page = browser_page
+    waits = []
+    page.on("request", lambda request: waits.append(request.url) if "/wait/" in request.url else None)
+    log_in(page, live_server, "alice", "alice-password")
+    page.wait_for_timeout(3000)
+    # one wait holds the slot for 25 s; the other is asked again about once a second (hundreds without a pause)
+    assert 2 <= len(waits) <= 8, len(waits)
+
+
 def test_a_user_registers_and_deletes_an_image_on_a_phone(browser_page, live_server, alice, team):
     """At 390 px: the images page fits the screen (a long source URL wraps), registering shares the image with
     the group chosen, and its row offers Delete."""

@@ -26,6 +26,8 @@
     while (transitional.includes(state)) {
       const until = states.filter((s) => s !== state).join(",");
       let cluster;
+      let pause = 0;
+      const asked = Date.now();
       try {
         const response = await fetch(`/api/clusters/${row.dataset.cluster}/wait/?until=${until}&timeout=25`, {
           credentials: "same-origin",
@@ -34,6 +36,10 @@
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         cluster = await response.json();
         failures = 0;
+        // a wait answered at once (the portal's long-poll slots for this caller are taken: Retry-After) is
+        // asked again only after a pause, never in a tight loop
+        const retryAfter = Number(response.headers.get("Retry-After"));
+        pause = retryAfter > 0 ? retryAfter * 1000 : Math.max(0, 1000 - (Date.now() - asked));
       } catch (err) {
         failures += 1;
         if (failures > 5) return; // the page still shows the last state it knew
@@ -41,7 +47,11 @@
         continue;
       }
       showProgress(row, cluster);
-      if (cluster.state === state) continue; // the wait ran out: ask again
+      if (cluster.state === state) {
+        // the wait ran out: ask again (after the pause the answer asked for, if it came early)
+        if (pause) await new Promise((resolve) => setTimeout(resolve, pause));
+        continue;
+      }
       if (!live.includes(cluster.state)) {
         window.location.reload();
         return;
