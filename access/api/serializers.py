@@ -6,10 +6,10 @@ from rest_framework import serializers
 
 from access.models import LABEL_MAX, Credential, GatewayKind, RevocationReason, VpnProto
 from clusters.models import ClusterState, Connectivity
-from portal.api import IdField
+from portal.api import IdField, StrictSerializer
 
 
-class VpnProfileRequestSerializer(serializers.Serializer):
+class VpnProfileRequestSerializer(StrictSerializer):
     clusters = serializers.ListField(
         child=IdField(),
         min_length=1,
@@ -27,7 +27,7 @@ class VpnProfileRequestSerializer(serializers.Serializer):
     )
 
 
-class SshCertificateRequestSerializer(serializers.Serializer):
+class SshCertificateRequestSerializer(StrictSerializer):
     cluster = IdField(help_text="id of the cluster")
     public_key = serializers.CharField(
         required=False,
@@ -43,7 +43,7 @@ class SshCertificateRequestSerializer(serializers.Serializer):
     )
 
 
-class HostCertificateRequestSerializer(serializers.Serializer):
+class HostCertificateRequestSerializer(StrictSerializer):
     cluster = IdField(help_text="id of the cluster")
     node = serializers.CharField(max_length=63, help_text="the node's id or name")
     public_key = serializers.CharField(
@@ -179,7 +179,7 @@ class CredentialSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RevokeRequestSerializer(serializers.Serializer):
+class RevokeRequestSerializer(StrictSerializer):
     reason = serializers.ChoiceField(
         choices=RevocationReason.choices,
         required=False,

@@ -94,6 +94,19 @@ def test_token_scopes(alice, cluster, gateway):
     assert client_for(token=writer).post("/api/access/vpn-profiles/", payload, format="json").status_code == 200
 
 
+def test_the_access_api_refuses_a_field_it_does_not_know(alice, cluster, gateway):
+    """``publickey`` for ``public_key`` gave a fresh key pair the caller never asked for, ``Publish`` a
+    short-lived profile: now a 400 naming the field, and nothing is issued."""
+    api = client_for(alice)
+    r = api.post(
+        "/api/access/ssh-certificates/", {"cluster": cluster.pk, "publickey": "ssh-ed25519 AAAA"}, format="json"
+    )
+    assert (r.status_code, r.data) == (400, {"publickey": ["unknown field"]}), r.content
+    r = api.post("/api/access/vpn-profiles/", {"clusters": [cluster.pk], "Publish": True}, format="json")
+    assert (r.status_code, r.data) == (400, {"Publish": ["unknown field"]}), r.content
+    assert not Credential.objects.exists()
+
+
 def test_ssh_certificate_endpoint(alice, cluster, gateway):
     from access import ssh
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import PermissionDenied
@@ -36,39 +34,7 @@ from network.drivers import host_attachment
 from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
-from portal.api import ID_MAX, IdField, NameRelatedField, counted_list
-
-
-# A request body that refuses the fields it does not know: a 400 naming each ("unknown field"), beside the other
-# fields' errors. Ignored, a misspelt or guessed field (``expires_at`` for ``lifetime``, a node's ``ip`` for
-# ``address``) left the caller believing it got what it asked for. (A comment, not a docstring: the schema would
-# give it as the description of every request body without one of its own.)
-class StrictSerializer(serializers.Serializer):
-    def to_internal_value(self, data):
-        unknown = {}
-        if isinstance(data, Mapping):
-            known = {name for name, field in self.fields.items() if not field.read_only}
-            unknown = {name: ["unknown field"] for name in data if name not in known}
-        try:
-            value = super().to_internal_value(data)
-        except serializers.ValidationError as exc:
-            if unknown and isinstance(exc.detail, dict):
-                raise serializers.ValidationError({**exc.detail, **unknown}) from None
-            raise
-        if unknown:
-            raise serializers.ValidationError(unknown)
-        return value
-
-
-class StrictSerializerSchema(OpenApiSerializerExtension):
-    """The schema says it too: ``additionalProperties: false`` on every ``StrictSerializer``."""
-
-    target_class = StrictSerializer
-    match_subclasses = True
-
-    def map_serializer(self, auto_schema, direction):
-        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
-        return {**schema, "additionalProperties": False}
+from portal.api import ID_MAX, IdField, NameRelatedField, StrictSerializer, counted_list
 
 
 class OwnerField(NameRelatedField):

@@ -117,6 +117,20 @@ def test_a_field_the_api_does_not_know_is_refused_not_ignored(fabric, images, al
     assert Node.objects.get(pk=n1.pk).target_host is None
 
 
+def test_a_form_encoded_body_is_read_by_its_fields_and_not_refused_for_its_csrf_token(fabric, images, alice):
+    """The browsable API's forms post form data: their CSRF token is not a field, and a list's items
+    (``nodes[0]name``) belong to their field; an unknown field is still refused."""
+    api = as_user(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    r = api.post(f"/api/clusters/{cid}/teardown/", {"reason": "done", "force": "1"}, format="multipart")
+    assert (r.status_code, r.data) == (400, {"force": ["unknown field"]}), r.content
+    n3 = {"nodes[0]name": "n3", "nodes[0]host": "prague1", "nodes[0]mac": "52:54:00:00:00:03"}
+    r = api.post(f"/api/clusters/{cid}/nodes/", {**n3, "csrfmiddlewaretoken": "x"}, format="multipart")
+    assert r.status_code == 202, r.content
+    r = api.post(f"/api/clusters/{cid}/teardown/", {"reason": "done", "csrfmiddlewaretoken": "x"}, format="multipart")
+    assert r.status_code == 202, r.content
+
+
 def test_the_schema_says_the_request_bodies_take_no_other_field(alice):
     """A client generated from the schema is told (``additionalProperties: false``) what the server enforces."""
     raw = schema(as_user(alice))
