@@ -56,6 +56,14 @@ class NoGateway(AccessError):
     code = "no_gateway"
 
 
+class NoCommonGateway(AccessError):
+    """Each of the clusters asked for together has a gateway, but no gateway reaches all of them: the same
+    request never succeeds (ask for a profile per cluster)."""
+
+    status = 409
+    code = "no_common_gateway"
+
+
 class AuthorityExpired(AccessError):
     """A certificate that vouches for every credential (the VPN CA, the Attribute Authority) has expired."""
 

@@ -50,6 +50,7 @@ from access.errors import (
     ClusterNotReady,
     GatewayMisconfigured,
     NameTooLong,
+    NoCommonGateway,
     NoGateway,
     NotAllowed,
     NotFound,
@@ -352,6 +353,12 @@ def _gateways(kind: str, clusters: Sequence) -> list[Gateway]:
         )
     carries = selectors.gateway_carries(clusters)
     if not [g for g in gateways if carries(g)]:
+        alone = [selectors.gateway_carries([c]) for c in clusters] if len(clusters) > 1 else []
+        if alone and all(any(reaches(g) for g in gateways) for reaches in alone):
+            raise NoCommonGateway(
+                f"no {what} access gateway reaches all of these clusters' networks (each is reached alone): "
+                "ask for one per cluster"
+            )
         raise NoGateway(f"no {what} access gateway is at a site your cluster's network reaches: ask your administrator")
     if len(gateways) > 1:
         site_ids = set(

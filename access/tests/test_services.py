@@ -703,6 +703,26 @@ def test_a_gateway_at_a_site_the_clusters_core_does_not_reach_is_never_its_way_i
     assert "remote 198.18.100.8 1194" in text
 
 
+def test_clusters_that_share_no_gateway_are_refused_together_as_a_conflict_not_as_an_outage(alice, cluster):
+    """Each of two clusters has a gateway, but none reaches both: asking for one profile for the two never
+    succeeds, so it is a 409 saying to ask per cluster — not the 503 of "no gateway yet" (retry later)."""
+    from access.errors import NoCommonGateway
+    from access.tests.fixtures import make_cluster, make_gateway
+    from network.tests.factories import SiteFactory
+
+    second = make_cluster(alice, name="hpc")
+    pilsen, ostrava = SiteFactory(name="pilsen"), SiteFactory(name="ostrava")
+    _on_a_core(cluster, pilsen)
+    _on_a_core(second, ostrava)
+    make_gateway("west", site=pilsen, address="198.18.100.8")
+    make_gateway("east", site=ostrava, address="198.18.100.9")
+    assert "remote 198.18.100.8 1194" in services.vpn_profile_issue(user=alice, clusters=[cluster]).text
+    assert "remote 198.18.100.9 1194" in services.vpn_profile_issue(user=alice, clusters=[second]).text
+    with pytest.raises(NoCommonGateway, match="reaches all of these clusters' networks") as refused:
+        services.vpn_profile_issue(user=alice, clusters=[cluster, second])
+    assert refused.value.status == 409
+
+
 def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover(alice, cluster, gateway, settings):
     """Each gateway its own <connection> block, with its own address, proto and tls-crypt key, best first; pinned
     by the start their names share. Left out: a gateway whose trunk does not carry the cluster, and one whose
