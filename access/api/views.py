@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 
 from access import selectors, services
 from access.api import serializers as s
-from access.models import Credential, Gateway, RevocationReason
+from access.models import Credential, CredentialKind, Gateway, RevocationReason
 from clusters.models import ClusterState, VirtualCluster
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
 from portal.models import ApiToken, TokenScope
@@ -196,11 +196,14 @@ class NodeAccessView(APIView):
         return response
 
 
+CREDENTIAL_STATES = ("valid", "revoked", "expired")
+
+
 @extend_schema_view(
     list=extend_schema(
         parameters=[
-            OpenApiParameter("kind", OpenApiTypes.STR, enum=["vpn", "ssh", "ssh_host"]),
-            OpenApiParameter("status", OpenApiTypes.STR, enum=["valid", "revoked", "expired"]),
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=CredentialKind.values),
+            OpenApiParameter("status", OpenApiTypes.STR, enum=CREDENTIAL_STATES),
             OpenApiParameter("user", OpenApiTypes.STR, description="user name (admins)"),
         ],
         responses={200: s.CredentialSerializer(many=True), **_errors(400, 401, 403)},
@@ -220,11 +223,11 @@ class CredentialViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Credential.objects.none()
         qs = _credentials_visible(self.request)
-        if kind := query_param(self.request, "kind"):
+        if kind := choice_param(self.request, "kind", CredentialKind.values):
             qs = qs.filter(kind=kind)
         if user := query_param(self.request, "user"):
             qs = qs.filter(user__username=user)
-        state = self.request.query_params.get("status")
+        state = choice_param(self.request, "status", CREDENTIAL_STATES)
         if state == "revoked":
             qs = qs.filter(revoked_at__isnull=False)
         elif state == "valid":

@@ -207,6 +207,15 @@ def test_credential_filters_the_database_cannot_compare_are_a_400(alice, root):
             assert param in response.json()
 
 
+def test_a_credential_filter_the_api_does_not_know_is_a_400_not_a_silent_list(alice):
+    """``status=Revoked`` listed every credential, valid ones included, and ``kind=VPN`` none: a filter
+    value the API does not know is a 400 naming the choices, as in the clusters API."""
+    for query, choices in (("status=Revoked", "valid, revoked, expired"), ("kind=VPN", "vpn, ssh, ssh_host")):
+        response = client_for(alice).get(f"/api/access/credentials/?{query}")
+        param = query.split("=")[0]
+        assert response.status_code == 400 and choices in response.json()[param][0], response.content
+
+
 def test_public_crl(alice, cluster, gateway):
     services.vpn_profile_issue(user=alice, clusters=[cluster])
     credential = Credential.objects.get()
