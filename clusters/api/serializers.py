@@ -80,7 +80,9 @@ def _encodable(text: str) -> bool:
 
 class NodeListSerializer(serializers.ListSerializer):
     def to_internal_value(self, data):
-        if isinstance(data, list):
+        # (a list over ``max_length`` is refused by the ListSerializer before any host is looked up: its names
+        # could bind more variables than SQLite takes in one query)
+        if isinstance(data, list) and (self.max_length is None or len(data) <= self.max_length):
             names = {item["host"] for item in data if isinstance(item, dict) and isinstance(item.get("host"), str)}
             names.discard("")
             field = self.child.fields["host"]
