@@ -108,16 +108,20 @@ def _resolve(host: str, port: int, timeout: float) -> list:
 
 def _checked_address(url: str, *, public_only: bool = False) -> tuple[str | None, str]:
     """(the address to POST to, "") or (None, why not): the host resolved once (within ``WEBHOOK_TIMEOUT``),
-    every answer checked."""
+    every answer checked. A user's webhook (``public_only``) is told neither the addresses refused nor whether
+    the name resolves at all: its ``last_error`` would map the provider's internal DNS for anyone."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    unreachable = f"{host} does not resolve to an address webhooks may reach: not delivered to"
     try:
         answers = _resolve(host, port, settings.WEBHOOK_TIMEOUT)
     except (OSError, UnicodeError) as exc:
-        return None, f"cannot resolve {host}: {exc}"
+        return None, unreachable if public_only else f"cannot resolve {host}: {exc}"
     addresses = list(dict.fromkeys(info[4][0] for info in answers))
     refused = [a for a in addresses if refused_address(a, public_only=public_only)]
     if refused or not addresses:
+        if public_only:
+            return None, unreachable
         listed = ", ".join(refused) or "nothing"
         return None, f"{host} resolves to {listed}: not delivered to (WEBHOOK_ALLOWED_NETWORKS)"
     return addresses[0], ""

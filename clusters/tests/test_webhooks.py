@@ -562,3 +562,26 @@ def test_one_delivery_round_at_a_time(fabric, alice, receiver, settings):
     finally:
         other.close()
     assert sorted(d.webhook for d in webhooks.deliver_due() if d.sent) == ["hook0", "hook1"]
+
+
+def test_a_users_webhook_learns_nothing_of_internal_names_from_its_errors(monkeypatch, settings):
+    """A webhook registered through the API (``public_only``) whose name resolves to an internal address, or
+    does not resolve, is told the same thing, naming no address: its ``last_error`` would otherwise map the
+    provider's split-horizon DNS for anyone with a token. An admin's webhook is told the details."""
+
+    def resolve(host, port, timeout):
+        if host == "db.corp.internal":
+            return [(None, None, None, "", ("10.20.0.7", port))]
+        if host == "local.corp.internal":
+            return [(None, None, None, "", ("127.0.0.1", port))]
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(webhooks, "_resolve", resolve)
+    internal = webhooks._checked_address("http://db.corp.internal/", public_only=True)
+    missing = webhooks._checked_address("http://nothing.corp.internal/", public_only=True)
+    assert internal[0] is None and "10.20.0.7" not in internal[1] and "resolves to" not in internal[1]
+    assert missing[1] == internal[1].replace("db.corp", "nothing.corp") and "not known" not in missing[1]
+    assert webhooks._checked_address("http://db.corp.internal/")[0] == "10.20.0.7"  # an admin's: allowed
+    settings.WEBHOOK_ALLOWED_NETWORKS = []  # (the tests' own receivers are on loopback)
+    assert "resolves to 127.0.0.1" in webhooks._checked_address("http://local.corp.internal/")[1]
+    assert "Name or service not known" in webhooks._checked_address("http://nothing.corp.internal/")[1]
