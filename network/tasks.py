@@ -145,23 +145,37 @@ def segment_provisioned(segment_id: int) -> dict:
     Not when a device was disabled between the provisioning's recording its change and running it (the change
     settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
     provisioning fails with the device named, and is rolled back."""
-    # a device's latest change for the segment: an untouched one an earlier workflow left behind is
-    # superseded once the device took a later one (enabled again, converged by this workflow)
+    # An untouched change an earlier workflow left behind no longer counts once its device took a later change
+    # (enabled again, converged since), or once the segment no longer needs that device (its node moved away,
+    # the device left the inventory): only the footprint's devices must carry the VLAN.
+    done = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
     later = DeviceChange.objects.filter(
         Q(switch_id=OuterRef("switch_id")) | Q(host_id=OuterRef("host_id")),
         segment_id=segment_id,
         kind=OuterRef("kind"),
         pk__gt=OuterRef("pk"),
-    )
-    untouched = (
+        status__in=done,
+    ).exclude(error=DeviceChange.NOT_TOUCHED)
+    candidates = list(
         DeviceChange.objects.filter(
             segment_id=segment_id, error=DeviceChange.NOT_TOUCHED, segment__state=Segment.State.PENDING
         )
         .exclude(Exists(later))
         .order_by("device")
-        .values_list("device", "pk")
-        .first()
+        .values_list("device", "pk", "kind", "switch_id", "host_id")
     )
+    untouched = None
+    if candidates:  # (rare: the footprint's queries only then)
+        footprint = selectors.segment_footprint(Segment.objects.get(pk=segment_id))
+        needed = {DeviceKind.SWITCH: footprint.switches, DeviceKind.HOST: footprint.hosts}
+        untouched = next(
+            (
+                (device, pk)
+                for device, pk, kind, switch_id, host_id in candidates
+                if (switch_id if kind == DeviceKind.SWITCH else host_id) in needed[kind]
+            ),
+            None,
+        )
     if untouched is not None:
         device, change_id = untouched
         raise DeviceChangeFailed(device, "disabled while the network was being provisioned: not configured", change_id)

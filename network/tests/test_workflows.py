@@ -521,8 +521,9 @@ def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):
 
 def test_an_update_that_left_a_disabled_host_untouched_does_not_fail_every_later_update(fabric):
     """A node add records its host's change, then the host is disabled before the change runs: that update
-    fails, naming the host. Once the host is enabled again, the next update converges it and the segment
-    is ACTIVE — the earlier untouched change no longer counts (before, it failed every later update)."""
+    fails, naming the host. The earlier untouched change no longer counts (before, it failed every later
+    update) once the segment no longer needs the host (the node moved elsewhere), or once the host, enabled
+    again, took a later change."""
     seg = services.segment_create(owner="c", hosts=[fabric.hosts["brno1"]], gateway=False)
     workflows.provision(seg.pk, compensate_on_error=False).apply().get()
     services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
@@ -531,6 +532,10 @@ def test_an_update_that_left_a_disabled_host_untouched_does_not_fail_every_later
     with pytest.raises(DeviceChangeFailed, match="prague1: disabled while the network was being provisioned"):
         canvas.apply().get()
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.PENDING
+
+    # the node moves elsewhere while prague1 stays disabled: the segment no longer needs it
+    services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]])
+    assert workflows.provision(seg.pk, compensate_on_error=False).apply().get()["state"] == "active"
 
     Host.objects.filter(name="prague1").update(enabled=True)
     services.segment_set_hosts(segment=seg, hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]])
