@@ -3,56 +3,21 @@ services) and carry the workflow generation so that a stale callback changes not
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 
 from celery import shared_task
-from celery.exceptions import ChordError
-from celery.result import AsyncResult
 from django.utils import timezone
 
 from clusters import services
 from clusters.models import ClusterStep, Connectivity, StepStatus, VirtualCluster
 from network import selectors as net_selectors
-from network.errors import DeviceChangeFailed
+from network.errbacks import describe, handed_on
 
 logger = logging.getLogger(__name__)
 
 
 def _cluster(cluster_id: int) -> VirtualCluster | None:
     return VirtualCluster.objects.filter(pk=cluster_id).first()
-
-
-_DEPENDENCY = re.compile(r"^Dependency (\S+) raised ")
-
-
-def _cause(exc):
-    """The exception a workflow really failed with: a chord's header that failed reaches the errback as
-    Celery's ``ChordError`` ("Dependency <task id> raised DeviceChangeFailed(...)"); the failed task's own
-    exception, with its device, is in the result backend."""
-    if isinstance(exc, ChordError):
-        match = _DEPENDENCY.match(str(exc))
-        if match:
-            with contextlib.suppress(Exception):  # the backend may have lost it: the wrapper is all there is
-                inner = AsyncResult(match[1]).result
-                if isinstance(inner, BaseException):
-                    return inner
-    return exc
-
-
-def _describe(exc) -> str:
-    """A failure as the scheduler reads it: "<device>: <the device's own message>" for a device that failed
-    (``DeviceChangeFailed``), "<type>: <message>" otherwise."""
-    exc = _cause(exc)
-    if exc is None:
-        return "unknown error"
-    if isinstance(exc, DeviceChangeFailed):
-        return str(exc)
-    device = getattr(exc, "device", None)
-    message = getattr(exc, "message", None) or str(exc)
-    text = f"{type(exc).__name__}: {message}"
-    return f"{text} (device {device})" if device and device not in message else text
 
 
 @shared_task(name="clusters.provision_begin")
@@ -93,7 +58,9 @@ def provision_finish(cluster_id: int, generation: int) -> None:
 @shared_task(name="clusters.provision_failed")
 def provision_failed(request, exc, traceback, cluster_id: int, generation: int) -> None:
     """Errback: the first failure claims the compensation (generation bump); later ones do nothing."""
-    services.cluster_provisioning_failed(cluster_id=cluster_id, generation=generation, reason=_describe(exc))
+    if handed_on(provision_failed, request, exc, cluster_id, generation):
+        return
+    services.cluster_provisioning_failed(cluster_id=cluster_id, generation=generation, reason=describe(exc))
 
 
 @shared_task(name="clusters.failed")
@@ -113,10 +80,12 @@ def failed(cluster_id: int, generation: int, reason: str) -> None:
 
 @shared_task(name="clusters.compensation_failed")
 def compensation_failed(request, exc, traceback, cluster_id: int, generation: int, reason: str) -> None:
+    if handed_on(compensation_failed, request, exc, cluster_id, generation, reason):
+        return
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    detail = _describe(exc)
+    detail = describe(exc)
     services.steps_finish_running(cluster, "compensate", generation=generation, error=detail)
     services.cluster_fail(
         cluster_id=cluster_id,
@@ -144,10 +113,12 @@ def teardown_done(cluster_id: int, generation: int) -> None:
 @shared_task(name="clusters.teardown_failed")
 def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -> None:
     """The cluster stays TEARING_DOWN with the reason; ``retry_stuck_teardowns`` tries again later."""
+    if handed_on(teardown_failed, request, exc, cluster_id, generation):
+        return
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
-    detail = _describe(exc)
+    detail = describe(exc)
     services.steps_finish_running(cluster, "teardown", generation=generation, error=detail)
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
         state_reason=f"teardown incomplete: {detail}"[:2000]
@@ -168,11 +139,13 @@ def update_done(cluster_id: int, generation: int, step_id: int) -> None:
 def update_failed(request, exc, traceback, cluster_id: int, generation: int, step_id: int) -> None:
     """A node change could not be applied: the step records why; the cluster returns to READY and the
     reconciler keeps the devices at the desired state."""
+    if handed_on(update_failed, request, exc, cluster_id, generation, step_id):
+        return
     services.cluster_update_failed(
         cluster_id=cluster_id,
         generation=generation,
         steps=ClusterStep.objects.filter(pk=step_id),
-        reason=_describe(exc),
+        reason=describe(exc),
     )
 
 

@@ -22,7 +22,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from network import convergence, selectors, services
+from network import convergence, errbacks, selectors, services
 from network.drivers import DeviceError, TemporaryDeviceError
 from network.errors import DeviceChangeFailed, SegmentClosed
 from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
@@ -373,8 +373,10 @@ def retry_rollbacks() -> list[int]:
 def segment_release_failed(request, exc, traceback, segment_id: int) -> None:
     """The error callback of a teardown ``retry_rollbacks`` sent again (a device could not be cleaned): the
     segment is closed again, holding its VLAN, with why, for a later run to try again."""
-    detail = str(exc) if isinstance(exc, DeviceChangeFailed) else f"{type(exc).__name__}: {exc}"
-    services.segment_release_not_sent(segment_id=segment_id, reason=f"VLAN kept: teardown failed again ({detail})")
+    if errbacks.handed_on(segment_release_failed, request, exc, segment_id):
+        return
+    reason = f"VLAN kept: teardown failed again ({errbacks.describe(exc)})"
+    services.segment_release_not_sent(segment_id=segment_id, reason=reason)
 
 
 # --- reconciler -------------------------------------------------------------------------------------------------
