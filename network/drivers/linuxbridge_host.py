@@ -54,6 +54,14 @@ class _Link:
     alias: str = ""
 
 
+_SCOPE_LINK = 253  # RT_SCOPE_LINK
+
+
+def _own(address) -> bool:
+    """Whether an address (a netlink message) is one the host was given: not a link-local one."""
+    return address.get("scope") != _SCOPE_LINK
+
+
 def attachment(spec: HostSpec, vid: int) -> Attachment:
     """The VLAN's own bridge ``br-v<vid>``: the VM's port is untagged on it."""
     return Attachment(bridge=bridge_name(vid), vlan=None, uplink=spec.trunk_interface)
@@ -106,8 +114,9 @@ class LinuxBridgeHost:
         return links
 
     def _addressed(self) -> set[int]:
-        """The links that have an address (one dump for all of them)."""
-        return {msg["index"] for msg in self._call("listing addresses", self._ipr.get_addr)}
+        """The links that have an address of the host's own (one dump for all of them): a link-local one
+        (``fe80::``, which the kernel gave a portal's bridge made before they were kept free of IPv6) is not."""
+        return {msg["index"] for msg in self._call("listing addresses", self._ipr.get_addr) if _own(msg)}
 
     @staticmethod
     def _carried(links: dict[str, _Link], addressed: set[int]) -> frozenset[int]:
@@ -192,7 +201,7 @@ class LinuxBridgeHost:
             and link.parent == trunk.index
             and name == self._sub_name(link.vlan_id)
             and link.alias == ALIAS
-            and not self._call(f"reading the addresses of {name}", self._ipr.get_addr, index=link.index)
+            and not any(map(_own, self._call(f"reading the addresses of {name}", self._ipr.get_addr, index=link.index)))
         }
 
     def _ensure(self, vid: int, links: dict[str, _Link], addressed: set[int]) -> list[str]:
@@ -207,7 +216,7 @@ class LinuxBridgeHost:
             )
         own = links.get(sub_name)
         if own is not None and (br is None or own.master != br.index):
-            if self._call(f"reading the addresses of {sub_name}", self._ipr.get_addr, index=own.index):
+            if any(map(_own, self._call(f"reading the addresses of {sub_name}", self._ipr.get_addr, index=own.index))):
                 # the hypervisor's own VLAN interface (management, storage): a cluster never gets it (checked
                 # before anything is made: no bridge is left behind)
                 raise PermanentDeviceError(

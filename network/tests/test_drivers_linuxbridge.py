@@ -732,10 +732,14 @@ def test_a_bridge_of_the_hosts_own_named_like_the_portals_is_never_counted_remov
             "address add 198.18.20.5/24 dev br-v20",
             "link set br-v20 up",
             "link set eth0.20 up",
+            # a portal's bridge made before bridges were kept free of IPv6: only a link-local address
+            "link add br-v30 type bridge",
+            "address add fe80::30/64 dev br-v30",
         ],
     )
     with host_session(_host(hv)) as host:
-        assert host.vlans() == frozenset()
+        assert host.vlans() == {30}
+        assert host.converge(frozenset()).diff == "- bridge br-v30\n"
         result = host.converge(frozenset({100}))
         assert result.before == {"hv1": frozenset()} and result.after == {"hv1": {100}}
         assert "br-v20" not in result.diff
