@@ -241,7 +241,8 @@ def changes_abandon_stale(*, older_than: timedelta) -> int:
 def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     """With the device's lock held and a driver session open on it (the reconciler's): claim its pending
     changes, converge it to the desired state through that session, settle the claimed changes. Raises
-    like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``."""
+    like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``; and what interrupted the
+    session (the task's soft time limit, a shutdown), once the claimed changes settled as interrupted."""
     claimed = _claim([(kind, device)])
     w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
     if not _skip_if_disabled(w):
@@ -487,7 +488,8 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
 
 def _interrupted(work: list[_Device], exc: BaseException) -> None:
     """The devices of ``work`` whose session did not end: failed, interrupted by ``exc``."""
-    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    name, text = type(exc).__name__, str(exc)
+    message = f"{name}: {text}" if text and not text.startswith(name) else name
     for w in work:
         if not w.status:
             w.status, w.error, w.finished_at = Status.FAILED, f"interrupted: {message}", timezone.now()

@@ -356,8 +356,10 @@ def retry_rollbacks() -> list[int]:
     could not be converged back), or stalled (its worker died before it could hand the work on), is rolled
     back again — each device by its own worker — until every device is clean and the VLAN goes back to the
     pool; and every closed segment that kept its VLAN for a disabled device is torn down again once no such
-    device is left disabled. A segment waiting for a disabled device is left alone (nothing would change).
-    Returns the segments sent."""
+    device is left disabled, as is one whose teardown stalled (``services.segments_holding_vlan``); a
+    teardown sent again that fails closes its segment again, holding the VLAN, with why
+    (``segment_release_failed``), for a later run. A segment waiting for a disabled device is left alone
+    (nothing would change). Returns the segments sent."""
     from network import workflows
 
     retried = []

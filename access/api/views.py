@@ -30,7 +30,10 @@ ERRORS = {
     401: OpenApiResponse(description="not authenticated"),
     403: OpenApiResponse(description="a cluster you may not enter, or the token lacks the scope"),
     404: OpenApiResponse(description="no such credential (or not yours)"),
-    409: OpenApiResponse(description="the cluster's network is not up (not READY), or the cluster is public"),
+    409: OpenApiResponse(
+        description="the cluster's network is not up (not READY), or the cluster is public; code "
+        "`no_common_gateway`: no gateway reaches all the clusters asked for together (ask for one per cluster)"
+    ),
     503: OpenApiResponse(description="no access gateway of this kind is configured"),
     429: OpenApiResponse(
         description="code `throttled`: more requests of this kind than API_THROTTLE_RATES allows a user; retry "

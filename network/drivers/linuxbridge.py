@@ -84,7 +84,8 @@ class LinuxBridgeConfigError(PermanentDeviceError, MergeConfigException):
 
 
 class LinuxBridgeCommitError(PermanentDeviceError, CommitError):
-    """The kernel rejected a change (the touched ports were restored), or the device is misconfigured."""
+    """The kernel rejected a change (the touched ports were restored, or the message says they could not be:
+    then ``may_have_applied``), or the device is misconfigured."""
 
 
 class _Rejected(Exception):
