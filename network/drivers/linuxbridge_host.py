@@ -9,8 +9,10 @@ A VLAN that is no longer wanted is removed (sub-interface, then bridge) only whe
 bridge — the trunk sub-interface is the only other member allowed; otherwise the VLAN stays, and the diff
 says which VM ports kept it. A sub-interface of the trunk without its bridge is removed only when the portal
 made it (its alias says ``virtcloud``) and it has no address: the hypervisor's own VLAN interfaces (a
-management or storage ``bond0.20``) are never touched. Nor is a ``br-v<vid>`` bridge with an address: the
-host's own bridge so named is never counted, removed or given to a cluster.
+management or storage ``bond0.20``) are never touched. Nor is a ``br-v<vid>`` bridge with an address of the
+host's own: never counted, removed or given to a cluster. (A link-local address is the host's own too, but on
+a link the portal made — marked ``virtcloud``, or a bridge holding such a sub-interface — which the kernel gave
+one before the portal kept its links free of IPv6.)
 
 The host takes no part in a tenant's network: its bridge and sub-interface get no IPv6 address (no link-local
 address a root user in a VM could reach the hypervisor on) and, in the host's own namespace, IPv6 is off on
@@ -54,12 +56,7 @@ class _Link:
     alias: str = ""
 
 
-_SCOPE_LINK = 253  # RT_SCOPE_LINK
-
-
-def _own(address) -> bool:
-    """Whether an address (a netlink message) is one the host was given: not a link-local one."""
-    return address.get("scope") != _SCOPE_LINK
+_SCOPE_LINK = 253  # RT_SCOPE_LINK: an address the kernel gives any link that is up (fe80::)
 
 
 def attachment(spec: HostSpec, vid: int) -> Attachment:
@@ -113,25 +110,43 @@ class LinuxBridgeHost:
             )
         return links
 
-    def _addressed(self) -> set[int]:
-        """The links that have an address of the host's own (one dump for all of them): a link-local one
-        (``fe80::``, which the kernel gave a portal's bridge made before they were kept free of IPv6) is not."""
-        return {msg["index"] for msg in self._call("listing addresses", self._ipr.get_addr) if _own(msg)}
+    def _addresses(self) -> dict[int, set[int]]:
+        """The scopes of each link's addresses (one dump for all of them)."""
+        scopes: dict[int, set[int]] = {}
+        for msg in self._call("listing addresses", self._ipr.get_addr):
+            scopes.setdefault(msg["index"], set()).add(msg.get("scope"))
+        return scopes
 
-    @staticmethod
-    def _carried(links: dict[str, _Link], addressed: set[int]) -> frozenset[int]:
-        """The VLANs of the ``br-v<vid>`` bridges, but for one with an address: the host's own (a management
-        or storage bridge so named), never counted nor removed."""
+    def _portals(self, link: _Link, links: dict[str, _Link]) -> bool:
+        """Whether the portal made ``link``: marked with its alias, or (a bridge made before bridges were
+        marked) a ``br-v<vid>`` bridge holding the portal's marked sub-interface of the trunk."""
+        if link.alias == ALIAS:
+            return True
+        m = _BRIDGE_NAME.fullmatch(link.name)
+        sub = links.get(self._sub_name(int(m[1]))) if m and link.kind == "bridge" else None
+        return sub is not None and sub.alias == ALIAS and sub.master == link.index
+
+    def _hosts_own(self, link: _Link, links: dict[str, _Link], addresses: dict[int, set[int]]) -> bool:
+        """Whether ``link`` holds an address of the host's own: any address — but a link-local one on a link the
+        portal made (the kernel gave its bridges and sub-interfaces one before they were kept free of IPv6)."""
+        scopes = addresses.get(link.index, set())
+        if scopes - {_SCOPE_LINK}:
+            return True
+        return bool(scopes) and not self._portals(link, links)
+
+    def _carried(self, links: dict[str, _Link], addresses: dict[int, set[int]]) -> frozenset[int]:
+        """The VLANs of the ``br-v<vid>`` bridges, but for one with an address of the host's own (a management
+        or storage bridge so named): never counted nor removed."""
         vids = set()
         for name, link in links.items():
             m = _BRIDGE_NAME.fullmatch(name)
-            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094 and link.index not in addressed:
+            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094 and not self._hosts_own(link, links, addresses):
                 vids.add(int(m[1]))
         return frozenset(vids)
 
     def vlans(self) -> frozenset[int]:
         """VLANs with an attachment point (a ``br-v<vid>`` bridge of the portal's) on this host."""
-        return self._carried(self._links(), self._addressed())
+        return self._carried(self._links(), self._addresses())
 
     def vm_ports(self, vid: int) -> list[str]:
         """Members of ``br-v<vid>`` other than the trunk sub-interface: the VMs plugged in."""
@@ -161,8 +176,8 @@ class LinuxBridgeHost:
             raise PermanentDeviceError(
                 self.name, f"trunk name {self.trunk!r} too long for VLAN interfaces ({IFNAMSIZ} characters at most)"
             )
-        links, addressed = self._links(), self._addressed()
-        before = self._carried(links, addressed)
+        links, addresses = self._links(), self._addresses()
+        before = self._carried(links, addresses)
         trunk = links.get(self.trunk)
         if trunk is None:
             raise PermanentDeviceError(self.name, f"trunk interface {self.trunk} does not exist")
@@ -174,14 +189,14 @@ class LinuxBridgeHost:
             changes.append(f"~ up {self.trunk}")
 
         for vid in sorted(desired):
-            changes += self._ensure(vid, links, addressed)
+            changes += self._ensure(vid, links, addresses)
             links = self._links() if changes else links
 
-        for vid in sorted((before | self._orphan_vids(links)) - desired):
+        for vid in sorted((before | self._orphan_vids(links, addresses)) - desired):
             changes += self._remove(vid, links)
             links = self._links()
 
-        after = self._carried(self._links(), addressed)
+        after = self._carried(self._links(), self._addresses())
         return ConvergeResult(
             device=self.name,
             diff="".join(line + "\n" for line in changes),
@@ -190,7 +205,7 @@ class LinuxBridgeHost:
             after={self.name: after},
         )
 
-    def _orphan_vids(self, links: dict[str, _Link]) -> set[int]:
+    def _orphan_vids(self, links: dict[str, _Link], addresses: dict[int, set[int]]) -> set[int]:
         """VLAN sub-interfaces of the trunk the portal made whose bridge is gone (a crashed half-removal); never
         one it did not make, nor one with an address (the hypervisor's own)."""
         trunk = links[self.trunk]
@@ -201,22 +216,22 @@ class LinuxBridgeHost:
             and link.parent == trunk.index
             and name == self._sub_name(link.vlan_id)
             and link.alias == ALIAS
-            and not any(map(_own, self._call(f"reading the addresses of {name}", self._ipr.get_addr, index=link.index)))
+            and not self._hosts_own(link, links, addresses)
         }
 
-    def _ensure(self, vid: int, links: dict[str, _Link], addressed: set[int]) -> list[str]:
+    def _ensure(self, vid: int, links: dict[str, _Link], addresses: dict[int, set[int]]) -> list[str]:
         changes = []
         br_name, sub_name = bridge_name(vid), self._sub_name(vid)
         br = links.get(br_name)
         if br is not None and br.kind != "bridge":
             raise PermanentDeviceError(self.name, f"{br_name} exists but is a {br.kind or 'plain'} link, not a bridge")
-        if br is not None and br.index in addressed:
+        if br is not None and self._hosts_own(br, links, addresses):
             raise PermanentDeviceError(
                 self.name, f"{br_name} has addresses of the host's own: VLAN {vid} is the host's, not a cluster's"
             )
         own = links.get(sub_name)
         if own is not None and (br is None or own.master != br.index):
-            if any(map(_own, self._call(f"reading the addresses of {sub_name}", self._ipr.get_addr, index=own.index))):
+            if self._hosts_own(own, links, addresses):
                 # the hypervisor's own VLAN interface (management, storage): a cluster never gets it (checked
                 # before anything is made: no bridge is left behind)
                 raise PermanentDeviceError(
@@ -226,7 +241,8 @@ class LinuxBridgeHost:
             self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")
             changes.append(f"+ bridge {br_name}")
         br_index = self._index(br_name)
-        if br is None:
+        if br is None or br.alias != ALIAS:  # made now, or adopted (a crashed run's, made by hand): the portal's
+            self._call(f"marking {br_name}", self._ipr.link, "set", index=br_index, ifalias=ALIAS)
             self._no_ipv6(br_name, br_index)
         if br is None or not br.up:
             self._call(f"setting {br_name} up", self._ipr.link, "set", index=br_index, state="up")
@@ -241,6 +257,7 @@ class LinuxBridgeHost:
             )
         if sub is None:
             self._create(f"creating {sub_name}", ifname=sub_name, kind="vlan", link=trunk.index, vlan_id=vid)
+        if sub is None or sub.alias != ALIAS:
             sub_index = self._index(sub_name)
             self._call(f"marking {sub_name}", self._ipr.link, "set", index=sub_index, ifalias=ALIAS)
             self._no_ipv6(sub_name, sub_index)

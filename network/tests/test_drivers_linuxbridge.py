@@ -732,22 +732,29 @@ def test_a_bridge_of_the_hosts_own_named_like_the_portals_is_never_counted_remov
             "address add 198.18.20.5/24 dev br-v20",
             "link set br-v20 up",
             "link set eth0.20 up",
-            # a portal's bridge made before bridges were kept free of IPv6: only a link-local address
+            # a portal's bridge made before its links were kept free of IPv6: a link-local address only
             "link add br-v30 type bridge",
+            "link add link eth0 name eth0.30 type vlan id 30",
+            "link set eth0.30 alias virtcloud",
+            "link set eth0.30 master br-v30",
             "address add fe80::30/64 dev br-v30",
+            # the host's own unnumbered bridge so named: a link-local address only, and no sub-interface of ours
+            "link add br-v40 type bridge",
+            "address add fe80::40/64 dev br-v40",
         ],
     )
     with host_session(_host(hv)) as host:
         assert host.vlans() == {30}
-        assert host.converge(frozenset()).diff == "- bridge br-v30\n"
+        assert host.converge(frozenset()).diff == "- vlan eth0.30\n- bridge br-v30\n"
         result = host.converge(frozenset({100}))
         assert result.before == {"hv1": frozenset()} and result.after == {"hv1": {100}}
         assert "br-v20" not in result.diff
+        assert hv.links("hv")["br-v100"].get("ifalias") == "virtcloud"  # the portal marks the bridges it makes
         with pytest.raises(PermanentDeviceError, match="br-v20 has addresses of the host's own"):
             host.converge(frozenset({20}))
         assert host.converge(frozenset()).after == {"hv1": frozenset()}
     assert _carried(hv)["eth0.20"] == (20, "br-v20", True)  # untouched
-    assert "br-v100" not in hv.links("hv")
+    assert "br-v100" not in hv.links("hv") and "br-v40" in hv.links("hv")
 
 
 @pytest.mark.lab
