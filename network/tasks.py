@@ -25,7 +25,7 @@ from django.utils import timezone
 from network import convergence, errbacks, selectors, services
 from network.drivers import DeviceError, TemporaryDeviceError
 from network.errors import DeviceChangeFailed, SegmentClosed
-from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch, VlanAllocation
+from network.models import DeviceChange, DeviceKind, Host, Segment, SegmentMember, Switch
 from portal import audit
 from portal.audit import audit_actor
 
@@ -193,21 +193,14 @@ def segment_released(segment_id: int) -> dict:
     """Teardown's last step: every enabled device is clean, so the segment is closed and its VLAN goes into
     quarantine — unless a disabled device may still carry it (``selectors.vlan_holders``): then the
     segment keeps it (the reason in ``error``) and ``retry_rollbacks`` tears it down again once that device
-    is enabled. Idempotent. A segment another teardown closed holding its VLAN (one sent again by
-    ``retry_rollbacks`` that failed while this one went on) is released here when nothing holds it any more:
-    every device of this teardown is clean."""
+    is enabled. Idempotent."""
     with audit_actor("network.teardown"), transaction.atomic():
         seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool").get(pk=segment_id)
-        owned = seg.allocation is not None and seg.allocation.owner == seg.owner_ref
-        if seg.state == Segment.State.CLOSED and owned and seg.allocation.state == VlanAllocation.State.ALLOCATED:
-            if not selectors.vlan_holders(seg):
-                services.vlan_release(allocation=seg.allocation)
-                seg.error = ""
-                seg.save(update_fields=["error", "updated_at"])
-        elif seg.state != Segment.State.CLOSED:
+        if seg.state != Segment.State.CLOSED:
             if seg.state != Segment.State.DELETING:
                 raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not being deleted")
             holders = selectors.vlan_holders(seg)
+            owned = seg.allocation is not None and seg.allocation.owner == seg.owner_ref
             if holders and owned:
                 seg.error = (
                     f"VLAN {seg.vid} kept: {', '.join(holders)} disabled and may still carry it; released once "

@@ -411,18 +411,6 @@ def test_a_teardown_that_stalled_is_torn_down_again_and_releases_the_vlan(fabric
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
-def test_a_teardown_that_completes_releases_a_vlan_another_teardown_kept(fabric):
-    """Two teardowns of one segment (the cluster's retry and ``retry_rollbacks``' after a stall): one fails
-    and closes the segment holding its VLAN; the other then cleans every device — its last step releases
-    the VLAN rather than leaving it held until the next periodic run."""
-    seg = _held_for_disabled(fabric, "sw-brno")
-    Switch.objects.filter(name="sw-brno").update(enabled=True)
-    assert workflows.teardown(seg.pk).apply().get()["state"] == "closed"
-    seg.refresh_from_db()
-    assert (seg.allocation.state, seg.error) == (VlanAllocation.State.QUARANTINED, "")
-    assert all(not vlans for vlans in device_view(fabric).values())
-
-
 def test_a_device_disabled_before_it_took_the_vlan_fails_the_provisioning_and_holds_nothing(fabric):
     """A switch disabled after the provisioning recorded its change but before the change ran settles it
     untouched: the nodes behind it would have no network, so the provisioning fails naming it (never "ready"
