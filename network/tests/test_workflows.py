@@ -313,6 +313,19 @@ def test_a_temporary_failure_of_a_device_renamed_since_its_change_was_recorded_i
     assert seg.state == Segment.State.FAILED and change.status == "failed" and change.attempts > 1
 
 
+def _held_for_disabled(fabric, name: str, model=Switch) -> Segment:
+    """A provisioned segment torn down while device ``name`` (a ``model``) was disabled: CLOSED, holding its
+    VLAN."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    model.objects.filter(name=name).update(enabled=False)
+    services.segment_delete(segment=seg)
+    workflows.teardown(seg.pk).apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    return seg
+
+
 @pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
 def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, kind, name):
     """A device disabled (maintenance) is never touched, so a teardown cannot take the VLAN off it: the VLAN
@@ -322,14 +335,8 @@ def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, 
     from network import tasks
 
     model = Switch if kind == "switch" else Host
-    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
-    workflows.provision(seg.pk).apply().get()
-    model.objects.filter(name=name).update(enabled=False)
-    services.segment_delete(segment=seg)
-    workflows.teardown(seg.pk).apply().get()
-    seg.refresh_from_db()
-    assert seg.state == Segment.State.CLOSED
-    assert seg.allocation.state == VlanAllocation.State.ALLOCATED and seg.allocation.owner == "c"
+    seg = _held_for_disabled(fabric, name, model)
+    assert seg.allocation.owner == "c"
     kept = f"VLAN {seg.vid} kept: {kind} {name} disabled and may still carry it"
     assert seg.error == f"{kept}; released once enabled again and cleaned"
     left = {device: vlans for device, vlans in device_view(fabric).items() if vlans}
@@ -351,11 +358,7 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
     held) again, so the next run sends it."""
     from network import tasks
 
-    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
-    workflows.provision(seg.pk).apply().get()
-    Switch.objects.filter(name="sw-brno").update(enabled=False)
-    services.segment_delete(segment=seg)
-    workflows.teardown(seg.pk).apply().get()
+    seg = _held_for_disabled(fabric, "sw-brno")
     Switch.objects.filter(name="sw-brno").update(enabled=True)
 
     class BrokerDown:
@@ -375,18 +378,6 @@ def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, mon
     seg.refresh_from_db()
     assert seg.allocation.state == VlanAllocation.State.QUARANTINED
     assert all(not vlans for vlans in device_view(fabric).values())
-
-
-def _held_for_disabled(fabric, name: str) -> Segment:
-    """A provisioned segment torn down while switch ``name`` was disabled: CLOSED, holding its VLAN."""
-    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
-    workflows.provision(seg.pk).apply().get()
-    Switch.objects.filter(name=name).update(enabled=False)
-    services.segment_delete(segment=seg)
-    workflows.teardown(seg.pk).apply().get()
-    seg.refresh_from_db()
-    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.ALLOCATED
-    return seg
 
 
 def test_a_teardown_that_stalled_is_torn_down_again_and_releases_the_vlan(fabric):
