@@ -11,7 +11,8 @@ two when it does). A VLAN that is no longer desired but still has a VM port is k
 (``keep 300: in use by vm-a``) — the VM manager must detach the VM first. Idempotent: converging to the
 current state changes nothing. Untagged frames the uplink lets in (VLAN 0 in its list, or a trunk of every
 VLAN before the first converge) keep coming in: the host's own network (XCP-ng's management on the same
-bridge) is not the portal's.
+bridge) is not the portal's. Nor is the VLAN of a tagged internal port (XCP-ng's VLAN networks, the host's own
+stack): it stays on the uplink, is never counted as a cluster's VLAN (no drift) and never given to one.
 
 Driver args: ``db`` (OVSDB address, default ``unix:/var/run/openvswitch/db.sock``), ``bridge`` (default: the
 bridge that holds the uplink), ``uplink`` (the uplink's OVS port name when it differs from the inventory's
@@ -48,14 +49,18 @@ class OvsHostSession:
 
     # --- reading ----------------------------------------------------------------------------------------------
 
-    def _state(self) -> tuple[dict, dict[int, list[str]]]:
-        """(the uplink's Port row, {vid: [VM ports with that tag]})."""
-        # the uplink and the VM ports (those with a tag), in one OVSDB transaction
-        ports = self.ovsdb.bridge_ports(self.bridge, ("vlan_mode", "tag", "trunks"), named=[self.uplink], tagged=True)
+    def _state(self) -> tuple[dict, dict[int, list[str]], dict[int, list[str]]]:
+        """(the uplink's Port row, {vid: [VM ports with that tag]}, {vid: [the host's own tagged internal ports,
+        e.g. XCP-ng's VLAN networks on the same bridge]})."""
+        # the uplink and the tagged ports, with whether each is internal, in one OVSDB transaction
+        ports = self.ovsdb.bridge_ports(
+            self.bridge, ("vlan_mode", "tag", "trunks"), named=[self.uplink], tagged=True, internal=True
+        )
         if ports is None:
             raise PermanentDeviceError(self.spec.name, f"no OVS bridge {self.bridge}")
         uplink = None
         in_use: dict[int, list[str]] = {}
+        own: dict[int, list[str]] = {}
         for row in ports:
             if row["name"] == self.bridge:
                 continue
@@ -64,10 +69,10 @@ class OvsHostSession:
                 continue
             tag = as_set(row["tag"])
             if tag:
-                in_use.setdefault(int(tag[0]), []).append(row["name"])
+                (own if row.get("internal") else in_use).setdefault(int(tag[0]), []).append(row["name"])
         if uplink is None:
             raise PermanentDeviceError(self.spec.name, f"bridge {self.bridge} has no uplink port {self.uplink}")
-        return uplink, in_use
+        return uplink, in_use, own
 
     @staticmethod
     def _carried(uplink: dict) -> frozenset[int] | None:
@@ -89,8 +94,9 @@ class OvsHostSession:
         return UNTAGGED in trunks or not trunks
 
     def vlans(self) -> frozenset[int]:
-        uplink, _ = self._state()
-        return self._carried(uplink) or frozenset()
+        """The cluster VLANs the uplink trunks (the host's own, of its internal ports, are not the portal's)."""
+        uplink, _vms, own = self._state()
+        return (self._carried(uplink) or frozenset()) - frozenset(own)
 
     def vm_ports(self) -> dict[int, list[str]]:
         """VM ports on the bridge by VLAN (what the VM manager attached)."""
@@ -103,11 +109,18 @@ class OvsHostSession:
         bad = sorted(v for v in desired if not 1 <= v <= 4094)
         if bad:
             raise PermanentDeviceError(self.spec.name, f"VLAN ids {bad} are outside 1-4094")
-        uplink, in_use = self._state()
+        uplink, in_use, own = self._state()
+        mine = sorted(vid for vid in desired if vid in own)
+        if mine:
+            ports = ", ".join(name for vid in mine for name in own[vid])
+            raise PermanentDeviceError(
+                self.spec.name, f"VLAN {compact(mine)} is the host's own (internal port {ports}), not a cluster's"
+            )
         carried = self._carried(uplink)
         before = carried if carried is not None else frozenset()
         kept = {vid: names for vid, names in in_use.items() if vid not in desired}
-        target = desired | frozenset(kept)
+        # the host's own VLANs stay on the uplink (its network), unreported: they are not the portal's
+        target = desired | frozenset(kept) | frozenset(own)
         lines = []
         if carried is None:
             lines.append(f"uplink {self.uplink}: make it a trunk (was not a plain trunk)")
@@ -137,7 +150,10 @@ class OvsHostSession:
                 f"wanted {compact(target) or 'none'}",
             )
         diff = "\n".join(lines) if changed or kept else ""
-        return ConvergeResult(self.spec.name, diff, changed, {self.spec.name: before}, {self.spec.name: after})
+        theirs = frozenset(own)
+        return ConvergeResult(
+            self.spec.name, diff, changed, {self.spec.name: before - theirs}, {self.spec.name: after - theirs}
+        )
 
     def attachment_point(self, vid: int) -> str:
         """``<bridge>:<vid>``: plug the VM into that bridge as an access port with tag ``vid``."""

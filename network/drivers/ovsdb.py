@@ -204,45 +204,62 @@ class Ovsdb:
         return parse_tables(self.run(*commands, json_format=True, wait=False))
 
     def bridge_ports(
-        self, bridge: str, columns: Iterable[str], *, named: Sequence[str] = (), tagged: bool = False
+        self,
+        bridge: str,
+        columns: Iterable[str],
+        *,
+        named: Sequence[str] = (),
+        tagged: bool = False,
+        internal: bool = False,
     ) -> list[dict] | None:
         """The Port rows of ``bridge`` (``_uuid``, ``name`` and ``columns``), or None when there is no such
         bridge. With ``named`` and/or ``tagged``, only the ports with one of those names or with a ``tag``
-        (a hypervisor's VM ports).
+        (a hypervisor's VM ports). With ``internal``, each row says too whether its interface is an OVS
+        internal port (``"internal"``: the host's own network stack, not a VM's).
 
         On the JSON-RPC path only the bridge's own ports are read: its row, then its ports by uuid (two small
         round trips on one connection); restricted, ONE transaction: the bridge's row, the named ports and
-        the tagged ones, kept when they belong to the bridge."""
+        the tagged ones (and the internal interfaces' names), kept when they belong to the bridge."""
         columns = list(dict.fromkeys(["_uuid", "name", *columns]))
         restricted = bool(named) or tagged
 
         def wanted(row: dict) -> bool:
             return not restricted or row["name"] in named or (tagged and bool(as_set(row.get("tag"))))
 
+        def marked(rows: list[dict], internals: set[str]) -> list[dict]:
+            return [{**row, "internal": row["name"] in internals} for row in rows] if internal else rows
+
         if not self._socket_path():
-            mine, ports = self.query(("Bridge", ("name", "ports"), ("--if-exists", bridge)), ("Port", columns, ()))
+            reads = [("Bridge", ("name", "ports"), ("--if-exists", bridge)), ("Port", columns, ())]
+            mine, ports, *interfaces = self.query(*reads, *([("Interface", ("name", "type"), ())] if internal else []))
             if not mine:
                 return None
             members = set(as_set(mine[0]["ports"]))
-            return [row for row in ports if row["_uuid"] in members and wanted(row)]
+            internals = {i["name"] for i in (interfaces[0] if interfaces else []) if i.get("type") == "internal"}
+            return marked([row for row in ports if row["_uuid"] in members and wanted(row)], internals)
         deadline = time.monotonic() + self.timeout
         bridge_op = {"op": "select", "table": "Bridge", "where": [["name", "==", bridge]], "columns": ["ports"]}
+        internal_op = {"op": "select", "table": "Interface", "where": [["type", "==", "internal"]], "columns": ["name"]}
         if restricted:
             selects = [[["name", "==", name]] for name in dict.fromkeys(named)]
             if tagged:
                 selects.append([["tag", "!=", ["set", []]]])
-            found, *results = self._transact(
-                [bridge_op, *({"op": "select", "table": "Port", "where": w, "columns": columns} for w in selects)],
-                deadline,
-            )
+            ops = [bridge_op, *({"op": "select", "table": "Port", "where": w, "columns": columns} for w in selects)]
+            if internal:
+                ops.append(internal_op)
+            found, *results = self._transact(ops, deadline)
             if not found.get("rows"):
                 return None
+            internals = {row["name"] for row in results.pop()["rows"]} if internal else set()
             members = {uuid for _kind, uuid in _uuid_list(found["rows"][0]["ports"])}
             rows = {row["_uuid"][1]: row for result in results for row in result["rows"]}
-            return [{c: _value(row.get(c)) for c in columns} for uuid, row in rows.items() if uuid in members]
-        (found,) = self._transact([bridge_op], deadline)
+            return marked(
+                [{c: _value(row.get(c)) for c in columns} for uuid, row in rows.items() if uuid in members], internals
+            )
+        found, *extra = self._transact([bridge_op, *([internal_op] if internal else [])], deadline)
         if not found.get("rows"):
             return None
+        internals = {row["name"] for row in extra[0]["rows"]} if internal else set()
         members = [uuid for _kind, uuid in _uuid_list(found["rows"][0]["ports"])]
         if not members:
             return []
@@ -253,7 +270,8 @@ class Ovsdb:
             ],
             deadline,
         )
-        return [{column: _value(row.get(column)) for column in columns} for result in results for row in result["rows"]]
+        rows = [{column: _value(row.get(column)) for column in columns} for result in results for row in result["rows"]]
+        return marked(rows, internals)
 
     # --- JSON-RPC fast path ---------------------------------------------------------------------------------
 

@@ -411,6 +411,38 @@ def test_a_host_uplink_keeps_letting_untagged_frames_in(clean_lab, untagged_befo
         db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"])
 
 
+def test_the_hosts_own_vlan_network_stays_on_its_uplink_and_is_never_a_clusters(clean_lab):
+    """XCP-ng's VLAN network on the host's bridge (a tagged internal port: the host's own stack, not a VM): its
+    VLAN stays on the uplink whatever the portal converges, is never counted as a cluster's (no foreign drift,
+    no repair that fails at every reconcile), and is never given to a cluster."""
+    from network.drivers.ovsdb import as_set
+
+    lab, spec = clean_lab, host(clean_lab)
+    args = lab.host_driver_args("h-s2-1")
+    db = Ovsdb(device="h-s2-1", db=args["db"])
+    bridge = lab.state["hosts"]["h-s2-1"]["bridge"]
+
+    def uplink_trunks() -> set[int]:
+        return set(as_set(db.list_rows("Port", ["trunks"], args["uplink"])[0]["trunks"]))
+
+    db.run(["add-port", bridge, "mgmt20", "tag=20"], ["set", "Interface", "mgmt20", "type=internal"])
+    try:
+        with host_session(spec) as session:
+            first = session.converge(frozenset({100}))
+            assert first.after == {"h-s2-1": frozenset({100})} and session.vlans() == frozenset({100})
+            assert uplink_trunks() == {20, 100}
+            gone = session.converge(frozenset())
+            assert gone.after == {"h-s2-1": frozenset()} and "keep" not in gone.diff
+            assert uplink_trunks() == {20} and session.vlans() == frozenset()
+            with pytest.raises(PermanentDeviceError, match="VLAN 20 is the host's own .internal port mgmt20."):
+                session.converge(frozenset({20}))
+            with pytest.raises(PermanentDeviceError, match="VLAN 20 is not carried"):
+                session.attachment_point(20)
+    finally:
+        db.run(["--if-exists", "del-port", bridge, "mgmt20"])
+        db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"])
+
+
 def test_host_errors_are_classified(lab, tmp_path):
     missing = HostSpec("h-x", "ovs", "eth0", driver_args={**lab.host_driver_args("h-s1-1"), "uplink": "nope"})
     with pytest.raises(PermanentDeviceError, match="h-x.*no uplink port nope"):

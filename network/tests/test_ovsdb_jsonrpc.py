@@ -97,6 +97,18 @@ def test_bridge_ports_restricted_to_named_and_tagged_ports_in_one_transaction(la
     assert sorted(rows, key=key) == sorted(expected, key=key)
     assert fast.bridge_ports("no-such-bridge", columns, named=[uplink], tagged=True) is None
 
+    # ``internal``: whether each port's interface is internal (the host's own stack; this bridge's ports all
+    # are), still ONE transaction; the ports of another bridge's internal interfaces are not listed
+    transactions.clear()
+    rows = fast.bridge_ports(ovs_bridge["bridge"], columns, named=[uplink], tagged=True, internal=True)
+    assert len(transactions) == 1
+    assert {r["name"]: r["internal"] for r in rows} == {uplink: True, vm: True}
+    expected = vsctl.bridge_ports(ovs_bridge["bridge"], columns, named=[uplink], tagged=True, internal=True)
+    assert sorted(rows, key=key) == sorted(expected, key=key)
+    every = fast.bridge_ports(ovs_bridge["bridge"], columns, internal=True)
+    assert sorted(every, key=key) == sorted(vsctl.bridge_ports(ovs_bridge["bridge"], columns, internal=True), key=key)
+    assert next(r for r in every if r["name"] == ovs_bridge["bridge"])["internal"]  # the bridge's local port
+
 
 def test_writes_match_ovs_vsctl_and_wait_for_vswitchd(lab, ovs_bridge, no_processes):
     fast = Ovsdb(device="fast", db=lab.db)
