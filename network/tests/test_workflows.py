@@ -1144,6 +1144,38 @@ def test_worker_a_held_vlan_whose_teardown_fails_again_is_held_with_why_and_trie
 
 
 @pytest.mark.worker
+def test_worker_an_error_callback_in_a_host_agent_is_run_by_the_central_worker(worker_fabric, celery_worker, tmp_path):
+    """A host that only its agent reaches refuses the teardown ``retry_rollbacks`` sends again: Celery runs the
+    teardown's error callback in the agent, whose database role may not write the segment; the agent hands it
+    on, and the central worker records why the VLAN is still held."""
+    from network import tasks
+    from portal.testing_celery import WorkerProcess
+
+    fabric = worker_fabric
+    seg = _held_for_disabled(fabric, "brno1", Host)  # brno1 still carries the VLAN
+    # the hosts' layer one task, on the agent's queue (a layer on several queues is a chord, whose error
+    # callback runs in whichever worker ends it last)
+    Host.objects.update(agent_queue="host.brno1")
+    Host.objects.filter(name="brno1").update(
+        enabled=True, driver_args={**fabric.args, "reachable_from": "agent-brno1", "fail_commit": "permanent"}
+    )
+    keys = {"SECRET_KEY": "", "SECRETS_KEY": "", "ACCESS_CA_PASSPHRASE": ""}
+    env = {**celery_worker.env, "VIRTCLOUD_WORKER": "agent-brno1", "PORTAL_ROLE": "agent", **keys}
+    agent = WorkerProcess(env, tmp_path / "agent.log", queues=["host.brno1"], concurrency=2, name="agent-brno1")
+    agent.start()
+    try:
+        assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+        wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.CLOSED, what="the failed teardown")
+    finally:
+        agent.stop()
+    seg.refresh_from_db()
+    assert seg.error.startswith("VLAN kept: teardown failed again (brno1: ") and "ip link add" in seg.error, seg.error
+    assert seg.allocation.state == VlanAllocation.State.ALLOCATED
+    # handed on: a task the central worker received (run inline in the agent, it would be no task of its own)
+    assert "Task network.segment_release_failed[" in celery_worker.log()
+
+
+@pytest.mark.worker
 def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_fabric, celery_worker):
     fabric = worker_fabric
     # The worker must hand a killed worker's message on within seconds (Redis visibility timeout).
