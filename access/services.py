@@ -353,8 +353,7 @@ def _gateways(kind: str, clusters: Sequence) -> list[Gateway]:
         )
     carries = selectors.gateway_carries(clusters)
     if not [g for g in gateways if carries(g)]:
-        alone = [selectors.gateway_carries([c]) for c in clusters] if len(clusters) > 1 else []
-        if alone and all(any(reaches(g) for g in gateways) for reaches in alone):
+        if len(clusters) > 1 and all(any(map(selectors.gateway_carries([c]), gateways)) for c in clusters):
             raise NoCommonGateway(
                 f"no {what} access gateway reaches all of these clusters' networks (each is reached alone): "
                 "ask for one per cluster"
