@@ -275,6 +275,37 @@ def touched_devices(segment: Segment) -> Footprint:
     return Footprint(switches, hosts)
 
 
+def left_untouched(segment_id: int) -> tuple[str, int] | None:
+    """(device, change id) of a change of the PENDING segment ``segment_id`` that settled untouched (its device
+    was disabled when the change ran) on a device the segment needs: that device never got the VLAN. One an
+    earlier workflow left behind no longer counts once its device took a later change that settled (enabled
+    again, converged since), or once the segment no longer needs the device (its node moved away, the device
+    left the inventory). None when there is none (one query; the footprint's only when there is one)."""
+    later = DeviceChange.objects.filter(
+        Q(switch_id=OuterRef("switch_id")) | Q(host_id=OuterRef("host_id")),
+        segment_id=segment_id,
+        kind=OuterRef("kind"),
+        pk__gt=OuterRef("pk"),
+        status__in=(DeviceChange.Status.OK, DeviceChange.Status.NOOP),
+    ).exclude(error=DeviceChange.NOT_TOUCHED)
+    candidates = list(
+        DeviceChange.objects.filter(
+            segment_id=segment_id, error=DeviceChange.NOT_TOUCHED, segment__state=Segment.State.PENDING
+        )
+        .exclude(Exists(later))
+        .order_by("device")
+        .values_list("device", "pk", "kind", "switch_id", "host_id")
+    )
+    if not candidates:
+        return None
+    footprint = segment_footprint(Segment.objects.get(pk=segment_id))
+    needed = {DeviceKind.SWITCH: footprint.switches, DeviceKind.HOST: footprint.hosts}
+    for device, pk, kind, switch_id, host_id in candidates:
+        if (switch_id if kind == DeviceKind.SWITCH else host_id) in needed[kind]:
+            return device, pk
+    return None
+
+
 NOT_ROLLED_BACK = "; not rolled back (VLAN kept): "  # how a failed segment's error names what kept its VLAN
 
 

@@ -478,7 +478,7 @@ def segment_release_again(*, segment_id: int) -> bool:
         )
 
 
-def segment_release_not_sent(*, segment_id: int, reason: str = "") -> None:
+def segment_release_undo(*, segment_id: int, reason: str = "") -> None:
     """Undo ``segment_release_again`` when its teardown could not be sent, or failed (``reason``): closed (and
     holding its VLAN) again, for the next run to claim."""
     changes = {"state": Segment.State.CLOSED, "updated_at": timezone.now()}

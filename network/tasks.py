@@ -19,7 +19,6 @@ import time
 from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from network import convergence, errbacks, selectors, services
@@ -145,37 +144,7 @@ def segment_provisioned(segment_id: int) -> dict:
     Not when a device was disabled between the provisioning's recording its change and running it (the change
     settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
     provisioning fails with the device named, and is rolled back."""
-    # An untouched change an earlier workflow left behind no longer counts once its device took a later change
-    # (enabled again, converged since), or once the segment no longer needs that device (its node moved away,
-    # the device left the inventory): only the footprint's devices must carry the VLAN.
-    done = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
-    later = DeviceChange.objects.filter(
-        Q(switch_id=OuterRef("switch_id")) | Q(host_id=OuterRef("host_id")),
-        segment_id=segment_id,
-        kind=OuterRef("kind"),
-        pk__gt=OuterRef("pk"),
-        status__in=done,
-    ).exclude(error=DeviceChange.NOT_TOUCHED)
-    candidates = list(
-        DeviceChange.objects.filter(
-            segment_id=segment_id, error=DeviceChange.NOT_TOUCHED, segment__state=Segment.State.PENDING
-        )
-        .exclude(Exists(later))
-        .order_by("device")
-        .values_list("device", "pk", "kind", "switch_id", "host_id")
-    )
-    untouched = None
-    if candidates:  # (rare: the footprint's queries only then)
-        footprint = selectors.segment_footprint(Segment.objects.get(pk=segment_id))
-        needed = {DeviceKind.SWITCH: footprint.switches, DeviceKind.HOST: footprint.hosts}
-        untouched = next(
-            (
-                (device, pk)
-                for device, pk, kind, switch_id, host_id in candidates
-                if (switch_id if kind == DeviceKind.SWITCH else host_id) in needed[kind]
-            ),
-            None,
-        )
+    untouched = selectors.left_untouched(segment_id)
     if untouched is not None:
         device, change_id = untouched
         raise DeviceChangeFailed(device, "disabled while the network was being provisioned: not configured", change_id)
@@ -365,7 +334,7 @@ def retry_rollbacks() -> list[int]:
             try:
                 workflows.teardown(segment.pk).on_error(segment_release_failed.s(segment.pk)).delay()
             except Exception:  # not sent (the broker went away): held again, so that the next run sends it
-                services.segment_release_not_sent(segment_id=segment.pk)
+                services.segment_release_undo(segment_id=segment.pk)
                 raise
             retried.append(segment.pk)
     return sorted(retried)
@@ -378,7 +347,7 @@ def segment_release_failed(request, exc, traceback, segment_id: int) -> None:
     if errbacks.handed_on(segment_release_failed, request, exc, segment_id):
         return
     reason = f"VLAN kept: teardown failed again ({errbacks.describe(exc)})"
-    services.segment_release_not_sent(segment_id=segment_id, reason=reason)
+    services.segment_release_undo(segment_id=segment_id, reason=reason)
 
 
 # --- reconciler -------------------------------------------------------------------------------------------------
