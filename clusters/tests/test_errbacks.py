@@ -12,7 +12,6 @@ from clusters import tasks
 from clusters.models import VirtualCluster
 from clusters.tests.helpers import create_cluster, fabric
 from network import errbacks
-from network import tasks as network_tasks
 from network.errors import DeviceChangeFailed
 
 
@@ -35,14 +34,6 @@ def test_an_error_callback_called_in_a_host_agent_is_handed_on_to_the_central_wo
     settings.AGENT = False
     tasks.teardown_failed(*sent[0][0])  # as the central worker runs it
     assert VirtualCluster.objects.get(pk=cid).state_reason == "teardown incomplete: brno1: bridge refused"
-
-
-def test_the_networks_teardown_errback_is_handed_on_too(settings, monkeypatch):
-    sent = []
-    monkeypatch.setattr(network_tasks.segment_release_failed, "apply_async", lambda args, **options: sent.append(args))
-    settings.AGENT = True
-    network_tasks.segment_release_failed(SimpleNamespace(id="t"), DeviceChangeFailed("h1", "busy", 1), None, 5)
-    assert sent == [(None, "h1: busy", None, 5)]
 
 
 def test_a_failure_is_described_with_its_device_and_a_described_one_is_kept():
