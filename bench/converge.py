@@ -4,7 +4,10 @@
 - layer: one ``network.converge_devices`` task on a real worker, as ``workflows.provision`` sends a layer
   (the switches converged side by side in threads, a fixed number of database queries);
 - per-device tasks: a Celery group of ``network.converge_switch`` tasks, one per switch (the previous design);
-- one by one: ``convergence.converge_change`` switch after switch, in this process.
+- one by one: ``convergence.converge_change`` switch after switch, in this process;
+- sessions alone: the switches' driver sessions side by side on 16 threads in this process, with the desired
+  state computed before the clock starts: no database, no Celery, no locks. This is the baseline the lab and
+  the drivers put under the layer; what the layer takes beyond it is the portal's own.
 
 Goal: 16 switches (layer) within 1.5× the time of 1.
 
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +60,8 @@ from celery import group  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from network import convergence, selectors, services, tasks  # noqa: E402
+from network import convergence, selectors, services, specs, tasks  # noqa: E402
+from network.drivers import switch_session  # noqa: E402
 from network.lab import Lab, topology  # noqa: E402
 from network.lab.fabric import PLANES  # noqa: E402
 from network.tests.labinventory import inventory_for  # noqa: E402
@@ -95,7 +100,36 @@ def one_by_one(changes: list[int], _queue: str) -> None:
         convergence.converge_change(c)
 
 
-WAYS = {"layer": layer, "per-device": per_device, "one-by-one": one_by_one}
+_SESSION_THREADS = ThreadPoolExecutor(max_workers=max(SIZES), thread_name_prefix="bench-session")
+
+
+def sessions_work(changes: list[int]) -> list[tuple]:
+    """(spec, desired port VLANs) of the switches of ``changes``, from the database, as a layer computes them."""
+    from network.models import DeviceChange
+
+    switches = [c.switch for c in DeviceChange.objects.filter(pk__in=changes).select_related("switch")]
+    ids = [s.pk for s in switches]
+    statics: dict[int, frozenset[int]] = {}
+    segments = selectors.desired_segments(switch_ids=ids, host_ids=[])
+    desired = selectors.switch_desired(ids, segments=segments, statics=statics)
+    return [
+        (specs.switch_spec(s, owned_ports=desired[s.pk].keys(), static_vlans=statics.get(s.pk, ())), desired[s.pk])
+        for s in switches
+    ]
+
+
+def converge_one(spec, desired) -> None:
+    with switch_session(spec) as session:
+        session.converge(desired)
+
+
+def sessions(work: list[tuple], _queue: str) -> None:
+    for future in [_SESSION_THREADS.submit(converge_one, spec, desired) for spec, desired in work]:
+        future.result()
+
+
+WAYS = {"layer": layer, "per-device": per_device, "one-by-one": one_by_one, "sessions": sessions}
+PREPARE = {"sessions": sessions_work}  # done before the clock starts
 
 
 def cpu_ms(pids) -> float:
@@ -165,11 +199,11 @@ def main() -> int:
         # warm up: the worker's threads open their database connections, Python imports the drivers
         for name, way in WAYS.items():
             seg, switches, changes = new_segment(inv, max(SIZES), f"warm-{name}")
-            way(changes, queue)
+            way(PREPARE.get(name, list)(changes), queue)
             remove(seg, switches)
         print(
             f"{'switches':>8} {'layer ms':>9} {'per-device tasks ms':>20} {'one-by-one ms':>14} "
-            f"{'layer vs 1 switch':>18} {'per-device vs 1':>16}"
+            f"{'sessions alone ms':>18} {'layer vs 1 switch':>18} {'per-device vs 1':>16} {'sessions vs 1':>14}"
         )
         base: dict[str, float] = {}
         daemons = [pid for pid in lab.state["pids"].values() if pid]
@@ -180,9 +214,10 @@ def main() -> int:
             for r in range(args.rounds):
                 for name, way in WAYS.items():  # interleaved, so that drift of the machine hits all three
                     seg, switches, changes = new_segment(inv, n, f"{name[:3]}{n}-{r}")
+                    arg = PREPARE.get(name, list)(changes)
                     before = (cpu_ms([worker.proc.pid]), cpu_ms(daemons), time.process_time() * 1000)
                     started = time.perf_counter()
-                    way(changes, queue)
+                    way(arg, queue)
                     times[name].append(time.perf_counter() - started)
                     if name == "layer":
                         after = (cpu_ms([worker.proc.pid]), cpu_ms(daemons), time.process_time() * 1000)
@@ -194,8 +229,10 @@ def main() -> int:
                 base.setdefault(name, ms[name])
             print(
                 f"{n:>8} {ms['layer']:>9.0f} {ms['per-device']:>20.0f} {ms['one-by-one']:>14.0f} "
-                f"{ms['layer'] / base['layer']:>17.2f}x {ms['per-device'] / base['per-device']:>15.2f}x"
+                f"{ms['sessions']:>18.1f} {ms['layer'] / base['layer']:>17.2f}x "
+                f"{ms['per-device'] / base['per-device']:>15.2f}x {ms['sessions'] / base['sessions']:>13.2f}x"
             )
+            top = ms
         print(
             f"goal: 16 switches within 1.5x of 1 switch (layer); median of {args.rounds} rounds; pool {args.pool}; "
             f"lab planes: {args.planes}; "
@@ -223,6 +260,13 @@ def main() -> int:
             f"of which the lab's daemons: {daemons_extra:.1f} ms, a floor of "
             f"{(base['layer'] + daemons_extra / cores) / base['layer']:.2f}x even if the worker and this client "
             f"spent nothing more"
+        )
+        sessions_extra, layer_extra = top["sessions"] - base["sessions"], top["layer"] - base["layer"]
+        print(
+            f"the driver sessions alone (the lab and the drivers: no database, no Celery) take {sessions_extra:.1f} ms "
+            f"more for {last} switches than for 1 ({base['sessions']:.1f} -> {top['sessions']:.1f} ms); the layer "
+            f"takes {layer_extra:.1f} ms more, so the portal's own share of the extra is "
+            f"{layer_extra - sessions_extra:.1f} ms"
         )
     finally:
         try:
