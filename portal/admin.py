@@ -74,7 +74,9 @@ def _plain(value):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    """Tokens are made here; the secret is shown once, in the confirmation message."""
+    """Tokens are made here; the secret is shown once, in the confirmation message. A token acts as its user with
+    its scopes, so only a superuser makes one or changes its scopes and expiry: another staff member who may
+    change tokens renames and revokes them (a token for someone else, or a wider scope, would be theirs to use)."""
 
     form = ApiTokenForm
     list_display = ("name", "user", "prefix", "scopes_list", "created_at", "expires_at", "revoked_at", "last_used_at")
@@ -83,8 +85,14 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_select_related = ("user",)
     actions = ["revoke"]
 
+    def has_add_permission(self, request) -> bool:
+        return request.user.is_superuser and super().has_add_permission(request)
+
     def get_readonly_fields(self, request, obj=None):
-        return ("user", "prefix", "created_at", "revoked_at", "last_used_at", "last_used_ip") if obj else ()
+        if obj is None:
+            return ()
+        fixed = ("user", "prefix", "created_at", "revoked_at", "last_used_at", "last_used_ip")
+        return fixed if request.user.is_superuser else (*fixed, "scopes", "expires_at")
 
     def save_model(self, request, obj, form, change):
         if change:
@@ -135,9 +143,10 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(DirectoryAccount)
-class DirectoryAccountAdmin(admin.ModelAdmin):
+class DirectoryAccountAdmin(MadeByThePortal, admin.ModelAdmin):
     """Which accounts come from LDAP and when they last followed it (written by logins and the periodic sync;
-    read-only here: the directory is the source)."""
+    read-only here: the directory is the source. Deleting a row would take the account out of the sync, which
+    deactivates it when it leaves the directory, and keep its tokens and credentials working after that)."""
 
     list_display = ["user", "dn", "synced_at", "active"]
     list_select_related = ["user"]
@@ -147,12 +156,6 @@ class DirectoryAccountAdmin(admin.ModelAdmin):
     @admin.display(boolean=True, ordering="user__is_active")
     def active(self, obj) -> bool:
         return obj.user.is_active
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(LoginFailure)

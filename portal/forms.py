@@ -21,7 +21,12 @@ class LoginForm(AuthenticationForm):
         try:
             cleaned = super().clean()
         except forms.ValidationError as exc:
-            if exc.code == "invalid_login":  # (not an LDAP outage, not a disabled account)
+            # A wrong password counts; so does one the local accounts' backend checked while the directory was
+            # down (a break-glass account is guessed at just then). A directory account's password was not
+            # checked: not its failure.
+            if exc.code == "invalid_login" or (
+                exc.code == "ldap_unavailable" and not logins.directory_account_named(name)
+            ):
                 logins.login_failed(name, address)
             raise
         if self.get_user() is not None:  # (None: a field is missing, and says so)

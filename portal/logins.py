@@ -19,7 +19,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from portal import audit
-from portal.models import LoginFailure
+from portal.models import DirectoryAccount, LoginFailure
 
 # how the audit log's entries of sign-ins begin (written here, listed by ``sign_ins``)
 LOGGED_IN, FAILED = "logged in", "failed login"
@@ -75,6 +75,12 @@ def refused_for(name: str, address: str | None) -> str | None:
     if minutes is not None:
         return f"Too many failed logins for this account from many addresses: try again in {minutes} minute(s)."
     return None
+
+
+def directory_account_named(name: str) -> bool:
+    """Whether an account of ``name`` (in any case, as the directory matches names) is the directory's."""
+    field = get_user_model().USERNAME_FIELD
+    return bool(name) and DirectoryAccount.objects.filter(**{f"user__{field}__iexact": name}).exists()
 
 
 def login_failed(name: str, address: str | None) -> None:

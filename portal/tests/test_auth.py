@@ -134,6 +134,26 @@ def test_local_superuser_still_logs_in_while_the_directory_is_down(client, ldap_
     assert client.get(reverse("admin:index")).status_code == 200
 
 
+def test_a_local_account_guessed_while_the_directory_is_down_is_throttled(client, ldap_down, root, settings):
+    """The local accounts' backend checks the password while the directory is down: a wrong one counts
+    towards the limit, which then refuses the right one too. A directory account's password is not checked
+    then: its tries do not count."""
+    from portal.models import DirectoryAccount, LoginFailure
+
+    settings.LOGIN_FAILURES_MAX = 3
+    for _ in range(3):
+        response = log_in(client, "root", "guess", url="admin:login")
+        assert LDAP_UNAVAILABLE_MESSAGE in response.content.decode().replace("&#x27;", "'")
+    response = log_in(client, "root", "root-password", url="admin:login")
+    assert response.status_code == 200 and "_auth_user_id" not in client.session
+    assert "Too many failed logins for this account" in response.content.decode()
+    alice = User.objects.create_user("alice")
+    DirectoryAccount.objects.create(user=alice, dn=f"uid=alice,{ldap_down.people_base}")
+    for _ in range(4):
+        log_in(client, "Alice", ldap_down.passwords["alice"])
+    assert not LoginFailure.objects.filter(username__iexact="alice").exists()
+
+
 def test_known_ldap_user_cannot_fall_back_to_a_local_password_while_down(client, ldap_down, caplog):
     """A directory account with a local password (an administrator set one; here the directory's own) would
     log in without the directory, even after it disabled the account: refused while the directory is down.
@@ -396,6 +416,13 @@ def test_admin_lists_the_directory_accounts(client, own_directory, admin_client)
     assert page.status_code == 200 and f"uid=alice,{own_directory.people_base}" in page.content.decode()
     account = User.objects.get(username="alice").directory_account
     assert admin_client.get(reverse("admin:portal_directoryaccount_change", args=[account.pk])).status_code == 200
+    # never deleted there: the account would leave the sync, which deactivates it when it leaves the directory
+    assert admin_client.post(reverse("admin:portal_directoryaccount_delete", args=[account.pk])).status_code == 403
+    r = admin_client.post(
+        reverse("admin:portal_directoryaccount_changelist"),
+        {"action": "delete_selected", "_selected_action": [account.pk], "post": "yes"},
+    )
+    assert r.status_code in (200, 302) and User.objects.get(username="alice").directory_account.pk == account.pk
 
 
 def test_logging_out_says_so_and_a_typed_logout_address_asks_first(client, alice):

@@ -32,6 +32,32 @@ def test_changing_and_deleting_a_token_in_admin_is_audited(client, root, alice):
     assert gone.changes == {"scopes": [["clusters:read", "clusters:manage"], None]}
 
 
+def test_only_a_superuser_makes_tokens_or_widens_them_in_admin(client, root, alice):
+    """A staff member who may add and change tokens (the help desk, to revoke them) cannot make one for
+    someone else, nor give one more scopes or a longer life: the token would act as its user."""
+    from portal.tests.test_staff_permissions import staff
+
+    helpdesk = staff("helpdesk", "portal.add_apitoken", "portal.change_apitoken", "portal.view_apitoken")
+    token, _ = token_create(user=helpdesk, name="own", scopes=[TokenScope.CLUSTERS_READ])
+    client.force_login(helpdesk)
+    assert client.get(reverse("admin:portal_apitoken_add")).status_code == 403
+    form = {"user": root.pk, "name": "mine", "scopes": [TokenScope.CLUSTERS_MANAGE], "expires_at": ""}
+    assert client.post(reverse("admin:portal_apitoken_add"), form).status_code == 403
+    assert list(ApiToken.objects.values_list("name", flat=True)) == ["own"]
+    form = {"name": "renamed", "scopes": [TokenScope.CLUSTERS_MANAGE], "expires_at": ""}
+    assert client.post(reverse("admin:portal_apitoken_change", args=[token.pk]), form).status_code == 302
+    token.refresh_from_db()
+    assert (token.name, token.scopes, token.expires_at) == ("renamed", [TokenScope.CLUSTERS_READ], None)
+    r = client.post(reverse("admin:portal_apitoken_changelist"), {"action": "revoke", "_selected_action": [token.pk]})
+    assert r.status_code == 302
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    client.force_login(root)  # a superuser does both
+    form = {"user": alice.pk, "name": "scheduler", "scopes": [TokenScope.CLUSTERS_MANAGE], "expires_at": ""}
+    assert client.post(reverse("admin:portal_apitoken_add"), form).status_code == 302
+    assert ApiToken.objects.get(name="scheduler").scopes == [TokenScope.CLUSTERS_MANAGE]
+
+
 @pytest.mark.parametrize("raw", ["vc_\x00abc_secret", "vc_abc\x00_secret", "vc_abc_sec\x00ret"])
 def test_a_token_with_a_nul_is_refused_not_a_500(alice, raw):
     api = APIClient()
