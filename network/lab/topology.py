@@ -148,13 +148,15 @@ def from_dict(data: dict) -> Topology:
 
 
 def load(path: str | Path) -> Topology:
-    """A topology file, JSON or YAML (by extension)."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+    """A topology file, JSON or YAML (by extension); one that cannot be read or parsed is a ``TopologyError``."""
+    import yaml
 
-        return from_dict(yaml.safe_load(text))
-    return from_dict(json.loads(text))
+    try:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise TopologyError(f"cannot read the topology {path}: {exc}") from None
+    return from_dict(data)
 
 
 def generate(

@@ -390,7 +390,7 @@ def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab(planes):
     site's OVSDB); ``lab down`` restores the inventory."""
     from pathlib import Path
 
-    from django.core.management import call_command
+    from django.core.management import CommandError, call_command
 
     from network import specs
     from network.drivers import host_session
@@ -416,6 +416,14 @@ def test_lab_up_from_the_database_points_the_portal_specs_at_the_lab(planes):
         assert result.diff == "port core trunks add 300\nport h1 trunks add 300"
         with host_session(specs.host_spec(Host.objects.get(name="brno-h1"))) as session:
             assert session.converge(frozenset({300})).after == {"brno-h1": frozenset({300})}
+        # a topology file that cannot be read or parsed: a clear error, the lab and the inventory as they were
+        bad = Path(lab.run_dir) / "bad.yaml"
+        bad.write_text("sites: [a\n")
+        for path, message in ((bad.with_name("missing.yaml"), "No such file"), (bad, "cannot read the topology")):
+            with pytest.raises(CommandError, match=message):
+                call_command("lab", "up", "--name", name, "--topology", str(path))
+            assert Switch.objects.get(name="brno-sw").address == lab.switch_db("brno-sw")
+            assert Lab.find(name).prefix == lab.prefix
     finally:
         call_command("lab", "down", "--name", name)
     assert Switch.objects.get(name="brno-sw").address == "lab"

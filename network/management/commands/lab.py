@@ -47,12 +47,14 @@ class Command(BaseCommand):
             raise CommandError(f"cannot build the lab here: {reason}")
         from network.lab.inventory import point_inventory_at, restore_inventory
 
-        old = Lab.find(name)
-        if old is not None:
-            restore_inventory(old)
+        # the topology first: a bad file or an empty inventory leaves a running lab of that name as it is,
+        # the inventory pointing at it
         topo = topology.load(topology_file) if topology_file else topology.from_db()
         if not topo.switches:
             raise CommandError("nothing to build: the inventory has no enabled switch (import a topology first)")
+        old = Lab.find(name)
+        if old is not None:
+            restore_inventory(old)
         started = time.monotonic()
         lab = Lab.up(topo, name=name, persistent=True, planes=self.planes)
         took = time.monotonic() - started
