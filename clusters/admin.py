@@ -41,6 +41,7 @@ class ImageAdmin(admin.ModelAdmin):
     search_fields = ("name", "description", "source", "owner__username")
     raw_id_fields = ("owner",)
     readonly_fields = ("created_at",)
+    list_select_related = ("owner", "group")
     actions = ("approve", "withdraw_approval")
 
     @admin.action(description="Approve the selected images (the provider vouches for them)", permissions=["change"])
@@ -115,10 +116,12 @@ class QuotaAdmin(admin.ModelAdmin):
     search_fields = ("user__username", "group__name", "note")
     raw_id_fields = ("user",)
 
+    def get_queryset(self, request):
+        return selectors.quotas_with_usage(super().get_queryset(request))
+
     @admin.display(description="live clusters / nodes now")
     def in_use(self, quota: Quota) -> str:
-        clusters, nodes = selectors.quota_usage(user=quota.user, group=quota.group)
-        return f"{clusters} / {nodes}"
+        return f"{quota.live_clusters} / {quota.live_nodes}"
 
 
 class WebhookForm(forms.ModelForm):

@@ -291,6 +291,26 @@ def test_the_list_costs_the_same_queries_for_many_images(alice, bob, django_asse
         assert len(names(api.get("/api/images/"))) == 12
 
 
+def test_the_admin_list_costs_the_same_queries_for_many_users_images(alice, bob, root):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    admin = APIClient()
+    admin.force_login(root)
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as done:
+            assert admin.get("/admin/clusters/image/").status_code == 200
+        return len(done)
+
+    register(alice, name="a0", group="physics")
+    few = queries()
+    for i in range(1, 6):
+        register(alice, name=f"a{i}", group="physics")
+        register(bob, name=f"b{i}")
+    assert queries() == few  # owner and group joined
+
+
 @pytest.mark.skipif("connection.vendor != 'postgresql'")
 def test_a_delete_waits_for_a_create_that_uses_the_image(fabric, alice):
     """A create share-locks the image's row: a delete that comes meanwhile waits, then finds the live

@@ -153,6 +153,38 @@ def test_admin_lists_quotas_with_what_is_in_use(fabric, alice, root, settings):
     assert r.status_code == 200 and "A quota is for a user or for a group" in r.content.decode()
 
 
+def test_the_quota_admin_list_counts_every_row_in_a_fixed_number_of_queries(fabric, alice, bob, root, team):
+    """What is in use per row is what the quota's owner (a user, or a group's clusters) holds live, counted for
+    the whole page at once: more rows, no more queries."""
+    from django.contrib.auth.models import Group, User
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert create(client_for(alice), "a1", hosts=("brno1", "pilsen1"), group="physics").status_code == 201
+    assert create(client_for(bob), "b1").status_code == 201
+    Quota.objects.create(user=alice, max_clusters=5, max_nodes=10, note="row-alice")
+    Quota.objects.create(group=team, max_clusters=9, max_nodes=90, note="row-team")
+    api = APIClient()
+    api.force_login(root)
+
+    def page() -> tuple[str, int]:
+        with CaptureQueriesContext(connection) as queries:
+            r = api.get("/admin/clusters/quota/")
+        assert r.status_code == 200
+        return r.content.decode(), len(queries)
+
+    text, few = page()
+    rows = {note: text.split(note)[0].rsplit("<tr", 1)[1] for note in ("row-alice", "row-team")}
+    assert "1 / 2" in rows["row-alice"] and "1 / 2" in rows["row-team"]
+    Quota.objects.create(user=bob, max_clusters=1, max_nodes=1, note="row-bob")
+    for i in range(6):
+        Quota.objects.create(user=User.objects.create_user(f"u{i}"), max_clusters=1, max_nodes=1)
+        Quota.objects.create(group=Group.objects.create(name=f"g{i}"), max_clusters=1, max_nodes=1)
+    text, many = page()
+    assert many == few
+    assert "1 / 1" in text.split("row-bob")[0].rsplit("<tr", 1)[1]
+
+
 def test_the_quota_endpoint_says_what_applies_and_what_is_in_use(fabric, alice, bob, root, team, settings):
     from portal.models import TokenScope
     from portal.tokens import token_create
