@@ -188,6 +188,11 @@ class WebhookAdmin(admin.ModelAdmin):
         "next_attempt_at",
     )
 
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change:  # a new URL, or enabled again: no backoff left from before, as through the API
+            services.webhook_saved_in_admin(hook=obj, changed=form.changed_data)
+
 
 class NodeInline(admin.TabularInline):
     model = Node

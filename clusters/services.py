@@ -1389,12 +1389,28 @@ def webhook_update(*, hook: Webhook, changes: dict) -> Webhook:
             setattr(hook, name, changes[name])
     _webhook_checked(hook)
     changed = [name for name in _WEBHOOK_FIELDS if before[name] != getattr(hook, name)]
-    if "url" in changed or ("enabled" in changed and hook.enabled):
-        hook.failures, hook.next_attempt_at, hook.last_error = 0, timezone.now(), ""
-        changed += ["failures", "next_attempt_at", "last_error"]
+    if webhook_starts_afresh(hook, changed):
+        changed += _webhook_afresh(hook)
     if changed:
         hook.save(update_fields=changed)
     return hook
+
+
+def webhook_starts_afresh(hook: Webhook, changed: list[str]) -> bool:
+    """Whether a change of the fields ``changed`` (a new URL, enabled again) ends the backoff of ``hook``."""
+    return "url" in changed or ("enabled" in changed and hook.enabled)
+
+
+def _webhook_afresh(hook: Webhook) -> list[str]:
+    """No backoff left from the failures of before: delivered at the next run. The fields set."""
+    hook.failures, hook.next_attempt_at, hook.last_error = 0, timezone.now(), ""
+    return ["failures", "next_attempt_at", "last_error"]
+
+
+def webhook_saved_in_admin(*, hook: Webhook, changed: list[str]) -> None:
+    """After the admin saved ``hook``'s form (fields ``changed``): what ``webhook_update`` does beyond saving."""
+    if webhook_starts_afresh(hook, changed):
+        hook.save(update_fields=_webhook_afresh(hook))
 
 
 def webhook_delete(*, hook: Webhook) -> None:

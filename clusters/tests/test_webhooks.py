@@ -223,6 +223,40 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
     assert r.status_code == 200 and "a webhook made in the admin has this name already" in r.content.decode()
 
 
+def test_a_webhook_repaired_in_admin_starts_afresh(root, receiver):
+    """A new URL, or enabled again, ends the backoff of the failures of before, as through the API; another
+    change (its states) does not."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    later = timezone.now() + timedelta(hours=1)
+    hook = Webhook.objects.create(
+        name="acct", url="http://127.0.0.1:9/x", secret=SECRET, failures=7, next_attempt_at=later, last_error="refused"
+    )
+    api = APIClient()
+    api.force_login(root)
+
+    def save(**changes) -> Webhook:
+        form = {"name": "acct", "url": hook.url, "secret": "", "states": "[]", "enabled": "on", **changes}
+        form = {k: v for k, v in form.items() if v is not None}
+        r = api.post(f"/admin/clusters/webhook/{hook.pk}/change/", form)
+        assert r.status_code == 302, r.content[:2000]
+        return Webhook.objects.get(pk=hook.pk)
+
+    saved = save(states='["ready"]')
+    assert (saved.failures, saved.next_attempt_at, saved.last_error) == (7, later, "refused")
+    saved = save(url=receiver.url, states='["ready"]')
+    assert (saved.failures, saved.last_error) == (0, "") and saved.next_attempt_at <= timezone.now()
+    assert saved.secret == SECRET
+    Webhook.objects.filter(pk=hook.pk).update(failures=3, next_attempt_at=later)
+    hook.url = receiver.url
+    saved = save(enabled=None)  # turned off: the backoff stays
+    assert (saved.enabled, saved.failures) == (False, 3)
+    saved = save()  # on again
+    assert (saved.enabled, saved.failures) == (True, 0) and saved.next_attempt_at <= timezone.now()
+
+
 def test_an_endpoint_that_hangs_holds_no_lock_and_its_attempt_is_counted_meanwhile(fabric, alice, settings):
     """The POST runs outside any transaction: while an endpoint takes its time, the webhook's row is not
     locked and the attempt is already counted as a failure with its backoff — a worker cut by its time limit
