@@ -128,22 +128,21 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         "read": (TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
         "write": (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE),
     }
-    filter_fields = ("state", "connectivity", "job_id", "name")
     throttle_scope = "cluster-writes"  # (unsafe methods only: portal.throttle)
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return VirtualCluster.objects.none()
         qs = selectors.clusters_visible(self.request)
-        params = self.request.query_params
-        choice_param(self.request, "state", ClusterState.values)
-        choice_param(self.request, "connectivity", Connectivity.values)
-        for field in self.filter_fields:
-            if field in params:
-                qs = qs.filter(**{field: query_param(self.request, field)})
-        if "owner" in params:
-            qs = qs.filter(owner__username=query_param(self.request, "owner"))
-        return qs
+        # an empty value is no filter (a scheduler's template with an empty variable), not "none match"
+        values = {
+            "state": choice_param(self.request, "state", ClusterState.values),
+            "connectivity": choice_param(self.request, "connectivity", Connectivity.values),
+            "job_id": query_param(self.request, "job_id"),
+            "name": query_param(self.request, "name"),
+            "owner__username": query_param(self.request, "owner"),
+        }
+        return qs.filter(**{lookup: value for lookup, value in values.items() if value})
 
     def _actionable(self, pk) -> object:
         cluster = get_object_or_404(self.get_queryset(), pk=pk)

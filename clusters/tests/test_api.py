@@ -1215,6 +1215,12 @@ def test_list_filters_and_query_count(fabric, images, api, alice, django_assert_
     assert api.get("/api/clusters/?connectivity=closed").data["count"] == 5
     r = api.get("/api/clusters/?connectivity=Closed")  # a typo was an empty list, as if there were none
     assert r.status_code == 400 and "connectivity" in r.data
+    # an empty value (a template's empty variable) filters nothing: it was an empty list, as if there were none
+    for query in ("state=", "connectivity=", "owner=", "job_id=", "name=", "state=&owner=&job_id="):
+        assert api.get(f"/api/clusters/?{query}").data["count"] == 5, query
+    assert api.get("/api/clusters/?state=&name=c2").data["results"][0]["name"] == "c2"
+    assert api.get("/api/clusters/?owner=alice&state=ready").data["count"] == 5
+    assert api.get("/api/clusters/?owner=bob").data["count"] == 0
     assert IdempotencyKey.objects.count() == 0
 
 
