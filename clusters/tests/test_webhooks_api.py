@@ -215,6 +215,40 @@ def test_a_users_webhook_gets_the_events_of_the_clusters_the_user_sees(
     ]
 
 
+def test_a_users_event_committed_while_its_webhook_looks_is_not_skipped(fabric, alice, charlie, receiver):
+    """A user's webhook that finds none of its owner's events moves past the others': an event of the owner's
+    committed just after that query (here: inserted right after it) is sent at the next round, not skipped."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from clusters.models import ClusterEvent, VirtualCluster
+
+    writer = client_with(alice, TokenScope.CLUSTERS_WRITE)
+    r = writer.post("/api/webhooks/", {"name": "alice-events", "url": receiver.url}, format="json")
+    hook = Webhook.objects.get(pk=r.data["id"])
+    create_cluster(charlie, "theirs", "52:54:00:00:01:01")
+    mine = create_cluster(alice, "mine", "52:54:00:00:00:01")
+    deliver_webhooks()
+    assert {e["cluster"] for e in receiver.events(0)} == {mine}
+    create_cluster(charlie, "theirs2", "52:54:00:00:01:02")
+    late = []
+
+    def commits_meanwhile(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if not late and "clusterevent" in sql and "owner_id" in sql:  # the query for alice's events
+            cluster = VirtualCluster.objects.get(pk=mine)
+            late.append(ClusterEvent.objects.create(cluster=cluster, state=cluster.state, at=timezone.now()).id)
+        return result
+
+    with connection.execute_wrapper(commits_meanwhile):
+        deliver_webhooks()
+    assert late and len(receiver.requests) == 1
+    hook.refresh_from_db()
+    assert hook.last_event_id < late[0]
+    deliver_webhooks()
+    assert [e["id"] for e in receiver.events(1)] == late
+
+
 def test_a_users_webhook_behind_others_events_catches_up_at_once(fabric, alice, charlie, receiver):
     """Others' events are left out in the query: after failures (a batch of one event) a user's webhook does not
     crawl through everyone else's events one delivery at a time; with none of its own, it moves past them."""
