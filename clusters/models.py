@@ -432,6 +432,18 @@ class Webhook(models.Model):
         if unknown:
             raise ValidationError({"states": f"unknown states {', '.join(unknown)}; use {choices}"})
 
+    def token_allows(self) -> bool:
+        """Whether the token it was registered with (if any) still has the scopes for the feed it gets: every
+        cluster's needs ``clusters:manage``, its owner's clusters ``clusters:write`` (or manage). A scope taken
+        from the token in the admin stops the feed, as revoking it does (``deliverable``)."""
+        from portal.models import TokenScope
+
+        if self.token_id is None:
+            return True
+        if self.all_clusters:
+            return self.token.has_scope(TokenScope.CLUSTERS_MANAGE)
+        return any(self.token.has_scope(s) for s in (TokenScope.CLUSTERS_WRITE, TokenScope.CLUSTERS_MANAGE))
+
     @classmethod
     def deliverable(cls):
         """The webhooks that get the feed: enabled, and made in the admin or by an account that still may — its

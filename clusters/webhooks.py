@@ -266,8 +266,14 @@ def deliver(webhook_id: int) -> Delivery:
     the endpoint answers 2xx — so batches never overlap, and an endpoint that hangs (or a worker cut by its
     time limit) still backs off; the POST itself holds no lock and no transaction open."""
     with transaction.atomic():
-        hook = Webhook.deliverable().select_for_update(skip_locked=True, of=("self",)).filter(pk=webhook_id).first()
-        if hook is None or hook.next_attempt_at > timezone.now():
+        hook = (
+            Webhook.deliverable()
+            .select_related("token")
+            .select_for_update(skip_locked=True, of=("self",))
+            .filter(pk=webhook_id)
+            .first()
+        )
+        if hook is None or hook.next_attempt_at > timezone.now() or not hook.token_allows():
             return Delivery(webhook=hook.name if hook else "", sent=0)
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)

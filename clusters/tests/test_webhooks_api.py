@@ -152,6 +152,31 @@ def test_a_webhook_stops_with_the_token_or_the_account_it_was_registered_with(al
     assert not Webhook.objects.filter(pk=hook.pk).exists()  # gone with its account, never left ownerless
 
 
+def test_a_scope_taken_from_the_token_stops_the_feed_it_gave(fabric, alice, bob, receiver, django_user_model):
+    """The feed follows the token's scopes now, not those it had when the webhook was registered: every
+    cluster's needs clusters:manage, the owner's own clusters:write."""
+    pbs = django_user_model.objects.create_user("pbs")
+    manage, manage_secret = token_create(user=pbs, name="pbs", scopes=[TokenScope.CLUSTERS_MANAGE])
+    write, write_secret = token_create(user=alice, name="alice", scopes=[TokenScope.CLUSTERS_WRITE])
+    for secret, name in ((manage_secret, "everything"), (write_secret, "mine")):
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        assert api.post("/api/webhooks/", {"name": name, "url": receiver.url}, format="json").status_code == 201
+    create_cluster(alice, "c1")
+    deliver_webhooks()
+    assert len(receiver.requests) == 2
+    for token, left in ((manage, [TokenScope.CLUSTERS_READ, TokenScope.METRICS]), (write, [TokenScope.CLUSTERS_READ])):
+        token.scopes = left
+        token.save()
+    create_cluster(alice, "c2", "52:54:00:00:00:02")
+    deliver_webhooks()
+    assert len(receiver.requests) == 2  # neither is fed any more
+    manage.scopes = [TokenScope.CLUSTERS_MANAGE]
+    manage.save()
+    deliver_webhooks()
+    assert len(receiver.requests) == 3
+
+
 def test_a_staff_member_who_may_only_view_clusters_cannot_register_one(django_user_model):
     from django.contrib.auth.models import Permission
 
