@@ -426,9 +426,11 @@ def build_crl(
     """A CRL of ``revoked`` (entries or ``(serial, revoked_at, reason)`` tuples), signed by ``ca``.
 
     ``crl_number`` must grow with every CRL the CA publishes (RFC 5280 §5.2.3); OpenVPN refuses every
-    client once ``next_update`` has passed, so the portal must republish well before it.
+    client once ``next_update`` has passed, so the portal must republish well before it. ``this_update``
+    (default: now) is back-dated by ``CLOCK_SKEW``, as certificates are: OpenVPN refuses every client while its
+    CRL is "not yet valid" on a gateway whose clock is behind the portal's.
     """
-    start = this_update or _now()
+    start = (this_update or _now()) - CLOCK_SKEW
     end = next_update or (start + validity)
     if end <= start:
         raise PKIError("CRL next_update must be after this_update")

@@ -107,6 +107,30 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 
 
 @needs_openssl
+def test_a_fresh_crl_is_valid_on_a_gateway_whose_clock_is_behind(tmp_path, ca):
+    """OpenVPN (OpenSSL) refuses every client while its CRL is not yet valid: a CRL signed just now, like a
+    certificate, is back-dated by CLOCK_SKEW for a gateway whose clock is behind the portal's."""
+    cert = pki.issue_client_cert(ca, public_key=pki.generate_client_key().public_key, user="alice", serial=20)
+    crl = pki.build_crl(ca, [], crl_number=1)
+    assert crl.last_update_utc <= pki._now() - pki.CLOCK_SKEW + dt.timedelta(seconds=1)
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    (tmp_path / "crl.pem").write_bytes(pki.crl_to_pem(crl))
+    (tmp_path / "alice.pem").write_bytes(pki.cert_to_pem(cert))
+    behind = int((pki._now() - dt.timedelta(minutes=2)).timestamp())
+    cmd = ["openssl", "verify", "-CAfile", "ca.pem", "-crl_check", "-CRLfile", "crl.pem", "-attime", str(behind)]
+    checked = subprocess.run([*cmd, "alice.pem"], cwd=tmp_path, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.django_db
+def test_the_portals_crl_is_back_dated_too():
+    from access import services
+
+    crl = x509.load_pem_x509_crl(services.crl_current().encode())
+    assert crl.last_update_utc <= pki._now() - pki.CLOCK_SKEW + dt.timedelta(seconds=1)
+
+
+@needs_openssl
 @pytest.mark.parametrize("key_type", ["p256", "ed25519"])
 def test_openssl_verifies_chain_purpose_and_crl(tmp_path, key_type):
     ca = pki.create_ca("VirtCloud VPN CA", key_type=key_type)
