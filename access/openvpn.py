@@ -11,6 +11,7 @@ Client compatibility: tap needs the OpenVPN 2.x client (Linux, macOS Tunnelblick
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -73,6 +74,20 @@ def failover_prefix(server_names: Sequence[str]) -> str:
     return prefix if len(prefix) >= MIN_SHARED_NAME else ""
 
 
+def publish_device(cluster: str) -> str:
+    """The tap device of a publish profile for ``cluster`` (its label, ``<name>-<id>``): ``vc-<label>``, which a
+    router's LAN bridge names. A device name has at most 15 characters: a longer label keeps its id whole and
+    shortens its name, so that two clusters' devices never share a name (``simulation-run-101`` and
+    ``-102`` would both be ``vc-simulation-r``)."""
+    dev = f"vc-{cluster}"
+    if len(dev) <= 15:
+        return dev
+    name, _, ident = cluster.rpartition("-")
+    if name and ident.isdigit() and len(ident) <= 10:
+        return f"vc-{name[: 11 - len(ident)]}-{ident}"
+    return "vc-" + hashlib.sha256(cluster.encode()).hexdigest()[:12]
+
+
 def render_client_profile(
     *,
     cluster: str,
@@ -118,7 +133,7 @@ def render_client_profile(
     remotes = [remote] if isinstance(remote, tuple) else list(remote)
     if not remotes:
         raise ProfileError("a profile needs at least one remote")
-    dev = dev or (f"vc-{cluster}"[:15] if publish else "tap")
+    dev = dev or (publish_device(cluster) if publish else "tap")
     _check(_DEV_RE, dev, "tap device name")
     for name in (server_name, *(r.server_name for r in fallbacks)):
         _check(_SERVER_NAME_RE, name, "server name")

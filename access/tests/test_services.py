@@ -191,6 +191,17 @@ def test_publish_profile_is_long_lived(alice, cluster, gateway):
     assert Credential.objects.get(serial=parsed.cert.serial_number).published
 
 
+def test_publish_profiles_of_two_clusters_never_share_a_tap_device():
+    from access import openvpn
+
+    names = ["simulation-run-101", "simulation-run-102", "a-1", "x" * 40 + "-9999999999", "y" * 40 + "-9999999999"]
+    devices = [openvpn.publish_device(name) for name in names]
+    assert devices[:3] == ["vc-simulati-101", "vc-simulati-102", "vc-a-1"]
+    assert len(set(devices)) == len(devices) and all(len(d) <= 15 for d in devices)
+    long_id = openvpn.publish_device("c-" + "7" * 12)  # (no room for the id: a digest of the label)
+    assert long_id.startswith("vc-") and len(long_id) == 15
+
+
 def test_vpn_profile_refused_without_membership_or_gateway(charlie, alice, cluster, gateway):
     with pytest.raises(NotAllowed):
         services.vpn_profile_issue(user=charlie, clusters=[cluster.pk])
