@@ -829,10 +829,21 @@ _BUSY_STATES = (ClusterState.REQUESTED, ClusterState.PROVISIONING, ClusterState.
 
 def _require_ready(cluster: VirtualCluster) -> None:
     """A 409 unless ``cluster`` is READY: ``Busy`` while a workflow runs that ends in READY (retry later),
-    ``Conflict`` once it has ended or is tearing down (never)."""
-    if cluster.state != ClusterState.READY:
-        error = Busy if cluster.state in _BUSY_STATES else Conflict
-        raise error(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
+    ``Conflict`` once it has ended, is tearing down, or its provisioning failed and is being rolled back (it
+    ends FAILED: never)."""
+    if cluster.state == ClusterState.READY:
+        return
+    if cluster.state == ClusterState.PROVISIONING and _rolling_back(cluster):
+        raise Conflict(f"cluster {cluster.name}'s provisioning failed and is being rolled back: it ends failed")
+    error = Busy if cluster.state in _BUSY_STATES else Conflict
+    raise error(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
+
+
+def _rolling_back(cluster: VirtualCluster) -> bool:
+    """Whether the current workflow of ``cluster`` is the rollback of a failed provisioning."""
+    return ClusterStep.objects.filter(
+        cluster=cluster, name="compensate", generation=cluster.workflow_generation, status=StepStatus.RUNNING
+    ).exists()
 
 
 def _segment_hosts(cluster: VirtualCluster) -> list[Host]:

@@ -404,6 +404,33 @@ def test_a_change_while_the_cluster_is_busy_says_retry_later(fabric, images, pbs
     assert "Retry-After" not in never
 
 
+def test_a_change_while_a_failed_provisioning_is_rolled_back_says_never(fabric, images, pbs, alice, monkeypatch):
+    """The provisioning failed and its rollback runs: the cluster is still provisioning, but ends FAILED, so a
+    change is a 409 ``conflict`` without Retry-After, not ``busy`` for a scheduler to retry until the deadline."""
+    from celery.canvas import _chain
+
+    from clusters import services, workflows
+
+    client = token_for(pbs)
+    with monkeypatch.context() as m:  # sent, and no worker has taken it yet
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+        cid = client.post("/api/clusters/", body(owner="alice"), format="json").data["id"]
+    n3 = {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]}
+    still = client.post(f"/api/clusters/{cid}/nodes/", n3, format="json")
+    assert still.status_code == 409 and still.data["code"] == "busy" and "Retry-After" in still
+    cluster = VirtualCluster.objects.get(pk=cid)
+    with monkeypatch.context() as m:  # the rollback is sent, and waits for a worker
+        m.setattr(workflows, "start_compensation", lambda *args: None)
+        assert services.cluster_provisioning_failed(
+            cluster_id=cid, generation=cluster.workflow_generation, reason="switch sw-brno: timeout"
+        )
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.PROVISIONING
+    never = client.post(f"/api/clusters/{cid}/nodes/", n3, format="json")
+    assert never.status_code == 409 and never.data["code"] == "conflict", never.content
+    assert "provisioning failed and is being rolled back" in never.data["detail"]
+    assert "Retry-After" not in never
+
+
 def test_the_schema_tells_busy_from_conflict(alice):
     raw = schema(as_user(alice))
     for path, method in (
