@@ -769,9 +769,10 @@ def cluster_provisioning_started(*, cluster_id: int, generation: int) -> Cluster
     )
 
 
-def cluster_provisioning_sent(*, cluster_id: int, generation: int) -> None:
-    """The provisioning of ``generation`` is with the broker: a process that dies before this (after the commit
-    that made the cluster PROVISIONING) leaves it unmarked, and ``clusters_resend_unsent`` sends it again."""
+def cluster_workflow_sent(*, cluster_id: int, generation: int) -> None:
+    """The provisioning or node change of ``generation`` is with the broker: a process that dies before this
+    (after the commit that made the cluster PROVISIONING or UPDATING), or a send the broker refused, leaves it
+    unmarked, and ``clusters_resend_unsent`` (``clusters_resend_unsent_updates``) sends it again."""
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(provision_sent=generation)
 
 
@@ -1308,6 +1309,42 @@ def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> 
     )
     for cluster_id in ids:
         logger.warning("cluster %s: its provisioning was never sent (a process died); sending it again", cluster_id)
+    return ids
+
+
+def clusters_resend_unsent_updates(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
+    """Clusters UPDATING for longer than ``older_than`` whose node change never reached the broker (the broker
+    refused it, or the process that committed UPDATING died before it sent it: ``provision_sent`` is not this
+    generation) have it sent again, in a new generation with its step again — rather than answering ``busy``
+    until the deadline fails it with its new nodes left pending for good. One that was sent and waits in a slow
+    queue is left alone."""
+    running = ClusterStep.objects.filter(
+        cluster=OuterRef("pk"), generation=OuterRef("workflow_generation"), status=StepStatus.RUNNING
+    )
+    unsent = (
+        _stalled(ClusterState.UPDATING, older_than)
+        .filter(Exists(running))
+        .exclude(provision_sent=F("workflow_generation"))
+    )
+    ids = []
+    for cluster_id in unsent.values_list("pk", flat=True):
+        with transaction.atomic():
+            cluster = unsent.select_for_update().filter(pk=cluster_id).first()  # (another run took it: gone)
+            if cluster is None:
+                continue
+            step = cluster.steps.filter(generation=cluster.workflow_generation, status=StepStatus.RUNNING).latest("pk")
+            # a new generation: a late callback of a copy that did get through changes nothing
+            VirtualCluster.objects.filter(pk=cluster_id).update(
+                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
+            )
+            cluster.refresh_from_db(fields=["workflow_generation"])
+            step_finish(step, status=StepStatus.FAILED, error="never sent to the workers: sent again")
+            again = step_start(cluster, step.name, detail=step.detail)
+            transaction.on_commit(
+                lambda c=cluster.pk, g=cluster.workflow_generation, s=again.pk: workflows.start_update(c, g, s)
+            )
+            ids.append(cluster_id)
+        logger.warning("cluster %s: its node change was never sent; sending it again", cluster_id)
     return ids
 
 

@@ -152,10 +152,11 @@ def update_failed(request, exc, traceback, cluster_id: int, generation: int, ste
 @shared_task(name="clusters.expire")
 def expire() -> list[int]:
     """Periodic: tear down clusters past their lifetime, say which ones come near theirs; retry teardowns that
-    got stuck and provisionings that never started or never reached the broker; end provisionings (rolled back)
-    and updates past their deadline; send the rollback of a failed cluster's network that was never rolled back;
-    record the lease of a public subnet a process of the release before gave out. Each sweep on its own: one that
-    fails (logged, and the task fails after the others ran) does not hold back the rest."""
+    got stuck, provisionings that never started, and provisionings and node changes that never reached the
+    broker; end provisionings (rolled back) and updates past their deadline; send the rollback of a failed
+    cluster's network that was never rolled back; record the lease of a public subnet a process of the release
+    before gave out. Each sweep on its own: one that fails (logged, and the task fails after the others ran)
+    does not hold back the rest."""
     ids: list[int] = []
     failed: list[str] = []
     for sweep in (
@@ -164,6 +165,7 @@ def expire() -> list[int]:
         services.clusters_retry_stuck_teardowns,
         services.clusters_resume_requested,
         services.clusters_resend_unsent,
+        services.clusters_resend_unsent_updates,
         services.clusters_end_stalled_workflows,
         services.clusters_roll_back_abandoned_networks,
         services.clusters_lease_public_subnets,

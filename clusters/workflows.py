@@ -58,7 +58,7 @@ def start_provision(cluster_id: int, generation: int) -> None:
     except Exception:
         services.cluster_provisioning_not_started(cluster_id=cluster_id, generation=generation, step=step)
         raise
-    services.cluster_provisioning_sent(cluster_id=cluster_id, generation=generation)
+    services.cluster_workflow_sent(cluster_id=cluster_id, generation=generation)
 
 
 @_never_raise
@@ -93,3 +93,4 @@ def start_update(cluster_id: int, generation: int, step_id: int) -> None:
         net_workflows.provision(segment_id, compensate_on_error=False),
         tasks.update_done.si(cluster_id, generation, step_id),
     ).on_error(tasks.update_failed.s(cluster_id, generation, step_id)).apply_async()
+    services.cluster_workflow_sent(cluster_id=cluster_id, generation=generation)

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from clusters import services
 from clusters.errors import Conflict
-from clusters.models import ClusterState, IdempotencyKey, Image, Node, PublicPrefix, VirtualCluster
+from clusters.models import ClusterState, IdempotencyKey, Image, Node, NodeState, PublicPrefix, VirtualCluster
 from network.models import Segment, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
@@ -1407,6 +1407,43 @@ def test_a_provisioning_a_crash_kept_from_the_broker_is_sent_again(fabric, image
     slow = r.data["id"]
     assert VirtualCluster.objects.get(pk=slow).state == ClusterState.PROVISIONING
     assert services.clusters_resend_unsent(older_than=timedelta(0)) == []
+
+
+def test_a_node_change_the_broker_never_got_is_sent_again(fabric, images, api, alice, monkeypatch):
+    """The broker refused a node change (or the process died before sending it): the cluster was UPDATING,
+    answering busy until the deadline failed it with the new node pending for good. The sweeper sends it again
+    (a new generation, its step again) — but never one that was sent and waits in a slow queue."""
+    from celery.canvas import _chain
+
+    def refused(self, *args, **kwargs):
+        raise ConnectionError("broker down")
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    base = f"/api/clusters/{cid}"
+    n3 = {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]}
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", refused)
+        assert api.post(f"{base}/nodes/", n3, format="json").status_code == 202  # (committed: sent after commit)
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.UPDATING and cluster.provision_sent != cluster.workflow_generation
+    assert services.clusters_resend_unsent_updates(older_than=timedelta(minutes=1)) == []  # it may be on its way
+    assert services.clusters_resend_unsent(older_than=timedelta(0)) == []  # (not a provisioning)
+    assert services.clusters_resend_unsent_updates(older_than=timedelta(0)) == [cid]
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    assert cluster.provision_sent == cluster.workflow_generation
+    assert cluster.nodes.get(name="n3").state == NodeState.READY
+    assert cluster.vlan_id in fabric.host_vlans("prague1")
+    steps = [(s.status, s.error) for s in cluster.steps.filter(name="nodes.add").order_by("pk")]
+    assert steps == [("failed", "never sent to the workers: sent again"), ("ok", "")]
+
+    n4 = {"nodes": [{"name": "n4", "host": "prague2", "mac": "52:54:00:00:00:04"}]}
+    with monkeypatch.context() as m:  # sent, and no worker has taken it yet
+        m.setattr(_chain, "apply_async", lambda self, *args, **kwargs: None)
+        assert api.post(f"{base}/nodes/", n4, format="json").status_code == 202
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.UPDATING
+    assert services.clusters_resend_unsent_updates(older_than=timedelta(0)) == []
 
 
 def test_a_rollback_still_running_is_never_taken_for_an_unsent_provisioning(fabric, images, api, alice, monkeypatch):
