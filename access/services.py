@@ -313,6 +313,20 @@ def _gateway(kind: str, clusters: Sequence) -> Gateway:
     return _gateways(kind, clusters)[0]
 
 
+def _ssh_gateway(cluster) -> Gateway:
+    """The gateway a user of ``cluster`` connects to over SSH: the first of ``_gateways`` whose bastion relays to
+    the cluster's nodes (``selectors.gateway_relays_ssh``, as the access API lists it). A bastion per cluster
+    listens only for clusters with a leg (access/gateway/bastion.py): when no gateway relays to the cluster,
+    ``ClusterNotReady``."""
+    for gateway in _gateways("ssh", [cluster]):
+        if selectors.gateway_relays_ssh(gateway, cluster):
+            return gateway
+    raise ClusterNotReady(
+        f"cluster {selectors.cluster_label(cluster)} has no address for the SSH bastion (its scheduler gave none): "
+        "use its VPN profile"
+    )
+
+
 def _vpn_gateways(clusters: Sequence) -> list[Gateway]:
     """The gateways a VPN profile for ``clusters`` names: the one it connects to first (``_gateway``), then, for
     failover, up to ``ACCESS_VPN_PROFILE_GATEWAYS`` in all of the others that carry the clusters, in
@@ -653,7 +667,7 @@ def ssh_config_render(
     see ``selectors.bastion_withheld_nodes``) get a comment saying why, not a ``Host`` entry."""
     from access import ssh
 
-    gateway = gateway or _gateway("ssh", [cluster])
+    gateway = gateway or _ssh_gateway(cluster)
     host_ca = _authority(AuthorityKind.SSH_HOST).public_key
     left_out = {name for name, _address, _why in withheld}
     label = selectors.cluster_label(cluster)
@@ -753,13 +767,8 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None, label
 
     label_given = credential_label(label)
     (chosen,) = clusters_authorize(user=user, clusters=[cluster])
-    gateway = _gateway("ssh", [chosen])
+    gateway = _ssh_gateway(chosen)
     label = selectors.cluster_label(chosen)
-    if not selectors.gateway_relays_ssh(gateway, chosen):
-        # a bastion per cluster listens only for clusters with a leg (access/gateway/bastion.py)
-        raise ClusterNotReady(
-            f"cluster {label} has no address for the SSH bastion (its scheduler gave none): use its VPN profile"
-        )
     username = user.get_username()
     pair = None
     if public_key:

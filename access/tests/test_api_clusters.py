@@ -162,6 +162,21 @@ def test_the_endpoints_are_those_the_downloads_connect_to(alice, cluster):
     assert "remote 198.18.100.5 1195\n" in profile
 
 
+def test_ssh_goes_through_a_gateway_that_relays_to_the_cluster_when_the_best_does_not(alice, cluster):
+    """The best-ranked SSH gateway runs a bastion per cluster, which does not listen for a cluster without a
+    bastion address; another one forwards by address: the SSH download jumps through that one, the gateway the
+    access API lists as the cluster's SSH endpoint, rather than being refused."""
+    make_gateway("a-per-cluster", kind=GatewayKind.SSH, address="198.18.100.5", ssh_port_base=20000)
+    make_gateway("b-shared", kind=GatewayKind.SSH, address="198.18.100.6", ssh_user="jump")
+    gateways = client_for(alice).get(f"{URL}{cluster.pk}/").json()["gateways"]
+    assert [(g["name"], g["ssh"]) for g in gateways] == [
+        ("a-per-cluster", None),
+        ("b-shared", {"host": "198.18.100.6", "port": 22, "user": "jump"}),
+    ]
+    config = services.ssh_certificate_issue(user=alice, cluster=cluster).ssh_config
+    assert "  HostName 198.18.100.6\n  Port 22\n  User jump\n" in config
+
+
 def test_clusters_no_gateway_carries(alice, cluster, gateway):
     """A public cluster is reached directly and a closed one whose network is not up (or no longer) is in no
     gateway's map: not enterable, no gateway, no answer. One being updated keeps its network: enterable."""
