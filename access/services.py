@@ -684,6 +684,7 @@ def ssh_config_render(
             identity_file=identity_file,
             certificate_file=SSH_CERT_FILE,
             known_hosts_file=SSH_KNOWN_HOSTS_FILE,
+            node_user=node_user(cluster),
         )
         patterns = ssh.known_hosts_patterns(cluster=label, nodes=nodes, gateway_host=gateway.address, gateway_port=port)
     except ssh.SSHCertError as exc:
@@ -864,7 +865,7 @@ def _credential_fields(credential: Credential) -> dict:
 @dataclass(frozen=True)
 class NodeHostCertificate:
     """A node's host certificate, and what the node's sshd needs to let the cluster's people in: the user CA
-    key (``TrustedUserCAKeys``) and the principals file of :data:`access.ssh.NODE_USER`."""
+    key (``TrustedUserCAKeys``) and the principals file of :func:`node_user`."""
 
     credential: Credential
     cluster_label: str
@@ -873,10 +874,9 @@ class NodeHostCertificate:
     principals: tuple[str, ...]
     user_ca: str
     authorized_principals: str
+    node_user: str  # the account the principals file is for (``node_user``)
 
     def as_dict(self) -> dict:
-        from access import ssh
-
         return {
             **_credential_fields(self.credential),
             "cluster": self.cluster_label,
@@ -884,7 +884,7 @@ class NodeHostCertificate:
             "principals": list(self.principals),
             "certificate": self.certificate,
             "user_ca": self.user_ca,
-            "node_user": ssh.NODE_USER,
+            "node_user": self.node_user,
             "authorized_principals": self.authorized_principals,
         }
 
@@ -951,6 +951,7 @@ def node_host_certificate_issue(
         principals=tuple(principals),
         user_ca=_authority(AuthorityKind.SSH_USER).public_key,
         authorized_principals=_node_authorized_principals(found, label),
+        node_user=node_user(found),
     )
 
 
@@ -1035,8 +1036,17 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
     return found, label, chosen
 
 
+def node_user(cluster) -> str:
+    """The account the cluster's people log in as on its nodes: ``root`` when the cluster's users have admin rights
+    (:data:`access.ssh.NODE_USER`), else ``ACCESS_SSH_NODE_USER``, an account of the provider's images without
+    them. The nodes' principals file is that account's, and the ssh_config's ``User``."""
+    from access import ssh
+
+    return ssh.NODE_USER if cluster.admin_rights else settings.ACCESS_SSH_NODE_USER
+
+
 def _node_authorized_principals(cluster, label: str) -> str:
-    """The principals file of :data:`access.ssh.NODE_USER` on the cluster's nodes, as the people are now."""
+    """The principals file of :func:`node_user` on the cluster's nodes, as the people are now."""
     from access import ssh
 
     return ssh.render_authorized_principals(label, cluster_principals([cluster])[cluster.pk])
@@ -1052,12 +1062,11 @@ class NodeAccess:
     user_ca: str
     authorized_principals: str
     krl: bytes
+    node_user: str  # the account the principals file is for (``node_user``)
     #: (its record, the certificate): the node's host certificate issued again, to the cluster's new end
     host_certificate: tuple[Credential, str] | None = None
 
     def as_dict(self) -> dict:
-        from access import ssh
-
         renewed = None
         if self.host_certificate is not None:
             credential, certificate = self.host_certificate
@@ -1069,7 +1078,7 @@ class NodeAccess:
         return {
             "cluster": self.cluster_label,
             "node": self.node,
-            "node_user": ssh.NODE_USER,
+            "node_user": self.node_user,
             "authorized_principals": self.authorized_principals,
             "krl": base64.b64encode(self.krl).decode(),
             "user_ca": self.user_ca,
@@ -1081,7 +1090,7 @@ def node_access_current(
     *, user, cluster, node, as_admin: bool = False, sees_all: bool = False, host_key: str = ""
 ) -> NodeAccess:
     """What ``node`` of ``cluster``'s sshd needs to admit exactly the cluster's people as they are now: the
-    principals file of :data:`access.ssh.NODE_USER` (the owner and the group's members now), the user CA key
+    principals file of :func:`node_user` (the owner and the group's members now), the user CA key
     (``TrustedUserCAKeys``) and the user CA's current KRL (``RevokedKeys``). Asked as a host certificate is
     (:func:`node_host_certificate_issue`): the owner, an admin or the middleware; 404, 403 and 409 alike.
 
@@ -1102,6 +1111,7 @@ def node_access_current(
         node=chosen.name,
         user_ca=_authority(AuthorityKind.SSH_USER).public_key,
         authorized_principals=_node_authorized_principals(found, label),
+        node_user=node_user(found),
         krl=krl_current(),
         host_certificate=renewed,
     )

@@ -511,6 +511,24 @@ def test_a_node_learns_who_may_log_in_now(alice, bob, team, cluster, gateway, tm
         assert issued.credential.serial.to_bytes(8, "big") in krl
 
 
+def test_users_of_a_cluster_without_admin_rights_log_in_as_the_unprivileged_account(alice, cluster, gateway, settings):
+    """Admin rights make the cluster's people root on its nodes; without them they log in as
+    ACCESS_SSH_NODE_USER: the account the node's principals file is for, and the ssh_config's User."""
+    from clusters.models import VirtualCluster
+
+    _, secret = token_create(user=alice, name="boot", scopes=[TokenScope.CLUSTERS_WRITE])
+    api = client_for(token=secret)
+    assert _host_access_get(api, cluster, "node1").json()["node_user"] == "root"
+    assert "  User root\n" in services.ssh_certificate_issue(user=alice, cluster=cluster).ssh_config
+    VirtualCluster.objects.filter(pk=cluster.pk).update(admin_rights=False)
+    cluster.refresh_from_db()
+    settings.ACCESS_SSH_NODE_USER = "cloud"
+    assert _host_access_get(api, cluster, "node1").json()["node_user"] == "cloud"
+    assert _host_cert_post(api, cluster, "node1", _host_key()).json()["node_user"] == "cloud"
+    config = services.ssh_certificate_issue(user=alice, cluster=cluster).ssh_config
+    assert "  User cloud\n" in config and "User root" not in config
+
+
 def test_a_nodes_access_refused_as_its_host_certificate_is(alice, bob, charlie, root, cluster, other_cluster):
     from clusters.models import Node, VirtualCluster
 
