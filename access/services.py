@@ -663,7 +663,7 @@ def ssh_config_render(
     *, cluster, gateway: Gateway | None = None, identity_file: str = SSH_KEY_FILE, withheld: Sequence = ()
 ) -> tuple[str, str]:
     """The ``ssh_config`` snippet and ``known_hosts`` (``@cert-authority``) for ``cluster``, through the
-    cluster's SSH gateway: ``ssh -F virtcloud.conf <cluster>-<node>``. The ``withheld`` nodes ((name, address, why),
+    cluster's SSH gateway: ``ssh -F virtcloud.conf <node>.<cluster>``. The ``withheld`` nodes ((name, address, why),
     see ``selectors.bastion_withheld_nodes``) get a comment saying why, not a ``Host`` entry."""
     from access import ssh
 
@@ -895,8 +895,8 @@ def node_host_certificate_issue(
 ) -> NodeHostCertificate:
     """A host certificate from the SSH host CA for ``node`` (its id or name) of ``cluster`` (an id or object),
     for the node's own public key (its private key never leaves the node). Its one principal is the node's alias
-    (:func:`access.ssh.node_host_names`: ``<cluster>-<node>``, never its address, which the owner picks), which
-    the downloaded ssh_config checks it as (``HostKeyAlias``), so ``ssh <cluster>-<node>`` checks it against the
+    (:func:`access.ssh.node_host_names`: ``<node>.<cluster>``, never its address, which the owner picks), which
+    the downloaded ssh_config checks it as (``HostKeyAlias``), so ``ssh <node>.<cluster>`` checks it against the
     host CA without a prompt; it lives
     ACCESS_SSH_HOST_CERT_LIFETIME, never past the cluster's expiry.
 

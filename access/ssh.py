@@ -404,9 +404,11 @@ def render_authorized_principals(cluster: str, principals: Iterable[str]) -> str
 
 
 def node_alias(cluster: str, name: str) -> str:
-    """``<cluster>-<node>``: the ``Host`` a user types (``ssh <cluster>-<node>``), and the node's name in the
-    gateway's state and its host certificate."""
-    return f"{cluster}-{name}"
+    """``<node>.<cluster>``: the ``Host`` a user types (``ssh <node>.<cluster>``), and the node's name in the
+    gateway's state and its host certificate. Unique among all clusters' nodes: neither a cluster's label
+    (``<name>-<id>``) nor a node's name holds a dot, where ``<cluster>-<node>`` made cluster ``a`` (id 1) with node
+    ``b-2-x`` and cluster ``a-1-b`` (id 2) with node ``x`` one name — one's host certificate good for the other."""
+    return f"{name}.{cluster}"
 
 
 def node_host_names(cluster: str, name: str) -> list[str]:
@@ -430,9 +432,9 @@ def render_ssh_config(
     node_user: str = NODE_USER,
     withheld: Sequence[tuple[str, str, str]] = (),
 ) -> str:
-    """An ``ssh_config`` snippet for one cluster: ``ssh <cluster>-<node>`` jumps through the gateway.
+    """An ``ssh_config`` snippet for one cluster: ``ssh <node>.<cluster>`` jumps through the gateway.
 
-    ``nodes`` are ``(name, address)``; each becomes ``Host <cluster>-<name>``. ``withheld`` nodes (name,
+    ``nodes`` are ``(name, address)``; each becomes ``Host <name>.<cluster>``. ``withheld`` nodes (name,
     address, why), which the bastion does not relay to, are named in a comment only, with why. The ``known_hosts_file``
     must hold :func:`known_hosts_line` for :func:`known_hosts_patterns` of the same arguments, so no host-key
     prompt appears (host certificates). On the nodes, ``node_user``'s principals file is
@@ -465,7 +467,7 @@ def render_ssh_config(
     ]
     lines = [
         f"# VirtCloud: SSH into cluster {cluster} through the access gateway.",
-        f"# Usage: ssh -F <this file> {cluster}-<node>   (or Include it from ~/.ssh/config)",
+        f"# Usage: ssh -F <this file> <node>.{cluster}   (or Include it from ~/.ssh/config)",
         f"Host {jump}",
         f"  HostName {gateway_host}",
         f"  Port {int(gateway_port)}",
@@ -487,7 +489,7 @@ def render_ssh_config(
             lines.append(f"#   {node_alias(cluster, name)} ({address}): {why}")
         lines.append("")
     lines += [
-        f"Host {cluster}-*",
+        f"Host *.{cluster}",
         f"  ProxyJump {jump}",
         f"  User {node_user}",
         *common,

@@ -120,7 +120,7 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
             "ssh_gateway": ssh_gateway,
             "stale_gateways": stale if enterable else [],
             "unrelayed": unrelayed,
-            "example_host": f"{selectors.cluster_label(enterable[0])}-node1" if enterable else "<cluster>-node1",
+            "example_host": f"node1.{selectors.cluster_label(enterable[0])}" if enterable else "node1.<cluster>",
         },
         status=status,
     )

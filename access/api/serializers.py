@@ -61,7 +61,7 @@ class HostCertificateSerializer(serializers.Serializer):
     node = serializers.CharField(help_text="the node's name")
     principals = serializers.ListField(
         child=serializers.CharField(),
-        help_text="the names the users' ssh_config reaches the node by: <cluster>-<node> and its address",
+        help_text="the names the users' ssh_config reaches the node by: <node>.<cluster> and its address",
     )
     valid_after = serializers.DateTimeField()
     valid_before = serializers.DateTimeField(help_text="the cluster's expiry at the latest: ask again if it grows")
@@ -134,7 +134,7 @@ class SshCertificateSerializer(serializers.Serializer):
     private_key = serializers.CharField(
         allow_null=True, help_text="only when the portal generated the key pair: save it now, it is not kept"
     )
-    ssh_config = serializers.CharField(help_text="ssh_config snippet: ssh -F virtcloud.conf <cluster>-<node>")
+    ssh_config = serializers.CharField(help_text="ssh_config snippet: ssh -F virtcloud.conf <node>.<cluster>")
     known_hosts = serializers.CharField(
         help_text="the @cert-authority line for the gateway and this cluster's nodes (and @revoked lines for "
         "revoked host keys): the ssh_config's UserKnownHostsFile"

@@ -117,8 +117,8 @@ def test_ssh_certificate_endpoint(alice, cluster, gateway):
     assert body["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert body["principal"] == f"{cluster_label(cluster)}.alice"
     assert ssh.load_cert(body["certificate"]).valid_principals == [body["principal"].encode()]
-    assert f"Host {cluster_label(cluster)}-*" in body["ssh_config"]
-    assert body["known_hosts"].startswith(f"@cert-authority 198.18.100.1,{cluster_label(cluster)}-node1 ")
+    assert f"Host *.{cluster_label(cluster)}" in body["ssh_config"]
+    assert body["known_hosts"].startswith(f"@cert-authority 198.18.100.1,node1.{cluster_label(cluster)} ")
     assert body["withheld_nodes"] == []  # the bastion relays to every node (see test_services for the others)
 
     pasted = ssh.generate_user_key().public_line
@@ -351,7 +351,7 @@ def test_a_clusters_owner_certifies_a_nodes_host_key(alice, bob, cluster, tmp_pa
     assert response.status_code == 201, response.content
     body = response.json()
     label = cluster_label(cluster)
-    assert body["principals"] == [f"{label}-node1"]  # its alias, never its address (the owner picks that)
+    assert body["principals"] == [f"node1.{label}"]  # its alias, never its address (the owner picks that)
     assert (body["cluster"], body["node"], body["node_user"]) == (label, "node1", "root")
 
     cert = ssh.load_cert(body["certificate"])
@@ -370,7 +370,7 @@ def test_a_clusters_owner_certifies_a_nodes_host_key(alice, bob, cluster, tmp_pa
         shown = subprocess.run(["ssh-keygen", "-L", "-f", tmp_path / "host-cert.pub"], capture_output=True, text=True)
         assert shown.returncode == 0, shown.stderr
         assert "ssh-ed25519-cert-v01@openssh.com host certificate" in shown.stdout
-        assert f"Principals: \n                {label}-node1\n        Critical" in shown.stdout  # the alias only
+        assert f"Principals: \n                node1.{label}\n        Critical" in shown.stdout  # the alias only
         until = cluster.expires_at.astimezone().replace(microsecond=0).isoformat(timespec="seconds")[:19]
         assert f" to {until}\n" in shown.stdout, shown.stdout
 
@@ -383,13 +383,13 @@ def test_a_clusters_owner_certifies_a_nodes_host_key(alice, bob, cluster, tmp_pa
     assert (credential.kind, credential.serial, credential.user) == ("ssh_host", cert.serial, alice)
     assert credential.cluster_labels() == [label] and credential.principals == body["principals"]
     assert credential.public_key == " ".join(key.split()[:2]) and credential.key_id == cert.key_id.decode()
-    assert credential.key_id == f"virtcloud-host:{label}-node1:serial={cert.serial}"
+    assert credential.key_id == f"virtcloud-host:node1.{label}:serial={cert.serial}"
 
     # by the node's id too, and an ECDSA key; a node without an address: its alias only (the ssh_config's HostName)
     node2 = Node.objects.create(cluster=cluster, name="node2", host=cluster.nodes.first().host, mac="52:54:00:aa:00:02")
     response = _host_cert_post(client_for(token=secret), cluster, node2.pk, _host_key("ecdsa"))
     assert response.status_code == 201, response.content
-    assert response.json()["principals"] == [f"{label}-node2"]
+    assert response.json()["principals"] == [f"node2.{label}"]
 
 
 def test_the_middleware_certifies_any_clusters_nodes_and_public_ones_too(alice, charlie, cluster):
@@ -401,7 +401,7 @@ def test_the_middleware_certifies_any_clusters_nodes_and_public_ones_too(alice, 
         response = _host_cert_post(client_for(token=manage), target, "node1", _host_key())
         assert response.status_code == 201, response.content
         assert ssh.load_cert(response.json()["certificate"]).valid_principals == [
-            f"{cluster_label(target)}-node1".encode()
+            f"node1.{cluster_label(target)}".encode()
         ]
     assert Credential.objects.filter(kind="ssh_host", user=charlie).count() == 2
 

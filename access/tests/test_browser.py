@@ -157,7 +157,7 @@ def test_login_download_vpn_and_ssh_then_revoke(
     bundle.save_as(bundle_path)
     archive = zipfile.ZipFile(bundle_path)
     config = archive.read(f"virtcloud-{label}/virtcloud.conf").decode()
-    assert f"Host {label}-*" in config and "ProxyJump" in config and "CertificateFile id_virtcloud-cert.pub" in config
+    assert f"Host *.{label}" in config and "ProxyJump" in config and "CertificateFile id_virtcloud-cert.pub" in config
     ssh_key = archive.read(f"virtcloud-{label}/id_virtcloud").decode()
     if shutil.which("ssh-keygen"):
         # The certificate is for the key in the same bundle.

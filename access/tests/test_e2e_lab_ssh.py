@@ -240,7 +240,7 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         owner_token = user_token(alice)
         for n in a_nodes:
             conf, host = _node_sshd(rundir / n.name, portal, owner_token, a_id, n)
-            assert host["principals"] == [f"{la}-{n.name}"]  # the alias: the ssh_config's HostKeyAlias
+            assert host["principals"] == [f"{n.name}.{la}"]  # the alias: the ssh_config's HostKeyAlias
             # what the node trusts is what the bastion pulled: the same user CA, the same principals
             assert host["user_ca"] == (state / "ssh" / "user_ca.pub").read_text().strip()
             assert [p for p in host["authorized_principals"].splitlines() if p[:1] != "#"] == alpha_principals
@@ -265,10 +265,10 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         #    StrictHostKeyChecking yes): the host certificates from the portal's host CA are checked.
         for n in a_nodes:
             t = time.perf_counter()
-            r = station.ssh(home, f"{la}-{n.name}", "ip", "-brief", "addr", "show", "eth0")
+            r = station.ssh(home, f"{n.name}.{la}", "ip", "-brief", "addr", "show", "eth0")
             assert r.returncode == 0, r.stderr
             assert f"{n.address}/24" in r.stdout, r.stdout
-            print(f"\nssh {la}-{n.name} ({n.host}) through the bastion: {(time.perf_counter() - t) * 1000:.0f} ms")
+            print(f"\nssh {n.name}.{la} ({n.host}) through the bastion: {(time.perf_counter() - t) * 1000:.0f} ms")
         bastion_says(f'Accepted certificate ID "{issued["key_id"]}" (serial {issued["serial"]})')
 
         user_ca = ssh.load_ca_key(
@@ -287,12 +287,12 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
 
         # 2. An expired certificate (the portal's CA, alice's key and principal, ended an hour ago).
         old = station.variant(home, portal_signed(la, hours=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)))
-        _denied(station.ssh(old, f"{la}-node1", "true"))
+        _denied(station.ssh(old, f"node1.{la}", "true"))
         bastion_says("Certificate invalid: expired")
 
         # 3. A principal of another cluster: charlie's beta, which alice is not a member of.
         other = station.variant(home, portal_signed(lb))
-        _denied(station.ssh(other, f"{la}-node1", "true"))
+        _denied(station.ssh(other, f"node1.{la}", "true"))
         bastion_says("Certificate does not contain an authorized principal")
 
         # 4. Forwarding outside the cluster: charlie's valid beta certificate may log in to the bastion,
@@ -303,28 +303,28 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         assert status == 201, body
         charlie_home = station.folder(json.loads(body))
         assert "pull:" in pull()  # (the state already had beta: nothing else changes)
-        r = station.ssh(charlie_home, f"{lb}-node1", "true", hostname=a_nodes[0].address)
+        r = station.ssh(charlie_home, f"node1.{lb}", "true", hostname=a_nodes[0].address)
         assert r.returncode == 255 and "administratively prohibited" in r.stderr, r.stderr
         bastion_says(f"to connect to host {a_nodes[0].address} port 22, but the request was denied")
 
         # 5. Revoked in the portal (the user, through the API), KRL installed by the gateway's pull.
-        assert station.ssh(home, f"{la}-node1", "true").returncode == 0
+        assert station.ssh(home, f"node1.{la}", "true").returncode == 0
         status, body, _ = portal.request(
             "POST", f"/api/access/credentials/{issued['credential']}/revoke/", alice_token, {}
         )
         assert status == 200, body
         assert "updated" in pull()
-        _denied(station.ssh(home, f"{la}-node1", "true"))
+        _denied(station.ssh(home, f"node1.{la}", "true"))
         bastion_says("revoked by file")
 
         # 6. A certificate from another CA, for alice's key and her alpha principal (a valid one works).
         status, body, _ = portal.request("POST", "/api/access/ssh-certificates/", alice_token, {"cluster": a_id})
         assert status == 201, body
         fresh = station.folder(json.loads(body))
-        assert station.ssh(fresh, f"{la}-node3", "true").returncode == 0
+        assert station.ssh(fresh, f"node3.{la}", "true").returncode == 0
         rogue, serial = ssh.generate_ca_key(), services.serial_allocate("e2e-ssh")
         forged = ssh.issue_user_cert(rogue, public_key=issued["public_key"], user="alice", cluster=la, serial=serial)
-        _denied(station.ssh(station.variant(home, forged), f"{la}-node1", "true"))
+        _denied(station.ssh(station.variant(home, forged), f"node1.{la}", "true"))
         bastion_says(f"(serial {serial}) CA ED25519 {ssh.fingerprint(rogue)}")
         assert not re.search(rf'Accepted certificate ID "[^"]*:serial={serial}:', read(bastion_log))
         assert f'Accepted certificate ID "{issued["key_id"]}"' in read(rundir / "node1.log")  # the node's own check
@@ -337,11 +337,11 @@ def test_ssh_through_the_portal_made_bastion_to_every_site(
         Node.objects.filter(cluster_id=b_id).update(address=shared)
         assert "updated" in pull()
         assert f'permitopen="{shared}:22"' not in (state / "ssh" / "principals" / ACCOUNT).read_text()
-        r = station.ssh(fresh, f"{la}-{a_nodes[1].name}", "true", hostname=shared)
+        r = station.ssh(fresh, f"{a_nodes[1].name}.{la}", "true", hostname=shared)
         assert r.returncode == 255 and "administratively prohibited" in r.stderr, r.stderr
-        r = station.ssh(charlie_home, f"{lb}-node1", "true", hostname=shared)
+        r = station.ssh(charlie_home, f"node1.{lb}", "true", hostname=shared)
         _denied(r)  # beta's principal has no target left: no login at all
-        assert station.ssh(fresh, f"{la}-node3", "true").returncode == 0
+        assert station.ssh(fresh, f"node3.{la}", "true").returncode == 0
         print(f"clusters READY and VMs attached in {ready_s:.1f} s; scenario {time.monotonic() - started:.1f} s")
     finally:
         for p in procs:
@@ -428,12 +428,12 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         assert f"Port {base + alpha.vlan_id}\n" in (homes["alice"] / services.SSH_CONFIG_FILE).read_text()
         # the host CA is trusted for her bastion's port and alpha's node only (as ssh looks them up)
         trusted = (homes["alice"] / services.SSH_KNOWN_HOSTS_FILE).read_text().split()[1]
-        assert trusted == f"[{public}]:{base + alpha.vlan_id},{la}-node1"  # the node by its alias (HostKeyAlias)
+        assert trusted == f"[{public}]:{base + alpha.vlan_id},node1.{la}"  # the node by its alias (HostKeyAlias)
 
         mac_of = "cat /sys/class/net/eth0/address"
-        r = station.ssh(homes["alice"], f"{la}-node1", mac_of)
+        r = station.ssh(homes["alice"], f"node1.{la}", mac_of)
         assert (r.returncode, r.stdout.strip()) == (0, a_node.mac), r.stderr + read(sshd_log)
-        r = station.ssh(homes["charlie"], f"{lg}-node1", mac_of)
+        r = station.ssh(homes["charlie"], f"node1.{lg}", mac_of)
         assert (r.returncode, r.stdout.strip()) == (0, g_node.mac), r.stderr + read(sshd_log)
         # the logins were recorded as with one sshd (what a revocation or an expired state cuts)
         assert all((state / "ssh" / "run" / "sessions" / str(n)).exists() for n in serials.values())
@@ -450,7 +450,7 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         refused = "Certificate does not contain an authorized principal"
         before, refusals = len(re.findall(accepted, read(sshd_log))), read(sshd_log).count(refused)
         assert before >= 1, read(sshd_log)  # her login through alpha's bastion is in the log the bastions write
-        _denied(station.ssh(crossed, f"{la}-node1", "true"))
+        _denied(station.ssh(crossed, f"node1.{la}", "true"))
         # refused by gamma's bastion itself (gamma's node would refuse her too: that alone would prove nothing)
         wait_for(lambda: read(sshd_log).count(refused) > refusals, 5, what="gamma's bastion refusing her principal")
         assert len(re.findall(accepted, read(sshd_log))) == before, read(sshd_log)
@@ -460,7 +460,7 @@ def test_a_bastion_per_cluster_tells_apart_clusters_that_use_the_same_addresses(
         live = {}
         for user, label in (("alice", la), ("charlie", lg)):
             live[user] = subprocess.Popen(
-                ws.cmd("ssh", "-F", services.SSH_CONFIG_FILE, "-o", "BatchMode=yes", f"{label}-node1", "sleep", "60"),
+                ws.cmd("ssh", "-F", services.SSH_CONFIG_FILE, "-o", "BatchMode=yes", f"node1.{label}", "sleep", "60"),
                 cwd=homes[user],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

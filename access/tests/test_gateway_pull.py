@@ -51,7 +51,7 @@ def test_config_enrols_and_writes_a_working_state(alice, cluster, gateway, tmp_p
         cluster_label(cluster): cluster.vlan_id
     }
     principals = (tmp_path / "ssh" / "principals" / "virtcloud").read_text()
-    assert f'permitopen="{cluster_label(cluster)}-node1:22" {cluster_label(cluster)}.alice' in principals
+    assert f'permitopen="node1.{cluster_label(cluster)}:22" {cluster_label(cluster)}.alice' in principals
     assert (tmp_path / "ssh" / "host_key-cert.pub").read_text().startswith("ssh-ed25519-cert-v01@openssh.com ")
     assert (tmp_path / "openvpn.conf").exists() and (tmp_path / "sshd_config").exists()
     # Fail closed: OpenVPN renegotiates (tls-verify again) every GATEWAY_STATE_MAX_AGE; sshd asks the
@@ -359,8 +359,8 @@ def test_on_change_hook_gets_each_clusters_vlan_and_nodes_and_runs_until_it_succ
             "vlan": cluster.vlan_id,
             "bastion_address": "10.0.0.254/24",
             "nodes": [
-                {"name": "node1", "alias": f"{label}-node1", "address": "10.0.0.5"},
-                {"name": "node2", "alias": f"{label}-node2", "address": f"{label}-node2"},
+                {"name": "node1", "alias": f"node1.{label}", "address": "10.0.0.5"},
+                {"name": "node2", "alias": f"node2.{label}", "address": f"node2.{label}"},
             ],
         }
     }

@@ -155,14 +155,14 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
         {
             "ssh": {
                 "krl": "U1NIS1JMCgA=",
-                "clusters": {"c42": {"nodes": [{"name": "n1", "alias": "c42-n1", "address": "$(reboot)"}]}},
+                "clusters": {"c42": {"nodes": [{"name": "n1", "alias": "n1.c42", "address": "$(reboot)"}]}},
             }
         },
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"nodes": [{"name": "n1"}]}}}},
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": "10.0.0.1"}}}},  # no prefix
         {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"bastion_address": 5}}}},
         # forwarding targets the bastion would reach through the gateway's other routes, not the cluster's leg
-        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"principals": ["c42.a"], "targets": [[["c42-n1"], 22]]}}}},
+        {"ssh": {"krl": "U1NIS1JMCgA=", "clusters": {"c42": {"principals": ["c42.a"], "targets": [[["n1.c42"], 22]]}}}},
         {
             "ssh": {
                 "krl": "U1NIS1JMCgA=",
@@ -184,7 +184,7 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
                     "c42": {
                         "principals": ["c42.a"],
                         "targets": [["gateway.example.org", 22]],
-                        "nodes": [{"name": "n1", "alias": "c42-n1", "address": "c42-n1"}],
+                        "nodes": [{"name": "n1", "alias": "n1.c42", "address": "n1.c42"}],
                     }
                 },
             }

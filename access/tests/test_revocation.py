@@ -398,7 +398,7 @@ def test_a_nodes_host_certificate_ends_with_its_cluster_and_its_key_is_refused_a
     # a host certificate names the node's alias only (never the address the two clusters share), and charlie's
     # bundle trusts the host CA for his own aliases only: alice's revoked key can pass for none of his nodes,
     # so it needs no @revoked line there (never one for every host), and no name of alice's cluster appears
-    assert list(issued.principals) == [f"{cluster_label(cluster)}-node1"]
+    assert list(issued.principals) == [f"node1.{cluster_label(cluster)}"]
     assert "@revoked" not in known_hosts and issued.principals[0] not in known_hosts
     with pytest.raises(BadPublicKey, match="was revoked"):
         services.node_host_certificate_issue(user=charlie, cluster=other_cluster, node="node1", public_key=key)

@@ -287,7 +287,7 @@ def test_gateway_state_maps_closed_ready_clusters_to_vlans(alice, bob, team, clu
     ssh = state["ssh"]["clusters"][cluster_label(cluster)]
     label = cluster_label(cluster)
     assert ssh["principals"] == [f"{label}.alice", f"{label}.bob"]
-    assert ssh["targets"] == [[f"{label}-node1", 22]]
+    assert ssh["targets"] == [[f"node1.{label}", 22]]
     assert state["ssh"]["clusters"][cluster_label(other_cluster)]["principals"] == [
         f"{cluster_label(other_cluster)}.charlie"
     ]
@@ -331,9 +331,9 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     # The issued ssh_config has no Host entry for such a node, and says why; the API lists it.
     issued = services.ssh_certificate_issue(user=alice, cluster=extra)
     label = cluster_label(extra)
-    assert f"Host {label}-node1\n  HostName 10.0.0.6" in issued.ssh_config
-    assert f"Host {label}-node2\n" not in issued.ssh_config
-    assert f"#   {label}-node2 (10.0.0.5): {WITHHELD_SHARED}" in issued.ssh_config
+    assert f"Host node1.{label}\n  HostName 10.0.0.6" in issued.ssh_config
+    assert f"Host node2.{label}\n" not in issued.ssh_config
+    assert f"#   node2.{label} (10.0.0.5): {WITHHELD_SHARED}" in issued.ssh_config
     assert issued.as_dict()["withheld_nodes"] == [{"name": "node2", "address": "10.0.0.5", "reason": WITHHELD_SHARED}]
 
     # Once only one cluster holds it, the address is relayed again: a removed node and a cluster that
@@ -356,14 +356,14 @@ def test_the_bastion_forwards_only_through_its_leg_into_the_cluster(alice, clust
     from clusters.models import Node
 
     label = cluster_label(cluster)
-    assert services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]["targets"] == [[f"{label}-node1", 22]]
+    assert services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]["targets"] == [[f"node1.{label}", 22]]
     _address(cluster, "node1", "127.0.0.1")  # no leg: the gateway's own sshd, were it a target
     state = services.gateway_state(gateway=gateway)["ssh"]["clusters"][label]
     assert state["targets"] == [] and state["nodes"] == []
     assert bastion_withheld_nodes([cluster]) == {cluster.pk: [("node1", "127.0.0.1", WITHHELD_NO_LEG)]}
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
-    assert f"Host {label}-node1\n" not in issued.ssh_config
-    assert f"#   {label}-node1 (127.0.0.1): {WITHHELD_NO_LEG}" in issued.ssh_config
+    assert f"Host node1.{label}\n" not in issued.ssh_config
+    assert f"#   node1.{label} (127.0.0.1): {WITHHELD_NO_LEG}" in issued.ssh_config
     assert issued.as_dict()["withheld_nodes"] == [{"name": "node1", "address": "127.0.0.1", "reason": WITHHELD_NO_LEG}]
 
     # with a leg: its network only (a node recorded before the API refused addresses outside it stays out)
@@ -414,7 +414,7 @@ def test_a_bastion_per_cluster_relays_to_shared_addresses_on_the_clusters_own_po
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
     assert issued.withheld == ()
     assert f"Port {30000 + cluster.vlan_id}\n" in issued.ssh_config
-    assert f"Host {cluster_label(cluster)}-node1\n  HostName 10.0.0.5" in issued.ssh_config
+    assert f"Host node1.{cluster_label(cluster)}\n  HostName 10.0.0.5" in issued.ssh_config
 
 
 def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
@@ -560,11 +560,11 @@ def test_ssh_certificate_for_a_pasted_key(bob, cluster, gateway):
     assert credential.fingerprint == ssh.fingerprint(line)
     assert int(credential.not_after.timestamp()) == cert.valid_before
     assert "IdentityFile ~/.ssh/id_ed25519" in issued.ssh_config
-    assert f"Host {label}-node1" in issued.ssh_config
+    assert f"Host node1.{label}" in issued.ssh_config
     assert "HostName 198.18.100.1" in issued.ssh_config
     host_ca = Authority.objects.get(kind=AuthorityKind.SSH_HOST).public_key
     # the host CA vouches for the gateway and this cluster's node (no address: its alias) only, not for "*"
-    assert issued.known_hosts == f"@cert-authority 198.18.100.1,{label}-node1 {' '.join(host_ca.split()[:2])}\n"
+    assert issued.known_hosts == f"@cert-authority 198.18.100.1,node1.{label} {' '.join(host_ca.split()[:2])}\n"
 
 
 def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gateway):
@@ -581,8 +581,8 @@ def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gate
     label = cluster_label(cluster)
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
     patterns = issued.known_hosts.split()[1]
-    assert patterns == f"198.18.100.1,{label}-node1"
-    assert f"Host {label}-node1\n  HostName 10.0.0.1\n  HostKeyAlias {label}-node1\n" in issued.ssh_config
+    assert patterns == f"198.18.100.1,node1.{label}"
+    assert f"Host node1.{label}\n  HostName 10.0.0.1\n  HostKeyAlias node1.{label}\n" in issued.ssh_config
     assert issued.known_hosts.count("\n") == 1 and "*" not in issued.known_hosts
     other.nodes.update(address="10.0.0.1")  # one bastion for both: it withholds the address from both
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
@@ -591,7 +591,7 @@ def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gate
     gateway.ssh_port_base = 30000  # a bastion per cluster, on the cluster's leg
     gateway.save()
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
-    assert issued.known_hosts.split()[1] == f"[198.18.100.1]:{30000 + cluster.vlan_id},{label}-node1"
+    assert issued.known_hosts.split()[1] == f"[198.18.100.1]:{30000 + cluster.vlan_id},node1.{label}"
     assert f"Port {30000 + cluster.vlan_id}\n" in issued.ssh_config
 
 

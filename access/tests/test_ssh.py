@@ -259,7 +259,7 @@ def test_ssh_config_refuses_what_would_add_a_directive(bad):
 def test_ssh_config_of_sound_values():
     config = ssh.render_ssh_config(**SSH_CONFIG)
     assert "\n  HostName gw.example.org\n  Port 22\n  User virtcloud\n" in config
-    assert "Host c42-node1\n  HostName 10.0.0.1\n" in config
+    assert "Host node1.c42\n  HostName 10.0.0.1\n" in config
     assert "ProxyCommand" not in config
 
 
@@ -268,17 +268,17 @@ def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
     off port 22, as ssh looks up such a host) and each node's alias (its HostKeyAlias; never its address) — never
     a wildcard: merged into a user's ~/.ssh/known_hosts, the portal's host CA vouches for nothing else."""
     args = {k: SSH_CONFIG[k] for k in ("cluster", "nodes", "gateway_host", "gateway_port")}
-    assert ssh.known_hosts_patterns(**args) == ["gw.example.org", "c42-node1"]
-    on_its_port = ssh.known_hosts_patterns(**{**args, "gateway_port": 30100, "nodes": [("n2", "c42-n2")]})
-    assert on_its_port == ["[gw.example.org]:30100", "c42-n2"]
+    assert ssh.known_hosts_patterns(**args) == ["gw.example.org", "node1.c42"]
+    on_its_port = ssh.known_hosts_patterns(**{**args, "gateway_port": 30100, "nodes": [("n2", "n2.c42")]})
+    assert on_its_port == ["[gw.example.org]:30100", "n2.c42"]
     line = ssh.known_hosts_line(ssh.public_key_line(ca, "comment"), on_its_port)
-    assert line == f"@cert-authority [gw.example.org]:30100,c42-n2 {ssh.public_key_line(ca)}\n"
+    assert line == f"@cert-authority [gw.example.org]:30100,n2.c42 {ssh.public_key_line(ca)}\n"
     for bad in ([], ["*"], ["10.0.0.*"], ["!evil"], ["a,b"], ["a b"]):
         with pytest.raises(ssh.SSHCertError):
             ssh.known_hosts_line(ssh.public_key_line(ca), bad)
     host = ssh.public_key_line(ed25519.Ed25519PrivateKey.generate())
-    line = ssh.known_hosts_revoked_line(host + " root@node1", ["c42-node1", "10.0.0.1"])
-    assert line == f"@revoked c42-node1,10.0.0.1 {host}\n"
+    line = ssh.known_hosts_revoked_line(host + " root@node1", ["node1.c42", "10.0.0.1"])
+    assert line == f"@revoked node1.c42,10.0.0.1 {host}\n"
     for bad in ([], ["*"], ["a,b"]):
         with pytest.raises(ssh.SSHCertError):
             ssh.known_hosts_revoked_line(host, bad)
@@ -286,7 +286,10 @@ def test_known_hosts_names_the_profiles_hosts_as_ssh_looks_them_up(ca):
 
 def test_a_nodes_host_certificate_names_how_the_ssh_config_reaches_it(ca):
     # the alias only, never the address, which the cluster's owner picks (the gateway's, another cluster's)
-    assert ssh.node_host_names("c42", "node1") == ["c42-node1"]
+    assert ssh.node_host_names("c42", "node1") == ["node1.c42"]
+    # two clusters' nodes never share an alias (a host certificate of one would be good for the other): cluster
+    # a (id 1) with node b-2-x, cluster a-1-b (id 2) with node x
+    assert ssh.node_alias("a-1", "b-2-x") != ssh.node_alias("a-1-b-2", "x")
     config = ssh.render_ssh_config(**SSH_CONFIG)
     for name, address in SSH_CONFIG["nodes"]:
         (alias,) = ssh.node_host_names(SSH_CONFIG["cluster"], name)

@@ -218,7 +218,7 @@ def _bastion_says(lab, needle: str) -> None:
 def test_valid_certificate_jumps_to_its_cluster_node(lab):
     user, serial = _user(lab)
     t = time.perf_counter()
-    r = user.ssh("c42-node1", "echo", "hello-from-$(hostname -I 2>/dev/null || echo node)")
+    r = user.ssh("node1.c42", "echo", "hello-from-$(hostname -I 2>/dev/null || echo node)")
     ms = (time.perf_counter() - t) * 1000
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("hello-from-")
@@ -230,7 +230,7 @@ def test_valid_certificate_jumps_to_its_cluster_node(lab):
 
 def test_forwarding_outside_the_cluster_refused(lab):
     user, _ = _user(lab)
-    r = user.ssh("c42-node2", "true")  # node2 is reachable from the bastion, but not permitted to c42
+    r = user.ssh("node2.c42", "true")  # node2 is reachable from the bastion, but not permitted to c42
     assert r.returncode == 255
     assert "administratively prohibited" in r.stderr, r.stderr
     _bastion_says(lab, f"to connect to host {NODE2} port 22, but the request was denied")
@@ -238,7 +238,7 @@ def test_forwarding_outside_the_cluster_refused(lab):
 
 def test_expired_certificate_refused(lab):
     user, _ = _user(lab, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=3), hours=1)
-    r = user.ssh("c42-node1", "true")
+    r = user.ssh("node1.c42", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, "Certificate invalid: expired")
 
@@ -249,14 +249,14 @@ def test_an_expired_state_lets_nobody_in(lab):
     next pull, with nothing restarted."""
     user, serial = _user(lab)
     log = lab.root / f"live-{serial}.log"
-    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=log)
+    live = lab.ns.popen("ssh", "-F", str(user.config), "node1.c42", "echo up; sleep 60", log=log)
     fresh = fresh_until_path(lab.bastion.state.root.parent)
     kept = fresh.read_text()
     try:
         wait_for(lambda: "up" in read(log), 10, what="the login through the bastion")
         assert sshd.session_processes(lab.bastion.state, serial)
         write_atomic(fresh, fresh_until_text(time.time() - 1), 0o644)
-        r = user.ssh("c42-node1", "true")
+        r = user.ssh("node1.c42", "true")
         assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
         # The pull that cannot reach the portal ends the logins that are up.
         assert serial in pull.fail_closed(lab.bastion.state.root.parent).ssh_cut
@@ -265,7 +265,7 @@ def test_an_expired_state_lets_nobody_in(lab):
         write_atomic(fresh, kept, 0o644)
         stop(live, kill=True)
     assert pull.fail_closed(lab.bastion.state.root.parent) is None  # fresh again: nothing to cut
-    assert user.ssh("c42-node1", "true").returncode == 0
+    assert user.ssh("node1.c42", "true").returncode == 0
 
 
 def test_a_live_login_ends_when_the_state_expires_even_if_no_pull_runs(lab):
@@ -276,7 +276,7 @@ def test_a_live_login_ends_when_the_state_expires_even_if_no_pull_runs(lab):
     kept = fresh.read_text()
     log = lab.root / f"live-watchdog-{serial}.log"
     write_atomic(fresh, fresh_until_text(time.time() + 6), 0o644)  # (no pull comes after this one)
-    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=log)
+    live = lab.ns.popen("ssh", "-F", str(user.config), "node1.c42", "echo up; sleep 60", log=log)
     try:
         wait_for(lambda: "up" in read(log), 5, what="the login through the bastion")
         wait_for(lambda: live.poll() is not None, 20, what="the login to end once the state expired")
@@ -284,27 +284,27 @@ def test_a_live_login_ends_when_the_state_expires_even_if_no_pull_runs(lab):
     finally:
         write_atomic(fresh, kept, 0o644)
         stop(live, kill=True)
-    assert user.ssh("c42-node1", "true").returncode == 0  # a pull came: in again
+    assert user.ssh("node1.c42", "true").returncode == 0  # a pull came: in again
 
 
 def test_principal_of_another_cluster_refused(lab):
     user, _ = _user(lab, "alice", "c99")  # a valid certificate, but for a cluster the bastion does not list
-    r = user.ssh("c99-node1", "true")
+    r = user.ssh("node1.c99", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, "Certificate does not contain an authorized principal")
 
 
 def test_principal_without_targets_has_no_line(lab):
     user, _ = _user(lab, "nobody-home", "c44")
-    assert user.ssh("c44-node1", "true").returncode == 255
+    assert user.ssh("node1.c44", "true").returncode == 255
 
 
 def test_revoked_certificate_refused_by_krl(lab):
     user, serial = _user(lab)
-    assert user.ssh("c42-node1", "true").returncode == 0
+    assert user.ssh("node1.c42", "true").returncode == 0
     lab.bastion.revoked.append(serial)
     lab.bastion.publish_krl()  # sshd reads the KRL at each authentication: no reload needed
-    r = user.ssh("c42-node1", "true")
+    r = user.ssh("node1.c42", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, "revoked by file")
 
@@ -316,8 +316,8 @@ def test_a_revocation_cuts_the_live_logins_of_that_certificate_and_no_other(lab)
     user, serial = _user(lab)
     other, other_serial = _user(lab)
     logs = {name: lab.root / f"live-{name}.log" for name in ("user", "other")}
-    live = lab.ns.popen("ssh", "-F", str(user.config), "c42-node1", "echo up; sleep 60", log=logs["user"])
-    kept = lab.ns.popen("ssh", "-F", str(other.config), "c42-node1", "echo up; sleep 60", log=logs["other"])
+    live = lab.ns.popen("ssh", "-F", str(user.config), "node1.c42", "echo up; sleep 60", log=logs["user"])
+    kept = lab.ns.popen("ssh", "-F", str(other.config), "node1.c42", "echo up; sleep 60", log=logs["other"])
     try:
         for name, s in (("user", serial), ("other", other_serial)):
             wait_for(lambda name=name: "up" in read(logs[name]), 10, what=f"the login of serial {s}")
@@ -342,7 +342,7 @@ def test_a_revocation_cuts_the_live_logins_of_that_certificate_and_no_other(lab)
 def test_certificate_from_another_ca_refused(lab):
     rogue = ssh.generate_ca_key()
     user, serial = _user(lab, ca=rogue)
-    r = user.ssh("c42-node1", "true")
+    r = user.ssh("node1.c42", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
     _bastion_says(lab, f"(serial {serial}) CA ED25519 {ssh.fingerprint(rogue)}")
     assert f'Accepted certificate ID "virtcloud:user=alice:cluster=c42:serial={serial}:' not in read(lab.bastion.log)
@@ -393,7 +393,7 @@ def test_no_shell_on_the_bastion_even_for_an_account_that_has_one(lab):
         assert "uid=" not in r.stdout and r.returncode != 0, (r.stdout, r.stderr)
         assert "not available" in r.stdout + r.stderr, r.stderr  # nologin, run by the account's /bin/sh
         assert f'Accepted certificate ID "virtcloud:user=alice:cluster=c42:serial={serial}:' in read(log)  # it got in
-        r = user.ssh("c42-node1", "true")
+        r = user.ssh("node1.c42", "true")
         assert r.returncode == 0, r.stderr  # and relays as ever (ProxyJump: a direct-tcpip channel, no session)
     finally:
         stop(proc)
@@ -403,13 +403,13 @@ def test_a_revoked_node_host_key_is_refused_by_the_client(lab):
     """What the portal puts into every profile's known_hosts for a revoked node host certificate (``@revoked``
     with the node's key) makes ssh refuse that node's certificate, though the host CA still signs for it."""
     user, _ = _user(lab)
-    assert user.ssh("c42-node1", "true").returncode == 0
+    assert user.ssh("node1.c42", "true").returncode == 0
     public = lab.ns.run("ssh-keygen", "-y", "-f", str(lab.root / "node1" / "host_key")).stdout
     # for the names the profile reaches the node by (the @cert-authority line's, the gateway's first)
     ca_line = next(line for line in (user.dir / "known_hosts").read_text().splitlines() if line.startswith("@cert"))
     with open(user.dir / "known_hosts", "a") as known_hosts:
         known_hosts.write(ssh.known_hosts_revoked_line(public, ca_line.split()[1].split(",")[1:]))
-    r = user.ssh("c42-node1", "true")
+    r = user.ssh("node1.c42", "true")
     assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr
 
 
@@ -424,7 +424,7 @@ def test_a_retired_bastion_host_key_is_refused_by_the_client(lab):
     from access.models import RetiredHostKey
 
     user, _ = _user(lab)
-    assert user.ssh("c42-node1", "true").returncode == 0
+    assert user.ssh("node1.c42", "true").returncode == 0
     public = lab.ns.run("ssh-keygen", "-y", "-f", str(lab.bastion.state.root / "host_key")).stdout
     ca_line = next(line for line in (user.dir / "known_hosts").read_text().splitlines() if line.startswith("@cert"))
     until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
@@ -433,5 +433,5 @@ def test_a_retired_bastion_host_key_is_refused_by_the_client(lab):
     assert lines.startswith("@revoked ")
     with open(user.dir / "known_hosts", "a") as known_hosts:
         known_hosts.write(lines)
-    r = user.ssh("c42-node1", "true")
+    r = user.ssh("node1.c42", "true")
     assert r.returncode == 255 and "REVOKED HOST KEY" in r.stderr, r.stderr

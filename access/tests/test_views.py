@@ -33,7 +33,7 @@ def test_page_lists_enterable_clusters_and_the_client_note(alice, bob, charlie, 
     assert cluster_label(other_cluster) not in page
     assert "OpenVPN 2.x" in page and "OpenVPN Connect" in page and "Android" in page
     assert "virtcloud-bob.ovpn" in page  # the name a profile for several clusters gets
-    assert f"ssh -F virtcloud.conf {cluster_label(cluster)}-node1" in page
+    assert f"ssh -F virtcloud.conf node1.{cluster_label(cluster)}" in page
     assert 'href="/access/"' in page  # the nav link
     alice_page = logged_in(alice).get("/access/").content.decode()
     assert "soon" in alice_page and "not enterable yet" in alice_page
@@ -89,7 +89,7 @@ def test_ssh_zip_download(alice, cluster, gateway):
     assert response["Cache-Control"] == "no-store"
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     config = archive.read(f"virtcloud-{cluster_label(cluster)}/virtcloud.conf").decode()
-    assert f"Host {cluster_label(cluster)}-*" in config and "ProxyJump" in config
+    assert f"Host *.{cluster_label(cluster)}" in config and "ProxyJump" in config
 
 
 def test_ssh_bad_key_is_said_under_the_field_and_the_key_is_kept(alice, cluster, gateway):
@@ -365,13 +365,13 @@ def test_the_page_names_nodes_the_bastion_does_not_relay_to(alice, charlie, clus
     Node.objects.filter(cluster__in=[cluster, other_cluster]).update(address="10.0.0.5")
     page = logged_in(alice).get("/access/").content.decode()
     assert 'id="ssh-withheld"' in page
-    assert f"<code>{cluster_label(cluster)}-node1</code> (10.0.0.5)" in page
+    assert f"<code>node1.{cluster_label(cluster)}</code> (10.0.0.5)" in page
     assert cluster_label(other_cluster) not in page  # charlie's cluster is not named to alice
     download = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk})
     with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
         config = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("virtcloud.conf"))
-    assert f"#   {cluster_label(cluster)}-node1 (10.0.0.5)" in config
-    assert f"Host {cluster_label(cluster)}-node1" not in config
+    assert f"#   node1.{cluster_label(cluster)} (10.0.0.5)" in config
+    assert f"Host node1.{cluster_label(cluster)}" not in config
 
     Node.objects.filter(cluster=other_cluster).update(address="10.0.0.6")
     assert 'id="ssh-withheld"' not in logged_in(alice).get("/access/").content.decode()
