@@ -134,15 +134,18 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return VirtualCluster.objects.none()
         qs = selectors.clusters_visible(self.request)
-        # an empty value is no filter (a scheduler's template with an empty variable), not "none match"
-        values = {
+        # a state or connectivity left empty (a template's empty variable) is no filter; a job id, name or owner
+        # is matched as given, an empty one too (``?job_id=``: the clusters made without one — never all of them,
+        # which an epilogue that tears down what it lists would take for its job's)
+        chosen = {
             "state": choice_param(self.request, "state", ClusterState.values),
             "connectivity": choice_param(self.request, "connectivity", Connectivity.values),
-            "job_id": query_param(self.request, "job_id"),
-            "name": query_param(self.request, "name"),
-            "owner__username": query_param(self.request, "owner"),
         }
-        return qs.filter(**{lookup: value for lookup, value in values.items() if value})
+        qs = qs.filter(**{lookup: value for lookup, value in chosen.items() if value})
+        for param, lookup in (("job_id", "job_id"), ("name", "name"), ("owner", "owner__username")):
+            if param in self.request.query_params:
+                qs = qs.filter(**{lookup: query_param(self.request, param)})
+        return qs
 
     def _actionable(self, pk) -> object:
         cluster = get_object_or_404(self.get_queryset(), pk=pk)

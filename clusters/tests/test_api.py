@@ -1215,9 +1215,12 @@ def test_list_filters_and_query_count(fabric, images, api, alice, django_assert_
     assert api.get("/api/clusters/?connectivity=closed").data["count"] == 5
     r = api.get("/api/clusters/?connectivity=Closed")  # a typo was an empty list, as if there were none
     assert r.status_code == 400 and "connectivity" in r.data
-    # an empty value (a template's empty variable) filters nothing: it was an empty list, as if there were none
-    for query in ("state=", "connectivity=", "owner=", "job_id=", "name=", "state=&owner=&job_id="):
+    # an empty state or connectivity (a template's empty variable) filters nothing: it was an empty list, as if
+    # there were none; an empty job id, name or owner matches as given: never every cluster
+    for query in ("state=", "connectivity=", "state=&connectivity="):
         assert api.get(f"/api/clusters/?{query}").data["count"] == 5, query
+    for query in ("job_id=", "name=", "owner=", "state=&job_id="):
+        assert api.get(f"/api/clusters/?{query}").data["count"] == 0, query
     assert api.get("/api/clusters/?state=&name=c2").data["results"][0]["name"] == "c2"
     assert api.get("/api/clusters/?owner=alice&state=ready").data["count"] == 5
     assert api.get("/api/clusters/?owner=bob").data["count"] == 0
