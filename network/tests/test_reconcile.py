@@ -51,6 +51,17 @@ def test_drift_by_hand_is_found_and_repaired_by_one_reconcile_run(fabric, active
     assert Drift.objects.count() == 3
 
 
+def test_drift_of_a_trunk_with_thousands_of_vlans_is_recorded(fabric, active, settings):
+    """A busy trunk's VLAN sets, scattered ids, run to thousands of characters (the columns held 500: the
+    reconcile failed at every run on PostgreSQL, its drift never recorded nor repaired)."""
+    settings.RECONCILE_REPAIR = False
+    foreign = list(range(1001, 4001, 2))  # (no range to merge: 1,500 ids)
+    fabric.poke_switch("sw-pilsen", "h2", foreign)
+    tasks.reconcile.apply().get()
+    drift = Drift.objects.get(device="sw-pilsen", port="h2", kind="foreign")
+    assert len(drift.vlans) > 7000 and drift.vlans.startswith("1001,1003,") and drift.repaired_at is None
+
+
 def test_static_vlans_are_carried_kept_after_teardown_and_never_drift(fabric, settings):
     """A host trunk's static VLAN (the hypervisor's own network) is on the port with the clusters' VLANs,
     stays when they leave, is no drift, and comes back when removed by hand; a switch where only static
