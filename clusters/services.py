@@ -555,7 +555,9 @@ def image_register(
 @transaction.atomic
 def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
     """Change a user-provided image's ``description``, ``source`` or ``group`` (a group given: its owner must be
-    a member). The row is locked: an image deleted or retired meanwhile is a 409, not a 500."""
+    a member). The row is locked: an image deleted or retired meanwhile is a 409, not a 500. A new ``source``
+    takes the provider's approval away: it vouched for the image it looked at, not for what its owner puts
+    there later (later clusters booting it are closed until an administrator approves it again)."""
     unknown = set(changes) - {"description", "source", "group"}
     if unknown:
         raise ClusterError(f"cannot change {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
@@ -565,10 +567,14 @@ def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
     group = changes.get("group")
     if group is not None and not locked.owner.groups.filter(pk=group.pk).exists():
         raise ClusterError(f"{locked.owner.get_username()} is not a member of group {group.name}", field="group")
+    fields = [*changes]
+    if locked.approved and "source" in changes and changes["source"] != locked.source:
+        locked.approved = False
+        fields.append("approved")
     for name, value in changes.items():
         setattr(locked, name, value)
-    if changes:
-        locked.save(update_fields=[*changes])
+    if fields:
+        locked.save(update_fields=fields)
     return locked
 
 

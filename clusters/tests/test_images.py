@@ -136,6 +136,24 @@ def test_only_the_owner_changes_a_user_image_and_nobody_the_catalogue_through_th
     assert not Image.objects.get(name="alice-img").approved
 
 
+def test_a_new_source_takes_the_approval_away(alice, root):
+    """The provider approved the image it looked at: its owner pointing it elsewhere makes it unapproved again
+    (audited), so later clusters booting it are closed; a new description keeps the approval."""
+    register(alice)
+    Image.objects.filter(name="alice-img").update(approved=True)
+    r = client(alice).patch("/api/images/alice-img/", {"description": "v2"}, format="json")
+    assert r.status_code == 200 and Image.objects.get(name="alice-img").approved
+    same = Image.objects.get(name="alice-img").source
+    assert client(alice).patch("/api/images/alice-img/", {"source": same}, format="json").status_code == 200
+    assert Image.objects.get(name="alice-img").approved
+    r = client(alice).patch("/api/images/alice-img/", {"source": "https://example.org/other.qcow2"}, format="json")
+    assert r.status_code == 200 and r.data["approved"] is False
+    image = Image.objects.get(name="alice-img")
+    assert not image.approved
+    entry = AuditEntry.objects.filter(object_id=str(image.pk), action="update").latest("id")
+    assert entry.changes["approved"] == [True, False] and entry.actor == "alice"
+
+
 def test_a_share_ends_when_its_owner_leaves_the_group_and_the_owner_still_edits_the_image(fabric, alice, bob, team):
     """Leaving a group takes one's shares along (as it ends access to the group's clusters): bob no longer sees
     or boots alice's image; alice still changes her image's description (the group is checked only when given)."""
