@@ -18,4 +18,15 @@ def write_usage(stream, *, since, until, by: str = "owner", only=None) -> None:
         for key in ("created_at", "ended_at"):
             if row.get(key) is not None:
                 row[key] = row[key].isoformat()
-        writer.writerow(row)
+        writer.writerow({key: _cell(value) for key, value in row.items()})
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value):
+    """A text a user chose (a job id, a name) that a spreadsheet would run as a formula (``=HYPERLINK(…)``)
+    gets a leading ``'``, which makes it text there (OWASP's advice for CSV files); other values as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

