@@ -1037,12 +1037,17 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
 
 
 def node_user(cluster) -> str:
-    """The account the cluster's people log in as on its nodes: ``root`` when the cluster's users have admin rights
-    (:data:`access.ssh.NODE_USER`), else ``ACCESS_SSH_NODE_USER``, an account of the provider's images without
-    them. The nodes' principals file is that account's, and the ssh_config's ``User``."""
+    """The account the cluster's people log in as on its nodes: ``root`` (:data:`access.ssh.NODE_USER`) when the
+    cluster's users have admin rights, or when its nodes boot an image a user registered (its owner made it: root
+    there is theirs whatever the portal says, and the provider's accounts need not exist in it); else, on the
+    provider's catalogue without admin rights, ``ACCESS_SSH_NODE_USER``, an account of the provider's images. The
+    nodes' principals file is that account's, and the ssh_config's ``User``."""
     from access import ssh
+    from clusters.models import Image
 
-    return ssh.NODE_USER if cluster.admin_rights else settings.ACCESS_SSH_NODE_USER
+    if cluster.admin_rights or Image.objects.filter(pk=cluster.image_id, owner__isnull=False).exists():
+        return ssh.NODE_USER
+    return settings.ACCESS_SSH_NODE_USER
 
 
 def _node_authorized_principals(cluster, label: str) -> str:

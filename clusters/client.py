@@ -494,11 +494,17 @@ def _node_access(
         krl = base64.b64decode(str(answer["krl"]), validate=True)
     except (binascii.Error, ValueError):
         raise Refused("the portal's KRL is not base64") from None
+    principals = folder / f"virtcloud-principals-{node_user}"
     files: dict[Path, str | bytes] = {
         folder / "virtcloud-user-ca.pub": str(answer["user_ca"]).rstrip("\n") + "\n",
-        folder / f"virtcloud-principals-{node_user}": str(answer["authorized_principals"]).rstrip("\n") + "\n",
+        principals: str(answer["authorized_principals"]).rstrip("\n") + "\n",
         folder / "virtcloud-revoked-keys": krl,  # binary (ssh-keygen -k)
     }
+    # another account's principals file written before (the cluster's people logged in as root until its policy
+    # or the portal changed) would keep letting them in as that account, frozen: it lists nobody now
+    for other in sorted(folder.glob("virtcloud-principals-*")):
+        if other != principals and re.fullmatch(r"virtcloud-principals-[a-z_][a-z0-9_-]{0,31}", other.name):
+            files[other] = f"# VirtCloud: nobody logs in as this account; the cluster's people are {node_user}\n"
     shown = {k: v for k, v in answer.items() if k != "krl"}
     renewed = answer.get("host_certificate")
     if renewed and key is not None:

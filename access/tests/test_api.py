@@ -512,8 +512,8 @@ def test_a_node_learns_who_may_log_in_now(alice, bob, team, cluster, gateway, tm
 
 
 def test_users_of_a_cluster_without_admin_rights_log_in_as_the_unprivileged_account(alice, cluster, gateway, settings):
-    """Admin rights make the cluster's people root on its nodes; without them they log in as
-    ACCESS_SSH_NODE_USER: the account the node's principals file is for, and the ssh_config's User."""
+    """Admin rights make the cluster's people root on its nodes; without them, on the provider's images, they log
+    in as ACCESS_SSH_NODE_USER: the account the node's principals file is for, and the ssh_config's User."""
     from clusters.models import VirtualCluster
 
     _, secret = token_create(user=alice, name="boot", scopes=[TokenScope.CLUSTERS_WRITE])
@@ -527,6 +527,10 @@ def test_users_of_a_cluster_without_admin_rights_log_in_as_the_unprivileged_acco
     assert _host_cert_post(api, cluster, "node1", _host_key()).json()["node_user"] == "cloud"
     config = services.ssh_certificate_issue(user=alice, cluster=cluster).ssh_config
     assert "  User cloud\n" in config and "User root" not in config
+    # an image a user registered: its owner made it, root there is theirs (and the provider's account may not exist)
+    cluster.image.owner = alice
+    cluster.image.save()
+    assert _host_access_get(api, cluster, "node1").json()["node_user"] == "root"
 
 
 def test_a_nodes_access_refused_as_its_host_certificate_is(alice, bob, charlie, root, cluster, other_cluster):

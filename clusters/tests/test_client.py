@@ -292,9 +292,12 @@ def test_a_nodes_timer_keeps_who_may_log_in_current_through_the_client(
     assert code == 0, err
     folder = tmp_path / "etc-ssh"
     folder.mkdir()
+    stale = folder / "virtcloud-principals-root"  # another account's, written before: it lists nobody now
+    stale.write_text(f"{cluster['name']}.alice\n")
     code, shown, err = client("host-access", "--job", "8.pbs", "--node", "n1", "--dir", str(folder))
     assert code == 0, err
     assert "krl" not in shown and shown["node"] == "n1" and shown["node_user"] == "virtcloud"  # (no admin rights)
+    assert [ln for ln in stale.read_text().splitlines() if not ln.startswith("#")] == []
     principals = folder / f"virtcloud-principals-{shown['node_user']}"
     assert [ln for ln in principals.read_text().splitlines() if not ln.startswith("#")] == [
         f"{shown['cluster']}.alice",
@@ -307,7 +310,7 @@ def test_a_nodes_timer_keeps_who_may_log_in_current_through_the_client(
     assert (
         sorted(p.name for p in folder.iterdir())
         == sorted(Path(f).name for f in shown["files"])
-        == sorted([principals.name, krl.name, "virtcloud-user-ca.pub"])
+        == sorted([principals.name, krl.name, "virtcloud-user-ca.pub", stale.name])
     )
     assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o644"}
 
