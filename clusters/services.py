@@ -1323,32 +1323,36 @@ def clusters_resend_unsent_updates(*, older_than: timedelta = timedelta(seconds=
     refused it, or the process that committed UPDATING died before it sent it: ``provision_sent`` is not this
     generation) have it sent again, in a new generation with its step again — rather than answering ``busy``
     until the deadline fails it with its new nodes left pending for good. One that was sent and waits in a slow
-    queue is left alone."""
+    queue is left alone. The deadline still counts from when the change began (``updated_at`` is left as it
+    is): one that cannot be sent for ``CLUSTER_PROVISION_TIMEOUT`` is left to ``clusters_end_stalled_workflows``.
+    Each cluster is claimed by a conditional UPDATE of its generation, so that two runs, or a workflow that did
+    get through and ends meanwhile, never make it twice."""
     running = ClusterStep.objects.filter(
         cluster=OuterRef("pk"), generation=OuterRef("workflow_generation"), status=StepStatus.RUNNING
     )
+    in_time = timezone.now() - timedelta(seconds=settings.CLUSTER_PROVISION_TIMEOUT)
     unsent = (
         _stalled(ClusterState.UPDATING, older_than)
-        .filter(Exists(running))
+        .filter(Exists(running), updated_at__gt=in_time)
         .exclude(provision_sent=F("workflow_generation"))
     )
     ids = []
-    for cluster_id in unsent.values_list("pk", flat=True):
+    for cluster_id, generation in unsent.values_list("pk", "workflow_generation"):
         with transaction.atomic():
-            cluster = unsent.select_for_update().filter(pk=cluster_id).first()  # (another run took it: gone)
-            if cluster is None:
-                continue
-            step = cluster.steps.filter(generation=cluster.workflow_generation, status=StepStatus.RUNNING).latest("pk")
             # a new generation: a late callback of a copy that did get through changes nothing
-            VirtualCluster.objects.filter(pk=cluster_id).update(
-                workflow_generation=F("workflow_generation") + 1, updated_at=timezone.now()
+            if not unsent.filter(pk=cluster_id, workflow_generation=generation).update(
+                workflow_generation=generation + 1
+            ):
+                continue  # another run took it, or it moved on
+            step = ClusterStep.objects.filter(cluster_id=cluster_id, generation=generation).order_by("-pk").first()
+            name, detail = (step.name, step.detail) if step else ("update", "")
+            ClusterStep.objects.filter(cluster_id=cluster_id, generation=generation, status=StepStatus.RUNNING).update(
+                status=StepStatus.FAILED, error="never sent to the workers: sent again", finished_at=timezone.now()
             )
-            cluster.refresh_from_db(fields=["workflow_generation"])
-            step_finish(step, status=StepStatus.FAILED, error="never sent to the workers: sent again")
-            again = step_start(cluster, step.name, detail=step.detail)
-            transaction.on_commit(
-                lambda c=cluster.pk, g=cluster.workflow_generation, s=again.pk: workflows.start_update(c, g, s)
+            again = ClusterStep.objects.create(
+                cluster_id=cluster_id, name=name, generation=generation + 1, detail=detail
             )
+            transaction.on_commit(lambda c=cluster_id, g=generation + 1, s=again.pk: workflows.start_update(c, g, s))
             ids.append(cluster_id)
         logger.warning("cluster %s: its node change was never sent; sending it again", cluster_id)
     return ids

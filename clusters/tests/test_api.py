@@ -1448,6 +1448,19 @@ def test_a_node_change_the_broker_never_got_is_sent_again(fabric, images, api, a
     assert VirtualCluster.objects.get(pk=cid).state == ClusterState.UPDATING
     assert services.clusters_resend_unsent_updates(older_than=timedelta(0)) == []
 
+    # one that cannot be sent for as long as a change may take is left to the deadline, which fails it: no
+    # resending for good, busy all along
+    cluster = VirtualCluster.objects.get(pk=cid)
+    VirtualCluster.objects.filter(pk=cid).update(provision_sent=None)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(seconds=601))
+    assert services.clusters_resend_unsent_updates(older_than=timedelta(0)) == []
+    assert services.clusters_end_stalled_workflows() == [cid]
+    cluster.refresh_from_db()
+    assert (
+        cluster.state == ClusterState.READY
+        and cluster.steps.get(name="nodes.add", generation=cluster.workflow_generation).status == "failed"
+    )
+
 
 def test_a_rollback_still_running_is_never_taken_for_an_unsent_provisioning(fabric, images, api, alice, monkeypatch):
     """A failed provisioning's rollback runs in a generation of its own, the cluster still PROVISIONING, and no
