@@ -840,7 +840,7 @@ def _require_ready(cluster: VirtualCluster) -> None:
     ends FAILED: never)."""
     if cluster.state == ClusterState.READY:
         return
-    if cluster.state == ClusterState.PROVISIONING and _rolling_back(cluster):
+    if cluster.state in (ClusterState.REQUESTED, ClusterState.PROVISIONING) and _rolling_back(cluster):
         raise Conflict(f"cluster {cluster.name}'s provisioning failed and is being rolled back: it ends failed")
     error = Busy if cluster.state in _BUSY_STATES else Conflict
     raise error(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
@@ -1188,12 +1188,12 @@ def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str
         ).update(  # updated_at: the rollback starts now (the deadline measures it from here)
             workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000], updated_at=timezone.now()
         )
-    if not claimed:
-        return False
-    cluster = VirtualCluster.objects.get(pk=cluster_id)
+        if not claimed:
+            return False
+        cluster = VirtualCluster.objects.get(pk=cluster_id)
+        step_start(cluster, "compensate", detail=reason)  # (with the claim: a change is never told "busy" between)
     steps_finish_running(cluster, "network", generation=generation, error=reason)
     logger.warning("cluster %s provisioning failed: %s; compensating", cluster_id, reason)
-    step_start(cluster, "compensate", detail=reason)
     workflows.start_compensation(cluster_id, generation + 1, reason)
     return True
 

@@ -43,8 +43,9 @@ CHANGE_ERRORS = {  # a change that needs the cluster READY
     **CLUSTER_ERRORS,
     "e409": "code `busy`: the cluster is provisioning or updating; the same request (with the same "
     "Idempotency-Key) succeeds once it is ready: retry after the `Retry-After` header's seconds. Code `conflict`: "
-    "it never will (the cluster is tearing down, torn down or failed; the node is not migrating; the "
-    "Idempotency-Key was used for another request). Also `quota_exceeded`, `pool_exhausted`",
+    "it never will (the cluster is tearing down, torn down or failed, or its provisioning failed and is being "
+    "rolled back; the node is not migrating; the Idempotency-Key was used for another request). Also "
+    "`quota_exceeded`, `pool_exhausted`",
 }
 OWNER_403 = (
     "`owner` names another user than the caller, which only middleware tokens (clusters:manage) and admins may "

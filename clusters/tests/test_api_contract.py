@@ -429,6 +429,9 @@ def test_a_change_while_a_failed_provisioning_is_rolled_back_says_never(fabric, 
     assert never.status_code == 409 and never.data["code"] == "conflict", never.content
     assert "provisioning failed and is being rolled back" in never.data["detail"]
     assert "Retry-After" not in never
+    VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.REQUESTED)  # (a failure may claim one too)
+    again = client.post(f"/api/clusters/{cid}/nodes/", n3, format="json")
+    assert again.status_code == 409 and again.data["code"] == "conflict", again.content
 
 
 def test_the_schema_tells_busy_from_conflict(alice):
