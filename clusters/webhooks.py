@@ -273,8 +273,13 @@ def deliver(webhook_id: int) -> Delivery:
             .filter(pk=webhook_id)
             .first()
         )
-        if hook is None or hook.next_attempt_at > timezone.now() or not hook.token_allows():
+        if hook is None or hook.next_attempt_at > timezone.now():
             return Delivery(webhook=hook.name if hook else "", sent=0)
+        if not hook.token_allows():  # said where its owner and the admin look, once
+            why = "not sent: the token it was registered with no longer has the scope for this feed"
+            if hook.last_error != why:
+                Webhook.objects.filter(pk=hook.pk).update(last_error=why)
+            return Delivery(webhook=hook.name, sent=0)
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id

@@ -170,7 +170,10 @@ def test_a_scope_taken_from_the_token_stops_the_feed_it_gave(fabric, alice, bob,
         token.save()
     create_cluster(alice, "c2", "52:54:00:00:00:02")
     deliver_webhooks()
-    assert len(receiver.requests) == 2  # neither is fed any more
+    assert len(receiver.requests) == 2  # neither is fed any more, and each says why
+    assert {h.last_error for h in Webhook.objects.all()} == {
+        "not sent: the token it was registered with no longer has the scope for this feed"
+    }
     manage.scopes = [TokenScope.CLUSTERS_MANAGE]
     manage.save()
     deliver_webhooks()
