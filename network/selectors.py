@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 
 from network import vlanranges
 from network.choices import PortRole
@@ -326,6 +326,18 @@ def rollback_kept(segment_id: int | None) -> str:
     return f"VLAN {vid} kept: {error.partition(NOT_ROLLED_BACK)[2] or 'a device may carry it'}"
 
 
+def _may_have_applied() -> Q:
+    """Device changes that may have left their segment's VLAN on the device: settled on it while it was enabled
+    (it took the VLAN, or was converged while the segment was on it), failed in a way that may have applied part
+    of it (all but a switch that refused it outright), or a session started that never finished."""
+    status = DeviceChange.Status
+    return (
+        (Q(status__in=(status.OK, status.NOOP)) & ~Q(error=DeviceChange.NOT_TOUCHED))
+        | Q(status=status.FAILED, refused=False)
+        | Q(status__in=DeviceChange.OPEN, started_at__isnull=False)
+    )
+
+
 def vlan_holders(segment: Segment) -> list[str]:
     """Disabled devices that may still carry ``segment``'s VLAN: a change for the segment settled on them
     while they were enabled (they took the VLAN, or were converged while the segment was on them), failed
@@ -333,13 +345,7 @@ def vlan_holders(segment: Segment) -> list[str]:
     started that never finished (the device was disabled under it) — and a disabled device is never touched,
     so nothing took it away since. While there is one, the id may go to no other owner (the two would share it
     on that device). ``["switch sw-x", "host h1"]``; a device that left the inventory holds nothing."""
-    status = DeviceChange.Status
-    may_have_applied = (
-        (Q(status__in=(status.OK, status.NOOP)) & ~Q(error=DeviceChange.NOT_TOUCHED))
-        | Q(status=status.FAILED, refused=False)
-        | Q(status__in=DeviceChange.OPEN, started_at__isnull=False)
-    )
-    settled = DeviceChange.objects.filter(may_have_applied, segment=segment)
+    settled = DeviceChange.objects.filter(_may_have_applied(), segment=segment)
     holders = []
     for label, model, column in (("switch", Switch, "switch_id"), ("host", Host, "host_id")):
         took = settled.filter(**{f"{column}__isnull": False}).values(column)
@@ -409,13 +415,31 @@ def core_site_users(core_id: int, sites: Iterable[int], vids: tuple[int, int] | 
 def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
     """Of these ports, those that carry VLANs of live segments now (port id → the VLANs), counting segments
     being torn down or rolled back (their VLANs stay on the devices until that finishes): a port the portal
-    forgets while it carries them would keep them on the device for ever (nothing converges it again)."""
+    forgets while it carries them would keep them on the device for ever (nothing converges it again). And a
+    failed or closed segment that still holds its VLAN (its rollback or teardown could not clean a device:
+    ``network.services.segments_keeping_vlan``/``segments_holding_vlan``) may still have it on any port of a
+    switch where one of its changes may have applied: the next run cleans owned ports only, then releases the
+    VLAN to the next cluster."""
     ports = list(SwitchPort.objects.filter(pk__in=list(port_ids)).values_list("pk", "switch_id", "name"))
     if not ports:
         return {}
     views = segment_views(Segment.objects.filter(state__in=Segment.LIVE_STATES))
     carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views, static=False)
-    return {pk: carried[switch][name] for pk, switch, name in ports if carried.get(switch, {}).get(name)}
+    found = {pk: set(carried.get(switch, {}).get(name, ())) for pk, switch, name in ports}
+    holding = Segment.objects.filter(
+        state__in=(Segment.State.FAILED, Segment.State.CLOSED),
+        allocation__state=VlanAllocation.State.ALLOCATED,
+        allocation__owner=F("owner_ref"),
+    )
+    applied = DeviceChange.objects.filter(
+        _may_have_applied(), segment__in=holding, switch_id__in={switch for _pk, switch, _name in ports}
+    ).values_list("switch_id", "segment__vid")
+    held: dict[int, set[int]] = defaultdict(set)
+    for switch, vid in applied:
+        held[switch].add(vid)
+    for pk, switch, _name in ports:
+        found[pk] |= held.get(switch, set())
+    return {pk: frozenset(vids) for pk, vids in found.items() if vids}
 
 
 def pool_usage(pools: Iterable[VlanPool]) -> dict[int, dict[str, int]]:

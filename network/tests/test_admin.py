@@ -205,6 +205,28 @@ def test_host_port_picker_offers_only_host_trunks(admin_client, demo):
     assert sorted(r["text"] for r in response.json()["results"]) == ["brno-sw:h1", "brno-sw:h2"]
 
 
+def test_a_port_of_a_switch_that_may_still_carry_a_failed_clusters_vlan_is_kept(admin_client, demo):
+    """A failed segment whose rollback could not clean a switch keeps its VLAN, which may still be on that
+    switch's ports: deleting one is refused until the VLAN is released (the next rollback cleans owned ports
+    only, then hands the id to the next cluster: the forgotten port would carry it into that one)."""
+    from network import convergence, services
+    from network.models import DeviceChange, Segment
+
+    seg = services.segment_create(
+        owner="cluster:1", hosts=list(Host.objects.filter(name__in=["brno-h1", "pilsen-h1"])), gateway=False
+    )
+    port = SwitchPort.objects.get(switch__name="brno-sw", name="core")
+    change = convergence.change_create(device=port.switch, segment=seg, cause="provision")
+    DeviceChange.objects.filter(pk=change.pk).update(status=DeviceChange.Status.OK)
+    Segment.objects.filter(pk=seg.pk).update(state=Segment.State.FAILED)  # its rollback failed: VLAN kept
+    page = admin_client.post(reverse("admin:network_switchport_delete", args=[port.pk]), {"post": "yes"})
+    assert page.status_code == 200 and f"carries VLAN {seg.vid}" in page.content.decode()
+    assert SwitchPort.objects.filter(pk=port.pk).exists()
+    services.vlan_release(allocation=seg.allocation)  # released (cleaned since): the port may go
+    page = admin_client.post(reverse("admin:network_switchport_delete", args=[port.pk]), {"post": "yes"})
+    assert page.status_code == 302 and not SwitchPort.objects.filter(pk=port.pk).exists()
+
+
 def test_ports_carrying_live_vlans_and_cores_live_clusters_need_are_kept(admin_client, demo):
     """Deleting a port (its page, a switch's inline, the switch) that carries a live VLAN is refused, as is
     taking from a core a site that a live segment spans; a new switch's core uplink must enter a core that
