@@ -263,7 +263,7 @@ class Switch(InventoryModel, Reconciled):
         pools = VlanPool.objects.filter(core__sites=self.site_id).exclude(name__in=list(skip_pools)).distinct()
         clashes = []
         for pool in pools.order_by("name"):
-            clash = reserved.intersection(pool.vlan_ids)
+            clash = reserved.intersection(pool.claimed_ids())
             if clash:
                 clashes.append(
                     f"switch {self.name}: pool {pool.name} hands out ids {vlanranges.format_ranges(clash)}, which "
@@ -327,7 +327,7 @@ class SwitchPort(InventoryModel):
             # a cluster given one of these ids would share the VLAN with the host's own network on this port
             pools = VlanPool.objects.filter(core__sites=self.switch.site_id).select_related("core").order_by("name")
             for pool in pools:
-                clash = static & set(pool.vlan_ids)
+                clash = static & pool.claimed_ids()
                 if clash:
                     raise ValidationError(
                         {
@@ -485,7 +485,7 @@ class VlanPool(InventoryModel):
                     f"{core.name} carries ({core.vid_min}-{core.vid_max})"
                 )
             for other in VlanPool.objects.filter(core_id=self.core_id).exclude(pk=self.pk):
-                overlap = ids & set(vlanranges.parse(other.ranges))
+                overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids())
                 if overlap:
                     errors.setdefault("ranges", []).append(
                         f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} "
@@ -519,7 +519,7 @@ class VlanPool(InventoryModel):
         )
         problems = []
         for other in shared:
-            overlap = ids & set(vlanranges.parse(other.ranges))
+            overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids())
             if overlap:
                 problems.append(
                     f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
@@ -566,6 +566,19 @@ class VlanPool(InventoryModel):
         """The ids clusters may get: ranges minus reserved."""
         reserved = set(vlanranges.parse(self.reserved))
         return [v for v in vlanranges.parse(self.ranges) if v not in reserved]
+
+    def held_ids(self) -> set[int]:
+        """The ids this pool still holds, allocated or in quarantine — also ones its ranges (or its reserved ids)
+        no longer cover: a shrunk pool keeps them until they are released (``vlan_pool_sync``)."""
+        if self.pk is None:
+            return set()
+        held = (VlanAllocation.State.ALLOCATED, VlanAllocation.State.QUARANTINED)
+        return set(self.allocations.filter(state__in=held).values_list("vid", flat=True))
+
+    def claimed_ids(self) -> set[int]:
+        """What no other pool that meets it, no port's static VLAN and no switch's own ids may share: the ids it
+        hands out and those it still holds."""
+        return set(self.vlan_ids) | self.held_ids()
 
 
 def _by_platform(rows) -> dict[str, list[str]]:

@@ -78,6 +78,34 @@ def test_pools_on_one_core_must_not_overlap():
     assert messages(pool)["ranges"] == ["pool chemistry: ids 150-199 overlap pool physics on core backbone"]
 
 
+def test_an_id_a_shrunk_pool_still_holds_is_still_its_own():
+    """A pool shrunk while one of its ids was given out keeps holding it until it is released: another pool
+    on its core (or meeting it at a site) may not hand it out, nor a port at its sites carry it as a static
+    VLAN, nor a switch there keep it for itself — the two owners would share one VLAN."""
+    from network import services
+    from network.models import SwitchPort, VlanAllocation
+
+    site = SiteFactory(name="brno")
+    core = CoreTransportFactory(name="backbone", sites=[site], vid_min=2, vid_max=4094)
+    physics = VlanPoolFactory(name="physics", core=core, ranges="100-199")
+    services.vlan_pool_sync(pool=physics)
+    VlanAllocation.objects.filter(pool=physics, vid=150).update(state="allocated", owner="cluster:1")
+    physics.ranges = "100-149"
+    physics.full_clean()
+    physics.save()
+    services.vlan_pool_sync(pool=physics)
+    assert VlanAllocation.objects.filter(pool=physics, vid=150, state="allocated").exists()
+    pool = VlanPoolFactory.build(name="chemistry", core=core, ranges="150-199")
+    assert messages(pool)["ranges"] == ["pool chemistry: ids 150 overlap pool physics on core backbone"]
+    elsewhere = CoreTransportFactory(name="other", sites=[site], vid_min=2, vid_max=4094)
+    pool = VlanPoolFactory.build(name="chemistry", core=elsewhere, ranges="150-199")
+    assert "pool chemistry: ids 150 overlap pool physics of core backbone" in messages(pool)["ranges"][0]
+    port = SwitchPort(switch=SwitchFactory(name="sw", site=site), name="h9", role="host_trunk", static_vlans="150")
+    assert "static VLAN 150 is handed out by pool physics" in messages(port)["static_vlans"][0]
+    VlanAllocation.objects.filter(pool=physics, vid=150).update(state="free", owner="")  # released: free to go
+    VlanPoolFactory.build(name="chemistry", core=core, ranges="150-199").full_clean()
+
+
 def test_pools_on_different_cores_may_overlap():
     VlanPoolFactory(name="a", ranges="100-199")
     VlanPoolFactory.build(name="b", core=CoreTransportFactory(), ranges="100-199").full_clean()
