@@ -258,7 +258,12 @@ class PublicSubnetLease(models.Model):
 
     class Meta:
         ordering = ["-started_at"]
-        indexes = [models.Index(fields=["version", "first", "last"], name="lease_range")]
+        indexes = [
+            models.Index(fields=["version", "first", "last"], name="lease_range"),
+            # the leases that ended within the hold-down (every public allocation, scrape and prefix page asks,
+            # the allocations under their lock): not a scan of the whole history
+            models.Index(fields=["ended_at"], name="lease_ended", condition=models.Q(ended_at__isnull=False)),
+        ]
 
     def __str__(self) -> str:
         return f"{self.subnet}: {self.cluster_name} ({self.owner})"

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db.models import Count, Min, Q, Sum
+from django.db.models import Count, Func, Min, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -126,11 +127,15 @@ def collect() -> list[Family]:
 
     behind = Family("virtcloud_webhook_events_behind", "Cluster events a webhook has not received yet.")
     failing = Family("virtcloud_webhook_failures", "Failed deliveries in a row of a webhook (0: keeping up).")
-    newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
-    rows = Webhook.objects.filter(enabled=True).order_by("owner__username", "name")
-    for name, owner, cursor, failures in rows.values_list("name", "owner__username", "last_event_id", "failures"):
+    # the webhooks that get the feed (one whose token was revoked never moves: not "behind"), their backlog
+    # counted in the same query
+    later = (
+        ClusterEvent.objects.filter(id__gt=OuterRef("last_event_id")).order_by().values(n=Func("id", function="COUNT"))
+    )
+    rows = Webhook.deliverable().annotate(backlog=Coalesce(Subquery(later), 0)).order_by("owner__username", "name")
+    for name, owner, backlog, failures in rows.values_list("name", "owner__username", "backlog", "failures"):
         who = {"webhook": name, "owner": owner or ""}  # (names are unique per owner; "": made in the admin)
-        behind.add(ClusterEvent.objects.filter(id__gt=cursor).count() if cursor < newest else 0, **who)
+        behind.add(backlog, **who)
         failing.add(failures, **who)
     families += [behind, failing]
 

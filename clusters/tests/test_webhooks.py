@@ -126,6 +126,26 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
         ("virtcloud_webhook_events_behind", "acct", ""): 0,
         ("virtcloud_webhook_failures", "acct", ""): 0,
     }
+    # a webhook that gets nothing any more (its token revoked, its owner gone) is not "behind" for ever; the
+    # backlogs of many webhooks cost one query
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from portal.models import TokenScope
+    from portal.tokens import token_create, token_revoke
+
+    token, _ = token_create(user=alice, name="t", scopes=[TokenScope.CLUSTERS_WRITE])
+    Webhook.objects.create(name="gone", url=receiver.url, secret=SECRET, owner=alice, token=token)
+    token_revoke(token=token)
+    create_cluster(alice, "c2", "52:54:00:00:00:02")
+    assert ("virtcloud_webhook_events_behind", "gone", "alice") not in figures()
+    with CaptureQueriesContext(connection) as few:
+        figures()
+    for i in range(5):
+        Webhook.objects.create(name=f"more{i}", url=receiver.url, secret=SECRET)
+    with CaptureQueriesContext(connection) as many:
+        assert figures()[("virtcloud_webhook_events_behind", "more4", "")] == 0
+    assert len(many) == len(few)
 
 
 def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, alice, receiver):
