@@ -34,7 +34,8 @@ from portal.admin import MadeByThePortal
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
     """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
-    it: later clusters booting it may be public (paper §2.1); live ones keep their connectivity."""
+    it: later clusters booting it may be public (paper §2.1); live ones keep their connectivity. Withdrawing the
+    approval makes the live public clusters booting it closed (``services.image_approval_withdraw``)."""
 
     list_display = ("name", "approved", "owner", "group", "description", "created_at", "retired_at")
     list_filter = ("approved", ("owner", admin.EmptyFieldListFilter), ("retired_at", admin.EmptyFieldListFilter))
@@ -48,9 +49,28 @@ class ImageAdmin(admin.ModelAdmin):
     def approve(self, request, queryset) -> None:
         self._set_approved(request, queryset, approved=True)
 
-    @admin.action(description="Withdraw the approval of the selected images", permissions=["change"])
+    @admin.action(
+        description="Withdraw the approval of the selected images (their live public clusters become closed)",
+        permissions=["change"],
+    )
     def withdraw_approval(self, request, queryset) -> None:
-        self._set_approved(request, queryset, approved=False)
+        closed, busy = [], []
+        for image in queryset:
+            done, waiting = services.image_approval_withdraw(image=image, admin=request.user)
+            closed += done
+            busy += waiting
+        self.message_user(
+            request,
+            f"{queryset.count()} image(s) no longer approved; {len(closed)} public cluster(s) "
+            "booting them made closed.",
+        )
+        if busy:
+            names = ", ".join(f"{c.name} ({c.owner.get_username()})" for c in busy)
+            self.message_user(
+                request,
+                f"Still public, in a workflow now: {names}. Withdraw the approval again once they are ready.",
+                messages.WARNING,
+            )
 
     def _set_approved(self, request, queryset, *, approved: bool) -> None:
         changed = 0

@@ -516,6 +516,9 @@ def _check_image(image: Image, *, owner) -> None:
             cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR SHARE", [image.pk])  # noqa: S608
     if not selectors.images_usable(owner).filter(pk=image.pk).exists():
         raise ClusterError(image_unavailable(image.name), field="image")
+    # the policy reads its approval as it is now, under the lock: a withdrawal committed since the request read
+    # the image is seen (and one that comes now waits for this cluster, then finds it public and closes it)
+    image.approved = Image.objects.filter(pk=image.pk).values_list("approved", flat=True).get()
 
 
 @transaction.atomic
@@ -958,6 +961,40 @@ def _migration_end(cluster: VirtualCluster, node: Node, *, moved: bool) -> Node:
     node.save(update_fields=["host", "target_host", "state"])
     _reconverge(cluster, step, detail)
     return node
+
+
+def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster], list[VirtualCluster]]:
+    """The provider no longer vouches for ``image`` (paper §2.1): it is unapproved (audited), and every live
+    public cluster booting it is made closed, as an override by ``admin`` naming why — public only because the
+    image was approved, they would stay on the provider's routed addresses until they end. One an administrator
+    made public by an override stays as it is (they vouched for that cluster). (closed, busy): a cluster in a
+    workflow (provisioning, a node change) is not changed now; withdrawing again closes it once it is ready."""
+    if not selectors.staff_may(admin, "change", Image):
+        raise NotAllowed("only an administrator who may change images withdraws an approval")
+    with transaction.atomic():
+        locked = Image.objects.select_for_update().get(pk=image.pk)  # (a create reading it waits, then sees it)
+        if locked.approved:
+            locked.approved = False
+            locked.save(update_fields=["approved"])
+    closed, busy = [], []
+    public = VirtualCluster.objects.filter(
+        image=image, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC, connectivity_overridden_by=None
+    )
+    for cluster in public.order_by("pk"):
+        try:
+            closed.append(
+                connectivity_override(
+                    cluster=cluster,
+                    connectivity=Connectivity.CLOSED,
+                    admin=admin,
+                    reason=f"image {image.name} is no longer approved",
+                )
+            )
+        except Busy:
+            busy.append(cluster)
+        except Conflict:  # ended meanwhile
+            continue
+    return closed, busy
 
 
 @transaction.atomic

@@ -109,6 +109,35 @@ def test_an_override_to_closed_ends_the_lease_and_one_to_public_starts_another(c
     assert again.subnet == VirtualCluster.objects.get(pk=cluster.pk).public_subnet and again.pk != lease.pk
 
 
+def test_withdrawing_an_images_approval_closes_its_live_public_clusters(create, root, client):
+    """The provider no longer vouches for the image: its live public clusters become closed (an override by the
+    admin, saying why: their subnets' leases end), an admin's own override to public stays, and later clusters
+    booting it are closed by the policy."""
+    from clusters.models import Image
+
+    web = create("web", "52:54:00:00:00:01")
+    vouched = create("vouched", "52:54:00:00:00:02")
+    services.connectivity_override(cluster=vouched, connectivity="closed", admin=root, reason="x")
+    services.connectivity_override(
+        cluster=VirtualCluster.objects.get(pk=vouched.pk), connectivity="public", admin=root, reason="checked it"
+    )
+    image = Image.objects.get(name="debian-12")
+    client.force_login(root)
+    r = client.post(
+        reverse("admin:clusters_image_changelist"),
+        {"action": "withdraw_approval", "_selected_action": [image.pk]},
+        follow=True,
+    )
+    assert "1 image(s) no longer approved; 1 public cluster(s) booting them made closed" in r.content.decode()
+    web.refresh_from_db()
+    assert (web.connectivity, web.public_subnet) == ("closed", "")
+    assert web.connectivity_reason == "overridden by root: image debian-12 is no longer approved"
+    assert PublicSubnetLease.objects.get(cluster=web).ended_at is not None
+    assert VirtualCluster.objects.get(pk=vouched.pk).connectivity == "public"
+    assert not Image.objects.get(pk=image.pk).approved
+    assert create("later", "52:54:00:00:00:03").connectivity == "closed"
+
+
 def test_a_closed_cluster_holds_no_public_subnet(create):
     create("quiet", "52:54:00:00:00:01", connectivity="closed")
     assert not PublicSubnetLease.objects.exists()
