@@ -404,6 +404,26 @@ class Host(InventoryModel, Reconciled):
         """The Celery queue its device tasks go to ("": the central worker's)."""
         return self.agent_queue or self.site.worker_queue
 
+    def _check_member_stays(self) -> None:
+        """A host that live segments span keeps its site and its switch port: moved, its clusters' VLANs would
+        reach it through another switch (one their core may not join: the cluster split in two) and stay on the
+        port it left. Migrate its nodes away, or end their clusters, first."""
+        if self.pk is None:
+            return
+        stored = Host.objects.filter(pk=self.pk).values_list("site_id", "switch_port_id").first()
+        if stored is None or stored == (self.site_id, self.switch_port_id):
+            return
+        live = SegmentMember.objects.filter(host_id=self.pk, segment__state__in=Segment.LIVE_STATES)
+        vids = sorted(set(live.values_list("segment__vid", flat=True)))
+        if vids:
+            field = "site" if self.site_id != stored[0] else "switch_port"
+            raise ValidationError(
+                {
+                    field: f"host {self.name} is in the VLANs {vlanranges.format_ranges(vids)} of live clusters: "
+                    "migrate their nodes away or end them before moving it"
+                }
+            )
+
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
             raise ValidationError({"driver_args": f"host {self.name}: driver args must be a mapping"})
@@ -423,6 +443,7 @@ class Host(InventoryModel, Reconciled):
                     "namespace of the worker's machine)"
                 }
             )
+        self._check_member_stays()
         if not self.switch_port_id:
             return
         port = self.switch_port
@@ -476,6 +497,15 @@ class VlanPool(InventoryModel):
             errors.setdefault("reserved", []).append(
                 f"pool {self.name}: reserved ids {vlanranges.format_ranges(reserved - ids)} are not in its ranges"
             )
+        if self.pk is not None and self.core_id is not None:
+            stored = VlanPool.objects.filter(pk=self.pk).values_list("core_id", flat=True).first()
+            held = self.allocations.filter(state=VlanAllocation.State.ALLOCATED)
+            if stored is not None and stored != self.core_id and held.exists():
+                # its live clusters' VLANs would be carried by another core, one that may not join their sites
+                errors.setdefault("core", []).append(
+                    f"pool {self.name}: its ids {vlanranges.format_ranges(held.values_list('vid', flat=True))} are "
+                    "given to clusters: it keeps its core until they are released"
+                )
         if self.core_id and ids:
             core = self.core
             outside = {v for v in ids if not core.vid_min <= v <= core.vid_max}

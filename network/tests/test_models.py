@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from network.choices import CoreKind, HostDriver, PortRole
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.models import CoreTransport, Host, Segment, Site, Switch, SwitchPort, VlanPool
 from network.tests.factories import (
     CoreTransportFactory,
     HostFactory,
@@ -104,6 +104,35 @@ def test_an_id_a_shrunk_pool_still_holds_is_still_its_own():
     assert "static VLAN 150 is handed out by pool physics" in messages(port)["static_vlans"][0]
     VlanAllocation.objects.filter(pool=physics, vid=150).update(state="free", owner="")  # released: free to go
     VlanPoolFactory.build(name="chemistry", core=core, ranges="150-199").full_clean()
+
+
+def test_a_host_and_a_pool_live_clusters_use_keep_where_they_are():
+    """A host that a live segment spans keeps its site and switch port (moved, its cluster's VLAN would reach
+    it through a switch its core may not join, and stay on the port it left); a pool with ids given out keeps
+    its core (another may not join their sites). Both move once the cluster has ended."""
+    from network import services
+    from network.models import SwitchPort
+
+    host = HostFactory()
+    services.vlan_pool_sync(pool=VlanPoolFactory(core=CoreTransportFactory(name="backbone", sites=[host.site])))
+    segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
+    other_port = SwitchPort.objects.create(switch=host.switch_port.switch, name="h9", role="host_trunk")
+    host.switch_port = other_port
+    assert f"host {host.name} is in the VLANs {segment.vid} of live clusters" in messages(host)["switch_port"][0]
+    host.refresh_from_db()
+    host.site = SiteFactory(name="elsewhere")
+    assert "of live clusters" in messages(host)["site"][0]
+    pool = segment.allocation.pool
+    pool.core = CoreTransportFactory(name="another", sites=[host.switch_port.switch.site])
+    assert messages(pool)["core"] == [
+        f"pool {pool.name}: its ids {segment.vid} are given to clusters: it keeps its core until they are released"
+    ]
+    Segment.objects.filter(pk=segment.pk).update(state=Segment.State.CLOSED)  # (torn down)
+    services.vlan_release(allocation=segment.allocation)
+    host.refresh_from_db()
+    host.switch_port = other_port
+    host.full_clean()
+    pool.full_clean()
 
 
 def test_pools_on_different_cores_may_overlap():
