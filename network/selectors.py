@@ -80,15 +80,19 @@ class GatewayReach:
     router_by_core: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
-def gateway_reach() -> GatewayReach:
-    """``GatewayReach`` now, in one query."""
+def gateway_reach(*, enabled_only: bool = True) -> GatewayReach:
+    """``GatewayReach`` now, in one query: of the enabled switches' gateway and router trunks (what the desired
+    state puts VLANs on); with ``enabled_only=False`` of every one (where a segment's way in must be: a gateway
+    switch disabled for maintenance is back later, and a closed cluster made meanwhile on a core that joins no
+    gateway site would have no way in then)."""
     by_role: dict[str, tuple[set[int], dict[int, set[int]]]] = {
         PortRole.GATEWAY_TRUNK: (set(), defaultdict(set)),
         PortRole.ROUTER_TRUNK: (set(), defaultdict(set)),
     }
-    for role, site_id, core_id in SwitchPort.objects.filter(role__in=list(by_role), switch__enabled=True).values_list(
-        "role", "switch__site_id", "switch__site__core_transports"
-    ):
+    trunks = SwitchPort.objects.filter(role__in=list(by_role))
+    if enabled_only:
+        trunks = trunks.filter(switch__enabled=True)
+    for role, site_id, core_id in trunks.values_list("role", "switch__site_id", "switch__site__core_transports"):
         sites, by_core = by_role[role]
         sites.add(site_id)
         if core_id is not None:

@@ -11,7 +11,7 @@ from django.utils import timezone
 from network import services, tasks
 from network.choices import PortRole
 from network.errors import HostUnavailable, NoCoreForSites, PoolExhausted, SegmentClosed, SegmentExists
-from network.models import Segment, VlanAllocation
+from network.models import Segment, Switch, VlanAllocation
 from network.tests.factories import (
     CoreTransportFactory,
     HostFactory,
@@ -235,6 +235,24 @@ def test_a_cluster_at_one_site_gets_a_vlan_it_can_migrate_with(fabric):
     fabric.pool.ranges = str(seg.vid)  # the wide pool runs out: the local one is the fallback
     fabric.pool.save()
     assert services.segment_create(owner="d", hosts=[fabric.hosts["brno2"]], gateway=False).allocation.pool == local
+
+
+def test_a_closed_segment_needs_a_way_in_while_every_gateway_switch_is_disabled(fabric):
+    """Every access-gateway switch disabled (maintenance) is not "no gateway at all": a closed segment still gets
+    a core that joins a gateway site (its VLAN reaches the gateway when the switch is back), never any pool."""
+    kosice = SiteFactory(name="kosice")
+    VlanPoolFactory(name="kos", core=CoreTransportFactory(name="kos-local", sites=[kosice]), ranges="100-199")
+    on_kosice = HostFactory(
+        name="kosice1", site=kosice, switch_port=SwitchPortFactory(switch=SwitchFactory(site=kosice))
+    )
+    Switch.objects.filter(ports__role=PortRole.GATEWAY_TRUNK).update(enabled=False)
+    with pytest.raises(NoCoreForSites, match="and a site with an access gateway"):
+        services.segment_create(owner="c1", hosts=[on_kosice], gateway=True)
+    kos_public = services.segment_create(owner="c2", hosts=[on_kosice], gateway=False)
+    with pytest.raises(NoCoreForSites, match="core kos-local reaches no site with an access gateway"):
+        services.segment_set_gateway(segment=kos_public, gateway=True)
+    closed = services.segment_create(owner="c3", hosts=[fabric.hosts["prague1"]], gateway=True)
+    assert closed.allocation.pool == fabric.pool  # (its core joins brno, where the gateway is)
 
 
 def test_a_closed_segment_needs_a_gateway_its_core_reaches_not_every_gateway(fabric):
