@@ -380,7 +380,11 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
             )
     except IntegrityError:
         raise SegmentExists(f"{owner} already has a network segment") from None
-    SegmentMember.objects.bulk_create([SegmentMember(segment=segment, host_id=h.pk) for h in members])
+    audit.create_rows(
+        SegmentMember,
+        [SegmentMember(segment=segment, host_id=h.pk) for h in members],
+        related=SegmentMember.TEXT_RELATED,
+    )
     return segment
 
 
@@ -406,7 +410,8 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
     left = SegmentMember.objects.filter(segment=seg).exclude(host_id__in=wanted)
     audit.delete_rows(left, related=SegmentMember.TEXT_RELATED)
     have = set(SegmentMember.objects.filter(segment=seg).values_list("host_id", flat=True))
-    SegmentMember.objects.bulk_create([SegmentMember(segment=seg, host_id=pk) for pk in sorted(wanted - have)])
+    joined = [SegmentMember(segment=seg, host_id=pk) for pk in sorted(wanted - have)]
+    audit.create_rows(SegmentMember, joined, related=SegmentMember.TEXT_RELATED)
     seg.state = Segment.State.PENDING
     seg.save(update_fields=["state", "updated_at"])
     segment.refresh_from_db()

@@ -8,6 +8,7 @@ from django.urls import reverse
 
 from network.models import Segment, SegmentMember, Site, VlanAllocation
 from network.tests.factories import CoreTransportFactory, HostFactory, SiteFactory, SwitchFactory, VlanPoolFactory
+from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.audit import audit_actor, current, record
 from portal.models import AuditEntry
 from portal.secrets import MASK
@@ -162,6 +163,23 @@ def test_audit_log_is_read_only_and_filterable_in_admin(client, root):
     assert client.get(reverse("admin:portal_auditentry_add")).status_code == 403
     assert client.post(reverse("admin:portal_auditentry_delete", args=[entry.pk]), {"post": "yes"}).status_code == 403
     assert AuditEntry.objects.filter(pk=entry.pk).exists()
+
+
+def test_a_host_joining_a_segment_is_audited_as_its_leaving_is(fabric):
+    """Members are added in bulk (no save signal): each still gets its "create" entry, so the log shows a host
+    joining a cluster's VLAN as well as leaving it (a migration's trail)."""
+    from network import services
+
+    brno, pilsen = fabric.hosts["brno1"], fabric.hosts["pilsen1"]
+    segment = services.segment_create(owner="cluster:7", hosts=[brno], gateway=False)
+    services.segment_set_hosts(segment=segment, hosts=[pilsen])
+    entries = AuditEntry.objects.filter(content_type__model="segmentmember").order_by("id")
+    assert [(e.action, e.object_repr) for e in entries] == [
+        ("create", "cluster:7 on brno1"),
+        ("delete", "cluster:7 on brno1"),
+        ("create", "cluster:7 on pilsen1"),
+    ]
+    assert entries[2].changes["host"] == [None, pilsen.pk]
 
 
 def test_every_inventory_model_is_audited():
