@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 
 from clusters import selectors, services
-from clusters.errors import ClusterError
+from clusters.errors import ClusterError, NotAllowed
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -41,7 +41,7 @@ class ImageAdmin(admin.ModelAdmin):
     list_filter = ("approved", ("owner", admin.EmptyFieldListFilter), ("retired_at", admin.EmptyFieldListFilter))
     search_fields = ("name", "description", "source", "owner__username")
     raw_id_fields = ("owner",)
-    readonly_fields = ("created_at",)
+    readonly_fields = ("created_at", "approved")  # (its actions approve and withdraw: live clusters follow)
     list_select_related = ("owner", "group")
     actions = ("approve", "withdraw_approval")
 
@@ -54,23 +54,22 @@ class ImageAdmin(admin.ModelAdmin):
         permissions=["change"],
     )
     def withdraw_approval(self, request, queryset) -> None:
-        closed, busy = [], []
+        closed, left = [], []
+        withdrawn = queryset.filter(approved=True).count()
         for image in queryset:
-            done, waiting = services.image_approval_withdraw(image=image, admin=request.user)
+            try:
+                done, kept = services.image_approval_withdraw(image=image, admin=request.user)
+            except NotAllowed as exc:  # (may change images, not the clusters that boot them)
+                self.message_user(request, f"Nothing withdrawn: {exc.message}", messages.ERROR)
+                return
             closed += done
-            busy += waiting
+            left += kept
         self.message_user(
-            request,
-            f"{queryset.count()} image(s) no longer approved; {len(closed)} public cluster(s) "
-            "booting them made closed.",
+            request, f"{withdrawn} image(s) no longer approved; {len(closed)} public cluster(s) booting them closed."
         )
-        if busy:
-            names = ", ".join(f"{c.name} ({c.owner.get_username()})" for c in busy)
-            self.message_user(
-                request,
-                f"Still public, in a workflow now: {names}. Withdraw the approval again once they are ready.",
-                messages.WARNING,
-            )
+        if left:
+            names = "; ".join(f"{c.name} ({c.owner.get_username()}): {why}" for c, why in left)
+            self.message_user(request, f"Still public: {names}. Withdraw the approval again later.", messages.WARNING)
 
     def _set_approved(self, request, queryset, *, approved: bool) -> None:
         changed = 0

@@ -560,7 +560,8 @@ def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
     """Change a user-provided image's ``description``, ``source`` or ``group`` (a group given: its owner must be
     a member). The row is locked: an image deleted or retired meanwhile is a 409, not a 500. A new ``source``
     takes the provider's approval away: it vouched for the image it looked at, not for what its owner puts
-    there later (later clusters booting it are closed until an administrator approves it again)."""
+    there later (later clusters booting it are closed until an administrator approves it again); while live
+    public clusters boot it, its source does not change (409)."""
     unknown = set(changes) - {"description", "source", "group"}
     if unknown:
         raise ClusterError(f"cannot change {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
@@ -572,6 +573,12 @@ def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
         raise ClusterError(f"{locked.owner.get_username()} is not a member of group {group.name}", field="group")
     fields = [*changes]
     if locked.approved and "source" in changes and changes["source"] != locked.source:
+        public = VirtualCluster.objects.filter(image=locked, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC)
+        if public.exists():  # they are public because it was approved, and a node added would boot the new one
+            raise Conflict(
+                f"live public clusters boot image {locked.name}: its source changes once they have ended (or an "
+                "administrator withdrew its approval)"
+            )
         locked.approved = False
         fields.append("approved")
     for name, value in changes.items():
@@ -963,23 +970,24 @@ def _migration_end(cluster: VirtualCluster, node: Node, *, moved: bool) -> Node:
     return node
 
 
-def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster], list[VirtualCluster]]:
+def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster], list[tuple[VirtualCluster, str]]]:
     """The provider no longer vouches for ``image`` (paper §2.1): it is unapproved (audited), and every live
     public cluster booting it is made closed, as an override by ``admin`` naming why — public only because the
     image was approved, they would stay on the provider's routed addresses until they end. One an administrator
-    made public by an override stays as it is (they vouched for that cluster). (closed, busy): a cluster in a
-    workflow (provisioning, a node change) is not changed now; withdrawing again closes it once it is ready."""
-    if not selectors.staff_may(admin, "change", Image):
-        raise NotAllowed("only an administrator who may change images withdraws an approval")
+    made public by an override stays as it is (they vouched for that cluster). (closed, left with why): a
+    cluster in a workflow (provisioning, a node change), or one its network cannot close (its core reaches no
+    access gateway), is not changed; withdrawing again closes it once it can be."""
+    if not (selectors.staff_may(admin, "change", Image) and selectors.staff_may(admin, "change", VirtualCluster)):
+        raise NotAllowed("only an administrator who may change images and clusters withdraws an approval")
     with transaction.atomic():
         locked = Image.objects.select_for_update().get(pk=image.pk)  # (a create reading it waits, then sees it)
         if locked.approved:
             locked.approved = False
             locked.save(update_fields=["approved"])
-    closed, busy = [], []
+    closed, left = [], []
     public = VirtualCluster.objects.filter(
         image=image, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC, connectivity_overridden_by=None
-    )
+    ).select_related("owner")
     for cluster in public.order_by("pk"):
         try:
             closed.append(
@@ -991,10 +999,12 @@ def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster
                 )
             )
         except Busy:
-            busy.append(cluster)
+            left.append((cluster, "in a workflow now"))
         except Conflict:  # ended meanwhile
             continue
-    return closed, busy
+        except ClusterError as exc:  # its network cannot be closed (no access gateway its core reaches)
+            left.append((cluster, str(exc)))
+    return closed, left
 
 
 @transaction.atomic

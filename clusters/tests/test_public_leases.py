@@ -122,13 +122,26 @@ def test_withdrawing_an_images_approval_closes_its_live_public_clusters(create, 
         cluster=VirtualCluster.objects.get(pk=vouched.pk), connectivity="public", admin=root, reason="checked it"
     )
     image = Image.objects.get(name="debian-12")
+    from portal.tests.test_staff_permissions import staff
+
+    images_only = staff("curator", "clusters.change_image", "clusters.view_image")  # not the clusters'
+    client.force_login(images_only)
+    r = client.post(
+        reverse("admin:clusters_image_changelist"),
+        {"action": "withdraw_approval", "_selected_action": [image.pk]},
+        follow=True,
+    )
+    assert r.status_code == 200 and "Nothing withdrawn: only an administrator who may change images and" in (
+        r.content.decode()
+    )
+    assert Image.objects.get(pk=image.pk).approved
     client.force_login(root)
     r = client.post(
         reverse("admin:clusters_image_changelist"),
         {"action": "withdraw_approval", "_selected_action": [image.pk]},
         follow=True,
     )
-    assert "1 image(s) no longer approved; 1 public cluster(s) booting them made closed" in r.content.decode()
+    assert "1 image(s) no longer approved; 1 public cluster(s) booting them closed." in r.content.decode()
     web.refresh_from_db()
     assert (web.connectivity, web.public_subnet) == ("closed", "")
     assert web.connectivity_reason == "overridden by root: image debian-12 is no longer approved"
@@ -136,6 +149,28 @@ def test_withdrawing_an_images_approval_closes_its_live_public_clusters(create, 
     assert VirtualCluster.objects.get(pk=vouched.pk).connectivity == "public"
     assert not Image.objects.get(pk=image.pk).approved
     assert create("later", "52:54:00:00:00:03").connectivity == "closed"
+
+
+def test_an_approved_images_source_stays_while_public_clusters_boot_it(create, alice):
+    """Its live public clusters are public because the image was approved, and a node added would boot the new
+    source on the provider's addresses: the owner changes its source once they have ended."""
+    from rest_framework.test import APIClient
+
+    from clusters.models import Image
+
+    Image.objects.filter(name="debian-12").update(owner=alice)
+    web = create("web", "52:54:00:00:00:01")
+    api = APIClient()
+    api.force_authenticate(alice)
+    r = api.patch("/api/images/debian-12/", {"source": "https://example.org/other.qcow2"}, format="json")
+    assert r.status_code == 409 and "live public clusters boot image debian-12" in r.data["detail"]
+    assert Image.objects.get(name="debian-12").approved
+    services.cluster_teardown(cluster=web, reason="done")
+    assert (
+        api.patch("/api/images/debian-12/", {"source": "https://example.org/other.qcow2"}, format="json").status_code
+        == 200
+    )
+    assert not Image.objects.get(name="debian-12").approved
 
 
 def test_a_closed_cluster_holds_no_public_subnet(create):
