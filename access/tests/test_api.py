@@ -531,6 +531,10 @@ def test_users_of_a_cluster_without_admin_rights_log_in_as_the_unprivileged_acco
     cluster.image.owner = alice
     cluster.image.save()
     assert _host_access_get(api, cluster, "node1").json()["node_user"] == "root"
+    # approved, the provider vouches for its account, and its clusters may be public: nobody is root there
+    cluster.image.approved = True
+    cluster.image.save()
+    assert _host_access_get(api, cluster, "node1").json()["node_user"] == "cloud"
 
 
 def test_a_nodes_access_refused_as_its_host_certificate_is(alice, bob, charlie, root, cluster, other_cluster):
