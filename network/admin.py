@@ -30,7 +30,8 @@ def _still_carrying(ports) -> list[str]:
     converged again, so they would stay on the device)."""
     carrying = selectors.ports_carrying([p.pk for p in ports if p.pk])
     return [
-        f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters: tear them down first"
+        f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters (or of failed ones still "
+        "holding it): tear them down, or let their cleanup finish, first"
         for port in ports
         if port.pk in carrying
     ]

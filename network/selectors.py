@@ -421,9 +421,9 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
     being torn down or rolled back (their VLANs stay on the devices until that finishes): a port the portal
     forgets while it carries them would keep them on the device for ever (nothing converges it again). And a
     failed or closed segment that still holds its VLAN (its rollback or teardown could not clean a device:
-    ``network.services.segments_keeping_vlan``/``segments_holding_vlan``) may still have it on any port of a
-    switch where one of its changes may have applied: the next run cleans owned ports only, then releases the
-    VLAN to the next cluster."""
+    ``network.services.segments_keeping_vlan``/``segments_holding_vlan``) may still have it on any port of an
+    enabled switch where one of its changes may have applied: the next run cleans owned ports only, then releases
+    the VLAN to the next cluster."""
     ports = list(SwitchPort.objects.filter(pk__in=list(port_ids)).values_list("pk", "switch_id", "name"))
     if not ports:
         return {}
@@ -435,8 +435,13 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
         allocation__state=VlanAllocation.State.ALLOCATED,
         allocation__owner=F("owner_ref"),
     )
+    # (an enabled switch's: a disabled one is why such a VLAN is held, and deleting it for good is how the VLAN
+    # is let go — ``vlan_holders``: a device that left the inventory holds nothing)
     applied = DeviceChange.objects.filter(
-        _may_have_applied(), segment__in=holding, switch_id__in={switch for _pk, switch, _name in ports}
+        _may_have_applied(),
+        segment__in=holding,
+        switch_id__in={switch for _pk, switch, _name in ports},
+        switch__enabled=True,
     ).values_list("switch_id", "segment__vid")
     held: dict[int, set[int]] = defaultdict(set)
     for switch, vid in applied:
