@@ -850,7 +850,7 @@ def _require_ready(cluster: VirtualCluster) -> None:
     ends FAILED: never)."""
     if cluster.state == ClusterState.READY:
         return
-    if cluster.state in (ClusterState.REQUESTED, ClusterState.PROVISIONING) and _rolling_back(cluster):
+    if cluster.state == ClusterState.PROVISIONING and _rolling_back(cluster):
         raise Conflict(f"cluster {cluster.name}'s provisioning failed and is being rolled back: it ends failed")
     error = Busy if cluster.state in _BUSY_STATES else Conflict
     raise error(f"cluster {cluster.name} is {cluster.get_state_display()}; this needs it to be ready")
@@ -1232,8 +1232,12 @@ def cluster_provisioning_failed(*, cluster_id: int, generation: int, reason: str
             pk=cluster_id,
             workflow_generation=generation,
             state__in=(ClusterState.REQUESTED, ClusterState.PROVISIONING),
-        ).update(  # updated_at: the rollback starts now (the deadline measures it from here)
-            workflow_generation=F("workflow_generation") + 1, state_reason=reason[:2000], updated_at=timezone.now()
+        ).update(  # updated_at: the rollback starts now (the deadline measures it from here); PROVISIONING: a
+            # requested one is not taken for a provisioning that never started (clusters_resume_requested)
+            workflow_generation=F("workflow_generation") + 1,
+            state=ClusterState.PROVISIONING,
+            state_reason=reason[:2000],
+            updated_at=timezone.now(),
         )
         if not claimed:
             return False

@@ -429,8 +429,21 @@ def test_a_change_while_a_failed_provisioning_is_rolled_back_says_never(fabric, 
     assert never.status_code == 409 and never.data["code"] == "conflict", never.content
     assert "provisioning failed and is being rolled back" in never.data["detail"]
     assert "Retry-After" not in never
-    VirtualCluster.objects.filter(pk=cid).update(state=ClusterState.REQUESTED)  # (a failure may claim one too)
-    again = client.post(f"/api/clusters/{cid}/nodes/", n3, format="json")
+
+    # a failure reported while the cluster was still requested: its rollback makes it provisioning, so neither a
+    # change (busy) nor the sweep that starts requested ones (a provisioning beside the rollback) takes it
+    with monkeypatch.context() as m:
+        m.setattr(_chain, "apply_async", lambda self, *a, **k: None)
+        two = body(name="c2", nodes=(("m1", "brno2", "52:54:00:00:00:21"),), owner="alice")
+        other = client.post("/api/clusters/", two, format="json").data["id"]
+    VirtualCluster.objects.filter(pk=other).update(state=ClusterState.REQUESTED)
+    generation = VirtualCluster.objects.get(pk=other).workflow_generation
+    with monkeypatch.context() as m:
+        m.setattr(workflows, "start_compensation", lambda *args: None)
+        assert services.cluster_provisioning_failed(cluster_id=other, generation=generation, reason="x: timeout")
+    assert VirtualCluster.objects.get(pk=other).state == ClusterState.PROVISIONING
+    assert services.clusters_resume_requested(older_than=timedelta(0)) == []
+    again = client.post(f"/api/clusters/{other}/nodes/", n3, format="json")
     assert again.status_code == 409 and again.data["code"] == "conflict", again.content
 
 
