@@ -159,8 +159,9 @@ class CoreTransport(InventoryModel):
             errors["service_tag"] = [f"core {self.name}: a QinQ core needs its S-VLAN (service tag)"]
         if self.check_pools and self.pk and self.vid_min and self.vid_max and "vid_max" not in errors:
             # Shrinking what the core carries must not strand ids that pools already hand out.
-            for pool in self.pools.all():
-                outside = [v for v in vlanranges.parse(pool.ranges) if not self.vid_min <= v <= self.vid_max]
+            for pool in self.pools.all():  # (and ids a pool still holds that its ranges no longer cover)
+                used = set(vlanranges.parse(pool.ranges)) | pool.held_ids()
+                outside = sorted(v for v in used if not self.vid_min <= v <= self.vid_max)
                 if outside:
                     errors.setdefault("vid_min", []).append(
                         f"core {self.name}: pool {pool.name} uses ids {vlanranges.format_ranges(outside)} "
@@ -499,12 +500,13 @@ class VlanPool(InventoryModel):
             )
         if self.pk is not None and self.core_id is not None:
             stored = VlanPool.objects.filter(pk=self.pk).values_list("core_id", flat=True).first()
-            held = self.allocations.filter(state=VlanAllocation.State.ALLOCATED)
-            if stored is not None and stored != self.core_id and held.exists():
-                # its live clusters' VLANs would be carried by another core, one that may not join their sites
+            held = self.held_ids()
+            if stored is not None and stored != self.core_id and held:
+                # its clusters' VLANs would be carried by another core, one that may not join their sites (and an id
+                # in quarantine would be handed out on a core where it may still be in use)
                 errors.setdefault("core", []).append(
-                    f"pool {self.name}: its ids {vlanranges.format_ranges(held.values_list('vid', flat=True))} are "
-                    "given to clusters: it keeps its core until they are released"
+                    f"pool {self.name}: its ids {vlanranges.format_ranges(held)} are given to clusters or in "
+                    "quarantine: it keeps its core until they are free"
                 )
         if self.core_id and ids:
             core = self.core
@@ -538,7 +540,7 @@ class VlanPool(InventoryModel):
         ``sites``. Two cores meeting at one site share that site's switches: a VLAN id from both would join
         two clusters on one switch, so pools of cores with a common site must not overlap either. A core's
         form asks this with the sites it is about to get."""
-        ids = set(vlanranges.parse(self.ranges)) if ids is None else ids
+        ids = set(vlanranges.parse(self.ranges)) | self.held_ids() if ids is None else ids
         shared = (
             VlanPool.objects.filter(core__sites__in=sites)
             .exclude(core_id=self.core_id)
@@ -562,7 +564,7 @@ class VlanPool(InventoryModel):
         (but those named in ``skip_switches``, checked another way): ids a switch keeps for itself (IOS
         1002-1005, NX-OS 3968-4094) are never handed out. A core's form asks this with the sites it is about
         to join."""
-        usable = set(self.vlan_ids) if usable is None else usable
+        usable = self.claimed_ids() if usable is None else usable
         on_sites = Switch.objects.filter(site__in=sites, platform__in=list(PLATFORM_RESERVED))
         on_sites = on_sites.exclude(name__in=skip_switches)
         problems = []
@@ -579,7 +581,7 @@ class VlanPool(InventoryModel):
         """Why this pool's ids (``usable``: ranges minus reserved) may not reach the switches at ``sites``: a
         port there carries one of them as a static VLAN (a host's own network; a cluster given that id would
         share it). A core's form asks this with the sites it is about to join."""
-        usable = set(self.vlan_ids) if usable is None else usable
+        usable = self.claimed_ids() if usable is None else usable
         ports = SwitchPort.objects.filter(switch__site__in=sites).exclude(static_vlans="").select_related("switch")
         problems = []
         for port in ports.order_by("switch__name", "name"):

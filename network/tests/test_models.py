@@ -102,8 +102,18 @@ def test_an_id_a_shrunk_pool_still_holds_is_still_its_own():
     assert "pool chemistry: ids 150 overlap pool physics of core backbone" in messages(pool)["ranges"][0]
     port = SwitchPort(switch=SwitchFactory(name="sw", site=site), name="h9", role="host_trunk", static_vlans="150")
     assert "static VLAN 150 is handed out by pool physics" in messages(port)["static_vlans"][0]
+    # from the core's side too: it may not stop carrying the id, nor join a site where a port carries it
+    core.vid_max = 149
+    assert "core backbone: pool physics uses ids 150 outside 2-149" in messages(core)["vid_min"][0]
+    core.refresh_from_db()
+    ostrava = SiteFactory(name="ostrava")
+    SwitchPort.objects.create(
+        switch=SwitchFactory(name="sw-o", site=ostrava), name="h1", role="host_trunk", static_vlans="150"
+    )
+    assert any("150 are static VLANs of port sw-o:h1" in m for m in physics.static_clashes([ostrava]))
     VlanAllocation.objects.filter(pool=physics, vid=150).update(state="free", owner="")  # released: free to go
     VlanPoolFactory.build(name="chemistry", core=core, ranges="150-199").full_clean()
+    assert physics.static_clashes([ostrava]) == []
 
 
 def test_a_host_and_a_pool_live_clusters_use_keep_where_they_are():
@@ -125,13 +135,16 @@ def test_a_host_and_a_pool_live_clusters_use_keep_where_they_are():
     pool = segment.allocation.pool
     pool.core = CoreTransportFactory(name="another", sites=[host.switch_port.switch.site])
     assert messages(pool)["core"] == [
-        f"pool {pool.name}: its ids {segment.vid} are given to clusters: it keeps its core until they are released"
+        f"pool {pool.name}: its ids {segment.vid} are given to clusters or in quarantine: it keeps its core until "
+        "they are free"
     ]
     Segment.objects.filter(pk=segment.pk).update(state=Segment.State.CLOSED)  # (torn down)
     services.vlan_release(allocation=segment.allocation)
     host.refresh_from_db()
     host.switch_port = other_port
     host.full_clean()
+    assert "in quarantine" in messages(pool)["core"][0]  # (its hold-down: maybe still on the old core's devices)
+    segment.allocation.__class__.objects.filter(pk=segment.allocation_id).update(state="free")
     pool.full_clean()
 
 
