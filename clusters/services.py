@@ -347,8 +347,10 @@ def cluster_create(
         _lease_start(cluster)
     try:
         with transaction.atomic():
-            Node.objects.bulk_create(
-                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes]
+            audit.create_rows(  # (each gets its audit entry, as its removal does)
+                Node,
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes],
+                related=("cluster",),
             )
     except IntegrityError:
         raise ClusterError("a MAC address or node name is already in use", field="nodes") from None
@@ -893,8 +895,10 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
         nodes = _with_public_addresses(cluster, nodes, taken=live)
     try:
         with transaction.atomic():
-            created = Node.objects.bulk_create(
-                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes]
+            created = audit.create_rows(
+                Node,
+                [Node(cluster=cluster, name=n.name, host=n.host, mac=n.mac.lower(), address=n.address) for n in nodes],
+                related=("cluster",),
             )
     except IntegrityError:
         raise ClusterError("a MAC address or node name is already in use", field="nodes") from None

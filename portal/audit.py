@@ -243,6 +243,8 @@ def create_rows(model, rows: list, *, related: Sequence[str] = ()) -> list:
     created = model.objects.bulk_create(rows)
     if not created:
         return created
+    if any(row.pk is None for row in created):  # (a database that does not return them: no entries to write)
+        raise RuntimeError(f"{model.__name__}: the database returned no ids for the rows created")
     read = model.objects.filter(pk__in=[row.pk for row in created]).select_related(*related).order_by("pk")
     AuditEntry.objects.bulk_create(
         AuditEntry(

@@ -114,6 +114,20 @@ def test_policy_public_for_approved_image_without_admin_rights(fabric, images, a
     assert "administrator" in r3.data["connectivity_reason"]
 
 
+def test_a_node_made_or_added_is_audited_as_its_removal_is(fabric, images, api, alice):
+    """Nodes are made in bulk (no save signal): each still gets its "create" entry, so the audit log shows a
+    node joining a cluster as well as leaving it."""
+    from portal.models import AuditEntry
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    more = {"nodes": [{"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:03"}]}
+    assert api.post(f"/api/clusters/{cid}/nodes/", more, format="json").status_code == 202
+    created = AuditEntry.objects.filter(content_type__model="node", action="create").order_by("id")
+    assert [(e.object_repr, e.actor) for e in created] == [("c1/n1", "alice"), ("c1/n2", "alice"), ("c1/n3", "alice")]
+    assert created[2].changes["mac"] == [None, "52:54:00:00:00:03"]
+
+
 def test_a_closed_cluster_asked_for_on_an_approved_image_is_closed_all_the_way_down(fabric, images, api, alice):
     """Legacy insecure software on an approved image (paper §2.1): the owner asks for closed and gets a cluster
     reachable only through the access gateway — its VLAN on the gateway trunk and in the gateways' maps, no
