@@ -260,6 +260,9 @@ def _post(url: str, body: bytes, headers: dict[str, str], *, public_only: bool =
             return None, (str(reason) or type(exc).__name__)[:500]
 
 
+_SCOPE_LOST = "not sent: the token it was registered with no longer has the scope for this feed"
+
+
 def deliver(webhook_id: int) -> Delivery:
     """Send the webhook's next batch if it is due. The attempt is claimed first, in a short transaction of its
     own (the row locked meanwhile: another worker skips it), and counted as a failure with its backoff until
@@ -276,10 +279,11 @@ def deliver(webhook_id: int) -> Delivery:
         if hook is None or hook.next_attempt_at > timezone.now():
             return Delivery(webhook=hook.name if hook else "", sent=0)
         if not hook.token_allows():  # said where its owner and the admin look, once
-            why = "not sent: the token it was registered with no longer has the scope for this feed"
-            if hook.last_error != why:
-                Webhook.objects.filter(pk=hook.pk).update(last_error=why)
+            if hook.last_error != _SCOPE_LOST:
+                Webhook.objects.filter(pk=hook.pk).update(last_error=_SCOPE_LOST)
             return Delivery(webhook=hook.name, sent=0)
+        if hook.last_error == _SCOPE_LOST:  # the scope is back: so is the feed
+            Webhook.objects.filter(pk=hook.pk).update(last_error="")
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id

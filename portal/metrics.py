@@ -127,17 +127,30 @@ def collect() -> list[Family]:
 
     behind = Family("virtcloud_webhook_events_behind", "Cluster events a webhook has not received yet.")
     failing = Family("virtcloud_webhook_failures", "Failed deliveries in a row of a webhook (0: keeping up).")
-    # the webhooks that get the feed (one whose token was revoked never moves: not "behind"), their backlog
-    # counted in the same query
-    later = (
-        ClusterEvent.objects.filter(id__gt=OuterRef("last_event_id")).order_by().values(n=Func("id", function="COUNT"))
+    stopped = Family(
+        "virtcloud_webhook_stopped",
+        "An enabled webhook that gets nothing: the token it was registered with is revoked, expired or lost the "
+        "feed's scope, or its owner may no longer have it (1); it is not counted as behind.",
     )
-    rows = Webhook.deliverable().annotate(backlog=Coalesce(Subquery(later), 0)).order_by("owner__username", "name")
-    for name, owner, backlog, failures in rows.values_list("name", "owner__username", "backlog", "failures"):
-        who = {"webhook": name, "owner": owner or ""}  # (names are unique per owner; "": made in the admin)
-        behind.add(backlog, **who)
-        failing.add(failures, **who)
-    families += [behind, failing]
+    # the webhooks that get the feed (one that stopped never moves: not "behind"), their backlog counted in the
+    # same query
+    later = ClusterEvent.objects.filter(id__gt=OuterRef("last_event_id")).order_by()
+    later = later.values(n=Func("id", function="COUNT"))
+    fed = set(Webhook.deliverable().values_list("pk", flat=True))
+    rows = (
+        Webhook.objects.filter(enabled=True)
+        .select_related("owner", "token")
+        .annotate(backlog=Coalesce(Subquery(later), 0))
+        .order_by("owner__username", "name")
+    )
+    for hook in rows:
+        who = {"webhook": hook.name, "owner": hook.owner.get_username() if hook.owner else ""}  # ("": the admin's)
+        if hook.pk in fed and hook.token_allows():
+            behind.add(hook.backlog, **who)
+            failing.add(hook.failures, **who)
+        else:
+            stopped.add(1, **who)
+    families += [behind, failing, stopped]
 
     # A gateway authorizes from the state it last pulled: one that stopped pulling still admits the holders of
     # credentials revoked since, until GATEWAY_STATE_MAX_AGE after its last pull, when it refuses everyone; and

@@ -138,7 +138,9 @@ def test_metrics_show_a_webhook_falling_behind(fabric, alice, root, receiver):
     Webhook.objects.create(name="gone", url=receiver.url, secret=SECRET, owner=alice, token=token)
     token_revoke(token=token)
     create_cluster(alice, "c2", "52:54:00:00:00:02")
-    assert ("virtcloud_webhook_events_behind", "gone", "alice") not in figures()
+    shown = figures()
+    assert ("virtcloud_webhook_events_behind", "gone", "alice") not in shown
+    assert shown[("virtcloud_webhook_stopped", "gone", "alice")] == 1
     with CaptureQueriesContext(connection) as few:
         figures()
     for i in range(5):

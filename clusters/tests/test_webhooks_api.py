@@ -178,6 +178,10 @@ def test_a_scope_taken_from_the_token_stops_the_feed_it_gave(fabric, alice, bob,
     manage.save()
     deliver_webhooks()
     assert len(receiver.requests) == 3
+    write.scopes = [TokenScope.CLUSTERS_WRITE]  # back, with nothing new for it: its message goes all the same
+    write.save()
+    deliver_webhooks()
+    assert Webhook.objects.get(name="mine").last_error == ""
 
 
 def test_a_staff_member_who_may_only_view_clusters_cannot_register_one(django_user_model):
