@@ -25,10 +25,10 @@ from network.selectors import queue_name
 from network.vlanranges import format_ranges
 
 
-def _still_carrying(ports) -> list[str]:
+def _still_carrying(ports, *, leaving_switches=()) -> list[str]:
     """Why these ports may not be deleted: the live VLANs each still carries (forgotten, a port is never
-    converged again, so they would stay on the device)."""
-    carrying = selectors.ports_carrying([p.pk for p in ports if p.pk])
+    converged again, so they would stay on the device). ``leaving_switches``: ids of switches deleted whole."""
+    carrying = selectors.ports_carrying([p.pk for p in ports if p.pk], leaving_switches=leaving_switches)
     return [
         f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters (or of failed ones still "
         "holding it): tear them down, or let their cleanup finish, first"
@@ -241,7 +241,8 @@ class SwitchAdmin(admin.ModelAdmin):
     def get_deleted_objects(self, objs, request):
         deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
         ports = list(SwitchPort.objects.filter(switch__in=list(objs)).select_related("switch"))
-        return deleted, counts, perms, [*protected, *_still_carrying(ports)]
+        leaving = [switch.pk for switch in objs]
+        return deleted, counts, perms, [*protected, *_still_carrying(ports, leaving_switches=leaving)]
 
     @admin.display(description="worker queue")
     def worker(self, obj):

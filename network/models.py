@@ -600,12 +600,18 @@ class VlanPool(InventoryModel):
         return [v for v in vlanranges.parse(self.ranges) if v not in reserved]
 
     def held_ids(self) -> set[int]:
-        """The ids this pool still holds, allocated or in quarantine — also ones its ranges (or its reserved ids)
-        no longer cover: a shrunk pool keeps them until they are released (``vlan_pool_sync``)."""
+        """The ids this pool still holds, allocated or in quarantine and not free to go yet (the allocator's rule,
+        ``network.services.free_now``) — also ones its ranges (or its reserved ids) no longer cover: a shrunk pool
+        keeps them until they are released and their quarantine is over (``vlan_pool_sync``)."""
         if self.pk is None:
             return set()
-        held = (VlanAllocation.State.ALLOCATED, VlanAllocation.State.QUARANTINED)
-        return set(self.allocations.filter(state__in=held).values_list("vid", flat=True))
+        from django.utils import timezone
+
+        from network.services import free_now, reuse_horizon  # (it reads these models)
+
+        now = timezone.now()
+        held = self.allocations.exclude(state=VlanAllocation.State.FREE).exclude(free_now(now, reuse_horizon(now)))
+        return set(held.values_list("vid", flat=True))
 
     def claimed_ids(self) -> set[int]:
         """What no other pool that meets it, no port's static VLAN and no switch's own ids may share: the ids it

@@ -416,14 +416,16 @@ def core_site_users(core_id: int, sites: Iterable[int], vids: tuple[int, int] | 
     return users
 
 
-def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
+def ports_carrying(port_ids: Iterable[int], *, leaving_switches: Iterable[int] = ()) -> dict[int, frozenset[int]]:
     """Of these ports, those that carry VLANs of live segments now (port id → the VLANs), counting segments
     being torn down or rolled back (their VLANs stay on the devices until that finishes): a port the portal
     forgets while it carries them would keep them on the device for ever (nothing converges it again). And a
     failed or closed segment that still holds its VLAN (its rollback or teardown could not clean a device:
-    ``network.services.segments_keeping_vlan``/``segments_holding_vlan``) may still have it on any port of an
-    enabled switch where one of its changes may have applied: the next run cleans owned ports only, then releases
-    the VLAN to the next cluster."""
+    ``network.services.segments_keeping_vlan``/``segments_holding_vlan``) may still have it on any port of a
+    switch where one of its changes may have applied: the next run cleans owned ports only, then releases the
+    VLAN to the next cluster. But for the ports of ``leaving_switches`` (switch ids being deleted whole) that are
+    disabled: deleting a dead switch is how such a VLAN is let go (``vlan_holders``: a device that left the
+    inventory holds nothing)."""
     ports = list(SwitchPort.objects.filter(pk__in=list(port_ids)).values_list("pk", "switch_id", "name"))
     if not ports:
         return {}
@@ -435,14 +437,13 @@ def ports_carrying(port_ids: Iterable[int]) -> dict[int, frozenset[int]]:
         allocation__state=VlanAllocation.State.ALLOCATED,
         allocation__owner=F("owner_ref"),
     )
-    # (an enabled switch's: a disabled one is why such a VLAN is held, and deleting it for good is how the VLAN
-    # is let go — ``vlan_holders``: a device that left the inventory holds nothing)
-    applied = DeviceChange.objects.filter(
-        _may_have_applied(),
-        segment__in=holding,
-        switch_id__in={switch for _pk, switch, _name in ports},
-        switch__enabled=True,
-    ).values_list("switch_id", "segment__vid")
+    applied = (
+        DeviceChange.objects.filter(
+            _may_have_applied(), segment__in=holding, switch_id__in={switch for _pk, switch, _name in ports}
+        )
+        .exclude(switch_id__in=list(leaving_switches), switch__enabled=False)
+        .values_list("switch_id", "segment__vid")
+    )
     held: dict[int, set[int]] = defaultdict(set)
     for switch, vid in applied:
         held[switch].add(vid)

@@ -700,11 +700,16 @@ class _Importer:
         # A port forgotten while it carries live VLANs is never converged again: they would stay on it.
         gone_ports = [obj for section, obj in doomed if section == "ports"]
         gone_ports += SwitchPort.objects.exclude(switch__name__in=switch_names).select_related("switch")
-        carrying = selectors.ports_carrying([port.pk for port in gone_ports])
+        leaving = Switch.objects.exclude(name__in=switch_names).values_list("pk", flat=True)
+        carrying = selectors.ports_carrying([port.pk for port in gone_ports], leaving_switches=list(leaving))
         for port in gone_ports:
             if port.pk in carrying:
                 vids = format_ranges(carrying[port.pk])
-                self.problem("prune ports", f"cannot delete port {port}: it carries VLAN {vids} of live clusters")
+                self.problem(
+                    "prune ports",
+                    f"cannot delete port {port}: it carries VLAN {vids} of live clusters (or of failed ones still "
+                    "holding it)",
+                )
         if carrying:
             return
         doomed += [("switches", s) for s in Switch.objects.exclude(name__in=switch_names)]

@@ -144,7 +144,14 @@ def test_a_host_and_a_pool_live_clusters_use_keep_where_they_are():
     host.switch_port = other_port
     host.full_clean()
     assert "in quarantine" in messages(pool)["core"][0]  # (its hold-down: maybe still on the old core's devices)
-    segment.allocation.__class__.objects.filter(pk=segment.allocation_id).update(state="free")
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    over = timezone.now() - timedelta(seconds=1)  # its quarantine over (the row stays quarantined: free to go)
+    segment.allocation.__class__.objects.filter(pk=segment.allocation_id).update(
+        quarantine_until=over, released_at=over - timedelta(days=1)
+    )
     pool.full_clean()
 
 
