@@ -1038,16 +1038,20 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
 
 def node_user(cluster) -> str:
     """The account the cluster's people log in as on its nodes: ``root`` (:data:`access.ssh.NODE_USER`) when the
-    cluster's users have admin rights, or when its nodes boot an image a user registered and the provider has not
-    approved (its owner made it: root there is theirs whatever the portal says, the provider's accounts need not
-    exist in it, and the policy keeps such a cluster closed); else ``ACCESS_SSH_NODE_USER``, an account of the
-    provider's images — an approved image vouches for it, and its clusters may be public, where nobody is root
-    (paper §2.1). The nodes' principals file is that account's, and the ssh_config's ``User``."""
+    cluster's users have admin rights, or when it is closed and its nodes boot an image a user registered (its
+    owner made it: root there is theirs whatever the portal says, and the provider's accounts need not exist in
+    it); else ``ACCESS_SSH_NODE_USER``, an account of the provider's images (and of a user's image the provider
+    approved: approving it vouches for that account) — a public cluster's people are never root (paper §2.1).
+    The nodes' principals file is that account's, and the ssh_config's ``User``."""
     from access import ssh
-    from clusters.models import Image
+    from clusters.models import Connectivity, Image
 
-    users_own = Image.objects.filter(pk=cluster.image_id, owner__isnull=False, approved=False)
-    if cluster.admin_rights or users_own.exists():
+    if cluster.admin_rights:
+        return ssh.NODE_USER
+    if (
+        cluster.connectivity == Connectivity.CLOSED
+        and Image.objects.filter(pk=cluster.image_id, owner__isnull=False).exists()
+    ):
         return ssh.NODE_USER
     return settings.ACCESS_SSH_NODE_USER
 

@@ -429,8 +429,8 @@ ACCESS_PUBLISH_CERT_LIFETIME = env_int("ACCESS_PUBLISH_CERT_LIFETIME", 90 * 24 *
 ACCESS_VPN_PROFILE_GATEWAYS = env_int("ACCESS_VPN_PROFILE_GATEWAYS", 3, minimum=1, maximum=16)
 ACCESS_SSH_CERT_LIFETIME = env_int("ACCESS_SSH_CERT_LIFETIME", 12 * 3600, minimum=900, maximum=24 * 3600)
 # The account users log in as on the nodes of a cluster without admin rights on the provider's images (an
-# unprivileged account of those images and of approved user images; with admin rights, or on a user's image the
-# provider has not approved, they log in as root).
+# unprivileged account of those images and of approved user images, whose public clusters use it; with admin rights,
+# or on a closed cluster booting a user's image, they log in as root).
 # Its principals file is what the nodes fetch.
 ACCESS_SSH_NODE_USER = env_str("ACCESS_SSH_NODE_USER", "virtcloud")
 if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", ACCESS_SSH_NODE_USER) or ACCESS_SSH_NODE_USER == "root":

@@ -531,9 +531,11 @@ def test_users_of_a_cluster_without_admin_rights_log_in_as_the_unprivileged_acco
     cluster.image.owner = alice
     cluster.image.save()
     assert _host_access_get(api, cluster, "node1").json()["node_user"] == "root"
-    # approved, the provider vouches for its account, and its clusters may be public: nobody is root there
-    cluster.image.approved = True
+    cluster.image.approved = True  # approved, its closed clusters' people stay root (their account)
     cluster.image.save()
+    assert _host_access_get(api, cluster, "node1").json()["node_user"] == "root"
+    # public (the policy, or an override): nobody is root there
+    VirtualCluster.objects.filter(pk=cluster.pk).update(connectivity="public")
     assert _host_access_get(api, cluster, "node1").json()["node_user"] == "cloud"
 
 
