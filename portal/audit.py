@@ -238,13 +238,17 @@ def create_rows(model, rows: list, *, related: Sequence[str] = ()) -> list:
     """``bulk_create`` ``rows`` of an audited model with the audit entry each would get from ``save()``, in three
     statements whatever their number (the rows' text, which often reads related rows, read in one query joining
     ``related``). Returns the rows created."""
+    from django.db import connection
+
     from portal.models import AuditEntry
 
+    if not connection.features.can_return_rows_from_bulk_insert:  # (SQLite before 3.35: no ids back)
+        for row in rows:
+            row.save()  # (one statement each, audited by the save signal)
+        return rows
     created = model.objects.bulk_create(rows)
     if not created:
         return created
-    if any(row.pk is None for row in created):  # (a database that does not return them: no entries to write)
-        raise RuntimeError(f"{model.__name__}: the database returned no ids for the rows created")
     read = model.objects.filter(pk__in=[row.pk for row in created]).select_related(*related).order_by("pk")
     AuditEntry.objects.bulk_create(
         AuditEntry(

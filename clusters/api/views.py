@@ -437,7 +437,8 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 IMAGE_ERRORS = {
     "e403": "the provider's catalogue (changed in the admin only), someone else's image, or the token lacks the scope",
     "e404": "no such image (or not available to you)",
-    "e409": "`quota_exceeded`: IMAGE_QUOTA images already; `conflict`: live clusters boot the image",
+    "e409": "`quota_exceeded`: IMAGE_QUOTA images already; `conflict`: live clusters boot the image (a new "
+    "source: live public clusters boot the approved image)",
 }
 
 
@@ -508,7 +509,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     @extend_schema(
         request=s.ImageUpdateSerializer,
-        responses={200: s.ImageSerializer, **error_responses(400, 401, 403, 404, 415, 429, **IMAGE_ERRORS)},
+        responses={200: s.ImageSerializer, **error_responses(400, 401, 403, 404, 409, 415, 429, **IMAGE_ERRORS)},
     )
     def partial_update(self, request, name=None):
         """Change a user-provided image's description, source or group."""

@@ -182,6 +182,17 @@ def test_a_host_joining_a_segment_is_audited_as_its_leaving_is(fabric):
     assert entries[2].changes["host"] == [None, pilsen.pk]
 
 
+def test_rows_made_in_bulk_are_audited_on_a_database_that_returns_no_ids(fabric, monkeypatch):
+    """SQLite before 3.35 gives no ids back from a bulk insert: the rows are saved one by one instead, each
+    audited by its save (a cluster's create must not fail there)."""
+    from network import services
+
+    monkeypatch.setattr(connection.features, "can_return_rows_from_bulk_insert", False)
+    segment = services.segment_create(owner="cluster:8", hosts=[fabric.hosts["brno1"]], gateway=False)
+    entry = AuditEntry.objects.get(content_type__model="segmentmember", action="create")
+    assert entry.object_repr == "cluster:8 on brno1" and SegmentMember.objects.get(segment=segment).pk
+
+
 def test_every_inventory_model_is_audited():
     host = HostFactory()  # with its site, switch and port
     pool = VlanPoolFactory()  # with its core
