@@ -1041,7 +1041,8 @@ def node_user(cluster) -> str:
     cluster's users have admin rights, or when it is closed and its nodes boot an image a user registered (its
     owner made it: root there is theirs whatever the portal says, and the provider's accounts need not exist in
     it); else ``ACCESS_SSH_NODE_USER``, an account of the provider's images (and of a user's image the provider
-    approved: approving it vouches for that account) — a public cluster's people are never root (paper §2.1).
+    approved: approving it vouches for that account) — a public cluster's people without admin rights are never
+    root (paper §2.1).
     The nodes' principals file is that account's, and the ssh_config's ``User``."""
     from access import ssh
     from clusters.models import Connectivity, Image

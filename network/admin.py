@@ -30,7 +30,7 @@ def _still_carrying(ports, *, leaving_switches=()) -> list[str]:
     converged again, so they would stay on the device). ``leaving_switches``: ids of switches deleted whole."""
     carrying = selectors.ports_carrying([p.pk for p in ports if p.pk], leaving_switches=leaving_switches)
     return [
-        f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters (or of failed ones still "
+        f"port {port} carries VLAN {format_ranges(carrying[port.pk])} of live clusters (or of ended ones still "
         "holding it): tear them down, or let their cleanup finish, first"
         for port in ports
         if port.pk in carrying

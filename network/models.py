@@ -366,7 +366,8 @@ class SwitchPort(InventoryModel):
             raise ValidationError(
                 {
                     field: f"port {self}: {old} carries VLAN {vlanranges.format_ranges(carrying)} of live "
-                    "clusters: tear them down before renaming or moving it"
+                    "clusters (or of ended ones still holding it): tear them down, or let their cleanup finish, "
+                    "before renaming or moving it"
                 }
             )
 

@@ -707,7 +707,7 @@ class _Importer:
                 vids = format_ranges(carrying[port.pk])
                 self.problem(
                     "prune ports",
-                    f"cannot delete port {port}: it carries VLAN {vids} of live clusters (or of failed ones still "
+                    f"cannot delete port {port}: it carries VLAN {vids} of live clusters (or of ended ones still "
                     "holding it)",
                 )
         if carrying:

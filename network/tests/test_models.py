@@ -440,8 +440,8 @@ def test_a_port_that_carries_a_live_vlan_keeps_its_name():
     port.full_clean()  # nothing carried yet
     segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
     assert messages(port)["name"] == [
-        f"port brno-sw:h1-renamed: brno-sw:h1 carries VLAN {segment.vid} of live clusters: tear them down before "
-        "renaming or moving it"
+        f"port brno-sw:h1-renamed: brno-sw:h1 carries VLAN {segment.vid} of live clusters (or of ended ones still "
+        "holding it): tear them down, or let their cleanup finish, before renaming or moving it"
     ]
     port.name = "h1"
     port.description = "still the same port"
