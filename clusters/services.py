@@ -1404,9 +1404,7 @@ def clusters_resend_unsent_updates(*, older_than: timedelta = timedelta(seconds=
             ClusterStep.objects.filter(cluster_id=cluster_id, generation=generation, status=StepStatus.RUNNING).update(
                 status=StepStatus.FAILED, error="never sent to the workers: sent again", finished_at=timezone.now()
             )
-            again = ClusterStep.objects.create(
-                cluster_id=cluster_id, name=name, generation=generation + 1, detail=detail
-            )
+            again = step_start(VirtualCluster.objects.get(pk=cluster_id), name, detail=detail)  # (the new generation)
             transaction.on_commit(lambda c=cluster_id, g=generation + 1, s=again.pk: workflows.start_update(c, g, s))
             ids.append(cluster_id)
         logger.warning("cluster %s: its node change was never sent; sending it again", cluster_id)
