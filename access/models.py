@@ -349,7 +349,8 @@ class Gateway(models.Model):
     @property
     def forwards_by_address(self) -> bool:
         """One bastion for every cluster (``ssh_port_base`` 0): it cannot tell apart clusters that use the same
-        address, so such addresses are withheld from it (``access.selectors.bastion_shared_addresses``)."""
+        address or overlapping networks, so such nodes are withheld from it
+        (``access.selectors.bastion_withheld_nodes``)."""
         return self.serves_ssh and not self.ssh_port_base
 
     def ssh_port_for(self, vlan_id: int | None) -> int:

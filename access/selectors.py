@@ -6,15 +6,17 @@ that the access app imports (and its migrations run) independently of the cluste
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import ipaddress
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import BooleanField, Count, ExpressionWrapper, Min, Prefetch, Q, QuerySet
+from django.db.models import BooleanField, Count, Exists, ExpressionWrapper, Min, OuterRef, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -97,6 +99,10 @@ def bastion_address(text) -> str:
 WITHHELD_SHARED = (
     "another cluster uses this address too and the SSH bastion forwards by address: use the VPN profile for this node"
 )
+WITHHELD_OVERLAP = (
+    "another cluster's network overlaps this cluster's and the SSH bastion forwards by address from one network "
+    "stack, which routes the overlap through one of them: use the VPN profile for this node"
+)
 WITHHELD_NO_LEG = (
     "the SSH bastion has no address of its own in this cluster's network (its scheduler gave no bastion_address): "
     "it reaches only nodes known by name there; use the VPN profile for this node"
@@ -146,6 +152,55 @@ def bastion_shared_addresses() -> set[str]:
     return {bastion_address(a) for a in rows}
 
 
+class BastionLegs:
+    """The networks of the SSH bastion's legs into the clusters it relays to (closed, in the gateways' VLAN maps,
+    with a ``bastion_address``), for a bastion that forwards by address from one network stack: the kernel
+    routes an address two legs' networks hold through one of them (the longer prefix, or whichever came first),
+    so a node there may be another cluster's machine — or a root user's VM in another cluster claiming it. Of
+    ``gateway``'s clusters when it has a site (the others have no leg there), else of every one. One query;
+    lookups by prefix, not by pairs (many clusters may use one private network)."""
+
+    def __init__(self, gateway: Gateway | None = None) -> None:
+        from clusters.models import VirtualCluster
+
+        relayed = VirtualCluster.objects.filter(enterable_condition(), vlan_id__isnull=False)
+        if gateway is not None and gateway.site_id is not None:
+            relayed = relayed.filter(segment__allocation__pool__core__sites=gateway.site_id)
+        rows = relayed.exclude(bastion_address="").values_list("pk", "bastion_address")
+        self.holders: dict = {}  # network → the clusters whose leg is on it
+        for pk, leg in rows:
+            with contextlib.suppress(ValueError):
+                self.holders.setdefault(ipaddress.ip_interface(leg).network, set()).add(pk)
+        self.starts = {
+            version: sorted((int(n.network_address), n.prefixlen) for n in self.holders if n.version == version)
+            for version in (4, 6)
+        }
+
+    def _others(self, network, cluster_id: int) -> bool:
+        return bool(self.holders.get(network, set()) - {cluster_id})
+
+    def covered(self, address: str, cluster_id: int) -> bool:
+        """Whether another cluster's leg network holds ``address`` (a node of ``cluster_id``)."""
+        ip = ipaddress.ip_address(str(address))
+        return any(
+            self._others(ipaddress.ip_network((ip, length), strict=False), cluster_id)
+            for length in range(ip.max_prefixlen + 1)
+        )
+
+    def overlapped(self, leg: str, cluster_id: int) -> bool:
+        """Whether another cluster's leg network overlaps the network of ``leg`` (``cluster_id``'s bastion
+        address): one holding it (or the same), or one inside it."""
+        network = ipaddress.ip_interface(leg).network
+        if any(self._others(network.supernet(new_prefix=n), cluster_id) for n in range(network.prefixlen + 1)):
+            return True
+        starts = self.starts[network.version]  # inside: a start within the network and a longer prefix
+        first = bisect.bisect_left(starts, (int(network.network_address), network.prefixlen + 1))
+        for start, length in itertools.takewhile(lambda s: s[0] <= int(network.broadcast_address), starts[first:]):
+            if self._others(ipaddress.ip_network((start, length)), cluster_id):
+                return True
+        return False
+
+
 def bastions_forward_by_address(gateways: Iterable[Gateway] | None = None) -> bool:
     """Whether an enabled gateway (of ``gateways``, default all) runs one bastion for every cluster
     (``Gateway.forwards_by_address``): it withholds ``bastion_shared_addresses``."""
@@ -157,8 +212,11 @@ def bastion_withheld_nodes(
     clusters: Iterable, *, gateway: Gateway | None = None
 ) -> dict[int, list[tuple[str, str, str]]]:
     """Per cluster (by id), its live nodes that the SSH bastion (``gateway``'s, default any enabled one) does
-    not relay to, as (name, address, why), by name: an address ``bastion_unreachable`` refuses, or, for a
-    bastion that forwards by address, one in ``bastion_shared_addresses``. Clusters with none are left out."""
+    not relay to, as (name, address — or the node's alias when it has none —, why), by name: an address
+    ``bastion_unreachable`` refuses, or, for a bastion that forwards by address from one network stack, one in
+    ``bastion_shared_addresses`` or in another cluster's leg network (``BastionLegs``: a node without an
+    address, when its cluster's leg network overlaps another's). Clusters with none are left out."""
+    from access.ssh import node_alias
     from clusters.models import Node, NodeState
 
     by_id = {c.pk: c for c in clusters}
@@ -166,15 +224,24 @@ def bastion_withheld_nodes(
         return {}
     by_address = gateway.forwards_by_address if gateway is not None else bastions_forward_by_address()
     shared = bastion_shared_addresses() if by_address else set()
+    legs = BastionLegs(gateway) if by_address else None
     out: dict[int, list[tuple[str, str, str]]] = {}
     nodes = (
-        Node.objects.filter(cluster_id__in=list(by_id), address__isnull=False)
+        Node.objects.filter(cluster_id__in=list(by_id))
         .exclude(state=NodeState.REMOVED)
         .order_by("name")
         .values_list("cluster_id", "name", "address")
     )
     for cluster_id, name, address in nodes:
-        why = WITHHELD_SHARED if bastion_address(address) in shared else bastion_unreachable(by_id[cluster_id], address)
+        cluster = by_id[cluster_id]
+        if not address:
+            if legs and cluster.bastion_address and legs.overlapped(cluster.bastion_address, cluster_id):
+                alias = node_alias(cluster_label(cluster), name)
+                out.setdefault(cluster_id, []).append((name, alias, WITHHELD_OVERLAP))
+            continue
+        why = WITHHELD_SHARED if bastion_address(address) in shared else bastion_unreachable(cluster, address)
+        if not why and legs and legs.covered(address, cluster_id):
+            why = WITHHELD_OVERLAP
         if why:
             out.setdefault(cluster_id, []).append((name, bastion_address(address), why))
     return out
@@ -313,11 +380,29 @@ def gateways_for(*, kind: str, site_ids=()) -> list[Gateway]:
     return gateways
 
 
+def ambiguous_vlans() -> QuerySet:
+    """The VLAN ids (a ``values_list`` query) that more than one enterable cluster holds: cores that share no
+    site may hand out the same ids (``network.models.VlanPool``). A gateway without a site has one trunk and
+    one VLAN map for all: it cannot tell such clusters apart, so it carries none of them (fail closed) — a
+    user of one would be put on the other's network. A gateway at a site never meets two of them (only one
+    core's VLANs reach a site's trunk with that id)."""
+    from clusters.models import VirtualCluster
+
+    return (
+        VirtualCluster.objects.filter(enterable_condition(), vlan_id__isnull=False)
+        .order_by()
+        .values("vlan_id")
+        .annotate(holders=Count("pk"))
+        .filter(holders__gt=1)
+        .values_list("vlan_id", flat=True)
+    )
+
+
 def gateway_carries(clusters) -> Callable[[Gateway], bool]:
-    """Whether a gateway's trunk carries the VLANs of all of ``clusters``: a gateway without a site (one trunk
-    for all), or one at a site every cluster's core reaches — elsewhere the network never puts their VLANs on
-    its trunk (``network.selectors.segment_views``), and the same ids may be other clusters there. One query,
-    on the first gateway with a site."""
+    """Whether a gateway's trunk carries the VLANs of all of ``clusters``: one at a site every cluster's core
+    reaches — elsewhere the network never puts their VLANs on its trunk (``network.selectors.segment_views``),
+    and the same ids may be other clusters there — or a gateway without a site (one trunk for all), unless one
+    of the clusters' VLAN ids is ``ambiguous_vlans``. One query per kind of gateway asked about."""
     from clusters.models import VirtualCluster
 
     ids = [c.pk for c in clusters]
@@ -327,7 +412,16 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
         found = VirtualCluster.objects.filter(pk__in=ids)
         return frozenset(found.values_list("pk", "segment__allocation__pool__core__sites"))
 
-    return lambda gateway: gateway.site_id is None or all((pk, gateway.site_id) in reached() for pk in ids)
+    @functools.cache
+    def unambiguous() -> bool:
+        return not VirtualCluster.objects.filter(pk__in=ids, vlan_id__in=ambiguous_vlans()).exists()
+
+    def carries(gateway: Gateway) -> bool:
+        if gateway.site_id is None:
+            return unambiguous()
+        return all((pk, gateway.site_id) in reached() for pk in ids)
+
+    return carries
 
 
 def gateway_has_cluster(gateway: Gateway, cluster) -> bool | None:
@@ -342,10 +436,10 @@ def gateway_has_cluster(gateway: Gateway, cluster) -> bool | None:
 
 def gateways_carrying(clusters: Iterable) -> dict[int, list[Gateway]]:
     """Per cluster of ``clusters`` (by id), the ready gateways (``gateways_ready``, with their ``site``) whose trunk
-    carries it, by name: ``gateway_carries``' rule (no site, or a site the cluster's core reaches), for the
-    clusters the gateways' VLAN maps hold (``access.services.gateway_state``: closed, network up, with a VLAN).
-    Left out: clusters no ready gateway carries — public ones, and closed ones whose network is not up, among
-    them. Two queries at most, however many clusters and gateways."""
+    carries it, by name: ``gateway_carries``' rule (a site the cluster's core reaches, or no site and an id that
+    is not ``ambiguous_vlans``), for the clusters the gateways' VLAN maps hold (``access.services.gateway_state``:
+    closed, network up, with a VLAN). Left out: clusters no ready gateway carries — public ones, and closed ones
+    whose network is not up, among them. Two queries at most, however many clusters and gateways."""
     from clusters.models import VirtualCluster
 
     ids = [c.pk for c in clusters]
@@ -354,9 +448,23 @@ def gateways_carrying(clusters: Iterable) -> dict[int, list[Gateway]]:
         return {}
     reached: dict[int, set[int | None]] = {}  # cluster → the sites its core joins (None: it has no core)
     carried = VirtualCluster.objects.filter(enterable_condition(), pk__in=ids, vlan_id__isnull=False).order_by()
-    for pk, site_id in carried.values_list("pk", "segment__allocation__pool__core__sites"):
+    # (``ambiguous_vlans``: another enterable cluster holds the same id)
+    shared = VirtualCluster.objects.filter(enterable_condition(), vlan_id=OuterRef("vlan_id"))
+    shared = shared.exclude(pk=OuterRef("pk"))
+    ambiguous = set()
+    rows = carried.values_list("pk", "segment__allocation__pool__core__sites", Exists(shared))
+    for pk, site_id, on_a_shared_id in rows:
         reached.setdefault(pk, set()).add(site_id)
-    out = {pk: [g for g in gateways if g.site_id is None or g.site_id in sites] for pk, sites in reached.items()}
+        if on_a_shared_id:
+            ambiguous.add(pk)
+    out = {
+        pk: [
+            g
+            for g in gateways
+            if (g.site_id is not None and g.site_id in sites) or (g.site_id is None and pk not in ambiguous)
+        ]
+        for pk, sites in reached.items()
+    }
     return {pk: carrying for pk, carrying in out.items() if carrying}
 
 

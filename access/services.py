@@ -103,8 +103,16 @@ def crl_validity() -> dt.timedelta:
     return _setting_seconds("ACCESS_CRL_VALIDITY", 7 * 24 * 3600)
 
 
-#: Revoked credentials listed for the gateways to cut live sessions (older ones were cut long ago).
+#: Revoked credentials listed for the gateways to cut live sessions, at least (``session_cut_window``).
 SESSION_CUT_WINDOW = dt.timedelta(days=1)
+
+
+def session_cut_window() -> dt.timedelta:
+    """How long a revoked credential stays in the gateways' ``revoked_sessions``: a day, or the time a gateway may
+    keep serving from its last pull (``GATEWAY_STATE_MAX_AGE``, then it cuts everyone) and an hour more — a
+    gateway cut off from the portal for less than that learns of every revocation made meanwhile. Listed after
+    the certificate expires too: a session outlives it (sshd checks it at login only, OpenVPN at renegotiation)."""
+    return max(SESSION_CUT_WINDOW, dt.timedelta(seconds=settings.GATEWAY_STATE_MAX_AGE) + dt.timedelta(hours=1))
 
 
 def ca_passphrase() -> bytes:
@@ -771,6 +779,10 @@ def ssh_certificate_issue(*, user, cluster, public_key: str | None = None, label
     gateway = _ssh_gateway(chosen)
     label = selectors.cluster_label(chosen)
     username = user.get_username()
+    try:
+        ssh.principal(label, username)
+    except ssh.SSHCertError as exc:  # a name a certificate cannot hold: asking again cannot help (as for VPN)
+        raise CannotIssue(f"cannot certify {username} for cluster {label}: {exc}") from None
     pair = None
     if public_key:
         try:
@@ -1346,8 +1358,9 @@ def _install_local_gateways(gateways: Iterable[Gateway] | None = None) -> None:
 
 def gateways_install_ready_cluster(*, cluster_id: int) -> int:
     """A closed cluster became ready: the gateways on this host that carry it get a state with it at once, as a
-    revocation's (the others at their next pull; ``selectors.clusters_access_ready`` tells when all have it).
-    Call it after the commit that made the cluster ready. Returns how many gateways it went to."""
+    revocation's (the others at their next pull; ``selectors.clusters_access_ready`` tells when all have it) —
+    and those without a site, when another core's cluster holds its VLAN id too (they drop both). Call it after
+    the commit that made the cluster ready. Returns how many gateways it went to."""
     from clusters.models import Connectivity, VirtualCluster
 
     gateways = list(_local_gateways())
@@ -1359,7 +1372,10 @@ def gateways_install_ready_cluster(*, cluster_id: int) -> int:
     if cluster is None:  # public, or ended again already: no gateway map changes
         return 0
     carries = selectors.gateway_carries([cluster])
-    gateways = [g for g in gateways if carries(g)]
+    # a gateway without a site whose map holds another core's cluster on this id must drop it now, not at its
+    # next pull: until then it would put that cluster's users on this VLAN too (``selectors.ambiguous_vlans``)
+    shared = selectors.ambiguous_vlans().filter(vlan_id=cluster.vlan_id).exists()
+    gateways = [g for g in gateways if carries(g) or (shared and g.site_id is None)]
     _install_local_gateways(gateways)
     logger.info("access: cluster %s is ready: its state went to gateways %s", cluster_id, [g.name for g in gateways])
     return len(gateways)
@@ -1382,7 +1398,7 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
         credential.save(update_fields=["revoked_at", "revocation_reason", "revoked_by", "revocation_note"])
         kinds.add(credential.kind)
         logger.info(
-            "access: revoked %s serial=%s user=%s reason=%s (%s)",
+            "access: revoked %s serial=%s user=%s reason=%s (%r)",
             credential.kind,
             credential.serial,
             credential.user.get_username(),
@@ -1608,12 +1624,23 @@ def credentials_sweep() -> int:
 def _vlan_map(gateway: Gateway) -> tuple[dict[str, int], list]:
     """The closed clusters users may enter through ``gateway`` (label → VLAN), and those clusters: the ones whose
     VLAN its trunk carries — at a gateway's site, only clusters whose core reaches the site (the same id may be
-    another core's cluster there)."""
+    another core's cluster there); without a site, none whose id two clusters hold
+    (``selectors.ambiguous_vlans``)."""
     from clusters.models import VirtualCluster
 
     closed = VirtualCluster.objects.filter(selectors.enterable_condition(), vlan_id__isnull=False)
     if gateway.site_id is not None:
         closed = closed.filter(segment__allocation__pool__core__sites=gateway.site_id)
+    else:
+        ambiguous = sorted(selectors.ambiguous_vlans())
+        if ambiguous:
+            logger.warning(
+                "access: gateway %s has no site and VLANs %s are each held by clusters of more than one core: "
+                "it carries none of them (give it a site)",
+                gateway.name,
+                ambiguous,
+            )
+            closed = closed.exclude(vlan_id__in=ambiguous)
     clusters = list(closed.select_related("owner", "group").order_by("pk"))
     return {selectors.cluster_label(c): c.vlan_id for c in clusters}, clusters
 
@@ -1690,9 +1717,10 @@ def _principals_map(clusters: Sequence, *, gateway: Gateway) -> dict[str, dict]:
 
 
 def _revoked_sessions(now: dt.datetime, kind: str) -> list[dict]:
-    """Credentials of ``kind`` revoked lately and not expired: a gateway cuts their live sessions."""
+    """Credentials of ``kind`` revoked within ``session_cut_window``: a gateway cuts their live sessions."""
+    since = now - session_cut_window()
     rows = (
-        Credential.objects.filter(kind=kind, revoked_at__gte=now - SESSION_CUT_WINDOW, not_after__gt=now)
+        Credential.objects.filter(kind=kind, revoked_at__gte=since, not_after__gt=since)
         .select_related("user")
         .order_by("revoked_at", "serial")
     )

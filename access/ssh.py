@@ -484,7 +484,8 @@ def render_ssh_config(
     if withheld:
         lines.append("# Not reachable through this gateway's SSH bastion (use the cluster's VPN profile):")
         for name, address, why in withheld:
-            if not _NAME_RE.fullmatch(name) or not _is_address(address) or "\n" in why:
+            known_by_name = address == node_alias(cluster, name)  # a node without an address
+            if not _NAME_RE.fullmatch(name) or not (_is_address(address) or known_by_name) or "\n" in why:
                 raise SSHCertError(f"invalid withheld node {name!r} {address!r}")
             lines.append(f"#   {node_alias(cluster, name)} ({address}): {why}")
         lines.append("")

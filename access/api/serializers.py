@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from rest_framework import serializers
 
 from access.models import LABEL_MAX, Credential, GatewayKind, RevocationReason, VpnProto
@@ -186,6 +188,12 @@ class RevokeRequestSerializer(StrictSerializer):
         help_text="default: key_compromise for your own credential, privilege_withdrawn for an admin's action",
     )
     note = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    def validate_note(self, value: str) -> str:
+        # kept with the revocation and written to the log: one line (no forged log lines, no hidden text)
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+            raise serializers.ValidationError("a note is one line of text, without control characters")
+        return value
 
 
 class GatewayStateSerializer(serializers.Serializer):

@@ -15,12 +15,12 @@ pull then runs it again next time.
 
 By default one network stack holds every leg: two clusters whose networks overlap get their legs, but the
 kernel routes the overlap through one of them (a warning names them); the portal withholds from such a
-bastion any node address two clusters use (``access.selectors.bastion_shared_addresses``), so no user is
-carried to another cluster's node. With ``--namespaces`` each leg gets a namespace of its own,
-``<prefix><vid>``, where ``bastion.py`` starts that cluster's sshd (the gateway's ``ssh_port_base``):
-clusters may then use the same addresses. Run it in the gateway's own mount namespace (as ``--on-change``
-does; ``nsenter --net=...`` to reach a trunk in another network namespace, not ``ip netns exec``, whose
-private mounts would take the namespaces it makes with it).
+bastion every node in another cluster's leg network, and any node address two clusters use
+(``access.selectors.bastion_withheld_nodes``), so no user is carried to another cluster's node. With
+``--namespaces`` each leg gets a namespace of its own, ``<prefix><vid>``, where ``bastion.py`` starts that
+cluster's sshd (the gateway's ``ssh_port_base``): clusters may then use the same addresses. Run it in the
+gateway's own mount namespace (as ``--on-change`` does; ``nsenter --net=...`` to reach a trunk in another
+network namespace, not ``ip netns exec``, whose private mounts would take the namespaces it makes with it).
 
 No leg forwards what it receives: on a gateway that routes (``net.ipv4.ip_forward=1``, common beside OpenVPN) a
 root user in one cluster could otherwise route through the bastion's address into another cluster, or out. Each

@@ -59,6 +59,7 @@ new files before it renames any (``write_all_atomic``).
 
 from __future__ import annotations
 
+import collections
 import errno
 import grp
 import ipaddress
@@ -414,7 +415,8 @@ def check_vlan_entry(name: object, vid: object, where: str = "the VLAN map") -> 
 
 
 def load_vlan_map(path: Path) -> dict[str, int]:
-    """The cluster -> VLAN id map pulled from the portal; :class:`StateError` if missing or malformed."""
+    """The cluster -> VLAN id map pulled from the portal, without an id listed for two clusters (neither is
+    entered); :class:`StateError` if missing or malformed."""
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -425,7 +427,9 @@ def load_vlan_map(path: Path) -> dict[str, int]:
         raise StateError(f"VLAN map {path} has an unknown format")
     for name, vid in doc["clusters"].items():
         check_vlan_entry(name, vid)
-    return doc["clusters"]
+    # Two clusters on one id cannot be told apart on one trunk: neither is entered (the portal never sends that)
+    listed = collections.Counter(doc["clusters"].values())
+    return {name: vid for name, vid in doc["clusters"].items() if listed[vid] == 1}
 
 
 def legs_from_doc(doc: object) -> dict[str, tuple[int, str]]:

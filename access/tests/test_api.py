@@ -107,6 +107,18 @@ def test_the_access_api_refuses_a_field_it_does_not_know(alice, cluster, gateway
     assert not Credential.objects.exists()
 
 
+def test_a_name_no_certificate_can_hold_is_a_422_for_vpn_and_ssh_alike_and_records_nothing(django_user_model, gateway):
+    """Directories and Django allow names an SSH principal cannot hold (``jiří``): asking again cannot help, so it
+    is the 422 ``cannot_issue`` the VPN profile gives for a name its certificate cannot hold — not a 400 that
+    reads as a mistake in the request — and no credential is recorded."""
+    user = django_user_model.objects.create_user("jiří")
+    theirs = make_cluster(user, name="mpi")
+    response = client_for(user).post("/api/access/ssh-certificates/", {"cluster": theirs.pk}, format="json")
+    assert response.status_code == 422 and response.json()["code"] == "cannot_issue", response.json()
+    assert "jiří" in response.json()["detail"]
+    assert not Credential.objects.filter(user=user).exists()
+
+
 def test_ssh_certificate_endpoint(alice, cluster, gateway):
     from access import ssh
 
@@ -186,6 +198,13 @@ def test_credentials_list_and_revoke(alice, bob, root, cluster, gateway, django_
     assert response.json()["revocation_note"] == "audit"
     bad = client_for(root).post(f"/api/access/credentials/{theirs.pk}/revoke/", {"reason": "bored"}, format="json")
     assert bad.status_code == 400
+    # a note is kept and logged: one line (a forged log line is a 400, and revokes nothing)
+    other = Credential.objects.filter(user=alice, revoked_at=None).first()
+    forged = "x\n2026-12-07 INFO access.services access: issued VPN profile serial=1"
+    bad = client_for(root).post(f"/api/access/credentials/{other.pk}/revoke/", {"note": forged}, format="json")
+    assert bad.status_code == 400 and "note" in bad.json(), bad.json()
+    other.refresh_from_db()
+    assert other.revoked_at is None
     assert client_for(alice).get("/api/access/credentials/?status=revoked").json()["count"] == 1
 
     # One of alice's runs out: listed as expired, not valid.

@@ -306,8 +306,9 @@ def _address(cluster, name, address):
 
 def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, cluster, other_cluster, gateway):
     """Closed clusters may share addresses; the bastion, which forwards by address, relays to neither's node
-    with such an address (it could carry one cluster's user to the other's node), and to the rest as before."""
-    from access.selectors import WITHHELD_SHARED, bastion_shared_addresses, bastion_withheld_nodes
+    with such an address (it could carry one cluster's user to the other's node) — nor to any other node in
+    networks their legs share (``test_the_bastion_relays_nothing_in_a_network_two_legs_hold``)."""
+    from access.selectors import WITHHELD_OVERLAP, WITHHELD_SHARED, bastion_shared_addresses, bastion_withheld_nodes
     from clusters.models import Node, NodeState
 
     extra = make_cluster(alice, name="solo", nodes=("node1", "node2"))
@@ -321,17 +322,22 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
     assert state[cluster_label(cluster)]["targets"] == []
     assert state[cluster_label(other_cluster)]["targets"] == []
-    assert state[cluster_label(extra)]["targets"] == [["10.0.0.6", 22]]
-    assert [n["name"] for n in state[cluster_label(extra)]["nodes"]] == ["node1"]
+    assert state[cluster_label(extra)]["targets"] == []
     assert bastion_withheld_nodes([cluster, extra]) == {
         cluster.pk: [("node1", "10.0.0.5", WITHHELD_SHARED)],
-        extra.pk: [("node2", "10.0.0.5", WITHHELD_SHARED)],
+        extra.pk: [("node1", "10.0.0.6", WITHHELD_OVERLAP), ("node2", "10.0.0.5", WITHHELD_SHARED)],
     }
+    VirtualCluster.objects.filter(pk=extra.pk).update(bastion_address="10.0.1.254/24")  # a network of its own
+    extra.refresh_from_db()
+    _address(extra, "node1", "10.0.1.6")
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(extra)]["targets"] == [["10.0.1.6", 22]]
+    assert [n["name"] for n in state[cluster_label(extra)]["nodes"]] == ["node1"]
 
     # The issued ssh_config has no Host entry for such a node, and says why; the API lists it.
     issued = services.ssh_certificate_issue(user=alice, cluster=extra)
     label = cluster_label(extra)
-    assert f"Host node1.{label}\n  HostName 10.0.0.6" in issued.ssh_config
+    assert f"Host node1.{label}\n  HostName 10.0.1.6" in issued.ssh_config
     assert f"Host node2.{label}\n" not in issued.ssh_config
     assert f"#   node2.{label} (10.0.0.5): {WITHHELD_SHARED}" in issued.ssh_config
     assert issued.as_dict()["withheld_nodes"] == [{"name": "node2", "address": "10.0.0.5", "reason": WITHHELD_SHARED}]
@@ -345,6 +351,62 @@ def test_bastion_withholds_an_address_that_two_clusters_use(alice, charlie, clus
     assert bastion_shared_addresses() == set()
     state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
     assert state[cluster_label(cluster)]["targets"] == [["10.0.0.5", 22]]
+
+
+def test_the_bastion_relays_nothing_in_a_network_two_legs_hold(alice, bob, cluster, gateway):
+    """One bastion forwards by address from one network stack: where two clusters' leg networks overlap, the
+    kernel routes the overlap through one leg, so a node there may be the other cluster's machine (or a root
+    user's VM in the other cluster taking its address). Such nodes are withheld, with no address in common
+    needed; a node known by alias only is withheld when its cluster's network overlaps another's. Nodes
+    outside the overlap are relayed; with a bastion per cluster (``ssh_port_base``) nothing is withheld."""
+    from access.selectors import WITHHELD_OVERLAP, bastion_withheld_nodes
+    from clusters.models import Node
+
+    theirs = make_cluster(bob, name="west", nodes=("node1", "node2"))
+    VirtualCluster.objects.filter(pk=cluster.pk).update(bastion_address="10.0.0.254/24")
+    VirtualCluster.objects.filter(pk=theirs.pk).update(bastion_address="10.0.0.253/24")
+    cluster.refresh_from_db()
+    theirs.refresh_from_db()
+    _address(cluster, "node1", "10.0.0.1")
+    _address(theirs, "node1", "10.0.0.3")
+    _address(theirs, "node2", "10.0.0.4")
+    state = services.gateway_state(gateway=gateway)["ssh"]["clusters"]
+    assert state[cluster_label(cluster)]["targets"] == [] and state[cluster_label(theirs)]["targets"] == []
+    issued = services.ssh_certificate_issue(user=bob, cluster=theirs)
+    assert f"Host node1.{cluster_label(theirs)}\n" not in issued.ssh_config
+    assert issued.as_dict()["withheld_nodes"][0] == {"name": "node1", "address": "10.0.0.3", "reason": WITHHELD_OVERLAP}
+
+    # Nested networks: their /16 holds this cluster's /24. Only what lies in the other's network is withheld.
+    VirtualCluster.objects.filter(pk=theirs.pk).update(bastion_address="10.0.255.254/16")
+    theirs.refresh_from_db()
+    _address(theirs, "node1", "10.0.5.5")
+    Node.objects.create(cluster=cluster, name="node2", host=cluster.nodes.get().host, mac="52:54:00:99:00:02")
+    assert bastion_withheld_nodes([cluster, theirs]) == {
+        cluster.pk: [
+            ("node1", "10.0.0.1", WITHHELD_OVERLAP),
+            ("node2", f"node2.{cluster_label(cluster)}", WITHHELD_OVERLAP),  # by alias: the network overlaps
+        ],
+        theirs.pk: [("node2", "10.0.0.4", WITHHELD_OVERLAP)],
+    }
+    assert services.gateway_state(gateway=gateway)["ssh"]["clusters"][cluster_label(theirs)]["targets"] == [
+        ["10.0.5.5", 22]
+    ]
+    issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
+    alias = f"node2.{cluster_label(cluster)}"
+    assert f"#   {alias} ({alias}): {WITHHELD_OVERLAP}" in issued.ssh_config
+    # ... the other way round: a node known by alias in the /16 holding this /24 is withheld too
+    Node.objects.filter(cluster=theirs, name="node1").update(address=None)
+    assert ("node1", f"node1.{cluster_label(theirs)}", WITHHELD_OVERLAP) in bastion_withheld_nodes([theirs])[theirs.pk]
+
+    # the other cluster ends: nothing overlaps any more
+    VirtualCluster.objects.filter(pk=theirs.pk).update(state="torn_down")
+    assert bastion_withheld_nodes([cluster]) == {}
+
+    # a bastion per cluster, in the namespace of the cluster's leg, has one route per stack: nothing withheld
+    VirtualCluster.objects.filter(pk=theirs.pk).update(state="ready")
+    gateway.ssh_port_base = 30000
+    gateway.save()
+    assert bastion_withheld_nodes([cluster, theirs], gateway=gateway) == {}
 
 
 def test_the_bastion_forwards_only_through_its_leg_into_the_cluster(alice, cluster, gateway):
@@ -435,6 +497,31 @@ def test_gateway_state_lists_revoked_sessions_to_cut(alice, cluster, gateway):
     later = services.gateway_state(gateway=gateway)
     assert [r["serial"] for r in later["ssh"]["revoked_sessions"]] == [ssh_credential.serial]
     assert [r["serial"] for r in later["vpn"]["revoked_sessions"]] == [credential.serial]
+
+
+def test_a_revocation_reaches_a_gateway_cut_off_for_less_than_its_state_max_age_even_past_the_expiry(
+    alice, cluster, gateway, settings
+):
+    """A bastion session outlives its certificate (sshd checks it at login only), so a credential revoked just
+    before it expired stays listed: a gateway whose pull comes after the expiry still cuts the session. A
+    gateway serves from its last pull for up to ``GATEWAY_STATE_MAX_AGE``: a revocation older than a day is
+    still listed for one cut off that long; past that window it is not (such a gateway cut everyone)."""
+    settings.GATEWAY_STATE_MAX_AGE = 2 * 24 * 3600
+    services.ssh_certificate_issue(user=alice, cluster=cluster)
+    credential = Credential.objects.get(kind=CredentialKind.SSH)
+    services.credential_revoke(credential=credential, reason="privilege_withdrawn")
+    now = timezone.now()
+
+    def listed(*, revoked: dt.timedelta, expired: dt.timedelta) -> bool:
+        Credential.objects.filter(pk=credential.pk).update(
+            revoked_at=now - revoked, not_before=now - expired - dt.timedelta(hours=12), not_after=now - expired
+        )
+        state = services.gateway_state(gateway=gateway)
+        return credential.serial in [r["serial"] for r in state["ssh"]["revoked_sessions"]]
+
+    assert listed(revoked=dt.timedelta(minutes=2), expired=dt.timedelta(minutes=1))  # expired since: still cut
+    assert listed(revoked=dt.timedelta(hours=30), expired=dt.timedelta(hours=29))  # a gateway cut off for 30 h
+    assert not listed(revoked=dt.timedelta(hours=50), expired=dt.timedelta(hours=49))  # past max age + 1 h
 
 
 def test_a_closed_cluster_that_becomes_ready_is_installed_at_once_at_a_gateway_on_this_host(
@@ -576,8 +663,8 @@ def test_the_host_ca_is_trusted_for_the_profiles_hosts_only(alice, cluster, gate
     cluster.refresh_from_db()
     cluster.nodes.update(address="10.0.0.1")
     other = make_cluster(alice, name="other", nodes=("n1",))
-    VirtualCluster.objects.filter(pk=other.pk).update(bastion_address="10.0.0.254/24")
-    other.nodes.update(address="10.0.0.7")
+    VirtualCluster.objects.filter(pk=other.pk).update(bastion_address="10.0.1.254/24")  # a network of its own
+    other.nodes.update(address="10.0.1.7")
     label = cluster_label(cluster)
     issued = services.ssh_certificate_issue(user=alice, cluster=cluster)
     patterns = issued.known_hosts.split()[1]
@@ -712,6 +799,52 @@ def test_a_gateway_at_a_site_the_clusters_core_does_not_reach_is_never_its_way_i
     assert services.gateway_state(gateway=near)["vpn"]["vlans"][label] == cluster.vlan_id
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert "remote 198.18.100.8 1194" in text
+
+
+def test_a_gateway_without_a_site_carries_no_vlan_id_two_cores_gave_out(alice, bob, cluster, gateway, tmp_path):
+    """Cores that share no site may give out the same VLAN id. A gateway without a site has one trunk and one
+    VLAN map for all: it cannot tell the two clusters apart (a user of one would be put on the other's network),
+    so it carries neither — not in its state, not in a profile or certificate, not in ``gateways_carrying``. A
+    gateway at one core's site carries that core's cluster; once the other ends, the site-less one carries
+    the remaining one again."""
+    import json
+
+    from access.gateway.state import VpnState
+    from access.selectors import gateways_carrying
+    from access.tests.fixtures import make_gateway
+
+    gateway.local_state_dir = str(tmp_path)  # on the portal's host: a cluster becoming ready is installed at once
+    gateway.save()
+    _on_a_core(cluster)
+    assert services.gateways_install_ready_cluster(cluster_id=cluster.pk) == 1
+    assert json.loads(VpnState.at(tmp_path).vlans.read_text())["clusters"] == {cluster_label(cluster): cluster.vlan_id}
+    theirs = make_cluster(bob, name="west")
+    VirtualCluster.objects.filter(pk=theirs.pk).update(vlan_id=cluster.vlan_id)
+    theirs.refresh_from_db()
+    _on_a_core(theirs)
+    # the other core's cluster on the same id becomes ready: the site-less gateway drops both at once
+    assert services.gateways_install_ready_cluster(cluster_id=theirs.pk) == 1
+    assert json.loads(VpnState.at(tmp_path).vlans.read_text())["clusters"] == {}
+    labels = {cluster_label(cluster), cluster_label(theirs)}
+
+    state = services.gateway_state(gateway=gateway)
+    assert not labels & set(state["vpn"]["vlans"])
+    assert not labels & set(state["ssh"]["clusters"])
+    with pytest.raises(NoGateway):
+        services.vpn_profile_issue(user=alice, clusters=[cluster])
+    with pytest.raises(NoGateway):
+        services.vpn_profile_issue(user=bob, clusters=[theirs])
+    assert gateways_carrying([cluster, theirs]) == {}
+
+    east = make_gateway("east", site=cluster.nodes.get().host.site, address="198.18.100.9")
+    assert services.gateway_state(gateway=east)["vpn"]["vlans"] == {cluster_label(cluster): cluster.vlan_id}
+    assert "remote 198.18.100.9 1194" in services.vpn_profile_issue(user=alice, clusters=[cluster]).text
+    assert gateways_carrying([cluster, theirs]) == {cluster.pk: [east]}
+
+    VirtualCluster.objects.filter(pk=theirs.pk).update(state="tearing_down")
+    assert services.gateway_state(gateway=gateway)["vpn"]["vlans"][cluster_label(cluster)] == cluster.vlan_id
+    assert gateways_carrying([cluster]) == {cluster.pk: [east, gateway]}
+    assert "remote 198.18.100.1 1194" in services.vpn_profile_issue(user=alice, clusters=[cluster]).text
 
 
 def test_clusters_that_share_no_gateway_are_refused_together_as_a_conflict_not_as_an_outage(alice, cluster):
