@@ -404,8 +404,9 @@ def _key(job: str, cluster: dict, verb: str, change: str) -> str:
 
 def add_node(api: Api, args, out: TextIO) -> int:
     """Add ``--node``s to the job's ready cluster and wait until the network has converged onto their hosts.
-    Nodes already there with the same host and MAC are not added again; one of the same name that differs is
-    a refusal (remove it first)."""
+    Nodes already there with the same host and MAC are not added again — but one still pending (its add did
+    not converge) is asked for again, which converges the network for it again; one of the same name that
+    differs is a refusal (remove it first)."""
     deadline = time.monotonic() + args.timeout
     cluster = _live_cluster(api, args.job, deadline)
     present = {n["name"]: n for n in cluster["nodes"] if n["state"] != "removed"}
@@ -418,6 +419,8 @@ def add_node(api: Api, args, out: TextIO) -> int:
             raise Refused(
                 f"cluster {cluster['id']} has a node {node['name']} already, on {there['host']} ({there['mac']})"
             )
+        elif there["state"] == "pending":  # its add failed: asked for again, the network converges again
+            new.append(node)
     if new:
         # keyed by the cluster as seen (its nodes, and how many changes it has had: its steps) and the nodes asked
         # for: added, removed and added again is a new change; the same run again is the same one

@@ -187,8 +187,8 @@ class VirtualCluster(models.Model):
         null=True,
         blank=True,
         editable=False,
-        help_text="the workflow generation whose provisioning or node change went to the broker (a crash in "
-        "between: sent again)",
+        help_text="the workflow generation whose provisioning, node change or teardown went to the broker (a "
+        "crash in between: sent again)",
     )
 
     class Meta:

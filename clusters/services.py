@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, Model, OuterRef, QuerySet, Value
+from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -788,9 +788,10 @@ def cluster_provisioning_started(*, cluster_id: int, generation: int) -> Cluster
 
 
 def cluster_workflow_sent(*, cluster_id: int, generation: int) -> None:
-    """The provisioning or node change of ``generation`` is with the broker: a process that dies before this
-    (after the commit that made the cluster PROVISIONING or UPDATING), or a send the broker refused, leaves it
-    unmarked, and ``clusters_resend_unsent`` (``clusters_resend_unsent_updates``) sends it again."""
+    """The provisioning, node change or teardown of ``generation`` is with the broker: a process that dies before
+    this (after the commit that made the cluster PROVISIONING, UPDATING or TEARING_DOWN), or a send the broker
+    refused, leaves it unmarked, and ``clusters_resend_unsent`` (``clusters_resend_unsent_updates``,
+    ``clusters_retry_stuck_teardowns``) sends it again."""
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(provision_sent=generation)
 
 
@@ -884,13 +885,39 @@ def _reconverge(cluster: VirtualCluster, step_name: str, detail: str) -> None:
     transaction.on_commit(lambda: workflows.start_update(cluster.pk, cluster.workflow_generation, step.pk))
 
 
+def _pending_again(cluster: VirtualCluster, nodes: list[NodeRequest]) -> dict[str, Node]:
+    """Of ``nodes``, those asked for again as they are (name, host, MAC, and the address when one is given) while
+    still PENDING — an earlier add whose network did not converge (a device failed, or the deadline ended it):
+    by name."""
+    pending = {n.name: n for n in cluster.nodes.filter(state=NodeState.PENDING, name__in=[r.name for r in nodes])}
+    return {
+        r.name: pending[r.name]
+        for r in nodes
+        if r.name in pending
+        and (pending[r.name].host_id, pending[r.name].mac.lower()) == (r.host.pk, r.mac.lower())
+        and (not r.address or _same_address(r.address, pending[r.name].address))
+    }
+
+
+def _same_address(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and ipaddress.ip_address(str(a)) == ipaddress.ip_address(str(b))
+
+
 @transaction.atomic
 def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> list[Node]:
+    """Add ``nodes`` and converge the network onto their hosts. A node asked for again as it is while it is
+    still PENDING (its add did not converge) is not added twice: the network is converged again for it — the
+    way to retry a failed add."""
     cluster = _locked(cluster)
     _require_ready(cluster)
-    _check_nodes(nodes, cluster=cluster)
-    quota_check(owner=cluster.owner, group=cluster.group, clusters=0, nodes=len(nodes))
-    if cluster.public_subnet:
+    if len({n.name for n in nodes}) != len(nodes):  # (before any is taken for a retry of a pending one)
+        raise ClusterError("node names must be unique within the cluster", field="nodes")
+    again = _pending_again(cluster, nodes)
+    nodes = [n for n in nodes if n.name not in again]
+    if nodes:
+        _check_nodes(nodes, cluster=cluster)
+        quota_check(owner=cluster.owner, group=cluster.group, clusters=0, nodes=len(nodes))
+    if cluster.public_subnet and nodes:
         live = cluster.nodes.exclude(state=NodeState.REMOVED).values_list("address", flat=True)
         nodes = _with_public_addresses(cluster, nodes, taken=live)
     try:
@@ -902,8 +929,29 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
             )
     except IntegrityError:
         raise ClusterError("a MAC address or node name is already in use", field="nodes") from None
-    _reconverge(cluster, "nodes.add", ", ".join(f"{n.name}@{n.host.name}" for n in nodes))
-    return created
+    detail = [f"{n.name}@{n.host.name}" for n in nodes] + [f"{n.name}@{n.host.name} (again)" for n in again.values()]
+    _reconverge(cluster, "nodes.add", ", ".join(detail))
+    return sorted([*created, *again.values()], key=lambda n: n.name)
+
+
+def cluster_update_done(*, cluster_id: int, generation: int, step_id: int) -> None:
+    """A node change converged: its step is OK and the cluster READY. One that the deadline (or a failed retry's
+    report) ended first did converge after all: the cluster is READY in that same generation, and the nodes it
+    left PENDING have their network now — they are READY too (the step stays failed, with why)."""
+    ClusterStep.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
+        status=StepStatus.OK, finished_at=timezone.now()
+    )
+    if cluster_mark_ready(cluster_id=cluster_id, generation=generation):
+        return
+    with transaction.atomic():  # (the row lock: a node change now is either all before this or all after)
+        ended = VirtualCluster.objects.select_for_update().filter(
+            pk=cluster_id, state=ClusterState.READY, workflow_generation=generation
+        )
+        if ended.exists():
+            late = Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING)
+            names = sorted(late.values_list("name", flat=True))
+            if late.update(state=NodeState.READY):
+                logger.info("cluster %s: a node change ended late but converged: %s ready", cluster_id, names)
 
 
 @transaction.atomic
@@ -1215,8 +1263,19 @@ def _restart_stalled(
 
 
 def clusters_retry_stuck_teardowns(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
-    """Teardowns that failed part-way (a device was down) are started again."""
-    return _restart_stalled(_stalled(ClusterState.TEARING_DOWN, older_than), workflows.start_teardown)
+    """Teardowns begun at least ``older_than`` ago are started again, in a new generation, when they failed
+    part-way (a device was down: ``teardown_failed`` failed the step), never reached the broker
+    (``provision_sent`` is not this generation), or made no progress for as long as a rollback may take
+    (``network.services.rollback_stalled_after``: the work was lost). One that was sent and waits in a slow queue,
+    or is running, is left alone: restarting it would fail it, and add another copy to that queue at every run."""
+    failed = ClusterStep.objects.filter(
+        cluster=OuterRef("pk"), name="teardown", generation=OuterRef("workflow_generation"), status=StepStatus.FAILED
+    )
+    lost = timezone.now() - net.rollback_stalled_after()
+    stuck = _stalled(ClusterState.TEARING_DOWN, older_than).filter(
+        Exists(failed) | Q(provision_sent=None) | ~Q(provision_sent=F("workflow_generation")) | Q(updated_at__lt=lost)
+    )
+    return _restart_stalled(stuck, workflows.start_teardown)
 
 
 def steps_finish_running(cluster: VirtualCluster, name: str, *, generation: int, error: str = "") -> None:

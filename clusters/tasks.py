@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
-from django.utils import timezone
 
 from clusters import services
-from clusters.models import ClusterStep, Connectivity, StepStatus, VirtualCluster
+from clusters.models import ClusterStep, Connectivity, VirtualCluster
 from network import selectors as net_selectors
 from network.errbacks import describe, handed_on
 
@@ -127,12 +126,8 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
 
 @shared_task(name="clusters.update_done")
 def update_done(cluster_id: int, generation: int, step_id: int) -> None:
-    """A node change converged: its step is OK and the cluster READY — unless the deadline ended it first
-    (the step stays failed, with why)."""
-    ClusterStep.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
-        status=StepStatus.OK, finished_at=timezone.now()
-    )
-    services.cluster_mark_ready(cluster_id=cluster_id, generation=generation)
+    """A node change converged (``services.cluster_update_done``)."""
+    services.cluster_update_done(cluster_id=cluster_id, generation=generation, step_id=step_id)
 
 
 @shared_task(name="clusters.update_failed")

@@ -84,6 +84,7 @@ def start_teardown(cluster_id: int, generation: int) -> None:
         steps.append(net_workflows.teardown(segment_id))
     steps.append(tasks.teardown_done.si(cluster_id, generation))
     chain(*steps).on_error(tasks.teardown_failed.s(cluster_id, generation)).apply_async()
+    services.cluster_workflow_sent(cluster_id=cluster_id, generation=generation)
 
 
 @_never_raise

@@ -541,8 +541,9 @@ class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     """Webhooks a caller registers for itself: each gets the cluster event feed pushed, signed with its secret, while
     the token it was registered with is live — every cluster's (as ``GET /api/clusters/events/`` gives it to the
     middleware) for a ``clusters:manage`` token or an administrator, the clusters its owner sees (own, groups')
-    for a user's ``clusters:write`` token (``all_clusters``). A caller sees and changes only the webhooks it
-    registered (the admin's pages show every one)."""
+    for a user's ``clusters:write`` token (``all_clusters``). A caller sees and changes only its account's
+    webhooks, and of those only the ones whose feed it may have itself: a token without ``clusters:manage`` never
+    one with every cluster's (the admin's pages show every one)."""
 
     serializer_class = s.WebhookSerializer
     pagination_class = Pagination
@@ -564,7 +565,13 @@ class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Webhook.objects.none()
-        return Webhook.objects.filter(owner=self.request.user).order_by("name")
+        hooks = Webhook.objects.filter(owner=self.request.user)
+        token = self.request.auth
+        if isinstance(token, ApiToken) and not token.has_scope(TokenScope.CLUSTERS_MANAGE):
+            # every cluster's feed is for a caller that may have it: a narrower token of the same account
+            # neither sees such a webhook nor points it elsewhere
+            hooks = hooks.filter(all_clusters=False)
+        return hooks.order_by("name")
 
     @extend_schema(
         request=s.WebhookCreateSerializer,

@@ -11,8 +11,18 @@ from rest_framework.test import APIClient
 
 from clusters import services
 from clusters.errors import Conflict
-from clusters.models import ClusterState, IdempotencyKey, Image, Node, NodeState, PublicPrefix, VirtualCluster
+from clusters.models import (
+    ClusterState,
+    ClusterStep,
+    IdempotencyKey,
+    Image,
+    Node,
+    NodeState,
+    PublicPrefix,
+    VirtualCluster,
+)
 from network.models import Segment, VlanAllocation
+from network.services import rollback_stalled_after
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
 from portal.tokens import token_create
@@ -998,11 +1008,51 @@ def _teardown_started_again(api, alice, monkeypatch) -> tuple[int, int, int]:
     assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
     first = VirtualCluster.objects.get(pk=cid).workflow_generation
     tasks.teardown_begin(cid, first)
-    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=6))
+    lost = timezone.now() - rollback_stalled_after() - timedelta(minutes=1)  # no progress for as long as it may take
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=lost)
     assert services.clusters_retry_stuck_teardowns() == [cid]
     retry = VirtualCluster.objects.get(pk=cid).workflow_generation
     tasks.teardown_begin(cid, retry)
     return cid, first, retry
+
+
+def test_a_teardown_in_a_slow_queue_is_left_alone_one_never_sent_or_lost_is_sent_again(
+    fabric, images, api, alice, monkeypatch, settings
+):
+    """The periodic task restarts a teardown that failed, was never sent or was lost; one that was sent and
+    waits in a slow queue (or runs) is left alone — restarting it failed its step and queued another copy at
+    every run, so under a lag of more than the period no teardown ever ended."""
+    from celery.canvas import _chain
+
+    from clusters import tasks
+
+    settings.CELERY_TASK_TIME_LIMIT, settings.DEVICE_RETRY_MAX = 180, 3  # lost after 24 min without progress
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    sent = []
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, generation)
+    late = timezone.now() - timedelta(minutes=6)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
+    assert services.clusters_retry_stuck_teardowns() == []  # sent, running: its step stays
+    assert len(sent) == 1
+    assert ClusterStep.objects.get(cluster_id=cid, name="teardown", generation=generation).status == "running"
+
+    # never sent (the broker refused it, or the process died before it sent it): sent again
+    VirtualCluster.objects.filter(pk=cid).update(provision_sent=None, updated_at=late)
+    assert services.clusters_retry_stuck_teardowns() == [cid]
+    assert len(sent) == 2
+    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_begin(cid, generation)
+
+    # sent, then lost: sent again once it has made no progress for as long as a rollback may take
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - rollback_stalled_after() / 2)
+    assert services.clusters_retry_stuck_teardowns() == []
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - rollback_stalled_after())
+    assert services.clusters_retry_stuck_teardowns() == [cid]
+    assert len(sent) == 3
 
 
 def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alone(

@@ -198,6 +198,11 @@ def test_a_job_that_grows_shrinks_and_runs_longer_through_the_client(fabric, cel
     assert live.state == ClusterState.READY and live.nodes.get(name="n4").state == "pending"
 
     Host.objects.filter(name="pilsen2").update(driver_args=fabric.args)  # (repaired)
+    # the same add again: the pending node is not added twice, the network converges for it this time
+    n4 = "name=n4,host=pilsen2,mac=52:54:00:00:00:04"
+    code, cluster, err = client("add-node", *job, "--node", n4, "--timeout", "60")
+    assert code == 0 and [n["state"] for n in cluster["nodes"] if n["name"] == "n4"] == ["ready"], err
+    assert vid in fabric.host_vlans("pilsen2")
     code, cluster, err = client("remove-node", *job, "--node", "n3", "--node", "n4", "--timeout", "60")
     assert code == 0 and cluster["state"] == "ready", err
     assert {n["name"] for n in cluster["nodes"] if n["state"] != "removed"} == {"n1", "n2"}

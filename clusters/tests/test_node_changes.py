@@ -38,6 +38,57 @@ def test_a_node_whose_network_could_not_be_made_stays_pending(fabric, images, ap
     assert cluster.nodes.get(name="n3").state == NodeState.PENDING  # it was reported "ready"
     assert cluster.steps.get(name="nodes.add").status == "failed"
 
+    # asked for again as it is, once the host works: not added twice, the network converges for it this time
+    Host.objects.filter(name="prague1").update(driver_args=fabric.args)
+    other = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:34"}  # (another MAC: another node)
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [other]}, format="json")
+    assert r.status_code == 400 and "n3 already exists" in str(r.data)
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json")
+    assert r.status_code == 202, r.content
+    cluster.refresh_from_db()
+    assert cluster.state == ClusterState.READY and cluster.nodes.filter(name="n3").count() == 1
+    assert cluster.nodes.get(name="n3").state == NodeState.READY
+    assert cluster.vlan_id in fabric.host_vlans("prague1")
+    assert [s.detail for s in cluster.steps.filter(name="nodes.add").order_by("pk")][-1] == "n3@prague1 (again)"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_node_change_the_deadline_ended_that_converges_late_makes_its_nodes_ready(fabric, images, api, alice):
+    """A node change slower than ``CLUSTER_PROVISION_TIMEOUT`` (an agent's queue lagging) is failed by the
+    deadline: the cluster READY, the new node PENDING. When its convergence then succeeds after all, the node's
+    network is there: it becomes READY (the step stays failed, with why); a later change's generation is not
+    touched by an older one's late success."""
+    from datetime import timedelta
+
+    from celery.canvas import _chain
+    from django.utils import timezone
+
+    from clusters import tasks
+
+    cid = _cluster(api, alice)
+    sent = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
+        node = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:33"}
+        assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [node]}, format="json").status_code == 202
+    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(hours=1))
+    services.clusters_end_stalled_workflows()
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY and cluster.nodes.get(name="n3").state == NodeState.PENDING
+    step = cluster.steps.get(name="nodes.add")
+    assert step.status == "failed"
+
+    sent[0].apply()  # the lagging queue gets to it at last: it converges, and says so
+    assert cluster.nodes.get(name="n3").state == NodeState.READY
+    assert cluster.steps.get(pk=step.pk).status == "failed"
+
+    # an older change's late success leaves a newer change's pending node alone
+    Node.objects.filter(cluster_id=cid, name="n3").update(state=NodeState.PENDING)
+    VirtualCluster.objects.filter(pk=cid).update(workflow_generation=generation + 1)
+    tasks.update_done(cid, generation, step.pk)
+    assert cluster.nodes.get(name="n3").state == NodeState.PENDING
+
 
 @pytest.mark.django_db(transaction=True)
 def test_a_migration_whose_preparation_failed_is_given_up(fabric, images, api, alice, errbacks_run):

@@ -122,6 +122,36 @@ def test_only_a_token_that_may_write_or_an_admin_and_only_its_own(alice, root, m
     assert Webhook.objects.count() == 12
 
 
+def test_a_narrower_token_of_the_account_neither_sees_nor_redirects_a_webhook_of_every_clusters_feed(root):
+    """An admin's session webhook (and a ``clusters:manage`` token's) gets every cluster's events. A
+    ``clusters:write`` token of the same account, which may have the feed of the account's own clusters only,
+    does not see it, cannot point it at another URL, turn it off or delete it (404, as another account's);
+    it sees and changes its own kind. A ``clusters:manage`` token of the account sees both."""
+    admin = APIClient()
+    admin.force_login(root)
+    r = admin.post("/api/webhooks/", {"name": "all", "url": "https://example.org/all"}, format="json")
+    everything = Webhook.objects.get(pk=r.data["id"])
+    assert everything.all_clusters
+    writer = client_with(root, TokenScope.CLUSTERS_WRITE)
+    r = writer.post("/api/webhooks/", {"name": "mine", "url": "https://example.org/mine"}, format="json")
+    own = Webhook.objects.get(pk=r.data["id"])
+    assert not own.all_clusters
+
+    assert [h["name"] for h in writer.get("/api/webhooks/").data["results"]] == ["mine"]
+    url = f"/api/webhooks/{everything.pk}/"
+    assert writer.get(url).status_code == 404
+    assert writer.patch(url, {"url": "https://attacker.example/x"}, format="json").status_code == 404
+    assert writer.patch(url, {"enabled": False}, format="json").status_code == 404
+    assert writer.delete(url).status_code == 404
+    everything.refresh_from_db()
+    assert everything.url == "https://example.org/all" and everything.enabled
+    assert writer.patch(f"/api/webhooks/{own.pk}/", {"enabled": False}, format="json").status_code == 200
+
+    manager = client_with(root, TokenScope.CLUSTERS_MANAGE)
+    assert [h["name"] for h in manager.get("/api/webhooks/").data["results"]] == ["all", "mine"]
+    assert manager.patch(url, {"url": "https://example.org/moved"}, format="json").status_code == 200
+
+
 def test_a_change_is_checked_as_a_new_one_is(middleware):
     r = middleware.post("/api/webhooks/", {"name": "a", "url": "https://example.org/a"}, format="json")
     url = f"/api/webhooks/{r.data['id']}/"
