@@ -605,15 +605,25 @@ def _host_diff(current: frozenset[int], desired: frozenset[int]) -> str:
     return "\n".join(lines)
 
 
+#: How long a dry run waits for a convergence or reconcile of the device to end (``plan``).
+PLAN_LOCK_WAIT = 5.0
+
+
 def plan(kind: str, device: Switch | Host) -> str:
-    """The diff converging ``device`` would apply now; nothing is changed."""
-    if kind == DeviceKind.SWITCH:
-        desired = selectors.switch_desired([device.pk])[device.pk]
-        with switch_session(specs.switch_spec(device)) as session:
-            return session.plan(desired)
-    desired = selectors.host_desired([device.pk])[device.pk]
-    with host_session(specs.host_spec(device)) as session:
-        return _host_diff(session.vlans(), desired)
+    """The diff converging ``device`` would apply now; nothing is changed. Under the device's lock, as every
+    session: a dry run beside a commit would overwrite its candidate (NAPALM's IOS driver loads every merge into
+    one file on flash, and its discard empties it) and would read the desired state mid-change. A device busy
+    for ``PLAN_LOCK_WAIT`` seconds is a TemporaryDeviceError (try again)."""
+    with device_lock(kind, device.pk, wait=PLAN_LOCK_WAIT) as held:
+        if not held:
+            raise TemporaryDeviceError(device.name, "busy: a convergence or reconcile holds it; try the plan again")
+        if kind == DeviceKind.SWITCH:
+            desired = selectors.switch_desired([device.pk])[device.pk]
+            with switch_session(specs.switch_spec(device)) as session:
+                return session.plan(desired)
+        desired = selectors.host_desired([device.pk])[device.pk]
+        with host_session(specs.host_spec(device)) as session:
+            return _host_diff(session.vlans(), desired)
 
 
 @dataclass

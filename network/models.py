@@ -321,7 +321,7 @@ class SwitchPort(InventoryModel):
         elif self.core_id is not None:
             raise ValidationError({"core": f"port {label}: only a core uplink names a core transport"})
         try:
-            static = set(vlanranges.parse(self.static_vlans, what=f"port {label}: static VLANs"))
+            static = set(vlanranges.parse_static(self.static_vlans, what=f"port {label}: static VLANs"))
         except ValidationError as exc:
             raise ValidationError({"static_vlans": exc.messages}) from None
         if static and self.switch_id:
@@ -349,7 +349,7 @@ class SwitchPort(InventoryModel):
     @property
     def static_vids(self) -> frozenset[int]:
         """``static_vlans`` as ids (checked on save)."""
-        return frozenset(vlanranges.parse(self.static_vlans)) if self.static_vlans else frozenset()
+        return frozenset(vlanranges.parse_static(self.static_vlans)) if self.static_vlans else frozenset()
 
     def _check_carried_port_stays(self) -> None:
         """A port that carries live VLANs keeps its name and switch: under another one the device's old port

@@ -230,7 +230,7 @@ def switch_desired(
         else:  # a role this code does not know: never put anything on it
             vids = set()
         if fixed:
-            ids = frozenset(vlanranges.parse(fixed))
+            ids = frozenset(vlanranges.parse_static(fixed))
             if static:
                 vids = vids | ids
             if statics is not None:
@@ -356,6 +356,36 @@ def vlan_holders(segment: Segment) -> list[str]:
         names = model.objects.filter(enabled=False, pk__in=took).order_by("name").values_list("name", flat=True)
         holders += [f"{label} {name}" for name in names]
     return holders
+
+
+def vlan_not_cleaned(segment: Segment, cause: str, *, known: Iterable[tuple[str, int]] = ()) -> list[str]:
+    """Enabled devices that may carry ``segment``'s VLAN (a change of the segment of another cause may have
+    applied it, as ``vlan_holders`` counts) but that the workflow ``cause`` (its teardown, its rollback — every
+    run of it shares the cause) did not clean: the device's latest change for the segment is not one of
+    ``cause`` that ended OK on the device itself (not "disabled: not touched"). So: a device disabled when the
+    workflow was built and enabled again before it ended (no change, or one settled untouched), or one an
+    earlier run failed on and a later run left out. Not a disabled holder any more either; the VLAN stays with
+    the segment (``retry_rollbacks`` runs the workflow again, which cleans them now). ``["switch sw-x", ...]``,
+    without the ``known`` ones (("switch" | "host", pk): those the caller reports already)."""
+    known = set(known)
+    changes = DeviceChange.objects.filter(segment=segment)
+    took = changes.filter(_may_have_applied()).exclude(cause=cause)
+    settled = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
+    left = []
+    for label, model, column in (("switch", Switch, "switch_id"), ("host", Host, "host_id")):
+        devices = model.objects.filter(enabled=True, pk__in=took.filter(**{f"{column}__isnull": False}).values(column))
+        names = dict(devices.values_list("pk", "name"))
+        latest: dict[int, tuple] = {}
+        rows = changes.filter(**{f"{column}__in": list(names)}).order_by("pk")
+        for device, change_cause, status, error in rows.values_list(column, "cause", "status", "error"):
+            latest[device] = (change_cause, status, error)
+        for pk, name in sorted(names.items(), key=lambda item: item[1]):
+            if (label, pk) in known:
+                continue
+            change_cause, status, error = latest[pk]
+            if not (change_cause == cause and status in settled and error != DeviceChange.NOT_TOUCHED):
+                left.append(f"{label} {name}")
+    return left
 
 
 def segment_devices(segment: Segment) -> tuple[list[Switch], list[Host]]:

@@ -22,7 +22,7 @@ def switch_spec(
     if owned_ports is None:
         rows = list(switch.ports.values_list("name", "static_vlans"))
         owned_ports = [name for name, _static in rows]
-        static_vlans = {vid for _name, static in rows if static for vid in vlanranges.parse(static)}
+        static_vlans = {vid for _name, static in rows if static for vid in vlanranges.parse_static(static)}
     return SwitchSpec(
         name=switch.name,
         platform=switch.platform,

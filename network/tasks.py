@@ -75,6 +75,7 @@ def converge_devices(
     then: list[list[int]] | None = None,
     finish: list | None = None,
     tolerate: bool = False,
+    retries_before: int = 0,
 ) -> dict:
     """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
     workflow, or a chunk of it), then those of each layer in ``then``, in turn (consecutive layers the
@@ -86,18 +87,25 @@ def converge_devices(
     still pending. A permanent failure of any device fails the task (after the others of its layer
     finished; later layers are not started) with that device and its message; temporary ones retry the
     task with backoff. With ``tolerate`` (a rollback: every device must be tried) a device that fails, at
-    once or after the retries, is recorded as failed and the others, and the later layers, go on."""
+    once or after the retries, is recorded as failed and the others, and the later layers, go on.
+
+    Each layer has retries of its own (``DEVICE_RETRY_MAX``, backoff from the first step): a retry goes on from
+    the layer that asked for it, with ``retries_before`` the task's retries when that layer began — the
+    switches' retries never leave the hosts none."""
     done = []
-    for layer in [change_ids, *(then or [])]:
+    layers = [change_ids, *(then or [])]
+    for index, layer in enumerate(layers):
+        before = retries_before if index == 0 else (self.request.retries or 0)
         with audit_actor("network.converge"):
             outcome = convergence.converge_changes(layer)
         if outcome.failed and not tolerate:
             raise outcome.failed[0]
-        if outcome.temporary and tolerate and _retries_spent(self):
+        if outcome.temporary and tolerate and _retries_spent(self, before):
             _fail_pending(outcome.temporary)  # recorded as failed; the rollback goes on
             outcome = convergence.BatchOutcome(changes=DeviceChange.objects.in_bulk(layer))
         elif outcome.temporary:
-            _retry_pending(self, outcome.temporary)
+            rest = {"then": layers[index + 1 :], "finish": finish, "tolerate": tolerate, "retries_before": before}
+            _retry_pending(self, outcome.temporary, before=before, args=[layer], kwargs=rest)
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
         kind, segment_id = finish
@@ -105,8 +113,9 @@ def converge_devices(
     return {"changes": done}
 
 
-def _retries_spent(task) -> bool:
-    return (task.request.retries or 0) >= settings.DEVICE_RETRY_MAX
+def _retries_spent(task, before: int = 0) -> bool:
+    """Whether ``task`` has retried ``DEVICE_RETRY_MAX`` times since it had retried ``before`` times."""
+    return (task.request.retries or 0) - before >= settings.DEVICE_RETRY_MAX
 
 
 def _fail_pending(pending: dict[int, TemporaryDeviceError]) -> None:
@@ -116,17 +125,24 @@ def _fail_pending(pending: dict[int, TemporaryDeviceError]) -> None:
             convergence.change_fail(pk, error.message)
 
 
-def _retry_pending(task, pending: dict[int, TemporaryDeviceError]):
-    """Retry ``task`` with backoff for changes that failed temporarily, or fail them once the retries are
-    spent (raising ``DeviceChangeFailed`` with the first device and its message)."""
-    retries = task.request.retries or 0
+def _retry_pending(
+    task, pending: dict[int, TemporaryDeviceError], *, before: int = 0, args=None, kwargs: dict | None = None
+):
+    """Retry ``task`` with backoff (with ``args`` and ``kwargs``, when given) for changes that failed temporarily,
+    or fail them once the retries since ``before`` are spent (raising ``DeviceChangeFailed`` with the first device
+    and its message)."""
+    retries = (task.request.retries or 0) - before
     change_id, exc = next(iter(pending.items()))
-    if _retries_spent(task):
+    if _retries_spent(task, before):
         _fail_pending(pending)
         raise DeviceChangeFailed(exc.device, exc.message, change_id)
     logger.warning("%s changes pending (%s); retry %s in %.1fs", len(pending), exc, retries + 1, _backoff(retries))
     raise task.retry(
-        countdown=_backoff(retries), max_retries=None, exc=DeviceChangeFailed(exc.device, exc.message, change_id)
+        args=args,
+        kwargs=kwargs,
+        countdown=_backoff(retries),
+        max_retries=None,
+        exc=DeviceChangeFailed(exc.device, exc.message, change_id),
     )
 
 
@@ -169,11 +185,17 @@ def segment_released(segment_id: int) -> dict:
             if seg.state != Segment.State.DELETING:
                 raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not being deleted")
             holders = selectors.vlan_holders(seg)
+            uncleaned = selectors.vlan_not_cleaned(seg, teardown_cause(seg.owner_ref))
             owned = seg.allocation is not None and seg.allocation.owner == seg.owner_ref
             if holders and owned:
                 seg.error = (
                     f"VLAN {seg.vid} kept: {', '.join(holders)} disabled and may still carry it; released once "
                     "enabled again and cleaned"
+                )
+            elif uncleaned and owned:
+                seg.error = (
+                    f"VLAN {seg.vid} kept: {', '.join(uncleaned)} enabled again during the teardown and not "
+                    "cleaned by it; released once torn down again"
                 )
             else:
                 seg.error = ""
@@ -260,6 +282,11 @@ def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     return self.replace(chain(*steps))
 
 
+def teardown_cause(owner_ref: str) -> str:
+    """The cause of a teardown's device changes (``workflows.teardown``)."""
+    return f"teardown {owner_ref}"
+
+
 def _compensation_cause(seg: Segment) -> str:
     return f"compensate {seg.owner_ref}"
 
@@ -291,12 +318,16 @@ def segment_compensated(segment_id: int) -> dict:
         for kind, switch_id, host_id, refused in earlier.values_list("kind", "switch_id", "host_id", "refused"):
             asked.setdefault((kind, switch_id, host_id), []).append(refused)
         settled = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
-        not_rolled_back = [
-            f"{change.device}: {change.error or change.get_status_display()}"
+        failed = [
+            (device, change)
             for device, change in latest.items()
             if change.status not in settled and not all(asked.get(device) or [False])
         ]
+        not_rolled_back = [f"{change.device}: {change.error or change.get_status_display()}" for _d, change in failed]
         not_rolled_back += [f"{holder}: disabled, not touched" for holder in selectors.vlan_holders(seg)]
+        reported = [(kind, switch_id or host_id) for (kind, switch_id, host_id), _change in failed]
+        uncleaned = selectors.vlan_not_cleaned(seg, cause, known=reported)
+        not_rolled_back += [f"{device}: enabled again during the rollback, not touched" for device in uncleaned]
         with transaction.atomic():
             if not_rolled_back:
                 reason += selectors.NOT_ROLLED_BACK + "; ".join(not_rolled_back)

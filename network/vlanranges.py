@@ -10,8 +10,8 @@ from network.choices import VLAN_MAX, VLAN_MIN
 from network.drivers.ranges import compact
 
 
-def parse(text: str, *, what: str = "VLAN list") -> list[int]:
-    """Sorted distinct ids; raises ValidationError naming the bad item."""
+def parse(text: str, *, what: str = "VLAN list", minimum: int = VLAN_MIN) -> list[int]:
+    """Sorted distinct ids, ``minimum``-``VLAN_MAX``; raises ValidationError naming the bad item."""
     ids: set[int] = set()
     for raw in str(text or "").replace(" ", "").split(","):
         if not raw:
@@ -25,10 +25,17 @@ def parse(text: str, *, what: str = "VLAN list") -> list[int]:
         if lo > hi:
             raise ValidationError(f"{what}: range {raw!r} runs backwards")
         for vid in (lo, hi):
-            if not VLAN_MIN <= vid <= VLAN_MAX:
-                raise ValidationError(f"{what}: VLAN id {vid} is outside {VLAN_MIN}-{VLAN_MAX}")
+            if not minimum <= vid <= VLAN_MAX:
+                raise ValidationError(f"{what}: VLAN id {vid} is outside {minimum}-{VLAN_MAX}")
         ids.update(range(lo, hi + 1))
     return sorted(ids)
+
+
+def parse_static(text: str, *, what: str = "static VLANs") -> list[int]:
+    """A port's static VLANs (``SwitchPort.static_vlans``): as ``parse``, and VLAN 1 too — the default native
+    VLAN of an IOS/EOS/NX-OS trunk, which a trunk's allowed list must name to carry untagged frames (no pool
+    hands it out)."""
+    return parse(text, what=what, minimum=1)
 
 
 def holds(text: str, vid: int) -> bool:

@@ -131,7 +131,7 @@ def teardown(segment_id: int) -> Signature:
     if segment.state in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}: delete it first")
     switches, hosts = selectors.segment_devices(segment)
-    changes = _changes(segment, [*hosts, *switches], f"teardown {segment.owner_ref}")
+    changes = _changes(segment, [*hosts, *switches], tasks.teardown_cause(segment.owner_ref))
     return chain(
         *layers(
             segment,

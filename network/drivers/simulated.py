@@ -140,6 +140,10 @@ class FakeHost:
         before = frozenset(state["vlans"])
         in_use = {int(v) for v, n in state["vm_ports"].items() if n}
         after = set(desired) | (before & in_use)
+        if after != before and self.args.get("fail_times", 0) > state["failures"]:  # as the switch
+            state["failures"] += 1
+            save(self.args, "host", self.spec.name, state)
+            raise TemporaryDeviceError(self.spec.name, "ovsdb transaction: try again (database busy)")
         if self.args.get("fail_commit") and after != before:  # as the switch: nothing to change, nothing fails
             raise PermanentDeviceError(self.spec.name, "ip link add br-v: Operation not permitted")
         diff = _labelled(

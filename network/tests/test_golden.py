@@ -70,6 +70,24 @@ def test_rendered_configuration_matches_the_golden_file(brno_desired, platform):
         assert other not in text
 
 
+@pytest.mark.parametrize("platform", ["ios", "eos", "nxos"])
+def test_a_trunks_native_vlan_1_kept_as_a_static_vlan_stays_on_its_allowed_list_and_is_never_created(fabric, platform):
+    """The default native VLAN of an IOS/EOS/NX-OS trunk is 1: untagged frames (a hypervisor's management) pass
+    only while 1 is on the allowed list. As a port's static VLAN it stays there, beside the clusters' VLANs, and
+    is never created, renamed or removed."""
+    port = fabric.switches["brno"].ports.get(name="h1")
+    port.static_vlans = "1"
+    port.full_clean()
+    port.save()
+    seg = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=False)
+    statics: dict = {}
+    desired = selectors.switch_desired([fabric.switches["brno"].pk], statics=statics)[fabric.switches["brno"].pk]
+    assert desired["h1"] == {1, seg.vid} and statics[fabric.switches["brno"].pk] == {1}
+    text = render(platform, {"Ethernet1": desired["h1"]}, existing=statics[fabric.switches["brno"].pk])
+    assert f"allowed vlan 1,{seg.vid}" in text
+    assert "vlan 1\n" not in text and f"vlan {seg.vid}\n" in text
+
+
 # --- commit / verify / rollback through NAPALM's mock driver ----------------------------------------------------
 
 

@@ -253,6 +253,15 @@ def test_static_vlans_of_a_port_are_never_ids_a_pool_at_its_site_hands_out():
     assert messages(port)["static_vlans"] == [
         "port brno-sw:h1: static VLANs: 'x' is not a VLAN id or a range like 100-199"
     ]
+    # VLAN 1, a trunk's default native VLAN, may be kept (no pool hands it out); 0 is no VLAN
+    port.static_vlans = "1,300"
+    port.full_clean()
+    port.save()
+    assert port.static_vids == {1, 300}
+    port.static_vlans = "0"
+    assert messages(port)["static_vlans"] == ["port brno-sw:h1: static VLANs: VLAN id 0 is outside 1-4094"]
+    port.static_vlans = "300,150"
+    port.save()
 
     other = VlanPoolFactory.build(name="more", core=core, ranges="290-310")
     assert messages(other)["ranges"] == [

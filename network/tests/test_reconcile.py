@@ -3,6 +3,8 @@ on the fake drivers. (The same against the lab is in ``test_lab_lifecycle``.)"""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from io import StringIO
 
 import pytest
@@ -13,6 +15,34 @@ from network import services, tasks, workflows
 from network.models import DeviceChange, Drift, Switch
 from network.schedules import beat_schedule
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(switch: Switch):
+    """The device lock of ``switch`` held by another worker's connection (a thread) while the block runs."""
+    from django.db import connections
+
+    from network import convergence
+
+    held, release = threading.Event(), threading.Event()
+
+    def converging() -> None:
+        try:
+            with convergence.device_lock("switch", switch.pk, wait=0) as got:
+                assert got
+                held.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=converging)
+    thread.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join(10)
 
 
 @pytest.fixture
@@ -132,6 +162,23 @@ def test_plan_command_prints_the_diff_and_changes_nothing(fabric, active):
     assert not DeviceChange.objects.filter(segment=seg).exists()
     with pytest.raises(CommandError, match="no enabled device named nope"):
         call_command("network", "plan", "--switch", "nope")
+
+
+def test_a_plan_waits_for_the_devices_lock_and_says_busy_when_it_stays_held(fabric, active, monkeypatch):
+    """A dry run is a session on the device like any other: beside a commit it would overwrite the candidate
+    (IOS loads every merge into one file on flash, its discard empties it). It takes the device's lock; held
+    by a convergence past ``PLAN_LOCK_WAIT``, the plan says the device is busy (nothing opened), then works."""
+    from network import convergence
+
+    monkeypatch.setattr(convergence, "PLAN_LOCK_WAIT", 0.2)
+    seg = services.segment_create(owner="c2", hosts=[fabric.hosts["prague1"]], gateway=False)
+    switch = Switch.objects.get(name="sw-prague")
+    with lock_held_elsewhere(switch):
+        opened = len(fabric.switch_state("sw-prague")["sessions"])
+        answer = tasks.plan_device("switch", switch.pk)
+        assert answer["diff"] == "" and "busy" in answer["error"], answer
+        assert len(fabric.switch_state("sw-prague")["sessions"]) == opened  # the switch was not touched
+    assert tasks.plan_device("switch", switch.pk) == {"diff": f"+ h1 vlan {seg.vid}", "error": ""}
 
 
 def test_reconcile_command(fabric, active):
@@ -339,35 +386,16 @@ def test_an_in_sync_device_costs_no_look_at_the_segment_history(fabric, active):
 def test_a_device_busy_converging_counts_as_reconciled(fabric, active):
     """The reconciler skips a device whose lock a convergence holds (that convergence verifies it against the
     desired state): skipped interval after interval — a busy core switch — it was counted overdue, a false alert."""
-    import threading
     from datetime import timedelta
 
-    from django.db import connections
     from django.utils import timezone
 
     from network import convergence
 
     switch = Switch.objects.get(name="sw-brno")
     Switch.objects.filter(pk=switch.pk).update(last_reconciled_at=timezone.now() - timedelta(days=1))
-    held, release = threading.Event(), threading.Event()
-
-    def converging():  # another worker's connection holds the device's lock
-        try:
-            with convergence.device_lock("switch", switch.pk) as got:
-                assert got
-                held.set()
-                release.wait(10)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=converging)
-    thread.start()
-    try:
-        assert held.wait(10)
+    with lock_held_elsewhere(switch):  # another worker's convergence
         assert convergence.reconcile_device("switch", switch, repair=True).busy
-    finally:
-        release.set()
-        thread.join()
     switch.refresh_from_db()
     assert timezone.now() - switch.last_reconciled_at < timedelta(minutes=1) and switch.reconcile_error == ""
 

@@ -297,6 +297,30 @@ def test_a_vlan_kept_for_a_switch_that_then_left_the_inventory_is_released(fabri
     assert tasks.retry_rollbacks.apply().get() == []
 
 
+def test_each_layer_of_one_task_has_retries_of_its_own(fabric):
+    """Switches and hosts on the central worker converge in ONE task, layer after layer. The switch layer used
+    two of the three retries (a locked configuration database); the host layer then gets three of its own — it
+    had one left, and its second temporary error failed the provisioning and rolled the cluster back."""
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    canvas = workflows.provision(seg.pk)
+    fabric.set_switch_args("sw-pilsen", fail_times=2)
+    Host.objects.filter(name="pilsen1").update(driver_args={**fabric.args, "fail_times": 2})
+    canvas.apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.ACTIVE
+    assert seg.vid in fabric.host_vlans("pilsen1") and seg.vid in fabric.switch_ports("sw-pilsen")["h1"]
+    switch, host = (DeviceChange.objects.get(segment=seg, device=d) for d in ("sw-pilsen", "pilsen1"))
+    assert (switch.status, switch.attempts, host.status, host.attempts) == ("ok", 3, "ok", 3)
+
+    # a layer's own retries are still bounded: four temporary errors in a row fail it
+    seg2 = services.segment_create(owner="d", hosts=[fabric.hosts["pilsen2"]], gateway=False)
+    canvas = workflows.provision(seg2.pk)
+    Host.objects.filter(name="pilsen2").update(driver_args={**fabric.args, "fail_times": 4})
+    with pytest.raises(DeviceChangeFailed, match="pilsen2: ovsdb transaction"):
+        canvas.apply().get()
+    assert DeviceChange.objects.get(segment=seg2, device="pilsen2", cause="provision d").status == "failed"
+
+
 def test_a_temporary_failure_of_a_device_renamed_since_its_change_was_recorded_is_retried(fabric):
     """The workflow recorded its change as "sw-pilsen"; the switch is renamed, then its config database is
     locked: the temporary error is still that change's (retried, then the provisioning fails and is rolled
@@ -351,6 +375,63 @@ def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, 
     assert seg.allocation.state == VlanAllocation.State.QUARANTINED
     assert all(not vlans for vlans in device_view(fabric).values())
     assert tasks.retry_rollbacks.apply().get() == []
+
+
+@pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
+def test_a_device_enabled_again_while_the_teardown_ran_keeps_the_vlan_until_it_is_cleaned(fabric, kind, name):
+    """The teardown is built without a disabled device; the device is enabled again before the teardown ends:
+    it is no longer a disabled holder, but nothing cleaned it — it still carries the VLAN. The VLAN stays with
+    the closed segment, saying why (released, the id would join another owner to this one there), and
+    ``retry_rollbacks`` tears it down again, which cleans the device and releases the VLAN."""
+    from network import tasks
+
+    model = Switch if kind == "switch" else Host
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    model.objects.filter(name=name).update(enabled=False)
+    services.segment_delete(segment=seg)
+    canvas = workflows.teardown(seg.pk)  # built while it is disabled
+    model.objects.filter(name=name).update(enabled=True)  # maintenance over before the teardown ended
+    canvas.apply().get()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.CLOSED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert f"{kind} {name} enabled again during the teardown and not cleaned by it" in seg.error
+    assert {device for device, vlans in device_view(fabric).items() if vlans} == {name}
+
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert (seg.state, seg.error) == (Segment.State.CLOSED, "")
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
+
+
+def test_a_device_enabled_again_while_the_rollback_ran_keeps_the_vlan_until_it_is_rolled_back(fabric, monkeypatch):
+    """As for a teardown: a rollback built while sw-pilsen was disabled, which is enabled again before the
+    rollback ends, leaves the VLAN there — the segment keeps it, and the rollback run again cleans it."""
+    from network import tasks
+
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    Switch.objects.filter(name="sw-pilsen").update(enabled=False)
+    converge_now = tasks._converge_now
+
+    def enabled_after_the_hosts(change_ids):
+        failed = converge_now(change_ids)
+        Switch.objects.filter(name="sw-pilsen").update(enabled=True)  # maintenance over mid-rollback
+        return failed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "_converge_now", enabled_after_the_hosts)
+        workflows.compensate(seg.pk).apply()
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
+    assert "switch sw-pilsen: enabled again during the rollback, not touched" in seg.error
+    assert {device for device, vlans in device_view(fabric).items() if vlans} == {"sw-pilsen"}
+
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
 
 
 def test_a_held_vlan_whose_teardown_could_not_be_sent_is_tried_again(fabric, monkeypatch):
