@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -90,13 +91,13 @@ def ldap_settings(*, debug: bool = True) -> dict:
     uri = env_str("LDAP_SERVER_URI")
     if not uri:
         return {}
-    if not uri.startswith(("ldap://", "ldaps://", "ldapi://")):
+    # a list for fail-over, as libldap reads it: separated by spaces or commas, schemes in any case
+    parts = [part for part in re.split(r"[\s,]+", uri) if part]
+    if not all(part.lower().startswith(("ldap://", "ldaps://", "ldapi://")) for part in parts):
         raise ImproperlyConfigured(f"LDAP_SERVER_URI={uri!r} must start with ldap://, ldaps:// or ldapi://")
     start_tls = env_bool("LDAP_START_TLS", False)
     if not debug and not start_tls and not env_bool("LDAP_ALLOW_PLAINTEXT", False):
-        plain = [
-            urllib.parse.urlsplit(part) for part in uri.split() if part.startswith("ldap://")
-        ]  # (a list: failover)
+        plain = [urllib.parse.urlsplit(part) for part in parts if part.lower().startswith("ldap://")]
         if not all(is_loopback(part.hostname or "") for part in plain):
             raise ImproperlyConfigured(
                 f"LDAP_SERVER_URI={uri!r} sends the users' passwords in clear: use ldaps://, or LDAP_START_TLS=true "
@@ -183,8 +184,18 @@ def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:
         audit.record(instance, "update", changes, message=f"staff/superuser flags follow the directory groups of {dn}")
 
 
+#: LDAP errors of the user's own bind that say something of the user (a password policy), not of the directory.
+_USERS_OWN = (ldap.INVALID_CREDENTIALS, ldap.CONSTRAINT_VIOLATION, ldap.INAPPROPRIATE_AUTH)
+
+
 def _on_ldap_error(sender, context, user, request=None, exception=None, **kwargs) -> None:
-    if isinstance(exception, (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)):
+    """django-auth-ldap reports an LDAP error (a wrong user password is not one: it is a plain failed login).
+    The directory is not usable for this login — down, or refusing the portal's own service bind (an expired
+    ``LDAP_BIND_PASSWORD``), its searches or its group reads — unless the error came from the user's own bind
+    and says something of the user: the login page says the directory is unavailable, and the try is not
+    counted as a wrong password (``portal.forms``)."""
+    down = isinstance(exception, (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR))
+    if down or not (context == "authenticate" and isinstance(exception, _USERS_OWN)):
         logger.warning("LDAP unavailable during %s: %s", context, type(exception).__name__)
         if request is not None:
             request.ldap_unavailable = True

@@ -12,10 +12,14 @@ def one_machine_only(app_configs=None, **kwargs) -> list[Warning]:
     machine: a worker elsewhere would have a database and a broker of its own (and device locks that are file
     locks on its own disk). An environment file that misses ``DATABASE_URL`` or ``CELERY_BROKER_URL`` on one
     machine of several starts without complaint; the deploy check says so."""
-    return single_machine_settings(settings.DATABASES["default"]["ENGINE"], str(settings.CELERY_BROKER_URL))
+    return single_machine_settings(
+        settings.DATABASES["default"]["ENGINE"],
+        str(settings.CELERY_BROKER_URL),
+        settings.CACHES["default"]["BACKEND"],
+    )
 
 
-def single_machine_settings(engine: str, broker: str) -> list[Warning]:
+def single_machine_settings(engine: str, broker: str, cache: str = "") -> list[Warning]:
     problems = []
     if engine.endswith("sqlite3"):
         problems.append(
@@ -33,6 +37,15 @@ def single_machine_settings(engine: str, broker: str) -> list[Warning]:
                 "elsewhere never gets a task)",
                 hint="set CELERY_BROKER_URL=redis://… (or amqp://…) on every machine of the portal",
                 id="portal.W002",
+            )
+        )
+    elif cache.endswith("LocMemCache"):  # (a broker other than Redis: the cache does not default to it)
+        problems.append(
+            Warning(
+                "CACHE_URL is not set: the API's rate limits and the status page's counters are each web process's "
+                "own (several processes, or machines, multiply every limit)",
+                hint="set CACHE_URL=redis://… on every machine of the portal",
+                id="portal.W003",
             )
         )
     return problems

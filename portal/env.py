@@ -169,14 +169,16 @@ def env_db(name: str, default: str) -> dict:
     # PostgreSQL, or SQLite on one machine: the device changes are claimed with UPDATE … RETURNING and devices
     # locked with PostgreSQL's advisory locks (SQLite: file locks), which other databases do not have
     known = ("postgres", "postgresql", "sqlite")
+    # (the messages name the variable and the scheme only: the URL may hold a password)
     if scheme not in known:
         raise ImproperlyConfigured(
-            f"{name}={value!r} names an unsupported database scheme (use one of: {', '.join(known)})"
+            f"{name} ({scheme or 'no scheme'}://…) names an unsupported database scheme (use one of: "
+            f"{', '.join(known)})"
         )
     try:
         config = _env.db_url_config(value)
     except Exception as exc:  # django-environ raises a bare exception type on unknown schemes
-        raise ImproperlyConfigured(f"{name}={value!r} is not a database URL: {exc}") from None
+        raise ImproperlyConfigured(f"{name} ({scheme}://…) is not a database URL: {type(exc).__name__}") from None
     if not config.get("ENGINE"):
-        raise ImproperlyConfigured(f"{name}={value!r} names an unsupported database scheme")
+        raise ImproperlyConfigured(f"{name} ({scheme}://…) names an unsupported database scheme")
     return config

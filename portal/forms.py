@@ -22,11 +22,9 @@ class LoginForm(AuthenticationForm):
             cleaned = super().clean()
         except forms.ValidationError as exc:
             # A wrong password counts; so does one the local accounts' backend checked while the directory was
-            # down (a break-glass account is guessed at just then). A directory account's password was not
-            # checked: not its failure.
-            if exc.code == "invalid_login" or (
-                exc.code == "ldap_unavailable" and not logins.directory_account_named(name)
-            ):
+            # unusable (a break-glass account is guessed at just then). Any other name's password was not
+            # checked (a directory account's, or one nobody has yet): not a failure.
+            if exc.code == "invalid_login" or (exc.code == "ldap_unavailable" and logins.local_account_named(name)):
                 logins.login_failed(name, address)
             raise
         if self.get_user() is not None:  # (None: a field is missing, and says so)

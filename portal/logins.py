@@ -19,7 +19,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from portal import audit
-from portal.models import DirectoryAccount, LoginFailure
+from portal.models import LoginFailure
 
 # how the audit log's entries of sign-ins begin (written here, listed by ``sign_ins``)
 LOGGED_IN, FAILED = "logged in", "failed login"
@@ -50,12 +50,27 @@ def _window() -> timedelta:
     return timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
 
 
-def _wait(recent, limit: int, now) -> int | None:
-    """Minutes until fewer than ``limit`` of the failures ``recent`` (a queryset in the window) are left in the
-    window; None when there are fewer already (or ``limit`` is 0: no limit)."""
+def client_key(address: str | None):
+    """What counts as one client for the failures' limit: an IPv4 address, or an IPv6 address's /64 (one host
+    is given a /64: counted by address it would have 2**64 times the tries, and would set off the account-wide
+    ceiling, which locks the owner out from everywhere, alone)."""
+    if not address:
+        return None
+    ip = ipaddress.ip_address(address)
+    return ipaddress.ip_network((ip, 64), strict=False) if ip.version == 6 else ip
+
+
+def _failures(name: str, now) -> list[tuple]:
+    """(when, client key) of ``name``'s failures in the window, oldest first."""
+    recent = LoginFailure.objects.filter(username=name, at__gt=now - _window()).order_by("at")
+    return [(at, client_key(address)) for at, address in recent.values_list("at", "address")]
+
+
+def _wait(times: list, limit: int, now) -> int | None:
+    """Minutes until fewer than ``limit`` of the failures at ``times`` (in the window, oldest first) are left in
+    the window; None when there are fewer already (or ``limit`` is 0: no limit)."""
     if not limit:
         return None
-    times = list(recent.order_by("at").values_list("at", flat=True))
     if len(times) < limit:
         return None
     freed = times[len(times) - limit]  # once this one has left, limit - 1 remain
@@ -67,20 +82,22 @@ def refused_for(name: str, address: str | None) -> str | None:
     if not name:
         return None
     now = timezone.now()
-    recent = LoginFailure.objects.filter(username=name, at__gt=now - _window())
-    minutes = _wait(recent.filter(address=address), settings.LOGIN_FAILURES_MAX, now)
+    failures, client = _failures(name, now), client_key(address)
+    minutes = _wait([at for at, key in failures if key == client], settings.LOGIN_FAILURES_MAX, now)
     if minutes is not None:
         return f"Too many failed logins for this account: try again in {minutes} minute(s)."
-    minutes = _wait(recent, settings.LOGIN_FAILURES_ACCOUNT_MAX, now)
+    minutes = _wait([at for at, _key in failures], settings.LOGIN_FAILURES_ACCOUNT_MAX, now)
     if minutes is not None:
         return f"Too many failed logins for this account from many addresses: try again in {minutes} minute(s)."
     return None
 
 
-def directory_account_named(name: str) -> bool:
-    """Whether an account of ``name`` (in any case, as the directory matches names) is the directory's."""
+def local_account_named(name: str) -> bool:
+    """Whether a local account (not the directory's) is named ``name``, in any case: one whose password the
+    local accounts' backend checks while the directory is down."""
     field = get_user_model().USERNAME_FIELD
-    return bool(name) and DirectoryAccount.objects.filter(**{f"user__{field}__iexact": name}).exists()
+    accounts = get_user_model().objects.filter(**{f"{field}__iexact": name}, directory_account__isnull=True)
+    return bool(name) and accounts.exists()
 
 
 def login_failed(name: str, address: str | None) -> None:
@@ -92,7 +109,8 @@ def login_failed(name: str, address: str | None) -> None:
         now = timezone.now()
         LoginFailure.objects.filter(at__lte=now - _window()).delete()
         LoginFailure.objects.create(username=name, address=address, at=now)
-        count = LoginFailure.objects.filter(username=name, address=address, at__gt=now - _window()).count()
+        client = client_key(address)
+        count = sum(1 for _at, key in _failures(name, now) if key == client)
         if count not in (1, settings.LOGIN_FAILURES_MAX):  # (a guesser's flood writes two entries a window)
             return
         model = get_user_model()
@@ -111,7 +129,10 @@ def login_failed(name: str, address: str | None) -> None:
 
 
 def login_succeeded(name: str, address: str | None) -> None:
-    LoginFailure.objects.filter(username=name, address=address).delete()
+    """A success clears the failures of its client (``client_key``: an IPv6 address's /64 as one)."""
+    client = client_key(address)
+    rows = LoginFailure.objects.filter(username=name).values_list("pk", "address")
+    LoginFailure.objects.filter(pk__in=[pk for pk, a in rows if client_key(a) == client]).delete()
 
 
 def login_audit(user, request, how: str) -> None:

@@ -322,7 +322,7 @@ if CACHE_URL.startswith(("redis://", "rediss://")):
 elif CACHE_URL == "locmem://":
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 else:
-    raise ImproperlyConfigured(f"CACHE_URL: redis://… or locmem://, not {CACHE_URL!r}")
+    raise ImproperlyConfigured(f"CACHE_URL: redis://… or locmem://, not {CACHE_URL.split('://', 1)[0]}://…")
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"  # the central worker's queue (devices without a worker queue)
 CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for the next one

@@ -24,7 +24,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from portal.auth import ActiveLDAPBackend
+from portal.auth import LDAP_UNAVAILABLE_MESSAGE, ActiveLDAPBackend
 from portal.logins import login_audit
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ def sso_login(request):
     if request.user.is_authenticated:
         auth.logout(request)  # another user than the session's: never both
     user = auth.authenticate(request, remote_user=name)
+    if user is None and getattr(request, "ldap_unavailable", False):  # an outage, not an unknown account
+        return render(request, "registration/sso_refused.html", {"why": LDAP_UNAVAILABLE_MESSAGE}, status=503)
     if user is None:
         return _refused(request, f"There is no active account {name} in the directory.")
     auth.login(request, user, backend=BACKEND)
@@ -102,10 +104,13 @@ class DirectoryRemoteUserBackend(ActiveLDAPBackend):
     def authenticate(self, request, remote_user=None, **kwargs):
         if remote_user is None or kwargs or not getattr(settings, "AUTH_LDAP_SERVER_URI", ""):
             return None
+        from django_auth_ldap.backend import _LDAPUser
+
         from portal.audit import audit_actor
 
         with audit_actor("sso-login"):
-            user = self.populate_user(remote_user)  # None: not in the directory (or the directory is down)
+            # populate_user, with the request: an outage reported through it marks the request (``ldap_unavailable``)
+            user = _LDAPUser(self, username=remote_user, request=request).populate_user()  # None: not found, or down
         if user is None:
             logger.warning("sso: %s not found in the directory (or it is unreachable): not signed in", remote_user)
         return user if user is not None and user.is_active else None

@@ -19,7 +19,20 @@ def ldap_sync() -> dict:
     from portal.auth import ldap_sync as sync
 
     with audit_actor("ldap-sync"):
-        return asdict(sync())
+        report = sync()
+    if report.error:  # a failed run (the periodic tasks' metrics and admin page show it), not a success
+        raise LdapSyncFailed(asdict(report))
+    return asdict(report)
+
+
+class LdapSyncFailed(RuntimeError):
+    """The LDAP sync could not do its work (the directory unreachable, the service bind refused, more accounts
+    gone than ``LDAP_SYNC_DEACTIVATE_MAX`` allows): the accounts it could not check or deactivate stay as they
+    are, so the run is a failure for the periodic tasks' records and alerts. ``report``: what it did."""
+
+    def __init__(self, report: dict):
+        super().__init__(f"LDAP sync failed: {report.get('error')} (checked {report.get('checked')})")
+        self.report = report
 
 
 @shared_task(name="portal.prune_audit")

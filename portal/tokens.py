@@ -125,7 +125,9 @@ class TokenAuthentication(authentication.BaseAuthentication):
 
 
 def _client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
+    from portal.logins import client_address  # (behind the TLS proxy: the client, not the proxy)
+
+    return client_address(request)
 
 
 class HasScope(permissions.BasePermission):

@@ -128,6 +128,24 @@ def test_directory_down_says_so_and_is_not_a_500(client, ldap_down):
     assert LDAP_UNAVAILABLE_MESSAGE in admin_login.content.decode().replace("&#x27;", "'")
 
 
+def test_a_service_bind_the_directory_refuses_is_an_outage_not_a_wrong_password(client, directory, settings):
+    """The portal's own service account is refused (its password expired, or was rotated without
+    ``LDAP_BIND_PASSWORD``): no user can be looked up. That is the directory being unusable — every user was
+    told their password was wrong, and locked out after a few tries — not a failed login."""
+    from portal.models import LoginFailure
+
+    env = {**directory.env(), "LDAP_BIND_DN": directory.root_dn, "LDAP_BIND_PASSWORD": "expired"}
+    with mock.patch.dict(os.environ, env):
+        values = ldap_settings()
+    with override_settings(AUTHENTICATION_BACKENDS=BACKENDS, **values):
+        for _ in range(settings.LOGIN_FAILURES_MAX + 1):
+            response = log_in(client, "alice", directory.passwords["alice"])
+            page = response.content.decode().replace("&#x27;", "'")
+            assert LDAP_UNAVAILABLE_MESSAGE in page and INVALID_LOGIN not in page
+            assert "Too many failed logins" not in page
+    assert not LoginFailure.objects.exists()
+
+
 def test_local_superuser_still_logs_in_while_the_directory_is_down(client, ldap_down, root):
     response = log_in(client, "root", "root-password", url="admin:login")
     assert response.status_code == 302
@@ -212,10 +230,15 @@ def own_directory():
 
 
 def run_sync():
-    from portal import tasks  # noqa: F401 (the worker finds it by autodiscovery)
+    """The periodic task's report; one that failed (the error said) is the task's failure, with its report."""
+    from portal import tasks
     from portal.celery import app
 
-    return app.tasks["portal.ldap_sync"].apply().get()
+    try:
+        return app.tasks["portal.ldap_sync"].apply().get()
+    except tasks.LdapSyncFailed as exc:
+        assert exc.report["error"]
+        return exc.report
 
 
 def closed_cluster_of(owner, group):
@@ -339,12 +362,18 @@ def test_a_directory_entry_never_takes_over_a_local_account_of_its_name(client, 
 
 def test_sync_deactivates_nobody_when_the_directory_shows_no_account(client, own_directory):
     """A directory that answers every search without an entry (a replica being rebuilt, an ACL hiding the
-    users from the bind account) says nothing about who left: nobody is deactivated, and the run says why."""
+    users from the bind account) says nothing about who left: nobody is deactivated, and the run says why —
+    as a failed run (it was recorded as a success: alerts on the sync's age never fired)."""
+    from portal import tasks
+    from portal.celery import app
+
     for uid in ("alice", "bob"):
         client.logout()
         assert log_in(client, uid, own_directory.passwords[uid]).status_code == 302
     for user in USERS:
         own_directory.modify(f"dn: uid={user.uid},{own_directory.people_base}\nchangetype: delete\n")
+    with pytest.raises(tasks.LdapSyncFailed, match="the directory shows no account under"):
+        app.tasks["portal.ldap_sync"].apply().get()  # a failure for the periodic tasks' records, not a success
     report = run_sync()
     assert report["deactivated"] == [] and report["error"].startswith("the directory shows no account under")
     assert User.objects.filter(username__in=["alice", "bob"], is_active=True).count() == 2

@@ -106,6 +106,24 @@ def test_the_ceiling_across_addresses_locks_the_account_everywhere(client, root,
     assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR=ADMIN_DESK))  # 19 left: under it
 
 
+def test_an_ipv6_clients_addresses_in_one_64_count_as_one_client(client, root, settings):
+    """A host is given a /64: counted per address, it had the per-address tries once per address, and alone set
+    off the account-wide ceiling, which refuses the account from everywhere (the break-glass superuser too).
+    Its /64 is one client: locked out after the per-address limit, whichever of its addresses it uses; an
+    administrator's desk in another /64 still gets in."""
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 5, 50
+    for n in range(5):
+        assert not logged_in(log_in(client, "root", "guess", REMOTE_ADDR=f"2001:db8:1:2::{n + 1:x}"))
+    refused = log_in(client, "root", "root-password", REMOTE_ADDR="2001:db8:1:2:ffff::9")
+    assert "Too many failed logins for this account: try again" in refused.content.decode()
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR="2001:db8:1:3::1"))
+    client.logout()
+    # a success from the /64 clears its failures, whichever address failed
+    LoginFailure.objects.update(at=timezone.now() - timedelta(seconds=901))
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR="2001:db8:1:2::77"))
+    assert not LoginFailure.objects.filter(username="root").exists()
+
+
 def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(client, root, settings):
     """Behind the proxy every request comes from the proxy: the client is the last X-Forwarded-For entry (the
     one the proxy appended; what the client sent itself comes before it)."""

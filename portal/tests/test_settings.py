@@ -108,8 +108,8 @@ def test_production_values(tmp_path):
         ("DEVICE_RETRY_MAX", "three", "DEVICE_RETRY_MAX='three' is not an integer"),
         ("DEVICE_RETRY_MAX", "-1", "DEVICE_RETRY_MAX=-1 is below the minimum 0"),
         ("DEVICE_TIMEOUT", "soon", "DEVICE_TIMEOUT='soon' is not a number"),
-        ("DATABASE_URL", "mongo://db/x", "DATABASE_URL='mongo://db/x' names an unsupported database scheme"),
-        ("DATABASE_URL", "nonsense", "DATABASE_URL='nonsense'"),
+        ("DATABASE_URL", "mongo://db/x", "DATABASE_URL (mongo://…) names an unsupported database scheme"),
+        ("DATABASE_URL", "nonsense", "DATABASE_URL (no scheme://…)"),
         ("LDAP_SERVER_URI", "http://ldap.example.org", "LDAP_SERVER_URI='http://ldap.example.org' must start with"),
         ("LDAP_TIMEOUT", "fast", "LDAP_TIMEOUT='fast' is not a number"),
         ("CLUSTER_WAIT_MAX", "nan", "CLUSTER_WAIT_MAX='nan' is not a finite number"),  # nan passes every bound
@@ -221,7 +221,12 @@ def test_a_directory_reached_in_clear_is_refused_in_production(tmp_path):
     ldap_env = {"LDAP_USER_BASE": "ou=people,dc=x", "LDAP_GROUP_BASE": "ou=groups,dc=x"}
     env = {**PRODUCTION, **ldap_env, "LDAP_SERVER_URI": "ldap://ldap.example.org"}
     assert "sends the users' passwords in clear" in refused(tmp_path, **env)
-    for listed in ("ldap://127.0.0.1 ldap://ldap.example.org", "ldaps://ldap1.example.org ldap://ldap2.example.org"):
+    for listed in (
+        "ldap://127.0.0.1 ldap://ldap.example.org",
+        "ldaps://ldap1.example.org ldap://ldap2.example.org",
+        "ldaps://ldap1.example.org,ldap://ldap2.example.org",  # (libldap takes commas too)
+        "ldaps://ldap1.example.org LDAP://ldap2.example.org",  # (and the scheme in any case)
+    ):
         mixed = {**env, "LDAP_SERVER_URI": listed}  # a failover list: one of them plain and remote
         assert "sends the users' passwords in clear" in refused(tmp_path, **mixed), listed
     for fine in (
@@ -290,14 +295,21 @@ def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
     found = checks.single_machine_settings("django.db.backends.sqlite3", "filesystem://localhost/")
     assert [w.id for w in found] == ["portal.W001", "portal.W002"]
     assert checks.single_machine_settings("django.db.backends.postgresql", "redis://redis.example.org:6379/0") == []
-    assert settings.CELERY_BROKER_URL.startswith("redis://") and checks.one_machine_only() == []  # (the tests')
+    # a RabbitMQ broker: the cache does not default to Redis, and each web process's memory multiplies the limits
+    locmem, redis = "django.core.cache.backends.locmem.LocMemCache", "django.core.cache.backends.redis.RedisCache"
+    postgres, amqp = "django.db.backends.postgresql", "amqp://portal:secret@mq.example.org//"
+    assert [w.id for w in checks.single_machine_settings(postgres, amqp, locmem)] == ["portal.W003"]
+    assert checks.single_machine_settings(postgres, amqp, redis) == []
+    assert settings.CELERY_BROKER_URL.startswith("redis://")  # (the tests': PostgreSQL and Redis, a locmem cache)
+    assert [w.id for w in checks.one_machine_only()] == ["portal.W003"]
 
 
 def test_only_databases_the_portal_runs_on_are_accepted(tmp_path):
     """Claims use UPDATE … RETURNING and device locks PostgreSQL's advisory locks (SQLite: file locks): a MySQL
     URL, which django-environ would take, is refused at start-up instead of failing at the first cluster."""
-    problem = refused(tmp_path, **PRODUCTION, DATABASE_URL="mysql://portal@db/portal")
+    problem = refused(tmp_path, **PRODUCTION, DATABASE_URL="mysql://portal:S3cret@db/portal")
     assert "names an unsupported database scheme (use one of: postgres, postgresql, sqlite)" in problem
+    assert "S3cret" not in problem  # (a start-up error lands in logs: the URL's password never in it)
 
 
 def test_a_host_agent_holds_none_of_the_portals_keys(tmp_path):

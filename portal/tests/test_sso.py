@@ -165,3 +165,31 @@ def test_a_single_sign_on_login_is_in_the_audit_log(sso):
     entry = AuditEntry.objects.filter(message__startswith="logged in").get()
     assert (entry.actor, entry.object_repr) == ("alice", "alice")
     assert entry.message.startswith("logged in (single sign-on) from ")
+
+
+def test_a_directory_outage_is_said_as_one_not_as_an_unknown_account():
+    """The proxy names a user while the directory is down: the portal cannot tell whether the account exists.
+    It answers 503 saying the directory is unavailable (try again), not 403 "no such account" — which sent users
+    to the helpdesk about an account that was fine."""
+    from portal.auth import LDAP_UNAVAILABLE_MESSAGE
+    from portal.ldapserver import DEMO_USERS, LdapServer
+
+    server = LdapServer(users=DEMO_USERS[:1], groups=())
+    server.start()
+    with mock.patch.dict(os.environ, server.env()):
+        values = ldap_settings()
+    server.stop()  # down from here on
+    with override_settings(
+        AUTHENTICATION_BACKENDS=["portal.auth.ActiveLDAPBackend", "portal.sso.DirectoryRemoteUserBackend"],
+        SSO_HEADER="X-Remote-User",
+        SSO_PROXY_NETWORKS=[ipaddress.ip_network("127.0.0.0/8")],
+        SSO_USERNAME_SUFFIX="@virtcloud.test",
+        SSO_LOGOUT_URL="",
+        **values,
+    ):
+        client = Client()
+        answer = client.get(SSO, **{HEADER: "alice@virtcloud.test"})
+        assert answer.status_code == 503, answer.status_code
+        assert LDAP_UNAVAILABLE_MESSAGE in answer.content.decode().replace("&#x27;", "'")
+        assert "no active account" not in answer.content.decode()
+        assert whoami(client) is None

@@ -116,3 +116,16 @@ def test_options_and_the_api_root_answer_a_token(alice):
     assert api.options("/api/network/sites/").status_code == 403  # network:read it does not have
     for root in ("/api/", "/api/network/"):
         assert api.get(root).status_code == 200, root
+
+
+def test_a_tokens_last_use_names_the_client_behind_the_tls_proxy(alice, settings):
+    """Where a token was last used from is how its owner spots misuse: behind the TLS proxy that is the address the
+    proxy appended, as for logins, not the proxy's own (every token showed "from 127.0.0.1")."""
+    settings.BEHIND_TLS_PROXY = True
+    token, secret = token_create(user=alice, name="pbs", scopes=[TokenScope.CLUSTERS_READ])
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    answer = api.get("/api/clusters/", REMOTE_ADDR="127.0.0.1", HTTP_X_FORWARDED_FOR="198.51.100.7, 203.0.113.9")
+    assert answer.status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_ip == "203.0.113.9" and token.last_used_at is not None
