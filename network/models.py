@@ -16,6 +16,23 @@ from network.drivers.ranges import PLATFORM_RESERVED
 from network.drivers.sshargs import ssh_problems
 from portal.secrets import EncryptedTextField
 
+#: ``driver_args`` keys that say which device a switch or host is (an OVS bridge, its port names, a host's uplink
+#: or OVSDB, a lab namespace): changed while live clusters use it, the old device keeps their VLANs for good.
+DEVICE_KEYS = ("bridge", "port_map", "uplink", "db", "netns")
+
+
+def holds_nul(value) -> bool:
+    """Whether a JSON value (``driver_args``) holds a NUL character in a key or a string: PostgreSQL's jsonb refuses
+    it (a database error, not the form's message)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(holds_nul(v) for v in value)
+    return False
+
+
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
 name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]*$", "Use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit."
@@ -213,6 +230,8 @@ class Switch(InventoryModel, Reconciled):
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
             raise ValidationError({"driver_args": f"switch {self.name}: driver args must be a mapping"})
+        if holds_nul(self.driver_args):
+            raise ValidationError({"driver_args": f"switch {self.name}: driver args must not hold a NUL character"})
         for key in ("password", "secret"):
             if key in self.driver_args:
                 raise ValidationError(
@@ -233,12 +252,22 @@ class Switch(InventoryModel, Reconciled):
         errors: dict[str, list[str]] = {}
         stored = Switch.objects.filter(pk=self.pk).values_list("site_id", flat=True).first() if self.pk else None
         if stored is not None and self.site_id != stored:
-            # a host must stay at its switch's site, an uplink's core must join it: they move first
-            on_ports = self._hanging_on_ports()
+            # a host must stay at its switch's site, an uplink's core must join it: they move first; and a port
+            # carrying live VLANs (a gateway's, a router's trunk: which VLANs depends on the site) keeps them
+            on_ports = self._hanging_on_ports() + self._carrying_ports()
             if on_ports:
                 errors["site"] = [
                     f"switch {self.name}: on its ports: {', '.join(on_ports)}; move or delete them before the "
                     "switch leaves its site"
+                ]
+        if stored is not None:
+            was = Switch.objects.filter(pk=self.pk).values_list("driver_args", flat=True).first() or {}
+            moved = [key for key in DEVICE_KEYS if was.get(key) != self.driver_args.get(key)]
+            carrying = self._carrying_ports() if moved else []
+            if carrying:  # the device those keys name would keep the VLANs, the new one get them from nothing
+                errors["driver_args"] = [
+                    f"switch {self.name}: {', '.join(moved)} name which device it is, and {', '.join(carrying)}: "
+                    "change them once no live cluster uses its ports"
                 ]
         if self.check_pools:
             clashes = self.reserved_clashes()
@@ -246,6 +275,17 @@ class Switch(InventoryModel, Reconciled):
                 errors["platform"] = clashes
         if errors:
             raise ValidationError(errors)
+
+    def _carrying_ports(self) -> list[str]:
+        from network import selectors  # it reads these models
+
+        carrying = selectors.ports_carrying(self.ports.values_list("pk", flat=True))
+        names = dict(self.ports.filter(pk__in=list(carrying)).values_list("pk", "name"))
+        return [
+            f"port {names[pk]} carries VLAN {vlanranges.format_ranges(vids)} of live clusters"
+            for pk, vids in sorted(carrying.items(), key=lambda item: names[item[0]])
+            if vids
+        ]
 
     def _hanging_on_ports(self) -> list[str]:
         hosts = Host.objects.filter(switch_port__switch_id=self.pk).order_by("name").values_list("name", flat=True)
@@ -353,21 +393,26 @@ class SwitchPort(InventoryModel):
 
     def _check_carried_port_stays(self) -> None:
         """A port that carries live VLANs keeps its name and switch: under another one the device's old port
-        would keep the VLANs for ever (nothing converges it again), as if the port had been deleted."""
+        would keep the VLANs for ever (nothing converges it again), as if the port had been deleted. And its role
+        and core: they decide its VLANs (another core's, none of a gateway's), so the next converge, or the
+        reconciler's repair, would take the live clusters' VLANs off it — the cluster cut in two."""
         from network import selectors  # it reads these models
 
-        stored = SwitchPort.objects.filter(pk=self.pk).values_list("switch_id", "name").first()
-        if stored is None or stored == (self.switch_id, self.name):
+        fields = ("switch_id", "name", "role", "core_id")
+        stored = SwitchPort.objects.filter(pk=self.pk).values_list(*fields).first()
+        if stored is None or stored == tuple(getattr(self, f) for f in fields):
             return
         carrying = selectors.ports_carrying([self.pk]).get(self.pk)
         if carrying:
             old = SwitchPort.objects.select_related("switch").get(pk=self.pk)
-            field = "name" if self.name != old.name else "switch"
+            # (its role and core decide which VLANs it carries: changed, the next converge takes theirs off it)
+            field = next(f for f, was in zip(fields, stored, strict=True) if getattr(self, f) != was)
+            field = field.removesuffix("_id")
             raise ValidationError(
                 {
                     field: f"port {self}: {old} carries VLAN {vlanranges.format_ranges(carrying)} of live "
                     "clusters (or of ended ones still holding it): tear them down, or let their cleanup finish, "
-                    "before renaming or moving it"
+                    f"before changing its {field}"
                 }
             )
 
@@ -409,26 +454,37 @@ class Host(InventoryModel, Reconciled):
     def _check_member_stays(self) -> None:
         """A host that live segments span keeps its site and its switch port: moved, its clusters' VLANs would
         reach it through another switch (one their core may not join: the cluster split in two) and stay on the
-        port it left. Migrate its nodes away, or end their clusters, first."""
+        port it left. And what says which device it is — its name (an agent's database role is granted by it),
+        driver, trunk interface, the ``DEVICE_KEYS`` of its driver args: the old bridges and sub-interfaces would
+        stay for good (a teardown took the old trunk's sub-interface for a VM port and never finished). Migrate
+        its nodes away, or end their clusters, first."""
         if self.pk is None:
             return
-        stored = Host.objects.filter(pk=self.pk).values_list("site_id", "switch_port_id").first()
-        if stored is None or stored == (self.site_id, self.switch_port_id):
+        fields = ("site_id", "switch_port_id", "name", "driver", "trunk_interface")
+        stored = Host.objects.filter(pk=self.pk).values_list(*fields, "driver_args").first()
+        if stored is None:
+            return
+        was_args = stored[-1] if isinstance(stored[-1], dict) else {}
+        args = self.driver_args if isinstance(self.driver_args, dict) else {}
+        changed = [f.removesuffix("_id") for f, was in zip(fields, stored, strict=False) if getattr(self, f) != was]
+        changed += ["driver_args"] if any(was_args.get(k) != args.get(k) for k in DEVICE_KEYS) else []
+        if not changed:
             return
         live = SegmentMember.objects.filter(host_id=self.pk, segment__state__in=Segment.LIVE_STATES)
         vids = sorted(set(live.values_list("segment__vid", flat=True)))
         if vids:
-            field = "site" if self.site_id != stored[0] else "switch_port"
             raise ValidationError(
                 {
-                    field: f"host {self.name} is in the VLANs {vlanranges.format_ranges(vids)} of live clusters: "
-                    "migrate their nodes away or end them before moving it"
+                    changed[0]: f"host {self.name} is in the VLANs {vlanranges.format_ranges(vids)} of live "
+                    f"clusters: migrate their nodes away or end them before changing its {changed[0]}"
                 }
             )
 
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
             raise ValidationError({"driver_args": f"host {self.name}: driver args must be a mapping"})
+        if holds_nul(self.driver_args):
+            raise ValidationError({"driver_args": f"host {self.name}: driver args must not hold a NUL character"})
         args = self.driver_args  # the OVSDB transport's ssh keys (network.drivers.ovsdb)
         problems = ssh_problems(
             host=args.get("ssh_host", ""), user=args.get("ssh_user", ""), options=args.get("ssh_options", ())

@@ -37,7 +37,7 @@ from django.db.models import ProtectedError, RestrictedError
 
 from network import selectors
 from network.choices import CoreKind, HostDriver, Platform, PortRole
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool, holds_nul
 from network.vlanranges import format_ranges
 from portal.audit import audit_actor
 
@@ -274,6 +274,9 @@ class _Importer:
         if not isinstance(name, str):
             self.problem(f"{path}.name", f"must be text, not {type(name).__name__}")
             return False
+        if "\x00" in name:
+            self.problem(f"{path}.name", "must not hold a NUL character")
+            return False
         return True
 
     def _name(self, path: str, entry: dict, key: str):
@@ -283,6 +286,9 @@ class _Importer:
         if not isinstance(value, str):
             self.problem(f"{path}.{key}", f"must be a name (text), not {type(value).__name__}")
             return BAD
+        if "\x00" in value:
+            self.problem(f"{path}.{key}", "must not hold a NUL character")
+            return BAD
         return value
 
     def _text(self, path: str, entry: dict, key: str, default: str = ""):
@@ -291,6 +297,9 @@ class _Importer:
             return default
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             self.problem(f"{path}.{key}", f"must be text, not {type(value).__name__}")
+            return BAD
+        if "\x00" in str(value):
+            self.problem(f"{path}.{key}", "must not hold a NUL character")
             return BAD
         return str(value)
 
@@ -314,6 +323,9 @@ class _Importer:
             return {}
         if not isinstance(value, dict):
             self.problem(f"{path}.{key}", f"must be a mapping, not {type(value).__name__}")
+            return BAD
+        if holds_nul(value):
+            self.problem(f"{path}.{key}", "must not hold a NUL character")
             return BAD
         return value
 

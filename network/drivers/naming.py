@@ -22,6 +22,10 @@ def vlan_name(name_format: str, vid: int) -> str:
         raise ValueError(f"vlan_name_format {name_format!r}: {exc}") from None
     if any(field != "vid" for field in fields):
         raise ValueError(f"vlan_name_format {name_format!r}: only {{vid}} may be used (e.g. vc-{{vid}})")
+    specs = [spec or "" for _, _, spec, _ in string.Formatter().parse(name_format)]
+    if len(name_format) > 64 or any(int(n) > 32 for spec in specs for n in re.findall(r"\d+", spec)):
+        # a width formats before the name is checked: {vid:>2000000000} would take gigabytes
+        raise ValueError(f"vlan_name_format {name_format[:64]!r}: at most 64 characters, widths of at most 32")
     try:
         name = name_format.format(vid=int(vid))
     except (ValueError, TypeError) as exc:

@@ -450,11 +450,85 @@ def test_a_port_that_carries_a_live_vlan_keeps_its_name():
     segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
     assert messages(port)["name"] == [
         f"port brno-sw:h1-renamed: brno-sw:h1 carries VLAN {segment.vid} of live clusters (or of ended ones still "
-        "holding it): tear them down, or let their cleanup finish, before renaming or moving it"
+        "holding it): tear them down, or let their cleanup finish, before changing its name"
     ]
     port.name = "h1"
     port.description = "still the same port"
     port.full_clean()
+
+
+def test_a_port_carrying_live_vlans_keeps_its_role_and_core_and_its_switch_its_site_and_device():
+    """A port's role and core, and its switch's site, decide which VLANs it carries: changed while it carries a
+    live cluster's, the next converge (or the reconciler's repair) would take them off — the cluster cut in two.
+    Nor may the switch's ``bridge``/``port_map`` name another device then: the old one keeps the VLANs. All of
+    it may change once nothing live is carried."""
+    from network import services
+
+    brno, pilsen = SiteFactory(name="brno"), SiteFactory(name="pilsen")
+    core = CoreTransportFactory(name="backbone", sites=[brno, pilsen])
+    other = CoreTransportFactory(name="other", sites=[brno, pilsen])
+    VlanPoolFactory(name="clusters", core=core, ranges="100-109")
+    a = HostFactory(name="brno-h1", site=brno, switch_port__switch__name="brno-sw", switch_port__switch__site=brno)
+    b = HostFactory(name="pilsen-h1", site=pilsen, switch_port__switch__site=pilsen)
+    switch = a.switch_port.switch
+    uplink = SwitchPortFactory(switch=switch, name="up", role=PortRole.CORE_UPLINK, core=core)
+    gateway = SwitchPortFactory(switch=switch, name="gw", role=PortRole.GATEWAY_TRUNK)
+    segment = services.segment_create(owner="cluster:1", hosts=[a, b], gateway=True)
+
+    uplink.core = other
+    assert messages(uplink)["core"] == [
+        f"port brno-sw:up: brno-sw:up carries VLAN {segment.vid} of live clusters (or of ended ones still holding "
+        "it): tear them down, or let their cleanup finish, before changing its core"
+    ]
+    gateway.role = PortRole.ROUTER_TRUNK
+    assert "before changing its role" in messages(gateway)["role"][0]
+    switch.driver_args = {"bridge": "br-other"}
+    assert "bridge name which device it is" in messages(switch)["driver_args"][0]
+    switch.refresh_from_db()
+    switch.site = SiteFactory(name="ostrava")
+    assert f"port gw carries VLAN {segment.vid} of live clusters" in messages(switch)["site"][0]
+
+    services.segment_delete(segment=segment)
+    Segment.objects.filter(pk=segment.pk).update(state=Segment.State.CLOSED)
+    segment.allocation.refresh_from_db()
+    services.vlan_release(allocation=segment.allocation)
+    uplink, gateway = (SwitchPort.objects.get(pk=port.pk) for port in (uplink, gateway))
+    uplink.core, gateway.role = other, PortRole.ROUTER_TRUNK
+    uplink.full_clean()
+    gateway.full_clean()
+
+
+def test_a_host_in_live_vlans_keeps_what_says_which_device_it_is():
+    """Its trunk interface, driver, name (an agent's database role is granted by it) and the driver args that
+    name its bridge, uplink, OVSDB or namespace: changed while live clusters use it, the old bridges and
+    sub-interfaces stay (a Linux-bridge teardown took the old trunk's sub-interface for a VM port and never
+    ended). Its credentials, say, may change."""
+    from network import services
+
+    host = HostFactory(name="brno-h1", trunk_interface="eth0", driver="ovs", driver_args={"uplink": "eth0"})
+    services.vlan_pool_sync(pool=VlanPoolFactory(core=CoreTransportFactory(name="backbone", sites=[host.site])))
+    segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
+    for field, value in (("trunk_interface", "bond0"), ("name", "brno-h9"), ("driver", "linuxbridge")):
+        setattr(host, field, value)
+        assert (
+            f"of live clusters: migrate their nodes away or end them before changing its {field}"
+            in (messages(host)[field][0])
+        )
+        host.refresh_from_db()
+    host.driver_args = {"uplink": "bond0"}
+    assert "before changing its driver_args" in messages(host)["driver_args"][0]
+    host.driver_args = {"uplink": "eth0", "ssh_user": "virtcloud"}
+    host.full_clean()
+    assert segment.vid
+
+
+def test_driver_args_with_a_nul_are_a_clear_refusal_not_a_database_error():
+    switch = SwitchFactory(platform="ovs")
+    switch.driver_args = {"bridge": "br\x00"}
+    assert "must not hold a NUL character" in messages(switch)["driver_args"][0]
+    host = HostFactory()
+    host.driver_args = {"options": ["a", {"k\x00": 1}]}
+    assert "must not hold a NUL character" in messages(host)["driver_args"][0]
 
 
 @pytest.mark.django_db
@@ -471,3 +545,8 @@ def test_a_vlan_name_format_that_would_write_more_than_a_name_is_refused_on_the_
         switch.full_clean()
     switch.driver_args = {"vlan_name_format": "grid{vid:04d}"}
     switch.full_clean()
+    # a width is applied before the name is checked: a huge one is refused before it takes the memory
+    for huge in ("{vid:>99999999999999}", "{vid:>2000000000}", "x" * 65 + "{vid}"):
+        switch.driver_args = {"vlan_name_format": huge}
+        with pytest.raises(ValidationError, match="widths of at most 32"):
+            switch.full_clean()

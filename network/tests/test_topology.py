@@ -309,6 +309,10 @@ def test_command_import_and_export(tmp_path, capsys):
         call_command("topology", "import", str(bad))
     assert "nothing imported, 9 problem(s)" in str(info.value), str(info.value)
     assert "hosts[1].port (line 22)" in str(info.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"sites: [brno]\n\xff\xfe")
+    with pytest.raises(CommandError, match="nothing imported, not UTF-8 text"):
+        call_command("topology", "import", str(binary))
 
 
 def test_dry_run_saves_nothing():
@@ -396,6 +400,12 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
         (
             "sites: [brno]\nhosts:\n  - {name: h, site: brno, switch: {a: 1}, port: h1}\n",
             r"switch \(line 3\): must be a name",
+        ),
+        # a NUL (YAML's "\0"): PostgreSQL refuses it, as a database error, not the file's problem
+        ('sites: [brno]\nhosts:\n  - {name: "h\\0", site: brno, switch: sw, port: h1}\n', "must not hold a NUL"),
+        (
+            'sites: [brno]\nswitches:\n  - {name: sw, site: brno, platform: ovs, driver_args: {bridge: "b\\0"}}\n',
+            "must not hold a NUL",
         ),
     ],
 )

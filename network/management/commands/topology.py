@@ -35,9 +35,11 @@ class Command(BaseCommand):
             text, source = sys.stdin.read(), "<stdin>"
         else:
             try:
-                text = Path(file).read_text()
+                text = Path(file).read_text(encoding="utf-8")
             except OSError as exc:
                 raise CommandError(f"cannot read {file}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise CommandError(f"{file}: nothing imported, not UTF-8 text (byte {exc.start})") from None
             source = file
         try:
             data, lines = load_topology(text, source=source)
