@@ -9,8 +9,10 @@ A VLAN that is no longer wanted is removed (sub-interface, then bridge) only whe
 bridge — the trunk sub-interface is the only other member allowed; otherwise the VLAN stays, and the diff
 says which VM ports kept it. A sub-interface of the trunk without its bridge is removed only when the portal
 made it (its alias says ``virtcloud``) and it has no address: the hypervisor's own VLAN interfaces (a
-management or storage ``bond0.20``) are never touched. Nor is a ``br-v<vid>`` bridge with an address of the
-host's own: never counted, removed or given to a cluster. (A link-local address is the host's own too, but on
+management or storage ``bond0.20``) are never touched. Only the portal's bridges (marked, or holding its marked
+sub-interface) are counted and removed: a ``br-v<vid>`` the operator made (for infrastructure VMs, say) is not,
+and is adopted for a cluster only while nothing else is on it. Nor is a ``br-v<vid>`` bridge with an address of
+the host's own ever counted, removed or given to a cluster. (A link-local address is the host's own too, but on
 a link the portal made — marked ``virtcloud``, or a bridge holding such a sub-interface — which the kernel gave
 one before the portal kept its links free of IPv6.)
 
@@ -135,12 +137,19 @@ class LinuxBridgeHost:
         return bool(scopes) and not self._portals(link, links)
 
     def _carried(self, links: dict[str, _Link], addresses: dict[int, set[int]]) -> frozenset[int]:
-        """The VLANs of the ``br-v<vid>`` bridges, but for one with an address of the host's own (a management
-        or storage bridge so named): never counted nor removed."""
+        """The VLANs of the portal's ``br-v<vid>`` bridges (``_portals``), but for one with an address of the
+        host's own: never counted nor removed. A bridge so named that the portal did not make (an operator's
+        for infrastructure VMs, their taps gone while they are off) is not the portal's to count or remove."""
         vids = set()
         for name, link in links.items():
             m = _BRIDGE_NAME.fullmatch(name)
-            if m and link.kind == "bridge" and 1 <= int(m[1]) <= 4094 and not self._hosts_own(link, links, addresses):
+            if (
+                m
+                and link.kind == "bridge"
+                and 1 <= int(m[1]) <= 4094
+                and self._portals(link, links)
+                and not self._hosts_own(link, links, addresses)
+            ):
                 vids.add(int(m[1]))
         return frozenset(vids)
 
@@ -229,6 +238,16 @@ class LinuxBridgeHost:
             raise PermanentDeviceError(
                 self.name, f"{br_name} has addresses of the host's own: VLAN {vid} is the host's, not a cluster's"
             )
+        if br is not None and not self._portals(br, links):
+            # made by hand, or by a run that crashed before it marked it: adopted — unless something the portal
+            # did not attach is on it (an operator's bridge for its own VMs: the cluster would join them)
+            others = sorted(n for n, link in links.items() if link.master == br.index and n != self._sub_name(vid))
+            if others:
+                raise PermanentDeviceError(
+                    self.name,
+                    f"{br_name} is not the portal's and has ports {', '.join(others)}: VLAN {vid} is the host's, "
+                    "not a cluster's",
+                )
         own = links.get(sub_name)
         if own is not None and (br is None or own.master != br.index):
             if self._hosts_own(own, links, addresses):
@@ -279,10 +298,11 @@ class LinuxBridgeHost:
         if vms:
             return [f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
         changes = []
-        if sub_name in links:
-            self._delete(f"deleting {sub_name}", links[sub_name].index)
+        sub, trunk = links.get(sub_name), links.get(self.trunk)
+        if sub is not None and sub.alias == ALIAS and sub.kind == "vlan" and trunk and sub.parent == trunk.index:
+            self._delete(f"deleting {sub_name}", sub.index)  # (only the portal's: never a VLAN interface of the host's)
             changes.append(f"- vlan {sub_name}")
-        if br_name in links and links[br_name].kind == "bridge":
+        if br_name in links and links[br_name].kind == "bridge" and self._portals(links[br_name], links):
             self._delete(f"deleting bridge {br_name}", links[br_name].index)
             changes.append(f"- bridge {br_name}")
         return changes

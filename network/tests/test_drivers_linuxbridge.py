@@ -684,7 +684,7 @@ def test_host_adopts_what_exists_and_repairs_half_made_vlans(hv):
         ],
     )
     with host_session(_host(hv)) as host:
-        assert host.vlans() == {100, 200}
+        assert host.vlans() == frozenset()  # (not marked: not the portal's until a cluster's VLAN adopts them)
         result = host.converge(frozenset({100, 200}))
         assert result.after == {"hv1": {100, 200}}
         assert "+ bridge br-v100" not in result.diff and "~ up br-v100" in result.diff
@@ -755,6 +755,38 @@ def test_a_bridge_of_the_hosts_own_named_like_the_portals_is_never_counted_remov
         assert host.converge(frozenset()).after == {"hv1": frozenset()}
     assert _carried(hv)["eth0.20"] == (20, "br-v20", True)  # untouched
     assert "br-v100" not in hv.links("hv") and "br-v40" in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
+def test_a_host_never_counts_removes_or_joins_to_a_cluster_an_operators_bridge_named_like_the_portals(hv):
+    """An operator's ``br-v50`` for infrastructure VMs (no address: a plain L2 bridge), over its own ``eth0.50``:
+    while its VMs are off it has no taps — it was counted as the portal's, a foreign VLAN the reconciler's
+    repair deleted, sub-interface and all, and the VMs could not start again. It is not the portal's: never
+    counted or removed; and with a VM on it, never adopted for a cluster given VLAN 50 (the cluster would join
+    the operator's VMs). A bare one is adopted, as a crashed run's would be."""
+    hv.batch(
+        "hv",
+        [
+            "link set eth0 up",
+            "link add br-v50 type bridge",
+            "link set br-v50 addrgenmode none",  # (unnumbered: no link-local address either, which is the host's)
+            "link add link eth0 name eth0.50 type vlan id 50",
+            "link set eth0.50 master br-v50",
+            "link set br-v50 up",
+            "link set eth0.50 up",
+        ],
+    )
+    with host_session(_host(hv)) as host:
+        assert host.vlans() == frozenset()
+        assert host.converge(frozenset({100})).after == {"hv1": {100}}
+        assert host.converge(frozenset()).diff == "- vlan eth0.100\n- bridge br-v100\n"
+        assert "br-v50" in hv.links("hv") and _carried(hv)["eth0.50"] == (50, "br-v50", True)
+        hv.vm("infra1", "hv", "br-v50", "198.18.50.1/24")  # an operator's VM on its bridge
+        with pytest.raises(PermanentDeviceError, match="br-v50 is not the portal's and has ports v-infra1"):
+            host.converge(frozenset({50}))
+        assert hv.links("hv")["br-v50"].get("ifalias") != "virtcloud"
+    assert _carried(hv)["eth0.50"] == (50, "br-v50", True)
 
 
 @pytest.mark.lab
