@@ -402,24 +402,24 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
     """Whether a gateway's trunk carries the VLANs of all of ``clusters``: one at a site every cluster's core
     reaches — elsewhere the network never puts their VLANs on its trunk (``network.selectors.segment_views``),
     and the same ids may be other clusters there — or a gateway without a site (one trunk for all), unless one
-    of the clusters' VLAN ids is ``ambiguous_vlans``. One query per kind of gateway asked about."""
+    of the clusters' VLAN ids is ``ambiguous_vlans``. One query, however many gateways are asked about."""
     from clusters.models import VirtualCluster
 
     ids = [c.pk for c in clusters]
 
     @functools.cache
-    def reached() -> frozenset[tuple[int, int]]:  # (cluster, a site its core joins)
+    def reached() -> tuple[frozenset[tuple[int, int]], bool]:  # ((cluster, a site its core joins), any ambiguous)
+        shared = VirtualCluster.objects.filter(enterable_condition(), vlan_id=OuterRef("vlan_id"))
+        shared = shared.exclude(pk=OuterRef("pk"))  # (``ambiguous_vlans``: another cluster holds the id)
         found = VirtualCluster.objects.filter(pk__in=ids)
-        return frozenset(found.values_list("pk", "segment__allocation__pool__core__sites"))
-
-    @functools.cache
-    def unambiguous() -> bool:
-        return not VirtualCluster.objects.filter(pk__in=ids, vlan_id__in=ambiguous_vlans()).exists()
+        rows = list(found.values_list("pk", "segment__allocation__pool__core__sites", Exists(shared)))
+        return frozenset((pk, site) for pk, site, _on_shared in rows), any(on_shared for *_, on_shared in rows)
 
     def carries(gateway: Gateway) -> bool:
+        sites, ambiguous = reached()
         if gateway.site_id is None:
-            return unambiguous()
-        return all((pk, gateway.site_id) in reached() for pk in ids)
+            return not ambiguous
+        return all((pk, gateway.site_id) in sites for pk in ids)
 
     return carries
 

@@ -70,9 +70,10 @@ def test_one_profile_costs_a_fixed_number_of_queries(alice, cluster, gateway, dj
     api = APIClient()
     api.force_authenticate(alice)
     assert api.post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json").status_code == 200
-    # cluster (authorization), gateway, authorities (light), serial, savepoint + holder locked + cluster
-    # locked and authorized again + credential + its audit entry + its clusters + release.
-    with django_assert_max_num_queries(11):
+    # cluster (authorization), gateway, which gateways carry it (the sites its core joins, whether another
+    # cluster holds its VLAN id), authorities (light), serial, savepoint + holder locked + cluster locked and
+    # authorized again + credential + its audit entry + its clusters + release.
+    with django_assert_max_num_queries(12):
         response = api.post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
     assert response.status_code == 200
     assert Credential.objects.count() == 2
