@@ -242,7 +242,7 @@ def plan_namespaced(
         ns = ["ip", "-n", name]
         link = spaces.get(name)
         if name in spaces and (link is None or link.vid != vid):
-            commands.append(["ip", "netns", "del", name])  # a namespace without its leg, or made by hand
+            commands += _netns_del(name, link)  # a namespace without its leg, or made by hand
             link = None
         if link is None:
             commands += [
@@ -255,8 +255,17 @@ def plan_namespaced(
         settings = _settings(["ip", "netns", "exec", name], wanted, kernel.get(name, {}) if link else None)
         commands += address_and_up(ns, name, link, address, settings)
     wanted_names = {f"{prefix}{vid}" for vid in legs}
-    commands += [["ip", "netns", "del", name] for name in sorted(set(spaces) - wanted_names)]
+    for name in sorted(set(spaces) - wanted_names):
+        commands += _netns_del(name, spaces[name])
     return commands
+
+
+def _netns_del(name: str, link: Link | None) -> list[list[str]]:
+    """Remove a leg's namespace — its leg first: ``ip netns del`` only drops the name, and while a process runs
+    in the namespace (a bastion session of the cluster that ended) the namespace lives on, its leg with it: on
+    the trunk's VLAN, which may be another cluster's by now, holding the id so that the next cluster's leg
+    cannot be made."""
+    return ([["ip", "-n", name, "link", "del", link.name]] if link is not None else []) + [["ip", "netns", "del", name]]
 
 
 def firewall_table(prefix: str) -> str:

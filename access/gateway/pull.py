@@ -67,7 +67,14 @@ from access.gateway.state import (  # noqa: E402
     write_all_atomic,
     write_atomic,
 )
-from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
+from access.gateway.vpn import (  # noqa: E402
+    forget_peers,
+    forget_sessions,
+    recorded_serials,
+    session_owner,
+    session_peers,
+)
+from access.gateway.vpn import sessions as vpn_sessions  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"
 #: per service, the configuration files that run it (relative to the state directory): removed once the portal's
@@ -98,8 +105,17 @@ class InstallReport:
 
 
 def _pem(value: object, kind: str, what: str) -> str:
+    """A PEM certificate or CRL as it will be used: parsed, not only its armor looked at — a corrupt one written
+    would have refused every connection (tls-verify, OpenVPN's crl-verify) until the next good pull."""
     if not isinstance(value, str) or f"-----BEGIN {kind}-----" not in value:
         raise StateError(f"state document: {what} is not a PEM {kind}")
+    from cryptography import x509  # (here: the hooks that need none start faster)
+
+    load = x509.load_pem_x509_crl if kind == "X509 CRL" else x509.load_pem_x509_certificates
+    try:
+        load(value.encode())
+    except ValueError as exc:
+        raise StateError(f"state document: {what} is not a valid PEM {kind}: {exc}") from None
     return value if value.endswith("\n") else value + "\n"
 
 
@@ -452,6 +468,7 @@ def install_state(
         report.notes += _unreachable(vpn, local)
     if cut_sessions and "vpn" in doc:
         _cut(vpn, revoked, report)
+        _cut_unmapped(vpn, report)
     if cut_sessions and "ssh" in doc:
         _cut_ssh(ssh, ssh_revoked, report)
     for service in dropped.services:
@@ -521,10 +538,10 @@ def _cut_all(state: VpnState | SshState, report: InstallReport) -> None:
 
 
 def cut_revoked(state_dir: str | Path) -> InstallReport:
-    """Cut the live sessions of the certificates the installed state lists as revoked lately, without a new
-    document: a pull that finds the state unchanged (304) still retries a cut that failed (the management
-    socket did not answer) and reaches a session recorded after the cut (its client-connect had passed the
-    old list just before the pull)."""
+    """Cut the live sessions of the certificates the installed state lists as revoked lately, and those on a
+    cluster its VLAN map no longer holds, without a new document: a pull that finds the state unchanged (304)
+    still retries a cut that failed (the management socket did not answer) and reaches a session recorded after
+    the cut (its client-connect had passed the old list just before the pull)."""
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
     for state, cut in ((vpn, _cut), (ssh, _cut_ssh)):
@@ -534,6 +551,8 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
             report.cut_errors.append(f"unreadable {state.revoked}: {exc}")
             continue
         cut(state, revoked, report)
+    if vpn.vlans.exists():
+        _cut_unmapped(vpn, report)  # (one whose cut failed, or that connected just before the map changed)
     return report
 
 
@@ -549,6 +568,30 @@ def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
             report.cut_errors.append(f"serial {serial}: {exc}")
             continue
         forget_sessions(vpn, serial)
+
+
+def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
+    """Cut the sessions on a cluster the installed VLAN map no longer holds, or holds on another VLAN: the cluster
+    ended (its VLAN goes to another cluster after the hold-down) — a revocation that did not reach this gateway,
+    or a cut that failed, must not leave a user on the VLAN. OpenVPN checks the map at connect only."""
+    try:
+        vlans = load_vlan_map(vpn.vlans)
+    except StateError as exc:
+        report.cut_errors.append(f"VLAN map: {exc}")
+        return
+    stale: dict[int, list[tuple[str, str]]] = {}
+    for session in vpn_sessions(vpn):
+        cluster, vlan = session["cluster"], session["vlan"]
+        if cluster and (cluster not in vlans or (vlan is not None and vlans[cluster] != vlan)):
+            stale.setdefault(session["serial"], []).append(tuple(session["peer"]))
+    for serial, peers in sorted(stale.items()):
+        try:
+            if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
+                report.cut.append(serial)
+        except management.ManagementError as exc:
+            report.cut_errors.append(f"serial {serial}: {exc}")
+            continue
+        forget_peers(vpn, serial, peers)
 
 
 def _cut_ssh(ssh: SshState, revoked: set[int], report: InstallReport) -> None:

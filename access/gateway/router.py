@@ -46,9 +46,11 @@ from access.gateway.legs import (  # noqa: E402
     Runner,
     address_and_up,
     current,
+    overlaps,
     run_command,
     vlan_link,
 )
+from access.gateway.state import bastion_address_problem as address_problem  # noqa: E402
 
 USER_AGENT = "virtcloud-router/1"
 
@@ -77,7 +79,9 @@ def wanted(doc: dict) -> tuple[dict[int, str], list[str]]:
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"skipped a network the portal sent ({exc!r}): {item!r}"[:300])
             continue
-        if not 1 <= vid <= 4094 or address.network.prefixlen == address.max_prefixlen:
+        if not 1 <= vid <= 4094 or address_problem(str(address)):
+            # (a unicast host address of a subnet of sane length: never a loopback, multicast or /1 one, which
+            # would route half the router's traffic into a cluster's VLAN)
             problems.append(f"skipped VLAN {vid} ({address}): not a VLAN id and a subnet a router can hold")
             continue
         if vid in legs and legs[vid] != str(address):
@@ -85,7 +89,11 @@ def wanted(doc: dict) -> tuple[dict[int, str], list[str]]:
             legs[vid] = ""
             continue
         legs[vid] = str(address)
-    return {vid: a for vid, a in legs.items() if a}, problems
+    kept = {vid: a for vid, a in legs.items() if a}
+    for a_vid, b_vid in overlaps(kept):  # one subnet on two VLANs: the router could not tell them apart
+        problems.append(f"skipped VLANs {a_vid} and {b_vid}: their subnets overlap ({kept[a_vid]}, {kept[b_vid]})")
+    clash = {vid for pair in overlaps(kept) for vid in pair}
+    return {vid: a for vid, a in kept.items() if vid not in clash}, problems
 
 
 def plan(legs: dict[int, str], links: dict[str, Link], *, trunk: str, prefix: str) -> list[list[list[str]]]:

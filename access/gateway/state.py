@@ -347,7 +347,9 @@ class SshState:
         # 0755: sshd reads the principals file as the *target* account (a no-login user), and StrictModes
         # wants root-owned, non-writable directories. Only the host key inside is secret (0600).
         self.root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for d in (self.root, self.principals_dir):
+        # ``run``: the bastion account's principals command reaches ``run/sessions`` through it to record each
+        # login; made under a strict umask (0700 root's) it recorded none — and cut none — without a word
+        for d in (self.root, self.principals_dir, self.sessions.parent):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
             os.chmod(d, 0o755)  # noqa: S103 - public files only, see above
 

@@ -171,7 +171,7 @@ def client_connect(state: VpnState, config_file: str, env: dict[str, str]) -> in
     if vid is None:
         raise Refused(f"{who}: cluster {cluster} has no VLAN on this gateway (not READY or torn down)")
     Path(config_file).write_text(f"vlan-pvid {vid}\n")
-    _record_session(state, entry["serial"], cn, env, cluster=cluster)
+    _record_session(state, entry["serial"], cn, env, cluster=cluster, vlan=vid)
     _log("ACCEPT", f"{who}: cluster {cluster} -> vlan-pvid {vid}")
     return vid
 
@@ -188,7 +188,9 @@ def revoked_lately(state: VpnState) -> set[int]:
     return revoked_serials(state.revoked)
 
 
-def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str], *, cluster: str = "") -> None:
+def _record_session(
+    state: VpnState, serial: int, cn: str, env: dict[str, str], *, cluster: str = "", vlan: int | None = None
+) -> None:
     """Remember the peer (address, port) of this session of ``serial`` — every one: the same profile may be
     connected from several places at once — so that a revocation cuts exactly that certificate's sessions.
     (OpenVPN runs client-connect hooks one at a time: no two of them update the record together.)"""
@@ -206,7 +208,7 @@ def _record_session(state: VpnState, serial: int, cn: str, env: dict[str, str], 
             f"{a} {b}": {"since": old.get("since"), "cluster": old.get("cluster", "")} for a, b in _record_peers(old)
         }
     info = {k: v for k, v in known.items() if tuple(k.split(" ", 1)) in peers}
-    info[f"{ip} {port}"] = {"since": time.time(), "cluster": cluster}
+    info[f"{ip} {port}"] = {"since": time.time(), "cluster": cluster, "vlan": vlan}
     record = {"serial": serial, "common_name": cn, "peers": [list(peer) for peer in peers], "peer_info": info}
     write_atomic(state.sessions / f"{serial}.json", json.dumps(record))
 
@@ -247,8 +249,9 @@ def session_peers(state: VpnState, serial: int) -> list[tuple[str, str]]:
 
 def sessions(state: VpnState) -> list[dict]:
     """The sessions up, one entry per peer: ``serial``, ``peer`` ([address, port]), ``since`` (its connect, epoch
-    seconds; None when unknown) and the ``cluster`` it landed on (as client-connect recorded them). A record it
-    cannot read (the hooks' account writes them) is skipped."""
+    seconds; None when unknown), the ``cluster`` it landed on and its ``vlan`` (None: recorded by an earlier
+    release) as client-connect recorded them. A record it cannot read (the hooks' account writes them) is
+    skipped."""
     out = []
     for serial in sorted(recorded_serials(state)):
         try:
@@ -257,12 +260,14 @@ def sessions(state: VpnState) -> list[dict]:
             for ip, port in _record_peers(record):
                 peer = info.get(f"{ip} {port}", {})
                 since, cluster = peer.get("since", record.get("since")), peer.get("cluster", record.get("cluster"))
+                vlan = peer.get("vlan")
                 out.append(
                     {
                         "serial": serial,
                         "peer": [ip, port],
                         "since": since if isinstance(since, (int, float)) else None,
                         "cluster": cluster if isinstance(cluster, str) else "",
+                        "vlan": vlan if isinstance(vlan, int) and not isinstance(vlan, bool) else None,
                     }
                 )
         except (ValueError, TypeError, AttributeError):
@@ -291,17 +296,22 @@ def client_disconnect(state: VpnState, env: dict[str, str]) -> None:
             return  # never recorded (refused before client-connect), or already forgotten
     ip = env.get("trusted_ip") or env.get("trusted_ip6") or ""
     port = env.get("trusted_port", "")
-    record = _session_record(state, int(serial))
+    forget_peers(state, int(serial), [(ip, port)])
+    _log("DISCONNECT", f"cn={env.get('common_name', '?')} serial={serial}: {ip} port {port}")
+
+
+def forget_peers(state: VpnState, serial: int, gone: list[tuple[str, str]]) -> None:
+    """Drop these peers from ``serial``'s record (the whole record with the last one)."""
+    record = _session_record(state, serial)
     if record is None:
         return
-    peers = [peer for peer in _record_peers(record) if peer != (ip, port)]
+    peers = [peer for peer in _record_peers(record) if peer not in gone]
     if not peers:
-        forget_sessions(state, int(serial))
+        forget_sessions(state, serial)
     else:
         info = {k: v for k, v in _peer_info(record).items() if tuple(k.split(" ", 1)) in peers}
         kept = {**record, "peers": [list(p) for p in peers], "peer_info": info}
-        write_atomic(state.sessions / f"{int(serial)}.json", json.dumps(kept))
-    _log("DISCONNECT", f"cn={env.get('common_name', '?')} serial={serial}: {ip} port {port}")
+        write_atomic(state.sessions / f"{serial}.json", json.dumps(kept))
 
 
 def forget_sessions(state: VpnState, serial: int) -> None:

@@ -560,6 +560,7 @@ def test_plan_namespaced_gives_each_leg_a_namespace_of_its_own():
         [*in_ns, *(f"{key}={value}" for key, value in _no_forwarding("vcl200", scopes=("all", "default")).items())],
         ["ip", "-n", "vcl200", "addr", "add", "10.0.0.254/24", "dev", "vcl200"],
         ["ip", "-n", "vcl200", "link", "set", "vcl200", "up"],
+        ["ip", "-n", "vcl300", "link", "del", "vcl300"],  # (the leg first: a live session keeps the namespace)
         ["ip", "netns", "del", "vcl300"],
     ]
     kernel["vcl100"]["net.ipv4.conf.all.forwarding"] = "0"
@@ -618,11 +619,20 @@ def test_legs_in_namespaces_tell_apart_clusters_with_the_same_addresses(trunk, t
         assert _proc(ns, "net/ipv4/ip_forward") == "0" == _proc(ns, f"net/ipv4/conf/{ns}/forwarding")
         assert _proc(ns, "net/ipv6/conf/all/forwarding") == "0"
 
-        _write(tmp_path, a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []})
-        done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        names = fabric.run(["ip", "netns", "list"]).stdout
-        assert f"{prefix}100" in names and f"{prefix}200" not in names
+        # cluster b ends while a bastion session still runs in its namespace: the name goes, and the leg with
+        # it (the namespace itself lives on with the session; its leg on VLAN 200 must not)
+        session = subprocess.Popen(["ip", "netns", "exec", f"{prefix}200", "sleep", "60"])
+        try:
+            _write(tmp_path, a={"vlan": 100, "bastion_address": "10.0.0.254/24", "nodes": []})
+            done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            names = fabric.run(["ip", "netns", "list"]).stdout
+            assert f"{prefix}100" in names and f"{prefix}200" not in names
+            inside = ["nsenter", f"--net=/proc/{session.pid}/ns/net", "ip", "-o", "link", "show"]
+            assert f"{prefix}200" not in fabric.run(inside).stdout  # the session's namespace has no leg left
+        finally:
+            session.kill()
+            session.wait(10)
     finally:
         for name in (f"{prefix}100", f"{prefix}200", f"{PREFIX}n100", f"{PREFIX}n200"):
             fabric.run(["ip", "netns", "del", name], check=False)

@@ -121,6 +121,34 @@ def test_every_session_of_a_revoked_certificate_is_cut_ipv4_and_ipv6(gateway_sta
         fake.close()
 
 
+def test_a_session_on_a_cluster_the_map_no_longer_holds_is_cut_even_unrevoked(gateway_state, tmp_path):
+    """OpenVPN checks the VLAN map at connect only. The cluster ends and leaves the map (after the hold-down its
+    VLAN goes to another cluster): a session on it is cut at the pull that installs that map, though its
+    certificate's revocation never reached this gateway; a session on a cluster still mapped stays. One whose
+    cluster was mapped to another VLAN meanwhile is cut as well; a later pull (304) retries what failed."""
+    state, ca, doc = gateway_state
+    connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
+    assert vpn.sessions(state)[0]["vlan"] == 142
+    other = {"tls_digest_sha256_0": "cd" * 32, "common_name": "bob", "UV_VCLUSTER": "c43"}
+    entry = {"serial": 78, "subject": "CN=bob", "ac_serial": 78, "fqans": [], "clusters": {"c43": "member"}}
+    write_atomic(state.ac_cache / f"{'cd' * 32}.json", json.dumps({**entry, "not_after": time.time() + 3600}))
+    both = {**doc, "vpn": {**doc["vpn"], "vlans": {"c42": 142, "c43": 143}}}
+    pull.install_state(state.root.parent, both, cut_sessions=False)
+    vpn.client_connect(state, str(tmp_path / "b"), {**other, "trusted_ip": "198.51.100.9", "trusted_port": "5"})
+    fake = FakeManagement(state.management, {1: ("alice", "203.0.113.5:40001"), 2: ("bob", "198.51.100.9:5")})
+    try:
+        gone = {**doc, "vpn": {**doc["vpn"], "vlans": {"c43": 143}}}  # c42 ended; nobody revoked
+        report = pull.install_state(state.root.parent, gone)
+        assert report.cut == [77] and report.cut_errors == []
+        assert fake.sessions == {2: ("bob", "198.51.100.9:5")}
+        assert vpn.session_peers(state, 77) == [] and vpn.session_peers(state, 78) == [("198.51.100.9", "5")]
+        moved = {**doc, "vpn": {**doc["vpn"], "vlans": {"c43": 243}}}  # (another VLAN for c43: cut too)
+        assert pull.install_state(state.root.parent, moved).cut == [78]
+        assert fake.sessions == {} and pull.cut_revoked(state.root.parent).cut == []
+    finally:
+        fake.close()
+
+
 def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_state, tmp_path):
     """Its handshake met the old CRL just before the pull; its client-connect comes after: refused (it was
     admitted, and the pull, which had found no session to cut, never cut it)."""
@@ -138,6 +166,10 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
 @pytest.mark.parametrize(
     "change",
     [
+        # certificates and a CRL with the right armor and a corrupt body: written, they refused everyone
+        {"vpn": {"aa": "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"}},
+        {"vpn": {"ca": "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"}},
+        {"vpn": {"crl": "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"}},
         {"ssh": {"krl": None}},
         {"ssh": {"krl": 5}},
         {"vpn": {"revoked_sessions": [{"serial": float("inf")}]}},
@@ -420,3 +452,21 @@ def test_a_fifo_or_a_link_among_the_bastions_login_records_is_not_followed(tmp_p
     threading.Thread(target=lambda: (pull.fail_closed(tmp_path, now=4e9), done.set()), daemon=True).start()
     assert done.wait(20), "the pull hangs on a FIFO"
     assert sshd.recorded_serials(ssh) == set() and target.read_text() == f"{os.getpid()} 1\n"
+
+
+def test_the_bastions_run_directory_is_reachable_whatever_the_umask_it_was_made_under(tmp_path):
+    """``ssh/run`` made under umask 077 (an operator's root shell running ``gateway config``) was 0700 root's: the
+    bastion account's principals command could not record a login there, so no SSH session was ever cut, without
+    a word. Every install makes it 0755 again (``run/sessions`` inside stays the account's own, 0700)."""
+    from access.gateway.state import SshState
+
+    ssh = SshState.at(tmp_path)
+    old = os.umask(0o077)
+    try:
+        ssh.sessions.mkdir(parents=True)
+    finally:
+        os.umask(old)
+    assert ssh.sessions.parent.stat().st_mode & 0o777 == 0o700
+    ssh.ensure_dirs()
+    assert ssh.sessions.parent.stat().st_mode & 0o777 == 0o755
+    assert ssh.sessions.stat().st_mode & 0o777 == 0o700

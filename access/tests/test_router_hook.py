@@ -108,12 +108,23 @@ def test_the_portals_answer_becomes_one_address_per_vlan_and_bad_entries_are_nam
                 {"vlan_id": 500, "router_address": "198.18.23.1/24"},
                 {"vlan_id": 500, "router_address": "198.18.24.1/24"},  # two clusters on one VLAN: neither
                 {"router_address": "198.18.25.1/24"},
+                # what a broken portal might send: half the Internet, a loopback, a multicast address, the
+                # network's own address — none routed into a cluster's VLAN
+                {"vlan_id": 600, "router_address": "10.0.0.1/1"},
+                {"vlan_id": 601, "router_address": "127.0.0.1/24"},
+                {"vlan_id": 602, "router_address": "224.0.0.1/24"},
+                {"vlan_id": 603, "router_address": "198.18.26.0/24"},
+                # one subnet on two VLANs: the router could not tell them apart, so neither
+                {"vlan_id": 700, "router_address": "198.18.27.1/24"},
+                {"vlan_id": 701, "router_address": "198.18.27.129/25"},
             ]
         }
     )
     assert legs == {100: "198.18.20.1/24", 200: "fd00:20::1/64"}
-    assert len(problems) == 5
+    assert len(problems) == 10
     assert any("VLAN 5000" in p for p in problems) and any("two addresses" in p for p in problems)
+    assert any("VLANs 700 and 701: their subnets overlap" in p for p in problems)
+    assert all(any(f"VLAN {vid} " in p for p in problems) for vid in (600, 601, 602, 603))
     with pytest.raises(router.RouterError, match="no list of networks"):
         router.wanted({"detail": "Authentication credentials were not provided."})
 
