@@ -21,6 +21,7 @@ wants every directory on the path to the principals file owned by root and not g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -111,16 +112,24 @@ if [ "$now" -gt "$until" ]; then
   echo "virtcloud-bastion: the pulled state expired $((now - until)) s ago: refusing everyone" >&2
   exit 0
 fi
+# sshd runs this for every key a client offers, before any signature is checked: a connection is recorded,
+# and watched, once — however many times it asks (a flood of queries neither grows the record past what root
+# reads, dropping the logins in it from a revocation's cut, nor piles up watchdogs)
+sessions={shlex.quote(str(sessions))}
+started=$(sed 's/.*) //' "/proc/$PPID/stat" 2>/dev/null | cut -d' ' -f20)
 case "$2" in
   ''|*[!0-9]*) ;;
-  *) {{ started=$(sed 's/.*) //' "/proc/$PPID/stat" | cut -d' ' -f20) &&
-        printf '%s %s\\n' "$PPID" "$started" >> {shlex.quote(str(sessions))}/"$2"; }} 2>/dev/null || : ;;
+  *) {{ grep -qxF "$PPID $started" "$sessions/$2" ||
+        printf '%s %s\\n' "$PPID" "$started" >> "$sessions/$2"; }} 2>/dev/null || : ;;
 esac
+watch="$sessions/.watch-$PPID-$started"
 # A watchdog for this connection, running as the account: once the state expires (no pull for its max age,
 # even with the pull timer itself dead) it ends the connection's session — its unprivileged sshd process,
-# the account's own — as a renegotiation ends a VPN session. It leaves with the connection.
-(
+# the account's own — as a renegotiation ends a VPN session. It leaves with the connection. One per connection
+# (its mark in the sessions directory; where that cannot be written, one per query as before).
+if mkdir "$watch" 2>/dev/null || [ ! -d "$watch" ]; then (
   exec </dev/null >/dev/null 2>&1
+  trap 'rmdir "$watch" 2>/dev/null' EXIT
   connection=$PPID
   case "$(tr '\\000' ' ' < "/proc/$connection/cmdline" 2>/dev/null)" in sshd*) ;; *) exit 0 ;; esac
   while [ -d "/proc/$connection" ]; do
@@ -135,7 +144,7 @@ esac
     wait=$((until - now + 1)); [ "$wait" -gt {WATCH_EVERY} ] && wait={WATCH_EVERY}
     sleep "$wait"
   done
-) &
+) & fi
 [ -z "$3" ] && exec cat {shlex.quote(str(principals))}/"$1"
 exec awk -v p="$3." 'index($NF, p) == 1' {shlex.quote(str(principals))}/"$1"
 """
@@ -324,6 +333,16 @@ def prune_sessions(ssh: SshState, now: float | None = None) -> None:
             continue
         if old and not session_processes(ssh, serial):
             path.unlink(missing_ok=True)
+    # a watchdog's mark (``.watch-<pid>-<start>``) outlives it only when it was killed: gone with its connection
+    try:
+        marks = [p for p in ssh.sessions.iterdir() if p.name.startswith(".watch-")]
+    except FileNotFoundError:
+        marks = []
+    for mark in marks:
+        pid, _, started = mark.name.removeprefix(".watch-").partition("-")
+        if not (pid.isdigit() and _started(int(pid)) == started):
+            with contextlib.suppress(OSError):
+                mark.rmdir()
 
 
 def cut_sessions(ssh: SshState, serial: int) -> int:

@@ -338,6 +338,32 @@ def test_the_principals_command_works_from_any_state_directory(tmp_path):
     assert int(pid) == os.getpid() and started.isdigit()  # (the test is the command's parent here)
 
 
+def test_a_flood_of_key_queries_records_the_connection_once(tmp_path):
+    """sshd runs the principals command for every key a client offers, before any signature is checked: one
+    connection asking over and over grew its certificate's record past what root reads (which then dropped it,
+    so a revocation cut none of its logins) and started a watchdog each time. It is recorded once; a watchdog's
+    mark goes with it, and one left by a killed watchdog goes at the next pull."""
+    from access.gateway import sshd
+    from access.gateway.state import SshState
+
+    sessions = tmp_path / "ssh" / "run" / "sessions"
+    sessions.mkdir(parents=True)
+    fresh = f"{int(time.time()) + 60}\n"
+    for _ in range(30):
+        assert _principals_command(tmp_path, "virtcloud", fresh, "7").returncode == 0
+    assert len((sessions / "7").read_text().splitlines()) == 1
+    for _ in range(50):  # (a watchdog whose parent is not sshd leaves at once, its mark with it)
+        if not list(sessions.glob(".watch-*")):
+            break
+        time.sleep(0.1)
+    assert list(sessions.glob(".watch-*")) == []
+    (sessions / ".watch-999999999-1").mkdir()  # a killed watchdog's
+    alive = sessions / f".watch-{os.getpid()}-{sshd._started(os.getpid())}"
+    alive.mkdir()
+    sshd.prune_sessions(SshState.at(tmp_path))
+    assert [p.name for p in sessions.glob(".watch-*")] == [alive.name]
+
+
 def test_a_bastion_of_one_cluster_gets_only_that_clusters_principals(tmp_path):
     """A bastion in one cluster's namespace (gateway/bastion.py) passes the cluster: another cluster's
     principal — c420's, c4's: the prefix must end at the dot — must not log in there."""
