@@ -68,7 +68,6 @@ from access.gateway.state import (  # noqa: E402
     write_atomic,
 )
 from access.gateway.vpn import (  # noqa: E402
-    forget_peers,
     forget_sessions,
     recorded_serials,
     session_owner,
@@ -591,7 +590,8 @@ def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
         except management.ManagementError as exc:
             report.cut_errors.append(f"serial {serial}: {exc}")
             continue
-        forget_peers(vpn, serial, peers)
+        if set(peers) == set(session_peers(vpn, serial)):
+            forget_sessions(vpn, serial)  # (else OpenVPN's client-disconnect drops those peers: the hooks' file)
 
 
 def _cut_ssh(ssh: SshState, revoked: set[int], report: InstallReport) -> None:
