@@ -398,6 +398,14 @@ def ambiguous_vlans() -> QuerySet:
     )
 
 
+def _on_ambiguous_vlan() -> Exists:
+    """For a cluster queryset: whether its VLAN id is ``ambiguous_vlans`` (another enterable cluster holds it)."""
+    from clusters.models import VirtualCluster
+
+    others = VirtualCluster.objects.filter(enterable_condition(), vlan_id=OuterRef("vlan_id"))
+    return Exists(others.exclude(pk=OuterRef("pk")))
+
+
 def gateway_carries(clusters) -> Callable[[Gateway], bool]:
     """Whether a gateway's trunk carries the VLANs of all of ``clusters``: one at a site every cluster's core
     reaches — elsewhere the network never puts their VLANs on its trunk (``network.selectors.segment_views``),
@@ -409,10 +417,8 @@ def gateway_carries(clusters) -> Callable[[Gateway], bool]:
 
     @functools.cache
     def reached() -> tuple[frozenset[tuple[int, int]], bool]:  # ((cluster, a site its core joins), any ambiguous)
-        shared = VirtualCluster.objects.filter(enterable_condition(), vlan_id=OuterRef("vlan_id"))
-        shared = shared.exclude(pk=OuterRef("pk"))  # (``ambiguous_vlans``: another cluster holds the id)
         found = VirtualCluster.objects.filter(pk__in=ids)
-        rows = list(found.values_list("pk", "segment__allocation__pool__core__sites", Exists(shared)))
+        rows = list(found.values_list("pk", "segment__allocation__pool__core__sites", _on_ambiguous_vlan()))
         return frozenset((pk, site) for pk, site, _on_shared in rows), any(on_shared for *_, on_shared in rows)
 
     def carries(gateway: Gateway) -> bool:
@@ -448,11 +454,8 @@ def gateways_carrying(clusters: Iterable) -> dict[int, list[Gateway]]:
         return {}
     reached: dict[int, set[int | None]] = {}  # cluster → the sites its core joins (None: it has no core)
     carried = VirtualCluster.objects.filter(enterable_condition(), pk__in=ids, vlan_id__isnull=False).order_by()
-    # (``ambiguous_vlans``: another enterable cluster holds the same id)
-    shared = VirtualCluster.objects.filter(enterable_condition(), vlan_id=OuterRef("vlan_id"))
-    shared = shared.exclude(pk=OuterRef("pk"))
     ambiguous = set()
-    rows = carried.values_list("pk", "segment__allocation__pool__core__sites", Exists(shared))
+    rows = carried.values_list("pk", "segment__allocation__pool__core__sites", _on_ambiguous_vlan())
     for pk, site_id, on_a_shared_id in rows:
         reached.setdefault(pk, set()).add(site_id)
         if on_a_shared_id:

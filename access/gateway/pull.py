@@ -555,18 +555,25 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
     return report
 
 
+def _kill(vpn: VpnState, serial: int, peers: list[tuple[str, str]], report: InstallReport) -> bool:
+    """Kill these sessions of certificate ``serial`` through the management interface (recorded in ``report``);
+    whether the interface answered."""
+    try:
+        if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
+            report.cut.append(serial)
+    except management.ManagementError as exc:
+        report.cut_errors.append(f"serial {serial}: {exc}")
+        return False
+    return True
+
+
 def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
     for serial in sorted(revoked):
         peers = session_peers(vpn, serial)
         if not peers:
             continue  # not connected through this gateway (or already cut)
-        try:
-            if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
-                report.cut.append(serial)
-        except management.ManagementError as exc:
-            report.cut_errors.append(f"serial {serial}: {exc}")
-            continue
-        forget_sessions(vpn, serial)
+        if _kill(vpn, serial, peers, report):
+            forget_sessions(vpn, serial)
 
 
 def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
@@ -584,13 +591,7 @@ def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
         if cluster and (cluster not in vlans or (vlan is not None and vlans[cluster] != vlan)):
             stale.setdefault(session["serial"], []).append(tuple(session["peer"]))
     for serial, peers in sorted(stale.items()):
-        try:
-            if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
-                report.cut.append(serial)
-        except management.ManagementError as exc:
-            report.cut_errors.append(f"serial {serial}: {exc}")
-            continue
-        if set(peers) == set(session_peers(vpn, serial)):
+        if _kill(vpn, serial, peers, report) and set(peers) == set(session_peers(vpn, serial)):
             forget_sessions(vpn, serial)  # (else OpenVPN's client-disconnect drops those peers: the hooks' file)
 
 
