@@ -25,7 +25,9 @@ replaces the snapshot with the owned ports read back in the request that waits f
 ``rollback`` and ``close`` drop it, and it is read again when older than ``snapshot_max_age`` (driver arg,
 default 5 s). So a converge costs three OVSDB round trips (read; commit; wait + verifying read) and a
 converge with nothing to change one. The commit writes absolute values
-(``vlan_mode=trunk``, the whole trunk list, no tag), so a snapshot a few milliseconds old can only make the
+(``vlan_mode=trunk``, the whole trunk list, no tag; a ``native-tagged``/``native-untagged`` trunk whose native VLAN
+the candidate holds — the port's static VLANs — keeps its mode and tag, as an IOS trunk keeps its native VLAN
+under ``switchport trunk allowed vlan``), so a snapshot a few milliseconds old can only make the
 verifying read fail, never write a wrong value. The NAPALM getters (``get_vlans``, ``get_facts``,
 ``get_config``) always read the whole bridge afresh.
 
@@ -55,6 +57,7 @@ from network.drivers.vendor import NapalmSwitchSession, classified, vlan_list
 ROLLBACK_KEY = "virtcloud-rollback"
 # A session's snapshot is read again when older than this (seconds); a convergence takes tens of ms.
 SNAPSHOT_MAX_AGE = 5.0
+NATIVE_MODES = ("native-tagged", "native-untagged")
 _LINE = re.compile(r"^port\s+(?P<port>\S+)\s+trunks\s+(?P<vids>none|[0-9][0-9,\-]*)$")
 
 
@@ -91,6 +94,42 @@ class PortState:
     def vids(self) -> frozenset[int]:
         """VLANs carried tagged (for a plain trunk: its list without the 'no VLAN' sentinel)."""
         return frozenset(self.trunks) - {NO_VLANS}
+
+    @property
+    def native(self) -> int | None:
+        """The native VLAN of a ``native-tagged``/``native-untagged`` trunk (untagged frames' VLAN, carried
+        beside its list); None for any other port."""
+        return self.tag if self.mode in NATIVE_MODES else None
+
+    def carries(self, want: frozenset[int]) -> frozenset[int] | None:
+        """The VLANs this port carries when it is already a trunk the candidate ``want`` may keep as it is
+        made (a plain trunk, or a native trunk whose native VLAN ``want`` holds); None otherwise."""
+        if self.is_plain_trunk and self.tag is None:
+            return self.vids
+        if self.native is not None and self.native in want and self.trunks:
+            return self.vids | {self.native}
+        return None
+
+    def commands(self, ovs_name: str, want: frozenset[int]) -> list[list[str]]:
+        """Absolute values making this port carry exactly ``want``: a native trunk whose native VLAN ``want``
+        holds keeps its mode and native VLAN (an IOS trunk keeps its native VLAN under ``allowed vlan``; the
+        native VLAN goes in the port's static VLANs), any other port becomes a plain trunk with no tag."""
+        native = self.native
+        if native is not None and native in want:
+            return [
+                [
+                    "set",
+                    "Port",
+                    ovs_name,
+                    f"vlan_mode={self.mode}",
+                    f"tag={native}",
+                    f"trunks={trunks_value(want - {native})}",
+                ]
+            ]
+        return [
+            ["set", "Port", ovs_name, "vlan_mode=trunk", f"trunks={trunks_value(want)}"],
+            ["clear", "Port", ovs_name, "tag"],
+        ]
 
     def text(self, name: str) -> str:
         if self.is_plain_trunk:
@@ -155,8 +194,10 @@ def _vlan_table(ports: Mapping[str, PortState]) -> dict[int, dict]:
     members: dict[int, set[str]] = {}
     carries_all = []
     for name, state in ports.items():
-        if state.mode == "trunk" and not state.trunks:
+        if state.mode in ("trunk", *NATIVE_MODES) and not state.trunks:  # OVS: an empty list trunks every VLAN
             carries_all.append(name)
+            if state.native is not None:
+                members.setdefault(state.native, set()).add(name)
             continue
         vids = set(state.vids)
         if state.tag is not None and state.mode != "trunk":
@@ -372,7 +413,7 @@ class OvsDriver(NetworkDriver):
                 raise OvsMergeError(self.device_name, f"port {name} disappeared since the candidate was loaded")
             want = self._candidate[name]
             state = ports[name]
-            if state.is_plain_trunk and state.vids == want and state.tag is None:
+            if state.carries(want) == want:
                 continue
             changes.append((name, state, want))
         return changes
@@ -380,8 +421,9 @@ class OvsDriver(NetworkDriver):
     def compare_config(self) -> str:
         lines = []
         for name, state, want in self._changes():
-            if state.is_plain_trunk and state.tag is None:
-                added, removed = want - state.vids, state.vids - want
+            carried = state.carries(want)
+            if carried is not None:
+                added, removed = want - carried, carried - want
                 words = ([f"add {vlan_list(added)}"] if added else []) + (
                     [f"remove {vlan_list(removed)}"] if removed else []
                 )
@@ -403,10 +445,9 @@ class OvsDriver(NetworkDriver):
         for name, state, want in changes:
             ovs_name = self.port_map.get(name, name)
             record[ovs_name] = state.as_record()
-            # absolute values only, and the tag cleared whatever the snapshot says: a port changed by someone
-            # else since the snapshot still ends up a plain trunk of exactly ``want``
-            commands.append(["set", "Port", ovs_name, "vlan_mode=trunk", f"trunks={trunks_value(want)}"])
-            commands.append(["clear", "Port", ovs_name, "tag"])
+            # absolute values only (mode, tag and list, whatever the snapshot says): a port changed by someone
+            # else since the snapshot still ends up carrying exactly ``want``
+            commands += state.commands(ovs_name, want)
         record_text = json.dumps({"time": time.time(), "message": message, "ports": record}, sort_keys=True)
         commands.append([*self._record_target(), f"external_ids:{ROLLBACK_KEY}={quote(record_text)}"])
         self._snapshot = None  # whatever happens, the device is read again next time

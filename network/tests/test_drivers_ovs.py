@@ -168,6 +168,55 @@ def test_rollback_restores_the_previous_state_exactly(lab, ovs_bridge):
     assert isinstance(excinfo.value, PermanentDeviceError)
 
 
+def test_a_native_trunk_keeps_its_native_vlan_when_the_candidate_holds_it(lab, ovs_bridge):
+    """An owned trunk with a native VLAN (``native-untagged``, a hypervisor's untagged management network): the
+    candidate that holds the native VLAN (the port's static VLANs) changes only its list; the port stays
+    native-untagged with its tag (it was made a plain trunk: the host lost its untagged network). A candidate
+    without it makes the port a plain trunk of exactly its list, as before."""
+    e1 = ovs_bridge["port_map"]["Ethernet1"]
+    lab.ovsdb().run(["set", "Port", e1, "vlan_mode=native-untagged", "tag=10", "trunks=4095"])
+    device = driver(ovs_bridge)
+    device.load_merge_candidate(config="port Ethernet1 trunks 10,100-101")
+    assert device.compare_config() == "port Ethernet1 trunks add 100-101"
+    device.commit_config()
+    port = raw_port(lab, e1)
+    assert (port["vlan_mode"], port["tag"], port["trunks"]) == ("native-untagged", 10, [100, 101])
+    assert device.get_vlans()[10]["interfaces"] == ["Ethernet1"]
+    device.load_merge_candidate(config="port Ethernet1 trunks 10,100-101")
+    assert device.compare_config() == ""  # converged: nothing to commit
+    device.load_merge_candidate(config="port Ethernet1 trunks 10")
+    assert device.compare_config() == "port Ethernet1 trunks remove 100-101"
+    device.commit_config()
+    port = raw_port(lab, e1)
+    assert (port["vlan_mode"], port["tag"], port["trunks"]) == ("native-untagged", 10, 4095)
+    device.load_merge_candidate(config="port Ethernet1 trunks 100")
+    assert device.compare_config() == "port Ethernet1 vlan_mode native-untagged tag 10 trunks none -> trunks 100"
+    device.commit_config()
+    port = raw_port(lab, e1)
+    assert (port["vlan_mode"], port["tag"], port["trunks"]) == ("trunk", [], 100)
+
+
+def test_a_session_converges_and_verifies_a_native_trunk_with_its_static_native_vlan(lab, ovs_bridge):
+    """Through the session (get_vlans, verification): the native VLAN in the desired set verifies, and a
+    native trunk whose empty list trunks every VLAN is read as carrying every VLAN (not its native one only)."""
+    e1, e2 = ovs_bridge["port_map"]["Ethernet1"], ovs_bridge["port_map"]["Ethernet2"]
+    lab.ovsdb().run(
+        ["set", "Port", e1, "vlan_mode=native-tagged", "tag=20", "trunks=4095"],
+        ["set", "Port", e2, "vlan_mode=native-untagged", "tag=30"],
+        ["clear", "Port", e2, "trunks"],
+    )
+    with switch_session(spec(ovs_bridge)) as session:
+        assert session.port_vlans()["Ethernet1"] == {20}
+        assert session.port_vlans()["Ethernet2"] >= {20, 30}  # every VLAN the switch shows
+        desired = {"Ethernet1": frozenset({20, 100}), "Ethernet2": frozenset({30, 100})}
+        result = session.converge(desired)
+        assert result.changed and result.after == desired
+        assert not session.converge(desired).changed
+    for ovs_name, mode, tag in ((e1, "native-tagged", 20), (e2, "native-untagged", 30)):
+        port = raw_port(lab, ovs_name)
+        assert (port["vlan_mode"], port["tag"], port["trunks"]) == (mode, tag, 100)
+
+
 def test_rollback_works_from_a_new_session(lab, ovs_bridge):
     """The rollback record lives on the device (bridge external_ids), like a NOS's rollback checkpoint."""
     first = driver(ovs_bridge)
