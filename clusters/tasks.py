@@ -118,6 +118,10 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
     if cluster is None:
         return
     detail = describe(exc)
+    if cluster.workflow_generation == generation:
+        # a chain that failed before ``teardown_begin`` recorded the step fails it all the same, or the sweep
+        # would take the teardown for one still running and wait for it to be lost (tens of minutes)
+        services.step_start_once(cluster, "teardown")
     services.steps_finish_running(cluster, "teardown", generation=generation, error=detail)
     VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
         state_reason=f"teardown incomplete: {detail}"[:2000]

@@ -1055,6 +1055,35 @@ def test_a_teardown_in_a_slow_queue_is_left_alone_one_never_sent_or_lost_is_sent
     assert len(sent) == 3
 
 
+def test_a_teardown_that_failed_before_its_first_step_is_sent_again_at_the_next_sweep(
+    fabric, images, api, alice, monkeypatch
+):
+    """A teardown chain that fails before ``teardown_begin`` records its step (its first task failed: the
+    database went away under it) fails a step all the same: the sweep restarts it after ``older_than``, not
+    after the tens of minutes it waits for a lost one."""
+    from types import SimpleNamespace
+
+    from celery.canvas import _chain
+
+    from clusters import tasks
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    sent = []
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    tasks.teardown_failed(SimpleNamespace(id="t"), RuntimeError("connection to server lost"), None, cid, generation)
+    step = ClusterStep.objects.get(cluster_id=cid, name="teardown", generation=generation)
+    assert (step.status, step.error) == ("failed", "RuntimeError: connection to server lost")
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=6))
+    assert services.clusters_retry_stuck_teardowns() == [cid]
+    assert len(sent) == 2
+    # a late report of that failed chain records no step in the new workflow
+    tasks.teardown_failed(SimpleNamespace(id="t"), RuntimeError("late"), None, cid, generation)
+    assert not ClusterStep.objects.filter(cluster_id=cid, name="teardown", generation=generation + 1).exists()
+
+
 def test_a_late_callback_of_an_older_teardown_leaves_the_running_retrys_step_alone(
     fabric, images, api, alice, monkeypatch
 ):
