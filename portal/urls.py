@@ -1,7 +1,6 @@
 """URL routes. Each app adds its own module here as it grows (``<app>.urls`` for pages, ``<app>.api.urls``)."""
 
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -23,7 +22,7 @@ urlpatterns = [
     path("metrics", views.MetricsView.as_view(), name="metrics"),
     path(
         "login/",
-        auth_views.LoginView.as_view(authentication_form=LoginForm, redirect_authenticated_user=True),
+        views.LoginView.as_view(authentication_form=LoginForm),
         name="login",
     ),
     path("logout/", views.LogoutView.as_view(), name="logout"),

@@ -116,6 +116,23 @@ class MetricsView(APIView):
         return response
 
 
+class LoginView(auth_views.LoginView):
+    """Django's login page (the portal's form); a user signed in already goes on to ``next``. A ``next`` that is
+    the login page itself is no place to go on to (Django raised a 500 for the loop, or the browser went round
+    it): the home page then."""
+
+    authentication_form = None  # set in urls (the portal's LoginForm)
+    redirect_authenticated_user = True
+
+    def get_redirect_url(self):
+        from urllib.parse import urlsplit
+
+        url = super().get_redirect_url()
+        if url and urlsplit(url).path == self.request.path:
+            return ""
+        return url
+
+
 class LogoutView(auth_views.LogoutView):
     """Log out by POST (the header's button), saying so on the login page. A GET — the address typed, an old
     bookmark — asks to confirm with a button instead of Django's blank 405 page; logged out already: the

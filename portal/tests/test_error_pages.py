@@ -74,3 +74,15 @@ def test_permission_denied_has_the_portal_layout(client, django_user_model):
     response = client.get("/admin/network/switch/")
     assert response.status_code == 403
     assert "<title>Not allowed · VirtCloud portal</title>" in response.content.decode()
+
+
+@pytest.mark.parametrize("next_url", ["/login/", "/login/?next=/login/", "http://testserver/login/"])
+def test_a_signed_in_user_sent_to_the_login_page_with_itself_as_next_goes_home(client, alice, next_url):
+    """``/login/?next=/login/`` for someone signed in: Django's redirect-loop check was a 500 (and a ``next``
+    of the login page with a query string went round in the browser); now the home page."""
+    client.force_login(alice)
+    response = client.get("/login/", {"next": next_url})
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert client.get("/login/", {"next": "/access/"})["Location"] == "/access/"  # any other next still goes there
+    client.logout()
+    assert client.get("/login/", {"next": next_url}).status_code == 200  # signed out: the form
