@@ -161,7 +161,10 @@ def moment(text: str):
         return None
     if at is None:
         return None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+    try:  # in UTC: a time at the calendar's ends that has none there (year 0 or 10000) is no time
+        return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+    except OverflowError:
+        return None
 
 
 def public_address_holders(address: str, *, at=None) -> QuerySet[PublicSubnetLease]:

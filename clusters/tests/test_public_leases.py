@@ -218,3 +218,16 @@ def test_a_public_cluster_a_process_of_the_release_before_made_gets_its_lease(cr
     lease = PublicSubnetLease.objects.get(cluster=cluster)
     assert (lease.subnet, lease.ended_at) == (cluster.public_subnet, None)
     assert list(selectors.public_address_holders("198.19.0.5")) == [lease]
+
+
+def test_a_search_time_is_read_in_utc_and_one_beyond_the_calendar_is_none():
+    """``moment`` (the admin's lease search, an abuse report's time): in UTC; a time whose UTC falls outside
+    years 1-9999 is no time (SQLite's conversion raised OverflowError: a 500 in the admin)."""
+    from datetime import UTC, datetime
+
+    assert selectors.moment("2026-12-01T10:00Z") == datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    assert selectors.moment("2026-12-01T11:00+01:00") == datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    assert selectors.moment("2026-12-01 10:00") == datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    assert selectors.moment("9999-12-31T23:59-05:00") is None
+    assert selectors.moment("0001-01-01T00:00+05:00") is None
+    assert selectors.moment("yesterday") is None
