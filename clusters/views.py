@@ -121,14 +121,24 @@ def _post_only(view):
 
 
 @login_required
+@never_cache
 def home(request):
     return _page(request)
+
+
+#: live clusters the clusters page lists (the newest)
+HOME_LIVE_SHOWN = 100
 
 
 def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> HttpResponse:
     """The clusters page; ``refused``: a row's "Extend" as it was sent, shown with its refusal (status 400)."""
     clusters = selectors.clusters_visible(request)
-    live = list(clusters.filter(state__in=LIVE_STATES))
+    # the newest first, at most HOME_LIVE_SHOWN (an administrator sees every user's: thousands of rows, each with
+    # its nodes and steps, were one page); the rest are in the admin and the API
+    live = list(clusters.filter(state__in=LIVE_STATES)[: HOME_LIVE_SHOWN + 1])
+    more = len(live) > HOME_LIVE_SHOWN
+    live_total = clusters.filter(state__in=LIVE_STATES).count() if more else len(live)
+    live = live[:HOME_LIVE_SHOWN]
     groups = list(request.user.groups.order_by("name"))
     mine = {g.pk for g in groups}
     access = reverse("access:my-clusters")
@@ -155,6 +165,7 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             "groups": groups,
             "sees_all": selectors.sees_all(request, VirtualCluster),
             "live": live,
+            "live_total": live_total,
             # the live page script (static/js/live-state.js) follows rows in a transitional state
             "states": ",".join(ClusterState.values),
             "live_states": ",".join(LIVE_STATES),

@@ -142,3 +142,26 @@ def test_home_recently_ended_are_the_last_ten_to_end(client, alice):
     client.force_login(alice)
     ended = client.get("/").context["ended"]
     assert [c.name for c in ended] == ["long-lived"] + [f"job{i}" for i in range(9)]
+
+
+def test_home_lists_the_newest_live_clusters_up_to_a_cap_and_says_how_many_there_are(
+    fabric, client, alice, root, monkeypatch
+):
+    """An administrator's page lists every user's live clusters: the newest ``HOME_LIVE_SHOWN`` of them (each row
+    with its nodes and steps; thousands were one page), saying how many there are and where the rest are; the
+    page is never cached (a shared browser's Back after logout showed the list)."""
+    from clusters import views
+    from clusters.tests.helpers import create_cluster
+
+    for i in range(3):
+        create_cluster(alice, f"c{i}", f"52:54:00:00:0b:0{i}")
+    monkeypatch.setattr(views, "HOME_LIVE_SHOWN", 2)
+    client.force_login(root)
+    response = client.get("/")
+    assert "no-store" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
+    page = response.content.decode()
+    assert 'data-cluster="' in page and page.count('<tr data-cluster="') == 2
+    assert ">c2<" in page and ">c1<" in page and ">c0<" not in page
+    assert "The 2 newest of 3 live clusters: the " in page and "/admin/clusters/virtualcluster/" in page
+    monkeypatch.setattr(views, "HOME_LIVE_SHOWN", 3)
+    assert "newest of" not in client.get("/").content.decode()
