@@ -1456,6 +1456,33 @@ def test_a_body_nested_too_deep_is_a_400(api, alice):
     assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
 
 
+def test_a_body_a_few_hundred_levels_deep_with_an_idempotency_key_is_a_400(api, alice):
+    """Deep enough for the decoder, too deep for the key's fingerprint (which walks the body): a 500 was the
+    answer; the parser refuses any body deeper than the API's own."""
+    api.force_authenticate(alice)
+    deep = b'{"name": ' + b"[" * 600 + b"]" * 600 + b"}"
+    r = api.generic("POST", "/api/clusters/", deep, content_type="application/json", HTTP_IDEMPOTENCY_KEY="k1")
+    assert r.status_code == 400 and "nested too deeply (more than 32 levels)" in r.json()["detail"]
+    assert not VirtualCluster.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "path, raw",
+    [
+        ("/api/clusters/", rb'{"name": "c1", "connectivity": "\ud800"}'),  # a choice DRF quotes back
+        ("/api/clusters/plan/", rb'{"\udfff": 1}'),  # an unknown key, quoted back as the error's key
+    ],
+)
+def test_a_lone_surrogate_in_a_json_body_is_a_400(api, alice, path, raw):
+    """JSON may escape a lone UTF-16 surrogate, which no UTF-8 text holds: the 400 that quoted it back could
+    not be encoded (a 500). Now the parser refuses it; a surrogate pair (a real character) is fine."""
+    api.force_authenticate(alice)
+    r = api.generic("POST", path, raw, content_type="application/json")
+    assert r.status_code == 400 and "lone UTF-16 surrogate" in r.json()["detail"], r.content
+    r = api.generic("POST", "/api/clusters/plan/", rb'{"\ud83d\ude00": 1}', content_type="application/json")
+    assert r.status_code == 400 and r.json()["\U0001f600"] == ["unknown field"]  # a real character, quoted back
+
+
 def test_a_change_without_the_trailing_slash_is_redirected_with_its_method(api, alice):
     """308: repeated with the same method and body; Django's 301 made clients repeat a POST as a GET (a list)."""
     api.force_authenticate(alice)
