@@ -594,7 +594,12 @@ def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
 def image_delete(*, image: Image) -> str:
     """Delete a user-provided image: "deleted", or "retired" when ended clusters still name it (kept for their
     history, listed no more, booting nothing new). A live cluster booting it is a 409 naming it."""
-    image = Image.objects.select_for_update().get(pk=image.pk)  # (cluster creates share-lock it: they finish first)
+    locked = Image.objects.select_for_update().filter(pk=image.pk).first()  # (cluster creates share-lock it)
+    if locked is None:  # deleted meanwhile (a retried or double-clicked delete): what was asked is done
+        return "deleted"
+    image = locked
+    if image.retired_at is not None:
+        return "retired"
     live = image.clusters.filter(state__in=LIVE_STATES).count()  # (not named: they may be others' clusters)
     if live:
         raise Conflict(f"{live} live cluster(s) boot image {image.name}: they must end first")

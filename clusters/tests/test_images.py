@@ -192,6 +192,18 @@ def test_a_change_of_an_image_deleted_or_retired_meanwhile_is_a_conflict_not_a_5
         services.image_update(image=image, changes={"description": "x"})
 
 
+def test_a_delete_of_an_image_deleted_or_retired_meanwhile_is_done_not_a_500(alice):
+    """Two deletes at once (a retry, a double click): the second, its row gone once it got the lock, says the
+    image is deleted (it raised DoesNotExist: a 500); one retired meanwhile stays retired as it was."""
+    register(alice)
+    image = Image.objects.get(name="alice-img")  # as the second DELETE read it
+    Image.objects.filter(pk=image.pk).update(retired_at="2026-01-01T00:00Z")  # the first one retired it
+    assert services.image_delete(image=image) == "retired"
+    assert str(Image.objects.get(pk=image.pk).retired_at.date()) == "2026-01-01"  # kept as the first one set it
+    Image.objects.filter(pk=image.pk).delete()
+    assert services.image_delete(image=image) == "deleted"
+
+
 def test_read_only_tokens_cannot_register(alice):
     reader = token_client(alice, TokenScope.CLUSTERS_READ)
     assert reader.get("/api/images/").status_code == 200
