@@ -73,6 +73,12 @@ class NodeRequest:
     address: str | None = None
 
 
+def not_a_group_of_the_owner(name: str) -> str:
+    """The refusal of a group the owner is not a member of — the same words as for a name no group has
+    (``GroupField``): which group names exist is not told to whoever asks."""
+    return f"{name}: not a group the owner is a member of"
+
+
 def lifetime_bounds() -> tuple[timedelta, timedelta]:
     return timedelta(seconds=settings.CLUSTER_MIN_LIFETIME), timedelta(seconds=settings.CLUSTER_MAX_LIFETIME)
 
@@ -308,7 +314,7 @@ def cluster_create(
     if VirtualCluster.objects.filter(owner=owner, name=name, state__in=LIVE_STATES).exists():
         raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
-        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
+        raise ClusterError(not_a_group_of_the_owner(group.name), field="group")
     _check_image(image, owner=owner)
     quota_check(owner=owner, group=group, clusters=1, nodes=len(nodes))
 
@@ -540,7 +546,7 @@ def image_register(
             return taken, False
         raise ClusterError(f"an image named {name} already exists", field="name")
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
-        raise ClusterError(f"{owner.get_username()} is not a member of group {group.name}", field="group")
+        raise ClusterError(not_a_group_of_the_owner(group.name), field="group")
     have = Image.objects.filter(owner=owner, retired_at__isnull=True).count()
     if settings.IMAGE_QUOTA and not selectors.staff_may(owner, "change", Image) and have >= settings.IMAGE_QUOTA:
         raise QuotaExceeded(
@@ -572,7 +578,7 @@ def image_update(*, image: Image, changes: Mapping[str, object]) -> Image:
         raise Conflict(f"image {image.name} was deleted meanwhile")
     group = changes.get("group")
     if group is not None and not locked.owner.groups.filter(pk=group.pk).exists():
-        raise ClusterError(f"{locked.owner.get_username()} is not a member of group {group.name}", field="group")
+        raise ClusterError(not_a_group_of_the_owner(group.name), field="group")
     fields = [*changes]
     if locked.approved and "source" in changes and changes["source"] != locked.source:
         public = VirtualCluster.objects.filter(image=locked, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC)

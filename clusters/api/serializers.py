@@ -55,6 +55,16 @@ class OwnerField(NameRelatedField):
         return super().to_internal_value(data)
 
 
+class GroupField(NameRelatedField):
+    """A group by name, for the owner to share with: a name no group has is refused in the same words as a group
+    the owner is not in (``services.not_a_group_of_the_owner``), so a caller learns no other project's group."""
+
+    default_error_messages = {"does_not_exist": "{value}: not a group the owner is a member of"}
+
+    def __init__(self, **kwargs):
+        super().__init__(slug_field="name", queryset=Group.objects.all(), **kwargs)
+
+
 class HostField(NameRelatedField):
     """A host by name; looked up in ``prefetched`` when the list of nodes filled it (one query for all
     the nodes of a request instead of one per node)."""
@@ -152,7 +162,7 @@ class ClusterCreateSerializer(StrictSerializer):
         help_text="only for middleware tokens (clusters:manage) and admins (anyone else naming another user: "
         "403); default: the caller",
     )
-    group = NameRelatedField(slug_field="name", queryset=Group.objects.all(), required=False)
+    group = GroupField(required=False)
     image = UsableImageField(
         help_text="the provider's catalogue, the owner's own images, or an image shared with one of the owner's "
         "groups (`GET /api/images/`); a user-provided (not approved) image makes the cluster closed",
@@ -226,9 +236,7 @@ class ImageCreateSerializer(StrictSerializer):
         required=False,
         help_text="only for middleware tokens (clusters:manage) and admins; default: the caller",
     )
-    group = NameRelatedField(
-        slug_field="name",
-        queryset=Group.objects.all(),
+    group = GroupField(
         required=False,
         allow_null=True,
         help_text="share it with this group's members (the owner must be one)",
@@ -242,9 +250,7 @@ class ImageCreateSerializer(StrictSerializer):
 class ImageUpdateSerializer(StrictSerializer):
     """What the owner may change of a user-provided image (each field optional)."""
 
-    group = NameRelatedField(
-        slug_field="name",
-        queryset=Group.objects.all(),
+    group = GroupField(
         required=False,
         allow_null=True,
         help_text="share it with this group (the owner must be a member); null: not shared",
