@@ -91,26 +91,45 @@ def converge_devices(
 
     Each layer has retries of its own (``DEVICE_RETRY_MAX``, backoff from the first step): a retry goes on from
     the layer that asked for it, with ``retries_before`` the task's retries when that layer began — the
-    switches' retries never leave the hosts none."""
+    switches' retries never leave the hosts none. A later layer waits for device locks only as long as this
+    task's time leaves its device sessions theirs; with none left it goes on in a task of its own."""
     done = []
     layers = [change_ids, *(then or [])]
+    started = time.monotonic()
     for index, layer in enumerate(layers):
         before = retries_before if index == 0 else (self.request.retries or 0)
+        rest = {"then": layers[index + 1 :], "finish": finish, "tolerate": tolerate, "retries_before": before}
+        wait = None  # the first layer: half the soft time limit for a device lock
+        if index:
+            # a later layer has what is left of this task's time, less one device session's: a lock waited for
+            # must not take the time the device itself needs (the soft limit would cut it, failing the layer
+            # with no device to blame); none left: the layer goes on in a task of its own, at once, with retries
+            # of its own (not one of the previous layer's)
+            left = settings.CELERY_TASK_SOFT_TIME_LIMIT - (time.monotonic() - started) - _session_time()
+            if left <= 0:
+                rest["retries_before"] = (self.request.retries or 0) + 1
+                raise self.retry(args=[layer], kwargs=rest, countdown=0, max_retries=None)
+            wait = min(left, settings.CELERY_TASK_SOFT_TIME_LIMIT / 2)
         with audit_actor("network.converge"):
-            outcome = convergence.converge_changes(layer)
+            outcome = convergence.converge_changes(layer, wait=wait)
         if outcome.failed and not tolerate:
             raise outcome.failed[0]
         if outcome.temporary and tolerate and _retries_spent(self, before):
             _fail_pending(outcome.temporary)  # recorded as failed; the rollback goes on
             outcome = convergence.BatchOutcome(changes=DeviceChange.objects.in_bulk(layer))
         elif outcome.temporary:
-            rest = {"then": layers[index + 1 :], "finish": finish, "tolerate": tolerate, "retries_before": before}
             _retry_pending(self, outcome.temporary, before=before, args=[layer], kwargs=rest)
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
         kind, segment_id = finish
         return FINISH[kind](segment_id)
     return {"changes": done}
+
+
+def _session_time() -> float:
+    """How long one layer's device sessions may take once their locks are held: the device timeout (an OVSDB
+    transport adds 5 s to it), with a margin for the database."""
+    return settings.DEVICE_TIMEOUT + 10
 
 
 def _retries_spent(task, before: int = 0) -> bool:
@@ -211,27 +230,6 @@ def segment_released(segment_id: int) -> dict:
 FINISH = {"provisioned": segment_provisioned, "released": segment_released}
 
 
-def _converge_now(change_ids: list[int]) -> dict[int, str]:
-    """Converge the devices of ``change_ids`` inline, side by side, with the retry policy; the device's
-    message of every change that failed for good."""
-    failed: dict[int, str] = {}
-    remaining = list(change_ids)
-    for attempt in range(settings.DEVICE_RETRY_MAX + 1):
-        outcome = convergence.converge_changes(remaining)
-        failed.update({exc.change_id: exc.message for exc in outcome.failed})
-        remaining = list(outcome.temporary)
-        if not remaining:
-            break
-        if attempt == settings.DEVICE_RETRY_MAX:
-            for change_id, exc in outcome.temporary.items():
-                with contextlib.suppress(DeviceChangeFailed):
-                    convergence.change_fail(change_id, exc.message)
-                failed[change_id] = exc.message
-        else:
-            time.sleep(_backoff(attempt))
-    return failed
-
-
 @shared_task(name="network.segment_compensate", **_DEVICE_TASK)
 def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     """Roll a failed provisioning back: every device the segment needs or touched is converged to the
@@ -244,10 +242,13 @@ def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     reconcile period) runs the rollback of such a segment again (``retry``), and of one that stalled, until
     every device is clean and the VLAN goes back to the pool.
 
-    Each device is converged by the worker that reaches it (``Switch.queue``, ``Host.queue``): when that is
-    the central worker for all of them, here, inline; otherwise this task is replaced by a chain of layers
-    on their queues (hosts, then switches; ``tolerate``: a device that fails stops neither the others nor
-    the next layer) ending in ``segment_compensated``, and whatever followed this task follows that."""
+    Each device is converged by the worker that reaches it (``Switch.queue``, ``Host.queue``): this task is
+    replaced by a chain of layers on their queues (hosts, then switches; ``tolerate``: a device that fails stops
+    neither the others nor the next layer; layers of the central worker merged into one task) ending in
+    ``segment_compensated``, and whatever followed this task follows that. Never inline: a device that does not
+    answer takes its retries (each attempt a task of its own, within its time limit); converging every layer
+    here ran the whole rollback within ONE task's time limit, which a host timing out on every retry
+    exceeded before the switches were rolled back."""
     from network import workflows
 
     with audit_actor("network.compensate"), convergence.device_lock("segment", segment_id, wait=0) as held:
@@ -268,10 +269,6 @@ def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
         switches, hosts = convergence.selectors.segment_devices(seg)
         devices = [*hosts, *switches]  # reverse order of provisioning: hosts, then switches
         ids = convergence.changes_create(devices=devices, segment=seg, cause=_compensation_cause(seg))
-        if not any(device.queue for device in devices):
-            _converge_now(ids[: len(hosts)])
-            _converge_now(ids[len(hosts) :])
-            return segment_compensated(seg.pk)
         pairs = list(zip(devices, ids, strict=True))
         steps = workflows.layers(
             seg,

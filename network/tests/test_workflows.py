@@ -321,6 +321,42 @@ def test_each_layer_of_one_task_has_retries_of_its_own(fabric):
     assert DeviceChange.objects.get(segment=seg2, device="pilsen2", cause="provision d").status == "failed"
 
 
+def test_a_later_layer_waits_for_locks_only_within_the_tasks_time_and_goes_on_in_a_task_of_its_own(
+    fabric, monkeypatch, settings
+):
+    """The layers of one task share its time limit. A later layer waits for a device lock no longer than the time
+    left after one device session's (each layer waited half the limit afresh: two busy locks and the soft limit
+    cut the task, failing the provisioning with no device to blame); with no time left it goes on in a task of its
+    own, at once, with retries of its own (the hand-off is none of them)."""
+    from network import tasks
+
+    settings.CELERY_TASK_SOFT_TIME_LIMIT, settings.DEVICE_TIMEOUT = 120, 30
+    waits = []
+    converge_changes = convergence.converge_changes
+
+    def spy(change_ids, **kwargs):
+        waits.append(kwargs.get("wait"))
+        return converge_changes(change_ids, **kwargs)
+
+    monkeypatch.setattr(convergence, "converge_changes", spy)
+    seg = services.segment_create(owner="c", hosts=[fabric.hosts["pilsen1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    assert waits[0] is None and 0 < waits[1] <= 60  # the first layer: half the limit; the next: what is left
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.ACTIVE
+
+    # no time left after the switches: the hosts go on in a retry of their own, with all three of their retries
+    waits.clear()
+    monkeypatch.setattr(tasks, "_session_time", lambda: 1000.0)
+    seg2 = services.segment_create(owner="d", hosts=[fabric.hosts["pilsen2"]], gateway=False)
+    canvas = workflows.provision(seg2.pk)
+    Host.objects.filter(name="pilsen2").update(driver_args={**fabric.args, "fail_times": 3})
+    canvas.apply().get()
+    assert Segment.objects.get(pk=seg2.pk).state == Segment.State.ACTIVE
+    host = DeviceChange.objects.get(segment=seg2, device="pilsen2")
+    assert (host.status, host.attempts) == ("ok", 4)
+    assert waits == [None, None, None, None, None]  # switches; then the hosts' task and its three retries
+
+
 def test_a_temporary_failure_of_a_device_renamed_since_its_change_was_recorded_is_retried(fabric):
     """The workflow recorded its change as "sw-pilsen"; the switch is renamed, then its config database is
     locked: the temporary error is still that change's (retried, then the provisioning fails and is rolled
@@ -413,15 +449,15 @@ def test_a_device_enabled_again_while_the_rollback_ran_keeps_the_vlan_until_it_i
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
     workflows.provision(seg.pk).apply().get()
     Switch.objects.filter(name="sw-pilsen").update(enabled=False)
-    converge_now = tasks._converge_now
+    converge_changes = convergence.converge_changes
 
-    def enabled_after_the_hosts(change_ids):
-        failed = converge_now(change_ids)
+    def enabled_after_the_hosts(change_ids, **kwargs):
+        outcome = converge_changes(change_ids, **kwargs)
         Switch.objects.filter(name="sw-pilsen").update(enabled=True)  # maintenance over mid-rollback
-        return failed
+        return outcome
 
     with monkeypatch.context() as patch:
-        patch.setattr(tasks, "_converge_now", enabled_after_the_hosts)
+        patch.setattr(convergence, "converge_changes", enabled_after_the_hosts)
         workflows.compensate(seg.pk).apply()
     seg.refresh_from_db()
     assert seg.state == Segment.State.FAILED and seg.allocation.state == VlanAllocation.State.ALLOCATED
@@ -1278,6 +1314,49 @@ def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_f
     assert change.status == "ok" and change.attempts >= 2  # claimed again by the redelivered task
     assert device_view(fabric) == desired_view(fabric)
     assert fabric.switch_ports("sw-pilsen")["h1"] == {seg.vid}
+
+
+@pytest.mark.worker
+def test_worker_a_rollback_whose_host_times_out_on_every_retry_still_rolls_the_switches_back(
+    worker_fabric, celery_worker, monkeypatch
+):
+    """Every device on the central worker (no agents): a rollback meets host pilsen1 timing out on every
+    attempt. Each attempt is a task of its own: after its retries the host's change fails, the switches are
+    rolled back and the segment is FAILED, naming the host that may still carry the VLAN. (The rollback ran
+    inline in ONE task, whose soft time limit the host's attempts used up before the switches: they kept the
+    VLAN, and the segment stayed rolling back.)"""
+    from network import tasks
+
+    fabric = worker_fabric
+    celery_worker.stop()
+    celery_worker.env.update(
+        CELERY_TASK_SOFT_TIME_LIMIT="5", CELERY_TASK_TIME_LIMIT="20", DEVICE_RETRY_MAX="3", DEVICE_RETRY_BACKOFF="0.1"
+    )
+    celery_worker.pool, celery_worker.concurrency = "prefork", 2  # (a threads pool enforces no time limit)
+    celery_worker.start()
+    for task in (tasks.segment_compensate, tasks.converge_devices):  # a task's limits travel with its message
+        monkeypatch.setattr(task, "soft_time_limit", 5)
+        monkeypatch.setattr(task, "time_limit", 20)
+    seg = services.segment_create(owner="cluster:slow", hosts=three_sites(fabric), gateway=False)
+    assert workflows.provision(seg.pk).delay().get(timeout=60)["state"] == "active"
+    host = Host.objects.get(name="pilsen1")
+    host.driver_args = {**fabric.args, "delay": 1.6, "fail_times": 100}  # busy on each of 4 attempts: 6.4 s and more
+    host.save(update_fields=["driver_args"])
+    workflows.compensate(seg.pk).delay()
+    wait_for(lambda: Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED, what="the rollback", timeout=60)
+    seg.refresh_from_db()
+    assert seg.error.split(selectors.NOT_ROLLED_BACK)[-1].startswith("pilsen1: ")
+    rollback = DeviceChange.objects.filter(segment=seg, cause="compensate cluster:slow")
+    assert {c.device: c.status for c in rollback} == {
+        "sw-brno": "ok",
+        "sw-pilsen": "ok",
+        "sw-prague": "ok",
+        "brno1": "ok",
+        "pilsen1": "failed",
+        "prague2": "ok",
+    }
+    assert rollback.get(device="pilsen1").attempts == 4
+    assert all(not vids for name in fabric.switches for vids in fabric.switch_ports(name).values())
 
 
 @pytest.mark.worker
