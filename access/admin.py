@@ -177,6 +177,13 @@ class GatewayAdmin(admin.ModelAdmin):
     )
     actions = ["make_token"]
 
+    def get_readonly_fields(self, request, obj=None):
+        # where the portal's own processes write a gateway's state (revocations install it at once): a path on
+        # the portal's host, set by a superuser only — a staff member who may change gateways may not make every
+        # user's "lost my laptop" write files anywhere the portal may
+        fields = super().get_readonly_fields(request, obj)
+        return fields if request.user.is_superuser else (*fields, "local_state_dir")
+
     @admin.action(
         description="Make gateway token (shown once; replaces the gateway's current token)", permissions=["change"]
     )

@@ -145,10 +145,11 @@ def reconcile_now(modeladmin, request, queryset):
     devices = list(queryset.filter(enabled=True).select_related("site"))
     skipped = sorted(queryset.filter(enabled=False).values_list("name", flat=True))
     unsent: list[str] = []
+    actor = f"{request.user.get_username()} (admin: reconcile now)"  # whose request the repairs were
 
     def send(device) -> None:
         try:
-            tasks.reconcile_later(kind, device)
+            tasks.reconcile_later(kind, device, actor=actor)
         except Exception as exc:  # the broker is unreachable: say so, as Plan does per device
             unsent.append(f"{device.name} ({type(exc).__name__}: {exc})")
 

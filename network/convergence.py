@@ -47,6 +47,9 @@ from network.drivers import DeviceError, PermanentDeviceError, TemporaryDeviceEr
 from network.errors import DeviceChangeFailed
 from network.models import DeviceChange, DeviceKind, Drift, Host, Segment, Switch
 from network.vlanranges import format_ranges
+from portal import audit
+
+PERIODIC_RECONCILER = "network.reconcile"  # the audit actor of the periodic reconciler's repairs
 
 Status = DeviceChange.Status
 
@@ -680,7 +683,10 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                 report.drifts = _record_drift(kind, device, list(_compare(expected, actual)))
                 if report.drifts and repair:
                     summary = "; ".join(str(d) for d in report.drifts)
-                    change = change_create(device=device, cause=f"reconcile: {summary}")
+                    # who asked, unless the periodic reconciler did: an admin's "reconcile now", manage.py
+                    who = audit.current().actor
+                    asked = "" if who in (PERIODIC_RECONCILER, "system") else f" ({who})"
+                    change = change_create(device=device, cause=f"reconcile{asked}: {summary}")
                     apply_locked(kind, device, session=session)
                     change.refresh_from_db()
                     if change.status in (Status.OK, Status.NOOP):

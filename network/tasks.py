@@ -471,11 +471,19 @@ def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, time
     return rows
 
 
-def reconcile_later(kind: str, device: Switch | Host, repair: bool | None = None, **options) -> None:
-    """Send ``reconcile_device`` for ``device`` to the queue of the worker that reaches it."""
+def reconcile_later(
+    kind: str,
+    device: Switch | Host,
+    repair: bool | None = None,
+    *,
+    actor: str = convergence.PERIODIC_RECONCILER,
+    **options,
+) -> None:
+    """Send ``reconcile_device`` for ``device`` to the queue of the worker that reaches it (its repairs audited as
+    ``actor``)."""
     if device.queue:
         options["queue"] = device.queue
-    reconcile_device.apply_async((str(kind), device.pk, repair), **options)
+    reconcile_device.apply_async((str(kind), device.pk, repair, actor), **options)
 
 
 @shared_task(
@@ -510,7 +518,9 @@ def reconcile_agent_hosts(queues: set[str]) -> list[str]:
 
 
 @shared_task(name="network.reconcile_device", acks_late=True, soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT)
-def reconcile_device(kind: str, device_id: int, repair: bool | None = None, actor: str = "network.reconcile") -> dict:
+def reconcile_device(
+    kind: str, device_id: int, repair: bool | None = None, actor: str = convergence.PERIODIC_RECONCILER
+) -> dict:
     """Compare one device with the desired state; record drift; repair when ``repair`` (default
     ``RECONCILE_REPAIR``), audited as ``actor``."""
     repair = settings.RECONCILE_REPAIR if repair is None else repair

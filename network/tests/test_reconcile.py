@@ -215,6 +215,9 @@ def test_admin_plan_and_reconcile_now(fabric, active, client, root, django_captu
         response = client.post(url, {"action": "reconcile_now", "_selected_action": ids})
     assert response.status_code == 302
     assert fabric.switch_ports("sw-brno")["uplink"] == {active.vid}
+    # the repair says whose request it was (it read as the periodic reconciler's, as if no one had asked)
+    repair = DeviceChange.objects.get(device="sw-brno", cause__startswith="reconcile")
+    assert repair.cause.startswith("reconcile (root (admin: reconcile now)): ") and repair.status == "ok"
     for name in ("segment", "devicechange", "drift", "vlanallocation"):
         assert client.get(reverse(f"admin:network_{name}_changelist")).status_code == 200
     assert client.get(reverse("admin:network_segment_change", args=[active.pk])).status_code == 200

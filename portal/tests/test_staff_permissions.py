@@ -301,3 +301,16 @@ def test_public_networks_and_metrics_need_a_staff_member_who_may_view_clusters(r
     assert logged_in(viewer).get("/metrics").status_code == 200
     assert logged_in(nobody).get("/metrics").status_code == 403
     assert logged_in(root).get("/metrics").status_code == 200
+
+
+def test_only_a_superuser_sets_where_the_portal_writes_a_gateways_state(root):
+    """``local_state_dir`` is where the portal's own processes write a gateway's state (each revocation, a user's
+    "lost my laptop" too): a staff member who may change gateways sees it, read-only; a superuser sets it."""
+    gateway = make_gateway("gw-local", vpn_port=1194)
+    url = f"/admin/access/gateway/{gateway.pk}/change/"
+    operator = staff("gwop", "access.change_gateway", "access.view_gateway")
+    page = logged_in(operator).get(url)
+    assert page.status_code == 200
+    assert 'name="local_state_dir"' not in page.content.decode() and "Local state dir" in page.content.decode()
+    assert 'name="local_state_dir"' in logged_in(root).get(url).content.decode()
+    assert "local_state_dir" not in page.context["adminform"].form.fields  # a value posted is never read
