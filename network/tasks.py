@@ -326,13 +326,17 @@ def segment_compensated(segment_id: int) -> dict:
         uncleaned = selectors.vlan_not_cleaned(seg, cause, known=reported)
         not_rolled_back += [f"{device}: enabled again during the rollback, not touched" for device in uncleaned]
         with transaction.atomic():
+            # the segment's row first, then its VLAN's (as a teardown locks them: no deadlock between the two),
+            # and still rolling back: one that a teardown took meanwhile releases its VLAN itself, once clean
+            locked = Segment.objects.select_for_update().filter(pk=seg.pk, state=Segment.State.COMPENSATING)
+            if not list(locked.values_list("pk", flat=True)):
+                seg.refresh_from_db()
+                return {"segment": seg.pk, "state": seg.state, "error": seg.error}
             if not_rolled_back:
                 reason += selectors.NOT_ROLLED_BACK + "; ".join(not_rolled_back)
             elif seg.allocation is not None and seg.allocation.owner == seg.owner_ref:
                 services.vlan_release(allocation=seg.allocation)
-            Segment.objects.filter(pk=seg.pk, state=Segment.State.COMPENSATING).update(
-                state=Segment.State.FAILED, error=reason[:5000]
-            )
+            locked.update(state=Segment.State.FAILED, error=reason[:5000])
         seg.refresh_from_db()
         return {"segment": seg.pk, "state": seg.state, "error": seg.error, "released": not not_rolled_back}
 

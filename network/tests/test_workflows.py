@@ -441,6 +441,27 @@ def test_a_device_enabled_again_while_the_teardown_ran_keeps_the_vlan_until_it_i
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
+def test_a_rollback_that_a_teardown_took_over_before_its_end_leaves_the_vlan_to_the_teardown(fabric, monkeypatch):
+    """The rollback's last step reads the segment rolling back, then a teardown takes it (DELETING) before the
+    step's transaction: the step locks the segment first and finds it gone from rolling back — the VLAN is left
+    to the teardown, which releases it once every device is clean (it was released under the teardown, and
+    the two locked the rows in opposite orders)."""
+    from network import tasks
+
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    Segment.objects.filter(pk=seg.pk).update(state=Segment.State.COMPENSATING)
+
+    def teardown_meanwhile(*args, **kwargs):  # (every device rolled back clean, as far as the step can tell)
+        Segment.objects.filter(pk=seg.pk).update(state=Segment.State.DELETING)
+        return []
+
+    monkeypatch.setattr(selectors, "vlan_not_cleaned", teardown_meanwhile)
+    assert tasks.segment_compensated(seg.pk)["state"] == Segment.State.DELETING
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.DELETING and seg.allocation.state == VlanAllocation.State.ALLOCATED
+
+
 def test_a_device_enabled_again_while_the_rollback_ran_keeps_the_vlan_until_it_is_rolled_back(fabric, monkeypatch):
     """As for a teardown: a rollback built while sw-pilsen was disabled, which is enabled again before the
     rollback ends, leaves the VLAN there — the segment keeps it, and the rollback run again cleans it."""
