@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal import logins, metrics, tokens
+from portal import secrets as portal_secrets
 from portal.api import error_responses
 from portal.models import ApiToken, TokenScope
 
@@ -198,7 +199,8 @@ def my_tokens(request):
                     messages.error(request, exc.message)
                 status = 400
             else:
-                request.session[_NEW_TOKEN] = [made.pk, secret, time.time()]
+                # ciphertext in the session store (a redirect never followed leaves it there until the next page)
+                request.session[_NEW_TOKEN] = [made.pk, portal_secrets.encrypt(secret), time.time()]
                 return redirect("tokens")
         else:
             status = 400
@@ -206,7 +208,8 @@ def my_tokens(request):
     shown = request.session.pop(_NEW_TOKEN, None)  # (a page that never came: gone with the next one)
     if shown and request.method == "GET" and time.time() - shown[2] < _NEW_TOKEN_SHOWN_FOR:
         made = ApiToken.objects.filter(user=request.user, pk=shown[0]).first()
-        secret = shown[1] if made else None
+        secret = _shown_secret(shown[1]) if made else None
+        made = made if secret else None
     live = tokens.tokens_live(request.user)
     ended = ApiToken.objects.filter(user=request.user).exclude(pk__in=live.values("pk"))
     context = {
@@ -219,6 +222,16 @@ def my_tokens(request):
         "signins": logins.sign_ins(request.user),
     }
     return render(request, "portal/tokens.html", context, status=status)
+
+
+def _shown_secret(stored: str) -> str | None:
+    """The secret a session holds for the page to show once; None for one it cannot read (another key)."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        return portal_secrets.decrypt(stored)
+    except ImproperlyConfigured:
+        return None
 
 
 @require_http_methods(["GET", "HEAD", "POST"])

@@ -35,9 +35,16 @@ def test_a_user_makes_a_token_sees_it_once_uses_it_and_revokes_it(client, alice)
     assert "no-store" in page["Cache-Control"]
     r = _make(client, name="laptop: client.py", scopes=["clusters:read", "clusters:write"], days=7)
     assert r.status_code == 302 and r["Location"] == reverse("tokens")  # a reload of the page makes none again
+    from django.contrib.sessions.models import Session
+
+    stored = [str(s.get_decoded()) for s in Session.objects.all()]  # (the database session store)
     r = client.get(r["Location"])
     assert r.status_code == 200 and "no-store" in r["Cache-Control"]
     secret = re.search(rb'<code id="token-secret">(vc_[^<]+)</code>', r.content)[1].decode()
+    # until its page was shown the secret waited in the session store, as ciphertext only (a redirect never
+    # followed left it there, readable to whoever reads the sessions table)
+    assert any("portal.new_token" in text for text in stored)
+    assert not any(secret.split("_")[-1] in text for text in stored)
     token = ApiToken.objects.get(user=alice)
     assert token.scopes == ["clusters:read", "clusters:write"] and token.name == "laptop: client.py"
     assert abs(token.expires_at - (timezone.now() + timedelta(days=7))) < timedelta(minutes=1)
@@ -154,3 +161,18 @@ def test_failed_logins_are_never_another_accounts(client, alice, django_user_mod
     client.post(reverse("login"), {"username": "alice", "password": "wrong"}, REMOTE_ADDR="198.18.5.1")
     entries = AuditEntry.objects.filter(message__startswith="failed login")
     assert list(entries.values_list("object_id", flat=True)) == [str(alice.pk)]
+
+
+def test_a_secret_the_session_holds_in_another_form_is_not_shown_and_no_500(client, alice):
+    """A session from before the secret was stored encrypted (or under another SECRETS_KEY): the page shows the
+    token without its secret (its prefix; the user makes another), never a 500."""
+    import time
+
+    client.force_login(alice)
+    token, secret = token_create(user=alice, name="old", scopes=["clusters:read"])
+    session = client.session
+    session["portal.new_token"] = [token.pk, secret, time.time()]
+    session.save()
+    page = client.get(reverse("tokens"))
+    assert page.status_code == 200 and secret.encode() not in page.content and b"old" in page.content
+    assert b'id="token-secret"' not in page.content
