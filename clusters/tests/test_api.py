@@ -1016,23 +1016,30 @@ def _teardown_started_again(api, alice, monkeypatch) -> tuple[int, int, int]:
     return cid, first, retry
 
 
+def _teardown_sent(api, user, monkeypatch) -> tuple[int, int, list]:
+    """A cluster of ``user`` whose teardown was asked for: (its id, the teardown's generation, the chains sent
+    to the broker — recorded, not sent — by that request and any later one)."""
+    from celery.canvas import _chain
+
+    api.force_authenticate(user)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    sent = []
+    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    return cid, VirtualCluster.objects.get(pk=cid).workflow_generation, sent
+
+
 def test_a_teardown_in_a_slow_queue_is_left_alone_one_never_sent_or_lost_is_sent_again(
     fabric, images, api, alice, monkeypatch, settings
 ):
     """The periodic task restarts a teardown that failed, was never sent or was lost; one that was sent and
     waits in a slow queue (or runs) is left alone — restarting it failed its step and queued another copy at
     every run, so under a lag of more than the period no teardown ever ended."""
-    from celery.canvas import _chain
 
     from clusters import tasks
 
     settings.CELERY_TASK_TIME_LIMIT, settings.DEVICE_RETRY_MAX = 180, 3  # lost after 24 min without progress
-    api.force_authenticate(alice)
-    cid = api.post("/api/clusters/", body(), format="json").data["id"]
-    sent = []
-    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
-    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
-    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    cid, generation, sent = _teardown_sent(api, alice, monkeypatch)
     tasks.teardown_begin(cid, generation)
     late = timezone.now() - timedelta(minutes=6)
     VirtualCluster.objects.filter(pk=cid).update(updated_at=late)
@@ -1063,16 +1070,9 @@ def test_a_teardown_that_failed_before_its_first_step_is_sent_again_at_the_next_
     after the tens of minutes it waits for a lost one."""
     from types import SimpleNamespace
 
-    from celery.canvas import _chain
-
     from clusters import tasks
 
-    api.force_authenticate(alice)
-    cid = api.post("/api/clusters/", body(), format="json").data["id"]
-    sent = []
-    monkeypatch.setattr(_chain, "apply_async", lambda self, *a, **k: sent.append(self))
-    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
-    generation = VirtualCluster.objects.get(pk=cid).workflow_generation
+    cid, generation, sent = _teardown_sent(api, alice, monkeypatch)
     tasks.teardown_failed(SimpleNamespace(id="t"), RuntimeError("connection to server lost"), None, cid, generation)
     step = ClusterStep.objects.get(cluster_id=cid, name="teardown", generation=generation)
     assert (step.status, step.error) == ("failed", "RuntimeError: connection to server lost")
