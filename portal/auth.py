@@ -61,13 +61,39 @@ class ActiveLDAPBackend(LDAPBackend):
         django-auth-ldap would fill it in from the directory (flags, groups, and from then on the sync's,
         which may deactivate it and stop its tokens), so the login is refused. An account made beforehand
         with none of these (to give it a quota, say) becomes the directory's, as always."""
-        user, built = super().get_or_build_user(username, ldap_user)
+        from django.contrib.auth import get_user_model
+
+        try:
+            user, built = super().get_or_build_user(username, ldap_user)
+        except get_user_model().MultipleObjectsReturned:
+            # accounts whose names differ only in case (django-auth-ldap looks the name up in any case): the one
+            # the directory's entry is linked to, or none (it raised: every login of the name and the whole sync
+            # stopped there)
+            user, built = _linked_account(username, ldap_user.dn), False
+            if user is None:
+                logger.warning(
+                    "login: directory entry %s refused: several accounts are named %s", ldap_user.dn, username
+                )
+                raise ldap_user.AuthenticationFailed(f"several accounts are named {username}") from None
         if not built and _local_account_in_use(user):
             logger.warning(
                 "login: directory entry %s refused: a local account is named %s", ldap_user.dn, user.get_username()
             )
             raise ldap_user.AuthenticationFailed(f"{user.get_username()} is a local account, not the directory's")
         return user, built
+
+
+def _linked_account(username: str, dn: str):
+    """Of the accounts named ``username`` in any case, the one linked to the directory entry ``dn`` (one
+    linked to the directory at all, else); None when that is not exactly one."""
+    from django.contrib.auth import get_user_model
+
+    same = get_user_model().objects.filter(username__iexact=username)
+    for linked in (same.filter(directory_account__dn__iexact=dn), same.filter(directory_account__isnull=False)):
+        found = list(linked[:2])
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def _local_account_in_use(user) -> bool:
@@ -161,6 +187,13 @@ def _on_populate(sender, user, ldap_user, **kwargs) -> None:
     # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved, with the
     # flags as they were (django-auth-ldap has already set them from the groups on this object)
     user._directory_dn = ldap_user.dn
+    # what the directory holds may be longer than the account's columns (a name anyone may edit in FreeIPA):
+    # cut to fit — PostgreSQL refused the save, failing the login and, for everyone after it, the sync
+    for name in ("first_name", "last_name", "email"):
+        limit = type(user)._meta.get_field(name).max_length
+        value = getattr(user, name) or ""
+        if limit and len(value) > limit:
+            setattr(user, name, "" if name == "email" else value[:limit])  # (a cut address is no address)
     stored = type(user)._default_manager.filter(pk=user.pk).values(*_FLAGS).first() if user.pk else None
     user._directory_flags_before = stored or dict.fromkeys(_FLAGS, False)
 
@@ -270,7 +303,7 @@ def ldap_sync() -> SyncReport:
         report.error = _unsearchable(exc)
         logger.warning("LDAP sync: %s", report.error)
         return report
-    backend = LDAPBackend()
+    backend = ActiveLDAPBackend()  # (its own rules: the local account of the same name never taken over)
     search = settings.AUTH_LDAP_USER_SEARCH
     gone = []
     deadline = time.monotonic() + settings.LDAP_SYNC_TIME_BUDGET
@@ -295,8 +328,9 @@ def ldap_sync() -> SyncReport:
                 report.failed.append(username)  # referred elsewhere: neither gone nor updated
             elif not present:
                 gone.append(account)
-            elif backend.populate_user(username) is None:  # an error half-way (logged by django-auth-ldap)
+            elif not _populated(backend, username):  # an error half-way: this account, the others go on
                 report.failed.append(username)
+                DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())  # (its turn came)
             if present is not True:  # its turn has come (a referral, an account about to go): the others next
                 DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())
         if gone and not report.error:
@@ -318,6 +352,23 @@ def ldap_sync() -> SyncReport:
         logger.warning("LDAP sync: %s is no longer in the directory: account deactivated", user.get_username())
         report.deactivated.append(user.get_username())
     return report
+
+
+def _populated(backend, username: str) -> bool:
+    """Bring one account up to date from the directory (django-auth-ldap's ``populate_user``, in a savepoint);
+    whether it was. An error but the directory's own (a database one: a group name longer than Django's; any
+    other django-auth-ldap lets through) fails this account only — it stopped the whole run, every run after
+    it, and so every deactivation."""
+    from django.db import transaction
+
+    try:
+        with transaction.atomic():
+            return backend.populate_user(username) is not None  # (None: an error logged by django-auth-ldap)
+    except ldap.LDAPError:
+        raise  # the directory's: the run stops (``ldap_sync``)
+    except Exception:  # noqa: BLE001 - any other: this account fails, said in the log, the sync goes on
+        logger.exception("LDAP sync: %s could not be brought up to date", username)
+        return False
 
 
 def _unsearchable(exc: ldap.LDAPError) -> str:

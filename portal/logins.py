@@ -57,6 +57,9 @@ def client_key(address: str | None):
     if not address:
         return None
     ip = ipaddress.ip_address(address)
+    # an IPv4 client of a dual-stack listener (gunicorn on [::]) arrives as ::ffff:a.b.c.d: its IPv4 address
+    # (as a /64 every IPv4 client in the world was one, and locked the others out)
+    ip = getattr(ip, "ipv4_mapped", None) or ip
     return ipaddress.ip_network((ip, 64), strict=False) if ip.version == 6 else ip
 
 

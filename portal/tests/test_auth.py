@@ -305,6 +305,30 @@ def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directo
     assert run_sync()["checked"] == 0  # an inactive account is left alone (an admin may reactivate it)
 
 
+def test_one_account_the_sync_cannot_update_fails_alone_and_the_run_still_deactivates(client, own_directory):
+    """An account of the directory that cannot be brought up to date (here: a local account named "Bob" beside
+    the directory's "bob", which django-auth-ldap looked up in any case — MultipleObjectsReturned; a name longer
+    than the account's column did the same on PostgreSQL) stopped the whole run, and every run after it (it
+    stayed first in line): nobody who left the directory was deactivated, and bob's logins were 500s. Now it
+    takes the directory's own account; a name too long is cut; the others are synced, the departed deactivated."""
+    for name in ("bob", "charlie"):
+        assert log_in(client, name, own_directory.passwords[name]).status_code == 302
+        client.logout()
+    User.objects.create_user("Bob", password="break-glass")  # a local account: differs only in case
+    long_name = "Ž" * 300
+    own_directory.modify(
+        f"dn: uid=bob,{own_directory.people_base}\nchangetype: modify\nreplace: givenName\ngivenName: {long_name}\n"
+    )
+    own_directory.modify(f"dn: uid=charlie,{own_directory.people_base}\nchangetype: delete\n")
+    report = run_sync()
+    assert (report["failed"], report["deactivated"]) == ([], ["charlie"])
+    bob = User.objects.get(username="bob")
+    assert bob.first_name == "Ž" * 150 and bob.is_active and not User.objects.get(username="charlie").is_active
+    assert User.objects.get(username="Bob").first_name == ""  # the local one is left alone
+    assert log_in(client, "bob", own_directory.passwords["bob"]).status_code == 302
+    assert client.get(reverse("home")).wsgi_request.user == bob
+
+
 def test_admin_rights_a_directory_group_gives_or_takes_are_in_the_audit_log(client, own_directory):
     """The user model is not audited: the staff/superuser flags directory groups set (at a login, by the sync)
     are, with the user, the flags before and after, and the sync as the actor."""

@@ -124,6 +124,19 @@ def test_an_ipv6_clients_addresses_in_one_64_count_as_one_client(client, root, s
     assert not LoginFailure.objects.filter(username="root").exists()
 
 
+def test_ipv4_clients_of_a_dual_stack_listener_count_each_as_its_own_ipv4_address(client, root, settings):
+    """Behind a listener on [::] (gunicorn) an IPv4 client's address is ::ffff:a.b.c.d: each is its IPv4
+    address — read as IPv6 they were one /64, so five guesses from anywhere locked the break-glass admin out
+    for every IPv4 client, and any success cleared every IPv4 client's failures."""
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 5, 50
+    for _ in range(5):
+        assert not logged_in(log_in(client, "root", "guess", REMOTE_ADDR="::ffff:203.0.113.9"))
+    assert (
+        "Too many failed logins" in log_in(client, "root", "root-password", REMOTE_ADDR="203.0.113.9").content.decode()
+    )
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR="::ffff:198.51.100.20"))
+
+
 def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(client, root, settings):
     """Behind the proxy every request comes from the proxy: the client is the last X-Forwarded-For entry (the
     one the proxy appended; what the client sent itself comes before it)."""
