@@ -832,7 +832,7 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
             state=ClusterState.READY, ready_at=Coalesce("ready_at", Value(now)), updated_at=now
         )
         if updated and nodes_ready:  # (after a failed update the new nodes' network is not there: PENDING)
-            Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING).update(state=NodeState.READY)
+            _pending_converged(cluster_id).update(state=NodeState.READY)
         if updated and step:
             ClusterStep.objects.create(
                 cluster_id=cluster_id,
@@ -845,6 +845,13 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
             # robust: the cluster is READY whatever a receiver does (access pushes it to the local gateways)
             transaction.on_commit(lambda: cluster_ready.send(VirtualCluster, cluster_id=cluster_id), robust=True)
         return bool(updated)
+
+
+def _pending_converged(cluster_id: int) -> QuerySet[Node]:
+    """The PENDING nodes of a cluster whose node change converged: those on an enabled host. A disabled one is
+    never touched by convergence — a node left PENDING there by a failed add has no network yet, however well
+    a later change of the cluster went (it was made READY with it)."""
+    return Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING, host__enabled=True)
 
 
 def _locked(cluster: VirtualCluster) -> VirtualCluster:
@@ -863,6 +870,8 @@ def _require_ready(cluster: VirtualCluster) -> None:
     ``Conflict`` once it has ended, is tearing down, or its provisioning failed and is being rolled back (it
     ends FAILED: never)."""
     if cluster.state == ClusterState.READY:
+        if cluster.expires_at is not None and cluster.expires_at <= timezone.now():  # (the sweep ends it soon)
+            raise Conflict(f"cluster {cluster.name} has expired: it is torn down")
         return
     if cluster.state == ClusterState.PROVISIONING and _rolling_back(cluster):
         raise Conflict(f"cluster {cluster.name}'s provisioning failed and is being rolled back: it ends failed")
@@ -886,12 +895,14 @@ def _segment_hosts(cluster: VirtualCluster) -> list[Host]:
     return sorted(hosts.values(), key=lambda h: h.pk)
 
 
-def _reconverge(cluster: VirtualCluster, step_name: str, detail: str) -> None:
+def _reconverge(cluster: VirtualCluster, step_name: str, detail: str, *, field: str = "nodes") -> None:
+    """The cluster UPDATING, its network set to its nodes' hosts and converged; a network refusal names
+    ``field`` (the request's)."""
     cluster = _transition(cluster, (ClusterState.READY,), ClusterState.UPDATING)
     try:
         net.segment_set_hosts(segment=cluster.segment, hosts=_segment_hosts(cluster))
     except net_errors.NetworkError as exc:
-        raise _segment_error(exc) from None
+        raise _segment_error(exc, field=field) from None
     step = step_start(cluster, step_name, detail=detail)
     transaction.on_commit(lambda: workflows.start_update(cluster.pk, cluster.workflow_generation, step.pk))
 
@@ -924,6 +935,9 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
     if len({n.name for n in nodes}) != len(nodes):  # (before any is taken for a retry of a pending one)
         raise ClusterError("node names must be unique within the cluster", field="nodes")
     again = _pending_again(cluster, nodes)
+    for node in again.values():  # (a new node's host is checked as it is added: _check_nodes)
+        if not node.host.enabled:
+            raise InvalidTopology(f"host {node.host.name} is disabled", field="nodes")
     nodes = [n for n in nodes if n.name not in again]
     if nodes:
         _check_nodes(nodes, cluster=cluster)
@@ -959,7 +973,7 @@ def cluster_update_done(*, cluster_id: int, generation: int, step_id: int) -> No
             pk=cluster_id, state=ClusterState.READY, workflow_generation=generation
         )
         if ended.exists():
-            late = Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING)
+            late = _pending_converged(cluster_id)
             names = sorted(late.values_list("name", flat=True))
             if late.update(state=NodeState.READY):
                 logger.info("cluster %s: a node change ended late but converged: %s ready", cluster_id, names)
@@ -972,6 +986,8 @@ def cluster_node_remove(*, cluster: VirtualCluster, node: Node) -> None:
     node.refresh_from_db()  # as it is now: read before the lock
     if node.state == NodeState.REMOVED:  # a concurrent request removed it (and its update ended) meanwhile
         raise Conflict(f"node {node.name} has been removed already")
+    if node.state == NodeState.MIGRATING:  # its VM may be on its way: the network of both hosts stays till it ends
+        raise Conflict(f"node {node.name} is migrating: complete or cancel its migration first")
     if cluster.nodes.exclude(state=NodeState.REMOVED).count() <= 1:
         raise Conflict("the last node cannot be removed; tear the cluster down instead")
     node.state = NodeState.REMOVED
@@ -995,7 +1011,7 @@ def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -
     node.target_host = target
     node.state = NodeState.MIGRATING
     node.save(update_fields=["target_host", "state"])
-    _reconverge(cluster, "migrate.prepare", f"{node.name}: {node.host.name} → {target.name}")
+    _reconverge(cluster, "migrate.prepare", f"{node.name}: {node.host.name} → {target.name}", field="target_host")
     return node
 
 

@@ -196,3 +196,59 @@ def test_public_subnets_never_overlap_and_every_prefix_is_used(fabric, images, a
     c5 = body(name="c5", image="debian-12", nodes=[("m", "brno2", "52:54:00:00:07:05")])
     r = api.post("/api/clusters/", c5, format="json")
     assert r.status_code == 409 and "no free subnet left" in str(r.data)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pending_node_on_a_host_disabled_since_is_neither_made_ready_nor_retried(
+    fabric, images, api, alice, errbacks_run
+):
+    """n3's add failed on prague1 (PENDING); prague1 is then disabled for repair. An unrelated change of the
+    cluster that converges made n3 READY with it (a disabled host is never touched: n3 had no network), and n3
+    asked for again was a 202 that did the same: now n3 stays PENDING, and asking for it again is a 422 until the
+    host is enabled (then it converges)."""
+    cid = _cluster(api, alice)
+    _fail(fabric, "prague1")
+    n3 = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:33"}
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json").status_code == 202
+    Host.objects.filter(name="prague1").update(enabled=False, driver_args=fabric.args)
+    n4 = {"name": "n4", "host": "brno2", "mac": "52:54:00:00:00:34"}
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n4]}, format="json").status_code == 202
+    states = dict(Node.objects.filter(cluster_id=cid).values_list("name", "state"))
+    assert (states["n3"], states["n4"]) == (NodeState.PENDING, NodeState.READY)
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json")
+    assert r.status_code == 422 and "prague1 is disabled" in str(r.data["nodes"])
+    Host.objects.filter(name="prague1").update(enabled=True)
+    assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json").status_code == 202
+    assert Node.objects.get(cluster_id=cid, name="n3").state == NodeState.READY
+    assert VirtualCluster.objects.get(pk=cid).vlan_id in fabric.host_vlans("prague1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_migrating_node_is_not_removed_and_an_expired_cluster_takes_no_change(fabric, images, api, alice):
+    """Removing a node whose VM may be on its way took the network from both hosts under it: a 409 until its
+    migration is completed or cancelled. A cluster past its expiry (the sweep tears it down within a minute)
+    takes no node change: a 409, not a 202 whose work the teardown undoes."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cid = _cluster(api, alice)
+    n2 = Node.objects.get(cluster_id=cid, name="n2")
+    # (a migration the network refuses — a site its core does not join — names the request's field, target_host)
+    fabric.core.sites.remove(fabric.sites["prague"])
+    migrate = f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/"
+    r = api.post(migrate, {"target_host": "prague2"}, format="json")
+    assert r.status_code == 422 and "target_host" in r.data and "nodes" not in r.data, r.data
+    fabric.core.sites.add(fabric.sites["prague"])
+    assert api.post(migrate, {"target_host": "prague2"}, format="json").status_code == 202
+    r = api.delete(f"/api/clusters/{cid}/nodes/{n2.pk}/")
+    assert r.status_code == 409 and "n2 is migrating" in r.data["detail"]
+    assert Node.objects.get(pk=n2.pk).state == NodeState.MIGRATING
+    assert api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrated/", {}, format="json").status_code == 202
+    assert api.delete(f"/api/clusters/{cid}/nodes/{n2.pk}/").status_code in (202, 204)
+
+    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() - timedelta(seconds=1))
+    n5 = {"name": "n5", "host": "brno2", "mac": "52:54:00:00:00:35"}
+    r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n5]}, format="json")
+    assert r.status_code == 409 and "has expired" in r.data["detail"]
+    assert not Node.objects.filter(cluster_id=cid, name="n5").exists()
