@@ -217,7 +217,11 @@ class _DeadlineHTTPS(urllib.request.HTTPSHandler):
 
 def _opener(url: str, deadline: _Deadline, *, public_only: bool) -> tuple[urllib.request.OpenerDirector | None, str]:
     parts = urllib.parse.urlsplit(url)
-    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
+    # the proxy is used exactly when urllib's own proxy handler will use it: it asks proxy_bypass of the request's
+    # host WITH its port (a no_proxy entry "host:port" bypasses the proxy there, not for the bare host name: asked
+    # of the name alone, the address went unchecked and the handler connected directly)
+    host = urllib.request.Request(url).host or ""  # noqa: S310 - nothing is opened (http/https only: _post)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
         address = None  # the proxy connects, and decides
     else:
         address, why = _checked_address(url, public_only=public_only)

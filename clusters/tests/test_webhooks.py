@@ -362,6 +362,27 @@ def test_a_webhook_never_reaches_this_machine_or_the_link_local_network(fabric, 
     assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
 
 
+def test_a_webhook_whose_host_and_port_bypass_the_proxy_is_checked_as_a_direct_one(
+    fabric, alice, receiver, settings, monkeypatch
+):
+    """With a proxy configured, a webhook goes through it unchecked (the proxy connects, and decides) — but only
+    when urllib's proxy handler will really use it. A ``no_proxy`` entry ``host:port`` makes the handler connect
+    directly to that host and port; the check asked about the bare host, took the proxy path, and the POST went
+    straight to an address no webhook may reach."""
+    settings.WEBHOOK_ALLOWED_NETWORKS = []
+    port = receiver.server.server_port
+    monkeypatch.setenv("http_proxy", "http://192.0.2.1:3128")  # (never reached: TEST-NET-1)
+    monkeypatch.setenv("no_proxy", f"127.0.0.1:{port}")
+    hook = Webhook.objects.create(name="bypass", url=f"http://127.0.0.1:{port}/hook", secret=SECRET)
+    create_cluster(alice)
+    result = webhooks.deliver(hook.pk)
+    assert result.status is None and "not delivered to" in result.error, result.error
+    assert receiver.requests == []
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]  # allowed: delivered, directly (no_proxy)
+    Webhook.objects.filter(pk=hook.pk).update(next_attempt_at=timezone.now())
+    assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
+
+
 def _raw_endpoint(answer, tls=None) -> tuple[str, threading.Thread]:
     """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``; with ``tls`` (a
     server SSLContext) over TLS."""
