@@ -914,7 +914,7 @@ def test_each_device_task_goes_to_the_worker_that_reaches_it(fabric, monkeypatch
     tasks.reconcile.apply(kwargs={"repair": False}).get()
     queues = {
         (Switch if kind == "switch" else Host).objects.get(pk=pk).name: options.get("queue", "")
-        for (kind, pk, _repair), options in sent
+        for (kind, pk, _repair, _actor), options in sent
     }
     assert queues == {
         "sw-brno": "",
