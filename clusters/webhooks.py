@@ -332,8 +332,11 @@ def deliver(webhook_id: int) -> Delivery:
     }
     status, error = _post(hook.url, body, headers, public_only=hook.owner_id is not None)
     now = timezone.now()
+    # the result is this URL's: one the owner changed meanwhile starts afresh (webhook_update), and the old
+    # endpoint's answer neither moves its cursor past a batch it never got nor gives it the old one's backoff
+    sent_to = Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id, url=hook.url)
     if status is not None and 200 <= status < 300:
-        Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id).update(
+        sent_to.update(
             last_event_id=batch[-1].id,
             last_delivered_at=now,
             last_status=status,
@@ -342,7 +345,7 @@ def deliver(webhook_id: int) -> Delivery:
             next_attempt_at=now,
         )
     else:
-        Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id).update(
+        sent_to.update(
             last_status=status,
             last_error=error or f"HTTP {status}",
             next_attempt_at=now + timedelta(seconds=backoff),

@@ -414,7 +414,8 @@ WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
 WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)
 WEBHOOK_MAX_BACKOFF = env_int("WEBHOOK_MAX_BACKOFF", 300, minimum=1)
 # networks a webhook may reach although loopback, link-local, multicast or reserved (e.g. 127.0.0.0/8)
-WEBHOOK_ALLOWED_NETWORKS = env_list("WEBHOOK_ALLOWED_NETWORKS", [])
+# (read at start: a bad entry let users register any address, then failed every delivery, the administrators' too)
+WEBHOOK_ALLOWED_NETWORKS = env_networks("WEBHOOK_ALLOWED_NETWORKS")
 CELERY_BEAT_SCHEDULE["clusters-webhooks"] = every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------

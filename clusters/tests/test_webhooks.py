@@ -170,6 +170,30 @@ def test_a_failing_endpoint_gets_the_same_events_again_after_a_backoff(fabric, a
     assert hook.failures == 0 and hook.last_event_id == receiver.events(1)[-1]["id"]
 
 
+def test_a_url_changed_while_a_batch_is_on_its_way_gets_that_batch(fabric, alice, receiver, monkeypatch):
+    """The owner points the webhook elsewhere while a batch is being posted to the old URL: the old endpoint's
+    2xx moved the cursor past a batch the new one never got (and its failure gave the new URL the old one's
+    backoff). The answer counts only for the URL it came from: the new endpoint gets the batch."""
+    from clusters import services
+
+    old = Webhook.objects.create(name="moving", url="http://127.0.0.1:9/old", secret=SECRET)
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    real_post = webhooks._post
+
+    def answered_by_the_old_one(url, body, headers, **kwargs):
+        if url.endswith("/old"):  # meanwhile: the owner's PATCH
+            services.webhook_update(hook=Webhook.objects.get(pk=old.pk), changes={"url": receiver.url})
+            return 204, ""
+        return real_post(url, body, headers, **kwargs)
+
+    monkeypatch.setattr(webhooks, "_post", answered_by_the_old_one)
+    assert webhooks.deliver(old.pk).status == 204
+    hook = Webhook.objects.get(pk=old.pk)
+    assert (hook.url, hook.last_event_id, hook.failures) == (receiver.url, 0, 0)
+    assert webhooks.deliver(old.pk).status == 204
+    assert [e["state"] for e in receiver.events(0)] == ["requested", "provisioning", "ready"]
+
+
 def test_an_unreachable_endpoint_is_recorded_and_retried(fabric, alice):
     hook = Webhook.objects.create(name="gone", url="http://127.0.0.1:9/nowhere", secret=SECRET)
     create_cluster(alice, "c1", "52:54:00:00:00:01")
@@ -277,6 +301,29 @@ def test_a_webhook_repaired_in_admin_starts_afresh(root, receiver):
     assert (saved.enabled, saved.failures) == (False, 3)
     saved = save()  # on again
     assert (saved.enabled, saved.failures) == (True, 0) and saved.next_attempt_at <= timezone.now()
+
+
+def test_an_admin_save_leaves_the_delivery_state_of_a_round_that_ended_meanwhile(root, monkeypatch):
+    """The admin's save wrote every column as the page read them: a delivery round that ended in between (its
+    cursor moved, its failures reset) was undone — the batch sent twice, or a claim undone for two rounds to
+    send at once. Now only the fields the form changed are written."""
+    from clusters.admin import WebhookAdmin
+
+    hook = Webhook.objects.create(name="acct", url="http://127.0.0.1:9/x", secret=SECRET, failures=7)
+    real = WebhookAdmin.save_form
+
+    def delivered_meanwhile(self, request, form, change):
+        Webhook.objects.filter(pk=hook.pk).update(last_event_id=42, failures=0, last_status=204)
+        return real(self, request, form, change)
+
+    monkeypatch.setattr(WebhookAdmin, "save_form", delivered_meanwhile)
+    api = APIClient()
+    api.force_login(root)
+    form = {"name": "acct", "url": hook.url, "secret": "", "states": '["ready"]', "enabled": "on"}
+    assert api.post(f"/admin/clusters/webhook/{hook.pk}/change/", form).status_code == 302
+    saved = Webhook.objects.get(pk=hook.pk)
+    assert (saved.states, saved.last_event_id, saved.failures, saved.last_status) == (["ready"], 42, 0, 204)
+    assert saved.secret == SECRET
 
 
 def test_an_endpoint_that_hangs_holds_no_lock_and_its_attempt_is_counted_meanwhile(fabric, alice, settings):

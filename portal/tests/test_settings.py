@@ -199,6 +199,14 @@ def test_tests_use_the_redis_database_of_redis_url(tmp_path):
     assert loaded(tmp_path, **env, PYTEST_XDIST_WORKER="gw2")["BROKER"] == "redis://127.0.0.1:6379/11"
 
 
+def test_a_webhook_network_that_is_no_network_is_refused_at_start(tmp_path):
+    """Read only when a webhook was checked, a bad entry made the check fail open (any address registered) and
+    every delivery fail."""
+    env = {**PRODUCTION, "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,10.0.0.0/33"}
+    assert "WEBHOOK_ALLOWED_NETWORKS: '10.0.0.0/33' is not an IP address or network" in refused(tmp_path, **env)
+    assert loaded(tmp_path, **{**PRODUCTION, "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8, fd00::/8"})
+
+
 def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     """Redis hands a task that runs longer than the visibility timeout to another worker: it runs twice."""
     env = {**PRODUCTION, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_VISIBILITY_TIMEOUT": "60"}
