@@ -167,9 +167,12 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         clash = sorted(live.filter(cluster=cluster, name__in=names).values_list("name", flat=True))
         if clash:
             raise ClusterError(f"node {clash[0]} already exists in this cluster", field="nodes")
-    used = sorted(live.filter(mac__in=macs).values_list("mac", flat=True))
+    used = sorted(live.filter(mac__in=macs).values_list("mac", "cluster__state"))
     if used:
-        raise ClusterError(f"MAC address {used[0]} is already used by another VM", field="nodes")
+        mac, state = used[0]
+        if state == ClusterState.TEARING_DOWN:  # its nodes go with its teardown: a scheduler's retry gets it
+            raise Busy(f"MAC address {mac} is still used by a VM of a cluster being torn down: try again once it ends")
+        raise ClusterError(f"MAC address {mac} is already used by another VM", field="nodes")
     for n in nodes:
         if not n.host.enabled:
             raise InvalidTopology(f"host {n.host.name} is disabled", field="nodes")

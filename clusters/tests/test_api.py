@@ -604,6 +604,12 @@ def test_mac_in_use_by_another_cluster(fabric, images, api, alice, bob):
     assert r.status_code == 400
     assert "already used" in str(r.data["nodes"])
     assert len(allocated_vids()) == 1
+    # held by a cluster being torn down (its nodes go when its teardown ends, which a device may hold up): a 409
+    # "busy" with Retry-After — a scheduler reusing its MACs retries, where a 400 told it to give up
+    VirtualCluster.objects.update(state=ClusterState.TEARING_DOWN)
+    r = api.post("/api/clusters/", body(name="other"), format="json")
+    assert (r.status_code, r.data["code"]) == (409, "busy") and "being torn down" in r.data["detail"]
+    assert r.has_header("Retry-After") and len(allocated_vids()) == 1
 
 
 def test_host_no_core_reaches_is_422(fabric, images, api, alice):
