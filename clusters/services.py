@@ -1166,7 +1166,8 @@ EVENT_LOCK = 1447231507  # the event feed's advisory lock (migration 0008): ids 
 
 def clusters_warn_expiring() -> list[int]:
     """An ``expiring`` event (the feed, the webhooks) for every active cluster whose expiry comes within
-    ``CLUSTER_EXPIRY_WARNING``, once per expiry: an extension warns again when the new one comes near. Written
+    ``CLUSTER_EXPIRY_WARNING`` (and within half its lifetime), once per expiry: an extension warns again when the
+    new one comes near. Written
     under the feed's lock, as the triggers write theirs, so event ids keep the order of commits; on PostgreSQL the
     feed's long polls are woken. Returns the clusters warned (the periodic expiry calls this)."""
     if not settings.CLUSTER_EXPIRY_WARNING:
@@ -1178,7 +1179,12 @@ def clusters_warn_expiring() -> list[int]:
         expires_at__lte=now + timedelta(seconds=settings.CLUSTER_EXPIRY_WARNING),
     ).exclude(expiry_warned_for=F("expires_at"))
     warned = []
-    for cluster_id in due.values_list("pk", flat=True):
+    # a cluster whose whole lifetime is shorter than twice the warning is warned halfway through it: one made for a
+    # two-hour job was warned (and its owner mailed) within a minute of its creation, at every job
+    halfway = [
+        pk for pk, made, ends in due.values_list("pk", "created_at", "expires_at") if ends - now <= (ends - made) / 2
+    ]
+    for cluster_id in halfway:
         with transaction.atomic():
             # the row first, then the feed's lock: the order of a state change (its UPDATE, then the trigger at
             # commit) — the other order deadlocks with a change of this cluster committing meanwhile

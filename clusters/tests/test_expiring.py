@@ -27,8 +27,12 @@ def test_an_expiring_event_once_per_expiry_in_the_feed(fabric, alice, settings):
     cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
     later = create_cluster(alice, "c2", "52:54:00:00:00:02")
     now = timezone.now()
-    VirtualCluster.objects.filter(pk=cid).update(expires_at=now + timedelta(minutes=30))
-    VirtualCluster.objects.filter(pk=later).update(expires_at=now + timedelta(hours=5))
+    VirtualCluster.objects.filter(pk=cid).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=now + timedelta(minutes=30)
+    )
+    VirtualCluster.objects.filter(pk=later).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=now + timedelta(hours=5)
+    )
 
     assert tasks.expire.apply().get() == []  # nothing torn down yet
     assert [e.state for e in expiring(cid)] == ["ready"] and expiring(later) == []
@@ -45,9 +49,23 @@ def test_an_expiring_event_once_per_expiry_in_the_feed(fabric, alice, settings):
     services.cluster_extend(cluster=VirtualCluster.objects.get(pk=cid), expires_at=now + timedelta(hours=3))
     services.clusters_warn_expiring()
     assert len(expiring(cid)) == 1
-    VirtualCluster.objects.filter(pk=cid).update(expires_at=now + timedelta(minutes=50))
+    VirtualCluster.objects.filter(pk=cid).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=now + timedelta(minutes=50)
+    )
     services.clusters_warn_expiring()
     assert len(expiring(cid)) == 2
+
+
+def test_a_cluster_shorter_than_twice_the_warning_is_warned_halfway_through_its_life(fabric, alice, settings):
+    """A two-hour cluster (a batch job's) was within the day's warning from its creation: warned, and its owner
+    mailed, within a minute of it, at every job. It is warned halfway through its lifetime instead."""
+    settings.CLUSTER_EXPIRY_WARNING = 24 * 3600
+    cid = create_cluster(alice, "job", "52:54:00:00:00:01")
+    now = timezone.now()
+    VirtualCluster.objects.filter(pk=cid).update(created_at=now, expires_at=now + timedelta(hours=2))
+    assert services.clusters_warn_expiring() == [] and expiring(cid) == []
+    VirtualCluster.objects.filter(pk=cid).update(created_at=now - timedelta(hours=2, minutes=1))  # past its half
+    assert services.clusters_warn_expiring() == [cid] and len(expiring(cid)) == 1
 
 
 def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, settings, monkeypatch, caplog):
@@ -57,8 +75,12 @@ def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, setting
     gone = create_cluster(alice, "c1", "52:54:00:00:00:01")
     soon = create_cluster(alice, "c2", "52:54:00:00:00:02")
     now = timezone.now()
-    VirtualCluster.objects.filter(pk=gone).update(expires_at=now - timedelta(minutes=1))
-    VirtualCluster.objects.filter(pk=soon).update(expires_at=now + timedelta(minutes=30))
+    VirtualCluster.objects.filter(pk=gone).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=now - timedelta(minutes=1)
+    )
+    VirtualCluster.objects.filter(pk=soon).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=now + timedelta(minutes=30)
+    )
     ran = []
 
     def clusters_resume_requested():
@@ -77,7 +99,9 @@ def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, setting
 
 def test_no_warning_when_switched_off_or_for_a_cluster_that_ended(fabric, alice, settings):
     cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
-    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() + timedelta(minutes=5))
+    VirtualCluster.objects.filter(pk=cid).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=timezone.now() + timedelta(minutes=5)
+    )
     settings.CLUSTER_EXPIRY_WARNING = 0
     assert services.clusters_warn_expiring() == []
     settings.CLUSTER_EXPIRY_WARNING = 3600
@@ -113,7 +137,9 @@ def test_the_warning_and_a_state_change_of_the_same_cluster_never_deadlock(fabri
         pytest.skip("concurrent transactions need PostgreSQL")
     settings.CLUSTER_EXPIRY_WARNING = 3600
     cid = create_cluster(alice, "c1", "52:54:00:00:00:01")
-    VirtualCluster.objects.filter(pk=cid).update(expires_at=timezone.now() + timedelta(minutes=30))
+    VirtualCluster.objects.filter(pk=cid).update(
+        created_at=timezone.now() - timedelta(days=3), expires_at=timezone.now() + timedelta(minutes=30)
+    )
     changed, sweep_waits = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 

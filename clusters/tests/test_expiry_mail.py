@@ -22,7 +22,10 @@ pytestmark = pytest.mark.django_db
 
 def _expiring(cluster_id: int, hours: float) -> VirtualCluster:
     VirtualCluster.objects.filter(pk=cluster_id).update(
-        state=ClusterState.READY, expires_at=timezone.now() + timedelta(hours=hours)
+        state=ClusterState.READY,
+        created_at=timezone.now()
+        - timedelta(days=3),  # (a cluster that has lived: warned CLUSTER_EXPIRY_WARNING before)
+        expires_at=timezone.now() + timedelta(hours=hours),
     )
     services.clusters_warn_expiring()  # (the expiry's periodic run: the 'expiring' event first)
     return VirtualCluster.objects.get(pk=cluster_id)
