@@ -106,25 +106,26 @@ def _resolve(host: str, port: int, timeout: float) -> list:
     return done["answer"]
 
 
-def _checked_address(url: str, *, public_only: bool = False) -> tuple[str | None, str]:
-    """(the address to POST to, "") or (None, why not): the host resolved once (within ``WEBHOOK_TIMEOUT``),
-    every answer checked. A user's webhook (``public_only``) is told neither the addresses refused nor whether
-    the name resolves at all: its ``last_error`` would map the provider's internal DNS for anyone."""
+def _checked_addresses(url: str, *, public_only: bool = False) -> tuple[list[str], str]:
+    """(the addresses to POST to, in the resolver's order, "") or ([], why not): the host resolved once (within
+    ``WEBHOOK_TIMEOUT``), every answer checked. A user's webhook (``public_only``) is told neither the addresses
+    refused nor whether the name resolves at all: its ``last_error`` would map the provider's internal DNS for
+    anyone."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     unreachable = f"{host} does not resolve to an address webhooks may reach: not delivered to"
     try:
         answers = _resolve(host, port, settings.WEBHOOK_TIMEOUT)
     except (OSError, UnicodeError) as exc:
-        return None, unreachable if public_only else f"cannot resolve {host}: {exc}"
+        return [], unreachable if public_only else f"cannot resolve {host}: {exc}"
     addresses = list(dict.fromkeys(info[4][0] for info in answers))
     refused = [a for a in addresses if refused_address(a, public_only=public_only)]
     if refused or not addresses:
         if public_only:
-            return None, unreachable
+            return [], unreachable
         listed = ", ".join(refused) or "nothing"
-        return None, f"{host} resolves to {listed}: not delivered to (WEBHOOK_ALLOWED_NETWORKS)"
-    return addresses[0], ""
+        return [], f"{host} resolves to {listed}: not delivered to (WEBHOOK_ALLOWED_NETWORKS)"
+    return addresses, ""
 
 
 class _Deadline:
@@ -174,16 +175,28 @@ class _Deadline:
                     pass
 
 
-def _connection(connection_class, deadline: _Deadline, address: str | None):
-    """A connection class of urllib's handlers whose sockets ``deadline`` cuts, connecting to ``address`` (when
-    given) whatever the host resolves to now (TLS still checks the certificate against the host's name)."""
+def _connection(connection_class, deadline: _Deadline, addresses: list[str] | None):
+    """A connection class of urllib's handlers whose sockets ``deadline`` cuts, connecting to ``addresses`` (when
+    given: the checked ones, each in turn until one answers — a dual-stack endpoint whose IPv6 address this host
+    cannot reach failed every delivery on it, the first) whatever the host resolves to now (TLS still checks the
+    certificate against the host's name)."""
 
     def connect_to(host, **kwargs):
         connection = connection_class(host, **kwargs)
         create, connect = connection._create_connection, connection.connect
 
         def create_connection(target, *args, **kw):  # the TCP socket: cut during the TLS handshake too
-            return deadline.connected(create((address, target[1]) if address else target, *args, **kw))
+            if not addresses:
+                return deadline.connected(create(target, *args, **kw))
+            failed: OSError | None = None
+            for address in addresses:
+                try:
+                    return deadline.connected(create((address, target[1]), *args, **kw))
+                except OSError as exc:  # (refused, unreachable): the next one, while there is time
+                    failed = exc
+                    if deadline.expired:
+                        break
+            raise failed
 
         def connect_and_watch():  # the socket the exchange goes on: HTTPS wraps the TCP one (which it detaches)
             connect()
@@ -197,21 +210,21 @@ def _connection(connection_class, deadline: _Deadline, address: str | None):
 
 
 class _DeadlineHTTP(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline, address: str | None):
+    def __init__(self, deadline: _Deadline, addresses: list[str] | None):
         super().__init__()
-        self.deadline, self.address = deadline, address
+        self.deadline, self.addresses = deadline, addresses
 
     def http_open(self, req):
-        return self.do_open(_connection(http.client.HTTPConnection, self.deadline, self.address), req)
+        return self.do_open(_connection(http.client.HTTPConnection, self.deadline, self.addresses), req)
 
 
 class _DeadlineHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline, address: str | None):
+    def __init__(self, deadline: _Deadline, addresses: list[str] | None):
         super().__init__()
-        self.deadline, self.address = deadline, address
+        self.deadline, self.addresses = deadline, addresses
 
     def https_open(self, req):
-        connection = _connection(http.client.HTTPSConnection, self.deadline, self.address)
+        connection = _connection(http.client.HTTPSConnection, self.deadline, self.addresses)
         return self.do_open(connection, req, context=self._context)
 
 
@@ -222,12 +235,13 @@ def _opener(url: str, deadline: _Deadline, *, public_only: bool) -> tuple[urllib
     # of the name alone, the address went unchecked and the handler connected directly)
     host = urllib.request.Request(url).host or ""  # noqa: S310 - nothing is opened (http/https only: _post)
     if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
-        address = None  # the proxy connects, and decides
+        addresses = None  # the proxy connects, and decides
     else:
-        address, why = _checked_address(url, public_only=public_only)
-        if address is None:
+        addresses, why = _checked_addresses(url, public_only=public_only)
+        if not addresses:
             return None, why
-    return outgoing.opener(handlers=(_DeadlineHTTP(deadline, address), _DeadlineHTTPS(deadline, address))), ""
+    handlers = (_DeadlineHTTP(deadline, addresses), _DeadlineHTTPS(deadline, addresses))
+    return outgoing.opener(handlers=handlers), ""
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], *, public_only: bool = False) -> tuple[int | None, str]:

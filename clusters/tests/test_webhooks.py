@@ -430,6 +430,25 @@ def test_a_webhook_whose_host_and_port_bypass_the_proxy_is_checked_as_a_direct_o
     assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
 
 
+def test_each_checked_address_is_tried_in_turn_until_one_answers(fabric, alice, receiver, monkeypatch):
+    """A name with several addresses (a dual-stack endpoint whose IPv6 address this host cannot reach, one of its
+    A records down): only the first was tried, and every delivery failed. Each checked address is tried in turn."""
+    import socket
+
+    port = receiver.server.server_port
+    hook = Webhook.objects.create(name="multi", url=f"http://hooks.example.test:{port}/hook", secret=SECRET)
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # first an address nothing listens on (refused), then the endpoint's
+        if host == "hooks.example.test":
+            return real("127.0.0.2", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    create_cluster(alice)
+    assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
+
+
 def _raw_endpoint(answer, tls=None) -> tuple[str, threading.Thread]:
     """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``; with ``tls`` (a
     server SSLContext) over TLS."""
@@ -661,10 +680,10 @@ def test_a_resolver_that_does_not_answer_costs_one_timeout_not_the_systems_retri
     started = clock.monotonic()
     try:
         # one after the other, as many as a user's webhooks: the lookups still hanging never queue the next
-        answers = [webhooks._checked_address("https://slow-dns.example.org/hook") for _ in range(10)]
+        answers = [webhooks._checked_addresses("https://slow-dns.example.org/hook") for _ in range(10)]
     finally:
         release.set()
-    assert answers == [(None, "cannot resolve slow-dns.example.org: no answer within 0.2 s")] * 10
+    assert answers == [([], "cannot resolve slow-dns.example.org: no answer within 0.2 s")] * 10
     assert clock.monotonic() - started < 4.5  # (ten lookups of 0.2 s; a pool filled by the hanging ones: 5 s)
 
 
@@ -701,11 +720,11 @@ def test_a_users_webhook_learns_nothing_of_internal_names_from_its_errors(monkey
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(webhooks, "_resolve", resolve)
-    internal = webhooks._checked_address("http://db.corp.internal/", public_only=True)
-    missing = webhooks._checked_address("http://nothing.corp.internal/", public_only=True)
-    assert internal[0] is None and "10.20.0.7" not in internal[1] and "resolves to" not in internal[1]
+    internal = webhooks._checked_addresses("http://db.corp.internal/", public_only=True)
+    missing = webhooks._checked_addresses("http://nothing.corp.internal/", public_only=True)
+    assert internal[0] == [] and "10.20.0.7" not in internal[1] and "resolves to" not in internal[1]
     assert missing[1] == internal[1].replace("db.corp", "nothing.corp") and "not known" not in missing[1]
-    assert webhooks._checked_address("http://db.corp.internal/")[0] == "10.20.0.7"  # an admin's: allowed
+    assert webhooks._checked_addresses("http://db.corp.internal/")[0] == ["10.20.0.7"]  # an admin's: allowed
     settings.WEBHOOK_ALLOWED_NETWORKS = []  # (the tests' own receivers are on loopback)
-    assert "resolves to 127.0.0.1" in webhooks._checked_address("http://local.corp.internal/")[1]
-    assert "Name or service not known" in webhooks._checked_address("http://nothing.corp.internal/")[1]
+    assert "resolves to 127.0.0.1" in webhooks._checked_addresses("http://local.corp.internal/")[1]
+    assert "Name or service not known" in webhooks._checked_addresses("http://nothing.corp.internal/")[1]
