@@ -12,8 +12,8 @@ with ``X-VirtCloud-Signature: sha256=<hex HMAC-SHA256 of the body with the webho
 checks the latter and refuses an old timestamp (and de-duplicates by event id) cannot be fed a recorded
 delivery again.
 
-The endpoint's host is resolved before each POST and the POST goes to the address checked (no second lookup
-a DNS answer could change in between): loopback, link-local (cloud metadata services), multicast,
+The endpoint's host is resolved before each POST and the POST goes to the addresses checked, each in turn until
+one answers (no second lookup a DNS answer could change in between): loopback, link-local (cloud metadata services), multicast,
 unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them — a webhook is
 not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
 
