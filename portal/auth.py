@@ -338,6 +338,8 @@ def ldap_sync() -> SyncReport:
     except ldap.LDAPError as exc:  # the run stops here: nothing more changes
         report.error = _unsearchable(exc)
         logger.warning("LDAP sync stopped after %d account(s): %s", report.checked, report.error)
+        for account in gone:  # not deactivated: first in line again (not a whole rotation later)
+            DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=account.synced_at)
     finally:
         conn.unbind_s()
     if report.error:

@@ -337,6 +337,11 @@ CELERY_TASK_ALWAYS_EAGER = False  # never in production (the tests turn it on: p
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180, minimum=1)
+if LDAP and LDAP_SYNC_TIME_BUDGET >= CELERY_TASK_SOFT_TIME_LIMIT:  # the sync's deactivations come after its budget
+    raise ImproperlyConfigured(
+        f"LDAP_SYNC_TIME_BUDGET={LDAP_SYNC_TIME_BUDGET:g} must be below CELERY_TASK_SOFT_TIME_LIMIT="
+        f"{CELERY_TASK_SOFT_TIME_LIMIT} (a sync cut by the limit deactivates nobody)"
+    )
 if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured(
         f"CELERY_TASK_SOFT_TIME_LIMIT={CELERY_TASK_SOFT_TIME_LIMIT} must be below CELERY_TASK_TIME_LIMIT="

@@ -417,6 +417,35 @@ def test_sync_deactivates_nobody_when_more_go_than_it_may(client, own_directory,
     assert sorted(run_sync()["deactivated"]) == [f"gone{n}" for n in range(5)]
 
 
+def test_a_run_the_directory_stops_leaves_the_accounts_it_found_gone_first_in_line(client, own_directory, monkeypatch):
+    """charlie is found gone, then the directory times out on the next account: nobody is deactivated (the run
+    could not tell the whole story) and charlie stays first in line — he was sent to the back, a whole rotation
+    of a large directory before he was looked at again."""
+    import ldap as python_ldap
+
+    from portal import auth
+    from portal.models import DirectoryAccount
+
+    for name in ("charlie", "dave"):
+        assert log_in(client, name, own_directory.passwords[name]).status_code == 302
+        client.logout()
+    before = DirectoryAccount.objects.get(user__username="charlie").synced_at
+    own_directory.modify(f"dn: uid=charlie,{own_directory.people_base}\nchangetype: delete\n")
+    real = auth._in_directory
+
+    def times_out_on_dave(conn, search, username):
+        if username == "dave":
+            raise python_ldap.TIMEOUT({"desc": "Timed out"})
+        return real(conn, search, username)
+
+    monkeypatch.setattr(auth, "_in_directory", times_out_on_dave)
+    report = run_sync()
+    assert report["deactivated"] == [] and "cannot be searched: TIMEOUT" in report["error"]
+    assert DirectoryAccount.objects.get(user__username="charlie").synced_at == before
+    monkeypatch.undo()
+    assert run_sync()["deactivated"] == ["charlie"]
+
+
 def test_a_referral_is_not_taken_for_an_account_that_left(client, own_directory):
     """An entry moved into a subtree delegated to another server comes back as a referral: the account is
     reported as not checked, not deactivated."""

@@ -207,6 +207,19 @@ def test_a_webhook_network_that_is_no_network_is_refused_at_start(tmp_path):
     assert loaded(tmp_path, **{**PRODUCTION, "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8, fd00::/8"})
 
 
+def test_an_ldap_sync_budget_beyond_the_tasks_soft_limit_is_refused(tmp_path):
+    """A sync's deactivations come after its budget: a budget past the task's soft limit cut every long run
+    before them."""
+    directory = {
+        "LDAP_SERVER_URI": "ldaps://ldap.example.org",
+        "LDAP_USER_BASE": "ou=people,dc=x",
+        "LDAP_GROUP_BASE": "ou=groups,dc=x",
+    }
+    env = {**PRODUCTION, **directory, "LDAP_SYNC_TIME_BUDGET": "150"}
+    assert "LDAP_SYNC_TIME_BUDGET=150 must be below CELERY_TASK_SOFT_TIME_LIMIT=120" in refused(tmp_path, **env)
+    assert loaded(tmp_path, **{**PRODUCTION, "LDAP_SYNC_TIME_BUDGET": "150"})  # no directory: no sync to cut
+
+
 def test_a_visibility_timeout_below_the_task_time_limit_is_refused(tmp_path):
     """Redis hands a task that runs longer than the visibility timeout to another worker: it runs twice."""
     env = {**PRODUCTION, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_VISIBILITY_TIMEOUT": "60"}
