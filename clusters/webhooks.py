@@ -13,9 +13,9 @@ checks the latter and refuses an old timestamp (and de-duplicates by event id) c
 delivery again.
 
 The endpoint's host is resolved before each POST and the POST goes to the addresses checked, each in turn until
-one answers (no second lookup a DNS answer could change in between): loopback, link-local (cloud metadata services), multicast,
-unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them — a webhook is
-not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
+one answers (no second lookup a DNS answer could change in between): loopback, link-local (cloud metadata
+services), multicast, unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists
+them — a webhook is not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
 
 A 2xx answer moves the cursor past the batch; anything else (or no complete answer within ``WEBHOOK_TIMEOUT``
 from the connect on: the whole exchange, not each read — an endpoint that trickles its answer a byte at a time
