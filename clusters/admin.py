@@ -209,16 +209,9 @@ class WebhookAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            # only what the form changed: the delivery state (cursor, failures, next attempt) read when the page
-            # was posted is the deliveries' own, and a round that ended meanwhile is not undone (the cursor moved
-            # back sent a batch twice; a claim undone let two rounds send at once)
-            fields = [name for name in form.changed_data if name not in self.readonly_fields]
-            if fields:
-                obj.save(update_fields=fields)
-            # a new URL, or enabled again: no backoff left from before, as through the API
-            services.webhook_saved_in_admin(hook=obj, changed=form.changed_data)
-            return
-        super().save_model(request, obj, form, change)
+            services.webhook_admin_save(hook=obj, changed=form.changed_data)
+        else:
+            super().save_model(request, obj, form, change)
 
 
 class NodeInline(admin.TabularInline):

@@ -1613,8 +1613,13 @@ def _webhook_afresh(hook: Webhook) -> list[str]:
     return ["failures", "next_attempt_at", "last_error"]
 
 
-def webhook_saved_in_admin(*, hook: Webhook, changed: list[str]) -> None:
-    """After the admin saved ``hook``'s form (fields ``changed``): what ``webhook_update`` does beyond saving."""
+def webhook_admin_save(*, hook: Webhook, changed: list[str]) -> None:
+    """Save the admin's change of ``hook``: only the form's fields ``changed`` — the delivery state (cursor,
+    failures, next attempt) as the page read it is the deliveries' own, and a round that ended meanwhile is not
+    undone (the cursor moved back sent a batch twice; a claim undone let two rounds send at once) — then what
+    ``webhook_update`` does beyond saving (a new URL, or enabled again: no backoff left from before)."""
+    if changed:
+        hook.save(update_fields=changed)
     if webhook_starts_afresh(hook, changed):
         hook.save(update_fields=_webhook_afresh(hook))
 

@@ -43,7 +43,15 @@ def _check(data) -> None:
 
 
 def _check_text(text: str) -> None:
+    if not encodable(text):
+        raise ParseError("JSON parse error - a string holds a lone UTF-16 surrogate (not a character)")
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 encoding: a lone surrogate (a ``\\ud800`` escape in JSON) has none — the
+    database cannot store or compare it, and a response quoting it cannot be rendered."""
     try:
-        text.encode("utf-8")
+        text.encode()
     except UnicodeEncodeError:
-        raise ParseError("JSON parse error - a string holds a lone UTF-16 surrogate (not a character)") from None
+        return False
+    return True

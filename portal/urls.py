@@ -22,7 +22,7 @@ urlpatterns = [
     path("metrics", views.MetricsView.as_view(), name="metrics"),
     path(
         "login/",
-        views.LoginView.as_view(authentication_form=LoginForm),
+        views.LoginView.as_view(),
         name="login",
     ),
     path("logout/", views.LogoutView.as_view(), name="logout"),

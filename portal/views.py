@@ -7,6 +7,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -21,6 +22,7 @@ from rest_framework.views import APIView
 from portal import logins, metrics, tokens
 from portal import secrets as portal_secrets
 from portal.api import error_responses
+from portal.forms import LoginForm
 from portal.models import ApiToken, TokenScope
 
 
@@ -122,7 +124,7 @@ class LoginView(auth_views.LoginView):
     the login page itself is no place to go on to (Django raised a 500 for the loop, or the browser went round
     it): the home page then."""
 
-    authentication_form = None  # set in urls (the portal's LoginForm)
+    authentication_form = LoginForm
     redirect_authenticated_user = True
 
     def get_redirect_url(self):
@@ -226,8 +228,6 @@ def my_tokens(request):
 
 def _shown_secret(stored: str) -> str | None:
     """The secret a session holds for the page to show once; None for one it cannot read (another key)."""
-    from django.core.exceptions import ImproperlyConfigured
-
     try:
         return portal_secrets.decrypt(stored)
     except ImproperlyConfigured:

@@ -67,12 +67,7 @@ from access.gateway.state import (  # noqa: E402
     write_all_atomic,
     write_atomic,
 )
-from access.gateway.vpn import (  # noqa: E402
-    forget_sessions,
-    recorded_serials,
-    session_owner,
-    session_peers,
-)
+from access.gateway.vpn import forget_sessions, recorded_serials, session_owner, session_peers  # noqa: E402
 from access.gateway.vpn import sessions as vpn_sessions  # noqa: E402
 
 _KRL_MAGIC = b"SSHKRL\n\x00"

@@ -35,6 +35,7 @@ from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
 from portal.api import ID_MAX, IdField, NameRelatedField, StrictSerializer, counted_list
+from portal.parsers import encodable
 
 
 class OwnerField(NameRelatedField):
@@ -78,16 +79,6 @@ class HostField(NameRelatedField):
         return host if host is not None else super().to_internal_value(data)
 
 
-def _encodable(text: str) -> bool:
-    """Whether ``text`` has a UTF-8 encoding: a lone surrogate (a ``\\ud800`` escape in the JSON) has none, so
-    the database cannot compare it (in the list of names the nodes' hosts are prefetched by)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class NodeListSerializer(serializers.ListSerializer):
     def to_internal_value(self, data):
         # (a list over ``max_length`` is refused by the ListSerializer before any host is looked up: its names
@@ -98,7 +89,7 @@ class NodeListSerializer(serializers.ListSerializer):
             field = self.child.fields["host"]
             field.prefetched = {
                 h.name: h
-                for h in field.get_queryset().filter(name__in=[n for n in names if "\x00" not in n and _encodable(n)])
+                for h in field.get_queryset().filter(name__in=[n for n in names if "\x00" not in n and encodable(n)])
             }
         return super().to_internal_value(data)
 
