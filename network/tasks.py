@@ -19,6 +19,7 @@ import time
 from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists
 from django.utils import timezone
 
 from network import convergence, errbacks, selectors, services
@@ -80,8 +81,8 @@ def converge_devices(
     """Make the devices of changes ``change_ids`` match the desired state, side by side (one layer of a
     workflow, or a chunk of it), then those of each layer in ``then``, in turn (consecutive layers the
     same worker runs: one task instead of a broker round trip per layer), then, with ``finish`` =
-    ``["provisioned" | "released", segment id]``, what ``segment_provisioned``/``segment_released`` do,
-    returning their result (the workflow's last step, without a round trip of its own).
+    ``["provisioned" | "released", segment id, *more arguments]``, what ``segment_provisioned``/``segment_released``
+    do, returning their result (the workflow's last step, without a round trip of its own).
 
     Settled changes are skipped, so a retry (or a redelivery after a worker died) redoes only what is
     still pending. A permanent failure of any device fails the task (after the others of its layer
@@ -121,8 +122,8 @@ def converge_devices(
             _retry_pending(self, outcome.temporary, before=before, args=[layer], kwargs=rest)
         done += [{"change": c.pk, "device": c.device, "status": c.status} for c in outcome.changes.values()]
     if finish:
-        kind, segment_id = finish
-        return FINISH[kind](segment_id)
+        kind, segment_id, *more = finish
+        return FINISH[kind](segment_id, *more)
     return {"changes": done}
 
 
@@ -172,19 +173,29 @@ def segment_step(segment_id: int, step: str) -> dict:
 
 
 @shared_task(name="network.segment_provisioned", acks_late=True)
-def segment_provisioned(segment_id: int) -> dict:
+def segment_provisioned(segment_id: int, last_change: int | None = None) -> dict:
     """Every device reported success: the segment is active (unless it was deleted meanwhile). A segment on the
     gateway trunks is its owner's way in now: its VLAN id may be in the gateways' maps from here on.
 
     Not when a device was disabled between the provisioning's recording its change and running it (the change
     settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
-    provisioning fails with the device named, and is rolled back."""
+    provisioning fails with the device named, and is rolled back.
+
+    ``last_change``: the last change this provisioning recorded. A change of the segment recorded after it and
+    still open belongs to a later provisioning (the hosts changed again while this one ran): the segment stays
+    PENDING, for that one's last step to mark — this one's devices are done, but the segment is not."""
     untouched = selectors.left_untouched(segment_id)
     if untouched is not None:
         device, change_id = untouched
         raise DeviceChangeFailed(device, "disabled while the network was being provisioned: not configured", change_id)
-    Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING).update(state=Segment.State.ACTIVE, error="")
+    pending = Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING)
+    if last_change is not None:
+        later = DeviceChange.objects.filter(segment_id=segment_id, pk__gt=last_change, status__in=DeviceChange.OPEN)
+        pending = pending.exclude(Exists(later))
+    pending.update(state=Segment.State.ACTIVE, error="")
     seg = Segment.objects.get(pk=segment_id)
+    if seg.state == Segment.State.PENDING and last_change is not None:
+        return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state, "superseded": True}
     if seg.state != Segment.State.ACTIVE:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not active")
     if seg.gateway and seg.allocation_id:

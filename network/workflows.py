@@ -48,9 +48,7 @@ def layer(pairs: list[tuple[Switch | Host, int]]) -> list[Chunk]:
     return [(queue, ids[i : i + size]) for queue, ids in by_queue.items() for i in range(0, len(ids), size)]
 
 
-def _task(
-    queue: str, layers: list[list[int]], finish: tuple[str, int] | None = None, *, tolerate: bool = False
-) -> Signature:
+def _task(queue: str, layers: list[list[int]], finish: tuple | None = None, *, tolerate: bool = False) -> Signature:
     options: dict = {"then": layers[1:]} if len(layers) > 1 else {}
     if finish is not None:
         options["finish"] = list(finish)
@@ -61,12 +59,17 @@ def _task(
 
 
 def layers(
-    segment: Segment, steps: list[tuple[str, list[Chunk]]], finish: str, *, tolerate: bool = False
+    segment: Segment,
+    steps: list[tuple[str, list[Chunk]]],
+    finish: str,
+    *,
+    tolerate: bool = False,
+    finish_args: tuple = (),
 ) -> list[Signature]:
     """One link per non-empty layer of ``steps`` (``(name, chunks)``), in order: its task, or ``group →
     join``; then ``finish`` (``provisioned``: ``segment_provisioned``, ``released``: ``segment_released``,
-    ``compensated``: ``segment_compensated``). ``tolerate``: a device that fails stops neither its layer's
-    other devices nor the next layers (a rollback).
+    ``compensated``: ``segment_compensated``), called with the segment's id and ``finish_args``. ``tolerate``:
+    a device that fails stops neither its layer's other devices nor the next layers (a rollback).
 
     Consecutive layers of one task each on the same queue (switches, then hosts without an agent) become
     ONE task that converges them in turn, and when the last link is such a task on the default queue it
@@ -91,8 +94,9 @@ def layers(
         return _task(*item, tolerate=tolerate) if isinstance(item, tuple) else item
 
     if isinstance(last, tuple) and last[0] == "":
-        return [*(link(item) for item in links[:-1]), _task(*last, finish=(finish, segment.pk), tolerate=tolerate)]
-    return [*(link(item) for item in links), tasks.FINISH[finish].si(segment.pk)]
+        last_task = _task(*last, finish=(finish, segment.pk, *finish_args), tolerate=tolerate)
+        return [*(link(item) for item in links[:-1]), last_task]
+    return [*(link(item) for item in links), tasks.FINISH[finish].si(segment.pk, *finish_args)]
 
 
 def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list[tuple]:
@@ -102,7 +106,8 @@ def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list
 
 def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature:
     """Converge every device the segment needs (and any it touched before) to the desired state:
-    switches in parallel, then hosts in parallel, then mark the segment ACTIVE."""
+    switches in parallel, then hosts in parallel, then mark the segment ACTIVE (unless a later provisioning
+    of it is under way by then: ``segment_provisioned``)."""
     segment = Segment.objects.get(pk=segment_id)
     if segment.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}; cannot provision")
@@ -115,6 +120,7 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
             ("hosts", layer(changes[len(switches) :])),
         ],
         "provisioned",
+        finish_args=(max((pk for _device, pk in changes), default=None),),
     )
     if compensate_on_error:
         errback = compensate(segment.pk)
