@@ -357,13 +357,15 @@ def migrate(api: Api, args, out: TextIO) -> int:
     if node["state"] == "migrating" and node["target_host"] == args.target:
         out.write(json.dumps(node, indent=1) + "\n")
         return 0
-    raise ClusterFailed(f"the network could not be prepared on {args.target} for {args.node}: {_last_error(cluster)}")
+    failed = _last_error(cluster, "migrate.prepare", f"{args.node}:") or _last_error(cluster)
+    raise ClusterFailed(f"the network could not be prepared on {args.target} for {args.node}: {failed}")
 
 
 def migrated(api: Api, args, out: TextIO) -> int:
     """The VM moved (``--cancel``: it did not): complete the node's migration — the host it left is cleaned
     when no node of the cluster is left there — and wait until the network has converged. A node that is not
-    migrating (already completed) needs nothing."""
+    migrating (already completed) needs nothing. A device that could not be cleaned exits 1 with its message
+    (the node is where the VM is; the reconciler converges the device later)."""
     deadline = time.monotonic() + args.timeout
     cluster = _live_cluster(api, args.job, deadline)
     node = _node(cluster, args.node)
@@ -374,6 +376,11 @@ def migrated(api: Api, args, out: TextIO) -> int:
         if cluster["state"] != "ready":
             raise ClusterFailed(f"cluster {cluster['id']} is {cluster['state']}: {cluster['state_reason']}")
         node = _node(cluster, args.node)
+        step = "migrate.cancel" if args.cancel else "migrate.complete"
+        failed = _last_error(cluster, step, f"{args.node}:")
+        if failed:
+            where = f"stays on {node['host']}" if args.cancel else f"is on {node['host']}"
+            raise ClusterFailed(f"node {args.node} {where}, but the network did not converge: {failed}")
     out.write(json.dumps(node, indent=1) + "\n")
     return 0
 

@@ -158,6 +158,15 @@ def test_a_migration_prepared_completed_and_called_off_through_the_client(fabric
     assert code == 0 and (node["host"], node["state"], node["target_host"]) == ("pilsen2", "ready", None), err
     assert vid not in fabric.host_vlans("prague1") and vid in fabric.host_vlans("pilsen2")
     assert client("migrated", "--job", "9.pbs", "--node", "n2")[0] == 0  # done already: nothing to do
+    # the host it left cannot be cleaned: the node is moved all the same, and the command says the device's message
+    from network.models import Host
+
+    assert client("migrate", "--job", "9.pbs", "--node", "n2", "--target", "prague1")[0] == 0
+    Host.objects.filter(name="pilsen2").update(driver_args={**fabric.args, "fail_commit": "permanent"})
+    code, _, err = client("migrated", "--job", "9.pbs", "--node", "n2", "--timeout", "60")
+    assert code == 1 and "n2 is on prague1, but the network did not converge: pilsen2" in err, err
+    Host.objects.filter(name="pilsen2").update(driver_args=fabric.args)  # (repaired)
+    assert client("migrated", "--job", "9.pbs", "--node", "n2")[0] == 0  # moved already: nothing to do
 
     # a migration called off: the VM stayed, the target is cleaned
     assert client("migrate", "--job", "9.pbs", "--node", "n1", "--target", "pilsen2")[0] == 0
