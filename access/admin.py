@@ -16,7 +16,7 @@ from access.models import (
     RetiredHostKey,
     RevocationReason,
 )
-from portal.admin import MadeByThePortal
+from portal.admin import MadeByThePortal, secrets_shown
 
 
 @admin.register(Authority)
@@ -177,6 +177,21 @@ class GatewayAdmin(admin.ModelAdmin):
     )
     actions = ["make_token"]
 
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        renamed = [name for name in ("address", "server_name") if name in form.changed_data]
+        if change and obj.enrolled_at is not None and renamed:
+            # its certificates name what it was enrolled with: the profiles and bundles issued from now on name
+            # the new values, which the gateway's keys do not carry until it is enrolled again
+            self.message_user(
+                request,
+                f"Gateway {obj.name}: its {' and '.join(renamed)} changed, but its TLS and SSH host certificates "
+                "still name the old one: VPN profiles and SSH bundles issued from now on will not reach it until "
+                f"`manage.py gateway config {obj.name} --re-enrol` has given it new keys (then restart its OpenVPN "
+                "and sshd).",
+                messages.WARNING,
+            )
+
     def get_readonly_fields(self, request, obj=None):
         # where the portal's own processes write a gateway's state (revocations install it at once): a path on
         # the portal's host, set by a superuser only — a staff member who may change gateways may not make every
@@ -188,10 +203,5 @@ class GatewayAdmin(admin.ModelAdmin):
         description="Make gateway token (shown once; replaces the gateway's current token)", permissions=["change"]
     )
     def make_token(self, request, queryset):
-        for gateway in queryset:
-            secret = services.gateway_token_issue(gateway=gateway, by=request.user)
-            self.message_user(
-                request,
-                f"Token for gateway {gateway.name} — copy it now, it is not shown again: {secret}",
-                messages.WARNING,
-            )
+        made = [(gateway.name, services.gateway_token_issue(gateway=gateway, by=request.user)) for gateway in queryset]
+        return secrets_shown(self, request, made, title="Gateway tokens made", what="Gateway")

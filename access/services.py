@@ -1383,12 +1383,21 @@ def gateways_install_ready_cluster(*, cluster_id: int) -> int:
 
 def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, note: str = "") -> int:
     """Revoke the given rows (locked by the caller), rewrite the CRL/KRL once, cut sessions after commit."""
-    if reason not in RevocationReason.values:
-        raise AccessError(f"unknown revocation reason {reason!r}", field="reason")
+    return _revoke_each([(credential, reason, note) for credential in credentials], by=by)
+
+
+def _revoke_each(items: Sequence[tuple[Credential, str, str]], *, by=None) -> int:
+    """Revoke each ``(row, reason, note)`` (rows locked by the caller). However many there are, the CRL and the
+    KRL are rewritten (and signed) once each and the gateways on this host get the new state once, after commit:
+    one event that revokes hundreds (a group deleted) is not hundreds of signatures over a growing list, with
+    the authority's row locked all along."""
+    for _credential, reason, _note in items:
+        if reason not in RevocationReason.values:
+            raise AccessError(f"unknown revocation reason {reason!r}", field="reason")
     now = timezone.now()
     kinds: set[str] = set()
     done = 0
-    for credential in credentials:
+    for credential, reason, note in items:
         if credential.revoked_at is not None:
             continue
         credential.revoked_at = now
@@ -1411,8 +1420,16 @@ def _revoke_rows(credentials: Sequence[Credential], *, reason: str, by=None, not
     if CredentialKind.SSH in kinds:
         _krl_regenerate(_locked_authority(AuthorityKind.SSH_USER))
     if done:
-        transaction.on_commit(_install_local_gateways)
+        _install_local_gateways_after_commit()
     return done
+
+
+def _install_local_gateways_after_commit() -> None:
+    """``_install_local_gateways`` once the transaction commits — once, however many revocations it made (a
+    hook a rolled-back savepoint dropped is queued again by the next one)."""
+    queued = transaction.get_connection().run_on_commit
+    if not any(func is _install_local_gateways for _savepoints, func, _robust in queued):
+        transaction.on_commit(_install_local_gateways)
 
 
 @transaction.atomic
@@ -1456,23 +1473,24 @@ _ENDED_OR_ENDING = ("gone", "tearing_down", "torn_down", "failed", "requested", 
 
 
 @transaction.atomic
-def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
-    """Re-check live credentials of ``user`` and/or covering ``cluster`` against the membership rule and
-    revoke those admitting to a cluster their holder may no longer enter (left the group, the cluster
-    changed group or owner, ended, became public)."""
+def credentials_revoke_unauthorized(*, user=None, users: Iterable | None = None, cluster=None) -> int:
+    """Re-check live credentials of ``user`` (or of each of ``users``: one revocation for all) and/or covering
+    ``cluster`` against the membership rule and revoke those admitting to a cluster their holder may no longer
+    enter (left the group, the cluster changed group or owner, ended, became public)."""
     from clusters.models import Connectivity, VirtualCluster
 
     # (a node's host certificate is not its requester's to lose: it ends with the cluster)
     qs = Credential.objects.live(timezone.now()).filter(kind__in=USER_KINDS)
-    if user is not None:
-        lock_holders([user.pk])  # an issuance in flight for this user records its row first, or sees this
-        qs = qs.filter(user=user)
+    holders = [user.pk] if user is not None else sorted({u.pk for u in users}) if users is not None else None
+    if holders is not None:
+        lock_holders(holders)  # an issuance in flight for these users records its row first, or sees this
+        qs = qs.filter(user_id__in=holders)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
     rows = list(qs.select_for_update(of=("self",)).select_related("user").prefetch_related("clusters").order_by("pk"))
     if not rows:
         return 0
-    done = 0
+    items: list[tuple[Credential, str, str]] = []
     by_user: dict[int, set[int]] = {}
     for credential in rows:
         if credential.user_id not in by_user:
@@ -1502,8 +1520,8 @@ def credentials_revoke_unauthorized(*, user=None, cluster=None) -> int:
         else:
             reason = RevocationReason.AFFILIATION_CHANGED
             note = f"{credential.user.get_username()} may no longer enter cluster {lost[0].label}"
-        done += _revoke_rows([credential], reason=reason, note=note)
-    return done
+        items.append((credential, reason, note))
+    return _revoke_each(items)
 
 
 #: how long before a publish profile ends (one its clusters outlive) its holder gets an e-mail

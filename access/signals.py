@@ -78,10 +78,8 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
         users = list(get_user_model().objects.filter(pk__in=ids or ()))
     else:
         users = [instance]
-    with transaction.atomic():
-        services.lock_holders([user.pk for user in users])  # all at once, in one order (no deadlock)
-        for user in users:
-            services.credentials_revoke_unauthorized(user=user)
+    with transaction.atomic():  # all at once, in one order (no deadlock); one CRL/KRL for all
+        services.credentials_revoke_unauthorized(users=users)
 
 
 def group_deleting(sender, instance, **kwargs) -> None:
@@ -100,8 +98,9 @@ def group_deleted(sender, instance, **kwargs) -> None:
 
     from access import services
 
-    for user in get_user_model().objects.filter(pk__in=getattr(instance, "_access_members", ())):
-        services.credentials_revoke_unauthorized(user=user)
+    members = list(get_user_model().objects.filter(pk__in=getattr(instance, "_access_members", ())))
+    if members:
+        services.credentials_revoke_unauthorized(users=members)  # one CRL/KRL for all
 
 
 def user_saved(sender, instance, created, raw=False, **kwargs) -> None:

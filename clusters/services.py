@@ -148,7 +148,7 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
     if len(set(addresses)) != len(addresses):
         raise ClusterError("an IP address appears twice among the cluster's nodes", field="nodes")
     bastion = bastion_address or (cluster.bastion_address if cluster is not None else "")
-    if bastion:
+    if bastion and not (cluster is not None and cluster.public_subnet):  # (a public one's nodes are in its subnet)
         own, network = ipaddress.ip_interface(bastion).ip, ipaddress.ip_interface(bastion).network
         clash = [n.name for n in nodes if n.address and ipaddress.ip_address(n.address) == own]
         if clash:
@@ -768,7 +768,9 @@ def _end(cluster_id: int, generation: int, allowed: tuple[str, ...], **fields) -
             state=NodeState.REMOVED, removed_at=cluster.ended_at
         )
         _lease_end(cluster_id)
-        transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster))
+        # robust: the cluster has ended whatever a receiver does (access revokes its credentials; its periodic
+        # sweep revokes what a failed receiver left)
+        transaction.on_commit(lambda: cluster_ended.send(VirtualCluster, cluster=cluster), robust=True)
         return True
     return False
 

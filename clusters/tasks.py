@@ -8,7 +8,7 @@ import logging
 from celery import shared_task
 
 from clusters import services
-from clusters.models import ClusterStep, Connectivity, VirtualCluster
+from clusters.models import ClusterState, ClusterStep, Connectivity, VirtualCluster
 from network import selectors as net_selectors
 from network.errbacks import describe, handed_on
 
@@ -123,9 +123,9 @@ def teardown_failed(request, exc, traceback, cluster_id: int, generation: int) -
         # would take the teardown for one still running and wait for it to be lost (tens of minutes)
         services.step_start_once(cluster, "teardown")
     services.steps_finish_running(cluster, "teardown", generation=generation, error=detail)
-    VirtualCluster.objects.filter(pk=cluster_id, workflow_generation=generation).update(
-        state_reason=f"teardown incomplete: {detail}"[:2000]
-    )
+    VirtualCluster.objects.filter(
+        pk=cluster_id, workflow_generation=generation, state=ClusterState.TEARING_DOWN
+    ).update(state_reason=f"teardown incomplete: {detail}"[:2000])
 
 
 @shared_task(name="clusters.update_done")

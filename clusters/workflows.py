@@ -48,8 +48,10 @@ def start_provision(cluster_id: int, generation: int) -> None:
     it again), and the gateway leg and READY are one last task."""
     segment_id = VirtualCluster.objects.values_list("segment_id", flat=True).get(pk=cluster_id)
     with transaction.atomic():  # the device changes the canvas records: one commit, not one per device
-        network = net_workflows.provision(segment_id, compensate_on_error=False)
         step = services.cluster_provisioning_started(cluster_id=cluster_id, generation=generation)
+        if step is None:  # a later generation took the cluster over (a sweep resumed it): it sends its own
+            return
+        network = net_workflows.provision(segment_id, compensate_on_error=False)
     try:
         chain(
             network,

@@ -195,6 +195,8 @@ def segment_provisioned(segment_id: int, last_change: int | None = None) -> dict
     pending.update(state=Segment.State.ACTIVE, error="")
     seg = Segment.objects.get(pk=segment_id)
     if seg.state == Segment.State.PENDING and last_change is not None:
+        if seg.gateway and seg.allocation_id:  # (as the later one will: only ever delays the VLAN's reuse)
+            services.vlan_map_to_gateways(allocation_id=seg.allocation_id)
         return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state, "superseded": True}
     if seg.state != Segment.State.ACTIVE:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not active")

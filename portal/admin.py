@@ -16,6 +16,26 @@ from portal.models import ApiToken, AuditEntry, DirectoryAccount, LoginFailure, 
 from portal.tokens import token_create, token_revoke
 
 
+def secrets_shown(modeladmin, request, secrets: list[tuple[str, str]], *, title: str, what: str):
+    """The page that shows new secrets (``(name, secret)``) once: rendered in the response itself — not a message,
+    which the session store would keep in clear until the next page — and never cached."""
+    from django.template.response import TemplateResponse
+    from django.utils.cache import add_never_cache_headers
+
+    opts = modeladmin.model._meta
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "what": what,
+        "secrets": secrets,
+        "opts": opts,
+        "back": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+    }
+    response = TemplateResponse(request, "admin/secrets_shown.html", context)
+    add_never_cache_headers(response)
+    return response
+
+
 class MadeByThePortal:
     """An admin page for rows only the portal writes: shown, never added, changed or deleted here."""
 
@@ -74,7 +94,7 @@ def _plain(value):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    """Tokens are made here; the secret is shown once, in the confirmation message. A token acts as its user with
+    """Tokens are made here; the secret is shown once, on the page the save answers with. A token acts as its user with
     its scopes, so only a superuser makes one or changes its scopes and expiry: another staff member who may
     change tokens renames and revokes them (a token for someone else, or a wider scope, would be theirs to use)."""
 
@@ -113,7 +133,13 @@ class ApiTokenAdmin(admin.ModelAdmin):
             expires_at=form.cleaned_data.get("expires_at"),
         )
         obj.pk = token.pk
-        messages.warning(request, f"Copy the token now, it is not shown again: {secret}")
+        request._token_made = (f"{token.name} ({token.user.get_username()}, {token.prefix}…)", secret)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        made = getattr(request, "_token_made", None)
+        if made is None:
+            return super().response_add(request, obj, post_url_continue)
+        return secrets_shown(self, request, [made], title="Token made", what="Token")
 
     def delete_model(self, request, obj):
         audit.record(obj, "delete", {"scopes": [obj.scopes, None]})

@@ -446,7 +446,9 @@ ACCESS_CRL_VALIDITY = env_int("ACCESS_CRL_VALIDITY", 7 * 24 * 3600, minimum=3600
 # client-connect and tls-verify (also at each renegotiation, every GATEWAY_STATE_MAX_AGE) and the bastion's
 # principals command refuse everyone until a pull succeeds. A released VLAN is handed out again only once every
 # gateway has installed a state without its old mapping, or 2 × this (+ 5 min of clock skew) after the release.
-GATEWAY_STATE_MAX_AGE = env_int("GATEWAY_STATE_MAX_AGE", 600, minimum=60, maximum=7 * 24 * 3600)
+# At least three of the gateways' pulls (access.gateway.systemd.PULL_EVERY, 60 s): one as long as a pull would
+# expire the state just before each next pull ends, and a gateway would refuse everyone for a moment every minute.
+GATEWAY_STATE_MAX_AGE = env_int("GATEWAY_STATE_MAX_AGE", 600, minimum=180, maximum=7 * 24 * 3600)
 # Where the VLAN allocator asks who may still map a released VLAN id (each returns a time: ids released
 # before it are safe to hand out again; None: no constraint).
 VLAN_REUSE_HORIZONS = ["access.selectors.vlan_reuse_horizon"]

@@ -521,10 +521,13 @@ def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallRe
 
 
 def _cut_all(state: VpnState | SshState, report: InstallReport) -> None:
-    """Cut every live session of one service this gateway recorded (its state no longer admits anyone)."""
+    """Cut every live session of one service this gateway recorded (its state no longer admits anyone). An
+    OpenVPN client is told to reconnect (``RESTART``), not to exit: nothing says its user lost the access — this
+    gateway's state went stale, or it no longer serves the VPN — so a failover profile moves on to its next
+    gateway and a router's profile keeps trying until this one admits it again."""
     try:
         if isinstance(state, VpnState):
-            _cut(state, recorded_serials(state), report)
+            _cut(state, recorded_serials(state), report, message="RESTART")
         else:
             _cut_ssh(state, sshd.recorded_serials(state), report)
     except OSError as exc:
@@ -550,11 +553,14 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
     return report
 
 
-def _kill(vpn: VpnState, serial: int, peers: list[tuple[str, str]], report: InstallReport) -> bool:
-    """Kill these sessions of certificate ``serial`` through the management interface (recorded in ``report``);
-    whether the interface answered."""
+def _kill(
+    vpn: VpnState, serial: int, peers: list[tuple[str, str]], report: InstallReport, *, message: str = "HALT"
+) -> bool:
+    """Kill these sessions of certificate ``serial`` through the management interface (recorded in ``report``),
+    the client told ``message`` (``HALT``: exit, ``RESTART``: reconnect); whether the interface answered."""
     try:
-        if management.kill_peers(vpn.management, peers, common_name=session_owner(vpn, serial)):
+        owner = session_owner(vpn, serial)
+        if management.kill_peers(vpn.management, peers, common_name=owner, message=message):
             report.cut.append(serial)
     except management.ManagementError as exc:
         report.cut_errors.append(f"serial {serial}: {exc}")
@@ -562,19 +568,24 @@ def _kill(vpn: VpnState, serial: int, peers: list[tuple[str, str]], report: Inst
     return True
 
 
-def _cut(vpn: VpnState, revoked: set[int], report: InstallReport) -> None:
+def _cut(vpn: VpnState, revoked: set[int], report: InstallReport, *, message: str = "HALT") -> None:
+    """Cut the sessions of the certificates ``revoked``: their clients exit (``HALT``: a revoked certificate has
+    nothing to come back for), unless ``message`` says otherwise."""
     for serial in sorted(revoked):
         peers = session_peers(vpn, serial)
         if not peers:
             continue  # not connected through this gateway (or already cut)
-        if _kill(vpn, serial, peers, report):
+        if _kill(vpn, serial, peers, report, message=message):
             forget_sessions(vpn, serial)
 
 
 def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
     """Cut the sessions on a cluster the installed VLAN map no longer holds, or holds on another VLAN: the cluster
     ended (its VLAN goes to another cluster after the hold-down) — a revocation that did not reach this gateway,
-    or a cut that failed, must not leave a user on the VLAN. OpenVPN checks the map at connect only."""
+    or a cut that failed, must not leave a user on the VLAN. OpenVPN checks the map at connect only. The clients
+    are told to reconnect (``RESTART``): the map may have dropped the cluster for a while only (two clusters of
+    different cores on one VLAN id, on a gateway of no site), or moved it to another VLAN, and the reconnection
+    meets the map as it is now (refused while the cluster is not in it)."""
     try:
         vlans = load_vlan_map(vpn.vlans)
     except StateError as exc:
@@ -586,7 +597,7 @@ def _cut_unmapped(vpn: VpnState, report: InstallReport) -> None:
         if cluster and (cluster not in vlans or (vlan is not None and vlans[cluster] != vlan)):
             stale.setdefault(session["serial"], []).append(tuple(session["peer"]))
     for serial, peers in sorted(stale.items()):
-        if _kill(vpn, serial, peers, report) and set(peers) == set(session_peers(vpn, serial)):
+        if _kill(vpn, serial, peers, report, message="RESTART") and set(peers) == set(session_peers(vpn, serial)):
             forget_sessions(vpn, serial)  # (else OpenVPN's client-disconnect drops those peers: the hooks' file)
 
 

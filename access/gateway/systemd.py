@@ -32,7 +32,7 @@ OPENVPN = "virtcloud-gateway-openvpn"
 SSHD = "virtcloud-gateway-sshd"
 BASTION = "virtcloud-gateway-bastion"
 SSH_DROP_IN = "ssh.service.d/virtcloud-gateway.conf"  # a drop-in for Debian's own ssh.service
-PULL_EVERY = 60  # seconds between pulls: well inside the state's max age (GATEWAY_STATE_MAX_AGE, 600 s)
+PULL_EVERY = 60  # seconds between pulls: well inside the state's max age (GATEWAY_STATE_MAX_AGE: 600 s, 180 at least)
 _NEEDS_QUOTES = re.compile(r"""[\s"'\\;]|^$""")
 
 

@@ -425,6 +425,22 @@ def test_the_middleware_certifies_any_clusters_nodes_and_public_ones_too(alice, 
     assert Credential.objects.filter(kind="ssh_host", user=charlie).count() == 2
 
 
+def test_a_nodes_host_certificate_is_revoked_by_its_clusters_owner_not_by_whoever_asked_for_it(alice, charlie, cluster):
+    """A node's host key revoked is certified never again and every bundle of the cluster says ``@revoked`` for it:
+    the middleware account that asked for the certificate (with a token that no longer acts on every cluster)
+    may not revoke it; the cluster's owner revokes the one it asked for."""
+    _, manage = token_create(user=charlie, name="scheduler", scopes=[TokenScope.CLUSTERS_MANAGE])
+    asked = _host_cert_post(client_for(token=manage), cluster, "node1", _host_key()).json()["credential"]
+    _, write = token_create(user=charlie, name="old", scopes=[TokenScope.CLUSTERS_WRITE])
+    response = client_for(token=write).post(f"/api/access/credentials/{asked}/revoke/", {}, format="json")
+    assert response.status_code == 403 and "its cluster's owner or an administrator" in response.content.decode()
+    assert Credential.objects.get(pk=asked).revoked_at is None
+    _, own = token_create(user=alice, name="boot", scopes=[TokenScope.CLUSTERS_WRITE])
+    mine = _host_cert_post(client_for(token=own), cluster, "node1", _host_key()).json()["credential"]
+    response = client_for(token=own).post(f"/api/access/credentials/{mine}/revoke/", {}, format="json")
+    assert response.status_code == 200 and Credential.objects.get(pk=mine).revoked_at is not None, response.content
+
+
 @pytest.mark.parametrize(
     ("key", "message"),
     [

@@ -280,6 +280,35 @@ def test_a_state_directory_without_local_json_keeps_its_configuration_and_says_s
     assert f"configuration: no {LOCAL}" in run("status", "--dir", str(state))
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_re_enrolment_the_portal_did_not_record_leaves_the_old_keys_in_place(gateway, tmp_path, monkeypatch):
+    """``gateway config --re-enrol`` whose new keys were written but not recorded (the commit failed, or a file
+    could not be written): the gateway keeps the keys the portal's profiles and bundles pin, every one of them —
+    not a new TLS key the portal never heard of."""
+    from access.management.commands import gateway as command
+
+    state = tmp_path / "state"
+    run("config", gateway.name, "--dir", str(state))
+    keys = ("server.key", "server.pem", "tls-crypt.key", "host_key", "host_key-cert.pub")
+    files = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name in keys}
+    assert len(files) == len(keys), sorted(p.name for p in state.rglob("*"))
+    gateway.refresh_from_db()
+    pinned = (gateway.server_certificate, gateway.ssh_host_certificate)
+    real = command.write_all_atomic
+
+    def written_then_commit_fails(new):
+        real(new)
+        if any(path.name == "server.key" for path in new):  # (the enrolment's, not the put-back)
+            raise OSError("could not commit: the database went away")
+
+    monkeypatch.setattr(command, "write_all_atomic", written_then_commit_fails)
+    with pytest.raises(OSError, match="database went away"):
+        run("config", gateway.name, "--dir", str(state), "--re-enrol")
+    assert {p: p.read_bytes() for p in files} == files
+    gateway.refresh_from_db()
+    assert (gateway.server_certificate, gateway.ssh_host_certificate) == pinned
+
+
 @pytest.mark.django_db
 def test_a_gateway_now_serving_ssh_without_a_host_key_is_told_to_enrol(tmp_path):
     from access.models import Gateway

@@ -341,6 +341,22 @@ def test_pull_installs_crl_and_cuts_only_the_revoked_session(lab):
 
 
 @needs_lab
+def test_a_gateway_whose_state_went_stale_tells_its_clients_to_reconnect_not_to_exit(lab):
+    """Failing closed (no pull for the state's max_age) cuts every session with RESTART: nothing says its user lost
+    the access, so the client stays up and reconnects — to the next gateway of a failover profile, or here,
+    once this one admits it again (its state fresh: at once). A revoked certificate's client is told to exit
+    (``test_pull_installs_crl_and_cuts_only_the_revoked_session``)."""
+    text, serial = lab.profile("ivan", "c42", dev="vctd")
+    proc, log, _ = _connect_ok(lab, text, "ivan")
+    wait_for(lambda: len(vpn.session_peers(lab.state, serial)) == 1, 5, what="the session recorded")
+    report = pull.fail_closed(lab.state.root.parent, now=time.time() + 7200)  # (its state expired by then)
+    assert report is not None and serial in report.cut and report.cut_errors == []
+    wait_for(lambda: read(log).count("Initialization Sequence Completed") == 2, 20, what="the client to reconnect")
+    assert proc.poll() is None and "server-pushed-connection-reset" in read(log), read(log)[-2000:]
+    stop(proc, kill=True)
+
+
+@needs_lab
 def test_hook_timing(lab):
     """Run both hooks as OpenVPN does (fresh interpreter each time) and report per-call milliseconds."""
     text, serial = lab.profile("frank", "c42", dev="vct8")

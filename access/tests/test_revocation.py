@@ -188,12 +188,27 @@ def test_the_clusters_teardown_service_revokes_through_its_signal(
     assert Credential.objects.count() == 2
 
 
-def test_deleting_a_group_revokes_its_members_credentials(alice, bob, team, cluster, gateway):
+def test_deleting_a_group_revokes_its_members_credentials(
+    alice, bob, charlie, team, cluster, gateway, django_capture_on_commit_callbacks
+):
     """``Group.delete()`` drops memberships and the clusters' group in bulk (no ``m2m_changed``): bob, who
-    entered alice's cluster through the group, loses his credentials; alice, the owner, keeps hers."""
+    entered alice's cluster through the group, loses his credentials; alice, the owner, keeps hers. However many
+    it revokes, the CRL and the KRL are signed once each, and the local gateways get the new state once."""
+    from access.models import Authority, AuthorityKind
+
+    charlie.groups.add(team)
     issue_both(alice, cluster)
     issue_both(bob, cluster)
-    team.delete()
+    issue_both(bob, cluster)
+    issue_both(charlie, cluster)
+    numbers = dict(Authority.objects.values_list("kind", "revocation_number"))
+    with django_capture_on_commit_callbacks() as hooks:
+        team.delete()
+    after = dict(Authority.objects.values_list("kind", "revocation_number"))
+    assert Credential.objects.filter(user__in=[bob, charlie], revoked_at__isnull=False).count() == 6
+    for kind in (AuthorityKind.VPN, AuthorityKind.SSH_USER):
+        assert after[kind] == numbers[kind] + 1, kind
+    assert [h.__name__ for h in hooks].count("_install_local_gateways") == 1, hooks
     bobs = Credential.objects.filter(user=bob)
     assert all(c.revocation_reason == RevocationReason.AFFILIATION_CHANGED for c in bobs), list(bobs)
     assert not Credential.objects.filter(user=alice, revoked_at__isnull=False).exists()

@@ -292,7 +292,7 @@ def test_admin_makes_a_gateway_token_once(root, gateway):
     gateway.refresh_from_db()
     page = response.content.decode()
     assert gateway.token is not None and gateway.token.scopes == ["gateway:pull"]
-    secret = page.split("not shown again: ")[1].split("<")[0].strip()
+    secret = page.split('<code class="secret">')[1].split("<")[0].strip()
     assert secret.startswith(f"vc_{gateway.token.prefix}_")
     first = gateway.token
     client.post("/admin/access/gateway/", {"action": "make_token", "_selected_action": [gateway.pk]})
@@ -457,6 +457,28 @@ def test_admin_refuses_gateway_settings_that_would_go_into_downloads_broken(root
     before = {f: getattr(gateway, f) for f in GATEWAY_FORM if f != "enabled"}
     gateway.refresh_from_db()
     assert {f: getattr(gateway, f) for f in before} == before
+
+
+def test_an_enrolled_gateway_given_another_address_or_name_is_told_to_enrol_again(root, gateway):
+    """Its certificates name what it was enrolled with: the admin hears that the profiles issued from now on will
+    not reach it until it is enrolled again (a port changed is nothing to say)."""
+    from access import services
+
+    if gateway.enrolled_at is None:
+        services.gateway_enrol(gateway=gateway)
+        gateway.refresh_from_db()
+    client = logged_in(root)
+    url = f"/admin/access/gateway/{gateway.pk}/change/"
+    form = {**GATEWAY_FORM, "name": gateway.name, "address": gateway.address, "server_name": gateway.server_name}
+    page = client.post(url, {**form, "vpn_port": 1195}, follow=True).content.decode()
+    assert "--re-enrol" not in page and "changed successfully" in page
+    page = client.post(url, {**form, "address": "198.18.100.9"}, follow=True).content.decode()
+    assert f"Gateway {gateway.name}: its address changed" in page
+    assert f"gateway config {gateway.name} --re-enrol" in page
+    gateway.enrolled_at = None  # never enrolled: its first enrolment takes whatever it is given
+    gateway.save(update_fields=["enrolled_at"])
+    page = client.post(url, {**form, "server_name": "gw9.example.org"}, follow=True).content.decode()
+    assert "--re-enrol" not in page
 
 
 def test_admin_accepts_sound_gateway_settings(root, gateway):
@@ -712,19 +734,22 @@ def test_credential_admin_is_view_only(root, alice, cluster, gateway):
     assert "Revoke selected credentials" in client.get("/admin/access/credential/").content.decode()
 
 
-def test_a_gateway_token_secret_is_never_in_a_cookie(root, gateway):
-    """The secret is shown once in a message: kept in the server-side session, not in the messages cookie."""
+def test_a_gateway_token_secret_is_never_in_a_cookie_or_the_session_store(root, gateway):
+    """The secret is shown once, in the action's own answer (not cached): never in a cookie, nor in the session
+    store (a message would wait there in clear until the next page)."""
+    from django.contrib.sessions.models import Session
+
     client = logged_in(root)
     response = client.post("/admin/access/gateway/", {"action": "make_token", "_selected_action": [gateway.pk]})
-    assert response.status_code == 302
+    assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     cookies = [morsel.OutputString() for morsel in response.cookies.values()]
-    assert "messages" not in response.cookies
-    page = client.get(response.url).content.decode()
-    secret = page.split("not shown again: ")[1].split("<")[0].strip()
-    assert secret.startswith("vc_")
+    page = response.content.decode()
+    secret = page.split('<code class="secret">')[1].split("<")[0].strip()
+    assert secret.startswith("vc_") and gateway.name in page
     # vc_<prefix>_<random>: the random part whole (it may itself hold "_", and a fragment after its last one
     # could be a character or two that a CSRF or session cookie holds by chance)
     assert not any(secret.split("_", 2)[2] in c for c in cookies)
+    assert not any(secret in str(s.get_decoded()) for s in Session.objects.all())
 
 
 def test_the_ssh_form_says_where_the_config_expects_a_pasted_keys_private_half(client, alice, cluster, gateway):

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from clusters import services
+from clusters import services, workflows
 from clusters.errors import Conflict
 from clusters.models import (
     ClusterState,
@@ -21,7 +21,7 @@ from clusters.models import (
     PublicPrefix,
     VirtualCluster,
 )
-from network.models import Segment, VlanAllocation
+from network.models import DeviceChange, Segment, VlanAllocation
 from network.services import rollback_stalled_after
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
 from portal.models import TokenScope
@@ -294,6 +294,39 @@ def test_a_public_node_never_gets_the_bastions_address(fabric, images, api, alic
     )
     assert r.status_code == 202 and r.data["public_subnet"] == "198.19.0.0/29", r.content
     assert [n["address"] for n in r.data["nodes"]] == ["198.19.0.3", "198.19.0.4"]
+
+
+def test_a_closed_cluster_made_public_takes_nodes_of_its_public_subnet_whatever_its_bastion(
+    fabric, images, api, alice, root
+):
+    """The bastion's network binds the nodes of a closed cluster only: made public by an admin (it keeps its
+    bastion for when it is closed again), a node added with an address of its public subnet is accepted, not
+    refused as outside the bastion's network."""
+    PublicPrefix.objects.create(name="provider", prefix="198.19.0.0/24", subnet_length=29)
+    as_scheduler_for(api, alice)
+    one = (("n1", "brno1", "52:54:00:00:00:01"),)
+    closed = {**_addressed(one, ["10.0.0.1"]), "connectivity": "closed", "bastion_address": "10.0.0.254/24"}
+    cid = api.post("/api/clusters/", closed, format="json").data["id"]
+    api.force_authenticate(root)
+    r = api.post(f"/api/clusters/{cid}/connectivity/", {"connectivity": "public", "reason": "x"}, format="json")
+    assert r.status_code == 202 and r.data["public_subnet"] == "198.19.0.0/29", r.content
+    as_scheduler_for(api, alice)
+    new = {"nodes": [{"name": "n2", "host": "pilsen1", "mac": "52:54:00:00:00:02", "address": "198.19.0.5"}]}
+    r = api.post(f"/api/clusters/{cid}/nodes/", new, format="json")
+    assert r.status_code == 202, r.content
+    assert {n["name"]: n["address"] for n in r.data["nodes"]} == {"n1": "198.19.0.2", "n2": "198.19.0.5"}
+
+
+def test_a_middleware_token_of_a_user_who_is_not_staff_may_not_override_whatever_the_body(fabric, images, api, alice):
+    """One answer for one caller: a clusters:manage token of a user who is not an administrator is a 403
+    before its body is looked at (not a 400 for a bad body and a 403 for a good one)."""
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    as_scheduler_for(api, alice)
+    for data in ({"connectivity": "sideways"}, {"connectivity": "public", "reason": "vetted"}):
+        r = api.post(f"/api/clusters/{cid}/connectivity/", data, format="json")
+        assert (r.status_code, r.data["code"]) == (403, "permission_denied"), r.data
+    assert VirtualCluster.objects.get(pk=cid).connectivity == "closed"
 
 
 @pytest.mark.parametrize(
@@ -798,6 +831,26 @@ def errbacks_run():
     app.conf.task_eager_propagates = before
 
 
+def test_a_failing_receiver_of_cluster_ended_does_not_fail_the_teardown(fabric, images, api, alice, errbacks_run):
+    """The cluster has ended whatever a receiver of ``cluster_ended`` does (access's sweep revokes what a failed
+    receiver left): the teardown is done, not "incomplete"."""
+    from clusters.signals import cluster_ended
+
+    def broken(**kwargs):
+        raise RuntimeError("deadlock detected")
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    cluster_ended.connect(broken, weak=False)
+    try:
+        assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    finally:
+        cluster_ended.disconnect(broken)
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.TORN_DOWN and "incomplete" not in cluster.state_reason, cluster.state_reason
+    assert cluster.steps.get(name="teardown").status == "ok"
+
+
 def test_teardown_stuck_on_a_failing_switch_is_retried_by_the_periodic_task(fabric, images, api, alice, errbacks_run):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
@@ -838,6 +891,13 @@ def test_create_while_the_broker_is_down_is_provisioned_later(fabric, images, ap
     assert cluster.state == ClusterState.READY, cluster.state_reason
     assert cluster.vlan_id in fabric.host_vlans("brno1") and cluster.vlan_id in fabric.host_vlans("pilsen1")
     assert services.clusters_resume_requested(older_than=timedelta(0)) == []
+    # the request's own hook, late (its process stalled past the sweep): the sweep's generation has the cluster,
+    # so it records and sends nothing
+    changes = DeviceChange.objects.count()
+    workflows.start_provision(cluster.pk, 0)
+    assert DeviceChange.objects.count() == changes
+    cluster.refresh_from_db()
+    assert (cluster.state, cluster.workflow_generation) == (ClusterState.READY, 1)
 
 
 def test_a_provisioning_that_never_finishes_fails_at_its_deadline_and_is_rolled_back(
@@ -1433,8 +1493,6 @@ def test_create_costs_the_same_queries_for_one_node_or_six(fabric, images, api, 
     16 more round trips than a 1-site one)."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
-
-    from clusters import workflows
 
     monkeypatch.setattr(workflows, "start_provision", lambda *args: None)  # the request alone
     api.force_authenticate(alice)

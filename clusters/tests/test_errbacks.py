@@ -22,6 +22,7 @@ def test_an_error_callback_called_in_a_host_agent_is_handed_on_to_the_central_wo
     written there; the callback goes to the central worker's queue with the device's failure as text, and
     there it records the failure as it would have."""
     cid = create_cluster(alice)
+    VirtualCluster.objects.filter(pk=cid).update(state="tearing_down")  # (its teardown failed in the agent)
     generation = VirtualCluster.objects.get(pk=cid).workflow_generation
     sent = []
     monkeypatch.setattr(tasks.teardown_failed, "apply_async", lambda args, **options: sent.append((args, options)))

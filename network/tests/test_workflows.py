@@ -904,6 +904,18 @@ def test_a_provisioning_overtaken_by_a_later_one_leaves_the_segment_pending_for_
     assert fabric.host_vlans("prague2") == frozenset({seg.vid}) and fabric.host_vlans("pilsen2") == NONE
 
 
+def test_an_overtaken_provisioning_of_a_closed_segment_still_maps_its_vlan_to_the_gateways(fabric):
+    """The later provisioning may never finish (its cluster's deadline ends it): the VLAN a closed segment has
+    on the gateway trunks since the earlier one is marked as mapped all the same (it waits for the gateways
+    before reuse)."""
+    seg = services.segment_create(owner="cluster:1", hosts=three_sites(fabric)[:1], gateway=True)
+    first = workflows.provision(seg.pk)
+    services.segment_set_hosts(segment=seg, hosts=three_sites(fabric)[:2])
+    workflows.provision(seg.pk)  # (never run)
+    assert first.apply().get()["superseded"] is True
+    assert VlanAllocation.objects.get(pk=seg.allocation_id).gateway_mapped
+
+
 def _place_workers(fabric) -> None:
     """pilsen has a site worker; the prague switch a worker of its own; prague2 an agent; brno nothing."""
     pilsen = fabric.switches["pilsen"].site

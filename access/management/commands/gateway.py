@@ -24,12 +24,30 @@ from access.gateway import agent, outgoing
 from access.gateway import config as gateway_config
 from access.gateway import pull as gateway_pull
 from access.gateway.agent import DEFAULT_STATE_DIR
-from access.gateway.state import RunAs, SshState, VpnState, write_atomic
+from access.gateway.state import RunAs, SshState, VpnState, write_all_atomic, write_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[3]
 _ROOT_HINT = " (--vpn-user '' keeps OpenVPN and its hooks root, e.g. in a lab run without root)"
 
 # --- the command -------------------------------------------------------------------------------------------------
+
+
+def _as_it_is(path: Path, spec: tuple) -> tuple | None:
+    """``path``'s content with the mode (and group) it is written with, or None when there is no such file."""
+    try:
+        return (path.read_bytes(), *spec[1:])
+    except FileNotFoundError:
+        return None
+
+
+def _put_back(before: dict[Path, tuple | None]) -> None:
+    """The files of ``before`` as they were: written back, or removed when there was none."""
+    if not before:
+        return
+    write_all_atomic({path: old for path, old in before.items() if old is not None})
+    for path, old in before.items():
+        if old is None:
+            path.unlink(missing_ok=True)
 
 
 class Command(BaseCommand):
@@ -157,15 +175,25 @@ class Command(BaseCommand):
         if have and not force:
             return False
         had = bool(gateway.server_certificate or gateway.ssh_host_certificate)
-        with transaction.atomic():
-            enrolment = services.gateway_enrol(gateway=gateway)
-            if gateway.serves_vpn:
-                vpn.ensure_dirs()
-                write_atomic(vpn.server_key, enrolment.server_key_pem, 0o600)
-                write_atomic(vpn.server_cert, enrolment.server_cert_pem, *vpn.readable)
-                write_atomic(vpn.tls_crypt, enrolment.tls_crypt_key, 0o600)
-            if gateway.serves_ssh:
-                ssh.ensure_dirs()
-                write_atomic(ssh.host_key, enrolment.ssh_host_key, 0o600)
-                write_atomic(ssh.host_cert, enrolment.ssh_host_cert + "\n", 0o644)
+        before: dict[Path, tuple] = {}  # the files replaced, as they were (None: there was none)
+        try:
+            with transaction.atomic():
+                enrolment = services.gateway_enrol(gateway=gateway)
+                files: dict[Path, tuple] = {}
+                if gateway.serves_vpn:
+                    vpn.ensure_dirs()
+                    files[vpn.server_key] = (enrolment.server_key_pem, 0o600)
+                    files[vpn.server_cert] = (enrolment.server_cert_pem, *vpn.readable)
+                    files[vpn.tls_crypt] = (enrolment.tls_crypt_key, 0o600)
+                if gateway.serves_ssh:
+                    ssh.ensure_dirs()
+                    files[ssh.host_key] = (enrolment.ssh_host_key, 0o600)
+                    files[ssh.host_cert] = (enrolment.ssh_host_cert + "\n", 0o644)
+                before = {path: _as_it_is(path, spec) for path, spec in files.items()}
+                write_all_atomic(files)  # every one written, or none: the old key set stays whole
+        except BaseException:
+            # the portal did not record the new keys (a file could not be written, or the commit failed): the
+            # gateway keeps the old ones, which the portal's profiles pin
+            _put_back(before)
+            raise
         return had
