@@ -176,8 +176,8 @@ class DirectoryAccountAdmin(MadeByThePortal, admin.ModelAdmin):
 
     list_display = ["user", "dn", "synced_at", "active"]
     list_select_related = ["user"]
-    search_fields = ["user__username", "dn"]
-    readonly_fields = ["user", "dn", "synced_at"]
+    search_fields = ["user__username", "dn", "entry_uuid"]
+    readonly_fields = ["user", "dn", "entry_uuid", "synced_at"]
 
     @admin.display(boolean=True, ordering="user__is_active")
     def active(self, obj) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import ldap
 import ldap.filter
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django_auth_ldap.backend import LDAPBackend
 from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
@@ -80,7 +81,50 @@ class ActiveLDAPBackend(LDAPBackend):
                 "login: directory entry %s refused: a local account is named %s", ldap_user.dn, user.get_username()
             )
             raise ldap_user.AuthenticationFailed(f"{user.get_username()} is a local account, not the directory's")
+        if not built and _another_entry(user, ldap_user):
+            _retire(user, ldap_user)  # the name's former holder keeps their account, renamed and inactive
+            user, built = super().get_or_build_user(username, ldap_user)
         return user, built
+
+
+def entry_uuid(ldap_user) -> str:
+    """The directory entry's lasting identity (``LDAP_USER_UUID_ATTR``, e.g. entryUUID), "" when not known."""
+    attr = getattr(settings, "LDAP_USER_UUID_ATTR", "")
+    values = ldap_user.attrs.get(attr, ()) if attr and ldap_user.attrs is not None else ()
+    return str(values[0]).strip().lower()[:100] if values else ""
+
+
+def _another_entry(user, ldap_user) -> bool:
+    """Whether the directory entry behind this login is not the one ``user`` was linked to: its name was given to
+    someone else (the old entry deleted, a new one made with its uid). Unknown on either side (an account linked
+    before the portal recorded identities, a directory without the attribute): the same."""
+    from portal.models import DirectoryAccount
+
+    linked = DirectoryAccount.objects.filter(user=user).values_list("entry_uuid", flat=True).first()
+    now = entry_uuid(ldap_user)
+    return bool(linked and now and linked != now)
+
+
+def _retire(user, ldap_user) -> None:
+    """The account of a name's former holder: renamed (``name+former<id>``) and deactivated — its credentials revoked,
+    its tokens and sessions ended — so that the entry now holding the name gets an account of its own, and
+    nothing of the former holder's (clusters, groups, admin rights, credentials)."""
+    from portal import audit
+
+    old = user.get_username()
+    suffix = f"+former{user.pk}"
+    field = user._meta.get_field(user.USERNAME_FIELD)
+    user.username = f"{old[: field.max_length - len(suffix)]}{suffix}"
+    user.is_active = False
+    user.save(update_fields=["username", "is_active"])
+    audit.record(
+        user,
+        "update",
+        {"username": [old, user.username], "is_active": [True, False]},
+        message=f"the directory gave the name {old} to another entry ({ldap_user.dn}): this account is its former "
+        "holder's",
+    )
+    logger.warning("login: %s is another directory entry's now (%s): the former account is %s", old, ldap_user.dn, user)
 
 
 def _linked_account(username: str, dn: str):
@@ -136,6 +180,12 @@ def ldap_settings(*, debug: bool = True) -> dict:
         raise ImproperlyConfigured(f"LDAP_GROUP_TYPE={group_kind!r} must be one of: {', '.join(_GROUP_TYPES)}")
     object_class = "posixGroup" if group_kind == "posix" else "groupOfNames"
     timeout = env_float("LDAP_TIMEOUT", 3.0, minimum=0.1)
+    # the attribute that names a directory entry for good (a uid may be given to someone else later)
+    uuid_attr = env_str("LDAP_USER_UUID_ATTR", "entryUUID") or ""
+    if uuid_attr and not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,63}", uuid_attr):
+        raise ImproperlyConfigured(f"LDAP_USER_UUID_ATTR={uuid_attr!r} must be an attribute name, or empty")
+    # an operational attribute (entryUUID) is only returned when asked for by name
+    attrlist = ["*", uuid_attr] if uuid_attr else None
     flags = {}
     staff, superuser = env_str("LDAP_STAFF_GROUP"), env_str("LDAP_SUPERUSER_GROUP")
     if superuser:
@@ -151,8 +201,10 @@ def ldap_settings(*, debug: bool = True) -> dict:
         "AUTH_LDAP_BIND_PASSWORD": env_str("LDAP_BIND_PASSWORD", ""),
         "AUTH_LDAP_START_TLS": start_tls,
         "AUTH_LDAP_USER_SEARCH": LDAPSearch(
-            user_base, ldap.SCOPE_SUBTREE, env_str("LDAP_USER_FILTER", "(uid=%(user)s)")
+            user_base, ldap.SCOPE_SUBTREE, env_str("LDAP_USER_FILTER", "(uid=%(user)s)"), attrlist=attrlist
         ),
+        "AUTH_LDAP_USER_ATTRLIST": attrlist,
+        "LDAP_USER_UUID_ATTR": uuid_attr,
         "AUTH_LDAP_USER_ATTR_MAP": {"first_name": "givenName", "last_name": "sn", "email": "mail"},
         "AUTH_LDAP_GROUP_SEARCH": LDAPSearch(group_base, ldap.SCOPE_SUBTREE, f"(objectClass={object_class})"),
         "AUTH_LDAP_GROUP_TYPE": _GROUP_TYPES[group_kind](name_attr="cn"),
@@ -187,6 +239,7 @@ def _on_populate(sender, user, ldap_user, **kwargs) -> None:
     # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved, with the
     # flags as they were (django-auth-ldap has already set them from the groups on this object)
     user._directory_dn = ldap_user.dn
+    user._directory_uuid = entry_uuid(ldap_user)
     # what the directory holds may be longer than the account's columns (a name anyone may edit in FreeIPA):
     # cut to fit — PostgreSQL refused the save, failing the login and, for everyone after it, the sync
     for name in ("first_name", "last_name", "email"):
@@ -208,7 +261,11 @@ def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:
     from portal.models import DirectoryAccount
 
     del instance._directory_dn
-    DirectoryAccount.objects.update_or_create(user=instance, defaults={"dn": dn, "synced_at": timezone.now()})
+    linked = {"dn": dn, "synced_at": timezone.now()}
+    uuid = instance.__dict__.pop("_directory_uuid", "")
+    if uuid:  # (recorded once known: an account linked before, the first time it is seen since)
+        linked["entry_uuid"] = uuid
+    DirectoryAccount.objects.update_or_create(user=instance, defaults=linked)
     # Admin rights given or taken by a directory group (at a login or by the sync) are in the audit log like
     # any other change of rights: the user model itself is not audited.
     before = instance.__dict__.pop("_directory_flags_before", {})

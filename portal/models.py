@@ -88,6 +88,13 @@ class DirectoryAccount(models.Model):
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="directory_account")
     dn = models.CharField("DN", max_length=500, help_text="the account's entry in the directory")
+    entry_uuid = models.CharField(
+        "entry UUID",
+        max_length=100,
+        blank=True,
+        help_text="the entry's lasting identity (LDAP_USER_UUID_ATTR): a new entry given this account's name later "
+        "gets an account of its own",
+    )
     synced_at = models.DateTimeField(null=True, blank=True, help_text="last brought up to date from the directory")
 
     def __str__(self) -> str:

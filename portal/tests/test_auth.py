@@ -279,6 +279,62 @@ def test_sync_takes_a_group_the_directory_took_away_and_its_credentials(client, 
     assert local.is_active
 
 
+def _give_the_name_to_someone_else(directory, uid: str, given: str, password: str) -> None:
+    """The operator deletes ``uid``'s entry and later makes a new one, for another person, with the same uid."""
+    from portal.ldapserver import USERS_GID, ssha
+
+    dn = f"uid={uid},{directory.people_base}"
+    directory.modify(f"dn: {dn}\nchangetype: delete\n")
+    directory.modify(
+        f"dn: {dn}\nchangetype: add\nobjectClass: inetOrgPerson\nobjectClass: posixAccount\nuid: {uid}\n"
+        f"cn: {given} Newcomer\ngivenName: {given}\nsn: Newcomer\nuidNumber: 20001\ngidNumber: {USERS_GID}\n"
+        f"homeDirectory: /home/{uid}\nuserPassword: {ssha(password)}\n"
+    )
+
+
+def test_a_name_the_directory_gives_to_another_entry_is_a_new_account_not_the_former_holders(client, own_directory):
+    """A uid given to someone else later (the entry deleted, a new one made with that uid): the newcomer does not
+    inherit the former holder's account — clusters, credentials, admin rights. The former holder's account is
+    kept, renamed and deactivated (its credentials revoked); the newcomer gets a new one. At a login and at a
+    sync alike; the entries are told apart by their entryUUID, recorded when an account is linked."""
+    from access import services
+    from access.models import Credential, RevocationReason
+
+    assert log_in(client, "charlie", own_directory.passwords["charlie"]).status_code == 302
+    former = User.objects.get(username="charlie")
+    assert len(former.directory_account.entry_uuid) == 36  # (slapd's entryUUID)
+    cluster = closed_cluster_of(former, None)
+    services.vpn_profile_issue(user=former, clusters=[cluster])
+    client.logout()
+
+    _give_the_name_to_someone_else(own_directory, "charlie", "Charlotte", "charlotte-secret-1")
+    assert log_in(client, "charlie", "charlotte-secret-1").status_code == 302
+    newcomer = User.objects.get(username="charlie")
+    assert newcomer.pk != former.pk and newcomer.first_name == "Charlotte" and newcomer.is_active
+    assert not newcomer.clusters.exists() and not Credential.objects.filter(user=newcomer).exists()
+    former.refresh_from_db()
+    assert (former.username, former.is_active) == (f"charlie+former{former.pk}", False)
+    assert Credential.objects.get(user=former).revocation_reason == RevocationReason.PRIVILEGE_WITHDRAWN
+    assert newcomer.directory_account.entry_uuid not in ("", former.directory_account.entry_uuid)
+    from clusters.models import VirtualCluster
+
+    assert VirtualCluster.objects.get(pk=cluster.pk).owner_id == former.pk
+    client.logout()
+
+    # the same at a sync: bob's name goes to someone else; bob's account is retired, the newcomer's made
+    assert log_in(client, "bob", own_directory.passwords["bob"]).status_code == 302
+    bob = User.objects.get(username="bob")
+    _give_the_name_to_someone_else(own_directory, "bob", "Bobbie", "bobbie-secret-1")
+    run_sync()
+    bob.refresh_from_db()
+    assert (bob.username, bob.is_active) == (f"bob+former{bob.pk}", False)
+    assert User.objects.get(username="bob").first_name == "Bobbie"
+    # a login of the same entry again is the same account (nothing retired)
+    client.logout()
+    assert log_in(client, "charlie", "charlotte-secret-1").status_code == 302
+    assert User.objects.get(username="charlie").pk == newcomer.pk
+
+
 def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directory):
     from access import services
     from access.models import Credential, RevocationReason

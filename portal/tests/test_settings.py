@@ -118,6 +118,7 @@ def test_production_values(tmp_path):
         ("LDAP_SYNC_DEACTIVATE_MAX", "2", "LDAP_SYNC_DEACTIVATE_MAX=2.0 is above the maximum 1.0"),
         ("CELERY_TASK_SOFT_TIME_LIMIT", "180", "CELERY_TASK_SOFT_TIME_LIMIT=180 must be below CELERY_TASK_TIME_LIMIT"),
         ("GATEWAY_STATE_MAX_AGE", "60", "GATEWAY_STATE_MAX_AGE=60 is below the minimum 180"),  # 3 pulls at least
+        ("LDAP_USER_UUID_ATTR", "entry UUID", "LDAP_USER_UUID_ATTR='entry UUID' must be an attribute name"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' must be one of: DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("SECRETS_KEY", "not-a-fernet-key", "SECRETS_KEY is not a valid Fernet key"),  # not at the first secret
         ("CELERY_BROKER_URL", "nonsense", "CELERY_BROKER_URL is not a URL (scheme://…)"),  # kombu: a host name
