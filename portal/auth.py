@@ -21,13 +21,14 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 import ldap
+import ldap.cidict
 import ldap.filter
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django_auth_ldap.backend import LDAPBackend
 from django_auth_ldap.config import GroupOfNamesType, LDAPGroupQuery, LDAPSearch, PosixGroupType
 
-from portal.env import env_bool, env_float, env_str, is_loopback
+from portal.env import env_bool, env_float, env_str, env_str_or_empty, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -81,31 +82,42 @@ class ActiveLDAPBackend(LDAPBackend):
                 "login: directory entry %s refused: a local account is named %s", ldap_user.dn, user.get_username()
             )
             raise ldap_user.AuthenticationFailed(f"{user.get_username()} is a local account, not the directory's")
-        if not built and _another_entry(user, ldap_user):
-            _retire(user, ldap_user)  # the name's former holder keeps their account, renamed and inactive
-            user, built = super().get_or_build_user(username, ldap_user)
+        if not built and _another_entry(user, entry_uuid(ldap_user.attrs)):
+            # a login of the entry that holds the name now (its password proves it): the name's former holder
+            # keeps their account, renamed and inactive, and this entry gets a new one — built, never looked up
+            # again (another account of the name in another case may be a local one)
+            _retire(user, ldap_user.dn)
+            user, built = self._build_new(username), True
         return user, built
 
+    def _build_new(self, username: str):
+        """A new account for ``username``, as django-auth-ldap builds one (unsaved: it fills it in and saves it)."""
+        model = self.get_user_model()
+        return model(**{model.USERNAME_FIELD: username.lower()})
 
-def entry_uuid(ldap_user) -> str:
-    """The directory entry's lasting identity (``LDAP_USER_UUID_ATTR``, e.g. entryUUID), "" when not known."""
+
+def entry_uuid(attrs) -> str:
+    """The identity an entry's attributes ``attrs`` carry (``LDAP_USER_UUID_ATTR``: entryUUID by default), as
+    recorded: ``attribute:value``; "" when there is none."""
     attr = getattr(settings, "LDAP_USER_UUID_ATTR", "")
-    values = ldap_user.attrs.get(attr, ()) if attr and ldap_user.attrs is not None else ()
-    return str(values[0]).strip().lower()[:100] if values else ""
+    values = attrs.get(attr, ()) if attr and attrs is not None else ()
+    if values and isinstance(values[0], bytes):  # (python-ldap's raw search results)
+        values = [v.decode("utf-8", "replace") for v in values]
+    return f"{attr.lower()}:{str(values[0]).strip().lower()}"[:100] if values else ""
 
 
-def _another_entry(user, ldap_user) -> bool:
-    """Whether the directory entry behind this login is not the one ``user`` was linked to: its name was given to
-    someone else (the old entry deleted, a new one made with its uid). Unknown on either side (an account linked
-    before the portal recorded identities, a directory without the attribute): the same."""
+def _another_entry(user, now: str) -> bool:
+    """Whether ``now`` (the identity of the entry that holds ``user``'s name now) is not the entry ``user`` was
+    linked to: the name was given to someone else (the old entry deleted, a new one made with its uid). Unknown on
+    either side, or recorded under another attribute (``LDAP_USER_UUID_ATTR`` changed since): the same."""
     from portal.models import DirectoryAccount
 
-    linked = DirectoryAccount.objects.filter(user=user).values_list("entry_uuid", flat=True).first()
-    now = entry_uuid(ldap_user)
-    return bool(linked and now and linked != now)
+    linked = DirectoryAccount.objects.filter(user=user).values_list("entry_uuid", flat=True).first() or ""
+    same_kind = linked.partition(":")[0] == now.partition(":")[0]
+    return bool(linked and now and same_kind and linked != now)
 
 
-def _retire(user, ldap_user) -> None:
+def _retire(user, dn: str) -> None:
     """The account of a name's former holder: renamed (``name+former<id>``) and deactivated — its credentials revoked,
     its tokens and sessions ended — so that the entry now holding the name gets an account of its own, and
     nothing of the former holder's (clusters, groups, admin rights, credentials)."""
@@ -121,10 +133,9 @@ def _retire(user, ldap_user) -> None:
         user,
         "update",
         {"username": [old, user.username], "is_active": [True, False]},
-        message=f"the directory gave the name {old} to another entry ({ldap_user.dn}): this account is its former "
-        "holder's",
+        message=f"the directory gave the name {old} to another entry ({dn}): this account is its former holder's",
     )
-    logger.warning("login: %s is another directory entry's now (%s): the former account is %s", old, ldap_user.dn, user)
+    logger.warning("LDAP: %s is another directory entry's now (%s): the former account is %s", old, dn, user)
 
 
 def _linked_account(username: str, dn: str):
@@ -181,7 +192,7 @@ def ldap_settings(*, debug: bool = True) -> dict:
     object_class = "posixGroup" if group_kind == "posix" else "groupOfNames"
     timeout = env_float("LDAP_TIMEOUT", 3.0, minimum=0.1)
     # the attribute that names a directory entry for good (a uid may be given to someone else later)
-    uuid_attr = env_str("LDAP_USER_UUID_ATTR", "entryUUID") or ""
+    uuid_attr = env_str_or_empty("LDAP_USER_UUID_ATTR", "entryUUID")  # (set and empty: off)
     if uuid_attr and not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,63}", uuid_attr):
         raise ImproperlyConfigured(f"LDAP_USER_UUID_ATTR={uuid_attr!r} must be an attribute name, or empty")
     # an operational attribute (entryUUID) is only returned when asked for by name
@@ -239,7 +250,7 @@ def _on_populate(sender, user, ldap_user, **kwargs) -> None:
     # sent before the user is saved (a new one has no primary key yet): recorded by _on_user_saved, with the
     # flags as they were (django-auth-ldap has already set them from the groups on this object)
     user._directory_dn = ldap_user.dn
-    user._directory_uuid = entry_uuid(ldap_user)
+    user._directory_uuid = entry_uuid(ldap_user.attrs)
     # what the directory holds may be longer than the account's columns (a name anyone may edit in FreeIPA):
     # cut to fit — PostgreSQL refused the save, failing the login and, for everyone after it, the sync
     for name in ("first_name", "last_name", "email"):
@@ -312,15 +323,20 @@ def _connect(config) -> ldap.ldapobject.LDAPObject:
     return conn
 
 
-def _in_directory(conn, search, username: str) -> bool | None:
-    """Whether the user search finds ``username``; None when it cannot tell (only a referral to another
-    server came back: the entry may well be there). Raises ``ldap.LDAPError`` (django-auth-ldap's own search
-    takes an error for "no such user", which must never deactivate anyone)."""
+def _in_directory(conn, search, username: str) -> tuple[bool | None, str]:
+    """Whether the user search finds ``username``, None when it cannot tell (only a referral to another server
+    came back: the entry may well be there); and the identity of the entry found (``entry_uuid``, "" if none).
+    Raises ``ldap.LDAPError`` (django-auth-ldap's own search takes an error for "no such user", which must never
+    deactivate anyone)."""
+    from django.conf import settings
+
     filterstr = search.filterstr % {"user": ldap.filter.escape_filter_chars(username)}
-    entries = conn.search_s(search.base_dn, search.scope, filterstr, ["1.1"])
-    if any(dn for dn, _attrs in entries):
-        return True
-    return None if entries else False  # referrals come back without a DN
+    attr = getattr(settings, "LDAP_USER_UUID_ATTR", "")
+    entries = conn.search_s(search.base_dn, search.scope, filterstr, [attr] if attr else ["1.1"])
+    found = [(dn, attrs) for dn, attrs in entries if dn]
+    if found:
+        return True, entry_uuid(ldap.cidict.cidict(found[0][1] or {}))
+    return (None if entries else False), ""  # referrals come back without a DN
 
 
 def _directory_shows_accounts(conn, search) -> bool:
@@ -363,6 +379,7 @@ def ldap_sync() -> SyncReport:
     backend = ActiveLDAPBackend()  # (its own rules: the local account of the same name never taken over)
     search = settings.AUTH_LDAP_USER_SEARCH
     gone = []
+    reassigned: list[tuple] = []  # (account, the DN that holds its name now): another entry has its name
     deadline = time.monotonic() + settings.LDAP_SYNC_TIME_BUDGET
     try:
         # the least recently synced first: a run that runs out of time leaves the others for the next one,
@@ -379,30 +396,41 @@ def ldap_sync() -> SyncReport:
                 break
             user = account.user
             username = user.get_username()
-            present = _in_directory(conn, search, username)
+            present, identity = _in_directory(conn, search, username)
             report.checked += 1
             if present is None:
                 report.failed.append(username)  # referred elsewhere: neither gone nor updated
             elif not present:
                 gone.append(account)
+            elif _another_entry(user, identity):  # its former holder left: as good as gone (the newcomer's
+                reassigned.append(account)  # account is made at their login)
+                present = False
             elif not _populated(backend, username):  # an error half-way: this account, the others go on
                 report.failed.append(username)
                 DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())  # (its turn came)
             if present is not True:  # its turn has come (a referral, an account about to go): the others next
                 DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())
-        if gone and not report.error:
-            report.error = _why_not_deactivate(conn, search, len(gone), report.checked)
+        if (gone or reassigned) and not report.error:
+            report.error = _why_not_deactivate(conn, search, len(gone) + len(reassigned), report.checked)
     except ldap.LDAPError as exc:  # the run stops here: nothing more changes
         report.error = _unsearchable(exc)
         logger.warning("LDAP sync stopped after %d account(s): %s", report.checked, report.error)
-        for account in gone:  # not deactivated: first in line again (not a whole rotation later)
+        for account in [*gone, *reassigned]:  # not deactivated: first in line again (not a whole rotation later)
             DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=account.synced_at)
     finally:
         conn.unbind_s()
     if report.error:
-        if gone:
-            logger.warning("LDAP sync: %d account(s) not found, none deactivated: %s", len(gone), report.error)
+        if gone or reassigned:
+            logger.warning(
+                "LDAP sync: %d account(s) not found, %d whose name another entry holds now: none deactivated: %s",
+                len(gone),
+                len(reassigned),
+                report.error,
+            )
         return report
+    for account in reassigned:
+        report.deactivated.append(account.user.get_username())  # (the name it had)
+        _retire(account.user, account.dn)
     for account in gone:  # only after a whole run that could tell, and within bounds
         user = account.user
         user.is_active = False
@@ -446,7 +474,8 @@ def _why_not_deactivate(conn, search, gone: int, checked: int) -> str:
     limit = max(5, math.ceil(settings.LDAP_SYNC_DEACTIVATE_MAX * checked))
     if gone > limit:
         return (
-            f"{gone} of {checked} accounts were not found, more than LDAP_SYNC_DEACTIVATE_MAX allows ({limit}): "
-            "nobody was deactivated"
+            f"{gone} of {checked} accounts were not found (or their names are other entries' now, by "
+            f"LDAP_USER_UUID_ATTR), more than LDAP_SYNC_DEACTIVATE_MAX allows ({limit}): nobody was deactivated "
+            "(a directory rebuilt with new entry identities: `manage.py ldap_relink`)"
         )
     return ""

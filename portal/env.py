@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import environ
@@ -31,6 +32,12 @@ def env_str(name: str, default: str | None = None, *, required: bool = False) ->
             raise ImproperlyConfigured(f"{name} must be set")
         return default
     return value
+
+
+def env_str_or_empty(name: str, default: str) -> str:
+    """``name`` as set — set and empty is "" (a feature turned off) — or ``default`` when it is not set at all."""
+    value = _raw(name)
+    return default if value is None else value
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -107,6 +114,17 @@ def env_fernet_key(name: str) -> str | None:
     return value
 
 
+def without_password(url: str) -> str:
+    """``url`` (or several joined by ``;``) fit to print: the password of each ``user:password@`` replaced by
+    ``***`` (a user name alone is kept)."""
+
+    def masked(match: re.Match) -> str:
+        user, colon, _password = match.group(1).partition(":")
+        return f"://{user}{':***' if colon else ''}@"
+
+    return re.sub(r"://([^@;]*)@", masked, url)
+
+
 def env_broker_url(name: str, default: str) -> str:
     """A kombu broker URL (``redis://…``, ``amqp://…``, ``filesystem://``; several for fail-over joined by
     ``;``): a scheme kombu does not know, or a bad port, is refused at start-up rather than by the first
@@ -125,8 +143,10 @@ def env_broker_url(name: str, default: str) -> str:
             )
         try:
             parse_url(url)
-        except ValueError as exc:
-            raise ImproperlyConfigured(f"{name} ({scheme}://…) is not a valid URL: {exc}") from None
+        except ValueError:  # (its message may quote a piece of the password: "… as 'Xy7'")
+            raise ImproperlyConfigured(
+                f"{name} ({scheme}://…) is not a valid URL (a password with /, # or ? must be %-encoded)"
+            ) from None
     return value
 
 

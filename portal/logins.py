@@ -33,17 +33,28 @@ def account_key(username: str) -> str:
 def client_address(request) -> str | None:
     """The address a login comes from. Behind the TLS proxy (``BEHIND_TLS_PROXY``) that is the last entry of
     ``X-Forwarded-For``, the one the proxy appended (nginx: ``$proxy_add_x_forwarded_for``): ``REMOTE_ADDR``
-    is the proxy itself there, which would make every client one. None when unknown (no request)."""
+    is the proxy itself there, which would make every client one — but only for a request from the proxy
+    (``TRUSTED_PROXIES``): one that reached the portal another way would name whatever address it likes. None when
+    unknown (no request)."""
     if request is None:
         return None
     remote = request.META.get("REMOTE_ADDR") or None
-    if settings.BEHIND_TLS_PROXY:
+    if settings.BEHIND_TLS_PROXY and _from_trusted_proxy(remote):
         forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
         try:
             return str(ipaddress.ip_address(forwarded))
         except ValueError:
             return remote
     return remote
+
+
+def _from_trusted_proxy(remote: str | None) -> bool:
+    try:
+        peer = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    peer = getattr(peer, "ipv4_mapped", None) or peer
+    return any(peer in network for network in settings.TRUSTED_PROXY_NETWORKS)
 
 
 def _window() -> timedelta:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 import secrets
 import sys
@@ -216,6 +217,12 @@ SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 # Behind the TLS proxy, which sets them: X-Forwarded-Proto says https, X-Request-ID names the request (portal.audit).
 BEHIND_TLS_PROXY = env_bool("BEHIND_TLS_PROXY", False)
+# the addresses the TLS proxy connects from: only a request from one of them has its X-Forwarded-For believed (a
+# client that reaches the portal directly would name any address: the login limits count by it); default this host
+TRUSTED_PROXY_NETWORKS = env_networks("TRUSTED_PROXIES") or [
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+]
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_TLS_PROXY else None
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 X_FRAME_OPTIONS = "DENY"

@@ -198,6 +198,12 @@ def test_ldap_settings_from_the_environment(directory):
     assert isinstance(flags["is_staff"], LDAPGroupQuery)  # staff group OR superuser group
     with mock.patch.dict(os.environ, {"LDAP_SERVER_URI": ""}, clear=False):
         assert ldap_settings() == {}
+    # entries are told apart by entryUUID, asked for by name (an operational attribute); set empty: by uid alone
+    assert values.options["LDAP_USER_UUID_ATTR"] == "entryUUID"
+    assert values.options["AUTH_LDAP_USER_SEARCH"].attrlist == ["*", "entryUUID"]
+    with mock.patch.dict(os.environ, {**directory.env(), "LDAP_USER_UUID_ATTR": ""}):
+        off = ldap_settings()
+    assert off["LDAP_USER_UUID_ATTR"] == "" and off["AUTH_LDAP_USER_SEARCH"].attrlist is None
 
 
 def test_passwords_never_reach_the_logs(client, ldap_up, caplog):
@@ -302,14 +308,18 @@ def test_a_name_the_directory_gives_to_another_entry_is_a_new_account_not_the_fo
 
     assert log_in(client, "charlie", own_directory.passwords["charlie"]).status_code == 302
     former = User.objects.get(username="charlie")
-    assert len(former.directory_account.entry_uuid) == 36  # (slapd's entryUUID)
+    linked = former.directory_account.entry_uuid
+    assert linked.startswith("entryuuid:") and len(linked) == len("entryuuid:") + 36  # (slapd's entryUUID)
     cluster = closed_cluster_of(former, None)
     services.vpn_profile_issue(user=former, clusters=[cluster])
     client.logout()
 
     _give_the_name_to_someone_else(own_directory, "charlie", "Charlotte", "charlotte-secret-1")
+    local = User.objects.create_user("Charlie", password="a-local-one-1")  # (in use: never the directory's)
     assert log_in(client, "charlie", "charlotte-secret-1").status_code == 302
     newcomer = User.objects.get(username="charlie")
+    local.refresh_from_db()
+    assert not hasattr(local, "directory_account") and local.check_password("a-local-one-1")
     assert newcomer.pk != former.pk and newcomer.first_name == "Charlotte" and newcomer.is_active
     assert not newcomer.clusters.exists() and not Credential.objects.filter(user=newcomer).exists()
     former.refresh_from_db()
@@ -321,18 +331,52 @@ def test_a_name_the_directory_gives_to_another_entry_is_a_new_account_not_the_fo
     assert VirtualCluster.objects.get(pk=cluster.pk).owner_id == former.pk
     client.logout()
 
-    # the same at a sync: bob's name goes to someone else; bob's account is retired, the newcomer's made
+    # the same at a sync: bob's name goes to someone else; bob's account is retired (one deactivation, within the
+    # sync's bounds), the newcomer's is made at their login
     assert log_in(client, "bob", own_directory.passwords["bob"]).status_code == 302
     bob = User.objects.get(username="bob")
     _give_the_name_to_someone_else(own_directory, "bob", "Bobbie", "bobbie-secret-1")
-    run_sync()
+    assert run_sync()["deactivated"] == ["bob"]
     bob.refresh_from_db()
     assert (bob.username, bob.is_active) == (f"bob+former{bob.pk}", False)
+    assert not User.objects.filter(username="bob").exists()
+    client.logout()
+    assert log_in(client, "bob", "bobbie-secret-1").status_code == 302
     assert User.objects.get(username="bob").first_name == "Bobbie"
     # a login of the same entry again is the same account (nothing retired)
     client.logout()
     assert log_in(client, "charlie", "charlotte-secret-1").status_code == 302
     assert User.objects.get(username="charlie").pk == newcomer.pk
+
+
+def test_a_directory_whose_entries_all_changed_identity_retires_nobody_and_ldap_relink_links_them_again(
+    client, own_directory
+):
+    """Every account's entry with another identity at once (the directory rebuilt with ``ldapadd``, moved to a new
+    server) is not every name given to someone else: the sync retires none past LDAP_SYNC_DEACTIVATE_MAX and says
+    what to do; ``manage.py ldap_relink`` records the entries as they are now, and the next sync is clean."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from portal.models import DirectoryAccount
+
+    for user in USERS:
+        client.logout()
+        assert log_in(client, user.uid, own_directory.passwords[user.uid]).status_code == 302
+    DirectoryAccount.objects.update(entry_uuid="entryuuid:00000000-0000-0000-0000-000000000000")  # (rebuilt)
+    report = run_sync()
+    assert report["deactivated"] == [] and "ldap_relink" in report["error"], report
+    assert User.objects.filter(is_active=True, username__in=[u.uid for u in USERS]).count() == len(USERS)
+    out = StringIO()
+    call_command("ldap_relink", stdout=out)
+    assert f"relinked {len(USERS)} account(s)" in out.getvalue()
+    assert not DirectoryAccount.objects.filter(entry_uuid__startswith="entryuuid:00000000").exists()
+    assert run_sync() == {"checked": len(USERS), "deactivated": [], "failed": [], "error": "", "left": 0}
+    # an attribute changed in the settings is no verdict either: the accounts are linked again as they sync
+    DirectoryAccount.objects.update(entry_uuid="nsuniqueid:1")
+    assert run_sync()["deactivated"] == []
+    assert not DirectoryAccount.objects.filter(entry_uuid="nsuniqueid:1").exists()
 
 
 def test_sync_deactivates_an_account_gone_from_the_directory(client, own_directory):

@@ -139,8 +139,13 @@ def test_ipv4_clients_of_a_dual_stack_listener_count_each_as_its_own_ipv4_addres
 
 def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(client, root, settings):
     """Behind the proxy every request comes from the proxy: the client is the last X-Forwarded-For entry (the
-    one the proxy appended; what the client sent itself comes before it)."""
+    one the proxy appended; what the client sent itself comes before it) — for a request from the proxy
+    (``TRUSTED_PROXIES``) only: a client that reaches the portal directly is counted by its own address, whatever
+    X-Forwarded-For it sends."""
+    import ipaddress
+
     settings.BEHIND_TLS_PROXY = True
+    settings.TRUSTED_PROXY_NETWORKS = [ipaddress.ip_network("10.0.0.0/29")]
     settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 3, 30
     proxy = {"REMOTE_ADDR": "10.0.0.2"}
     for _ in range(3):
@@ -148,6 +153,12 @@ def test_behind_the_tls_proxy_the_client_is_the_address_the_proxy_appended(clien
     assert set(LoginFailure.objects.values_list("address", flat=True)) == {STRANGER}
     assert not logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=STRANGER))
     assert logged_in(log_in(client, "root", "root-password", **proxy, HTTP_X_FORWARDED_FOR=ADMIN_DESK))
+    client.logout()
+    direct = {"REMOTE_ADDR": "10.0.0.9"}  # (not the proxy: past its /29)
+    for forged in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):  # a new address each time: not believed
+        log_in(client, "root", "guess", **direct, HTTP_X_FORWARDED_FOR=forged)
+    assert LoginFailure.objects.filter(address="10.0.0.9").count() == 3
+    assert not logged_in(log_in(client, "root", "root-password", **direct, HTTP_X_FORWARDED_FOR=ADMIN_DESK))
 
 
 def test_logins_and_failed_logins_are_in_the_audit_log(client, alice, settings):

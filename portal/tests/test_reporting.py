@@ -53,8 +53,10 @@ def test_urls_in_settings_and_the_environment_are_hidden_in_error_reports():
     from portal.reporting import SecretsFilter
 
     report = SecretsFilter()
-    for name in ("EMAIL_URL", "DATABASE_URL", "CELERY_BROKER_URL", "LDAP_SERVER_URI"):
+    for name in ("EMAIL_URL", "DATABASE_URL", "CELERY_BROKER_URL", "LDAP_SERVER_URI", "CELERY_RESULT_BACKEND"):
         assert (
             report.cleanse_setting(name, "smtp+starttls://user:hunter2@mail.example.org") == report.cleansed_substitute
         )
     assert report.cleanse_setting("DEBUG", True) is True
+    caches = report.cleanse_setting("CACHES", {"default": {"BACKEND": "redis", "LOCATION": "redis://:pw@cache/1"}})
+    assert caches["default"]["LOCATION"] == report.cleansed_substitute

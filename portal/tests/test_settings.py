@@ -140,6 +140,21 @@ def test_a_malformed_key_or_broker_url_is_not_repeated_in_the_error(tmp_path):
     assert key not in refused(tmp_path, **{**PRODUCTION, "SECRETS_KEY": key})
     url = "amqp://portal:s3cret-pw@rabbit:amqp//"
     assert "s3cret-pw" not in refused(tmp_path, **{**PRODUCTION, "CELERY_BROKER_URL": url})
+    # kombu's own message quotes what it took for the port: the password up to a "/" in it
+    for url in ("redis://:Xy7/Secret+Pw@redis:6379/0", "amqp://portal:s3cr#et@rabbit//"):
+        message = refused(tmp_path, **{**PRODUCTION, "CELERY_BROKER_URL": url})
+        assert "Xy7" not in message and "s3cr" not in message and "%-encoded" in message, message
+
+
+def test_a_url_printed_shows_no_password():
+    from portal.env import without_password
+
+    assert without_password("redis://:Xy7/Secret@host:6379/0") == "redis://:***@host:6379/0"
+    assert (
+        without_password("amqp://u:p@a//;amqp://guest@b//;filesystem://")
+        == "amqp://u:***@a//;amqp://guest@b//;filesystem://"
+    )
+    assert without_password("redis://127.0.0.1:6379/15") == "redis://127.0.0.1:6379/15"
 
 
 def test_log_level_in_any_case(tmp_path):

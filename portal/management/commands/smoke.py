@@ -6,6 +6,7 @@ import uuid
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from portal.env import without_password
 from portal.tasks import ping
 
 
@@ -23,12 +24,14 @@ class Command(BaseCommand):
             answer = result.get(timeout=timeout)
         except Exception as exc:
             raise CommandError(
-                f"no answer from a worker within {timeout:.0f}s over {settings.CELERY_BROKER_URL}: {exc}"
+                f"no answer from a worker within {timeout:.0f}s over {without_password(settings.CELERY_BROKER_URL)}: "
+                f"{exc}"
             ) from exc
         if answer != f"pong:{nonce}":
             raise CommandError(f"wrong answer {answer!r}")
         db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
         self.stdout.write(
-            f"smoke: ok — broker {settings.CELERY_BROKER_URL}, results {settings.CELERY_RESULT_BACKEND}, "
+            f"smoke: ok — broker {without_password(settings.CELERY_BROKER_URL)}, "
+            f"results {without_password(settings.CELERY_RESULT_BACKEND)}, "
             f"database {db}, round trip {1000 * (time.monotonic() - started):.0f} ms"
         )
