@@ -659,12 +659,23 @@ def _compare(expected: dict[str, frozenset[int]], actual: dict[str, frozenset[in
 
 def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> ReconcileReport:
     """Compare ``device`` with the desired state, record drift, repair it when ``repair``. A device whose
-    lock is held (a convergence is running) is skipped: that convergence brings it to the desired state."""
+    lock is held (a convergence is running) is skipped: that convergence brings it to the desired state. So is
+    one a workflow has work recorded for and not done yet (a provisioning's or a teardown's change, queued, in its
+    backoff, or waiting for the lock): the desired state is ahead of the device by that work, which is no drift —
+    recorded as "removed by hand?" and repaired as the reconciler's, it was. For one interval of the reconciler
+    at most: work recorded longer ago than that is a workflow's that ended without it (a failed update's later
+    layer): the device is reconciled, and its repair does that work."""
     report = ReconcileReport(device.name, kind)
     if not device.enabled:
         return report
     with device_lock(kind, device.pk, wait=0) as held:
-        if not held:  # a convergence is running: it verifies the device against the desired state
+        queued = DeviceChange.objects.filter(
+            status__in=DeviceChange.OPEN,
+            segment__isnull=False,
+            created_at__gt=timezone.now() - timedelta(seconds=settings.RECONCILE_INTERVAL),
+            **_device_filter(kind, device),
+        ).exists()
+        if not held or queued:  # a convergence is running or to come: it verifies the device against the desired state
             report.busy = True
             type(device).objects.filter(pk=device.pk).update(last_reconciled_at=timezone.now())
             return report

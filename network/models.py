@@ -751,6 +751,11 @@ class Segment(models.Model):
     vid = models.PositiveSmallIntegerField("VLAN id", null=True, blank=True, help_text="kept after release")
     state = models.CharField(max_length=12, choices=State.choices, default=State.PENDING)
     gateway = models.BooleanField(default=False, help_text="carried on the access-gateway trunks (closed cluster)")
+    revision = models.PositiveIntegerField(
+        default=0,
+        help_text="what the segment needs, counted: its hosts or gateway changed, it is one more (a provisioning "
+        "of an earlier revision does not mark it active)",
+    )
     error = models.TextField(blank=True, help_text="why provisioning failed: the device and its own message")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

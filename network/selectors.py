@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, Max, OuterRef, Q, QuerySet
 
 from network import vlanranges
 from network.choices import PortRole
@@ -342,19 +342,51 @@ def _may_have_applied() -> Q:
     )
 
 
+def teardown_cause(owner_ref: str) -> str:
+    """The cause of a teardown's device changes (``workflows.teardown``)."""
+    return f"teardown {owner_ref}"
+
+
+def compensation_cause(owner_ref: str) -> str:
+    """The cause of a rollback's device changes (``tasks.segment_compensate``)."""
+    return f"compensate {owner_ref}"
+
+
 def vlan_holders(segment: Segment) -> list[str]:
     """Disabled devices that may still carry ``segment``'s VLAN: a change for the segment settled on them
     while they were enabled (they took the VLAN, or were converged while the segment was on them), failed
     in a way that may have applied part of it (all but a switch that refused it outright), or had a session
     started that never finished (the device was disabled under it) — and a disabled device is never touched,
-    so nothing took it away since. While there is one, the id may go to no other owner (the two would share it
-    on that device). ``["switch sw-x", "host h1"]``; a device that left the inventory holds nothing."""
-    settled = DeviceChange.objects.filter(_may_have_applied(), segment=segment)
+    so nothing took it away since. Not one the segment's teardown or rollback cleaned after that (a change of
+    theirs that ended OK on the device itself, later than every change that may have left the VLAN): it was
+    disabled once clean. While there is one, the id may go to no other owner (the two would share it on that
+    device). ``["switch sw-x", "host h1"]``; a device that left the inventory holds nothing."""
+    cleaning = (teardown_cause(segment.owner_ref), compensation_cause(segment.owner_ref))
+    cleaned = Q(cause__in=cleaning, status__in=(DeviceChange.Status.OK, DeviceChange.Status.NOOP)) & ~Q(
+        error=DeviceChange.NOT_TOUCHED
+    )
+    changes = DeviceChange.objects.filter(segment=segment)
+    took, clean = changes.filter(_may_have_applied()).exclude(cleaned), changes.filter(cleaned)
     holders = []
     for label, model, column in (("switch", Switch, "switch_id"), ("host", Host, "host_id")):
-        took = settled.filter(**{f"{column}__isnull": False}).values(column)
-        names = model.objects.filter(enabled=False, pk__in=took).order_by("name").values_list("name", flat=True)
-        holders += [f"{label} {name}" for name in names]
+        last_took = dict(
+            took.filter(**{f"{column}__isnull": False})
+            .values(column)
+            .annotate(last=Max("pk"))
+            .values_list(column, "last")
+        )
+        last_clean = dict(
+            clean.filter(**{f"{column}__in": list(last_took)})
+            .values(column)
+            .annotate(last=Max("pk"))
+            .values_list(column, "last")
+        )
+        disabled = model.objects.filter(enabled=False, pk__in=list(last_took)).order_by("name")
+        holders += [
+            f"{label} {name}"
+            for pk, name in disabled.values_list("pk", "name")
+            if last_clean.get(pk, 0) < last_took[pk]
+        ]
     return holders
 
 

@@ -413,7 +413,8 @@ def segment_set_hosts(*, segment: Segment, hosts: list[Host]) -> Segment:
     joined = [SegmentMember(segment=seg, host_id=pk) for pk in sorted(wanted - have)]
     audit.create_rows(SegmentMember, joined, related=SegmentMember.TEXT_RELATED)
     seg.state = Segment.State.PENDING
-    seg.save(update_fields=["state", "updated_at"])
+    seg.revision += 1  # (the row is locked: a provisioning of the revision before does not mark it active)
+    seg.save(update_fields=["state", "revision", "updated_at"])
     segment.refresh_from_db()
     return seg
 
@@ -442,7 +443,8 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
     if seg.gateway != gateway:
         seg.gateway = gateway
         seg.state = Segment.State.PENDING
-        seg.save(update_fields=["gateway", "state", "updated_at"])
+        seg.revision += 1
+        seg.save(update_fields=["gateway", "state", "revision", "updated_at"])
         if gateway:  # (the owner is in the gateways' maps as soon as its cluster is closed and live)
             vlan_map_to_gateways(allocation_id=seg.allocation_id)
     segment.refresh_from_db()

@@ -19,7 +19,6 @@ import time
 from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists
 from django.utils import timezone
 
 from network import convergence, errbacks, selectors, services
@@ -173,7 +172,7 @@ def segment_step(segment_id: int, step: str) -> dict:
 
 
 @shared_task(name="network.segment_provisioned", acks_late=True)
-def segment_provisioned(segment_id: int, last_change: int | None = None) -> dict:
+def segment_provisioned(segment_id: int, revision: int | None = None) -> dict:
     """Every device reported success: the segment is active (unless it was deleted meanwhile). A segment on the
     gateway trunks is its owner's way in now: its VLAN id may be in the gateways' maps from here on.
 
@@ -181,28 +180,40 @@ def segment_provisioned(segment_id: int, last_change: int | None = None) -> dict
     settled untouched): that device never got the VLAN, and the nodes behind it would have no network — the
     provisioning fails with the device named, and is rolled back.
 
-    ``last_change``: the last change this provisioning recorded. A change of the segment recorded after it and
-    still open belongs to a later provisioning (the hosts changed again while this one ran): the segment stays
-    PENDING, for that one's last step to mark — this one's devices are done, but the segment is not."""
+    ``revision``: the segment's revision this provisioning converged (``Segment.revision``). The hosts (or the
+    gateway) changed again since: the segment stays PENDING for the later provisioning's last step to mark — this
+    one's devices are done, the segment is not — and this one is "superseded" (no failure: a device the later
+    one will configure is not this one's to fail on)."""
+    if revision is not None and _superseded(segment_id, revision):
+        return _superseded_result(segment_id)
     untouched = selectors.left_untouched(segment_id)
     if untouched is not None:
         device, change_id = untouched
         raise DeviceChangeFailed(device, "disabled while the network was being provisioned: not configured", change_id)
     pending = Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING)
-    if last_change is not None:
-        later = DeviceChange.objects.filter(segment_id=segment_id, pk__gt=last_change, status__in=DeviceChange.OPEN)
-        pending = pending.exclude(Exists(later))
+    if revision is not None:
+        pending = pending.filter(revision=revision)
     pending.update(state=Segment.State.ACTIVE, error="")
+    if revision is not None and _superseded(segment_id, revision):  # (changed between the check and the update)
+        return _superseded_result(segment_id)
     seg = Segment.objects.get(pk=segment_id)
-    if seg.state == Segment.State.PENDING and last_change is not None:
-        if seg.gateway and seg.allocation_id:  # (as the later one will: only ever delays the VLAN's reuse)
-            services.vlan_map_to_gateways(allocation_id=seg.allocation_id)
-        return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state, "superseded": True}
     if seg.state != Segment.State.ACTIVE:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}, not active")
     if seg.gateway and seg.allocation_id:
         services.vlan_map_to_gateways(allocation_id=seg.allocation_id)
     return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state}
+
+
+def _superseded(segment_id: int, revision: int) -> bool:
+    """Whether the PENDING segment waits for a provisioning of a later revision than ``revision``."""
+    return Segment.objects.filter(pk=segment_id, state=Segment.State.PENDING).exclude(revision=revision).exists()
+
+
+def _superseded_result(segment_id: int) -> dict:
+    seg = Segment.objects.get(pk=segment_id)
+    if seg.gateway and seg.allocation_id:  # (as the later one will: only ever delays the VLAN's reuse)
+        services.vlan_map_to_gateways(allocation_id=seg.allocation_id)
+    return {"segment": seg.pk, "owner": seg.owner_ref, "vid": seg.vid, "state": seg.state, "superseded": True}
 
 
 @shared_task(name="network.segment_released", acks_late=True)
@@ -292,13 +303,11 @@ def segment_compensate(self, segment_id: int, retry: bool = False) -> dict:
     return self.replace(chain(*steps))
 
 
-def teardown_cause(owner_ref: str) -> str:
-    """The cause of a teardown's device changes (``workflows.teardown``)."""
-    return f"teardown {owner_ref}"
+teardown_cause = selectors.teardown_cause  # (the workflows and the clusters' sweeps name it here)
 
 
 def _compensation_cause(seg: Segment) -> str:
-    return f"compensate {seg.owner_ref}"
+    return selectors.compensation_cause(seg.owner_ref)
 
 
 @shared_task(name="network.segment_compensated", acks_late=True)

@@ -106,8 +106,8 @@ def _changes(segment: Segment, devices: list[Switch | Host], cause: str) -> list
 
 def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature:
     """Converge every device the segment needs (and any it touched before) to the desired state:
-    switches in parallel, then hosts in parallel, then mark the segment ACTIVE (unless a later provisioning
-    of it is under way by then: ``segment_provisioned``)."""
+    switches in parallel, then hosts in parallel, then mark the segment ACTIVE (unless what it needs changed
+    again meanwhile, ``Segment.revision``: a later provisioning marks it, ``segment_provisioned``)."""
     segment = Segment.objects.get(pk=segment_id)
     if segment.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {segment.owner_ref} is {segment.get_state_display()}; cannot provision")
@@ -120,7 +120,7 @@ def provision(segment_id: int, *, compensate_on_error: bool = True) -> Signature
             ("hosts", layer(changes[len(switches) :])),
         ],
         "provisioned",
-        finish_args=(max((pk for _device, pk in changes), default=None),),
+        finish_args=(segment.revision,),
     )
     if compensate_on_error:
         errback = compensate(segment.pk)

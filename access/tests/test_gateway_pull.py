@@ -502,16 +502,20 @@ def test_re_enrolment_records_the_new_keys_only_once_they_are_written(alice, clu
     key = tmp_path / "vpn" / "server.key"
     before = key.read_bytes()
 
-    def fail_on_the_host_key(path, *args):
-        if path.name == "host_key":
-            raise PermissionError(f"cannot write {path}")
-        return write_atomic(path, *args)
+    real = command.write_all_atomic
 
-    monkeypatch.setattr(command, "write_atomic", fail_on_the_host_key)
+    def fail_on_the_host_key(files):
+        denied = [path for path in files if path.name == "host_key"]
+        if denied and any(path.name == "server.key" for path in files):  # (the enrolment's, not the put-back)
+            raise PermissionError(f"cannot write {denied[0]}")
+        return real(files)
+
+    monkeypatch.setattr(command, "write_all_atomic", fail_on_the_host_key)
     with pytest.raises(CommandError, match="cannot write"):
         run("config", "gw1", "--dir", str(tmp_path), "--re-enrol")
     gateway.refresh_from_db()
     assert services.gateway_fingerprint(gateway) == first and not RetiredHostKey.objects.exists()
+    assert key.read_bytes() == before  # (not a new key the portal never recorded)
     monkeypatch.undo()
 
     out = run("config", "gw1", "--dir", str(tmp_path), "--re-enrol")

@@ -14,7 +14,8 @@ allowed vlan"::
 
 ``get_config()['running']`` prints every bridge port. A merge candidate holds ``port NAME vlans LIST``
 lines (the tagged set of that port, replacing the present one); ports that are not in the candidate are
-never touched, and untagged/PVID membership is shown but never changed. ``compare_config`` prints exactly
+never touched, and untagged/PVID membership is shown but never changed (an untagged VLAN the port's static VLANs
+name counts as carried: never added again, which would make it tagged). ``compare_config`` prints exactly
 the VLAN changes (``-port p-h1 vlan 200`` / ``+port p-h1 vlan 300``), ``commit_config`` applies them (and
 restores the touched ports if the kernel rejects one change half-way), ``rollback`` restores the ports
 of the last commit to what they were before it.
@@ -173,12 +174,15 @@ Op = tuple[str, str, int]  # ("add" | "del", port, vid)
 
 
 def plan_ops(current: Mapping[str, PortState], wanted: Mapping[str, frozenset[int]]) -> list[Op]:
-    """Netlink operations that give every port in ``wanted`` exactly that tagged set; other ports untouched."""
+    """Netlink operations that give every port in ``wanted`` exactly that tagged set; other ports untouched. A VLAN
+    the port has untagged (its native/PVID VLAN: the hypervisor's management network, say) is never added nor
+    deleted: adding it again without flags would make the kernel take its PVID and untagged flags away (the
+    host's untagged traffic cut) — wanted (a static VLAN of the port), it counts as carried as it is."""
     ops: list[Op] = []
     for port in sorted(wanted):
-        have = current[port].tagged
+        have, untagged = current[port].tagged, current[port].untagged
         ops += [("del", port, vid) for vid in sorted(have - wanted[port])]
-        ops += [("add", port, vid) for vid in sorted(wanted[port] - have)]
+        ops += [("add", port, vid) for vid in sorted(wanted[port] - have - untagged)]
     return ops
 
 
@@ -544,6 +548,10 @@ class LinuxBridgeDriver(NetworkDriver):
         """Each port's tagged VLAN set: what the portal manages (untagged/PVID membership is not its own)."""
         return {port: state.tagged for port, state in self._ports().items()}
 
+    def port_states(self) -> dict[str, PortState]:
+        """Each port's VLAN membership, tagged and untagged."""
+        return dict(self._ports())
+
     def get_vlans(self) -> dict:
         """NAPALM format: ``{vid: {"name": ..., "interfaces": [...]}}``, tagged and untagged members alike."""
         members: dict[int, set[str]] = {}
@@ -659,9 +667,15 @@ class LinuxBridgeSession:
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
         """The owned ports' tagged VLANs (what the candidate sets and the verification compares: a port's
-        native/PVID VLAN is not the portal's and never made a converge fail)."""
-        tagged = self.driver.tagged_vlans()
-        return {port: tagged.get(port, frozenset()) for port in self.spec.owned_ports}
+        native/PVID VLAN is not the portal's and never made a converge fail), and of its untagged ones those the
+        port's static VLANs name (the operator said the port carries them: carried, untagged, they are neither
+        missing nor made tagged)."""
+        ports = self.driver.port_states()
+        static = self.spec.static_vlans
+        return {
+            port: (ports[port].tagged | (ports[port].untagged & static)) if port in ports else frozenset()
+            for port in self.spec.owned_ports
+        }
 
     def render(self, desired: Mapping[str, frozenset[int]]) -> str:
         foreign = sorted(set(desired) - set(self.spec.owned_ports))

@@ -202,7 +202,7 @@ class LinuxBridgeHost:
             links = self._links() if changes else links
 
         for vid in sorted((before | self._orphan_vids(links, addresses)) - desired):
-            changes += self._remove(vid, links)
+            changes += self._remove(vid, links, addresses)
             links = self._links()
 
         after = self._carried(self._links(), self._addresses())
@@ -216,8 +216,13 @@ class LinuxBridgeHost:
 
     def _orphan_vids(self, links: dict[str, _Link], addresses: dict[int, set[int]]) -> set[int]:
         """VLAN sub-interfaces of the trunk the portal made whose bridge is gone (a crashed half-removal); never
-        one it did not make, nor one with an address (the hypervisor's own)."""
+        one it did not make, nor one with an address (the hypervisor's own), nor one whose bridge holds one."""
         trunk = links[self.trunk]
+
+        def bridge_is_hosts(vid: int) -> bool:
+            bridge = links.get(bridge_name(vid))
+            return bridge is not None and bridge.kind == "bridge" and self._hosts_own(bridge, links, addresses)
+
         return {
             link.vlan_id
             for name, link in links.items()
@@ -226,6 +231,7 @@ class LinuxBridgeHost:
             and name == self._sub_name(link.vlan_id)
             and link.alias == ALIAS
             and not self._hosts_own(link, links, addresses)
+            and not bridge_is_hosts(link.vlan_id)
         }
 
     def _ensure(self, vid: int, links: dict[str, _Link], addresses: dict[int, set[int]]) -> list[str]:
@@ -292,11 +298,16 @@ class LinuxBridgeHost:
             changes.append(f"{'+' if sub is None else '~'} vlan {sub_name} master {br_name}")
         return changes
 
-    def _remove(self, vid: int, links: dict[str, _Link]) -> list[str]:
+    def _remove(self, vid: int, links: dict[str, _Link], addresses: dict[int, set[int]]) -> list[str]:
         br_name, sub_name = bridge_name(vid), self._sub_name(vid)
         vms = self._vm_ports(links, vid)
         if vms:
             return [f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
+        bridge = links.get(br_name)
+        if bridge is not None and bridge.kind == "bridge" and self._hosts_own(bridge, links, addresses):
+            # an address of the host's own was put on it since: the host's network now, never removed (nor its
+            # sub-interface, which feeds it)
+            return [f"! keep {br_name}: it holds an address of the host's own"]
         changes = []
         sub, trunk = links.get(sub_name), links.get(self.trunk)
         if sub is not None and sub.alias == ALIAS and sub.kind == "vlan" and trunk and sub.parent == trunk.index:

@@ -169,11 +169,15 @@ def render(
 # --- errors ---------------------------------------------------------------------------------------------------
 
 
-def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(permanent, temporary) exceptions of the transports under NAPALM's drivers (netmiko for IOS/NX-OS SSH,
-    pyeapi for EOS, PyEZ for Junos) that NAPALM lets through unwrapped; those not installed are left out."""
+def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(permanent, temporary, refused) exceptions of the transports under NAPALM's drivers (netmiko for IOS/NX-OS
+    SSH, pyeapi for EOS, PyEZ for Junos) that NAPALM lets through unwrapped; those not installed are left out.
+    Refused: the device said no to a command or a commit (EOS's ``commit_config`` raises pyeapi's CommandError,
+    Junos's PyEZ's CommitError, both unwrapped) — a permanent error, checked after the temporary ones (PyEZ's
+    lock and timeout errors are RpcErrors too)."""
     permanent: list[type] = []
     temporary: list[type] = []
+    refused: list[type] = []
     with contextlib.suppress(ImportError):
         from netmiko import exceptions as netmiko_exc
 
@@ -183,6 +187,7 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
         from pyeapi import eapilib
 
         temporary.append(eapilib.ConnectionError)
+        refused.append(eapilib.CommandError)
     with contextlib.suppress(ImportError):
         from jnpr.junos import exception as junos_exc
 
@@ -194,10 +199,11 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
             junos_exc.ConnectTimeoutError,
             junos_exc.LockError,
         ]
-    return tuple(permanent), tuple(temporary)
+        refused.append(junos_exc.RpcError)  # CommitError, ConfigLoadError, … (after LockError and the timeouts)
+    return tuple(permanent), tuple(temporary), tuple(refused)
 
 
-_TRANSPORT_PERMANENT, _TRANSPORT_TEMPORARY = _transport_errors()
+_TRANSPORT_PERMANENT, _TRANSPORT_TEMPORARY, _TRANSPORT_REFUSED = _transport_errors()
 
 
 @contextlib.contextmanager
@@ -222,6 +228,8 @@ def classified(device: str, action: str) -> Iterator[None]:
         raise PermanentDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
     except _TRANSPORT_TEMPORARY as exc:  # … and their timeouts and lost connections (a switch reloading)
         raise TemporaryDeviceError(device, f"{action}: {type(exc).__name__}: {exc}") from exc
+    except _TRANSPORT_REFUSED as exc:  # a command or commit the device rejected (nothing of it applied)
+        raise PermanentDeviceError(device, f"{action}: rejected: {type(exc).__name__}: {exc}") from exc
     except napalm_exc.NapalmException as exc:  # every other NAPALM error: merge, replace or commit rejected …
         raise PermanentDeviceError(device, f"{action}: rejected: {exc}") from exc
     except NotImplementedError as exc:

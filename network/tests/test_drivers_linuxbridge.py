@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ class FakeLinuxBox:
     ``-batch`` stops at the first failure unless ``-force``, as iproute2 does.
     """
 
-    def __init__(self, ports: dict[str, set[int]], reject=(), fail_with: Exception | None = None):
+    def __init__(self, ports: dict[str, set[int]], reject=(), fail_with: Exception | None = None, native=None):
         self.tagged = {port: set(vids) for port, vids in ports.items()}
+        self.native = dict(native or {})  # port -> its PVID, untagged VLAN
         self.reject = set(reject)
         self.fail_with = fail_with
         self.calls: list[tuple[list[str], str | None]] = []
@@ -129,7 +131,14 @@ class FakeLinuxBox:
             ] + [{"ifname": p, "master": "br0", "linkinfo": {"info_kind": "veth"}} for p in self.tagged]
             return RunResult(0, json.dumps(links), "")
         if argv[:3] == ["bridge", "-json", "vlan"]:
-            data = [{"ifname": p, "vlans": [{"vlan": v} for v in sorted(vids)]} for p, vids in self.tagged.items()]
+            data = [
+                {
+                    "ifname": p,
+                    "vlans": [{"vlan": v} for v in sorted(vids - {self.native.get(p)})]
+                    + ([{"vlan": self.native[p], "flags": ["PVID", "Egress Untagged"]}] if p in self.native else []),
+                }
+                for p, vids in self.tagged.items()
+            ]
             data.append({"ifname": "mgmt", "vlans": [{"vlan": 5, "flags": ["PVID", "Egress Untagged"]}]})
             return RunResult(0, json.dumps(data), "")
         if argv[0] == "bridge" and argv[-2:] == ["-batch", "-"]:
@@ -176,6 +185,32 @@ def test_ssh_command_layer_reads_merges_commits_and_rolls_back():
         driver.rollback()
         assert box.tagged["p-h1"] == {100, 200}
     assert all(call[0][:2] == ["sudo", "-n"] for call in box.calls)
+
+
+def test_a_native_vlan_named_static_counts_as_carried_and_is_never_made_tagged():
+    """A host trunk whose untagged PVID VLAN is the hypervisor's management network, put in the port's static VLANs
+    as the README says: carried as it is — never added again (the kernel would take its PVID and untagged flags:
+    the host's untagged traffic cut), never deleted; the cluster VLANs change beside it. Not named static: it is
+    not the portal's, neither carried nor missing."""
+    box = FakeLinuxBox({"p-h1": {100}, "p-h2": set()}, native={"p-h1": 5})
+    spec = SwitchSpec(
+        name="sw-remote",
+        platform="linuxbridge",
+        address="sw-remote.example.org",
+        username="netops",
+        driver_args={"transport": "ssh", "runner": box},
+        owned_ports=("p-h1", "p-h2"),
+        timeout=10,
+        static_vlans=frozenset({5}),
+    )
+    with switch_session(spec) as session:
+        assert session.port_vlans() == {"p-h1": {5, 100}, "p-h2": set()}
+        result = session.converge({"p-h1": frozenset({5, 200}), "p-h2": frozenset({5})})
+    scripts = [script for _argv, script in box.batches()]
+    assert scripts == ["vlan del dev p-h1 vid 100\nvlan add dev p-h1 vid 200\nvlan add dev p-h2 vid 5\n"], scripts
+    assert result.after["p-h1"] == {5, 200}
+    with switch_session(replace(spec, static_vlans=frozenset())) as session:
+        assert session.port_vlans()["p-h1"] == {200}  # (not the portal's: not counted)
 
 
 def test_ssh_command_layer_restores_touched_ports_when_the_box_rejects_a_change():
@@ -604,6 +639,18 @@ def test_a_native_vlan_on_an_owned_trunk_is_neither_the_portals_nor_a_failed_ver
         result = session.converge({"p-h1": frozenset({100, 200})})
         assert result.changed and result.after["p-h1"] == {100, 200}
     assert sw.bridge_vlans("sw1")["p-h1"] >= {5, 100, 200}
+    # named in the port's static VLANs (the hypervisor's management network): carried as it is, never added
+    # again — the kernel would take its PVID and untagged flags away
+    with switch_session(replace(_spec(sw), static_vlans=frozenset({5}))) as session:
+        assert session.port_vlans()["p-h1"] == {5, 100, 200}
+        result = session.converge({"p-h1": frozenset({5, 100})})
+        assert result.diff == "-port p-h1 vlan 200\n" and result.after["p-h1"] == {5, 100}
+    shown = subprocess.run(
+        ["bridge", "-n", sw.ns("sw1"), "-json", "vlan", "show", "dev", "p-h1"], capture_output=True, text=True
+    )
+    shown = json.loads(shown.stdout)
+    flags = {v["vlan"]: set(v.get("flags", [])) for item in shown for v in item["vlans"]}
+    assert flags[5] == {"PVID", "Egress Untagged"}, flags
 
 
 @pytest.mark.lab
@@ -755,6 +802,25 @@ def test_a_bridge_of_the_hosts_own_named_like_the_portals_is_never_counted_remov
         assert host.converge(frozenset()).after == {"hv1": frozenset()}
     assert _carried(hv)["eth0.20"] == (20, "br-v20", True)  # untouched
     assert "br-v100" not in hv.links("hv") and "br-v40" in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
+def test_a_portal_bridge_the_operator_put_an_address_on_is_the_hosts_and_never_removed(hv):
+    """The portal made br-v100; the operator then put an address of the host's on it: the host's network from then
+    on — a converge without VLAN 100 removes neither the bridge nor its sub-interface (not even as a crashed
+    half-removal's leftover); once the address is gone, it is the portal's again, and goes."""
+    with host_session(_host(hv)) as host:
+        host.converge(frozenset({100}))
+    hv.batch("hv", ["address add 198.18.100.5/24 dev br-v100"])
+    with host_session(_host(hv)) as host:
+        result = host.converge(frozenset())
+        assert "- bridge br-v100" not in result.diff and "- vlan" not in result.diff, result.diff
+    links = hv.links("hv")
+    assert "br-v100" in links and "eth0.100" in links
+    hv.batch("hv", ["address del 198.18.100.5/24 dev br-v100"])
+    with host_session(_host(hv)) as host:
+        assert host.converge(frozenset()).diff == "- vlan eth0.100\n- bridge br-v100\n"
 
 
 @pytest.mark.lab

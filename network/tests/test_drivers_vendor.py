@@ -283,9 +283,16 @@ def test_junos_tolerates_deleting_members_a_port_does_not_have(monkeypatch):
 def _transport_errors():
     import jnpr.junos.exception as junos
     import pyeapi.eapilib as eapi
+    from lxml import etree
     from netmiko import exceptions as netmiko
 
     device = type("Device", (), {"hostname": "ex", "_hostname": "ex", "_port": 830})()
+
+    def rpc_error(message: str):
+        return etree.XML(
+            f"<rpc-error><error-severity>error</error-severity><error-message>{message}</error-message></rpc-error>"
+        )
+
     return [
         (netmiko.ReadTimeout("Pattern not detected: 'sw1#' in output"), TemporaryDeviceError),
         (netmiko.NetmikoTimeoutException("TCP connection to device failed"), TemporaryDeviceError),
@@ -294,6 +301,12 @@ def _transport_errors():
         (junos.RpcTimeoutError(device, "get-vlan-information", 30), TemporaryDeviceError),
         (junos.ConnectRefusedError(device), TemporaryDeviceError),
         (junos.ConnectAuthError(device), PermanentDeviceError),
+        # a commit the device rejected (EOS and Junos commit atomically: nothing of it applied), raised unwrapped by
+        # NAPALM: permanent, named as refused — not a "driver bug"; a locked database stays temporary
+        (eapi.CommandError(1002, 'CLI command 2 of 3 "vlan 5000" failed: invalid command'), PermanentDeviceError),
+        (junos.CommitError(rsp=rpc_error("vlan-id 5000 out of range")), PermanentDeviceError),
+        (junos.ConfigLoadError(rsp=rpc_error("syntax error")), PermanentDeviceError),
+        (junos.LockError(rsp=rpc_error("configuration database locked by root")), TemporaryDeviceError),
     ]
 
 
@@ -303,8 +316,10 @@ def test_the_transports_own_errors_are_classified(error, kind):
     reloading) is retried, a refused login is not — they failed as a "driver bug", never retried."""
     from network.drivers.vendor import classified
 
-    with pytest.raises(kind), classified("sw", "get_vlans"):
+    with pytest.raises(kind) as caught, classified("sw", "get_vlans"):
         raise error
+    if kind is PermanentDeviceError and "Error" in type(error).__name__ and "Auth" not in type(error).__name__:
+        assert "rejected" in caught.value.message and str(error) in caught.value.message
 
 
 def test_a_failed_verification_is_undone_by_merging_the_ports_previous_state(tmp_path):

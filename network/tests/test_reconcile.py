@@ -403,6 +403,35 @@ def test_a_device_busy_converging_counts_as_reconciled(fabric, active):
     assert timezone.now() - switch.last_reconciled_at < timedelta(minutes=1) and switch.reconcile_error == ""
 
 
+def test_a_device_a_workflow_has_work_queued_for_is_busy_not_drifted(fabric, active):
+    """A provisioning recorded its changes and its task waits in the queue (or in its backoff): the switches do not
+    carry the new VLAN yet, which is the workflow's work to come, not drift "removed by hand" for the reconciler to
+    record and repair as its own. Once the work is done, the device is reconciled as ever."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from network import convergence
+
+    seg = services.segment_create(owner="c2", hosts=[fabric.hosts["brno2"]], gateway=False)
+    queued = workflows.provision(seg.pk)  # recorded, not run yet
+    switch = Switch.objects.get(name="sw-brno")
+    report = convergence.reconcile_device("switch", switch, repair=True)
+    assert report.busy and not report.drifts and not report.repaired
+    assert not Drift.objects.exists()
+    assert not DeviceChange.objects.filter(cause__startswith="reconcile").exists()
+    queued.apply().get()
+    report = convergence.reconcile_device("switch", switch, repair=True)
+    assert not report.busy and not report.drifts
+    # work recorded more than an interval ago is a workflow's that ended without it: the reconciler does it
+    gone = services.segment_create(owner="c3", hosts=[fabric.hosts["brno1"]], gateway=False)
+    workflows.provision(gone.pk)  # (never run)
+    DeviceChange.objects.filter(segment=gone).update(created_at=timezone.now() - timedelta(hours=1))
+    report = convergence.reconcile_device("switch", switch, repair=True)
+    assert not report.busy and report.repaired
+    assert not DeviceChange.objects.filter(segment=gone, switch=switch, status__in=DeviceChange.OPEN).exists()
+
+
 def test_a_time_limit_during_a_repair_settles_its_change_as_interrupted(fabric, active, monkeypatch):
     """The task's soft time limit fires while the reconciler repairs a switch: the repair's change is not
     left running (nor failed as the driver's error) — it settles as interrupted, and the limit ends the task."""

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connections
 
-from network import convergence, selectors, services, workflows
+from network import convergence, selectors, services, tasks, workflows
 from network.errors import DeviceChangeFailed
 from network.models import DeviceChange, DeviceKind, Host, Segment, Switch, VlanAllocation
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -411,6 +411,25 @@ def test_a_teardown_keeps_the_vlan_while_a_disabled_device_may_carry_it(fabric, 
     assert seg.allocation.state == VlanAllocation.State.QUARANTINED
     assert all(not vlans for vlans in device_view(fabric).values())
     assert tasks.retry_rollbacks.apply().get() == []
+
+
+def test_a_device_the_teardown_cleaned_and_that_is_disabled_since_holds_nothing(fabric):
+    """The teardown left pilsen1 (disabled) carrying the VLAN and cleaned every other device; then sw-brno goes
+    into maintenance (clean: the teardown took the VLAN off it). Once pilsen1 is back, the teardown runs again and
+    the VLAN is released — sw-brno, disabled but cleaned, holds nothing (it held the VLAN for as long as it stayed
+    disabled: for good, were it retired)."""
+    from network import tasks
+
+    seg = _held_for_disabled(fabric, "pilsen1", Host)
+    Switch.objects.filter(name="sw-brno").update(enabled=False)
+    assert selectors.vlan_holders(seg) == ["host pilsen1"]
+    Host.objects.filter(name="pilsen1").update(enabled=True)
+    assert selectors.vlan_holders(seg) == []
+    assert tasks.retry_rollbacks.apply().get() == [seg.pk]
+    seg.refresh_from_db()
+    assert (seg.state, seg.error) == (Segment.State.CLOSED, "")
+    assert seg.allocation.state == VlanAllocation.State.QUARANTINED
+    assert all(not vlans for vlans in device_view(fabric).values())
 
 
 @pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
@@ -849,7 +868,7 @@ def test_a_layer_is_one_task_and_central_layers_are_merged(fabric, settings, mon
     # switches, then hosts (no agent queues): one task converging both layers in turn, then marking the
     # segment active
     assert _links(canvas) == [
-        ("network.converge_devices", [switches], {"then": [hosts], "finish": ["provisioned", seg.pk, max(hosts)]}, ""),
+        ("network.converge_devices", [switches], {"then": [hosts], "finish": ["provisioned", seg.pk, 0]}, ""),
     ]
     # hosts with agent queues: a group of tasks on their queues after the switch task; chunks of
     # DEVICE_BATCH_SIZE devices
@@ -870,17 +889,18 @@ def test_a_layer_is_one_task_and_central_layers_are_merged(fabric, settings, mon
             ("network.converge_devices", [[new["pilsen1"]]], {}, "host.pilsen1"),
             ("network.converge_devices", [[new["prague2"]]], {}, ""),
         ],
-        ("network.segment_provisioned", [seg.pk, max(new.values())], {}, ""),
+        ("network.segment_provisioned", [seg.pk, 0], {}, ""),
     ]
     chain(*canvas).apply().get()  # and it runs: every device converged
     assert device_view(fabric) == desired_view(fabric)
 
 
 def test_a_provisioning_overtaken_by_a_later_one_leaves_the_segment_pending_for_it(fabric):
-    """The hosts change again while a provisioning is under way: when it ends, the later one's devices are still
-    to be converged, so the segment stays PENDING (not ACTIVE with a host still without its VLAN) and the
-    earlier one does not fail; the later one marks it ACTIVE. Open changes recorded before a provisioning (an
-    earlier workflow's leftovers) do not hold it back."""
+    """The hosts change again while a provisioning is under way: when it ends, the segment still needs a device
+    it did not converge, so it stays PENDING (not ACTIVE with a host still without its VLAN) and the earlier one
+    does not fail — also before the later provisioning has recorded anything (its send waits for the commit, or
+    for the sweep that resends it); the later one marks it ACTIVE. Open changes an earlier workflow left behind do
+    not hold a provisioning back."""
     seg = services.segment_create(owner="cluster:1", hosts=three_sites(fabric)[:2], gateway=False)
     # an earlier workflow's change on a host since disabled: no session claims it (a disabled device is skipped)
     convergence.change_create(device=fabric.hosts["brno2"], segment=seg, cause="provision (its workflow died)")
@@ -890,18 +910,33 @@ def test_a_provisioning_overtaken_by_a_later_one_leaves_the_segment_pending_for_
 
     services.segment_set_hosts(segment=seg, hosts=three_sites(fabric)[:2] + [fabric.hosts["pilsen2"]])
     second = workflows.provision(seg.pk)
-    services.segment_set_hosts(segment=seg, hosts=three_sites(fabric))
-    third = workflows.provision(seg.pk)
+    services.segment_set_hosts(segment=seg, hosts=three_sites(fabric))  # (the third not recorded yet)
     result = second.apply().get()
     assert (result["state"], result["superseded"]) == ("pending", True)
     seg.refresh_from_db()
     assert seg.state == Segment.State.PENDING
     assert fabric.host_vlans("prague2") == NONE  # the third's device, not converged yet
+    third = workflows.provision(seg.pk)
     assert third.apply().get()["state"] == "active"
     seg.refresh_from_db()
     assert seg.state == Segment.State.ACTIVE
     assert device_view(fabric) == desired_view(fabric)
     assert fabric.host_vlans("prague2") == frozenset({seg.vid}) and fabric.host_vlans("pilsen2") == NONE
+    # a late copy of the second's last step changes nothing (the segment is active: its own result)
+    assert tasks.segment_provisioned(seg.pk, 1)["state"] == "active"
+
+
+def test_an_overtaken_provisioning_does_not_fail_on_a_device_the_later_one_configures(fabric):
+    """A device disabled while the earlier provisioning ran settled untouched: that is the later provisioning's
+    to fail on (or to configure, once enabled again), not the earlier one's, which is superseded."""
+    seg = services.segment_create(owner="cluster:1", hosts=three_sites(fabric)[:1], gateway=False)
+    first = workflows.provision(seg.pk)
+    Host.objects.filter(name="brno1").update(enabled=False)
+    services.segment_set_hosts(segment=seg, hosts=three_sites(fabric)[:2])
+    result = first.apply().get()
+    assert result["superseded"] is True, result
+    seg.refresh_from_db()
+    assert seg.state == Segment.State.PENDING  # not FAILED: no rollback
 
 
 def test_an_overtaken_provisioning_of_a_closed_segment_still_maps_its_vlan_to_the_gateways(fabric):
@@ -947,7 +982,7 @@ def test_each_device_task_goes_to_the_worker_that_reaches_it(fabric, monkeypatch
             ("network.converge_devices", [[c["pilsen1"]]], {}, "site.pilsen"),
             ("network.converge_devices", [[c["prague2"]]], {}, "host.prague2"),
         ],
-        ("network.segment_provisioned", [seg.pk, max(c.values())], {}, ""),
+        ("network.segment_provisioned", [seg.pk, 0], {}, ""),
     ]
     sent = []
     monkeypatch.setattr(tasks.reconcile_device, "apply_async", lambda args, **options: sent.append((args, options)))
