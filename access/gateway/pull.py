@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -374,10 +376,18 @@ def _check_targets(label: str, targets: list, leg: dict) -> None:
     """The bastion forwards only through its leg into the cluster: a target is an address in the network of
     the leg's address (none without a leg), or one of the cluster's node aliases (the operator's resolver maps
     them into that network). Any other address would be reached through the gateway's other routes — its own
-    services, another network — so it is refused whatever the portal sent (:class:`StateError`)."""
+    services, another network — so it is refused whatever the portal sent (:class:`StateError`). Nor the leg's own
+    address (a forwarding to it reaches the gateway's own services over loopback), nor an IPv4 network's network
+    or broadcast address."""
     bastion = leg["bastion_address"]
     aliases = {node["alias"] for node in leg["nodes"]}
-    network = ipaddress.ip_interface(bastion).network if bastion else None
+    leg_address = ipaddress.ip_interface(bastion) if bastion else None
+    network = leg_address.network if leg_address else None
+    unusable = set()
+    if leg_address is not None:
+        unusable.add(leg_address.ip)
+        if network.version == 4 and network.prefixlen < 31:
+            unusable |= {network.network_address, network.broadcast_address}
     for host, _port in targets:
         if not isinstance(host, str):
             raise StateError(f"state document: ssh.clusters.{label}: a target host is not a string")
@@ -386,10 +396,38 @@ def _check_targets(label: str, targets: list, leg: dict) -> None:
         except ValueError:
             inside = host in aliases
         else:
+            if address in unusable:
+                raise StateError(
+                    f"state document: ssh.clusters.{label}: target {host} is the bastion leg's own address, or "
+                    f"{network}'s network or broadcast address"
+                )
             inside = network is not None and address in network
         if not inside:
             where = f"in {network}" if network else "an address (the cluster has no bastion address)"
             raise StateError(f"state document: ssh.clusters.{label}: target {host} is neither {where} nor a node alias")
+
+
+@contextlib.contextmanager
+def _serialized(state_dir: Path):
+    """One install (or refresh, or cut) of ``state_dir`` at a time, across processes: the agent's pull and the
+    portal's own install after a revocation (a gateway on the portal's host) never interleave their files."""
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # (read-only, world-readable: the agent as root and the portal as its own account lock the same file)
+    fd = os.open(state_dir / ".install.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (the lock goes with it)
+
+
+def _installed_generated(state_dir: Path) -> tuple[float, str] | None:
+    """When the installed state was made (its ``generated_at``: seconds, and as written), or None."""
+    try:
+        text = str(json.loads(installed_path(state_dir).read_bytes())["generated_at"])
+        return dt.datetime.fromisoformat(text).timestamp(), text
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
 
 
 def install_state(
@@ -414,8 +452,17 @@ def install_state(
     closed by itself: its cluster maps are emptied, the sessions it recorded cut, and its configuration files
     (``openvpn.conf``, ``sshd_config`` and their units) removed and listed in ``report.configs`` like a change,
     so that the hook stops what ran them (:func:`_dropped`).
+
+    One install at a time (a lock in ``state_dir``), and never an older document over a newer one (the agent's
+    pull fetched before a revocation, installed after the portal's own install of the revocation): it is left
+    out, said in ``report.notes`` — the CRL, the revoked serials and the VLAN map never go back in time.
     """
     state_dir = Path(state_dir)
+    with _serialized(state_dir):
+        return _install_state(state_dir, doc, cut_sessions=cut_sessions, fetched_at=fetched_at)
+
+
+def _install_state(state_dir: Path, doc: dict, *, cut_sessions: bool, fetched_at: float | None) -> InstallReport:
     run_as, local, notes, keep_owners = _run_as(state_dir)
     vpn, ssh = VpnState.at(state_dir, run_as), SshState.at(state_dir)
     try:
@@ -427,6 +474,11 @@ def install_state(
         ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
+    newest = _installed_generated(state_dir)
+    if newest is not None and _freshness(doc)[2] < newest[0]:
+        return InstallReport(
+            notes=[f"a newer state ({newest[1]}) is installed already: this one ({doc['generated_at']}) is left out"]
+        )
     dropped = _dropped(doc, state_dir, vpn, ssh)
     files.update(dropped.files)
     report = InstallReport(notes=notes)
@@ -497,10 +549,11 @@ def installed(state_dir: str | Path) -> dict | None:
 def refresh(state_dir: str | Path, *, fetched_at: float) -> None:
     """The portal answered that the installed state is current (304): trust it for its ``max_age`` from the
     start of that pull."""
-    record = installed(state_dir)
-    if record is None:
-        raise StateError(f"no record of the installed state in {state_dir}: pull it whole")
-    write_atomic(fresh_until_path(state_dir), fresh_until_text(fetched_at + record["max_age"]), 0o644)
+    with _serialized(Path(state_dir)):
+        record = installed(state_dir)
+        if record is None:
+            raise StateError(f"no record of the installed state in {state_dir}: pull it whole")
+        write_atomic(fresh_until_path(state_dir), fresh_until_text(fetched_at + record["max_age"]), 0o644)
 
 
 def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallReport | None:
@@ -508,6 +561,11 @@ def fail_closed(state_dir: str | Path, *, now: float | None = None) -> InstallRe
     session and bastion login this gateway recorded — a cluster may have ended and its VLAN gone to another
     one since — and return what was cut; None while the state is still fresh. (New connections and logins are
     refused by the hooks themselves, see :func:`access.gateway.state.check_fresh`.)"""
+    with _serialized(Path(state_dir)):
+        return _fail_closed(state_dir, now)
+
+
+def _fail_closed(state_dir: str | Path, now: float | None) -> InstallReport | None:
     try:
         check_fresh(state_dir, now)
     except StateError:
@@ -539,6 +597,11 @@ def cut_revoked(state_dir: str | Path) -> InstallReport:
     cluster its VLAN map no longer holds, without a new document: a pull that finds the state unchanged (304)
     still retries a cut that failed (the management socket did not answer) and reaches a session recorded after
     the cut (its client-connect had passed the old list just before the pull)."""
+    with _serialized(Path(state_dir)):
+        return _cut_revoked(state_dir)
+
+
+def _cut_revoked(state_dir: str | Path) -> InstallReport:
     vpn, ssh = VpnState.at(state_dir), SshState.at(state_dir)
     report = InstallReport()
     for state, cut in ((vpn, _cut), (ssh, _cut_ssh)):
@@ -575,7 +638,9 @@ def _cut(vpn: VpnState, revoked: set[int], report: InstallReport, *, message: st
         peers = session_peers(vpn, serial)
         if not peers:
             continue  # not connected through this gateway (or already cut)
-        if _kill(vpn, serial, peers, report, message=message):
+        # forgotten only when no session was recorded since the peers were read (a client-connect that passed the
+        # old revoked list just before): that one's record stays, for the next pull's cut
+        if _kill(vpn, serial, peers, report, message=message) and set(peers) == set(session_peers(vpn, serial)):
             forget_sessions(vpn, serial)
 
 

@@ -114,13 +114,27 @@ if [ "$now" -gt "$until" ]; then
 fi
 # sshd runs this for every key a client offers, before any signature is checked: a connection is recorded,
 # and watched, once — however many times it asks (a flood of queries neither grows the record past what root
-# reads, dropping the logins in it from a revocation's cut, nor piles up watchdogs)
+# reads, dropping the logins in it from a revocation's cut, nor piles up watchdogs). Adding one, the lines of
+# connections that are gone are dropped (under a lock: two logins never lose each other's line), so the record
+# holds the logins that are up — however many short connections came and went (the record cut short, root
+# would forget a long-lived one's line: never cut).
 sessions={shlex.quote(str(sessions))}
 started=$(sed 's/.*) //' "/proc/$PPID/stat" 2>/dev/null | cut -d' ' -f20)
 case "$2" in
   ''|*[!0-9]*) ;;
-  *) {{ grep -qxF "$PPID $started" "$sessions/$2" ||
-        printf '%s %s\\n' "$PPID" "$started" >> "$sessions/$2"; }} 2>/dev/null || : ;;
+  *) rec="$sessions/$2"
+     {{ grep -qxF "$PPID $started" "$rec" || (
+        flock -x 9
+        tmp="$sessions/.new-$2-$$"
+        if [ -f "$rec" ]; then
+          while read -r pid since; do
+            [ -d "/proc/$pid" ] && printf '%s %s\\n' "$pid" "$since"
+          done < "$rec" > "$tmp"
+        else
+          : > "$tmp"
+        fi
+        printf '%s %s\\n' "$PPID" "$started" >> "$tmp" && mv -f "$tmp" "$rec"
+      ) 9>"$sessions/.lock"; }} 2>/dev/null || : ;;
 esac
 watch="$sessions/.watch-$PPID-$started"
 # A watchdog for this connection, running as the account: once the state expires (no pull for its max age,

@@ -209,6 +209,18 @@ def test_a_client_that_passed_the_old_crl_is_refused_after_the_pull(gateway_stat
                 },
             }
         },
+        # in the leg's network, but the leg itself (the gateway's own services, over loopback) or its broadcast
+        *(
+            {
+                "ssh": {
+                    "krl": "U1NIS1JMCgA=",
+                    "clusters": {
+                        "c42": {"principals": ["c42.a"], "targets": [[own, 22]], "bastion_address": "10.0.0.254/24"}
+                    },
+                }
+            }
+            for own in ("10.0.0.254", "10.0.0.255", "10.0.0.0")
+        ),
         {
             "ssh": {
                 "krl": "U1NIS1JMCgA=",
@@ -364,6 +376,26 @@ def test_a_flood_of_key_queries_records_the_connection_once(tmp_path):
     assert [p.name for p in sessions.glob(".watch-*")] == [alive.name]
 
 
+def test_many_short_connections_of_one_certificate_never_push_a_long_lived_login_out_of_its_record(tmp_path):
+    """A user who opens a long-lived login (a tunnel), then tens of thousands of short connections offering the same
+    certificate, grew the record past what root reads: root dropped it, and a revocation cut nothing — the tunnel
+    stayed. Each new connection drops the lines of connections that are gone: the record holds the logins up."""
+    from access.gateway import sshd
+    from access.gateway.state import SshState
+
+    sessions = tmp_path / "ssh" / "run" / "sessions"
+    sessions.mkdir(parents=True)
+    gone = "".join(f"{999_000_000 + n} 12345\n" for n in range(70_000))  # connections that came and went
+    (sessions / "7").write_text(gone)
+    assert (sessions / "7").stat().st_size > sshd.SESSIONS_LIMIT
+    fresh = f"{int(time.time()) + 60}\n"
+    assert _principals_command(tmp_path, "virtcloud", fresh, "7").returncode == 0  # the tunnel's connection
+    lines = (sessions / "7").read_text().splitlines()
+    assert lines == [f"{os.getpid()} {sshd._started(os.getpid())}"]
+    assert not list(sessions.glob(".new-*"))
+    assert sshd.session_processes(SshState.at(tmp_path), 7) == []  # (the test is no sshd: read, not taken)
+
+
 def test_a_bastion_of_one_cluster_gets_only_that_clusters_principals(tmp_path):
     """A bastion in one cluster's namespace (gateway/bastion.py) passes the cluster: another cluster's
     principal — c420's, c4's: the prefix must end at the dot — must not log in there."""
@@ -373,6 +405,58 @@ def test_a_bastion_of_one_cluster_gets_only_that_clusters_principals(tmp_path):
     assert _principals_command(tmp_path, "virtcloud", fresh, "", "c9").stdout == ""
     assert _principals_command(tmp_path, "virtcloud", fresh, "", "c4/../x").stdout == ""  # not a cluster name
     assert _principals_command(tmp_path, "virtcloud", "1\n", "", "c42").stdout == ""  # expired: nobody
+
+
+def test_an_older_state_never_goes_over_a_newer_one_and_installs_take_turns(gateway_state, tmp_path):
+    """The agent fetched a document, then a revocation made the portal install a newer one on this host (its own
+    gateway) before the agent's install landed: the older document is left out — the CRL and the revoked serials
+    never go back in time (the revoked certificate admitted again until the next pull). And two installs never
+    interleave: one waits for the other's lock."""
+    import threading
+
+    state, ca, doc = gateway_state
+    older = {**doc, "generated_at": (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).isoformat()}
+    newer = revoking(ca, {**doc, "generated_at": dt.datetime.now(dt.UTC).isoformat()}, 77)
+    pull.install_state(tmp_path, newer, cut_sessions=False)
+    crl = state.crl.read_bytes()
+    report = pull.install_state(tmp_path, older, cut_sessions=False)
+    assert report.written == [] and "left out" in report.notes[0], report
+    from access.gateway.state import revoked_serials
+
+    assert state.crl.read_bytes() == crl and 77 in revoked_serials(state.revoked)
+    assert json.loads((tmp_path / ".installed.json").read_text())["generated_at"] == newer["generated_at"]
+
+    with pull._serialized(tmp_path):  # an install under way (another process's)
+        done = threading.Event()
+        threading.Thread(target=lambda: (pull.install_state(tmp_path, newer, cut_sessions=False), done.set())).start()
+        assert not done.wait(0.5)  # waits for it
+    assert done.wait(10)
+
+
+def test_a_session_recorded_while_the_cut_ran_stays_recorded_for_the_next_cut(gateway_state, tmp_path, monkeypatch):
+    """A client-connect that passed the old revoked list records its session after the pull read the peers to cut:
+    the cut does not take it along when it forgets the record (a revoked session with layer-2 access until the
+    next renegotiation, and no record for any later pull to cut) — the next pull cuts it."""
+    from access.gateway import management
+
+    state, ca, doc = gateway_state
+    connect(state, tmp_path, "a", trusted_ip="203.0.113.5", trusted_port="40001")
+    killed = []
+
+    def kill_peers(socket_path, peers, *, common_name=None, message="HALT", timeout=5.0):
+        if not killed:  # (OpenVPN ran the late client-connect, which read the revoked list before the pull wrote it)
+            with monkeypatch.context() as before_the_pull:
+                before_the_pull.setattr(vpn, "revoked_lately", lambda state: set())
+                connect(state, tmp_path, "late", trusted_ip="198.51.100.9", trusted_port="50002")
+        killed.append(list(peers))
+        return len(peers)
+
+    monkeypatch.setattr(management, "kill_peers", kill_peers)
+    pull.install_state(state.root.parent, revoking(ca, doc, 77))
+    assert vpn.session_peers(state, 77) == [("203.0.113.5", "40001"), ("198.51.100.9", "50002")]
+    pull.cut_revoked(state.root.parent)
+    assert killed[-1] == [("203.0.113.5", "40001"), ("198.51.100.9", "50002")]
+    assert not (state.sessions / "77.json").exists()
 
 
 def test_client_disconnect_forgets_that_peer_only(gateway_state, tmp_path):
