@@ -152,11 +152,15 @@ def run_pull(
     timeout: float = 20,
     on_change: str | None = None,
     on_change_timeout: float = 60,
+    hook_leaves_config: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
     """A pull as the timer runs it, with its log lines; the exit status (0, 1: the hook failed, 75: the portal
-    could not be reached or sent something malformed, the last good state kept — or expired and refusing)."""
+    could not be reached or sent something malformed, the last good state kept — or expired and refusing).
+    ``hook_leaves_config``: the hook does not restart what reads the configuration files (the generated units'
+    ``legs.py``): the files it rewrote stay pending after it ran, said by every pull and by ``status`` until the
+    operator, having restarted them, runs ``applied``."""
     try:
         changed, report = pull(url=url, token=token, state_dir=state_dir, timeout=timeout)
     except (PullError, StateError) as exc:
@@ -175,6 +179,9 @@ def run_pull(
         line += f"; configuration changed: {', '.join(report.configs)}"
         if not on_change:
             line += " (no --on-change hook: restart or reload what reads them)"
+    pending = gateway_config.pending(state_dir) if on_change and hook_leaves_config else []
+    if pending:
+        line += f"; {_NOT_APPLIED.format(files=', '.join(pending), dir=state_dir)}"
     _say(out, line + _cuts(report, retried=True))
     for note in report.notes:
         _say(err, f"gateway pull: {note}")
@@ -185,9 +192,16 @@ def run_pull(
     except Exception as exc:  # noqa: BLE001 - a record it could not read: the pull's work stands
         _say(err, f"gateway pull: could not report the sessions: {type(exc).__name__}: {exc}")
     if on_change:
-        return run_on_change(on_change, Path(state_dir), changed, on_change_timeout, out=out, err=err)
+        return run_on_change(
+            on_change, Path(state_dir), changed, on_change_timeout, leaves_config=hook_leaves_config, out=out, err=err
+        )
     (Path(state_dir) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)  # no hook to wait for: said above
     return 0
+
+
+_NOT_APPLIED = (
+    "configuration not applied yet: {files} (restart or reload what reads them, then `agent.py applied --dir {dir}`)"
+)
 
 
 def _boot_id() -> str:
@@ -199,7 +213,14 @@ def _boot_id() -> str:
 
 
 def run_on_change(
-    command: str, state_dir: Path, changed: bool, timeout: float, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    command: str,
+    state_dir: Path,
+    changed: bool,
+    timeout: float,
+    *,
+    leaves_config: bool = False,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
 ) -> int:
     """Run the operator's hook after a change, again after it failed or was interrupted, and once after each
     boot of the gateway (the legs it made are gone then, while the state on disk is unchanged: the pull gets a
@@ -227,7 +248,7 @@ def run_on_change(
         error = str(exc)
     if not error:
         write_atomic(ran, boot + "\n", 0o600)
-        if configs and gateway_config.pending(state_dir) == configs:  # (another pull may have added some since)
+        if configs and not leaves_config and gateway_config.pending(state_dir) == configs:  # (or added some since)
             (state_dir / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)
         failed.unlink(missing_ok=True)
         _say(out, "gateway pull: --on-change ran")
@@ -266,6 +287,9 @@ def status(state_dir: str | Path, *, out: TextIO = sys.stdout) -> int:
             f"configuration: no {gateway_config.LOCAL} (set up by an older `gateway config`): openvpn.conf, "
             "sshd_config and the units do not follow the portal's settings; run `gateway config NAME --dir` once",
         )
+    pending = gateway_config.pending(state_dir)
+    if pending:
+        _say(out, _NOT_APPLIED.format(files=", ".join(pending), dir=state_dir))
     if not fresh:
         return 1
     failed = state_dir / ON_CHANGE_FAILED
@@ -312,6 +336,16 @@ def add_arguments(sub) -> None:
         "VIRTCLOUD_CONFIG_CHANGED names the configuration files the pulls rewrote (restart what reads them)",
     )
     pull_parser.add_argument("--on-change-timeout", type=float, default=60, help="seconds CMD may run")
+    pull_parser.add_argument(
+        "--on-change-leaves-config",
+        action="store_true",
+        help="CMD does not restart what reads the configuration files: those a pull rewrites stay pending (said "
+        "by every pull and by status) until `applied`",
+    )
+    applied_parser = sub.add_parser(
+        "applied", help="the configuration files the pulls rewrote are in use now (OpenVPN, sshd restarted)"
+    )
+    applied_parser.add_argument("--dir", required=True, help="the gateway's state directory")
     status_parser = sub.add_parser(
         "status", help="is the pulled state current? (exit 1 if not, 2 if the --on-change hook failed)"
     )
@@ -322,6 +356,11 @@ def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     """Run the parsed ``pull`` or ``status`` (``options["action"]``); the exit status."""
     if options["action"] == "status":
         return status(options["dir"], out=out)
+    if options["action"] == "applied":
+        pending = gateway_config.pending(options["dir"])
+        (Path(options["dir"]) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)
+        _say(out, f"configuration applied: {', '.join(pending) or 'nothing was pending'}")
+        return 0
     try:
         token = outgoing.read_token(options["token"], options["token_file"], what="gateway token")
     except ValueError as exc:
@@ -334,6 +373,7 @@ def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         timeout=options["timeout"],
         on_change=options["on_change"],
         on_change_timeout=options["on_change_timeout"],
+        hook_leaves_config=options["on_change_leaves_config"],
         out=out,
         err=err,
     )

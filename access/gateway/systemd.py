@@ -104,7 +104,8 @@ def render_units(
         legs = [python, "-I", str(code / "legs.py"), "--trunk", trunk, "--state", str(state_dir)]
         if ssh_port_base:
             legs.append("--namespaces")
-        pull += ["--on-change", shlex.join(legs)]  # the agent splits it with shlex
+        # (legs.py restarts nothing: a configuration file a pull rewrites stays pending until the operator applies it)
+        pull += ["--on-change", shlex.join(legs), "--on-change-leaves-config"]  # the agent splits it with shlex
     units = {
         f"{PULL}.service": _unit(
             "VirtCloud gateway: pull the access state from the portal",

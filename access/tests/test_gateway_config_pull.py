@@ -152,6 +152,26 @@ def test_the_agent_rewrites_the_configuration_when_an_admin_changes_the_gateway(
     agent()
     assert len(seen.read_text().splitlines()) == 5  # (all acted on: no run of the hook)
 
+    # The generated units' hook (legs.py) restarts nothing: with --on-change-leaves-config the rewritten files stay
+    # pending after it ran — every pull and `status` say so — until the operator, having restarted what reads
+    # them, runs `applied`.
+    argv.append("--on-change-leaves-config")
+    gateway.vpn_port = 1196
+    gateway.save()
+    out = agent()
+    assert "--on-change ran" in out and "configuration not applied yet: openvpn.conf" in out, out
+    assert (state / CONFIG_CHANGED).read_text().split() == ["openvpn.conf"]
+    assert "configuration not applied yet: openvpn.conf" in agent()  # (and at every pull after)
+    status = subprocess.run(
+        [sys.executable, "-I", str(AGENT), "status", "--dir", str(state)], env=BARE_ENV, capture_output=True, text=True
+    )
+    assert status.returncode == 0 and "configuration not applied yet: openvpn.conf" in status.stdout, status.stdout
+    applied = subprocess.run(
+        [sys.executable, "-I", str(AGENT), "applied", "--dir", str(state)], env=BARE_ENV, capture_output=True, text=True
+    )
+    assert applied.returncode == 0 and "configuration applied: openvpn.conf" in applied.stdout
+    assert not (state / CONFIG_CHANGED).exists() and "not applied" not in agent()
+
 
 # Values a compromised portal might send to write a directive of its own into a file root runs.
 MALICIOUS = [

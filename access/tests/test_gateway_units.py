@@ -204,6 +204,7 @@ def test_a_bastion_per_cluster_gets_its_service_and_the_pull_its_legs_hook(tmp_p
     argv = exec_argv(pull)
     assert argv[argv.index("--url") + 1] == "http://127.0.0.1:8000"  # SITE_URL
     hook = shlex.split(argv[argv.index("--on-change") + 1])  # as the agent splits it
+    assert "--on-change-leaves-config" in argv  # (legs.py restarts nothing: the configuration stays pending)
     assert hook[1:] == [
         "-I",
         str(ROOT / "access/gateway/legs.py"),
