@@ -159,8 +159,8 @@ def run_pull(
     """A pull as the timer runs it, with its log lines; the exit status (0, 1: the hook failed, 75: the portal
     could not be reached or sent something malformed, the last good state kept — or expired and refusing).
     ``hook_leaves_config``: the hook does not restart what reads the configuration files (the generated units'
-    ``legs.py``): the files it rewrote stay pending after it ran, said by every pull and by ``status`` until the
-    operator, having restarted them, runs ``applied``."""
+    ``legs.py``): the files a pull rewrote stay pending after it ran — as without a hook — said by every pull and
+    by ``status`` until the operator, having restarted what reads them, runs ``applied``."""
     try:
         changed, report = pull(url=url, token=token, state_dir=state_dir, timeout=timeout)
     except (PullError, StateError) as exc:
@@ -177,9 +177,8 @@ def run_pull(
     line = f"gateway pull: {len(report.written)} file(s) updated" if changed else "gateway pull: unchanged"
     if report.configs:
         line += f"; configuration changed: {', '.join(report.configs)}"
-        if not on_change:
-            line += " (no --on-change hook: restart or reload what reads them)"
-    pending = gateway_config.pending(state_dir) if on_change and hook_leaves_config else []
+    # nothing restarts what reads them (no hook, or one that leaves them): pending until the operator says
+    pending = gateway_config.pending(state_dir) if not on_change or hook_leaves_config else []
     if pending:
         line += f"; {_NOT_APPLIED.format(files=', '.join(pending), dir=state_dir)}"
     _say(out, line + _cuts(report, retried=True))
@@ -195,7 +194,6 @@ def run_pull(
         return run_on_change(
             on_change, Path(state_dir), changed, on_change_timeout, leaves_config=hook_leaves_config, out=out, err=err
         )
-    (Path(state_dir) / gateway_config.CONFIG_CHANGED).unlink(missing_ok=True)  # no hook to wait for: said above
     return 0
 
 

@@ -405,3 +405,24 @@ def test_a_service_the_gateway_no_longer_serves_fails_closed_and_its_files_go(
     changed = seen.read_text().splitlines()[-1]
     assert "sshd_config" in changed and "systemd/virtcloud-gateway-sshd.service" in changed
     assert "openvpn.conf" in changed and label in load_vlan_map(vpn.vlans)  # served again: back as it was
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_a_hook_a_rewritten_configuration_stays_pending_until_the_operator_applies_it(
+    live_server, root, gateway, tmp_path
+):
+    """No --on-change hook (a gateway set up without --trunk, one serving the VPN only): nothing restarts OpenVPN on
+    the rewritten openvpn.conf. It was said once, in one pull's log line, and forgotten; it stays pending — every
+    pull and the status say so — until ``applied``."""
+    state = tmp_path / "state"
+    run("config", "gw1", "--dir", str(state), "--portal-url", live_server.url)
+    token = services.gateway_token_issue(gateway=gateway, by=root)
+    args = ("pull", "--url", live_server.url, "--token", token, "--dir", str(state))
+    run(*args)
+    gateway.vpn_port = 1195
+    gateway.save()
+    assert "configuration not applied yet: openvpn.conf" in run(*args)
+    assert "configuration not applied yet: openvpn.conf" in run(*args)  # (a 304: still said)
+    assert "configuration not applied yet: openvpn.conf" in run("status", "--dir", str(state))
+    assert "configuration applied: openvpn.conf" in run("applied", "--dir", str(state))
+    assert "not applied" not in run(*args) and not (state / CONFIG_CHANGED).exists()

@@ -173,3 +173,19 @@ def test_the_simulated_fabric_goes_through_the_audit_log(tmp_path, settings):
             {"driver_args": [{}, expected]},
         )
     assert "SIMULATED fabric" in command.stdout.getvalue()
+
+
+def test_the_demo_opened_to_other_machines_asks_itself_over_loopback_by_the_name_it_serves():
+    """``demo --addr 0.0.0.0:8000`` with ALLOWED_HOSTS naming the machine (README): its own readiness and login
+    checks asked http://0.0.0.0:8000/ with that Host — Django answered 400, and the demo gave up after a minute."""
+    from portal.management.commands.demo import probe_address
+
+    assert probe_address("0.0.0.0:8000", ["portal.example.org"]) == (
+        "http://127.0.0.1:8000/",
+        "portal.example.org:8000",
+    )
+    assert probe_address("[::]:8080", ["*", ".example.org", "demo.example.org"]) == (
+        "http://[::1]:8080/",
+        "demo.example.org:8080",
+    )
+    assert probe_address("127.0.0.1:8000", []) == ("http://127.0.0.1:8000/", None)

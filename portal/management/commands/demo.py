@@ -45,6 +45,16 @@ class _Stop(Exception):
     pass
 
 
+def probe_address(addr: str, allowed_hosts) -> tuple[str, str | None]:
+    """Where the demo asks its own web server (``http://…/``), and the Host it names (None: the address's own).
+    Serving every address (``0.0.0.0``, ``::``), it asks over loopback; and with ALLOWED_HOSTS naming the
+    machine (the demo opened to others), it names that — Django refuses any other Host with a 400."""
+    host, _, port = addr.rpartition(":")
+    local = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)  # noqa: S104
+    names = [h for h in allowed_hosts if h not in ("*", "") and not h.startswith(".")]
+    return f"http://{local}:{port}/", (f"{names[0]}:{port}" if names else None)
+
+
 class Command(BaseCommand):
     help = "Run the portal with a demo topology, a throwaway LDAP directory, a Celery worker and beat."
 
@@ -106,9 +116,10 @@ class Command(BaseCommand):
             "beat", [celery, "-A", "portal", "beat", "-l", "INFO", "-s", settings.CELERY_BEAT_SCHEDULE_FILENAME], env
         )
         url = f"http://{addr}/"
-        self._wait_ready(url, ready_timeout)
+        probe, host = probe_address(addr, settings.ALLOWED_HOSTS)
+        self._wait_ready(probe, ready_timeout, host)
         self._lab(no_lab, env)
-        login_ok = self._check_login(url, "alice", self.directory.passwords["alice"])
+        login_ok = self._check_login(probe, host, "alice", self.directory.passwords["alice"])
         demo_cluster = self._demo_cluster() if (self.lab_up or self.simulated) and login_ok else None
 
         self.stdout.write("")
@@ -246,14 +257,16 @@ class Command(BaseCommand):
         self.children.append((name, proc, log))
         self.stdout.write(f"demo: started {name} (pid {proc.pid})")
 
-    def _wait_ready(self, url: str, timeout: float) -> None:
+    def _wait_ready(self, url: str, timeout: float, host: str | None = None) -> None:
         deadline = time.monotonic() + timeout
+        headers = {"Host": host} if host else {}
         while time.monotonic() < deadline:
             for name, proc, log in self.children:
                 if proc.poll() is not None:
                     raise CommandError(f"{name} exited with status {proc.returncode}:\n{_tail(log)}")
             try:
-                with urllib.request.urlopen(url + "healthz", timeout=2) as response:  # noqa: S310 (our own URL)
+                request = urllib.request.Request(url + "healthz", headers=headers)  # noqa: S310 (our own URL)
+                with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 (our own URL)
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -261,16 +274,17 @@ class Command(BaseCommand):
             time.sleep(0.3)
         raise CommandError(f"the web server did not answer at {url} within {timeout:.0f}s")
 
-    def _check_login(self, url: str, username: str, password: str) -> bool:
+    def _check_login(self, url: str, host: str | None, username: str, password: str) -> bool:
         """Log in through the real login page, as a browser would: proves the server sees the directory."""
         jar = http.cookiejar.CookieJar()
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        named = {"Host": host} if host else {}
         try:
-            opener.open(url + "login/", timeout=10).read()
+            opener.open(urllib.request.Request(url + "login/", headers=named), timeout=10).read()  # noqa: S310
             token = next(c.value for c in jar if c.name == "csrftoken")
             body = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token})
             request = urllib.request.Request(  # noqa: S310 (our own http URL)
-                url + "login/", data=body.encode(), headers={"Referer": url + "login/"}
+                url + "login/", data=body.encode(), headers={"Referer": url + "login/", **named}
             )
             with opener.open(request, timeout=15) as response:
                 return response.geturl().rstrip("/") == url.rstrip("/") and "sessionid" in {c.name for c in jar}
