@@ -331,7 +331,8 @@ def _ssh_gateway(cluster) -> Gateway:
             return gateway
     raise ClusterNotReady(
         f"cluster {selectors.cluster_label(cluster)} has no address for the SSH bastion (its scheduler gave none): "
-        "use its VPN profile"
+        "use its VPN profile",
+        field="cluster",
     )
 
 
@@ -378,7 +379,8 @@ def _gateways(kind: str, clusters: Sequence) -> list[Gateway]:
         if len(clusters) > 1 and all(any(map(selectors.gateway_carries([c]), gateways)) for c in clusters):
             raise NoCommonGateway(
                 f"no {what} access gateway reaches all of these clusters' networks (each is reached alone): "
-                "ask for one per cluster"
+                "ask for one per cluster",
+                field="clusters",  # (what to change: the page keeps what was ticked and entered)
             )
         raise NoGateway(f"no {what} access gateway is at a site your cluster's network reaches: ask your administrator")
     if len(gateways) > 1:

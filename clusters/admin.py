@@ -31,6 +31,22 @@ from clusters.models import (
 from portal.admin import MadeByThePortal
 
 
+class ImageAdminForm(forms.ModelForm):
+    class Meta:
+        model = Image
+        fields = ("name", "owner", "group", "description", "source")
+
+    def clean(self):
+        """A user's image is shared with a group of its owner's only, as the owner's own change is
+        (``services.image_update``): shared with another, its members would never see it (and the admin was told
+        it was)."""
+        data = super().clean()
+        owner, group = data.get("owner"), data.get("group")
+        if owner is not None and group is not None and not owner.groups.filter(pk=group.pk).exists():
+            self.add_error("group", services.not_a_group_of_the_owner(group.name))
+        return data
+
+
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
     """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
@@ -41,7 +57,9 @@ class ImageAdmin(admin.ModelAdmin):
     list_filter = ("approved", ("owner", admin.EmptyFieldListFilter), ("retired_at", admin.EmptyFieldListFilter))
     search_fields = ("name", "description", "source", "owner__username")
     raw_id_fields = ("owner",)
-    readonly_fields = ("created_at", "approved")  # (its actions approve and withdraw: live clusters follow)
+    # (its actions approve and withdraw: live clusters follow; retiring is a delete, which live clusters refuse)
+    readonly_fields = ("created_at", "approved", "retired_at")
+    form = ImageAdminForm
     list_select_related = ("owner", "group")
     actions = ("approve", "withdraw_approval")
 
@@ -222,6 +240,10 @@ class NodeInline(admin.TabularInline):
     readonly_fields = fields
     can_delete = False
     classes = ["no-row-titles"]  # each row's __str__ ("demo/node1") repeats its columns: hidden (change_form.html)
+
+    def get_queryset(self, request):
+        # (each row shows its hosts and, in its title, its cluster: a query each per row without these)
+        return super().get_queryset(request).select_related("cluster", "host", "target_host")
 
     def has_add_permission(self, request, obj=None):
         return False

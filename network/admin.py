@@ -338,6 +338,9 @@ class SegmentMemberInline(admin.TabularInline):
     readonly_fields = ("host",)
     can_delete = False
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("segment", "host")  # (a query each per row without)
+
     def has_add_permission(self, request, obj=None):
         return False
 

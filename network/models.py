@@ -385,6 +385,23 @@ class SwitchPort(InventoryModel):
                 raise ValidationError(
                     {"role": f"port {label}: host {host} hangs on it, so it stays a host trunk (move the host first)"}
                 )
+        if self.pk and self.switch_id:
+            # a host hangs on the port: the port moved to a switch at another site would leave the host at its site
+            # with its trunk elsewhere (its clusters' VLANs from a core picked for the wrong site), as a switch
+            # moved to another site would (``Switch._hanging_on_ports``)
+            stranded = (
+                Host.objects.filter(switch_port_id=self.pk)
+                .exclude(site_id=self.switch.site_id)
+                .values_list("name", "site__name")
+                .first()
+            )
+            if stranded is not None:
+                raise ValidationError(
+                    {
+                        "switch": f"port {label}: host {stranded[0]} at site {stranded[1]} hangs on it; switch "
+                        f"{self.switch.name} is at site {self.switch.site.name} (move the host first)"
+                    }
+                )
 
     @property
     def static_vids(self) -> frozenset[int]:

@@ -864,7 +864,17 @@ def test_clusters_that_share_no_gateway_are_refused_together_as_a_conflict_not_a
     assert "remote 198.18.100.9 1194" in services.vpn_profile_issue(user=alice, clusters=[second]).text
     with pytest.raises(NoCommonGateway, match="reaches all of these clusters' networks") as refused:
         services.vpn_profile_issue(user=alice, clusters=[cluster, second])
-    assert refused.value.status == 409
+    assert (refused.value.status, refused.value.field) == (409, "clusters")
+    # the page says so under the clusters ticked, and keeps them and the label
+    from django.test import Client
+
+    page = Client()
+    page.force_login(alice)
+    form = {"clusters": [cluster.pk, second.pk], "label": "both at once"}
+    response = page.post("/access/vpn-profile/", form)
+    assert response.status_code == 400, response.status_code
+    text = response.content.decode()
+    assert "reaches all of these clusters" in text and 'value="both at once"' in text
 
 
 def test_a_vpn_profile_names_every_gateway_that_carries_the_cluster_for_failover(alice, cluster, gateway, settings):

@@ -438,6 +438,21 @@ def test_a_switch_does_not_move_away_from_its_hosts_and_uplinks():
     switch.full_clean()  # nothing on its ports: it may move
 
 
+def test_a_hosts_port_does_not_move_to_a_switch_at_another_site():
+    """The switch moving away from its hosts is refused (above); the host's port moved to a switch at another site
+    was not: the host stayed at its site with its trunk elsewhere (its clusters' VLANs from a core picked for the
+    wrong site, configured on a switch that core may not reach)."""
+    brno, pilsen = SiteFactory(name="brno"), SiteFactory(name="pilsen")
+    host = HostFactory(name="brno-h1", site=brno, switch_port__switch__name="brno-sw", switch_port__switch__site=brno)
+    port = host.switch_port
+    port.switch = SwitchFactory(name="pilsen-sw", site=pilsen)
+    assert messages(port)["switch"] == [
+        f"port {port}: host brno-h1 at site brno hangs on it; switch pilsen-sw is at site pilsen (move the host first)"
+    ]
+    port.switch = SwitchFactory(name="brno-sw2", site=brno)  # another switch at the host's site: fine
+    port.full_clean()
+
+
 def test_a_port_that_carries_a_live_vlan_keeps_its_name():
     """Renamed, the device's old port would keep the VLAN for ever (as if deleted: the same check)."""
     from network import services
