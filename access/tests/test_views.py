@@ -112,6 +112,23 @@ def test_ssh_bad_key_is_said_under_the_field_and_the_key_is_kept(alice, cluster,
     assert not Credential.objects.exists()
 
 
+def test_a_cluster_no_bastion_relays_to_is_said_under_the_cluster_and_the_key_is_kept(alice, cluster, gateway):
+    """A bastion per cluster and no bastion address for this one (its scheduler gave none): the refusal is the
+    cluster's, under its field — the pasted key and the label stay (a redirect lost them)."""
+    from access import ssh
+
+    gateway.ssh_port_base = 30000
+    gateway.save()
+    key = ssh.generate_user_key().public_line
+    response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": key, "label": "desk"})
+    assert response.status_code == 400
+    page = response.content.decode()
+    errors = page.split('<ul class="errorlist" id="id_cluster_error">')[1].split("</ul>")[0]
+    assert "no address for the SSH bastion" in errors
+    assert key in page and 'value="desk"' in page
+    assert not Credential.objects.exists()
+
+
 def test_lost_my_laptop(alice, bob, cluster, gateway):
     client = logged_in(alice)
     client.post("/access/vpn-profile/", {"clusters": [cluster.pk]})
