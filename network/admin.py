@@ -115,6 +115,14 @@ class SwitchForm(forms.ModelForm):
             "description",
         ]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.instance.pk:
+            # a new switch has no stored password to keep: the box is sent back with what was typed when another
+            # field is refused (empty, the corrected form saved the switch without one, saying nothing)
+            self.fields["password"].widget.render_value = True
+            self.fields["password"].help_text = "Stored encrypted; never shown once saved. Empty: no password."
+
     def clean(self):
         data = super().clean()
         if data.get("clear_password"):

@@ -121,6 +121,22 @@ def test_switch_change_page_never_shows_the_password(admin_client):
     assert "do-not-show-me" not in listing and raw_password(switch) not in listing
 
 
+def test_a_new_switch_refused_for_another_field_keeps_the_password_typed(admin_client):
+    """Adding a switch with a password and a mistake elsewhere: the page came back with the password box empty,
+    and the corrected form saved the switch without a password (convergence failed on authentication later)."""
+    from network.tests.factories import SiteFactory
+
+    site = SiteFactory(name="brno")
+    new = SwitchFactory.build(name="sw-new", site=site, platform="ios", address="198.18.0.9", username="netops")
+    form = switch_form(new, password="typed-once", driver_args="{not json")
+    response = admin_client.post(reverse("admin:network_switch_add"), form)
+    assert response.status_code == 200 and not Switch.objects.filter(name="sw-new").exists()
+    assert 'value="typed-once"' in response.content.decode()  # (sent back in the box, as typed)
+    response = admin_client.post(reverse("admin:network_switch_add"), {**form, "driver_args": "{}"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert Switch.objects.get(name="sw-new").password == "typed-once"
+
+
 def test_password_set_in_admin_is_stored_encrypted_and_audited_masked(admin_client):
     switch = SwitchFactory(name="sw", password="")
     url = reverse("admin:network_switch_change", args=[switch.pk])
