@@ -212,6 +212,14 @@ def _prepare(
         files[ssh.krl] = (krl, 0o644)
         files[ssh.revoked] = (json.dumps(sorted(_revoked_serials(s, "ssh"))).encode(), 0o644)
         files[ssh.principals(account)] = (principals.encode(), 0o644)
+        # the bastion's account renamed in the portal: the old account's file (which the sshd still running as it,
+        # until restarted, reads) is emptied — kept, its last grants stayed valid with every pull renewing the
+        # state's freshness, ended clusters' and revoked grants included
+        with contextlib.suppress(FileNotFoundError):
+            for path in ssh.principals_dir.iterdir():
+                if path.name != account and not path.name.startswith(".") and path.is_file() and not path.is_symlink():
+                    if path.stat().st_size:
+                        files[path] = (b"", 0o644)
         files[ssh.principals_command] = (sshd.render_principals_command(state_dir).encode(), 0o755)
         stamp = str(doc.get("generated_at", ""))
         files[ssh.clusters] = (

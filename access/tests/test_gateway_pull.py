@@ -529,3 +529,24 @@ def test_re_enrolment_records_the_new_keys_only_once_they_are_written(alice, clu
         aa_pem=Authority.objects.get(kind=AuthorityKind.AA).certificate,
     )
     assert parsed.pinned == {on_disk}
+
+
+@pytest.mark.django_db
+def test_a_bastion_account_renamed_in_the_portal_leaves_the_old_accounts_principals_empty(
+    alice, cluster, gateway, tmp_path
+):
+    """The sshd still running as the old account (until restarted) reads the old account's principals file: kept,
+    its last grants stayed valid with every pull renewing the state's freshness — ended clusters' included. The
+    rename empties it: nobody logs in through the old account; the new one's file has the grants."""
+    from access.gateway import pull
+    from access.gateway.state import SshState
+
+    pull.install_state(tmp_path, services.gateway_state(gateway=gateway), cut_sessions=False)
+    ssh = SshState.at(tmp_path)
+    label = cluster_label(cluster)
+    assert f"{label}.alice" in ssh.principals("virtcloud").read_text()
+    gateway.ssh_user = "bastion"
+    gateway.save()
+    pull.install_state(tmp_path, services.gateway_state(gateway=gateway), cut_sessions=False)
+    assert ssh.principals("virtcloud").read_text() == ""
+    assert f"{label}.alice" in ssh.principals("bastion").read_text()
