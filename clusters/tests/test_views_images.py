@@ -92,3 +92,23 @@ def test_the_page_costs_the_same_queries_for_many_images(alice, team, django_ass
     client = logged_in(alice)
     with django_assert_max_num_queries(5):  # session, user, images (owner and group joined), the user's groups
         assert len(rows(client.get(URL))) == 12
+
+
+def test_an_administrator_sees_what_they_may_boot_here_and_everyone_elses_images_in_the_admin(
+    alice, bob, root, catalogue, team
+):
+    """An administrator who sees every user's images was shown all of them on this page, unbounded (thousands of
+    rows): the page lists what they may boot, and counts the others with a link to the admin's list."""
+    from django.test import Client
+
+    from clusters.models import Image
+
+    for n in range(3):
+        Image.objects.create(owner=bob, name=f"bobs-{n}", source="https://images.example.org/b.qcow2")
+    client = Client()
+    client.force_login(root)
+    page = client.get(URL).content.decode()
+    assert "bobs-0" not in page
+    assert 'id="other-images">3 more images of other users' in page and "/admin/clusters/image/" in page
+    client.force_login(alice)  # (a user sees no such line)
+    assert 'id="other-images"' not in client.get(URL).content.decode()
