@@ -1184,19 +1184,23 @@ def clusters_warn_expiring() -> list[int]:
     # a cluster whose whole lifetime is shorter than twice the warning is warned halfway through it: one made for a
     # two-hour job was warned (and its owner mailed) within a minute of its creation, at every job
     halfway = [
-        pk for pk, made, ends in due.values_list("pk", "created_at", "expires_at") if ends - now <= (ends - made) / 2
+        (pk, ends)
+        for pk, made, ends in due.values_list("pk", "created_at", "expires_at")
+        if ends - now <= (ends - made) / 2
     ]
-    for cluster_id in halfway:
+    for cluster_id, ends in halfway:
         with transaction.atomic():
             # the row first, then the feed's lock: the order of a state change (its UPDATE, then the trigger at
-            # commit) — the other order deadlocks with a change of this cluster committing meanwhile
+            # commit) — the other order deadlocks with a change of this cluster committing meanwhile. The expiry
+            # as read: one extended meanwhile (clusters are extended as their end nears) is not warned of an end
+            # weeks away now, and then never of that one
             cluster = (
                 VirtualCluster.objects.select_for_update()
-                .filter(pk=cluster_id, state__in=ACTIVE_STATES, expires_at__gt=now)
+                .filter(pk=cluster_id, state__in=ACTIVE_STATES, expires_at__gt=now, expires_at=ends)
                 .exclude(expiry_warned_for=F("expires_at"))
                 .first()
             )
-            if cluster is None:  # ended, or warned by another run, meanwhile
+            if cluster is None:  # ended, extended, or warned by another run, meanwhile
                 continue
             if connection.vendor == "postgresql":
                 with connection.cursor() as cursor:

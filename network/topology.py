@@ -26,6 +26,7 @@ does not name, refusing (as a problem) when something still uses them.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +169,23 @@ def _walk(node, path: str, lines: dict[str, int], duplicates: list[str]) -> None
 
 # --- import -------------------------------------------------------------------------------------------------
 
+#: driver args that hold a secret (NAPALM's EOS ``enable_password``, netmiko's key ``passphrase``, a token): an export
+#: never writes them, and an import that leaves them out keeps the stored ones (as for the switch's password)
+_SECRET_ARG = re.compile(r"pass|secret|token", re.IGNORECASE)
+
+
+def _without_secrets(args) -> dict:
+    return {k: v for k, v in (args or {}).items() if not _SECRET_ARG.search(str(k))}
+
+
+def _with_stored_secrets(args, model, name):
+    """The file's driver args, with the stored secret ones it leaves out (an export's re-import changes nothing)."""
+    if not isinstance(args, dict):
+        return args  # (BAD: reported)
+    stored = model.objects.filter(name=name).values_list("driver_args", flat=True).first() or {}
+    kept = {k: v for k, v in stored.items() if _SECRET_ARG.search(str(k)) and k not in args}
+    return {**args, **kept}
+
 
 def topology_import(
     *, data: dict, source: str, prune: bool = False, dry_run: bool = False, lines: dict[str, int] | None = None
@@ -178,6 +196,9 @@ def topology_import(
         try:
             with transaction.atomic():
                 importer.run(data)
+                if importer.failed and not importer.report.problems:  # (never a skipped object in silence)
+                    names = ", ".join(f"{kind} {name}" for kind, name in sorted(importer.failed, key=str))
+                    importer.report.problems.append(f"not imported, for a reason not told: {names}")
                 if importer.report.problems or dry_run:
                     raise _Rollback
         except _Rollback:
@@ -221,7 +242,8 @@ class _Importer:
             if line is None:
                 probe = probe.rpartition(".")[0] if "." in probe else probe.rpartition("[")[0]
         where = f"{path} (line {line})" if line is not None else path
-        self.report.problems.append(f"{where}: {message}")
+        if f"{where}: {message}" not in self.report.problems:  # (a required key checked twice: said once)
+            self.report.problems.append(f"{where}: {message}")
 
     def _validation(self, path: str, model, exc: ValidationError, skip: set[str] = frozenset()) -> None:
         keys = _KEYS.get(model, {})
@@ -281,8 +303,9 @@ class _Importer:
 
     def _name(self, path: str, entry: dict, key: str):
         value = entry.get(key)
-        if value in (None, ""):
-            return BAD  # reported as required
+        if value in (None, ""):  # (every BAD comes with its problem: one without skipped objects in silence)
+            self.problem(f"{path}.{key}", "is required")
+            return BAD
         if not isinstance(value, str):
             self.problem(f"{path}.{key}", f"must be a name (text), not {type(value).__name__}")
             return BAD
@@ -330,9 +353,12 @@ class _Importer:
         return value
 
     def _choice(self, path: str, entry: dict, key: str, choices, default=None):
-        value = entry.get(key, default)
+        value = entry.get(key)
+        if value in (None, "") and default is not None:
+            value = default  # (an optional key left empty: its default, as when it is not there)
         if value in (None, ""):
-            return BAD  # reported as required
+            self.problem(f"{path}.{key}", "is required")
+            return BAD
         if value not in choices.values:
             self.problem(f"{path}.{key}", f"{value!r} is not one of: {', '.join(choices.values)}")
             return BAD
@@ -550,6 +576,10 @@ class _Importer:
         sites = []
         for index, site_name in enumerate(site_names):
             site_path = f"{path}.sites[{index}]"
+            if site_name in (None, ""):
+                self.problem(site_path, "must be a site name")
+                sites.append(BAD)
+                continue
             sites.append(
                 self._ref(site_path, "site", self._name(site_path, {"site": site_name}, "site"), self.sites, Site)
             )
@@ -580,7 +610,7 @@ class _Importer:
             "address": self._text(path, entry, "address"),
             "username": self._text(path, entry, "username"),
             "description": self._text(path, entry, "description"),
-            "driver_args": self._mapping(path, entry, "driver_args"),
+            "driver_args": _with_stored_secrets(self._mapping(path, entry, "driver_args"), Switch, name),
             "enabled": self._bool(path, entry, "enabled", True),
             "worker_queue": self._text(path, entry, "queue"),
         }
@@ -676,7 +706,7 @@ class _Importer:
             "switch_port": self._host_port(path, entry),
             "trunk_interface": self._text(path, entry, "trunk", "eth0"),
             "driver": self._choice(path, entry, "driver", HostDriver, HostDriver.OVS),
-            "driver_args": self._mapping(path, entry, "driver_args"),
+            "driver_args": _with_stored_secrets(self._mapping(path, entry, "driver_args"), Host, entry["name"]),
             "agent_queue": self._text(path, entry, "queue"),
             "enabled": self._bool(path, entry, "enabled", True),
         }
@@ -784,7 +814,7 @@ def topology_export() -> dict:
             "platform": switch.platform,
             "address": switch.address,
             "username": switch.username,
-            "driver_args": switch.driver_args,
+            "driver_args": _without_secrets(switch.driver_args),
             "description": switch.description,
             "queue": switch.worker_queue,
         }
@@ -811,7 +841,7 @@ def topology_export() -> dict:
             "port": host.switch_port.name,
             "trunk": host.trunk_interface,
             "driver": host.driver,
-            "driver_args": host.driver_args,
+            "driver_args": _without_secrets(host.driver_args),
             "queue": host.agent_queue,
         }
         if not host.enabled:

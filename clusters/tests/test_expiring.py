@@ -68,6 +68,35 @@ def test_a_cluster_shorter_than_twice_the_warning_is_warned_halfway_through_its_
     assert services.clusters_warn_expiring() == [cid] and len(expiring(cid)) == 1
 
 
+def test_a_cluster_extended_while_the_warning_sweep_ran_is_not_warned_of_its_new_end(
+    fabric, alice, settings, monkeypatch
+):
+    """Clusters are extended as their end nears: one extended between the sweep's read and its lock was warned (and
+    its owner mailed) of an end a month away — and then never of that one. It is left for a later sweep."""
+    import contextlib
+
+    from django.db import transaction
+
+    settings.CLUSTER_EXPIRY_WARNING = 3600
+    cid = create_cluster(alice, "job", "52:54:00:00:00:01")
+    now = timezone.now()
+    VirtualCluster.objects.filter(pk=cid).update(
+        created_at=now - timedelta(days=3), expires_at=now + timedelta(minutes=30)
+    )
+    atomic, extended = transaction.atomic, now + timedelta(days=30)
+
+    @contextlib.contextmanager
+    def extended_meanwhile(*args, **kwargs):  # (the owner's Extend commits just before the sweep's lock)
+        monkeypatch.setattr(services.transaction, "atomic", atomic)
+        VirtualCluster.objects.filter(pk=cid).update(expires_at=extended)
+        with atomic(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(services.transaction, "atomic", extended_meanwhile)
+    assert services.clusters_warn_expiring() == [] and expiring(cid) == []
+    assert VirtualCluster.objects.get(pk=cid).expiry_warned_for is None
+
+
 def test_a_sweep_that_fails_does_not_hold_back_the_others(fabric, alice, settings, monkeypatch, caplog):
     """The periodic task runs seven sweeps: one failing (a database hiccup, a bug) is logged and fails the task,
     after the others ran — a cluster past its lifetime is still torn down, a warning still goes out."""

@@ -10,7 +10,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
-from network.tests.factories import SwitchFactory
+from network.tests.factories import HostFactory, SwitchFactory
 from network.topology import TopologyError, dump_topology, load_topology, topology_export, topology_import
 from portal.models import AuditEntry
 
@@ -225,6 +225,23 @@ def test_export_never_contains_secrets(monkeypatch):
     assert len(ciphertexts) == 2 and not any(c in text for c in ciphertexts)
 
 
+def test_secret_driver_args_are_never_exported_and_kept_when_the_file_leaves_them_out(monkeypatch):
+    """NAPALM reads secrets from optional args too (EOS's ``enable_password``, netmiko's ``passphrase``): the export
+    wrote them in clear. It leaves them out, and importing it back keeps the stored ones (nothing changes)."""
+    monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
+    import_file(SMALL)
+    SwitchFactory(name="arista", platform="eos", driver_args={"enable_password": "en-secret-3", "transport": "https"})
+    HostFactory(name="hv9", driver_args={"key_passphrase": "pp-secret-4", "bridge": "br0"})
+    text = dump_topology(topology_export())
+    assert "en-secret-3" not in text and "pp-secret-4" not in text and "enable_password" not in text
+    assert "transport: https" in text
+    data, lines = load_topology(text, source="export.yaml")
+    report = topology_import(data=data, source="export.yaml", lines=lines)
+    assert Switch.objects.get(name="arista").driver_args == {"enable_password": "en-secret-3", "transport": "https"}
+    assert Host.objects.get(name="hv9").driver_args == {"key_passphrase": "pp-secret-4", "bridge": "br0"}
+    assert not report.updated, report
+
+
 def test_password_from_env_and_kept_when_left_out(monkeypatch):
     monkeypatch.setenv("SMALL_SWITCH_PASSWORD", "small-secret-1")
     import_file(SMALL)
@@ -412,6 +429,46 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
 def test_malformed_files_are_problems_not_tracebacks(db, text, message):
     with pytest.raises(TopologyError, match=message):
         import_text(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a core with an empty site in its list: the core, its pools, uplinks and their hosts were skipped in silence
+        (
+            'sites: [brno]\ncores:\n  - {name: c, kind: dot1q, sites: [brno, ""], vlans: "100-199"}\n',
+            r"cores\[0\]\.sites\[1\] \(line 3\): must be a site name",
+        ),
+        (
+            "sites: [brno]\ncores:\n  - name: c\n    kind: dot1q\n    vlans: 100-199\n"
+            "    sites:\n      - brno\n      -\n",
+            "must be a site name",
+        ),
+        # a port's core given empty
+        (
+            "sites: [brno]\nswitches:\n  - name: sw\n    site: brno\n    platform: ovs\n    ports:\n"
+            '      - {name: up, role: core_uplink, core: ""}\n',
+            r"ports\[0\]\.core \(line \d+\): is required",
+        ),
+    ],
+)
+def test_an_empty_value_is_a_problem_never_an_object_skipped_in_silence(db, text, message):
+    """Some empty values made the import skip objects (and what refers to them) without a problem: it committed the
+    rest and exited 0. Every object left out now comes with its problem, and nothing is kept."""
+    with pytest.raises(TopologyError, match=message):
+        import_text(text)
+
+
+def test_a_hosts_driver_left_empty_is_its_default(db):
+    """``driver:`` left empty is the default driver, as when the key is not there (the host was skipped)."""
+    from network.models import Host
+
+    text = DEMO.read_text().replace(
+        "trunk: eth0, driver: ovs, queue: host.brno-h1}", "trunk: eth0, driver: , queue: host.brno-h1}"
+    )
+    assert "driver: , queue: host.brno-h1" in text
+    import_text(text)
+    assert Host.objects.get(name="brno-h1").driver == "ovs" and Host.objects.count() == 6
 
 
 def test_a_core_keeps_carrying_the_vlans_of_live_segments():
