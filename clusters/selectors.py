@@ -448,6 +448,8 @@ def usage(since, until, *, by: str = "owner", only=None) -> list[dict]:
         raise ValueError(f"by: one of {', '.join(USAGE_KEYS)}")
     now = timezone.now()
     until = min(until, now)
+    if until <= since:  # a window not begun yet: nothing lived in it (every live cluster was listed, with 0 hours)
+        return []
     in_window = (
         (VirtualCluster.objects if only is None else only)
         .filter(created_at__lt=until)

@@ -140,3 +140,13 @@ def test_the_admin_exports_the_usage_of_the_clusters_picked(alice, bob, root, cl
         ("a", "alice", "2.0", "2.0"),
         ("b", "bob", "3.0", "3.0"),
     ]
+
+
+def test_a_window_not_begun_yet_has_no_usage(alice):
+    """``clusters usage --since 2030-01-01 --until 2030-02-01``: every live cluster was listed, with 0 hours, for a
+    window that had not begun."""
+    from clusters import selectors
+
+    make_cluster(alice, name="live")
+    later = timezone.now() + timedelta(days=400)
+    assert selectors.usage(later, later + timedelta(days=31)) == []

@@ -332,6 +332,24 @@ def test_command_import_and_export(tmp_path, capsys):
         call_command("topology", "import", str(binary))
 
 
+def test_the_command_reads_and_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """The export was written in the locale's encoding (import reads UTF-8: a description in Czech came back "not
+    UTF-8", or the export itself failed), and stdin was read in it (a traceback on other bytes)."""
+    import io
+    import sys
+
+    Site.objects.create(name="brno", description="Brno, Masarykova univerzita — Žabovřesky")
+    out = tmp_path / "export.yaml"
+    call_command("topology", "export", "-o", str(out))
+    assert "Žabovřesky" in out.read_text(encoding="utf-8")
+    # (stdin in an ASCII locale: its text layer could not decode the file)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(out.read_bytes()), encoding="ascii"))
+    call_command("topology", "import", "-")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"sites: [brno]\n\xff"), encoding="ascii"))
+    with pytest.raises(CommandError, match="<stdin>: nothing imported, not UTF-8 text"):
+        call_command("topology", "import", "-")
+
+
 def test_dry_run_saves_nothing():
     report = import_file(DEMO, dry_run=True)
     assert report.total_created == 24 and report.dry_run

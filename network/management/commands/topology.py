@@ -32,7 +32,11 @@ class Command(BaseCommand):
         if file == "-":
             import sys
 
-            text, source = sys.stdin.read(), "<stdin>"
+            source = "<stdin>"
+            try:  # (bytes, as from a file: the locale's encoding is not the file's)
+                text = sys.stdin.buffer.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CommandError(f"{source}: nothing imported, not UTF-8 text (byte {exc.start})") from None
         else:
             try:
                 text = Path(file).read_text(encoding="utf-8")
@@ -55,7 +59,7 @@ class Command(BaseCommand):
         text = dump_topology(topology_export())
         if output:
             try:
-                Path(output).write_text(text)
+                Path(output).write_text(text, encoding="utf-8")  # (what import reads, whatever the locale)
             except OSError as exc:
                 raise CommandError(f"cannot write {output}: {exc.strerror}") from None
             self.stderr.write(f"topology written to {output}")
