@@ -441,6 +441,60 @@ def ldap_sync() -> SyncReport:
     return report
 
 
+class RelinkError(Exception):
+    """``ldap_relink`` could not run: LDAP off, no identity attribute, an unknown name, the directory unreachable."""
+
+
+@dataclass
+class RelinkReport:
+    relinked: int = 0
+    unchanged: int = 0
+    not_found: list[str] = field(default_factory=list)
+
+
+def ldap_relink(names: list[str] | None = None) -> RelinkReport:
+    """Record, for the active directory accounts ``names`` (default: all), the identity of the entry that holds
+    their name now (``LDAP_USER_UUID_ATTR``), as if linked afresh: after a directory rebuilt with new entry
+    identities (``manage.py ldap_relink``). Audited per account. Raises ``RelinkError``."""
+    from django.conf import settings
+
+    from portal import audit
+    from portal.models import DirectoryAccount
+
+    if not getattr(settings, "AUTH_LDAP_SERVER_URI", ""):
+        raise RelinkError("LDAP is not configured (LDAP_SERVER_URI)")
+    if not getattr(settings, "LDAP_USER_UUID_ATTR", ""):
+        raise RelinkError("LDAP_USER_UUID_ATTR is empty: accounts follow their names alone, nothing to relink")
+    accounts = DirectoryAccount.objects.filter(user__is_active=True).select_related("user").order_by("pk")
+    if names:
+        accounts = accounts.filter(user__username__in=names)
+        missing = sorted(set(names) - {a.user.get_username() for a in accounts})
+        if missing:
+            raise RelinkError(f"no active directory account named {', '.join(missing)}")
+    try:
+        conn = _connect(settings)
+    except ldap.LDAPError as exc:
+        raise RelinkError(f"the directory cannot be reached: {type(exc).__name__}") from None
+    report = RelinkReport()
+    try:
+        for account in accounts:
+            present, identity = _in_directory(conn, settings.AUTH_LDAP_USER_SEARCH, account.user.get_username())
+            if not present or not identity:
+                report.not_found.append(account.user.get_username())
+            elif identity == account.entry_uuid:
+                report.unchanged += 1
+            else:
+                before, account.entry_uuid = account.entry_uuid, identity
+                account.save(update_fields=["entry_uuid"])
+                audit.record(account, "update", {"entry_uuid": [before, identity]}, message="relinked (ldap_relink)")
+                report.relinked += 1
+    except ldap.LDAPError as exc:
+        raise RelinkError(f"the directory cannot be searched: {type(exc).__name__}") from None
+    finally:
+        conn.unbind_s()
+    return report
+
+
 def _populated(backend, username: str) -> bool:
     """Bring one account up to date from the directory (django-auth-ldap's ``populate_user``, in a savepoint);
     whether it was. An error but the directory's own (a database one: a group name longer than Django's; any

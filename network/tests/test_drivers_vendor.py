@@ -303,9 +303,9 @@ def _transport_errors():
         (junos.ConnectAuthError(device), PermanentDeviceError),
         # a commit the device rejected (EOS and Junos commit atomically: nothing of it applied), raised unwrapped by
         # NAPALM: permanent, named as refused — not a "driver bug"; a locked database stays temporary
-        (eapi.CommandError(1002, 'CLI command 2 of 3 "vlan 5000" failed: invalid command'), PermanentDeviceError),
-        (junos.CommitError(rsp=rpc_error("vlan-id 5000 out of range")), PermanentDeviceError),
-        (junos.ConfigLoadError(rsp=rpc_error("syntax error")), PermanentDeviceError),
+        (eapi.CommandError(1002, 'CLI command 2 of 3 "vlan 5000" failed: invalid command'), "rejected"),
+        (junos.CommitError(rsp=rpc_error("vlan-id 5000 out of range")), "rejected"),
+        (junos.ConfigLoadError(rsp=rpc_error("syntax error")), "rejected"),
         (junos.LockError(rsp=rpc_error("configuration database locked by root")), TemporaryDeviceError),
     ]
 
@@ -316,9 +316,10 @@ def test_the_transports_own_errors_are_classified(error, kind):
     reloading) is retried, a refused login is not — they failed as a "driver bug", never retried."""
     from network.drivers.vendor import classified
 
-    with pytest.raises(kind) as caught, classified("sw", "get_vlans"):
+    refused = kind == "rejected"  # a refusal: permanent, said as rejected with the device's own words
+    with pytest.raises(PermanentDeviceError if refused else kind) as caught, classified("sw", "get_vlans"):
         raise error
-    if kind is PermanentDeviceError and "Error" in type(error).__name__ and "Auth" not in type(error).__name__:
+    if refused:
         assert "rejected" in caught.value.message and str(error) in caught.value.message
 
 
