@@ -142,13 +142,36 @@ def load_topology(text: str, *, source: str = "<topology>") -> tuple[dict, dict[
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise TopologyError([f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except RecursionError:
+        raise TopologyError([f"{source}: nested too deeply to be a topology"]) from None
     lines: dict[str, int] = {}
     duplicates: list[str] = []
     if node is not None:
+        if _depth(node) > MAX_DEPTH:
+            raise TopologyError([f"{source}: nested more than {MAX_DEPTH} levels deep, which no topology is"])
         _walk(node, "", lines, duplicates)
     if duplicates:
         raise TopologyError(duplicates)
     return (data if data is not None else {}), lines
+
+
+#: a topology nests six levels (switches → ports → driver args …); deeper is hostile input, refused before any walk
+MAX_DEPTH = 32
+
+
+def _depth(root) -> int:
+    """How deep the YAML node tree ``root`` nests (iterative: a hostile file cannot exhaust the stack here)."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(node, yaml.MappingNode):
+            stack += [(n, depth + 1) for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(n, depth + 1) for n in node.value]
+    return deepest
 
 
 def _walk(node, path: str, lines: dict[str, int], duplicates: list[str]) -> None:

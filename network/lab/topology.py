@@ -129,17 +129,45 @@ def _core(data: dict) -> Core:
     return Core(**_pick(Core, data))
 
 
+def _entries(data: dict, key: str) -> list[dict]:
+    """``data[key]``, a list of mappings (a file with a string or a list where a mapping belongs says which)."""
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise TopologyError(f"bad topology: {key} must be a list, not {type(value).__name__}")
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise TopologyError(f"bad topology: {key}[{index}] must be a mapping, not {entry!r}")
+    return value
+
+
+def _sites(data: dict) -> list:
+    if "sites" not in data:
+        raise TopologyError("bad topology: no sites")
+    if not isinstance(data["sites"], list):
+        raise TopologyError(f"bad topology: sites must be a list, not {type(data['sites']).__name__}")
+    return data["sites"]
+
+
 def from_dict(data: dict) -> Topology:
     """A lab topology, or a portal topology file (``network/topologies/*.yaml``: extra keys are ignored)."""
+    if not isinstance(data, dict):
+        raise TopologyError(
+            f"bad topology: the file must hold a mapping (sites, cores, switches, hosts), not {type(data).__name__}"
+        )
     try:
         return Topology(
-            sites=[site["name"] if isinstance(site, dict) else str(site) for site in data["sites"]],
-            cores=[_core(c) for c in data.get("cores", [])],
+            sites=[site["name"] if isinstance(site, dict) else str(site) for site in _sites(data)],
+            cores=[_core(c) for c in _entries(data, "cores")],
             switches=[
-                Switch(**_pick(Switch, {**s, "ports": [Port(**_pick(Port, p)) for p in s.get("ports", [])]}))
-                for s in data.get("switches", [])
+                Switch(
+                    **_pick(
+                        Switch,
+                        {**s, "ports": [Port(**_pick(Port, p)) for p in _entries(s, "ports")]},
+                    )
+                )
+                for s in _entries(data, "switches")
             ],
-            hosts=[Host(**_pick(Host, h)) for h in data.get("hosts", [])],
+            hosts=[Host(**_pick(Host, h)) for h in _entries(data, "hosts")],
         ).validate()
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, TopologyError):
@@ -156,6 +184,8 @@ def load(path: str | Path) -> Topology:
         data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise TopologyError(f"cannot read the topology {path}: {exc}") from None
+    except RecursionError:
+        raise TopologyError(f"cannot read the topology {path}: nested too deeply") from None
     return from_dict(data)
 
 

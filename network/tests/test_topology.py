@@ -442,6 +442,9 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
             'sites: [brno]\nswitches:\n  - {name: sw, site: brno, platform: ovs, driver_args: {bridge: "b\\0"}}\n',
             "must not hold a NUL",
         ),
+        # nesting: deep enough for Python's recursion limit, and merely absurd
+        ("sites: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+        ("sites: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
     ],
 )
 def test_malformed_files_are_problems_not_tracebacks(db, text, message):
