@@ -666,13 +666,27 @@ def cluster_extend_check(*, cluster: VirtualCluster, expires_at: datetime) -> No
     _check_lifetime(expires_at, since=cluster.created_at)
 
 
+def extended_expiry(cluster: VirtualCluster, by: timedelta, *, now: datetime) -> datetime:
+    """The expiry "+by" gives: later than the current one by ``by`` — or than now, when the cluster is past its
+    expiry and the periodic expiry has not torn it down yet."""
+    return max(cluster.expires_at, now) + by
+
+
 @transaction.atomic
-def cluster_extend(*, cluster: VirtualCluster, expires_at: datetime) -> VirtualCluster:
-    """Set the expiry of an active cluster (the row locked: a teardown starting meanwhile wins or waits);
-    returns the cluster as saved (``cluster`` only names it). ``updated_at`` is left alone: it is when the
-    running workflow started, which the deadlines (``clusters_end_stalled_workflows``, the retries) measure
-    from — a scheduler changing the lifetime must not postpone them."""
+def cluster_extend(
+    *, cluster: VirtualCluster, expires_at: datetime | None = None, by: timedelta | None = None
+) -> VirtualCluster:
+    """Set the expiry of an active cluster to ``expires_at``, or make it later ``by`` this much (computed from the
+    expiry under the lock: an extension saved meanwhile is added to, never overwritten). The row locked: a
+    teardown starting meanwhile wins or waits; returns the cluster as saved (``cluster`` only names it).
+    ``updated_at`` is left alone: it is when the running workflow started, which the deadlines
+    (``clusters_end_stalled_workflows``, the retries) measure from — a scheduler changing the lifetime must
+    not postpone them."""
+    if (expires_at is None) == (by is None):
+        raise TypeError("cluster_extend takes expires_at or by")
     locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+    if by is not None:
+        expires_at = extended_expiry(locked, by, now=timezone.now())
     cluster_extend_check(cluster=locked, expires_at=expires_at)
     locked.expires_at = expires_at
     locked.save(update_fields=["expires_at"])  # audited by the model's registration

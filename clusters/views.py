@@ -63,22 +63,16 @@ class ExtendForm(forms.Form):
         self.fields["by"].choices = [
             (value, f"+{label}")
             for value, label, delta in EXTEND_BY
-            if _fits(self.cluster, extended_expiry(self.cluster, delta, now=now))
+            if _fits(self.cluster, services.extended_expiry(self.cluster, delta, now=now))
         ]
         if self.errors:
             self.fields["by"].widget.attrs["autofocus"] = True  # the page opens at the refusal
         elif any(value == "1d" for value, _ in self.fields["by"].choices):
             self.initial["by"] = "1d"
 
-    def expiry(self) -> datetime:
-        delta = next(delta for value, _, delta in EXTEND_BY if value == self.cleaned_data["by"])
-        return extended_expiry(self.cluster, delta, now=timezone.now())
-
-
-def extended_expiry(cluster: VirtualCluster, delta: timedelta, *, now: datetime) -> datetime:
-    """The expiry "+delta" gives: later than the current one by ``delta`` — or than now, when the cluster is past
-    its expiry and the periodic expiry has not torn it down yet."""
-    return max(cluster.expires_at, now) + delta
+    def delta(self) -> timedelta:
+        """How much later the chosen length makes the expiry (the service adds it to the expiry under its lock)."""
+        return next(delta for value, _, delta in EXTEND_BY if value == self.cleaned_data["by"])
 
 
 def _fits(cluster: VirtualCluster, expires_at: datetime) -> bool:
@@ -239,7 +233,7 @@ def extend(request, pk: int):
     form = ExtendForm(request.POST, cluster=cluster)
     if form.is_valid():
         try:
-            cluster = services.cluster_extend(cluster=cluster, expires_at=form.expiry())
+            cluster = services.cluster_extend(cluster=cluster, by=form.delta())
         except ClusterError as exc:
             if exc.field != "expires_at":  # (it has ended, or is ending): nothing to choose differently
                 messages.error(request, capfirst(exc.message))

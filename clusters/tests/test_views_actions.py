@@ -93,6 +93,28 @@ def test_extend_past_the_maximum_lifetime_is_refused_at_the_field(alice, setting
     assert cluster.expires_at == before
 
 
+def test_extend_adds_to_an_extension_saved_after_the_view_read_the_cluster(alice, monkeypatch):
+    """The scheduler extends through the API between the view's read and its write: "+1 day" is added to that
+    extension under the row lock, never written as the older expiry + 1 day (which would shorten the lifetime)."""
+    from clusters import views
+
+    cluster = make_cluster(alice, name="mpi")
+    later = cluster.expires_at + timedelta(days=5)
+    visible = views._visible
+
+    def read_then_extended(request, pk):
+        as_read = visible(request, pk)
+        VirtualCluster.objects.filter(pk=pk).update(expires_at=later)  # the API's extension, meanwhile
+        return as_read
+
+    monkeypatch.setattr(views, "_visible", read_then_extended)
+    response = logged_in(alice).post(f"/clusters/{cluster.pk}/extend/", {"by": "1d"}, follow=True)
+    assert response.redirect_chain == [("/", 302)]
+    cluster.refresh_from_db()
+    assert cluster.expires_at == later + timedelta(days=1)
+    assert f"Extended mpi: it now expires {utc(later + timedelta(days=1))}." in response.content.decode()
+
+
 def test_a_cluster_at_its_longest_lifetime_offers_no_extension(alice, settings):
     settings.CLUSTER_MAX_LIFETIME = 24 * 3600 + 1800  # 30 min past its expiry: not even one hour more
     cluster = make_cluster(alice, name="mpi")
