@@ -305,17 +305,20 @@ def deliver(webhook_id: int) -> Delivery:
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id
-        if not hook.all_clusters:  # a user's: only the clusters its owner sees now (own, groups'), in the query —
-            # a batch of others' events would hold it back for nothing (after failures a batch is one event).
-            # The newest event is read first and bounds the query: one of its owner's committed between the two
-            # reads (each sees the commits before it) is above the bound, never skipped by moving past it.
+        if not hook.all_clusters or hook.states:
+            # only the events it gets, in the query: a user's only the clusters its owner sees now (own, groups'),
+            # one with a states filter only those states — a batch of others would hold it back for nothing
+            # (after failures a batch is one event: one skipped per round). The newest event is read first and
+            # bounds the query: one it gets committed between the two reads (each sees the commits before it) is
+            # above the bound, never skipped by moving past it.
             last = events.order_by("-id").values_list("id", flat=True).first()
             newest = last if last is not None else newest
-            user_id = hook.owner_id or 0
-            events = events.filter(
-                Q(cluster__owner_id=user_id) | Q(cluster__group__in=Group.objects.filter(user__id=user_id)),
-                id__lte=newest,
-            )
+            events = events.filter(id__lte=newest)
+            if not hook.all_clusters:
+                user_id = hook.owner_id or 0
+                events = events.filter(
+                    Q(cluster__owner_id=user_id) | Q(cluster__group__in=Group.objects.filter(user__id=user_id))
+                )
             if hook.states:
                 events = events.filter(state__in=hook.states)
         batch = list(events.select_related("cluster").order_by("id")[:size])

@@ -212,6 +212,22 @@ def test_states_filter_what_is_sent_and_the_cursor_moves_past_the_rest(fabric, a
     assert hook.last_event_id == ClusterEvent.objects.order_by("-id").first().id
 
 
+def test_a_filtered_webhook_after_failures_catches_up_past_unwanted_events_at_once(fabric, alice, receiver):
+    """After failures a batch is one event; the states it does not want are left out in the query, so one round
+    sends the next wanted event instead of skipping a single unwanted one per round."""
+    hook = Webhook.objects.create(name="ready-only", url=receiver.url, secret=SECRET, states=["ready"])
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    create_cluster(alice, "c2", "52:54:00:00:00:02")
+    assert ClusterEvent.objects.exclude(state="ready").count() >= 4  # (requested, provisioning … before each ready)
+    Webhook.objects.filter(pk=hook.pk).update(failures=7)
+    webhooks.deliver(hook.pk)
+    assert [e["state"] for e in receiver.events(0)] == ["ready"]
+    webhooks.deliver(hook.pk)
+    assert [e["state"] for e in receiver.events(1)] == ["ready"] and len(receiver.requests) == 2
+    hook.refresh_from_db()
+    assert hook.failures == 0 and hook.last_event_id == ClusterEvent.objects.filter(state="ready").latest("id").id
+
+
 def test_disabled_webhooks_get_nothing(fabric, alice, receiver):
     Webhook.objects.create(name="off", url=receiver.url, secret=SECRET, enabled=False)
     create_cluster(alice, "c1", "52:54:00:00:00:01")
