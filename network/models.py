@@ -273,8 +273,33 @@ class Switch(InventoryModel, Reconciled):
             clashes = self.reserved_clashes()
             if clashes:
                 errors["platform"] = clashes
+            moved_clashes = self.static_clashes() if stored is not None and self.site_id != stored else []
+            if moved_clashes:
+                errors.setdefault("site", []).extend(moved_clashes)
         if errors:
             raise ValidationError(errors)
+
+    def static_clashes(self, *, skip_pools: Iterable[str] = (), skip_ports: Iterable[str] = ()) -> list[str]:
+        """Why this switch's ports may not be at its site: a pool of a core that reaches the site hands out an id
+        one of them carries as a static VLAN (a cluster given it would share the host's own network there; the
+        port's own check, for a switch that moves). ``skip_pools``, ``skip_ports``: names checked on their own."""
+        stored = self.ports.exclude(static_vlans="").exclude(name__in=list(skip_ports)).order_by("name")
+        ports = [port for port in stored if port.static_vids]
+        if not ports or not self.site_id:
+            return []
+        pools = VlanPool.objects.filter(core__sites=self.site_id).exclude(name__in=list(skip_pools)).distinct()
+        clashes = []
+        for pool in pools.select_related("core").order_by("name"):
+            claimed = pool.claimed_ids()
+            for port in ports:
+                clash = port.static_vids & claimed
+                if clash:
+                    clashes.append(
+                        f"port {port.name}: static VLAN {vlanranges.format_ranges(clash)} is handed out by pool "
+                        f"{pool.name} (core {pool.core.name}) at site {self.site.name}: reserve it in the "
+                        "pool, or pick another id, before the switch moves there"
+                    )
+        return clashes
 
     def _carrying_ports(self) -> list[str]:
         from network import selectors  # it reads these models

@@ -252,6 +252,7 @@ class _Importer:
         self.cores: dict[str, CoreTransport] = {}
         self.sites_before: dict[str, set[int]] = {}  # core name → its sites before the import (existing cores)
         self.switches: dict[str, Switch] = {}
+        self.moved_switches: set[str] = set()  # existing switches the file puts at another site
         self.ports: dict[tuple[str, str], SwitchPort] = {}
         self.failed: set[tuple[str, Any]] = set()
 
@@ -510,6 +511,10 @@ class _Importer:
                 if switch is not None:
                     for clash in switch.reserved_clashes(skip_pools=file_pools):
                         self.problem(f"{path}.platform", clash)
+                    if switch.name in self.moved_switches:  # its ports' static VLANs meet the new site's pools
+                        # (the ports the file lists checked themselves at the new site)
+                        for clash in switch.static_clashes(skip_pools=file_pools, skip_ports=_port_names(entry)):
+                            self.problem(f"{path}.site", f"switch {switch.name}: {clash}")
             # and a core that joins a site brings its inventory-only pools there: the checks the file's pools
             # made in their own validation (another core's pools at that site, ids its switches keep; the
             # file's switches checked themselves just above)
@@ -664,8 +669,11 @@ class _Importer:
             # The file's pools may reserve what the platform keeps for itself; checked after them.
             switch.check_pools = False
 
+        site_before = Switch.objects.filter(name=name).values_list("site_id", flat=True).first()
         obj = self._apply(path, Switch, {"name": name}, values, before_clean=defer_pool_check)
         self._remember("switch", name, obj, self.switches)
+        if obj is not None and site_before is not None and obj.site_id != site_before:
+            self.moved_switches.add(name)
         return obj
 
     def _ports(self, path: str, entry: dict, switch: Switch | None) -> None:

@@ -275,6 +275,24 @@ def test_static_vlans_of_a_port_are_never_ids_a_pool_at_its_site_hands_out():
     ]
 
 
+def test_a_switch_moving_to_another_site_takes_its_ports_static_vlans_past_the_pools_there():
+    """The port's own check, for a switch that moves (the admin's switch form): a pool at the new site must not
+    hand out a static VLAN of one of its ports."""
+    brno, praha = SiteFactory(name="brno"), SiteFactory(name="praha")
+    CoreTransportFactory(name="cesnet", sites=[brno])
+    metro = CoreTransportFactory(name="metro", sites=[praha])
+    VlanPoolFactory(name="metro-pool", core=metro, ranges="250-350")
+    switch = SwitchFactory(name="brno-sw", site=brno)
+    SwitchPortFactory(switch=switch, name="gw", role=PortRole.GATEWAY_TRUNK, static_vlans="300")
+    switch.site = praha
+    assert messages(switch)["site"] == [
+        "switch brno-sw: port gw: static VLAN 300 is handed out by pool metro-pool (core metro) at site praha: "
+        "reserve it in the pool, or pick another id, before the switch moves there"
+    ]
+    VlanPool.objects.filter(name="metro-pool").update(reserved="300")
+    switch.full_clean()
+
+
 def test_one_host_per_port():
     existing = HostFactory(name="brno-h1")
     other = Host(name="brno-h2", site=existing.site, switch_port=existing.switch_port)

@@ -630,6 +630,36 @@ def test_static_vlans_of_ports_import_export_and_must_not_meet_a_pool():
     ]
 
 
+def test_a_switch_moving_to_another_site_meets_the_pools_there_that_only_the_inventory_has():
+    """A switch the file moves takes its ports' static VLANs to the new site: a pool there that the file does not
+    name (an import without prune keeps it) must not hand one of them out."""
+    moving = TWO_CORES.replace(
+        "switches: [{name: praha-nx, site: praha, platform: nxos, address: 198.18.0.1}]",
+        "switches:\n  - {name: sw, site: brno, platform: ios, address: 198.18.0.2,"
+        ' ports: [{name: gw, role: gateway_trunk, static_vlans: "120"}]}',
+    )
+    import_text(moving)
+    VlanPool.objects.create(name="south-pool", core=CoreTransport.objects.get(name="south"), ranges="100-199")
+    moved = moving.replace("site: brno, platform: ios", "site: praha, platform: ios")
+    unlisted = moved.replace(' ports: [{name: gw, role: gateway_trunk, static_vlans: "120"}]', "")
+    with pytest.raises(TopologyError) as info:  # the port not in the file: the switch's check finds it
+        import_text(unlisted)
+    assert info.value.problems == [
+        "switches[0].site (line 7): switch sw: port gw: static VLAN 120 is handed out by pool south-pool (core "
+        "south) at site praha: reserve it in the pool, or pick another id, before the switch moves there"
+    ]
+    with pytest.raises(TopologyError) as info:  # the port in the file: its own check, said once
+        import_text(moved)
+    assert info.value.problems == [
+        "switches[0].ports[0].static_vlans (line 7): port sw:gw: static VLAN 120 is handed out by pool south-pool "
+        "(core south) at site praha: reserve it in the pool, or pick another id"
+    ]
+    assert Switch.objects.get(name="sw").site.name == "brno"
+    VlanPool.objects.filter(name="south-pool").update(reserved="120")
+    import_text(unlisted)
+    assert Switch.objects.get(name="sw").site.name == "praha"
+
+
 def test_a_cores_mtu_imports_exports_and_is_checked():
     text = STATIC.replace('vlans: "2-4094"}', 'vlans: "2-4094", mtu: 1450}')
     import_text(text)
