@@ -28,11 +28,12 @@ def holds_secret(name: str, value: object) -> bool:
 
 
 class SecretsFilter(SafeExceptionReporterFilter):
-    # Django's names, and URLs and URIs (EMAIL_URL, DATABASE_URL, a broker's: they may hold a password): settings,
-    # and the environment a development server copies into a request's META
+    # Django's names (AUTH: also the Authorization header in a request's META, a bearer token), and URLs and URIs
+    # (EMAIL_URL, DATABASE_URL, a broker's: they may hold a password): settings, and the environment a
+    # development server copies into a request's META
     # (CELERY_RESULT_BACKEND and CACHES' LOCATION are URLs too: redis://:password@…)
     hidden_settings = re.compile(
-        r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|URL|URI|DSN|BACKEND|LOCATION", re.IGNORECASE
+        r"API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|URL|URI|DSN|BACKEND|LOCATION", re.IGNORECASE
     )
 
     def get_traceback_frame_variables(self, request, tb_frame):

@@ -60,3 +60,13 @@ def test_urls_in_settings_and_the_environment_are_hidden_in_error_reports():
     assert report.cleanse_setting("DEBUG", True) is True
     caches = report.cleanse_setting("CACHES", {"default": {"BACKEND": "redis", "LOCATION": "redis://:pw@cache/1"}})
     assert caches["default"]["LOCATION"] == report.cleansed_substitute
+
+
+def test_the_authorization_header_is_hidden_in_error_reports(rf):
+    """A request's bearer token (``Authorization: Bearer vc_…``) is in its META: hidden, as Django's own filter
+    hides it (its ``AUTH``)."""
+    from portal.reporting import SecretsFilter
+
+    request = rf.get("/api/clusters/", HTTP_AUTHORIZATION="Bearer vc_secret-token-value")
+    meta = SecretsFilter().get_safe_request_meta(request)
+    assert meta["HTTP_AUTHORIZATION"] == SecretsFilter.cleansed_substitute
