@@ -29,6 +29,7 @@ from clusters.models import (
     Webhook,
 )
 from portal.admin import MadeByThePortal
+from portal.tokens import staff_may
 
 
 class ImageAdminForm(forms.ModelForm):
@@ -224,6 +225,17 @@ class WebhookAdmin(admin.ModelAdmin):
         "failures",
         "next_attempt_at",
     )
+
+    # An admin's webhook gets every cluster's events (owner None, all clusters): only for who may view them all,
+    # as a webhook an admin session registers through the API is delivered only while its admin may
+    def _sees_every_cluster(self, request) -> bool:
+        return staff_may(request.user, "view", VirtualCluster)
+
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and self._sees_every_cluster(request)
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and self._sees_every_cluster(request)
 
     def save_model(self, request, obj, form, change):
         if change:

@@ -208,7 +208,30 @@ admin.site.unregister(User)
 @admin.register(User)
 class PortalUserAdmin(UserAdmin):
     """Django's user admin, except that a directory (LDAP) account gets no password here: it would log the
-    account in without the directory, even after the directory disabled it (``portal.backends``)."""
+    account in without the directory, even after the directory disabled it (``portal.backends``).
+
+    Who is a superuser, and what permissions and groups an account has, only a superuser changes; and only a
+    superuser changes a superuser's account (its password above all): a staff member with ``change_user``
+    would otherwise make themselves one, or join a group whose clusters they would get (the things this portal
+    keeps to superusers: minting API tokens, the gateways' state)."""
+
+    SUPERUSER_ONLY = ("is_superuser", "user_permissions", "groups")
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if not request.user.is_superuser:
+            fields += [f for f in self.SUPERUSER_ONLY if f not in fields]
+        return fields
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_delete_permission(request, obj)
 
     def user_change_password(self, request, id, form_url=""):
         user = self.get_object(request, unquote(id))

@@ -285,6 +285,32 @@ def test_admin_creates_a_webhook_with_a_secret_it_never_shows(root, receiver):
     assert r.status_code == 200 and "a webhook made in the admin has this name already" in r.content.decode()
 
 
+def test_only_staff_who_see_every_cluster_add_or_change_webhooks_in_the_admin(django_user_model, receiver):
+    """An admin's webhook is fed every cluster's events: a staff member with webhook permissions alone may not
+    make one (or point one elsewhere) — with the clusters' view permission too, they may."""
+    from django.contrib.auth.models import Permission
+
+    hook = Webhook.objects.create(name="sched", url=receiver.url, secret=SECRET)
+    staff = django_user_model.objects.create_user("wes", password="x", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["add_webhook", "change_webhook", "view_webhook"])
+    )
+    api = APIClient()
+    api.force_login(staff)
+    form = {"name": "mine", "url": "https://example.org/x", "secret": SECRET, "states": "[]", "enabled": "on"}
+    assert api.post("/admin/clusters/webhook/add/", form).status_code == 403
+    changed = {**form, "name": "sched"}
+    r = api.post(f"/admin/clusters/webhook/{hook.pk}/change/", changed)
+    assert r.status_code == 403
+    assert list(Webhook.objects.values_list("name", "url")) == [("sched", receiver.url)]
+
+    staff.user_permissions.add(Permission.objects.get(codename="view_virtualcluster"))
+    staff = django_user_model.objects.get(pk=staff.pk)  # (permissions are cached on the instance)
+    api.force_login(staff)
+    assert api.post("/admin/clusters/webhook/add/", form).status_code == 302
+    assert Webhook.objects.filter(name="mine", owner=None).exists()
+
+
 def test_a_webhook_repaired_in_admin_starts_afresh(root, receiver):
     """A new URL, or enabled again, ends the backoff of the failures of before, as through the API; another
     change (its states) does not."""

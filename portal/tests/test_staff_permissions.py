@@ -314,3 +314,52 @@ def test_only_a_superuser_sets_where_the_portal_writes_a_gateways_state(root):
     assert 'name="local_state_dir"' not in page.content.decode() and "Local state dir" in page.content.decode()
     assert 'name="local_state_dir"' in logged_in(root).get(url).content.decode()
     assert "local_state_dir" not in page.context["adminform"].form.fields  # a value posted is never read
+
+
+def test_a_user_admin_who_is_not_a_superuser_grants_no_superuser_permissions_or_groups(root, alice):
+    """A staff member with ``change_user`` edits accounts, but never who is a superuser, what permissions or
+    groups an account has (themselves included), and never a superuser's account (its password above all)."""
+    from django.contrib.auth.models import Group
+
+    group = Group.objects.create(name="astro-helpdesk-test")
+    helpdesk = staff("helpdesk", "auth.change_user", "auth.view_user", "auth.delete_user")
+    client = logged_in(helpdesk)
+    page = client.get(f"/admin/auth/user/{helpdesk.pk}/change/")
+    assert page.status_code == 200
+    form = page.context["adminform"].form
+    assert not {"is_superuser", "user_permissions", "groups"} & set(form.fields)
+    data = {
+        "username": "helpdesk",
+        "email": "helpdesk@example.org",
+        "is_active": "on",
+        "is_staff": "on",
+        "is_superuser": "on",
+        "groups": [group.pk],
+        "user_permissions": [Permission.objects.get(codename="add_apitoken").pk],
+        "date_joined_0": "2026-01-01",
+        "date_joined_1": "00:00:00",
+    }
+    r = client.post(f"/admin/auth/user/{helpdesk.pk}/change/", data)
+    assert r.status_code == 302, r.context["adminform"].form.errors if r.context else r
+    helpdesk = User.objects.get(pk=helpdesk.pk)
+    assert not helpdesk.is_superuser and not helpdesk.groups.exists()
+    assert not helpdesk.user_permissions.filter(codename="add_apitoken").exists()
+
+    # a superuser's account: seen, not changed (nor its password), not deleted
+    assert client.get(f"/admin/auth/user/{root.pk}/change/").status_code == 200  # (view only)
+    assert client.post(f"/admin/auth/user/{root.pk}/password/", {"password1": "x", "password2": "x"}).status_code == 403
+    assert client.post(f"/admin/auth/user/{root.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert User.objects.filter(pk=root.pk, is_superuser=True).exists()
+
+    # an ordinary account: still changed
+    r = client.post(
+        f"/admin/auth/user/{alice.pk}/change/",
+        {**data, "username": "alice", "email": "alice@example.org", "is_staff": "", "is_superuser": "on"},
+    )
+    assert r.status_code == 302
+    alice = User.objects.get(pk=alice.pk)
+    assert alice.email == "alice@example.org" and not alice.is_superuser
+
+    # a superuser still grants them
+    r = logged_in(root).post(f"/admin/auth/user/{helpdesk.pk}/change/", data)
+    assert r.status_code == 302 and User.objects.get(pk=helpdesk.pk).is_superuser
