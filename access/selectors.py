@@ -63,11 +63,31 @@ def clusters_user_belongs_to(user) -> QuerySet:
 
     if user is None or not user.is_authenticated or not user.is_active:
         return VirtualCluster.objects.none()
-    # group_id IN (subquery) rather than a join, so no row is duplicated and no DISTINCT is needed.
+    from clusters.selectors import shared_with
+
+    # group_id IN (subquery) and EXISTS rather than joins, so no row is duplicated and no DISTINCT is needed.
     return (
-        VirtualCluster.objects.filter(Q(owner=user) | Q(group__in=user.groups.values("pk")))
+        VirtualCluster.objects.filter(Q(owner=user) | shared_with(user))
         .select_related("owner", "group")
         .order_by("name", "pk")
+    )
+
+
+def clusters_unshared_by_owner(owners) -> list[int]:
+    """Ids of the live clusters of ``owners`` whose group the owner is no longer in (``shared_with``: the
+    group's people lost them when the owner left)."""
+    from django.contrib.auth import get_user_model
+
+    from clusters.models import LIVE_STATES, VirtualCluster
+
+    membership = get_user_model().groups.through.objects.filter(
+        user_id=OuterRef("owner_id"), group_id=OuterRef("group_id")
+    )
+    return list(
+        VirtualCluster.objects.filter(owner__in=[o.pk for o in owners], group__isnull=False, state__in=LIVE_STATES)
+        .exclude(Exists(membership))
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )
 
 

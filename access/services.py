@@ -1475,10 +1475,13 @@ _ENDED_OR_ENDING = ("gone", "tearing_down", "torn_down", "failed", "requested", 
 
 
 @transaction.atomic
-def credentials_revoke_unauthorized(*, user=None, users: Iterable | None = None, cluster=None) -> int:
+def credentials_revoke_unauthorized(
+    *, user=None, users: Iterable | None = None, cluster=None, clusters: Iterable[int] | None = None
+) -> int:
     """Re-check live credentials of ``user`` (or of each of ``users``: one revocation for all) and/or covering
-    ``cluster`` against the membership rule and revoke those admitting to a cluster their holder may no longer
-    enter (left the group, the cluster changed group or owner, ended, became public)."""
+    ``cluster`` (or any of the ids ``clusters``) against the membership rule and revoke those admitting to a
+    cluster their holder may no longer enter (left the group, the cluster's owner left it, the cluster changed
+    group or owner, ended, became public)."""
     from clusters.models import Connectivity, VirtualCluster
 
     # (a node's host certificate is not its requester's to lose: it ends with the cluster)
@@ -1489,6 +1492,8 @@ def credentials_revoke_unauthorized(*, user=None, users: Iterable | None = None,
         qs = qs.filter(user_id__in=holders)
     if cluster is not None:
         qs = qs.for_cluster(_cluster_id(cluster))
+    if clusters is not None:  # (a subquery: no join to deduplicate under FOR UPDATE)
+        qs = qs.filter(pk__in=CredentialCluster.objects.filter(cluster_id__in=list(clusters)).values("credential_id"))
     rows = list(qs.select_for_update(of=("self",)).select_related("user").prefetch_related("clusters").order_by("pk"))
     if not rows:
         return 0
@@ -1683,15 +1688,22 @@ def cluster_principals(clusters: Sequence) -> dict[int, list[str]]:
 
     group_ids = {c.group_id for c in clusters if c.group_id}
     members: dict[int, list] = {}
+    owners_in: set[tuple[int, int]] = set()  # (owner, group): the share holds while its owner is in the group
     if group_ids:
         active = get_user_model().objects.filter(groups__in=group_ids, is_active=True)
         for u in active.prefetch_related("groups").distinct():
             for g in u.groups.all():
                 members.setdefault(g.pk, []).append(u)
+        owners_in = set(
+            get_user_model()
+            .groups.through.objects.filter(group_id__in=group_ids, user_id__in={c.owner_id for c in clusters})
+            .values_list("user_id", "group_id")
+        )
     out: dict[int, list[str]] = {}
     for cluster in clusters:
         people = {cluster.owner.pk: cluster.owner} if cluster.owner.is_active else {}
-        for u in members.get(cluster.group_id, []):
+        shared = (cluster.owner_id, cluster.group_id) in owners_in  # (``clusters.selectors.shared_with``)
+        for u in members.get(cluster.group_id, []) if shared else []:
             people[u.pk] = u
         principals = []
         for u in people.values():

@@ -65,7 +65,7 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
     """A user left a group (``user.groups.remove``/``clear``, or ``group.user_set.remove``/``clear``)."""
     from django.contrib.auth import get_user_model
 
-    from access import services
+    from access import selectors, services
 
     if action == "pre_clear" and reverse:
         # group.user_set.clear(): post_clear has no pk_set, remember who was in the group.
@@ -80,6 +80,10 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
         users = [instance]
     with transaction.atomic():  # all at once, in one order (no deadlock); one CRL/KRL for all
         services.credentials_revoke_unauthorized(users=users)
+        # and a cluster one of them owns is no longer shared with a group they left: its people lose it
+        unshared = selectors.clusters_unshared_by_owner(users)
+        if unshared:
+            services.credentials_revoke_unauthorized(clusters=unshared)
 
 
 def group_deleting(sender, instance, **kwargs) -> None:

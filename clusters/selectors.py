@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.db.models import F, Prefetch, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Prefetch, Q, QuerySet
 
 from clusters.models import (
     ACTIVE_STATES,
@@ -64,9 +64,21 @@ def acts_on_all(request, model=VirtualCluster) -> bool:
     return _as_admin(request, "change", model)
 
 
+def shared_with(user, prefix: str = "") -> Q:
+    """Clusters shared with ``user`` through a group (``prefix``: the path to the cluster, "cluster__"): the
+    cluster's group is one of theirs, and its owner is still a member of it — an owner who leaves the group
+    takes the share along (as for images), and the group's people lose the cluster as a member who leaves does."""
+    from django.contrib.auth import get_user_model
+
+    membership = get_user_model().groups.through.objects.filter(
+        user_id=OuterRef(f"{prefix}owner_id"), group_id=OuterRef(f"{prefix}group_id")
+    )
+    return Q(**{f"{prefix}group__in": user.groups.values("pk")}) & Q(Exists(membership))
+
+
 def clusters_visible(request) -> QuerySet[VirtualCluster]:
     """Middleware tokens (clusters:manage) and admins who may view clusters see every cluster (``sees_all``); a
-    user sees their own clusters and their groups' clusters."""
+    user sees their own clusters and their groups' clusters (``shared_with``)."""
     qs = (
         VirtualCluster.objects.select_related("owner", "group", "image", "segment")
         # the MTU of the VLAN's core, for the nodes' attachments (one join, no query per node)
@@ -78,7 +90,7 @@ def clusters_visible(request) -> QuerySet[VirtualCluster]:
     user = request.user
     if sees_all(request, VirtualCluster):
         return qs
-    return qs.filter(Q(owner=user) | Q(group__in=user.groups.all())).distinct()
+    return qs.filter(Q(owner=user) | shared_with(user))
 
 
 def images_usable(user) -> QuerySet[Image]:

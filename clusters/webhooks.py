@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import Group
 from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -54,6 +53,7 @@ from django.utils import timezone
 from access.gateway import outgoing
 from clusters.api.serializers import EventSerializer
 from clusters.models import ClusterEvent, Webhook
+from clusters.selectors import shared_with
 
 BATCH = 100
 logger = logging.getLogger(__name__)
@@ -315,10 +315,8 @@ def deliver(webhook_id: int) -> Delivery:
             newest = last if last is not None else newest
             events = events.filter(id__lte=newest)
             if not hook.all_clusters:
-                user_id = hook.owner_id or 0
-                events = events.filter(
-                    Q(cluster__owner_id=user_id) | Q(cluster__group__in=Group.objects.filter(user__id=user_id))
-                )
+                shared = shared_with(hook.owner, "cluster__") if hook.owner_id else Q(pk__in=[])
+                events = events.filter(Q(cluster__owner_id=hook.owner_id or 0) | shared)
             if hook.states:
                 events = events.filter(state__in=hook.states)
         batch = list(events.select_related("cluster").order_by("id")[:size])

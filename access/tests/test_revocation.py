@@ -11,6 +11,7 @@ from cryptography import x509
 from django.contrib.auth.models import Group
 
 from access import services
+from access.errors import AccessError
 from access.models import Credential, RevocationReason
 from access.selectors import cluster_label
 from access.tests.fixtures import cluster, gateway, make_cluster, other_cluster
@@ -83,6 +84,36 @@ def test_group_removal_from_the_group_side_and_clear(alice, bob, team, cluster, 
     issue_both(alice, cluster)
     alice.groups.clear()
     assert Credential.objects.filter(user=alice, revoked_at__isnull=True).count() == 2
+
+
+def test_an_owner_leaving_the_group_ends_the_share_for_its_people(alice, bob, team, cluster, gateway):
+    """A cluster is shared with its group while its owner is a member (as an image is): the owner leaving takes
+    the share along — the group's people lose their credentials for it, its principals, the cluster itself in
+    their lists, and get no new credential; the owner keeps theirs."""
+    from rest_framework.test import APIClient
+
+    from access import selectors
+    from clusters.selectors import clusters_visible
+
+    issue_both(alice, cluster)
+    issue_both(bob, cluster)
+    assert f"{cluster_label(cluster)}.bob" in services.cluster_principals([cluster])[cluster.pk]
+    alice.groups.remove(team)
+    bobs = Credential.objects.filter(user=bob)
+    assert bobs.count() == 2 and all(c.revocation_reason == RevocationReason.AFFILIATION_CHANGED for c in bobs)
+    assert {c.serial for c in bobs if c.kind == "vpn"} <= crl_serials()
+    assert Credential.objects.filter(user=alice, revoked_at__isnull=True).count() == 2
+    assert not selectors.clusters_user_belongs_to(bob).exists()
+    assert [p for p in services.cluster_principals([cluster])[cluster.pk] if "bob" in p] == []
+    request = type("R", (), {"user": bob, "auth": None})()
+    assert not clusters_visible(request).filter(pk=cluster.pk).exists()
+    api = APIClient()
+    api.force_authenticate(bob)
+    assert api.get(f"/api/clusters/{cluster.pk}/").status_code == 404
+    with pytest.raises(AccessError):
+        services.vpn_profile_issue(user=bob, clusters=[cluster])
+    alice.groups.add(team)  # back in it: shared again
+    assert selectors.clusters_user_belongs_to(bob).filter(pk=cluster.pk).exists()
 
 
 def test_leaving_a_group_that_still_admits_through_another_keeps_access(alice, bob, team, cluster, gateway):
