@@ -23,6 +23,7 @@ from network.models import (
 )
 from network.selectors import queue_name
 from network.vlanranges import format_ranges
+from portal.admin import JSON_FORM_FIELDS
 
 
 def _still_carrying(ports, *, leaving_switches=()) -> list[str]:
@@ -231,6 +232,7 @@ class SwitchPortInline(admin.TabularInline):
 @admin.register(Switch)
 class SwitchAdmin(admin.ModelAdmin):
     form = SwitchForm
+    formfield_overrides = JSON_FORM_FIELDS
     # few columns: at 1280px the filter panel covers the last ones (the platform is a filter)
     list_display = ("name", "site", "address", "worker", "enabled", "port_count")
     list_filter = ("site", "platform", "enabled")
@@ -279,6 +281,7 @@ class SwitchPortAdmin(admin.ModelAdmin):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
+    formfield_overrides = JSON_FORM_FIELDS
     list_display = ("name", "site", "switch_port", "trunk_interface", "driver", "worker", "enabled")
     list_filter = ("site", "driver", "enabled")
     search_fields = ("name", "switch_port__name", "switch_port__switch__name")

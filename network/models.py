@@ -3,6 +3,7 @@ the VLAN pools clusters draw from (paper §3: core L2 network, site network, hos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from django.core.exceptions import ValidationError
@@ -21,16 +22,34 @@ from portal.secrets import EncryptedTextField
 DEVICE_KEYS = ("bridge", "port_map", "uplink", "db", "netns")
 
 
-def holds_nul(value) -> bool:
-    """Whether a JSON value (``driver_args``) holds a NUL character in a key or a string: PostgreSQL's jsonb refuses
-    it (a database error, not the form's message)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(holds_nul(v) for v in value)
-    return False
+def json_problem(value) -> str | None:
+    """What in a JSON value (``driver_args``) PostgreSQL's jsonb refuses, as "must not …" (a database error, a 500,
+    not the form's message): a NUL character or a lone surrogate in a key or a string, NaN or an infinity (JSON
+    has neither; Django's form field and YAML's ``.inf`` give them), nesting deeper than any driver's arguments;
+    None when there is nothing."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            return f"must not nest more than {JSON_MAX_DEPTH} levels deep"
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not hold a NUL character"
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return "must not hold a lone surrogate (not a character)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "must not hold NaN or an infinity (JSON has neither)"
+        elif isinstance(item, dict):
+            stack += [(k, depth) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += [(v, depth + 1) for v in item]
+    return None
+
+
+JSON_MAX_DEPTH = 16
 
 
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
@@ -230,8 +249,9 @@ class Switch(InventoryModel, Reconciled):
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
             raise ValidationError({"driver_args": f"switch {self.name}: driver args must be a mapping"})
-        if holds_nul(self.driver_args):
-            raise ValidationError({"driver_args": f"switch {self.name}: driver args must not hold a NUL character"})
+        problem = json_problem(self.driver_args)
+        if problem:
+            raise ValidationError({"driver_args": f"switch {self.name}: driver args {problem}"})
         for key in ("password", "secret"):
             if key in self.driver_args:
                 raise ValidationError(
@@ -525,8 +545,9 @@ class Host(InventoryModel, Reconciled):
     def clean(self) -> None:
         if not isinstance(self.driver_args, dict):
             raise ValidationError({"driver_args": f"host {self.name}: driver args must be a mapping"})
-        if holds_nul(self.driver_args):
-            raise ValidationError({"driver_args": f"host {self.name}: driver args must not hold a NUL character"})
+        problem = json_problem(self.driver_args)
+        if problem:
+            raise ValidationError({"driver_args": f"host {self.name}: driver args {problem}"})
         args = self.driver_args  # the OVSDB transport's ssh keys (network.drivers.ovsdb)
         problems = ssh_problems(
             host=args.get("ssh_host", ""), user=args.get("ssh_user", ""), options=args.get("ssh_options", ())

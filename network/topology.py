@@ -38,7 +38,7 @@ from django.db.models import ProtectedError, RestrictedError
 
 from network import selectors
 from network.choices import CoreKind, HostDriver, Platform, PortRole
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool, holds_nul
+from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool, json_problem
 from network.vlanranges import format_ranges
 from portal.audit import audit_actor
 
@@ -128,16 +128,31 @@ class _Rollback(Exception):
 # --- reading the file ---------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without timestamps: a topology holds no dates, and ``description: 2024-02-30`` is text
+    (PyYAML made it a date, or a ValueError for a day out of range)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_topology(text: str, *, source: str = "<topology>") -> tuple[dict, dict[str, int]]:
     """Parse YAML text; returns the data and a map from path (``switches[0].ports[1].role``) to line number.
     Syntax errors and duplicate keys raise ``TopologyError``."""
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=_Loader):
             if isinstance(event, yaml.AliasEvent):  # a topology names things; a recursive alias never ends
                 line = event.start_mark.line + 1
                 raise TopologyError([f"{source} (line {line}): YAML aliases (*name) are not allowed here"])
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except TopologyError:
+        raise
+    except ValueError as exc:  # a value YAML reads but Python cannot hold (an integer of 5000 digits)
+        raise TopologyError([f"{source}: not a usable value: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -371,8 +386,9 @@ class _Importer:
         if not isinstance(value, dict):
             self.problem(f"{path}.{key}", f"must be a mapping, not {type(value).__name__}")
             return BAD
-        if holds_nul(value):
-            self.problem(f"{path}.{key}", "must not hold a NUL character")
+        problem = json_problem(value)
+        if problem:
+            self.problem(f"{path}.{key}", problem)
             return BAD
         return value
 

@@ -6,6 +6,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db import models
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
@@ -34,6 +35,29 @@ def secrets_shown(modeladmin, request, secrets: list[tuple[str, str]], *, title:
     response = TemplateResponse(request, "admin/secrets_shown.html", context)
     add_never_cache_headers(response)
     return response
+
+
+class JSONFormField(forms.JSONField):
+    """Django's JSON form field, except that a value nested deeper than Python's stack (``[[[[…``) is the field's
+    error like any other malformed JSON, not a 500 (Django catches only ``JSONDecodeError``)."""
+
+    default_error_messages = {"nested": "Nested too deeply."}
+
+    def to_python(self, value):
+        try:
+            return super().to_python(value)
+        except RecursionError:
+            raise forms.ValidationError(self.error_messages["nested"], code="nested") from None
+
+    def bound_data(self, data, initial):
+        try:
+            return super().bound_data(data, initial)
+        except RecursionError:
+            return forms.fields.InvalidJSONInput(data)
+
+
+#: for ``ModelAdmin.formfield_overrides``: the JSON fields' form field
+JSON_FORM_FIELDS = {models.JSONField: {"form_class": JSONFormField}}
 
 
 class MadeByThePortal:

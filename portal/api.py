@@ -24,6 +24,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal import audit
 from portal.models import TokenScope
+from portal.parsers import encodable
 
 
 def _too_big() -> dict:
@@ -157,10 +158,13 @@ class Pagination(LimitOffsetPagination):
 
 
 def query_param(request, name: str) -> str | None:
-    """A query parameter used as a filter; 400 for text PostgreSQL cannot compare (a NUL character)."""
+    """A query parameter used as a filter; 400 for text PostgreSQL cannot compare (a NUL character, a lone
+    surrogate)."""
     value = request.query_params.get(name)
     if value and "\x00" in value:
         raise ValidationError({name: ["must not contain NUL characters"]})
+    if value and not encodable(value):
+        raise ValidationError({name: ["must not contain lone surrogates (not characters)"]})
     return value
 
 

@@ -102,6 +102,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "portal.audit.RequestIdMiddleware",
+    "portal.requests.request_text_middleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "portal.api.api_slash_middleware",
     "django.middleware.common.CommonMiddleware",

@@ -3,10 +3,15 @@
 import gc
 import os
 
-from django.core.wsgi import get_wsgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-application = get_wsgi_application()
+django.setup(set_prefix=False)  # (what ``get_wsgi_application`` does, with the portal's handler)
+
+from portal.requests import PortalWSGIHandler  # noqa: E402 (after setup)
+
+# requests in a charset the portal does not decode are refused, not a 500 (``portal.requests``)
+application = PortalWSGIHandler()
 
 
 def _warm_and_freeze() -> None:

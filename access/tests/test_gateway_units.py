@@ -276,3 +276,16 @@ def test_each_clusters_bastion_has_exactly_its_own_principals_command(tmp_path):
     for line in (f"forcecommand {NO_COMMAND}", "permittty no", "x11forwarding no", "allowagentforwarding no"):
         assert line in shown.stdout.splitlines(), line
     assert "allowtcpforwarding local" in shown.stdout.splitlines()  # ProxyJump's direct-tcpip still works
+
+
+@pytest.mark.django_db
+def test_gateway_config_into_a_directory_that_is_a_file_is_an_error_not_a_traceback(tmp_path):
+    from django.core.management import CommandError
+
+    from access.tests.fixtures import make_gateway
+
+    gateway = make_gateway("gw-file")
+    target = tmp_path / "not-a-directory"
+    target.write_text("x")
+    with pytest.raises(CommandError, match="cannot write .*not-a-directory"):
+        call_command("gateway", "config", gateway.name, "--dir", str(target), stdout=io.StringIO())

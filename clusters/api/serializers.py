@@ -140,7 +140,13 @@ class UsableImageField(NameRelatedField):
             return Image.objects.none()
         owner = request.user
         named = getattr(self.parent, "initial_data", {}).get("owner")
-        if named and selectors.acts_on_all(request) and isinstance(named, str):  # (as ``owner`` allows)
+        if (
+            named
+            and selectors.acts_on_all(request)
+            and isinstance(named, str)
+            and "\x00" not in named  # (``owner`` says why at its own field; the database cannot compare it)
+            and encodable(named)
+        ):  # (as ``owner`` allows)
             owner = get_user_model().objects.filter(username=named, is_active=True).first()
         return selectors.images_usable(owner) if owner is not None else Image.objects.none()
 

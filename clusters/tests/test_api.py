@@ -464,6 +464,15 @@ def test_a_create_retried_after_its_owner_was_deactivated_gets_the_cluster_not_a
     assert VirtualCluster.objects.count() == 1 and len(allocated_vids()) == 1
 
 
+@pytest.mark.parametrize("path", ["/api/clusters/", "/api/clusters/plan/"])
+def test_an_owner_the_database_cannot_compare_is_refused_at_its_field(fabric, images, scheduler, path):
+    """The image field looks its owner up by the ``owner`` given: one holding a NUL is ``owner``'s 400, not a
+    database error (a 500) from the image's lookup."""
+    r = scheduler.post(path, body(owner="alice\x00"), format="json")
+    assert r.status_code == 400 and "owner" in r.data, r.content
+    assert VirtualCluster.objects.count() == 0 and not allocated_vids()
+
+
 def test_an_idempotency_key_the_database_cannot_hold_is_refused(fabric, images, api, alice):
     """A NUL character in the key (PostgreSQL text cannot hold one) is a 400 naming the header, not a 500;
     nothing is created or changed."""

@@ -137,6 +137,24 @@ def test_a_new_switch_refused_for_another_field_keeps_the_password_typed(admin_c
     assert Switch.objects.get(name="sw-new").password == "typed-once"
 
 
+@pytest.mark.parametrize(
+    ("driver_args", "message"),
+    [
+        ('{"port": NaN}', "must not hold NaN or an infinity"),
+        ('{"port": Infinity}', "must not hold NaN or an infinity"),
+        ("[" * 100_000 + "]" * 100_000, "Nested too deeply."),
+    ],
+)
+def test_switch_driver_args_the_database_cannot_hold_are_the_fields_error(admin_client, driver_args, message):
+    switch = SwitchFactory(name="sw", platform="ovs")
+    url = reverse("admin:network_switch_change", args=[switch.pk])
+    response = admin_client.post(url, switch_form(switch, driver_args=driver_args))
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors["driver_args"]
+    assert any(message in e for e in errors), errors
+    assert Switch.objects.get(pk=switch.pk).driver_args == switch.driver_args
+
+
 def test_password_set_in_admin_is_stored_encrypted_and_audited_masked(admin_client):
     switch = SwitchFactory(name="sw", password="")
     url = reverse("admin:network_switch_change", args=[switch.pk])

@@ -563,6 +563,33 @@ def test_driver_args_with_a_nul_are_a_clear_refusal_not_a_database_error():
     assert "must not hold a NUL character" in messages(host)["driver_args"][0]
 
 
+def nested(depth: int):
+    value: list | int = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"port": float("nan")}, "must not hold NaN or an infinity"),
+        ({"timeout": float("inf")}, "must not hold NaN or an infinity"),
+        ({"bridge": "br\ud800"}, "must not hold a lone surrogate"),
+        ({"a": nested(20)}, "must not nest more than 16 levels deep"),
+    ],
+)
+def test_driver_args_jsonb_refuses_are_a_clear_refusal_not_a_database_error(args, message):
+    """PostgreSQL's jsonb refuses NaN and infinities (Django's JSON form field and YAML's ``.inf`` give them) and
+    lone surrogates: the switch's and the host's own message, never a 500 at save."""
+    switch = SwitchFactory(platform="ovs")
+    switch.driver_args = args
+    assert f"switch {switch.name}: driver args {message}" in messages(switch)["driver_args"][0]
+    host = HostFactory()
+    host.driver_args = args
+    assert message in messages(host)["driver_args"][0]
+
+
 @pytest.mark.django_db
 def test_a_vlan_name_format_that_would_write_more_than_a_name_is_refused_on_the_switch():
     from network.tests.factories import SwitchFactory

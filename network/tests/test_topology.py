@@ -442,14 +442,30 @@ def test_a_core_keeps_the_sites_of_live_segments_and_uplinks():
             'sites: [brno]\nswitches:\n  - {name: sw, site: brno, platform: ovs, driver_args: {bridge: "b\\0"}}\n',
             "must not hold a NUL",
         ),
+        (
+            "sites: [brno]\nswitches:\n  - {name: sw, site: brno, platform: ovs, driver_args: {timeout: .inf}}\n",
+            "must not hold NaN or an infinity",
+        ),
         # nesting: deep enough for Python's recursion limit, and merely absurd
         ("sites: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
         ("sites: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
+        (
+            "sites: [brno]\ncores: [{name: c, kind: dot1q, sites: [brno], vlans: 1-9, mtu: " + "9" * 5000 + "}]\n",
+            "not a usable value",
+        ),
     ],
 )
 def test_malformed_files_are_problems_not_tracebacks(db, text, message):
     with pytest.raises(TopologyError, match=message):
         import_text(text)
+
+
+def test_a_date_like_value_is_text():
+    """YAML reads ``2024-02-30`` as a date (a ValueError: no such day): a topology holds no dates, it is text."""
+    data, _ = load_topology(
+        "sites:\n  - {name: brno, description: 2024-02-30}\n  - {name: praha, description: 2024-02-03}\n"
+    )
+    assert [s["description"] for s in data["sites"]] == ["2024-02-30", "2024-02-03"]
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,9 @@ class Command(BaseCommand):
             report = gateway_pull.install_state(target, doc, cut_sessions=False)
         except PermissionError as exc:  # giving the state to the account's group takes root
             raise CommandError(f"{exc}{_ROOT_HINT if run_as else ''}") from None
+        except OSError as exc:  # --dir is a file, the disk is full or read-only …
+            where = f" {exc.filename}" if exc.filename else f" {target}"
+            raise CommandError(f"cannot write{where}: {exc.strerror or exc}") from None
         services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
         if re_enrolled:
