@@ -284,7 +284,7 @@ def clusters_authorize(*, user, clusters: Iterable, lock: bool = False) -> list:
         .only("id", "name", "state", "connectivity", "owner_id", "group_id", "expires_at")
     )
     if lock:
-        rows = rows.select_for_update(of=("self",)).order_by("pk")
+        rows = rows.select_for_update(of=("self",), no_key=True).order_by("pk")
     enterable = {c.pk: c for c in rows}
     missing = [pk for pk in ids if pk not in enterable]
     if missing:
@@ -433,7 +433,13 @@ def lock_holders(user_ids: Iterable[int]) -> None:
     """Lock the rows of these users until the transaction ends (issuance and revocation take them first)."""
     from django.contrib.auth import get_user_model
 
-    list(get_user_model().objects.select_for_update().filter(pk__in=list(user_ids)).order_by("pk").values("pk"))
+    list(
+        get_user_model()
+        .objects.select_for_update(no_key=True)
+        .filter(pk__in=list(user_ids))
+        .order_by("pk")
+        .values("pk")
+    )
 
 
 @transaction.atomic  # the credential and its clusters (what revocation finds it by) together
@@ -447,7 +453,7 @@ def _record_credential(
     finds and revokes the new row."""
     from django.contrib.auth import get_user_model
 
-    holder = get_user_model().objects.select_for_update().get(pk=user.pk)
+    holder = get_user_model().objects.select_for_update(no_key=True).get(pk=user.pk)
     clusters_authorize(user=holder, clusters=[c.pk for c in clusters], lock=True)
     credential = Credential.objects.create(
         kind=kind,
@@ -1026,7 +1032,7 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
     visible = VirtualCluster.objects.all() if as_admin or sees_all else selectors.clusters_user_belongs_to(user)
     visible = visible.select_related(None).select_related("owner")
     if lock:
-        visible = visible.select_for_update(of=("self",))
+        visible = visible.select_for_update(of=("self",), no_key=True)
     found = visible.filter(pk=pk).first()
     if found is None:
         raise NotFound(f"no cluster {pk} among yours", field="cluster")
@@ -1172,7 +1178,7 @@ def _host_certificate_renew(*, user, cluster, label: str, node, host_key: str) -
     if stored is None or _host_certificate_due(stored, cluster) is None:
         return None  # (the usual answer, without a lock)
     with transaction.atomic():
-        locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+        locked = VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster.pk)
         stored = recorded()
         if locked.state not in ACTIVE_STATES or stored is None:
             return None  # ended meanwhile: its certificates are being revoked

@@ -684,7 +684,7 @@ def cluster_extend(
     not postpone them."""
     if (expires_at is None) == (by is None):
         raise TypeError("cluster_extend takes expires_at or by")
-    locked = VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+    locked = VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster.pk)
     if by is not None:
         expires_at = extended_expiry(locked, by, now=timezone.now())
     cluster_extend_check(cluster=locked, expires_at=expires_at)
@@ -756,7 +756,7 @@ def clusters_lease_public_subnets() -> list[int]:
     found = []
     for cluster in unleased:
         with transaction.atomic():  # under the cluster's row lock, as an override or an end changes the subnet
-            locked = VirtualCluster.objects.select_for_update()
+            locked = VirtualCluster.objects.select_for_update(no_key=True)
             still = locked.filter(pk=cluster.pk, public_subnet=cluster.public_subnet)
             if still.exists() and not PublicSubnetLease.objects.filter(cluster=cluster, ended_at=None).exists():
                 _lease_start(cluster)
@@ -877,7 +877,7 @@ def _locked(cluster: VirtualCluster) -> VirtualCluster:
     """The cluster as it is now, its row locked until the transaction ends: a node change reads the nodes
     (the last one? the node's state?) only once no other change of this cluster is between its check and
     its claim (the READY → UPDATING transition)."""
-    return VirtualCluster.objects.select_for_update().get(pk=cluster.pk)
+    return VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster.pk)
 
 
 # States whose workflow ends in READY (or FAILED): a change refused in one of them is worth retrying.
@@ -988,7 +988,7 @@ def cluster_update_done(*, cluster_id: int, generation: int, step_id: int) -> No
     if cluster_mark_ready(cluster_id=cluster_id, generation=generation):
         return
     with transaction.atomic():  # (the row lock: a node change now is either all before this or all after)
-        ended = VirtualCluster.objects.select_for_update().filter(
+        ended = VirtualCluster.objects.select_for_update(no_key=True).filter(
             pk=cluster_id, state=ClusterState.READY, workflow_generation=generation
         )
         if ended.exists():
@@ -1209,7 +1209,7 @@ def clusters_warn_expiring() -> list[int]:
             # as read: one extended meanwhile (clusters are extended as their end nears) is not warned of an end
             # weeks away now, and then never of that one
             cluster = (
-                VirtualCluster.objects.select_for_update()
+                VirtualCluster.objects.select_for_update(no_key=True)
                 .filter(pk=cluster_id, state__in=ACTIVE_STATES, expires_at__gt=now, expires_at=ends)
                 .exclude(expiry_warned_for=F("expires_at"))
                 .first()
@@ -1574,7 +1574,7 @@ def webhook_create(
     event feed from now on, signed with a secret made here and returned (the only time it is shown). At most
     ``WEBHOOKS_PER_OWNER``; only public addresses unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them. (webhook,
     secret)."""
-    owner.__class__.objects.select_for_update().filter(pk=owner.pk).first()  # one count at a time per owner
+    owner.__class__.objects.select_for_update(no_key=True).filter(pk=owner.pk).first()  # one count at a time per owner
     if Webhook.objects.filter(owner=owner).count() >= WEBHOOKS_PER_OWNER:
         raise QuotaExceeded(f"{owner.get_username()} has {WEBHOOKS_PER_OWNER} webhooks already: delete one first")
     taken = ClusterError(f"a webhook named {name} exists already", field="name")

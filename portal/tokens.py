@@ -76,7 +76,7 @@ def token_create_own(*, user, name: str, scopes: list[str], days: int) -> tuple[
         raise TokenRefused("scopes", f"choose among {', '.join(SELF_SERVICE_SCOPES)}")
     if not 1 <= days <= settings.USER_TOKEN_MAX_DAYS:
         raise TokenRefused("days", f"a token lives 1 to {settings.USER_TOKEN_MAX_DAYS} days")
-    user._meta.model.objects.select_for_update().filter(pk=user.pk).first()  # one count at a time per user
+    user._meta.model.objects.select_for_update(no_key=True).filter(pk=user.pk).first()  # one count at a time per user
     if tokens_live(user).count() >= SELF_SERVICE_LIMIT:
         raise TokenRefused(None, f"you hold {SELF_SERVICE_LIMIT} live tokens already: revoke one you no longer use")
     return token_create(user=user, name=name, scopes=list(scopes), expires_at=timezone.now() + timedelta(days=days))

@@ -484,3 +484,45 @@ def test_a_host_key_that_is_a_gateways_or_another_nodes_is_not_certified(alice, 
     gateway.save()
     with pytest.raises(BadPublicKey, match=f"gateway {gateway.name}"):
         services.node_host_certificate_issue(user=alice, cluster=second, node="node1", public_key=bastion.public_line)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_issuance_and_a_cluster_change_of_the_same_owner_never_deadlock(alice, cluster, gateway):
+    """A change of the cluster (its row locked) writes rows naming its owner (the audit entry's user), whose
+    foreign-key check PostgreSQL defers to the commit: a share lock on the owner's row. An issuance locks the
+    holder's row, then the cluster's. With the holder locked FOR UPDATE the two waited for each other — a
+    deadlock, a 500 on one side; FOR NO KEY UPDATE (what serializes issuance and revocation) lets the key
+    check through."""
+    import threading
+    import time
+
+    from django.db import connection, transaction
+
+    from clusters import services as cluster_services
+    from portal.audit import audit_actor
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    locked, errors = threading.Event(), []
+
+    def extend():
+        try:
+            with audit_actor("alice", user=alice), transaction.atomic():
+                cluster_services.cluster_extend(cluster=cluster, by=dt.timedelta(hours=1))  # the row, audited
+                locked.set()
+                time.sleep(1.0)  # the issuance locks alice's row and waits for the cluster's meanwhile
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    changer = threading.Thread(target=extend)
+    changer.start()
+    assert locked.wait(10)
+    try:
+        services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
+    except Exception as exc:  # noqa: BLE001 - the test reports it
+        errors.append(exc)
+    changer.join(20)
+    assert errors == []
+    assert Credential.objects.filter(user=alice, revoked_at=None).count() == 1
