@@ -1781,6 +1781,12 @@ def gateway_state(*, gateway: Gateway) -> dict:
     ca_ensure()
     now = _now()
     vlans, clusters = _vlan_map(gateway)
+    # The sessions to cut are read before the CRL and the KRL (each read sees the commits before it): a
+    # revocation rewrites them in its own transaction, so every certificate listed here is in the lists read
+    # after — the other order could cut a session whose certificate the gateway's CRL still admits, and the
+    # client was back at once.
+    cut_vpn = _revoked_sessions(now, CredentialKind.VPN) if gateway.serves_vpn else []
+    cut_ssh = _revoked_sessions(now, CredentialKind.SSH) if gateway.serves_ssh else []
     doc: dict = {"format": 1, "gateway": gateway.name}
     if gateway.serves_vpn:
         doc["vpn"] = {
@@ -1789,7 +1795,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "crl": crl_current(),
             "vlans": vlans,
             "server_name": gateway_server_name(gateway),
-            "revoked_sessions": _revoked_sessions(now, CredentialKind.VPN),
+            "revoked_sessions": cut_vpn,
         }
     if gateway.serves_ssh:
         doc["ssh"] = {
@@ -1797,7 +1803,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
             "user_ca": _authority(AuthorityKind.SSH_USER).public_key,
             "host_ca": _authority(AuthorityKind.SSH_HOST).public_key,
             "krl": base64.b64encode(krl_current()).decode(),
-            "revoked_sessions": _revoked_sessions(now, CredentialKind.SSH),
+            "revoked_sessions": cut_ssh,
             "clusters": _principals_map(clusters, gateway=gateway),
         }
     doc["config"] = selectors.gateway_settings(gateway)  # (in the ETag: a gateway follows a change at its next pull)

@@ -526,3 +526,38 @@ def test_an_issuance_and_a_cluster_change_of_the_same_owner_never_deadlock(alice
     changer.join(20)
     assert errors == []
     assert Credential.objects.filter(user=alice, revoked_at=None).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_gateway_state_never_cuts_a_session_its_crl_still_admits(alice, cluster, gateway, monkeypatch):
+    """Each read of the state sees the commits before it: a revocation committed between the CRL's read and the
+    sessions' read made the gateway cut a session whose certificate its CRL still admitted (the client was back
+    at once). The sessions are read first: every certificate they list is in the CRL read after."""
+    import threading
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    lost = services.vpn_profile_issue(user=alice, clusters=[cluster.pk]).credential
+    real = services.crl_current
+
+    def crl_then_revoked_meanwhile():
+        crl = real()
+
+        def revoke():
+            try:
+                services.credential_revoke(credential=Credential.objects.get(pk=lost.pk), reason="key_compromise")
+            finally:
+                connection.close()
+
+        other = threading.Thread(target=revoke)
+        other.start()
+        other.join(10)
+        return crl
+
+    monkeypatch.setattr(services, "crl_current", crl_then_revoked_meanwhile)
+    doc = services.gateway_state(gateway=gateway)
+    in_crl = {r.serial_number for r in x509.load_pem_x509_crl(doc["vpn"]["crl"].encode())}
+    assert Credential.objects.get(pk=lost.pk).revoked_at is not None  # (it was revoked meanwhile)
+    assert {s["serial"] for s in doc["vpn"]["revoked_sessions"]} <= in_crl
