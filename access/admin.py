@@ -16,7 +16,7 @@ from access.models import (
     RetiredHostKey,
     RevocationReason,
 )
-from portal.admin import MadeByThePortal, secrets_shown
+from portal.admin import MadeByThePortal, SavesWhatChanged, secrets_shown
 
 
 @admin.register(Authority)
@@ -128,7 +128,7 @@ class GatewaySessionAdmin(MadeByThePortal, admin.ModelAdmin):
 
 
 @admin.register(Gateway)
-class GatewayAdmin(admin.ModelAdmin):
+class GatewayAdmin(SavesWhatChanged, admin.ModelAdmin):
     """Access gateways. After adding one: "make gateway token", then on the gateway host
     ``manage.py gateway config NAME --dir ...`` (on the portal) and ``manage.py gateway pull`` from cron."""
 

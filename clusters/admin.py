@@ -28,7 +28,7 @@ from clusters.models import (
     VirtualCluster,
     Webhook,
 )
-from portal.admin import MadeByThePortal
+from portal.admin import MadeByThePortal, SavesWhatChanged
 from portal.tokens import staff_may
 
 
@@ -49,7 +49,7 @@ class ImageAdminForm(forms.ModelForm):
 
 
 @admin.register(Image)
-class ImageAdmin(admin.ModelAdmin):
+class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
     """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
     it: later clusters booting it may be public (paper §2.1); live ones keep their connectivity. Withdrawing the
     approval makes the live public clusters booting it closed (``services.image_approval_withdraw``)."""

@@ -60,6 +60,22 @@ class JSONFormField(forms.JSONField):
 JSON_FORM_FIELDS = {models.JSONField: {"form_class": JSONFormField}}
 
 
+class SavesWhatChanged:
+    """A ``ModelAdmin`` whose change saves only the fields the form changed (``update_fields``): a full save wrote
+    back every other field as the page's POST had loaded it, the read-only ones included, undoing what a service
+    committed meanwhile — a token revoked ("lost my laptop"), an image's approval withdrawn, a gateway given a new
+    token or enrolled again."""
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            return super().save_model(request, obj, form, change)
+        concrete = {f.name for f in obj._meta.concrete_fields if not f.primary_key}
+        fields = [name for name in form.changed_data if name in concrete]
+        if fields:
+            obj.save(update_fields=fields)
+        return None
+
+
 class MadeByThePortal:
     """An admin page for rows only the portal writes: shown, never added, changed or deleted here."""
 
@@ -117,7 +133,7 @@ def _plain(value):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(SavesWhatChanged, admin.ModelAdmin):
     """Tokens are made here; the secret is shown once, on the page the save answers with. A token acts as its user with
     its scopes, so only a superuser makes one or changes its scopes and expiry: another staff member who may
     change tokens renames and revokes them (a token for someone else, or a wider scope, would be theirs to use)."""

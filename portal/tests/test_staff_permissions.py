@@ -363,3 +363,42 @@ def test_a_user_admin_who_is_not_a_superuser_grants_no_superuser_permissions_or_
     # a superuser still grants them
     r = logged_in(root).post(f"/admin/auth/user/{helpdesk.pk}/change/", data)
     assert r.status_code == 302 and User.objects.get(pk=helpdesk.pk).is_superuser
+
+
+def test_an_admin_change_saves_only_what_it_changed_never_undoing_a_service_meanwhile(root, alice, monkeypatch):
+    """The admin's change page loads the row, then saves it: a full save wrote back the read-only fields as
+    loaded — a token revoked meanwhile ("lost my laptop") was live again, an image's withdrawn approval back."""
+    from django.contrib.admin.options import ModelAdmin
+
+    from clusters.models import Image
+    from portal.models import ApiToken
+    from portal.tokens import token_revoke
+
+    token, _ = token_create(user=alice, name="laptop", scopes=[TokenScope.CLUSTERS_READ])
+    image = Image.objects.create(name="vetted", source="https://images.example.org/a.qcow2", approved=True)
+    real = ModelAdmin.get_object
+
+    def loaded_then_changed_meanwhile(self, request, object_id, from_field=None):
+        obj = real(self, request, object_id, from_field)
+        if isinstance(obj, ApiToken):
+            token_revoke(token=ApiToken.objects.get(pk=obj.pk))  # "lost my laptop", while the admin's POST runs
+        if isinstance(obj, Image):
+            Image.objects.filter(pk=obj.pk).update(approved=False)  # the approval withdrawn meanwhile
+        return obj
+
+    monkeypatch.setattr(ModelAdmin, "get_object", loaded_then_changed_meanwhile)
+    client = logged_in(root)
+    r = client.post(
+        f"/admin/portal/apitoken/{token.pk}/change/",
+        {"name": "old laptop", "scopes": [TokenScope.CLUSTERS_READ], "expires_at_0": "", "expires_at_1": ""},
+    )
+    assert r.status_code == 302, r.context["adminform"].form.errors if r.context else r
+    token = ApiToken.objects.get(pk=token.pk)
+    assert token.name == "old laptop" and token.revoked_at is not None
+    r = client.post(
+        f"/admin/clusters/image/{image.pk}/change/",
+        {"name": "vetted", "owner": "", "group": "", "description": "checked", "source": image.source},
+    )
+    assert r.status_code == 302, r.context["adminform"].form.errors if r.context else r
+    image = Image.objects.get(pk=image.pk)
+    assert image.description == "checked" and image.approved is False
