@@ -1112,6 +1112,14 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     (a lifetime, a node change that made it UPDATING) is neither undone nor overtaken."""
     if not selectors.staff_may(admin, "change", VirtualCluster):  # (the admin's action asks the same)
         raise NotAllowed("only an administrator can override the connectivity policy")
+    return _connectivity_set(
+        cluster=cluster, connectivity=connectivity, reason=f"overridden by {admin.get_username()}: {reason}", by=admin
+    )
+
+
+def _connectivity_set(*, cluster: VirtualCluster, connectivity: str, reason: str, by) -> VirtualCluster:
+    """Make a READY cluster ``connectivity`` (the row locked), for ``reason``: an admin's override (``by``) or the
+    policy's own decision (``by`` None); see ``connectivity_override``."""
     cluster = _locked(cluster)
     _require_ready(cluster)
     if connectivity == cluster.connectivity:
@@ -1119,8 +1127,8 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     old = cluster.connectivity
     cluster.connectivity = connectivity
     room = VirtualCluster._meta.get_field("connectivity_reason").max_length
-    cluster.connectivity_reason = f"overridden by {admin.get_username()}: {reason}"[:room]
-    cluster.connectivity_overridden_by = admin
+    cluster.connectivity_reason = reason[:room]
+    cluster.connectivity_overridden_by = by
     if connectivity == Connectivity.PUBLIC:
         if not PublicPrefix.objects.exists():
             raise InvalidTopology("no public prefix is configured", field="connectivity")
@@ -1161,6 +1169,40 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
         raise _segment_error(exc, field="connectivity") from None
     _reconverge(cluster, "connectivity", f"{old} → {connectivity}")
     return cluster
+
+
+def clusters_close_unapproved_public() -> list[int]:
+    """The policy once an image's approval is withdrawn (the periodic task calls this): a live public cluster
+    booting an image no longer approved, public only because it was (no admin's override), is made closed — also
+    one that was in a workflow when the approval was withdrawn (``image_approval_withdraw`` left it), or that a
+    create committed as public meanwhile: it would stay on the provider's routed addresses until it ends. One in
+    a workflow now is closed at a later run, once it is READY; ids of the clusters closed."""
+    closed = []
+    found = VirtualCluster.objects.filter(
+        state=ClusterState.READY,
+        connectivity=Connectivity.PUBLIC,
+        connectivity_overridden_by=None,
+        image__approved=False,
+    ).select_related("image")
+    for cluster in found.order_by("pk"):
+        try:
+            with audit.audit_actor("policy"), transaction.atomic():
+                locked = _locked(cluster)
+                if locked.connectivity_overridden_by_id is not None:
+                    continue  # an administrator vouched for it meanwhile
+                _connectivity_set(
+                    cluster=locked,
+                    connectivity=Connectivity.CLOSED,
+                    reason=f"closed by the policy: image {cluster.image.name} is no longer approved",
+                    by=None,
+                )
+        except (Busy, Conflict):  # in a workflow (a later run), or ended meanwhile
+            continue
+        except ClusterError as exc:  # its network cannot be closed now (no access gateway its core reaches)
+            logger.warning("clusters: cluster %s stays public for now: %s", cluster.pk, exc)
+            continue
+        closed.append(cluster.pk)
+    return closed
 
 
 def clusters_expire() -> list[int]:

@@ -154,8 +154,8 @@ def expire() -> list[int]:
     got stuck, provisionings that never started, and provisionings and node changes that never reached the
     broker; end provisionings (rolled back) and updates past their deadline; send the rollback of a failed
     cluster's network that was never rolled back; record the lease of a public subnet a process of the release
-    before gave out. Each sweep on its own: one that fails (logged, and the task fails after the others ran)
-    does not hold back the rest."""
+    before gave out; close a public cluster whose image is no longer approved. Each sweep on its own: one that
+    fails (logged, and the task fails after the others ran) does not hold back the rest."""
     ids: list[int] = []
     failed: list[str] = []
     for sweep in (
@@ -168,6 +168,7 @@ def expire() -> list[int]:
         services.clusters_end_stalled_workflows,
         services.clusters_roll_back_abandoned_networks,
         services.clusters_lease_public_subnets,
+        services.clusters_close_unapproved_public,
     ):
         try:
             found = sweep()

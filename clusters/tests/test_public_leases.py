@@ -151,6 +151,34 @@ def test_withdrawing_an_images_approval_closes_its_live_public_clusters(create, 
     assert create("later", "52:54:00:00:00:03").connectivity == "closed"
 
 
+def test_a_public_cluster_left_by_a_withdrawal_is_closed_by_the_periodic_sweep(create, root):
+    """A cluster in a workflow when the approval was withdrawn (or committed public by a create meanwhile) was
+    only named "withdraw again later" — and stayed public, on the provider's routed addresses, until it ended. The
+    periodic expiry closes it once it is READY, by the policy (not an override), and ends its lease."""
+    from clusters import tasks
+    from clusters.models import ClusterState, Image
+
+    web = create("web", "52:54:00:00:00:01")
+    vouched = create("vouched", "52:54:00:00:00:02")
+    services.connectivity_override(cluster=vouched, connectivity="closed", admin=root, reason="x")
+    services.connectivity_override(
+        cluster=VirtualCluster.objects.get(pk=vouched.pk), connectivity="public", admin=root, reason="checked it"
+    )
+    VirtualCluster.objects.filter(pk=web.pk).update(state=ClusterState.UPDATING)  # a node change, say
+    image = Image.objects.get(name="debian-12")
+    closed, left = services.image_approval_withdraw(image=image, admin=root)
+    assert closed == [] and [(c.pk, why) for c, why in left] == [(web.pk, "in a workflow now")]
+    assert services.clusters_close_unapproved_public() == []  # still in its workflow: a later run
+    VirtualCluster.objects.filter(pk=web.pk).update(state=ClusterState.READY)  # its workflow ended
+    tasks.expire()
+    web.refresh_from_db()
+    assert (web.connectivity, web.public_subnet, web.connectivity_overridden_by) == ("closed", "", None)
+    assert web.connectivity_reason == "closed by the policy: image debian-12 is no longer approved"
+    assert PublicSubnetLease.objects.get(cluster=web).ended_at is not None
+    assert VirtualCluster.objects.get(pk=vouched.pk).connectivity == "public"  # the admin vouched for it
+    assert services.clusters_close_unapproved_public() == []
+
+
 def test_an_approved_images_source_stays_while_public_clusters_boot_it(create, alice):
     """Its live public clusters are public because the image was approved, and a node added would boot the new
     source on the provider's addresses: the owner changes its source once they have ended."""
