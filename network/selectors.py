@@ -333,11 +333,12 @@ def rollback_kept(segment_id: int | None) -> str:
 def _may_have_applied() -> Q:
     """Device changes that may have left their segment's VLAN on the device: settled on it while it was enabled
     (it took the VLAN, or was converged while the segment was on it), failed in a way that may have applied part
-    of it (all but a switch that refused it outright), or a session started that never finished."""
+    of it (all but a switch that refused it outright, and a change never started: abandoned with its workflow),
+    or a session started that never finished."""
     status = DeviceChange.Status
     return (
         (Q(status__in=(status.OK, status.NOOP)) & ~Q(error=DeviceChange.NOT_TOUCHED))
-        | Q(status=status.FAILED, refused=False)
+        | Q(status=status.FAILED, refused=False, started_at__isnull=False)
         | Q(status__in=DeviceChange.OPEN, started_at__isnull=False)
     )
 

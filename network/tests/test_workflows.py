@@ -432,6 +432,24 @@ def test_a_device_the_teardown_cleaned_and_that_is_disabled_since_holds_nothing(
     assert all(not vlans for vlans in device_view(fabric).values())
 
 
+def test_a_change_abandoned_before_it_started_holds_nothing(fabric):
+    """A provisioning's later layer never ran (an earlier one failed for good): its changes are abandoned,
+    failed, never started — nothing touched those devices, so one of them disabled holds no VLAN (it held it
+    for as long as it stayed disabled, and the rollback's retries stopped)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    host = Host.objects.get(name="pilsen1")
+    change = convergence.change_create(device=host, segment=seg, cause="provision c")
+    DeviceChange.objects.filter(pk=change.pk).update(created_at=timezone.now() - timedelta(hours=1))
+    assert convergence.changes_abandon_stale(older_than=timedelta(minutes=24)) == 1
+    assert DeviceChange.objects.get(pk=change.pk).status == "failed"
+    Host.objects.filter(pk=host.pk).update(enabled=False)
+    assert selectors.vlan_holders(seg) == []
+
+
 @pytest.mark.parametrize(("kind", "name"), [("switch", "sw-pilsen"), ("host", "pilsen1")])
 def test_a_device_enabled_again_while_the_teardown_ran_keeps_the_vlan_until_it_is_cleaned(fabric, kind, name):
     """The teardown is built without a disabled device; the device is enabled again before the teardown ends:
