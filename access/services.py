@@ -909,6 +909,40 @@ class NodeHostCertificate:
         }
 
 
+#: live node tokens a cluster may have at once (a boot script that mints one per node, or again on each retry,
+#: stays far below; one minting in a loop is told to stop)
+NODE_TOKENS_PER_CLUSTER = 50
+
+
+@transaction.atomic
+def node_token_issue(*, cluster) -> tuple[ApiToken, str]:
+    """A token for ``cluster``'s nodes (the caller may act on the cluster: the API view asks): scope
+    ``cluster:node``, bound to the cluster, acting as its owner — it certifies the cluster's nodes' host keys and
+    fetches who may log in to them (``HostCertificateView``, ``NodeAccessView``), and nothing else. What a node's
+    boot script and timer hold instead of the owner's or the middleware's token: the cluster's people are root on
+    its nodes, and read whatever a node holds. Revoked when the cluster ends or changes owner. (record, secret)."""
+    from clusters.models import ACTIVE_STATES, VirtualCluster
+
+    locked = VirtualCluster.objects.select_for_update(no_key=True).select_related("owner").get(pk=cluster.pk)
+    label = selectors.cluster_label(locked)
+    if locked.state not in ACTIVE_STATES:
+        raise ClusterNotReady(f"cluster {label} is {locked.get_state_display()}: its nodes need no token")
+    if ApiToken.objects.filter(cluster=locked, revoked_at=None).count() >= NODE_TOKENS_PER_CLUSTER:
+        raise ClusterNotReady(
+            f"cluster {label} has {NODE_TOKENS_PER_CLUSTER} live node tokens already: use one of them (they end with "
+            "the cluster)"
+        )
+    return token_create(user=locked.owner, name=f"nodes of {label}", scopes=[TokenScope.CLUSTER_NODE], cluster=locked)
+
+
+def node_tokens_revoke(*, cluster_id: int) -> int:
+    """Revoke the live node tokens of a cluster (it ended, or changed owner); how many."""
+    live = list(ApiToken.objects.filter(cluster_id=cluster_id, revoked_at=None))
+    for token in live:
+        token_revoke(token=token)
+    return len(live)
+
+
 @transaction.atomic
 def node_host_certificate_issue(
     *, user, cluster, node, public_key: str, as_admin: bool = False, sees_all: bool = False

@@ -14,8 +14,12 @@ logger = logging.getLogger(__name__)
 
 
 def cluster_ended(sender, cluster, **kwargs) -> None:
-    """A cluster was torn down or failed (sent after commit): every credential for it is revoked."""
+    """A cluster was torn down or failed (sent after commit): every credential for it is revoked, and its node
+    tokens."""
+    from access import services
+
     _revoke_for_cluster(cluster, f"ended: {cluster.get_state_display()}")
+    services.node_tokens_revoke(cluster_id=cluster.pk)
 
 
 def cluster_deleted(sender, instance, **kwargs) -> None:
@@ -39,14 +43,24 @@ def _revoke_for_cluster(cluster, what: str) -> None:
 
 def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     """A cluster changed owner, group, state or connectivity: holders who may no longer enter lose their
-    credentials (at once, in the same transaction as the change)."""
+    credentials (at once, in the same transaction as the change), and node tokens made for its former owner, or
+    for a cluster that is no longer active, are revoked."""
     if raw or created:
         return
     from django.utils import timezone
 
     from access import services
     from access.models import USER_KINDS, Credential
+    from clusters.models import ACTIVE_STATES
+    from portal.models import ApiToken
+    from portal.tokens import token_revoke
 
+    # node tokens act as the owner they were made for, while the cluster is active
+    tokens = ApiToken.objects.filter(cluster_id=instance.pk, revoked_at=None)
+    if instance.state in ACTIVE_STATES:
+        tokens = tokens.exclude(user_id=instance.owner_id)
+    for token in tokens:
+        token_revoke(token=token)
     if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).filter(kind__in=USER_KINDS).exists():
         return
     services.credentials_revoke_unauthorized(cluster=instance)

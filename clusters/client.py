@@ -14,8 +14,9 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py ... remove-node --job 1234.pbs --node node3 ... [--timeout 300]
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
-    client.py ... host-cert --job 1234.pbs --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
-    client.py ... host-access --job 1234.pbs --node node1 [--dir /etc/ssh] [--key /etc/ssh/ssh_host_ed25519_key.pub]
+    client.py ... node-token --job 1234.pbs [--write FILE]
+    client.py ... host-cert (--job J | --cluster N) --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
+    client.py ... host-access (--job J | --cluster N) --node node1 [--dir /etc/ssh] [--key …]
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with). With
@@ -47,7 +48,10 @@ beside the key (``<key>-cert.pub``, sshd's ``HostCertificate``), the user CA (``
 host-key prompt. ``host-access`` (from a timer on the node) writes those three files again as they are now: who
 left the cluster's group, or whose SSH certificate was revoked, is no longer let in; with ``--key`` (the key
 ``host-cert`` certified) it writes the host certificate too when the portal issued it again (the cluster's lifetime
-was extended: the one the node has would end first), all of them as a set.
+was extended: the one the node has would end first), all of them as a set. On the node, both run with a node
+token (``node-token``, from the prologue: the job's cluster's nodes only, until it ends; the cluster's people are
+root there, and read whatever token a node holds — never give a node the scheduler's) and ``--cluster ID`` (a node
+token reads no cluster list: ``node-token`` prints the id).
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
@@ -535,6 +539,32 @@ def _install(folder: Path, files: dict[Path, str | bytes]) -> None:
         raise Refused(f"cannot write into {folder}: {exc.strerror or exc}") from None
 
 
+def _node_cluster(api: Api, args) -> dict:
+    """The cluster a node command is for: ``--cluster ID`` as given (what a node token, which reads no cluster
+    list, names), or the job's one live cluster."""
+    if args.cluster is not None:
+        return {"id": args.cluster}
+    return _job_cluster(api, args.job)
+
+
+def node_token(api: Api, args, out: TextIO) -> int:
+    """A token for the nodes of the job's live cluster (``cluster:node``: it certifies their host keys and fetches
+    who may log in, for that cluster only, until it ends): what their boot script and timer hold instead of the
+    scheduler's token — the cluster's people are root on its nodes. With ``--write FILE`` the secret goes into
+    FILE (mode 0600, replaced whole) and the output names the file; else it is printed, once."""
+    cluster = _job_cluster(api, args.job, what="a node token")
+    made = api.call("POST", f"/api/clusters/{cluster['id']}/node-token/", {})
+    if args.write:
+        target = Path(args.write)
+        try:
+            write_all_atomic({target: (str(made["token"]) + "\n", 0o600)})
+        except OSError as exc:
+            raise Refused(f"cannot write {target}: {exc.strerror or exc}") from None
+        made = {**{k: v for k, v in made.items() if k != "token"}, "file": str(target)}
+    out.write(json.dumps(made, indent=1) + "\n")
+    return 0
+
+
 def host_cert(api: Api, args, out: TextIO) -> int:
     """Certify ``--key`` (a node's host public key) for ``--node`` of the job's live cluster and install what
     the node's sshd needs: the certificate (``HostCertificate``), the user CA (``TrustedUserCAKeys``), the
@@ -543,7 +573,7 @@ def host_cert(api: Api, args, out: TextIO) -> int:
     asks for a new certificate (the same key, a later expiry: after the cluster's lifetime was extended)."""
     key_path = Path(args.key)
     public_key = _read_key(key_path)
-    cluster = _job_cluster(api, args.job)
+    cluster = _node_cluster(api, args)
     body = {"cluster": cluster["id"], "node": args.node, "public_key": public_key}
     issued = api.call("POST", "/api/access/host-certificates/", body)
     folder = Path(args.dir) if args.dir else key_path.parent
@@ -564,7 +594,7 @@ def host_access(api: Api, args, out: TextIO) -> int:
     reads the first three at each login (no reload needed), a new host certificate when it starts or reloads."""
     folder = Path(args.dir)
     key = Path(args.key) if args.key else None
-    shown, written = _node_access(api, _job_cluster(api, args.job), args.node, folder, key)
+    shown, written = _node_access(api, _node_cluster(api, args), args.node, folder, key)
     _install(folder, written)
     out.write(json.dumps({**shown, "files": [str(p) for p in written]}, indent=1) + "\n")
     return 0
@@ -596,11 +626,22 @@ def _cluster_arguments(make) -> None:
     )
 
 
+def _node_cluster_arguments(command) -> None:
+    """What ``host-cert`` and ``host-access`` take to name the cluster: the job, or the cluster's id (a node
+    token's: it reads no cluster list)."""
+    which = command.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=job_id, help="the job whose live cluster the node is in")
+    which.add_argument("--cluster", type=int, help="the cluster's id (with a node token: `node-token` prints it)")
+
+
 def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     parser = argparse.ArgumentParser(prog="client.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--url", required=True, help="the portal, e.g. https://portal.example.org")
     token = parser.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token-file", help="file holding the API token (scope clusters:write or clusters:manage)")
+    token.add_argument(
+        "--token-file",
+        help="file holding the API token (scope clusters:write or clusters:manage; on a node: a node token)",
+    )
     token.add_argument("--token", help="the API token (prefer --token-file: argv is visible)")
     sub = parser.add_subparsers(dest="action", required=True)
     make = sub.add_parser("up", help="create the job's cluster and wait until it is READY")
@@ -649,13 +690,18 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     moved.add_argument("--node", required=True, help="the node's name")
     moved.add_argument("--cancel", action="store_true", help="the VM stayed: take the target's network away")
     moved.add_argument("--timeout", type=float, default=300)
+    tokens = sub.add_parser(
+        "node-token", help="a token for the nodes of the job's cluster (for host-cert, host-access)"
+    )
+    tokens.add_argument("--job", required=True, type=job_id)
+    tokens.add_argument("--write", help="write the secret into this file (mode 0600) instead of printing it")
     cert = sub.add_parser("host-cert", help="certify a node's SSH host key and install what its sshd needs")
-    cert.add_argument("--job", required=True, type=job_id)
+    _node_cluster_arguments(cert)
     cert.add_argument("--node", required=True, help="the node's name")
     cert.add_argument("--key", required=True, help="the node's host public key, e.g. /etc/ssh/ssh_host_ed25519_key.pub")
     cert.add_argument("--dir", help="where the certificate, user CA, principals file and KRL go (default: the key's)")
     access = sub.add_parser("host-access", help="write who may log in to a node now (principals, user CA, KRL)")
-    access.add_argument("--job", required=True, type=job_id)
+    _node_cluster_arguments(access)
     access.add_argument("--node", required=True, help="the node's name")
     access.add_argument("--dir", default="/etc/ssh", help="where the user CA, principals file and KRL go")
     access.add_argument(
@@ -682,6 +728,7 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
             "remove-node": remove_node,
             "migrate": migrate,
             "migrated": migrated,
+            "node-token": node_token,
             "host-cert": host_cert,
             "host-access": host_access,
         }

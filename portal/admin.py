@@ -108,7 +108,11 @@ class AuditEntryAdmin(MadeByThePortal, admin.ModelAdmin):
 
 
 class ApiTokenForm(forms.ModelForm):
-    scopes = forms.MultipleChoiceField(choices=TokenScope.choices, widget=forms.CheckboxSelectMultiple)
+    # (a node token, ``cluster:node``, is made for its cluster by ``POST /api/clusters/{id}/node-token/``)
+    scopes = forms.MultipleChoiceField(
+        choices=[(value, label) for value, label in TokenScope.choices if value != TokenScope.CLUSTER_NODE],
+        widget=forms.CheckboxSelectMultiple,
+    )
 
     class Meta:
         model = ApiToken
@@ -139,10 +143,20 @@ class ApiTokenAdmin(SavesWhatChanged, admin.ModelAdmin):
     change tokens renames and revokes them (a token for someone else, or a wider scope, would be theirs to use)."""
 
     form = ApiTokenForm
-    list_display = ("name", "user", "prefix", "scopes_list", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_display = (
+        "name",
+        "user",
+        "prefix",
+        "scopes_list",
+        "cluster",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    )
     list_filter = ("revoked_at",)
     search_fields = ("name", "user__username", "prefix")
-    list_select_related = ("user",)
+    list_select_related = ("user", "cluster")
     actions = ["revoke"]
 
     def has_add_permission(self, request) -> bool:
@@ -152,6 +166,8 @@ class ApiTokenAdmin(SavesWhatChanged, admin.ModelAdmin):
         if obj is None:
             return ()
         fixed = ("user", "prefix", "created_at", "revoked_at", "last_used_at", "last_used_ip")
+        if obj.cluster_id is not None:  # a node token: its cluster and scope are what it is
+            return (*fixed, "cluster", "scopes")
         return fixed if request.user.is_superuser else (*fixed, "scopes", "expires_at")
 
     def save_model(self, request, obj, form, change):

@@ -52,6 +52,7 @@ class TokenScope(models.TextChoices):
     GATEWAY = "gateway:pull", "access gateway: pull configuration, CRL, KRL and VLAN map"
     ROUTER = "router:pull", "provider's router: read the public clusters' VLANs, subnets and router addresses"
     METRICS = "metrics:read", "monitoring: scrape /metrics (Prometheus)"
+    CLUSTER_NODE = "cluster:node", "one cluster's nodes: certify their host keys, fetch who may log in"
 
 
 class ApiToken(models.Model):
@@ -69,6 +70,15 @@ class ApiToken(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_used_ip = models.GenericIPAddressField("last used from (IP)", null=True, blank=True)
+    cluster = models.ForeignKey(
+        "clusters.VirtualCluster",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="node_tokens",
+        help_text="a node token's cluster (scope cluster:node): it admits to that cluster's node endpoints only, and "
+        "is revoked when the cluster ends",
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -27,17 +27,28 @@ def _hash(token: str) -> str:
 
 @sensitive_variables("secret")
 @transaction.atomic
-def token_create(*, user, name: str, scopes: list[str], expires_at=None) -> tuple[ApiToken, str]:
-    """Make a token; returns (record, the secret shown once)."""
+def token_create(*, user, name: str, scopes: list[str], expires_at=None, cluster=None) -> tuple[ApiToken, str]:
+    """Make a token; returns (record, the secret shown once). ``cluster``: a node token's (``cluster:node`` only)."""
     unknown = set(scopes) - set(TokenScope.values)
     if unknown:
         raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
+    if (cluster is not None) != (list(scopes) == [TokenScope.CLUSTER_NODE]):
+        raise ValueError("a node token (scope cluster:node, and no other) is bound to a cluster, and only it")
     prefix = secrets.token_hex(4)
     secret = f"vc_{prefix}_{secrets.token_urlsafe(32)}"
     token = ApiToken.objects.create(
-        user=user, name=name, prefix=prefix, key_hash=_hash(secret), scopes=sorted(scopes), expires_at=expires_at
+        user=user,
+        name=name,
+        prefix=prefix,
+        key_hash=_hash(secret),
+        scopes=sorted(scopes),
+        expires_at=expires_at,
+        cluster=cluster,
     )
-    audit.record(token, "create", {"name": [None, name], "scopes": [None, sorted(scopes)], "user": [None, user.pk]})
+    changes = {"name": [None, name], "scopes": [None, sorted(scopes)], "user": [None, user.pk]}
+    if cluster is not None:
+        changes["cluster"] = [None, cluster.pk]
+    audit.record(token, "create", changes)
     return token, secret
 
 
@@ -77,7 +88,7 @@ def token_create_own(*, user, name: str, scopes: list[str], days: int) -> tuple[
     if not 1 <= days <= settings.USER_TOKEN_MAX_DAYS:
         raise TokenRefused("days", f"a token lives 1 to {settings.USER_TOKEN_MAX_DAYS} days")
     user._meta.model.objects.select_for_update(no_key=True).filter(pk=user.pk).first()  # one count at a time per user
-    if tokens_live(user).count() >= SELF_SERVICE_LIMIT:
+    if tokens_live(user).filter(cluster=None).count() >= SELF_SERVICE_LIMIT:  # (node tokens end with their cluster)
         raise TokenRefused(None, f"you hold {SELF_SERVICE_LIMIT} live tokens already: revoke one you no longer use")
     return token_create(user=user, name=name, scopes=list(scopes), expires_at=timezone.now() + timedelta(days=days))
 

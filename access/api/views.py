@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from access import selectors, services
 from access.api import serializers as s
+from access.errors import NotFound
 from access.models import USER_KINDS, Credential, CredentialKind, Gateway, RevocationReason
 from clusters.models import ClusterState, VirtualCluster
 from portal.api import Pagination, choice_param, error_responses, if_none_match, query_param
@@ -131,11 +132,24 @@ NODE_ERRORS = {
 }
 
 
+#: who may call the node endpoints: the owner's or the middleware's token (write), and a node token of the cluster
+NODE_SCOPES = (*ISSUE_SCOPES["write"], TokenScope.CLUSTER_NODE)
+
+
+def _node_token_bound(request, cluster_id: int) -> None:
+    """A node token (``cluster:node``) admits to its own cluster's nodes only: another cluster is "no cluster
+    among yours" (404), as for anyone who may not see it."""
+    token = request.auth
+    if isinstance(token, ApiToken) and token.cluster_id is not None and token.cluster_id != cluster_id:
+        raise NotFound(f"no cluster {cluster_id} among yours", field="cluster")
+
+
 class HostCertificateView(APIView):
-    """Certify a cluster node's SSH host key (the cluster's owner, or the middleware): users reach it without a
+    """Certify a cluster node's SSH host key (the cluster's owner, or the middleware; a node token of the cluster,
+    ``POST /api/clusters/{id}/node-token/``, is what a node's boot script should hold): users reach it without a
     host-key prompt. The answer also holds what the node's sshd needs to let the cluster's people in."""
 
-    required_scopes = ISSUE_SCOPES
+    required_scopes = {"write": NODE_SCOPES}
     throttle_scope = "host-certificates"
 
     @extend_schema(
@@ -153,6 +167,7 @@ class HostCertificateView(APIView):
 
         data = s.HostCertificateRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        _node_token_bound(request, data.validated_data["cluster"])
         issued = services.node_host_certificate_issue(
             user=request.user,
             cluster=data.validated_data["cluster"],
@@ -170,7 +185,7 @@ class NodeAccessView(APIView):
     its host certificate issued again when the cluster's lifetime was extended."""
 
     # the scopes that certify the node's host key, though this is a GET (a clusters:read token gets a 403)
-    required_scopes = {"read": ISSUE_SCOPES["write"]}
+    required_scopes = {"read": NODE_SCOPES}
 
     @extend_schema(
         parameters=[s.NodeAccessQuerySerializer],
@@ -186,6 +201,7 @@ class NodeAccessView(APIView):
 
         data = s.NodeAccessQuerySerializer(data=request.query_params)
         data.is_valid(raise_exception=True)
+        _node_token_bound(request, data.validated_data["cluster"])
         current = services.node_access_current(
             user=request.user,
             cluster=data.validated_data["cluster"],

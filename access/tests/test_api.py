@@ -686,3 +686,88 @@ def test_a_host_certificate_of_a_cluster_that_outlives_its_lifetime_is_renewed_o
     Credential.objects.update(not_after=timezone.now() + dt.timedelta(minutes=29))  # both due
     assert _host_access_with_key(client_for(alice), cluster, "node1", key).json()["host_certificate"] is None
     assert Credential.objects.filter(kind="ssh_host").count() == 2
+
+
+def _node_token(client, cluster) -> str:
+    made = client.post(f"/api/clusters/{cluster.pk}/node-token/", format="json")
+    assert made.status_code == 201, made.content
+    assert made["Cache-Control"] == "no-store"
+    assert made.data["scopes"] == [TokenScope.CLUSTER_NODE] and made.data["cluster"] == cluster.pk
+    return made.data["token"]
+
+
+def test_a_node_token_admits_to_its_clusters_node_endpoints_and_nothing_else(
+    alice, bob, team, cluster, other_cluster, gateway
+):
+    """The cluster's people are root on its nodes and read whatever token a node holds: a node token certifies
+    the cluster's nodes' host keys and tells who may log in to them — for that cluster only — and opens nothing
+    else: not the owner's clusters, not their VPN profiles, not another cluster's nodes (404, as for a cluster
+    not among yours). Made by the owner, not by a group member; revoked when the cluster ends."""
+    from portal.models import ApiToken
+
+    _, write = token_create(user=alice, name="laptop", scopes=[TokenScope.CLUSTERS_WRITE])
+    assert client_for(token=write).post(f"/api/clusters/{cluster.pk}/node-token/").status_code == 201
+    assert client_for(bob).post(f"/api/clusters/{cluster.pk}/node-token/").status_code == 403  # a group member
+    _, reader = token_create(user=alice, name="ro", scopes=[TokenScope.CLUSTERS_READ])
+    assert client_for(token=reader).post(f"/api/clusters/{cluster.pk}/node-token/").status_code == 403
+    secret = _node_token(client_for(alice), cluster)
+    node = client_for(token=secret)
+
+    issued = _host_cert_post(node, cluster, "node1", _host_key("ed25519"))
+    assert issued.status_code == 201, issued.content
+    assert Credential.objects.get(serial=issued.data["serial"]).user == alice  # (acting as the owner)
+    assert _host_access_get(node, cluster, "node1").status_code == 200
+    # another cluster's nodes: alice's own other cluster too
+    mine_too = make_cluster(alice, name="second")
+    assert _host_cert_post(node, mine_too, "node1", _host_key("ed25519")).status_code == 404
+    assert _host_access_get(node, mine_too, "node1").status_code == 404
+    assert _host_access_get(node, other_cluster, "node1").status_code == 404
+    # nothing else
+    for method, path, body in (
+        ("get", "/api/clusters/", None),
+        ("get", f"/api/clusters/{cluster.pk}/", None),
+        ("post", f"/api/clusters/{cluster.pk}/teardown/", {}),
+        ("post", f"/api/clusters/{cluster.pk}/node-token/", {}),
+        ("post", "/api/access/vpn-profiles/", {"clusters": [cluster.pk]}),
+        ("get", "/api/access/credentials/", None),
+        ("get", "/api/access/clusters/", None),
+        ("get", "/api/images/", None),
+    ):
+        response = getattr(node, method)(path, body, format="json") if body is not None else node.get(path)
+        assert response.status_code == 403, (path, response.status_code)
+
+    # the cluster ends: its node tokens are revoked
+    from clusters import services as cluster_services
+
+    cluster_services.cluster_teardown(cluster=cluster, reason="done")
+    from clusters.signals import cluster_ended
+
+    cluster.refresh_from_db()
+    cluster_ended.send(type(cluster), cluster=cluster)
+    assert not ApiToken.objects.filter(cluster=cluster, revoked_at=None).exists()
+    assert _host_access_get(node, cluster, "node1").status_code == 401
+
+
+def test_a_node_token_ends_with_its_owner(alice, charlie, cluster, gateway):
+    """A node token acts as the owner it was made for: the cluster given to another owner revokes it."""
+    from portal.models import ApiToken
+
+    secret = _node_token(client_for(alice), cluster)
+    cluster.owner = charlie
+    cluster.group = None
+    cluster.save()
+    assert ApiToken.objects.get(cluster=cluster).revoked_at is not None
+    assert _host_access_get(client_for(token=secret), cluster, "node1").status_code == 401
+
+
+def test_node_tokens_are_bounded_and_only_for_active_clusters(alice, cluster, gateway, monkeypatch):
+    monkeypatch.setattr(services, "NODE_TOKENS_PER_CLUSTER", 2)
+    _node_token(client_for(alice), cluster)
+    _node_token(client_for(alice), cluster)
+    refused = client_for(alice).post(f"/api/clusters/{cluster.pk}/node-token/")
+    assert refused.status_code == 409 and "2 live node tokens already" in refused.data["detail"]
+    from clusters.models import VirtualCluster
+
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")
+    ended = client_for(alice).post(f"/api/clusters/{cluster.pk}/node-token/")
+    assert ended.status_code in (404, 409), ended.content

@@ -337,6 +337,16 @@ class ConnectivitySerializer(StrictSerializer):
     reason = serializers.CharField(max_length=200)
 
 
+class NodeTokenSerializer(serializers.Serializer):
+    """A node token, as made (``POST /api/clusters/{id}/node-token/``): its secret is shown this once."""
+
+    token = serializers.CharField(help_text="the secret (``Authorization: Bearer …``): shown once, never again")
+    prefix = serializers.CharField(help_text="what the token is known by in lists and the admin")
+    name = serializers.CharField()
+    cluster = serializers.IntegerField(help_text="the cluster whose node endpoints it admits to")
+    scopes = serializers.ListField(child=serializers.CharField())
+
+
 class TeardownSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=200, required=False, default="requested")
 

@@ -313,6 +313,29 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
         return self._once(request, cluster, status.HTTP_200_OK, act, v)
 
+    @extend_schema(request=None, responses={201: s.NodeTokenSerializer, **_with_errors(401, 403, 404, 409, 429)})
+    @action(detail=True, methods=["post"], url_path="node-token")
+    def node_token(self, request, pk=None):
+        """A token for the cluster's nodes (the owner's, an admin's who may change clusters, the middleware's):
+        scope ``cluster:node``, bound to this cluster, acting as its owner — it certifies the nodes' host keys and
+        fetches who may log in to them (``/api/access/host-certificates/``, ``…/access/``), nothing else; revoked
+        when the cluster ends. What a node's boot script and timer hold (the cluster's people are root on its
+        nodes), never the owner's or the middleware's own token. A new one each call; the secret is shown once."""
+        from access import services as access_services
+
+        cluster = self._actionable(pk)
+        token, secret = access_services.node_token_issue(cluster=cluster)
+        body = {
+            "token": secret,
+            "prefix": token.prefix,
+            "name": token.name,
+            "cluster": cluster.pk,
+            "scopes": token.scopes,
+        }
+        response = Response(s.NodeTokenSerializer(body).data, status=status.HTTP_201_CREATED)
+        response["Cache-Control"] = "no-store"
+        return response
+
     @extend_schema(
         request=s.TeardownSerializer,
         parameters=[IDEMPOTENCY],

@@ -293,6 +293,39 @@ def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, cl
     assert code == 2 and "0 live clusters" in err
 
 
+def test_a_node_holds_a_node_token_not_the_schedulers(fabric, celery_worker, client, live_server, tmp_path):
+    """The prologue makes a token for the job's cluster's nodes (``node-token --write``: mode 0600, the secret
+    never printed); the node's boot script and timer certify its host key and fetch who may log in with it and
+    ``--cluster`` (it reads no cluster list: ``--job`` is refused with it)."""
+    code, cluster, err = up(client, "8.pbs")
+    assert code == 0, err
+    secret_file = tmp_path / "node-token"
+    code, made, err = client("node-token", "--job", "8.pbs", "--write", str(secret_file))
+    assert code == 0, err
+    assert "token" not in made and made["file"] == str(secret_file) and made["cluster"] == cluster["id"]
+    assert made["scopes"] == ["cluster:node"] and oct(secret_file.stat().st_mode & 0o777) == "0o600"
+    assert secret_file.read_text().startswith("vc_")
+
+    def on_the_node(*args: str) -> tuple[int, object, str]:
+        argv = [sys.executable, "-I", str(CLIENT), "--url", live_server.url, "--token-file", str(secret_file), *args]
+        done = subprocess.run(argv, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+        return done.returncode, json.loads(done.stdout) if done.stdout.strip() else None, done.stderr
+
+    keys, key = host_key(tmp_path)
+    code, issued, err = on_the_node("host-cert", "--cluster", str(cluster["id"]), "--node", "n2", "--key", key)
+    assert code == 0, err
+    assert issued["node"] == "n2" and (keys / "ssh_host_ed25519_key-cert.pub").exists()
+    code, _, err = on_the_node("host-access", "--cluster", str(cluster["id"]), "--node", "n2", "--dir", str(keys))
+    assert code == 0, err
+    code, _, err = on_the_node("host-cert", "--job", "8.pbs", "--node", "n2", "--key", key)
+    assert code == 2 and "scope" in err, err  # (the cluster list is not a node token's)
+    code, _, err = on_the_node("down", "--job", "8.pbs")
+    assert code == 2, err
+    assert client("down", "--job", "8.pbs", "--timeout", "60")[0] == 0
+    code, _, err = on_the_node("host-access", "--cluster", str(cluster["id"]), "--node", "n2", "--dir", str(keys))
+    assert code == 2 and "revoked" in err, err  # (ended with its cluster)
+
+
 def test_a_nodes_timer_keeps_who_may_log_in_current_through_the_client(
     alice, bob, team, fabric, celery_worker, client, tmp_path
 ):
