@@ -244,6 +244,8 @@ def connect_signals() -> None:
 
 
 _FLAGS = ("is_staff", "is_superuser")
+#: the account's columns only the portal changes (django-auth-ldap writes its whole row back at each update)
+_PORTALS = ("is_active", "password")
 
 
 def _on_populate(sender, user, ldap_user, **kwargs) -> None:
@@ -258,8 +260,14 @@ def _on_populate(sender, user, ldap_user, **kwargs) -> None:
         value = getattr(user, name) or ""
         if limit and len(value) > limit:
             setattr(user, name, "" if name == "email" else value[:limit])  # (a cut address is no address)
-    stored = type(user)._default_manager.filter(pk=user.pk).values(*_FLAGS).first() if user.pk else None
-    user._directory_flags_before = stored or dict.fromkeys(_FLAGS, False)
+    stored = type(user)._default_manager.filter(pk=user.pk).values(*_FLAGS, *_PORTALS).first() if user.pk else None
+    user._directory_flags_before = {flag: stored[flag] for flag in _FLAGS} if stored else dict.fromkeys(_FLAGS, False)
+    if stored:
+        # django-auth-ldap saves the whole row it loaded before its directory searches (round trips): what the
+        # portal changed meanwhile — a deactivation, "lost my laptop"'s new unusable password that ends the other
+        # sessions — would be written back as it was; the directory decides neither
+        for name in _PORTALS:
+            setattr(user, name, stored[name])
 
 
 def _on_user_saved(sender, instance, raw=False, **kwargs) -> None:

@@ -617,3 +617,30 @@ def test_logging_out_says_so_and_a_typed_logout_address_asks_first(client, alice
     assert "You are logged out." in response.content.decode()
     assert client.get(reverse("logout")).url == reverse("login")  # logged out already
     assert client.post(reverse("logout"), follow=True).content.decode().count("You are logged out.") == 0
+
+
+def test_a_sync_never_writes_back_a_deactivation_or_a_sign_out_made_while_it_read_the_directory(
+    client, own_directory, monkeypatch
+):
+    """django-auth-ldap loads the account, asks the directory (round trips), then saves the whole row: a
+    deactivation, or "lost my laptop"'s new unusable password (which ends the lost browser's session) committed
+    meanwhile, was written back as loaded — the account active again, the lost session valid again."""
+    from django_auth_ldap.backend import _LDAPUser
+
+    from access import services
+
+    assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 302
+    alice = User.objects.get(username="alice")
+    password_before = alice.password
+    real = _LDAPUser._populate_user_from_attributes
+
+    def meanwhile(self):
+        real(self)
+        if self._user.username == "alice":  # (the row is loaded: the portal changes it now)
+            services.sign_out_elsewhere(user=User.objects.get(username="alice"))
+            User.objects.filter(username="alice").update(is_active=False)
+
+    monkeypatch.setattr(_LDAPUser, "_populate_user_from_attributes", meanwhile)
+    run_sync()
+    alice = User.objects.get(username="alice")
+    assert not alice.is_active and alice.password != password_before and not alice.has_usable_password()
