@@ -7,6 +7,7 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -65,8 +66,44 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
     actions = ("approve", "withdraw_approval")
 
     @admin.action(description="Approve the selected images (the provider vouches for them)", permissions=["change"])
-    def approve(self, request, queryset) -> None:
-        self._set_approved(request, queryset, approved=True)
+    def approve(self, request, queryset):
+        """A page that shows each image's source first; confirmed, only the versions shown are approved (an owner
+        who changed the source meanwhile — the change took the approval away — gets no approval for one nobody
+        reviewed)."""
+        pending = list(queryset.filter(approved=False).select_related("owner").order_by("name"))
+        if request.POST.get("post") != "yes":
+            if not pending:
+                self.message_user(request, "0 image(s) approved.")
+                return None
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.model._meta,
+                "title": "Approve these images?",
+                "images": pending,
+            }
+            return TemplateResponse(request, "admin/clusters/image/approve_confirmation.html", context)
+        approved, changed = 0, []
+        for image in pending:
+            shown = request.POST.get(f"source-{image.pk}")
+            with transaction.atomic():
+                locked = Image.objects.select_for_update(no_key=True).filter(pk=image.pk, approved=False).first()
+                if locked is None:
+                    continue  # approved meanwhile
+                if shown is None or locked.source != shown:
+                    changed.append(locked.name)
+                    continue
+                locked.approved = True
+                locked.save(update_fields=["approved"])  # (audited by the model's registration)
+                approved += 1
+        self.message_user(request, f"{approved} image(s) approved.")
+        if changed:
+            self.message_user(
+                request,
+                f"Not approved: {', '.join(changed)}: the source changed since the page showed it (or it was not "
+                "shown); review it again.",
+                messages.WARNING,
+            )
+        return None
 
     @admin.action(
         description="Withdraw the approval of the selected images (their live public clusters become closed)",
@@ -89,14 +126,6 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
         if left:
             names = "; ".join(f"{c.name} ({c.owner.get_username()}): {why}" for c, why in left)
             self.message_user(request, f"Still public: {names}. Withdraw the approval again later.", messages.WARNING)
-
-    def _set_approved(self, request, queryset, *, approved: bool) -> None:
-        changed = 0
-        for image in queryset.exclude(approved=approved):  # one save each: the audit log records every change
-            image.approved = approved
-            image.save(update_fields=["approved"])
-            changed += 1
-        self.message_user(request, f"{changed} image(s) {'approved' if approved else 'no longer approved'}.")
 
 
 @admin.register(PublicPrefix)

@@ -305,7 +305,10 @@ def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     admin = APIClient()
     admin.force_login(root)
     url = "/admin/clusters/image/"
-    r = admin.post(url, {"action": "approve", "_selected_action": [image.pk]}, follow=True)
+    page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})  # what is approved, first
+    assert page.status_code == 200 and image.source in page.content.decode() and not Image.objects.get().approved
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": image.source}
+    r = admin.post(url, confirm, follow=True)
     assert r.status_code == 200 and "1 image(s) approved" in r.content.decode()
     image.refresh_from_db()
     assert image.approved
@@ -316,6 +319,28 @@ def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     assert not image.approved
     withdrawn = AuditEntry.objects.filter(object_id=str(image.pk), action="update").latest("id")
     assert withdrawn.changes["approved"] == [True, False]
+
+
+def test_admin_approves_only_the_version_it_was_shown(alice, root):
+    """The owner changes the image's source between the page that shows it and the admin's confirmation (the
+    change took any approval away): the new version, which nobody reviewed, is not approved."""
+    register(alice)
+    image = Image.objects.get(name="alice-img")
+    admin = APIClient()
+    admin.force_login(root)
+    url = "/admin/clusters/image/"
+    page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})
+    shown = image.source
+    assert f'name="source-{image.pk}" value="{shown}"' in page.content.decode()
+    Image.objects.filter(pk=image.pk).update(source="https://example.org/swapped.qcow2")  # meanwhile
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": shown}
+    r = admin.post(url, confirm, follow=True)
+    text = r.content.decode()
+    assert "0 image(s) approved" in text and "Not approved: alice-img: the source changed" in text
+    assert not Image.objects.get(pk=image.pk).approved
+    forged = {"action": "approve", "_selected_action": [image.pk], "post": "yes"}  # no version shown: none approved
+    assert "Not approved: alice-img" in admin.post(url, forged, follow=True).content.decode()
+    assert not Image.objects.get(pk=image.pk).approved
 
 
 def test_the_list_costs_the_same_queries_for_many_images(alice, bob, django_assert_num_queries):
