@@ -27,13 +27,17 @@ logger = logging.getLogger(__name__)
 
 
 class ScopedThrottle(SimpleRateThrottle):
-    """DRF's fixed-window-by-history throttle, per user (per client address without one), with the rate of the
-    view's ``throttle_scope`` read from the settings at each request."""
+    """Per user (per client address without one), with the rate of the view's ``throttle_scope`` read from the
+    settings at each request; counted atomically in the cache (``add`` + ``incr``: one Redis ``INCR``), by a
+    sliding window estimated from two fixed ones (this window's count and the previous one's, weighted by how
+    much of it still falls within the last ``duration``). DRF's own throttle reads a history and writes it back:
+    parallel requests each read the same history, and each got through — a limit multiplied by the concurrency
+    of a runaway script, the case it is there for."""
 
     cache_format = "throttle:%(scope)s:%(ident)s"
 
     def __init__(self):  # (the rate depends on the view: set in allow_request)
-        pass
+        self._wait = None
 
     def allow_request(self, request, view) -> bool:
         self.scope = getattr(view, "throttle_scope", None)
@@ -44,10 +48,32 @@ class ScopedThrottle(SimpleRateThrottle):
             return True
         self.num_requests, self.duration = self.parse_rate(self.rate)
         try:
-            return super().allow_request(request, view)
+            return self._counted(self.get_cache_key(request, view))
         except Exception as exc:  # noqa: BLE001 (the cache is down: let it through, say so)
             logger.warning("rate limit %s not checked: the cache failed: %s", self.scope, exc)
             return True
+
+    def _counted(self, base: str) -> bool:
+        now = self.timer()
+        window, into = divmod(now, self.duration)
+        key, previous_key = f"{base}:{int(window)}", f"{base}:{int(window) - 1}"
+        self.cache.add(key, 0, timeout=2 * self.duration + 1)  # (no-op when it is there: then incr counts)
+        current = self.cache.incr(key)
+        previous = self.cache.get(previous_key) or 0
+        share = 1 - into / self.duration  # of the previous window, what is still within the last ``duration``
+        if previous * share + current <= self.num_requests:
+            return True
+        self.cache.decr(key)  # a refused request is not counted (as DRF's does not)
+        current -= 1
+        if current >= self.num_requests:  # this window alone is full: until it ends
+            self._wait = self.duration - into
+        else:  # until the previous window's weight has fallen enough for one more
+            needed_share = (self.num_requests - current - 1) / previous if previous else 0
+            self._wait = max(0.0, (share - max(needed_share, 0.0)) * self.duration)
+        return False
+
+    def wait(self):
+        return self._wait
 
     def get_cache_key(self, request, view) -> str:
         user = getattr(request, "user", None)

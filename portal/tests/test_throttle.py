@@ -119,3 +119,41 @@ def test_rates_are_read_from_one_setting_and_a_bad_one_is_refused():
     ):
         with pytest.raises(ImproperlyConfigured, match="API_THROTTLE_RATES"):
             _rates(bad)
+
+
+@pytest.mark.parametrize("backend", ["locmem", "redis"])
+def test_parallel_requests_are_counted_each_never_one_count_for_many(settings, alice, backend):
+    """DRF's throttle reads a request history and writes it back: parallel requests each read the same one, and
+    all got through — a runaway script's concurrency multiplied the limit. Counted atomically (``incr``), 20 at
+    once against 5/min let exactly 5 through, in one process's memory and in Redis shared by every web worker."""
+    import threading
+    import uuid
+    from types import SimpleNamespace
+
+    from portal.throttle import ScopedThrottle
+
+    if backend == "redis":
+        import os
+
+        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12")
+        settings.CACHES = {
+            "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url, "KEY_PREFIX": "t"}
+        }
+    settings.API_THROTTLE_RATES = {"credentials": "5/min"}
+    view = SimpleNamespace(throttle_scope="credentials")
+    user = SimpleNamespace(pk=f"parallel-{uuid.uuid4().hex}", is_authenticated=True)  # (a key no other test uses)
+    request = SimpleNamespace(method="POST", user=user, META={})
+    start, allowed = threading.Barrier(20), []
+
+    def one():
+        start.wait()
+        allowed.append(ScopedThrottle().allow_request(request, view))
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert allowed.count(True) == 5 and len(allowed) == 20
+    throttle = ScopedThrottle()
+    assert not throttle.allow_request(request, view) and 1 <= throttle.wait() <= 60
