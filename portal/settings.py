@@ -473,6 +473,16 @@ CELERY_BEAT_SCHEDULE["access-mail-expiring"] = every("access.mail_expiring", 360
 LDAP_SYNC_INTERVAL = env_int("LDAP_SYNC_INTERVAL", 600, minimum=30)
 if LDAP:
     CELERY_BEAT_SCHEDULE["portal-ldap-sync"] = every("portal.ldap_sync", LDAP_SYNC_INTERVAL)
+# the queue beat sends the sweeps to (expiry and its deadlines, reconcile, the rollbacks' retries, webhooks, …):
+# empty, the central worker's (CELERY_TASK_DEFAULT_QUEUE), where the devices without a worker queue of their own
+# get their tasks too — a burst of provisionings can keep every slot busy longer than a sweep's message lives
+# (its interval, a minute at least), and it is dropped. Set, a worker of its own consumes it (-Q periodic).
+PERIODIC_QUEUE = env_str("PERIODIC_QUEUE", "")
+if PERIODIC_QUEUE and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", PERIODIC_QUEUE):
+    raise ImproperlyConfigured(f"PERIODIC_QUEUE={PERIODIC_QUEUE!r} must be a queue name (letters, digits, . _ -)")
+if PERIODIC_QUEUE:
+    for _entry in CELERY_BEAT_SCHEDULE.values():
+        _entry.setdefault("options", {})["queue"] = PERIODIC_QUEUE
 
 # Error reports (the DEBUG page, report e-mails) never show a frame variable that holds a private key.
 DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.reporting.SecretsFilter"

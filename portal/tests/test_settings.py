@@ -38,6 +38,7 @@ print(json.dumps({
     "LOG_LEVEL": settings.LOG_LEVEL,
     "BEAT": {name: [entry["task"], entry["schedule"]] for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
              if isinstance(entry["schedule"], (int, float))},
+    "BEAT_QUEUES": sorted({str(e.get("options", {}).get("queue")) for e in settings.CELERY_BEAT_SCHEDULE.values()}),
 }))
 """
 
@@ -75,6 +76,14 @@ def test_defaults_run_with_nothing_installed(tmp_path):
     assert values["LDAP_URI"] is None
     assert values["BEAT"]["access-sweep-credentials"] == ["access.sweep_credentials", 300]
     assert "portal-ldap-sync" not in values["BEAT"]  # no directory, nothing to follow
+
+
+def test_the_sweeps_go_to_a_queue_of_their_own_when_one_is_named(tmp_path):
+    """Beat's sweeps share the central worker's queue by default; ``PERIODIC_QUEUE`` sends every one of them to a
+    queue a worker of its own consumes (a burst of device tasks never makes their messages expire)."""
+    assert loaded(tmp_path, DEBUG="true")["BEAT_QUEUES"] == ["None"]  # (the default queue)
+    assert loaded(tmp_path, DEBUG="true", PERIODIC_QUEUE="periodic")["BEAT_QUEUES"] == ["periodic"]
+    assert "PERIODIC_QUEUE='no way' must be a queue name" in refused(tmp_path, DEBUG="true", PERIODIC_QUEUE="no way")
 
 
 def test_secret_key_is_required_when_debug_is_off(tmp_path):

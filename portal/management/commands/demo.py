@@ -105,7 +105,9 @@ class Command(BaseCommand):
 
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         celery = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
-        queues = sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *device_queues()})
+        queues = sorted(
+            {settings.CELERY_TASK_DEFAULT_QUEUE, *device_queues(), *filter(None, [settings.PERIODIC_QUEUE])}
+        )
         self._start("web", [sys.executable, manage, "runserver", addr, "--noreload"], env)
         self._start(
             "worker",
