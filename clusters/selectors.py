@@ -404,20 +404,80 @@ def _count_union(runs: set[tuple[int, int]]) -> int:
     return count
 
 
+#: what a device's own message becomes for whom may not read the device history (``sees_device_messages``)
+DEVICE_MESSAGE = "(the device's message: ask an operator)"
+
+
+def sees_device_messages(request) -> bool:
+    """Whether the caller reads the devices' own messages (they quote the devices' configuration): middleware
+    (``clusters:manage``: the caller the failure is for), a token with ``network:read``, staff who may view device
+    changes; not a cluster's owner or group (``cluster_network``, a cluster's reason and steps)."""
+    from network.models import DeviceChange
+
+    token = getattr(request, "auth", None)
+    if isinstance(token, ApiToken):
+        return token.has_scope(TokenScope.CLUSTERS_MANAGE) or token.has_scope(TokenScope.NETWORK_READ)
+    return staff_may(request.user, "view", DeviceChange)
+
+
+def device_messages(request, clusters) -> dict[int, list[tuple[str, str]]]:
+    """Per cluster (by id), the devices' messages (device, message) its network recorded, to take out of what
+    the caller is shown (``without_device_messages``); empty for a caller who reads them, and without a query
+    for clusters with nothing that could quote one (no reason, no step error)."""
+    from network.models import DeviceChange
+
+    if request is None or sees_device_messages(request):
+        return {}
+    said = {c.pk: c for c in clusters if c.state_reason or any(step.error or step.detail for step in c.steps.all())}
+    if not said:
+        return {}
+    refs = {c.ref: c.pk for c in said.values()}
+    found: dict[int, list[tuple[str, str]]] = {}
+    rows = (
+        DeviceChange.objects.filter(segment__owner_ref__in=list(refs))
+        .exclude(error="")
+        .values_list("segment__owner_ref", "device", "error")
+        .distinct()
+    )
+    for ref, device, error in rows:
+        found.setdefault(refs[ref], []).append((device, error))
+    for pairs in found.values():
+        pairs.sort(key=lambda pair: -len(pair[1]))  # (a longer message first: never half of one replaced)
+    return found
+
+
+def without_device_messages(text: str, messages: list[tuple[str, str]]) -> str:
+    """``text`` (a cluster's reason, a step's error) with each "<device>: <its message>" it quotes (how a failure
+    names its device: ``network.errbacks.describe``) said as "<device>: (the device's message: …)"."""
+    for device, message in messages:
+        if text and message:
+            text = text.replace(f"{device}: {message}", f"{device}: {DEVICE_MESSAGE}")
+    return text
+
+
+def hide_device_messages(request, clusters) -> None:
+    """For the browser pages: each cluster's reason and (prefetched or cached) steps, in memory only, without the
+    devices' messages the caller may not read (``device_messages``). The rows are never saved from there."""
+    found = device_messages(request, clusters)
+    for cluster in clusters:
+        messages = found.get(cluster.pk)
+        if not messages:
+            continue
+        cluster.state_reason = without_device_messages(cluster.state_reason, messages)
+        for step in cluster.steps.all():
+            step.error = without_device_messages(step.error, messages)
+            step.detail = without_device_messages(step.detail, messages)
+
+
 def cluster_network(request, cluster: VirtualCluster) -> dict:
     """What ``cluster``'s network is made of now (``network.selectors.segment_status``): each switch and host with
     its last change for the cluster and the open drift on its VLAN. The devices' own messages only for whom may
     read the device history (middleware; a token with ``network:read``; staff who may view device changes): they
     quote the devices' configuration; so do the drift's port names."""
-    from network.models import DeviceChange
+    from network.models import Segment
     from network.selectors import segment_status
 
-    token = getattr(request, "auth", None)
-    if isinstance(token, ApiToken):
-        detailed = token.has_scope(TokenScope.CLUSTERS_MANAGE) or token.has_scope(TokenScope.NETWORK_READ)
-    else:
-        detailed = staff_may(request.user, "view", DeviceChange)
-    from network.models import Segment
+    detailed = sees_device_messages(request)
 
     # (a cluster that ended no longer links its segment: its last one, by its reference, tells what was cleaned)
     segment = cluster.segment or Segment.objects.filter(owner_ref=cluster.ref).order_by("-pk").first()
@@ -434,7 +494,7 @@ def cluster_network(request, cluster: VirtualCluster) -> dict:
                 "enabled": d.enabled,
                 "status": d.status,
                 "changed_at": d.changed_at,
-                "error": d.error if detailed else ("" if not d.error else "(the device's message: ask an operator)"),
+                "error": d.error if detailed else ("" if not d.error else DEVICE_MESSAGE),
                 # (a switch's port names are the operators', as its messages are)
                 "drift": [
                     {"port": r.port if detailed else "", "kind": r.kind, "found_at": r.found_at} for r in d.drift

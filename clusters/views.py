@@ -153,6 +153,8 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             form = refused if refused is not None and refused.cluster.pk == cluster.pk else ExtendForm(cluster=cluster)
             form.offer(now)
             cluster.extend_form = form
+    ended = list(clusters.exclude(state__in=LIVE_STATES).order_by(F("ended_at").desc(nulls_last=True), "-id")[:10])
+    selectors.hide_device_messages(request, live + ended)  # (in memory: not the cluster's people's to read)
     return render(
         request,
         "clusters/home.html",
@@ -167,9 +169,7 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             "transitional_states": ",".join(s for s in LIVE_STATES if s not in SETTLED_STATES),
             "state_labels": dict(ClusterState.choices),
             # the last ten to end (a long-lived cluster torn down a minute ago before ten jobs' made after it)
-            "ended": list(
-                clusters.exclude(state__in=LIVE_STATES).order_by(F("ended_at").desc(nulls_last=True), "-id")[:10]
-            ),
+            "ended": ended,
         },
         status=status,
     )
@@ -185,6 +185,12 @@ def detail(request, pk: int):
         selectors.clusters_visible(request).select_related("owner", "group", "image", "segment"), pk=pk
     )
     steps = list(cluster.steps.order_by("-started_at", "-id")[:50])
+    messages_hidden = selectors.device_messages(request, [cluster]).get(cluster.pk)
+    if messages_hidden:  # (in memory, for the page: the devices' messages are not the cluster's people's to read)
+        cluster.state_reason = selectors.without_device_messages(cluster.state_reason, messages_hidden)
+        for step in steps:
+            step.error = selectors.without_device_messages(step.error, messages_hidden)
+            step.detail = selectors.without_device_messages(step.detail, messages_hidden)
     for step in steps:
         seconds = (step.finished_at - step.started_at).total_seconds() if step.finished_at else None
         step.took = "" if seconds is None else f"{seconds:.2f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
@@ -267,6 +273,7 @@ def teardown(request, pk: int):
     if not selectors.may_act_on(request, cluster):
         return _not_yours(request, cluster)
     if request.method != "POST":
+        selectors.hide_device_messages(request, [cluster])  # (in memory, for the page only)
         return render(
             request,
             "clusters/teardown.html",

@@ -497,6 +497,18 @@ class ProgressSerializer(serializers.Serializer):
     )
 
 
+class ClusterListSerializer(serializers.ListSerializer):
+    """A page of clusters: the devices' messages to take out looked up once for the page (one query)."""
+
+    def to_representation(self, data):
+        clusters = list(data.all() if hasattr(data, "all") else data)
+        self.child._device_messages = selectors.device_messages(self.context.get("request"), clusters)
+        try:
+            return super().to_representation(clusters)
+        finally:
+            self.child._device_messages = None
+
+
 class ClusterSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     group = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
@@ -514,6 +526,7 @@ class ClusterSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = VirtualCluster
+        list_serializer_class = ClusterListSerializer
         fields = [
             "id",
             "name",
@@ -542,6 +555,21 @@ class ClusterSerializer(serializers.ModelSerializer):
     @extend_schema_field(ProgressSerializer)
     def get_progress(self, cluster: VirtualCluster) -> dict:
         return selectors.cluster_progress(cluster)
+
+    def to_representation(self, instance):
+        """The cluster; its reason and steps without the devices' own messages for a caller who may not read
+        them (``selectors.device_messages``: its owner and group; the middleware, the failure's caller, does)."""
+        data = super().to_representation(instance)
+        found = getattr(self, "_device_messages", None)
+        if found is None:
+            found = selectors.device_messages(self.context.get("request"), [instance])
+        messages = found.get(instance.pk)
+        if messages:
+            data["state_reason"] = selectors.without_device_messages(data["state_reason"], messages)
+            for step in data["steps"]:
+                for key in ("error", "detail"):
+                    step[key] = selectors.without_device_messages(step[key], messages)
+        return data
 
 
 class WebhookSerializer(serializers.ModelSerializer):

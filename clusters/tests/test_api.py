@@ -860,6 +860,43 @@ def test_a_failing_receiver_of_cluster_ended_does_not_fail_the_teardown(fabric, 
     assert cluster.steps.get(name="teardown").status == "ok"
 
 
+def test_a_devices_own_message_is_the_middlewares_and_operators_not_the_clusters_people(
+    fabric, images, api, alice, scheduler, root, errbacks_run
+):
+    """A failure names its device and quotes the device's own message (the middleware, the failure's caller,
+    reads it: ``clusters:manage``); the cluster's owner and group see the device named and the message withheld —
+    as the network view does — in the API's reason and steps and on the pages (the message quotes the device's
+    configuration)."""
+    from django.test import Client
+
+    from network.models import DeviceChange
+
+    api.force_authenticate(alice)
+    cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    fabric.set_switch_args("sw-pilsen", fail_commit="permanent")
+    assert api.post(f"/api/clusters/{cid}/teardown/", {}, format="json").status_code == 202
+    message = DeviceChange.objects.filter(device="sw-pilsen").exclude(error="").latest("pk").error
+    quoted, withheld = f"sw-pilsen: {message}", "sw-pilsen: (the device's message: ask an operator)"
+    assert quoted in VirtualCluster.objects.get(pk=cid).state_reason  # (as recorded)
+
+    mine = api.get(f"/api/clusters/{cid}/").data
+    assert withheld in mine["state_reason"] and message not in mine["state_reason"], mine["state_reason"]
+    assert all(message not in (step["error"] + step["detail"]) for step in mine["steps"])
+    listed = {c["id"]: c for c in api.get("/api/clusters/").data["results"]}[cid]
+    assert withheld in listed["state_reason"] and message not in str(listed)
+    full = scheduler.get(f"/api/clusters/{cid}/").data
+    assert quoted in full["state_reason"]
+
+    browser = Client()
+    browser.force_login(alice)
+    for page in (browser.get("/").content.decode(), browser.get(f"/clusters/{cid}/").content.decode()):
+        assert message not in page.replace("&#x27;", "'") and "the device&#x27;s message: ask an operator" in page
+    operator = Client()
+    operator.force_login(root)
+    assert message in operator.get(f"/clusters/{cid}/").content.decode().replace("&#x27;", "'")
+    assert quoted in VirtualCluster.objects.get(pk=cid).state_reason  # (the pages changed nothing stored)
+
+
 def test_teardown_stuck_on_a_failing_switch_is_retried_by_the_periodic_task(fabric, images, api, alice, errbacks_run):
     api.force_authenticate(alice)
     cid = api.post("/api/clusters/", body(), format="json").data["id"]
