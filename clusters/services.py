@@ -1178,17 +1178,24 @@ def clusters_close_unapproved_public() -> list[int]:
     create committed as public meanwhile: it would stay on the provider's routed addresses until it ends. One in
     a workflow now is closed at a later run, once it is READY; ids of the clusters closed."""
     closed = []
-    found = VirtualCluster.objects.filter(
-        state=ClusterState.READY,
-        connectivity=Connectivity.PUBLIC,
-        connectivity_overridden_by=None,
-        image__approved=False,
-    ).select_related("image")
+    found = (
+        VirtualCluster.objects.filter(
+            state=ClusterState.READY,
+            connectivity=Connectivity.PUBLIC,
+            connectivity_overridden_by=None,
+            image__approved=False,
+        )
+        # an override whose admin's account was deleted since (the column is SET_NULL) still is one
+        .exclude(connectivity_reason__startswith="overridden by ")
+        .select_related("image")
+    )
     for cluster in found.order_by("pk"):
         try:
             with audit.audit_actor("policy"), transaction.atomic():
                 locked = _locked(cluster)
-                if locked.connectivity_overridden_by_id is not None:
+                if locked.connectivity_overridden_by_id is not None or locked.connectivity_reason.startswith(
+                    "overridden by "
+                ):
                     continue  # an administrator vouched for it meanwhile
                 _connectivity_set(
                     cluster=locked,

@@ -156,7 +156,7 @@ class ApiTokenAdmin(SavesWhatChanged, admin.ModelAdmin):
     )
     list_filter = ("revoked_at",)
     search_fields = ("name", "user__username", "prefix")
-    list_select_related = ("user", "cluster")
+    list_select_related = ("user", "cluster__owner")
     actions = ["revoke"]
 
     def has_add_permission(self, request) -> bool:
@@ -166,8 +166,8 @@ class ApiTokenAdmin(SavesWhatChanged, admin.ModelAdmin):
         if obj is None:
             return ()
         fixed = ("user", "prefix", "created_at", "revoked_at", "last_used_at", "last_used_ip")
-        if obj.cluster_id is not None:  # a node token: its cluster and scope are what it is
-            return (*fixed, "cluster", "scopes")
+        if obj.cluster_id is not None:  # a node token: its cluster and scope are what it is; it ends with it
+            return (*fixed, "cluster", "scopes", "expires_at")
         return fixed if request.user.is_superuser else (*fixed, "scopes", "expires_at")
 
     def save_model(self, request, obj, form, change):

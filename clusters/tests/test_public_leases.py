@@ -177,6 +177,10 @@ def test_a_public_cluster_left_by_a_withdrawal_is_closed_by_the_periodic_sweep(c
     assert PublicSubnetLease.objects.get(cluster=web).ended_at is not None
     assert VirtualCluster.objects.get(pk=vouched.pk).connectivity == "public"  # the admin vouched for it
     assert services.clusters_close_unapproved_public() == []
+    # the admin's account deleted since (the override's column is emptied): still their override, still public
+    VirtualCluster.objects.filter(pk=vouched.pk).update(connectivity_overridden_by=None)
+    assert services.clusters_close_unapproved_public() == []
+    assert VirtualCluster.objects.get(pk=vouched.pk).connectivity == "public"
 
 
 def test_an_approved_images_source_stays_while_public_clusters_boot_it(create, alice):

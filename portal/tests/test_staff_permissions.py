@@ -402,3 +402,27 @@ def test_an_admin_change_saves_only_what_it_changed_never_undoing_a_service_mean
     assert r.status_code == 302, r.context["adminform"].form.errors if r.context else r
     image = Image.objects.get(pk=image.pk)
     assert image.description == "checked" and image.approved is False
+
+
+def test_node_tokens_in_the_admin_keep_their_cluster_scope_and_end_and_list_in_constant_queries(
+    root, alice, django_assert_max_num_queries
+):
+    """A node token is what it is (its cluster, its scope, no expiry: it ends with the cluster) for every staff
+    member; the token list names each one's cluster without a query per row."""
+    from access import services as access_services
+    from access.tests.fixtures import make_cluster
+
+    cluster = make_cluster(alice, name="mpi")
+    token, _ = access_services.node_token_issue(cluster=cluster)
+    clerk = staff("clerk", "portal.change_apitoken", "portal.view_apitoken")
+    for who in (clerk, root):
+        form = logged_in(who).get(f"/admin/portal/apitoken/{token.pk}/change/").context["adminform"].form
+        assert not {"expires_at", "scopes"} & set(form.fields), who
+    client = logged_in(root)
+    client.get("/admin/portal/apitoken/")  # (warm: the session, the content types)
+    with django_assert_max_num_queries(12) as few:
+        client.get("/admin/portal/apitoken/")
+    for i in range(10):
+        access_services.node_token_issue(cluster=make_cluster(alice, name=f"c{i}"))
+    with django_assert_max_num_queries(len(few.captured_queries)):
+        assert client.get("/admin/portal/apitoken/").status_code == 200
