@@ -94,10 +94,13 @@ def user_groups_changed(sender, instance, action, reverse, pk_set, **kwargs) -> 
         users = [instance]
     with transaction.atomic():  # all at once, in one order (no deadlock); one CRL/KRL for all
         services.credentials_revoke_unauthorized(users=users)
-        # and a cluster one of them owns is no longer shared with a group they left: its people lose it
+        # and a cluster one of them owns is no longer shared with a group they left: its people lose it — every
+        # member's row locked first, as for a member who leaves (an issuance in flight for one of them records
+        # its credential first, then is found here; or waits, and then sees the share gone)
         unshared = selectors.clusters_unshared_by_owner(users)
         if unshared:
-            services.credentials_revoke_unauthorized(clusters=unshared)
+            members = get_user_model().objects.filter(groups__clusters__pk__in=unshared).distinct()
+            services.credentials_revoke_unauthorized(users=list(members), clusters=unshared)
 
 
 def group_deleting(sender, instance, **kwargs) -> None:

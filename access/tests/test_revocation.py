@@ -561,3 +561,48 @@ def test_a_gateway_state_never_cuts_a_session_its_crl_still_admits(alice, cluste
     in_crl = {r.serial_number for r in x509.load_pem_x509_crl(doc["vpn"]["crl"].encode())}
     assert Credential.objects.get(pk=lost.pk).revoked_at is not None  # (it was revoked meanwhile)
     assert {s["serial"] for s in doc["vpn"]["revoked_sessions"]} <= in_crl
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owner_leaving_while_a_members_credential_is_recorded_revokes_it(
+    alice, bob, team, cluster, gateway, monkeypatch
+):
+    """The owner leaves the group after a member's issuance made its last check but before its commit: the
+    removal locks every member's row (as a member's own leaving locks theirs), waits for the issuance's commit,
+    then finds the new credential and revokes it — it found none, and bob kept a credential for a cluster no
+    longer shared with him."""
+    import threading
+    import time
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    checked, removed_at = threading.Event(), []
+    real = services.clusters_authorize
+
+    def authorize_then_pause(**kwargs):
+        chosen = real(**kwargs)
+        if kwargs.get("lock"):  # the re-check under the locks: let the owner's removal start now
+            checked.set()
+            time.sleep(0.5)
+        return chosen
+
+    def remove_the_owner():
+        try:
+            checked.wait(10)
+            alice.groups.remove(team)
+            removed_at.append(time.monotonic())
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(services, "clusters_authorize", authorize_then_pause)
+    remover = threading.Thread(target=remove_the_owner)
+    remover.start()
+    profile = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
+    committed = time.monotonic()
+    remover.join(10)
+    assert removed_at and removed_at[0] >= committed  # the removal waited for the issuance's commit
+    credential = Credential.objects.get(pk=profile.credential.pk)
+    assert credential.revocation_reason == RevocationReason.AFFILIATION_CHANGED
+    assert credential.serial in crl_serials()
