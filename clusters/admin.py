@@ -301,6 +301,25 @@ class StepInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None):
         return False
 
+    def get_formset(self, request, obj=None, **kwargs):
+        """The steps without the devices' own messages for staff who may not view device changes (as the API
+        and the pages show them: ``selectors.device_messages``); in memory, for the page (the rows are read-only)."""
+        formset = super().get_formset(request, obj, **kwargs)
+        messages = selectors.device_messages(request, [obj]).get(obj.pk) if obj is not None else None
+        if not messages:
+            return formset
+
+        class Withheld(formset):
+            def get_queryset(self):
+                if not hasattr(self, "_withheld"):
+                    self._withheld = list(super().get_queryset())
+                    for step in self._withheld:
+                        step.error = selectors.without_device_messages(step.error, messages)
+                        step.detail = selectors.without_device_messages(step.detail, messages)
+                return self._withheld
+
+        return Withheld
+
 
 class VirtualClusterForm(forms.ModelForm):
     """The one field admins edit, the expiry, checked by the service before anything is saved: a refused
@@ -377,6 +396,16 @@ class VirtualClusterAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # clusters are created through the API, where the policy and the workflow run
+
+    def get_object(self, request, object_id, from_field=None):
+        """Its reason without the devices' own messages for staff who may not view device changes (in memory: the
+        page's one editable field, the expiry, is saved by the service, never the row as loaded)."""
+        cluster = super().get_object(request, object_id, from_field)
+        if cluster is not None:
+            messages = selectors.device_messages(request, [cluster]).get(cluster.pk)
+            if messages:
+                cluster.state_reason = selectors.without_device_messages(cluster.state_reason, messages)
+        return cluster
 
     def has_delete_permission(self, request, obj=None):
         # No Delete button on a live cluster's page: the delete would be refused (get_deleted_objects).

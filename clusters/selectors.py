@@ -448,10 +448,20 @@ def device_messages(request, clusters) -> dict[int, list[tuple[str, str]]]:
 
 def without_device_messages(text: str, messages: list[tuple[str, str]]) -> str:
     """``text`` (a cluster's reason, a step's error) with each "<device>: <its message>" it quotes (how a failure
-    names its device: ``network.errbacks.describe``) said as "<device>: (the device's message: …)"."""
+    names its device: ``network.errbacks.describe``) said as "<device>: (the device's message: …)" — also the
+    message's start where the text was cut short within it (a reason holds at most 2000 characters, and joins
+    several), and the message as Python wrote it (``DeviceChangeFailed('sw1', '…', 12)``: a chord's error when the
+    failed task's own result was lost)."""
     for device, message in messages:
-        if text and message:
-            text = text.replace(f"{device}: {message}", f"{device}: {DEVICE_MESSAGE}")
+        if not text or not message:
+            continue
+        said = f"{device}: "
+        text = text.replace(f"{said}{message}", f"{said}{DEVICE_MESSAGE}")
+        text = text.replace(repr(message), repr(DEVICE_MESSAGE))
+        cut = text.rfind(said)
+        tail = text[cut + len(said) :] if cut >= 0 else ""
+        if tail and tail != DEVICE_MESSAGE and message.startswith(tail):  # the text ends inside the message
+            text = f"{text[: cut + len(said)]}{DEVICE_MESSAGE}"
     return text
 
 

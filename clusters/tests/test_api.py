@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from clusters import services, workflows
+from clusters import selectors, services, workflows
 from clusters.errors import Conflict
 from clusters.models import (
     ClusterState,
@@ -894,7 +894,30 @@ def test_a_devices_own_message_is_the_middlewares_and_operators_not_the_clusters
     operator = Client()
     operator.force_login(root)
     assert message in operator.get(f"/clusters/{cid}/").content.decode().replace("&#x27;", "'")
+    admin_page = f"/admin/clusters/virtualcluster/{cid}/change/"
+    assert message in operator.get(admin_page).content.decode().replace("&#x27;", "'")
+    # staff who may view clusters, not device changes: the admin's page withholds it too
+    from portal.tests.test_staff_permissions import staff
+
+    viewer = Client()
+    viewer.force_login(staff("vera", "clusters.view_virtualcluster"))
+    page = viewer.get(admin_page).content.decode().replace("&#x27;", "'")
+    assert message not in page and withheld in page
     assert quoted in VirtualCluster.objects.get(pk=cid).state_reason  # (the pages changed nothing stored)
+
+
+def test_a_devices_message_is_withheld_also_cut_short_or_as_python_wrote_it():
+    """A reason joins several failures and is cut at 2000 characters (the last message may end half-way); a
+    chord's error, when the failed task's result was lost, quotes the message as Python writes it."""
+    long = "commit refused: interface Gi0/1 switchport trunk allowed vlan add 4095 % Invalid input " * 30
+    messages = sorted([("sw1", long), ("sw2", "boom")], key=lambda pair: -len(pair[1]))
+    withheld = "(the device's message: ask an operator)"
+    cut = f"provisioning failed: sw2: boom; compensation incomplete (sw1: {long})"[:400]
+    said = selectors.without_device_messages(cut, messages)
+    assert said == f"provisioning failed: sw2: {withheld}; compensation incomplete (sw1: {withheld}"
+    chord = f"Dependency 1a2b raised DeviceChangeFailed('sw1', {long!r}, 12)"
+    assert long[:40] not in selectors.without_device_messages(chord, messages)
+    assert selectors.without_device_messages("sw3: boom", messages) == "sw3: boom"  # (another device's words)
 
 
 def test_teardown_stuck_on_a_failing_switch_is_retried_by_the_periodic_task(fabric, images, api, alice, errbacks_run):
