@@ -60,6 +60,7 @@ class VpnProfileForm(PageForm):
     label = label_field()
 
     def __init__(self, *args, clusters=(), **kwargs):
+        kwargs.setdefault("auto_id", "vpn-%s")  # (the page holds both forms: each field's id once)
         super().__init__(*args, **kwargs)
         self.fields["clusters"].choices = choices = [cluster_choice(c) for c in clusters]
         if len(choices) == 1:  # nothing to choose: the only cluster is ticked (an unticked one can still be sent)
@@ -88,5 +89,6 @@ class SshCertificateForm(PageForm):
     label = label_field()
 
     def __init__(self, *args, clusters=(), **kwargs):
+        kwargs.setdefault("auto_id", "ssh-%s")  # (the page holds both forms: each field's id once)
         super().__init__(*args, **kwargs)
         self.fields["cluster"].choices = [cluster_choice(c) for c in clusters]

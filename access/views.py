@@ -15,6 +15,7 @@ from django.template.defaultfilters import pluralize
 from django.utils.http import content_disposition_header
 from django.utils.text import capfirst
 from django.views.decorators.cache import never_cache
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods, require_safe
 
 from access import selectors, services
@@ -67,7 +68,11 @@ def _refused(request, form, exc: AccessError):
 
 
 def _invalid(request, form) -> HttpResponse:
-    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost)."""
+    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost) — but a
+    private key pasted where the public one goes, which is never sent back (the page says never to share it)."""
+    if "PRIVATE KEY" in str(form.data.get("public_key", "")):
+        form.data = form.data.copy()
+        form.data["public_key"] = ""
     form.focus_first_error()
     forms = {"vpn_form": form} if isinstance(form, VpnProfileForm) else {"ssh_form": form}
     return _page(request, **forms, status=400)
@@ -128,6 +133,7 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
 
 @_form_action
 @login_required
+@never_cache  # (the answer is a profile with its private key, or the page again with what was typed)
 @_within_rate
 def vpn_profile_download(request):
     form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
@@ -146,7 +152,9 @@ def vpn_profile_download(request):
 
 
 @_form_action
+@sensitive_post_parameters("public_key")  # (error reports: a private key pasted by mistake)
 @login_required
+@never_cache
 @_within_rate
 def ssh_download(request):
     form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))

@@ -123,14 +123,14 @@ def test_login_download_vpn_and_ssh_then_revoke(
     assert "ssh -F virtcloud.conf " in page.inner_text("#ssh")
 
     # A pasted key that is not one: the page comes back with it, and the error at the field.
-    page.select_option("#id_cluster", str(cluster.pk))
-    page.fill("#id_public_key", "ssh-ed25519 not-a-key")
+    page.select_option("#ssh-cluster", str(cluster.pk))
+    page.fill("#ssh-public_key", "ssh-ed25519 not-a-key")
     page.click("#ssh-form button[type=submit]")
     page.wait_for_load_state()
-    assert page.input_value("#id_public_key") == "ssh-ed25519 not-a-key"
-    assert "Not a valid OpenSSH public key" in page.inner_text("#id_public_key_error")
-    assert page.evaluate("document.activeElement.id") == "id_public_key"  # focused there
-    page.fill("#id_public_key", "")
+    assert page.input_value("#ssh-public_key") == "ssh-ed25519 not-a-key"
+    assert "Not a valid OpenSSH public key" in page.inner_text("#ssh-public_key_error")
+    assert page.evaluate("document.activeElement.id") == "ssh-public_key"  # focused there
+    page.fill("#ssh-public_key", "")
 
     assert not page.query_selector("#credentials tr[data-serial]")
     page.check(f"#vpn-form input[value='{cluster.pk}']")
@@ -148,7 +148,7 @@ def test_login_download_vpn_and_ssh_then_revoke(
     assert parsed.fqans == [f"/virtcloud/{label}/Role=member"]  # only the chosen cluster, not hpc
     assert parsed.directives["setenv"] == [f"UV_VCLUSTER {label}"]
 
-    page.select_option("#id_cluster", str(cluster.pk))
+    page.select_option("#ssh-cluster", str(cluster.pk))
     with page.expect_download() as info:
         page.click("#ssh-form button[type=submit]")
     bundle = info.value

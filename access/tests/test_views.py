@@ -45,7 +45,7 @@ def test_page_lists_enterable_clusters_and_the_client_note(alice, bob, charlie, 
 def test_vpn_download_from_the_page(bob, cluster, gateway):
     response = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]})
     assert response.status_code == 200
-    assert response["Cache-Control"] == "no-store"
+    assert "no-store" in response["Cache-Control"].split(", ")
     assert response["Content-Disposition"].startswith("attachment;")
     both = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk, make_cluster(bob, name="two").pk]})
     assert 'filename="virtcloud-bob.ovpn"' in both["Content-Disposition"]  # as the page says
@@ -62,7 +62,7 @@ def test_vpn_download_for_a_cluster_not_enterable_any_more_is_refused_under_the_
     cluster.save()
     response = logged_in(bob).post("/access/vpn-profile/", {"clusters": [cluster.pk]})
     assert response.status_code == 400
-    errors = response.content.decode().split('id="id_clusters_error"')[1].split("</ul>")[0]
+    errors = response.content.decode().split('id="vpn-clusters_error"')[1].split("</ul>")[0]
     assert "Select a valid choice" in errors and f"cluster {cluster.pk} cannot be entered now" in errors
     assert not Credential.objects.exists()
 
@@ -86,7 +86,7 @@ def test_ssh_zip_download(alice, cluster, gateway):
     response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": ""})
     assert response.status_code == 200
     assert response["Content-Type"] == "application/zip"
-    assert response["Cache-Control"] == "no-store"
+    assert "no-store" in response["Cache-Control"].split(", ")
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     config = archive.read(f"virtcloud-{cluster_label(cluster)}/virtcloud.conf").decode()
     assert f"Host *.{cluster_label(cluster)}" in config and "ProxyJump" in config
@@ -102,10 +102,10 @@ def test_ssh_bad_key_is_said_under_the_field_and_the_key_is_kept(alice, cluster,
     textarea = page.split('<textarea name="public_key"')[1].split("</textarea>")[0]
     assert textarea.endswith(">\nssh-rsa AAAAB3Nza")  # kept
     assert 'aria-invalid="true"' in textarea and "autofocus" in textarea
-    assert 'aria-describedby="id_public_key_helptext id_public_key_error"' in textarea
-    errors = page.split('<ul class="errorlist" id="id_public_key_error">')[1].split("</ul>")[0]
+    assert 'aria-describedby="ssh-public_key_helptext ssh-public_key_error"' in textarea
+    errors = page.split('<ul class="errorlist" id="ssh-public_key_error">')[1].split("</ul>")[0]
     assert "Not a valid OpenSSH public key (ssh-rsa)" in errors
-    assert 'id="id_public_key_helptext"' in page
+    assert 'id="ssh-public_key_helptext"' in page
     assert 'class="messages"' not in page and "Your public key (optional):" not in page
     assert f'<option value="{cluster.pk}" selected>' in page  # the cluster chosen, too
     assert 'id="vpn-form"' in page and "aria-invalid" not in page.split('id="vpn-form"')[1].split("</form>")[0]
@@ -123,7 +123,7 @@ def test_a_cluster_no_bastion_relays_to_is_said_under_the_cluster_and_the_key_is
     response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": key, "label": "desk"})
     assert response.status_code == 400
     page = response.content.decode()
-    errors = page.split('<ul class="errorlist" id="id_cluster_error">')[1].split("</ul>")[0]
+    errors = page.split('<ul class="errorlist" id="ssh-cluster_error">')[1].split("</ul>")[0]
     assert "no address for the SSH bastion" in errors
     assert key in page and 'value="desk"' in page
     assert not Credential.objects.exists()
@@ -664,10 +664,10 @@ def test_form_errors_are_under_their_field(alice, cluster, gateway):
     assert response.status_code == 400
     page = response.content.decode()
     fieldset = page.split('id="vpn-form"')[1].split("</fieldset>")[0]
-    assert '<fieldset aria-describedby="id_clusters_helptext id_clusters_error" class="invalid">' in fieldset
-    assert '<ul class="errorlist" id="id_clusters_error"><li>Choose at least one cluster.</li></ul>' in fieldset
+    assert '<fieldset aria-describedby="vpn-clusters_helptext vpn-clusters_error" class="invalid">' in fieldset
+    assert '<ul class="errorlist" id="vpn-clusters_error"><li>Choose at least one cluster.</li></ul>' in fieldset
     assert 'aria-invalid="true"' in fieldset
-    assert 'name="publish" id="id_publish" checked' in page  # what was sent is kept
+    assert 'name="publish" id="vpn-publish" checked' in page  # what was sent is kept
     assert 'class="messages"' not in page
 
 
@@ -697,10 +697,10 @@ def test_the_page_speaks_plainly(alice, bob, cluster, gateway):
     assert "Name at the gateway" not in page
     assert "<th>Access name <small>(used in file and SSH host names)</small></th>" in page
     assert "<legend>Clusters this profile admits to</legend>" in page
-    help_text = page.split('<small id="id_clusters_helptext">')[1].split("</small>")[0]
+    help_text = page.split('<small id="vpn-clusters_helptext">')[1].split("</small>")[0]
     assert "setenv UV_VCLUSTER" in help_text
     assert "The portal keeps no copy of the private key: downloading again makes a new credential." in page
-    assert f'name="clusters" value="{cluster.pk}" id="id_clusters_0" checked>' in page
+    assert f'name="clusters" value="{cluster.pk}" id="vpn-clusters_0" checked>' in page
     make_cluster(alice, name="second")
     page = logged_in(alice).get("/access/").content.decode()
     assert "checked" not in page.split('id="vpn-form"')[1].split("</fieldset>")[0]  # two: the user chooses
@@ -772,8 +772,8 @@ def test_a_gateway_token_secret_is_never_in_a_cookie_or_the_session_store(root, 
 def test_the_ssh_form_says_where_the_config_expects_a_pasted_keys_private_half(client, alice, cluster, gateway):
     client.force_login(alice)
     page = client.get("/access/").content.decode()
-    assert 'aria-describedby="id_public_key_helptext"' in page
-    assert '<small id="id_public_key_helptext">' in page
+    assert 'aria-describedby="ssh-public_key_helptext"' in page
+    assert '<small id="ssh-public_key_helptext">' in page
     assert "~/.ssh/id_ed25519, ~/.ssh/id_rsa or ~/.ssh/id_ecdsa" in page
 
 
@@ -921,5 +921,23 @@ def test_a_label_that_cannot_be_shown_is_refused_under_its_field_and_issues_noth
     response = logged_in(alice).post("/access/ssh/", {"cluster": cluster.pk, "public_key": "", "label": label})
     assert response.status_code == 400
     page = response.content.decode()
-    assert error in page.split('id="id_label_error"')[1].split("</ul>")[0]
+    assert error in page.split('id="ssh-label_error"')[1].split("</ul>")[0]
+    assert not Credential.objects.exists()
+
+
+def test_a_private_key_pasted_for_the_public_one_is_refused_and_never_sent_back(alice, cluster, gateway):
+    """The page says never to share a private key: refused under the field, it is not put back in the textarea
+    (the answer is not stored either), and error reports would not show it."""
+    from access import ssh
+
+    private = ssh.generate_user_key().private_openssh
+    private = private.decode() if isinstance(private, bytes) else private
+    assert "PRIVATE KEY" in private
+    client = logged_in(alice)
+    response = client.post("/access/ssh/", {"cluster": cluster.pk, "public_key": private, "label": "desk"})
+    page = response.content.decode()
+    assert response.status_code == 400 and "PRIVATE" in page  # (the refusal says what it was)
+    assert "PRIVATE KEY" not in page and private.splitlines()[1] not in page
+    assert 'value="desk"' in page  # the rest of what was typed stays
+    assert "no-store" in response["Cache-Control"]
     assert not Credential.objects.exists()

@@ -181,10 +181,24 @@ def test_a_secret_the_session_holds_in_another_form_is_not_shown_and_no_500(clie
 def test_every_aria_reference_on_the_users_pages_names_an_element_of_the_page(client, alice):
     """A form field with help text gets aria-describedby="<id>_helptext" from Django: the tokens page's name hint had
     no such id, so a screen reader never read it. Every id an aria-describedby or aria-labelledby names is on the
-    page, on each page a user fills in."""
+    page, and every id is there once (the access page's two forms each had an ``id_label``: the SSH form's label
+    named the VPN form's field), on each page a user fills in — with its forms shown, and refused."""
+    from access.tests.fixtures import make_cluster, make_gateway
+
+    make_gateway("gw1")
+    make_cluster(alice, name="mpi")
     client.force_login(alice)
-    for url in ("/tokens/", "/access/", "/images/", "/"):
-        page = client.get(url).content.decode()
-        ids = set(re.findall(r'\bid="([^"]+)"', page))
+    pages = [client.get(url) for url in ("/tokens/", "/access/", "/clusters/images/", "/")]
+    pages.append(client.post("/access/ssh/", {"cluster": "", "public_key": "ssh-ed25519 nope", "label": "x"}))
+    pages.append(client.post("/access/vpn-profile/", {"label": "x"}))
+    pages.append(client.post("/tokens/", {"name": ""}))
+    for response in pages:
+        url = response.request["PATH_INFO"]
+        assert response.status_code in (200, 400), (url, response.status_code)
+        page = response.content.decode()
+        found = re.findall(r'\bid="([^"]+)"', page)
+        assert len(found) == len(set(found)), (url, sorted({i for i in found if found.count(i) > 1}))
         named = {ref for refs in re.findall(r'aria-(?:describedby|labelledby)="([^"]+)"', page) for ref in refs.split()}
-        assert named <= ids, (url, sorted(named - ids))
+        assert named <= set(found), (url, sorted(named - set(found)))
+        labels = set(re.findall(r'<label for="([^"]+)"', page))
+        assert labels <= set(found), (url, sorted(labels - set(found)))
