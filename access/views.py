@@ -45,9 +45,17 @@ def _form_action(view):
     return wrapper
 
 
-def _within_rate(view):
-    """A download issues a credential (a fresh key, a signature): counted with the API's (``credentials``)."""
-    return throttle.limited("credentials", "downloads", lambda request: _page(request, status=429))(view)
+def _within_rate(form_class):
+    """A download issues a credential (a fresh key, a signature): counted with the API's (``credentials``). Past
+    the rate, the page again (429) with the form as it was sent: what was typed is kept for the retry."""
+
+    def refused_page(request):
+        form = form_class(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
+        _without_private_key(form)
+        forms = {"vpn_form": form} if form_class is VpnProfileForm else {"ssh_form": form}
+        return _page(request, **forms, status=429)
+
+    return throttle.limited("credentials", "downloads", refused_page)
 
 
 def _attachment(content: str | bytes, *, filename: str, content_type: str) -> HttpResponse:
@@ -67,12 +75,17 @@ def _refused(request, form, exc: AccessError):
     return redirect(PAGE)
 
 
-def _invalid(request, form) -> HttpResponse:
-    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost) — but a
-    private key pasted where the public one goes, which is never sent back (the page says never to share it)."""
+def _without_private_key(form) -> None:
+    """A private key pasted where the public one goes is never put back in the page."""
     if "PRIVATE KEY" in str(form.data.get("public_key", "")):
         form.data = form.data.copy()
         form.data["public_key"] = ""
+
+
+def _invalid(request, form) -> HttpResponse:
+    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost) — but a
+    private key pasted where the public one goes, which is never sent back (the page says never to share it)."""
+    _without_private_key(form)
     form.focus_first_error()
     forms = {"vpn_form": form} if isinstance(form, VpnProfileForm) else {"ssh_form": form}
     return _page(request, **forms, status=400)
@@ -134,7 +147,7 @@ def _page(request, *, vpn_form=None, ssh_form=None, status: int = 200) -> HttpRe
 @_form_action
 @login_required
 @never_cache  # (the answer is a profile with its private key, or the page again with what was typed)
-@_within_rate
+@_within_rate(VpnProfileForm)
 def vpn_profile_download(request):
     form = VpnProfileForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():
@@ -155,7 +168,7 @@ def vpn_profile_download(request):
 @sensitive_post_parameters("public_key")  # (error reports: a private key pasted by mistake)
 @login_required
 @never_cache
-@_within_rate
+@_within_rate(SshCertificateForm)
 def ssh_download(request):
     form = SshCertificateForm(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
     if not form.is_valid():

@@ -69,8 +69,9 @@ class TokenRefused(Exception):
 
 
 def tokens_live(user):
-    """``user``'s tokens that still admit: neither revoked nor expired."""
-    return ApiToken.objects.filter(user=user, revoked_at=None).filter(
+    """``user``'s own tokens that still admit: neither revoked nor expired. Not their clusters' node tokens
+    (``cluster:node``): those are the nodes', and end with their cluster (the tokens page, "lost my laptop")."""
+    return ApiToken.objects.filter(user=user, revoked_at=None, cluster=None).filter(
         Q(expires_at=None) | Q(expires_at__gt=timezone.now())
     )
 
@@ -88,7 +89,7 @@ def token_create_own(*, user, name: str, scopes: list[str], days: int) -> tuple[
     if not 1 <= days <= settings.USER_TOKEN_MAX_DAYS:
         raise TokenRefused("days", f"a token lives 1 to {settings.USER_TOKEN_MAX_DAYS} days")
     user._meta.model.objects.select_for_update(no_key=True).filter(pk=user.pk).first()  # one count at a time per user
-    if tokens_live(user).filter(cluster=None).count() >= SELF_SERVICE_LIMIT:  # (node tokens end with their cluster)
+    if tokens_live(user).count() >= SELF_SERVICE_LIMIT:
         raise TokenRefused(None, f"you hold {SELF_SERVICE_LIMIT} live tokens already: revoke one you no longer use")
     return token_create(user=user, name=name, scopes=list(scopes), expires_at=timezone.now() + timedelta(days=days))
 

@@ -213,7 +213,7 @@ def my_tokens(request):
         secret = _shown_secret(shown[1]) if made else None
         made = made if secret else None
     live = tokens.tokens_live(request.user)
-    ended = ApiToken.objects.filter(user=request.user).exclude(pk__in=live.values("pk"))
+    ended = ApiToken.objects.filter(user=request.user, cluster=None).exclude(pk__in=live.values("pk"))
     context = {
         "form": form,
         "made": made,

@@ -16,6 +16,7 @@ from access.selectors import cluster_label
 from access.tests.fixtures import cluster, gateway, make_cluster, make_gateway, other_cluster
 from access.tests.profile_check import parse_profile
 from portal.tests.helpers import logged_in
+from portal.tokens import token_create
 
 pytestmark = pytest.mark.django_db
 
@@ -941,3 +942,18 @@ def test_a_private_key_pasted_for_the_public_one_is_refused_and_never_sent_back(
     assert 'value="desk"' in page  # the rest of what was typed stays
     assert "no-store" in response["Cache-Control"]
     assert not Credential.objects.exists()
+
+
+def test_node_tokens_are_not_on_the_lost_laptop_page_nor_the_tokens_page(alice, cluster, gateway):
+    """A cluster's node token is its nodes', not one of the user's devices': it is not among the tokens "lost my
+    laptop" offers to revoke, nor on the tokens page (it ends with the cluster)."""
+    from access import services
+
+    token, _ = services.node_token_issue(cluster=cluster)
+    mine, _ = token_create(user=alice, name="laptop", scopes=["clusters:read"])
+    credential = services.vpn_profile_issue(user=alice, clusters=[cluster.pk]).credential
+    client = logged_in(alice)
+    page = client.get(f"/access/credentials/{credential.pk}/revoke/").content.decode()
+    assert f'value="{mine.pk}"' in page and token.name not in page
+    tokens_page = client.get("/tokens/").content.decode()
+    assert "laptop" in tokens_page and token.name not in tokens_page and token.prefix not in tokens_page

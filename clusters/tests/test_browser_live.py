@@ -50,6 +50,36 @@ def test_a_provisioning_cluster_turns_ready_on_the_page(browser_page, live_serve
     assert "job done" in page.inner_text("body")
 
 
+def test_a_cluster_ending_under_a_refused_extends_page_goes_home_without_sending_it_again(
+    browser_page, live_server, alice
+):
+    """The page a refused Extend answers with is a POST's: when a followed cluster ends there, the script opens the
+    home page afresh — reloading would send the Extend again (the browser asks, and a user says yes)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the page's long poll is woken by PostgreSQL notifications")
+    kept = make_cluster(alice, name="mpi")
+    ending = make_cluster(alice, name="hpc", state=ClusterState.TEARING_DOWN)
+    page = browser_page
+    log_in(page, live_server, "alice", "alice-password")
+    posts = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.evaluate(  # a length no form offers (a page left open): refused, the page answered at the POST's address
+        """([url, csrf]) => { const f = document.createElement("form"); f.method = "post"; f.action = url;
+        for (const [k, v] of [["by", "1y"], ["csrfmiddlewaretoken", csrf]]) {
+          const i = document.createElement("input"); i.name = k; i.value = v; f.appendChild(i); }
+        document.body.appendChild(f); f.submit(); }""",
+        [f"/clusters/{kept.pk}/extend/", page.input_value("input[name=csrfmiddlewaretoken]")],
+    )
+    page.wait_for_url(f"**/clusters/{kept.pk}/extend/")
+    page.wait_for_timeout(300)  # the script follows the ending cluster now
+    VirtualCluster.objects.filter(pk=ending.pk).update(state=ClusterState.TORN_DOWN, state_reason="job done")
+    page.wait_for_url(f"{live_server.url}/", timeout=10_000)
+    page.wait_for_selector("h3:has-text('Recently ended')")
+    assert len([url for url in posts if "/extend/" in url]) == 1
+
+
 def test_the_page_backs_off_when_its_long_polls_are_answered_at_once(browser_page, live_server, alice, settings):
     """With more clusters changing than long-poll slots free for this user, a wait is answered at once with
     ``Retry-After``: the page asks again after that pause, not in a tight loop that ties up the web server."""

@@ -122,6 +122,35 @@ def test_a_cluster_at_its_longest_lifetime_offers_no_extension(alice, settings):
     assert "Longest lifetime reached." in mine and "<select" not in mine and "Tear down…" in mine
 
 
+def test_a_refused_extend_says_why_also_when_no_length_fits_any_more(alice, settings):
+    """A page left open sends "+7 days" after another tab took the lifetime to its longest: no length is offered
+    any more, and the refusal's reason is still there, under the row."""
+    settings.CLUSTER_MAX_LIFETIME = 24 * 3600 + 1800  # 30 min past its expiry: not even one hour more
+    cluster = make_cluster(alice, name="mpi")
+    response = logged_in(alice).post(f"/clusters/{cluster.pk}/extend/", {"by": "7d"})
+    assert response.status_code == 400
+    mine = row(response.content.decode(), cluster)
+    assert "Longest lifetime reached." in mine and "may run until" in mine
+
+
+def test_a_steps_error_is_on_the_clusters_page(alice):
+    """Why a step failed (a node change called off, a device that timed out) is on the cluster's page, as in the
+    API."""
+    from clusters.models import ClusterStep, StepStatus
+
+    cluster = make_cluster(alice, name="mpi")
+    ClusterStep.objects.create(
+        cluster=cluster,
+        name="update",
+        status=StepStatus.FAILED,
+        started_at=timezone.now(),
+        finished_at=timezone.now(),
+        error="called off by the teardown: job cancelled (by alice)",
+    )
+    page = logged_in(alice).get(f"/clusters/{cluster.pk}/").content.decode()
+    assert "called off by the teardown: job cancelled (by alice)" in page.split('id="steps"')[1]
+
+
 def test_extending_a_cluster_being_torn_down_is_refused_with_a_message(alice):
     cluster = make_cluster(alice, name="mpi")
     before = cluster.expires_at

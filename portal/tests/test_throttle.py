@@ -48,6 +48,11 @@ def test_credentials_past_the_rate_are_a_429_that_issues_nothing(settings, alice
     assert page.status_code == 429 and page["Retry-After"]
     assert "Too many downloads in a short time" in page.content.decode()
     assert Credential.objects.filter(user=alice).count() == 3
+    # what was typed is kept for the retry (as on the images page)
+    typed = {"cluster": cluster.pk, "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI typed", "label": "desk"}
+    page = browser.post("/access/ssh/", typed)
+    text = page.content.decode()
+    assert page.status_code == 429 and "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI typed" in text and 'value="desk"' in text
 
 
 def test_cluster_writes_past_the_rate_leave_nothing_allocated_and_reads_go_on(settings, fabric, alice):

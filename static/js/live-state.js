@@ -53,7 +53,9 @@
         continue;
       }
       if (!live.includes(cluster.state)) {
-        window.location.reload();
+        // the home page afresh, never reload(): a page answered to a refused Extend or Tear down is a POST's,
+        // and reloading it would send that POST again
+        window.location.assign(table.dataset.home);
         return;
       }
       state = cluster.state;
