@@ -1,5 +1,7 @@
 """Clusters in Django admin: state, progress steps and nodes at a glance; teardown as an action."""
 
+import hashlib
+import hmac
 from datetime import timedelta
 
 from django import forms
@@ -49,6 +51,11 @@ class ImageAdminForm(forms.ModelForm):
         return data
 
 
+def source_digest(source: str) -> str:
+    """What the approval page sends back for the image source it showed (compared when the approval is confirmed)."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
 @admin.register(Image)
 class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
     """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
@@ -75,6 +82,8 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
             if not pending:
                 self.message_user(request, "0 image(s) approved.")
                 return None
+            for image in pending:  # (a digest, not the text: a form sends a source's newlines back as CRLF)
+                image.source_digest = source_digest(image.source)
             context = {
                 **self.admin_site.each_context(request),
                 "opts": self.model._meta,
@@ -84,12 +93,12 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
             return TemplateResponse(request, "admin/clusters/image/approve_confirmation.html", context)
         approved, changed = 0, []
         for image in pending:
-            shown = request.POST.get(f"source-{image.pk}")
+            shown = request.POST.get(f"source-{image.pk}")  # the digest of the source shown (``source_digest``)
             with transaction.atomic():
                 locked = Image.objects.select_for_update(no_key=True).filter(pk=image.pk, approved=False).first()
                 if locked is None:
                     continue  # approved meanwhile
-                if shown is None or locked.source != shown:
+                if shown is None or not hmac.compare_digest(shown, source_digest(locked.source)):
                     changed.append(locked.name)
                     continue
                 locked.approved = True

@@ -299,6 +299,13 @@ def test_delete_refuses_live_clusters_then_retires_an_image_with_history(fabric,
     assert not Image.objects.filter(name="unused").exists()  # nothing named it: gone
 
 
+def digest(page) -> str:
+    """The source digest the approval page sends back (one image)."""
+    import re
+
+    return re.search(r'name="source-\d+" value="([0-9a-f]{64})"', page.content.decode())[1]
+
+
 def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     register(alice)
     image = Image.objects.get(name="alice-img")
@@ -307,7 +314,7 @@ def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     url = "/admin/clusters/image/"
     page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})  # what is approved, first
     assert page.status_code == 200 and image.source in page.content.decode() and not Image.objects.get().approved
-    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": image.source}
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": digest(page)}
     r = admin.post(url, confirm, follow=True)
     assert r.status_code == 200 and "1 image(s) approved" in r.content.decode()
     image.refresh_from_db()
@@ -330,8 +337,7 @@ def test_admin_approves_only_the_version_it_was_shown(alice, root):
     admin.force_login(root)
     url = "/admin/clusters/image/"
     page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})
-    shown = image.source
-    assert f'name="source-{image.pk}" value="{shown}"' in page.content.decode()
+    shown = digest(page)
     Image.objects.filter(pk=image.pk).update(source="https://example.org/swapped.qcow2")  # meanwhile
     confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": shown}
     r = admin.post(url, confirm, follow=True)
@@ -341,6 +347,19 @@ def test_admin_approves_only_the_version_it_was_shown(alice, root):
     forged = {"action": "approve", "_selected_action": [image.pk], "post": "yes"}  # no version shown: none approved
     assert "Not approved: alice-img" in admin.post(url, forged, follow=True).content.decode()
     assert not Image.objects.get(pk=image.pk).approved
+
+
+def test_admin_approves_a_source_with_a_newline(alice, root):
+    """A form sends a text's newlines back as CRLF: the page sends the source's digest, not the source."""
+    register(alice)
+    Image.objects.filter(name="alice-img").update(source="https://example.org/a.qcow2\nsha256=abc")
+    image = Image.objects.get(name="alice-img")
+    admin = APIClient()
+    admin.force_login(root)
+    page = admin.post("/admin/clusters/image/", {"action": "approve", "_selected_action": [image.pk]})
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": digest(page)}
+    assert "1 image(s) approved" in admin.post("/admin/clusters/image/", confirm, follow=True).content.decode()
+    assert Image.objects.get(pk=image.pk).approved
 
 
 def test_the_list_costs_the_same_queries_for_many_images(alice, bob, django_assert_num_queries):
