@@ -12,7 +12,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import F
+from django.db.models import F, Q
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -135,16 +135,20 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
     live_total = clusters.filter(state__in=LIVE_STATES).count() if more else len(live)
     live = live[:HOME_LIVE_SHOWN]
     groups = list(request.user.groups.order_by("name"))
-    mine = {g.pk for g in groups}
     access = reverse("access:my-clusters")
     admin = selectors.staff_may(request.user, "view", VirtualCluster)
     now = timezone.now()
+    # the live clusters the user belongs to (their own, and their groups' whose owner is still a member: the rule)
+    ours = set(
+        clusters.filter(pk__in=[c.pk for c in live])
+        .filter(Q(owner=request.user) | selectors.shared_with(request.user))
+        .values_list("pk", flat=True)
+    )
     for cluster in live:  # the step a cluster in a transitional state is at (the live script keeps it current)
         cluster.progress = selectors.cluster_progress(cluster) if cluster.state not in SETTLED_STATES else None
         # its row on the access page: closed clusters of one's own or of one's groups (an admin sees others' too)
-        ours = cluster.owner_id == request.user.pk or cluster.group_id in mine
         closed = cluster.connectivity == Connectivity.CLOSED
-        cluster.access_url = f"{access}#cluster-{cluster.pk}" if ours and closed else ""
+        cluster.access_url = f"{access}#cluster-{cluster.pk}" if cluster.pk in ours and closed else ""
         cluster.admin_url = reverse("admin:clusters_virtualcluster_change", args=[cluster.pk]) if admin else ""
         cluster.expires_soon = _expires_soon(cluster, now)
         # extend or tear down: the owner's and an admin's (group members only see it), while it is active

@@ -165,3 +165,20 @@ def test_home_lists_the_newest_live_clusters_up_to_a_cap_and_says_how_many_there
     assert "The 2 newest of 3 live clusters: the " in page and "/admin/clusters/virtualcluster/" in page
     monkeypatch.setattr(views, "HOME_LIVE_SHOWN", 3)
     assert "newest of" not in client.get("/").content.decode()
+
+
+def test_the_access_link_follows_the_share_rule(alice, bob, team, client):
+    """An admin who is in the cluster's group sees its row (every cluster), but the link to enter it only while
+    its owner is still in the group: the share ends when the owner leaves."""
+    from access.tests.fixtures import make_cluster
+    from portal.tests.test_staff_permissions import staff
+
+    cluster = make_cluster(alice, name="mpi", group=team)
+    viewer = staff("bobby", "clusters.view_virtualcluster")
+    viewer.groups.add(team)
+    client.force_login(viewer)
+    link = f"/access/#cluster-{cluster.pk}"
+    assert link in client.get("/").content.decode()
+    alice.groups.remove(team)
+    page = client.get("/").content.decode()
+    assert f'data-cluster="{cluster.pk}"' in page and link not in page
