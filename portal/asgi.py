@@ -1,8 +1,12 @@
-"""ASGI entry point."""
+"""ASGI entry point (uvicorn, daphne): the portal's handler, as ``portal.wsgi``'s (``portal.requests``)."""
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-application = get_asgi_application()
+django.setup(set_prefix=False)  # (what ``get_asgi_application`` does, with the portal's handler)
+
+from portal.requests import PortalASGIHandler  # noqa: E402 (after setup)
+
+application = PortalASGIHandler()

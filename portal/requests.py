@@ -4,9 +4,9 @@
   with whatever codec the header names, and some (``punycode``) raise where Django expects a
   ``UnicodeDecodeError`` — already while it builds the request, before any middleware: the server's bare 500 —,
   others (``utf-7``) yield lone surrogates that no database stores or compares: a 500 from the login page on,
-  without logging in. Browsers and the API's clients send UTF-8. The portal's WSGI handler (``portal.wsgi``:
-  gunicorn, runserver) builds its requests with ``PortalWSGIRequest``, which decodes only with a charset taken,
-  and the middleware refuses the others.
+  without logging in. Browsers and the API's clients send UTF-8. The portal's WSGI and ASGI handlers
+  (``portal.wsgi``: gunicorn, runserver; ``portal.asgi``) build their requests with ``TakenCharsetOnly``, which
+  decodes only with a charset taken, and the middleware refuses the others.
 - Outside the API, a query parameter holding a NUL character or a lone surrogate (the admin's filters and
   autocomplete pass them to PostgreSQL, which refuses them: a 500). The API's views say which parameter, in
   their own 400 (``portal.api.query_param``).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
 from django.http import HttpResponseBadRequest, JsonResponse
 from django.utils.http import parse_header_parameters
@@ -38,9 +39,9 @@ def charset_taken(charset: str | None) -> bool:
         return False
 
 
-class PortalWSGIRequest(WSGIRequest):
-    """Django's, except that it decodes with the ``Content-Type``'s charset only when ``charset_taken``; with any
-    other the request keeps the default (UTF-8) and ``request_text_middleware`` answers 400."""
+class TakenCharsetOnly:
+    """A request that decodes with the ``Content-Type``'s charset only when ``charset_taken``; with any other it
+    keeps the default (UTF-8) and ``request_text_middleware`` answers 400."""
 
     def _set_content_type_params(self, meta):
         self.content_type, self.content_params = parse_header_parameters(meta.get("CONTENT_TYPE", ""))
@@ -49,8 +50,22 @@ class PortalWSGIRequest(WSGIRequest):
             self.encoding = charset
 
 
+class PortalWSGIRequest(TakenCharsetOnly, WSGIRequest):
+    pass
+
+
 class PortalWSGIHandler(WSGIHandler):
     request_class = PortalWSGIRequest
+
+
+class PortalASGIRequest(TakenCharsetOnly, ASGIRequest):
+    pass
+
+
+class PortalASGIHandler(ASGIHandler):
+    """(``portal.asgi``: uvicorn, daphne.)"""
+
+    request_class = PortalASGIRequest
 
 
 def _refusal(request, message: str):

@@ -106,3 +106,33 @@ def test_the_apis_filters_say_which_parameter_holds_what_the_database_cannot_com
         with pytest.raises(ValidationError) as info:
             query_param(request, "name")
         assert message in str(info.value.detail["name"][0])
+
+
+def test_the_asgi_entry_point_refuses_such_a_charset_too():
+    """``portal.asgi`` (uvicorn, daphne) builds its requests as ``portal.wsgi`` does: 400, not Django's 500."""
+    import asyncio
+
+    from asgiref.testing import ApplicationCommunicator
+
+    from portal.requests import PortalASGIHandler
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/login/",
+        "query_string": b"next=%C3%A9",
+        "headers": [(b"content-type", b"text/plain; charset=punycode"), (b"host", b"testserver")],
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 5000),
+    }
+
+    async def call():
+        app = ApplicationCommunicator(PortalASGIHandler(), scope)
+        await app.send_input({"type": "http.request", "body": b""})
+        start = await app.receive_output(10)
+        body = await app.receive_output(10)
+        await app.wait(10)
+        return start["status"], body.get("body", b"")
+
+    status, body = asyncio.run(call())
+    assert status == 400 and b"send UTF-8" in body
