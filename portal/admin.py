@@ -5,7 +5,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group
 from django.db import models
 from django.shortcuts import redirect
 from django.urls import reverse
@@ -259,6 +260,17 @@ class LoginFailureAdmin(admin.ModelAdmin):
 
 User = get_user_model()
 admin.site.unregister(User)
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class PortalGroupAdmin(GroupAdmin):
+    """Django's group admin, except that only a superuser changes what permissions a group gives (a staff member
+    with ``change_group`` gave a group of their own every permission)."""
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields if request.user.is_superuser else [*fields, "permissions"]
 
 
 @admin.register(User)
@@ -267,9 +279,10 @@ class PortalUserAdmin(UserAdmin):
     account in without the directory, even after the directory disabled it (``portal.backends``).
 
     Who is a superuser, and what permissions and groups an account has, only a superuser changes; and only a
-    superuser changes a superuser's account (its password above all): a staff member with ``change_user``
-    would otherwise make themselves one, or join a group whose clusters they would get (the things this portal
-    keeps to superusers: minting API tokens, the gateways' state)."""
+    superuser changes a superuser's or another staff member's account (its password above all): a staff member
+    with ``change_user`` would otherwise make themselves one, join a group whose clusters they would get, or take
+    over an account with more rights (the things this portal keeps to superusers: minting API tokens, the
+    gateways' state). The groups' permissions likewise (``PortalGroupAdmin``)."""
 
     SUPERUSER_ONLY = ("is_superuser", "user_permissions", "groups")
 
@@ -279,15 +292,19 @@ class PortalUserAdmin(UserAdmin):
             fields += [f for f in self.SUPERUSER_ONLY if f not in fields]
         return fields
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+    @staticmethod
+    def _above(request, obj) -> bool:
+        """Whether ``obj`` is an account only a superuser changes: a superuser's, or another staff member's (whose
+        password, once reset, would log the one who reset it in with that account's rights)."""
+        if obj is None or request.user.is_superuser:
             return False
-        return super().has_change_permission(request, obj)
+        return obj.is_superuser or (obj.is_staff and obj.pk != request.user.pk)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return not self._above(request, obj) and super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request, obj=None) -> bool:
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
-            return False
-        return super().has_delete_permission(request, obj)
+        return not self._above(request, obj) and super().has_delete_permission(request, obj)
 
     def user_change_password(self, request, id, form_url=""):
         user = self.get_object(request, unquote(id))

@@ -426,3 +426,29 @@ def test_node_tokens_in_the_admin_keep_their_cluster_scope_and_end_and_list_in_c
         access_services.node_token_issue(cluster=make_cluster(alice, name=f"c{i}"))
     with django_assert_max_num_queries(len(few.captured_queries)):
         assert client.get("/admin/portal/apitoken/").status_code == 200
+
+
+def test_a_user_admin_changes_neither_a_groups_permissions_nor_another_staff_members_account(root, alice):
+    """A staff member with ``change_group`` gave a group of their own every permission; one with ``change_user``
+    reset another staff member's password and logged in with that account's rights."""
+    from django.contrib.auth.models import Group
+
+    group = Group.objects.create(name="helpdesk-group")
+    helpdesk = staff("helper", "auth.change_user", "auth.view_user", "auth.change_group", "auth.view_group")
+    helpdesk.groups.add(group)
+    operator = staff("operator", "clusters.change_virtualcluster")
+    client = logged_in(helpdesk)
+    form = client.get(f"/admin/auth/group/{group.pk}/change/").context["adminform"].form
+    assert "permissions" not in form.fields
+    everything = list(Permission.objects.values_list("pk", flat=True))
+    client.post(f"/admin/auth/group/{group.pk}/change/", {"name": "helpdesk-group", "permissions": everything})
+    assert not Group.objects.get(pk=group.pk).permissions.exists()
+    r = client.post(f"/admin/auth/user/{operator.pk}/password/", {"password1": "Xq9-pass", "password2": "Xq9-pass"})
+    assert r.status_code == 403 and not User.objects.get(pk=operator.pk).check_password("Xq9-pass")
+    assert client.get(f"/admin/auth/user/{helpdesk.pk}/change/").status_code == 200  # (their own: still theirs)
+    assert client.get(f"/admin/auth/user/{alice.pk}/change/").status_code == 200
+    # a superuser does both
+    logged_in(root).post(
+        f"/admin/auth/group/{group.pk}/change/", {"name": "helpdesk-group", "permissions": everything[:1]}
+    )
+    assert Group.objects.get(pk=group.pk).permissions.count() == 1
