@@ -115,9 +115,14 @@ def vlan_pool_sync(*, pool: VlanPool) -> int:
     return len(missing)
 
 
+@transaction.atomic
 def _drop_rows(rows: QuerySet[VlanAllocation]) -> None:
     """Delete allocation rows no longer handed out (reserved, or out of the ranges). Segments that ended
-    with one of them (closed, or failed and released) keep its id in ``vid`` and let go of the row."""
+    with one of them (closed, or failed and released) keep its id in ``vid`` and let go of the row. The rows are
+    locked first, skipping any an allocation holds now (``_take``'s SKIP LOCKED the other way round): one taken
+    meanwhile is never deleted under its new segment (the deferred foreign key failed the commit: a 500)."""
+    locked = list(rows.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True))
+    rows = VlanAllocation.objects.filter(pk__in=locked)
     Segment.objects.filter(allocation__in=rows, state__in=(Segment.State.CLOSED, Segment.State.FAILED)).exclude(
         allocation__state=Free.ALLOCATED
     ).update(allocation=None)
