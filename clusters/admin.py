@@ -134,7 +134,12 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
         )
         if left:
             names = "; ".join(f"{c.name} ({c.owner.get_username()}): {why}" for c, why in left)
-            self.message_user(request, f"Still public: {names}. Withdraw the approval again later.", messages.WARNING)
+            self.message_user(
+                request,
+                f"Still public: {names}. The periodic expiry closes each once it is ready and its network can be "
+                "closed.",
+                messages.WARNING,
+            )
 
 
 @admin.register(PublicPrefix)

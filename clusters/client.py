@@ -15,8 +15,15 @@ only, no Django; the API itself is documented at ``/api/docs/``)::
     client.py ... migrate --job 1234.pbs --node node1 --target pilsen-h2 [--timeout 300]
     client.py ... migrated --job 1234.pbs --node node1 [--cancel] [--timeout 300]
     client.py ... node-token --job 1234.pbs [--write FILE]
-    client.py ... host-cert (--job J | --cluster N) --node node1 --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
-    client.py ... host-access (--job J | --cluster N) --node node1 [--dir /etc/ssh] [--key …]
+
+and on a node, with the node token ``node-token`` wrote (never the scheduler's)::
+
+    client.py --url … --token-file /etc/virtcloud/node-token host-cert --cluster N --node node1 \
+        --key /etc/ssh/ssh_host_ed25519_key.pub [--dir D]
+    client.py --url … --token-file /etc/virtcloud/node-token host-access --cluster N --node node1 [--dir /etc/ssh] \
+        [--key …]
+
+(``host-cert`` and ``host-access`` take ``--job`` instead of ``--cluster`` with a token that lists clusters.)
 
 ``up`` creates the job's cluster and waits, with long polls, until it is READY; it prints the cluster as JSON
 (each node with its ``attachment``: bridge, VLAN, the libvirt ``<interface>`` element to plug the VM with). With
@@ -49,9 +56,9 @@ host-key prompt. ``host-access`` (from a timer on the node) writes those three f
 left the cluster's group, or whose SSH certificate was revoked, is no longer let in; with ``--key`` (the key
 ``host-cert`` certified) it writes the host certificate too when the portal issued it again (the cluster's lifetime
 was extended: the one the node has would end first), all of them as a set. On the node, both run with a node
-token (``node-token``, from the prologue: the job's cluster's nodes only, until it ends; the cluster's people are
-root there, and read whatever token a node holds — never give a node the scheduler's) and ``--cluster ID`` (a node
-token reads no cluster list: ``node-token`` prints the id).
+token (``node-token``, from the prologue: the job's cluster's nodes only, until the cluster ends or changes owner;
+the cluster's people are root there, and read whatever token a node holds — never give a node the scheduler's) and
+``--cluster ID`` (a node token reads no cluster list: ``node-token`` prints the id).
 
 Exit status: 0 done; 1 the cluster FAILED (the reason on stderr); 2 the portal refused the request (4xx: its
 field-level errors on stderr — nothing was left allocated); 75 (EX_TEMPFAIL) the portal could not be reached,
