@@ -121,8 +121,9 @@ def render(
     other port is mentioned.
 
     ``current``: the VLANs of the ports whose present state the device showed (listed under a VLAN). On IOS
-    and NX-OS a port whose list takes more than one line is changed by ``add``/``remove`` lines from it (not
-    at all when it already carries its set). ``undo``: restoring the ports' previous lists exactly as they
+    and NX-OS a port whose list takes more than one line, and that showed two VLANs or more (surely a trunk
+    with a list of its own), is changed by ``add``/``remove`` lines from it (not at all when it already carries
+    its set). ``undo``: restoring the ports' previous lists exactly as they
     were — no VLAN is created, and ids the platform reserves (IOS lists a trunk under 1002-1005) are let be.
     """
     if platform not in TEMPLATE_NAMES:
@@ -148,7 +149,11 @@ def render(
         allows_all = bool(
             now is not None and (now & platform_reserved or (existing and existing - platform_reserved <= now))
         )
-        if language in _INCREMENTAL and now is not None and not allows_all and len(vlan_chunks(desired[name])) > 1:
+        # a port showing one VLAN may be no trunk yet (an access port, a port in dynamic mode): made a trunk, its
+        # allowed list is the default "all", which add/remove lines leave carrying every VLAN — only a port
+        # showing two or more is surely a trunk with a list of its own
+        surely_a_list = now is not None and len(now) >= 2 and not allows_all
+        if language in _INCREMENTAL and surely_a_list and len(vlan_chunks(desired[name])) > 1:
             # a VLAN created now is removed too where it is not wanted: the device showed the port's VLANs among
             # those it has, and an id it does not have may still be on the allowed list (its VLAN deleted by
             # hand), which would carry the new VLAN there

@@ -762,6 +762,17 @@ def test_a_port_listed_under_every_vlan_of_the_device_is_set_absolutely(platform
     assert lines == ["switchport trunk allowed vlan add 1001", "switchport trunk allowed vlan remove 7,9"]
 
 
+@pytest.mark.parametrize("platform", ["ios", "nxos"])
+def test_a_port_showing_one_vlan_may_be_no_trunk_yet_and_gets_its_list_set_absolutely(platform):
+    """An owned port still in access (or dynamic) mode shows one VLAN; made a trunk, its allowed list is the
+    default "all": "add" changes nothing and "remove 1" leaves 2-4094 — every VLAN of the switch on a
+    hypervisor's port until the check after the commit failed. Its long list is set absolutely."""
+    text = render(platform, {"Eth1": LONG}, existing=LONG | {1}, current={"Eth1": frozenset({1})})
+    lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
+    assert lines[0].startswith("switchport trunk allowed vlan 2,4,") and "remove" not in text
+    assert all(line.startswith("switchport trunk allowed vlan add ") for line in lines[1:])
+
+
 def test_add_and_remove_lines_are_cut_at_the_line_width():
     current = {"Eth1": frozenset(range(1007, 2000, 2))}
     text = render("ios", {"Eth1": LONG}, current=current)
