@@ -80,11 +80,13 @@ class GatewayReach:
     router_by_core: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
-def gateway_reach(*, enabled_only: bool = True) -> GatewayReach:
-    """``GatewayReach`` now, in one query: of the enabled switches' gateway and router trunks (what the desired
-    state puts VLANs on); with ``enabled_only=False`` of every one (where a segment's way in must be: a gateway
-    switch disabled for maintenance is back later, and a closed cluster made meanwhile on a core that joins no
-    gateway site would have no way in then)."""
+def gateway_reach(*, enabled_only: bool = False) -> GatewayReach:
+    """``GatewayReach`` now, in one query: of every switch's gateway and router trunks — where a segment's way in
+    is, also at a gateway switch disabled for maintenance (it is back later, still forwarding meanwhile: the core
+    uplinks toward its site keep the VLANs; a disabled switch itself is never touched, and a closed cluster made
+    meanwhile on a core that joins no gateway site would have no way in then); with ``enabled_only`` of the
+    enabled switches' only. The desired state took the enabled ones: disabling the gateway's switch took the
+    closed clusters' VLANs off the other sites' uplinks (the reconciler removed them as stale)."""
     by_role: dict[str, tuple[set[int], dict[int, set[int]]]] = {
         PortRole.GATEWAY_TRUNK: (set(), defaultdict(set)),
         PortRole.ROUTER_TRUNK: (set(), defaultdict(set)),

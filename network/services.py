@@ -356,7 +356,7 @@ def segment_create(*, owner: str, hosts: list[Host], gateway: bool, pool: VlanPo
     if Segment.objects.filter(owner_ref=owner, state__in=Segment.LIVE_STATES).exists():
         raise SegmentExists(f"{owner} already has a network segment")
     candidates = list(pools_for_sites(sites))
-    reach = selectors.gateway_reach(enabled_only=False)  # (a gateway switch disabled now is back later)
+    reach = selectors.gateway_reach()  # (a gateway switch disabled now is back later)
     way_in, by_core = (reach.sites, reach.by_core) if gateway else (reach.router_sites, reach.router_by_core)
     if way_in:
         candidates = [p for p in candidates if by_core.get(p.core_id)]
@@ -433,7 +433,7 @@ def segment_set_gateway(*, segment: Segment, gateway: bool) -> Segment:
     seg = Segment.objects.select_for_update(of=("self",)).select_related("allocation__pool__core").get(pk=segment.pk)
     if seg.state not in Segment.DESIRED_STATES:
         raise SegmentClosed(f"segment of {seg.owner_ref} is {seg.get_state_display()}; it cannot change")
-    reach = selectors.gateway_reach(enabled_only=False)  # (as a new segment's way in)
+    reach = selectors.gateway_reach()  # (as a new segment's way in)
     core = seg.allocation.pool.core
     if gateway and reach.sites and not reach.by_core.get(core.pk):
         raise NoCoreForSites(

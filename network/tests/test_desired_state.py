@@ -43,6 +43,20 @@ def test_closed_segment_reaches_the_gateway_across_the_core(fabric):
     assert want["sw-pilsen"]["uplink"] == NONE
 
 
+def test_a_gateway_switch_disabled_for_maintenance_keeps_the_closed_vlans_on_the_other_sites_uplinks(fabric):
+    """A disabled switch is never touched — it still forwards — so the way in to a closed cluster stays: the core
+    uplinks toward the gateway's site keep the VLAN (the desired state took the enabled gateways only, and the
+    reconciler removed the VLAN from prague's uplink as stale: the cluster cut off from its gateway)."""
+    from network.models import Switch
+
+    seg = services.segment_create(owner="c1", hosts=[fabric.hosts["prague1"]], gateway=True)
+    Switch.objects.filter(name="sw-brno").update(enabled=False)
+    want = _by_name(fabric, selectors.switch_desired())
+    v = frozenset({seg.vid})
+    assert want["sw-prague"] == {"h1": v, "h2": NONE, "uplink": v}
+    assert [s.name for s in selectors.segment_devices(seg)[0]] == ["sw-prague"]  # (the disabled one: untouched)
+
+
 def test_a_gateway_trunk_gets_only_the_closed_vlans_whose_core_reaches_its_site(fabric):
     """A gateway trunk added later at a site the closed segment's core does not reach (another core, whose
     pool may hold the same ids: pools of cores without a common site may overlap) never gets that segment's
