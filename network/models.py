@@ -12,7 +12,7 @@ from django.db import models
 
 from network import vlanranges
 from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
-from network.drivers.naming import vlan_name
+from network.drivers.naming import check_vlan_name_format
 from network.drivers.ranges import PLATFORM_RESERVED
 from network.drivers.sshargs import ssh_problems
 from portal.secrets import EncryptedTextField
@@ -262,9 +262,8 @@ class Switch(InventoryModel, Reconciled):
             host, user = self.address, self.username  # that driver's ssh destination
         problems = ssh_problems(host=host, user=user, options=self.driver_args.get("ssh_options", ()))
         if "vlan_name_format" in self.driver_args:
-            try:  # written into the vendor switch's configuration: one plain word per VLAN
-                for vid in (VLAN_MIN, VLAN_MAX):  # the longest name too (a 4-digit id)
-                    vlan_name(str(self.driver_args["vlan_name_format"]), vid)
+            try:  # written into the vendor switch's configuration: one plain word per VLAN, each its own
+                check_vlan_name_format(str(self.driver_args["vlan_name_format"]), range(VLAN_MIN, VLAN_MAX + 1))
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:
@@ -289,10 +288,19 @@ class Switch(InventoryModel, Reconciled):
                     f"switch {self.name}: {', '.join(moved)} name which device it is, and {', '.join(carrying)}: "
                     "change them once no live cluster uses its ports"
                 ]
+        reserved = PLATFORM_RESERVED.get(self.platform, frozenset())
+        if self.pk and reserved:  # a port's static VLANs the (new) platform keeps for itself: never converged
+            kept = [
+                f"port {port.name}: static VLAN {vlanranges.format_ranges(port.static_vids & reserved)}"
+                for port in self.ports.exclude(static_vlans="").order_by("name")
+                if port.static_vids & reserved
+            ]
+            if kept:
+                errors["platform"] = [f"switch {self.name}: {', '.join(kept)} reserved on {self.platform}"]
         if self.check_pools:
             clashes = self.reserved_clashes()
             if clashes:
-                errors["platform"] = clashes
+                errors.setdefault("platform", []).extend(clashes)
             moved_clashes = self.static_clashes() if stored is not None and self.site_id != stored else []
             if moved_clashes:
                 errors.setdefault("site", []).extend(moved_clashes)
@@ -410,6 +418,14 @@ class SwitchPort(InventoryModel):
         except ValidationError as exc:
             raise ValidationError({"static_vlans": exc.messages}) from None
         if static and self.switch_id:
+            kept = static & PLATFORM_RESERVED.get(self.switch.platform, frozenset())
+            if kept:  # every converge of the switch would refuse the port's list (the platform keeps these ids)
+                raise ValidationError(
+                    {
+                        "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(kept)} is reserved on "
+                        f"{self.switch.platform}: a port cannot carry it"
+                    }
+                )
             # a cluster given one of these ids would share the VLAN with the host's own network on this port
             pools = VlanPool.objects.filter(core__sites=self.switch.site_id).select_related("core").order_by("name")
             for pool in pools:

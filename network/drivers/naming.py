@@ -36,3 +36,18 @@ def vlan_name(name_format: str, vid: int) -> str:
             "(starting with a letter or digit)"
         )
     return name
+
+
+def check_vlan_name_format(name_format: str, vids: range = range(1, 4095)) -> None:
+    """Refuse ``name_format`` (ValueError, saying why) unless it gives every VLAN id in ``vids`` a name of its own
+    (``vlan_name``'s rules): a format without ``{vid}`` ("grid") named every VLAN alike — Junos then renumbered one
+    VLAN over and over, IOS and NX-OS got duplicate names."""
+    seen: dict[str, int] = {}
+    for vid in vids:
+        name = vlan_name(name_format, vid)
+        if name in seen:
+            raise ValueError(
+                f"vlan_name_format {name_format!r} names VLANs {seen[name]} and {vid} alike ({name!r}): put {{vid}} "
+                "in it (e.g. vc-{vid})"
+            )
+        seen[name] = vid

@@ -293,6 +293,30 @@ def test_a_switch_moving_to_another_site_takes_its_ports_static_vlans_past_the_p
     switch.full_clean()
 
 
+def test_a_static_vlan_the_platform_reserves_is_refused_on_the_port_and_on_a_platform_change():
+    """IOS keeps 1002-1005, NX-OS 3968-4094: a port carrying one as a static VLAN had every converge of its switch
+    refused ("reserved on ios")."""
+    switch = SwitchFactory(name="sw-ios", platform="ios")
+    port = SwitchPortFactory.build(switch=switch, name="gw", role=PortRole.GATEWAY_TRUNK, static_vlans="10,1002")
+    assert messages(port)["static_vlans"] == [
+        "port sw-ios:gw: static VLAN 1002 is reserved on ios: a port cannot carry it"
+    ]
+    nexus = SwitchFactory(name="sw-nx", platform="eos")
+    SwitchPortFactory(switch=nexus, name="gw", role=PortRole.GATEWAY_TRUNK, static_vlans="4000")
+    nexus.platform = "nxos"
+    assert messages(nexus)["platform"] == ["switch sw-nx: port gw: static VLAN 4000 reserved on nxos"]
+
+
+@pytest.mark.parametrize("name_format", ["grid", "vc", "x{vid!s:.1}"])
+def test_a_vlan_name_format_that_names_two_vlans_alike_is_refused(name_format):
+    """Without {vid} every VLAN got one name: Junos renumbered that one VLAN over and over, IOS and NX-OS got
+    duplicate names."""
+    switch = SwitchFactory.build(name="sw", platform="junos", driver_args={"vlan_name_format": name_format})
+    assert "alike" in " ".join(messages(switch)["driver_args"]) or "only {vid}" in " ".join(
+        messages(switch)["driver_args"]
+    )
+
+
 def test_one_host_per_port():
     existing = HostFactory(name="brno-h1")
     other = Host(name="brno-h2", site=existing.site, switch_port=existing.switch_port)
