@@ -688,6 +688,11 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                 if kind == DeviceKind.SWITCH:
                     expected = selectors.switch_desired([device.pk])[device.pk]
                     actual = session.port_vlans()
+                    short = [port for port, want in expected.items() if want - actual.get(port, frozenset())]
+                    down = getattr(session, "down_ports", None)
+                    for port in down(short) if short and down is not None else ():
+                        # a port that is down shows none of its VLANs on some platforms: not a VLAN removed
+                        actual[port] = actual.get(port, frozenset()) | expected[port]
                 else:
                     expected = {"": selectors.host_desired([device.pk])[device.pk]}
                     actual = {"": session.vlans()}

@@ -431,6 +431,12 @@ class NapalmSwitchSession:
             ) from exc
         raise PermanentDeviceError(self.spec.name, f"verification failed after commit, rolled back: {detail}")
 
+    def down_ports(self, ports) -> set[str]:
+        """Of ``ports``, those the device reports down where its VLAN lists leave such ports out (``_down``):
+        the reconciler reads no missing VLAN there (it would record one every pass, and "repair" it with a
+        commit that changes nothing)."""
+        return self._down(ports)
+
     def _down(self, ports) -> set[str]:
         """Of ``ports``, those the device reports down — on the platforms whose VLAN lists name only the ports
         that are up (``_LIVE_VLANS``); none elsewhere, or when it cannot say."""

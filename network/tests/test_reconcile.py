@@ -459,3 +459,34 @@ def test_a_time_limit_during_a_repair_settles_its_change_as_interrupted(fabric, 
         convergence.reconcile_device("switch", fabric.switches["brno"], repair=True)
     change = DeviceChange.objects.get(cause__startswith="reconcile")
     assert change.status == "failed" and change.error.startswith("interrupted: SoftTimeLimitExceeded")
+
+
+@pytest.mark.parametrize("down", [True, False])
+def test_a_port_that_is_down_is_no_missing_vlan(fabric, active, settings, monkeypatch, down):
+    """EOS, IOS and NX-OS list a VLAN's ports that are up: a hypervisor's port that is down (the host powered
+    off) shows none of its VLANs. The reconciler asks the session which ports are down: no "missing" drift every
+    pass, and no "repair" that changes nothing; a port that is up and lacks its VLAN is drift."""
+    from network import convergence
+
+    settings.RECONCILE_REPAIR = False
+    real = convergence.switch_session
+
+    @contextlib.contextmanager
+    def with_a_port_down(spec):
+        with real(spec) as session:
+            shown = session.port_vlans()
+
+            class Blind:
+                def port_vlans(self):
+                    return {**shown, "h1": frozenset()} if spec.name == "sw-brno" else shown
+
+                def down_ports(self, ports):
+                    return {p for p in ports if p == "h1"} if down and spec.name == "sw-brno" else set()
+
+            yield Blind()
+
+    monkeypatch.setattr(convergence, "switch_session", with_a_port_down)
+    report = convergence.reconcile_device("switch", Switch.objects.get(name="sw-brno"), repair=False)
+    assert report.error == ""
+    found = [(d.port, d.kind) for d in report.drifts]
+    assert found == ([] if down else [("h1", "missing")])
