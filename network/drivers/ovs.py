@@ -58,6 +58,7 @@ ROLLBACK_KEY = "virtcloud-rollback"
 # A session's snapshot is read again when older than this (seconds); a convergence takes tens of ms.
 SNAPSHOT_MAX_AGE = 5.0
 NATIVE_MODES = ("native-tagged", "native-untagged")
+EVERY_VLAN = frozenset(range(1, 4095))
 _LINE = re.compile(r"^port\s+(?P<port>\S+)\s+trunks\s+(?P<vids>none|[0-9][0-9,\-]*)$")
 
 
@@ -339,10 +340,17 @@ class OvsDriver(NetworkDriver):
         return self._snapshot
 
     def owned_port_vlans(self) -> dict[str, frozenset[int]]:
-        """Tagged VLANs of each port in the snapshot, the way ``get_vlans`` reports them (a trunk with an
-        empty list, "every VLAN" to OVS, carries every VLAN any other port in the snapshot carries).
-        What ``OvsSwitchSession.port_vlans`` uses instead of a whole-bridge ``get_vlans``."""
-        return _port_vlans(self._session_ports())
+        """Tagged VLANs of each port in the snapshot, the way ``get_vlans`` reports them — except a trunk with an
+        empty list, "every VLAN" to OVS, which carries every id 1-4094 (``get_vlans`` lists it under the VLANs
+        other ports use: among the owned ports only, one cleared by hand could look exactly as desired, and the
+        reconciler never saw it carry every VLAN of the bridge). What ``OvsSwitchSession.port_vlans`` uses
+        instead of a whole-bridge ``get_vlans``."""
+        ports = self._session_ports()
+        found = _port_vlans(ports)
+        for name, state in ports.items():
+            if state.mode in ("trunk", *NATIVE_MODES) and not state.trunks:
+                found[name] = EVERY_VLAN
+        return found
 
     def get_facts(self) -> dict:
         ports, root, bridge = self._read()

@@ -326,6 +326,21 @@ def test_session_converge_plan_and_idempotence(lab, ovs_bridge):
         assert session.port_vlans() == {"Ethernet1": frozenset({100, 101}), "Ethernet2": frozenset()}
 
 
+def test_a_port_cleared_to_trunk_every_vlan_reads_as_carrying_every_vlan(lab, ovs_bridge):
+    """``ovs-vsctl clear Port p trunks`` makes a trunk carry every VLAN; among the owned ports only it read as
+    carrying the VLANs the others carry — exactly the desired set, when they agree — and the reconciler never saw
+    it. It reads as carrying every id now, and a converge sets its list again."""
+    e1 = ovs_bridge["port_map"]["Ethernet1"]
+    with switch_session(spec(ovs_bridge)) as session:
+        session.converge({"Ethernet1": frozenset({100}), "Ethernet2": frozenset({100})})
+    lab.ovsdb().run(["clear", "Port", e1, "trunks"])
+    with switch_session(spec(ovs_bridge)) as session:
+        assert session.port_vlans()["Ethernet1"] == frozenset(range(1, 4095))
+        assert session.port_vlans()["Ethernet2"] == frozenset({100})
+        result = session.converge({"Ethernet1": frozenset({100}), "Ethernet2": frozenset({100})})
+        assert result.changed and session.port_vlans()["Ethernet1"] == frozenset({100})
+
+
 def test_session_rolls_back_when_verification_fails(lab, ovs_bridge, monkeypatch):
     """A device that accepts a commit but does not apply it (here: another writer changes the port right
     after our transaction, before ovs-vswitchd has applied it and we read it back) fails verification; the
