@@ -57,6 +57,14 @@ class SwitchSpec:
     owned_ports: tuple[str, ...] = ()  # the only ports a session may change
     timeout: float = 30.0
     static_vlans: frozenset[int] = frozenset()  # the operator's VLANs on owned ports: carried, never created
+    # each owned port's own static VLANs (empty: unknown, ``static_vlans`` stands for every port)
+    port_static_vlans: Mapping[str, frozenset[int]] = field(default_factory=dict)
+
+    def port_static(self, port: str) -> frozenset[int]:
+        """The static VLANs of owned port ``port``: its own when the spec has them, else the switch's."""
+        if self.port_static_vlans:
+            return self.port_static_vlans.get(port, frozenset())
+        return self.static_vlans
 
 
 @dataclass(frozen=True)

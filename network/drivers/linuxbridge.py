@@ -668,12 +668,15 @@ class LinuxBridgeSession:
     def port_vlans(self) -> dict[str, frozenset[int]]:
         """The owned ports' tagged VLANs (what the candidate sets and the verification compares: a port's
         native/PVID VLAN is not the portal's and never made a converge fail), and of its untagged ones those the
-        port's static VLANs name (the operator said the port carries them: carried, untagged, they are neither
-        missing nor made tagged)."""
+        port's own static VLANs name (the operator said the port carries them: carried, untagged, they are
+        neither missing nor made tagged). Another port's static VLAN untagged here is not this port's: counted
+        switch-wide, a host trunk's PVID (VLAN 1 by default) that the uplink lists as static read as carried on
+        the host trunk, which then failed every verification."""
         ports = self.driver.port_states()
-        static = self.spec.static_vlans
         return {
-            port: (ports[port].tagged | (ports[port].untagged & static)) if port in ports else frozenset()
+            port: (ports[port].tagged | (ports[port].untagged & self.spec.port_static(port)))
+            if port in ports
+            else frozenset()
             for port in self.spec.owned_ports
         }
 

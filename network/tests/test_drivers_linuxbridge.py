@@ -213,6 +213,29 @@ def test_a_native_vlan_named_static_counts_as_carried_and_is_never_made_tagged()
         assert session.port_vlans()["p-h1"] == {200}  # (not the portal's: not counted)
 
 
+def test_a_static_vlan_counts_as_carried_on_its_own_port_only():
+    """The uplink names VLAN 10 static (carried untagged); a host trunk's own untagged PVID is also 10, not named
+    static there. Counted switch-wide, 10 read as carried on the host trunk, whose verification then found
+    "10,100, wanted 100" on every commit — every cluster at the switch failed; each port's own statics now."""
+    box = FakeLinuxBox({"p-h1": set(), "uplink": set()}, native={"p-h1": 10, "uplink": 10})
+    spec = SwitchSpec(
+        name="sw-remote",
+        platform="linuxbridge",
+        address="sw-remote.example.org",
+        username="netops",
+        driver_args={"transport": "ssh", "runner": box},
+        owned_ports=("p-h1", "uplink"),
+        timeout=10,
+        static_vlans=frozenset({10}),
+        port_static_vlans={"uplink": frozenset({10})},
+    )
+    with switch_session(spec) as session:
+        assert session.port_vlans() == {"p-h1": set(), "uplink": {10}}
+        result = session.converge({"p-h1": frozenset({100}), "uplink": frozenset({10, 100})})
+    assert result.after == {"p-h1": {100}, "uplink": {10, 100}}
+    assert [script for _argv, script in box.batches()] == ["vlan add dev p-h1 vid 100\nvlan add dev uplink vid 100\n"]
+
+
 def test_ssh_command_layer_restores_touched_ports_when_the_box_rejects_a_change():
     box = FakeLinuxBox({"p-h1": {100}, "p-h2": set()}, reject={"p-h2"})
     with _ssh_driver(box) as driver:

@@ -317,6 +317,22 @@ def test_a_vlan_name_format_that_names_two_vlans_alike_is_refused(name_format):
     )
 
 
+def test_a_switch_spec_knows_each_ports_own_static_vlans():
+    """What the Linux-bridge session counts as carried untagged on a port: that port's static VLANs, read with the
+    desired state (``switch_desired``'s ``port_statics``) or by the spec itself."""
+    from network import selectors, specs
+
+    switch = SwitchFactory(name="sw", platform="linuxbridge")
+    SwitchPortFactory(switch=switch, name="uplink", role=PortRole.GATEWAY_TRUNK, static_vlans="10")
+    SwitchPortFactory(switch=switch, name="p-h1", role=PortRole.HOST_TRUNK)
+    spec = specs.switch_spec(switch)
+    assert spec.port_static_vlans == {"uplink": frozenset({10})} and spec.static_vlans == frozenset({10})
+    assert spec.port_static("p-h1") == frozenset() and spec.port_static("uplink") == frozenset({10})
+    per_port: dict = {}
+    selectors.switch_desired([switch.pk], port_statics=per_port)
+    assert per_port == {switch.pk: {"uplink": frozenset({10})}}
+
+
 def test_one_host_per_port():
     existing = HostFactory(name="brno-h1")
     other = Host(name="brno-h2", site=existing.site, switch_port=existing.switch_port)
