@@ -16,6 +16,7 @@ from network.drivers.naming import check_vlan_name_format
 from network.drivers.ranges import PLATFORM_RESERVED
 from network.drivers.sshargs import ssh_problems
 from portal.secrets import EncryptedTextField
+from portal.text import encodable
 
 #: ``driver_args`` keys that say which device a switch or host is (an OVS bridge, its port names, a host's uplink
 #: or OVSDB, a lab namespace): changed while live clusters use it, the old device keeps their VLANs for good.
@@ -35,9 +36,7 @@ def json_problem(value) -> str | None:
         if isinstance(item, str):
             if "\x00" in item:
                 return "must not hold a NUL character"
-            try:
-                item.encode()
-            except UnicodeEncodeError:
+            if not encodable(item):
                 return "must not hold a lone surrogate (not a character)"
         elif isinstance(item, float):
             if not math.isfinite(item):

@@ -24,7 +24,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal import audit
 from portal.models import TokenScope
-from portal.parsers import encodable
+from portal.text import encodable
 
 
 def _too_big() -> dict:

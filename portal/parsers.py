@@ -6,6 +6,8 @@ from __future__ import annotations
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError
 
+from portal.text import encodable
+
 #: deeper than this a body is refused (the API's own bodies are a few levels deep): code that walks a body
 #: recursively (an Idempotency-Key's fingerprint) never meets one that exhausts Python's stack
 MAX_DEPTH = 32
@@ -45,13 +47,3 @@ def _check(data) -> None:
 def _check_text(text: str) -> None:
     if not encodable(text):
         raise ParseError("JSON parse error - a string holds a lone UTF-16 surrogate (not a character)")
-
-
-def encodable(text: str) -> bool:
-    """Whether ``text`` has a UTF-8 encoding: a lone surrogate (a ``\\ud800`` escape in JSON) has none — the
-    database cannot store or compare it, and a response quoting it cannot be rendered."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True

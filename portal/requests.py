@@ -23,7 +23,7 @@ from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
 from django.http import HttpResponseBadRequest, JsonResponse
 from django.utils.http import parse_header_parameters
 
-from portal.parsers import encodable
+from portal.text import storable
 
 #: the request charsets taken (as ``codecs`` names them)
 CHARSETS = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
@@ -84,7 +84,7 @@ def _charset_refused(request) -> str | None:
 def _query_refused(request) -> str | None:
     for key, values in request.GET.lists():
         for text in (key, *values):
-            if "\x00" in text or not encodable(text):
+            if not storable(text):
                 return "query parameters must not hold NUL characters or lone surrogates"
     return None
 

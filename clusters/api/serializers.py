@@ -35,7 +35,7 @@ from network.libvirt import interface_xml
 from network.models import Host
 from network.specs import host_spec
 from portal.api import ID_MAX, IdField, NameRelatedField, StrictSerializer, counted_list
-from portal.parsers import encodable
+from portal.text import storable
 
 
 class OwnerField(NameRelatedField):
@@ -88,8 +88,7 @@ class NodeListSerializer(serializers.ListSerializer):
             names.discard("")
             field = self.child.fields["host"]
             field.prefetched = {
-                h.name: h
-                for h in field.get_queryset().filter(name__in=[n for n in names if "\x00" not in n and encodable(n)])
+                h.name: h for h in field.get_queryset().filter(name__in=[n for n in names if storable(n)])
             }
         return super().to_internal_value(data)
 
@@ -144,8 +143,7 @@ class UsableImageField(NameRelatedField):
             named
             and selectors.acts_on_all(request)
             and isinstance(named, str)
-            and "\x00" not in named  # (``owner`` says why at its own field; the database cannot compare it)
-            and encodable(named)
+            and storable(named)  # (``owner`` says why at its own field; the database cannot compare it)
         ):  # (as ``owner`` allows)
             owner = get_user_model().objects.filter(username=named, is_active=True).first()
         return selectors.images_usable(owner) if owner is not None else Image.objects.none()
