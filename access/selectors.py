@@ -76,16 +76,12 @@ def clusters_user_belongs_to(user) -> QuerySet:
 def clusters_unshared_by_owner(owners) -> list[int]:
     """Ids of the live clusters of ``owners`` whose group the owner is no longer in (``shared_with``: the
     group's people lost them when the owner left)."""
-    from django.contrib.auth import get_user_model
-
     from clusters.models import LIVE_STATES, VirtualCluster
+    from clusters.selectors import owner_in_group
 
-    membership = get_user_model().groups.through.objects.filter(
-        user_id=OuterRef("owner_id"), group_id=OuterRef("group_id")
-    )
     return list(
         VirtualCluster.objects.filter(owner__in=[o.pk for o in owners], group__isnull=False, state__in=LIVE_STATES)
-        .exclude(Exists(membership))
+        .exclude(owner_in_group())
         .order_by("pk")
         .values_list("pk", flat=True)
     )

@@ -935,9 +935,10 @@ def node_token_issue(*, cluster) -> tuple[ApiToken, str]:
     return token_create(user=locked.owner, name=f"nodes of {label}", scopes=[TokenScope.CLUSTER_NODE], cluster=locked)
 
 
-def node_tokens_revoke(*, cluster_id: int) -> int:
-    """Revoke the live node tokens of a cluster (it ended, or changed owner); how many."""
-    live = list(ApiToken.objects.filter(cluster_id=cluster_id, revoked_at=None))
+def node_tokens_revoke(*, cluster_id: int, keep_user_id: int | None = None) -> int:
+    """Revoke the live node tokens of a cluster (it ended; with ``keep_user_id``, those made for anyone but that
+    user: it changed owner); how many."""
+    live = list(ApiToken.objects.filter(cluster_id=cluster_id, revoked_at=None).exclude(user_id=keep_user_id))
     for token in live:
         token_revoke(token=token)
     return len(live)

@@ -52,15 +52,10 @@ def cluster_saved(sender, instance, created, raw=False, **kwargs) -> None:
     from access import services
     from access.models import USER_KINDS, Credential
     from clusters.models import ACTIVE_STATES
-    from portal.models import ApiToken
-    from portal.tokens import token_revoke
 
     # node tokens act as the owner they were made for, while the cluster is active
-    tokens = ApiToken.objects.filter(cluster_id=instance.pk, revoked_at=None)
-    if instance.state in ACTIVE_STATES:
-        tokens = tokens.exclude(user_id=instance.owner_id)
-    for token in tokens:
-        token_revoke(token=token)
+    active = instance.state in ACTIVE_STATES
+    services.node_tokens_revoke(cluster_id=instance.pk, keep_user_id=instance.owner_id if active else None)
     if not Credential.objects.live(timezone.now()).for_cluster(instance.pk).filter(kind__in=USER_KINDS).exists():
         return
     services.credentials_revoke_unauthorized(cluster=instance)

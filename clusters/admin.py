@@ -327,9 +327,7 @@ class StepInline(admin.TabularInline):
             def get_queryset(self):
                 if not hasattr(self, "_withheld"):
                     self._withheld = list(super().get_queryset())
-                    for step in self._withheld:
-                        step.error = selectors.without_device_messages(step.error, messages)
-                        step.detail = selectors.without_device_messages(step.detail, messages)
+                    selectors.withhold_device_messages(messages, steps=self._withheld)
                 return self._withheld
 
         return Withheld
@@ -416,9 +414,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         page's one editable field, the expiry, is saved by the service, never the row as loaded)."""
         cluster = super().get_object(request, object_id, from_field)
         if cluster is not None:
-            messages = selectors.device_messages(request, [cluster]).get(cluster.pk)
-            if messages:
-                cluster.state_reason = selectors.without_device_messages(cluster.state_reason, messages)
+            selectors.hide_device_messages(request, [cluster], steps=())  # (the steps: ``StepInline``)
         return cluster
 
     def has_delete_permission(self, request, obj=None):

@@ -64,16 +64,22 @@ def acts_on_all(request, model=VirtualCluster) -> bool:
     return _as_admin(request, "change", model)
 
 
+def owner_in_group(prefix: str = "") -> Exists:
+    """Whether a cluster's owner is a member of its group (``prefix``: the path to the cluster, "cluster__")."""
+    from django.contrib.auth import get_user_model
+
+    return Exists(
+        get_user_model().groups.through.objects.filter(
+            user_id=OuterRef(f"{prefix}owner_id"), group_id=OuterRef(f"{prefix}group_id")
+        )
+    )
+
+
 def shared_with(user, prefix: str = "") -> Q:
     """Clusters shared with ``user`` through a group (``prefix``: the path to the cluster, "cluster__"): the
     cluster's group is one of theirs, and its owner is still a member of it — an owner who leaves the group
     takes the share along (as for images), and the group's people lose the cluster as a member who leaves does."""
-    from django.contrib.auth import get_user_model
-
-    membership = get_user_model().groups.through.objects.filter(
-        user_id=OuterRef(f"{prefix}owner_id"), group_id=OuterRef(f"{prefix}group_id")
-    )
-    return Q(**{f"{prefix}group__in": user.groups.values("pk")}) & Q(Exists(membership))
+    return Q(**{f"{prefix}group__in": user.groups.values("pk")}) & Q(owner_in_group(prefix))
 
 
 def clusters_visible(request) -> QuerySet[VirtualCluster]:
@@ -465,18 +471,24 @@ def without_device_messages(text: str, messages: list[tuple[str, str]]) -> str:
     return text
 
 
-def hide_device_messages(request, clusters) -> None:
-    """For the browser pages: each cluster's reason and (prefetched or cached) steps, in memory only, without the
-    devices' messages the caller may not read (``device_messages``). The rows are never saved from there."""
+def withhold_device_messages(messages: list[tuple[str, str]], *, cluster=None, steps=()) -> None:
+    """``cluster``'s reason and ``steps``' error and detail, in memory only, without ``messages`` (one cluster's,
+    from ``device_messages``): for pages, which never save the rows they show."""
+    if cluster is not None:
+        cluster.state_reason = without_device_messages(cluster.state_reason, messages)
+    for step in steps:
+        step.error = without_device_messages(step.error, messages)
+        step.detail = without_device_messages(step.detail, messages)
+
+
+def hide_device_messages(request, clusters, *, steps=None) -> None:
+    """For the browser pages: each cluster's reason and (prefetched) steps — or, for one cluster, the ``steps``
+    the page fetched itself — without the devices' messages the caller may not read (``device_messages``)."""
     found = device_messages(request, clusters)
     for cluster in clusters:
         messages = found.get(cluster.pk)
-        if not messages:
-            continue
-        cluster.state_reason = without_device_messages(cluster.state_reason, messages)
-        for step in cluster.steps.all():
-            step.error = without_device_messages(step.error, messages)
-            step.detail = without_device_messages(step.detail, messages)
+        if messages:
+            withhold_device_messages(messages, cluster=cluster, steps=cluster.steps.all() if steps is None else steps)
 
 
 def cluster_network(request, cluster: VirtualCluster) -> dict:

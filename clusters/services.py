@@ -1113,8 +1113,16 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     if not selectors.staff_may(admin, "change", VirtualCluster):  # (the admin's action asks the same)
         raise NotAllowed("only an administrator can override the connectivity policy")
     return _connectivity_set(
-        cluster=cluster, connectivity=connectivity, reason=f"overridden by {admin.get_username()}: {reason}", by=admin
+        cluster=cluster, connectivity=connectivity, reason=f"{OVERRIDDEN}{admin.get_username()}: {reason}", by=admin
     )
+
+
+#: how an override's reason begins: the override stays one once its admin's account is deleted (``SET_NULL``)
+OVERRIDDEN = "overridden by "
+
+
+def _overridden(cluster: VirtualCluster) -> bool:
+    return cluster.connectivity_overridden_by_id is not None or cluster.connectivity_reason.startswith(OVERRIDDEN)
 
 
 def _connectivity_set(*, cluster: VirtualCluster, connectivity: str, reason: str, by) -> VirtualCluster:
@@ -1185,17 +1193,14 @@ def clusters_close_unapproved_public() -> list[int]:
             connectivity_overridden_by=None,
             image__approved=False,
         )
-        # an override whose admin's account was deleted since (the column is SET_NULL) still is one
-        .exclude(connectivity_reason__startswith="overridden by ")
+        .exclude(connectivity_reason__startswith=OVERRIDDEN)  # (``_overridden``, in the query)
         .select_related("image")
     )
     for cluster in found.order_by("pk"):
         try:
             with audit.audit_actor("policy"), transaction.atomic():
                 locked = _locked(cluster)
-                if locked.connectivity_overridden_by_id is not None or locked.connectivity_reason.startswith(
-                    "overridden by "
-                ):
+                if _overridden(locked):
                     continue  # an administrator vouched for it meanwhile
                 _connectivity_set(
                     cluster=locked,

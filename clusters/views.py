@@ -189,12 +189,7 @@ def detail(request, pk: int):
         selectors.clusters_visible(request).select_related("owner", "group", "image", "segment"), pk=pk
     )
     steps = list(cluster.steps.order_by("-started_at", "-id")[:50])
-    messages_hidden = selectors.device_messages(request, [cluster]).get(cluster.pk)
-    if messages_hidden:  # (in memory, for the page: the devices' messages are not the cluster's people's to read)
-        cluster.state_reason = selectors.without_device_messages(cluster.state_reason, messages_hidden)
-        for step in steps:
-            step.error = selectors.without_device_messages(step.error, messages_hidden)
-            step.detail = selectors.without_device_messages(step.detail, messages_hidden)
+    selectors.hide_device_messages(request, [cluster], steps=steps)  # (not the cluster's people's to read)
     for step in steps:
         seconds = (step.finished_at - step.started_at).total_seconds() if step.finished_at else None
         step.took = "" if seconds is None else f"{seconds:.2f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
