@@ -109,11 +109,11 @@ def sessions_work(changes: list[int]) -> list[tuple]:
 
     switches = [c.switch for c in DeviceChange.objects.filter(pk__in=changes).select_related("switch")]
     ids = [s.pk for s in switches]
-    statics: dict[int, frozenset[int]] = {}
+    statics: dict[int, dict[str, frozenset[int]]] = {}
     segments = selectors.desired_segments(switch_ids=ids, host_ids=[])
-    desired = selectors.switch_desired(ids, segments=segments, statics=statics)
+    desired = selectors.switch_desired(ids, segments=segments, port_statics=statics)
     return [
-        (specs.switch_spec(s, owned_ports=desired[s.pk].keys(), static_vlans=statics.get(s.pk, ())), desired[s.pk])
+        (specs.switch_spec(s, owned_ports=desired[s.pk].keys(), port_static_vlans=statics.get(s.pk, {})), desired[s.pk])
         for s in switches
     ]
 

@@ -464,22 +464,16 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
         switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
         hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]
         segments = selectors.desired_segments(switch_ids=switches, host_ids=hosts)
-        statics: dict[int, frozenset[int]] = {}
         port_statics: dict[int, dict[str, frozenset[int]]] = {}
         per_switch = (
-            selectors.switch_desired(switches, segments=segments, statics=statics, port_statics=port_statics)
-            if switches
-            else {}
+            selectors.switch_desired(switches, segments=segments, port_statics=port_statics) if switches else {}
         )
         per_host = selectors.host_desired(hosts, segments=segments) if hosts else {}
         for w in active:
             if w.kind == DeviceKind.SWITCH:
                 w.desired = per_switch[w.device.pk]
                 w.spec = specs.switch_spec(
-                    w.device,
-                    owned_ports=w.desired.keys(),
-                    static_vlans=statics.get(w.device.pk, ()),
-                    port_static_vlans=port_statics.get(w.device.pk, {}),
+                    w.device, owned_ports=w.desired.keys(), port_static_vlans=port_statics.get(w.device.pk, {})
                 )
             else:
                 w.desired = per_host[w.device.pk]

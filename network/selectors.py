@@ -188,15 +188,13 @@ def switch_desired(
     *,
     segments: list[SegmentView] | None = None,
     static: bool = True,
-    statics: dict[int, frozenset[int]] | None = None,
     port_statics: dict[int, dict[str, frozenset[int]]] | None = None,
 ) -> dict[int, PortVlans]:
     """For each switch (all, or ``switch_ids``: ids, or a queryset of them, read as a subquery): owned port
     name → the VLANs it must carry (every owned port is listed, an empty set meaning "carry none of the
     portal's VLANs"): the clusters' and, unless ``static`` is False (only the clusters' VLANs: what a
-    segment or a live cluster needs), the port's static VLANs. ``statics``, when given, is filled with
-    switch id → the static VLANs of its ports (what its ``SwitchSpec`` says, read in the same query), and
-    ``port_statics`` with switch id → port name → that port's own."""
+    segment or a live cluster needs), the port's static VLANs. ``port_statics``, when given, is filled with
+    switch id → port name → that port's static VLANs (what its ``SwitchSpec`` says, read in the same query)."""
     if segments is not None:
         views = segments
     else:
@@ -237,8 +235,6 @@ def switch_desired(
             ids = frozenset(vlanranges.parse_static(fixed))
             if static:
                 vids = vids | ids
-            if statics is not None:
-                statics[switch_id] = statics.get(switch_id, frozenset()) | ids
             if port_statics is not None:
                 port_statics.setdefault(switch_id, {})[name] = ids
         result.setdefault(switch_id, {})[name] = frozenset(vids)

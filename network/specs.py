@@ -17,17 +17,16 @@ def switch_spec(
     switch: Switch,
     *,
     owned_ports: Iterable[str] | None = None,
-    static_vlans: Iterable[int] = (),
     port_static_vlans: Mapping[str, frozenset[int]] | None = None,
 ) -> SwitchSpec:
-    """The spec of ``switch`` with every port the portal owns on it and their static VLANs, all of them and
-    each port's (``owned_ports``, ``static_vlans`` and ``port_static_vlans`` when the caller has just read them,
-    e.g. with the switch's desired state; otherwise they are read here)."""
+    """The spec of ``switch`` with every port the portal owns on it and each port's static VLANs (``owned_ports``
+    and ``port_static_vlans`` when the caller has just read them, e.g. with the switch's desired state — its
+    ``port_statics``; otherwise they are read here)."""
     if owned_ports is None:
         rows = list(switch.ports.values_list("name", "static_vlans"))
         owned_ports = [name for name, _static in rows]
         port_static_vlans = {name: frozenset(vlanranges.parse_static(static)) for name, static in rows if static}
-        static_vlans = {vid for vids in port_static_vlans.values() for vid in vids}
+    port_static_vlans = dict(port_static_vlans or {})
     return SwitchSpec(
         name=switch.name,
         platform=switch.platform,
@@ -37,8 +36,8 @@ def switch_spec(
         driver_args=dict(switch.driver_args or {}),
         owned_ports=tuple(sorted(owned_ports)),
         timeout=settings.DEVICE_TIMEOUT,
-        static_vlans=frozenset(static_vlans),
-        port_static_vlans=dict(port_static_vlans or {}),
+        static_vlans=frozenset(vid for vids in port_static_vlans.values() for vid in vids),
+        port_static_vlans=port_static_vlans,
     )
 
 

@@ -81,9 +81,10 @@ def test_a_trunks_native_vlan_1_kept_as_a_static_vlan_stays_on_its_allowed_list_
     port.save()
     seg = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"]], gateway=False)
     statics: dict = {}
-    desired = selectors.switch_desired([fabric.switches["brno"].pk], statics=statics)[fabric.switches["brno"].pk]
-    assert desired["h1"] == {1, seg.vid} and statics[fabric.switches["brno"].pk] == {1}
-    text = render(platform, {"Ethernet1": desired["h1"]}, existing=statics[fabric.switches["brno"].pk])
+    brno = fabric.switches["brno"].pk
+    desired = selectors.switch_desired([brno], port_statics=statics)[brno]
+    assert desired["h1"] == {1, seg.vid} and statics[brno] == {"h1": {1}}
+    text = render(platform, {"Ethernet1": desired["h1"]}, existing=statics[brno]["h1"])
     assert f"allowed vlan 1,{seg.vid}" in text
     assert "vlan 1\n" not in text and f"vlan {seg.vid}\n" in text
 
