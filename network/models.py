@@ -51,6 +51,14 @@ def json_problem(value) -> str | None:
 JSON_MAX_DEPTH = 16
 
 
+def pools_handing_out(vids: frozenset[int], site_id: int, *, skip_pools: Iterable[str] = ()) -> list[tuple]:
+    """(pool, the ids of ``vids`` it hands out) for each pool of a core that reaches site ``site_id`` and hands
+    out some of ``vids`` (a port's static VLANs there), by the pool's name; ``skip_pools``: names left out."""
+    pools = VlanPool.objects.filter(core__sites=site_id).exclude(name__in=list(skip_pools)).distinct()
+    found = ((pool, vids & pool.claimed_ids()) for pool in pools.select_related("core").order_by("name"))
+    return [(pool, clash) for pool, clash in found if clash]
+
+
 vlan_id_validators = [MinValueValidator(VLAN_MIN), MaxValueValidator(VLAN_MAX)]
 name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]*$", "Use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit."
@@ -314,19 +322,13 @@ class Switch(InventoryModel, Reconciled):
         ports = [port for port in stored if port.static_vids]
         if not ports or not self.site_id:
             return []
-        pools = VlanPool.objects.filter(core__sites=self.site_id).exclude(name__in=list(skip_pools)).distinct()
-        clashes = []
-        for pool in pools.select_related("core").order_by("name"):
-            claimed = pool.claimed_ids()
-            for port in ports:
-                clash = port.static_vids & claimed
-                if clash:
-                    clashes.append(
-                        f"port {port.name}: static VLAN {vlanranges.format_ranges(clash)} is handed out by pool "
-                        f"{pool.name} (core {pool.core.name}) at site {self.site.name}: reserve it in the "
-                        "pool, or pick another id, before the switch moves there"
-                    )
-        return clashes
+        return [
+            f"port {port.name}: static VLAN {vlanranges.format_ranges(clash)} is handed out by pool "
+            f"{pool.name} (core {pool.core.name}) at site {self.site.name}: reserve it in the "
+            "pool, or pick another id, before the switch moves there"
+            for port in ports
+            for pool, clash in pools_handing_out(port.static_vids, self.site_id, skip_pools=skip_pools)
+        ]
 
     def _carrying_ports(self) -> list[str]:
         from network import selectors  # it reads these models
@@ -426,17 +428,14 @@ class SwitchPort(InventoryModel):
                     }
                 )
             # a cluster given one of these ids would share the VLAN with the host's own network on this port
-            pools = VlanPool.objects.filter(core__sites=self.switch.site_id).select_related("core").order_by("name")
-            for pool in pools:
-                clash = static & pool.claimed_ids()
-                if clash:
-                    raise ValidationError(
-                        {
-                            "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(clash)} is handed "
-                            f"out by pool {pool.name} (core {pool.core.name}) at site {self.switch.site.name}: "
-                            "reserve it in the pool, or pick another id"
-                        }
-                    )
+            for pool, clash in pools_handing_out(static, self.switch.site_id)[:1]:
+                raise ValidationError(
+                    {
+                        "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(clash)} is handed "
+                        f"out by pool {pool.name} (core {pool.core.name}) at site {self.switch.site.name}: "
+                        "reserve it in the pool, or pick another id"
+                    }
+                )
         if self.pk:
             self._check_carried_port_stays()
         if self.role != PortRole.HOST_TRUNK and self.pk:
