@@ -51,9 +51,7 @@ def _within_rate(form_class):
 
     def refused_page(request):
         form = form_class(request.POST, clusters=selectors.clusters_user_may_enter(request.user))
-        _without_private_key(form)
-        forms = {"vpn_form": form} if form_class is VpnProfileForm else {"ssh_form": form}
-        return _page(request, **forms, status=429)
+        return _page_with(request, form, status=429)
 
     return throttle.limited("credentials", "downloads", refused_page)
 
@@ -82,13 +80,18 @@ def _without_private_key(form) -> None:
         form.data["public_key"] = ""
 
 
-def _invalid(request, form) -> HttpResponse:
-    """The page again, with ``form`` as it was sent and its errors under their fields (nothing is lost) — but a
-    private key pasted where the public one goes, which is never sent back (the page says never to share it)."""
+def _page_with(request, form, *, status: int) -> HttpResponse:
+    """The page again with ``form`` as it was sent (nothing typed is lost) — but a private key pasted where the
+    public one goes, which is never sent back (the page says never to share it)."""
     _without_private_key(form)
-    form.focus_first_error()
     forms = {"vpn_form": form} if isinstance(form, VpnProfileForm) else {"ssh_form": form}
-    return _page(request, **forms, status=400)
+    return _page(request, **forms, status=status)
+
+
+def _invalid(request, form) -> HttpResponse:
+    """The page again, with ``form``'s errors under their fields (``_page_with``), opening at the first one."""
+    form.focus_first_error()
+    return _page_with(request, form, status=400)
 
 
 @require_safe
