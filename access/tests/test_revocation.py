@@ -289,12 +289,10 @@ def test_an_event_while_a_profile_is_signed_refuses_it(alice, bob, team, cluster
     assert not Credential.objects.filter(user=bob).exists()
 
 
-@pytest.mark.django_db(transaction=True)
-def test_leaving_the_group_while_a_credential_is_recorded_revokes_it(alice, bob, team, cluster, gateway, monkeypatch):
-    """The other order, on PostgreSQL with two connections: bob is removed from the group after the
-    issuance's last check but before its commit. The removal waits for the holder's row lock, then finds
-    the new credential and revokes it — without the lock it would scan before the row exists and bob
-    would keep a valid credential for a cluster he left."""
+def removed_while_recorded(monkeypatch, remove, *, user, cluster) -> Credential:
+    """On PostgreSQL with two connections: ``remove`` (another connection) runs after ``user``'s VPN issuance made
+    its last check under the locks, before its commit. Asserts the removal waited for that commit; the credential
+    as it is then."""
     import threading
     import time
 
@@ -312,22 +310,31 @@ def test_leaving_the_group_while_a_credential_is_recorded_revokes_it(alice, bob,
             time.sleep(0.5)
         return chosen
 
-    def remove():
+    def run():
         try:
             checked.wait(10)
-            bob.groups.remove(team)
+            remove()
             removed_at.append(time.monotonic())
         finally:
             connection.close()
 
     monkeypatch.setattr(services, "clusters_authorize", authorize_then_pause)
-    remover = threading.Thread(target=remove)
+    remover = threading.Thread(target=run)
     remover.start()
-    profile = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
+    profile = services.vpn_profile_issue(user=user, clusters=[cluster.pk])
     committed = time.monotonic()
     remover.join(10)
     assert removed_at and removed_at[0] >= committed  # the removal waited for the issuance's commit
-    credential = Credential.objects.get(pk=profile.credential.pk)
+    return Credential.objects.get(pk=profile.credential.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_leaving_the_group_while_a_credential_is_recorded_revokes_it(alice, bob, team, cluster, gateway, monkeypatch):
+    """The other order, on PostgreSQL with two connections: bob is removed from the group after the
+    issuance's last check but before its commit. The removal waits for the holder's row lock, then finds
+    the new credential and revokes it — without the lock it would scan before the row exists and bob
+    would keep a valid credential for a cluster he left."""
+    credential = removed_while_recorded(monkeypatch, lambda: bob.groups.remove(team), user=bob, cluster=cluster)
     assert credential.revocation_reason == RevocationReason.AFFILIATION_CHANGED
     assert credential.serial in crl_serials()
 
@@ -493,38 +500,21 @@ def test_an_issuance_and_a_cluster_change_of_the_same_owner_never_deadlock(alice
     holder's row, then the cluster's. With the holder locked FOR UPDATE the two waited for each other — a
     deadlock, a 500 on one side; FOR NO KEY UPDATE (what serializes issuance and revocation) lets the key
     check through."""
-    import threading
-    import time
-
-    from django.db import connection, transaction
+    from django.db import connection
 
     from clusters import services as cluster_services
     from portal.audit import audit_actor
+    from portal.tests.helpers import held_in_another_connection
 
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL for concurrent writers")
-    locked, errors = threading.Event(), []
 
-    def extend():
-        try:
-            with audit_actor("alice", user=alice), transaction.atomic():
-                cluster_services.cluster_extend(cluster=cluster, by=dt.timedelta(hours=1))  # the row, audited
-                locked.set()
-                time.sleep(1.0)  # the issuance locks alice's row and waits for the cluster's meanwhile
-        except Exception as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-        finally:
-            connection.close()
+    def extend():  # the row locked, an audit entry naming alice written: its key check waits for the commit
+        with audit_actor("alice", user=alice):
+            cluster_services.cluster_extend(cluster=cluster, by=dt.timedelta(hours=1))
 
-    changer = threading.Thread(target=extend)
-    changer.start()
-    assert locked.wait(10)
-    try:
+    with held_in_another_connection(extend):  # the issuance locks alice's row and waits for the cluster's
         services.vpn_profile_issue(user=alice, clusters=[cluster.pk])
-    except Exception as exc:  # noqa: BLE001 - the test reports it
-        errors.append(exc)
-    changer.join(20)
-    assert errors == []
     assert Credential.objects.filter(user=alice, revoked_at=None).count() == 1
 
 
@@ -571,38 +561,6 @@ def test_the_owner_leaving_while_a_members_credential_is_recorded_revokes_it(
     removal locks every member's row (as a member's own leaving locks theirs), waits for the issuance's commit,
     then finds the new credential and revokes it — it found none, and bob kept a credential for a cluster no
     longer shared with him."""
-    import threading
-    import time
-
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL for concurrent writers")
-    checked, removed_at = threading.Event(), []
-    real = services.clusters_authorize
-
-    def authorize_then_pause(**kwargs):
-        chosen = real(**kwargs)
-        if kwargs.get("lock"):  # the re-check under the locks: let the owner's removal start now
-            checked.set()
-            time.sleep(0.5)
-        return chosen
-
-    def remove_the_owner():
-        try:
-            checked.wait(10)
-            alice.groups.remove(team)
-            removed_at.append(time.monotonic())
-        finally:
-            connection.close()
-
-    monkeypatch.setattr(services, "clusters_authorize", authorize_then_pause)
-    remover = threading.Thread(target=remove_the_owner)
-    remover.start()
-    profile = services.vpn_profile_issue(user=bob, clusters=[cluster.pk])
-    committed = time.monotonic()
-    remover.join(10)
-    assert removed_at and removed_at[0] >= committed  # the removal waited for the issuance's commit
-    credential = Credential.objects.get(pk=profile.credential.pk)
+    credential = removed_while_recorded(monkeypatch, lambda: alice.groups.remove(team), user=bob, cluster=cluster)
     assert credential.revocation_reason == RevocationReason.AFFILIATION_CHANGED
     assert credential.serial in crl_serials()

@@ -299,11 +299,14 @@ def test_delete_refuses_live_clusters_then_retires_an_image_with_history(fabric,
     assert not Image.objects.filter(name="unused").exists()  # nothing named it: gone
 
 
-def digest(page) -> str:
-    """The source digest the approval page sends back (one image)."""
+def sent_back(page) -> str:
+    """What a browser sends back of the approval page's hidden source field (one image): its value, newlines as
+    CRLF (HTML form submission normalizes line breaks)."""
+    import html
     import re
 
-    return re.search(r'name="source-\d+" value="([0-9a-f]{64})"', page.content.decode())[1]
+    value = html.unescape(re.search(r'name="source-\d+" value="([^"]*)"', page.content.decode(), re.S)[1])
+    return value.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
 def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
@@ -314,7 +317,8 @@ def test_admin_approves_and_withdraws_with_an_audit_entry(alice, root):
     url = "/admin/clusters/image/"
     page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})  # what is approved, first
     assert page.status_code == 200 and image.source in page.content.decode() and not Image.objects.get().approved
-    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": digest(page)}
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes"}
+    confirm[f"source-{image.pk}"] = sent_back(page)
     r = admin.post(url, confirm, follow=True)
     assert r.status_code == 200 and "1 image(s) approved" in r.content.decode()
     image.refresh_from_db()
@@ -337,7 +341,7 @@ def test_admin_approves_only_the_version_it_was_shown(alice, root):
     admin.force_login(root)
     url = "/admin/clusters/image/"
     page = admin.post(url, {"action": "approve", "_selected_action": [image.pk]})
-    shown = digest(page)
+    shown = sent_back(page)
     Image.objects.filter(pk=image.pk).update(source="https://example.org/swapped.qcow2")  # meanwhile
     confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": shown}
     r = admin.post(url, confirm, follow=True)
@@ -357,7 +361,8 @@ def test_admin_approves_a_source_with_a_newline(alice, root):
     admin = APIClient()
     admin.force_login(root)
     page = admin.post("/admin/clusters/image/", {"action": "approve", "_selected_action": [image.pk]})
-    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes", f"source-{image.pk}": digest(page)}
+    confirm = {"action": "approve", "_selected_action": [image.pk], "post": "yes"}
+    confirm[f"source-{image.pk}"] = sent_back(page)
     assert "1 image(s) approved" in admin.post("/admin/clusters/image/", confirm, follow=True).content.decode()
     assert Image.objects.get(pk=image.pk).approved
 

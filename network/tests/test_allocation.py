@@ -392,37 +392,21 @@ def test_shrinking_a_pool_never_drops_a_row_an_allocation_is_taking():
     """A pool's rows are synced (its ranges shrunk) while an allocation holds a row it found free, not yet
     committed: the sync skips that row (it is locked) instead of deleting it under the allocation once it commits
     (with a segment pointing at it, the commit failed: a 500; the id lost from the pool either way)."""
-    import threading
-    import time
+    from django.db import connection
 
-    from django.db import connection, transaction
+    from portal.tests.helpers import held_in_another_connection
 
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL for concurrent writers")
     pool = VlanPoolFactory(name="shrinking", ranges="100-101")
     services.vlan_pool_sync(pool=pool)
-    holding, errors = threading.Event(), []
 
-    def allocate_101():
-        try:
-            with transaction.atomic():
-                row = VlanAllocation.objects.select_for_update().get(pool=pool, vid=101)
-                VlanAllocation.objects.filter(pk=row.pk).update(
-                    state="allocated", owner="c1", allocated_at=timezone.now()
-                )
-                holding.set()
-                time.sleep(1.0)
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            connection.close()
+    def allocate_101():  # as ``_take`` does: the row locked, taken, not committed yet
+        row = VlanAllocation.objects.select_for_update().get(pool=pool, vid=101)
+        VlanAllocation.objects.filter(pk=row.pk).update(state="allocated", owner="c1", allocated_at=timezone.now())
 
-    taker = threading.Thread(target=allocate_101)
-    taker.start()
-    assert holding.wait(10)
-    pool.ranges = "100"
-    pool.save(update_fields=["ranges"])
-    services.vlan_pool_sync(pool=pool)
-    taker.join(10)
-    assert errors == []
+    with held_in_another_connection(allocate_101):
+        pool.ranges = "100"
+        pool.save(update_fields=["ranges"])
+        services.vlan_pool_sync(pool=pool)
     assert VlanAllocation.objects.get(pool=pool, vid=101).state == "allocated"  # kept while it is held

@@ -187,22 +187,27 @@ def test_ssh_command_layer_reads_merges_commits_and_rolls_back():
     assert all(call[0][:2] == ["sudo", "-n"] for call in box.calls)
 
 
+def _remote_spec(box, owned_ports: tuple[str, ...], **statics) -> SwitchSpec:
+    """A Linux switch over ssh whose commands ``box`` answers, owning ``owned_ports``, with ``statics``."""
+    return SwitchSpec(
+        name="sw-remote",
+        platform="linuxbridge",
+        address="sw-remote.example.org",
+        username="netops",
+        driver_args={"transport": "ssh", "runner": box},
+        owned_ports=owned_ports,
+        timeout=10,
+        **statics,
+    )
+
+
 def test_a_native_vlan_named_static_counts_as_carried_and_is_never_made_tagged():
     """A host trunk whose untagged PVID VLAN is the hypervisor's management network, put in the port's static VLANs
     as the README says: carried as it is — never added again (the kernel would take its PVID and untagged flags:
     the host's untagged traffic cut), never deleted; the cluster VLANs change beside it. Not named static: it is
     not the portal's, neither carried nor missing."""
     box = FakeLinuxBox({"p-h1": {100}, "p-h2": set()}, native={"p-h1": 5})
-    spec = SwitchSpec(
-        name="sw-remote",
-        platform="linuxbridge",
-        address="sw-remote.example.org",
-        username="netops",
-        driver_args={"transport": "ssh", "runner": box},
-        owned_ports=("p-h1", "p-h2"),
-        timeout=10,
-        static_vlans=frozenset({5}),
-    )
+    spec = _remote_spec(box, ("p-h1", "p-h2"), static_vlans=frozenset({5}))
     with switch_session(spec) as session:
         assert session.port_vlans() == {"p-h1": {5, 100}, "p-h2": set()}
         result = session.converge({"p-h1": frozenset({5, 200}), "p-h2": frozenset({5})})
@@ -218,17 +223,7 @@ def test_a_static_vlan_counts_as_carried_on_its_own_port_only():
     static there. Counted switch-wide, 10 read as carried on the host trunk, whose verification then found
     "10,100, wanted 100" on every commit — every cluster at the switch failed; each port's own statics now."""
     box = FakeLinuxBox({"p-h1": set(), "uplink": set()}, native={"p-h1": 10, "uplink": 10})
-    spec = SwitchSpec(
-        name="sw-remote",
-        platform="linuxbridge",
-        address="sw-remote.example.org",
-        username="netops",
-        driver_args={"transport": "ssh", "runner": box},
-        owned_ports=("p-h1", "uplink"),
-        timeout=10,
-        static_vlans=frozenset({10}),
-        port_static_vlans={"uplink": frozenset({10})},
-    )
+    spec = _remote_spec(box, ("p-h1", "uplink"), static_vlans=frozenset({10}), port_static_vlans={"uplink": {10}})
     with switch_session(spec) as session:
         assert session.port_vlans() == {"p-h1": set(), "uplink": {10}}
         result = session.converge({"p-h1": frozenset({100}), "uplink": frozenset({10, 100})})
