@@ -1,7 +1,5 @@
 """Clusters in Django admin: state, progress steps and nodes at a glance; teardown as an action."""
 
-import hashlib
-import hmac
 from datetime import timedelta
 
 from django import forms
@@ -9,7 +7,6 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -51,11 +48,6 @@ class ImageAdminForm(forms.ModelForm):
         return data
 
 
-def source_digest(source: str) -> str:
-    """What the approval page sends back for the image source it showed (compared when the approval is confirmed)."""
-    return hashlib.sha256(source.encode()).hexdigest()
-
-
 @admin.register(Image)
 class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
     """The provider's catalogue (no owner) and the images users registered. Approving a user's image vouches for
@@ -83,7 +75,7 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
                 self.message_user(request, "0 image(s) approved.")
                 return None
             for image in pending:  # (a digest, not the text: a form sends a source's newlines back as CRLF)
-                image.source_digest = source_digest(image.source)
+                image.source_digest = services.image_source_digest(image.source)
             context = {
                 **self.admin_site.each_context(request),
                 "opts": self.model._meta,
@@ -93,17 +85,11 @@ class ImageAdmin(SavesWhatChanged, admin.ModelAdmin):
             return TemplateResponse(request, "admin/clusters/image/approve_confirmation.html", context)
         approved, changed = 0, []
         for image in pending:
-            shown = request.POST.get(f"source-{image.pk}")  # the digest of the source shown (``source_digest``)
-            with transaction.atomic():
-                locked = Image.objects.select_for_update(no_key=True).filter(pk=image.pk, approved=False).first()
-                if locked is None:
-                    continue  # approved meanwhile
-                if shown is None or not hmac.compare_digest(shown, source_digest(locked.source)):
-                    changed.append(locked.name)
-                    continue
-                locked.approved = True
-                locked.save(update_fields=["approved"])  # (audited by the model's registration)
+            shown = request.POST.get(f"source-{image.pk}")  # the digest of the source the page showed
+            if services.image_approve(image=image, shown=shown):
                 approved += 1
+            elif not Image.objects.filter(pk=image.pk, approved=True).exists():  # (not approved meanwhile)
+                changed.append(image.name)
         self.message_user(request, f"{approved} image(s) approved.")
         if changed:
             self.message_user(

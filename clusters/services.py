@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import ipaddress
 import itertools
 import json
@@ -1066,6 +1067,25 @@ def _migration_end(cluster: VirtualCluster, node: Node, *, moved: bool) -> Node:
     node.save(update_fields=["host", "target_host", "state"])
     _reconverge(cluster, step, detail)
     return node
+
+
+def image_source_digest(source: str) -> str:
+    """What an approval page sends back for the image source it showed (``image_approve`` compares it)."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+@transaction.atomic
+def image_approve(*, image: Image, shown: str | None) -> bool:
+    """The provider vouches for ``image`` (audited): only for the version the admin was shown (``shown``: its
+    ``image_source_digest``) — an owner who changed the source meanwhile (the change took any approval away)
+    gets no approval for one nobody reviewed. Whether it was approved now (False: changed, or not shown; an
+    image approved meanwhile is left as it is, False too)."""
+    locked = Image.objects.select_for_update(no_key=True).filter(pk=image.pk, approved=False).first()
+    if locked is None or shown is None or not hmac.compare_digest(shown, image_source_digest(locked.source)):
+        return False
+    locked.approved = True
+    locked.save(update_fields=["approved"])  # (audited by the model's registration)
+    return True
 
 
 def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster], list[tuple[VirtualCluster, str]]]:
