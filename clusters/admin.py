@@ -376,6 +376,7 @@ class VirtualClusterAdmin(admin.ModelAdmin):
         "connectivity",
         "connectivity_reason",
         "connectivity_overridden_by",
+        "connectivity_overridden",
         "state",
         "state_reason",
         "segment",

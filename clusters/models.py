@@ -144,6 +144,10 @@ class VirtualCluster(models.Model):
     connectivity_overridden_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # (its admin's account may be deleted since: the flag stays, the policy's sweeps leave the cluster as it is)
+    connectivity_overridden = models.BooleanField(
+        default=False, db_default=False, help_text="an administrator overrode the policy's connectivity"
+    )
     state = models.CharField(max_length=20, choices=ClusterState.choices, default=ClusterState.REQUESTED)
     state_reason = models.TextField(blank=True, help_text="why it failed, or who tore it down")
     segment = models.OneToOneField(

@@ -1104,7 +1104,7 @@ def image_approval_withdraw(*, image: Image, admin) -> tuple[list[VirtualCluster
             locked.save(update_fields=["approved"])
     closed, left = [], []
     public = VirtualCluster.objects.filter(
-        image=image, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC, connectivity_overridden_by=None
+        image=image, state__in=LIVE_STATES, connectivity=Connectivity.PUBLIC, connectivity_overridden=False
     ).select_related("owner")
     for cluster in public.order_by("pk"):
         try:
@@ -1133,16 +1133,8 @@ def connectivity_override(*, cluster: VirtualCluster, connectivity: str, admin, 
     if not selectors.staff_may(admin, "change", VirtualCluster):  # (the admin's action asks the same)
         raise NotAllowed("only an administrator can override the connectivity policy")
     return _connectivity_set(
-        cluster=cluster, connectivity=connectivity, reason=f"{OVERRIDDEN}{admin.get_username()}: {reason}", by=admin
+        cluster=cluster, connectivity=connectivity, reason=f"overridden by {admin.get_username()}: {reason}", by=admin
     )
-
-
-#: how an override's reason begins: the override stays one once its admin's account is deleted (``SET_NULL``)
-OVERRIDDEN = "overridden by "
-
-
-def _overridden(cluster: VirtualCluster) -> bool:
-    return cluster.connectivity_overridden_by_id is not None or cluster.connectivity_reason.startswith(OVERRIDDEN)
 
 
 def _connectivity_set(*, cluster: VirtualCluster, connectivity: str, reason: str, by) -> VirtualCluster:
@@ -1157,6 +1149,7 @@ def _connectivity_set(*, cluster: VirtualCluster, connectivity: str, reason: str
     room = VirtualCluster._meta.get_field("connectivity_reason").max_length
     cluster.connectivity_reason = reason[:room]
     cluster.connectivity_overridden_by = by
+    cluster.connectivity_overridden = by is not None
     if connectivity == Connectivity.PUBLIC:
         if not PublicPrefix.objects.exists():
             raise InvalidTopology("no public prefix is configured", field="connectivity")
@@ -1181,6 +1174,7 @@ def _connectivity_set(*, cluster: VirtualCluster, connectivity: str, reason: str
             "connectivity",
             "connectivity_reason",
             "connectivity_overridden_by",
+            "connectivity_overridden",
             "public_prefix",
             "public_subnet",
             "closed_since",
@@ -1206,21 +1200,17 @@ def clusters_close_unapproved_public() -> list[int]:
     create committed as public meanwhile: it would stay on the provider's routed addresses until it ends. One in
     a workflow now is closed at a later run, once it is READY; ids of the clusters closed."""
     closed = []
-    found = (
-        VirtualCluster.objects.filter(
-            state=ClusterState.READY,
-            connectivity=Connectivity.PUBLIC,
-            connectivity_overridden_by=None,
-            image__approved=False,
-        )
-        .exclude(connectivity_reason__startswith=OVERRIDDEN)  # (``_overridden``, in the query)
-        .select_related("image")
-    )
+    found = VirtualCluster.objects.filter(
+        state=ClusterState.READY,
+        connectivity=Connectivity.PUBLIC,
+        connectivity_overridden=False,
+        image__approved=False,
+    ).select_related("image")
     for cluster in found.order_by("pk"):
         try:
             with audit.audit_actor("policy"), transaction.atomic():
                 locked = _locked(cluster)
-                if _overridden(locked):
+                if locked.connectivity_overridden:
                     continue  # an administrator vouched for it meanwhile
                 _connectivity_set(
                     cluster=locked,
