@@ -167,14 +167,23 @@ def _check_serial(serial: int) -> None:
         raise PKIError(f"certificate serial {serial} is out of range (1..2**159-1)")
 
 
-MAX_COMMON_NAME = 64  # X.509's upper bound (ub-common-name)
+MAX_COMMON_NAME = 64  # X.509's upper bound (ub-common-name), which cryptography counts in bytes of UTF-8
+
+
+def common_name_too_long(common_name: str) -> bool:
+    """Whether ``common_name`` is longer than a certificate's name may be: ``MAX_COMMON_NAME`` bytes of UTF-8
+    (a name of accented letters reaches it with fewer characters)."""
+    return len(common_name.encode("utf-8", "surrogatepass")) > MAX_COMMON_NAME
 
 
 def _name(common_name: str, organization: str | None) -> x509.Name:
-    attrs = []
-    if organization:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    try:
+        attrs = []
+        if organization:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    except ValueError as exc:  # (cryptography's own checks: an empty or too long name)
+        raise PKIError(f"cannot name a certificate {common_name[:20]!r}: {exc}") from None
     return x509.Name(attrs)
 
 

@@ -525,10 +525,10 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False, label:
     AC covers (listed at the top of the file)."""
     label = credential_label(label)
     username = user.get_username()
-    if len(username) > pki.MAX_COMMON_NAME:
+    if pki.common_name_too_long(username):
         raise NameTooLong(
-            f"the user name {username[:20]}… has {len(username)} characters: a certificate's name holds at most "
-            f"{pki.MAX_COMMON_NAME}; use the SSH access, or ask an administrator"
+            f"the user name {username[:20]}… has {len(username.encode('utf-8', 'surrogatepass'))} bytes (UTF-8): a "
+            f"certificate's name holds at most {pki.MAX_COMMON_NAME}; use the SSH access, or ask an administrator"
         )
     chosen = clusters_authorize(user=user, clusters=clusters)
     gateway, *fallbacks = _vpn_gateways(chosen)

@@ -326,6 +326,10 @@ def test_a_user_name_too_long_for_a_certificate_is_a_422_naming_it(team, cluster
     long.groups.add(team)
     response = client_for(long).post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
     assert response.status_code == 422 and response.json()["code"] == "user_name_too_long", response.content
+    accented = User.objects.create_user("ž" * 33)  # 33 characters, 66 bytes: cryptography's ValueError was a 500
+    accented.groups.add(team)
+    response = client_for(accented).post("/api/access/vpn-profiles/", {"clusters": [cluster.pk]}, format="json")
+    assert response.status_code == 422 and response.json()["code"] == "user_name_too_long", response.content
 
 
 # --- host certificates of cluster nodes -------------------------------------------------------------------------

@@ -220,9 +220,28 @@ def test_a_user_name_too_long_for_a_certificate_is_a_clear_refusal(alice, team, 
     long = User.objects.create_user("a" * 65)
     long.groups.add(team)
     cluster = make_cluster(alice, name="long", group=team)
-    with pytest.raises(NameTooLong, match="65 characters"):
+    with pytest.raises(NameTooLong, match="65 bytes"):
         services.vpn_profile_issue(user=long, clusters=[cluster.pk])
     assert not Credential.objects.exists()
+
+
+def test_a_user_name_of_64_characters_is_too_long_when_its_utf8_is(alice, team, gateway):
+    """cryptography counts a name in bytes of UTF-8: 60 characters with accented letters are 72 bytes, refused
+    as too long (it was cryptography's ValueError, a 500); 64 bytes of them are a certificate."""
+    from access.errors import NameTooLong
+    from access.tests.fixtures import make_cluster
+
+    accented = User.objects.create_user("jiří.čtvrtníček.přemyslovec.žluťoučký-kůň@fakulta.example.cz")
+    fits = User.objects.create_user("čtvrtníček-" + "x" * (64 - len("čtvrtníček-".encode())))
+    for user in (accented, fits):
+        user.groups.add(team)
+    cluster = make_cluster(alice, name="accented", group=team)
+    assert len(accented.username) == 60 and len(fits.username.encode()) == 64
+    with pytest.raises(NameTooLong, match="72 bytes"):
+        services.vpn_profile_issue(user=accented, clusters=[cluster.pk])
+    assert not Credential.objects.exists()
+    text, _ = services.vpn_profile_issue(user=fits, clusters=[cluster.pk])
+    assert "BEGIN CERTIFICATE" in text and Credential.objects.get().user == fits
 
 
 def test_no_private_key_in_the_database_after_issue(alice, cluster, gateway):
