@@ -9,7 +9,7 @@ import secrets
 from datetime import timedelta
 
 from django.contrib.auth import get_permission_codename
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -19,6 +19,10 @@ from portal import audit
 from portal.models import ApiToken, TokenScope
 
 LAST_USED_GRANULARITY = timedelta(seconds=60)  # don't write on every request
+#: a token's public prefix (how it is found, and named in logs): random, unique, drawn again when taken — tokens
+#: are never deleted, so with 32 bits two of them met in the end (an IntegrityError, a 500)
+PREFIX_BYTES = 6
+PREFIX_ATTEMPTS = 5
 
 
 def _hash(token: str) -> str:
@@ -34,17 +38,24 @@ def token_create(*, user, name: str, scopes: list[str], expires_at=None, cluster
         raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
     if (cluster is not None) != (list(scopes) == [TokenScope.CLUSTER_NODE]):
         raise ValueError("a node token (scope cluster:node, and no other) is bound to a cluster, and only it")
-    prefix = secrets.token_hex(4)
-    secret = f"vc_{prefix}_{secrets.token_urlsafe(32)}"
-    token = ApiToken.objects.create(
-        user=user,
-        name=name,
-        prefix=prefix,
-        key_hash=_hash(secret),
-        scopes=sorted(scopes),
-        expires_at=expires_at,
-        cluster=cluster,
-    )
+    for attempt in range(PREFIX_ATTEMPTS):
+        prefix = secrets.token_hex(PREFIX_BYTES)
+        secret = f"vc_{prefix}_{secrets.token_urlsafe(32)}"
+        try:
+            with transaction.atomic():  # (a savepoint: a prefix taken leaves the caller's transaction usable)
+                token = ApiToken.objects.create(
+                    user=user,
+                    name=name,
+                    prefix=prefix,
+                    key_hash=_hash(secret),
+                    scopes=sorted(scopes),
+                    expires_at=expires_at,
+                    cluster=cluster,
+                )
+            break
+        except IntegrityError:
+            if attempt == PREFIX_ATTEMPTS - 1 or not ApiToken.objects.filter(prefix=prefix).exists():
+                raise  # not the prefix (or never free): a real error
     changes = {"name": [None, name], "scopes": [None, sorted(scopes)], "user": [None, user.pk]}
     if cluster is not None:
         changes["cluster"] = [None, cluster.pk]

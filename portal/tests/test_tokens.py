@@ -129,3 +129,27 @@ def test_a_tokens_last_use_names_the_client_behind_the_tls_proxy(alice, settings
     assert answer.status_code == 200
     token.refresh_from_db()
     assert token.last_used_ip == "203.0.113.9" and token.last_used_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prefix_already_taken_is_drawn_again(alice, monkeypatch):
+    """Prefixes are random and tokens never deleted: one drawn twice is drawn again (an IntegrityError was a
+    500), inside the caller's transaction too; each token authenticates as itself."""
+    from django.db import transaction
+
+    import portal.tokens
+
+    first, first_secret = token_create(user=alice, name="first", scopes=[TokenScope.CLUSTERS_READ])
+    draws = iter([first.prefix, first.prefix, "0123456789ab"])
+    real = portal.tokens.secrets.token_hex
+    monkeypatch.setattr(portal.tokens.secrets, "token_hex", lambda n: next(draws) if n in (4, 6) else real(n))
+    with transaction.atomic():
+        second, second_secret = token_create(user=alice, name="second", scopes=[TokenScope.CLUSTERS_READ])
+        assert second.prefix == "0123456789ab"
+    for secret, token in ((first_secret, first), (second_secret, second)):
+        response = APIClient().get("/api/clusters/", HTTP_AUTHORIZATION=f"Bearer {secret}")
+        assert response.status_code == 200, response.content
+        token.refresh_from_db()
+        assert token.last_used_at is not None  # found by its own prefix
+    assert ApiToken.objects.count() == 2
+    assert AuditEntry.objects.filter(action="create").count() == 2
