@@ -1064,7 +1064,12 @@ def _owned_live_node(*, user, cluster, node, as_admin: bool, lock: bool, refusal
     from clusters.models import ACTIVE_STATES, Node, NodeState, VirtualCluster
 
     pk = _cluster_id(cluster)
-    visible = VirtualCluster.objects.all() if as_admin or sees_all else selectors.clusters_user_belongs_to(user)
+    if as_admin or sees_all:
+        visible = VirtualCluster.objects.all()
+    elif not user.is_active:  # only a node token of the cluster admits one (portal.tokens): the cluster runs on
+        visible = VirtualCluster.objects.filter(owner=user)
+    else:
+        visible = selectors.clusters_user_belongs_to(user)
     visible = visible.select_related(None).select_related("owner")
     if lock:
         visible = visible.select_for_update(of=("self",), no_key=True)

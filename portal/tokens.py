@@ -136,7 +136,10 @@ class TokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("This API token has been revoked.")
         if token.expires_at is not None and token.expires_at <= now:
             raise exceptions.AuthenticationFailed("This API token has expired.")
-        if not token.user.is_active:
+        if not token.user.is_active and token.cluster_id is None:
+            # a node token is its cluster's, not its owner's: the nodes of a cluster whose owner was deactivated
+            # (it runs on until it ends, entered by its group) keep fetching who may log in (members removed,
+            # certificates revoked) and their host certificates; it ends with the cluster
             raise exceptions.AuthenticationFailed("The token's user is disabled.")
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_GRANULARITY:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now, last_used_ip=_client_ip(request))

@@ -764,6 +764,26 @@ def test_a_node_token_ends_with_its_owner(alice, charlie, cluster, gateway):
     assert _host_access_get(client_for(token=secret), cluster, "node1").status_code == 401
 
 
+def test_a_node_token_outlives_its_owners_account(alice, bob, root, team, cluster, gateway):
+    """A cluster whose owner is deactivated runs on, entered by its group: its nodes' token (the cluster's, acting
+    as the owner) keeps fetching who may log in — without the owner now — and certifying host keys, and the
+    middleware can still make one for a job's nodes; the owner's own tokens are refused."""
+    secret = _node_token(client_for(alice), cluster)
+    _, own = token_create(user=alice, name="laptop", scopes=[TokenScope.CLUSTERS_READ])
+    _, manager = token_create(user=root, name="ops", scopes=[TokenScope.CLUSTERS_MANAGE])
+    alice.is_active = False
+    alice.save()
+    node = client_for(token=secret)
+    access = _host_access_get(node, cluster, "node1")
+    assert access.status_code == 200, access.content
+    assert "alice" not in access.data["authorized_principals"] and "bob" in access.data["authorized_principals"]
+    assert _host_cert_post(node, cluster, "node1", _host_key("ed25519")).status_code == 201
+    assert client_for(token=own).get("/api/clusters/").status_code == 401
+    made = client_for(token=manager).post(f"/api/clusters/{cluster.pk}/node-token/", format="json")
+    assert made.status_code == 201, made.content
+    assert _host_access_get(client_for(token=made.data["token"]), cluster, "node1").status_code == 200
+
+
 def test_node_tokens_are_bounded_and_only_for_active_clusters(alice, cluster, gateway, monkeypatch):
     monkeypatch.setattr(services, "NODE_TOKENS_PER_CLUSTER", 2)
     _node_token(client_for(alice), cluster)
