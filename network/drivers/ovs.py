@@ -51,13 +51,12 @@ from napalm.base import NetworkDriver
 from napalm.base.exceptions import CommitError, ConnectionException, MergeConfigException
 
 from network.drivers.base import PermanentDeviceError, SwitchSpec, TemporaryDeviceError
-from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, quote, trunks_value
+from network.drivers.ovsdb import NATIVE_MODES, NO_VLANS, Ovsdb, as_set, quote, trunks_value
 from network.drivers.vendor import NapalmSwitchSession, classified, vlan_list
 
 ROLLBACK_KEY = "virtcloud-rollback"
 # A session's snapshot is read again when older than this (seconds); a convergence takes tens of ms.
 SNAPSHOT_MAX_AGE = 5.0
-NATIVE_MODES = ("native-tagged", "native-untagged")
 EVERY_VLAN = frozenset(range(1, 4095))
 _LINE = re.compile(r"^port\s+(?P<port>\S+)\s+trunks\s+(?P<vids>none|[0-9][0-9,\-]*)$")
 

@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Iterator
 
 from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError
-from network.drivers.ovsdb import NO_VLANS, Ovsdb, as_set, trunks_value
+from network.drivers.ovsdb import NATIVE_MODES, NO_VLANS, Ovsdb, as_set, trunks_value
 from network.drivers.ranges import compact
 
 DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
@@ -75,10 +75,21 @@ class OvsHostSession:
         return uplink, in_use, own
 
     @staticmethod
-    def _carried(uplink: dict) -> frozenset[int] | None:
-        """VLANs the uplink trunks; None when it is not a plain trunk with an explicit list."""
+    def _native(uplink: dict) -> int | None:
+        """The native VLAN of a ``native-untagged``/``native-tagged`` uplink: the host's own (its untagged
+        network: a KVM host's management on an internal port of that tag), carried beside the trunk list."""
+        mode, tag = as_set(uplink["vlan_mode"]), as_set(uplink["tag"])
+        return int(tag[0]) if mode and mode[0] in NATIVE_MODES and tag else None
+
+    @classmethod
+    def _carried(cls, uplink: dict) -> frozenset[int] | None:
+        """VLANs the uplink trunks (a native uplink: its list, without its native VLAN); None when it is not a
+        trunk with an explicit list."""
         mode = as_set(uplink["vlan_mode"])
         trunks = {int(v) for v in as_set(uplink["trunks"])}
+        native = cls._native(uplink)
+        if native is not None:
+            return frozenset(trunks - {NO_VLANS, UNTAGGED, native}) if trunks else None
         if as_set(uplink["tag"]) or (mode and mode[0] != "trunk") or not trunks:
             return None
         return frozenset(trunks - {NO_VLANS, UNTAGGED})
@@ -116,14 +127,28 @@ class OvsHostSession:
             raise PermanentDeviceError(
                 self.spec.name, f"VLAN {compact(mine)} is the host's own (internal port {ports}), not a cluster's"
             )
+        native = self._native(uplink)
+        if native is not None and native in desired:
+            raise PermanentDeviceError(
+                self.spec.name, f"VLAN {native} is the host's own (the native VLAN of uplink {self.uplink})"
+            )
         carried = self._carried(uplink)
         before = carried if carried is not None else frozenset()
-        kept = {vid: names for vid, names in in_use.items() if vid not in desired}
-        # the host's own VLANs stay on the uplink (its network), unreported: they are not the portal's
-        target = desired | frozenset(kept) | frozenset(own)
+        # a VM's VLAN the uplink carries stays until its last VM port goes; one it never carried (an interface
+        # someone else tagged) is not the portal's to add
+        kept = {
+            vid: names for vid, names in in_use.items() if vid not in desired and (carried is None or vid in before)
+        }
+        # the host's own VLANs stay on the uplink (its network), unreported: they are not the portal's; a native
+        # uplink keeps its mode and native VLAN (its untagged network), beside the list
+        target = (desired | frozenset(kept) | frozenset(own)) - {native}
         lines = []
         if carried is None:
-            lines.append(f"uplink {self.uplink}: make it a trunk (was not a plain trunk)")
+            lines.append(
+                f"uplink {self.uplink}: list its VLANs (it trunked every VLAN)"
+                if native is not None
+                else f"uplink {self.uplink}: make it a trunk (was not a plain trunk)"
+            )
         if target - before:
             lines.append(f"add {compact(target - before)}")
         if before - target:
@@ -132,10 +157,13 @@ class OvsHostSession:
             lines.append(f"keep {vid}: in use by {', '.join(sorted(names))}")
         changed = carried is None or target != before
         untagged = {UNTAGGED} if self._passes_untagged(uplink) else set()
-        if changed:
+        if changed and native is not None:
+            commands = [["set", "Port", self.uplink, f"trunks={trunks_value(target)}"]]  # (mode and tag as they are)
+        elif changed:
             commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target | untagged)}"]]
             if as_set(uplink["tag"]):
                 commands.append(["clear", "Port", self.uplink, "tag"])
+        if changed:
             # verify from the transaction's own result: the uplink row as OVSDB committed it (a transaction is
             # atomic, so this is what the device holds; with ``wait`` also what ovs-vswitchd applied)
             commands.append(["--columns=vlan_mode,tag,trunks", "list", "Port", self.uplink])

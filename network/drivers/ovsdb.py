@@ -41,6 +41,8 @@ VSCTL = "ovs-vsctl"
 # trunks=[4095] instead: 802.1Q reserves VID 4095, so no cluster ever uses it (the same "dead VLAN" Neutron's
 # OVS agent uses). Readers translate it back to the empty set.
 NO_VLANS = 4095
+#: the vlan_mode of a trunk that carries a native VLAN (its ``tag``: untagged frames' VLAN) beside its list
+NATIVE_MODES = ("native-tagged", "native-untagged")
 
 # ovs-vsctl messages that mean "the device is not there right now", as opposed to "the device said no".
 _TEMPORARY_MARKERS = (

@@ -507,6 +507,63 @@ def test_the_hosts_own_vlan_network_stays_on_its_uplink_and_is_never_a_clusters(
         db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"])
 
 
+@pytest.mark.parametrize("mode", ["native-untagged", "native-tagged"])
+@pytest.mark.parametrize("trunks_before", ["4095", "[]", "100"])
+def test_a_native_vlan_uplink_keeps_its_mode_and_native_vlan(clean_lab, mode, trunks_before):
+    """A KVM host whose uplink has a native VLAN (the switch sends its management VLAN 10 untagged, an internal
+    port of tag 10 on the bridge): every converge writes the trunk list only, the uplink keeps its mode and tag
+    (it was made a plain trunk with no tag: the host lost its management network), VLAN 10 is never counted as a
+    cluster's nor given to one."""
+    from network.drivers.ovsdb import as_set
+
+    lab, spec = clean_lab, host(clean_lab)
+    args = lab.host_driver_args("h-s2-1")
+    db = Ovsdb(device="h-s2-1", db=args["db"])
+    bridge = lab.state["hosts"]["h-s2-1"]["bridge"]
+
+    def uplink() -> tuple[str, list[int], set[int]]:
+        row = db.list_rows("Port", ["vlan_mode", "tag", "trunks"], args["uplink"])[0]
+        return as_set(row["vlan_mode"])[0], as_set(row["tag"]), set(as_set(row["trunks"]))
+
+    db.run(["add-port", bridge, "mgmt10", "tag=10"], ["set", "Interface", "mgmt10", "type=internal"])
+    db.run(["set", "Port", args["uplink"], f"vlan_mode={mode}", "tag=10", f"trunks={trunks_before}"])
+    try:
+        with host_session(spec) as session:
+            first = session.converge(frozenset({100, 101}))
+            assert first.changed and uplink() == (mode, [10], {100, 101})
+            assert first.after == {"h-s2-1": frozenset({100, 101})} and session.vlans() == frozenset({100, 101})
+            assert not session.converge(frozenset({100, 101})).changed
+            gone = session.converge(frozenset())
+            assert gone.after == {"h-s2-1": frozenset()} and uplink() == (mode, [10], {4095})
+            with pytest.raises(PermanentDeviceError, match="VLAN 10 is the host's own"):
+                session.converge(frozenset({10}))
+            assert uplink() == (mode, [10], {4095})
+    finally:
+        db.run(["--if-exists", "del-port", bridge, "mgmt10"])
+        uplink_reset = ["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"]
+        db.run(uplink_reset, ["clear", "Port", args["uplink"], "tag"])
+
+
+def test_a_vm_tag_the_uplink_never_carried_is_not_added(clean_lab):
+    """An interface someone else tagged on the host's bridge (VLAN 50, never the portal's): the portal does not
+    add 50 to the uplink (it did, and then reported it kept at every converge, failing each repair of the host);
+    a VM's VLAN the uplink carries is still kept until its last port goes."""
+    lab, spec = clean_lab, host(clean_lab)
+    args = lab.host_driver_args("h-s2-1")
+    db = Ovsdb(device="h-s2-1", db=args["db"])
+    bridge = lab.state["hosts"]["h-s2-1"]["bridge"]
+    db.run(["add-port", bridge, "theirs50", "tag=50"])  # (an ordinary interface, as a VM's tap is)
+    try:
+        with host_session(spec) as session:
+            first = session.converge(frozenset({100}))
+            assert first.diff == "add 100" and session.vlans() == frozenset({100})
+            again = session.converge(frozenset({100}))
+            assert not again.changed and again.diff == ""
+    finally:
+        db.run(["--if-exists", "del-port", bridge, "theirs50"])
+        db.run(["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"])
+
+
 def test_host_errors_are_classified(lab, tmp_path):
     missing = HostSpec("h-x", "ovs", "eth0", driver_args={**lab.host_driver_args("h-s1-1"), "uplink": "nope"})
     with pytest.raises(PermanentDeviceError, match="h-x.*no uplink port nope"):
