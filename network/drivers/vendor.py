@@ -412,7 +412,8 @@ class NapalmSwitchSession:
             if not problem:
                 where = "the ports that are up are as before" if down else "the ports are as before"
                 message = f"verification failed after commit, undone ({where}): {detail}"
-                raise PermanentDeviceError(self.spec.name, message)
+                # a port that is down keeps what was committed: the change may be on the device
+                raise PermanentDeviceError(self.spec.name, message, may_have_applied=bool(down))
             if committed:
                 # NAPALM's ios, eos and nxos commit first snapshots the device (rollback_config, rollback-0,
                 # checkpoint): the device's rollback would now restore the failed change, not the state before it
