@@ -351,9 +351,31 @@ class NapalmSwitchSession:
         if not diff.strip():
             self._verify(desired)
             return ConvergeResult(self.spec.name, "", False, before, dict(before))
-        self._commit()
+        try:
+            self._commit()
+        except DeviceError as exc:
+            if exc.permanent and not exc.may_have_applied:
+                raise self._refusal_checked(exc, before) from exc
+            raise
         after = self._verify(desired, before=before)
         return ConvergeResult(self.spec.name, diff, True, before, after)
+
+    def _refusal_checked(self, exc: DeviceError, before: Mapping[str, frozenset[int]]) -> DeviceError:
+        """``exc``, a commit an all-or-nothing platform rejected, when the device shows its owned ports as they
+        were; otherwise (or when it cannot be read) the same error saying the change may be on the device. The
+        commit call does more than commit: NAPALM's EOS sends ``write memory`` after the session's commit, Junos
+        unlocks after ``commit`` — an error there comes once the change is live, and a change recorded refused
+        lets the VLAN go back to the pool whatever the device carries."""
+        try:
+            current = self.port_vlans()
+        except DeviceError as read:
+            shows = f"its ports could not be read to tell ({read.message})"
+        else:
+            moved = sorted(port for port, vids in before.items() if current.get(port, frozenset()) != vids)
+            if not moved:
+                return exc
+            shows = f"the device shows it on {', '.join(moved)}"
+        return PermanentDeviceError(exc.device, f"{exc.message}; {shows}", may_have_applied=True)
 
     def _load(self, config: str) -> str:
         """Load ``config`` as a merge candidate; the device's diff. A candidate with an empty diff is discarded,

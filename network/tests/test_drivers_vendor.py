@@ -473,6 +473,47 @@ def test_a_rejected_commit_was_refused_only_where_commits_are_all_or_nothing(pla
     assert (w.refused, w.exc.may_have_applied) == (refused, not refused)
 
 
+@pytest.mark.parametrize("platform", ["eos", "junos"])
+@pytest.mark.parametrize("after", ["applied", "unreadable"])
+def test_a_commit_error_once_the_change_is_live_is_not_a_refusal(platform, after):
+    """NAPALM's EOS commit sends ``write memory`` after the session's commit, and Junos unlocks after ``commit``:
+    an error there comes once the change is live. The device showing the change (or not readable to tell) makes
+    it one that may have applied — it was recorded refused, and a refused change lets the VLAN go back to the
+    pool while the switch carries it."""
+    from napalm.base.exceptions import CommitError
+
+    from network import convergence
+    from network.drivers.base import TemporaryDeviceError
+    from network.drivers.vendor import NapalmSwitchSession
+    from network.models import DeviceKind
+
+    port = "ge-0/0/1" if platform == "junos" else "Ethernet1"
+    empty = {"1": {"name": "default", "interfaces": []}}
+    live = {**empty, "100": {"name": "vc-100", "interfaces": [port]}}
+    device = _Stubbed.make(platform, [empty, live])
+
+    def commit_config(message="", revert_in=None):
+        raise CommitError("write memory: % Error copying system:/running-config to startup-config")
+
+    device.commit_config = commit_config
+    if after == "unreadable":
+
+        def get_vlans():
+            if not device.states:
+                raise TemporaryDeviceError("sw", "connection reset")
+            return device.states.pop(0)
+
+        device.states = [empty]
+        device.get_vlans = get_vlans
+    spec = SwitchSpec(name="sw", platform=platform, address="x", owned_ports=(port,))
+    w = convergence._Device(DeviceKind.SWITCH, type("Switch", (), {"name": "sw"})(), claimed=[])
+    w.spec, w.desired = spec, {port: frozenset({100})}
+    convergence._drive(w, session=NapalmSwitchSession(spec, device, lambda desired: "config"))
+    assert w.status == "failed" and "write memory" in w.error
+    assert w.exc.may_have_applied and not w.refused
+    assert ("the device shows it on " + port if after == "applied" else "could not be read") in w.error
+
+
 @pytest.mark.parametrize(
     "name_format",
     [
