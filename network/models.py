@@ -546,13 +546,15 @@ class Host(InventoryModel, Reconciled):
         changed += ["driver_args"] if any(was_args.get(k) != args.get(k) for k in DEVICE_KEYS) else []
         if not changed:
             return
-        live = SegmentMember.objects.filter(host_id=self.pk, segment__state__in=Segment.LIVE_STATES)
-        vids = sorted(set(live.values_list("segment__vid", flat=True)))
+        from network.selectors import host_vlans_held
+
+        vids = sorted(host_vlans_held(self.pk))
         if vids:
             raise ValidationError(
                 {
                     changed[0]: f"host {self.name} is in the VLANs {vlanranges.format_ranges(vids)} of live "
-                    f"clusters: migrate their nodes away or end them before changing its {changed[0]}"
+                    "clusters, or of failed or closed ones whose clean-up has yet to reach it: migrate their "
+                    f"nodes away or end them, and let the clean-up finish, before changing its {changed[0]}"
                 }
             )
 

@@ -497,14 +497,9 @@ def ports_carrying(port_ids: Iterable[int], *, leaving_switches: Iterable[int] =
     views = segment_views(Segment.objects.filter(state__in=Segment.LIVE_STATES))
     carried = switch_desired(list({switch for _pk, switch, _name in ports}), segments=views, static=False)
     found = {pk: set(carried.get(switch, {}).get(name, ())) for pk, switch, name in ports}
-    holding = Segment.objects.filter(
-        state__in=(Segment.State.FAILED, Segment.State.CLOSED),
-        allocation__state=VlanAllocation.State.ALLOCATED,
-        allocation__owner=F("owner_ref"),
-    )
     applied = (
         DeviceChange.objects.filter(
-            _may_have_applied(), segment__in=holding, switch_id__in={switch for _pk, switch, _name in ports}
+            _may_have_applied(), segment__in=_ended_holding(), switch_id__in={switch for _pk, switch, _name in ports}
         )
         .exclude(switch_id__in=list(leaving_switches), switch__enabled=False)
         .values_list("switch_id", "segment__vid")
@@ -515,6 +510,25 @@ def ports_carrying(port_ids: Iterable[int], *, leaving_switches: Iterable[int] =
     for pk, switch, _name in ports:
         found[pk] |= held.get(switch, set())
     return {pk: frozenset(vids) for pk, vids in found.items() if vids}
+
+
+def _ended_holding() -> QuerySet[Segment]:
+    """Failed or closed segments that still hold their VLAN (``network.services.segments_keeping_vlan`` and
+    ``segments_holding_vlan``): a device one of their changes may have applied on may still carry it."""
+    return Segment.objects.filter(
+        state__in=(Segment.State.FAILED, Segment.State.CLOSED),
+        allocation__state=VlanAllocation.State.ALLOCATED,
+        allocation__owner=F("owner_ref"),
+    )
+
+
+def host_vlans_held(host_id: int) -> frozenset[int]:
+    """The VLANs host ``host_id`` is in now: of live segments (its members' nodes), and of failed or closed ones
+    that still hold their VLAN and may have left it there (a change of theirs that may have applied on it: the
+    next run of their rollback or teardown converges the host as it is recorded)."""
+    live = SegmentMember.objects.filter(host_id=host_id, segment__state__in=Segment.LIVE_STATES)
+    left = DeviceChange.objects.filter(_may_have_applied(), segment__in=_ended_holding(), host_id=host_id)
+    return frozenset(live.values_list("segment__vid", flat=True)).union(left.values_list("segment__vid", flat=True))
 
 
 def pool_usage(pools: Iterable[VlanPool]) -> dict[int, dict[str, int]]:

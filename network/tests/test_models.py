@@ -583,14 +583,35 @@ def test_a_host_in_live_vlans_keeps_what_says_which_device_it_is():
     segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
     for field, value in (("trunk_interface", "bond0"), ("name", "brno-h9"), ("driver", "linuxbridge")):
         setattr(host, field, value)
-        assert (
-            f"VLANs {segment.vid} of live clusters: migrate their nodes away or end them before changing its {field}"
-            in (messages(host)[field][0])
-        )
+        message = messages(host)[field][0]
+        assert f"VLANs {segment.vid} of live clusters, or of failed or closed ones" in message
+        assert f"before changing its {field}" in message
         host.refresh_from_db()
     host.driver_args = {"uplink": "bond0"}
     assert "before changing its driver_args" in messages(host)["driver_args"][0]
     host.driver_args = {"uplink": "eth0", "ssh_user": "virtcloud"}
+    host.full_clean()
+
+
+def test_a_host_a_failed_cluster_may_have_left_its_vlan_on_keeps_what_says_which_device_it_is():
+    """A rollback that could not clean a device leaves the segment FAILED, holding its VLAN (its members gone):
+    the host one of its changes may have applied on still keeps its trunk interface and driver until the next
+    run cleans it (renamed to bond0, the old eth0.300 read as a VM port, the rollback kept failing for good; a new
+    driver saw nothing and released the VLAN the old bridge carried). Released, it may change."""
+    from network import convergence, services
+    from network.models import DeviceChange, Segment, SegmentMember
+
+    host = HostFactory(name="brno-h1", trunk_interface="eth0", driver="ovs", driver_args={"uplink": "eth0"})
+    services.vlan_pool_sync(pool=VlanPoolFactory(core=CoreTransportFactory(name="backbone", sites=[host.site])))
+    segment = services.segment_create(owner="cluster:1", hosts=[host], gateway=False)
+    change = convergence.change_create(device=host, segment=segment, cause="provision cluster:1")
+    DeviceChange.objects.filter(pk=change.pk).update(status="ok", started_at=change.created_at)
+    SegmentMember.objects.filter(segment=segment).delete()
+    Segment.objects.filter(pk=segment.pk).update(state=Segment.State.FAILED)
+    host.trunk_interface = "bond0"
+    assert f"VLANs {segment.vid} of live clusters, or of failed" in messages(host)["trunk_interface"][0]
+    segment.allocation.refresh_from_db()
+    services.vlan_release(allocation=segment.allocation)
     host.full_clean()
 
 
