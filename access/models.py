@@ -130,6 +130,13 @@ class Credential(models.Model):
         help_text="SSH host certificates: the node's public key (revoked, it goes into the profiles' known_hosts as "
         "@revoked)",
     )
+    certificate = models.TextField(
+        blank=True,
+        default="",
+        db_default="",
+        help_text="SSH host certificates: the certificate (public), sent again to a node that says it has another "
+        "one (its answer was lost)",
+    )
     label = models.CharField(
         max_length=LABEL_MAX,
         blank=True,

@@ -1036,6 +1036,7 @@ def _host_certificate_record(
         key_id=ssh.host_key_id(principals[0], serial),
         fingerprint=parsed.fingerprint,
         public_key=parsed.line,
+        certificate=certificate,
         principals=list(principals),
         not_before=now - ssh.CLOCK_SKEW,
         not_after=end,
@@ -1159,7 +1160,14 @@ class NodeAccess:
 
 
 def node_access_current(
-    *, user, cluster, node, as_admin: bool = False, sees_all: bool = False, host_key: str = ""
+    *,
+    user,
+    cluster,
+    node,
+    as_admin: bool = False,
+    sees_all: bool = False,
+    host_key: str = "",
+    has_certificate: str = "",
 ) -> NodeAccess:
     """What ``node`` of ``cluster``'s sshd needs to admit exactly the cluster's people as they are now: the
     principals file of :func:`node_user` (the owner and the group's members now), the user CA key
@@ -1167,7 +1175,9 @@ def node_access_current(
     (:func:`node_host_certificate_issue`): the owner, an admin or the middleware; 404, 403 and 409 alike.
 
     ``host_key``: the node's host public key. When the certificate recorded for it ends before the cluster now
-    ends (its lifetime was extended since), a new one is issued and answered (:func:`_host_certificate_renew`)."""
+    ends (its lifetime was extended since), a new one is issued and answered (:func:`_host_certificate_renew`);
+    ``has_certificate``: the ``ssh.certificate_digest`` of the certificate the node has, and when that is not the
+    newest recorded for the key there, the newest is answered again (an answer that carried it was lost)."""
     found, label, chosen = _owned_live_node(
         user=user,
         cluster=cluster,
@@ -1177,7 +1187,9 @@ def node_access_current(
         lock=False,
         refusal="reads who may log in to its nodes (as it certifies their host keys)",
     )
-    renewed = _host_certificate_renew(user=user, cluster=found, label=label, node=chosen, host_key=host_key)
+    renewed = _host_certificate_renew(
+        user=user, cluster=found, label=label, node=chosen, host_key=host_key, has=has_certificate
+    )
     return NodeAccess(
         cluster_label=label,
         node=chosen.name,
@@ -1189,13 +1201,16 @@ def node_access_current(
     )
 
 
-def _host_certificate_renew(*, user, cluster, label: str, node, host_key: str) -> tuple[Credential, str] | None:
+def _host_certificate_renew(
+    *, user, cluster, label: str, node, host_key: str, has: str = ""
+) -> tuple[Credential, str] | None:
     """The host certificate of ``node``'s key ``host_key`` issued again — the same key and principals, valid until
     the cluster now ends — when the newest one recorded for that key and node ends before a new one would
-    (:func:`_host_certificate_due`); None when it does not, or none is recorded (a key never certified there), or
-    the key was revoked (a certificate of it was). Recorded like any issuance; the old certificate is left to
-    expire. Under the cluster's row lock, as issuance: a teardown either ended the cluster first (nothing issued)
-    or revokes this one too."""
+    (:func:`_host_certificate_due`); else that newest one when the node has another (``has``: the digest of the
+    certificate it has; the answer that carried the newest was lost, or the POST's); None when neither, or none is
+    recorded (a key never certified there), or the key was revoked (a certificate of it was). Recorded like any
+    issuance; the old certificate is left to expire. Under the cluster's row lock, as issuance: a teardown either
+    ended the cluster first (nothing issued) or revokes this one too."""
     from access import ssh
     from clusters.models import ACTIVE_STATES, VirtualCluster
 
@@ -1214,9 +1229,17 @@ def _host_certificate_renew(*, user, cluster, label: str, node, host_key: str) -
         rows = rows.for_cluster(cluster.pk).order_by("-not_after", "-pk")
         return next((c for c in rows if (c.principals or [""])[0] == alias), None)
 
+    def newest_if_not_had() -> tuple[Credential, str] | None:
+        newest = recorded()
+        if newest is None or not has or not newest.certificate or ssh.certificate_digest(newest.certificate) == has:
+            return None  # (one recorded before certificates were kept was answered when issued)
+        return newest, newest.certificate
+
     stored = recorded()
-    if stored is None or _host_certificate_due(stored, cluster) is None:
-        return None  # (the usual answer, without a lock)
+    if stored is None:
+        return None
+    if _host_certificate_due(stored, cluster) is None:
+        return newest_if_not_had()  # (the usual answer, without a lock)
     with transaction.atomic():
         locked = VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster.pk)
         stored = recorded()
@@ -1225,7 +1248,7 @@ def _host_certificate_renew(*, user, cluster, label: str, node, host_key: str) -
         now = _now()
         end = _host_certificate_due(stored, locked, now=now)
         if end is None:  # another request renewed it meanwhile
-            return None
+            return newest_if_not_had()
         return _host_certificate_record(
             user=user,
             cluster=locked,

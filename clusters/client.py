@@ -507,6 +507,14 @@ def _node_access(
     public_key = _read_key(key) if key is not None else ""
     if public_key:
         query["public_key"] = " ".join(public_key.split()[:2])  # (its type and key: no comment in the portal's log)
+        installed = _host_cert_path(key, folder)
+        try:
+            have = installed.read_text() if installed.is_file() else ""
+        except OSError:  # (unreadable: as if it had none; a new one would replace it)
+            have = ""
+        # which certificate it has (none: the digest of nothing): the newest is sent again when an answer that
+        # carried it was lost
+        query["certificate_sha256"] = hashlib.sha256(" ".join(have.split()[:2]).encode()).hexdigest()
     answer = api.call("GET", "/api/access/host-certificates/access/", **query)
     node_user = str(answer["node_user"])
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):
@@ -532,9 +540,14 @@ def _node_access(
         line = str(renewed.get("certificate", "")).strip()
         if "\n" in line or line.split(" ", 1)[0] != f"{public_key.split()[0]}-cert-v01@openssh.com":
             raise Refused(f"the portal's host certificate is not one for a {public_key.split()[0]} key: {line[:60]!r}")
-        files[folder / f"{key.name.removesuffix('.pub')}-cert.pub"] = line + "\n"
+        files[_host_cert_path(key, folder)] = line + "\n"
         shown["host_certificate"] = {k: v for k, v in renewed.items() if k != "certificate"}
     return shown, files
+
+
+def _host_cert_path(key: Path, folder: Path) -> Path:
+    """sshd's HostCertificate of host key ``key`` in ``folder``: ``<key>-cert.pub``."""
+    return folder / f"{key.name.removesuffix('.pub')}-cert.pub"
 
 
 def _install(folder: Path, files: dict[Path, str | bytes]) -> None:
@@ -585,7 +598,7 @@ def host_cert(api: Api, args, out: TextIO) -> int:
     issued = api.call("POST", "/api/access/host-certificates/", body)
     folder = Path(args.dir) if args.dir else key_path.parent
     _, access = _node_access(api, cluster, args.node, folder)
-    written = {folder / f"{key_path.name.removesuffix('.pub')}-cert.pub": issued["certificate"].rstrip("\n") + "\n"}
+    written = {_host_cert_path(key_path, folder): issued["certificate"].rstrip("\n") + "\n"}
     written.update(access)
     _install(folder, written)
     shown = {k: v for k, v in issued.items() if k != "certificate"}

@@ -87,6 +87,13 @@ class NodeAccessQuerySerializer(serializers.Serializer):
         help_text="the node's host public key (one line) whose certificate it has: when that certificate ends "
         "before the cluster now ends (its lifetime was extended), the answer has a new one (host_certificate)",
     )
+    certificate_sha256 = serializers.RegexField(
+        r"\A[0-9a-f]{64}\Z",
+        required=False,
+        help_text="with public_key: SHA-256 (hex) of '<type> <base64>' of the host certificate the node has (of "
+        "nothing when it has none); when that is not the newest the portal issued for the key there (the answer "
+        "that carried it was lost), the answer has the newest again (host_certificate)",
+    )
 
 
 class RenewedHostCertificateSerializer(serializers.Serializer):
@@ -113,8 +120,8 @@ class NodeAccessSerializer(serializers.Serializer):
     host_certificate = RenewedHostCertificateSerializer(
         allow_null=True,
         help_text="a new host certificate for public_key (the same key and principals, until the cluster now ends) "
-        "when the one issued for it ends earlier; null when it does not, or without public_key. The old one is "
-        "not revoked: it expires",
+        "when the one issued for it ends earlier, or the newest issued when certificate_sha256 names another; null "
+        "when neither, or without public_key. The old one is not revoked: it expires",
     )
 
 

@@ -209,6 +209,7 @@ class NodeAccessView(APIView):
             as_admin=acts_on_all(request, VirtualCluster),
             sees_all=sees_all(request, VirtualCluster),
             host_key=data.validated_data.get("public_key", ""),
+            has_certificate=data.validated_data.get("certificate_sha256", ""),
         )
         response = Response(s.NodeAccessSerializer(current.as_dict()).data)
         response["Cache-Control"] = "no-cache"

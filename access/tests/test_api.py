@@ -669,6 +669,49 @@ def test_a_node_gets_its_host_certificate_again_once_the_clusters_lifetime_was_e
     assert Credential.objects.filter(kind="ssh_host").count() == 2
 
 
+def test_a_node_whose_answer_was_lost_gets_its_newest_host_certificate_again(alice, cluster):
+    """The renewal is issued and recorded inside the timer's GET: an answer lost on its way (a timeout, a file
+    that could not be written) left the node with the old certificate, and every later request answered null —
+    it expired before the cluster. The node says which certificate it has (certificate_sha256): one that is not
+    the newest for its key there gets the newest again, the same one (nothing new issued); so does a node whose
+    POST answer was lost (it has none). Without the digest, or with the newest's, nothing is sent."""
+    import hashlib
+
+    from access import ssh
+    from clusters import services as cluster_services
+
+    key = _host_key()
+    api = client_for(alice)
+    first = _host_cert_post(api, cluster, "node1", key).json()
+
+    def access(has: str | None):
+        query = {"cluster": cluster.pk, "node": "node1", "public_key": key}
+        if has is not None:
+            query["certificate_sha256"] = has
+        response = api.get("/api/access/host-certificates/access/", query)
+        assert response.status_code == 200, response.content
+        return response.json()["host_certificate"]
+
+    nothing = hashlib.sha256(b"").hexdigest()
+    assert access(ssh.certificate_digest(first["certificate"])) is None  # it has the newest
+    again = access(nothing)  # the POST's answer was lost: it has none
+    assert again["serial"] == first["serial"] and again["certificate"] == first["certificate"]
+
+    cluster = cluster_services.cluster_extend(cluster=cluster, expires_at=cluster.expires_at + dt.timedelta(days=2))
+    renewed = access(ssh.certificate_digest(first["certificate"]))  # issued; this answer is lost
+    assert renewed["serial"] != first["serial"]
+    assert access(None) is None  # (without the digest: as before)
+    resent = access(ssh.certificate_digest(first["certificate"]))
+    assert (resent["serial"], resent["certificate"]) == (renewed["serial"], renewed["certificate"])
+    assert access(ssh.certificate_digest(renewed["certificate"])) is None
+    assert Credential.objects.filter(kind="ssh_host").count() == 2
+    response = api.get(
+        "/api/access/host-certificates/access/",
+        {"cluster": cluster.pk, "node": "node1", "public_key": key, "certificate_sha256": "not-hex"},
+    )
+    assert response.status_code == 400 and "certificate_sha256" in response.json(), response.content
+
+
 def test_a_host_certificate_of_a_cluster_that_outlives_its_lifetime_is_renewed_once_half_is_left(
     alice, cluster, settings
 ):

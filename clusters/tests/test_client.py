@@ -389,6 +389,7 @@ def test_a_nodes_timer_installs_its_host_certificate_again_once_the_clusters_lif
     from datetime import timedelta
 
     from access import ssh
+    from access.models import Credential
     from clusters import services
 
     code, cluster, err = up(client, "6.pbs")
@@ -425,6 +426,13 @@ def test_a_nodes_timer_installs_its_host_certificate_again_once_the_clusters_lif
     now = cert.read_text()
     code, shown, err = client(*timer)
     assert code == 0 and shown["host_certificate"] is None and cert.read_text() == now, err
+    # the renewal's answer was lost (the node still has the first certificate), or the node has none: the next
+    # run installs the newest again, nothing new issued
+    for had in (first, ""):
+        cert.write_text(had)
+        code, shown, err = client(*timer)
+        assert code == 0 and cert.read_text() == now and shown["host_certificate"]["serial"] == renewed.serial, err
+    assert Credential.objects.filter(kind="ssh_host").count() == 2
     code, _, err = client(*timer[:-1], str(keys / "missing.pub"))
     assert code == 2 and "missing.pub" in err
 
