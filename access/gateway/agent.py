@@ -107,12 +107,14 @@ def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) ->
     (304), it still cuts the sessions of the certificates revoked lately that are up: a cut that failed
     last time is tried again, not only at the next change of the state."""
     state_dir = Path(state_dir)
-    etag_file = state_dir / ".etag"
     installed = install.installed(state_dir)
-    # Without a record of what is installed, fetch it whole (a 304 could not say for how long to trust it).
-    etag = etag_file.read_text().strip() if installed and etag_file.exists() else None
+    # The etag of what is installed (its record, written with it): a 304 then says exactly that this state is
+    # current. (A separate record of the last etag fetched was not: a state directory copied over from
+    # ``gateway config --dir``, or a fetched state left out as older than the installed one, kept an older state
+    # that every 304 then renewed.) Without a record, fetch it whole (a 304 could not say for how long to trust it).
+    etag = f'"{installed["etag"]}"' if installed else None
     fetched_at = time.time()  # before the request: the portal makes the state after this
-    doc, new_etag = fetch_state(
+    doc, _etag = fetch_state(
         url, token, etag=etag, generated_at=installed and installed.get("generated_at"), timeout=timeout
     )
     try:
@@ -122,8 +124,7 @@ def pull(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) ->
         report = install.install_state(state_dir, doc, fetched_at=fetched_at)
     except OSError as exc:  # a full disk, a read-only directory: the old files are still whole
         raise PullError(f"cannot write the state in {state_dir}: {exc}") from None
-    if new_etag:
-        write_atomic(etag_file, new_etag, 0o600)  # last: a failed install is retried in full
+    (state_dir / ".etag").unlink(missing_ok=True)  # (an earlier version's record of the last etag fetched)
     return True, report
 
 

@@ -514,6 +514,13 @@ def _install_state(state_dir: Path, doc: dict, *, cut_sessions: bool, fetched_at
         changed[state_dir / gateway_config.CONFIG_CHANGED] = ("\n".join(waiting).encode() + b"\n", 0o644)
         for path in configs:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # (systemd/)
+    # the record of what is installed and its freshness replace theirs last: a rename that fails half-way (a file
+    # made immutable, a bind mount) leaves the old record, and the state goes on ageing towards refusing everyone
+    # (renamed first, they made a half-installed state fresh again at every pull, and the portal counted it)
+    record = (installed_path(state_dir), fresh_until_path(state_dir))
+    changed = {path: entry for path, entry in changed.items() if path not in record} | {
+        path: changed[path] for path in record if path in changed
+    }
     write_all_atomic(changed)
     report.written += [str(path) for path in changed]
     for path in (path for paths in dropped.removed.values() for path in paths):

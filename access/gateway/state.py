@@ -387,18 +387,21 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, group: int | 
 
 def write_all_atomic(files: dict[Path, tuple[bytes | str, int] | tuple[bytes | str, int, int | None]]) -> None:
     """Replace several files together: every new file is written (and flushed) first, and only when all of
-    them are does any replace its old one — a full disk or a failing write leaves the old set whole. Each file
-    is (data, mode) or (data, mode, group), as for :func:`write_atomic`."""
+    them are does any replace its old one — a full disk or a failing write leaves the old set whole. The files
+    replace theirs in the order given (a rename that fails stops there: put last what says the set is in). No
+    temporary file is left behind. Each file is (data, mode) or (data, mode, group), as for :func:`write_atomic`."""
     written: list[tuple[Path, Path]] = []
     try:
         for path, (data, mode, *group) in files.items():
             written.append((_write_temp(path, data, mode, *group), path))
+        for done, (tmp, path) in enumerate(written):
+            os.replace(tmp, path)
+            written[done] = (path, path)  # (in place: nothing to clean)
     except BaseException:
-        for tmp, _path in written:
-            tmp.unlink(missing_ok=True)
+        for tmp, path in written:
+            if tmp != path:
+                tmp.unlink(missing_ok=True)
         raise
-    for tmp, path in written:
-        os.replace(tmp, path)
 
 
 def vlan_map_json(clusters: dict[str, int], *, generated_at: str) -> str:

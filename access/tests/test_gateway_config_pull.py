@@ -113,8 +113,8 @@ def test_the_agent_rewrites_the_configuration_when_an_admin_changes_the_gateway(
         return done.stdout + done.stderr
 
     before = mtimes(state)
-    out = agent()  # its first pull: a whole state, the configuration as gateway config wrote it
-    assert "file(s) updated" in out and "configuration changed" not in out
+    out = agent()  # its first pull: the state gateway config installed is current (its etag: a 304)
+    assert "unchanged" in out and "configuration changed" not in out
     make_cluster(alice, name="other", group=team)
     out = agent()  # the state changed, the settings did not: the files are not even written again
     assert "file(s) updated" in out and "configuration changed" not in out
@@ -283,8 +283,8 @@ def test_a_state_directory_without_local_json_keeps_its_configuration_and_says_s
     token = services.gateway_token_issue(gateway=gateway, by=root)
     args = ("pull", "--url", live_server.url, "--token", token, "--dir", str(state))
     before = mtimes(state)
-    out = run(*args)  # the settings are those the files were written from: nothing to say
-    assert "updated" in out and LOCAL not in out
+    out = run(*args)  # the state config installed is current, the settings those it wrote: nothing to say
+    assert "unchanged" in out and LOCAL not in out
 
     gateway.vpn_port, gateway.ssh_port = 1195, 2222
     gateway.save()

@@ -121,6 +121,76 @@ def test_pull_with_etag_revocation_and_portal_down(live_server, alice, root, tea
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == good
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_state_copied_over_the_installed_one_is_replaced_not_renewed(
+    live_server, alice, root, team, gateway, tmp_path
+):
+    """The README's way: a directory made by ``gateway config --dir`` on the portal's host, copied over the live
+    one (again after an upgrade). Its state is older than the one the gateway had pulled since: the next pull
+    asks with the etag of what is installed now, and installs the current state again — a separate record of
+    the last etag fetched answered 304 and kept the older CRL, renewed as fresh at every pull."""
+    import shutil
+
+    from access.gateway import pull as install
+
+    cluster = make_cluster(alice, name="mpi", group=team)
+    token, secret = token_create(user=root, name="gw1", scopes=[TokenScope.GATEWAY])
+    gateway.token = token
+    gateway.save()
+    state, staged = tmp_path / "state", tmp_path / "staged"
+    args = ("pull", "--url", live_server.url, "--token", secret, "--dir", str(state))
+    run("config", "gw1", "--dir", str(staged))  # (made now: the state before the revocation)
+    assert "updated" in run(*args)
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get()
+    services.credential_revoke(credential=credential, reason="key_compromise", by=alice)
+    assert "updated" in run(*args)
+    assert json.loads((state / "vpn" / "revoked.json").read_text()) == [credential.serial]
+
+    shutil.copytree(staged, state, dirs_exist_ok=True)  # the older state is installed again
+    assert json.loads((state / "vpn" / "revoked.json").read_text()) == []
+    assert "updated" in run(*args)  # (not "unchanged": a 304 would have kept the older state)
+    assert json.loads((state / "vpn" / "revoked.json").read_text()) == [credential.serial]
+    assert "unchanged" in run(*args)
+    assert install.installed(state)["etag"] == services.gateway_state(gateway=gateway)["etag"]
+
+
+@pytest.mark.django_db
+def test_a_failed_rename_leaves_the_record_of_what_is_installed_and_no_temporary_file(
+    alice, cluster, gateway, tmp_path, monkeypatch
+):
+    """The record of what is installed and its freshness replace theirs last: a rename that fails half-way (an
+    immutable file, a bind mount) leaves the old record — the half-installed state goes on ageing towards
+    refusing everyone, and the next pull reports the state it really had (they were renamed first: a failing
+    install made the old CRL fresh again at every pull, and the portal counted the new state as installed) —
+    and no temporary file behind."""
+    from access.gateway import pull as install
+    from access.gateway import state as gw_state
+
+    state = tmp_path / "state"
+    first = services.gateway_state(gateway=gateway)
+    install.install_state(state, first, fetched_at=None, cut_sessions=False)
+    record, fresh = install.installed_path(state).read_bytes(), install.fresh_until_path(state).read_bytes()
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    services.credential_revoke(credential=Credential.objects.get(), reason="key_compromise", by=alice)
+    second = services.gateway_state(gateway=gateway)
+    assert second["etag"] != first["etag"]
+    real = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("revoked.json"):
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(gw_state.os, "replace", failing)
+    with pytest.raises(PermissionError):
+        install.install_state(state, second, fetched_at=None, cut_sessions=False)
+    assert install.installed_path(state).read_bytes() == record
+    assert install.fresh_until_path(state).read_bytes() == fresh
+    assert install.installed(state)["etag"] == first["etag"]
+    assert [p for p in state.rglob("*") if ".tmp" in p.name] == []
+
+
 def test_pull_refuses_redirects_and_plain_http_to_another_host():
     """urllib would send the token along a redirect; the state (CA, AA, CRL) is not signed, so plain http is
     only for a portal on this host."""
