@@ -20,6 +20,7 @@ from django.db.models import BooleanField, Count, Exists, ExpressionWrapper, Min
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from access.gateway.state import leg_unusable
 from access.models import USER_KINDS, Credential, CredentialCluster, CredentialKind, Gateway
 from access.pki import CLOCK_SKEW
 
@@ -128,6 +129,12 @@ WITHHELD_OUTSIDE = (
 )
 
 
+WITHHELD_UNUSABLE = (
+    "the address is the network or broadcast address of the SSH bastion's network in this cluster, which it never "
+    "forwards to: use the VPN profile for this node"
+)
+
+
 def bastion_unreachable(cluster, address: str | None) -> str | None:
     """Why the SSH bastion may not forward to a node of ``cluster`` at ``address``, or None when it may. It
     forwards through its leg into the cluster: to an address in the network of the cluster's
@@ -140,6 +147,8 @@ def bastion_unreachable(cluster, address: str | None) -> str | None:
         return WITHHELD_NO_LEG
     if ipaddress.ip_address(str(address)) not in ipaddress.ip_interface(cluster.bastion_address).network:
         return WITHHELD_OUTSIDE
+    if ipaddress.ip_address(str(address)) in leg_unusable(cluster.bastion_address):  # (a node made before the rule)
+        return WITHHELD_UNUSABLE
     return None
 
 

@@ -25,6 +25,7 @@ from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from access.gateway.state import leg_unusable
 from clusters import policy, selectors, workflows
 from clusters.errors import (
     Busy,
@@ -154,6 +155,15 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         clash = [n.name for n in nodes if n.address and ipaddress.ip_address(n.address) == own]
         if clash:
             raise ClusterError(f"node {clash[0]}: {own} is the SSH bastion's address in this cluster", field="nodes")
+        # the gateways refuse a state whose bastion forwards there (the whole document: every cluster's)
+        unusable = leg_unusable(bastion)
+        reserved = [n for n in nodes if n.address and ipaddress.ip_address(n.address) in unusable]
+        if reserved:
+            raise ClusterError(
+                f"node {reserved[0].name}: {reserved[0].address} is the network or broadcast address of {network}, "
+                f"the cluster network of the SSH bastion (bastion_address {bastion})",
+                field="nodes",
+            )
         # the bastion reaches the nodes through its leg, the network of its address: one outside it would be
         # reached through the gateway's other routes (its own services, another network), never this cluster
         outside = [n for n in nodes if n.address and ipaddress.ip_address(n.address) not in network]

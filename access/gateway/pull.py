@@ -63,6 +63,7 @@ from access.gateway.state import (  # noqa: E402
     fresh_until_path,
     fresh_until_text,
     installed_path,
+    leg_unusable,
     load_vlan_map,
     revoked_serials,
     vlan_map_json,
@@ -389,13 +390,8 @@ def _check_targets(label: str, targets: list, leg: dict) -> None:
     or broadcast address."""
     bastion = leg["bastion_address"]
     aliases = {node["alias"] for node in leg["nodes"]}
-    leg_address = ipaddress.ip_interface(bastion) if bastion else None
-    network = leg_address.network if leg_address else None
-    unusable = set()
-    if leg_address is not None:
-        unusable.add(leg_address.ip)
-        if network.version == 4 and network.prefixlen < 31:
-            unusable |= {network.network_address, network.broadcast_address}
+    network = ipaddress.ip_interface(bastion).network if bastion else None
+    unusable = leg_unusable(bastion) if bastion else set()
     for host, _port in targets:
         if not isinstance(host, str):
             raise StateError(f"state document: ssh.clusters.{label}: a target host is not a string")

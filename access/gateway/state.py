@@ -483,6 +483,18 @@ def bastion_address_problem(address: str) -> str | None:
     return None
 
 
+def leg_unusable(bastion_address: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of the network of ``bastion_address`` (``address/prefix``) the bastion never forwards to: its
+    own (a forwarding to it reaches the gateway's own services over loopback), and an IPv4 network's network and
+    broadcast address. The gateway refuses a state that names one (``pull._check_targets``); the portal refuses
+    a node at one and withholds one it has (``access.selectors.bastion_unreachable``)."""
+    iface = ipaddress.ip_interface(bastion_address)
+    unusable = {iface.ip}
+    if iface.network.version == 4 and iface.network.prefixlen < 31:
+        unusable |= {iface.network.network_address, iface.network.broadcast_address}
+    return unusable
+
+
 def check_bastion_address(name: object, address: object) -> str:
     """A cluster's bastion address (``address/prefix``) as a gateway may use it, normalized ("" for none);
     :class:`StateError` otherwise (the rule of :func:`bastion_address_problem`)."""

@@ -413,6 +413,32 @@ def test_a_node_outside_the_bastions_network_is_refused(fabric, images, api, ali
     assert VirtualCluster.objects.get(name="c6").nodes.count() == 1
 
 
+@pytest.mark.parametrize("address", ["10.0.0.0", "10.0.0.255"])
+def test_a_node_at_the_bastion_networks_network_or_broadcast_address_is_refused(fabric, images, api, alice, address):
+    """The gateways refuse a state whose bastion forwards to the network or broadcast address of its leg — the
+    whole document, every cluster's, until the state expires and they refuse everyone: the portal refuses such a
+    node (create and node add, nothing allocated), and withholds one it has from the bastion (made before)."""
+    from access.selectors import WITHHELD_UNUSABLE, bastion_unreachable
+
+    as_scheduler_for(api, alice)
+    before = allocated_vids()
+    bad = body(name="c7", nodes=[("m1", "brno2", "52:54:00:00:09:17")], bastion_address="10.0.0.254/24")
+    bad["nodes"][0]["address"] = address
+    r = api.post("/api/clusters/", bad, format="json")
+    assert r.status_code == 400 and "network or broadcast address of 10.0.0.0/24" in r.data["nodes"][0], r.data
+    assert allocated_vids() == before and not VirtualCluster.objects.filter(name="c7").exists()
+    good = body(name="c8", nodes=[("m1", "brno2", "52:54:00:00:09:18")], bastion_address="10.0.0.254/24")
+    good["nodes"][0]["address"] = "10.0.0.1"
+    r = api.post("/api/clusters/", good, format="json")
+    assert r.status_code == 201, r.content
+    node = {"name": "m2", "host": "prague1", "mac": "52:54:00:00:09:19", "address": address}
+    r = api.post(f"/api/clusters/{r.data['id']}/nodes/", {"nodes": [node]}, format="json")
+    assert r.status_code == 400 and "network or broadcast address" in r.data["nodes"][0], r.data
+    cluster = VirtualCluster.objects.get(name="c8")
+    assert bastion_unreachable(cluster, address) == WITHHELD_UNUSABLE
+    assert bastion_unreachable(cluster, "10.0.0.1") is None
+
+
 def test_nodes_say_where_the_vm_manager_plugs_them(fabric, images, api, alice):
     from xml.etree import ElementTree as ET
 
