@@ -65,10 +65,15 @@ def test_config_enrols_and_writes_a_working_state(alice, cluster, gateway, tmp_p
     # The profile a user downloads now pins this gateway's certificate name.
     text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster])
     assert f'verify-x509-name "{gateway.server_name}" name' in text
-    # Running config again keeps the keys (no accidental re-enrolment).
+    # Running config again keeps the keys (no accidental re-enrolment), and says nothing of what the running
+    # gateway has installed (this may be a directory copied over later): its next pull does
     before = key.read_bytes()
+    as_of = gateway.state_as_of
+    services.credential_revoke(credential=Credential.objects.get(user=alice), reason="key_compromise", by=alice)
     run("config", "gw1", "--dir", str(tmp_path))
     assert key.read_bytes() == before
+    gateway.refresh_from_db()
+    assert gateway.state_as_of == as_of
 
 
 @pytest.mark.django_db(transaction=True)

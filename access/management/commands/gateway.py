@@ -156,7 +156,10 @@ class Command(BaseCommand):
         except OSError as exc:  # --dir is a file, the disk is full or read-only …
             where = f" {exc.filename}" if exc.filename else f" {target}"
             raise CommandError(f"cannot write{where}: {exc.strerror or exc}") from None
-        services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
+        if gateway.state_as_of is None:
+            # its first state, wherever it runs from: it has no older one. Run again (after an upgrade, into a
+            # directory copied over later) it says nothing of what the running gateway has: its next pull does
+            services.gateway_pulled(gateway=gateway, installed=doc["generated_at"])
         self.stdout.write(f"gateway {gateway.name}: configuration and state written to {target}")
         if re_enrolled:
             self.stdout.write(
