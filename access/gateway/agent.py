@@ -61,7 +61,7 @@ EX_TEMPFAIL = 75
 ON_CHANGE_FAILED = ".on-change-failed"  # in the state directory: why the --on-change hook failed last
 ON_CHANGE_RAN = ".on-change-ran"  # … and the boot it last succeeded in
 RUNNING = "running: the pull of pid"  # the record while the hook runs
-STATE_PATH = "/api/access/gateway/state/"
+STATE_PATH = sessions_report.STATE_PATH
 DEFAULT_STATE_DIR = "/var/lib/virtcloud-gateway"
 
 
@@ -75,8 +75,7 @@ def fetch_state(
     """(document, etag) from the portal, or (None, etag) when unchanged (304). Redirects are refused.
     ``generated_at``: that of the installed state, which the portal waits for before it hands out again the
     VLAN ids released before it."""
-    url = url.rstrip("/")
-    url = url + "/" if url.endswith(STATE_PATH.rstrip("/")) else url + STATE_PATH
+    url = sessions_report.portal_url(url, STATE_PATH)
     headers = {"If-None-Match": etag, "VirtCloud-State-Generated-At": generated_at}
     try:  # a redirect is refused: urllib would send the token along to wherever it points
         answer = outgoing.send_with_token(

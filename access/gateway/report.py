@@ -14,6 +14,15 @@ from access.gateway import vpn as gateway_vpn
 from access.gateway.state import SshState, VpnState
 
 SESSIONS_PATH = "/api/access/gateway/sessions/"
+STATE_PATH = "/api/access/gateway/state/"  # (what the pull fetches: ``--url`` may name it whole)
+
+
+def portal_url(url: str, path: str) -> str:
+    """``path`` on the portal at ``url``: the portal's address, or the state's whole URL (``--url`` takes both)."""
+    base = url.rstrip("/")
+    return base.removesuffix(STATE_PATH.rstrip("/")) + path
+
+
 MAX_SESSIONS = 5000  # per kind, as the portal takes them
 
 
@@ -32,7 +41,7 @@ def collect(state_dir: str | Path) -> dict:
 def report(*, url: str, token: str, state_dir: str | Path, timeout: float = 20) -> dict:
     """Post ``collect(state_dir)`` to the portal at ``url``; what was sent. ``ReportError`` when it did not land."""
     doc = collect(state_dir)
-    target = url.rstrip("/") + SESSIONS_PATH
+    target = portal_url(url, SESSIONS_PATH)
     try:
         answer = outgoing.send_with_token(
             "POST",

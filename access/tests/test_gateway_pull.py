@@ -552,6 +552,25 @@ def test_fetch_state_survives_a_broken_answer_and_a_path_without_its_slash(monke
         listener.close()
 
 
+@pytest.mark.parametrize("suffix", ["", "/", "/api/access/gateway/state", "/api/access/gateway/state/"])
+def test_the_sessions_report_goes_to_the_portal_whatever_url_the_pull_was_given(suffix, monkeypatch):
+    """``--url`` may be the portal or the state's whole URL (the pull takes both): the sessions' report goes to
+    the portal's sessions endpoint either way (it went to …/gateway/state/api/access/gateway/sessions/, a 404 at
+    every pull: nobody saw who was connected)."""
+    from access.gateway import outgoing, report
+
+    sent: list[str] = []
+
+    def send(method, url, token, **kwargs):
+        sent.append(url)
+        return outgoing.Answer(status=200, headers={}, body=b"{}")
+
+    monkeypatch.setattr(report.outgoing, "send_with_token", send)
+    monkeypatch.setattr(report, "collect", lambda state_dir: {"vpn": [], "ssh": []})
+    report.report(url=f"https://portal.example.org{suffix}", token="vc_secret", state_dir="/nonexistent")
+    assert sent == ["https://portal.example.org/api/access/gateway/sessions/"]
+
+
 def test_a_malformed_token_is_refused_before_anything_is_sent(tmp_path):
     from access.gateway import agent
 
