@@ -1850,7 +1850,7 @@ def gateway_state(*, gateway: Gateway) -> dict:
     # client was back at once.
     cut_vpn = _revoked_sessions(now, CredentialKind.VPN) if gateway.serves_vpn else []
     cut_ssh = _revoked_sessions(now, CredentialKind.SSH) if gateway.serves_ssh else []
-    doc: dict = {"format": 1, "gateway": gateway.name}
+    doc: dict = {"format": 1, "gateway": gateway.name, "gateway_id": gateway.pk}
     if gateway.serves_vpn:
         doc["vpn"] = {
             "ca": _authority(AuthorityKind.VPN).certificate,

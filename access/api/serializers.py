@@ -208,6 +208,7 @@ class GatewayStateSerializer(serializers.Serializer):
 
     format = serializers.IntegerField()
     gateway = serializers.CharField()
+    gateway_id = serializers.IntegerField(help_text="the gateway's id: a state directory takes its own gateway's only")
     etag = serializers.CharField()
     generated_at = serializers.DateTimeField()
     vpn = serializers.DictField(required=False, help_text="ca, aa, crl, vlans, server_name, revoked_sessions")

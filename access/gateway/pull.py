@@ -2,7 +2,7 @@
 
 The document is what ``access.services.gateway_state`` returns (format 1)::
 
-    {"format": 1, "gateway": "gw1", "etag": "...", "generated_at": "...", "max_age": 600,
+    {"format": 1, "gateway": "gw1", "gateway_id": 1, "etag": "...", "generated_at": "...", "max_age": 600,
      "vpn": {"ca": PEM, "aa": PEM, "crl": PEM, "vlans": {"c42": 142}, "server_name": "...",
              "revoked_sessions": [{"serial": 17, "common_name": "alice", "revoked_at": "..."}]},
      "ssh": {"account": "virtcloud", "user_ca": "ssh-ed25519 ...", "host_ca": "ssh-ed25519 ...",
@@ -158,7 +158,13 @@ def _prepare(
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise StateError("state document has an unknown format (want format 1)")
     etag, max_age, generated = _freshness(doc)
+    gateway, gateway_id = doc.get("gateway"), doc.get("gateway_id")
+    if gateway is not None and not isinstance(gateway, str):
+        raise StateError("state document: gateway is not a name")
+    if gateway_id is not None and (not isinstance(gateway_id, int) or isinstance(gateway_id, bool)):
+        raise StateError("state document: gateway_id is not a number")
     installed = {"etag": etag, "generated_at": doc["generated_at"], "max_age": max_age}
+    installed |= {key: value for key, value in (("gateway", gateway), ("gateway_id", gateway_id)) if value is not None}
     portal = None
     if "config" in doc:
         portal = gateway_config.check_portal(doc["config"], vpn="vpn" in doc, ssh="ssh" in doc)
@@ -478,6 +484,19 @@ def _install_state(state_dir: Path, doc: dict, *, cut_sessions: bool, fetched_at
         ssh_revoked = _revoked_serials(doc["ssh"], "ssh") if "ssh" in doc else set()
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"state document is malformed ({type(exc).__name__}: {exc})") from None
+    had = installed(state_dir)
+    if (
+        had is not None
+        and None not in (had.get("gateway_id"), doc.get("gateway_id"))
+        and (had["gateway_id"] != doc["gateway_id"])
+    ):
+        # another gateway's token (two set up together): its VLAN map is for its trunk and site, where the same id
+        # may be another cluster's — a user of one of its clusters would be put on that VLAN here (by id: a
+        # gateway renamed in the portal is still this one)
+        raise StateError(
+            f"state document: it is gateway {doc.get('gateway')}'s, and this state directory is gateway "
+            f"{had.get('gateway')}'s (the token is another gateway's)"
+        )
     newest = _installed_generated(state_dir)
     if newest is not None and _freshness(doc)[2] < newest[0]:
         return InstallReport(

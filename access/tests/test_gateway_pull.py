@@ -196,6 +196,29 @@ def test_a_failed_rename_leaves_the_record_of_what_is_installed_and_no_temporary
     assert [p for p in state.rglob("*") if ".tmp" in p.name] == []
 
 
+@pytest.mark.django_db
+def test_another_gateways_state_is_refused_by_a_state_directory(alice, cluster, gateway, tmp_path):
+    """Two gateways set up together, the tokens swapped: gw2's state — its VLAN map for its trunk and site,
+    where an id may be another cluster's — is refused by gw1's state directory, and nothing of it written;
+    gw1 renamed in the portal is still gw1."""
+    from access.gateway import pull as install
+    from access.gateway.state import StateError
+    from access.tests.fixtures import make_gateway
+
+    state = tmp_path / "state"
+    install.install_state(state, services.gateway_state(gateway=gateway), cut_sessions=False)
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    other = make_gateway("gw2", vpn_port=1195)
+    with pytest.raises(StateError, match="it is gateway gw2's, and this state directory is gateway gw1's"):
+        install.install_state(state, services.gateway_state(gateway=other), cut_sessions=False)
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
+    gateway.name = "gw1-renamed"
+    gateway.save()
+    make_cluster(alice, name="later")
+    report = install.install_state(state, services.gateway_state(gateway=gateway), cut_sessions=False)
+    assert report.written and install.installed(state)["gateway"] == "gw1-renamed"
+
+
 def test_pull_refuses_redirects_and_plain_http_to_another_host():
     """urllib would send the token along a redirect; the state (CA, AA, CRL) is not signed, so plain http is
     only for a portal on this host."""
