@@ -58,6 +58,7 @@ from clusters.models import (
 )
 from clusters.signals import cluster_ended, cluster_ready
 from network import errors as net_errors
+from network import selectors as net_selectors
 from network import services as net
 from network.models import DeviceChange, Host, Segment
 from portal import audit
@@ -184,9 +185,10 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         if state == ClusterState.TEARING_DOWN:  # its nodes go with its teardown: a scheduler's retry gets it
             raise Busy(f"MAC address {mac} is still used by a VM of a cluster being torn down: try again once it ends")
         raise ClusterError(f"MAC address {mac} is already used by another VM", field="nodes")
+    unavailable = net_selectors.hosts_unavailable(n.host.pk for n in nodes)
     for n in nodes:
-        if not n.host.enabled:
-            raise InvalidTopology(f"host {n.host.name} is disabled", field="nodes")
+        if n.host.pk in unavailable:
+            raise InvalidTopology(unavailable[n.host.pk], field="nodes")
 
 
 def _segment_error(exc: net_errors.NetworkError, *, field: str = "nodes") -> ClusterError:
@@ -878,10 +880,12 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
 
 
 def _pending_converged(cluster_id: int) -> QuerySet[Node]:
-    """The PENDING nodes of a cluster whose node change converged: those on an enabled host. A disabled one is
-    never touched by convergence — a node left PENDING there by a failed add has no network yet, however well
-    a later change of the cluster went (it was made READY with it)."""
-    return Node.objects.filter(cluster_id=cluster_id, state=NodeState.PENDING, host__enabled=True)
+    """The PENDING nodes of a cluster whose node change converged: those on an enabled host behind an enabled
+    switch (``Host.unavailable``). A disabled device is never touched by convergence — a node left PENDING there
+    by a failed add has no network yet, however well a later change of the cluster went (it was made READY with
+    it)."""
+    reachable = Q(host__switch_port__isnull=True) | Q(host__switch_port__switch__enabled=True)
+    return Node.objects.filter(reachable, cluster_id=cluster_id, state=NodeState.PENDING, host__enabled=True)
 
 
 def _locked(cluster: VirtualCluster) -> VirtualCluster:
@@ -965,9 +969,10 @@ def cluster_nodes_add(*, cluster: VirtualCluster, nodes: list[NodeRequest]) -> l
     if len({n.name for n in nodes}) != len(nodes):  # (before any is taken for a retry of a pending one)
         raise ClusterError("node names must be unique within the cluster", field="nodes")
     again = _pending_again(cluster, nodes)
+    unavailable = net_selectors.hosts_unavailable(node.host_id for node in again.values())
     for node in again.values():  # (a new node's host is checked as it is added: _check_nodes)
-        if not node.host.enabled:
-            raise InvalidTopology(f"host {node.host.name} is disabled", field="nodes")
+        if node.host_id in unavailable:
+            raise InvalidTopology(unavailable[node.host_id], field="nodes")
     nodes = [n for n in nodes if n.name not in again]
     if nodes:
         _check_nodes(nodes, cluster=cluster)
@@ -1036,8 +1041,9 @@ def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -
         raise Conflict(f"node {node.name} is {node.get_state_display()}; only a ready node can migrate")
     if target.pk == node.host_id:
         raise ClusterError(f"node {node.name} already runs on {target.name}", field="target_host")
-    if not target.enabled:
-        raise InvalidTopology(f"host {target.name} is disabled", field="target_host")
+    why = target.unavailable()
+    if why:
+        raise InvalidTopology(why, field="target_host")
     node.target_host = target
     node.state = NodeState.MIGRATING
     node.save(update_fields=["target_host", "state"])

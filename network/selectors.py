@@ -512,6 +512,22 @@ def ports_carrying(port_ids: Iterable[int], *, leaving_switches: Iterable[int] =
     return {pk: frozenset(vids) for pk, vids in found.items() if vids}
 
 
+def hosts_unavailable(host_ids: Iterable[int]) -> dict[int, str]:
+    """Of these hosts, those the network cannot be brought to now, with why: disabled, or behind a disabled
+    switch (convergence never touches a disabled device: a node there would be ready with no network). One
+    query."""
+    rows = Host.objects.filter(pk__in=set(host_ids)).values_list(
+        "pk", "name", "enabled", "switch_port__switch__name", "switch_port__switch__enabled"
+    )
+    out = {}
+    for pk, name, enabled, switch, switch_enabled in rows:
+        if not enabled:
+            out[pk] = f"host {name} is disabled"
+        elif switch is not None and not switch_enabled:
+            out[pk] = f"host {name}: its switch {switch} is disabled"
+    return out
+
+
 def _ended_holding() -> QuerySet[Segment]:
     """Failed or closed segments that still hold their VLAN (``network.services.segments_keeping_vlan`` and
     ``segments_holding_vlan``): a device one of their changes may have applied on may still carry it."""

@@ -199,25 +199,32 @@ def test_public_subnets_never_overlap_and_every_prefix_is_used(fabric, images, a
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("disabled", ["host", "switch"])
 def test_a_pending_node_on_a_host_disabled_since_is_neither_made_ready_nor_retried(
-    fabric, images, api, alice, errbacks_run
+    fabric, images, api, alice, errbacks_run, disabled
 ):
-    """n3's add failed on prague1 (PENDING); prague1 is then disabled for repair. An unrelated change of the
-    cluster that converges made n3 READY with it (a disabled host is never touched: n3 had no network), and n3
-    asked for again was a 202 that did the same: now n3 stays PENDING, and asking for it again is a 422 until the
-    host is enabled (then it converges)."""
+    """n3's add failed on prague1 (PENDING); prague1, or the switch in front of it, is then disabled for repair.
+    An unrelated change of the cluster that converges made n3 READY with it (a disabled device is never touched:
+    n3 had no network), and n3 asked for again was a 202 that did the same: now n3 stays PENDING, and asking for
+    it again is a 422 until the device is enabled (then it converges)."""
+    from network.models import Switch
+
     cid = _cluster(api, alice)
     _fail(fabric, "prague1")
     n3 = {"name": "n3", "host": "prague1", "mac": "52:54:00:00:00:33"}
     assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json").status_code == 202
-    Host.objects.filter(name="prague1").update(enabled=False, driver_args=fabric.args)
+    switch = Host.objects.get(name="prague1").switch_port.switch
+    device = Switch.objects.filter(pk=switch.pk) if disabled == "switch" else Host.objects.filter(name="prague1")
+    Host.objects.filter(name="prague1").update(driver_args=fabric.args)
+    device.update(enabled=False)
     n4 = {"name": "n4", "host": "brno2", "mac": "52:54:00:00:00:34"}
     assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n4]}, format="json").status_code == 202
     states = dict(Node.objects.filter(cluster_id=cid).values_list("name", "state"))
     assert (states["n3"], states["n4"]) == (NodeState.PENDING, NodeState.READY)
     r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json")
-    assert r.status_code == 422 and "prague1 is disabled" in str(r.data["nodes"])
-    Host.objects.filter(name="prague1").update(enabled=True)
+    refusal = "prague1 is disabled" if disabled == "host" else f"prague1: its switch {switch.name} is disabled"
+    assert r.status_code == 422 and refusal in str(r.data["nodes"]), r.data
+    device.update(enabled=True)
     assert api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n3]}, format="json").status_code == 202
     assert Node.objects.get(cluster_id=cid, name="n3").state == NodeState.READY
     assert VirtualCluster.objects.get(pk=cid).vlan_id in fabric.host_vlans("prague1")
