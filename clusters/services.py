@@ -180,15 +180,29 @@ def _check_nodes(nodes: list[NodeRequest], *, cluster: VirtualCluster | None = N
         if clash:
             raise ClusterError(f"node {clash[0]} already exists in this cluster", field="nodes")
     used = sorted(live.filter(mac__in=macs).values_list("mac", "cluster__state"))
-    if used:
-        mac, state = used[0]
-        if state == ClusterState.TEARING_DOWN:  # its nodes go with its teardown: a scheduler's retry gets it
-            raise Busy(f"MAC address {mac} is still used by a VM of a cluster being torn down: try again once it ends")
-        raise ClusterError(f"MAC address {mac} is already used by another VM", field="nodes")
+    for_good = [mac for mac, state in used if state != ClusterState.TEARING_DOWN]
+    if for_good:  # (before one whose cluster is being torn down: retrying would not help)
+        raise ClusterError(f"MAC address {for_good[0]} is already used by another VM", field="nodes")
+    if used:  # its nodes go with its teardown: a scheduler's retry gets it
+        mac = used[0][0]
+        raise Busy(f"MAC address {mac} is still used by a VM of a cluster being torn down: try again once it ends")
     unavailable = net_selectors.hosts_unavailable(n.host.pk for n in nodes)
     for n in nodes:
         if n.host.pk in unavailable:
             raise InvalidTopology(unavailable[n.host.pk], field="nodes")
+
+
+def _check_name_free(owner, name: str) -> None:
+    """A live cluster of ``owner`` named ``name`` refuses the name: for good (a conflict) while it runs, for now
+    (busy, with Retry-After) while it is torn down — the name is free once that ends, and a scheduler's job
+    requeued under its cluster's name gets it then."""
+    states = set(
+        VirtualCluster.objects.filter(owner=owner, name=name, state__in=LIVE_STATES).values_list("state", flat=True)
+    )
+    if states - {ClusterState.TEARING_DOWN}:
+        raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
+    if states:
+        raise Busy(f"{owner.get_username()}'s cluster named {name} is being torn down: try again once it ends")
 
 
 def _segment_error(exc: net_errors.NetworkError, *, field: str = "nodes") -> ClusterError:
@@ -327,8 +341,7 @@ def cluster_create(
             return existing, False
     _check_lifetime(expires_at)
     _check_nodes(nodes, bastion_address=bastion_address)
-    if VirtualCluster.objects.filter(owner=owner, name=name, state__in=LIVE_STATES).exists():
-        raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name")
+    _check_name_free(owner, name)
     if group is not None and not owner.groups.filter(pk=group.pk).exists():
         raise ClusterError(not_a_group_of_the_owner(group.name), field="group")
     _check_image(image, owner=owner)
@@ -364,6 +377,7 @@ def cluster_create(
         with transaction.atomic():
             cluster.save()
     except IntegrityError:
+        _check_name_free(owner, name)  # (a create of the same name committed meanwhile: the same refusal)
         raise Conflict(f"{owner.get_username()} already has a live cluster named {name}", field="name") from None
     if cluster.public_subnet:
         _lease_start(cluster)

@@ -678,6 +678,29 @@ def test_mac_in_use_by_another_cluster(fabric, images, api, alice, bob):
     r = api.post("/api/clusters/", body(name="other"), format="json")
     assert (r.status_code, r.data["code"]) == (409, "busy") and "being torn down" in r.data["detail"]
     assert r.has_header("Retry-After") and len(allocated_vids()) == 1
+    # … unless another MAC of the request is a running cluster's: retrying would not help (whichever sorts first)
+    api.force_authenticate(alice)
+    running = body(name="running", nodes=[("r1", "brno1", "52:54:00:00:00:09")])
+    assert api.post("/api/clusters/", running, format="json").status_code == 201
+    api.force_authenticate(bob)
+    both = body(name="other", nodes=[("m1", "brno1", "52:54:00:00:00:01"), ("m2", "pilsen1", "52:54:00:00:00:09")])
+    r = api.post("/api/clusters/", both, format="json")
+    assert r.status_code == 400 and "52:54:00:00:00:09 is already used" in str(r.data["nodes"]), r.data
+
+
+def test_a_name_held_by_a_cluster_being_torn_down_is_busy_not_a_conflict(fabric, images, api, alice):
+    """The name is free once the teardown ends: a job requeued under its cluster's name gets a 409 "busy" with
+    Retry-After (which schedulers retry), not the "conflict" that tells them to give up; a running cluster's name
+    is still a conflict."""
+    api.force_authenticate(alice)
+    assert api.post("/api/clusters/", body(), format="json").status_code == 201
+    again = body(nodes=[("n1", "brno1", "52:54:00:00:00:11")])
+    r = api.post("/api/clusters/", again, format="json")
+    assert (r.status_code, r.data["code"]) == (409, "conflict") and "already has a live cluster named c1" in str(r.data)
+    VirtualCluster.objects.update(state=ClusterState.TEARING_DOWN)
+    r = api.post("/api/clusters/", again, format="json")
+    assert (r.status_code, r.data["code"]) == (409, "busy") and "being torn down" in r.data["detail"], r.data
+    assert r.has_header("Retry-After") and VirtualCluster.objects.count() == 1
 
 
 def test_host_no_core_reaches_is_422(fabric, images, api, alice):
