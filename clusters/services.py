@@ -943,10 +943,17 @@ def _segment_hosts(cluster: VirtualCluster) -> list[Host]:
     return sorted(hosts.values(), key=lambda h: h.pk)
 
 
-def _reconverge(cluster: VirtualCluster, step_name: str, detail: str, *, field: str = "nodes") -> None:
-    """The cluster UPDATING, its network set to its nodes' hosts and converged; a network refusal names
-    ``field`` (the request's)."""
-    cluster = _transition(cluster, (ClusterState.READY,), ClusterState.UPDATING)
+def _reconverge(
+    cluster: VirtualCluster,
+    step_name: str,
+    detail: str,
+    *,
+    field: str = "nodes",
+    allowed: tuple[str, ...] = (ClusterState.READY,),
+) -> None:
+    """The cluster UPDATING (from one of ``allowed``; a new generation), its network set to its nodes' hosts and
+    converged; a network refusal names ``field`` (the request's)."""
+    cluster = _transition(cluster, allowed, ClusterState.UPDATING)
     try:
         net.segment_set_hosts(segment=cluster.segment, hosts=_segment_hosts(cluster))
     except net_errors.NetworkError as exc:
@@ -1524,16 +1531,19 @@ def cluster_update_failed(*, cluster_id: int, generation: int, steps, reason: st
     leaves the cluster's network (an update of its own). Whether it was still updating."""
     failed = list(steps.values_list("name", "detail"))
     steps.update(status=StepStatus.FAILED, error=reason[:2000], finished_at=timezone.now())
-    ready = cluster_mark_ready(cluster_id=cluster_id, generation=generation, nodes_ready=False)
     moving = [detail.split(":", 1)[0] for name, detail in failed if name == "migrate.prepare"]
-    if ready and moving:
-        cluster = VirtualCluster.objects.get(pk=cluster_id)
-        nodes = cluster.nodes.filter(name__in=moving, state=NodeState.MIGRATING).select_related("target_host")
-        given_up = ", ".join(f"{n.name} stays on its host, {n.target_host.name} is left" for n in nodes)
-        if given_up:
-            nodes.update(state=NodeState.READY, target_host=None)
-            _reconverge(cluster, "migrate.abort", given_up)
-    return ready
+    if moving:
+        with transaction.atomic():
+            cluster = VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster_id)
+            nodes = cluster.nodes.filter(name__in=moving, state=NodeState.MIGRATING).select_related("target_host")
+            given_up = ", ".join(f"{n.name} stays on its host, {n.target_host.name} is left" for n in nodes)
+            if cluster.state == ClusterState.UPDATING and cluster.workflow_generation == generation and given_up:
+                # straight into the update that leaves the target (never READY in between: a "ready" event the
+                # feed and webhooks carried, for a state nobody could see, told a scheduler to move the VM)
+                nodes.update(state=NodeState.READY, target_host=None)
+                _reconverge(cluster, "migrate.abort", given_up, allowed=(ClusterState.UPDATING,))
+                return True
+    return cluster_mark_ready(cluster_id=cluster_id, generation=generation, nodes_ready=False)
 
 
 def _queue_text(device) -> str:

@@ -94,14 +94,23 @@ def test_a_node_change_the_deadline_ended_that_converges_late_makes_its_nodes_re
 def test_a_migration_whose_preparation_failed_is_given_up(fabric, images, api, alice, errbacks_run):
     """The node stays where it runs (READY, no target: it may migrate again), and the target leaves the
     cluster's network: its site switch no longer carries the VLAN."""
+    from clusters.models import ClusterEvent
+
     cid = _cluster(api, alice)
     vid = VirtualCluster.objects.get(pk=cid).vlan_id
     _fail(fabric, "prague1")
     n2 = Node.objects.get(cluster_id=cid, name="n2")
+    before = ClusterEvent.objects.filter(cluster_id=cid).order_by("-id").values_list("id", flat=True).first()
     r = api.post(f"/api/clusters/{cid}/nodes/{n2.pk}/migrate/", {"target_host": "prague1"}, format="json")
     assert r.status_code == 202, r.content
     cluster = VirtualCluster.objects.get(pk=cid)
     assert cluster.state == ClusterState.READY
+    # the feed: updating until the target has left, then ready once — never a "ready" between the failed
+    # preparation and the abort (a scheduler moved the VM on it)
+    states = list(
+        ClusterEvent.objects.filter(cluster_id=cid, id__gt=before).order_by("id").values_list("state", flat=True)
+    )
+    assert states.count("ready") == 1 and states[-1] == "ready", states
     n2.refresh_from_db()
     assert (n2.state, n2.target_host_id, n2.host.name) == (NodeState.READY, None, "pilsen1")
     steps = dict(cluster.steps.values_list("name", "status"))
