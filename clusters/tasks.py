@@ -70,6 +70,12 @@ def failed(cluster_id: int, generation: int, reason: str) -> None:
     cluster = _cluster(cluster_id)
     if cluster is None:
         return
+    if net_selectors.segment_compensating(cluster.segment_id):
+        # a duplicate of the rollback's message (redelivered after the rollback was sent, or an errback Celery
+        # called twice) found it running elsewhere and handed on at once: that rollback's own chain ends the
+        # cluster once every device is tried, with what it kept (ended here, "ok" and no VLAN kept said)
+        logger.info("cluster %s: its network's rollback is still running; its own chain ends the cluster", cluster_id)
+        return
     kept = net_selectors.rollback_kept(cluster.segment_id)
     if kept:
         kept = f"rollback incomplete, {kept} (retried until every device is clean)"

@@ -315,6 +315,11 @@ def left_untouched(segment_id: int) -> tuple[str, int] | None:
 NOT_ROLLED_BACK = "; not rolled back (VLAN kept): "  # how a failed segment's error names what kept its VLAN
 
 
+def segment_compensating(segment_id: int | None) -> bool:
+    """Whether segment ``segment_id``'s rollback is running (claimed, its devices not all tried yet)."""
+    return segment_id is not None and Segment.objects.filter(pk=segment_id, state=Segment.State.COMPENSATING).exists()
+
+
 def rollback_kept(segment_id: int | None) -> str:
     """ "" when the rollback of segment ``segment_id`` gave its VLAN back (or there is none); otherwise what
     kept it, from the segment's error: "VLAN 203 kept: prague-h2: <its message>" (``retry_rollbacks``

@@ -268,3 +268,23 @@ def test_a_migrating_node_is_not_removed_and_an_expired_cluster_takes_no_change(
     r = api.post(f"/api/clusters/{cid}/nodes/", {"nodes": [n5]}, format="json")
     assert r.status_code == 409 and "has expired" in r.data["detail"]
     assert not Node.objects.filter(cluster_id=cid, name="n5").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_duplicate_rollback_message_leaves_the_cluster_to_the_rollback_that_runs(fabric, images, api, alice):
+    """A rollback's message redelivered after the rollback was sent (or an errback Celery called twice) finds it
+    running and hands on at once: its follow-up ended the cluster then — FAILED, compensate "ok", nothing said of
+    a VLAN the rollback would keep — and the real rollback's own follow-up found it ended. Now the follow-up
+    leaves a cluster whose rollback runs; the rollback's own ends it, with what it kept."""
+    from clusters import tasks
+    from network.models import Segment
+
+    cid = _cluster(api, alice)
+    cluster = VirtualCluster.objects.get(pk=cid)
+    Segment.objects.filter(pk=cluster.segment_id).update(state=Segment.State.COMPENSATING)
+    tasks.failed(cid, cluster.workflow_generation, "prague1: refused")
+    assert VirtualCluster.objects.get(pk=cid).state == ClusterState.READY
+    Segment.objects.filter(pk=cluster.segment_id).update(state=Segment.State.FAILED, error="x")
+    tasks.failed(cid, cluster.workflow_generation, "prague1: refused")
+    ended = VirtualCluster.objects.get(pk=cid)
+    assert ended.state == ClusterState.FAILED and ended.state_reason.startswith("prague1: refused; rollback incomplete")
