@@ -333,15 +333,21 @@ def _connect(config) -> ldap.ldapobject.LDAPObject:
 
 def _in_directory(conn, search, username: str) -> tuple[bool | None, str]:
     """Whether the user search finds ``username``, None when it cannot tell (only a referral to another server
-    came back: the entry may well be there); and the identity of the entry found (``entry_uuid``, "" if none).
-    Raises ``ldap.LDAPError`` (django-auth-ldap's own search takes an error for "no such user", which must never
-    deactivate anyone)."""
+    came back: the entry may well be there; or several entries answer to the name); and the identity of the
+    entry found (``entry_uuid``, "" if none). Raises ``ldap.LDAPError`` (django-auth-ldap's own search takes an
+    error for "no such user", which must never deactivate anyone)."""
     from django.conf import settings
 
     filterstr = search.filterstr % {"user": ldap.filter.escape_filter_chars(username)}
     attr = getattr(settings, "LDAP_USER_UUID_ATTR", "")
     entries = conn.search_s(search.base_dn, search.scope, filterstr, [attr] if attr else ["1.1"])
     found = [(dn, attrs) for dn, attrs in entries if dn]
+    if len(found) > 1:
+        # two entries answer to the name (a copy in another branch of the base): which one is the person, the
+        # login cannot tell either (it admits none) — it cannot tell, never a reason to retire the account as
+        # another entry's (the first one returned decided)
+        logger.warning("LDAP: the user search finds %d entries for %s (%s, …)", len(found), username, found[0][0])
+        return None, ""
     if found:
         return True, entry_uuid(ldap.cidict.cidict(found[0][1] or {}))
     return (None if entries else False), ""  # referrals come back without a DN
