@@ -81,9 +81,9 @@ class RequestIdMiddleware:
 
 
 def _incoming_request_id(request) -> str | None:
-    from django.conf import settings
+    from portal.logins import from_trusted_proxy
 
-    if not settings.BEHIND_TLS_PROXY:
+    if not from_trusted_proxy(request):  # (a client that reached the portal another way names what it likes)
         return None
     incoming = request.headers.get("X-Request-ID", "")
     return incoming if _REQUEST_ID_RE.fullmatch(incoming) else None

@@ -39,13 +39,19 @@ def client_address(request) -> str | None:
     if request is None:
         return None
     remote = request.META.get("REMOTE_ADDR") or None
-    if settings.BEHIND_TLS_PROXY and _from_trusted_proxy(remote):
+    if from_trusted_proxy(request):
         forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
         try:
             return str(ipaddress.ip_address(forwarded))
         except ValueError:
             return remote
     return remote
+
+
+def from_trusted_proxy(request) -> bool:
+    """Whether ``request`` came through the TLS proxy (``BEHIND_TLS_PROXY``, from ``TRUSTED_PROXIES``): only then
+    are the headers the proxy sets (``X-Forwarded-For``, ``X-Request-ID``) the proxy's, not the client's."""
+    return bool(settings.BEHIND_TLS_PROXY) and _from_trusted_proxy(request.META.get("REMOTE_ADDR") or None)
 
 
 def _from_trusted_proxy(remote: str | None) -> bool:

@@ -125,6 +125,23 @@ def test_a_client_names_no_request_without_the_tls_proxy(client, root, settings)
     assert entries_for(site).last().request_id == response["X-Request-ID"]
 
 
+def test_a_client_that_bypassed_the_tls_proxy_names_no_request(client, root, settings):
+    """Behind the proxy, but this request came from elsewhere (not TRUSTED_PROXIES: a client that reached the
+    portal's port directly): its X-Request-ID is its own, as its X-Forwarded-For is — the portal makes one."""
+    settings.BEHIND_TLS_PROXY = True
+    site = SiteFactory(name="brno")
+    client.force_login(root)
+    response = client.post(
+        reverse("admin:network_site_change", args=[site.pk]),
+        {"name": "brno", "description": "changed in admin"},
+        HTTP_X_REQUEST_ID="proxy-req-42",
+        REMOTE_ADDR="198.18.0.9",
+    )
+    assert response.status_code == 302
+    assert re.fullmatch(r"[0-9a-f]{32}", response["X-Request-ID"])
+    assert entries_for(site).last().request_id == response["X-Request-ID"]
+
+
 def test_actor_outside_any_request_or_block_is_system():
     site = SiteFactory(name="brno")
     entry = entries_for(site).get()
