@@ -132,6 +132,13 @@ def user_saved(sender, instance, created, raw=False, **kwargs) -> None:
         reason=RevocationReason.PRIVILEGE_WITHDRAWN,
         note=f"account {instance.get_username()} deactivated",
     )
+    # and its API tokens, for good: an account made active again (a name the directory gave to someone else, a
+    # helpdesk's reactivation) does not bring back what its former self left live (not its clusters' node tokens:
+    # the nodes', which end with their cluster)
+    from portal.tokens import token_revoke, tokens_live
+
+    for token in tokens_live(instance):
+        token_revoke(token=token)
 
 
 def gateway_deleted(sender, instance, **kwargs) -> None:

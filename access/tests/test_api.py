@@ -822,6 +822,12 @@ def test_a_node_token_outlives_its_owners_account(alice, bob, root, team, cluste
     assert "alice" not in access.data["authorized_principals"] and "bob" in access.data["authorized_principals"]
     assert _host_cert_post(node, cluster, "node1", _host_key("ed25519")).status_code == 201
     assert client_for(token=own).get("/api/clusters/").status_code == 401
+    # the account made active again does not bring back its own tokens: revoked with the deactivation
+    alice.is_active = True
+    alice.save()
+    assert client_for(token=own).get("/api/clusters/").status_code == 401
+    alice.is_active = False
+    alice.save()
     made = client_for(token=manager).post(f"/api/clusters/{cluster.pk}/node-token/", format="json")
     assert made.status_code == 201, made.content
     assert _host_access_get(client_for(token=made.data["token"]), cluster, "node1").status_code == 200
