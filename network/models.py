@@ -418,21 +418,23 @@ class SwitchPort(InventoryModel):
             static = set(vlanranges.parse_static(self.static_vlans, what=f"port {label}: static VLANs"))
         except ValidationError as exc:
             raise ValidationError({"static_vlans": exc.messages}) from None
-        if static and self.switch_id:
-            kept = static & PLATFORM_RESERVED.get(self.switch.platform, frozenset())
+        # its switch: also one not saved yet (the admin's "add switch" page checks its ports before it saves it)
+        switch = self.switch if self.switch_id or SwitchPort.switch.is_cached(self) else None
+        if static and switch is not None:
+            kept = static & PLATFORM_RESERVED.get(switch.platform, frozenset())
             if kept:  # every converge of the switch would refuse the port's list (the platform keeps these ids)
                 raise ValidationError(
                     {
                         "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(kept)} is reserved on "
-                        f"{self.switch.platform}: a port cannot carry it"
+                        f"{switch.platform}: a port cannot carry it"
                     }
                 )
             # a cluster given one of these ids would share the VLAN with the host's own network on this port
-            for pool, clash in pools_handing_out(static, self.switch.site_id)[:1]:
+            for pool, clash in pools_handing_out(static, switch.site_id)[:1] if switch.site_id else ():
                 raise ValidationError(
                     {
                         "static_vlans": f"port {label}: static VLAN {vlanranges.format_ranges(clash)} is handed "
-                        f"out by pool {pool.name} (core {pool.core.name}) at site {self.switch.site.name}: "
+                        f"out by pool {pool.name} (core {pool.core.name}) at site {switch.site.name}: "
                         "reserve it in the pool, or pick another id"
                     }
                 )

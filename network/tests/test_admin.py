@@ -442,3 +442,30 @@ def test_a_core_keeps_the_sites_of_its_uplinks(admin_client):
     page = admin_client.post(url, core_form(core, sites=[brno.pk]))
     assert page.status_code == 200 and "core uplink pilsen-sw:up" in page.content.decode()
     assert core.sites.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("platform", "static", "refusal"),
+    [
+        ("ovs", "150", "static VLAN 150 is handed out by pool clusters"),
+        ("ios", "1002", "static VLAN 1002 is reserved on ios"),
+    ],
+)
+def test_a_new_switchs_inline_ports_get_their_static_vlans_checked(admin_client, platform, static, refusal):
+    """The add page validates the ports before it saves the switch: a port's check of its static VLANs ran only
+    for a saved switch, so a new switch's port carried an id a pool hands out (a cluster given it would share the
+    hypervisor's own network there), or one its platform reserves (every converge refused) — refused on every
+    other way in."""
+    from network.tests.factories import CoreTransportFactory, SiteFactory, VlanPoolFactory
+
+    brno = SiteFactory(name="brno")
+    VlanPoolFactory(name="clusters", core=CoreTransportFactory(name="backbone", sites=[brno]), ranges="100-199")
+    new = switch_form(Switch(name="brno-new", site=brno, platform=platform, address="lab", description=""))
+    new.update({"ports-TOTAL_FORMS": "1", "ports-0-name": "h1", "ports-0-role": "host_trunk"})
+    new.update({"ports-0-static_vlans": static, "ports-0-description": ""})
+    page = admin_client.post(reverse("admin:network_switch_add"), new)
+    assert page.status_code == 200 and refusal in page.content.decode(), page.content.decode()[-3000:]
+    assert not Switch.objects.filter(name="brno-new").exists()
+    new["ports-0-static_vlans"] = "10"
+    assert admin_client.post(reverse("admin:network_switch_add"), new).status_code == 302
+    assert SwitchPort.objects.get(switch__name="brno-new").static_vlans == "10"
