@@ -700,6 +700,8 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                     actual = {"": session.vlans()}
                 report.drifts = _record_drift(kind, device, list(_compare(expected, actual)))
                 if report.drifts and repair:
+                    _refresh_enabled([(kind, device)])  # (disabled meanwhile: never touched, the drift stays open)
+                if report.drifts and repair and device.enabled:
                     summary = "; ".join(str(d) for d in report.drifts)
                     # who asked, unless the periodic reconciler did: an admin's "reconcile now", manage.py
                     who = audit.current().actor

@@ -490,3 +490,25 @@ def test_a_port_that_is_down_is_no_missing_vlan(fabric, active, settings, monkey
     assert report.error == ""
     found = [(d.port, d.kind) for d in report.drifts]
     assert found == ([] if down else [("h1", "missing")])
+
+
+def test_a_device_disabled_during_the_reconcilers_pass_is_not_repaired(fabric, active, monkeypatch):
+    """The pass read the device and found drift; meanwhile an operator disabled it for maintenance: the repair
+    committed to it all the same (the pass asked whether it was enabled once, when it began). A disabled device is
+    never touched: the drift is recorded and stays open."""
+    from network import convergence
+
+    v = active.vid
+    fabric.poke_switch("sw-brno", "uplink", [])  # VLAN removed by hand
+    record = convergence._record_drift
+
+    def disabled_meanwhile(kind, device, found):
+        Switch.objects.filter(pk=device.pk).update(enabled=False)
+        return record(kind, device, found)
+
+    monkeypatch.setattr(convergence, "_record_drift", disabled_meanwhile)
+    report = convergence.reconcile_device("switch", Switch.objects.get(name="sw-brno"), repair=True)
+    assert [(d.port, d.kind) for d in report.drifts] == [("uplink", "missing")] and not report.repaired
+    assert fabric.switch_ports("sw-brno")["uplink"] == frozenset() and v not in fabric.switch_ports("sw-brno")["uplink"]
+    assert not DeviceChange.objects.filter(device="sw-brno", cause__startswith="reconcile", status="ok").exists()
+    assert Drift.objects.get(device="sw-brno").repaired_at is None
