@@ -37,7 +37,31 @@ LDAP_UNAVAILABLE_MESSAGE = (
     "Please try again in a few minutes; if it persists, contact the operators."
 )
 
-_GROUP_TYPES = {"posix": PosixGroupType, "groupofnames": GroupOfNamesType}
+#: the longest group name a portal group takes (django.contrib.auth's Group.name)
+GROUP_NAME_MAX = 150
+
+
+class _Mirrorable:
+    """A group type whose groups with a name longer than a portal group's are left out (logged): mirrored, the
+    database refused the name and every login of the group's members was a 500."""
+
+    def group_name_from_info(self, group_info):
+        name = super().group_name_from_info(group_info)
+        if name is not None and len(name) > GROUP_NAME_MAX:
+            logger.warning("LDAP: group %s… has a name longer than %d characters: left out", name[:40], GROUP_NAME_MAX)
+            return None
+        return name
+
+
+class _PosixGroupType(_Mirrorable, PosixGroupType):
+    pass
+
+
+class _GroupOfNamesType(_Mirrorable, GroupOfNamesType):
+    pass
+
+
+_GROUP_TYPES = {"posix": _PosixGroupType, "groupofnames": _GroupOfNamesType}
 
 
 class ActiveLDAPBackend(LDAPBackend):

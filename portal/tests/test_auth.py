@@ -443,6 +443,20 @@ def test_the_entry_a_server_returns_first_does_not_decide_a_name_two_entries_ans
     assert _in_directory(Conn(), Search, "bob") == (None, "")
 
 
+def test_a_group_name_longer_than_a_portal_groups_is_left_out_not_a_failed_login(client, own_directory):
+    """A directory group whose cn is longer than a portal group's name (150): mirrored, the database refused it
+    and every login of its members was a 500. It is left out; the member's other groups are theirs as ever."""
+    long = "g" * 151
+    own_directory.modify(
+        f"dn: {own_directory.group_dn(long)}\nchangetype: add\nobjectClass: posixGroup\ncn: {long}\n"
+        "gidNumber: 29999\nmemberUid: bob\n"
+    )
+    assert log_in(client, "bob", own_directory.passwords["bob"]).status_code == 302
+    bob = User.objects.get(username="bob")
+    names = set(bob.groups.values_list("name", flat=True))
+    assert names and long not in names and all(len(name) <= 150 for name in names)
+
+
 def test_one_account_the_sync_cannot_update_fails_alone_and_the_run_still_deactivates(client, own_directory):
     """An account of the directory that cannot be brought up to date (here: a local account named "Bob" beside
     the directory's "bob", which django-auth-ldap looked up in any case — MultipleObjectsReturned; a name longer
