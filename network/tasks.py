@@ -462,9 +462,10 @@ def reconcile_devices(
 def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, timeout: float, blank: dict) -> list[dict]:
     """Run ``task(kind, device id, *args)`` (a task that returns a dict with ``"error"``) for each device on
     the worker that reaches it (``device.queue``), all at once, and collect the answers in order as
-    ``{"device": name, **answer}``; a device of the central worker's runs here. A device whose worker cannot
-    be asked (the broker is down), does not answer within ``timeout`` s (for them all) or whose task failed
-    is a row of ``blank`` with the reason in ``"error"``, never a failure of the whole run."""
+    ``{"device": name, **answer}``; the central worker's devices run here, side by side (``_run_here``). A
+    device whose worker cannot be asked (the broker is down), does not answer within ``timeout`` s (for them
+    all) or whose task failed is a row of ``blank`` with the reason in ``"error"``, never a failure of the whole
+    run."""
     from celery.exceptions import TimeoutError as ResultTimeout
 
     sent = {}
@@ -475,15 +476,14 @@ def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, time
             except Exception as exc:  # the broker is unreachable: that device's row says so
                 sent[device.pk] = f"could not ask queue {device.queue}: {type(exc).__name__}: {exc}"
     deadline = time.monotonic() + timeout
+    here = _run_here(task, kind, [device for device in devices if not device.queue], *args)
     rows = []
     for device in devices:
         error = ""
         if not device.queue:
-            try:
-                row = task(str(kind), device.pk, *args)
-            except Exception as exc:  # e.g. driver arguments its driver cannot use: that device's row says so
-                logger.exception("%s of %s %s failed", task.name, kind, device.name)
-                error = f"{type(exc).__name__}: {exc}"
+            row = here[device.pk]
+            if isinstance(row, str):
+                error = row
         elif isinstance(sent[device.pk], str):
             error = sent[device.pk]
         else:
@@ -495,6 +495,34 @@ def on_device_workers(task, kind: str, devices: list[Switch | Host], *args, time
                 error = f"{type(exc).__name__}: {exc}"
         rows.append({**blank, **({"error": error} if error else row), "device": device.name})
     return rows
+
+
+def _run_here(task, kind: str, devices: list[Switch | Host], *args) -> dict[int, dict | str]:
+    """``task(kind, device id, *args)`` in this process for each of ``devices`` (the central worker's), side by
+    side on up to ``DEVICE_SESSION_THREADS`` threads — one after another, twenty switches' sessions took minutes
+    and the admin's page timed out at the proxy; by id: its answer, or why it failed. One at a time within a
+    transaction (a thread's connection would not see its rows) or on SQLite."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection, connections
+
+    def one(device, threaded: bool) -> dict | str:
+        try:
+            return task(str(kind), device.pk, *args)
+        except Exception as exc:  # e.g. driver arguments its driver cannot use: that device's row says so
+            logger.exception("%s of %s %s failed", task.name, kind, device.name)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            if threaded:
+                connections.close_all()  # (this thread's)
+
+    if len(devices) < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
+        return {device.pk: one(device, False) for device in devices}
+    with ThreadPoolExecutor(max_workers=min(len(devices), settings.DEVICE_SESSION_THREADS)) as pool:
+        # each with a copy of this context: who asked (the audit's actor) goes along
+        futures = {d.pk: pool.submit(contextvars.copy_context().run, one, d, True) for d in devices}
+        return {pk: future.result() for pk, future in futures.items()}
 
 
 def reconcile_later(

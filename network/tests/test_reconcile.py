@@ -512,3 +512,30 @@ def test_a_device_disabled_during_the_reconcilers_pass_is_not_repaired(fabric, a
     assert fabric.switch_ports("sw-brno")["uplink"] == frozenset() and v not in fabric.switch_ports("sw-brno")["uplink"]
     assert not DeviceChange.objects.filter(device="sw-brno", cause__startswith="reconcile", status="ok").exists()
     assert Drift.objects.get(device="sw-brno").repaired_at is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_central_workers_devices_are_planned_side_by_side(fabric, monkeypatch):
+    """A plan (the admin's action, ``manage.py network plan``) of the central worker's devices ran them one after
+    another in the caller: twenty switches' sessions took minutes and the admin's page timed out at the proxy.
+    They run side by side now (each waits here until all have started: one after another, none would), in order,
+    each on a connection of its own, who asked going along."""
+    from network import convergence, tasks
+    from portal.audit import audit_actor, current
+
+    switches = list(Switch.objects.order_by("name"))
+    assert len(switches) > 1 and not any(s.queue for s in switches)
+    started = threading.Barrier(len(switches), timeout=20)
+    real = convergence.plan
+    actors = []
+
+    def plan(kind, device):
+        started.wait()
+        actors.append(current().actor)
+        return real(kind, device)
+
+    monkeypatch.setattr(convergence, "plan", plan)
+    with audit_actor("admin-plan"):
+        rows = tasks.plan_devices("switch", switches)
+    assert [(row["device"], row["error"]) for row in rows] == [(s.name, "") for s in switches]
+    assert actors == ["admin-plan"] * len(switches)
