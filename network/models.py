@@ -668,7 +668,9 @@ class VlanPool(InventoryModel):
                         f"on core {core.name}"
                     )
             sites = core.sites.all()
-            usable = ids - reserved
+            # what it hands out and what it still holds (``claimed_ids``, with the ranges and reserved ids as
+            # given): an id a live cluster holds stays on the switches until it is released, reserved or not
+            usable = (ids - reserved) | self.held_ids()
             problems = (
                 self.shared_site_overlaps(sites, ids)
                 + self.platform_clashes(sites, usable)

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool
+from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanAllocation, VlanPool
 from network.tests.factories import HostFactory, SwitchFactory
 from network.topology import TopologyError, dump_topology, load_topology, topology_export, topology_import
 from portal.models import AuditEntry
@@ -566,6 +566,31 @@ def test_a_switch_that_keeps_ids_for_itself_and_the_pool_reserving_them_come_in_
         "switches[0].platform (line 4): switch brno-nx2: pool old hands out ids 4000-4010, which are reserved on "
         "nxos: add them to the pool's reserved ids first"
     ]
+
+
+def test_a_file_reserving_ids_a_live_cluster_holds_for_a_switch_that_keeps_them_is_refused():
+    """The file adds a switch that keeps 3968-4094 for itself and reserves those ids in its pool in the same
+    change, but a live cluster still holds 3970: it stays on the switches until released, and every converge of
+    the new switch would refuse it. Refused, as the admin refuses such a switch; once released, it comes in."""
+    from datetime import timedelta
+
+    from network import services
+
+    import_text(NEXUS.replace("platform: nxos", "platform: ovs").replace(', reserved: "3968-3999"', ""))
+    pool = VlanPool.objects.get()
+    services.vlan_pool_sync(pool=pool)
+    held = pool.allocations.get(vid=3970)
+    pool.allocations.filter(pk=held.pk).update(state="allocated", owner="cluster:9")
+    with pytest.raises(TopologyError) as info:
+        import_text(NEXUS.replace("brno-nx, site", "brno-nx2, site"))
+    assert any("ids 3970 are reserved on nxos" in problem for problem in info.value.problems), info.value.problems
+    assert not Switch.objects.filter(name="brno-nx2").exists()
+    held.refresh_from_db()
+    services.vlan_release(allocation=held)
+    past = held.quarantine_until - timedelta(days=1)  # (its hold-down over)
+    VlanAllocation.objects.filter(pk=held.pk).update(quarantine_until=past)
+    import_text(NEXUS.replace("brno-nx, site", "brno-nx2, site"))
+    assert Switch.objects.filter(name="brno-nx2").exists()
 
 
 TWO_CORES = """
