@@ -221,6 +221,16 @@ def ldap_settings(*, debug: bool = True) -> dict:
         raise ImproperlyConfigured(f"LDAP_USER_UUID_ATTR={uuid_attr!r} must be an attribute name, or empty")
     # an operational attribute (entryUUID) is only returned when asked for by name
     attrlist = ["*", uuid_attr] if uuid_attr else None
+    user_filter = env_str("LDAP_USER_FILTER", "(uid=%(user)s)") or ""
+    try:  # the name goes in as %(user)s: without it the filter finds everyone (every login and sync the first one)
+        filled = user_filter % {"user": "x"}
+    except (KeyError, ValueError, TypeError):
+        filled = ""
+    if "%(user)s" not in user_filter or filled.count("(") != filled.count(")") or not filled.startswith("("):
+        raise ImproperlyConfigured(
+            f"LDAP_USER_FILTER={user_filter!r} must be an LDAP filter that names the user as %(user)s, "
+            "e.g. (uid=%(user)s)"
+        )
     flags = {}
     staff, superuser = env_str("LDAP_STAFF_GROUP"), env_str("LDAP_SUPERUSER_GROUP")
     if superuser:
@@ -235,9 +245,7 @@ def ldap_settings(*, debug: bool = True) -> dict:
         "AUTH_LDAP_BIND_DN": env_str("LDAP_BIND_DN", ""),
         "AUTH_LDAP_BIND_PASSWORD": env_str("LDAP_BIND_PASSWORD", ""),
         "AUTH_LDAP_START_TLS": start_tls,
-        "AUTH_LDAP_USER_SEARCH": LDAPSearch(
-            user_base, ldap.SCOPE_SUBTREE, env_str("LDAP_USER_FILTER", "(uid=%(user)s)"), attrlist=attrlist
-        ),
+        "AUTH_LDAP_USER_SEARCH": LDAPSearch(user_base, ldap.SCOPE_SUBTREE, user_filter, attrlist=attrlist),
         "AUTH_LDAP_USER_ATTRLIST": attrlist,
         "LDAP_USER_UUID_ATTR": uuid_attr,
         "AUTH_LDAP_USER_ATTR_MAP": {"first_name": "givenName", "last_name": "sn", "email": "mail"},

@@ -175,6 +175,11 @@ def test_ldap_needs_its_bases_and_a_known_group_type(tmp_path):
     assert "LDAP_USER_BASE must be set" in refused(tmp_path, **base)
     base.update(LDAP_USER_BASE="ou=people,dc=x", LDAP_GROUP_BASE="ou=groups,dc=x")
     assert "LDAP_GROUP_TYPE='ad' must be one of: posix, groupofnames" in refused(tmp_path, **base, LDAP_GROUP_TYPE="ad")
+    # a filter that does not name the user finds everyone: every login and every sync took the first entry
+    for bad in ("(uid=%s)", "(objectClass=person)", "uid=%(user)s", "(uid=%(user)s", "(uid=%(nobody)s)"):
+        assert "must be an LDAP filter that names the user as %(user)s" in refused(
+            tmp_path, **base, LDAP_USER_FILTER=bad
+        ), bad
 
 
 def test_ldap_from_the_environment(tmp_path):
