@@ -895,11 +895,12 @@ def cluster_mark_ready(*, cluster_id: int, generation: int, step: str = "", node
 
 def _pending_converged(cluster_id: int) -> QuerySet[Node]:
     """The PENDING nodes of a cluster whose node change converged: those on an enabled host behind an enabled
-    switch (``Host.unavailable``). A disabled device is never touched by convergence — a node left PENDING there
-    by a failed add has no network yet, however well a later change of the cluster went (it was made READY with
-    it)."""
-    reachable = Q(host__switch_port__isnull=True) | Q(host__switch_port__switch__enabled=True)
-    return Node.objects.filter(reachable, cluster_id=cluster_id, state=NodeState.PENDING, host__enabled=True)
+    switch (``network.selectors.hosts_unavailable``). A disabled device is never touched by convergence — a node
+    left PENDING there by a failed add has no network yet, however well a later change of the cluster went (it was
+    made READY with it)."""
+    return Node.objects.filter(
+        cluster_id=cluster_id, state=NodeState.PENDING, host__enabled=True, host__switch_port__switch__enabled=True
+    )
 
 
 def _locked(cluster: VirtualCluster) -> VirtualCluster:
@@ -1062,7 +1063,7 @@ def node_migrate_prepare(*, cluster: VirtualCluster, node: Node, target: Host) -
         raise Conflict(f"node {node.name} is {node.get_state_display()}; only a ready node can migrate")
     if target.pk == node.host_id:
         raise ClusterError(f"node {node.name} already runs on {target.name}", field="target_host")
-    why = target.unavailable()
+    why = net_selectors.hosts_unavailable([target.pk]).get(target.pk)
     if why:
         raise InvalidTopology(why, field="target_host")
     node.target_host = target

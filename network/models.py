@@ -529,12 +529,6 @@ class Host(InventoryModel, Reconciled):
         """The Celery queue its device tasks go to ("": the central worker's)."""
         return self.agent_queue or self.site.worker_queue
 
-    def unavailable(self) -> str | None:
-        """Why the network cannot be brought to this host now, or None (``selectors.hosts_unavailable``)."""
-        from network.selectors import hosts_unavailable
-
-        return hosts_unavailable([self.pk]).get(self.pk)
-
     def _check_member_stays(self) -> None:
         """A host that live segments span keeps its site and its switch port: moved, its clusters' VLANs would
         reach it through another switch (one their core may not join: the cluster split in two) and stay on the

@@ -524,13 +524,16 @@ def hosts_unavailable(host_ids: Iterable[int]) -> dict[int, str]:
     rows = Host.objects.filter(pk__in=set(host_ids)).values_list(
         "pk", "name", "enabled", "switch_port__switch__name", "switch_port__switch__enabled"
     )
-    out = {}
-    for pk, name, enabled, switch, switch_enabled in rows:
-        if not enabled:
-            out[pk] = f"host {name} is disabled"
-        elif switch is not None and not switch_enabled:
-            out[pk] = f"host {name}: its switch {switch} is disabled"
-    return out
+    return {pk: why for pk, *row in rows if (why := host_unavailable_why(*row))}
+
+
+def host_unavailable_why(name: str, enabled: bool, switch: str, switch_enabled: bool) -> str | None:
+    """Why the network cannot be brought to host ``name`` (enabled or not, behind ``switch``), or None."""
+    if not enabled:
+        return f"host {name} is disabled"
+    if not switch_enabled:
+        return f"host {name}: its switch {switch} is disabled"
+    return None
 
 
 def _ended_holding() -> QuerySet[Segment]:

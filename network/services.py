@@ -316,11 +316,9 @@ def _checked_hosts(hosts: Iterable[Host], *, members: Iterable[int] = ()) -> lis
     already = set(members)
     checked = []
     for pk, name, enabled, site_id, switch, switch_enabled in rows:
-        if pk not in already:
-            if not enabled:
-                raise HostUnavailable(f"host {name} is disabled")
-            if not switch_enabled:
-                raise HostUnavailable(f"host {name}: its switch {switch} is disabled")
+        why = None if pk in already else selectors.host_unavailable_why(name, enabled, switch, switch_enabled)
+        if why:
+            raise HostUnavailable(why)
         checked.append(_Member(pk, site_id))
     return checked
 
