@@ -55,6 +55,7 @@ from access.errors import (
     NotAllowed,
     NotFound,
 )
+from access.gateway.state import certificate_digest
 from access.models import (
     LABEL_MAX,
     USER_KINDS,
@@ -1176,7 +1177,7 @@ def node_access_current(
 
     ``host_key``: the node's host public key. When the certificate recorded for it ends before the cluster now
     ends (its lifetime was extended since), a new one is issued and answered (:func:`_host_certificate_renew`);
-    ``has_certificate``: the ``ssh.certificate_digest`` of the certificate the node has, and when that is not the
+    ``has_certificate``: the ``certificate_digest`` of the certificate the node has, and when that is not the
     newest recorded for the key there, the newest is answered again (an answer that carried it was lost)."""
     found, label, chosen = _owned_live_node(
         user=user,
@@ -1229,9 +1230,8 @@ def _host_certificate_renew(
         rows = rows.for_cluster(cluster.pk).order_by("-not_after", "-pk")
         return next((c for c in rows if (c.principals or [""])[0] == alias), None)
 
-    def newest_if_not_had() -> tuple[Credential, str] | None:
-        newest = recorded()
-        if newest is None or not has or not newest.certificate or ssh.certificate_digest(newest.certificate) == has:
+    def unless_had(newest: Credential) -> tuple[Credential, str] | None:
+        if not has or not newest.certificate or certificate_digest(newest.certificate) == has:
             return None  # (one recorded before certificates were kept was answered when issued)
         return newest, newest.certificate
 
@@ -1239,7 +1239,7 @@ def _host_certificate_renew(
     if stored is None:
         return None
     if _host_certificate_due(stored, cluster) is None:
-        return newest_if_not_had()  # (the usual answer, without a lock)
+        return unless_had(stored)  # (the usual answer, without a lock)
     with transaction.atomic():
         locked = VirtualCluster.objects.select_for_update(no_key=True).get(pk=cluster.pk)
         stored = recorded()
@@ -1248,7 +1248,7 @@ def _host_certificate_renew(
         now = _now()
         end = _host_certificate_due(stored, locked, now=now)
         if end is None:  # another request renewed it meanwhile
-            return newest_if_not_had()
+            return unless_had(stored)
         return _host_certificate_record(
             user=user,
             cluster=locked,

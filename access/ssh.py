@@ -302,12 +302,6 @@ def host_key_id(first_principal: str, serial: int) -> str:
     return f"virtcloud-host:{first_principal}:serial={serial}"
 
 
-def certificate_digest(line: str) -> str:
-    """SHA-256 (hex) of a certificate line's type and base64 body (not its comment): how a node says which host
-    certificate it has (``clusters/client.py host-access`` computes it alike)."""
-    return hashlib.sha256(" ".join(line.split()[:2]).encode()).hexdigest()
-
-
 def load_cert(line: str) -> serialization.SSHCertificate:
     return serialization.load_ssh_public_identity(line.strip().encode())
 

@@ -94,7 +94,7 @@ from pathlib import Path
 from typing import TextIO
 
 from access.gateway import outgoing  # stdlib only: the no-redirect opener, where a token may go
-from access.gateway.state import write_all_atomic  # stdlib only: files replaced whole, as a set
+from access.gateway.state import certificate_digest, write_all_atomic  # stdlib only (files replaced as a set)
 
 EX_TEMPFAIL = 75
 LIVE = ("requested", "provisioning", "ready", "updating", "tearing_down")
@@ -514,7 +514,7 @@ def _node_access(
             have = ""
         # which certificate it has (none: the digest of nothing): the newest is sent again when an answer that
         # carried it was lost
-        query["certificate_sha256"] = hashlib.sha256(" ".join(have.split()[:2]).encode()).hexdigest()
+        query["certificate_sha256"] = certificate_digest(have)
     answer = api.call("GET", "/api/access/host-certificates/access/", **query)
     node_user = str(answer["node_user"])
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", node_user):

@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import errno
 import grp
+import hashlib
 import ipaddress
 import json
 import os
@@ -481,6 +482,12 @@ def bastion_address_problem(address: str) -> str | None:
     if ip == net.network_address or (ip.version == 4 and ip == net.broadcast_address):
         return f"{ip} is not a host address of {net}"
     return None
+
+
+def certificate_digest(line: str) -> str:
+    """SHA-256 (hex) of a certificate line's type and base64 body (not its comment; of nothing for ""): how a node
+    says which host certificate it has (``clusters/client.py host-access``; the portal compares)."""
+    return hashlib.sha256(" ".join(line.split()[:2]).encode()).hexdigest()
 
 
 def leg_unusable(bastion_address: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -675,9 +675,7 @@ def test_a_node_whose_answer_was_lost_gets_its_newest_host_certificate_again(ali
     it expired before the cluster. The node says which certificate it has (certificate_sha256): one that is not
     the newest for its key there gets the newest again, the same one (nothing new issued); so does a node whose
     POST answer was lost (it has none). Without the digest, or with the newest's, nothing is sent."""
-    import hashlib
-
-    from access import ssh
+    from access.gateway.state import certificate_digest
     from clusters import services as cluster_services
 
     key = _host_key()
@@ -692,18 +690,18 @@ def test_a_node_whose_answer_was_lost_gets_its_newest_host_certificate_again(ali
         assert response.status_code == 200, response.content
         return response.json()["host_certificate"]
 
-    nothing = hashlib.sha256(b"").hexdigest()
-    assert access(ssh.certificate_digest(first["certificate"])) is None  # it has the newest
+    nothing = certificate_digest("")
+    assert access(certificate_digest(first["certificate"])) is None  # it has the newest
     again = access(nothing)  # the POST's answer was lost: it has none
     assert again["serial"] == first["serial"] and again["certificate"] == first["certificate"]
 
     cluster = cluster_services.cluster_extend(cluster=cluster, expires_at=cluster.expires_at + dt.timedelta(days=2))
-    renewed = access(ssh.certificate_digest(first["certificate"]))  # issued; this answer is lost
+    renewed = access(certificate_digest(first["certificate"]))  # issued; this answer is lost
     assert renewed["serial"] != first["serial"]
     assert access(None) is None  # (without the digest: as before)
-    resent = access(ssh.certificate_digest(first["certificate"]))
+    resent = access(certificate_digest(first["certificate"]))
     assert (resent["serial"], resent["certificate"]) == (renewed["serial"], renewed["certificate"])
-    assert access(ssh.certificate_digest(renewed["certificate"])) is None
+    assert access(certificate_digest(renewed["certificate"])) is None
     assert Credential.objects.filter(kind="ssh_host").count() == 2
     response = api.get(
         "/api/access/host-certificates/access/",
