@@ -157,13 +157,14 @@ class OvsHostSession:
             lines.append(f"keep {vid}: in use by {', '.join(sorted(names))}")
         changed = carried is None or target != before
         untagged = {UNTAGGED} if self._passes_untagged(uplink) else set()
-        if changed and native is not None:
-            commands = [["set", "Port", self.uplink, f"trunks={trunks_value(target)}"]]  # (mode and tag as they are)
-        elif changed:
-            commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks_value(target | untagged)}"]]
-            if as_set(uplink["tag"]):
-                commands.append(["clear", "Port", self.uplink, "tag"])
         if changed:
+            if native is not None:  # (its mode and native VLAN as they are)
+                commands = [["set", "Port", self.uplink, f"trunks={trunks_value(target)}"]]
+            else:
+                trunks = trunks_value(target | untagged)
+                commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks}"]]
+                if as_set(uplink["tag"]):
+                    commands.append(["clear", "Port", self.uplink, "tag"])
             # verify from the transaction's own result: the uplink row as OVSDB committed it (a transaction is
             # atomic, so this is what the device holds; with ``wait`` also what ovs-vswitchd applied)
             commands.append(["--columns=vlan_mode,tag,trunks", "list", "Port", self.uplink])
