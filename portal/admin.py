@@ -244,12 +244,13 @@ class DirectoryAccountAdmin(MadeByThePortal, admin.ModelAdmin):
 @admin.register(LoginFailure)
 class LoginFailureAdmin(admin.ModelAdmin):
     """Recent failed logins per account and address; deleting an account's rows lets it log in again at once (a
-    user who mistyped their password too often and called the helpdesk)."""
+    user who mistyped their password too often and called the helpdesk), deleting a client's lets that client
+    (an office's NAT, refused for spraying) in again."""
 
-    list_display = ["username", "address", "at"]
-    search_fields = ["username", "address"]
+    list_display = ["username", "address", "client", "at"]
+    search_fields = ["username", "address", "client"]
     date_hierarchy = "at"
-    readonly_fields = ["username", "address", "at"]
+    readonly_fields = ["username", "address", "client", "at"]
 
     def has_add_permission(self, request) -> bool:
         return False

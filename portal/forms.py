@@ -10,12 +10,12 @@ from portal.auth import LDAP_UNAVAILABLE_MESSAGE
 class LoginForm(AuthenticationForm):
     """Says "directory unreachable" when that, not the password, is why a login failed; and refuses an account
     with too many recent failed logins from this client's address, or from all addresses together, without
-    asking the directory (``portal.logins``)."""
+    asking the directory, unless this browser signed in to it before (``portal.logins``)."""
 
     def clean(self):
         name = logins.account_key(self.cleaned_data.get("username"))
         address = logins.client_address(self.request)
-        refused = logins.refused_for(name, address)
+        refused = logins.refused_for(name, address, known=logins.known_browser(self.request, name))
         if refused:
             raise forms.ValidationError(refused, code="throttled")
         try:
@@ -29,6 +29,7 @@ class LoginForm(AuthenticationForm):
             raise
         if self.get_user() is not None:  # (None: a field is missing, and says so)
             logins.login_succeeded(name, address)
+            logins.remember_browser(self.request, name)
             logins.login_audit(self.get_user(), self.request, "password")
         return cleaned
 

@@ -4,9 +4,14 @@
 account's logins from that address until the oldest leaves the window: whoever types a wrong password at
 the break-glass superuser cannot lock the administrators out from their own machines. Guessing from many
 addresses is held by a ceiling across all of them, ``LOGIN_FAILURES_ACCOUNT_MAX`` (10 × the per-address
-limit by default), which refuses the account's logins from everywhere. A success clears the failures from
-its own address only: the ones from elsewhere still count towards the ceiling. A soft limit: logins racing
-each other may each be counted after the check.
+limit by default), which refuses the account's logins from everywhere — but from the browsers its owner
+signed in with before (a signed cookie, ``LOGIN_KNOWN_BROWSER_DAYS``, the "device cookie" of OWASP's
+authentication cheat sheet): a guesser with many addresses (an IPv6 /48 is 65536 clients) cannot lock the
+owner out of their own browser. Password spraying — a few guesses at each of many names — is held by
+``LOGIN_FAILURES_CLIENT_MAX`` failures from one client whatever the names, which refuse that client's logins
+(again but for its known browsers' accounts). A success clears the failures from its own address only: the
+ones from elsewhere still count towards the ceiling. A soft limit: logins racing each other may each be counted
+after the check.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core import signing
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from portal import audit
 from portal.models import LoginFailure
@@ -24,6 +31,8 @@ from portal.models import LoginFailure
 # how the audit log's entries of sign-ins begin (written here, listed by ``sign_ins``)
 LOGGED_IN, FAILED = "logged in", "failed login"
 SIGN_INS_SHOWN = 15
+# the cookie that names the accounts signed in with in this browser (digests, not the names), how many it keeps
+KNOWN_BROWSER_COOKIE, KNOWN_BROWSER_SALT, KNOWN_ACCOUNTS_KEPT = "portal_known", "portal.logins.known-browser", 5
 
 
 def account_key(username: str) -> str:
@@ -80,10 +89,15 @@ def client_key(address: str | None):
     return ipaddress.ip_network((ip, 64), strict=False) if ip.version == 6 else ip
 
 
-def _failures(name: str, now) -> list[tuple]:
-    """(when, client key) of ``name``'s failures in the window, oldest first."""
-    recent = LoginFailure.objects.filter(username=name, at__gt=now - _window()).order_by("at")
-    return [(at, client_key(address)) for at, address in recent.values_list("at", "address")]
+def client_text(address: str | None) -> str:
+    """``client_key`` as stored in ``LoginFailure.client`` ("": the address is unknown)."""
+    key = client_key(address)
+    return "" if key is None else str(key)
+
+
+def _in_window(failures, now) -> list:
+    """When each of ``failures`` (a LoginFailure queryset) in the window happened, oldest first."""
+    return list(failures.filter(at__gt=now - _window()).order_by("at").values_list("at", flat=True))
 
 
 def _wait(times: list, limit: int, now) -> int | None:
@@ -97,19 +111,82 @@ def _wait(times: list, limit: int, now) -> int | None:
     return max(1, -(-int((freed + _window() - now).total_seconds()) // 60))
 
 
-def refused_for(name: str, address: str | None) -> str | None:
-    """Why ``name``'s logins from ``address`` are refused now (None: they are not)."""
+def refused_for(name: str, address: str | None, *, known: bool = False) -> str | None:
+    """Why ``name``'s logins from ``address`` are refused now (None: they are not). ``known``: the browser signed
+    in to ``name`` before (``known_browser``): neither the ceiling across addresses nor the client's limit across
+    names refuses it — only its own address's failures at this account do."""
     if not name:
         return None
-    now = timezone.now()
-    failures, client = _failures(name, now), client_key(address)
-    minutes = _wait([at for at, key in failures if key == client], settings.LOGIN_FAILURES_MAX, now)
+    now, client = timezone.now(), client_text(address)
+    mine = LoginFailure.objects.filter(username=name)
+    minutes = _wait(_in_window(mine.filter(client=client), now), settings.LOGIN_FAILURES_MAX, now)
     if minutes is not None:
         return f"Too many failed logins for this account: try again in {minutes} minute(s)."
-    minutes = _wait([at for at, _key in failures], settings.LOGIN_FAILURES_ACCOUNT_MAX, now)
+    if known:
+        return None
+    if client:
+        everyone = LoginFailure.objects.filter(client=client)
+        minutes = _wait(_in_window(everyone, now), settings.LOGIN_FAILURES_CLIENT_MAX, now)
+        if minutes is not None:
+            return f"Too many failed logins from this address: try again in {minutes} minute(s)."
+    minutes = _wait(_in_window(mine, now), settings.LOGIN_FAILURES_ACCOUNT_MAX, now)
     if minutes is not None:
         return f"Too many failed logins for this account from many addresses: try again in {minutes} minute(s)."
     return None
+
+
+def _account_digest(name: str) -> str:
+    return salted_hmac(KNOWN_BROWSER_SALT, name, algorithm="sha256").hexdigest()[:32]
+
+
+def _known_digests(request) -> list[str]:
+    """The accounts the request's browser signed in to (``LOGIN_KNOWN_BROWSER_DAYS`` since the last), as digests;
+    a cookie that is forged, too old or of another secret key names none."""
+    raw = request.COOKIES.get(KNOWN_BROWSER_COOKIE) if request is not None else None
+    days = settings.LOGIN_KNOWN_BROWSER_DAYS
+    if not raw or not days:
+        return []
+    try:
+        digests = signing.loads(raw, salt=KNOWN_BROWSER_SALT, max_age=days * 86400)
+    except (signing.BadSignature, ValueError):
+        return []
+    return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
+
+
+def known_browser(request, name: str) -> bool:
+    """Whether the request's browser signed in to the account ``name`` (``account_key``) with its password."""
+    return bool(name) and _account_digest(name) in _known_digests(request)
+
+
+def remember_browser(request, name: str) -> None:
+    """Mark the response to ``request`` to tell its browser it is known to ``name`` (``known_browser_middleware``
+    sets the cookie: the login form has no response)."""
+    if settings.LOGIN_KNOWN_BROWSER_DAYS and name:
+        request.known_browser_for = name
+
+
+def known_browser_middleware(get_response):
+    """Sets the known-browser cookie on the response to a successful password login (``remember_browser``): the
+    account's digest is added to those the cookie names (the latest ``KNOWN_ACCOUNTS_KEPT``), and its age starts
+    again."""
+
+    def middleware(request):
+        response = get_response(request)
+        name = getattr(request, "known_browser_for", None)
+        if name:
+            digest = _account_digest(name)
+            digests = [d for d in _known_digests(request) if d != digest][-(KNOWN_ACCOUNTS_KEPT - 1) :] + [digest]
+            response.set_cookie(
+                KNOWN_BROWSER_COOKIE,
+                signing.dumps(digests, salt=KNOWN_BROWSER_SALT, compress=True),
+                max_age=settings.LOGIN_KNOWN_BROWSER_DAYS * 86400,
+                secure=settings.SESSION_COOKIE_SECURE,
+                httponly=True,
+                samesite="Lax",
+            )
+        return response
+
+    return middleware
 
 
 def local_account_named(name: str) -> bool:
@@ -126,11 +203,10 @@ def login_failed(name: str, address: str | None) -> None:
     ``LOGIN_FAILURES_MAX``, in the audit log (the count leaves with the window; a guesser's flood writes two
     entries a window). Refused logins (too many failures) are not counted again, nor audited."""
     if name:
-        now = timezone.now()
+        now, client = timezone.now(), client_text(address)
         LoginFailure.objects.filter(at__lte=now - _window()).delete()
-        LoginFailure.objects.create(username=name, address=address, at=now)
-        client = client_key(address)
-        count = sum(1 for _at, key in _failures(name, now) if key == client)
+        LoginFailure.objects.create(username=name, address=address, client=client, at=now)
+        count = len(_in_window(LoginFailure.objects.filter(username=name, client=client), now))
         if count not in (1, settings.LOGIN_FAILURES_MAX):  # (a guesser's flood writes two entries a window)
             return
         model = get_user_model()
@@ -149,10 +225,8 @@ def login_failed(name: str, address: str | None) -> None:
 
 
 def login_succeeded(name: str, address: str | None) -> None:
-    """A success clears the failures of its client (``client_key``: an IPv6 address's /64 as one)."""
-    client = client_key(address)
-    rows = LoginFailure.objects.filter(username=name).values_list("pk", "address")
-    LoginFailure.objects.filter(pk__in=[pk for pk, a in rows if client_key(a) == client]).delete()
+    """A success clears the failures of its client (``client_key``: an IPv6 address's /64 as one) at its account."""
+    LoginFailure.objects.filter(username=name, client=client_text(address)).delete()
 
 
 def login_audit(user, request, how: str) -> None:

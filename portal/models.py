@@ -114,18 +114,24 @@ class DirectoryAccount(models.Model):
 class LoginFailure(models.Model):
     """A failed login of ``username`` (as typed, lower-cased) from ``address``: ``LOGIN_FAILURES_MAX`` of them
     from one address within ``LOGIN_FAILURE_WINDOW`` refuse that account's logins from that address, and
-    ``LOGIN_FAILURES_ACCOUNT_MAX`` from all addresses refuse them from everywhere, until the oldest leave the
-    window (``portal.logins``, asked by ``portal.forms.LoginForm``). Guessing a password gets that many tries,
-    a stranger's wrong passwords do not lock the owner out, and the directory's own lockout (an LDAP password
-    policy) is never set off against its owner from here. Rows older than the window are deleted as new
-    failures come."""
+    ``LOGIN_FAILURES_ACCOUNT_MAX`` from all addresses refuse them from everywhere but the owner's known browsers,
+    and ``LOGIN_FAILURES_CLIENT_MAX`` from one address, whatever the names, refuse that address (password
+    spraying), until the oldest leave the window (``portal.logins``, asked by ``portal.forms.LoginForm``).
+    Guessing a password gets that many tries, a stranger's wrong passwords do not lock the owner out, and the
+    directory's own lockout (an LDAP password policy) is never set off against its owner from here. Rows older
+    than the window are deleted as new failures come."""
 
     username = models.CharField(max_length=150)
     address = models.GenericIPAddressField(null=True, blank=True, help_text="the client's (empty: unknown)")
+    client = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="what counts as one client (portal.logins.client_key): the IPv4 address, or the IPv6 address's /64",
+    )
     at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        indexes = [models.Index(fields=["username", "at"])]
+        indexes = [models.Index(fields=["username", "at"]), models.Index(fields=["client", "at"])]
 
     def __str__(self) -> str:
         return f"{self.username} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -227,3 +227,118 @@ def test_a_blank_password_does_not_clear_the_failures(client, alice, settings):
     log_in(client, "alice", "wrong")
     r = log_in(client, "alice", "alice-password")
     assert r.status_code == 200 and "Too many failed logins" in r.content.decode()
+
+
+def sign_out(client) -> None:
+    """Log out as the browser does (``Client.logout`` forgets every cookie, the known-browser one too)."""
+    assert client.post(reverse("logout")).status_code == 302
+
+
+def known_cookie(client) -> str:
+    from portal.logins import KNOWN_BROWSER_COOKIE
+
+    return client.cookies[KNOWN_BROWSER_COOKIE].value
+
+
+def test_the_owners_known_browser_gets_in_past_a_ceiling_set_off_from_a_48(client, root, settings):
+    """An IPv6 /48 is 65536 clients: ten of its /64s set off the account-wide ceiling, which refused the account
+    from everywhere — the break-glass superuser too. The browser its owner signed in with before (a signed cookie)
+    still gets in, from any address; a browser that never did, or one with a forged cookie or the cookie of
+    another account, does not."""
+    from django.test import Client
+
+    from portal.logins import KNOWN_BROWSER_COOKIE
+
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 5, 50
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR=ADMIN_DESK))
+    cookie = known_cookie(client)
+    assert "root" not in cookie  # (the account's digest, not its name)
+    sign_out(client)
+    guesser = Client()
+    for subnet in range(10):
+        for n in range(5):
+            log_in(guesser, "root", "guess", REMOTE_ADDR=f"2001:db8:77:{subnet:x}::{n + 1:x}")
+    stranger_desk = Client()
+    refused = log_in(stranger_desk, "root", "root-password", REMOTE_ADDR="198.51.100.99")
+    assert "Too many failed logins for this account from many addresses" in refused.content.decode()
+    forged = Client()
+    forged.cookies[KNOWN_BROWSER_COOKIE] = cookie[:-3] + ("abc" if not cookie.endswith("abc") else "abd")
+    assert not logged_in(log_in(forged, "root", "root-password", REMOTE_ADDR="198.51.100.99"))
+    # the owner's browser, from a new address (a train's wifi): in, and the cookie is renewed
+    assert logged_in(log_in(client, "root", "root-password", REMOTE_ADDR="198.51.100.100"))
+    assert known_cookie(client)
+    # its own address's limit still holds: five wrong passwords from there refuse it there
+    sign_out(client)
+    for _ in range(5):
+        log_in(client, "root", "wrong", REMOTE_ADDR="198.51.100.100")
+    refused = log_in(client, "root", "root-password", REMOTE_ADDR="198.51.100.100")
+    assert "Too many failed logins for this account: try again" in refused.content.decode()
+
+
+def test_a_known_browser_is_known_to_its_own_accounts_only(client, alice, bob, settings):
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX = 2, 4
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK))
+    sign_out(client)
+    for n in range(4):
+        for name in ("alice", "bob"):
+            log_in(client, name, "guess", REMOTE_ADDR=f"203.0.113.{n + 1}")
+    assert "from many addresses" in log_in(client, "bob", "bob-password", REMOTE_ADDR=ADMIN_DESK).content.decode()
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK))
+    sign_out(client)
+    # signed in to bob from elsewhere once the ceiling has passed: the browser is known to both
+    LoginFailure.objects.update(at=timezone.now() - timedelta(seconds=901))
+    assert logged_in(log_in(client, "bob", "bob-password", REMOTE_ADDR=ADMIN_DESK))
+    sign_out(client)
+    for n in range(4):
+        for name in ("alice", "bob"):
+            log_in(client, name, "guess", REMOTE_ADDR=f"203.0.113.{n + 1}")
+    for name in ("alice", "bob"):
+        assert logged_in(log_in(client, name, f"{name}-password", REMOTE_ADDR=ADMIN_DESK))
+        sign_out(client)
+
+
+def test_a_browser_is_known_for_login_known_browser_days_since_its_last_login(client, alice, settings, monkeypatch):
+    import time
+
+    from django.core import signing
+
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX, settings.LOGIN_KNOWN_BROWSER_DAYS = 2, 4, 30
+    then = time.time() - 31 * 86400
+    monkeypatch.setattr(signing.time, "time", lambda: then)
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK))
+    monkeypatch.undo()
+    sign_out(client)
+    for n in range(4):
+        log_in(client, "alice", "guess", REMOTE_ADDR=f"203.0.113.{n + 1}")
+    assert "from many addresses" in log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK).content.decode()
+    settings.LOGIN_KNOWN_BROWSER_DAYS = 32
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK))
+    sign_out(client)
+    settings.LOGIN_KNOWN_BROWSER_DAYS = 0  # no browser is known
+    assert "from many addresses" in log_in(client, "alice", "alice-password", REMOTE_ADDR=ADMIN_DESK).content.decode()
+
+
+def test_spraying_many_names_from_one_client_refuses_that_client(client, alice, bob, settings):
+    """A few guesses at each of many names stays under every account's limits: ``LOGIN_FAILURES_CLIENT_MAX``
+    failures from one client (an IPv6 /64 as one), whatever the names — names with no account too — refuse that
+    client's logins; other clients, and the client's own known browsers at their accounts, are not refused."""
+    from django.test import Client
+
+    settings.LOGIN_FAILURES_MAX, settings.LOGIN_FAILURES_ACCOUNT_MAX, settings.LOGIN_FAILURES_CLIENT_MAX = 5, 50, 20
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR="2001:db8:5:5::1"))
+    sign_out(client)
+    sprayer = Client()
+    for n in range(20):
+        log_in(sprayer, f"user{n}", "Winter2026!", REMOTE_ADDR=f"2001:db8:5:5::{n + 100:x}")
+    refused = log_in(sprayer, "bob", "bob-password", REMOTE_ADDR="2001:db8:5:5::2")
+    assert "Too many failed logins from this address: try again in 15 minute(s)" in refused.content.decode()
+    assert logged_in(log_in(Client(), "bob", "bob-password", REMOTE_ADDR="2001:db8:5:6::1"))
+    assert logged_in(log_in(client, "alice", "alice-password", REMOTE_ADDR="2001:db8:5:5::1"))
+    sign_out(client)
+    settings.LOGIN_FAILURES_CLIENT_MAX = 0  # no limit
+    assert logged_in(log_in(sprayer, "bob", "bob-password", REMOTE_ADDR="2001:db8:5:5::2"))
+
+
+def test_the_admin_login_page_makes_a_browser_known_too(client, root, settings):
+    r = client.post("/admin/login/?next=/admin/", {"username": "root", "password": "root-password"})
+    assert r.status_code == 302 and known_cookie(client)
