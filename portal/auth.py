@@ -351,6 +351,13 @@ class SyncReport:
     failed: list[str] = field(default_factory=list)
     error: str = ""  # the directory could not be searched: the accounts not checked yet were left as they are
     left: int = 0  # accounts not reached within the run's time: the next run starts with them
+    # accounts whose entry carries no LDAP_USER_UUID_ATTR (at most NO_IDENTITY_LISTED named): they follow their
+    # names alone, so a new entry given one of their names would take the account over
+    no_identity: int = 0
+    no_identity_names: list[str] = field(default_factory=list)
+
+
+NO_IDENTITY_LISTED = 20
 
 
 def _connect(config) -> ldap.ldapobject.LDAPObject:
@@ -444,6 +451,10 @@ def ldap_sync() -> SyncReport:
             username = user.get_username()
             present, identity = _in_directory(conn, search, username)
             report.checked += 1
+            if present and not identity and getattr(settings, "LDAP_USER_UUID_ATTR", ""):
+                report.no_identity += 1
+                if len(report.no_identity_names) < NO_IDENTITY_LISTED:
+                    report.no_identity_names.append(username)
             if present is None:
                 report.failed.append(username)  # referred elsewhere: neither gone nor updated
             elif not present:
@@ -458,6 +469,16 @@ def ldap_sync() -> SyncReport:
                 DirectoryAccount.objects.filter(pk=account.pk).update(synced_at=timezone.now())
         if (gone or reassigned) and not report.error:
             report.error = _why_not_deactivate(conn, search, len(gone) + len(reassigned), report.checked)
+        if report.no_identity:
+            logger.warning(
+                "LDAP sync: %d entr(ies) carry no %s (LDAP_USER_UUID_ATTR), e.g. %s: their accounts follow their names "
+                "alone, and a new entry given one of those names would take its account over. Set "
+                "LDAP_USER_UUID_ATTR to the attribute the directory has (entryUUID, nsUniqueId, objectGUID, "
+                "ipaUniqueID), or to empty to say names are never reused",
+                report.no_identity,
+                settings.LDAP_USER_UUID_ATTR,
+                ", ".join(report.no_identity_names[:3]),
+            )
     except ldap.LDAPError as exc:  # the run stops here: nothing more changes
         report.error = _unsearchable(exc)
         logger.warning("LDAP sync stopped after %d account(s): %s", report.checked, report.error)

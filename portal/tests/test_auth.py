@@ -235,6 +235,9 @@ def own_directory():
         yield server
 
 
+CLEAN = {"deactivated": [], "failed": [], "error": "", "left": 0, "no_identity": 0, "no_identity_names": []}
+
+
 def run_sync():
     """The periodic task's report; one that failed (the error said) is the task's failure, with its report."""
     from portal import tasks
@@ -276,7 +279,7 @@ def test_sync_takes_a_group_the_directory_took_away_and_its_credentials(client, 
     )
     report = run_sync()
 
-    assert report == {"checked": 2, "deactivated": [], "failed": [], "error": "", "left": 0}
+    assert report == {**CLEAN, "checked": 2}
     assert not alice.groups.filter(name="physics").exists() and bob.groups.filter(name="physics").exists()
     lost = Credential.objects.get(user=alice)
     assert lost.revoked_at and lost.revocation_reason == RevocationReason.AFFILIATION_CHANGED
@@ -372,7 +375,7 @@ def test_a_directory_whose_entries_all_changed_identity_retires_nobody_and_ldap_
     call_command("ldap_relink", stdout=out)
     assert f"relinked {len(USERS)} account(s)" in out.getvalue()
     assert not DirectoryAccount.objects.filter(entry_uuid__startswith="entryuuid:00000000").exists()
-    assert run_sync() == {"checked": len(USERS), "deactivated": [], "failed": [], "error": "", "left": 0}
+    assert run_sync() == {**CLEAN, "checked": len(USERS)}
     # an attribute changed in the settings is no verdict either: the accounts are linked again as they sync
     DirectoryAccount.objects.update(entry_uuid="nsuniqueid:1")
     assert run_sync()["deactivated"] == []
@@ -687,3 +690,25 @@ def test_a_sync_never_writes_back_a_deactivation_or_a_sign_out_made_while_it_rea
     run_sync()
     alice = User.objects.get(username="alice")
     assert not alice.is_active and alice.password != password_before and not alice.has_usable_password()
+
+
+def test_a_sync_says_which_entries_lack_the_identity_attribute(client, own_directory, settings, caplog):
+    """``LDAP_USER_UUID_ATTR`` names an attribute the directory does not have (a directory server that calls it
+    nsUniqueId): the protection against a reused name is off without a word. The sync's report counts and names
+    such entries, and its log says what to set."""
+    for user in USERS:
+        client.logout()
+        assert log_in(client, user.uid, own_directory.passwords[user.uid]).status_code == 302
+    assert run_sync() == {**CLEAN, "checked": len(USERS)}  # (slapd has entryUUID)
+    settings.LDAP_USER_UUID_ATTR = "nsUniqueId"
+    with caplog.at_level("WARNING", logger="portal.auth"):
+        report = run_sync()
+    assert report == {
+        **CLEAN,
+        "checked": len(USERS),
+        "no_identity": len(USERS),
+        "no_identity_names": sorted(u.uid for u in USERS),
+    }
+    assert f"{len(USERS)} entr(ies) carry no nsUniqueId (LDAP_USER_UUID_ATTR)" in caplog.text
+    settings.LDAP_USER_UUID_ATTR = ""  # (off on purpose: nothing to say)
+    assert run_sync() == {**CLEAN, "checked": len(USERS)}
