@@ -70,7 +70,6 @@ from access.models import (
     RevocationReason,
     SerialNumber,
 )
-from portal import audit
 from portal.models import ApiToken, TokenScope
 from portal.tokens import token_create, token_revoke
 
@@ -2033,21 +2032,25 @@ def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
 
 @dataclass(frozen=True)
 class LostDevice:
-    """What "lost my laptop" did: whether it revoked the credential now, the account whose session hash the caller
-    refreshes to stay signed in (None: nothing revoked, or an account with a password of its own, whose owner
-    changes it instead), and the API tokens it revoked with it."""
+    """What "lost my laptop" did: whether it revoked the credential now (and then signed the other browsers out),
+    the account whose session hash the caller refreshes to stay signed in (None: nothing revoked, or an account
+    with a password of its own, whose hash did not change), and the API tokens it revoked with it."""
 
     revoked: bool
     account: object | None
     tokens: list
 
 
-def credential_revoke_lost_device(*, credential: Credential, user, token_ids=()) -> LostDevice:
+def credential_revoke_lost_device(
+    *, credential: Credential, user, token_ids=(), keep_session: str | None = None
+) -> LostDevice:
     """ "Lost my laptop": revoke ``credential`` (``user``'s own) and, when that revoked it now, end the user's other
-    browser sessions (the device may still be signed in and could download a new profile). The API tokens among
-    ``token_ids`` that are ``user``'s own and live are revoked too, whatever the credential's state (a token on the
-    laptop issues new profiles as well as a browser session does); other ids are ignored. The tokens go first, in
-    a transaction of their own: a CA that cannot sign the revocation list now does not keep them alive."""
+    browser sessions but ``keep_session`` (the device may still be signed in and could download a new profile). The
+    API tokens among ``token_ids`` that are ``user``'s own and live are revoked too, whatever the credential's
+    state (a token on the laptop issues new profiles as well as a browser session does); other ids are ignored.
+    The tokens go first, in a transaction of their own: a CA that cannot sign the revocation list now does not
+    keep them alive."""
+    from portal.sessions import sign_out_elsewhere
     from portal.tokens import token_revoke, tokens_live
 
     with transaction.atomic():
@@ -2061,24 +2064,8 @@ def credential_revoke_lost_device(*, credential: Credential, user, token_ids=())
             by=user,
             note=f"{user.get_username()}: lost my laptop",
         )
-        return LostDevice(revoked, sign_out_elsewhere(user=user) if revoked else None, tokens)
-
-
-def sign_out_elsewhere(*, user):
-    """End ``user``'s other browser sessions, as a lost device's must end (it could download new profiles).
-    Django ties a session to the account's password hash: a directory account has no password here (an
-    unusable one), so a new unusable one ends every session — the caller keeps its own with
-    ``update_session_auth_hash`` and the account returned. None for an account with a password of its own: its
-    owner changes it instead."""
-    from django.contrib.auth import get_user_model
-
-    account = get_user_model().objects.get(pk=user.pk)
-    if account.has_usable_password():
-        return None
-    account.set_unusable_password()
-    account.save(update_fields=["password"])
-    audit.record(account, "action", message="signed out of every other session (a lost device)")
-    return account
+        account = sign_out_elsewhere(user=user, keep=keep_session, why="a lost device") if revoked else None
+        return LostDevice(revoked, account, tokens)
 
 
 _TOKEN_NAME_LENGTH = ApiToken._meta.get_field("name").max_length

@@ -7,7 +7,6 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
@@ -23,6 +22,7 @@ from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
 from access.models import USER_KINDS
 from portal import throttle
+from portal.sessions import stay_signed_in
 from portal.tokens import tokens_live
 
 PAGE = "access:my-clusters"
@@ -209,14 +209,15 @@ def credential_revoke(request, pk: int):
             "access/credential_revoke.html",
             {
                 "credential": credential,
-                "password_of_its_own": request.user.has_usable_password(),
                 "sso": bool(settings.SSO_HEADER),
                 # a token on the lost device issues new profiles as well as a browser session does
                 "tokens": tokens_live(request.user).order_by("-last_used_at", "-created_at"),
             },
         )
     chosen = [int(v) for v in request.POST.getlist("tokens") if v.isascii() and v.isdigit() and len(v) < 19]
-    done = services.credential_revoke_lost_device(credential=credential, user=request.user, token_ids=chosen)
+    done = services.credential_revoke_lost_device(
+        credential=credential, user=request.user, token_ids=chosen, keep_session=request.session.session_key
+    )
     named = _named(credential)
     if done.tokens:
         names = ", ".join(f"{t.name} ({t.prefix}…)" for t in done.tokens)
@@ -226,8 +227,6 @@ def credential_revoke(request, pk: int):
         return redirect(PAGE)
     messages.success(request, f"Revoked {named}: the gateways refuse it from their next pull (within minutes).")
     if done.account is not None:
-        update_session_auth_hash(request, done.account)  # (this session stays)
-        messages.info(request, "Every other browser session of yours is signed out.")
-    else:
-        messages.info(request, "Was the lost device signed in to this portal? Change your password: that signs it out.")
+        stay_signed_in(request, done.account)
+    messages.info(request, "Every other browser session of yours is signed out.")
     return redirect(PAGE)

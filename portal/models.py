@@ -137,6 +137,22 @@ class LoginFailure(models.Model):
         return f"{self.username} at {self.at:%Y-%m-%d %H:%M:%S}"
 
 
+class BrowserSession(models.Model):
+    """A browser signed in to ``user``'s account (``portal.sessions``): the session store's key, and where and when
+    it signed in. Its holder sees where they are signed in and can sign every other browser out — a lost or
+    borrowed device, a sign-in that was not theirs — whatever kind of account it is (a directory account has no
+    password here to change). A row whose session has ended (logged out, expired) goes when next listed."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="browser_sessions")
+    session_key = models.CharField(max_length=40, unique=True)
+    signed_in_at = models.DateTimeField(default=timezone.now)
+    address = models.GenericIPAddressField(null=True, blank=True)
+    browser = models.CharField(max_length=200, blank=True, help_text="its User-Agent, shortened")
+
+    def __str__(self) -> str:
+        return f"{self.user} since {self.signed_in_at:%Y-%m-%d %H:%M}"
+
+
 class PeriodicRun(models.Model):
     """When each periodic task (celery beat: ``CELERY_BEAT_SCHEDULE``) last ended, well or not — recorded by the
     worker that ran it (``portal.celery``). ``/metrics`` exports the age of the last success per task with the

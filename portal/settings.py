@@ -221,6 +221,9 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not 
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+# seconds a browser stays signed in (Django's default is two weeks: a session left on a shared or lost machine
+# could download VPN profiles and SSH access for that long)
+SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 12 * 3600, minimum=300)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 # Behind the TLS proxy, which sets them: X-Forwarded-Proto says https, X-Request-ID names the request (portal.audit).
 BEHIND_TLS_PROXY = env_bool("BEHIND_TLS_PROXY", False)
@@ -428,6 +431,8 @@ CELERY_BEAT_SCHEDULE["network-prune-history"] = every("network.prune_history", 3
 # days the audit log keeps its entries (changes, actions, logins); pruned hourly; 0 (default): kept for good
 AUDIT_RETENTION = env_int("AUDIT_RETENTION", 0, minimum=0)
 CELERY_BEAT_SCHEDULE["portal-prune-audit"] = every("portal.prune_audit", 3600)
+# expired browser sessions, and the records of signed-in browsers whose session is gone; hourly
+CELERY_BEAT_SCHEDULE["portal-prune-sessions"] = every("portal.prune_sessions", 3600)
 # webhooks (admin: Clusters › Webhooks) get the event feed pushed every WEBHOOK_INTERVAL seconds
 WEBHOOK_INTERVAL = env_int("WEBHOOK_INTERVAL", 5, minimum=1)
 WEBHOOK_TIMEOUT = env_float("WEBHOOK_TIMEOUT", 5.0, minimum=0.1)

@@ -50,3 +50,22 @@ def prune_audit() -> int:
         return 0
     horizon = timezone.now() - timedelta(days=settings.AUDIT_RETENTION)
     return delete_in_batches(AuditEntry.objects.filter(timestamp__lt=horizon))
+
+
+@shared_task(name="portal.prune_sessions")
+def prune_sessions() -> int:
+    """Periodic (hourly): the session store's expired sessions (Django's ``clearsessions``) and the records of
+    browsers whose session is gone (``portal.sessions``). How many records went."""
+    from importlib import import_module
+
+    from django.conf import settings
+
+    from portal.models import BrowserSession
+    from portal.pruning import delete_in_batches
+
+    engine = import_module(settings.SESSION_ENGINE)
+    engine.SessionStore.clear_expired()
+    model = getattr(engine.SessionStore, "get_model_class", None)
+    if model is None:  # (a cache-only store: its sessions expire on their own, and sessions_of drops the rows)
+        return 0
+    return delete_in_batches(BrowserSession.objects.exclude(session_key__in=model().objects.values("session_key")))

@@ -29,6 +29,7 @@ urlpatterns = [
     path("sso/login/", sso.sso_login, name="sso-login"),
     path("tokens/", views.my_tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
+    path("sessions/sign-out-others/", views.sign_out_others, name="sign-out-others"),
     path("admin/", admin.site.urls),
     path("api/status/", views.StatusView.as_view(), name="status"),
     path("api/", include("clusters.api.urls")),

@@ -19,7 +19,7 @@ from rest_framework import permissions, renderers, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal import logins, metrics, tokens
+from portal import logins, metrics, sessions, tokens
 from portal import secrets as portal_secrets
 from portal.api import error_responses
 from portal.forms import LoginForm
@@ -207,8 +207,10 @@ def my_tokens(request):
         else:
             status = 400
     made = secret = None
-    shown = request.session.pop(_NEW_TOKEN, None)  # (a page that never came: gone with the next one)
-    if shown and request.method == "GET" and time.time() - shown[2] < _NEW_TOKEN_SHOWN_FOR:
+    # (a page that never came: gone with the next one; a HEAD — a link checker, a prefetch — shows nothing, takes
+    # nothing)
+    shown = request.session.pop(_NEW_TOKEN, None) if request.method == "GET" else None
+    if shown and time.time() - shown[2] < _NEW_TOKEN_SHOWN_FOR:
         made = ApiToken.objects.filter(user=request.user, pk=shown[0]).first()
         secret = _shown_secret(shown[1]) if made else None
         made = made if secret else None
@@ -222,8 +224,26 @@ def my_tokens(request):
         "ended": list(ended.order_by("-created_at")[:ENDED_TOKENS_SHOWN]),
         "ended_shown": ENDED_TOKENS_SHOWN,
         "signins": logins.sign_ins(request.user),
+        "sessions": sessions.sessions_of(request.user),
+        "this_session": request.session.session_key,
     }
     return render(request, "portal/tokens.html", context, status=status)
+
+
+@require_http_methods(["POST"])
+@login_required
+def sign_out_others(request):
+    """Sign every other browser of the account out (a lost or lent device, a sign-in that was not the holder's);
+    this one stays."""
+    from django.urls import reverse
+
+    account = sessions.sign_out_elsewhere(
+        user=request.user, keep=request.session.session_key, why="by its holder, from the account page"
+    )
+    if account is not None:
+        sessions.stay_signed_in(request, account)
+    messages.success(request, "Every other browser session of yours is signed out; this one stays.")
+    return redirect(reverse("tokens") + "#sessions")
 
 
 def _shown_secret(stored: str) -> str | None:

@@ -149,7 +149,7 @@ def test_lost_my_laptop(alice, bob, cluster, gateway):
     assert f"<h1>Revoke OpenVPN profile {credential.serial}?</h1>" in text
     assert f'<button type="submit" class="danger">Revoke OpenVPN profile {credential.serial}</button>' in text
     assert "the access gateways refuse it from their next" in text and "cannot\n  be undone" in text
-    assert "change your\n  password afterwards" in text  # alice has a local password: nothing signs the laptop out
+    assert "Every other browser session of yours is signed out (the lost device's too)" in text
     assert f'<form method="post" action="/access/credentials/{credential.pk}/revoke/">' in text
     assert client.head(f"/access/credentials/{credential.pk}/revoke/").status_code == 200
     credential.refresh_from_db()
@@ -420,17 +420,6 @@ def test_lost_my_laptop_signs_out_the_laptop_too(team, cluster, gateway):
     r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
     assert "was already revoked" in r.content.decode() and "signed out" not in r.content.decode()
     assert tablet.get("/access/").status_code == 200
-
-
-def test_lost_my_laptop_with_a_local_password_says_to_change_it(alice, cluster, gateway):
-    from access import services
-
-    services.vpn_profile_issue(user=alice, clusters=[cluster])
-    credential = Credential.objects.get(user=alice)
-    laptop, phone = logged_in(alice), logged_in(alice)
-    r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
-    assert "Change your password" in r.content.decode()
-    assert laptop.get("/access/").status_code == 200  # (Django cannot end it without the password changing)
 
 
 # --- the review's findings ----------------------------------------------------------------------------------------
@@ -957,3 +946,27 @@ def test_node_tokens_are_not_on_the_lost_laptop_page_nor_the_tokens_page(alice, 
     assert f'value="{mine.pk}"' in page and token.name not in page
     tokens_page = client.get("/tokens/").content.decode()
     assert "laptop" in tokens_page and token.name not in tokens_page and token.prefix not in tokens_page
+
+
+def test_lost_my_laptop_signs_the_laptop_out_for_an_account_with_a_password_of_its_own(alice, cluster, gateway):
+    """It used to say "change your password": the laptop stayed signed in until then."""
+    from django.urls import reverse
+
+    from access import services
+
+    def browser():
+        client = Client()
+        assert client.post(reverse("login"), {"username": "alice", "password": "alice-password"}).status_code == 302
+        return client
+
+    def signed_in(client) -> bool:
+        return client.get("/access/").status_code == 200
+
+    laptop, phone = browser(), browser()
+    services.vpn_profile_issue(user=alice, clusters=[cluster])
+    credential = Credential.objects.get(user=alice)
+    page = phone.get(f"/access/credentials/{credential.pk}/revoke/").content.decode()
+    assert "Every other browser session of yours is signed out (the lost device's too)" in page
+    r = phone.post(f"/access/credentials/{credential.pk}/revoke/", follow=True)
+    assert "Every other browser session of yours is signed out." in r.content.decode()
+    assert not signed_in(laptop) and signed_in(phone)

@@ -673,7 +673,7 @@ def test_a_sync_never_writes_back_a_deactivation_or_a_sign_out_made_while_it_rea
     meanwhile, was written back as loaded — the account active again, the lost session valid again."""
     from django_auth_ldap.backend import _LDAPUser
 
-    from access import services
+    from portal import sessions
 
     assert log_in(client, "alice", own_directory.passwords["alice"]).status_code == 302
     alice = User.objects.get(username="alice")
@@ -683,7 +683,7 @@ def test_a_sync_never_writes_back_a_deactivation_or_a_sign_out_made_while_it_rea
     def meanwhile(self):
         real(self)
         if self._user.username == "alice":  # (the row is loaded: the portal changes it now)
-            services.sign_out_elsewhere(user=User.objects.get(username="alice"))
+            sessions.sign_out_elsewhere(user=User.objects.get(username="alice"), keep=None, why="test")
             User.objects.filter(username="alice").update(is_active=False)
 
     monkeypatch.setattr(_LDAPUser, "_populate_user_from_attributes", meanwhile)
