@@ -125,8 +125,9 @@ def parse_public_key(text: str, *, min_rsa_bits: int = 3072) -> ParsedKey:
     certificate builder cannot sign them), certificates, private keys.
     """
     text = text.strip()
-    if "PRIVATE KEY" in text:
+    if looks_private(text):
         raise SSHKeyRejected("this is a PRIVATE key: never share it; paste the .pub file instead")
+    text = _from_rfc4716(text) or text
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if len(lines) != 1:
         raise SSHKeyRejected("paste exactly one public key line (the content of ~/.ssh/id_ed25519.pub)")
@@ -158,6 +159,46 @@ def parse_public_key(text: str, *, min_rsa_bits: int = 3072) -> ParsedKey:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return ParsedKey(key, kind, 256, comment)
     raise SSHKeyRejected(_unsupported(kind, min_rsa_bits))
+
+
+# what a private key file holds and a public one never does: PEM/OpenSSH ("-----BEGIN OPENSSH PRIVATE KEY-----"),
+# PuTTY's .ppk ("PuTTY-User-Key-File-3: ssh-ed25519", "Private-Lines: 1", "Private-MAC: …")
+_PRIVATE_MARKS = ("PRIVATE KEY", "PuTTY-User-Key-File", "Private-Lines:", "Private-MAC:")
+_RFC4716_BEGIN, _RFC4716_END = "---- BEGIN SSH2 PUBLIC KEY ----", "---- END SSH2 PUBLIC KEY ----"
+
+
+def looks_private(text: str) -> bool:
+    """Whether ``text`` holds a private key (any format a user may paste by mistake): never shown back."""
+    return any(mark in text for mark in _PRIVATE_MARKS)
+
+
+def _from_rfc4716(text: str) -> str | None:
+    """An RFC 4716 public key — what PuTTYgen's "Save public key" and ``ssh-keygen -e`` write — as the one OpenSSH
+    line it stands for (its ``Comment`` header as the comment); None when ``text`` is not one."""
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    if not lines or lines[0] != _RFC4716_BEGIN:
+        return None
+    if _RFC4716_END not in lines:
+        raise SSHKeyRejected(f"an SSH2 public key without its '{_RFC4716_END}' line: paste the whole file")
+    headers, body, continued = [], [], False
+    for line in lines[1 : lines.index(_RFC4716_END)]:
+        if continued:  # (a header's value goes on after a line ending in a backslash)
+            headers[-1] += line
+        elif ":" in line:
+            headers.append(line)
+        else:
+            body.append(line)
+        continued = (continued or ":" in line) and line.endswith("\\")
+        if continued:
+            headers[-1] = headers[-1][:-1]
+    try:
+        blob = base64.b64decode("".join(body), validate=True)
+        size = int.from_bytes(blob[:4], "big")
+        kind = blob[4 : 4 + size].decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise SSHKeyRejected("not a valid SSH2 public key: its body is not base64 of a key") from None
+    comment = next((h.split(":", 1)[1].strip().strip('"') for h in headers if h.lower().startswith("comment:")), "")
+    return " ".join(part for part in (kind, base64.b64encode(blob).decode(), comment) if part)
 
 
 def _unsupported(kind: str, min_rsa_bits: int) -> str:

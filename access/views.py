@@ -21,6 +21,7 @@ from access import selectors, services
 from access.errors import AccessError
 from access.forms import SshCertificateForm, VpnProfileForm
 from access.models import USER_KINDS
+from access.ssh import looks_private
 from portal import throttle
 from portal.sessions import stay_signed_in
 from portal.tokens import tokens_live
@@ -75,7 +76,7 @@ def _refused(request, form, exc: AccessError):
 
 def _without_private_key(form) -> None:
     """A private key pasted where the public one goes is never put back in the page."""
-    if "PRIVATE KEY" in str(form.data.get("public_key", "")):
+    if looks_private(str(form.data.get("public_key", ""))):
         form.data = form.data.copy()
         form.data["public_key"] = ""
 

@@ -13,7 +13,9 @@ import re
 from django.views.debug import SafeExceptionReporterFilter
 
 SECRET_NAMES = re.compile(r"key|secret|passw|passphrase|token|pem|profile|enrolment|signer", re.IGNORECASE)
-PRIVATE_KEY = re.compile(r"PRIVATE KEY|BEGIN OPENSSH PRIVATE|PrivateKey|private_pem|private_openssh")
+PRIVATE_KEY = re.compile(
+    r"PRIVATE KEY|PuTTY-User-Key-File|Private-Lines|BEGIN OPENSSH PRIVATE|PrivateKey|private_pem|private_openssh"
+)
 
 
 def holds_secret(name: str, value: object) -> bool:

@@ -304,3 +304,51 @@ def test_a_nodes_host_certificate_names_how_the_ssh_config_reaches_it(ca):
     assert text.splitlines()[1:] == ["c42.alice", "c42.jo.doe@example.org"] and text.startswith("# ")
     with pytest.raises(ssh.SSHCertError):
         ssh.render_authorized_principals("c42", ["c42.alice\nc43.bob"])
+
+
+# PuTTYgen's private key file (format 3), as a Windows user may paste it: no "PRIVATE KEY" in it
+PPK = """PuTTY-User-Key-File-3: ssh-ed25519
+Encryption: none
+Comment: eddsa-key-20261207
+Public-Lines: 2
+AAAAC3NzaC1lZDI1NTE5AAAAIDk1Xnq0xZ2iWQvTt3bP0K8e0m5m8KQm3gq5Q8w0
+2Qyd
+Private-Lines: 1
+AAAAIF3c9mS1Jk1V0p8b3d4w8h2xC7v0m9bS5KcB2n6o7pQ1
+Private-MAC: 4f0d7f6c0b1a2e3d4c5b6a79887766554433221100ffeeddccbbaa9988776655
+"""
+
+
+def test_a_putty_private_key_is_refused_as_a_private_key():
+    assert ssh.looks_private(PPK)
+    with pytest.raises(ssh.SSHKeyRejected, match="this is a PRIVATE key"):
+        ssh.parse_public_key(PPK)
+
+
+def test_an_ssh2_public_key_from_puttygen_or_ssh_keygen_e_is_taken_as_its_openssh_line(tmp_path):
+    """PuTTYgen's "Save public key" (and ``ssh-keygen -e``) writes RFC 4716: it stands for one OpenSSH line."""
+    import subprocess
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    line = _pub(key)
+    (tmp_path / "id.pub").write_text(line + "\n")
+    exported = subprocess.run(
+        ["ssh-keygen", "-e", "-f", str(tmp_path / "id.pub")], capture_output=True, text=True, check=True
+    ).stdout
+    assert exported.startswith("---- BEGIN SSH2 PUBLIC KEY ----")
+    parsed = ssh.parse_public_key(exported)
+    assert parsed.key_type == "ssh-ed25519" and ssh.fingerprint(parsed.key) == ssh.fingerprint(key.public_key())
+    # PuTTYgen's own: a quoted comment that goes on past a backslash, the body wrapped at 64 columns
+    blob = line.split()[1]
+    puttygen = (
+        "---- BEGIN SSH2 PUBLIC KEY ----\n"
+        'Comment: "eddsa-key-20261207 on the \\\n'
+        'desk"\n' + "\n".join(blob[i : i + 64] for i in range(0, len(blob), 64)) + "\n---- END SSH2 PUBLIC KEY ----\n"
+    )
+    parsed = ssh.parse_public_key(puttygen)
+    assert parsed.comment == "eddsa-key-20261207 on the desk"
+    assert ssh.fingerprint(parsed.key) == ssh.fingerprint(key.public_key())
+    with pytest.raises(ssh.SSHKeyRejected, match="without its '---- END SSH2 PUBLIC KEY ----' line"):
+        ssh.parse_public_key(puttygen.split("---- END")[0])
+    with pytest.raises(ssh.SSHKeyRejected, match="not a valid SSH2 public key"):
+        ssh.parse_public_key("---- BEGIN SSH2 PUBLIC KEY ----\n!!!\n---- END SSH2 PUBLIC KEY ----")

@@ -931,6 +931,13 @@ def test_a_private_key_pasted_for_the_public_one_is_refused_and_never_sent_back(
     assert 'value="desk"' in page  # the rest of what was typed stays
     assert "no-store" in response["Cache-Control"]
     assert not Credential.objects.exists()
+    # PuTTY's private key file has no "PRIVATE KEY" in it: refused as one all the same, and not sent back
+    from access.tests.test_ssh import PPK
+
+    response = client.post("/access/ssh/", {"cluster": cluster.pk, "public_key": PPK, "label": "desk"})
+    page = response.content.decode()
+    assert response.status_code == 400 and "This is a PRIVATE key" in page
+    assert "Private-Lines" not in page and PPK.splitlines()[6] not in page
 
 
 def test_node_tokens_are_not_on_the_lost_laptop_page_nor_the_tokens_page(alice, cluster, gateway):
