@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Q
 
 from network import vlanranges
 from network.choices import VLAN_MAX, VLAN_MIN, CoreKind, DeviceKind, DriftKind, HostDriver, Platform, PortRole
@@ -55,7 +56,8 @@ def pools_handing_out(vids: frozenset[int], site_id: int, *, skip_pools: Iterabl
     """(pool, the ids of ``vids`` it hands out) for each pool of a core that reaches site ``site_id`` and hands
     out some of ``vids`` (a port's static VLANs there), by the pool's name; ``skip_pools``: names left out."""
     pools = VlanPool.objects.filter(core__sites=site_id).exclude(name__in=list(skip_pools)).distinct()
-    found = ((pool, vids & pool.claimed_ids()) for pool in pools.select_related("core").order_by("name"))
+    among = Q(vid__in=sorted(vids))
+    found = ((pool, vids & pool.claimed_ids(among)) for pool in pools.select_related("core").order_by("name"))
     return [(pool, clash) for pool, clash in found if clash]
 
 
@@ -203,7 +205,8 @@ class CoreTransport(InventoryModel):
         if self.check_pools and self.pk and self.vid_min and self.vid_max and "vid_max" not in errors:
             # Shrinking what the core carries must not strand ids that pools already hand out.
             for pool in self.pools.all():  # (and ids a pool still holds that its ranges no longer cover)
-                used = set(vlanranges.parse(pool.ranges)) | pool.held_ids()
+                carried = Q(vid__gte=self.vid_min, vid__lte=self.vid_max)
+                used = set(vlanranges.parse(pool.ranges)) | pool.held_ids(~carried)
                 outside = sorted(v for v in used if not self.vid_min <= v <= self.vid_max)
                 if outside:
                     errors.setdefault("vid_min", []).append(
@@ -358,7 +361,7 @@ class Switch(InventoryModel, Reconciled):
         pools = VlanPool.objects.filter(core__sites=self.site_id).exclude(name__in=list(skip_pools)).distinct()
         clashes = []
         for pool in pools.order_by("name"):
-            clash = reserved.intersection(pool.claimed_ids())
+            clash = reserved.intersection(pool.claimed_ids(Q(vid__in=sorted(reserved))))
             if clash:
                 clashes.append(
                     f"switch {self.name}: pool {pool.name} hands out ids {vlanranges.format_ranges(clash)}, which "
@@ -638,8 +641,8 @@ class VlanPool(InventoryModel):
             )
         if self.pk is not None and self.core_id is not None:
             stored = VlanPool.objects.filter(pk=self.pk).values_list("core_id", flat=True).first()
-            held = self.held_ids()
-            if stored is not None and stored != self.core_id and held:
+            held = self.held_ids(Q()) if stored is not None and stored != self.core_id else set()
+            if held:
                 # its clusters' VLANs would be carried by another core, one that may not join their sites (and an id
                 # in quarantine would be handed out on a core where it may still be in use)
                 errors.setdefault("core", []).append(
@@ -655,7 +658,7 @@ class VlanPool(InventoryModel):
                     f"{core.name} carries ({core.vid_min}-{core.vid_max})"
                 )
             for other in VlanPool.objects.filter(core_id=self.core_id).exclude(pk=self.pk):
-                overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids())
+                overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids(Q(vid__in=sorted(ids))))
                 if overlap:
                     errors.setdefault("ranges", []).append(
                         f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} "
@@ -691,7 +694,7 @@ class VlanPool(InventoryModel):
         )
         problems = []
         for other in shared:
-            overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids())
+            overlap = ids & (set(vlanranges.parse(other.ranges)) | other.held_ids(Q(vid__in=sorted(ids))))
             if overlap:
                 problems.append(
                     f"pool {self.name}: ids {vlanranges.format_ranges(overlap)} overlap pool {other.name} of "
@@ -739,24 +742,33 @@ class VlanPool(InventoryModel):
         reserved = set(vlanranges.parse(self.reserved))
         return [v for v in vlanranges.parse(self.ranges) if v not in reserved]
 
-    def held_ids(self) -> set[int]:
+    def held_ids(self, among: Q | None = None) -> set[int]:
         """The ids this pool still holds, allocated or in quarantine and not free to go yet (the allocator's rule,
         ``network.services.free_now``) — also ones its ranges (or its reserved ids) no longer cover: a shrunk pool
-        keeps them until they are released and their quarantine is over (``vlan_pool_sync``)."""
+        keeps them until they are released and their quarantine is over (``vlan_pool_sync``).
+
+        ``among`` (a condition on ``vid``): only those ids, for a check about to let another pool, a port's static
+        VLANs or a switch have them. Inside a transaction their rows are locked first, until it commits: an
+        allocation taking one of them now (not committed yet, invisible to a plain read) is waited for and counted,
+        and one after skips them (``SKIP LOCKED``) — never an id this check has just let someone else have."""
         if self.pk is None:
             return set()
+        from django.db import connection
         from django.utils import timezone
 
         from network.services import free_now, reuse_horizon  # (it reads these models)
 
+        rows = self.allocations.all() if among is None else self.allocations.filter(among)
+        if among is not None and connection.in_atomic_block and connection.features.has_select_for_update:
+            list(rows.select_for_update().order_by("pk").values_list("pk", flat=True))
         now = timezone.now()
-        held = self.allocations.exclude(state=VlanAllocation.State.FREE).exclude(free_now(now, reuse_horizon(now)))
+        held = rows.exclude(state=VlanAllocation.State.FREE).exclude(free_now(now, reuse_horizon(now)))
         return set(held.values_list("vid", flat=True))
 
-    def claimed_ids(self) -> set[int]:
+    def claimed_ids(self, among: Q | None = None) -> set[int]:
         """What no other pool that meets it, no port's static VLAN and no switch's own ids may share: the ids it
-        hands out and those it still holds."""
-        return set(self.vlan_ids) | self.held_ids()
+        hands out and those it still holds (``among``: see ``held_ids``)."""
+        return set(self.vlan_ids) | self.held_ids(among)
 
 
 def _by_platform(rows) -> dict[str, list[str]]:

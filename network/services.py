@@ -9,7 +9,10 @@ Allocation is race-free the way Neutron does it: one row per (pool, id); a reque
 random start and takes it. On PostgreSQL that is one ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP
 LOCKED)`` (two requests never wait for or get the same row); elsewhere a read followed by a conditional
 ``UPDATE … WHERE free`` with a bounded number of attempts. Rows are created lazily, the first time a pool
-looks exhausted. No lock wider than one row is ever taken.
+looks exhausted. No lock wider than one row is ever taken. A pool or inventory edit that lets another pool, a
+port's static VLANs or a switch have some ids locks those ids' rows first (``VlanPool.held_ids``): it waits for an
+allocation of one of them in flight, and allocations skip them until it commits; it drops the rows of ids a pool
+no longer hands out in the same transaction (``vlan_pool_sync``).
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ def free_now(now, horizon=None) -> Q:
 
 def vlan_pool_sync(*, pool: VlanPool) -> int:
     """Make the pool's rows match its ranges minus reserved: add missing ids, drop ids no longer handed out
-    (only free or expired-quarantine ones; held ids stay until released). Returns the number added."""
+    (only free or expired-quarantine ones; held ids stay until released). Returns the number added. The ranges
+    are read afresh: an allocation that loaded the pool before an edit committed must not make rows again for
+    ids the edit gave to another pool."""
+    pool.refresh_from_db(fields=["ranges", "reserved"])
     valid = set(pool.vlan_ids)
     existing = set(VlanAllocation.objects.filter(pool=pool).values_list("vid", flat=True))
     missing = sorted(valid - existing)
@@ -222,8 +228,8 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
         if taken is None:  # nothing free
             if synced:
                 break
-            vlan_pool_sync(pool=pool)
-            synced = True
+            vlan_pool_sync(pool=pool)  # (the pool read afresh: its ids as they are now)
+            valid, synced = frozenset(pool.vlan_ids), True
             continue
         if not taken:  # lost a race for the row: try another
             continue
@@ -234,7 +240,7 @@ def vlan_allocate(*, pool: VlanPool, owner: str) -> VlanAllocation:
                 _drop_rows(VlanAllocation.objects.filter(pk=row.pk))
             if not synced:  # drop all such rows at once: one by one, they could use up every attempt
                 vlan_pool_sync(pool=pool)
-                synced = True
+                valid, synced = frozenset(pool.vlan_ids), True
             continue
         return row
     else:

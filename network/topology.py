@@ -39,6 +39,7 @@ from django.db.models import ProtectedError, RestrictedError
 from network import selectors
 from network.choices import CoreKind, HostDriver, Platform, PortRole
 from network.models import CoreTransport, Host, Site, Switch, SwitchPort, VlanPool, json_problem
+from network.services import vlan_pool_sync
 from network.vlanranges import format_ranges
 from portal.audit import audit_actor
 
@@ -771,7 +772,11 @@ class _Importer:
             "quarantine_seconds": quarantine,
             "description": self._text(path, entry, "description"),
         }
-        self._apply(path, VlanPool, {"name": entry["name"]}, values)
+        pool = self._apply(path, VlanPool, {"name": entry["name"]}, values)
+        if pool is not None and not self.report.dry_run:
+            # the ids it no longer hands out leave it now, in this transaction: one another pool gets in this file
+            # is never taken from this one by an allocation that read it before the change committed
+            vlan_pool_sync(pool=pool)
 
     # --- prune ----------------------------------------------------------------------------------------------
 

@@ -410,3 +410,65 @@ def test_shrinking_a_pool_never_drops_a_row_an_allocation_is_taking():
         pool.save(update_fields=["ranges"])
         services.vlan_pool_sync(pool=pool)
     assert VlanAllocation.objects.get(pool=pool, vid=101).state == "allocated"  # kept while it is held
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_id_given_to_another_pool_while_an_allocation_takes_it_is_refused():
+    """Pool p1 gives id 150 to pool p2 on the same core (one topology file, or the admin) while a cluster's
+    allocation takes 150 from p1, not committed yet: p2's check read 150 as free (a plain read does not see a take
+    in flight), both committed, and both pools handed 150 out on one core — two clusters on one VLAN. The check
+    now waits for the allocation, and refuses."""
+    from django.core.exceptions import ValidationError
+    from django.db import connection, transaction
+
+    from network.models import VlanPool
+    from portal.tests.helpers import held_in_another_connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL for concurrent writers")
+    core = CoreTransportFactory(name="backbone")
+    p1 = VlanPoolFactory(name="p1", core=core, ranges="150")
+    p2 = VlanPoolFactory(name="p2", core=core, ranges="160")
+    services.vlan_pool_sync(pool=p1)
+
+    def allocate_150():
+        assert services.vlan_allocate(pool=VlanPool.objects.get(pk=p1.pk), owner="c1").vid == 150
+
+    with held_in_another_connection(allocate_150, hold=0.5), transaction.atomic():
+        p1.ranges = "151"
+        p1.full_clean()
+        p1.save()
+        p2.ranges = "150,160"
+        with pytest.raises(ValidationError, match="ids 150 overlap pool p1"):
+            p2.full_clean()
+    assert VlanAllocation.objects.get(pool=p1, vid=150).owner == "c1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_allocation_that_read_a_pool_before_an_edit_never_takes_an_id_the_edit_gave_away():
+    """The other way round: the edit commits first (p1's 150 goes to p2), and an allocation that loaded p1 before
+    it allocates after: p1's row of 150 is gone with the edit, and p1 makes no new one from what it read."""
+    from django.db import transaction
+
+    from network.models import VlanPool
+
+    core = CoreTransportFactory(name="backbone")
+    p1 = VlanPoolFactory(name="p1", core=core, ranges="150-151")
+    p2 = VlanPoolFactory(name="p2", core=core, ranges="160")
+    services.vlan_pool_sync(pool=p1)
+    stale = VlanPool.objects.get(pk=p1.pk)  # (a cluster's request read it: 150-151)
+    with transaction.atomic():  # as a topology import does
+        p1.ranges = "151"
+        p1.full_clean()
+        p1.save()
+        services.vlan_pool_sync(pool=p1)
+        p2.ranges = "150,160"
+        p2.full_clean()
+        p2.save()
+        services.vlan_pool_sync(pool=p2)
+    taken = {services.vlan_allocate(pool=stale, owner="c1").vid}
+    with pytest.raises(PoolExhausted):
+        services.vlan_allocate(pool=stale, owner="c2")
+    assert taken == {151}
+    assert services.vlan_allocate(pool=p2, owner="c3").vid in (150, 160)
+    assert not VlanAllocation.objects.filter(pool=p1, vid=150).exists()

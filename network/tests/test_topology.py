@@ -711,3 +711,18 @@ def test_a_cores_mtu_imports_exports_and_is_checked():
     assert info.value.problems == [
         "cores[0].mtu (line 3): core backbone: Ensure this value is greater than or equal to 576."
     ]
+
+
+def test_a_pool_shrunk_by_the_file_drops_the_rows_of_the_ids_it_no_longer_hands_out():
+    """In the import's own transaction: an id the same file gives another pool is never taken from this one by an
+    allocation that read it before the import committed (``vlan_pool_sync``)."""
+    from network.models import VlanAllocation
+    from network.services import vlan_pool_sync
+
+    import_file(DEMO)
+    pool = VlanPool.objects.get()
+    vlan_pool_sync(pool=pool)
+    assert VlanAllocation.objects.filter(pool=pool, vid__gte=200).exists()
+    import_text(DEMO.read_text().replace('"100-999"', '"100-199"'))
+    assert not VlanAllocation.objects.filter(pool=pool, vid__gte=200).exists()
+    assert VlanAllocation.objects.filter(pool=pool).count() == 90  # (100-199 but the reserved 100-109)
