@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from time import monotonic
+from time import time_ns
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
@@ -22,8 +22,10 @@ from kombu.utils.json import dumps
 
 class Channel(filesystem.Channel):
     def _put(self, queue, payload, **kwargs):
-        # kombu's name: consumers take files in name order, "<queue>.msg" after the first dot.
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # kombu's name: consumers take files in name order, "<queue>.msg" after the first dot. The time comes first,
+        # of fixed width and from the wall clock: a counter that gains a digit (or starts again at a reboot) put new
+        # messages before the ones waiting, which then waited for the queue to drain
+        name = f"{message_stamp()}_{uuid.uuid4()}.{queue}.msg"
         path = os.path.join(self.data_folder_out, name)
         try:
             with open(path + ".part", "wb") as f:
@@ -31,6 +33,11 @@ class Channel(filesystem.Channel):
             os.replace(path + ".part", path)
         except OSError as exc:
             raise ChannelError(f"Cannot add file {path!r} to directory") from exc
+
+
+def message_stamp() -> str:
+    """Nanoseconds of the wall clock, zero-padded: names in string order are names in time order."""
+    return f"{time_ns():020d}"
 
 
 class Transport(filesystem.Transport):

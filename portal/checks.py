@@ -34,7 +34,9 @@ def single_machine_settings(engine: str, broker: str, cache: str = "") -> list[W
         problems.append(
             Warning(
                 "CELERY_BROKER_URL is not set: the broker is a folder under DATA_DIR, for one machine only (a worker "
-                "elsewhere never gets a task)",
+                "elsewhere never gets a task), and a worker killed mid-task (out of memory, SIGKILL, a reboot) loses "
+                "the tasks it had taken: that transport deletes a message as it hands it out, so acks_late cannot "
+                "give it back (the sweeps fail or retry the work after CLUSTER_PROVISION_TIMEOUT)",
                 hint="set CELERY_BROKER_URL=redis://… (or amqp://…) on every machine of the portal",
                 id="portal.W002",
             )

@@ -342,7 +342,9 @@ else:
     raise ImproperlyConfigured(f"CACHE_URL: redis://… or locmem://, not {CACHE_URL.split('://', 1)[0]}://…")
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"  # the central worker's queue (devices without a worker queue)
-CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for the next one
+# a worker killed mid-task leaves the message for the next one — on Redis and RabbitMQ; the embedded filesystem
+# broker deletes a message as it hands it out (the deploy check says so: portal.W002)
+CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Celery's Django fix-up closes every database connection before and after every task (it ignores

@@ -57,3 +57,16 @@ def test_messages_reach_their_own_queue(channel):
     assert channel._size("celery") == 3
     assert sorted(channel._get("celery")["n"] for _ in range(3)) == [0, 1, 2]  # kombu orders by the millisecond
     assert channel._get("host.brno-h1") == {"n": "h"}
+
+
+def test_messages_are_taken_oldest_first_across_a_digit_and_a_reboot(channel, monkeypatch):
+    """The name began with a millisecond counter since boot, not padded: when it gained a digit (2.8 hours of
+    uptime, 27.8 hours, …) or started again at a reboot, new messages sorted before the ones waiting, which then
+    waited for the queue to drain."""
+    import itertools
+
+    clock = itertools.chain([9_999_999_999_999_999, 10_000_000_000_000_001])  # (ns: a digit gained between)
+    monkeypatch.setattr(broker, "time_ns", lambda: next(clock))
+    channel._put("celery", {"n": "first"})
+    channel._put("celery", {"n": "second"})
+    assert [channel._get("celery")["n"] for _ in range(2)] == ["first", "second"]
