@@ -354,10 +354,15 @@ def _vpn_gateways(clusters: Sequence) -> list[Gateway]:
 
 
 def _readable_certificate(gateway: Gateway) -> bool:
+    """Whether a failover gateway's certificate can be pinned, and has more than a minute left."""
     try:
         gateway_fingerprint(gateway)
+        ends = gateway_certificate_end(gateway)
     except openvpn.ProfileError as exc:
         logger.error("access: gateway %s left out of VPN profiles: %s", gateway.name, exc)
+        return False
+    if ends <= _now() + dt.timedelta(minutes=1):
+        logger.error("access: gateway %s left out of VPN profiles: its certificate ended %s", gateway.name, ends)
         return False
     return True
 
@@ -425,6 +430,15 @@ def gateway_fingerprint(gateway: Gateway) -> str:
     ``ProfileError`` when the recorded certificate cannot be read (the download says to ask the administrator)."""
     try:
         return pki.pem_fingerprint(gateway.server_certificate)
+    except ValueError as exc:
+        raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
+
+
+def gateway_certificate_end(gateway: Gateway) -> dt.datetime:
+    """When the gateway's TLS server certificate (``gateway_enrol``) ends: a VPN profile that pins it works no
+    longer. A ``ProfileError`` when it cannot be read."""
+    try:
+        return pki.load_cert_pem(gateway.server_certificate.encode()).not_valid_after_utc
     except ValueError as exc:
         raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
 
@@ -536,13 +550,22 @@ def vpn_profile_issue(*, user, clusters: Iterable, publish: bool = False, label:
     vpn_ca, aa = _signers(AuthorityKind.VPN, AuthorityKind.AA)
 
     labels = [selectors.cluster_label(c) for c in chosen]
+    try:
+        pinned_until = gateway_certificate_end(gateway)
+    except openvpn.ProfileError as exc:
+        raise _misconfigured(gateway, "a VPN profile", exc) from None
     serial = serial_allocate("vpn-client", pooled=True)
     now = _now()
     start = now - pki.CLOCK_SKEW
     end = _credential_end(
         now + (publish_cert_lifetime() if publish else vpn_cert_lifetime()),
         chosen,
-        {"the VPN CA": vpn_ca.cert.not_valid_after_utc, "the Attribute Authority": aa.cert.not_valid_after_utc},
+        {
+            "the VPN CA": vpn_ca.cert.not_valid_after_utc,
+            "the Attribute Authority": aa.cert.not_valid_after_utc,
+            # the profile pins it: past its end the profile cannot connect, whatever its own dates say
+            f"gateway {gateway.name} (its TLS server certificate; re-enrol it)": pinned_until,
+        },
     )
     try:
         text, cert = _vpn_profile_render(
@@ -1991,12 +2014,18 @@ def retired_host_key_lines(gateway: Gateway, patterns: Sequence[str]) -> str:
 def gateway_enrol(*, gateway: Gateway) -> GatewayEnrolment:
     """New TLS server key + certificate (VPN CA) and SSH host key + certificate (host CA) for ``gateway``.
 
-    Re-enrolling replaces both keys and certificates, and retires the old ones: VPN profiles pin the new TLS
-    certificate (``gateway_fingerprint``; those downloaded before refuse the gateway now), and SSH bundles say
-    ``@revoked`` for the old host key until its certificate expires (``host_key_retire``)."""
+    Re-enrolling replaces both keys and certificates and the tls-crypt key, and retires the old ones: VPN profiles
+    pin the new TLS certificate (``gateway_fingerprint``; those downloaded before refuse the gateway now), and SSH
+    bundles say ``@revoked`` for the old host key until its certificate expires (``host_key_retire``)."""
     from access import ssh
 
     gateway = Gateway.objects.select_for_update().get(pk=gateway.pk)
+    if gateway.enrolled_at is not None:
+        # a new tls-crypt key too: the old one (in a stolen state directory) would still let a peer holding the
+        # old server key pass for the gateway to a client that does not check the pinned fingerprint (OpenVPN 2.5
+        # ignores ``peer-fingerprint``); profiles made before pin the old certificate and stop working either way
+        gateway.tls_crypt_key = pki.generate_tls_crypt_key()
+        gateway.save(update_fields=["tls_crypt_key"])
     tls_crypt = _ensure_tls_crypt(gateway)
     vpn_ca = _load(_authority(AuthorityKind.VPN))
     server_name = gateway_server_name(gateway)

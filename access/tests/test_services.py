@@ -1081,3 +1081,37 @@ def test_the_attribute_authority_lives_as_long_as_the_ca_and_bounds_every_profil
             text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
             parsed = parse_profile(text, aa_pem=pki.cert_to_pem(short).decode())
             assert parsed.cert.not_valid_after_utc <= short.not_valid_after_utc
+
+
+def test_a_re_enrolled_gateway_gets_a_new_tls_crypt_key(alice, cluster, gateway):
+    """A gateway is re-enrolled after its state directory was stolen: the old tls-crypt key stays with the thief
+    and, with the old server key, passed for the gateway to a client that does not check the pinned fingerprint
+    (OpenVPN 2.5 ignores ``peer-fingerprint``). Re-enrolment makes a new one; profiles carry the new one."""
+    first = services.gateway_enrol(gateway=gateway).tls_crypt_key
+    gateway.refresh_from_db()
+    assert gateway.tls_crypt_key == first
+    second = services.gateway_enrol(gateway=gateway).tls_crypt_key
+    gateway.refresh_from_db()
+    assert second != first and gateway.tls_crypt_key == second
+    text = services.vpn_profile_issue(user=alice, clusters=[cluster]).text
+    assert second.strip().splitlines()[2] in text and first.strip().splitlines()[2] not in text
+
+
+def test_a_profile_never_outlives_the_gateway_certificate_it_pins(alice, cluster, gateway):
+    """A 90-day publish profile issued 20 days before the gateway's certificate ends stopped connecting after 20
+    days, while its dates (and the expiry mail) said 90. It ends with the certificate; one that has ended is an
+    error that says what to do."""
+    from access import pki
+    from access.errors import AuthorityExpired
+
+    VirtualCluster.objects.filter(pk=cluster.pk).update(expires_at=timezone.now() + dt.timedelta(days=80))
+    cluster.refresh_from_db()
+    for days, expired in ((20, False), (0, True)):
+        ca = pki.create_ca("virtcloud-gateway-gw1", lifetime=dt.timedelta(days=days, seconds=30))
+        Gateway.objects.filter(pk=gateway.pk).update(server_certificate=ca.cert_pem().decode())
+        if expired:
+            with pytest.raises(AuthorityExpired, match="gateway gw1 .its TLS server certificate; re-enrol it."):
+                services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+        else:
+            text, _ = services.vpn_profile_issue(user=alice, clusters=[cluster], publish=True)
+            assert parse_profile(text, aa_pem=aa_pem()).cert.not_valid_after_utc <= ca.cert.not_valid_after_utc
