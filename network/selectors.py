@@ -56,6 +56,9 @@ class SegmentView:
     hosts: frozenset[int]  # member host ids
     host_ports: frozenset[int]  # the host trunks (switch port ids) of the members
     sites: frozenset[int]  # member sites, plus the gateway sites (``gateway``) or router sites its core joins
+    # the switches it is on: those of its members' host trunks, and those with a gateway (router) trunk at the
+    # sites its core joins; more than one, and the core uplinks join them, even at a single site
+    switches: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,15 @@ class Footprint:
 @dataclass(frozen=True)
 class GatewayReach:
     """The sites with an access-gateway trunk on an enabled switch and which of them each core joins (``sites``,
-    ``by_core``); the same for the trunks toward the provider's routers (``router_sites``, ``router_by_core``)."""
+    ``by_core``); the same for the trunks toward the provider's routers (``router_sites``, ``router_by_core``); the
+    switches with such a trunk at each site (``switches_by_site``, ``router_switches_by_site``)."""
 
     sites: frozenset[int]
     by_core: dict[int, frozenset[int]]
     router_sites: frozenset[int] = frozenset()
     router_by_core: dict[int, frozenset[int]] = field(default_factory=dict)
+    switches_by_site: dict[int, frozenset[int]] = field(default_factory=dict)
+    router_switches_by_site: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
 def gateway_reach(*, enabled_only: bool = False) -> GatewayReach:
@@ -87,25 +93,27 @@ def gateway_reach(*, enabled_only: bool = False) -> GatewayReach:
     meanwhile on a core that joins no gateway site would have no way in then); with ``enabled_only`` of the
     enabled switches' only. The desired state took the enabled ones: disabling the gateway's switch took the
     closed clusters' VLANs off the other sites' uplinks (the reconciler removed them as stale)."""
-    by_role: dict[str, tuple[set[int], dict[int, set[int]]]] = {
-        PortRole.GATEWAY_TRUNK: (set(), defaultdict(set)),
-        PortRole.ROUTER_TRUNK: (set(), defaultdict(set)),
+    by_role: dict[str, tuple[set[int], dict[int, set[int]], dict[int, set[int]]]] = {
+        PortRole.GATEWAY_TRUNK: (set(), defaultdict(set), defaultdict(set)),
+        PortRole.ROUTER_TRUNK: (set(), defaultdict(set), defaultdict(set)),
     }
     trunks = SwitchPort.objects.filter(role__in=list(by_role))
     if enabled_only:
         trunks = trunks.filter(switch__enabled=True)
-    for role, site_id, core_id in trunks.values_list("role", "switch__site_id", "switch__site__core_transports"):
-        sites, by_core = by_role[role]
+    for role, switch_id, site_id, core_id in trunks.values_list(
+        "role", "switch_id", "switch__site_id", "switch__site__core_transports"
+    ):
+        sites, by_core, switches = by_role[role]
         sites.add(site_id)
+        switches[site_id].add(switch_id)
         if core_id is not None:
             by_core[core_id].add(site_id)
-    (gw_sites, gw_cores), (rt_sites, rt_cores) = by_role[PortRole.GATEWAY_TRUNK], by_role[PortRole.ROUTER_TRUNK]
-    return GatewayReach(
-        frozenset(gw_sites),
-        {core: frozenset(found) for core, found in gw_cores.items()},
-        frozenset(rt_sites),
-        {core: frozenset(found) for core, found in rt_cores.items()},
-    )
+    gw, rt = by_role[PortRole.GATEWAY_TRUNK], by_role[PortRole.ROUTER_TRUNK]
+
+    def frozen(mapping: dict[int, set[int]]) -> dict[int, frozenset[int]]:
+        return {key: frozenset(found) for key, found in mapping.items()}
+
+    return GatewayReach(frozenset(gw[0]), frozen(gw[1]), frozenset(rt[0]), frozen(rt[1]), frozen(gw[2]), frozen(rt[2]))
 
 
 def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[SegmentView]:
@@ -121,30 +129,36 @@ def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[Segm
     hosts: dict[int, set[int]] = defaultdict(set)
     ports: dict[int, set[int]] = defaultdict(set)
     sites: dict[int, set[int]] = defaultdict(set)
-    for seg_id, host_id, site_id, port_id in SegmentMember.objects.filter(
+    switches: dict[int, set[int]] = defaultdict(set)
+    for seg_id, host_id, site_id, port_id, switch_id in SegmentMember.objects.filter(
         segment_id__in=[r[0] for r in rows]
-    ).values_list("segment_id", "host_id", "host__site_id", "host__switch_port_id"):
+    ).values_list("segment_id", "host_id", "host__site_id", "host__switch_port_id", "host__switch_port__switch_id"):
         hosts[seg_id].add(host_id)
         ports[seg_id].add(port_id)
         sites[seg_id].add(site_id)
+        switches[seg_id].add(switch_id)
     # A closed segment reaches the gateway sites its core joins, a public one the router sites: a trunk added
     # later at a site the core does not reach never gets the VLAN — the id may be another core's cluster there
     # (pools of cores without a common site may overlap), and the two would meet on that switch.
     reach = gateway or gateway_reach()
-    return [
-        SegmentView(
-            id=seg_id,
-            owner_ref=owner,
-            vid=vid,
-            core_id=core_id,
-            gateway=closed,
-            hosts=frozenset(hosts[seg_id]),
-            host_ports=frozenset(ports[seg_id]),
-            sites=frozenset(sites[seg_id])
-            | (reach.by_core if closed else reach.router_by_core).get(core_id, frozenset()),
+    views = []
+    for seg_id, owner, vid, core_id, closed in rows:
+        trunk_sites = (reach.by_core if closed else reach.router_by_core).get(core_id, frozenset())
+        trunk_switches = reach.switches_by_site if closed else reach.router_switches_by_site
+        views.append(
+            SegmentView(
+                id=seg_id,
+                owner_ref=owner,
+                vid=vid,
+                core_id=core_id,
+                gateway=closed,
+                hosts=frozenset(hosts[seg_id]),
+                host_ports=frozenset(ports[seg_id]),
+                sites=frozenset(sites[seg_id]) | trunk_sites,
+                switches=frozenset(switches[seg_id]).union(*(trunk_switches.get(site, ()) for site in trunk_sites)),
+            )
         )
-        for seg_id, owner, vid, core_id, closed in rows
-    ]
+    return views
 
 
 def desired_segments(
@@ -212,7 +226,9 @@ def switch_desired(
     for view in views:
         for port_id in view.host_ports:
             by_host_port[port_id].add(view.vid)
-        if len(view.sites) > 1:
+        # the core joins the switches it is on: those at several sites, and two switches at one site (hosts
+        # behind each, or its gateway trunk on another switch than its hosts) that meet only through their uplinks
+        if len(view.sites) > 1 or len(view.switches) > 1:
             for site_id in view.sites:
                 by_core_site[(view.core_id, site_id)].add(view.vid)
         for site_id in view.sites:

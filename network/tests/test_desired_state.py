@@ -89,6 +89,37 @@ def test_a_gateway_trunk_gets_only_the_closed_vlans_whose_core_reaches_its_site(
     assert selectors.segment_views(Segment.objects.filter(pk=closed.pk))[0].sites == {fabric.sites["brno"].pk}
 
 
+def test_two_switches_at_one_site_meet_through_their_core_uplinks(fabric):
+    """A site with a second switch (more host ports; the access gateway's trunk on one switch, the hosts on the
+    other): a cluster on both switches of one site, or a closed one whose hosts are on the switch without the
+    gateway trunk, was left without its uplinks — the uplinks were given by number of sites — and its two halves
+    (or its hosts and its gateway) could not reach each other."""
+    from network.choices import PortRole
+    from network.tests.factories import HostFactory, SwitchFactory, SwitchPortFactory
+
+    brno = fabric.sites["brno"]
+    second = SwitchFactory(name="sw-brno-b", site=brno, platform="fake", driver_args=fabric.args)
+    port = SwitchPortFactory(switch=second, name="h1", role=PortRole.HOST_TRUNK)
+    SwitchPortFactory(switch=second, name="uplink", role=PortRole.CORE_UPLINK, core=fabric.core)
+    brno3 = HostFactory(name="brno3", site=brno, switch_port=port, driver="fake", driver_args=fabric.args)
+
+    both = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], brno3], gateway=False)
+    hidden = services.segment_create(owner="b", hosts=[brno3], gateway=True)  # the gateway trunk is on sw-brno
+    alone = services.segment_create(owner="c", hosts=[fabric.hosts["brno2"]], gateway=False)
+    names = {s.pk: s.name for s in fabric.switches.values()} | {second.pk: second.name}
+    want = {names[pk]: ports for pk, ports in selectors.switch_desired().items()}
+    assert want["sw-brno"] == {
+        "h1": {both.vid},
+        "h2": {alone.vid},
+        "uplink": {both.vid, hidden.vid},
+        "gw": {hidden.vid},
+    }
+    assert want["sw-brno-b"] == {"h1": {both.vid, hidden.vid}, "uplink": {both.vid, hidden.vid}}
+    assert want["sw-pilsen"]["uplink"] == want["sw-prague"]["uplink"] == NONE
+    footprint = selectors.segment_footprint(Segment.objects.get(pk=hidden.pk))
+    assert footprint.switches == {fabric.switches["brno"].pk, second.pk}
+
+
 def test_several_segments_and_hosts(fabric):
     a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["prague1"]], gateway=False)
     b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"]], gateway=True)
