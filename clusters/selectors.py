@@ -600,3 +600,15 @@ def planned(cluster: VirtualCluster) -> dict:
         "expires_at": cluster.expires_at,
         "nodes": [{"name": n.name, "host": n.host.name, "address": n.address} for n in nodes],
     }
+
+
+def image_delete_outcome(image) -> tuple[str, int]:
+    """What deleting ``image`` would do now (``services.image_delete`` decides it again when it is done): ("refused",
+    the live clusters booting it), ("retired", 0: ended clusters name it — it boots nothing new and its name stays
+    taken), or ("deleted", 0)."""
+    if image.retired_at is not None:
+        return "retired", 0
+    live = image.clusters.filter(state__in=LIVE_STATES).count()
+    if live:
+        return "refused", live
+    return ("retired" if image.clusters.exists() else "deleted"), 0

@@ -157,6 +157,10 @@ def _page(request, *, refused: ExtendForm | None = None, status: int = 200) -> H
             form = refused if refused is not None and refused.cluster.pk == cluster.pk else ExtendForm(cluster=cluster)
             form.offer(now)
             cluster.extend_form = form
+    if refused is not None and not any(c.actionable and c.pk == refused.cluster.pk for c in live):
+        # its row is not on the page (past the newest HOME_LIVE_SHOWN, or no longer active): the refusal in words
+        for problem in [e for errors in refused.errors.values() for e in errors]:
+            messages.error(request, f"{refused.cluster.name} was not extended: {problem}")
     ended = list(clusters.exclude(state__in=LIVE_STATES).order_by(F("ended_at").desc(nulls_last=True), "-id")[:10])
     selectors.hide_device_messages(request, live + ended)  # (in memory: not the cluster's people's to read)
     return render(
@@ -370,16 +374,20 @@ def _images_page(request, form: ImageForm, *, status: int = 200) -> HttpResponse
     return render(request, "clusters/images.html", context, status=status)
 
 
-@_post_only
+@require_http_methods(["GET", "HEAD", "POST"])
 @login_required
+@never_cache
 @_image_changes_limited(bound=False)
 def image_delete(request, name: str):
-    """Delete one of the user's images (retired when ended clusters still name it); refused while a live cluster
-    boots it, with a message."""
+    """GET: what deleting this image does (deleted, or retired when ended clusters still name it — its name then
+    stays taken — or refused while a live cluster boots it), and a button that does it. POST: delete it."""
     image = get_object_or_404(selectors.images_visible(request), name=name)
     if not selectors.image_may_change(request, image):
         messages.error(request, f"{image.name} is not yours to delete.")
         return redirect("clusters:images")
+    if request.method != "POST":
+        outcome, live = selectors.image_delete_outcome(image)
+        return render(request, "clusters/image_delete.html", {"image": image, "outcome": outcome, "live": live})
     try:
         outcome = services.image_delete(image=image)
     except ClusterError as exc:

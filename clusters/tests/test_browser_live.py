@@ -112,6 +112,11 @@ def test_a_user_registers_and_deletes_an_image_on_a_phone(browser_page, live_ser
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     image = Image.objects.get(name="my-stack")
     assert (image.owner, image.group, image.approved) == (alice, team, False)
-    page.click("tr[data-image='my-stack'] button.danger")
-    page.wait_for_selector("tr[data-image='my-stack']", state="detached")
+    page.click("tr[data-image='my-stack'] a.danger")  # asks first
+    page.wait_for_selector("#what-happens")
+    assert "its name is free again" in page.inner_text("#what-happens")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.click("button.danger")
+    page.wait_for_selector("#image-form")
+    assert page.query_selector("tr[data-image='my-stack']") is None
     assert "Deleted my-stack." in page.inner_text(".messages")

@@ -93,6 +93,23 @@ def test_extend_past_the_maximum_lifetime_is_refused_at_the_field(alice, setting
     assert cluster.expires_at == before
 
 
+def test_a_refused_extend_of_a_cluster_not_on_the_page_says_why_in_a_message(alice, settings, monkeypatch):
+    """The page lists the newest live clusters only: a refusal for one past them (a batch system made many more
+    since the page was opened) came back as a 400 page with nothing that said why."""
+    from clusters import views
+
+    settings.CLUSTER_MAX_LIFETIME = 2 * 24 * 3600
+    old = make_cluster(alice, name="old")
+    make_cluster(alice, name="newer")
+    monkeypatch.setattr(views, "HOME_LIVE_SHOWN", 1)
+    client = logged_in(alice)
+    response = client.post(f"/clusters/{old.pk}/extend/", {"by": "7d"})
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert f'data-cluster="{old.pk}"' not in text
+    assert "old was not extended: The lifetime must be at most 2 days from creation" in text
+
+
 def test_extend_adds_to_an_extension_saved_after_the_view_read_the_cluster(alice, monkeypatch):
     """The scheduler extends through the API between the view's read and its write: "+1 day" is added to that
     extension under the row lock, never written as the older expiry + 1 day (which would shorten the lifetime)."""

@@ -83,7 +83,34 @@ def test_delete_removes_retires_or_refuses_with_a_message(alice, bob, team):
     Image.objects.create(name="shared", owner=alice, group=team)
     assert logged_in(bob).post(f"{URL}shared/delete/").status_code == 302
     assert Image.objects.filter(name="shared").exists()  # not bob's
-    assert logged_in(bob).get(f"{URL}shared/delete/").status_code == 405
+    assert logged_in(bob).get(f"{URL}shared/delete/").status_code == 302  # (to the list, saying so)
+
+
+def test_delete_asks_first_and_says_what_it_does(alice):
+    """One click deleted an image, or retired it for good (its name then stays taken): the page asks first, as
+    tearing a cluster down does, and says which it will be; the list links to it."""
+    from access.tests.fixtures import make_cluster
+
+    client = logged_in(alice)
+    Image.objects.create(name="unused", owner=alice)
+    listed = client.get(URL).content.decode()
+    assert f'href="{URL}unused/delete/" aria-label="Delete unused"' in listed
+    page = client.get(f"{URL}unused/delete/")
+    text = page.content.decode()
+    assert page.status_code == 200 and "no-store" in page["Cache-Control"]
+    assert "<h1>Delete image unused?</h1>" in text and "its name is free again" in text
+    assert '<button type="submit" class="danger">Delete unused</button>' in text
+    assert Image.objects.filter(name="unused").exists()  # looking deletes nothing
+
+    cluster = make_cluster(alice, name="mpi")  # boots user-image, made alice's here
+    Image.objects.filter(name="user-image").update(owner=alice)
+    text = client.get(f"{URL}user-image/delete/").content.decode()
+    assert "cannot be deleted now" in text and "1 live cluster boots it: it" in text
+    assert 'class="danger"' not in text.split("</header>")[1]
+    VirtualCluster.objects.filter(pk=cluster.pk).update(state="torn_down")
+    text = client.get(f"{URL}user-image/delete/").content.decode()
+    assert "it is <strong>retired</strong>" in text and "Its name stays taken" in text
+    assert '<button type="submit" class="danger">Retire user-image</button>' in text
 
 
 def test_the_page_costs_the_same_queries_for_many_images(alice, team, django_assert_max_num_queries):
