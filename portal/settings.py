@@ -100,6 +100,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.security.security_headers_middleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "portal.audit.RequestIdMiddleware",
     "portal.requests.request_text_middleware",

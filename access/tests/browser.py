@@ -37,10 +37,16 @@ def browser_page(tmp_path, monkeypatch):
             args=CHROMIUM_ARGS,
             accept_downloads=True,
         )
+        page = context.new_page()
+        # every browser test checks the portal's Content-Security-Policy too: a script or style it blocks is a
+        # broken page (portal.security)
+        blocked: list[str] = []
+        page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
         try:
-            yield context.new_page()
+            yield page
         finally:
             context.close()
+        assert not blocked, f"the Content-Security-Policy blocked: {blocked}"
 
 
 def log_in(page, live_server, username: str, password: str, *, next_url: str = "/") -> None:

@@ -1,0 +1,40 @@
+"""Every response carries the portal's Content-Security-Policy and Permissions-Policy (``portal.security``); the
+browser tests (``access.tests.browser``) fail on anything the policy blocks."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from access.tests.browser import browser_page, log_in  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.django_db
+
+
+def policy(response) -> dict[str, str]:
+    return dict(part.strip().split(" ", 1) for part in response["Content-Security-Policy"].split(";"))
+
+
+def test_pages_and_the_api_carry_the_policy(client, alice):
+    for url in ("/login/", "/healthz", "/api/clusters/", "/static/css/portal.css"):
+        response = client.get(url)
+        found = policy(response)
+        assert found["script-src"] == "'self'" and found["object-src"] == "'none'", url
+        assert found["frame-ancestors"] == "'none'" and found["form-action"] == "'self'", url
+        assert "camera=()" in response["Permissions-Policy"], url
+
+
+def test_logging_out_to_the_single_sign_on_is_an_allowed_form_target(settings):
+    settings.SSO_LOGOUT_URL = "https://idp.example.org/logout?return=portal"
+    response = Client().get("/login/")
+    assert policy(response)["form-action"] == "'self' https://idp.example.org"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_documentation_runs_under_the_policy(browser_page, live_server, alice):  # noqa: F811
+    """Swagger UI's start-up script was inline (drf-spectacular's plain view): the policy would have blocked it."""
+    page = browser_page
+    log_in(page, live_server, "alice", "alice-password")
+    page.goto(f"{live_server.url}/api/docs/")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=15000)
+    assert "VirtCloud" in page.inner_text(".swagger-ui .info .title")
