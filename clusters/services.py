@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Value
+from django.db.models import Count, Exists, F, Max, Model, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -1590,6 +1590,45 @@ def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> 
     )
     for cluster_id in ids:
         logger.warning("cluster %s: its provisioning was never sent (a process died); sending it again", cluster_id)
+    return ids
+
+
+LOST_AFTER_CONVERGED = "lost on its way after every device converged: sent again"
+
+
+def clusters_resend_lost(*, quiet_for: timedelta = timedelta(minutes=2)) -> list[int]:
+    """Clusters still PROVISIONING whose workflow was sent and whose every device change settled well more than
+    ``quiet_for`` ago: nothing waits on a device, yet the cluster never became READY — the workflow's last steps
+    were lost on their way (a chord whose counter a task run twice used up early, a message a killed worker held
+    on the embedded broker). Sent again, once, in a new generation (every device is at the desired state already:
+    converging again changes nothing), rather than failed at the deadline and a working network rolled back.
+    A second loss is left to the deadline."""
+    ok = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
+    ids = []
+    candidates = _stalled(ClusterState.PROVISIONING, quiet_for).filter(provision_sent=F("workflow_generation"))
+    for cluster_id, generation, segment_id in candidates.values_list("pk", "workflow_generation", "segment_id"):
+        step = ClusterStep.objects.filter(
+            cluster_id=cluster_id, name="network", generation=generation, status=StepStatus.RUNNING
+        ).first()
+        if step is None or segment_id is None:
+            continue
+        changes = DeviceChange.objects.filter(segment_id=segment_id, created_at__gte=step.started_at)
+        settled = changes.aggregate(
+            last=Max("finished_at"), count=Count("pk"), open=Count("pk", filter=~Q(status__in=ok))
+        )
+        if not settled["count"] or settled["open"] or settled["last"] > timezone.now() - quiet_for:
+            continue
+        if ClusterStep.objects.filter(cluster_id=cluster_id, error=LOST_AFTER_CONVERGED).exists():
+            continue  # (once: a workflow lost again is the deadline's)
+        still = VirtualCluster.objects.filter(
+            pk=cluster_id, state=ClusterState.PROVISIONING, workflow_generation=generation
+        )
+        restarted = _restart_stalled(
+            still, workflows.start_provision, error=LOST_AFTER_CONVERGED, state=ClusterState.REQUESTED
+        )
+        for restarted_id in restarted:
+            logger.warning("cluster %s: provisioning lost after the devices converged: sent again", restarted_id)
+        ids += restarted
     return ids
 
 

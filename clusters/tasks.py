@@ -171,6 +171,7 @@ def expire() -> list[int]:
         services.clusters_resume_requested,
         services.clusters_resend_unsent,
         services.clusters_resend_unsent_updates,
+        services.clusters_resend_lost,
         services.clusters_end_stalled_workflows,
         services.clusters_roll_back_abandoned_networks,
         services.clusters_lease_public_subnets,

@@ -1784,3 +1784,51 @@ def test_a_rollback_still_running_is_never_taken_for_an_unsent_provisioning(fabr
     after = VirtualCluster.objects.get(pk=cid)
     assert (after.state, after.workflow_generation) == (ClusterState.PROVISIONING, before.workflow_generation)
     assert after.steps.filter(name="compensate", status="running").exists()
+
+
+def test_a_provisioning_lost_after_every_device_converged_is_sent_again_once(fabric, images, api, alice, monkeypatch):
+    """The workflow's last step never came (a chord's counter used up early by a task run twice, a message a
+    killed worker held on the embedded broker): every device had converged, yet the deadline failed the cluster
+    and rolled a working network back. The sweeper sends it again once nothing has happened for a while — never
+    while a device change is open or just settled, and only once."""
+    from clusters import tasks
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(tasks.provision_finish, "run", lambda *args, **kwargs: None)  # (lost on its way)
+        cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.PROVISIONING and cluster.provision_sent == cluster.workflow_generation
+    assert services.clusters_resend_lost() == []  # just converged: the last step may be on its way
+    past = timezone.now() - timedelta(minutes=3)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
+    DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="running")
+    assert services.clusters_resend_lost() == []  # a device still at work: not lost
+    DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="ok", finished_at=past)
+    with monkeypatch.context() as m:
+        m.setattr(tasks.provision_finish, "run", lambda *args, **kwargs: None)  # lost again
+        assert services.clusters_resend_lost() == [cid]
+    cluster.refresh_from_db()
+    network = [(s.status, s.error) for s in cluster.steps.filter(name="network").order_by("pk")]
+    assert network[0] == ("failed", services.LOST_AFTER_CONVERGED)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
+    DeviceChange.objects.filter(segment_id=cluster.segment_id).update(finished_at=past)
+    assert services.clusters_resend_lost() == []  # once: the deadline's now
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=11))
+    assert services.clusters_end_stalled_workflows() == [cid]
+
+
+def test_a_lost_provisioning_sent_again_ends_ready(fabric, images, api, alice, monkeypatch):
+    from clusters import tasks
+
+    api.force_authenticate(alice)
+    with monkeypatch.context() as m:
+        m.setattr(tasks.provision_finish, "run", lambda *args, **kwargs: None)
+        cid = api.post("/api/clusters/", body(), format="json").data["id"]
+    past = timezone.now() - timedelta(minutes=3)
+    VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
+    DeviceChange.objects.filter(segment__cluster__pk=cid).update(finished_at=past)
+    assert services.clusters_resend_lost() == [cid]
+    cluster = VirtualCluster.objects.get(pk=cid)
+    assert cluster.state == ClusterState.READY, cluster.state_reason
+    assert cluster.vlan_id in fabric.host_vlans("brno1") and cluster.vlan_id in fabric.host_vlans("pilsen1")
