@@ -189,3 +189,27 @@ def test_the_demo_opened_to_other_machines_asks_itself_over_loopback_by_the_name
         "demo.example.org:8080",
     )
     assert probe_address("127.0.0.1:8000", []) == ("http://127.0.0.1:8000/", None)
+
+
+@pytest.mark.django_db
+def test_the_demo_refuses_a_database_whose_inventory_it_did_not_make(settings):
+    """An exported DATABASE_URL (the operator ran topology commands) and `manage.py demo`: it put every real
+    switch and host on the simulated fabric (their undo templates and secrets rewritten) and added a superuser.
+    It refuses unless the database is new or its own, with DEBUG; --force says the operator means it."""
+    from django.core.management import CommandError, call_command
+
+    from network.models import Switch
+    from network.tests.factories import SwitchFactory
+    from portal.management.commands.demo import DEMO_TOPOLOGY, refuse_a_real_inventory
+
+    settings.DEBUG = True
+    refuse_a_real_inventory(str(DEMO_TOPOLOGY))  # an empty database: a demo's
+    call_command("topology", "import", str(DEMO_TOPOLOGY), stdout=io.StringIO())
+    refuse_a_real_inventory(str(DEMO_TOPOLOGY))  # its own from before
+    SwitchFactory(name="prod-core-1")
+    with pytest.raises(CommandError, match=r"holds devices the demo did not make \(prod-core-1\).*--force"):
+        refuse_a_real_inventory(str(DEMO_TOPOLOGY))
+    Switch.objects.filter(name="prod-core-1").delete()
+    settings.DEBUG = False
+    with pytest.raises(CommandError, match="runs with DEBUG=true"):
+        refuse_a_real_inventory(str(DEMO_TOPOLOGY))

@@ -55,6 +55,37 @@ def probe_address(addr: str, allowed_hosts) -> tuple[str, str | None]:
     return f"http://{local}:{port}/", (f"{names[0]}:{port}" if names else None)
 
 
+def refuse_a_real_inventory(topology: str) -> None:
+    """``CommandError`` unless this is a demo's database: DEBUG on, and no switch or host but the demo topology's
+    (a database that is new, or the demo's from before). The demo puts every switch and host on a simulated
+    fabric (their driver arguments — undo templates, an enable secret — rewritten), imports its topology and
+    makes a superuser: pointed at a production database by an exported ``DATABASE_URL``, it would wreck it."""
+    from django.db import DatabaseError
+
+    from network.models import Switch
+
+    why = "run it on a database of its own (DATA_DIR, DATABASE_URL), or pass --force"
+    if not settings.DEBUG:
+        raise CommandError(f"manage.py demo runs with DEBUG=true (make demo does): it rewrites the inventory; {why}")
+    try:
+        stored = set(Switch.objects.values_list("name", flat=True)) | set(Host.objects.values_list("name", flat=True))
+    except DatabaseError:  # not migrated yet: a new database
+        return
+    try:
+        data, _lines = load_topology(Path(topology).read_text(), source=topology)
+    except (OSError, TopologyError) as exc:
+        raise CommandError(f"cannot read the topology {topology}: {exc}") from None
+    entries = [e for section in ("switches", "hosts") for e in (data.get(section) or [])]
+    demo = {entry.get("name") for entry in entries if isinstance(entry, dict)}
+    foreign = sorted(stored - demo)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise CommandError(
+            f"the database {settings.DATABASES['default']['NAME']} holds devices the demo did not make ({listed}): "
+            f"the demo would put every device on a simulated fabric; {why}"
+        )
+
+
 class Command(BaseCommand):
     help = "Run the portal with a demo topology, a throwaway LDAP directory, a Celery worker and beat."
 
@@ -63,10 +94,18 @@ class Command(BaseCommand):
         parser.add_argument("--topology", default=str(DEMO_TOPOLOGY), help="topology file to import")
         parser.add_argument("--no-lab", action="store_true", help="do not build the netns lab even as root")
         parser.add_argument("--ready-timeout", type=float, default=60.0)
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="run on a database whose inventory the demo did not make, or without DEBUG (it rewrites every "
+            "device's driver arguments and adds a superuser)",
+        )
 
-    def handle(self, *args, addr: str, topology: str, no_lab: bool, ready_timeout: float, **options):
+    def handle(self, *args, addr: str, topology: str, no_lab: bool, ready_timeout: float, force: bool, **options):
         if not re.fullmatch(r"[\w.\-\[\]:]+:\d+", addr):
             raise CommandError(f"--addr {addr!r}: use host:port, e.g. 127.0.0.1:8000")
+        if not force:
+            refuse_a_real_inventory(topology)
         self.children: list[tuple[str, subprocess.Popen, Path]] = []
         self.directory: LdapServer | None = None
         self.lab_up = False
