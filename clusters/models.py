@@ -424,7 +424,7 @@ class Webhook(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        from clusters.webhooks import refused_address
+        from clusters.webhooks import reach, refused_address
 
         parts = urllib.parse.urlsplit(self.url or "")
         try:
@@ -433,7 +433,7 @@ class Webhook(models.Model):
             raise ValidationError({"url": f"{exc} in {self.url}"}) from None
         host = parts.hostname or ""
         with contextlib.suppress(ValueError):
-            if refused_address("127.0.0.1" if host == "localhost" else host, public_only=self.owner_id is not None):
+            if refused_address("127.0.0.1" if host == "localhost" else host, **reach(self)):
                 raise ValidationError({"url": f"{host} is this machine's or a special address: not delivered to"})
         choices = ", ".join(ClusterState.values)
         if not isinstance(self.states, list) or not all(isinstance(s, str) for s in self.states):

@@ -1716,8 +1716,8 @@ def webhook_create(
 ) -> tuple[Webhook, str]:
     """A webhook ``owner`` registers (with ``token``: it gets the feed while that token is live): it gets the
     event feed from now on, signed with a secret made here and returned (the only time it is shown). At most
-    ``WEBHOOKS_PER_OWNER``; only public addresses unless ``WEBHOOK_ALLOWED_NETWORKS`` lists them. (webhook,
-    secret)."""
+    ``WEBHOOKS_PER_OWNER``; only public addresses unless the networks it may use list them
+    (``clusters.webhooks.reach``). (webhook, secret)."""
     owner.__class__.objects.select_for_update(no_key=True).filter(pk=owner.pk).first()  # one count at a time per owner
     if Webhook.objects.filter(owner=owner).count() >= WEBHOOKS_PER_OWNER:
         raise QuotaExceeded(f"{owner.get_username()} has {WEBHOOKS_PER_OWNER} webhooks already: delete one first")

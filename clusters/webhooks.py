@@ -14,8 +14,10 @@ delivery again.
 
 The endpoint's host is resolved before each POST and the POST goes to the addresses checked, each in turn until
 one answers (no second lookup a DNS answer could change in between): loopback, link-local (cloud metadata
-services), multicast, unspecified and reserved addresses are refused unless ``WEBHOOK_ALLOWED_NETWORKS`` lists
-them — a webhook is not a way to reach the portal's own services. Through an environment proxy, the proxy decides.
+services), multicast, unspecified and reserved addresses are refused, and for a webhook registered through the API
+anything not public, unless the networks it may use list them (``reach``) — a webhook is not a way to reach the
+portal's own services. Through an environment proxy the proxy connects, but a webhook registered through the API
+is sent only when its host resolves to addresses it may reach.
 
 A 2xx answer moves the cursor past the batch; anything else (or no complete answer within ``WEBHOOK_TIMEOUT``
 from the connect on: the whole exchange, not each read — an endpoint that trickles its answer a byte at a time
@@ -71,16 +73,33 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def refused_address(address: str, *, public_only: bool = False) -> bool:
-    """Whether a webhook must not be sent to ``address`` (an IP): this machine's own or its network's
-    special ranges — and with ``public_only`` (a webhook registered through the API, by the middleware or a user)
-    anything not public (the provider's private networks) — unless ``WEBHOOK_ALLOWED_NETWORKS`` lists it."""
+def refused_address(address: str, *, public_only: bool = False, listed: bool = True) -> bool:
+    """Whether a webhook must not be sent to ``address`` (an IP): this machine's own or its network's special
+    ranges — and with ``public_only`` (a webhook registered through the API) anything not public (the provider's
+    private networks) — unless the networks it may use list it: ``WEBHOOK_ALLOWED_NETWORKS`` for the
+    administrators' and the middleware's webhooks (``listed``), ``WEBHOOK_USER_ALLOWED_NETWORKS`` for a user's
+    own. The administrators' list (a receiver on the portal's machine, ``127.0.0.0/8``) opened the portal's own
+    services to every user's webhook."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if any(ip in ipaddress.ip_network(net, strict=False) for net in settings.WEBHOOK_ALLOWED_NETWORKS):
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    networks = settings.WEBHOOK_ALLOWED_NETWORKS if listed else settings.WEBHOOK_USER_ALLOWED_NETWORKS
+    if any(ip in ipaddress.ip_network(net, strict=False) for net in networks):
         return False
-    if public_only and not ip.is_global:
+    if public_only and (not ip.is_global or ip in _NAT64):
         return True
     return ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+
+
+# the well-known NAT64 prefix: an address in it is any IPv4 address behind the provider's NAT64, its private ones
+# too (is_global says yes to it)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def reach(hook) -> dict[str, bool]:
+    """How ``refused_address`` judges ``hook``'s addresses: an administrator's (admin: no owner) may reach what
+    ``WEBHOOK_ALLOWED_NETWORKS`` lists, private networks included; the middleware's (the feed of every cluster)
+    public addresses and that list; a user's own, public addresses and ``WEBHOOK_USER_ALLOWED_NETWORKS``."""
+    return {"public_only": hook.owner_id is not None, "listed": hook.owner_id is None or hook.all_clusters}
 
 
 def _resolve(host: str, port: int, timeout: float) -> list:
@@ -106,7 +125,7 @@ def _resolve(host: str, port: int, timeout: float) -> list:
     return done["answer"]
 
 
-def _checked_addresses(url: str, *, public_only: bool = False) -> tuple[list[str], str]:
+def _checked_addresses(url: str, *, public_only: bool = False, listed: bool = True) -> tuple[list[str], str]:
     """(the addresses to POST to, in the resolver's order, "") or ([], why not): the host resolved once (within
     ``WEBHOOK_TIMEOUT``), every answer checked. A user's webhook (``public_only``) is told neither the addresses
     refused nor whether the name resolves at all: its ``last_error`` would map the provider's internal DNS for
@@ -119,7 +138,7 @@ def _checked_addresses(url: str, *, public_only: bool = False) -> tuple[list[str
     except (OSError, UnicodeError) as exc:
         return [], unreachable if public_only else f"cannot resolve {host}: {exc}"
     addresses = list(dict.fromkeys(info[4][0] for info in answers))
-    refused = [a for a in addresses if refused_address(a, public_only=public_only)]
+    refused = [a for a in addresses if refused_address(a, public_only=public_only, listed=listed)]
     if refused or not addresses:
         if public_only:
             return [], unreachable
@@ -228,23 +247,31 @@ class _DeadlineHTTPS(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
-def _opener(url: str, deadline: _Deadline, *, public_only: bool) -> tuple[urllib.request.OpenerDirector | None, str]:
+def _opener(
+    url: str, deadline: _Deadline, *, public_only: bool, listed: bool = True
+) -> tuple[urllib.request.OpenerDirector | None, str]:
     parts = urllib.parse.urlsplit(url)
     # the proxy is used exactly when urllib's own proxy handler will use it: it asks proxy_bypass of the request's
     # host WITH its port (a no_proxy entry "host:port" bypasses the proxy there, not for the bare host name: asked
     # of the name alone, the address went unchecked and the handler connected directly)
     host = urllib.request.Request(url).host or ""  # noqa: S310 - nothing is opened (http/https only: _post)
     if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
-        addresses = None  # the proxy connects, and decides
+        addresses = None  # the proxy connects, and decides — for the administrators' webhooks
+        if public_only:  # a user's: the name is checked all the same (a proxy fetches internal addresses gladly)
+            checked, why = _checked_addresses(url, public_only=True, listed=listed)
+            if not checked:
+                return None, why
     else:
-        addresses, why = _checked_addresses(url, public_only=public_only)
+        addresses, why = _checked_addresses(url, public_only=public_only, listed=listed)
         if not addresses:
             return None, why
     handlers = (_DeadlineHTTP(deadline, addresses), _DeadlineHTTPS(deadline, addresses))
     return outgoing.opener(handlers=handlers), ""
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], *, public_only: bool = False) -> tuple[int | None, str]:
+def _post(
+    url: str, body: bytes, headers: dict[str, str], *, public_only: bool = False, listed: bool = True
+) -> tuple[int | None, str]:
     """(the HTTP status or None, what went wrong); never raises for anything the endpoint or its URL does."""
     if not url.startswith(("http://", "https://")):
         return None, "only http and https URLs are delivered to"
@@ -252,7 +279,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], *, public_only: bool =
     cut = f"no complete answer within {timeout:g} s (WEBHOOK_TIMEOUT)"
     with _Deadline(timeout) as deadline:
         try:
-            opener, why = _opener(url, deadline, public_only=public_only)
+            opener, why = _opener(url, deadline, public_only=public_only, listed=listed)
             if opener is None:
                 return None, why
             request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
@@ -345,7 +372,7 @@ def deliver(webhook_id: int) -> Delivery:
         "X-VirtCloud-Timestamp": stamp,
         "X-VirtCloud-Signature-Timestamped": signature(str(hook.secret), stamp.encode() + b"." + body),
     }
-    status, error = _post(hook.url, body, headers, public_only=hook.owner_id is not None)
+    status, error = _post(hook.url, body, headers, **reach(hook))
     now = timezone.now()
     # the result is this URL's: one the owner changed meanwhile starts afresh (webhook_update), and the old
     # endpoint's answer neither moves its cursor past a batch it never got nor gives it the old one's backoff

@@ -443,6 +443,9 @@ WEBHOOK_MAX_BACKOFF = env_int("WEBHOOK_MAX_BACKOFF", 300, minimum=1)
 # networks a webhook may reach although loopback, link-local, multicast or reserved (e.g. 127.0.0.0/8)
 # (read at start: a bad entry let users register any address, then failed every delivery, the administrators' too)
 WEBHOOK_ALLOWED_NETWORKS = env_networks("WEBHOOK_ALLOWED_NETWORKS")
+# ... for the administrators' and the middleware's webhooks only; a user's own webhook may reach public addresses and
+# these (empty: none other)
+WEBHOOK_USER_ALLOWED_NETWORKS = env_networks("WEBHOOK_USER_ALLOWED_NETWORKS")
 CELERY_BEAT_SCHEDULE["clusters-webhooks"] = every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------

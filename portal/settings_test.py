@@ -19,6 +19,7 @@ from portal.settings import *  # noqa: E402,F403
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # the webhook tests' receivers listen on this machine (a test of the refusal empties it)
 WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+WEBHOOK_USER_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]  # (the tests' receivers are on loopback)
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "true").lower() == "true"
 
 # SQLite: a test database in a file, as in production, so that a connection meeting another's write lock

@@ -770,3 +770,40 @@ def test_a_users_webhook_learns_nothing_of_internal_names_from_its_errors(monkey
     settings.WEBHOOK_ALLOWED_NETWORKS = []  # (the tests' own receivers are on loopback)
     assert "resolves to 127.0.0.1" in webhooks._checked_addresses("http://local.corp.internal/")[1]
     assert "Name or service not known" in webhooks._checked_addresses("http://nothing.corp.internal/")[1]
+
+
+def test_the_administrators_allowed_networks_are_not_every_users(settings, monkeypatch):
+    """``WEBHOOK_ALLOWED_NETWORKS`` (the README's example: ``127.0.0.0/8``, a receiver on the portal's machine) also
+    opened those addresses to every user's webhook: any user could POST to the portal's own services. It holds
+    for the administrators' webhooks and the middleware's (the feed of every cluster); a user's own reaches public
+    addresses and ``WEBHOOK_USER_ALLOWED_NETWORKS`` only. Through an environment proxy too, and not by NAT64."""
+    from types import SimpleNamespace
+
+    from clusters import webhooks
+
+    settings.WEBHOOK_ALLOWED_NETWORKS, settings.WEBHOOK_USER_ALLOWED_NETWORKS = ["127.0.0.0/8", "10.0.0.0/8"], []
+    admins, middleware, users = (
+        SimpleNamespace(owner_id=None, all_clusters=True),
+        SimpleNamespace(owner_id=1, all_clusters=True),
+        SimpleNamespace(owner_id=2, all_clusters=False),
+    )
+    assert not webhooks.refused_address("127.0.0.1", **webhooks.reach(admins))
+    assert not webhooks.refused_address("10.1.2.3", **webhooks.reach(middleware))
+    for address in ("127.0.0.1", "10.1.2.3", "::ffff:127.0.0.1", "169.254.169.254", "64:ff9b::a01:203"):
+        assert webhooks.refused_address(address, **webhooks.reach(users)), address
+    assert not webhooks.refused_address("192.0.43.8", **webhooks.reach(users))  # (a public address)
+    settings.WEBHOOK_USER_ALLOWED_NETWORKS = ["10.1.0.0/16"]
+    assert not webhooks.refused_address("10.1.2.3", **webhooks.reach(users))
+
+    def resolve(host, port, timeout):
+        return [(None, None, None, "", ("10.20.0.7", port))]
+
+    monkeypatch.setattr(webhooks, "_resolve", resolve)
+    monkeypatch.setenv("http_proxy", "http://proxy.example.org:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with webhooks._Deadline(5) as deadline:
+        opener, why = webhooks._opener("http://db.corp.internal/", deadline, **webhooks.reach(users))
+        assert opener is None and "not delivered to" in why and "10.20.0.7" not in why
+        opener, why = webhooks._opener("http://db.corp.internal/", deadline, **webhooks.reach(admins))
+        assert opener is not None and why == ""  # (the administrators' proxy decides)
