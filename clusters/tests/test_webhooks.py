@@ -807,3 +807,41 @@ def test_the_administrators_allowed_networks_are_not_every_users(settings, monke
         assert opener is None and "not delivered to" in why and "10.20.0.7" not in why
         opener, why = webhooks._opener("http://db.corp.internal/", deadline, **webhooks.reach(admins))
         assert opener is not None and why == ""  # (the administrators' proxy decides)
+
+
+def test_an_https_endpoint_that_trickles_its_tls_handshake_is_cut_at_the_timeout(fabric, alice, settings):
+    """An endpoint sending its TLS handshake a byte at a time (no read ever times out): TLS detaches the TCP socket
+    the cut watches as it starts shaking hands, so the cut cannot reach it then — Python's own handshake deadline
+    (the socket's timeout, ``WEBHOOK_TIMEOUT``, for the whole handshake) ends it, and the delivery with it."""
+    import socket
+    import time
+
+    settings.WEBHOOK_TIMEOUT = 1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        connection, _ = listener.accept()
+        try:
+            connection.recv(65536)  # the ClientHello
+            connection.sendall(b"\x16\x03\x03\x03\xe8")  # a handshake record of 1000 bytes: they come slowly
+            for _ in range(100):
+                connection.sendall(b"\x00")
+                time.sleep(0.2)
+        except OSError:
+            pass  # the portal hung up
+        finally:
+            connection.close()
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    hook = Webhook.objects.create(name="slow-tls", url=f"https://127.0.0.1:{listener.getsockname()[1]}/", secret="s")
+    create_cluster(alice)
+    started = time.monotonic()
+    result = webhooks.deliver(hook.pk)
+    assert time.monotonic() - started < 3, result
+    assert result.status is None and "within 1 s (WEBHOOK_TIMEOUT)" in result.error, result
+    thread.join(5)
+    assert not thread.is_alive()
