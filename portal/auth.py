@@ -517,12 +517,24 @@ class RelinkReport:
     relinked: int = 0
     unchanged: int = 0
     not_found: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str, str]] = field(default_factory=list)  # (account, identity before, identity now)
 
 
-def ldap_relink(names: list[str] | None = None) -> RelinkReport:
+def ldap_relink(names: list[str] | None = None, *, dry_run: bool = False) -> RelinkReport:
     """Record, for the active directory accounts ``names`` (default: all), the identity of the entry that holds
     their name now (``LDAP_USER_UUID_ATTR``), as if linked afresh: after a directory rebuilt with new entry
-    identities (``manage.py ldap_relink``). Audited per account. Raises ``RelinkError``."""
+    identities (``manage.py ldap_relink``). Audited per account; all or nothing (an error half-way relinks
+    nobody); ``dry_run``: only says which would be. Raises ``RelinkError``."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        report = _relink(names, dry_run=dry_run)
+        if dry_run:
+            transaction.set_rollback(True)
+    return report
+
+
+def _relink(names: list[str] | None, *, dry_run: bool) -> RelinkReport:
     from django.conf import settings
 
     from portal import audit
@@ -552,9 +564,12 @@ def ldap_relink(names: list[str] | None = None) -> RelinkReport:
                 report.unchanged += 1
             else:
                 before, account.entry_uuid = account.entry_uuid, identity
-                account.save(update_fields=["entry_uuid"])
-                audit.record(account, "update", {"entry_uuid": [before, identity]}, message="relinked (ldap_relink)")
+                report.changes.append((account.user.get_username(), before, identity))
                 report.relinked += 1
+                if not dry_run:
+                    account.save(update_fields=["entry_uuid"])
+                    changes = {"entry_uuid": [before, identity]}
+                    audit.record(account, "update", changes, message="relinked (ldap_relink)")
     except ldap.LDAPError as exc:
         raise RelinkError(f"the directory cannot be searched: {type(exc).__name__}") from None
     finally:

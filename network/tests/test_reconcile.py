@@ -514,6 +514,30 @@ def test_a_device_disabled_during_the_reconcilers_pass_is_not_repaired(fabric, a
     assert Drift.objects.get(device="sw-brno").repaired_at is None
 
 
+def test_reconcile_repair_fails_the_command_when_drift_is_left(fabric, active, monkeypatch):
+    """A repair that settled without an error of the pass (the device disabled meanwhile, a change claimed too many
+    times) left the drift and the command exited 0: ``reconcile --repair && …`` went on as if the devices agreed."""
+    from django.core.management import CommandError
+
+    from network import convergence
+
+    fabric.poke_switch("sw-brno", "uplink", [])  # VLAN removed by hand
+    record = convergence._record_drift
+
+    def disabled_meanwhile(kind, device, found):
+        Switch.objects.filter(pk=device.pk).update(enabled=False)
+        return record(kind, device, found)
+
+    monkeypatch.setattr(convergence, "_record_drift", disabled_meanwhile)
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError, match="1 device"):
+        call_command("network", "reconcile", "--repair", "--switch", "sw-brno", stdout=out, stderr=err)
+    assert "(not repaired)" in out.getvalue() and "switch sw-brno: drift left" in err.getvalue()
+    monkeypatch.undo()
+    Switch.objects.filter(name="sw-brno").update(enabled=True)
+    call_command("network", "reconcile", "--no-repair", "--switch", "sw-brno", stdout=StringIO())  # (only records)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_central_workers_devices_are_planned_side_by_side(fabric, monkeypatch):
     """A plan (the admin's action, ``manage.py network plan``) of the central worker's devices ran them one after

@@ -372,6 +372,11 @@ def test_a_directory_whose_entries_all_changed_identity_retires_nobody_and_ldap_
     assert report["deactivated"] == [] and "ldap_relink" in report["error"], report
     assert User.objects.filter(is_active=True, username__in=[u.uid for u in USERS]).count() == len(USERS)
     out = StringIO()
+    call_command("ldap_relink", "--dry-run", stdout=out)  # each account with its identity before and now, first
+    assert f"would relink {len(USERS)} account(s)" in out.getvalue()
+    assert "alice: entryuuid:00000000-0000-0000-0000-000000000000 -> entryuuid:" in out.getvalue()
+    assert DirectoryAccount.objects.filter(entry_uuid__startswith="entryuuid:00000000").count() == len(USERS)
+    out = StringIO()
     call_command("ldap_relink", stdout=out)
     assert f"relinked {len(USERS)} account(s)" in out.getvalue()
     assert not DirectoryAccount.objects.filter(entry_uuid__startswith="entryuuid:00000000").exists()

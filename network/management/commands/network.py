@@ -9,6 +9,7 @@ privileges of a host agent's own role (``network.agentdb``), printed, or run wit
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from network import selectors, tasks
@@ -76,8 +77,9 @@ class Command(BaseCommand):
                     rows = tasks.reconcile_devices(
                         kind, of_kind, options["repair"], actor="manage.py network", timeout=options["timeout"]
                     )
+                    repair = settings.RECONCILE_REPAIR if options["repair"] is None else options["repair"]
                     for row in rows:
-                        failures += self._reconcile(kind, row)
+                        failures += self._reconcile(kind, row, repair=repair)
         if failures:
             raise CommandError(f"{failures} device(s) could not be reached or changed")
 
@@ -132,7 +134,9 @@ class Command(BaseCommand):
             self.stdout.write(f"{kind} {row['device']}: in sync")
         return 0
 
-    def _reconcile(self, kind, row: dict) -> int:
+    def _reconcile(self, kind, row: dict, *, repair: bool) -> int:
+        """One device's line(s); 1 when it failed — or, repair asked, its drift is still there (a repair that
+        settled failed without an error of the pass: a script doing ``reconcile --repair && …`` must not go on)."""
         name = row["device"]
         if row["error"]:
             self.stderr.write(f"{kind} {name}: ERROR {row['error']}")
@@ -145,4 +149,7 @@ class Command(BaseCommand):
             state = "repaired" if row["repaired"] else "not repaired"
             for drift in row["drift"]:
                 self.stdout.write(f"{kind} {name}: drift {drift} ({state})")
+            if repair and not row["repaired"]:
+                self.stderr.write(f"{kind} {name}: drift left: the repair did not take (see its device change)")
+                return 1
         return 0

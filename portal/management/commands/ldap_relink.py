@@ -5,7 +5,8 @@ For a directory rebuilt so that its entries got new identities (restored with ``
 the sync would otherwise take every account for a name given to someone else — it deactivates none of them past
 ``LDAP_SYNC_DEACTIVATE_MAX`` and says so, pointing here. Without names: every active directory account the user
 search finds. Only for entries that are the same people: an account whose name really went to someone else must
-not be relinked (the newcomer would inherit it)."""
+not be relinked (the newcomer would inherit it) — ``--dry-run`` lists each account with its identity before and now,
+to check first; an error half-way relinks nobody."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("names", nargs="*", help="account names (default: every active directory account)")
+        parser.add_argument("--dry-run", action="store_true", help="say which accounts would be relinked, change none")
 
-    def handle(self, *args, names: list[str], **options):
+    def handle(self, *args, names: list[str], dry_run: bool, **options):
         try:
-            report = ldap_relink(names)
+            report = ldap_relink(names, dry_run=dry_run)
         except RelinkError as exc:
-            raise CommandError(str(exc)) from None
+            raise CommandError(f"{exc}; nobody was relinked") from None
         for name in report.not_found:
             self.stdout.write(f"{name}: not found in the directory, left as it is")
+        for name, before, now in report.changes:  # check each is the same person before relinking for real
+            self.stdout.write(f"{name}: {before or '(none)'} -> {now}{' (dry run)' if dry_run else ''}")
+        verb = "would relink" if dry_run else "relinked"
         self.stdout.write(
-            f"relinked {report.relinked} account(s); {report.unchanged} already linked to the entry of their name"
+            f"{verb} {report.relinked} account(s); {report.unchanged} already linked to the entry of their name"
         )
