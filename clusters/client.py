@@ -490,10 +490,16 @@ def _job_cluster(api: Api, job: str, *, what: str = "a node's SSH access") -> di
 
 
 def _read_key(path: Path) -> str:
+    """The host PUBLIC key in ``path``: one ``ssh-…``/``ecdsa-…`` line. Anything else is refused here, before it
+    leaves the node (``--key /etc/ssh/ssh_host_ed25519_key``, the ``.pub`` forgotten, sent the private key)."""
     try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise Refused(f"cannot read the host key {path}: {exc.strerror or exc}") from None
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Refused(f"cannot read the host key {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "PRIVATE KEY" in text or len(lines) != 1 or not lines[0].startswith(("ssh-", "ecdsa-")):
+        raise Refused(f"{path} is not a host public key (one 'ssh-…' line: the .pub file); nothing was sent")
+    return lines[0]
 
 
 def _node_access(

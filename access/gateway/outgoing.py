@@ -107,8 +107,8 @@ def send_with_token(
 def read_token(token: str | None, token_file: str | None, *, what: str = "token") -> str:
     """The token given, or the one in ``token_file``; ``ValueError`` saying why there is none usable."""
     try:
-        token = token or Path(token_file or "").read_text().strip()
-    except OSError as exc:
+        token = token or Path(token_file or "").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read the {what}: {exc}") from None
     if not token or not token.isprintable() or any(c.isspace() for c in token):
         raise ValueError(f"the {what} is empty or malformed (one word, as the portal showed it)")

@@ -283,6 +283,9 @@ def test_a_nodes_host_key_certified_through_the_client(fabric, celery_worker, cl
     assert code == 2 and "n9" in err
     code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n1", "--key", str(keys / "missing.pub"))
     assert code == 2 and "missing.pub" in err
+    # the private key by mistake (the .pub forgotten): refused before it leaves the node
+    code, _, err = client("host-cert", "--job", "7.pbs", "--node", "n2", "--key", str(keys / "ssh_host_ed25519_key"))
+    assert code == 2 and "is not a host public key" in err and "nothing was sent" in err
     assert sorted(p.name for p in keys.iterdir()) == sorted(
         ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", cert.name, "virtcloud-user-ca.pub",
          f"virtcloud-principals-{issued['node_user']}", "virtcloud-revoked-keys"]

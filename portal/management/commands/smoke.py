@@ -19,9 +19,8 @@ class Command(BaseCommand):
     def handle(self, *args, timeout, **options):
         nonce = uuid.uuid4().hex
         started = time.monotonic()
-        result = ping.delay(nonce)
         try:
-            answer = result.get(timeout=timeout)
+            answer = ping.delay(nonce).get(timeout=timeout)  # (sending fails too when the broker is down)
         except Exception as exc:
             raise CommandError(
                 f"no answer from a worker within {timeout:.0f}s over {without_password(settings.CELERY_BROKER_URL)}: "
