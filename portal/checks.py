@@ -16,7 +16,26 @@ def one_machine_only(app_configs=None, **kwargs) -> list[Warning]:
         settings.DATABASES["default"]["ENGINE"],
         str(settings.CELERY_BROKER_URL),
         settings.CACHES["default"]["BACKEND"],
-    )
+    ) + site_url_problems(str(settings.SITE_URL))
+
+
+def site_url_problems(site_url: str) -> list[Warning]:
+    """``SITE_URL`` is where the access gateways pull from (``gateway config --dir`` writes it into their units)
+    and what the e-mail links to: left at its loopback default, a gateway elsewhere pulls from itself — failing,
+    or handing its pull token to whatever listens on its own port 8000 — and a mail's link points nowhere."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(site_url).hostname or ""
+    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+        return [
+            Warning(
+                f"SITE_URL is {site_url}: the access gateways' pulls (gateway config --dir) and the e-mail's links "
+                "would point at the machine they run on",
+                hint="set SITE_URL=https://portal.example.org, the address users and gateways reach the portal at",
+                id="portal.W004",
+            )
+        ]
+    return []
 
 
 def single_machine_settings(engine: str, broker: str, cache: str = "") -> list[Warning]:

@@ -353,7 +353,11 @@ def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
     assert [w.id for w in checks.single_machine_settings(postgres, amqp, locmem)] == ["portal.W003"]
     assert checks.single_machine_settings(postgres, amqp, redis) == []
     assert settings.CELERY_BROKER_URL.startswith("redis://")  # (the tests': PostgreSQL and Redis, a locmem cache)
-    assert [w.id for w in checks.one_machine_only()] == ["portal.W003"]
+    assert [w.id for w in checks.one_machine_only()] == ["portal.W003", "portal.W004"]  # (SITE_URL: the default)
+    # SITE_URL at its loopback default: the gateways' pulls and the mails' links would point at their own machine
+    assert [w.id for w in checks.site_url_problems("http://127.0.0.1:8000")] == ["portal.W004"]
+    assert [w.id for w in checks.site_url_problems("http://localhost")] == ["portal.W004"]
+    assert checks.site_url_problems("https://portal.example.org") == []
 
 
 def test_only_databases_the_portal_runs_on_are_accepted(tmp_path):
