@@ -30,9 +30,13 @@ def test_render_touches_only_the_owned_ports_and_their_vlans(platform):
 
 
 def test_render_ios_allowed_lists():
+    """The allowed list first, the trunk mode after it: an access port made a trunk first allowed every VLAN until
+    the next line (IOS and NX-OS apply a merge line by line)."""
     text = render("ios", DESIRED, {})
-    assert "interface Ethernet1\n switchport mode trunk\n switchport trunk allowed vlan 100-102,200\n" in text
-    assert "interface Ethernet2\n switchport mode trunk\n switchport trunk allowed vlan none\n" in text
+    assert "interface Ethernet1\n switchport trunk allowed vlan 100-102,200\n switchport mode trunk\n" in text
+    assert "interface Ethernet2\n switchport trunk allowed vlan none\n switchport mode trunk\n" in text
+    nxos = render("nxos", DESIRED, {})
+    assert "  switchport\n  switchport trunk allowed vlan 100-102,200\n  switchport mode trunk\n" in nxos
     assert "vlan 100\n name vc-100\n" in text
 
 
@@ -398,7 +402,8 @@ def test_ios_can_set_the_trunk_encapsulation_first():
     """Catalysts that also speak ISL refuse ``switchport mode trunk`` while the encapsulation is "auto":
     ``trunk_encapsulation: dot1q`` (driver args) sets it first; without it nothing changes."""
     text = render("ios", {"Ethernet1": frozenset({100})}, trunk_encapsulation="dot1q")
-    assert "interface Ethernet1\n switchport trunk encapsulation dot1q\n switchport mode trunk\n" in text
+    assert "interface Ethernet1\n switchport trunk encapsulation dot1q\n switchport trunk allowed vlan 100\n" in text
+    assert text.index("encapsulation dot1q") < text.index("switchport mode trunk")
     assert "encapsulation" not in render("ios", {"Ethernet1": frozenset({100})})
     with pytest.raises(PermanentDeviceError, match="only dot1q"):
         render("ios", {"Ethernet1": frozenset({100})}, trunk_encapsulation="isl")
