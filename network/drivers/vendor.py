@@ -112,6 +112,7 @@ def render(
     existing: frozenset[int] = frozenset(),
     current: Mapping[str, frozenset[int]] | None = None,
     undo: bool = False,
+    taken: Mapping[str, int] | None = None,
 ) -> str:
     """The configuration that makes every port in ``desired`` a trunk carrying exactly its VLAN set.
 
@@ -125,6 +126,8 @@ def render(
     with a list of its own), is changed by ``add``/``remove`` lines from it (not at all when it already carries
     its set). ``undo``: restoring the ports' previous lists exactly as they
     were — no VLAN is created, and ids the platform reserves (IOS lists a trunk under 1002-1005) are let be.
+    ``taken``: the device's VLAN names (name → id): a VLAN is never created with a name another id has (Junos's
+    ``set vlans <name> vlan-id <id>`` would re-tag that VLAN, and every port in it).
     """
     if platform not in TEMPLATE_NAMES:
         raise PermanentDeviceError(platform, f"no configuration template for platform {platform!r}")
@@ -140,6 +143,16 @@ def render(
     bad = [vlan["name"] for vlan in vlans if not VLAN_NAME.fullmatch(str(vlan["name"]))]
     if bad:  # (a caller's names; open_switch makes them with vlan_name, which says why)
         raise PermanentDeviceError(platform, f"VLAN names {bad} are not plain words of 1-32 characters")
+    clash = [
+        (v["name"], (taken or {})[v["name"]], v["id"])
+        for v in vlans
+        if (taken or {}).get(v["name"], v["id"]) != v["id"]
+    ]
+    if clash:
+        said = "; ".join(f"{name} is VLAN {other}'s, not {vid}'s" for name, other, vid in clash)
+        raise PermanentDeviceError(
+            platform, f"the device names its VLANs so already ({said}): rename them there, or change vlan_name_format"
+        )
     ports = []
     for name in sorted(desired):
         port = {"name": name, "vids": sorted(desired[name]), "add": None, "remove": None}
@@ -244,7 +257,7 @@ def classified(device: str, action: str) -> Iterator[None]:
 # --- the session ----------------------------------------------------------------------------------------------
 
 # what the session knows of the device when it renders, passed to a renderer that takes it as keywords
-_RENDER_CONTEXT = ("existing", "current", "undo")
+_RENDER_CONTEXT = ("existing", "current", "undo", "taken")
 
 
 def _context_keywords(renderer: Callable) -> frozenset[str]:
@@ -297,6 +310,7 @@ class NapalmSwitchSession:
         self._keywords = _context_keywords(renderer)
         # what the last get_vlans showed: every VLAN id of the device, and the owned ports listed under one
         self.device_vlans: frozenset[int] = frozenset()
+        self.device_vlan_names: dict[str, int] = {}
         self._listed: dict[str, frozenset[int]] = {}
 
     def port_vlans(self) -> dict[str, frozenset[int]]:
@@ -305,17 +319,21 @@ class NapalmSwitchSession:
         found: dict[str, set[int]] = {p: set() for p in self.spec.owned_ports}
         listed: set[str] = set()
         ids: set[int] = set()
+        names: dict[str, int] = {}
         for key, info in vlans.items():
             vid = _vid(key)
             if vid is None:
                 continue
             ids.add(vid)
+            if isinstance(info.get("name"), str) and info["name"]:
+                names.setdefault(info["name"], vid)
             for ifname in info.get("interfaces", ()):
                 port = self._owned.get(self.port_key(ifname))
                 if port is not None:
                     found[port].add(vid)
                     listed.add(port)
         self.device_vlans = frozenset(ids)
+        self.device_vlan_names = names
         self._listed = {p: frozenset(found[p]) for p in listed}
         return {p: frozenset(v) for p, v in found.items()}
 
@@ -325,6 +343,7 @@ class NapalmSwitchSession:
             "existing": self.device_vlans,
             "current": {port: vids for port, vids in self._listed.items() if port in desired},
             "undo": undo,
+            "taken": self.device_vlan_names,
         }
         return self.renderer(desired, **{k: v for k, v in context.items() if k in self._keywords})
 
@@ -560,6 +579,7 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
         existing: frozenset[int] = frozenset(),
         current: Mapping[str, frozenset[int]] | None = None,
         undo: bool = False,
+        taken: Mapping[str, int] | None = None,
     ) -> str:
         # the operator's static VLANs and every VLAN the device already has: carried, never created or renamed
         existing = spec.static_vlans | existing
@@ -576,6 +596,7 @@ def open_switch(spec: SwitchSpec) -> Iterator[NapalmSwitchSession]:
             existing=existing,
             current=current,
             undo=undo,
+            taken=taken,
         )
 
     try:

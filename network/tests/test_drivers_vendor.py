@@ -885,3 +885,24 @@ def test_nxos_over_ssh_is_a_platform_of_its_own_with_the_nxos_configuration():
     with pytest.raises(PermanentDeviceError, match="reserved on nxos_ssh"):
         render("nxos_ssh", {"Ethernet1": frozenset({4000})}, {})
     assert "nxos_ssh" in Platform.values and _SWITCH_DRIVERS["nxos_ssh"] == "network.drivers.vendor"
+
+
+@pytest.mark.parametrize("platform", ["junos", "ios", "nxos"])
+def test_a_vlan_is_never_created_with_a_name_another_vlan_of_the_device_has(platform):
+    """``set vlans vc-100 vlan-id 100`` where the switch has a VLAN named vc-100 with id 555 re-tags that VLAN
+    (Junos), and every port in it; IOS and NX-OS may refuse the name. Refused before anything is loaded, naming
+    both; a VLAN that exists already (carried by id) or a name nobody has is fine."""
+    from network.drivers.vendor import NapalmSwitchSession
+
+    port = "xe-0/0/1" if platform == "junos" else "Ethernet1/1"
+    with pytest.raises(PermanentDeviceError, match="vc-100 is VLAN 555's, not 100's"):
+        render(platform, {port: frozenset({100})}, taken={"vc-100": 555})
+    assert "vc-100" not in render(platform, {port: frozenset({100})}, existing=frozenset({100}), taken={"vc-100": 100})
+    assert "vc-101" in render(platform, {port: frozenset({101})}, taken={"vc-100": 555})
+
+    device = _Stubbed.make(platform, [{"555": {"name": "vc-100", "interfaces": []}}])
+    spec = SwitchSpec(name="sw", platform=platform, address="x", owned_ports=(port,))
+    session = NapalmSwitchSession(spec, device, lambda desired, **context: render(platform, desired, **context))
+    with pytest.raises(PermanentDeviceError, match="rename them there, or change vlan_name_format"):
+        session.converge({port: frozenset({100})})
+    assert device.calls == []  # nothing loaded, nothing committed
