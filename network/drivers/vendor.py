@@ -303,10 +303,11 @@ class NapalmSwitchSession:
         self.spec = spec
         self.device = device
         self.renderer = renderer
-        self.port_key = port_key
+        # in any case: an inventory's "ethernet1" is the device's "Ethernet1" (the CLIs take either)
+        self.port_key = lambda name, key=port_key: key(name).lower()
         self.commit_message = "" if platform in _NO_COMMIT_MESSAGE else COMMIT_MESSAGE  # "": the driver takes none
         self.undo_by_merge = platform in _UNDO_BY_MERGE if undo_by_merge is None else undo_by_merge
-        self._owned = {port_key(p): p for p in spec.owned_ports}
+        self._owned = {self.port_key(p): p for p in spec.owned_ports}
         self._keywords = _context_keywords(renderer)
         # what the last get_vlans showed: every VLAN id of the device, and the owned ports listed under one
         self.device_vlans: frozenset[int] = frozenset()
@@ -365,6 +366,7 @@ class NapalmSwitchSession:
         desired = {port: frozenset(vids) for port, vids in desired.items()}
         self._check(desired)
         current = self.port_vlans()
+        self._check_present(desired)
         before = {port: current[port] for port in desired}
         diff = self._load(self.render(desired))
         if not diff.strip():
@@ -510,6 +512,30 @@ class NapalmSwitchSession:
             f"{port} has {vlan_list(current[port]) or 'none'}, was {vlan_list(vids) or 'none'}"
             for port, vids in sorted(wrong.items())
         )
+
+    def _check_present(self, desired: Mapping[str, frozenset[int]]) -> None:
+        """The owned ports ``get_vlans`` listed under no VLAN are interfaces of the device (asked only then): a name
+        the device spells otherwise (``ethernet1`` for ``Ethernet1``, a typo) read as a port carrying nothing, and
+        a failed change's undo then emptied the real port and said it was as before. When the device cannot say,
+        nothing is refused."""
+        unlisted = [port for port in desired if port not in self._listed]
+        if not unlisted:
+            return
+        try:
+            with classified(self.spec.name, "get_interfaces"):
+                interfaces = self.device.get_interfaces()
+            known = {self.port_key(name) for name in interfaces}
+        except Exception:  # noqa: BLE001 - it cannot say
+            return
+        if not known:
+            return
+        missing = sorted(port for port in unlisted if self.port_key(port) not in known)
+        if missing:
+            raise PermanentDeviceError(
+                self.spec.name,
+                f"ports {', '.join(missing)} are not interfaces of the switch (it names them otherwise?): fix the "
+                "inventory's port names; nothing was changed",
+            )
 
     def _check(self, desired: Mapping[str, frozenset[int]]) -> None:
         foreign = sorted(p for p in desired if self.port_key(p) not in self._owned)

@@ -906,3 +906,33 @@ def test_a_vlan_is_never_created_with_a_name_another_vlan_of_the_device_has(plat
     with pytest.raises(PermanentDeviceError, match="rename them there, or change vlan_name_format"):
         session.converge({port: frozenset({100})})
     assert device.calls == []  # nothing loaded, nothing committed
+
+
+def test_a_port_the_device_names_otherwise_is_refused_before_anything_is_changed():
+    """An inventory port that ``get_vlans`` lists under no VLAN read as a port carrying nothing — also one the
+    device names otherwise, or a typo: a failed change's undo then committed "allowed vlan none" to the real port
+    and said it was as before. A port listed nowhere must be an interface of the device (asked only then); the
+    case of a name does not matter (``ethernet1`` is the device's ``Ethernet1``)."""
+    from network.drivers.vendor import NapalmSwitchSession
+
+    def session_for(port: str, states: list[dict], interfaces: dict):
+        device = _Stubbed.make("eos", states)
+        device.get_interfaces = lambda: interfaces
+        spec = SwitchSpec(name="sw", platform="eos", address="x", owned_ports=(port,))
+        return device, NapalmSwitchSession(spec, device, lambda desired, **context: render("eos", desired, **context))
+
+    carrying = {
+        "1": {"name": "default", "interfaces": ["Ethernet1"]},
+        "300": {"name": "x", "interfaces": ["Ethernet1"]},
+    }
+    device, session = session_for("ethernet1", [carrying], {"Ethernet1": {"is_up": True}})
+    assert session.port_vlans() == {"ethernet1": frozenset({1, 300})}  # (in any case)
+
+    device, session = session_for("Ethernet9", [carrying], {"Ethernet1": {"is_up": True}})
+    with pytest.raises(PermanentDeviceError, match="ports Ethernet9 are not interfaces of the switch"):
+        session.converge({"Ethernet9": frozenset({100})})
+    assert device.calls == []  # nothing loaded, nothing committed
+
+    added = {**carrying, "100": {"name": "vc-100", "interfaces": ["Ethernet2"]}}
+    device, session = session_for("Ethernet2", [carrying, added], {"Ethernet1": {}, "Ethernet2": {}})
+    assert session.converge({"Ethernet2": frozenset({100})}).after == {"Ethernet2": frozenset({100})}
