@@ -206,7 +206,7 @@ class WebhookForm(forms.ModelForm):
 
     class Meta:
         model = Webhook
-        fields = ("name", "url", "secret", "states", "enabled")
+        fields = ("name", "url", "secret", "states", "kinds", "enabled")
 
     def clean_name(self):
         """Unique among its owner's webhooks (the admin's, for one made here): the owner is not a field of the

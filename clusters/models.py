@@ -386,6 +386,12 @@ class Webhook(models.Model):
     states = models.JSONField(
         default=list, blank=True, help_text='only events of these states, e.g. ["ready", "failed"]; empty: all'
     )
+    kinds = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='only events of these kinds, e.g. ["state"] (created or its state changed: not "lifetime" nor '
+        '"expiring", which carry the state the cluster is in); empty: all',
+    )
     enabled = models.BooleanField(default=True)
     all_clusters = models.BooleanField(
         default=True,
@@ -441,6 +447,16 @@ class Webhook(models.Model):
         unknown = sorted(set(self.states) - set(ClusterState.values))
         if unknown:
             raise ValidationError({"states": f"unknown states {', '.join(unknown)}; use {choices}"})
+        kinds = ", ".join(EventKind.values)
+        if not isinstance(self.kinds, list) or not all(isinstance(k, str) for k in self.kinds):
+            raise ValidationError({"kinds": f'a list of event kinds, e.g. ["state"]; use {kinds}'})
+        unknown = sorted(set(self.kinds) - set(EventKind.values))
+        if unknown:
+            raise ValidationError({"kinds": f"unknown kinds {', '.join(unknown)}; use {kinds}"})
+
+    def wants(self, event: ClusterEvent) -> bool:
+        """Whether ``event`` is one of those it asked for (``states``, ``kinds``)."""
+        return (not self.states or event.state in self.states) and (not self.kinds or event.kind in self.kinds)
 
     def token_allows(self) -> bool:
         """Whether the token it was registered with (if any) still has the scopes for the feed it gets: every

@@ -1696,7 +1696,7 @@ def cluster_events_prune() -> int:
 
 #: webhooks one account may register through the API (the admin makes any number)
 WEBHOOKS_PER_OWNER = 10
-_WEBHOOK_FIELDS = ("url", "states", "enabled")
+_WEBHOOK_FIELDS = ("url", "states", "kinds", "enabled")
 
 
 def _webhook_checked(hook: Webhook) -> None:
@@ -1712,7 +1712,7 @@ def _webhook_checked(hook: Webhook) -> None:
 
 @transaction.atomic
 def webhook_create(
-    *, owner, name: str, url: str, states: list[str], enabled: bool = True, token=None
+    *, owner, name: str, url: str, states: list[str], kinds: list[str] = (), enabled: bool = True, token=None
 ) -> tuple[Webhook, str]:
     """A webhook ``owner`` registers (with ``token``: it gets the feed while that token is live): it gets the
     event feed from now on, signed with a secret made here and returned (the only time it is shown). At most
@@ -1733,6 +1733,7 @@ def webhook_create(
         name=name,
         url=url,
         states=states,
+        kinds=list(kinds),
         enabled=enabled,
         secret=secret,
         all_clusters=everything,
@@ -1748,7 +1749,7 @@ def webhook_create(
 
 @transaction.atomic
 def webhook_update(*, hook: Webhook, changes: dict) -> Webhook:
-    """Change a webhook's URL, states or whether it is enabled. A new URL or enabling it again starts afresh:
+    """Change a webhook's URL, states, kinds or whether it is enabled. A new URL or enabling it again starts afresh:
     no backoff left from the failures of before."""
     hook = Webhook.objects.select_for_update().filter(pk=hook.pk).first()
     if hook is None:

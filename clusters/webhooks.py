@@ -332,7 +332,7 @@ def deliver(webhook_id: int) -> Delivery:
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id
-        if not hook.all_clusters or hook.states:
+        if not hook.all_clusters or hook.states or hook.kinds:
             # only the events it gets, in the query: a user's only the clusters its owner sees now (own, groups'),
             # one with a states filter only those states — a batch of others would hold it back for nothing
             # (after failures a batch is one event: one skipped per round). The newest event is read first and
@@ -346,13 +346,15 @@ def deliver(webhook_id: int) -> Delivery:
                 events = events.filter(Q(cluster__owner_id=hook.owner_id or 0) | shared)
             if hook.states:
                 events = events.filter(state__in=hook.states)
+            if hook.kinds:
+                events = events.filter(kind__in=hook.kinds)
         batch = list(events.select_related("cluster").order_by("id")[:size])
         if not batch and newest > hook.last_event_id:  # nothing for it up to the newest: past them, no request
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=newest)
             return Delivery(webhook=hook.name, sent=0)
         if not batch:
             return Delivery(webhook=hook.name, sent=0)
-        wanted = [e for e in batch if not hook.states or e.state in hook.states]
+        wanted = [e for e in batch if hook.wants(e)]
         if not wanted:  # nothing this endpoint asked for: move past the batch without a request
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=batch[-1].id)
             return Delivery(webhook=hook.name, sent=0)

@@ -578,6 +578,7 @@ class WebhookSerializer(serializers.ModelSerializer):
             "name",
             "url",
             "states",
+            "kinds",
             "enabled",
             "all_clusters",
             "last_event_id",
@@ -592,7 +593,9 @@ class WebhookSerializer(serializers.ModelSerializer):
 
 class WebhookCreatedSerializer(WebhookSerializer):
     secret = serializers.CharField(
-        help_text="signs every delivery (X-VirtCloud-Signature: sha256=<HMAC of the body>): shown this once"
+        help_text="signs every delivery: X-VirtCloud-Signature-Timestamped: sha256=<HMAC of '<X-VirtCloud-Timestamp>.'"
+        " + body> (check it and refuse an old timestamp: a recorded delivery cannot be replayed; "
+        "X-VirtCloud-Signature: sha256=<HMAC of the body> for receivers written before); shown this once"
     )
 
     class Meta(WebhookSerializer.Meta):
@@ -610,6 +613,14 @@ class WebhookCreateSerializer(StrictSerializer):
         max_length=20,
         help_text="only events of these states; empty: all",
     )
+    kinds = serializers.ListField(
+        child=serializers.ChoiceField(choices=EventKind.choices),
+        required=False,
+        default=list,
+        max_length=10,
+        help_text='only events of these kinds; empty: all. ["state"]: creations and state changes only (not the '
+        '"lifetime" and "expiring" events, which carry the state the cluster is in)',
+    )
     enabled = serializers.BooleanField(required=False, default=True)
 
 
@@ -617,6 +628,9 @@ class WebhookUpdateSerializer(StrictSerializer):
     url = serializers.URLField(max_length=500, required=False)
     states = serializers.ListField(
         child=serializers.ChoiceField(choices=ClusterState.choices), required=False, max_length=20
+    )
+    kinds = serializers.ListField(
+        child=serializers.ChoiceField(choices=EventKind.choices), required=False, max_length=10
     )
     enabled = serializers.BooleanField(required=False)
 

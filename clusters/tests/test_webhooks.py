@@ -212,6 +212,34 @@ def test_states_filter_what_is_sent_and_the_cursor_moves_past_the_rest(fabric, a
     assert hook.last_event_id == ClusterEvent.objects.order_by("-id").first().id
 
 
+def test_kinds_leave_out_the_lifetime_and_expiring_events_that_carry_a_state(fabric, alice, receiver):
+    """A middleware subscribed to ["ready"] got every extension ("lifetime") of a ready cluster as an event of
+    state ready, and took the cluster for newly ready. ``kinds: ["state"]`` leaves them out (in the query too)."""
+    from datetime import timedelta
+
+    from clusters import services
+
+    states_only = Webhook.objects.create(name="ready", url=receiver.url, secret=SECRET, states=["ready"])
+    changes_only = Webhook.objects.create(
+        name="ready-changes", url=receiver.url, secret=SECRET, states=["ready"], kinds=["state"]
+    )
+    from clusters.models import VirtualCluster
+
+    cluster = VirtualCluster.objects.get(pk=create_cluster(alice, "c1", "52:54:00:00:00:01"))
+    services.cluster_extend(cluster=cluster, by=timedelta(hours=1))
+    assert ClusterEvent.objects.filter(kind="lifetime", state="ready").exists()
+    deliver_webhooks()
+    bodies = [json.loads(body) for _headers, body in receiver.requests]
+    got = {b["webhook"]: [(e["kind"], e["state"]) for e in b["events"]] for b in bodies}
+    assert got["ready"] == [("state", "ready"), ("lifetime", "ready")]
+    assert got["ready-changes"] == [("state", "ready")]
+    deliver_webhooks()  # (past the events it does not want, without a request)
+    assert len(receiver.requests) == 2
+    changes_only.refresh_from_db()
+    states_only.refresh_from_db()
+    assert changes_only.last_event_id == states_only.last_event_id == ClusterEvent.objects.latest("id").id
+
+
 def test_a_filtered_webhook_after_failures_catches_up_past_unwanted_events_at_once(fabric, alice, receiver):
     """After failures a batch is one event; the states it does not want are left out in the query, so one round
     sends the next wanted event instead of skipping a single unwanted one per round."""

@@ -44,7 +44,7 @@ def test_the_middleware_registers_a_webhook_and_gets_the_feed_signed_with_its_se
     assert r.status_code == 201, r.content
     assert r["Cache-Control"] == "no-store"
     secret = r.data["secret"]
-    assert len(secret) >= 40 and r.data["states"] == ["ready"]
+    assert len(secret) >= 40 and r.data["states"] == ["ready"] and r.data["kinds"] == []
     hook = Webhook.objects.get(name="pbs-events")
     assert hook.owner.username == "pbs" and hook.secret == secret
     entry = AuditEntry.objects.get(content_type__model="webhook", object_id=str(hook.pk), action="create")
@@ -76,6 +76,7 @@ def test_the_middleware_registers_a_webhook_and_gets_the_feed_signed_with_its_se
         ({"name": "x", "url": "http://10.1.2.3/hook"}, "url"),  # the provider's private network: not the API's
         ({"name": "x", "url": None}, "url"),
         ({"name": "x", "url": "https://example.org/hook", "states": None}, "states"),
+        ({"name": "x", "url": "https://example.org/hook", "kinds": ["nope"]}, "kinds"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field_and_makes_nothing(middleware, body, field):
