@@ -426,3 +426,24 @@ def test_without_a_hook_a_rewritten_configuration_stays_pending_until_the_operat
     assert "configuration not applied yet: openvpn.conf" in run("status", "--dir", str(state))
     assert "configuration applied: openvpn.conf" in run("applied", "--dir", str(state))
     assert "not applied" not in run(*args) and not (state / CONFIG_CHANGED).exists()
+
+
+def test_applied_never_loses_a_file_a_pull_changes_meanwhile(tmp_path, monkeypatch):
+    """``gateway applied`` read the list of changed files, then deleted it: a pull that changed another file in
+    between lost it from the list, and it was never restarted. The list is taken in one rename."""
+    from access.gateway import agent, config
+
+    changed = tmp_path / config.CONFIG_CHANGED
+    changed.write_text("openvpn.conf\n")
+    real = agent.os.replace
+
+    def a_pull_meanwhile(src, dst):
+        real(src, dst)
+        changed.write_text("sshd_config\n")  # (a pull renders sshd_config again just then)
+
+    monkeypatch.setattr(agent.os, "replace", a_pull_meanwhile)
+    assert agent.take_pending(tmp_path) == ["openvpn.conf"]
+    assert config.pending(tmp_path) == ["sshd_config"]
+    monkeypatch.undo()
+    assert agent.take_pending(tmp_path) == ["sshd_config"] and config.pending(tmp_path) == []
+    assert agent.take_pending(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == []
