@@ -519,9 +519,9 @@ def test_each_checked_address_is_tried_in_turn_until_one_answers(fabric, alice, 
     assert webhooks.deliver(hook.pk).status == 204 and len(receiver.requests) == 1
 
 
-def _raw_endpoint(answer, tls=None) -> tuple[str, threading.Thread]:
+def _raw_endpoint(answer, tls=None, *, read_request: bool = True) -> tuple[str, threading.Thread]:
     """An endpoint on 127.0.0.1 that reads one request and then runs ``answer(connection)``; with ``tls`` (a
-    server SSLContext) over TLS."""
+    server SSLContext) over TLS; without ``read_request``, ``answer`` is run as soon as the client connects."""
     import socket
 
     listener = socket.socket()
@@ -531,6 +531,8 @@ def _raw_endpoint(answer, tls=None) -> tuple[str, threading.Thread]:
     def serve():
         connection, _ = listener.accept()
         try:
+            if not read_request:
+                return answer(connection)
             if tls is not None:
                 connection = tls.wrap_socket(connection, server_side=True)
             request = b""
@@ -841,31 +843,19 @@ def test_an_https_endpoint_that_trickles_its_tls_handshake_is_cut_at_the_timeout
     """An endpoint sending its TLS handshake a byte at a time (no read ever times out): TLS detaches the TCP socket
     the cut watches as it starts shaking hands, so the cut cannot reach it then — Python's own handshake deadline
     (the socket's timeout, ``WEBHOOK_TIMEOUT``, for the whole handshake) ends it, and the delivery with it."""
-    import socket
     import time
 
     settings.WEBHOOK_TIMEOUT = 1
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
 
-    def serve():
-        connection, _ = listener.accept()
-        try:
-            connection.recv(65536)  # the ClientHello
-            connection.sendall(b"\x16\x03\x03\x03\xe8")  # a handshake record of 1000 bytes: they come slowly
-            for _ in range(100):
-                connection.sendall(b"\x00")
-                time.sleep(0.2)
-        except OSError:
-            pass  # the portal hung up
-        finally:
-            connection.close()
-            listener.close()
+    def trickled_handshake(connection):
+        connection.recv(65536)  # the ClientHello
+        connection.sendall(b"\x16\x03\x03\x03\xe8")  # a handshake record of 1000 bytes: they come slowly
+        for _ in range(100):
+            connection.sendall(b"\x00")
+            time.sleep(0.2)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    hook = Webhook.objects.create(name="slow-tls", url=f"https://127.0.0.1:{listener.getsockname()[1]}/", secret="s")
+    url, thread = _raw_endpoint(trickled_handshake, read_request=False)
+    hook = Webhook.objects.create(name="slow-tls", url=url.replace("http://", "https://"), secret="s")
     create_cluster(alice)
     started = time.monotonic()
     result = webhooks.deliver(hook.pk)

@@ -492,6 +492,19 @@ def test_a_port_that_is_down_is_no_missing_vlan(fabric, active, settings, monkey
     assert found == ([] if down else [("h1", "missing")])
 
 
+def disabled_while_it_reads(monkeypatch) -> None:
+    """The device a reconcile pass reads is disabled by an operator just after it found its drift."""
+    from network import convergence
+
+    record = convergence._record_drift
+
+    def disabled_meanwhile(kind, device, found):
+        Switch.objects.filter(pk=device.pk).update(enabled=False)
+        return record(kind, device, found)
+
+    monkeypatch.setattr(convergence, "_record_drift", disabled_meanwhile)
+
+
 def test_a_device_disabled_during_the_reconcilers_pass_is_not_repaired(fabric, active, monkeypatch):
     """The pass read the device and found drift; meanwhile an operator disabled it for maintenance: the repair
     committed to it all the same (the pass asked whether it was enabled once, when it began). A disabled device is
@@ -500,13 +513,7 @@ def test_a_device_disabled_during_the_reconcilers_pass_is_not_repaired(fabric, a
 
     v = active.vid
     fabric.poke_switch("sw-brno", "uplink", [])  # VLAN removed by hand
-    record = convergence._record_drift
-
-    def disabled_meanwhile(kind, device, found):
-        Switch.objects.filter(pk=device.pk).update(enabled=False)
-        return record(kind, device, found)
-
-    monkeypatch.setattr(convergence, "_record_drift", disabled_meanwhile)
+    disabled_while_it_reads(monkeypatch)
     report = convergence.reconcile_device("switch", Switch.objects.get(name="sw-brno"), repair=True)
     assert [(d.port, d.kind) for d in report.drifts] == [("uplink", "missing")] and not report.repaired
     assert fabric.switch_ports("sw-brno")["uplink"] == frozenset() and v not in fabric.switch_ports("sw-brno")["uplink"]
@@ -519,16 +526,8 @@ def test_reconcile_repair_fails_the_command_when_drift_is_left(fabric, active, m
     times) left the drift and the command exited 0: ``reconcile --repair && …`` went on as if the devices agreed."""
     from django.core.management import CommandError
 
-    from network import convergence
-
     fabric.poke_switch("sw-brno", "uplink", [])  # VLAN removed by hand
-    record = convergence._record_drift
-
-    def disabled_meanwhile(kind, device, found):
-        Switch.objects.filter(pk=device.pk).update(enabled=False)
-        return record(kind, device, found)
-
-    monkeypatch.setattr(convergence, "_record_drift", disabled_meanwhile)
+    disabled_while_it_reads(monkeypatch)
     out, err = StringIO(), StringIO()
     with pytest.raises(CommandError, match="1 device"):
         call_command("network", "reconcile", "--repair", "--switch", "sw-brno", stdout=out, stderr=err)
