@@ -38,3 +38,26 @@ def test_the_api_documentation_runs_under_the_policy(browser_page, live_server, 
     page.goto(f"{live_server.url}/api/docs/")
     page.wait_for_selector(".swagger-ui .info .title", timeout=15000)
     assert "VirtCloud" in page.inner_text(".swagger-ui .info .title")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_runs_under_the_policy(browser_page, live_server, root):  # noqa: F811
+    """Django's admin pages (their widgets' scripts, the portal's own change forms) load nothing the policy
+    blocks: the browser fixture fails the test on any violation."""
+    from network.tests.factories import SwitchFactory
+
+    switch = SwitchFactory(name="sw-csp")
+    page = browser_page
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
+    page.fill("#id_username", "root")
+    page.fill("#id_password", "root-password")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/admin/")
+    for path in (
+        "/admin/network/switch/",
+        f"/admin/network/switch/{switch.pk}/change/",
+        "/admin/clusters/virtualcluster/",
+        "/admin/auth/user/add/",
+    ):
+        page.goto(f"{live_server.url}{path}")
+        page.wait_for_selector("#content")
