@@ -246,9 +246,9 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     changes, converge it to the desired state through that session, settle the claimed changes. Raises
     like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``; and what interrupted the
     session (the task's soft time limit, a shutdown), once the claimed changes settled as interrupted."""
-    claimed, attempts = _claim([(kind, device)])
+    claimed = _claim([(kind, device)])
     w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
-    if not _skip_if_disabled(w) and not _skip_if_crash_looping(w, attempts.get((kind, device.pk), 0)):
+    if not _skip_if_disabled(w):
         if kind == DeviceKind.SWITCH:
             w.desired = selectors.switch_desired([device.pk])[device.pk]
         else:
@@ -402,10 +402,10 @@ def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tupl
     return outcome
 
 
-def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[dict[tuple[str, int], list[int]], dict]:
+def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
     """Pending → running for every pending (or orphaned running) change of ``devices`` (one batch id), in
     ONE statement that returns the rows it claimed (``UPDATE … RETURNING``: PostgreSQL, SQLite ≥ 3.35);
-    returns the claimed change ids per device, and the most times one of them has been claimed, per device."""
+    returns the claimed change ids per device."""
     meta = DeviceChange._meta
     names = ("id", "kind", "switch", "host", "status", "batch", "started_at", "attempts", "error")
     col = {name: connection.ops.quote_name(meta.get_field(name).column) for name in names}
@@ -416,13 +416,13 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[dict[tuple[str, in
             reach.append(f"({col['kind']} = %s AND {col[key]} IN ({', '.join(['%s'] * len(ids))}))")
             reach_params += [kind, *ids]
     if not reach:
-        return {}, {}
+        return {}
     # identifiers come from the model, values are parameters
     sql = (
         f"UPDATE {connection.ops.quote_name(meta.db_table)} SET {col['status']} = %s, {col['batch']} = %s, "  # noqa: S608
         f"{col['started_at']} = %s, {col['attempts']} = {col['attempts']} + 1, {col['error']} = '' "
         f"WHERE {col['status']} IN (%s, %s) AND ({' OR '.join(reach)}) "
-        f"RETURNING {col['id']}, {col['kind']}, {col['switch']}, {col['host']}, {col['attempts']}"
+        f"RETURNING {col['id']}, {col['kind']}, {col['switch']}, {col['host']}"
     )
     params = [
         Status.RUNNING,
@@ -433,35 +433,11 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> tuple[dict[tuple[str, in
         *reach_params,
     ]
     claimed: dict[tuple[str, int], list[int]] = {}
-    attempts: dict[tuple[str, int], int] = {}
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        for pk, kind, switch_id, host_id, tries in sorted(cursor.fetchall()):
-            key = (kind, switch_id if kind == DeviceKind.SWITCH else host_id)
-            claimed.setdefault(key, []).append(pk)
-            attempts[key] = max(attempts.get(key, 0), tries)
-    return claimed, attempts
-
-
-def claims_max() -> int:
-    """How many times a change may be claimed: every retry of both of a workflow's tries of its layer, and two more
-    (a worker that died once or twice, a restart). Past it, the worker that ran it died every time — a driver that
-    crashes its process on this device (out of memory, a segfault): redelivered (``reject_on_worker_lost``), it
-    would crash worker after worker, for good."""
-    return 2 * (settings.DEVICE_RETRY_MAX + 1) + 2
-
-
-def _skip_if_crash_looping(w: _Device, attempts: int) -> bool:
-    """A device whose change has been claimed more than ``claims_max`` times is not driven again: its changes
-    fail, saying why. Whether ``w`` was."""
-    if attempts <= claims_max():
-        return False
-    w.status, w.finished_at = Status.FAILED, timezone.now()
-    w.error = (
-        f"claimed {attempts} times without settling: the worker running it died every time (a driver crashing "
-        "its process on this device?); not tried again — see the worker's log"
-    )
-    return True
+        for pk, kind, switch_id, host_id in sorted(cursor.fetchall()):
+            claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
+    return claimed
 
 
 def _skip_if_disabled(w: _Device) -> bool:
@@ -475,7 +451,7 @@ def _skip_if_disabled(w: _Device) -> bool:
 def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     """With the devices' locks held: claim their pending changes, converge the devices that have some (side
     by side on the session threads), settle every claimed change (one batch of statements)."""
-    claimed, attempts = _claim(devices)
+    claimed = _claim(devices)
     work = [
         _Device(kind, device, claimed=claimed[(kind, device.pk)])
         for kind, device in devices
@@ -483,11 +459,7 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     ]
     if not work:
         return []
-    active = [
-        w
-        for w in work
-        if not _skip_if_disabled(w) and not _skip_if_crash_looping(w, attempts.get((w.kind, w.device.pk), 0))
-    ]
+    active = [w for w in work if not _skip_if_disabled(w)]
     if active:
         switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
         hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]

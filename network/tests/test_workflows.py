@@ -685,27 +685,6 @@ def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
-def test_a_change_whose_worker_died_every_time_is_not_tried_again(fabric):
-    """A driver that crashes its process on one device (out of memory, a segfault): the message goes back to the
-    queue each time (``reject_on_worker_lost``) and crashed worker after worker, for good. Past ``claims_max``
-    claims the change fails, saying why, and the device is left alone; the workflow fails and rolls back."""
-    from network import convergence
-
-    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
-    workflow = workflows.provision(seg.pk)  # (records the devices' changes)
-    # as if every earlier delivery had died mid-session: claimed, never settled
-    DeviceChange.objects.filter(segment=seg, device="sw-pilsen").update(
-        status="running", attempts=convergence.claims_max()
-    )
-    with pytest.raises(DeviceChangeFailed, match="sw-pilsen: claimed 11 times without settling"):
-        workflow.apply().get()
-    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c")
-    assert change.status == "failed" and change.attempts == convergence.claims_max() + 1
-    assert "the worker running it died every time" in change.error
-    assert fabric.switch_ports("sw-pilsen").get("h1", frozenset()) == frozenset()  # never driven
-    assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
-
-
 def test_an_update_that_left_a_disabled_host_untouched_does_not_fail_every_later_update(fabric):
     """A node add records its host's change, then the host is disabled before the change runs: that update
     fails, naming the host. The earlier untouched change no longer counts (before, it failed every later
