@@ -4,21 +4,14 @@ nosniff, Referrer-Policy): a Content-Security-Policy and a Permissions-Policy on
 The portal's pages load scripts and styles from the portal only (no inline script: data reaches scripts
 through ``json_script`` and ``data-`` attributes), so a policy that allows nothing else costs nothing and
 keeps an escaping slip from running anyone's script on a page that hands out VPN keys. Inline styles stay
-allowed (the admin's change form has one). A form may post to the portal only — and, after logging out, lead
-to the single sign-on's logout page (``SSO_LOGOUT_URL``), which browsers check against ``form-action`` too."""
+allowed (the admin's change form has one). No ``form-action``: browsers check it against every redirect after a
+form's POST, and logging out by POST leads through the single sign-on's logout (``SSO_LOGOUT_URL``), which may
+hand on to the identity provider's — a hop the portal cannot list, and one blocked left the user signed in there."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from django.conf import settings
-
 
 def content_security_policy() -> str:
-    form_action = ["'self'"]
-    logout = urlsplit(settings.SSO_LOGOUT_URL or "")
-    if logout.scheme in ("http", "https") and logout.netloc:
-        form_action.append(f"{logout.scheme}://{logout.netloc}")
     return "; ".join(
         [
             "default-src 'self'",
@@ -28,7 +21,6 @@ def content_security_policy() -> str:
             "object-src 'none'",
             "base-uri 'none'",
             "frame-ancestors 'none'",
-            f"form-action {' '.join(form_action)}",
         ]
     )
 
