@@ -25,22 +25,54 @@ def _browser(request) -> str:
     return "".join(ch for ch in agent if ch.isprintable())[: BrowserSession._meta.get_field("browser").max_length]
 
 
-def session_started(sender, request, user, **kwargs) -> None:
-    """``user_logged_in``: record the request's session (its key is the new one ``login`` cycled to)."""
+RECORDED = "portal.sessions.recorded"  # the session key its record was made for, kept in the session itself
+
+
+def _details(request) -> dict:
     from portal.logins import client_address
 
-    key = getattr(getattr(request, "session", None), "session_key", None)
+    return {"address": client_address(request), "browser": _browser(request)}
+
+
+def session_started(sender, request, user, **kwargs) -> None:
+    """``user_logged_in``: record the request's session. ``login`` may have flushed it (signing in over another
+    account's session): it is saved now, to have its key."""
+    session = getattr(request, "session", None)
+    if session is None:
+        return
+    if not session.session_key:
+        session.save()
+    key = session.session_key
     if not key:
         return
     BrowserSession.objects.update_or_create(
-        session_key=key,
-        defaults={
-            "user": user,
-            "signed_in_at": timezone.now(),
-            "address": client_address(request),
-            "browser": _browser(request),
-        },
+        session_key=key, defaults={"user": user, "signed_in_at": timezone.now(), **_details(request)}
     )
+    session[RECORDED] = key
+
+
+def recording_middleware(get_response):
+    """Every signed-in session is recorded, whatever made it or changed its key: a password changed (Django gives
+    the session a new key), a session from before the records (its first request after the upgrade), a login the
+    signal could not see. One comparison per request (the key its record was made for, kept in the session);
+    a write only when they differ. Sessions without a record were not signed out by "sign out all other
+    sessions"."""
+
+    def middleware(request):
+        session = getattr(request, "session", None)
+        user = getattr(request, "user", None)
+        key = getattr(session, "session_key", None)
+        if key and session.get(RECORDED) != key and user is not None and user.is_authenticated:
+            before = session.get(RECORDED)
+            moved = (
+                BrowserSession.objects.filter(session_key=before, user=user).update(session_key=key) if before else 0
+            )
+            if not moved:
+                BrowserSession.objects.get_or_create(session_key=key, defaults={"user": user, **_details(request)})
+            session[RECORDED] = key
+        return get_response(request)
+
+    return middleware
 
 
 def session_ended(sender, request, user, **kwargs) -> None:

@@ -78,3 +78,42 @@ def test_a_head_request_does_not_take_the_new_tokens_secret_away(client, alice):
     assert r.status_code == 302
     assert client.head(reverse("tokens")).status_code == 200
     assert re.search(rb'<code id="token-secret">vc_', client.get(reverse("tokens")).content)
+
+
+def test_every_signed_in_session_is_recorded_whatever_changed_its_key(alice, bob):
+    """Sessions without a record were not signed out by "sign out all other sessions": one from before the
+    records existed, one whose key a password change gave anew (Django cycles it), one signed in over another
+    account's session (``login`` flushed it: no key yet when the signal came). Each is recorded at its next
+    request at the latest."""
+    from django.contrib.auth import update_session_auth_hash
+
+    # from before the records: a signed-in session with none
+    old = browser("alice", "alice-password", "198.18.5.1", LAPTOP_UA)
+    BrowserSession.objects.all().delete()
+    session = old.session
+    del session["portal.sessions.recorded"]
+    session.save()
+    assert signed_in(old)
+    assert list(BrowserSession.objects.values_list("session_key", flat=True)) == [old.session.session_key]
+
+    # a password changed: the session's key is new, its record follows
+    class Request:  # (as Django's password-change views call it)
+        pass
+
+    request = Request()
+    request.session, request.user = old.session, alice
+    before = request.session.session_key
+    update_session_auth_hash(request, alice)
+    request.session.save()
+    old.cookies["sessionid"] = request.session.session_key
+    assert request.session.session_key != before and signed_in(old)
+    assert list(BrowserSession.objects.values_list("session_key", flat=True)) == [request.session.session_key]
+
+    # bob, an administrator, signs in over alice's session in the same browser (the admin's login page offers it)
+    User.objects.filter(pk=bob.pk).update(is_staff=True)
+    r = old.post("/admin/login/?next=/admin/", {"username": "bob", "password": "bob-password"})
+    assert r.status_code == 302 and r["Location"] == "/admin/"
+    assert BrowserSession.objects.filter(user=bob, session_key=old.session.session_key).exists()
+    phone = browser("bob", "bob-password", "198.18.5.2", PHONE_UA)
+    phone.post(reverse("sign-out-others"))
+    assert not signed_in(old) and signed_in(phone)
