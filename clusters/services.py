@@ -1596,13 +1596,15 @@ def clusters_resend_unsent(*, older_than: timedelta = timedelta(seconds=60)) -> 
 LOST_AFTER_CONVERGED = "lost on its way after every device converged: sent again"
 
 
-def clusters_resend_lost(*, quiet_for: timedelta = timedelta(minutes=2)) -> list[int]:
-    """Clusters still PROVISIONING whose workflow was sent and whose every device change settled well more than
-    ``quiet_for`` ago: nothing waits on a device, yet the cluster never became READY — the workflow's last steps
-    were lost on their way (a chord whose counter a task run twice used up early, a message a killed worker held
-    on the embedded broker). Sent again, once, in a new generation (every device is at the desired state already:
-    converging again changes nothing), rather than failed at the deadline and a working network rolled back.
-    A second loss is left to the deadline."""
+def clusters_resend_lost(*, quiet_for: timedelta | None = None) -> list[int]:
+    """Clusters still PROVISIONING whose workflow was sent and whose every device change settled more than
+    ``quiet_for`` ago (default: half ``CLUSTER_PROVISION_TIMEOUT``, so that a last step merely queued behind a burst
+    of device work is not taken for lost): nothing waits on a device, yet the cluster never became READY — the
+    workflow's last steps were lost on their way (a chord whose counter a task run twice used up early, a message
+    a killed worker held on the embedded broker). Sent again, once, in a new generation (every device is at the
+    desired state already: converging again changes nothing), rather than failed at the deadline and a working
+    network rolled back. A second loss is left to the deadline."""
+    quiet_for = timedelta(seconds=settings.CLUSTER_PROVISION_TIMEOUT / 2) if quiet_for is None else quiet_for
     ok = (DeviceChange.Status.OK, DeviceChange.Status.NOOP)
     ids = []
     candidates = _stalled(ClusterState.PROVISIONING, quiet_for).filter(provision_sent=F("workflow_generation"))

@@ -1800,7 +1800,7 @@ def test_a_provisioning_lost_after_every_device_converged_is_sent_again_once(fab
     cluster = VirtualCluster.objects.get(pk=cid)
     assert cluster.state == ClusterState.PROVISIONING and cluster.provision_sent == cluster.workflow_generation
     assert services.clusters_resend_lost() == []  # just converged: the last step may be on its way
-    past = timezone.now() - timedelta(minutes=3)
+    past = timezone.now() - timedelta(minutes=6)  # (quiet for more than half CLUSTER_PROVISION_TIMEOUT)
     VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
     DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="running")
     assert services.clusters_resend_lost() == []  # a device still at work: not lost
@@ -1825,7 +1825,7 @@ def test_a_lost_provisioning_sent_again_ends_ready(fabric, images, api, alice, m
     with monkeypatch.context() as m:
         m.setattr(tasks.provision_finish, "run", lambda *args, **kwargs: None)
         cid = api.post("/api/clusters/", body(), format="json").data["id"]
-    past = timezone.now() - timedelta(minutes=3)
+    past = timezone.now() - timedelta(minutes=6)  # (quiet for more than half CLUSTER_PROVISION_TIMEOUT)
     VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
     DeviceChange.objects.filter(segment__cluster__pk=cid).update(finished_at=past)
     assert services.clusters_resend_lost() == [cid]
