@@ -168,8 +168,9 @@ LDAP_SYNC_TIME_BUDGET = env_float("LDAP_SYNC_TIME_BUDGET", 60.0, minimum=1.0)
 LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 5, minimum=0)
 LOGIN_FAILURES_ACCOUNT_MAX = env_int("LOGIN_FAILURES_ACCOUNT_MAX", 10 * LOGIN_FAILURES_MAX, minimum=0)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
-# failed logins from one client, whatever the names, that refuse its logins (password spraying); 0: no limit
-LOGIN_FAILURES_CLIENT_MAX = env_int("LOGIN_FAILURES_CLIENT_MAX", 4 * LOGIN_FAILURES_MAX, minimum=0)
+# failed logins from one client, whatever the names, that refuse its logins (password spraying; a NAT many users
+# share counts as one client: raise it there); 0: no limit
+LOGIN_FAILURES_CLIENT_MAX = env_int("LOGIN_FAILURES_CLIENT_MAX", 10 * LOGIN_FAILURES_MAX, minimum=0)
 # days a browser stays known to the accounts that signed in with it (a signed cookie, renewed at each password
 # login): neither the ceiling across addresses nor the client's limit refuse it. 0: no browser is known
 LOGIN_KNOWN_BROWSER_DAYS = env_int("LOGIN_KNOWN_BROWSER_DAYS", 180, minimum=0)
