@@ -297,6 +297,7 @@ SPECTACULAR_SETTINGS = {
         "DriftKindEnum": "network.choices.DriftKind.choices",
         "CoreKindEnum": "network.choices.CoreKind.choices",
         "ClusterStateEnum": "clusters.models.ClusterState.choices",
+        "EventKindEnum": "clusters.models.EventKind.choices",
     },
 }
 
