@@ -741,6 +741,9 @@ def main(argv: list[str] | None = None, *, out: TextIO = sys.stdout, err: TextIO
     except ValueError as exc:
         err.write(f"virtcloud: {exc}\n")
         return 2
+    exposed = "" if args.token else outgoing.exposed_token_file(args.token_file)
+    if exposed:
+        err.write(f"virtcloud: warning: {exposed}\n")
     api = Api(args.url, secret)
     try:
         actions = {

@@ -379,6 +379,9 @@ def run(options: dict, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     except ValueError as exc:
         _say(err, f"gateway pull: {exc}")
         return 2
+    exposed = "" if options["token"] else outgoing.exposed_token_file(options["token_file"])
+    if exposed:
+        _say(err, f"gateway pull: warning: {exposed}")
     return run_pull(
         url=options["url"],
         token=token,

@@ -104,6 +104,21 @@ def send_with_token(
         raise Unreachable(str(exc)) from None
 
 
+def exposed_token_file(token_file: str | None) -> str:
+    """What is wrong with where ``token_file`` lies ("": nothing, or no file): readable or writable by others than its
+    owner — on a shared scheduler or gateway host anyone could read the token and act as its holder (ssh refuses
+    a private key so kept). Said, not refused: a setup that keeps its tokens so goes on working."""
+    if not token_file:
+        return ""
+    try:
+        mode = Path(token_file).stat().st_mode
+    except OSError:
+        return ""
+    if mode & 0o077:
+        return f"{token_file} is open to others than its owner (mode {mode & 0o777:o}): chmod 600 it"
+    return ""
+
+
 def read_token(token: str | None, token_file: str | None, *, what: str = "token") -> str:
     """The token given, or the one in ``token_file``; ``ValueError`` saying why there is none usable."""
     try:

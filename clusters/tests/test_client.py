@@ -32,6 +32,7 @@ def client(alice, live_server, tmp_path):
     _token, secret = token_create(user=alice, name="pbs", scopes=[TokenScope.CLUSTERS_READ, TokenScope.CLUSTERS_WRITE])
     token_file = tmp_path / "token"
     token_file.write_text(secret + "\n")
+    token_file.chmod(0o600)  # (as a token file is kept)
 
     def run(*args: str, url: str = live_server.url, isolated: bool = True) -> tuple[int, object, str]:
         python = [sys.executable, "-I"] if isolated else [sys.executable]
@@ -649,3 +650,23 @@ def test_a_scheduler_plans_a_job_and_asks_whether_the_portal_provisions(fabric, 
     cache.delete(CACHE_KEY)
     code, status, err = client("status")
     assert code == 75 and status["status"] == "down" and "hold the job" in err
+
+
+def test_a_token_file_others_may_read_is_said_at_every_run(tmp_path):
+    """A ``clusters:manage`` token on a shared scheduler host, world-readable: anyone there could act as the
+    middleware. The client (and the gateway's pull) says so at every run; a file only its owner reads is fine."""
+    from access.gateway import outgoing
+    from clusters import client as cli
+
+    token = tmp_path / "token"
+    token.write_text("vc_abc_def\n")
+    token.chmod(0o644)
+    assert "open to others than its owner (mode 644): chmod 600 it" in outgoing.exposed_token_file(str(token))
+    out, err = io.StringIO(), io.StringIO()
+    cli.main(["--url", "http://127.0.0.1:9", "--token-file", str(token), "status"], out=out, err=err)
+    assert f"virtcloud: warning: {token} is open to others than its owner" in err.getvalue()
+    token.chmod(0o600)
+    assert outgoing.exposed_token_file(str(token)) == ""
+    out, err = io.StringIO(), io.StringIO()
+    cli.main(["--url", "http://127.0.0.1:9", "--token-file", str(token), "status"], out=out, err=err)
+    assert "warning" not in err.getvalue()
