@@ -124,8 +124,10 @@ def render(
     ``current``: the VLANs of the ports whose present state the device showed (listed under a VLAN). On IOS
     and NX-OS a port whose list takes more than one line, and that showed two VLANs or more (surely a trunk
     with a list of its own), is changed by ``add``/``remove`` lines from it (not at all when it already carries
-    its set). ``undo``: restoring the ports' previous lists exactly as they
-    were — no VLAN is created, and ids the platform reserves (IOS lists a trunk under 1002-1005) are let be.
+    its set); one that may allow "all" or be no trunk yet gets every wanted VLAN added, then every other id
+    removed — never the absolute form, whose first line dropped the later lines' VLANs for a moment. ``undo``:
+    restoring the ports' previous lists exactly as they were — no VLAN is created, and ids the platform reserves
+    (IOS lists a trunk under 1002-1005) are let be.
     ``taken``: the device's VLAN names (name → id): a VLAN is never created with a name another id has (Junos's
     ``set vlans <name> vlan-id <id>`` would re-tag that VLAN, and every port in it).
     """
@@ -166,7 +168,15 @@ def render(
         # allowed list is the default "all", which add/remove lines leave carrying every VLAN — only a port
         # showing two or more is surely a trunk with a list of its own
         surely_a_list = now is not None and len(now) >= 2 and not allows_all
-        if language in _INCREMENTAL and surely_a_list and len(vlan_chunks(desired[name])) > 1:
+        if language in _INCREMENTAL and now is not None and not surely_a_list and len(vlan_chunks(desired[name])) > 1:
+            # a long list for a port that may allow "all", or be no trunk yet: set absolutely, its first line cut
+            # the list to the first chunk until the "add" lines after it (a trunk toward a router or a switch then
+            # learns the later VLANs again through spanning tree: seconds without them). Every wanted VLAN added,
+            # then every other id removed (but those the platform keeps): exactly the wanted list, from "all" or
+            # from any list, with no wanted VLAN ever dropped.
+            port["add"] = vlan_chunks(desired[name])
+            port["remove"] = vlan_chunks(frozenset(range(1, 4095)) - platform_reserved - desired[name])
+        elif language in _INCREMENTAL and surely_a_list and len(vlan_chunks(desired[name])) > 1:
             # a VLAN created now is removed too where it is not wanted: the device showed the port's VLANs among
             # those it has, and an id it does not have may still be on the allowed list (its VLAN deleted by
             # hand), which would carry the new VLAN there

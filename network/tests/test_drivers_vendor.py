@@ -796,30 +796,62 @@ def test_a_vlan_created_is_removed_from_the_long_lists_that_must_not_carry_it(pl
     ]
 
 
+def applied(lines: list[str], allowed: frozenset[int]) -> frozenset[int]:
+    """What a trunk allowing ``allowed`` allows after IOS/NX-OS apply ``lines`` one by one; each step's list too
+    (``applied.steps``), to see what a line in between dropped."""
+    steps = []
+    for line in lines:
+        words = line.split()
+        verb, ids = (words[4], words[5]) if words[4] in ("add", "remove") else ("set", words[4])
+        vids = set()
+        for part in ("" if ids == "none" else ids).split(","):
+            if part:
+                low, _, high = part.partition("-")
+                vids |= set(range(int(low), int(high or low) + 1))
+        allowed = {"set": frozenset(vids), "add": allowed | vids, "remove": allowed - vids}[verb]
+        steps.append(allowed)
+    applied.steps = steps
+    return allowed
+
+
+EVERYTHING = frozenset(range(1, 4095))
+
+
 @pytest.mark.parametrize("platform", ["ios", "nxos"])
-def test_a_port_listed_under_every_vlan_of_the_device_is_set_absolutely(platform):
-    """A trunk that allows "all" (the default; NX-OS lists no reserved id for it) shows every VLAN the device
-    has: remove lines would leave it carrying every VLAN created later, so its list is set absolutely; a port
-    showing fewer than all of them (a list the portal set) changes by add/remove lines."""
+def test_a_port_that_may_allow_all_gets_its_long_list_with_no_wanted_vlan_dropped_in_between(platform):
+    """A trunk that allows "all" (the default; NX-OS lists no reserved id for it) shows every VLAN the device has:
+    remove lines from what it shows would leave it carrying every VLAN created later. Its long list was set
+    absolutely: the first line cut it to the first chunk until the "add" lines after it, and a trunk toward a router
+    or a switch learned the later VLANs again through spanning tree. Now every wanted VLAN is added, then every other
+    id removed (but those the platform keeps): the wanted list exactly, from "all", never one dropped in between.
+    A port showing fewer than all of them (a list the portal set) changes by add/remove lines from its list."""
+    from network.drivers.vendor import PLATFORM_RESERVED
+
     device = frozenset({1}) | LONG | {7, 9}
     desired = {"Eth1": LONG | {1001}}
     text = render(platform, desired, existing=device, current={"Eth1": device})
     lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
-    assert lines[0].startswith("switchport trunk allowed vlan 2,4,") and "remove" not in text
+    assert all(" add " in line or " remove " in line for line in lines)
+    kept = PLATFORM_RESERVED.get(platform, frozenset())
+    assert applied(lines, EVERYTHING) == desired["Eth1"] | kept
+    assert all(desired["Eth1"] <= step for step in applied.steps)  # (no wanted VLAN dropped at any line)
+    assert all(len(line.rsplit(" ", 1)[1]) <= 200 for line in lines)
     text = render(platform, desired, existing=device, current={"Eth1": device - {1}})
     lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
     assert lines == ["switchport trunk allowed vlan add 1001", "switchport trunk allowed vlan remove 7,9"]
 
 
 @pytest.mark.parametrize("platform", ["ios", "nxos"])
-def test_a_port_showing_one_vlan_may_be_no_trunk_yet_and_gets_its_list_set_absolutely(platform):
+def test_a_port_showing_one_vlan_may_be_no_trunk_yet_and_gets_exactly_its_list(platform):
     """An owned port still in access (or dynamic) mode shows one VLAN; made a trunk, its allowed list is the
-    default "all": "add" changes nothing and "remove 1" leaves 2-4094 — every VLAN of the switch on a
-    hypervisor's port until the check after the commit failed. Its long list is set absolutely."""
+    default "all": add/remove lines from the one VLAN it shows would leave 2-4094 — every VLAN of the switch on a
+    hypervisor's port. It gets every wanted VLAN added and every other id removed: exactly its list."""
+    from network.drivers.vendor import PLATFORM_RESERVED
+
     text = render(platform, {"Eth1": LONG}, existing=LONG | {1}, current={"Eth1": frozenset({1})})
     lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
-    assert lines[0].startswith("switchport trunk allowed vlan 2,4,") and "remove" not in text
-    assert all(line.startswith("switchport trunk allowed vlan add ") for line in lines[1:])
+    assert applied(lines, EVERYTHING) == LONG | PLATFORM_RESERVED.get(platform, frozenset())
+    assert text.index("allowed vlan") < text.index("switchport mode trunk")
 
 
 def test_add_and_remove_lines_are_cut_at_the_line_width():
@@ -840,11 +872,14 @@ def test_atomic_platforms_keep_the_absolute_allowed_list(platform):
     assert "allowed vlan add 2\n" not in text and ("vlan members [ 2 4 " in text or "allowed vlan 2,4," in text)
 
 
-def test_a_list_ios_shows_as_all_is_set_absolutely():
-    """A trunk IOS lists under 1002-1005 carries the default "all", not a list the portal set: an add/remove
-    from the VLANs that exist today would leave every future one allowed."""
+def test_a_list_ios_shows_as_all_gets_exactly_the_wanted_list():
+    """A trunk IOS lists under 1002-1005 carries the default "all", not a list the portal set: an add/remove from
+    the VLANs that exist today would leave every future one allowed. Every other id is removed (but 1002-1005,
+    which IOS keeps on every trunk)."""
     text = render("ios", {"Eth1": LONG}, current={"Eth1": LONG | {1, 1002, 1003, 1004, 1005}})
-    assert "switchport trunk allowed vlan 2,4," in text and "remove" not in text
+    lines = [line.strip() for line in text.splitlines() if "allowed vlan" in line]
+    assert applied(lines, EVERYTHING) == LONG | {1002, 1003, 1004, 1005}
+    assert all(LONG <= step for step in applied.steps)
 
 
 def test_an_ios_session_changes_a_long_trunk_by_add_and_remove_lines(monkeypatch):
