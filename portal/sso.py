@@ -59,8 +59,9 @@ def username_from(value: str) -> str | None:
 @never_cache
 def sso_login(request):
     """``/sso/login/?next=…`` — behind the proxy: sign in the user it names (a session of another user ends
-    first), then on to ``next``. Refused (403, saying why, logged): not from the proxy, no header, a name that is
-    not one of this portal's, an account the directory does not have."""
+    first — asked first when another site's link led here), then on to ``next``. Refused (403, saying why,
+    logged): not from the proxy, no header, a name that is not one of this portal's, an account the directory does
+    not have."""
     meta_key = "HTTP_" + settings.SSO_HEADER.upper().replace("-", "_")
     target = request.GET.get("next", "")
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, require_https=request.is_secure()):
@@ -76,6 +77,11 @@ def sso_login(request):
     if request.user.is_authenticated and request.user.get_username() == name:
         return redirect(target)
     if request.user.is_authenticated:
+        if request.META.get("HTTP_SEC_FETCH_SITE") == "cross-site":
+            # a link on another site would end this session (an administrator's password one, say) at a click
+            # there: the browser's user says so here first
+            context = {"signed_in": request.user.get_username(), "name": name, "next": target}
+            return render(request, "registration/sso_switch.html", context)
         auth.logout(request)  # another user than the session's: never both
     user = auth.authenticate(request, remote_user=name)
     if user is None and getattr(request, "ldap_unavailable", False):  # an outage, not an unknown account

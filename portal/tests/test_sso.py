@@ -193,3 +193,22 @@ def test_a_directory_outage_is_said_as_one_not_as_an_unknown_account():
         assert LDAP_UNAVAILABLE_MESSAGE in answer.content.decode().replace("&#x27;", "'")
         assert "no active account" not in answer.content.decode()
         assert whoami(client) is None
+
+
+def test_a_link_from_another_site_asks_before_it_ends_another_users_session(sso, root):
+    """A link on another site to /sso/login/ ended whatever session the browser had — an administrator's password
+    session — at a click there. From another site it asks first; the click on this page goes on."""
+    client = Client()
+    client.force_login(root)
+    page = client.get(SSO, {"next": "/access/"}, HTTP_SEC_FETCH_SITE="cross-site", **{HEADER: "alice@virtcloud.test"})
+    assert page.status_code == 200 and "Continue as alice?" in page.content.decode()
+    assert 'href="/sso/login/?next=/access/"' in page.content.decode()
+    assert whoami(client) == "root"
+    switched = client.get(
+        SSO, {"next": "/access/"}, HTTP_SEC_FETCH_SITE="same-origin", **{HEADER: "alice@virtcloud.test"}
+    )
+    assert switched.status_code == 302 and switched["Location"] == "/access/" and whoami(client) == "alice"
+    # nobody signed in yet: a link from anywhere signs in at once (nothing to lose)
+    fresh = Client()
+    assert fresh.get(SSO, HTTP_SEC_FETCH_SITE="cross-site", **{HEADER: "bob@virtcloud.test"}).status_code == 302
+    assert whoami(fresh) == "bob"
