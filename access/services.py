@@ -425,22 +425,23 @@ def gateway_server_name(gateway: Gateway) -> str:
     return gateway.server_name or f"virtcloud-gateway-{gateway.name}"
 
 
-def gateway_fingerprint(gateway: Gateway) -> str:
-    """SHA-256 of the gateway's current TLS server certificate (``gateway_enrol``), which VPN profiles pin: a
-    ``ProfileError`` when the recorded certificate cannot be read (the download says to ask the administrator)."""
+def _pinned_certificate(gateway: Gateway):
+    """The gateway's current TLS server certificate (``gateway_enrol``), which VPN profiles pin: a ``ProfileError``
+    when the recorded one cannot be read (the download says to ask the administrator)."""
     try:
-        return pki.pem_fingerprint(gateway.server_certificate)
+        return pki.load_cert_pem(gateway.server_certificate.encode())
     except ValueError as exc:
         raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
+
+
+def gateway_fingerprint(gateway: Gateway) -> str:
+    """SHA-256 of the certificate VPN profiles pin (``_pinned_certificate``)."""
+    return pki.cert_fingerprint(_pinned_certificate(gateway))
 
 
 def gateway_certificate_end(gateway: Gateway) -> dt.datetime:
-    """When the gateway's TLS server certificate (``gateway_enrol``) ends: a VPN profile that pins it works no
-    longer. A ``ProfileError`` when it cannot be read."""
-    try:
-        return pki.load_cert_pem(gateway.server_certificate.encode()).not_valid_after_utc
-    except ValueError as exc:
-        raise openvpn.ProfileError(f"the server certificate of gateway {gateway.name} cannot be read ({exc})") from None
+    """When the certificate VPN profiles pin ends (``_pinned_certificate``): a profile works no longer then."""
+    return _pinned_certificate(gateway).not_valid_after_utc
 
 
 def lock_holders(user_ids: Iterable[int]) -> None:

@@ -634,14 +634,13 @@ def image_delete(*, image: Image) -> str:
     if locked is None:  # deleted meanwhile (a retried or double-clicked delete): what was asked is done
         return "deleted"
     image = locked
-    if image.retired_at is not None:
-        return "retired"
-    live = image.clusters.filter(state__in=LIVE_STATES).count()  # (not named: they may be others' clusters)
-    if live:
+    outcome, live = selectors.image_delete_outcome(image)  # (the rule the confirmation page says)
+    if outcome == "refused":  # (not named: they may be others' clusters)
         raise Conflict(f"{live} live cluster(s) boot image {image.name}: they must end first")
-    if image.clusters.exists():
-        image.retired_at = timezone.now()
-        image.save(update_fields=["retired_at"])
+    if outcome == "retired":
+        if image.retired_at is None:
+            image.retired_at = timezone.now()
+            image.save(update_fields=["retired_at"])
         return "retired"
     image.delete()
     return "deleted"

@@ -62,12 +62,10 @@ def recording_middleware(get_response):
         session = getattr(request, "session", None)
         user = getattr(request, "user", None)
         key = getattr(session, "session_key", None)
-        if key and session.get(RECORDED) != key and user is not None and user.is_authenticated:
-            before = session.get(RECORDED)
-            moved = (
-                BrowserSession.objects.filter(session_key=before, user=user).update(session_key=key) if before else 0
-            )
-            if not moved:
+        before = session.get(RECORDED) if key else None
+        if key and before != key and user is not None and user.is_authenticated:
+            mine = BrowserSession.objects.filter(session_key=before, user=user)
+            if not (before and mine.update(session_key=key)):  # (the record follows the key, or is made)
                 BrowserSession.objects.get_or_create(session_key=key, defaults={"user": user, **_details(request)})
             session[RECORDED] = key
         return get_response(request)
