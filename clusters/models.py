@@ -454,10 +454,6 @@ class Webhook(models.Model):
         if unknown:
             raise ValidationError({"kinds": f"unknown kinds {', '.join(unknown)}; use {kinds}"})
 
-    def wants(self, event: ClusterEvent) -> bool:
-        """Whether ``event`` is one of those it asked for (``states``, ``kinds``)."""
-        return (not self.states or event.state in self.states) and (not self.kinds or event.kind in self.kinds)
-
     def token_allows(self) -> bool:
         """Whether the token it was registered with (if any) still has the scopes for the feed it gets: every
         cluster's needs ``clusters:manage``, its owner's clusters ``clusters:write`` (or manage). A scope taken
