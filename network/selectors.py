@@ -108,12 +108,22 @@ def gateway_reach(*, enabled_only: bool = False) -> GatewayReach:
         switches[site_id].add(switch_id)
         if core_id is not None:
             by_core[core_id].add(site_id)
-    gw, rt = by_role[PortRole.GATEWAY_TRUNK], by_role[PortRole.ROUTER_TRUNK]
+    (gw_sites, gw_cores, gw_switches), (rt_sites, rt_cores, rt_switches) = (
+        by_role[PortRole.GATEWAY_TRUNK],
+        by_role[PortRole.ROUTER_TRUNK],
+    )
 
     def frozen(mapping: dict[int, set[int]]) -> dict[int, frozenset[int]]:
         return {key: frozenset(found) for key, found in mapping.items()}
 
-    return GatewayReach(frozenset(gw[0]), frozen(gw[1]), frozenset(rt[0]), frozen(rt[1]), frozen(gw[2]), frozen(rt[2]))
+    return GatewayReach(
+        sites=frozenset(gw_sites),
+        by_core=frozen(gw_cores),
+        router_sites=frozenset(rt_sites),
+        router_by_core=frozen(rt_cores),
+        switches_by_site=frozen(gw_switches),
+        router_switches_by_site=frozen(rt_switches),
+    )
 
 
 def segment_views(segments, *, gateway: GatewayReach | None = None) -> list[SegmentView]:
