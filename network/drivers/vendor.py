@@ -145,11 +145,8 @@ def render(
     bad = [vlan["name"] for vlan in vlans if not VLAN_NAME.fullmatch(str(vlan["name"]))]
     if bad:  # (a caller's names; open_switch makes them with vlan_name, which says why)
         raise PermanentDeviceError(platform, f"VLAN names {bad} are not plain words of 1-32 characters")
-    clash = [
-        (v["name"], (taken or {})[v["name"]], v["id"])
-        for v in vlans
-        if (taken or {}).get(v["name"], v["id"]) != v["id"]
-    ]
+    taken = taken or {}
+    clash = [(v["name"], taken[v["name"]], v["id"]) for v in vlans if taken.get(v["name"], v["id"]) != v["id"]]
     if clash:
         said = "; ".join(f"{name} is VLAN {other}'s, not {vid}'s" for name, other, vid in clash)
         raise PermanentDeviceError(
@@ -160,7 +157,7 @@ def render(
         port = {"name": name, "vids": sorted(desired[name]), "add": None, "remove": None}
         now = (current or {}).get(name)
         # a port listed under every VLAN the device has — or, on IOS, under a reserved id — may well allow "all"
-        # (the default), which no remove line could turn into the desired list: set it absolutely
+        # (the default), which no remove line of what it shows could turn into the desired list
         allows_all = bool(
             now is not None and (now & platform_reserved or (existing and existing - platform_reserved <= now))
         )
@@ -168,22 +165,22 @@ def render(
         # allowed list is the default "all", which add/remove lines leave carrying every VLAN — only a port
         # showing two or more is surely a trunk with a list of its own
         surely_a_list = now is not None and len(now) >= 2 and not allows_all
-        if language in _INCREMENTAL and now is not None and not surely_a_list and len(vlan_chunks(desired[name])) > 1:
-            # a long list for a port that may allow "all", or be no trunk yet: set absolutely, its first line cut
-            # the list to the first chunk until the "add" lines after it (a trunk toward a router or a switch then
-            # learns the later VLANs again through spanning tree: seconds without them). Every wanted VLAN added,
-            # then every other id removed (but those the platform keeps): exactly the wanted list, from "all" or
-            # from any list, with no wanted VLAN ever dropped.
-            port["add"] = vlan_chunks(desired[name])
-            port["remove"] = vlan_chunks(frozenset(range(1, 4095)) - platform_reserved - desired[name])
-        elif language in _INCREMENTAL and surely_a_list and len(vlan_chunks(desired[name])) > 1:
-            # a VLAN created now is removed too where it is not wanted: the device showed the port's VLANs among
-            # those it has, and an id it does not have may still be on the allowed list (its VLAN deleted by
-            # hand), which would carry the new VLAN there
-            stale = frozenset(created) - desired[name]
-            if now == desired[name] and not stale:
-                continue
-            port["add"], port["remove"] = vlan_chunks(desired[name] - now), vlan_chunks((now - desired[name]) | stale)
+        # a long list on IOS and NX-OS, which apply a merge line by line, is never set absolutely on a port the
+        # device showed: its first line cut the list to the first chunk until the "add" lines after it (a trunk
+        # toward a router or a switch then learns the later VLANs again through spanning tree: seconds without them)
+        if language in _INCREMENTAL and now is not None and len(vlan_chunks(desired[name])) > 1:
+            if surely_a_list:
+                # a VLAN created now is removed too where it is not wanted: the device showed the port's VLANs
+                # among those it has, and an id it does not have may still be on the allowed list (its VLAN
+                # deleted by hand), which would carry the new VLAN there
+                stale = frozenset(created) - desired[name]
+                if now == desired[name] and not stale:
+                    continue
+                port["add"] = vlan_chunks(desired[name] - now)
+                port["remove"] = vlan_chunks((now - desired[name]) | stale)
+            else:  # "all", or no trunk yet: every wanted VLAN added, then every other id (but those it keeps) removed
+                port["add"] = vlan_chunks(desired[name])
+                port["remove"] = vlan_chunks(frozenset(range(1, 4095)) - platform_reserved - desired[name])
         ports.append(port)
     if trunk_encapsulation not in ("", "dot1q"):
         raise PermanentDeviceError(platform, f"trunk_encapsulation {trunk_encapsulation!r}: only dot1q")
