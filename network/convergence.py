@@ -628,7 +628,16 @@ def plan(kind: str, device: Switch | Host) -> str:
                 return session.plan(desired)
         desired = selectors.host_desired([device.pk])[device.pk]
         with host_session(specs.host_spec(device)) as session:
-            return _host_diff(session.vlans(), desired)
+            return _host_diff(host_carried(session, desired), desired)
+
+
+def host_carried(session, expected: frozenset[int]) -> frozenset[int]:
+    """The VLANs the host carries, as the reconciler and a plan compare them with ``expected``: a wanted VLAN the
+    driver says is broken (``broken()``: its bridge there but the VLAN not reaching it) is missing — a repair
+    makes it whole; one not wanted counts while anything of it is there, so that a repair removes it."""
+    found = session.vlans()
+    broken = getattr(session, "broken", None)
+    return found - (broken() & expected) if broken is not None and found & expected else found
 
 
 @dataclass
@@ -697,7 +706,7 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                         actual[port] = actual.get(port, frozenset()) | expected[port]
                 else:
                     expected = {"": selectors.host_desired([device.pk])[device.pk]}
-                    actual = {"": session.vlans()}
+                    actual = {"": host_carried(session, expected[""])}
                 report.drifts = _record_drift(kind, device, list(_compare(expected, actual)))
                 if report.drifts and repair:
                     _refresh_enabled([(kind, device)])  # (disabled meanwhile: never touched, the drift stays open)

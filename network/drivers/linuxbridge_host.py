@@ -157,6 +157,28 @@ class LinuxBridgeHost:
         """VLANs with an attachment point (a ``br-v<vid>`` bridge of the portal's) on this host."""
         return self._carried(self._links(), self._addresses())
 
+    def broken(self) -> frozenset[int]:
+        """Of ``vlans()``, those whose bridge does not carry the VLAN: the trunk or the bridge down, or the bridge
+        without ``<trunk>.<vid>`` (VLAN ``vid`` on the trunk, up, enslaved to it) — a NIC or bond reset takes its
+        VLAN interfaces with it, an ``ip link del`` or a bridge set down by hand. The VMs on it are cut off:
+        the reconciler counts such a VLAN as missing, and the next converge makes it whole again."""
+        links = self._links()
+        trunk = links.get(self.trunk)
+        broken = set()
+        for vid in self._carried(links, self._addresses()):
+            br, sub = links.get(bridge_name(vid)), links.get(self._sub_name(vid))
+            whole = (
+                trunk is not None
+                and trunk.up
+                and br.up
+                and sub is not None
+                and (sub.kind, sub.vlan_id, sub.parent, sub.master) == ("vlan", vid, trunk.index, br.index)
+                and sub.up
+            )
+            if not whole:
+                broken.add(vid)
+        return frozenset(broken)
+
     def vm_ports(self, vid: int) -> list[str]:
         """Members of ``br-v<vid>`` other than the trunk sub-interface: the VMs plugged in."""
         return self._vm_ports(self._links(), vid)
@@ -255,6 +277,7 @@ class LinuxBridgeHost:
                     "not a cluster's",
                 )
         own = links.get(sub_name)
+        trunk = links[self.trunk]
         if own is not None and (br is None or own.master != br.index):
             if self._hosts_own(own, links, addresses):
                 # the hypervisor's own VLAN interface (management, storage): a cluster never gets it (checked
@@ -262,20 +285,37 @@ class LinuxBridgeHost:
                 raise PermanentDeviceError(
                     self.name, f"{sub_name} has addresses of the host's own: VLAN {vid} is the host's, not a cluster's"
                 )
+            if own.alias != ALIAS and own.master is not None:
+                # in another bridge (or bond) of the host's: its address, if any, is up there (a storage bridge)
+                holder = next((link.name for link in links.values() if link.index == own.master), own.master)
+                raise PermanentDeviceError(
+                    self.name, f"{sub_name} is in {holder}, not the portal's: VLAN {vid} is the host's, not a cluster's"
+                )
+        clash = sorted(
+            name
+            for name, link in links.items()
+            if link.kind == "vlan" and link.parent == trunk.index and link.vlan_id == vid and name != sub_name
+        )
+        if clash:
+            # the kernel takes one VLAN interface per id and trunk: another name for it is the host's own
+            raise PermanentDeviceError(
+                self.name,
+                f"VLAN {vid} is on {self.trunk} already as {', '.join(clash)}: the host's, not a cluster's",
+            )
         if br is None:
             self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")
             changes.append(f"+ bridge {br_name}")
         br_index = self._index(br_name)
         if br is None or br.alias != ALIAS:  # made now, or adopted (a crashed run's, made by hand): the portal's
-            self._call(f"marking {br_name}", self._ipr.link, "set", index=br_index, ifalias=ALIAS)
+            # IPv6 off first: a run cut between the two does both again (the mark says it is done)
             self._no_ipv6(br_name, br_index)
+            self._call(f"marking {br_name}", self._ipr.link, "set", index=br_index, ifalias=ALIAS)
         if br is None or not br.up:
             self._call(f"setting {br_name} up", self._ipr.link, "set", index=br_index, state="up")
             if br is not None:
                 changes.append(f"~ up {br_name}")
 
         sub = links.get(sub_name)
-        trunk = links[self.trunk]
         if sub is not None and (sub.kind != "vlan" or sub.vlan_id != vid or sub.parent != trunk.index):
             raise PermanentDeviceError(
                 self.name, f"{sub_name} exists but is not VLAN {vid} on {self.trunk} (kind {sub.kind or 'plain'})"
@@ -284,8 +324,8 @@ class LinuxBridgeHost:
             self._create(f"creating {sub_name}", ifname=sub_name, kind="vlan", link=trunk.index, vlan_id=vid)
         if sub is None or sub.alias != ALIAS:
             sub_index = self._index(sub_name)
-            self._call(f"marking {sub_name}", self._ipr.link, "set", index=sub_index, ifalias=ALIAS)
             self._no_ipv6(sub_name, sub_index)
+            self._call(f"marking {sub_name}", self._ipr.link, "set", index=sub_index, ifalias=ALIAS)
         if sub is None or sub.master != br_index or not sub.up:
             self._call(
                 f"enslaving {sub_name} to {br_name}",

@@ -95,6 +95,12 @@ class OvsHostSession:
         return frozenset(trunks - {NO_VLANS, UNTAGGED})
 
     @staticmethod
+    def _access(uplink: dict) -> int | None:
+        """The VLAN of an access uplink (a tag, mode ``access`` or none): the host's own, untagged on the wire."""
+        mode, tag = as_set(uplink["vlan_mode"]), as_set(uplink["tag"])
+        return int(tag[0]) if tag and (not mode or mode[0] == "access") else None
+
+    @staticmethod
     def _passes_untagged(uplink: dict) -> bool:
         """Whether the uplink lets untagged frames in now (VLAN 0 listed, or a trunk of every VLAN): the
         host's own untagged network (XCP-ng's management on the same bridge) — kept, never the portal's."""
@@ -132,6 +138,11 @@ class OvsHostSession:
             raise PermanentDeviceError(
                 self.spec.name, f"VLAN {native} is the host's own (the native VLAN of uplink {self.uplink})"
             )
+        access = self._access(uplink)
+        if access is not None and access in desired:
+            raise PermanentDeviceError(
+                self.spec.name, f"VLAN {access} is the host's own (uplink {self.uplink} is an access port of it)"
+            )
         carried = self._carried(uplink)
         before = carried if carried is not None else frozenset()
         # a VM's VLAN the uplink carries stays until its last VM port goes; one it never carried (an interface
@@ -141,14 +152,14 @@ class OvsHostSession:
         }
         # the host's own VLANs stay on the uplink (its network), unreported: they are not the portal's; a native
         # uplink keeps its mode and native VLAN (its untagged network), beside the list
-        target = (desired | frozenset(kept) | frozenset(own)) - {native}
+        target = (desired | frozenset(kept) | frozenset(own)) - {native, access}
         lines = []
-        if carried is None:
-            lines.append(
-                f"uplink {self.uplink}: list its VLANs (it trunked every VLAN)"
-                if native is not None
-                else f"uplink {self.uplink}: make it a trunk (was not a plain trunk)"
-            )
+        if carried is None and native is not None:
+            lines.append(f"uplink {self.uplink}: list its VLANs (it trunked every VLAN)")
+        elif carried is None and access is not None:
+            lines.append(f"uplink {self.uplink}: trunk beside its untagged VLAN {access} (native-untagged)")
+        elif carried is None:
+            lines.append(f"uplink {self.uplink}: make it a trunk (was not a plain trunk)")
         if target - before:
             lines.append(f"add {compact(target - before)}")
         if before - target:
@@ -160,6 +171,11 @@ class OvsHostSession:
         if changed:
             if native is not None:  # (its mode and native VLAN as they are)
                 commands = [["set", "Port", self.uplink, f"trunks={trunks_value(target)}"]]
+            elif access is not None:
+                # an access uplink (the host's management untagged on the wire, an internal port of its tag):
+                # its VLAN stays untagged as the native one, the clusters' VLANs tagged beside it — a plain trunk
+                # without its tag dropped the untagged frames, and the host went off the network
+                commands = [["set", "Port", self.uplink, "vlan_mode=native-untagged", f"trunks={trunks_value(target)}"]]
             else:
                 trunks = trunks_value(target | untagged)
                 commands = [["set", "Port", self.uplink, "vlan_mode=trunk", f"trunks={trunks}"]]

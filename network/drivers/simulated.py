@@ -132,6 +132,11 @@ class FakeHost:
     def vlans(self) -> frozenset[int]:
         return frozenset(load(self.args, "host", self.spec.name)["vlans"])
 
+    def broken(self) -> frozenset[int]:
+        """Bridges there that do not carry their VLAN (as the Linux-bridge host's: its VLAN interface gone)."""
+        state = load(self.args, "host", self.spec.name)
+        return frozenset(state.get("broken", ())) & frozenset(state["vlans"])
+
     def attachment_point(self, vid: int) -> str:
         return attachment(self.spec, vid).bridge
 
@@ -146,14 +151,17 @@ class FakeHost:
             raise TemporaryDeviceError(self.spec.name, "ovsdb transaction: try again (database busy)")
         if self.args.get("fail_commit") and after != before:  # as the switch: nothing to change, nothing fails
             raise PermanentDeviceError(self.spec.name, "ip link add br-v: Operation not permitted")
+        broken = set(state.get("broken", ())) & after
         diff = _labelled(
             self.args,
             "\n".join(
                 [f"+ {bridge_name(v)}" for v in sorted(after - before)]
                 + [f"- {bridge_name(v)}" for v in sorted(before - after)]
+                + [f"~ repair {bridge_name(v)}" for v in sorted(broken & set(desired))]
             ),
         )
         state["vlans"] = sorted(after)
+        state["broken"] = sorted(broken - set(desired))
         if diff:
             state["commits"] += 1
         save(self.args, "host", self.spec.name, state)

@@ -55,6 +55,12 @@ class Fabric:
         switch.driver_args = {**self.args, **args}
         switch.save(update_fields=["driver_args"])
 
+    def break_host_vlan(self, name: str, vid: int) -> None:
+        """Cut a host's VLAN off its bridge behind the portal's back (a NIC reset took its VLAN interface)."""
+        state = fakes.load(self.args, "host", name)
+        state["broken"] = sorted({*state.get("broken", ()), vid})
+        fakes.save(self.args, "host", name, state)
+
     def poke_switch(self, name: str, port: str, vids) -> None:
         """Change a port by hand, behind the portal's back."""
         state = self.switch_state(name)

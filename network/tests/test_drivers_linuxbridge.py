@@ -911,6 +911,61 @@ def test_host_keeps_a_bridge_while_a_vm_port_is_on_it(hv):
 
 @pytest.mark.lab
 @pytest.mark.vmlane
+def test_a_vlan_interface_in_a_bridge_of_the_hosts_is_never_taken_over(hv):
+    """The host's storage network: ``eth0.20`` in ``br-storage``, the address on the bridge. A cluster given VLAN
+    20 took ``eth0.20`` out of it into ``br-v20`` (the check looked for addresses on ``eth0.20`` only), cutting the
+    host's storage, and deleted it at teardown. Refused, and nothing made."""
+    hv.batch(
+        "hv",
+        [
+            "link set eth0 up",
+            "link add br-storage type bridge",
+            "link add link eth0 name eth0.20 type vlan id 20",
+            "link set eth0.20 master br-storage",
+            "address add 198.18.20.5/24 dev br-storage",
+        ],
+    )
+    with host_session(_host(hv)) as host:
+        with pytest.raises(PermanentDeviceError, match="eth0.20 is in br-storage, not the portal's"):
+            host.converge(frozenset({20}))
+    assert _carried(hv)["eth0.20"][1] == "br-storage" and "br-v20" not in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
+def test_a_vlan_id_the_host_has_under_another_name_is_refused_at_once(hv):
+    """``mgmt30`` is VLAN 30 on the trunk: the kernel refuses a second interface of that id (EEXIST), which was
+    taken for a concurrent run's and then retried as "vanished" until the retries ran out, a bridge left behind."""
+    hv.batch(
+        "hv",
+        ["link set eth0 up", "link add link eth0 name mgmt30 type vlan id 30", "address add 198.18.30.5/24 dev mgmt30"],
+    )
+    with host_session(_host(hv)) as host:
+        with pytest.raises(PermanentDeviceError, match="VLAN 30 is on eth0 already as mgmt30"):
+            host.converge(frozenset({30}))
+    assert "br-v30" not in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
+def test_a_vlan_whose_bridge_lost_its_interface_or_went_down_is_broken_and_repaired(hv):
+    """A NIC reset takes its VLAN interfaces with it, or someone deletes one or sets a bridge down: the bridge
+    is still there, so the VLAN looked carried and the reconciler saw no drift while the VMs were cut off. It is
+    ``broken``, counted missing where it is wanted (still there where it is not: a repair removes it), and the
+    next converge makes it whole (``network.convergence.host_carried`` is what the reconciler compares)."""
+    with host_session(_host(hv)) as host:
+        host.converge(frozenset({100, 200}))
+        assert host.broken() == frozenset()
+        hv.batch("hv", ["link del eth0.100", "link set br-v200 down"])
+        assert host.vlans() == {100, 200} and host.broken() == {100, 200}
+        repaired = host.converge(frozenset({100, 200}))
+        assert "+ vlan eth0.100 master br-v100" in repaired.diff and "~ up br-v200" in repaired.diff
+        assert host.broken() == frozenset() and host.vlans() == {100, 200}
+    assert _carried(hv) == {"eth0.100": (100, "br-v100", True), "eth0.200": (200, "br-v200", True)}
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
 def test_host_errors_are_classified(hv):
     hv.batch("hv", ["link add br-v700 type dummy"])
     cases = [

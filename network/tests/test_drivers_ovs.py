@@ -544,6 +544,44 @@ def test_a_native_vlan_uplink_keeps_its_mode_and_native_vlan(clean_lab, mode, tr
         db.run(uplink_reset, ["clear", "Port", args["uplink"], "tag"])
 
 
+@pytest.mark.parametrize("mode", ["access", None])
+def test_an_access_uplink_keeps_its_vlan_untagged_as_the_native_one(clean_lab, mode):
+    """A host whose uplink is an access port of VLAN 5 (the switch port untagged, the host's management on an
+    internal port of tag 5): the first converge makes it a native-untagged trunk of native VLAN 5, the clusters'
+    VLANs tagged beside it. It was made a plain trunk with no tag: untagged frames from the wire were dropped and
+    the host went off the network. VLAN 5 is never a cluster's."""
+    from network.drivers.ovsdb import as_set
+
+    lab, spec = clean_lab, host(clean_lab)
+    args = lab.host_driver_args("h-s2-1")
+    db = Ovsdb(device="h-s2-1", db=args["db"])
+    bridge = lab.state["hosts"]["h-s2-1"]["bridge"]
+
+    def uplink() -> tuple[list[str], list[int], set[int]]:
+        row = db.list_rows("Port", ["vlan_mode", "tag", "trunks"], args["uplink"])[0]
+        return as_set(row["vlan_mode"]), as_set(row["tag"]), set(as_set(row["trunks"]))
+
+    db.run(["add-port", bridge, "mgmt5", "tag=5"], ["set", "Interface", "mgmt5", "type=internal"])
+    db.run(["clear", "Port", args["uplink"], "trunks"], ["set", "Port", args["uplink"], "tag=5"])
+    port = args["uplink"]
+    db.run(["set", "Port", port, f"vlan_mode={mode}"] if mode else ["clear", "Port", port, "vlan_mode"])
+    try:
+        with host_session(spec) as session:
+            with pytest.raises(PermanentDeviceError, match="VLAN 5 is the host's own"):
+                session.converge(frozenset({5}))
+            first = session.converge(frozenset({100}))
+            assert "native-untagged" in first.diff
+            assert uplink() == (["native-untagged"], [5], {100})
+            assert first.after == {"h-s2-1": frozenset({100})} and session.vlans() == frozenset({100})
+            assert not session.converge(frozenset({100})).changed
+            session.converge(frozenset())
+            assert uplink()[:2] == (["native-untagged"], [5])
+    finally:
+        db.run(["--if-exists", "del-port", bridge, "mgmt5"])
+        uplink_reset = ["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"]
+        db.run(uplink_reset, ["clear", "Port", args["uplink"], "tag"])
+
+
 def test_a_vm_tag_the_uplink_never_carried_is_not_added(clean_lab):
     """An interface someone else tagged on the host's bridge (VLAN 50, never the portal's): the portal does not
     add 50 to the uplink (it did, and then reported it kept at every converge, failing each repair of the host);

@@ -81,6 +81,36 @@ def test_drift_by_hand_is_found_and_repaired_by_one_reconcile_run(fabric, active
     assert Drift.objects.count() == 3
 
 
+def test_a_host_vlan_cut_off_its_bridge_is_missing_drift_and_repaired(fabric, active, settings):
+    """The bridge is still there but the VLAN no longer reaches it (a NIC reset took the VLAN interface): the
+    host's VMs are cut off. It counted as carried — no drift — until some unrelated change converged the host."""
+    settings.RECONCILE_REPAIR = True
+    v = active.vid
+    host = next(h for h in fabric.hosts.values() if v in fabric.host_vlans(h.name))
+    fabric.break_host_vlan(host.name, v)
+    tasks.reconcile.apply().get()
+    drift = Drift.objects.get(device=host.name)
+    assert (drift.kind, drift.vlans) == ("missing", str(v)) and drift.repaired_at
+    repair = DeviceChange.objects.get(device=host.name, cause__startswith="reconcile")
+    assert repair.status == "ok" and f"~ repair br-v{v}" in repair.diff
+    tasks.reconcile.apply().get()  # whole again: nothing new
+    assert Drift.objects.count() == 1
+
+
+def test_host_carried_counts_a_broken_vlan_missing_only_where_it_is_wanted():
+    from network.convergence import host_carried
+
+    class Session:
+        def vlans(self):
+            return frozenset({100, 200, 300})
+
+        def broken(self):
+            return frozenset({100, 200})
+
+    assert host_carried(Session(), frozenset({100, 300})) == {200, 300}  # 200 not wanted: stale, removed by a repair
+    assert host_carried(Session(), frozenset()) == {100, 200, 300}
+
+
 def test_drift_of_a_trunk_with_thousands_of_vlans_is_recorded(fabric, active, settings):
     """A busy trunk's VLAN sets, scattered ids, run to thousands of characters (the columns held 500: the
     reconcile failed at every run on PostgreSQL, its drift never recorded nor repaired)."""
