@@ -37,5 +37,9 @@ test: setup lint check
 vm-lane: setup
 	scripts/vm-lane.sh test --if-needed
 
+# var/ is the default DATA_DIR: a portal run on the defaults keeps its database (CA keys, accounts) there
 clean:
+	@if [ -s var/portal.sqlite3 ] && [ "$(FORCE)" != 1 ]; then \
+	  echo "make clean: var/portal.sqlite3 holds a portal's database (accounts, CA keys); make clean FORCE=1 deletes it"; \
+	  exit 1; fi
 	rm -rf var .pytest_cache

@@ -240,6 +240,7 @@ class WebhookAdmin(admin.ModelAdmin):
         "last_event_id",
         "last_status",
         "failures",
+        "failing_since",
         "last_delivered_at",
     )
     list_filter = ("enabled", "all_clusters", ("owner", admin.EmptyFieldListFilter))
@@ -252,6 +253,7 @@ class WebhookAdmin(admin.ModelAdmin):
         "last_status",
         "last_error",
         "failures",
+        "failing_since",
         "next_attempt_at",
     )
 

@@ -52,3 +52,19 @@ class Gone(ClusterError):
 
     status = 404
     code = "not_found"
+
+
+class EventsPruned(ClusterError):
+    """A feed reader's cursor is behind events pruning deleted (``CLUSTER_EVENT_RETENTION``): it may have missed
+    some. It reads the clusters again and goes on after ``resume_after`` (as a Kubernetes watch whose
+    resourceVersion is too old is answered 410 and lists again)."""
+
+    status = 410
+    code = "events_pruned"
+
+    def __init__(self, message: str, *, resume_after: int):
+        super().__init__(message)
+        self.resume_after = resume_after
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "resume_after": self.resume_after}

@@ -352,6 +352,22 @@ class ClusterEvent(models.Model):
         return f"{self.id}: cluster {self.cluster_id} {self.state}"
 
 
+class EventHorizon(models.Model):
+    """One row: how far pruning (``CLUSTER_EVENT_RETENTION``) has deleted the cluster event feed. A reader whose
+    last event id is below ``pruned_through`` may have missed events that no longer exist: the API answers it 410
+    (read the clusters again, go on after ``pruned_through``) and a webhook's next batch says so (``missed``)."""
+
+    pruned_through = models.BigIntegerField(default=0, help_text="the highest event id pruning deleted")
+    pruned_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"events pruned through {self.pruned_through}"
+
+    @classmethod
+    def through(cls) -> int:
+        return cls.objects.filter(pk=1).values_list("pruned_through", flat=True).first() or 0
+
+
 class Webhook(models.Model):
     """An HTTP endpoint that gets the cluster event feed pushed (POST, JSON, HMAC-SHA256 signed with
     ``secret``): in commit order, in batches, at least once — the cursor ``last_event_id`` moves only when the
@@ -403,6 +419,15 @@ class Webhook(models.Model):
     last_status = models.PositiveSmallIntegerField(null=True, blank=True, help_text="HTTP status of the last try")
     last_error = models.TextField(blank=True)
     failures = models.PositiveIntegerField(default=0, help_text="failed tries in a row")
+    failing_since = models.DateTimeField(
+        null=True, blank=True, help_text="the first of the tries in a row not answered 2xx; empty: keeping up"
+    )
+    failing_mailed_for = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="the failing_since its owner was mailed about (once per run of failures, WEBHOOK_ALERT_AFTER)",
+    )
     next_attempt_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

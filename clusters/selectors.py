@@ -9,6 +9,7 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db.models import Exists, F, OuterRef, Prefetch, Q, QuerySet
 
+from clusters.errors import EventsPruned
 from clusters.models import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -18,6 +19,7 @@ from clusters.models import (
     ClusterState,
     ClusterStep,
     Connectivity,
+    EventHorizon,
     Image,
     Node,
     NodeState,
@@ -311,22 +313,40 @@ def quota_report(owner) -> list[dict]:
 # --- the event feed -------------------------------------------------------------------------------------------
 
 
-def cluster_events(request, *, after: int, cluster_id: int | None, limit: int, timeout: float) -> list[ClusterEvent]:
+def cluster_events(
+    request, *, after: int, cluster_id: int | None, limit: int, timeout: float
+) -> tuple[list[ClusterEvent], int]:
     """Events after id ``after`` of the clusters the caller may see (one cluster's with ``cluster_id``), at
-    most ``limit``, oldest first. None yet: wait up to ``timeout`` seconds for the next (woken by the
-    state-change notification on PostgreSQL)."""
+    most ``limit``, oldest first, and the id to go on after: the last one's — or, with fewer than ``limit``,
+    the newest id of the whole feed when it was read (every event up to it the caller may see is in the
+    answer), so that a reader whose clusters are quiet moves along with the feed and is never left behind
+    pruning. None yet: wait up to ``timeout`` seconds for the next (woken by the state-change notification on
+    PostgreSQL). ``after`` behind events pruning deleted (``EventHorizon``): ``EventsPruned``."""
+    through = EventHorizon.through()
+    if 0 < after < through:
+        raise EventsPruned(
+            f"events after {after} were deleted (events are kept {settings.CLUSTER_EVENT_RETENTION} days): some of "
+            f"them may be missing. Read the clusters again (GET /api/clusters/) and go on with after={through}",
+            resume_after=through,
+        )
     visible = clusters_visible(request).order_by().values("pk")
     events = ClusterEvent.objects.filter(id__gt=after, cluster__in=visible).select_related("cluster")
     if cluster_id is not None:
         events = events.filter(cluster_id=cluster_id)
+    seen = {"newest": after}
 
     def found() -> list[ClusterEvent] | None:
-        rows = list(events.order_by("id")[:limit])
+        # the newest id first: an event committed between the two reads has a higher id (ids follow commits)
+        # and is left for the next call instead of skipped
+        newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        seen["newest"] = max(after, newest)
+        rows = list(events.filter(id__lte=newest).order_by("id")[:limit])
         return rows or None
 
     payload = None if cluster_id is None else str(cluster_id)
     holder = f"user:{request.user.pk}"  # (the long-poll slots: one caller never takes them all)
-    return wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout, holder=holder) or []
+    rows = wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout, holder=holder) or []
+    return rows, (rows[-1].id if len(rows) == limit else seen["newest"])
 
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")  # the provisioning's

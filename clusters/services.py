@@ -22,7 +22,7 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, Max, Model, OuterRef, Q, QuerySet, Value
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from access.gateway.state import leg_unusable
@@ -44,6 +44,7 @@ from clusters.models import (
     ClusterState,
     ClusterStep,
     Connectivity,
+    EventHorizon,
     EventKind,
     IdempotencyKey,
     Image,
@@ -1684,12 +1685,31 @@ def cluster_events_prune() -> int:
     that ended that long ago. How many events went."""
     now = timezone.now()
     horizon = now - timedelta(days=settings.CLUSTER_EVENT_RETENTION)
-    deleted, _ = ClusterEvent.objects.filter(at__lt=horizon).delete()
+    deleted = _events_prune(older_than=horizon)
     ended = VirtualCluster.objects.exclude(state__in=LIVE_STATES)
     IdempotencyKey.objects.filter(cluster__in=ended.filter(ended_at__lt=horizon).values("pk")).delete()
     long_ended = ended.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).values("pk")
     delete_in_batches(ClusterStep.objects.filter(cluster__in=long_ended))
     PublicSubnetLease.objects.filter(ended_at__lt=now - timedelta(days=settings.HISTORY_RETENTION)).delete()
+    return deleted
+
+
+def _events_prune(*, older_than) -> int:
+    """Delete the events older than ``older_than``, all but the newest event (SQLite numbers a new row after the
+    highest one left: with every event deleted, ids would start again below the readers' cursors, and they would
+    never see the new events), and record the highest id deleted (``EventHorizon``): readers behind it are told
+    what they missed. How many went."""
+    with transaction.atomic():
+        newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first()
+        old = ClusterEvent.objects.filter(at__lt=older_than, id__lt=newest or 0)
+        through = old.aggregate(through=Max("id"))["through"]
+        if through is None:
+            return 0
+        deleted, _ = old.filter(id__lte=through).delete()
+        EventHorizon.objects.get_or_create(pk=1)
+        EventHorizon.objects.filter(pk=1).update(
+            pruned_through=Greatest(F("pruned_through"), Value(through)), pruned_at=timezone.now()
+        )
     return deleted
 
 
@@ -1776,7 +1796,8 @@ def webhook_starts_afresh(hook: Webhook, changed: list[str]) -> bool:
 def _webhook_afresh(hook: Webhook) -> list[str]:
     """No backoff left from the failures of before: delivered at the next run. The fields set."""
     hook.failures, hook.next_attempt_at, hook.last_error = 0, timezone.now(), ""
-    return ["failures", "next_attempt_at", "last_error"]
+    hook.failing_since = hook.failing_mailed_for = None
+    return ["failures", "next_attempt_at", "last_error", "failing_since", "failing_mailed_for"]
 
 
 def webhook_admin_save(*, hook: Webhook, changed: list[str]) -> None:
@@ -1792,3 +1813,72 @@ def webhook_admin_save(*, hook: Webhook, changed: list[str]) -> None:
 
 def webhook_delete(*, hook: Webhook) -> None:
     hook.delete()
+
+
+def webhooks_mail_failing(*, limit: int = 200) -> list[int]:
+    """An e-mail to the owner of every webhook it gets the feed for whose tries have failed for
+    ``WEBHOOK_ALERT_AFTER`` seconds in a row, once per run of failures (claimed first, as
+    ``clusters_mail_expiring`` does: a relay that cannot take it now gives the claim back). The administrators'
+    own webhooks (no owner) have no one to mail: ``/metrics`` has ``virtcloud_webhook_failures``. Returns the
+    webhooks mailed."""
+    from portal import mail
+
+    if not settings.EMAIL_ENABLED:
+        return []
+    now = timezone.now()
+    due = (
+        Webhook.deliverable()
+        .filter(failing_since__lt=now - timedelta(seconds=settings.WEBHOOK_ALERT_AFTER), owner__isnull=False)
+        .exclude(failing_mailed_for=F("failing_since"))
+        .select_related("owner")
+        .order_by("failing_since")[:limit]
+    )
+    mailed = []
+    budget = mail.Budget()
+    for hook in due:
+        if not budget.left():
+            break
+        claim = Webhook.objects.filter(pk=hook.pk, failing_since=hook.failing_since).exclude(
+            failing_mailed_for=hook.failing_since
+        )
+        if not claim.update(failing_mailed_for=hook.failing_since):
+            continue  # delivered, or mailed by another run, meanwhile
+        if not hook.owner.email:
+            continue
+        given = Webhook.objects.filter(pk=hook.pk, failing_mailed_for=hook.failing_since)
+        if mail.send_claimed(
+            give_back=lambda given=given: given.update(failing_mailed_for=None),
+            to=hook.owner.email,
+            subject=f"VirtCloud: your webhook {hook.name} has failed since "
+            f"{hook.failing_since.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+            body=_failing_body(hook),
+        ):
+            mailed.append(hook.pk)
+    return mailed
+
+
+def _failing_body(hook: Webhook) -> str:
+    owner = hook.owner
+    site = settings.SITE_URL.rstrip("/")
+    oldest = ClusterEvent.objects.filter(id__gt=hook.last_event_id).order_by("id").values_list("at", flat=True).first()
+    days = settings.CLUSTER_EVENT_RETENTION
+    if oldest is not None:
+        kept = (
+            f"The oldest event waiting for it is from {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC. Events are kept "
+            f"{days} days: from {(oldest + timedelta(days=days)).astimezone(UTC):%Y-%m-%d %H:%M} UTC on, the "
+            'webhook misses events (its next batch then says which: "missed"), and its endpoint has to read the '
+            "clusters again.\n\n"
+        )
+    else:
+        kept = f"Events are kept {days} days: the webhook misses those its endpoint does not take by then.\n\n"
+    error = hook.last_error or (f"HTTP {hook.last_status}" if hook.last_status else "no answer")
+    return (
+        f"Hello {owner.get_short_name() or owner.get_username()},\n\n"
+        f"your webhook {hook.name} ({hook.url}) has not been delivered to since "
+        f"{hook.failing_since.astimezone(UTC):%Y-%m-%d %H:%M} UTC: {hook.failures} tries in a row failed, the "
+        f"last with: {error}\n\n"
+        f"The portal keeps trying, every {settings.WEBHOOK_MAX_BACKOFF} s at most, and sends every event it has "
+        "not delivered yet once the endpoint answers 2xx. " + kept + "Put the endpoint right, or change the "
+        f"webhook's URL or disable it: PATCH {site}/api/clusters/webhooks/{hook.pk}/ (GET it to see its state).\n\n"
+        "-- \nVirtCloud portal\n"
+    )

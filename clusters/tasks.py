@@ -197,6 +197,13 @@ def mail_expiring() -> list[int]:
     return services.clusters_mail_expiring()
 
 
+@shared_task(name="clusters.mail_failing_webhooks")
+def mail_failing_webhooks() -> list[int]:
+    """Periodic: an e-mail to the owner of each webhook failing for ``WEBHOOK_ALERT_AFTER`` seconds (once per
+    run of failures; nothing without ``EMAIL_URL``)."""
+    return services.webhooks_mail_failing()
+
+
 @shared_task(name="clusters.prune_events")
 def prune_events() -> int:
     """Periodic: forget cluster events older than ``CLUSTER_EVENT_RETENTION`` days (the feed's history) and

@@ -26,6 +26,12 @@ once, in commit order) after a backoff of 2^failures seconds (at most ``WEBHOOK_
 halved after each failure in a row (``BATCH`` events, then 50, 25 … down to one: an endpoint whose answer takes
 longer the more events it gets still gets through). Events of states the webhook does not want are skipped,
 the cursor moving past them.
+
+Events are kept ``CLUSTER_EVENT_RETENTION`` days. A webhook whose cursor is behind events pruning deleted (its
+endpoint failed, or it was disabled, that long) gets a batch that says so first, ``"missed": {"after": <its
+cursor>, "through": <the highest id deleted>}``, with the events left after it (perhaps none): its endpoint
+reads the clusters again. A webhook failing for ``WEBHOOK_ALERT_AFTER`` seconds has its owner mailed, once per
+run of failures (``clusters.services.webhooks_mail_failing``).
 """
 
 from __future__ import annotations
@@ -49,12 +55,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from access.gateway import outgoing
 from clusters.api.serializers import EventSerializer
-from clusters.models import ClusterEvent, Webhook
+from clusters.models import ClusterEvent, EventHorizon, Webhook
 from clusters.selectors import shared_with
 
 BATCH = 100
@@ -330,6 +337,8 @@ def deliver(webhook_id: int) -> Delivery:
         if hook.last_error == _SCOPE_LOST:  # the scope is back: so is the feed
             Webhook.objects.filter(pk=hook.pk).update(last_error="")
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
+        through = EventHorizon.through()
+        missed = {"after": hook.last_event_id, "through": through} if hook.last_event_id < through else None
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id
         if not hook.all_clusters or hook.states or hook.kinds:
@@ -349,18 +358,23 @@ def deliver(webhook_id: int) -> Delivery:
             if hook.kinds:
                 events = events.filter(kind__in=hook.kinds)
         batch = list(events.select_related("cluster").order_by("id")[:size])
-        if not batch and newest > hook.last_event_id:  # nothing for it up to the newest: past them, no request
+        if not batch and not missed and newest > hook.last_event_id:  # nothing for it up to the newest: past them
             Webhook.objects.filter(pk=hook.pk).update(last_event_id=newest)
             return Delivery(webhook=hook.name, sent=0)
-        if not batch:
+        if not batch and not missed:
             return Delivery(webhook=hook.name, sent=0)
         failures = hook.failures + 1
         backoff = min(settings.WEBHOOK_MAX_BACKOFF, 2**failures)
         claimed_at = timezone.now()
         Webhook.objects.filter(pk=hook.pk).update(  # the claim: due again only after the backoff
-            failures=failures, next_attempt_at=claimed_at + timedelta(seconds=max(backoff, _claim_seconds()))
+            failures=failures,
+            next_attempt_at=claimed_at + timedelta(seconds=max(backoff, _claim_seconds())),
+            failing_since=Coalesce(F("failing_since"), Value(claimed_at)),
         )
-    body = json.dumps({"webhook": hook.name, "events": EventSerializer(batch, many=True).data}).encode()
+    payload = {"webhook": hook.name, "events": EventSerializer(batch, many=True).data}
+    if missed:
+        payload["missed"] = missed  # a gap first, then what is left (even nothing): the endpoint reads again
+    body = json.dumps(payload).encode()
     stamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
@@ -377,11 +391,13 @@ def deliver(webhook_id: int) -> Delivery:
     sent_to = Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id, url=hook.url)
     if status is not None and 200 <= status < 300:
         sent_to.update(
-            last_event_id=batch[-1].id,
+            last_event_id=max([e.id for e in batch[-1:]] + [missed["through"] if missed else 0]),
             last_delivered_at=now,
             last_status=status,
             last_error="",
             failures=0,
+            failing_since=None,
+            failing_mailed_for=None,
             next_attempt_at=now,
         )
     else:

@@ -12,14 +12,32 @@ def one_machine_only(app_configs=None, **kwargs) -> list[Warning]:
     machine: a worker elsewhere would have a database and a broker of its own (and device locks that are file
     locks on its own disk). An environment file that misses ``DATABASE_URL`` or ``CELERY_BROKER_URL`` on one
     machine of several starts without complaint; the deploy check says so."""
-    return single_machine_settings(
-        settings.DATABASES["default"]["ENGINE"],
-        str(settings.CELERY_BROKER_URL),
-        settings.CACHES["default"]["BACKEND"],
-    ) + site_url_problems(str(settings.SITE_URL))
+    return (
+        single_machine_settings(
+            settings.DATABASES["default"]["ENGINE"],
+            str(settings.CELERY_BROKER_URL),
+            settings.CACHES["default"]["BACKEND"],
+        )
+        + site_url_problems(str(settings.SITE_URL), list(settings.ALLOWED_HOSTS))
+        + mail_problems(str(settings.EMAIL_BACKEND), bool(settings.EMAIL_ENABLED))
+    )
 
 
-def site_url_problems(site_url: str) -> list[Warning]:
+def mail_problems(backend: str, enabled: bool) -> list[Warning]:
+    """``EMAIL_URL=console://`` (the demo's) in production: the users' mail goes to the log."""
+    if enabled and backend.endswith("console.EmailBackend"):
+        return [
+            Warning(
+                "EMAIL_URL is console://: the mail to users (expiring clusters, VPN profiles, failing webhooks) is "
+                "printed to the log, never sent",
+                hint="set EMAIL_URL=smtp+starttls://user:password@relay.example.org (or empty: no mail)",
+                id="portal.W007",
+            )
+        ]
+    return []
+
+
+def site_url_problems(site_url: str, allowed_hosts: list[str] | None = None) -> list[Warning]:
     """``SITE_URL`` is where the access gateways pull from (``gateway config --dir`` writes it into their units)
     and what the e-mail links to: left at its loopback default, a gateway elsewhere pulls from itself — failing,
     or handing its pull token to whatever listens on its own port 8000 — and a mail's link points nowhere."""
@@ -35,7 +53,33 @@ def site_url_problems(site_url: str) -> list[Warning]:
                 id="portal.W004",
             )
         ]
-    return []
+    from django.http.request import validate_host
+
+    from access.gateway.outgoing import token_url_problem
+
+    problems = []
+    why = token_url_problem(site_url)
+    if why:
+        problems.append(
+            Warning(
+                f"SITE_URL is {site_url}: the access gateways refuse to pull from it ({why}), and after "
+                "GATEWAY_STATE_MAX_AGE they refuse every user",
+                hint="set SITE_URL=https://portal.example.org, behind a TLS-terminating proxy",
+                id="portal.W005",
+            )
+        )
+    parts = urlsplit(site_url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname  # (as Django has it)
+    if allowed_hosts is not None and host and not validate_host(host, allowed_hosts):
+        problems.append(
+            Warning(
+                f"SITE_URL's host {host} is not in ALLOWED_HOSTS: the gateways' pulls and the e-mail's links "
+                "would be answered 400",
+                hint=f"add {parts.hostname} to ALLOWED_HOSTS",
+                id="portal.W006",
+            )
+        )
+    return problems
 
 
 def single_machine_settings(engine: str, broker: str, cache: str = "") -> list[Warning]:
@@ -63,7 +107,8 @@ def single_machine_settings(engine: str, broker: str, cache: str = "") -> list[W
     elif cache.endswith("LocMemCache"):  # (a broker other than Redis: the cache does not default to it)
         problems.append(
             Warning(
-                "CACHE_URL is not set: the API's rate limits and the status page's counters are each web process's "
+                "the cache is each process's own memory (CACHE_URL not set, or locmem://): the API's rate limits and "
+                "the status page's counters are each web process's "
                 "own (several processes, or machines, multiply every limit)",
                 hint="set CACHE_URL=redis://… on every machine of the portal",
                 id="portal.W003",

@@ -31,6 +31,7 @@ from portal.env import (
     env_list,
     env_networks,
     env_str,
+    env_str_or_empty,
 )
 from portal.schedules import every
 
@@ -280,8 +281,8 @@ def _rates(text: str) -> dict[str, str]:
 
 
 # Per user, unsafe requests only (portal.throttle): a runaway script gets 429 with Retry-After.
-API_THROTTLE_RATES = _rates(
-    env_str("API_THROTTLE_RATES", "credentials=60/min,host-certificates=6000/min,cluster-writes=1200/min")
+API_THROTTLE_RATES = _rates(  # set and empty: no limits
+    env_str_or_empty("API_THROTTLE_RATES", "credentials=60/min,host-certificates=6000/min,cluster-writes=1200/min")
 )
 SPECTACULAR_SETTINGS = {
     "TITLE": "VirtCloud portal API",
@@ -383,6 +384,11 @@ CELERY_BEAT_SCHEDULE: dict = {}
 DEVICE_RETRY_MAX = env_int("DEVICE_RETRY_MAX", 3, minimum=0)
 DEVICE_RETRY_BACKOFF = env_float("DEVICE_RETRY_BACKOFF", 1.0, minimum=0)
 DEVICE_TIMEOUT = env_float("DEVICE_TIMEOUT", 30.0, minimum=1)
+if DEVICE_TIMEOUT >= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"DEVICE_TIMEOUT={DEVICE_TIMEOUT:g} must be below CELERY_TASK_SOFT_TIME_LIMIT={CELERY_TASK_SOFT_TIME_LIMIT} "
+        "(the task's limit would cut a device session that is still waiting for its device)"
+    )
 # devices per convergence task: a workflow layer is one task per this many devices (each converges its
 # devices side by side, one thread per device)
 DEVICE_BATCH_SIZE = env_int("DEVICE_BATCH_SIZE", 32, minimum=1)
@@ -395,6 +401,12 @@ RECONCILE_REPAIR = env_bool("RECONCILE_REPAIR", True)
 CLUSTER_MIN_LIFETIME = env_int("CLUSTER_MIN_LIFETIME", 60, minimum=1)  # seconds
 CLUSTER_MAX_LIFETIME = env_int("CLUSTER_MAX_LIFETIME", 90 * 24 * 3600, minimum=60)  # seconds (paper: hours to months)
 CLUSTER_DEFAULT_LIFETIME = env_int("CLUSTER_DEFAULT_LIFETIME", 24 * 3600, minimum=60)
+if not CLUSTER_MIN_LIFETIME <= CLUSTER_DEFAULT_LIFETIME <= CLUSTER_MAX_LIFETIME:
+    # (every create without a lifetime was refused: the default is not checked against the bounds per request)
+    raise ImproperlyConfigured(
+        f"CLUSTER_DEFAULT_LIFETIME ({CLUSTER_DEFAULT_LIFETIME} s) must lie between CLUSTER_MIN_LIFETIME "
+        f"({CLUSTER_MIN_LIFETIME} s) and CLUSTER_MAX_LIFETIME ({CLUSTER_MAX_LIFETIME} s)"
+    )
 CLUSTER_EXPIRY_INTERVAL = env_int("CLUSTER_EXPIRY_INTERVAL", 60, minimum=5)
 # an "expiring" event (feed, webhooks) this long before a cluster's expiry tears it down; 0: none
 CLUSTER_EXPIRY_WARNING = env_int("CLUSTER_EXPIRY_WARNING", 24 * 3600, minimum=0)
@@ -450,6 +462,9 @@ WEBHOOK_ALLOWED_NETWORKS = env_networks("WEBHOOK_ALLOWED_NETWORKS")
 # these (empty: none other)
 WEBHOOK_USER_ALLOWED_NETWORKS = env_networks("WEBHOOK_USER_ALLOWED_NETWORKS")
 CELERY_BEAT_SCHEDULE["clusters-webhooks"] = every("clusters.deliver_webhooks", WEBHOOK_INTERVAL)
+# a webhook failing this many seconds in a row has its owner mailed (once per run of failures; needs EMAIL_URL)
+WEBHOOK_ALERT_AFTER = env_int("WEBHOOK_ALERT_AFTER", 3600, minimum=60)
+CELERY_BEAT_SCHEDULE["clusters-mail-failing-webhooks"] = every("clusters.mail_failing_webhooks", 300)
 
 # --- Access (VPN and SSH) -------------------------------------------------------------------------------------
 # Passphrase of the CA/AA private keys (PKCS#8, then Fernet with SECRETS_KEY). Derived from SECRETS_KEY in DEBUG.

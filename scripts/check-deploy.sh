@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `manage.py check --deploy` with production-like settings must be clean (no warnings).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 out=$(DEBUG=false SECRET_KEY=$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n') \

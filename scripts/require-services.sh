@@ -2,6 +2,7 @@
 # The test suite needs PostgreSQL (concurrency tests) and Redis (the real Celery worker). Say clearly how to
 # get them when they are not there.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 pg=$1; redis=$2
 if ! .venv/bin/python - "$pg" <<'PY'
 import sys, psycopg

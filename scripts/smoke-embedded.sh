@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DATA_DIR=$(mktemp -d /tmp/virtcloud-smoke.XXXXXX) DEBUG=true
 unset DATABASE_URL CELERY_BROKER_URL CELERY_RESULT_BACKEND
-trap 'kill $worker 2>/dev/null; wait $worker 2>/dev/null; rm -rf "$DATA_DIR"' EXIT
+worker=
+trap '[ -n "$worker" ] && { kill $worker 2>/dev/null; wait $worker 2>/dev/null; }; rm -rf "$DATA_DIR"' EXIT
 .venv/bin/python manage.py migrate -v0
 .venv/bin/celery -A portal worker -l WARNING --pool=solo --without-heartbeat --without-mingle --without-gossip \
   >"$DATA_DIR/worker.log" 2>&1 &

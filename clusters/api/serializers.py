@@ -408,7 +408,18 @@ class EventSerializer(serializers.Serializer):
 
 class EventPageSerializer(serializers.Serializer):
     events = EventSerializer(many=True)
-    last = serializers.IntegerField(help_text="pass it as `after` next time (the last id here, or `after`)")
+    last = serializers.IntegerField(
+        help_text="pass it as `after` next time (the last id here; with fewer events than `limit`, the newest id "
+        "of the whole feed: every event up to it you may see is here)"
+    )
+
+
+class EventsPrunedSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField(help_text="`events_pruned`")
+    resume_after = serializers.IntegerField(
+        help_text="the highest event id deleted: go on with `after` = this, once the clusters are read again"
+    )
 
 
 class WaitSerializer(serializers.Serializer):
@@ -586,6 +597,7 @@ class WebhookSerializer(serializers.ModelSerializer):
             "last_status",
             "last_error",
             "failures",
+            "failing_since",
             "next_attempt_at",
         ]
         read_only_fields = fields

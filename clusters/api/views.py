@@ -232,13 +232,25 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
     @extend_schema(
         parameters=[s.EventQuerySerializer],
-        responses={200: s.EventPageSerializer, **_with_errors(400, 401, 403, 404)},
+        responses={
+            200: s.EventPageSerializer,
+            **_with_errors(400, 401, 403, 404),
+            410: OpenApiResponse(
+                s.EventsPrunedSerializer,
+                description="code `events_pruned`: events after `after` were deleted (older than "
+                "CLUSTER_EVENT_RETENTION days), some may be missing: read the clusters again and go on with "
+                "`after` = `resume_after`",
+            ),
+        },
     )
     @action(detail=False, methods=["get"], pagination_class=None)
     def events(self, request):
         """The feed of cluster state changes (creation included), oldest first, for the clusters you may see:
         go on with ``after`` = the ``last`` of the previous answer and nothing is ever skipped (the database
-        writes the events in the transaction of each change, numbered in commit order). With ``timeout``, an
+        writes the events in the transaction of each change, numbered in commit order; ``last`` moves on with
+        the whole feed even when none of its events are yours). Events are kept ``CLUSTER_EVENT_RETENTION``
+        days: a reader that comes back with an ``after`` older than that is answered 410 (``events_pruned``),
+        with the ``resume_after`` to go on with once it has read the clusters again. With ``timeout``, an
         empty answer waits for the next event: one long poll follows every cluster of a scheduler. When every
         long-poll slot of the server is taken (``LONG_POLL_SLOTS``), the answer comes at once with ``Retry-After:
         1``: ask again a second later."""
@@ -247,10 +259,9 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         v = query.validated_data
         if v.get("cluster") is not None and not selectors.clusters_visible(request).filter(pk=v["cluster"]).exists():
             raise NotFound("No such cluster (or it is not visible to you).")  # not a wait for what cannot come
-        events = selectors.cluster_events(
+        events, last = selectors.cluster_events(
             request, after=v["after"], cluster_id=v.get("cluster"), limit=v["limit"], timeout=v["timeout"]
         )
-        last = events[-1].id if events else v["after"]
         return _backing_off(Response(s.EventPageSerializer({"events": events, "last": last}).data))
 
     @extend_schema(

@@ -35,6 +35,7 @@ print(json.dumps({
     "LDAP_URI": getattr(settings, "AUTH_LDAP_SERVER_URI", None),
     "LDAP_FLAGS": getattr(settings, "AUTH_LDAP_USER_FLAGS_BY_GROUP", None),
     "DEVICE_RETRY_MAX": settings.DEVICE_RETRY_MAX,
+    "THROTTLE": settings.API_THROTTLE_RATES,
     "LOG_LEVEL": settings.LOG_LEVEL,
     "BEAT": {name: [entry["task"], entry["schedule"]] for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
              if isinstance(entry["schedule"], (int, float))},
@@ -64,6 +65,12 @@ def refused(tmp_path, **env) -> str:
     assert result.returncode != 0, result.stdout
     assert "ImproperlyConfigured" in result.stderr
     return result.stderr[result.stderr.index("ImproperlyConfigured") :]
+
+
+def test_api_throttle_rates_set_empty_turns_the_limits_off(tmp_path):
+    """The README says ``API_THROTTLE_RATES=""`` means no limits: it gave the defaults (empty read as unset)."""
+    assert loaded(tmp_path, DEBUG="true", API_THROTTLE_RATES="")["THROTTLE"] == {}
+    assert loaded(tmp_path, DEBUG="true")["THROTTLE"]["credentials"] == "60/min"
 
 
 def test_defaults_run_with_nothing_installed(tmp_path):
@@ -127,6 +134,10 @@ def test_production_values(tmp_path):
         ("LDAP_SYNC_DEACTIVATE_MAX", "2", "LDAP_SYNC_DEACTIVATE_MAX=2.0 is above the maximum 1.0"),
         ("CELERY_TASK_SOFT_TIME_LIMIT", "180", "CELERY_TASK_SOFT_TIME_LIMIT=180 must be below CELERY_TASK_TIME_LIMIT"),
         ("GATEWAY_STATE_MAX_AGE", "60", "GATEWAY_STATE_MAX_AGE=60 is below the minimum 180"),  # 3 pulls at least
+        # a default the bounds refuse: every create without a lifetime was refused
+        ("CLUSTER_MIN_LIFETIME", "100000", "CLUSTER_DEFAULT_LIFETIME (86400 s) must lie between CLUSTER_MIN_LIFETIME"),
+        ("CLUSTER_MAX_LIFETIME", "3600", "CLUSTER_DEFAULT_LIFETIME (86400 s) must lie between"),
+        ("DEVICE_TIMEOUT", "120", "DEVICE_TIMEOUT=120 must be below CELERY_TASK_SOFT_TIME_LIMIT=120"),
         ("LDAP_USER_UUID_ATTR", "entry UUID", "LDAP_USER_UUID_ATTR='entry UUID' must be an attribute name"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' must be one of: DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("SECRETS_KEY", "not-a-fernet-key", "SECRETS_KEY is not a valid Fernet key"),  # not at the first secret
@@ -358,6 +369,18 @@ def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
     assert [w.id for w in checks.site_url_problems("http://127.0.0.1:8000")] == ["portal.W004"]
     assert [w.id for w in checks.site_url_problems("http://localhost")] == ["portal.W004"]
     assert checks.site_url_problems("https://portal.example.org") == []
+    # not https: the gateways refuse to send their pull token to it; a host ALLOWED_HOSTS does not take: 400s
+    assert [w.id for w in checks.site_url_problems("http://portal.example.org")] == ["portal.W005"]
+    assert [w.id for w in checks.site_url_problems("portal.example.org")] == ["portal.W005"]
+    hosts = ["portal.example.org"]
+    assert checks.site_url_problems("https://portal.example.org", hosts) == []
+    assert checks.site_url_problems("https://Portal.example.org:8443/", [".example.org"]) == []
+    assert [w.id for w in checks.site_url_problems("https://vc.example.net", hosts)] == ["portal.W006"]
+    assert checks.site_url_problems("https://[2001:db8::5]/", ["[2001:db8::5]"]) == []
+    # the demo's console mailer in production: the users' mail goes to the log
+    console = "django.core.mail.backends.console.EmailBackend"
+    assert [w.id for w in checks.mail_problems(console, True)] == ["portal.W007"]
+    assert checks.mail_problems("django.core.mail.backends.smtp.EmailBackend", True) == []
 
 
 def test_only_databases_the_portal_runs_on_are_accepted(tmp_path):
