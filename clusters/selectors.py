@@ -322,13 +322,7 @@ def cluster_events(
     answer), so that a reader whose clusters are quiet moves along with the feed and is never left behind
     pruning. None yet: wait up to ``timeout`` seconds for the next (woken by the state-change notification on
     PostgreSQL). ``after`` behind events pruning deleted (``EventHorizon``): ``EventsPruned``."""
-    through = EventHorizon.through()
-    if 0 < after < through:
-        raise EventsPruned(
-            f"events after {after} were deleted (events are kept {settings.CLUSTER_EVENT_RETENTION} days): some of "
-            f"them may be missing. Read the clusters again (GET /api/clusters/) and go on with after={through}",
-            resume_after=through,
-        )
+    _check_horizon(after)  # (before waiting for what would not tell)
     visible = clusters_visible(request).order_by().values("pk")
     events = ClusterEvent.objects.filter(id__gt=after, cluster__in=visible).select_related("cluster")
     if cluster_id is not None:
@@ -346,7 +340,20 @@ def cluster_events(
     payload = None if cluster_id is None else str(cluster_id)
     holder = f"user:{request.user.pk}"  # (the long-poll slots: one caller never takes them all)
     rows = wait_for(found, channel=STATE_CHANNEL, payload=payload, timeout=timeout, holder=holder) or []
+    # again after the rows: a prune that committed after the check above deleted some the rows skip (it
+    # records its horizon in the same transaction, so a read after the rows sees it)
+    _check_horizon(after)
     return rows, (rows[-1].id if len(rows) == limit else seen["newest"])
+
+
+def _check_horizon(after: int) -> None:
+    through = EventHorizon.through()
+    if 0 < after < through:
+        raise EventsPruned(
+            f"events after {after} were deleted (events are kept {settings.CLUSTER_EVENT_RETENTION} days): some of "
+            f"them may be missing. Read the clusters again (GET /api/clusters/) and go on with after={through}",
+            resume_after=through,
+        )
 
 
 STEP_ORDER = ("allocate", "network", "gateway", "ready")  # the provisioning's

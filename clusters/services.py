@@ -1695,10 +1695,10 @@ def cluster_events_prune() -> int:
 
 
 def _events_prune(*, older_than) -> int:
-    """Delete the events older than ``older_than``, all but the newest event (SQLite numbers a new row after the
-    highest one left: with every event deleted, ids would start again below the readers' cursors, and they would
-    never see the new events), and record the highest id deleted (``EventHorizon``): readers behind it are told
-    what they missed. How many went."""
+    """Delete the events older than ``older_than``, all but the newest event (a new webhook starts after the
+    newest: with none left it would start at 0, behind what was pruned, and be told it missed events it never
+    had), and record the highest id deleted (``EventHorizon``): readers behind it are told what they missed. How
+    many went."""
     with transaction.atomic():
         newest = ClusterEvent.objects.order_by("-id").values_list("id", flat=True).first()
         old = ClusterEvent.objects.filter(at__lt=older_than, id__lt=newest or 0)
@@ -1838,6 +1838,9 @@ def webhooks_mail_failing(*, limit: int = 200) -> list[int]:
     for hook in due:
         if not budget.left():
             break
+        since = hook.failing_since.astimezone(UTC)
+        subject = f"VirtCloud: your webhook {hook.name} has failed since {since:%Y-%m-%d %H:%M} UTC"
+        body = _failing_body(hook)  # (before the claim: a query cut here never leaves a claim without its mail)
         claim = Webhook.objects.filter(pk=hook.pk, failing_since=hook.failing_since).exclude(
             failing_mailed_for=hook.failing_since
         )
@@ -1849,9 +1852,8 @@ def webhooks_mail_failing(*, limit: int = 200) -> list[int]:
         if mail.send_claimed(
             give_back=lambda given=given: given.update(failing_mailed_for=None),
             to=hook.owner.email,
-            subject=f"VirtCloud: your webhook {hook.name} has failed since "
-            f"{hook.failing_since.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
-            body=_failing_body(hook),
+            subject=subject,
+            body=body,
         ):
             mailed.append(hook.pk)
     return mailed

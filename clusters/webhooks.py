@@ -337,8 +337,6 @@ def deliver(webhook_id: int) -> Delivery:
         if hook.last_error == _SCOPE_LOST:  # the scope is back: so is the feed
             Webhook.objects.filter(pk=hook.pk).update(last_error="")
         size = max(1, BATCH >> min(hook.failures, 7))  # halved after each failure in a row
-        through = EventHorizon.through()
-        missed = {"after": hook.last_event_id, "through": through} if hook.last_event_id < through else None
         events = ClusterEvent.objects.filter(id__gt=hook.last_event_id)
         newest = hook.last_event_id
         if not hook.all_clusters or hook.states or hook.kinds:
@@ -358,8 +356,15 @@ def deliver(webhook_id: int) -> Delivery:
             if hook.kinds:
                 events = events.filter(kind__in=hook.kinds)
         batch = list(events.select_related("cluster").order_by("id")[:size])
+        # the horizon after the batch: a prune that committed meanwhile deleted some the batch skips, and records
+        # its horizon in the same transaction
+        through = EventHorizon.through()
+        missed = {"after": hook.last_event_id, "through": through} if hook.last_event_id < through else None
         if not batch and not missed and newest > hook.last_event_id:  # nothing for it up to the newest: past them
-            Webhook.objects.filter(pk=hook.pk).update(last_event_id=newest)
+            # nothing is being tried any more: no run of failures goes on (nor is its owner mailed about one)
+            Webhook.objects.filter(pk=hook.pk).update(
+                last_event_id=newest, failures=0, failing_since=None, failing_mailed_for=None
+            )
             return Delivery(webhook=hook.name, sent=0)
         if not batch and not missed:
             return Delivery(webhook=hook.name, sent=0)

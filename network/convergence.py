@@ -43,7 +43,14 @@ from django.db.models import Q
 from django.utils import timezone
 
 from network import selectors, specs
-from network.drivers import DeviceError, PermanentDeviceError, TemporaryDeviceError, host_session, switch_session
+from network.drivers import (
+    DeviceError,
+    PermanentDeviceError,
+    TemporaryDeviceError,
+    VlansRefused,
+    host_session,
+    switch_session,
+)
 from network.errors import DeviceChangeFailed
 from network.models import DeviceChange, DeviceKind, Drift, Host, Segment, Switch
 from network.vlanranges import format_ranges
@@ -264,6 +271,8 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
         raise w.exc
     if w.exc is not None:
         raise DeviceChangeFailed(device.name, w.error)
+    if w.refused_vlans:  # the rest converged; what was refused is the repair's failure
+        raise DeviceChangeFailed(device.name, "; ".join(w.refused_vlans[vid] for vid in sorted(w.refused_vlans)))
 
 
 def _host_kept(name: str, desired: frozenset[int], result) -> frozenset[int]:
@@ -274,6 +283,27 @@ def _host_kept(name: str, desired: frozenset[int], result) -> frozenset[int]:
     if missing:
         raise PermanentDeviceError(name, f"VLAN {format_ranges(missing)} missing after converge")
     return carried - desired
+
+
+def _fail_refused(work: list[_Device]) -> None:
+    """Hosts that refused some VLANs and converged the rest (``VlansRefused``: the host's own network, a clash):
+    the changes of the refused VLANs' segments fail with the host's message — their workflows roll back — and a
+    reconciler's repair fails naming them; every other change of the batch is done."""
+    hit = [w for w in work if w.refused_vlans and w.status in (Status.OK, Status.NOOP)]
+    if not hit:
+        return
+    rows = DeviceChange.objects.filter(pk__in=[pk for w in hit for pk in w.claimed]).values_list(
+        "pk", "segment_id", "segment__vid"
+    )
+    segments = {pk: (segment_id, vid) for pk, segment_id, vid in rows}
+    for w in hit:
+        everything = "; ".join(w.refused_vlans[vid] for vid in sorted(w.refused_vlans))
+        for pk in w.claimed:
+            segment_id, vid = segments.get(pk, (None, None))
+            if segment_id is None:
+                w.per_change[pk] = (Status.FAILED, everything)
+            elif vid in w.refused_vlans:
+                w.per_change[pk] = (Status.FAILED, w.refused_vlans[vid])
 
 
 def _hold_back_kept(work: list[_Device]) -> None:
@@ -330,6 +360,7 @@ class _Device:
     exc: DeviceError | None = None
     refused: bool = False  # a switch refused the change outright: it did not take it (see ``_drive``)
     kept: frozenset[int] = frozenset()  # a host's VLANs kept, not desired, for their VM ports
+    refused_vlans: dict[int, str] = field(default_factory=dict)  # a host's VLANs it refused → why (VlansRefused)
     per_change: dict[int, tuple[str, str]] = field(default_factory=dict)  # claimed change → (status, error)
 
 
@@ -539,8 +570,10 @@ def _settle(work: list[_Device]) -> None:
     ``UPDATE … FROM unnest(arrays)``: its cost hardly grows with the number of devices, where a pipelined
     ``executemany`` cost ~0.7 ms per change and ``bulk_update``'s CASE expressions more); SQLite (one
     machine, small batches): one statement per change. The changes a host's kept bridges hold back are
-    sorted out first (``_hold_back_kept``), whatever ended the batch."""
+    sorted out first (``_hold_back_kept``), and those of the VLANs a host refused (``_fail_refused``), whatever ended
+    the batch."""
     _hold_back_kept(work)
+    _fail_refused(work)
     finished = DeviceChange._meta.get_field("finished_at")
     table = connection.ops.quote_name(DeviceChange._meta.db_table)
     rows = []
@@ -578,9 +611,12 @@ def _drive(w: _Device, session=None) -> None:
         else:
             opener = contextlib.nullcontext(session)
         with opener as opened:
-            result = opened.converge(w.desired)
+            try:
+                result = opened.converge(w.desired)
+            except VlansRefused as exc:  # a host: these VLANs refused, the others converged
+                result, w.refused_vlans = exc.result, exc.refused
             if w.kind == DeviceKind.HOST:
-                w.kept = _host_kept(name, w.desired, result)
+                w.kept = _host_kept(name, w.desired - frozenset(w.refused_vlans), result)
     except TemporaryDeviceError as exc:  # back to pending: a retry claims it again
         w.status, w.error, w.exc = Status.PENDING, exc.message, exc
         return

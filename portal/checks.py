@@ -69,7 +69,8 @@ def site_url_problems(site_url: str, allowed_hosts: list[str] | None = None) -> 
             )
         )
     parts = urlsplit(site_url)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname  # (as Django has it)
+    name = (parts.hostname or "").rstrip(".")  # (Django strips a trailing dot from the request's host too)
+    host = f"[{name}]" if ":" in name else name  # (an IPv6 literal as Django has it)
     if allowed_hosts is not None and host and not validate_host(host, allowed_hosts):
         problems.append(
             Warning(

@@ -33,8 +33,8 @@ def _ids() -> list[int]:
 
 
 def test_pruning_keeps_the_newest_event_and_records_how_far_it_went(fabric, alice, settings):
-    """Every event old: all but the newest go (SQLite numbers a new row after the highest left — with none
-    left, new events would get ids below the readers' cursors), and the highest id deleted is recorded."""
+    """Every event old: all but the newest go (a new webhook starts after the newest: with none left it would
+    start behind what was pruned), and the highest id deleted is recorded."""
     settings.CLUSTER_EVENT_RETENTION = 30
     create_cluster(alice, "c1", "52:54:00:00:00:01")
     first, second, newest = _ids()
@@ -228,3 +228,21 @@ def test_a_new_url_starts_a_new_run_of_failures(fabric, alice, mailbox):
     services.webhook_update(hook=hook, changes={"url": "http://127.0.0.1:9/new"})
     hook.refresh_from_db()
     assert (hook.failing_since, hook.failing_mailed_for, hook.failures) == (None, None, 0)
+
+
+def test_a_webhook_with_nothing_left_to_send_is_failing_no_more(fabric, alice, receiver, mailbox):  # noqa: F811
+    """Its endpoint choked on some events, then its owner narrowed ``states``: nothing is tried any more, so no
+    run of failures goes on — it was mailed "failing since" an hour later, and the API kept saying so."""
+    hook = _failing_hook(alice, receiver.url)
+    create_cluster(alice, "c1", "52:54:00:00:00:01")
+    receiver.answers = [500]
+    deliver_webhooks()
+    assert Webhook.objects.get(pk=hook.pk).failing_since is not None
+    services.webhook_update(hook=Webhook.objects.get(pk=hook.pk), changes={"states": ["failed"]})
+    Webhook.objects.filter(pk=hook.pk).update(
+        failing_since=timezone.now() - timedelta(hours=2), next_attempt_at=timezone.now()
+    )
+    deliver_webhooks()
+    hook.refresh_from_db()
+    assert (hook.failures, hook.failing_since) == (0, None) and hook.last_event_id == _ids()[-1]
+    assert services.webhooks_mail_failing() == [] and len(receiver.requests) == 1

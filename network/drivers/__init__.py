@@ -18,6 +18,7 @@ from network.drivers.base import (  # noqa: F401
     SwitchSession,
     SwitchSpec,
     TemporaryDeviceError,
+    VlansRefused,
     host_attachment,
     host_session,
     preload,

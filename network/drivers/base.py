@@ -44,6 +44,17 @@ class PermanentDeviceError(DeviceError):
     permanent = True
 
 
+class VlansRefused(PermanentDeviceError):
+    """A host refused some of its VLANs (``refused``: VLAN id → why, e.g. the host's own network) and converged
+    the rest (``result``): only the changes of the refused VLANs' segments fail — one cluster's VLAN clashing
+    with the host's own network never fails another cluster's work on that host."""
+
+    def __init__(self, device: str, refused: dict[int, str], result: ConvergeResult):
+        super().__init__(device, "; ".join(refused[vid] for vid in sorted(refused)))
+        self.refused = dict(refused)
+        self.result = result
+
+
 @dataclass(frozen=True)
 class SwitchSpec:
     """What a driver needs to reach and change one switch (built from ``network.Switch``)."""

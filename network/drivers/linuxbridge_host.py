@@ -35,7 +35,14 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
-from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError, TemporaryDeviceError
+from network.drivers.base import (
+    Attachment,
+    ConvergeResult,
+    HostSpec,
+    PermanentDeviceError,
+    TemporaryDeviceError,
+    VlansRefused,
+)
 from network.drivers.netlink import TEMPORARY_ERRNOS, open_iproute
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ IFNAMSIZ = 15  # longest interface name the kernel takes
 ALIAS = "virtcloud"  # the alias of the sub-interfaces the portal makes (the only ones it ever removes)
 _ADDR_GEN = "IFLA_INET6_ADDR_GEN_MODE"  # 1: none (no address generated)
 _BRIDGE_NAME = re.compile(r"br-v(\d{1,4})")
+_ETH_P_8021AD = 0x88A8
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class _Link:
     parent: int | None  # IFLA_LINK: the lower device of a VLAN interface
     vlan_id: int | None
     alias: str = ""
+    protocol: int | None = None  # IFLA_VLAN_PROTOCOL of a VLAN interface: 0x8100 (802.1Q), 0x88a8 (802.1ad)
 
 
 _SCOPE_LINK = 253  # RT_SCOPE_LINK: an address the kernel gives any link that is up (fe80::)
@@ -109,6 +118,7 @@ class LinuxBridgeHost:
                 parent=msg.get("IFLA_LINK"),
                 vlan_id=vlan_id,
                 alias=msg.get("IFLA_IFALIAS") or "",
+                protocol=data.get("IFLA_VLAN_PROTOCOL") if vlan_id is not None else None,
             )
         return links
 
@@ -219,22 +229,31 @@ class LinuxBridgeHost:
             self._call(f"setting {self.trunk} up", self._ipr.link, "set", index=trunk.index, state="up")
             changes.append(f"~ up {self.trunk}")
 
+        refused: dict[int, str] = {}
         for vid in sorted(desired):
-            changes += self._ensure(vid, links, addresses)
-            links = self._links() if changes else links
+            try:
+                changes += self._ensure(vid, links, addresses)
+            except PermanentDeviceError as exc:
+                # this VLAN only (the host's own network, a clash): the others are converged all the same, and
+                # only its cluster's change fails (what it left half made goes with its rollback)
+                refused[vid] = exc.message
+            links = self._links() if changes or refused else links
 
         for vid in sorted((before | self._orphan_vids(links, addresses)) - desired):
             changes += self._remove(vid, links, addresses)
             links = self._links()
 
         after = self._carried(self._links(), self._addresses())
-        return ConvergeResult(
+        result = ConvergeResult(
             device=self.name,
             diff="".join(line + "\n" for line in changes),
             changed=any(not line.startswith("!") for line in changes),
             before={self.name: before},
             after={self.name: after},
         )
+        if refused:
+            raise VlansRefused(self.name, refused, result)
+        return result
 
     def _orphan_vids(self, links: dict[str, _Link], addresses: dict[int, set[int]]) -> set[int]:
         """VLAN sub-interfaces of the trunk the portal made whose bridge is gone (a crashed half-removal); never
@@ -292,15 +311,27 @@ class LinuxBridgeHost:
                     self.name, f"{sub_name} is in {holder}, not the portal's: VLAN {vid} is the host's, not a cluster's"
                 )
         clash = sorted(
-            name
-            for name, link in links.items()
-            if link.kind == "vlan" and link.parent == trunk.index and link.vlan_id == vid and name != sub_name
+            (
+                link
+                for link in links.values()
+                if link.kind == "vlan"
+                and link.parent == trunk.index
+                and link.vlan_id == vid
+                and link.name != sub_name
+                and link.protocol != _ETH_P_8021AD  # (an 802.1ad interface of that id may sit beside an 802.1Q one)
+            ),
+            key=lambda link: link.name,
         )
         if clash:
-            # the kernel takes one VLAN interface per id and trunk: another name for it is the host's own
+            # the kernel takes one 802.1Q interface per id and trunk: another name for it is the host's own — or
+            # one the portal made before the trunk was renamed, which it does not remove under another name
+            theirs = [link.name for link in clash if link.alias != ALIAS]
             raise PermanentDeviceError(
                 self.name,
-                f"VLAN {vid} is on {self.trunk} already as {', '.join(clash)}: the host's, not a cluster's",
+                f"VLAN {vid} is on {self.trunk} already as {', '.join(theirs)}: the host's, not a cluster's"
+                if theirs
+                else f"VLAN {vid} is on {self.trunk} already as {clash[0].name}, made by the portal under another "
+                f"name: delete it (ip link del {clash[0].name}) and converge again",
             )
         if br is None:
             self._create(f"creating bridge {br_name}", ifname=br_name, kind="bridge")

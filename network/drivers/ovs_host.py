@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError
+from network.drivers.base import Attachment, ConvergeResult, HostSpec, PermanentDeviceError, VlansRefused
 from network.drivers.ovsdb import NATIVE_MODES, NO_VLANS, Ovsdb, as_set, trunks_value
 from network.drivers.ranges import compact
 
@@ -106,8 +106,10 @@ class OvsHostSession:
         host's own untagged network (XCP-ng's management on the same bridge) — kept, never the portal's."""
         mode = as_set(uplink["vlan_mode"])
         trunks = {int(v) for v in as_set(uplink["trunks"])}
-        if as_set(uplink["tag"]) or (mode and mode[0] != "trunk"):
+        if as_set(uplink["tag"]):
             return False
+        if mode and mode[0] != "trunk":  # access or native with no tag: VLAN 0, the untagged frames
+            return True
         return UNTAGGED in trunks or not trunks
 
     def vlans(self) -> frozenset[int]:
@@ -127,22 +129,24 @@ class OvsHostSession:
         if bad:
             raise PermanentDeviceError(self.spec.name, f"VLAN ids {bad} are outside 1-4094")
         uplink, in_use, own = self._state()
-        mine = sorted(vid for vid in desired if vid in own)
-        if mine:
-            ports = ", ".join(name for vid in mine for name in own[vid])
-            raise PermanentDeviceError(
-                self.spec.name, f"VLAN {compact(mine)} is the host's own (internal port {ports}), not a cluster's"
-            )
-        native = self._native(uplink)
+        native, access = self._native(uplink), self._access(uplink)
+        # the host's own VLANs are refused (each with why), the others converged all the same: only the changes
+        # of the refused VLANs' clusters fail
+        refused = {
+            vid: f"VLAN {vid} is the host's own (internal port {', '.join(own[vid])}), not a cluster's"
+            for vid in desired
+            if vid in own
+        }
         if native is not None and native in desired:
-            raise PermanentDeviceError(
-                self.spec.name, f"VLAN {native} is the host's own (the native VLAN of uplink {self.uplink})"
-            )
-        access = self._access(uplink)
+            refused[native] = f"VLAN {native} is the host's own (the native VLAN of uplink {self.uplink})"
         if access is not None and access in desired:
-            raise PermanentDeviceError(
-                self.spec.name, f"VLAN {access} is the host's own (uplink {self.uplink} is an access port of it)"
-            )
+            refused[access] = f"VLAN {access} is the host's own (uplink {self.uplink} is an access port of it)"
+        result = self._converge(desired - frozenset(refused), uplink, in_use, own, native, access)
+        if refused:
+            raise VlansRefused(self.spec.name, refused, result)
+        return result
+
+    def _converge(self, desired, uplink, in_use, own, native, access) -> ConvergeResult:
         carried = self._carried(uplink)
         before = carried if carried is not None else frozenset()
         # a VM's VLAN the uplink carries stays until its last VM port goes; one it never carried (an interface

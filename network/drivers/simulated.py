@@ -141,6 +141,13 @@ class FakeHost:
         return attachment(self.spec, vid).bridge
 
     def converge(self, desired: frozenset[int]) -> ConvergeResult:
+        refused = {v: f"VLAN {v} is the host's own (simulated)" for v in self.args.get("refuse", ()) if v in desired}
+        result = self._converge(frozenset(desired) - frozenset(refused))
+        if refused:  # (as the real host drivers: the others converged, these refused)
+            raise base.VlansRefused(self.spec.name, refused, result)
+        return result
+
+    def _converge(self, desired: frozenset[int]) -> ConvergeResult:
         state = load(self.args, "host", self.spec.name)
         before = frozenset(state["vlans"])
         in_use = {int(v) for v, n in state["vm_ports"].items() if n}

@@ -926,9 +926,12 @@ def test_a_vlan_interface_in_a_bridge_of_the_hosts_is_never_taken_over(hv):
         ],
     )
     with host_session(_host(hv)) as host:
-        with pytest.raises(PermanentDeviceError, match="eth0.20 is in br-storage, not the portal's"):
-            host.converge(frozenset({20}))
+        with pytest.raises(PermanentDeviceError, match="eth0.20 is in br-storage, not the portal's") as refused:
+            host.converge(frozenset({20, 100}))
+    # that VLAN only: another cluster's in the same session is converged (VlansRefused: only its change fails)
+    assert set(refused.value.refused) == {20} and refused.value.result.after == {"hv1": {100}}
     assert _carried(hv)["eth0.20"][1] == "br-storage" and "br-v20" not in hv.links("hv")
+    assert _carried(hv)["eth0.100"] == (100, "br-v100", True)
 
 
 @pytest.mark.lab
@@ -944,6 +947,10 @@ def test_a_vlan_id_the_host_has_under_another_name_is_refused_at_once(hv):
         with pytest.raises(PermanentDeviceError, match="VLAN 30 is on eth0 already as mgmt30"):
             host.converge(frozenset({30}))
     assert "br-v30" not in hv.links("hv")
+    # an 802.1ad interface of the same id is no clash: the kernel takes an 802.1Q one beside it
+    hv.batch("hv", ["link add link eth0 name eth0.ad40 type vlan proto 802.1ad id 40"])
+    with host_session(_host(hv)) as host:
+        assert host.converge(frozenset({40})).after == {"hv1": {40}}
 
 
 @pytest.mark.lab

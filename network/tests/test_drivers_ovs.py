@@ -567,19 +567,41 @@ def test_an_access_uplink_keeps_its_vlan_untagged_as_the_native_one(clean_lab, m
     db.run(["set", "Port", port, f"vlan_mode={mode}"] if mode else ["clear", "Port", port, "vlan_mode"])
     try:
         with host_session(spec) as session:
-            with pytest.raises(PermanentDeviceError, match="VLAN 5 is the host's own"):
-                session.converge(frozenset({5}))
             first = session.converge(frozenset({100}))
             assert "native-untagged" in first.diff
             assert uplink() == (["native-untagged"], [5], {100})
             assert first.after == {"h-s2-1": frozenset({100})} and session.vlans() == frozenset({100})
             assert not session.converge(frozenset({100})).changed
+            with pytest.raises(PermanentDeviceError, match="VLAN 5 is the host's own"):
+                session.converge(frozenset({5, 100}))
+            assert uplink() == (["native-untagged"], [5], {100})
             session.converge(frozenset())
             assert uplink()[:2] == (["native-untagged"], [5])
     finally:
         db.run(["--if-exists", "del-port", bridge, "mgmt5"])
         uplink_reset = ["set", "Port", args["uplink"], "vlan_mode=trunk", "trunks=4095"]
         db.run(uplink_reset, ["clear", "Port", args["uplink"], "tag"])
+
+
+@pytest.mark.parametrize("mode", ["access", "native-untagged"])
+def test_an_untagged_uplink_without_a_tag_keeps_passing_untagged_frames(clean_lab, mode):
+    """``vlan_mode=access`` (or native) with no tag is VLAN 0 to OVS, the untagged frames (the host's own
+    network): made a trunk, its list keeps 0 — it was a trunk of the clusters' VLANs only, and the host went off
+    the network."""
+    from network.drivers.ovsdb import as_set
+
+    lab, spec = clean_lab, host(clean_lab)
+    port = lab.host_driver_args("h-s2-1")["uplink"]
+    db = Ovsdb(device="h-s2-1", db=lab.host_driver_args("h-s2-1")["db"])
+    db.run(["clear", "Port", port, "trunks"], ["clear", "Port", port, "tag"])
+    db.run(["set", "Port", port, f"vlan_mode={mode}"])
+    try:
+        with host_session(spec) as session:
+            session.converge(frozenset({100}))
+        row = db.list_rows("Port", ["vlan_mode", "trunks"], port)[0]
+        assert as_set(row["vlan_mode"]) == ["trunk"] and set(as_set(row["trunks"])) == {0, 100}
+    finally:
+        db.run(["set", "Port", port, "vlan_mode=trunk", "trunks=4095"], ["clear", "Port", port, "tag"])
 
 
 def test_a_vm_tag_the_uplink_never_carried_is_not_added(clean_lab):

@@ -130,6 +130,24 @@ def test_host_failure_rolls_back_switches_and_other_hosts(fabric):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
+def test_a_vlan_a_host_refuses_fails_only_its_own_cluster_on_that_host(fabric):
+    """Host brno1 refuses one cluster's VLAN (its own network has that id) while another cluster's change is in
+    the same session: the refusal failed every change the session settled, the other cluster's provisioning
+    with it. Only the refused VLAN's cluster fails and rolls back; the other's VLAN is on the host and it gets
+    ready."""
+    a = services.segment_create(owner="a", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen1"]], gateway=False)
+    b = services.segment_create(owner="b", hosts=[fabric.hosts["brno1"], fabric.hosts["pilsen2"]], gateway=False)
+    first, second = workflows.provision(a.pk), workflows.provision(b.pk)  # both recorded: one host session
+    Host.objects.filter(name="brno1").update(driver_args={**fabric.args, "refuse": [a.vid]})
+    with pytest.raises(DeviceChangeFailed, match=f"brno1: VLAN {a.vid} is the host's own"):
+        first.apply().get()
+    assert DeviceChange.objects.get(segment=b, device="brno1").status == "ok"
+    assert second.apply().get()["state"] == "active"
+    assert fabric.host_vlans("brno1") == {b.vid}
+    assert Segment.objects.get(pk=a.pk).state == Segment.State.FAILED
+    assert fabric.host_vlans("pilsen1") == NONE  # a's rollback took it off its other host
+
+
 def _pilsen1_fails_then_at_the_rollback(fabric, monkeypatch, happen) -> Segment:
     """Provision a three-site segment whose host pilsen1 rejects its change; ``happen()`` runs once, when the
     rollback starts (after sw-brno took the VLAN). The failed segment, reloaded."""

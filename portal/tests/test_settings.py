@@ -377,6 +377,7 @@ def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
     assert checks.site_url_problems("https://Portal.example.org:8443/", [".example.org"]) == []
     assert [w.id for w in checks.site_url_problems("https://vc.example.net", hosts)] == ["portal.W006"]
     assert checks.site_url_problems("https://[2001:db8::5]/", ["[2001:db8::5]"]) == []
+    assert checks.site_url_problems("https://portal.example.org./", hosts) == []
     # the demo's console mailer in production: the users' mail goes to the log
     console = "django.core.mail.backends.console.EmailBackend"
     assert [w.id for w in checks.mail_problems(console, True)] == ["portal.W007"]
