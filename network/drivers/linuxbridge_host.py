@@ -385,6 +385,12 @@ class LinuxBridgeHost:
             self._delete(f"deleting {sub_name}", sub.index)  # (only the portal's: never a VLAN interface of the host's)
             changes.append(f"- vlan {sub_name}")
         if br_name in links and links[br_name].kind == "bridge" and self._portals(links[br_name], links):
+            # read again: a VM the VM manager plugged since the check above keeps the bridge (it was cut loose
+            # with the bridge, the change reported done); its cluster's teardown waits for it as for any VM
+            links = self._links()
+            vms = self._vm_ports(links, vid)
+            if vms:
+                return [*changes, f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
             self._delete(f"deleting bridge {br_name}", links[br_name].index)
             changes.append(f"- bridge {br_name}")
         return changes

@@ -973,6 +973,27 @@ def test_a_vlan_whose_bridge_lost_its_interface_or_went_down_is_broken_and_repai
 
 @pytest.mark.lab
 @pytest.mark.vmlane
+def test_a_vm_plugged_while_its_bridge_is_removed_keeps_the_bridge(hv, monkeypatch):
+    """The VM manager plugs a VM in between the check for VM ports and the bridge's deletion: it was cut loose
+    with the bridge and the teardown reported done. The bridge is read again before it goes: kept, and said."""
+    with host_session(_host(hv)) as host:
+        host.converge(frozenset({200}))
+        real = host._delete
+
+        def plugged_meanwhile(what, index):
+            real(what, index)
+            if what == "deleting eth0.200":
+                hv.vm("vm1", "hv", "br-v200", "198.18.0.1/24")
+
+        monkeypatch.setattr(host, "_delete", plugged_meanwhile)
+        kept = host.converge(frozenset())
+        assert kept.diff == "- vlan eth0.200\n! keep br-v200: VM ports v-vm1 still attached\n"
+        assert kept.after == {"hv1": {200}}
+    assert "br-v200" in hv.links("hv")
+
+
+@pytest.mark.lab
+@pytest.mark.vmlane
 def test_host_errors_are_classified(hv):
     hv.batch("hv", ["link add br-v700 type dummy"])
     cases = [

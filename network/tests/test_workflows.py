@@ -1462,7 +1462,11 @@ def test_worker_a_rollback_whose_host_times_out_on_every_retry_still_rolls_the_s
     fabric = worker_fabric
     celery_worker.stop()
     celery_worker.env.update(
-        CELERY_TASK_SOFT_TIME_LIMIT="5", CELERY_TASK_TIME_LIMIT="20", DEVICE_RETRY_MAX="3", DEVICE_RETRY_BACKOFF="0.1"
+        CELERY_TASK_SOFT_TIME_LIMIT="5",
+        CELERY_TASK_TIME_LIMIT="20",
+        DEVICE_TIMEOUT="3",  # (below the soft limit, or the worker refuses to start)
+        DEVICE_RETRY_MAX="3",
+        DEVICE_RETRY_BACKOFF="0.1",
     )
     celery_worker.pool, celery_worker.concurrency = "prefork", 2  # (a threads pool enforces no time limit)
     celery_worker.start()
