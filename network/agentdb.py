@@ -90,7 +90,7 @@ WRITES: tuple[Write, ...] = (
     # (change_create: a pending change of the host, of no segment)
     Write(
         DeviceChange,
-        ("status", "batch", "started_at", "finished_at", "attempts", "error", "diff", "refused"),
+        ("status", "batch", "started_at", "finished_at", "attempts", "orphaned", "error", "diff", "refused"),
         mine=_HOST_CHANGE,
         insert=f"switch_id IS NULL AND segment_id IS NULL AND status = 'pending' AND {_HOST_NAME}",
     ),

@@ -253,9 +253,9 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     changes, converge it to the desired state through that session, settle the claimed changes. Raises
     like ``converge_change``: ``TemporaryDeviceError`` or ``DeviceChangeFailed``; and what interrupted the
     session (the task's soft time limit, a shutdown), once the claimed changes settled as interrupted."""
-    claimed = _claim([(kind, device)])
+    claimed, orphaned = _claim([(kind, device)])
     w = _Device(kind, device, claimed=claimed.get((kind, device.pk), []))
-    if not _skip_if_disabled(w):
+    if not _skip_if_disabled(w) and not _skip_if_crash_looping(w, orphaned.get((kind, device.pk), 0)):
         if kind == DeviceKind.SWITCH:
             w.desired = selectors.switch_desired([device.pk])[device.pk]
         else:
@@ -433,12 +433,15 @@ def _outcome(ids: list[int], rows: dict[int, DeviceChange], temporary: dict[tupl
     return outcome
 
 
-def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], list[int]]:
+def _claim(
+    devices: list[tuple[str, Switch | Host]],
+) -> tuple[dict[tuple[str, int], list[int]], dict[tuple[str, int], int]]:
     """Pending → running for every pending (or orphaned running) change of ``devices`` (one batch id), in
     ONE statement that returns the rows it claimed (``UPDATE … RETURNING``: PostgreSQL, SQLite ≥ 3.35);
-    returns the claimed change ids per device."""
+    returns the claimed change ids per device, and per device the most times one of them was found still
+    running (``orphaned``, counted here: its claimer died in the session before)."""
     meta = DeviceChange._meta
-    names = ("id", "kind", "switch", "host", "status", "batch", "started_at", "attempts", "error")
+    names = ("id", "kind", "switch", "host", "status", "batch", "started_at", "attempts", "orphaned", "error")
     col = {name: connection.ops.quote_name(meta.get_field(name).column) for name in names}
     reach, reach_params = [], []
     for kind, key in ((DeviceKind.SWITCH, "switch"), (DeviceKind.HOST, "host")):
@@ -451,24 +454,52 @@ def _claim(devices: list[tuple[str, Switch | Host]]) -> dict[tuple[str, int], li
     # identifiers come from the model, values are parameters
     sql = (
         f"UPDATE {connection.ops.quote_name(meta.db_table)} SET {col['status']} = %s, {col['batch']} = %s, "  # noqa: S608
-        f"{col['started_at']} = %s, {col['attempts']} = {col['attempts']} + 1, {col['error']} = '' "
+        f"{col['started_at']} = %s, {col['attempts']} = {col['attempts']} + 1, {col['error']} = '', "
+        # (the right-hand sides read the row as it was: a change still running when claimed is an orphan)
+        f"{col['orphaned']} = {col['orphaned']} + CASE WHEN {col['status']} = %s THEN 1 ELSE 0 END "
         f"WHERE {col['status']} IN (%s, %s) AND ({' OR '.join(reach)}) "
-        f"RETURNING {col['id']}, {col['kind']}, {col['switch']}, {col['host']}"
+        f"RETURNING {col['id']}, {col['kind']}, {col['switch']}, {col['host']}, {col['orphaned']}"
     )
     params = [
         Status.RUNNING,
         meta.get_field("batch").get_db_prep_value(uuid.uuid4(), connection),
         meta.get_field("started_at").get_db_prep_value(timezone.now(), connection),
+        Status.RUNNING,
         Status.PENDING,
         Status.RUNNING,
         *reach_params,
     ]
     claimed: dict[tuple[str, int], list[int]] = {}
+    orphaned: dict[tuple[str, int], int] = {}
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        for pk, kind, switch_id, host_id in sorted(cursor.fetchall()):
-            claimed.setdefault((kind, switch_id if kind == DeviceKind.SWITCH else host_id), []).append(pk)
-    return claimed
+        for pk, kind, switch_id, host_id, times in sorted(cursor.fetchall()):
+            key = (kind, switch_id if kind == DeviceKind.SWITCH else host_id)
+            claimed.setdefault(key, []).append(pk)
+            orphaned[key] = max(orphaned.get(key, 0), times)
+    return claimed, orphaned
+
+
+#: a device whose change has been found still running this many times (each time the worker of the session before
+#: died in it) is not driven again: its claimed changes fail. A driver that crashes its process on one device (out
+#: of memory on its answer, a segfault) would otherwise crash worker after worker for good, the message going back
+#: to the queue each time (``reject_on_worker_lost``). One or two deaths — a worker killed, a machine rebooted — are
+#: taken in stride: the work is done again.
+ORPHANED_MAX = 3
+
+
+def _skip_if_crash_looping(w: _Device, orphaned: int) -> bool:
+    """A device whose claimed changes were orphaned more than ``ORPHANED_MAX`` times is not driven again: they
+    fail, saying why. Whether ``w`` was."""
+    if orphaned <= ORPHANED_MAX:
+        return False
+    w.status, w.finished_at = Status.FAILED, timezone.now()
+    w.error = (
+        f"found still running {orphaned} times: the worker converging this device died every time (a driver "
+        "crashing its process on it?); not tried again — see the worker's log"
+    )
+    w.exc = PermanentDeviceError(w.device.name, w.error)
+    return True
 
 
 def _skip_if_disabled(w: _Device) -> bool:
@@ -482,7 +513,7 @@ def _skip_if_disabled(w: _Device) -> bool:
 def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     """With the devices' locks held: claim their pending changes, converge the devices that have some (side
     by side on the session threads), settle every claimed change (one batch of statements)."""
-    claimed = _claim(devices)
+    claimed, orphaned = _claim(devices)
     work = [
         _Device(kind, device, claimed=claimed[(kind, device.pk)])
         for kind, device in devices
@@ -490,7 +521,11 @@ def _apply_devices(devices: list[tuple[str, Switch | Host]]) -> list[_Device]:
     ]
     if not work:
         return []
-    active = [w for w in work if not _skip_if_disabled(w)]
+    active = [
+        w
+        for w in work
+        if not _skip_if_disabled(w) and not _skip_if_crash_looping(w, orphaned.get((w.kind, w.device.pk), 0))
+    ]
     if active:
         switches = [w.device.pk for w in active if w.kind == DeviceKind.SWITCH]
         hosts = [w.device.pk for w in active if w.kind == DeviceKind.HOST]
@@ -688,6 +723,9 @@ class ReconcileReport:
     error: str = ""
 
 
+HOSTS_OWN = "host's own"  # the drift "port" of a host's own VLANs on its uplink (``own_vlans``)
+
+
 def _compare(expected: dict[str, frozenset[int]], actual: dict[str, frozenset[int]]):
     extras = {v for port in expected for v in actual.get(port, frozenset()) - expected[port]}
     known = selectors.known_vids(extras)  # (no query when nothing is extra)
@@ -743,6 +781,9 @@ def reconcile_device(kind: str, device: Switch | Host, *, repair: bool) -> Recon
                 else:
                     expected = {"": selectors.host_desired([device.pk])[device.pk]}
                     actual = {"": host_carried(session, expected[""])}
+                    own = getattr(session, "own_vlans", None)
+                    if own is not None:  # the host's own VLANs the portal keeps on its uplink (OVS hosts)
+                        expected[HOSTS_OWN], actual[HOSTS_OWN] = own()
                 report.drifts = _record_drift(kind, device, list(_compare(expected, actual)))
                 if report.drifts and repair:
                     _refresh_enabled([(kind, device)])  # (disabled meanwhile: never touched, the drift stays open)

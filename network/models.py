@@ -932,6 +932,12 @@ class DeviceChange(models.Model):
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     diff = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    orphaned = models.PositiveSmallIntegerField(
+        default=0,
+        db_default=0,
+        help_text="claims that found it still running: the worker of the session before died in it "
+        "(network.convergence.ORPHANED_MAX)",
+    )
     batch = models.UUIDField(null=True, blank=True, help_text="the device session that applied it")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

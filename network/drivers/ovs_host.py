@@ -117,6 +117,16 @@ class OvsHostSession:
         uplink, _vms, own = self._state()
         return (self._carried(uplink) or frozenset()) - frozenset(own)
 
+    def own_vlans(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(the VLANs of the host's own tagged internal ports, those of them the uplink lets through). An uplink
+        the portal gave an explicit list carries the host's own VLANs beside the clusters' (``converge`` keeps
+        them); one made since — an XCP-ng VLAN network created after the first converge — is cut off until the
+        next converge of the host: the reconciler counts it as missing on the host's own network and repairs it."""
+        uplink, _vms, own = self._state()
+        carried = self._carried(uplink)
+        wanted = frozenset(own) - {self._native(uplink), self._access(uplink)}
+        return wanted, wanted if carried is None else wanted & carried
+
     def vm_ports(self) -> dict[int, list[str]]:
         """VM ports on the bridge by VLAN (what the VM manager attached)."""
         return self._state()[1]

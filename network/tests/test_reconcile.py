@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
-from network import services, tasks, workflows
+from network import convergence, services, tasks, workflows
 from network.models import DeviceChange, Drift, Switch
 from network.schedules import beat_schedule
 from network.tests.fakefabric import fabric_fixture  # noqa: F401
@@ -285,6 +285,35 @@ def test_lab_drift_by_hand_is_detected_and_repaired_by_one_reconcile_run(clean_l
     out = StringIO()
     call_command("network", "plan", stdout=out)
     assert "ERROR" not in out.getvalue() and out.getvalue().count("in sync") == 3 + 6
+
+
+@pytest.mark.lab
+def test_lab_a_hosts_own_vlan_network_made_after_the_first_converge_is_put_on_its_uplink(clean_lab, db, settings):
+    """An OVS host (XCP-ng) whose uplink the portal gave an explicit list gets a VLAN network of its own
+    afterwards (an internal port of tag 20): the uplink did not carry it, cut off until some cluster's change
+    converged that host, and the reconciler saw nothing. It is missing drift on the host's own network, repaired."""
+    from network.drivers.ovsdb import Ovsdb, as_set
+    from network.tests.labinventory import inventory_for
+
+    settings.RECONCILE_REPAIR = True
+    lab = clean_lab
+    inv = inventory_for(lab)
+    seg = services.segment_create(owner="c", hosts=[inv["hosts"]["h-s1-1"], inv["hosts"]["h-s2-1"]], gateway=False)
+    workflows.provision(seg.pk).apply().get()
+    args = lab.host_driver_args("h-s2-1")
+    db_ = Ovsdb(device="h-s2-1", db=args["db"])
+    bridge = lab.state["hosts"]["h-s2-1"]["bridge"]
+    db_.run(["add-port", bridge, "xapi20", "tag=20"], ["set", "Interface", "xapi20", "type=internal"])
+    try:
+        tasks.reconcile.apply().get()
+        drift = Drift.objects.get(device="h-s2-1")
+        assert (drift.port, drift.kind, drift.vlans) == (convergence.HOSTS_OWN, "missing", "20") and drift.repaired_at
+        trunks = set(as_set(db_.list_rows("Port", ["trunks"], args["uplink"])[0]["trunks"]))
+        assert trunks == {20, seg.vid}
+        tasks.reconcile.apply().get()  # whole: nothing new
+        assert Drift.objects.filter(repaired_at=None).count() == 0
+    finally:
+        db_.run(["--if-exists", "del-port", bridge, "xapi20"])
 
 
 @pytest.mark.lab

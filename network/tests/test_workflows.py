@@ -689,7 +689,40 @@ def test_temporary_errors_are_retried_then_succeed(fabric):
     workflows.provision(seg.pk).apply().get()
     change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
     assert change.status == "ok" and change.attempts == 3
+    assert change.orphaned == 0  # claimed three times, never found running: no worker died
     assert fabric.switch_ports("sw-pilsen")["h1"] == frozenset({seg.vid})
+
+
+def test_a_device_whose_worker_died_every_time_is_not_driven_again(fabric):
+    """A driver that crashes its process on one device (out of memory, a segfault): the message goes back to the
+    queue each time (``reject_on_worker_lost``) and crashed worker after worker, for good. A claim that finds a
+    change still running counts an orphan; past ``ORPHANED_MAX`` the device's changes fail, saying why, and the
+    device is left alone; the workflow fails and rolls back. (Counting every claim instead failed healthy
+    changes held back or retried after temporary errors: those are pending again between claims, never
+    orphans.)"""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflow = workflows.provision(seg.pk)  # (records the devices' changes)
+    # as if every earlier delivery had died mid-session: claimed, never settled
+    DeviceChange.objects.filter(segment=seg, device="sw-pilsen").update(
+        status="running", attempts=9, orphaned=convergence.ORPHANED_MAX
+    )
+    with pytest.raises(DeviceChangeFailed, match="sw-pilsen: found still running 4 times"):
+        workflow.apply().get()
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen", cause="provision c")
+    assert change.status == "failed" and change.orphaned == convergence.ORPHANED_MAX + 1
+    assert "the worker converging this device died every time" in change.error
+    assert fabric.switch_ports("sw-pilsen").get("h1", frozenset()) == frozenset()  # never driven
+    assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
+
+
+def test_a_change_found_running_once_is_done_again(fabric):
+    """One worker death (killed, a reboot) is taken in stride: the change is claimed again and done."""
+    seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
+    workflow = workflows.provision(seg.pk)
+    DeviceChange.objects.filter(segment=seg, device="sw-pilsen").update(status="running", attempts=1)
+    assert workflow.apply().get()["state"] == "active"
+    change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
+    assert (change.status, change.orphaned) == ("ok", 1)
 
 
 def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):
@@ -1444,6 +1477,7 @@ def test_worker_killed_mid_convergence_the_work_completes_after_restart(worker_f
     assert result.get(timeout=90)["state"] == "active"
     change.refresh_from_db()
     assert change.status == "ok" and change.attempts >= 2  # claimed again by the redelivered task
+    assert change.orphaned == 1  # found running once: the killed worker's
     assert device_view(fabric) == desired_view(fabric)
     assert fabric.switch_ports("sw-pilsen")["h1"] == {seg.vid}
 
