@@ -1354,22 +1354,31 @@ def clusters_mail_expiring(*, limit: int = 200) -> list[int]:
     for cluster in due:
         if not budget.left():
             break  # the rest: the next run
-        claim = VirtualCluster.objects.filter(pk=cluster.pk, expires_at=cluster.expires_at).exclude(
-            expiry_mailed_for=cluster.expires_at
-        )
-        if not claim.update(expiry_mailed_for=cluster.expires_at):
-            continue  # extended, or mailed by another run, meanwhile
-        if not cluster.owner.email:
-            continue
-        given = VirtualCluster.objects.filter(pk=cluster.pk, expiry_mailed_for=cluster.expires_at)
-        if mail.send_claimed(
-            give_back=lambda given=given: given.update(expiry_mailed_for=None),
+        if _mail_once(  # (not if extended meanwhile)
+            VirtualCluster.objects.filter(pk=cluster.pk, expires_at=cluster.expires_at),
+            field="expiry_mailed_for",
+            value=cluster.expires_at,
             to=cluster.owner.email,
             subject=_expiry_subject(cluster),
             body=_expiry_body(cluster, now),
         ):
             mailed.append(cluster.pk)
     return mailed
+
+
+def _mail_once(rows: QuerySet, *, field: str, value, to: str, subject: str, body: str) -> bool:
+    """Claim a mail — ``field`` = ``value`` on ``rows`` (one row, as it must still be), unless it holds it already:
+    two runs never send it twice — then send it; a relay that cannot take it now gives the claim back for the next
+    run (``mail.send_claimed``). No address: claimed, not sent. Whether it was sent."""
+    from portal import mail
+
+    if not rows.exclude(**{field: value}).update(**{field: value}):
+        return False  # changed, or mailed by another run, meanwhile
+    if not to:
+        return False
+    return mail.send_claimed(
+        give_back=lambda: rows.filter(**{field: value}).update(**{field: None}), to=to, subject=subject, body=body
+    )
 
 
 def _expiry_subject(cluster: VirtualCluster) -> str:
@@ -1841,16 +1850,10 @@ def webhooks_mail_failing(*, limit: int = 200) -> list[int]:
         since = hook.failing_since.astimezone(UTC)
         subject = f"VirtCloud: your webhook {hook.name} has failed since {since:%Y-%m-%d %H:%M} UTC"
         body = _failing_body(hook)  # (before the claim: a query cut here never leaves a claim without its mail)
-        claim = Webhook.objects.filter(pk=hook.pk, failing_since=hook.failing_since).exclude(
-            failing_mailed_for=hook.failing_since
-        )
-        if not claim.update(failing_mailed_for=hook.failing_since):
-            continue  # delivered, or mailed by another run, meanwhile
-        if not hook.owner.email:
-            continue
-        given = Webhook.objects.filter(pk=hook.pk, failing_mailed_for=hook.failing_since)
-        if mail.send_claimed(
-            give_back=lambda given=given: given.update(failing_mailed_for=None),
+        if _mail_once(  # (not if delivered meanwhile)
+            Webhook.objects.filter(pk=hook.pk, failing_since=hook.failing_since),
+            field="failing_mailed_for",
+            value=hook.failing_since,
             to=hook.owner.email,
             subject=subject,
             body=body,

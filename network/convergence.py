@@ -285,17 +285,21 @@ def _host_kept(name: str, desired: frozenset[int], result) -> frozenset[int]:
     return carried - desired
 
 
+def _segment_vids(work: list[_Device]) -> dict[int, tuple[int | None, int | None]]:
+    """The claimed changes of ``work``: change id → (its segment, the segment's VLAN); (None, None) for a
+    reconciler's repair, which belongs to no segment."""
+    rows = DeviceChange.objects.filter(pk__in=[pk for w in work for pk in w.claimed]).values_list(
+        "pk", "segment_id", "segment__vid"
+    )
+    return {pk: (segment_id, vid) for pk, segment_id, vid in rows}
+
+
 def _fail_refused(work: list[_Device]) -> None:
     """Hosts that refused some VLANs and converged the rest (``VlansRefused``: the host's own network, a clash):
     the changes of the refused VLANs' segments fail with the host's message — their workflows roll back — and a
     reconciler's repair fails naming them; every other change of the batch is done."""
     hit = [w for w in work if w.refused_vlans and w.status in (Status.OK, Status.NOOP)]
-    if not hit:
-        return
-    rows = DeviceChange.objects.filter(pk__in=[pk for w in hit for pk in w.claimed]).values_list(
-        "pk", "segment_id", "segment__vid"
-    )
-    segments = {pk: (segment_id, vid) for pk, segment_id, vid in rows}
+    segments = _segment_vids(hit) if hit else {}
     for w in hit:
         everything = "; ".join(w.refused_vlans[vid] for vid in sorted(w.refused_vlans))
         for pk in w.claimed:
@@ -313,12 +317,7 @@ def _hold_back_kept(work: list[_Device]) -> None:
     with it; every other change of the batch is done — a VM left on an ended cluster's bridge never holds
     back another cluster's work on that host."""
     held = [w for w in work if w.kept and w.status in (Status.OK, Status.NOOP)]
-    if not held:
-        return
-    rows = DeviceChange.objects.filter(pk__in=[pk for w in held for pk in w.claimed]).values_list(
-        "pk", "segment_id", "segment__vid"
-    )
-    wanted_off = {pk: (segment_id, vid) for pk, segment_id, vid in rows}
+    wanted_off = _segment_vids(held) if held else {}
     for w in held:
         reason = f"VLAN {format_ranges(w.kept)} kept: VM ports still attached"
         for pk in w.claimed:
