@@ -358,7 +358,6 @@ class EventHorizon(models.Model):
     (read the clusters again, go on after ``pruned_through``) and a webhook's next batch says so (``missed``)."""
 
     pruned_through = models.BigIntegerField(default=0, help_text="the highest event id pruning deleted")
-    pruned_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"events pruned through {self.pruned_through}"
@@ -445,6 +444,9 @@ class Webhook(models.Model):
                 violation_error_message="a webhook made in the admin has this name already",
             ),
         ]
+
+    #: the delivery state of a webhook that keeps up (no failure in a row, no alert pending)
+    KEEPING_UP = {"failures": 0, "failing_since": None, "failing_mailed_for": None}
 
     def __str__(self) -> str:
         return self.name

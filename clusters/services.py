@@ -1716,9 +1716,7 @@ def _events_prune(*, older_than) -> int:
             return 0
         deleted, _ = old.filter(id__lte=through).delete()
         EventHorizon.objects.get_or_create(pk=1)
-        EventHorizon.objects.filter(pk=1).update(
-            pruned_through=Greatest(F("pruned_through"), Value(through)), pruned_at=timezone.now()
-        )
+        EventHorizon.objects.filter(pk=1).update(pruned_through=Greatest(F("pruned_through"), Value(through)))
     return deleted
 
 
@@ -1804,9 +1802,9 @@ def webhook_starts_afresh(hook: Webhook, changed: list[str]) -> bool:
 
 def _webhook_afresh(hook: Webhook) -> list[str]:
     """No backoff left from the failures of before: delivered at the next run. The fields set."""
-    hook.failures, hook.next_attempt_at, hook.last_error = 0, timezone.now(), ""
-    hook.failing_since = hook.failing_mailed_for = None
-    return ["failures", "next_attempt_at", "last_error", "failing_since", "failing_mailed_for"]
+    for name, value in {**Webhook.KEEPING_UP, "next_attempt_at": timezone.now(), "last_error": ""}.items():
+        setattr(hook, name, value)
+    return [*Webhook.KEEPING_UP, "next_attempt_at", "last_error"]
 
 
 def webhook_admin_save(*, hook: Webhook, changed: list[str]) -> None:

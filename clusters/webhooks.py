@@ -360,14 +360,12 @@ def deliver(webhook_id: int) -> Delivery:
         # its horizon in the same transaction
         through = EventHorizon.through()
         missed = {"after": hook.last_event_id, "through": through} if hook.last_event_id < through else None
-        if not batch and not missed and newest > hook.last_event_id:  # nothing for it up to the newest: past them
-            # nothing is being tried any more: no run of failures goes on (nor is its owner mailed about one)
-            Webhook.objects.filter(pk=hook.pk).update(
-                last_event_id=newest, failures=0, failing_since=None, failing_mailed_for=None
-            )
-            return Delivery(webhook=hook.name, sent=0)
         if not batch and not missed:
+            if newest > hook.last_event_id:  # nothing for it up to the newest: past them, without a request —
+                # and nothing is being tried any more: no run of failures goes on (nor is its owner mailed about one)
+                Webhook.objects.filter(pk=hook.pk).update(last_event_id=newest, **Webhook.KEEPING_UP)
             return Delivery(webhook=hook.name, sent=0)
+        cursor = max(batch[-1].id if batch else 0, missed["through"] if missed else 0)  # once delivered
         failures = hook.failures + 1
         backoff = min(settings.WEBHOOK_MAX_BACKOFF, 2**failures)
         claimed_at = timezone.now()
@@ -396,14 +394,12 @@ def deliver(webhook_id: int) -> Delivery:
     sent_to = Webhook.objects.filter(pk=hook.pk, last_event_id=hook.last_event_id, url=hook.url)
     if status is not None and 200 <= status < 300:
         sent_to.update(
-            last_event_id=max([e.id for e in batch[-1:]] + [missed["through"] if missed else 0]),
+            last_event_id=cursor,
             last_delivered_at=now,
             last_status=status,
             last_error="",
-            failures=0,
-            failing_since=None,
-            failing_mailed_for=None,
             next_attempt_at=now,
+            **Webhook.KEEPING_UP,
         )
     else:
         sent_to.update(

@@ -272,7 +272,7 @@ def apply_locked(kind: str, device: Switch | Host, *, session) -> None:
     if w.exc is not None:
         raise DeviceChangeFailed(device.name, w.error)
     if w.refused_vlans:  # the rest converged; what was refused is the repair's failure
-        raise DeviceChangeFailed(device.name, "; ".join(w.refused_vlans[vid] for vid in sorted(w.refused_vlans)))
+        raise DeviceChangeFailed(device.name, VlansRefused.describe(w.refused_vlans))
 
 
 def _host_kept(name: str, desired: frozenset[int], result) -> frozenset[int]:
@@ -301,7 +301,7 @@ def _fail_refused(work: list[_Device]) -> None:
     hit = [w for w in work if w.refused_vlans and w.status in (Status.OK, Status.NOOP)]
     segments = _segment_vids(hit) if hit else {}
     for w in hit:
-        everything = "; ".join(w.refused_vlans[vid] for vid in sorted(w.refused_vlans))
+        everything = VlansRefused.describe(w.refused_vlans)
         for pk in w.claimed:
             segment_id, vid = segments.get(pk, (None, None))
             if segment_id is None:

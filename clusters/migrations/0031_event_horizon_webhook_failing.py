@@ -22,7 +22,6 @@ class Migration(migrations.Migration):
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('pruned_through', models.BigIntegerField(default=0, help_text='the highest event id pruning deleted')),
-                ('pruned_at', models.DateTimeField(blank=True, null=True)),
             ],
         ),
         migrations.AddField(

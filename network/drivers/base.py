@@ -50,9 +50,14 @@ class VlansRefused(PermanentDeviceError):
     with the host's own network never fails another cluster's work on that host."""
 
     def __init__(self, device: str, refused: dict[int, str], result: ConvergeResult):
-        super().__init__(device, "; ".join(refused[vid] for vid in sorted(refused)))
+        super().__init__(device, self.describe(refused))
         self.refused = dict(refused)
         self.result = result
+
+    @staticmethod
+    def describe(refused: Mapping[int, str]) -> str:
+        """Why each VLAN of ``refused`` was, in VLAN order."""
+        return "; ".join(refused[vid] for vid in sorted(refused))
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,11 @@ def bridge_name(vid: int) -> str:
     return f"br-v{vid}"
 
 
+def _kept_for(bridge: str, vms: list[str]) -> str:
+    """The diff line of a bridge kept for its VM ports (not a change: ``!``)."""
+    return f"! keep {bridge}: VM ports {', '.join(vms)} still attached"
+
+
 class LinuxBridgeHost:
     """``HostSession`` for one hypervisor (or lab host namespace)."""
 
@@ -373,7 +378,7 @@ class LinuxBridgeHost:
         br_name, sub_name = bridge_name(vid), self._sub_name(vid)
         vms = self._vm_ports(links, vid)
         if vms:
-            return [f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
+            return [_kept_for(br_name, vms)]
         bridge = links.get(br_name)
         if bridge is not None and bridge.kind == "bridge" and self._hosts_own(bridge, links, addresses):
             # an address of the host's own was put on it since: the host's network now, never removed (nor its
@@ -390,9 +395,10 @@ class LinuxBridgeHost:
             links = self._links()
             vms = self._vm_ports(links, vid)
             if vms:
-                return [*changes, f"! keep {br_name}: VM ports {', '.join(vms)} still attached"]
-            self._delete(f"deleting bridge {br_name}", links[br_name].index)
-            changes.append(f"- bridge {br_name}")
+                return [*changes, _kept_for(br_name, vms)]
+            if br_name in links:  # (gone meanwhile: nothing left to delete)
+                self._delete(f"deleting bridge {br_name}", links[br_name].index)
+                changes.append(f"- bridge {br_name}")
         return changes
 
     def _no_ipv6(self, name: str, index: int) -> None:
