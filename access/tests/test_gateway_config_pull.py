@@ -358,6 +358,7 @@ def test_a_service_the_gateway_no_longer_serves_fails_closed_and_its_files_go(
     state = tmp_path / "state"
     run("config", "gw1", "--dir", str(state), "--portal-url", live_server.url, "--python", sys.executable)
     (state / "token").write_text(services.gateway_token_issue(gateway=gateway, by=root) + "\n")
+    (state / "token").chmod(0o644)  # (readable by others: every pull says so, below)
     seen = tmp_path / "seen"
     hook = tmp_path / "hook.sh"  # what an operator's hook does with a file that is gone: stops what ran it
     hook.write_text(f'#!/bin/sh\necho "[$VIRTCLOUD_CONFIG_CHANGED]" >> {seen}\n')
@@ -405,6 +406,10 @@ def test_a_service_the_gateway_no_longer_serves_fails_closed_and_its_files_go(
     changed = seen.read_text().splitlines()[-1]
     assert "sshd_config" in changed and "systemd/virtcloud-gateway-sshd.service" in changed
     assert "openvpn.conf" in changed and label in load_vlan_map(vpn.vlans)  # served again: back as it was
+    # the token file others may read is reported at every pull (not refused: existing set-ups keep working) …
+    assert "gateway pull: warning:" in out and "open to others than its owner (mode 644): chmod 600 it" in out
+    (state / "token").chmod(0o600)
+    assert "open to others than its owner" not in agent()  # … and no more once it is the owner's alone
 
 
 @pytest.mark.django_db(transaction=True)

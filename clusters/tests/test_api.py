@@ -1804,6 +1804,8 @@ def test_a_provisioning_lost_after_every_device_converged_is_sent_again_once(fab
     VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
     DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="running")
     assert services.clusters_resend_lost() == []  # a device still at work: not lost
+    DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="ok", finished_at=timezone.now())
+    assert services.clusters_resend_lost() == []  # a device that just settled: the last step may be on its way
     DeviceChange.objects.filter(segment_id=cluster.segment_id).update(status="ok", finished_at=past)
     with monkeypatch.context() as m:
         m.setattr(tasks.provision_finish, "run", lambda *args, **kwargs: None)  # lost again
@@ -1813,7 +1815,11 @@ def test_a_provisioning_lost_after_every_device_converged_is_sent_again_once(fab
     assert network[0] == ("failed", services.LOST_AFTER_CONVERGED)
     VirtualCluster.objects.filter(pk=cid).update(updated_at=past)
     DeviceChange.objects.filter(segment_id=cluster.segment_id).update(finished_at=past)
+    cluster.refresh_from_db()  # lost again just as the first time: only the once-rule holds it back
+    assert cluster.state == ClusterState.PROVISIONING and cluster.provision_sent == cluster.workflow_generation
+    assert cluster.steps.filter(name="network", generation=cluster.workflow_generation, status="running").exists()
     assert services.clusters_resend_lost() == []  # once: the deadline's now
+    assert ClusterStep.objects.filter(cluster_id=cid, error=services.LOST_AFTER_CONVERGED).count() == 1
     VirtualCluster.objects.filter(pk=cid).update(updated_at=timezone.now() - timedelta(minutes=11))
     assert services.clusters_end_stalled_workflows() == [cid]
 

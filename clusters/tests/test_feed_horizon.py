@@ -176,7 +176,8 @@ def test_a_webhook_failing_for_an_hour_has_its_owner_mailed_once(fabric, alice, 
     assert message.to == ["alice@example.org"] and "accounting" in message.subject
     assert receiver.url in message.body and "HTTP 500" in message.body
     assert f"https://portal.example.org/api/clusters/webhooks/{hook.pk}/" in message.body
-    assert "30 days" in message.body or "kept" in message.body
+    assert "The oldest event waiting for it is from" in message.body and "Events are kept 30 days" in message.body
+    assert '"missed"' in message.body and "1 tries in a row failed" in message.body
 
 
 def test_a_webhook_that_recovers_and_fails_again_is_mailed_again(fabric, alice, receiver, mailbox):  # noqa: F811

@@ -18,6 +18,7 @@ from network.drivers import (
     PermanentDeviceError,
     SwitchSpec,
     TemporaryDeviceError,
+    VlansRefused,
     host_session,
     switch_session,
 )
@@ -572,9 +573,11 @@ def test_an_access_uplink_keeps_its_vlan_untagged_as_the_native_one(clean_lab, m
             assert uplink() == (["native-untagged"], [5], {100})
             assert first.after == {"h-s2-1": frozenset({100})} and session.vlans() == frozenset({100})
             assert not session.converge(frozenset({100})).changed
-            with pytest.raises(PermanentDeviceError, match="VLAN 5 is the host's own"):
-                session.converge(frozenset({5, 100}))
-            assert uplink() == (["native-untagged"], [5], {100})
+            with pytest.raises(VlansRefused, match="VLAN 5 is the host's own") as refused:
+                session.converge(frozenset({5, 100, 200}))
+            # that VLAN only: the others are converged all the same
+            assert set(refused.value.refused) == {5} and refused.value.result.after == {"h-s2-1": {100, 200}}
+            assert uplink() == (["native-untagged"], [5], {100, 200})
             session.converge(frozenset())
             assert uplink()[:2] == (["native-untagged"], [5])
     finally:

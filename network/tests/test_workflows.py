@@ -715,14 +715,16 @@ def test_a_device_whose_worker_died_every_time_is_not_driven_again(fabric):
     assert Segment.objects.get(pk=seg.pk).state == Segment.State.FAILED
 
 
-def test_a_change_found_running_once_is_done_again(fabric):
-    """One worker death (killed, a reboot) is taken in stride: the change is claimed again and done."""
+@pytest.mark.parametrize("before", [0, convergence.ORPHANED_MAX - 1])
+def test_a_change_found_running_up_to_orphaned_max_times_is_done_again(fabric, before):
+    """Worker deaths (killed, a reboot) up to ``ORPHANED_MAX`` are taken in stride: the change is claimed again
+    and done."""
     seg = services.segment_create(owner="c", hosts=three_sites(fabric), gateway=False)
     workflow = workflows.provision(seg.pk)
-    DeviceChange.objects.filter(segment=seg, device="sw-pilsen").update(status="running", attempts=1)
+    DeviceChange.objects.filter(segment=seg, device="sw-pilsen").update(status="running", attempts=1, orphaned=before)
     assert workflow.apply().get()["state"] == "active"
     change = DeviceChange.objects.get(segment=seg, device="sw-pilsen")
-    assert (change.status, change.orphaned) == ("ok", 1)
+    assert (change.status, change.orphaned) == ("ok", before + 1)
 
 
 def test_temporary_errors_give_up_after_the_retry_budget(fabric, settings):

@@ -206,9 +206,14 @@ def test_the_demo_refuses_a_database_whose_inventory_it_did_not_make(settings):
     refuse_a_real_inventory(str(DEMO_TOPOLOGY))  # an empty database: a demo's
     call_command("topology", "import", str(DEMO_TOPOLOGY), stdout=io.StringIO())
     refuse_a_real_inventory(str(DEMO_TOPOLOGY))  # its own from before
-    SwitchFactory(name="prod-core-1")
+    real = SwitchFactory(name="prod-core-1")
     with pytest.raises(CommandError, match=r"holds devices the demo did not make \(prod-core-1\).*--force"):
         refuse_a_real_inventory(str(DEMO_TOPOLOGY))
+    # the command itself asks before it starts anything: the switch is as it was
+    args = dict(Switch.objects.filter(pk=real.pk).values("driver_args", "platform").get())
+    with pytest.raises(CommandError, match="prod-core-1"):
+        call_command("demo", "--no-lab", stdout=io.StringIO())
+    assert Switch.objects.filter(pk=real.pk).values("driver_args", "platform").get() == args
     Switch.objects.filter(name="prod-core-1").delete()
     settings.DEBUG = False
     with pytest.raises(CommandError, match="runs with DEBUG=true"):

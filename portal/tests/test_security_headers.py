@@ -21,6 +21,9 @@ def test_pages_and_the_api_carry_the_policy(client, alice):
         found = policy(response)
         assert found["script-src"] == "'self'" and found["object-src"] == "'none'", url
         assert found["frame-ancestors"] == "'none'" and found["base-uri"] == "'none'", url
+        assert found["default-src"] == "'self'" and found["img-src"] == "'self' data:", url
+        assert found["style-src"] == "'self' 'unsafe-inline'", url
+        assert "'unsafe-eval'" not in response["Content-Security-Policy"], url
         assert "camera=()" in response["Permissions-Policy"], url
 
 

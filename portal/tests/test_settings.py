@@ -381,6 +381,7 @@ def test_the_deploy_check_says_when_a_machine_would_run_on_its_own(settings):
     # the demo's console mailer in production: the users' mail goes to the log
     console = "django.core.mail.backends.console.EmailBackend"
     assert [w.id for w in checks.mail_problems(console, True)] == ["portal.W007"]
+    assert checks.mail_problems(console, False) == []  # (no mail at all: nothing printed either)
     assert checks.mail_problems("django.core.mail.backends.smtp.EmailBackend", True) == []
 
 
